@@ -1,0 +1,308 @@
+//! The two-message hybrid handshake.
+//!
+//! ```text
+//! initiator                                         responder
+//!   InitiatorHandshake::start  -- msg1: e, es, s, ss, {ek, payload} -->
+//!                                                    ResponderHandshake::read_initiation
+//!                                                    (caller checks the initiator's static key,
+//!                                                     picks the psk, then) respond
+//!   finish  <-- msg2: e, ee, se, psk, {ct, payload} --
+//! ```
+//!
+//! `ek` is a fresh ML-KEM-768 encapsulation key (1184 bytes) and `ct` its ciphertext (1088
+//! bytes). Both messages are authenticated by Noise, so tampering with any byte fails the
+//! handshake. ML-KEM decapsulation never fails on its own (implicit rejection): a forged
+//! ciphertext yields a key nobody else has, and the Noise layer has already rejected it.
+
+use ml_kem::array::Array;
+use ml_kem::ml_kem_768::{Ciphertext, DecapsulationKey, EncapsulationKey};
+use ml_kem::{Decapsulate, Encapsulate, KeyExport};
+use rand::{CryptoRng, Rng};
+use zeroize::Zeroizing;
+
+use crate::channel::Channel;
+use crate::kdf::{Psk, kdf};
+use crate::keys::StaticKeypair;
+use crate::rng::SeededResolver;
+
+/// The Noise protocol name.
+pub const NOISE_PARAMS: &str = "Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s";
+/// Size of an ML-KEM-768 encapsulation key.
+pub const ENCAPSULATION_KEY_LEN: usize = 1184;
+/// Size of an ML-KEM-768 ciphertext.
+pub const CIPHERTEXT_LEN: usize = 1088;
+/// Largest Noise message.
+const MAX_NOISE_MESSAGE: usize = 65535;
+
+/// What a handshake is for; used as the Noise prologue and the KDF label, so a message made
+/// for one purpose is useless for the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Node <-> coordinator control channel.
+    Control,
+    /// Per-peer WireGuard preshared key.
+    PeerPsk,
+}
+
+impl Purpose {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Self::Control => b"lattice control v1",
+            Self::PeerPsk => b"lattice peer-psk v1",
+        }
+    }
+}
+
+/// Why a handshake failed. Deliberately coarse: a peer learns nothing from which check failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    /// A message failed authentication or decryption (tampered, wrong key, wrong psk).
+    #[error("handshake message failed authentication")]
+    Authentication,
+    /// A message is too short, too long or has a malformed ML-KEM field.
+    #[error("malformed handshake message")]
+    Malformed,
+    /// The remote static key is a low-order point or otherwise unusable.
+    #[error("unusable remote static key")]
+    BadRemoteKey,
+    /// The payload is too large to fit in a Noise message.
+    #[error("handshake payload too large")]
+    PayloadTooLarge,
+}
+
+/// The initiator side, waiting for the response.
+pub struct InitiatorHandshake {
+    noise: snow::HandshakeState,
+    dk: DecapsulationKey,
+    purpose: Purpose,
+}
+
+impl InitiatorHandshake {
+    /// Starts a handshake towards `remote_static`, returning the state and message 1.
+    ///
+    /// `psk` is the previous key of the chain (zero for a fresh chain); the responder must use
+    /// the same one or the handshake fails.
+    pub fn start(
+        rng: &mut (impl CryptoRng + Rng),
+        purpose: Purpose,
+        local: &StaticKeypair,
+        remote_static: &[u8; 32],
+        psk: &Psk,
+        payload: &[u8],
+    ) -> Result<(Self, Vec<u8>), HandshakeError> {
+        check_contributory(local, remote_static)?;
+        let mut noise = builder(rng, purpose)
+            .local_private_key(local.secret_bytes())
+            .and_then(|b| b.remote_public_key(remote_static))
+            .and_then(|b| b.psk(2, psk.as_bytes()))
+            .and_then(|b| b.build_initiator())
+            .map_err(|_| HandshakeError::BadRemoteKey)?;
+        let mut seed = Zeroizing::new([0u8; 64]);
+        rng.fill_bytes(seed.as_mut());
+        let dk = DecapsulationKey::from_seed(Array::from(*seed));
+        let ek = dk.encapsulation_key().to_bytes();
+        let msg = write(&mut noise, &[&ek, payload])?;
+        Ok((Self { noise, dk, purpose }, msg))
+    }
+
+    /// Reads message 2 and completes the handshake.
+    pub fn finish(mut self, msg2: &[u8]) -> Result<Completed, HandshakeError> {
+        let plain = read(&mut self.noise, msg2)?;
+        if plain.len() < CIPHERTEXT_LEN {
+            return Err(HandshakeError::Malformed);
+        }
+        let ct = Ciphertext::try_from(&plain[..CIPHERTEXT_LEN])
+            .map_err(|_| HandshakeError::Malformed)?;
+        let ss = self.dk.decapsulate(&ct);
+        let mut kem_secret = Zeroizing::new([0u8; 32]);
+        kem_secret.copy_from_slice(ss.as_slice());
+        Completed::new(self.noise, kem_secret, plain[CIPHERTEXT_LEN..].to_vec(), self.purpose)
+    }
+}
+
+/// What the responder learned from message 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Initiation {
+    /// The initiator's static public key, authenticated by the handshake.
+    pub remote_static: [u8; 32],
+    /// The initiator's application payload.
+    pub payload: Vec<u8>,
+}
+
+/// The responder side, between reading message 1 and writing message 2.
+pub struct ResponderHandshake {
+    noise: snow::HandshakeState,
+    ek: EncapsulationKey,
+    purpose: Purpose,
+}
+
+impl ResponderHandshake {
+    /// Reads message 1. The caller decides from [`Initiation::remote_static`] (and the payload)
+    /// whether to answer, and with which psk.
+    pub fn read_initiation(
+        rng: &mut (impl CryptoRng + Rng),
+        purpose: Purpose,
+        local: &StaticKeypair,
+        msg1: &[u8],
+    ) -> Result<(Self, Initiation), HandshakeError> {
+        let mut noise = builder(rng, purpose)
+            .local_private_key(local.secret_bytes())
+            .and_then(|b| b.psk(2, &[0u8; 32]))
+            .and_then(|b| b.build_responder())
+            .map_err(|_| HandshakeError::Malformed)?;
+        let plain = read(&mut noise, msg1)?;
+        if plain.len() < ENCAPSULATION_KEY_LEN {
+            return Err(HandshakeError::Malformed);
+        }
+        let ek_bytes = Array::try_from(&plain[..ENCAPSULATION_KEY_LEN])
+            .map_err(|_| HandshakeError::Malformed)?;
+        let ek = EncapsulationKey::new(&ek_bytes).map_err(|_| HandshakeError::Malformed)?;
+        let remote: [u8; 32] = noise
+            .get_remote_static()
+            .and_then(|s| s.try_into().ok())
+            .ok_or(HandshakeError::Malformed)?;
+        check_contributory(local, &remote)?;
+        let initiation = Initiation {
+            remote_static: remote,
+            payload: plain[ENCAPSULATION_KEY_LEN..].to_vec(),
+        };
+        Ok((Self { noise, ek, purpose }, initiation))
+    }
+
+    /// Writes message 2 with `psk` (the previous key of the chain) and completes.
+    pub fn respond(
+        mut self,
+        rng: &mut (impl CryptoRng + Rng),
+        psk: &Psk,
+        payload: &[u8],
+    ) -> Result<(Vec<u8>, Completed), HandshakeError> {
+        self.noise
+            .set_psk(2, psk.as_bytes())
+            .map_err(|_| HandshakeError::Malformed)?;
+        let (ct, ss) = self.ek.encapsulate_with_rng(rng);
+        let msg = write(&mut self.noise, &[ct.as_slice(), payload])?;
+        let mut kem_secret = Zeroizing::new([0u8; 32]);
+        kem_secret.copy_from_slice(ss.as_slice());
+        let completed = Completed::new(self.noise, kem_secret, Vec::new(), self.purpose)?;
+        Ok((msg, completed))
+    }
+}
+
+/// A finished handshake.
+pub struct Completed {
+    purpose: Purpose,
+    handshake_hash: [u8; 32],
+    kem_secret: Zeroizing<[u8; 32]>,
+    remote_static: [u8; 32],
+    payload: Vec<u8>,
+    transport: snow::TransportState,
+}
+
+impl Completed {
+    fn new(
+        noise: snow::HandshakeState,
+        kem_secret: Zeroizing<[u8; 32]>,
+        payload: Vec<u8>,
+        purpose: Purpose,
+    ) -> Result<Self, HandshakeError> {
+        let handshake_hash: [u8; 32] = noise
+            .get_handshake_hash()
+            .try_into()
+            .map_err(|_| HandshakeError::Malformed)?;
+        let remote_static: [u8; 32] = noise
+            .get_remote_static()
+            .and_then(|s| s.try_into().ok())
+            .ok_or(HandshakeError::Malformed)?;
+        let transport = noise
+            .into_transport_mode()
+            .map_err(|_| HandshakeError::Malformed)?;
+        Ok(Self {
+            purpose,
+            handshake_hash,
+            kem_secret,
+            remote_static,
+            payload,
+            transport,
+        })
+    }
+
+    /// The other side's static public key.
+    pub fn remote_static(&self) -> &[u8; 32] {
+        &self.remote_static
+    }
+
+    /// The responder's payload (on the initiator side; empty on the responder side, which got
+    /// the initiator's payload from [`Initiation`]).
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// The Noise handshake hash (public; binds the whole transcript).
+    pub fn handshake_hash(&self) -> &[u8; 32] {
+        &self.handshake_hash
+    }
+
+    /// The next preshared key of a peer chain: `KDF(label, handshake hash, ML-KEM secret)`
+    /// salted with the previous key.
+    pub fn peer_psk(&self, previous: &Psk) -> Psk {
+        debug_assert_eq!(self.purpose, Purpose::PeerPsk);
+        kdf(self.purpose.label(), &self.handshake_hash, &self.kem_secret, previous).0
+    }
+
+    /// Turns a control handshake into an encrypted channel whose keys are hybrid: Noise's own
+    /// transport keys are replaced by `KDF(label, handshake hash, ML-KEM secret)`.
+    pub fn into_channel(mut self) -> Channel {
+        let (i2r, r2i) = kdf(
+            self.purpose.label(),
+            &self.handshake_hash,
+            &self.kem_secret,
+            &Psk::zero(),
+        );
+        self.transport
+            .rekey_manually(Some(i2r.as_bytes()), Some(r2i.as_bytes()));
+        Channel::new(self.transport)
+    }
+}
+
+fn builder(rng: &mut impl Rng, purpose: Purpose) -> snow::Builder<'static> {
+    let params = NOISE_PARAMS.parse().expect("the protocol name is valid");
+    snow::Builder::with_resolver(params, Box::new(SeededResolver::new(rng)))
+        .prologue(purpose.label())
+        .expect("a prologue is set once")
+}
+
+fn write(noise: &mut snow::HandshakeState, parts: &[&[u8]]) -> Result<Vec<u8>, HandshakeError> {
+    let plain: Vec<u8> = parts.concat();
+    let mut out = vec![0u8; MAX_NOISE_MESSAGE];
+    let n = noise
+        .write_message(&plain, &mut out)
+        .map_err(|_| HandshakeError::PayloadTooLarge)?;
+    out.truncate(n);
+    Ok(out)
+}
+
+fn read(noise: &mut snow::HandshakeState, msg: &[u8]) -> Result<Vec<u8>, HandshakeError> {
+    if msg.len() > MAX_NOISE_MESSAGE {
+        return Err(HandshakeError::Malformed);
+    }
+    let mut plain = vec![0u8; msg.len()];
+    let n = noise
+        .read_message(msg, &mut plain)
+        .map_err(|_| HandshakeError::Authentication)?;
+    plain.truncate(n);
+    Ok(plain)
+}
+
+/// Rejects low-order remote keys, whose Diffie-Hellman output is known to everyone.
+fn check_contributory(local: &StaticKeypair, remote: &[u8; 32]) -> Result<(), HandshakeError> {
+    let sk = x25519_dalek::StaticSecret::from(*local.secret_bytes());
+    let shared = sk.diffie_hellman(&x25519_dalek::PublicKey::from(*remote));
+    if shared.was_contributory() {
+        Ok(())
+    } else {
+        Err(HandshakeError::BadRemoteKey)
+    }
+}
+
+#[cfg(test)]
+mod tests;

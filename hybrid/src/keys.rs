@@ -1,0 +1,112 @@
+//! Static X25519 key pairs and key fingerprints.
+
+use std::fmt;
+
+use blake2::{Blake2s256, Digest};
+use rand::Rng;
+use zeroize::Zeroizing;
+
+/// Length of a control-key fingerprint in bytes.
+pub const FINGERPRINT_LEN: usize = 16;
+
+/// A static X25519 key pair. The secret is zeroed on drop and never printed.
+#[derive(Clone)]
+pub struct StaticKeypair {
+    secret: Zeroizing<[u8; 32]>,
+    public: [u8; 32],
+}
+
+impl StaticKeypair {
+    /// Generates a new key pair from `rng`.
+    pub fn generate(rng: &mut impl Rng) -> Self {
+        let mut secret = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(secret.as_mut());
+        Self::from_secret(*secret)
+    }
+
+    /// Rebuilds a key pair from its secret bytes (e.g. read from the state dir).
+    pub fn from_secret(secret: [u8; 32]) -> Self {
+        let sk = x25519_dalek::StaticSecret::from(secret);
+        let public = x25519_dalek::PublicKey::from(&sk).to_bytes();
+        Self {
+            secret: Zeroizing::new(sk.to_bytes()),
+            public,
+        }
+    }
+
+    /// The public key.
+    pub fn public(&self) -> [u8; 32] {
+        self.public
+    }
+
+    /// The secret bytes, for persisting to a 0600 file and for handing to WireGuard.
+    pub fn secret_bytes(&self) -> &[u8; 32] {
+        &self.secret
+    }
+}
+
+impl fmt::Debug for StaticKeypair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StaticKeypair")
+            .field("public", &format_args!("{:02x}{:02x}{:02x}{:02x}…", self.public[0], self.public[1], self.public[2], self.public[3]))
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The fingerprint of a coordinator's control key, as embedded in auth keys:
+/// the first 16 bytes of BLAKE2s-256("lattice control-key fingerprint v1" || key).
+pub fn fingerprint(public_key: &[u8; 32]) -> [u8; FINGERPRINT_LEN] {
+    let mut h = Blake2s256::new();
+    h.update(b"lattice control-key fingerprint v1");
+    h.update(public_key);
+    let digest = h.finalize();
+    let mut out = [0u8; FINGERPRINT_LEN];
+    out.copy_from_slice(&digest[..FINGERPRINT_LEN]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{SeedableRng, rngs::StdRng};
+
+    #[test]
+    fn public_key_matches_the_x25519_base_point_multiplication() {
+        // RFC 7748 section 6.1, Alice's key pair.
+        let sk = hex32("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a");
+        let pk = hex32("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a");
+        assert_eq!(StaticKeypair::from_secret(sk).public(), pk);
+    }
+
+    #[test]
+    fn debug_hides_the_secret() {
+        let kp = StaticKeypair::generate(&mut StdRng::seed_from_u64(1));
+        let dbg = format!("{kp:?}");
+        assert!(dbg.contains("<redacted>"));
+        let secret_hex: String = kp.secret_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!dbg.contains(&secret_hex[..8]));
+    }
+
+    #[test]
+    fn fingerprint_known_answer() {
+        // Computed independently with Python: hashlib.blake2s(b"lattice control-key
+        // fingerprint v1" + bytes(32)).hexdigest()[:32]
+        assert_eq!(
+            hex(&fingerprint(&[0u8; 32])),
+            "8dbc5ddd2aa2d0bd032e3bcbf708347b"
+        );
+    }
+
+    fn hex32(s: &str) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap();
+        }
+        out
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}

@@ -1,0 +1,220 @@
+//! Messages on the node <-> coordinator control channel.
+//!
+//! The channel is a hybrid Noise session (see the `hybrid` crate) over a WebSocket. Each
+//! application message is one JSON object. The node speaks first with [`Hello`]; the
+//! coordinator answers [`Welcome`] (or an [`ServerMessage::Error`] and closes), then streams
+//! [`MapResponse`]s.
+//!
+//! The node's identity is the machine key it proved in the Noise handshake. No message carries
+//! an identity the coordinator would trust.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::authkey::AuthKey;
+use crate::ids::NodeId;
+use crate::keys::NodeKey;
+use crate::netmap::MapResponse;
+use crate::version::CapabilityVersion;
+
+/// Node -> coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// First message on every connection.
+    Hello(Hello),
+    /// The node's reachable UDP endpoints changed.
+    Endpoints {
+        /// The new endpoint list, best first.
+        endpoints: Vec<SocketAddr>,
+    },
+    /// The node is leaving for good (`lattice logout`, or `down` on an ephemeral node).
+    Logout,
+    /// A message this build does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// The node's opening message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// What the node understands.
+    pub capability: CapabilityVersion,
+    /// The node's WireGuard public key.
+    pub node_key: NodeKey,
+    /// Requested name; the coordinator makes it a unique DNS label.
+    pub hostname: String,
+    /// Present when the node is not yet registered (or was removed and is re-joining).
+    #[serde(default)]
+    pub auth_key: Option<AuthKey>,
+    /// Reachable UDP endpoints, best first.
+    #[serde(default)]
+    pub endpoints: Vec<SocketAddr>,
+    /// Operating system (`linux`).
+    #[serde(default)]
+    pub os: String,
+    /// Client software version.
+    #[serde(default)]
+    pub client_version: String,
+}
+
+/// Coordinator -> node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// Registration or resumption succeeded.
+    Welcome(Welcome),
+    /// A netmap (full or delta).
+    Map(MapResponse),
+    /// A fatal error; the coordinator closes the connection after sending it.
+    Error {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+    /// A message this build does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// The node's identity as the coordinator assigned it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The node's id.
+    pub node_id: NodeId,
+    /// Unique short name.
+    pub name: String,
+    /// Fully qualified name.
+    pub fqdn: String,
+    /// Overlay addresses.
+    pub addresses: Vec<IpAddr>,
+    /// Whether this is the node's first registration (false when resuming).
+    #[serde(default)]
+    pub registered_now: bool,
+    /// Whether the node is ephemeral.
+    #[serde(default)]
+    pub ephemeral: bool,
+    /// The owning user, if any.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// ACL tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// Why the coordinator refused a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The node is unknown and sent no auth key.
+    AuthKeyRequired,
+    /// The auth key does not exist or its secret is wrong.
+    AuthKeyInvalid,
+    /// The auth key has expired.
+    AuthKeyExpired,
+    /// The auth key was revoked.
+    AuthKeyRevoked,
+    /// The single-use auth key was already used.
+    AuthKeyUsed,
+    /// An admin removed this node.
+    NodeRemoved,
+    /// The node's key expired; it must re-join.
+    NodeExpired,
+    /// The node speaks a protocol the coordinator does not support.
+    Unsupported,
+    /// The request was malformed.
+    BadRequest,
+    /// The coordinator failed; retry later.
+    Internal,
+    /// A code this build does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// Whether retrying the same request later can succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, Self::Internal | Self::Unknown)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn can_deserialize_hello() {
+        let json = format!(
+            r#"{{"type": "hello", "capability": 1, "node_key": "nodekey:{}",
+                "hostname": "db-1", "auth_key": "lk1-{}-{}-{}", "endpoints": ["10.0.0.1:41641"]}}"#,
+            "aa".repeat(32),
+            "11".repeat(16),
+            "22".repeat(6),
+            "33".repeat(20)
+        );
+        let ClientMessage::Hello(h) = serde_json::from_str(&json).unwrap() else {
+            panic!("not a hello");
+        };
+        assert_eq!(h.capability, CapabilityVersion(1));
+        assert_eq!(h.hostname, "db-1");
+        assert_eq!(h.auth_key.unwrap().id_hex(), "222222222222");
+        assert_eq!(h.os, "");
+    }
+
+    #[test]
+    fn can_deserialize_welcome() {
+        let json = r#"{"type": "welcome", "node_id": 4, "name": "db-1",
+            "fqdn": "db-1.mesh.internal", "addresses": ["100.64.0.4", "fd7a:1::4"]}"#;
+        let ServerMessage::Welcome(w) = serde_json::from_str(json).unwrap() else {
+            panic!("not a welcome");
+        };
+        assert_eq!(w.node_id, NodeId(4));
+        assert!(!w.registered_now);
+    }
+
+    #[test]
+    fn can_deserialize_error() {
+        let json = r#"{"type": "error", "code": "auth_key_used", "message": "already used"}"#;
+        let msg: ServerMessage = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            msg,
+            ServerMessage::Error {
+                code: ErrorCode::AuthKeyUsed,
+                message: "already used".into()
+            }
+        );
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let msgs = vec![
+            ClientMessage::Endpoints {
+                endpoints: vec!["[2001:db8::1]:5".parse().unwrap()],
+            },
+            ClientMessage::Logout,
+        ];
+        for m in msgs {
+            let json = serde_json::to_string(&m).unwrap();
+            assert_eq!(serde_json::from_str::<ClientMessage>(&json).unwrap(), m);
+        }
+        let s = ServerMessage::Map(MapResponse {
+            seq: 3,
+            ..Default::default()
+        });
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<ServerMessage>(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn unknown_variants_are_tolerated() {
+        let c: ClientMessage = serde_json::from_str(r#"{"type": "teleport", "to": 1}"#).unwrap();
+        assert_eq!(c, ClientMessage::Unknown);
+        let s: ServerMessage = serde_json::from_str(r#"{"type": "nudge"}"#).unwrap();
+        assert_eq!(s, ServerMessage::Unknown);
+        let code: ErrorCode = serde_json::from_str(r#""quota_exceeded""#).unwrap();
+        assert_eq!(code, ErrorCode::Unknown);
+        assert!(code.is_retryable());
+    }
+}
