@@ -83,7 +83,7 @@ impl InitiatorHandshake {
     /// `psk` is the previous key of the chain (zero for a fresh chain); the responder must use
     /// the same one or the handshake fails.
     pub fn start(
-        rng: &mut (impl CryptoRng + Rng),
+        rng: &mut impl CryptoRng,
         purpose: Purpose,
         local: &StaticKeypair,
         remote_static: &[u8; 32],
@@ -140,7 +140,7 @@ impl ResponderHandshake {
     /// Reads message 1. The caller decides from [`Initiation::remote_static`] (and the payload)
     /// whether to answer, and with which psk.
     pub fn read_initiation(
-        rng: &mut (impl CryptoRng + Rng),
+        rng: &mut impl CryptoRng,
         purpose: Purpose,
         local: &StaticKeypair,
         msg1: &[u8],
@@ -172,7 +172,7 @@ impl ResponderHandshake {
     /// Writes message 2 with `psk` (the previous key of the chain) and completes.
     pub fn respond(
         mut self,
-        rng: &mut (impl CryptoRng + Rng),
+        rng: &mut impl CryptoRng,
         psk: &Psk,
         payload: &[u8],
     ) -> Result<(Vec<u8>, Completed), HandshakeError> {

@@ -66,7 +66,7 @@ pub enum ServerMessage {
     /// Registration or resumption succeeded.
     Welcome(Welcome),
     /// A netmap (full or delta).
-    Map(MapResponse),
+    Map(Box<MapResponse>),
     /// A fatal error; the coordinator closes the connection after sending it.
     Error {
         /// Machine-readable reason.
@@ -199,10 +199,10 @@ mod tests {
             let json = serde_json::to_string(&m).unwrap();
             assert_eq!(serde_json::from_str::<ClientMessage>(&json).unwrap(), m);
         }
-        let s = ServerMessage::Map(MapResponse {
+        let s = ServerMessage::Map(Box::new(MapResponse {
             seq: 3,
             ..Default::default()
-        });
+        }));
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<ServerMessage>(&json).unwrap(), s);
     }

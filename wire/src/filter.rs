@@ -24,9 +24,26 @@ pub struct FilterRule {
     pub src: Vec<IpNet>,
     /// Destination addresses (this node's) and port ranges.
     pub dst: Vec<DstPorts>,
-    /// IP protocols; empty means TCP, UDP and ICMP (v4 and v6).
+    /// IP protocols; empty means TCP, UDP and ICMP (v4 and v6). Ignored when
+    /// `all_protocols` is set.
     #[serde(default)]
     pub protocols: Vec<IpProto>,
+    /// Matches every IP protocol.
+    #[serde(default)]
+    pub all_protocols: bool,
+}
+
+impl FilterRule {
+    /// Whether the rule covers IP protocol `proto`.
+    pub fn matches_protocol(&self, proto: IpProto) -> bool {
+        if self.all_protocols {
+            return true;
+        }
+        if self.protocols.is_empty() {
+            return IpProto::DEFAULT_SET.contains(&proto);
+        }
+        self.protocols.contains(&proto)
+    }
 }
 
 /// What a rule does.
@@ -128,6 +145,19 @@ mod tests {
         assert!(rule.dst[0].ports.contains(22));
         assert!(!rule.dst[0].ports.contains(23));
         assert_eq!(rule.protocols, vec![IpProto::TCP]);
+        assert!(rule.matches_protocol(IpProto::TCP));
+        assert!(!rule.matches_protocol(IpProto::UDP));
+    }
+
+    #[test]
+    fn empty_protocol_list_means_tcp_udp_icmp() {
+        let mut rule: FilterRule = serde_json::from_str(r#"{"src": [], "dst": []}"#).unwrap();
+        for p in [IpProto::TCP, IpProto::UDP, IpProto::ICMP, IpProto::ICMPV6] {
+            assert!(rule.matches_protocol(p));
+        }
+        assert!(!rule.matches_protocol(IpProto::SCTP));
+        rule.all_protocols = true;
+        assert!(rule.matches_protocol(IpProto(47)));
     }
 
     #[test]
@@ -141,6 +171,7 @@ mod tests {
                 ports: PortRange::ANY,
             }],
             protocols: vec![],
+            all_protocols: true,
         };
         let json = serde_json::to_string(&rule).unwrap();
         assert_eq!(serde_json::from_str::<FilterRule>(&json).unwrap(), rule);

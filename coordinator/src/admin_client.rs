@@ -1,0 +1,113 @@
+//! The CLI side of admin commands: HTTP/1.1 to the running coordinator, over its Unix socket
+//! (default) or over TCP with an admin token.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// Where the admin API is.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The admin socket in a state dir.
+    Unix(PathBuf),
+    /// `http://host:port` with a bearer token.
+    Http {
+        /// `host:port`.
+        authority: String,
+        /// Admin token.
+        token: String,
+    },
+}
+
+impl Target {
+    /// Builds the target from CLI flags.
+    pub fn new(state_dir: PathBuf, server: Option<String>, token: Option<String>) -> anyhow::Result<Self> {
+        match server {
+            None => Ok(Self::Unix(state_dir.join(crate::server::ADMIN_SOCKET))),
+            Some(url) => {
+                let authority = url
+                    .strip_prefix("http://")
+                    .context("--server must be an http:// URL")?
+                    .trim_end_matches('/')
+                    .to_owned();
+                let token = token.context("--server needs --token (or LATTICE_ADMIN_TOKEN)")?;
+                Ok(Self::Http { authority, token })
+            }
+        }
+    }
+
+    /// Calls the API; returns the decoded body of a 2xx response, or fails with the server's
+    /// message.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<T> {
+        let (status, bytes) = self.raw(method, path, body).await?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            bail!("{msg}");
+        }
+        serde_json::from_slice(&bytes).context("decoding the coordinator's answer")
+    }
+
+    async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let body = body.map_or_else(Bytes::new, |v| Bytes::from(v.to_string()));
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("/admin/v1{path}"))
+            .header("content-type", "application/json");
+        let sender = match self {
+            Self::Unix(path_buf) => {
+                req = req.header("host", "localhost");
+                let stream = tokio::net::UnixStream::connect(path_buf).await.with_context(|| {
+                    format!(
+                        "cannot reach the coordinator's admin socket {} (is `lattice-coordinator serve` running with this --state-dir?)",
+                        path_buf.display()
+                    )
+                })?;
+                handshake(stream).await?
+            }
+            Self::Http { authority, token } => {
+                req = req
+                    .header("host", authority.as_str())
+                    .header("authorization", format!("Bearer {token}"));
+                let stream = tokio::net::TcpStream::connect(authority.as_str())
+                    .await
+                    .with_context(|| format!("cannot connect to {authority}"))?;
+                handshake(stream).await?
+            }
+        };
+        let mut sender = sender;
+        let resp = sender.send_request(req.body(Full::new(body))?).await?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        Ok((status, bytes))
+    }
+}
+
+async fn handshake<S>(stream: S) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}

@@ -1,0 +1,117 @@
+//! The admin API (`/admin/v1`). The caller's [`Actor`] is set by the listener's middleware:
+//! peer credentials on the Unix socket, a verified token on TCP.
+
+use axum::extract::{Extension, Path, Query, State};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::Actor;
+use crate::audit::{Entry, Verification};
+use crate::error::ApiError;
+use crate::model::AuthKeyInfo;
+use crate::ops::{self, CreateAuthKey, CreatedAuthKey, NodeView};
+use crate::state::AppState;
+
+/// Admin routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/authkeys", post(create_key).get(list_keys))
+        .route("/authkeys/{id}/revoke", post(revoke_key))
+        .route("/nodes", get(list_nodes))
+        .route("/nodes/{name}", delete(remove_node))
+        .route("/nodes/{name}/expire", post(expire_node))
+        .route("/audit", get(audit_list))
+        .route("/audit/verify", get(audit_verify))
+        .route("/tokens", post(create_token))
+        .route("/tokens/{id}", delete(revoke_token))
+}
+
+async fn create_key(
+    State(st): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Json(req): Json<CreateAuthKey>,
+) -> Result<Json<CreatedAuthKey>, ApiError> {
+    Ok(Json(ops::create_auth_key(&st, req, &actor).await?))
+}
+
+async fn list_keys(State(st): State<AppState>) -> Result<Json<Vec<AuthKeyInfo>>, ApiError> {
+    Ok(Json(ops::list_auth_keys(&st).await?))
+}
+
+async fn revoke_key(
+    State(st): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    ops::revoke_auth_key(&st, &id, &actor).await?;
+    Ok(Json(json!({"revoked": id})))
+}
+
+async fn list_nodes(State(st): State<AppState>) -> Result<Json<Vec<NodeView>>, ApiError> {
+    Ok(Json(ops::list_nodes(&st).await?))
+}
+
+async fn remove_node(
+    State(st): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let node = ops::remove_node(&st, &name, &actor, "removed by an admin").await?;
+    Ok(Json(json!({"removed": node.name, "id": node.id})))
+}
+
+async fn expire_node(
+    State(st): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    ops::expire_node(&st, &name, &actor).await?;
+    Ok(Json(json!({"expired": name})))
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    #[serde(default)]
+    after: i64,
+    #[serde(default = "default_limit")]
+    limit: i64,
+}
+
+fn default_limit() -> i64 {
+    1000
+}
+
+async fn audit_list(
+    State(st): State<AppState>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Vec<Entry>>, ApiError> {
+    Ok(Json(ops::audit_list(&st, q.after, q.limit).await?))
+}
+
+async fn audit_verify(State(st): State<AppState>) -> Result<Json<Verification>, ApiError> {
+    Ok(Json(ops::audit_verify(&st).await?))
+}
+
+async fn create_token(
+    State(st): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+) -> Result<Json<Value>, ApiError> {
+    if actor.starts_with("token:") {
+        return Err(ApiError::BadRequest(
+            "admin tokens can only be created on the coordinator's Unix socket".into(),
+        ));
+    }
+    let token = ops::create_token(&st, &actor).await?;
+    Ok(Json(json!({"token": token})))
+}
+
+async fn revoke_token(
+    State(st): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    ops::revoke_token(&st, &id, &actor).await?;
+    Ok(Json(json!({"revoked": id})))
+}

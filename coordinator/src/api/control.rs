@@ -1,0 +1,272 @@
+//! The control channel: a hybrid Noise session over a WebSocket at `/control`.
+//!
+//! 1. The node sends Noise message 1 (one binary WebSocket message); the coordinator answers
+//!    with message 2. The machine key the node proved here is its identity for the session.
+//! 2. Every later binary message is a channel frame. The node sends `Hello`; the coordinator
+//!    registers or resumes it and answers `Welcome` (or `Error` and closes).
+//! 3. The coordinator streams netmaps (full, then deltas) whenever the mesh changes, and
+//!    handles `Endpoints` and `Logout` from the node.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use axum::routing::get;
+use hybrid::{Channel, Psk, Purpose, ResponderHandshake};
+use rand::{SeedableRng, rngs::StdRng};
+use tokio::time::{Instant, interval, timeout};
+use tracing::{debug, info, warn};
+use wire::{ClientMessage, ErrorCode, MachineKey, ServerMessage, Welcome};
+
+use crate::db;
+use crate::model::NodeRecord;
+use crate::netmap::{SentMap, next_map};
+use crate::ops;
+use crate::register::{self, RegisterError};
+use crate::state::{AppState, unix_now};
+
+/// How long a node has to complete the handshake and send `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The coordinator pings every this often...
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// ...and drops a session that has been silent this long.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(35);
+/// Largest WebSocket message: one Noise frame.
+const MAX_WS_MESSAGE: usize = 65_535;
+
+/// Control routes.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/control", get(upgrade))
+}
+
+async fn upgrade(State(st): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    ws.max_message_size(MAX_WS_MESSAGE)
+        .max_frame_size(MAX_WS_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            if let Err(e) = session(st, socket).await {
+                debug!(error = %format!("{e:#}"), "control session ended with an error");
+            }
+        })
+}
+
+struct Conn {
+    socket: WebSocket,
+    channel: Channel,
+}
+
+impl Conn {
+    async fn send(&mut self, msg: &ServerMessage) -> anyhow::Result<()> {
+        let json = serde_json::to_vec(msg).context("encoding a server message")?;
+        for frame in self.channel.seal(&json)? {
+            self.socket.send(Message::Binary(frame.into())).await?;
+        }
+        Ok(())
+    }
+
+    async fn refuse(&mut self, code: ErrorCode, message: String) -> anyhow::Result<()> {
+        self.send(&ServerMessage::Error { code, message }).await?;
+        let _ = self.socket.send(Message::Close(None)).await;
+        Ok(())
+    }
+
+    /// Reads the next application message; `None` when the peer closed.
+    async fn recv(&mut self) -> anyhow::Result<Option<ClientMessage>> {
+        loop {
+            let Some(frame) = self.socket.recv().await else {
+                return Ok(None);
+            };
+            match frame? {
+                Message::Binary(b) => {
+                    if let Some(msg) = self.channel.open(&b)? {
+                        return Ok(Some(serde_json::from_slice(&msg)?));
+                    }
+                }
+                Message::Close(_) => return Ok(None),
+                Message::Ping(_) | Message::Pong(_) => {}
+                Message::Text(_) => bail!("text frame on the control channel"),
+            }
+        }
+    }
+}
+
+async fn session(st: AppState, mut socket: WebSocket) -> anyhow::Result<()> {
+    let (channel, machine) = timeout(HELLO_TIMEOUT, handshake(&st, &mut socket))
+        .await
+        .context("handshake timed out")??;
+    let mut conn = Conn { socket, channel };
+    let hello = match timeout(HELLO_TIMEOUT, conn.recv()).await.context("hello timed out")?? {
+        Some(ClientMessage::Hello(h)) => h,
+        Some(_) => bail!("first message was not a hello"),
+        None => return Ok(()),
+    };
+    if hello.capability < wire::CapabilityVersion(1) {
+        return conn
+            .refuse(ErrorCode::Unsupported, "client too old".into())
+            .await;
+    }
+    let (record, registered_now) =
+        match register::register_or_resume(&st, &machine, &hello, unix_now()).await {
+            Ok(r) => r,
+            Err(RegisterError::Refused(code, message)) => {
+                info!(machine = %machine, ?code, %message, "refused a node");
+                return conn.refuse(code, message).await;
+            }
+            Err(RegisterError::Db(e)) => {
+                let _ = conn
+                    .refuse(ErrorCode::Internal, "internal error; retry later".into())
+                    .await;
+                return Err(e.into());
+            }
+        };
+    if registered_now {
+        info!(node = %record.name, id = %record.id, ip = %record.ipv4, "node registered");
+    } else {
+        info!(node = %record.name, id = %record.id, "node resumed");
+    }
+    st.hub.upsert_node(record.clone());
+    let result = stream(&st, &mut conn, &record, registered_now).await;
+    {
+        let mut c = st.db.acquire().await?;
+        db::nodes::set_last_seen(&mut c, record.id, unix_now()).await?;
+    }
+    if record.ephemeral {
+        schedule_ephemeral_collection(st.clone(), record.id);
+    }
+    result
+}
+
+async fn handshake(st: &AppState, socket: &mut WebSocket) -> anyhow::Result<(Channel, MachineKey)> {
+    let msg1 = loop {
+        match socket.recv().await {
+            Some(Ok(Message::Binary(b))) => break b,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            Some(Ok(_)) | None => bail!("connection closed before the handshake"),
+            Some(Err(e)) => return Err(e.into()),
+        }
+    };
+    let (msg2, done, machine) = {
+        let mut rng = StdRng::from_rng(&mut rand::rng());
+        let (responder, init) =
+            ResponderHandshake::read_initiation(&mut rng, Purpose::Control, &st.control_key, &msg1)?;
+        let (msg2, done) = responder.respond(&mut rng, &Psk::zero(), &[])?;
+        (msg2, done, MachineKey::from_bytes(init.remote_static))
+    };
+    socket.send(Message::Binary(msg2.into())).await?;
+    Ok((done.into_channel(), machine))
+}
+
+async fn stream(
+    st: &AppState,
+    conn: &mut Conn,
+    record: &NodeRecord,
+    registered_now: bool,
+) -> anyhow::Result<()> {
+    let mut guard = st.hub.attach(record.id);
+    conn.send(&ServerMessage::Welcome(Welcome {
+        node_id: record.id,
+        name: record.name.clone(),
+        fqdn: format!("{}.{}", record.name, st.mesh.domain),
+        addresses: record.addresses(),
+        registered_now,
+        ephemeral: record.ephemeral,
+        user: record.user.clone(),
+        tags: record.tags.clone(),
+    }))
+    .await?;
+    let mut sent = SentMap::default();
+    let mut changes = st.hub.subscribe();
+    changes.borrow_and_update();
+    let mut ping = interval(PING_INTERVAL);
+    let mut last_heard = Instant::now();
+    loop {
+        let next = {
+            let hub = st.hub.read();
+            next_map(&mut sent, &hub.snapshot(), record.id)
+        };
+        if let Some(map) = next {
+            debug!(node = %record.name, seq = map.seq, full = map.is_full(), "sending netmap");
+            conn.send(&ServerMessage::Map(Box::new(map))).await?;
+        }
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
+            kick = guard.kicks.recv() => {
+                if let Some(k) = kick {
+                    info!(node = %record.name, code = ?k.code, "closing control session");
+                    return conn.refuse(k.code, k.message).await;
+                }
+            }
+            frame = conn.socket.recv() => {
+                last_heard = Instant::now();
+                let Some(frame) = frame else { return Ok(()) };
+                match frame? {
+                    Message::Binary(b) => {
+                        if let Some(msg) = conn.channel.open(&b)? {
+                            let msg: ClientMessage = serde_json::from_slice(&msg)
+                                .context("decoding a client message")?;
+                            if handle_client_message(st, record, msg).await? {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Message::Close(_) => return Ok(()),
+                    Message::Ping(_) | Message::Pong(_) => {}
+                    Message::Text(_) => bail!("text frame on the control channel"),
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > IDLE_TIMEOUT {
+                    warn!(node = %record.name, "control session idle; dropping it");
+                    return Ok(());
+                }
+                conn.socket.send(Message::Ping(Vec::new().into())).await?;
+            }
+        }
+    }
+}
+
+/// Handles one message; returns true when the session should end.
+async fn handle_client_message(
+    st: &AppState,
+    record: &NodeRecord,
+    msg: ClientMessage,
+) -> anyhow::Result<bool> {
+    match msg {
+        ClientMessage::Endpoints { endpoints } => {
+            if endpoints.len() > 32 {
+                bail!("too many endpoints");
+            }
+            let mut c = st.db.acquire().await?;
+            db::nodes::set_endpoints(&mut c, record.id, &endpoints, unix_now()).await?;
+            if let Some(updated) = db::nodes::by_id(&mut c, record.id).await? {
+                st.hub.upsert_node(updated);
+            }
+            Ok(false)
+        }
+        ClientMessage::Logout => {
+            info!(node = %record.name, "node logged out");
+            ops::remove_node(st, &record.name, &format!("node:{}", record.name), "logged out")
+                .await
+                .map_err(|e| anyhow::anyhow!("logout: {e}"))?;
+            Ok(true)
+        }
+        ClientMessage::Hello(_) => bail!("second hello on one session"),
+        ClientMessage::Unknown => Ok(false),
+    }
+}
+
+/// Removes an ephemeral node if it has not come back within the configured timeout.
+pub fn schedule_ephemeral_collection(st: AppState, id: wire::NodeId) {
+    tokio::spawn(async move {
+        tokio::time::sleep(st.ephemeral_timeout).await;
+        if let Err(e) = ops::collect_ephemeral(&st, id).await {
+            warn!(node = %id, error = %e, "could not remove an ephemeral node");
+        }
+    });
+}

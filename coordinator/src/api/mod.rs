@@ -1,0 +1,86 @@
+//! HTTP routes. The public listener serves `/key`, `/healthz`, the `/control` WebSocket and,
+//! with an admin token, `/admin/v1`. The admin Unix socket serves `/admin/v1` to local root.
+
+pub mod admin;
+pub mod control;
+
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tower_http::trace::TraceLayer;
+
+use crate::error::{ApiError, InternalDetail};
+use crate::ops;
+use crate::state::AppState;
+
+/// Who is calling the admin API, for the audit log.
+#[derive(Debug, Clone)]
+pub struct Actor(pub String);
+
+/// What `GET /key` returns: the coordinator's public control key and its fingerprint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyInfo {
+    /// The control key.
+    pub control_key: wire::ControlKey,
+    /// Hex fingerprint, as embedded in auth keys.
+    pub fingerprint: String,
+}
+
+/// The public router.
+pub fn router(st: AppState) -> Router {
+    Router::new()
+        .route("/key", get(key))
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(control::router())
+        .nest(
+            "/admin/v1",
+            admin::router().layer(middleware::from_fn_with_state(st.clone(), token_auth)),
+        )
+        .layer(middleware::from_fn(log_internal_errors))
+        .layer(TraceLayer::new_for_http())
+        .with_state(st)
+}
+
+async fn key(State(st): State<AppState>) -> Json<KeyInfo> {
+    let mut fingerprint = String::new();
+    wire::keys::push_hex(&mut fingerprint, &st.fingerprint);
+    Json(KeyInfo {
+        control_key: st.control_public(),
+        fingerprint,
+    })
+}
+
+async fn token_auth(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let Some(token) = token else {
+        return ApiError::Unauthorized.into_response();
+    };
+    match ops::authenticate_token(&st, &token).await {
+        Ok(actor) => {
+            req.extensions_mut().insert(Actor(actor));
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Logs the detail of 500 responses (kept out of the response body).
+pub async fn log_internal_errors(req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    if resp.status() == StatusCode::INTERNAL_SERVER_ERROR
+        && let Some(InternalDetail(detail)) = resp.extensions().get::<InternalDetail>()
+    {
+        tracing::error!(%path, error = %detail, "admin request failed");
+    }
+    resp
+}

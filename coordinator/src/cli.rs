@@ -1,0 +1,228 @@
+//! Command-line interface of `lattice-coordinator`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The Lattice coordinator: identities, netmaps, policy and audit for a mesh.
+#[derive(Debug, Parser)]
+#[command(name = "lattice-coordinator", version, about)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "LATTICE_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordinator.
+    Serve(ServeArgs),
+    /// Manage auth keys.
+    Authkey {
+        /// What to do with auth keys.
+        #[command(subcommand)]
+        command: AuthkeyCommand,
+    },
+    /// Manage nodes.
+    Nodes {
+        /// What to do with nodes.
+        #[command(subcommand)]
+        command: NodesCommand,
+    },
+    /// Read and check the audit log.
+    Audit {
+        /// What to do with the audit log.
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Manage admin tokens for `--server URL --token TOKEN` access.
+    Token {
+        /// What to do with admin tokens.
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+/// `serve` flags.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// HTTP listen address (control channel, key, admin API with a token).
+    #[arg(long, default_value = "0.0.0.0:8080", env = "LATTICE_COORDINATOR_LISTEN")]
+    pub listen: SocketAddr,
+    /// State directory: control key, database and admin socket.
+    #[arg(long, env = "LATTICE_COORDINATOR_STATE_DIR", default_value = "/var/lib/lattice-coordinator")]
+    pub state_dir: PathBuf,
+    /// Database URL (default: SQLite file in the state dir).
+    #[arg(long, env = "LATTICE_COORDINATOR_DB")]
+    pub db: Option<String>,
+    /// The URL nodes use to reach this coordinator (shown in the join example).
+    #[arg(long, env = "LATTICE_COORDINATOR_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// DNS domain of the mesh (only used when the mesh is first created).
+    #[arg(long, default_value = "mesh.internal")]
+    pub domain: String,
+    /// How long an ephemeral node may be disconnected before it is removed.
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    pub ephemeral_timeout: Duration,
+}
+
+/// Flags shared by admin commands.
+#[derive(Debug, Clone, Args)]
+pub struct AdminArgs {
+    /// State directory of the running coordinator (its admin socket lives there).
+    #[arg(long, env = "LATTICE_COORDINATOR_STATE_DIR", default_value = "/var/lib/lattice-coordinator")]
+    pub state_dir: PathBuf,
+    /// Reach a coordinator over HTTP instead of the local socket (needs --token).
+    #[arg(long, env = "LATTICE_COORDINATOR_SERVER")]
+    pub server: Option<String>,
+    /// Admin token for --server.
+    #[arg(long, env = "LATTICE_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// `authkey` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuthkeyCommand {
+    /// Create an auth key and print it.
+    Create {
+        /// Allow the key to register any number of nodes.
+        #[arg(long)]
+        reusable: bool,
+        /// Nodes registered with it are removed once they go away.
+        #[arg(long)]
+        ephemeral: bool,
+        /// Tag for nodes registered with it (repeatable), e.g. tag:db.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// User who owns nodes registered with it.
+        #[arg(long)]
+        user: Option<String>,
+        /// How long the key stays valid (e.g. 30m, 1h, 7d).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        expiry: Duration,
+        /// Print the key and its metadata as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List auth keys (never their secrets).
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Revoke an auth key by id.
+    Revoke {
+        /// The key id (the 12 hex digits after the fingerprint).
+        id: String,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// `nodes` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum NodesCommand {
+    /// List nodes.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Remove a node: its peers stop accepting its packets within seconds.
+    Remove {
+        /// Node name.
+        name: String,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Expire a node's key: it drops out of the mesh until it re-joins with an auth key.
+    Expire {
+        /// Node name.
+        name: String,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// `audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// List audit entries.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Only entries after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Check the hash chain; exits 1 if any entry was modified or deleted.
+    Verify {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Print every entry as JSON lines (for a SIEM).
+    Export {
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// `token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create an admin token (only over the local socket) and print it.
+    Create {
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Revoke an admin token by id.
+    Revoke {
+        /// Token id (the 12 hex digits after `lt1-`).
+        id: String,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// Parses `30s`, `5m`, `1h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 30s, 5m, 1h, 7d)"))
+}

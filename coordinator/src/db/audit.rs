@@ -1,0 +1,92 @@
+//! The `audit` and `audit_head` tables.
+
+use sqlx::{FromRow, SqliteConnection};
+
+use super::DbError;
+use crate::audit::{Entry, GENESIS, NewEntry};
+
+#[derive(FromRow)]
+struct Row {
+    seq: i64,
+    at_ms: i64,
+    actor: String,
+    action: String,
+    target: String,
+    detail: String,
+    prev_hash: String,
+    hash: String,
+}
+
+impl From<Row> for Entry {
+    fn from(r: Row) -> Self {
+        Self {
+            seq: r.seq,
+            at_ms: r.at_ms,
+            actor: r.actor,
+            action: r.action,
+            target: r.target,
+            detail: r.detail,
+            prev_hash: r.prev_hash,
+            hash: r.hash,
+        }
+    }
+}
+
+/// Appends an entry. Must run inside a write transaction so the chain cannot fork.
+pub async fn append(
+    conn: &mut SqliteConnection,
+    entry: NewEntry,
+    at_ms: i64,
+) -> Result<Entry, DbError> {
+    let (seq, hash) = head(conn)
+        .await?
+        .unwrap_or_else(|| (0, GENESIS.to_owned()));
+    let e = entry.chain(seq, &hash, at_ms);
+    sqlx::query(
+        "INSERT INTO audit (seq, at_ms, actor, action, target, detail, prev_hash, hash)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(e.seq)
+    .bind(e.at_ms)
+    .bind(&e.actor)
+    .bind(&e.action)
+    .bind(&e.target)
+    .bind(&e.detail)
+    .bind(&e.prev_hash)
+    .bind(&e.hash)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?)
+         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+    )
+    .bind(e.seq)
+    .bind(&e.hash)
+    .execute(&mut *conn)
+    .await?;
+    Ok(e)
+}
+
+/// The recorded end of the chain.
+pub async fn head(conn: &mut SqliteConnection) -> Result<Option<(i64, String)>, DbError> {
+    Ok(sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+        .fetch_optional(&mut *conn)
+        .await?)
+}
+
+/// Entries with `seq > after`, oldest first, at most `limit`.
+pub async fn list(
+    conn: &mut SqliteConnection,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<Entry>, DbError> {
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT seq, at_ms, actor, action, target, detail, prev_hash, hash FROM audit
+         WHERE seq > ? ORDER BY seq LIMIT ?",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().map(Entry::from).collect())
+}

@@ -1,0 +1,184 @@
+//! The `auth_keys` and `admin_tokens` tables. Secrets are stored as hashes only.
+
+use sqlx::{FromRow, SqliteConnection};
+
+use super::DbError;
+use crate::model::AuthKeyInfo;
+
+#[derive(FromRow)]
+struct AuthKeyRow {
+    id: String,
+    secret_hash: Vec<u8>,
+    reusable: bool,
+    ephemeral: bool,
+    tags: String,
+    user_name: Option<String>,
+    created_at: i64,
+    created_by: String,
+    expires_at: i64,
+    revoked_at: Option<i64>,
+    used_count: i64,
+}
+
+macro_rules! select_keys {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, secret_hash, reusable, ephemeral, tags, user_name, created_at, ",
+            "created_by, expires_at, revoked_at, used_count FROM auth_keys ",
+            $rest
+        )
+    };
+}
+
+impl AuthKeyRow {
+    fn split(self) -> Result<(AuthKeyInfo, Vec<u8>), DbError> {
+        let tags = serde_json::from_str(&self.tags).map_err(|_| DbError::Corrupt {
+            table: "auth_keys",
+            detail: format!("key {}: bad tags", self.id),
+        })?;
+        Ok((
+            AuthKeyInfo {
+                id: self.id,
+                reusable: self.reusable,
+                ephemeral: self.ephemeral,
+                tags,
+                user: self.user_name,
+                created_at: self.created_at,
+                created_by: self.created_by,
+                expires_at: self.expires_at,
+                revoked_at: self.revoked_at,
+                used_count: self.used_count,
+            },
+            self.secret_hash,
+        ))
+    }
+}
+
+/// Stores a new auth key.
+pub async fn insert_auth_key(
+    conn: &mut SqliteConnection,
+    info: &AuthKeyInfo,
+    secret_hash: &[u8; 32],
+) -> Result<(), DbError> {
+    sqlx::query(
+        "INSERT INTO auth_keys (id, secret_hash, reusable, ephemeral, tags, user_name, created_at,
+                                created_by, expires_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&info.id)
+    .bind(secret_hash.as_slice())
+    .bind(info.reusable)
+    .bind(info.ephemeral)
+    .bind(serde_json::to_string(&info.tags).expect("strings serialize"))
+    .bind(&info.user)
+    .bind(info.created_at)
+    .bind(&info.created_by)
+    .bind(info.expires_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// An auth key and its stored secret hash.
+pub async fn auth_key(
+    conn: &mut SqliteConnection,
+    id: &str,
+) -> Result<Option<(AuthKeyInfo, Vec<u8>)>, DbError> {
+    let row: Option<AuthKeyRow> =
+        sqlx::query_as(select_keys!("WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    row.map(AuthKeyRow::split).transpose()
+}
+
+/// Atomically records one use of the key, if it is still usable at `now`. Returns whether it
+/// was. This single conditional UPDATE is what makes a single-use key register exactly one node
+/// when several registrations race for it.
+pub async fn consume_auth_key(
+    conn: &mut SqliteConnection,
+    id: &str,
+    now: i64,
+) -> Result<bool, DbError> {
+    let done = sqlx::query(
+        "UPDATE auth_keys SET used_count = used_count + 1, last_used_at = ?
+         WHERE id = ? AND revoked_at IS NULL AND expires_at > ?
+           AND (reusable = 1 OR used_count = 0)",
+    )
+    .bind(now)
+    .bind(id)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// All auth keys, newest first.
+pub async fn list_auth_keys(conn: &mut SqliteConnection) -> Result<Vec<AuthKeyInfo>, DbError> {
+    let rows: Vec<AuthKeyRow> = sqlx::query_as(select_keys!("ORDER BY created_at DESC, id"))
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.into_iter().map(|r| r.split().map(|(i, _)| i)).collect()
+}
+
+/// Revokes a key. Returns false if there is no such key or it was already revoked.
+pub async fn revoke_auth_key(
+    conn: &mut SqliteConnection,
+    id: &str,
+    now: i64,
+) -> Result<bool, DbError> {
+    let done = sqlx::query("UPDATE auth_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+        .bind(now)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Stores a new admin token.
+pub async fn insert_admin_token(
+    conn: &mut SqliteConnection,
+    id: &str,
+    secret_hash: &[u8; 32],
+    created_by: &str,
+    now: i64,
+) -> Result<(), DbError> {
+    sqlx::query(
+        "INSERT INTO admin_tokens (id, secret_hash, created_at, created_by) VALUES (?, ?, ?, ?)",
+    )
+    .bind(id)
+    .bind(secret_hash.as_slice())
+    .bind(now)
+    .bind(created_by)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The stored hash of a live (not revoked) admin token.
+pub async fn admin_token_hash(
+    conn: &mut SqliteConnection,
+    id: &str,
+) -> Result<Option<Vec<u8>>, DbError> {
+    let row: Option<(Vec<u8>,)> =
+        sqlx::query_as("SELECT secret_hash FROM admin_tokens WHERE id = ? AND revoked_at IS NULL")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(row.map(|(h,)| h))
+}
+
+/// Revokes an admin token. Returns whether one was revoked.
+pub async fn revoke_admin_token(
+    conn: &mut SqliteConnection,
+    id: &str,
+    now: i64,
+) -> Result<bool, DbError> {
+    let done =
+        sqlx::query("UPDATE admin_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    Ok(done.rows_affected() == 1)
+}

@@ -1,0 +1,59 @@
+//! The mesh settings row.
+
+use ipnet::Ipv6Net;
+use sqlx::SqliteConnection;
+
+use super::DbError;
+
+/// Mesh-wide settings fixed at creation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshSettings {
+    /// DNS domain (`mesh.internal`).
+    pub domain: String,
+    /// The mesh's ULA /48.
+    pub ula_prefix: Ipv6Net,
+}
+
+/// Reads the settings, creating them with `domain` and `ula` on first start.
+pub async fn get_or_create(
+    conn: &mut SqliteConnection,
+    domain: &str,
+    ula: Ipv6Net,
+    now: i64,
+) -> Result<MeshSettings, DbError> {
+    sqlx::query(
+        "INSERT INTO mesh (id, domain, ula_prefix, next_ipv4, created_at)
+         VALUES (1, ?, ?, 1, ?) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(domain)
+    .bind(ula.to_string())
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    let (domain, ula): (String, String) =
+        sqlx::query_as("SELECT domain, ula_prefix FROM mesh WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await?;
+    let ula_prefix = ula.parse().map_err(|_| DbError::Corrupt {
+        table: "mesh",
+        detail: format!("bad ula_prefix {ula:?}"),
+    })?;
+    Ok(MeshSettings { domain, ula_prefix })
+}
+
+/// The next IPv4 offset to try.
+pub async fn next_ipv4(conn: &mut SqliteConnection) -> Result<u32, DbError> {
+    let (n,): (i64,) = sqlx::query_as("SELECT next_ipv4 FROM mesh WHERE id = 1")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(u32::try_from(n).unwrap_or(1))
+}
+
+/// Records the offset after the one just allocated.
+pub async fn set_next_ipv4(conn: &mut SqliteConnection, next: u32) -> Result<(), DbError> {
+    sqlx::query("UPDATE mesh SET next_ipv4 = ? WHERE id = 1")
+        .bind(i64::from(next))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}

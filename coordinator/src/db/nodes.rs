@@ -1,0 +1,318 @@
+//! The `nodes` and `removed_machines` tables.
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use sqlx::{FromRow, SqliteConnection};
+use wire::{MachineKey, NodeId, NodeKey};
+
+use super::DbError;
+use crate::model::NodeRecord;
+
+#[derive(FromRow)]
+struct NodeRow {
+    id: i64,
+    machine_key: String,
+    node_key: String,
+    name: String,
+    ipv4: i64,
+    ipv6: String,
+    user_name: Option<String>,
+    tags: String,
+    ephemeral: bool,
+    os: String,
+    client_version: String,
+    endpoints: String,
+    created_at: i64,
+    last_seen: Option<i64>,
+    expires_at: Option<i64>,
+}
+
+macro_rules! select_nodes {
+    ($($rest:literal)?) => {
+        concat!(
+            "SELECT id, machine_key, node_key, name, ipv4, ipv6, user_name, tags, ephemeral, ",
+            "os, client_version, endpoints, created_at, last_seen, expires_at FROM nodes"
+            $(, " ", $rest)?
+        )
+    };
+}
+
+impl TryFrom<NodeRow> for NodeRecord {
+    type Error = DbError;
+
+    fn try_from(r: NodeRow) -> Result<Self, DbError> {
+        let corrupt = |what: &str| DbError::Corrupt {
+            table: "nodes",
+            detail: format!("node {}: bad {what}", r.id),
+        };
+        Ok(Self {
+            id: NodeId(u64::try_from(r.id).map_err(|_| corrupt("id"))?),
+            machine_key: r.machine_key.parse().map_err(|_| corrupt("machine_key"))?,
+            node_key: r.node_key.parse().map_err(|_| corrupt("node_key"))?,
+            ipv4: Ipv4Addr::from(u32::try_from(r.ipv4).map_err(|_| corrupt("ipv4"))?),
+            ipv6: r.ipv6.parse().map_err(|_| corrupt("ipv6"))?,
+            tags: serde_json::from_str(&r.tags).map_err(|_| corrupt("tags"))?,
+            endpoints: serde_json::from_str(&r.endpoints).map_err(|_| corrupt("endpoints"))?,
+            name: r.name,
+            user: r.user_name,
+            ephemeral: r.ephemeral,
+            os: r.os,
+            client_version: r.client_version,
+            created_at: r.created_at,
+            last_seen: r.last_seen,
+            expires_at: r.expires_at,
+        })
+    }
+}
+
+/// Every node.
+pub async fn all(conn: &mut SqliteConnection) -> Result<Vec<NodeRecord>, DbError> {
+    let rows: Vec<NodeRow> = sqlx::query_as(select_nodes!("ORDER BY id"))
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.into_iter().map(NodeRecord::try_from).collect()
+}
+
+/// The node holding `machine_key`.
+pub async fn by_machine_key(
+    conn: &mut SqliteConnection,
+    machine_key: &MachineKey,
+) -> Result<Option<NodeRecord>, DbError> {
+    let row: Option<NodeRow> =
+        sqlx::query_as(select_nodes!("WHERE machine_key = ?"))
+            .bind(machine_key.to_text())
+            .fetch_optional(&mut *conn)
+            .await?;
+    row.map(NodeRecord::try_from).transpose()
+}
+
+/// The node called `name`.
+pub async fn by_name(
+    conn: &mut SqliteConnection,
+    name: &str,
+) -> Result<Option<NodeRecord>, DbError> {
+    let row: Option<NodeRow> = sqlx::query_as(select_nodes!("WHERE name = ?"))
+        .bind(name)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(NodeRecord::try_from).transpose()
+}
+
+/// All names in use.
+pub async fn names(conn: &mut SqliteConnection) -> Result<HashSet<String>, DbError> {
+    let rows: Vec<(String,)> = sqlx::query_as("SELECT name FROM nodes")
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(rows.into_iter().map(|(n,)| n).collect())
+}
+
+/// Number of nodes.
+pub async fn count(conn: &mut SqliteConnection) -> Result<u64, DbError> {
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM nodes")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// Whether an IPv4 address (host-order) is in use.
+pub async fn ipv4_in_use(conn: &mut SqliteConnection, ip: Ipv4Addr) -> Result<bool, DbError> {
+    let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM nodes WHERE ipv4 = ?")
+        .bind(i64::from(u32::from(ip)))
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(row.is_some())
+}
+
+/// A node to insert.
+pub struct NewNode<'a> {
+    /// Machine key.
+    pub machine_key: &'a MachineKey,
+    /// WireGuard key.
+    pub node_key: &'a NodeKey,
+    /// Unique name.
+    pub name: &'a str,
+    /// Overlay IPv4.
+    pub ipv4: Ipv4Addr,
+    /// Overlay IPv6.
+    pub ipv6: std::net::Ipv6Addr,
+    /// Owner.
+    pub user: Option<&'a str>,
+    /// Tags.
+    pub tags: &'a [String],
+    /// Ephemeral.
+    pub ephemeral: bool,
+    /// The auth key used.
+    pub auth_key_id: &'a str,
+    /// OS.
+    pub os: &'a str,
+    /// Client version.
+    pub client_version: &'a str,
+    /// Endpoints.
+    pub endpoints: &'a [SocketAddr],
+    /// Now, unix seconds.
+    pub now: i64,
+}
+
+/// Inserts a node and returns it.
+pub async fn insert(conn: &mut SqliteConnection, n: NewNode<'_>) -> Result<NodeRecord, DbError> {
+    let (id,): (i64,) = sqlx::query_as(
+        "INSERT INTO nodes (machine_key, node_key, name, ipv4, ipv6, user_name, tags, ephemeral,
+                            auth_key_id, os, client_version, endpoints, created_at, last_seen)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(n.machine_key.to_text())
+    .bind(n.node_key.to_text())
+    .bind(n.name)
+    .bind(i64::from(u32::from(n.ipv4)))
+    .bind(n.ipv6.to_string())
+    .bind(n.user)
+    .bind(json(n.tags))
+    .bind(n.ephemeral)
+    .bind(n.auth_key_id)
+    .bind(n.os)
+    .bind(n.client_version)
+    .bind(json(n.endpoints))
+    .bind(n.now)
+    .bind(n.now)
+    .fetch_one(&mut *conn)
+    .await?;
+    let id = NodeId(u64::try_from(id).map_err(|_| DbError::Corrupt {
+        table: "nodes",
+        detail: "negative id".into(),
+    })?);
+    by_id(conn, id).await?.ok_or(DbError::Corrupt {
+        table: "nodes",
+        detail: "inserted row vanished".into(),
+    })
+}
+
+/// The node with `id`.
+pub async fn by_id(conn: &mut SqliteConnection, id: NodeId) -> Result<Option<NodeRecord>, DbError> {
+    let row: Option<NodeRow> = sqlx::query_as(select_nodes!("WHERE id = ?"))
+        .bind(id_i64(id))
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(NodeRecord::try_from).transpose()
+}
+
+/// Updates what a node reports when it reconnects. Returns the updated record.
+pub async fn update_on_resume(
+    conn: &mut SqliteConnection,
+    id: NodeId,
+    node_key: &NodeKey,
+    endpoints: &[SocketAddr],
+    os: &str,
+    client_version: &str,
+    now: i64,
+) -> Result<Option<NodeRecord>, DbError> {
+    sqlx::query(
+        "UPDATE nodes SET node_key = ?, endpoints = ?, os = ?, client_version = ?, last_seen = ?
+         WHERE id = ?",
+    )
+    .bind(node_key.to_text())
+    .bind(json(endpoints))
+    .bind(os)
+    .bind(client_version)
+    .bind(now)
+    .bind(id_i64(id))
+    .execute(&mut *conn)
+    .await?;
+    by_id(conn, id).await
+}
+
+/// Records new endpoints.
+pub async fn set_endpoints(
+    conn: &mut SqliteConnection,
+    id: NodeId,
+    endpoints: &[SocketAddr],
+    now: i64,
+) -> Result<(), DbError> {
+    sqlx::query("UPDATE nodes SET endpoints = ?, last_seen = ? WHERE id = ?")
+        .bind(json(endpoints))
+        .bind(now)
+        .bind(id_i64(id))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Records the last contact time.
+pub async fn set_last_seen(conn: &mut SqliteConnection, id: NodeId, now: i64) -> Result<(), DbError> {
+    sqlx::query("UPDATE nodes SET last_seen = ? WHERE id = ?")
+        .bind(now)
+        .bind(id_i64(id))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Sets or clears the key expiry.
+pub async fn set_expiry(
+    conn: &mut SqliteConnection,
+    id: NodeId,
+    expires_at: Option<i64>,
+) -> Result<(), DbError> {
+    sqlx::query("UPDATE nodes SET expires_at = ? WHERE id = ?")
+        .bind(expires_at)
+        .bind(id_i64(id))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Deletes a node and remembers its machine key as removed.
+pub async fn remove(
+    conn: &mut SqliteConnection,
+    node: &NodeRecord,
+    reason: &str,
+    now: i64,
+) -> Result<(), DbError> {
+    sqlx::query("DELETE FROM nodes WHERE id = ?")
+        .bind(id_i64(node.id))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "INSERT INTO removed_machines (machine_key, node_name, removed_at, reason)
+         VALUES (?, ?, ?, ?)
+         ON CONFLICT (machine_key) DO UPDATE SET node_name = excluded.node_name,
+             removed_at = excluded.removed_at, reason = excluded.reason",
+    )
+    .bind(node.machine_key.to_text())
+    .bind(&node.name)
+    .bind(now)
+    .bind(reason)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Why a machine was removed, if it was.
+pub async fn removal(
+    conn: &mut SqliteConnection,
+    machine_key: &MachineKey,
+) -> Result<Option<(String, i64, String)>, DbError> {
+    Ok(sqlx::query_as(
+        "SELECT node_name, removed_at, reason FROM removed_machines WHERE machine_key = ?",
+    )
+    .bind(machine_key.to_text())
+    .fetch_optional(&mut *conn)
+    .await?)
+}
+
+/// Forgets a removal (the machine re-joined with a fresh auth key).
+pub async fn clear_removal(conn: &mut SqliteConnection, machine_key: &MachineKey) -> Result<(), DbError> {
+    sqlx::query("DELETE FROM removed_machines WHERE machine_key = ?")
+        .bind(machine_key.to_text())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+fn json<T: serde::Serialize + ?Sized>(v: &T) -> String {
+    serde_json::to_string(v).expect("plain data serializes")
+}
+
+fn id_i64(id: NodeId) -> i64 {
+    i64::try_from(id.0).unwrap_or(i64::MAX)
+}

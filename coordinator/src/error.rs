@@ -1,0 +1,74 @@
+//! Admin API errors: a status plus `{"error", "message"}`.
+//!
+//! Internal errors are reported to the client as a generic 500; their detail travels in a
+//! response extension to the logging middleware, so converting an error never logs.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::db::DbError;
+
+/// An admin API failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401.
+    #[error("missing or invalid admin token")]
+    Unauthorized,
+    /// 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409.
+    #[error("{0}")]
+    Conflict(String),
+    /// 500.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+
+/// The detail of an internal error, for the logging middleware.
+#[derive(Debug, Clone)]
+pub struct InternalDetail(pub Arc<String>);
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'a str,
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        let mut resp = (
+            status,
+            Json(Body {
+                error: code,
+                message: self.to_string(),
+            }),
+        )
+            .into_response();
+        if let Self::Internal(detail) = self {
+            resp.extensions_mut()
+                .insert(InternalDetail(Arc::new(detail)));
+        }
+        resp
+    }
+}

@@ -1,0 +1,78 @@
+//! Plain records the coordinator keeps about nodes and keys (database rows, no behaviour).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+use wire::{MachineKey, NodeId, NodeKey};
+
+/// A registered node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// Id, never reused.
+    pub id: NodeId,
+    /// Machine key proven on every control connection.
+    pub machine_key: MachineKey,
+    /// WireGuard public key.
+    pub node_key: NodeKey,
+    /// Unique short name.
+    pub name: String,
+    /// Overlay IPv4.
+    pub ipv4: Ipv4Addr,
+    /// Overlay IPv6.
+    pub ipv6: Ipv6Addr,
+    /// Owning user (None for tagged or unowned nodes).
+    pub user: Option<String>,
+    /// ACL tags.
+    pub tags: Vec<String>,
+    /// Removed automatically once it goes away.
+    pub ephemeral: bool,
+    /// Reported OS.
+    pub os: String,
+    /// Reported client version.
+    pub client_version: String,
+    /// Reported UDP endpoints.
+    pub endpoints: Vec<SocketAddr>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds of the last control contact.
+    pub last_seen: Option<i64>,
+    /// Node-key expiry, unix seconds.
+    pub expires_at: Option<i64>,
+}
+
+impl NodeRecord {
+    /// Both overlay addresses, IPv4 first.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        vec![IpAddr::V4(self.ipv4), IpAddr::V6(self.ipv6)]
+    }
+
+    /// Whether the node's key has expired at `now` (unix seconds).
+    pub fn is_expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+}
+
+/// An auth key's stored metadata (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthKeyInfo {
+    /// Public id (12 hex).
+    pub id: String,
+    /// Can register more than one node.
+    pub reusable: bool,
+    /// Nodes it registers are ephemeral.
+    pub ephemeral: bool,
+    /// Tags given to nodes it registers.
+    pub tags: Vec<String>,
+    /// User owning nodes it registers.
+    pub user: Option<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Who created it.
+    pub created_by: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Unix seconds, if revoked.
+    pub revoked_at: Option<i64>,
+    /// Number of registrations done with it.
+    pub used_count: i64,
+}

@@ -1,0 +1,291 @@
+//! Per-node netmaps (pure): what a node may see, and the delta since what it was last sent.
+//!
+//! A session keeps a [`SentMap`] (the revisions it has sent); [`next_map`] compares it with a
+//! [`Snapshot`] of the hub and returns the next message, or `None` when nothing the node can see
+//! has changed. Peers are compared by revision, so an unrelated change costs one integer
+//! comparison per peer, and the policy is recompiled only when the policy or the membership
+//! facts it depends on (addresses, tags, users, the set of nodes) changed.
+
+use std::collections::BTreeMap;
+
+use policy::{Compiled, Inventory, Policy};
+use wire::netmap::{DnsConfig, MapResponse, Node};
+use wire::NodeId;
+
+use crate::addr::RESOLVER_V4;
+use crate::model::NodeRecord;
+
+/// A node as the hub holds it.
+#[derive(Debug, Clone)]
+pub struct LiveNode {
+    /// The stored record.
+    pub record: NodeRecord,
+    /// Whether it holds a control connection.
+    pub online: bool,
+    /// Bumped whenever anything a peer could see changes.
+    pub rev: u64,
+}
+
+/// The hub's state, as [`next_map`] reads it.
+pub struct Snapshot<'a> {
+    /// All non-expired nodes.
+    pub nodes: &'a BTreeMap<NodeId, LiveNode>,
+    /// The same nodes, as the policy sees them.
+    pub inventory: &'a Inventory,
+    /// The policy in force.
+    pub policy: &'a Policy,
+    /// Bumped when the policy changes.
+    pub policy_rev: u64,
+    /// Bumped when the set of nodes or their addresses, tags or users change.
+    pub membership_rev: u64,
+    /// The mesh domain.
+    pub domain: &'a str,
+}
+
+/// What one session has sent so far.
+#[derive(Debug, Default)]
+pub struct SentMap {
+    seq: u64,
+    self_rev: Option<u64>,
+    peers: BTreeMap<NodeId, u64>,
+    compiled: Option<((u64, u64), Compiled)>,
+    filter_sent: bool,
+    dns_sent: bool,
+}
+
+impl SentMap {
+    /// Messages sent so far.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+/// The wire form of a node.
+pub fn wire_node(live: &LiveNode, domain: &str) -> Node {
+    let r = &live.record;
+    Node {
+        id: r.id,
+        name: r.name.clone(),
+        fqdn: format!("{}.{domain}", r.name),
+        node_key: r.node_key,
+        addresses: r.addresses(),
+        endpoints: r.endpoints.clone(),
+        user: r.user.clone(),
+        tags: r.tags.clone(),
+        online: live.online,
+        last_seen_unix: r.last_seen,
+        os: r.os.clone(),
+        ephemeral: r.ephemeral,
+    }
+}
+
+/// The next message for node `me`, or `None` if it is up to date (or unknown).
+pub fn next_map(sent: &mut SentMap, snap: &Snapshot<'_>, me: NodeId) -> Option<MapResponse> {
+    let me_live = snap.nodes.get(&me)?;
+    let key = (snap.policy_rev, snap.membership_rev);
+    let recompiled = match &sent.compiled {
+        Some((k, _)) if *k == key => false,
+        _ => {
+            let compiled = snap.policy.compile_for(snap.inventory, me);
+            let changed = sent
+                .compiled
+                .as_ref()
+                .is_none_or(|(_, old)| old.rules != compiled.rules);
+            sent.compiled = Some((key, compiled));
+            changed
+        }
+    };
+    let (_, compiled) = sent.compiled.as_ref().expect("set just above");
+    let first = sent.seq == 0;
+    let mut msg = MapResponse::default();
+
+    if sent.self_rev != Some(me_live.rev) {
+        msg.node = Some(wire_node(me_live, snap.domain));
+        sent.self_rev = Some(me_live.rev);
+    }
+
+    let visible = compiled
+        .visible_peers
+        .iter()
+        .filter_map(|id| snap.nodes.get(id).map(|n| (*id, n)));
+    if first {
+        let mut peers = Vec::new();
+        for (id, n) in visible {
+            peers.push(wire_node(n, snap.domain));
+            sent.peers.insert(id, n.rev);
+        }
+        msg.peers = Some(peers);
+    } else {
+        let mut still = BTreeMap::new();
+        for (id, n) in visible {
+            if sent.peers.get(&id) != Some(&n.rev) {
+                msg.peers_changed.push(wire_node(n, snap.domain));
+            }
+            still.insert(id, n.rev);
+        }
+        msg.peers_removed = sent
+            .peers
+            .keys()
+            .filter(|id| !still.contains_key(id))
+            .copied()
+            .collect();
+        sent.peers = still;
+    }
+
+    if recompiled || !sent.filter_sent {
+        msg.packet_filter = Some(compiled.rules.clone());
+        sent.filter_sent = true;
+    }
+    if !sent.dns_sent {
+        msg.dns = Some(DnsConfig {
+            domain: snap.domain.to_owned(),
+            resolver: RESOLVER_V4.into(),
+        });
+        sent.dns_sent = true;
+    }
+
+    if msg.is_empty() {
+        return None;
+    }
+    sent.seq += 1;
+    msg.seq = sent.seq;
+    Some(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use policy::InventoryNode;
+    use std::net::Ipv4Addr;
+    use wire::{MachineKey, NodeKey};
+
+    struct World {
+        nodes: BTreeMap<NodeId, LiveNode>,
+        inventory: Inventory,
+        policy: Policy,
+        membership_rev: u64,
+    }
+
+    impl World {
+        fn new(n: u64) -> Self {
+            let mut w = Self {
+                nodes: BTreeMap::new(),
+                inventory: Inventory::new(),
+                policy: Policy::allow_all(),
+                membership_rev: 0,
+            };
+            for i in 1..=n {
+                w.add(i);
+            }
+            w
+        }
+
+        fn add(&mut self, i: u64) {
+            let rec = NodeRecord {
+                id: NodeId(i),
+                machine_key: MachineKey::from_bytes([i as u8; 32]),
+                node_key: NodeKey::from_bytes([i as u8; 32]),
+                name: format!("n{i}"),
+                ipv4: Ipv4Addr::new(100, 64, 0, i as u8),
+                ipv6: format!("fd00::{i}").parse().unwrap(),
+                user: None,
+                tags: vec![],
+                ephemeral: false,
+                os: "linux".into(),
+                client_version: String::new(),
+                endpoints: vec![],
+                created_at: 0,
+                last_seen: None,
+                expires_at: None,
+            };
+            self.inventory.upsert(InventoryNode {
+                id: rec.id,
+                name: rec.name.clone(),
+                addresses: rec.addresses(),
+                user: None,
+                tags: vec![],
+            });
+            self.nodes.insert(
+                rec.id,
+                LiveNode {
+                    record: rec,
+                    online: false,
+                    rev: 1,
+                },
+            );
+            self.membership_rev += 1;
+        }
+
+        fn remove(&mut self, i: u64) {
+            self.nodes.remove(&NodeId(i));
+            self.inventory.remove(NodeId(i));
+            self.membership_rev += 1;
+        }
+
+        fn snap(&self) -> Snapshot<'_> {
+            Snapshot {
+                nodes: &self.nodes,
+                inventory: &self.inventory,
+                policy: &self.policy,
+                policy_rev: 1,
+                membership_rev: self.membership_rev,
+                domain: "mesh.internal",
+            }
+        }
+    }
+
+    #[test]
+    fn first_map_is_full_then_nothing_until_a_change() {
+        let w = World::new(3);
+        let mut sent = SentMap::default();
+        let m = next_map(&mut sent, &w.snap(), NodeId(1)).unwrap();
+        assert_eq!(m.seq, 1);
+        assert!(m.is_full());
+        let names: Vec<_> = m.peers.unwrap().iter().map(|p| p.fqdn.clone()).collect();
+        assert_eq!(names, ["n2.mesh.internal", "n3.mesh.internal"]);
+        assert_eq!(m.node.unwrap().name, "n1");
+        assert_eq!(m.packet_filter.unwrap().len(), 1);
+        assert_eq!(m.dns.unwrap().resolver.to_string(), "100.100.100.100");
+        assert!(next_map(&mut sent, &w.snap(), NodeId(1)).is_none());
+    }
+
+    #[test]
+    fn a_peer_going_online_is_a_one_peer_delta() {
+        let mut w = World::new(3);
+        let mut sent = SentMap::default();
+        next_map(&mut sent, &w.snap(), NodeId(1)).unwrap();
+        let n2 = w.nodes.get_mut(&NodeId(2)).unwrap();
+        n2.online = true;
+        n2.rev += 1;
+        let m = next_map(&mut sent, &w.snap(), NodeId(1)).unwrap();
+        assert_eq!(m.seq, 2);
+        assert!(!m.is_full());
+        assert_eq!(m.peers_changed.len(), 1);
+        assert!(m.peers_changed[0].online);
+        assert!(m.packet_filter.is_none(), "membership did not change");
+        assert!(m.node.is_none());
+    }
+
+    #[test]
+    fn removed_and_added_peers_show_up_in_the_delta() {
+        let mut w = World::new(3);
+        let mut sent = SentMap::default();
+        next_map(&mut sent, &w.snap(), NodeId(1)).unwrap();
+        w.remove(3);
+        w.add(4);
+        let m = next_map(&mut sent, &w.snap(), NodeId(1)).unwrap();
+        assert_eq!(m.peers_removed, vec![NodeId(3)]);
+        assert_eq!(m.peers_changed.iter().map(|p| p.id).collect::<Vec<_>>(), [NodeId(4)]);
+        // Allow-all rules for node 1 name only node 1's addresses, so they did not change.
+        assert!(m.packet_filter.is_none());
+    }
+
+    #[test]
+    fn a_removed_node_gets_nothing() {
+        let mut w = World::new(2);
+        let mut sent = SentMap::default();
+        next_map(&mut sent, &w.snap(), NodeId(2)).unwrap();
+        w.remove(2);
+        assert!(next_map(&mut sent, &w.snap(), NodeId(2)).is_none());
+    }
+}

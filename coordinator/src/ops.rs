@@ -1,0 +1,403 @@
+//! Admin operations. Each change and its audit entry commit in one transaction; the hub is
+//! updated after the commit.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use wire::{AuthKey, ErrorCode, NodeId};
+
+use crate::audit::{self, Entry, NewEntry, Verification};
+use crate::db;
+use crate::error::ApiError;
+use crate::hub::Kick;
+use crate::model::{AuthKeyInfo, NodeRecord};
+use crate::secret::{self, AdminToken};
+use crate::state::{AppState, unix_now, unix_now_ms};
+
+/// Longest allowed auth-key lifetime (one year).
+const MAX_EXPIRY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Request to create an auth key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateAuthKey {
+    /// Can register many nodes.
+    #[serde(default)]
+    pub reusable: bool,
+    /// Registered nodes are ephemeral.
+    #[serde(default)]
+    pub ephemeral: bool,
+    /// Tags for registered nodes.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Owner of registered nodes.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Lifetime in seconds.
+    pub expiry_secs: u64,
+}
+
+/// A created auth key (the only time its secret is shown).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreatedAuthKey {
+    /// The full key, secret included.
+    pub key: String,
+    /// Its metadata.
+    pub info: AuthKeyInfo,
+}
+
+/// A node as `nodes list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeView {
+    /// Id.
+    pub id: NodeId,
+    /// Short name.
+    pub name: String,
+    /// FQDN.
+    pub fqdn: String,
+    /// Overlay addresses.
+    pub addresses: Vec<IpAddr>,
+    /// WireGuard key.
+    pub node_key: String,
+    /// Owner.
+    pub user: Option<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Holds a control session now.
+    pub online: bool,
+    /// Last control contact, unix seconds.
+    pub last_seen_unix: Option<i64>,
+    /// Ephemeral.
+    pub ephemeral: bool,
+    /// Key expired.
+    pub expired: bool,
+    /// Reported OS.
+    pub os: String,
+    /// Reported client version.
+    pub client_version: String,
+    /// Reported endpoints.
+    pub endpoints: Vec<SocketAddr>,
+    /// Registered at, unix seconds.
+    pub created_unix: i64,
+}
+
+/// Validates a tag (`tag:[a-z0-9-]+`).
+pub fn validate_tag(tag: &str) -> Result<(), ApiError> {
+    let ok = tag.strip_prefix("tag:").is_some_and(|t| {
+        !t.is_empty()
+            && t.len() <= 63
+            && t.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "invalid tag {tag:?}: tags look like tag:name with lowercase letters, digits and dashes"
+        )))
+    }
+}
+
+fn validate_user(user: &str) -> Result<(), ApiError> {
+    if user.is_empty() || user.len() > 128 || user.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ApiError::BadRequest(format!("invalid user name {user:?}")));
+    }
+    Ok(())
+}
+
+/// Creates an auth key.
+pub async fn create_auth_key(
+    st: &AppState,
+    req: CreateAuthKey,
+    actor: &str,
+) -> Result<CreatedAuthKey, ApiError> {
+    for t in &req.tags {
+        validate_tag(t)?;
+    }
+    if let Some(u) = &req.user {
+        validate_user(u)?;
+    }
+    if req.expiry_secs == 0 || req.expiry_secs > MAX_EXPIRY.as_secs() {
+        return Err(ApiError::BadRequest(
+            "expiry must be between 1 second and 365 days".into(),
+        ));
+    }
+    let (id, secret_bytes) = {
+        let mut rng = rand::rng();
+        (secret::random::<6>(&mut rng), secret::random::<20>(&mut rng))
+    };
+    let key = AuthKey::new(st.fingerprint, id, secret_bytes);
+    let now = unix_now();
+    let mut tags = req.tags.clone();
+    tags.sort();
+    tags.dedup();
+    let info = AuthKeyInfo {
+        id: key.id_hex(),
+        reusable: req.reusable,
+        ephemeral: req.ephemeral,
+        tags,
+        user: req.user.clone(),
+        created_at: now,
+        created_by: actor.to_owned(),
+        expires_at: now.saturating_add(i64::try_from(req.expiry_secs).unwrap_or(i64::MAX)),
+        revoked_at: None,
+        used_count: 0,
+    };
+    let mut tx = db::begin_write(&st.db).await?;
+    db::keys::insert_auth_key(&mut tx, &info, &secret::auth_key_hash(&id, &secret_bytes)).await?;
+    db::audit::append(
+        &mut tx,
+        NewEntry::new(
+            actor,
+            "authkey.create",
+            &info.id,
+            json!({
+                "reusable": info.reusable,
+                "ephemeral": info.ephemeral,
+                "tags": info.tags,
+                "user": info.user,
+                "expires_at": info.expires_at,
+            }),
+        ),
+        unix_now_ms(),
+    )
+    .await?;
+    tx.commit().await.map_err(db::DbError::from)?;
+    Ok(CreatedAuthKey {
+        key: key.expose_secret(),
+        info,
+    })
+}
+
+/// Lists auth keys.
+pub async fn list_auth_keys(st: &AppState) -> Result<Vec<AuthKeyInfo>, ApiError> {
+    let mut conn = st.db.acquire().await.map_err(db::DbError::from)?;
+    Ok(db::keys::list_auth_keys(&mut conn).await?)
+}
+
+/// Revokes an auth key.
+pub async fn revoke_auth_key(st: &AppState, id: &str, actor: &str) -> Result<(), ApiError> {
+    let mut tx = db::begin_write(&st.db).await?;
+    if !db::keys::revoke_auth_key(&mut tx, id, unix_now()).await? {
+        return Err(ApiError::NotFound(format!(
+            "no unrevoked auth key with id {id:?}"
+        )));
+    }
+    db::audit::append(
+        &mut tx,
+        NewEntry::new(actor, "authkey.revoke", id, json!({})),
+        unix_now_ms(),
+    )
+    .await?;
+    tx.commit().await.map_err(db::DbError::from)?;
+    Ok(())
+}
+
+/// Lists all nodes, expired ones included.
+pub async fn list_nodes(st: &AppState) -> Result<Vec<NodeView>, ApiError> {
+    let mut conn = st.db.acquire().await.map_err(db::DbError::from)?;
+    let records = db::nodes::all(&mut conn).await?;
+    let now = unix_now();
+    let hub = st.hub.read();
+    Ok(records
+        .into_iter()
+        .map(|r| {
+            let online = hub.node(r.id).is_some_and(|n| n.online);
+            NodeView {
+                id: r.id,
+                fqdn: format!("{}.{}", r.name, st.mesh.domain),
+                addresses: r.addresses(),
+                node_key: r.node_key.to_text(),
+                online,
+                expired: r.is_expired(now),
+                name: r.name,
+                user: r.user,
+                tags: r.tags,
+                last_seen_unix: r.last_seen,
+                ephemeral: r.ephemeral,
+                os: r.os,
+                client_version: r.client_version,
+                endpoints: r.endpoints,
+                created_unix: r.created_at,
+            }
+        })
+        .collect())
+}
+
+/// Removes the node called `name`. Its peers drop it as soon as their next netmap arrives.
+pub async fn remove_node(
+    st: &AppState,
+    name: &str,
+    actor: &str,
+    reason: &str,
+) -> Result<NodeRecord, ApiError> {
+    let mut tx = db::begin_write(&st.db).await?;
+    let Some(node) = db::nodes::by_name(&mut tx, name).await? else {
+        return Err(ApiError::NotFound(format!("no node named {name:?}")));
+    };
+    db::nodes::remove(&mut tx, &node, reason, unix_now()).await?;
+    db::audit::append(
+        &mut tx,
+        NewEntry::new(
+            actor,
+            "node.remove",
+            &node.name,
+            json!({"node_id": node.id, "reason": reason, "addresses": node.addresses()}),
+        ),
+        unix_now_ms(),
+    )
+    .await?;
+    tx.commit().await.map_err(db::DbError::from)?;
+    st.hub.remove_node(
+        node.id,
+        Some(Kick {
+            code: ErrorCode::NodeRemoved,
+            message: format!("node {} was removed: {reason}", node.name),
+        }),
+    );
+    Ok(node)
+}
+
+/// Removes an ephemeral node that went away, if it is still gone.
+pub async fn collect_ephemeral(st: &AppState, id: NodeId) -> Result<(), ApiError> {
+    if st.hub.is_connected(id) {
+        return Ok(());
+    }
+    let name = {
+        let mut conn = st.db.acquire().await.map_err(db::DbError::from)?;
+        match db::nodes::by_id(&mut conn, id).await? {
+            Some(n) if n.ephemeral => n.name,
+            _ => return Ok(()),
+        }
+    };
+    remove_node(st, &name, "system", "ephemeral node went away").await?;
+    Ok(())
+}
+
+/// Expires the key of node `name`: it is dropped from every netmap and must re-join with an
+/// auth key.
+pub async fn expire_node(st: &AppState, name: &str, actor: &str) -> Result<(), ApiError> {
+    let now = unix_now();
+    let mut tx = db::begin_write(&st.db).await?;
+    let Some(node) = db::nodes::by_name(&mut tx, name).await? else {
+        return Err(ApiError::NotFound(format!("no node named {name:?}")));
+    };
+    db::nodes::set_expiry(&mut tx, node.id, Some(now)).await?;
+    db::audit::append(
+        &mut tx,
+        NewEntry::new(actor, "node.expire", &node.name, json!({"node_id": node.id})),
+        unix_now_ms(),
+    )
+    .await?;
+    tx.commit().await.map_err(db::DbError::from)?;
+    st.hub.remove_node(
+        node.id,
+        Some(Kick {
+            code: ErrorCode::NodeExpired,
+            message: format!("the key of node {} was expired by an admin", node.name),
+        }),
+    );
+    Ok(())
+}
+
+/// Drops nodes whose key expiry has passed from the hub (they stay in the database).
+pub fn sweep_expired(st: &AppState) {
+    let now = unix_now();
+    let expired: Vec<(NodeId, String)> = st
+        .hub
+        .read()
+        .nodes()
+        .filter(|n| n.record.is_expired(now))
+        .map(|n| (n.record.id, n.record.name.clone()))
+        .collect();
+    for (id, name) in expired {
+        st.hub.remove_node(
+            id,
+            Some(Kick {
+                code: ErrorCode::NodeExpired,
+                message: format!("the key of node {name} has expired"),
+            }),
+        );
+    }
+}
+
+/// Creates an admin token for `--server URL --token TOKEN` access.
+pub async fn create_token(st: &AppState, actor: &str) -> Result<String, ApiError> {
+    let token = {
+        let mut rng = rand::rng();
+        AdminToken {
+            id: secret::random(&mut rng),
+            secret: secret::random(&mut rng),
+        }
+    };
+    let mut tx = db::begin_write(&st.db).await?;
+    db::keys::insert_admin_token(
+        &mut tx,
+        &token.id_hex(),
+        &secret::admin_token_hash(&token.id, &token.secret),
+        actor,
+        unix_now(),
+    )
+    .await?;
+    db::audit::append(
+        &mut tx,
+        NewEntry::new(actor, "token.create", token.id_hex(), json!({})),
+        unix_now_ms(),
+    )
+    .await?;
+    tx.commit().await.map_err(db::DbError::from)?;
+    Ok(token.expose_secret())
+}
+
+/// Revokes an admin token.
+pub async fn revoke_token(st: &AppState, id: &str, actor: &str) -> Result<(), ApiError> {
+    let mut tx = db::begin_write(&st.db).await?;
+    if !db::keys::revoke_admin_token(&mut tx, id, unix_now()).await? {
+        return Err(ApiError::NotFound(format!("no live admin token with id {id:?}")));
+    }
+    db::audit::append(
+        &mut tx,
+        NewEntry::new(actor, "token.revoke", id, json!({})),
+        unix_now_ms(),
+    )
+    .await?;
+    tx.commit().await.map_err(db::DbError::from)?;
+    Ok(())
+}
+
+/// Checks an admin token; returns the actor name for the audit log.
+pub async fn authenticate_token(st: &AppState, text: &str) -> Result<String, ApiError> {
+    let token = AdminToken::parse(text).ok_or(ApiError::Unauthorized)?;
+    let mut conn = st.db.acquire().await.map_err(db::DbError::from)?;
+    let Some(stored) = db::keys::admin_token_hash(&mut conn, &token.id_hex()).await? else {
+        return Err(ApiError::Unauthorized);
+    };
+    if !secret::hash_matches(&secret::admin_token_hash(&token.id, &token.secret), &stored) {
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(format!("token:{}", token.id_hex()))
+}
+
+/// Audit entries after `after`.
+pub async fn audit_list(st: &AppState, after: i64, limit: i64) -> Result<Vec<Entry>, ApiError> {
+    let mut conn = st.db.acquire().await.map_err(db::DbError::from)?;
+    Ok(db::audit::list(&mut conn, after, limit.clamp(1, 100_000)).await?)
+}
+
+/// Verifies the whole audit chain.
+pub async fn audit_verify(st: &AppState) -> Result<Verification, ApiError> {
+    let mut conn = st.db.acquire().await.map_err(db::DbError::from)?;
+    let head = db::audit::head(&mut conn).await?;
+    let mut entries = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = db::audit::list(&mut conn, after, 10_000).await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        entries.extend(page);
+    }
+    Ok(audit::verify(
+        &entries,
+        head.as_ref().map(|(s, h)| (*s, h.as_str())),
+    ))
+}

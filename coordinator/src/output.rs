@@ -1,0 +1,90 @@
+//! Everything the CLI prints on stdout.
+#![allow(clippy::print_stdout)]
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::audit::Entry;
+use crate::model::AuthKeyInfo;
+use crate::ops::NodeView;
+
+pub(crate) fn line(s: &str) {
+    println!("{s}");
+}
+
+pub(crate) fn json<T: Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("cannot encode output: {e}"),
+    }
+}
+
+fn time(unix: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(unix).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+pub(crate) fn nodes(nodes: &[NodeView]) {
+    println!(
+        "{:<20} {:<16} {:<40} {:<8} {:<20} LAST SEEN",
+        "NAME", "IPV4", "IPV6", "STATUS", "OWNER"
+    );
+    for n in nodes {
+        let v4 = n.addresses.iter().find(|a| a.is_ipv4()).map(ToString::to_string).unwrap_or_default();
+        let v6 = n.addresses.iter().find(|a| a.is_ipv6()).map(ToString::to_string).unwrap_or_default();
+        let status = if n.expired {
+            "expired"
+        } else if n.online {
+            "online"
+        } else {
+            "offline"
+        };
+        let owner = if n.tags.is_empty() {
+            n.user.clone().unwrap_or_else(|| "-".into())
+        } else {
+            n.tags.join(",")
+        };
+        let seen = n.last_seen_unix.map_or_else(|| "-".into(), time);
+        println!("{:<20} {v4:<16} {v6:<40} {status:<8} {owner:<20} {seen}", n.name);
+    }
+}
+
+pub(crate) fn auth_keys(keys: &[AuthKeyInfo]) {
+    println!(
+        "{:<14} {:<9} {:<9} {:<6} {:<24} {:<22} STATE",
+        "ID", "REUSABLE", "EPHEMERAL", "USED", "TAGS/USER", "EXPIRES"
+    );
+    for k in keys {
+        let who = if k.tags.is_empty() {
+            k.user.clone().unwrap_or_else(|| "-".into())
+        } else {
+            k.tags.join(",")
+        };
+        let state = if k.revoked_at.is_some() {
+            "revoked"
+        } else if !k.reusable && k.used_count > 0 {
+            "used"
+        } else {
+            "valid"
+        };
+        println!(
+            "{:<14} {:<9} {:<9} {:<6} {who:<24} {:<22} {state}",
+            k.id,
+            k.reusable,
+            k.ephemeral,
+            k.used_count,
+            time(k.expires_at)
+        );
+    }
+}
+
+pub(crate) fn audit(entries: &[Entry]) {
+    for e in entries {
+        let t = time(e.at_ms / 1000);
+        println!(
+            "{:>6} {t} {:<20} {:<16} {:<20} {}",
+            e.seq, e.actor, e.action, e.target, e.detail
+        );
+    }
+}

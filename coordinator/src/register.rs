@@ -1,0 +1,237 @@
+//! Registering a new node or resuming a known one, from a `Hello` on an authenticated control
+//! session. The caller's identity is the machine key proven in the handshake.
+
+use std::net::IpAddr;
+
+use serde_json::json;
+use wire::{AuthKey, ErrorCode, Hello, MachineKey};
+
+use crate::addr;
+use crate::audit::NewEntry;
+use crate::db::{self, DbError};
+use crate::model::NodeRecord;
+use crate::secret;
+use crate::state::{AppState, unix_now_ms};
+
+/// Why a registration did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// Refused, with a code and message for the node.
+    #[error("{1}")]
+    Refused(ErrorCode, String),
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+fn refuse(code: ErrorCode, msg: impl Into<String>) -> RegisterError {
+    RegisterError::Refused(code, msg.into())
+}
+
+/// Limits on what a node may report.
+const MAX_HOSTNAME: usize = 255;
+const MAX_ENDPOINTS: usize = 32;
+const MAX_SHORT_FIELD: usize = 128;
+
+/// Checks the sizes of a `Hello`'s fields.
+pub fn validate_hello(h: &Hello) -> Result<(), RegisterError> {
+    if h.hostname.len() > MAX_HOSTNAME
+        || h.endpoints.len() > MAX_ENDPOINTS
+        || h.os.len() > MAX_SHORT_FIELD
+        || h.client_version.len() > MAX_SHORT_FIELD
+    {
+        return Err(refuse(ErrorCode::BadRequest, "hello fields exceed their limits"));
+    }
+    Ok(())
+}
+
+/// Registers or resumes the node proving `machine`. Returns the record and whether it was
+/// newly registered.
+pub async fn register_or_resume(
+    st: &AppState,
+    machine: &MachineKey,
+    hello: &Hello,
+    now: i64,
+) -> Result<(NodeRecord, bool), RegisterError> {
+    validate_hello(hello)?;
+    let mut tx = db::begin_write(&st.db).await?;
+    if let Some(existing) = db::nodes::by_machine_key(&mut tx, machine).await? {
+        if existing.is_expired(now) {
+            let Some(key) = &hello.auth_key else {
+                return Err(refuse(
+                    ErrorCode::NodeExpired,
+                    format!(
+                        "the key of node {} has expired; run `lattice up` with a new auth key",
+                        existing.name
+                    ),
+                ));
+            };
+            let info = consume_key(st, &mut tx, key, now).await?;
+            db::nodes::set_expiry(&mut tx, existing.id, None).await?;
+            db::audit::append(
+                &mut tx,
+                NewEntry::new(
+                    format!("authkey:{}", info.id),
+                    "node.reauth",
+                    &existing.name,
+                    json!({"node_id": existing.id}),
+                ),
+                unix_now_ms(),
+            )
+            .await?;
+        }
+        let updated = db::nodes::update_on_resume(
+            &mut tx,
+            existing.id,
+            &hello.node_key,
+            &hello.endpoints,
+            &hello.os,
+            &hello.client_version,
+            now,
+        )
+        .await?
+        .ok_or(DbError::Corrupt {
+            table: "nodes",
+            detail: "node vanished during resume".into(),
+        })?;
+        if updated.node_key != existing.node_key {
+            db::audit::append(
+                &mut tx,
+                NewEntry::new(
+                    format!("node:{}", existing.name),
+                    "node.rotate_key",
+                    &existing.name,
+                    json!({"old": existing.node_key.to_text(), "new": updated.node_key.to_text()}),
+                ),
+                unix_now_ms(),
+            )
+            .await?;
+        }
+        tx.commit().await.map_err(DbError::from)?;
+        return Ok((updated, false));
+    }
+
+    let Some(key) = &hello.auth_key else {
+        if let Some((name, _, reason)) = db::nodes::removal(&mut tx, machine).await? {
+            return Err(refuse(
+                ErrorCode::NodeRemoved,
+                format!("node {name} was removed ({reason}); re-join with a new auth key"),
+            ));
+        }
+        return Err(refuse(
+            ErrorCode::AuthKeyRequired,
+            "this machine is not registered; an auth key is required",
+        ));
+    };
+    let info = consume_key(st, &mut tx, key, now).await?;
+
+    let offset = allocate_ipv4(&mut tx).await?;
+    db::mesh::set_next_ipv4(&mut tx, offset + 1).await?;
+    let ipv4 = addr::ipv4_at(offset);
+    let ipv6 = addr::ipv6_for(st.mesh.ula_prefix, ipv4);
+    let taken = db::nodes::names(&mut tx).await?;
+    let name = addr::unique_name(&addr::sanitize_hostname(&hello.hostname), |n| {
+        taken.contains(n)
+    });
+    let user = if info.tags.is_empty() {
+        info.user.as_deref()
+    } else {
+        None
+    };
+    let record = db::nodes::insert(
+        &mut tx,
+        db::nodes::NewNode {
+            machine_key: machine,
+            node_key: &hello.node_key,
+            name: &name,
+            ipv4,
+            ipv6,
+            user,
+            tags: &info.tags,
+            ephemeral: info.ephemeral,
+            auth_key_id: &info.id,
+            os: &hello.os,
+            client_version: &hello.client_version,
+            endpoints: &hello.endpoints,
+            now,
+        },
+    )
+    .await?;
+    db::nodes::clear_removal(&mut tx, machine).await?;
+    let addrs: Vec<IpAddr> = record.addresses();
+    db::audit::append(
+        &mut tx,
+        NewEntry::new(
+            format!("authkey:{}", info.id),
+            "node.register",
+            &name,
+            json!({
+                "node_id": record.id,
+                "addresses": addrs,
+                "tags": record.tags,
+                "user": record.user,
+                "ephemeral": record.ephemeral,
+                "machine_key": machine.to_text(),
+                "node_key": record.node_key.to_text(),
+            }),
+        ),
+        unix_now_ms(),
+    )
+    .await?;
+    tx.commit().await.map_err(DbError::from)?;
+    Ok((record, true))
+}
+
+/// Picks the next free overlay IPv4 offset. Allocation is sequential and addresses are not
+/// reused until the range wraps, so the first probe almost always succeeds; at most one probe
+/// per existing node can fail.
+async fn allocate_ipv4(tx: &mut db::Tx) -> Result<u32, RegisterError> {
+    let in_use = db::nodes::count(tx).await?;
+    let mut probe = db::mesh::next_ipv4(tx).await?;
+    for _ in 0..=in_use {
+        let Some(o) = addr::next_free(probe, |_| false) else {
+            break;
+        };
+        if !db::nodes::ipv4_in_use(tx, addr::ipv4_at(o)).await? {
+            return Ok(o);
+        }
+        probe = o + 1;
+    }
+    Err(refuse(ErrorCode::Internal, "the overlay address range is full"))
+}
+
+/// Checks an auth key and records one use of it, inside the caller's write transaction.
+async fn consume_key(
+    st: &AppState,
+    tx: &mut db::Tx,
+    key: &AuthKey,
+    now: i64,
+) -> Result<crate::model::AuthKeyInfo, RegisterError> {
+    if key.fingerprint() != &st.fingerprint {
+        return Err(refuse(
+            ErrorCode::AuthKeyInvalid,
+            "the auth key was issued by a different coordinator",
+        ));
+    }
+    let id = key.id_hex();
+    let Some((info, stored)) = db::keys::auth_key(tx, &id).await? else {
+        return Err(refuse(ErrorCode::AuthKeyInvalid, "unknown auth key"));
+    };
+    let computed = secret::auth_key_hash(key.id(), key.secret());
+    if !secret::hash_matches(&computed, &stored) {
+        return Err(refuse(ErrorCode::AuthKeyInvalid, "unknown auth key"));
+    }
+    if info.revoked_at.is_some() {
+        return Err(refuse(ErrorCode::AuthKeyRevoked, format!("auth key {id} was revoked")));
+    }
+    if info.expires_at <= now {
+        return Err(refuse(ErrorCode::AuthKeyExpired, format!("auth key {id} has expired")));
+    }
+    if !db::keys::consume_auth_key(tx, &id, now).await? {
+        return Err(refuse(
+            ErrorCode::AuthKeyUsed,
+            format!("auth key {id} is single-use and was already used"),
+        ));
+    }
+    Ok(info)
+}

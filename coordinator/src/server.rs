@@ -1,0 +1,258 @@
+//! `lattice-coordinator serve`: opens the state, binds the listeners, runs until a signal.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::serve::IncomingStream;
+use hybrid::StaticKeypair;
+use rand::{SeedableRng, rngs::StdRng};
+use tokio::net::{TcpListener, UnixListener};
+use tracing::{info, warn};
+
+use crate::api::{self, Actor};
+use crate::db;
+use crate::hub::Hub;
+use crate::state::{AppState, Inner, unix_now};
+use crate::{addr, ops};
+
+/// Settings for `serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// HTTP listen address.
+    pub listen: SocketAddr,
+    /// State directory (key, database, admin socket).
+    pub state_dir: PathBuf,
+    /// Database URL; default is SQLite in the state dir.
+    pub db: Option<String>,
+    /// URL nodes use to reach this coordinator (for the join example).
+    pub public_url: Option<String>,
+    /// Mesh DNS domain (used when the mesh is created).
+    pub domain: String,
+    /// How long an ephemeral node may stay away.
+    pub ephemeral_timeout: Duration,
+}
+
+/// Name of the admin socket inside the state dir.
+pub const ADMIN_SOCKET: &str = "admin.sock";
+const CONTROL_KEY_FILE: &str = "control.key";
+
+/// Runs the coordinator until SIGINT or SIGTERM.
+pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
+    std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("securing state dir {}", cfg.state_dir.display()))?;
+    let control_key = load_or_create_key(&cfg.state_dir.join(CONTROL_KEY_FILE))?;
+    let db_url = cfg.db.clone().unwrap_or_else(|| {
+        cfg.state_dir.join("coordinator.db").display().to_string()
+    });
+    let pool = db::open(&db_url)
+        .await
+        .with_context(|| format!("opening database {db_url}"))?;
+    let now = unix_now();
+    let (mesh, nodes) = {
+        let mut conn = pool.acquire().await?;
+        let ula = addr::random_ula(&mut StdRng::from_rng(&mut rand::rng()));
+        let mesh = db::mesh::get_or_create(&mut conn, &cfg.domain, ula, now).await?;
+        (mesh, db::nodes::all(&mut conn).await?)
+    };
+    let offline_ephemeral: Vec<_> = nodes.iter().filter(|n| n.ephemeral).map(|n| n.id).collect();
+    let hub = Hub::new(mesh.domain.clone(), policy::Policy::allow_all(), nodes, now);
+    let st = AppState::new(Inner {
+        db: pool,
+        hub,
+        fingerprint: hybrid::fingerprint(&control_key.public()),
+        control_key,
+        mesh,
+        ephemeral_timeout: cfg.ephemeral_timeout,
+    });
+
+    let tcp = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let local = tcp.local_addr()?;
+    let admin_path = cfg.state_dir.join(ADMIN_SOCKET);
+    let unix = bind_admin_socket(&admin_path).await?;
+
+    print_banner(&st, local, cfg.public_url.as_deref());
+    info!(listen = %local, admin = %admin_path.display(), domain = %st.mesh.domain,
+          ula = %st.mesh.ula_prefix, "coordinator started");
+
+    for id in offline_ephemeral {
+        api::control::schedule_ephemeral_collection(st.clone(), id);
+    }
+    let sweeper = st.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            ops::sweep_expired(&sweeper);
+        }
+    });
+
+    let public = api::router(st.clone());
+    let admin: Router = Router::new()
+        .nest("/admin/v1", api::admin::router())
+        .layer(middleware::from_fn(local_actor))
+        .layer(middleware::from_fn(api::log_internal_errors))
+        .with_state(st.clone());
+
+    let shutdown = shutdown_signal();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut stop_a = stop_rx.clone();
+    let mut stop_b = stop_rx;
+    let public_srv = axum::serve(tcp, public)
+        .with_graceful_shutdown(async move {
+            let _ = stop_a.changed().await;
+        });
+    let admin_srv = axum::serve(unix, admin.into_make_service_with_connect_info::<UdsPeer>())
+        .with_graceful_shutdown(async move {
+            let _ = stop_b.changed().await;
+        });
+    let public_task = tokio::spawn(async move { public_srv.await });
+    let admin_task = tokio::spawn(async move { admin_srv.await });
+    shutdown.await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    // WebSocket sessions do not end on their own; give handlers a moment, then exit.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = public_task.await;
+        let _ = admin_task.await;
+    })
+    .await;
+    let _ = std::fs::remove_file(&admin_path);
+    Ok(())
+}
+
+fn load_or_create_key(path: &Path) -> anyhow::Result<StaticKeypair> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let bytes = wire::keys::parse_hex::<32>(text.trim()).with_context(|| {
+                format!("{} is not a 64-hex-digit key", path.display())
+            })?;
+            Ok(StaticKeypair::from_secret(bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let kp = StaticKeypair::generate(&mut rand::rng());
+            let mut hex = String::new();
+            wire::keys::push_hex(&mut hex, kp.secret_bytes());
+            hex.push('\n');
+            write_private_file(path, hex.as_bytes())?;
+            info!(path = %path.display(), "generated a new control key");
+            Ok(kp)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Writes a 0600 file atomically (temp file + rename), so a crash never leaves half a key.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+async fn bind_admin_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!(
+                "another coordinator is already running with this state dir ({} answers)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+fn print_banner(st: &AppState, local: SocketAddr, public_url: Option<&str>) {
+    let mut fp = String::new();
+    wire::keys::push_hex(&mut fp, &st.fingerprint);
+    let url = public_url.map_or_else(
+        || {
+            if local.ip().is_unspecified() {
+                format!("http://<this-host>:{}", local.port())
+            } else {
+                format!("http://{local}")
+            }
+        },
+        str::to_owned,
+    );
+    let banner = format!(
+        "lattice-coordinator listening on {local}\n\
+         control key fingerprint: {fp}\n\
+         mesh domain: {domain}, IPv6 prefix: {ula}\n\
+         to join a device:\n  \
+           KEY=$(lattice-coordinator authkey create)\n  \
+           lattice up --coordinator {url} --auth-key $KEY\n",
+        domain = st.mesh.domain,
+        ula = st.mesh.ula_prefix,
+    );
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(banner.as_bytes());
+    let _ = out.flush();
+}
+
+/// Peer credentials of an admin-socket connection.
+#[derive(Debug, Clone, Copy)]
+pub struct UdsPeer {
+    uid: Option<u32>,
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for UdsPeer {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        Self {
+            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
+        }
+    }
+}
+
+async fn local_actor(
+    ConnectInfo(peer): ConnectInfo<UdsPeer>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let actor = peer
+        .uid
+        .map_or_else(|| "local:uid=?".to_owned(), |u| format!("local:uid={u}"));
+    req.extensions_mut().insert(Actor(actor));
+    next.run(req).await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,66 @@
+//! Shared application state handed to every handler.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hybrid::{FINGERPRINT_LEN, StaticKeypair};
+use wire::ControlKey;
+
+use crate::db::Pool;
+use crate::db::mesh::MeshSettings;
+use crate::hub::Hub;
+
+/// Handler state (cheap to clone).
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+/// What every handler can reach.
+pub struct Inner {
+    /// The database.
+    pub db: Pool,
+    /// The in-memory mesh.
+    pub hub: Arc<Hub>,
+    /// The coordinator's static Noise key.
+    pub control_key: StaticKeypair,
+    /// Fingerprint of the control key, as embedded in auth keys.
+    pub fingerprint: [u8; FINGERPRINT_LEN],
+    /// Mesh settings.
+    pub mesh: MeshSettings,
+    /// How long an ephemeral node may stay away before it is removed.
+    pub ephemeral_timeout: Duration,
+}
+
+impl AppState {
+    /// Wraps the state.
+    pub fn new(inner: Inner) -> Self {
+        Self(Arc::new(inner))
+    }
+
+    /// The control key in wire form.
+    pub fn control_public(&self) -> ControlKey {
+        ControlKey::from_bytes(self.control_key.public())
+    }
+}
+
+impl Deref for AppState {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// Current unix time in seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Current unix time in milliseconds.
+pub fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
