@@ -32,7 +32,11 @@ pub fn ipv4_at(offset: u32) -> Ipv4Addr {
 /// Finds the first allocatable offset at or after `start` (wrapping around once) for which
 /// `is_used` is false.
 pub fn next_free(start: u32, mut is_used: impl FnMut(u32) -> bool) -> Option<u32> {
-    let start = if start == 0 || start >= CGNAT_SIZE { 1 } else { start };
+    let start = if start == 0 || start >= CGNAT_SIZE {
+        1
+    } else {
+        start
+    };
     (start..CGNAT_SIZE)
         .chain(1..start)
         .find(|&o| allocatable(o) && !is_used(o))
@@ -104,13 +108,19 @@ mod tests {
 
     #[test]
     fn first_addresses_skip_reserved_ones() {
-        assert_eq!(ipv4_at(next_free(0, |_| false).unwrap()), Ipv4Addr::new(100, 64, 0, 1));
+        assert_eq!(
+            ipv4_at(next_free(0, |_| false).unwrap()),
+            Ipv4Addr::new(100, 64, 0, 1)
+        );
         // .255 and .0 are skipped
         let o = next_free(255, |_| false).unwrap();
         assert_eq!(ipv4_at(o), Ipv4Addr::new(100, 64, 1, 1));
         // the resolver's /24 is never handed out
         let start = u32::from(Ipv4Addr::new(100, 100, 100, 1)) - CGNAT_BASE;
-        assert_eq!(ipv4_at(next_free(start, |_| false).unwrap()), Ipv4Addr::new(100, 100, 101, 1));
+        assert_eq!(
+            ipv4_at(next_free(start, |_| false).unwrap()),
+            Ipv4Addr::new(100, 100, 101, 1)
+        );
     }
 
     #[test]

@@ -27,7 +27,11 @@ pub enum Target {
 
 impl Target {
     /// Builds the target from CLI flags.
-    pub fn new(state_dir: PathBuf, server: Option<String>, token: Option<String>) -> anyhow::Result<Self> {
+    pub fn new(
+        state_dir: PathBuf,
+        server: Option<String>,
+        token: Option<String>,
+    ) -> anyhow::Result<Self> {
         match server {
             None => Ok(Self::Unix(state_dir.join(crate::server::ADMIN_SOCKET))),
             Some(url) => {
@@ -101,7 +105,9 @@ impl Target {
     }
 }
 
-async fn handshake<S>(stream: S) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>>
+async fn handshake<S>(
+    stream: S,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {

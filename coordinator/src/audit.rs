@@ -136,8 +136,10 @@ pub fn verify(entries: &[Entry], head: Option<(i64, &str)>) -> Verification {
             ));
         }
         if entry_hash(e) != e.hash {
-            v.problems
-                .push(format!("entry {}: content does not match its hash (modified)", e.seq));
+            v.problems.push(format!(
+                "entry {}: content does not match its hash (modified)",
+                e.seq
+            ));
         }
         prev_seq = e.seq;
         prev_hash = e.hash.clone();
@@ -211,7 +213,11 @@ mod tests {
         bad.remove(1);
         let v = verify(&bad, head(&c));
         assert!(!v.ok());
-        assert!(v.problems[0].contains("entries 2..2 are missing"), "{:?}", v.problems);
+        assert!(
+            v.problems[0].contains("entries 2..2 are missing"),
+            "{:?}",
+            v.problems
+        );
     }
 
     #[test]
@@ -229,6 +235,10 @@ mod tests {
         bad[0].actor = "forged".into();
         bad[0].hash = entry_hash(&bad[0]);
         let v = verify(&bad, head(&c));
-        assert!(v.problems.iter().any(|p| p.starts_with("entry 2: prev_hash")));
+        assert!(
+            v.problems
+                .iter()
+                .any(|p| p.starts_with("entry 2: prev_hash"))
+        );
     }
 }

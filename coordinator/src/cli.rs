@@ -62,10 +62,18 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// HTTP listen address (control channel, key, admin API with a token).
-    #[arg(long, default_value = "0.0.0.0:8080", env = "LATTICE_COORDINATOR_LISTEN")]
+    #[arg(
+        long,
+        default_value = "0.0.0.0:8080",
+        env = "LATTICE_COORDINATOR_LISTEN"
+    )]
     pub listen: SocketAddr,
     /// State directory: control key, database and admin socket.
-    #[arg(long, env = "LATTICE_COORDINATOR_STATE_DIR", default_value = "/var/lib/lattice-coordinator")]
+    #[arg(
+        long,
+        env = "LATTICE_COORDINATOR_STATE_DIR",
+        default_value = "/var/lib/lattice-coordinator"
+    )]
     pub state_dir: PathBuf,
     /// Database URL (default: SQLite file in the state dir).
     #[arg(long, env = "LATTICE_COORDINATOR_DB")]
@@ -85,7 +93,11 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct AdminArgs {
     /// State directory of the running coordinator (its admin socket lives there).
-    #[arg(long, env = "LATTICE_COORDINATOR_STATE_DIR", default_value = "/var/lib/lattice-coordinator")]
+    #[arg(
+        long,
+        env = "LATTICE_COORDINATOR_STATE_DIR",
+        default_value = "/var/lib/lattice-coordinator"
+    )]
     pub state_dir: PathBuf,
     /// Reach a coordinator over HTTP instead of the local socket (needs --token).
     #[arg(long, env = "LATTICE_COORDINATOR_SERVER")]

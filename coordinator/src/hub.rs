@@ -170,7 +170,11 @@ impl Drop for SessionGuard {
     fn drop(&mut self) {
         {
             let mut st = self.hub.write();
-            if st.sessions.get(&self.node).is_some_and(|(c, _)| *c == self.conn) {
+            if st
+                .sessions
+                .get(&self.node)
+                .is_some_and(|(c, _)| *c == self.conn)
+            {
                 st.sessions.remove(&self.node);
                 st.set_online(self.node, false);
             }

@@ -95,7 +95,8 @@ async fn authkey(cmd: AuthkeyCommand) -> anyhow::Result<Outcome> {
             }
         }
         AuthkeyCommand::List { json, admin } => {
-            let keys: Vec<AuthKeyInfo> = target(&admin)?.call(Method::GET, "/authkeys", None).await?;
+            let keys: Vec<AuthKeyInfo> =
+                target(&admin)?.call(Method::GET, "/authkeys", None).await?;
             if json {
                 output::json(&keys);
             } else {
@@ -156,7 +157,9 @@ async fn audit_cmd(cmd: AuditCommand) -> anyhow::Result<Outcome> {
             Ok(Outcome::Success)
         }
         AuditCommand::Verify { json, admin } => {
-            let v: Verification = target(&admin)?.call(Method::GET, "/audit/verify", None).await?;
+            let v: Verification = target(&admin)?
+                .call(Method::GET, "/audit/verify", None)
+                .await?;
             if json {
                 output::json(&v);
             } else if v.ok() {
@@ -184,7 +187,11 @@ async fn all_entries(t: &Target, mut after: i64) -> anyhow::Result<Vec<Entry>> {
     let mut out = Vec::new();
     loop {
         let page: Vec<Entry> = t
-            .call(Method::GET, &format!("/audit?after={after}&limit=5000"), None)
+            .call(
+                Method::GET,
+                &format!("/audit?after={after}&limit=5000"),
+                None,
+            )
             .await?;
         let Some(last) = page.last() else { break };
         after = last.seq;

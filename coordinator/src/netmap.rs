@@ -9,8 +9,8 @@
 use std::collections::BTreeMap;
 
 use policy::{Compiled, Inventory, Policy};
-use wire::netmap::{DnsConfig, MapResponse, Node};
 use wire::NodeId;
+use wire::netmap::{DnsConfig, MapResponse, Node};
 
 use crate::addr::RESOLVER_V4;
 use crate::model::NodeRecord;
@@ -275,7 +275,10 @@ mod tests {
         w.add(4);
         let m = next_map(&mut sent, &w.snap(), NodeId(1)).unwrap();
         assert_eq!(m.peers_removed, vec![NodeId(3)]);
-        assert_eq!(m.peers_changed.iter().map(|p| p.id).collect::<Vec<_>>(), [NodeId(4)]);
+        assert_eq!(
+            m.peers_changed.iter().map(|p| p.id).collect::<Vec<_>>(),
+            [NodeId(4)]
+        );
         // Allow-all rules for node 1 name only node 1's addresses, so they did not change.
         assert!(m.packet_filter.is_none());
     }

@@ -87,7 +87,8 @@ pub fn validate_tag(tag: &str) -> Result<(), ApiError> {
     let ok = tag.strip_prefix("tag:").is_some_and(|t| {
         !t.is_empty()
             && t.len() <= 63
-            && t.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && t.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
     });
     if ok {
         Ok(())
@@ -99,7 +100,10 @@ pub fn validate_tag(tag: &str) -> Result<(), ApiError> {
 }
 
 fn validate_user(user: &str) -> Result<(), ApiError> {
-    if user.is_empty() || user.len() > 128 || user.chars().any(|c| c.is_control() || c.is_whitespace()) {
+    if user.is_empty()
+        || user.len() > 128
+        || user.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
         return Err(ApiError::BadRequest(format!("invalid user name {user:?}")));
     }
     Ok(())
@@ -124,7 +128,10 @@ pub async fn create_auth_key(
     }
     let (id, secret_bytes) = {
         let mut rng = rand::rng();
-        (secret::random::<6>(&mut rng), secret::random::<20>(&mut rng))
+        (
+            secret::random::<6>(&mut rng),
+            secret::random::<20>(&mut rng),
+        )
     };
     let key = AuthKey::new(st.fingerprint, id, secret_bytes);
     let now = unix_now();
@@ -285,7 +292,12 @@ pub async fn expire_node(st: &AppState, name: &str, actor: &str) -> Result<(), A
     db::nodes::set_expiry(&mut tx, node.id, Some(now)).await?;
     db::audit::append(
         &mut tx,
-        NewEntry::new(actor, "node.expire", &node.name, json!({"node_id": node.id})),
+        NewEntry::new(
+            actor,
+            "node.expire",
+            &node.name,
+            json!({"node_id": node.id}),
+        ),
         unix_now_ms(),
     )
     .await?;
@@ -353,7 +365,9 @@ pub async fn create_token(st: &AppState, actor: &str) -> Result<String, ApiError
 pub async fn revoke_token(st: &AppState, id: &str, actor: &str) -> Result<(), ApiError> {
     let mut tx = db::begin_write(&st.db).await?;
     if !db::keys::revoke_admin_token(&mut tx, id, unix_now()).await? {
-        return Err(ApiError::NotFound(format!("no live admin token with id {id:?}")));
+        return Err(ApiError::NotFound(format!(
+            "no live admin token with id {id:?}"
+        )));
     }
     db::audit::append(
         &mut tx,

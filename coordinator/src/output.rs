@@ -31,8 +31,18 @@ pub(crate) fn nodes(nodes: &[NodeView]) {
         "NAME", "IPV4", "IPV6", "STATUS", "OWNER"
     );
     for n in nodes {
-        let v4 = n.addresses.iter().find(|a| a.is_ipv4()).map(ToString::to_string).unwrap_or_default();
-        let v6 = n.addresses.iter().find(|a| a.is_ipv6()).map(ToString::to_string).unwrap_or_default();
+        let v4 = n
+            .addresses
+            .iter()
+            .find(|a| a.is_ipv4())
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let v6 = n
+            .addresses
+            .iter()
+            .find(|a| a.is_ipv6())
+            .map(ToString::to_string)
+            .unwrap_or_default();
         let status = if n.expired {
             "expired"
         } else if n.online {
@@ -46,7 +56,10 @@ pub(crate) fn nodes(nodes: &[NodeView]) {
             n.tags.join(",")
         };
         let seen = n.last_seen_unix.map_or_else(|| "-".into(), time);
-        println!("{:<20} {v4:<16} {v6:<40} {status:<8} {owner:<20} {seen}", n.name);
+        println!(
+            "{:<20} {v4:<16} {v6:<40} {status:<8} {owner:<20} {seen}",
+            n.name
+        );
     }
 }
 

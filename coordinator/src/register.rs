@@ -40,7 +40,10 @@ pub fn validate_hello(h: &Hello) -> Result<(), RegisterError> {
         || h.os.len() > MAX_SHORT_FIELD
         || h.client_version.len() > MAX_SHORT_FIELD
     {
-        return Err(refuse(ErrorCode::BadRequest, "hello fields exceed their limits"));
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            "hello fields exceed their limits",
+        ));
     }
     Ok(())
 }
@@ -197,7 +200,10 @@ async fn allocate_ipv4(tx: &mut db::Tx) -> Result<u32, RegisterError> {
         }
         probe = o + 1;
     }
-    Err(refuse(ErrorCode::Internal, "the overlay address range is full"))
+    Err(refuse(
+        ErrorCode::Internal,
+        "the overlay address range is full",
+    ))
 }
 
 /// Checks an auth key and records one use of it, inside the caller's write transaction.
@@ -222,10 +228,16 @@ async fn consume_key(
         return Err(refuse(ErrorCode::AuthKeyInvalid, "unknown auth key"));
     }
     if info.revoked_at.is_some() {
-        return Err(refuse(ErrorCode::AuthKeyRevoked, format!("auth key {id} was revoked")));
+        return Err(refuse(
+            ErrorCode::AuthKeyRevoked,
+            format!("auth key {id} was revoked"),
+        ));
     }
     if info.expires_at <= now {
-        return Err(refuse(ErrorCode::AuthKeyExpired, format!("auth key {id} has expired")));
+        return Err(refuse(
+            ErrorCode::AuthKeyExpired,
+            format!("auth key {id} has expired"),
+        ));
     }
     if !db::keys::consume_auth_key(tx, &id, now).await? {
         return Err(refuse(

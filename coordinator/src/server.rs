@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use axum::Router;
-use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::Request;
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::serve::IncomingStream;
@@ -51,9 +51,10 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("securing state dir {}", cfg.state_dir.display()))?;
     let control_key = load_or_create_key(&cfg.state_dir.join(CONTROL_KEY_FILE))?;
-    let db_url = cfg.db.clone().unwrap_or_else(|| {
-        cfg.state_dir.join("coordinator.db").display().to_string()
-    });
+    let db_url = cfg
+        .db
+        .clone()
+        .unwrap_or_else(|| cfg.state_dir.join("coordinator.db").display().to_string());
     let pool = db::open(&db_url)
         .await
         .with_context(|| format!("opening database {db_url}"))?;
@@ -109,10 +110,9 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_a = stop_rx.clone();
     let mut stop_b = stop_rx;
-    let public_srv = axum::serve(tcp, public)
-        .with_graceful_shutdown(async move {
-            let _ = stop_a.changed().await;
-        });
+    let public_srv = axum::serve(tcp, public).with_graceful_shutdown(async move {
+        let _ = stop_a.changed().await;
+    });
     let admin_srv = axum::serve(unix, admin.into_make_service_with_connect_info::<UdsPeer>())
         .with_graceful_shutdown(async move {
             let _ = stop_b.changed().await;
@@ -135,9 +135,8 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
 fn load_or_create_key(path: &Path) -> anyhow::Result<StaticKeypair> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
-            let bytes = wire::keys::parse_hex::<32>(text.trim()).with_context(|| {
-                format!("{} is not a 64-hex-digit key", path.display())
-            })?;
+            let bytes = wire::keys::parse_hex::<32>(text.trim())
+                .with_context(|| format!("{} is not a 64-hex-digit key", path.display()))?;
             Ok(StaticKeypair::from_secret(bytes))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -116,7 +116,12 @@ impl InitiatorHandshake {
         let ss = self.dk.decapsulate(&ct);
         let mut kem_secret = Zeroizing::new([0u8; 32]);
         kem_secret.copy_from_slice(ss.as_slice());
-        Completed::new(self.noise, kem_secret, plain[CIPHERTEXT_LEN..].to_vec(), self.purpose)
+        Completed::new(
+            self.noise,
+            kem_secret,
+            plain[CIPHERTEXT_LEN..].to_vec(),
+            self.purpose,
+        )
     }
 }
 
@@ -246,7 +251,13 @@ impl Completed {
     /// salted with the previous key.
     pub fn peer_psk(&self, previous: &Psk) -> Psk {
         debug_assert_eq!(self.purpose, Purpose::PeerPsk);
-        kdf(self.purpose.label(), &self.handshake_hash, &self.kem_secret, previous).0
+        kdf(
+            self.purpose.label(),
+            &self.handshake_hash,
+            &self.kem_secret,
+            previous,
+        )
+        .0
     }
 
     /// Turns a control handshake into an encrypted channel whose keys are hybrid: Noise's own

@@ -67,7 +67,11 @@ impl Eq for Psk {}
 impl fmt::Debug for Psk {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let id = self.id();
-        write!(f, "Psk(id={:02x}{:02x}{:02x}{:02x}…)", id[0], id[1], id[2], id[3])
+        write!(
+            f,
+            "Psk(id={:02x}{:02x}{:02x}{:02x}…)",
+            id[0], id[1], id[2], id[3]
+        )
     }
 }
 

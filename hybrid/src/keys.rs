@@ -48,7 +48,13 @@ impl StaticKeypair {
 impl fmt::Debug for StaticKeypair {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StaticKeypair")
-            .field("public", &format_args!("{:02x}{:02x}{:02x}{:02x}…", self.public[0], self.public[1], self.public[2], self.public[3]))
+            .field(
+                "public",
+                &format_args!(
+                    "{:02x}{:02x}{:02x}{:02x}…",
+                    self.public[0], self.public[1], self.public[2], self.public[3]
+                ),
+            )
             .field("secret", &"<redacted>")
             .finish()
     }
@@ -84,7 +90,11 @@ mod tests {
         let kp = StaticKeypair::generate(&mut StdRng::seed_from_u64(1));
         let dbg = format!("{kp:?}");
         assert!(dbg.contains("<redacted>"));
-        let secret_hex: String = kp.secret_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        let secret_hex: String = kp
+            .secret_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         assert!(!dbg.contains(&secret_hex[..8]));
     }
 

@@ -23,8 +23,8 @@ mod rng;
 
 pub use channel::{Channel, ChannelError, MAX_MESSAGE_LEN};
 pub use handshake::{
-    Completed, HandshakeError, Initiation, InitiatorHandshake, Purpose, ResponderHandshake,
-    CIPHERTEXT_LEN, ENCAPSULATION_KEY_LEN, NOISE_PARAMS,
+    CIPHERTEXT_LEN, Completed, ENCAPSULATION_KEY_LEN, HandshakeError, Initiation,
+    InitiatorHandshake, NOISE_PARAMS, Purpose, ResponderHandshake,
 };
-pub use kdf::{kdf, Psk};
-pub use keys::{fingerprint, StaticKeypair, FINGERPRINT_LEN};
+pub use kdf::{Psk, kdf};
+pub use keys::{FINGERPRINT_LEN, StaticKeypair, fingerprint};

@@ -148,7 +148,12 @@ mod tests {
         let text = sample().expose_secret();
         assert_eq!(
             text,
-            format!("lk1-{}-{}-{}", "11".repeat(16), "22".repeat(6), "33".repeat(20))
+            format!(
+                "lk1-{}-{}-{}",
+                "11".repeat(16),
+                "22".repeat(6),
+                "33".repeat(20)
+            )
         );
         assert_eq!(text.parse::<AuthKey>().unwrap(), sample());
     }
@@ -167,10 +172,24 @@ mod tests {
             "lk1",
             "lk2-00-00-00",
             &format!("lk1-{}-{}", "11".repeat(16), "22".repeat(6)),
-            &format!("lk1-{}-{}-{}-x", "11".repeat(16), "22".repeat(6), "33".repeat(20)),
-            &format!("lk1-{}-{}-{}", "1".repeat(32), "2".repeat(12), "g".repeat(40)),
+            &format!(
+                "lk1-{}-{}-{}-x",
+                "11".repeat(16),
+                "22".repeat(6),
+                "33".repeat(20)
+            ),
+            &format!(
+                "lk1-{}-{}-{}",
+                "1".repeat(32),
+                "2".repeat(12),
+                "g".repeat(40)
+            ),
         ] {
-            assert_eq!(bad.parse::<AuthKey>(), Err(AuthKeyParseError::Malformed), "{bad}");
+            assert_eq!(
+                bad.parse::<AuthKey>(),
+                Err(AuthKeyParseError::Malformed),
+                "{bad}"
+            );
         }
     }
 

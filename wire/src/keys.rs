@@ -187,7 +187,9 @@ mod tests {
         let mk = format!("mkey:{}", "00".repeat(32));
         assert_eq!(
             mk.parse::<NodeKey>(),
-            Err(KeyParseError::WrongPrefix { expected: "nodekey" })
+            Err(KeyParseError::WrongPrefix {
+                expected: "nodekey"
+            })
         );
         assert_eq!(
             "nodekey:zz".parse::<NodeKey>(),

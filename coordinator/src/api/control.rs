@@ -97,7 +97,10 @@ async fn session(st: AppState, mut socket: WebSocket) -> anyhow::Result<()> {
         .await
         .context("handshake timed out")??;
     let mut conn = Conn { socket, channel };
-    let hello = match timeout(HELLO_TIMEOUT, conn.recv()).await.context("hello timed out")?? {
+    let hello = match timeout(HELLO_TIMEOUT, conn.recv())
+        .await
+        .context("hello timed out")??
+    {
         Some(ClientMessage::Hello(h)) => h,
         Some(_) => bail!("first message was not a hello"),
         None => return Ok(()),
@@ -149,8 +152,12 @@ async fn handshake(st: &AppState, socket: &mut WebSocket) -> anyhow::Result<(Cha
     };
     let (msg2, done, machine) = {
         let mut rng = StdRng::from_rng(&mut rand::rng());
-        let (responder, init) =
-            ResponderHandshake::read_initiation(&mut rng, Purpose::Control, &st.control_key, &msg1)?;
+        let (responder, init) = ResponderHandshake::read_initiation(
+            &mut rng,
+            Purpose::Control,
+            &st.control_key,
+            &msg1,
+        )?;
         let (msg2, done) = responder.respond(&mut rng, &Psk::zero(), &[])?;
         (msg2, done, MachineKey::from_bytes(init.remote_static))
     };
@@ -251,9 +258,14 @@ async fn handle_client_message(
         }
         ClientMessage::Logout => {
             info!(node = %record.name, "node logged out");
-            ops::remove_node(st, &record.name, &format!("node:{}", record.name), "logged out")
-                .await
-                .map_err(|e| anyhow::anyhow!("logout: {e}"))?;
+            ops::remove_node(
+                st,
+                &record.name,
+                &format!("node:{}", record.name),
+                "logged out",
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("logout: {e}"))?;
             Ok(true)
         }
         ClientMessage::Hello(_) => bail!("second hello on one session"),

@@ -38,9 +38,7 @@ pub async fn append(
     entry: NewEntry,
     at_ms: i64,
 ) -> Result<Entry, DbError> {
-    let (seq, hash) = head(conn)
-        .await?
-        .unwrap_or_else(|| (0, GENESIS.to_owned()));
+    let (seq, hash) = head(conn).await?.unwrap_or_else(|| (0, GENESIS.to_owned()));
     let e = entry.chain(seq, &hash, at_ms);
     sqlx::query(
         "INSERT INTO audit (seq, at_ms, actor, action, target, detail, prev_hash, hash)
@@ -69,9 +67,11 @@ pub async fn append(
 
 /// The recorded end of the chain.
 pub async fn head(conn: &mut SqliteConnection) -> Result<Option<(i64, String)>, DbError> {
-    Ok(sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
-        .fetch_optional(&mut *conn)
-        .await?)
+    Ok(
+        sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_optional(&mut *conn)
+            .await?,
+    )
 }
 
 /// Entries with `seq > after`, oldest first, at most `limit`.

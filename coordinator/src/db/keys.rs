@@ -84,11 +84,10 @@ pub async fn auth_key(
     conn: &mut SqliteConnection,
     id: &str,
 ) -> Result<Option<(AuthKeyInfo, Vec<u8>)>, DbError> {
-    let row: Option<AuthKeyRow> =
-        sqlx::query_as(select_keys!("WHERE id = ?"))
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let row: Option<AuthKeyRow> = sqlx::query_as(select_keys!("WHERE id = ?"))
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
     row.map(AuthKeyRow::split).transpose()
 }
 
@@ -116,9 +115,11 @@ pub async fn consume_auth_key(
 /// All auth keys, newest first.
 pub async fn list_auth_keys(conn: &mut SqliteConnection) -> Result<Vec<AuthKeyInfo>, DbError> {
     let rows: Vec<AuthKeyRow> = sqlx::query_as(select_keys!("ORDER BY created_at DESC, id"))
-    .fetch_all(&mut *conn)
-    .await?;
-    rows.into_iter().map(|r| r.split().map(|(i, _)| i)).collect()
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.into_iter()
+        .map(|r| r.split().map(|(i, _)| i))
+        .collect()
 }
 
 /// Revokes a key. Returns false if there is no such key or it was already revoked.
@@ -127,11 +128,12 @@ pub async fn revoke_auth_key(
     id: &str,
     now: i64,
 ) -> Result<bool, DbError> {
-    let done = sqlx::query("UPDATE auth_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
-        .bind(now)
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
+    let done =
+        sqlx::query("UPDATE auth_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
     Ok(done.rows_affected() == 1)
 }
 

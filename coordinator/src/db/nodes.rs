@@ -79,11 +79,10 @@ pub async fn by_machine_key(
     conn: &mut SqliteConnection,
     machine_key: &MachineKey,
 ) -> Result<Option<NodeRecord>, DbError> {
-    let row: Option<NodeRow> =
-        sqlx::query_as(select_nodes!("WHERE machine_key = ?"))
-            .bind(machine_key.to_text())
-            .fetch_optional(&mut *conn)
-            .await?;
+    let row: Option<NodeRow> = sqlx::query_as(select_nodes!("WHERE machine_key = ?"))
+        .bind(machine_key.to_text())
+        .fetch_optional(&mut *conn)
+        .await?;
     row.map(NodeRecord::try_from).transpose()
 }
 
@@ -238,7 +237,11 @@ pub async fn set_endpoints(
 }
 
 /// Records the last contact time.
-pub async fn set_last_seen(conn: &mut SqliteConnection, id: NodeId, now: i64) -> Result<(), DbError> {
+pub async fn set_last_seen(
+    conn: &mut SqliteConnection,
+    id: NodeId,
+    now: i64,
+) -> Result<(), DbError> {
     sqlx::query("UPDATE nodes SET last_seen = ? WHERE id = ?")
         .bind(now)
         .bind(id_i64(id))
@@ -301,7 +304,10 @@ pub async fn removal(
 }
 
 /// Forgets a removal (the machine re-joined with a fresh auth key).
-pub async fn clear_removal(conn: &mut SqliteConnection, machine_key: &MachineKey) -> Result<(), DbError> {
+pub async fn clear_removal(
+    conn: &mut SqliteConnection,
+    machine_key: &MachineKey,
+) -> Result<(), DbError> {
     sqlx::query("DELETE FROM removed_machines WHERE machine_key = ?")
         .bind(machine_key.to_text())
         .execute(&mut *conn)

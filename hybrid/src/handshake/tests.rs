@@ -20,7 +20,8 @@ fn handshake(p: &mut Parties, purpose: Purpose, psk: &Psk) -> (Completed, Comple
     let (ini, msg1) =
         InitiatorHandshake::start(&mut p.rng, purpose, &p.alice, &p.bob.public(), psk, b"hi")
             .unwrap();
-    let (res, init) = ResponderHandshake::read_initiation(&mut p.rng, purpose, &p.bob, &msg1).unwrap();
+    let (res, init) =
+        ResponderHandshake::read_initiation(&mut p.rng, purpose, &p.bob, &msg1).unwrap();
     assert_eq!(init.remote_static, p.alice.public());
     assert_eq!(init.payload, b"hi");
     let (msg2, bob_done) = res.respond(&mut p.rng, psk, b"hello").unwrap();
@@ -158,8 +159,13 @@ fn mismatched_psk_fails_at_the_initiator() {
     .unwrap();
     let (res, _) =
         ResponderHandshake::read_initiation(&mut p.rng, Purpose::PeerPsk, &p.bob, &msg1).unwrap();
-    let (msg2, _) = res.respond(&mut p.rng, &Psk::from_bytes([2; 32]), &[]).unwrap();
-    assert_eq!(ini.finish(&msg2).err(), Some(HandshakeError::Authentication));
+    let (msg2, _) = res
+        .respond(&mut p.rng, &Psk::from_bytes([2; 32]), &[])
+        .unwrap();
+    assert_eq!(
+        ini.finish(&msg2).err(),
+        Some(HandshakeError::Authentication)
+    );
 }
 
 #[test]
@@ -290,7 +296,10 @@ fn channel_keys_are_not_the_classical_noise_keys() {
     let (msg2, bob) = res.respond(&mut p.rng, &Psk::zero(), &[]).unwrap();
     let mut alice = ini.finish(&msg2).unwrap();
     let mut classical = vec![0u8; 64];
-    let n = alice.transport.write_message(&[FINAL_FLAG, b'x'], &mut classical).unwrap();
+    let n = alice
+        .transport
+        .write_message(&[FINAL_FLAG, b'x'], &mut classical)
+        .unwrap();
     let mut b = bob.into_channel();
     assert_eq!(b.open(&classical[..n]), Err(ChannelError::Authentication));
 }

@@ -1,0 +1,119 @@
+//! Snapshots of the core's state for `lattice status` and the local API.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use wire::{NodeId, NodeKey};
+
+/// Counters of dropped and handled packets, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Packets from the TUN for an address no peer owns.
+    pub tun_no_route: u64,
+    /// Packets from the TUN that could not be parsed.
+    pub tun_malformed: u64,
+    /// Packets from the TUN with a source address that is not this node's.
+    pub tun_bad_source: u64,
+    /// Datagrams that were neither WireGuard, STUN nor ours.
+    pub udp_unknown: u64,
+    /// WireGuard messages that failed validation (bad MAC, unknown index, replay, ...).
+    pub wg_invalid: u64,
+    /// WireGuard messages from keys that are not current peers.
+    pub wg_unknown_peer: u64,
+    /// Cookie replies sent because the node was under handshake load.
+    pub wg_cookies_sent: u64,
+    /// Decrypted packets that could not be parsed.
+    pub in_malformed: u64,
+    /// Decrypted packets whose source address is not the sending peer's (cryptokey routing).
+    pub in_spoofed: u64,
+    /// Decrypted packets not addressed to this node.
+    pub in_not_for_us: u64,
+    /// Decrypted packets the filter dropped.
+    pub in_filtered: u64,
+    /// Decrypted packets delivered to the TUN.
+    pub in_delivered: u64,
+    /// Packets sent to peers.
+    pub out_sent: u64,
+}
+
+/// How a peer is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    /// Straight over UDP.
+    Direct,
+    /// Through a relay.
+    Relay,
+    /// Not reachable (yet).
+    None,
+}
+
+/// A peer's path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathStatus {
+    /// The kind of path.
+    pub kind: PathKind,
+    /// The direct address, if direct.
+    pub addr: Option<SocketAddr>,
+    /// The relay, if relayed.
+    pub relay: Option<String>,
+    /// Why the path is what it is, when it is not direct.
+    pub reason: Option<String>,
+}
+
+/// One peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// Id.
+    pub id: NodeId,
+    /// Short name.
+    pub name: String,
+    /// FQDN.
+    pub fqdn: String,
+    /// WireGuard key.
+    pub node_key: NodeKey,
+    /// Overlay addresses.
+    pub addresses: Vec<IpAddr>,
+    /// Reported endpoints.
+    pub endpoints: Vec<SocketAddr>,
+    /// Connected to the coordinator.
+    pub online: bool,
+    /// Owner.
+    pub user: Option<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// OS.
+    pub os: String,
+    /// Current path.
+    pub path: PathStatus,
+    /// Whether the session key carries a post-quantum preshared key.
+    pub pq: bool,
+    /// Time since the last completed WireGuard handshake.
+    pub since_handshake: Option<Duration>,
+    /// Time since the last authenticated packet from the peer.
+    pub since_rx: Option<Duration>,
+    /// Completed WireGuard handshakes.
+    pub handshakes: u64,
+    /// Bytes received (WireGuard messages).
+    pub rx_bytes: u64,
+    /// Bytes sent (WireGuard messages).
+    pub tx_bytes: u64,
+}
+
+/// The whole node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// This node, once the coordinator has described it.
+    pub self_node: Option<wire::Node>,
+    /// Our WireGuard key.
+    pub node_key: NodeKey,
+    /// The mesh domain.
+    pub domain: Option<String>,
+    /// Peers, by name.
+    pub peers: Vec<PeerStatus>,
+    /// Tracked flows.
+    pub flows: usize,
+    /// Filter rules in force.
+    pub filter_rules: usize,
+    /// Packet counters.
+    pub counters: Counters,
+}
