@@ -116,6 +116,11 @@ impl PathState {
         }
     }
 
+    /// Whether `addr` is where this peer's packets are known or expected to come from.
+    pub fn knows(&self, addr: SocketAddr) -> bool {
+        self.confirmed == Some(addr) || self.candidates.contains(&addr)
+    }
+
     /// When an authenticated packet last arrived.
     pub fn last_authenticated(&self) -> Option<Instant> {
         self.last_authenticated

@@ -80,7 +80,12 @@ struct Peer {
     node: Node,
     tunnel: Tunnel,
     path: PathState,
+    /// When we last started a handshake because the peer used a session we do not have.
+    last_stale_hint: Option<Instant>,
 }
+
+/// At most one handshake per peer per this interval is started because of stale sessions.
+const STALE_HINT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The node's data-plane state machine.
 ///
@@ -387,6 +392,19 @@ impl NodeState {
             .collect()
     }
 
+    /// The whole netmap as currently applied, as one full message (for the on-disk cache that
+    /// lets a restarted node work while the coordinator is unreachable).
+    pub fn netmap_snapshot(&self) -> MapResponse {
+        MapResponse {
+            seq: 0,
+            node: self.self_node.clone(),
+            peers: Some(self.peers.values().map(|p| p.node.clone()).collect()),
+            packet_filter: Some(self.filter.rules().to_vec()),
+            dns: self.dns.clone(),
+            ..MapResponse::default()
+        }
+    }
+
     /// The mesh's DNS settings, once known.
     pub fn dns_config(&self) -> Option<&DnsConfig> {
         self.dns.as_ref()
@@ -428,7 +446,15 @@ impl NodeState {
             path.set_candidates(node.endpoints.clone());
             debug!(peer = %node.name, key = %key, "peer added");
             self.by_id.insert(node.id, key);
-            self.peers.insert(key, Peer { node, tunnel, path });
+            self.peers.insert(
+                key,
+                Peer {
+                    node,
+                    tunnel,
+                    path,
+                    last_stale_hint: None,
+                },
+            );
         }
         let peer = self.peers.get(&key).expect("inserted above");
         for a in &peer.node.addresses {
@@ -478,6 +504,9 @@ impl NodeState {
             WgKind::Data(p) => self.by_index.get(&p.header.receiver_idx.get()).copied(),
         };
         let Some(key) = key.filter(|k| self.peers.contains_key(k)) else {
+            if matches!(wg, WgKind::Data(_)) {
+                self.hint_stale_session(now, from);
+            }
             self.counters.wg_unknown_peer += 1;
             trace!(%from, "wireguard message from no current peer");
             return;
@@ -580,6 +609,29 @@ impl NodeState {
             payload,
         });
         self.counters.out_sent += 1;
+    }
+
+    /// A data packet for a session we do not have arrived from `from`. If `from` is a known
+    /// peer's address, that peer still holds a session we lost (we restarted, or it rotated
+    /// past us): start a handshake so it switches now instead of after WireGuard's 15 s
+    /// silence timer. The handshake goes to the peer's known path, never to `from` alone, so
+    /// this cannot be used to reflect traffic at a third party.
+    fn hint_stale_session(&mut self, now: Instant, from: SocketAddr) {
+        let Some((key, peer)) = self.peers.iter_mut().find(|(_, p)| p.path.knows(from)) else {
+            return;
+        };
+        if peer
+            .last_stale_hint
+            .is_some_and(|t| now.saturating_duration_since(t) < STALE_HINT_INTERVAL)
+        {
+            return;
+        }
+        peer.last_stale_hint = Some(now);
+        let key = *key;
+        if let Some(init) = peer.tunnel.initiate() {
+            debug!(peer = %key, %from, "peer uses a session we lost; re-handshaking");
+            self.send_to_peer(now, key, init);
+        }
     }
 
     fn register_index(&mut self, key: NodeKey, wg: &WgKind) {

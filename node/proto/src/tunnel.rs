@@ -80,6 +80,11 @@ impl Tunnel {
         result
     }
 
+    /// Starts a handshake now unless one is already in flight.
+    pub(crate) fn initiate(&mut self) -> Option<WgKind> {
+        self.tunn.format_handshake_initiation(false).map(Into::into)
+    }
+
     /// Packets that waited for a handshake, now encrypted.
     pub(crate) fn queued(&mut self) -> Vec<WgKind> {
         self.tunn.get_queued_packets(&mut self.mtu).collect()

@@ -392,3 +392,48 @@ proptest! {
         net.run();
     }
 }
+
+#[test]
+fn a_snapshot_restores_the_same_mesh_in_a_fresh_node() {
+    let mut net = Net::new(2);
+    net.send(0, ipv4(v4(0), v4(1), 17, &udp(1, 2, b"x")));
+    let snap = net.nodes[1].netmap_snapshot();
+    let mut restarted = NodeState::new(
+        NodeConfig {
+            private_key: private_key(1),
+            tun_mtu: 1280,
+        },
+        [42; 32],
+        net.now,
+    );
+    restarted.handle_netmap(net.now, snap);
+    net.nodes[1] = restarted;
+    // Node 0 still uses the old session: that packet is lost, but it makes node 1 start a
+    // handshake at once, so the next packet arrives.
+    net.send(0, ipv4(v4(0), v4(1), 17, &udp(1, 2, b"lost")));
+    assert!(net.received(1).is_empty());
+    let p = ipv4(v4(0), v4(1), 17, &udp(1, 2, b"after restart"));
+    net.send(0, p.clone());
+    assert_eq!(net.received(1), vec![p]);
+}
+
+#[test]
+fn stale_session_hints_are_rate_limited_and_ignore_strangers() {
+    let mut net = Net::new(2);
+    net.send(0, ipv4(v4(0), v4(1), 17, &udp(1, 2, b"x")));
+    // A data message with an unknown index from an unknown address: no reaction.
+    let mut data = vec![4u8, 0, 0, 0, 9, 9, 9, 9];
+    data.extend([0u8; 40]);
+    let stranger: SocketAddr = "203.0.113.9:5".parse().unwrap();
+    net.nodes[1].handle_datagram(net.now, stranger, Packet::copy_from(&data[..]));
+    assert!(net.nodes[1].poll_transmit().is_none());
+    // From the peer's address: one handshake, then nothing for a while.
+    net.nodes[1].handle_datagram(net.now, net.addrs[0], Packet::copy_from(&data[..]));
+    let t = net.nodes[1]
+        .poll_transmit()
+        .expect("a handshake towards the peer");
+    assert_eq!(t.dst, net.addrs[0]);
+    assert!(net.nodes[1].poll_transmit().is_none());
+    net.nodes[1].handle_datagram(net.now, net.addrs[0], Packet::copy_from(&data[..]));
+    assert!(net.nodes[1].poll_transmit().is_none());
+}

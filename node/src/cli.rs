@@ -1,0 +1,103 @@
+//! Command-line interface of `lattice`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Lattice: join this device to a mesh and talk to its peers.
+#[derive(Debug, Parser)]
+#[command(name = "lattice", version, about)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "LATTICE_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where the daemon keeps its state (and its local API socket).
+#[derive(Debug, Clone, Args)]
+pub struct StateDirArg {
+    /// State directory: keys, coordinator pin, netmap cache, local API socket.
+    #[arg(long, env = "LATTICE_STATE_DIR", default_value = "/var/lib/lattice")]
+    pub state_dir: PathBuf,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Join the mesh (first time) or resume, and run the node in the foreground.
+    Up(UpArgs),
+    /// Show this node and its peers.
+    Status {
+        /// JSON output (stable fields for scripts).
+        #[arg(long)]
+        json: bool,
+        /// Where the daemon is.
+        #[command(flatten)]
+        state: StateDirArg,
+    },
+    /// Tell which node owns an overlay address.
+    Whois {
+        /// An overlay IPv4 or IPv6 address.
+        ip: std::net::IpAddr,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the daemon is.
+        #[command(flatten)]
+        state: StateDirArg,
+    },
+    /// Stop the running node (an ephemeral node also leaves the mesh).
+    Down {
+        /// Where the daemon is.
+        #[command(flatten)]
+        state: StateDirArg,
+    },
+    /// Leave the mesh for good: the coordinator forgets this node and its keys are deleted.
+    Logout {
+        /// Where the daemon is.
+        #[command(flatten)]
+        state: StateDirArg,
+    },
+}
+
+/// `up` flags.
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    /// Coordinator URL, e.g. http://coord.example:8080 (remembered after the first join).
+    #[arg(long, env = "LATTICE_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// Auth key from `lattice-coordinator authkey create` (needed to join, not to resume).
+    #[arg(long, env = "LATTICE_AUTH_KEY", hide_env_values = true)]
+    pub auth_key: Option<String>,
+    /// Name to ask for (default: the OS hostname); the coordinator makes it unique.
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Where the daemon keeps its state.
+    #[command(flatten)]
+    pub state: StateDirArg,
+    /// UDP port for tunnels (0 picks a free one).
+    #[arg(long, default_value_t = 41641)]
+    pub port: u16,
+    /// Point the system resolver at the mesh DNS (through systemd-resolved; never edits
+    /// /etc/resolv.conf).
+    #[arg(long)]
+    pub accept_dns: bool,
+    /// Name of the TUN device.
+    #[arg(long, default_value = "lattice0")]
+    pub tun_name: String,
+    /// MTU of the TUN device.
+    #[arg(long, default_value_t = 1280)]
+    pub mtu: u16,
+}

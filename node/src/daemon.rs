@@ -1,0 +1,164 @@
+//! `lattice up`: resolves the coordinator pin, loads the identity, binds the sockets, restores
+//! the cached netmap and runs the event loop with the control client and local API beside it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use node_proto::{NodeConfig, NodeState};
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+use wire::{AuthKey, CapabilityVersion, Hello, NodeKey};
+
+use crate::cli::UpArgs;
+use crate::io::api;
+use crate::io::control::{self, ControlConfig};
+use crate::io::dns::DnsTable;
+use crate::io::event_loop::{EventLoop, Exit};
+use crate::io::udp::Sockets;
+use crate::statedir::{Pin, StateDir, check_url};
+
+/// Runs `lattice up` until the node is stopped.
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let dir = StateDir::open(&args.state.state_dir)?;
+    let auth_key: Option<AuthKey> = args
+        .auth_key
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .context("--auth-key")?;
+    let pin = resolve_pin(&dir, args.coordinator.as_deref(), auth_key.as_ref()).await?;
+    let identity = dir.identity()?;
+    let node_key = NodeKey::from_bytes(identity.node.public());
+
+    let sockets = Sockets::bind(args.port)?;
+    let mut seed = [0u8; 32];
+    rand::rng().fill_bytes(&mut seed);
+    let mut state = NodeState::new(
+        NodeConfig {
+            private_key: *identity.node.secret_bytes(),
+            tun_mtu: args.mtu,
+        },
+        seed,
+        Instant::now(),
+    );
+    if let Some(cached) = dir.netmap() {
+        if cached.node.as_ref().is_some_and(|n| n.node_key == node_key) {
+            info!("restoring the cached netmap until the coordinator answers");
+            state.handle_netmap(Instant::now(), cached);
+        } else {
+            warn!("ignoring a netmap cache that belongs to another key");
+            dir.forget_netmap();
+        }
+    }
+
+    let hostname = args.hostname.clone().unwrap_or_else(os_hostname);
+    let (control_tx, control_rx) = mpsc::channel(64);
+    let (out_tx, out_rx) = mpsc::channel(16);
+    let (endpoints_tx, endpoints_rx) = watch::channel(Vec::new());
+    let (api_tx, api_rx) = mpsc::channel(16);
+    let (dns_tx, _) = watch::channel(Arc::new(DnsTable::default()));
+
+    let socket_path = dir.socket();
+    let api_socket = socket_path.clone();
+    let api_task = tokio::spawn(async move { api::serve(&api_socket, api_tx).await });
+    // Fail fast if the API cannot start (e.g. another daemon holds the state dir).
+    tokio::task::yield_now().await;
+    if api_task.is_finished() {
+        return match api_task.await {
+            Ok(Err(e)) => Err(e),
+            _ => bail!("the local API stopped"),
+        };
+    }
+
+    info!(coordinator = %pin.url, node_key = %node_key, port = sockets.port, "starting");
+    let cfg = ControlConfig {
+        url: pin.url.clone(),
+        control_key: pin.control_key,
+        machine: identity.machine,
+        hello: Hello {
+            capability: CapabilityVersion::CURRENT,
+            node_key,
+            hostname,
+            auth_key,
+            endpoints: Vec::new(),
+            os: std::env::consts::OS.to_owned(),
+            client_version: env!("CARGO_PKG_VERSION").to_owned(),
+        },
+    };
+    let control_task = tokio::spawn(control::run(cfg, control_tx, out_rx, endpoints_rx));
+
+    let ev = EventLoop::new(
+        state,
+        sockets,
+        args.tun_name.clone(),
+        args.mtu,
+        dir,
+        control_rx,
+        out_tx,
+        api_rx,
+        dns_tx,
+        endpoints_tx,
+        pin.url,
+        args.accept_dns,
+    );
+    let result = ev.run().await;
+    control_task.abort();
+    api_task.abort();
+    let _ = std::fs::remove_file(&socket_path);
+    match result? {
+        Exit::Stopped | Exit::LoggedOut => Ok(()),
+    }
+}
+
+/// Finds the coordinator this node belongs to: the pinned one, or (first join) the one the
+/// auth key names, verified by fetching its key and checking the fingerprint.
+async fn resolve_pin(
+    dir: &StateDir,
+    url: Option<&str>,
+    auth_key: Option<&AuthKey>,
+) -> anyhow::Result<Pin> {
+    if let Some(u) = url {
+        check_url(u)?;
+    }
+    if let Some(mut pin) = dir.pin()? {
+        if let Some(k) = auth_key
+            && k.fingerprint() != &hybrid::fingerprint(pin.control_key.as_bytes())
+        {
+            bail!(
+                "this node already belongs to the coordinator at {} and the auth key was \
+                 issued by a different one; use another --state-dir or run `lattice logout` first",
+                pin.url
+            );
+        }
+        if let Some(u) = url
+            && u != pin.url
+        {
+            info!(old = %pin.url, new = %u, "coordinator URL changed; keeping the pinned key");
+            pin.url = u.to_owned();
+            dir.save_pin(&pin)?;
+        }
+        return Ok(pin);
+    }
+    let (Some(url), Some(key)) = (url, auth_key) else {
+        bail!(
+            "this node has not joined a mesh yet: run `lattice up --coordinator URL --auth-key KEY`"
+        );
+    };
+    let control_key = control::fetch_control_key(url, key.fingerprint()).await?;
+    let pin = Pin {
+        url: url.to_owned(),
+        control_key,
+    };
+    dir.save_pin(&pin)?;
+    Ok(pin)
+}
+
+fn os_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".into())
+}

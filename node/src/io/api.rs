@@ -1,0 +1,243 @@
+//! The local API: HTTP on a Unix socket in the state dir (mode 0600, so only the owner and
+//! root can use it). `lattice status|whois|down|logout` are clients of it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
+
+/// `lattice status --json`. The fields named in the design are a contract for scripts: keep
+/// them, add freely.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusJson {
+    /// `starting`, `running` or `stopped`.
+    pub backend_state: String,
+    /// This node.
+    #[serde(rename = "self")]
+    pub self_node: SelfJson,
+    /// The coordinator connection.
+    pub coordinator: CoordinatorJson,
+    /// The mesh DNS domain.
+    pub domain: Option<String>,
+    /// Peers, by name.
+    pub peers: Vec<PeerJson>,
+    /// Dropped/handled packet counters.
+    pub counters: serde_json::Value,
+}
+
+/// This node in `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SelfJson {
+    /// Short name.
+    pub name: String,
+    /// FQDN.
+    pub fqdn: String,
+    /// Overlay addresses.
+    pub ips: Vec<IpAddr>,
+    /// WireGuard key.
+    pub node_key: String,
+    /// Reported UDP endpoints.
+    pub endpoints: Vec<SocketAddr>,
+    /// Owner.
+    pub user: Option<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+}
+
+/// The coordinator connection in `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CoordinatorJson {
+    /// Its URL.
+    pub url: String,
+    /// Whether a control session is up.
+    pub connected: bool,
+    /// Why the last session ended.
+    pub last_error: Option<String>,
+}
+
+/// A peer in `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerJson {
+    /// Short name.
+    pub name: String,
+    /// FQDN.
+    pub fqdn: String,
+    /// Overlay addresses.
+    pub ips: Vec<IpAddr>,
+    /// WireGuard key.
+    pub node_key: String,
+    /// Connected to the coordinator.
+    pub online: bool,
+    /// How it is reached.
+    pub path: PathJson,
+    /// Whether the session key is post-quantum.
+    pub pq: bool,
+    /// Last completed WireGuard handshake, unix seconds.
+    pub last_handshake_unix: Option<i64>,
+    /// Seconds since the last authenticated packet.
+    pub last_rx_secs_ago: Option<u64>,
+    /// Completed handshakes.
+    pub handshakes: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Reported endpoints.
+    pub endpoints: Vec<SocketAddr>,
+    /// OS.
+    pub os: String,
+    /// Owner.
+    pub user: Option<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+}
+
+/// A peer's path in `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathJson {
+    /// `direct`, `relay` or `none`.
+    pub kind: String,
+    /// Direct address.
+    pub addr: Option<SocketAddr>,
+    /// Relay name.
+    pub relay: Option<String>,
+    /// Why it is not direct.
+    pub reason: Option<String>,
+}
+
+/// `lattice whois`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WhoisJson {
+    /// Short name.
+    pub name: String,
+    /// FQDN.
+    pub fqdn: String,
+    /// Overlay addresses.
+    pub ips: Vec<IpAddr>,
+    /// WireGuard key.
+    pub node_key: String,
+    /// Owner.
+    pub user: Option<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// OS.
+    pub os: String,
+    /// Whether it is this node.
+    pub is_self: bool,
+}
+
+/// A request from the API to the event loop.
+#[derive(Debug)]
+pub enum ApiRequest {
+    /// Status snapshot.
+    Status(oneshot::Sender<StatusJson>),
+    /// Who owns an address.
+    Whois(IpAddr, oneshot::Sender<Option<WhoisJson>>),
+    /// Stop the daemon.
+    Down(oneshot::Sender<()>),
+    /// Leave the mesh and stop.
+    Logout(oneshot::Sender<Result<(), String>>),
+}
+
+/// Serves the local API on `path` until the process ends.
+pub async fn serve(path: &Path, requests: mpsc::Sender<ApiRequest>) -> anyhow::Result<()> {
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!(
+                "another lattice daemon is running with this state dir ({} answers)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let app = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/whois/{ip}", get(whois))
+        .route("/v1/down", post(down))
+        .route("/v1/logout", post(logout))
+        .with_state(requests);
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+type Req = State<mpsc::Sender<ApiRequest>>;
+
+async fn ask<T>(
+    tx: &mpsc::Sender<ApiRequest>,
+    make: impl FnOnce(oneshot::Sender<T>) -> ApiRequest,
+) -> Result<T, StatusCode> {
+    let (otx, orx) = oneshot::channel();
+    tx.send(make(otx))
+        .await
+        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+    orx.await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)
+}
+
+async fn status(State(tx): Req) -> Result<Json<StatusJson>, StatusCode> {
+    Ok(Json(ask(&tx, ApiRequest::Status).await?))
+}
+
+async fn whois(
+    State(tx): Req,
+    UrlPath(ip): UrlPath<IpAddr>,
+) -> Result<Json<WhoisJson>, StatusCode> {
+    ask(&tx, |o| ApiRequest::Whois(ip, o))
+        .await?
+        .map(Json)
+        .ok_or(StatusCode::NOT_FOUND)
+}
+
+async fn down(State(tx): Req) -> Result<Json<serde_json::Value>, StatusCode> {
+    ask(&tx, ApiRequest::Down).await?;
+    Ok(Json(serde_json::json!({"stopping": true})))
+}
+
+async fn logout(State(tx): Req) -> Result<Json<serde_json::Value>, (StatusCode, String)> {
+    match ask(&tx, ApiRequest::Logout).await {
+        Ok(Ok(())) => Ok(Json(serde_json::json!({"logged_out": true}))),
+        Ok(Err(e)) => Err((StatusCode::BAD_GATEWAY, e)),
+        Err(code) => Err((code, "the daemon is not answering".into())),
+    }
+}
+
+/// Calls the local API of the daemon whose socket is `socket`. Returns the status code and
+/// body.
+pub async fn call(
+    socket: &Path,
+    method: hyper::Method,
+    path: &str,
+) -> anyhow::Result<(StatusCode, Bytes)> {
+    let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "no lattice daemon is answering on {} (is `lattice up` running with this --state-dir?)",
+            socket.display()
+        )
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}

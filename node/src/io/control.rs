@@ -1,0 +1,284 @@
+//! The control client: keeps a hybrid Noise session to the coordinator over a WebSocket,
+//! reconnecting with jittered exponential backoff, and relays messages between it and the event
+//! loop. It holds no mesh state; the event loop does.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use hybrid::{Channel, InitiatorHandshake, Psk, Purpose, StaticKeypair};
+use rand::RngExt;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tracing::{debug, info, warn};
+use wire::netmap::MapResponse;
+use wire::{ClientMessage, ControlKey, ErrorCode, Hello, ServerMessage, Welcome};
+
+/// What the control client tells the event loop.
+#[derive(Debug)]
+pub enum ControlEvent {
+    /// Registered or resumed.
+    Welcome(Welcome),
+    /// A netmap message.
+    Map(Box<MapResponse>),
+    /// The coordinator refused the node for good (removed, expired, bad auth key).
+    Refused(ErrorCode, String),
+    /// The session ended; the client is reconnecting.
+    Disconnected(String),
+}
+
+/// Settings of the control client.
+pub struct ControlConfig {
+    /// `http://host:port` of the coordinator.
+    pub url: String,
+    /// The pinned coordinator key.
+    pub control_key: ControlKey,
+    /// The machine key proven on every connection.
+    pub machine: StaticKeypair,
+    /// Hello template (endpoints are filled in per connection).
+    pub hello: Hello,
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(35);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Runs the client until the coordinator refuses the node or the event loop goes away.
+pub async fn run(
+    cfg: ControlConfig,
+    events: mpsc::Sender<ControlEvent>,
+    mut outbox: mpsc::Receiver<ClientMessage>,
+    mut endpoints: watch::Receiver<Vec<SocketAddr>>,
+) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let started = Instant::now();
+        let reason = match session(&cfg, &events, &mut outbox, &mut endpoints).await {
+            Ok(End::Refused) | Ok(End::LoopGone) => return,
+            Ok(End::Closed(reason)) => reason,
+            Err(e) => format!("{e:#}"),
+        };
+        if events
+            .send(ControlEvent::Disconnected(reason.clone()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(500);
+        }
+        let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
+        let wait = backoff + Duration::from_millis(jitter);
+        warn!(reason = %reason, retry_in = ?wait, "control connection lost; reconnecting");
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+enum End {
+    Refused,
+    LoopGone,
+    Closed(String),
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn session(
+    cfg: &ControlConfig,
+    events: &mpsc::Sender<ControlEvent>,
+    outbox: &mut mpsc::Receiver<ClientMessage>,
+    endpoints: &mut watch::Receiver<Vec<SocketAddr>>,
+) -> anyhow::Result<End> {
+    let ws_url = ws_url(&cfg.url)?;
+    let ws_config = WebSocketConfig::default()
+        .max_message_size(Some(65_535))
+        .max_frame_size(Some(65_535));
+    let (mut ws, _) = timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_tungstenite::connect_async_with_config(ws_url.as_str(), Some(ws_config), true),
+    )
+    .await
+    .context("connecting to the coordinator timed out")?
+    .with_context(|| format!("connecting to {ws_url}"))?;
+
+    let mut channel = timeout(HANDSHAKE_TIMEOUT, handshake(cfg, &mut ws))
+        .await
+        .context("control handshake timed out")??;
+    let mut hello = cfg.hello.clone();
+    hello.endpoints = endpoints.borrow_and_update().clone();
+    send(&mut ws, &mut channel, &ClientMessage::Hello(hello)).await?;
+
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    let mut last_heard = Instant::now();
+    loop {
+        tokio::select! {
+            frame = ws.next() => {
+                last_heard = Instant::now();
+                let Some(frame) = frame else {
+                    return Ok(End::Closed("coordinator closed the connection".into()));
+                };
+                let bytes = match frame? {
+                    Message::Binary(b) => b,
+                    Message::Close(_) => return Ok(End::Closed("coordinator closed the connection".into())),
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+                    Message::Text(_) => bail!("text frame on the control channel"),
+                };
+                let Some(msg) = channel.open(&bytes)? else { continue };
+                let msg: ServerMessage = serde_json::from_slice(&msg)
+                    .context("decoding a coordinator message")?;
+                let event = match msg {
+                    ServerMessage::Welcome(w) => ControlEvent::Welcome(w),
+                    ServerMessage::Map(m) => ControlEvent::Map(m),
+                    ServerMessage::Error { code, message } if !code.is_retryable() => {
+                        let _ = events.send(ControlEvent::Refused(code, message)).await;
+                        return Ok(End::Refused);
+                    }
+                    ServerMessage::Error { code, message } => {
+                        return Ok(End::Closed(format!("coordinator error {code:?}: {message}")));
+                    }
+                    ServerMessage::Unknown => {
+                        debug!("ignoring an unknown message from the coordinator");
+                        continue;
+                    }
+                };
+                if events.send(event).await.is_err() {
+                    return Ok(End::LoopGone);
+                }
+            }
+            out = outbox.recv() => {
+                let Some(out) = out else { return Ok(End::LoopGone) };
+                send(&mut ws, &mut channel, &out).await?;
+            }
+            changed = endpoints.changed() => {
+                if changed.is_err() {
+                    return Ok(End::LoopGone);
+                }
+                let eps = endpoints.borrow_and_update().clone();
+                send(&mut ws, &mut channel, &ClientMessage::Endpoints { endpoints: eps }).await?;
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > IDLE_TIMEOUT {
+                    return Ok(End::Closed("coordinator stopped answering".into()));
+                }
+                ws.send(Message::Ping(Vec::new().into())).await?;
+            }
+        }
+    }
+}
+
+async fn handshake(cfg: &ControlConfig, ws: &mut Ws) -> anyhow::Result<Channel> {
+    let (initiator, msg1) = {
+        let mut rng = rand::rng();
+        InitiatorHandshake::start(
+            &mut rng,
+            Purpose::Control,
+            &cfg.machine,
+            cfg.control_key.as_bytes(),
+            &Psk::zero(),
+            &[],
+        )?
+    };
+    ws.send(Message::Binary(msg1.into())).await?;
+    let msg2 = loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => break b,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            Some(Ok(_)) | None => {
+                bail!("the coordinator closed the connection during the handshake")
+            }
+            Some(Err(e)) => return Err(e.into()),
+        }
+    };
+    let done = initiator
+        .finish(&msg2)
+        .context("the coordinator failed the handshake (wrong pinned key?)")?;
+    info!(coordinator = %cfg.url, "control channel established");
+    Ok(done.into_channel())
+}
+
+async fn send(ws: &mut Ws, channel: &mut Channel, msg: &ClientMessage) -> anyhow::Result<()> {
+    let json = serde_json::to_vec(msg)?;
+    for frame in channel.seal(&json)? {
+        ws.send(Message::Binary(frame.into())).await?;
+    }
+    Ok(())
+}
+
+/// `http://h:p` -> `ws://h:p/control`.
+pub fn ws_url(url: &str) -> anyhow::Result<String> {
+    let base = url.trim_end_matches('/');
+    if let Some(rest) = base.strip_prefix("http://") {
+        Ok(format!("ws://{rest}/control"))
+    } else if let Some(rest) = base.strip_prefix("https://") {
+        Ok(format!("wss://{rest}/control"))
+    } else {
+        bail!("coordinator URL must start with http:// or https://")
+    }
+}
+
+/// Fetches the coordinator's control key over plain HTTP and checks it against `fingerprint`
+/// (from an auth key). The fingerprint is what makes this safe without TLS.
+pub async fn fetch_control_key(url: &str, fingerprint: &[u8; 16]) -> anyhow::Result<ControlKey> {
+    #[derive(serde::Deserialize)]
+    struct KeyInfo {
+        control_key: ControlKey,
+    }
+    let authority = url
+        .trim_end_matches('/')
+        .strip_prefix("http://")
+        .context("the first join needs an http:// coordinator URL")?;
+    let stream = timeout(HANDSHAKE_TIMEOUT, tokio::net::TcpStream::connect(authority))
+        .await
+        .with_context(|| format!("connecting to {authority} timed out"))?
+        .with_context(|| format!("cannot connect to the coordinator at {authority}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = hyper::Request::builder()
+        .uri("/key")
+        .header("host", authority)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let resp = timeout(HANDSHAKE_TIMEOUT, sender.send_request(req))
+        .await
+        .context("the coordinator did not answer")??;
+    if !resp.status().is_success() {
+        bail!("the coordinator answered {} to GET /key", resp.status());
+    }
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await?
+        .to_bytes();
+    let info: KeyInfo = serde_json::from_slice(&body).context("decoding /key")?;
+    if &hybrid::fingerprint(info.control_key.as_bytes()) != fingerprint {
+        bail!(
+            "the coordinator at {url} is not the one the auth key was issued by \
+             (key fingerprint mismatch)"
+        );
+    }
+    Ok(info.control_key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_url_is_derived_from_the_http_url() {
+        assert_eq!(
+            ws_url("http://10.0.0.1:8080").unwrap(),
+            "ws://10.0.0.1:8080/control"
+        );
+        assert_eq!(
+            ws_url("https://c.example/").unwrap(),
+            "wss://c.example/control"
+        );
+        assert!(ws_url("ftp://x").is_err());
+    }
+}

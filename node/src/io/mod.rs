@@ -1,0 +1,9 @@
+//! The I/O shell: everything that touches the operating system or the network.
+
+pub mod api;
+pub mod control;
+pub mod dns;
+pub mod event_loop;
+pub mod ifaddrs;
+pub mod tun;
+pub mod udp;

@@ -1,0 +1,69 @@
+//! The Lattice node: `lattice up` runs the daemon (the I/O shell around `node-proto`), the
+//! other commands talk to it over its local API.
+
+pub mod cli;
+pub mod daemon;
+pub mod io;
+mod output;
+pub mod statedir;
+
+use anyhow::{Context, bail};
+use hyper::{Method, StatusCode};
+
+use crate::cli::Command;
+use crate::io::api::{self, StatusJson, WhoisJson};
+use crate::statedir::StateDir;
+
+/// Runs a parsed command.
+pub async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Up(args) => daemon::up(args).await,
+        Command::Status { json, state } => {
+            let sd = StateDir::existing(&state.state_dir);
+            let (code, body) = api::call(&sd.socket(), Method::GET, "/v1/status").await?;
+            if code != StatusCode::OK {
+                bail!("the daemon answered {code}");
+            }
+            let st: StatusJson = serde_json::from_slice(&body).context("decoding status")?;
+            if json {
+                output::json(&st);
+            } else {
+                output::status(&st);
+            }
+            Ok(())
+        }
+        Command::Whois { ip, json, state } => {
+            let sd = StateDir::existing(&state.state_dir);
+            let (code, body) =
+                api::call(&sd.socket(), Method::GET, &format!("/v1/whois/{ip}")).await?;
+            if code == StatusCode::NOT_FOUND {
+                bail!("no node in this mesh owns {ip}");
+            }
+            if code != StatusCode::OK {
+                bail!("the daemon answered {code}");
+            }
+            let w: WhoisJson = serde_json::from_slice(&body).context("decoding whois")?;
+            if json {
+                output::json(&w);
+            } else {
+                output::whois(&w);
+            }
+            Ok(())
+        }
+        Command::Down { state } => {
+            let sd = StateDir::existing(&state.state_dir);
+            api::call(&sd.socket(), Method::POST, "/v1/down").await?;
+            output::line("stopped");
+            Ok(())
+        }
+        Command::Logout { state } => {
+            let sd = StateDir::existing(&state.state_dir);
+            let (code, body) = api::call(&sd.socket(), Method::POST, "/v1/logout").await?;
+            if code != StatusCode::OK {
+                bail!("logout failed: {}", String::from_utf8_lossy(&body));
+            }
+            output::line("logged out: this node left the mesh");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Everything the CLI prints on stdout.
+#![allow(clippy::print_stdout)]
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::io::api::{StatusJson, WhoisJson};
+
+pub(crate) fn line(s: &str) {
+    println!("{s}");
+}
+
+pub(crate) fn json<T: Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("cannot encode output: {e}"),
+    }
+}
+
+fn ago(unix: Option<i64>) -> String {
+    let Some(t) = unix else { return "-".into() };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    format!("{}s ago", (now - t).max(0))
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        0..1024 => format!("{n} B"),
+        1024..1_048_576 => format!("{:.1} KiB", n as f64 / 1024.0),
+        _ => format!("{:.1} MiB", n as f64 / 1_048_576.0),
+    }
+}
+
+pub(crate) fn status(st: &StatusJson) {
+    let me = &st.self_node;
+    let ips: Vec<String> = me.ips.iter().map(ToString::to_string).collect();
+    println!("{} ({})  {}", me.name, me.fqdn, ips.join(", "));
+    let coord = if st.coordinator.connected {
+        "connected".to_owned()
+    } else {
+        format!(
+            "disconnected ({})",
+            st.coordinator.last_error.as_deref().unwrap_or("connecting")
+        )
+    };
+    println!("coordinator {}: {coord}", st.coordinator.url);
+    if st.peers.is_empty() {
+        println!("no peers");
+        return;
+    }
+    println!();
+    println!(
+        "{:<20} {:<16} {:<8} {:<28} {:<4} {:<12} {:>10} {:>10}",
+        "PEER", "IPV4", "ONLINE", "PATH", "PQ", "HANDSHAKE", "RX", "TX"
+    );
+    for p in &st.peers {
+        let v4 = p
+            .ips
+            .iter()
+            .find(|a| a.is_ipv4())
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let path = match (p.path.kind.as_str(), &p.path.addr, &p.path.relay) {
+            ("direct", Some(a), _) => format!("direct {a}"),
+            ("relay", _, Some(r)) => format!("relay {r}"),
+            _ => format!("none ({})", p.path.reason.as_deref().unwrap_or("-")),
+        };
+        println!(
+            "{:<20} {v4:<16} {:<8} {path:<28} {:<4} {:<12} {:>10} {:>10}",
+            p.name,
+            if p.online { "yes" } else { "no" },
+            if p.pq { "yes" } else { "no" },
+            ago(p.last_handshake_unix),
+            bytes(p.rx_bytes),
+            bytes(p.tx_bytes)
+        );
+    }
+}
+
+pub(crate) fn whois(w: &WhoisJson) {
+    let ips: Vec<String> = w.ips.iter().map(ToString::to_string).collect();
+    println!(
+        "name:     {}{}",
+        w.fqdn,
+        if w.is_self { " (this node)" } else { "" }
+    );
+    println!("ips:      {}", ips.join(", "));
+    println!("owner:    {}", w.user.as_deref().unwrap_or("-"));
+    println!(
+        "tags:     {}",
+        if w.tags.is_empty() {
+            "-".into()
+        } else {
+            w.tags.join(", ")
+        }
+    );
+    println!("os:       {}", w.os);
+    println!("node key: {}", w.node_key);
+}

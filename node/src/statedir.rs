@@ -1,0 +1,238 @@
+//! The node's state directory: identity keys, the pinned coordinator, the netmap cache and the
+//! local API socket. Files are written atomically (temp file + rename) with mode 0600 so a
+//! crash never leaves half a key behind, and a corrupt identity file stops the daemon with a
+//! clear message instead of silently re-joining as a new node.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use hybrid::StaticKeypair;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+use wire::ControlKey;
+use wire::netmap::MapResponse;
+
+const KEYS: &str = "keys.json";
+const PIN: &str = "coordinator.json";
+const NETMAP: &str = "netmap.json";
+/// Name of the local API socket.
+pub const SOCKET: &str = "lattice.sock";
+
+/// The node's private keys. Never leave this machine.
+pub struct Identity {
+    /// Proves the node to the coordinator.
+    pub machine: StaticKeypair,
+    /// The WireGuard key.
+    pub node: StaticKeypair,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeysFile {
+    machine_private: String,
+    node_private: String,
+}
+
+/// The coordinator this node joined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    /// Its URL.
+    pub url: String,
+    /// Its control key (verified against an auth key's fingerprint when first pinned).
+    pub control_key: ControlKey,
+}
+
+/// See the module docs.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    path: PathBuf,
+}
+
+impl StateDir {
+    /// Opens (creating with mode 0700) the directory.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(path)
+            .with_context(|| format!("creating state dir {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("securing state dir {}", path.display()))?;
+        Ok(Self {
+            path: path.to_owned(),
+        })
+    }
+
+    /// A state dir that must already exist (for CLI commands talking to the daemon).
+    pub fn existing(path: &Path) -> Self {
+        Self {
+            path: path.to_owned(),
+        }
+    }
+
+    /// The local API socket path.
+    pub fn socket(&self) -> PathBuf {
+        self.path.join(SOCKET)
+    }
+
+    /// Loads the node's keys, generating them on first start.
+    pub fn identity(&self) -> anyhow::Result<Identity> {
+        let path = self.path.join(KEYS);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let f: KeysFile = serde_json::from_slice(&bytes).with_context(|| {
+                    format!(
+                        "{} is corrupt; refusing to start (move it away to join as a new node)",
+                        path.display()
+                    )
+                })?;
+                let parse = |s: &str, what: &str| {
+                    wire::keys::parse_hex::<32>(s).with_context(|| {
+                        format!("{}: bad {what}; refusing to start", path.display())
+                    })
+                };
+                Ok(Identity {
+                    machine: StaticKeypair::from_secret(parse(&f.machine_private, "machine key")?),
+                    node: StaticKeypair::from_secret(parse(&f.node_private, "node key")?),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut rng = rand::rng();
+                let id = Identity {
+                    machine: StaticKeypair::generate(&mut rng),
+                    node: StaticKeypair::generate(&mut rng),
+                };
+                let f = KeysFile {
+                    machine_private: hex(id.machine.secret_bytes()),
+                    node_private: hex(id.node.secret_bytes()),
+                };
+                write_private(&path, &serde_json::to_vec_pretty(&f)?)?;
+                Ok(id)
+            }
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// The pinned coordinator, if the node joined one.
+    pub fn pin(&self) -> anyhow::Result<Option<Pin>> {
+        let path = self.path.join(PIN);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+                    format!("{} is corrupt", path.display())
+                })?))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Records the coordinator.
+    pub fn save_pin(&self, pin: &Pin) -> anyhow::Result<()> {
+        write_private(&self.path.join(PIN), &serde_json::to_vec_pretty(pin)?)
+    }
+
+    /// The last netmap, if one was saved and is readable (a corrupt cache is discarded).
+    pub fn netmap(&self) -> Option<MapResponse> {
+        let path = self.path.join(NETMAP);
+        let bytes = std::fs::read(&path).ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "discarding a corrupt netmap cache");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Saves the netmap cache.
+    pub fn save_netmap(&self, map: &MapResponse) -> anyhow::Result<()> {
+        write_private(&self.path.join(NETMAP), &serde_json::to_vec(map)?)
+    }
+
+    /// Forgets the node's membership: keys, pin and cache (after a logout or removal).
+    pub fn forget_membership(&self) -> anyhow::Result<()> {
+        for f in [KEYS, PIN, NETMAP] {
+            match std::fs::remove_file(self.path.join(f)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {f}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets only the netmap cache and pin (the keys stay, so a re-join keeps the machine).
+    pub fn forget_netmap(&self) {
+        let _ = std::fs::remove_file(self.path.join(NETMAP));
+    }
+}
+
+/// Writes `contents` to `path` atomically with mode 0600.
+pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    let mut s = String::new();
+    wire::keys::push_hex(&mut s, b);
+    s
+}
+
+/// Checks that `url` looks like an http(s) URL.
+pub fn check_url(url: &str) -> anyhow::Result<()> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        bail!("coordinator URL must start with http:// or https:// (got {url:?})");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_is_created_once_with_mode_0600_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::open(dir.path()).unwrap();
+        let a = sd.identity().unwrap();
+        let b = sd.identity().unwrap();
+        assert_eq!(a.machine.public(), b.machine.public());
+        assert_eq!(a.node.public(), b.node.public());
+        assert_ne!(a.machine.public(), a.node.public());
+        let mode = std::fs::metadata(dir.path().join(KEYS))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn corrupt_identity_refuses_to_start() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(KEYS), b"{not json").unwrap();
+        let sd = StateDir::open(dir.path()).unwrap();
+        let err = sd.identity().err().unwrap().to_string();
+        assert!(err.contains("corrupt"), "{err}");
+    }
+
+    #[test]
+    fn corrupt_netmap_cache_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(NETMAP), b"garbage").unwrap();
+        let sd = StateDir::open(dir.path()).unwrap();
+        assert!(sd.netmap().is_none());
+        assert!(!dir.path().join(NETMAP).exists());
+    }
+}
