@@ -1,0 +1,508 @@
+//! Issue 2: joining, naming, DNS, transfers, removal, coordinator outage, key races,
+//! ephemeral nodes, resuming, and interop with a stock WireGuard implementation.
+
+use std::time::{Duration, Instant};
+
+use e2e::lab::wait_for;
+use serde_json::Value;
+
+use crate::support::{Flat, lab, now_ms};
+
+fn ip_of(status: &Value, v4: bool) -> String {
+    status["self"]["ips"]
+        .as_array()
+        .expect("ips")
+        .iter()
+        .map(|v| v.as_str().expect("ip").to_owned())
+        .find(|ip| ip.contains('.') == v4)
+        .expect("address of the family")
+}
+
+#[test]
+fn three_nodes_ping_by_name_over_ipv4_and_ipv6_and_move_20mb_intact() {
+    let Some(f) = Flat::mesh("names", &["db-1", "db-2", "web"], &[]) else {
+        return;
+    };
+    let names = ["db-1", "db-2", "web"];
+    for a in names {
+        for b in names {
+            if a == b {
+                continue;
+            }
+            let n = f.node(a);
+            assert!(
+                n.ping(&f.lab, b, "-4", 2),
+                "{a} -> {b} over IPv4 by short name"
+            );
+            assert!(
+                n.ping(&f.lab, &format!("{b}.mesh.internal"), "-6", 2),
+                "{a} -> {b} over IPv6 by FQDN"
+            );
+        }
+    }
+
+    // A 20 MB TCP transfer arrives with the sender's checksum.
+    let db2 = f.node("db-2").status(&f.lab).expect("status");
+    let dst = format!("{}:5001", ip_of(&db2, true));
+    let tool = f.lab.bin("lattice-testtool").display().to_string();
+    let mut lab = f.lab;
+    let recv = lab
+        .spawn(
+            "tcp-recv",
+            &f.node_ns[1],
+            &[&tool, "tcp-recv", "--listen", "0.0.0.0:5001"],
+            &[],
+        )
+        .expect("receiver");
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = lab
+        .run(
+            &f.node_ns[0],
+            &[
+                &tool, "tcp-send", "--to", &dst, "--bytes", "20000000", "--seed", "7",
+            ],
+        )
+        .expect("sender");
+    assert!(
+        lab.wait_exit(recv, Duration::from_secs(30)).is_some(),
+        "receiver finished"
+    );
+    let sent = String::from_utf8_lossy(&sent.stdout).trim().to_owned();
+    let got = lab.stdout(recv).trim().to_owned();
+    assert!(sent.starts_with("20000000 "), "sent {sent}");
+    assert_eq!(got, sent, "received bytes and checksum match what was sent");
+
+    // `lattice status --json` tells a script what it needs.
+    let st = f.nodes[0].status(&lab).expect("status");
+    assert_eq!(st["self"]["name"], "db-1");
+    assert_eq!(st["self"]["ips"].as_array().unwrap().len(), 2);
+    assert!(
+        st["self"]["node_key"]
+            .as_str()
+            .unwrap()
+            .starts_with("nodekey:")
+    );
+    let peers = st["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 2);
+    for p in peers {
+        assert_eq!(p["online"], true, "{p}");
+        assert_eq!(p["path"]["kind"], "direct", "{p}");
+        assert!(
+            p["path"]["addr"]
+                .as_str()
+                .unwrap()
+                .starts_with("198.51.100.1"),
+            "{p}"
+        );
+        assert!(p["rx_bytes"].as_u64().unwrap() > 0, "{p}");
+        assert!(p["tx_bytes"].as_u64().unwrap() > 0, "{p}");
+        assert!(p["last_handshake_unix"].as_i64().is_some(), "{p}");
+    }
+    let db2_from_db1 = peers.iter().find(|p| p["name"] == "db-2").unwrap();
+    assert!(db2_from_db1["rx_bytes"].as_u64().unwrap() < 20_000_000);
+    assert!(db2_from_db1["tx_bytes"].as_u64().unwrap() >= 20_000_000);
+
+    // whois names the owner of an overlay address.
+    let out = f.nodes[0]
+        .cli(&lab, &["whois", &ip_of(&db2, true), "--json"])
+        .expect("whois");
+    let who: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(who["name"], "db-2");
+    assert_eq!(who["fqdn"], "db-2.mesh.internal");
+    let out = f.nodes[0]
+        .cli(&lab, &["whois", "100.64.99.99"])
+        .expect("whois");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no node"));
+}
+
+#[test]
+fn a_removed_node_is_cut_off_within_five_seconds() {
+    let Some(mut f) = Flat::mesh("remove", &["a", "b", "c"], &[]) else {
+        return;
+    };
+    let b_status = f.node("b").status(&f.lab).expect("status");
+    let dst = format!("{}:7000", ip_of(&b_status, true));
+    let tool = f.lab.bin("lattice-testtool").display().to_string();
+    let (a_ns, b_ns) = (f.node_ns[0].clone(), f.node_ns[1].clone());
+    let recv = f
+        .lab
+        .spawn(
+            "udp-recv",
+            &b_ns,
+            &[
+                &tool,
+                "udp-recv",
+                "--listen",
+                "0.0.0.0:7000",
+                "--seconds",
+                "16",
+            ],
+            &[],
+        )
+        .expect("receiver");
+    std::thread::sleep(Duration::from_millis(300));
+    let send = f
+        .lab
+        .spawn(
+            "udp-send",
+            &a_ns,
+            &[
+                &tool,
+                "udp-send",
+                "--to",
+                &dst,
+                "--interval-ms",
+                "20",
+                "--seconds",
+                "14",
+            ],
+            &[],
+        )
+        .expect("sender");
+    assert!(
+        wait_for(Duration::from_secs(5), || f
+            .lab
+            .stdout(recv)
+            .lines()
+            .count()
+            > 20),
+        "traffic flows before the removal"
+    );
+    let removed_at = now_ms();
+    let out = f
+        .coord
+        .admin(&f.lab, &["nodes", "remove", "a"])
+        .expect("remove");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    f.lab.wait_exit(send, Duration::from_secs(20));
+    f.lab.wait_exit(recv, Duration::from_secs(20));
+    let last_accepted = f
+        .lab
+        .stdout(recv)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u128>().ok())
+        .max()
+        .expect("some datagrams arrived");
+    let cut_after = last_accepted.saturating_sub(removed_at);
+    eprintln!("last datagram from the removed node accepted {cut_after} ms after `nodes remove`");
+    assert!(
+        cut_after < 5000,
+        "b accepted a's packets {cut_after} ms after the removal"
+    );
+
+    // b and c no longer list a; a was told and stopped.
+    for peer in ["b", "c"] {
+        let st = f.node(peer).status(&f.lab).expect("status");
+        assert!(
+            st["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["name"] != "a"),
+            "{peer} still lists a"
+        );
+    }
+    let a = f.node("a").proc;
+    let exit = f
+        .lab
+        .wait_exit(a, Duration::from_secs(10))
+        .expect("a stops");
+    assert!(!exit.success());
+    assert!(f.lab.log(a).contains("removed"), "{}", f.lab.log(a));
+    let nodes = f.coord.nodes(&f.lab).expect("nodes");
+    assert_eq!(nodes.len(), 2);
+    let audit = f
+        .coord
+        .admin(&f.lab, &["audit", "list", "--json"])
+        .expect("audit");
+    let audit: Vec<Value> = serde_json::from_slice(&audit.stdout).expect("json");
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["action"] == "node.remove" && e["target"] == "a")
+    );
+}
+
+#[test]
+fn the_mesh_survives_a_coordinator_outage_and_resumes_unchanged() {
+    let Some(mut f) = Flat::mesh("outage", &["a", "b", "c"], &[]) else {
+        return;
+    };
+    let before = f.coord.nodes(&f.lab).expect("nodes");
+    f.coord.kill(&mut f.lab);
+    assert!(
+        wait_for(Duration::from_secs(10), || f.nodes[0]
+            .status(&f.lab)
+            .is_some_and(|s| s["coordinator"]["connected"] == false)),
+        "a notices the coordinator is gone"
+    );
+    for (a, b) in [("a", "b"), ("b", "c"), ("c", "a")] {
+        assert!(
+            f.node(a).ping(&f.lab, b, "-4", 3),
+            "{a} -> {b} while the coordinator is down"
+        );
+    }
+    // New flows too, by name (DNS is answered locally from the last netmap).
+    assert!(f.node("a").ping(&f.lab, "c.mesh.internal", "-6", 2));
+
+    f.coord.restart(&mut f.lab).expect("restart");
+    for n in &f.nodes {
+        n.wait_ready(&f.lab, 2, Duration::from_secs(60))
+            .expect("reconnected");
+    }
+    let after = f.coord.nodes(&f.lab).expect("nodes");
+    let key = |v: &Value| {
+        (
+            v["name"].clone(),
+            v["addresses"].clone(),
+            v["node_key"].clone(),
+        )
+    };
+    let mut b: Vec<_> = before.iter().map(key).collect();
+    let mut a: Vec<_> = after.iter().map(key).collect();
+    b.sort_by_key(|k| k.0.to_string());
+    a.sort_by_key(|k| k.0.to_string());
+    assert_eq!(a, b, "same names, addresses and keys after the restart");
+    assert!(after.iter().all(|n| n["online"] == true));
+    assert!(f.node("b").ping(&f.lab, "a", "-4", 2));
+}
+
+#[test]
+fn two_nodes_racing_for_one_single_use_key_exactly_one_joins() {
+    let Some(lab) = lab("race") else { return };
+    let mut f = Flat::new(lab, 2, &[]);
+    let key = f.coord.authkey(&f.lab, &[]).expect("single-use key");
+    f.join(0, "racer-a", &key, &[]);
+    f.join(1, "racer-b", &key, &[]);
+    let (pa, pb) = (f.nodes[0].proc, f.nodes[1].proc);
+    assert!(
+        wait_for(Duration::from_secs(20), || f.lab.exited_quietly(pa)
+            || f.lab.exited_quietly(pb)),
+        "one of the racers is refused"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let a_exit = f.lab.exited(pa);
+    let b_exit = f.lab.exited(pb);
+    assert!(
+        a_exit.is_some() != b_exit.is_some(),
+        "exactly one racer stopped"
+    );
+    let (loser, winner) = if a_exit.is_some() { (0, 1) } else { (1, 0) };
+    let loser_log = f.lab.log(f.nodes[loser].proc);
+    assert!(loser_log.contains("already used"), "{loser_log}");
+    f.nodes[winner]
+        .wait_ready(&f.lab, 0, Duration::from_secs(10))
+        .expect("winner runs");
+    let nodes = f.coord.nodes(&f.lab).expect("nodes");
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0]["name"], f.nodes[winner].hostname.as_str());
+    let keys = f
+        .coord
+        .admin(&f.lab, &["authkey", "list", "--json"])
+        .expect("keys");
+    let keys: Vec<Value> = serde_json::from_slice(&keys.stdout).unwrap();
+    assert_eq!(keys[0]["used_count"], 1);
+}
+
+#[test]
+fn an_ephemeral_node_disappears_after_it_goes_away() {
+    let Some(lab) = lab("ephemeral") else { return };
+    let mut f = Flat::new(lab, 3, &["--ephemeral-timeout", "3s"]);
+    let keep = f.coord.authkey(&f.lab, &["--reusable"]).expect("key");
+    let eph = f
+        .coord
+        .authkey(&f.lab, &["--reusable", "--ephemeral"])
+        .expect("key");
+    f.join(0, "stays", &keep, &[]);
+    f.join(1, "crashes", &eph, &[]);
+    f.join(2, "leaves", &eph, &[]);
+    for n in &f.nodes {
+        n.wait_ready(&f.lab, 2, Duration::from_secs(30))
+            .expect("ready");
+    }
+    // A crash: no goodbye. Gone from the mesh after the timeout.
+    let crashed = f.nodes[1].proc;
+    f.lab.kill(crashed);
+    let t0 = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(15), || f
+            .coord
+            .nodes(&f.lab)
+            .is_ok_and(|n| n.iter().all(|x| x["name"] != "crashes"))),
+        "the crashed ephemeral node is removed"
+    );
+    eprintln!("crashed ephemeral node removed after {:?}", t0.elapsed());
+    assert!(wait_for(Duration::from_secs(5), || f.nodes[0]
+        .status(&f.lab)
+        .is_some_and(|s| s["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["name"] != "crashes"))));
+    // `lattice down` on an ephemeral node: it leaves at once.
+    let out = f.nodes[2].cli(&f.lab, &["down"]).expect("down");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_for(Duration::from_secs(2), || f
+            .coord
+            .nodes(&f.lab)
+            .is_ok_and(|n| n.len() == 1)),
+        "the departing ephemeral node is removed immediately"
+    );
+}
+
+#[test]
+fn restarting_lattice_up_resumes_with_the_same_identity() {
+    let Some(mut f) = Flat::mesh("resume", &["a", "b"], &[]) else {
+        return;
+    };
+    let before = f.node("a").status(&f.lab).expect("status");
+    let out = f.nodes[0].cli(&f.lab, &["down"]).expect("down");
+    assert!(out.status.success());
+    assert!(
+        f.lab
+            .wait_exit(f.nodes[0].proc, Duration::from_secs(10))
+            .is_some_and(|s| s.success())
+    );
+    f.nodes[0].restart(&mut f.lab).expect("restart");
+    let after = f.nodes[0]
+        .wait_ready(&f.lab, 1, Duration::from_secs(30))
+        .expect("ready");
+    for field in ["name", "ips", "node_key"] {
+        assert_eq!(after["self"][field], before["self"][field], "{field}");
+    }
+    assert_eq!(
+        f.coord.nodes(&f.lab).unwrap().len(),
+        2,
+        "no second registration"
+    );
+    assert!(f.node("a").ping(&f.lab, "b", "-4", 2));
+    assert!(
+        f.node("b").ping(&f.lab, "a", "-6", 2),
+        "b re-handshakes with the restarted a"
+    );
+}
+
+#[test]
+fn our_node_interoperates_with_stock_wireguard_go() {
+    let Some(mut f) = Flat::mesh("interop", &["ours", "theirs"], &[]) else {
+        return;
+    };
+    if std::process::Command::new("wireguard-go")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("wireguard-go is not installed (the test command installs it)");
+    }
+    let ours = f.node("ours").status(&f.lab).expect("status");
+    let theirs = f.node("theirs").status(&f.lab).expect("status");
+    // Stop our daemon on the "theirs" host and run wireguard-go there with that node's keys,
+    // addresses and port, configured by hand with wg(8).
+    let out = f.nodes[1].cli(&f.lab, &["down"]).expect("down");
+    assert!(out.status.success());
+    f.lab.wait_exit(f.nodes[1].proc, Duration::from_secs(10));
+    let keys: Value = serde_json::from_slice(
+        &std::fs::read(f.nodes[1].state_dir.join("keys.json")).expect("keys.json"),
+    )
+    .unwrap();
+    let priv_b64 = b64(&hex(keys["node_private"].as_str().unwrap()));
+    let peer_b64 = b64(&hex(ours["self"]["node_key"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("nodekey:")));
+    let dev = format!("wg{}", std::process::id() % 100_000);
+    let key_file = f.lab.dir().join("wg.key");
+    std::fs::write(&key_file, format!("{priv_b64}\n")).unwrap();
+    let ns = f.node_ns[1].clone();
+    let wg_go = f
+        .lab
+        .spawn(
+            "wireguard-go",
+            &ns,
+            &["wireguard-go", "-f", &dev],
+            &[("LOG_LEVEL", "error")],
+        )
+        .expect("wireguard-go");
+    assert!(wait_for(Duration::from_secs(5), || f
+        .lab
+        .output(&ns, &["ip", "link", "show", &dev])
+        .is_ok_and(|o| o.status.success())));
+    let v4 = ip_of(&theirs, true);
+    let v6 = ip_of(&theirs, false);
+    let script = format!(
+        "wg set {dev} private-key {key} listen-port 41641 peer {peer_b64} endpoint 198.51.100.11:41641 \
+           allowed-ips 100.64.0.0/10,{v6}/48 && \
+         ip addr add {v4}/10 dev {dev} && ip -6 addr add {v6}/48 dev {dev} && \
+         ip link set {dev} mtu 1280 up",
+        key = key_file.display()
+    );
+    f.lab.sh(&ns, &script).expect("configuring wireguard-go");
+    let ours_v4 = ip_of(&ours, true);
+    let ok = f
+        .lab
+        .output(&ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", &ours_v4])
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "wireguard-go -> lattice: {}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    assert!(
+        f.node("ours").ping(&f.lab, &v4, "-4", 3),
+        "lattice -> wireguard-go"
+    );
+    let show = f
+        .lab
+        .run(&ns, &["wg", "show", &dev, "latest-handshakes"])
+        .unwrap();
+    let ts: u64 = String::from_utf8_lossy(&show.stdout)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    assert!(ts > 0, "wireguard-go completed a handshake with our node");
+    f.lab.kill(wg_go);
+    let _ = std::fs::remove_file(format!("/var/run/wireguard/{dev}.sock"));
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+fn b64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn base64_matches_wg_format() {
+    assert_eq!(b64(b"foobar"), "Zm9vYmFy");
+    assert_eq!(b64(b"fo"), "Zm8=");
+    assert_eq!(b64(&[0u8; 32]).len(), 44);
+}

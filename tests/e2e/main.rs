@@ -1,0 +1,9 @@
+//! End-to-end tests: the real `lattice-coordinator` and `lattice` binaries in network
+//! namespaces, checked the way a user would check them (ping by name, checksummed transfers,
+//! `lattice status --json`, `nodes list`).
+//!
+//! They need root (CI runs as root). Without it they print SKIPPED and pass, unless
+//! `LATTICE_E2E_REQUIRED=1` is set, in which case they fail.
+
+mod foundation;
+mod support;

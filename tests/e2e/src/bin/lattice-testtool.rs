@@ -1,0 +1,139 @@
+//! Traffic for the e2e tests, run inside lab namespaces:
+//! timestamped UDP streams (to see exactly when a peer stops accepting packets) and
+//! checksummed TCP transfers.
+#![allow(clippy::print_stdout)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sha2::{Digest, Sha256};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print `<recv unix ms> <seq> <sent unix ms>` for every datagram received.
+    UdpRecv {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        seconds: u64,
+    },
+    /// Send `<seq> <sent unix ms>` datagrams at a fixed interval.
+    UdpSend {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+        #[arg(long)]
+        seconds: u64,
+    },
+    /// Accept one connection, read it to the end, print `<bytes> <sha256>`.
+    TcpRecv {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Send `bytes` pseudo-random bytes from `seed`, print `<bytes> <sha256>`.
+    TcpSend {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::UdpRecv { listen, seconds } => {
+            let s = UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
+            s.set_read_timeout(Some(Duration::from_millis(200)))?;
+            let end = Instant::now() + Duration::from_secs(seconds);
+            let mut buf = [0u8; 256];
+            let mut out = std::io::stdout().lock();
+            while Instant::now() < end {
+                if let Ok((n, _)) = s.recv_from(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..n]);
+                    writeln!(out, "{} {text}", now_ms())?;
+                    out.flush()?;
+                }
+            }
+        }
+        Cmd::UdpSend {
+            to,
+            interval_ms,
+            seconds,
+        } => {
+            let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+            let s = UdpSocket::bind(bind)?;
+            let end = Instant::now() + Duration::from_secs(seconds);
+            let mut seq = 0u64;
+            while Instant::now() < end {
+                let _ = s.send_to(format!("{seq} {}", now_ms()).as_bytes(), to);
+                seq += 1;
+                std::thread::sleep(Duration::from_millis(interval_ms));
+            }
+        }
+        Cmd::TcpRecv { listen } => {
+            let l = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+            let (mut c, _) = l.accept()?;
+            let mut h = Sha256::new();
+            let mut total = 0u64;
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = c.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                total += n as u64;
+            }
+            println!("{total} {}", hex(&h.finalize()));
+        }
+        Cmd::TcpSend { to, bytes, seed } => {
+            let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(10))
+                .with_context(|| format!("connecting to {to}"))?;
+            let mut h = Sha256::new();
+            let mut state = seed | 1;
+            let mut left = bytes;
+            let mut buf = vec![0u8; 1 << 16];
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                for chunk in buf[..n].chunks_mut(8) {
+                    // xorshift64: fast, deterministic filler
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let b = state.to_le_bytes();
+                    chunk.copy_from_slice(&b[..chunk.len()]);
+                }
+                c.write_all(&buf[..n])?;
+                h.update(&buf[..n]);
+                left -= n as u64;
+            }
+            c.shutdown(std::net::Shutdown::Write)?;
+            // Wait for the receiver to close, so all data has been read.
+            let _ = c.read(&mut [0u8; 1]);
+            println!("{bytes} {}", hex(&h.finalize()));
+        }
+    }
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,398 @@
+//! Namespaces, links and processes.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A running process inside the lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Proc(usize);
+
+impl Proc {
+    pub(crate) fn from_index(i: usize) -> Self {
+        Self(i)
+    }
+}
+
+struct Running {
+    name: String,
+    child: Option<Child>,
+}
+
+/// A set of namespaces and processes that disappear with it.
+pub struct Lab {
+    id: String,
+    namespaces: Vec<String>,
+    procs: Vec<Running>,
+    dir: PathBuf,
+    bin_dir: PathBuf,
+    veth_counter: u32,
+    keep_logs: bool,
+}
+
+impl Lab {
+    /// A new, empty lab. Fails when namespaces cannot be created (not root, no netns).
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        reap_stale_labs();
+        let n = LAB_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let id = format!("lt{}x{n}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("{id}-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let lab = Self {
+            id,
+            namespaces: Vec::new(),
+            procs: Vec::new(),
+            dir,
+            bin_dir: bin_dir()?,
+            veth_counter: 0,
+            keep_logs: std::env::var_os("LATTICE_KEEP_LOGS").is_some(),
+        };
+        Ok(lab)
+    }
+
+    /// Whether this machine can run labs (root with working network namespaces). Probed
+    /// once per process.
+    pub fn available() -> Result<(), String> {
+        static PROBE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+        PROBE
+            .get_or_init(|| {
+                // SAFETY: geteuid has no preconditions.
+                if unsafe { libc::geteuid() } != 0 {
+                    return Err("not running as root".into());
+                }
+                let probe = format!("ltprobe{}", std::process::id());
+                let ok = Command::new("ip")
+                    .args(["netns", "add", &probe])
+                    .status()
+                    .is_ok_and(|s| s.success());
+                let _ = Command::new("ip").args(["netns", "del", &probe]).status();
+                if ok {
+                    Ok(())
+                } else {
+                    Err("cannot create network namespaces (is iproute2 installed?)".into())
+                }
+            })
+            .clone()
+    }
+
+    /// The directory holding this lab's logs and state dirs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of a binary built from this workspace (`lattice`, `lattice-coordinator`, ...).
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
+    }
+
+    /// Creates a namespace `<lab id>-<role>` with loopback up and a mesh-DNS resolv.conf.
+    pub fn ns(&mut self, role: &str) -> anyhow::Result<String> {
+        let name = format!("{}-{role}", self.id);
+        cmd("ip", &["netns", "add", &name])?;
+        self.namespaces.push(name.clone());
+        self.run(&name, &["ip", "link", "set", "lo", "up"])?;
+        let etc = Path::new("/etc/netns").join(&name);
+        std::fs::create_dir_all(&etc)?;
+        std::fs::write(
+            etc.join("resolv.conf"),
+            "nameserver 100.100.100.100\nsearch mesh.internal\noptions timeout:2 attempts:2\n",
+        )?;
+        Ok(name)
+    }
+
+    /// Creates a namespace holding a bridge `br0` with address `gateway/prefix`.
+    pub fn lan(&mut self, role: &str, gateway_cidr: &str) -> anyhow::Result<String> {
+        let ns = self.ns(role)?;
+        self.sh(
+            &ns,
+            &format!(
+                "ip link add br0 type bridge && ip link set br0 up && ip addr add {gateway_cidr} dev br0 \
+                 && sysctl -qw net.ipv4.ip_forward=1"
+            ),
+        )?;
+        Ok(ns)
+    }
+
+    /// Connects `host` to the bridge in `lan` with a veth pair; the host side is `dev` with
+    /// `cidr` (and, if given, a default route via `gateway`).
+    pub fn attach(
+        &mut self,
+        lan: &str,
+        host: &str,
+        dev: &str,
+        cidr: &str,
+        gateway: Option<&str>,
+    ) -> anyhow::Result<()> {
+        self.veth_counter += 1;
+        let v = format!("v{}", self.veth_counter);
+        self.run(
+            lan,
+            &[
+                "ip", "link", "add", &v, "type", "veth", "peer", "name", dev, "netns", host,
+            ],
+        )?;
+        self.run(lan, &["ip", "link", "set", &v, "master", "br0", "up"])?;
+        self.run(host, &["ip", "link", "set", dev, "up"])?;
+        self.run(host, &["ip", "addr", "add", cidr, "dev", dev])?;
+        if let Some(gw) = gateway {
+            self.run(host, &["ip", "route", "add", "default", "via", gw])?;
+        }
+        Ok(())
+    }
+
+    /// Runs a command in `ns` and fails unless it exits 0.
+    pub fn run(&self, ns: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let out = self.output(ns, args)?;
+        if !out.status.success() {
+            bail!(
+                "`{}` in {ns} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(out)
+    }
+
+    /// Runs a command in `ns` and returns its output whatever the exit status.
+    pub fn output(&self, ns: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let mut full = vec!["netns", "exec", ns];
+        full.extend_from_slice(args);
+        Command::new("ip")
+            .args(&full)
+            .env("LATTICE_LOG", "warn")
+            .output()
+            .with_context(|| format!("running {}", args.join(" ")))
+    }
+
+    /// Runs a shell snippet in `ns` and fails unless it exits 0.
+    pub fn sh(&self, ns: &str, script: &str) -> anyhow::Result<Output> {
+        self.run(ns, &["sh", "-c", script])
+    }
+
+    /// Starts a long-running process in `ns`; its stdout and stderr go to `<name>.out` and
+    /// `<name>.log` in the lab dir.
+    pub fn spawn(
+        &mut self,
+        name: &str,
+        ns: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Proc> {
+        let out = File::create(self.dir.join(format!("{name}.out")))?;
+        let err = File::create(self.dir.join(format!("{name}.log")))?;
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .env("LATTICE_LOG", "info");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let child = c
+            .spawn()
+            .with_context(|| format!("starting {}", args.join(" ")))?;
+        self.procs.push(Running {
+            name: name.to_owned(),
+            child: Some(child),
+        });
+        Ok(Proc(self.procs.len() - 1))
+    }
+
+    /// Sends `signal` to a process.
+    pub fn signal(&self, p: Proc, signal: i32) {
+        if let Some(c) = self.procs.get(p.0).and_then(|r| r.child.as_ref()) {
+            // SAFETY: kill on a pid we spawned.
+            unsafe { libc::kill(c.id() as i32, signal) };
+        }
+    }
+
+    /// Kills a process hard and reaps it.
+    pub fn kill(&mut self, p: Proc) {
+        if let Some(mut c) = self.procs.get_mut(p.0).and_then(|r| r.child.take()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops a process with SIGTERM (SIGKILL after `grace`); returns its exit status.
+    pub fn stop(&mut self, p: Proc, grace: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.procs.get_mut(p.0).and_then(|r| r.child.take())?;
+        // SAFETY: kill on a pid we spawned.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        c.wait().ok()
+    }
+
+    /// The exit status of a process, if it has exited.
+    pub fn exited(&mut self, p: Proc) -> Option<std::process::ExitStatus> {
+        self.procs
+            .get_mut(p.0)
+            .and_then(|r| r.child.as_mut())
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits for a process to exit (up to `timeout`).
+    pub fn wait_exit(&mut self, p: Proc, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(s) = self.exited(p) {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The stderr log of a process so far.
+    pub fn log(&self, p: Proc) -> String {
+        let name = &self.procs[p.0].name;
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// The stdout of a process so far.
+    pub fn stdout(&self, p: Proc) -> String {
+        let name = &self.procs[p.0].name;
+        std::fs::read_to_string(self.dir.join(format!("{name}.out"))).unwrap_or_default()
+    }
+
+    /// Keeps the lab dir (logs) after the lab is dropped.
+    pub fn keep_logs(&mut self) {
+        self.keep_logs = true;
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for r in &mut self.procs {
+            if let Some(c) = &r.child {
+                // SAFETY: kill on a pid we spawned.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for r in &mut self.procs {
+            if let Some(mut c) = r.child.take() {
+                loop {
+                    if matches!(c.try_wait(), Ok(Some(_))) {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        for ns in self.namespaces.iter().rev() {
+            delete_namespace(ns);
+        }
+        if std::thread::panicking() || self.keep_logs {
+            eprintln!("lab logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn delete_namespace(ns: &str) {
+    // Kill anything still running inside (e.g. a daemonized wireguard-go), then delete.
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: kill on a pid that lives in a namespace we own.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
+}
+
+/// Deletes namespaces of labs whose process is gone.
+fn reap_stale_labs() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let Some(rest) = name.strip_prefix("lt") else {
+            continue;
+        };
+        let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            delete_namespace(name);
+        }
+    }
+}
+
+fn cmd(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(program).args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Where the workspace's binaries are: `LATTICE_BIN_DIR`, or the target dir this program was
+/// built into.
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    if let Some(d) = std::env::var_os("LATTICE_BIN_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe
+        .parent()
+        .context("executable has no directory")?
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    for b in ["lattice", "lattice-coordinator", "lattice-testtool"] {
+        if !dir.join(b).exists() {
+            bail!(
+                "{} not found in {} (build the binaries first: cargo build --bins)",
+                b,
+                dir.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// Polls `f` every 100 ms until it returns true or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

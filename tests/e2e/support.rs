@@ -1,0 +1,93 @@
+//! Shared setup for the e2e tests.
+
+use std::time::Duration;
+
+use e2e::{Coordinator, Lab, MeshNode};
+
+/// A lab, or `None` (test skipped) when namespaces are unavailable and not required.
+pub(crate) fn lab(tag: &str) -> Option<Lab> {
+    if let Err(why) = Lab::available() {
+        if std::env::var_os("LATTICE_E2E_REQUIRED").is_some() {
+            panic!("e2e tests are required but cannot run: {why}");
+        }
+        eprintln!("SKIPPED {tag}: {why}");
+        return None;
+    }
+    Some(Lab::new(tag).expect("creating a lab"))
+}
+
+/// A flat LAN (198.51.100.0/24) with the coordinator on the bridge namespace (.1) and one
+/// namespace per node (.11, .12, ...).
+pub(crate) struct Flat {
+    pub(crate) lab: Lab,
+    pub(crate) coord: Coordinator,
+    pub(crate) nodes: Vec<MeshNode>,
+    pub(crate) node_ns: Vec<String>,
+}
+
+impl Flat {
+    /// Builds the LAN and starts the coordinator; nodes are added with [`Flat::join`].
+    pub(crate) fn new(mut lab: Lab, hosts: usize, coord_extra: &[&str]) -> Self {
+        let lan = lab.lan("lan", "198.51.100.1/24").expect("lan");
+        let coord =
+            Coordinator::start(&mut lab, &lan, "198.51.100.1", coord_extra).expect("coordinator");
+        let mut node_ns = Vec::new();
+        for i in 0..hosts {
+            let ns = lab.ns(&format!("h{i}")).expect("namespace");
+            lab.attach(
+                &lan,
+                &ns,
+                "eth0",
+                &format!("198.51.100.{}/24", 11 + i),
+                None,
+            )
+            .expect("link");
+            node_ns.push(ns);
+        }
+        Self {
+            lab,
+            coord,
+            nodes: Vec::new(),
+            node_ns,
+        }
+    }
+
+    /// Starts `lattice up` for host `i` with `name` and `key`.
+    pub(crate) fn join(&mut self, i: usize, name: &str, key: &str, extra: &[&str]) -> usize {
+        let url = self.coord.url.clone();
+        let n =
+            MeshNode::start(&mut self.lab, &self.node_ns[i], name, &url, key, extra).expect("node");
+        self.nodes.push(n);
+        self.nodes.len() - 1
+    }
+
+    /// A flat mesh with every host joined under the given names with one reusable key.
+    pub(crate) fn mesh(tag: &str, names: &[&str], coord_extra: &[&str]) -> Option<Self> {
+        let lab = lab(tag)?;
+        let mut f = Self::new(lab, names.len(), coord_extra);
+        let key = f.coord.authkey(&f.lab, &["--reusable"]).expect("auth key");
+        for (i, name) in names.iter().enumerate() {
+            f.join(i, name, &key, &[]);
+        }
+        for n in &f.nodes {
+            n.wait_ready(&f.lab, names.len() - 1, Duration::from_secs(30))
+                .expect("ready");
+        }
+        Some(f)
+    }
+
+    /// The node named `name`.
+    pub(crate) fn node(&self, name: &str) -> &MeshNode {
+        self.nodes
+            .iter()
+            .find(|n| n.hostname == name)
+            .expect("known node")
+    }
+}
+
+/// Unix time in milliseconds.
+pub(crate) fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
