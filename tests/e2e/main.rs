@@ -5,5 +5,7 @@
 //! They need root (CI runs as root). Without it they print SKIPPED and pass, unless
 //! `LATTICE_E2E_REQUIRED=1` is set, in which case they fail.
 
+#![allow(clippy::unwrap_used)] // a test binary: a failed unwrap is a failed test
+
 mod foundation;
 mod support;
