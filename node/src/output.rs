@@ -66,7 +66,8 @@ pub(crate) fn status(st: &StatusJson) {
         let path = match (p.path.kind.as_str(), &p.path.addr, &p.path.relay) {
             ("direct", Some(a), _) => format!("direct {a}"),
             ("relay", _, Some(r)) => format!("relay {r}"),
-            _ => format!("none ({})", p.path.reason.as_deref().unwrap_or("-")),
+            _ if p.handshakes == 0 => "idle".to_owned(),
+            _ => "none".to_owned(),
         };
         println!(
             "{:<20} {v4:<16} {:<8} {path:<28} {:<4} {:<12} {:>10} {:>10}",

@@ -11,3 +11,4 @@ pub mod mesh;
 
 pub use lab::{Lab, Proc};
 pub use mesh::{Coordinator, MeshNode};
+pub mod bench;

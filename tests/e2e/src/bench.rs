@@ -1,0 +1,213 @@
+//! `lattice-lab bench-throughput`: single-stream iperf3 TCP between two namespaces over a raw
+//! veth, over Lattice, and over other userspace WireGuard implementations, interleaved round
+//! by round in one run so machine noise hits all of them alike. Prints medians and ratios.
+//! A benchmark, not a test: it asserts nothing about speed.
+#![allow(clippy::print_stdout)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::lab::{Lab, wait_for};
+use crate::mesh::{Coordinator, MeshNode};
+
+struct Target {
+    name: String,
+    dst: String,
+    runs: Vec<f64>,
+}
+
+/// Runs the benchmark.
+pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
+    Lab::available()
+        .map_err(|e| anyhow::anyhow!("the benchmark needs root and namespaces: {e}"))?;
+    let mut lab = Lab::new("bench")?;
+    let a = lab.ns("a")?;
+    let b = lab.ns("b")?;
+    lab.run(
+        &a,
+        &[
+            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &b,
+        ],
+    )?;
+    lab.sh(
+        &a,
+        "ip addr add 10.200.0.1/24 dev eth0 && ip link set eth0 up",
+    )?;
+    lab.sh(
+        &b,
+        "ip addr add 10.200.0.2/24 dev eth0 && ip link set eth0 up",
+    )?;
+
+    let mut targets = vec![Target {
+        name: "raw veth".into(),
+        dst: "10.200.0.2".into(),
+        runs: vec![],
+    }];
+
+    // Lattice: coordinator next to node a, nodes in a and b.
+    let coord = Coordinator::start(&mut lab, &a, "10.200.0.1", &[])?;
+    let key = coord.authkey(&lab, &["--reusable"])?;
+    let na = MeshNode::start(&mut lab, &a, "bench-a", &coord.url, &key, &[])?;
+    let nb = MeshNode::start(&mut lab, &b, "bench-b", &coord.url, &key, &[])?;
+    na.wait_ready(&lab, 1, Duration::from_secs(30))?;
+    let sb = nb.wait_ready(&lab, 1, Duration::from_secs(30))?;
+    let lattice_dst = sb["self"]["ips"][0]
+        .as_str()
+        .context("b's address")?
+        .to_owned();
+    let mtu = "1280";
+    targets.push(Target {
+        name: format!("lattice (mtu {mtu})"),
+        dst: lattice_dst,
+        runs: vec![],
+    });
+
+    // Other implementations speaking the WireGuard UAPI, each on its own port and subnet.
+    let impls: [(&str, &[&str], u16, u8); 3] = [
+        ("wireguard-go", &["wireguard-go", "-f"], 51820, 201),
+        (
+            "boringtun-cli",
+            &["boringtun-cli", "--foreground", "--disable-drop-privileges"],
+            51821,
+            202,
+        ),
+        (
+            "gotatun-cli",
+            &["gotatun-cli", "--foreground", "--disable-drop-privileges"],
+            51822,
+            203,
+        ),
+    ];
+    for (name, cmd, port, net) in impls {
+        if Command::new(cmd[0]).arg("--help").output().is_err() {
+            println!("({name} not installed; skipped)");
+            continue;
+        }
+        match wireguard_pair(&mut lab, &a, &b, name, cmd, port, net) {
+            Ok(dst) => targets.push(Target {
+                name: name.into(),
+                dst,
+                runs: vec![],
+            }),
+            Err(e) => println!("({name} could not be set up: {e:#}; skipped)"),
+        }
+    }
+
+    let iperf_srv = lab.spawn("iperf3-server", &b, &["iperf3", "-s"], &[])?;
+    std::thread::sleep(Duration::from_millis(500));
+    println!(
+        "single-stream TCP, {rounds} interleaved rounds of {seconds}s; both ends and the tunnels share this machine's CPUs"
+    );
+    for round in 1..=rounds {
+        for t in &mut targets {
+            let bps = iperf(&lab, &a, &t.dst, seconds)
+                .with_context(|| format!("iperf3 to {} ({})", t.name, t.dst))?;
+            t.runs.push(bps);
+            println!("  round {round}: {:<22} {:>8.3} Gbit/s", t.name, bps / 1e9);
+        }
+    }
+    lab.kill(iperf_srv);
+
+    let med: Vec<(String, f64)> = targets
+        .iter()
+        .map(|t| (t.name.clone(), median(&t.runs)))
+        .collect();
+    let raw = med[0].1;
+    let ours = med[1].1;
+    println!(
+        "\n{:<22} {:>12} {:>12} {:>12}   runs (Gbit/s)",
+        "target", "median", "vs raw veth", "lattice vs"
+    );
+    for (t, (name, m)) in targets.iter().zip(&med) {
+        let runs: Vec<String> = t.runs.iter().map(|r| format!("{:.2}", r / 1e9)).collect();
+        println!(
+            "{name:<22} {:>9.3} Gb {:>11.1}% {:>11.2}x   {}",
+            m / 1e9,
+            100.0 * m / raw,
+            ours / m,
+            runs.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+fn iperf(lab: &Lab, ns: &str, dst: &str, seconds: u32) -> anyhow::Result<f64> {
+    let t = seconds.to_string();
+    let out = lab.run(ns, &["iperf3", "-c", dst, "-t", &t, "-J"])?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 printed no result")
+}
+
+/// Starts one UAPI WireGuard implementation in both namespaces and connects them; returns the
+/// address of b's end.
+fn wireguard_pair(
+    lab: &mut Lab,
+    a: &str,
+    b: &str,
+    name: &str,
+    cmd: &[&str],
+    port: u16,
+    net: u8,
+) -> anyhow::Result<String> {
+    let dev = format!("wb{net}{}", std::process::id() % 10_000);
+    let genkey = || -> anyhow::Result<(String, String)> {
+        let sk = Command::new("wg").arg("genkey").output()?;
+        let sk = String::from_utf8(sk.stdout)?.trim().to_owned();
+        let pk = Command::new("sh")
+            .args(["-c", &format!("echo {sk} | wg pubkey")])
+            .output()?;
+        Ok((sk, String::from_utf8(pk.stdout)?.trim().to_owned()))
+    };
+    let (ska, pka) = genkey()?;
+    let (skb, pkb) = genkey()?;
+    let sides = [
+        (a, &ska, &pkb, 1u8, "10.200.0.2"),
+        (b, &skb, &pka, 2u8, "10.200.0.1"),
+    ];
+    for (ns, sk, peer, host, peer_ip) in sides {
+        let mut full: Vec<&str> = cmd.to_vec();
+        full.push(&dev);
+        lab.spawn(
+            &format!("{name}-{host}"),
+            ns,
+            &full,
+            &[("LOG_LEVEL", "error")],
+        )?;
+        if !wait_for(Duration::from_secs(5), || {
+            lab.output(ns, &["ip", "link", "show", &dev])
+                .is_ok_and(|o| o.status.success())
+        }) {
+            bail!("{name} did not create {dev}");
+        }
+        let keyfile = lab.dir().join(format!("{dev}-{host}.key"));
+        std::fs::write(&keyfile, format!("{sk}\n"))?;
+        lab.sh(
+            ns,
+            &format!(
+                "wg set {dev} private-key {key} listen-port {port} peer {peer} endpoint {peer_ip}:{port} \
+                 allowed-ips 10.{net}.0.0/24 && ip addr add 10.{net}.0.{host}/24 dev {dev} && \
+                 ip link set {dev} mtu 1280 up",
+                key = keyfile.display()
+            ),
+        )?;
+    }
+    let dst = format!("10.{net}.0.2");
+    if !lab
+        .output(a, &["ping", "-c", "2", "-W", "2", &dst])?
+        .status
+        .success()
+    {
+        bail!("no connectivity through {name}");
+    }
+    Ok(dst)
+}
