@@ -23,6 +23,8 @@ pub(crate) struct Flat {
     pub(crate) coord: Coordinator,
     pub(crate) nodes: Vec<MeshNode>,
     pub(crate) node_ns: Vec<String>,
+    /// The secret part of the auth key `mesh` used (to check it never reaches a log).
+    pub(crate) key_secret: String,
 }
 
 impl Flat {
@@ -49,6 +51,7 @@ impl Flat {
             coord,
             nodes: Vec::new(),
             node_ns,
+            key_secret: String::new(),
         }
     }
 
@@ -66,6 +69,7 @@ impl Flat {
         let lab = lab(tag)?;
         let mut f = Self::new(lab, names.len(), coord_extra);
         let key = f.coord.authkey(&f.lab, &["--reusable"]).expect("auth key");
+        f.key_secret = key.rsplit('-').next().unwrap_or_default().to_owned();
         for (i, name) in names.iter().enumerate() {
             f.join(i, name, &key, &[]);
         }

@@ -407,6 +407,52 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn queries_for_other_names_are_forwarded_to_the_upstream_over_udp() {
+        use hickory_proto::op::{Message, Query};
+        // A real upstream on loopback that answers every A query with 192.0.2.1.
+        let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = upstream.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 512];
+            let (n, from) = upstream.recv_from(&mut buf).await.unwrap();
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            let mut reply = Message::response(q.metadata.id, q.metadata.op_code);
+            let name = q.queries[0].name().clone();
+            reply.add_query(q.queries[0].clone());
+            reply.add_answer(Record::from_rdata(
+                name,
+                30,
+                RData::A(A("192.0.2.1".parse().unwrap())),
+            ));
+            upstream
+                .send_to(&reply.to_vec().unwrap(), from)
+                .await
+                .unwrap();
+        });
+        let (_tx, rx) = watch::channel(Arc::new(table()));
+        let resolver = MeshResolver::new(rx, vec![up_addr]);
+        let mut query = Message::query();
+        query.add_query(Query::query(
+            Name::from_ascii("example.com.").unwrap(),
+            RecordType::A,
+        ));
+        let reply = resolver
+            .forward(&query.to_vec().unwrap())
+            .await
+            .expect("an answer");
+        assert_eq!(reply.answers.len(), 1);
+        assert_eq!(
+            reply.answers[0].data,
+            RData::A(A("192.0.2.1".parse().unwrap()))
+        );
+        // No upstream answering: no answer (the handler then says SERVFAIL).
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (_tx2, rx2) = watch::channel(Arc::new(table()));
+        let dead = MeshResolver::new(rx2, vec![silent.local_addr().unwrap()]);
+        assert!(dead.forward(&query.to_vec().unwrap()).await.is_none());
+    }
+
     #[test]
     fn resolv_conf_parsing_skips_our_own_address() {
         let ups = parse_resolv_conf(

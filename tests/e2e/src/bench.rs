@@ -75,14 +75,14 @@ pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
         ),
         (
             "gotatun-cli",
-            &["gotatun-cli", "--foreground", "--disable-drop-privileges"],
+            &["gotatun", "--foreground", "--disable-drop-privileges"],
             51822,
             203,
         ),
     ];
     for (name, cmd, port, net) in impls {
         if Command::new(cmd[0]).arg("--help").output().is_err() {
-            println!("({name} not installed; skipped)");
+            println!("({name} not installed: `{}` not found; skipped)", cmd[0]);
             continue;
         }
         match wireguard_pair(&mut lab, &a, &b, name, cmd, port, net) {
@@ -159,7 +159,8 @@ fn wireguard_pair(
     port: u16,
     net: u8,
 ) -> anyhow::Result<String> {
-    let dev = format!("wb{net}{}", std::process::id() % 10_000);
+    // Per-side device names: UAPI sockets live in /var/run/wireguard, shared by namespaces.
+    let pid = std::process::id() % 10_000;
     let genkey = || -> anyhow::Result<(String, String)> {
         let sk = Command::new("wg").arg("genkey").output()?;
         let sk = String::from_utf8(sk.stdout)?.trim().to_owned();
@@ -175,6 +176,7 @@ fn wireguard_pair(
         (b, &skb, &pka, 2u8, "10.200.0.1"),
     ];
     for (ns, sk, peer, host, peer_ip) in sides {
+        let dev = format!("wb{net}{host}x{pid}");
         let mut full: Vec<&str> = cmd.to_vec();
         full.push(&dev);
         lab.spawn(
