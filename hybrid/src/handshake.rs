@@ -14,9 +14,7 @@
 //! handshake. ML-KEM decapsulation never fails on its own (implicit rejection): a forged
 //! ciphertext yields a key nobody else has, and the Noise layer has already rejected it.
 
-use ml_kem::array::Array;
-use ml_kem::ml_kem_768::{Ciphertext, DecapsulationKey, EncapsulationKey};
-use ml_kem::{Decapsulate, Encapsulate, KeyExport};
+use libcrux_ml_kem::mlkem768::{self, MlKem768Ciphertext, MlKem768PrivateKey, MlKem768PublicKey};
 use rand::{CryptoRng, Rng};
 use zeroize::Zeroizing;
 
@@ -70,6 +68,16 @@ pub enum HandshakeError {
     PayloadTooLarge,
 }
 
+/// An ML-KEM-768 decapsulation key that is zeroed when dropped.
+struct DecapsulationKey(MlKem768PrivateKey);
+
+impl Drop for DecapsulationKey {
+    fn drop(&mut self) {
+        let n = MlKem768PrivateKey::len();
+        self.0[0..n].fill(0);
+    }
+}
+
 /// The initiator side, waiting for the response.
 pub struct InitiatorHandshake {
     noise: snow::HandshakeState,
@@ -90,8 +98,7 @@ impl InitiatorHandshake {
         psk: &Psk,
         payload: &[u8],
     ) -> Result<(Self, Vec<u8>), HandshakeError> {
-        check_contributory(local, remote_static)?;
-        let mut noise = builder(rng, purpose)
+        let mut noise = builder(rng, purpose, local)
             .local_private_key(local.secret_bytes())
             .and_then(|b| b.remote_public_key(remote_static))
             .and_then(|b| b.psk(2, psk.as_bytes()))
@@ -99,9 +106,9 @@ impl InitiatorHandshake {
             .map_err(|_| HandshakeError::BadRemoteKey)?;
         let mut seed = Zeroizing::new([0u8; 64]);
         rng.fill_bytes(seed.as_mut());
-        let dk = DecapsulationKey::from_seed(Array::from(*seed));
-        let ek = dk.encapsulation_key().to_bytes();
-        let msg = write(&mut noise, &[&ek, payload])?;
+        let (sk, pk) = mlkem768::generate_key_pair(*seed).into_parts();
+        let dk = DecapsulationKey(sk);
+        let msg = write(&mut noise, &[pk.as_slice(), payload])?;
         Ok((Self { noise, dk, purpose }, msg))
     }
 
@@ -111,11 +118,9 @@ impl InitiatorHandshake {
         if plain.len() < CIPHERTEXT_LEN {
             return Err(HandshakeError::Malformed);
         }
-        let ct = Ciphertext::try_from(&plain[..CIPHERTEXT_LEN])
+        let ct = MlKem768Ciphertext::try_from(&plain[..CIPHERTEXT_LEN])
             .map_err(|_| HandshakeError::Malformed)?;
-        let ss = self.dk.decapsulate(&ct);
-        let mut kem_secret = Zeroizing::new([0u8; 32]);
-        kem_secret.copy_from_slice(ss.as_slice());
+        let kem_secret = Zeroizing::new(mlkem768::decapsulate(&self.dk.0, &ct));
         Completed::new(
             self.noise,
             kem_secret,
@@ -137,7 +142,7 @@ pub struct Initiation {
 /// The responder side, between reading message 1 and writing message 2.
 pub struct ResponderHandshake {
     noise: snow::HandshakeState,
-    ek: EncapsulationKey,
+    ek: MlKem768PublicKey,
     purpose: Purpose,
 }
 
@@ -150,7 +155,7 @@ impl ResponderHandshake {
         local: &StaticKeypair,
         msg1: &[u8],
     ) -> Result<(Self, Initiation), HandshakeError> {
-        let mut noise = builder(rng, purpose)
+        let mut noise = builder(rng, purpose, local)
             .local_private_key(local.secret_bytes())
             .and_then(|b| b.psk(2, &[0u8; 32]))
             .and_then(|b| b.build_responder())
@@ -159,14 +164,16 @@ impl ResponderHandshake {
         if plain.len() < ENCAPSULATION_KEY_LEN {
             return Err(HandshakeError::Malformed);
         }
-        let ek_bytes = Array::try_from(&plain[..ENCAPSULATION_KEY_LEN])
+        let ek = MlKem768PublicKey::try_from(&plain[..ENCAPSULATION_KEY_LEN])
             .map_err(|_| HandshakeError::Malformed)?;
-        let ek = EncapsulationKey::new(&ek_bytes).map_err(|_| HandshakeError::Malformed)?;
+        // FIPS 203 input check: the key's coefficients must be reduced.
+        if !mlkem768::validate_public_key(&ek) {
+            return Err(HandshakeError::Malformed);
+        }
         let remote: [u8; 32] = noise
             .get_remote_static()
             .and_then(|s| s.try_into().ok())
             .ok_or(HandshakeError::Malformed)?;
-        check_contributory(local, &remote)?;
         let initiation = Initiation {
             remote_static: remote,
             payload: plain[ENCAPSULATION_KEY_LEN..].to_vec(),
@@ -184,10 +191,11 @@ impl ResponderHandshake {
         self.noise
             .set_psk(2, psk.as_bytes())
             .map_err(|_| HandshakeError::Malformed)?;
-        let (ct, ss) = self.ek.encapsulate_with_rng(rng);
+        let mut randomness = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(randomness.as_mut());
+        let (ct, ss) = mlkem768::encapsulate(&self.ek, *randomness);
+        let kem_secret = Zeroizing::new(ss);
         let msg = write(&mut self.noise, &[ct.as_slice(), payload])?;
-        let mut kem_secret = Zeroizing::new([0u8; 32]);
-        kem_secret.copy_from_slice(ss.as_slice());
         let completed = Completed::new(self.noise, kem_secret, Vec::new(), self.purpose)?;
         Ok((msg, completed))
     }
@@ -275,19 +283,27 @@ impl Completed {
     }
 }
 
-fn builder(rng: &mut impl Rng, purpose: Purpose) -> snow::Builder<'static> {
+fn builder(rng: &mut impl Rng, purpose: Purpose, local: &StaticKeypair) -> snow::Builder<'static> {
     let params = NOISE_PARAMS.parse().expect("the protocol name is valid");
-    snow::Builder::with_resolver(params, Box::new(SeededResolver::new(rng)))
+    let resolver = SeededResolver::new(rng, Some(local.cache()));
+    snow::Builder::with_resolver(params, Box::new(resolver))
         .prologue(purpose.label())
         .expect("a prologue is set once")
 }
 
+/// Noise overhead of our messages: an ephemeral key, an encrypted static key and two tags.
+const NOISE_OVERHEAD: usize = 32 + 48 + 16;
+
 fn write(noise: &mut snow::HandshakeState, parts: &[&[u8]]) -> Result<Vec<u8>, HandshakeError> {
     let plain: Vec<u8> = parts.concat();
-    let mut out = vec![0u8; MAX_NOISE_MESSAGE];
-    let n = noise
-        .write_message(&plain, &mut out)
-        .map_err(|_| HandshakeError::PayloadTooLarge)?;
+    if plain.len() + NOISE_OVERHEAD > MAX_NOISE_MESSAGE {
+        return Err(HandshakeError::PayloadTooLarge);
+    }
+    let mut out = vec![0u8; plain.len() + NOISE_OVERHEAD];
+    let n = noise.write_message(&plain, &mut out).map_err(|e| match e {
+        snow::Error::Dh => HandshakeError::BadRemoteKey,
+        _ => HandshakeError::PayloadTooLarge,
+    })?;
     out.truncate(n);
     Ok(out)
 }
@@ -297,22 +313,12 @@ fn read(noise: &mut snow::HandshakeState, msg: &[u8]) -> Result<Vec<u8>, Handsha
         return Err(HandshakeError::Malformed);
     }
     let mut plain = vec![0u8; msg.len()];
-    let n = noise
-        .read_message(msg, &mut plain)
-        .map_err(|_| HandshakeError::Authentication)?;
+    let n = noise.read_message(msg, &mut plain).map_err(|e| match e {
+        snow::Error::Dh => HandshakeError::BadRemoteKey,
+        _ => HandshakeError::Authentication,
+    })?;
     plain.truncate(n);
     Ok(plain)
-}
-
-/// Rejects low-order remote keys, whose Diffie-Hellman output is known to everyone.
-fn check_contributory(local: &StaticKeypair, remote: &[u8; 32]) -> Result<(), HandshakeError> {
-    let sk = x25519_dalek::StaticSecret::from(*local.secret_bytes());
-    let shared = sk.diffie_hellman(&x25519_dalek::PublicKey::from(*remote));
-    if shared.was_contributory() {
-        Ok(())
-    } else {
-        Err(HandshakeError::BadRemoteKey)
-    }
 }
 
 #[cfg(test)]

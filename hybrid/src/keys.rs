@@ -1,19 +1,24 @@
 //! Static X25519 key pairs and key fingerprints.
 
 use std::fmt;
+use std::sync::Arc;
 
 use blake2::{Blake2s256, Digest};
 use rand::Rng;
 use zeroize::Zeroizing;
 
+use crate::x25519::StaticDhCache;
+
 /// Length of a control-key fingerprint in bytes.
 pub const FINGERPRINT_LEN: usize = 16;
 
-/// A static X25519 key pair. The secret is zeroed on drop and never printed.
+/// A static X25519 key pair. The secret is zeroed on drop and never printed. Clones share
+/// the cache of static-static Diffie-Hellman results.
 #[derive(Clone)]
 pub struct StaticKeypair {
     secret: Zeroizing<[u8; 32]>,
     public: [u8; 32],
+    cache: Arc<StaticDhCache>,
 }
 
 impl StaticKeypair {
@@ -26,12 +31,17 @@ impl StaticKeypair {
 
     /// Rebuilds a key pair from its secret bytes (e.g. read from the state dir).
     pub fn from_secret(secret: [u8; 32]) -> Self {
-        let sk = x25519_dalek::StaticSecret::from(secret);
-        let public = x25519_dalek::PublicKey::from(&sk).to_bytes();
+        let secret = Zeroizing::new(secret);
+        let cache = StaticDhCache::new(&secret).expect("any 32 bytes are an X25519 private key");
         Self {
-            secret: Zeroizing::new(sk.to_bytes()),
-            public,
+            secret,
+            public: cache.public(),
+            cache: Arc::new(cache),
         }
+    }
+
+    pub(crate) fn cache(&self) -> Arc<StaticDhCache> {
+        Arc::clone(&self.cache)
     }
 
     /// The public key.

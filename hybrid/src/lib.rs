@@ -20,6 +20,7 @@ mod handshake;
 mod kdf;
 mod keys;
 mod rng;
+mod x25519;
 
 pub use channel::{Channel, ChannelError, MAX_MESSAGE_LEN};
 pub use handshake::{

@@ -1,21 +1,27 @@
 //! Feeding caller-provided randomness to snow.
 
+use std::sync::Arc;
+
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use snow::params::{CipherChoice, DHChoice, HashChoice};
 use snow::resolvers::{CryptoResolver, DefaultResolver};
 use snow::types::{Cipher, Dh, Hash, Random};
 
-/// A snow resolver whose RNG is seeded by the caller; everything else is snow's default
-/// (RustCrypto) implementation.
+use crate::x25519::{AwsX25519, StaticDhCache};
+
+/// A snow resolver whose RNG is seeded by the caller and whose X25519 is [`AwsX25519`];
+/// hashing and the AEAD are snow's defaults (RustCrypto; they process a few kilobytes per
+/// handshake).
 pub(crate) struct SeededResolver {
     seed: [u8; 32],
+    static_cache: Option<Arc<StaticDhCache>>,
 }
 
 impl SeededResolver {
-    pub(crate) fn new(rng: &mut impl Rng) -> Self {
+    pub(crate) fn new(rng: &mut impl Rng, static_cache: Option<Arc<StaticDhCache>>) -> Self {
         let mut seed = [0u8; 32];
         rng.fill_bytes(&mut seed);
-        Self { seed }
+        Self { seed, static_cache }
     }
 }
 
@@ -34,7 +40,10 @@ impl CryptoResolver for SeededResolver {
     }
 
     fn resolve_dh(&self, choice: &DHChoice) -> Option<Box<dyn Dh>> {
-        DefaultResolver.resolve_dh(choice)
+        match choice {
+            DHChoice::Curve25519 => Some(Box::new(AwsX25519::new(self.static_cache.clone()))),
+            _ => None,
+        }
     }
 
     fn resolve_hash(&self, choice: &HashChoice) -> Option<Box<dyn Hash>> {

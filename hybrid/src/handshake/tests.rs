@@ -1,4 +1,4 @@
-use rand::{SeedableRng, rngs::StdRng};
+use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::*;
 use crate::channel::{ChannelError, MAX_MESSAGE_LEN};
@@ -305,3 +305,69 @@ fn channel_keys_are_not_the_classical_noise_keys() {
 }
 
 const FINAL_FLAG: u8 = 0;
+
+#[test]
+fn libcrux_ml_kem_agrees_with_rustcrypto_ml_kem_byte_for_byte() {
+    use ml_kem::array::Array;
+    use ml_kem::{Decapsulate, KeyExport};
+    let mut rng = StdRng::seed_from_u64(99);
+    for _ in 0..20 {
+        let mut seed = [0u8; 64];
+        rng.fill_bytes(&mut seed);
+        let mut m = [0u8; 32];
+        rng.fill_bytes(&mut m);
+        // key generation from the same (d, z)
+        let ours = mlkem768::generate_key_pair(seed);
+        let theirs = ml_kem::ml_kem_768::DecapsulationKey::from_seed(Array::from(seed));
+        let their_ek = theirs.encapsulation_key().to_bytes();
+        assert_eq!(ours.pk().as_slice(), their_ek.as_slice());
+        // encapsulation with the same message
+        let (ct, ss) = mlkem768::encapsulate(ours.public_key(), m);
+        let (their_ct, their_ss) = theirs
+            .encapsulation_key()
+            .encapsulate_deterministic(&Array::from(m));
+        assert_eq!(ct.as_slice(), their_ct.as_slice());
+        assert_eq!(ss.as_slice(), their_ss.as_slice());
+        // each decapsulates the other's ciphertext
+        assert_eq!(
+            theirs.decapsulate(&their_ct).as_slice(),
+            mlkem768::decapsulate(ours.private_key(), &ct).as_slice()
+        );
+        // a tampered ciphertext yields the same implicit-rejection key in both
+        let mut bad = *ct.as_slice();
+        bad[5] ^= 1;
+        let bad_ours = mlkem768::decapsulate(ours.private_key(), &MlKem768Ciphertext::from(bad));
+        let bad_theirs = theirs.decapsulate(&Array::from(bad));
+        assert_eq!(bad_ours.as_slice(), bad_theirs.as_slice());
+        assert_ne!(bad_ours.as_slice(), ss.as_slice());
+    }
+}
+
+#[test]
+fn the_static_static_cache_gives_the_same_keys() {
+    let mut p = parties(15);
+    let (a1, b1, _) = handshake(&mut p, Purpose::PeerPsk, &Psk::zero());
+    let (a2, b2, _) = handshake(&mut p, Purpose::PeerPsk, &Psk::zero());
+    assert_eq!(a1.peer_psk(&Psk::zero()), b1.peer_psk(&Psk::zero()));
+    assert_eq!(a2.peer_psk(&Psk::zero()), b2.peer_psk(&Psk::zero()));
+    assert_ne!(a1.peer_psk(&Psk::zero()), a2.peer_psk(&Psk::zero()));
+}
+
+#[test]
+fn an_encapsulation_key_with_unreduced_coefficients_is_refused() {
+    // A message 1 whose ML-KEM key fails the FIPS 203 modulus check.
+    let mut p = parties(16);
+    let bad_ek = [0xffu8; ENCAPSULATION_KEY_LEN];
+    let mut noise = builder(&mut p.rng, Purpose::PeerPsk, &p.alice)
+        .local_private_key(p.alice.secret_bytes())
+        .unwrap()
+        .remote_public_key(&p.bob.public())
+        .unwrap()
+        .psk(2, &[0; 32])
+        .unwrap()
+        .build_initiator()
+        .unwrap();
+    let msg1 = write(&mut noise, &[&bad_ek]).unwrap();
+    let r = ResponderHandshake::read_initiation(&mut p.rng, Purpose::PeerPsk, &p.bob, &msg1);
+    assert_eq!(r.err(), Some(HandshakeError::Malformed));
+}
