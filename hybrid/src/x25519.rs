@@ -147,7 +147,7 @@ impl Dh for AwsX25519 {
         let key = self.key.as_ref().ok_or(snow::Error::Dh)?;
         let shared: Zeroizing<[u8; 32]> = agree(
             key.as_ref(),
-            &UnparsedPublicKey::new(&X25519, peer),
+            UnparsedPublicKey::new(&X25519, peer),
             snow::Error::Dh,
             |s| {
                 let arr: [u8; 32] = s.try_into().map_err(|_| snow::Error::Dh)?;
