@@ -50,6 +50,12 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Mesh-wide settings.
+    Settings {
+        /// Show or change settings.
+        #[command(subcommand)]
+        command: SettingsCommand,
+    },
     /// Manage admin tokens for `--server URL --token TOKEN` access.
     Token {
         /// What to do with admin tokens.
@@ -213,6 +219,39 @@ pub enum AuditCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+}
+
+/// `settings` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SettingsCommand {
+    /// Show the settings.
+    Get {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Set how tunnels are keyed: `post-quantum` (default) or `classical-only` (every tunnel
+    /// without a post-quantum key; for interop with stock WireGuard; audited).
+    SetTunnelSecurity {
+        /// post-quantum or classical-only.
+        #[arg(value_enum)]
+        value: TunnelSecurityArg,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// Tunnel security values on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TunnelSecurityArg {
+    /// Every tunnel carries a post-quantum preshared key.
+    PostQuantum,
+    /// Classical WireGuard keys only.
+    ClassicalOnly,
 }
 
 /// `token` subcommands.

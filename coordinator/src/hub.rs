@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use policy::{Inventory, InventoryNode, Policy};
 use tokio::sync::{mpsc, watch};
-use wire::{ErrorCode, NodeId};
+use wire::{ErrorCode, NodeId, TunnelSecurity};
 
 use crate::model::NodeRecord;
 use crate::netmap::{LiveNode, Snapshot};
@@ -41,6 +41,7 @@ pub struct HubState {
     sessions: HashMap<NodeId, (u64, mpsc::UnboundedSender<Kick>)>,
     next_conn: u64,
     domain: String,
+    tunnel_security: TunnelSecurity,
 }
 
 /// A registered control session. Dropping it marks the node offline (if no newer session for
@@ -68,6 +69,7 @@ impl Hub {
                 sessions: HashMap::new(),
                 next_conn: 1,
                 domain,
+                tunnel_security: TunnelSecurity::PostQuantum,
             }),
             changed,
         });
@@ -131,6 +133,12 @@ impl Hub {
             st.policy = Arc::new(policy);
             st.policy_rev += 1;
         }
+        self.notify();
+    }
+
+    /// Replaces the mesh's tunnel security.
+    pub fn set_tunnel_security(&self, security: TunnelSecurity) {
+        self.write().tunnel_security = security;
         self.notify();
     }
 
@@ -236,7 +244,13 @@ impl HubState {
             policy_rev: self.policy_rev,
             membership_rev: self.membership_rev,
             domain: &self.domain,
+            tunnel_security: self.tunnel_security,
         }
+    }
+
+    /// The mesh's tunnel security.
+    pub fn tunnel_security(&self) -> TunnelSecurity {
+        self.tunnel_security
     }
 
     /// A node, if present and not expired.

@@ -25,7 +25,10 @@ use serde_json::json;
 
 use crate::admin_client::Target;
 use crate::audit::{Entry, Verification};
-use crate::cli::{AdminArgs, AuditCommand, AuthkeyCommand, Command, NodesCommand, TokenCommand};
+use crate::cli::{
+    AdminArgs, AuditCommand, AuthkeyCommand, Command, NodesCommand, SettingsCommand, TokenCommand,
+    TunnelSecurityArg,
+};
 use crate::model::AuthKeyInfo;
 use crate::ops::{CreatedAuthKey, NodeView};
 
@@ -57,7 +60,38 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Nodes { command } => nodes(command).await,
         Command::Audit { command } => audit_cmd(command).await,
         Command::Token { command } => token(command).await,
+        Command::Settings { command } => settings(command).await,
     }
+}
+
+async fn settings(cmd: SettingsCommand) -> anyhow::Result<Outcome> {
+    let (admin, set, json) = match cmd {
+        SettingsCommand::Get { json, admin } => (admin, None, json),
+        SettingsCommand::SetTunnelSecurity { value, admin } => (admin, Some(value), false),
+    };
+    let t = target(&admin)?;
+    let s: ops::Settings = match set {
+        None => t.call(Method::GET, "/settings", None).await?,
+        Some(v) => {
+            let value = match v {
+                TunnelSecurityArg::PostQuantum => "post_quantum",
+                TunnelSecurityArg::ClassicalOnly => "classical_only",
+            };
+            t.call(
+                Method::PUT,
+                "/settings",
+                Some(json!({"tunnel_security": value})),
+            )
+            .await?
+        }
+    };
+    if json {
+        output::json(&s);
+    } else {
+        let v = serde_json::to_value(s.tunnel_security).unwrap_or_default();
+        output::line(&format!("tunnel_security: {}", v.as_str().unwrap_or("?")));
+    }
+    Ok(Outcome::Success)
 }
 
 fn target(a: &AdminArgs) -> anyhow::Result<Target> {

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use policy::{Compiled, Inventory, Policy};
 use wire::NodeId;
+use wire::TunnelSecurity;
 use wire::netmap::{DnsConfig, MapResponse, Node};
 
 use crate::addr::RESOLVER_V4;
@@ -40,6 +41,8 @@ pub struct Snapshot<'a> {
     pub membership_rev: u64,
     /// The mesh domain.
     pub domain: &'a str,
+    /// How tunnels are keyed.
+    pub tunnel_security: TunnelSecurity,
 }
 
 /// What one session has sent so far.
@@ -51,6 +54,7 @@ pub struct SentMap {
     compiled: Option<((u64, u64), Compiled)>,
     filter_sent: bool,
     dns_sent: bool,
+    security_sent: Option<TunnelSecurity>,
 }
 
 impl SentMap {
@@ -144,6 +148,11 @@ pub fn next_map(sent: &mut SentMap, snap: &Snapshot<'_>, me: NodeId) -> Option<M
         sent.dns_sent = true;
     }
 
+    if sent.security_sent != Some(snap.tunnel_security) {
+        msg.tunnel_security = Some(snap.tunnel_security);
+        sent.security_sent = Some(snap.tunnel_security);
+    }
+
     if msg.is_empty() {
         return None;
     }
@@ -230,6 +239,7 @@ mod tests {
                 policy_rev: 1,
                 membership_rev: self.membership_rev,
                 domain: "mesh.internal",
+                tunnel_security: TunnelSecurity::PostQuantum,
             }
         }
     }
@@ -246,6 +256,7 @@ mod tests {
         assert_eq!(m.node.unwrap().name, "n1");
         assert_eq!(m.packet_filter.unwrap().len(), 1);
         assert_eq!(m.dns.unwrap().resolver.to_string(), "100.100.100.100");
+        assert_eq!(m.tunnel_security, Some(TunnelSecurity::PostQuantum));
         assert!(next_map(&mut sent, &w.snap(), NodeId(1)).is_none());
     }
 

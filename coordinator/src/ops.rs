@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use wire::{AuthKey, ErrorCode, NodeId};
+use wire::{AuthKey, ErrorCode, NodeId, TunnelSecurity};
 
 use crate::audit::{self, Entry, NewEntry, Verification};
 use crate::db;
@@ -414,4 +414,51 @@ pub async fn audit_verify(st: &AppState) -> Result<Verification, ApiError> {
         &entries,
         head.as_ref().map(|(s, h)| (*s, h.as_str())),
     ))
+}
+
+/// Mesh-wide settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    /// How tunnels between nodes are keyed.
+    pub tunnel_security: TunnelSecurity,
+}
+
+/// The current settings.
+pub async fn settings(st: &AppState) -> Result<Settings, ApiError> {
+    let mut conn = st.db.acquire().await.map_err(db::DbError::from)?;
+    Ok(Settings {
+        tunnel_security: db::mesh::tunnel_security(&mut conn).await?,
+    })
+}
+
+/// Changes the mesh's tunnel security (audited; every node is told at once).
+pub async fn set_tunnel_security(
+    st: &AppState,
+    security: TunnelSecurity,
+    actor: &str,
+) -> Result<Settings, ApiError> {
+    let mut tx = db::begin_write(&st.db).await?;
+    let old = db::mesh::tunnel_security(&mut tx).await?;
+    db::mesh::set_tunnel_security(&mut tx, security).await?;
+    db::audit::append(
+        &mut tx,
+        NewEntry::new(
+            actor,
+            "settings.tunnel_security",
+            "mesh",
+            json!({"old": old, "new": security}),
+        ),
+        unix_now_ms(),
+    )
+    .await?;
+    tx.commit().await.map_err(db::DbError::from)?;
+    if security == TunnelSecurity::ClassicalOnly {
+        tracing::warn!(%actor, "tunnels are now classical-only: no post-quantum protection");
+    } else {
+        tracing::info!(%actor, "tunnels require post-quantum keys");
+    }
+    st.hub.set_tunnel_security(security);
+    Ok(Settings {
+        tunnel_security: security,
+    })
 }

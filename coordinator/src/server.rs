@@ -59,14 +59,19 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening database {db_url}"))?;
     let now = unix_now();
-    let (mesh, nodes) = {
+    let (mesh, nodes, security) = {
         let mut conn = pool.acquire().await?;
         let ula = addr::random_ula(&mut StdRng::from_rng(&mut rand::rng()));
         let mesh = db::mesh::get_or_create(&mut conn, &cfg.domain, ula, now).await?;
-        (mesh, db::nodes::all(&mut conn).await?)
+        let security = db::mesh::tunnel_security(&mut conn).await?;
+        (mesh, db::nodes::all(&mut conn).await?, security)
     };
     let offline_ephemeral: Vec<_> = nodes.iter().filter(|n| n.ephemeral).map(|n| n.id).collect();
     let hub = Hub::new(mesh.domain.clone(), policy::Policy::allow_all(), nodes, now);
+    hub.set_tunnel_security(security);
+    if security == wire::TunnelSecurity::ClassicalOnly {
+        warn!("tunnels are classical-only by admin setting: no post-quantum protection");
+    }
     let st = AppState::new(Inner {
         db: pool,
         hub,

@@ -100,4 +100,16 @@ pub struct UpArgs {
     /// MTU of the TUN device.
     #[arg(long, default_value_t = 1280)]
     pub mtu: u16,
+    /// How often the post-quantum preshared key of each tunnel is replaced (this node rotates
+    /// the tunnels it initiates).
+    #[arg(long, default_value = "2m", value_parser = parse_rotation)]
+    pub pq_rotation: std::time::Duration,
+}
+
+fn parse_rotation(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 30s, 2m)"))?;
+    if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(3600) {
+        return Err("the rotation interval must be between 1s and 1h".into());
+    }
+    Ok(d)
 }

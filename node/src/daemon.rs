@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use node_proto::pq::PqConfig;
 use node_proto::{NodeConfig, NodeState};
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
@@ -35,10 +36,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let sockets = Sockets::bind(args.port)?;
     let mut seed = [0u8; 32];
     rand::rng().fill_bytes(&mut seed);
+    let wall_clock_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let mut state = NodeState::new(
         NodeConfig {
             private_key: *identity.node.secret_bytes(),
             tun_mtu: args.mtu,
+            pq: PqConfig {
+                rotation: args.pq_rotation,
+            },
+            wall_clock_ms,
         },
         seed,
         Instant::now(),

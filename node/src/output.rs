@@ -47,6 +47,9 @@ pub(crate) fn status(st: &StatusJson) {
         )
     };
     println!("coordinator {}: {coord}", st.coordinator.url);
+    if st.tunnel_security == wire::TunnelSecurity::ClassicalOnly {
+        println!("WARNING: the mesh admin set tunnels to classical-only (no post-quantum keys)");
+    }
     if st.peers.is_empty() {
         println!("no peers");
         return;

@@ -405,6 +405,24 @@ fn our_node_interoperates_with_stock_wireguard_go() {
     {
         panic!("wireguard-go is not installed (the test command installs it)");
     }
+    // Stock WireGuard cannot run our post-quantum handshake: the admin must allow classical
+    // tunnels for the mesh, explicitly (and audited).
+    let out = f
+        .coord
+        .admin(
+            &f.lab,
+            &["settings", "set-tunnel-security", "classical-only"],
+        )
+        .expect("settings");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(wait_for(Duration::from_secs(5), || f
+        .node("ours")
+        .status(&f.lab)
+        .is_some_and(|s| s["tunnel_security"] == "classical_only")));
     let ours = f.node("ours").status(&f.lab).expect("status");
     let theirs = f.node("theirs").status(&f.lab).expect("status");
     // Stop our daemon on the "theirs" host and run wireguard-go there with that node's keys,
@@ -472,6 +490,21 @@ fn our_node_interoperates_with_stock_wireguard_go() {
         .and_then(|t| t.parse().ok())
         .unwrap_or(0);
     assert!(ts > 0, "wireguard-go completed a handshake with our node");
+    let st = f.node("ours").status(&f.lab).expect("status");
+    assert_eq!(st["peers"][0]["pq"], false);
+    assert!(
+        st["peers"][0]["pq_error"]
+            .as_str()
+            .unwrap()
+            .contains("classical")
+    );
+    let audit = f.coord.admin(&f.lab, &["audit", "list", "--json"]).unwrap();
+    let audit: Vec<Value> = serde_json::from_slice(&audit.stdout).unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["action"] == "settings.tunnel_security")
+    );
     f.lab.kill(wg_go);
     let _ = std::fs::remove_file(format!("/var/run/wireguard/{dev}.sock"));
 }

@@ -8,4 +8,5 @@
 #![allow(clippy::unwrap_used)] // a test binary: a failed unwrap is a failed test
 
 mod foundation;
+mod pq;
 mod support;

@@ -66,12 +66,22 @@ impl Flat {
 
     /// A flat mesh with every host joined under the given names with one reusable key.
     pub(crate) fn mesh(tag: &str, names: &[&str], coord_extra: &[&str]) -> Option<Self> {
+        Self::mesh_with(tag, names, coord_extra, &[])
+    }
+
+    /// [`Flat::mesh`] with extra `lattice up` flags for every node.
+    pub(crate) fn mesh_with(
+        tag: &str,
+        names: &[&str],
+        coord_extra: &[&str],
+        node_extra: &[&str],
+    ) -> Option<Self> {
         let lab = lab(tag)?;
         let mut f = Self::new(lab, names.len(), coord_extra);
         let key = f.coord.authkey(&f.lab, &["--reusable"]).expect("auth key");
         f.key_secret = key.rsplit('-').next().unwrap_or_default().to_owned();
         for (i, name) in names.iter().enumerate() {
-            f.join(i, name, &key, &[]);
+            f.join(i, name, &key, node_extra);
         }
         for n in &f.nodes {
             n.wait_ready(&f.lab, names.len() - 1, Duration::from_secs(30))

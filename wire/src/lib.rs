@@ -23,5 +23,5 @@ pub use authkey::{AuthKey, AuthKeyParseError};
 pub use filter::{FilterRule, IpProto, PortRange};
 pub use ids::{NodeId, UserId};
 pub use keys::{ControlKey, KeyParseError, MachineKey, NodeKey};
-pub use netmap::{DnsConfig, MapResponse, Node};
+pub use netmap::{DnsConfig, MapResponse, Node, TunnelSecurity};
 pub use version::CapabilityVersion;

@@ -81,6 +81,22 @@ pub struct MapResponse {
     /// DNS settings.
     #[serde(default)]
     pub dns: Option<DnsConfig>,
+    /// Mesh-wide tunnel security, set by an admin.
+    #[serde(default)]
+    pub tunnel_security: Option<TunnelSecurity>,
+}
+
+/// How tunnels between nodes are keyed (a per-mesh admin setting).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TunnelSecurity {
+    /// Every tunnel carries a post-quantum preshared key; a peer that cannot complete the
+    /// post-quantum handshake gets no tunnel. The default.
+    #[default]
+    PostQuantum,
+    /// Tunnels use classical WireGuard only. An explicit admin choice (e.g. to talk to stock
+    /// WireGuard peers); logged and shown in every node's status.
+    ClassicalOnly,
 }
 
 impl MapResponse {
@@ -97,6 +113,7 @@ impl MapResponse {
             && self.peers_removed.is_empty()
             && self.packet_filter.is_none()
             && self.dns.is_none()
+            && self.tunnel_security.is_none()
     }
 }
 
@@ -141,6 +158,12 @@ mod tests {
         assert!(m.peers_changed[0].endpoints.is_empty());
         assert_eq!(m.peers_removed, vec![NodeId(9)]);
         assert!(m.packet_filter.is_none());
+        assert!(m.tunnel_security.is_none());
+        let unknown = r#"{"seq": 1, "tunnel_security": "quantum_teleport"}"#;
+        assert!(
+            serde_json::from_str::<MapResponse>(unknown).is_err(),
+            "an unknown security mode is rejected, never read as classical"
+        );
     }
 
     #[test]
@@ -154,6 +177,7 @@ mod tests {
                 domain: "mesh.internal".into(),
                 resolver: "100.100.100.100".parse().unwrap(),
             }),
+            tunnel_security: Some(TunnelSecurity::ClassicalOnly),
             ..MapResponse::default()
         };
         let json = serde_json::to_string(&m).unwrap();

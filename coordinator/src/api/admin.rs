@@ -11,7 +11,7 @@ use super::Actor;
 use crate::audit::{Entry, Verification};
 use crate::error::ApiError;
 use crate::model::AuthKeyInfo;
-use crate::ops::{self, CreateAuthKey, CreatedAuthKey, NodeView};
+use crate::ops::{self, CreateAuthKey, CreatedAuthKey, NodeView, Settings};
 use crate::state::AppState;
 
 /// Admin routes.
@@ -24,6 +24,7 @@ pub fn router() -> Router<AppState> {
         .route("/nodes/{name}/expire", post(expire_node))
         .route("/audit", get(audit_list))
         .route("/audit/verify", get(audit_verify))
+        .route("/settings", get(get_settings).put(put_settings))
         .route("/tokens", post(create_token))
         .route("/tokens/{id}", delete(revoke_token))
 }
@@ -114,4 +115,18 @@ async fn revoke_token(
 ) -> Result<Json<Value>, ApiError> {
     ops::revoke_token(&st, &id, &actor).await?;
     Ok(Json(json!({"revoked": id})))
+}
+
+async fn get_settings(State(st): State<AppState>) -> Result<Json<Settings>, ApiError> {
+    Ok(Json(ops::settings(&st).await?))
+}
+
+async fn put_settings(
+    State(st): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Json(req): Json<Settings>,
+) -> Result<Json<Settings>, ApiError> {
+    Ok(Json(
+        ops::set_tunnel_security(&st, req.tunnel_security, &actor).await?,
+    ))
 }

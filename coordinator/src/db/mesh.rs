@@ -2,6 +2,7 @@
 
 use ipnet::Ipv6Net;
 use sqlx::SqliteConnection;
+use wire::TunnelSecurity;
 
 use super::DbError;
 
@@ -39,6 +40,30 @@ pub async fn get_or_create(
         detail: format!("bad ula_prefix {ula:?}"),
     })?;
     Ok(MeshSettings { domain, ula_prefix })
+}
+
+/// The mesh's tunnel security.
+pub async fn tunnel_security(conn: &mut SqliteConnection) -> Result<TunnelSecurity, DbError> {
+    let (v,): (String,) = sqlx::query_as("SELECT tunnel_security FROM mesh WHERE id = 1")
+        .fetch_one(&mut *conn)
+        .await?;
+    serde_json::from_value(serde_json::Value::String(v.clone())).map_err(|_| DbError::Corrupt {
+        table: "mesh",
+        detail: format!("bad tunnel_security {v:?}"),
+    })
+}
+
+/// Sets the mesh's tunnel security.
+pub async fn set_tunnel_security(
+    conn: &mut SqliteConnection,
+    security: TunnelSecurity,
+) -> Result<(), DbError> {
+    let v = serde_json::to_value(security).expect("plain enum");
+    sqlx::query("UPDATE mesh SET tunnel_security = ? WHERE id = 1")
+        .bind(v.as_str().unwrap_or("post_quantum"))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// The next IPv4 offset to try.

@@ -10,8 +10,10 @@
 
 pub mod conntrack;
 pub mod filter;
+pub mod frame;
 pub mod magicsock;
 pub mod packet;
+pub mod pq;
 mod state;
 pub mod status;
 mod tunnel;

@@ -34,6 +34,15 @@ pub struct Counters {
     pub in_delivered: u64,
     /// Packets sent to peers.
     pub out_sent: u64,
+    /// User packets dropped because the peer's tunnel was not keyed yet and the wait queue
+    /// was full (or the peer talked to us with a key we no longer have).
+    pub tun_no_tunnel: u64,
+    /// Lattice frames that were malformed.
+    pub frames_invalid: u64,
+    /// Post-quantum handshake messages refused (undecryptable, unknown peer, replay, ...).
+    pub pq_rejected: u64,
+    /// Post-quantum message 1s dropped by the rate limiter.
+    pub pq_rate_limited: u64,
 }
 
 /// How a peer is reached.
@@ -87,6 +96,14 @@ pub struct PeerStatus {
     pub path: PathStatus,
     /// Whether the session key carries a post-quantum preshared key.
     pub pq: bool,
+    /// Age of the installed post-quantum key.
+    pub pq_psk_age: Option<Duration>,
+    /// Post-quantum exchanges completed with this peer.
+    pub pq_handshakes: u64,
+    /// Times the key chain restarted from zero (a side lost its key).
+    pub pq_chain_resets: u64,
+    /// Why the peer has no post-quantum key, or why the last rotation failed.
+    pub pq_error: Option<String>,
     /// Time since the last completed WireGuard handshake.
     pub since_handshake: Option<Duration>,
     /// Time since the last authenticated packet from the peer.
@@ -108,6 +125,8 @@ pub struct Status {
     pub node_key: NodeKey,
     /// The mesh domain.
     pub domain: Option<String>,
+    /// How the mesh keys its tunnels.
+    pub tunnel_security: wire::TunnelSecurity,
     /// Peers, by name.
     pub peers: Vec<PeerStatus>,
     /// Tracked flows.

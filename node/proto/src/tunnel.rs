@@ -80,6 +80,11 @@ impl Tunnel {
         result
     }
 
+    /// Uses `psk` for future handshakes; the current session keeps working until rekeyed.
+    pub(crate) fn set_psk(&mut self, psk: [u8; 32]) {
+        self.tunn.set_preshared_key(Some(psk));
+    }
+
     /// Starts a handshake now unless one is already in flight.
     pub(crate) fn initiate(&mut self) -> Option<WgKind> {
         self.tunn.format_handshake_initiation(false).map(Into::into)

@@ -30,6 +30,8 @@ pub struct StatusJson {
     pub coordinator: CoordinatorJson,
     /// The mesh DNS domain.
     pub domain: Option<String>,
+    /// How the mesh keys tunnels: `post_quantum` or `classical_only` (an admin setting).
+    pub tunnel_security: wire::TunnelSecurity,
     /// Peers, by name.
     pub peers: Vec<PeerJson>,
     /// Dropped/handled packet counters.
@@ -83,6 +85,14 @@ pub struct PeerJson {
     pub path: PathJson,
     /// Whether the session key is post-quantum.
     pub pq: bool,
+    /// Age of the post-quantum preshared key, in seconds.
+    pub pq_psk_age_secs: Option<u64>,
+    /// Post-quantum handshakes completed with this peer.
+    pub pq_handshakes: u64,
+    /// Times the key chain had to restart (a side lost its key).
+    pub pq_chain_resets: u64,
+    /// Why there is no post-quantum key (or the last rotation failed).
+    pub pq_error: Option<String>,
     /// Last completed WireGuard handshake, unix seconds.
     pub last_handshake_unix: Option<i64>,
     /// Seconds since the last authenticated packet.

@@ -300,6 +300,12 @@ impl EventLoop {
             Event::PathChanged { peer, addr } => {
                 info!(peer = %peer, %addr, "direct path");
             }
+            Event::TunnelSecurityChanged(wire::TunnelSecurity::ClassicalOnly) => {
+                warn!("the mesh admin set tunnels to classical-only: no post-quantum protection");
+            }
+            Event::TunnelSecurityChanged(wire::TunnelSecurity::PostQuantum) => {
+                info!("tunnels require post-quantum keys");
+            }
         }
         Ok(())
     }
@@ -419,6 +425,7 @@ impl EventLoop {
                 last_error: self.last_error.clone(),
             },
             domain: st.domain.clone(),
+            tunnel_security: st.tunnel_security,
             peers: st
                 .peers
                 .iter()
@@ -440,6 +447,10 @@ impl EventLoop {
                         reason: p.path.reason.clone(),
                     },
                     pq: p.pq,
+                    pq_psk_age_secs: p.pq_psk_age.map(|d| d.as_secs()),
+                    pq_handshakes: p.pq_handshakes,
+                    pq_chain_resets: p.pq_chain_resets,
+                    pq_error: p.pq_error.clone(),
                     last_handshake_unix: p.since_handshake.map(|d| now_unix - d.as_secs() as i64),
                     last_rx_secs_ago: p.since_rx.map(|d| d.as_secs()),
                     handshakes: p.handshakes,
@@ -471,6 +482,10 @@ struct CountersJson {
     in_filtered: u64,
     in_delivered: u64,
     out_sent: u64,
+    tun_no_tunnel: u64,
+    frames_invalid: u64,
+    pq_rejected: u64,
+    pq_rate_limited: u64,
 }
 
 impl From<node_proto::Counters> for CountersJson {
@@ -489,6 +504,10 @@ impl From<node_proto::Counters> for CountersJson {
             in_filtered: c.in_filtered,
             in_delivered: c.in_delivered,
             out_sent: c.out_sent,
+            tun_no_tunnel: c.tun_no_tunnel,
+            frames_invalid: c.frames_invalid,
+            pq_rejected: c.pq_rejected,
+            pq_rate_limited: c.pq_rate_limited,
         }
     }
 }

@@ -9,6 +9,7 @@ use wire::{IpProto, NodeId, NodeKey};
 use super::*;
 use crate::packet::tcp_flags;
 use crate::packet::tests::{icmp_echo, ipv4, tcp, udp};
+use crate::pq::{PqConfig, Role};
 
 /// N nodes on one flat network, each with one UDP address.
 struct Net {
@@ -17,6 +18,10 @@ struct Net {
     addrs: Vec<SocketAddr>,
     /// Datagrams dropped on the wire (to simulate an unreachable endpoint).
     blackholed: Vec<SocketAddr>,
+    /// Flip a byte in every Lattice frame on the wire (an attacker in the path).
+    tamper_frames: bool,
+    /// Every datagram that crossed the wire: (from, to, bytes).
+    wire: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
 }
 
 fn private_key(i: usize) -> [u8; 32] {
@@ -25,6 +30,18 @@ fn private_key(i: usize) -> [u8; 32] {
     k[1] = i as u8 + 1;
     k[31] = 0x40;
     k
+}
+
+/// Wall-clock base for the tests' nodes.
+const WALL: u64 = 1_790_000_000_000;
+
+fn config(i: usize, started_later_ms: u64) -> NodeConfig {
+    NodeConfig {
+        private_key: private_key(i),
+        tun_mtu: 1280,
+        pq: PqConfig::default(),
+        wall_clock_ms: WALL + started_later_ms,
+    }
 }
 
 fn public_key(i: usize) -> NodeKey {
@@ -75,14 +92,7 @@ impl Net {
             .collect();
         let mut nodes = Vec::new();
         for i in 0..n {
-            let mut st = NodeState::new(
-                NodeConfig {
-                    private_key: private_key(i),
-                    tun_mtu: 1280,
-                },
-                [i as u8; 32],
-                now,
-            );
+            let mut st = NodeState::new(config(i, 0), [i as u8; 32], now);
             st.handle_netmap(
                 now,
                 MapResponse {
@@ -105,6 +115,8 @@ impl Net {
             nodes,
             addrs,
             blackholed: vec![],
+            tamper_frames: false,
+            wire: vec![],
         }
     }
 
@@ -118,9 +130,19 @@ impl Net {
                     if self.blackholed.contains(&t.dst) {
                         continue;
                     }
+                    let from = self.addrs[i];
+                    let mut bytes = t.payload.to_vec();
+                    if self.tamper_frames && bytes.starts_with(&magicsock::FRAME_MAGIC) {
+                        let n = bytes.len();
+                        bytes[n - 1] ^= 0x01;
+                    }
+                    self.wire.push((from, t.dst, bytes.clone()));
                     if let Some(j) = self.addrs.iter().position(|a| *a == t.dst) {
-                        let from = self.addrs[i];
-                        self.nodes[j].handle_datagram(self.now, from, t.payload);
+                        self.nodes[j].handle_datagram(
+                            self.now,
+                            from,
+                            Packet::copy_from(&bytes[..]),
+                        );
                     }
                 }
             }
@@ -314,15 +336,7 @@ fn peer_key_rotation_replaces_the_tunnel() {
     net.send(0, ipv4(v4(0), v4(1), 17, &udp(1, 2, b"x")));
     assert_eq!(net.received(1).len(), 1);
     // node 1 gets a new key; node 0 learns of it from the netmap
-    let new_private = private_key(7);
-    let mut fresh = NodeState::new(
-        NodeConfig {
-            private_key: new_private,
-            tun_mtu: 1280,
-        },
-        [9; 32],
-        net.now,
-    );
+    let mut fresh = NodeState::new(config(7, 1000), [9; 32], net.now);
     let mut n1 = node(1, vec![net.addrs[1]]);
     n1.node_key = public_key(7);
     fresh.handle_netmap(
@@ -398,14 +412,7 @@ fn a_snapshot_restores_the_same_mesh_in_a_fresh_node() {
     let mut net = Net::new(2);
     net.send(0, ipv4(v4(0), v4(1), 17, &udp(1, 2, b"x")));
     let snap = net.nodes[1].netmap_snapshot();
-    let mut restarted = NodeState::new(
-        NodeConfig {
-            private_key: private_key(1),
-            tun_mtu: 1280,
-        },
-        [42; 32],
-        net.now,
-    );
+    let mut restarted = NodeState::new(config(1, 60_000), [42; 32], net.now);
     restarted.handle_netmap(net.now, snap);
     net.nodes[1] = restarted;
     // Node 0 still uses the old session: that packet is lost, but it makes node 1 start a
@@ -436,4 +443,243 @@ fn stale_session_hints_are_rate_limited_and_ignore_strangers() {
     assert!(net.nodes[1].poll_transmit().is_none());
     net.nodes[1].handle_datagram(net.now, net.addrs[0], Packet::copy_from(&data[..]));
     assert!(net.nodes[1].poll_transmit().is_none());
+}
+
+/// Index in `net.wire` of the first datagram matching `f`.
+fn first(net: &Net, f: impl Fn(&[u8]) -> bool) -> Option<usize> {
+    net.wire.iter().position(|(_, _, b)| f(b))
+}
+
+fn is_wg(b: &[u8]) -> bool {
+    magicsock::classify(b) == DatagramKind::WireGuard
+}
+
+fn is_pq_resp(b: &[u8]) -> bool {
+    matches!(
+        crate::frame::decode(b),
+        Some(crate::frame::Frame::Chunk {
+            kind: crate::frame::Kind::PqResp,
+            ..
+        })
+    )
+}
+
+#[test]
+fn no_wireguard_message_precedes_the_post_quantum_key() {
+    let mut net = Net::new(2);
+    let p = ipv4(v4(0), v4(1), 17, &udp(1, 2, b"first"));
+    net.send(0, p.clone());
+    assert_eq!(
+        net.received(1),
+        vec![p],
+        "the first packet waited for the key, then arrived"
+    );
+    let first_wg = first(&net, is_wg).expect("a wireguard handshake happened");
+    let first_resp = first(&net, is_pq_resp).expect("a post-quantum exchange happened");
+    assert!(
+        first_resp < first_wg,
+        "wireguard started only after the post-quantum reply"
+    );
+    for n in &net.nodes {
+        let st = n.status(net.now);
+        assert!(st.peers[0].pq, "status shows post-quantum");
+        assert_eq!(st.peers[0].pq_handshakes, 1);
+        assert!(st.peers[0].pq_psk_age.is_some());
+        assert_eq!(st.peers[0].pq_error, None);
+    }
+    // The frames never exceed a conservative path MTU.
+    assert!(
+        net.wire.iter().all(|(_, _, b)| b.len() <= 1100),
+        "no oversized datagram"
+    );
+}
+
+#[test]
+fn traffic_from_the_responder_nudges_the_initiator() {
+    let mut net = Net::new(2);
+    let responder = if net.nodes[0].pq_role(public_key(1)) == Some(Role::Responder) {
+        0
+    } else {
+        1
+    };
+    let other = 1 - responder;
+    let p = ipv4(
+        v4(responder),
+        v4(other),
+        17,
+        &udp(1, 2, b"from the responder"),
+    );
+    net.send(responder, p.clone());
+    assert_eq!(net.received(other), vec![p]);
+    assert!(net.wire.iter().any(|(_, _, b)| matches!(
+        crate::frame::decode(b),
+        Some(crate::frame::Frame::Nudge { .. })
+    )));
+}
+
+#[test]
+fn rotations_lose_no_packet_and_chain_the_keys() {
+    let mut net = Net::new(2);
+    for n in &mut net.nodes {
+        n.pq_config.rotation = Duration::from_secs(5);
+    }
+    // Peers were added before the shorter rotation was set: re-create their key schedules.
+    for i in 0..2 {
+        let mut st = NodeState::new(
+            NodeConfig {
+                pq: PqConfig {
+                    rotation: Duration::from_secs(5),
+                },
+                ..config(i, 0)
+            },
+            [i as u8; 32],
+            net.now,
+        );
+        st.handle_netmap(
+            net.now,
+            MapResponse {
+                seq: 1,
+                node: Some(node(i, vec![net.addrs[i]])),
+                peers: Some(vec![node(1 - i, vec![net.addrs[1 - i]])]),
+                packet_filter: Some(allow_all(i)),
+                ..Default::default()
+            },
+        );
+        net.nodes[i] = st;
+    }
+    let mut sent = 0;
+    for round in 0..40u16 {
+        for (a, b) in [(0, 1), (1, 0)] {
+            let p = ipv4(v4(a), v4(b), 17, &udp(round, 9, b"stream"));
+            net.send(a, p.clone());
+            assert_eq!(net.received(b), vec![p], "round {round}: {a} -> {b}");
+            sent += 1;
+        }
+        net.tick(Duration::from_millis(500));
+    }
+    assert_eq!(sent, 80);
+    let st = net.nodes[0].status(net.now);
+    assert!(
+        st.peers[0].pq_handshakes >= 3,
+        "three rotations in 20 s: {}",
+        st.peers[0].pq_handshakes
+    );
+    assert_eq!(st.peers[0].pq_chain_resets, 0);
+    assert!(st.peers[0].pq_psk_age.unwrap() <= Duration::from_secs(6));
+}
+
+#[test]
+fn tampered_post_quantum_messages_mean_no_tunnel_and_no_user_traffic() {
+    let mut net = Net::new(2);
+    net.tamper_frames = true;
+    for _ in 0..10 {
+        net.send(0, ipv4(v4(0), v4(1), 17, &udp(1, 2, b"must not arrive")));
+        net.send(1, ipv4(v4(1), v4(0), 17, &udp(1, 2, b"must not arrive")));
+        net.tick(Duration::from_secs(3));
+    }
+    assert!(net.received(0).is_empty() && net.received(1).is_empty());
+    assert!(
+        first(&net, is_wg).is_none(),
+        "not a single wireguard message was sent"
+    );
+    let ini = if net.nodes[0].pq_role(public_key(1)) == Some(Role::Initiator) {
+        0
+    } else {
+        1
+    };
+    let st = net.nodes[ini].status(net.now);
+    assert!(!st.peers[0].pq);
+    assert_eq!(st.peers[0].path.kind, PathKind::None);
+    let why = st.peers[0].path.reason.clone().unwrap();
+    assert!(why.contains("post-quantum"), "{why}");
+}
+
+#[test]
+fn a_replayed_message_1_is_refused_and_changes_no_key() {
+    let mut net = Net::new(2);
+    net.send(0, ipv4(v4(0), v4(1), 17, &udp(1, 2, b"x")));
+    assert_eq!(net.received(1).len(), 1);
+    let init_frames: Vec<(SocketAddr, SocketAddr, Vec<u8>)> = net
+        .wire
+        .iter()
+        .filter(|(_, _, b)| {
+            matches!(
+                crate::frame::decode(b),
+                Some(crate::frame::Frame::Chunk {
+                    kind: crate::frame::Kind::PqInit,
+                    ..
+                })
+            )
+        })
+        .cloned()
+        .collect();
+    assert!(!init_frames.is_empty());
+    let responder = net
+        .addrs
+        .iter()
+        .position(|a| *a == init_frames[0].1)
+        .unwrap();
+    let before = net.nodes[responder].status(net.now);
+    // Much later, an attacker replays message 1 from another address.
+    net.now += Duration::from_secs(60);
+    let attacker: SocketAddr = "203.0.113.66:4444".parse().unwrap();
+    for (_, _, b) in &init_frames {
+        net.nodes[responder].handle_datagram(net.now, attacker, Packet::copy_from(&b[..]));
+    }
+    let after = net.nodes[responder].status(net.now);
+    assert_eq!(
+        after.peers[0].pq_handshakes, before.peers[0].pq_handshakes,
+        "no new key"
+    );
+    assert!(after.counters.pq_rejected > before.counters.pq_rejected);
+    assert!(
+        net.nodes[responder].poll_transmit().is_none(),
+        "nothing sent to the attacker"
+    );
+    net.send(0, ipv4(v4(0), v4(1), 17, &udp(1, 2, b"still works")));
+    assert_eq!(net.received(1).len(), 1);
+}
+
+#[test]
+fn a_classical_only_mesh_uses_plain_wireguard_and_says_so() {
+    let mut net = Net::new(2);
+    for n in &mut net.nodes {
+        n.handle_netmap(
+            net.now,
+            MapResponse {
+                seq: 2,
+                tunnel_security: Some(TunnelSecurity::ClassicalOnly),
+                ..Default::default()
+            },
+        );
+    }
+    let p = ipv4(v4(0), v4(1), 17, &udp(1, 2, b"classical"));
+    net.send(0, p.clone());
+    assert_eq!(net.received(1), vec![p]);
+    assert!(
+        net.wire
+            .iter()
+            .all(|(_, _, b)| !b.starts_with(&magicsock::FRAME_MAGIC)),
+        "no post-quantum frames"
+    );
+    let st = net.nodes[0].status(net.now);
+    assert!(!st.peers[0].pq);
+    assert!(st.peers[0].pq_error.as_ref().unwrap().contains("classical"));
+    // Back to post-quantum: classical tunnels are dropped and traffic waits for a new key.
+    for n in &mut net.nodes {
+        n.handle_netmap(
+            net.now,
+            MapResponse {
+                seq: 3,
+                tunnel_security: Some(TunnelSecurity::PostQuantum),
+                ..Default::default()
+            },
+        );
+    }
+    net.wire.clear();
+    let p = ipv4(v4(0), v4(1), 17, &udp(1, 2, b"post-quantum again"));
+    net.send(0, p.clone());
+    assert_eq!(net.received(1), vec![p]);
+    assert!(first(&net, is_pq_resp).unwrap() < first(&net, is_wg).unwrap());
+    assert!(net.nodes[0].status(net.now).peers[0].pq);
 }

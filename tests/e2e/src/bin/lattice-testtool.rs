@@ -40,6 +40,18 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Forward UDP between the last client of `listen` and `upstream` (from a socket bound to
+    /// `upstream_bind`); with `--tamper-frames`, flip a byte in every Lattice frame.
+    UdpProxy {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        upstream: SocketAddr,
+        #[arg(long)]
+        upstream_bind: SocketAddr,
+        #[arg(long)]
+        tamper_frames: bool,
+    },
     /// Send `bytes` pseudo-random bytes from `seed`, print `<bytes> <sha256>`.
     TcpSend {
         #[arg(long)]
@@ -103,6 +115,40 @@ fn main() -> anyhow::Result<()> {
                 total += n as u64;
             }
             println!("{total} {}", hex(&h.finalize()));
+        }
+        Cmd::UdpProxy {
+            listen,
+            upstream,
+            upstream_bind,
+            tamper_frames,
+        } => {
+            let front = std::sync::Arc::new(UdpSocket::bind(listen)?);
+            let back = std::sync::Arc::new(UdpSocket::bind(upstream_bind)?);
+            let client = std::sync::Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+            let tamper = move |b: &mut [u8]| {
+                if tamper_frames && b.starts_with(b"LTC\x01") && b.len() > 12 {
+                    let n = b.len();
+                    b[n - 1] ^= 0x01;
+                }
+            };
+            let (f2, b2, c2) = (front.clone(), back.clone(), client.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while let Ok((n, _)) = b2.recv_from(&mut buf) {
+                    tamper(&mut buf[..n]);
+                    let to = *c2.lock().expect("lock");
+                    if let Some(to) = to {
+                        let _ = f2.send_to(&buf[..n], to);
+                    }
+                }
+            });
+            let mut buf = [0u8; 2048];
+            loop {
+                let (n, from) = front.recv_from(&mut buf)?;
+                *client.lock().expect("lock") = Some(from);
+                tamper(&mut buf[..n]);
+                let _ = back.send_to(&buf[..n], upstream);
+            }
         }
         Cmd::TcpSend { to, bytes, seed } => {
             let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(10))

@@ -1,0 +1,266 @@
+//! The WireGuard data path: packets from the TUN device out to peers, datagrams from peers
+//! in through cryptokey routing and the packet filter.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use gotatun::noise::TunnResult;
+use gotatun::noise::handshake::parse_handshake_anon;
+use gotatun::packet::{Packet, WgKind};
+use tracing::{debug, trace};
+use wire::NodeKey;
+
+use super::peers::MAX_WAITING;
+use super::{Event, NodeState, Transmit};
+use crate::conntrack::Known;
+use crate::packet::{self, PacketInfo, Transport};
+
+/// Smallest fragment offset (8-byte units) let through without a transport header: anything
+/// lower could overlap the first fragment's ports and flags (RFC 1858).
+const MIN_FRAGMENT_OFFSET: u16 = 3;
+/// At most one reaction per peer per this interval to it using a session we do not have.
+const STALE_HINT_INTERVAL: Duration = Duration::from_secs(2);
+
+impl NodeState {
+    /// A packet from the TUN device: track its flow and send it to the peer owning its
+    /// destination, or hold it while that peer's tunnel is being keyed.
+    pub(super) fn outbound(&mut self, now: Instant, packet: Packet) {
+        let Some(dst) = packet::destination(&packet) else {
+            self.counters.tun_malformed += 1;
+            return;
+        };
+        let Some(key) = self.by_ip.get(&dst).copied() else {
+            self.counters.tun_no_route += 1;
+            trace!(%dst, "no peer owns this address");
+            return;
+        };
+        match PacketInfo::parse(&packet) {
+            Ok(info) => {
+                if !self.local_addrs.contains(&info.tuple.src) {
+                    self.counters.tun_bad_source += 1;
+                    return;
+                }
+                if !matches!(info.transport, Transport::Fragment { .. }) {
+                    self.flows.track_outbound(now, &info.tuple, info.transport);
+                }
+            }
+            Err(_) => {
+                self.counters.tun_malformed += 1;
+                return;
+            }
+        }
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        if peer.tunnel.is_none() {
+            if peer.waiting.len() < MAX_WAITING {
+                peer.waiting.push_back(packet);
+            } else {
+                self.counters.tun_no_tunnel += 1;
+            }
+            self.pq_want(now, key);
+            return;
+        }
+        self.encapsulate(now, key, packet);
+    }
+
+    /// Encrypts a packet for `key` (whose tunnel exists) and sends it.
+    pub(super) fn encapsulate(&mut self, now: Instant, key: NodeKey, packet: Packet) {
+        let Some(tunnel) = self.peers.get_mut(&key).and_then(|p| p.tunnel.as_mut()) else {
+            return;
+        };
+        if let Some(wg) = tunnel.encapsulate(packet) {
+            self.send_to_peer(now, key, wg);
+        }
+    }
+
+    pub(super) fn handle_wireguard(&mut self, now: Instant, from: SocketAddr, datagram: Packet) {
+        let wg = match self.rate_limiter.verify_packet(from, datagram) {
+            Ok(wg) => wg,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                self.counters.wg_cookies_sent += 1;
+                self.transmits.push_back(Transmit {
+                    dst: from,
+                    payload: cookie.into(),
+                });
+                return;
+            }
+            Err(_) => {
+                self.counters.wg_invalid += 1;
+                return;
+            }
+        };
+        let key = match &wg {
+            WgKind::HandshakeInit(p) => parse_handshake_anon(&self.private, &self.public, p)
+                .ok()
+                .map(|h| NodeKey::from_bytes(h.peer_static_public)),
+            WgKind::HandshakeResp(p) => self.by_index.get(&p.receiver_idx.get()).copied(),
+            WgKind::CookieReply(p) => self.by_index.get(&p.receiver_idx.get()).copied(),
+            WgKind::Data(p) => self.by_index.get(&p.header.receiver_idx.get()).copied(),
+        };
+        let Some(key) = key.filter(|k| self.peers.contains_key(k)) else {
+            if matches!(wg, WgKind::Data(_)) {
+                self.hint_stale_session(now, from);
+            }
+            self.counters.wg_unknown_peer += 1;
+            trace!(%from, "wireguard message from no current peer");
+            return;
+        };
+        let peer = self.peers.get_mut(&key).expect("checked above");
+        let Some(tunnel) = peer.tunnel.as_mut() else {
+            // The peer has a key with us that we do not (we restarted): get a new one.
+            self.counters.tun_no_tunnel += 1;
+            self.pq_restart(now, key);
+            return;
+        };
+        match tunnel.decapsulate(wg) {
+            TunnResult::WriteToNetwork(reply) => {
+                self.learn_path(now, key, from);
+                self.register_index(key, &reply);
+                self.transmits.push_back(Transmit {
+                    dst: from,
+                    payload: reply.into(),
+                });
+                let peer = self.peers.get_mut(&key).expect("checked above");
+                let queued = peer.tunnel.as_mut().map(|t| t.queued()).unwrap_or_default();
+                for q in queued {
+                    self.transmits.push_back(Transmit {
+                        dst: from,
+                        payload: q.into(),
+                    });
+                    self.counters.out_sent += 1;
+                }
+            }
+            TunnResult::WriteToTunnel(inner) => {
+                self.learn_path(now, key, from);
+                if !inner.is_empty() {
+                    self.deliver(now, key, inner);
+                }
+            }
+            TunnResult::Done => {}
+            TunnResult::Err(e) => {
+                self.counters.wg_invalid += 1;
+                trace!(peer = %key, error = ?e, "wireguard message rejected");
+            }
+        }
+    }
+
+    /// Filters a decrypted packet from peer `key` and queues it for the TUN device.
+    fn deliver(&mut self, now: Instant, key: NodeKey, mut inner: Packet) {
+        let Ok(info) = PacketInfo::parse(&inner) else {
+            self.counters.in_malformed += 1;
+            return;
+        };
+        // A successful parse guarantees the claimed length fits in the buffer.
+        if let Some(len) = packet::claimed_len(&inner) {
+            inner.truncate(len);
+        }
+        if self.by_ip.get(&info.tuple.src) != Some(&key) {
+            self.counters.in_spoofed += 1;
+            trace!(src = %info.tuple.src, peer = %key, "source address does not belong to the peer");
+            return;
+        }
+        if !self.local_addrs.contains(&info.tuple.dst) {
+            self.counters.in_not_for_us += 1;
+            return;
+        }
+        let admitted = match info.transport {
+            Transport::Fragment { offset } => offset >= MIN_FRAGMENT_OFFSET,
+            transport => match self.flows.classify_inbound(now, &info.tuple, transport) {
+                Known::Reply | Known::Established | Known::Related => true,
+                Known::New => {
+                    let verdict = self.filter.evaluate(&info.tuple);
+                    if verdict.is_accept() {
+                        self.flows.admit_inbound(now, &info.tuple, transport);
+                    }
+                    verdict.is_accept()
+                }
+            },
+        };
+        if !admitted {
+            self.counters.in_filtered += 1;
+            trace!(tuple = ?info.tuple, "dropped by the packet filter");
+            return;
+        }
+        self.counters.in_delivered += 1;
+        self.tun_writes.push_back(inner);
+    }
+
+    pub(super) fn send_to_peer(&mut self, now: Instant, key: NodeKey, wg: WgKind) {
+        self.register_index(key, &wg);
+        let Some(peer) = self.peers.get(&key) else {
+            return;
+        };
+        let targets = if matches!(wg, WgKind::HandshakeInit(_)) {
+            peer.path.handshake_targets(now)
+        } else {
+            peer.path.data_target().into_iter().collect()
+        };
+        let payload: Packet = wg.into();
+        let Some((last, rest)) = targets.split_last() else {
+            return;
+        };
+        for dst in rest {
+            self.transmits.push_back(Transmit {
+                dst: *dst,
+                payload: Packet::copy_from(&payload[..]),
+            });
+        }
+        self.transmits.push_back(Transmit {
+            dst: *last,
+            payload,
+        });
+        self.counters.out_sent += 1;
+    }
+
+    /// A data packet for a session we do not have arrived from `from`. If `from` is a known
+    /// peer's address, that peer still holds a session we lost (we restarted, or it rotated
+    /// past us): start a handshake (or, without a tunnel, a new post-quantum key) so it
+    /// switches now instead of after WireGuard's 15 s silence timer. The reaction goes to the
+    /// peer's known path, never to `from` alone, so this cannot reflect traffic at a third
+    /// party.
+    fn hint_stale_session(&mut self, now: Instant, from: SocketAddr) {
+        let Some((key, peer)) = self.peers.iter_mut().find(|(_, p)| p.path.knows(from)) else {
+            return;
+        };
+        if peer
+            .last_stale_hint
+            .is_some_and(|t| now.saturating_duration_since(t) < STALE_HINT_INTERVAL)
+        {
+            return;
+        }
+        peer.last_stale_hint = Some(now);
+        let key = *key;
+        match peer.tunnel.as_mut() {
+            Some(tunnel) => {
+                if let Some(init) = tunnel.initiate() {
+                    debug!(peer = %key, %from, "peer uses a session we lost; re-handshaking");
+                    self.send_to_peer(now, key, init);
+                }
+            }
+            None => self.pq_restart(now, key),
+        }
+    }
+
+    pub(super) fn register_index(&mut self, key: NodeKey, wg: &WgKind) {
+        let idx = match wg {
+            WgKind::HandshakeInit(p) => p.sender_idx.get(),
+            WgKind::HandshakeResp(p) => p.sender_idx.get(),
+            _ => return,
+        };
+        self.by_index.insert(idx, key);
+    }
+
+    pub(super) fn learn_path(&mut self, now: Instant, key: NodeKey, from: SocketAddr) {
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        if peer.path.learn(now, from) {
+            debug!(peer = %peer.node.name, %from, "direct path confirmed");
+            self.events.push_back(Event::PathChanged {
+                peer: peer.node.id,
+                addr: from,
+            });
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! The peer table, built from netmaps.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use gotatun::packet::Packet;
+use tracing::{debug, warn};
+use wire::NodeId;
+use wire::netmap::{Node, TunnelSecurity};
+
+use super::{Event, NodeState};
+use crate::magicsock::PathState;
+use crate::pq::PqPeer;
+use crate::tunnel::Tunnel;
+
+/// Packets kept per peer while its tunnel is being keyed.
+pub(super) const MAX_WAITING: usize = 64;
+
+pub(super) struct Peer {
+    pub(super) node: Node,
+    /// The WireGuard tunnel; absent until the first post-quantum key exists (or at once in a
+    /// classical-only mesh), so no user packet ever crosses a classically keyed session.
+    pub(super) tunnel: Option<Tunnel>,
+    pub(super) path: PathState,
+    pub(super) pq: PqPeer,
+    /// Whether a tunnel was asked for (traffic or a nudge).
+    pub(super) pq_wanted: bool,
+    /// User packets waiting for the tunnel.
+    pub(super) waiting: VecDeque<Packet>,
+    /// When we last reacted to the peer using a session we do not have.
+    pub(super) last_stale_hint: Option<Instant>,
+}
+
+impl NodeState {
+    pub(super) fn upsert_peer(&mut self, _now: Instant, node: Node) {
+        if node.node_key == self.node_key {
+            return;
+        }
+        if let Some(old_key) = self.by_id.get(&node.id).copied()
+            && old_key != node.node_key
+        {
+            // The peer rotated its key: a new tunnel and a new key schedule.
+            self.remove_peer(node.id);
+        }
+        let key = node.node_key;
+        if let Some(peer) = self.peers.get_mut(&key) {
+            for a in &peer.node.addresses {
+                if self.by_ip.get(a) == Some(&key) {
+                    self.by_ip.remove(a);
+                }
+            }
+            peer.path.set_candidates(node.endpoints.clone());
+            peer.node = node;
+        } else {
+            let mut path = PathState::default();
+            path.set_candidates(node.endpoints.clone());
+            debug!(peer = %node.name, key = %key, "peer added");
+            self.by_id.insert(node.id, key);
+            let mut peer = Peer {
+                pq: PqPeer::new(self.node_key, key, self.pq_config),
+                node,
+                tunnel: None,
+                path,
+                pq_wanted: false,
+                waiting: VecDeque::new(),
+                last_stale_hint: None,
+            };
+            if self.security == TunnelSecurity::ClassicalOnly {
+                peer.tunnel = Some(self.new_tunnel(key, None));
+            }
+            self.peers.insert(key, peer);
+        }
+        let peer = self.peers.get(&key).expect("inserted above");
+        for a in &peer.node.addresses {
+            self.by_ip.insert(*a, key);
+        }
+    }
+
+    pub(super) fn remove_peer(&mut self, id: NodeId) {
+        let Some(key) = self.by_id.remove(&id) else {
+            return;
+        };
+        let Some(peer) = self.peers.remove(&key) else {
+            return;
+        };
+        for a in &peer.node.addresses {
+            if self.by_ip.get(a) == Some(&key) {
+                self.by_ip.remove(a);
+            }
+            self.flows.forget_address(*a);
+        }
+        self.by_index.retain(|_, k| *k != key);
+        debug!(peer = %peer.node.name, key = %key, "peer removed");
+    }
+
+    /// Switches the mesh's tunnel security. Every tunnel is rebuilt under the new mode, so no
+    /// classical tunnel survives a switch back to post-quantum.
+    pub(super) fn set_security(&mut self, _now: Instant, security: TunnelSecurity) {
+        match security {
+            TunnelSecurity::ClassicalOnly => warn!(
+                "the mesh admin allows classical tunnels: new tunnels carry no post-quantum key"
+            ),
+            TunnelSecurity::PostQuantum => debug!("tunnels require post-quantum keys"),
+        }
+        self.security = security;
+        let keys: Vec<_> = self.peers.keys().copied().collect();
+        for key in keys {
+            let tunnel = match security {
+                TunnelSecurity::ClassicalOnly => Some(self.new_tunnel(key, None)),
+                TunnelSecurity::PostQuantum => None,
+            };
+            if let Some(p) = self.peers.get_mut(&key) {
+                p.tunnel = tunnel;
+                p.pq = PqPeer::new(self.node_key, key, self.pq_config);
+                p.pq_wanted = false;
+            }
+        }
+        self.by_index.clear();
+        self.events
+            .push_back(Event::TunnelSecurityChanged(security));
+    }
+}
