@@ -106,7 +106,7 @@ fn tampering_with_any_byte_of_message_2_fails() {
     // The initiator state is consumed by `finish`, so replay the start deterministically for
     // every position: same seed, same messages.
     drop(ini);
-    for i in (0..msg2.len()).step_by(7).chain([msg2.len() - 1]) {
+    for i in 0..msg2.len() {
         let mut p2 = parties(4);
         let (ini2, _) = InitiatorHandshake::start(
             &mut p2.rng,
