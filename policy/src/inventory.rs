@@ -5,8 +5,10 @@ use std::net::IpAddr;
 
 use wire::NodeId;
 
+use crate::ast::Attrs;
+
 /// One node as the policy sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct InventoryNode {
     /// The node's id.
     pub id: NodeId,
@@ -18,10 +20,12 @@ pub struct InventoryNode {
     pub user: Option<String>,
     /// ACL tags.
     pub tags: Vec<String>,
+    /// Posture facts and admin-set attributes (`node:os`, `custom:team`, `fact:ok`).
+    pub attrs: Attrs,
 }
 
 /// All nodes in the mesh, by id.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Inventory {
     nodes: BTreeMap<NodeId, InventoryNode>,
 }

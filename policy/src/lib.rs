@@ -1,44 +1,142 @@
 //! Lattice access policy.
 //!
-//! Turns a policy plus the coordinator's inventory of nodes into what each node needs: the
-//! inbound [`wire::FilterRule`]s it enforces and the set of peers it may see. Pure functions, no
-//! I/O, no clock: the caller passes the time.
+//! An admin writes one HuJSON file; this crate parses it with line:column diagnostics (all of
+//! them, not just the first), checks every reference, runs its `tests`, and compiles it
+//! against the coordinator's inventory into what each node enforces: inbound
+//! [`wire::FilterRule`]s and the set of peers it may see. Pure functions: no I/O, no clock (the
+//! caller passes the time), and the IANA time-zone database compiled in.
 //!
-//! Until an admin sets a policy file, the coordinator uses [`Policy::allow_all`], a named
-//! default under which every node may reach every node on every port. It is compiled through the
-//! same path as any other policy (it is not a bypass of the filter).
+//! The language keeps Tailscale's meaning for `groups`, `tagOwners`, `hosts`, `acls`, `tests`
+//! and `postures` (so such a Tailscale file works unchanged) and adds:
+//! - `"action": "deny"` rules: a connection is allowed when at least one accept rule matches
+//!   and no deny rule does (deny wins; rule order does not matter);
+//! - postures over `node:` facts the node reports, `fact:` facts from the node's posture
+//!   command and `custom:` attributes set by admins, chosen per rule with `srcPosture` (the
+//!   source must satisfy one of the listed postures; each posture is a list of conditions
+//!   that must all hold);
+//! - `"when": {"days", "hours", "timezone"}` windows and `notBefore` / `expires` times;
+//! - tests that state the source's attributes (`srcAttrs`) and the time (`at`).
+//!
+//! Until an admin sets a file, the coordinator uses [`Policy::allow_all`], a named default
+//! under which every node may reach every node on every protocol, compiled like any policy.
 #![warn(missing_docs)]
 
+mod ast;
 mod compile;
+mod diff;
+mod error;
+mod eval;
+pub mod hujson;
 mod inventory;
+mod parse;
+mod schedule;
 
-pub use compile::Compiled;
+use std::sync::Arc;
+
+use jiff::Timestamp;
+
+pub use ast::Attrs;
+pub use compile::{Compiled, CompiledPolicy, HORIZON};
+pub use diff::{Access, Change, PolicyDiff, diff};
+pub use error::{Diagnostic, PolicyError};
 pub use inventory::{Inventory, InventoryNode};
 
-/// An access policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Policy {
-    kind: PolicyKind,
-}
+use ast::{Action, Dst, PolicyFile, Ports, Proto, Rule, Selector};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum PolicyKind {
-    AllowAll,
+/// Origin string of the built-in default.
+pub const ALLOW_ALL: &str = "default:allow-all";
+
+/// An access policy (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    file: Arc<PolicyFile>,
 }
 
 impl Policy {
     /// The built-in default: every node may reach every node, any protocol and port.
     pub fn allow_all() -> Self {
         Self {
-            kind: PolicyKind::AllowAll,
+            file: Arc::new(PolicyFile {
+                file: ALLOW_ALL.to_owned(),
+                groups: Default::default(),
+                tag_owners: Default::default(),
+                hosts: Default::default(),
+                postures: Default::default(),
+                default_src_posture: Vec::new(),
+                rules: vec![Rule {
+                    origin: ALLOW_ALL.to_owned(),
+                    action: Action::Accept,
+                    src: vec![Selector::Any],
+                    dst: vec![Dst {
+                        sel: Selector::Any,
+                        ports: Ports::Any,
+                    }],
+                    proto: Proto::All,
+                    src_posture: Vec::new(),
+                    when: None,
+                    not_before: None,
+                    expires: None,
+                }],
+                tests: Vec::new(),
+            }),
         }
     }
 
-    /// A short name for logs and `policy get`.
-    pub fn name(&self) -> &'static str {
-        match self.kind {
-            PolicyKind::AllowAll => compile::ALLOW_ALL_ORIGIN,
+    /// Parses and type-checks a policy file (not its tests). `file` names it in messages.
+    pub fn parse(file: &str, text: &str) -> Result<Self, PolicyError> {
+        Ok(Self {
+            file: Arc::new(parse::check(file, text)?),
+        })
+    }
+
+    /// Parses, type-checks and runs the file's tests at `now` (a test may set its own time).
+    /// Everything that is wrong is reported.
+    pub fn check(
+        file: &str,
+        text: &str,
+        now: Timestamp,
+        inventory: Option<&Inventory>,
+    ) -> Result<Self, PolicyError> {
+        let policy = Self::parse(file, text)?;
+        let failures = policy.file.run_tests(now, inventory);
+        if failures.is_empty() {
+            Ok(policy)
+        } else {
+            Err(PolicyError {
+                file: file.to_owned(),
+                diagnostics: failures,
+            })
         }
+    }
+
+    /// The name used in messages (the file name, or the default's name).
+    pub fn name(&self) -> &str {
+        &self.file.file
+    }
+
+    /// Whether this is the built-in default.
+    pub fn is_default(&self) -> bool {
+        self.file.file == ALLOW_ALL
+    }
+
+    /// Number of rules.
+    pub fn rule_count(&self) -> usize {
+        self.file.rules.len()
+    }
+
+    /// Number of tests.
+    pub fn test_count(&self) -> usize {
+        self.file.tests.len()
+    }
+
+    /// Whether nodes may carry `tag` under this policy: the default allows any tag; a policy
+    /// file must declare it in `tagOwners`.
+    pub fn declares_tag(&self, tag: &str) -> bool {
+        self.is_default() || self.file.tag_owners.contains(tag)
+    }
+
+    pub(crate) fn file(&self) -> &PolicyFile {
+        &self.file
     }
 }
 
@@ -47,3 +145,6 @@ impl Default for Policy {
         Self::allow_all()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -8,6 +8,8 @@
 //! The node's identity is the machine key it proved in the Noise handshake. No message carries
 //! an identity the coordinator would trust.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
@@ -19,7 +21,7 @@ use crate::netmap::MapResponse;
 use crate::version::CapabilityVersion;
 
 /// Node -> coordinator.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
     /// First message on every connection.
@@ -31,9 +33,51 @@ pub enum ClientMessage {
     },
     /// The node is leaving for good (`lattice logout`, or `down` on an ephemeral node).
     Logout,
+    /// The node's posture facts (sent when they change).
+    Posture {
+        /// Facts by attribute name (`node:os`, `node:diskEncrypted`, `fact:...`).
+        facts: BTreeMap<String, AttrValue>,
+    },
     /// A message this build does not know.
     #[serde(other)]
     Unknown,
+}
+
+/// The value of a node attribute (posture fact or admin-set attribute).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AttrValue {
+    /// A boolean.
+    Bool(bool),
+    /// A number.
+    Number(f64),
+    /// A string.
+    String(String),
+}
+
+impl AttrValue {
+    /// Reads a value from text: `true`/`false`, a number, or else a string.
+    pub fn from_text(s: &str) -> Self {
+        match s {
+            "true" => Self::Bool(true),
+            "false" => Self::Bool(false),
+            _ => s
+                .parse::<f64>()
+                .ok()
+                .filter(|n| n.is_finite())
+                .map_or_else(|| Self::String(s.to_owned()), Self::Number),
+        }
+    }
+}
+
+impl fmt::Display for AttrValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Bool(b) => write!(f, "{b}"),
+            Self::Number(n) => write!(f, "{n}"),
+            Self::String(s) => write!(f, "{s}"),
+        }
+    }
 }
 
 /// The node's opening message.
@@ -194,6 +238,15 @@ mod tests {
                 endpoints: vec!["[2001:db8::1]:5".parse().unwrap()],
             },
             ClientMessage::Logout,
+            ClientMessage::Posture {
+                facts: [
+                    ("node:os".to_owned(), AttrValue::String("linux".into())),
+                    ("node:diskEncrypted".to_owned(), AttrValue::Bool(false)),
+                    ("fact:score".to_owned(), AttrValue::Number(7.5)),
+                ]
+                .into_iter()
+                .collect(),
+            },
         ];
         for m in msgs {
             let json = serde_json::to_string(&m).unwrap();
@@ -205,6 +258,21 @@ mod tests {
         }));
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<ServerMessage>(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn can_deserialize_posture_and_attr_values_from_text() {
+        let json =
+            r#"{"type": "posture", "facts": {"node:os": "linux", "fact:ok": true, "fact:n": 3}}"#;
+        let ClientMessage::Posture { facts } = serde_json::from_str(json).unwrap() else {
+            panic!("not posture");
+        };
+        assert_eq!(facts["fact:ok"], AttrValue::Bool(true));
+        assert_eq!(facts["fact:n"], AttrValue::Number(3.0));
+        assert_eq!(AttrValue::from_text("false"), AttrValue::Bool(false));
+        assert_eq!(AttrValue::from_text("1.5"), AttrValue::Number(1.5));
+        assert_eq!(AttrValue::from_text("on"), AttrValue::String("on".into()));
+        assert_eq!(AttrValue::from_text("NaN"), AttrValue::String("NaN".into()));
     }
 
     #[test]

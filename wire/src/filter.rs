@@ -31,9 +31,40 @@ pub struct FilterRule {
     /// Matches every IP protocol.
     #[serde(default)]
     pub all_protocols: bool,
+    /// When the rule applies: `None` means always; otherwise only inside one of these ranges
+    /// (time windows and just-in-time expiry, resolved by the coordinator to absolute times so
+    /// the node needs no time-zone database). Needs capability 2.
+    #[serde(default)]
+    pub valid: Option<Vec<ValidRange>>,
+}
+
+/// A half-open range of Unix times `[from, until)` in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ValidRange {
+    /// First second the rule applies.
+    pub from: i64,
+    /// First second it no longer applies.
+    pub until: i64,
 }
 
 impl FilterRule {
+    /// Whether the rule applies at Unix time `now` (seconds).
+    pub fn active_at(&self, now: i64) -> bool {
+        self.valid
+            .as_ref()
+            .is_none_or(|ranges| ranges.iter().any(|r| r.from <= now && now < r.until))
+    }
+
+    /// The first time after `now` at which [`Self::active_at`] may change.
+    pub fn next_change(&self, now: i64) -> Option<i64> {
+        self.valid
+            .as_ref()?
+            .iter()
+            .flat_map(|r| [r.from, r.until])
+            .filter(|t| *t > now)
+            .min()
+    }
+
     /// Whether the rule covers IP protocol `proto`.
     pub fn matches_protocol(&self, proto: IpProto) -> bool {
         if self.all_protocols {
@@ -172,7 +203,14 @@ mod tests {
             }],
             protocols: vec![],
             all_protocols: true,
+            valid: Some(vec![ValidRange {
+                from: 10,
+                until: 20,
+            }]),
         };
+        assert!(!rule.active_at(9) && rule.active_at(10) && !rule.active_at(20));
+        assert_eq!(rule.next_change(12), Some(20));
+        assert_eq!(rule.next_change(25), None);
         let json = serde_json::to_string(&rule).unwrap();
         assert_eq!(serde_json::from_str::<FilterRule>(&json).unwrap(), rule);
     }

@@ -18,9 +18,9 @@ pub mod keys;
 pub mod netmap;
 pub mod version;
 
-pub use api::{ClientMessage, ErrorCode, Hello, ServerMessage, Welcome};
+pub use api::{AttrValue, ClientMessage, ErrorCode, Hello, ServerMessage, Welcome};
 pub use authkey::{AuthKey, AuthKeyParseError};
-pub use filter::{FilterRule, IpProto, PortRange};
+pub use filter::{FilterRule, IpProto, PortRange, ValidRange};
 pub use ids::{NodeId, UserId};
 pub use keys::{ControlKey, KeyParseError, MachineKey, NodeKey};
 pub use netmap::{DnsConfig, MapResponse, Node, TunnelSecurity};

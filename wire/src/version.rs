@@ -13,5 +13,7 @@ impl CapabilityVersion {
     ///
     /// History:
     /// - 1: 2026-11-23: initial protocol (hello/welcome, full + delta netmaps, filter rules).
-    pub const CURRENT: Self = Self(1);
+    /// - 2: 2026-11-23: filter rules with validity ranges (time windows, expiry); posture
+    ///   reports; tunnel security setting.
+    pub const CURRENT: Self = Self(2);
 }

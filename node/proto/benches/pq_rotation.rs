@@ -79,6 +79,7 @@ fn main() {
         }],
         protocols: vec![],
         all_protocols: true,
+        valid: None,
     };
     nodes[0].handle_netmap(
         start,

@@ -117,6 +117,7 @@ mod tests {
             }],
             protocols: protos,
             all_protocols: false,
+            valid: None,
         }
     }
 

@@ -81,6 +81,7 @@ fn allow_all(i: usize) -> Vec<FilterRule> {
         }],
         protocols: vec![],
         all_protocols: true,
+        valid: None,
     }]
 }
 
@@ -269,6 +270,7 @@ fn the_filter_admits_replies_but_not_unsolicited_connections() {
                 }],
                 protocols: vec![IpProto::TCP],
                 all_protocols: false,
+                valid: None,
             }]),
             ..Default::default()
         },

@@ -1,0 +1,167 @@
+//! The checked form of a policy file.
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+use wire::AttrValue;
+
+use crate::hujson::Pos;
+
+/// Node attributes by name (`node:os`, `custom:team`, `fact:ok`).
+pub type Attrs = BTreeMap<String, AttrValue>;
+
+/// A checked policy file.
+#[derive(Debug, Clone)]
+pub(crate) struct PolicyFile {
+    pub(crate) file: String,
+    pub(crate) groups: BTreeMap<String, Vec<String>>,
+    pub(crate) tag_owners: std::collections::BTreeSet<String>,
+    pub(crate) hosts: BTreeMap<String, IpNet>,
+    pub(crate) postures: BTreeMap<String, Vec<Condition>>,
+    pub(crate) default_src_posture: Vec<String>,
+    pub(crate) rules: Vec<Rule>,
+    pub(crate) tests: Vec<Test>,
+}
+
+/// What a rule does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    Accept,
+    Deny,
+}
+
+/// One access rule.
+#[derive(Debug, Clone)]
+pub(crate) struct Rule {
+    /// `file:line:col` of the rule.
+    pub(crate) origin: String,
+    pub(crate) action: Action,
+    pub(crate) src: Vec<Selector>,
+    pub(crate) dst: Vec<Dst>,
+    pub(crate) proto: Proto,
+    /// Names of postures; the source must satisfy at least one. Empty: the policy's
+    /// `defaultSrcPosture` applies (and if that is empty too, no posture is required).
+    pub(crate) src_posture: Vec<String>,
+    pub(crate) when: Option<Schedule>,
+    pub(crate) not_before: Option<Timestamp>,
+    pub(crate) expires: Option<Timestamp>,
+}
+
+/// Who or what a selector names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Selector {
+    /// `*`: everyone (sources) or every node (destinations).
+    Any,
+    /// A user (`alice@example.com`).
+    User(String),
+    /// `group:name`.
+    Group(String),
+    /// `tag:name`.
+    Tag(String),
+    /// An address or prefix (written directly or through a `hosts` alias).
+    Prefix(IpNet),
+    /// `autogroup:member`: nodes owned by a user (not tagged).
+    Member,
+    /// `autogroup:tagged`: tagged nodes.
+    Tagged,
+    /// `autogroup:self` (destinations only): the source user's own untagged nodes.
+    SelfNodes,
+}
+
+/// A destination: a selector and ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Dst {
+    pub(crate) sel: Selector,
+    pub(crate) ports: Ports,
+}
+
+/// Destination ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Ports {
+    Any,
+    Ranges(Vec<(u16, u16)>),
+}
+
+impl Ports {
+    pub(crate) fn contains(&self, port: u16) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Ranges(r) => r.iter().any(|(a, b)| *a <= port && port <= *b),
+        }
+    }
+
+    pub(crate) fn ranges(&self) -> Vec<(u16, u16)> {
+        match self {
+            Self::Any => vec![(0, u16::MAX)],
+            Self::Ranges(r) => r.clone(),
+        }
+    }
+}
+
+/// Which IP protocols a rule covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Proto {
+    /// Unspecified: TCP, UDP and ICMP (v4 and v6), as in Tailscale.
+    Default,
+    /// Every protocol.
+    All,
+    /// These protocol numbers.
+    List(Vec<u8>),
+}
+
+impl Proto {
+    pub(crate) fn covers(&self, proto: u8) -> bool {
+        match self {
+            Self::Default => matches!(proto, 1 | 6 | 17 | 58),
+            Self::All => true,
+            Self::List(l) => l.contains(&proto),
+        }
+    }
+}
+
+/// A recurring time window.
+#[derive(Debug, Clone)]
+pub(crate) struct Schedule {
+    /// Monday first.
+    pub(crate) days: [bool; 7],
+    /// Minutes after midnight, `[start, end)`; `end <= start` wraps past midnight. `None`: the
+    /// whole day.
+    pub(crate) hours: Option<(u16, u16)>,
+    pub(crate) tz: TimeZone,
+}
+
+/// A comparison in a posture.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Condition {
+    pub(crate) attr: String,
+    pub(crate) op: Op,
+    pub(crate) values: Vec<AttrValue>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    In,
+    NotIn,
+    IsSet,
+    NotSet,
+}
+
+/// A `tests` entry.
+#[derive(Debug, Clone)]
+pub(crate) struct Test {
+    pub(crate) src: (Pos, Selector),
+    pub(crate) src_text: String,
+    pub(crate) src_attrs: Attrs,
+    pub(crate) at: Option<Timestamp>,
+    pub(crate) proto: Option<Vec<u8>>,
+    pub(crate) accept: Vec<(Pos, String, Dst)>,
+    pub(crate) deny: Vec<(Pos, String, Dst)>,
+}

@@ -1,0 +1,950 @@
+//! From parsed HuJSON to a checked [`PolicyFile`], collecting every problem.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+use wire::AttrValue;
+
+use crate::ast::{
+    Action, Attrs, Condition, Dst, Op, PolicyFile, Ports, Proto, Rule, Schedule, Selector, Test,
+};
+use crate::error::{Diagnostic, PolicyError};
+use crate::hujson::{self, Json, Pos, Spanned};
+
+/// Built-in attributes nodes report (`node:` namespace). `tsVersion` is Tailscale's name for
+/// the client version.
+pub(crate) const NODE_ATTRS: &[&str] = &[
+    "os",
+    "osVersion",
+    "kernelVersion",
+    "clientVersion",
+    "tsVersion",
+    "diskEncrypted",
+    "firewall",
+    "hostname",
+];
+
+const SECTIONS: &str = "acls, groups, hosts, postures, defaultSrcPosture, tagOwners, tests";
+
+/// Parses and checks a policy file.
+pub(crate) fn check(file: &str, text: &str) -> Result<PolicyFile, PolicyError> {
+    let doc = hujson::parse(text).map_err(|e| PolicyError {
+        file: file.to_owned(),
+        diagnostics: vec![Diagnostic::new(e.pos, e.message)],
+    })?;
+    let mut c = Checker {
+        file: file.to_owned(),
+        diags: Vec::new(),
+        groups: BTreeMap::new(),
+        tag_owners: BTreeSet::new(),
+        hosts: BTreeMap::new(),
+        postures: BTreeMap::new(),
+    };
+    let policy = c.document(&doc);
+    if c.diags.is_empty() {
+        Ok(policy)
+    } else {
+        c.diags.sort();
+        Err(PolicyError {
+            file: file.to_owned(),
+            diagnostics: c.diags,
+        })
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Src,
+    Dst,
+    TestSrc,
+    TestDst,
+}
+
+struct Checker {
+    file: String,
+    diags: Vec<Diagnostic>,
+    groups: BTreeMap<String, Vec<String>>,
+    tag_owners: BTreeSet<String>,
+    hosts: BTreeMap<String, IpNet>,
+    postures: BTreeMap<String, Vec<Condition>>,
+}
+
+impl Checker {
+    fn err(&mut self, pos: Pos, msg: impl Into<String>) {
+        self.diags.push(Diagnostic::new(pos, msg));
+    }
+
+    fn document(&mut self, doc: &Spanned<Json>) -> PolicyFile {
+        let mut policy = PolicyFile {
+            file: self.file.clone(),
+            groups: BTreeMap::new(),
+            tag_owners: BTreeSet::new(),
+            hosts: BTreeMap::new(),
+            postures: BTreeMap::new(),
+            default_src_posture: Vec::new(),
+            rules: Vec::new(),
+            tests: Vec::new(),
+        };
+        let Json::Object(sections) = &doc.value else {
+            self.err(
+                doc.pos,
+                format!("the policy must be an object, not {}", doc.value.kind()),
+            );
+            return policy;
+        };
+        let get = |name: &str| {
+            sections
+                .iter()
+                .find(|(k, _)| k.value == name)
+                .map(|(_, v)| v)
+        };
+        for (k, _) in sections {
+            if !SECTIONS.split(", ").any(|s| s == k.value) {
+                self.err(
+                    k.pos,
+                    format!("unknown section {:?} (supported: {SECTIONS})", k.value),
+                );
+            }
+        }
+        // Definitions first: rules and tests refer to them.
+        if let Some(v) = get("tagOwners") {
+            self.tag_owners_section(v);
+        }
+        if let Some(v) = get("groups") {
+            self.groups_section(v);
+        }
+        if let Some(v) = get("tagOwners") {
+            self.check_tag_owner_refs(v);
+        }
+        if let Some(v) = get("hosts") {
+            self.hosts_section(v);
+        }
+        if let Some(v) = get("postures") {
+            self.postures_section(v);
+        }
+        if let Some(v) = get("defaultSrcPosture") {
+            policy.default_src_posture = self.posture_refs(v);
+        }
+        if let Some(v) = get("acls") {
+            for item in self.array(v, "acls") {
+                if let Some(r) = self.rule(item) {
+                    policy.rules.push(r);
+                }
+            }
+        }
+        if let Some(v) = get("tests") {
+            for item in self.array(v, "tests") {
+                if let Some(t) = self.test(item) {
+                    policy.tests.push(t);
+                }
+            }
+        }
+        policy.groups = self.groups.clone();
+        policy.tag_owners = self.tag_owners.clone();
+        policy.hosts = self.hosts.clone();
+        policy.postures = self.postures.clone();
+        policy
+    }
+
+    fn array<'a>(&mut self, v: &'a Spanned<Json>, what: &str) -> Vec<&'a Spanned<Json>> {
+        match &v.value {
+            Json::Array(items) => items.iter().collect(),
+            other => {
+                self.err(
+                    v.pos,
+                    format!("{what} must be an array, not {}", other.kind()),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    fn object<'a>(
+        &mut self,
+        v: &'a Spanned<Json>,
+        what: &str,
+    ) -> Vec<(&'a Spanned<String>, &'a Spanned<Json>)> {
+        match &v.value {
+            Json::Object(fields) => fields.iter().map(|(k, v)| (k, v)).collect(),
+            other => {
+                self.err(
+                    v.pos,
+                    format!("{what} must be an object, not {}", other.kind()),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    fn string<'a>(&mut self, v: &'a Spanned<Json>, what: &str) -> Option<&'a str> {
+        match &v.value {
+            Json::String(s) => Some(s),
+            other => {
+                self.err(
+                    v.pos,
+                    format!("{what} must be a string, not {}", other.kind()),
+                );
+                None
+            }
+        }
+    }
+
+    fn strings<'a>(&mut self, v: &'a Spanned<Json>, what: &str) -> Vec<(Pos, &'a str)> {
+        let mut out = Vec::new();
+        for item in self.array(v, what) {
+            if let Some(s) = self.string(item, &format!("each entry of {what}")) {
+                out.push((item.pos, s));
+            }
+        }
+        out
+    }
+
+    // ------------------------------------------------------------ definitions
+
+    fn tag_owners_section(&mut self, v: &Spanned<Json>) {
+        for (k, _) in self.object(v, "tagOwners") {
+            if valid_name(&k.value, "tag:") {
+                self.tag_owners.insert(k.value.clone());
+            } else {
+                self.err(
+                    k.pos,
+                    format!("bad tag name {:?}: tags look like tag:name", k.value),
+                );
+            }
+        }
+    }
+
+    fn check_tag_owner_refs(&mut self, v: &Spanned<Json>) {
+        for (_, owners) in self.object(v, "tagOwners") {
+            for (pos, o) in self.strings(owners, "tag owners") {
+                let known = o.contains('@')
+                    || matches!(o, "autogroup:admin" | "autogroup:owner")
+                    || (o.starts_with("group:") && self.groups.contains_key(o))
+                    || (o.starts_with("tag:") && self.tag_owners.contains(o));
+                if !known {
+                    let why = if o.starts_with("group:") {
+                        format!("unknown group {o:?}")
+                    } else if o.starts_with("tag:") {
+                        format!("tag owner {o:?} is not a declared tag")
+                    } else {
+                        format!(
+                            "bad tag owner {o:?}: expected a user, group:, tag: or autogroup:admin"
+                        )
+                    };
+                    self.err(pos, why);
+                }
+            }
+        }
+    }
+
+    fn groups_section(&mut self, v: &Spanned<Json>) {
+        for (k, members) in self.object(v, "groups") {
+            if !valid_name(&k.value, "group:") {
+                self.err(
+                    k.pos,
+                    format!("bad group name {:?}: groups look like group:name", k.value),
+                );
+                continue;
+            }
+            let mut users = Vec::new();
+            for (pos, m) in self.strings(members, "group members") {
+                if m.contains('@') && !m.contains(':') {
+                    users.push(m.to_owned());
+                } else {
+                    self.err(
+                        pos,
+                        format!(
+                            "group member {m:?} must be a user (name@domain); groups do not nest"
+                        ),
+                    );
+                }
+            }
+            self.groups.insert(k.value.clone(), users);
+        }
+    }
+
+    fn hosts_section(&mut self, v: &Spanned<Json>) {
+        for (k, val) in self.object(v, "hosts") {
+            let name_ok = !k.value.is_empty()
+                && !k.value.contains(':')
+                && k.value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+            if !name_ok {
+                self.err(
+                    k.pos,
+                    format!(
+                        "bad host alias {:?}: use letters, digits, - . and _",
+                        k.value
+                    ),
+                );
+                continue;
+            }
+            let Some(s) = self.string(val, "a host's address") else {
+                continue;
+            };
+            match parse_prefix(s) {
+                Some(net) => {
+                    self.hosts.insert(k.value.clone(), net);
+                }
+                None => self.err(
+                    val.pos,
+                    format!(
+                        "bad address {s:?} for host {:?}: expected an IP or CIDR",
+                        k.value
+                    ),
+                ),
+            }
+        }
+    }
+
+    fn postures_section(&mut self, v: &Spanned<Json>) {
+        for (k, conds) in self.object(v, "postures") {
+            if !valid_name(&k.value, "posture:") {
+                self.err(
+                    k.pos,
+                    format!(
+                        "bad posture name {:?}: postures look like posture:name",
+                        k.value
+                    ),
+                );
+                continue;
+            }
+            let mut parsed = Vec::new();
+            for item in self.array(conds, "a posture") {
+                let Some(s) = self.string(item, "a posture condition") else {
+                    continue;
+                };
+                match parse_condition(s) {
+                    Ok(c) => parsed.push(c),
+                    Err((offset, msg)) => self.err(
+                        Pos {
+                            line: item.pos.line,
+                            col: item.pos.col + 1 + offset,
+                        },
+                        msg,
+                    ),
+                }
+            }
+            self.postures.insert(k.value.clone(), parsed);
+        }
+    }
+
+    fn posture_refs(&mut self, v: &Spanned<Json>) -> Vec<String> {
+        let mut out = Vec::new();
+        for (pos, name) in self.strings(v, "srcPosture") {
+            if self.postures.contains_key(name) {
+                out.push(name.to_owned());
+            } else {
+                self.err(pos, format!("unknown posture {name:?}"));
+            }
+        }
+        out
+    }
+
+    // ------------------------------------------------------------ rules
+
+    fn rule(&mut self, v: &Spanned<Json>) -> Option<Rule> {
+        let fields = self.object(v, "an acl rule");
+        let origin = format!("{}:{}:{}", self.file, v.pos.line, v.pos.col);
+        let mut action = None;
+        let mut src = None;
+        let mut dst: Option<Vec<(Pos, Dst)>> = None;
+        let mut proto = Proto::Default;
+        let mut proto_pos = v.pos;
+        let mut src_posture = Vec::new();
+        let mut when = None;
+        let mut not_before = None;
+        let mut expires = None;
+        let before = self.diags.len();
+        for (k, val) in fields {
+            match k.value.as_str() {
+                "action" => match self.string(val, "action") {
+                    Some("accept") => action = Some(Action::Accept),
+                    Some("deny") => action = Some(Action::Deny),
+                    Some(other) => self.err(val.pos, format!("bad action {other:?}: expected \"accept\" or \"deny\"")),
+                    None => {}
+                },
+                "src" | "users" => {
+                    let mut sels = Vec::new();
+                    for (pos, s) in self.strings(val, &k.value) {
+                        if let Some(sel) = self.selector(pos, s, Side::Src) {
+                            sels.push(sel);
+                        }
+                    }
+                    src = Some(sels);
+                }
+                "dst" | "ports" => {
+                    let mut ds = Vec::new();
+                    for (pos, s) in self.strings(val, &k.value) {
+                        if let Some(d) = self.dst(pos, s, Side::Dst) {
+                            ds.push((pos, d));
+                        }
+                    }
+                    dst = Some(ds);
+                }
+                "proto" => {
+                    proto_pos = val.pos;
+                    if let Some(p) = self.proto(val) {
+                        proto = p;
+                    }
+                }
+                "srcPosture" => src_posture = self.posture_refs(val),
+                "when" => when = self.schedule(val),
+                "notBefore" => not_before = self.timestamp(val, "notBefore"),
+                "expires" => expires = self.timestamp(val, "expires"),
+                other => self.err(
+                    k.pos,
+                    format!("unknown field {other:?} in an acl rule (fields: action, src, dst, proto, srcPosture, when, notBefore, expires)"),
+                ),
+            }
+        }
+        if action.is_none()
+            && !self.diags[before..]
+                .iter()
+                .any(|d| d.message.contains("action"))
+        {
+            self.err(v.pos, "acl rule has no \"action\"");
+        }
+        if src.is_none() {
+            self.err(v.pos, "acl rule has no \"src\"");
+        }
+        if dst.is_none() {
+            self.err(v.pos, "acl rule has no \"dst\"");
+        }
+        if let (Some(a), Some(b)) = (not_before, expires)
+            && b <= a
+        {
+            self.err(v.pos, "\"expires\" must be after \"notBefore\"");
+        }
+        if let Some(ds) = &dst
+            && !ports_allowed(&proto)
+        {
+            for (pos, d) in ds {
+                if d.ports != Ports::Any {
+                    self.err(
+                        *pos,
+                        "this protocol has no ports: write the destination with :*",
+                    );
+                }
+            }
+        }
+        let _ = proto_pos;
+        if self.diags.len() > before {
+            return None;
+        }
+        Some(Rule {
+            origin,
+            action: action?,
+            src: src?,
+            dst: dst?.into_iter().map(|(_, d)| d).collect(),
+            proto,
+            src_posture,
+            when,
+            not_before,
+            expires,
+        })
+    }
+
+    fn selector(&mut self, pos: Pos, s: &str, side: Side) -> Option<Selector> {
+        let test = matches!(side, Side::TestSrc | Side::TestDst);
+        let sel = if s == "*" {
+            if test {
+                self.err(pos, "a test names one user, tag, group, host or IP, not *");
+                return None;
+            }
+            Selector::Any
+        } else if let Some(rest) = s.strip_prefix("group:") {
+            if !self.groups.contains_key(s) {
+                self.err(pos, format!("unknown group {s:?}"));
+                return None;
+            }
+            let _ = rest;
+            Selector::Group(s.to_owned())
+        } else if s.starts_with("tag:") {
+            if !self.tag_owners.contains(s) {
+                self.err(pos, format!("tag {s:?} has no owner in tagOwners"));
+                return None;
+            }
+            Selector::Tag(s.to_owned())
+        } else if let Some(which) = s.strip_prefix("autogroup:") {
+            if test {
+                self.err(
+                    pos,
+                    "a test names one user, tag, group, host or IP, not an autogroup",
+                );
+                return None;
+            }
+            match which {
+                "member" => Selector::Member,
+                "tagged" => Selector::Tagged,
+                "self" if side == Side::Dst => Selector::SelfNodes,
+                "self" => {
+                    self.err(pos, "autogroup:self can only be a destination");
+                    return None;
+                }
+                _ => {
+                    self.err(pos, format!("unsupported autogroup {s:?} (supported: autogroup:member, autogroup:tagged, autogroup:self)"));
+                    return None;
+                }
+            }
+        } else if let Some(net) = self.hosts.get(s) {
+            Selector::Prefix(*net)
+        } else if let Some(net) = parse_prefix(s) {
+            Selector::Prefix(net)
+        } else if s.contains('@') && !s.contains(':') {
+            Selector::User(s.to_owned())
+        } else {
+            self.err(
+                pos,
+                format!("unknown host or selector {s:?}: expected *, a user (name@domain), group:, tag:, autogroup:, a hosts alias or an IP/CIDR"),
+            );
+            return None;
+        };
+        Some(sel)
+    }
+
+    fn dst(&mut self, pos: Pos, s: &str, side: Side) -> Option<Dst> {
+        let Some((host, ports)) = split_host_port(s) else {
+            self.err(
+                pos,
+                format!("destination {s:?} has no port: write {s}:22, {s}:80,443 or {s}:*"),
+            );
+            return None;
+        };
+        let sel = self.selector(pos, host, side);
+        let ports = match parse_ports(ports) {
+            Ok(p) => Some(p),
+            Err(bad) => {
+                self.err(pos, format!("bad port {bad:?} in {s:?}: expected *, a port, a list (22,80) or a range (8000-8099) within 0-65535"));
+                None
+            }
+        };
+        Some(Dst {
+            sel: sel?,
+            ports: ports?,
+        })
+    }
+
+    fn proto(&mut self, v: &Spanned<Json>) -> Option<Proto> {
+        let text = match &v.value {
+            Json::String(s) => s.clone(),
+            Json::Number(n) => n.clone(),
+            other => {
+                self.err(
+                    v.pos,
+                    format!("proto must be a string or number, not {}", other.kind()),
+                );
+                return None;
+            }
+        };
+        let p = match text.to_ascii_lowercase().as_str() {
+            "*" | "all" | "any" => Proto::All,
+            "tcp" => Proto::List(vec![6]),
+            "udp" => Proto::List(vec![17]),
+            "icmp" => Proto::List(vec![1, 58]),
+            "ipv6-icmp" | "icmpv6" => Proto::List(vec![58]),
+            "sctp" => Proto::List(vec![132]),
+            "gre" => Proto::List(vec![47]),
+            "esp" => Proto::List(vec![50]),
+            "ah" => Proto::List(vec![51]),
+            "igmp" => Proto::List(vec![2]),
+            "ipip" | "ipencap" => Proto::List(vec![4]),
+            n => match n.parse::<u8>() {
+                Ok(num) => Proto::List(vec![num]),
+                Err(_) => {
+                    self.err(v.pos, format!("unknown protocol {text:?}: use tcp, udp, icmp, sctp, gre, esp, ah, igmp, ipip, * or a number 0-255"));
+                    return None;
+                }
+            },
+        };
+        Some(p)
+    }
+
+    fn schedule(&mut self, v: &Spanned<Json>) -> Option<Schedule> {
+        let mut days = [true; 7];
+        let mut hours = None;
+        let mut tz = TimeZone::UTC;
+        let before = self.diags.len();
+        for (k, val) in self.object(v, "when") {
+            match k.value.as_str() {
+                "days" => {
+                    days = [false; 7];
+                    for (pos, d) in self.strings(val, "days") {
+                        match parse_days(d) {
+                            Some(set) => {
+                                for (i, on) in set.iter().enumerate() {
+                                    days[i] |= on;
+                                }
+                            }
+                            None => self.err(pos, format!("bad day {d:?}: use mon..sun, a range like mon-fri, weekdays or weekend")),
+                        }
+                    }
+                }
+                "hours" => {
+                    if let Some(h) = self.string(val, "hours") {
+                        match parse_hours(h) {
+                            Some(r) => hours = Some(r),
+                            None => self.err(
+                                val.pos,
+                                format!("bad hours {h:?}: expected HH:MM-HH:MM, like 09:00-17:30"),
+                            ),
+                        }
+                    }
+                }
+                "timezone" => {
+                    if let Some(name) = self.string(val, "timezone") {
+                        match TimeZone::get(name) {
+                            Ok(z) => tz = z,
+                            Err(_) => self.err(val.pos, format!("unknown time zone {name:?}: use an IANA name like Europe/Berlin or UTC")),
+                        }
+                    }
+                }
+                other => self.err(
+                    k.pos,
+                    format!("unknown field {other:?} in when (fields: days, hours, timezone)"),
+                ),
+            }
+        }
+        (self.diags.len() == before).then_some(Schedule { days, hours, tz })
+    }
+
+    fn timestamp(&mut self, v: &Spanned<Json>, what: &str) -> Option<Timestamp> {
+        let s = self.string(v, what)?;
+        match s.parse::<Timestamp>() {
+            Ok(t) => Some(t),
+            Err(_) => {
+                self.err(
+                    v.pos,
+                    format!(
+                        "bad time {s:?} in {what}: expected RFC 3339, like 2026-12-01T18:00:00Z"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ tests
+
+    fn test(&mut self, v: &Spanned<Json>) -> Option<Test> {
+        let fields = self.object(v, "a test");
+        let before = self.diags.len();
+        let mut src = None;
+        let mut src_text = String::new();
+        let mut src_attrs = Attrs::new();
+        let mut at = None;
+        let mut proto = None;
+        let mut accept = Vec::new();
+        let mut deny = Vec::new();
+        for (k, val) in fields {
+            match k.value.as_str() {
+                "src" => {
+                    if let Some(s) = self.string(val, "src") {
+                        src_text = s.to_owned();
+                        src = self.selector(val.pos, s, Side::TestSrc).map(|sel| (val.pos, sel));
+                    }
+                }
+                "srcAttrs" => {
+                    for (ak, av) in self.object(val, "srcAttrs") {
+                        if let Err(msg) = check_attr_name(&ak.value) {
+                            self.err(ak.pos, msg);
+                            continue;
+                        }
+                        let value = match &av.value {
+                            Json::String(s) => AttrValue::String(s.clone()),
+                            Json::Bool(b) => AttrValue::Bool(*b),
+                            Json::Number(n) => AttrValue::Number(n.parse().unwrap_or(0.0)),
+                            other => {
+                                self.err(av.pos, format!("an attribute value must be a string, number or boolean, not {}", other.kind()));
+                                continue;
+                            }
+                        };
+                        src_attrs.insert(ak.value.clone(), value);
+                    }
+                }
+                "at" => at = self.timestamp(val, "at"),
+                "proto" => {
+                    proto = match self.proto(val) {
+                        Some(Proto::List(l)) => Some(l),
+                        Some(_) => {
+                            self.err(val.pos, "a test checks one protocol");
+                            None
+                        }
+                        None => None,
+                    }
+                }
+                "accept" | "deny" => {
+                    let mut out = Vec::new();
+                    for (pos, s) in self.strings(val, &k.value) {
+                        if let Some(d) = self.dst(pos, s, Side::TestDst) {
+                            out.push((pos, s.to_owned(), d));
+                        }
+                    }
+                    if k.value == "accept" {
+                        accept = out;
+                    } else {
+                        deny = out;
+                    }
+                }
+                other => self.err(k.pos, format!("unknown field {other:?} in a test (fields: src, srcAttrs, at, proto, accept, deny)")),
+            }
+        }
+        if src.is_none() && self.diags.len() == before {
+            self.err(v.pos, "test has no \"src\"");
+        }
+        if self.diags.len() > before {
+            return None;
+        }
+        Some(Test {
+            src: src?,
+            src_text,
+            src_attrs,
+            at,
+            proto,
+            accept,
+            deny,
+        })
+    }
+}
+
+fn valid_name(s: &str, prefix: &str) -> bool {
+    s.strip_prefix(prefix).is_some_and(|n| {
+        !n.is_empty()
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    })
+}
+
+fn ports_allowed(proto: &Proto) -> bool {
+    match proto {
+        Proto::Default | Proto::All => true,
+        Proto::List(l) => l.iter().any(|p| matches!(p, 6 | 17 | 132)),
+    }
+}
+
+/// An IP or CIDR.
+pub(crate) fn parse_prefix(s: &str) -> Option<IpNet> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Some(net.trunc());
+    }
+    s.parse::<IpAddr>().ok().map(IpNet::from)
+}
+
+/// `host:ports`, splitting at the last colon (`[v6]:22` and `fd00::/48:22` work).
+pub(crate) fn split_host_port(s: &str) -> Option<(&str, &str)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, ports) = rest.split_once("]:")?;
+        return Some((host, ports));
+    }
+    let (host, ports) = s.rsplit_once(':')?;
+    let looks_like_ports = ports == "*" || ports.starts_with(|c: char| c.is_ascii_digit());
+    (!host.is_empty() && looks_like_ports).then_some((host, ports))
+}
+
+/// `*`, `22`, `80,443`, `8000-8099`, or lists of those.
+pub(crate) fn parse_ports(s: &str) -> Result<Ports, String> {
+    if s == "*" {
+        return Ok(Ports::Any);
+    }
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let bad = || part.to_owned();
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (
+                a.parse::<u16>().map_err(|_| bad())?,
+                b.parse::<u16>().map_err(|_| bad())?,
+            ),
+            None => {
+                let p = part.parse::<u16>().map_err(|_| bad())?;
+                (p, p)
+            }
+        };
+        if a > b {
+            return Err(bad());
+        }
+        out.push((a, b));
+    }
+    Ok(Ports::Ranges(out))
+}
+
+fn parse_days(s: &str) -> Option<[bool; 7]> {
+    const NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    let lower = s.to_ascii_lowercase();
+    let idx = |d: &str| {
+        NAMES
+            .iter()
+            .position(|n| *n == d || d.starts_with(n) && d.len() <= 9)
+    };
+    let mut out = [false; 7];
+    match lower.as_str() {
+        "weekdays" => out[..5].fill(true),
+        "weekend" | "weekends" => out[5..].fill(true),
+        _ => match lower.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (idx(a)?, idx(b)?);
+                let mut i = a;
+                loop {
+                    out[i] = true;
+                    if i == b {
+                        break;
+                    }
+                    i = (i + 1) % 7;
+                }
+            }
+            None => out[idx(&lower)?] = true,
+        },
+    }
+    Some(out)
+}
+
+fn parse_hours(s: &str) -> Option<(u16, u16)> {
+    let (a, b) = s.split_once('-')?;
+    let minutes = |t: &str| -> Option<u16> {
+        let (h, m) = t.trim().split_once(':')?;
+        let (h, m) = (h.parse::<u16>().ok()?, m.parse::<u16>().ok()?);
+        (h < 24 && m < 60 || h == 24 && m == 0).then_some(h * 60 + m)
+    };
+    let (a, b) = (minutes(a)?, minutes(b)?);
+    (a != b).then_some((a, b))
+}
+
+/// Checks an attribute name's namespace.
+pub(crate) fn check_attr_name(name: &str) -> Result<(), String> {
+    let Some((ns, key)) = name.split_once(':') else {
+        return Err(format!(
+            "attribute {name:?} needs a namespace: node:, custom: or fact:"
+        ));
+    };
+    let key_ok = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    match ns {
+        "node" if NODE_ATTRS.contains(&key) => Ok(()),
+        "node" => Err(format!(
+            "unknown attribute {name:?} (node attributes: {})",
+            NODE_ATTRS.join(", ")
+        )),
+        "custom" | "fact" if key_ok => Ok(()),
+        "custom" | "fact" => Err(format!("bad attribute name {name:?}")),
+        _ => Err(format!(
+            "unknown attribute namespace in {name:?}: use node:, custom: or fact:"
+        )),
+    }
+}
+
+/// Parses `node:os == 'linux'`, `node:osVersion >= '13.4'`, `custom:x IN ['a', 'b']`,
+/// `fact:y IS SET`. Errors carry the character offset inside the condition.
+pub(crate) fn parse_condition(s: &str) -> Result<Condition, (u32, String)> {
+    let chars: Vec<char> = s.chars().collect();
+    let mut i = 0;
+    let skip = |i: &mut usize| {
+        while *i < chars.len() && chars[*i].is_whitespace() {
+            *i += 1;
+        }
+    };
+    skip(&mut i);
+    let start = i;
+    while i < chars.len() && !chars[i].is_whitespace() && !"=!<>".contains(chars[i]) {
+        i += 1;
+    }
+    let attr: String = chars[start..i].iter().collect();
+    check_attr_name(&attr).map_err(|m| (start as u32, m))?;
+    skip(&mut i);
+    let op_start = i;
+    let rest: String = chars[i..].iter().collect();
+    let upper = rest.to_ascii_uppercase();
+    let (op, len) = [
+        ("==", Op::Eq),
+        ("!=", Op::Ne),
+        ("<=", Op::Le),
+        (">=", Op::Ge),
+        ("<", Op::Lt),
+        (">", Op::Gt),
+        ("NOT IN", Op::NotIn),
+        ("IN", Op::In),
+        ("IS SET", Op::IsSet),
+        ("NOT SET", Op::NotSet),
+    ]
+    .iter()
+    .find(|(t, _)| upper.starts_with(t))
+    .map(|(t, o)| (*o, t.chars().count()))
+    .ok_or_else(|| {
+        (
+            op_start as u32,
+            format!(
+                "expected an operator (==, !=, <, <=, >, >=, IN, NOT IN, IS SET, NOT SET) in {s:?}"
+            ),
+        )
+    })?;
+    i += len;
+    skip(&mut i);
+    let value_start = i;
+    let tail: String = chars[i..].iter().collect();
+    let values = match op {
+        Op::IsSet | Op::NotSet => {
+            if !tail.trim().is_empty() {
+                return Err((
+                    value_start as u32,
+                    "nothing may follow IS SET / NOT SET".into(),
+                ));
+            }
+            Vec::new()
+        }
+        Op::In | Op::NotIn => {
+            let inner = tail
+                .trim()
+                .strip_prefix('[')
+                .and_then(|t| t.strip_suffix(']'))
+                .ok_or((
+                    value_start as u32,
+                    "IN needs a list like ['a', 'b']".to_owned(),
+                ))?;
+            inner
+                .split(',')
+                .map(|v| {
+                    parse_value(v.trim()).ok_or((
+                        value_start as u32,
+                        format!("bad value {:?} in the list", v.trim()),
+                    ))
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        _ if tail.trim().is_empty() => {
+            return Err((
+                value_start as u32,
+                format!("missing value after the operator in {s:?}"),
+            ));
+        }
+        _ => vec![parse_value(tail.trim()).ok_or((
+            value_start as u32,
+            format!(
+                "bad value {:?}: use 'text', a number, true or false",
+                tail.trim()
+            ),
+        ))?],
+    };
+    Ok(Condition { attr, op, values })
+}
+
+fn parse_value(s: &str) -> Option<AttrValue> {
+    if let Some(inner) = s.strip_prefix('\'').and_then(|t| t.strip_suffix('\'')) {
+        return Some(AttrValue::String(inner.to_owned()));
+    }
+    if let Some(inner) = s.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        return Some(AttrValue::String(inner.to_owned()));
+    }
+    match s {
+        "true" => Some(AttrValue::Bool(true)),
+        "false" => Some(AttrValue::Bool(false)),
+        _ => s
+            .parse::<f64>()
+            .ok()
+            .filter(|n| n.is_finite())
+            .map(AttrValue::Number),
+    }
+}

@@ -1,0 +1,465 @@
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use jiff::Timestamp;
+use proptest::prelude::*;
+use wire::filter::Action as WireAction;
+use wire::{AttrValue, NodeId};
+
+use super::*;
+
+fn now() -> Timestamp {
+    "2026-11-23T10:00:00Z".parse().unwrap()
+}
+
+fn errors(text: &str) -> Vec<String> {
+    match Policy::check("p.hujson", text, now(), None) {
+        Ok(_) => vec![],
+        Err(e) => e.lines(),
+    }
+}
+
+fn node(
+    id: u64,
+    name: &str,
+    user: Option<&str>,
+    tags: &[&str],
+    attrs: &[(&str, AttrValue)],
+) -> InventoryNode {
+    InventoryNode {
+        id: NodeId(id),
+        name: name.into(),
+        addresses: vec![
+            format!("100.64.0.{id}").parse().unwrap(),
+            format!("fd00::{id}").parse().unwrap(),
+        ],
+        user: user.map(Into::into),
+        tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+        attrs: attrs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect::<BTreeMap<_, _>>(),
+    }
+}
+
+#[test]
+fn every_kind_of_mistake_is_reported_with_its_position_and_all_at_once() {
+    let text = r#"{
+  "groups": {"group:eng": ["alice@example.com", "group:ops"], "eng": []},
+  "tagOwners": {"tag:db": ["group:nope"], "tag:web": ["group:eng"]},
+  "hosts": {"bad host": "10.0.0.1", "db": "not-an-ip"},
+  "postures": {"posture:ok": ["node:os == 'linux'", "node:color == 'blue'", "fact:x ~= 1"]},
+  "acls": [
+    {"action": "allow", "src": ["group:missing"], "dst": ["tag:db:99999"]},
+    {"action": "accept", "src": ["tag:unowned"], "dst": ["tag:web"], "srcPosture": ["posture:nope"]},
+    {"action": "accept", "src": ["autogroup:self"], "dst": ["somehost:22"], "color": 1},
+    {"action": "accept", "src": ["*"], "dst": ["*:22"], "proto": "icmp"},
+    {"action": "accept", "src": ["*"], "dst": ["*:*"], "when": {"days": ["funday"], "hours": "9-17", "timezone": "Mars/Olympus"}},
+    {"action": "accept", "src": ["*"], "dst": ["*:*"], "expires": "tomorrow"},
+  ],
+  "tests": [{"src": "*", "accept": ["tag:web:80"], "sneaky": true}],
+  "ssh": [],
+}"#;
+    let got = errors(text);
+    let expected = [
+        "p.hujson:2:49: group member \"group:ops\" must be a user (name@domain); groups do not nest",
+        "p.hujson:2:63: bad group name \"eng\": groups look like group:name",
+        "p.hujson:3:28: unknown group \"group:nope\"",
+        "p.hujson:4:13: bad host alias \"bad host\": use letters, digits, - . and _",
+        "p.hujson:4:43: bad address \"not-an-ip\" for host \"db\": expected an IP or CIDR",
+        "p.hujson:5:54: unknown attribute \"node:color\" (node attributes: os, osVersion, kernelVersion, clientVersion, tsVersion, diskEncrypted, firewall, hostname)",
+        "p.hujson:5:85: expected an operator (==, !=, <, <=, >, >=, IN, NOT IN, IS SET, NOT SET) in \"fact:x ~= 1\"",
+        "p.hujson:7:16: bad action \"allow\": expected \"accept\" or \"deny\"",
+        "p.hujson:7:33: unknown group \"group:missing\"",
+        "p.hujson:7:59: bad port \"99999\" in \"tag:db:99999\": expected *, a port, a list (22,80) or a range (8000-8099) within 0-65535",
+        "p.hujson:8:34: tag \"tag:unowned\" has no owner in tagOwners",
+        "p.hujson:8:58: destination \"tag:web\" has no port: write tag:web:22, tag:web:80,443 or tag:web:*",
+        "p.hujson:8:85: unknown posture \"posture:nope\"",
+        "p.hujson:9:34: autogroup:self can only be a destination",
+        "p.hujson:9:61: unknown host or selector \"somehost\": expected *, a user (name@domain), group:, tag:, autogroup:, a hosts alias or an IP/CIDR",
+        "p.hujson:9:77: unknown field \"color\" in an acl rule (fields: action, src, dst, proto, srcPosture, when, notBefore, expires)",
+        "p.hujson:10:48: this protocol has no ports: write the destination with :*",
+        "p.hujson:11:74: bad day \"funday\": use mon..sun, a range like mon-fri, weekdays or weekend",
+        "p.hujson:11:94: bad hours \"9-17\": expected HH:MM-HH:MM, like 09:00-17:30",
+        "p.hujson:11:114: unknown time zone \"Mars/Olympus\": use an IANA name like Europe/Berlin or UTC",
+        "p.hujson:12:67: bad time \"tomorrow\" in expires: expected RFC 3339, like 2026-12-01T18:00:00Z",
+        "p.hujson:14:21: a test names one user, tag, group, host or IP, not *",
+        "p.hujson:14:52: unknown field \"sneaky\" in a test (fields: src, srcAttrs, at, proto, accept, deny)",
+        "p.hujson:15:3: unknown section \"ssh\" (supported: acls, groups, hosts, postures, defaultSrcPosture, tagOwners, tests)",
+    ];
+    for e in &expected {
+        assert!(
+            got.contains(&e.to_string()),
+            "missing: {e}\n\ngot:\n{}",
+            got.join("\n")
+        );
+    }
+    assert_eq!(got.len(), expected.len(), "got:\n{}", got.join("\n"));
+}
+
+#[test]
+fn syntax_errors_point_at_the_spot() {
+    assert_eq!(
+        errors("{\n  \"acls\": [\n    {\"action\": \"accept\",,}\n  ]\n}"),
+        ["p.hujson:3:25: expected a quoted key or }"]
+    );
+}
+
+const TAILSCALE: &str = r#"
+// A policy in Tailscale's syntax, using only the sections Lattice shares with it.
+{
+  "groups": {
+    "group:eng": ["alice@example.com", "bob@example.com"],
+    "group:ops": ["carol@example.com"],
+  },
+  "tagOwners": {
+    "tag:prod": ["group:ops"],
+    "tag:db": ["group:ops", "tag:prod"],
+  },
+  "hosts": {
+    "legacy-db": "100.64.10.20",
+    "office": "192.0.2.0/24",
+  },
+  "postures": {
+    "posture:linuxUpToDate": ["node:os == 'linux'", "node:tsVersion >= '0.1'"],
+  },
+  "acls": [
+    // Everyone reaches their own devices.
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
+    // Engineers reach production web and ssh, from up-to-date Linux machines only.
+    {"action": "accept", "src": ["group:eng"], "dst": ["tag:prod:80,443,22"], "srcPosture": ["posture:linuxUpToDate"]},
+    // Ops reach everything tagged, and the legacy database.
+    {"action": "accept", "src": ["group:ops"], "dst": ["autogroup:tagged:*", "legacy-db:5432"]},
+    // Production talks to its databases.
+    {"action": "accept", "src": ["tag:prod"], "proto": "tcp", "dst": ["tag:db:5432"]},
+    // The legacy fields still work.
+    {"action": "accept", "users": ["office"], "ports": ["tag:prod:443"]},
+  ],
+  "tests": [
+    {"src": "alice@example.com", "srcAttrs": {"node:os": "linux", "node:tsVersion": "1.2"}, "accept": ["tag:prod:22", "tag:prod:443"], "deny": ["tag:prod:8080", "tag:db:5432"]},
+    {"src": "alice@example.com", "srcAttrs": {"node:os": "windows"}, "deny": ["tag:prod:22"]},
+    {"src": "carol@example.com", "accept": ["tag:db:5432", "tag:prod:9000", "legacy-db:5432"]},
+    {"src": "tag:prod", "accept": ["tag:db:5432"], "deny": ["tag:db:22"]},
+    {"src": "group:eng", "deny": ["legacy-db:5432"]},
+  ],
+}
+"#;
+
+#[test]
+fn a_tailscale_style_policy_checks_and_its_tests_pass() {
+    let p = Policy::check("ts.hujson", TAILSCALE, now(), None).unwrap();
+    assert_eq!(p.rule_count(), 5);
+    assert_eq!(p.test_count(), 5);
+    assert!(p.declares_tag("tag:db"));
+    assert!(!p.declares_tag("tag:other"));
+}
+
+#[test]
+fn failed_tests_name_the_rule_that_decided() {
+    let text = r#"{
+  "tagOwners": {"tag:db": []},
+  "acls": [
+    {"action": "accept", "src": ["*"], "dst": ["tag:db:*"]},
+    {"action": "deny", "src": ["alice@example.com"], "dst": ["tag:db:22"]},
+  ],
+  "tests": [
+    {"src": "alice@example.com", "accept": ["tag:db:22"], "deny": ["tag:db:5432"]},
+    {"src": "bob@example.com", "proto": "udp", "accept": ["tag:db:53"], "deny": ["tag:db:123"]},
+  ],
+}"#;
+    let got = errors(text);
+    assert_eq!(
+        got,
+        [
+            "p.hujson:8:45: test failed: alice@example.com -> tag:db:22 (tcp) should be accepted, but the deny rule at p.hujson:5:5 denies it",
+            "p.hujson:8:68: test failed: alice@example.com -> tag:db:5432 (tcp) should be denied, but the rule at p.hujson:4:5 accepts it",
+            "p.hujson:9:82: test failed: bob@example.com -> tag:db:123 (udp) should be denied, but the rule at p.hujson:4:5 accepts it",
+        ]
+    );
+}
+
+#[test]
+fn deny_wins_whatever_the_order() {
+    for order in [false, true] {
+        let (a, d) = (
+            r#"{"action": "accept", "src": ["*"], "dst": ["*:*"]}"#,
+            r#"{"action": "deny", "src": ["bob@example.com"], "dst": ["*:22"]}"#,
+        );
+        let rules = if order {
+            format!("{a}, {d}")
+        } else {
+            format!("{d}, {a}")
+        };
+        let text = format!(
+            r#"{{"acls": [{rules}], "tests": [{{"src": "bob@example.com", "accept": ["10.0.0.1:80"], "deny": ["10.0.0.1:22"]}}]}}"#
+        );
+        assert!(errors(&text).is_empty(), "{:?}", errors(&text));
+    }
+}
+
+#[test]
+fn time_windows_and_expiry_are_testable() {
+    let text = r#"{
+  "acls": [
+    {"action": "accept", "src": ["alice@example.com"], "dst": ["10.0.0.1:22"],
+     "when": {"days": ["mon-fri"], "hours": "09:00-17:00", "timezone": "Europe/Berlin"}},
+    {"action": "accept", "src": ["bob@example.com"], "dst": ["10.0.0.1:22"], "expires": "2026-11-23T12:00:00Z"},
+  ],
+  "tests": [
+    {"src": "alice@example.com", "at": "2026-11-23T10:00:00+01:00", "accept": ["10.0.0.1:22"]},
+    {"src": "alice@example.com", "at": "2026-11-23T18:00:00+01:00", "deny": ["10.0.0.1:22"]},
+    {"src": "alice@example.com", "at": "2026-11-28T10:00:00+01:00", "deny": ["10.0.0.1:22"]},
+    {"src": "bob@example.com", "at": "2026-11-23T11:59:59Z", "accept": ["10.0.0.1:22"]},
+    {"src": "bob@example.com", "at": "2026-11-23T12:00:00Z", "deny": ["10.0.0.1:22"]},
+  ],
+}"#;
+    assert!(errors(text).is_empty(), "{:?}", errors(text));
+}
+
+fn inventory() -> Inventory {
+    vec![
+        node(
+            1,
+            "alice-laptop",
+            Some("alice@example.com"),
+            &[],
+            &[
+                ("node:os", AttrValue::String("linux".into())),
+                ("node:clientVersion", AttrValue::String("0.1.0".into())),
+            ],
+        ),
+        node(
+            2,
+            "alice-phone",
+            Some("alice@example.com"),
+            &[],
+            &[("node:os", AttrValue::String("android".into()))],
+        ),
+        node(3, "carol-laptop", Some("carol@example.com"), &[], &[]),
+        node(4, "web-1", None, &["tag:prod"], &[]),
+        node(5, "db-1", None, &["tag:db"], &[]),
+    ]
+    .into_iter()
+    .collect()
+}
+
+fn names(inv: &Inventory, ids: &std::collections::BTreeSet<NodeId>) -> Vec<String> {
+    ids.iter()
+        .map(|id| inv.get(*id).unwrap().name.clone())
+        .collect()
+}
+
+#[test]
+fn compilation_gives_each_node_only_what_it_needs() {
+    let inv = inventory();
+    let p = Policy::check("ts.hujson", TAILSCALE, now(), Some(&inv)).unwrap();
+    let c = p.compile(&inv, now());
+    // db-1 is reached by web-1 (tcp 5432) and by ops; it reaches nobody.
+    let db = c.for_node(NodeId(5));
+    assert_eq!(names(&inv, &db.visible_peers), ["carol-laptop", "web-1"]);
+    let web_rule = db
+        .rules
+        .iter()
+        .find(|r| r.origin == "ts.hujson:27:5")
+        .unwrap();
+    assert_eq!(
+        web_rule
+            .src
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["100.64.0.4/32", "fd00::4/128"]
+    );
+    assert_eq!(web_rule.protocols, vec![wire::IpProto::TCP]);
+    assert!(
+        web_rule
+            .dst
+            .iter()
+            .all(|d| d.ports.first == 5432 && d.ports.last == 5432)
+    );
+    // alice's phone fails the posture: web-1's ssh rule only admits the laptop.
+    let web = c.for_node(NodeId(4));
+    let eng = web
+        .rules
+        .iter()
+        .find(|r| r.origin == "ts.hujson:23:5")
+        .unwrap();
+    assert_eq!(
+        eng.src.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["100.64.0.1/32", "fd00::1/128"]
+    );
+    // autogroup:self: alice's devices see each other, not carol's.
+    let laptop = c.for_node(NodeId(1));
+    assert_eq!(names(&inv, &laptop.visible_peers), ["alice-phone", "web-1"]);
+    let phone = c.for_node(NodeId(2));
+    assert_eq!(
+        names(&inv, &phone.visible_peers),
+        ["alice-laptop"],
+        "the phone fails the posture for web-1"
+    );
+    assert!(c.for_node(NodeId(99)).rules.is_empty());
+}
+
+#[test]
+fn deny_rules_compile_with_their_action_and_windows_with_their_ranges() {
+    let inv = inventory();
+    let text = r#"{
+  "tagOwners": {"tag:db": []},
+  "acls": [
+    {"action": "accept", "src": ["*"], "dst": ["tag:db:*"], "when": {"days": ["mon-fri"], "hours": "09:00-17:00"}},
+    {"action": "deny", "src": ["carol@example.com"], "dst": ["tag:db:22"], "expires": "2026-12-01T00:00:00Z"},
+    {"action": "accept", "src": ["*"], "dst": ["tag:db:80"], "expires": "2026-11-01T00:00:00Z"},
+  ],
+}"#;
+    let p = Policy::check("w.hujson", text, now(), None).unwrap();
+    let db = p.compile(&inv, now()).for_node(NodeId(5));
+    assert_eq!(db.rules.len(), 2, "the expired rule is gone");
+    let window = db.rules[0].valid.as_ref().unwrap();
+    // Ten weekdays in two weeks, plus the start of the Monday where the horizon ends.
+    assert_eq!(window.len(), 11);
+    assert_eq!(
+        window[10].until,
+        "2026-12-07T10:00:00Z"
+            .parse::<Timestamp>()
+            .unwrap()
+            .as_second()
+    );
+    assert_eq!(
+        window[0].from,
+        "2026-11-23T10:00:00Z"
+            .parse::<Timestamp>()
+            .unwrap()
+            .as_second()
+    );
+    assert_eq!(
+        window[0].until,
+        "2026-11-23T17:00:00Z"
+            .parse::<Timestamp>()
+            .unwrap()
+            .as_second()
+    );
+    assert_eq!(db.rules[1].action, WireAction::Deny);
+    assert_eq!(
+        db.rules[1].valid.as_ref().unwrap()[0].until,
+        "2026-12-01T00:00:00Z"
+            .parse::<Timestamp>()
+            .unwrap()
+            .as_second()
+    );
+}
+
+#[test]
+fn posture_is_never_bypassed_through_address_sources() {
+    let inv = inventory();
+    let text = r#"{
+  "tagOwners": {"tag:db": []},
+  "postures": {"posture:linux": ["node:os == 'linux'"]},
+  "acls": [{"action": "accept", "src": ["100.64.0.0/10", "*"], "dst": ["tag:db:*"], "srcPosture": ["posture:linux"]}],
+}"#;
+    let p = Policy::check("x.hujson", text, now(), None).unwrap();
+    let db = p.compile(&inv, now()).for_node(NodeId(5));
+    let src: Vec<String> = db.rules[0].src.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        src,
+        ["100.64.0.1/32", "fd00::1/128"],
+        "only the linux laptop"
+    );
+}
+
+#[test]
+fn the_default_lets_everyone_reach_everyone() {
+    let inv = inventory();
+    let c = Policy::allow_all().compile(&inv, now());
+    for id in 1..=5 {
+        let n = c.for_node(NodeId(id));
+        assert_eq!(n.visible_peers.len(), 4);
+        assert_eq!(n.rules.len(), 1);
+        assert!(n.rules[0].all_protocols);
+        assert_eq!(n.rules[0].origin, ALLOW_ALL);
+        let src: Vec<String> = n.rules[0].src.iter().map(ToString::to_string).collect();
+        assert_eq!(src, ["0.0.0.0/0", "::/0"]);
+    }
+}
+
+#[test]
+fn diff_lists_who_gains_and_who_loses_access() {
+    let inv = inventory();
+    let old = Policy::check("ts.hujson", TAILSCALE, now(), Some(&inv)).unwrap();
+    let stricter = TAILSCALE.replace(r#""tag:prod:80,443,22""#, r#""tag:prod:443""#);
+    // (its own tests would now fail; diff still shows what the change does)
+    let new = Policy::parse("ts.hujson", &stricter).unwrap();
+    let d = diff(&old.compile(&inv, now()), &new.compile(&inv, now()), now());
+    assert!(d.gained.is_empty(), "{:?}", d.gained);
+    let lost: Vec<String> = d
+        .lost
+        .iter()
+        .map(|c| format!("{} -> {}: {}", c.src, c.dst, c.access))
+        .collect();
+    assert_eq!(lost, ["alice-laptop -> web-1: tcp 22,80; udp 22,80"]);
+}
+
+#[test]
+fn inventory_addresses_let_tests_use_address_rules() {
+    let inv = inventory();
+    let text = r#"{
+  "acls": [{"action": "accept", "src": ["100.64.0.1"], "dst": ["100.64.0.5:22"]}],
+  "tests": [{"src": "alice@example.com", "accept": ["100.64.0.5:22"]}],
+}"#;
+    assert!(
+        Policy::check("a.hujson", text, now(), None).is_err(),
+        "without an inventory alice has no address"
+    );
+    assert!(Policy::check("a.hujson", text, now(), Some(&inv)).is_ok());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn mutated_policies_never_panic_the_checker_or_compiler(
+        edits in proptest::collection::vec((0usize..2000, any::<char>()), 0..8),
+        cut in 0usize..2000,
+    ) {
+        let mut chars: Vec<char> = TAILSCALE.chars().collect();
+        for (i, c) in edits {
+            if !chars.is_empty() {
+                let n = chars.len();
+                chars[i % n] = c;
+            }
+        }
+        chars.truncate(cut.max(1).min(chars.len()));
+        let text: String = chars.into_iter().collect();
+        if let Ok(p) = Policy::check("f.hujson", &text, now(), None) {
+            let inv = inventory();
+            let c = p.compile(&inv, now());
+            for id in 1..=5 {
+                let _ = c.for_node(NodeId(id));
+            }
+        }
+    }
+
+    #[test]
+    fn compiled_rules_agree_with_the_evaluator(
+        src in 1u64..=5, dst in 1u64..=5, port in prop_oneof![Just(22u16), Just(80), Just(443), Just(5432), any::<u16>()],
+    ) {
+        // What a node enforces (its compiled rules) must match what tests would say.
+        let inv = inventory();
+        let p = Policy::check("ts.hujson", TAILSCALE, now(), Some(&inv)).unwrap();
+        let c = p.compile(&inv, now());
+        let s = inv.get(NodeId(src)).unwrap();
+        let d = inv.get(NodeId(dst)).unwrap();
+        let rules = c.for_node(NodeId(dst)).rules;
+        let ip: IpAddr = s.addresses[0];
+        let compiled = {
+            let hit = |r: &wire::FilterRule| r.active_at(now().as_second()) && r.matches_protocol(wire::IpProto::TCP)
+                && r.src.iter().any(|n| n.contains(&ip))
+                && r.dst.iter().any(|x| x.net.contains(&d.addresses[0]) && x.ports.contains(port));
+            !rules.iter().any(|r| r.action == WireAction::Deny && hit(r)) && rules.iter().any(|r| r.action == WireAction::Accept && hit(r))
+        };
+        fn sub(n: &InventoryNode) -> eval::Subject<'_> {
+            eval::Subject { user: n.user.as_deref(), tags: &n.tags, ips: &n.addresses, attrs: &n.attrs }
+        }
+        let evaluated = matches!(p.file().decide(&sub(s), &sub(d), 6, port, now()), eval::Decision::Accept(_));
+        prop_assert_eq!(compiled, evaluated || (src == dst && compiled), "src {} dst {} port {}", src, dst, port);
+    }
+}
