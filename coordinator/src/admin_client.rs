@@ -56,10 +56,21 @@ impl Target {
     ) -> anyhow::Result<T> {
         let (status, bytes) = self.raw(method, path, body).await?;
         if !status.is_success() {
-            let msg = serde_json::from_slice::<Value>(&bytes)
-                .ok()
+            let body = serde_json::from_slice::<Value>(&bytes).ok();
+            let mut msg = body
+                .as_ref()
                 .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_owned))
                 .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            let details = body
+                .as_ref()
+                .and_then(|v| v.get("details").and_then(Value::as_array))
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str);
+            for d in details {
+                msg.push('\n');
+                msg.push_str(d);
+            }
             bail!("{msg}");
         }
         serde_json::from_slice(&bytes).context("decoding the coordinator's answer")

@@ -50,6 +50,12 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Check, set, show and compare the access policy.
+    Policy {
+        /// What to do with the policy.
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Mesh-wide settings.
     Settings {
         /// Show or change settings.
@@ -93,6 +99,10 @@ pub struct ServeArgs {
     /// How long an ephemeral node may be disconnected before it is removed.
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
     pub ephemeral_timeout: Duration,
+    /// Access policy file (HuJSON) to put in force at start. It must pass every check, or the
+    /// coordinator does not start. Without it, the last policy set stays in force.
+    #[arg(long, env = "LATTICE_COORDINATOR_POLICY")]
+    pub policy: Option<PathBuf>,
 }
 
 /// Flags shared by admin commands.
@@ -187,6 +197,86 @@ pub enum NodesCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Show or change a node's admin-set attributes (`custom:NAME`), which postures can test.
+    Attr {
+        /// Node name.
+        name: String,
+        /// Set an attribute: custom:NAME=VALUE (true/false and numbers are typed; repeatable).
+        #[arg(long = "set", value_parser = parse_attr)]
+        set: Vec<(String, String)>,
+        /// Remove an attribute: custom:NAME (repeatable).
+        #[arg(long = "unset")]
+        unset: Vec<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// `policy` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Check a policy file offline: syntax, references and its tests. Prints every problem as
+    /// file:line:col and exits 1 if there is any.
+    Check {
+        /// The HuJSON policy file.
+        file: PathBuf,
+    },
+    /// Put a policy file in force. It is checked (against the current nodes, tests included)
+    /// first; if anything fails it is rejected and the policy in force stays.
+    Set {
+        /// The HuJSON policy file.
+        file: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Print the policy in force (or an earlier version).
+    Get {
+        /// A stored version instead of the one in force.
+        #[arg(long)]
+        version: Option<i64>,
+        /// JSON output (with version metadata).
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show who would gain and who would lose access if FILE were set.
+    Diff {
+        /// The HuJSON policy file.
+        file: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List every stored version.
+    Versions {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// Parses `custom:NAME=VALUE`.
+pub fn parse_attr(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected custom:NAME=VALUE"))?;
+    Ok((k.trim().to_owned(), v.trim().to_owned()))
 }
 
 /// `audit` subcommands.

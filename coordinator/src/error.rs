@@ -27,6 +27,15 @@ pub enum ApiError {
     /// 409.
     #[error("{0}")]
     Conflict(String),
+    /// 422: the input was understood but refused; `details` lists every reason (for a policy,
+    /// one `file:line:col: message` line each).
+    #[error("{message}")]
+    Rejected {
+        /// Summary.
+        message: String,
+        /// Every reason.
+        details: Vec<String>,
+    },
     /// 500.
     #[error("internal error")]
     Internal(String),
@@ -46,6 +55,8 @@ pub struct InternalDetail(pub Arc<String>);
 struct Body<'a> {
     error: &'a str,
     message: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    details: Vec<String>,
 }
 
 impl IntoResponse for ApiError {
@@ -55,13 +66,20 @@ impl IntoResponse for ApiError {
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::Rejected { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        let message = self.to_string();
+        let details = match &self {
+            Self::Rejected { details, .. } => details.clone(),
+            _ => Vec::new(),
         };
         let mut resp = (
             status,
             Json(Body {
                 error: code,
-                message: self.to_string(),
+                message,
+                details,
             }),
         )
             .into_response();

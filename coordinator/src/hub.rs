@@ -6,9 +6,10 @@
 //! with [`crate::netmap::next_map`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use policy::{Inventory, InventoryNode, Policy};
+use jiff::Timestamp;
+use policy::{CompiledPolicy, Inventory, InventoryNode, Policy};
 use tokio::sync::{mpsc, watch};
 use wire::{ErrorCode, NodeId, TunnelSecurity};
 
@@ -35,6 +36,7 @@ pub struct HubState {
     nodes: BTreeMap<NodeId, LiveNode>,
     inventory: Inventory,
     policy: Arc<Policy>,
+    policy_version: i64,
     policy_rev: u64,
     membership_rev: u64,
     next_rev: u64,
@@ -42,7 +44,16 @@ pub struct HubState {
     next_conn: u64,
     domain: String,
     tunnel_security: TunnelSecurity,
+    compiled: Mutex<Option<(CompileKey, Arc<CompiledPolicy>)>>,
 }
+
+/// What a compiled policy depends on: the policy, the facts about nodes, and the day it was
+/// compiled for (recurring windows are resolved [`policy::HORIZON`] ahead of that day).
+pub type CompileKey = (u64, u64, i64);
+
+/// Compilations are anchored to the start of a UTC day, so every compilation on one day gives
+/// the same validity ranges and nodes are not re-sent unchanged rules.
+const DAY_SECS: i64 = 24 * 3600;
 
 /// A registered control session. Dropping it marks the node offline (if no newer session for
 /// the same node replaced it).
@@ -55,14 +66,21 @@ pub struct SessionGuard {
 }
 
 impl Hub {
-    /// A hub holding `nodes` under `policy`.
-    pub fn new(domain: String, policy: Policy, nodes: Vec<NodeRecord>, now: i64) -> Arc<Self> {
+    /// A hub holding `nodes` under `policy` (stored `version`, 0 for the default).
+    pub fn new(
+        domain: String,
+        policy: Policy,
+        version: i64,
+        nodes: Vec<NodeRecord>,
+        now: i64,
+    ) -> Arc<Self> {
         let (changed, _) = watch::channel(0);
         let hub = Arc::new(Self {
             state: RwLock::new(HubState {
                 nodes: BTreeMap::new(),
                 inventory: Inventory::new(),
                 policy: Arc::new(policy),
+                policy_version: version,
                 policy_rev: 1,
                 membership_rev: 1,
                 next_rev: 1,
@@ -70,6 +88,7 @@ impl Hub {
                 next_conn: 1,
                 domain,
                 tunnel_security: TunnelSecurity::PostQuantum,
+                compiled: Mutex::new(None),
             }),
             changed,
         });
@@ -126,14 +145,33 @@ impl Hub {
         self.notify();
     }
 
-    /// Replaces the policy in force.
-    pub fn set_policy(&self, policy: Policy) {
+    /// Puts stored policy `version` in force, unless a newer version already is (two admins
+    /// setting policies at once end with the one the database holds last).
+    pub fn set_policy(&self, version: i64, policy: Policy) {
         {
             let mut st = self.write();
+            if version <= st.policy_version {
+                return;
+            }
             st.policy = Arc::new(policy);
+            st.policy_version = version;
             st.policy_rev += 1;
         }
         self.notify();
+    }
+
+    /// Wakes every session when the compilation day rolls over, so rules for recurring time
+    /// windows are extended before nodes run out of them. Call it periodically.
+    pub fn tick(&self, now_unix: i64) {
+        let day = now_unix.div_euclid(DAY_SECS);
+        let stale = {
+            let st = self.read();
+            let guard = st.compiled.lock().unwrap_or_else(|e| e.into_inner());
+            guard.as_ref().is_some_and(|((_, _, d), _)| *d != day)
+        };
+        if stale {
+            self.notify();
+        }
     }
 
     /// Replaces the mesh's tunnel security.
@@ -199,6 +237,7 @@ impl HubState {
                 || old.record.tags != record.tags
                 || old.record.user != record.user
                 || old.record.name != record.name
+                || old.record.policy_attrs() != record.policy_attrs()
         });
         if membership_changed {
             self.inventory.upsert(InventoryNode {
@@ -207,6 +246,7 @@ impl HubState {
                 addresses: record.addresses(),
                 user: record.user.clone(),
                 tags: record.tags.clone(),
+                attrs: record.policy_attrs(),
             });
             self.membership_rev += 1;
         }
@@ -235,17 +275,46 @@ impl HubState {
         self.next_rev
     }
 
-    /// The snapshot sessions compute netmaps from.
-    pub fn snapshot(&self) -> Snapshot<'_> {
+    /// The snapshot sessions compute netmaps from, at `now_unix`. The policy is compiled at
+    /// most once per change (sessions share the result).
+    pub fn snapshot(&self, now_unix: i64) -> Snapshot<'_> {
+        let (key, compiled) = self.compiled(now_unix);
         Snapshot {
             nodes: &self.nodes,
-            inventory: &self.inventory,
-            policy: &self.policy,
-            policy_rev: self.policy_rev,
-            membership_rev: self.membership_rev,
+            compiled,
+            compile_key: key,
             domain: &self.domain,
             tunnel_security: self.tunnel_security,
         }
+    }
+
+    /// The policy compiled for the current inventory and day.
+    pub fn compiled(&self, now_unix: i64) -> (CompileKey, Arc<CompiledPolicy>) {
+        let day = now_unix.div_euclid(DAY_SECS);
+        let key = (self.policy_rev, self.membership_rev, day);
+        let mut guard = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, c)) = guard.as_ref()
+            && *k == key
+        {
+            return (key, Arc::clone(c));
+        }
+        let at =
+            Timestamp::from_second(day.saturating_mul(DAY_SECS)).unwrap_or(Timestamp::UNIX_EPOCH);
+        let started = std::time::Instant::now();
+        let c = Arc::new(self.policy.compile(&self.inventory, at));
+        tracing::debug!(
+            nodes = self.inventory.len(),
+            rules = self.policy.rule_count(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "compiled the policy"
+        );
+        *guard = Some((key, Arc::clone(&c)));
+        (key, c)
+    }
+
+    /// The inventory the policy is compiled against.
+    pub fn inventory(&self) -> &Inventory {
+        &self.inventory
     }
 
     /// The mesh's tunnel security.
@@ -263,8 +332,8 @@ impl HubState {
         self.nodes.values()
     }
 
-    /// The policy in force.
-    pub fn policy(&self) -> Arc<Policy> {
-        Arc::clone(&self.policy)
+    /// The policy in force and its stored version (0: the built-in default).
+    pub fn policy(&self) -> (i64, Arc<Policy>) {
+        (self.policy_version, Arc::clone(&self.policy))
     }
 }

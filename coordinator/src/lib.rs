@@ -26,8 +26,8 @@ use serde_json::json;
 use crate::admin_client::Target;
 use crate::audit::{Entry, Verification};
 use crate::cli::{
-    AdminArgs, AuditCommand, AuthkeyCommand, Command, NodesCommand, SettingsCommand, TokenCommand,
-    TunnelSecurityArg,
+    AdminArgs, AuditCommand, AuthkeyCommand, Command, NodesCommand, PolicyCommand, SettingsCommand,
+    TokenCommand, TunnelSecurityArg,
 };
 use crate::model::AuthKeyInfo;
 use crate::ops::{CreatedAuthKey, NodeView};
@@ -52,6 +52,7 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
                 public_url: a.public_url,
                 domain: a.domain,
                 ephemeral_timeout: a.ephemeral_timeout,
+                policy: a.policy,
             })
             .await?;
             Ok(Outcome::Success)
@@ -61,8 +62,151 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Audit { command } => audit_cmd(command).await,
         Command::Token { command } => token(command).await,
         Command::Settings { command } => settings(command).await,
+        Command::Policy { command } => policy_cmd(command).await,
     }
 }
+
+fn read_policy_file(path: &std::path::Path) -> anyhow::Result<ops::policy::PolicyText> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not UTF-8 (byte {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    Ok(ops::policy::PolicyText {
+        file_name: path.display().to_string(),
+        text,
+    })
+}
+
+async fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<Outcome> {
+    match cmd {
+        PolicyCommand::Check { file } => {
+            let p = read_policy_file(&file)?;
+            let now = jiff::Timestamp::now();
+            match policy::Policy::check(&p.file_name, &p.text, now, None) {
+                Ok(pol) => {
+                    output::line(&format!(
+                        "{}: ok ({} rules, {} tests passed)",
+                        p.file_name,
+                        pol.rule_count(),
+                        pol.test_count()
+                    ));
+                    Ok(Outcome::Success)
+                }
+                Err(e) => {
+                    for l in e.lines() {
+                        output::error_line(&l);
+                    }
+                    output::error_line(&format!(
+                        "{}: {} problem(s)",
+                        p.file_name,
+                        e.diagnostics.len()
+                    ));
+                    Ok(Outcome::Failure)
+                }
+            }
+        }
+        PolicyCommand::Set { file, json, admin } => {
+            let p = read_policy_file(&file)?;
+            let out: ops::policy::SetOutcome = target(&admin)?
+                .call(Method::PUT, "/policy", Some(serde_json::to_value(&p)?))
+                .await?;
+            if json {
+                output::json(&out);
+            } else if out.unchanged {
+                output::line(&format!(
+                    "policy v{} already in force (unchanged)",
+                    out.version
+                ));
+            } else {
+                output::line(&format!(
+                    "policy v{} in force: {} rules, {} tests passed; {} gained, {} lost",
+                    out.version,
+                    out.rules,
+                    out.tests,
+                    out.diff.gained.len(),
+                    out.diff.lost.len()
+                ));
+                output::diff(&out.diff);
+            }
+            Ok(Outcome::Success)
+        }
+        PolicyCommand::Get {
+            version,
+            json,
+            admin,
+        } => {
+            let t = target(&admin)?;
+            let stored = match version {
+                Some(v) => Some(
+                    t.call::<db::policy::StoredPolicy>(
+                        Method::GET,
+                        &format!("/policy/versions/{v}"),
+                        None,
+                    )
+                    .await?,
+                ),
+                None => {
+                    let view: ops::policy::PolicyView =
+                        t.call(Method::GET, "/policy", None).await?;
+                    if json {
+                        output::json(&view);
+                        return Ok(Outcome::Success);
+                    }
+                    view.stored
+                }
+            };
+            match stored {
+                Some(s) if json => output::json(&s),
+                Some(s) => output::raw(&s.text),
+                None => output::raw(DEFAULT_POLICY_TEXT),
+            }
+            Ok(Outcome::Success)
+        }
+        PolicyCommand::Diff { file, json, admin } => {
+            let p = read_policy_file(&file)?;
+            let d: ops::policy::DiffView = target(&admin)?
+                .call(
+                    Method::POST,
+                    "/policy/diff",
+                    Some(serde_json::to_value(&p)?),
+                )
+                .await?;
+            if json {
+                output::json(&d);
+            } else if d.gained.is_empty() && d.lost.is_empty() {
+                output::line("no change in access");
+            } else {
+                output::diff(&d);
+            }
+            Ok(Outcome::Success)
+        }
+        PolicyCommand::Versions { json, admin } => {
+            let v: Vec<db::policy::PolicyVersion> = target(&admin)?
+                .call(Method::GET, "/policy/versions", None)
+                .await?;
+            if json {
+                output::json(&v);
+            } else {
+                output::policy_versions(&v);
+            }
+            Ok(Outcome::Success)
+        }
+    }
+}
+
+/// What `policy get` prints while no policy was ever set.
+const DEFAULT_POLICY_TEXT: &str = "// No policy has been set: the built-in default is in force.
+// Every node may reach every node on every protocol and port.
+{
+  \"acls\": [
+    {\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"]},
+  ],
+}
+";
 
 async fn settings(cmd: SettingsCommand) -> anyhow::Result<Outcome> {
     let (admin, set, json) = match cmd {
@@ -162,6 +306,45 @@ async fn nodes(cmd: NodesCommand) -> anyhow::Result<Outcome> {
                 .call(Method::DELETE, &format!("/nodes/{name}"), None)
                 .await?;
             output::line(&format!("removed node {name}"));
+        }
+        NodesCommand::Attr {
+            name,
+            set,
+            unset,
+            json,
+            admin,
+        } => {
+            let change = ops::policy::AttrChange {
+                set: set
+                    .into_iter()
+                    .map(|(k, v)| (k, wire::AttrValue::from_text(&v)))
+                    .collect(),
+                unset,
+            };
+            let attrs: model::Attrs = if change.set.is_empty() && change.unset.is_empty() {
+                let nodes: Vec<NodeView> =
+                    target(&admin)?.call(Method::GET, "/nodes", None).await?;
+                nodes
+                    .into_iter()
+                    .find(|n| n.name == name)
+                    .with_context(|| format!("no node named {name:?}"))?
+                    .custom_attrs
+            } else {
+                target(&admin)?
+                    .call(
+                        Method::PUT,
+                        &format!("/nodes/{name}/attrs"),
+                        Some(serde_json::to_value(&change)?),
+                    )
+                    .await?
+            };
+            if json {
+                output::json(&attrs);
+            } else {
+                for (k, v) in &attrs {
+                    output::line(&format!("{k}={v}"));
+                }
+            }
         }
         NodesCommand::Expire { name, admin } => {
             let _: serde_json::Value = target(&admin)?

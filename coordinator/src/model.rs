@@ -2,11 +2,16 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
-use wire::{MachineKey, NodeId, NodeKey};
+use wire::{AttrValue, MachineKey, NodeId, NodeKey};
+
+/// Node attributes by name (`node:os`, `fact:edr`, `custom:team`).
+pub type Attrs = BTreeMap<String, AttrValue>;
 
 /// A registered node.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NodeRecord {
     /// Id, never reused.
     pub id: NodeId,
@@ -38,12 +43,47 @@ pub struct NodeRecord {
     pub last_seen: Option<i64>,
     /// Node-key expiry, unix seconds.
     pub expires_at: Option<i64>,
+    /// Posture the node reports (`node:*` and `fact:*`).
+    pub posture: Attrs,
+    /// When the posture last changed, unix seconds.
+    pub posture_at: Option<i64>,
+    /// Attributes admins set (`custom:*`).
+    pub custom_attrs: Attrs,
 }
 
 impl NodeRecord {
     /// Both overlay addresses, IPv4 first.
     pub fn addresses(&self) -> Vec<IpAddr> {
         vec![IpAddr::V4(self.ipv4), IpAddr::V6(self.ipv6)]
+    }
+
+    /// Everything the policy may test about this node: the OS and client version from its
+    /// hello, overridden by its reported posture, plus the admins' `custom:` attributes.
+    pub fn policy_attrs(&self) -> Attrs {
+        let mut a = Attrs::new();
+        if !self.os.is_empty() {
+            a.insert("node:os".into(), AttrValue::String(self.os.clone()));
+        }
+        if !self.client_version.is_empty() {
+            a.insert(
+                "node:clientVersion".into(),
+                AttrValue::String(self.client_version.clone()),
+            );
+        }
+        a.insert("node:hostname".into(), AttrValue::String(self.name.clone()));
+        a.extend(
+            self.posture
+                .iter()
+                .filter(|(k, _)| k.starts_with("node:") || k.starts_with("fact:"))
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        a.extend(
+            self.custom_attrs
+                .iter()
+                .filter(|(k, _)| k.starts_with("custom:"))
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        a
     }
 
     /// Whether the node's key has expired at `now` (unix seconds).

@@ -7,13 +7,15 @@
 //! facts it depends on (addresses, tags, users, the set of nodes) changed.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use policy::{Compiled, Inventory, Policy};
+use policy::{Compiled, CompiledPolicy};
 use wire::NodeId;
 use wire::TunnelSecurity;
 use wire::netmap::{DnsConfig, MapResponse, Node};
 
 use crate::addr::RESOLVER_V4;
+use crate::hub::CompileKey;
 use crate::model::NodeRecord;
 
 /// A node as the hub holds it.
@@ -31,14 +33,10 @@ pub struct LiveNode {
 pub struct Snapshot<'a> {
     /// All non-expired nodes.
     pub nodes: &'a BTreeMap<NodeId, LiveNode>,
-    /// The same nodes, as the policy sees them.
-    pub inventory: &'a Inventory,
-    /// The policy in force.
-    pub policy: &'a Policy,
-    /// Bumped when the policy changes.
-    pub policy_rev: u64,
-    /// Bumped when the set of nodes or their addresses, tags or users change.
-    pub membership_rev: u64,
+    /// The policy in force, compiled for these nodes.
+    pub compiled: Arc<CompiledPolicy>,
+    /// Changes whenever `compiled` does (policy, node facts, or the compilation day).
+    pub compile_key: CompileKey,
     /// The mesh domain.
     pub domain: &'a str,
     /// How tunnels are keyed.
@@ -51,7 +49,7 @@ pub struct SentMap {
     seq: u64,
     self_rev: Option<u64>,
     peers: BTreeMap<NodeId, u64>,
-    compiled: Option<((u64, u64), Compiled)>,
+    compiled: Option<(CompileKey, Compiled)>,
     filter_sent: bool,
     dns_sent: bool,
     security_sent: Option<TunnelSecurity>,
@@ -86,11 +84,11 @@ pub fn wire_node(live: &LiveNode, domain: &str) -> Node {
 /// The next message for node `me`, or `None` if it is up to date (or unknown).
 pub fn next_map(sent: &mut SentMap, snap: &Snapshot<'_>, me: NodeId) -> Option<MapResponse> {
     let me_live = snap.nodes.get(&me)?;
-    let key = (snap.policy_rev, snap.membership_rev);
+    let key = snap.compile_key;
     let recompiled = match &sent.compiled {
         Some((k, _)) if *k == key => false,
         _ => {
-            let compiled = snap.policy.compile_for(snap.inventory, me);
+            let compiled = snap.compiled.for_node(me);
             let changed = sent
                 .compiled
                 .as_ref()
@@ -164,7 +162,7 @@ pub fn next_map(sent: &mut SentMap, snap: &Snapshot<'_>, me: NodeId) -> Option<M
 #[cfg(test)]
 mod tests {
     use super::*;
-    use policy::InventoryNode;
+    use policy::{Inventory, InventoryNode, Policy};
     use std::net::Ipv4Addr;
     use wire::{MachineKey, NodeKey};
 
@@ -172,6 +170,7 @@ mod tests {
         nodes: BTreeMap<NodeId, LiveNode>,
         inventory: Inventory,
         policy: Policy,
+        policy_rev: u64,
         membership_rev: u64,
     }
 
@@ -181,6 +180,7 @@ mod tests {
                 nodes: BTreeMap::new(),
                 inventory: Inventory::new(),
                 policy: Policy::allow_all(),
+                policy_rev: 1,
                 membership_rev: 0,
             };
             for i in 1..=n {
@@ -206,6 +206,9 @@ mod tests {
                 created_at: 0,
                 last_seen: None,
                 expires_at: None,
+                posture: Default::default(),
+                posture_at: None,
+                custom_attrs: Default::default(),
             };
             self.inventory.upsert(InventoryNode {
                 id: rec.id,
@@ -213,6 +216,7 @@ mod tests {
                 addresses: rec.addresses(),
                 user: None,
                 tags: vec![],
+                attrs: rec.policy_attrs(),
             });
             self.nodes.insert(
                 rec.id,
@@ -234,10 +238,11 @@ mod tests {
         fn snap(&self) -> Snapshot<'_> {
             Snapshot {
                 nodes: &self.nodes,
-                inventory: &self.inventory,
-                policy: &self.policy,
-                policy_rev: 1,
-                membership_rev: self.membership_rev,
+                compiled: Arc::new(
+                    self.policy
+                        .compile(&self.inventory, jiff::Timestamp::UNIX_EPOCH),
+                ),
+                compile_key: (self.policy_rev, self.membership_rev, 0),
                 domain: "mesh.internal",
                 tunnel_security: TunnelSecurity::PostQuantum,
             }
@@ -301,5 +306,58 @@ mod tests {
         next_map(&mut sent, &w.snap(), NodeId(2)).unwrap();
         w.remove(2);
         assert!(next_map(&mut sent, &w.snap(), NodeId(2)).is_none());
+    }
+
+    #[test]
+    fn a_stricter_policy_hides_peers_and_sends_new_rules() {
+        let mut w = World::new(3);
+        let mut sent = SentMap::default();
+        next_map(&mut sent, &w.snap(), NodeId(1)).unwrap();
+        // Only n2 may reach n1 now; n3 disappears from n1's map.
+        let text = r#"{"hosts": {"n2": "100.64.0.2"},
+                       "acls": [{"action": "accept", "src": ["n2"], "dst": ["100.64.0.1:22"]}]}"#;
+        w.policy = Policy::parse("p.hujson", text).unwrap();
+        w.policy_rev += 1;
+        let m = next_map(&mut sent, &w.snap(), NodeId(1)).unwrap();
+        assert_eq!(m.peers_removed, vec![NodeId(3)]);
+        let rules = m.packet_filter.unwrap();
+        assert_eq!(rules.len(), 1);
+        // The node inside the host's prefix is n2: both of its addresses.
+        assert_eq!(
+            rules[0].src,
+            vec![
+                "100.64.0.2/32".parse().unwrap(),
+                "fd00::2/128".parse().unwrap()
+            ]
+        );
+        // n3 sees nobody, and gets no rules.
+        let mut sent3 = SentMap::default();
+        let m3 = next_map(&mut sent3, &w.snap(), NodeId(3)).unwrap();
+        assert!(m3.peers.unwrap().is_empty());
+        assert!(m3.packet_filter.unwrap().is_empty());
+    }
+
+    #[test]
+    fn policy_attrs_merge_hello_posture_and_custom_attributes() {
+        let w = World::new(1);
+        let mut rec = w.nodes[&NodeId(1)].record.clone();
+        rec.client_version = "0.1.0".into();
+        rec.posture
+            .insert("node:os".into(), wire::AttrValue::String("linux".into()));
+        rec.posture
+            .insert("fact:edr".into(), wire::AttrValue::Bool(true));
+        // A node cannot smuggle admin attributes in through its posture report.
+        rec.posture
+            .insert("custom:admin".into(), wire::AttrValue::Bool(true));
+        rec.custom_attrs
+            .insert("custom:team".into(), wire::AttrValue::String("sre".into()));
+        let a = rec.policy_attrs();
+        assert_eq!(
+            a["node:clientVersion"],
+            wire::AttrValue::String("0.1.0".into())
+        );
+        assert_eq!(a["fact:edr"], wire::AttrValue::Bool(true));
+        assert_eq!(a["custom:team"], wire::AttrValue::String("sre".into()));
+        assert!(!a.contains_key("custom:admin"));
     }
 }

@@ -1,16 +1,55 @@
 //! Everything the CLI prints on stdout.
-#![allow(clippy::print_stdout)]
+#![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 
 use crate::audit::Entry;
+use crate::db::policy::PolicyVersion;
 use crate::model::AuthKeyInfo;
 use crate::ops::NodeView;
+use crate::ops::policy::DiffView;
 
 pub(crate) fn line(s: &str) {
     println!("{s}");
+}
+
+/// One line on stderr (diagnostics).
+pub(crate) fn error_line(s: &str) {
+    eprintln!("{s}");
+}
+
+/// Text exactly as given (no newline added).
+pub(crate) fn raw(s: &str) {
+    print!("{s}");
+}
+
+/// `+ src -> dst: access` for gained, `- ...` for lost.
+pub(crate) fn diff(d: &DiffView) {
+    for c in &d.gained {
+        println!("+ {} -> {}: {}", c.src, c.dst, c.access);
+    }
+    for c in &d.lost {
+        println!("- {} -> {}: {}", c.src, c.dst, c.access);
+    }
+}
+
+pub(crate) fn policy_versions(v: &[PolicyVersion]) {
+    println!(
+        "{:<8} {:<22} {:<24} {:<14} FILE",
+        "VERSION", "SET AT", "SET BY", "SHA256"
+    );
+    for p in v {
+        println!(
+            "{:<8} {:<22} {:<24} {:<14} {}",
+            p.version,
+            time(p.set_at_ms / 1000),
+            p.set_by,
+            &p.sha256[..p.sha256.len().min(12)],
+            p.file_name
+        );
+    }
 }
 
 pub(crate) fn json<T: Serialize>(v: &T) {

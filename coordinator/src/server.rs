@@ -38,6 +38,8 @@ pub struct ServeConfig {
     pub domain: String,
     /// How long an ephemeral node may stay away.
     pub ephemeral_timeout: Duration,
+    /// Policy file to put in force at start.
+    pub policy: Option<PathBuf>,
 }
 
 /// Name of the admin socket inside the state dir.
@@ -66,8 +68,31 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         let security = db::mesh::tunnel_security(&mut conn).await?;
         (mesh, db::nodes::all(&mut conn).await?, security)
     };
+    let policy_text = match &cfg.policy {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading --policy {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let policy_name = cfg.policy.as_ref().map(|p| p.display().to_string());
+    let (policy_version, policy) = ops::policy::load_at_start(
+        &pool,
+        policy_name.as_deref().zip(policy_text.as_deref()),
+        &format!("local:uid={}", current_uid()),
+    )
+    .await?;
+    if policy.is_default() {
+        info!("no policy set: every node may reach every node (set one with `policy set FILE`)");
+    } else {
+        info!(
+            version = policy_version,
+            rules = policy.rule_count(),
+            "policy in force"
+        );
+    }
     let offline_ephemeral: Vec<_> = nodes.iter().filter(|n| n.ephemeral).map(|n| n.id).collect();
-    let hub = Hub::new(mesh.domain.clone(), policy::Policy::allow_all(), nodes, now);
+    let hub = Hub::new(mesh.domain.clone(), policy, policy_version, nodes, now);
     hub.set_tunnel_security(security);
     if security == wire::TunnelSecurity::ClassicalOnly {
         warn!("tunnels are classical-only by admin setting: no post-quantum protection");
@@ -101,6 +126,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         loop {
             tick.tick().await;
             ops::sweep_expired(&sweeper);
+            sweeper.hub.tick(unix_now());
         }
     });
 
@@ -243,6 +269,11 @@ async fn local_actor(
         .map_or_else(|| "local:uid=?".to_owned(), |u| format!("local:uid={u}"));
     req.extensions_mut().insert(Actor(actor));
     next.run(req).await
+}
+
+fn current_uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
 }
 
 async fn shutdown_signal() {

@@ -1,79 +1,16 @@
 //! Registration, auth keys and the audit log against a real SQLite database file.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+mod support;
 
 use coordinator::db;
-use coordinator::hub::Hub;
-use coordinator::ops::{self, CreateAuthKey};
+use std::time::Duration;
+
+use coordinator::ops;
 use coordinator::register::{RegisterError, register_or_resume};
-use coordinator::state::{AppState, Inner, unix_now};
-use hybrid::StaticKeypair;
-use rand::{SeedableRng, rngs::StdRng};
-use wire::{AuthKey, CapabilityVersion, ErrorCode, Hello, MachineKey, NodeKey};
-
-async fn state(dir: &std::path::Path) -> AppState {
-    let pool = db::open(&dir.join("c.db").display().to_string())
-        .await
-        .unwrap();
-    let mut conn = pool.acquire().await.unwrap();
-    let mesh = db::mesh::get_or_create(
-        &mut conn,
-        "mesh.internal",
-        "fd11:2233:4455::/48".parse().unwrap(),
-        unix_now(),
-    )
-    .await
-    .unwrap();
-    drop(conn);
-    let key = StaticKeypair::generate(&mut StdRng::seed_from_u64(1));
-    AppState::new(Inner {
-        db: pool,
-        hub: Hub::new(
-            "mesh.internal".into(),
-            policy::Policy::allow_all(),
-            vec![],
-            unix_now(),
-        ),
-        fingerprint: hybrid::fingerprint(&key.public()),
-        control_key: key,
-        mesh,
-        ephemeral_timeout: Duration::from_secs(60),
-    })
-}
-
-fn hello(i: u8, host: &str, key: Option<&str>) -> Hello {
-    Hello {
-        capability: CapabilityVersion::CURRENT,
-        node_key: NodeKey::from_bytes([i; 32]),
-        hostname: host.into(),
-        auth_key: key.map(|k| k.parse().unwrap()),
-        endpoints: vec!["198.51.100.5:41641".parse().unwrap()],
-        os: "linux".into(),
-        client_version: "test".into(),
-    }
-}
-
-fn machine(i: u8) -> MachineKey {
-    MachineKey::from_bytes([i; 32])
-}
-
-async fn key(st: &AppState, reusable: bool, expiry_secs: u64) -> String {
-    ops::create_auth_key(
-        st,
-        CreateAuthKey {
-            reusable,
-            ephemeral: false,
-            tags: vec!["tag:db".into()],
-            user: None,
-            expiry_secs,
-        },
-        "test",
-    )
-    .await
-    .unwrap()
-    .key
-}
+use coordinator::state::unix_now;
+use support::{hello, key, machine, state};
+use wire::{AuthKey, ErrorCode, NodeKey};
 
 fn refused(r: Result<impl std::fmt::Debug, RegisterError>) -> ErrorCode {
     match r {

@@ -143,8 +143,17 @@ impl CompiledPolicy {
                     ports.push(&d.ports);
                 }
             }
-            if !ports.is_empty() {
-                let src_nodes: Vec<usize> = (0..self.nodes.len()).filter(|&i| set.src[i]).collect();
+            let src_nodes: Vec<usize> = if ports.is_empty() {
+                Vec::new()
+            } else {
+                // Its own traffic never arrives through a tunnel.
+                (0..self.nodes.len())
+                    .filter(|&i| set.src[i] && i != mi)
+                    .collect()
+            };
+            // A rule nobody can use (no source node passes its posture, no source prefix) is
+            // not sent.
+            if !ports.is_empty() && (!src_nodes.is_empty() || !set.src_prefixes.is_empty()) {
                 rules.push(self.filter_rule(
                     rule,
                     set,

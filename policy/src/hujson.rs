@@ -47,9 +47,9 @@ pub enum Json {
     /// A string.
     String(String),
     /// An array.
-    Array(Vec<Spanned<Json>>),
+    Array(Vec<Spanned<Self>>),
     /// An object, in file order.
-    Object(Vec<(Spanned<String>, Spanned<Json>)>),
+    Object(Vec<(Spanned<String>, Spanned<Self>)>),
 }
 
 impl Json {

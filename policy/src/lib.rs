@@ -40,6 +40,7 @@ pub use compile::{Compiled, CompiledPolicy, HORIZON};
 pub use diff::{Access, Change, PolicyDiff, diff};
 pub use error::{Diagnostic, PolicyError};
 pub use inventory::{Inventory, InventoryNode};
+pub use parse::check_attr_name;
 
 use ast::{Action, Dst, PolicyFile, Ports, Proto, Rule, Selector};
 

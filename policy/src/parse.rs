@@ -812,8 +812,9 @@ fn parse_hours(s: &str) -> Option<(u16, u16)> {
     (a != b).then_some((a, b))
 }
 
-/// Checks an attribute name's namespace.
-pub(crate) fn check_attr_name(name: &str) -> Result<(), String> {
+/// Checks an attribute name: `node:` with a built-in name, or `custom:` / `fact:` with letters,
+/// digits, `_`, `-` and `.`.
+pub fn check_attr_name(name: &str) -> Result<(), String> {
     let Some((ns, key)) = name.split_once(':') else {
         return Err(format!(
             "attribute {name:?} needs a namespace: node:, custom: or fact:"

@@ -2,15 +2,18 @@
 //! peer credentials on the Unix socket, a verified token on TCP.
 
 use axum::extract::{Extension, Path, Query, State};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::Actor;
 use crate::audit::{Entry, Verification};
+use crate::db::policy::{PolicyVersion, StoredPolicy};
 use crate::error::ApiError;
+use crate::model::Attrs;
 use crate::model::AuthKeyInfo;
+use crate::ops::policy::{AttrChange, DiffView, PolicyText, PolicyView, SetOutcome};
 use crate::ops::{self, CreateAuthKey, CreatedAuthKey, NodeView, Settings};
 use crate::state::AppState;
 
@@ -22,6 +25,11 @@ pub fn router() -> Router<AppState> {
         .route("/nodes", get(list_nodes))
         .route("/nodes/{name}", delete(remove_node))
         .route("/nodes/{name}/expire", post(expire_node))
+        .route("/nodes/{name}/attrs", put(set_attrs))
+        .route("/policy", get(get_policy).put(set_policy))
+        .route("/policy/diff", post(diff_policy))
+        .route("/policy/versions", get(policy_versions))
+        .route("/policy/versions/{version}", get(policy_version))
         .route("/audit", get(audit_list))
         .route("/audit/verify", get(audit_verify))
         .route("/settings", get(get_settings).put(put_settings))
@@ -129,4 +137,45 @@ async fn put_settings(
     Ok(Json(
         ops::set_tunnel_security(&st, req.tunnel_security, &actor).await?,
     ))
+}
+
+async fn set_attrs(
+    State(st): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(name): Path<String>,
+    Json(req): Json<AttrChange>,
+) -> Result<Json<Attrs>, ApiError> {
+    Ok(Json(
+        ops::policy::set_attrs(&st, &name, &req, &actor).await?,
+    ))
+}
+
+async fn get_policy(State(st): State<AppState>) -> Result<Json<PolicyView>, ApiError> {
+    Ok(Json(ops::policy::get(&st).await?))
+}
+
+async fn set_policy(
+    State(st): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Json(req): Json<PolicyText>,
+) -> Result<Json<SetOutcome>, ApiError> {
+    Ok(Json(ops::policy::set(&st, &req, &actor).await?))
+}
+
+async fn diff_policy(
+    State(st): State<AppState>,
+    Json(req): Json<PolicyText>,
+) -> Result<Json<DiffView>, ApiError> {
+    Ok(Json(ops::policy::diff(&st, &req).await?))
+}
+
+async fn policy_versions(State(st): State<AppState>) -> Result<Json<Vec<PolicyVersion>>, ApiError> {
+    Ok(Json(ops::policy::versions(&st).await?))
+}
+
+async fn policy_version(
+    State(st): State<AppState>,
+    Path(version): Path<i64>,
+) -> Result<Json<StoredPolicy>, ApiError> {
+    Ok(Json(ops::policy::version(&st, version).await?))
 }

@@ -5,7 +5,7 @@
 //! 2. Every later binary message is a channel frame. The node sends `Hello`; the coordinator
 //!    registers or resumes it and answers `Welcome` (or `Error` and closes).
 //! 3. The coordinator streams netmaps (full, then deltas) whenever the mesh changes, and
-//!    handles `Endpoints` and `Logout` from the node.
+//!    handles `Endpoints`, `Posture` and `Logout` from the node.
 
 use std::time::Duration;
 
@@ -191,7 +191,7 @@ async fn stream(
     loop {
         let next = {
             let hub = st.hub.read();
-            next_map(&mut sent, &hub.snapshot(), record.id)
+            next_map(&mut sent, &hub.snapshot(unix_now()), record.id)
         };
         if let Some(map) = next {
             debug!(node = %record.name, seq = map.seq, full = map.is_full(), "sending netmap");
@@ -267,6 +267,12 @@ async fn handle_client_message(
             .await
             .map_err(|e| anyhow::anyhow!("logout: {e}"))?;
             Ok(true)
+        }
+        ClientMessage::Posture { facts } => {
+            if let Err(e) = ops::policy::record_posture(st, record.id, facts).await {
+                warn!(node = %record.name, error = %e, "could not record a posture report");
+            }
+            Ok(false)
         }
         ClientMessage::Hello(_) => bail!("second hello on one session"),
         ClientMessage::Unknown => Ok(false),

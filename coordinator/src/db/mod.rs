@@ -8,6 +8,7 @@ pub mod audit;
 pub mod keys;
 pub mod mesh;
 pub mod nodes;
+pub mod policy;
 
 use std::path::Path;
 use std::str::FromStr;

@@ -7,7 +7,7 @@ use sqlx::{FromRow, SqliteConnection};
 use wire::{MachineKey, NodeId, NodeKey};
 
 use super::DbError;
-use crate::model::NodeRecord;
+use crate::model::{Attrs, NodeRecord};
 
 #[derive(FromRow)]
 struct NodeRow {
@@ -26,13 +26,17 @@ struct NodeRow {
     created_at: i64,
     last_seen: Option<i64>,
     expires_at: Option<i64>,
+    posture: String,
+    posture_at: Option<i64>,
+    custom_attrs: String,
 }
 
 macro_rules! select_nodes {
     ($($rest:literal)?) => {
         concat!(
             "SELECT id, machine_key, node_key, name, ipv4, ipv6, user_name, tags, ephemeral, ",
-            "os, client_version, endpoints, created_at, last_seen, expires_at FROM nodes"
+            "os, client_version, endpoints, created_at, last_seen, expires_at, posture, posture_at, ",
+            "custom_attrs FROM nodes"
             $(, " ", $rest)?
         )
     };
@@ -54,6 +58,10 @@ impl TryFrom<NodeRow> for NodeRecord {
             ipv6: r.ipv6.parse().map_err(|_| corrupt("ipv6"))?,
             tags: serde_json::from_str(&r.tags).map_err(|_| corrupt("tags"))?,
             endpoints: serde_json::from_str(&r.endpoints).map_err(|_| corrupt("endpoints"))?,
+            posture: serde_json::from_str(&r.posture).map_err(|_| corrupt("posture"))?,
+            custom_attrs: serde_json::from_str(&r.custom_attrs)
+                .map_err(|_| corrupt("custom_attrs"))?,
+            posture_at: r.posture_at,
             name: r.name,
             user: r.user_name,
             ephemeral: r.ephemeral,
@@ -244,6 +252,36 @@ pub async fn set_last_seen(
 ) -> Result<(), DbError> {
     sqlx::query("UPDATE nodes SET last_seen = ? WHERE id = ?")
         .bind(now)
+        .bind(id_i64(id))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Records a node's reported posture.
+pub async fn set_posture(
+    conn: &mut SqliteConnection,
+    id: NodeId,
+    posture: &Attrs,
+    now: i64,
+) -> Result<(), DbError> {
+    sqlx::query("UPDATE nodes SET posture = ?, posture_at = ? WHERE id = ?")
+        .bind(json(posture))
+        .bind(now)
+        .bind(id_i64(id))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Replaces a node's admin-set attributes.
+pub async fn set_custom_attrs(
+    conn: &mut SqliteConnection,
+    id: NodeId,
+    attrs: &Attrs,
+) -> Result<(), DbError> {
+    sqlx::query("UPDATE nodes SET custom_attrs = ? WHERE id = ?")
+        .bind(json(attrs))
         .bind(id_i64(id))
         .execute(&mut *conn)
         .await?;

@@ -1,6 +1,8 @@
 //! Admin operations. Each change and its audit entry commit in one transaction; the hub is
 //! updated after the commit.
 
+pub mod policy;
+
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use crate::audit::{self, Entry, NewEntry, Verification};
 use crate::db;
 use crate::error::ApiError;
 use crate::hub::Kick;
-use crate::model::{AuthKeyInfo, NodeRecord};
+use crate::model::{Attrs, AuthKeyInfo, NodeRecord};
 use crate::secret::{self, AdminToken};
 use crate::state::{AppState, unix_now, unix_now_ms};
 
@@ -80,6 +82,15 @@ pub struct NodeView {
     pub endpoints: Vec<SocketAddr>,
     /// Registered at, unix seconds.
     pub created_unix: i64,
+    /// Posture the node reports (`node:*`, `fact:*`).
+    #[serde(default)]
+    pub posture: Attrs,
+    /// When the posture last changed, unix seconds.
+    #[serde(default)]
+    pub posture_unix: Option<i64>,
+    /// Attributes admins set (`custom:*`).
+    #[serde(default)]
+    pub custom_attrs: Attrs,
 }
 
 /// Validates a tag (`tag:[a-z0-9-]+`).
@@ -115,8 +126,14 @@ pub async fn create_auth_key(
     req: CreateAuthKey,
     actor: &str,
 ) -> Result<CreatedAuthKey, ApiError> {
+    let (_, policy) = st.hub.read().policy();
     for t in &req.tags {
         validate_tag(t)?;
+        if !policy.declares_tag(t) {
+            return Err(ApiError::BadRequest(format!(
+                "tag {t:?} is not declared in the policy's tagOwners; add it there first"
+            )));
+        }
     }
     if let Some(u) = &req.user {
         validate_user(u)?;
@@ -226,6 +243,9 @@ pub async fn list_nodes(st: &AppState) -> Result<Vec<NodeView>, ApiError> {
                 client_version: r.client_version,
                 endpoints: r.endpoints,
                 created_unix: r.created_at,
+                posture: r.posture,
+                posture_unix: r.posture_at,
+                custom_attrs: r.custom_attrs,
             }
         })
         .collect())
