@@ -89,10 +89,10 @@ async fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<Outcome> {
             match policy::Policy::check(&p.file_name, &p.text, now, None) {
                 Ok(pol) => {
                     output::line(&format!(
-                        "{}: ok ({} rules, {} tests passed)",
+                        "{}: ok ({}, {} passed)",
                         p.file_name,
-                        pol.rule_count(),
-                        pol.test_count()
+                        plural(pol.rule_count(), "rule"),
+                        plural(pol.test_count(), "test")
                     ));
                     Ok(Outcome::Success)
                 }
@@ -101,9 +101,9 @@ async fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<Outcome> {
                         output::error_line(&l);
                     }
                     output::error_line(&format!(
-                        "{}: {} problem(s)",
+                        "{}: {}",
                         p.file_name,
-                        e.diagnostics.len()
+                        plural(e.diagnostics.len(), "problem")
                     ));
                     Ok(Outcome::Failure)
                 }
@@ -123,12 +123,12 @@ async fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<Outcome> {
                 ));
             } else {
                 output::line(&format!(
-                    "policy v{} in force: {} rules, {} tests passed; {} gained, {} lost",
+                    "policy v{} in force: {}, {} passed; access gained by {}, lost by {}",
                     out.version,
-                    out.rules,
-                    out.tests,
-                    out.diff.gained.len(),
-                    out.diff.lost.len()
+                    plural(out.rules, "rule"),
+                    plural(out.tests, "test"),
+                    plural(out.diff.gained.len(), "pair"),
+                    plural(out.diff.lost.len(), "pair"),
                 ));
                 output::diff(&out.diff);
             }
@@ -195,6 +195,14 @@ async fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<Outcome> {
             }
             Ok(Outcome::Success)
         }
+    }
+}
+
+fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
     }
 }
 

@@ -104,6 +104,22 @@ pub struct UpArgs {
     /// the tunnels it initiates).
     #[arg(long, default_value = "2m", value_parser = parse_rotation)]
     pub pq_rotation: std::time::Duration,
+    /// How often this node collects its posture (OS, versions, disk encryption, firewall,
+    /// --posture-command facts) and reports changes to the coordinator.
+    #[arg(long, default_value = "3s", value_parser = parse_posture_interval)]
+    pub posture_interval: std::time::Duration,
+    /// Command (run with `sh -c`) printing `NAME=VALUE` lines, reported as `fact:NAME` posture
+    /// facts that policies can require. A failing command reports no facts.
+    #[arg(long, env = "LATTICE_POSTURE_COMMAND")]
+    pub posture_command: Option<String>,
+}
+
+fn parse_posture_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 3s, 1m)"))?;
+    if d < std::time::Duration::from_millis(500) || d > std::time::Duration::from_secs(3600) {
+        return Err("the posture interval must be between 500ms and 1h".into());
+    }
+    Ok(d)
 }
 
 fn parse_rotation(s: &str) -> Result<std::time::Duration, String> {

@@ -17,6 +17,7 @@ use crate::io::api;
 use crate::io::control::{self, ControlConfig};
 use crate::io::dns::DnsTable;
 use crate::io::event_loop::{EventLoop, Exit};
+use crate::io::posture::{self, PostureConfig};
 use crate::io::udp::Sockets;
 use crate::statedir::{Pin, StateDir, check_url};
 
@@ -95,7 +96,21 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             client_version: env!("CARGO_PKG_VERSION").to_owned(),
         },
     };
-    let control_task = tokio::spawn(control::run(cfg, control_tx, out_rx, endpoints_rx));
+    let (posture_tx, posture_rx) = watch::channel(None);
+    let posture_task = tokio::spawn(posture::run(
+        PostureConfig {
+            interval: args.posture_interval,
+            command: args.posture_command.clone(),
+        },
+        posture_tx,
+    ));
+    let control_task = tokio::spawn(control::run(
+        cfg,
+        control_tx,
+        out_rx,
+        endpoints_rx,
+        posture_rx,
+    ));
 
     let ev = EventLoop::new(
         state,
@@ -113,6 +128,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     );
     let result = ev.run().await;
     control_task.abort();
+    posture_task.abort();
     api_task.abort();
     let _ = std::fs::remove_file(&socket_path);
     match result? {

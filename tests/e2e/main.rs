@@ -8,5 +8,6 @@
 #![allow(clippy::unwrap_used)] // a test binary: a failed unwrap is a failed test
 
 mod foundation;
+mod policy;
 mod pq;
 mod support;

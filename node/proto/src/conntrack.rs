@@ -2,16 +2,21 @@
 //!
 //! A flow is keyed by its 5-tuple as the initiator sent it. Outbound flows (this node opened
 //! them) let their replies in without consulting the rules; inbound flows (a peer opened them,
-//! the rules admitted the first packet) remember which rule admitted them so they can be
-//! re-checked when rules change. Entries expire after a protocol-dependent idle time; the table
-//! is bounded and evicts the least recently used entry when full.
+//! the rules admitted the first packet) can be re-checked when the rules change. A flow the
+//! rules no longer allow is *cut*: it stays in the table as a tombstone so that the local side
+//! answering it cannot turn it into an outbound flow whose "replies" would pass, and further
+//! packets from the peer go to the rules again. For TCP the table follows the next sequence
+//! number in each direction, so a cut flow can be reset on both ends.
+//!
+//! Entries expire after a protocol-dependent idle time; the table is bounded and evicts the
+//! least recently used entry when full.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use wire::IpProto;
 
-use crate::packet::{FiveTuple, Transport, tcp_flags};
+use crate::packet::{FiveTuple, Transport, seq_after, tcp_flags};
 
 /// Who opened a flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +25,8 @@ pub enum Direction {
     Outbound,
     /// A peer.
     Inbound,
+    /// A peer, and the rules no longer allow it.
+    Cut,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +34,69 @@ struct Flow {
     direction: Direction,
     last_seen: Instant,
     idle_timeout: Duration,
+    /// TCP: the next sequence number expected from the initiator and from the responder.
+    next_seq: [Option<u32>; 2],
+}
+
+impl Flow {
+    /// Records a TCP segment sent by the initiator (`from_initiator`) or the responder.
+    fn saw(&mut self, from_initiator: bool, transport: Transport) {
+        if let Transport::Tcp {
+            flags,
+            seq,
+            seg_len,
+            ..
+        } = transport
+        {
+            if flags & tcp_flags::RST != 0 {
+                return;
+            }
+            let end = seq.wrapping_add(seg_len);
+            let slot = &mut self.next_seq[usize::from(!from_initiator)];
+            if slot.is_none_or(|cur| seq_after(end, cur)) {
+                *slot = Some(end);
+            }
+        }
+    }
+}
+
+/// A flow that was cut, seen from this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CutFlow {
+    /// Transport protocol.
+    pub proto: IpProto,
+    /// The peer's address and port.
+    pub peer: (std::net::IpAddr, u16),
+    /// This node's address and port.
+    pub local: (std::net::IpAddr, u16),
+    /// TCP: the next sequence numbers of the peer and of this node, when both are known.
+    pub tcp_next: Option<(u32, u32)>,
+}
+
+impl CutFlow {
+    fn new(t: &FiveTuple, f: &Flow) -> Self {
+        // Flows are keyed as their initiator sent them.
+        let local_initiated = f.direction == Direction::Outbound;
+        let (local, peer) = if local_initiated {
+            ((t.src, t.src_port), (t.dst, t.dst_port))
+        } else {
+            ((t.dst, t.dst_port), (t.src, t.src_port))
+        };
+        let tcp_next = match f.next_seq {
+            [Some(init), Some(resp)] if t.proto == IpProto::TCP => Some(if local_initiated {
+                (resp, init)
+            } else {
+                (init, resp)
+            }),
+            _ => None,
+        };
+        Self {
+            proto: t.proto,
+            peer,
+            local,
+            tcp_next,
+        }
+    }
 }
 
 /// How an inbound packet relates to known flows.
@@ -38,7 +108,7 @@ pub enum Known {
     Established,
     /// An ICMP error about a known flow.
     Related,
-    /// Not part of any known flow: the rules decide.
+    /// Not part of any live flow: the rules decide.
     New,
 }
 
@@ -63,7 +133,7 @@ fn idle_timeout(proto: IpProto) -> Duration {
 #[derive(Debug)]
 pub struct FlowTable {
     // The hasher's per-process random keys only affect iteration order, which never reaches
-    // any output: lookups are by key and eviction breaks ties on the key.
+    // any output: lookups are by key, eviction breaks ties on the key and cut flows are sorted.
     flows: HashMap<FiveTuple, Flow>,
     capacity: usize,
 }
@@ -83,7 +153,7 @@ impl FlowTable {
         }
     }
 
-    /// Number of tracked flows.
+    /// Number of tracked flows (cut ones included).
     pub fn len(&self) -> usize {
         self.flows.len()
     }
@@ -96,15 +166,16 @@ impl FlowTable {
     /// Records a packet this node sends.
     pub fn track_outbound(&mut self, now: Instant, t: &FiveTuple, transport: Transport) {
         let closing = is_reset(transport);
-        // A reply within a flow a peer opened refreshes that flow.
+        // A reply within a flow a peer opened refreshes that flow; a reply within a cut flow
+        // keeps the tombstone alive and opens nothing.
         let rev = t.reversed();
         if let Some(f) = self.flows.get_mut(&rev)
-            && f.direction == Direction::Inbound
+            && f.direction != Direction::Outbound
         {
-            if closing {
+            f.last_seen = now;
+            f.saw(false, transport);
+            if closing && f.direction == Direction::Inbound {
                 self.flows.remove(&rev);
-            } else {
-                f.last_seen = now;
             }
             return;
         }
@@ -112,7 +183,8 @@ impl FlowTable {
             self.flows.remove(t);
             return;
         }
-        self.upsert(now, *t, Direction::Outbound);
+        let f = self.upsert(now, *t, Direction::Outbound);
+        f.saw(true, transport);
     }
 
     /// Classifies a packet arriving from a peer, refreshing the flow it belongs to.
@@ -136,29 +208,39 @@ impl FlowTable {
             && f.direction == Direction::Outbound
         {
             f.last_seen = now;
+            f.saw(false, transport);
             if closing {
                 self.flows.remove(&rev);
             }
             return Known::Reply;
         }
-        if let Some(f) = self.flows.get_mut(t)
-            && f.direction == Direction::Inbound
-        {
-            f.last_seen = now;
-            if closing {
-                self.flows.remove(t);
+        if let Some(f) = self.flows.get_mut(t) {
+            match f.direction {
+                Direction::Inbound => {
+                    f.last_seen = now;
+                    f.saw(true, transport);
+                    if closing {
+                        self.flows.remove(t);
+                    }
+                    return Known::Established;
+                }
+                Direction::Cut => {
+                    f.last_seen = now;
+                    f.saw(true, transport);
+                }
+                Direction::Outbound => {}
             }
-            return Known::Established;
         }
         Known::New
     }
 
-    /// Records a new inbound flow the rules admitted.
+    /// Records a new inbound flow the rules admitted (replacing a cut one).
     pub fn admit_inbound(&mut self, now: Instant, t: &FiveTuple, transport: Transport) {
         if is_reset(transport) || matches!(transport, Transport::IcmpEcho { request: false }) {
             return;
         }
-        self.upsert(now, *t, Direction::Inbound);
+        let f = self.upsert(now, *t, Direction::Inbound);
+        f.saw(true, transport);
     }
 
     /// Drops idle flows.
@@ -167,28 +249,38 @@ impl FlowTable {
             .retain(|_, f| now.saturating_duration_since(f.last_seen) < f.idle_timeout);
     }
 
-    /// Keeps only the inbound flows for which `keep` holds (outbound flows are untouched);
-    /// returns the flows that were cut.
-    pub fn retain_inbound(&mut self, mut keep: impl FnMut(&FiveTuple) -> bool) -> Vec<FiveTuple> {
+    /// Cuts the inbound flows for which `keep` is false (outbound flows are untouched);
+    /// returns them, sorted.
+    pub fn retain_inbound(&mut self, mut keep: impl FnMut(&FiveTuple) -> bool) -> Vec<CutFlow> {
         let mut cut = Vec::new();
-        self.flows.retain(|t, f| {
-            if f.direction == Direction::Outbound || keep(t) {
-                true
-            } else {
-                cut.push(*t);
-                false
+        for (t, f) in &mut self.flows {
+            if f.direction == Direction::Inbound && !keep(t) {
+                cut.push(CutFlow::new(t, f));
+                f.direction = Direction::Cut;
             }
-        });
+        }
         cut.sort();
         cut
     }
 
-    /// Forgets every flow involving `ip` (a peer that went away).
-    pub fn forget_address(&mut self, ip: std::net::IpAddr) {
-        self.flows.retain(|t, _| t.src != ip && t.dst != ip);
+    /// Removes every flow involving `ip` (a peer that left the mesh or this node's view) and
+    /// returns the live ones, sorted.
+    pub fn take_address(&mut self, ip: std::net::IpAddr) -> Vec<CutFlow> {
+        let mut taken = Vec::new();
+        self.flows.retain(|t, f| {
+            if t.src != ip && t.dst != ip {
+                return true;
+            }
+            if f.direction != Direction::Cut {
+                taken.push(CutFlow::new(t, f));
+            }
+            false
+        });
+        taken.sort();
+        taken
     }
 
-    fn upsert(&mut self, now: Instant, t: FiveTuple, direction: Direction) {
+    fn upsert(&mut self, now: Instant, t: FiveTuple, direction: Direction) -> &mut Flow {
         if !self.flows.contains_key(&t) && self.flows.len() >= self.capacity {
             self.sweep(now);
             if self.flows.len() >= self.capacity {
@@ -202,19 +294,27 @@ impl FlowTable {
                 }
             }
         }
-        self.flows.insert(
-            t,
-            Flow {
+        let f = self.flows.entry(t).or_insert(Flow {
+            direction,
+            last_seen: now,
+            idle_timeout: idle_timeout(t.proto),
+            next_seq: [None, None],
+        });
+        if f.direction != direction {
+            *f = Flow {
                 direction,
                 last_seen: now,
                 idle_timeout: idle_timeout(t.proto),
-            },
-        );
+                next_seq: [None, None],
+            };
+        }
+        f.last_seen = now;
+        f
     }
 }
 
 fn is_reset(transport: Transport) -> bool {
-    matches!(transport, Transport::Tcp { flags } if flags & tcp_flags::RST != 0)
+    matches!(transport, Transport::Tcp { flags, .. } if flags & tcp_flags::RST != 0)
 }
 
 #[cfg(test)]
@@ -231,15 +331,22 @@ mod tests {
         }
     }
 
-    const SYN: Transport = Transport::Tcp {
-        flags: tcp_flags::SYN,
-    };
-    const ACK: Transport = Transport::Tcp {
-        flags: tcp_flags::ACK,
-    };
-    const RST: Transport = Transport::Tcp {
-        flags: tcp_flags::RST,
-    };
+    const SYN: Transport = tcp(tcp_flags::SYN, 1000, 0);
+    const ACK: Transport = tcp(tcp_flags::ACK, 1001, 0);
+    const RST: Transport = tcp(tcp_flags::RST, 0, 0);
+
+    const fn tcp(flags: u8, seq: u32, seg_len: u32) -> Transport {
+        Transport::Tcp {
+            flags,
+            seq,
+            ack: 0,
+            seg_len: if flags & tcp_flags::SYN != 0 {
+                seg_len + 1
+            } else {
+                seg_len
+            },
+        }
+    }
 
     #[test]
     fn replies_to_outbound_flows_are_known() {
@@ -353,7 +460,72 @@ mod tests {
         ft.admit_inbound(now, &inb, SYN);
         ft.track_outbound(now, &out, SYN);
         let cut = ft.retain_inbound(|_| false);
-        assert_eq!(cut, vec![inb]);
+        assert_eq!(cut.len(), 1);
+        assert_eq!(
+            (cut[0].peer, cut[0].local),
+            ((inb.src, 50000), (inb.dst, 22))
+        );
+        assert_eq!(ft.classify_inbound(now, &inb, ACK), Known::New);
+        assert_eq!(ft.classify_inbound(now, &out.reversed(), ACK), Known::Reply);
+    }
+
+    #[test]
+    fn a_cut_flow_cannot_be_reopened_by_answering_it() {
+        let now = crate::test_epoch();
+        let mut ft = FlowTable::default();
+        let inb = t(IpProto::UDP, "100.64.0.2", 5000, "100.64.0.1", 53);
+        ft.admit_inbound(now, &inb, Transport::Udp);
+        ft.retain_inbound(|_| false);
+        // The local service keeps answering the peer...
+        ft.track_outbound(now, &inb.reversed(), Transport::Udp);
+        // ...which must not make the peer's packets "replies".
+        assert_eq!(ft.classify_inbound(now, &inb, Transport::Udp), Known::New);
+        // When the rules allow it again, it is a normal inbound flow.
+        ft.admit_inbound(now, &inb, Transport::Udp);
+        assert_eq!(
+            ft.classify_inbound(now, &inb, Transport::Udp),
+            Known::Established
+        );
+    }
+
+    #[test]
+    fn cut_tcp_flows_report_both_next_sequence_numbers() {
+        let now = crate::test_epoch();
+        let mut ft = FlowTable::default();
+        let inb = t(IpProto::TCP, "100.64.0.2", 50000, "100.64.0.1", 22);
+        ft.admit_inbound(now, &inb, tcp(tcp_flags::SYN, u32::MAX - 1, 0));
+        // SYN-ACK from us, then data both ways (the peer's sequence wraps).
+        ft.track_outbound(
+            now,
+            &inb.reversed(),
+            tcp(tcp_flags::SYN | tcp_flags::ACK, 7000, 0),
+        );
+        ft.classify_inbound(now, &inb, tcp(tcp_flags::ACK, u32::MAX, 10));
+        ft.track_outbound(now, &inb.reversed(), tcp(tcp_flags::ACK, 7001, 100));
+        // A retransmission of older data does not move the numbers back.
+        ft.classify_inbound(now, &inb, tcp(tcp_flags::ACK, u32::MAX, 5));
+        let cut = ft.retain_inbound(|_| false);
+        assert_eq!(cut[0].tcp_next, Some((9, 7101)));
+    }
+
+    #[test]
+    fn taking_a_peers_flows_orients_them_from_this_node() {
+        let now = crate::test_epoch();
+        let mut ft = FlowTable::default();
+        let out = t(IpProto::TCP, "100.64.0.1", 40000, "100.64.0.2", 80);
+        ft.track_outbound(now, &out, tcp(tcp_flags::SYN, 100, 0));
+        ft.classify_inbound(
+            now,
+            &out.reversed(),
+            tcp(tcp_flags::SYN | tcp_flags::ACK, 900, 0),
+        );
+        let other = t(IpProto::UDP, "100.64.0.1", 1, "100.64.0.3", 53);
+        ft.track_outbound(now, &other, Transport::Udp);
+        let taken = ft.take_address("100.64.0.2".parse().unwrap());
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].local, (out.src, 40000));
+        assert_eq!(taken[0].peer, (out.dst, 80));
+        assert_eq!(taken[0].tcp_next, Some((901, 101)), "(peer's next, ours)");
         assert_eq!(ft.len(), 1);
     }
 }

@@ -5,7 +5,11 @@
 //! - a packet is admitted when at least one `accept` rule matches and no `deny` rule does
 //!   (deny wins), and dropped when no rule matches (default deny);
 //! - TCP, UDP and SCTP match on destination port; ICMP and protocols without ports match on
-//!   addresses only (as in Tailscale: if you may reach any port of a host, you may ping it).
+//!   addresses only (as in Tailscale: if you may reach any port of a host, you may ping it);
+//! - a rule with validity ranges (time windows, `notBefore`, `expires`) counts only inside
+//!   them. The filter keeps the set of rules in force at one wall-clock second; the caller
+//!   [refreshes](Filter::refresh) it at [`Filter::next_change`] and re-checks flows when the
+//!   set changed.
 
 use std::net::IpAddr;
 
@@ -33,27 +37,59 @@ impl Verdict {
     }
 }
 
-/// A set of compiled rules.
+/// A set of compiled rules and which of them are in force.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
     rules: Vec<FilterRule>,
+    /// Indices of the rules in force at the last refresh.
+    active: Vec<usize>,
+    /// The earliest second after the last refresh at which `active` may change.
+    next_change: Option<i64>,
 }
 
 impl Filter {
-    /// Compiles wire rules.
-    pub fn new(rules: Vec<FilterRule>) -> Self {
-        Self { rules }
+    /// The rules, with those in force at Unix second `now` active.
+    pub fn new(rules: Vec<FilterRule>, now: i64) -> Self {
+        let mut f = Self {
+            rules,
+            active: Vec::new(),
+            next_change: None,
+        };
+        f.refresh(now);
+        f
     }
 
-    /// The rules.
+    /// Recomputes which rules are in force at `now`; returns whether that changed.
+    pub fn refresh(&mut self, now: i64) -> bool {
+        let active: Vec<usize> = (0..self.rules.len())
+            .filter(|&i| self.rules[i].active_at(now))
+            .collect();
+        self.next_change = self.rules.iter().filter_map(|r| r.next_change(now)).min();
+        let changed = active != self.active;
+        self.active = active;
+        changed
+    }
+
+    /// When the set of rules in force may change next (Unix seconds), if ever.
+    pub fn next_change(&self) -> Option<i64> {
+        self.next_change
+    }
+
+    /// All rules, in force or not.
     pub fn rules(&self) -> &[FilterRule] {
         &self.rules
     }
 
-    /// Decides for an inbound packet of flow `t`.
+    /// Number of rules in force.
+    pub fn active_count(&self) -> usize {
+        self.active.len()
+    }
+
+    /// Decides for an inbound packet of flow `t`, by the rules in force.
     pub fn evaluate(&self, t: &FiveTuple) -> Verdict {
         let mut accept = None;
-        for (i, rule) in self.rules.iter().enumerate() {
+        for &i in &self.active {
+            let rule = &self.rules[i];
             if !matches(rule, t) {
                 continue;
             }
@@ -133,13 +169,16 @@ mod tests {
 
     #[test]
     fn accept_matches_port_range_and_source() {
-        let f = Filter::new(vec![rule(
-            Action::Accept,
-            "100.64.0.0/24",
-            "100.64.1.1/32",
-            (20, 30),
-            vec![],
-        )]);
+        let f = Filter::new(
+            vec![rule(
+                Action::Accept,
+                "100.64.0.0/24",
+                "100.64.1.1/32",
+                (20, 30),
+                vec![],
+            )],
+            0,
+        );
         assert!(
             f.evaluate(&tuple(IpProto::TCP, "100.64.0.9", "100.64.1.1", 22))
                 .is_accept()
@@ -165,24 +204,30 @@ mod tests {
 
     #[test]
     fn icmp_matches_on_addresses_only() {
-        let f = Filter::new(vec![rule(
-            Action::Accept,
-            "100.64.0.0/24",
-            "100.64.1.1/32",
-            (22, 22),
-            vec![],
-        )]);
+        let f = Filter::new(
+            vec![rule(
+                Action::Accept,
+                "100.64.0.0/24",
+                "100.64.1.1/32",
+                (22, 22),
+                vec![],
+            )],
+            0,
+        );
         assert!(
             f.evaluate(&tuple(IpProto::ICMP, "100.64.0.9", "100.64.1.1", 0))
                 .is_accept()
         );
-        let tcp_only = Filter::new(vec![rule(
-            Action::Accept,
-            "100.64.0.0/24",
-            "100.64.1.1/32",
-            (22, 22),
-            vec![IpProto::TCP],
-        )]);
+        let tcp_only = Filter::new(
+            vec![rule(
+                Action::Accept,
+                "100.64.0.0/24",
+                "100.64.1.1/32",
+                (22, 22),
+                vec![IpProto::TCP],
+            )],
+            0,
+        );
         assert_eq!(
             tcp_only.evaluate(&tuple(IpProto::ICMP, "100.64.0.9", "100.64.1.1", 0)),
             Verdict::NoMatch
@@ -206,7 +251,7 @@ mod tests {
             vec![],
         );
         for rules in [vec![accept.clone(), deny.clone()], vec![deny, accept]] {
-            let f = Filter::new(rules);
+            let f = Filter::new(rules, 0);
             assert!(matches!(
                 f.evaluate(&tuple(IpProto::TCP, "100.64.0.9", "100.64.1.1", 22)),
                 Verdict::Deny(_)
@@ -229,5 +274,46 @@ mod tests {
             f.evaluate(&tuple(IpProto::TCP, "100.64.0.9", "100.64.1.1", 22)),
             Verdict::NoMatch
         );
+    }
+
+    #[test]
+    fn rules_count_only_inside_their_validity() {
+        let mut r = rule(
+            Action::Accept,
+            "100.64.0.0/24",
+            "100.64.1.1/32",
+            (22, 22),
+            vec![],
+        );
+        r.valid = Some(vec![
+            wire::filter::ValidRange {
+                from: 100,
+                until: 200,
+            },
+            wire::filter::ValidRange {
+                from: 300,
+                until: 400,
+            },
+        ]);
+        let ssh = tuple(IpProto::TCP, "100.64.0.9", "100.64.1.1", 22);
+        let mut f = Filter::new(vec![r], 50);
+        assert_eq!(f.evaluate(&ssh), Verdict::NoMatch);
+        assert_eq!(f.next_change(), Some(100));
+        assert!(f.refresh(100));
+        assert!(f.evaluate(&ssh).is_accept());
+        assert_eq!(f.next_change(), Some(200));
+        assert!(!f.refresh(150), "nothing changed inside the range");
+        assert!(f.refresh(200));
+        assert_eq!(f.evaluate(&ssh), Verdict::NoMatch);
+        assert_eq!(f.next_change(), Some(300));
+        assert!(f.refresh(399));
+        assert!(f.evaluate(&ssh).is_accept());
+        assert!(f.refresh(400));
+        assert_eq!(
+            f.next_change(),
+            None,
+            "no more changes: the rule has expired"
+        );
+        assert_eq!(f.evaluate(&ssh), Verdict::NoMatch);
     }
 }

@@ -51,10 +51,16 @@ impl FiveTuple {
 /// The transport-level facts the filter uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
-    /// TCP with its flags byte.
+    /// TCP: flags and the sequence facts the flow table needs to reset a flow.
     Tcp {
         /// The TCP flags (FIN=0x01, SYN=0x02, RST=0x04, ACK=0x10).
         flags: u8,
+        /// Sequence number.
+        seq: u32,
+        /// Acknowledgment number.
+        ack: u32,
+        /// Sequence space the segment occupies: payload bytes, plus one each for SYN and FIN.
+        seg_len: u32,
     },
     /// UDP.
     Udp,
@@ -261,7 +267,26 @@ fn transport(proto: IpProto, l4: &[u8], v4: bool) -> Result<(u16, u16, Transport
     match proto {
         IpProto::TCP => {
             let (s, d) = ports(20)?;
-            Ok((s, d, Transport::Tcp { flags: l4[13] }))
+            let data_offset = usize::from(l4[12] >> 4) * 4;
+            if data_offset < 20 || data_offset > l4.len() {
+                return Err(ParseError::Malformed);
+            }
+            let flags = l4[13];
+            let payload =
+                u32::try_from(l4.len() - data_offset).map_err(|_| ParseError::Malformed)?;
+            let seg_len = payload
+                + u32::from(flags & tcp_flags::SYN != 0)
+                + u32::from(flags & tcp_flags::FIN != 0);
+            Ok((
+                s,
+                d,
+                Transport::Tcp {
+                    flags,
+                    seq: u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]),
+                    ack: u32::from_be_bytes([l4[8], l4[9], l4[10], l4[11]]),
+                    seg_len,
+                },
+            ))
         }
         IpProto::UDP => {
             let (s, d) = ports(8)?;
@@ -373,6 +398,75 @@ fn quoted_tuple(b: &[u8]) -> Option<FiveTuple> {
     })
 }
 
+/// Builds a TCP segment with RST and ACK set from `src` to `dst` (same IP version), with
+/// valid IP and TCP checksums. `None` when the address families differ.
+pub fn tcp_reset(src: (IpAddr, u16), dst: (IpAddr, u16), seq: u32, ack: u32) -> Option<Vec<u8>> {
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&src.1.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dst.1.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = tcp_flags::RST | tcp_flags::ACK;
+    let mut out = Vec::with_capacity(60);
+    let mut pseudo = Vec::with_capacity(40);
+    match (src.0, dst.0) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut ip = [0u8; 20];
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+            ip[6] = 0x40; // don't fragment
+            ip[8] = 64;
+            ip[9] = IpProto::TCP.0;
+            ip[12..16].copy_from_slice(&s.octets());
+            ip[16..20].copy_from_slice(&d.octets());
+            let sum = internet_checksum(0, &ip);
+            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+            out.extend_from_slice(&ip);
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, IpProto::TCP.0, 0, 20]);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut ip = [0u8; 40];
+            ip[0] = 0x60;
+            ip[4..6].copy_from_slice(&20u16.to_be_bytes());
+            ip[6] = IpProto::TCP.0;
+            ip[7] = 64;
+            ip[8..24].copy_from_slice(&s.octets());
+            ip[24..40].copy_from_slice(&d.octets());
+            out.extend_from_slice(&ip);
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, 0, 0, 20, 0, 0, 0, IpProto::TCP.0]);
+        }
+        _ => return None,
+    }
+    let partial = !internet_checksum(0, &pseudo);
+    let sum = internet_checksum(partial, &tcp);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    out.extend_from_slice(&tcp);
+    Some(out)
+}
+
+/// The Internet checksum (RFC 1071) of `b`, continuing from the one's-complement sum `start`
+/// (pass the complement of an earlier result to chain).
+fn internet_checksum(start: u16, b: &[u8]) -> u16 {
+    let mut sum = u32::from(start);
+    for c in b.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(u16::try_from(sum).unwrap_or(u16::MAX))
+}
+
+/// Whether TCP sequence number `a` comes after `b` (serial arithmetic, RFC 1982).
+pub fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -397,7 +491,7 @@ pub(crate) mod tests {
         ];
         p.extend_from_slice(&src);
         p.extend_from_slice(&dst);
-        let sum = checksum(&p);
+        let sum = internet_checksum(0, &p);
         p[10..12].copy_from_slice(&sum.to_be_bytes());
         p.extend_from_slice(l4);
         p
@@ -447,15 +541,65 @@ pub(crate) mod tests {
         i
     }
 
-    fn checksum(b: &[u8]) -> u16 {
-        let mut sum = 0u32;
-        for c in b.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    /// Whether a packet's IP header checksum (v4) and TCP checksum are valid.
+    fn tcp_checksums_ok(p: &[u8]) -> bool {
+        let (pseudo, ip_ok, l4) = match p[0] >> 4 {
+            4 => {
+                let mut ph = p[12..20].to_vec();
+                ph.extend_from_slice(&[0, 6, 0, (p.len() - 20) as u8]);
+                (ph, internet_checksum(0, &p[..20]) == 0, &p[20..])
+            }
+            _ => {
+                let mut ph = p[8..40].to_vec();
+                ph.extend_from_slice(&[0, 0, 0, (p.len() - 40) as u8, 0, 0, 0, 6]);
+                (ph, true, &p[40..])
+            }
+        };
+        let partial = !internet_checksum(0, &pseudo);
+        ip_ok && internet_checksum(partial, l4) == 0
+    }
+
+    #[test]
+    fn resets_carry_the_given_numbers_and_valid_checksums() {
+        for (a, b) in [("100.64.0.1", "100.64.0.2"), ("fd00::1", "fd00::2")] {
+            let p = tcp_reset(
+                (a.parse().unwrap(), 22),
+                (b.parse().unwrap(), 40000),
+                0xfffffff0,
+                7,
+            )
+            .unwrap();
+            assert!(tcp_checksums_ok(&p), "{a}: bad checksum");
+            let info = PacketInfo::parse(&p).unwrap();
+            assert_eq!(info.tuple.src.to_string(), a);
+            assert_eq!((info.tuple.src_port, info.tuple.dst_port), (22, 40000));
+            assert_eq!(
+                info.transport,
+                Transport::Tcp {
+                    flags: tcp_flags::RST | tcp_flags::ACK,
+                    seq: 0xfffffff0,
+                    ack: 7,
+                    seg_len: 0
+                }
+            );
         }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
+        assert!(
+            tcp_reset(
+                ("100.64.0.1".parse().unwrap(), 1),
+                ("fd00::2".parse().unwrap(), 2),
+                0,
+                0
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn sequence_numbers_compare_across_the_wrap() {
+        assert!(seq_after(1, 0));
+        assert!(seq_after(5, u32::MAX - 5));
+        assert!(!seq_after(u32::MAX - 5, 5));
+        assert!(!seq_after(7, 7));
     }
 
     #[test]
@@ -473,7 +617,10 @@ pub(crate) mod tests {
         assert_eq!(
             info.transport,
             Transport::Tcp {
-                flags: tcp_flags::SYN
+                flags: tcp_flags::SYN,
+                seq: 0,
+                ack: 0,
+                seg_len: 1
             }
         );
         assert_eq!(destination(&p).unwrap().to_string(), "100.64.0.2");

@@ -20,14 +20,15 @@ use gotatun::packet::Packet;
 use gotatun::x25519::{PublicKey, StaticSecret};
 use hybrid::StaticKeypair;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use tracing::debug;
+use tracing::{debug, info};
 use wire::netmap::{DnsConfig, MapResponse, Node, TunnelSecurity};
 use wire::{NodeId, NodeKey};
 
-use crate::conntrack::FlowTable;
+use crate::conntrack::{CutFlow, FlowTable};
 use crate::filter::Filter;
 use crate::frame::Reassembly;
 use crate::magicsock::{self, DatagramKind, Path};
+use crate::packet;
 use crate::pq::PqConfig;
 use crate::status::{Counters, PathKind, PathStatus, PeerStatus, Status};
 
@@ -208,7 +209,7 @@ impl NodeState {
                 .copied()
                 .collect();
             for id in gone {
-                self.remove_peer(id);
+                self.remove_peer(now, id, true);
             }
             for p in peers {
                 self.upsert_peer(now, p);
@@ -218,17 +219,11 @@ impl NodeState {
             self.upsert_peer(now, p);
         }
         for id in map.peers_removed {
-            self.remove_peer(id);
+            self.remove_peer(now, id, true);
         }
         if let Some(rules) = map.packet_filter {
-            self.filter = Filter::new(rules);
-            let filter = &self.filter;
-            let cut = self
-                .flows
-                .retain_inbound(|t| filter.evaluate(t).is_accept());
-            if !cut.is_empty() {
-                debug!(flows = cut.len(), "new filter rules cut established flows");
-            }
+            self.filter = Filter::new(rules, self.wall_secs(now));
+            self.recheck_flows(now, "new rules");
         }
         if let Some(dns) = map.dns {
             self.dns = Some(dns);
@@ -269,6 +264,12 @@ impl NodeState {
                 }
             }
         }
+        if let Some(change) = self.filter.next_change() {
+            let wall = self.wall_secs(now);
+            if wall >= change && self.filter.refresh(wall) {
+                self.recheck_flows(now, "a time window changed");
+            }
+        }
         if now >= self.next_sweep {
             self.next_sweep = now + SWEEP_INTERVAL;
             self.flows.sweep(now);
@@ -296,12 +297,14 @@ impl NodeState {
 
     /// When `handle_timeout` must next be called, and why.
     pub fn poll_timeout(&self) -> Option<(Instant, &'static str)> {
-        if self.peers.is_empty() {
-            Some((self.next_sweep, "sweep"))
-        } else if self.next_tick <= self.next_sweep {
-            Some((self.next_tick, "timers"))
+        let base = if self.peers.is_empty() || self.next_sweep < self.next_tick {
+            (self.next_sweep, "sweep")
         } else {
-            Some((self.next_sweep, "sweep"))
+            (self.next_tick, "timers")
+        };
+        match self.filter.next_change().map(|t| self.instant_at(t)) {
+            Some(at) if at < base.0 => Some((at, "rules")),
+            _ => Some(base),
         }
     }
 
@@ -322,7 +325,7 @@ impl NodeState {
             tunnel_security: self.security,
             peers,
             flows: self.flows.len(),
-            filter_rules: self.filter.rules().len(),
+            filter_rules: self.filter.active_count(),
             counters: self.counters,
         }
     }
@@ -432,12 +435,72 @@ impl NodeState {
         self.dns.as_ref()
     }
 
-    /// The handshake epoch for `now`: wall-clock milliseconds, derived from the clock reading
-    /// the core was built with, so it only moves forward within a run.
+    /// The handshake epoch for `now`: wall-clock milliseconds, derived from the last clock
+    /// reading the shell gave the core, so it only moves forward within a run.
     fn epoch(&self, now: Instant) -> u64 {
         let elapsed = now.saturating_duration_since(self.started).as_millis();
         self.wall_clock_ms
             .saturating_add(u64::try_from(elapsed).unwrap_or(u64::MAX))
+    }
+
+    /// Wall-clock Unix seconds at `now` (for rule validity).
+    fn wall_secs(&self, now: Instant) -> i64 {
+        i64::try_from(self.epoch(now) / 1000).unwrap_or(i64::MAX)
+    }
+
+    /// The instant at which the wall clock reads Unix second `t` (now or later).
+    fn instant_at(&self, t: i64) -> Instant {
+        let target_ms = u64::try_from(t).unwrap_or(0).saturating_mul(1000);
+        self.started + Duration::from_millis(target_ms.saturating_sub(self.wall_clock_ms))
+    }
+
+    /// Re-anchors the core's wall clock on a fresh reading (the monotonic clock the core runs
+    /// on stops while a machine sleeps; the wall clock does not). The clock never moves back,
+    /// so handshake epochs stay increasing and an expired rule never comes back to life.
+    /// Rules whose validity changed in the meantime take effect at once.
+    pub fn sync_wall_clock(&mut self, now: Instant, wall_clock_ms: u64) {
+        let current = self.epoch(now);
+        if wall_clock_ms > current {
+            self.started = now;
+            self.wall_clock_ms = wall_clock_ms;
+        }
+    }
+
+    /// Cuts the inbound flows the rules in force no longer allow.
+    fn recheck_flows(&mut self, now: Instant, why: &'static str) {
+        let filter = &self.filter;
+        let cut = self
+            .flows
+            .retain_inbound(|t| filter.evaluate(t).is_accept());
+        if cut.is_empty() {
+            return;
+        }
+        info!(
+            flows = cut.len(),
+            reason = why,
+            "cut flows the rules no longer allow"
+        );
+        self.reset_flows(now, &cut);
+    }
+
+    /// Resets cut TCP flows on both ends (a RST to the local socket through the TUN, one to
+    /// the peer through its tunnel), so neither side hangs on a dead connection. Other
+    /// protocols have no such signal; their packets are simply no longer admitted.
+    pub(super) fn reset_flows(&mut self, now: Instant, cut: &[CutFlow]) {
+        self.counters.flows_cut += cut.len() as u64;
+        for c in cut {
+            let Some((peer_next, our_next)) = c.tcp_next else {
+                continue;
+            };
+            if let Some(rst) = packet::tcp_reset(c.peer, c.local, peer_next, our_next) {
+                self.tun_writes.push_back(Packet::copy_from(&rst));
+            }
+            if let Some(key) = self.by_ip.get(&c.peer.0).copied()
+                && let Some(rst) = packet::tcp_reset(c.local, c.peer, our_next, peer_next)
+            {
+                self.encapsulate(now, key, Packet::copy_from(&rst));
+            }
+        }
     }
 }
 

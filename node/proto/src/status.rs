@@ -30,6 +30,9 @@ pub struct Counters {
     pub in_not_for_us: u64,
     /// Decrypted packets the filter dropped.
     pub in_filtered: u64,
+    /// Established inbound flows cut because the rules (or a time window) stopped allowing
+    /// them.
+    pub flows_cut: u64,
     /// Decrypted packets delivered to the TUN.
     pub in_delivered: u64,
     /// Packets sent to peers.

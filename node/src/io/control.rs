@@ -17,6 +17,8 @@ use tracing::{debug, info, warn};
 use wire::netmap::MapResponse;
 use wire::{ClientMessage, ControlKey, ErrorCode, Hello, ServerMessage, Welcome};
 
+use crate::io::posture::Facts;
+
 /// What the control client tells the event loop.
 #[derive(Debug)]
 pub enum ControlEvent {
@@ -53,11 +55,12 @@ pub async fn run(
     events: mpsc::Sender<ControlEvent>,
     mut outbox: mpsc::Receiver<ClientMessage>,
     mut endpoints: watch::Receiver<Vec<SocketAddr>>,
+    mut posture: watch::Receiver<Option<Facts>>,
 ) {
     let mut backoff = Duration::from_millis(500);
     loop {
         let started = Instant::now();
-        let reason = match session(&cfg, &events, &mut outbox, &mut endpoints).await {
+        let reason = match session(&cfg, &events, &mut outbox, &mut endpoints, &mut posture).await {
             Ok(End::Refused) | Ok(End::LoopGone) => return,
             Ok(End::Closed(reason)) => reason,
             Err(e) => format!("{e:#}"),
@@ -94,6 +97,7 @@ async fn session(
     events: &mpsc::Sender<ControlEvent>,
     outbox: &mut mpsc::Receiver<ClientMessage>,
     endpoints: &mut watch::Receiver<Vec<SocketAddr>>,
+    posture: &mut watch::Receiver<Option<Facts>>,
 ) -> anyhow::Result<End> {
     let ws_url = ws_url(&cfg.url)?;
     let ws_config = WebSocketConfig::default()
@@ -113,6 +117,12 @@ async fn session(
     let mut hello = cfg.hello.clone();
     hello.endpoints = endpoints.borrow_and_update().clone();
     send(&mut ws, &mut channel, &ClientMessage::Hello(hello)).await?;
+    // The coordinator may have missed changes while we were away: report the current posture
+    // on every connection.
+    let facts = posture.borrow_and_update().clone();
+    if let Some(facts) = facts {
+        send(&mut ws, &mut channel, &ClientMessage::Posture { facts }).await?;
+    }
 
     let mut ping = tokio::time::interval(PING_INTERVAL);
     let mut last_heard = Instant::now();
@@ -161,6 +171,15 @@ async fn session(
                 }
                 let eps = endpoints.borrow_and_update().clone();
                 send(&mut ws, &mut channel, &ClientMessage::Endpoints { endpoints: eps }).await?;
+            }
+            changed = posture.changed() => {
+                if changed.is_err() {
+                    return Ok(End::LoopGone);
+                }
+                let facts = posture.borrow_and_update().clone();
+                if let Some(facts) = facts {
+                    send(&mut ws, &mut channel, &ClientMessage::Posture { facts }).await?;
+                }
             }
             _ = ping.tick() => {
                 if last_heard.elapsed() > IDLE_TIMEOUT {

@@ -173,6 +173,7 @@ impl EventLoop {
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let now = Instant::now();
+                    self.state.sync_wall_clock(now, wall_clock_ms());
                     self.state.handle_timeout(now);
                     if self.cache_due.is_some_and(|c| c <= now) {
                         self.cache_due = None;
@@ -480,6 +481,7 @@ struct CountersJson {
     in_spoofed: u64,
     in_not_for_us: u64,
     in_filtered: u64,
+    flows_cut: u64,
     in_delivered: u64,
     out_sent: u64,
     tun_no_tunnel: u64,
@@ -502,6 +504,7 @@ impl From<node_proto::Counters> for CountersJson {
             in_spoofed: c.in_spoofed,
             in_not_for_us: c.in_not_for_us,
             in_filtered: c.in_filtered,
+            flows_cut: c.flows_cut,
             in_delivered: c.in_delivered,
             out_sent: c.out_sent,
             tun_no_tunnel: c.tun_no_tunnel,
@@ -510,6 +513,12 @@ impl From<node_proto::Counters> for CountersJson {
             pq_rate_limited: c.pq_rate_limited,
         }
     }
+}
+
+fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 async fn recv_tun(tun: Option<&Tun>, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -5,5 +5,6 @@ pub mod control;
 pub mod dns;
 pub mod event_loop;
 pub mod ifaddrs;
+pub mod posture;
 pub mod tun;
 pub mod udp;

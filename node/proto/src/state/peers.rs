@@ -32,15 +32,16 @@ pub(super) struct Peer {
 }
 
 impl NodeState {
-    pub(super) fn upsert_peer(&mut self, _now: Instant, node: Node) {
+    pub(super) fn upsert_peer(&mut self, now: Instant, node: Node) {
         if node.node_key == self.node_key {
             return;
         }
         if let Some(old_key) = self.by_id.get(&node.id).copied()
             && old_key != node.node_key
         {
-            // The peer rotated its key: a new tunnel and a new key schedule.
-            self.remove_peer(node.id);
+            // The peer rotated its key: a new tunnel and a new key schedule; its connections
+            // carry on.
+            self.remove_peer(now, node.id, false);
         }
         let key = node.node_key;
         if let Some(peer) = self.peers.get_mut(&key) {
@@ -76,10 +77,24 @@ impl NodeState {
         }
     }
 
-    pub(super) fn remove_peer(&mut self, id: NodeId) {
-        let Some(key) = self.by_id.remove(&id) else {
+    /// Drops peer `id`. When it is `gone` (removed from the mesh, or no longer visible under
+    /// the policy) its connections are reset on both ends first; a key rotation keeps them.
+    pub(super) fn remove_peer(&mut self, now: Instant, id: NodeId, gone: bool) {
+        let Some(key) = self.by_id.get(&id).copied() else {
             return;
         };
+        if gone && let Some(peer) = self.peers.get(&key) {
+            let addrs = peer.node.addresses.clone();
+            let cut: Vec<_> = addrs
+                .iter()
+                .flat_map(|a| self.flows.take_address(*a))
+                .collect();
+            if !cut.is_empty() {
+                debug!(peer = %peer.node.name, flows = cut.len(), "resetting the connections of a departed peer");
+                self.reset_flows(now, &cut);
+            }
+        }
+        self.by_id.remove(&id);
         let Some(peer) = self.peers.remove(&key) else {
             return;
         };
@@ -87,7 +102,6 @@ impl NodeState {
             if self.by_ip.get(a) == Some(&key) {
                 self.by_ip.remove(a);
             }
-            self.flows.forget_address(*a);
         }
         self.by_index.retain(|_, k| *k != key);
         debug!(peer = %peer.node.name, key = %key, "peer removed");

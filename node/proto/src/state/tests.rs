@@ -312,6 +312,295 @@ fn a_new_stricter_filter_cuts_established_inbound_flows() {
     assert!(net.received(1).is_empty());
 }
 
+/// A TCP segment with sequence numbers and a payload.
+fn tcp_seg(sport: u16, dport: u16, flags: u8, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
+    let mut t = tcp(sport, dport, flags);
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[8..12].copy_from_slice(&ack.to_be_bytes());
+    t.extend_from_slice(payload);
+    t
+}
+
+/// An ssh-only rule for node `i`, valid in `[from, until)` Unix seconds if given.
+fn ssh_rule(i: usize, valid: Option<(i64, i64)>) -> FilterRule {
+    FilterRule {
+        origin: "p.hujson:3:5".into(),
+        action: Action::Accept,
+        src: vec!["0.0.0.0/0".parse().unwrap()],
+        dst: vec![DstPorts {
+            net: overlay(i).into(),
+            ports: PortRange {
+                first: 22,
+                last: 22,
+            },
+        }],
+        protocols: vec![IpProto::TCP],
+        all_protocols: false,
+        valid: valid.map(|(from, until)| vec![wire::filter::ValidRange { from, until }]),
+    }
+}
+
+fn set_rules(net: &mut Net, i: usize, rules: Vec<FilterRule>) {
+    let now = net.now;
+    net.nodes[i].handle_netmap(
+        now,
+        MapResponse {
+            seq: 2,
+            packet_filter: Some(rules),
+            ..Default::default()
+        },
+    );
+}
+
+/// Opens an ssh connection from node 0 to node 1 with 10 bytes sent each way; returns the
+/// next sequence numbers of the client and the server.
+fn open_ssh(net: &mut Net) -> (u32, u32) {
+    let (c, srv) = (1000u32, 5000u32);
+    net.send(
+        0,
+        ipv4(
+            v4(0),
+            v4(1),
+            6,
+            &tcp_seg(40000, 22, tcp_flags::SYN, c, 0, b""),
+        ),
+    );
+    net.send(
+        1,
+        ipv4(
+            v4(1),
+            v4(0),
+            6,
+            &tcp_seg(22, 40000, tcp_flags::SYN | tcp_flags::ACK, srv, c + 1, b""),
+        ),
+    );
+    net.send(
+        0,
+        ipv4(
+            v4(0),
+            v4(1),
+            6,
+            &tcp_seg(40000, 22, tcp_flags::ACK, c + 1, srv + 1, b"0123456789"),
+        ),
+    );
+    net.send(
+        1,
+        ipv4(
+            v4(1),
+            v4(0),
+            6,
+            &tcp_seg(22, 40000, tcp_flags::ACK, srv + 1, c + 11, b"9876543210"),
+        ),
+    );
+    assert_eq!(
+        net.received(1).len(),
+        2,
+        "the server got the SYN and the data"
+    );
+    assert_eq!(
+        net.received(0).len(),
+        2,
+        "the client got the SYN-ACK and the data"
+    );
+    (c + 11, srv + 11)
+}
+
+/// The RST packets among `packets`: (src, sport, seq, ack).
+fn resets(packets: &[Vec<u8>]) -> Vec<(IpAddr, u16, u32, u32)> {
+    packets
+        .iter()
+        .filter_map(|p| {
+            let info = packet::PacketInfo::parse(p).ok()?;
+            match info.transport {
+                packet::Transport::Tcp {
+                    flags, seq, ack, ..
+                } if flags & tcp_flags::RST != 0 => {
+                    Some((info.tuple.src, info.tuple.src_port, seq, ack))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_cut_tcp_connection_is_reset_on_both_ends() {
+    let mut net = Net::new(2);
+    set_rules(&mut net, 1, vec![ssh_rule(1, None)]);
+    let (client_next, server_next) = open_ssh(&mut net);
+    set_rules(&mut net, 1, vec![]);
+    net.run();
+    // The server's socket gets a RST "from the client" at exactly the sequence it expects...
+    let to_server = net.received(1);
+    assert_eq!(
+        resets(&to_server),
+        vec![(overlay(0), 40000, client_next, server_next)]
+    );
+    // ...and the client gets one from the server through the tunnel, which its own filter
+    // lets in as part of the flow it opened.
+    let to_client = net.received(0);
+    assert_eq!(
+        resets(&to_client),
+        vec![(overlay(1), 22, server_next, client_next)]
+    );
+    assert_eq!(net.nodes[1].status(net.now).counters.flows_cut, 1);
+    // Nothing more of the flow gets through, and the server answering cannot reopen it.
+    net.send(
+        1,
+        ipv4(
+            v4(1),
+            v4(0),
+            6,
+            &tcp_seg(22, 40000, tcp_flags::ACK, server_next, client_next, b"x"),
+        ),
+    );
+    net.received(0);
+    net.send(
+        0,
+        ipv4(
+            v4(0),
+            v4(1),
+            6,
+            &tcp_seg(
+                40000,
+                22,
+                tcp_flags::ACK,
+                client_next,
+                server_next + 1,
+                b"y",
+            ),
+        ),
+    );
+    assert!(net.received(1).is_empty());
+}
+
+#[test]
+fn a_peer_leaving_the_view_has_its_connections_reset_on_both_ends() {
+    let mut net = Net::new(2);
+    set_rules(&mut net, 1, vec![ssh_rule(1, None)]);
+    let (client_next, server_next) = open_ssh(&mut net);
+    // The policy now hides node 0 from node 1 (e.g. its posture failed).
+    let now = net.now;
+    net.nodes[1].handle_netmap(
+        now,
+        MapResponse {
+            seq: 3,
+            peers_removed: vec![NodeId(1)],
+            packet_filter: Some(vec![]),
+            ..Default::default()
+        },
+    );
+    net.run();
+    assert_eq!(
+        resets(&net.received(1)),
+        vec![(overlay(0), 40000, client_next, server_next)]
+    );
+    assert_eq!(
+        resets(&net.received(0)),
+        vec![(overlay(1), 22, server_next, client_next)]
+    );
+    // A key rotation of a peer, by contrast, keeps its connections.
+    let mut net = Net::new(2);
+    set_rules(&mut net, 1, vec![ssh_rule(1, None)]);
+    open_ssh(&mut net);
+    let cut_before = net.nodes[1].status(net.now).counters.flows_cut;
+    let mut rotated = node(0, vec![net.addrs[0]]);
+    rotated.node_key = public_key(7);
+    let now = net.now;
+    net.nodes[1].handle_netmap(
+        now,
+        MapResponse {
+            seq: 3,
+            peers_changed: vec![rotated],
+            ..Default::default()
+        },
+    );
+    assert!(resets(&net.received(1)).is_empty());
+    assert_eq!(net.nodes[1].status(net.now).counters.flows_cut, cut_before);
+}
+
+#[test]
+fn a_closing_time_window_cuts_flows_when_it_closes_and_an_opening_one_admits() {
+    let mut net = Net::new(2);
+    let start = (WALL / 1000) as i64;
+    set_rules(
+        &mut net,
+        1,
+        vec![ssh_rule(1, Some((start + 10, start + 70)))],
+    );
+    // Before the window: refused.
+    net.send(
+        0,
+        ipv4(
+            v4(0),
+            v4(1),
+            6,
+            &tcp_seg(39999, 22, tcp_flags::SYN, 1, 0, b""),
+        ),
+    );
+    assert!(net.received(1).is_empty());
+    net.tick(Duration::from_millis(9_999));
+    net.send(
+        0,
+        ipv4(
+            v4(0),
+            v4(1),
+            6,
+            &tcp_seg(39998, 22, tcp_flags::SYN, 1, 0, b""),
+        ),
+    );
+    assert!(net.received(1).is_empty(), "admitted too early");
+    net.tick(Duration::from_millis(1));
+    let (client_next, server_next) = open_ssh(&mut net);
+    // The window closes 60 s later; the node wakes exactly then.
+    for _ in 0..59 {
+        net.tick(Duration::from_secs(1));
+        assert!(net.received(1).is_empty(), "cut too early");
+    }
+    net.tick(Duration::from_secs(1));
+    assert_eq!(
+        resets(&net.received(1)),
+        vec![(overlay(0), 40000, client_next, server_next)]
+    );
+    assert_eq!(resets(&net.received(0)).len(), 1);
+    net.send(
+        0,
+        ipv4(
+            v4(0),
+            v4(1),
+            6,
+            &tcp_seg(40001, 22, tcp_flags::SYN, 1, 0, b""),
+        ),
+    );
+    assert!(net.received(1).is_empty());
+}
+
+#[test]
+fn a_wall_clock_jump_expires_rules_at_once_and_the_clock_never_goes_back() {
+    let mut net = Net::new(2);
+    let start = (WALL / 1000) as i64;
+    set_rules(&mut net, 1, vec![ssh_rule(1, Some((start, start + 3600)))]);
+    open_ssh(&mut net);
+    // The machine slept for two hours: the monotonic clock did not move, the wall clock did.
+    net.nodes[1].sync_wall_clock(net.now, WALL + 7_200_000);
+    assert!(net.nodes[1].poll_timeout().unwrap().0 <= net.now);
+    net.tick(Duration::ZERO);
+    assert_eq!(resets(&net.received(1)).len(), 1);
+    // A clock stepped back does not revive the rule.
+    net.nodes[1].sync_wall_clock(net.now, WALL);
+    net.tick(Duration::ZERO);
+    net.send(
+        0,
+        ipv4(
+            v4(0),
+            v4(1),
+            6,
+            &tcp_seg(40001, 22, tcp_flags::SYN, 1, 0, b""),
+        ),
+    );
+    assert!(net.received(1).is_empty());
+}
+
 #[test]
 fn handshakes_fan_out_to_all_endpoints_and_settle_on_the_one_that_answers() {
     let mut net = Net::new(2);
@@ -684,4 +973,26 @@ fn a_classical_only_mesh_uses_plain_wireguard_and_says_so() {
     assert_eq!(net.received(1), vec![p]);
     assert!(first(&net, is_pq_resp).unwrap() < first(&net, is_wg).unwrap());
     assert!(net.nodes[0].status(net.now).peers[0].pq);
+}
+
+#[test]
+fn the_next_rule_change_is_a_wake_up_deadline() {
+    let mut net = Net::new(1);
+    let start = (WALL / 1000) as i64;
+    set_rules(
+        &mut net,
+        0,
+        vec![ssh_rule(0, Some((start + 3, start + 3600)))],
+    );
+    assert_eq!(
+        net.nodes[0].poll_timeout().unwrap(),
+        (net.now + Duration::from_secs(3), "rules")
+    );
+    net.tick(Duration::from_secs(3));
+    assert_ne!(
+        net.nodes[0].poll_timeout().unwrap().1,
+        "rules",
+        "the next change is an hour away"
+    );
+    assert_eq!(net.nodes[0].status(net.now).filter_rules, 1);
 }

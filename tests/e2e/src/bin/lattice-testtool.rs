@@ -1,6 +1,6 @@
 //! Traffic for the e2e tests, run inside lab namespaces:
-//! timestamped UDP streams (to see exactly when a peer stops accepting packets) and
-//! checksummed TCP transfers.
+//! timestamped UDP streams (to see exactly when a peer stops accepting packets), checksummed
+//! TCP transfers, and long-lived TCP connections that report when they are cut.
 #![allow(clippy::print_stdout)]
 
 use std::io::{Read, Write};
@@ -51,6 +51,30 @@ enum Cmd {
         upstream_bind: SocketAddr,
         #[arg(long)]
         tamper_frames: bool,
+    },
+    /// Echo every connection (one thread each) for `seconds`; print `reset <unix ms>` when a
+    /// connection is reset.
+    TcpEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        seconds: u64,
+    },
+    /// Connect and exchange a byte every 100 ms for up to `seconds`. Prints `connected <ms>`,
+    /// then `closed <unix ms> <why>` when the connection dies or `alive` at the end. Exits 1
+    /// if it cannot connect within 3 s.
+    TcpHold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        seconds: u64,
+    },
+    /// Try to connect within `timeout_ms`; print `open` (exit 0) or `blocked: <why>` (exit 1).
+    TcpProbe {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
     },
     /// Send `bytes` pseudo-random bytes from `seed`, print `<bytes> <sha256>`.
     TcpSend {
@@ -150,6 +174,52 @@ fn main() -> anyhow::Result<()> {
                 let _ = back.send_to(&buf[..n], upstream);
             }
         }
+        Cmd::TcpEcho { listen, seconds } => {
+            let l = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+            l.set_nonblocking(true)?;
+            let end = Instant::now() + Duration::from_secs(seconds);
+            while Instant::now() < end {
+                match l.accept() {
+                    Ok((c, _)) => {
+                        c.set_nonblocking(false)?;
+                        std::thread::spawn(move || echo(c));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        Cmd::TcpHold { to, seconds } => {
+            let mut c = match TcpStream::connect_timeout(&to, Duration::from_secs(3)) {
+                Ok(c) => c,
+                Err(e) => {
+                    println!("blocked: {e}");
+                    std::process::exit(1);
+                }
+            };
+            c.set_read_timeout(Some(Duration::from_secs(30)))?;
+            println!("connected {}", now_ms());
+            std::io::stdout().flush()?;
+            let end = Instant::now() + Duration::from_secs(seconds);
+            let mut b = [0u8; 1];
+            while Instant::now() < end {
+                let r = c.write_all(b"x").and_then(|()| c.read_exact(&mut b));
+                if let Err(e) = r {
+                    println!("closed {} {:?}", now_ms(), e.kind());
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            println!("alive");
+        }
+        Cmd::TcpProbe { to, timeout_ms } => {
+            match TcpStream::connect_timeout(&to, Duration::from_millis(timeout_ms)) {
+                Ok(_) => println!("open"),
+                Err(e) => {
+                    println!("blocked: {:?}", e.kind());
+                    std::process::exit(1);
+                }
+            }
+        }
         Cmd::TcpSend { to, bytes, seed } => {
             let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(10))
                 .with_context(|| format!("connecting to {to}"))?;
@@ -178,6 +248,27 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn echo(mut c: TcpStream) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if c.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::ConnectionReset {
+                    println!("reset {}", now_ms());
+                    let _ = std::io::stdout().flush();
+                }
+                return;
+            }
+        }
+    }
 }
 
 fn hex(b: &[u8]) -> String {
