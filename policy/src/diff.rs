@@ -62,8 +62,24 @@ impl fmt::Display for Access {
                 .collect();
             parts.push(format!("{} {}", proto_name(*p), r.join(",")));
         }
-        for p in &self.other {
-            parts.push(proto_name(*p));
+        if self.other.len() > 128 {
+            // Most protocols: name the ones left out instead.
+            let missing: Vec<String> = (0..=255u8)
+                .filter(|p| !PORT_PROTOS.contains(p) && !self.other.contains(p))
+                .map(proto_name)
+                .collect();
+            if missing.is_empty() {
+                parts.push("every other protocol".into());
+            } else {
+                parts.push(format!(
+                    "every other protocol except {}",
+                    missing.join(", ")
+                ));
+            }
+        } else {
+            for p in &self.other {
+                parts.push(proto_name(*p));
+            }
         }
         f.write_str(&parts.join("; "))
     }
@@ -174,7 +190,7 @@ fn access(
                 .filter(|p| !PORT_PROTOS.contains(p))
                 .collect(),
             Proto::Default => OTHER_PROTOS.to_vec(),
-            Proto::All => OTHER_PROTOS.to_vec(),
+            Proto::All => (0..=255u8).filter(|p| !PORT_PROTOS.contains(p)).collect(),
         };
         other.extend(others);
     }
@@ -237,8 +253,13 @@ fn subtract(a: &[(u16, u16)], b: &[(u16, u16)]) -> Vec<(u16, u16)> {
 fn proto_name(p: u8) -> String {
     match p {
         1 => "icmp".into(),
+        2 => "igmp".into(),
+        4 => "ipip".into(),
         6 => "tcp".into(),
         17 => "udp".into(),
+        47 => "gre".into(),
+        50 => "esp".into(),
+        51 => "ah".into(),
         58 => "icmpv6".into(),
         132 => "sctp".into(),
         n => format!("proto-{n}"),
@@ -248,6 +269,17 @@ fn proto_name(p: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn most_protocols_are_named_by_what_is_left_out() {
+        let mut a = Access::default();
+        a.other = (0..=255u8).filter(|p| !PORT_PROTOS.contains(p)).collect();
+        assert_eq!(a.to_string(), "every other protocol");
+        a.other.retain(|p| *p != 1 && *p != 58);
+        assert_eq!(a.to_string(), "every other protocol except icmp, icmpv6");
+        a.other = vec![1, 47];
+        assert_eq!(a.to_string(), "icmp; gre");
+    }
 
     #[test]
     fn interval_subtraction() {
