@@ -272,8 +272,10 @@ mod tests {
 
     #[test]
     fn most_protocols_are_named_by_what_is_left_out() {
-        let mut a = Access::default();
-        a.other = (0..=255u8).filter(|p| !PORT_PROTOS.contains(p)).collect();
+        let mut a = Access {
+            other: (0..=255u8).filter(|p| !PORT_PROTOS.contains(p)).collect(),
+            ..Access::default()
+        };
         assert_eq!(a.to_string(), "every other protocol");
         a.other.retain(|p| *p != 1 && *p != 58);
         assert_eq!(a.to_string(), "every other protocol except icmp, icmpv6");
