@@ -201,33 +201,13 @@ pub async fn set(st: &AppState, req: &PolicyText, actor: &str) -> Result<SetOutc
             diff: DiffView::default(),
         });
     }
-    let version = db::policy::insert(
+    let version = store_version(
         &mut tx,
-        &req.file_name,
-        &req.text,
-        &sha,
+        (&req.file_name, &req.text, &sha),
+        &new,
+        current.as_ref(),
         actor,
-        unix_now_ms(),
-    )
-    .await?;
-    db::audit::append(
-        &mut tx,
-        NewEntry::new(
-            actor,
-            "policy.set",
-            format!("policy:v{version}"),
-            json!({
-                "version": version,
-                "previous_version": current.as_ref().map(|c| c.version),
-                "file": req.file_name,
-                "sha256": sha,
-                "rules": new.rule_count(),
-                "tests": new.test_count(),
-                "gained": diff.gained.len(),
-                "lost": diff.lost.len(),
-            }),
-        ),
-        unix_now_ms(),
+        json!({"gained": diff.gained.len(), "lost": diff.lost.len()}),
     )
     .await?;
     tx.commit().await.map_err(db::DbError::from)?;
@@ -280,28 +260,48 @@ pub async fn load_at_start(
     {
         return Ok((cur.version, p));
     }
-    let version = db::policy::insert(&mut tx, name, text, &sha, actor, unix_now_ms()).await?;
-    db::audit::append(
+    let version = store_version(
         &mut tx,
-        NewEntry::new(
-            actor,
-            "policy.set",
-            format!("policy:v{version}"),
-            json!({
-                "version": version,
-                "previous_version": current.as_ref().map(|c| c.version),
-                "file": name,
-                "sha256": sha,
-                "rules": p.rule_count(),
-                "tests": p.test_count(),
-                "source": "serve --policy",
-            }),
-        ),
-        unix_now_ms(),
+        (name, text, &sha),
+        &p,
+        current.as_ref(),
+        actor,
+        json!({"source": "serve --policy"}),
     )
     .await?;
     tx.commit().await?;
     Ok((version, p))
+}
+
+/// Stores `(file name, text, sha256)` as the next version and audits it (in the caller's
+/// transaction); `extra` fields join the audit entry's detail.
+async fn store_version(
+    tx: &mut db::Tx,
+    (name, text, sha): (&str, &str, &str),
+    policy: &Policy,
+    previous: Option<&StoredPolicy>,
+    actor: &str,
+    extra: serde_json::Value,
+) -> Result<i64, db::DbError> {
+    let version = db::policy::insert(tx, name, text, sha, actor, unix_now_ms()).await?;
+    let mut detail = json!({
+        "version": version,
+        "previous_version": previous.map(|c| c.version),
+        "file": name,
+        "sha256": sha,
+        "rules": policy.rule_count(),
+        "tests": policy.test_count(),
+    });
+    if let (Some(d), serde_json::Value::Object(more)) = (detail.as_object_mut(), extra) {
+        d.extend(more);
+    }
+    db::audit::append(
+        tx,
+        NewEntry::new(actor, "policy.set", format!("policy:v{version}"), detail),
+        unix_now_ms(),
+    )
+    .await?;
+    Ok(version)
 }
 
 /// Changes to a node's admin-set attributes.
