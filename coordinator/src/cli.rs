@@ -56,6 +56,12 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Manage standalone relays (the embedded relay is always listed first).
+    Relays {
+        /// What to do with relays.
+        #[command(subcommand)]
+        command: RelaysCommand,
+    },
     /// Mesh-wide settings.
     Settings {
         /// Show or change settings.
@@ -103,6 +109,15 @@ pub struct ServeArgs {
     /// coordinator does not start. Without it, the last policy set stays in force.
     #[arg(long, env = "LATTICE_COORDINATOR_POLICY")]
     pub policy: Option<PathBuf>,
+    /// Do not run the embedded relay and STUN server (nodes then use only registered relays).
+    #[arg(long)]
+    pub no_embedded_relay: bool,
+    /// UDP address of the embedded relay's QUIC listener (default: the --listen address).
+    #[arg(long)]
+    pub relay_listen: Option<SocketAddr>,
+    /// UDP address of the embedded STUN server (repeatable; two let nodes detect hard NAT).
+    #[arg(long = "stun-listen", default_value = "0.0.0.0:3478")]
+    pub stun_listen: Vec<SocketAddr>,
 }
 
 /// Flags shared by admin commands.
@@ -210,6 +225,51 @@ pub enum NodesCommand {
         /// JSON output.
         #[arg(long)]
         json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// `relays` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RelaysCommand {
+    /// Register a standalone relay (`lattice-relay serve` prints the command to run).
+    Add {
+        /// Its name (shown as `relay NAME` in `lattice status`).
+        name: String,
+        /// Its key (`relaykey:...`).
+        #[arg(long)]
+        key: wire::RelayKey,
+        /// Its QUIC address (UDP).
+        #[arg(long)]
+        quic: Option<SocketAddr>,
+        /// SHA-256 of its certificate (hex), pinned by nodes.
+        #[arg(long)]
+        cert_sha256: Option<String>,
+        /// Its WebSocket URL (http://host:port/relay).
+        #[arg(long)]
+        websocket: Option<String>,
+        /// A STUN server it runs (repeatable).
+        #[arg(long)]
+        stun: Vec<SocketAddr>,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List the relays nodes use.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Remove a registered relay.
+    Remove {
+        /// Its name.
+        name: String,
         /// Where the coordinator is.
         #[command(flatten)]
         admin: AdminArgs,

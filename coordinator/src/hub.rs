@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use jiff::Timestamp;
 use policy::{CompiledPolicy, Inventory, InventoryNode, Policy};
 use tokio::sync::{mpsc, watch};
-use wire::{ErrorCode, NodeId, TunnelSecurity};
+use wire::{ErrorCode, NodeId, NodeKey, RelayInfo, TunnelSecurity};
 
 use crate::model::NodeRecord;
 use crate::netmap::{LiveNode, Snapshot};
@@ -45,6 +45,9 @@ pub struct HubState {
     domain: String,
     tunnel_security: TunnelSecurity,
     compiled: Mutex<Option<(CompileKey, Arc<CompiledPolicy>)>>,
+    relays: Arc<Vec<RelayInfo>>,
+    relay_rev: u64,
+    by_key: HashMap<NodeKey, NodeId>,
 }
 
 /// What a compiled policy depends on: the policy, the facts about nodes, and the day it was
@@ -89,6 +92,9 @@ impl Hub {
                 domain,
                 tunnel_security: TunnelSecurity::PostQuantum,
                 compiled: Mutex::new(None),
+                relays: Arc::new(Vec::new()),
+                relay_rev: 0,
+                by_key: HashMap::new(),
             }),
             changed,
         });
@@ -132,9 +138,10 @@ impl Hub {
     pub fn remove_node(&self, id: NodeId, kick: Option<Kick>) {
         {
             let mut st = self.write();
-            if st.nodes.remove(&id).is_some() {
+            if let Some(old) = st.nodes.remove(&id) {
                 st.inventory.remove(id);
                 st.membership_rev += 1;
+                st.by_key.remove(&old.record.node_key);
             }
             if let Some(k) = kick
                 && let Some((_, tx)) = st.sessions.get(&id)
@@ -172,6 +179,16 @@ impl Hub {
         if stale {
             self.notify();
         }
+    }
+
+    /// Replaces the relay list nodes receive.
+    pub fn set_relays(&self, relays: Vec<RelayInfo>) {
+        {
+            let mut st = self.write();
+            st.relays = Arc::new(relays);
+            st.relay_rev += 1;
+        }
+        self.notify();
     }
 
     /// Replaces the mesh's tunnel security.
@@ -239,6 +256,12 @@ impl HubState {
                 || old.record.name != record.name
                 || old.record.policy_attrs() != record.policy_attrs()
         });
+        if let Some(old) = self.nodes.get(&record.id)
+            && old.record.node_key != record.node_key
+        {
+            self.by_key.remove(&old.record.node_key);
+        }
+        self.by_key.insert(record.node_key, record.id);
         if membership_changed {
             self.inventory.upsert(InventoryNode {
                 id: record.id,
@@ -285,6 +308,8 @@ impl HubState {
             compile_key: key,
             domain: &self.domain,
             tunnel_security: self.tunnel_security,
+            relays: Arc::clone(&self.relays),
+            relay_rev: self.relay_rev,
         }
     }
 
@@ -310,6 +335,16 @@ impl HubState {
         );
         *guard = Some((key, Arc::clone(&c)));
         (key, c)
+    }
+
+    /// The node holding `key`, if it is a current (not removed, not expired) member.
+    pub fn node_by_key(&self, key: &NodeKey) -> Option<NodeId> {
+        self.by_key.get(key).copied()
+    }
+
+    /// The relays nodes are told about.
+    pub fn relays(&self) -> Arc<Vec<RelayInfo>> {
+        Arc::clone(&self.relays)
     }
 
     /// The inventory the policy is compiled against.

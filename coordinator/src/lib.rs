@@ -15,6 +15,7 @@ pub mod netmap;
 pub mod ops;
 mod output;
 pub mod register;
+pub mod relays;
 pub mod secret;
 pub mod server;
 pub mod state;
@@ -26,7 +27,8 @@ use serde_json::json;
 use crate::admin_client::Target;
 use crate::audit::{Entry, Verification};
 use crate::cli::{
-    AdminArgs, AuditCommand, AuthkeyCommand, Command, NodesCommand, PolicyCommand, SettingsCommand,
+    AdminArgs, AuditCommand, AuthkeyCommand, Command, NodesCommand, PolicyCommand, RelaysCommand,
+    SettingsCommand,
     TokenCommand, TunnelSecurityArg,
 };
 use crate::model::AuthKeyInfo;
@@ -53,6 +55,9 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
                 domain: a.domain,
                 ephemeral_timeout: a.ephemeral_timeout,
                 policy: a.policy,
+                embedded_relay: !a.no_embedded_relay,
+                relay_listen: a.relay_listen,
+                stun_listen: a.stun_listen,
             })
             .await?;
             Ok(Outcome::Success)
@@ -63,7 +68,56 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Token { command } => token(command).await,
         Command::Settings { command } => settings(command).await,
         Command::Policy { command } => policy_cmd(command).await,
+        Command::Relays { command } => relays_cmd(command).await,
     }
+}
+
+async fn relays_cmd(cmd: RelaysCommand) -> anyhow::Result<Outcome> {
+    match cmd {
+        RelaysCommand::Add {
+            name,
+            key,
+            quic,
+            cert_sha256,
+            websocket,
+            stun,
+            admin,
+        } => {
+            let req = relays::AddRelay {
+                name,
+                key,
+                quic,
+                cert_sha256: cert_sha256
+                    .map(|h| {
+                        wire::keys::parse_hex::<32>(&h)
+                            .map(wire::CertPin)
+                            .context("--cert-sha256 must be 64 hex digits")
+                    })
+                    .transpose()?,
+                websocket,
+                stun,
+            };
+            let r: wire::RelayInfo = target(&admin)?
+                .call(Method::POST, "/relays", Some(serde_json::to_value(&req)?))
+                .await?;
+            output::line(&format!("added relay {} (id {})", r.name, r.id.0));
+        }
+        RelaysCommand::List { json, admin } => {
+            let list: Vec<wire::RelayInfo> = target(&admin)?.call(Method::GET, "/relays", None).await?;
+            if json {
+                output::json(&list);
+            } else {
+                output::relays(&list);
+            }
+        }
+        RelaysCommand::Remove { name, admin } => {
+            let _: serde_json::Value = target(&admin)?
+                .call(Method::DELETE, &format!("/relays/{name}"), None)
+                .await?;
+            output::line(&format!("removed relay {name}"));
+        }
+    }
+    Ok(Outcome::Success)
 }
 
 fn read_policy_file(path: &std::path::Path) -> anyhow::Result<ops::policy::PolicyText> {

@@ -49,6 +49,10 @@ pub struct NodeRecord {
     pub posture_at: Option<i64>,
     /// Attributes admins set (`custom:*`).
     pub custom_attrs: Attrs,
+    /// The relay the node reported as its home.
+    pub home_relay: Option<wire::RelayId>,
+    /// The NAT behaviour the node measured.
+    pub nat: Option<wire::NatInfo>,
 }
 
 impl NodeRecord {

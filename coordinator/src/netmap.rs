@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use policy::{Compiled, CompiledPolicy};
 use wire::NodeId;
-use wire::TunnelSecurity;
+use wire::{RelayInfo, TunnelSecurity};
 use wire::netmap::{DnsConfig, MapResponse, Node};
 
 use crate::addr::RESOLVER_V4;
@@ -41,6 +41,10 @@ pub struct Snapshot<'a> {
     pub domain: &'a str,
     /// How tunnels are keyed.
     pub tunnel_security: TunnelSecurity,
+    /// The relays.
+    pub relays: Arc<Vec<RelayInfo>>,
+    /// Bumped when the relay list changes.
+    pub relay_rev: u64,
 }
 
 /// What one session has sent so far.
@@ -53,6 +57,7 @@ pub struct SentMap {
     filter_sent: bool,
     dns_sent: bool,
     security_sent: Option<TunnelSecurity>,
+    relays_sent: Option<u64>,
 }
 
 impl SentMap {
@@ -78,11 +83,19 @@ pub fn wire_node(live: &LiveNode, domain: &str) -> Node {
         last_seen_unix: r.last_seen,
         os: r.os.clone(),
         ephemeral: r.ephemeral,
+        home_relay: r.home_relay,
+        nat: r.nat.clone(),
     }
 }
 
-/// The next message for node `me`, or `None` if it is up to date (or unknown).
-pub fn next_map(sent: &mut SentMap, snap: &Snapshot<'_>, me: NodeId) -> Option<MapResponse> {
+/// The next message for node `me`, or `None` if it is up to date (or unknown). A `ticket`
+/// (a fresh relay ticket) is always sent.
+pub fn next_map(
+    sent: &mut SentMap,
+    snap: &Snapshot<'_>,
+    me: NodeId,
+    ticket: Option<String>,
+) -> Option<MapResponse> {
     let me_live = snap.nodes.get(&me)?;
     let key = snap.compile_key;
     let recompiled = match &sent.compiled {
@@ -151,6 +164,12 @@ pub fn next_map(sent: &mut SentMap, snap: &Snapshot<'_>, me: NodeId) -> Option<M
         sent.security_sent = Some(snap.tunnel_security);
     }
 
+    if sent.relays_sent != Some(snap.relay_rev) {
+        msg.relays = Some(snap.relays.as_ref().clone());
+        sent.relays_sent = Some(snap.relay_rev);
+    }
+    msg.relay_ticket = ticket;
+
     if msg.is_empty() {
         return None;
     }
@@ -172,6 +191,8 @@ mod tests {
         policy: Policy,
         policy_rev: u64,
         membership_rev: u64,
+        relays: Arc<Vec<RelayInfo>>,
+        relay_rev: u64,
     }
 
     impl World {
@@ -182,6 +203,8 @@ mod tests {
                 policy: Policy::allow_all(),
                 policy_rev: 1,
                 membership_rev: 0,
+                relays: Arc::new(vec![]),
+                relay_rev: 0,
             };
             for i in 1..=n {
                 w.add(i);
@@ -209,6 +232,8 @@ mod tests {
                 posture: Default::default(),
                 posture_at: None,
                 custom_attrs: Default::default(),
+                home_relay: None,
+                nat: None,
             };
             self.inventory.upsert(InventoryNode {
                 id: rec.id,
@@ -245,6 +270,8 @@ mod tests {
                 compile_key: (self.policy_rev, self.membership_rev, 0),
                 domain: "mesh.internal",
                 tunnel_security: TunnelSecurity::PostQuantum,
+                relays: Arc::clone(&self.relays),
+                relay_rev: self.relay_rev,
             }
         }
     }
@@ -253,7 +280,7 @@ mod tests {
     fn first_map_is_full_then_nothing_until_a_change() {
         let w = World::new(3);
         let mut sent = SentMap::default();
-        let m = next_map(&mut sent, &w.snap(), NodeId(1)).unwrap();
+        let m = next_map(&mut sent, &w.snap(), NodeId(1), None).unwrap();
         assert_eq!(m.seq, 1);
         assert!(m.is_full());
         let names: Vec<_> = m.peers.unwrap().iter().map(|p| p.fqdn.clone()).collect();
@@ -262,18 +289,18 @@ mod tests {
         assert_eq!(m.packet_filter.unwrap().len(), 1);
         assert_eq!(m.dns.unwrap().resolver.to_string(), "100.100.100.100");
         assert_eq!(m.tunnel_security, Some(TunnelSecurity::PostQuantum));
-        assert!(next_map(&mut sent, &w.snap(), NodeId(1)).is_none());
+        assert!(next_map(&mut sent, &w.snap(), NodeId(1), None).is_none());
     }
 
     #[test]
     fn a_peer_going_online_is_a_one_peer_delta() {
         let mut w = World::new(3);
         let mut sent = SentMap::default();
-        next_map(&mut sent, &w.snap(), NodeId(1)).unwrap();
+        next_map(&mut sent, &w.snap(), NodeId(1), None).unwrap();
         let n2 = w.nodes.get_mut(&NodeId(2)).unwrap();
         n2.online = true;
         n2.rev += 1;
-        let m = next_map(&mut sent, &w.snap(), NodeId(1)).unwrap();
+        let m = next_map(&mut sent, &w.snap(), NodeId(1), None).unwrap();
         assert_eq!(m.seq, 2);
         assert!(!m.is_full());
         assert_eq!(m.peers_changed.len(), 1);
@@ -286,10 +313,10 @@ mod tests {
     fn removed_and_added_peers_show_up_in_the_delta() {
         let mut w = World::new(3);
         let mut sent = SentMap::default();
-        next_map(&mut sent, &w.snap(), NodeId(1)).unwrap();
+        next_map(&mut sent, &w.snap(), NodeId(1), None).unwrap();
         w.remove(3);
         w.add(4);
-        let m = next_map(&mut sent, &w.snap(), NodeId(1)).unwrap();
+        let m = next_map(&mut sent, &w.snap(), NodeId(1), None).unwrap();
         assert_eq!(m.peers_removed, vec![NodeId(3)]);
         assert_eq!(
             m.peers_changed.iter().map(|p| p.id).collect::<Vec<_>>(),
@@ -303,22 +330,22 @@ mod tests {
     fn a_removed_node_gets_nothing() {
         let mut w = World::new(2);
         let mut sent = SentMap::default();
-        next_map(&mut sent, &w.snap(), NodeId(2)).unwrap();
+        next_map(&mut sent, &w.snap(), NodeId(2), None).unwrap();
         w.remove(2);
-        assert!(next_map(&mut sent, &w.snap(), NodeId(2)).is_none());
+        assert!(next_map(&mut sent, &w.snap(), NodeId(2), None).is_none());
     }
 
     #[test]
     fn a_stricter_policy_hides_peers_and_sends_new_rules() {
         let mut w = World::new(3);
         let mut sent = SentMap::default();
-        next_map(&mut sent, &w.snap(), NodeId(1)).unwrap();
+        next_map(&mut sent, &w.snap(), NodeId(1), None).unwrap();
         // Only n2 may reach n1 now; n3 disappears from n1's map.
         let text = r#"{"hosts": {"n2": "100.64.0.2"},
                        "acls": [{"action": "accept", "src": ["n2"], "dst": ["100.64.0.1:22"]}]}"#;
         w.policy = Policy::parse("p.hujson", text).unwrap();
         w.policy_rev += 1;
-        let m = next_map(&mut sent, &w.snap(), NodeId(1)).unwrap();
+        let m = next_map(&mut sent, &w.snap(), NodeId(1), None).unwrap();
         assert_eq!(m.peers_removed, vec![NodeId(3)]);
         let rules = m.packet_filter.unwrap();
         assert_eq!(rules.len(), 1);
@@ -332,7 +359,7 @@ mod tests {
         );
         // n3 sees nobody, and gets no rules.
         let mut sent3 = SentMap::default();
-        let m3 = next_map(&mut sent3, &w.snap(), NodeId(3)).unwrap();
+        let m3 = next_map(&mut sent3, &w.snap(), NodeId(3), None).unwrap();
         assert!(m3.peers.unwrap().is_empty());
         assert!(m3.packet_filter.unwrap().is_empty());
     }
@@ -359,5 +386,31 @@ mod tests {
         assert_eq!(a["fact:edr"], wire::AttrValue::Bool(true));
         assert_eq!(a["custom:team"], wire::AttrValue::String("sre".into()));
         assert!(!a.contains_key("custom:admin"));
+    }
+
+    #[test]
+    fn relays_go_out_once_and_on_change_and_tickets_whenever_given() {
+        let mut w = World::new(2);
+        let mut sent = SentMap::default();
+        let first = next_map(&mut sent, &w.snap(), NodeId(1), Some("ab".into())).unwrap();
+        assert_eq!(first.relays, Some(vec![]));
+        assert_eq!(first.relay_ticket.as_deref(), Some("ab"));
+        assert!(next_map(&mut sent, &w.snap(), NodeId(1), None).is_none());
+        // A ticket alone is a message of its own.
+        let t = next_map(&mut sent, &w.snap(), NodeId(1), Some("cd".into())).unwrap();
+        assert!(t.relays.is_none() && t.peers.is_none() && t.packet_filter.is_none());
+        assert_eq!(t.relay_ticket.as_deref(), Some("cd"));
+        w.relays = Arc::new(vec![RelayInfo {
+            id: wire::RelayId(0),
+            name: "coordinator".into(),
+            key: wire::RelayKey::from_bytes([1; 32]),
+            quic: None,
+            cert_sha256: None,
+            websocket: Some("http://198.51.100.1:8080/relay".into()),
+            stun: vec![],
+        }]);
+        w.relay_rev += 1;
+        let m = next_map(&mut sent, &w.snap(), NodeId(1), None).unwrap();
+        assert_eq!(m.relays.unwrap().len(), 1);
     }
 }

@@ -35,6 +35,21 @@ pub(crate) fn diff(d: &DiffView) {
     }
 }
 
+pub(crate) fn relays(list: &[wire::RelayInfo]) {
+    println!("{:<4} {:<16} {:<24} {:<10} STUN", "ID", "NAME", "QUIC", "WEBSOCKET");
+    for r in list {
+        let stun: Vec<String> = r.stun.iter().map(ToString::to_string).collect();
+        println!(
+            "{:<4} {:<16} {:<24} {:<10} {}",
+            r.id.0,
+            r.name,
+            r.quic.map(|q| q.to_string()).unwrap_or_else(|| "-".into()),
+            if r.websocket.is_some() { "yes" } else { "no" },
+            stun.join(",")
+        );
+    }
+}
+
 pub(crate) fn policy_versions(v: &[PolicyVersion]) {
     println!(
         "{:<8} {:<22} {:<24} {:<14} FILE",

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -21,7 +22,7 @@ use crate::api::{self, Actor};
 use crate::db;
 use crate::hub::Hub;
 use crate::state::{AppState, Inner, unix_now};
-use crate::{addr, ops};
+use crate::{addr, ops, relays};
 
 /// Settings for `serve`.
 #[derive(Debug, Clone)]
@@ -40,6 +41,12 @@ pub struct ServeConfig {
     pub ephemeral_timeout: Duration,
     /// Policy file to put in force at start.
     pub policy: Option<PathBuf>,
+    /// Run the embedded relay and STUN server.
+    pub embedded_relay: bool,
+    /// QUIC address of the embedded relay (default: `listen`).
+    pub relay_listen: Option<SocketAddr>,
+    /// STUN addresses of the embedded relay.
+    pub stun_listen: Vec<SocketAddr>,
 }
 
 /// Name of the admin socket inside the state dir.
@@ -94,6 +101,25 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let offline_ephemeral: Vec<_> = nodes.iter().filter(|n| n.ephemeral).map(|n| n.id).collect();
     let hub = Hub::new(mesh.domain.clone(), policy, policy_version, nodes, now);
     hub.set_tunnel_security(security);
+    let tickets = Arc::new(relays::load_or_create_signer(&cfg.state_dir)?);
+    let embedded = if cfg.embedded_relay {
+        Some(
+            relays::start_embedded(
+                &relays::EmbeddedConfig {
+                    quic_listen: cfg.relay_listen.unwrap_or(cfg.listen),
+                    stun_listen: cfg.stun_listen.clone(),
+                    http_listen: cfg.listen,
+                    public_url: cfg.public_url.clone(),
+                },
+                &cfg.state_dir,
+                Arc::clone(&hub),
+                wire::TicketKey::from_bytes(tickets.public()),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     if security == wire::TunnelSecurity::ClassicalOnly {
         warn!("tunnels are classical-only by admin setting: no post-quantum protection");
     }
@@ -104,7 +130,12 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         control_key,
         mesh,
         ephemeral_timeout: cfg.ephemeral_timeout,
+        tickets,
+        embedded_relay: embedded.as_ref().map(|e| e.info.clone()),
     });
+    relays::refresh(&st)
+        .await
+        .map_err(|e| anyhow::anyhow!("loading the relay list: {e}"))?;
 
     let tcp = TcpListener::bind(cfg.listen)
         .await
@@ -130,7 +161,10 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         }
     });
 
-    let public = api::router(st.clone());
+    let mut public = api::router(st.clone());
+    if let Some(e) = &embedded {
+        public = public.merge(e.relay.router());
+    }
     let admin: Router = Router::new()
         .nest("/admin/v1", api::admin::router())
         .layer(middleware::from_fn(local_actor))
@@ -229,9 +263,11 @@ fn print_banner(st: &AppState, local: SocketAddr, public_url: Option<&str>) {
         },
         str::to_owned,
     );
+    let ticket_key = wire::TicketKey::from_bytes(st.tickets.public()).to_text();
     let banner = format!(
         "lattice-coordinator listening on {local}\n\
          control key fingerprint: {fp}\n\
+         relay ticket key (for lattice-relay serve --coordinator-key): {ticket_key}\n\
          mesh domain: {domain}, IPv6 prefix: {ula}\n\
          to join a device:\n  \
            KEY=$(lattice-coordinator authkey create)\n  \

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hybrid::{FINGERPRINT_LEN, StaticKeypair};
-use wire::ControlKey;
+use hybrid::ticket::TicketSigner;
+use wire::{ControlKey, RelayInfo};
 
 use crate::db::Pool;
 use crate::db::mesh::MeshSettings;
@@ -29,6 +30,10 @@ pub struct Inner {
     pub mesh: MeshSettings,
     /// How long an ephemeral node may stay away before it is removed.
     pub ephemeral_timeout: Duration,
+    /// Signs relay tickets.
+    pub tickets: Arc<TicketSigner>,
+    /// The embedded relay, as nodes see it (None with `--no-embedded-relay`).
+    pub embedded_relay: Option<RelayInfo>,
 }
 
 impl AppState {

@@ -91,6 +91,11 @@ pub fn kdf(
     (Psk::from_bytes(out1), Psk::from_bytes(out2))
 }
 
+/// HMAC-BLAKE2s over the concatenation of `parts`.
+pub fn mac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    hmac(key, parts)
+}
+
 fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     let mut mac = <SimpleHmac<Blake2s256> as Mac>::new_from_slice(key)
         .expect("HMAC accepts keys of any length");

@@ -49,6 +49,14 @@ impl StaticKeypair {
         self.public
     }
 
+    /// A symmetric key shared with the holder of `peer`'s private key, for `label`'s purpose:
+    /// HMAC-BLAKE2s keyed by the static-static X25519 result (cached). `None` when `peer` is a
+    /// low-order point (the result would be public).
+    pub fn shared_key(&self, peer: &[u8; 32], label: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
+        let dh = self.cache.static_static(peer)?;
+        Some(Zeroizing::new(crate::kdf::mac(dh.as_slice(), &[label])))
+    }
+
     /// The secret bytes, for persisting to a 0600 file and for handing to WireGuard.
     pub fn secret_bytes(&self) -> &[u8; 32] {
         &self.secret
@@ -93,6 +101,23 @@ mod tests {
         let sk = hex32("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a");
         let pk = hex32("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a");
         assert_eq!(StaticKeypair::from_secret(sk).public(), pk);
+    }
+
+    #[test]
+    fn both_ends_derive_the_same_shared_key_per_label() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let a = StaticKeypair::generate(&mut rng);
+        let b = StaticKeypair::generate(&mut rng);
+        let ab = a.shared_key(&b.public(), b"disco").unwrap();
+        assert_eq!(ab, b.shared_key(&a.public(), b"disco").unwrap());
+        assert_ne!(ab, a.shared_key(&b.public(), b"relay").unwrap());
+        let c = StaticKeypair::generate(&mut rng);
+        assert_ne!(ab, c.shared_key(&a.public(), b"disco").unwrap());
+        // A low-order public key gives no key at all.
+        assert!(a.shared_key(&[0u8; 32], b"disco").is_none());
+        let mut order8 = [0u8; 32];
+        order8[0] = 1;
+        assert!(a.shared_key(&order8, b"disco").is_none());
     }
 
     #[test]

@@ -20,6 +20,8 @@ mod handshake;
 mod kdf;
 mod keys;
 mod rng;
+pub mod seal;
+pub mod ticket;
 mod x25519;
 
 pub use channel::{Channel, ChannelError, MAX_MESSAGE_LEN};
@@ -27,5 +29,5 @@ pub use handshake::{
     CIPHERTEXT_LEN, Completed, ENCAPSULATION_KEY_LEN, HandshakeError, Initiation,
     InitiatorHandshake, NOISE_PARAMS, Purpose, ResponderHandshake,
 };
-pub use kdf::{Psk, kdf};
+pub use kdf::{Psk, kdf, mac};
 pub use keys::{FINGERPRINT_LEN, StaticKeypair, fingerprint};

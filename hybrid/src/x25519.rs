@@ -41,6 +41,28 @@ impl StaticDhCache {
         self.owner
     }
 
+    /// The static-static Diffie-Hellman with `peer` (cached); `None` for a low-order key.
+    pub(crate) fn static_static(&self, peer: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
+        if let Some(hit) = self.get(peer) {
+            return Some(hit);
+        }
+        let shared: Zeroizing<[u8; 32]> = agree(
+            self.key.as_ref(),
+            UnparsedPublicKey::new(&X25519, *peer),
+            (),
+            |s| {
+                let arr: [u8; 32] = s.try_into().map_err(|_| ())?;
+                Ok(Zeroizing::new(arr))
+            },
+        )
+        .ok()?;
+        if shared.iter().all(|b| *b == 0) {
+            return None;
+        }
+        self.insert(*peer, &shared);
+        Some(shared)
+    }
+
     fn get(&self, peer: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
         self.entries.lock().ok()?.get(peer).cloned()
     }

@@ -33,6 +33,14 @@ pub enum ClientMessage {
     },
     /// The node is leaving for good (`lattice logout`, or `down` on an ephemeral node).
     Logout,
+    /// The node's network: its home relay and NAT behaviour (sent when they change).
+    NetInfo {
+        /// The relay the node is reached through first.
+        #[serde(default)]
+        home_relay: Option<crate::relay::RelayId>,
+        /// NAT behaviour.
+        nat: crate::relay::NatInfo,
+    },
     /// The node's posture facts (sent when they change).
     Posture {
         /// Facts by attribute name (`node:os`, `node:diskEncrypted`, `fact:...`).

@@ -124,6 +124,19 @@ public_key!(
     "controlkey"
 );
 
+public_key!(
+    /// A relay's static X25519 key: nodes check the relay's proof of it, and prove their own
+    /// node key to it, when they connect.
+    RelayKey,
+    "relaykey"
+);
+public_key!(
+    /// The coordinator's Ed25519 key that signs relay tickets; standalone relays are started
+    /// with it (`lattice-relay serve --coordinator-key`).
+    TicketKey,
+    "ticketkey"
+);
+
 /// Appends lowercase hex of `bytes` to `s`.
 pub fn push_hex(s: &mut String, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -16,12 +16,14 @@ pub mod filter;
 pub mod ids;
 pub mod keys;
 pub mod netmap;
+pub mod relay;
 pub mod version;
 
 pub use api::{AttrValue, ClientMessage, ErrorCode, Hello, ServerMessage, Welcome};
 pub use authkey::{AuthKey, AuthKeyParseError};
 pub use filter::{FilterRule, IpProto, PortRange, ValidRange};
 pub use ids::{NodeId, UserId};
-pub use keys::{ControlKey, KeyParseError, MachineKey, NodeKey};
+pub use keys::{ControlKey, KeyParseError, MachineKey, NodeKey, RelayKey, TicketKey};
 pub use netmap::{DnsConfig, MapResponse, Node, TunnelSecurity};
+pub use relay::{CertPin, NatInfo, RelayId, RelayInfo};
 pub use version::CapabilityVersion;

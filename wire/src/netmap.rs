@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::filter::FilterRule;
 use crate::ids::NodeId;
 use crate::keys::NodeKey;
+use crate::relay::{NatInfo, RelayId, RelayInfo};
 
 /// A node as others see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +48,12 @@ pub struct Node {
     /// Whether the node is removed automatically once it goes away.
     #[serde(default)]
     pub ephemeral: bool,
+    /// The relay the node is reached through first (its lowest-latency one).
+    #[serde(default)]
+    pub home_relay: Option<RelayId>,
+    /// How the node's NAT behaves, as the node measured it.
+    #[serde(default)]
+    pub nat: Option<NatInfo>,
 }
 
 /// DNS settings for the node's resolver at 100.100.100.100.
@@ -84,6 +91,12 @@ pub struct MapResponse {
     /// Mesh-wide tunnel security, set by an admin.
     #[serde(default)]
     pub tunnel_security: Option<TunnelSecurity>,
+    /// The relays, replacing any earlier list.
+    #[serde(default)]
+    pub relays: Option<Vec<RelayInfo>>,
+    /// A fresh relay ticket for this node (hex), replacing the earlier one.
+    #[serde(default)]
+    pub relay_ticket: Option<String>,
 }
 
 /// How tunnels between nodes are keyed (a per-mesh admin setting).
@@ -114,6 +127,8 @@ impl MapResponse {
             && self.packet_filter.is_none()
             && self.dns.is_none()
             && self.tunnel_security.is_none()
+            && self.relays.is_none()
+            && self.relay_ticket.is_none()
     }
 }
 
@@ -138,6 +153,8 @@ mod tests {
             last_seen_unix: Some(1_790_000_000),
             os: "linux".into(),
             ephemeral: false,
+            home_relay: None,
+            nat: None,
         }
     }
 

@@ -33,6 +33,8 @@ pub fn router() -> Router<AppState> {
         .route("/audit", get(audit_list))
         .route("/audit/verify", get(audit_verify))
         .route("/settings", get(get_settings).put(put_settings))
+        .route("/relays", get(list_relays).post(add_relay))
+        .route("/relays/{name}", delete(remove_relay))
         .route("/tokens", post(create_token))
         .route("/tokens/{id}", delete(revoke_token))
 }
@@ -178,4 +180,25 @@ async fn policy_version(
     Path(version): Path<i64>,
 ) -> Result<Json<StoredPolicy>, ApiError> {
     Ok(Json(ops::policy::version(&st, version).await?))
+}
+
+async fn list_relays(State(st): State<AppState>) -> Json<Vec<wire::RelayInfo>> {
+    Json(crate::relays::list(&st))
+}
+
+async fn add_relay(
+    State(st): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Json(req): Json<crate::relays::AddRelay>,
+) -> Result<Json<wire::RelayInfo>, ApiError> {
+    Ok(Json(crate::relays::add(&st, req, &actor).await?))
+}
+
+async fn remove_relay(
+    State(st): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    crate::relays::remove(&st, &name, &actor).await?;
+    Ok(Json(json!({"removed": name})))
 }

@@ -24,7 +24,7 @@ use wire::{ClientMessage, ErrorCode, MachineKey, ServerMessage, Welcome};
 use crate::db;
 use crate::model::NodeRecord;
 use crate::netmap::{SentMap, next_map};
-use crate::ops;
+use crate::{ops, relays};
 use crate::register::{self, RegisterError};
 use crate::state::{AppState, unix_now};
 
@@ -187,11 +187,16 @@ async fn stream(
     let mut changes = st.hub.subscribe();
     changes.borrow_and_update();
     let mut ping = interval(PING_INTERVAL);
+    let mut ticket_tick = interval(relays::TICKET_REFRESH);
+    ticket_tick.tick().await;
+    let mut ticket_due = true;
     let mut last_heard = Instant::now();
     loop {
+        let ticket = ticket_due.then(|| relays::issue(&st.tickets, &record.node_key));
+        ticket_due = false;
         let next = {
             let hub = st.hub.read();
-            next_map(&mut sent, &hub.snapshot(unix_now()), record.id)
+            next_map(&mut sent, &hub.snapshot(unix_now()), record.id, ticket)
         };
         if let Some(map) = next {
             debug!(node = %record.name, seq = map.seq, full = map.is_full(), "sending netmap");
@@ -227,6 +232,7 @@ async fn stream(
                     Message::Text(_) => bail!("text frame on the control channel"),
                 }
             }
+            _ = ticket_tick.tick() => ticket_due = true,
             _ = ping.tick() => {
                 if last_heard.elapsed() > IDLE_TIMEOUT {
                     warn!(node = %record.name, "control session idle; dropping it");
@@ -267,6 +273,19 @@ async fn handle_client_message(
             .await
             .map_err(|e| anyhow::anyhow!("logout: {e}"))?;
             Ok(true)
+        }
+        ClientMessage::NetInfo { home_relay, nat } => {
+            let known = home_relay.is_none_or(|id| st.hub.read().relays().iter().any(|r| r.id == id));
+            if !known {
+                debug!(node = %record.name, ?home_relay, "ignoring an unknown home relay");
+                return Ok(false);
+            }
+            let mut c = st.db.acquire().await?;
+            db::nodes::set_netinfo(&mut c, record.id, home_relay, &nat).await?;
+            if let Some(updated) = db::nodes::by_id(&mut c, record.id).await? {
+                st.hub.upsert_node(updated);
+            }
+            Ok(false)
         }
         ClientMessage::Posture { facts } => {
             if let Err(e) = ops::policy::record_posture(st, record.id, facts).await {

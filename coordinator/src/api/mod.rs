@@ -28,6 +28,9 @@ pub struct KeyInfo {
     pub control_key: wire::ControlKey,
     /// Hex fingerprint, as embedded in auth keys.
     pub fingerprint: String,
+    /// The key relays check tickets with (`lattice-relay serve --coordinator-key`).
+    #[serde(default)]
+    pub ticket_key: Option<wire::TicketKey>,
 }
 
 /// The public router.
@@ -51,6 +54,7 @@ async fn key(State(st): State<AppState>) -> Json<KeyInfo> {
     Json(KeyInfo {
         control_key: st.control_public(),
         fingerprint,
+        ticket_key: Some(wire::TicketKey::from_bytes(st.tickets.public())),
     })
 }
 

@@ -9,6 +9,7 @@ pub mod keys;
 pub mod mesh;
 pub mod nodes;
 pub mod policy;
+pub mod relays;
 
 use std::path::Path;
 use std::str::FromStr;

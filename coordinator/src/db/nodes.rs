@@ -29,6 +29,8 @@ struct NodeRow {
     posture: String,
     posture_at: Option<i64>,
     custom_attrs: String,
+    home_relay: Option<i64>,
+    nat: Option<String>,
 }
 
 macro_rules! select_nodes {
@@ -36,7 +38,7 @@ macro_rules! select_nodes {
         concat!(
             "SELECT id, machine_key, node_key, name, ipv4, ipv6, user_name, tags, ephemeral, ",
             "os, client_version, endpoints, created_at, last_seen, expires_at, posture, posture_at, ",
-            "custom_attrs FROM nodes"
+            "custom_attrs, home_relay, nat FROM nodes"
             $(, " ", $rest)?
         )
     };
@@ -62,6 +64,16 @@ impl TryFrom<NodeRow> for NodeRecord {
             custom_attrs: serde_json::from_str(&r.custom_attrs)
                 .map_err(|_| corrupt("custom_attrs"))?,
             posture_at: r.posture_at,
+            home_relay: r
+                .home_relay
+                .map(|h| u32::try_from(h).map(wire::RelayId))
+                .transpose()
+                .map_err(|_| corrupt("home_relay"))?,
+            nat: r
+                .nat
+                .map(|n| serde_json::from_str(&n))
+                .transpose()
+                .map_err(|_| corrupt("nat"))?,
             name: r.name,
             user: r.user_name,
             ephemeral: r.ephemeral,
@@ -268,6 +280,22 @@ pub async fn set_posture(
     sqlx::query("UPDATE nodes SET posture = ?, posture_at = ? WHERE id = ?")
         .bind(json(posture))
         .bind(now)
+        .bind(id_i64(id))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Records what a node reports about its network.
+pub async fn set_netinfo(
+    conn: &mut SqliteConnection,
+    id: NodeId,
+    home_relay: Option<wire::RelayId>,
+    nat: &wire::NatInfo,
+) -> Result<(), DbError> {
+    sqlx::query("UPDATE nodes SET home_relay = ?, nat = ? WHERE id = ?")
+        .bind(home_relay.map(|r| i64::from(r.0)))
+        .bind(json(nat))
         .bind(id_i64(id))
         .execute(&mut *conn)
         .await?;

@@ -91,6 +91,12 @@ pub struct NodeView {
     /// Attributes admins set (`custom:*`).
     #[serde(default)]
     pub custom_attrs: Attrs,
+    /// The node's home relay.
+    #[serde(default)]
+    pub home_relay: Option<wire::RelayId>,
+    /// Its NAT, as it measured it.
+    #[serde(default)]
+    pub nat: Option<wire::NatInfo>,
 }
 
 /// Validates a tag (`tag:[a-z0-9-]+`).
@@ -246,6 +252,8 @@ pub async fn list_nodes(st: &AppState) -> Result<Vec<NodeView>, ApiError> {
                 posture: r.posture,
                 posture_unix: r.posture_at,
                 custom_attrs: r.custom_attrs,
+                home_relay: r.home_relay,
+                nat: r.nat,
             }
         })
         .collect())

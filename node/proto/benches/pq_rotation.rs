@@ -53,6 +53,8 @@ fn node(i: usize, public: NodeKey) -> Node {
         last_seen_unix: None,
         os: String::new(),
         ephemeral: false,
+        home_relay: None,
+        nat: None,
     }
 }
 

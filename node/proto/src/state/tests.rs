@@ -67,6 +67,8 @@ fn node(i: usize, endpoints: Vec<SocketAddr>) -> Node {
         last_seen_unix: None,
         os: "linux".into(),
         ephemeral: false,
+        home_relay: None,
+        nat: None,
     }
 }
 

@@ -1,0 +1,333 @@
+//! Relays: the embedded relay, tickets, and the relays admins register.
+//!
+//! Every node gets a relay ticket (signed by the coordinator's ticket key, valid
+//! [`TICKET_TTL`]) in its netmap and a fresh one every [`TICKET_REFRESH`]. Standalone relays
+//! check tickets with the ticket public key; the embedded relay also checks, every second,
+//! that the node is still a member, so a removed node loses the relay at once.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hybrid::ticket::{Ticket, TicketSigner};
+use relay::{Authorizer, Relay, TicketAuthorizer};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tracing::{info, warn};
+use wire::{CertPin, NodeKey, RelayId, RelayInfo, RelayKey, TicketKey};
+
+use crate::audit::NewEntry;
+use crate::db;
+use crate::error::ApiError;
+use crate::hub::Hub;
+use crate::state::{AppState, unix_now, unix_now_ms};
+
+/// How long a ticket is valid: the longest a removed node can keep using a standalone relay.
+pub const TICKET_TTL: Duration = Duration::from_secs(120);
+/// How often nodes get a fresh ticket.
+pub const TICKET_REFRESH: Duration = Duration::from_secs(60);
+/// The embedded relay's id.
+pub const EMBEDDED: RelayId = RelayId(0);
+const TICKET_KEY_FILE: &str = "ticket.key";
+
+/// Loads (or creates) the ticket signing key in `dir`.
+pub fn load_or_create_signer(dir: &Path) -> anyhow::Result<TicketSigner> {
+    let path = dir.join(TICKET_KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(TicketSigner::from_seed(
+            wire::keys::parse_hex::<32>(text.trim())
+                .with_context(|| format!("{} is not a 64-hex-digit key", path.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut seed = [0u8; 32];
+            rand::Rng::fill_bytes(&mut rand::rng(), &mut seed);
+            let signer = TicketSigner::from_seed(seed);
+            let mut hex = zeroize::Zeroizing::new(String::new());
+            wire::keys::push_hex(&mut hex, signer.seed());
+            hex.push('\n');
+            crate::server::write_private_file(&path, hex.as_bytes())?;
+            info!(path = %path.display(), "generated a new relay ticket key");
+            Ok(signer)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// A ticket for `key`, hex, valid from now for [`TICKET_TTL`].
+pub fn issue(signer: &TicketSigner, key: &NodeKey) -> String {
+    let t = signer.issue(Ticket {
+        node_key: *key.as_bytes(),
+        not_after: unix_now() + i64::try_from(TICKET_TTL.as_secs()).unwrap_or(120),
+    });
+    let mut s = String::with_capacity(t.len() * 2);
+    wire::keys::push_hex(&mut s, &t);
+    s
+}
+
+/// The embedded relay's authorizer: a valid ticket, and the node still a member.
+struct HubAuthorizer {
+    hub: Arc<Hub>,
+    tickets: TicketAuthorizer,
+}
+
+impl Authorizer for HubAuthorizer {
+    fn authorize(&self, node_key: &[u8; 32], ticket: &[u8], now: i64) -> Result<i64, String> {
+        self.tickets.authorize(node_key, ticket, now)
+    }
+
+    fn still_vouched(&self, node_key: &[u8; 32]) -> bool {
+        self.hub
+            .read()
+            .node_by_key(&NodeKey::from_bytes(*node_key))
+            .is_some()
+    }
+}
+
+/// Settings of the embedded relay.
+#[derive(Debug, Clone)]
+pub struct EmbeddedConfig {
+    /// QUIC (UDP) listen address.
+    pub quic_listen: SocketAddr,
+    /// STUN listen addresses.
+    pub stun_listen: Vec<SocketAddr>,
+    /// The coordinator's HTTP listen address (the WebSocket fallback lives there).
+    pub http_listen: SocketAddr,
+    /// `--public-url`, to derive advertised addresses from.
+    pub public_url: Option<String>,
+}
+
+/// The running embedded relay.
+pub struct Embedded {
+    /// The relay.
+    pub relay: Relay,
+    /// How nodes reach it.
+    pub info: RelayInfo,
+}
+
+/// Starts the embedded relay: QUIC on `quic_listen`, STUN on each `stun_listen`; the
+/// WebSocket route is served by the coordinator's HTTP server ([`Relay::router`]).
+pub async fn start_embedded(
+    cfg: &EmbeddedConfig,
+    state_dir: &Path,
+    hub: Arc<Hub>,
+    ticket_key: TicketKey,
+) -> anyhow::Result<Embedded> {
+    let (key, cert) = relay::identity::load_or_create(&state_dir.join("relay"))?;
+    let relay = Relay::new(
+        key,
+        Arc::new(HubAuthorizer {
+            hub,
+            tickets: TicketAuthorizer::new(ticket_key),
+        }),
+    );
+    let endpoint = quinn::Endpoint::server(relay::tls::server_config(&cert)?, cfg.quic_listen)
+        .with_context(|| format!("binding the relay's QUIC port {}", cfg.quic_listen))?;
+    let stats = Arc::new(relay::stun::StunStats::default());
+    let mut stun = Vec::new();
+    for addr in &cfg.stun_listen {
+        let s = tokio::net::UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("binding STUN on {addr}"))?;
+        stun.push(s.local_addr()?);
+        tokio::spawn(relay::stun::serve(s, Arc::clone(&stats)));
+    }
+    let quic_addr = endpoint.local_addr()?;
+    tokio::spawn(relay.clone().serve_quic(endpoint));
+    tokio::spawn(relay.clone().run_sweeper());
+    let host = public_host(cfg.public_url.as_deref());
+    let advertise = |a: SocketAddr| -> Option<SocketAddr> {
+        if a.ip().is_unspecified() {
+            host.map(|h| SocketAddr::new(h, a.port()))
+        } else {
+            Some(a)
+        }
+    };
+    let websocket = match (&cfg.public_url, advertise(cfg.http_listen)) {
+        (Some(u), _) => Some(format!("{}/relay", u.trim_end_matches('/'))),
+        (None, Some(a)) => Some(format!("http://{a}/relay")),
+        (None, None) => None,
+    };
+    let info = RelayInfo {
+        id: EMBEDDED,
+        name: "coordinator".into(),
+        key: RelayKey::from_bytes(relay.public_key()),
+        quic: advertise(quic_addr),
+        cert_sha256: Some(CertPin(cert.pin())),
+        websocket,
+        stun: stun.iter().filter_map(|a| advertise(*a)).collect(),
+    };
+    if info.quic.is_none() {
+        warn!("the embedded relay listens on an unspecified address and --public-url names no IP: nodes get only its WebSocket");
+    }
+    info!(quic = ?info.quic, stun = ?info.stun, websocket = ?info.websocket, "embedded relay started");
+    Ok(Embedded { relay, info })
+}
+
+/// The IP in `--public-url`, if it names one.
+fn public_host(url: Option<&str>) -> Option<IpAddr> {
+    let rest = url?.split("://").nth(1)?;
+    let authority = rest.split('/').next()?;
+    if let Ok(sa) = authority.parse::<SocketAddr>() {
+        return Some(sa.ip());
+    }
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
+
+/// The relay list nodes get: the embedded relay first, then the registered ones.
+pub async fn refresh(st: &AppState) -> Result<(), ApiError> {
+    let mut conn = st.db.acquire().await.map_err(db::DbError::from)?;
+    let mut all: Vec<RelayInfo> = st.embedded_relay.iter().cloned().collect();
+    all.extend(db::relays::all(&mut conn).await?);
+    st.hub.set_relays(all);
+    Ok(())
+}
+
+/// A relay registration request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddRelay {
+    /// Name.
+    pub name: String,
+    /// Its key (printed by `lattice-relay serve`).
+    pub key: RelayKey,
+    /// QUIC address.
+    #[serde(default)]
+    pub quic: Option<SocketAddr>,
+    /// Certificate pin.
+    #[serde(default)]
+    pub cert_sha256: Option<CertPin>,
+    /// WebSocket URL.
+    #[serde(default)]
+    pub websocket: Option<String>,
+    /// STUN addresses.
+    #[serde(default)]
+    pub stun: Vec<SocketAddr>,
+}
+
+/// Registers a standalone relay (audited); nodes learn of it at once.
+pub async fn add(st: &AppState, req: AddRelay, actor: &str) -> Result<RelayInfo, ApiError> {
+    let name_ok = !req.name.is_empty()
+        && req.name.len() <= 63
+        && req
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !name_ok {
+        return Err(ApiError::BadRequest(format!(
+            "invalid relay name {:?}: use letters, digits, - and _",
+            req.name
+        )));
+    }
+    if req.quic.is_some() != req.cert_sha256.is_some() {
+        return Err(ApiError::BadRequest(
+            "--quic and --cert-sha256 go together (nodes pin the QUIC certificate)".into(),
+        ));
+    }
+    if req.quic.is_none() && req.websocket.is_none() {
+        return Err(ApiError::BadRequest(
+            "a relay needs --quic (with --cert-sha256) or --websocket".into(),
+        ));
+    }
+    if let Some(u) = &req.websocket
+        && !(u.starts_with("http://") || u.starts_with("https://"))
+    {
+        return Err(ApiError::BadRequest(format!(
+            "--websocket must be an http:// or https:// URL, not {u:?}"
+        )));
+    }
+    if req.stun.len() > 4 {
+        return Err(ApiError::BadRequest("at most 4 STUN addresses".into()));
+    }
+    let info = RelayInfo {
+        id: RelayId(0),
+        name: req.name,
+        key: req.key,
+        quic: req.quic,
+        cert_sha256: req.cert_sha256,
+        websocket: req.websocket,
+        stun: req.stun,
+    };
+    let mut tx = db::begin_write(&st.db).await?;
+    let stored = db::relays::insert(&mut tx, &info, actor, unix_now())
+        .await
+        .map_err(|e| match e {
+            db::DbError::Sqlx(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+                ApiError::Conflict(format!("a relay named {:?} exists", info.name))
+            }
+            other => other.into(),
+        })?;
+    db::audit::append(
+        &mut tx,
+        NewEntry::new(
+            actor,
+            "relay.add",
+            &stored.name,
+            json!({"id": stored.id.0, "key": stored.key.to_text(), "quic": stored.quic,
+                   "websocket": stored.websocket, "stun": stored.stun}),
+        ),
+        unix_now_ms(),
+    )
+    .await?;
+    tx.commit().await.map_err(db::DbError::from)?;
+    refresh(st).await?;
+    Ok(stored)
+}
+
+/// Every relay nodes are told about.
+pub fn list(st: &AppState) -> Vec<RelayInfo> {
+    st.hub.read().relays().as_ref().clone()
+}
+
+/// Removes a registered relay (audited).
+pub async fn remove(st: &AppState, name: &str, actor: &str) -> Result<(), ApiError> {
+    let mut tx = db::begin_write(&st.db).await?;
+    let Some(id) = db::relays::remove(&mut tx, name).await? else {
+        return Err(ApiError::NotFound(format!(
+            "no registered relay named {name:?} (the embedded relay is turned off with --no-embedded-relay)"
+        )));
+    };
+    db::audit::append(
+        &mut tx,
+        NewEntry::new(actor, "relay.remove", name, json!({"id": id.0})),
+        unix_now_ms(),
+    )
+    .await?;
+    tx.commit().await.map_err(db::DbError::from)?;
+    refresh(st).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_public_host_comes_from_the_url() {
+        assert_eq!(
+            public_host(Some("http://198.51.100.1:8080")),
+            Some("198.51.100.1".parse().unwrap())
+        );
+        assert_eq!(
+            public_host(Some("https://[2001:db8::1]:443/x")),
+            Some("2001:db8::1".parse().unwrap())
+        );
+        assert_eq!(public_host(Some("http://coord.example:8080")), None);
+        assert_eq!(public_host(None), None);
+    }
+
+    #[test]
+    fn tickets_verify_under_the_ticket_key_for_their_ttl() {
+        let s = TicketSigner::from_seed([3; 32]);
+        let key = NodeKey::from_bytes([8; 32]);
+        let hex = issue(&s, &key);
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let t = hybrid::ticket::verify(&s.public(), &bytes, unix_now()).unwrap();
+        assert_eq!(t.node_key, [8; 32]);
+        assert!(t.not_after >= unix_now() + 119);
+        assert!(hybrid::ticket::verify(&s.public(), &bytes, unix_now() + 121).is_err());
+    }
+}

@@ -1,0 +1,358 @@
+//! The node's side of a relay connection: QUIC when UDP gets through, else the WebSocket.
+//!
+//! [`connect`] authenticates (and checks the relay's proof of its key) and returns a
+//! [`RelayConn`]: a sender for packets to other nodes and a receiver of what arrives.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use hybrid::StaticKeypair;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tracing::debug;
+use wire::RelayInfo;
+
+use crate::proto::{self, Frame, MAX_FRAME, VERSION};
+use crate::server::read_prefixed;
+use crate::tls;
+
+/// How long QUIC may take before the WebSocket is tried.
+const QUIC_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the WebSocket may take.
+const WS_TIMEOUT: Duration = Duration::from_secs(10);
+const QUEUE: usize = 2048;
+
+/// Which transport a connection uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// QUIC datagrams.
+    Quic,
+    /// A WebSocket over TCP.
+    WebSocket,
+}
+
+impl Transport {
+    /// A name for status output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Quic => "quic",
+            Self::WebSocket => "websocket",
+        }
+    }
+}
+
+/// What arrives from the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// A packet from another node.
+    Packet {
+        /// Its node key.
+        src: [u8; 32],
+        /// The bytes.
+        payload: Vec<u8>,
+    },
+    /// The destination of an earlier packet is not connected to this relay.
+    PeerGone([u8; 32]),
+    /// The answer to [`RelayConn::ping`], with the round-trip time.
+    Pong(Duration),
+}
+
+/// An authenticated relay connection. Dropping it closes the connection.
+pub struct RelayConn {
+    out: mpsc::Sender<Vec<u8>>,
+    /// What arrives; `None` once the connection is gone.
+    pub incoming: mpsc::Receiver<Incoming>,
+    transport: Transport,
+    ping_sent: Arc<std::sync::Mutex<Option<([u8; 8], Instant)>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for RelayConn {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl RelayConn {
+    /// The transport in use.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// Queues a packet for `dst`; false when the queue is full or the connection is gone.
+    pub fn send(&self, dst: &[u8; 32], payload: &[u8]) -> bool {
+        self.out
+            .try_send(proto::encode_packet(false, dst, payload))
+            .is_ok()
+    }
+
+    /// Whether the connection is gone.
+    pub fn is_closed(&self) -> bool {
+        self.out.is_closed()
+    }
+
+    /// Hands the relay a refreshed ticket.
+    pub fn refresh_ticket(&self, ticket: &[u8]) {
+        let _ = self.out.try_send(proto::encode(&Frame::Ticket { ticket }));
+    }
+
+    /// Sends a latency probe; its [`Incoming::Pong`] carries the round-trip time.
+    pub fn ping(&self) {
+        let data: [u8; 8] = rand::random();
+        if let Ok(mut p) = self.ping_sent.lock() {
+            *p = Some((data, Instant::now()));
+        }
+        let _ = self.out.try_send(proto::encode(&Frame::Ping { data }));
+    }
+}
+
+/// Connects to `relay` as `node` with `ticket`: QUIC first (if the relay offers it), then the
+/// WebSocket.
+pub async fn connect(
+    relay: &RelayInfo,
+    node: &StaticKeypair,
+    ticket: &[u8],
+) -> anyhow::Result<RelayConn> {
+    let mut errors = Vec::new();
+    if let (Some(addr), Some(pin)) = (relay.quic, relay.cert_sha256) {
+        match tokio::time::timeout(QUIC_TIMEOUT, connect_quic(addr, pin.0, relay, node, ticket))
+            .await
+        {
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(e)) => errors.push(format!("quic: {e:#}")),
+            Err(_) => errors.push("quic: no answer (UDP blocked?)".into()),
+        }
+    }
+    if let Some(url) = &relay.websocket {
+        match tokio::time::timeout(WS_TIMEOUT, connect_ws(url, relay, node, ticket)).await {
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(e)) => errors.push(format!("websocket: {e:#}")),
+            Err(_) => errors.push("websocket: timed out".into()),
+        }
+    }
+    if errors.is_empty() {
+        bail!("relay {} offers no transport", relay.name);
+    }
+    bail!("cannot reach relay {}: {}", relay.name, errors.join("; "))
+}
+
+/// Runs the authentication exchange over a frame channel.
+async fn authenticate(
+    incoming: &mut mpsc::Receiver<Vec<u8>>,
+    out: &mpsc::Sender<Vec<u8>>,
+    relay: &RelayInfo,
+    node: &StaticKeypair,
+    ticket: &[u8],
+) -> anyhow::Result<()> {
+    let first = incoming.recv().await.context("relay closed the connection")?;
+    let Ok(Frame::Challenge { version, nonce }) = proto::decode(&first) else {
+        bail!("the relay did not send a challenge");
+    };
+    if version != VERSION {
+        bail!("relay speaks protocol version {version}, this node {VERSION}");
+    }
+    let mac = proto::client_mac(node, relay.key.as_bytes(), &nonce, ticket)
+        .context("the relay's key is unusable")?;
+    out.send(proto::encode(&Frame::Auth {
+        node_key: node.public(),
+        mac,
+        ticket,
+    }))
+    .await?;
+    let answer = incoming.recv().await.context("relay closed the connection")?;
+    match proto::decode(&answer) {
+        Ok(Frame::Accepted { mac }) => {
+            if !proto::check_server_mac(node, relay.key.as_bytes(), &nonce, &mac) {
+                bail!("the relay could not prove it holds the key the coordinator lists");
+            }
+            Ok(())
+        }
+        Ok(Frame::Rejected { reason }) => bail!("relay refused this node: {reason}"),
+        _ => bail!("unexpected answer from the relay"),
+    }
+}
+
+/// Turns raw frames into [`Incoming`] events.
+fn dispatch(
+    frame: &[u8],
+    tx: &mpsc::Sender<Incoming>,
+    ping_sent: &std::sync::Mutex<Option<([u8; 8], Instant)>>,
+) -> bool {
+    let ev = match proto::decode(frame) {
+        Ok(Frame::Recv { src, payload }) => Incoming::Packet {
+            src,
+            payload: payload.to_vec(),
+        },
+        Ok(Frame::PeerGone { key }) => Incoming::PeerGone(key),
+        Ok(Frame::Pong { data }) => {
+            let sent = ping_sent.lock().ok().and_then(|mut p| p.take());
+            match sent {
+                Some((d, at)) if d == data => Incoming::Pong(at.elapsed()),
+                _ => return true,
+            }
+        }
+        _ => return true,
+    };
+    match tx.try_send(ev) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => true,
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+async fn connect_quic(
+    addr: SocketAddr,
+    pin: [u8; 32],
+    relay: &RelayInfo,
+    node: &StaticKeypair,
+    ticket: &[u8],
+) -> anyhow::Result<RelayConn> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::client(bind).context("binding a QUIC socket")?;
+    endpoint.set_default_client_config(tls::client_config(pin)?);
+    let conn = endpoint
+        .connect(addr, tls::SERVER_NAME)?
+        .await
+        .context("QUIC handshake")?;
+    let (mut send, mut recv) = conn.accept_bi().await.context("waiting for the relay's stream")?;
+    let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    // The stream carries the handshake and oversized frames; datagrams carry packets.
+    let reader_conn = conn.clone();
+    let stream_tx = in_tx.clone();
+    let reader = tokio::spawn(async move {
+        let stream = async {
+            while let Ok(Some(f)) = read_prefixed(&mut recv).await {
+                if stream_tx.send(f).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let datagrams = async {
+            while let Ok(d) = reader_conn.read_datagram().await {
+                if in_tx.send(d.to_vec()).await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            () = stream => {}
+            () = datagrams => {}
+        }
+    });
+    let writer_conn = conn.clone();
+    let writer = tokio::spawn(async move {
+        // Keep the endpoint alive as long as the connection.
+        let _endpoint = endpoint;
+        while let Some(f) = out_rx.recv().await {
+            let fits = writer_conn
+                .max_datagram_size()
+                .is_some_and(|max| f.len() <= max);
+            if f.first() == Some(&0x10) && fits && writer_conn.send_datagram(Bytes::from(f.clone())).is_ok() {
+                continue;
+            }
+            if send.write_all(&proto::length_prefixed(&f)).await.is_err() {
+                break;
+            }
+        }
+        writer_conn.close(0u32.into(), b"bye");
+    });
+    authenticate(&mut in_rx, &out_tx, relay, node, ticket).await?;
+    debug!(relay = %relay.name, %addr, "relay connected over QUIC");
+    Ok(finish(in_rx, out_tx, Transport::Quic, vec![reader, writer]))
+}
+
+fn finish(
+    mut in_rx: mpsc::Receiver<Vec<u8>>,
+    out_tx: mpsc::Sender<Vec<u8>>,
+    transport: Transport,
+    mut tasks: Vec<tokio::task::JoinHandle<()>>,
+) -> RelayConn {
+    let (ev_tx, ev_rx) = mpsc::channel(QUEUE);
+    let ping_sent = Arc::new(std::sync::Mutex::new(None));
+    let ps = Arc::clone(&ping_sent);
+    tasks.push(tokio::spawn(async move {
+        while let Some(f) = in_rx.recv().await {
+            if !dispatch(&f, &ev_tx, &ps) {
+                return;
+            }
+        }
+    }));
+    RelayConn {
+        out: out_tx,
+        incoming: ev_rx,
+        transport,
+        ping_sent,
+        tasks,
+    }
+}
+
+async fn connect_ws(
+    url: &str,
+    relay: &RelayInfo,
+    node: &StaticKeypair,
+    ticket: &[u8],
+) -> anyhow::Result<RelayConn> {
+    let ws_url = if let Some(rest) = url.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else {
+        url.to_owned()
+    };
+    let cfg = WebSocketConfig::default()
+        .max_message_size(Some(MAX_FRAME + 16))
+        .max_frame_size(Some(MAX_FRAME + 16));
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(ws_url.as_str(), Some(cfg), true)
+        .await
+        .with_context(|| format!("connecting to {ws_url}"))?;
+    let (mut sink, mut stream) = ws.split();
+    let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            match msg {
+                Message::Binary(b) => {
+                    if in_tx.send(b.to_vec()).await.is_err() {
+                        return;
+                    }
+                }
+                Message::Close(_) => return,
+                _ => {}
+            }
+        }
+    });
+    let writer = tokio::spawn(async move {
+        let mut ping = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                f = out_rx.recv() => {
+                    let Some(f) = f else { break };
+                    if sink.send(Message::Binary(f.into())).await.is_err() {
+                        return;
+                    }
+                }
+                _ = ping.tick() => {
+                    if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = sink.close().await;
+    });
+    authenticate(&mut in_rx, &out_tx, relay, node, ticket).await?;
+    debug!(relay = %relay.name, url = %ws_url, "relay connected over WebSocket");
+    Ok(finish(in_rx, out_tx, Transport::WebSocket, vec![reader, writer]))
+}

@@ -1,0 +1,84 @@
+//! A relay's persistent identity: its static X25519 key and its TLS certificate, kept in a
+//! state directory (mode 0600 files, written atomically).
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use anyhow::Context;
+use hybrid::StaticKeypair;
+use zeroize::Zeroizing;
+
+use crate::tls::RelayCert;
+
+const KEY_FILE: &str = "relay.key";
+const CERT_FILE: &str = "relay-cert.der";
+const CERT_KEY_FILE: &str = "relay-cert-key.der";
+
+/// Loads the relay identity from `dir`, creating it on first use.
+pub fn load_or_create(dir: &Path) -> anyhow::Result<(StaticKeypair, RelayCert)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let key_path = dir.join(KEY_FILE);
+    let key = match std::fs::read_to_string(&key_path) {
+        Ok(text) => StaticKeypair::from_secret(
+            wire::keys::parse_hex::<32>(text.trim())
+                .with_context(|| format!("{} is not a 64-hex-digit key", key_path.display()))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let kp = StaticKeypair::generate(&mut rand::rng());
+            let mut hex = Zeroizing::new(String::new());
+            wire::keys::push_hex(&mut hex, kp.secret_bytes());
+            write_private(&key_path, hex.as_bytes())?;
+            kp
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", key_path.display())),
+    };
+    let (cert_path, cert_key_path) = (dir.join(CERT_FILE), dir.join(CERT_KEY_FILE));
+    let cert = match (std::fs::read(&cert_path), std::fs::read(&cert_key_path)) {
+        (Ok(cert_der), Ok(key_der)) => RelayCert {
+            cert_der,
+            key_der: Zeroizing::new(key_der),
+        },
+        _ => {
+            let c = RelayCert::generate()?;
+            write_private(&cert_key_path, &c.key_der)?;
+            write_private(&cert_path, &c.cert_der)?;
+            c
+        }
+    };
+    Ok((key, cert))
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_identity_survives_a_restart_and_its_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (k1, c1) = load_or_create(dir.path()).unwrap();
+        let (k2, c2) = load_or_create(dir.path()).unwrap();
+        assert_eq!(k1.public(), k2.public());
+        assert_eq!(c1.pin(), c2.pin());
+        for f in [KEY_FILE, CERT_FILE, CERT_KEY_FILE] {
+            let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+    }
+}

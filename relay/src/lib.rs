@@ -1,0 +1,20 @@
+//! The Lattice relay: forwards opaque frames between nodes the coordinator vouches for, over
+//! QUIC datagrams (or a WebSocket where UDP is blocked), and answers STUN.
+//!
+//! - [`proto`]: frames and the authentication exchange (sans-IO);
+//! - [`server::Relay`]: the forwarding server (QUIC endpoint, WebSocket route, sweeper);
+//! - [`client::connect`]: a node's connection to a relay;
+//! - [`stun`]: the STUN server;
+//! - [`identity`], [`tls`]: the relay's persistent key and pinned certificate.
+//!
+//! A standalone relay is `lattice-relay serve`; the coordinator embeds one by default.
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod identity;
+pub mod proto;
+pub mod server;
+pub mod stun;
+pub mod tls;
+
+pub use server::{Authorizer, Relay, StatsSnapshot, TicketAuthorizer};

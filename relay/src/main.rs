@@ -1,0 +1,156 @@
+//! `lattice-relay serve`: a standalone relay.
+#![allow(clippy::print_stdout, clippy::print_stderr)] // the banner and fatal errors go to the terminal
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use relay::{Relay, TicketAuthorizer};
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+use wire::TicketKey;
+
+/// A Lattice relay: forwards encrypted packets between nodes the coordinator vouches for.
+#[derive(Debug, Parser)]
+#[command(name = "lattice-relay", version, about)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "LATTICE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address for QUIC (UDP) and the WebSocket fallback (TCP, `GET /relay`).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// STUN server address (UDP; repeatable: two addresses let nodes detect hard NAT).
+    #[arg(long = "stun-listen", default_value = "0.0.0.0:3478")]
+    stun_listen: Vec<SocketAddr>,
+    /// The coordinator's relay-ticket key (`ticketkey:...`, printed by
+    /// `lattice-coordinator serve`). Only nodes with its tickets are served.
+    #[arg(long, env = "LATTICE_RELAY_COORDINATOR_KEY")]
+    coordinator_key: TicketKey,
+    /// State directory (the relay's key and certificate).
+    #[arg(long, env = "LATTICE_RELAY_STATE_DIR", default_value = "/var/lib/lattice-relay")]
+    state_dir: PathBuf,
+    /// Name shown to users (`relay NAME` in `lattice status`).
+    #[arg(long, default_value = "relay")]
+    name: String,
+    /// Address nodes use to reach this relay (for the registration hint); default: --listen.
+    #[arg(long)]
+    public_addr: Option<SocketAddr>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_env("LATTICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lattice-relay: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let Command::Serve(args) = cli.command;
+    match rt.block_on(serve(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lattice-relay: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let (key, cert) = relay::identity::load_or_create(&args.state_dir)?;
+    let relay = Relay::new(key, Arc::new(TicketAuthorizer::new(args.coordinator_key)));
+    let endpoint = quinn::Endpoint::server(relay::tls::server_config(&cert)?, args.listen)
+        .with_context(|| format!("binding QUIC on {}", args.listen))?;
+    let tcp = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {} (TCP)", args.listen))?;
+    let mut stun = Vec::new();
+    for addr in &args.stun_listen {
+        stun.push(
+            tokio::net::UdpSocket::bind(addr)
+                .await
+                .with_context(|| format!("binding STUN on {addr}"))?,
+        );
+    }
+    let public = args.public_addr.unwrap_or(args.listen);
+    let relay_key = wire::RelayKey::from_bytes(relay.public_key()).to_text();
+    let pin = {
+        let mut s = String::new();
+        wire::keys::push_hex(&mut s, &cert.pin());
+        s
+    };
+    let stun_flags: String = args
+        .stun_listen
+        .iter()
+        .map(|a| format!(" --stun {}:{}", public.ip(), a.port()))
+        .collect();
+    println!(
+        "lattice-relay {name} listening on {listen} (QUIC/UDP and WebSocket/TCP)\n\
+         relay key: {relay_key}\ncertificate sha256: {pin}\n\
+         register it with the coordinator:\n  \
+           lattice-coordinator relays add {name} --key {relay_key} --quic {public} \
+         --cert-sha256 {pin} --websocket http://{public}/relay{stun_flags}",
+        name = args.name,
+        listen = args.listen,
+    );
+    info!(listen = %args.listen, "relay started");
+    let stats = Arc::new(relay::stun::StunStats::default());
+    for s in stun {
+        tokio::spawn(relay::stun::serve(s, Arc::clone(&stats)));
+    }
+    tokio::spawn(relay.clone().run_sweeper());
+    tokio::spawn(relay.clone().serve_quic(endpoint));
+    let app = relay
+        .router()
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    let server = axum::serve(tcp, app);
+    tokio::select! {
+        r = server => r.context("HTTP server")?,
+        _ = shutdown() => info!("shutting down"),
+    }
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

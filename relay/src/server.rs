@@ -1,0 +1,533 @@
+//! The relay server: authenticates nodes, then forwards `Send` frames to the destination's
+//! session as `Recv` frames. It never looks inside payloads (WireGuard packets and Lattice
+//! frames, encrypted end to end) and forwards only between nodes its [`Authorizer`] vouches
+//! for: every session is checked again every second and closed the moment its ticket expires
+//! or the authorizer stops vouching for it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use axum::routing::get;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use hybrid::StaticKeypair;
+use rand::RngExt;
+use serde::Serialize;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+use wire::{NodeKey, TicketKey};
+
+use crate::proto::{self, Frame, MAX_FRAME, VERSION};
+
+/// How long a client has to authenticate.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames queued for one client before further ones are dropped.
+const QUEUE: usize = 2048;
+/// At most one `PeerGone` per destination per this interval.
+const PEER_GONE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Decides who may use the relay.
+pub trait Authorizer: Send + Sync + 'static {
+    /// Checks `ticket` for `node_key` at Unix time `now`; returns the last second the session
+    /// may run on it, or why it is refused.
+    fn authorize(&self, node_key: &[u8; 32], ticket: &[u8], now: i64) -> Result<i64, String>;
+
+    /// Whether `node_key` is still vouched for (asked every second for live sessions; an
+    /// embedded relay answers from the coordinator's live membership).
+    fn still_vouched(&self, _node_key: &[u8; 32]) -> bool {
+        true
+    }
+}
+
+/// Accepts tickets signed by one coordinator key.
+pub struct TicketAuthorizer {
+    key: TicketKey,
+}
+
+impl TicketAuthorizer {
+    /// An authorizer for tickets signed by `key`.
+    pub fn new(key: TicketKey) -> Self {
+        Self { key }
+    }
+}
+
+impl Authorizer for TicketAuthorizer {
+    fn authorize(&self, node_key: &[u8; 32], ticket: &[u8], now: i64) -> Result<i64, String> {
+        let t = hybrid::ticket::verify(self.key.as_bytes(), ticket, now).map_err(|e| e.to_string())?;
+        if &t.node_key != node_key {
+            return Err("the ticket is for another node key".into());
+        }
+        Ok(t.not_after)
+    }
+}
+
+/// Counters.
+#[derive(Debug, Default)]
+struct Stats {
+    accepted: AtomicU64,
+    rejected: AtomicU64,
+    forwarded: AtomicU64,
+    forwarded_bytes: AtomicU64,
+    dropped_no_peer: AtomicU64,
+    dropped_queue_full: AtomicU64,
+    dropped_unvouched: AtomicU64,
+    malformed: AtomicU64,
+    kicked: AtomicU64,
+}
+
+/// A snapshot of the counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StatsSnapshot {
+    /// Sessions currently open.
+    pub sessions: usize,
+    /// Sessions authenticated.
+    pub accepted: u64,
+    /// Sessions refused.
+    pub rejected: u64,
+    /// Frames forwarded.
+    pub forwarded: u64,
+    /// Payload bytes forwarded.
+    pub forwarded_bytes: u64,
+    /// Frames for a destination not connected here.
+    pub dropped_no_peer: u64,
+    /// Frames dropped because the destination's queue was full.
+    pub dropped_queue_full: u64,
+    /// Frames from a session that was no longer vouched for.
+    pub dropped_unvouched: u64,
+    /// Frames that did not decode.
+    pub malformed: u64,
+    /// Sessions closed because their ticket expired or their node was no longer vouched for.
+    pub kicked: u64,
+}
+
+struct Entry {
+    id: u64,
+    tx: mpsc::Sender<Vec<u8>>,
+    alive: Arc<AtomicBool>,
+    close: watch::Sender<bool>,
+    valid_until: i64,
+}
+
+struct Inner {
+    key: StaticKeypair,
+    auth: Arc<dyn Authorizer>,
+    clients: RwLock<HashMap<[u8; 32], Entry>>,
+    next_id: AtomicU64,
+    stats: Stats,
+}
+
+/// A relay (cheap to clone).
+#[derive(Clone)]
+pub struct Relay {
+    inner: Arc<Inner>,
+}
+
+/// Current Unix time in seconds.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+impl Relay {
+    /// A relay with static key `key` admitting whom `auth` vouches for.
+    pub fn new(key: StaticKeypair, auth: Arc<dyn Authorizer>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                key,
+                auth,
+                clients: RwLock::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                stats: Stats::default(),
+            }),
+        }
+    }
+
+    /// The relay's public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.inner.key.public()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.inner.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            sessions: self.read().len(),
+            accepted: l(&s.accepted),
+            rejected: l(&s.rejected),
+            forwarded: l(&s.forwarded),
+            forwarded_bytes: l(&s.forwarded_bytes),
+            dropped_no_peer: l(&s.dropped_no_peer),
+            dropped_queue_full: l(&s.dropped_queue_full),
+            dropped_unvouched: l(&s.dropped_unvouched),
+            malformed: l(&s.malformed),
+            kicked: l(&s.kicked),
+        }
+    }
+
+    /// Whether `key` has a session here.
+    pub fn is_connected(&self, key: &[u8; 32]) -> bool {
+        self.read().contains_key(key)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<[u8; 32], Entry>> {
+        self.inner.clients.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<[u8; 32], Entry>> {
+        self.inner.clients.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes `key`'s session at once (the node was removed).
+    pub fn kick(&self, key: &[u8; 32]) {
+        if let Some(e) = self.write().remove(key) {
+            e.alive.store(false, Ordering::Relaxed);
+            let _ = e.close.send(true);
+            self.inner.stats.kicked.fetch_add(1, Ordering::Relaxed);
+            info!(node = %NodeKey::from_bytes(*key), "relay session closed: no longer vouched for");
+        }
+    }
+
+    /// Closes sessions whose ticket expired or whose node is no longer vouched for.
+    pub fn sweep(&self, now: i64) {
+        let stale: Vec<[u8; 32]> = self
+            .read()
+            .iter()
+            .filter(|(k, e)| now > e.valid_until || !self.inner.auth.still_vouched(k))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            self.kick(&k);
+        }
+    }
+
+    /// Runs [`Self::sweep`] every second until the task is dropped.
+    pub async fn run_sweeper(self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            self.sweep(unix_now());
+        }
+    }
+
+    /// Accepts QUIC connections on `endpoint` until it closes.
+    pub async fn serve_quic(self, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let relay = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => {
+                        if let Err(e) = relay.quic_session(conn).await {
+                            debug!(%remote, error = %format!("{e:#}"), "relay QUIC session ended");
+                        }
+                    }
+                    Err(e) => debug!(%remote, error = %e, "QUIC handshake failed"),
+                }
+            });
+        }
+    }
+
+    /// The WebSocket route (`GET /relay`), for networks that block UDP.
+    pub fn router(&self) -> axum::Router {
+        axum::Router::new()
+            .route("/relay", get(ws_upgrade))
+            .with_state(self.clone())
+    }
+
+    async fn quic_session(&self, conn: quinn::Connection) -> anyhow::Result<()> {
+        let remote = conn.remote_address();
+        // The relay opens the stream: its first bytes are the challenge.
+        let (mut send, mut recv) = tokio::time::timeout(AUTH_TIMEOUT, conn.open_bi()).await??;
+        let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        // Reader: stream frames and datagrams into one queue.
+        let reader_conn = conn.clone();
+        let reader = tokio::spawn(async move {
+            let stream = async {
+                loop {
+                    match read_prefixed(&mut recv).await {
+                        Ok(Some(f)) => {
+                            if in_tx.send(f).await.is_err() {
+                                return;
+                            }
+                        }
+                        _ => return,
+                    }
+                }
+            };
+            let in_tx2 = in_tx.clone();
+            let datagrams = async move {
+                while let Ok(d) = reader_conn.read_datagram().await {
+                    if in_tx2.send(d.to_vec()).await.is_err() {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                () = stream => {}
+                () = datagrams => {}
+            }
+        });
+        // Writer: Recv frames as datagrams when they fit, everything else on the stream.
+        let writer_conn = conn.clone();
+        let writer = tokio::spawn(async move {
+            while let Some(f) = out_rx.recv().await {
+                let fits = writer_conn
+                    .max_datagram_size()
+                    .is_some_and(|max| f.len() <= max);
+                if f.first() == Some(&0x11) && fits {
+                    if writer_conn.send_datagram(Bytes::from(f)).is_ok() {
+                        continue;
+                    }
+                    continue;
+                }
+                if send.write_all(&proto::length_prefixed(&f)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = send.finish();
+        });
+        let result = self.session(remote, "quic", in_rx, out_tx).await;
+        reader.abort();
+        let _ = tokio::time::timeout(Duration::from_millis(200), writer).await;
+        conn.close(0u32.into(), b"bye");
+        result
+    }
+
+    /// The transport-independent part of a session.
+    async fn session(
+        &self,
+        remote: SocketAddr,
+        transport: &'static str,
+        mut incoming: mpsc::Receiver<Vec<u8>>,
+        out: mpsc::Sender<Vec<u8>>,
+    ) -> anyhow::Result<()> {
+        let nonce: [u8; 32] = rand::rng().random();
+        out.send(proto::encode(&Frame::Challenge {
+            version: VERSION,
+            nonce,
+        }))
+        .await?;
+        let first = tokio::time::timeout(AUTH_TIMEOUT, incoming.recv())
+            .await
+            .map_err(|_| anyhow::anyhow!("no authentication"))?
+            .ok_or_else(|| anyhow::anyhow!("closed before authenticating"))?;
+        let (key, valid_until) = match self.authenticate(&nonce, &first) {
+            Ok(ok) => ok,
+            Err(reason) => {
+                self.inner.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                info!(%remote, %transport, %reason, "relay session refused");
+                let _ = out.send(proto::encode(&Frame::Rejected { reason: &reason })).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Ok(());
+            }
+        };
+        let mac = proto::server_mac(&self.inner.key, &key, &nonce)
+            .ok_or_else(|| anyhow::anyhow!("unusable node key"))?;
+        out.send(proto::encode(&Frame::Accepted { mac })).await?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let alive = Arc::new(AtomicBool::new(true));
+        let (close_tx, mut close_rx) = watch::channel(false);
+        {
+            let mut clients = self.write();
+            if let Some(old) = clients.insert(
+                key,
+                Entry {
+                    id,
+                    tx: out.clone(),
+                    alive: Arc::clone(&alive),
+                    close: close_tx,
+                    valid_until,
+                },
+            ) {
+                // The newest connection of a node wins (it reconnected, or moved networks).
+                old.alive.store(false, Ordering::Relaxed);
+                let _ = old.close.send(true);
+            }
+        }
+        self.inner.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let node = NodeKey::from_bytes(key);
+        info!(%node, %remote, %transport, "relay session up");
+        let mut gone_sent: HashMap<[u8; 32], Instant> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = close_rx.changed() => break,
+                f = incoming.recv() => {
+                    let Some(f) = f else { break };
+                    self.handle(&key, &alive, &out, &mut gone_sent, &f);
+                }
+            }
+        }
+        {
+            let mut clients = self.write();
+            if clients.get(&key).is_some_and(|e| e.id == id) {
+                clients.remove(&key);
+            }
+        }
+        info!(%node, %transport, "relay session down");
+        Ok(())
+    }
+
+    fn authenticate(&self, nonce: &[u8; 32], frame: &[u8]) -> Result<([u8; 32], i64), String> {
+        let Ok(Frame::Auth {
+            node_key,
+            mac,
+            ticket,
+        }) = proto::decode(frame)
+        else {
+            return Err("expected an authentication frame".into());
+        };
+        if !proto::check_client_mac(&self.inner.key, &node_key, nonce, ticket, &mac) {
+            return Err("authentication failed (wrong relay key, or not the node's key)".into());
+        }
+        let valid_until = self.inner.auth.authorize(&node_key, ticket, unix_now())?;
+        if !self.inner.auth.still_vouched(&node_key) {
+            return Err("node is not vouched for by the coordinator".into());
+        }
+        Ok((node_key, valid_until))
+    }
+
+    fn handle(
+        &self,
+        key: &[u8; 32],
+        alive: &AtomicBool,
+        out: &mpsc::Sender<Vec<u8>>,
+        gone_sent: &mut HashMap<[u8; 32], Instant>,
+        frame: &[u8],
+    ) {
+        let stats = &self.inner.stats;
+        match proto::decode(frame) {
+            Ok(Frame::Send { dst, payload }) => {
+                if !alive.load(Ordering::Relaxed) {
+                    stats.dropped_unvouched.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                let sent = {
+                    let clients = self.read();
+                    clients
+                        .get(&dst)
+                        .map(|e| e.tx.try_send(proto::encode_packet(true, key, payload)))
+                };
+                match sent {
+                    Some(Ok(())) => {
+                        stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .forwarded_bytes
+                            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                    }
+                    Some(Err(_)) => {
+                        stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => {
+                        stats.dropped_no_peer.fetch_add(1, Ordering::Relaxed);
+                        let now = Instant::now();
+                        if gone_sent.len() > 4096 {
+                            gone_sent.clear();
+                        }
+                        let due = gone_sent
+                            .get(&dst)
+                            .is_none_or(|t| now.duration_since(*t) >= PEER_GONE_INTERVAL);
+                        if due {
+                            gone_sent.insert(dst, now);
+                            let _ = out.try_send(proto::encode(&Frame::PeerGone { key: dst }));
+                        }
+                    }
+                }
+            }
+            Ok(Frame::Ticket { ticket }) => {
+                match self.inner.auth.authorize(key, ticket, unix_now()) {
+                    Ok(until) => {
+                        if let Some(e) = self.write().get_mut(key) {
+                            e.valid_until = e.valid_until.max(until);
+                        }
+                    }
+                    Err(reason) => {
+                        debug!(node = %NodeKey::from_bytes(*key), %reason, "refreshed ticket refused");
+                    }
+                }
+            }
+            Ok(Frame::Ping { data }) => {
+                let _ = out.try_send(proto::encode(&Frame::Pong { data }));
+            }
+            Ok(Frame::Pong { .. }) => {}
+            Ok(other) => {
+                warn!(frame = ?std::mem::discriminant(&other), "unexpected frame from a relay client");
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+async fn ws_upgrade(State(relay): State<Relay>, ws: WebSocketUpgrade) -> Response {
+    ws.max_message_size(MAX_FRAME + 16)
+        .max_frame_size(MAX_FRAME + 16)
+        .on_upgrade(move |socket| async move {
+            relay.ws_session(socket).await;
+        })
+}
+
+impl Relay {
+    async fn ws_session(&self, socket: WebSocket) {
+        let (mut sink, mut stream) = socket.split();
+        let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        let reader = tokio::spawn(async move {
+            while let Some(Ok(msg)) = stream.next().await {
+                match msg {
+                    Message::Binary(b) => {
+                        if in_tx.send(b.to_vec()).await.is_err() {
+                            return;
+                        }
+                    }
+                    Message::Close(_) => return,
+                    _ => {}
+                }
+            }
+        });
+        let writer = tokio::spawn(async move {
+            while let Some(f) = out_rx.recv().await {
+                if sink.send(Message::Binary(f.into())).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sink.close().await;
+        });
+        let remote: SocketAddr = ([0, 0, 0, 0], 0).into();
+        if let Err(e) = self.session(remote, "websocket", in_rx, out_tx).await {
+            debug!(error = %format!("{e:#}"), "relay WebSocket session ended");
+        }
+        reader.abort();
+        let _ = tokio::time::timeout(Duration::from_millis(200), writer).await;
+    }
+}
+
+/// Reads one length-prefixed frame; `None` at the end of the stream.
+pub(crate) async fn read_prefixed<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 2];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let n = usize::from(u16::from_be_bytes(len));
+    if n == 0 || n > MAX_FRAME + 1 {
+        anyhow::bail!("bad frame length {n}");
+    }
+    let mut buf = vec![0u8; n];
+    r.read_exact(&mut buf).await?;
+    Ok(Some(buf))
+}

@@ -1,0 +1,197 @@
+//! TLS for the QUIC transport: a self-signed relay certificate that nodes pin by its SHA-256
+//! (listed in the netmap), TLS 1.3 only, with the hybrid X25519MLKEM768 key exchange preferred
+//! (rustls on aws-lc).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::proto::ALPN;
+
+/// The name clients ask for (any name works: the certificate is pinned, not named).
+pub const SERVER_NAME: &str = "lattice-relay";
+
+/// A relay's certificate and private key (PKCS#8 DER; zeroed on drop).
+pub struct RelayCert {
+    /// The certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// The private key, PKCS#8 DER.
+    pub key_der: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for RelayCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayCert")
+            .field("pin", &wire::CertPin(pin(&self.cert_der)))
+            .field("key_der", &"<redacted>")
+            .finish()
+    }
+}
+
+impl RelayCert {
+    /// A fresh self-signed certificate (ECDSA P-256).
+    pub fn generate() -> anyhow::Result<Self> {
+        let key = rcgen::KeyPair::generate().context("generating the relay's TLS key")?;
+        let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned()])
+            .context("certificate parameters")?;
+        let cert = params.self_signed(&key).context("self-signing the relay certificate")?;
+        Ok(Self {
+            cert_der: cert.der().to_vec(),
+            key_der: Zeroizing::new(key.serialize_der()),
+        })
+    }
+
+    /// The pin nodes check.
+    pub fn pin(&self) -> [u8; 32] {
+        pin(&self.cert_der)
+    }
+}
+
+/// SHA-256 of a DER certificate.
+pub fn pin(cert_der: &[u8]) -> [u8; 32] {
+    Sha256::digest(cert_der).into()
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn transport(keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(20)).expect("20 s is a valid timeout"),
+    ));
+    t.keep_alive_interval(keep_alive);
+    // WireGuard packets for a 1280-byte TUN MTU plus the relay header fit in one datagram
+    // from the first packet; path MTU discovery may raise it further.
+    t.initial_mtu(1400);
+    t.datagram_receive_buffer_size(Some(4 << 20));
+    t.datagram_send_buffer_size(4 << 20);
+    Arc::new(t)
+}
+
+/// The QUIC server configuration for `cert`.
+pub fn server_config(cert: &RelayCert) -> anyhow::Result<quinn::ServerConfig> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3")?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert.cert_der.clone())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der.to_vec())),
+        )
+        .context("loading the relay certificate")?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(
+        QuicServerConfig::try_from(tls).context("QUIC server TLS")?,
+    ));
+    cfg.transport_config(transport(None));
+    Ok(cfg)
+}
+
+/// The QUIC client configuration that accepts only the certificate with `pin`.
+pub fn client_config(pin: [u8; 32]) -> anyhow::Result<quinn::ClientConfig> {
+    let provider = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinVerifier { pin, provider }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut cfg = quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(tls).context("QUIC client TLS")?,
+    ));
+    cfg.transport_config(transport(Some(Duration::from_secs(5))));
+    Ok(cfg)
+}
+
+/// Accepts exactly one certificate, by hash, and checks the handshake signature with it.
+#[derive(Debug)]
+struct PinVerifier {
+    pin: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if subtle::ConstantTimeEq::ct_eq(&pin(end_entity)[..], &self.pin[..]).into() {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hybrid_post_quantum_key_exchange_is_offered_first() {
+        let p = provider();
+        assert_eq!(
+            p.kx_groups[0].name(),
+            rustls::NamedGroup::X25519MLKEM768,
+            "{:?}",
+            p.kx_groups.iter().map(|g| g.name()).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn the_pin_is_the_certificates_sha256() {
+        let c = RelayCert::generate().unwrap();
+        assert_eq!(c.pin(), <[u8; 32]>::from(Sha256::digest(&c.cert_der)));
+        assert_ne!(c.pin(), RelayCert::generate().unwrap().pin());
+        assert!(format!("{c:?}").contains("<redacted>"));
+    }
+}

@@ -1,0 +1,249 @@
+//! The relay over real loopback sockets: QUIC and WebSocket clients exchange packets; nodes
+//! without a valid ticket, without their key, or no longer vouched for get nothing.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hybrid::StaticKeypair;
+use hybrid::ticket::{Ticket, TicketSigner};
+use rand::{SeedableRng, rngs::StdRng};
+use relay::client::{self, Incoming, Transport};
+use relay::{Authorizer, Relay, TicketAuthorizer};
+use wire::{CertPin, RelayId, RelayInfo, RelayKey, TicketKey};
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Vouches through tickets, minus a revocable set.
+struct Revocable {
+    tickets: TicketAuthorizer,
+    revoked: Mutex<HashSet<[u8; 32]>>,
+}
+
+impl Authorizer for Revocable {
+    fn authorize(&self, k: &[u8; 32], t: &[u8], now: i64) -> Result<i64, String> {
+        self.tickets.authorize(k, t, now)
+    }
+    fn still_vouched(&self, k: &[u8; 32]) -> bool {
+        !self.revoked.lock().unwrap().contains(k)
+    }
+}
+
+struct Lab {
+    relay: Relay,
+    info: RelayInfo,
+    signer: TicketSigner,
+    auth: Arc<Revocable>,
+    rng: StdRng,
+}
+
+async fn lab() -> Lab {
+    let mut rng = StdRng::seed_from_u64(9);
+    let signer = TicketSigner::from_seed([4; 32]);
+    let key = StaticKeypair::generate(&mut rng);
+    let cert = relay::tls::RelayCert::generate().unwrap();
+    let auth = Arc::new(Revocable {
+        tickets: TicketAuthorizer::new(TicketKey::from_bytes(signer.public())),
+        revoked: Mutex::new(HashSet::new()),
+    });
+    let relay = Relay::new(key, auth.clone());
+    let endpoint =
+        quinn::Endpoint::server(relay::tls::server_config(&cert).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let quic = endpoint.local_addr().unwrap();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http: SocketAddr = tcp.local_addr().unwrap();
+    tokio::spawn(relay.clone().serve_quic(endpoint));
+    tokio::spawn(relay.clone().run_sweeper());
+    let app = relay.router();
+    tokio::spawn(async move { axum::serve(tcp, app).await });
+    let info = RelayInfo {
+        id: RelayId(1),
+        name: "test".into(),
+        key: RelayKey::from_bytes(relay.public_key()),
+        quic: Some(quic),
+        cert_sha256: Some(CertPin(cert.pin())),
+        websocket: Some(format!("http://{http}/relay")),
+        stun: vec![],
+    };
+    Lab {
+        relay,
+        info,
+        signer,
+        auth,
+        rng,
+    }
+}
+
+impl Lab {
+    fn node(&mut self) -> (StaticKeypair, Vec<u8>) {
+        let k = StaticKeypair::generate(&mut self.rng);
+        let t = self.signer.issue(Ticket {
+            node_key: k.public(),
+            not_after: unix_now() + 60,
+        });
+        (k, t.to_vec())
+    }
+
+    fn quic_only(&self) -> RelayInfo {
+        RelayInfo {
+            websocket: None,
+            ..self.info.clone()
+        }
+    }
+
+    fn ws_only(&self) -> RelayInfo {
+        RelayInfo {
+            quic: None,
+            ..self.info.clone()
+        }
+    }
+}
+
+async fn next_packet(c: &mut relay::client::RelayConn) -> Option<([u8; 32], Vec<u8>)> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(3), c.incoming.recv()).await {
+            Ok(Some(Incoming::Packet { src, payload })) => return Some((src, payload)),
+            Ok(Some(_)) => continue,
+            _ => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_and_websocket_nodes_exchange_packets_through_the_relay() {
+    let mut lab = lab().await;
+    let (a, ta) = lab.node();
+    let (b, tb) = lab.node();
+    let mut ca = client::connect(&lab.quic_only(), &a, &ta).await.unwrap();
+    let mut cb = client::connect(&lab.ws_only(), &b, &tb).await.unwrap();
+    assert_eq!(ca.transport(), Transport::Quic);
+    assert_eq!(cb.transport(), Transport::WebSocket);
+    // Large packets (a full WireGuard packet) and small ones, both ways.
+    let big = vec![0xab; 1400];
+    assert!(ca.send(&b.public(), &big));
+    assert_eq!(next_packet(&mut cb).await, Some((a.public(), big)));
+    assert!(cb.send(&a.public(), b"pong"));
+    assert_eq!(next_packet(&mut ca).await, Some((b.public(), b"pong".to_vec())));
+    // A burst arrives complete and in order over the WebSocket.
+    for i in 0..500u16 {
+        assert!(ca.send(&b.public(), &i.to_be_bytes()));
+    }
+    for i in 0..500u16 {
+        assert_eq!(next_packet(&mut cb).await.unwrap().1, i.to_be_bytes());
+    }
+    // Latency probes work on both transports.
+    ca.ping();
+    let pong = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            if let Some(Incoming::Pong(rtt)) = ca.incoming.recv().await {
+                return rtt;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(pong < Duration::from_secs(1));
+    // A packet for a node that is not connected comes back as PeerGone.
+    assert!(ca.send(&[7; 32], b"x"));
+    let gone = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            if let Some(Incoming::PeerGone(k)) = ca.incoming.recv().await {
+                return k;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(gone, [7; 32]);
+    let s = lab.relay.stats();
+    assert_eq!(s.sessions, 2);
+    assert!(s.forwarded >= 502, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_the_coordinator_does_not_vouch_for_get_nothing() {
+    let mut lab = lab().await;
+    let (a, ta) = lab.node();
+    let info = lab.ws_only();
+    // No ticket, another mesh's ticket, an expired ticket, someone else's ticket.
+    let stranger = TicketSigner::from_seed([5; 32]).issue(Ticket {
+        node_key: a.public(),
+        not_after: unix_now() + 60,
+    });
+    let expired = lab.signer.issue(Ticket {
+        node_key: a.public(),
+        not_after: unix_now() - 1,
+    });
+    let (b, tb) = lab.node();
+    for (ticket, why) in [
+        (vec![], "malformed"),
+        (stranger.to_vec(), "not signed"),
+        (expired.to_vec(), "expired"),
+        (tb.clone(), "another node key"),
+    ] {
+        let err = client::connect(&info, &a, &ticket).await.err().unwrap();
+        assert!(format!("{err:#}").contains(why), "{why}: {err:#}");
+    }
+    // A ticket without the key it names: a thief who saw b's ticket cannot use it.
+    let thief = StaticKeypair::generate(&mut lab.rng);
+    let err = client::connect(&info, &thief, &tb).await.err().unwrap();
+    assert!(format!("{err:#}").contains("another node key"), "{err:#}");
+    // A relay that cannot prove the listed key is refused by the node.
+    let impostor = RelayInfo {
+        key: RelayKey::from_bytes(StaticKeypair::generate(&mut lab.rng).public()),
+        ..info.clone()
+    };
+    let err = client::connect(&impostor, &a, &ta).await.err().unwrap();
+    assert!(format!("{err:#}").contains("authentication failed"), "{err:#}");
+    // A QUIC certificate that does not match the pin is refused (no fallback offered here).
+    let wrong_pin = RelayInfo {
+        cert_sha256: Some(CertPin([0; 32])),
+        ..lab.quic_only()
+    };
+    assert!(client::connect(&wrong_pin, &a, &ta).await.is_err());
+    assert!(lab.relay.stats().rejected >= 5);
+    assert_eq!(lab.relay.stats().sessions, 0);
+    let _ = b;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_no_longer_vouched_for_is_cut_off_within_a_second() {
+    let mut lab = lab().await;
+    let (a, ta) = lab.node();
+    let (b, tb) = lab.node();
+    let mut ca = client::connect(&lab.quic_only(), &a, &ta).await.unwrap();
+    let mut cb = client::connect(&lab.ws_only(), &b, &tb).await.unwrap();
+    assert!(ca.send(&b.public(), b"before"));
+    assert!(next_packet(&mut cb).await.is_some());
+    lab.auth.revoked.lock().unwrap().insert(a.public());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!lab.relay.is_connected(&a.public()));
+    ca.send(&b.public(), b"after");
+    assert_eq!(next_packet(&mut cb).await, None, "nothing from a revoked node arrives");
+    // Reconnecting does not help.
+    assert!(client::connect(&lab.ws_only(), &a, &ta).await.is_err());
+    assert_eq!(lab.relay.stats().kicked, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_falls_back_to_the_websocket_when_udp_is_blocked() {
+    let mut lab = lab().await;
+    let (a, ta) = lab.node();
+    // A QUIC address where nothing answers (a bound UDP socket that never replies).
+    let black_hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let info = RelayInfo {
+        quic: Some(black_hole.local_addr().unwrap()),
+        ..lab.info.clone()
+    };
+    let started = std::time::Instant::now();
+    let c = client::connect(&info, &a, &ta).await.unwrap();
+    assert_eq!(c.transport(), Transport::WebSocket);
+    assert!(started.elapsed() < Duration::from_secs(6));
+}
