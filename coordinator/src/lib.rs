@@ -28,8 +28,7 @@ use crate::admin_client::Target;
 use crate::audit::{Entry, Verification};
 use crate::cli::{
     AdminArgs, AuditCommand, AuthkeyCommand, Command, NodesCommand, PolicyCommand, RelaysCommand,
-    SettingsCommand,
-    TokenCommand, TunnelSecurityArg,
+    SettingsCommand, TokenCommand, TunnelSecurityArg,
 };
 use crate::model::AuthKeyInfo;
 use crate::ops::{CreatedAuthKey, NodeView};
@@ -103,7 +102,8 @@ async fn relays_cmd(cmd: RelaysCommand) -> anyhow::Result<Outcome> {
             output::line(&format!("added relay {} (id {})", r.name, r.id.0));
         }
         RelaysCommand::List { json, admin } => {
-            let list: Vec<wire::RelayInfo> = target(&admin)?.call(Method::GET, "/relays", None).await?;
+            let list: Vec<wire::RelayInfo> =
+                target(&admin)?.call(Method::GET, "/relays", None).await?;
             if json {
                 output::json(&list);
             } else {

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use policy::{Compiled, CompiledPolicy};
 use wire::NodeId;
-use wire::{RelayInfo, TunnelSecurity};
 use wire::netmap::{DnsConfig, MapResponse, Node};
+use wire::{RelayInfo, TunnelSecurity};
 
 use crate::addr::RESOLVER_V4;
 use crate::hub::CompileKey;

@@ -36,7 +36,10 @@ pub(crate) fn diff(d: &DiffView) {
 }
 
 pub(crate) fn relays(list: &[wire::RelayInfo]) {
-    println!("{:<4} {:<16} {:<24} {:<10} STUN", "ID", "NAME", "QUIC", "WEBSOCKET");
+    println!(
+        "{:<4} {:<16} {:<24} {:<10} STUN",
+        "ID", "NAME", "QUIC", "WEBSOCKET"
+    );
     for r in list {
         let stun: Vec<String> = r.stun.iter().map(ToString::to_string).collect();
         println!(

@@ -159,7 +159,9 @@ pub async fn start_embedded(
         stun: stun.iter().filter_map(|a| advertise(*a)).collect(),
     };
     if info.quic.is_none() {
-        warn!("the embedded relay listens on an unspecified address and --public-url names no IP: nodes get only its WebSocket");
+        warn!(
+            "the embedded relay listens on an unspecified address and --public-url names no IP: nodes get only its WebSocket"
+        );
     }
     info!(quic = ?info.quic, stun = ?info.stun, websocket = ?info.websocket, "embedded relay started");
     Ok(Embedded { relay, info })
@@ -173,7 +175,10 @@ fn public_host(url: Option<&str>) -> Option<IpAddr> {
         return Some(sa.ip());
     }
     let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
 }
 
 /// The relay list nodes get: the embedded relay first, then the registered ones.

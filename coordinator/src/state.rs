@@ -4,8 +4,8 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hybrid::{FINGERPRINT_LEN, StaticKeypair};
 use hybrid::ticket::TicketSigner;
+use hybrid::{FINGERPRINT_LEN, StaticKeypair};
 use wire::{ControlKey, RelayInfo};
 
 use crate::db::Pool;

@@ -95,7 +95,11 @@ impl std::fmt::Debug for TicketSigner {
 }
 
 fn hex8(b: &[u8]) -> String {
-    b.iter().take(4).map(|x| format!("{x:02x}")).collect::<String>() + "…"
+    b.iter()
+        .take(4)
+        .map(|x| format!("{x:02x}"))
+        .collect::<String>()
+        + "…"
 }
 
 fn signed_bytes(body: &[u8]) -> Vec<u8> {
@@ -112,8 +116,14 @@ pub fn verify(public: &[u8; 32], bytes: &[u8], now: i64) -> Result<Ticket, Ticke
     UnparsedPublicKey::new(&ED25519, public)
         .verify(&signed_bytes(&bytes[..41]), &bytes[41..])
         .map_err(|_| TicketError::BadSignature)?;
-    let node_key: [u8; 32] = bytes[1..33].try_into().map_err(|_| TicketError::Malformed)?;
-    let not_after = i64::from_be_bytes(bytes[33..41].try_into().map_err(|_| TicketError::Malformed)?);
+    let node_key: [u8; 32] = bytes[1..33]
+        .try_into()
+        .map_err(|_| TicketError::Malformed)?;
+    let not_after = i64::from_be_bytes(
+        bytes[33..41]
+            .try_into()
+            .map_err(|_| TicketError::Malformed)?,
+    );
     if now > not_after {
         return Err(TicketError::Expired);
     }
@@ -140,14 +150,24 @@ mod tests {
         assert_eq!(verify(&s.public(), &b, 1000), Ok(t));
         assert_eq!(verify(&s.public(), &b, 1001), Err(TicketError::Expired));
         let other = TicketSigner::from_seed([2; 32]);
-        assert_eq!(verify(&other.public(), &b, 0), Err(TicketError::BadSignature));
+        assert_eq!(
+            verify(&other.public(), &b, 0),
+            Err(TicketError::BadSignature)
+        );
         // Any changed byte breaks it: the key, the time, the signature.
         for i in [1, 20, 35, 40, 41, 100] {
             let mut c = b;
             c[i] ^= 0x01;
-            assert_eq!(verify(&s.public(), &c, 0), Err(TicketError::BadSignature), "byte {i}");
+            assert_eq!(
+                verify(&s.public(), &c, 0),
+                Err(TicketError::BadSignature),
+                "byte {i}"
+            );
         }
-        assert_eq!(verify(&s.public(), &b[..100], 0), Err(TicketError::Malformed));
+        assert_eq!(
+            verify(&s.public(), &b[..100], 0),
+            Err(TicketError::Malformed)
+        );
         let mut v2 = b;
         v2[0] = 2;
         assert_eq!(verify(&s.public(), &v2, 0), Err(TicketError::Malformed));

@@ -27,6 +27,9 @@ const QUIC_TIMEOUT: Duration = Duration::from_secs(3);
 const WS_TIMEOUT: Duration = Duration::from_secs(10);
 const QUEUE: usize = 2048;
 
+/// The last ping's data and when it was sent.
+type PingSent = std::sync::Mutex<Option<([u8; 8], Instant)>>;
+
 /// Which transport a connection uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -68,7 +71,7 @@ pub struct RelayConn {
     /// What arrives; `None` once the connection is gone.
     pub incoming: mpsc::Receiver<Incoming>,
     transport: Transport,
-    ping_sent: Arc<std::sync::Mutex<Option<([u8; 8], Instant)>>>,
+    ping_sent: Arc<PingSent>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -151,7 +154,10 @@ async fn authenticate(
     node: &StaticKeypair,
     ticket: &[u8],
 ) -> anyhow::Result<()> {
-    let first = incoming.recv().await.context("relay closed the connection")?;
+    let first = incoming
+        .recv()
+        .await
+        .context("relay closed the connection")?;
     let Ok(Frame::Challenge { version, nonce }) = proto::decode(&first) else {
         bail!("the relay did not send a challenge");
     };
@@ -166,7 +172,10 @@ async fn authenticate(
         ticket,
     }))
     .await?;
-    let answer = incoming.recv().await.context("relay closed the connection")?;
+    let answer = incoming
+        .recv()
+        .await
+        .context("relay closed the connection")?;
     match proto::decode(&answer) {
         Ok(Frame::Accepted { mac }) => {
             if !proto::check_server_mac(node, relay.key.as_bytes(), &nonce, &mac) {
@@ -180,11 +189,7 @@ async fn authenticate(
 }
 
 /// Turns raw frames into [`Incoming`] events.
-fn dispatch(
-    frame: &[u8],
-    tx: &mpsc::Sender<Incoming>,
-    ping_sent: &std::sync::Mutex<Option<([u8; 8], Instant)>>,
-) -> bool {
+fn dispatch(frame: &[u8], tx: &mpsc::Sender<Incoming>, ping_sent: &PingSent) -> bool {
     let ev = match proto::decode(frame) {
         Ok(Frame::Recv { src, payload }) => Incoming::Packet {
             src,
@@ -225,7 +230,10 @@ async fn connect_quic(
         .connect(addr, tls::SERVER_NAME)?
         .await
         .context("QUIC handshake")?;
-    let (mut send, mut recv) = conn.accept_bi().await.context("waiting for the relay's stream")?;
+    let (mut send, mut recv) = conn
+        .accept_bi()
+        .await
+        .context("waiting for the relay's stream")?;
     let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
     // The stream carries the handshake and oversized frames; datagrams carry packets.
@@ -259,7 +267,10 @@ async fn connect_quic(
             let fits = writer_conn
                 .max_datagram_size()
                 .is_some_and(|max| f.len() <= max);
-            if f.first() == Some(&0x10) && fits && writer_conn.send_datagram(Bytes::from(f.clone())).is_ok() {
+            if f.first() == Some(&0x10)
+                && fits
+                && writer_conn.send_datagram(Bytes::from(f.clone())).is_ok()
+            {
                 continue;
             }
             if send.write_all(&proto::length_prefixed(&f)).await.is_err() {
@@ -323,11 +334,7 @@ async fn connect_ws(
     let reader = tokio::spawn(async move {
         while let Some(Ok(msg)) = stream.next().await {
             match msg {
-                Message::Binary(b) => {
-                    if in_tx.send(b.to_vec()).await.is_err() {
-                        return;
-                    }
-                }
+                Message::Binary(b) if in_tx.send(b.to_vec()).await.is_err() => return,
                 Message::Close(_) => return,
                 _ => {}
             }
@@ -354,5 +361,10 @@ async fn connect_ws(
     });
     authenticate(&mut in_rx, &out_tx, relay, node, ticket).await?;
     debug!(relay = %relay.name, url = %ws_url, "relay connected over WebSocket");
-    Ok(finish(in_rx, out_tx, Transport::WebSocket, vec![reader, writer]))
+    Ok(finish(
+        in_rx,
+        out_tx,
+        Transport::WebSocket,
+        vec![reader, writer],
+    ))
 }

@@ -77,7 +77,10 @@ mod tests {
         assert_eq!(k1.public(), k2.public());
         assert_eq!(c1.pin(), c2.pin());
         for f in [KEY_FILE, CERT_FILE, CERT_KEY_FILE] {
-            let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{f}");
         }
     }

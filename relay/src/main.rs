@@ -48,7 +48,11 @@ struct ServeArgs {
     #[arg(long, env = "LATTICE_RELAY_COORDINATOR_KEY")]
     coordinator_key: TicketKey,
     /// State directory (the relay's key and certificate).
-    #[arg(long, env = "LATTICE_RELAY_STATE_DIR", default_value = "/var/lib/lattice-relay")]
+    #[arg(
+        long,
+        env = "LATTICE_RELAY_STATE_DIR",
+        default_value = "/var/lib/lattice-relay"
+    )]
     state_dir: PathBuf,
     /// Name shown to users (`relay NAME` in `lattice status`).
     #[arg(long, default_value = "relay")]
@@ -68,7 +72,10 @@ fn main() -> std::process::ExitCode {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("lattice-relay: cannot start the runtime: {e}");

@@ -118,7 +118,13 @@ pub fn decode(b: &[u8]) -> Result<Frame<'_>, Malformed> {
     if body.len() > MAX_FRAME {
         return Err(Malformed);
     }
-    let exact = |n: usize| if body.len() == n { Ok(()) } else { Err(Malformed) };
+    let exact = |n: usize| {
+        if body.len() == n {
+            Ok(())
+        } else {
+            Err(Malformed)
+        }
+    };
     Ok(match kind {
         0x01 => {
             exact(33)?;
@@ -203,7 +209,11 @@ pub fn encode(f: &Frame<'_>) -> Vec<u8> {
         }
         Frame::Send { dst: key, payload } | Frame::Recv { src: key, payload } => {
             out.reserve(payload.len());
-            out.push(if matches!(f, Frame::Send { .. }) { 0x10 } else { 0x11 });
+            out.push(if matches!(f, Frame::Send { .. }) {
+                0x10
+            } else {
+                0x11
+            });
             out.extend_from_slice(key);
             out.extend_from_slice(payload);
         }
@@ -255,7 +265,11 @@ pub fn client_mac(
 }
 
 /// The relay's MAC for `Accepted`.
-pub fn server_mac(relay: &StaticKeypair, node_key: &[u8; 32], nonce: &[u8; 32]) -> Option<[u8; 32]> {
+pub fn server_mac(
+    relay: &StaticKeypair,
+    node_key: &[u8; 32],
+    nonce: &[u8; 32],
+) -> Option<[u8; 32]> {
     let k = auth_key(relay, node_key)?;
     Some(hybrid::mac(k.as_slice(), &[b"server", nonce, node_key]))
 }
@@ -365,11 +379,35 @@ mod tests {
         let mac = client_mac(&node, &relay.public(), &nonce, b"t").unwrap();
         assert!(check_client_mac(&relay, &node.public(), &nonce, b"t", &mac));
         // Another nonce, ticket or claimed key fails; so does a MAC from a third key.
-        assert!(!check_client_mac(&relay, &node.public(), &[6; 32], b"t", &mac));
-        assert!(!check_client_mac(&relay, &node.public(), &nonce, b"u", &mac));
-        assert!(!check_client_mac(&relay, &other.public(), &nonce, b"t", &mac));
+        assert!(!check_client_mac(
+            &relay,
+            &node.public(),
+            &[6; 32],
+            b"t",
+            &mac
+        ));
+        assert!(!check_client_mac(
+            &relay,
+            &node.public(),
+            &nonce,
+            b"u",
+            &mac
+        ));
+        assert!(!check_client_mac(
+            &relay,
+            &other.public(),
+            &nonce,
+            b"t",
+            &mac
+        ));
         let forged = client_mac(&other, &relay.public(), &nonce, b"t").unwrap();
-        assert!(!check_client_mac(&relay, &node.public(), &nonce, b"t", &forged));
+        assert!(!check_client_mac(
+            &relay,
+            &node.public(),
+            &nonce,
+            b"t",
+            &forged
+        ));
         let smac = server_mac(&relay, &node.public(), &nonce).unwrap();
         assert!(check_server_mac(&node, &relay.public(), &nonce, &smac));
         let fake = server_mac(&other, &node.public(), &nonce).unwrap();

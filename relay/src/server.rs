@@ -60,7 +60,8 @@ impl TicketAuthorizer {
 
 impl Authorizer for TicketAuthorizer {
     fn authorize(&self, node_key: &[u8; 32], ticket: &[u8], now: i64) -> Result<i64, String> {
-        let t = hybrid::ticket::verify(self.key.as_bytes(), ticket, now).map_err(|e| e.to_string())?;
+        let t =
+            hybrid::ticket::verify(self.key.as_bytes(), ticket, now).map_err(|e| e.to_string())?;
         if &t.node_key != node_key {
             return Err("the ticket is for another node key".into());
         }
@@ -183,7 +184,10 @@ impl Relay {
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<[u8; 32], Entry>> {
-        self.inner.clients.write().unwrap_or_else(|e| e.into_inner())
+        self.inner
+            .clients
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Closes `key`'s session at once (the node was removed).
@@ -326,7 +330,9 @@ impl Relay {
             Err(reason) => {
                 self.inner.stats.rejected.fetch_add(1, Ordering::Relaxed);
                 info!(%remote, %transport, %reason, "relay session refused");
-                let _ = out.send(proto::encode(&Frame::Rejected { reason: &reason })).await;
+                let _ = out
+                    .send(proto::encode(&Frame::Rejected { reason: &reason }))
+                    .await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 return Ok(());
             }
@@ -486,11 +492,7 @@ impl Relay {
         let reader = tokio::spawn(async move {
             while let Some(Ok(msg)) = stream.next().await {
                 match msg {
-                    Message::Binary(b) => {
-                        if in_tx.send(b.to_vec()).await.is_err() {
-                            return;
-                        }
-                    }
+                    Message::Binary(b) if in_tx.send(b.to_vec()).await.is_err() => return,
                     Message::Close(_) => return,
                     _ => {}
                 }

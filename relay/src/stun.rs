@@ -89,7 +89,10 @@ mod tests {
     fn a_binding_request_is_answered_with_the_source_address() {
         let from: SocketAddr = "203.0.113.9:40123".parse().unwrap();
         let resp = answer(&request([7; 12]), from).unwrap();
-        let (msg, _) = MessageDecoderBuilder::default().build().decode(&resp).unwrap();
+        let (msg, _) = MessageDecoderBuilder::default()
+            .build()
+            .decode(&resp)
+            .unwrap();
         assert_eq!(msg.class(), MessageClass::SuccessResponse);
         assert_eq!(msg.transaction_id().as_bytes(), &[7; 12]);
         let mapped = msg

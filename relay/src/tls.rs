@@ -42,7 +42,9 @@ impl RelayCert {
         let key = rcgen::KeyPair::generate().context("generating the relay's TLS key")?;
         let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned()])
             .context("certificate parameters")?;
-        let cert = params.self_signed(&key).context("self-signing the relay certificate")?;
+        let cert = params
+            .self_signed(&key)
+            .context("self-signing the relay certificate")?;
         Ok(Self {
             cert_der: cert.der().to_vec(),
             key_der: Zeroizing::new(key.serialize_der()),

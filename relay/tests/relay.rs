@@ -54,8 +54,11 @@ async fn lab() -> Lab {
         revoked: Mutex::new(HashSet::new()),
     });
     let relay = Relay::new(key, auth.clone());
-    let endpoint =
-        quinn::Endpoint::server(relay::tls::server_config(&cert).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let endpoint = quinn::Endpoint::server(
+        relay::tls::server_config(&cert).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
     let quic = endpoint.local_addr().unwrap();
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http: SocketAddr = tcp.local_addr().unwrap();
@@ -106,7 +109,7 @@ impl Lab {
     }
 }
 
-async fn next_packet(c: &mut relay::client::RelayConn) -> Option<([u8; 32], Vec<u8>)> {
+async fn next_packet(c: &mut client::RelayConn) -> Option<([u8; 32], Vec<u8>)> {
     loop {
         match tokio::time::timeout(Duration::from_secs(3), c.incoming.recv()).await {
             Ok(Some(Incoming::Packet { src, payload })) => return Some((src, payload)),
@@ -130,7 +133,10 @@ async fn quic_and_websocket_nodes_exchange_packets_through_the_relay() {
     assert!(ca.send(&b.public(), &big));
     assert_eq!(next_packet(&mut cb).await, Some((a.public(), big)));
     assert!(cb.send(&a.public(), b"pong"));
-    assert_eq!(next_packet(&mut ca).await, Some((b.public(), b"pong".to_vec())));
+    assert_eq!(
+        next_packet(&mut ca).await,
+        Some((b.public(), b"pong".to_vec()))
+    );
     // A burst arrives complete and in order over the WebSocket.
     for i in 0..500u16 {
         assert!(ca.send(&b.public(), &i.to_be_bytes()));
@@ -201,7 +207,10 @@ async fn nodes_the_coordinator_does_not_vouch_for_get_nothing() {
         ..info.clone()
     };
     let err = client::connect(&impostor, &a, &ta).await.err().unwrap();
-    assert!(format!("{err:#}").contains("authentication failed"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("authentication failed"),
+        "{err:#}"
+    );
     // A QUIC certificate that does not match the pin is refused (no fallback offered here).
     let wrong_pin = RelayInfo {
         cert_sha256: Some(CertPin([0; 32])),
@@ -218,7 +227,7 @@ async fn a_node_no_longer_vouched_for_is_cut_off_within_a_second() {
     let mut lab = lab().await;
     let (a, ta) = lab.node();
     let (b, tb) = lab.node();
-    let mut ca = client::connect(&lab.quic_only(), &a, &ta).await.unwrap();
+    let ca = client::connect(&lab.quic_only(), &a, &ta).await.unwrap();
     let mut cb = client::connect(&lab.ws_only(), &b, &tb).await.unwrap();
     assert!(ca.send(&b.public(), b"before"));
     assert!(next_packet(&mut cb).await.is_some());
@@ -226,7 +235,11 @@ async fn a_node_no_longer_vouched_for_is_cut_off_within_a_second() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!lab.relay.is_connected(&a.public()));
     ca.send(&b.public(), b"after");
-    assert_eq!(next_packet(&mut cb).await, None, "nothing from a revoked node arrives");
+    assert_eq!(
+        next_packet(&mut cb).await,
+        None,
+        "nothing from a revoked node arrives"
+    );
     // Reconnecting does not help.
     assert!(client::connect(&lab.ws_only(), &a, &ta).await.is_err());
     assert_eq!(lab.relay.stats().kicked, 1);

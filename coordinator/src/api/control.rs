@@ -24,9 +24,9 @@ use wire::{ClientMessage, ErrorCode, MachineKey, ServerMessage, Welcome};
 use crate::db;
 use crate::model::NodeRecord;
 use crate::netmap::{SentMap, next_map};
-use crate::{ops, relays};
 use crate::register::{self, RegisterError};
 use crate::state::{AppState, unix_now};
+use crate::{ops, relays};
 
 /// How long a node has to complete the handshake and send `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -275,7 +275,8 @@ async fn handle_client_message(
             Ok(true)
         }
         ClientMessage::NetInfo { home_relay, nat } => {
-            let known = home_relay.is_none_or(|id| st.hub.read().relays().iter().any(|r| r.id == id));
+            let known =
+                home_relay.is_none_or(|id| st.hub.read().relays().iter().any(|r| r.id == id));
             if !known {
                 debug!(node = %record.name, ?home_relay, "ignoring an unknown home relay");
                 return Ok(false);

@@ -27,7 +27,11 @@ impl TryFrom<Row> for RelayInfo {
         Ok(Self {
             id: RelayId(u32::try_from(r.id).map_err(|_| corrupt("id"))?),
             key: r.relay_key.parse().map_err(|_| corrupt("relay_key"))?,
-            quic: r.quic.map(|q| q.parse()).transpose().map_err(|_| corrupt("quic"))?,
+            quic: r
+                .quic
+                .map(|q| q.parse())
+                .transpose()
+                .map_err(|_| corrupt("quic"))?,
             cert_sha256: r
                 .cert_sha256
                 .map(|h| wire::keys::parse_hex::<32>(&h).map(wire::CertPin))

@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use node_proto::pq::PqConfig;
-use node_proto::{NodeConfig, NodeState, Packet};
+use node_proto::{NodeConfig, NodeState, Packet, SockId};
 use wire::filter::{Action, DstPorts, FilterRule, PortRange};
 use wire::netmap::{MapResponse, Node};
 use wire::{NodeId, NodeKey};
@@ -182,8 +182,9 @@ fn run(nodes: &mut [NodeState], now: Instant, hub_time: &mut Duration) -> usize 
                 let Some(tx) = next else { break };
                 progress = true;
                 moved += 1;
-                let Some(j) = (tx.dst.ip().to_string().starts_with("10."))
-                    .then(|| match tx.dst.ip() {
+                let Some(dst) = tx.dst.udp() else { continue };
+                let Some(j) = (dst.ip().to_string().starts_with("10."))
+                    .then(|| match dst.ip() {
                         IpAddr::V4(v4) => (u32::from(v4) - 0x0a00_0000) as usize - 1,
                         IpAddr::V6(_) => usize::MAX,
                     })
@@ -193,7 +194,7 @@ fn run(nodes: &mut [NodeState], now: Instant, hub_time: &mut Duration) -> usize 
                 };
                 let from = addr(i);
                 let t = Instant::now();
-                nodes[j].handle_datagram(now, from, tx.payload);
+                nodes[j].handle_datagram(now, SockId::Main, from, tx.payload);
                 if j == 0 {
                     *hub_time += t.elapsed();
                 }

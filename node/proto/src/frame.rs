@@ -11,9 +11,9 @@
 //! datagram is ever fragmented by IP.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::addr::Addr;
 use crate::magicsock::FRAME_MAGIC;
 
 /// Largest handshake bytes in one frame.
@@ -130,7 +130,7 @@ pub fn encode_nudge(tag: [u8; 8]) -> Vec<u8> {
     f
 }
 
-type PartialKey = (SocketAddr, Kind, u32);
+type PartialKey = (Addr, Kind, u32);
 
 struct Partial {
     started: Instant,
@@ -149,7 +149,7 @@ impl Reassembly {
     pub fn push(
         &mut self,
         now: Instant,
-        from: SocketAddr,
+        from: Addr,
         kind: Kind,
         session: u32,
         index: u8,
@@ -207,7 +207,7 @@ mod tests {
     #[test]
     fn messages_round_trip_through_frames_in_any_order() {
         let now = crate::test_epoch();
-        let from: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        let from = Addr::main("192.0.2.1:1".parse().unwrap());
         let msg: Vec<u8> = (0..1313u32).map(|i| i as u8).collect();
         let frames = encode_message(Kind::PqInit, 77, &msg);
         assert_eq!(frames.len(), 2);
@@ -253,13 +253,13 @@ mod tests {
         let now = crate::test_epoch();
         let mut r = Reassembly::default();
         for s in 0..1000u32 {
-            let from: SocketAddr = format!("192.0.2.{}:1", s % 250).parse().unwrap();
+            let from = Addr::main(format!("192.0.2.{}:1", s % 250).parse().unwrap());
             assert!(r.push(now, from, Kind::PqInit, s, 0, 2, b"x").is_none());
         }
         assert_eq!(r.len(), MAX_PARTIAL);
         r.push(
             now + PARTIAL_TTL,
-            "192.0.2.1:1".parse().unwrap(),
+            Addr::main("192.0.2.1:1".parse().unwrap()),
             Kind::PqInit,
             5000,
             0,

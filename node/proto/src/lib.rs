@@ -8,16 +8,22 @@
 //! device, the UDP socket and the control connection. See [`NodeState`] for the call order.
 #![warn(missing_docs)]
 
+pub mod addr;
 pub mod conntrack;
+pub mod disco;
 pub mod filter;
 pub mod frame;
 pub mod magicsock;
+pub mod netcheck;
 pub mod packet;
+pub mod path;
 pub mod pq;
 mod state;
 pub mod status;
+pub mod stun;
 mod tunnel;
 
+pub use addr::{Addr, SockId};
 pub use gotatun::packet::Packet;
 pub use state::{Event, NodeConfig, NodeState, Transmit};
 pub use status::{Counters, PathKind, PathStatus, PeerStatus, Status};
@@ -28,3 +34,6 @@ pub use status::{Counters, PathKind, PathStatus, PeerStatus, Status};
 pub(crate) fn test_epoch() -> std::time::Instant {
     std::time::Instant::now()
 }
+
+#[cfg(test)]
+mod sim;

@@ -19,7 +19,6 @@
 //!   WireGuard handshake so the new key takes over at once. Keys rotate every
 //!   `rotation` (2 minutes by default).
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use blake2::{Blake2s256, Digest};
@@ -27,6 +26,7 @@ use hybrid::{InitiatorHandshake, Psk, Purpose, ResponderHandshake, StaticKeypair
 use rand::{Rng, rngs::StdRng};
 use wire::NodeKey;
 
+use crate::addr::Addr;
 use crate::frame::{self, Kind};
 
 /// Settings of the key schedule.
@@ -118,7 +118,7 @@ pub enum PqAction {
     /// Send these frames to the peer (on its path, or every candidate while none is known).
     Send(Vec<Vec<u8>>),
     /// Send these frames back to where message 1 came from.
-    Reply(SocketAddr, Vec<Vec<u8>>),
+    Reply(Addr, Vec<Vec<u8>>),
     /// Use this preshared key from now on; with `rekey`, start a WireGuard handshake so it takes
     /// over the current session at once.
     Install {
@@ -139,7 +139,7 @@ struct Epoch {
 /// node send anything.
 struct CachedResponse {
     msg1: [u8; 32],
-    to: SocketAddr,
+    to: Addr,
     at: Instant,
     frames: Vec<Vec<u8>>,
 }
@@ -338,7 +338,7 @@ impl PqPeer {
         &mut self,
         now: Instant,
         rng: &mut StdRng,
-        from: SocketAddr,
+        from: Addr,
         session: u32,
         msg1_hash: [u8; 32],
         responder: ResponderHandshake,

@@ -5,10 +5,11 @@
 //! post-quantum key schedule and tunnel creation.
 
 mod data;
+mod discovery;
 mod keys;
 mod peers;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,13 +23,16 @@ use hybrid::StaticKeypair;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tracing::{debug, info};
 use wire::netmap::{DnsConfig, MapResponse, Node, TunnelSecurity};
-use wire::{NodeId, NodeKey};
+use wire::{NatInfo, NodeId, NodeKey, RelayId, RelayInfo};
 
+use crate::addr::{Addr, SockId};
 use crate::conntrack::{CutFlow, FlowTable};
 use crate::filter::Filter;
 use crate::frame::Reassembly;
-use crate::magicsock::{self, DatagramKind, Path};
+use crate::magicsock::{self, DatagramKind};
+use crate::netcheck::{Netcheck, Report};
 use crate::packet;
+use crate::path::{Current, Local};
 use crate::pq::PqConfig;
 use crate::status::{Counters, PathKind, PathStatus, PeerStatus, Status};
 
@@ -65,11 +69,11 @@ impl std::fmt::Debug for NodeConfig {
     }
 }
 
-/// A datagram to send from the node's UDP port.
+/// A datagram to send: from one of the node's UDP sockets, or to a peer through a relay.
 #[derive(Debug)]
 pub struct Transmit {
     /// Destination.
-    pub dst: SocketAddr,
+    pub dst: Addr,
     /// Bytes to send.
     pub payload: Packet,
 }
@@ -85,9 +89,16 @@ pub enum Event {
     PathChanged {
         /// The peer.
         peer: NodeId,
-        /// Its new direct address.
-        addr: SocketAddr,
+        /// Its new path.
+        path: Current,
     },
+    /// The relay list changed (the shell connects to every relay listed).
+    RelaysChanged,
+    /// A fresh relay ticket arrived (the shell hands it to its relay connections).
+    RelayTicket(String),
+    /// A netcheck finished with a different result (the shell reports it to the coordinator
+    /// and advertises the public endpoint).
+    NetInfo(Report),
     /// The mesh's tunnel security changed (logged by the shell).
     TunnelSecurityChanged(TunnelSecurity),
 }
@@ -127,6 +138,14 @@ pub struct NodeState {
     reassembly: Reassembly,
     pq_tokens: f64,
     pq_tokens_at: Instant,
+    relays: Vec<RelayInfo>,
+    relays_up: BTreeSet<RelayId>,
+    home_relay: Option<RelayId>,
+    relay_ticket: Option<String>,
+    /// (relay, peer) pairs a relay said it cannot deliver to, until when.
+    relay_misses: HashMap<(RelayId, NodeKey), Instant>,
+    netcheck: Netcheck,
+    nat: Option<NatInfo>,
 
     transmits: VecDeque<Transmit>,
     tun_writes: VecDeque<Packet>,
@@ -169,6 +188,13 @@ impl NodeState {
             reassembly: Reassembly::default(),
             pq_tokens: keys::PQ_BURST,
             pq_tokens_at: now,
+            relays: Vec::new(),
+            relays_up: BTreeSet::new(),
+            home_relay: None,
+            relay_ticket: None,
+            relay_misses: HashMap::new(),
+            netcheck: Netcheck::default(),
+            nat: None,
             transmits: VecDeque::new(),
             tun_writes: VecDeque::new(),
             events: VecDeque::new(),
@@ -228,6 +254,23 @@ impl NodeState {
         if let Some(dns) = map.dns {
             self.dns = Some(dns);
         }
+        if let Some(relays) = map.relays
+            && relays != self.relays
+        {
+            let stun: Vec<SocketAddr> =
+                relays.iter().flat_map(|r| r.stun.iter().copied()).collect();
+            self.netcheck.set_servers(now, stun);
+            self.relays = relays;
+            self.relays_up
+                .retain(|id| self.relays.iter().any(|r| r.id == *id));
+            self.events.push_back(Event::RelaysChanged);
+        }
+        if let Some(ticket) = map.relay_ticket
+            && self.relay_ticket.as_ref() != Some(&ticket)
+        {
+            self.relay_ticket = Some(ticket.clone());
+            self.events.push_back(Event::RelayTicket(ticket));
+        }
         self.events.push_back(Event::NetmapChanged);
     }
 
@@ -236,23 +279,104 @@ impl NodeState {
         self.outbound(now, packet);
     }
 
-    /// A datagram that arrived on the node's UDP port.
-    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: Packet) {
+    /// A datagram that arrived on one of the node's UDP sockets.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        sock: SockId,
+        from: SocketAddr,
+        datagram: Packet,
+    ) {
+        let addr = Addr::Udp(sock, from);
         match magicsock::classify(&datagram) {
-            DatagramKind::WireGuard => self.handle_wireguard(now, from, datagram),
-            DatagramKind::Frame => self.handle_frame(now, from, &datagram),
+            DatagramKind::WireGuard => self.handle_wireguard(now, addr, datagram),
+            DatagramKind::Frame => self.handle_frame(now, addr, &datagram),
+            DatagramKind::Stun => {
+                if sock != SockId::Main || !self.netcheck.handle_response(now, from, &datagram) {
+                    self.counters.udp_unknown += 1;
+                }
+            }
+            DatagramKind::Unknown => {
+                self.counters.udp_unknown += 1;
+            }
+        }
+    }
+
+    /// A packet from peer `src` arrived through relay `relay`.
+    pub fn handle_relay_packet(
+        &mut self,
+        now: Instant,
+        relay: RelayId,
+        src: NodeKey,
+        payload: Packet,
+    ) {
+        if !self.peers.contains_key(&src) {
+            self.counters.relay_unknown_peer += 1;
+            return;
+        }
+        self.relay_misses.remove(&(relay, src));
+        let addr = Addr::Relay(relay, src);
+        match magicsock::classify(&payload) {
+            DatagramKind::WireGuard => self.handle_wireguard(now, addr, payload),
+            DatagramKind::Frame => self.handle_frame(now, addr, &payload),
             DatagramKind::Stun | DatagramKind::Unknown => {
                 self.counters.udp_unknown += 1;
             }
         }
     }
 
+    /// The shell's connection to `relay` came up or went down.
+    pub fn relay_state(&mut self, now: Instant, relay: RelayId, up: bool) {
+        let changed = if up {
+            self.relays_up.insert(relay)
+        } else {
+            self.relays_up.remove(&relay)
+        };
+        if changed {
+            debug!(%relay, up, "relay connection");
+            // Paths that relied on it re-evaluate at the next tick; probing restarts.
+            let _ = now;
+        }
+    }
+
+    /// Relay `relay` said `peer` is not connected to it: prefer another relay for a while.
+    pub fn relay_peer_gone(&mut self, now: Instant, relay: RelayId, peer: NodeKey) {
+        self.relay_misses
+            .insert((relay, peer), now + Duration::from_secs(5));
+    }
+
+    /// The relay this node is reached through first (chosen by the shell by latency).
+    pub fn set_home_relay(&mut self, relay: Option<RelayId>) {
+        self.home_relay = relay;
+    }
+
+    /// Starts a netcheck now (`lattice netcheck`).
+    pub fn start_netcheck(&mut self, now: Instant) {
+        self.netcheck.trigger(now);
+    }
+
     /// Runs timers whose deadline passed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let (requests, report) = self.netcheck.poll(now, &mut self.rng);
+        for (server, req) in requests {
+            self.transmits.push_back(Transmit {
+                dst: Addr::main(server),
+                payload: Packet::copy_from(&req),
+            });
+        }
+        if let Some(r) = report {
+            if self.nat.as_ref() != Some(&r.nat) {
+                info!(udp = r.nat.udp, hard = r.nat.is_hard(), public = ?r.public_endpoint, "netcheck");
+            }
+            self.nat = Some(r.nat.clone());
+            self.events.push_back(Event::NetInfo(r));
+        }
         if now >= self.next_tick {
             self.next_tick = now + TIMER_TICK;
+            self.relay_misses.retain(|_, until| *until > now);
             let keys: Vec<NodeKey> = self.peers.keys().copied().collect();
             for key in keys {
+                self.path_timers(now, key);
                 self.pq_timers(now, key);
                 let Some(tunnel) = self.peers.get_mut(&key).and_then(|p| p.tunnel.as_mut()) else {
                     continue;
@@ -297,11 +421,16 @@ impl NodeState {
 
     /// When `handle_timeout` must next be called, and why.
     pub fn poll_timeout(&self) -> Option<(Instant, &'static str)> {
-        let base = if self.peers.is_empty() || self.next_sweep < self.next_tick {
+        let mut base = if self.peers.is_empty() || self.next_sweep < self.next_tick {
             (self.next_sweep, "sweep")
         } else {
             (self.next_tick, "timers")
         };
+        if let Some(t) = self.netcheck.deadline()
+            && t < base.0
+        {
+            base = (t, "netcheck");
+        }
         match self.filter.next_change().map(|t| self.instant_at(t)) {
             Some(at) if at < base.0 => Some((at, "rules")),
             _ => Some(base),
@@ -333,7 +462,8 @@ impl NodeState {
     fn peer_status(&self, now: Instant, p: &Peer) -> PeerStatus {
         let stats = p.tunnel.as_ref().map(|t| t.stats()).unwrap_or_default();
         let pq = p.pq.status(now);
-        let path = match (p.tunnel.is_some(), p.path.current()) {
+        let local = self.local_for(&p.node);
+        let path = match (p.tunnel.is_some(), p.path.current(now, local)) {
             (false, _) => PathStatus {
                 kind: PathKind::None,
                 addr: None,
@@ -344,23 +474,27 @@ impl NodeState {
                     None => "waiting for the post-quantum handshake".into(),
                 }),
             },
-            (true, Path::Direct(a)) => PathStatus {
+            (true, Current::Direct(_, a)) => PathStatus {
                 kind: PathKind::Direct,
                 addr: Some(a),
                 relay: None,
                 reason: None,
             },
-            (true, Path::Probing) => PathStatus {
-                kind: PathKind::None,
+            (true, Current::Relay(r)) => PathStatus {
+                kind: PathKind::Relay,
                 addr: None,
-                relay: None,
-                reason: Some("no endpoint has answered yet".into()),
+                relay: Some(self.relay_name(r)),
+                reason: Some(p.path.relay_reason(now, local)),
             },
-            (true, Path::None) => PathStatus {
+            (true, Current::None) => PathStatus {
                 kind: PathKind::None,
                 addr: None,
                 relay: None,
-                reason: Some("peer reported no endpoints".into()),
+                reason: Some(if self.relays.is_empty() {
+                    "no endpoint has answered yet and no relay is configured".into()
+                } else {
+                    "no endpoint has answered yet and no relay is connected".into()
+                }),
             },
         };
         let classical = self.security == TunnelSecurity::ClassicalOnly;
@@ -427,6 +561,50 @@ impl NodeState {
             dns: self.dns.clone(),
             tunnel_security: Some(self.security),
             ..MapResponse::default()
+        }
+    }
+
+    /// The relays the coordinator listed.
+    pub fn relays(&self) -> &[RelayInfo] {
+        &self.relays
+    }
+
+    /// The current relay ticket (hex).
+    pub fn relay_ticket(&self) -> Option<&str> {
+        self.relay_ticket.as_deref()
+    }
+
+    /// The last netcheck.
+    pub fn netcheck_report(&self) -> Option<&Report> {
+        self.netcheck.last()
+    }
+
+    /// A relay's name, for status.
+    pub fn relay_name(&self, id: RelayId) -> String {
+        self.relays
+            .iter()
+            .find(|r| r.id == id)
+            .map_or_else(|| id.to_string(), |r| r.name.clone())
+    }
+
+    /// The relay to reach `node` through: its home relay if connected (and it did not just
+    /// say the peer is missing), else ours, else any connected relay.
+    fn relay_for(&self, node: &Node) -> Option<RelayId> {
+        let ok = |r: &RelayId| {
+            self.relays_up.contains(r) && !self.relay_misses.contains_key(&(*r, node.node_key))
+        };
+        node.home_relay
+            .filter(ok)
+            .or(self.home_relay.filter(ok))
+            .or_else(|| self.relays_up.iter().copied().find(|r| ok(r)))
+            .or_else(|| node.home_relay.filter(|r| self.relays_up.contains(r)))
+    }
+
+    fn local_for(&self, node: &Node) -> Local<'_> {
+        Local {
+            relay: self.relay_for(node),
+            relays_known: !self.relays.is_empty(),
+            nat: self.nat.as_ref(),
         }
     }
 
@@ -511,4 +689,4 @@ fn rand_09_rng(rng: &mut StdRng) -> rand_09::rngs::StdRng {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

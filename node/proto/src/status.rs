@@ -46,6 +46,14 @@ pub struct Counters {
     pub pq_rejected: u64,
     /// Post-quantum message 1s dropped by the rate limiter.
     pub pq_rate_limited: u64,
+    /// Packets through a relay from a key that is not a peer.
+    pub relay_unknown_peer: u64,
+    /// Disco messages that did not open or parse, or came from no peer.
+    pub disco_invalid: u64,
+    /// Disco pings answered.
+    pub disco_pongs_sent: u64,
+    /// Disco pings not answered because the peer exceeded its budget.
+    pub disco_rate_limited: u64,
 }
 
 /// How a peer is reached.

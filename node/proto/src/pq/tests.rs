@@ -57,7 +57,7 @@ fn installed(actions: &[PqAction]) -> Option<(Psk, bool)> {
 /// Reassembles frames into (kind, session, message).
 fn messages(now: Instant, frames: &[Vec<u8>]) -> Vec<(Kind, u32, Vec<u8>)> {
     let mut r = Reassembly::default();
-    let from: SocketAddr = FROM.parse().unwrap();
+    let from = Addr::main(FROM.parse().unwrap());
     frames
         .iter()
         .filter_map(|f| match frame::decode(f)? {
@@ -91,7 +91,7 @@ impl Pair {
         self.res.handle_init(
             self.now,
             &mut self.rng,
-            FROM.parse().unwrap(),
+            Addr::main(FROM.parse().unwrap()),
             session,
             message_hash(&msg1),
             hs,
@@ -295,7 +295,7 @@ fn the_cached_answer_goes_only_to_the_original_sender_and_only_briefly() {
         p.res.handle_init(
             p.now,
             &mut p.rng,
-            from.parse().unwrap(),
+            Addr::main(from.parse().unwrap()),
             session,
             message_hash(&msg1),
             hs,
@@ -331,7 +331,7 @@ fn a_message_1_to_the_initiator_is_refused() {
     let r = p.ini.handle_init(
         p.now,
         &mut p.rng,
-        FROM.parse().unwrap(),
+        Addr::main(FROM.parse().unwrap()),
         session,
         message_hash(&msg1),
         hs,

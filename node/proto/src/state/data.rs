@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::addr::Addr;
+
 use gotatun::noise::TunnResult;
 use gotatun::noise::handshake::parse_handshake_anon;
 use gotatun::packet::{Packet, WgKind};
@@ -11,7 +13,7 @@ use tracing::{debug, trace};
 use wire::NodeKey;
 
 use super::peers::MAX_WAITING;
-use super::{Event, NodeState, Transmit};
+use super::{NodeState, Transmit};
 use crate::conntrack::Known;
 use crate::packet::{self, PacketInfo, Transport};
 
@@ -66,7 +68,11 @@ impl NodeState {
 
     /// Encrypts a packet for `key` (whose tunnel exists) and sends it.
     pub(super) fn encapsulate(&mut self, now: Instant, key: NodeKey, packet: Packet) {
-        let Some(tunnel) = self.peers.get_mut(&key).and_then(|p| p.tunnel.as_mut()) else {
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        peer.path.on_send(now);
+        let Some(tunnel) = peer.tunnel.as_mut() else {
             return;
         };
         if let Some(wg) = tunnel.encapsulate(packet) {
@@ -74,8 +80,10 @@ impl NodeState {
         }
     }
 
-    pub(super) fn handle_wireguard(&mut self, now: Instant, from: SocketAddr, datagram: Packet) {
-        let wg = match self.rate_limiter.verify_packet(from, datagram) {
+    pub(super) fn handle_wireguard(&mut self, now: Instant, from: Addr, datagram: Packet) {
+        // Relayed packets have no source address; cookies for them go back through the relay.
+        let src = from.udp().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+        let wg = match self.rate_limiter.verify_packet(src, datagram) {
             Ok(wg) => wg,
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 self.counters.wg_cookies_sent += 1;
@@ -191,11 +199,10 @@ impl NodeState {
         let Some(peer) = self.peers.get(&key) else {
             return;
         };
-        let targets = if matches!(wg, WgKind::HandshakeInit(_)) {
-            peer.path.handshake_targets(now)
-        } else {
-            peer.path.data_target().into_iter().collect()
-        };
+        let control = !matches!(wg, WgKind::Data(_));
+        let targets = peer
+            .path
+            .targets(now, key, self.local_for(&peer.node), control);
         let payload: Packet = wg.into();
         let Some((last, rest)) = targets.split_last() else {
             return;
@@ -219,8 +226,12 @@ impl NodeState {
     /// switches now instead of after WireGuard's 15 s silence timer. The reaction goes to the
     /// peer's known path, never to `from` alone, so this cannot reflect traffic at a third
     /// party.
-    fn hint_stale_session(&mut self, now: Instant, from: SocketAddr) {
-        let Some((key, peer)) = self.peers.iter_mut().find(|(_, p)| p.path.knows(from)) else {
+    fn hint_stale_session(&mut self, now: Instant, from: Addr) {
+        let found = match from {
+            Addr::Udp(_, a) => self.peers.iter_mut().find(|(_, p)| p.path.knows(a)),
+            Addr::Relay(_, k) => self.peers.iter_mut().find(|(key, _)| **key == k),
+        };
+        let Some((key, peer)) = found else {
             return;
         };
         if peer
@@ -251,16 +262,12 @@ impl NodeState {
         self.by_index.insert(idx, key);
     }
 
-    pub(super) fn learn_path(&mut self, now: Instant, key: NodeKey, from: SocketAddr) {
+    pub(super) fn learn_path(&mut self, now: Instant, key: NodeKey, from: Addr) {
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
-        if peer.path.learn(now, from) {
-            debug!(peer = %peer.node.name, %from, "direct path confirmed");
-            self.events.push_back(Event::PathChanged {
-                peer: peer.node.id,
-                addr: from,
-            });
+        if peer.path.on_auth_rx(now, from) {
+            self.path_changed(now, key);
         }
     }
 }

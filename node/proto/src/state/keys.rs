@@ -1,7 +1,6 @@
 //! The post-quantum key schedule inside [`NodeState`]: handshake frames, nudges, tunnel
 //! creation and key installation.
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use gotatun::packet::Packet;
@@ -11,6 +10,7 @@ use wire::NodeKey;
 use wire::netmap::TunnelSecurity;
 
 use super::NodeState;
+use crate::addr::Addr;
 use crate::frame::{self, Frame, Kind};
 use crate::pq::{self, PqAction};
 use crate::tunnel::Tunnel;
@@ -22,7 +22,11 @@ pub(super) const PQ_BURST: f64 = 100.0;
 
 impl NodeState {
     /// A Lattice frame arrived.
-    pub(super) fn handle_frame(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+    pub(super) fn handle_frame(&mut self, now: Instant, from: Addr, datagram: &[u8]) {
+        if let Some((sender, sealed)) = crate::disco::parse_frame(datagram) {
+            self.handle_disco(now, from, NodeKey::from_bytes(sender), sealed);
+            return;
+        }
         let Some(frame) = frame::decode(datagram) else {
             self.counters.frames_invalid += 1;
             return;
@@ -63,7 +67,7 @@ impl NodeState {
         }
     }
 
-    fn handle_pq_init(&mut self, now: Instant, from: SocketAddr, session: u32, msg1: &[u8]) {
+    fn handle_pq_init(&mut self, now: Instant, from: Addr, session: u32, msg1: &[u8]) {
         if !self.take_pq_token(now) {
             self.counters.pq_rate_limited += 1;
             return;
@@ -105,7 +109,7 @@ impl NodeState {
         }
     }
 
-    fn handle_pq_resp(&mut self, now: Instant, from: SocketAddr, session: u32, msg2: &[u8]) {
+    fn handle_pq_resp(&mut self, now: Instant, from: Addr, session: u32, msg2: &[u8]) {
         let key = self
             .peers
             .iter()
@@ -180,7 +184,9 @@ impl NodeState {
                     let Some(peer) = self.peers.get(&key) else {
                         return;
                     };
-                    let targets = peer.path.handshake_targets(now);
+                    let targets = peer
+                        .path
+                        .targets(now, key, self.local_for(&peer.node), true);
                     for f in &frames {
                         for dst in &targets {
                             self.transmits.push_back(super::Transmit {

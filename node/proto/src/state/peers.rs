@@ -9,7 +9,7 @@ use wire::NodeId;
 use wire::netmap::{Node, TunnelSecurity};
 
 use super::{Event, NodeState};
-use crate::magicsock::PathState;
+use crate::path::PathState;
 use crate::pq::PqPeer;
 use crate::tunnel::Tunnel;
 
@@ -29,6 +29,11 @@ pub(super) struct Peer {
     pub(super) waiting: VecDeque<Packet>,
     /// When we last reacted to the peer using a session we do not have.
     pub(super) last_stale_hint: Option<Instant>,
+    /// The key disco messages with this peer are sealed under (`None`: unusable peer key).
+    pub(super) disco_key: Option<zeroize::Zeroizing<[u8; 32]>>,
+    /// Disco answers this peer may still get this second.
+    pub(super) disco_tokens: f64,
+    pub(super) disco_tokens_at: Instant,
 }
 
 impl NodeState {
@@ -50,11 +55,13 @@ impl NodeState {
                     self.by_ip.remove(a);
                 }
             }
-            peer.path.set_candidates(node.endpoints.clone());
+            peer.path.set_endpoints(node.endpoints.clone());
+            peer.path.set_peer_nat(node.nat.clone());
             peer.node = node;
         } else {
             let mut path = PathState::default();
-            path.set_candidates(node.endpoints.clone());
+            path.set_endpoints(node.endpoints.clone());
+            path.set_peer_nat(node.nat.clone());
             debug!(peer = %node.name, key = %key, "peer added");
             self.by_id.insert(node.id, key);
             let mut peer = Peer {
@@ -65,6 +72,11 @@ impl NodeState {
                 pq_wanted: false,
                 waiting: VecDeque::new(),
                 last_stale_hint: None,
+                disco_key: self
+                    .keypair
+                    .shared_key(key.as_bytes(), crate::disco::KEY_LABEL),
+                disco_tokens: super::discovery::DISCO_BURST,
+                disco_tokens_at: now,
             };
             if self.security == TunnelSecurity::ClassicalOnly {
                 peer.tunnel = Some(self.new_tunnel(key, None));

@@ -7,6 +7,7 @@ use wire::netmap::{MapResponse, Node};
 use wire::{IpProto, NodeId, NodeKey};
 
 use super::*;
+use crate::addr::{Addr, SockId};
 use crate::packet::tcp_flags;
 use crate::packet::tests::{icmp_echo, ipv4, tcp, udp};
 use crate::pq::{PqConfig, Role};
@@ -24,7 +25,7 @@ struct Net {
     wire: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
 }
 
-fn private_key(i: usize) -> [u8; 32] {
+pub(crate) fn private_key(i: usize) -> [u8; 32] {
     let mut k = [0u8; 32];
     // byte 0's low bits are cleared by X25519 clamping, so vary byte 1
     k[1] = i as u8 + 1;
@@ -33,9 +34,9 @@ fn private_key(i: usize) -> [u8; 32] {
 }
 
 /// Wall-clock base for the tests' nodes.
-const WALL: u64 = 1_790_000_000_000;
+pub(crate) const WALL: u64 = 1_790_000_000_000;
 
-fn config(i: usize, started_later_ms: u64) -> NodeConfig {
+pub(crate) fn config(i: usize, started_later_ms: u64) -> NodeConfig {
     NodeConfig {
         private_key: private_key(i),
         tun_mtu: 1280,
@@ -44,16 +45,16 @@ fn config(i: usize, started_later_ms: u64) -> NodeConfig {
     }
 }
 
-fn public_key(i: usize) -> NodeKey {
+pub(crate) fn public_key(i: usize) -> NodeKey {
     let sk = StaticSecret::from(private_key(i));
     NodeKey::from_bytes(PublicKey::from(&sk).to_bytes())
 }
 
-fn overlay(i: usize) -> IpAddr {
+pub(crate) fn overlay(i: usize) -> IpAddr {
     IpAddr::from([100, 64, 0, i as u8 + 1])
 }
 
-fn node(i: usize, endpoints: Vec<SocketAddr>) -> Node {
+pub(crate) fn node(i: usize, endpoints: Vec<SocketAddr>) -> Node {
     Node {
         id: NodeId(i as u64 + 1),
         name: format!("n{i}"),
@@ -72,7 +73,7 @@ fn node(i: usize, endpoints: Vec<SocketAddr>) -> Node {
     }
 }
 
-fn allow_all(i: usize) -> Vec<FilterRule> {
+pub(crate) fn allow_all(i: usize) -> Vec<FilterRule> {
     vec![FilterRule {
         origin: "test".into(),
         action: Action::Accept,
@@ -130,7 +131,10 @@ impl Net {
             for i in 0..self.nodes.len() {
                 while let Some(t) = self.nodes[i].poll_transmit() {
                     moved = true;
-                    if self.blackholed.contains(&t.dst) {
+                    let Addr::Udp(_, dst) = t.dst else {
+                        continue;
+                    };
+                    if self.blackholed.contains(&dst) {
                         continue;
                     }
                     let from = self.addrs[i];
@@ -139,10 +143,11 @@ impl Net {
                         let n = bytes.len();
                         bytes[n - 1] ^= 0x01;
                     }
-                    self.wire.push((from, t.dst, bytes.clone()));
-                    if let Some(j) = self.addrs.iter().position(|a| *a == t.dst) {
+                    self.wire.push((from, dst, bytes.clone()));
+                    if let Some(j) = self.addrs.iter().position(|a| *a == dst) {
                         self.nodes[j].handle_datagram(
                             self.now,
+                            SockId::Main,
                             from,
                             Packet::copy_from(&bytes[..]),
                         );
@@ -684,7 +689,7 @@ proptest! {
                 d[0] = (d[0] % 4) + 1;
                 d[1..4].copy_from_slice(&[0, 0, 0]);
             }
-            net.nodes[1].handle_datagram(net.now, net.addrs[0], Packet::copy_from(&d[..]));
+            net.nodes[1].handle_datagram(net.now, SockId::Main, net.addrs[0], Packet::copy_from(&d[..]));
         }
         net.run();
         prop_assert!(net.received(1).is_empty());
@@ -725,16 +730,31 @@ fn stale_session_hints_are_rate_limited_and_ignore_strangers() {
     let mut data = vec![4u8, 0, 0, 0, 9, 9, 9, 9];
     data.extend([0u8; 40]);
     let stranger: SocketAddr = "203.0.113.9:5".parse().unwrap();
-    net.nodes[1].handle_datagram(net.now, stranger, Packet::copy_from(&data[..]));
+    net.nodes[1].handle_datagram(
+        net.now,
+        SockId::Main,
+        stranger,
+        Packet::copy_from(&data[..]),
+    );
     assert!(net.nodes[1].poll_transmit().is_none());
     // From the peer's address: one handshake, then nothing for a while.
-    net.nodes[1].handle_datagram(net.now, net.addrs[0], Packet::copy_from(&data[..]));
+    net.nodes[1].handle_datagram(
+        net.now,
+        SockId::Main,
+        net.addrs[0],
+        Packet::copy_from(&data[..]),
+    );
     let t = net.nodes[1]
         .poll_transmit()
         .expect("a handshake towards the peer");
-    assert_eq!(t.dst, net.addrs[0]);
+    assert_eq!(t.dst, Addr::main(net.addrs[0]));
     assert!(net.nodes[1].poll_transmit().is_none());
-    net.nodes[1].handle_datagram(net.now, net.addrs[0], Packet::copy_from(&data[..]));
+    net.nodes[1].handle_datagram(
+        net.now,
+        SockId::Main,
+        net.addrs[0],
+        Packet::copy_from(&data[..]),
+    );
     assert!(net.nodes[1].poll_transmit().is_none());
 }
 
@@ -917,7 +937,12 @@ fn a_replayed_message_1_is_refused_and_changes_no_key() {
     net.now += Duration::from_secs(60);
     let attacker: SocketAddr = "203.0.113.66:4444".parse().unwrap();
     for (_, _, b) in &init_frames {
-        net.nodes[responder].handle_datagram(net.now, attacker, Packet::copy_from(&b[..]));
+        net.nodes[responder].handle_datagram(
+            net.now,
+            SockId::Main,
+            attacker,
+            Packet::copy_from(&b[..]),
+        );
     }
     let after = net.nodes[responder].status(net.now);
     assert_eq!(

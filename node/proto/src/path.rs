@@ -1,0 +1,690 @@
+//! Path selection for one peer (sans-IO): which way its packets go right now, and which disco
+//! probes to send to find a better way.
+//!
+//! - Traffic starts on a relay (when one is up) and moves to a direct path the moment a pong
+//!   comes back on one (or an authenticated WireGuard packet arrives on one).
+//! - A direct path is *trusted* while something authenticated arrived on it within
+//!   [`TRUST`]; while the peer is active it is heartbeated every [`HEARTBEAT`]. An untrusted
+//!   path carries traffic together with the relay until [`STALE`], then only the relay does.
+//! - Without a trusted direct path, probe rounds (pings to every candidate plus a
+//!   call-me-maybe through the relay, so both sides open their NATs at once) repeat every
+//!   [`PROBE_FAST`] for the first rounds, then every [`PROBE_SLOW`] while traffic flows.
+//! - Hard NAT (endpoint-dependent mapping) on one side only: the hard side pings the easy
+//!   side's public endpoints from [`AUX_SOCKETS`] extra sockets (each gets its own NAT
+//!   mapping) and says so in its call-me-maybe; the easy side then sprays [`SPRAY_PROBES`]
+//!   pings at random ports of the hard side's public IP. With 256 open mappings, 2,048
+//!   probes hit one with probability above 99.9%.
+//! - The best path wins by latency, with hysteresis ([`SWITCH_RATIO`]), so two working paths
+//!   do not flap.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, RngExt};
+use wire::{NatInfo, RelayId};
+
+use crate::addr::{Addr, SockId};
+
+/// A direct path is trusted this long after something authenticated arrived on it.
+pub const TRUST: Duration = Duration::from_secs(3);
+/// An untrusted direct path is dropped this long after its last authenticated packet.
+pub const STALE: Duration = Duration::from_secs(10);
+/// Heartbeat interval on the direct path while the peer is active.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A peer is active this long after we sent it something.
+pub const ACTIVE: Duration = Duration::from_secs(5);
+/// Probe interval for the first [`FAST_ROUNDS`] rounds without a direct path.
+pub const PROBE_FAST: Duration = Duration::from_secs(2);
+/// Probe interval after that, while traffic flows.
+pub const PROBE_SLOW: Duration = Duration::from_secs(15);
+const FAST_ROUNDS: u32 = 5;
+/// Extra sockets a hard-NAT side opens towards an easy-NAT peer.
+pub const AUX_SOCKETS: u16 = 256;
+/// Pings an easy-NAT side sprays at a hard-NAT peer's public IP per attempt.
+pub const SPRAY_PROBES: u32 = 2048;
+/// Spray pings per timer tick (250 ms): an attempt takes about two seconds.
+const SPRAY_PER_TICK: u32 = 256;
+/// At most one spray per peer per this interval.
+const SPRAY_INTERVAL: Duration = Duration::from_secs(10);
+/// A new path must be this much faster to replace a trusted one.
+pub const SWITCH_RATIO: f64 = 0.8;
+/// Outstanding probes remembered (a spray's worth and a little more).
+const MAX_PROBES: usize = 4096;
+/// Probes older than this are forgotten.
+const PROBE_TTL: Duration = Duration::from_secs(10);
+/// Endpoints learned from call-me-maybe and pings, most recent kept.
+const MAX_EXTRA: usize = 16;
+
+/// Something the node should send for this peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathAction {
+    /// A disco ping with transaction id `tx` to a UDP address.
+    Ping {
+        /// Where (and from which socket).
+        to: Addr,
+        /// Transaction id.
+        tx: [u8; 12],
+    },
+    /// A call-me-maybe through `relay`.
+    CallMeMaybe {
+        /// The relay.
+        relay: RelayId,
+        /// Whether to say we are behind a hard NAT (and have opened extra ports).
+        hard: bool,
+    },
+}
+
+/// How a peer is reached, for status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Current {
+    /// Directly, at this address from this socket.
+    Direct(SockId, SocketAddr),
+    /// Through this relay.
+    Relay(RelayId),
+    /// Not at all yet.
+    None,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Best {
+    sock: SockId,
+    addr: SocketAddr,
+    latency: Option<Duration>,
+    last_rx: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    tx: [u8; 12],
+    sock: SockId,
+    addr: SocketAddr,
+    sent: Instant,
+}
+
+/// Facts about this node that path decisions depend on.
+#[derive(Debug, Clone, Copy)]
+pub struct Local<'a> {
+    /// The relay to reach this peer through, if any is up.
+    pub relay: Option<RelayId>,
+    /// Whether any relay is known at all (without relays, paths fall back to endpoints).
+    pub relays_known: bool,
+    /// This node's NAT, as its netcheck measured it.
+    pub nat: Option<&'a NatInfo>,
+}
+
+impl Local<'_> {
+    fn hard(&self) -> bool {
+        self.nat.is_some_and(NatInfo::is_hard)
+    }
+}
+
+/// One peer's path state.
+#[derive(Debug, Clone, Default)]
+pub struct PathState {
+    endpoints: Vec<SocketAddr>,
+    extra: VecDeque<SocketAddr>,
+    peer_nat: Option<NatInfo>,
+    best: Option<Best>,
+    probes: VecDeque<Probe>,
+    last_auth_rx: Option<Instant>,
+    last_relay_rx: Option<Instant>,
+    active_until: Option<Instant>,
+    next_heartbeat: Option<Instant>,
+    next_probe: Option<Instant>,
+    rounds: u32,
+    spray: Option<(IpAddr, u32)>,
+    last_spray: Option<Instant>,
+    aux_until: Option<Instant>,
+    next_aux: Option<Instant>,
+    aux_at: Option<Instant>,
+    reprobe: bool,
+    probing_since: Option<Instant>,
+}
+
+fn direct(sock: SockId, addr: SocketAddr) -> Addr {
+    Addr::Udp(sock, addr)
+}
+
+impl PathState {
+    /// Replaces the peer's reported endpoints.
+    pub fn set_endpoints(&mut self, mut endpoints: Vec<SocketAddr>) {
+        endpoints.dedup();
+        endpoints.truncate(MAX_EXTRA);
+        if endpoints != self.endpoints {
+            self.endpoints = endpoints;
+            // New candidates: probe them at the next tick if we are still looking.
+            self.reprobe = true;
+        }
+    }
+
+    /// The peer's NAT as it reported it.
+    pub fn set_peer_nat(&mut self, nat: Option<NatInfo>) {
+        self.peer_nat = nat;
+    }
+
+    /// The peer's endpoints plus those learned from it.
+    pub fn candidates(&self) -> Vec<SocketAddr> {
+        let mut all = self.endpoints.clone();
+        for e in &self.extra {
+            if !all.contains(e) {
+                all.push(*e);
+            }
+        }
+        all
+    }
+
+    fn add_extra(&mut self, a: SocketAddr) {
+        if self.endpoints.contains(&a) || self.extra.contains(&a) {
+            return;
+        }
+        if self.extra.len() >= MAX_EXTRA {
+            self.extra.pop_front();
+        }
+        self.extra.push_back(a);
+    }
+
+    fn trusted(&self, now: Instant) -> Option<Best> {
+        self.best
+            .filter(|b| now.saturating_duration_since(b.last_rx) < TRUST)
+    }
+
+    /// Where packets for the peer go now. `control` marks handshakes and key exchanges,
+    /// which without any relay go to every candidate so whichever works can answer.
+    pub fn targets(
+        &self,
+        now: Instant,
+        peer: wire::NodeKey,
+        local: Local<'_>,
+        control: bool,
+    ) -> Vec<Addr> {
+        if let Some(b) = self.trusted(now) {
+            return vec![direct(b.sock, b.addr)];
+        }
+        let mut out = Vec::new();
+        if let Some(b) = self.best {
+            out.push(direct(b.sock, b.addr));
+        }
+        if let Some(r) = local.relay {
+            out.push(Addr::Relay(r, peer));
+            return out;
+        }
+        if out.is_empty() || (control && !local.relays_known) {
+            // No relay: try the candidates directly (all of them for control messages).
+            let cands = self.candidates();
+            let take = if control { cands.len() } else { 1 };
+            for c in cands.into_iter().take(take) {
+                let a = direct(SockId::Main, c);
+                if !out.contains(&a) {
+                    out.push(a);
+                }
+            }
+        }
+        out
+    }
+
+    /// We are sending the peer something: it is active (heartbeats, probing).
+    pub fn on_send(&mut self, now: Instant) {
+        let was_active = self.active_until.is_some_and(|t| t > now);
+        self.active_until = Some(now + ACTIVE);
+        if !was_active && self.trusted(now).is_none() {
+            // Traffic (re)starts without a trusted direct path: probe now.
+            self.next_probe = Some(now);
+            self.rounds = 0;
+        }
+    }
+
+    /// An authenticated packet (WireGuard, or a pong to our ping) arrived from `from`.
+    /// Returns whether the path the peer is reached on changed.
+    pub fn on_auth_rx(&mut self, now: Instant, from: Addr) -> bool {
+        self.last_auth_rx = Some(now);
+        match from {
+            Addr::Relay(..) => {
+                self.last_relay_rx = Some(now);
+                false
+            }
+            Addr::Udp(sock, addr) => match &mut self.best {
+                Some(b) if b.sock == sock && b.addr == addr => {
+                    b.last_rx = now;
+                    false
+                }
+                // A trusted path keeps its place unless it has gone quiet (the peer's NAT
+                // rebound, or it moved): then the source that works now takes over.
+                Some(b)
+                    if now.saturating_duration_since(b.last_rx) < Duration::from_millis(500) =>
+                {
+                    false
+                }
+                _ => {
+                    self.best = Some(Best {
+                        sock,
+                        addr,
+                        latency: None,
+                        last_rx: now,
+                    });
+                    self.probing_since = None;
+                    true
+                }
+            },
+        }
+    }
+
+    /// A pong with `tx` arrived from `from`. Returns `Some(changed)` if it answered one of
+    /// our pings.
+    pub fn on_pong(&mut self, now: Instant, tx: &[u8; 12], from: Addr) -> Option<bool> {
+        let i = self.probes.iter().position(|p| &p.tx == tx)?;
+        let p = self.probes.remove(i)?;
+        let Addr::Udp(sock, addr) = from else {
+            return Some(false);
+        };
+        // The pong must come back the way the ping went: same socket, same address.
+        if sock != p.sock || addr != p.addr {
+            return Some(false);
+        }
+        self.last_auth_rx = Some(now);
+        let latency = now.saturating_duration_since(p.sent);
+        let better = match self.best {
+            None => true,
+            Some(b) if b.sock == sock && b.addr == addr => {
+                if let Some(best) = &mut self.best {
+                    best.last_rx = now;
+                    best.latency = Some(latency);
+                }
+                return Some(false);
+            }
+            Some(b) => {
+                now.saturating_duration_since(b.last_rx) >= TRUST
+                    || b.latency.is_none_or(|l| {
+                        latency.as_secs_f64() < l.as_secs_f64() * SWITCH_RATIO
+                            && latency + Duration::from_millis(1) < l
+                    })
+            }
+        };
+        if better {
+            self.best = Some(Best {
+                sock,
+                addr,
+                latency: Some(latency),
+                last_rx: now,
+            });
+            self.probing_since = None;
+            self.spray = None;
+        }
+        Some(better)
+    }
+
+    /// The peer pinged us from `from` (a UDP address). We answer (the caller sends the pong)
+    /// and ping it back to verify the path before using it.
+    pub fn on_ping(&mut self, now: Instant, rng: &mut impl Rng, from: Addr) -> Vec<PathAction> {
+        let Addr::Udp(sock, addr) = from else {
+            return Vec::new();
+        };
+        if self.best.is_some_and(|b| {
+            b.sock == sock && b.addr == addr && now.saturating_duration_since(b.last_rx) < TRUST
+        }) {
+            return Vec::new();
+        }
+        if sock == SockId::Main {
+            self.add_extra(addr);
+        }
+        vec![self.ping(now, rng, sock, addr)]
+    }
+
+    /// The peer sent a call-me-maybe: ping its endpoints now; if it is behind a hard NAT and
+    /// we are not, spray its public IP.
+    pub fn on_call_me_maybe(
+        &mut self,
+        now: Instant,
+        rng: &mut impl Rng,
+        local: Local<'_>,
+        endpoints: &[SocketAddr],
+        hard: bool,
+        public_ip: Option<IpAddr>,
+    ) -> Vec<PathAction> {
+        for e in endpoints {
+            self.add_extra(*e);
+        }
+        let mut out: Vec<PathAction> = Vec::new();
+        if self.trusted(now).is_some() {
+            return out;
+        }
+        for c in self.candidates() {
+            out.push(self.ping(now, rng, SockId::Main, c));
+        }
+        // We are the hard side and the peer is not: unless the plain pings get through within
+        // a second, open our extra mappings towards it and ask it to spray (it only sprays for
+        // a call-me-maybe that says we are hard).
+        if local.hard() && !hard && self.aux_until.is_none() && self.aux_at.is_none() {
+            self.aux_at = Some(now + Duration::from_secs(1));
+        }
+        if hard
+            && !local.hard()
+            && let Some(ip) = public_ip
+            && self
+                .last_spray
+                .is_none_or(|t| now.saturating_duration_since(t) >= SPRAY_INTERVAL)
+        {
+            self.last_spray = Some(now);
+            self.spray = Some((ip, SPRAY_PROBES));
+        }
+        out
+    }
+
+    fn ping(
+        &mut self,
+        now: Instant,
+        rng: &mut impl Rng,
+        sock: SockId,
+        addr: SocketAddr,
+    ) -> PathAction {
+        let tx: [u8; 12] = rng.random();
+        if self.probes.len() >= MAX_PROBES {
+            self.probes.pop_front();
+        }
+        self.probes.push_back(Probe {
+            tx,
+            sock,
+            addr,
+            sent: now,
+        });
+        PathAction::Ping {
+            to: direct(sock, addr),
+            tx,
+        }
+    }
+
+    /// Timers: heartbeats, probe rounds, spraying, extra-socket pings. Call every tick.
+    pub fn poll(&mut self, now: Instant, rng: &mut impl Rng, local: Local<'_>) -> Vec<PathAction> {
+        let mut out = Vec::new();
+        while self
+            .probes
+            .front()
+            .is_some_and(|p| now.saturating_duration_since(p.sent) > PROBE_TTL)
+        {
+            self.probes.pop_front();
+        }
+        if self
+            .best
+            .is_some_and(|b| now.saturating_duration_since(b.last_rx) >= STALE)
+        {
+            self.best = None;
+        }
+        let active = self.active_until.is_some_and(|t| t > now);
+        if std::mem::take(&mut self.reprobe) && active && self.trusted(now).is_none() {
+            self.next_probe = Some(now);
+        }
+        if let Some(b) = self.trusted(now) {
+            if active && self.next_heartbeat.is_none_or(|t| t <= now) {
+                self.next_heartbeat = Some(now + HEARTBEAT);
+                out.push(self.ping(now, rng, b.sock, b.addr));
+            }
+        } else if let Some(b) = self.best {
+            // Untrusted: ask it at once whether it still works.
+            if self.next_heartbeat.is_none_or(|t| t <= now) {
+                self.next_heartbeat = Some(now + HEARTBEAT);
+                out.push(self.ping(now, rng, b.sock, b.addr));
+            }
+        }
+        if self.trusted(now).is_none() && active && self.next_probe.is_none_or(|t| t <= now) {
+            self.rounds += 1;
+            let wait = if self.rounds <= FAST_ROUNDS {
+                PROBE_FAST
+            } else {
+                PROBE_SLOW
+            };
+            self.next_probe = Some(now + wait);
+            self.probing_since.get_or_insert(now);
+            out.extend(self.probe_round(now, rng, local));
+        }
+        if let Some(at) = self.aux_at
+            && at <= now
+        {
+            self.aux_at = None;
+            if self.trusted(now).is_none() && self.aux_until.is_none() {
+                self.start_aux(now);
+                out.extend(self.aux_pings(now, rng));
+                if let Some(r) = local.relay {
+                    out.push(PathAction::CallMeMaybe {
+                        relay: r,
+                        hard: true,
+                    });
+                }
+            }
+        }
+        // Keep the hard-NAT side's extra mappings open while it waits for a spray to hit.
+        if let Some(until) = self.aux_until {
+            if now >= until || self.trusted(now).is_some() {
+                self.aux_until = None;
+            } else if self.next_aux.is_some_and(|t| t <= now) {
+                self.next_aux = Some(now + Duration::from_secs(3));
+                out.extend(self.aux_pings(now, rng));
+            }
+        }
+        if let Some((ip, left)) = self.spray {
+            let n = left.min(SPRAY_PER_TICK);
+            for _ in 0..n {
+                let port: u16 = rng.random_range(1024..=u16::MAX);
+                out.push(self.ping(now, rng, SockId::Main, SocketAddr::new(ip, port)));
+            }
+            self.spray = (left > n).then_some((ip, left - n));
+        }
+        out
+    }
+
+    fn probe_round(
+        &mut self,
+        now: Instant,
+        rng: &mut impl Rng,
+        local: Local<'_>,
+    ) -> Vec<PathAction> {
+        let mut out = Vec::new();
+        for c in self.candidates() {
+            out.push(self.ping(now, rng, SockId::Main, c));
+        }
+        let peer_hard = self.peer_nat.as_ref().is_some_and(NatInfo::is_hard);
+        let hard_mode = local.hard() && !peer_hard;
+        // The first round tries the main socket alone (enough unless the peer filters);
+        // from the second on, the hard side opens its extra mappings.
+        if hard_mode && self.rounds >= 2 && self.aux_until.is_none() {
+            self.start_aux(now);
+            out.extend(self.aux_pings(now, rng));
+        }
+        if let Some(r) = local.relay {
+            // Ask for a spray only once our extra mappings exist for it to hit.
+            out.push(PathAction::CallMeMaybe {
+                relay: r,
+                hard: hard_mode && self.aux_until.is_some(),
+            });
+        }
+        out
+    }
+
+    fn start_aux(&mut self, now: Instant) {
+        self.aux_until = Some(now + Duration::from_secs(20));
+        self.next_aux = Some(now + Duration::from_secs(3));
+    }
+
+    /// Pings from every extra socket to the peer's public endpoints (its reported endpoints
+    /// outside private ranges).
+    fn aux_pings(&mut self, now: Instant, rng: &mut impl Rng) -> Vec<PathAction> {
+        let public: Vec<SocketAddr> = self
+            .candidates()
+            .into_iter()
+            .filter(|a| match self.peer_nat.as_ref().and_then(|n| n.public_ip) {
+                Some(ip) => a.ip() == ip,
+                None => !is_private(a.ip()),
+            })
+            .collect();
+        let mut out = Vec::new();
+        for i in 0..AUX_SOCKETS {
+            for a in &public {
+                out.push(self.ping(now, rng, SockId::Aux(i), *a));
+            }
+        }
+        out
+    }
+
+    /// Whether `a` is where this peer's packets are known or expected to come from.
+    pub fn knows(&self, a: SocketAddr) -> bool {
+        self.best.is_some_and(|b| b.addr == a)
+            || self.endpoints.contains(&a)
+            || self.extra.contains(&a)
+    }
+
+    /// The current path.
+    pub fn current(&self, now: Instant, local: Local<'_>) -> Current {
+        if let Some(b) = self.trusted(now) {
+            return Current::Direct(b.sock, b.addr);
+        }
+        match local.relay {
+            Some(r) => Current::Relay(r),
+            None => match self.best {
+                Some(b) => Current::Direct(b.sock, b.addr),
+                None => Current::None,
+            },
+        }
+    }
+
+    /// The measured latency of the direct path.
+    pub fn latency(&self) -> Option<Duration> {
+        self.best.and_then(|b| b.latency)
+    }
+
+    /// When something authenticated last arrived from the peer.
+    pub fn last_authenticated(&self) -> Option<Instant> {
+        self.last_auth_rx
+    }
+
+    /// Why the peer is not reached directly, for status.
+    pub fn relay_reason(&self, now: Instant, local: Local<'_>) -> String {
+        let peer = self.peer_nat.as_ref();
+        if local.nat.is_some_and(|n| !n.udp) {
+            return "UDP looks blocked on this network".into();
+        }
+        if peer.is_some_and(|n| !n.udp) {
+            return "UDP looks blocked on the peer's network".into();
+        }
+        if local.hard() && peer.is_some_and(NatInfo::is_hard) {
+            return "both sides are behind hard (endpoint-dependent) NATs".into();
+        }
+        if self.endpoints.is_empty() && self.extra.is_empty() {
+            return "the peer reported no endpoints".into();
+        }
+        if self
+            .probing_since
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(10))
+        {
+            return "probing for a direct path".into();
+        }
+        if local.hard() || peer.is_some_and(NatInfo::is_hard) {
+            return "one side is behind a hard NAT and port probing has not connected yet".into();
+        }
+        "no direct path answered (a firewall may drop UDP between the two)".into()
+    }
+}
+
+/// Whether `ip` is a private, loopback or link-local address (not reachable from outside).
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64
+        }
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || (v6.segments()[0] & 0xfe00) == 0xfc00
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{SeedableRng, rngs::StdRng};
+
+    fn local() -> Local<'static> {
+        Local {
+            relay: Some(RelayId(0)),
+            relays_known: true,
+            nat: None,
+        }
+    }
+
+    /// Pings `addr` and answers the ping after `rtt`.
+    fn probe(
+        p: &mut PathState,
+        now: Instant,
+        rng: &mut StdRng,
+        addr: SocketAddr,
+        rtt: Duration,
+    ) -> Option<bool> {
+        let PathAction::Ping { tx, .. } = p.ping(now, rng, SockId::Main, addr) else {
+            unreachable!()
+        };
+        p.on_pong(now + rtt, &tx, Addr::main(addr))
+    }
+
+    #[test]
+    fn a_faster_path_replaces_the_best_only_when_clearly_faster() {
+        let now = crate::test_epoch();
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut p = PathState::default();
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "192.0.2.1:1".parse().unwrap(),
+            "192.0.2.2:1".parse().unwrap(),
+        );
+        assert_eq!(
+            probe(&mut p, now, &mut rng, a, Duration::from_millis(10)),
+            Some(true)
+        );
+        assert_eq!(p.current(now, local()), Current::Direct(SockId::Main, a));
+        // 9 ms is not enough better; 5 ms is.
+        assert_eq!(
+            probe(&mut p, now, &mut rng, b, Duration::from_millis(9)),
+            Some(false)
+        );
+        assert_eq!(
+            probe(&mut p, now, &mut rng, b, Duration::from_millis(5)),
+            Some(true)
+        );
+        assert_eq!(p.current(now, local()), Current::Direct(SockId::Main, b));
+        // A pong for an unknown transaction, or from elsewhere, changes nothing.
+        assert_eq!(p.on_pong(now, &[0; 12], Addr::main(a)), None);
+        let PathAction::Ping { tx, .. } = p.ping(now, &mut rng, SockId::Main, a) else {
+            unreachable!()
+        };
+        assert_eq!(
+            p.on_pong(now, &tx, Addr::main("192.0.2.9:9".parse().unwrap())),
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn trust_lapses_to_relay_plus_direct_then_to_relay_alone() {
+        let now = crate::test_epoch();
+        let mut rng = StdRng::seed_from_u64(2);
+        let mut p = PathState::default();
+        let key = wire::NodeKey::from_bytes([1; 32]);
+        let a: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        assert_eq!(
+            p.targets(now, key, local(), false),
+            vec![Addr::Relay(RelayId(0), key)]
+        );
+        probe(&mut p, now, &mut rng, a, Duration::from_millis(3));
+        assert_eq!(p.targets(now, key, local(), false), vec![Addr::main(a)]);
+        let later = now + TRUST + Duration::from_millis(10);
+        assert_eq!(
+            p.targets(later, key, local(), false),
+            vec![Addr::main(a), Addr::Relay(RelayId(0), key)]
+        );
+        let gone = now + STALE + Duration::from_millis(10);
+        p.poll(gone, &mut rng, local());
+        assert_eq!(
+            p.targets(gone, key, local(), false),
+            vec![Addr::Relay(RelayId(0), key)]
+        );
+    }
+}
