@@ -115,8 +115,9 @@ pub struct ServeArgs {
     /// UDP address of the embedded relay's QUIC listener (default: the --listen address).
     #[arg(long)]
     pub relay_listen: Option<SocketAddr>,
-    /// UDP address of the embedded STUN server (repeatable; two let nodes detect hard NAT).
-    #[arg(long = "stun-listen", default_value = "0.0.0.0:3478")]
+    /// UDP address of the embedded STUN server (repeatable). Nodes compare what two servers
+    /// see to detect hard NAT, so the default listens on two ports.
+    #[arg(long = "stun-listen", default_values = ["0.0.0.0:3478", "0.0.0.0:3479"])]
     pub stun_listen: Vec<SocketAddr>,
 }
 
@@ -259,6 +260,15 @@ pub enum RelaysCommand {
     },
     /// List the relays nodes use.
     List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show the embedded relay's sessions and counters.
+    Stats {
         /// JSON output.
         #[arg(long)]
         json: bool,

@@ -110,6 +110,17 @@ async fn relays_cmd(cmd: RelaysCommand) -> anyhow::Result<Outcome> {
                 output::relays(&list);
             }
         }
+        RelaysCommand::Stats { json, admin } => {
+            let s: relays::RelayStats = target(&admin)?
+                .call(Method::GET, "/relay/stats", None)
+                .await?;
+            if json {
+                output::json(&s);
+            } else {
+                output::line(&format!("sessions: {}", s.sessions.join(", ")));
+                output::line(&serde_json::to_string_pretty(&s.counters).unwrap_or_default());
+            }
+        }
         RelaysCommand::Remove { name, admin } => {
             let _: serde_json::Value = target(&admin)?
                 .call(Method::DELETE, &format!("/relays/{name}"), None)

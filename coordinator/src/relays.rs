@@ -136,7 +136,8 @@ pub async fn start_embedded(
     let quic_addr = endpoint.local_addr()?;
     tokio::spawn(relay.clone().serve_quic(endpoint));
     tokio::spawn(relay.clone().run_sweeper());
-    let host = public_host(cfg.public_url.as_deref());
+    let host = public_host(cfg.public_url.as_deref())
+        .or_else(|| (!cfg.http_listen.ip().is_unspecified()).then(|| cfg.http_listen.ip()));
     let advertise = |a: SocketAddr| -> Option<SocketAddr> {
         if a.ip().is_unspecified() {
             host.map(|h| SocketAddr::new(h, a.port()))
@@ -283,6 +284,39 @@ pub async fn add(st: &AppState, req: AddRelay, actor: &str) -> Result<RelayInfo,
 /// Every relay nodes are told about.
 pub fn list(st: &AppState) -> Vec<RelayInfo> {
     st.hub.read().relays().as_ref().clone()
+}
+
+/// The embedded relay's sessions and counters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RelayStats {
+    /// Nodes with a session (by name; the key when the node is unknown).
+    pub sessions: Vec<String>,
+    /// Counters.
+    pub counters: serde_json::Value,
+}
+
+/// The embedded relay's sessions and counters.
+pub fn stats(st: &AppState) -> Result<RelayStats, ApiError> {
+    let Some(relay) = &st.relay else {
+        return Err(ApiError::NotFound(
+            "the embedded relay is off (--no-embedded-relay)".into(),
+        ));
+    };
+    let hub = st.hub.read();
+    let sessions = relay
+        .session_keys()
+        .into_iter()
+        .map(|k| {
+            let key = NodeKey::from_bytes(k);
+            hub.node_by_key(&key)
+                .and_then(|id| hub.node(id))
+                .map_or_else(|| key.to_string(), |n| n.record.name.clone())
+        })
+        .collect();
+    Ok(RelayStats {
+        sessions,
+        counters: serde_json::to_value(relay.stats()).unwrap_or_default(),
+    })
 }
 
 /// Removes a registered relay (audited).

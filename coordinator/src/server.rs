@@ -132,6 +132,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         ephemeral_timeout: cfg.ephemeral_timeout,
         tickets,
         embedded_relay: embedded.as_ref().map(|e| e.info.clone()),
+        relay: embedded.as_ref().map(|e| e.relay.clone()),
     });
     relays::refresh(&st)
         .await

@@ -34,6 +34,8 @@ pub struct Inner {
     pub tickets: Arc<TicketSigner>,
     /// The embedded relay, as nodes see it (None with `--no-embedded-relay`).
     pub embedded_relay: Option<RelayInfo>,
+    /// The embedded relay itself, for its counters.
+    pub relay: Option<relay::Relay>,
 }
 
 impl AppState {

@@ -58,6 +58,16 @@ pub enum Command {
         #[command(flatten)]
         state: StateDirArg,
     },
+    /// Measure this node's network: UDP, public address, NAT behaviour (hard NAT or not),
+    /// port mapping, and the latency to each relay.
+    Netcheck {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the daemon is.
+        #[command(flatten)]
+        state: StateDirArg,
+    },
     /// Stop the running node (an ephemeral node also leaves the mesh).
     Down {
         /// Where the daemon is.
@@ -112,6 +122,9 @@ pub struct UpArgs {
     /// facts that policies can require. A failing command reports no facts.
     #[arg(long, env = "LATTICE_POSTURE_COMMAND")]
     pub posture_command: Option<String>,
+    /// Do not ask the gateway for a port mapping (UPnP-IGD, NAT-PMP, PCP).
+    #[arg(long)]
+    pub no_port_mapping: bool,
 }
 
 fn parse_posture_interval(s: &str) -> Result<std::time::Duration, String> {

@@ -125,6 +125,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         endpoints_tx,
         pin.url,
         args.accept_dns,
+        identity.node.clone(),
+        !args.no_port_mapping,
     );
     let result = ev.run().await;
     control_task.abort();

@@ -50,6 +50,21 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Netcheck { json, state } => {
+            let sd = StateDir::existing(&state.state_dir);
+            let (code, body) = api::call(&sd.socket(), Method::POST, "/v1/netcheck").await?;
+            if code != StatusCode::OK {
+                bail!("the daemon answered {code}");
+            }
+            let n: api::NetcheckJson =
+                serde_json::from_slice(&body).context("decoding netcheck")?;
+            if json {
+                output::json(&n);
+            } else {
+                output::netcheck(&n);
+            }
+            Ok(())
+        }
         Command::Down { state } => {
             let sd = StateDir::existing(&state.state_dir);
             api::call(&sd.socket(), Method::POST, "/v1/down").await?;

@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::io::api::{StatusJson, WhoisJson};
+use crate::io::api::{NetcheckJson, StatusJson, WhoisJson};
 
 pub(crate) fn line(s: &str) {
     println!("{s}");
@@ -81,6 +81,90 @@ pub(crate) fn status(st: &StatusJson) {
             bytes(p.rx_bytes),
             bytes(p.tx_bytes)
         );
+    }
+    let relayed: Vec<_> = st
+        .peers
+        .iter()
+        .filter(|p| p.path.kind == "relay")
+        .filter_map(|p| p.path.reason.as_ref().map(|r| (&p.name, r)))
+        .collect();
+    if !relayed.is_empty() {
+        println!();
+        for (name, why) in relayed {
+            println!("{name} is relayed: {why}");
+        }
+    }
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |m| format!("{m:.1} ms"))
+}
+
+pub(crate) fn netcheck(n: &NetcheckJson) {
+    println!(
+        "UDP:            {}",
+        if n.udp {
+            "yes"
+        } else {
+            "blocked (relays over WebSocket only)"
+        }
+    );
+    println!(
+        "public address: {}",
+        n.public_ip
+            .map_or_else(|| "unknown".into(), |ip| ip.to_string())
+    );
+    let mapping = match n.mapping_varies_by_destination {
+        Some(true) => "varies by destination (hard NAT: direct paths need port probing)",
+        Some(false) => "endpoint-independent (easy NAT)",
+        None => "unknown (fewer than two STUN answers)",
+    };
+    println!("NAT mapping:    {mapping}");
+    println!(
+        "port mapping:   {}",
+        n.port_mapping.map_or_else(
+            || "none (no UPnP, NAT-PMP or PCP gateway)".into(),
+            |m| m.to_string()
+        )
+    );
+    println!(
+        "advertised:     {}",
+        n.local_endpoints
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!();
+    println!("{:<28} {:<24} {:>10}", "STUN SERVER", "SAW US AT", "RTT");
+    for s in &n.stun {
+        println!(
+            "{:<28} {:<24} {:>10}",
+            s.server.to_string(),
+            s.mapped
+                .map_or_else(|| "no answer".into(), |m| m.to_string()),
+            ms(s.rtt_ms)
+        );
+    }
+    println!();
+    println!(
+        "{:<20} {:<10} {:<10} {:>10}  HOME",
+        "RELAY", "CONNECTED", "TRANSPORT", "RTT"
+    );
+    for r in &n.relays {
+        println!(
+            "{:<20} {:<10} {:<10} {:>10}  {}",
+            r.name,
+            if r.connected { "yes" } else { "no" },
+            r.transport.as_deref().unwrap_or("-"),
+            ms(r.rtt_ms),
+            if r.home { "*" } else { "" }
+        );
+        if let Some(e) = &r.error
+            && !r.connected
+        {
+            println!("    {e}");
+        }
     }
 }
 

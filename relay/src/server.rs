@@ -174,6 +174,13 @@ impl Relay {
         }
     }
 
+    /// The node keys with a session here.
+    pub fn session_keys(&self) -> Vec<[u8; 32]> {
+        let mut keys: Vec<[u8; 32]> = self.read().keys().copied().collect();
+        keys.sort_unstable();
+        keys
+    }
+
     /// Whether `key` has a session here.
     pub fn is_connected(&self, key: &[u8; 32]) -> bool {
         self.read().contains_key(key)

@@ -135,7 +135,9 @@ table ip lab {
 EOF",
     )
     .unwrap();
-    let coord = Coordinator::start(&mut lab, &r, "10.1.0.1", &[]).unwrap();
+    // No relay: the tampering forwarder is the only path between the two nodes (a relay
+    // would carry the handshake past it, which is what relays are for).
+    let coord = Coordinator::start(&mut lab, &r, "10.1.0.1", &["--no-embedded-relay"]).unwrap();
     let key = coord.authkey(&lab, &["--reusable"]).unwrap();
     let proxies = start_proxies(&mut lab, &r, false);
     let na = MeshNode::start(&mut lab, &a, "a", &coord.url, &key, &[]).unwrap();

@@ -35,6 +35,7 @@ pub fn router() -> Router<AppState> {
         .route("/settings", get(get_settings).put(put_settings))
         .route("/relays", get(list_relays).post(add_relay))
         .route("/relays/{name}", delete(remove_relay))
+        .route("/relay/stats", get(relay_stats))
         .route("/tokens", post(create_token))
         .route("/tokens/{id}", delete(revoke_token))
 }
@@ -201,4 +202,10 @@ async fn remove_relay(
 ) -> Result<Json<Value>, ApiError> {
     crate::relays::remove(&st, &name, &actor).await?;
     Ok(Json(json!({"removed": name})))
+}
+
+async fn relay_stats(
+    State(st): State<AppState>,
+) -> Result<Json<crate::relays::RelayStats>, ApiError> {
+    Ok(Json(crate::relays::stats(&st)?))
 }

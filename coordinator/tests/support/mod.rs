@@ -41,6 +41,7 @@ pub async fn state(dir: &std::path::Path) -> AppState {
         ephemeral_timeout: Duration::from_secs(60),
         tickets: std::sync::Arc::new(hybrid::ticket::TicketSigner::from_seed([2; 32])),
         embedded_relay: None,
+        relay: None,
     })
 }
 

@@ -3,9 +3,11 @@
 //!
 //! - Traffic starts on a relay (when one is up) and moves to a direct path the moment a pong
 //!   comes back on one (or an authenticated WireGuard packet arrives on one).
-//! - A direct path is *trusted* while something authenticated arrived on it within
-//!   [`TRUST`]; while the peer is active it is heartbeated every [`HEARTBEAT`]. An untrusted
-//!   path carries traffic together with the relay until [`STALE`], then only the relay does.
+//! - A direct path is *trusted* while a pong to one of our pings came back on it within
+//!   [`TRUST`] (a round trip: receiving the peer's packets alone says nothing about whether
+//!   ours get through); while the peer is active it is heartbeated every [`HEARTBEAT`]. An
+//!   untrusted path carries traffic together with the relay until nothing authenticated has
+//!   arrived on it for [`STALE`], then only the relay does.
 //! - Without a trusted direct path, probe rounds (pings to every candidate plus a
 //!   call-me-maybe through the relay, so both sides open their NATs at once) repeat every
 //!   [`PROBE_FAST`] for the first rounds, then every [`PROBE_SLOW`] while traffic flows.
@@ -91,7 +93,10 @@ struct Best {
     sock: SockId,
     addr: SocketAddr,
     latency: Option<Duration>,
+    /// Last authenticated packet (WireGuard or disco) that arrived on it.
     last_rx: Instant,
+    /// Last pong on it: proof that our packets get through.
+    last_pong: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -185,8 +190,10 @@ impl PathState {
     }
 
     fn trusted(&self, now: Instant) -> Option<Best> {
-        self.best
-            .filter(|b| now.saturating_duration_since(b.last_rx) < TRUST)
+        self.best.filter(|b| {
+            b.last_pong
+                .is_some_and(|t| now.saturating_duration_since(t) < TRUST)
+        })
     }
 
     /// Where packets for the peer go now. `control` marks handshakes and key exchanges,
@@ -207,19 +214,25 @@ impl PathState {
         }
         if let Some(r) = local.relay {
             out.push(Addr::Relay(r, peer));
-            return out;
         }
-        if out.is_empty() || (control && !local.relays_known) {
-            // No relay: try the candidates directly (all of them for control messages).
-            let cands = self.candidates();
-            let take = if control { cands.len() } else { 1 };
-            for c in cands.into_iter().take(take) {
-                let a = direct(SockId::Main, c);
-                if !out.contains(&a) {
-                    out.push(a);
-                }
+        // Control messages (handshakes, key exchanges) also go to every candidate, so the
+        // first exchange completes over whichever path works, even if the relay is down
+        // without our knowing yet. Data without any path tries the first candidate.
+        let cands = self.candidates();
+        let take = if control {
+            cands.len()
+        } else if out.is_empty() {
+            1
+        } else {
+            0
+        };
+        for c in cands.into_iter().take(take) {
+            let a = direct(SockId::Main, c);
+            if !out.contains(&a) {
+                out.push(a);
             }
         }
+        let _ = local.relays_known;
         out
     }
 
@@ -248,8 +261,9 @@ impl PathState {
                     b.last_rx = now;
                     false
                 }
-                // A trusted path keeps its place unless it has gone quiet (the peer's NAT
-                // rebound, or it moved): then the source that works now takes over.
+                // The best path keeps its place unless it has gone quiet (the peer's NAT
+                // rebound, or it moved): then the source that works now takes over, untrusted
+                // until a pong confirms it (the heartbeat asks at once).
                 Some(b)
                     if now.saturating_duration_since(b.last_rx) < Duration::from_millis(500) =>
                 {
@@ -261,8 +275,9 @@ impl PathState {
                         addr,
                         latency: None,
                         last_rx: now,
+                        last_pong: None,
                     });
-                    self.probing_since = None;
+                    self.next_heartbeat = None;
                     true
                 }
             },
@@ -286,14 +301,17 @@ impl PathState {
         let better = match self.best {
             None => true,
             Some(b) if b.sock == sock && b.addr == addr => {
+                let was_trusted = self.trusted(now).is_some();
                 if let Some(best) = &mut self.best {
                     best.last_rx = now;
+                    best.last_pong = Some(now);
                     best.latency = Some(latency);
                 }
-                return Some(false);
+                self.probing_since = None;
+                return Some(!was_trusted);
             }
             Some(b) => {
-                now.saturating_duration_since(b.last_rx) >= TRUST
+                self.trusted(now).is_none()
                     || b.latency.is_none_or(|l| {
                         latency.as_secs_f64() < l.as_secs_f64() * SWITCH_RATIO
                             && latency + Duration::from_millis(1) < l
@@ -306,6 +324,7 @@ impl PathState {
                 addr,
                 latency: Some(latency),
                 last_rx: now,
+                last_pong: Some(now),
             });
             self.probing_since = None;
             self.spray = None;
@@ -319,9 +338,10 @@ impl PathState {
         let Addr::Udp(sock, addr) = from else {
             return Vec::new();
         };
-        if self.best.is_some_and(|b| {
-            b.sock == sock && b.addr == addr && now.saturating_duration_since(b.last_rx) < TRUST
-        }) {
+        if self
+            .trusted(now)
+            .is_some_and(|b| b.sock == sock && b.addr == addr)
+        {
             return Vec::new();
         }
         if sock == SockId::Main {

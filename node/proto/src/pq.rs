@@ -110,6 +110,9 @@ pub enum PqError {
     /// Message 2 for no exchange in flight.
     #[error("message 2 for no pending exchange")]
     NoPending,
+    /// A message 1 already answered, arriving again through another path.
+    #[error("message 1 already answered on another path")]
+    Duplicate,
 }
 
 /// What the caller must do.
@@ -350,8 +353,14 @@ impl PqPeer {
         if let Some(c) = &self.cached_response
             && c.msg1 == msg1_hash
         {
-            if c.to == from && now.saturating_duration_since(c.at) < RETRANSMIT_WINDOW {
+            let fresh = now.saturating_duration_since(c.at) < RETRANSMIT_WINDOW;
+            if c.to == from && fresh {
                 return Ok(vec![PqAction::Reply(from, c.frames.clone())]);
+            }
+            if fresh {
+                // The same message 1 through another path (sent both directly and through a
+                // relay): already answered on the first.
+                return Err(PqError::Duplicate);
             }
             return Err(PqError::Replay);
         }

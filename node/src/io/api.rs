@@ -36,6 +36,65 @@ pub struct StatusJson {
     pub peers: Vec<PeerJson>,
     /// Dropped/handled packet counters.
     pub counters: serde_json::Value,
+    /// Relay connections.
+    #[serde(default)]
+    pub relays: Vec<RelayJson>,
+    /// This node's NAT, as its last netcheck measured it.
+    #[serde(default)]
+    pub nat: Option<wire::NatInfo>,
+}
+
+/// A relay connection in `status` and `netcheck`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RelayJson {
+    /// Relay id.
+    pub id: u32,
+    /// Name.
+    pub name: String,
+    /// Connected now.
+    pub connected: bool,
+    /// `quic` or `websocket`.
+    pub transport: Option<String>,
+    /// Round-trip time over the relay connection, milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Whether it is this node's home relay.
+    pub home: bool,
+    /// Why the last connection attempt failed.
+    pub error: Option<String>,
+}
+
+/// One STUN server's answer in `netcheck`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StunJson {
+    /// The server.
+    pub server: SocketAddr,
+    /// Where it saw us.
+    pub mapped: Option<SocketAddr>,
+    /// Round-trip time, milliseconds.
+    pub rtt_ms: Option<f64>,
+}
+
+/// `lattice netcheck`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetcheckJson {
+    /// Whether any STUN server answered.
+    pub udp: bool,
+    /// Whether the public port depends on the destination (`None`: fewer than two answers).
+    pub mapping_varies_by_destination: Option<bool>,
+    /// Endpoint-dependent mapping without a port mapping: direct paths need port probing.
+    pub hard_nat: bool,
+    /// The public IP STUN saw.
+    pub public_ip: Option<IpAddr>,
+    /// The public endpoint advertised to peers, if the mapping allows one.
+    pub public_endpoint: Option<SocketAddr>,
+    /// A gateway port mapping (UPnP, NAT-PMP or PCP).
+    pub port_mapping: Option<SocketAddr>,
+    /// Per STUN server.
+    pub stun: Vec<StunJson>,
+    /// Relays.
+    pub relays: Vec<RelayJson>,
+    /// Local endpoints reported to the coordinator.
+    pub local_endpoints: Vec<SocketAddr>,
 }
 
 /// This node in `status`.
@@ -154,6 +213,8 @@ pub enum ApiRequest {
     Status(oneshot::Sender<StatusJson>),
     /// Who owns an address.
     Whois(IpAddr, oneshot::Sender<Option<WhoisJson>>),
+    /// Run a netcheck and report.
+    Netcheck(oneshot::Sender<NetcheckJson>),
     /// Stop the daemon.
     Down(oneshot::Sender<()>),
     /// Leave the mesh and stop.
@@ -177,6 +238,7 @@ pub async fn serve(path: &Path, requests: mpsc::Sender<ApiRequest>) -> anyhow::R
     let app = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/whois/{ip}", get(whois))
+        .route("/v1/netcheck", post(netcheck))
         .route("/v1/down", post(down))
         .route("/v1/logout", post(logout))
         .with_state(requests);
@@ -209,6 +271,10 @@ async fn whois(
         .await?
         .map(Json)
         .ok_or(StatusCode::NOT_FOUND)
+}
+
+async fn netcheck(State(tx): Req) -> Result<Json<NetcheckJson>, StatusCode> {
+    Ok(Json(ask(&tx, ApiRequest::Netcheck).await?))
 }
 
 async fn down(State(tx): Req) -> Result<Json<serde_json::Value>, StatusCode> {

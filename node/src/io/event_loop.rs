@@ -2,21 +2,27 @@
 //! the local API and the core's timer; feeds each input to [`NodeState`] with the current time
 //! and drains its outputs. It holds no protocol state of its own.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use node_proto::{Event, NodeState, Packet, PathKind, Status};
+use node_proto::path::Current;
+use node_proto::{Addr, Event, NodeState, Packet, PathKind, SockId, Status};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
-use wire::{ClientMessage, ErrorCode};
+use wire::{ClientMessage, ErrorCode, NatInfo, RelayId};
 
 use crate::io::api::{
-    ApiRequest, CoordinatorJson, PathJson, PeerJson, SelfJson, StatusJson, WhoisJson,
+    ApiRequest, CoordinatorJson, NetcheckJson, PathJson, PeerJson, RelayJson, SelfJson, StatusJson,
+    StunJson, WhoisJson,
 };
+use crate::io::aux::{AuxDatagram, AuxSockets};
 use crate::io::control::ControlEvent;
 use crate::io::dns::DnsTable;
+use crate::io::portmap::PortMapper;
+use crate::io::relays::{RelayEvent, RelayManager};
 use crate::io::tun::Tun;
 use crate::io::udp::Sockets;
 use crate::io::{dns, ifaddrs};
@@ -72,7 +78,32 @@ pub struct EventLoop {
     dns_started: bool,
     cache_due: Option<Instant>,
     pending_logout: Option<(oneshot::Sender<Result<(), String>>, Instant)>,
+    relays: RelayManager,
+    relay_events: mpsc::Receiver<RelayEvent>,
+    relay_state: BTreeMap<RelayId, RelayConnState>,
+    home_relay: Option<RelayId>,
+    aux: AuxSockets,
+    aux_rx: mpsc::Receiver<AuxDatagram>,
+    portmap: Option<PortMapper>,
+    portmap_rx: Option<watch::Receiver<Option<std::net::SocketAddrV4>>>,
+    nat: Option<NatInfo>,
+    public_endpoint: Option<SocketAddr>,
+    netinfo_sent: Option<(Option<RelayId>, NatInfo)>,
+    netcheck_waiters: Vec<(oneshot::Sender<NetcheckJson>, Instant)>,
 }
+
+/// What the loop knows about one relay connection.
+#[derive(Debug, Clone, Default)]
+struct RelayConnState {
+    transport: Option<&'static str>,
+    rtt: Option<Duration>,
+    error: Option<String>,
+}
+
+/// A new home relay must be this much faster than the current one.
+const HOME_SWITCH_RATIO: f64 = 0.8;
+/// How long `lattice netcheck` waits for a fresh run.
+const NETCHECK_WAIT: Duration = Duration::from_secs(4);
 
 impl EventLoop {
     /// Builds the loop around a core and its channels.
@@ -90,7 +121,13 @@ impl EventLoop {
         endpoints: watch::Sender<Vec<SocketAddr>>,
         coordinator_url: String,
         accept_dns: bool,
+        node_keypair: hybrid::StaticKeypair,
+        port_mapping: bool,
     ) -> Self {
+        let (relay_tx, relay_events) = mpsc::channel(4096);
+        let (aux_tx, aux_rx) = mpsc::channel(1024);
+        let portmap = port_mapping.then(|| PortMapper::start(sockets.port));
+        let portmap_rx = portmap.as_ref().map(PortMapper::watch);
         Self {
             state,
             sockets,
@@ -111,6 +148,18 @@ impl EventLoop {
             dns_started: false,
             cache_due: None,
             pending_logout: None,
+            relays: RelayManager::new(node_keypair, relay_tx),
+            relay_events,
+            relay_state: BTreeMap::new(),
+            home_relay: None,
+            aux: AuxSockets::new(aux_tx),
+            aux_rx,
+            portmap,
+            portmap_rx,
+            nat: None,
+            public_endpoint: None,
+            netinfo_sent: None,
+            netcheck_waiters: Vec::new(),
         }
     }
 
@@ -148,17 +197,38 @@ impl EventLoop {
                 r = self.sockets.v4.recv_from(&mut udp4_buf) => {
                     let (n, from) = r.context("reading the UDP socket")?;
                     let now = Instant::now();
-                    self.state.handle_datagram(now, from, Packet::copy_from(&udp4_buf[..n]));
+                    self.state.handle_datagram(now, SockId::Main, from, Packet::copy_from(&udp4_buf[..n]));
                     for _ in 1..BATCH {
                         match self.sockets.v4.try_recv_from(&mut udp4_buf) {
-                            Ok((n, from)) => self.state.handle_datagram(now, from, Packet::copy_from(&udp4_buf[..n])),
+                            Ok((n, from)) => self.state.handle_datagram(now, SockId::Main, from, Packet::copy_from(&udp4_buf[..n])),
                             Err(_) => break,
                         }
                     }
                 }
                 r = recv_v6(self.sockets.v6.as_ref(), &mut udp6_buf) => {
                     let (n, from) = r.context("reading the UDP socket")?;
-                    self.state.handle_datagram(Instant::now(), from, Packet::copy_from(&udp6_buf[..n]));
+                    self.state.handle_datagram(Instant::now(), SockId::Main, from, Packet::copy_from(&udp6_buf[..n]));
+                }
+                ev = self.relay_events.recv() => {
+                    if let Some(ev) = ev {
+                        self.handle_relay_event(ev);
+                        for _ in 1..BATCH {
+                            match self.relay_events.try_recv() {
+                                Ok(ev) => self.handle_relay_event(ev),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                }
+                d = self.aux_rx.recv() => {
+                    if let Some(d) = d {
+                        self.state.handle_datagram(Instant::now(), SockId::Aux(d.sock), d.from, Packet::copy_from(&d.bytes));
+                    }
+                }
+                changed = changed_portmap(self.portmap_rx.as_mut()) => {
+                    if changed {
+                        self.update_port_mapping();
+                    }
                 }
                 ev = self.control_events.recv() => {
                     let Some(ev) = ev else { bail!("the control client stopped") };
@@ -181,6 +251,7 @@ impl EventLoop {
                             warn!(error = %e, "could not save the netmap cache");
                         }
                     }
+                    self.answer_netcheck_waiters(false);
                     if let Some((_, since)) = &self.pending_logout
                         && since.elapsed() > Duration::from_secs(5)
                         && let Some((reply, _)) = self.pending_logout.take()
@@ -227,17 +298,28 @@ impl EventLoop {
 
     async fn flush(&mut self) -> anyhow::Result<()> {
         while let Some(t) = self.state.poll_transmit() {
-            let Some(sock) = self.sockets.for_dst(&t.dst) else {
+            let dst = match t.dst {
+                Addr::Udp(SockId::Main, a) => a,
+                Addr::Udp(SockId::Aux(n), a) => {
+                    self.aux.send(n, a, &t.payload);
+                    continue;
+                }
+                Addr::Relay(r, key) => {
+                    self.relays.send(r, key, t.payload.to_vec());
+                    continue;
+                }
+            };
+            let Some(sock) = self.sockets.for_dst(&dst) else {
                 continue;
             };
-            match sock.try_send_to(&t.payload, t.dst) {
+            match sock.try_send_to(&t.payload, dst) {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if let Err(e) = sock.send_to(&t.payload, t.dst).await {
-                        debug!(dst = %t.dst, error = %e, "udp send failed");
+                    if let Err(e) = sock.send_to(&t.payload, dst).await {
+                        debug!(%dst, error = %e, "udp send failed");
                     }
                 }
-                Err(e) => debug!(dst = %t.dst, error = %e, "udp send failed"),
+                Err(e) => debug!(%dst, error = %e, "udp send failed"),
             }
         }
         while let Some(p) = self.state.poll_tun_write() {
@@ -298,8 +380,28 @@ impl EventLoop {
                 self.cache_due
                     .get_or_insert(Instant::now() + CACHE_SAVE_DELAY);
             }
-            Event::PathChanged { peer, addr } => {
-                info!(peer = %peer, %addr, "direct path");
+            Event::PathChanged { peer, path } => match path {
+                Current::Direct(_, addr) => info!(peer = %peer, %addr, "path: direct"),
+                Current::Relay(r) => {
+                    info!(peer = %peer, relay = %self.state.relay_name(r), "path: relay")
+                }
+                Current::None => debug!(peer = %peer, "path: none"),
+            },
+            Event::RelaysChanged => {
+                let list = self.state.relays().to_vec();
+                self.relay_state
+                    .retain(|id, _| list.iter().any(|r| r.id == *id));
+                self.relays.set_relays(&list);
+            }
+            Event::RelayTicket(t) => self.relays.set_ticket(&t),
+            Event::NetInfo(report) => {
+                self.public_endpoint = report.public_endpoint;
+                let mut nat = report.nat.clone();
+                nat.port_mapped = self.portmap.as_ref().and_then(PortMapper::current);
+                self.nat = Some(nat);
+                self.refresh_endpoints();
+                self.send_netinfo();
+                self.answer_netcheck_waiters(true);
             }
             Event::TunnelSecurityChanged(wire::TunnelSecurity::ClassicalOnly) => {
                 warn!("the mesh admin set tunnels to classical-only: no post-quantum protection");
@@ -360,6 +462,10 @@ impl EventLoop {
                 });
                 let _ = reply.send(answer);
             }
+            ApiRequest::Netcheck(reply) => {
+                self.state.start_netcheck(Instant::now());
+                self.netcheck_waiters.push((reply, Instant::now()));
+            }
             ApiRequest::Down(reply) => {
                 let exit = self.stop().await;
                 let _ = reply.send(());
@@ -387,12 +493,24 @@ impl EventLoop {
             .self_node
             .map(|n| n.addresses)
             .unwrap_or_default();
-        let eps = ifaddrs::endpoints(
+        let mut eps = ifaddrs::endpoints(
             self.sockets.port,
             &self.tun_name,
             &overlay,
             self.sockets.v6.is_some(),
         );
+        // A gateway port mapping first (it works for everyone), then the public mapping
+        // STUN saw (when it does not depend on the destination).
+        if let Some(m) = self.portmap.as_ref().and_then(PortMapper::current)
+            && !eps.contains(&m)
+        {
+            eps.insert(0, m);
+        }
+        if let Some(p) = self.public_endpoint
+            && !eps.contains(&p)
+        {
+            eps.push(p);
+        }
         self.endpoints.send_if_modified(|cur| {
             if *cur == eps {
                 false
@@ -401,6 +519,184 @@ impl EventLoop {
                 true
             }
         });
+    }
+
+    fn handle_relay_event(&mut self, ev: RelayEvent) {
+        let now = Instant::now();
+        match ev {
+            RelayEvent::Up { id, transport } => {
+                let st = self.relay_state.entry(id).or_default();
+                st.transport = Some(transport);
+                st.error = None;
+                self.state.relay_state(now, id, true);
+                if self.home_relay.is_none() {
+                    self.set_home_relay(Some(id));
+                }
+            }
+            RelayEvent::Down { id, error } => {
+                let st = self.relay_state.entry(id).or_default();
+                let was_up = st.transport.take().is_some();
+                st.rtt = None;
+                st.error = Some(error);
+                if was_up {
+                    self.state.relay_state(now, id, false);
+                }
+                if self.home_relay == Some(id) {
+                    let next = self.best_relay();
+                    self.set_home_relay(next);
+                }
+            }
+            RelayEvent::Packet { id, src, payload } => {
+                self.state
+                    .handle_relay_packet(now, id, src, Packet::copy_from(&payload));
+            }
+            RelayEvent::PeerGone { id, key } => self.state.relay_peer_gone(now, id, key),
+            RelayEvent::Rtt { id, rtt } => {
+                let st = self.relay_state.entry(id).or_default();
+                st.rtt = Some(match st.rtt {
+                    Some(old) => (old * 3 + rtt) / 4,
+                    None => rtt,
+                });
+                let best = self.best_relay();
+                let switch = match (self.home_relay, best) {
+                    (Some(cur), Some(b)) if cur != b => {
+                        let rtt = |r: RelayId| self.relay_state.get(&r).and_then(|s| s.rtt);
+                        match (rtt(cur), rtt(b)) {
+                            (Some(c), Some(n)) => {
+                                n.as_secs_f64() < c.as_secs_f64() * HOME_SWITCH_RATIO
+                            }
+                            (None, _) => true,
+                            _ => false,
+                        }
+                    }
+                    (None, Some(_)) => true,
+                    _ => false,
+                };
+                if switch {
+                    self.set_home_relay(best);
+                }
+            }
+        }
+    }
+
+    /// The connected relay with the lowest latency.
+    fn best_relay(&self) -> Option<RelayId> {
+        self.relay_state
+            .iter()
+            .filter(|(_, s)| s.transport.is_some())
+            .min_by_key(|(id, s)| (s.rtt.unwrap_or(Duration::MAX), **id))
+            .map(|(id, _)| *id)
+    }
+
+    fn set_home_relay(&mut self, id: Option<RelayId>) {
+        if self.home_relay == id {
+            return;
+        }
+        self.home_relay = id;
+        self.state.set_home_relay(id);
+        match id {
+            Some(r) => info!(relay = %self.state.relay_name(r), "home relay"),
+            None => warn!("no relay is reachable"),
+        }
+        self.send_netinfo();
+    }
+
+    /// Tells the coordinator our home relay and NAT when they changed.
+    fn send_netinfo(&mut self) {
+        let nat = self.nat.clone().unwrap_or_default();
+        let now = (self.home_relay, nat.clone());
+        if self.netinfo_sent.as_ref() == Some(&now)
+            || self.nat.is_none() && self.home_relay.is_none()
+        {
+            return;
+        }
+        if self
+            .control_out
+            .try_send(ClientMessage::NetInfo {
+                home_relay: self.home_relay,
+                nat,
+            })
+            .is_ok()
+        {
+            self.netinfo_sent = Some(now);
+        }
+    }
+
+    fn update_port_mapping(&mut self) {
+        let mapped = self.portmap.as_ref().and_then(PortMapper::current);
+        match mapped {
+            Some(m) => info!(external = %m, "gateway port mapping"),
+            None => debug!("no gateway port mapping"),
+        }
+        if let Some(nat) = &mut self.nat {
+            nat.port_mapped = mapped;
+        }
+        self.refresh_endpoints();
+        self.send_netinfo();
+    }
+
+    fn netcheck_json(&self) -> NetcheckJson {
+        let report = self.state.netcheck_report();
+        let nat = self.nat.clone().unwrap_or_default();
+        NetcheckJson {
+            udp: nat.udp,
+            mapping_varies_by_destination: nat.mapping_varies,
+            hard_nat: nat.is_hard(),
+            public_ip: nat.public_ip,
+            public_endpoint: self.public_endpoint,
+            port_mapping: nat.port_mapped,
+            stun: report
+                .map(|r| {
+                    r.servers
+                        .iter()
+                        .map(|s| StunJson {
+                            server: s.server,
+                            mapped: s.mapped,
+                            rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            relays: self.relays_json(),
+            local_endpoints: self.endpoints.borrow().clone(),
+        }
+    }
+
+    fn relays_json(&self) -> Vec<RelayJson> {
+        self.state
+            .relays()
+            .iter()
+            .map(|r| {
+                let st = self.relay_state.get(&r.id).cloned().unwrap_or_default();
+                RelayJson {
+                    id: r.id.0,
+                    name: r.name.clone(),
+                    connected: st.transport.is_some(),
+                    transport: st.transport.map(str::to_owned),
+                    rtt_ms: st.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                    home: self.home_relay == Some(r.id),
+                    error: st.error,
+                }
+            })
+            .collect()
+    }
+
+    /// Answers `lattice netcheck` callers: at once after a fresh run (`fresh`), or with what
+    /// is known when they have waited long enough.
+    fn answer_netcheck_waiters(&mut self, fresh: bool) {
+        if self.netcheck_waiters.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let json = self.netcheck_json();
+        let waiters = std::mem::take(&mut self.netcheck_waiters);
+        for (tx, since) in waiters {
+            if fresh || now.duration_since(since) >= NETCHECK_WAIT {
+                let _ = tx.send(json.clone());
+            } else {
+                self.netcheck_waiters.push((tx, since));
+            }
+        }
     }
 
     fn status_json(&self) -> StatusJson {
@@ -464,7 +760,16 @@ impl EventLoop {
                 })
                 .collect(),
             counters: serde_json::to_value(CountersJson::from(st.counters)).unwrap_or_default(),
+            relays: self.relays_json(),
+            nat: self.nat.clone(),
         }
+    }
+}
+
+async fn changed_portmap(rx: Option<&mut watch::Receiver<Option<std::net::SocketAddrV4>>>) -> bool {
+    match rx {
+        Some(r) => r.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 
@@ -488,6 +793,10 @@ struct CountersJson {
     frames_invalid: u64,
     pq_rejected: u64,
     pq_rate_limited: u64,
+    relay_unknown_peer: u64,
+    disco_invalid: u64,
+    disco_pongs_sent: u64,
+    disco_rate_limited: u64,
 }
 
 impl From<node_proto::Counters> for CountersJson {
@@ -511,6 +820,10 @@ impl From<node_proto::Counters> for CountersJson {
             frames_invalid: c.frames_invalid,
             pq_rejected: c.pq_rejected,
             pq_rate_limited: c.pq_rate_limited,
+            relay_unknown_peer: c.relay_unknown_peer,
+            disco_invalid: c.disco_invalid,
+            disco_pongs_sent: c.disco_pongs_sent,
+            disco_rate_limited: c.disco_rate_limited,
         }
     }
 }

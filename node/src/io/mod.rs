@@ -1,10 +1,13 @@
 //! The I/O shell: everything that touches the operating system or the network.
 
 pub mod api;
+pub mod aux;
 pub mod control;
 pub mod dns;
 pub mod event_loop;
 pub mod ifaddrs;
+pub mod portmap;
 pub mod posture;
+pub mod relays;
 pub mod tun;
 pub mod udp;

@@ -25,6 +25,53 @@ struct Running {
     child: Option<Child>,
 }
 
+/// How a lab router treats the UDP of the host behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nat {
+    /// `masquerade`: endpoint-independent mapping (keeps the port), filtering by remote
+    /// address and port, like most home routers.
+    Easy,
+    /// `masquerade random`: a random public port per destination (symmetric, "hard").
+    Hard,
+    /// Masquerade, and every forwarded UDP packet dropped (TCP works).
+    UdpBlocked,
+}
+
+impl Nat {
+    /// A short name for tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Easy => "easy",
+            Self::Hard => "hard",
+            Self::UdpBlocked => "udp-blocked",
+        }
+    }
+
+    fn ruleset(self) -> String {
+        let masq = match self {
+            Self::Hard => "masquerade random",
+            Self::Easy | Self::UdpBlocked => "masquerade",
+        };
+        let mut script = format!(
+            "nft add table ip lab && \
+             nft 'add chain ip lab post {{ type nat hook postrouting priority 100; }}' && \
+             nft add rule ip lab post oifname wan {masq} && \
+             nft 'add chain ip lab forward {{ type filter hook forward priority 0; policy accept; }}'"
+        );
+        // Like any home router: nothing unsolicited from the WAN reaches the router itself.
+        // (Without this, an unsolicited packet to the router's address leaves a conntrack
+        // entry that makes the router pick another port for its host's own outbound flow.)
+        script.push_str(
+            " && nft 'add chain ip lab input { type filter hook input priority 0; policy accept; }' \
+             && nft add rule ip lab input iifname wan ct state new drop",
+        );
+        if self == Self::UdpBlocked {
+            script.push_str(" && nft add rule ip lab forward meta l4proto udp drop");
+        }
+        script
+    }
+}
+
 /// A set of namespaces and processes that disappear with it.
 pub struct Lab {
     id: String,
@@ -145,6 +192,39 @@ impl Lab {
             self.run(host, &["ip", "route", "add", "default", "via", gw])?;
         }
         Ok(())
+    }
+
+    /// A host behind a NAT router. The router namespace has `wan` on `wan_lan` with
+    /// `wan_cidr` and a private link `lan` (10.`net`.0.1/24) to the host namespace, whose
+    /// `eth0` is 10.`net`.0.2/24 with a default route through the router. Returns (router,
+    /// host).
+    pub fn natted_host(
+        &mut self,
+        wan_lan: &str,
+        role: &str,
+        wan_cidr: &str,
+        net: u8,
+        nat: Nat,
+    ) -> anyhow::Result<(String, String)> {
+        let router = self.ns(&format!("{role}r"))?;
+        let host = self.ns(role)?;
+        self.attach(wan_lan, &router, "wan", wan_cidr, None)?;
+        self.run(
+            &router,
+            &[
+                "ip", "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", &host,
+            ],
+        )?;
+        self.sh(
+            &router,
+            &format!("ip addr add 10.{net}.0.1/24 dev lan && ip link set lan up && sysctl -qw net.ipv4.ip_forward=1"),
+        )?;
+        self.sh(
+            &host,
+            &format!("ip addr add 10.{net}.0.2/24 dev eth0 && ip link set eth0 up && ip route add default via 10.{net}.0.1"),
+        )?;
+        self.sh(&router, &nat.ruleset())?;
+        Ok((router, host))
     }
 
     /// Runs a command in `ns` and fails unless it exits 0.

@@ -9,6 +9,6 @@
 pub mod lab;
 pub mod mesh;
 
-pub use lab::{Lab, Proc};
+pub use lab::{Lab, Nat, Proc};
 pub use mesh::{Coordinator, MeshNode};
 pub mod bench;

@@ -309,7 +309,7 @@ fn the_cached_answer_goes_only_to_the_original_sender_and_only_briefly() {
     );
     assert_eq!(
         feed(&mut p, "203.0.113.1:9").err(),
-        Some(PqError::Replay),
+        Some(PqError::Duplicate),
         "not from elsewhere"
     );
     p.now += RETRANSMIT_WINDOW;

@@ -54,6 +54,7 @@ impl NodeState {
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
+        peer.path.on_send(now);
         if peer.tunnel.is_none() {
             if peer.waiting.len() < MAX_WAITING {
                 peer.waiting.push_back(packet);

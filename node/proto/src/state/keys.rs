@@ -12,7 +12,7 @@ use wire::netmap::TunnelSecurity;
 use super::NodeState;
 use crate::addr::Addr;
 use crate::frame::{self, Frame, Kind};
-use crate::pq::{self, PqAction};
+use crate::pq::{self, PqAction, PqError};
 use crate::tunnel::Tunnel;
 
 /// Message 1s processed per second (each costs an ML-KEM encapsulation and four
@@ -101,6 +101,9 @@ impl NodeState {
             Ok(actions) => {
                 self.learn_path(now, key, from);
                 self.apply_pq(now, key, actions);
+            }
+            Err(PqError::Duplicate) => {
+                trace!(peer = %key, %from, "post-quantum message 1 already answered");
             }
             Err(e) => {
                 self.counters.pq_rejected += 1;

@@ -76,6 +76,19 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
+    /// Try to open a relay session as the node with private key `node_secret` (hex), with a
+    /// ticket signed by `ticket_seed` (hex; the coordinator's is its state dir's `ticket.key`).
+    /// Prints `accepted` (exit 0) or `rejected: <why>` (exit 1).
+    RelayProbe {
+        #[arg(long)]
+        websocket: String,
+        #[arg(long)]
+        relay_key: wire::RelayKey,
+        #[arg(long)]
+        node_secret: String,
+        #[arg(long)]
+        ticket_seed: String,
+    },
     /// Send `bytes` pseudo-random bytes from `seed`, print `<bytes> <sha256>`.
     TcpSend {
         #[arg(long)]
@@ -216,6 +229,42 @@ fn main() -> anyhow::Result<()> {
                 Ok(_) => println!("open"),
                 Err(e) => {
                     println!("blocked: {:?}", e.kind());
+                    std::process::exit(1);
+                }
+            }
+        }
+        Cmd::RelayProbe {
+            websocket,
+            relay_key,
+            node_secret,
+            ticket_seed,
+        } => {
+            let secret =
+                wire::keys::parse_hex::<32>(node_secret.trim()).context("--node-secret")?;
+            let seed = wire::keys::parse_hex::<32>(ticket_seed.trim()).context("--ticket-seed")?;
+            let node = hybrid::StaticKeypair::from_secret(secret);
+            let not_after = (now_ms() / 1000) as i64 + 60;
+            let ticket =
+                hybrid::ticket::TicketSigner::from_seed(seed).issue(hybrid::ticket::Ticket {
+                    node_key: node.public(),
+                    not_after,
+                });
+            let info = wire::RelayInfo {
+                id: wire::RelayId(0),
+                name: "probe".into(),
+                key: relay_key,
+                quic: None,
+                cert_sha256: None,
+                websocket: Some(websocket),
+                stun: vec![],
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            match rt.block_on(relay::client::connect(&info, &node, &ticket)) {
+                Ok(_) => println!("accepted"),
+                Err(e) => {
+                    println!("rejected: {e:#}");
                     std::process::exit(1);
                 }
             }

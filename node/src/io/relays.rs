@@ -1,0 +1,266 @@
+//! Relay connections: one task per relay in the netmap, reconnecting with backoff, measuring
+//! latency, and moving packets between the relay and the event loop.
+//!
+//! A connection is considered dead when two latency probes in a row go unanswered
+//! ([`DEAD_AFTER`]), so a restarted relay is found again within seconds rather than after
+//! QUIC's idle timeout.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use hybrid::StaticKeypair;
+use relay::client::{self, Incoming};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+use wire::{NodeKey, RelayId, RelayInfo};
+
+/// Latency probe interval.
+const PING_EVERY: Duration = Duration::from_secs(2);
+/// A connection with no pong for this long is replaced.
+const DEAD_AFTER: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(4);
+const OUT_QUEUE: usize = 4096;
+/// Most relays connected at once.
+pub const MAX_RELAYS: usize = 8;
+
+/// What relay tasks tell the event loop.
+#[derive(Debug)]
+pub enum RelayEvent {
+    /// Connected (and authenticated).
+    Up {
+        /// Which relay.
+        id: RelayId,
+        /// `quic` or `websocket`.
+        transport: &'static str,
+    },
+    /// Disconnected, or could not connect.
+    Down {
+        /// Which relay.
+        id: RelayId,
+        /// Why.
+        error: String,
+    },
+    /// A packet from a peer.
+    Packet {
+        /// Which relay.
+        id: RelayId,
+        /// The peer's key.
+        src: NodeKey,
+        /// The bytes.
+        payload: Vec<u8>,
+    },
+    /// The relay has no session for `key`.
+    PeerGone {
+        /// Which relay.
+        id: RelayId,
+        /// The peer.
+        key: NodeKey,
+    },
+    /// A latency measurement.
+    Rtt {
+        /// Which relay.
+        id: RelayId,
+        /// Round-trip time.
+        rtt: Duration,
+    },
+}
+
+struct Handle {
+    info: RelayInfo,
+    out: mpsc::Sender<(NodeKey, Vec<u8>)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The node's relay connections.
+pub struct RelayManager {
+    node: StaticKeypair,
+    ticket: watch::Sender<Option<Vec<u8>>>,
+    conns: HashMap<RelayId, Handle>,
+    events: mpsc::Sender<RelayEvent>,
+}
+
+impl Drop for RelayManager {
+    fn drop(&mut self) {
+        for h in self.conns.values() {
+            h.task.abort();
+        }
+    }
+}
+
+impl RelayManager {
+    /// A manager that connects as `node` and reports to `events`.
+    pub fn new(node: StaticKeypair, events: mpsc::Sender<RelayEvent>) -> Self {
+        Self {
+            node,
+            ticket: watch::channel(None).0,
+            conns: HashMap::new(),
+            events,
+        }
+    }
+
+    /// A fresh ticket (hex) from the coordinator: used for new connections and handed to
+    /// live ones.
+    pub fn set_ticket(&self, hex: &str) {
+        let bytes: Option<Vec<u8>> = (0..hex.len())
+            .step_by(2)
+            .map(|i| {
+                hex.get(i..i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+            })
+            .collect();
+        match bytes {
+            Some(b) => {
+                self.ticket.send_replace(Some(b));
+            }
+            None => warn!("the coordinator sent a malformed relay ticket"),
+        }
+    }
+
+    /// Connects to the relays in `list` (at most [`MAX_RELAYS`]) and drops the others.
+    pub fn set_relays(&mut self, list: &[RelayInfo]) {
+        let wanted: Vec<&RelayInfo> = list.iter().take(MAX_RELAYS).collect();
+        self.conns.retain(|id, h| {
+            let keep = wanted.iter().any(|r| r.id == *id && **r == h.info);
+            if !keep {
+                h.task.abort();
+            }
+            keep
+        });
+        for r in wanted {
+            if self.conns.contains_key(&r.id) {
+                continue;
+            }
+            let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
+            let task = tokio::spawn(run(
+                r.clone(),
+                self.node.clone(),
+                self.ticket.subscribe(),
+                out_rx,
+                self.events.clone(),
+            ));
+            self.conns.insert(
+                r.id,
+                Handle {
+                    info: r.clone(),
+                    out: out_tx,
+                    task,
+                },
+            );
+        }
+    }
+
+    /// Queues a packet for `key` through relay `id`; false if it cannot be queued.
+    pub fn send(&self, id: RelayId, key: NodeKey, payload: Vec<u8>) -> bool {
+        self.conns
+            .get(&id)
+            .is_some_and(|h| h.out.try_send((key, payload)).is_ok())
+    }
+}
+
+async fn run(
+    info: RelayInfo,
+    node: StaticKeypair,
+    mut ticket: watch::Receiver<Option<Vec<u8>>>,
+    mut out: mpsc::Receiver<(NodeKey, Vec<u8>)>,
+    events: mpsc::Sender<RelayEvent>,
+) {
+    let id = info.id;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let t = loop {
+            if let Some(t) = ticket.borrow_and_update().clone() {
+                break t;
+            }
+            if ticket.changed().await.is_err() {
+                return;
+            }
+        };
+        let conn = match client::connect(&info, &node, &t).await {
+            Ok(c) => c,
+            Err(e) => {
+                let error = format!("{e:#}");
+                debug!(relay = %info.name, %error, "relay connection failed");
+                if events.send(RelayEvent::Down { id, error }).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(250);
+        let transport = conn.transport().name();
+        info!(relay = %info.name, transport, "relay connected");
+        if events.send(RelayEvent::Up { id, transport }).await.is_err() {
+            return;
+        }
+        // Drop what queued up while disconnected: it is stale.
+        while out.try_recv().is_ok() {}
+        let reason = serve(id, conn, &mut ticket, &mut out, &events).await;
+        let Some(reason) = reason else { return };
+        info!(relay = %info.name, %reason, "relay connection lost");
+        if events
+            .send(RelayEvent::Down { id, error: reason })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Runs one connection; returns why it ended (`None`: the event loop is gone).
+async fn serve(
+    id: RelayId,
+    mut conn: client::RelayConn,
+    ticket: &mut watch::Receiver<Option<Vec<u8>>>,
+    out: &mut mpsc::Receiver<(NodeKey, Vec<u8>)>,
+    events: &mpsc::Sender<RelayEvent>,
+) -> Option<String> {
+    let mut ping = tokio::time::interval(PING_EVERY);
+    let mut last_heard = Instant::now();
+    conn.ping();
+    loop {
+        tokio::select! {
+            o = out.recv() => {
+                let (key, payload) = o?;
+                conn.send(key.as_bytes(), &payload);
+            }
+            inc = conn.incoming.recv() => {
+                let Some(inc) = inc else {
+                    return Some("the relay closed the connection".into());
+                };
+                last_heard = Instant::now();
+                let ev = match inc {
+                    Incoming::Packet { src, payload } => RelayEvent::Packet {
+                        id,
+                        src: NodeKey::from_bytes(src),
+                        payload,
+                    },
+                    Incoming::PeerGone(k) => RelayEvent::PeerGone {
+                        id,
+                        key: NodeKey::from_bytes(k),
+                    },
+                    Incoming::Pong(rtt) => RelayEvent::Rtt { id, rtt },
+                };
+                if events.send(ev).await.is_err() {
+                    return None;
+                }
+            }
+            changed = ticket.changed() => {
+                if changed.is_err() {
+                    return None;
+                }
+                if let Some(t) = ticket.borrow_and_update().clone() {
+                    conn.refresh_ticket(&t);
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > DEAD_AFTER {
+                    return Some("the relay stopped answering".into());
+                }
+                conn.ping();
+            }
+        }
+    }
+}

@@ -1,0 +1,649 @@
+//! Issue 3: NAT traversal and relays with the real binaries — a matrix of NAT behaviours,
+//! rebinding, losing the direct path, a relay restart, and a node the coordinator stops
+//! vouching for.
+
+use std::time::{Duration, Instant};
+
+use e2e::lab::wait_for;
+use e2e::{Coordinator, Lab, MeshNode, Nat};
+use serde_json::Value;
+
+use crate::support::lab;
+
+/// Where a node sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Site {
+    /// On the "internet" LAN with a public address.
+    Public,
+    /// Behind a NAT router.
+    Behind(Nat),
+}
+
+impl Site {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Public => "public",
+            Self::Behind(n) => n.name(),
+        }
+    }
+}
+
+/// A coordinator (with its embedded relay and STUN) on the internet LAN 198.51.100.0/24 and
+/// one node per site.
+pub(crate) struct NatMesh {
+    pub(crate) lab: Lab,
+    pub(crate) coord: Coordinator,
+    pub(crate) nodes: Vec<MeshNode>,
+    pub(crate) ns: Vec<String>,
+    pub(crate) routers: Vec<Option<String>>,
+    pub(crate) sites: Vec<Site>,
+}
+
+impl NatMesh {
+    pub(crate) fn new(tag: &str, sites: &[Site], coord_extra: &[&str]) -> Option<Self> {
+        let mut lab = lab(tag)?;
+        let wan = lab.lan("inet", "198.51.100.1/24").expect("internet");
+        let coord =
+            Coordinator::start(&mut lab, &wan, "198.51.100.1", coord_extra).expect("coordinator");
+        let key = coord.authkey(&lab, &["--reusable"]).expect("auth key");
+        let mut ns = Vec::new();
+        let mut routers = Vec::new();
+        for (i, site) in sites.iter().enumerate() {
+            match site {
+                Site::Public => {
+                    let n = lab.ns(&format!("h{i}")).expect("namespace");
+                    lab.attach(&wan, &n, "eth0", &format!("198.51.100.{}/24", 11 + i), None)
+                        .expect("link");
+                    ns.push(n);
+                    routers.push(None);
+                }
+                Site::Behind(nat) => {
+                    let (r, n) = lab
+                        .natted_host(
+                            &wan,
+                            &format!("h{i}"),
+                            &format!("198.51.100.{}/24", 31 + i),
+                            10 + i as u8,
+                            *nat,
+                        )
+                        .expect("router");
+                    ns.push(n);
+                    routers.push(Some(r));
+                }
+            }
+        }
+        let url = coord.url.clone();
+        let mut nodes = Vec::new();
+        for (i, site) in sites.iter().enumerate() {
+            let name = format!("n{i}-{}", site.name());
+            nodes.push(MeshNode::start(&mut lab, &ns[i], &name, &url, &key, &[]).expect("node"));
+        }
+        for n in &nodes {
+            n.wait_ready(&lab, sites.len() - 1, Duration::from_secs(30))
+                .expect("ready");
+        }
+        Some(Self {
+            lab,
+            coord,
+            nodes,
+            ns,
+            routers,
+            sites: sites.to_vec(),
+        })
+    }
+
+    pub(crate) fn ipv4(&self, i: usize) -> String {
+        let st = self.nodes[i].status(&self.lab).expect("status");
+        st["self"]["ips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|ip| ip.contains('.'))
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Node `i`'s view of node `j`'s path.
+    pub(crate) fn path(&self, i: usize, j: usize) -> Value {
+        let st = self.nodes[i].status(&self.lab).unwrap_or_default();
+        st["peers"]
+            .as_array()
+            .and_then(|ps| {
+                ps.iter()
+                    .find(|p| p["name"] == self.nodes[j].hostname.as_str())
+            })
+            .map(|p| p["path"].clone())
+            .unwrap_or_default()
+    }
+
+    /// Pings node `j` from node `i` `count` times, `interval` seconds apart; the number of
+    /// replies.
+    pub(crate) fn ping(&self, i: usize, j: usize, count: u32, interval: &str) -> u32 {
+        let ip = self.ipv4(j);
+        let c = count.to_string();
+        let out = self
+            .lab
+            .output(
+                &self.ns[i],
+                &["ping", "-4", "-n", "-c", &c, "-i", interval, "-W", "1", &ip],
+            )
+            .expect("ping");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| {
+                let l = l.trim();
+                let rest = l.split(", ").nth(1)?;
+                rest.strip_suffix(" received").and_then(|n| n.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// What the matrix measures for one pair.
+#[derive(Debug)]
+struct PairResult {
+    a: &'static str,
+    b: &'static str,
+    first_packet: Option<Duration>,
+    to_direct: Option<Duration>,
+    final_kind: String,
+    reason: Option<String>,
+}
+
+fn measure_pair(m: &NatMesh, i: usize, j: usize) -> PairResult {
+    let ip = m.ipv4(j);
+    // Time to the first answered ping: tunnel set-up (post-quantum key, WireGuard handshake)
+    // over whatever path is available first.
+    let start = Instant::now();
+    let mut first_packet = None;
+    while start.elapsed() < Duration::from_secs(20) {
+        let ok = m
+            .lab
+            .output(&m.ns[i], &["ping", "-4", "-n", "-c", "1", "-W", "1", &ip])
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            first_packet = Some(start.elapsed());
+            break;
+        }
+    }
+    // Keep traffic flowing while waiting for a direct path.
+    let mut lab_ping = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &m.ns[i], "ping", "-4", "-n", "-q", "-i", "0.2", "-w", "20", &ip,
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("background ping");
+    let mut to_direct = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if m.path(i, j)["kind"] == "direct" {
+            to_direct = Some(start.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if to_direct.is_none() {
+        // Give probing its full time before reading the final path.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let _ = lab_ping.kill();
+    let _ = lab_ping.wait();
+    let p = m.path(i, j);
+    PairResult {
+        a: m.sites[i].name(),
+        b: m.sites[j].name(),
+        first_packet,
+        to_direct,
+        final_kind: p["kind"].as_str().unwrap_or_default().to_owned(),
+        reason: p["reason"].as_str().map(str::to_owned),
+    }
+}
+
+fn expect_direct(a: Site, b: Site) -> bool {
+    let blocked = |s: Site| s == Site::Behind(Nat::UdpBlocked);
+    let hard = |s: Site| s == Site::Behind(Nat::Hard);
+    !(blocked(a) || blocked(b) || (hard(a) && hard(b)))
+}
+
+#[test]
+fn every_pair_of_nat_behaviours_passes_traffic_on_the_expected_path() {
+    let sites = [
+        Site::Public,
+        Site::Public,
+        Site::Behind(Nat::Easy),
+        Site::Behind(Nat::Easy),
+        Site::Behind(Nat::Hard),
+        Site::Behind(Nat::Hard),
+        Site::Behind(Nat::UdpBlocked),
+        Site::Behind(Nat::UdpBlocked),
+    ];
+    let Some(m) = NatMesh::new("nat-matrix", &sites, &[]) else {
+        return;
+    };
+    // Netcheck classifies each node's network.
+    for (i, site) in sites.iter().enumerate() {
+        // Every node reaches the relay (over the WebSocket where UDP is blocked).
+        let mut n = Value::Null;
+        let ok = wait_for(Duration::from_secs(20), || {
+            let Ok(out) = m.nodes[i].cli(&m.lab, &["netcheck", "--json"]) else {
+                return false;
+            };
+            n = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            n["relays"][0]["connected"] == true
+        });
+        assert!(ok, "{}: relay not connected: {n}", m.nodes[i].hostname);
+        match site {
+            Site::Behind(Nat::UdpBlocked) => assert_eq!(n["udp"], false, "{n}"),
+            Site::Behind(Nat::Hard) => assert_eq!(n["hard_nat"], true, "{n}"),
+            _ => {
+                assert_eq!(n["udp"], true, "{n}");
+                assert_eq!(n["mapping_varies_by_destination"], false, "{n}");
+            }
+        }
+        let transport = if *site == Site::Behind(Nat::UdpBlocked) {
+            "websocket"
+        } else {
+            "quic"
+        };
+        assert_eq!(n["relays"][0]["transport"], transport, "{n}");
+    }
+    // One pair per combination: (0,1) public x public, (0,2) public x easy, ... using the
+    // second node of a kind for same-kind pairs.
+    let kinds = [0usize, 2, 4, 6];
+    let mut pairs = Vec::new();
+    for (x, &a) in kinds.iter().enumerate() {
+        for &b in &kinds[x..] {
+            pairs.push((a, if a == b { b + 1 } else { b }));
+        }
+    }
+    // The pairs are independent: measure them at the same time.
+    let results: Vec<(usize, usize, PairResult)> = std::thread::scope(|s| {
+        let handles: Vec<_> = pairs
+            .iter()
+            .map(|&(a, b)| {
+                let m = &m;
+                s.spawn(move || (a, b, measure_pair(m, a, b)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (_, _, r) in &results {
+        eprintln!(
+            "{:>11} x {:<11}  first packet {:>8}  direct after {:>8}  final {:<6} {}",
+            r.a,
+            r.b,
+            r.first_packet
+                .map_or("-".into(), |d| format!("{} ms", d.as_millis())),
+            r.to_direct
+                .map_or("-".into(), |d| format!("{} ms", d.as_millis())),
+            r.final_kind,
+            r.reason.clone().unwrap_or_default()
+        );
+    }
+    for (a, b, r) in &results {
+        assert!(r.first_packet.is_some(), "{} x {}: no traffic", r.a, r.b);
+        assert_eq!(
+            m.ping(*a, *b, 3, "0.2"),
+            3,
+            "{} x {}: traffic keeps flowing",
+            r.a,
+            r.b
+        );
+        if expect_direct(sites[*a], sites[*b]) {
+            assert_eq!(
+                r.final_kind, "direct",
+                "{} x {} must end direct: {:?}",
+                r.a, r.b, r.reason
+            );
+        } else {
+            assert_eq!(r.final_kind, "relay", "{} x {} must be relayed", r.a, r.b);
+            assert!(r.reason.as_ref().is_some_and(|w| !w.is_empty()));
+        }
+    }
+}
+
+/// Pings `ip` from `ns` every 50 ms for `secs` seconds in the background; returns the
+/// process. Its output has `-D` timestamps.
+fn background_ping(lab: &mut Lab, name: &str, ns: &str, ip: &str, secs: u32) -> e2e::Proc {
+    let w = secs.to_string();
+    lab.spawn(
+        name,
+        ns,
+        &[
+            "ping", "-4", "-n", "-D", "-i", "0.05", "-W", "1", "-w", &w, ip,
+        ],
+        &[],
+    )
+    .expect("ping")
+}
+
+/// The unix-time stamps (seconds) of the replies in a `ping -D` log.
+fn reply_times(out: &str) -> Vec<f64> {
+    out.lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect()
+}
+
+/// The longest silence between replies received after `from` (unix seconds).
+fn longest_gap_after(times: &[f64], from: f64) -> f64 {
+    let mut gap: f64 = 0.0;
+    let mut prev = from;
+    for &t in times.iter().filter(|t| **t >= from) {
+        gap = gap.max(t - prev);
+        prev = t;
+    }
+    gap
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[test]
+fn nat_rebinding_recovers_within_two_seconds() {
+    let Some(mut m) = NatMesh::new("nat-rebind", &[Site::Behind(Nat::Easy), Site::Public], &[])
+    else {
+        return;
+    };
+    assert_eq!(m.ping(0, 1, 3, "0.2"), 3);
+    assert!(wait_for(Duration::from_secs(10), || m.path(0, 1)["kind"] == "direct"));
+    let (ns0, ip1) = (m.ns[0].clone(), m.ipv4(1));
+    let p = background_ping(&mut m.lab, "rebind-ping", &ns0, &ip1, 8);
+    std::thread::sleep(Duration::from_secs(2));
+    let router = m.routers[0].clone().unwrap();
+    let flushed_at = unix_now();
+    m.lab
+        .run(&router, &["conntrack", "-F"])
+        .expect("conntrack flush");
+    m.lab.wait_exit(p, Duration::from_secs(15));
+    let times = reply_times(&m.lab.stdout(p));
+    let gap = longest_gap_after(&times, flushed_at);
+    eprintln!(
+        "NAT rebinding: longest silence after the flush {:.0} ms",
+        gap * 1000.0
+    );
+    assert!(
+        times.iter().any(|t| *t > flushed_at + 3.0),
+        "traffic flows again"
+    );
+    assert!(gap < 2.0, "silent for {gap:.2} s");
+}
+
+#[test]
+fn a_dead_direct_path_falls_back_to_the_relay_within_ten_seconds() {
+    let sites = [Site::Behind(Nat::Easy), Site::Behind(Nat::Easy)];
+    let Some(mut m) = NatMesh::new("nat-fallback", &sites, &[]) else {
+        return;
+    };
+    assert_eq!(m.ping(0, 1, 3, "0.2"), 3);
+    assert!(wait_for(Duration::from_secs(10), || m.path(0, 1)["kind"] == "direct"));
+    let (ns0, ip1) = (m.ns[0].clone(), m.ipv4(1));
+    let p = background_ping(&mut m.lab, "fallback-ping", &ns0, &ip1, 14);
+    std::thread::sleep(Duration::from_secs(2));
+    // Node 0's router starts dropping all UDP to node 1's router; the relay (at
+    // 198.51.100.1) stays reachable.
+    let router = m.routers[0].clone().unwrap();
+    let killed_at = unix_now();
+    m.lab
+        .run(
+            &router,
+            &[
+                "nft",
+                "add",
+                "rule",
+                "ip",
+                "lab",
+                "forward",
+                "ip",
+                "daddr",
+                "198.51.100.32",
+                "meta",
+                "l4proto",
+                "udp",
+                "drop",
+            ],
+        )
+        .expect("nft");
+    m.lab.wait_exit(p, Duration::from_secs(20));
+    let times = reply_times(&m.lab.stdout(p));
+    let gap = longest_gap_after(&times, killed_at);
+    eprintln!(
+        "direct path killed: traffic resumed over the relay after {:.0} ms",
+        gap * 1000.0
+    );
+    assert!(
+        times.iter().any(|t| *t > killed_at + 10.0),
+        "traffic flows again"
+    );
+    assert!(gap < 10.0, "silent for {gap:.2} s");
+    let path = m.path(0, 1);
+    assert_eq!(path["kind"], "relay", "{path}");
+    assert_eq!(path["relay"], "coordinator", "{path}");
+    // The block goes away: the path upgrades to direct again.
+    m.lab
+        .run(&router, &["nft", "flush", "chain", "ip", "lab", "forward"])
+        .expect("nft flush");
+    let (ns0, ip1) = (m.ns[0].clone(), m.ipv4(1));
+    let p = background_ping(&mut m.lab, "upgrade-ping", &ns0, &ip1, 25);
+    let upgraded = wait_for(Duration::from_secs(25), || m.path(0, 1)["kind"] == "direct");
+    m.lab.kill(p);
+    assert!(upgraded, "back to direct: {}", m.path(0, 1));
+}
+
+#[test]
+fn a_restarted_standalone_relay_carries_traffic_again_within_ten_seconds() {
+    let sites = [Site::Behind(Nat::Hard), Site::Behind(Nat::Hard)];
+    // No embedded relay: a standalone lattice-relay in the internet namespace.
+    let Some(mut lab0) = lab("nat-relay-restart") else {
+        return;
+    };
+    let wan = lab0.lan("inet", "198.51.100.1/24").expect("internet");
+    let coord = Coordinator::start(&mut lab0, &wan, "198.51.100.1", &["--no-embedded-relay"])
+        .expect("coordinator");
+    let key_file = std::fs::read_to_string(coord.state_dir.join("ticket.key")).expect("ticket key");
+    let seed = wire::keys::parse_hex::<32>(key_file.trim()).expect("hex");
+    let ticket_key =
+        wire::TicketKey::from_bytes(hybrid::ticket::TicketSigner::from_seed(seed).public())
+            .to_text();
+    let relay_dir = lab0.dir().join("relay");
+    let relay_bin = lab0.bin("lattice-relay").display().to_string();
+    let relay_dir_s = relay_dir.display().to_string();
+    let relay_args = [
+        relay_bin.as_str(),
+        "serve",
+        "--listen",
+        "198.51.100.1:8443",
+        "--stun-listen",
+        "198.51.100.1:3478",
+        "--stun-listen",
+        "198.51.100.1:3479",
+        "--coordinator-key",
+        &ticket_key,
+        "--state-dir",
+        &relay_dir_s,
+        "--name",
+        "edge",
+    ];
+    let r = lab0.spawn("relay", &wan, &relay_args, &[]).expect("relay");
+    assert!(wait_for(Duration::from_secs(10), || lab0
+        .stdout(r)
+        .contains("lattice-coordinator relays add")));
+    // Register it exactly as the relay's banner says.
+    let banner = lab0.stdout(r);
+    let cmd = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("lattice-coordinator "))
+        .expect("registration hint")
+        .to_owned();
+    let args: Vec<&str> = cmd.split_whitespace().collect();
+    let out = coord.admin(&lab0, &args).expect("relays add");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = coord.authkey(&lab0, &["--reusable"]).expect("key");
+    let mut ns = Vec::new();
+    for (i, site) in sites.iter().enumerate() {
+        let Site::Behind(nat) = site else {
+            unreachable!()
+        };
+        let (_, n) = lab0
+            .natted_host(
+                &wan,
+                &format!("h{i}"),
+                &format!("198.51.100.{}/24", 31 + i),
+                10 + i as u8,
+                *nat,
+            )
+            .expect("router");
+        ns.push(n);
+    }
+    let url = coord.url.clone();
+    let nodes: Vec<MeshNode> = (0..2)
+        .map(|i| {
+            MeshNode::start(&mut lab0, &ns[i], &format!("n{i}"), &url, &key, &[]).expect("node")
+        })
+        .collect();
+    for n in &nodes {
+        n.wait_ready(&lab0, 1, Duration::from_secs(30))
+            .expect("ready");
+    }
+    let ip1 = nodes[1].status(&lab0).unwrap()["self"]["ips"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(wait_for(Duration::from_secs(15), || nodes[0]
+        .ping(&lab0, &ip1, "-4", 1)));
+    let st = nodes[0].status(&lab0).unwrap();
+    assert_eq!(
+        st["peers"][0]["path"]["kind"], "relay",
+        "{}",
+        st["peers"][0]
+    );
+    assert_eq!(st["peers"][0]["path"]["relay"], "edge");
+    let p = background_ping(&mut lab0, "restart-ping", &ns[0], &ip1, 20);
+    std::thread::sleep(Duration::from_secs(2));
+    lab0.kill(r);
+    std::thread::sleep(Duration::from_secs(2));
+    let restarted_at = unix_now();
+    let r2 = lab0
+        .spawn("relay2", &wan, &relay_args, &[])
+        .expect("relay restart");
+    lab0.wait_exit(p, Duration::from_secs(30));
+    let times = reply_times(&lab0.stdout(p));
+    let back = times
+        .iter()
+        .find(|t| **t > restarted_at)
+        .map(|t| t - restarted_at);
+    eprintln!(
+        "relay restart: traffic back {:.0} ms after the relay came back",
+        back.unwrap_or(f64::NAN) * 1000.0
+    );
+    assert!(back.is_some_and(|b| b < 10.0), "{back:?}");
+    lab0.kill(r2);
+}
+
+#[test]
+fn a_node_the_coordinator_stops_vouching_for_cannot_use_the_relay() {
+    let sites = [
+        Site::Behind(Nat::Hard),
+        Site::Behind(Nat::Hard),
+        Site::Public,
+    ];
+    let Some(m) = NatMesh::new("nat-vouch", &sites, &[]) else {
+        return;
+    };
+    assert!(wait_for(Duration::from_secs(15), || m.ping(0, 1, 1, "0.2") == 1));
+    let stats = |m: &NatMesh| -> Value {
+        let out = m
+            .coord
+            .admin(&m.lab, &["relays", "stats", "--json"])
+            .expect("stats");
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let name0 = m.nodes[0].hostname.clone();
+    assert!(
+        stats(&m)["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == name0.as_str())
+    );
+    // Keep node 0's key (the daemon deletes it when removed).
+    let keys: Value = serde_json::from_str(
+        &std::fs::read_to_string(m.nodes[0].state_dir.join("keys.json")).unwrap(),
+    )
+    .unwrap();
+    let out = m
+        .coord
+        .admin(&m.lab, &["nodes", "remove", &name0])
+        .expect("remove");
+    assert!(out.status.success());
+    assert!(
+        wait_for(Duration::from_secs(3), || !stats(&m)["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == name0.as_str())),
+        "the relay drops the removed node's session: {}",
+        stats(&m)
+    );
+    // Even with a correctly signed, unexpired ticket, the removed node is refused; so is a
+    // stranger with a ticket from another coordinator.
+    let relays: Value = serde_json::from_slice(
+        &m.coord
+            .admin(&m.lab, &["relays", "list", "--json"])
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let ws = relays[0]["websocket"].as_str().unwrap().to_owned();
+    let relay_key = relays[0]["key"].as_str().unwrap().to_owned();
+    let seed = std::fs::read_to_string(m.coord.state_dir.join("ticket.key")).unwrap();
+    let tool = m.lab.bin("lattice-testtool").display().to_string();
+    let probe = |secret: &str, seed: &str| -> String {
+        let out = m
+            .lab
+            .output(
+                &m.ns[2],
+                &[
+                    &tool,
+                    "relay-probe",
+                    "--websocket",
+                    &ws,
+                    "--relay-key",
+                    &relay_key,
+                    "--node-secret",
+                    secret,
+                    "--ticket-seed",
+                    seed.trim(),
+                ],
+            )
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let removed = probe(keys["node_private"].as_str().unwrap(), &seed);
+    assert!(removed.contains("not vouched for"), "{removed}");
+    let stranger = probe(&"42".repeat(32), &"17".repeat(32));
+    assert!(
+        stranger.contains("not signed by this mesh's coordinator"),
+        "{stranger}"
+    );
+    // A member's own key with a valid ticket is accepted (the probe itself works).
+    let keys2: Value = serde_json::from_str(
+        &std::fs::read_to_string(m.nodes[2].state_dir.join("keys.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        probe(keys2["node_private"].as_str().unwrap(), &seed),
+        "accepted"
+    );
+    assert!(stats(&m)["counters"]["rejected"].as_u64().unwrap() >= 2);
+}
