@@ -213,3 +213,104 @@ fn wireguard_pair(
     }
     Ok(dst)
 }
+
+/// `lattice-lab bench-relay`: single-stream TCP between two nodes behind NAT routers, side by
+/// side for three pairs in one mesh: direct, relayed over QUIC (UDP between the two routers is
+/// dropped), and relayed over the WebSocket (one side's network drops all UDP). Rounds are
+/// interleaved; prints medians and each relayed path as a share of the direct one.
+pub fn relay_throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
+    use crate::lab::Nat;
+    Lab::available()
+        .map_err(|e| anyhow::anyhow!("the benchmark needs root and namespaces: {e}"))?;
+    let mut lab = Lab::new("bench-relay")?;
+    let wan = lab.lan("inet", "198.51.100.1/24")?;
+    let coord = Coordinator::start(&mut lab, &wan, "198.51.100.1", &[])?;
+    let key = coord.authkey(&lab, &["--reusable"])?;
+    // (name, nat of a, nat of b)
+    let pairs = [
+        ("direct", Nat::Easy, Nat::Easy),
+        ("relay over QUIC", Nat::Easy, Nat::Easy),
+        ("relay over WebSocket", Nat::UdpBlocked, Nat::Easy),
+    ];
+    let mut nodes = Vec::new();
+    let mut routers = Vec::new();
+    for (p, (_, na, nb)) in pairs.iter().enumerate() {
+        for (side, nat) in [("a", *na), ("b", *nb)] {
+            let i = p * 2 + usize::from(side == "b");
+            let (r, ns) = lab.natted_host(
+                &wan,
+                &format!("{side}{p}"),
+                &format!("198.51.100.{}/24", 40 + i),
+                40 + i as u8,
+                nat,
+            )?;
+            routers.push(r);
+            let name = format!("{side}{p}");
+            nodes.push((
+                ns.clone(),
+                MeshNode::start(&mut lab, &ns, &name, &coord.url, &key, &[])?,
+            ));
+        }
+    }
+    // Pair 1: the two routers drop UDP between each other (the relay stays reachable).
+    for (router, peer) in [
+        (&routers[2], "198.51.100.43"),
+        (&routers[3], "198.51.100.42"),
+    ] {
+        let rule = format!("nft add rule ip lab forward ip daddr {peer} meta l4proto udp drop");
+        let args: Vec<&str> = rule.split(' ').collect();
+        lab.run(router, &args)?;
+    }
+    for (_, n) in &nodes {
+        n.wait_ready(&lab, nodes.len() - 1, Duration::from_secs(30))?;
+    }
+    let mut targets = Vec::new();
+    for (p, (name, _, _)) in pairs.iter().enumerate() {
+        let (a_ns, a) = &nodes[p * 2];
+        let (b_ns, b) = &nodes[p * 2 + 1];
+        let dst = b.status(&lab).context("status")?["self"]["ips"][0]
+            .as_str()
+            .context("address")?
+            .to_owned();
+        lab.spawn(&format!("iperf3-{p}"), b_ns, &["iperf3", "-s"], &[])?;
+        // Warm up the path and let it settle.
+        lab.output(a_ns, &["ping", "-c", "20", "-i", "0.2", &dst])?;
+        let path = a
+            .status(&lab)
+            .and_then(|s| {
+                s["peers"]
+                    .as_array()?
+                    .iter()
+                    .find(|x| x["name"] == b.hostname.as_str())
+                    .map(|x| x["path"].clone())
+            })
+            .unwrap_or_default();
+        println!("{name:<22} path {path}");
+        targets.push((name.to_string(), a_ns.clone(), dst, Vec::new()));
+    }
+    println!("single-stream TCP, {rounds} interleaved rounds of {seconds}s");
+    for round in 1..=rounds {
+        for (name, ns, dst, runs) in &mut targets {
+            let bps =
+                iperf(&lab, ns, dst, seconds).with_context(|| format!("iperf3 over {name}"))?;
+            runs.push(bps);
+            println!("  round {round}: {name:<22} {:>8.3} Gbit/s", bps / 1e9);
+        }
+    }
+    let direct = median(&targets[0].3);
+    println!(
+        "\n{:<22} {:>12} {:>12}   runs (Gbit/s)",
+        "path", "median", "vs direct"
+    );
+    for (name, _, _, runs) in &targets {
+        let m = median(runs);
+        let r: Vec<String> = runs.iter().map(|x| format!("{:.3}", x / 1e9)).collect();
+        println!(
+            "{name:<22} {:>9.3} Gb {:>11.1}%   {}",
+            m / 1e9,
+            100.0 * m / direct,
+            r.join(" ")
+        );
+    }
+    Ok(())
+}

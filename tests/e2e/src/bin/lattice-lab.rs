@@ -4,6 +4,8 @@
 //!   `lattice status`, pings by name, puts an access policy in force, cleans up.
 //! - `lattice-lab bench-throughput`: iperf3 through our tunnel, raw veth and other WireGuard
 //!   implementations, interleaved in one run; prints medians and ratios.
+//! - `lattice-lab bench-relay`: iperf3 over a direct path and through the relay (QUIC and
+//!   WebSocket), side by side; prints medians and the relayed share of direct.
 #![allow(clippy::print_stdout)]
 
 use std::time::Duration;
@@ -23,6 +25,15 @@ struct Cli {
 enum Cmd {
     /// A coordinator and three nodes in namespaces; status, pings by name, cleanup.
     Demo,
+    /// Throughput through the relay (QUIC and WebSocket) vs a direct path, side by side.
+    BenchRelay {
+        /// Rounds (each runs every path once, interleaved).
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+    },
     /// Throughput of our tunnel vs raw veth vs other WireGuard implementations.
     BenchThroughput {
         /// Rounds (each runs every target once, interleaved).
@@ -38,6 +49,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Demo => demo(),
         Cmd::BenchThroughput { rounds, seconds } => e2e::bench::throughput(rounds, seconds),
+        Cmd::BenchRelay { rounds, seconds } => e2e::bench::relay_throughput(rounds, seconds),
     }
 }
 
