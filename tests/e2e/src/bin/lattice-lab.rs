@@ -1,7 +1,9 @@
 //! The lab as a command.
 //!
-//! - `lattice-lab demo`: a coordinator and three nodes in network namespaces; shows
-//!   `lattice status`, pings by name, puts an access policy in force, cleans up.
+//! - `lattice-lab demo`: a coordinator and four nodes in network namespaces (public, behind
+//!   a home NAT, a symmetric NAT, a UDP-blocking firewall); shows `lattice netcheck` and
+//!   `lattice status` (direct and relayed paths), pings by name, puts an access policy in
+//!   force, cleans up.
 //! - `lattice-lab bench-throughput`: iperf3 through our tunnel, raw veth and other WireGuard
 //!   implementations, interleaved in one run; prints medians and ratios.
 //! - `lattice-lab bench-relay`: iperf3 over a direct path and through the relay (QUIC and
@@ -12,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use e2e::{Coordinator, Lab, MeshNode};
+use e2e::{Coordinator, Lab, MeshNode, Nat};
 
 #[derive(Parser)]
 #[command(name = "lattice-lab")]
@@ -23,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// A coordinator and three nodes in namespaces; status, pings by name, cleanup.
+    /// A coordinator and four nodes (public, behind NATs, UDP blocked); netcheck, status, pings by name, a policy, cleanup.
     Demo,
     /// Throughput through the relay (QUIC and WebSocket) vs a direct path, side by side.
     BenchRelay {
@@ -67,24 +69,36 @@ fn demo() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("the demo needs root and network namespaces: {e}"))?;
     let mut lab = Lab::new("demo")?;
     println!(
-        "== building a LAN (198.51.100.0/24) with a coordinator and three hosts in namespaces"
+        "== building an \"internet\" (198.51.100.0/24) with a coordinator (embedded relay + STUN)"
     );
-    let lan = lab.lan("lan", "198.51.100.1/24")?;
-    let coord = Coordinator::start(&mut lab, &lan, "198.51.100.1", &[])?;
+    println!("   db-1 has a public address; db-2 sits behind a home-router NAT, web behind a");
+    println!("   symmetric (hard) NAT, laptop behind a firewall that drops all UDP");
+    let wan = lab.lan("inet", "198.51.100.1/24")?;
+    let coord = Coordinator::start(&mut lab, &wan, "198.51.100.1", &[])?;
     print!("{}", lab.stdout(coord.proc));
     let key = coord.authkey(&lab, &["--reusable", "--expiry", "10m"])?;
     println!("\n$ lattice-coordinator authkey create --reusable\n{key}");
-    let names = ["db-1", "db-2", "web"];
+    let sites = [
+        ("db-1", None),
+        ("db-2", Some(Nat::Easy)),
+        ("web", Some(Nat::Hard)),
+        ("laptop", Some(Nat::UdpBlocked)),
+    ];
+    let names: Vec<&str> = sites.iter().map(|(n, _)| *n).collect();
     let mut nodes = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let ns = lab.ns(name)?;
-        lab.attach(
-            &lan,
-            &ns,
-            "eth0",
-            &format!("198.51.100.{}/24", 11 + i),
-            None,
-        )?;
+    for (i, (name, nat)) in sites.iter().enumerate() {
+        let wan_cidr = format!("198.51.100.{}/24", 11 + i);
+        let ns = match nat {
+            None => {
+                let ns = lab.ns(name)?;
+                lab.attach(&wan, &ns, "eth0", &wan_cidr, None)?;
+                ns
+            }
+            Some(nat) => {
+                lab.natted_host(&wan, name, &wan_cidr, 10 + i as u8, *nat)?
+                    .1
+            }
+        };
         println!(
             "$ [{name}] lattice up --coordinator {} --auth-key $KEY --hostname {name}",
             coord.url
@@ -94,6 +108,37 @@ fn demo() -> anyhow::Result<()> {
     for n in &nodes {
         n.wait_ready(&lab, names.len() - 1, Duration::from_secs(30))?;
     }
+    show(
+        "[web] lattice netcheck",
+        &nodes[2].cli(&lab, &["netcheck"])?,
+    );
+    println!("\n== waiting for direct paths (hole punching; port probing for the hard NAT)");
+    let direct = |n: &MeshNode| -> usize {
+        n.status(&lab)
+            .and_then(|s| {
+                s["peers"]
+                    .as_array()
+                    .map(|ps| ps.iter().filter(|p| p["path"]["kind"] == "direct").count())
+            })
+            .unwrap_or(0)
+    };
+    // Pings start traffic (and so probing) on every pair; web should reach db-1 and db-2
+    // directly, laptop nobody.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(20) && direct(&nodes[2]) < 2 {
+        for n in &nodes[..3] {
+            for m in &names[..3] {
+                if *m != n.hostname {
+                    n.ping(&lab, m, "-4", 1);
+                }
+            }
+        }
+    }
+    println!(
+        "   web has {} direct paths after {:.1}s",
+        direct(&nodes[2]),
+        started.elapsed().as_secs_f64()
+    );
     let web = &nodes[2];
     show("[web] lattice status", &web.cli(&lab, &["status"])?);
     show(
@@ -133,6 +178,10 @@ fn demo() -> anyhow::Result<()> {
     println!(
         "\n== every node reaches every other by name: {}",
         if ok { "yes" } else { "NO" }
+    );
+    show(
+        "[laptop] lattice status   # UDP is blocked here: every peer through the relay, over TCP",
+        &nodes[3].cli(&lab, &["status"])?,
     );
     let policy_ok = demo_policy(&lab, &coord, &nodes)?;
     println!("== cleaning up (namespaces and processes are removed)");
