@@ -3,6 +3,7 @@
 //! and drains its outputs. It holds no protocol state of its own.
 
 use std::collections::BTreeMap;
+use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use node_proto::path::Current;
 use node_proto::{Addr, Event, NodeState, Packet, PathKind, SockId, Status};
+use quinn_udp::RecvMeta;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 use wire::{ClientMessage, ErrorCode, NatInfo, RelayId};
@@ -24,7 +26,7 @@ use crate::io::dns::DnsTable;
 use crate::io::portmap::PortMapper;
 use crate::io::relays::{RelayEvent, RelayManager};
 use crate::io::tun::Tun;
-use crate::io::udp::Sockets;
+use crate::io::udp::{Batch, RECV_SLOT, RECV_SLOTS, Sock, Sockets};
 use crate::io::{dns, ifaddrs};
 use crate::statedir::StateDir;
 
@@ -166,8 +168,10 @@ impl EventLoop {
     /// Runs until stopped, logged out, or refused by the coordinator (an error).
     pub async fn run(mut self) -> anyhow::Result<Exit> {
         let mut tun_buf = vec![0u8; BUF];
-        let mut udp4_buf = vec![0u8; BUF];
-        let mut udp6_buf = vec![0u8; BUF];
+        let mut udp4_buf = vec![0u8; RECV_SLOTS * RECV_SLOT];
+        let mut udp6_buf = vec![0u8; RECV_SLOTS * RECV_SLOT];
+        let mut meta4 = [RecvMeta::default(); RECV_SLOTS];
+        let mut meta6 = [RecvMeta::default(); RECV_SLOTS];
         let mut endpoint_tick = tokio::time::interval(ENDPOINT_REFRESH);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
@@ -194,20 +198,13 @@ impl EventLoop {
                         }
                     }
                 }
-                r = self.sockets.v4.recv_from(&mut udp4_buf) => {
-                    let (n, from) = r.context("reading the UDP socket")?;
-                    let now = Instant::now();
-                    self.state.handle_datagram(now, SockId::Main, from, Packet::copy_from(&udp4_buf[..n]));
-                    for _ in 1..BATCH {
-                        match self.sockets.v4.try_recv_from(&mut udp4_buf) {
-                            Ok((n, from)) => self.state.handle_datagram(now, SockId::Main, from, Packet::copy_from(&udp4_buf[..n])),
-                            Err(_) => break,
-                        }
-                    }
+                r = recv_udp(Some(&self.sockets.v4), &mut udp4_buf, &mut meta4) => {
+                    let n = r.context("reading the UDP socket")?;
+                    self.handle_udp(&udp4_buf, &meta4[..n]);
                 }
-                r = recv_v6(self.sockets.v6.as_ref(), &mut udp6_buf) => {
-                    let (n, from) = r.context("reading the UDP socket")?;
-                    self.state.handle_datagram(Instant::now(), SockId::Main, from, Packet::copy_from(&udp6_buf[..n]));
+                r = recv_udp(self.sockets.v6.as_ref(), &mut udp6_buf, &mut meta6) => {
+                    let n = r.context("reading the UDP socket")?;
+                    self.handle_udp(&udp6_buf, &meta6[..n]);
                 }
                 ev = self.relay_events.recv() => {
                     if let Some(ev) = ev {
@@ -296,7 +293,29 @@ impl EventLoop {
         Ok(Exit::Stopped)
     }
 
+    /// Hands what one receive call brought to the core, datagram by datagram.
+    fn handle_udp(&mut self, buf: &[u8], meta: &[RecvMeta]) {
+        let now = Instant::now();
+        for (slot, m) in buf.chunks(RECV_SLOT).zip(meta) {
+            for d in slot[..m.len].chunks(m.stride.max(1)) {
+                self.state
+                    .handle_datagram(now, SockId::Main, m.addr, Packet::copy_from(d));
+            }
+        }
+    }
+
+    /// Sends the pending run of datagrams (one GSO send when there are several).
+    async fn send_batch(&self, batch: &mut Batch) {
+        if let Some((dst, bytes, segment)) = batch.pending()
+            && let Some(sock) = self.sockets.for_dst(&dst)
+        {
+            sock.send(dst, bytes, segment).await;
+        }
+        batch.clear();
+    }
+
     async fn flush(&mut self) -> anyhow::Result<()> {
+        let mut batch = Batch::default();
         while let Some(t) = self.state.poll_transmit() {
             let dst = match t.dst {
                 Addr::Udp(SockId::Main, a) => a,
@@ -309,19 +328,13 @@ impl EventLoop {
                     continue;
                 }
             };
-            let Some(sock) = self.sockets.for_dst(&dst) else {
-                continue;
-            };
-            match sock.try_send_to(&t.payload, dst) {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if let Err(e) = sock.send_to(&t.payload, dst).await {
-                        debug!(%dst, error = %e, "udp send failed");
-                    }
-                }
-                Err(e) => debug!(%dst, error = %e, "udp send failed"),
+            let max = self.sockets.for_dst(&dst).map_or(1, Sock::max_segments);
+            if !batch.fits(dst, t.payload.len(), max) {
+                self.send_batch(&mut batch).await;
             }
+            batch.push(dst, &t.payload);
         }
+        self.send_batch(&mut batch).await;
         while let Some(p) = self.state.poll_tun_write() {
             if let Some(tun) = &self.tun
                 && let Err(e) = tun.dev.send(&p).await
@@ -841,14 +854,16 @@ async fn recv_tun(tun: Option<&Tun>, buf: &mut [u8]) -> std::io::Result<usize> {
     }
 }
 
-async fn recv_v6(
-    sock: Option<&tokio::net::UdpSocket>,
+async fn recv_udp(
+    sock: Option<&Sock>,
     buf: &mut [u8],
-) -> std::io::Result<(usize, SocketAddr)> {
-    match sock {
-        Some(s) => s.recv_from(buf).await,
-        None => std::future::pending().await,
-    }
+    meta: &mut [RecvMeta],
+) -> std::io::Result<usize> {
+    let Some(sock) = sock else {
+        return std::future::pending().await;
+    };
+    let mut slices: Vec<IoSliceMut<'_>> = buf.chunks_mut(RECV_SLOT).map(IoSliceMut::new).collect();
+    sock.recv(&mut slices, meta).await
 }
 
 /// Points the system resolver at the mesh DNS through systemd-resolved, for this interface

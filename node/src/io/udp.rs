@@ -1,22 +1,188 @@
 //! The magicsock's sockets: one UDP socket per address family on the node's one port. All of
-//! the node's UDP traffic (WireGuard, and later STUN and disco) leaves through them, so the NAT
-//! mapping a peer sees is the one the tunnel uses.
+//! the node's UDP traffic (WireGuard, STUN and disco) leaves through them, so the NAT mapping
+//! a peer sees is the one the tunnel uses.
+//!
+//! Sends and receives go through `quinn-udp`: a run of equal-sized datagrams to one address
+//! leaves in one `sendmsg` with UDP GSO (the kernel, or the veth/NIC, cuts it into
+//! datagrams), and the kernel hands coalesced datagrams up with GRO, many per `recvmmsg`.
+//! Where the kernel refuses GSO, the datagrams go one by one.
 
+use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::Context;
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tracing::warn;
+use tracing::{debug, warn};
 
 const BUFFER: usize = 4 << 20;
+
+/// Receive slots per `recvmmsg`.
+pub const RECV_SLOTS: usize = 16;
+/// Bytes per receive slot: room for one GRO-coalesced run.
+pub const RECV_SLOT: usize = 65_535;
+/// The most bytes one GSO send carries.
+const GSO_BYTES: usize = 60_000;
+
+/// One UDP socket with its offload state.
+pub struct Sock {
+    io: UdpSocket,
+    state: UdpSocketState,
+}
+
+impl Sock {
+    fn new(io: UdpSocket) -> anyhow::Result<Self> {
+        let state = UdpSocketState::new(UdpSockRef::from(&io))
+            .context("configuring the UDP socket (GSO/GRO, packet info)")?;
+        // quinn-udp forbids fragmentation (QUIC probes the path MTU itself). A tunnel cannot:
+        // keep the kernel default, which fragments a datagram larger than the known path MTU
+        // instead of dropping it, as kernel WireGuard does.
+        let v6 = io.local_addr()?.is_ipv6();
+        let (level, name, value) = if v6 {
+            (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_WANT,
+            )
+        } else {
+            (
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                libc::IP_PMTUDISC_WANT,
+            )
+        };
+        setsockopt(&io, level, name, value).context("allowing fragmentation")?;
+        if v6 {
+            setsockopt(&io, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0)
+                .context("allowing fragmentation")?;
+        }
+        Ok(Self { io, state })
+    }
+
+    /// Receives into `bufs`; returns how many slots were filled. Each filled slot holds
+    /// `meta.len` bytes: datagrams of `meta.stride` bytes (the last may be shorter).
+    /// Cancel-safe: nothing is read until the socket is readable.
+    pub async fn recv(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> io::Result<usize> {
+        loop {
+            self.io.readable().await?;
+            match self.io.try_io(Interest::READABLE, || {
+                self.state.recv(UdpSockRef::from(&self.io), bufs, meta)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return r,
+            }
+        }
+    }
+
+    /// Sends `contents` to `dst`: one datagram, or with `segment` a run of `segment`-byte
+    /// datagrams (the last may be shorter) in one GSO send, falling back to one send per
+    /// datagram when the kernel refuses the batch.
+    pub async fn send(&self, dst: SocketAddr, contents: &[u8], segment: Option<usize>) {
+        let segment = segment.filter(|s| *s < contents.len());
+        if let Err(e) = self.send_one(dst, contents, segment).await {
+            match segment {
+                Some(seg) => {
+                    debug!(%dst, error = %e, "GSO send failed; sending datagram by datagram");
+                    for d in contents.chunks(seg) {
+                        if let Err(e) = self.send_one(dst, d, None).await {
+                            debug!(%dst, error = %e, "udp send failed");
+                        }
+                    }
+                }
+                None => debug!(%dst, error = %e, "udp send failed"),
+            }
+        }
+    }
+
+    async fn send_one(
+        &self,
+        dst: SocketAddr,
+        contents: &[u8],
+        segment: Option<usize>,
+    ) -> io::Result<()> {
+        let t = Transmit {
+            destination: dst,
+            ecn: None,
+            contents,
+            segment_size: segment,
+            src_ip: None,
+        };
+        loop {
+            match self.io.try_io(Interest::WRITABLE, || {
+                self.state.try_send(UdpSockRef::from(&self.io), &t)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.io.writable().await?,
+                r => return r,
+            }
+        }
+    }
+
+    /// How many datagrams one GSO send may carry (1 without GSO).
+    pub fn max_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+}
+
+/// Coalesces consecutive datagrams to one destination into GSO runs: equal-sized datagrams,
+/// the last possibly shorter.
+#[derive(Default)]
+pub struct Batch {
+    dst: Option<SocketAddr>,
+    buf: Vec<u8>,
+    segment: usize,
+    count: usize,
+    closed: bool,
+}
+
+impl Batch {
+    /// Whether `payload` to `dst` can join the run (with at most `max` datagrams).
+    pub fn fits(&self, dst: SocketAddr, len: usize, max: usize) -> bool {
+        self.dst == Some(dst)
+            && !self.closed
+            && self.count < max
+            && len <= self.segment
+            && self.buf.len() + len <= GSO_BYTES
+    }
+
+    /// Adds `payload` to the run (check [`Batch::fits`] first; otherwise send and clear it).
+    pub fn push(&mut self, dst: SocketAddr, payload: &[u8]) {
+        if self.dst.is_none() {
+            self.dst = Some(dst);
+            self.segment = payload.len();
+        }
+        // A shorter datagram can only end a run.
+        self.closed = payload.len() < self.segment;
+        self.buf.extend_from_slice(payload);
+        self.count += 1;
+    }
+
+    /// The run so far: destination, bytes, segment size when more than one datagram.
+    pub fn pending(&self) -> Option<(SocketAddr, &[u8], Option<usize>)> {
+        let dst = self.dst?;
+        Some((dst, &self.buf, (self.count > 1).then_some(self.segment)))
+    }
+
+    /// Empties the run.
+    pub fn clear(&mut self) {
+        self.dst = None;
+        self.buf.clear();
+        self.count = 0;
+        self.closed = false;
+    }
+}
 
 /// The node's UDP sockets.
 pub struct Sockets {
     /// IPv4 socket.
-    pub v4: UdpSocket,
+    pub v4: Sock,
     /// IPv6 socket, when the host has IPv6.
-    pub v6: Option<UdpSocket>,
+    pub v6: Option<Sock>,
     /// The shared port.
     pub port: u16,
 }
@@ -27,7 +193,8 @@ impl Sockets {
         let v4 = bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
             .with_context(|| format!("binding UDP port {port}"))?;
         let port = v4.local_addr()?.port();
-        let v6 = match bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+        let v4 = Sock::new(v4)?;
+        let v6 = match bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))).and_then(Sock::new) {
             Ok(s) => Some(s),
             Err(e) => {
                 warn!(error = %e, "no IPv6 UDP socket; peers are reached over IPv4 only");
@@ -38,7 +205,7 @@ impl Sockets {
     }
 
     /// The socket for `dst`'s family.
-    pub fn for_dst(&self, dst: &SocketAddr) -> Option<&UdpSocket> {
+    pub fn for_dst(&self, dst: &SocketAddr) -> Option<&Sock> {
         match dst {
             SocketAddr::V4(_) => Some(&self.v4),
             SocketAddr::V6(_) => self.v6.as_ref(),
@@ -62,4 +229,113 @@ fn bind(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     Ok(UdpSocket::from_std(s.into())?)
+}
+
+fn setsockopt(sock: &UdpSocket, level: i32, name: i32, value: i32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket descriptor, and a pointer to an int with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(&value).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    }
+
+    #[test]
+    fn a_run_takes_equal_datagrams_to_one_address_and_ends_at_a_shorter_one() {
+        let mut b = Batch::default();
+        assert!(
+            !b.fits(addr(1), 100, 64),
+            "an empty batch has no run to join"
+        );
+        b.push(addr(1), &[1; 100]);
+        assert!(b.fits(addr(1), 100, 64));
+        assert!(!b.fits(addr(2), 100, 64), "another destination");
+        assert!(!b.fits(addr(1), 101, 64), "a longer datagram");
+        b.push(addr(1), &[2; 100]);
+        assert!(!b.fits(addr(1), 100, 2), "the segment limit");
+        assert!(b.fits(addr(1), 40, 64));
+        b.push(addr(1), &[3; 40]);
+        assert!(!b.fits(addr(1), 40, 64), "a shorter datagram ends the run");
+        let (dst, bytes, seg) = b.pending().unwrap();
+        assert_eq!((dst, bytes.len(), seg), (addr(1), 240, Some(100)));
+        b.clear();
+        assert!(b.pending().is_none());
+        b.push(addr(3), &[4; 10]);
+        assert_eq!(b.pending().unwrap().2, None, "one datagram is no GSO send");
+    }
+
+    #[test]
+    fn a_run_stays_under_the_gso_byte_limit() {
+        let mut b = Batch::default();
+        let d = [0u8; 1500];
+        let mut n = 1;
+        b.push(addr(1), &d);
+        while b.fits(addr(1), d.len(), usize::MAX) {
+            b.push(addr(1), &d);
+            n += 1;
+        }
+        assert_eq!(n, GSO_BYTES / 1500);
+    }
+
+    /// Real sockets on loopback: a GSO run arrives as the same datagrams, in order, with
+    /// their boundaries intact (whether or not the kernel coalesces them again with GRO).
+    #[tokio::test]
+    async fn gso_runs_arrive_as_the_datagrams_they_were_made_of() {
+        let a = Sock::new(bind(addr(0)).unwrap()).unwrap();
+        let b = Sock::new(bind(addr(0)).unwrap()).unwrap();
+        let to = b.io.local_addr().unwrap();
+        let mut want = Vec::new();
+        let mut batch = Batch::default();
+        for i in 0..50u8 {
+            let len = if i == 49 { 333 } else { 1200 };
+            let d = vec![i; len];
+            if !batch.fits(to, d.len(), a.max_segments())
+                && let Some((dst, bytes, seg)) = batch.pending()
+            {
+                a.send(dst, bytes, seg).await;
+                batch.clear();
+            }
+            batch.push(to, &d);
+            want.push(d);
+        }
+        let (dst, bytes, seg) = batch.pending().unwrap();
+        a.send(dst, bytes, seg).await;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; RECV_SLOTS * RECV_SLOT];
+        let mut meta = [RecvMeta::default(); RECV_SLOTS];
+        while got.len() < want.len() {
+            let mut slices: Vec<IoSliceMut<'_>> =
+                buf.chunks_mut(RECV_SLOT).map(IoSliceMut::new).collect();
+            let n = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                b.recv(&mut slices, &mut meta),
+            )
+            .await
+            .expect("datagrams arrive")
+            .unwrap();
+            for (slot, m) in buf.chunks(RECV_SLOT).zip(&meta[..n]) {
+                assert_eq!(m.addr, a.io.local_addr().unwrap());
+                got.extend(slot[..m.len].chunks(m.stride).map(<[u8]>::to_vec));
+            }
+        }
+        assert_eq!(got, want);
+    }
 }
