@@ -647,3 +647,49 @@ fn a_node_the_coordinator_stops_vouching_for_cannot_use_the_relay() {
     );
     assert!(stats(&m)["counters"]["rejected"].as_u64().unwrap() >= 2);
 }
+
+/// Addresses on another VPN's tunnel (a point-to-point TUN device) are never offered as
+/// endpoints: a "direct" path through someone else's tunnel runs at its speed and dies with
+/// it. An ordinary second interface is offered.
+#[test]
+fn addresses_on_other_tunnels_are_not_endpoints() {
+    let Some(mut lab) = lab("ifaddrs") else {
+        return;
+    };
+    let wan = lab.lan("inet", "198.51.100.1/24").expect("internet");
+    let coord = Coordinator::start(&mut lab, &wan, "198.51.100.1", &[]).expect("coordinator");
+    let key = coord.authkey(&lab, &[]).expect("auth key");
+    let ns = lab.ns("h").expect("namespace");
+    lab.attach(&wan, &ns, "eth0", "198.51.100.11/24", None)
+        .expect("link");
+    lab.sh(
+        &ns,
+        "ip tuntap add dev vpn0 mode tun && ip addr add 10.99.0.1/24 dev vpn0 && ip link set vpn0 up \
+         && ip link add lan1 type veth peer name lan1p && ip addr add 10.98.0.1/24 dev lan1 \
+         && ip link set lan1p up && ip link set lan1 up",
+    )
+    .expect("extra interfaces");
+    let n = MeshNode::start(&mut lab, &ns, "h", &coord.url, &key, &[]).expect("node");
+    n.wait_ready(&lab, 0, Duration::from_secs(30))
+        .expect("ready");
+    let endpoints = || -> Vec<String> {
+        n.status(&lab).map_or_else(Vec::new, |st| {
+            st["self"]["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.as_str().map(str::to_owned))
+                .collect()
+        })
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || endpoints()
+            .iter()
+            .any(|e| e.starts_with("198.51.100.11:"))),
+        "{:?}",
+        endpoints()
+    );
+    let eps = endpoints();
+    assert!(eps.iter().any(|e| e.starts_with("10.98.0.1:")), "{eps:?}");
+    assert!(!eps.iter().any(|e| e.starts_with("10.99.0.1:")), "{eps:?}");
+}

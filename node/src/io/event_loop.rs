@@ -25,14 +25,15 @@ use crate::io::control::ControlEvent;
 use crate::io::dns::DnsTable;
 use crate::io::portmap::PortMapper;
 use crate::io::relays::{RelayEvent, RelayManager};
-use crate::io::tun::Tun;
+use crate::io::tun::{ReadBufs, Tun, is_packet_error};
 use crate::io::udp::{Batch, RECV_SLOT, RECV_SLOTS, Sock, Sockets};
 use crate::io::{dns, ifaddrs};
 use crate::statedir::StateDir;
 
 /// Packets read per wakeup before outputs are flushed.
 const BATCH: usize = 64;
-const BUF: usize = 65_535;
+/// Most TUN reads per wake-up (each may carry a 64 KiB run of packets).
+const TUN_READS: usize = 8;
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(20);
 const CACHE_SAVE_DELAY: Duration = Duration::from_secs(1);
 
@@ -79,6 +80,8 @@ pub struct EventLoop {
     last_error: Option<String>,
     dns_started: bool,
     cache_due: Option<Instant>,
+    /// TUN reads dropped as malformed by the offload code (before the core saw them).
+    tun_read_errors: u64,
     pending_logout: Option<(oneshot::Sender<Result<(), String>>, Instant)>,
     relays: RelayManager,
     relay_events: mpsc::Receiver<RelayEvent>,
@@ -149,6 +152,7 @@ impl EventLoop {
             last_error: None,
             dns_started: false,
             cache_due: None,
+            tun_read_errors: 0,
             pending_logout: None,
             relays: RelayManager::new(node_keypair, relay_tx),
             relay_events,
@@ -167,7 +171,7 @@ impl EventLoop {
 
     /// Runs until stopped, logged out, or refused by the coordinator (an error).
     pub async fn run(mut self) -> anyhow::Result<Exit> {
-        let mut tun_buf = vec![0u8; BUF];
+        let mut tun_bufs = ReadBufs::new(self.mtu);
         let mut udp4_buf = vec![0u8; RECV_SLOTS * RECV_SLOT];
         let mut udp6_buf = vec![0u8; RECV_SLOTS * RECV_SLOT];
         let mut meta4 = [RecvMeta::default(); RECV_SLOTS];
@@ -185,16 +189,19 @@ impl EventLoop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => return self.stop().await,
                 _ = term.recv() => return self.stop().await,
-                r = recv_tun(self.tun.as_ref(), &mut tun_buf) => {
-                    let n = r.context("reading the TUN device")?;
+                r = read_tun(self.tun.as_ref(), &mut tun_bufs) => {
                     let now = Instant::now();
-                    self.state.handle_tun_packet(now, Packet::copy_from(&tun_buf[..n]));
-                    if let Some(tun) = &self.tun {
-                        for _ in 1..BATCH {
-                            match tun.dev.try_recv(&mut tun_buf) {
-                                Ok(n) => self.state.handle_tun_packet(now, Packet::copy_from(&tun_buf[..n])),
-                                Err(_) => break,
-                            }
+                    match r {
+                        Ok(n) => self.handle_tun(now, &tun_bufs, n),
+                        Err(e) if is_packet_error(&e) => self.tun_read_error(&e),
+                        Err(e) => return Err(e).context("reading the TUN device"),
+                    }
+                    for _ in 1..TUN_READS {
+                        let Some(tun) = &self.tun else { break };
+                        match tun.try_read(&mut tun_bufs) {
+                            Ok(n) => self.handle_tun(now, &tun_bufs, n),
+                            Err(e) if is_packet_error(&e) => self.tun_read_error(&e),
+                            Err(_) => break,
                         }
                     }
                 }
@@ -293,6 +300,19 @@ impl EventLoop {
         Ok(Exit::Stopped)
     }
 
+    /// Hands the packets of one TUN read to the core.
+    fn handle_tun(&mut self, now: Instant, bufs: &ReadBufs, n: usize) {
+        for p in bufs.packets(n) {
+            self.state.handle_tun_packet(now, Packet::copy_from(p));
+        }
+    }
+
+    /// A TUN read that could not be cut into packets: dropped and counted.
+    fn tun_read_error(&mut self, e: &std::io::Error) {
+        self.tun_read_errors += 1;
+        debug!(error = %e, total = self.tun_read_errors, "dropped a malformed read from the TUN device");
+    }
+
     /// Hands what one receive call brought to the core, datagram by datagram.
     fn handle_udp(&mut self, buf: &[u8], meta: &[RecvMeta]) {
         let now = Instant::now();
@@ -335,12 +355,19 @@ impl EventLoop {
             batch.push(dst, &t.payload);
         }
         self.send_batch(&mut batch).await;
-        while let Some(p) = self.state.poll_tun_write() {
-            if let Some(tun) = &self.tun
-                && let Err(e) = tun.dev.send(&p).await
-            {
+        if let Some(tun) = &mut self.tun {
+            while let Some(p) = self.state.poll_tun_write() {
+                if tun.queue(&p)
+                    && let Err(e) = tun.write_queued().await
+                {
+                    debug!(error = %e, "tun write failed");
+                }
+            }
+            if let Err(e) = tun.write_queued().await {
                 debug!(error = %e, "tun write failed");
             }
+        } else {
+            while self.state.poll_tun_write().is_some() {}
         }
         while let Some(ev) = self.state.poll_event() {
             self.handle_event(ev)?;
@@ -772,7 +799,12 @@ impl EventLoop {
                     tags: p.tags.clone(),
                 })
                 .collect(),
-            counters: serde_json::to_value(CountersJson::from(st.counters)).unwrap_or_default(),
+            counters: {
+                let mut c = CountersJson::from(st.counters);
+                // TUN reads the offload code could not cut into packets count as malformed.
+                c.tun_malformed += self.tun_read_errors;
+                serde_json::to_value(c).unwrap_or_default()
+            },
             relays: self.relays_json(),
             nat: self.nat.clone(),
         }
@@ -847,9 +879,9 @@ fn wall_clock_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-async fn recv_tun(tun: Option<&Tun>, buf: &mut [u8]) -> std::io::Result<usize> {
+async fn read_tun(tun: Option<&Tun>, bufs: &mut ReadBufs) -> std::io::Result<usize> {
     match tun {
-        Some(t) => t.dev.recv(buf).await,
+        Some(t) => t.read(bufs).await,
         None => std::future::pending().await,
     }
 }

@@ -9,6 +9,8 @@ pub struct IfAddr {
     pub name: String,
     /// Address.
     pub addr: IpAddr,
+    /// A point-to-point interface: another VPN's tunnel (WireGuard, OpenVPN, our own) or PPP.
+    pub point_to_point: bool,
 }
 
 /// Every address on every up interface.
@@ -46,7 +48,12 @@ pub fn list() -> std::io::Result<Vec<IfAddr>> {
                 _ => continue,
             }
         };
-        out.push(IfAddr { name, addr });
+        let point_to_point = ifa.ifa_flags & (libc::IFF_POINTOPOINT as u32) != 0;
+        out.push(IfAddr {
+            name,
+            addr,
+            point_to_point,
+        });
     }
     // SAFETY: `head` came from getifaddrs and is freed exactly once.
     unsafe { libc::freeifaddrs(head) };
@@ -55,13 +62,23 @@ pub fn list() -> std::io::Result<Vec<IfAddr>> {
 
 /// The endpoints to report: every routable local address (not loopback, link-local, the
 /// overlay itself or the TUN device) with the node's UDP port.
+///
+/// Addresses on point-to-point interfaces are left out: they belong to tunnels (another
+/// VPN, or ours), and a "direct" path through another VPN's tunnel carries our traffic
+/// inside theirs, at their speed, and breaks when they go down. A PPP uplink's address is
+/// still found: STUN reports it as the public address.
 pub fn endpoints(port: u16, tun_name: &str, overlay: &[IpAddr], has_v6: bool) -> Vec<SocketAddr> {
     let Ok(addrs) = list() else {
         return Vec::new();
     };
     let mut out: Vec<SocketAddr> = addrs
         .into_iter()
-        .filter(|a| a.name != tun_name && usable(a.addr, overlay) && (has_v6 || a.addr.is_ipv4()))
+        .filter(|a| {
+            a.name != tun_name
+                && !a.point_to_point
+                && usable(a.addr, overlay)
+                && (has_v6 || a.addr.is_ipv4())
+        })
         .map(|a| SocketAddr::new(a.addr, port))
         .collect();
     out.sort_by_key(|a| (a.is_ipv6(), *a));

@@ -4,11 +4,17 @@
 //! mesh's /48, so the kernel's connected routes send all mesh traffic into the device without
 //! touching any other route. The DNS resolver address 100.100.100.100/32 is assigned too, which
 //! makes queries to it local to this host (served by the node's DNS on that address).
+//!
+//! The device is opened with offloads (`IFF_VNET_HDR`): the kernel hands over TCP and UDP
+//! runs of up to 64 KiB in one read, which are cut into MTU-sized packets here, and packets
+//! written back are coalesced into such runs again (GRO), as wireguard-go does. Where the
+//! kernel has no offloads, reads and writes are one packet each.
 
+use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::Context;
-use tun_rs::{AsyncDevice, DeviceBuilder};
+use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// The node-local DNS address.
 pub const RESOLVER: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 100);
@@ -17,16 +23,52 @@ const V6_PREFIX: u8 = 48;
 
 /// An up TUN device with its addresses.
 pub struct Tun {
-    /// The device.
-    pub dev: AsyncDevice,
+    dev: AsyncDevice,
     name: String,
     addrs: Vec<IpAddr>,
+    gro: GROTable,
+    /// Packets waiting for [`Tun::write_queued`], each after `VIRTIO_NET_HDR_LEN` bytes of
+    /// room for the offload header.
+    out: Vec<Vec<u8>>,
+    queued: usize,
+}
+
+/// Buffers for reading: one raw read (header + up to 64 KiB), cut into packets.
+pub struct ReadBufs {
+    raw: Vec<u8>,
+    packets: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+}
+
+impl ReadBufs {
+    /// Buffers for packets of up to `mtu` bytes.
+    pub fn new(mtu: u16) -> Self {
+        Self {
+            raw: vec![0; VIRTIO_NET_HDR_LEN + 65_535],
+            packets: vec![vec![0; usize::from(mtu).max(1280) + 64]; IDEAL_BATCH_SIZE],
+            sizes: vec![0; IDEAL_BATCH_SIZE],
+        }
+    }
+
+    /// The first `n` packets of the last read.
+    pub fn packets(&self, n: usize) -> impl Iterator<Item = &[u8]> {
+        self.packets
+            .iter()
+            .zip(&self.sizes)
+            .take(n)
+            .map(|(p, len)| &p[..*len])
+    }
+}
+
+/// Whether a read error is about one bad packet (dropped) rather than the device.
+pub fn is_packet_error(e: &io::Error) -> bool {
+    e.raw_os_error().is_none() && e.kind() != io::ErrorKind::WouldBlock
 }
 
 impl Tun {
     /// Creates the device `name` with `addrs` and `mtu`.
     pub fn create(name: &str, mtu: u16, addrs: &[IpAddr]) -> anyhow::Result<Self> {
-        let mut b = DeviceBuilder::new().name(name).mtu(mtu);
+        let mut b = DeviceBuilder::new().name(name).mtu(mtu).offload(true);
         for a in addrs {
             b = match a {
                 IpAddr::V4(v4) => b.ipv4(*v4, V4_PREFIX, None),
@@ -42,7 +84,53 @@ impl Tun {
             dev,
             name: name.to_owned(),
             addrs: addrs.to_vec(),
+            gro: GROTable::default(),
+            out: Vec::new(),
+            queued: 0,
         })
+    }
+
+    /// Waits for and reads one batch of packets; returns how many.
+    pub async fn read(&self, b: &mut ReadBufs) -> io::Result<usize> {
+        self.dev
+            .recv_multiple(&mut b.raw, &mut b.packets, &mut b.sizes, 0)
+            .await
+    }
+
+    /// Reads one batch when one is waiting (`WouldBlock` otherwise).
+    pub fn try_read(&self, b: &mut ReadBufs) -> io::Result<usize> {
+        self.dev
+            .try_recv_multiple(&mut b.raw, &mut b.packets, &mut b.sizes, 0)
+    }
+
+    /// Queues `packet` for the next [`Tun::write_queued`]; returns whether the queue is full
+    /// (then write it).
+    pub fn queue(&mut self, packet: &[u8]) -> bool {
+        if self.queued == self.out.len() {
+            // Room to coalesce a whole 64 KiB run into this buffer (the GRO code will not
+            // grow a buffer itself).
+            self.out
+                .push(Vec::with_capacity(2 * VIRTIO_NET_HDR_LEN + 65_535));
+        }
+        let buf = &mut self.out[self.queued];
+        buf.clear();
+        buf.resize(VIRTIO_NET_HDR_LEN, 0);
+        buf.extend_from_slice(packet);
+        self.queued += 1;
+        self.queued == IDEAL_BATCH_SIZE
+    }
+
+    /// Writes the queued packets, coalescing TCP and UDP runs where the kernel allows.
+    pub async fn write_queued(&mut self) -> io::Result<()> {
+        if self.queued == 0 {
+            return Ok(());
+        }
+        let n = self.queued;
+        self.queued = 0;
+        self.dev
+            .send_multiple(&mut self.gro, &mut self.out[..n], VIRTIO_NET_HDR_LEN)
+            .await
+            .map(drop)
     }
 
     /// The device name.

@@ -57,10 +57,12 @@ pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
         .as_str()
         .context("b's address")?
         .to_owned();
+    // Warm up: the first packets go through the relay until the direct path answers.
+    lab.output(&a, &["ping", "-c", "5", "-i", "0.2", &lattice_dst])?;
     let mtu = "1280";
     targets.push(Target {
         name: format!("lattice (mtu {mtu})"),
-        dst: lattice_dst,
+        dst: lattice_dst.clone(),
         runs: vec![],
     });
 
@@ -105,7 +107,23 @@ pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
             let bps = iperf(&lab, &a, &t.dst, seconds)
                 .with_context(|| format!("iperf3 to {} ({})", t.name, t.dst))?;
             t.runs.push(bps);
-            println!("  round {round}: {:<22} {:>8.3} Gbit/s", t.name, bps / 1e9);
+            // For our tunnel, which path the run took (it must be the direct one).
+            let path = if t.dst == lattice_dst {
+                na.status(&lab)
+                    .map(|s| {
+                        let p = &s["peers"][0]["path"];
+                        let at = p["addr"].as_str().or(p["relay"].as_str()).unwrap_or("");
+                        format!(" (path: {} {at})", p["kind"].as_str().unwrap_or("?"))
+                    })
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
+            println!(
+                "  round {round}: {:<22} {:>8.3} Gbit/s{path}",
+                t.name,
+                bps / 1e9
+            );
         }
     }
     lab.kill(iperf_srv);
