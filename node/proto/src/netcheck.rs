@@ -221,7 +221,7 @@ mod tests {
         map: impl Fn(SocketAddr) -> SocketAddr,
     ) {
         for (server, req) in reqs {
-            let resp = crate::stun::tests::answer(req, map(*server)).unwrap();
+            let resp = relay::stun::answer(req, map(*server)).unwrap();
             assert!(n.handle_response(now, *server, &resp));
         }
     }
@@ -280,7 +280,7 @@ mod tests {
         assert!(!r.nat.udp);
         assert_eq!(r.nat.mapping_varies, None);
         // A forged answer (unknown transaction) is ignored; the next run starts on schedule.
-        let fake = crate::stun::tests::answer(
+        let fake = relay::stun::answer(
             &crate::stun::binding_request([9; 12]),
             "1.2.3.4:5".parse().unwrap(),
         )

@@ -38,31 +38,9 @@ pub fn parse_response(b: &[u8]) -> Option<([u8; 12], SocketAddr)> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    /// What a STUN server answers (the relay crate's server does the same).
-    pub(crate) fn answer(request: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
-        let (msg, _) = MessageDecoderBuilder::default()
-            .build()
-            .decode(request)
-            .ok()?;
-        if msg.class() != MessageClass::Request {
-            return None;
-        }
-        let resp = StunMessageBuilder::new(BINDING, MessageClass::SuccessResponse)
-            .with_transaction_id(*msg.transaction_id())
-            .with_attribute(XorMappedAddress::from(from))
-            .with_attribute(Fingerprint::default())
-            .build();
-        let mut buf = [0u8; 128];
-        let n = MessageEncoderBuilder::default()
-            .build()
-            .encode(&mut buf, &resp)
-            .ok()?;
-        Some(buf[..n].to_vec())
-    }
 
     #[test]
     fn requests_and_responses_round_trip() {
@@ -73,7 +51,7 @@ pub(crate) mod tests {
         );
         assert_eq!(parse_response(&req), None, "a request is not a response");
         let from: SocketAddr = "203.0.113.4:40000".parse().unwrap();
-        let resp = answer(&req, from).unwrap();
+        let resp = relay::stun::answer(&req, from).unwrap();
         assert_eq!(parse_response(&resp), Some(([5; 12], from)));
     }
 

@@ -322,7 +322,7 @@ impl Sim {
                     self.tap.push((from, to, bytes.clone()));
                 }
                 if self.stun.contains(&to) {
-                    if let Some(resp) = crate::stun::tests::answer(&bytes, from)
+                    if let Some(resp) = relay::stun::answer(&bytes, from)
                         && !self.lost()
                     {
                         let at = self.now + self.hop_delay();
