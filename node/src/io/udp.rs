@@ -137,14 +137,14 @@ pub struct Batch {
     buf: Vec<u8>,
     segment: usize,
     count: usize,
-    closed: bool,
 }
 
 impl Batch {
     /// Whether `payload` to `dst` can join the run (with at most `max` datagrams).
     pub fn fits(&self, dst: SocketAddr, len: usize, max: usize) -> bool {
         self.dst == Some(dst)
-            && !self.closed
+            // A shorter datagram can only end a run: once one is in, the run is closed.
+            && self.buf.len() == self.count * self.segment
             && self.count < max
             && len <= self.segment
             && self.buf.len() + len <= GSO_BYTES
@@ -156,8 +156,6 @@ impl Batch {
             self.dst = Some(dst);
             self.segment = payload.len();
         }
-        // A shorter datagram can only end a run.
-        self.closed = payload.len() < self.segment;
         self.buf.extend_from_slice(payload);
         self.count += 1;
     }
@@ -173,7 +171,6 @@ impl Batch {
         self.dst = None;
         self.buf.clear();
         self.count = 0;
-        self.closed = false;
     }
 }
 
