@@ -74,7 +74,8 @@ struct DecapsulationKey(MlKem768PrivateKey);
 impl Drop for DecapsulationKey {
     fn drop(&mut self) {
         let n = MlKem768PrivateKey::len();
-        self.0[0..n].fill(0);
+        // `zeroize` uses volatile writes, which the compiler may not elide as dead stores.
+        zeroize::Zeroize::zeroize(&mut self.0[0..n]);
     }
 }
 
@@ -113,8 +114,28 @@ impl InitiatorHandshake {
     }
 
     /// Reads message 2 and completes the handshake.
-    pub fn finish(mut self, msg2: &[u8]) -> Result<Completed, HandshakeError> {
-        let plain = read(&mut self.noise, msg2)?;
+    pub fn finish(self, msg2: &[u8]) -> Result<Completed, HandshakeError> {
+        self.finish_or_keep(msg2).map_err(|(_, e)| e)
+    }
+
+    /// Like [`Self::finish`], but a message 2 that does not authenticate (forged, tampered,
+    /// or meant for another exchange) leaves the handshake usable: it comes back with the
+    /// error, so the genuine answer can still complete it (as WireGuard ignores packets that
+    /// do not authenticate). A message that authenticates but is malformed ends it (`None`).
+    pub fn finish_or_keep(
+        mut self,
+        msg2: &[u8],
+    ) -> Result<Completed, (Option<Box<Self>>, HandshakeError)> {
+        // snow restores its symmetric state when a message fails to decrypt, so a failed read
+        // changes nothing the next read depends on.
+        let plain = match read(&mut self.noise, msg2) {
+            Ok(p) => p,
+            Err(e) => return Err((Some(Box::new(self)), e)),
+        };
+        self.complete(&plain).map_err(|e| (None, e))
+    }
+
+    fn complete(self, plain: &[u8]) -> Result<Completed, HandshakeError> {
         if plain.len() < CIPHERTEXT_LEN {
             return Err(HandshakeError::Malformed);
         }

@@ -128,6 +128,66 @@ fn tampering_with_any_byte_of_message_2_fails() {
 }
 
 #[test]
+fn forged_message_2s_leave_the_handshake_usable_for_the_genuine_one() {
+    let mut p = parties(14);
+    let (ini, msg1) = InitiatorHandshake::start(
+        &mut p.rng,
+        Purpose::PeerPsk,
+        &p.alice,
+        &p.bob.public(),
+        &Psk::zero(),
+        b"hello",
+    )
+    .unwrap();
+    let (res, _) =
+        ResponderHandshake::read_initiation(&mut p.rng, Purpose::PeerPsk, &p.bob, &msg1).unwrap();
+    let (msg2, bob_done) = res.respond(&mut p.rng, &Psk::zero(), b"world").unwrap();
+    // An attacker answering first: a message from another exchange, a tampered copy of the
+    // real one, and garbage of the right size. Each is refused and the state kept.
+    let mut mallory = parties(15);
+    let (_, other1) = InitiatorHandshake::start(
+        &mut mallory.rng,
+        Purpose::PeerPsk,
+        &mallory.alice,
+        &mallory.bob.public(),
+        &Psk::zero(),
+        &[],
+    )
+    .unwrap();
+    let (other_res, _) = ResponderHandshake::read_initiation(
+        &mut mallory.rng,
+        Purpose::PeerPsk,
+        &mallory.bob,
+        &other1,
+    )
+    .unwrap();
+    let (other2, _) = other_res
+        .respond(&mut mallory.rng, &Psk::zero(), &[])
+        .unwrap();
+    let mut tampered = msg2.clone();
+    tampered[40] ^= 1;
+    let mut ini = ini;
+    for forged in [other2, tampered, vec![0xa5; msg2.len()], vec![]] {
+        match ini.finish_or_keep(&forged) {
+            Err((Some(kept), HandshakeError::Authentication | HandshakeError::BadRemoteKey)) => {
+                ini = *kept;
+            }
+            Err((kept, e)) => panic!(
+                "forged message 2 ended the handshake: {e} ({})",
+                kept.is_some()
+            ),
+            Ok(_) => panic!("a forged message 2 completed the handshake"),
+        }
+    }
+    let alice_done = ini.finish_or_keep(&msg2).map_err(|(_, e)| e).unwrap();
+    assert_eq!(alice_done.payload(), b"world");
+    assert_eq!(
+        alice_done.peer_psk(&Psk::zero()),
+        bob_done.peer_psk(&Psk::zero())
+    );
+}
+
+#[test]
 fn wrong_responder_static_key_fails() {
     let mut p = parties(5);
     let mallory = StaticKeypair::generate(&mut p.rng);

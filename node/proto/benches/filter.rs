@@ -19,6 +19,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use node_proto::conntrack::{FlowTable, Known};
+use wire::NodeKey;
+
+/// The peer every benchmarked flow belongs to.
+const PEER: NodeKey = NodeKey::from_bytes([2; 32]);
 use node_proto::filter::Filter;
 use node_proto::packet::{FiveTuple, PacketInfo, Transport, tcp_flags};
 use wire::IpProto;
@@ -211,10 +215,10 @@ fn main() {
         seg_len: 100,
     };
     for t in &ts {
-        table.admit_inbound(now, t, ack);
+        table.admit_inbound(now, PEER, t, ack);
     }
     let r = rate(&ts, budget, |t| {
-        let k = table.classify_inbound(now, black_box(t), ack);
+        let k = table.classify_inbound(now, PEER, black_box(t), ack);
         debug_assert_eq!(k, Known::Established);
         black_box(k);
     });
@@ -226,11 +230,11 @@ fn main() {
     let mut table = FlowTable::default();
     let r = rate(&packets, budget, |p| {
         let info = PacketInfo::parse(black_box(p)).unwrap();
-        let admitted = match table.classify_inbound(now, &info.tuple, info.transport) {
+        let admitted = match table.classify_inbound(now, PEER, &info.tuple, info.transport) {
             Known::New => {
                 let v = f.evaluate(&info.tuple).is_accept();
                 if v {
-                    table.admit_inbound(now, &info.tuple, info.transport);
+                    table.admit_inbound(now, PEER, &info.tuple, info.transport);
                 }
                 v
             }

@@ -1,18 +1,31 @@
-//! Disco: the path-discovery messages nodes exchange directly and through relays.
+//! Disco: the small sealed messages two peers exchange directly and through relays, for path
+//! discovery and for steering their post-quantum key schedule.
 //!
 //! ```text
 //! magic "LTC\x01" | kind 5 | sender node key [32] | sealed(message)
-//! message: 1 Ping        tx [12]
-//!          2 Pong        tx [12] | observed address (the ping's source as the responder saw it)
-//!          3 CallMeMaybe flags [1] | public IP (family 0 none, 4 or 6, then bytes) | n [1] | n endpoints
+//! message: 1 Ping          tx [12] | time u64
+//!          2 Pong          tx [12] | observed address (the ping's source as the responder saw it)
+//!          3 CallMeMaybe   time u64 | flags [1] | public IP (family 0 none, 4 or 6, then bytes) | n [1] | n endpoints
+//!          4 PqNudge       time u64
+//!          5 PqConfirm     session u32 | tag [16]
+//!          6 PqConfirmAck  session u32 | tag [16]
 //! endpoint / address: family [1] (4 or 6) | ip [4 or 16] | port [2]
+//! time: the sender's wall clock, Unix milliseconds
 //! ```
 //!
 //! Messages are sealed ([`hybrid::seal`]) under a key from the static-static X25519 result of
 //! the two node keys, so only the two peers can make or read them; the header is bound as
-//! associated data. A pong is only believed for a ping this node sent (fresh random tx id), and
-//! a path is only adopted from a pong or from an authenticated WireGuard packet, never from a
-//! ping, so a replayed ping can make a node answer but never move its traffic.
+//! associated data. The sender's key in the header finds the peer in one lookup. Sealing
+//! proves who sent a message, not when; freshness comes from the receiver:
+//!
+//! - a pong is only believed for a ping this node sent (fresh random tx id), and a path is only
+//!   adopted from a pong or an authenticated WireGuard packet, never from a ping, so a replayed
+//!   ping can at most draw an answer;
+//! - pings, call-me-maybes and nudges carry the sender's clock; each peer's messages must move
+//!   forward (pings within a short reordering window, never the same tx twice), so a replay
+//!   within a run is refused, and call-me-maybes and nudges must also be within a few minutes
+//!   of the receiver's clock, which bounds replays across restarts;
+//! - key confirmations carry a MAC under the new post-quantum key, which nobody else has.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -36,6 +49,8 @@ pub enum Message {
     Ping {
         /// Transaction id.
         tx: [u8; 12],
+        /// The sender's clock (Unix ms).
+        time: u64,
     },
     /// Yes; this is where your ping came from.
     Pong {
@@ -46,12 +61,34 @@ pub enum Message {
     },
     /// Here are my endpoints: ping them now (sent through a relay, for simultaneous open).
     CallMeMaybe {
+        /// The sender's clock (Unix ms).
+        time: u64,
         /// [`FLAG_HARD_NAT`].
         flags: u8,
         /// The sender's public IP, if known.
         public_ip: Option<IpAddr>,
         /// The sender's endpoints.
         endpoints: Vec<SocketAddr>,
+    },
+    /// A responder asking its initiator for a new post-quantum exchange (it has no key, or
+    /// lost the one the initiator uses).
+    PqNudge {
+        /// The sender's clock (Unix ms).
+        time: u64,
+    },
+    /// The initiator has the key of exchange `session` (message 3 of the key schedule).
+    PqConfirm {
+        /// The exchange.
+        session: u32,
+        /// MAC under the new key.
+        tag: [u8; 16],
+    },
+    /// The responder installed the key of exchange `session`.
+    PqConfirmAck {
+        /// The exchange.
+        session: u32,
+        /// MAC under the new key.
+        tag: [u8; 16],
     },
 }
 
@@ -89,6 +126,14 @@ impl<'a> Reader<'a> {
         self.take(1).map(|b| b[0])
     }
 
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+
     fn ip(&mut self) -> Option<Option<IpAddr>> {
         match self.u8()? {
             0 => Some(None),
@@ -116,9 +161,10 @@ impl Message {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(32);
         match self {
-            Self::Ping { tx } => {
+            Self::Ping { tx, time } => {
                 out.push(1);
                 out.extend_from_slice(tx);
+                out.extend_from_slice(&time.to_be_bytes());
             }
             Self::Pong { tx, observed } => {
                 out.push(2);
@@ -126,11 +172,13 @@ impl Message {
                 put_addr(&mut out, *observed);
             }
             Self::CallMeMaybe {
+                time,
                 flags,
                 public_ip,
                 endpoints,
             } => {
                 out.push(3);
+                out.extend_from_slice(&time.to_be_bytes());
                 out.push(*flags);
                 match public_ip {
                     Some(ip) => put_ip(&mut out, *ip),
@@ -142,6 +190,20 @@ impl Message {
                     put_addr(&mut out, *e);
                 }
             }
+            Self::PqNudge { time } => {
+                out.push(4);
+                out.extend_from_slice(&time.to_be_bytes());
+            }
+            Self::PqConfirm { session, tag } => {
+                out.push(5);
+                out.extend_from_slice(&session.to_be_bytes());
+                out.extend_from_slice(tag);
+            }
+            Self::PqConfirmAck { session, tag } => {
+                out.push(6);
+                out.extend_from_slice(&session.to_be_bytes());
+                out.extend_from_slice(tag);
+            }
         }
         out
     }
@@ -152,12 +214,14 @@ impl Message {
         let m = match r.u8()? {
             1 => Self::Ping {
                 tx: r.take(12)?.try_into().ok()?,
+                time: r.u64()?,
             },
             2 => Self::Pong {
                 tx: r.take(12)?.try_into().ok()?,
                 observed: r.addr()?,
             },
             3 => {
+                let time = r.u64()?;
                 let flags = r.u8()?;
                 let public_ip = r.ip()?;
                 let n = usize::from(r.u8()?);
@@ -166,11 +230,21 @@ impl Message {
                 }
                 let endpoints = (0..n).map(|_| r.addr()).collect::<Option<Vec<_>>>()?;
                 Self::CallMeMaybe {
+                    time,
                     flags,
                     public_ip,
                     endpoints,
                 }
             }
+            4 => Self::PqNudge { time: r.u64()? },
+            5 => Self::PqConfirm {
+                session: r.u32()?,
+                tag: r.take(16)?.try_into().ok()?,
+            },
+            6 => Self::PqConfirmAck {
+                session: r.u32()?,
+                tag: r.take(16)?.try_into().ok()?,
+            },
             _ => return None,
         };
         r.0.is_empty().then_some(m)
@@ -212,7 +286,10 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         let msgs = [
-            Message::Ping { tx: [1; 12] },
+            Message::Ping {
+                tx: [1; 12],
+                time: 1_790_000_000_123,
+            },
             Message::Pong {
                 tx: [2; 12],
                 observed: "203.0.113.5:41641".parse().unwrap(),
@@ -222,6 +299,7 @@ mod tests {
                 observed: "[2001:db8::5]:41641".parse().unwrap(),
             },
             Message::CallMeMaybe {
+                time: 5,
                 flags: FLAG_HARD_NAT,
                 public_ip: Some("203.0.113.5".parse().unwrap()),
                 endpoints: vec![
@@ -230,16 +308,30 @@ mod tests {
                 ],
             },
             Message::CallMeMaybe {
+                time: u64::MAX,
                 flags: 0,
                 public_ip: None,
                 endpoints: vec![],
+            },
+            Message::PqNudge { time: 77 },
+            Message::PqConfirm {
+                session: 0xdead_beef,
+                tag: [9; 16],
+            },
+            Message::PqConfirmAck {
+                session: 1,
+                tag: [8; 16],
             },
         ];
         for m in msgs {
             assert_eq!(Message::decode(&m.encode()), Some(m.clone()), "{m:?}");
         }
         // Trailing bytes, unknown types and short input are refused.
-        let mut p = Message::Ping { tx: [1; 12] }.encode();
+        let mut p = Message::Ping {
+            tx: [1; 12],
+            time: 0,
+        }
+        .encode();
         p.push(0);
         assert_eq!(Message::decode(&p), None);
         assert_eq!(Message::decode(&[9]), None);

@@ -3,12 +3,25 @@
 //! [`NodeState`] owns everything about the data plane that is protocol rather than plumbing:
 //! one WireGuard tunnel per peer, the path each peer is reached on, cryptokey routing, the
 //! stateful packet filter, and the peer table built from the coordinator's netmap. It performs
-//! no I/O, never reads a clock (every input carries `now`) and draws randomness only from the
-//! seed it was built with. The I/O shell (`node` crate) moves bytes between it and the TUN
-//! device, the UDP socket and the control connection. See [`NodeState`] for the call order.
+//! no I/O. Its own code never reads a clock (every input carries `now`) and draws randomness
+//! only from the seed it was built with: path discovery, the post-quantum key schedule,
+//! admission control, the filter and the flow table are deterministic under the simulator.
+//!
+//! One exception, inside the WireGuard protocol itself: gotatun's `Tunn` and its handshake
+//! rate limiter read the monotonic clock (WireGuard's rekey, retransmit and expiry timers, the
+//! cookie secret's two-minute lifetime, the per-source counts' one-second period) and draw
+//! handshake ephemerals and cookie secrets from the operating system's RNG. So WireGuard's own
+//! timers follow real time even when the rest of the core runs on virtual time, and two runs
+//! with one seed produce different WireGuard bytes; simulator tests exercise paths, keys and
+//! policy, not WireGuard's timers (see `tunnel`).
+//!
+//! The I/O shell (`node` crate) moves bytes between it and the TUN device, the UDP socket and
+//! the control connection. See [`NodeState`] for the call order.
 #![warn(missing_docs)]
 
 pub mod addr;
+pub mod admission;
+mod budget;
 pub mod conntrack;
 pub mod disco;
 pub mod filter;

@@ -55,7 +55,7 @@ pub const SWITCH_RATIO: f64 = 0.8;
 const MAX_PROBES: usize = 4096;
 /// Probes older than this are forgotten.
 const PROBE_TTL: Duration = Duration::from_secs(10);
-/// Endpoints learned from call-me-maybe and pings, most recent kept.
+/// Endpoints learned from call-me-maybes, most recent kept.
 const MAX_EXTRA: usize = 16;
 
 /// Something the node should send for this peer.
@@ -333,7 +333,9 @@ impl PathState {
     }
 
     /// The peer pinged us from `from` (a UDP address). We answer (the caller sends the pong)
-    /// and ping it back to verify the path before using it.
+    /// and ping it back; the address becomes a path only if our ping's pong comes back from
+    /// it, never from the ping alone (the source of a ping can be forged, and a ping replayed
+    /// from anywhere).
     pub fn on_ping(&mut self, now: Instant, rng: &mut impl Rng, from: Addr) -> Vec<PathAction> {
         let Addr::Udp(sock, addr) = from else {
             return Vec::new();
@@ -344,14 +346,12 @@ impl PathState {
         {
             return Vec::new();
         }
-        if sock == SockId::Main {
-            self.add_extra(addr);
-        }
         vec![self.ping(now, rng, sock, addr)]
     }
 
-    /// The peer sent a call-me-maybe: ping its endpoints now; if it is behind a hard NAT and
-    /// we are not, spray its public IP.
+    /// The peer sent a (fresh, authenticated) call-me-maybe: ping its endpoints now; if it is
+    /// behind a hard NAT and we are not, spray its public IP, but only an IP the coordinator
+    /// reported for it, so a peer cannot aim the spray at anyone else.
     pub fn on_call_me_maybe(
         &mut self,
         now: Instant,
@@ -380,6 +380,7 @@ impl PathState {
         if hard
             && !local.hard()
             && let Some(ip) = public_ip
+            && self.reported_ip(ip)
             && self
                 .last_spray
                 .is_none_or(|t| now.saturating_duration_since(t) >= SPRAY_INTERVAL)
@@ -524,12 +525,20 @@ impl PathState {
         self.next_aux = Some(now + Duration::from_secs(3));
     }
 
-    /// Pings from every extra socket to the peer's public endpoints (its reported endpoints
-    /// outside private ranges).
+    /// Whether the coordinator reported `ip` for this peer (its public IP, or the IP of one
+    /// of its endpoints).
+    fn reported_ip(&self, ip: IpAddr) -> bool {
+        self.peer_nat.as_ref().and_then(|n| n.public_ip) == Some(ip)
+            || self.endpoints.iter().any(|e| e.ip() == ip)
+    }
+
+    /// Pings from every extra socket to the peer's public endpoints (those the coordinator
+    /// reported, outside private ranges: never addresses a peer's message named).
     fn aux_pings(&mut self, now: Instant, rng: &mut impl Rng) -> Vec<PathAction> {
         let public: Vec<SocketAddr> = self
-            .candidates()
-            .into_iter()
+            .endpoints
+            .iter()
+            .copied()
             .filter(|a| match self.peer_nat.as_ref().and_then(|n| n.public_ip) {
                 Some(ip) => a.ip() == ip,
                 None => !is_private(a.ip()),
@@ -680,6 +689,66 @@ mod tests {
             p.on_pong(now, &tx, Addr::main("192.0.2.9:9".parse().unwrap())),
             Some(false)
         );
+    }
+
+    #[test]
+    fn a_ping_alone_never_makes_its_source_a_candidate() {
+        let now = crate::test_epoch();
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut p = PathState::default();
+        let real: SocketAddr = "198.51.100.2:41641".parse().unwrap();
+        p.set_endpoints(vec![real]);
+        let forged: SocketAddr = "203.0.113.66:4444".parse().unwrap();
+        // We ping back to check the address...
+        let out = p.on_ping(now, &mut rng, Addr::main(forged));
+        assert!(matches!(&out[..], [PathAction::Ping { to, .. }] if *to == Addr::main(forged)));
+        // ...but it is no candidate, and handshakes and key exchanges do not go there.
+        assert!(!p.candidates().contains(&forged));
+        let key = wire::NodeKey::from_bytes([1; 32]);
+        assert!(
+            !p.targets(now, key, local(), true)
+                .contains(&Addr::main(forged))
+        );
+        // Only a pong from it makes it a path.
+        let PathAction::Ping { tx, .. } = out[0] else {
+            unreachable!()
+        };
+        assert_eq!(p.on_pong(now, &tx, Addr::main(forged)), Some(true));
+    }
+
+    #[test]
+    fn a_call_me_maybe_sprays_only_at_an_ip_the_coordinator_reported() {
+        let now = crate::test_epoch();
+        let mut rng = StdRng::seed_from_u64(4);
+        let public: IpAddr = "198.51.100.2".parse().unwrap();
+        let victim: IpAddr = "192.0.2.200".parse().unwrap();
+        for (claimed, sprays) in [(victim, false), (public, true)] {
+            let mut p = PathState::default();
+            p.set_endpoints(vec![SocketAddr::new(public, 41641)]);
+            p.set_peer_nat(Some(NatInfo {
+                udp: true,
+                mapping_varies: Some(true),
+                public_ip: Some(public),
+                port_mapped: None,
+            }));
+            p.on_call_me_maybe(now, &mut rng, local(), &[], true, Some(claimed));
+            let mut at_claimed = 0;
+            for i in 0..20 {
+                let t = now + Duration::from_millis(250 * i);
+                for a in p.poll(t, &mut rng, local()) {
+                    if let PathAction::Ping { to, .. } = a
+                        && to.udp().is_some_and(|u| u.ip() == claimed)
+                    {
+                        at_claimed += 1;
+                    }
+                }
+            }
+            if sprays {
+                assert_eq!(at_claimed, SPRAY_PROBES, "the reported IP is sprayed");
+            } else {
+                assert_eq!(at_claimed, 0, "a spray was aimed at {claimed}");
+            }
+        }
     }
 
     #[test]

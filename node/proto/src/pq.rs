@@ -4,30 +4,45 @@
 //! X25519 carrying ML-KEM-768, see the `hybrid` crate):
 //!
 //! - **Who initiates** is fixed by the two node keys (the lower one), so both sides agree and
-//!   there are never two exchanges racing. The responder asks for one with a nudge when it
-//!   needs a tunnel (traffic to send, or the peer talking to it with a key it lost).
+//!   there are never two exchanges racing. The responder asks for one with a nudge (a sealed
+//!   disco message carrying its clock) when it needs a tunnel (traffic to send, or the peer
+//!   talking to it with a key it lost). Only a nudge that authenticates and is fresh (newer than
+//!   the last from that peer and within [`NUDGE_WINDOW`] of our clock) makes an initiator start
+//!   over; nothing unauthenticated ever restarts a working key chain.
 //! - **Chaining.** Each new key is `KDF(label, handshake hash, ML-KEM secret)` salted with the
 //!   key it replaces. Message 1 names the key to chain from (by its public id); message 2 (which
 //!   is authenticated) says which one the responder used: the same, or none when it no longer
 //!   has it (after a restart). A reset chain is counted and shown; it is never a downgrade to a
 //!   classical key.
-//! - **Replay.** Message 1 carries the initiator's wall-clock epoch; a responder accepts only
+//! - **Key confirmation.** The responder holds the key of an exchange it answered until the
+//!   initiator proves it has the same key (a confirm message with a MAC under it); only then
+//!   does it install it and acknowledge. So a replayed message 1 (from before a restart, when
+//!   the responder no longer remembers which epochs it saw) can make it answer, but never
+//!   replace a working key with one the initiator does not hold: the replay state no longer
+//!   needs to survive restarts. The initiator installs at message 2 and confirms; the
+//!   responder holds a WireGuard handshake that overtakes the confirmation until it arrives.
+//! - **Forgery.** A message 2 that does not authenticate is ignored and the exchange stays in
+//!   flight for the genuine answer, as WireGuard ignores packets that do not authenticate.
+//! - **Replay.** Message 1 carries the initiator's wall-clock epoch; a responder answers only
 //!   newer epochs, and answers an exact duplicate of the last message 1 with its cached
 //!   message 2 (the initiator's retransmission), changing nothing.
-//! - **Installation.** Each side installs the new key as soon as it has it; the current
-//!   WireGuard session continues (gotatun's live PSK update) and the initiator then starts a
-//!   WireGuard handshake so the new key takes over at once. Keys rotate every
-//!   `rotation` (2 minutes by default).
+//! - **Cookies.** Handshake frames carry `mac1`/`mac2` ([`crate::frame`]); a cookie reply from
+//!   the responder is kept and used for the retransmission it triggers and later ones.
+//! - **Installation.** The current WireGuard session continues with the old key (gotatun's
+//!   live PSK update) and the initiator then starts a WireGuard handshake so the new key takes
+//!   over at once. Keys rotate every `rotation` (2 minutes by default).
 
 use std::time::{Duration, Instant};
 
 use blake2::{Blake2s256, Digest};
 use hybrid::{InitiatorHandshake, Psk, Purpose, ResponderHandshake, StaticKeypair};
 use rand::{Rng, rngs::StdRng};
+use subtle::ConstantTimeEq;
 use wire::NodeKey;
 
 use crate::addr::Addr;
-use crate::frame::{self, Kind};
+use crate::disco::Message as Disco;
+use crate::frame::{self, COOKIE_LIFETIME, Kind, MAC_LEN, Mac1Key};
 
 /// Settings of the key schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,10 +66,15 @@ const MAX_RETRANSMITS: u32 = 5;
 const MIN_BACKOFF: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const NUDGE_INTERVAL: Duration = Duration::from_secs(1);
+/// A nudge further than this from our clock is refused (bounds replays across restarts).
+pub const NUDGE_WINDOW: Duration = Duration::from_secs(300);
 /// After this long without a key, a responder reports the peer as stalled.
 const STALLED: Duration = Duration::from_secs(5);
 /// How long a responder answers retransmissions of the last message 1 from its cache.
 const RETRANSMIT_WINDOW: Duration = Duration::from_secs(10);
+/// How long a responder holds a WireGuard handshake waiting for the confirmation of the key
+/// it belongs to (the initiator's WireGuard retransmits after 5 s).
+pub const HOLD_FOR_CONFIRM: Duration = Duration::from_secs(4);
 
 /// Which side of the exchange this node is for a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,45 +94,49 @@ pub fn role(me: &NodeKey, peer: &NodeKey) -> Role {
     }
 }
 
-/// The tag a nudge from `sender` to `receiver` carries: it tells the receiver who is asking
-/// without putting either key on the wire.
-pub fn nudge_tag(sender: &NodeKey, receiver: &NodeKey) -> [u8; 8] {
-    let mut h = Blake2s256::new();
-    h.update(b"lattice pq nudge v1");
-    h.update(sender.as_bytes());
-    h.update(receiver.as_bytes());
-    let d = h.finalize();
-    let mut tag = [0u8; 8];
-    tag.copy_from_slice(&d[..8]);
-    tag
-}
-
 /// Hash of a message 1, to recognise retransmissions.
 pub fn message_hash(msg: &[u8]) -> [u8; 32] {
     Blake2s256::digest(msg).into()
 }
 
+/// The tag of a key confirmation (`ack` false) or its acknowledgement, under key `psk`.
+fn confirm_tag(psk: &Psk, session: u32, ack: bool) -> [u8; 16] {
+    let label: &[u8] = if ack {
+        b"lattice pq confirm ack v1"
+    } else {
+        b"lattice pq confirm v1"
+    };
+    let full = hybrid::mac(psk.as_bytes(), &[label, &session.to_be_bytes()]);
+    let mut tag = [0u8; 16];
+    tag.copy_from_slice(&full[..16]);
+    tag
+}
+
 /// Why a handshake message was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PqError {
-    /// This node is the initiator for the sender, so it does not answer message 1s.
-    #[error("message 1 from a peer this node initiates to")]
+    /// The message is for the other role (message 1 to an initiator, a nudge to a responder).
+    #[error("message for the other role")]
     WrongRole,
-    /// Message 1 with an epoch that is not newer than the last one accepted.
-    #[error("replayed or stale message 1")]
+    /// Message 1 with an epoch that is not newer than the last one accepted, or a nudge that
+    /// is not fresh.
+    #[error("replayed or stale message")]
     Replay,
     /// The payload inside an authenticated message was malformed.
     #[error("malformed handshake payload")]
     Malformed,
-    /// Message 2 failed authentication.
-    #[error("message 2 failed authentication")]
+    /// A message failed authentication (ignored; the exchange stays in flight).
+    #[error("message failed authentication")]
     Authentication,
-    /// Message 2 for no exchange in flight.
-    #[error("message 2 for no pending exchange")]
+    /// A message for no exchange in flight.
+    #[error("message for no pending exchange")]
     NoPending,
     /// A message 1 already answered, arriving again through another path.
     #[error("message 1 already answered on another path")]
     Duplicate,
+    /// A nudge within the minimum interval of the last one acted on.
+    #[error("too soon after the last nudge")]
+    TooSoon,
 }
 
 /// What the caller must do.
@@ -122,6 +146,10 @@ pub enum PqAction {
     Send(Vec<Vec<u8>>),
     /// Send these frames back to where message 1 came from.
     Reply(Addr, Vec<Vec<u8>>),
+    /// Seal this disco message for the peer and send it on its path.
+    SendDisco(Disco),
+    /// Seal this disco message for the peer and send it to this address.
+    ReplyDisco(Addr, Disco),
     /// Use this preshared key from now on; with `rekey`, start a WireGuard handshake so it takes
     /// over the current session at once.
     Install {
@@ -129,6 +157,12 @@ pub enum PqAction {
         psk: Psk,
         /// Whether to rekey WireGuard now.
         rekey: bool,
+    },
+    /// (Responder) the initiator proved it holds the key of an exchange, from `from`: the
+    /// path is live, and a WireGuard handshake held for the confirmation can go ahead.
+    Confirmed {
+        /// Where the confirmation came from.
+        from: Addr,
     },
 }
 
@@ -147,12 +181,33 @@ struct CachedResponse {
     frames: Vec<Vec<u8>>,
 }
 
+/// (Responder) an exchange answered but not yet confirmed by the initiator.
+struct Unconfirmed {
+    session: u32,
+    psk: Psk,
+    answered_at: Instant,
+    /// The initiator chained from a key we no longer have (counted once confirmed).
+    reset: bool,
+}
+
 struct Pending {
     session: u32,
     handshake: InitiatorHandshake,
-    frames: Vec<Vec<u8>>,
+    msg: frame::Message,
+    /// The `mac1` of each chunk (the same on every retransmission), which cookie replies are
+    /// bound to.
+    mac1s: Vec<[u8; MAC_LEN]>,
+    /// Whether the last transmission carried a `mac2`.
+    sent_with_cookie: bool,
     epoch: u64,
     chain: Psk,
+    sent_at: Instant,
+    retransmits: u32,
+}
+
+/// (Initiator) a key installed and confirmed to the responder, waiting for its ack.
+struct Confirming {
+    session: u32,
     sent_at: Instant,
     retransmits: u32,
 }
@@ -175,14 +230,27 @@ pub struct PqStatus {
 /// See the module docs.
 pub struct PqPeer {
     role: Role,
-    me: NodeKey,
     peer: NodeKey,
+    mac1: Mac1Key,
     config: PqConfig,
     current: Option<Epoch>,
+    /// The session whose key `current` is (to re-acknowledge a repeated confirmation).
+    current_session: Option<u32>,
     previous: Option<Psk>,
     pending: Option<Pending>,
+    confirming: Option<Confirming>,
+    /// The peer has confirmed holding a key of the current chain (until then a fresh tunnel
+    /// is not shown as post-quantum: it cannot carry traffic yet).
+    confirmed: bool,
+    cookie: Option<(Instant, [u8; MAC_LEN])>,
     last_epoch_seen: u64,
+    /// (Initiator) the epoch of the last exchange started: each new one is later, even within
+    /// one millisecond.
+    last_epoch_sent: u64,
     cached_response: Option<CachedResponse>,
+    unconfirmed: Option<Unconfirmed>,
+    last_nudge_time: u64,
+    last_nudge_acted: Option<Instant>,
     wanted: bool,
     wanted_since: Option<Instant>,
     nudges_sent: u64,
@@ -200,14 +268,22 @@ impl PqPeer {
     pub fn new(me: NodeKey, peer: NodeKey, config: PqConfig) -> Self {
         Self {
             role: role(&me, &peer),
-            me,
             peer,
+            mac1: Mac1Key::new(&peer),
             config,
             current: None,
+            current_session: None,
             previous: None,
             pending: None,
+            confirming: None,
+            confirmed: false,
+            cookie: None,
             last_epoch_seen: 0,
+            last_epoch_sent: 0,
             cached_response: None,
+            unconfirmed: None,
+            last_nudge_time: 0,
+            last_nudge_acted: None,
             wanted: false,
             wanted_since: None,
             nudges_sent: 0,
@@ -231,8 +307,9 @@ impl PqPeer {
         self.current.is_some()
     }
 
-    /// Someone needs a tunnel to this peer (traffic, or the peer nudged us): the initiator
-    /// starts an exchange, the responder asks for one.
+    /// Someone needs a tunnel to this peer (traffic, or the peer talks to us with a session
+    /// we do not have): the initiator starts an exchange unless it has a key or one is in
+    /// flight, the responder asks for one.
     pub fn want(
         &mut self,
         now: Instant,
@@ -252,45 +329,51 @@ impl PqPeer {
                 }
                 Vec::new()
             }
-            Role::Responder => self.nudge(now),
+            Role::Responder => self.nudge(now, epoch),
         }
     }
 
-    /// The peer lost its key (it nudged us, or talks to us with a session we cannot match):
-    /// start over even though a key is installed.
-    pub fn restart(
+    /// (Initiator) an authenticated nudge from the peer sent at its clock `time`: it has no
+    /// key, or lost the one we use, so start over even though a key is installed. `epoch` is
+    /// our clock.
+    pub fn handle_nudge(
         &mut self,
         now: Instant,
         rng: &mut StdRng,
         local: &StaticKeypair,
         epoch: u64,
-    ) -> Vec<PqAction> {
+        time: u64,
+    ) -> Result<Vec<PqAction>, PqError> {
+        if self.role != Role::Initiator {
+            return Err(PqError::WrongRole);
+        }
+        let window = u64::try_from(NUDGE_WINDOW.as_millis()).unwrap_or(u64::MAX);
+        if time <= self.last_nudge_time || time.abs_diff(epoch) > window {
+            return Err(PqError::Replay);
+        }
+        self.last_nudge_time = time;
         self.wanted = true;
         if self.current.is_none() {
             self.wanted_since.get_or_insert(now);
         }
-        match self.role {
-            Role::Initiator
-                if self.pending.is_none() && self.next_attempt.is_none_or(|t| now >= t) =>
-            {
-                // Rate limit restarts caused by unauthenticated signals.
-                self.next_attempt = Some(now + NUDGE_INTERVAL);
-                self.start(now, rng, local, epoch)
-            }
-            Role::Initiator => Vec::new(),
-            Role::Responder => self.nudge(now),
+        if self.pending.is_some()
+            || self
+                .last_nudge_acted
+                .is_some_and(|t| now.saturating_duration_since(t) < NUDGE_INTERVAL)
+        {
+            return Err(PqError::TooSoon);
         }
+        self.last_nudge_acted = Some(now);
+        Ok(self.start(now, rng, local, epoch))
     }
 
-    fn nudge(&mut self, now: Instant) -> Vec<PqAction> {
+    fn nudge(&mut self, now: Instant, epoch: u64) -> Vec<PqAction> {
         if self.next_nudge.is_some_and(|t| now < t) {
             return Vec::new();
         }
         self.next_nudge = Some(now + NUDGE_INTERVAL);
         self.nudges_sent += 1;
-        vec![PqAction::Send(vec![frame::encode_nudge(nudge_tag(
-            &self.me, &self.peer,
-        ))])]
+        vec![PqAction::SendDisco(Disco::PqNudge { time: epoch })]
     }
 
     fn start(
@@ -300,6 +383,8 @@ impl PqPeer {
         local: &StaticKeypair,
         epoch: u64,
     ) -> Vec<PqAction> {
+        let epoch = epoch.max(self.last_epoch_sent.saturating_add(1));
+        self.last_epoch_sent = epoch;
         let chain = self
             .current
             .as_ref()
@@ -315,17 +400,21 @@ impl PqPeer {
         ) {
             Ok((handshake, msg1)) => {
                 let session = rng.next_u32();
-                let frames = frame::encode_message(Kind::PqInit, session, &msg1);
+                let msg = frame::Message::new(Kind::PqInit, session, &msg1);
+                let cookie = self.cookie(now);
+                let sent = msg.frames(&self.mac1, cookie.as_ref());
                 self.pending = Some(Pending {
                     session,
                     handshake,
-                    frames: frames.clone(),
+                    mac1s: sent.iter().map(|(_, m)| *m).collect(),
+                    sent_with_cookie: cookie.is_some(),
+                    msg,
                     epoch,
                     chain,
                     sent_at: now,
                     retransmits: 0,
                 });
-                vec![PqAction::Send(frames)]
+                vec![PqAction::Send(sent.into_iter().map(|(f, _)| f).collect())]
             }
             Err(e) => {
                 self.fail(now, format!("cannot start the post-quantum handshake: {e}"));
@@ -334,8 +423,45 @@ impl PqPeer {
         }
     }
 
+    /// The cookie to send with, while it is fresh.
+    fn cookie(&self, now: Instant) -> Option<[u8; MAC_LEN]> {
+        self.cookie
+            .filter(|(at, _)| now.saturating_duration_since(*at) < COOKIE_LIFETIME)
+            .map(|(_, c)| c)
+    }
+
+    /// (Initiator) a cookie reply to chunk `index` of exchange `session`. A genuine one is
+    /// kept, and a message 1 sent without a cookie goes again at once with it.
+    pub fn handle_cookie(
+        &mut self,
+        now: Instant,
+        session: u32,
+        index: u8,
+        sealed: &[u8],
+    ) -> Result<Vec<PqAction>, PqError> {
+        let p = self
+            .pending
+            .as_mut()
+            .filter(|p| p.session == session)
+            .ok_or(PqError::NoPending)?;
+        let mac1 = p.mac1s.get(usize::from(index)).ok_or(PqError::Malformed)?;
+        let cookie = crate::admission::open_cookie(&self.peer, mac1, sealed)
+            .ok_or(PqError::Authentication)?;
+        self.cookie = Some((now, cookie));
+        if p.sent_with_cookie {
+            return Ok(Vec::new());
+        }
+        p.sent_with_cookie = true;
+        p.sent_at = now;
+        let frames = p.msg.frames(&self.mac1, Some(&cookie));
+        Ok(vec![PqAction::Send(
+            frames.into_iter().map(|(f, _)| f).collect(),
+        )])
+    }
+
     /// Message 1 from this peer (frames with initiator session `session`), already
-    /// decrypted by the caller, which learned the sender from it.
+    /// decrypted by the caller, which learned the sender from it. The answer goes back to
+    /// `from`; the key is held until the initiator confirms it.
     #[allow(clippy::too_many_arguments)]
     pub fn handle_init(
         &mut self,
@@ -368,34 +494,114 @@ impl PqPeer {
         if epoch <= self.last_epoch_seen {
             return Err(PqError::Replay);
         }
+        let known = [
+            self.current.as_ref().map(|c| &c.psk),
+            self.previous.as_ref(),
+            self.unconfirmed.as_ref().map(|u| &u.psk),
+        ];
         let chain = if chain_id == [0; 8] {
             Psk::zero()
-        } else if let Some(c) = self.current.as_ref().filter(|c| c.psk.id() == chain_id) {
-            c.psk.clone()
-        } else if let Some(p) = self.previous.as_ref().filter(|p| p.id() == chain_id) {
-            p.clone()
+        } else if let Some(k) = known.into_iter().flatten().find(|k| k.id() == chain_id) {
+            k.clone()
         } else {
-            self.chain_resets += 1;
             Psk::zero()
         };
+        let reset = chain_id != [0; 8] && chain.is_zero();
         let reply = encode_payload(epoch, &chain);
         let (msg2, done) = responder
             .respond(rng, &Psk::zero(), &reply)
             .map_err(|_| PqError::Malformed)?;
         let psk = done.peer_psk(&chain);
         self.last_epoch_seen = epoch;
-        let frames = frame::encode_message(Kind::PqResp, session, &msg2);
+        let frames: Vec<Vec<u8>> = frame::Message::new(Kind::PqResp, session, &msg2)
+            .frames(&self.mac1, None)
+            .into_iter()
+            .map(|(f, _)| f)
+            .collect();
         self.cached_response = Some(CachedResponse {
             msg1: msg1_hash,
             to: from,
             at: now,
             frames: frames.clone(),
         });
-        self.install(now, psk.clone());
-        Ok(vec![
-            PqAction::Reply(from, frames),
-            PqAction::Install { psk, rekey: false },
-        ])
+        self.unconfirmed = Some(Unconfirmed {
+            session,
+            psk,
+            answered_at: now,
+            reset,
+        });
+        Ok(vec![PqAction::Reply(from, frames)])
+    }
+
+    /// (Responder) whether an exchange was answered recently and awaits its confirmation (a
+    /// WireGuard handshake from the peer now most likely uses that key).
+    pub fn awaiting_confirmation(&self, now: Instant) -> bool {
+        self.unconfirmed
+            .as_ref()
+            .is_some_and(|u| now.saturating_duration_since(u.answered_at) < HOLD_FOR_CONFIRM)
+    }
+
+    /// (Responder) the initiator's confirmation of exchange `session`, from `from`.
+    pub fn handle_confirm(
+        &mut self,
+        now: Instant,
+        from: Addr,
+        session: u32,
+        tag: &[u8; 16],
+    ) -> Result<Vec<PqAction>, PqError> {
+        if self.role != Role::Responder {
+            return Err(PqError::WrongRole);
+        }
+        if let Some(u) = self.unconfirmed.as_ref().filter(|u| u.session == session) {
+            if !bool::from(confirm_tag(&u.psk, session, false).ct_eq(tag)) {
+                return Err(PqError::Authentication);
+            }
+            let psk = u.psk.clone();
+            if u.reset {
+                self.chain_resets += 1;
+            }
+            self.unconfirmed = None;
+            self.install(now, psk.clone());
+            self.confirmed = true;
+            self.current_session = Some(session);
+            let ack = confirm_tag(&psk, session, true);
+            return Ok(vec![
+                PqAction::Install { psk, rekey: false },
+                PqAction::ReplyDisco(from, Disco::PqConfirmAck { session, tag: ack }),
+                PqAction::Confirmed { from },
+            ]);
+        }
+        // A repeated confirmation (our ack was lost): acknowledge again, change nothing.
+        if self.current_session == Some(session)
+            && let Some(c) = &self.current
+        {
+            if !bool::from(confirm_tag(&c.psk, session, false).ct_eq(tag)) {
+                return Err(PqError::Authentication);
+            }
+            let ack = confirm_tag(&c.psk, session, true);
+            return Ok(vec![PqAction::ReplyDisco(
+                from,
+                Disco::PqConfirmAck { session, tag: ack },
+            )]);
+        }
+        Err(PqError::NoPending)
+    }
+
+    /// (Initiator) the responder's acknowledgement of our confirmation.
+    pub fn handle_confirm_ack(&mut self, session: u32, tag: &[u8; 16]) -> Result<(), PqError> {
+        let c = self
+            .confirming
+            .as_ref()
+            .filter(|c| c.session == session)
+            .ok_or(PqError::NoPending)?;
+        let current = self.current.as_ref().ok_or(PqError::NoPending)?;
+        if !bool::from(confirm_tag(&current.psk, c.session, true).ct_eq(tag)) {
+            return Err(PqError::Authentication);
+        }
+        self.confirming = None;
+        self.confirmed = true;
+        self.error = None;
+        Ok(())
     }
 
     /// The session id of the exchange in flight, if any.
@@ -403,15 +609,20 @@ impl PqPeer {
         self.pending.as_ref().map(|p| p.session)
     }
 
-    /// Message 2 for the exchange in flight.
+    /// Message 2 for the exchange in flight. One that does not authenticate changes nothing.
     pub fn handle_resp(&mut self, now: Instant, msg2: &[u8]) -> Result<Vec<PqAction>, PqError> {
-        let pending = self.pending.take().ok_or(PqError::NoPending)?;
-        let Ok(done) = pending.handshake.finish(msg2) else {
-            self.fail(
-                now,
-                "post-quantum handshake failed: message 2 did not authenticate".into(),
-            );
-            return Err(PqError::Authentication);
+        let mut pending = self.pending.take().ok_or(PqError::NoPending)?;
+        let done = match pending.handshake.finish_or_keep(msg2) {
+            Ok(done) => done,
+            Err((Some(kept), _)) => {
+                pending.handshake = *kept;
+                self.pending = Some(pending);
+                return Err(PqError::Authentication);
+            }
+            Err((None, _)) => {
+                self.fail(now, "post-quantum handshake failed: malformed reply".into());
+                return Err(PqError::Malformed);
+            }
         };
         let Some((epoch, chain_id)) = decode_payload(done.payload()) else {
             self.fail(now, "post-quantum handshake failed: malformed reply".into());
@@ -437,9 +648,27 @@ impl PqPeer {
         };
         let psk = done.peer_psk(&chain);
         let rekey = self.current.is_some();
+        if !rekey {
+            self.confirmed = false;
+        }
         self.install(now, psk.clone());
+        self.current_session = Some(pending.session);
         self.next_rotation = Some(now + self.config.rotation);
-        Ok(vec![PqAction::Install { psk, rekey }])
+        self.confirming = Some(Confirming {
+            session: pending.session,
+            sent_at: now,
+            retransmits: 0,
+        });
+        let tag = confirm_tag(&psk, pending.session, false);
+        Ok(vec![
+            // The confirmation first, so that on one path it arrives before the WireGuard
+            // handshake the new key starts.
+            PqAction::SendDisco(Disco::PqConfirm {
+                session: pending.session,
+                tag,
+            }),
+            PqAction::Install { psk, rekey },
+        ])
     }
 
     /// Retransmissions, failures and rotation.
@@ -453,9 +682,34 @@ impl PqPeer {
         if self.role != Role::Initiator {
             return Vec::new();
         }
+        let mut out = Vec::new();
+        if let Some(c) = &mut self.confirming
+            && now.saturating_duration_since(c.sent_at) >= RETRANSMIT
+        {
+            if c.retransmits >= MAX_RETRANSMITS {
+                // The key is installed; if the responder never got it, the next exchange
+                // (it nudges while it has none) chains from it anyway: the responder keeps
+                // it as a candidate.
+                self.confirming = None;
+                if !self.confirmed {
+                    self.error = Some(format!(
+                        "the peer never confirmed the post-quantum key ({} attempts)",
+                        MAX_RETRANSMITS + 1
+                    ));
+                }
+            } else if let Some(cur) = &self.current {
+                c.retransmits += 1;
+                c.sent_at = now;
+                out.push(PqAction::SendDisco(Disco::PqConfirm {
+                    session: c.session,
+                    tag: confirm_tag(&cur.psk, c.session, false),
+                }));
+            }
+        }
+        let cookie = self.cookie(now);
         if let Some(p) = &mut self.pending {
             if now.saturating_duration_since(p.sent_at) < RETRANSMIT {
-                return Vec::new();
+                return out;
             }
             if p.retransmits >= MAX_RETRANSMITS {
                 self.pending = None;
@@ -466,19 +720,22 @@ impl PqPeer {
                         MAX_RETRANSMITS + 1
                     ),
                 );
-                return Vec::new();
+                return out;
             }
             p.retransmits += 1;
             p.sent_at = now;
-            return vec![PqAction::Send(p.frames.clone())];
+            p.sent_with_cookie = cookie.is_some();
+            let frames = p.msg.frames(&self.mac1, cookie.as_ref());
+            out.push(PqAction::Send(frames.into_iter().map(|(f, _)| f).collect()));
+            return out;
         }
         let rotation_due = self.next_rotation.is_some_and(|t| now >= t);
         let retry_due =
             self.current.is_none() && self.wanted && self.next_attempt.is_some_and(|t| now >= t);
         if rotation_due || retry_due {
-            return self.start(now, rng, local, epoch);
+            out.extend(self.start(now, rng, local, epoch));
         }
-        Vec::new()
+        out
     }
 
     /// When `handle_timeout` must next run for this peer.
@@ -486,13 +743,19 @@ impl PqPeer {
         if self.role != Role::Initiator {
             return None;
         }
-        if let Some(p) = &self.pending {
-            return Some(p.sent_at + RETRANSMIT);
-        }
-        let retry = self
-            .next_attempt
-            .filter(|_| self.current.is_none() && self.wanted);
-        match (self.next_rotation, retry) {
+        let confirm = self.confirming.as_ref().map(|c| c.sent_at + RETRANSMIT);
+        let main = if let Some(p) = &self.pending {
+            Some(p.sent_at + RETRANSMIT)
+        } else {
+            let retry = self
+                .next_attempt
+                .filter(|_| self.current.is_none() && self.wanted);
+            match (self.next_rotation, retry) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        };
+        match (main, confirm) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -514,7 +777,7 @@ impl PqPeer {
             _ => None,
         });
         PqStatus {
-            established: self.current.is_some(),
+            established: self.current.is_some() && self.confirmed,
             psk_age: self
                 .current
                 .as_ref()

@@ -26,6 +26,7 @@ use wire::netmap::{DnsConfig, MapResponse, Node, TunnelSecurity};
 use wire::{NatInfo, NodeId, NodeKey, RelayId, RelayInfo};
 
 use crate::addr::{Addr, SockId};
+use crate::admission::Admission;
 use crate::conntrack::{CutFlow, FlowTable};
 use crate::filter::Filter;
 use crate::frame::Reassembly;
@@ -133,11 +134,15 @@ pub struct NodeState {
     by_id: BTreeMap<NodeId, NodeKey>,
     by_ip: HashMap<IpAddr, NodeKey>,
     by_index: HashMap<u32, NodeKey>,
+    /// Peers by the UDP addresses they are known at (checked against the peer's path on
+    /// lookup, pruned by the sweep), so a packet from an address finds its peer in O(1).
+    by_addr: HashMap<SocketAddr, NodeKey>,
     filter: Filter,
     flows: FlowTable,
     reassembly: Reassembly,
-    pq_tokens: f64,
-    pq_tokens_at: Instant,
+    admission: Admission,
+    /// The exchange in flight per session id (message 2s and cookies name it).
+    pq_sessions: HashMap<u32, NodeKey>,
     relays: Vec<RelayInfo>,
     relays_up: BTreeSet<RelayId>,
     home_relay: Option<RelayId>,
@@ -163,8 +168,10 @@ impl NodeState {
         let mut rng = StdRng::from_seed(seed);
         let index_table = IndexTable::from_rng(rand_09_rng(&mut rng));
         let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        let node_key = NodeKey::from_bytes(public.to_bytes());
+        let admission = Admission::new(&node_key, &mut rng, now);
         Self {
-            node_key: NodeKey::from_bytes(public.to_bytes()),
+            node_key,
             keypair: StaticKeypair::from_secret(config.private_key),
             private,
             public,
@@ -183,11 +190,12 @@ impl NodeState {
             by_id: BTreeMap::new(),
             by_ip: HashMap::new(),
             by_index: HashMap::new(),
+            by_addr: HashMap::new(),
             filter: Filter::default(),
             flows: FlowTable::default(),
             reassembly: Reassembly::default(),
-            pq_tokens: keys::PQ_BURST,
-            pq_tokens_at: now,
+            admission,
+            pq_sessions: HashMap::new(),
             relays: Vec::new(),
             relays_up: BTreeSet::new(),
             home_relay: None,
@@ -227,7 +235,7 @@ impl NodeState {
             self.self_node = Some(me);
         }
         if let Some(peers) = map.peers {
-            let keep: Vec<NodeId> = peers.iter().map(|p| p.id).collect();
+            let keep: BTreeSet<NodeId> = peers.iter().map(|p| p.id).collect();
             let gone: Vec<NodeId> = self
                 .by_id
                 .keys()
@@ -373,6 +381,11 @@ impl NodeState {
         }
         if now >= self.next_tick {
             self.next_tick = now + TIMER_TICK;
+            // WireGuard's per-source handshake counts must be cleared every second whether or
+            // not any tunnel exists (gotatun only does it from tunnel timers; with no tunnels
+            // its map would grow without bound and every source would stay under load:
+            // GHSA-m2rr-7rr7-vmp7). It keeps its own one-second period on the real clock.
+            self.rate_limiter.try_reset_count();
             self.relay_misses.retain(|_, until| *until > now);
             let keys: Vec<NodeKey> = self.peers.keys().copied().collect();
             for key in keys {
@@ -397,8 +410,12 @@ impl NodeState {
         if now >= self.next_sweep {
             self.next_sweep = now + SWEEP_INTERVAL;
             self.flows.sweep(now);
-            let table = &self.index_table;
-            self.by_index.retain(|idx, _| table.in_use(*idx));
+            let (table, peers) = (&self.index_table, &self.peers);
+            self.by_index
+                .retain(|idx, key| table.in_use(*idx) && peers.contains_key(key));
+            self.admission.sweep(now);
+            self.by_addr
+                .retain(|a, key| peers.get(key).is_some_and(|p| p.path.knows(*a)));
         }
     }
 
@@ -455,7 +472,10 @@ impl NodeState {
             peers,
             flows: self.flows.len(),
             filter_rules: self.filter.active_count(),
-            counters: self.counters,
+            counters: Counters {
+                flows_evicted: self.flows.evicted(),
+                ..self.counters
+            },
         }
     }
 
@@ -463,7 +483,10 @@ impl NodeState {
         let stats = p.tunnel.as_ref().map(|t| t.stats()).unwrap_or_default();
         let pq = p.pq.status(now);
         let local = self.local_for(&p.node);
-        let path = match (p.tunnel.is_some(), p.path.current(now, local)) {
+        let classical = self.security == TunnelSecurity::ClassicalOnly;
+        // A tunnel whose first post-quantum key the peer has not confirmed carries nothing yet.
+        let usable = p.tunnel.is_some() && (classical || pq.established);
+        let path = match (usable, p.path.current(now, local)) {
             (false, _) => PathStatus {
                 kind: PathKind::None,
                 addr: None,
@@ -497,7 +520,6 @@ impl NodeState {
                 }),
             },
         };
-        let classical = self.security == TunnelSecurity::ClassicalOnly;
         PeerStatus {
             id: p.node.id,
             name: p.node.name.clone(),

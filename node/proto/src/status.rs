@@ -46,6 +46,11 @@ pub struct Counters {
     pub pq_rejected: u64,
     /// Post-quantum message 1s dropped by the rate limiter.
     pub pq_rate_limited: u64,
+    /// Post-quantum handshake frames whose `mac1` was wrong (senders that do not know this
+    /// node's key).
+    pub pq_bad_mac: u64,
+    /// Cookie replies sent (the node was under load, or a source over its budget).
+    pub pq_cookies_sent: u64,
     /// Packets through a relay from a key that is not a peer.
     pub relay_unknown_peer: u64,
     /// Disco messages that did not open or parse, or came from no peer.
@@ -54,6 +59,11 @@ pub struct Counters {
     pub disco_pongs_sent: u64,
     /// Disco pings not answered because the peer exceeded its budget.
     pub disco_rate_limited: u64,
+    /// Disco messages that authenticated but were replayed or stale.
+    pub disco_stale: u64,
+    /// Flows evicted from the flow table to make room (a peer at its quota, or a full
+    /// table).
+    pub flows_evicted: u64,
 }
 
 /// How a peer is reached.

@@ -838,10 +838,14 @@ struct CountersJson {
     frames_invalid: u64,
     pq_rejected: u64,
     pq_rate_limited: u64,
+    pq_bad_mac: u64,
+    pq_cookies_sent: u64,
     relay_unknown_peer: u64,
     disco_invalid: u64,
     disco_pongs_sent: u64,
     disco_rate_limited: u64,
+    disco_stale: u64,
+    flows_evicted: u64,
 }
 
 impl From<node_proto::Counters> for CountersJson {
@@ -865,10 +869,14 @@ impl From<node_proto::Counters> for CountersJson {
             frames_invalid: c.frames_invalid,
             pq_rejected: c.pq_rejected,
             pq_rate_limited: c.pq_rate_limited,
+            pq_bad_mac: c.pq_bad_mac,
+            pq_cookies_sent: c.pq_cookies_sent,
             relay_unknown_peer: c.relay_unknown_peer,
             disco_invalid: c.disco_invalid,
             disco_pongs_sent: c.disco_pongs_sent,
             disco_rate_limited: c.disco_rate_limited,
+            disco_stale: c.disco_stale,
+            flows_evicted: c.flows_evicted,
         }
     }
 }

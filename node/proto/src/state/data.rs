@@ -43,7 +43,8 @@ impl NodeState {
                     return;
                 }
                 if !matches!(info.transport, Transport::Fragment { .. }) {
-                    self.flows.track_outbound(now, &info.tuple, info.transport);
+                    self.flows
+                        .track_outbound(now, key, &info.tuple, info.transport);
                 }
             }
             Err(_) => {
@@ -82,8 +83,13 @@ impl NodeState {
     }
 
     pub(super) fn handle_wireguard(&mut self, now: Instant, from: Addr, datagram: Packet) {
-        // Relayed packets have no source address; cookies for them go back through the relay.
-        let src = from.udp().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+        // Relayed packets have no source address: each relayed peer counts as its own source
+        // (the relay authenticated it), so one peer's handshake flood cannot put every other
+        // relayed peer under cookie load. Cookies for them go back through the relay.
+        let src = match from {
+            Addr::Udp(_, a) => a,
+            Addr::Relay(_, k) => relayed_source(&k),
+        };
         let wg = match self.rate_limiter.verify_packet(src, datagram) {
             Ok(wg) => wg,
             Err(TunnResult::WriteToNetwork(cookie)) => {
@@ -116,10 +122,17 @@ impl NodeState {
             return;
         };
         let peer = self.peers.get_mut(&key).expect("checked above");
+        if matches!(wg, WgKind::HandshakeInit(_)) && peer.pq.awaiting_confirmation(now) {
+            // We answered a post-quantum exchange whose confirmation has not arrived yet; this
+            // handshake most likely uses its key. Hold it until the key is confirmed.
+            peer.held_handshake = Some((now, from, wg.into()));
+            return;
+        }
         let Some(tunnel) = peer.tunnel.as_mut() else {
-            // The peer has a key with us that we do not (we restarted): get a new one.
+            // The peer has a key with us that we do not (we restarted): get a new one. This
+            // signal is not authenticated, so it only ever asks for a key we lack.
             self.counters.tun_no_tunnel += 1;
-            self.pq_restart(now, key);
+            self.pq_want(now, key);
             return;
         };
         match tunnel.decapsulate(wg) {
@@ -175,12 +188,15 @@ impl NodeState {
         }
         let admitted = match info.transport {
             Transport::Fragment { offset } => offset >= MIN_FRAGMENT_OFFSET,
-            transport => match self.flows.classify_inbound(now, &info.tuple, transport) {
+            transport => match self
+                .flows
+                .classify_inbound(now, key, &info.tuple, transport)
+            {
                 Known::Reply | Known::Established | Known::Related => true,
                 Known::New => {
                     let verdict = self.filter.evaluate(&info.tuple);
                     if verdict.is_accept() {
-                        self.flows.admit_inbound(now, &info.tuple, transport);
+                        self.flows.admit_inbound(now, key, &info.tuple, transport);
                     }
                     verdict.is_accept()
                 }
@@ -228,13 +244,21 @@ impl NodeState {
     /// peer's known path, never to `from` alone, so this cannot reflect traffic at a third
     /// party.
     fn hint_stale_session(&mut self, now: Instant, from: Addr) {
-        let found = match from {
-            Addr::Udp(_, a) => self.peers.iter_mut().find(|(_, p)| p.path.knows(a)),
-            Addr::Relay(_, k) => self.peers.iter_mut().find(|(key, _)| **key == k),
+        let key = match from {
+            Addr::Udp(_, a) => self.by_addr.get(&a).copied(),
+            Addr::Relay(_, k) => Some(k),
         };
-        let Some((key, peer)) = found else {
+        let Some(key) = key else {
             return;
         };
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        if let Addr::Udp(_, a) = from
+            && !peer.path.knows(a)
+        {
+            return;
+        }
         if peer
             .last_stale_hint
             .is_some_and(|t| now.saturating_duration_since(t) < STALE_HINT_INTERVAL)
@@ -242,7 +266,6 @@ impl NodeState {
             return;
         }
         peer.last_stale_hint = Some(now);
-        let key = *key;
         match peer.tunnel.as_mut() {
             Some(tunnel) => {
                 if let Some(init) = tunnel.initiate() {
@@ -250,7 +273,7 @@ impl NodeState {
                     self.send_to_peer(now, key, init);
                 }
             }
-            None => self.pq_restart(now, key),
+            None => self.pq_want(now, key),
         }
     }
 
@@ -267,8 +290,21 @@ impl NodeState {
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
+        if let Addr::Udp(_, a) = from {
+            self.by_addr.insert(a, key);
+        }
         if peer.path.on_auth_rx(now, from) {
             self.path_changed(now, key);
         }
     }
+}
+
+/// A stand-in source address for WireGuard's per-IP handshake rate limiter, one per relayed
+/// peer: an address in the discard-only prefix `100::/64` (RFC 6666) made from the peer's key.
+fn relayed_source(key: &NodeKey) -> SocketAddr {
+    let k = key.as_bytes();
+    let mut ip = [0u8; 16];
+    ip[0] = 0x01;
+    ip[8..].copy_from_slice(&k[..8]);
+    SocketAddr::from((ip, 0))
 }

@@ -1,8 +1,10 @@
-//! Disco inside [`NodeState`]: sealing and opening messages, answering pings, sending probes
-//! and call-me-maybes for [`crate::path::PathState`], and reporting path changes.
+//! Disco inside [`NodeState`]: sealing and opening messages, checking their freshness,
+//! answering pings, sending probes and call-me-maybes for [`crate::path::PathState`], handing
+//! key-schedule messages to [`crate::pq`], and reporting path changes.
 
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use gotatun::packet::Packet;
 use tracing::{debug, info, trace};
@@ -16,6 +18,55 @@ use crate::path::{Current, PathAction};
 /// Disco answers (pongs) per peer per second, and the burst allowed.
 const DISCO_RATE: f64 = 50.0;
 pub(super) const DISCO_BURST: f64 = 200.0;
+/// How far a ping may lag behind the newest one seen from its sender (reordering across
+/// paths) and still be answered.
+const PING_REORDER: Duration = Duration::from_secs(10);
+/// Transaction ids remembered per peer to refuse a ping twice.
+const MAX_RECENT_PINGS: usize = 1024;
+/// A call-me-maybe further than this from our clock is refused.
+const CALL_ME_MAYBE_WINDOW: Duration = Duration::from_secs(300);
+
+/// What a peer's disco messages must beat to be fresh: its own clock, as its earlier
+/// messages showed it (so no clock agreement is needed for pings).
+#[derive(Debug, Default)]
+pub(super) struct DiscoFreshness {
+    ping_high: u64,
+    recent: VecDeque<([u8; 12], u64)>,
+    recent_set: HashSet<[u8; 12]>,
+    call_me_maybe_high: u64,
+}
+
+impl DiscoFreshness {
+    /// A ping with `tx` sent at the peer's `time`: new, and not far behind the newest.
+    fn ping(&mut self, tx: [u8; 12], time: u64) -> bool {
+        let reorder = u64::try_from(PING_REORDER.as_millis()).unwrap_or(u64::MAX);
+        if time.saturating_add(reorder) < self.ping_high || self.recent_set.contains(&tx) {
+            return false;
+        }
+        self.ping_high = self.ping_high.max(time);
+        // Older ids can go: the window refuses their pings anyway.
+        while let Some((old, t)) = self.recent.front().copied() {
+            if t.saturating_add(reorder) >= self.ping_high && self.recent.len() < MAX_RECENT_PINGS {
+                break;
+            }
+            self.recent.pop_front();
+            self.recent_set.remove(&old);
+        }
+        self.recent.push_back((tx, time));
+        self.recent_set.insert(tx);
+        true
+    }
+
+    /// A call-me-maybe sent at the peer's `time`, received at our `epoch`.
+    fn call_me_maybe(&mut self, time: u64, epoch: u64) -> bool {
+        let window = u64::try_from(CALL_ME_MAYBE_WINDOW.as_millis()).unwrap_or(u64::MAX);
+        if time <= self.call_me_maybe_high || time.abs_diff(epoch) > window {
+            return false;
+        }
+        self.call_me_maybe_high = time;
+        true
+    }
+}
 
 impl NodeState {
     /// A disco frame from `sender` arrived from `from`.
@@ -50,8 +101,15 @@ impl NodeState {
             return;
         };
         match msg {
-            Message::Ping { tx } => {
-                if !self.take_disco_token(now, sender) {
+            Message::Ping { tx, time } => {
+                let Some(peer) = self.peers.get_mut(&sender) else {
+                    return;
+                };
+                if !peer.disco_fresh.ping(tx, time) {
+                    self.counters.disco_stale += 1;
+                    return;
+                }
+                if !peer.disco_tokens.take(now, DISCO_RATE, DISCO_BURST) {
                     self.counters.disco_rate_limited += 1;
                     return;
                 }
@@ -68,15 +126,27 @@ impl NodeState {
                 let Some(peer) = self.peers.get_mut(&sender) else {
                     return;
                 };
+                if let Addr::Udp(_, a) = from {
+                    self.by_addr.insert(a, sender);
+                }
                 if peer.path.on_pong(now, &tx, from) == Some(true) {
                     self.path_changed(now, sender);
                 }
             }
             Message::CallMeMaybe {
+                time,
                 flags,
                 public_ip,
                 endpoints,
             } => {
+                let epoch = self.epoch(now);
+                let Some(peer) = self.peers.get_mut(&sender) else {
+                    return;
+                };
+                if !peer.disco_fresh.call_me_maybe(time, epoch) {
+                    self.counters.disco_stale += 1;
+                    return;
+                }
                 let Some(peer) = self.peers.get(&sender) else {
                     return;
                 };
@@ -91,6 +161,9 @@ impl NodeState {
                     relays_known,
                     nat: self.nat.as_ref(),
                 };
+                for e in &endpoints {
+                    self.by_addr.insert(*e, sender);
+                }
                 let actions = peer.path.on_call_me_maybe(
                     now,
                     &mut self.rng,
@@ -100,6 +173,13 @@ impl NodeState {
                     public_ip,
                 );
                 self.apply_path(now, sender, actions);
+            }
+            Message::PqNudge { time } => self.handle_pq_nudge(now, sender, time),
+            Message::PqConfirm { session, tag } => {
+                self.handle_pq_confirm(now, from, sender, session, &tag);
+            }
+            Message::PqConfirmAck { session, tag } => {
+                self.handle_pq_confirm_ack(sender, session, &tag);
             }
         }
     }
@@ -129,10 +209,13 @@ impl NodeState {
         }
     }
 
-    fn apply_path(&mut self, _now: Instant, key: NodeKey, actions: Vec<PathAction>) {
+    fn apply_path(&mut self, now: Instant, key: NodeKey, actions: Vec<PathAction>) {
+        let time = self.epoch(now);
         for a in actions {
             match a {
-                PathAction::Ping { to, tx } => self.send_disco(key, to, &Message::Ping { tx }),
+                PathAction::Ping { to, tx } => {
+                    self.send_disco(key, to, &Message::Ping { tx, time });
+                }
                 PathAction::CallMeMaybe { relay, hard } => {
                     let endpoints = self.my_endpoints();
                     let public_ip = self.nat.as_ref().and_then(|n| n.public_ip);
@@ -140,6 +223,7 @@ impl NodeState {
                         key,
                         Addr::Relay(relay, key),
                         &Message::CallMeMaybe {
+                            time,
                             flags: if hard { FLAG_HARD_NAT } else { 0 },
                             public_ip,
                             endpoints,
@@ -167,7 +251,7 @@ impl NodeState {
         eps
     }
 
-    fn send_disco(&mut self, peer: NodeKey, to: Addr, msg: &Message) {
+    pub(super) fn send_disco(&mut self, peer: NodeKey, to: Addr, msg: &Message) {
         let Some(key) = self.peers.get(&peer).and_then(|p| p.disco_key.as_deref()) else {
             return;
         };
@@ -178,23 +262,6 @@ impl NodeState {
             dst: to,
             payload: Packet::copy_from(&frame),
         });
-    }
-
-    fn take_disco_token(&mut self, now: Instant, key: NodeKey) -> bool {
-        let Some(p) = self.peers.get_mut(&key) else {
-            return false;
-        };
-        let elapsed = now
-            .saturating_duration_since(p.disco_tokens_at)
-            .as_secs_f64();
-        p.disco_tokens_at = now;
-        p.disco_tokens = (p.disco_tokens + elapsed * DISCO_RATE).min(DISCO_BURST);
-        if p.disco_tokens >= 1.0 {
-            p.disco_tokens -= 1.0;
-            true
-        } else {
-            false
-        }
     }
 
     /// Reports a peer's new path.

@@ -1,4 +1,5 @@
-//! The post-quantum key schedule inside [`NodeState`]: handshake frames, nudges, tunnel
+//! The post-quantum key schedule inside [`NodeState`]: handshake frames (admitted by
+//! [`crate::admission`] before any public-key work), cookies, nudges and confirmations, tunnel
 //! creation and key installation.
 
 use std::time::Instant;
@@ -11,14 +12,16 @@ use wire::netmap::TunnelSecurity;
 
 use super::NodeState;
 use crate::addr::Addr;
-use crate::frame::{self, Frame, Kind};
+use crate::admission::{ChunkVerdict, DropReason};
+use crate::frame::{self, Chunk, Frame, Kind};
 use crate::pq::{self, PqAction, PqError};
 use crate::tunnel::Tunnel;
 
-/// Message 1s processed per second (each costs an ML-KEM encapsulation and four
-/// Diffie-Hellmans), and the burst allowed.
-const PQ_RATE: f64 = 50.0;
-pub(super) const PQ_BURST: f64 = 100.0;
+/// Message 1s one peer may have answered per second (after decryption), and the burst.
+pub(super) const PEER_PQ_RATE: f64 = 2.0;
+pub(super) const PEER_PQ_BURST: f64 = 10.0;
+/// Partial reassemblies beyond which every sender must prove its address.
+const REASSEMBLY_PRESSURE: usize = 32;
 
 impl NodeState {
     /// A Lattice frame arrived.
@@ -32,46 +35,66 @@ impl NodeState {
             return;
         };
         match frame {
-            Frame::Chunk {
-                kind,
+            Frame::Chunk(c) if c.kind == Kind::PqInit => self.handle_init_chunk(now, from, &c),
+            Frame::Chunk(c) => self.handle_resp_chunk(now, from, &c),
+            Frame::Cookie {
                 session,
                 index,
-                count,
-                bytes,
+                sealed,
             } => {
-                let Some(msg) = self
-                    .reassembly
-                    .push(now, from, kind, session, index, count, bytes)
-                else {
-                    return;
-                };
-                match kind {
-                    Kind::PqInit => self.handle_pq_init(now, from, session, &msg),
-                    Kind::PqResp => self.handle_pq_resp(now, from, session, &msg),
-                    Kind::PqNudge => {}
-                }
-            }
-            Frame::Nudge { tag } => {
-                let key = self
-                    .peers
-                    .keys()
-                    .find(|k| pq::nudge_tag(k, &self.node_key) == tag)
-                    .copied();
-                let Some(key) = key else {
+                let Some(key) = self.pq_sessions.get(&session).copied() else {
                     self.counters.pq_rejected += 1;
                     return;
                 };
-                trace!(peer = %key, "post-quantum nudge");
-                self.pq_restart(now, key);
+                let Some(peer) = self.peers.get_mut(&key) else {
+                    return;
+                };
+                match peer.pq.handle_cookie(now, session, index, sealed) {
+                    Ok(actions) => {
+                        trace!(peer = %key, "post-quantum cookie received");
+                        self.apply_pq(now, key, actions);
+                    }
+                    Err(_) => self.counters.pq_rejected += 1,
+                }
             }
         }
     }
 
-    fn handle_pq_init(&mut self, now: Instant, from: Addr, session: u32, msg1: &[u8]) {
-        if !self.take_pq_token(now) {
+    fn handle_init_chunk(&mut self, now: Instant, from: Addr, c: &Chunk<'_>) {
+        let pressure = self.reassembly.len() >= REASSEMBLY_PRESSURE;
+        let proven = match self
+            .admission
+            .check_chunk(now, &mut self.rng, from, c, pressure)
+        {
+            ChunkVerdict::Accept { proven } => proven,
+            ChunkVerdict::Cookie(reply) => {
+                self.counters.pq_cookies_sent += 1;
+                self.transmits.push_back(super::Transmit {
+                    dst: from,
+                    payload: Packet::copy_from(&reply),
+                });
+                return;
+            }
+            ChunkVerdict::Drop(DropReason::BadMac) => {
+                self.counters.pq_bad_mac += 1;
+                return;
+            }
+            ChunkVerdict::Drop(DropReason::RateLimited) => {
+                self.counters.pq_rate_limited += 1;
+                return;
+            }
+        };
+        let Some(msg1) = self.reassembly.push(now, from, c) else {
+            return;
+        };
+        if !self.admission.take_message(now, from, proven) {
             self.counters.pq_rate_limited += 1;
             return;
         }
+        self.handle_pq_init(now, from, c.session, &msg1);
+    }
+
+    fn handle_pq_init(&mut self, now: Instant, from: Addr, session: u32, msg1: &[u8]) {
         let hash = pq::message_hash(msg1);
         let read = ResponderHandshake::read_initiation(
             &mut self.rng,
@@ -89,6 +112,17 @@ impl NodeState {
             self.counters.pq_rejected += 1;
             return;
         };
+        // Relayed messages name their sender: it must be the key inside.
+        if let Addr::Relay(_, k) = from
+            && k != key
+        {
+            self.counters.pq_rejected += 1;
+            return;
+        }
+        if !peer.pq_tokens.take(now, PEER_PQ_RATE, PEER_PQ_BURST) {
+            self.counters.pq_rate_limited += 1;
+            return;
+        }
         match peer.pq.handle_init(
             now,
             &mut self.rng,
@@ -98,10 +132,7 @@ impl NodeState {
             responder,
             &init.payload,
         ) {
-            Ok(actions) => {
-                self.learn_path(now, key, from);
-                self.apply_pq(now, key, actions);
-            }
+            Ok(actions) => self.apply_pq(now, key, actions),
             Err(PqError::Duplicate) => {
                 trace!(peer = %key, %from, "post-quantum message 1 already answered");
             }
@@ -112,30 +143,106 @@ impl NodeState {
         }
     }
 
-    fn handle_pq_resp(&mut self, now: Instant, from: Addr, session: u32, msg2: &[u8]) {
-        let key = self
-            .peers
-            .iter()
-            .find(|(_, p)| p.pq.pending_session() == Some(session))
-            .map(|(k, _)| *k);
-        let Some(key) = key else {
+    fn handle_resp_chunk(&mut self, now: Instant, from: Addr, c: &Chunk<'_>) {
+        if !self.admission.mac1_ok(c) {
+            self.counters.pq_bad_mac += 1;
+            return;
+        }
+        // Only the exchange in flight with that session id is answered (one lookup).
+        let Some(key) = self.pq_sessions.get(&c.session).copied() else {
             self.counters.pq_rejected += 1;
             return;
         };
-        let peer = self.peers.get_mut(&key).expect("found above");
-        match peer.pq.handle_resp(now, msg2) {
+        if let Addr::Relay(_, k) = from
+            && k != key
+        {
+            self.counters.pq_rejected += 1;
+            return;
+        }
+        let Some(msg2) = self.reassembly.push(now, from, c) else {
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        match peer.pq.handle_resp(now, &msg2) {
             Ok(actions) => {
                 self.learn_path(now, key, from);
                 self.apply_pq(now, key, actions);
             }
+            Err(PqError::Authentication) => {
+                // Forged or corrupted: ignored, the exchange stays in flight.
+                self.counters.pq_rejected += 1;
+                trace!(peer = %key, %from, "post-quantum message 2 did not authenticate");
+            }
             Err(e) => {
                 self.counters.pq_rejected += 1;
+                self.sync_pq_session(key);
                 debug!(peer = %key, error = %e, "post-quantum message 2 refused");
             }
         }
     }
 
-    /// A tunnel to `key` is needed (traffic is waiting).
+    /// An authenticated nudge from `key`, sent at its clock `time`.
+    pub(super) fn handle_pq_nudge(&mut self, now: Instant, key: NodeKey, time: u64) {
+        if self.security == TunnelSecurity::ClassicalOnly {
+            return;
+        }
+        let epoch = self.epoch(now);
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        peer.pq_wanted = true;
+        match peer
+            .pq
+            .handle_nudge(now, &mut self.rng, &self.keypair, epoch, time)
+        {
+            Ok(actions) => {
+                trace!(peer = %key, "post-quantum nudge");
+                self.apply_pq(now, key, actions);
+            }
+            Err(PqError::TooSoon) => {}
+            Err(e) => {
+                self.counters.disco_stale += 1;
+                debug!(peer = %key, error = %e, "post-quantum nudge ignored");
+            }
+        }
+    }
+
+    /// The initiator's key confirmation, from `from`.
+    pub(super) fn handle_pq_confirm(
+        &mut self,
+        now: Instant,
+        from: Addr,
+        key: NodeKey,
+        session: u32,
+        tag: &[u8; 16],
+    ) {
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        match peer.pq.handle_confirm(now, from, session, tag) {
+            Ok(actions) => self.apply_pq(now, key, actions),
+            Err(e) => {
+                self.counters.pq_rejected += 1;
+                debug!(peer = %key, error = %e, "post-quantum confirmation refused");
+            }
+        }
+    }
+
+    /// The responder's acknowledgement of our key confirmation.
+    pub(super) fn handle_pq_confirm_ack(&mut self, key: NodeKey, session: u32, tag: &[u8; 16]) {
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        if let Err(e) = peer.pq.handle_confirm_ack(session, tag) {
+            self.counters.pq_rejected += 1;
+            trace!(peer = %key, error = %e, "post-quantum confirmation ack refused");
+        }
+    }
+
+    /// A tunnel to `key` is needed (traffic is waiting, or the peer talks to us with a key we
+    /// do not have).
     pub(super) fn pq_want(&mut self, now: Instant, key: NodeKey) {
         if self.security == TunnelSecurity::ClassicalOnly {
             return;
@@ -146,20 +253,6 @@ impl NodeState {
         };
         peer.pq_wanted = true;
         let actions = peer.pq.want(now, &mut self.rng, &self.keypair, epoch);
-        self.apply_pq(now, key, actions);
-    }
-
-    /// The peer has lost its key or we lost ours: start over.
-    pub(super) fn pq_restart(&mut self, now: Instant, key: NodeKey) {
-        if self.security == TunnelSecurity::ClassicalOnly {
-            return;
-        }
-        let epoch = self.epoch(now);
-        let Some(peer) = self.peers.get_mut(&key) else {
-            return;
-        };
-        peer.pq_wanted = true;
-        let actions = peer.pq.restart(now, &mut self.rng, &self.keypair, epoch);
         self.apply_pq(now, key, actions);
     }
 
@@ -185,7 +278,7 @@ impl NodeState {
             match action {
                 PqAction::Send(frames) => {
                     let Some(peer) = self.peers.get(&key) else {
-                        return;
+                        break;
                     };
                     let targets = peer
                         .path
@@ -207,9 +300,55 @@ impl NodeState {
                         });
                     }
                 }
+                PqAction::SendDisco(msg) => {
+                    let Some(peer) = self.peers.get(&key) else {
+                        break;
+                    };
+                    let targets = peer
+                        .path
+                        .targets(now, key, self.local_for(&peer.node), true);
+                    for dst in targets {
+                        self.send_disco(key, dst, &msg);
+                    }
+                }
+                PqAction::ReplyDisco(dst, msg) => self.send_disco(key, dst, &msg),
                 PqAction::Install { psk, rekey } => self.install_psk(now, key, psk, rekey),
+                PqAction::Confirmed { from } => {
+                    self.learn_path(now, key, from);
+                    let held = self
+                        .peers
+                        .get_mut(&key)
+                        .and_then(|p| p.held_handshake.take());
+                    if let Some((at, held_from, packet)) = held
+                        && now.saturating_duration_since(at) < pq::HOLD_FOR_CONFIRM
+                    {
+                        trace!(peer = %key, "releasing the WireGuard handshake held for the key");
+                        self.handle_wireguard(now, held_from, packet);
+                    }
+                }
             }
         }
+        self.sync_pq_session(key);
+    }
+
+    /// Keeps the session-id index in step with the peer's exchange in flight.
+    pub(super) fn sync_pq_session(&mut self, key: NodeKey) {
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let now_session = peer.pq.pending_session();
+        if peer.pq_session == now_session {
+            return;
+        }
+        if let Some(old) = peer.pq_session.take()
+            && self.pq_sessions.get(&old) == Some(&key)
+        {
+            self.pq_sessions.remove(&old);
+        }
+        if let Some(s) = now_session {
+            self.pq_sessions.insert(s, key);
+        }
+        peer.pq_session = now_session;
     }
 
     fn install_psk(&mut self, now: Instant, key: NodeKey, psk: hybrid::Psk, rekey: bool) {
@@ -252,20 +391,6 @@ impl NodeState {
             jitter,
             self.tun_mtu,
         )
-    }
-
-    fn take_pq_token(&mut self, now: Instant) -> bool {
-        let elapsed = now
-            .saturating_duration_since(self.pq_tokens_at)
-            .as_secs_f64();
-        self.pq_tokens_at = now;
-        self.pq_tokens = (self.pq_tokens + elapsed * PQ_RATE).min(PQ_BURST);
-        if self.pq_tokens >= 1.0 {
-            self.pq_tokens -= 1.0;
-            true
-        } else {
-            false
-        }
     }
 
     /// Whether this node starts or answers exchanges with `key`.

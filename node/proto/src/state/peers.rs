@@ -8,7 +8,10 @@ use tracing::{debug, warn};
 use wire::NodeId;
 use wire::netmap::{Node, TunnelSecurity};
 
+use super::discovery::DiscoFreshness;
 use super::{Event, NodeState};
+use crate::addr::Addr;
+use crate::budget::Bucket;
 use crate::path::PathState;
 use crate::pq::PqPeer;
 use crate::tunnel::Tunnel;
@@ -31,9 +34,17 @@ pub(super) struct Peer {
     pub(super) last_stale_hint: Option<Instant>,
     /// The key disco messages with this peer are sealed under (`None`: unusable peer key).
     pub(super) disco_key: Option<zeroize::Zeroizing<[u8; 32]>>,
-    /// Disco answers this peer may still get this second.
-    pub(super) disco_tokens: f64,
-    pub(super) disco_tokens_at: Instant,
+    /// Disco answers this peer may still get.
+    pub(super) disco_tokens: Bucket,
+    /// Post-quantum message 1s from this peer this node may still answer.
+    pub(super) pq_tokens: Bucket,
+    /// The session id of this peer's exchange in flight, as indexed in `pq_sessions`.
+    pub(super) pq_session: Option<u32>,
+    /// A WireGuard handshake that arrived before the confirmation of the key it uses: when,
+    /// from where, the packet.
+    pub(super) held_handshake: Option<(Instant, Addr, Packet)>,
+    /// Freshness of the peer's disco messages.
+    pub(super) disco_fresh: DiscoFreshness,
 }
 
 impl NodeState {
@@ -47,6 +58,7 @@ impl NodeState {
             // The peer rotated its key: a new tunnel and a new key schedule; its connections
             // carry on.
             self.remove_peer(now, node.id, false);
+            self.flows.reown(&old_key, node.node_key);
         }
         let key = node.node_key;
         if let Some(peer) = self.peers.get_mut(&key) {
@@ -75,8 +87,11 @@ impl NodeState {
                 disco_key: self
                     .keypair
                     .shared_key(key.as_bytes(), crate::disco::KEY_LABEL),
-                disco_tokens: super::discovery::DISCO_BURST,
-                disco_tokens_at: now,
+                disco_tokens: Bucket::full(now, super::discovery::DISCO_BURST),
+                pq_tokens: Bucket::full(now, super::keys::PEER_PQ_BURST),
+                pq_session: None,
+                held_handshake: None,
+                disco_fresh: DiscoFreshness::default(),
             };
             if self.security == TunnelSecurity::ClassicalOnly {
                 peer.tunnel = Some(self.new_tunnel(key, None));
@@ -87,6 +102,9 @@ impl NodeState {
         for a in &peer.node.addresses {
             self.by_ip.insert(*a, key);
         }
+        for e in &peer.node.endpoints {
+            self.by_addr.insert(*e, key);
+        }
     }
 
     /// Drops peer `id`. When it is `gone` (removed from the mesh, or no longer visible under
@@ -96,11 +114,7 @@ impl NodeState {
             return;
         };
         if gone && let Some(peer) = self.peers.get(&key) {
-            let addrs = peer.node.addresses.clone();
-            let cut: Vec<_> = addrs
-                .iter()
-                .flat_map(|a| self.flows.take_address(*a))
-                .collect();
+            let cut = self.flows.take_owner(&key);
             if !cut.is_empty() {
                 debug!(peer = %peer.node.name, flows = cut.len(), "resetting the connections of a departed peer");
                 self.reset_flows(now, &cut);
@@ -115,7 +129,14 @@ impl NodeState {
                 self.by_ip.remove(a);
             }
         }
-        self.by_index.retain(|_, k| *k != key);
+        if let Some(s) = peer.pq_session
+            && self.pq_sessions.get(&s) == Some(&key)
+        {
+            self.pq_sessions.remove(&s);
+        }
+        // Its WireGuard indices are freed with its tunnel; `by_index` entries pointing at a key
+        // that is no longer a peer are ignored on lookup and dropped by the next sweep, so a
+        // netmap removing many peers costs O(n), not O(n) per peer.
         debug!(peer = %peer.node.name, key = %key, "peer removed");
     }
 
@@ -139,8 +160,11 @@ impl NodeState {
                 p.tunnel = tunnel;
                 p.pq = PqPeer::new(self.node_key, key, self.pq_config);
                 p.pq_wanted = false;
+                p.pq_session = None;
+                p.held_handshake = None;
             }
         }
+        self.pq_sessions.clear();
         self.by_index.clear();
         self.events
             .push_back(Event::TunnelSecurityChanged(security));

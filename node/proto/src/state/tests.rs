@@ -12,6 +12,9 @@ use crate::packet::tcp_flags;
 use crate::packet::tests::{icmp_echo, ipv4, tcp, udp};
 use crate::pq::{PqConfig, Role};
 
+/// Decides whether the wire loses a datagram (from, to, bytes).
+type DropIf = Box<dyn FnMut(SocketAddr, SocketAddr, &[u8]) -> bool>;
+
 /// N nodes on one flat network, each with one UDP address.
 struct Net {
     now: Instant,
@@ -23,6 +26,8 @@ struct Net {
     tamper_frames: bool,
     /// Every datagram that crossed the wire: (from, to, bytes).
     wire: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
+    /// Drops the datagrams for which it returns true (from, to, bytes).
+    drop_if: Option<DropIf>,
 }
 
 pub(crate) fn private_key(i: usize) -> [u8; 32] {
@@ -121,6 +126,7 @@ impl Net {
             blackholed: vec![],
             tamper_frames: false,
             wire: vec![],
+            drop_if: None,
         }
     }
 
@@ -139,9 +145,14 @@ impl Net {
                     }
                     let from = self.addrs[i];
                     let mut bytes = t.payload.to_vec();
+                    if let Some(f) = &mut self.drop_if
+                        && f(from, dst, &bytes)
+                    {
+                        continue;
+                    }
                     if self.tamper_frames && bytes.starts_with(&magicsock::FRAME_MAGIC) {
                         let n = bytes.len();
-                        bytes[n - 1] ^= 0x01;
+                        bytes[n / 2] ^= 0x01;
                     }
                     self.wire.push((from, dst, bytes.clone()));
                     if let Some(j) = self.addrs.iter().position(|a| *a == dst) {
@@ -767,14 +778,28 @@ fn is_wg(b: &[u8]) -> bool {
     magicsock::classify(b) == DatagramKind::WireGuard
 }
 
+fn is_pq(b: &[u8], kind: crate::frame::Kind) -> bool {
+    matches!(crate::frame::decode(b), Some(crate::frame::Frame::Chunk(c)) if c.kind == kind)
+}
+
 fn is_pq_resp(b: &[u8]) -> bool {
-    matches!(
-        crate::frame::decode(b),
-        Some(crate::frame::Frame::Chunk {
-            kind: crate::frame::Kind::PqResp,
-            ..
+    is_pq(b, crate::frame::Kind::PqResp)
+}
+
+/// The disco messages node `to` could open on the wire, with their index in `net.wire`.
+fn disco_messages(net: &Net, to: usize) -> Vec<(usize, crate::disco::Message)> {
+    let me = StaticKeypair::from_secret(private_key(to));
+    net.wire
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, dst, _))| *dst == net.addrs[to])
+        .filter_map(|(i, (_, _, b))| {
+            let (sender, sealed) = crate::disco::parse_frame(b)?;
+            let key = me.shared_key(&sender, crate::disco::KEY_LABEL)?;
+            let plain = hybrid::seal::open(&key, &crate::disco::header(&sender), sealed)?;
+            Some((i, crate::disco::Message::decode(&plain)?))
         })
-    )
+        .collect()
 }
 
 #[test]
@@ -824,10 +849,12 @@ fn traffic_from_the_responder_nudges_the_initiator() {
     );
     net.send(responder, p.clone());
     assert_eq!(net.received(other), vec![p]);
-    assert!(net.wire.iter().any(|(_, _, b)| matches!(
-        crate::frame::decode(b),
-        Some(crate::frame::Frame::Nudge { .. })
-    )));
+    let nudge = disco_messages(&net, other)
+        .into_iter()
+        .find(|(_, m)| matches!(m, crate::disco::Message::PqNudge { .. }))
+        .expect("the responder nudged");
+    let init = first(&net, |b| is_pq(b, crate::frame::Kind::PqInit)).unwrap();
+    assert!(nudge.0 < init, "the initiator started because of the nudge");
 }
 
 #[test]
@@ -915,15 +942,7 @@ fn a_replayed_message_1_is_refused_and_changes_no_key() {
     let init_frames: Vec<(SocketAddr, SocketAddr, Vec<u8>)> = net
         .wire
         .iter()
-        .filter(|(_, _, b)| {
-            matches!(
-                crate::frame::decode(b),
-                Some(crate::frame::Frame::Chunk {
-                    kind: crate::frame::Kind::PqInit,
-                    ..
-                })
-            )
-        })
+        .filter(|(_, _, b)| is_pq(b, crate::frame::Kind::PqInit))
         .cloned()
         .collect();
     assert!(!init_frames.is_empty());
@@ -1023,3 +1042,6 @@ fn the_next_rule_change_is_a_wake_up_deadline() {
     );
     assert_eq!(net.nodes[0].status(net.now).filter_rules, 1);
 }
+
+mod abuse;
+mod keys;

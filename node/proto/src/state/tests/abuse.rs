@@ -1,0 +1,271 @@
+//! Cheap remote attacks on the data plane's handshakes: floods, replays and forgeries that
+//! must never keep a tunnel from coming up or restart one that works.
+
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+use super::*;
+use crate::disco::Message;
+use crate::frame::{Kind, Mac1Key};
+
+fn responder_of(net: &Net) -> usize {
+    if net.nodes[0].pq_role(public_key(1)) == Some(Role::Responder) {
+        0
+    } else {
+        1
+    }
+}
+
+fn spoofed(i: u32) -> SocketAddr {
+    SocketAddr::from((
+        [198, 18, (i >> 8) as u8, i as u8],
+        1024 + (i % 50_000) as u16,
+    ))
+}
+
+#[test]
+fn a_handshake_junk_flood_does_not_keep_a_new_tunnel_from_coming_up() {
+    let mut net = Net::new(2);
+    let target = responder_of(&net);
+    let other = 1 - target;
+    let mut rng = StdRng::seed_from_u64(7);
+    let now = net.now;
+    // Strangers who do not know the target's key: well-formed two-chunk messages.
+    for i in 0..5_000u32 {
+        let junk: Vec<u8> = (0..1300).map(|_| rng.random()).collect();
+        let stranger = Mac1Key::new(&NodeKey::from_bytes(rng.random()));
+        for (f, _) in crate::frame::Message::new(Kind::PqInit, i, &junk).frames(&stranger, None) {
+            net.nodes[target].handle_datagram(
+                now,
+                SockId::Main,
+                spoofed(i),
+                Packet::copy_from(&f[..]),
+            );
+        }
+    }
+    // Someone who knows the key (any peer, or anyone who read a netmap): mac1 is right, the
+    // contents are junk, and every message comes from a different forged address.
+    let mac1 = Mac1Key::new(&public_key(target));
+    for i in 0..5_000u32 {
+        let junk: Vec<u8> = (0..1300).map(|_| rng.random()).collect();
+        for (f, _) in crate::frame::Message::new(Kind::PqInit, i, &junk).frames(&mac1, None) {
+            net.nodes[target].handle_datagram(
+                now,
+                SockId::Main,
+                spoofed(100_000 + i),
+                Packet::copy_from(&f[..]),
+            );
+        }
+    }
+    // Forged nudges and confirmations in the peer's name.
+    for _ in 0..1_000 {
+        let mut sealed = vec![0u8; 40];
+        rng.fill_bytes(&mut sealed);
+        let f = crate::disco::frame(public_key(other).as_bytes(), &sealed);
+        net.nodes[target].handle_datagram(now, SockId::Main, spoofed(7), Packet::copy_from(&f[..]));
+    }
+    while net.nodes[target].poll_transmit().is_some() {}
+    let flooded = net.nodes[target].status(net.now).counters;
+    assert!(flooded.pq_bad_mac >= 10_000, "{flooded:?}");
+    assert!(flooded.disco_invalid >= 1_000, "{flooded:?}");
+    // The honest peer's first packet still opens the tunnel (via a cookie: the node is under
+    // load) within the same second.
+    let p = ipv4(v4(other), v4(target), 17, &udp(1, 2, b"through the flood"));
+    net.send(other, p.clone());
+    assert_eq!(net.received(target), vec![p]);
+    let after = net.nodes[target].status(net.now);
+    assert!(after.peers[0].pq, "post-quantum tunnel up");
+    assert!(after.counters.pq_cookies_sent > flooded.pq_cookies_sent);
+}
+
+#[test]
+fn replayed_or_forged_nudges_do_not_restart_a_working_key_chain() {
+    let mut net = Net::new(2);
+    let responder = responder_of(&net);
+    let initiator = 1 - responder;
+    let p = ipv4(v4(responder), v4(initiator), 17, &udp(1, 2, b"x"));
+    net.send(responder, p);
+    assert_eq!(net.received(initiator).len(), 1);
+    let nudges: Vec<Vec<u8>> = disco_messages(&net, initiator)
+        .into_iter()
+        .filter(|(_, m)| matches!(m, Message::PqNudge { .. }))
+        .map(|(i, _)| net.wire[i].2.clone())
+        .collect();
+    assert!(!nudges.is_empty());
+    let before = net.nodes[initiator].status(net.now);
+    net.tick(Duration::from_secs(3));
+    net.wire.clear();
+    for (i, n) in nudges.iter().enumerate() {
+        for from in [net.addrs[responder], spoofed(i as u32)] {
+            net.nodes[initiator].handle_datagram(
+                net.now,
+                SockId::Main,
+                from,
+                Packet::copy_from(&n[..]),
+            );
+        }
+    }
+    net.run();
+    let after = net.nodes[initiator].status(net.now);
+    assert_eq!(after.peers[0].pq_handshakes, before.peers[0].pq_handshakes);
+    assert!(
+        first(&net, |b| is_pq(b, Kind::PqInit)).is_none(),
+        "a replayed nudge started an exchange"
+    );
+    assert!(after.counters.disco_stale > before.counters.disco_stale);
+    // A fresh nudge from the peer itself still works (it lost its key).
+    net.tick(Duration::from_secs(2));
+    let time = net.nodes[responder].epoch(net.now);
+    net.nodes[responder].send_disco(
+        public_key(initiator),
+        Addr::main(net.addrs[initiator]),
+        &Message::PqNudge { time },
+    );
+    net.run();
+    assert!(first(&net, |b| is_pq(b, Kind::PqInit)).is_some());
+}
+
+/// A valid WireGuard handshake initiation from node `from` to node `to`.
+fn wg_init(from: usize, to: usize, seed: u64) -> Packet {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let sk = StaticSecret::from(private_key(from));
+    let public = PublicKey::from(&sk);
+    let mut tunnel = crate::tunnel::Tunnel::new(
+        &sk,
+        *public_key(to).as_bytes(),
+        None,
+        IndexTable::from_rng(rand_09_rng(&mut rng)),
+        Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+        rand_09_rng(&mut rng),
+        1280,
+    );
+    tunnel.initiate().expect("an initiation").into()
+}
+
+#[test]
+fn wireguard_handshake_budgets_reset_without_tunnels_and_are_per_relayed_peer() {
+    let now = crate::test_epoch();
+    let mut a = NodeState::new(config(0, 0), [0; 32], now);
+    a.handle_netmap(
+        now,
+        MapResponse {
+            seq: 1,
+            node: Some(node(0, vec![])),
+            peers: Some(vec![node(1, vec![]), node(2, vec![])]),
+            packet_filter: Some(allow_all(0)),
+            ..Default::default()
+        },
+    );
+    let src: SocketAddr = "198.51.100.1:41641".parse().unwrap();
+    let limit = HANDSHAKE_RATE_LIMIT as usize;
+    for i in 0..=limit {
+        a.handle_datagram(now, SockId::Main, src, wg_init(1, 0, i as u64));
+    }
+    assert_eq!(
+        a.status(now).counters.wg_cookies_sent,
+        1,
+        "over the limit: a cookie"
+    );
+    // A second later (gotatun's period is on the real clock) the counts are reset by the
+    // core's own timer, though no tunnel exists whose timers would do it.
+    std::thread::sleep(Duration::from_millis(1100));
+    let later = now + Duration::from_secs(1);
+    a.handle_timeout(later);
+    a.handle_datagram(later, SockId::Main, src, wg_init(1, 0, 999));
+    assert_eq!(
+        a.status(later).counters.wg_cookies_sent,
+        1,
+        "the count was not reset"
+    );
+    // Through a relay, each peer has its own budget: one peer's flood does not put another
+    // under load.
+    let relay = RelayId(1);
+    for i in 0..=limit {
+        a.handle_relay_packet(later, relay, public_key(1), wg_init(1, 0, 2000 + i as u64));
+    }
+    assert_eq!(a.status(later).counters.wg_cookies_sent, 2);
+    a.handle_relay_packet(later, relay, public_key(2), wg_init(2, 0, 5000));
+    assert_eq!(
+        a.status(later).counters.wg_cookies_sent,
+        2,
+        "another relayed peer was charged"
+    );
+}
+
+#[test]
+fn replayed_disco_pings_are_not_answered_and_never_become_candidates() {
+    let mut net = Net::new(2);
+    net.send(0, ipv4(v4(0), v4(1), 17, &udp(1, 2, b"x")));
+    net.tick(Duration::from_secs(1));
+    let pings: Vec<Vec<u8>> = disco_messages(&net, 1)
+        .into_iter()
+        .filter(|(_, m)| matches!(m, Message::Ping { .. }))
+        .map(|(i, _)| net.wire[i].2.clone())
+        .collect();
+    assert!(!pings.is_empty());
+    net.tick(Duration::from_secs(2));
+    net.wire.clear();
+    let before = net.nodes[1].status(net.now).counters;
+    // Replayed from the peer's own address and from an attacker's.
+    let attacker: SocketAddr = "203.0.113.66:4444".parse().unwrap();
+    for p in &pings {
+        for from in [net.addrs[0], attacker] {
+            net.nodes[1].handle_datagram(net.now, SockId::Main, from, Packet::copy_from(&p[..]));
+        }
+    }
+    let after = net.nodes[1].status(net.now).counters;
+    assert_eq!(
+        after.disco_pongs_sent, before.disco_pongs_sent,
+        "a replayed ping was answered"
+    );
+    assert_eq!(
+        after.disco_stale - before.disco_stale,
+        2 * pings.len() as u64
+    );
+    // Nothing the node sends from now on (probes, handshakes, key exchanges) goes to the
+    // attacker's address.
+    net.run();
+    for _ in 0..10 {
+        net.tick(Duration::from_secs(30));
+    }
+    assert!(
+        net.wire.iter().all(|(_, to, _)| *to != attacker),
+        "traffic went to a replayed ping's source"
+    );
+}
+
+#[test]
+fn a_denied_peer_cannot_send_icmp_errors_about_our_flows_with_others() {
+    let mut net = Net::new(3);
+    // Node 0 lets in only ICMP from node 1 (node 2 may reach it on nothing).
+    let only_1 = FilterRule {
+        origin: "test".into(),
+        action: Action::Accept,
+        src: vec![IpAddr::from(v4(1)).into()],
+        dst: vec![DstPorts {
+            net: overlay(0).into(),
+            ports: PortRange::ANY,
+        }],
+        protocols: vec![],
+        all_protocols: true,
+        valid: None,
+    };
+    set_rules(&mut net, 0, vec![only_1]);
+    // Node 0 talks to node 1 over UDP.
+    let out = ipv4(v4(0), v4(1), 17, &udp(1000, 2000, b"hello"));
+    net.send(0, out.clone());
+    assert_eq!(net.received(1).len(), 1);
+    let error_about = |from: usize| {
+        let mut err = vec![3, 3, 0, 0, 0, 0, 0, 0];
+        err.extend_from_slice(&out[..28]);
+        ipv4(v4(from), v4(0), 1, &err)
+    };
+    // Node 2 also talks to node 0 (so it has a tunnel) and then forges errors about the flow.
+    net.send(2, error_about(2));
+    assert!(
+        net.received(0).is_empty(),
+        "an error from another peer was delivered"
+    );
+    // The flow's own peer may report errors about it.
+    net.send(1, error_about(1));
+    assert_eq!(net.received(0).len(), 1);
+}
