@@ -58,7 +58,16 @@ pub async fn register_or_resume(
 ) -> Result<(NodeRecord, bool), RegisterError> {
     validate_hello(hello)?;
     let mut tx = db::begin_write(&st.db).await?;
-    if let Some(existing) = db::nodes::by_machine_key(&mut tx, machine).await? {
+    let existing = db::nodes::by_machine_key(&mut tx, machine).await?;
+    if let Some(owner) = db::nodes::by_node_key(&mut tx, &hello.node_key).await?
+        && existing.as_ref().is_none_or(|e| e.id != owner)
+    {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            "this node key belongs to another node",
+        ));
+    }
+    if let Some(existing) = existing {
         if existing.is_expired(now) {
             let Some(key) = &hello.auth_key else {
                 return Err(refuse(

@@ -146,7 +146,7 @@ async fn a_known_machine_resumes_without_a_key_and_a_removed_one_is_told_why() {
     // Identity comes from the machine key only: another machine presenting the same hello is
     // a new registration (and the spent key refuses it).
     assert_eq!(
-        refused(register_or_resume(&st, &machine(2), &hello(7, "a", Some(&k)), unix_now()).await),
+        refused(register_or_resume(&st, &machine(2), &hello(8, "a", Some(&k)), unix_now()).await),
         ErrorCode::AuthKeyUsed
     );
     ops::remove_node(&st, "a", "test", "removed by an admin")
@@ -303,4 +303,42 @@ async fn the_admin_api_over_tcp_needs_a_valid_token() {
             .status(),
         401
     );
+}
+
+#[tokio::test]
+async fn a_node_key_belongs_to_one_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = state(dir.path()).await;
+    let k = key(&st, true, 3600).await;
+    register_or_resume(&st, &machine(1), &hello(1, "a", Some(&k)), unix_now())
+        .await
+        .unwrap();
+    // Another machine, even with a good auth key, cannot register with node 1's key...
+    let err = register_or_resume(&st, &machine(2), &hello(1, "b", Some(&k)), unix_now()).await;
+    let Err(RegisterError::Refused(code, msg)) = err else {
+        panic!("a second node took node 1's key");
+    };
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(msg.contains("belongs to another node"), "{msg}");
+    // ...nor take it over when it resumes with its own key first.
+    register_or_resume(&st, &machine(2), &hello(2, "b", Some(&k)), unix_now())
+        .await
+        .unwrap();
+    assert_eq!(
+        refused(register_or_resume(&st, &machine(2), &hello(1, "b", None), unix_now()).await),
+        ErrorCode::BadRequest
+    );
+    // The owner keeps resuming with it.
+    let (again, new) = register_or_resume(&st, &machine(1), &hello(1, "a", None), unix_now())
+        .await
+        .unwrap();
+    assert!(!new);
+    assert_eq!(again.node_key, NodeKey::from_bytes([1; 32]));
+    // And the database itself refuses a duplicate, whatever the code path.
+    let mut c = st.db.acquire().await.unwrap();
+    let dup = sqlx::query("UPDATE nodes SET node_key = ? WHERE name = 'b'")
+        .bind(NodeKey::from_bytes([1; 32]).to_text())
+        .execute(&mut *c)
+        .await;
+    assert!(dup.is_err(), "two nodes share a node key in the database");
 }

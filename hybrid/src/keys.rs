@@ -9,6 +9,9 @@ use zeroize::Zeroizing;
 
 use crate::x25519::StaticDhCache;
 
+/// Domain separation of node-key possession proofs.
+const NODE_KEY_PROOF: &[u8] = b"lattice node key proof v1";
+
 /// Length of a control-key fingerprint in bytes.
 pub const FINGERPRINT_LEN: usize = 16;
 
@@ -57,6 +60,34 @@ impl StaticKeypair {
         Some(Zeroizing::new(crate::kdf::mac(dh.as_slice(), &[label])))
     }
 
+    /// Proof that the holder of this key (a node's WireGuard key) takes part in the control
+    /// session whose handshake hash is `session`, for machine key `machine`; only the holder of
+    /// the private half of `verifier` (the coordinator) can check it, and it is useless in any
+    /// other session. `None` when `verifier` is a low-order point.
+    pub fn possession_proof(
+        &self,
+        verifier: &[u8; 32],
+        session: &[u8; 32],
+        machine: &[u8; 32],
+    ) -> Option<[u8; 32]> {
+        let key = self.shared_key(verifier, NODE_KEY_PROOF)?;
+        Some(crate::kdf::mac(key.as_slice(), &[session, machine]))
+    }
+
+    /// Checks a [`Self::possession_proof`] made by the holder of `prover`'s private key, in
+    /// constant time.
+    pub fn check_possession_proof(
+        &self,
+        prover: &[u8; 32],
+        session: &[u8; 32],
+        machine: &[u8; 32],
+        proof: &[u8; 32],
+    ) -> bool {
+        use subtle::ConstantTimeEq;
+        self.possession_proof(prover, session, machine)
+            .is_some_and(|p| bool::from(p.ct_eq(proof)))
+    }
+
     /// The secret bytes, for persisting to a 0600 file and for handing to WireGuard.
     pub fn secret_bytes(&self) -> &[u8; 32] {
         &self.secret
@@ -94,6 +125,28 @@ pub fn fingerprint(public_key: &[u8; 32]) -> [u8; FINGERPRINT_LEN] {
 mod tests {
     use super::*;
     use rand::{SeedableRng, rngs::StdRng};
+
+    #[test]
+    fn possession_proofs_check_only_for_the_key_session_and_machine_they_were_made_for() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let node = StaticKeypair::generate(&mut rng);
+        let coordinator = StaticKeypair::generate(&mut rng);
+        let other = StaticKeypair::generate(&mut rng);
+        let (session, machine) = ([1u8; 32], [2u8; 32]);
+        let proof = node
+            .possession_proof(&coordinator.public(), &session, &machine)
+            .unwrap();
+        assert!(coordinator.check_possession_proof(&node.public(), &session, &machine, &proof));
+        // Another key claiming it, another session (a replay), another machine: refused.
+        assert!(!coordinator.check_possession_proof(&other.public(), &session, &machine, &proof));
+        assert!(!coordinator.check_possession_proof(&node.public(), &[3; 32], &machine, &proof));
+        assert!(!coordinator.check_possession_proof(&node.public(), &session, &[4; 32], &proof));
+        let mut bad = proof;
+        bad[0] ^= 1;
+        assert!(!coordinator.check_possession_proof(&node.public(), &session, &machine, &bad));
+        // A low-order key proves nothing.
+        assert!(!coordinator.check_possession_proof(&[0; 32], &session, &machine, &[0; 32]));
+    }
 
     #[test]
     fn public_key_matches_the_x25519_base_point_multiplication() {

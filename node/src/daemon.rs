@@ -86,6 +86,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         url: pin.url.clone(),
         control_key: pin.control_key,
         machine: identity.machine,
+        node: identity.node.clone(),
         hello: Hello {
             capability: CapabilityVersion::CURRENT,
             node_key,
@@ -94,6 +95,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             endpoints: Vec::new(),
             os: std::env::consts::OS.to_owned(),
             client_version: env!("CARGO_PKG_VERSION").to_owned(),
+            node_key_proof: None,
         },
     };
     let (posture_tx, posture_rx) = watch::channel(None);

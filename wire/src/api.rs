@@ -109,6 +109,12 @@ pub struct Hello {
     /// Client software version.
     #[serde(default)]
     pub client_version: String,
+    /// Proof that the node holds the private half of `node_key` (64 hex digits; see
+    /// `hybrid::StaticKeypair::possession_proof`): a MAC under the X25519 result of the node
+    /// key and the coordinator's control key, over this session's handshake hash and the
+    /// machine key. Without it a node could claim another node's key.
+    #[serde(default)]
+    pub node_key_proof: Option<String>,
 }
 
 /// Coordinator -> node.

@@ -19,7 +19,7 @@ use hybrid::{Channel, Psk, Purpose, ResponderHandshake};
 use rand::{SeedableRng, rngs::StdRng};
 use tokio::time::{Instant, interval, timeout};
 use tracing::{debug, info, warn};
-use wire::{ClientMessage, ErrorCode, MachineKey, ServerMessage, Welcome};
+use wire::{ClientMessage, ErrorCode, Hello, MachineKey, ServerMessage, Welcome};
 
 use crate::db;
 use crate::model::NodeRecord;
@@ -93,7 +93,7 @@ impl Conn {
 }
 
 async fn session(st: AppState, mut socket: WebSocket) -> anyhow::Result<()> {
-    let (channel, machine) = timeout(HELLO_TIMEOUT, handshake(&st, &mut socket))
+    let (channel, machine, session_hash) = timeout(HELLO_TIMEOUT, handshake(&st, &mut socket))
         .await
         .context("handshake timed out")??;
     let mut conn = Conn { socket, channel };
@@ -108,6 +108,15 @@ async fn session(st: AppState, mut socket: WebSocket) -> anyhow::Result<()> {
     if hello.capability < wire::CapabilityVersion(1) {
         return conn
             .refuse(ErrorCode::Unsupported, "client too old".into())
+            .await;
+    }
+    if !proves_node_key(&st, &hello, &session_hash, &machine) {
+        info!(machine = %machine, node_key = %hello.node_key, "refused a node that did not prove its node key");
+        return conn
+            .refuse(
+                ErrorCode::BadRequest,
+                "the node did not prove it holds its node key".into(),
+            )
             .await;
     }
     let (record, registered_now) =
@@ -141,7 +150,28 @@ async fn session(st: AppState, mut socket: WebSocket) -> anyhow::Result<()> {
     result
 }
 
-async fn handshake(st: &AppState, socket: &mut WebSocket) -> anyhow::Result<(Channel, MachineKey)> {
+/// Whether `hello` carries a valid proof that the node holds the private half of its node
+/// key, bound to this session and machine (a node must not claim another node's key).
+fn proves_node_key(st: &AppState, hello: &Hello, session: &[u8; 32], machine: &MachineKey) -> bool {
+    let Some(proof) = hello
+        .node_key_proof
+        .as_deref()
+        .and_then(wire::keys::parse_hex::<32>)
+    else {
+        return false;
+    };
+    st.control_key.check_possession_proof(
+        hello.node_key.as_bytes(),
+        session,
+        machine.as_bytes(),
+        &proof,
+    )
+}
+
+async fn handshake(
+    st: &AppState,
+    socket: &mut WebSocket,
+) -> anyhow::Result<(Channel, MachineKey, [u8; 32])> {
     let msg1 = loop {
         match socket.recv().await {
             Some(Ok(Message::Binary(b))) => break b,
@@ -162,7 +192,8 @@ async fn handshake(st: &AppState, socket: &mut WebSocket) -> anyhow::Result<(Cha
         (msg2, done, MachineKey::from_bytes(init.remote_static))
     };
     socket.send(Message::Binary(msg2.into())).await?;
-    Ok((done.into_channel(), machine))
+    let session_hash = *done.handshake_hash();
+    Ok((done.into_channel(), machine, session_hash))
 }
 
 async fn stream(

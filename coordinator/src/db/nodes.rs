@@ -215,6 +215,24 @@ pub async fn by_id(conn: &mut SqliteConnection, id: NodeId) -> Result<Option<Nod
     row.map(NodeRecord::try_from).transpose()
 }
 
+/// The node using `node_key`, if any.
+pub async fn by_node_key(
+    conn: &mut SqliteConnection,
+    node_key: &NodeKey,
+) -> Result<Option<NodeId>, DbError> {
+    let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM nodes WHERE node_key = ?")
+        .bind(node_key.to_text())
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(|(id,)| {
+        u64::try_from(id).map(NodeId).map_err(|_| DbError::Corrupt {
+            table: "nodes",
+            detail: "negative id".into(),
+        })
+    })
+    .transpose()
+}
+
 /// Updates what a node reports when it reconnects. Returns the updated record.
 pub async fn update_on_resume(
     conn: &mut SqliteConnection,

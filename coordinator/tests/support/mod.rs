@@ -54,6 +54,7 @@ pub fn hello(i: u8, host: &str, key: Option<&str>) -> Hello {
         endpoints: vec!["198.51.100.5:41641".parse().unwrap()],
         os: "linux".into(),
         client_version: "test".into(),
+        node_key_proof: None,
     }
 }
 

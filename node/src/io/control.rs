@@ -40,6 +40,8 @@ pub struct ControlConfig {
     pub control_key: ControlKey,
     /// The machine key proven on every connection.
     pub machine: StaticKeypair,
+    /// The node (WireGuard) key, whose possession is also proven on every connection.
+    pub node: StaticKeypair,
     /// Hello template (endpoints are filled in per connection).
     pub hello: Hello,
 }
@@ -111,11 +113,22 @@ async fn session(
     .context("connecting to the coordinator timed out")?
     .with_context(|| format!("connecting to {ws_url}"))?;
 
-    let mut channel = timeout(HANDSHAKE_TIMEOUT, handshake(cfg, &mut ws))
+    let (mut channel, session_hash) = timeout(HANDSHAKE_TIMEOUT, handshake(cfg, &mut ws))
         .await
         .context("control handshake timed out")??;
     let mut hello = cfg.hello.clone();
     hello.endpoints = endpoints.borrow_and_update().clone();
+    let proof = cfg
+        .node
+        .possession_proof(
+            cfg.control_key.as_bytes(),
+            &session_hash,
+            &cfg.machine.public(),
+        )
+        .context("the coordinator's key is unusable")?;
+    let mut proof_hex = String::new();
+    wire::keys::push_hex(&mut proof_hex, &proof);
+    hello.node_key_proof = Some(proof_hex);
     send(&mut ws, &mut channel, &ClientMessage::Hello(hello)).await?;
     // The coordinator may have missed changes while we were away: report the current posture
     // on every connection.
@@ -191,7 +204,8 @@ async fn session(
     }
 }
 
-async fn handshake(cfg: &ControlConfig, ws: &mut Ws) -> anyhow::Result<Channel> {
+/// The control handshake; returns the channel and the session's handshake hash.
+async fn handshake(cfg: &ControlConfig, ws: &mut Ws) -> anyhow::Result<(Channel, [u8; 32])> {
     let (initiator, msg1) = {
         let mut rng = rand::rng();
         InitiatorHandshake::start(
@@ -218,7 +232,8 @@ async fn handshake(cfg: &ControlConfig, ws: &mut Ws) -> anyhow::Result<Channel> 
         .finish(&msg2)
         .context("the coordinator failed the handshake (wrong pinned key?)")?;
     info!(coordinator = %cfg.url, "control channel established");
-    Ok(done.into_channel())
+    let session_hash = *done.handshake_hash();
+    Ok((done.into_channel(), session_hash))
 }
 
 async fn send(ws: &mut Ws, channel: &mut Channel, msg: &ClientMessage) -> anyhow::Result<()> {
