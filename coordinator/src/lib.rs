@@ -4,6 +4,7 @@
 
 pub mod addr;
 pub mod admin_client;
+pub mod admission;
 pub mod api;
 pub mod audit;
 pub mod cli;

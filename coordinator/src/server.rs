@@ -133,6 +133,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         tickets,
         embedded_relay: embedded.as_ref().map(|e| e.info.clone()),
         relay: embedded.as_ref().map(|e| e.relay.clone()),
+        admission: Default::default(),
     });
     relays::refresh(&st)
         .await
@@ -176,14 +177,19 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_a = stop_rx.clone();
     let mut stop_b = stop_rx;
-    let public_srv = axum::serve(tcp, public).with_graceful_shutdown(async move {
-        let _ = stop_a.changed().await;
-    });
+    let public_srv = relay::http::serve(
+        tcp,
+        public,
+        relay::http::HttpLimits::default(),
+        async move {
+            let _ = stop_a.changed().await;
+        },
+    );
     let admin_srv = axum::serve(unix, admin.into_make_service_with_connect_info::<UdsPeer>())
         .with_graceful_shutdown(async move {
             let _ = stop_b.changed().await;
         });
-    let public_task = tokio::spawn(async move { public_srv.await });
+    let public_task = tokio::spawn(public_srv);
     let admin_task = tokio::spawn(async move { admin_srv.await });
     shutdown.await;
     info!("shutting down");

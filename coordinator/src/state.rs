@@ -8,6 +8,7 @@ use hybrid::ticket::TicketSigner;
 use hybrid::{FINGERPRINT_LEN, StaticKeypair};
 use wire::{ControlKey, RelayInfo};
 
+use crate::admission::ControlAdmission;
 use crate::db::Pool;
 use crate::db::mesh::MeshSettings;
 use crate::hub::Hub;
@@ -36,6 +37,8 @@ pub struct Inner {
     pub embedded_relay: Option<RelayInfo>,
     /// The embedded relay itself, for its counters.
     pub relay: Option<relay::Relay>,
+    /// What the control endpoint admits before a node authenticates.
+    pub admission: Arc<ControlAdmission>,
 }
 
 impl AppState {

@@ -13,12 +13,57 @@ use support::{hello, key, state};
 use tokio_tungstenite::tungstenite::Message;
 use wire::{ClientMessage, ErrorCode, NodeKey, ServerMessage};
 
+/// The public router on the coordinator's real listener (limits, peer addresses).
 async fn serve(st: coordinator::state::AppState) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = coordinator::api::router(st);
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    tokio::spawn(relay::http::serve(
+        listener,
+        app,
+        relay::http::HttpLimits::default(),
+        std::future::pending(),
+    ));
     addr
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// A WebSocket to `/control` from source address `from` (any 127.0.0.0/8 address is local).
+async fn ws_from(
+    addr: SocketAddr,
+    from: [u8; 4],
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::from((from, 0))).unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/control"), stream).await?;
+    Ok(ws)
+}
+
+/// Sends message 1; returns message 2, or None if the coordinator closed the session.
+async fn handshake(ws: &mut Ws, msg1: Vec<u8>) -> Option<Vec<u8>> {
+    ws.send(Message::Binary(msg1.into())).await.ok()?;
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => return Some(b.to_vec()),
+            Ok(Some(Ok(Message::Close(_))) | Some(Err(_)) | None) | Err(_) => return None,
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+fn msg1(machine: &StaticKeypair, control: &[u8; 32]) -> (InitiatorHandshake, Vec<u8>) {
+    let mut rng = StdRng::from_rng(&mut rand::rng());
+    InitiatorHandshake::start(
+        &mut rng,
+        Purpose::Control,
+        machine,
+        control,
+        &Psk::zero(),
+        &[],
+    )
+    .unwrap()
 }
 
 /// What the node claims in its hello, and how it proves it.
@@ -44,7 +89,7 @@ async fn first_answer(
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/control"))
         .await
         .unwrap();
-    let mut rng = StdRng::seed_from_u64(node_key.as_bytes()[0].into());
+    let mut rng = StdRng::from_rng(&mut rand::rng());
     let (ini, msg1) = InitiatorHandshake::start(
         &mut rng,
         Purpose::Control,
@@ -143,4 +188,119 @@ async fn a_node_must_prove_it_holds_its_node_key() {
     let nodes = coordinator::ops::list_nodes(&st).await.unwrap();
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0].node_key, victim_key.to_text());
+}
+
+#[tokio::test]
+async fn a_replayed_message_1_gets_no_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = state(dir.path()).await;
+    let control = st.control_key.public();
+    let addr = serve(st).await;
+    let machine = StaticKeypair::generate(&mut StdRng::seed_from_u64(8));
+    let (_, m1) = msg1(&machine, &control);
+    let mut ws = ws_from(addr, [127, 0, 0, 1]).await.unwrap();
+    assert!(handshake(&mut ws, m1.clone()).await.is_some());
+    let mut again = ws_from(addr, [127, 0, 0, 1]).await.unwrap();
+    assert!(
+        handshake(&mut again, m1).await.is_none(),
+        "a recorded message 1 was answered again"
+    );
+}
+
+#[tokio::test]
+async fn a_node_cannot_make_the_coordinator_buffer_a_large_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = state(dir.path()).await;
+    let control = st.control_key.public();
+    let addr = serve(st).await;
+    let machine = StaticKeypair::generate(&mut StdRng::seed_from_u64(9));
+    let (ini, m1) = msg1(&machine, &control);
+    let mut ws = ws_from(addr, [127, 0, 0, 1]).await.unwrap();
+    let m2 = handshake(&mut ws, m1).await.unwrap();
+    let mut channel = ini.finish(&m2).unwrap().into_channel();
+    // 4 MiB in 64 KiB frames, before any hello: the session ends long before the end.
+    let mut sent = 0usize;
+    for f in channel.seal(&vec![b' '; 4 << 20]).unwrap() {
+        if ws.send(Message::Binary(f.into())).await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let closed = loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(_)))) => break false,
+            Ok(Some(Ok(Message::Close(_))) | Some(Err(_)) | None) => break true,
+            Ok(Some(Ok(_))) => {}
+            Err(_) => break false,
+        }
+    };
+    assert!(
+        closed,
+        "the coordinator kept the session after {sent} frames"
+    );
+}
+
+#[tokio::test]
+async fn a_handshake_flood_and_half_open_sockets_do_not_stop_a_node_from_registering() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = state(dir.path()).await;
+    let k = key(&st, true, 3600).await;
+    let control = st.control_key.public();
+    let admission = std::sync::Arc::clone(&st.admission);
+    let addr = serve(st).await;
+    // Half-open sockets: upgraded, then silent, from one address.
+    let mut silent = Vec::new();
+    let mut refused = 0;
+    for _ in 0..100 {
+        match ws_from(addr, [127, 0, 0, 2]).await {
+            Ok(ws) => silent.push(ws),
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!(silent.len(), coordinator::admission::MAX_PRE_AUTH_PER_IP);
+    assert_eq!(refused, 100 - coordinator::admission::MAX_PRE_AUTH_PER_IP);
+    // A handshake flood with fresh message 1s from other addresses, running while the node
+    // registers.
+    let flood = tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for i in 0..400u32 {
+            let from = [127, 0, 1 + (i % 8) as u8, 1];
+            tasks.push(tokio::spawn(async move {
+                let m = StaticKeypair::generate(&mut StdRng::from_rng(&mut rand::rng()));
+                let (_, m1) = msg1(&m, &control);
+                if let Ok(mut ws) = ws_from(addr, from).await {
+                    let _ = handshake(&mut ws, m1).await;
+                    // Hold the session without ever sending a hello.
+                    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let node = StaticKeypair::generate(&mut StdRng::seed_from_u64(31));
+    let machine = StaticKeypair::generate(&mut StdRng::seed_from_u64(32));
+    let started = std::time::Instant::now();
+    let (m, _) = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        first_answer(
+            addr,
+            control,
+            &machine,
+            NodeKey::from_bytes(node.public()),
+            &k,
+            Proof::By(node),
+        ),
+    )
+    .await
+    .expect("the node could not register during the flood");
+    assert!(matches!(m, ServerMessage::Welcome(_)), "{m:?}");
+    eprintln!("registered during the flood in {:?}", started.elapsed());
+    flood.await.unwrap();
+    drop(silent);
+    // Every unauthenticated slot comes back.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(admission.pre_auth(), 0);
 }

@@ -18,8 +18,9 @@ const MORE: u8 = 1;
 /// A channel failure. All of them are fatal for the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ChannelError {
-    /// A message (or a reassembled message) exceeds [`MAX_MESSAGE_LEN`].
-    #[error("message exceeds {MAX_MESSAGE_LEN} bytes")]
+    /// A message (or a reassembled message) exceeds the channel's limit ([`MAX_MESSAGE_LEN`]
+    /// unless lowered with [`Channel::limit_inbound`]).
+    #[error("message exceeds the channel's size limit")]
     TooLarge,
     /// A frame failed authentication (tampered, replayed, reordered or truncated).
     #[error("frame failed authentication")]
@@ -33,6 +34,7 @@ pub enum ChannelError {
 pub struct Channel {
     transport: snow::TransportState,
     partial: Vec<u8>,
+    max_inbound: usize,
 }
 
 impl Channel {
@@ -40,7 +42,14 @@ impl Channel {
         Self {
             transport,
             partial: Vec::new(),
+            max_inbound: MAX_MESSAGE_LEN,
         }
+    }
+
+    /// Limits messages received to `max` bytes (at most [`MAX_MESSAGE_LEN`]): a side that
+    /// only expects small messages should not buffer large ones.
+    pub fn limit_inbound(&mut self, max: usize) {
+        self.max_inbound = max.min(MAX_MESSAGE_LEN);
     }
 
     /// Encrypts one application message into one or more frames, in sending order.
@@ -73,7 +82,7 @@ impl Channel {
         let Some((&flag, chunk)) = plain[..n].split_first() else {
             return Err(ChannelError::Malformed);
         };
-        if self.partial.len() + chunk.len() > MAX_MESSAGE_LEN {
+        if self.partial.len() + chunk.len() > self.max_inbound {
             return Err(ChannelError::TooLarge);
         }
         self.partial.extend_from_slice(chunk);

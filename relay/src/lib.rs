@@ -5,12 +5,15 @@
 //! - [`server::Relay`]: the forwarding server (QUIC endpoint, WebSocket route, sweeper);
 //! - [`client::connect`]: a node's connection to a relay;
 //! - [`stun`]: the STUN server;
-//! - [`identity`], [`tls`]: the relay's persistent key and pinned certificate.
+//! - [`identity`], [`tls`]: the relay's persistent key and pinned certificate;
+//! - [`http`]: serving HTTP to the internet with connection limits and header deadlines (the
+//!   coordinator's listener uses it too).
 //!
 //! A standalone relay is `lattice-relay serve`; the coordinator embeds one by default.
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod http;
 pub mod identity;
 pub mod proto;
 pub mod server;

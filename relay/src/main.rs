@@ -139,11 +139,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let app = relay
         .router()
         .route("/healthz", axum::routing::get(|| async { "ok" }));
-    let server = axum::serve(tcp, app);
-    tokio::select! {
-        r = server => r.context("HTTP server")?,
-        _ = shutdown() => info!("shutting down"),
-    }
+    relay::http::serve(tcp, app, relay::http::HttpLimits::default(), shutdown()).await;
+    info!("shutting down");
     Ok(())
 }
 

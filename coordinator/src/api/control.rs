@@ -7,20 +7,24 @@
 //! 3. The coordinator streams netmaps (full, then deltas) whenever the mesh changes, and
 //!    handles `Endpoints`, `Posture` and `Logout` from the node.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use axum::Extension;
 use axum::Router;
-use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::response::Response;
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hybrid::{Channel, Psk, Purpose, ResponderHandshake};
 use rand::{SeedableRng, rngs::StdRng};
-use tokio::time::{Instant, interval, timeout};
+use tokio::time::{Instant, interval};
 use tracing::{debug, info, warn};
 use wire::{ClientMessage, ErrorCode, Hello, MachineKey, ServerMessage, Welcome};
 
+use crate::admission::PreAuth;
 use crate::db;
 use crate::model::NodeRecord;
 use crate::netmap::{SentMap, next_map};
@@ -30,6 +34,11 @@ use crate::{ops, relays};
 
 /// How long a node has to complete the handshake and send `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a handshake may wait for a free slot on the handshake pool.
+const HANDSHAKE_QUEUE: Duration = Duration::from_secs(2);
+/// Largest message a node may send: nodes send hellos, endpoints, posture and netinfo, all
+/// small. (The coordinator's own messages, netmaps, may be far larger.)
+const MAX_CLIENT_MESSAGE: usize = 256 << 10;
 /// The coordinator pings every this often...
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// ...and drops a session that has been silent this long.
@@ -42,11 +51,26 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/control", get(upgrade))
 }
 
-async fn upgrade(State(st): State<AppState>, ws: WebSocketUpgrade) -> Response {
+async fn upgrade(
+    State(st): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    slot: Option<Extension<relay::http::ConnSlot>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let ip = relay::http::peer_ip(peer.as_ref().map(|e| &e.0));
+    let pre_auth = match st.admission.begin(ip, std::time::Instant::now()) {
+        Ok(p) => p,
+        Err(refusal) => {
+            debug!(%ip, %refusal, "control session refused");
+            return (StatusCode::TOO_MANY_REQUESTS, refusal.to_string()).into_response();
+        }
+    };
     ws.max_message_size(MAX_WS_MESSAGE)
         .max_frame_size(MAX_WS_MESSAGE)
         .on_upgrade(move |socket| async move {
-            if let Err(e) = session(st, socket).await {
+            // The connection counts against the listener's limits while the session lasts.
+            let _slot = slot;
+            if let Err(e) = session(st, socket, pre_auth).await {
                 debug!(error = %format!("{e:#}"), "control session ended with an error");
             }
         })
@@ -92,12 +116,15 @@ impl Conn {
     }
 }
 
-async fn session(st: AppState, mut socket: WebSocket) -> anyhow::Result<()> {
-    let (channel, machine, session_hash) = timeout(HELLO_TIMEOUT, handshake(&st, &mut socket))
-        .await
-        .context("handshake timed out")??;
+async fn session(st: AppState, mut socket: WebSocket, pre_auth: PreAuth) -> anyhow::Result<()> {
+    let deadline = Instant::now() + HELLO_TIMEOUT;
+    let (mut channel, machine, session_hash) =
+        tokio::time::timeout_at(deadline, handshake(&st, &mut socket))
+            .await
+            .context("handshake timed out")??;
+    channel.limit_inbound(MAX_CLIENT_MESSAGE);
     let mut conn = Conn { socket, channel };
-    let hello = match timeout(HELLO_TIMEOUT, conn.recv())
+    let hello = match tokio::time::timeout_at(deadline, conn.recv())
         .await
         .context("hello timed out")??
     {
@@ -105,6 +132,7 @@ async fn session(st: AppState, mut socket: WebSocket) -> anyhow::Result<()> {
         Some(_) => bail!("first message was not a hello"),
         None => return Ok(()),
     };
+    pre_auth.release();
     if hello.capability < wire::CapabilityVersion(1) {
         return conn
             .refuse(ErrorCode::Unsupported, "client too old".into())
@@ -180,17 +208,23 @@ async fn handshake(
             Some(Err(e)) => return Err(e.into()),
         }
     };
-    let (msg2, done, machine) = {
-        let mut rng = StdRng::from_rng(&mut rand::rng());
-        let (responder, init) = ResponderHandshake::read_initiation(
-            &mut rng,
-            Purpose::Control,
-            &st.control_key,
-            &msg1,
-        )?;
-        let (msg2, done) = responder.respond(&mut rng, &Psk::zero(), &[])?;
-        (msg2, done, MachineKey::from_bytes(init.remote_static))
+    // A message 1 seen before costs nothing more (a recorded one replayed forever would
+    // otherwise cost a full handshake each time).
+    st.admission.first_sight(&msg1)?;
+    let Some(permit) = st.admission.handshake_slot(HANDSHAKE_QUEUE).await else {
+        bail!("too many handshakes in progress");
     };
+    let control_key = st.control_key.clone();
+    let (msg2, done, machine) = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let mut rng = StdRng::from_rng(&mut rand::rng());
+        let (responder, init) =
+            ResponderHandshake::read_initiation(&mut rng, Purpose::Control, &control_key, &msg1)?;
+        let (msg2, done) = responder.respond(&mut rng, &Psk::zero(), &[])?;
+        anyhow::Ok((msg2, done, MachineKey::from_bytes(init.remote_static)))
+    })
+    .await
+    .context("the handshake task failed")??;
     socket.send(Message::Binary(msg2.into())).await?;
     let session_hash = *done.handshake_hash();
     Ok((done.into_channel(), machine, session_hash))

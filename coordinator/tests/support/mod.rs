@@ -42,6 +42,7 @@ pub async fn state(dir: &std::path::Path) -> AppState {
         tickets: std::sync::Arc::new(hybrid::ticket::TicketSigner::from_seed([2; 32])),
         embedded_relay: None,
         relay: None,
+        admission: Default::default(),
     })
 }
 

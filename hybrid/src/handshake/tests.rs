@@ -338,6 +338,28 @@ fn control_channel_rejects_tampered_and_replayed_frames() {
 }
 
 #[test]
+fn a_limited_channel_refuses_a_large_message_before_buffering_it_whole() {
+    let mut p = parties(16);
+    let (alice, bob, _) = handshake(&mut p, Purpose::Control, &Psk::zero());
+    let mut a = alice.into_channel();
+    let mut b = bob.into_channel();
+    b.limit_inbound(100_000);
+    let frames = a.seal(&vec![7u8; 1 << 20]).unwrap();
+    assert!(frames.len() > 2);
+    // The first frame fits; the second takes the message past the limit and is refused.
+    assert_eq!(b.open(&frames[0]), Ok(None));
+    assert_eq!(b.open(&frames[1]), Err(ChannelError::TooLarge));
+    // A message within the limit still passes on a fresh channel.
+    let mut p = parties(16);
+    let (alice, bob, _) = handshake(&mut p, Purpose::Control, &Psk::zero());
+    let (mut a, mut b) = (alice.into_channel(), bob.into_channel());
+    b.limit_inbound(100_000);
+    let frames = a.seal(&[1u8; 99_000]).unwrap();
+    assert_eq!(b.open(&frames[0]), Ok(None));
+    assert_eq!(b.open(&frames[1]).unwrap().unwrap().len(), 99_000);
+}
+
+#[test]
 fn channel_keys_are_not_the_classical_noise_keys() {
     // The channel must use the hybrid keys: a frame sealed under Noise's own split keys must
     // not open.

@@ -256,9 +256,26 @@ pub fn ws_url(url: &str) -> anyhow::Result<String> {
     }
 }
 
+/// Largest `/key` answer accepted (it is a few hundred bytes).
+const MAX_KEY_ANSWER: usize = 64 << 10;
+
 /// Fetches the coordinator's control key over plain HTTP and checks it against `fingerprint`
-/// (from an auth key). The fingerprint is what makes this safe without TLS.
+/// (from an auth key). The fingerprint is what makes this safe without TLS. The whole fetch
+/// has one deadline and the answer a size limit, so a hostile server can neither hold the
+/// join forever nor make the node buffer an endless body.
 pub async fn fetch_control_key(url: &str, fingerprint: &[u8; 16]) -> anyhow::Result<ControlKey> {
+    timeout(
+        HANDSHAKE_TIMEOUT,
+        fetch_control_key_unbounded(url, fingerprint),
+    )
+    .await
+    .with_context(|| format!("the coordinator at {url} did not answer GET /key in time"))?
+}
+
+async fn fetch_control_key_unbounded(
+    url: &str,
+    fingerprint: &[u8; 16],
+) -> anyhow::Result<ControlKey> {
     #[derive(serde::Deserialize)]
     struct KeyInfo {
         control_key: ControlKey,
@@ -267,9 +284,8 @@ pub async fn fetch_control_key(url: &str, fingerprint: &[u8; 16]) -> anyhow::Res
         .trim_end_matches('/')
         .strip_prefix("http://")
         .context("the first join needs an http:// coordinator URL")?;
-    let stream = timeout(HANDSHAKE_TIMEOUT, tokio::net::TcpStream::connect(authority))
+    let stream = tokio::net::TcpStream::connect(authority)
         .await
-        .with_context(|| format!("connecting to {authority} timed out"))?
         .with_context(|| format!("cannot connect to the coordinator at {authority}"))?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
@@ -280,14 +296,17 @@ pub async fn fetch_control_key(url: &str, fingerprint: &[u8; 16]) -> anyhow::Res
         .uri("/key")
         .header("host", authority)
         .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-    let resp = timeout(HANDSHAKE_TIMEOUT, sender.send_request(req))
+    let resp = sender
+        .send_request(req)
         .await
-        .context("the coordinator did not answer")??;
+        .context("the coordinator did not answer")?;
     if !resp.status().is_success() {
         bail!("the coordinator answered {} to GET /key", resp.status());
     }
-    let body = http_body_util::BodyExt::collect(resp.into_body())
-        .await?
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_KEY_ANSWER);
+    let body = http_body_util::BodyExt::collect(body)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading GET /key: {e}"))?
         .to_bytes();
     let info: KeyInfo = serde_json::from_slice(&body).context("decoding /key")?;
     if &hybrid::fingerprint(info.control_key.as_bytes()) != fingerprint {
@@ -302,6 +321,59 @@ pub async fn fetch_control_key(url: &str, fingerprint: &[u8; 16]) -> anyhow::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that answers `GET /key` with `head` and then `body_len` bytes of `x`,
+    /// slowly if `drip` (one byte per 100 ms); returns its URL.
+    async fn hostile_key_server(head: &'static str, body_len: usize, drip: bool) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(head.as_bytes()).await;
+            let chunk = vec![b'x'; 64 << 10];
+            let mut left = body_len;
+            while left > 0 {
+                let n = if drip { 1 } else { left.min(chunk.len()) };
+                if s.write_all(&chunk[..n]).await.is_err() {
+                    return;
+                }
+                left -= n;
+                if drip {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn the_first_join_refuses_an_endless_key_answer() {
+        let url = hostile_key_server(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n100000\r\n",
+            1 << 20,
+            false,
+        )
+        .await;
+        let err = fetch_control_key(&url, &[0; 16]).await.unwrap_err();
+        assert!(format!("{err:#}").contains("length limit"), "{err:#}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_join_gives_up_on_a_server_that_answers_a_byte_at_a_time() {
+        let url = hostile_key_server(
+            "HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n",
+            100_000,
+            true,
+        )
+        .await;
+        let err = fetch_control_key(&url, &[0; 16]).await.unwrap_err();
+        assert!(format!("{err:#}").contains("in time"), "{err:#}");
+    }
 
     #[test]
     fn websocket_url_is_derived_from_the_http_url() {

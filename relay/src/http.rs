@@ -1,0 +1,217 @@
+//! Serving HTTP (and the WebSocket upgrades on it) to the open internet, with limits that
+//! `axum::serve` does not have: at most [`HttpLimits::max_connections`] connections at once and
+//! [`HttpLimits::per_ip`] from one address (more are closed as they are accepted), and a
+//! deadline for a request's headers, so a client that opens connections and sends its headers a
+//! byte at a time (slowloris) cannot hold them.
+//!
+//! Each connection's slot ([`ConnSlot`]) travels in the request's extensions; a handler that
+//! upgrades the connection to a WebSocket keeps it for the socket's life, so upgraded
+//! connections count too. Handlers see the peer address as `ConnectInfo<SocketAddr>`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+use tracing::{debug, warn};
+
+/// Connection limits.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Connections open at once (upgraded ones included).
+    pub max_connections: usize,
+    /// Connections open at once from one address.
+    pub per_ip: usize,
+    /// Time to receive a request's headers.
+    pub header_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 50_000,
+            per_ip: 4_096,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection; the count goes down when the last clone is dropped.
+#[derive(Clone)]
+pub struct ConnSlot(#[allow(dead_code)] Arc<SlotInner>);
+
+struct SlotInner {
+    counts: Arc<Mutex<Counts>>,
+    ip: IpAddr,
+}
+
+impl Drop for SlotInner {
+    fn drop(&mut self) {
+        let mut c = lock(&self.counts);
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn lock(m: &Mutex<Counts>) -> std::sync::MutexGuard<'_, Counts> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn admit(counts: &Arc<Mutex<Counts>>, ip: IpAddr, limits: &HttpLimits) -> Option<ConnSlot> {
+    let mut c = lock(counts);
+    let mine = c.per_ip.get(&ip).copied().unwrap_or(0);
+    if c.total >= limits.max_connections || mine >= limits.per_ip {
+        return None;
+    }
+    c.total += 1;
+    *c.per_ip.entry(ip).or_insert(0) += 1;
+    Some(ConnSlot(Arc::new(SlotInner {
+        counts: Arc::clone(counts),
+        ip,
+    })))
+}
+
+/// Serves `app` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let counts = Arc::new(Mutex::new(Counts::default()));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let Some(slot) = admit(&counts, peer.ip(), &limits) else {
+            debug!(%peer, "connection limit reached; closing a new connection");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let conn_slot = slot.clone();
+        let svc = app
+            .clone()
+            .map_request(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req.extensions_mut().insert(conn_slot.clone());
+                req.map(axum::body::Body::new)
+            });
+        let header_timeout = limits.header_timeout;
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder.serve_connection_with_upgrades(
+                TokioIo::new(stream),
+                TowerToHyperService::new(svc),
+            );
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// The peer address a request came from, if the server recorded it.
+pub fn peer_ip(info: Option<&ConnectInfo<SocketAddr>>) -> IpAddr {
+    info.map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn start(limits: HttpLimits) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(serve(listener, app, limits, std::future::pending()));
+        addr
+    }
+
+    async fn get(addr: SocketAddr) -> std::io::Result<String> {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+        let addr = start(HttpLimits {
+            header_timeout: Duration::from_millis(300),
+            ..HttpLimits::default()
+        })
+        .await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the server kept a slow client past the header deadline")
+            .unwrap_or(0);
+        // Closed (0) or a 408 response: either way the connection is over.
+        assert!(n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"));
+        assert!(get(addr).await.unwrap().contains("ok"));
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_per_address_limit_are_closed_and_others_still_served() {
+        let addr = start(HttpLimits {
+            per_ip: 4,
+            ..HttpLimits::default()
+        })
+        .await;
+        // Four idle connections hold every slot 127.0.0.1 has.
+        let mut idle = Vec::new();
+        for _ in 0..4 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let refused = get(addr).await;
+        assert!(
+            refused.map_or(true, |r| r.is_empty()),
+            "a fifth connection was served"
+        );
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(get(addr).await.unwrap().contains("ok"));
+    }
+}
