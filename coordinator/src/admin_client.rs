@@ -1,5 +1,7 @@
 //! The CLI side of admin commands: HTTP/1.1 to the running coordinator, over its Unix socket
-//! (default) or over TCP with an admin token.
+//! (default) or over HTTPS to its admin listener with an admin token. There is no plain-HTTP
+//! mode: a token must never cross the network in clear. The listener's certificate is
+//! self-signed and pinned by the token itself (its SHA-256 is the token's last part).
 
 use std::path::PathBuf;
 
@@ -11,17 +13,22 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+/// How long connecting and the TLS handshake may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Where the admin API is.
 #[derive(Debug, Clone)]
 pub enum Target {
     /// The admin socket in a state dir.
     Unix(PathBuf),
-    /// `http://host:port` with a bearer token.
-    Http {
+    /// `https://host:port` with a bearer token.
+    Https {
         /// `host:port`.
         authority: String,
         /// Admin token.
         token: String,
+        /// SHA-256 of the admin listener's certificate (from the token).
+        pin: [u8; 32],
     },
 }
 
@@ -35,13 +42,26 @@ impl Target {
         match server {
             None => Ok(Self::Unix(state_dir.join(crate::server::ADMIN_SOCKET))),
             Some(url) => {
-                let authority = url
-                    .strip_prefix("http://")
-                    .context("--server must be an http:// URL")?
-                    .trim_end_matches('/')
-                    .to_owned();
+                let Some(rest) = url.strip_prefix("https://") else {
+                    bail!(
+                        "--server must be an https:// URL (the admin API is served only over \
+                         TLS, on the coordinator's --admin-listen address)"
+                    );
+                };
+                let authority = rest.trim_end_matches('/').to_owned();
                 let token = token.context("--server needs --token (or LATTICE_ADMIN_TOKEN)")?;
-                Ok(Self::Http { authority, token })
+                let pin = crate::secret::AdminToken::parse(&token)
+                    .context("--token is not an admin token (lt2-...)")?
+                    .pin
+                    .context(
+                        "this admin token carries no certificate pin; create a new one with \
+                         `lattice-coordinator token create`",
+                    )?;
+                Ok(Self::Https {
+                    authority,
+                    token,
+                    pin,
+                })
             }
         }
     }
@@ -98,14 +118,31 @@ impl Target {
                 })?;
                 handshake(stream).await?
             }
-            Self::Http { authority, token } => {
+            Self::Https {
+                authority,
+                token,
+                pin,
+            } => {
                 req = req
                     .header("host", authority.as_str())
                     .header("authorization", format!("Bearer {token}"));
-                let stream = tokio::net::TcpStream::connect(authority.as_str())
-                    .await
-                    .with_context(|| format!("cannot connect to {authority}"))?;
-                handshake(stream).await?
+                let stream = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    tokio::net::TcpStream::connect(authority.as_str()),
+                )
+                .await
+                .with_context(|| format!("connecting to {authority} timed out"))?
+                .with_context(|| format!("cannot connect to {authority}"))?;
+                let tls = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    relay::tls::connect_pinned(stream, *pin, &[b"http/1.1"]),
+                )
+                .await
+                .with_context(|| format!("TLS to {authority} timed out"))?
+                .with_context(|| {
+                    format!("{authority} is not the admin listener this token was issued for")
+                })?;
+                handshake(tls).await?
             }
         };
         let mut sender = sender;

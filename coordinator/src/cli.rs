@@ -79,7 +79,7 @@ pub enum Command {
 /// `serve` flags.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// HTTP listen address (control channel, key, admin API with a token).
+    /// HTTP listen address (control channel, key, embedded relay's WebSocket).
     #[arg(
         long,
         default_value = "0.0.0.0:8080",
@@ -112,6 +112,10 @@ pub struct ServeArgs {
     /// Do not run the embedded relay and STUN server (nodes then use only registered relays).
     #[arg(long)]
     pub no_embedded_relay: bool,
+    /// HTTPS address of the admin API for admin tokens (`--server https://ADDR`). Without
+    /// it the admin API is only on the Unix socket in the state dir.
+    #[arg(long, env = "LATTICE_COORDINATOR_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
     /// UDP address of the embedded relay's QUIC listener (default: the --listen address).
     #[arg(long)]
     pub relay_listen: Option<SocketAddr>,
@@ -131,7 +135,8 @@ pub struct AdminArgs {
         default_value = "/var/lib/lattice-coordinator"
     )]
     pub state_dir: PathBuf,
-    /// Reach a coordinator over HTTP instead of the local socket (needs --token).
+    /// Reach a coordinator's admin listener (`https://HOST:PORT`, its --admin-listen) instead
+    /// of the local socket (needs --token, which carries the listener's certificate pin).
     #[arg(long, env = "LATTICE_COORDINATOR_SERVER")]
     pub server: Option<String>,
     /// Admin token for --server.
@@ -419,18 +424,45 @@ pub enum TunnelSecurityArg {
 pub enum TokenCommand {
     /// Create an admin token (only over the local socket) and print it.
     Create {
+        /// What it may do: `read` (list, get, verify, export) or `write` (also change).
+        #[arg(long, value_enum, default_value_t = TokenScopeArg::Write)]
+        scope: TokenScopeArg,
+        /// How long it lasts (e.g. 12h, 30d; at most 365d).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30d")]
+        expiry: Duration,
+        /// JSON output (id, scope, expiry and the token).
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List admin tokens (never their secrets).
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
         /// Where the coordinator is.
         #[command(flatten)]
         admin: AdminArgs,
     },
     /// Revoke an admin token by id.
     Revoke {
-        /// Token id (the 12 hex digits after `lt1-`).
+        /// Token id (the 12 hex digits after `lt2-`).
         id: String,
         /// Where the coordinator is.
         #[command(flatten)]
         admin: AdminArgs,
     },
+}
+
+/// Scopes of admin tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TokenScopeArg {
+    /// Read only.
+    Read,
+    /// Read and change.
+    Write,
 }
 
 /// Parses `30s`, `5m`, `1h`, `7d`.

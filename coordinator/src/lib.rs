@@ -29,7 +29,7 @@ use crate::admin_client::Target;
 use crate::audit::{Entry, Verification};
 use crate::cli::{
     AdminArgs, AuditCommand, AuthkeyCommand, Command, NodesCommand, PolicyCommand, RelaysCommand,
-    SettingsCommand, TokenCommand, TunnelSecurityArg,
+    SettingsCommand, TokenCommand, TokenScopeArg, TunnelSecurityArg,
 };
 use crate::model::AuthKeyInfo;
 use crate::ops::{CreatedAuthKey, NodeView};
@@ -58,6 +58,7 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
                 embedded_relay: !a.no_embedded_relay,
                 relay_listen: a.relay_listen,
                 stun_listen: a.stun_listen,
+                admin_listen: a.admin_listen,
             })
             .await?;
             Ok(Outcome::Success)
@@ -493,9 +494,36 @@ async fn all_entries(t: &Target, mut after: i64) -> anyhow::Result<Vec<Entry>> {
 
 async fn token(cmd: TokenCommand) -> anyhow::Result<Outcome> {
     match cmd {
-        TokenCommand::Create { admin } => {
-            let v: serde_json::Value = target(&admin)?.call(Method::POST, "/tokens", None).await?;
-            output::line(v.get("token").and_then(|t| t.as_str()).unwrap_or_default());
+        TokenCommand::Create {
+            scope,
+            expiry,
+            json,
+            admin,
+        } => {
+            let req = ops::CreateToken {
+                scope: Some(match scope {
+                    TokenScopeArg::Read => db::keys::TokenScope::Read,
+                    TokenScopeArg::Write => db::keys::TokenScope::Write,
+                }),
+                expiry_secs: Some(expiry.as_secs()),
+            };
+            let created: ops::CreatedToken = target(&admin)?
+                .call(Method::POST, "/tokens", Some(serde_json::to_value(&req)?))
+                .await?;
+            if json {
+                output::json(&created);
+            } else {
+                output::line(&created.token);
+            }
+        }
+        TokenCommand::List { json, admin } => {
+            let tokens: Vec<db::keys::TokenInfo> =
+                target(&admin)?.call(Method::GET, "/tokens", None).await?;
+            if json {
+                output::json(&tokens);
+            } else {
+                output::tokens(&tokens);
+            }
         }
         TokenCommand::Revoke { id, admin } => {
             let _: serde_json::Value = target(&admin)?

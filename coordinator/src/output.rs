@@ -149,6 +149,31 @@ pub(crate) fn auth_keys(keys: &[AuthKeyInfo]) {
     }
 }
 
+pub(crate) fn tokens(tokens: &[crate::db::keys::TokenInfo]) {
+    let now = crate::state::unix_now();
+    println!(
+        "{:<14} {:<6} {:<24} {:<22} {:<22} STATE",
+        "ID", "SCOPE", "CREATED BY", "CREATED", "EXPIRES"
+    );
+    for t in tokens {
+        let state = if t.revoked_at.is_some() {
+            "revoked"
+        } else if t.expires_at.is_none_or(|e| e <= now) {
+            "expired"
+        } else {
+            "valid"
+        };
+        println!(
+            "{:<14} {:<6} {:<24} {:<22} {:<22} {state}",
+            t.id,
+            t.scope,
+            t.created_by,
+            time(t.created_at),
+            t.expires_at.map_or_else(|| "-".into(), time),
+        );
+    }
+}
+
 pub(crate) fn audit(entries: &[Entry]) {
     for e in entries {
         let t = time(e.at_ms / 1000);

@@ -36,27 +36,34 @@ fn hash(label: &[u8], id: &[u8], secret: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// An admin token: `lt1-<id: 12 hex>-<secret: 40 hex>`.
+/// An admin token: `lt2-<id: 12 hex>-<secret: 40 hex>-<pin: 64 hex>`. The pin is the SHA-256
+/// of the admin listener's TLS certificate, so the one string is enough to reach the admin
+/// API safely (as an auth key is enough to trust the coordinator). Older `lt1-` tokens have no
+/// pin.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AdminToken {
     /// Public id.
     pub id: [u8; 6],
     /// Secret part.
     pub secret: [u8; 20],
+    /// The admin listener's certificate pin (public).
+    pub pin: Option<[u8; 32]>,
 }
 
 impl AdminToken {
     /// Parses the text form.
     pub fn parse(s: &str) -> Option<Self> {
         let mut parts = s.trim().split('-');
-        let (Some("lt1"), Some(id), Some(secret), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return None;
+        let (version, id, secret) = (parts.next()?, parts.next()?, parts.next()?);
+        let pin = match (version, parts.next(), parts.next()) {
+            ("lt1", None, None) => None,
+            ("lt2", Some(pin), None) => Some(wire::keys::parse_hex(pin)?),
+            _ => return None,
         };
         Some(Self {
             id: wire::keys::parse_hex(id)?,
             secret: wire::keys::parse_hex(secret)?,
+            pin,
         })
     }
 
@@ -69,8 +76,13 @@ impl AdminToken {
 
     /// The full text form, secret included.
     pub fn expose_secret(&self) -> String {
-        let mut s = format!("lt1-{}-", self.id_hex());
+        let version = if self.pin.is_some() { "lt2" } else { "lt1" };
+        let mut s = format!("{version}-{}-", self.id_hex());
         wire::keys::push_hex(&mut s, &self.secret);
+        if let Some(pin) = &self.pin {
+            s.push('-');
+            wire::keys::push_hex(&mut s, pin);
+        }
         s
     }
 }
@@ -100,10 +112,15 @@ mod tests {
         let t = AdminToken {
             id: [1; 6],
             secret: [2; 20],
+            pin: Some([3; 32]),
         };
         let text = t.expose_secret();
+        assert!(text.starts_with("lt2-010101010101-"));
         assert_eq!(AdminToken::parse(&text), Some(t.clone()));
         assert!(!format!("{t:?}").contains("0202"));
         assert_eq!(AdminToken::parse("lt1-zz-00"), None);
+        let old = AdminToken { pin: None, ..t };
+        assert_eq!(AdminToken::parse(&old.expose_secret()), Some(old));
+        assert_eq!(AdminToken::parse(&format!("{text}-extra")), None);
     }
 }

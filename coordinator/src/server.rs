@@ -11,7 +11,7 @@ use axum::Router;
 use axum::extract::Request;
 use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::serve::IncomingStream;
 use hybrid::StaticKeypair;
 use rand::{SeedableRng, rngs::StdRng};
@@ -47,10 +47,16 @@ pub struct ServeConfig {
     pub relay_listen: Option<SocketAddr>,
     /// STUN addresses of the embedded relay.
     pub stun_listen: Vec<SocketAddr>,
+    /// HTTPS address of the admin API for admin tokens (off without it: only the Unix
+    /// socket).
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// Name of the admin socket inside the state dir.
 pub const ADMIN_SOCKET: &str = "admin.sock";
+/// The admin listener's self-signed TLS certificate and key, in the state dir.
+const ADMIN_CERT_FILE: &str = "admin-cert.der";
+const ADMIN_CERT_KEY_FILE: &str = "admin-cert-key.der";
 const CONTROL_KEY_FILE: &str = "control.key";
 
 /// Runs the coordinator until SIGINT or SIGTERM.
@@ -123,6 +129,9 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     if security == wire::TunnelSecurity::ClassicalOnly {
         warn!("tunnels are classical-only by admin setting: no post-quantum protection");
     }
+    let admin_cert =
+        relay::identity::load_or_create_cert(&cfg.state_dir, ADMIN_CERT_FILE, ADMIN_CERT_KEY_FILE)
+            .context("loading the admin listener's certificate")?;
     let st = AppState::new(Inner {
         db: pool,
         hub,
@@ -134,6 +143,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         embedded_relay: embedded.as_ref().map(|e| e.info.clone()),
         relay: embedded.as_ref().map(|e| e.relay.clone()),
         admission: Default::default(),
+        admin_pin: admin_cert.pin(),
     });
     relays::refresh(&st)
         .await
@@ -145,8 +155,20 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let local = tcp.local_addr()?;
     let admin_path = cfg.state_dir.join(ADMIN_SOCKET);
     let unix = bind_admin_socket(&admin_path).await?;
+    let admin_tcp = match cfg.admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the admin listener {addr}"))?,
+        ),
+        None => None,
+    };
+    let admin_local = admin_tcp
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
 
-    print_banner(&st, local, cfg.public_url.as_deref());
+    print_banner(&st, local, cfg.public_url.as_deref(), admin_local);
     info!(listen = %local, admin = %admin_path.display(), domain = %st.mesh.domain,
           ula = %st.mesh.ula_prefix, "coordinator started");
 
@@ -190,6 +212,26 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             let _ = stop_b.changed().await;
         });
     let public_task = tokio::spawn(public_srv);
+    let admin_tls_task = match admin_tcp {
+        Some(listener) => {
+            let tls = relay::tls::server_tls(&admin_cert, &[b"http/1.1"])?;
+            let mut stop_c = stop_tx.subscribe();
+            Some(tokio::spawn(relay::http::serve_tls(
+                listener,
+                api::admin_router(st.clone()),
+                relay::http::HttpLimits {
+                    max_connections: 256,
+                    per_ip: 32,
+                    ..relay::http::HttpLimits::default()
+                },
+                Arc::new(tls),
+                async move {
+                    let _ = stop_c.changed().await;
+                },
+            )))
+        }
+        None => None,
+    };
     let admin_task = tokio::spawn(async move { admin_srv.await });
     shutdown.await;
     info!("shutting down");
@@ -198,6 +240,9 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = public_task.await;
         let _ = admin_task.await;
+        if let Some(t) = admin_tls_task {
+            let _ = t.await;
+        }
     })
     .await;
     let _ = std::fs::remove_file(&admin_path);
@@ -257,7 +302,12 @@ async fn bind_admin_socket(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-fn print_banner(st: &AppState, local: SocketAddr, public_url: Option<&str>) {
+fn print_banner(
+    st: &AppState,
+    local: SocketAddr,
+    public_url: Option<&str>,
+    admin: Option<SocketAddr>,
+) {
     let mut fp = String::new();
     wire::keys::push_hex(&mut fp, &st.fingerprint);
     let url = public_url.map_or_else(
@@ -282,6 +332,16 @@ fn print_banner(st: &AppState, local: SocketAddr, public_url: Option<&str>) {
         domain = st.mesh.domain,
         ula = st.mesh.ula_prefix,
     );
+    let mut pin = String::new();
+    wire::keys::push_hex(&mut pin, &st.admin_pin);
+    let banner = match admin {
+        Some(a) => format!(
+            "{banner}admin API (HTTPS, admin tokens): https://{a}, certificate sha256 {pin}\n"
+        ),
+        None => {
+            format!("{banner}admin API: local socket only (add --admin-listen ADDR for HTTPS)\n")
+        }
+    };
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(banner.as_bytes());
@@ -307,10 +367,19 @@ async fn local_actor(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let actor = peer
-        .uid
-        .map_or_else(|| "local:uid=?".to_owned(), |u| format!("local:uid={u}"));
-    req.extensions_mut().insert(Actor(actor));
+    // The socket is 0600 in a 0700 directory; the peer's credentials are checked as well, so
+    // a socket exposed by mistake (a bind mount, a changed mode) still serves only the
+    // coordinator's own user and root.
+    let me = current_uid();
+    let Some(uid) = peer.uid.filter(|u| *u == me || *u == 0) else {
+        tracing::warn!(uid = ?peer.uid, "refused an admin socket connection from another user");
+        return crate::error::ApiError::Forbidden(
+            "the admin socket serves only the coordinator's user and root".into(),
+        )
+        .into_response();
+    };
+    req.extensions_mut()
+        .insert(Actor(format!("local:uid={uid}")));
     next.run(req).await
 }
 

@@ -39,6 +39,8 @@ pub struct Inner {
     pub relay: Option<relay::Relay>,
     /// What the control endpoint admits before a node authenticates.
     pub admission: Arc<ControlAdmission>,
+    /// SHA-256 of the admin listener's TLS certificate (admin tokens carry it).
+    pub admin_pin: [u8; 32],
 }
 
 impl AppState {

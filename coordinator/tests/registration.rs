@@ -174,10 +174,14 @@ async fn secrets_are_stored_only_as_hashes() {
     let dir = tempfile::tempdir().unwrap();
     let st = state(dir.path()).await;
     let k: AuthKey = key(&st, false, 3600).await.parse().unwrap();
-    let token = ops::create_token(&st, "test").await.unwrap();
+    let token = ops::create_token(&st, ops::CreateToken::default(), "test")
+        .await
+        .unwrap()
+        .token;
     st.db.close().await;
     let secret_hex = &k.expose_secret()[50..];
-    let token_secret = token.rsplit('-').next().unwrap().to_owned();
+    let token_secret = token.split('-').nth(2).unwrap().to_owned();
+    assert_eq!(token_secret.len(), 40);
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         let bytes = std::fs::read(entry.unwrap().path()).unwrap();
         let text = String::from_utf8_lossy(&bytes);
@@ -263,14 +267,14 @@ async fn audit_verify_finds_modified_and_deleted_rows_in_the_real_database() {
 }
 
 #[tokio::test]
-async fn the_admin_api_over_tcp_needs_a_valid_token() {
+async fn the_admin_router_needs_a_valid_token() {
     use axum::body::Body;
     use axum::http::Request;
     use tower::ServiceExt;
 
     let dir = tempfile::tempdir().unwrap();
     let st = state(dir.path()).await;
-    let app = coordinator::api::router(st.clone());
+    let app = coordinator::api::admin_router(st.clone());
     let req = |auth: Option<&str>| {
         let mut b = Request::builder().uri("/admin/v1/nodes");
         if let Some(a) = auth {
@@ -287,7 +291,10 @@ async fn the_admin_api_over_tcp_needs_a_valid_token() {
             .status(),
         401
     );
-    let token = ops::create_token(&st, "test").await.unwrap();
+    let token = ops::create_token(&st, ops::CreateToken::default(), "test")
+        .await
+        .unwrap()
+        .token;
     let ok = app
         .clone()
         .oneshot(req(Some(&format!("Bearer {token}"))))

@@ -98,6 +98,29 @@ pub async fn serve(
     limits: HttpLimits,
     shutdown: impl Future<Output = ()>,
 ) {
+    serve_inner(listener, app, limits, None, shutdown).await;
+}
+
+/// Serves `app` over TLS (`tls`) on `listener` until `shutdown` completes. The TLS handshake
+/// must finish within the header deadline.
+pub async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve_inner(listener, app, limits, Some(tls), shutdown).await;
+}
+
+async fn serve_inner(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let counts = Arc::new(Mutex::new(Counts::default()));
     tokio::pin!(shutdown);
     loop {
@@ -128,6 +151,7 @@ pub async fn serve(
                 req.map(axum::body::Body::new)
             });
         let header_timeout = limits.header_timeout;
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let mut builder = Builder::new(TokioExecutor::new());
@@ -135,11 +159,32 @@ pub async fn serve(
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout);
-            let conn = builder.serve_connection_with_upgrades(
-                TokioIo::new(stream),
-                TowerToHyperService::new(svc),
-            );
-            if let Err(e) = conn.await {
+            let svc = TowerToHyperService::new(svc);
+            let result = match acceptor {
+                None => {
+                    builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await
+                }
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(header_timeout, acceptor.accept(stream));
+                    let tls = match handshake.await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    builder
+                        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                        .await
+                }
+            };
+            if let Err(e) = result {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
         });

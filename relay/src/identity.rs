@@ -33,20 +33,32 @@ pub fn load_or_create(dir: &Path) -> anyhow::Result<(StaticKeypair, RelayCert)> 
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", key_path.display())),
     };
-    let (cert_path, cert_key_path) = (dir.join(CERT_FILE), dir.join(CERT_KEY_FILE));
-    let cert = match (std::fs::read(&cert_path), std::fs::read(&cert_key_path)) {
-        (Ok(cert_der), Ok(key_der)) => RelayCert {
-            cert_der,
-            key_der: Zeroizing::new(key_der),
-        },
-        _ => {
-            let c = RelayCert::generate()?;
-            write_private(&cert_key_path, &c.key_der)?;
-            write_private(&cert_path, &c.cert_der)?;
-            c
-        }
-    };
+    let cert = load_or_create_cert(dir, CERT_FILE, CERT_KEY_FILE)?;
     Ok((key, cert))
+}
+
+/// Loads the self-signed certificate kept in `dir` as `cert_file` and `key_file`, creating
+/// both on first use (mode 0600, written atomically).
+pub fn load_or_create_cert(
+    dir: &Path,
+    cert_file: &str,
+    key_file: &str,
+) -> anyhow::Result<RelayCert> {
+    let (cert_path, cert_key_path) = (dir.join(cert_file), dir.join(key_file));
+    Ok(
+        match (std::fs::read(&cert_path), std::fs::read(&cert_key_path)) {
+            (Ok(cert_der), Ok(key_der)) => RelayCert {
+                cert_der,
+                key_der: Zeroizing::new(key_der),
+            },
+            _ => {
+                let c = RelayCert::generate()?;
+                write_private(&cert_key_path, &c.key_der)?;
+                write_private(&cert_path, &c.cert_der)?;
+                c
+            }
+        },
+    )
 }
 
 fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {

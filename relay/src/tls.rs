@@ -1,6 +1,8 @@
-//! TLS for the QUIC transport: a self-signed relay certificate that nodes pin by its SHA-256
-//! (listed in the netmap), TLS 1.3 only, with the hybrid X25519MLKEM768 key exchange preferred
-//! (rustls on aws-lc).
+//! TLS with pinned self-signed certificates: TLS 1.3 only, the hybrid X25519MLKEM768 key
+//! exchange preferred (rustls on aws-lc), the server's certificate checked by its SHA-256
+//! instead of a name. Used for the relay's QUIC transport and WebSocket fallback (nodes pin the
+//! certificate listed in the netmap) and for the coordinator's admin API (admin tokens carry
+//! the pin).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,8 +82,8 @@ fn transport(keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// The QUIC server configuration for `cert`.
-pub fn server_config(cert: &RelayCert) -> anyhow::Result<quinn::ServerConfig> {
+/// A TLS 1.3 server configuration for `cert`, offering `alpn`.
+pub fn server_tls(cert: &RelayCert, alpn: &[&[u8]]) -> anyhow::Result<rustls::ServerConfig> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("TLS 1.3")?
@@ -90,9 +92,43 @@ pub fn server_config(cert: &RelayCert) -> anyhow::Result<quinn::ServerConfig> {
             vec![CertificateDer::from(cert.cert_der.clone())],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der.to_vec())),
         )
-        .context("loading the relay certificate")?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+        .context("loading the certificate")?;
+    tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     tls.max_early_data_size = 0;
+    Ok(tls)
+}
+
+/// A TLS 1.3 client configuration that accepts only the certificate with `pin`, offering
+/// `alpn`.
+pub fn client_tls(pin: [u8; 32], alpn: &[&[u8]]) -> anyhow::Result<rustls::ClientConfig> {
+    let provider = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinVerifier { pin, provider }))
+        .with_no_client_auth();
+    tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Ok(tls)
+}
+
+/// Opens TLS over `stream` to a server that must present the certificate with `pin`.
+pub async fn connect_pinned(
+    stream: tokio::net::TcpStream,
+    pin: [u8; 32],
+    alpn: &[&[u8]],
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls(pin, alpn)?));
+    let name = ServerName::try_from(SERVER_NAME).context("server name")?;
+    connector
+        .connect(name, stream)
+        .await
+        .context("TLS handshake (is the certificate the one pinned?)")
+}
+
+/// The QUIC server configuration for `cert`.
+pub fn server_config(cert: &RelayCert) -> anyhow::Result<quinn::ServerConfig> {
+    let tls = server_tls(cert, &[ALPN])?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(
         QuicServerConfig::try_from(tls).context("QUIC server TLS")?,
     ));
@@ -102,14 +138,7 @@ pub fn server_config(cert: &RelayCert) -> anyhow::Result<quinn::ServerConfig> {
 
 /// The QUIC client configuration that accepts only the certificate with `pin`.
 pub fn client_config(pin: [u8; 32]) -> anyhow::Result<quinn::ClientConfig> {
-    let provider = provider();
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3")?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinVerifier { pin, provider }))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let tls = client_tls(pin, &[ALPN])?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(
         QuicClientConfig::try_from(tls).context("QUIC client TLS")?,
     ));

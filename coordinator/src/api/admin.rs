@@ -14,7 +14,9 @@ use crate::error::ApiError;
 use crate::model::Attrs;
 use crate::model::AuthKeyInfo;
 use crate::ops::policy::{AttrChange, DiffView, PolicyText, PolicyView, SetOutcome};
-use crate::ops::{self, CreateAuthKey, CreatedAuthKey, NodeView, Settings};
+use crate::ops::{
+    self, CreateAuthKey, CreateToken, CreatedAuthKey, CreatedToken, NodeView, Settings,
+};
 use crate::state::AppState;
 
 /// Admin routes.
@@ -36,7 +38,7 @@ pub fn router() -> Router<AppState> {
         .route("/relays", get(list_relays).post(add_relay))
         .route("/relays/{name}", delete(remove_relay))
         .route("/relay/stats", get(relay_stats))
-        .route("/tokens", post(create_token))
+        .route("/tokens", post(create_token).get(list_tokens))
         .route("/tokens/{id}", delete(revoke_token))
 }
 
@@ -106,17 +108,36 @@ async fn audit_verify(State(st): State<AppState>) -> Result<Json<Verification>, 
     Ok(Json(ops::audit_verify(&st).await?))
 }
 
+/// Token management only on the local socket: a token cannot mint or revoke tokens.
+fn local_only(actor: &str) -> Result<(), ApiError> {
+    if actor.starts_with("token:") {
+        return Err(ApiError::Forbidden(
+            "admin tokens are managed only on the coordinator's Unix socket".into(),
+        ));
+    }
+    Ok(())
+}
+
 async fn create_token(
     State(st): State<AppState>,
     Extension(Actor(actor)): Extension<Actor>,
-) -> Result<Json<Value>, ApiError> {
-    if actor.starts_with("token:") {
-        return Err(ApiError::BadRequest(
-            "admin tokens can only be created on the coordinator's Unix socket".into(),
-        ));
-    }
-    let token = ops::create_token(&st, &actor).await?;
-    Ok(Json(json!({"token": token})))
+    body: axum::body::Bytes,
+) -> Result<Json<CreatedToken>, ApiError> {
+    // Who may ask comes before what is asked.
+    local_only(&actor)?;
+    let req: CreateToken = if body.is_empty() {
+        CreateToken::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("a token request: {e}")))?
+    };
+    Ok(Json(ops::create_token(&st, req, &actor).await?))
+}
+
+async fn list_tokens(
+    State(st): State<AppState>,
+) -> Result<Json<Vec<crate::db::keys::TokenInfo>>, ApiError> {
+    Ok(Json(ops::list_tokens(&st).await?))
 }
 
 async fn revoke_token(
@@ -124,6 +145,7 @@ async fn revoke_token(
     Extension(Actor(actor)): Extension<Actor>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    local_only(&actor)?;
     ops::revoke_token(&st, &id, &actor).await?;
     Ok(Json(json!({"revoked": id})))
 }

@@ -1,11 +1,14 @@
-//! HTTP routes. The public listener serves `/key`, `/healthz`, the `/control` WebSocket and,
-//! with an admin token, `/admin/v1`. The admin Unix socket serves `/admin/v1` to local root.
+//! HTTP routes. The public listener (plain HTTP: everything on it is either public or
+//! protected end to end by the control channel's own encryption) serves `/key`, `/healthz`
+//! and the `/control` WebSocket. The admin API, `/admin/v1`, is served only over TLS on the
+//! admin listener (`serve --admin-listen`, with a token) and on the admin Unix socket (to the
+//! coordinator's own user and root).
 
 pub mod admin;
 pub mod control;
 
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -13,6 +16,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tower_http::trace::TraceLayer;
 
+use crate::db::keys::TokenScope;
 use crate::error::{ApiError, InternalDetail};
 use crate::ops;
 use crate::state::AppState;
@@ -39,6 +43,15 @@ pub fn router(st: AppState) -> Router {
         .route("/key", get(key))
         .route("/healthz", get(|| async { "ok" }))
         .merge(control::router())
+        .layer(middleware::from_fn(log_internal_errors))
+        .layer(TraceLayer::new_for_http())
+        .with_state(st)
+}
+
+/// The admin listener's router (served over TLS): `/admin/v1` for admin tokens.
+pub fn admin_router(st: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
         .nest(
             "/admin/v1",
             admin::router().layer(middleware::from_fn_with_state(st.clone(), token_auth)),
@@ -68,8 +81,12 @@ async fn token_auth(State(st): State<AppState>, mut req: Request, next: Next) ->
     let Some(token) = token else {
         return ApiError::Unauthorized.into_response();
     };
-    match ops::authenticate_token(&st, &token).await {
-        Ok(actor) => {
+    match ops::authenticate_token(&st, &token, crate::state::unix_now()).await {
+        Ok((actor, scope)) => {
+            let reads = matches!(*req.method(), Method::GET | Method::HEAD);
+            if !reads && scope < TokenScope::Write {
+                return ApiError::Forbidden("this token may only read".into()).into_response();
+            }
             req.extensions_mut().insert(Actor(actor));
             next.run(req).await
         }

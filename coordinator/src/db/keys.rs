@@ -140,34 +140,144 @@ pub async fn revoke_auth_key(
 /// Stores a new admin token.
 pub async fn insert_admin_token(
     conn: &mut SqliteConnection,
-    id: &str,
-    secret_hash: &[u8; 32],
-    created_by: &str,
-    now: i64,
+    t: NewAdminToken<'_>,
 ) -> Result<(), DbError> {
     sqlx::query(
-        "INSERT INTO admin_tokens (id, secret_hash, created_at, created_by) VALUES (?, ?, ?, ?)",
+        "INSERT INTO admin_tokens (id, secret_hash, created_at, created_by, scope, expires_at)
+         VALUES (?, ?, ?, ?, ?, ?)",
     )
-    .bind(id)
-    .bind(secret_hash.as_slice())
-    .bind(now)
-    .bind(created_by)
+    .bind(t.id)
+    .bind(t.secret_hash.as_slice())
+    .bind(t.now)
+    .bind(t.created_by)
+    .bind(t.scope.as_str())
+    .bind(t.expires_at)
     .execute(&mut *conn)
     .await?;
     Ok(())
 }
 
-/// The stored hash of a live (not revoked) admin token.
-pub async fn admin_token_hash(
+/// An admin token to store.
+pub struct NewAdminToken<'a> {
+    /// Public id (hex).
+    pub id: &'a str,
+    /// Hash of the secret.
+    pub secret_hash: &'a [u8; 32],
+    /// Who created it.
+    pub created_by: &'a str,
+    /// What it may do.
+    pub scope: TokenScope,
+    /// Unix seconds after which it is refused.
+    pub expires_at: i64,
+    /// Unix seconds.
+    pub now: i64,
+}
+
+/// What an admin token may do.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenScope {
+    /// Read (GET) only.
+    Read,
+    /// Read and change (everything but token management).
+    Write,
+}
+
+impl TokenScope {
+    /// The stored form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "read" => Some(Self::Read),
+            "write" => Some(Self::Write),
+            _ => None,
+        }
+    }
+}
+
+/// A live admin token's stored hash, scope and expiry.
+pub struct StoredToken {
+    /// Hash of the secret.
+    pub secret_hash: Vec<u8>,
+    /// What it may do.
+    pub scope: TokenScope,
+    /// Unix seconds after which it is refused.
+    pub expires_at: i64,
+}
+
+/// The live (not revoked) admin token with `id`.
+pub async fn admin_token(
     conn: &mut SqliteConnection,
     id: &str,
-) -> Result<Option<Vec<u8>>, DbError> {
-    let row: Option<(Vec<u8>,)> =
-        sqlx::query_as("SELECT secret_hash FROM admin_tokens WHERE id = ? AND revoked_at IS NULL")
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    Ok(row.map(|(h,)| h))
+) -> Result<Option<StoredToken>, DbError> {
+    let row: Option<(Vec<u8>, String, Option<i64>)> = sqlx::query_as(
+        "SELECT secret_hash, scope, expires_at FROM admin_tokens
+         WHERE id = ? AND revoked_at IS NULL",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|(secret_hash, scope, expires_at)| {
+        Ok(StoredToken {
+            secret_hash,
+            scope: TokenScope::parse(&scope).ok_or_else(|| DbError::Corrupt {
+                table: "admin_tokens",
+                detail: format!("unknown scope {scope:?}"),
+            })?,
+            // A token without an expiry is refused (none is ever stored without one).
+            expires_at: expires_at.unwrap_or(0),
+        })
+    })
+    .transpose()
+}
+
+/// A token as `token list` shows it (never its secret).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TokenInfo {
+    /// Public id.
+    pub id: String,
+    /// What it may do.
+    pub scope: String,
+    /// Who created it.
+    pub created_by: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub expires_at: Option<i64>,
+    /// Unix seconds, if revoked.
+    pub revoked_at: Option<i64>,
+}
+
+/// Every admin token, newest first.
+pub async fn admin_tokens(conn: &mut SqliteConnection) -> Result<Vec<TokenInfo>, DbError> {
+    type Row = (String, String, String, i64, Option<i64>, Option<i64>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, scope, created_by, created_at, expires_at, revoked_at FROM admin_tokens
+         ORDER BY created_at DESC, id",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(id, scope, created_by, created_at, expires_at, revoked_at)| TokenInfo {
+                id,
+                scope,
+                created_by,
+                created_at,
+                expires_at,
+                revoked_at,
+            },
+        )
+        .collect())
 }
 
 /// Revokes an admin token. Returns whether one was revoked.

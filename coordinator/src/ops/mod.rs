@@ -12,6 +12,7 @@ use wire::{AuthKey, ErrorCode, NodeId, TunnelSecurity};
 
 use crate::audit::{self, Entry, NewEntry, Verification};
 use crate::db;
+use crate::db::keys::TokenScope;
 use crate::error::ApiError;
 use crate::hub::Kick;
 use crate::model::{Attrs, AuthKeyInfo, NodeRecord};
@@ -361,32 +362,96 @@ pub fn sweep_expired(st: &AppState) {
     }
 }
 
-/// Creates an admin token for `--server URL --token TOKEN` access.
-pub async fn create_token(st: &AppState, actor: &str) -> Result<String, ApiError> {
+/// What `token create` asks for.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CreateToken {
+    /// What the token may do (default: write).
+    #[serde(default)]
+    pub scope: Option<TokenScope>,
+    /// Lifetime in seconds (default 30 days, at most a year).
+    #[serde(default)]
+    pub expiry_secs: Option<u64>,
+}
+
+/// A created admin token (its secret is shown this once).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatedToken {
+    /// The token, secret and certificate pin included.
+    pub token: String,
+    /// Its public id.
+    pub id: String,
+    /// What it may do.
+    pub scope: TokenScope,
+    /// Unix seconds after which it is refused.
+    pub expires_at: i64,
+}
+
+/// Default lifetime of an admin token.
+pub const TOKEN_DEFAULT_LIFETIME: u64 = 30 * 86_400;
+/// Longest lifetime of an admin token.
+pub const TOKEN_MAX_LIFETIME: u64 = 365 * 86_400;
+
+/// Creates an admin token for `--server https://... --token TOKEN` access.
+pub async fn create_token(
+    st: &AppState,
+    req: CreateToken,
+    actor: &str,
+) -> Result<CreatedToken, ApiError> {
+    let lifetime = req.expiry_secs.unwrap_or(TOKEN_DEFAULT_LIFETIME);
+    if lifetime == 0 || lifetime > TOKEN_MAX_LIFETIME {
+        return Err(ApiError::BadRequest(format!(
+            "a token's expiry must be between 1 s and {} days",
+            TOKEN_MAX_LIFETIME / 86_400
+        )));
+    }
+    let scope = req.scope.unwrap_or(TokenScope::Write);
     let token = {
         let mut rng = rand::rng();
         AdminToken {
             id: secret::random(&mut rng),
             secret: secret::random(&mut rng),
+            pin: Some(st.admin_pin),
         }
     };
+    let now = unix_now();
+    let expires_at = now.saturating_add(i64::try_from(lifetime).unwrap_or(i64::MAX));
     let mut tx = db::begin_write(&st.db).await?;
     db::keys::insert_admin_token(
         &mut tx,
-        &token.id_hex(),
-        &secret::admin_token_hash(&token.id, &token.secret),
-        actor,
-        unix_now(),
+        db::keys::NewAdminToken {
+            id: &token.id_hex(),
+            secret_hash: &secret::admin_token_hash(&token.id, &token.secret),
+            created_by: actor,
+            scope,
+            expires_at,
+            now,
+        },
     )
     .await?;
     db::audit::append(
         &mut tx,
-        NewEntry::new(actor, "token.create", token.id_hex(), json!({})),
+        NewEntry::new(
+            actor,
+            "token.create",
+            token.id_hex(),
+            json!({"scope": scope, "expires_at": expires_at}),
+        ),
         unix_now_ms(),
     )
     .await?;
     tx.commit().await.map_err(db::DbError::from)?;
-    Ok(token.expose_secret())
+    Ok(CreatedToken {
+        token: token.expose_secret(),
+        id: token.id_hex(),
+        scope,
+        expires_at,
+    })
+}
+
+/// Every admin token (never a secret).
+pub async fn list_tokens(st: &AppState) -> Result<Vec<db::keys::TokenInfo>, ApiError> {
+    let mut conn = st.db.acquire().await.map_err(db::DbError::from)?;
+    Ok(db::keys::admin_tokens(&mut conn).await?)
 }
 
 /// Revokes an admin token.
@@ -407,17 +472,26 @@ pub async fn revoke_token(st: &AppState, id: &str, actor: &str) -> Result<(), Ap
     Ok(())
 }
 
-/// Checks an admin token; returns the actor name for the audit log.
-pub async fn authenticate_token(st: &AppState, text: &str) -> Result<String, ApiError> {
+/// Checks an admin token at `now`; returns the actor name for the audit log and the token's
+/// scope. Unknown, wrong, revoked and expired tokens are all refused alike.
+pub async fn authenticate_token(
+    st: &AppState,
+    text: &str,
+    now: i64,
+) -> Result<(String, TokenScope), ApiError> {
     let token = AdminToken::parse(text).ok_or(ApiError::Unauthorized)?;
     let mut conn = st.db.acquire().await.map_err(db::DbError::from)?;
-    let Some(stored) = db::keys::admin_token_hash(&mut conn, &token.id_hex()).await? else {
+    let Some(stored) = db::keys::admin_token(&mut conn, &token.id_hex()).await? else {
         return Err(ApiError::Unauthorized);
     };
-    if !secret::hash_matches(&secret::admin_token_hash(&token.id, &token.secret), &stored) {
+    if !secret::hash_matches(
+        &secret::admin_token_hash(&token.id, &token.secret),
+        &stored.secret_hash,
+    ) || stored.expires_at <= now
+    {
         return Err(ApiError::Unauthorized);
     }
-    Ok(format!("token:{}", token.id_hex()))
+    Ok((format!("token:{}", token.id_hex()), stored.scope))
 }
 
 /// Audit entries after `after`.

@@ -12,6 +12,11 @@ use rand::{SeedableRng, rngs::StdRng};
 use wire::{CapabilityVersion, Hello, MachineKey, NodeKey};
 
 pub async fn state(dir: &std::path::Path) -> AppState {
+    state_with_pin(dir, [7; 32]).await
+}
+
+/// A state whose admin listener certificate has `admin_pin`.
+pub async fn state_with_pin(dir: &std::path::Path, admin_pin: [u8; 32]) -> AppState {
     let pool = db::open(&dir.join("c.db").display().to_string())
         .await
         .unwrap();
@@ -43,6 +48,7 @@ pub async fn state(dir: &std::path::Path) -> AppState {
         embedded_relay: None,
         relay: None,
         admission: Default::default(),
+        admin_pin,
     })
 }
 

@@ -1,0 +1,93 @@
+//! Issue 9: the hardening that needs real processes — the admin API's transports, and what the
+//! coordinator and nodes refuse from the outside.
+
+use std::os::unix::fs::PermissionsExt;
+
+use crate::support::Flat;
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn the_admin_api_is_https_only_and_its_socket_serves_only_its_owner() {
+    let Some(lab) = crate::support::lab("admin") else {
+        return;
+    };
+    let f = Flat::new(lab, 1, &["--admin-listen", "198.51.100.1:8443"]);
+    let coordinator = f.lab.bin("lattice-coordinator").display().to_string();
+    // A read-only token made on the local socket, used from another host over HTTPS.
+    let out = f
+        .coord
+        .admin(
+            &f.lab,
+            &["token", "create", "--scope", "read", "--expiry", "1h"],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(token.starts_with("lt2-"), "{token}");
+    let remote = |server: &str, args: &[&str]| {
+        let mut full = vec![coordinator.as_str()];
+        full.extend_from_slice(args);
+        full.extend_from_slice(&["--server", server, "--token", &token]);
+        f.lab.output(&f.node_ns[0], &full).unwrap()
+    };
+    let listed = remote("https://198.51.100.1:8443", &["nodes", "list", "--json"]);
+    assert!(listed.status.success(), "{}", text(&listed));
+    // Read-only: a change is refused, with a reason.
+    let refused = remote("https://198.51.100.1:8443", &["authkey", "create"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("may only read"),
+        "{}",
+        text(&refused)
+    );
+    // Plain HTTP is refused by the CLI, and the public port has no admin API to offer.
+    let plain = remote("http://198.51.100.1:8080", &["nodes", "list"]);
+    assert_ne!(plain.status.code(), Some(0));
+    assert!(text(&plain).contains("https://"), "{}", text(&plain));
+    let public = remote("https://198.51.100.1:8080", &["nodes", "list"]);
+    assert_ne!(public.status.code(), Some(0), "{}", text(&public));
+
+    // The admin socket, exposed by mistake to everyone, still serves only its owner and root.
+    let state = f.coord.state_dir.clone();
+    for dir in [f.lab.dir(), state.as_path()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    std::fs::set_permissions(
+        state.join("admin.sock"),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    let state_s = state.display().to_string();
+    let as_nobody = f
+        .lab
+        .output(
+            &f.coord.ns,
+            &[
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                &coordinator,
+                "nodes",
+                "list",
+                "--state-dir",
+                &state_s,
+            ],
+        )
+        .unwrap();
+    assert_eq!(as_nobody.status.code(), Some(1), "{}", text(&as_nobody));
+    assert!(
+        text(&as_nobody).contains("serves only the coordinator's user and root"),
+        "{}",
+        text(&as_nobody)
+    );
+    // Root still gets in.
+    assert!(f.coord.nodes(&f.lab).is_ok());
+}
