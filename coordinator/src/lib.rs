@@ -7,6 +7,7 @@ pub mod admin_client;
 pub mod admission;
 pub mod api;
 pub mod audit;
+pub mod audit_store;
 pub mod cli;
 pub mod db;
 pub mod error;
@@ -455,7 +456,10 @@ async fn audit_cmd(cmd: AuditCommand) -> anyhow::Result<Outcome> {
             if json {
                 output::json(&v);
             } else if v.ok() {
-                output::line(&format!("audit log intact: {} entries", v.entries));
+                output::line(&format!(
+                    "audit log intact: {} entries, {} signed with the audit key",
+                    v.entries, v.signed
+                ));
             } else {
                 output::line(&format!(
                     "audit log TAMPERED: {} problem(s) in {} entries",

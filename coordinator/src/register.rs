@@ -82,6 +82,7 @@ pub async fn register_or_resume(
             db::nodes::set_expiry(&mut tx, existing.id, None).await?;
             db::audit::append(
                 &mut tx,
+                st.audit.key(),
                 NewEntry::new(
                     format!("authkey:{}", info.id),
                     "node.reauth",
@@ -109,6 +110,7 @@ pub async fn register_or_resume(
         if updated.node_key != existing.node_key {
             db::audit::append(
                 &mut tx,
+                st.audit.key(),
                 NewEntry::new(
                     format!("node:{}", existing.name),
                     "node.rotate_key",
@@ -173,6 +175,7 @@ pub async fn register_or_resume(
     let addrs: Vec<IpAddr> = record.addresses();
     db::audit::append(
         &mut tx,
+        st.audit.key(),
         NewEntry::new(
             format!("authkey:{}", info.id),
             "node.register",

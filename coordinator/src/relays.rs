@@ -266,6 +266,7 @@ pub async fn add(st: &AppState, req: AddRelay, actor: &str) -> Result<RelayInfo,
         })?;
     db::audit::append(
         &mut tx,
+        st.audit.key(),
         NewEntry::new(
             actor,
             "relay.add",
@@ -329,6 +330,7 @@ pub async fn remove(st: &AppState, name: &str, actor: &str) -> Result<(), ApiErr
     };
     db::audit::append(
         &mut tx,
+        st.audit.key(),
         NewEntry::new(actor, "relay.remove", name, json!({"id": id.0})),
         unix_now_ms(),
     )

@@ -16,9 +16,10 @@ use axum::serve::IncomingStream;
 use hybrid::StaticKeypair;
 use rand::{SeedableRng, rngs::StdRng};
 use tokio::net::{TcpListener, UnixListener};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::api::{self, Actor};
+use crate::audit_store::AuditStore;
 use crate::db;
 use crate::hub::Hub;
 use crate::state::{AppState, Inner, unix_now};
@@ -89,8 +90,17 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         None => None,
     };
     let policy_name = cfg.policy.as_ref().map(|p| p.display().to_string());
+    let audit = Arc::new(
+        AuditStore::open(&cfg.state_dir, &pool)
+            .await
+            .context("opening the audit key and checkpoint")?,
+    );
+    if let Err(e) = audit.advance(&pool).await {
+        error!(error = %e, "the audit log does not extend its checkpoint; run `audit verify`");
+    }
     let (policy_version, policy) = ops::policy::load_at_start(
         &pool,
+        audit.key(),
         policy_name.as_deref().zip(policy_text.as_deref()),
         &format!("local:uid={}", current_uid()),
     )
@@ -144,7 +154,9 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         relay: embedded.as_ref().map(|e| e.relay.clone()),
         admission: Default::default(),
         admin_pin: admin_cert.pin(),
+        audit: Arc::clone(&audit),
     });
+    crate::audit_store::spawn_checkpointer(audit, st.db.clone());
     relays::refresh(&st)
         .await
         .map_err(|e| anyhow::anyhow!("loading the relay list: {e}"))?;

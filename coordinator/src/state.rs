@@ -9,6 +9,7 @@ use hybrid::{FINGERPRINT_LEN, StaticKeypair};
 use wire::{ControlKey, RelayInfo};
 
 use crate::admission::ControlAdmission;
+use crate::audit_store::AuditStore;
 use crate::db::Pool;
 use crate::db::mesh::MeshSettings;
 use crate::hub::Hub;
@@ -41,6 +42,8 @@ pub struct Inner {
     pub admission: Arc<ControlAdmission>,
     /// SHA-256 of the admin listener's TLS certificate (admin tokens carry it).
     pub admin_pin: [u8; 32],
+    /// The audit log's key and checkpoint (kept outside the database).
+    pub audit: Arc<AuditStore>,
 }
 
 impl AppState {

@@ -273,20 +273,21 @@ async fn serve_policy_is_stored_once_and_a_bad_one_refuses_to_start() {
     let pool = db::open(&dir.path().join("c.db").display().to_string())
         .await
         .unwrap();
-    let (v, p) = pops::load_at_start(&pool, None, "local:uid=0")
+    let key = hybrid::sign::Signer::from_seed([3; 32]);
+    let (v, p) = pops::load_at_start(&pool, &key, None, "local:uid=0")
         .await
         .unwrap();
     assert_eq!(v, 0);
     assert!(p.is_default());
-    let (v, p) = pops::load_at_start(&pool, Some(("p.hujson", GOOD)), "local:uid=0")
+    let (v, p) = pops::load_at_start(&pool, &key, Some(("p.hujson", GOOD)), "local:uid=0")
         .await
         .unwrap();
     assert_eq!((v, p.rule_count()), (1, 1));
-    let (v, _) = pops::load_at_start(&pool, Some(("p.hujson", GOOD)), "local:uid=0")
+    let (v, _) = pops::load_at_start(&pool, &key, Some(("p.hujson", GOOD)), "local:uid=0")
         .await
         .unwrap();
     assert_eq!(v, 1, "the same file is not stored twice");
-    let (v, p) = pops::load_at_start(&pool, None, "local:uid=0")
+    let (v, p) = pops::load_at_start(&pool, &key, None, "local:uid=0")
         .await
         .unwrap();
     assert_eq!(
@@ -294,9 +295,14 @@ async fn serve_policy_is_stored_once_and_a_bad_one_refuses_to_start() {
         (1, false),
         "the stored policy stays in force"
     );
-    let err = pops::load_at_start(&pool, Some(("bad.hujson", "{\"acls\": [}")), "local:uid=0")
-        .await
-        .unwrap_err();
+    let err = pops::load_at_start(
+        &pool,
+        &key,
+        Some(("bad.hujson", "{\"acls\": [}")),
+        "local:uid=0",
+    )
+    .await
+    .unwrap_err();
     assert!(format!("{err:#}").contains("bad.hujson:1:11"), "{err:#}");
     let mut c = pool.acquire().await.unwrap();
     assert_eq!(db::policy::versions(&mut c).await.unwrap().len(), 1);

@@ -21,6 +21,7 @@ mod kdf;
 mod keys;
 mod rng;
 pub mod seal;
+pub mod sign;
 pub mod ticket;
 mod x25519;
 

@@ -12,8 +12,7 @@
 //! (classical): forging one only buys relay service, never traffic contents, which stay
 //! end-to-end encrypted with post-quantum keys.
 
-use aws_lc_rs::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
-use zeroize::Zeroizing;
+use crate::sign::Signer;
 
 /// Encoded ticket length.
 pub const TICKET_LEN: usize = 1 + 32 + 8 + 64;
@@ -44,33 +43,22 @@ pub enum TicketError {
 }
 
 /// The coordinator's signing half. The seed is zeroed on drop and never printed.
-pub struct TicketSigner {
-    seed: Zeroizing<[u8; 32]>,
-    pair: Ed25519KeyPair,
-}
+pub struct TicketSigner(Signer);
 
 impl TicketSigner {
     /// The signer for a 32-byte seed (kept in the coordinator's state dir).
     pub fn from_seed(seed: [u8; 32]) -> Self {
-        let pair = Ed25519KeyPair::from_seed_unchecked(&seed).expect("any 32 bytes are a seed");
-        Self {
-            seed: Zeroizing::new(seed),
-            pair,
-        }
+        Self(Signer::from_seed(seed))
     }
 
     /// The seed, for persisting.
     pub fn seed(&self) -> &[u8; 32] {
-        &self.seed
+        self.0.seed()
     }
 
     /// The public key relays verify with.
     pub fn public(&self) -> [u8; 32] {
-        self.pair
-            .public_key()
-            .as_ref()
-            .try_into()
-            .expect("Ed25519 public keys are 32 bytes")
+        self.0.public()
     }
 
     /// Issues a ticket.
@@ -79,8 +67,8 @@ impl TicketSigner {
         out[0] = VERSION;
         out[1..33].copy_from_slice(&t.node_key);
         out[33..41].copy_from_slice(&t.not_after.to_be_bytes());
-        let sig = self.pair.sign(&signed_bytes(&out[..41]));
-        out[41..].copy_from_slice(sig.as_ref());
+        let sig = self.0.sign(CONTEXT, &out[..41]);
+        out[41..].copy_from_slice(&sig);
         out
     }
 }
@@ -102,20 +90,14 @@ fn hex8(b: &[u8]) -> String {
         + "…"
 }
 
-fn signed_bytes(body: &[u8]) -> Vec<u8> {
-    let mut v = CONTEXT.to_vec();
-    v.extend_from_slice(body);
-    v
-}
-
 /// Verifies `bytes` under the coordinator's `public` key at Unix time `now`.
 pub fn verify(public: &[u8; 32], bytes: &[u8], now: i64) -> Result<Ticket, TicketError> {
     if bytes.len() != TICKET_LEN || bytes[0] != VERSION {
         return Err(TicketError::Malformed);
     }
-    UnparsedPublicKey::new(&ED25519, public)
-        .verify(&signed_bytes(&bytes[..41]), &bytes[41..])
-        .map_err(|_| TicketError::BadSignature)?;
+    if !crate::sign::verify(public, CONTEXT, &bytes[..41], &bytes[41..]) {
+        return Err(TicketError::BadSignature);
+    }
     let node_key: [u8; 32] = bytes[1..33]
         .try_into()
         .map_err(|_| TicketError::Malformed)?;

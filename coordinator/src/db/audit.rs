@@ -3,7 +3,9 @@
 use sqlx::{FromRow, SqliteConnection};
 
 use super::DbError;
-use crate::audit::{Entry, GENESIS, NewEntry};
+use hybrid::sign::Signer;
+
+use crate::audit::{self, Entry, GENESIS, Head, NewEntry};
 
 #[derive(FromRow)]
 struct Row {
@@ -15,6 +17,7 @@ struct Row {
     detail: String,
     prev_hash: String,
     hash: String,
+    sig: String,
 }
 
 impl From<Row> for Entry {
@@ -28,21 +31,26 @@ impl From<Row> for Entry {
             detail: r.detail,
             prev_hash: r.prev_hash,
             hash: r.hash,
+            sig: r.sig,
         }
     }
 }
 
-/// Appends an entry. Must run inside a write transaction so the chain cannot fork.
+/// Appends an entry, signed with `key`. Must run inside a write transaction so the chain
+/// cannot fork.
 pub async fn append(
     conn: &mut SqliteConnection,
+    key: &Signer,
     entry: NewEntry,
     at_ms: i64,
 ) -> Result<Entry, DbError> {
-    let (seq, hash) = head(conn).await?.unwrap_or_else(|| (0, GENESIS.to_owned()));
-    let e = entry.chain(seq, &hash, at_ms);
+    let (seq, hash) = head(conn)
+        .await?
+        .map_or_else(|| (0, GENESIS.to_owned()), |h| (h.seq, h.hash));
+    let e = entry.chain(seq, &hash, at_ms, key);
     sqlx::query(
-        "INSERT INTO audit (seq, at_ms, actor, action, target, detail, prev_hash, hash)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO audit (seq, at_ms, actor, action, target, detail, prev_hash, hash, sig)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(e.seq)
     .bind(e.at_ms)
@@ -52,26 +60,38 @@ pub async fn append(
     .bind(&e.detail)
     .bind(&e.prev_hash)
     .bind(&e.hash)
+    .bind(&e.sig)
     .execute(&mut *conn)
     .await?;
     sqlx::query(
-        "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?)
-         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+        "INSERT INTO audit_head (id, seq, hash, sig) VALUES (1, ?, ?, ?)
+         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash,
+                                        sig = excluded.sig",
     )
     .bind(e.seq)
     .bind(&e.hash)
+    .bind(audit::sign_head(key, e.seq, &e.hash))
     .execute(&mut *conn)
     .await?;
     Ok(e)
 }
 
 /// The recorded end of the chain.
-pub async fn head(conn: &mut SqliteConnection) -> Result<Option<(i64, String)>, DbError> {
-    Ok(
-        sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+pub async fn head(conn: &mut SqliteConnection) -> Result<Option<Head>, DbError> {
+    let row: Option<(i64, String, String)> =
+        sqlx::query_as("SELECT seq, hash, sig FROM audit_head WHERE id = 1")
             .fetch_optional(&mut *conn)
-            .await?,
-    )
+            .await?;
+    Ok(row.map(|(seq, hash, sig)| Head { seq, hash, sig }))
+}
+
+/// The hash of entry `seq`, if it exists.
+pub async fn hash_of(conn: &mut SqliteConnection, seq: i64) -> Result<Option<String>, DbError> {
+    let row: Option<(String,)> = sqlx::query_as("SELECT hash FROM audit WHERE seq = ?")
+        .bind(seq)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(row.map(|(h,)| h))
 }
 
 /// Entries with `seq > after`, oldest first, at most `limit`.
@@ -81,7 +101,7 @@ pub async fn list(
     limit: i64,
 ) -> Result<Vec<Entry>, DbError> {
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT seq, at_ms, actor, action, target, detail, prev_hash, hash FROM audit
+        "SELECT seq, at_ms, actor, action, target, detail, prev_hash, hash, sig FROM audit
          WHERE seq > ? ORDER BY seq LIMIT ?",
     )
     .bind(after)

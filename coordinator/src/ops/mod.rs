@@ -178,6 +178,7 @@ pub async fn create_auth_key(
     db::keys::insert_auth_key(&mut tx, &info, &secret::auth_key_hash(&id, &secret_bytes)).await?;
     db::audit::append(
         &mut tx,
+        st.audit.key(),
         NewEntry::new(
             actor,
             "authkey.create",
@@ -216,6 +217,7 @@ pub async fn revoke_auth_key(st: &AppState, id: &str, actor: &str) -> Result<(),
     }
     db::audit::append(
         &mut tx,
+        st.audit.key(),
         NewEntry::new(actor, "authkey.revoke", id, json!({})),
         unix_now_ms(),
     )
@@ -274,6 +276,7 @@ pub async fn remove_node(
     db::nodes::remove(&mut tx, &node, reason, unix_now()).await?;
     db::audit::append(
         &mut tx,
+        st.audit.key(),
         NewEntry::new(
             actor,
             "node.remove",
@@ -321,6 +324,7 @@ pub async fn expire_node(st: &AppState, name: &str, actor: &str) -> Result<(), A
     db::nodes::set_expiry(&mut tx, node.id, Some(now)).await?;
     db::audit::append(
         &mut tx,
+        st.audit.key(),
         NewEntry::new(
             actor,
             "node.expire",
@@ -430,6 +434,7 @@ pub async fn create_token(
     .await?;
     db::audit::append(
         &mut tx,
+        st.audit.key(),
         NewEntry::new(
             actor,
             "token.create",
@@ -464,6 +469,7 @@ pub async fn revoke_token(st: &AppState, id: &str, actor: &str) -> Result<(), Ap
     }
     db::audit::append(
         &mut tx,
+        st.audit.key(),
         NewEntry::new(actor, "token.revoke", id, json!({})),
         unix_now_ms(),
     )
@@ -514,7 +520,9 @@ pub async fn audit_verify(st: &AppState) -> Result<Verification, ApiError> {
     }
     Ok(audit::verify(
         &entries,
-        head.as_ref().map(|(s, h)| (*s, h.as_str())),
+        head.as_ref(),
+        &st.audit.key().public(),
+        Some(&st.audit.checkpoint()),
     ))
 }
 
@@ -544,6 +552,7 @@ pub async fn set_tunnel_security(
     db::mesh::set_tunnel_security(&mut tx, security).await?;
     db::audit::append(
         &mut tx,
+        st.audit.key(),
         NewEntry::new(
             actor,
             "settings.tunnel_security",

@@ -203,6 +203,7 @@ pub async fn set(st: &AppState, req: &PolicyText, actor: &str) -> Result<SetOutc
     }
     let version = store_version(
         &mut tx,
+        st.audit.key(),
         (&req.file_name, &req.text, &sha),
         &new,
         current.as_ref(),
@@ -230,6 +231,7 @@ pub async fn set(st: &AppState, req: &PolicyText, actor: &str) -> Result<SetOutc
 /// one asked for.
 pub async fn load_at_start(
     pool: &db::Pool,
+    audit_key: &hybrid::sign::Signer,
     file: Option<(&str, &str)>,
     actor: &str,
 ) -> anyhow::Result<(i64, Policy)> {
@@ -262,6 +264,7 @@ pub async fn load_at_start(
     }
     let version = store_version(
         &mut tx,
+        audit_key,
         (name, text, &sha),
         &p,
         current.as_ref(),
@@ -277,6 +280,7 @@ pub async fn load_at_start(
 /// transaction); `extra` fields join the audit entry's detail.
 async fn store_version(
     tx: &mut db::Tx,
+    key: &hybrid::sign::Signer,
     (name, text, sha): (&str, &str, &str),
     policy: &Policy,
     previous: Option<&StoredPolicy>,
@@ -297,6 +301,7 @@ async fn store_version(
     }
     db::audit::append(
         tx,
+        key,
         NewEntry::new(actor, "policy.set", format!("policy:v{version}"), detail),
         unix_now_ms(),
     )
@@ -372,6 +377,7 @@ pub async fn set_attrs(
     db::nodes::set_custom_attrs(&mut tx, node.id, &attrs).await?;
     db::audit::append(
         &mut tx,
+        st.audit.key(),
         NewEntry::new(
             actor,
             "node.attrs",

@@ -30,6 +30,11 @@ pub async fn state_with_pin(dir: &std::path::Path, admin_pin: [u8; 32]) -> AppSt
     .await
     .unwrap();
     drop(conn);
+    let audit = std::sync::Arc::new(
+        coordinator::audit_store::AuditStore::open(dir, &pool)
+            .await
+            .unwrap(),
+    );
     let key = StaticKeypair::generate(&mut StdRng::seed_from_u64(1));
     AppState::new(Inner {
         db: pool,
@@ -49,6 +54,7 @@ pub async fn state_with_pin(dir: &std::path::Path, admin_pin: [u8; 32]) -> AppSt
         relay: None,
         admission: Default::default(),
         admin_pin,
+        audit,
     })
 }
 
