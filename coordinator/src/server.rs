@@ -1,7 +1,7 @@
 //! `lattice-coordinator serve`: opens the state, binds the listeners, runs until a signal.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,13 +59,27 @@ pub const ADMIN_SOCKET: &str = "admin.sock";
 const ADMIN_CERT_FILE: &str = "admin-cert.der";
 const ADMIN_CERT_KEY_FILE: &str = "admin-cert-key.der";
 const CONTROL_KEY_FILE: &str = "control.key";
+/// Every file the coordinator (and its embedded relay) keeps in its state dir.
+const STATE_FILES: &[&str] = &[
+    ADMIN_SOCKET,
+    ADMIN_CERT_FILE,
+    ADMIN_CERT_KEY_FILE,
+    CONTROL_KEY_FILE,
+    "coordinator.db",
+    "coordinator.db-wal",
+    "coordinator.db-shm",
+    crate::audit_store::KEY_FILE,
+    crate::audit_store::CHECKPOINT_FILE,
+    relays::TICKET_KEY_FILE,
+    relay::identity::KEY_FILE,
+    relay::identity::CERT_FILE,
+    relay::identity::CERT_KEY_FILE,
+];
 
 /// Runs the coordinator until SIGINT or SIGTERM.
 pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
-    std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("securing state dir {}", cfg.state_dir.display()))?;
+    statefs::prepare_dir(&cfg.state_dir, STATE_FILES)
+        .context("the state dir cannot hold the coordinator's keys")?;
     let control_key = load_or_create_key(&cfg.state_dir.join(CONTROL_KEY_FILE))?;
     let db_url = cfg
         .db
@@ -270,7 +284,7 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<StaticKeypair> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let kp = StaticKeypair::generate(&mut rand::rng());
-            let mut hex = String::new();
+            let mut hex = zeroize::Zeroizing::new(String::new());
             wire::keys::push_hex(&mut hex, kp.secret_bytes());
             hex.push('\n');
             write_private_file(path, hex.as_bytes())?;
@@ -283,19 +297,7 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<StaticKeypair> {
 
 /// Writes a 0600 file atomically (temp file + rename), so a crash never leaves half a key.
 pub fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    Ok(statefs::write_private(path, contents)?)
 }
 
 async fn bind_admin_socket(path: &Path) -> anyhow::Result<UnixListener> {

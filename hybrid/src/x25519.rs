@@ -113,7 +113,7 @@ impl Dh for AwsX25519 {
 
     fn set(&mut self, privkey: &[u8]) {
         let n = privkey.len().min(32);
-        self.private.fill(0);
+        zeroize::Zeroize::zeroize(&mut *self.private);
         self.private[..n].copy_from_slice(&privkey[..n]);
         // The local static key: reuse its parsed form instead of deriving it again.
         if let Some(c) = &self.cache

@@ -42,7 +42,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let mut state = NodeState::new(
         NodeConfig {
-            private_key: *identity.node.secret_bytes(),
+            private_key: zeroize::Zeroizing::new(*identity.node.secret_bytes()),
             tun_mtu: args.mtu,
             pq: PqConfig {
                 rotation: args.pq_rotation,

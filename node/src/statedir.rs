@@ -3,8 +3,6 @@
 //! crash never leaves half a key behind, and a corrupt identity file stops the daemon with a
 //! clear message instead of silently re-joining as a new node.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -13,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 use wire::ControlKey;
 use wire::netmap::MapResponse;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 const KEYS: &str = "keys.json";
 const PIN: &str = "coordinator.json";
@@ -28,7 +27,8 @@ pub struct Identity {
     pub node: StaticKeypair,
 }
 
-#[derive(Serialize, Deserialize)]
+/// The keys file's contents (hex private keys, wiped when dropped).
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
 struct KeysFile {
     machine_private: String,
     node_private: String,
@@ -50,12 +50,11 @@ pub struct StateDir {
 }
 
 impl StateDir {
-    /// Opens (creating with mode 0700) the directory.
+    /// Opens the directory: created with mode 0700 if missing; an existing one must be this
+    /// user's alone (see [`statefs::prepare_dir`]: `/tmp` or a home directory is refused).
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(path)
-            .with_context(|| format!("creating state dir {}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("securing state dir {}", path.display()))?;
+        statefs::prepare_dir(path, &[KEYS, PIN, NETMAP, SOCKET])
+            .context("the state dir cannot hold the node's keys")?;
         Ok(Self {
             path: path.to_owned(),
         })
@@ -76,7 +75,7 @@ impl StateDir {
     /// Loads the node's keys, generating them on first start.
     pub fn identity(&self) -> anyhow::Result<Identity> {
         let path = self.path.join(KEYS);
-        match std::fs::read(&path) {
+        match std::fs::read(&path).map(Zeroizing::new) {
             Ok(bytes) => {
                 let f: KeysFile = serde_json::from_slice(&bytes).with_context(|| {
                     format!(
@@ -101,10 +100,11 @@ impl StateDir {
                     node: StaticKeypair::generate(&mut rng),
                 };
                 let f = KeysFile {
-                    machine_private: hex(id.machine.secret_bytes()),
-                    node_private: hex(id.node.secret_bytes()),
+                    machine_private: hex(id.machine.secret_bytes()).to_string(),
+                    node_private: hex(id.node.secret_bytes()).to_string(),
                 };
-                write_private(&path, &serde_json::to_vec_pretty(&f)?)?;
+                let text = Zeroizing::new(serde_json::to_vec_pretty(&f)?);
+                write_private(&path, &text)?;
                 Ok(id)
             }
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
@@ -169,23 +169,11 @@ impl StateDir {
 
 /// Writes `contents` to `path` atomically with mode 0600.
 pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    Ok(statefs::write_private(path, contents)?)
 }
 
-fn hex(b: &[u8]) -> String {
-    let mut s = String::new();
+fn hex(b: &[u8]) -> Zeroizing<String> {
+    let mut s = Zeroizing::new(String::new());
     wire::keys::push_hex(&mut s, b);
     s
 }
@@ -201,6 +189,7 @@ pub fn check_url(url: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn identity_is_created_once_with_mode_0600_and_reloaded() {
@@ -216,6 +205,17 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_shared_directory_is_refused_and_left_as_it_was() {
+        let err = StateDir::open(Path::new("/tmp")).err().unwrap();
+        assert!(
+            format!("{err:#}").contains("shared with other users"),
+            "{err:#}"
+        );
+        let mode = std::fs::metadata("/tmp").unwrap().permissions().mode();
+        assert_ne!(mode & 0o777, 0o700, "/tmp was locked down");
     }
 
     #[test]

@@ -1,8 +1,6 @@
 //! A relay's persistent identity: its static X25519 key and its TLS certificate, kept in a
 //! state directory (mode 0600 files, written atomically).
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::Context;
@@ -11,15 +9,19 @@ use zeroize::Zeroizing;
 
 use crate::tls::RelayCert;
 
-const KEY_FILE: &str = "relay.key";
-const CERT_FILE: &str = "relay-cert.der";
-const CERT_KEY_FILE: &str = "relay-cert-key.der";
+/// The relay's static key.
+pub const KEY_FILE: &str = "relay.key";
+/// Its TLS certificate.
+pub const CERT_FILE: &str = "relay-cert.der";
+/// Its TLS private key.
+pub const CERT_KEY_FILE: &str = "relay-cert-key.der";
 
 /// Loads the relay identity from `dir`, creating it on first use.
 pub fn load_or_create(dir: &Path) -> anyhow::Result<(StaticKeypair, RelayCert)> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    statefs::prepare_dir(dir, &[KEY_FILE, CERT_FILE, CERT_KEY_FILE])
+        .context("the state dir cannot hold the relay's keys")?;
     let key_path = dir.join(KEY_FILE);
-    let key = match std::fs::read_to_string(&key_path) {
+    let key = match std::fs::read_to_string(&key_path).map(Zeroizing::new) {
         Ok(text) => StaticKeypair::from_secret(
             wire::keys::parse_hex::<32>(text.trim())
                 .with_context(|| format!("{} is not a 64-hex-digit key", key_path.display()))?,
@@ -62,18 +64,7 @@ pub fn load_or_create_cert(
 }
 
 fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    Ok(statefs::write_private(path, contents)?)
 }
 
 #[cfg(test)]

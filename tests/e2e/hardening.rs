@@ -91,3 +91,57 @@ fn the_admin_api_is_https_only_and_its_socket_serves_only_its_owner() {
     // Root still gets in.
     assert!(f.coord.nodes(&f.lab).is_ok());
 }
+
+#[test]
+fn mesh_dns_answers_this_host_but_not_lan_hosts_that_route_to_it() {
+    let Some(f) = Flat::mesh("dnslan", &["db-1", "web"], &[]) else {
+        return;
+    };
+    let dig = |ns: &str| {
+        f.lab
+            .output(
+                ns,
+                &[
+                    "dig",
+                    "+time=2",
+                    "+tries=1",
+                    "+short",
+                    "@100.100.100.100",
+                    "web.mesh.internal",
+                ],
+            )
+            .unwrap()
+    };
+    // The node's own host gets the answer.
+    let local = dig(&f.node_ns[0]);
+    assert!(
+        String::from_utf8_lossy(&local.stdout).contains("100.64."),
+        "{}",
+        text(&local)
+    );
+    // Another machine on the LAN sends its queries for 100.100.100.100 to the node's host.
+    f.lab
+        .run(
+            &f.coord.ns,
+            &[
+                "ip",
+                "route",
+                "add",
+                "100.100.100.100/32",
+                "via",
+                "198.51.100.11",
+            ],
+        )
+        .unwrap();
+    let lan = dig(&f.coord.ns);
+    assert!(
+        !String::from_utf8_lossy(&lan.stdout).contains("100.64."),
+        "a LAN host resolved mesh names through the node: {}",
+        text(&lan)
+    );
+    assert!(
+        text(&lan).contains("no servers could be reached"),
+        "{}",
+        text(&lan)
+    );
+}

@@ -61,7 +61,7 @@ fn node(i: usize, public: NodeKey) -> Node {
 fn main() {
     let start = Instant::now();
     let config = |i: usize| NodeConfig {
-        private_key: key(i),
+        private_key: zeroize::Zeroizing::new(key(i)),
         tun_mtu: 1280,
         pq: PqConfig { rotation: ROTATION },
         wall_clock_ms: 1_790_000_000_000,

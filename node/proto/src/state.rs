@@ -49,8 +49,8 @@ const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// Static settings of the core.
 #[derive(Clone)]
 pub struct NodeConfig {
-    /// The node's WireGuard private key.
-    pub private_key: [u8; 32],
+    /// The node's WireGuard private key (wiped when the config is dropped).
+    pub private_key: zeroize::Zeroizing<[u8; 32]>,
     /// MTU of the TUN device (inner packets are padded up to it, never beyond).
     pub tun_mtu: u16,
     /// The post-quantum key schedule.
@@ -163,7 +163,7 @@ pub struct NodeState {
 impl NodeState {
     /// A node with no peers yet. `seed` drives every random choice the core makes.
     pub fn new(config: NodeConfig, seed: [u8; 32], now: Instant) -> Self {
-        let private = StaticSecret::from(config.private_key);
+        let private = StaticSecret::from(*config.private_key);
         let public = PublicKey::from(&private);
         let mut rng = StdRng::from_seed(seed);
         let index_table = IndexTable::from_rng(rand_09_rng(&mut rng));
@@ -172,7 +172,7 @@ impl NodeState {
         let admission = Admission::new(&node_key, &mut rng, now);
         Self {
             node_key,
-            keypair: StaticKeypair::from_secret(config.private_key),
+            keypair: StaticKeypair::from_secret(*config.private_key),
             private,
             public,
             tun_mtu: config.tun_mtu,

@@ -306,21 +306,47 @@ fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
 }
 
 /// Serves DNS on 100.100.100.100:53 (UDP and TCP) until the process ends.
-pub async fn serve(table: watch::Receiver<Arc<DnsTable>>) -> anyhow::Result<()> {
+///
+/// The address is assigned to the TUN `device`, so Linux (a weak-host system) would also
+/// accept queries that other machines route to 100.100.100.100 through this host: an open
+/// resolver on the LAN that forwards to this host's upstreams and tells anyone the mesh's names.
+/// The sockets are bound to the device (`SO_BINDTODEVICE`), and the kernel then delivers only
+/// queries from this host itself (local traffic to an address of the device counts as arriving
+/// on it); a query routed in from a LAN interface never reaches them.
+pub async fn serve(table: watch::Receiver<Arc<DnsTable>>, device: &str) -> anyhow::Result<()> {
     let addr = SocketAddr::new(IpAddr::V4(crate::io::tun::RESOLVER), 53);
     let upstreams = system_upstreams();
-    let udp = UdpSocket::bind(addr)
-        .await
-        .with_context(|| format!("binding DNS on {addr}"))?;
-    let tcp = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding DNS on {addr}/tcp"))?;
-    info!(%addr, ?upstreams, "mesh DNS listening");
+    let (udp, tcp) = bind_local_only(addr, device)
+        .with_context(|| format!("binding DNS on {addr} (device {device})"))?;
+    info!(%addr, %device, ?upstreams, "mesh DNS listening");
     let mut server = hickory_server::Server::new(MeshResolver::new(table, upstreams));
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(5), 4096);
     server.block_until_done().await?;
     Ok(())
+}
+
+/// UDP and TCP sockets on `addr` that receive only what arrives on `device`.
+pub fn bind_local_only(
+    addr: SocketAddr,
+    device: &str,
+) -> std::io::Result<(UdpSocket, TcpListener)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = Domain::for_address(addr);
+    let udp = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    udp.bind_device(Some(device.as_bytes()))?;
+    udp.set_nonblocking(true)?;
+    udp.bind(&addr.into())?;
+    let tcp = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    tcp.bind_device(Some(device.as_bytes()))?;
+    tcp.set_reuse_address(true)?;
+    tcp.set_nonblocking(true)?;
+    tcp.bind(&addr.into())?;
+    tcp.listen(1024)?;
+    Ok((
+        UdpSocket::from_std(udp.into())?,
+        TcpListener::from_std(tcp.into())?,
+    ))
 }
 
 #[cfg(test)]

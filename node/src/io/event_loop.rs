@@ -389,8 +389,12 @@ impl EventLoop {
                 if !self.dns_started {
                     self.dns_started = true;
                     let table = self.dns_table.subscribe();
+                    let device = self
+                        .tun
+                        .as_ref()
+                        .map_or_else(|| self.tun_name.clone(), |t| t.name().to_owned());
                     tokio::spawn(async move {
-                        if let Err(e) = dns::serve(table).await {
+                        if let Err(e) = dns::serve(table, &device).await {
                             warn!(error = %format!("{e:#}"), "mesh DNS is not available");
                         }
                     });

@@ -43,7 +43,7 @@ pub(crate) const WALL: u64 = 1_790_000_000_000;
 
 pub(crate) fn config(i: usize, started_later_ms: u64) -> NodeConfig {
     NodeConfig {
-        private_key: private_key(i),
+        private_key: zeroize::Zeroizing::new(private_key(i)),
         tun_mtu: 1280,
         pq: PqConfig::default(),
         wall_clock_ms: WALL + started_later_ms,
