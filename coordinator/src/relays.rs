@@ -105,6 +105,9 @@ pub struct Embedded {
     pub relay: Relay,
     /// How nodes reach it.
     pub info: RelayInfo,
+    /// TLS for its WebSocket fallback (the certificate its QUIC uses, pinned in the netmap),
+    /// served on the coordinator's HTTP port next to plain HTTP.
+    pub ws_tls: Arc<rustls::ServerConfig>,
 }
 
 /// Starts the embedded relay: QUIC on `quic_listen`, STUN on each `stun_listen`; the
@@ -146,9 +149,14 @@ pub async fn start_embedded(
             Some(a)
         }
     };
+    // The WebSocket is served over TLS on the HTTP port (plain HTTP and TLS share it), so its
+    // URL is the public one with https.
     let websocket = match (&cfg.public_url, advertise(cfg.http_listen)) {
-        (Some(u), _) => Some(format!("{}/relay", u.trim_end_matches('/'))),
-        (None, Some(a)) => Some(format!("http://{a}/relay")),
+        (Some(u), _) => {
+            let authority = u.split("://").nth(1).unwrap_or(u).trim_end_matches('/');
+            Some(format!("https://{authority}/relay"))
+        }
+        (None, Some(a)) => Some(format!("https://{a}/relay")),
         (None, None) => None,
     };
     let info = RelayInfo {
@@ -166,7 +174,12 @@ pub async fn start_embedded(
         );
     }
     info!(quic = ?info.quic, stun = ?info.stun, websocket = ?info.websocket, "embedded relay started");
-    Ok(Embedded { relay, info })
+    let ws_tls = Arc::new(relay::tls::server_tls(&cert, &[b"http/1.1"])?);
+    Ok(Embedded {
+        relay,
+        info,
+        ws_tls,
+    })
 }
 
 /// The IP in `--public-url`, if it names one.
@@ -234,15 +247,23 @@ pub async fn add(st: &AppState, req: AddRelay, actor: &str) -> Result<RelayInfo,
     }
     if req.quic.is_none() && req.websocket.is_none() {
         return Err(ApiError::BadRequest(
-            "a relay needs --quic (with --cert-sha256) or --websocket".into(),
+            "a relay needs --quic or --websocket (and --cert-sha256)".into(),
         ));
     }
     if let Some(u) = &req.websocket
-        && !(u.starts_with("http://") || u.starts_with("https://"))
+        && !u.starts_with("https://")
     {
         return Err(ApiError::BadRequest(format!(
-            "--websocket must be an http:// or https:// URL, not {u:?}"
+            "--websocket must be an https:// URL (the relay serves its WebSocket over TLS \
+             with its pinned certificate), not {u:?}"
         )));
+    }
+    if req.cert_sha256.is_none() {
+        return Err(ApiError::BadRequest(
+            "a relay needs --cert-sha256 (nodes pin its certificate for QUIC and the \
+             WebSocket)"
+                .into(),
+        ));
     }
     if req.stun.len() > 4 {
         return Err(ApiError::BadRequest("at most 4 STUN addresses".into()));

@@ -71,9 +71,8 @@ const STATE_FILES: &[&str] = &[
     crate::audit_store::KEY_FILE,
     crate::audit_store::CHECKPOINT_FILE,
     relays::TICKET_KEY_FILE,
-    relay::identity::KEY_FILE,
-    relay::identity::CERT_FILE,
-    relay::identity::CERT_KEY_FILE,
+    // The embedded relay's key and certificate.
+    "relay",
 ];
 
 /// Runs the coordinator until SIGINT or SIGTERM.
@@ -211,10 +210,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         }
     });
 
-    let mut public = api::router(st.clone());
-    if let Some(e) = &embedded {
-        public = public.merge(e.relay.router());
-    }
+    let public = api::router(st.clone());
     let admin: Router = Router::new()
         .nest("/admin/v1", api::admin::router())
         .layer(middleware::from_fn(local_actor))
@@ -225,19 +221,26 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_a = stop_rx.clone();
     let mut stop_b = stop_rx;
-    let public_srv = relay::http::serve(
-        tcp,
-        public,
-        relay::http::HttpLimits::default(),
-        async move {
-            let _ = stop_a.changed().await;
-        },
-    );
+    let stop_public = async move {
+        let _ = stop_a.changed().await;
+    };
+    let limits = relay::http::HttpLimits::default();
     let admin_srv = axum::serve(unix, admin.into_make_service_with_connect_info::<UdsPeer>())
         .with_graceful_shutdown(async move {
             let _ = stop_b.changed().await;
         });
-    let public_task = tokio::spawn(public_srv);
+    // With the embedded relay, its WebSocket fallback is served over TLS on the same port.
+    let public_task = match &embedded {
+        Some(e) => tokio::spawn(relay::http::serve_mixed(
+            tcp,
+            public,
+            e.relay.router(),
+            limits,
+            Arc::clone(&e.ws_tls),
+            stop_public,
+        )),
+        None => tokio::spawn(relay::http::serve(tcp, public, limits, stop_public)),
+    };
     let admin_tls_task = match admin_tcp {
         Some(listener) => {
             let tls = relay::tls::server_tls(&admin_cert, &[b"http/1.1"])?;

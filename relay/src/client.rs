@@ -315,17 +315,33 @@ async fn connect_ws(
     node: &StaticKeypair,
     ticket: &[u8],
 ) -> anyhow::Result<RelayConn> {
-    let ws_url = if let Some(rest) = url.strip_prefix("http://") {
-        format!("ws://{rest}")
-    } else if let Some(rest) = url.strip_prefix("https://") {
-        format!("wss://{rest}")
-    } else {
-        url.to_owned()
+    // The WebSocket runs over TLS pinned to the relay's certificate (the one its QUIC uses),
+    // so the relay protocol's metadata (node keys, tickets, who talks to whom) is never in
+    // clear, and an impostor on the path cannot terminate it.
+    let Some(rest) = url.strip_prefix("https://") else {
+        anyhow::bail!(
+            "relay {} lists a WebSocket URL that is not https:// ({url}); plain ws:// would \
+             carry relay metadata in clear",
+            relay.name
+        );
     };
+    let pin = relay.cert_sha256.with_context(|| {
+        format!(
+            "relay {} has no certificate pin for its WebSocket",
+            relay.name
+        )
+    })?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let ws_url = format!("wss://{rest}");
+    let tcp = tokio::net::TcpStream::connect(authority)
+        .await
+        .with_context(|| format!("connecting to {authority}"))?;
+    let _ = tcp.set_nodelay(true);
+    let tls = tls::connect_pinned(tcp, pin.0, &[b"http/1.1"]).await?;
     let cfg = WebSocketConfig::default()
         .max_message_size(Some(MAX_FRAME + 16))
         .max_frame_size(Some(MAX_FRAME + 16));
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(ws_url.as_str(), Some(cfg), true)
+    let (ws, _) = tokio_tungstenite::client_async_with_config(ws_url.as_str(), tls, Some(cfg))
         .await
         .with_context(|| format!("connecting to {ws_url}"))?;
     let (mut sink, mut stream) = ws.split();

@@ -98,7 +98,7 @@ pub async fn serve(
     limits: HttpLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    serve_inner(listener, app, limits, None, shutdown).await;
+    serve_inner(listener, Mode::Plain(app), limits, shutdown).await;
 }
 
 /// Serves `app` over TLS (`tls`) on `listener` until `shutdown` completes. The TLS handshake
@@ -110,17 +110,48 @@ pub async fn serve_tls(
     tls: Arc<rustls::ServerConfig>,
     shutdown: impl Future<Output = ()>,
 ) {
-    serve_inner(listener, app, limits, Some(tls), shutdown).await;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    serve_inner(listener, Mode::Tls(acceptor, app), limits, shutdown).await;
 }
+
+/// Serves TLS and plain HTTP on one port: a connection whose first byte starts a TLS
+/// handshake gets `tls_app` over TLS, any other gets `plain_app`. The coordinator uses it to
+/// serve its embedded relay's WebSocket (over TLS, pinned like the relay's QUIC) on the same
+/// port as its public HTTP.
+pub async fn serve_mixed(
+    listener: TcpListener,
+    plain_app: Router,
+    tls_app: Router,
+    limits: HttpLimits,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    serve_inner(
+        listener,
+        Mode::Mixed(plain_app, acceptor, tls_app),
+        limits,
+        shutdown,
+    )
+    .await;
+}
+
+#[derive(Clone)]
+enum Mode {
+    Plain(Router),
+    Tls(tokio_rustls::TlsAcceptor, Router),
+    Mixed(Router, tokio_rustls::TlsAcceptor, Router),
+}
+
+/// The first byte of a TLS record carrying a handshake.
+const TLS_HANDSHAKE: u8 = 0x16;
 
 async fn serve_inner(
     listener: TcpListener,
-    app: Router,
+    mode: Mode,
     limits: HttpLimits,
-    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let counts = Arc::new(Mutex::new(Counts::default()));
     tokio::pin!(shutdown);
     loop {
@@ -142,17 +173,28 @@ async fn serve_inner(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let conn_slot = slot.clone();
-        let svc = app
-            .clone()
-            .map_request(move |mut req: hyper::Request<Incoming>| {
+        let mode = mode.clone();
+        let header_timeout = limits.header_timeout;
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + header_timeout;
+            let (tls, app) = match mode {
+                Mode::Plain(app) => (None, app),
+                Mode::Tls(acceptor, app) => (Some(acceptor), app),
+                Mode::Mixed(plain, acceptor, tls_app) => {
+                    let mut first = [0u8; 1];
+                    match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+                        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => (Some(acceptor), tls_app),
+                        Ok(Ok(1)) => (None, plain),
+                        _ => return,
+                    }
+                }
+            };
+            let conn_slot = slot.clone();
+            let svc = app.map_request(move |mut req: hyper::Request<Incoming>| {
                 req.extensions_mut().insert(ConnectInfo(peer));
                 req.extensions_mut().insert(conn_slot.clone());
                 req.map(axum::body::Body::new)
             });
-        let header_timeout = limits.header_timeout;
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
             let _slot = slot;
             let mut builder = Builder::new(TokioExecutor::new());
             builder
@@ -160,15 +202,15 @@ async fn serve_inner(
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout);
             let svc = TowerToHyperService::new(svc);
-            let result = match acceptor {
+            let result = match tls {
                 None => {
                     builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                         .await
                 }
                 Some(acceptor) => {
-                    let handshake = tokio::time::timeout(header_timeout, acceptor.accept(stream));
-                    let tls = match handshake.await {
+                    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await
+                    {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             debug!(%peer, error = %e, "TLS handshake failed");
@@ -258,5 +300,41 @@ mod tests {
         drop(idle);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(get(addr).await.unwrap().contains("ok"));
+    }
+
+    #[tokio::test]
+    async fn one_port_serves_plain_http_and_tls_to_different_routers() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cert = crate::tls::RelayCert::generate().unwrap();
+        let tls = Arc::new(crate::tls::server_tls(&cert, &[b"http/1.1"]).unwrap());
+        let plain = Router::new().route("/", axum::routing::get(|| async { "plain" }));
+        let secure = Router::new().route("/", axum::routing::get(|| async { "secure" }));
+        tokio::spawn(serve_mixed(
+            listener,
+            plain,
+            secure,
+            HttpLimits::default(),
+            tls,
+            std::future::pending(),
+        ));
+        assert!(get(addr).await.unwrap().ends_with("plain"));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut s = crate::tls::connect_pinned(tcp, cert.pin(), &[b"http/1.1"])
+            .await
+            .unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        assert!(out.ends_with("secure"), "{out}");
+        // A client pinning another certificate does not get through.
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(
+            crate::tls::connect_pinned(tcp, [0; 32], &[b"http/1.1"])
+                .await
+                .is_err()
+        );
     }
 }

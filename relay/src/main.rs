@@ -125,7 +125,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
          relay key: {relay_key}\ncertificate sha256: {pin}\n\
          register it with the coordinator:\n  \
            lattice-coordinator relays add {name} --key {relay_key} --quic {public} \
-         --cert-sha256 {pin} --websocket http://{public}/relay{stun_flags}",
+         --cert-sha256 {pin} --websocket https://{public}/relay{stun_flags}",
         name = args.name,
         listen = args.listen,
     );
@@ -136,10 +136,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     tokio::spawn(relay.clone().run_sweeper());
     tokio::spawn(relay.clone().serve_quic(endpoint));
-    let app = relay
-        .router()
-        .route("/healthz", axum::routing::get(|| async { "ok" }));
-    relay::http::serve(tcp, app, relay::http::HttpLimits::default(), shutdown()).await;
+    // Plain HTTP answers only /healthz; the WebSocket fallback is on TLS with the certificate
+    // the QUIC transport uses (nodes pin it), on the same port.
+    let healthz = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+    let ws_tls = Arc::new(relay::tls::server_tls(&cert, &[b"http/1.1"])?);
+    relay::http::serve_mixed(
+        tcp,
+        healthz.clone(),
+        relay.router().merge(healthz),
+        relay::http::HttpLimits::default(),
+        ws_tls,
+        shutdown(),
+    )
+    .await;
     info!("shutting down");
     Ok(())
 }

@@ -64,15 +64,22 @@ async fn lab() -> Lab {
     let http: SocketAddr = tcp.local_addr().unwrap();
     tokio::spawn(relay.clone().serve_quic(endpoint));
     tokio::spawn(relay.clone().run_sweeper());
-    let app = relay.router();
-    tokio::spawn(async move { axum::serve(tcp, app).await });
+    let tls = Arc::new(relay::tls::server_tls(&cert, &[b"http/1.1"]).unwrap());
+    tokio::spawn(relay::http::serve_mixed(
+        tcp,
+        axum::Router::new(),
+        relay.router(),
+        relay::http::HttpLimits::default(),
+        tls,
+        std::future::pending(),
+    ));
     let info = RelayInfo {
         id: RelayId(1),
         name: "test".into(),
         key: RelayKey::from_bytes(relay.public_key()),
         quic: Some(quic),
         cert_sha256: Some(CertPin(cert.pin())),
-        websocket: Some(format!("http://{http}/relay")),
+        websocket: Some(format!("https://{http}/relay")),
         stun: vec![],
     };
     Lab {
@@ -259,4 +266,30 @@ async fn quic_falls_back_to_the_websocket_when_udp_is_blocked() {
     let c = client::connect(&info, &a, &ta).await.unwrap();
     assert_eq!(c.transport(), Transport::WebSocket);
     assert!(started.elapsed() < Duration::from_secs(6));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_websocket_runs_only_over_tls_with_the_pinned_certificate() {
+    let mut lab = lab().await;
+    let (a, ta) = lab.node();
+    let ws = lab.ws_only();
+    // A plain ws:// URL is refused by the client before anything is sent.
+    let plain = RelayInfo {
+        websocket: ws
+            .websocket
+            .as_ref()
+            .map(|u| u.replace("https://", "http://")),
+        ..ws.clone()
+    };
+    let err = client::connect(&plain, &a, &ta).await.err().unwrap();
+    assert!(format!("{err:#}").contains("not https://"), "{err:#}");
+    // A relay presenting another certificate (an impostor on the path) is refused.
+    let wrong_pin = RelayInfo {
+        cert_sha256: Some(CertPin([7; 32])),
+        ..ws.clone()
+    };
+    assert!(client::connect(&wrong_pin, &a, &ta).await.is_err());
+    // The real one works.
+    let c = client::connect(&ws, &a, &ta).await.unwrap();
+    assert_eq!(c.transport(), Transport::WebSocket);
 }

@@ -605,6 +605,8 @@ fn a_node_the_coordinator_stops_vouching_for_cannot_use_the_relay() {
     )
     .unwrap();
     let ws = relays[0]["websocket"].as_str().unwrap().to_owned();
+    assert!(ws.starts_with("https://"), "{ws}");
+    let pin = relays[0]["cert_sha256"].as_str().unwrap().to_owned();
     let relay_key = relays[0]["key"].as_str().unwrap().to_owned();
     let seed = std::fs::read_to_string(m.coord.state_dir.join("ticket.key")).unwrap();
     let tool = m.lab.bin("lattice-testtool").display().to_string();
@@ -618,6 +620,8 @@ fn a_node_the_coordinator_stops_vouching_for_cannot_use_the_relay() {
                     "relay-probe",
                     "--websocket",
                     &ws,
+                    "--cert-sha256",
+                    &pin,
                     "--relay-key",
                     &relay_key,
                     "--node-secret",

@@ -82,6 +82,9 @@ enum Cmd {
     RelayProbe {
         #[arg(long)]
         websocket: String,
+        /// The relay's certificate pin (64 hex digits).
+        #[arg(long)]
+        cert_sha256: String,
         #[arg(long)]
         relay_key: wire::RelayKey,
         #[arg(long)]
@@ -235,6 +238,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::RelayProbe {
             websocket,
+            cert_sha256,
             relay_key,
             node_secret,
             ticket_seed,
@@ -254,7 +258,9 @@ fn main() -> anyhow::Result<()> {
                 name: "probe".into(),
                 key: relay_key,
                 quic: None,
-                cert_sha256: None,
+                cert_sha256: Some(wire::CertPin(
+                    wire::keys::parse_hex::<32>(cert_sha256.trim()).context("--cert-sha256")?,
+                )),
                 websocket: Some(websocket),
                 stun: vec![],
             };
