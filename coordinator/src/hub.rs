@@ -48,6 +48,9 @@ pub struct HubState {
     relays: Arc<Vec<RelayInfo>>,
     relay_rev: u64,
     by_key: HashMap<NodeKey, NodeId>,
+    /// Node keys that left the mesh (removed, expired, rotated away), until the last second a
+    /// ticket issued for them can be valid: what standalone relays must stop serving.
+    revoked: BTreeMap<NodeKey, i64>,
 }
 
 /// What a compiled policy depends on: the policy, the facts about nodes, and the day it was
@@ -95,6 +98,7 @@ impl Hub {
                 relays: Arc::new(Vec::new()),
                 relay_rev: 0,
                 by_key: HashMap::new(),
+                revoked: BTreeMap::new(),
             }),
             changed,
         });
@@ -142,6 +146,7 @@ impl Hub {
                 st.inventory.remove(id);
                 st.membership_rev += 1;
                 st.by_key.remove(&old.record.node_key);
+                st.revoke(old.record.node_key);
             }
             if let Some(k) = kick
                 && let Some((_, tx)) = st.sessions.get(&id)
@@ -247,6 +252,22 @@ impl Drop for SessionGuard {
 }
 
 impl HubState {
+    fn revoke(&mut self, key: NodeKey) {
+        let now = crate::state::unix_now();
+        let until = now + i64::try_from(crate::relays::TICKET_TTL.as_secs()).unwrap_or(120);
+        self.revoked.retain(|_, u| *u >= now);
+        self.revoked.insert(key, until);
+    }
+
+    /// The node keys relays must refuse now, with until when.
+    pub fn revocations(&self, now: i64) -> Vec<(NodeKey, i64)> {
+        self.revoked
+            .iter()
+            .filter(|(_, until)| **until >= now)
+            .map(|(k, u)| (*k, *u))
+            .collect()
+    }
+
     fn insert(&mut self, record: NodeRecord, online: bool) {
         let rev = self.bump();
         let membership_changed = self.nodes.get(&record.id).is_none_or(|old| {
@@ -259,8 +280,12 @@ impl HubState {
         if let Some(old) = self.nodes.get(&record.id)
             && old.record.node_key != record.node_key
         {
-            self.by_key.remove(&old.record.node_key);
+            let old_key = old.record.node_key;
+            self.by_key.remove(&old_key);
+            self.revoke(old_key);
         }
+        // A key that comes back (a removed node re-joining) is no longer revoked.
+        self.revoked.remove(&record.node_key);
         self.by_key.insert(record.node_key, record.id);
         if membership_changed {
             self.inventory.upsert(InventoryNode {

@@ -61,6 +61,16 @@ impl TicketSigner {
         self.0.public()
     }
 
+    /// Signs another statement relays check with the same key (`context` tells it apart
+    /// from tickets), such as the list of revoked node keys.
+    pub fn sign(&self, context: &[u8], message: &[u8]) -> [u8; crate::sign::SIGNATURE_LEN] {
+        assert_ne!(
+            context, CONTEXT,
+            "ticket signatures are made by `issue` only"
+        );
+        self.0.sign(context, message)
+    }
+
     /// Issues a ticket.
     pub fn issue(&self, t: Ticket) -> [u8; TICKET_LEN] {
         let mut out = [0u8; TICKET_LEN];

@@ -6,6 +6,7 @@
 //! - [`client::connect`]: a node's connection to a relay;
 //! - [`stun`]: the STUN server;
 //! - [`identity`], [`tls`]: the relay's persistent key and pinned certificate;
+//! - [`revocation`]: node keys the coordinator revoked, polled by standalone relays;
 //! - [`http`]: serving HTTP to the internet with connection limits and header deadlines (the
 //!   coordinator's listener uses it too).
 //!
@@ -16,6 +17,7 @@ pub mod client;
 pub mod http;
 pub mod identity;
 pub mod proto;
+pub mod revocation;
 pub mod server;
 pub mod stun;
 pub mod tls;

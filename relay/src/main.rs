@@ -60,6 +60,11 @@ struct ServeArgs {
     /// Address nodes use to reach this relay (for the registration hint); default: --listen.
     #[arg(long)]
     public_addr: Option<SocketAddr>,
+    /// The coordinator's URL (`http://HOST:PORT`): the relay follows its revocations and
+    /// drops a removed node within seconds. Without it, a removed node is dropped only when
+    /// its ticket expires (up to two minutes).
+    #[arg(long, env = "LATTICE_RELAY_COORDINATOR_URL")]
+    coordinator_url: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -94,7 +99,22 @@ fn main() -> std::process::ExitCode {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (key, cert) = relay::identity::load_or_create(&args.state_dir)?;
-    let relay = Relay::new(key, Arc::new(TicketAuthorizer::new(args.coordinator_key)));
+    let revoked = Arc::new(relay::revocation::RevocationSet::default());
+    let relay = Relay::new(
+        key,
+        Arc::new(TicketAuthorizer::with_revocations(
+            args.coordinator_key,
+            Arc::clone(&revoked),
+        )),
+    );
+    match args.coordinator_url.clone() {
+        Some(url) => {
+            tokio::spawn(relay::revocation::poll(url, args.coordinator_key, revoked));
+        }
+        None => tracing::warn!(
+            "no --coordinator-url: removed nodes keep their relay sessions until their tickets expire"
+        ),
+    }
     let endpoint = quinn::Endpoint::server(relay::tls::server_config(&cert)?, args.listen)
         .with_context(|| format!("binding QUIC on {}", args.listen))?;
     let tcp = tokio::net::TcpListener::bind(args.listen)

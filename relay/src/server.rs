@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use wire::{NodeKey, TicketKey};
 
 use crate::proto::{self, Frame, MAX_FRAME, VERSION};
+use crate::revocation::RevocationSet;
 
 /// How long a client has to authenticate.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,15 +47,25 @@ pub trait Authorizer: Send + Sync + 'static {
     }
 }
 
-/// Accepts tickets signed by one coordinator key.
+/// Accepts tickets signed by one coordinator key, except for node keys the coordinator has
+/// revoked (when the relay follows its revocations).
 pub struct TicketAuthorizer {
     key: TicketKey,
+    revoked: Option<Arc<RevocationSet>>,
 }
 
 impl TicketAuthorizer {
     /// An authorizer for tickets signed by `key`.
     pub fn new(key: TicketKey) -> Self {
-        Self { key }
+        Self { key, revoked: None }
+    }
+
+    /// Also refuses the keys in `revoked` (see [`crate::revocation`]).
+    pub fn with_revocations(key: TicketKey, revoked: Arc<RevocationSet>) -> Self {
+        Self {
+            key,
+            revoked: Some(revoked),
+        }
     }
 }
 
@@ -65,7 +76,21 @@ impl Authorizer for TicketAuthorizer {
         if &t.node_key != node_key {
             return Err("the ticket is for another node key".into());
         }
+        if self
+            .revoked
+            .as_ref()
+            .is_some_and(|r| r.is_revoked(node_key, now))
+        {
+            return Err("node is not vouched for by the coordinator (revoked)".into());
+        }
         Ok(t.not_after)
+    }
+
+    fn still_vouched(&self, node_key: &[u8; 32]) -> bool {
+        !self
+            .revoked
+            .as_ref()
+            .is_some_and(|r| r.is_revoked(node_key, unix_now()))
     }
 }
 

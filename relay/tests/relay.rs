@@ -2,16 +2,16 @@
 //! without a valid ticket, without their key, or no longer vouched for get nothing.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hybrid::StaticKeypair;
 use hybrid::ticket::{Ticket, TicketSigner};
 use rand::{SeedableRng, rngs::StdRng};
 use relay::client::{self, Incoming, Transport};
-use relay::{Authorizer, Relay, TicketAuthorizer};
+use relay::revocation::RevocationSet;
+use relay::{Relay, TicketAuthorizer};
 use wire::{CertPin, RelayId, RelayInfo, RelayKey, TicketKey};
 
 fn unix_now() -> i64 {
@@ -21,26 +21,35 @@ fn unix_now() -> i64 {
         .as_secs() as i64
 }
 
-/// Vouches through tickets, minus a revocable set.
-struct Revocable {
-    tickets: TicketAuthorizer,
-    revoked: Mutex<HashSet<[u8; 32]>>,
-}
-
-impl Authorizer for Revocable {
-    fn authorize(&self, k: &[u8; 32], t: &[u8], now: i64) -> Result<i64, String> {
-        self.tickets.authorize(k, t, now)
-    }
-    fn still_vouched(&self, k: &[u8; 32]) -> bool {
-        !self.revoked.lock().unwrap().contains(k)
-    }
+/// Revokes `key` the way a standalone relay learns it: a list signed by the coordinator.
+fn revoke(lab: &Lab, key: [u8; 32]) {
+    let list = serde_json::to_string(&wire::RevocationList {
+        issued_at: unix_now(),
+        revoked: vec![wire::Revocation {
+            node_key: wire::NodeKey::from_bytes(key),
+            until: unix_now() + 120,
+        }],
+    })
+    .unwrap();
+    let mut sig = String::new();
+    wire::keys::push_hex(
+        &mut sig,
+        &lab.signer.sign(wire::REVOCATIONS_CONTEXT, list.as_bytes()),
+    );
+    lab.revoked
+        .apply(
+            &TicketKey::from_bytes(lab.signer.public()),
+            &wire::SignedRevocations { list, sig },
+            unix_now(),
+        )
+        .unwrap();
 }
 
 struct Lab {
     relay: Relay,
     info: RelayInfo,
     signer: TicketSigner,
-    auth: Arc<Revocable>,
+    revoked: Arc<RevocationSet>,
     rng: StdRng,
 }
 
@@ -49,11 +58,12 @@ async fn lab() -> Lab {
     let signer = TicketSigner::from_seed([4; 32]);
     let key = StaticKeypair::generate(&mut rng);
     let cert = relay::tls::RelayCert::generate().unwrap();
-    let auth = Arc::new(Revocable {
-        tickets: TicketAuthorizer::new(TicketKey::from_bytes(signer.public())),
-        revoked: Mutex::new(HashSet::new()),
-    });
-    let relay = Relay::new(key, auth.clone());
+    let revoked = Arc::new(RevocationSet::default());
+    let auth = Arc::new(TicketAuthorizer::with_revocations(
+        TicketKey::from_bytes(signer.public()),
+        Arc::clone(&revoked),
+    ));
+    let relay = Relay::new(key, auth);
     let endpoint = quinn::Endpoint::server(
         relay::tls::server_config(&cert).unwrap(),
         "127.0.0.1:0".parse().unwrap(),
@@ -86,7 +96,7 @@ async fn lab() -> Lab {
         relay,
         info,
         signer,
-        auth,
+        revoked,
         rng,
     }
 }
@@ -238,7 +248,7 @@ async fn a_node_no_longer_vouched_for_is_cut_off_within_a_second() {
     let mut cb = client::connect(&lab.ws_only(), &b, &tb).await.unwrap();
     assert!(ca.send(&b.public(), b"before"));
     assert!(next_packet(&mut cb).await.is_some());
-    lab.auth.revoked.lock().unwrap().insert(a.public());
+    revoke(&lab, a.public());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!lab.relay.is_connected(&a.public()));
     ca.send(&b.public(), b"after");

@@ -145,3 +145,121 @@ fn mesh_dns_answers_this_host_but_not_lan_hosts_that_route_to_it() {
         text(&lan)
     );
 }
+
+#[test]
+fn a_standalone_relay_refuses_a_removed_node_within_seconds() {
+    use std::time::{Duration, Instant};
+
+    use e2e::lab::wait_for;
+    use e2e::{Coordinator, MeshNode};
+
+    let Some(mut lab) = crate::support::lab("relay-revoke") else {
+        return;
+    };
+    let wan = lab.lan("inet", "198.51.100.1/24").unwrap();
+    let coord =
+        Coordinator::start(&mut lab, &wan, "198.51.100.1", &["--no-embedded-relay"]).unwrap();
+    let seed = std::fs::read_to_string(coord.state_dir.join("ticket.key")).unwrap();
+    let ticket_key = wire::TicketKey::from_bytes(
+        hybrid::ticket::TicketSigner::from_seed(wire::keys::parse_hex::<32>(seed.trim()).unwrap())
+            .public(),
+    )
+    .to_text();
+    let relay_bin = lab.bin("lattice-relay").display().to_string();
+    let relay_dir = lab.dir().join("relay").display().to_string();
+    let r = lab
+        .spawn(
+            "relay",
+            &wan,
+            &[
+                &relay_bin,
+                "serve",
+                "--listen",
+                "198.51.100.1:8443",
+                "--stun-listen",
+                "198.51.100.1:3478",
+                "--coordinator-key",
+                &ticket_key,
+                "--coordinator-url",
+                &coord.url,
+                "--state-dir",
+                &relay_dir,
+            ],
+            &[],
+        )
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(10), || lab
+        .stdout(r)
+        .contains("relays add")));
+    let banner = lab.stdout(r);
+    let cmd = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("lattice-coordinator "))
+        .unwrap()
+        .to_owned();
+    let args: Vec<&str> = cmd.split_whitespace().collect();
+    let out = coord.admin(&lab, &args).unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let relays: serde_json::Value = serde_json::from_slice(
+        &coord
+            .admin(&lab, &["relays", "list", "--json"])
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let (ws, pin, relay_key) = (
+        relays[0]["websocket"].as_str().unwrap().to_owned(),
+        relays[0]["cert_sha256"].as_str().unwrap().to_owned(),
+        relays[0]["key"].as_str().unwrap().to_owned(),
+    );
+
+    let ns = lab.ns("h0").unwrap();
+    lab.attach(&wan, &ns, "eth0", "198.51.100.31/24", None)
+        .unwrap();
+    let key = coord.authkey(&lab, &[]).unwrap();
+    let url = coord.url.clone();
+    let node = MeshNode::start(&mut lab, &ns, "gone", &url, &key, &[]).unwrap();
+    node.wait_ready(&lab, 0, Duration::from_secs(30)).unwrap();
+    let keys: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node.state_dir.join("keys.json")).unwrap()).unwrap();
+    let secret = keys["node_private"].as_str().unwrap().to_owned();
+    let tool = lab.bin("lattice-testtool").display().to_string();
+    // The relay-probe mints a ticket with the coordinator's key, as a node would hold one.
+    let probe = || {
+        let out = lab
+            .output(
+                &ns,
+                &[
+                    &tool,
+                    "relay-probe",
+                    "--websocket",
+                    &ws,
+                    "--cert-sha256",
+                    &pin,
+                    "--relay-key",
+                    &relay_key,
+                    "--node-secret",
+                    &secret,
+                    "--ticket-seed",
+                    seed.trim(),
+                ],
+            )
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(probe(), "accepted");
+    let out = coord.admin(&lab, &["nodes", "remove", "gone"]).unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let removed = Instant::now();
+    // Its tickets are still valid for two minutes, but the relay refuses it within seconds.
+    let refused = wait_for(Duration::from_secs(8), || probe().contains("revoked"));
+    eprintln!(
+        "the relay refused the removed node after {:?}",
+        removed.elapsed()
+    );
+    assert!(
+        refused,
+        "the standalone relay still serves a removed node: {}",
+        probe()
+    );
+}

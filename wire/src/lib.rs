@@ -25,5 +25,8 @@ pub use filter::{FilterRule, IpProto, PortRange, ValidRange};
 pub use ids::{NodeId, UserId};
 pub use keys::{ControlKey, KeyParseError, MachineKey, NodeKey, RelayKey, TicketKey};
 pub use netmap::{DnsConfig, MapResponse, Node, TunnelSecurity};
-pub use relay::{CertPin, NatInfo, RelayId, RelayInfo};
+pub use relay::{
+    CertPin, NatInfo, REVOCATIONS_CONTEXT, RelayId, RelayInfo, Revocation, RevocationList,
+    SignedRevocations,
+};
 pub use version::CapabilityVersion;

@@ -96,6 +96,41 @@ impl NatInfo {
     }
 }
 
+/// Node keys relays must stop serving before their tickets run out (removed, expired or
+/// rotated-away keys), as the coordinator publishes them at `GET /relay/revocations`. A relay
+/// refuses each key until `until` (the last second any ticket for it can be valid).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationList {
+    /// When the coordinator made the list (Unix seconds).
+    pub issued_at: i64,
+    /// The keys.
+    #[serde(default)]
+    pub revoked: Vec<Revocation>,
+}
+
+/// One revoked node key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// The key.
+    pub node_key: crate::NodeKey,
+    /// Refuse it until this Unix second.
+    pub until: i64,
+}
+
+/// A [`RevocationList`] as sent: its exact JSON text and an Ed25519 signature over it under
+/// the coordinator's relay-ticket key (context `lattice relay revocations v1`), so a relay can
+/// trust it over plain HTTP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedRevocations {
+    /// The JSON of a [`RevocationList`].
+    pub list: String,
+    /// 128 hex digits.
+    pub sig: String,
+}
+
+/// The signature context of [`SignedRevocations`].
+pub const REVOCATIONS_CONTEXT: &[u8] = b"lattice relay revocations v1";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +157,29 @@ mod tests {
         ))
         .unwrap();
         assert!(minimal.quic.is_none() && minimal.stun.is_empty());
+    }
+
+    #[test]
+    fn can_deserialize_signed_revocations() {
+        let json = format!(
+            r#"{{"list": "{{\"issued_at\": 5, \"revoked\": [{{\"node_key\": \"nodekey:{}\", \"until\": 9}}]}}", "sig": "00"}}"#,
+            "ab".repeat(32)
+        );
+        let s: SignedRevocations = serde_json::from_str(&json).unwrap();
+        let l: RevocationList = serde_json::from_str(&s.list).unwrap();
+        assert_eq!(l.issued_at, 5);
+        assert_eq!(l.revoked[0].until, 9);
+        assert_eq!(
+            l.revoked[0].node_key,
+            crate::NodeKey::from_bytes([0xab; 32])
+        );
+        let round: RevocationList =
+            serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
+        assert_eq!(round, l);
+        // Unknown fields from a newer coordinator are ignored.
+        let newer: RevocationList =
+            serde_json::from_str(r#"{"issued_at": 1, "revoked": [], "epoch": 3}"#).unwrap();
+        assert!(newer.revoked.is_empty());
     }
 
     #[test]

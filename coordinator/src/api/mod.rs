@@ -42,6 +42,7 @@ pub fn router(st: AppState) -> Router {
     Router::new()
         .route("/key", get(key))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/relay/revocations", get(revocations))
         .merge(control::router())
         .layer(middleware::from_fn(log_internal_errors))
         .layer(TraceLayer::new_for_http())
@@ -69,6 +70,30 @@ async fn key(State(st): State<AppState>) -> Json<KeyInfo> {
         fingerprint,
         ticket_key: Some(wire::TicketKey::from_bytes(st.tickets.public())),
     })
+}
+
+/// The node keys relays must stop serving now, signed with the relay-ticket key. Standalone
+/// relays poll it (`lattice-relay serve --coordinator-url`) and cut a removed node within
+/// seconds instead of when its ticket runs out.
+async fn revocations(State(st): State<AppState>) -> Json<wire::SignedRevocations> {
+    let now = crate::state::unix_now();
+    let list = wire::RevocationList {
+        issued_at: now,
+        revoked: st
+            .hub
+            .read()
+            .revocations(now)
+            .into_iter()
+            .map(|(node_key, until)| wire::Revocation { node_key, until })
+            .collect(),
+    };
+    let list = serde_json::to_string(&list).unwrap_or_default();
+    let mut sig = String::new();
+    wire::keys::push_hex(
+        &mut sig,
+        &st.tickets.sign(wire::REVOCATIONS_CONTEXT, list.as_bytes()),
+    );
+    Json(wire::SignedRevocations { list, sig })
 }
 
 async fn token_auth(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
