@@ -349,3 +349,42 @@ async fn a_node_key_belongs_to_one_node() {
         .await;
     assert!(dup.is_err(), "two nodes share a node key in the database");
 }
+
+#[tokio::test]
+async fn removed_and_rotated_away_node_keys_are_published_for_relays() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = state(dir.path()).await;
+    let k = key(&st, true, 3600).await;
+    for (m, n) in [(1, "a"), (2, "b")] {
+        let (rec, _) = register_or_resume(&st, &machine(m), &hello(m, n, Some(&k)), unix_now())
+            .await
+            .unwrap();
+        st.hub.upsert_node(rec);
+    }
+    let revoked = |st: &coordinator::state::AppState| -> Vec<NodeKey> {
+        st.hub
+            .read()
+            .revocations(unix_now())
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    };
+    assert!(revoked(&st).is_empty());
+    // b rotates its key: the old one is revoked; a is removed: its key is revoked.
+    let (rec, _) = register_or_resume(&st, &machine(2), &hello(9, "b", None), unix_now())
+        .await
+        .unwrap();
+    st.hub.upsert_node(rec);
+    ops::remove_node(&st, "a", "test", "removed by an admin")
+        .await
+        .unwrap();
+    let mut r = revoked(&st);
+    r.sort();
+    assert_eq!(
+        r,
+        [NodeKey::from_bytes([1; 32]), NodeKey::from_bytes([2; 32])]
+    );
+    // Each until the last second a ticket issued before could be valid.
+    let until = st.hub.read().revocations(unix_now())[0].1;
+    assert!(until >= unix_now() + 110 && until <= unix_now() + 121);
+}
