@@ -31,6 +31,12 @@ fn the_admin_api_is_https_only_and_its_socket_serves_only_its_owner() {
     assert!(out.status.success(), "{}", text(&out));
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert!(token.starts_with("lt2-"), "{token}");
+    f.lab.secret("the admin token", &token);
+    // `lt2-<id>-<secret>-<certificate pin>`: the secret part alone, too.
+    f.lab.secret(
+        "the admin token's secret part",
+        token.split('-').nth(2).unwrap(),
+    );
     let remote = |server: &str, args: &[&str]| {
         let mut full = vec![coordinator.as_str()];
         full.extend_from_slice(args);

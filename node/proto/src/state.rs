@@ -102,6 +102,14 @@ pub enum Event {
     NetInfo(Report),
     /// The mesh's tunnel security changed (logged by the shell).
     TunnelSecurityChanged(TunnelSecurity),
+    /// A post-quantum preshared key was installed for `peer` (a shell may record it in a
+    /// debugging key log; its `Debug` never shows the key).
+    PskInstalled {
+        /// The peer.
+        peer: NodeKey,
+        /// The key.
+        psk: hybrid::Psk,
+    },
 }
 
 /// The node's data-plane state machine.

@@ -23,6 +23,7 @@ use crate::io::api::{
 use crate::io::aux::{AuxDatagram, AuxSockets};
 use crate::io::control::ControlEvent;
 use crate::io::dns::DnsTable;
+use crate::io::keylog::KeyLog;
 use crate::io::portmap::PortMapper;
 use crate::io::relays::{RelayEvent, RelayManager};
 use crate::io::tun::{ReadBufs, Tun, is_packet_error};
@@ -78,6 +79,7 @@ pub struct EventLoop {
     pub ephemeral: bool,
     connected: bool,
     last_error: Option<String>,
+    keylog: Option<KeyLog>,
     dns_started: bool,
     cache_due: Option<Instant>,
     /// TUN reads dropped as malformed by the offload code (before the core saw them).
@@ -150,6 +152,7 @@ impl EventLoop {
             ephemeral: false,
             connected: false,
             last_error: None,
+            keylog: KeyLog::from_env(),
             dns_started: false,
             cache_due: None,
             tun_read_errors: 0,
@@ -438,6 +441,11 @@ impl EventLoop {
                 self.relays.set_relays(&list);
             }
             Event::RelayTicket(t) => self.relays.set_ticket(&t),
+            Event::PskInstalled { peer, psk } => {
+                if let Some(k) = &self.keylog {
+                    k.record(&peer, &psk);
+                }
+            }
             Event::NetInfo(report) => {
                 self.public_endpoint = report.public_endpoint;
                 let mut nat = report.nat.clone();

@@ -6,6 +6,7 @@ pub mod control;
 pub mod dns;
 pub mod event_loop;
 pub mod ifaddrs;
+pub mod keylog;
 pub mod portmap;
 pub mod posture;
 pub mod relays;

@@ -23,6 +23,8 @@ impl Proc {
 struct Running {
     name: String,
     child: Option<Child>,
+    /// One of the Lattice daemons (its logs are searched for secrets).
+    ours: bool,
 }
 
 /// How a lab router treats the UDP of the host behind it.
@@ -81,6 +83,9 @@ pub struct Lab {
     bin_dir: PathBuf,
     veth_counter: u32,
     keep_logs: bool,
+    /// Search the daemons' logs for secrets when the lab ends (and log at debug level).
+    scan_secrets: bool,
+    secrets: std::sync::Mutex<Vec<crate::secrets::Secret>>,
 }
 
 impl Lab {
@@ -100,6 +105,8 @@ impl Lab {
             bin_dir: bin_dir()?,
             veth_counter: 0,
             keep_logs: std::env::var_os("LATTICE_KEEP_LOGS").is_some(),
+            scan_secrets: false,
+            secrets: std::sync::Mutex::new(Vec::new()),
         };
         Ok(lab)
     }
@@ -267,13 +274,35 @@ impl Lab {
     ) -> anyhow::Result<Proc> {
         let out = File::create(self.dir.join(format!("{name}.out")))?;
         let err = File::create(self.dir.join(format!("{name}.log")))?;
+        let program = args
+            .first()
+            .and_then(|a| Path::new(a).file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let ours = matches!(
+            program.as_str(),
+            "lattice" | "lattice-coordinator" | "lattice-relay"
+        );
         let mut c = Command::new("ip");
         c.args(["netns", "exec", ns])
             .args(args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .env("LATTICE_LOG", "info");
+            .env(
+                "LATTICE_LOG",
+                if self.scan_secrets && ours {
+                    "debug"
+                } else {
+                    "info"
+                },
+            );
+        if self.scan_secrets && program == "lattice" {
+            c.env(
+                "LATTICE_PSK_KEYLOG",
+                self.dir.join(format!("{name}.keylog")),
+            );
+        }
         for (k, v) in env {
             c.env(k, v);
         }
@@ -283,6 +312,7 @@ impl Lab {
         self.procs.push(Running {
             name: name.to_owned(),
             child: Some(child),
+            ours,
         });
         Ok(Proc(self.procs.len() - 1))
     }
@@ -355,6 +385,46 @@ impl Lab {
     pub fn keep_logs(&mut self) {
         self.keep_logs = true;
     }
+
+    /// Makes the lab hunt for secrets: processes started from now on log at debug level and
+    /// nodes write their post-quantum keys to a key log; when the lab ends, every key, token
+    /// and PSK it saw (on disk, or handed over with [`Lab::secret`]) is looked for in every
+    /// log of the Lattice daemons, and a find fails the test (naming the secret and the log,
+    /// never showing the secret).
+    pub fn scan_for_secrets(&mut self) {
+        self.scan_secrets = true;
+    }
+
+    /// A secret a test handled (an auth key, an admin token, or the secret part of one), for
+    /// [`Lab::scan_for_secrets`].
+    pub fn secret(&self, label: &str, value: &str) {
+        self.secrets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(crate::secrets::Secret::text(label, value));
+    }
+
+    fn leaked_secrets(&self) -> Vec<String> {
+        let mut secrets = crate::secrets::on_disk(&self.dir);
+        secrets.append(
+            &mut self
+                .secrets
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let logs: Vec<PathBuf> = self
+            .procs
+            .iter()
+            .filter(|r| r.ours)
+            .flat_map(|r| {
+                [
+                    self.dir.join(format!("{}.log", r.name)),
+                    self.dir.join(format!("{}.out", r.name)),
+                ]
+            })
+            .collect();
+        crate::secrets::find(&secrets, &logs)
+    }
 }
 
 impl Drop for Lab {
@@ -383,6 +453,13 @@ impl Drop for Lab {
         }
         for ns in self.namespaces.iter().rev() {
             delete_namespace(ns);
+        }
+        if self.scan_secrets && !std::thread::panicking() {
+            let leaked = self.leaked_secrets();
+            if !leaked.is_empty() {
+                eprintln!("lab logs kept in {}", self.dir.display());
+                panic!("secrets reached the logs:\n  {}", leaked.join("\n  "));
+            }
         }
         if std::thread::panicking() || self.keep_logs {
             eprintln!("lab logs kept in {}", self.dir.display());

@@ -8,6 +8,7 @@
 
 pub mod lab;
 pub mod mesh;
+mod secrets;
 
 pub use lab::{Lab, Nat, Proc};
 pub use mesh::{Coordinator, MeshNode};

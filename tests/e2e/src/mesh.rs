@@ -94,7 +94,14 @@ impl Coordinator {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+        let key = String::from_utf8(out.stdout)?.trim().to_owned();
+        lab.secret("an auth key", &key);
+        // `lk1-<fingerprint>-<id>-<secret>`: the secret part alone, too.
+        lab.secret(
+            "an auth key's secret part",
+            key.rsplit('-').next().unwrap_or_default(),
+        );
+        Ok(key)
     }
 
     /// `nodes list --json`.

@@ -352,6 +352,10 @@ impl NodeState {
     }
 
     fn install_psk(&mut self, now: Instant, key: NodeKey, psk: hybrid::Psk, rekey: bool) {
+        self.events.push_back(super::Event::PskInstalled {
+            peer: key,
+            psk: psk.clone(),
+        });
         let fresh = self.peers.get(&key).is_some_and(|p| p.tunnel.is_none());
         if fresh {
             let tunnel = self.new_tunnel(key, Some(*psk.as_bytes()));
