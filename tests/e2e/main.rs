@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)] // a test binary: a failed unwrap is a failed test
 
+mod abuse;
 mod foundation;
 mod hardening;
 mod nat;

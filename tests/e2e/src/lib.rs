@@ -6,6 +6,7 @@
 //! processes when dropped (pass or fail), and a new lab first removes namespaces left by lab
 //! processes that no longer exist (e.g. killed by a test timeout).
 
+pub mod abuse;
 pub mod lab;
 pub mod mesh;
 mod secrets;

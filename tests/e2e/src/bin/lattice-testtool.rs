@@ -68,6 +68,10 @@ enum Cmd {
         to: SocketAddr,
         #[arg(long)]
         seconds: u64,
+        /// Exchange a byte every this many milliseconds (a long interval leaves the
+        /// connection idle in between); a reply must come within 5 s.
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
     },
     /// Try to connect within `timeout_ms`; print `open` (exit 0) or `blocked: <why>` (exit 1).
     TcpProbe {
@@ -91,6 +95,64 @@ enum Cmd {
         node_secret: String,
         #[arg(long)]
         ticket_seed: String,
+    },
+    /// Junk at a node's UDP port for `seconds` (see `e2e::abuse::junk_flood`); prints
+    /// `sent <n>`.
+    JunkFlood {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        target_key: wire::NodeKey,
+        #[arg(long)]
+        peer_key: wire::NodeKey,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long, default_value_t = 20_000)]
+        rate: u64,
+    },
+    /// A handshake flood and half-open WebSockets at `/control`; prints
+    /// `answered <n> refused <n> half-open <n>`.
+    ControlFlood {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        control_key: wire::ControlKey,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 0)]
+        half_open: usize,
+    },
+    /// `flows` new UDP flows (source port x `ports` destination ports); prints `sent <n>`.
+    UdpSpray {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        flows: u64,
+        #[arg(long, default_value_t = 1000)]
+        ports: u16,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
+    /// Captures the UDP payloads sent to `dst` seen on `iface` for `seconds` into `out`;
+    /// prints `captured <n>`.
+    UdpCapture {
+        #[arg(long)]
+        iface: String,
+        #[arg(long)]
+        dst: SocketAddr,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Sends every datagram of a capture file to `to`; prints `replayed <n>`.
+    UdpReplay {
+        #[arg(long)]
+        file: std::path::PathBuf,
+        #[arg(long)]
+        to: SocketAddr,
     },
     /// Send `bytes` pseudo-random bytes from `seed`, print `<bytes> <sha256>`.
     TcpSend {
@@ -204,7 +266,11 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::TcpHold { to, seconds } => {
+        Cmd::TcpHold {
+            to,
+            seconds,
+            interval_ms,
+        } => {
             let mut c = match TcpStream::connect_timeout(&to, Duration::from_secs(3)) {
                 Ok(c) => c,
                 Err(e) => {
@@ -212,7 +278,7 @@ fn main() -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
             };
-            c.set_read_timeout(Some(Duration::from_secs(30)))?;
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
             println!("connected {}", now_ms());
             std::io::stdout().flush()?;
             let end = Instant::now() + Duration::from_secs(seconds);
@@ -223,7 +289,7 @@ fn main() -> anyhow::Result<()> {
                     println!("closed {} {:?}", now_ms(), e.kind());
                     return Ok(());
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(Duration::from_millis(interval_ms));
             }
             println!("alive");
         }
@@ -274,6 +340,59 @@ fn main() -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
             }
+        }
+        Cmd::JunkFlood {
+            to,
+            target_key,
+            peer_key,
+            seconds,
+            rate,
+        } => {
+            let n = e2e::abuse::junk_flood(to, target_key, peer_key, seconds, rate)?;
+            println!("sent {n}");
+        }
+        Cmd::ControlFlood {
+            url,
+            control_key,
+            seconds,
+            concurrency,
+            half_open,
+        } => {
+            let (ok, refused, held) = e2e::abuse::control_flood(
+                &url,
+                *control_key.as_bytes(),
+                seconds,
+                concurrency,
+                half_open,
+            )?;
+            println!("answered {ok} refused {refused} half-open {held}");
+        }
+        Cmd::UdpSpray {
+            to,
+            flows,
+            ports,
+            seconds,
+        } => {
+            println!("sent {}", e2e::abuse::udp_spray(to, flows, ports, seconds)?);
+        }
+        Cmd::UdpCapture {
+            iface,
+            dst,
+            seconds,
+            out,
+        } => {
+            let d = e2e::abuse::udp_capture(&iface, dst, seconds)?;
+            std::fs::write(&out, e2e::abuse::encode_capture(&d))?;
+            println!("captured {}", d.len());
+        }
+        Cmd::UdpReplay { file, to } => {
+            let d = e2e::abuse::decode_capture(&std::fs::read(&file)?);
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            for b in &d {
+                s.send_to(b, to)?;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            println!("replayed {}", d.len());
         }
         Cmd::TcpSend { to, bytes, seed } => {
             let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(10))

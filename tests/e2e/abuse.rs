@@ -1,0 +1,338 @@
+//! Issue 9: abuse end to end, each bounded in time and traffic — floods at a node's port and
+//! at the coordinator's `/control` while a node joins, a peer filling the flow table, and
+//! replayed captures of every datagram two nodes exchanged.
+
+use std::time::{Duration, Instant};
+
+use e2e::lab::wait_for;
+use serde_json::Value;
+
+use crate::support::{Flat, lab};
+
+fn tool(f: &Flat) -> String {
+    f.lab.bin("lattice-testtool").display().to_string()
+}
+
+fn counters(st: &Value) -> Value {
+    st["counters"].clone()
+}
+
+fn count(c: &Value, k: &str) -> u64 {
+    c[k].as_u64().unwrap_or(0)
+}
+
+fn ipv4_of(st: &Value) -> String {
+    st["self"]["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .find(|ip| ip.contains('.'))
+        .unwrap()
+        .to_owned()
+}
+
+/// The coordinator's control key (`controlkey:...`), from its state dir.
+fn control_key(f: &Flat) -> String {
+    let hex = std::fs::read_to_string(f.coord.state_dir.join("control.key")).unwrap();
+    let kp = hybrid::StaticKeypair::from_secret(wire::keys::parse_hex::<32>(hex.trim()).unwrap());
+    wire::ControlKey::from_bytes(kp.public()).to_text()
+}
+
+#[test]
+fn floods_at_a_nodes_port_and_at_control_do_not_stop_a_new_node_from_joining_and_connecting() {
+    let Some(lab) = lab("abuse-flood") else {
+        return;
+    };
+    let mut f = Flat::new(lab, 3, &[]);
+    let key = f.coord.authkey(&f.lab, &["--reusable"]).unwrap();
+    f.join(0, "db", &key, &[]);
+    let db = f.nodes[0]
+        .wait_ready(&f.lab, 0, Duration::from_secs(30))
+        .unwrap();
+    let db_key = db["self"]["node_key"].as_str().unwrap().to_owned();
+    let t = tool(&f);
+    let ck = control_key(&f);
+    // From a third host: junk at db's port, and a handshake flood plus 40 half-open sockets
+    // at the coordinator, for 15 s.
+    let junk = f
+        .lab
+        .spawn(
+            "junk-flood",
+            &f.node_ns[1],
+            &[
+                &t,
+                "junk-flood",
+                "--to",
+                "198.51.100.11:41641",
+                "--target-key",
+                &db_key,
+                "--peer-key",
+                &db_key,
+                "--seconds",
+                "15",
+            ],
+            &[],
+        )
+        .unwrap();
+    let control = f
+        .lab
+        .spawn(
+            "control-flood",
+            &f.node_ns[1],
+            &[
+                &t,
+                "control-flood",
+                "--url",
+                "http://198.51.100.1:8080",
+                "--control-key",
+                &ck,
+                "--seconds",
+                "15",
+                "--half-open",
+                "40",
+            ],
+            &[],
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = counters(&f.nodes[0].status(&f.lab).unwrap());
+    // A new node registers and reaches db while both floods run.
+    let started = Instant::now();
+    f.join(2, "web", &key, &[]);
+    f.nodes[1]
+        .wait_ready(&f.lab, 1, Duration::from_secs(20))
+        .expect("web could not join during the floods");
+    let joined = started.elapsed();
+    assert!(
+        f.nodes[1].ping(&f.lab, "db", "-4", 3),
+        "web could not reach db during the floods"
+    );
+    let connected = started.elapsed();
+    let during = counters(&f.nodes[0].status(&f.lab).unwrap());
+    assert!(wait_for(Duration::from_secs(20), || {
+        f.lab.stdout(junk).contains("sent") && f.lab.stdout(control).contains("answered")
+    }));
+    eprintln!(
+        "joined in {joined:?}, reached db in {connected:?}; junk: {}; control: {}",
+        f.lab.stdout(junk).trim(),
+        f.lab.stdout(control).trim()
+    );
+    let dropped: u64 = [
+        "udp_unknown",
+        "frames_invalid",
+        "pq_rejected",
+        "pq_rate_limited",
+        "pq_bad_mac",
+        "pq_cookies_sent",
+        "wg_invalid",
+        "wg_unknown_peer",
+        "disco_invalid",
+    ]
+    .iter()
+    .map(|k| count(&during, k) - count(&before, k))
+    .sum();
+    eprintln!("db dropped or deflected {dropped} hostile datagrams while web joined: {during}");
+    assert!(dropped > 1000, "the flood did not reach db: {during}");
+    // Every half-open socket and flood session is gone afterwards: a further node joins at once.
+    let late = f.coord.authkey(&f.lab, &[]).unwrap();
+    let ns = f.node_ns[1].clone();
+    f.join(1, "late", &late, &[]);
+    let _ = ns;
+    f.nodes[2]
+        .wait_ready(&f.lab, 2, Duration::from_secs(20))
+        .expect("a node could not join after the floods");
+}
+
+#[test]
+fn a_peer_filling_the_flow_table_cannot_evict_another_peers_idle_connection() {
+    let Some(lab) = lab("abuse-flows") else {
+        return;
+    };
+    let policy = r#"{
+        "tagOwners": {"tag:server": [], "tag:flooder": [], "tag:client": []},
+        "acls": [
+            {"action": "accept", "src": ["tag:flooder"], "dst": ["tag:server:*"]},
+            {"action": "accept", "src": ["tag:server"], "dst": ["tag:client:7777"]},
+        ],
+    }"#;
+    let path = lab.dir().join("flows.hujson");
+    std::fs::write(&path, policy).unwrap();
+    let path = path.display().to_string();
+    let mut f = Flat::new(lab, 3, &["--policy", &path]);
+    for (i, (name, tag)) in [
+        ("server", "tag:server"),
+        ("flooder", "tag:flooder"),
+        ("client", "tag:client"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let k = f.coord.authkey(&f.lab, &["--tag", tag]).unwrap();
+        f.join(i, name, &k, &[]);
+    }
+    let server = f.nodes[0]
+        .wait_ready(&f.lab, 2, Duration::from_secs(30))
+        .unwrap();
+    let client = f.nodes[2]
+        .wait_ready(&f.lab, 1, Duration::from_secs(30))
+        .unwrap();
+    let server_ip = ipv4_of(&server);
+    let client_ip = ipv4_of(&client);
+    let t = tool(&f);
+    // The server holds a connection to the client's echo service, idle 8 s at a time: its
+    // replies come in only as replies of that flow (the client may not open anything).
+    f.lab
+        .spawn(
+            "echo",
+            &f.node_ns[2],
+            &[
+                &t,
+                "tcp-echo",
+                "--listen",
+                "0.0.0.0:7777",
+                "--seconds",
+                "40",
+            ],
+            &[],
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let to = format!("{client_ip}:7777");
+    let hold = f
+        .lab
+        .spawn(
+            "hold",
+            &f.node_ns[0],
+            &[
+                &t,
+                "tcp-hold",
+                "--to",
+                &to,
+                "--seconds",
+                "20",
+                "--interval-ms",
+                "8000",
+            ],
+            &[],
+        )
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(10), || f
+        .lab
+        .stdout(hold)
+        .contains("connected")));
+    // Meanwhile the flooder opens 80,000 flows to the server, more than the whole table.
+    let dst = format!("{server_ip}:9000");
+    let spray = f
+        .lab
+        .output(
+            &f.node_ns[1],
+            &[
+                &t,
+                "udp-spray",
+                "--to",
+                &dst,
+                "--flows",
+                "80000",
+                "--seconds",
+                "7",
+            ],
+        )
+        .unwrap();
+    eprintln!("flooder: {}", String::from_utf8_lossy(&spray.stdout).trim());
+    assert!(
+        wait_for(Duration::from_secs(40), || f
+            .lab
+            .stdout(hold)
+            .contains("alive")
+            || f.lab.stdout(hold).contains("closed")),
+        "{}",
+        f.lab.stdout(hold)
+    );
+    let st = f.nodes[0].status(&f.lab).unwrap();
+    eprintln!(
+        "server: {} packets from the flooder delivered, {} flows evicted",
+        st["counters"]["in_delivered"], st["counters"]["flows_evicted"]
+    );
+    assert!(
+        f.lab.stdout(hold).contains("alive"),
+        "the idle connection was cut by another peer's flood: {}",
+        f.lab.stdout(hold)
+    );
+    assert!(count(&st["counters"], "flows_evicted") > 0, "{st}");
+}
+
+#[test]
+fn replaying_every_captured_datagram_changes_no_key_and_breaks_no_tunnel() {
+    let Some(mut f) = Flat::mesh("abuse-replay", &["a", "b"], &[]) else {
+        return;
+    };
+    let t = tool(&f);
+    // Capture everything b receives on its port while a starts talking to it (post-quantum
+    // frames, confirmations, disco, WireGuard handshakes and data), then replay all of it at
+    // b from a's host.
+    let out = f.lab.dir().join("capture.bin").display().to_string();
+    let ns_b = f.node_ns[1].clone();
+    let capture = f
+        .lab
+        .spawn(
+            "capture",
+            &ns_b,
+            &[
+                &t,
+                "udp-capture",
+                "--iface",
+                "eth0",
+                "--dst",
+                "198.51.100.12:41641",
+                "--seconds",
+                "6",
+                "--out",
+                &out,
+            ],
+            &[],
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(f.nodes[0].ping(&f.lab, "b", "-4", 3));
+    assert!(wait_for(Duration::from_secs(10), || f
+        .lab
+        .stdout(capture)
+        .contains("captured")));
+    eprintln!("{}", f.lab.stdout(capture).trim());
+    let before = f.nodes[1].status(&f.lab).unwrap();
+    let peer_before = before["peers"][0].clone();
+    let replay = f
+        .lab
+        .output(
+            &f.node_ns[0],
+            &[
+                &t,
+                "udp-replay",
+                "--file",
+                &out,
+                "--to",
+                "198.51.100.12:41641",
+            ],
+        )
+        .unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&replay.stdout).trim());
+    std::thread::sleep(Duration::from_secs(1));
+    let after = f.nodes[1].status(&f.lab).unwrap();
+    let peer_after = after["peers"][0].clone();
+    assert_eq!(
+        peer_after["pq_handshakes"], peer_before["pq_handshakes"],
+        "a replay made a new post-quantum key"
+    );
+    assert!(f.nodes[0].ping(&f.lab, "b", "-4", 3), "the tunnel broke");
+    assert!(f.nodes[1].ping(&f.lab, "a", "-4", 3), "the tunnel broke");
+    let c = |k: &str| count(&after["counters"], k) - count(&before["counters"], k);
+    eprintln!(
+        "b refused: disco_stale {} pq_rejected {} wg_invalid {} frames_invalid {}",
+        c("disco_stale"),
+        c("pq_rejected"),
+        c("wg_invalid"),
+        c("frames_invalid")
+    );
+    assert!(c("disco_stale") + c("pq_rejected") + c("wg_invalid") > 0);
+}
