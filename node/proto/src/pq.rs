@@ -571,12 +571,17 @@ impl PqPeer {
                 PqAction::Confirmed { from },
             ]);
         }
-        // A repeated confirmation (our ack was lost): acknowledge again, change nothing.
+        // A repeated confirmation (our ack was lost): acknowledge again, change nothing. Only
+        // while the initiator may still be retransmitting: a confirmation replayed later, from
+        // anywhere, draws nothing.
         if self.current_session == Some(session)
             && let Some(c) = &self.current
         {
             if !bool::from(confirm_tag(&c.psk, session, false).ct_eq(tag)) {
                 return Err(PqError::Authentication);
+            }
+            if now.saturating_duration_since(c.installed_at) >= RETRANSMIT_WINDOW {
+                return Err(PqError::Replay);
             }
             let ack = confirm_tag(&c.psk, session, true);
             return Ok(vec![PqAction::ReplyDisco(

@@ -11,8 +11,8 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 /// Sends junk to `to` for `seconds`, at most `rate` datagrams a second, cycling through what a
 /// stranger or a peer's impostor can send: random bytes, two-chunk post-quantum messages with
 /// a correct `mac1` (the attacker read `target`'s key from a netmap) and junk inside,
-/// WireGuard-shaped handshake initiations, and disco frames in `peer`'s name. Returns the
-/// number sent.
+/// WireGuard-shaped handshake initiations, disco frames in `peer`'s name, and one-frame
+/// "message 1"s without valid MACs. Returns the number sent.
 pub fn junk_flood(
     to: SocketAddr,
     target: wire::NodeKey,
@@ -27,7 +27,7 @@ pub fn junk_flood(
     let mut sent = 0u64;
     let started = Instant::now();
     while Instant::now() < end {
-        let d: Vec<Vec<u8>> = match sent % 4 {
+        let d: Vec<Vec<u8>> = match sent % 5 {
             0 => vec![
                 (0..rng.random_range(1..1400))
                     .map(|_| rng.random())
@@ -50,9 +50,18 @@ pub fn junk_flood(
                 w.extend((0..144).map(|_| rng.random::<u8>()));
                 vec![w]
             }
-            _ => {
+            3 => {
                 let sealed: Vec<u8> = (0..40).map(|_| rng.random()).collect();
                 vec![node_proto::disco::frame(peer.as_bytes(), &sealed)]
+            }
+            _ => {
+                // A whole "message 1" in one frame, junk inside, without valid MACs: what a
+                // stranger who knows only the frame layout sends.
+                let mut f = b"LTC\x01\x01".to_vec();
+                f.extend_from_slice(&rng.random::<u32>().to_be_bytes());
+                f.extend_from_slice(&[0, 1]);
+                f.extend((0..900).map(|_| rng.random::<u8>()));
+                vec![f]
             }
         };
         for b in d {

@@ -344,6 +344,12 @@ fn confirmations_are_authenticated_repeated_ones_reacknowledged_and_retransmitte
         Some(PqError::Authentication)
     );
     p.ini.handle_confirm_ack(session, &ack).unwrap();
+    // Replayed later, the confirmation draws no answer at all.
+    let later = p.now + RETRANSMIT_WINDOW;
+    assert_eq!(
+        p.res.handle_confirm(later, from(), session, &tag).err(),
+        Some(PqError::Replay)
+    );
     p.now += RETRANSMIT * 2;
     assert!(
         discos_of(&p.ini.handle_timeout(p.now, &mut p.rng, &p.a_key, 12)).is_empty(),

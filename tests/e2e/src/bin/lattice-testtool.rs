@@ -147,7 +147,24 @@ enum Cmd {
         #[arg(long)]
         out: std::path::PathBuf,
     },
-    /// Sends every datagram of a capture file to `to`; prints `replayed <n>`.
+    /// Accepts one connection and, `after_ms` later, sends it `push` unprompted (the peer
+    /// speaks first after a silence).
+    TcpPush {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        after_ms: u64,
+    },
+    /// Connects and waits up to `timeout_ms` for 4 bytes; prints `connected <ms>`, then
+    /// `received <ms>` or `timeout <why>`.
+    TcpWait {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        timeout_ms: u64,
+    },
+    /// Sends every datagram of a capture file to `to` and counts what comes back within 2 s;
+    /// prints `replayed <n> answered <n>`.
     UdpReplay {
         #[arg(long)]
         file: std::path::PathBuf,
@@ -392,7 +409,35 @@ fn main() -> anyhow::Result<()> {
                 s.send_to(b, to)?;
                 std::thread::sleep(Duration::from_micros(200));
             }
-            println!("replayed {}", d.len());
+            // Whatever the target sends back to the replayer within 2 s.
+            s.set_read_timeout(Some(Duration::from_millis(100)))?;
+            let end = Instant::now() + Duration::from_secs(2);
+            let mut answered = 0;
+            let mut buf = [0u8; 2048];
+            while Instant::now() < end {
+                if s.recv_from(&mut buf).is_ok() {
+                    answered += 1;
+                }
+            }
+            println!("replayed {} answered {answered}", d.len());
+        }
+        Cmd::TcpPush { listen, after_ms } => {
+            let l = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+            let (mut c, _) = l.accept()?;
+            std::thread::sleep(Duration::from_millis(after_ms));
+            c.write_all(b"push")?;
+            std::thread::sleep(Duration::from_secs(30));
+        }
+        Cmd::TcpWait { to, timeout_ms } => {
+            let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+            println!("connected {}", now_ms());
+            std::io::stdout().flush()?;
+            c.set_read_timeout(Some(Duration::from_millis(timeout_ms)))?;
+            let mut b = [0u8; 4];
+            match c.read_exact(&mut b) {
+                Ok(()) => println!("received {}", now_ms()),
+                Err(e) => println!("timeout {:?}", e.kind()),
+            }
         }
         Cmd::TcpSend { to, bytes, seed } => {
             let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(10))
