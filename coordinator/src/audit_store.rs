@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::Context;
 use hybrid::sign::Signer;
 use tracing::{error, info};
-use zeroize::Zeroizing;
 
 use crate::audit::{Checkpoint, GENESIS};
 use crate::db::{self, Pool};
@@ -146,22 +145,12 @@ pub fn spawn_checkpointer(store: std::sync::Arc<AuditStore>, pool: Pool) {
 }
 
 fn load_or_create_key(path: &Path) -> anyhow::Result<Signer> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => Ok(Signer::from_seed(
-            wire::keys::parse_hex::<32>(text.trim())
-                .with_context(|| format!("{} is not a 64-hex-digit key", path.display()))?,
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let signer = Signer::generate(&mut rand::rng());
-            let mut hex = Zeroizing::new(String::new());
-            wire::keys::push_hex(&mut hex, signer.seed());
-            hex.push('\n');
-            crate::server::write_private_file(path, hex.as_bytes())?;
-            info!(path = %path.display(), "generated a new audit signing key");
-            Ok(signer)
-        }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    let (seed, created) =
+        statefs::load_or_create_secret(path, || *Signer::generate(&mut rand::rng()).seed())?;
+    if created {
+        info!(path = %path.display(), "generated a new audit signing key");
     }
+    Ok(Signer::from_seed(*seed))
 }
 
 fn write_checkpoint(path: &Path, cp: &Checkpoint) -> anyhow::Result<()> {

@@ -36,24 +36,15 @@ pub const TICKET_KEY_FILE: &str = "ticket.key";
 /// Loads (or creates) the ticket signing key in `dir`.
 pub fn load_or_create_signer(dir: &Path) -> anyhow::Result<TicketSigner> {
     let path = dir.join(TICKET_KEY_FILE);
-    match std::fs::read_to_string(&path).map(zeroize::Zeroizing::new) {
-        Ok(text) => Ok(TicketSigner::from_seed(
-            wire::keys::parse_hex::<32>(text.trim())
-                .with_context(|| format!("{} is not a 64-hex-digit key", path.display()))?,
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut seed = zeroize::Zeroizing::new([0u8; 32]);
-            rand::Rng::fill_bytes(&mut rand::rng(), seed.as_mut());
-            let signer = TicketSigner::from_seed(*seed);
-            let mut hex = zeroize::Zeroizing::new(String::new());
-            wire::keys::push_hex(&mut hex, signer.seed());
-            hex.push('\n');
-            crate::server::write_private_file(&path, hex.as_bytes())?;
-            info!(path = %path.display(), "generated a new relay ticket key");
-            Ok(signer)
-        }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    let (seed, created) = statefs::load_or_create_secret(&path, || {
+        let mut seed = [0u8; 32];
+        rand::Rng::fill_bytes(&mut rand::rng(), &mut seed);
+        seed
+    })?;
+    if created {
+        info!(path = %path.display(), "generated a new relay ticket key");
     }
+    Ok(TicketSigner::from_seed(*seed))
 }
 
 /// A ticket for `key`, hex, valid from now for [`TICKET_TTL`].

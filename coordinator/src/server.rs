@@ -279,23 +279,13 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
 }
 
 fn load_or_create_key(path: &Path) -> anyhow::Result<StaticKeypair> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let bytes = wire::keys::parse_hex::<32>(text.trim())
-                .with_context(|| format!("{} is not a 64-hex-digit key", path.display()))?;
-            Ok(StaticKeypair::from_secret(bytes))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let kp = StaticKeypair::generate(&mut rand::rng());
-            let mut hex = zeroize::Zeroizing::new(String::new());
-            wire::keys::push_hex(&mut hex, kp.secret_bytes());
-            hex.push('\n');
-            write_private_file(path, hex.as_bytes())?;
-            info!(path = %path.display(), "generated a new control key");
-            Ok(kp)
-        }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    let (secret, created) = statefs::load_or_create_secret(path, || {
+        *StaticKeypair::generate(&mut rand::rng()).secret_bytes()
+    })?;
+    if created {
+        info!(path = %path.display(), "generated a new control key");
     }
+    Ok(StaticKeypair::from_secret(*secret))
 }
 
 /// Writes a 0600 file atomically (temp file + rename), so a crash never leaves half a key.

@@ -233,6 +233,36 @@ async fn serve_inner(
     }
 }
 
+/// `GET http://{authority}{path}` over plain HTTP/1.1, reading at most `max` bytes of the
+/// answer (a hostile server cannot make the caller buffer an endless body; the caller bounds
+/// the time). Fails on a non-2xx status.
+pub async fn get(authority: &str, path: &str, max: usize) -> anyhow::Result<bytes::Bytes> {
+    use anyhow::Context;
+    let stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .with_context(|| format!("cannot connect to {authority}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = hyper::Request::builder()
+        .uri(path)
+        .header("host", authority)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .with_context(|| format!("{authority} did not answer GET {path}"))?;
+    if !resp.status().is_success() {
+        anyhow::bail!("{authority} answered {} to GET {path}", resp.status());
+    }
+    let body = http_body_util::Limited::new(resp.into_body(), max);
+    Ok(http_body_util::BodyExt::collect(body)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading GET {path}: {e}"))?
+        .to_bytes())
+}
+
 /// The peer address a request came from, if the server recorded it.
 pub fn peer_ip(info: Option<&ConnectInfo<SocketAddr>>) -> IpAddr {
     info.map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())

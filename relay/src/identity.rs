@@ -20,21 +20,10 @@ pub const CERT_KEY_FILE: &str = "relay-cert-key.der";
 pub fn load_or_create(dir: &Path) -> anyhow::Result<(StaticKeypair, RelayCert)> {
     statefs::prepare_dir(dir, &[KEY_FILE, CERT_FILE, CERT_KEY_FILE])
         .context("the state dir cannot hold the relay's keys")?;
-    let key_path = dir.join(KEY_FILE);
-    let key = match std::fs::read_to_string(&key_path).map(Zeroizing::new) {
-        Ok(text) => StaticKeypair::from_secret(
-            wire::keys::parse_hex::<32>(text.trim())
-                .with_context(|| format!("{} is not a 64-hex-digit key", key_path.display()))?,
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let kp = StaticKeypair::generate(&mut rand::rng());
-            let mut hex = Zeroizing::new(String::new());
-            wire::keys::push_hex(&mut hex, kp.secret_bytes());
-            write_private(&key_path, hex.as_bytes())?;
-            kp
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", key_path.display())),
-    };
+    let (secret, _) = statefs::load_or_create_secret(&dir.join(KEY_FILE), || {
+        *StaticKeypair::generate(&mut rand::rng()).secret_bytes()
+    })?;
+    let key = StaticKeypair::from_secret(*secret);
     let cert = load_or_create_cert(dir, CERT_FILE, CERT_KEY_FILE)?;
     Ok((key, cert))
 }

@@ -109,27 +109,7 @@ async fn fetch(url: &str) -> anyhow::Result<SignedRevocations> {
         .trim_end_matches('/')
         .strip_prefix("http://")
         .context("--coordinator-url must be the coordinator's http:// URL")?;
-    let stream = tokio::net::TcpStream::connect(authority)
-        .await
-        .with_context(|| format!("connecting to {authority}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let req = hyper::Request::builder()
-        .uri("/relay/revocations")
-        .header("host", authority)
-        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-    let resp = sender.send_request(req).await?;
-    if !resp.status().is_success() {
-        bail!("the coordinator answered {}", resp.status());
-    }
-    let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER);
-    let body = http_body_util::BodyExt::collect(body)
-        .await
-        .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
-        .to_bytes();
+    let body = crate::http::get(authority, "/relay/revocations", MAX_ANSWER).await?;
     serde_json::from_slice(&body).context("decoding the answer")
 }
 

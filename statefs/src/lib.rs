@@ -141,6 +141,66 @@ pub fn prepare_dir(path: &Path, known: &[&str]) -> Result<(), DirError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io)
 }
 
+/// Why a secret file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// It exists but is not 64 hex digits.
+    #[error("{0} is not a 64-hex-digit key (refusing to replace it)")]
+    Malformed(PathBuf),
+    /// Reading or writing it failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+}
+
+/// A 32-byte secret kept as hex in `path`: read if it exists, else drawn from `generate`,
+/// written (mode 0600, atomically) and returned with `true`. Every copy, the hex included, is
+/// wiped when dropped. A file that exists but does not parse is an error, never replaced:
+/// replacing a key silently would change the identity it belongs to.
+pub fn load_or_create_secret(
+    path: &Path,
+    generate: impl FnOnce() -> [u8; 32],
+) -> Result<(zeroize::Zeroizing<[u8; 32]>, bool), SecretError> {
+    let io = |source| SecretError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::read_to_string(path).map(zeroize::Zeroizing::new) {
+        Ok(text) => {
+            let t = text.trim();
+            let mut key = zeroize::Zeroizing::new([0u8; 32]);
+            let ok = t.len() == 64
+                && t.is_ascii()
+                && (0..32).all(|i| {
+                    u8::from_str_radix(&t[2 * i..2 * i + 2], 16).is_ok_and(|b| {
+                        key[i] = b;
+                        true
+                    })
+                });
+            if !ok {
+                return Err(SecretError::Malformed(path.to_owned()));
+            }
+            Ok((key, false))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = zeroize::Zeroizing::new(generate());
+            let mut hex = zeroize::Zeroizing::new(String::with_capacity(65));
+            for b in key.iter() {
+                hex.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+                hex.push(char::from(b"0123456789abcdef"[usize::from(b & 0x0f)]));
+            }
+            hex.push('\n');
+            write_private(path, hex.as_bytes()).map_err(io)?;
+            Ok((key, true))
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Writes `contents` to `path` atomically with mode 0600 (see the crate docs).
@@ -231,6 +291,23 @@ mod tests {
         assert_eq!(mode(&home), 0o755);
         // The root of the file system is never taken over.
         assert!(prepare_dir(Path::new("/"), &["keys.json"]).is_err());
+    }
+
+    #[test]
+    fn a_secret_is_made_once_kept_private_and_a_damaged_one_is_never_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.key");
+        let (k, created) = load_or_create_secret(&p, || [0xab; 32]).unwrap();
+        assert!(created && *k == [0xab; 32]);
+        assert_eq!(mode(&p), 0o600);
+        let (again, created) = load_or_create_secret(&p, || [1; 32]).unwrap();
+        assert!(!created && *again == [0xab; 32]);
+        std::fs::write(&p, "not hex\n").unwrap();
+        let err = load_or_create_secret(&p, || [1; 32])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a 64-hex-digit key"), "{err}");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "not hex\n");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use e2e::lab::wait_for;
 use serde_json::Value;
 
-use crate::support::{Flat, lab};
+use crate::support::{Flat, ipv4_of, lab};
 
 fn tool(f: &Flat) -> String {
     f.lab.bin("lattice-testtool").display().to_string()
@@ -19,17 +19,6 @@ fn counters(st: &Value) -> Value {
 
 fn count(c: &Value, k: &str) -> u64 {
     c[k].as_u64().unwrap_or(0)
-}
-
-fn ipv4_of(st: &Value) -> String {
-    st["self"]["ips"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(Value::as_str)
-        .find(|ip| ip.contains('.'))
-        .unwrap()
-        .to_owned()
 }
 
 /// The coordinator's control key (`controlkey:...`), from its state dir.

@@ -206,19 +206,7 @@ fn a_standalone_relay_refuses_a_removed_node_within_seconds() {
     let args: Vec<&str> = cmd.split_whitespace().collect();
     let out = coord.admin(&lab, &args).unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    let relays: serde_json::Value = serde_json::from_slice(
-        &coord
-            .admin(&lab, &["relays", "list", "--json"])
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let (ws, pin, relay_key) = (
-        relays[0]["websocket"].as_str().unwrap().to_owned(),
-        relays[0]["cert_sha256"].as_str().unwrap().to_owned(),
-        relays[0]["key"].as_str().unwrap().to_owned(),
-    );
-
+    let relay = crate::support::first_relay(&lab, &coord);
     let ns = lab.ns("h0").unwrap();
     lab.attach(&wan, &ns, "eth0", "198.51.100.31/24", None)
         .unwrap();
@@ -229,30 +217,8 @@ fn a_standalone_relay_refuses_a_removed_node_within_seconds() {
     let keys: serde_json::Value =
         serde_json::from_slice(&std::fs::read(node.state_dir.join("keys.json")).unwrap()).unwrap();
     let secret = keys["node_private"].as_str().unwrap().to_owned();
-    let tool = lab.bin("lattice-testtool").display().to_string();
     // The relay-probe mints a ticket with the coordinator's key, as a node would hold one.
-    let probe = || {
-        let out = lab
-            .output(
-                &ns,
-                &[
-                    &tool,
-                    "relay-probe",
-                    "--websocket",
-                    &ws,
-                    "--cert-sha256",
-                    &pin,
-                    "--relay-key",
-                    &relay_key,
-                    "--node-secret",
-                    &secret,
-                    "--ticket-seed",
-                    seed.trim(),
-                ],
-            )
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
+    let probe = || crate::support::relay_probe(&lab, &ns, &relay, &secret, &seed);
     assert_eq!(probe(), "accepted");
     let out = coord.admin(&lab, &["nodes", "remove", "gone"]).unwrap();
     assert!(out.status.success(), "{}", text(&out));

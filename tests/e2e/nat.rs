@@ -93,15 +93,7 @@ impl NatMesh {
     }
 
     pub(crate) fn ipv4(&self, i: usize) -> String {
-        let st = self.nodes[i].status(&self.lab).expect("status");
-        st["self"]["ips"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(Value::as_str)
-            .find(|ip| ip.contains('.'))
-            .unwrap()
-            .to_owned()
+        crate::support::ipv4_of(&self.nodes[i].status(&self.lab).expect("status"))
     }
 
     /// Node `i`'s view of node `j`'s path.
@@ -597,41 +589,11 @@ fn a_node_the_coordinator_stops_vouching_for_cannot_use_the_relay() {
     );
     // Even with a correctly signed, unexpired ticket, the removed node is refused; so is a
     // stranger with a ticket from another coordinator.
-    let relays: Value = serde_json::from_slice(
-        &m.coord
-            .admin(&m.lab, &["relays", "list", "--json"])
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let ws = relays[0]["websocket"].as_str().unwrap().to_owned();
-    assert!(ws.starts_with("https://"), "{ws}");
-    let pin = relays[0]["cert_sha256"].as_str().unwrap().to_owned();
-    let relay_key = relays[0]["key"].as_str().unwrap().to_owned();
+    let relay = crate::support::first_relay(&m.lab, &m.coord);
+    assert!(relay.0.starts_with("https://"), "{}", relay.0);
     let seed = std::fs::read_to_string(m.coord.state_dir.join("ticket.key")).unwrap();
-    let tool = m.lab.bin("lattice-testtool").display().to_string();
     let probe = |secret: &str, seed: &str| -> String {
-        let out = m
-            .lab
-            .output(
-                &m.ns[2],
-                &[
-                    &tool,
-                    "relay-probe",
-                    "--websocket",
-                    &ws,
-                    "--cert-sha256",
-                    &pin,
-                    "--relay-key",
-                    &relay_key,
-                    "--node-secret",
-                    secret,
-                    "--ticket-seed",
-                    seed.trim(),
-                ],
-            )
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        crate::support::relay_probe(&m.lab, &m.ns[2], &relay, secret, seed)
     };
     let removed = probe(keys["node_private"].as_str().unwrap(), &seed);
     assert!(removed.contains("not vouched for"), "{removed}");

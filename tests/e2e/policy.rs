@@ -44,15 +44,7 @@ fn client_server(
 }
 
 fn ipv4_of(f: &Flat, name: &str) -> String {
-    let st = f.node(name).status(&f.lab).expect("status");
-    st["self"]["ips"]
-        .as_array()
-        .expect("ips")
-        .iter()
-        .filter_map(Value::as_str)
-        .find(|ip| ip.contains('.'))
-        .expect("an IPv4 address")
-        .to_owned()
+    crate::support::ipv4_of(&f.node(name).status(&f.lab).expect("status"))
 }
 
 fn tool(f: &Flat) -> String {

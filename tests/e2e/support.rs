@@ -104,3 +104,62 @@ pub(crate) fn now_ms() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis())
 }
+
+/// A node's overlay IPv4 address, from its `lattice status --json`.
+pub(crate) fn ipv4_of(status: &serde_json::Value) -> String {
+    status["self"]["ips"]
+        .as_array()
+        .expect("ips")
+        .iter()
+        .filter_map(serde_json::Value::as_str)
+        .find(|ip| ip.contains('.'))
+        .expect("an IPv4 address")
+        .to_owned()
+}
+
+/// The first relay the coordinator lists: (WebSocket URL, certificate pin, key).
+pub(crate) fn first_relay(lab: &Lab, coord: &Coordinator) -> (String, String, String) {
+    let relays: serde_json::Value = serde_json::from_slice(
+        &coord
+            .admin(lab, &["relays", "list", "--json"])
+            .expect("relays list")
+            .stdout,
+    )
+    .expect("relays list --json");
+    let field = |k: &str| relays[0][k].as_str().expect(k).to_owned();
+    (field("websocket"), field("cert_sha256"), field("key"))
+}
+
+/// Connects to a relay's WebSocket from `ns` as the node with private key `secret` (hex),
+/// holding a ticket signed with the ticket-key `seed` (hex), like a node would; returns
+/// `accepted` or `rejected: <why>`.
+pub(crate) fn relay_probe(
+    lab: &Lab,
+    ns: &str,
+    relay: &(String, String, String),
+    secret: &str,
+    seed: &str,
+) -> String {
+    let tool = lab.bin("lattice-testtool").display().to_string();
+    let (ws, pin, key) = relay;
+    let out = lab
+        .output(
+            ns,
+            &[
+                &tool,
+                "relay-probe",
+                "--websocket",
+                ws,
+                "--cert-sha256",
+                pin,
+                "--relay-key",
+                key,
+                "--node-secret",
+                secret,
+                "--ticket-seed",
+                seed.trim(),
+            ],
+        )
+        .expect("relay-probe");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

@@ -284,30 +284,9 @@ async fn fetch_control_key_unbounded(
         .trim_end_matches('/')
         .strip_prefix("http://")
         .context("the first join needs an http:// coordinator URL")?;
-    let stream = tokio::net::TcpStream::connect(authority)
+    let body = relay::http::get(authority, "/key", MAX_KEY_ANSWER)
         .await
-        .with_context(|| format!("cannot connect to the coordinator at {authority}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let req = hyper::Request::builder()
-        .uri("/key")
-        .header("host", authority)
-        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .context("the coordinator did not answer")?;
-    if !resp.status().is_success() {
-        bail!("the coordinator answered {} to GET /key", resp.status());
-    }
-    let body = http_body_util::Limited::new(resp.into_body(), MAX_KEY_ANSWER);
-    let body = http_body_util::BodyExt::collect(body)
-        .await
-        .map_err(|e| anyhow::anyhow!("reading GET /key: {e}"))?
-        .to_bytes();
+        .context("fetching the coordinator's key")?;
     let info: KeyInfo = serde_json::from_slice(&body).context("decoding /key")?;
     if &hybrid::fingerprint(info.control_key.as_bytes()) != fingerprint {
         bail!(
