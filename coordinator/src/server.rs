@@ -86,7 +86,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         .unwrap_or_else(|| cfg.state_dir.join("coordinator.db").display().to_string());
     let pool = db::open(&db_url)
         .await
-        .with_context(|| format!("opening database {db_url}"))?;
+        .with_context(|| format!("opening database {}", db::redacted(&db_url)))?;
     let now = unix_now();
     let (mesh, nodes, security) = {
         let mut conn = pool.acquire().await?;

@@ -2,6 +2,7 @@
 //! tokens; never on the plain-HTTP public listener.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod support;
 
 use std::net::SocketAddr;
@@ -54,11 +55,9 @@ fn target(addr: SocketAddr, token: &str) -> Target {
     .unwrap()
 }
 
-#[tokio::test]
-async fn tokens_reach_the_admin_api_only_over_pinned_tls_and_within_their_scope_and_lifetime() {
-    let dir = tempfile::tempdir().unwrap();
+db_test!(async fn tokens_reach_the_admin_api_only_over_pinned_tls_and_within_their_scope_and_lifetime(tdb) {
     let cert = relay::tls::RelayCert::generate().unwrap();
-    let st = state_with_pin(dir.path(), cert.pin()).await;
+    let st = state_with_pin(&tdb, cert.pin()).await;
     let addr = admin_listener(st.clone(), &cert).await;
 
     let reader = token(&st, TokenScope::Read, 3600).await;
@@ -148,7 +147,7 @@ async fn tokens_reach_the_admin_api_only_over_pinned_tls_and_within_their_scope_
     ));
     let answer = raw_http(public_addr, "/admin/v1/nodes", &reader).await;
     assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
-}
+});
 
 async fn raw_http(addr: SocketAddr, path: &str, token: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

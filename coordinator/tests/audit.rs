@@ -1,6 +1,7 @@
 //! The audit log against someone who can write the database but not the state dir.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod support;
 
 use coordinator::audit::{GENESIS, entry_hash};
@@ -12,10 +13,8 @@ async fn rows(st: &coordinator::state::AppState) -> Vec<coordinator::audit::Entr
     db::audit::list(&mut c, 0, 1000).await.unwrap()
 }
 
-#[tokio::test]
-async fn a_history_rewritten_in_the_database_is_found_without_trusting_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn a_history_rewritten_in_the_database_is_found_without_trusting_it(tdb) {
+    let st = state(&tdb).await;
     for _ in 0..4 {
         key(&st, true, 3600).await;
     }
@@ -35,14 +34,10 @@ async fn a_history_rewritten_in_the_database_is_found_without_trusting_it() {
         prev = e.hash.clone();
     }
     let mut c = st.db.acquire().await.unwrap();
-    for q in [
-        "DROP TRIGGER audit_no_update",
-        "DROP TRIGGER audit_no_delete",
-    ] {
-        sqlx::query(q).execute(&mut *c).await.unwrap();
-    }
+    tdb.drop_trigger(&mut c, "audit_no_update", "audit").await;
+    tdb.drop_trigger(&mut c, "audit_no_delete", "audit").await;
     for e in &forged {
-        sqlx::query("UPDATE audit SET actor = ?, prev_hash = ?, hash = ? WHERE seq = ?")
+        sqlx::query("UPDATE audit SET actor = $1, prev_hash = $2, hash = $3 WHERE seq = $4")
             .bind(&e.actor)
             .bind(&e.prev_hash)
             .bind(&e.hash)
@@ -51,7 +46,7 @@ async fn a_history_rewritten_in_the_database_is_found_without_trusting_it() {
             .await
             .unwrap();
     }
-    sqlx::query("UPDATE audit_head SET hash = ?, sig = '' WHERE id = 1")
+    sqlx::query("UPDATE audit_head SET hash = $1, sig = '' WHERE id = 1")
         .bind(&prev)
         .execute(&mut *c)
         .await
@@ -67,12 +62,10 @@ async fn a_history_rewritten_in_the_database_is_found_without_trusting_it() {
         v.problems
     );
     assert!(v.problems.iter().any(|p| p.contains("head's signature")));
-}
+});
 
-#[tokio::test]
-async fn entries_cut_from_the_end_with_the_head_rolled_back_are_found_through_the_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn entries_cut_from_the_end_with_the_head_rolled_back_are_found_through_the_checkpoint(tdb) {
+    let st = state(&tdb).await;
     for _ in 0..5 {
         key(&st, true, 3600).await;
     }
@@ -82,16 +75,13 @@ async fn entries_cut_from_the_end_with_the_head_rolled_back_are_found_through_th
     // 4 and 5 and puts that head back: chain, head and signatures all agree.
     let entries = rows(&st).await;
     let mut c = st.db.acquire().await.unwrap();
-    sqlx::query("DROP TRIGGER audit_no_delete")
-        .execute(&mut *c)
-        .await
-        .unwrap();
+    tdb.drop_trigger(&mut c, "audit_no_delete", "audit").await;
     sqlx::query("DELETE FROM audit WHERE seq > 3")
         .execute(&mut *c)
         .await
         .unwrap();
     let sig = coordinator::audit::sign_head(st.audit.key(), 3, &entries[2].hash);
-    sqlx::query("UPDATE audit_head SET seq = 3, hash = ?, sig = ? WHERE id = 1")
+    sqlx::query("UPDATE audit_head SET seq = 3, hash = $1, sig = $2 WHERE id = 1")
         .bind(&entries[2].hash)
         .bind(&sig)
         .execute(&mut *c)
@@ -108,4 +98,4 @@ async fn entries_cut_from_the_end_with_the_head_rolled_back_are_found_through_th
     // And the checkpoint refuses to follow the database back.
     assert!(st.audit.advance(&st.db).await.is_err());
     assert_eq!(st.audit.checkpoint().seq, 5);
-}
+});

@@ -2,6 +2,7 @@
 //! it registers it.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod support;
 
 use std::net::SocketAddr;
@@ -143,10 +144,8 @@ fn refused_with(m: &ServerMessage) -> Option<(ErrorCode, &str)> {
     }
 }
 
-#[tokio::test]
-async fn a_node_must_prove_it_holds_its_node_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn a_node_must_prove_it_holds_its_node_key(tdb) {
+    let st = state(&tdb).await;
     let k = key(&st, true, 3600).await;
     let control = st.control_key.public();
     let addr = serve(st.clone()).await;
@@ -188,12 +187,10 @@ async fn a_node_must_prove_it_holds_its_node_key() {
     let nodes = coordinator::ops::list_nodes(&st).await.unwrap();
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0].node_key, victim_key.to_text());
-}
+});
 
-#[tokio::test]
-async fn a_replayed_message_1_gets_no_handshake() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn a_replayed_message_1_gets_no_handshake(tdb) {
+    let st = state(&tdb).await;
     let control = st.control_key.public();
     let addr = serve(st).await;
     let machine = StaticKeypair::generate(&mut StdRng::seed_from_u64(8));
@@ -205,12 +202,10 @@ async fn a_replayed_message_1_gets_no_handshake() {
         handshake(&mut again, m1).await.is_none(),
         "a recorded message 1 was answered again"
     );
-}
+});
 
-#[tokio::test]
-async fn a_node_cannot_make_the_coordinator_buffer_a_large_message() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn a_node_cannot_make_the_coordinator_buffer_a_large_message(tdb) {
+    let st = state(&tdb).await;
     let control = st.control_key.public();
     let addr = serve(st).await;
     let machine = StaticKeypair::generate(&mut StdRng::seed_from_u64(9));
@@ -238,12 +233,10 @@ async fn a_node_cannot_make_the_coordinator_buffer_a_large_message() {
         closed,
         "the coordinator kept the session after {sent} frames"
     );
-}
+});
 
-#[tokio::test]
-async fn a_handshake_flood_and_half_open_sockets_do_not_stop_a_node_from_registering() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn a_handshake_flood_and_half_open_sockets_do_not_stop_a_node_from_registering(tdb) {
+    let st = state(&tdb).await;
     let k = key(&st, true, 3600).await;
     let control = st.control_key.public();
     let admission = std::sync::Arc::clone(&st.admission);
@@ -303,4 +296,4 @@ async fn a_handshake_flood_and_half_open_sockets_do_not_stop_a_node_from_registe
     // Every unauthenticated slot comes back.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(admission.pre_auth(), 0);
-}
+});

@@ -1,6 +1,7 @@
 //! Policy storage, checks, audit and posture intake against a real SQLite database file.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod support;
 
 use std::collections::BTreeMap;
@@ -66,10 +67,8 @@ fn peers_of(st: &AppState, me: NodeId) -> (usize, usize) {
     (m.peers.unwrap().len(), m.packet_filter.unwrap().len())
 }
 
-#[tokio::test]
-async fn a_failing_file_is_rejected_with_every_problem_and_nothing_changes() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn a_failing_file_is_rejected_with_every_problem_and_nothing_changes(tdb) {
+    let st = state(&tdb).await;
     let set = pops::set(&st, &text("good.hujson", GOOD), "local:uid=0")
         .await
         .unwrap();
@@ -117,12 +116,10 @@ async fn a_failing_file_is_rejected_with_every_problem_and_nothing_changes() {
         before_audit,
         "a rejected file leaves no audit entry"
     );
-}
+});
 
-#[tokio::test]
-async fn every_version_is_kept_and_audited_with_its_actor() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn every_version_is_kept_and_audited_with_its_actor(tdb) {
+    let st = state(&tdb).await;
     let v1 = pops::set(&st, &text("p.hujson", GOOD), "local:uid=0")
         .await
         .unwrap();
@@ -167,12 +164,10 @@ async fn every_version_is_kept_and_audited_with_its_actor() {
     let r = sqlx::query("DELETE FROM policies").execute(&mut *c).await;
     assert!(r.is_err());
     assert!(ops::audit_verify(&st).await.unwrap().ok());
-}
+});
 
-#[tokio::test]
-async fn posture_and_custom_attributes_decide_who_sees_whom() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn posture_and_custom_attributes_decide_who_sees_whom(tdb) {
+    let st = state(&tdb).await;
     let (a, b) = two_nodes(&st).await;
     pops::set(&st, &text("p.hujson", GOOD), "local:uid=0")
         .await
@@ -240,12 +235,10 @@ async fn posture_and_custom_attributes_decide_who_sees_whom() {
         .collect();
     pops::record_posture(&st, b, sneaky).await.unwrap();
     assert_eq!(peers_of(&st, a), (1, 0), "a may reach b, b may not reach a");
-}
+});
 
-#[tokio::test]
-async fn auth_keys_may_only_carry_tags_the_policy_declares() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn auth_keys_may_only_carry_tags_the_policy_declares(tdb) {
+    let st = state(&tdb).await;
     pops::set(&st, &text("p.hujson", GOOD), "local:uid=0")
         .await
         .unwrap();
@@ -265,12 +258,10 @@ async fn auth_keys_may_only_carry_tags_the_policy_declares() {
             .contains("not declared in the policy's tagOwners"),
         "{err}"
     );
-}
+});
 
-#[tokio::test]
-async fn serve_policy_is_stored_once_and_a_bad_one_refuses_to_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let pool = db::open(&dir.path().join("c.db").display().to_string())
+db_test!(async fn serve_policy_is_stored_once_and_a_bad_one_refuses_to_start(tdb) {
+    let pool = db::open(&tdb.url)
         .await
         .unwrap();
     let key = hybrid::sign::Signer::from_seed([3; 32]);
@@ -306,4 +297,4 @@ async fn serve_policy_is_stored_once_and_a_bad_one_refuses_to_start() {
     assert!(format!("{err:#}").contains("bad.hujson:1:11"), "{err:#}");
     let mut c = pool.acquire().await.unwrap();
     assert_eq!(db::policy::versions(&mut c).await.unwrap().len(), 1);
-}
+});

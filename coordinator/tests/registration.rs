@@ -1,6 +1,7 @@
 //! Registration, auth keys and the audit log against a real SQLite database file.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod support;
 
 use coordinator::db;
@@ -19,10 +20,8 @@ fn refused(r: Result<impl std::fmt::Debug, RegisterError>) -> ErrorCode {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_single_use_key_registers_exactly_one_of_many_concurrent_nodes() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn a_single_use_key_registers_exactly_one_of_many_concurrent_nodes(tdb) {
+    let st = state(&tdb).await;
     let k = key(&st, false, 3600).await;
     let mut tasks = Vec::new();
     for i in 1..=24u8 {
@@ -44,12 +43,10 @@ async fn a_single_use_key_registers_exactly_one_of_many_concurrent_nodes() {
     assert_eq!((ok, used), (1, 23));
     let mut c = st.db.acquire().await.unwrap();
     assert_eq!(db::nodes::count(&mut c).await.unwrap(), 1);
-}
+});
 
-#[tokio::test]
-async fn a_reusable_key_gives_unique_names_and_addresses() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn a_reusable_key_gives_unique_names_and_addresses(tdb) {
+    let st = state(&tdb).await;
     let k = key(&st, true, 3600).await;
     let mut names = Vec::new();
     let mut v4 = Vec::new();
@@ -74,12 +71,10 @@ async fn a_reusable_key_gives_unique_names_and_addresses() {
         ["db-server", "db-server-1", "db-server-2", "db-server-3"]
     );
     assert_eq!(v4, ["100.64.0.1", "100.64.0.2", "100.64.0.3", "100.64.0.4"]);
-}
+});
 
-#[tokio::test]
-async fn expired_revoked_forged_and_foreign_keys_are_refused_with_clear_codes() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn expired_revoked_forged_and_foreign_keys_are_refused_with_clear_codes(tdb) {
+    let st = state(&tdb).await;
     let short = key(&st, true, 1).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(
@@ -122,12 +117,10 @@ async fn expired_revoked_forged_and_foreign_keys_are_refused_with_clear_codes() 
         refused(register_or_resume(&st, &machine(1), &hello(1, "a", None), unix_now()).await),
         ErrorCode::AuthKeyRequired
     );
-}
+});
 
-#[tokio::test]
-async fn a_known_machine_resumes_without_a_key_and_a_removed_one_is_told_why() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn a_known_machine_resumes_without_a_key_and_a_removed_one_is_told_why(tdb) {
+    let st = state(&tdb).await;
     let k = key(&st, false, 3600).await;
     let (first, _) = register_or_resume(&st, &machine(1), &hello(1, "a", Some(&k)), unix_now())
         .await
@@ -167,12 +160,10 @@ async fn a_known_machine_resumes_without_a_key_and_a_removed_one_is_told_why() {
             "node.remove"
         ]
     );
-}
+});
 
-#[tokio::test]
-async fn secrets_are_stored_only_as_hashes() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn secrets_are_stored_only_as_hashes(tdb) {
+    let st = state(&tdb).await;
     let k: AuthKey = key(&st, false, 3600).await.parse().unwrap();
     let token = ops::create_token(&st, ops::CreateToken::default(), "test")
         .await
@@ -182,7 +173,7 @@ async fn secrets_are_stored_only_as_hashes() {
     let secret_hex = &k.expose_secret()[50..];
     let token_secret = token.split('-').nth(2).unwrap().to_owned();
     assert_eq!(token_secret.len(), 40);
-    for entry in std::fs::read_dir(dir.path()).unwrap() {
+    for entry in std::fs::read_dir(tdb.path()).unwrap() {
         let bytes = std::fs::read(entry.unwrap().path()).unwrap();
         let text = String::from_utf8_lossy(&bytes);
         assert!(
@@ -198,12 +189,10 @@ async fn secrets_are_stored_only_as_hashes() {
             "raw secret bytes in the database"
         );
     }
-}
+});
 
-#[tokio::test]
-async fn audit_verify_finds_modified_and_deleted_rows_in_the_real_database() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn audit_verify_finds_modified_and_deleted_rows_in_the_real_database(tdb) {
+    let st = state(&tdb).await;
     for _ in 0..5 {
         key(&st, true, 3600).await;
     }
@@ -217,14 +206,8 @@ async fn audit_verify_finds_modified_and_deleted_rows_in_the_real_database() {
         .unwrap_err();
     assert!(err.to_string().contains("append-only"));
     // ...so an attacker with file access drops the trigger first; verify still notices.
-    sqlx::query("DROP TRIGGER audit_no_update")
-        .execute(&mut *c)
-        .await
-        .unwrap();
-    sqlx::query("DROP TRIGGER audit_no_delete")
-        .execute(&mut *c)
-        .await
-        .unwrap();
+    tdb.drop_trigger(&mut c, "audit_no_update", "audit").await;
+    tdb.drop_trigger(&mut c, "audit_no_delete", "audit").await;
     sqlx::query("UPDATE audit SET actor = 'mallory' WHERE seq = 2")
         .execute(&mut *c)
         .await
@@ -264,16 +247,14 @@ async fn audit_verify_finds_modified_and_deleted_rows_in_the_real_database() {
     let v = ops::audit_verify(&st).await.unwrap();
     assert_eq!(v.problems.len(), 1, "{:?}", v.problems);
     assert!(v.problems[0].contains("chain ends at entry 2 but the head records entry 5"));
-}
+});
 
-#[tokio::test]
-async fn the_admin_router_needs_a_valid_token() {
+db_test!(async fn the_admin_router_needs_a_valid_token(tdb) {
     use axum::body::Body;
     use axum::http::Request;
     use tower::ServiceExt;
 
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+    let st = state(&tdb).await;
     let app = coordinator::api::admin_router(st.clone());
     let req = |auth: Option<&str>| {
         let mut b = Request::builder().uri("/admin/v1/nodes");
@@ -310,12 +291,10 @@ async fn the_admin_router_needs_a_valid_token() {
             .status(),
         401
     );
-}
+});
 
-#[tokio::test]
-async fn a_node_key_belongs_to_one_node() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn a_node_key_belongs_to_one_node(tdb) {
+    let st = state(&tdb).await;
     let k = key(&st, true, 3600).await;
     register_or_resume(&st, &machine(1), &hello(1, "a", Some(&k)), unix_now())
         .await
@@ -343,17 +322,15 @@ async fn a_node_key_belongs_to_one_node() {
     assert_eq!(again.node_key, NodeKey::from_bytes([1; 32]));
     // And the database itself refuses a duplicate, whatever the code path.
     let mut c = st.db.acquire().await.unwrap();
-    let dup = sqlx::query("UPDATE nodes SET node_key = ? WHERE name = 'b'")
+    let dup = sqlx::query("UPDATE nodes SET node_key = $1 WHERE name = 'b'")
         .bind(NodeKey::from_bytes([1; 32]).to_text())
         .execute(&mut *c)
         .await;
     assert!(dup.is_err(), "two nodes share a node key in the database");
-}
+});
 
-#[tokio::test]
-async fn removed_and_rotated_away_node_keys_are_published_for_relays() {
-    let dir = tempfile::tempdir().unwrap();
-    let st = state(dir.path()).await;
+db_test!(async fn removed_and_rotated_away_node_keys_are_published_for_relays(tdb) {
+    let st = state(&tdb).await;
     let k = key(&st, true, 3600).await;
     for (m, n) in [(1, "a"), (2, "b")] {
         let (rec, _) = register_or_resume(&st, &machine(m), &hello(m, n, Some(&k)), unix_now())
@@ -387,4 +364,4 @@ async fn removed_and_rotated_away_node_keys_are_published_for_relays() {
     // Each until the last second a ticket issued before could be valid.
     let until = st.hub.read().revocations(unix_now())[0].1;
     assert!(until >= unix_now() + 110 && until <= unix_now() + 121);
-}
+});

@@ -1,6 +1,6 @@
 //! The `audit` and `audit_head` tables.
 
-use sqlx::{FromRow, SqliteConnection};
+use sqlx::{AnyConnection, FromRow};
 
 use super::DbError;
 use hybrid::sign::Signer;
@@ -39,7 +39,7 @@ impl From<Row> for Entry {
 /// Appends an entry, signed with `key`. Must run inside a write transaction so the chain
 /// cannot fork.
 pub async fn append(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     key: &Signer,
     entry: NewEntry,
     at_ms: i64,
@@ -50,7 +50,7 @@ pub async fn append(
     let e = entry.chain(seq, &hash, at_ms, key);
     sqlx::query(
         "INSERT INTO audit (seq, at_ms, actor, action, target, detail, prev_hash, hash, sig)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(e.seq)
     .bind(e.at_ms)
@@ -64,7 +64,7 @@ pub async fn append(
     .execute(&mut *conn)
     .await?;
     sqlx::query(
-        "INSERT INTO audit_head (id, seq, hash, sig) VALUES (1, ?, ?, ?)
+        "INSERT INTO audit_head (id, seq, hash, sig) VALUES (1, $1, $2, $3)
          ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash,
                                         sig = excluded.sig",
     )
@@ -77,7 +77,7 @@ pub async fn append(
 }
 
 /// The recorded end of the chain.
-pub async fn head(conn: &mut SqliteConnection) -> Result<Option<Head>, DbError> {
+pub async fn head(conn: &mut AnyConnection) -> Result<Option<Head>, DbError> {
     let row: Option<(i64, String, String)> =
         sqlx::query_as("SELECT seq, hash, sig FROM audit_head WHERE id = 1")
             .fetch_optional(&mut *conn)
@@ -86,8 +86,8 @@ pub async fn head(conn: &mut SqliteConnection) -> Result<Option<Head>, DbError> 
 }
 
 /// The hash of entry `seq`, if it exists.
-pub async fn hash_of(conn: &mut SqliteConnection, seq: i64) -> Result<Option<String>, DbError> {
-    let row: Option<(String,)> = sqlx::query_as("SELECT hash FROM audit WHERE seq = ?")
+pub async fn hash_of(conn: &mut AnyConnection, seq: i64) -> Result<Option<String>, DbError> {
+    let row: Option<(String,)> = sqlx::query_as("SELECT hash FROM audit WHERE seq = $1")
         .bind(seq)
         .fetch_optional(&mut *conn)
         .await?;
@@ -95,14 +95,10 @@ pub async fn hash_of(conn: &mut SqliteConnection, seq: i64) -> Result<Option<Str
 }
 
 /// Entries with `seq > after`, oldest first, at most `limit`.
-pub async fn list(
-    conn: &mut SqliteConnection,
-    after: i64,
-    limit: i64,
-) -> Result<Vec<Entry>, DbError> {
+pub async fn list(conn: &mut AnyConnection, after: i64, limit: i64) -> Result<Vec<Entry>, DbError> {
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT seq, at_ms, actor, action, target, detail, prev_hash, hash, sig FROM audit
-         WHERE seq > ? ORDER BY seq LIMIT ?",
+         WHERE seq > $1 ORDER BY seq LIMIT $2",
     )
     .bind(after)
     .bind(limit)

@@ -1,6 +1,6 @@
 //! The `auth_keys` and `admin_tokens` tables. Secrets are stored as hashes only.
 
-use sqlx::{FromRow, SqliteConnection};
+use sqlx::{AnyConnection, FromRow};
 
 use super::DbError;
 use crate::model::AuthKeyInfo;
@@ -9,8 +9,9 @@ use crate::model::AuthKeyInfo;
 struct AuthKeyRow {
     id: String,
     secret_hash: Vec<u8>,
-    reusable: bool,
-    ephemeral: bool,
+    // Flags are integers in both databases (the Any driver decodes SQLite's as integers).
+    reusable: i64,
+    ephemeral: i64,
     tags: String,
     user_name: Option<String>,
     created_at: i64,
@@ -39,8 +40,8 @@ impl AuthKeyRow {
         Ok((
             AuthKeyInfo {
                 id: self.id,
-                reusable: self.reusable,
-                ephemeral: self.ephemeral,
+                reusable: self.reusable != 0,
+                ephemeral: self.ephemeral != 0,
                 tags,
                 user: self.user_name,
                 created_at: self.created_at,
@@ -56,19 +57,19 @@ impl AuthKeyRow {
 
 /// Stores a new auth key.
 pub async fn insert_auth_key(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     info: &AuthKeyInfo,
     secret_hash: &[u8; 32],
 ) -> Result<(), DbError> {
     sqlx::query(
         "INSERT INTO auth_keys (id, secret_hash, reusable, ephemeral, tags, user_name, created_at,
                                 created_by, expires_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(&info.id)
     .bind(secret_hash.as_slice())
-    .bind(info.reusable)
-    .bind(info.ephemeral)
+    .bind(i64::from(info.reusable))
+    .bind(i64::from(info.ephemeral))
     .bind(serde_json::to_string(&info.tags).expect("strings serialize"))
     .bind(&info.user)
     .bind(info.created_at)
@@ -81,10 +82,10 @@ pub async fn insert_auth_key(
 
 /// An auth key and its stored secret hash.
 pub async fn auth_key(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     id: &str,
 ) -> Result<Option<(AuthKeyInfo, Vec<u8>)>, DbError> {
-    let row: Option<AuthKeyRow> = sqlx::query_as(select_keys!("WHERE id = ?"))
+    let row: Option<AuthKeyRow> = sqlx::query_as(select_keys!("WHERE id = $1"))
         .bind(id)
         .fetch_optional(&mut *conn)
         .await?;
@@ -95,13 +96,13 @@ pub async fn auth_key(
 /// was. This single conditional UPDATE is what makes a single-use key register exactly one node
 /// when several registrations race for it.
 pub async fn consume_auth_key(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     id: &str,
     now: i64,
 ) -> Result<bool, DbError> {
     let done = sqlx::query(
-        "UPDATE auth_keys SET used_count = used_count + 1, last_used_at = ?
-         WHERE id = ? AND revoked_at IS NULL AND expires_at > ?
+        "UPDATE auth_keys SET used_count = used_count + 1, last_used_at = $1
+         WHERE id = $2 AND revoked_at IS NULL AND expires_at > $3
            AND (reusable = 1 OR used_count = 0)",
     )
     .bind(now)
@@ -113,7 +114,7 @@ pub async fn consume_auth_key(
 }
 
 /// All auth keys, newest first.
-pub async fn list_auth_keys(conn: &mut SqliteConnection) -> Result<Vec<AuthKeyInfo>, DbError> {
+pub async fn list_auth_keys(conn: &mut AnyConnection) -> Result<Vec<AuthKeyInfo>, DbError> {
     let rows: Vec<AuthKeyRow> = sqlx::query_as(select_keys!("ORDER BY created_at DESC, id"))
         .fetch_all(&mut *conn)
         .await?;
@@ -124,12 +125,12 @@ pub async fn list_auth_keys(conn: &mut SqliteConnection) -> Result<Vec<AuthKeyIn
 
 /// Revokes a key. Returns false if there is no such key or it was already revoked.
 pub async fn revoke_auth_key(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     id: &str,
     now: i64,
 ) -> Result<bool, DbError> {
     let done =
-        sqlx::query("UPDATE auth_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+        sqlx::query("UPDATE auth_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
             .bind(now)
             .bind(id)
             .execute(&mut *conn)
@@ -139,12 +140,12 @@ pub async fn revoke_auth_key(
 
 /// Stores a new admin token.
 pub async fn insert_admin_token(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     t: NewAdminToken<'_>,
 ) -> Result<(), DbError> {
     sqlx::query(
         "INSERT INTO admin_tokens (id, secret_hash, created_at, created_by, scope, expires_at)
-         VALUES (?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(t.id)
     .bind(t.secret_hash.as_slice())
@@ -215,12 +216,12 @@ pub struct StoredToken {
 
 /// The live (not revoked) admin token with `id`.
 pub async fn admin_token(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     id: &str,
 ) -> Result<Option<StoredToken>, DbError> {
     let row: Option<(Vec<u8>, String, Option<i64>)> = sqlx::query_as(
         "SELECT secret_hash, scope, expires_at FROM admin_tokens
-         WHERE id = ? AND revoked_at IS NULL",
+         WHERE id = $1 AND revoked_at IS NULL",
     )
     .bind(id)
     .fetch_optional(&mut *conn)
@@ -257,7 +258,7 @@ pub struct TokenInfo {
 }
 
 /// Every admin token, newest first.
-pub async fn admin_tokens(conn: &mut SqliteConnection) -> Result<Vec<TokenInfo>, DbError> {
+pub async fn admin_tokens(conn: &mut AnyConnection) -> Result<Vec<TokenInfo>, DbError> {
     type Row = (String, String, String, i64, Option<i64>, Option<i64>);
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, scope, created_by, created_at, expires_at, revoked_at FROM admin_tokens
@@ -282,12 +283,12 @@ pub async fn admin_tokens(conn: &mut SqliteConnection) -> Result<Vec<TokenInfo>,
 
 /// Revokes an admin token. Returns whether one was revoked.
 pub async fn revoke_admin_token(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     id: &str,
     now: i64,
 ) -> Result<bool, DbError> {
     let done =
-        sqlx::query("UPDATE admin_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+        sqlx::query("UPDATE admin_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
             .bind(now)
             .bind(id)
             .execute(&mut *conn)

@@ -1,7 +1,7 @@
 //! The mesh settings row.
 
 use ipnet::Ipv6Net;
-use sqlx::SqliteConnection;
+use sqlx::AnyConnection;
 use wire::TunnelSecurity;
 
 use super::DbError;
@@ -17,14 +17,14 @@ pub struct MeshSettings {
 
 /// Reads the settings, creating them with `domain` and `ula` on first start.
 pub async fn get_or_create(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     domain: &str,
     ula: Ipv6Net,
     now: i64,
 ) -> Result<MeshSettings, DbError> {
     sqlx::query(
         "INSERT INTO mesh (id, domain, ula_prefix, next_ipv4, created_at)
-         VALUES (1, ?, ?, 1, ?) ON CONFLICT (id) DO NOTHING",
+         VALUES (1, $1, $2, 1, $3) ON CONFLICT (id) DO NOTHING",
     )
     .bind(domain)
     .bind(ula.to_string())
@@ -43,7 +43,7 @@ pub async fn get_or_create(
 }
 
 /// The mesh's tunnel security.
-pub async fn tunnel_security(conn: &mut SqliteConnection) -> Result<TunnelSecurity, DbError> {
+pub async fn tunnel_security(conn: &mut AnyConnection) -> Result<TunnelSecurity, DbError> {
     let (v,): (String,) = sqlx::query_as("SELECT tunnel_security FROM mesh WHERE id = 1")
         .fetch_one(&mut *conn)
         .await?;
@@ -55,11 +55,11 @@ pub async fn tunnel_security(conn: &mut SqliteConnection) -> Result<TunnelSecuri
 
 /// Sets the mesh's tunnel security.
 pub async fn set_tunnel_security(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     security: TunnelSecurity,
 ) -> Result<(), DbError> {
     let v = serde_json::to_value(security).expect("plain enum");
-    sqlx::query("UPDATE mesh SET tunnel_security = ? WHERE id = 1")
+    sqlx::query("UPDATE mesh SET tunnel_security = $1 WHERE id = 1")
         .bind(v.as_str().unwrap_or("post_quantum"))
         .execute(&mut *conn)
         .await?;
@@ -67,7 +67,7 @@ pub async fn set_tunnel_security(
 }
 
 /// The next IPv4 offset to try.
-pub async fn next_ipv4(conn: &mut SqliteConnection) -> Result<u32, DbError> {
+pub async fn next_ipv4(conn: &mut AnyConnection) -> Result<u32, DbError> {
     let (n,): (i64,) = sqlx::query_as("SELECT next_ipv4 FROM mesh WHERE id = 1")
         .fetch_one(&mut *conn)
         .await?;
@@ -75,8 +75,8 @@ pub async fn next_ipv4(conn: &mut SqliteConnection) -> Result<u32, DbError> {
 }
 
 /// Records the offset after the one just allocated.
-pub async fn set_next_ipv4(conn: &mut SqliteConnection, next: u32) -> Result<(), DbError> {
-    sqlx::query("UPDATE mesh SET next_ipv4 = ? WHERE id = 1")
+pub async fn set_next_ipv4(conn: &mut AnyConnection, next: u32) -> Result<(), DbError> {
+    sqlx::query("UPDATE mesh SET next_ipv4 = $1 WHERE id = 1")
         .bind(i64::from(next))
         .execute(&mut *conn)
         .await?;

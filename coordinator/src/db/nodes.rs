@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
 
-use sqlx::{FromRow, SqliteConnection};
+use sqlx::{AnyConnection, FromRow};
 use wire::{MachineKey, NodeId, NodeKey};
 
 use super::DbError;
@@ -19,7 +19,7 @@ struct NodeRow {
     ipv6: String,
     user_name: Option<String>,
     tags: String,
-    ephemeral: bool,
+    ephemeral: i64,
     os: String,
     client_version: String,
     endpoints: String,
@@ -76,7 +76,7 @@ impl TryFrom<NodeRow> for NodeRecord {
                 .map_err(|_| corrupt("nat"))?,
             name: r.name,
             user: r.user_name,
-            ephemeral: r.ephemeral,
+            ephemeral: r.ephemeral != 0,
             os: r.os,
             client_version: r.client_version,
             created_at: r.created_at,
@@ -87,7 +87,7 @@ impl TryFrom<NodeRow> for NodeRecord {
 }
 
 /// Every node.
-pub async fn all(conn: &mut SqliteConnection) -> Result<Vec<NodeRecord>, DbError> {
+pub async fn all(conn: &mut AnyConnection) -> Result<Vec<NodeRecord>, DbError> {
     let rows: Vec<NodeRow> = sqlx::query_as(select_nodes!("ORDER BY id"))
         .fetch_all(&mut *conn)
         .await?;
@@ -96,10 +96,10 @@ pub async fn all(conn: &mut SqliteConnection) -> Result<Vec<NodeRecord>, DbError
 
 /// The node holding `machine_key`.
 pub async fn by_machine_key(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     machine_key: &MachineKey,
 ) -> Result<Option<NodeRecord>, DbError> {
-    let row: Option<NodeRow> = sqlx::query_as(select_nodes!("WHERE machine_key = ?"))
+    let row: Option<NodeRow> = sqlx::query_as(select_nodes!("WHERE machine_key = $1"))
         .bind(machine_key.to_text())
         .fetch_optional(&mut *conn)
         .await?;
@@ -107,11 +107,8 @@ pub async fn by_machine_key(
 }
 
 /// The node called `name`.
-pub async fn by_name(
-    conn: &mut SqliteConnection,
-    name: &str,
-) -> Result<Option<NodeRecord>, DbError> {
-    let row: Option<NodeRow> = sqlx::query_as(select_nodes!("WHERE name = ?"))
+pub async fn by_name(conn: &mut AnyConnection, name: &str) -> Result<Option<NodeRecord>, DbError> {
+    let row: Option<NodeRow> = sqlx::query_as(select_nodes!("WHERE name = $1"))
         .bind(name)
         .fetch_optional(&mut *conn)
         .await?;
@@ -119,7 +116,7 @@ pub async fn by_name(
 }
 
 /// All names in use.
-pub async fn names(conn: &mut SqliteConnection) -> Result<HashSet<String>, DbError> {
+pub async fn names(conn: &mut AnyConnection) -> Result<HashSet<String>, DbError> {
     let rows: Vec<(String,)> = sqlx::query_as("SELECT name FROM nodes")
         .fetch_all(&mut *conn)
         .await?;
@@ -127,7 +124,7 @@ pub async fn names(conn: &mut SqliteConnection) -> Result<HashSet<String>, DbErr
 }
 
 /// Number of nodes.
-pub async fn count(conn: &mut SqliteConnection) -> Result<u64, DbError> {
+pub async fn count(conn: &mut AnyConnection) -> Result<u64, DbError> {
     let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM nodes")
         .fetch_one(&mut *conn)
         .await?;
@@ -135,8 +132,8 @@ pub async fn count(conn: &mut SqliteConnection) -> Result<u64, DbError> {
 }
 
 /// Whether an IPv4 address (host-order) is in use.
-pub async fn ipv4_in_use(conn: &mut SqliteConnection, ip: Ipv4Addr) -> Result<bool, DbError> {
-    let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM nodes WHERE ipv4 = ?")
+pub async fn ipv4_in_use(conn: &mut AnyConnection, ip: Ipv4Addr) -> Result<bool, DbError> {
+    let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM nodes WHERE ipv4 = $1")
         .bind(i64::from(u32::from(ip)))
         .fetch_optional(&mut *conn)
         .await?;
@@ -174,11 +171,11 @@ pub struct NewNode<'a> {
 }
 
 /// Inserts a node and returns it.
-pub async fn insert(conn: &mut SqliteConnection, n: NewNode<'_>) -> Result<NodeRecord, DbError> {
+pub async fn insert(conn: &mut AnyConnection, n: NewNode<'_>) -> Result<NodeRecord, DbError> {
     let (id,): (i64,) = sqlx::query_as(
         "INSERT INTO nodes (machine_key, node_key, name, ipv4, ipv6, user_name, tags, ephemeral,
                             auth_key_id, os, client_version, endpoints, created_at, last_seen)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING id",
     )
     .bind(n.machine_key.to_text())
     .bind(n.node_key.to_text())
@@ -187,7 +184,7 @@ pub async fn insert(conn: &mut SqliteConnection, n: NewNode<'_>) -> Result<NodeR
     .bind(n.ipv6.to_string())
     .bind(n.user)
     .bind(json(n.tags))
-    .bind(n.ephemeral)
+    .bind(i64::from(n.ephemeral))
     .bind(n.auth_key_id)
     .bind(n.os)
     .bind(n.client_version)
@@ -207,8 +204,8 @@ pub async fn insert(conn: &mut SqliteConnection, n: NewNode<'_>) -> Result<NodeR
 }
 
 /// The node with `id`.
-pub async fn by_id(conn: &mut SqliteConnection, id: NodeId) -> Result<Option<NodeRecord>, DbError> {
-    let row: Option<NodeRow> = sqlx::query_as(select_nodes!("WHERE id = ?"))
+pub async fn by_id(conn: &mut AnyConnection, id: NodeId) -> Result<Option<NodeRecord>, DbError> {
+    let row: Option<NodeRow> = sqlx::query_as(select_nodes!("WHERE id = $1"))
         .bind(id_i64(id))
         .fetch_optional(&mut *conn)
         .await?;
@@ -217,10 +214,10 @@ pub async fn by_id(conn: &mut SqliteConnection, id: NodeId) -> Result<Option<Nod
 
 /// The node using `node_key`, if any.
 pub async fn by_node_key(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     node_key: &NodeKey,
 ) -> Result<Option<NodeId>, DbError> {
-    let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM nodes WHERE node_key = ?")
+    let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM nodes WHERE node_key = $1")
         .bind(node_key.to_text())
         .fetch_optional(&mut *conn)
         .await?;
@@ -235,7 +232,7 @@ pub async fn by_node_key(
 
 /// Updates what a node reports when it reconnects. Returns the updated record.
 pub async fn update_on_resume(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     id: NodeId,
     node_key: &NodeKey,
     endpoints: &[SocketAddr],
@@ -244,8 +241,8 @@ pub async fn update_on_resume(
     now: i64,
 ) -> Result<Option<NodeRecord>, DbError> {
     sqlx::query(
-        "UPDATE nodes SET node_key = ?, endpoints = ?, os = ?, client_version = ?, last_seen = ?
-         WHERE id = ?",
+        "UPDATE nodes SET node_key = $1, endpoints = $2, os = $3, client_version = $4, last_seen = $5
+         WHERE id = $6",
     )
     .bind(node_key.to_text())
     .bind(json(endpoints))
@@ -260,12 +257,12 @@ pub async fn update_on_resume(
 
 /// Records new endpoints.
 pub async fn set_endpoints(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     id: NodeId,
     endpoints: &[SocketAddr],
     now: i64,
 ) -> Result<(), DbError> {
-    sqlx::query("UPDATE nodes SET endpoints = ?, last_seen = ? WHERE id = ?")
+    sqlx::query("UPDATE nodes SET endpoints = $1, last_seen = $2 WHERE id = $3")
         .bind(json(endpoints))
         .bind(now)
         .bind(id_i64(id))
@@ -275,12 +272,8 @@ pub async fn set_endpoints(
 }
 
 /// Records the last contact time.
-pub async fn set_last_seen(
-    conn: &mut SqliteConnection,
-    id: NodeId,
-    now: i64,
-) -> Result<(), DbError> {
-    sqlx::query("UPDATE nodes SET last_seen = ? WHERE id = ?")
+pub async fn set_last_seen(conn: &mut AnyConnection, id: NodeId, now: i64) -> Result<(), DbError> {
+    sqlx::query("UPDATE nodes SET last_seen = $1 WHERE id = $2")
         .bind(now)
         .bind(id_i64(id))
         .execute(&mut *conn)
@@ -290,12 +283,12 @@ pub async fn set_last_seen(
 
 /// Records a node's reported posture.
 pub async fn set_posture(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     id: NodeId,
     posture: &Attrs,
     now: i64,
 ) -> Result<(), DbError> {
-    sqlx::query("UPDATE nodes SET posture = ?, posture_at = ? WHERE id = ?")
+    sqlx::query("UPDATE nodes SET posture = $1, posture_at = $2 WHERE id = $3")
         .bind(json(posture))
         .bind(now)
         .bind(id_i64(id))
@@ -306,12 +299,12 @@ pub async fn set_posture(
 
 /// Records what a node reports about its network.
 pub async fn set_netinfo(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     id: NodeId,
     home_relay: Option<wire::RelayId>,
     nat: &wire::NatInfo,
 ) -> Result<(), DbError> {
-    sqlx::query("UPDATE nodes SET home_relay = ?, nat = ? WHERE id = ?")
+    sqlx::query("UPDATE nodes SET home_relay = $1, nat = $2 WHERE id = $3")
         .bind(home_relay.map(|r| i64::from(r.0)))
         .bind(json(nat))
         .bind(id_i64(id))
@@ -322,11 +315,11 @@ pub async fn set_netinfo(
 
 /// Replaces a node's admin-set attributes.
 pub async fn set_custom_attrs(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     id: NodeId,
     attrs: &Attrs,
 ) -> Result<(), DbError> {
-    sqlx::query("UPDATE nodes SET custom_attrs = ? WHERE id = ?")
+    sqlx::query("UPDATE nodes SET custom_attrs = $1 WHERE id = $2")
         .bind(json(attrs))
         .bind(id_i64(id))
         .execute(&mut *conn)
@@ -336,11 +329,11 @@ pub async fn set_custom_attrs(
 
 /// Sets or clears the key expiry.
 pub async fn set_expiry(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     id: NodeId,
     expires_at: Option<i64>,
 ) -> Result<(), DbError> {
-    sqlx::query("UPDATE nodes SET expires_at = ? WHERE id = ?")
+    sqlx::query("UPDATE nodes SET expires_at = $1 WHERE id = $2")
         .bind(expires_at)
         .bind(id_i64(id))
         .execute(&mut *conn)
@@ -350,18 +343,18 @@ pub async fn set_expiry(
 
 /// Deletes a node and remembers its machine key as removed.
 pub async fn remove(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     node: &NodeRecord,
     reason: &str,
     now: i64,
 ) -> Result<(), DbError> {
-    sqlx::query("DELETE FROM nodes WHERE id = ?")
+    sqlx::query("DELETE FROM nodes WHERE id = $1")
         .bind(id_i64(node.id))
         .execute(&mut *conn)
         .await?;
     sqlx::query(
         "INSERT INTO removed_machines (machine_key, node_name, removed_at, reason)
-         VALUES (?, ?, ?, ?)
+         VALUES ($1, $2, $3, $4)
          ON CONFLICT (machine_key) DO UPDATE SET node_name = excluded.node_name,
              removed_at = excluded.removed_at, reason = excluded.reason",
     )
@@ -376,11 +369,11 @@ pub async fn remove(
 
 /// Why a machine was removed, if it was.
 pub async fn removal(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     machine_key: &MachineKey,
 ) -> Result<Option<(String, i64, String)>, DbError> {
     Ok(sqlx::query_as(
-        "SELECT node_name, removed_at, reason FROM removed_machines WHERE machine_key = ?",
+        "SELECT node_name, removed_at, reason FROM removed_machines WHERE machine_key = $1",
     )
     .bind(machine_key.to_text())
     .fetch_optional(&mut *conn)
@@ -389,10 +382,10 @@ pub async fn removal(
 
 /// Forgets a removal (the machine re-joined with a fresh auth key).
 pub async fn clear_removal(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     machine_key: &MachineKey,
 ) -> Result<(), DbError> {
-    sqlx::query("DELETE FROM removed_machines WHERE machine_key = ?")
+    sqlx::query("DELETE FROM removed_machines WHERE machine_key = $1")
         .bind(machine_key.to_text())
         .execute(&mut *conn)
         .await?;

@@ -1,7 +1,7 @@
 //! The `policies` table: every version ever set; the newest is in force.
 
 use serde::{Deserialize, Serialize};
-use sqlx::{FromRow, SqliteConnection};
+use sqlx::{AnyConnection, FromRow};
 
 use super::DbError;
 
@@ -39,7 +39,7 @@ pub struct PolicyVersion {
 
 /// Stores a new version and returns its number.
 pub async fn insert(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     file_name: &str,
     text: &str,
     sha256: &str,
@@ -48,7 +48,7 @@ pub async fn insert(
 ) -> Result<i64, DbError> {
     let (v,): (i64,) = sqlx::query_as(
         "INSERT INTO policies (file_name, text, sha256, set_at_ms, set_by)
-         VALUES (?, ?, ?, ?, ?) RETURNING version",
+         VALUES ($1, $2, $3, $4, $5) RETURNING version",
     )
     .bind(file_name)
     .bind(text)
@@ -61,7 +61,7 @@ pub async fn insert(
 }
 
 /// The version in force, if any was ever set.
-pub async fn current(conn: &mut SqliteConnection) -> Result<Option<StoredPolicy>, DbError> {
+pub async fn current(conn: &mut AnyConnection) -> Result<Option<StoredPolicy>, DbError> {
     Ok(sqlx::query_as(
         "SELECT version, file_name, text, sha256, set_at_ms, set_by FROM policies
          ORDER BY version DESC LIMIT 1",
@@ -71,12 +71,9 @@ pub async fn current(conn: &mut SqliteConnection) -> Result<Option<StoredPolicy>
 }
 
 /// One version.
-pub async fn get(
-    conn: &mut SqliteConnection,
-    version: i64,
-) -> Result<Option<StoredPolicy>, DbError> {
+pub async fn get(conn: &mut AnyConnection, version: i64) -> Result<Option<StoredPolicy>, DbError> {
     Ok(sqlx::query_as(
-        "SELECT version, file_name, text, sha256, set_at_ms, set_by FROM policies WHERE version = ?",
+        "SELECT version, file_name, text, sha256, set_at_ms, set_by FROM policies WHERE version = $1",
     )
     .bind(version)
     .fetch_optional(&mut *conn)
@@ -84,7 +81,7 @@ pub async fn get(
 }
 
 /// Every version, oldest first, without texts.
-pub async fn versions(conn: &mut SqliteConnection) -> Result<Vec<PolicyVersion>, DbError> {
+pub async fn versions(conn: &mut AnyConnection) -> Result<Vec<PolicyVersion>, DbError> {
     Ok(sqlx::query_as(
         "SELECT version, file_name, sha256, set_at_ms, set_by FROM policies ORDER BY version",
     )

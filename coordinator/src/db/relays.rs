@@ -1,6 +1,6 @@
 //! The `relays` table: standalone relays registered by admins.
 
-use sqlx::{FromRow, SqliteConnection};
+use sqlx::{AnyConnection, FromRow};
 use wire::{RelayId, RelayInfo};
 
 use super::DbError;
@@ -46,7 +46,7 @@ impl TryFrom<Row> for RelayInfo {
 }
 
 /// Every registered relay, by id.
-pub async fn all(conn: &mut SqliteConnection) -> Result<Vec<RelayInfo>, DbError> {
+pub async fn all(conn: &mut AnyConnection) -> Result<Vec<RelayInfo>, DbError> {
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, name, relay_key, quic, cert_sha256, websocket, stun FROM relays ORDER BY id",
     )
@@ -57,7 +57,7 @@ pub async fn all(conn: &mut SqliteConnection) -> Result<Vec<RelayInfo>, DbError>
 
 /// Registers a relay (its `id` is assigned) and returns it.
 pub async fn insert(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     r: &RelayInfo,
     actor: &str,
     now: i64,
@@ -69,7 +69,7 @@ pub async fn insert(
     });
     let (id,): (i64,) = sqlx::query_as(
         "INSERT INTO relays (name, relay_key, quic, cert_sha256, websocket, stun, created_at, created_by)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
     )
     .bind(&r.name)
     .bind(r.key.to_text())
@@ -91,8 +91,8 @@ pub async fn insert(
 }
 
 /// Removes the relay called `name`; returns whether it existed.
-pub async fn remove(conn: &mut SqliteConnection, name: &str) -> Result<Option<RelayId>, DbError> {
-    let row: Option<(i64,)> = sqlx::query_as("DELETE FROM relays WHERE name = ? RETURNING id")
+pub async fn remove(conn: &mut AnyConnection, name: &str) -> Result<Option<RelayId>, DbError> {
+    let row: Option<(i64,)> = sqlx::query_as("DELETE FROM relays WHERE name = $1 RETURNING id")
         .bind(name)
         .fetch_optional(&mut *conn)
         .await?;

@@ -11,15 +11,125 @@ use hybrid::StaticKeypair;
 use rand::{SeedableRng, rngs::StdRng};
 use wire::{CapabilityVersion, Hello, MachineKey, NodeKey};
 
-pub async fn state(dir: &std::path::Path) -> AppState {
-    state_with_pin(dir, [7; 32]).await
+/// A fresh, empty database and state dir for one test, on one backend.
+pub struct TestDb {
+    /// The state dir (keys, audit checkpoint; the SQLite file too on SQLite).
+    pub dir: tempfile::TempDir,
+    /// What `db::open` takes.
+    pub url: String,
+    /// The PostgreSQL server and the database made for this test.
+    pg: Option<(String, String)>,
+}
+
+impl TestDb {
+    /// A SQLite database in the state dir.
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir.path().join("c.db").display().to_string();
+        Self { dir, url, pg: None }
+    }
+
+    /// A new database on the PostgreSQL server `LATTICE_TEST_PG` names (`scripts/test` starts
+    /// one), or `None` (the test is skipped, loudly) when there is none, unless
+    /// `LATTICE_PG_REQUIRED=1`.
+    pub async fn postgres() -> Option<Self> {
+        let Ok(server) = std::env::var("LATTICE_TEST_PG") else {
+            assert!(
+                std::env::var("LATTICE_PG_REQUIRED").as_deref() != Ok("1"),
+                "LATTICE_PG_REQUIRED=1 but LATTICE_TEST_PG names no PostgreSQL server"
+            );
+            eprintln!(
+                "SKIPPED: set LATTICE_TEST_PG=postgres://... (scripts/test does) to run on PostgreSQL"
+            );
+            return None;
+        };
+        let name = format!(
+            "lattice_test_{}_{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let url = db::create_postgres_database(&server, &name).await.unwrap();
+        Some(Self {
+            dir: tempfile::tempdir().unwrap(),
+            url,
+            pg: Some((server, name)),
+        })
+    }
+
+    /// The state dir.
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Whether this is the PostgreSQL run.
+    pub fn is_postgres(&self) -> bool {
+        self.pg.is_some()
+    }
+
+    /// Drops an append-only trigger, as someone with write access to the database could.
+    pub async fn drop_trigger(&self, conn: &mut sqlx::AnyConnection, trigger: &str, table: &str) {
+        let q = if self.is_postgres() {
+            format!("DROP TRIGGER {trigger} ON {table}")
+        } else {
+            format!("DROP TRIGGER {trigger}")
+        };
+        sqlx::query(sqlx::AssertSqlSafe(q))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((server, name)) = self.pg.take() {
+            // Drop runs inside the test's runtime; the database goes on a thread of its own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                if let Err(e) = rt.block_on(db::drop_postgres_database(&server, &name)) {
+                    eprintln!("could not drop test database {name}: {e}");
+                }
+            })
+            .join();
+        }
+    }
+}
+
+/// Runs an async test body once on SQLite and once on PostgreSQL:
+/// `db_test!(async fn name(db) { ... })` makes `name::sqlite` and `name::postgres`.
+#[macro_export]
+macro_rules! db_test {
+    ($(#[$attr:meta])* async fn $name:ident($db:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[$attr])*
+            async fn run($db: $crate::support::TestDb) $body
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                run($crate::support::TestDb::sqlite()).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                if let Some(db) = $crate::support::TestDb::postgres().await {
+                    run(db).await
+                }
+            }
+        }
+    };
+}
+
+pub async fn state(db: &TestDb) -> AppState {
+    state_with_pin(db, [7; 32]).await
 }
 
 /// A state whose admin listener certificate has `admin_pin`.
-pub async fn state_with_pin(dir: &std::path::Path, admin_pin: [u8; 32]) -> AppState {
-    let pool = db::open(&dir.join("c.db").display().to_string())
-        .await
-        .unwrap();
+pub async fn state_with_pin(tdb: &TestDb, admin_pin: [u8; 32]) -> AppState {
+    let dir = tdb.path();
+    let pool = db::open(&tdb.url).await.unwrap();
     let mut conn = pool.acquire().await.unwrap();
     let mesh = db::mesh::get_or_create(
         &mut conn,
