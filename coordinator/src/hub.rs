@@ -29,6 +29,7 @@ pub struct Kick {
 pub struct Hub {
     state: RwLock<HubState>,
     changed: watch::Sender<u64>,
+    presence: Mutex<Option<mpsc::UnboundedSender<crate::presence::Event>>>,
 }
 
 /// The state behind the hub's lock.
@@ -47,6 +48,8 @@ pub struct HubState {
     compiled: Mutex<Option<(CompileKey, Arc<CompiledPolicy>)>>,
     relays: Arc<Vec<RelayInfo>>,
     relay_rev: u64,
+    coordinators: Arc<Vec<String>>,
+    coordinators_rev: u64,
     by_key: HashMap<NodeKey, NodeId>,
     /// Node keys that left the mesh (removed, expired, rotated away), until the last second a
     /// ticket issued for them can be valid: what standalone relays must stop serving.
@@ -97,17 +100,36 @@ impl Hub {
                 compiled: Mutex::new(None),
                 relays: Arc::new(Vec::new()),
                 relay_rev: 0,
+                coordinators: Arc::new(Vec::new()),
+                coordinators_rev: 0,
                 by_key: HashMap::new(),
                 revoked: BTreeMap::new(),
             }),
             changed,
+            presence: Mutex::new(None),
         });
         for n in nodes {
             if !n.is_expired(now) {
-                hub.write().insert(n, false);
+                hub.write().insert(n);
             }
         }
         hub
+    }
+
+    /// Where sessions coming and going are reported (see [`crate::presence`]).
+    pub fn report_presence_to(&self, tx: mpsc::UnboundedSender<crate::presence::Event>) {
+        *self.presence.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    }
+
+    fn report(&self, node: NodeId, up: bool) {
+        if let Some(tx) = self
+            .presence
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send((node, up));
+        }
     }
 
     /// Read access to the state.
@@ -130,30 +152,31 @@ impl Hub {
 
     /// Adds or updates a node (after a registration, resume, endpoint change, ...).
     pub fn upsert_node(&self, record: NodeRecord) {
+        self.write().insert(record);
+        self.notify();
+    }
+
+    /// Applies a run of committed node changes at once: `present` are added or updated,
+    /// `gone` are dropped and their sessions kicked.
+    pub fn apply_nodes(&self, present: Vec<NodeRecord>, gone: Vec<(NodeId, Kick)>) {
+        if present.is_empty() && gone.is_empty() {
+            return;
+        }
         {
             let mut st = self.write();
-            let online = st.nodes.get(&record.id).is_some_and(|n| n.online);
-            st.insert(record, online);
+            for r in present {
+                st.insert(r);
+            }
+            for (id, kick) in gone {
+                st.drop_node(id, Some(kick));
+            }
         }
         self.notify();
     }
 
     /// Drops a node (removed, expired). Its session, if any, is kicked with `kick`.
     pub fn remove_node(&self, id: NodeId, kick: Option<Kick>) {
-        {
-            let mut st = self.write();
-            if let Some(old) = st.nodes.remove(&id) {
-                st.inventory.remove(id);
-                st.membership_rev += 1;
-                st.by_key.remove(&old.record.node_key);
-                st.revoke(old.record.node_key);
-            }
-            if let Some(k) = kick
-                && let Some((_, tx)) = st.sessions.get(&id)
-            {
-                let _ = tx.send(k);
-            }
-        }
+        self.write().drop_node(id, kick);
         self.notify();
     }
 
@@ -196,14 +219,38 @@ impl Hub {
         self.notify();
     }
 
-    /// Replaces the mesh's tunnel security.
-    pub fn set_tunnel_security(&self, security: TunnelSecurity) {
-        self.write().tunnel_security = security;
+    /// Replaces the list of coordinator replicas nodes are told about.
+    pub fn set_coordinators(&self, urls: Vec<String>) {
+        {
+            let mut st = self.write();
+            if *st.coordinators == urls {
+                return;
+            }
+            st.coordinators = Arc::new(urls);
+            st.coordinators_rev += 1;
+        }
         self.notify();
     }
 
+    /// Replaces the mesh's tunnel security.
+    pub fn set_tunnel_security(&self, security: TunnelSecurity) {
+        {
+            let mut st = self.write();
+            if st.tunnel_security == security {
+                return;
+            }
+            st.tunnel_security = security;
+        }
+        self.notify();
+    }
+
+    /// Nodes whose control session this process holds.
+    pub fn connected_here(&self) -> Vec<NodeId> {
+        self.read().sessions.keys().copied().collect()
+    }
+
     /// Registers a control session for `node`, kicking an older one for the same node, and
-    /// marks the node online.
+    /// reports the node online.
     pub fn attach(self: &Arc<Self>, node: NodeId) -> SessionGuard {
         let (tx, kicks) = mpsc::unbounded_channel();
         let conn = {
@@ -216,10 +263,9 @@ impl Hub {
                     message: "replaced by a newer connection from the same node".into(),
                 });
             }
-            st.set_online(node, true);
             conn
         };
-        self.notify();
+        self.report(node, true);
         SessionGuard {
             hub: Arc::clone(self),
             node,
@@ -236,18 +282,20 @@ impl Hub {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        {
+        let last = {
             let mut st = self.hub.write();
-            if st
+            let last = st
                 .sessions
                 .get(&self.node)
-                .is_some_and(|(c, _)| *c == self.conn)
-            {
+                .is_some_and(|(c, _)| *c == self.conn);
+            if last {
                 st.sessions.remove(&self.node);
-                st.set_online(self.node, false);
             }
+            last
+        };
+        if last {
+            self.hub.report(self.node, false);
         }
-        self.hub.notify();
     }
 }
 
@@ -268,7 +316,27 @@ impl HubState {
             .collect()
     }
 
-    fn insert(&mut self, record: NodeRecord, online: bool) {
+    fn drop_node(&mut self, id: NodeId, kick: Option<Kick>) {
+        if let Some(old) = self.nodes.remove(&id) {
+            self.inventory.remove(id);
+            self.membership_rev += 1;
+            self.by_key.remove(&old.record.node_key);
+            self.revoke(old.record.node_key);
+        }
+        if let Some(k) = kick
+            && let Some((_, tx)) = self.sessions.get(&id)
+        {
+            let _ = tx.send(k);
+        }
+    }
+
+    fn insert(&mut self, record: NodeRecord) {
+        let online = record.connected_to.is_some();
+        if let Some(old) = self.nodes.get(&record.id)
+            && old.record == record
+        {
+            return;
+        }
         let rev = self.bump();
         let membership_changed = self.nodes.get(&record.id).is_none_or(|old| {
             old.record.addresses() != record.addresses()
@@ -308,16 +376,6 @@ impl HubState {
         );
     }
 
-    fn set_online(&mut self, id: NodeId, online: bool) {
-        let rev = self.bump();
-        if let Some(n) = self.nodes.get_mut(&id)
-            && n.online != online
-        {
-            n.online = online;
-            n.rev = rev;
-        }
-    }
-
     fn bump(&mut self) -> u64 {
         self.next_rev += 1;
         self.next_rev
@@ -335,6 +393,8 @@ impl HubState {
             tunnel_security: self.tunnel_security,
             relays: Arc::clone(&self.relays),
             relay_rev: self.relay_rev,
+            coordinators: Arc::clone(&self.coordinators),
+            coordinators_rev: self.coordinators_rev,
         }
     }
 

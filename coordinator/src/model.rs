@@ -53,6 +53,8 @@ pub struct NodeRecord {
     pub home_relay: Option<wire::RelayId>,
     /// The NAT behaviour the node measured.
     pub nat: Option<wire::NatInfo>,
+    /// The replica holding the node's control session, if any (the node is online).
+    pub connected_to: Option<String>,
 }
 
 impl NodeRecord {

@@ -45,6 +45,10 @@ pub struct Snapshot<'a> {
     pub relays: Arc<Vec<RelayInfo>>,
     /// Bumped when the relay list changes.
     pub relay_rev: u64,
+    /// The coordinator replicas' URLs.
+    pub coordinators: Arc<Vec<String>>,
+    /// Bumped when `coordinators` changes.
+    pub coordinators_rev: u64,
 }
 
 /// What one session has sent so far.
@@ -58,6 +62,7 @@ pub struct SentMap {
     dns_sent: bool,
     security_sent: Option<TunnelSecurity>,
     relays_sent: Option<u64>,
+    coordinators_sent: Option<u64>,
 }
 
 impl SentMap {
@@ -168,6 +173,12 @@ pub fn next_map(
         msg.relays = Some(snap.relays.as_ref().clone());
         sent.relays_sent = Some(snap.relay_rev);
     }
+    if sent.coordinators_sent != Some(snap.coordinators_rev) {
+        if !snap.coordinators.is_empty() || sent.coordinators_sent.is_some() {
+            msg.coordinators = Some(snap.coordinators.as_ref().clone());
+        }
+        sent.coordinators_sent = Some(snap.coordinators_rev);
+    }
     msg.relay_ticket = ticket;
 
     if msg.is_empty() {
@@ -234,6 +245,7 @@ mod tests {
                 custom_attrs: Default::default(),
                 home_relay: None,
                 nat: None,
+                connected_to: None,
             };
             self.inventory.upsert(InventoryNode {
                 id: rec.id,
@@ -272,6 +284,8 @@ mod tests {
                 tunnel_security: TunnelSecurity::PostQuantum,
                 relays: Arc::clone(&self.relays),
                 relay_rev: self.relay_rev,
+                coordinators: Arc::new(vec![]),
+                coordinators_rev: 0,
             }
         }
     }

@@ -8,7 +8,9 @@ use wire::{AuthKey, ErrorCode, Hello, MachineKey};
 
 use crate::addr;
 use crate::audit::NewEntry;
+use crate::db::changes::Kind;
 use crate::db::{self, DbError};
+use crate::feed;
 use crate::model::NodeRecord;
 use crate::secret;
 use crate::state::{AppState, unix_now_ms};
@@ -121,7 +123,8 @@ pub async fn register_or_resume(
             )
             .await?;
         }
-        tx.commit().await.map_err(DbError::from)?;
+        let seq = feed::note(&mut tx, Kind::Node, Some(updated.id), None).await?;
+        feed::commit(st, tx, seq).await?;
         return Ok((updated, false));
     }
 
@@ -193,7 +196,8 @@ pub async fn register_or_resume(
         unix_now_ms(),
     )
     .await?;
-    tx.commit().await.map_err(DbError::from)?;
+    let seq = feed::note(&mut tx, Kind::Node, Some(record.id), None).await?;
+    feed::commit(st, tx, seq).await?;
     Ok((record, true))
 }
 

@@ -20,7 +20,9 @@ use wire::{CertPin, NodeKey, RelayId, RelayInfo, RelayKey, TicketKey};
 
 use crate::audit::NewEntry;
 use crate::db;
+use crate::db::changes::Kind;
 use crate::error::ApiError;
+use crate::feed;
 use crate::hub::Hub;
 use crate::state::{AppState, unix_now, unix_now_ms};
 
@@ -187,15 +189,6 @@ fn public_host(url: Option<&str>) -> Option<IpAddr> {
         .ok()
 }
 
-/// The relay list nodes get: the embedded relay first, then the registered ones.
-pub async fn refresh(st: &AppState) -> Result<(), ApiError> {
-    let mut conn = st.db.acquire().await.map_err(db::DbError::from)?;
-    let mut all: Vec<RelayInfo> = st.embedded_relay.iter().cloned().collect();
-    all.extend(db::relays::all(&mut conn).await?);
-    st.hub.set_relays(all);
-    Ok(())
-}
-
 /// A relay registration request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AddRelay {
@@ -290,8 +283,8 @@ pub async fn add(st: &AppState, req: AddRelay, actor: &str) -> Result<RelayInfo,
         unix_now_ms(),
     )
     .await?;
-    tx.commit().await.map_err(db::DbError::from)?;
-    refresh(st).await?;
+    let seq = feed::note(&mut tx, Kind::Relays, None, None).await?;
+    feed::commit(st, tx, seq).await?;
     Ok(stored)
 }
 
@@ -348,8 +341,9 @@ pub async fn remove(st: &AppState, name: &str, actor: &str) -> Result<(), ApiErr
         unix_now_ms(),
     )
     .await?;
-    tx.commit().await.map_err(db::DbError::from)?;
-    refresh(st).await
+    let seq = feed::note(&mut tx, Kind::Relays, None, None).await?;
+    feed::commit(st, tx, seq).await?;
+    Ok(())
 }
 
 #[cfg(test)]

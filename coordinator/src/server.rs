@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::api::{self, Actor};
 use crate::audit_store::AuditStore;
 use crate::db;
+use crate::feed::{self, ReplicaInfo};
 use crate::hub::Hub;
 use crate::state::{AppState, Inner, unix_now};
 use crate::{addr, ops, relays};
@@ -88,12 +89,10 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening database {}", db::redacted(&db_url)))?;
     let now = unix_now();
-    let (mesh, nodes, security) = {
+    let mesh = {
         let mut conn = pool.acquire().await?;
         let ula = addr::random_ula(&mut StdRng::from_rng(&mut rand::rng()));
-        let mesh = db::mesh::get_or_create(&mut conn, &cfg.domain, ula, now).await?;
-        let security = db::mesh::tunnel_security(&mut conn).await?;
-        (mesh, db::nodes::all(&mut conn).await?, security)
+        db::mesh::get_or_create(&mut conn, &cfg.domain, ula, now).await?
     };
     let policy_text = match &cfg.policy {
         Some(path) => Some(
@@ -127,10 +126,9 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             "policy in force"
         );
     }
-    let offline_ephemeral: Vec<_> = nodes.iter().filter(|n| n.ephemeral).map(|n| n.id).collect();
-    let hub = Hub::new(mesh.domain.clone(), policy, policy_version, nodes, now);
-    hub.set_tunnel_security(security);
+    let hub = Hub::new(mesh.domain.clone(), policy, policy_version, Vec::new(), now);
     let tickets = Arc::new(relays::load_or_create_signer(&cfg.state_dir)?);
+    check_mesh_keys(&pool, &control_key, &tickets, &audit).await?;
     let embedded = if cfg.embedded_relay {
         Some(
             relays::start_embedded(
@@ -149,9 +147,6 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     } else {
         None
     };
-    if security == wire::TunnelSecurity::ClassicalOnly {
-        warn!("tunnels are classical-only by admin setting: no post-quantum protection");
-    }
     let admin_cert =
         relay::identity::load_or_create_cert(&cfg.state_dir, ADMIN_CERT_FILE, ADMIN_CERT_KEY_FILE)
             .context("loading the admin listener's certificate")?;
@@ -168,11 +163,27 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         admission: Default::default(),
         admin_pin: admin_cert.pin(),
         audit: Arc::clone(&audit),
+        replica: ReplicaInfo::new(
+            replica_url(cfg.public_url.as_deref(), cfg.listen),
+            embedded.as_ref().map(|e| e.info.clone()),
+        ),
+        feed: Arc::default(),
+        presence: Arc::default(),
     });
     crate::audit_store::spawn_checkpointer(audit, st.db.clone());
-    relays::refresh(&st)
+    feed::start(&st)
         .await
-        .map_err(|e| anyhow::anyhow!("loading the relay list: {e}"))?;
+        .context("loading the mesh from the database")?;
+    if st.hub.read().tunnel_security() == wire::TunnelSecurity::ClassicalOnly {
+        warn!("tunnels are classical-only by admin setting: no post-quantum protection");
+    }
+    let offline_ephemeral: Vec<_> = st
+        .hub
+        .read()
+        .nodes()
+        .filter(|n| n.record.ephemeral && !n.online)
+        .map(|n| n.record.id)
+        .collect();
 
     let tcp = TcpListener::bind(cfg.listen)
         .await
@@ -264,6 +275,9 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let admin_task = tokio::spawn(async move { admin_srv.await });
     shutdown.await;
     info!("shutting down");
+    if let Err(e) = feed::leave(&st).await {
+        warn!(error = %e, "could not leave the replicas cleanly; the others will time this one out");
+    }
     let _ = stop_tx.send(true);
     // WebSocket sessions do not end on their own; give handlers a moment, then exit.
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -275,6 +289,70 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     })
     .await;
     let _ = std::fs::remove_file(&admin_path);
+    Ok(())
+}
+
+/// The URL other nodes reach this replica at: `--public-url`, or the listen address when it
+/// is a specific one.
+fn replica_url(public_url: Option<&str>, listen: SocketAddr) -> Option<String> {
+    match public_url {
+        Some(u) => Some(u.trim_end_matches('/').to_owned()),
+        None if !listen.ip().is_unspecified() => Some(format!("http://{listen}")),
+        None => None,
+    }
+}
+
+/// Every replica of a mesh must hold the same control, ticket and audit keys: the first
+/// records them in the database, later ones must match.
+async fn check_mesh_keys(
+    pool: &db::Pool,
+    control: &StaticKeypair,
+    tickets: &hybrid::ticket::TicketSigner,
+    audit: &AuditStore,
+) -> anyhow::Result<()> {
+    let hex = |b: &[u8]| {
+        let mut s = String::new();
+        wire::keys::push_hex(&mut s, b);
+        s
+    };
+    let mine = db::mesh::MeshKeys {
+        control: hex(&control.public()),
+        ticket: hex(&tickets.public()),
+        audit: hex(&audit.key().public()),
+    };
+    let mut tx = db::begin_write(pool).await?;
+    let recorded = db::mesh::claim_keys(&mut tx, &mine).await?;
+    tx.commit().await?;
+    for (what, file, a, b) in [
+        (
+            "control",
+            CONTROL_KEY_FILE,
+            &mine.control,
+            &recorded.control,
+        ),
+        (
+            "ticket",
+            relays::TICKET_KEY_FILE,
+            &mine.ticket,
+            &recorded.ticket,
+        ),
+        (
+            "audit",
+            crate::audit_store::KEY_FILE,
+            &mine.audit,
+            &recorded.audit,
+        ),
+    ] {
+        if a != b {
+            bail!(
+                "this state dir's {what} key ({file}) is not the mesh's: every replica sharing \
+                 this database needs the same {CONTROL_KEY_FILE}, {}, and {} as the first one \
+                 (copy them from its state dir before starting this one)",
+                relays::TICKET_KEY_FILE,
+                crate::audit_store::KEY_FILE,
+            );
+        }
+    }
     Ok(())
 }
 

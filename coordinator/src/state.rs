@@ -12,7 +12,9 @@ use crate::admission::ControlAdmission;
 use crate::audit_store::AuditStore;
 use crate::db::Pool;
 use crate::db::mesh::MeshSettings;
+use crate::feed::{Feed, ReplicaInfo};
 use crate::hub::Hub;
+use crate::presence::Presence;
 
 /// Handler state (cheap to clone).
 #[derive(Clone)]
@@ -44,6 +46,12 @@ pub struct Inner {
     pub admin_pin: [u8; 32],
     /// The audit log's key and checkpoint (kept outside the database).
     pub audit: Arc<AuditStore>,
+    /// This process as one of the mesh's replicas.
+    pub replica: ReplicaInfo,
+    /// How far this replica has followed the change feed.
+    pub feed: Arc<Feed>,
+    /// Session comings and goings on their way to the database.
+    pub presence: Arc<Presence>,
 }
 
 impl AppState {

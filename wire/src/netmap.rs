@@ -97,6 +97,10 @@ pub struct MapResponse {
     /// A fresh relay ticket for this node (hex), replacing the earlier one.
     #[serde(default)]
     pub relay_ticket: Option<String>,
+    /// The URLs of every coordinator replica serving the mesh, replacing any earlier list
+    /// (a node fails over to them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinators: Option<Vec<String>>,
 }
 
 /// How tunnels between nodes are keyed (a per-mesh admin setting).
@@ -129,6 +133,7 @@ impl MapResponse {
             && self.tunnel_security.is_none()
             && self.relays.is_none()
             && self.relay_ticket.is_none()
+            && self.coordinators.is_none()
     }
 }
 

@@ -26,6 +26,8 @@ use wire::{ClientMessage, ErrorCode, Hello, MachineKey, ServerMessage, Welcome};
 
 use crate::admission::PreAuth;
 use crate::db;
+use crate::db::changes::Kind;
+use crate::feed;
 use crate::model::NodeRecord;
 use crate::netmap::{SentMap, next_map};
 use crate::register::{self, RegisterError};
@@ -166,12 +168,7 @@ async fn session(st: AppState, mut socket: WebSocket, pre_auth: PreAuth) -> anyh
     } else {
         info!(node = %record.name, id = %record.id, "node resumed");
     }
-    st.hub.upsert_node(record.clone());
     let result = stream(&st, &mut conn, &record, registered_now).await;
-    {
-        let mut c = st.db.acquire().await?;
-        db::nodes::set_last_seen(&mut c, record.id, unix_now()).await?;
-    }
     if record.ephemeral {
         schedule_ephemeral_collection(st.clone(), record.id);
     }
@@ -320,11 +317,10 @@ async fn handle_client_message(
             if endpoints.len() > 32 {
                 bail!("too many endpoints");
             }
-            let mut c = st.db.acquire().await?;
-            db::nodes::set_endpoints(&mut c, record.id, &endpoints, unix_now()).await?;
-            if let Some(updated) = db::nodes::by_id(&mut c, record.id).await? {
-                st.hub.upsert_node(updated);
-            }
+            let mut tx = db::begin_write(&st.db).await?;
+            db::nodes::set_endpoints(&mut tx, record.id, &endpoints, unix_now()).await?;
+            let seq = feed::note(&mut tx, Kind::Node, Some(record.id), None).await?;
+            feed::commit(st, tx, seq).await?;
             Ok(false)
         }
         ClientMessage::Logout => {
@@ -346,11 +342,10 @@ async fn handle_client_message(
                 debug!(node = %record.name, ?home_relay, "ignoring an unknown home relay");
                 return Ok(false);
             }
-            let mut c = st.db.acquire().await?;
-            db::nodes::set_netinfo(&mut c, record.id, home_relay, &nat).await?;
-            if let Some(updated) = db::nodes::by_id(&mut c, record.id).await? {
-                st.hub.upsert_node(updated);
-            }
+            let mut tx = db::begin_write(&st.db).await?;
+            db::nodes::set_netinfo(&mut tx, record.id, home_relay, &nat).await?;
+            let seq = feed::note(&mut tx, Kind::Node, Some(record.id), None).await?;
+            feed::commit(st, tx, seq).await?;
             Ok(false)
         }
         ClientMessage::Posture { facts } => {

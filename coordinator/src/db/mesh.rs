@@ -82,3 +82,40 @@ pub async fn set_next_ipv4(conn: &mut AnyConnection, next: u32) -> Result<(), Db
         .await?;
     Ok(())
 }
+
+/// The mesh's public keys (hex), as the `mesh` row records them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshKeys {
+    /// The control key nodes pin.
+    pub control: String,
+    /// The key relays check tickets with.
+    pub ticket: String,
+    /// The key audit entries are signed with.
+    pub audit: String,
+}
+
+/// Records `keys` as the mesh's if none are recorded yet, and returns the recorded ones.
+pub async fn claim_keys(conn: &mut AnyConnection, keys: &MeshKeys) -> Result<MeshKeys, DbError> {
+    sqlx::query(
+        "UPDATE mesh SET control_key = $1, ticket_key = $2, audit_key = $3
+         WHERE id = 1 AND control_key IS NULL",
+    )
+    .bind(&keys.control)
+    .bind(&keys.ticket)
+    .bind(&keys.audit)
+    .execute(&mut *conn)
+    .await?;
+    let (control, ticket, audit): (Option<String>, Option<String>, Option<String>) =
+        sqlx::query_as("SELECT control_key, ticket_key, audit_key FROM mesh WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await?;
+    let missing = || DbError::Corrupt {
+        table: "mesh",
+        detail: "the mesh's public keys are partly missing".into(),
+    };
+    Ok(MeshKeys {
+        control: control.ok_or_else(missing)?,
+        ticket: ticket.ok_or_else(missing)?,
+        audit: audit.ok_or_else(missing)?,
+    })
+}

@@ -14,6 +14,7 @@
 //! writes).
 
 pub mod audit;
+pub mod changes;
 pub mod keys;
 pub mod mesh;
 pub mod nodes;

@@ -31,6 +31,7 @@ struct NodeRow {
     custom_attrs: String,
     home_relay: Option<i64>,
     nat: Option<String>,
+    connected_to: Option<String>,
 }
 
 macro_rules! select_nodes {
@@ -38,7 +39,7 @@ macro_rules! select_nodes {
         concat!(
             "SELECT id, machine_key, node_key, name, ipv4, ipv6, user_name, tags, ephemeral, ",
             "os, client_version, endpoints, created_at, last_seen, expires_at, posture, posture_at, ",
-            "custom_attrs, home_relay, nat FROM nodes"
+            "custom_attrs, home_relay, nat, connected_to FROM nodes"
             $(, " ", $rest)?
         )
     };
@@ -82,6 +83,7 @@ impl TryFrom<NodeRow> for NodeRecord {
             created_at: r.created_at,
             last_seen: r.last_seen,
             expires_at: r.expires_at,
+            connected_to: r.connected_to,
         })
     }
 }
@@ -271,16 +273,6 @@ pub async fn set_endpoints(
     Ok(())
 }
 
-/// Records the last contact time.
-pub async fn set_last_seen(conn: &mut AnyConnection, id: NodeId, now: i64) -> Result<(), DbError> {
-    sqlx::query("UPDATE nodes SET last_seen = $1 WHERE id = $2")
-        .bind(now)
-        .bind(id_i64(id))
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
 /// Records a node's reported posture.
 pub async fn set_posture(
     conn: &mut AnyConnection,
@@ -398,4 +390,71 @@ fn json<T: serde::Serialize + ?Sized>(v: &T) -> String {
 
 fn id_i64(id: NodeId) -> i64 {
     i64::try_from(id.0).unwrap_or(i64::MAX)
+}
+
+/// Nodes with these ids (those that exist).
+pub async fn by_ids(conn: &mut AnyConnection, ids: &[NodeId]) -> Result<Vec<NodeRecord>, DbError> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "{} WHERE id IN ({})",
+            select_nodes!(),
+            placeholders.join(", ")
+        );
+        let mut q = sqlx::query_as::<_, NodeRow>(sqlx::AssertSqlSafe(sql));
+        for id in chunk {
+            q = q.bind(id_i64(*id));
+        }
+        for row in q.fetch_all(&mut *conn).await? {
+            out.push(NodeRecord::try_from(row)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Records which replica holds the node's control session (`None`: none). Clearing only
+/// clears the given replica's claim (`only_if`), so a session that moved to another replica is
+/// not marked offline by the old one. Returns whether the row changed.
+pub async fn set_connected(
+    conn: &mut AnyConnection,
+    id: NodeId,
+    replica: Option<&str>,
+    only_if: Option<&str>,
+    now: i64,
+) -> Result<bool, DbError> {
+    let done = match only_if {
+        Some(owner) => {
+            sqlx::query(
+                "UPDATE nodes SET connected_to = $1, last_seen = $2 WHERE id = $3 AND connected_to = $4",
+            )
+            .bind(replica)
+            .bind(now)
+            .bind(id_i64(id))
+            .bind(owner)
+            .execute(&mut *conn)
+            .await?
+        }
+        None => {
+            sqlx::query("UPDATE nodes SET connected_to = $1, last_seen = $2 WHERE id = $3")
+                .bind(replica)
+                .bind(now)
+                .bind(id_i64(id))
+                .execute(&mut *conn)
+                .await?
+        }
+    };
+    Ok(done.rows_affected() > 0)
+}
+
+/// Nodes whose session is held by `replica`.
+pub async fn connected_to(conn: &mut AnyConnection, replica: &str) -> Result<Vec<NodeId>, DbError> {
+    let rows: Vec<(i64,)> = sqlx::query_as("SELECT id FROM nodes WHERE connected_to = $1")
+        .bind(replica)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id,)| u64::try_from(id).ok().map(NodeId))
+        .collect())
 }

@@ -1,5 +1,5 @@
-//! Admin operations. Each change and its audit entry commit in one transaction; the hub is
-//! updated after the commit.
+//! Admin operations. Each change, its audit entry and its row in the change feed commit in one
+//! transaction; the hub (of every replica) follows the feed after the commit.
 
 pub mod policy;
 
@@ -12,8 +12,10 @@ use wire::{AuthKey, ErrorCode, NodeId, TunnelSecurity};
 
 use crate::audit::{self, Entry, NewEntry, Verification};
 use crate::db;
+use crate::db::changes::Kind;
 use crate::db::keys::TokenScope;
 use crate::error::ApiError;
+use crate::feed::{self, KickDetail};
 use crate::hub::Kick;
 use crate::model::{Attrs, AuthKeyInfo, NodeRecord};
 use crate::secret::{self, AdminToken};
@@ -286,14 +288,17 @@ pub async fn remove_node(
         unix_now_ms(),
     )
     .await?;
-    tx.commit().await.map_err(db::DbError::from)?;
-    st.hub.remove_node(
-        node.id,
-        Some(Kick {
+    let seq = feed::note(
+        &mut tx,
+        Kind::Node,
+        Some(node.id),
+        Some(KickDetail {
             code: ErrorCode::NodeRemoved,
             message: format!("node {} was removed: {reason}", node.name),
         }),
-    );
+    )
+    .await?;
+    feed::commit(st, tx, seq).await?;
     Ok(node)
 }
 
@@ -305,7 +310,8 @@ pub async fn collect_ephemeral(st: &AppState, id: NodeId) -> Result<(), ApiError
     let name = {
         let mut conn = st.db.acquire().await.map_err(db::DbError::from)?;
         match db::nodes::by_id(&mut conn, id).await? {
-            Some(n) if n.ephemeral => n.name,
+            // Back on this or another replica.
+            Some(n) if n.ephemeral && n.connected_to.is_none() => n.name,
             _ => return Ok(()),
         }
     };
@@ -334,14 +340,17 @@ pub async fn expire_node(st: &AppState, name: &str, actor: &str) -> Result<(), A
         unix_now_ms(),
     )
     .await?;
-    tx.commit().await.map_err(db::DbError::from)?;
-    st.hub.remove_node(
-        node.id,
-        Some(Kick {
+    let seq = feed::note(
+        &mut tx,
+        Kind::Node,
+        Some(node.id),
+        Some(KickDetail {
             code: ErrorCode::NodeExpired,
             message: format!("the key of node {} was expired by an admin", node.name),
         }),
-    );
+    )
+    .await?;
+    feed::commit(st, tx, seq).await?;
     Ok(())
 }
 
@@ -562,13 +571,13 @@ pub async fn set_tunnel_security(
         unix_now_ms(),
     )
     .await?;
-    tx.commit().await.map_err(db::DbError::from)?;
+    let seq = feed::note(&mut tx, Kind::Settings, None, None).await?;
+    feed::commit(st, tx, seq).await?;
     if security == TunnelSecurity::ClassicalOnly {
         tracing::warn!(%actor, "tunnels are now classical-only: no post-quantum protection");
     } else {
         tracing::info!(%actor, "tunnels require post-quantum keys");
     }
-    st.hub.set_tunnel_security(security);
     Ok(Settings {
         tunnel_security: security,
     })

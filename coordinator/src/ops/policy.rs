@@ -12,8 +12,10 @@ use wire::{AttrValue, NodeId};
 
 use crate::audit::NewEntry;
 use crate::db;
+use crate::db::changes::Kind;
 use crate::db::policy::{PolicyVersion, StoredPolicy};
 use crate::error::ApiError;
+use crate::feed;
 use crate::model::Attrs;
 use crate::state::{AppState, unix_now, unix_now_ms};
 
@@ -201,7 +203,7 @@ pub async fn set(st: &AppState, req: &PolicyText, actor: &str) -> Result<SetOutc
             diff: DiffView::default(),
         });
     }
-    let version = store_version(
+    let (version, seq) = store_version(
         &mut tx,
         st.audit.key(),
         (&req.file_name, &req.text, &sha),
@@ -211,7 +213,7 @@ pub async fn set(st: &AppState, req: &PolicyText, actor: &str) -> Result<SetOutc
         json!({"gained": diff.gained.len(), "lost": diff.lost.len()}),
     )
     .await?;
-    tx.commit().await.map_err(db::DbError::from)?;
+    feed::commit(st, tx, seq).await?;
     tracing::info!(%actor, version, file = %req.file_name, rules = new.rule_count(),
         gained = diff.gained.len(), lost = diff.lost.len(), "policy set");
     let outcome = SetOutcome {
@@ -221,7 +223,6 @@ pub async fn set(st: &AppState, req: &PolicyText, actor: &str) -> Result<SetOutc
         tests: new.test_count(),
         diff,
     };
-    st.hub.set_policy(version, new);
     Ok(outcome)
 }
 
@@ -262,7 +263,7 @@ pub async fn load_at_start(
     {
         return Ok((cur.version, p));
     }
-    let version = store_version(
+    let (version, _) = store_version(
         &mut tx,
         audit_key,
         (name, text, &sha),
@@ -286,7 +287,7 @@ async fn store_version(
     previous: Option<&StoredPolicy>,
     actor: &str,
     extra: serde_json::Value,
-) -> Result<i64, db::DbError> {
+) -> Result<(i64, i64), db::DbError> {
     let version = db::policy::insert(tx, name, text, sha, actor, unix_now_ms()).await?;
     let mut detail = json!({
         "version": version,
@@ -306,7 +307,8 @@ async fn store_version(
         unix_now_ms(),
     )
     .await?;
-    Ok(version)
+    let seq = feed::note(tx, Kind::Policy, None, None).await?;
+    Ok((version, seq))
 }
 
 /// Changes to a node's admin-set attributes.
@@ -387,13 +389,8 @@ pub async fn set_attrs(
         unix_now_ms(),
     )
     .await?;
-    tx.commit().await.map_err(db::DbError::from)?;
-    if let Some(updated) = {
-        let mut c = st.db.acquire().await.map_err(db::DbError::from)?;
-        db::nodes::by_id(&mut c, node.id).await?
-    } {
-        st.hub.upsert_node(updated);
-    }
+    let seq = feed::note(&mut tx, Kind::Node, Some(node.id), None).await?;
+    feed::commit(st, tx, seq).await?;
     Ok(attrs)
 }
 
@@ -438,15 +435,9 @@ pub async fn record_posture(
         return Ok(false);
     }
     db::nodes::set_posture(&mut tx, id, &posture, unix_now()).await?;
-    tx.commit().await.map_err(db::DbError::from)?;
+    let seq = feed::note(&mut tx, Kind::Node, Some(id), None).await?;
+    feed::commit(st, tx, seq).await?;
     tracing::info!(node = %node.name, facts = posture.len(), "posture changed");
-    let updated = {
-        let mut c = st.db.acquire().await.map_err(db::DbError::from)?;
-        db::nodes::by_id(&mut c, id).await?
-    };
-    if let Some(updated) = updated {
-        st.hub.upsert_node(updated);
-    }
     Ok(true)
 }
 

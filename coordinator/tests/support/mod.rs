@@ -146,7 +146,7 @@ pub async fn state_with_pin(tdb: &TestDb, admin_pin: [u8; 32]) -> AppState {
             .unwrap(),
     );
     let key = StaticKeypair::generate(&mut StdRng::seed_from_u64(1));
-    AppState::new(Inner {
+    let st = AppState::new(Inner {
         db: pool,
         hub: Hub::new(
             "mesh.internal".into(),
@@ -165,7 +165,12 @@ pub async fn state_with_pin(tdb: &TestDb, admin_pin: [u8; 32]) -> AppState {
         admission: Default::default(),
         admin_pin,
         audit,
-    })
+        replica: coordinator::feed::ReplicaInfo::new(None, None),
+        feed: Default::default(),
+        presence: Default::default(),
+    });
+    coordinator::feed::start(&st).await.unwrap();
+    st
 }
 
 pub fn hello(i: u8, host: &str, key: Option<&str>) -> Hello {
