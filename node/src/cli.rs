@@ -86,8 +86,10 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct UpArgs {
     /// Coordinator URL, e.g. http://coord.example:8080 (remembered after the first join).
-    #[arg(long, env = "LATTICE_COORDINATOR")]
-    pub coordinator: Option<String>,
+    /// Repeat it (or separate with commas) for a mesh served by several replicas: the first
+    /// is used to join, the others when it does not answer.
+    #[arg(long, env = "LATTICE_COORDINATOR", value_delimiter = ',')]
+    pub coordinator: Vec<String>,
     /// Auth key from `lattice-coordinator authkey create` (needed to join, not to resume).
     #[arg(long, env = "LATTICE_AUTH_KEY", hide_env_values = true)]
     pub auth_key: Option<String>,

@@ -30,7 +30,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .map(str::parse)
         .transpose()
         .context("--auth-key")?;
-    let pin = resolve_pin(&dir, args.coordinator.as_deref(), auth_key.as_ref()).await?;
+    let pin = resolve_pin(&dir, &args.coordinator, auth_key.as_ref()).await?;
     let identity = dir.identity()?;
     let node_key = NodeKey::from_bytes(identity.node.public());
 
@@ -83,7 +83,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 
     info!(coordinator = %pin.url, node_key = %node_key, port = sockets.port, "starting");
     let cfg = ControlConfig {
-        url: pin.url.clone(),
+        urls: pin.urls(),
         control_key: pin.control_key,
         machine: identity.machine,
         node: identity.node.clone(),
@@ -99,6 +99,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         },
     };
     let (posture_tx, posture_rx) = watch::channel(None);
+    let (replicas_tx, replicas_rx) = watch::channel(pin.urls());
     let posture_task = tokio::spawn(posture::run(
         PostureConfig {
             interval: args.posture_interval,
@@ -112,6 +113,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         out_rx,
         endpoints_rx,
         posture_rx,
+        replicas_rx,
     ));
 
     let ev = EventLoop::new(
@@ -125,7 +127,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         api_rx,
         dns_tx,
         endpoints_tx,
-        pin.url,
+        pin,
+        replicas_tx,
         args.accept_dns,
         identity.node.clone(),
         !args.no_port_mapping,
@@ -141,15 +144,21 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 }
 
 /// Finds the coordinator this node belongs to: the pinned one, or (first join) the one the
-/// auth key names, verified by fetching its key and checking the fingerprint.
+/// auth key names, verified by fetching its key and checking the fingerprint. `urls` are the
+/// `--coordinator` flags: the first is the one to join through (and prefer), the others are
+/// replicas of the same mesh.
 async fn resolve_pin(
     dir: &StateDir,
-    url: Option<&str>,
+    urls: &[String],
     auth_key: Option<&AuthKey>,
 ) -> anyhow::Result<Pin> {
-    if let Some(u) = url {
+    for u in urls {
         check_url(u)?;
     }
+    let urls: Vec<String> = urls
+        .iter()
+        .map(|u| u.trim_end_matches('/').to_owned())
+        .collect();
     if let Some(mut pin) = dir.pin()? {
         if let Some(k) = auth_key
             && k.fingerprint() != &hybrid::fingerprint(pin.control_key.as_bytes())
@@ -160,24 +169,34 @@ async fn resolve_pin(
                 pin.url
             );
         }
-        if let Some(u) = url
-            && u != pin.url
-        {
-            info!(old = %pin.url, new = %u, "coordinator URL changed; keeping the pinned key");
-            pin.url = u.to_owned();
-            dir.save_pin(&pin)?;
+        if let Some((first, rest)) = urls.split_first() {
+            if *first != pin.url {
+                info!(old = %pin.url, new = %first, "coordinator URL changed; keeping the pinned key");
+            }
+            let mut replicas = rest.to_vec();
+            replicas.extend(pin.replicas.iter().filter(|u| !urls.contains(u)).cloned());
+            let updated = Pin {
+                url: first.clone(),
+                control_key: pin.control_key,
+                replicas,
+            };
+            if updated != pin {
+                pin = updated;
+                dir.save_pin(&pin)?;
+            }
         }
         return Ok(pin);
     }
-    let (Some(url), Some(key)) = (url, auth_key) else {
+    let (Some((url, rest)), Some(key)) = (urls.split_first(), auth_key) else {
         bail!(
             "this node has not joined a mesh yet: run `lattice up --coordinator URL --auth-key KEY`"
         );
     };
     let control_key = control::fetch_control_key(url, key.fingerprint()).await?;
     let pin = Pin {
-        url: url.to_owned(),
+        url: url.clone(),
         control_key,
+        replicas: rest.to_vec(),
     };
     dir.save_pin(&pin)?;
     Ok(pin)

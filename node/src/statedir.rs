@@ -41,6 +41,23 @@ pub struct Pin {
     pub url: String,
     /// Its control key (verified against an auth key's fingerprint when first pinned).
     pub control_key: ControlKey,
+    /// Other replicas serving the mesh (from `--coordinator` and netmaps), tried when `url`
+    /// does not answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
+}
+
+impl Pin {
+    /// Every replica URL, `url` first.
+    pub fn urls(&self) -> Vec<String> {
+        let mut all = vec![self.url.clone()];
+        for u in &self.replicas {
+            if !all.contains(u) {
+                all.push(u.clone());
+            }
+        }
+        all
+    }
 }
 
 /// See the module docs.

@@ -13,4 +13,5 @@ mod hardening;
 mod nat;
 mod policy;
 mod pq;
+mod replicas;
 mod support;

@@ -119,8 +119,11 @@ pub struct SelfJson {
 /// The coordinator connection in `status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CoordinatorJson {
-    /// Its URL.
+    /// The URL of the replica in use (or last used).
     pub url: String,
+    /// Every coordinator replica known, the pinned one first.
+    #[serde(default)]
+    pub replicas: Vec<String>,
     /// Whether a control session is up.
     pub connected: bool,
     /// Why the last session ended.

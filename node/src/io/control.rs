@@ -1,6 +1,11 @@
 //! The control client: keeps a hybrid Noise session to the coordinator over a WebSocket,
 //! reconnecting with jittered exponential backoff, and relays messages between it and the event
 //! loop. It holds no mesh state; the event loop does.
+//!
+//! A mesh may be served by several coordinator replicas (all holding the one pinned control
+//! key). The client knows them all ([`Replicas`]: the `--coordinator` URLs and the list the
+//! netmap carries) and, when its session ends, moves on to the next one after a short jittered
+//! pause; only after every replica failed in turn does it back off exponentially.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -22,8 +27,8 @@ use crate::io::posture::Facts;
 /// What the control client tells the event loop.
 #[derive(Debug)]
 pub enum ControlEvent {
-    /// Registered or resumed.
-    Welcome(Welcome),
+    /// Registered or resumed, through the coordinator at the URL.
+    Welcome(Welcome, String),
     /// A netmap message.
     Map(Box<MapResponse>),
     /// The coordinator refused the node for good (removed, expired, bad auth key).
@@ -34,8 +39,8 @@ pub enum ControlEvent {
 
 /// Settings of the control client.
 pub struct ControlConfig {
-    /// `http://host:port` of the coordinator.
-    pub url: String,
+    /// `http://host:port` of every coordinator replica known at start, the preferred first.
+    pub urls: Vec<String>,
     /// The pinned coordinator key.
     pub control_key: ControlKey,
     /// The machine key proven on every connection.
@@ -52,17 +57,32 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(35);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Runs the client until the coordinator refuses the node or the event loop goes away.
+/// `replicas` delivers replica lists learned later (from netmaps).
 pub async fn run(
     cfg: ControlConfig,
     events: mpsc::Sender<ControlEvent>,
     mut outbox: mpsc::Receiver<ClientMessage>,
     mut endpoints: watch::Receiver<Vec<SocketAddr>>,
     mut posture: watch::Receiver<Option<Facts>>,
+    mut replicas: watch::Receiver<Vec<String>>,
 ) {
-    let mut backoff = Duration::from_millis(500);
+    let mut known = Replicas::new(cfg.urls.clone());
     loop {
+        if replicas.has_changed().unwrap_or(false) {
+            known.learn(&replicas.borrow_and_update());
+        }
+        let url = known.current().to_owned();
         let started = Instant::now();
-        let reason = match session(&cfg, &events, &mut outbox, &mut endpoints, &mut posture).await {
+        let reason = match session(
+            &cfg,
+            &url,
+            &events,
+            &mut outbox,
+            &mut endpoints,
+            &mut posture,
+        )
+        .await
+        {
             Ok(End::Refused) | Ok(End::LoopGone) => return,
             Ok(End::Closed(reason)) => reason,
             Err(e) => format!("{e:#}"),
@@ -74,14 +94,82 @@ pub async fn run(
         {
             return;
         }
-        if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(500);
-        }
-        let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
-        let wait = backoff + Duration::from_millis(jitter);
-        warn!(reason = %reason, retry_in = ?wait, "control connection lost; reconnecting");
+        let wait = known.failed(started.elapsed(), rand::rng().random_range(0..=1000));
+        warn!(coordinator = %url, reason = %reason, next = %known.current(), retry_in = ?wait,
+              "control connection lost; reconnecting");
         tokio::time::sleep(wait).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// The coordinator replicas a node can reach and which one to try next (pure).
+#[derive(Debug, Clone)]
+pub struct Replicas {
+    urls: Vec<String>,
+    next: usize,
+    /// Failures in a row since the last session that lasted.
+    failures: u32,
+}
+
+/// A session that lasted this long counts as a success.
+const STABLE: Duration = Duration::from_secs(30);
+/// The pause before trying another replica: up to this much, at random, so the nodes of a
+/// replica that died do not all arrive at the next one in the same instant.
+const SWITCH_JITTER: Duration = Duration::from_millis(1000);
+
+impl Replicas {
+    /// The replicas at `urls` (duplicates dropped), the first tried first.
+    pub fn new(urls: Vec<String>) -> Self {
+        let mut r = Self {
+            urls: Vec::new(),
+            next: 0,
+            failures: 0,
+        };
+        r.learn(&urls);
+        r
+    }
+
+    /// Adds replicas from a newer list; the one in use stays in use.
+    pub fn learn(&mut self, urls: &[String]) {
+        for u in urls {
+            let u = u.trim_end_matches('/').to_owned();
+            if !u.is_empty() && !self.urls.contains(&u) {
+                self.urls.push(u);
+            }
+        }
+    }
+
+    /// The replica to use now.
+    pub fn current(&self) -> &str {
+        self.urls.get(self.next).map_or("", String::as_str)
+    }
+
+    /// Every replica known.
+    pub fn all(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// The session with the current replica ended after `lasted`: moves to the next one and
+    /// says how long to wait first. `jitter_ms` (0..=1000, random) spreads the nodes out.
+    /// Switching costs at most [`SWITCH_JITTER`]; once every replica failed in a row the wait
+    /// doubles per round, up to [`MAX_BACKOFF`].
+    pub fn failed(&mut self, lasted: Duration, jitter_ms: u64) -> Duration {
+        if lasted >= STABLE {
+            self.failures = 0;
+        }
+        self.failures += 1;
+        if !self.urls.is_empty() {
+            self.next = (self.next + 1) % self.urls.len();
+        }
+        let n = u32::try_from(self.urls.len().max(1)).unwrap_or(u32::MAX);
+        let frac = |d: Duration| d.mul_f64(jitter_ms.min(1000) as f64 / 1000.0);
+        if self.failures <= n {
+            return frac(SWITCH_JITTER);
+        }
+        let rounds = (self.failures - 1) / n;
+        let base = Duration::from_millis(500)
+            .saturating_mul(1u32 << rounds.min(10))
+            .min(MAX_BACKOFF);
+        base + frac(base / 2)
     }
 }
 
@@ -96,12 +184,13 @@ type Ws =
 
 async fn session(
     cfg: &ControlConfig,
+    url: &str,
     events: &mpsc::Sender<ControlEvent>,
     outbox: &mut mpsc::Receiver<ClientMessage>,
     endpoints: &mut watch::Receiver<Vec<SocketAddr>>,
     posture: &mut watch::Receiver<Option<Facts>>,
 ) -> anyhow::Result<End> {
-    let ws_url = ws_url(&cfg.url)?;
+    let ws_url = ws_url(url)?;
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(65_535))
         .max_frame_size(Some(65_535));
@@ -113,7 +202,7 @@ async fn session(
     .context("connecting to the coordinator timed out")?
     .with_context(|| format!("connecting to {ws_url}"))?;
 
-    let (mut channel, session_hash) = timeout(HANDSHAKE_TIMEOUT, handshake(cfg, &mut ws))
+    let (mut channel, session_hash) = timeout(HANDSHAKE_TIMEOUT, handshake(cfg, url, &mut ws))
         .await
         .context("control handshake timed out")??;
     let mut hello = cfg.hello.clone();
@@ -156,7 +245,7 @@ async fn session(
                 let msg: ServerMessage = serde_json::from_slice(&msg)
                     .context("decoding a coordinator message")?;
                 let event = match msg {
-                    ServerMessage::Welcome(w) => ControlEvent::Welcome(w),
+                    ServerMessage::Welcome(w) => ControlEvent::Welcome(w, url.to_owned()),
                     ServerMessage::Map(m) => ControlEvent::Map(m),
                     ServerMessage::Error { code, message } if !code.is_retryable() => {
                         let _ = events.send(ControlEvent::Refused(code, message)).await;
@@ -205,7 +294,11 @@ async fn session(
 }
 
 /// The control handshake; returns the channel and the session's handshake hash.
-async fn handshake(cfg: &ControlConfig, ws: &mut Ws) -> anyhow::Result<(Channel, [u8; 32])> {
+async fn handshake(
+    cfg: &ControlConfig,
+    url: &str,
+    ws: &mut Ws,
+) -> anyhow::Result<(Channel, [u8; 32])> {
     let (initiator, msg1) = {
         let mut rng = rand::rng();
         InitiatorHandshake::start(
@@ -231,7 +324,7 @@ async fn handshake(cfg: &ControlConfig, ws: &mut Ws) -> anyhow::Result<(Channel,
     let done = initiator
         .finish(&msg2)
         .context("the coordinator failed the handshake (wrong pinned key?)")?;
-    info!(coordinator = %cfg.url, "control channel established");
+    info!(coordinator = %url, "control channel established");
     let session_hash = *done.handshake_hash();
     Ok((done.into_channel(), session_hash))
 }
@@ -352,6 +445,37 @@ mod tests {
         .await;
         let err = fetch_control_key(&url, &[0; 16]).await.unwrap_err();
         assert!(format!("{err:#}").contains("in time"), "{err:#}");
+    }
+
+    #[test]
+    fn a_lost_replica_is_left_for_the_next_at_once_and_backoff_starts_after_a_full_round() {
+        let mut r = Replicas::new(vec!["http://a:1/".into(), "http://b:1".into()]);
+        assert_eq!(r.current(), "http://a:1");
+        // The netmap names the replicas again, plus a third: nothing moves.
+        r.learn(&[
+            "http://b:1".into(),
+            "http://c:1".into(),
+            "http://a:1".into(),
+        ]);
+        assert_eq!(r.all(), ["http://a:1", "http://b:1", "http://c:1"]);
+        assert_eq!(r.current(), "http://a:1");
+        // A dies after a long session: straight to b, within the switch jitter.
+        let w = r.failed(Duration::from_secs(600), 1000);
+        assert_eq!((r.current(), w), ("http://b:1", SWITCH_JITTER));
+        assert_eq!(r.failed(Duration::ZERO, 0), Duration::ZERO);
+        assert_eq!(r.current(), "http://c:1");
+        assert!(r.failed(Duration::ZERO, 500) <= SWITCH_JITTER);
+        assert_eq!(r.current(), "http://a:1");
+        // All three failed in a row: now the wait grows, to the cap.
+        let w4 = r.failed(Duration::ZERO, 0);
+        assert_eq!(w4, Duration::from_secs(1));
+        let mut last = w4;
+        for _ in 0..40 {
+            last = r.failed(Duration::ZERO, 1000);
+        }
+        assert_eq!(last, MAX_BACKOFF + MAX_BACKOFF / 2);
+        // A session that lasted resets it.
+        assert!(r.failed(STABLE, 1000) <= SWITCH_JITTER);
     }
 
     #[test]

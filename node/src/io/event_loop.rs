@@ -29,7 +29,7 @@ use crate::io::relays::{RelayEvent, RelayManager};
 use crate::io::tun::{ReadBufs, Tun, is_packet_error};
 use crate::io::udp::{Batch, RECV_SLOT, RECV_SLOTS, Sock, Sockets};
 use crate::io::{dns, ifaddrs};
-use crate::statedir::StateDir;
+use crate::statedir::{Pin, StateDir};
 
 /// Packets read per wakeup before outputs are flushed.
 const BATCH: usize = 64;
@@ -71,8 +71,12 @@ pub struct EventLoop {
     pub dns_table: watch::Sender<Arc<DnsTable>>,
     /// Our endpoints for the control client.
     pub endpoints: watch::Sender<Vec<SocketAddr>>,
-    /// The coordinator URL (for status).
+    /// The coordinator URL in use (for status).
     pub coordinator_url: String,
+    /// The pinned coordinator and its replicas (updated from netmaps).
+    pin: Pin,
+    /// Replica lists for the control client.
+    replicas: watch::Sender<Vec<String>>,
     /// Configure the system resolver.
     pub accept_dns: bool,
     /// This node is ephemeral (leaves the mesh on `down`).
@@ -126,7 +130,8 @@ impl EventLoop {
         api: mpsc::Receiver<ApiRequest>,
         dns_table: watch::Sender<Arc<DnsTable>>,
         endpoints: watch::Sender<Vec<SocketAddr>>,
-        coordinator_url: String,
+        pin: Pin,
+        replicas: watch::Sender<Vec<String>>,
         accept_dns: bool,
         node_keypair: hybrid::StaticKeypair,
         port_mapping: bool,
@@ -147,7 +152,9 @@ impl EventLoop {
             api,
             dns_table,
             endpoints,
-            coordinator_url,
+            coordinator_url: pin.url.clone(),
+            pin,
+            replicas,
             accept_dns,
             ephemeral: false,
             connected: false,
@@ -467,14 +474,20 @@ impl EventLoop {
 
     fn handle_control(&mut self, ev: ControlEvent) -> anyhow::Result<()> {
         match ev {
-            ControlEvent::Welcome(w) => {
+            ControlEvent::Welcome(w, url) => {
                 self.connected = true;
+                self.coordinator_url = url;
                 self.last_error = None;
                 self.ephemeral = w.ephemeral;
                 info!(name = %w.name, fqdn = %w.fqdn, addresses = ?w.addresses,
                       new = w.registered_now, "joined the mesh");
             }
-            ControlEvent::Map(m) => self.state.handle_netmap(Instant::now(), *m),
+            ControlEvent::Map(m) => {
+                if let Some(list) = &m.coordinators {
+                    self.learn_replicas(list);
+                }
+                self.state.handle_netmap(Instant::now(), *m);
+            }
             ControlEvent::Disconnected(reason) => {
                 self.connected = false;
                 self.last_error = Some(reason);
@@ -493,6 +506,28 @@ impl EventLoop {
             }
         }
         Ok(())
+    }
+
+    /// Remembers the coordinator replicas a netmap lists (in the pin, so a restart knows them
+    /// too) and hands them to the control client.
+    fn learn_replicas(&mut self, list: &[String]) {
+        let mut replicas: Vec<String> = list
+            .iter()
+            .map(|u| u.trim_end_matches('/').to_owned())
+            .filter(|u| {
+                (u.starts_with("http://") || u.starts_with("https://")) && *u != self.pin.url
+            })
+            .take(16)
+            .collect();
+        replicas.dedup();
+        if replicas != self.pin.replicas {
+            info!(?replicas, "coordinator replicas");
+            self.pin.replicas = replicas;
+            if let Err(e) = self.dir.save_pin(&self.pin) {
+                warn!(error = %e, "could not remember the coordinator replicas");
+            }
+            let _ = self.replicas.send(self.pin.urls());
+        }
     }
 
     async fn handle_api(&mut self, req: ApiRequest) -> Option<Exit> {
@@ -770,6 +805,7 @@ impl EventLoop {
             },
             coordinator: CoordinatorJson {
                 url: self.coordinator_url.clone(),
+                replicas: self.pin.urls(),
                 connected: self.connected,
                 last_error: self.last_error.clone(),
             },

@@ -26,7 +26,19 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts a coordinator listening on `ip:8080` in `ns`.
     pub fn start(lab: &mut Lab, ns: &str, ip: &str, extra: &[&str]) -> anyhow::Result<Self> {
-        let state_dir = lab.dir().join("coordinator");
+        Self::start_named(lab, "coordinator", ns, ip, extra)
+    }
+
+    /// Starts a coordinator listening on `ip:8080` in `ns` with state dir `name` in the lab
+    /// (for several replicas in one lab). Key files already in that dir are used.
+    pub fn start_named(
+        lab: &mut Lab,
+        name: &str,
+        ns: &str,
+        ip: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let state_dir = lab.dir().join(name);
         let listen = format!("{ip}:8080");
         let mut c = Self {
             ns: ns.to_owned(),
@@ -52,7 +64,13 @@ impl Coordinator {
             &state,
         ];
         args.extend(self.extra.iter().map(String::as_str));
-        let p = lab.spawn("coordinator", &self.ns, &args, &[])?;
+        let role = self
+            .state_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("coordinator")
+            .to_owned();
+        let p = lab.spawn(&role, &self.ns, &args, &[])?;
         let up = wait_for(Duration::from_secs(20), || {
             lab.stdout(p).contains("control key fingerprint") || lab.exited_quietly(p)
         });
