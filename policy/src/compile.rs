@@ -4,12 +4,17 @@
 //! sources, including their postures; which nodes match each destination); extracting one
 //! node's rules and peers is then a walk over the rules that name it.
 //!
+//! A compiled policy follows membership changes incrementally ([`CompiledPolicy::upsert`],
+//! [`CompiledPolicy::remove`]: work per rule, not per node), and says which nodes a change to
+//! one node can concern ([`CompiledPolicy::related`]), so a coordinator recomputes only those
+//! nodes' rules.
+//!
 //! Time: a rule with a validity period is sent with that exact period; a rule with a recurring
 //! window is sent as the absolute ranges the window covers over the next [`HORIZON`], and the
 //! coordinator recompiles daily, so nodes enforce windows without a time-zone database and keep
 //! enforcing them (failing closed after the horizon) while the coordinator is away.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -34,6 +39,7 @@ pub struct Compiled {
     pub visible_peers: BTreeSet<NodeId>,
 }
 
+#[derive(Clone)]
 struct RuleSets {
     /// Index into the policy's rules.
     rule: usize,
@@ -45,12 +51,19 @@ struct RuleSets {
     dst: Vec<Vec<bool>>,
     /// `None`: always; otherwise only inside these ranges (never empty).
     valid: Option<Vec<ValidRange>>,
+    /// Whether a destination entry is `autogroup:self`.
+    has_self: bool,
+    /// Source nodes with an address outside `src_prefixes`: while none, the prefixes alone
+    /// describe the rule's sources.
+    uncovered: usize,
 }
 
 /// A policy resolved against one inventory at one time.
+#[derive(Clone)]
 pub struct CompiledPolicy {
     file: PolicyFile,
     nodes: Vec<InventoryNode>,
+    index: HashMap<NodeId, usize>,
     sets: Vec<RuleSets>,
 }
 
@@ -58,7 +71,6 @@ impl Policy {
     /// Resolves the policy against `inventory` at `now`.
     pub fn compile(&self, inventory: &Inventory, now: Timestamp) -> CompiledPolicy {
         let file = self.file().clone();
-        let nodes: Vec<InventoryNode> = inventory.iter().cloned().collect();
         let horizon_end = now
             .checked_add(jiff::SignedDuration::try_from(HORIZON).unwrap_or_default())
             .unwrap_or(now);
@@ -68,12 +80,8 @@ impl Policy {
             if valid.as_ref().is_some_and(Vec::is_empty) {
                 continue; // expired, or no window in the horizon
             }
-            let src: Vec<bool> = nodes
-                .iter()
-                .map(|n| file.src_matches(rule, &subject(n)))
-                .collect();
             // A posture can only be proven by a node: with a posture required, raw prefixes
-            // contribute only the nodes inside them that pass it (already in `src`).
+            // contribute only the nodes inside them that pass it (in `src`).
             let postured = !rule.src_posture.is_empty() || !file.default_src_posture.is_empty();
             let src_prefixes = if postured {
                 Vec::new()
@@ -87,26 +95,29 @@ impl Policy {
                     })
                     .collect()
             };
-            let dst = rule
-                .dst
-                .iter()
-                .map(|d| match &d.sel {
-                    Selector::SelfNodes => vec![false; nodes.len()],
-                    sel => nodes
-                        .iter()
-                        .map(|n| file.selector_matches(sel, &subject(n)))
-                        .collect(),
-                })
-                .collect();
             sets.push(RuleSets {
                 rule: i,
-                src,
+                src: Vec::new(),
                 src_prefixes,
-                dst,
+                dst: vec![Vec::new(); rule.dst.len()],
                 valid,
+                has_self: rule
+                    .dst
+                    .iter()
+                    .any(|d| matches!(d.sel, Selector::SelfNodes)),
+                uncovered: 0,
             });
         }
-        CompiledPolicy { file, nodes, sets }
+        let mut c = CompiledPolicy {
+            file,
+            nodes: Vec::with_capacity(inventory.len()),
+            index: HashMap::with_capacity(inventory.len()),
+            sets,
+        };
+        for n in inventory.iter() {
+            c.upsert(n.clone());
+        }
+        c
     }
 }
 
@@ -120,9 +131,124 @@ fn subject(n: &InventoryNode) -> Subject<'_> {
 }
 
 impl CompiledPolicy {
+    /// Adds a node, or replaces what is known about it (addresses, tags, user, attributes):
+    /// the same result as compiling again with the changed inventory.
+    pub fn upsert(&mut self, node: InventoryNode) {
+        let i = match self.index.get(&node.id) {
+            Some(&i) => {
+                self.forget_bits(i);
+                i
+            }
+            None => {
+                let i = self.nodes.len();
+                self.index.insert(node.id, i);
+                self.nodes.push(node.clone());
+                for set in &mut self.sets {
+                    set.src.push(false);
+                    for d in &mut set.dst {
+                        d.push(false);
+                    }
+                }
+                i
+            }
+        };
+        self.nodes[i] = node;
+        let n = &self.nodes[i];
+        let subj = subject(n);
+        for set in &mut self.sets {
+            let rule = &self.file.rules[set.rule];
+            let src = self.file.src_matches(rule, &subj);
+            set.src[i] = src;
+            if src && !covered(&n.addresses, &set.src_prefixes) {
+                set.uncovered += 1;
+            }
+            for (d, bits) in rule.dst.iter().zip(&mut set.dst) {
+                bits[i] = match &d.sel {
+                    Selector::SelfNodes => false,
+                    sel => self.file.selector_matches(sel, &subj),
+                };
+            }
+        }
+    }
+
+    /// Drops a node: the same result as compiling again without it.
+    pub fn remove(&mut self, id: NodeId) {
+        let Some(i) = self.index.remove(&id) else {
+            return;
+        };
+        self.forget_bits(i);
+        self.nodes.swap_remove(i);
+        for set in &mut self.sets {
+            set.src.swap_remove(i);
+            for d in &mut set.dst {
+                d.swap_remove(i);
+            }
+        }
+        if let Some(moved) = self.nodes.get(i) {
+            self.index.insert(moved.id, i);
+        }
+    }
+
+    fn forget_bits(&mut self, i: usize) {
+        let n = &self.nodes[i];
+        for set in &mut self.sets {
+            if set.src[i] && !covered(&n.addresses, &set.src_prefixes) {
+                set.uncovered -= 1;
+            }
+        }
+    }
+
+    /// Every node whose rules or peers a change to node `id` (as this compilation knows it)
+    /// could alter: those that share a rule with it, in either direction, and with an
+    /// `autogroup:self` rule, its user's other nodes. A change to a node concerns at most
+    /// `related` before the change plus `related` after it (a superset: some of them may end
+    /// up with the same rules). Empty for an unknown node.
+    pub fn related(&self, id: NodeId) -> BTreeSet<NodeId> {
+        let Some(&xi) = self.index.get(&id) else {
+            return BTreeSet::new();
+        };
+        let x = &self.nodes[xi];
+        let mut mark = vec![false; self.nodes.len()];
+        for set in &self.sets {
+            let x_src = set.src[xi]
+                || x.addresses
+                    .iter()
+                    .any(|a| set.src_prefixes.iter().any(|p| p.contains(a)));
+            let x_dst = set.dst.iter().any(|bits| bits[xi]);
+            if x_src {
+                for bits in &set.dst {
+                    for (m, b) in mark.iter_mut().zip(bits) {
+                        *m |= b;
+                    }
+                }
+            }
+            if x_dst {
+                for (m, b) in mark.iter_mut().zip(&set.src) {
+                    *m |= b;
+                }
+                for i in self.nodes_in(&set.src_prefixes) {
+                    mark[i] = true;
+                }
+            }
+            if set.has_self && x.user.is_some() {
+                for (i, n) in self.nodes.iter().enumerate() {
+                    if n.user == x.user {
+                        mark[i] = true;
+                    }
+                }
+            }
+        }
+        mark[xi] = true;
+        mark.iter()
+            .enumerate()
+            .filter(|(_, m)| **m)
+            .map(|(i, _)| self.nodes[i].id)
+            .collect()
+    }
+
     /// The rules and peers of node `me`. A node unknown to the inventory gets nothing.
     pub fn for_node(&self, me: NodeId) -> Compiled {
-        let Some(mi) = self.nodes.iter().position(|n| n.id == me) else {
+        let Some(&mi) = self.index.get(&me) else {
             return Compiled::default();
         };
         let node = &self.nodes[mi];
@@ -143,14 +269,17 @@ impl CompiledPolicy {
                     ports.push(&d.ports);
                 }
             }
-            let src_nodes: Vec<usize> = if ports.is_empty() {
-                Vec::new()
-            } else {
-                // Its own traffic never arrives through a tunnel.
-                (0..self.nodes.len())
-                    .filter(|&i| set.src[i] && i != mi)
-                    .collect()
-            };
+            let src_nodes: Vec<usize> =
+                if ports.is_empty() || (set.uncovered == 0 && !set.src_prefixes.is_empty()) {
+                    // No inbound rule here, or every source node lies inside the source prefixes:
+                    // the prefixes alone give the same rule, and `nodes_in` the same peers.
+                    Vec::new()
+                } else {
+                    // Its own traffic never arrives through a tunnel.
+                    (0..self.nodes.len())
+                        .filter(|&i| set.src[i] && i != mi)
+                        .collect()
+                };
             // A rule nobody can use (no source node passes its posture, no source prefix) is
             // not sent.
             if !ports.is_empty() && (!src_nodes.is_empty() || !set.src_prefixes.is_empty()) {
@@ -328,6 +457,14 @@ fn validity(rule: &Rule, now: Timestamp, horizon_end: Timestamp) -> Option<Vec<V
             .map(|(from, until)| ValidRange { from, until })
             .collect(),
     )
+}
+
+/// Whether every address is inside one of `prefixes`.
+fn covered(addresses: &[std::net::IpAddr], prefixes: &[IpNet]) -> bool {
+    !prefixes.is_empty()
+        && addresses
+            .iter()
+            .all(|a| prefixes.iter().any(|p| p.contains(a)))
 }
 
 fn any_v4() -> IpNet {

@@ -463,3 +463,86 @@ proptest! {
         prop_assert_eq!(compiled, evaluated || (src == dst && compiled), "src {} dst {} port {}", src, dst, port);
     }
 }
+
+/// A policy with address prefixes, deny rules and `*` sources next to group rules.
+const MIXED: &str = r#"{
+  "groups": {"group:eng": ["alice@example.com", "bob@example.com"]},
+  "tagOwners": {"tag:prod": [], "tag:db": []},
+  "acls": [
+    {"action": "deny", "src": ["100.64.0.0/29"], "dst": ["tag:db:*"]},
+    {"action": "accept", "src": ["*"], "dst": ["tag:prod:443"]},
+    {"action": "accept", "src": ["group:eng", "100.64.0.9"], "dst": ["tag:db:5432", "autogroup:self:22"]},
+    {"action": "accept", "src": ["tag:prod"], "dst": ["tag:db:*"]},
+  ],
+}"#;
+
+fn random_node(id: u64, user: u8, tags: u8, os: bool) -> InventoryNode {
+    let users = [
+        None,
+        Some("alice@example.com"),
+        Some("bob@example.com"),
+        Some("carol@example.com"),
+    ];
+    let mut t: Vec<&str> = Vec::new();
+    if tags & 1 != 0 {
+        t.push("tag:prod");
+    }
+    if tags & 2 != 0 {
+        t.push("tag:db");
+    }
+    let os = if os { "linux" } else { "windows" };
+    node(
+        id,
+        &format!("n{id}"),
+        if t.is_empty() {
+            users[usize::from(user % 4)]
+        } else {
+            None
+        },
+        &t,
+        &[
+            ("node:os", AttrValue::String(os.into())),
+            ("node:tsVersion", AttrValue::String("1.0".into())),
+        ],
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn incremental_updates_compile_like_a_fresh_compile_and_related_covers_every_change(
+        which in 0usize..3,
+        ops in proptest::collection::vec((any::<bool>(), 1u64..=12, 0u8..4, 0u8..4, any::<bool>()), 1..40),
+    ) {
+        let policy = match which {
+            0 => Policy::parse("t.hujson", TAILSCALE).unwrap(),
+            1 => Policy::parse("m.hujson", MIXED).unwrap(),
+            _ => Policy::allow_all(),
+        };
+        let mut inv = Inventory::new();
+        let mut inc = policy.compile(&inv, now());
+        for (remove, id, user, tags, os) in ops {
+            let before: Vec<Compiled> = (1..=12).map(|i| inc.for_node(NodeId(i))).collect();
+            let mut related = inc.related(NodeId(id));
+            if remove {
+                inv.remove(NodeId(id));
+                inc.remove(NodeId(id));
+            } else {
+                let n = random_node(id, user, tags, os);
+                inv.upsert(n.clone());
+                inc.upsert(n);
+            }
+            related.extend(inc.related(NodeId(id)));
+            let fresh = policy.compile(&inv, now());
+            for i in 1..=12 {
+                let got = inc.for_node(NodeId(i));
+                prop_assert_eq!(&got, &fresh.for_node(NodeId(i)), "node {} after changing {}", i, id);
+                if got != before[usize::try_from(i - 1).unwrap()] {
+                    prop_assert!(related.contains(&NodeId(i)),
+                        "changing {} altered node {} outside related {:?}", id, i, related);
+                }
+            }
+        }
+    }
+}
