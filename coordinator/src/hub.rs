@@ -1,16 +1,19 @@
 //! The coordinator's in-memory view of the mesh, shared by all control sessions.
 //!
-//! The database is the source of truth; the hub mirrors the nodes that are not expired, tracks
-//! which ones hold a control session, and wakes every session when something changed
-//! (a `watch` channel, so bursts of changes coalesce). Sessions then compute their own deltas
-//! with [`crate::netmap::next_map`].
+//! The database is the source of truth (see [`crate::feed`]); the hub mirrors the nodes that
+//! are not expired and the sessions this process holds. Work is proportional to a change, not
+//! to the mesh: the policy stays compiled and follows membership changes incrementally, and a
+//! change to one node wakes only the sessions of the nodes it can concern
+//! ([`CompiledPolicy::related`]), telling each which peers to look at ([`Pending`]). Only a
+//! new policy, a new day (recurring time windows) or a mesh-wide setting wakes every session.
+//! Sessions then compute their own deltas with [`crate::netmap::next_map`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use jiff::Timestamp;
 use policy::{CompiledPolicy, Inventory, InventoryNode, Policy};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc};
 use wire::{ErrorCode, NodeId, NodeKey, RelayInfo, TunnelSecurity};
 
 use crate::model::NodeRecord;
@@ -25,11 +28,77 @@ pub struct Kick {
     pub message: String,
 }
 
+/// What a session has to look at when it wakes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// Recompute the node's rules and compare every peer (its rules may have changed).
+    pub everything: bool,
+    /// Mesh-wide items (relays, tunnel security, replica list) may have changed.
+    pub settings: bool,
+    /// These peers (or the node itself) changed.
+    pub peers: BTreeSet<NodeId>,
+}
+
+impl Pending {
+    /// Everything, as for a new session.
+    pub fn all() -> Self {
+        Self {
+            everything: true,
+            settings: true,
+            peers: BTreeSet::new(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.everything && !self.settings && self.peers.is_empty()
+    }
+}
+
+/// A session's wake-up call: what changed, and a notification.
+#[derive(Debug, Default)]
+pub struct Inbox {
+    pending: Mutex<Pending>,
+    notify: Notify,
+}
+
+impl Inbox {
+    fn post(&self, f: impl FnOnce(&mut Pending)) {
+        f(&mut self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        self.notify.notify_one();
+    }
+
+    /// Takes what accumulated since the last call.
+    pub fn take(&self) -> Pending {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Waits until something is posted (returns at once if something was posted since the
+    /// last wait).
+    pub async fn changed(&self) {
+        loop {
+            if !self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+            {
+                return;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
 /// Shared mesh state.
 pub struct Hub {
     state: RwLock<HubState>,
-    changed: watch::Sender<u64>,
     presence: Mutex<Option<mpsc::UnboundedSender<crate::presence::Event>>>,
+}
+
+struct Session {
+    conn: u64,
+    kicks: mpsc::UnboundedSender<Kick>,
+    inbox: Arc<Inbox>,
 }
 
 /// The state behind the hub's lock.
@@ -39,13 +108,13 @@ pub struct HubState {
     policy: Arc<Policy>,
     policy_version: i64,
     policy_rev: u64,
-    membership_rev: u64,
     next_rev: u64,
-    sessions: HashMap<NodeId, (u64, mpsc::UnboundedSender<Kick>)>,
+    sessions: HashMap<NodeId, Session>,
     next_conn: u64,
     domain: String,
     tunnel_security: TunnelSecurity,
-    compiled: Mutex<Option<(CompileKey, Arc<CompiledPolicy>)>>,
+    /// The policy compiled for the current inventory, for (policy revision, day).
+    compiled: Mutex<Option<Compilation>>,
     relays: Arc<Vec<RelayInfo>>,
     relay_rev: u64,
     coordinators: Arc<Vec<String>>,
@@ -54,11 +123,12 @@ pub struct HubState {
     /// Node keys that left the mesh (removed, expired, rotated away), until the last second a
     /// ticket issued for them can be valid: what standalone relays must stop serving.
     revoked: BTreeMap<NodeKey, i64>,
+    /// Sessions woken, in total (how much work changes cost, for tests and load runs).
+    wakes: u64,
 }
 
-/// What a compiled policy depends on: the policy, the facts about nodes, and the day it was
-/// compiled for (recurring windows are resolved [`policy::HORIZON`] ahead of that day).
-pub type CompileKey = (u64, u64, i64);
+/// A compiled policy and what it was compiled for: (policy revision, day).
+type Compilation = ((u64, i64), Arc<CompiledPolicy>);
 
 /// Compilations are anchored to the start of a UTC day, so every compilation on one day gives
 /// the same validity ranges and nodes are not re-sent unchanged rules.
@@ -72,6 +142,8 @@ pub struct SessionGuard {
     conn: u64,
     /// Receives a [`Kick`] when the coordinator wants this session closed.
     pub kicks: mpsc::UnboundedReceiver<Kick>,
+    /// What changed for this session.
+    pub inbox: Arc<Inbox>,
 }
 
 impl Hub {
@@ -83,7 +155,6 @@ impl Hub {
         nodes: Vec<NodeRecord>,
         now: i64,
     ) -> Arc<Self> {
-        let (changed, _) = watch::channel(0);
         let hub = Arc::new(Self {
             state: RwLock::new(HubState {
                 nodes: BTreeMap::new(),
@@ -91,7 +162,6 @@ impl Hub {
                 policy: Arc::new(policy),
                 policy_version: version,
                 policy_rev: 1,
-                membership_rev: 1,
                 next_rev: 1,
                 sessions: HashMap::new(),
                 next_conn: 1,
@@ -104,13 +174,16 @@ impl Hub {
                 coordinators_rev: 0,
                 by_key: HashMap::new(),
                 revoked: BTreeMap::new(),
+                wakes: 0,
             }),
-            changed,
             presence: Mutex::new(None),
         });
-        for n in nodes {
-            if !n.is_expired(now) {
-                hub.write().insert(n);
+        {
+            let mut st = hub.write();
+            for n in nodes {
+                if !n.is_expired(now) {
+                    st.insert(n, now);
+                }
             }
         }
         hub
@@ -141,58 +214,40 @@ impl Hub {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A receiver that changes whenever the mesh does.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
-    }
-
-    fn notify(&self) {
-        self.changed.send_modify(|v| *v += 1);
-    }
-
     /// Adds or updates a node (after a registration, resume, endpoint change, ...).
     pub fn upsert_node(&self, record: NodeRecord) {
-        self.write().insert(record);
-        self.notify();
+        self.write().insert(record, crate::state::unix_now());
     }
 
     /// Applies a run of committed node changes at once: `present` are added or updated,
     /// `gone` are dropped and their sessions kicked.
     pub fn apply_nodes(&self, present: Vec<NodeRecord>, gone: Vec<(NodeId, Kick)>) {
-        if present.is_empty() && gone.is_empty() {
-            return;
+        let now = crate::state::unix_now();
+        let mut st = self.write();
+        for r in present {
+            st.insert(r, now);
         }
-        {
-            let mut st = self.write();
-            for r in present {
-                st.insert(r);
-            }
-            for (id, kick) in gone {
-                st.drop_node(id, Some(kick));
-            }
+        for (id, kick) in gone {
+            st.drop_node(id, Some(kick), now);
         }
-        self.notify();
     }
 
     /// Drops a node (removed, expired). Its session, if any, is kicked with `kick`.
     pub fn remove_node(&self, id: NodeId, kick: Option<Kick>) {
-        self.write().drop_node(id, kick);
-        self.notify();
+        self.write().drop_node(id, kick, crate::state::unix_now());
     }
 
     /// Puts stored policy `version` in force, unless a newer version already is (two admins
     /// setting policies at once end with the one the database holds last).
     pub fn set_policy(&self, version: i64, policy: Policy) {
-        {
-            let mut st = self.write();
-            if version <= st.policy_version {
-                return;
-            }
-            st.policy = Arc::new(policy);
-            st.policy_version = version;
-            st.policy_rev += 1;
+        let mut st = self.write();
+        if version <= st.policy_version {
+            return;
         }
-        self.notify();
+        st.policy = Arc::new(policy);
+        st.policy_version = version;
+        st.policy_rev += 1;
+        st.wake_all(true);
     }
 
     /// Wakes every session when the compilation day rolls over, so rules for recurring time
@@ -202,46 +257,43 @@ impl Hub {
         let stale = {
             let st = self.read();
             let guard = st.compiled.lock().unwrap_or_else(|e| e.into_inner());
-            guard.as_ref().is_some_and(|((_, _, d), _)| *d != day)
+            guard.as_ref().is_some_and(|((_, d), _)| *d != day)
         };
         if stale {
-            self.notify();
+            self.write().wake_all(true);
         }
     }
 
     /// Replaces the relay list nodes receive.
     pub fn set_relays(&self, relays: Vec<RelayInfo>) {
-        {
-            let mut st = self.write();
-            st.relays = Arc::new(relays);
-            st.relay_rev += 1;
+        let mut st = self.write();
+        if *st.relays == relays {
+            return;
         }
-        self.notify();
+        st.relays = Arc::new(relays);
+        st.relay_rev += 1;
+        st.wake_all(false);
     }
 
     /// Replaces the list of coordinator replicas nodes are told about.
     pub fn set_coordinators(&self, urls: Vec<String>) {
-        {
-            let mut st = self.write();
-            if *st.coordinators == urls {
-                return;
-            }
-            st.coordinators = Arc::new(urls);
-            st.coordinators_rev += 1;
+        let mut st = self.write();
+        if *st.coordinators == urls {
+            return;
         }
-        self.notify();
+        st.coordinators = Arc::new(urls);
+        st.coordinators_rev += 1;
+        st.wake_all(false);
     }
 
     /// Replaces the mesh's tunnel security.
     pub fn set_tunnel_security(&self, security: TunnelSecurity) {
-        {
-            let mut st = self.write();
-            if st.tunnel_security == security {
-                return;
-            }
-            st.tunnel_security = security;
+        let mut st = self.write();
+        if st.tunnel_security == security {
+            return;
         }
-        self.notify();
+        st.tunnel_security = security;
+        st.wake_all(false);
     }
 
     /// Nodes whose control session this process holds.
@@ -253,12 +305,19 @@ impl Hub {
     /// reports the node online.
     pub fn attach(self: &Arc<Self>, node: NodeId) -> SessionGuard {
         let (tx, kicks) = mpsc::unbounded_channel();
+        let inbox = Arc::new(Inbox::default());
+        inbox.post(|p| *p = Pending::all());
         let conn = {
             let mut st = self.write();
             let conn = st.next_conn;
             st.next_conn += 1;
-            if let Some((_, old)) = st.sessions.insert(node, (conn, tx)) {
-                let _ = old.send(Kick {
+            let session = Session {
+                conn,
+                kicks: tx,
+                inbox: Arc::clone(&inbox),
+            };
+            if let Some(old) = st.sessions.insert(node, session) {
+                let _ = old.kicks.send(Kick {
                     code: ErrorCode::Internal,
                     message: "replaced by a newer connection from the same node".into(),
                 });
@@ -271,6 +330,7 @@ impl Hub {
             node,
             conn,
             kicks,
+            inbox,
         }
     }
 
@@ -287,7 +347,7 @@ impl Drop for SessionGuard {
             let last = st
                 .sessions
                 .get(&self.node)
-                .is_some_and(|(c, _)| *c == self.conn);
+                .is_some_and(|s| s.conn == self.conn);
             if last {
                 st.sessions.remove(&self.node);
             }
@@ -316,27 +376,104 @@ impl HubState {
             .collect()
     }
 
-    fn drop_node(&mut self, id: NodeId, kick: Option<Kick>) {
-        if let Some(old) = self.nodes.remove(&id) {
-            self.inventory.remove(id);
-            self.membership_rev += 1;
-            self.by_key.remove(&old.record.node_key);
-            self.revoke(old.record.node_key);
+    /// Wakes every session; `everything`: their rules must be recomputed.
+    fn wake_all(&mut self, everything: bool) {
+        for s in self.sessions.values() {
+            s.inbox.post(|p| {
+                p.everything |= everything;
+                p.settings = true;
+            });
         }
-        if let Some(k) = kick
-            && let Some((_, tx)) = self.sessions.get(&id)
-        {
-            let _ = tx.send(k);
+        self.wakes += self.sessions.len() as u64;
+    }
+
+    /// Wakes the sessions of `nodes` (those held here) about `changed`: to recompute their
+    /// rules (`everything`) or to look at that one peer.
+    fn wake(&mut self, nodes: &BTreeSet<NodeId>, changed: NodeId, everything: bool) {
+        for id in nodes {
+            if let Some(s) = self.sessions.get(id) {
+                s.inbox.post(|p| {
+                    if everything {
+                        p.everything = true;
+                    } else {
+                        p.peers.insert(changed);
+                    }
+                });
+                self.wakes += 1;
+            }
         }
     }
 
-    fn insert(&mut self, record: NodeRecord) {
-        let online = record.connected_to.is_some();
+    /// The compilation in force if it is current (policy revision and `day`), for updating.
+    fn current_compiled(&self, day: i64) -> Option<Arc<CompiledPolicy>> {
+        let guard = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        guard
+            .as_ref()
+            .filter(|((rev, d), _)| *rev == self.policy_rev && *d == day)
+            .map(|(_, c)| Arc::clone(c))
+    }
+
+    /// Applies a membership change to the current compilation in place (no copy: sessions
+    /// only borrow it under the read lock) and returns the nodes it concerns.
+    fn recompile_for(
+        &mut self,
+        id: NodeId,
+        now: i64,
+        node: Option<InventoryNode>,
+    ) -> BTreeSet<NodeId> {
+        let day = now.div_euclid(DAY_SECS);
+        let mut concerned = BTreeSet::new();
+        concerned.insert(id);
+        let mut guard = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(((rev, d), c)) = guard.as_mut() else {
+            // Nothing compiled yet: the next snapshot compiles the whole inventory.
+            drop(guard);
+            self.wake_everyone_later();
+            return concerned;
+        };
+        if *rev != self.policy_rev || *d != day {
+            *guard = None;
+            drop(guard);
+            self.wake_everyone_later();
+            return concerned;
+        }
+        let c = Arc::make_mut(c);
+        concerned.extend(c.related(id));
+        match node {
+            Some(n) => c.upsert(n),
+            None => c.remove(id),
+        }
+        concerned.extend(c.related(id));
+        concerned
+    }
+
+    /// After a full recompilation every session must look at everything.
+    fn wake_everyone_later(&mut self) {
+        self.wake_all(true);
+    }
+
+    fn drop_node(&mut self, id: NodeId, kick: Option<Kick>, now: i64) {
+        if let Some(old) = self.nodes.remove(&id) {
+            self.inventory.remove(id);
+            self.by_key.remove(&old.record.node_key);
+            self.revoke(old.record.node_key);
+            let concerned = self.recompile_for(id, now, None);
+            self.wake(&concerned, id, true);
+        }
+        if let Some(k) = kick
+            && let Some(s) = self.sessions.get(&id)
+        {
+            let _ = s.kicks.send(k);
+        }
+    }
+
+    fn insert(&mut self, record: NodeRecord, now: i64) {
         if let Some(old) = self.nodes.get(&record.id)
             && old.record == record
         {
             return;
         }
+        let online = record.connected_to.is_some();
         let rev = self.bump();
         let membership_changed = self.nodes.get(&record.id).is_none_or(|old| {
             old.record.addresses() != record.addresses()
@@ -355,25 +492,40 @@ impl HubState {
         // A key that comes back (a removed node re-joining) is no longer revoked.
         self.revoked.remove(&record.node_key);
         self.by_key.insert(record.node_key, record.id);
-        if membership_changed {
-            self.inventory.upsert(InventoryNode {
-                id: record.id,
-                name: record.name.clone(),
-                addresses: record.addresses(),
-                user: record.user.clone(),
-                tags: record.tags.clone(),
-                attrs: record.policy_attrs(),
-            });
-            self.membership_rev += 1;
-        }
+        let id = record.id;
+        let inv = InventoryNode {
+            id,
+            name: record.name.clone(),
+            addresses: record.addresses(),
+            user: record.user.clone(),
+            tags: record.tags.clone(),
+            attrs: record.policy_attrs(),
+        };
         self.nodes.insert(
-            record.id,
+            id,
             LiveNode {
                 record,
                 online,
                 rev,
             },
         );
+        if membership_changed {
+            self.inventory.upsert(inv.clone());
+            let concerned = self.recompile_for(id, now, Some(inv));
+            self.wake(&concerned, id, true);
+        } else {
+            // Only what peers see of it changed: the nodes that can see it look at it.
+            let day = now.div_euclid(DAY_SECS);
+            let concerned = match self.current_compiled(day) {
+                Some(c) => {
+                    let mut r = c.related(id);
+                    r.insert(id);
+                    r
+                }
+                None => self.sessions.keys().copied().collect(),
+            };
+            self.wake(&concerned, id, false);
+        }
     }
 
     fn bump(&mut self) -> u64 {
@@ -382,13 +534,11 @@ impl HubState {
     }
 
     /// The snapshot sessions compute netmaps from, at `now_unix`. The policy is compiled at
-    /// most once per change (sessions share the result).
+    /// most once per policy and day; membership changes update it in place.
     pub fn snapshot(&self, now_unix: i64) -> Snapshot<'_> {
-        let (key, compiled) = self.compiled(now_unix);
         Snapshot {
             nodes: &self.nodes,
-            compiled,
-            compile_key: key,
+            compiled: self.compiled(now_unix),
             domain: &self.domain,
             tunnel_security: self.tunnel_security,
             relays: Arc::clone(&self.relays),
@@ -399,14 +549,14 @@ impl HubState {
     }
 
     /// The policy compiled for the current inventory and day.
-    pub fn compiled(&self, now_unix: i64) -> (CompileKey, Arc<CompiledPolicy>) {
+    pub fn compiled(&self, now_unix: i64) -> Arc<CompiledPolicy> {
         let day = now_unix.div_euclid(DAY_SECS);
-        let key = (self.policy_rev, self.membership_rev, day);
+        let key = (self.policy_rev, day);
         let mut guard = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((k, c)) = guard.as_ref()
             && *k == key
         {
-            return (key, Arc::clone(c));
+            return Arc::clone(c);
         }
         let at =
             Timestamp::from_second(day.saturating_mul(DAY_SECS)).unwrap_or(Timestamp::UNIX_EPOCH);
@@ -419,7 +569,7 @@ impl HubState {
             "compiled the policy"
         );
         *guard = Some((key, Arc::clone(&c)));
-        (key, c)
+        c
     }
 
     /// The node holding `key`, if it is a current (not removed, not expired) member.
@@ -455,5 +605,131 @@ impl HubState {
     /// The policy in force and its stored version (0: the built-in default).
     pub fn policy(&self) -> (i64, Arc<Policy>) {
         (self.policy_version, Arc::clone(&self.policy))
+    }
+
+    /// How many session wake-ups changes have caused so far.
+    pub fn wakes(&self) -> u64 {
+        self.wakes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+    use wire::MachineKey;
+
+    fn record(i: u8, tag: &str) -> NodeRecord {
+        NodeRecord {
+            id: NodeId(u64::from(i)),
+            machine_key: MachineKey::from_bytes([i; 32]),
+            node_key: NodeKey::from_bytes([i; 32]),
+            name: format!("n{i}"),
+            ipv4: Ipv4Addr::new(100, 64, 0, i),
+            ipv6: format!("fd00::{i}").parse().unwrap(),
+            user: None,
+            tags: vec![tag.into()],
+            ephemeral: false,
+            os: "linux".into(),
+            client_version: String::new(),
+            endpoints: vec![],
+            created_at: 0,
+            last_seen: None,
+            expires_at: None,
+            posture: Default::default(),
+            posture_at: None,
+            custom_attrs: Default::default(),
+            home_relay: None,
+            nat: None,
+            connected_to: None,
+        }
+    }
+
+    /// Two teams that only see themselves, three nodes each, every session attached and
+    /// idle.
+    fn teams() -> (Arc<Hub>, Vec<SessionGuard>) {
+        let policy = Policy::parse(
+            "teams.hujson",
+            r#"{"tagOwners": {"tag:a": [], "tag:b": []},
+                "acls": [{"action": "accept", "src": ["tag:a"], "dst": ["tag:a:*"]},
+                         {"action": "accept", "src": ["tag:b"], "dst": ["tag:b:*"]}]}"#,
+        )
+        .unwrap();
+        let nodes = (1..=6)
+            .map(|i| record(i, if i <= 3 { "tag:a" } else { "tag:b" }))
+            .collect();
+        let hub = Hub::new("mesh.internal".into(), policy, 1, nodes, 0);
+        let guards: Vec<_> = (1..=6).map(|i| hub.attach(NodeId(i))).collect();
+        let _ = hub.read().compiled(crate::state::unix_now());
+        for g in &guards {
+            g.inbox.take();
+        }
+        (hub, guards)
+    }
+
+    fn woken(guards: &[SessionGuard]) -> Vec<(u64, Pending)> {
+        guards
+            .iter()
+            .map(|g| (g.node.0, g.inbox.take()))
+            .filter(|(_, p)| !p.is_empty())
+            .collect()
+    }
+
+    #[test]
+    fn a_change_to_one_node_wakes_only_the_sessions_it_concerns() {
+        let (hub, guards) = teams();
+        // New endpoints for n2: its team looks at n2, the other team hears nothing.
+        let mut n2 = hub.read().node(NodeId(2)).unwrap().record.clone();
+        n2.endpoints = vec!["198.51.100.2:41641".parse().unwrap()];
+        hub.apply_nodes(vec![n2], vec![]);
+        let w = woken(&guards);
+        assert_eq!(w.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(
+            w.iter()
+                .all(|(_, p)| !p.everything && p.peers == [NodeId(2)].into())
+        );
+
+        // n5 moves to team a: both teams' rules change for it, every session recomputes
+        // (each team shares a rule with n5 before or after).
+        let mut n5 = hub.read().node(NodeId(5)).unwrap().record.clone();
+        n5.tags = vec!["tag:a".into()];
+        hub.apply_nodes(vec![n5], vec![]);
+        let w = woken(&guards);
+        assert_eq!(w.len(), 6);
+        assert!(w.iter().all(|(_, p)| p.everything));
+
+        // Removing n6 concerns team b only (n4 and n6 itself).
+        hub.remove_node(
+            NodeId(6),
+            Some(Kick {
+                code: ErrorCode::NodeRemoved,
+                message: "gone".into(),
+            }),
+        );
+        let w = woken(&guards);
+        assert_eq!(w.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [4, 6]);
+        // The compilation followed in place: the same as compiling afresh.
+        let st = hub.read();
+        let now = crate::state::unix_now();
+        let day_start = Timestamp::from_second(now - now.rem_euclid(DAY_SECS)).unwrap();
+        let fresh = st.policy.compile(&st.inventory, day_start);
+        for i in 1..=6 {
+            assert_eq!(
+                st.compiled(now).for_node(NodeId(i)),
+                fresh.for_node(NodeId(i)),
+                "n{i}"
+            );
+        }
+    }
+
+    #[test]
+    fn settings_wake_every_session_without_recomputing_rules() {
+        let (hub, guards) = teams();
+        hub.set_tunnel_security(TunnelSecurity::ClassicalOnly);
+        let w = woken(&guards);
+        assert_eq!(w.len(), 6);
+        assert!(w.iter().all(|(_, p)| p.settings && !p.everything));
+        hub.set_tunnel_security(TunnelSecurity::ClassicalOnly);
+        assert!(woken(&guards).is_empty(), "no change, no wake-up");
     }
 }

@@ -2,9 +2,9 @@
 //!
 //! A session keeps a [`SentMap`] (the revisions it has sent); [`next_map`] compares it with a
 //! [`Snapshot`] of the hub and returns the next message, or `None` when nothing the node can see
-//! has changed. Peers are compared by revision, so an unrelated change costs one integer
-//! comparison per peer, and the policy is recompiled only when the policy or the membership
-//! facts it depends on (addresses, tags, users, the set of nodes) changed.
+//! has changed. It looks only where the hub says something changed ([`Pending`]): the named
+//! peers, or, when the node's rules may have changed, its rules and every peer (compared by
+//! revision).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use wire::netmap::{DnsConfig, MapResponse, Node};
 use wire::{RelayInfo, TunnelSecurity};
 
 use crate::addr::RESOLVER_V4;
-use crate::hub::CompileKey;
+use crate::hub::Pending;
 use crate::model::NodeRecord;
 
 /// A node as the hub holds it.
@@ -35,8 +35,6 @@ pub struct Snapshot<'a> {
     pub nodes: &'a BTreeMap<NodeId, LiveNode>,
     /// The policy in force, compiled for these nodes.
     pub compiled: Arc<CompiledPolicy>,
-    /// Changes whenever `compiled` does (policy, node facts, or the compilation day).
-    pub compile_key: CompileKey,
     /// The mesh domain.
     pub domain: &'a str,
     /// How tunnels are keyed.
@@ -57,7 +55,7 @@ pub struct SentMap {
     seq: u64,
     self_rev: Option<u64>,
     peers: BTreeMap<NodeId, u64>,
-    compiled: Option<(CompileKey, Compiled)>,
+    compiled: Option<Compiled>,
     filter_sent: bool,
     dns_sent: bool,
     security_sent: Option<TunnelSecurity>,
@@ -93,30 +91,28 @@ pub fn wire_node(live: &LiveNode, domain: &str) -> Node {
     }
 }
 
-/// The next message for node `me`, or `None` if it is up to date (or unknown). A `ticket`
-/// (a fresh relay ticket) is always sent.
+/// The next message for node `me`, or `None` if it is up to date (or unknown), looking at what
+/// `pending` names. A `ticket` (a fresh relay ticket) is always sent.
 pub fn next_map(
     sent: &mut SentMap,
     snap: &Snapshot<'_>,
     me: NodeId,
     ticket: Option<String>,
+    pending: &Pending,
 ) -> Option<MapResponse> {
     let me_live = snap.nodes.get(&me)?;
-    let key = snap.compile_key;
-    let recompiled = match &sent.compiled {
-        Some((k, _)) if *k == key => false,
-        _ => {
-            let compiled = snap.compiled.for_node(me);
-            let changed = sent
-                .compiled
-                .as_ref()
-                .is_none_or(|(_, old)| old.rules != compiled.rules);
-            sent.compiled = Some((key, compiled));
-            changed
-        }
-    };
-    let (_, compiled) = sent.compiled.as_ref().expect("set just above");
     let first = sent.seq == 0;
+    let everything = first || pending.everything || sent.compiled.is_none();
+    let mut recompiled = false;
+    if everything {
+        let compiled = snap.compiled.for_node(me);
+        recompiled = sent
+            .compiled
+            .as_ref()
+            .is_none_or(|old| old.rules != compiled.rules);
+        sent.compiled = Some(compiled);
+    }
+    let compiled = sent.compiled.as_ref().expect("set just above");
     let mut msg = MapResponse::default();
 
     if sent.self_rev != Some(me_live.rev) {
@@ -135,7 +131,7 @@ pub fn next_map(
             sent.peers.insert(id, n.rev);
         }
         msg.peers = Some(peers);
-    } else {
+    } else if everything {
         let mut still = BTreeMap::new();
         for (id, n) in visible {
             if sent.peers.get(&id) != Some(&n.rev) {
@@ -150,10 +146,29 @@ pub fn next_map(
             .copied()
             .collect();
         sent.peers = still;
+    } else {
+        // Only the named peers changed, and the node's rules did not.
+        for id in &pending.peers {
+            if !compiled.visible_peers.contains(id) {
+                continue;
+            }
+            match snap.nodes.get(id) {
+                Some(n) if sent.peers.get(id) != Some(&n.rev) => {
+                    msg.peers_changed.push(wire_node(n, snap.domain));
+                    sent.peers.insert(*id, n.rev);
+                }
+                Some(_) => {}
+                None => {
+                    if sent.peers.remove(id).is_some() {
+                        msg.peers_removed.push(*id);
+                    }
+                }
+            }
+        }
     }
 
     if recompiled || !sent.filter_sent {
-        msg.packet_filter = Some(compiled.rules.clone());
+        msg.packet_filter = Some(sent.compiled.as_ref().expect("set").rules.clone());
         sent.filter_sent = true;
     }
     if !sent.dns_sent {
@@ -279,7 +294,6 @@ mod tests {
                     self.policy
                         .compile(&self.inventory, jiff::Timestamp::UNIX_EPOCH),
                 ),
-                compile_key: (self.policy_rev, self.membership_rev, 0),
                 domain: "mesh.internal",
                 tunnel_security: TunnelSecurity::PostQuantum,
                 relays: Arc::clone(&self.relays),
@@ -294,7 +308,7 @@ mod tests {
     fn first_map_is_full_then_nothing_until_a_change() {
         let w = World::new(3);
         let mut sent = SentMap::default();
-        let m = next_map(&mut sent, &w.snap(), NodeId(1), None).unwrap();
+        let m = next_map(&mut sent, &w.snap(), NodeId(1), None, &Pending::all()).unwrap();
         assert_eq!(m.seq, 1);
         assert!(m.is_full());
         let names: Vec<_> = m.peers.unwrap().iter().map(|p| p.fqdn.clone()).collect();
@@ -303,18 +317,49 @@ mod tests {
         assert_eq!(m.packet_filter.unwrap().len(), 1);
         assert_eq!(m.dns.unwrap().resolver.to_string(), "100.100.100.100");
         assert_eq!(m.tunnel_security, Some(TunnelSecurity::PostQuantum));
-        assert!(next_map(&mut sent, &w.snap(), NodeId(1), None).is_none());
+        assert!(next_map(&mut sent, &w.snap(), NodeId(1), None, &Pending::all()).is_none());
+    }
+
+    #[test]
+    fn a_session_looks_only_at_the_peers_it_is_told_about() {
+        let mut w = World::new(4);
+        let mut sent = SentMap::default();
+        next_map(&mut sent, &w.snap(), NodeId(1), None, &Pending::all()).unwrap();
+        for id in [2, 3] {
+            let n = w.nodes.get_mut(&NodeId(id)).unwrap();
+            n.online = true;
+            n.rev += 1;
+        }
+        let only = |ids: &[u64]| Pending {
+            peers: ids.iter().map(|i| NodeId(*i)).collect(),
+            ..Pending::default()
+        };
+        // Told about node 4 (unchanged): nothing to send, and 2 and 3 are not looked at.
+        assert!(next_map(&mut sent, &w.snap(), NodeId(1), None, &only(&[4])).is_none());
+        let m = next_map(&mut sent, &w.snap(), NodeId(1), None, &only(&[2])).unwrap();
+        assert_eq!(
+            m.peers_changed.iter().map(|p| p.id).collect::<Vec<_>>(),
+            [NodeId(2)]
+        );
+        assert!(m.packet_filter.is_none());
+        // A full look finds what was not named yet, once.
+        let m = next_map(&mut sent, &w.snap(), NodeId(1), None, &Pending::all()).unwrap();
+        assert_eq!(
+            m.peers_changed.iter().map(|p| p.id).collect::<Vec<_>>(),
+            [NodeId(3)]
+        );
+        assert!(next_map(&mut sent, &w.snap(), NodeId(1), None, &Pending::all()).is_none());
     }
 
     #[test]
     fn a_peer_going_online_is_a_one_peer_delta() {
         let mut w = World::new(3);
         let mut sent = SentMap::default();
-        next_map(&mut sent, &w.snap(), NodeId(1), None).unwrap();
+        next_map(&mut sent, &w.snap(), NodeId(1), None, &Pending::all()).unwrap();
         let n2 = w.nodes.get_mut(&NodeId(2)).unwrap();
         n2.online = true;
         n2.rev += 1;
-        let m = next_map(&mut sent, &w.snap(), NodeId(1), None).unwrap();
+        let m = next_map(&mut sent, &w.snap(), NodeId(1), None, &Pending::all()).unwrap();
         assert_eq!(m.seq, 2);
         assert!(!m.is_full());
         assert_eq!(m.peers_changed.len(), 1);
@@ -327,10 +372,10 @@ mod tests {
     fn removed_and_added_peers_show_up_in_the_delta() {
         let mut w = World::new(3);
         let mut sent = SentMap::default();
-        next_map(&mut sent, &w.snap(), NodeId(1), None).unwrap();
+        next_map(&mut sent, &w.snap(), NodeId(1), None, &Pending::all()).unwrap();
         w.remove(3);
         w.add(4);
-        let m = next_map(&mut sent, &w.snap(), NodeId(1), None).unwrap();
+        let m = next_map(&mut sent, &w.snap(), NodeId(1), None, &Pending::all()).unwrap();
         assert_eq!(m.peers_removed, vec![NodeId(3)]);
         assert_eq!(
             m.peers_changed.iter().map(|p| p.id).collect::<Vec<_>>(),
@@ -344,22 +389,22 @@ mod tests {
     fn a_removed_node_gets_nothing() {
         let mut w = World::new(2);
         let mut sent = SentMap::default();
-        next_map(&mut sent, &w.snap(), NodeId(2), None).unwrap();
+        next_map(&mut sent, &w.snap(), NodeId(2), None, &Pending::all()).unwrap();
         w.remove(2);
-        assert!(next_map(&mut sent, &w.snap(), NodeId(2), None).is_none());
+        assert!(next_map(&mut sent, &w.snap(), NodeId(2), None, &Pending::all()).is_none());
     }
 
     #[test]
     fn a_stricter_policy_hides_peers_and_sends_new_rules() {
         let mut w = World::new(3);
         let mut sent = SentMap::default();
-        next_map(&mut sent, &w.snap(), NodeId(1), None).unwrap();
+        next_map(&mut sent, &w.snap(), NodeId(1), None, &Pending::all()).unwrap();
         // Only n2 may reach n1 now; n3 disappears from n1's map.
         let text = r#"{"hosts": {"n2": "100.64.0.2"},
                        "acls": [{"action": "accept", "src": ["n2"], "dst": ["100.64.0.1:22"]}]}"#;
         w.policy = Policy::parse("p.hujson", text).unwrap();
         w.policy_rev += 1;
-        let m = next_map(&mut sent, &w.snap(), NodeId(1), None).unwrap();
+        let m = next_map(&mut sent, &w.snap(), NodeId(1), None, &Pending::all()).unwrap();
         assert_eq!(m.peers_removed, vec![NodeId(3)]);
         let rules = m.packet_filter.unwrap();
         assert_eq!(rules.len(), 1);
@@ -373,7 +418,7 @@ mod tests {
         );
         // n3 sees nobody, and gets no rules.
         let mut sent3 = SentMap::default();
-        let m3 = next_map(&mut sent3, &w.snap(), NodeId(3), None).unwrap();
+        let m3 = next_map(&mut sent3, &w.snap(), NodeId(3), None, &Pending::all()).unwrap();
         assert!(m3.peers.unwrap().is_empty());
         assert!(m3.packet_filter.unwrap().is_empty());
     }
@@ -406,12 +451,26 @@ mod tests {
     fn relays_go_out_once_and_on_change_and_tickets_whenever_given() {
         let mut w = World::new(2);
         let mut sent = SentMap::default();
-        let first = next_map(&mut sent, &w.snap(), NodeId(1), Some("ab".into())).unwrap();
+        let first = next_map(
+            &mut sent,
+            &w.snap(),
+            NodeId(1),
+            Some("ab".into()),
+            &Pending::all(),
+        )
+        .unwrap();
         assert_eq!(first.relays, Some(vec![]));
         assert_eq!(first.relay_ticket.as_deref(), Some("ab"));
-        assert!(next_map(&mut sent, &w.snap(), NodeId(1), None).is_none());
+        assert!(next_map(&mut sent, &w.snap(), NodeId(1), None, &Pending::all()).is_none());
         // A ticket alone is a message of its own.
-        let t = next_map(&mut sent, &w.snap(), NodeId(1), Some("cd".into())).unwrap();
+        let t = next_map(
+            &mut sent,
+            &w.snap(),
+            NodeId(1),
+            Some("cd".into()),
+            &Pending::all(),
+        )
+        .unwrap();
         assert!(t.relays.is_none() && t.peers.is_none() && t.packet_filter.is_none());
         assert_eq!(t.relay_ticket.as_deref(), Some("cd"));
         w.relays = Arc::new(vec![RelayInfo {
@@ -424,7 +483,7 @@ mod tests {
             stun: vec![],
         }]);
         w.relay_rev += 1;
-        let m = next_map(&mut sent, &w.snap(), NodeId(1), None).unwrap();
+        let m = next_map(&mut sent, &w.snap(), NodeId(1), None, &Pending::all()).unwrap();
         assert_eq!(m.relays.unwrap().len(), 1);
     }
 }

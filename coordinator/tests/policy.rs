@@ -63,7 +63,14 @@ async fn two_nodes(st: &AppState) -> (NodeId, NodeId) {
 fn peers_of(st: &AppState, me: NodeId) -> (usize, usize) {
     let mut sent = SentMap::default();
     let hub = st.hub.read();
-    let m = next_map(&mut sent, &hub.snapshot(unix_now()), me, None).unwrap();
+    let m = next_map(
+        &mut sent,
+        &hub.snapshot(unix_now()),
+        me,
+        None,
+        &coordinator::hub::Pending::all(),
+    )
+    .unwrap();
     (m.peers.unwrap().len(), m.packet_filter.unwrap().len())
 }
 

@@ -246,8 +246,6 @@ async fn stream(
     }))
     .await?;
     let mut sent = SentMap::default();
-    let mut changes = st.hub.subscribe();
-    changes.borrow_and_update();
     let mut ping = interval(PING_INTERVAL);
     let mut ticket_tick = interval(relays::TICKET_REFRESH);
     ticket_tick.tick().await;
@@ -256,20 +254,23 @@ async fn stream(
     loop {
         let ticket = ticket_due.then(|| relays::issue(&st.tickets, &record.node_key));
         ticket_due = false;
+        let pending = guard.inbox.take();
         let next = {
             let hub = st.hub.read();
-            next_map(&mut sent, &hub.snapshot(unix_now()), record.id, ticket)
+            next_map(
+                &mut sent,
+                &hub.snapshot(unix_now()),
+                record.id,
+                ticket,
+                &pending,
+            )
         };
         if let Some(map) = next {
             debug!(node = %record.name, seq = map.seq, full = map.is_full(), "sending netmap");
             conn.send(&ServerMessage::Map(Box::new(map))).await?;
         }
         tokio::select! {
-            changed = changes.changed() => {
-                if changed.is_err() {
-                    return Ok(());
-                }
-            }
+            () = guard.inbox.changed() => {}
             kick = guard.kicks.recv() => {
                 if let Some(k) = kick {
                     info!(node = %record.name, code = ?k.code, "closing control session");
