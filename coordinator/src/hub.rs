@@ -301,8 +301,8 @@ impl Hub {
         self.read().sessions.keys().copied().collect()
     }
 
-    /// Registers a control session for `node`, kicking an older one for the same node, and
-    /// reports the node online.
+    /// Registers a control session for `node`, kicking an older one for the same node
+    /// (registration already recorded the node as online here).
     pub fn attach(self: &Arc<Self>, node: NodeId) -> SessionGuard {
         let (tx, kicks) = mpsc::unbounded_channel();
         let inbox = Arc::new(Inbox::default());
@@ -324,7 +324,6 @@ impl Hub {
             }
             conn
         };
-        self.report(node, true);
         SessionGuard {
             hub: Arc::clone(self),
             node,

@@ -51,7 +51,9 @@ pub fn validate_hello(h: &Hello) -> Result<(), RegisterError> {
 }
 
 /// Registers or resumes the node proving `machine`. Returns the record and whether it was
-/// newly registered.
+/// newly registered. The node is recorded as connected to this replica in the same
+/// transaction (its session starts right after), so it is online for every replica when its
+/// welcome goes out.
 pub async fn register_or_resume(
     st: &AppState,
     machine: &MachineKey,
@@ -98,11 +100,14 @@ pub async fn register_or_resume(
         let updated = db::nodes::update_on_resume(
             &mut tx,
             existing.id,
-            &hello.node_key,
-            &hello.endpoints,
-            &hello.os,
-            &hello.client_version,
-            now,
+            db::nodes::Resume {
+                node_key: &hello.node_key,
+                endpoints: &hello.endpoints,
+                os: &hello.os,
+                client_version: &hello.client_version,
+                connected_to: &st.replica.id,
+                now,
+            },
         )
         .await?
         .ok_or(DbError::Corrupt {
@@ -170,6 +175,7 @@ pub async fn register_or_resume(
             os: &hello.os,
             client_version: &hello.client_version,
             endpoints: &hello.endpoints,
+            connected_to: &st.replica.id,
             now,
         },
     )

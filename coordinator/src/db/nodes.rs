@@ -168,6 +168,8 @@ pub struct NewNode<'a> {
     pub client_version: &'a str,
     /// Endpoints.
     pub endpoints: &'a [SocketAddr],
+    /// The replica holding its session.
+    pub connected_to: &'a str,
     /// Now, unix seconds.
     pub now: i64,
 }
@@ -176,8 +178,9 @@ pub struct NewNode<'a> {
 pub async fn insert(conn: &mut AnyConnection, n: NewNode<'_>) -> Result<NodeRecord, DbError> {
     let (id,): (i64,) = sqlx::query_as(
         "INSERT INTO nodes (machine_key, node_key, name, ipv4, ipv6, user_name, tags, ephemeral,
-                            auth_key_id, os, client_version, endpoints, created_at, last_seen)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING id",
+                            auth_key_id, os, client_version, endpoints, created_at, last_seen,
+                            connected_to)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) RETURNING id",
     )
     .bind(n.machine_key.to_text())
     .bind(n.node_key.to_text())
@@ -193,6 +196,7 @@ pub async fn insert(conn: &mut AnyConnection, n: NewNode<'_>) -> Result<NodeReco
     .bind(json(n.endpoints))
     .bind(n.now)
     .bind(n.now)
+    .bind(n.connected_to)
     .fetch_one(&mut *conn)
     .await?;
     let id = NodeId(u64::try_from(id).map_err(|_| DbError::Corrupt {
@@ -232,25 +236,39 @@ pub async fn by_node_key(
     .transpose()
 }
 
+/// What a node reports when it reconnects.
+pub struct Resume<'a> {
+    /// Its (possibly rotated) node key.
+    pub node_key: &'a NodeKey,
+    /// Its endpoints.
+    pub endpoints: &'a [SocketAddr],
+    /// OS.
+    pub os: &'a str,
+    /// Client version.
+    pub client_version: &'a str,
+    /// The replica holding its session now.
+    pub connected_to: &'a str,
+    /// Now, unix seconds.
+    pub now: i64,
+}
+
 /// Updates what a node reports when it reconnects. Returns the updated record.
 pub async fn update_on_resume(
     conn: &mut AnyConnection,
     id: NodeId,
-    node_key: &NodeKey,
-    endpoints: &[SocketAddr],
-    os: &str,
-    client_version: &str,
-    now: i64,
+    r: Resume<'_>,
 ) -> Result<Option<NodeRecord>, DbError> {
     sqlx::query(
-        "UPDATE nodes SET node_key = $1, endpoints = $2, os = $3, client_version = $4, last_seen = $5
-         WHERE id = $6",
+        "UPDATE nodes SET node_key = $1, endpoints = $2, os = $3, client_version = $4, last_seen = $5,
+                          connected_to = $6
+         WHERE id = $7",
     )
-    .bind(node_key.to_text())
-    .bind(json(endpoints))
-    .bind(os)
-    .bind(client_version)
-    .bind(now)
+    .bind(r.node_key.to_text())
+    .bind(json(r.endpoints))
+    .bind(r.os)
+    .bind(r.client_version)
+    .bind(r.now)
+    .bind(r.connected_to)
     .bind(id_i64(id))
     .execute(&mut *conn)
     .await?;

@@ -237,7 +237,7 @@ pub async fn list_nodes(st: &AppState) -> Result<Vec<NodeView>, ApiError> {
     Ok(records
         .into_iter()
         .map(|r| {
-            let online = hub.node(r.id).is_some_and(|n| n.online);
+            let online = r.connected_to.is_some() && hub.node(r.id).is_some();
             NodeView {
                 id: r.id,
                 fqdn: format!("{}.{}", r.name, st.mesh.domain),

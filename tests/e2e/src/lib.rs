@@ -14,3 +14,4 @@ mod secrets;
 pub use lab::{Lab, Nat, Proc};
 pub use mesh::{Coordinator, MeshNode};
 pub mod bench;
+pub mod load;

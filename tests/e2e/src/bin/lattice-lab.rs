@@ -36,6 +36,44 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u32,
     },
+    /// N simulated nodes speaking the real control protocol to real coordinators over loopback:
+    /// how long registration, a policy change, a removal, an arrival and a restart take to
+    /// reach every node; every node's peers and rules are checked after each step.
+    Load {
+        /// Simulated nodes.
+        #[arg(long, default_value_t = 200)]
+        nodes: usize,
+        /// Coordinator replicas to start (more than one needs --db postgres://...).
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
+        /// `sqlite`, or a PostgreSQL server URL (a fresh database is made there and dropped).
+        #[arg(long, default_value = "sqlite")]
+        db: String,
+        /// Drive coordinators someone else started (repeatable) instead of starting them.
+        #[arg(long = "coordinator")]
+        coordinators: Vec<String>,
+        /// Admin access to those coordinators: their state dir...
+        #[arg(long)]
+        state_dir: Option<std::path::PathBuf>,
+        /// ...or their admin API (`https://...`) with --token.
+        #[arg(long, requires = "token")]
+        server: Option<String>,
+        /// Admin token for --server.
+        #[arg(long, requires = "server")]
+        token: Option<String>,
+        /// Nodes per team: each team reaches itself (0: everyone in one team).
+        #[arg(long, default_value_t = 50)]
+        team_size: usize,
+        /// Registrations in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Seconds any one step may take before the run fails.
+        #[arg(long, default_value_t = 120)]
+        step_timeout: u64,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Throughput of our tunnel vs raw veth vs other WireGuard implementations.
     BenchThroughput {
         /// Rounds (each runs every target once, interleaved).
@@ -52,6 +90,41 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo => demo(),
         Cmd::BenchThroughput { rounds, seconds } => e2e::bench::throughput(rounds, seconds),
         Cmd::BenchRelay { rounds, seconds } => e2e::bench::relay_throughput(rounds, seconds),
+        Cmd::Load {
+            nodes,
+            replicas,
+            db,
+            coordinators,
+            state_dir,
+            server,
+            token,
+            team_size,
+            concurrency,
+            step_timeout,
+            json,
+        } => {
+            let cfg = e2e::load::LoadConfig {
+                nodes,
+                replicas,
+                db,
+                coordinators,
+                state_dir,
+                server: server.zip(token),
+                team_size,
+                concurrency,
+                step_timeout: Duration::from_secs(step_timeout),
+            };
+            let report = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(e2e::load::run(cfg))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", e2e::load::table(&report));
+            }
+            Ok(())
+        }
     }
 }
 
