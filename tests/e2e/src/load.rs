@@ -146,13 +146,18 @@ fn bin(name: &str) -> anyhow::Result<PathBuf> {
     let dir = exe.parent().context("the binary's directory")?;
     let p = dir.join(name);
     if !p.exists() {
-        bail!("{} not found next to lattice-lab (build the workspace's binaries)", p.display());
+        bail!(
+            "{} not found next to lattice-lab (build the workspace's binaries)",
+            p.display()
+        );
     }
     Ok(p)
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// CPU seconds and peak RSS (MB) of a live process.
@@ -180,7 +185,9 @@ impl Coordinators {
     async fn start(cfg: &LoadConfig) -> anyhow::Result<Self> {
         if !cfg.coordinators.is_empty() {
             if cfg.state_dir.is_none() && cfg.server.is_none() {
-                bail!("with --coordinator, give admin access: --state-dir DIR or --server URL --token T");
+                bail!(
+                    "with --coordinator, give admin access: --state-dir DIR or --server URL --token T"
+                );
             }
             return Ok(Self {
                 urls: cfg.coordinators.clone(),
@@ -416,7 +423,11 @@ struct Sim {
 
 impl Sim {
     fn check(&self, st: &mut SimState, shared: &Shared) {
-        let (epoch, watch) = shared.watch.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let (epoch, watch) = shared
+            .watch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         if st.hit.is_some_and(|(e, _)| e == epoch) {
             return;
         }
@@ -522,12 +533,14 @@ async fn session(
     let done = ini.finish(&msg2)?;
     let session_hash = *done.handshake_hash();
     let mut ch = done.into_channel();
-    let proof = sim.node.possession_proof(
-        shared.control_key.as_bytes(),
-        &session_hash,
-        &sim.machine.public(),
-    )
-    .context("the coordinator's key is unusable")?;
+    let proof = sim
+        .node
+        .possession_proof(
+            shared.control_key.as_bytes(),
+            &session_hash,
+            &sim.machine.public(),
+        )
+        .context("the coordinator's key is unusable")?;
     let mut proof_hex = String::new();
     wire::keys::push_hex(&mut proof_hex, &proof);
     let hello = Hello {
@@ -699,15 +712,21 @@ impl Run<'_> {
                 tags: st.tags.clone(),
                 attrs: [
                     ("node:os".to_owned(), AttrValue::String("linux".into())),
-                    ("node:clientVersion".to_owned(), AttrValue::String("load".into())),
-                    ("node:hostname".to_owned(), AttrValue::String(st.name.clone())),
+                    (
+                        "node:clientVersion".to_owned(),
+                        AttrValue::String("load".into()),
+                    ),
+                    (
+                        "node:hostname".to_owned(),
+                        AttrValue::String(st.name.clone()),
+                    ),
                 ]
                 .into_iter()
                 .collect(),
             });
         }
-        let p = Policy::parse("load.hujson", &self.policy_text)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let p =
+            Policy::parse("load.hujson", &self.policy_text).map_err(|e| anyhow::anyhow!("{e}"))?;
         let now = jiff::Timestamp::now().as_second();
         let day = jiff::Timestamp::from_second(now - now.rem_euclid(86_400))?;
         let c = p.compile(&inv, day);
@@ -740,7 +759,13 @@ impl Run<'_> {
 
     /// Waits until every node in `who` has a hit for `epoch`; returns their latencies from
     /// `t0` (ms).
-    async fn wait_hits(&self, epoch: u64, who: &BTreeSet<NodeId>, t0: Instant, what: &str) -> anyhow::Result<Vec<f64>> {
+    async fn wait_hits(
+        &self,
+        epoch: u64,
+        who: &BTreeSet<NodeId>,
+        t0: Instant,
+        what: &str,
+    ) -> anyhow::Result<Vec<f64>> {
         let deadline = Instant::now() + self.cfg.step_timeout;
         loop {
             let mut lat = Vec::new();
@@ -780,7 +805,9 @@ impl Run<'_> {
         let all: BTreeSet<NodeId> = expected.keys().copied().collect();
         self.wait_hits(epoch, &all, Instant::now(), what)
             .await
-            .with_context(|| format!("{what}: not every node ends with the right peers and rules"))?;
+            .with_context(|| {
+                format!("{what}: not every node ends with the right peers and rules")
+            })?;
         Ok(())
     }
 
@@ -802,7 +829,12 @@ impl Run<'_> {
             machine: StaticKeypair::generate(&mut rng),
             node: StaticKeypair::generate(&mut rng),
             auth: auth.to_owned(),
-            src: Ipv4Addr::new(127, 1 + (idx / 62_500) as u8, ((idx / 250) % 250) as u8, (idx % 250) as u8 + 1),
+            src: Ipv4Addr::new(
+                127,
+                1 + (idx / 62_500) as u8,
+                ((idx / 250) % 250) as u8,
+                (idx % 250) as u8 + 1,
+            ),
             state: Mutex::new(SimState::default()),
         })
     }
@@ -834,7 +866,9 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
 
 async fn run_with(cfg: &LoadConfig, coords: &mut Coordinators) -> anyhow::Result<LoadReport> {
     let tmp = tempfile::tempdir()?;
-    let authority = coords.urls[0].trim_start_matches("http://").trim_end_matches('/');
+    let authority = coords.urls[0]
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
     #[derive(serde::Deserialize)]
     struct KeyInfo {
         control_key: ControlKey,
@@ -878,13 +912,26 @@ async fn drive(run: &mut Run<'_>, tmp: &Path) -> anyhow::Result<LoadReport> {
     let keys: Vec<String> = (0..run.teams)
         .map(|t| {
             run.coords
-                .admin(&["authkey", "create", "--reusable", "--expiry", "24h", "--tag", &team_tag(t)])
+                .admin(&[
+                    "authkey",
+                    "create",
+                    "--reusable",
+                    "--expiry",
+                    "24h",
+                    "--tag",
+                    &team_tag(t),
+                ])
                 .map(|s| s.trim().to_owned())
         })
         .collect::<Result<_, _>>()?;
 
     // Register and connect everyone.
-    eprintln!("load: {} nodes, {} teams, {} replica(s)", cfg.nodes, run.teams, run.coords.urls.len());
+    eprintln!(
+        "load: {} nodes, {} teams, {} replica(s)",
+        cfg.nodes,
+        run.teams,
+        run.coords.urls.len()
+    );
     let t0 = Instant::now();
     let gate = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
     let mut joins = Vec::new();
@@ -909,7 +956,10 @@ async fn drive(run: &mut Run<'_>, tmp: &Path) -> anyhow::Result<LoadReport> {
             .context("registering every node took too long")??;
     }
     let connect_s = t0.elapsed().as_secs_f64();
-    eprintln!("load: all {} nodes registered and connected in {connect_s:.2} s", cfg.nodes);
+    eprintln!(
+        "load: all {} nodes registered and connected in {connect_s:.2} s",
+        cfg.nodes
+    );
     run.verify("after registration").await?;
 
     // (a) A policy change.
@@ -925,9 +975,14 @@ async fn drive(run: &mut Run<'_>, tmp: &Path) -> anyhow::Result<LoadReport> {
     let epoch = run.watch(Watch::Exact(Arc::clone(&after)));
     let t0 = Instant::now();
     run.set_policy(&v2, tmp)?;
-    let policy_change = Spread::of(run.wait_hits(epoch, &affected, t0, "the policy change").await?);
-    eprintln!("load: policy change reached {} nodes: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-        policy_change.n, policy_change.p50, policy_change.p99, policy_change.max);
+    let policy_change = Spread::of(
+        run.wait_hits(epoch, &affected, t0, "the policy change")
+            .await?,
+    );
+    eprintln!(
+        "load: policy change reached {} nodes: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        policy_change.n, policy_change.p50, policy_change.p99, policy_change.max
+    );
 
     // (b) A removal.
     let victim = Arc::clone(&run.sims[0]);
@@ -944,10 +999,17 @@ async fn drive(run: &mut Run<'_>, tmp: &Path) -> anyhow::Result<LoadReport> {
     let t0 = Instant::now();
     run.coords.admin(&["nodes", "remove", &victim_name])?;
     let removal = Spread::of(run.wait_hits(epoch, &saw, t0, "the removal").await?);
-    eprintln!("load: removal reached {} nodes: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-        removal.n, removal.p50, removal.p99, removal.max);
+    eprintln!(
+        "load: removal reached {} nodes: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        removal.n, removal.p50, removal.p99, removal.max
+    );
     let refused = wait_until(cfg.step_timeout, || {
-        victim.state.lock().unwrap_or_else(|e| e.into_inner()).refused.is_some()
+        victim
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .refused
+            .is_some()
     })
     .await;
     if !refused {
@@ -962,7 +1024,11 @@ async fn drive(run: &mut Run<'_>, tmp: &Path) -> anyhow::Result<LoadReport> {
     let epoch = run.watch(Watch::Seen(newcomer.hostname.clone()));
     let t0 = Instant::now();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    run.tasks.push(tokio::spawn(run_sim(Arc::clone(&newcomer), Arc::clone(&run.shared), tx)));
+    run.tasks.push(tokio::spawn(run_sim(
+        Arc::clone(&newcomer),
+        Arc::clone(&run.shared),
+        tx,
+    )));
     tokio::time::timeout(cfg.step_timeout, rx)
         .await
         .context("the new node did not join")??;
@@ -979,8 +1045,10 @@ async fn drive(run: &mut Run<'_>, tmp: &Path) -> anyhow::Result<LoadReport> {
         .map(|(id, _)| *id)
         .collect();
     let arrival = Spread::of(run.wait_hits(epoch, &should_see, t0, "the arrival").await?);
-    eprintln!("load: arrival reached {} nodes: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-        arrival.n, arrival.p50, arrival.p99, arrival.max);
+    eprintln!(
+        "load: arrival reached {} nodes: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        arrival.n, arrival.p50, arrival.p99, arrival.max
+    );
     run.verify("after the arrival").await?;
 
     // (d) A restart, or the loss of one replica.
@@ -993,7 +1061,10 @@ async fn drive(run: &mut Run<'_>, tmp: &Path) -> anyhow::Result<LoadReport> {
         run.coords.kill(0);
         if single {
             run.coords.restart(0).await?;
-            eprintln!("load: coordinator restarted in {:.2} s", t0.elapsed().as_secs_f64());
+            eprintln!(
+                "load: coordinator restarted in {:.2} s",
+                t0.elapsed().as_secs_f64()
+            );
         } else {
             eprintln!("load: replica 0 killed");
         }
@@ -1063,7 +1134,9 @@ async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// The human-readable table.
 pub fn table(r: &LoadReport) -> String {
-    let opt = |v: Option<f64>, unit: &str| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2} {unit}"));
+    let opt = |v: Option<f64>, unit: &str| {
+        v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2} {unit}"))
+    };
     let spread = |s: &Spread| {
         format!(
             "p50 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms  ({} nodes)",
