@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -655,6 +655,8 @@ struct Run<'a> {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     teams: usize,
     policy_text: String,
+    /// Where policies are written for `policy set`; rules name it as their origin.
+    policy_path: PathBuf,
     epoch: u64,
 }
 
@@ -686,11 +688,10 @@ impl Run<'_> {
         }
     }
 
-    fn set_policy(&mut self, text: &str, tmp: &Path) -> anyhow::Result<()> {
-        let path = tmp.join(format!("policy-{}.hujson", self.epoch));
-        std::fs::write(&path, text)?;
-        self.coords
-            .admin(&["policy", "set", path.to_str().context("utf-8 path")?])?;
+    fn set_policy(&mut self, text: &str) -> anyhow::Result<()> {
+        std::fs::write(&self.policy_path, text)?;
+        let path = self.policy_path.to_str().context("utf-8 path")?.to_owned();
+        self.coords.admin(&["policy", "set", &path])?;
         self.policy_text = text.to_owned();
         Ok(())
     }
@@ -725,8 +726,8 @@ impl Run<'_> {
                 .collect(),
             });
         }
-        let p =
-            Policy::parse("load.hujson", &self.policy_text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let p = Policy::parse(&self.policy_path.to_string_lossy(), &self.policy_text)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let now = jiff::Timestamp::now().as_second();
         let day = jiff::Timestamp::from_second(now - now.rem_euclid(86_400))?;
         let c = p.compile(&inv, day);
@@ -803,11 +804,40 @@ impl Run<'_> {
         let expected = Arc::new(self.expected()?);
         let epoch = self.watch(Watch::Exact(Arc::clone(&expected)));
         let all: BTreeSet<NodeId> = expected.keys().copied().collect();
-        self.wait_hits(epoch, &all, Instant::now(), what)
-            .await
-            .with_context(|| {
-                format!("{what}: not every node ends with the right peers and rules")
-            })?;
+        if let Err(e) = self.wait_hits(epoch, &all, Instant::now(), what).await {
+            let example =
+                self.sims.iter().find_map(|s| {
+                    let st = s.state.lock().unwrap_or_else(|e| e.into_inner());
+                    let want = expected.get(&st.id?)?;
+                    let have: BTreeSet<NodeId> = st.peers.keys().copied().collect();
+                    (have != want.peers || st.rules != want.rules).then(|| {
+                    format!(
+                        "{} has {} peers ({} missing, {} extra) and {} rules where {} are due{}",
+                        st.name,
+                        have.len(),
+                        want.peers.difference(&have).count(),
+                        have.difference(&want.peers).count(),
+                        st.rules.len(),
+                        want.rules.len(),
+                        if st.rules.len() == want.rules.len() {
+                            format!(
+                                "; first differing rule: has {:?}, due {:?}",
+                                st.rules.iter().zip(&want.rules).find(|(a, b)| a != b).map(|p| p.0),
+                                st.rules.iter().zip(&want.rules).find(|(a, b)| a != b).map(|p| p.1),
+                            )
+                        } else {
+                            String::new()
+                        }
+                    )
+                })
+                });
+            return Err(e).with_context(|| {
+                format!(
+                    "{what}: not every node ends with the right peers and rules ({})",
+                    example.unwrap_or_default()
+                )
+            });
+        }
         Ok(())
     }
 
@@ -896,19 +926,20 @@ async fn run_with(cfg: &LoadConfig, coords: &mut Coordinators) -> anyhow::Result
         tasks: Vec::new(),
         teams,
         policy_text: String::new(),
+        policy_path: tmp.path().join("policy.hujson"),
         epoch: 0,
     };
-    let r = drive(&mut run, tmp.path()).await;
+    let r = drive(&mut run).await;
     for t in &run.tasks {
         t.abort();
     }
     r
 }
 
-async fn drive(run: &mut Run<'_>, tmp: &Path) -> anyhow::Result<LoadReport> {
+async fn drive(run: &mut Run<'_>) -> anyhow::Result<LoadReport> {
     let cfg = run.cfg.clone();
     let v1 = teams_policy(run.teams, false);
-    run.set_policy(&v1, tmp)?;
+    run.set_policy(&v1)?;
     let keys: Vec<String> = (0..run.teams)
         .map(|t| {
             run.coords
@@ -974,7 +1005,7 @@ async fn drive(run: &mut Run<'_>, tmp: &Path) -> anyhow::Result<LoadReport> {
         .collect();
     let epoch = run.watch(Watch::Exact(Arc::clone(&after)));
     let t0 = Instant::now();
-    run.set_policy(&v2, tmp)?;
+    run.set_policy(&v2)?;
     let policy_change = Spread::of(
         run.wait_hits(epoch, &affected, t0, "the policy change")
             .await?,
