@@ -197,8 +197,8 @@ async fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<Outcome> {
                     out.version,
                     plural(out.rules, "rule"),
                     plural(out.tests, "test"),
-                    plural(out.diff.gained.len(), "pair"),
-                    plural(out.diff.lost.len(), "pair"),
+                    plural(out.diff.gained_total, "pair"),
+                    plural(out.diff.lost_total, "pair"),
                 ));
                 output::diff(&out.diff);
             }

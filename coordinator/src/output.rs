@@ -33,6 +33,10 @@ pub(crate) fn diff(d: &DiffView) {
     for c in &d.lost {
         println!("- {} -> {}: {}", c.src, c.dst, c.access);
     }
+    let left = (d.gained_total + d.lost_total).saturating_sub(d.gained.len() + d.lost.len());
+    if left > 0 {
+        println!("... and {left} more pairs (`policy diff FILE` lists every one)");
+    }
 }
 
 pub(crate) fn relays(list: &[wire::RelayInfo]) {

@@ -78,6 +78,7 @@ const STATE_FILES: &[&str] = &[
 
 /// Runs the coordinator until SIGINT or SIGTERM.
 pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    raise_fd_limit();
     statefs::prepare_dir(&cfg.state_dir, STATE_FILES)
         .context("the state dir cannot hold the coordinator's keys")?;
     let control_key = load_or_create_key(&cfg.state_dir.join(CONTROL_KEY_FILE))?;
@@ -466,6 +467,28 @@ async fn local_actor(
     req.extensions_mut()
         .insert(Actor(format!("local:uid={uid}")));
     next.run(req).await
+}
+
+/// Every node holds one connection: lift the soft open-files limit (often 1,024) to the hard
+/// one, as Go's runtime does for every program.
+fn raise_fd_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the local struct.
+    let (got, set) = unsafe {
+        let got = libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0;
+        let was = l.rlim_cur;
+        l.rlim_cur = l.rlim_max;
+        (got.then_some(was), got && libc::setrlimit(libc::RLIMIT_NOFILE, &l) == 0)
+    };
+    match got {
+        Some(was) if set => tracing::debug!(from = was, to = l.rlim_max, "open files limit"),
+        _ => tracing::warn!(
+            "could not raise the open files limit; each node needs one connection"
+        ),
+    }
 }
 
 fn current_uid() -> u32 {

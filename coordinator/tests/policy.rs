@@ -305,3 +305,39 @@ db_test!(async fn serve_policy_is_stored_once_and_a_bad_one_refuses_to_start(tdb
     let mut c = pool.acquire().await.unwrap();
     assert_eq!(db::policy::versions(&mut c).await.unwrap().len(), 1);
 });
+
+db_test!(async fn policy_set_reports_every_pair_in_totals_and_lists_a_bounded_number(tdb) {
+    let st = state(&tdb).await;
+    let k = key(&st, true, 3600).await;
+    for i in 1..=9u8 {
+        let (n, _) = register_or_resume(
+            &st,
+            &machine(i),
+            &hello(i, &format!("db-{i}"), Some(&k)),
+            unix_now(),
+        )
+        .await
+        .unwrap();
+        st.hub.upsert_node(n);
+    }
+    // From everyone-reaches-everyone to one port: each of the 72 ordered pairs loses access.
+    let narrow = r#"{"tagOwners": {"tag:db": []},
+        "acls": [{"action": "accept", "src": ["tag:db"], "dst": ["tag:db:22"]}]}"#;
+    let full = pops::diff(&st, &text("n.hujson", narrow)).await.unwrap();
+    assert_eq!((full.lost.len(), full.lost_total), (72, 72));
+    assert_eq!(full.gained_total, 0);
+    assert_eq!(full.lost[0].src, "db-1");
+    let out = pops::set(&st, &text("n.hujson", narrow), "test").await.unwrap();
+    assert_eq!(out.diff.lost_total, 72);
+    assert_eq!(out.diff.lost.len(), pops::SET_DIFF_LINES);
+    assert_eq!(out.diff.lost[..], full.lost[..pops::SET_DIFF_LINES]);
+    // The audit entry counts every pair.
+    let entry = ops::audit_list(&st, 0, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .rfind(|e| e.action == "policy.set")
+        .unwrap();
+    let detail: serde_json::Value = serde_json::from_str(&entry.detail).unwrap();
+    assert_eq!(detail["lost"], 72, "{detail}");
+});

@@ -2,14 +2,16 @@
 //! node on which protocols and ports, comparing two compiled policies over the same inventory
 //! at the same time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use jiff::Timestamp;
 
-use crate::ast::{Action, Ports, Proto};
+use crate::ast::{Action, PolicyFile, Ports, Proto, Selector};
 use crate::compile::CompiledPolicy;
 use crate::eval::{Subject, rule_time_ok};
+use crate::inventory::{Inventory, InventoryNode};
+use crate::Policy;
 
 /// Access from one node to another, by protocol.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -107,67 +109,172 @@ pub struct PolicyDiff {
 
 /// Compares `old` and `new` (compiled over the same inventory) at `at`.
 pub fn diff(old: &CompiledPolicy, new: &CompiledPolicy, at: Timestamp) -> PolicyDiff {
-    let mut out = PolicyDiff::default();
-    let nodes = new.nodes();
-    for s in nodes {
-        for d in nodes {
-            if s.id == d.id {
-                continue;
+    let nodes: Vec<&InventoryNode> = new.nodes().iter().collect();
+    diff_files(old.file(), new.file(), &nodes, at)
+}
+
+/// Compares two policies over `inventory` at `at`, without compiling either.
+pub fn diff_policies(
+    old: &Policy,
+    new: &Policy,
+    inventory: &Inventory,
+    at: Timestamp,
+) -> PolicyDiff {
+    let nodes: Vec<&InventoryNode> = inventory.iter().collect();
+    diff_files(old.file(), new.file(), &nodes, at)
+}
+
+/// What the rules of one file see of a node: per rule in force, whether the node matches its
+/// source (with posture), then per destination entry whether the node matches it. Nodes
+/// that look the same to both files (one class) have the same access to and from everyone,
+/// up to `autogroup:self`, which also depends on whether the two share a user.
+fn view(file: &PolicyFile, n: &InventoryNode, at: Timestamp, out: &mut Vec<bool>) {
+    let me = subject(n);
+    for rule in &file.rules {
+        let live = rule_time_ok(rule, at);
+        out.push(live && file.src_matches(rule, &me));
+        out.extend(
+            rule.dst
+                .iter()
+                .map(|d| live && file.selector_matches(&d.sel, &me)),
+        );
+    }
+}
+
+fn subject(n: &InventoryNode) -> Subject<'_> {
+    Subject {
+        user: n.user.as_deref(),
+        tags: &n.tags,
+        ips: &n.addresses,
+        attrs: &n.attrs,
+    }
+}
+
+/// `autogroup:self` applies between two different nodes of one user, neither tagged.
+fn same_owner(s: &InventoryNode, d: &InventoryNode) -> bool {
+    s.user.is_some() && s.tags.is_empty() && d.tags.is_empty() && s.user == d.user
+}
+
+/// The work is proportional to the number of node classes squared plus the size of the
+/// result, not to the number of node pairs: pairs of classes are compared once, and only
+/// the pairs whose access changed are listed.
+fn diff_files(
+    old: &PolicyFile,
+    new: &PolicyFile,
+    nodes: &[&InventoryNode],
+    at: Timestamp,
+) -> PolicyDiff {
+    let old_len: usize = old.rules.iter().map(|r| 1 + r.dst.len()).sum();
+    let mut classes: HashMap<Vec<bool>, usize> = HashMap::new();
+    let mut members: Vec<Vec<usize>> = Vec::new();
+    let mut sigs: Vec<Vec<bool>> = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let mut sig = Vec::with_capacity(old_len * 2);
+        view(old, n, at, &mut sig);
+        view(new, n, at, &mut sig);
+        let next = classes.len();
+        let c = *classes.entry(sig.clone()).or_insert(next);
+        if c == next {
+            members.push(Vec::new());
+            sigs.push(sig);
+        }
+        members[c].push(i);
+    }
+    let change = |cs: usize, cd: usize, same: bool| {
+        let (s_old, s_new) = sigs[cs].split_at(old_len);
+        let (d_old, d_new) = sigs[cd].split_at(old_len);
+        let a = class_access(old, s_old, d_old, same);
+        let b = class_access(new, s_new, d_new, same);
+        (b.minus(&a), a.minus(&b))
+    };
+    let has_self = [old, new].iter().any(|f| {
+        f.rules
+            .iter()
+            .any(|r| r.dst.iter().any(|d| d.sel == Selector::SelfNodes))
+    });
+    // Per source class, every destination (with the index of its class pair's change in
+    // `changed`) whose access from that class changed, for pairs with different owners and
+    // for pairs sharing one.
+    let mut changed = Vec::new();
+    let mut listed_for = Vec::with_capacity(members.len());
+    for cs in 0..members.len() {
+        let mut dsts: Vec<(usize, usize)> = Vec::new();
+        for (cd, dst_members) in members.iter().enumerate() {
+            let other = change(cs, cd, false);
+            let same = if has_self {
+                change(cs, cd, true)
+            } else {
+                other.clone()
+            };
+            let pair = [other, same];
+            if pair.iter().any(|(g, l)| !g.is_empty() || !l.is_empty()) {
+                dsts.extend(dst_members.iter().map(|&d| (d, changed.len())));
+                changed.push(pair);
             }
-            let a = access(old, s, d, at);
-            let b = access(new, s, d, at);
-            let gained = b.minus(&a);
-            let lost = a.minus(&b);
-            if !gained.is_empty() {
-                out.gained.push(Change {
-                    src: s.name.clone(),
-                    dst: d.name.clone(),
-                    access: gained,
-                });
-            }
-            if !lost.is_empty() {
-                out.lost.push(Change {
-                    src: s.name.clone(),
-                    dst: d.name.clone(),
-                    access: lost,
-                });
+        }
+        listed_for.push(dsts);
+    }
+    let mut gained = Vec::new();
+    let mut lost = Vec::new();
+    for (src_members, dsts) in members.iter().zip(&listed_for) {
+        for &s in src_members {
+            for &(d, k) in dsts {
+                if s == d {
+                    continue;
+                }
+                let (g, l) = &changed[k][usize::from(same_owner(nodes[s], nodes[d]))];
+                for (list, access) in [(&mut gained, g), (&mut lost, l)] {
+                    if !access.is_empty() {
+                        list.push((s, d, access));
+                    }
+                }
             }
         }
     }
-    out
+    // Source by source, each source's destinations in node order.
+    let listed = |mut v: Vec<(usize, usize, &Access)>| {
+        v.sort_unstable_by_key(|&(s, d, _)| (s, d));
+        v.into_iter()
+            .map(|(s, d, a)| Change {
+                src: nodes[s].name.clone(),
+                dst: nodes[d].name.clone(),
+                access: a.clone(),
+            })
+            .collect()
+    };
+    PolicyDiff {
+        gained: listed(gained),
+        lost: listed(lost),
+    }
 }
 
 const PORT_PROTOS: [u8; 3] = [6, 17, 132];
 const OTHER_PROTOS: [u8; 2] = [1, 58];
 
-fn access(
-    c: &CompiledPolicy,
-    s: &crate::InventoryNode,
-    d: &crate::InventoryNode,
-    at: Timestamp,
-) -> Access {
-    let file = c.file();
-    let src = Subject {
-        user: s.user.as_deref(),
-        tags: &s.tags,
-        ips: &s.addresses,
-        attrs: &s.attrs,
-    };
-    let dst = Subject {
-        user: d.user.as_deref(),
-        tags: &d.tags,
-        ips: &d.addresses,
-        attrs: &d.attrs,
-    };
+/// Access from a node of the source class to one of the destination class, given what
+/// `file`'s rules see of each (`view`), and whether the two share an owner.
+fn class_access(file: &PolicyFile, src: &[bool], dst: &[bool], same_owner: bool) -> Access {
     let mut allow: BTreeMap<u8, Vec<(u16, u16)>> = BTreeMap::new();
     let mut deny: BTreeMap<u8, Vec<(u16, u16)>> = BTreeMap::new();
     let mut other_allow = Vec::new();
     let mut other_deny = Vec::new();
+    let mut at = 0;
     for rule in &file.rules {
-        if !rule_time_ok(rule, at) || !file.src_matches(rule, &src) {
+        let (src_ok, entries) = (src[at], at + 1);
+        at += 1 + rule.dst.len();
+        if !src_ok {
             continue;
         }
-        let ports: Vec<&Ports> = file.dst_ports(rule, &src, &dst);
+        let ports: Vec<&Ports> = rule
+            .dst
+            .iter()
+            .enumerate()
+            .filter(|(k, d)| match d.sel {
+                Selector::SelfNodes => same_owner,
+                _ => dst[entries + k],
+            })
+            .map(|(_, d)| &d.ports)
+            .collect();
         if ports.is_empty() {
             continue;
         }

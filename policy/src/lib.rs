@@ -37,7 +37,7 @@ use jiff::Timestamp;
 
 pub use ast::Attrs;
 pub use compile::{Compiled, CompiledPolicy, HORIZON};
-pub use diff::{Access, Change, PolicyDiff, diff};
+pub use diff::{Access, Change, PolicyDiff, diff, diff_policies};
 pub use error::{Diagnostic, PolicyError};
 pub use inventory::{Inventory, InventoryNode};
 pub use parse::check_attr_name;

@@ -546,3 +546,66 @@ proptest! {
         }
     }
 }
+
+/// What `a` allows for one protocol and port (the port is ignored for protocols without).
+fn access_covers(a: &Access, proto: u8, port: u16) -> bool {
+    match a.ports.get(&proto) {
+        Some(r) => r.iter().any(|&(lo, hi)| (lo..=hi).contains(&port)),
+        None => !matches!(proto, 6 | 17 | 132) && a.other.contains(&proto),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn diff_agrees_with_deciding_every_connection_under_both_policies(
+        which in (0usize..3, 0usize..3),
+        nodes in proptest::collection::vec((0u8..4, 0u8..4, any::<bool>()), 2..10),
+        extra_port in any::<u16>(),
+    ) {
+        let pick = |w: usize| match w {
+            0 => Policy::parse("t.hujson", TAILSCALE).unwrap(),
+            1 => Policy::parse("m.hujson", MIXED).unwrap(),
+            _ => Policy::allow_all(),
+        };
+        let (old, new) = (pick(which.0), pick(which.1));
+        let mut inv = Inventory::new();
+        for (i, (user, tags, os)) in nodes.into_iter().enumerate() {
+            inv.upsert(random_node(i as u64 + 1, user, tags, os));
+        }
+        let d = diff_policies(&old, &new, &inv, now());
+        // The same answer through compiled policies.
+        prop_assert_eq!(&d, &diff(&old.compile(&inv, now()), &new.compile(&inv, now()), now()));
+        fn sub(n: &InventoryNode) -> eval::Subject<'_> {
+            eval::Subject { user: n.user.as_deref(), tags: &n.tags, ips: &n.addresses, attrs: &n.attrs }
+        }
+        let accepts = |p: &Policy, s: &InventoryNode, t: &InventoryNode, proto: u8, port: u16| {
+            matches!(p.file().decide(&sub(s), &sub(t), proto, port, now()), eval::Decision::Accept(_))
+        };
+        let probes = [(6u8, 22u16), (6, 80), (6, 443), (6, 5432), (6, extra_port), (17, 53), (17, 443), (132, 9), (1, 0), (58, 0), (47, 0)];
+        for s in inv.iter() {
+            for t in inv.iter() {
+                let find = |l: &[Change]| l.iter().find(|c| c.src == s.name && c.dst == t.name).cloned();
+                let (g, l) = (find(&d.gained), find(&d.lost));
+                if s.id == t.id {
+                    prop_assert!(g.is_none() && l.is_none());
+                    continue;
+                }
+                for (proto, port) in probes {
+                    let (a, b) = (accepts(&old, s, t, proto, port), accepts(&new, s, t, proto, port));
+                    let gained = g.as_ref().is_some_and(|c| access_covers(&c.access, proto, port));
+                    let lost = l.as_ref().is_some_and(|c| access_covers(&c.access, proto, port));
+                    prop_assert_eq!((gained, lost), (b && !a, a && !b),
+                        "{} -> {} proto {} port {}", s.name, t.name, proto, port);
+                }
+            }
+        }
+        // Listed source by source, destinations in node order.
+        let ids: Vec<String> = inv.iter().map(|n| n.name.clone()).collect();
+        let pos = |n: &str| ids.iter().position(|x| x == n).unwrap();
+        for l in [&d.gained, &d.lost] {
+            prop_assert!(l.windows(2).all(|w| (pos(&w[0].src), pos(&w[0].dst)) < (pos(&w[1].src), pos(&w[1].dst))));
+        }
+    }
+}

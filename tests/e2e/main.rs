@@ -10,6 +10,7 @@
 mod abuse;
 mod foundation;
 mod hardening;
+mod load;
 mod nat;
 mod policy;
 mod pq;

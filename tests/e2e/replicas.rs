@@ -9,7 +9,7 @@ use e2e::{Coordinator, MeshNode};
 use crate::support::ipv4_of;
 
 /// The PostgreSQL server the suite runs against, or `None` (skipped) without one.
-fn pg_server() -> Option<String> {
+pub(crate) fn pg_server() -> Option<String> {
     match std::env::var("LATTICE_TEST_PG") {
         Ok(url) => Some(url),
         Err(_) => {

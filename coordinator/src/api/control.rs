@@ -47,6 +47,10 @@ const PING_INTERVAL: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(35);
 /// Largest WebSocket message: one Noise frame.
 const MAX_WS_MESSAGE: usize = 65_535;
+/// A session's WebSocket read buffer. tungstenite zero-fills the whole buffer before each
+/// read, and its default (128 KiB) held per session made a coordinator with 5,000 nodes
+/// spend 640 MB on buffers; control messages are small, and a larger frame grows it.
+const WS_READ_BUFFER: usize = 8 << 10;
 
 /// Control routes.
 pub fn router() -> Router<AppState> {
@@ -69,6 +73,8 @@ async fn upgrade(
     };
     ws.max_message_size(MAX_WS_MESSAGE)
         .max_frame_size(MAX_WS_MESSAGE)
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_READ_BUFFER)
         .on_upgrade(move |socket| async move {
             // The connection counts against the listener's limits while the session lasts.
             let _slot = slot;

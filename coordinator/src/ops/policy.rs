@@ -65,7 +65,25 @@ pub struct DiffView {
     pub gained: Vec<AccessChange>,
     /// Access taken away.
     pub lost: Vec<AccessChange>,
+    /// Pairs that gain access (more than `gained` lists when the list was cut short).
+    #[serde(default)]
+    pub gained_total: usize,
+    /// Pairs that lose access.
+    #[serde(default)]
+    pub lost_total: usize,
 }
+
+impl DiffView {
+    /// Keeps the first `n` lines of each list (the totals stay).
+    pub fn truncated(mut self, n: usize) -> Self {
+        self.gained.truncate(n);
+        self.lost.truncate(n);
+        self
+    }
+}
+
+/// Lines of each list `policy set` returns; `policy diff` lists every pair.
+pub const SET_DIFF_LINES: usize = 50;
 
 impl From<PolicyDiff> for DiffView {
     fn from(d: PolicyDiff) -> Self {
@@ -75,6 +93,8 @@ impl From<PolicyDiff> for DiffView {
             access: c.access.to_string(),
         };
         Self {
+            gained_total: d.gained.len(),
+            lost_total: d.lost.len(),
             gained: d.gained.into_iter().map(conv).collect(),
             lost: d.lost.into_iter().map(conv).collect(),
         }
@@ -143,9 +163,7 @@ fn diff_against_current(st: &AppState, new: &Policy, now: Timestamp) -> DiffView
         let hub = st.hub.read();
         (hub.policy().1, hub.inventory().clone())
     };
-    let a = old.compile(&inventory, now);
-    let b = new.compile(&inventory, now);
-    policy::diff(&a, &b, now).into()
+    policy::diff_policies(&old, new, &inventory, now).into()
 }
 
 /// The policy in force.
@@ -186,9 +204,12 @@ pub async fn diff(st: &AppState, req: &PolicyText) -> Result<DiffView, ApiError>
 /// was.
 pub async fn set(st: &AppState, req: &PolicyText, actor: &str) -> Result<SetOutcome, ApiError> {
     let now = now_ts();
+    let started = std::time::Instant::now();
     let new = check(st, req, now)?;
+    let checked = started.elapsed();
     let sha = sha256_hex(&req.text);
     let diff = diff_against_current(st, &new, now);
+    let diffed = started.elapsed();
     let mut tx = db::begin_write(&st.db).await?;
     let current = db::policy::current(&mut tx).await?;
     if let Some(cur) = &current
@@ -210,18 +231,20 @@ pub async fn set(st: &AppState, req: &PolicyText, actor: &str) -> Result<SetOutc
         &new,
         current.as_ref(),
         actor,
-        json!({"gained": diff.gained.len(), "lost": diff.lost.len()}),
+        json!({"gained": diff.gained_total, "lost": diff.lost_total}),
     )
     .await?;
     feed::commit(st, tx, seq).await?;
+    let ms = |d: std::time::Duration| d.as_millis();
     tracing::info!(%actor, version, file = %req.file_name, rules = new.rule_count(),
-        gained = diff.gained.len(), lost = diff.lost.len(), "policy set");
+        gained = diff.gained_total, lost = diff.lost_total, check_ms = ms(checked),
+        diff_ms = ms(diffed - checked), commit_ms = ms(started.elapsed() - diffed), "policy set");
     let outcome = SetOutcome {
         version,
         unchanged: false,
         rules: new.rule_count(),
         tests: new.test_count(),
-        diff,
+        diff: diff.truncated(SET_DIFF_LINES),
     };
     Ok(outcome)
 }

@@ -191,9 +191,13 @@ async fn session(
     posture: &mut watch::Receiver<Option<Facts>>,
 ) -> anyhow::Result<End> {
     let ws_url = ws_url(url)?;
+    // Control messages are small: a small read buffer (tungstenite zero-fills all of it
+    // before every read; a larger frame grows it).
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(65_535))
-        .max_frame_size(Some(65_535));
+        .max_frame_size(Some(65_535))
+        .read_buffer_size(8 << 10)
+        .write_buffer_size(8 << 10);
     let (mut ws, _) = timeout(
         HANDSHAKE_TIMEOUT,
         tokio_tungstenite::connect_async_with_config(ws_url.as_str(), Some(ws_config), true),

@@ -142,14 +142,9 @@ struct Coordinators {
 }
 
 fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("the binary's directory")?;
-    let p = dir.join(name);
+    let p = crate::lab::bin_dir()?.join(name);
     if !p.exists() {
-        bail!(
-            "{} not found next to lattice-lab (build the workspace's binaries)",
-            p.display()
-        );
+        bail!("{} not found (build the workspace's binaries)", p.display());
     }
     Ok(p)
 }
@@ -247,7 +242,11 @@ impl Coordinators {
             c.own.push(r);
         }
         c.admin_dir = Some(c.own[0].dir.clone());
-        c._tmp = Some(tmp);
+        if std::env::var("LATTICE_KEEP_LOGS").as_deref() == Ok("1") {
+            eprintln!("load: coordinator logs kept in {}", tmp.keep().display());
+        } else {
+            c._tmp = Some(tmp);
+        }
         Ok(c)
     }
 
@@ -258,7 +257,10 @@ impl Coordinators {
             .arg("--state-dir")
             .arg(&r.dir)
             .args(["--public-url", &r.url])
-            .env("LATTICE_LOG", "warn")
+            .env(
+                "LATTICE_LOG",
+                std::env::var("LATTICE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(r.dir.join("serve.out"))?)
             .stderr(std::fs::File::create(r.dir.join("serve.log"))?);
@@ -504,8 +506,15 @@ async fn session(
     let stream = tokio::time::timeout(Duration::from_secs(10), sock.connect(addr))
         .await
         .context("connect timed out")??;
-    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/control"), stream)
-        .await
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(8 << 10)
+        .write_buffer_size(8 << 10);
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        format!("ws://{addr}/control"),
+        stream,
+        Some(config),
+    )
+    .await
         .context("websocket upgrade")?;
     let (ini, msg1) = {
         let mut rng = rand::rng();
@@ -1006,6 +1015,10 @@ async fn drive(run: &mut Run<'_>) -> anyhow::Result<LoadReport> {
     let epoch = run.watch(Watch::Exact(Arc::clone(&after)));
     let t0 = Instant::now();
     run.set_policy(&v2)?;
+    eprintln!(
+        "load: `policy set` returned after {:.0} ms",
+        t0.elapsed().as_secs_f64() * 1000.0
+    );
     let policy_change = Spread::of(
         run.wait_hits(epoch, &affected, t0, "the policy change")
             .await?,
