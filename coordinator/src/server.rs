@@ -481,13 +481,14 @@ fn raise_fd_limit() {
         let got = libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0;
         let was = l.rlim_cur;
         l.rlim_cur = l.rlim_max;
-        (got.then_some(was), got && libc::setrlimit(libc::RLIMIT_NOFILE, &l) == 0)
+        (
+            got.then_some(was),
+            got && libc::setrlimit(libc::RLIMIT_NOFILE, &l) == 0,
+        )
     };
     match got {
         Some(was) if set => tracing::debug!(from = was, to = l.rlim_max, "open files limit"),
-        _ => tracing::warn!(
-            "could not raise the open files limit; each node needs one connection"
-        ),
+        _ => tracing::warn!("could not raise the open files limit; each node needs one connection"),
     }
 }
 

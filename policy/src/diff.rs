@@ -7,11 +7,11 @@ use std::fmt;
 
 use jiff::Timestamp;
 
+use crate::Policy;
 use crate::ast::{Action, PolicyFile, Ports, Proto, Selector};
 use crate::compile::CompiledPolicy;
 use crate::eval::{Subject, rule_time_ok};
 use crate::inventory::{Inventory, InventoryNode};
-use crate::Policy;
 
 /// Access from one node to another, by protocol.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

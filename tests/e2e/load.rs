@@ -39,6 +39,7 @@ fn go(cfg: LoadConfig) -> LoadReport {
     assert!(report.removal_ms.n >= 25, "{:?}", report.removal_ms);
     assert!(report.arrival_ms.n >= 25, "{:?}", report.arrival_ms);
     assert!(report.reconnect_s.is_some());
+    assert_eq!(report.dropped_sessions, 0, "sessions ended under load");
     report
 }
 

@@ -107,6 +107,9 @@ pub struct LoadReport {
     pub coordinator_rss_mb: Option<f64>,
     /// A policy change reaching every node it changes.
     pub policy_change_ms: Spread,
+    /// CPU seconds the coordinators spent from `policy set` until every node had the change
+    /// (own coordinators only).
+    pub policy_change_cpu_s: Option<f64>,
     /// A removal reaching every node that saw the removed one.
     pub removal_ms: Spread,
     /// A new node reaching every node that should see it.
@@ -116,6 +119,9 @@ pub struct LoadReport {
     pub reconnect_s: Option<f64>,
     /// Netmap messages the simulated nodes received.
     pub maps_received: u64,
+    /// Control sessions that ended (and were resumed) before the restart step: 0 when every
+    /// node kept its first session through registration and the changes.
+    pub dropped_sessions: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -267,6 +273,17 @@ impl Coordinators {
         if let Some(db) = &self.db_url {
             cmd.args(["--db", db]);
         }
+        // The coordinators die with the run, however it ends. (The signal follows the
+        // spawning thread: a runtime worker, alive as long as the run.)
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd.spawn().context("starting lattice-coordinator")?;
         let started = Instant::now();
         loop {
@@ -387,6 +404,8 @@ struct SimState {
     /// The first time the current watch held.
     hit: Option<(u64, Instant)>,
     maps: u64,
+    /// Control sessions that completed their handshake.
+    sessions: u64,
 }
 
 /// What the run is waiting for; each node records when it first holds for it.
@@ -515,7 +534,7 @@ async fn session(
         Some(config),
     )
     .await
-        .context("websocket upgrade")?;
+    .context("websocket upgrade")?;
     let (ini, msg1) = {
         let mut rng = rand::rng();
         InitiatorHandshake::start(
@@ -540,6 +559,7 @@ async fn session(
         }
     };
     let done = ini.finish(&msg2)?;
+    sim.state.lock().unwrap_or_else(|e| e.into_inner()).sessions += 1;
     let session_hash = *done.handshake_hash();
     let mut ch = done.into_channel();
     let proof = sim
@@ -1013,6 +1033,7 @@ async fn drive(run: &mut Run<'_>) -> anyhow::Result<LoadReport> {
         .map(|(id, _)| *id)
         .collect();
     let epoch = run.watch(Watch::Exact(Arc::clone(&after)));
+    let cpu0 = run.coords.usage().map(|u| u.0);
     let t0 = Instant::now();
     run.set_policy(&v2)?;
     eprintln!(
@@ -1023,9 +1044,16 @@ async fn drive(run: &mut Run<'_>) -> anyhow::Result<LoadReport> {
         run.wait_hits(epoch, &affected, t0, "the policy change")
             .await?,
     );
+    let policy_change_cpu_s = cpu0.zip(run.coords.usage()).map(|(a, b)| b.0 - a);
     eprintln!(
-        "load: policy change reached {} nodes: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-        policy_change.n, policy_change.p50, policy_change.p99, policy_change.max
+        "load: policy change reached {} nodes: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms{}",
+        policy_change.n,
+        policy_change.p50,
+        policy_change.p99,
+        policy_change.max,
+        policy_change_cpu_s
+            .map(|c| format!(" ({c:.2} coordinator CPU seconds)"))
+            .unwrap_or_default()
     );
 
     // (b) A removal.
@@ -1095,6 +1123,19 @@ async fn drive(run: &mut Run<'_>) -> anyhow::Result<LoadReport> {
     );
     run.verify("after the arrival").await?;
 
+    // Every node kept its first session through all of that.
+    let sessions: u64 = run
+        .sims
+        .iter()
+        .map(|s| s.state.lock().unwrap_or_else(|e| e.into_inner()).sessions)
+        .sum();
+    let dropped_sessions = sessions.saturating_sub(run.sims.len() as u64);
+    if dropped_sessions > 0 {
+        eprintln!(
+            "load: {dropped_sessions} control sessions ended and were resumed before the restart"
+        );
+    }
+
     // (d) A restart, or the loss of one replica.
     let reconnect_s = if run.coords.own.is_empty() {
         None
@@ -1158,10 +1199,12 @@ async fn drive(run: &mut Run<'_>) -> anyhow::Result<LoadReport> {
         coordinator_cpu_s: usage.map(|u| u.0),
         coordinator_rss_mb: usage.map(|u| u.1),
         policy_change_ms: policy_change,
+        policy_change_cpu_s,
         removal_ms: removal,
         arrival_ms: arrival,
         reconnect_s,
         maps_received: maps,
+        dropped_sessions,
     })
 }
 
@@ -1195,10 +1238,12 @@ pub fn table(r: &LoadReport) -> String {
          coordinator CPU    {}\n\
          coordinator RSS    {}\n\
          policy change      {}\n\
+         ...its CPU         {}\n\
          node removal       {}\n\
          node arrival       {}\n\
          reconnect          {}\n\
-         netmaps received   {}\n",
+         netmaps received   {}\n\
+         dropped sessions   {}\n",
         r.nodes,
         r.replicas,
         r.db,
@@ -1206,9 +1251,11 @@ pub fn table(r: &LoadReport) -> String {
         opt(r.coordinator_cpu_s, "s"),
         opt(r.coordinator_rss_mb, "MB"),
         spread(&r.policy_change_ms),
+        opt(r.policy_change_cpu_s, "s"),
         spread(&r.removal_ms),
         spread(&r.arrival_ms),
         opt(r.reconnect_s, "s"),
         r.maps_received,
+        r.dropped_sessions,
     )
 }

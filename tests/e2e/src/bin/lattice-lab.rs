@@ -8,6 +8,9 @@
 //!   implementations, interleaved in one run; prints medians and ratios.
 //! - `lattice-lab bench-relay`: iperf3 over a direct path and through the relay (QUIC and
 //!   WebSocket), side by side; prints medians and the relayed share of direct.
+//! - `lattice-lab load`: thousands of simulated nodes speaking the control protocol to real
+//!   coordinators; checks every node's peers and rules after each change and prints how long
+//!   changes took to reach them.
 #![allow(clippy::print_stdout)]
 
 use std::time::Duration;
@@ -15,6 +18,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use e2e::{Coordinator, Lab, MeshNode, Nat};
+
+/// The load generator's thousands of sessions allocate like the coordinator's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(name = "lattice-lab")]
