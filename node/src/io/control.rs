@@ -246,7 +246,7 @@ async fn session(
                     Message::Text(_) => bail!("text frame on the control channel"),
                 };
                 let Some(msg) = channel.open(&bytes)? else { continue };
-                let msg: ServerMessage = serde_json::from_slice(&msg)
+                let msg = ServerMessage::from_json(&msg)
                     .context("decoding a coordinator message")?;
                 let event = match msg {
                     ServerMessage::Welcome(w) => ControlEvent::Welcome(w, url.to_owned()),

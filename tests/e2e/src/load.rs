@@ -605,7 +605,7 @@ async fn session(
         let Some(plain) = ch.open(&bytes)? else {
             continue;
         };
-        match serde_json::from_slice::<ServerMessage>(&plain)? {
+        match ServerMessage::from_json(&plain)? {
             ServerMessage::Welcome(w) => {
                 let mut st = sim.state.lock().unwrap_or_else(|e| e.into_inner());
                 st.id = Some(w.node_id);
@@ -710,11 +710,7 @@ fn teams_policy(teams: usize, ring: bool) -> String {
 
 impl Run<'_> {
     fn team_of(&self, idx: usize) -> usize {
-        if self.cfg.team_size == 0 {
-            0
-        } else {
-            (idx / self.cfg.team_size) % self.teams
-        }
+        idx.checked_div(self.cfg.team_size).unwrap_or(0) % self.teams
     }
 
     fn set_policy(&mut self, text: &str) -> anyhow::Result<()> {
