@@ -62,6 +62,12 @@ pub enum Command {
         #[command(subcommand)]
         command: RelaysCommand,
     },
+    /// Workload identity federation: which outside issuers' tokens may join, and as what.
+    Federation {
+        /// What to do with federation rules.
+        #[command(subcommand)]
+        command: FederationCommand,
+    },
     /// Mesh-wide settings.
     Settings {
         /// Show or change settings.
@@ -231,6 +237,62 @@ pub enum NodesCommand {
         /// JSON output.
         #[arg(long)]
         json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// `federation` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum FederationCommand {
+    /// Trust tokens from an issuer (a CI system, a Kubernetes cluster, a SPIFFE trust domain):
+    /// those for `--audience` whose claims match every `--match` join with the `--tag`s,
+    /// ephemeral unless `--persistent`, until the token (or `--max-lifetime`) ends.
+    Add {
+        /// The tokens' exact `iss` (https://; http:// only on this host).
+        #[arg(long)]
+        issuer: String,
+        /// The audience tokens must carry (`aud`).
+        #[arg(long)]
+        audience: String,
+        /// CLAIM=GLOB that the token's claims must meet (repeatable; `*` matches anything),
+        /// for example `sub=repo:org/app:*`.
+        #[arg(long = "match", value_name = "CLAIM=GLOB")]
+        matches: Vec<String>,
+        /// Tag for the nodes (repeatable; declared in the policy's tagOwners).
+        #[arg(long = "tag", required = true)]
+        tags: Vec<String>,
+        /// Nodes are removed when they go offline (the default).
+        #[arg(long, conflicts_with = "persistent")]
+        ephemeral: bool,
+        /// Nodes stay in the mesh when they go offline.
+        #[arg(long)]
+        persistent: bool,
+        /// The longest access one token grants, from its issue (e.g. 1h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_lifetime: Option<Duration>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List the rules.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Remove a rule. Nodes that joined through it keep access until their token ends, and
+    /// cannot renew it.
+    Remove {
+        /// The rule's id.
+        id: i64,
         /// Where the coordinator is.
         #[command(flatten)]
         admin: AdminArgs,

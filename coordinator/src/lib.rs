@@ -33,8 +33,8 @@ use serde_json::json;
 use crate::admin_client::Target;
 use crate::audit::{Entry, Verification};
 use crate::cli::{
-    AdminArgs, AuditCommand, AuthkeyCommand, Command, NodesCommand, PolicyCommand, RelaysCommand,
-    SettingsCommand, TokenCommand, TokenScopeArg, TunnelSecurityArg,
+    AdminArgs, AuditCommand, AuthkeyCommand, Command, FederationCommand, NodesCommand,
+    PolicyCommand, RelaysCommand, SettingsCommand, TokenCommand, TokenScopeArg, TunnelSecurityArg,
 };
 use crate::model::AuthKeyInfo;
 use crate::ops::{CreatedAuthKey, NodeView};
@@ -75,7 +75,68 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Settings { command } => settings(command).await,
         Command::Policy { command } => policy_cmd(command).await,
         Command::Relays { command } => relays_cmd(command).await,
+        Command::Federation { command } => federation_cmd(command).await,
     }
+}
+
+async fn federation_cmd(cmd: FederationCommand) -> anyhow::Result<Outcome> {
+    match cmd {
+        FederationCommand::Add {
+            issuer,
+            audience,
+            matches,
+            tags,
+            ephemeral: _,
+            persistent,
+            max_lifetime,
+            json,
+            admin,
+        } => {
+            let req = ops::federation::AddRule {
+                issuer,
+                audience,
+                matches,
+                tags,
+                ephemeral: !persistent,
+                max_lifetime_s: max_lifetime.map(|d| d.as_secs()),
+            };
+            let r: federation::TrustRule = target(&admin)?
+                .call(
+                    Method::POST,
+                    "/federation",
+                    Some(serde_json::to_value(&req)?),
+                )
+                .await?;
+            if json {
+                output::json(&r);
+            } else {
+                output::line(&format!(
+                    "federation rule {}: tokens from {} for {} join as {}",
+                    r.id,
+                    r.issuer,
+                    r.audience,
+                    r.tags.join(",")
+                ));
+            }
+        }
+        FederationCommand::List { json, admin } => {
+            let rules: Vec<federation::TrustRule> = target(&admin)?
+                .call(Method::GET, "/federation", None)
+                .await?;
+            if json {
+                output::json(&rules);
+            } else {
+                output::federation(&rules);
+            }
+        }
+        FederationCommand::Remove { id, admin } => {
+            let _: federation::TrustRule = target(&admin)?
+                .call(Method::DELETE, &format!("/federation/{id}"), None)
+                .await?;
+            output::line(&format!("removed federation rule {id}"));
+        }
+    }
+    Ok(Outcome::Success)
 }
 
 async fn relays_cmd(cmd: RelaysCommand) -> anyhow::Result<Outcome> {

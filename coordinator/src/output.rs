@@ -39,6 +39,29 @@ pub(crate) fn diff(d: &DiffView) {
     }
 }
 
+pub(crate) fn federation(rules: &[crate::federation::TrustRule]) {
+    println!(
+        "{:<4} {:<40} {:<16} {:<20} {:<9} {:<9} MATCH",
+        "ID", "ISSUER", "AUDIENCE", "TAGS", "EPHEMERAL", "MAX LIFE"
+    );
+    for r in rules {
+        let matches: Vec<String> = r.matches.iter().map(ToString::to_string).collect();
+        println!(
+            "{:<4} {:<40} {:<16} {:<20} {:<9} {:<9} {}",
+            r.id,
+            r.issuer,
+            r.audience,
+            r.tags.join(","),
+            if r.ephemeral { "yes" } else { "no" },
+            r.max_lifetime_s.map_or_else(
+                || "token".into(),
+                |s| humantime::format_duration(Duration::from_secs(s)).to_string()
+            ),
+            matches.join(" ")
+        );
+    }
+}
+
 pub(crate) fn relays(list: &[wire::RelayInfo]) {
     println!(
         "{:<4} {:<16} {:<24} {:<10} STUN",

@@ -38,6 +38,8 @@ pub fn router() -> Router<AppState> {
         .route("/relays", get(list_relays).post(add_relay))
         .route("/relays/{name}", delete(remove_relay))
         .route("/relay/stats", get(relay_stats))
+        .route("/federation", get(list_federation).post(add_federation))
+        .route("/federation/{id}", delete(remove_federation))
         .route("/tokens", post(create_token).get(list_tokens))
         .route("/tokens/{id}", delete(revoke_token))
 }
@@ -224,6 +226,28 @@ async fn remove_relay(
 ) -> Result<Json<Value>, ApiError> {
     crate::relays::remove(&st, &name, &actor).await?;
     Ok(Json(json!({"removed": name})))
+}
+
+async fn list_federation(
+    State(st): State<AppState>,
+) -> Result<Json<Vec<crate::federation::TrustRule>>, ApiError> {
+    Ok(Json(ops::federation::list(&st).await?))
+}
+
+async fn add_federation(
+    State(st): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Json(req): Json<ops::federation::AddRule>,
+) -> Result<Json<crate::federation::TrustRule>, ApiError> {
+    Ok(Json(ops::federation::add(&st, req, &actor).await?))
+}
+
+async fn remove_federation(
+    State(st): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(id): Path<i64>,
+) -> Result<Json<crate::federation::TrustRule>, ApiError> {
+    Ok(Json(ops::federation::remove(&st, id, &actor).await?))
 }
 
 async fn relay_stats(

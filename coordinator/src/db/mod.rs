@@ -15,6 +15,7 @@
 
 pub mod audit;
 pub mod changes;
+pub mod federation;
 pub mod keys;
 pub mod mesh;
 pub mod nodes;
