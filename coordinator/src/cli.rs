@@ -129,6 +129,10 @@ pub struct ServeArgs {
     /// see to detect hard NAT, so the default listens on two ports.
     #[arg(long = "stun-listen", default_values = ["0.0.0.0:3478", "0.0.0.0:3479"])]
     pub stun_listen: Vec<SocketAddr>,
+    /// CA certificates (PEM) to trust, besides the system's, when fetching the signing keys
+    /// of federation issuers (a Kubernetes cluster's CA, a private IdP).
+    #[arg(long, env = "LATTICE_COORDINATOR_FEDERATION_CA_FILE")]
+    pub federation_ca_file: Option<PathBuf>,
 }
 
 /// Flags shared by admin commands.

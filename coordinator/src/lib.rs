@@ -14,6 +14,7 @@ pub mod error;
 pub mod federation;
 pub mod feed;
 pub mod hub;
+pub mod jwks;
 pub mod jwt;
 pub mod model;
 pub mod netmap;
@@ -64,6 +65,7 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
                 relay_listen: a.relay_listen,
                 stun_listen: a.stun_listen,
                 admin_listen: a.admin_listen,
+                federation_ca_file: a.federation_ca_file,
             })
             .await?;
             Ok(Outcome::Success)

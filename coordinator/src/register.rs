@@ -61,6 +61,18 @@ pub async fn register_or_resume(
     now: i64,
 ) -> Result<(NodeRecord, bool), RegisterError> {
     validate_hello(hello)?;
+    // A token from an outside issuer is checked before the write lock (it may fetch the
+    // issuer's keys).
+    let admitted = match (&hello.id_token, &hello.auth_key) {
+        (Some(_), Some(_)) => {
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                "send an auth key or an id token, not both",
+            ));
+        }
+        (Some(t), None) => Some(admit(st, t, now).await?),
+        (None, _) => None,
+    };
     let mut tx = db::begin_write(&st.db).await?;
     let existing = db::nodes::by_machine_key(&mut tx, machine).await?;
     if let Some(owner) = db::nodes::by_node_key(&mut tx, &hello.node_key).await?
@@ -72,12 +84,15 @@ pub async fn register_or_resume(
         ));
     }
     if let Some(existing) = existing {
-        if existing.is_expired(now) {
+        if let Some(a) = &admitted {
+            renew(st, &mut tx, &existing, a).await?;
+        } else if existing.is_expired(now) {
             let Some(key) = &hello.auth_key else {
                 return Err(refuse(
                     ErrorCode::NodeExpired,
                     format!(
-                        "the key of node {} has expired; run `lattice up` with a new auth key",
+                        "the key of node {} has expired; run `lattice up` with a new auth key \
+                         (or a fresh --id-token-file)",
                         existing.name
                     ),
                 ));
@@ -133,19 +148,45 @@ pub async fn register_or_resume(
         return Ok((updated, false));
     }
 
-    let Some(key) = &hello.auth_key else {
-        if let Some((name, _, reason)) = db::nodes::removal(&mut tx, machine).await? {
+    let grant = match (&hello.auth_key, &admitted) {
+        (Some(key), _) => {
+            let info = consume_key(st, &mut tx, key, now).await?;
+            Grant {
+                actor: format!("authkey:{}", info.id),
+                user: if info.tags.is_empty() {
+                    info.user.clone()
+                } else {
+                    None
+                },
+                source: info.id,
+                tags: info.tags,
+                ephemeral: info.ephemeral,
+                until: None,
+                principal: None,
+            }
+        }
+        (None, Some(a)) => Grant {
+            actor: format!("federation:{}", a.rule),
+            source: format!("federation:{}", a.rule),
+            user: None,
+            tags: a.tags.clone(),
+            ephemeral: a.ephemeral,
+            until: Some(a.until),
+            principal: Some(a.principal.clone()),
+        },
+        (None, None) => {
+            if let Some((name, _, reason)) = db::nodes::removal(&mut tx, machine).await? {
+                return Err(refuse(
+                    ErrorCode::NodeRemoved,
+                    format!("node {name} was removed ({reason}); re-join with a new auth key"),
+                ));
+            }
             return Err(refuse(
-                ErrorCode::NodeRemoved,
-                format!("node {name} was removed ({reason}); re-join with a new auth key"),
+                ErrorCode::AuthKeyRequired,
+                "this machine is not registered; an auth key is required",
             ));
         }
-        return Err(refuse(
-            ErrorCode::AuthKeyRequired,
-            "this machine is not registered; an auth key is required",
-        ));
     };
-    let info = consume_key(st, &mut tx, key, now).await?;
 
     let offset = allocate_ipv4(&mut tx).await?;
     db::mesh::set_next_ipv4(&mut tx, offset + 1).await?;
@@ -155,11 +196,6 @@ pub async fn register_or_resume(
     let name = addr::unique_name(&addr::sanitize_hostname(&hello.hostname), |n| {
         taken.contains(n)
     });
-    let user = if info.tags.is_empty() {
-        info.user.as_deref()
-    } else {
-        None
-    };
     let record = db::nodes::insert(
         &mut tx,
         db::nodes::NewNode {
@@ -168,10 +204,10 @@ pub async fn register_or_resume(
             name: &name,
             ipv4,
             ipv6,
-            user,
-            tags: &info.tags,
-            ephemeral: info.ephemeral,
-            auth_key_id: &info.id,
+            user: grant.user.as_deref(),
+            tags: &grant.tags,
+            ephemeral: grant.ephemeral,
+            auth_key_id: &grant.source,
             os: &hello.os,
             client_version: &hello.client_version,
             endpoints: &hello.endpoints,
@@ -181,12 +217,22 @@ pub async fn register_or_resume(
     )
     .await?;
     db::nodes::clear_removal(&mut tx, machine).await?;
+    let record = match grant.until {
+        Some(until) => {
+            db::nodes::set_expiry(&mut tx, record.id, Some(until)).await?;
+            NodeRecord {
+                expires_at: Some(until),
+                ..record
+            }
+        }
+        None => record,
+    };
     let addrs: Vec<IpAddr> = record.addresses();
     db::audit::append(
         &mut tx,
         st.audit.key(),
         NewEntry::new(
-            format!("authkey:{}", info.id),
+            grant.actor,
             "node.register",
             &name,
             json!({
@@ -197,6 +243,8 @@ pub async fn register_or_resume(
                 "ephemeral": record.ephemeral,
                 "machine_key": machine.to_text(),
                 "node_key": record.node_key.to_text(),
+                "principal": grant.principal,
+                "expires_at": record.expires_at,
             }),
         ),
         unix_now_ms(),
@@ -205,6 +253,70 @@ pub async fn register_or_resume(
     let seq = feed::note(&mut tx, Kind::Node, Some(record.id), None).await?;
     feed::commit(st, tx, seq).await?;
     Ok((record, true))
+}
+
+/// Where a new node's identity comes from: an auth key or an outside token.
+struct Grant {
+    actor: String,
+    /// `nodes.auth_key_id`: the key's id, or `federation:RULE`.
+    source: String,
+    user: Option<String>,
+    tags: Vec<String>,
+    ephemeral: bool,
+    until: Option<i64>,
+    principal: Option<String>,
+}
+
+/// Checks an outside token (see `ops::federation::admit_token`).
+async fn admit(
+    st: &AppState,
+    token: &wire::IdToken,
+    now: i64,
+) -> Result<crate::federation::Admission, RegisterError> {
+    use crate::ops::federation::{TokenRefusal, admit_token};
+    admit_token(st, &token.0, now).await.map_err(|e| match e {
+        TokenRefusal::Refused(m) => refuse(ErrorCode::IdTokenRefused, m),
+        TokenRefusal::Unavailable(m) => refuse(ErrorCode::Internal, m),
+    })
+}
+
+/// A known node presenting a token: the token must grant what the node already is (its
+/// tags); its access then lasts until the token's does.
+pub(crate) async fn renew(
+    st: &AppState,
+    tx: &mut db::Tx,
+    node: &NodeRecord,
+    a: &crate::federation::Admission,
+) -> Result<(), RegisterError> {
+    let mut have = node.tags.clone();
+    have.sort();
+    if have != a.tags || node.user.is_some() {
+        return Err(refuse(
+            ErrorCode::IdTokenRefused,
+            format!(
+                "this token grants {} but node {} is {}",
+                a.tags.join(","),
+                node.name,
+                node.user
+                    .as_deref()
+                    .map_or_else(|| have.join(","), |u| format!("owned by {u}"))
+            ),
+        ));
+    }
+    db::nodes::set_expiry(tx, node.id, Some(a.until)).await?;
+    db::audit::append(
+        tx,
+        st.audit.key(),
+        NewEntry::new(
+            format!("federation:{}", a.rule),
+            "node.renew",
+            &node.name,
+            json!({"node_id": node.id, "principal": a.principal, "expires_at": a.until}),
+        ),
+        unix_now_ms(),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Picks the next free overlay IPv4 offset. Allocation is sequential and addresses are not

@@ -52,6 +52,8 @@ pub struct ServeConfig {
     /// HTTPS address of the admin API for admin tokens (off without it: only the Unix
     /// socket).
     pub admin_listen: Option<SocketAddr>,
+    /// Extra CA certificates (PEM) for fetching federation issuers' keys.
+    pub federation_ca_file: Option<PathBuf>,
 }
 
 /// Name of the admin socket inside the state dir.
@@ -170,6 +172,10 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         ),
         feed: Arc::default(),
         presence: Arc::default(),
+        keys: Arc::new(
+            crate::jwks::KeyCache::new(cfg.federation_ca_file.as_deref())
+                .context("--federation-ca-file")?,
+        ),
     });
     crate::audit_store::spawn_checkpointer(audit, st.db.clone());
     feed::start(&st)

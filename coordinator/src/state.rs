@@ -52,6 +52,8 @@ pub struct Inner {
     pub feed: Arc<Feed>,
     /// Session comings and goings on their way to the database.
     pub presence: Arc<Presence>,
+    /// Outside issuers' signing keys (workload identity federation).
+    pub keys: Arc<crate::jwks::KeyCache>,
 }
 
 impl AppState {

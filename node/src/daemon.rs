@@ -96,6 +96,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             os: std::env::consts::OS.to_owned(),
             client_version: env!("CARGO_PKG_VERSION").to_owned(),
             node_key_proof: None,
+            id_token: None,
         },
     };
     let (posture_tx, posture_rx) = watch::channel(None);

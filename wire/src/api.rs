@@ -41,6 +41,12 @@ pub enum ClientMessage {
         /// NAT behaviour.
         nat: crate::relay::NatInfo,
     },
+    /// A fresh token from the issuer the node joined through: extends its access to the
+    /// new token's lifetime.
+    IdToken {
+        /// The token.
+        id_token: IdToken,
+    },
     /// The node's posture facts (sent when they change).
     Posture {
         /// Facts by attribute name (`node:os`, `node:diskEncrypted`, `fact:...`).
@@ -115,6 +121,22 @@ pub struct Hello {
     /// machine key. Without it a node could claim another node's key.
     #[serde(default)]
     pub node_key_proof: Option<String>,
+    /// A signed token from an outside issuer the mesh trusts (workload identity federation):
+    /// joins (or renews) the node without an auth key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<IdToken>,
+}
+
+/// A JSON Web Token from an outside issuer (a Kubernetes service account, a CI system, a
+/// SPIFFE JWT-SVID). It is a bearer credential: `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct IdToken(pub String);
+
+impl fmt::Debug for IdToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IdToken(<{} bytes redacted>)", self.0.len())
+    }
 }
 
 /// Coordinator -> node.
@@ -203,6 +225,9 @@ pub enum ErrorCode {
     Unsupported,
     /// The request was malformed.
     BadRequest,
+    /// The outside token was refused (the message names the failed check: signature,
+    /// issuer, audience, expiry, a claim); a fresh, valid token may succeed.
+    IdTokenRefused,
     /// The coordinator failed; retry later.
     Internal,
     /// A code this build does not know.

@@ -19,7 +19,7 @@ pub mod netmap;
 pub mod relay;
 pub mod version;
 
-pub use api::{AttrValue, ClientMessage, ErrorCode, Hello, ServerMessage, Welcome};
+pub use api::{AttrValue, ClientMessage, ErrorCode, Hello, IdToken, ServerMessage, Welcome};
 pub use authkey::{AuthKey, AuthKeyParseError};
 pub use filter::{FilterRule, IpProto, PortRange, ValidRange};
 pub use ids::{NodeId, UserId};

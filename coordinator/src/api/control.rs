@@ -361,6 +361,27 @@ async fn handle_client_message(
             }
             Ok(false)
         }
+        ClientMessage::IdToken { id_token } => {
+            // A fresh token from the node's issuer extends its access; a refused one leaves
+            // the current expiry in place (the node is cut off when it passes).
+            let admitted = ops::federation::admit_token(st, &id_token.0, unix_now()).await;
+            let a = match admitted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(node = %record.name, error = %e, "renewal token refused");
+                    return Ok(false);
+                }
+            };
+            let mut tx = db::begin_write(&st.db).await?;
+            if let Err(e) = register::renew(st, &mut tx, record, &a).await {
+                warn!(node = %record.name, error = %e, "renewal token refused");
+                return Ok(false);
+            }
+            let seq = feed::note(&mut tx, Kind::Node, Some(record.id), None).await?;
+            feed::commit(st, tx, seq).await?;
+            info!(node = %record.name, until = a.until, "access renewed by a fresh id token");
+            Ok(false)
+        }
         ClientMessage::Hello(_) => bail!("second hello on one session"),
         ClientMessage::Unknown => Ok(false),
     }

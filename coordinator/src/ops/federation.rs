@@ -6,7 +6,8 @@ use serde_json::json;
 use crate::audit::NewEntry;
 use crate::db;
 use crate::error::ApiError;
-use crate::federation::{ClaimMatch, TrustRule};
+use crate::federation::{Admission, ClaimMatch, TrustRule};
+use crate::jwt::{self, Expect};
 use crate::ops::validate_tag;
 use crate::state::{AppState, unix_now, unix_now_ms};
 
@@ -170,6 +171,57 @@ pub async fn remove(st: &AppState, id: i64, actor: &str) -> Result<TrustRule, Ap
     .await?;
     tx.commit().await.map_err(db::DbError::from)?;
     Ok(gone)
+}
+
+/// Why a token did not admit a node (shown to the node, and logged).
+#[derive(Debug, thiserror::Error)]
+pub enum TokenRefusal {
+    /// The token, the rules or the issuer's keys say no; the message names the check.
+    #[error("{0}")]
+    Refused(String),
+    /// Our side failed (the database, or fetching the issuer's keys).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// What a token from an outside issuer grants at `now`: the first rule for its issuer whose
+/// audience, signature checks and claim conditions it meets. The refusal names the check
+/// that failed (for the last rule tried).
+pub async fn admit_token(st: &AppState, token: &str, now: i64) -> Result<Admission, TokenRefusal> {
+    let refused =
+        |e: &dyn std::fmt::Display| TokenRefusal::Refused(format!("id token refused: {e}"));
+    let issuer = jwt::unverified_issuer(token).map_err(|e| refused(&e))?;
+    let rules = {
+        let mut c = st
+            .db
+            .acquire()
+            .await
+            .map_err(|e| TokenRefusal::Unavailable(e.to_string()))?;
+        db::federation::for_issuer(&mut c, &issuer)
+            .await
+            .map_err(|e| TokenRefusal::Unavailable(e.to_string()))?
+    };
+    let rules = crate::federation::rules_for(&rules, &issuer).map_err(|e| refused(&e))?;
+    let keys = st
+        .keys
+        .keys_for(&issuer, token)
+        .await
+        .map_err(|e| TokenRefusal::Unavailable(format!("{e:#}")))?;
+    let mut last = String::new();
+    for rule in rules {
+        let expect = Expect {
+            issuer: &rule.issuer,
+            audience: &rule.audience,
+        };
+        match jwt::verify(token, &keys, expect, now) {
+            Ok(v) => match rule.admit(&v, now) {
+                Ok(a) => return Ok(a),
+                Err(e) => last = e.to_string(),
+            },
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(refused(&last))
 }
 
 #[cfg(test)]

@@ -168,6 +168,7 @@ pub async fn state_with_pin(tdb: &TestDb, admin_pin: [u8; 32]) -> AppState {
         replica: coordinator::feed::ReplicaInfo::new(None, None),
         feed: Default::default(),
         presence: Default::default(),
+        keys: std::sync::Arc::new(coordinator::jwks::KeyCache::new(None).unwrap()),
     });
     coordinator::feed::start(&st).await.unwrap();
     st
@@ -183,6 +184,7 @@ pub fn hello(i: u8, host: &str, key: Option<&str>) -> Hello {
         os: "linux".into(),
         client_version: "test".into(),
         node_key_proof: None,
+        id_token: None,
     }
 }
 

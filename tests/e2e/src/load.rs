@@ -588,6 +588,7 @@ async fn session(
         os: "linux".into(),
         client_version: "load".into(),
         node_key_proof: Some(proof_hex),
+        id_token: None,
     };
     send(&mut ws, &mut ch, &ClientMessage::Hello(hello)).await?;
     let mut joined = joined;
