@@ -110,6 +110,15 @@ pub enum FederationError {
     /// No rule names the token's issuer.
     #[error("no federation rule trusts the issuer {0:?}")]
     UnknownIssuer(String),
+    /// The access the token grants has already ended (its `exp` passed, within the clock
+    /// leeway the signature check allows, or the rule's maximum lifetime did).
+    #[error("the access this token grants ended at {until} (unix seconds; now {now})")]
+    Ended {
+        /// When it ended.
+        until: i64,
+        /// Our clock.
+        now: i64,
+    },
     /// A condition of the rule does not hold.
     #[error(
         "claim {claim:?} is {value:?}, which does not match {pattern:?} (federation rule {rule})"
@@ -160,6 +169,9 @@ impl TrustRule {
         if let Some(max) = self.max_lifetime_s {
             let from = token.issued_at.unwrap_or(now).min(now);
             until = until.min(from.saturating_add(i64::try_from(max).unwrap_or(i64::MAX)));
+        }
+        if until <= now {
+            return Err(FederationError::Ended { until, now });
         }
         Ok(Admission {
             rule: self.id,
@@ -308,6 +320,29 @@ mod tests {
             None,
         );
         assert_eq!(rule().admit(&no_iat, now).unwrap().until, now + 3600);
+        // A token past its end (accepted by the signature check's clock leeway) grants
+        // nothing; nor does one whose maximum lifetime has run out.
+        let late = token(
+            json!({"sub": "repo:org/app:x", "repository_owner": "org"}),
+            now - 10,
+            Some(now - 100),
+        );
+        assert_eq!(
+            rule().admit(&late, now),
+            Err(FederationError::Ended {
+                until: now - 10,
+                now
+            })
+        );
+        let old = token(
+            json!({"sub": "repo:org/app:x", "repository_owner": "org"}),
+            now + 86_400,
+            Some(now - 7200),
+        );
+        assert!(matches!(
+            rule().admit(&old, now),
+            Err(FederationError::Ended { .. })
+        ));
         // Another repository; a missing claim; a claim that is not text.
         let other = token(
             json!({"sub": "repo:org/other:ref:refs/heads/main", "repository_owner": "org"}),

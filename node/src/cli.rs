@@ -37,7 +37,7 @@ pub struct StateDirArg {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Join the mesh (first time) or resume, and run the node in the foreground.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Show this node and its peers.
     Status {
         /// JSON output (stable fields for scripts).
@@ -93,6 +93,20 @@ pub struct UpArgs {
     /// Auth key from `lattice-coordinator authkey create` (needed to join, not to resume).
     #[arg(long, env = "LATTICE_AUTH_KEY", hide_env_values = true)]
     pub auth_key: Option<String>,
+    /// Join (and stay) with a token from an outside issuer the mesh trusts instead of an auth
+    /// key (workload identity federation: a Kubernetes service-account token, a CI job's
+    /// OIDC token, a SPIFFE JWT-SVID). The file is read on every connection and every 30 s;
+    /// a refreshed token renews the node's access, which ends when the token's does.
+    #[arg(long, conflicts_with_all = ["auth_key", "id_token_env"])]
+    pub id_token_file: Option<PathBuf>,
+    /// Like --id-token-file, from this environment variable (read on every connection).
+    #[arg(long, value_name = "VAR", conflicts_with = "auth_key")]
+    pub id_token_env: Option<String>,
+    /// The coordinator's key fingerprint (32 hex digits; `lattice-coordinator serve` prints
+    /// it), to authenticate the coordinator on the first join with an id token (an auth key
+    /// carries it).
+    #[arg(long, env = "LATTICE_COORDINATOR_FINGERPRINT")]
+    pub coordinator_fingerprint: Option<String>,
     /// Name to ask for (default: the OS hostname); the coordinator makes it unique.
     #[arg(long)]
     pub hostname: Option<String>,

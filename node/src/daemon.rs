@@ -17,6 +17,7 @@ use crate::io::api;
 use crate::io::control::{self, ControlConfig};
 use crate::io::dns::DnsTable;
 use crate::io::event_loop::{EventLoop, Exit};
+use crate::io::idtoken::IdTokenSource;
 use crate::io::posture::{self, PostureConfig};
 use crate::io::udp::Sockets;
 use crate::statedir::{Pin, StateDir, check_url};
@@ -30,7 +31,24 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .map(str::parse)
         .transpose()
         .context("--auth-key")?;
-    let pin = resolve_pin(&dir, &args.coordinator, auth_key.as_ref()).await?;
+    let id_token = match (&args.id_token_file, &args.id_token_env) {
+        (Some(p), _) => Some(IdTokenSource::File(p.clone())),
+        (None, Some(v)) => Some(IdTokenSource::Env(v.clone())),
+        (None, None) => None,
+    };
+    if let Some(src) = &id_token {
+        // Fail now, not on the first connection, if the token cannot be read at all.
+        src.read()?;
+    }
+    let fingerprint = match (&args.coordinator_fingerprint, &auth_key) {
+        (Some(fp), _) => Some(
+            wire::keys::parse_hex::<{ hybrid::FINGERPRINT_LEN }>(fp.trim())
+                .context("--coordinator-fingerprint must be 32 hex digits")?,
+        ),
+        (None, Some(k)) => Some(*k.fingerprint()),
+        (None, None) => None,
+    };
+    let pin = resolve_pin(&dir, &args.coordinator, fingerprint.as_ref()).await?;
     let identity = dir.identity()?;
     let node_key = NodeKey::from_bytes(identity.node.public());
 
@@ -98,6 +116,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             node_key_proof: None,
             id_token: None,
         },
+        id_token,
     };
     let (posture_tx, posture_rx) = watch::channel(None);
     let (replicas_tx, replicas_rx) = watch::channel(pin.urls());
@@ -151,7 +170,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 async fn resolve_pin(
     dir: &StateDir,
     urls: &[String],
-    auth_key: Option<&AuthKey>,
+    fingerprint: Option<&[u8; hybrid::FINGERPRINT_LEN]>,
 ) -> anyhow::Result<Pin> {
     for u in urls {
         check_url(u)?;
@@ -161,12 +180,13 @@ async fn resolve_pin(
         .map(|u| u.trim_end_matches('/').to_owned())
         .collect();
     if let Some(mut pin) = dir.pin()? {
-        if let Some(k) = auth_key
-            && k.fingerprint() != &hybrid::fingerprint(pin.control_key.as_bytes())
+        if let Some(fp) = fingerprint
+            && fp != &hybrid::fingerprint(pin.control_key.as_bytes())
         {
             bail!(
-                "this node already belongs to the coordinator at {} and the auth key was \
-                 issued by a different one; use another --state-dir or run `lattice logout` first",
+                "this node already belongs to the coordinator at {} and the auth key (or \
+                 --coordinator-fingerprint) names a different one; use another --state-dir or \
+                 run `lattice logout` first",
                 pin.url
             );
         }
@@ -188,12 +208,13 @@ async fn resolve_pin(
         }
         return Ok(pin);
     }
-    let (Some((url, rest)), Some(key)) = (urls.split_first(), auth_key) else {
+    let (Some((url, rest)), Some(fp)) = (urls.split_first(), fingerprint) else {
         bail!(
-            "this node has not joined a mesh yet: run `lattice up --coordinator URL --auth-key KEY`"
+            "this node has not joined a mesh yet: run `lattice up --coordinator URL --auth-key KEY` \
+             (or, with --id-token-file, also --coordinator-fingerprint FP)"
         );
     };
-    let control_key = control::fetch_control_key(url, key.fingerprint()).await?;
+    let control_key = control::fetch_control_key(url, fp).await?;
     let pin = Pin {
         url: url.clone(),
         control_key,

@@ -17,7 +17,7 @@ use crate::statedir::StateDir;
 /// Runs a parsed command.
 pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Up(args) => daemon::up(args).await,
+        Command::Up(args) => daemon::up(*args).await,
         Command::Status { json, state } => {
             let sd = StateDir::existing(&state.state_dir);
             let (code, body) = api::call(&sd.socket(), Method::GET, "/v1/status").await?;

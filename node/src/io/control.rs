@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use wire::netmap::MapResponse;
 use wire::{ClientMessage, ControlKey, ErrorCode, Hello, ServerMessage, Welcome};
 
+use crate::io::idtoken::{IdTokenSource, RENEW_CHECK};
 use crate::io::posture::Facts;
 
 /// What the control client tells the event loop.
@@ -49,6 +50,9 @@ pub struct ControlConfig {
     pub node: StaticKeypair,
     /// Hello template (endpoints are filled in per connection).
     pub hello: Hello,
+    /// Where the node's token from an outside issuer comes from, if it joins with one: read
+    /// for every connection's hello, and again every `RENEW_CHECK` to send a fresh one.
+    pub id_token: Option<IdTokenSource>,
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -211,6 +215,11 @@ async fn session(
         .context("control handshake timed out")??;
     let mut hello = cfg.hello.clone();
     hello.endpoints = endpoints.borrow_and_update().clone();
+    let mut sent_token = match &cfg.id_token {
+        Some(src) => Some(src.read()?),
+        None => None,
+    };
+    hello.id_token.clone_from(&sent_token);
     let proof = cfg
         .node
         .possession_proof(
@@ -231,6 +240,8 @@ async fn session(
     }
 
     let mut ping = tokio::time::interval(PING_INTERVAL);
+    let mut renew = tokio::time::interval(RENEW_CHECK);
+    renew.reset();
     let mut last_heard = Instant::now();
     loop {
         tokio::select! {
@@ -251,6 +262,14 @@ async fn session(
                 let event = match msg {
                     ServerMessage::Welcome(w) => ControlEvent::Welcome(w, url.to_owned()),
                     ServerMessage::Map(m) => ControlEvent::Map(m),
+                    // A node that joined with a token comes back with a fresh one (refreshed on
+                    // disk): a refused token or an expired node is worth trying again.
+                    ServerMessage::Error {
+                        code: code @ (ErrorCode::IdTokenRefused | ErrorCode::NodeExpired),
+                        message,
+                    } if cfg.id_token.is_some() => {
+                        return Ok(End::Closed(format!("{code:?}: {message}")));
+                    }
                     ServerMessage::Error { code, message } if !code.is_retryable() => {
                         let _ = events.send(ControlEvent::Refused(code, message)).await;
                         return Ok(End::Refused);
@@ -285,6 +304,19 @@ async fn session(
                 let facts = posture.borrow_and_update().clone();
                 if let Some(facts) = facts {
                     send(&mut ws, &mut channel, &ClientMessage::Posture { facts }).await?;
+                }
+            }
+            _ = renew.tick(), if cfg.id_token.is_some() => {
+                let Some(src) = &cfg.id_token else { continue };
+                match src.read() {
+                    Ok(t) if sent_token.as_ref() != Some(&t) => {
+                        debug!("sending a fresh id token");
+                        send(&mut ws, &mut channel, &ClientMessage::IdToken { id_token: t.clone() })
+                            .await?;
+                        sent_token = Some(t);
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %format!("{e:#}"), "cannot read a fresh id token"),
                 }
             }
             _ = ping.tick() => {

@@ -5,6 +5,7 @@ pub mod aux;
 pub mod control;
 pub mod dns;
 pub mod event_loop;
+pub mod idtoken;
 pub mod ifaddrs;
 pub mod keylog;
 pub mod portmap;

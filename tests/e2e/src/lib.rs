@@ -14,4 +14,5 @@ mod secrets;
 pub use lab::{Lab, Nat, Proc};
 pub use mesh::{Coordinator, MeshNode};
 pub mod bench;
+pub mod issuer;
 pub mod load;

@@ -158,13 +158,25 @@ impl MeshNode {
         key: &str,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        let mut args: Vec<&str> = vec!["--auth-key", key];
+        args.extend(extra);
+        Self::start_with(lab, ns, hostname, coordinator, &args)
+    }
+
+    /// Starts `lattice up --coordinator URL --hostname NAME --state-dir DIR ARGS...` in `ns`
+    /// (ARGS say how it joins).
+    pub fn start_with(
+        lab: &mut Lab,
+        ns: &str,
+        hostname: &str,
+        coordinator: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let state_dir = lab.dir().join(format!("node-{hostname}"));
         let mut args: Vec<String> = vec![
             "up".into(),
             "--coordinator".into(),
             coordinator.into(),
-            "--auth-key".into(),
-            key.into(),
             "--hostname".into(),
             hostname.into(),
             "--state-dir".into(),

@@ -19,6 +19,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Serve an OpenID issuer's discovery document and the JWK set in `--jwks` (read again
+    /// for every request, so keys can rotate) over plain HTTP for `--seconds`.
+    Issuer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        jwks: std::path::PathBuf,
+        #[arg(long)]
+        seconds: u64,
+    },
     /// Print `<recv unix ms> <seq> <sent unix ms>` for every datagram received.
     UdpRecv {
         #[arg(long)]
@@ -190,6 +200,11 @@ fn now_ms() -> u128 {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Issuer {
+            listen,
+            jwks,
+            seconds,
+        } => serve_issuer(listen, &jwks, Duration::from_secs(seconds))?,
         Cmd::UdpRecv { listen, seconds } => {
             let s = UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
             s.set_read_timeout(Some(Duration::from_millis(200)))?;
@@ -492,4 +507,54 @@ fn echo(mut c: TcpStream) {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A one-request-per-connection HTTP/1.0-style server for two paths.
+fn serve_issuer(listen: SocketAddr, jwks: &std::path::Path, for_: Duration) -> anyhow::Result<()> {
+    let l = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    l.set_nonblocking(true)?;
+    let issuer = format!("http://{listen}");
+    let end = Instant::now() + for_;
+    println!("issuer {issuer} serving");
+    while Instant::now() < end {
+        let mut s = match l.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        s.set_nonblocking(false)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut req = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+        let line = String::from_utf8_lossy(&req);
+        let path = line.split_whitespace().nth(1).unwrap_or("");
+        let (status, body) = match path {
+            "/.well-known/openid-configuration" => (
+                "200 OK",
+                serde_json::json!({"issuer": issuer, "jwks_uri": format!("{issuer}/jwks")})
+                    .to_string(),
+            ),
+            "/jwks" => match std::fs::read_to_string(jwks) {
+                Ok(b) => ("200 OK", b),
+                Err(_) => ("500 Internal Server Error", String::new()),
+            },
+            _ => ("404 Not Found", String::new()),
+        };
+        println!("{} GET {path} {status}", now_ms());
+        let _ = write!(
+            s,
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+    Ok(())
 }
