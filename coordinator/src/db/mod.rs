@@ -69,6 +69,14 @@ pub enum DbError {
         /// What was wrong.
         detail: String,
     },
+    /// The SQLite file could not be created or restricted to its owner.
+    #[error("database file {path}: {source}")]
+    File {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The `--db` URL is not supported.
     #[error("unsupported database URL {0:?}: use postgres://..., sqlite://PATH or a file path")]
     UnsupportedUrl(String),
@@ -90,15 +98,13 @@ pub async fn open(url: &str) -> Result<Pool, DbError> {
     }
     let opts = if url == "sqlite::memory:" {
         SqliteConnectOptions::from_str(url)?
-    } else if let Some(path) = url.strip_prefix("sqlite://") {
-        SqliteConnectOptions::new()
-            .filename(Path::new(path))
-            .create_if_missing(true)
-    } else if url.contains("://") {
+    } else if url.contains("://") && !url.starts_with("sqlite://") {
         return Err(DbError::UnsupportedUrl(redacted(url)));
     } else {
+        let path = Path::new(url.strip_prefix("sqlite://").unwrap_or(url));
+        owner_only(path)?;
         SqliteConnectOptions::new()
-            .filename(Path::new(url))
+            .filename(path)
             .create_if_missing(true)
     };
     let max = if url == "sqlite::memory:" { 1 } else { 8 };
@@ -120,6 +126,33 @@ pub async fn open(url: &str) -> Result<Pool, DbError> {
         .await?;
     sqlx::migrate!("../migrations/sqlite").run(&pool).await?;
     Ok(pool)
+}
+
+/// Creates the SQLite file (and its WAL and shared-memory files, which SQLite gives the
+/// database file's mode) readable by its owner only, or restricts an existing one: it holds
+/// the mesh's nodes, hashed secrets and audit log.
+fn owner_only(path: &Path) -> Result<(), DbError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let err = |source| DbError::File {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let p = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+        match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Starts a write transaction that holds the write lock from its first statement.
@@ -221,5 +254,37 @@ mod tests {
         );
         assert_eq!(redacted("/var/lib/c.db"), "/var/lib/c.db");
         assert_eq!(redacted("sqlite://x.db"), "sqlite://x.db");
+    }
+}
+
+#[cfg(test)]
+mod file_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn the_sqlite_files_are_readable_by_their_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("coordinator.db");
+        let pool = open(db.to_str().unwrap()).await.unwrap();
+        sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+        assert_eq!(mode(&db), 0o600);
+        let wal = dir.path().join("coordinator.db-wal");
+        assert!(wal.exists(), "WAL mode");
+        assert_eq!(mode(&wal), 0o600);
+        pool.close().await;
+        // A file left readable by an older build is restricted at the next start.
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let pool = open(&format!("sqlite://{}", db.display())).await.unwrap();
+        assert_eq!(mode(&db), 0o600);
+        pool.close().await;
+        // A file that cannot be created is a clear error.
+        let e = open("/nonexistent-dir/x.db").await.unwrap_err();
+        assert!(e.to_string().contains("/nonexistent-dir/x.db"), "{e}");
     }
 }
