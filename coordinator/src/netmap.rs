@@ -84,6 +84,7 @@ pub fn wire_node(live: &LiveNode, domain: &str) -> Node {
         tags: r.tags.clone(),
         online: live.online,
         last_seen_unix: r.last_seen,
+        key_expiry_unix: r.expires_at,
         os: r.os.clone(),
         ephemeral: r.ephemeral,
         home_relay: r.home_relay,

@@ -47,6 +47,12 @@ pub(crate) fn status(st: &StatusJson) {
         )
     };
     println!("coordinator {}: {coord}", st.coordinator.url);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    if let Some(notice) = me.key_expiry_unix.and_then(|t| expiry_notice(t, now)) {
+        println!("{notice}");
+    }
     if st.tunnel_security == wire::TunnelSecurity::ClassicalOnly {
         println!("WARNING: the mesh admin set tunnels to classical-only (no post-quantum keys)");
     }
@@ -187,4 +193,69 @@ pub(crate) fn whois(w: &WhoisJson) {
     );
     println!("os:       {}", w.os);
     println!("node key: {}", w.node_key);
+}
+
+/// What `status` says about the node's key expiry: a warning from a week before, a plain line
+/// before that (so the date is visible), and how to renew.
+pub(crate) fn expiry_notice(expiry: i64, now: i64) -> Option<String> {
+    const DAY: i64 = 86_400;
+    const RENEW: &str =
+        "renew it with a fresh --id-token-file token, or `lattice up --auth-key NEW_KEY`";
+    let left = expiry - now;
+    let span = |s: i64| {
+        humantime::format_duration(std::time::Duration::from_secs(
+            u64::try_from(s.max(0) / 60 * 60).unwrap_or(0),
+        ))
+        .to_string()
+    };
+    Some(if left <= 0 {
+        format!(
+            "WARNING: this node's key expired {} ago: it has no peers until you {RENEW}",
+            span(-left)
+        )
+    } else if left <= DAY {
+        format!(
+            "WARNING: this node's key expires in {} (less than a day): {RENEW}",
+            span(left)
+        )
+    } else if left <= 7 * DAY {
+        format!(
+            "WARNING: this node's key expires in {} (less than a week): {RENEW}",
+            span(left)
+        )
+    } else {
+        format!("key expires in {}", span(left))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expiry_notice;
+
+    #[test]
+    fn status_warns_a_week_and_a_day_before_the_key_expires_and_says_how_to_renew() {
+        let now = 1_800_000_000;
+        let day = 86_400;
+        let plain = expiry_notice(now + 30 * day, now).unwrap();
+        assert_eq!(plain, "key expires in 30days");
+        let week = expiry_notice(now + 6 * day, now).unwrap();
+        assert!(
+            week.starts_with("WARNING") && week.contains("less than a week"),
+            "{week}"
+        );
+        assert!(
+            week.contains("--id-token-file") && week.contains("--auth-key"),
+            "{week}"
+        );
+        let today = expiry_notice(now + 3600, now).unwrap();
+        assert!(
+            today.contains("expires in 1h") && today.contains("less than a day"),
+            "{today}"
+        );
+        let gone = expiry_notice(now - 120, now).unwrap();
+        assert!(
+            gone.contains("expired 2m ago") && gone.contains("no peers"),
+            "{gone}"
+        );
+    }
 }

@@ -42,6 +42,10 @@ pub struct Node {
     /// Last time the coordinator heard from the node (Unix seconds).
     #[serde(default)]
     pub last_seen_unix: Option<i64>,
+    /// When the node's key expires (Unix seconds): it then gets no peers until it renews
+    /// (a fresh id token, or a re-join). `None`: it does not expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_expiry_unix: Option<i64>,
     /// Operating system as reported by the node.
     #[serde(default)]
     pub os: String,
@@ -156,6 +160,7 @@ mod tests {
             tags: vec!["tag:db".into()],
             online: true,
             last_seen_unix: Some(1_790_000_000),
+            key_expiry_unix: None,
             os: "linux".into(),
             ephemeral: false,
             home_relay: None,

@@ -51,6 +51,7 @@ fn node(i: usize, public: NodeKey) -> Node {
         tags: vec![],
         online: true,
         last_seen_unix: None,
+        key_expiry_unix: None,
         os: String::new(),
         ephemeral: false,
         home_relay: None,

@@ -101,6 +101,7 @@ fn node(i: usize) -> Node {
         tags: vec![],
         online: true,
         last_seen_unix: None,
+        key_expiry_unix: None,
         os: "linux".into(),
         ephemeral: false,
         home_relay: None,

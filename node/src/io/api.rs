@@ -114,6 +114,9 @@ pub struct SelfJson {
     pub user: Option<String>,
     /// Tags.
     pub tags: Vec<String>,
+    /// When this node's key expires (Unix seconds); `None`: never.
+    #[serde(default)]
+    pub key_expiry_unix: Option<i64>,
 }
 
 /// The coordinator connection in `status`.

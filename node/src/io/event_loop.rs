@@ -802,6 +802,7 @@ impl EventLoop {
                 endpoints: self.endpoints.borrow().clone(),
                 user: me.and_then(|n| n.user.clone()),
                 tags: me.map(|n| n.tags.clone()).unwrap_or_default(),
+                key_expiry_unix: me.and_then(|n| n.key_expiry_unix),
             },
             coordinator: CoordinatorJson {
                 url: self.coordinator_url.clone(),

@@ -71,6 +71,7 @@ pub(crate) fn node(i: usize, endpoints: Vec<SocketAddr>) -> Node {
         tags: vec![],
         online: true,
         last_seen_unix: None,
+        key_expiry_unix: None,
         os: "linux".into(),
         ephemeral: false,
         home_relay: None,
