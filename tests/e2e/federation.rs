@@ -134,7 +134,13 @@ fn a_workload_joins_with_a_token_is_cut_off_when_it_ends_and_returns_with_a_fres
     let j = nodes.iter().find(|n| n["name"] == "job").unwrap();
     assert_eq!(j["tags"], json!(["tag:ci"]), "{j}");
     assert_eq!(j["ephemeral"], true, "{j}");
-    let job_ip = ipv4_of(&f.nodes[job].status(&f.lab).unwrap());
+    let status = f.nodes[job].status(&f.lab).unwrap();
+    let job_ip = ipv4_of(&status);
+    // The node knows when its access ends (`lattice status` warns before it does).
+    let expiry = status["self"]["key_expiry_unix"]
+        .as_i64()
+        .unwrap_or_default();
+    assert!((expiry - first_exp).abs() <= 2, "{}", status["self"]);
 
     // When the token ends, so does the workload's access.
     let web_sees_job = |f: &Flat| {
