@@ -24,7 +24,7 @@ use wire::filter::{Action as WireAction, DstPorts, FilterRule, IpProto, PortRang
 
 use crate::Policy;
 use crate::ast::{Action, PolicyFile, Ports, Proto, Rule, Selector};
-use crate::eval::Subject;
+
 use crate::inventory::{Inventory, InventoryNode};
 
 /// How far ahead recurring windows are resolved.
@@ -121,15 +121,6 @@ impl Policy {
     }
 }
 
-fn subject(n: &InventoryNode) -> Subject<'_> {
-    Subject {
-        user: n.user.as_deref(),
-        tags: &n.tags,
-        ips: &n.addresses,
-        attrs: &n.attrs,
-    }
-}
-
 impl CompiledPolicy {
     /// Adds a node, or replaces what is known about it (addresses, tags, user, attributes):
     /// the same result as compiling again with the changed inventory.
@@ -154,7 +145,7 @@ impl CompiledPolicy {
         };
         self.nodes[i] = node;
         let n = &self.nodes[i];
-        let subj = subject(n);
+        let subj = n.subject();
         for set in &mut self.sets {
             let rule = &self.file.rules[set.rule];
             let src = self.file.src_matches(rule, &subj);

@@ -10,7 +10,7 @@ use jiff::Timestamp;
 use crate::Policy;
 use crate::ast::{Action, PolicyFile, Ports, Proto, Selector};
 use crate::compile::CompiledPolicy;
-use crate::eval::{Subject, rule_time_ok};
+use crate::eval::rule_time_ok;
 use crate::inventory::{Inventory, InventoryNode};
 
 /// Access from one node to another, by protocol.
@@ -129,7 +129,7 @@ pub fn diff_policies(
 /// that look the same to both files (one class) have the same access to and from everyone,
 /// up to `autogroup:self`, which also depends on whether the two share a user.
 fn view(file: &PolicyFile, n: &InventoryNode, at: Timestamp, out: &mut Vec<bool>) {
-    let me = subject(n);
+    let me = n.subject();
     for rule in &file.rules {
         let live = rule_time_ok(rule, at);
         out.push(live && file.src_matches(rule, &me));
@@ -138,15 +138,6 @@ fn view(file: &PolicyFile, n: &InventoryNode, at: Timestamp, out: &mut Vec<bool>
                 .iter()
                 .map(|d| live && file.selector_matches(&d.sel, &me)),
         );
-    }
-}
-
-fn subject(n: &InventoryNode) -> Subject<'_> {
-    Subject {
-        user: n.user.as_deref(),
-        tags: &n.tags,
-        ips: &n.addresses,
-        attrs: &n.attrs,
     }
 }
 

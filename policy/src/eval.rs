@@ -27,6 +27,18 @@ pub(crate) struct Subject<'a> {
     pub(crate) attrs: &'a Attrs,
 }
 
+impl crate::inventory::InventoryNode {
+    /// The node as rules see it.
+    pub(crate) fn subject(&self) -> Subject<'_> {
+        Subject {
+            user: self.user.as_deref(),
+            tags: &self.tags,
+            ips: &self.addresses,
+            attrs: &self.attrs,
+        }
+    }
+}
+
 /// The outcome for one connection.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Decision<'a> {

@@ -456,10 +456,7 @@ proptest! {
                 && r.dst.iter().any(|x| x.net.contains(&d.addresses[0]) && x.ports.contains(port));
             !rules.iter().any(|r| r.action == WireAction::Deny && hit(r)) && rules.iter().any(|r| r.action == WireAction::Accept && hit(r))
         };
-        fn sub(n: &InventoryNode) -> eval::Subject<'_> {
-            eval::Subject { user: n.user.as_deref(), tags: &n.tags, ips: &n.addresses, attrs: &n.attrs }
-        }
-        let evaluated = matches!(p.file().decide(&sub(s), &sub(d), 6, port, now()), eval::Decision::Accept(_));
+        let evaluated = matches!(p.file().decide(&s.subject(), &d.subject(), 6, port, now()), eval::Decision::Accept(_));
         prop_assert_eq!(compiled, evaluated || (src == dst && compiled), "src {} dst {} port {}", src, dst, port);
     }
 }
@@ -577,11 +574,8 @@ proptest! {
         let d = diff_policies(&old, &new, &inv, now());
         // The same answer through compiled policies.
         prop_assert_eq!(&d, &diff(&old.compile(&inv, now()), &new.compile(&inv, now()), now()));
-        fn sub(n: &InventoryNode) -> eval::Subject<'_> {
-            eval::Subject { user: n.user.as_deref(), tags: &n.tags, ips: &n.addresses, attrs: &n.attrs }
-        }
         let accepts = |p: &Policy, s: &InventoryNode, t: &InventoryNode, proto: u8, port: u16| {
-            matches!(p.file().decide(&sub(s), &sub(t), proto, port, now()), eval::Decision::Accept(_))
+            matches!(p.file().decide(&s.subject(), &t.subject(), proto, port, now()), eval::Decision::Accept(_))
         };
         let probes = [(6u8, 22u16), (6, 80), (6, 443), (6, 5432), (6, extra_port), (17, 53), (17, 443), (132, 9), (1, 0), (58, 0), (47, 0)];
         for s in inv.iter() {

@@ -8,7 +8,8 @@ use crate::db;
 use crate::error::ApiError;
 use crate::federation::{Admission, ClaimMatch, TrustRule};
 use crate::jwt::{self, Expect};
-use crate::ops::validate_tag;
+use crate::ops::check_tags;
+
 use crate::state::{AppState, unix_now, unix_now_ms};
 
 /// Shortest and longest `--max-lifetime`.
@@ -103,15 +104,7 @@ pub async fn add(st: &AppState, req: AddRule, actor: &str) -> Result<TrustRule, 
             "a federation rule needs at least one --tag (workloads join as tagged nodes)".into(),
         ));
     }
-    let (_, policy) = st.hub.read().policy();
-    for t in &req.tags {
-        validate_tag(t)?;
-        if !policy.declares_tag(t) {
-            return Err(ApiError::BadRequest(format!(
-                "tag {t:?} is not declared in the policy's tagOwners; add it there first"
-            )));
-        }
-    }
+    check_tags(st, &req.tags)?;
     if let Some(s) = req.max_lifetime_s
         && !(MIN_LIFETIME_S..=MAX_LIFETIME_S).contains(&s)
     {

@@ -130,14 +130,11 @@ fn validate_user(user: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Creates an auth key.
-pub async fn create_auth_key(
-    st: &AppState,
-    req: CreateAuthKey,
-    actor: &str,
-) -> Result<CreatedAuthKey, ApiError> {
+/// Every tag is well formed and declared in the policy in force (auth keys and federation
+/// rules may only hand out such tags).
+pub fn check_tags(st: &AppState, tags: &[String]) -> Result<(), ApiError> {
     let (_, policy) = st.hub.read().policy();
-    for t in &req.tags {
+    for t in tags {
         validate_tag(t)?;
         if !policy.declares_tag(t) {
             return Err(ApiError::BadRequest(format!(
@@ -145,6 +142,16 @@ pub async fn create_auth_key(
             )));
         }
     }
+    Ok(())
+}
+
+/// Creates an auth key.
+pub async fn create_auth_key(
+    st: &AppState,
+    req: CreateAuthKey,
+    actor: &str,
+) -> Result<CreatedAuthKey, ApiError> {
+    check_tags(st, &req.tags)?;
     if let Some(u) = &req.user {
         validate_user(u)?;
     }
