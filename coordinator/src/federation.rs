@@ -148,6 +148,8 @@ pub struct Admission {
     pub until: i64,
     /// The identity, for the audit log and display: `iss` and `sub`.
     pub principal: String,
+    /// SHA-256 of the token: one token admits one machine.
+    pub token_hash: String,
 }
 
 impl TrustRule {
@@ -179,6 +181,7 @@ impl TrustRule {
             ephemeral: self.ephemeral,
             until,
             principal: format!("{}#{}", token.issuer, token.subject),
+            token_hash: token.token_hash.clone(),
         })
     }
 }
@@ -272,6 +275,7 @@ mod tests {
             expires_at: exp,
             issued_at: iat,
             claims,
+            token_hash: "00".into(),
         }
     }
 

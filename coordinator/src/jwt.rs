@@ -88,6 +88,8 @@ pub struct Verified {
     pub issued_at: Option<i64>,
     /// Every claim, for rules that match on them.
     pub claims: Map<String, Value>,
+    /// SHA-256 of the token (hex): what binds one token to one machine.
+    pub token_hash: String,
 }
 
 impl Verified {
@@ -248,12 +250,18 @@ pub fn verify(
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         _ => return Err(JwtError::Missing("sub")),
     };
+    let mut token_hash = String::new();
+    wire::keys::push_hex(
+        &mut token_hash,
+        &<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()),
+    );
     Ok(Verified {
         issuer: iss,
         subject: sub,
         expires_at: exp,
         issued_at: iat,
         claims,
+        token_hash,
     })
 }
 

@@ -13,7 +13,7 @@ use crate::db::{self, DbError};
 use crate::feed;
 use crate::model::NodeRecord;
 use crate::secret;
-use crate::state::{AppState, unix_now_ms};
+use crate::state::{AppState, unix_now, unix_now_ms};
 
 /// Why a registration did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -165,15 +165,18 @@ pub async fn register_or_resume(
                 principal: None,
             }
         }
-        (None, Some(a)) => Grant {
-            actor: format!("federation:{}", a.rule),
-            source: format!("federation:{}", a.rule),
-            user: None,
-            tags: a.tags.clone(),
-            ephemeral: a.ephemeral,
-            until: Some(a.until),
-            principal: Some(a.principal.clone()),
-        },
+        (None, Some(a)) => {
+            bind(&mut tx, a, machine, now).await?;
+            Grant {
+                actor: format!("federation:{}", a.rule),
+                source: format!("federation:{}", a.rule),
+                user: None,
+                tags: a.tags.clone(),
+                ephemeral: a.ephemeral,
+                until: Some(a.until),
+                principal: Some(a.principal.clone()),
+            }
+        }
         (None, None) => {
             if let Some((name, _, reason)) = db::nodes::removal(&mut tx, machine).await? {
                 return Err(refuse(
@@ -303,6 +306,7 @@ pub(crate) async fn renew(
             ),
         ));
     }
+    bind(tx, a, &node.machine_key, unix_now()).await?;
     db::nodes::set_expiry(tx, node.id, Some(a.until)).await?;
     db::audit::append(
         tx,
@@ -317,6 +321,22 @@ pub(crate) async fn renew(
     )
     .await?;
     Ok(())
+}
+
+/// One token admits one machine: a copy of a workload's token cannot register another.
+async fn bind(
+    tx: &mut db::Tx,
+    a: &crate::federation::Admission,
+    machine: &MachineKey,
+    now: i64,
+) -> Result<(), RegisterError> {
+    match db::federation::bind_token(tx, &a.token_hash, machine, a.until, now).await? {
+        None => Ok(()),
+        Some(_) => Err(refuse(
+            ErrorCode::IdTokenRefused,
+            "this token already admitted another machine (each machine needs its own token)",
+        )),
+    }
 }
 
 /// Picks the next free overlay IPv4 offset. Allocation is sequential and addresses are not

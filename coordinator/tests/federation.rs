@@ -288,6 +288,16 @@ db_test!(async fn workloads_join_with_a_token_get_the_rule_s_tags_and_access_unt
     assert_eq!(node.user, None);
     assert_eq!(node.expires_at, Some(now + 600));
 
+    // The same token cannot register a second machine (a copy taken off the workload).
+    let (code, m) = refused(register_or_resume(&st, &machine(2), &with_token(2, good.clone()), now).await);
+    assert_eq!(code, ErrorCode::IdTokenRefused);
+    assert!(m.contains("another machine"), "{m}");
+    // It still serves the machine it admitted (a reconnect with the same token).
+    let (same, new) = register_or_resume(&st, &machine(1), &with_token(1, good.clone()), now)
+        .await
+        .unwrap();
+    assert_eq!((same.id, new), (node.id, false));
+
     // Refusals name their check, and register nothing.
     let cases = [
         (k1.sign(&claims("system:serviceaccount:ci:builder", "other", now + 600)), "audience"),
@@ -378,6 +388,9 @@ db_test!(async fn workloads_join_with_a_token_get_the_rule_s_tags_and_access_unt
         .filter(|e| e.actor.starts_with("federation:"))
         .map(|e| e.action)
         .collect();
-    assert_eq!(actions, ["node.register", "node.renew", "node.renew"]);
+    assert_eq!(
+        actions,
+        ["node.register", "node.renew", "node.renew", "node.renew"]
+    );
     assert!(ops::audit_verify(&st).await.unwrap().ok());
 });

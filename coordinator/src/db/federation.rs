@@ -99,3 +99,40 @@ pub async fn remove(conn: &mut AnyConnection, id: i64) -> Result<Option<TrustRul
     .await?;
     row.map(TrustRule::try_from).transpose()
 }
+
+/// Binds the token with `hash` to `machine` until `expires_at`. Returns the machine it was
+/// already bound to when that is another one (and binds nothing). Drops bindings of tokens
+/// that ended.
+pub async fn bind_token(
+    conn: &mut AnyConnection,
+    hash: &str,
+    machine: &wire::MachineKey,
+    expires_at: i64,
+    now: i64,
+) -> Result<Option<String>, DbError> {
+    sqlx::query("DELETE FROM federation_tokens WHERE expires_at < $1")
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    let mine = machine.to_text();
+    let bound: Option<(String,)> =
+        sqlx::query_as("SELECT machine_key FROM federation_tokens WHERE token_hash = $1")
+            .bind(hash)
+            .fetch_optional(&mut *conn)
+            .await?;
+    match bound {
+        Some((other,)) if other != mine => Ok(Some(other)),
+        Some(_) => Ok(None),
+        None => {
+            sqlx::query(
+                "INSERT INTO federation_tokens (token_hash, machine_key, expires_at) VALUES ($1, $2, $3)",
+            )
+            .bind(hash)
+            .bind(&mine)
+            .bind(expires_at)
+            .execute(&mut *conn)
+            .await?;
+            Ok(None)
+        }
+    }
+}
