@@ -18,6 +18,7 @@ pub mod jwks;
 pub mod jwt;
 pub mod model;
 pub mod netmap;
+pub mod oidc;
 pub mod ops;
 mod output;
 pub mod presence;
