@@ -102,6 +102,9 @@ pub struct UpArgs {
     /// Like --id-token-file, from this environment variable (read on every connection).
     #[arg(long, value_name = "VAR", conflicts_with = "auth_key")]
     pub id_token_env: Option<String>,
+    /// How often the --id-token-file is read for a fresh token (sent when it changed).
+    #[arg(long, default_value = "30s", value_parser = parse_id_token_refresh)]
+    pub id_token_refresh: std::time::Duration,
     /// The coordinator's key fingerprint (32 hex digits; `lattice-coordinator serve` prints
     /// it), to authenticate the coordinator on the first join with an id token (an auth key
     /// carries it).
@@ -141,6 +144,14 @@ pub struct UpArgs {
     /// Do not ask the gateway for a port mapping (UPnP-IGD, NAT-PMP, PCP).
     #[arg(long)]
     pub no_port_mapping: bool,
+}
+
+fn parse_id_token_refresh(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 30s, 1m)"))?;
+    if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(3600) {
+        return Err("the id token refresh interval must be between 1s and 1h".into());
+    }
+    Ok(d)
 }
 
 fn parse_posture_interval(s: &str) -> Result<std::time::Duration, String> {

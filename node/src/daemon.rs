@@ -117,6 +117,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             id_token: None,
         },
         id_token,
+        id_token_refresh: args.id_token_refresh,
     };
     let (posture_tx, posture_rx) = watch::channel(None);
     let (replicas_tx, replicas_rx) = watch::channel(pin.urls());

@@ -1,6 +1,7 @@
 //! Issue 11, workload identity federation with the real binaries: a workload joins with a
-//! token from an outside issuer (no auth key), gets the rule's tag, reaches a peer, is cut off
-//! when its token ends, and comes back with the same identity and addresses once its token
+//! token from an outside issuer (no auth key), gets the rule's tag, reaches a peer, keeps its
+//! access past the first token's end when the file is refreshed in time, is cut off when a
+//! token ends unrenewed, and comes back with the same identity and addresses once its token
 //! file holds a fresh one.
 
 use std::time::{Duration, Instant};
@@ -118,6 +119,8 @@ fn a_workload_joins_with_a_token_is_cut_off_when_it_ends_and_returns_with_a_fres
             token_file.to_str().unwrap(),
             "--coordinator-fingerprint",
             &fingerprint,
+            "--id-token-refresh",
+            "1s",
         ],
     )
     .unwrap();
@@ -142,7 +145,6 @@ fn a_workload_joins_with_a_token_is_cut_off_when_it_ends_and_returns_with_a_fres
         .unwrap_or_default();
     assert!((expiry - first_exp).abs() <= 2, "{}", status["self"]);
 
-    // When the token ends, so does the workload's access.
     let web_sees_job = |f: &Flat| {
         f.nodes[web].status(&f.lab).is_some_and(|s| {
             s["peers"]
@@ -150,18 +152,47 @@ fn a_workload_joins_with_a_token_is_cut_off_when_it_ends_and_returns_with_a_fres
                 .is_some_and(|p| p.iter().any(|x| x["name"] == "job"))
         })
     };
+
+    // A fresh token written to the file while the session runs renews access: the first
+    // token's end passes without a cut.
+    let second = token(35);
+    let second_exp = unix_now() + 35;
+    f.lab.secret("an id token", &second);
+    std::fs::write(&token_file, &second).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || f.nodes[job]
+            .status(&f.lab)
+            .is_some_and(|s| s["self"]["key_expiry_unix"].as_i64()
+                == Some(second_exp)
+                || s["self"]["key_expiry_unix"].as_i64()
+                    == Some(second_exp - 1))),
+        "the fresh token did not renew the node"
+    );
+    while unix_now() < first_exp + 3 {
+        assert!(
+            web_sees_job(&f),
+            "job was cut off although its token was renewed"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        f.nodes[job].ping(&f.lab, "web", "-4", 2),
+        "job lost web after renewal"
+    );
+
+    // When the token ends, so does the workload's access.
     assert!(
         wait_for(Duration::from_secs(45), || !web_sees_job(&f)),
         "web still sees job after its token ended"
     );
     let cut = unix_now();
     assert!(
-        cut >= first_exp - 1,
-        "cut off at {cut}, before the token ended at {first_exp}"
+        cut >= second_exp - 1,
+        "cut off at {cut}, before the token ended at {second_exp}"
     );
     eprintln!(
         "federation: cut off {} s after the token's end",
-        cut - first_exp
+        cut - second_exp
     );
     assert!(!f.nodes[web].ping(&f.lab, &job_ip, "-4", 2));
 

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use wire::netmap::MapResponse;
 use wire::{ClientMessage, ControlKey, ErrorCode, Hello, ServerMessage, Welcome};
 
-use crate::io::idtoken::{IdTokenSource, RENEW_CHECK};
+use crate::io::idtoken::IdTokenSource;
 use crate::io::posture::Facts;
 
 /// What the control client tells the event loop.
@@ -51,8 +51,10 @@ pub struct ControlConfig {
     /// Hello template (endpoints are filled in per connection).
     pub hello: Hello,
     /// Where the node's token from an outside issuer comes from, if it joins with one: read
-    /// for every connection's hello, and again every `RENEW_CHECK` to send a fresh one.
+    /// for every connection's hello, and again every `id_token_refresh` to send a fresh one.
     pub id_token: Option<IdTokenSource>,
+    /// How often the token is read again (`--id-token-refresh`).
+    pub id_token_refresh: Duration,
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -240,7 +242,7 @@ async fn session(
     }
 
     let mut ping = tokio::time::interval(PING_INTERVAL);
-    let mut renew = tokio::time::interval(RENEW_CHECK);
+    let mut renew = tokio::time::interval(cfg.id_token_refresh);
     renew.reset();
     let mut last_heard = Instant::now();
     loop {

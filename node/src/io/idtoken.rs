@@ -1,16 +1,13 @@
 //! Where a workload's token from an outside issuer comes from (`--id-token-file`,
 //! `--id-token-env`). A file is read again on every connection and every
-//! [`RENEW_CHECK`], so a token refreshed on disk (a projected Kubernetes service-account
+//! `--id-token-refresh` (30 s), so a token refreshed on disk (a projected Kubernetes service-account
 //! token, a CI job's token) renews the node's access without a restart.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use wire::IdToken;
 
-/// How often the token file is read again for a fresh token.
-pub const RENEW_CHECK: Duration = Duration::from_secs(30);
 /// Largest token accepted.
 const MAX_LEN: usize = 16 << 10;
 
