@@ -45,6 +45,7 @@ pub struct KeyCache {
     entries: Mutex<HashMap<String, Entry>>,
     fetches: std::sync::atomic::AtomicU64,
     refetch_every_ms: std::sync::atomic::AtomicU64,
+    fetching: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for KeyCache {
@@ -91,6 +92,7 @@ impl KeyCache {
             refetch_every_ms: std::sync::atomic::AtomicU64::new(
                 u64::try_from(REFETCH_EVERY.as_millis()).unwrap_or(u64::MAX),
             ),
+            fetching: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -111,38 +113,16 @@ impl KeyCache {
     /// The key set to verify `token` from `issuer` with, fetching it when there is none, it
     /// is stale, or it lacks the token's key (rate-limited).
     pub async fn keys_for(&self, issuer: &str, token: &str) -> anyhow::Result<Arc<JwkSet>> {
-        let now = Instant::now();
-        let every = Duration::from_millis(
-            self.refetch_every_ms
-                .load(std::sync::atomic::Ordering::Relaxed),
-        );
-        let cached = {
-            let map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-            map.get(issuer).map(|e| {
-                (
-                    e.keys.clone(),
-                    e.fetched.is_some_and(|t| now.duration_since(t) < FRESH_FOR),
-                    now.duration_since(e.tried) >= every,
-                    e.error.clone(),
-                )
-            })
-        };
-        match cached {
-            Some((Some(keys), fresh, _, _)) if fresh && jwt::knows_key(&keys, token) => {
-                return Ok(keys);
-            }
-            // Tried too recently: answer with what we have (the token's key is unknown, or
-            // the set is stale but the issuer was unreachable a moment ago).
-            Some((keys, _, false, error)) => {
-                return keys.ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "the issuer's keys could not be fetched: {}",
-                        error.unwrap_or_default()
-                    )
-                });
-            }
-            _ => {}
+        if let Some(answer) = self.cached(issuer, token) {
+            return answer;
         }
+        // One fetch at a time (they are rare): whoever waited here looks again, since the
+        // fetch it waited for may have brought the key, or just failed.
+        let _fetching = self.fetching.lock().await;
+        if let Some(answer) = self.cached(issuer, token) {
+            return answer;
+        }
+        let now = Instant::now();
         {
             let mut map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
             let e = map.entry(issuer.to_owned()).or_insert(Entry {
@@ -179,6 +159,38 @@ impl KeyCache {
                     .ok_or_else(|| anyhow::anyhow!("the issuer's keys could not be fetched: {msg}"))
             }
         }
+    }
+
+    /// The answer the cache can give without fetching, if any: the set when it is fresh and
+    /// has the token's key, or (when the issuer was tried too recently to fetch again) what
+    /// the last fetch left.
+    fn cached(&self, issuer: &str, token: &str) -> Option<anyhow::Result<Arc<JwkSet>>> {
+        let now = Instant::now();
+        let every = Duration::from_millis(
+            self.refetch_every_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        let map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let e = map.get(issuer)?;
+        let fresh = e.fetched.is_some_and(|t| now.duration_since(t) < FRESH_FOR);
+        if let Some(keys) = &e.keys
+            && fresh
+            && jwt::knows_key(keys, token)
+        {
+            return Some(Ok(Arc::clone(keys)));
+        }
+        // Due for a fetch, or the first fetch is still under way (wait for it).
+        if now.duration_since(e.tried) >= every || (e.keys.is_none() && e.error.is_none()) {
+            return None;
+        }
+        // Tried too recently: the token's key is unknown, or the set is stale but the issuer
+        // was unreachable a moment ago (a stale set still verifies the keys it has).
+        Some(e.keys.clone().ok_or_else(|| {
+            anyhow::anyhow!(
+                "the issuer's keys could not be fetched: {}",
+                e.error.as_deref().unwrap_or_default()
+            )
+        }))
     }
 
     async fn fetch(&self, issuer: &str) -> anyhow::Result<JwkSet> {

@@ -394,3 +394,62 @@ db_test!(async fn workloads_join_with_a_token_get_the_rule_s_tags_and_access_unt
     );
     assert!(ops::audit_verify(&st).await.unwrap().ok());
 });
+
+db_test!(async fn workloads_starting_together_all_join_and_the_issuer_is_asked_once(tdb) {
+    use coordinator::register::register_or_resume;
+    use coordinator::state::unix_now;
+    use serde_json::json;
+    use support::{hello, machine};
+    use wire::IdToken;
+
+    let st = state(&tdb).await;
+    pops::set(
+        &st,
+        &PolicyText {
+            file_name: "p.hujson".into(),
+            text: POLICY.into(),
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    let iss = issuer::start().await;
+    let key = issuer::Key::new("k1");
+    iss.published.lock().unwrap().push(key.jwk.clone());
+    ops::federation::add(
+        &st,
+        AddRule {
+            issuer: iss.url.clone(),
+            audience: "lattice".into(),
+            matches: vec![],
+            tags: vec!["tag:ci".into()],
+            ephemeral: true,
+            max_lifetime_s: None,
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    let now = unix_now();
+    // Sixteen workloads present tokens before the coordinator has the issuer's keys: the
+    // first fetch serves them all.
+    let joins: Vec<_> = (1..=16u8)
+        .map(|i| {
+            let st = st.clone();
+            let t = key.sign(&json!({"iss": iss.url, "aud": "lattice",
+                "sub": format!("system:serviceaccount:ci:job-{i}"), "iat": now, "exp": now + 600}));
+            tokio::spawn(async move {
+                let mut h = hello(i, &format!("job-{i}"), None);
+                h.id_token = Some(IdToken(t));
+                register_or_resume(&st, &machine(i), &h, now).await
+            })
+        })
+        .collect();
+    for j in joins {
+        let (node, new) = j.await.unwrap().unwrap();
+        assert!(new);
+        assert_eq!(node.tags, ["tag:ci"]);
+    }
+    assert_eq!(*iss.served.lock().unwrap(), 1);
+    assert_eq!(st.keys.fetches(), 1);
+});
