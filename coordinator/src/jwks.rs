@@ -32,7 +32,23 @@ pub const MAX_BODY: usize = 256 << 10;
 /// Time allowed for one fetch (connect, TLS, request, body).
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What an issuer's discovery document says (the parts we use).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Provider {
+    /// Its `issuer`, equal to the issuer asked about.
+    pub issuer: String,
+    /// Where its key set is.
+    pub jwks_uri: String,
+    /// Where a person's browser is sent to sign in (OpenID providers).
+    #[serde(default)]
+    pub authorization_endpoint: Option<String>,
+    /// Where an authorization code is exchanged for tokens (OpenID providers).
+    #[serde(default)]
+    pub token_endpoint: Option<String>,
+}
+
 struct Entry {
+    provider: Option<Arc<Provider>>,
     keys: Option<Arc<JwkSet>>,
     fetched: Option<Instant>,
     tried: Instant,
@@ -126,6 +142,7 @@ impl KeyCache {
         {
             let mut map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
             let e = map.entry(issuer.to_owned()).or_insert(Entry {
+                provider: None,
                 keys: None,
                 fetched: None,
                 tried: now,
@@ -142,8 +159,9 @@ impl KeyCache {
         let mut map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let e = map.get_mut(issuer).expect("inserted above");
         match result {
-            Ok(keys) => {
+            Ok((provider, keys)) => {
                 let keys = Arc::new(keys);
+                e.provider = Some(Arc::new(provider));
                 e.keys = Some(Arc::clone(&keys));
                 e.fetched = Some(now);
                 e.error = None;
@@ -193,26 +211,54 @@ impl KeyCache {
         }))
     }
 
-    async fn fetch(&self, issuer: &str) -> anyhow::Result<JwkSet> {
-        #[derive(serde::Deserialize)]
-        struct Discovery {
-            issuer: String,
-            jwks_uri: String,
+    /// The issuer's discovery document (fetched with its keys when there is none or it is
+    /// stale; rate-limited like [`Self::keys_for`]).
+    pub async fn provider(&self, issuer: &str) -> anyhow::Result<Arc<Provider>> {
+        let cached = |this: &Self| {
+            let map = this.entries.lock().unwrap_or_else(|e| e.into_inner());
+            map.get(issuer).and_then(|e| {
+                e.provider
+                    .clone()
+                    .filter(|_| e.fetched.is_some_and(|t| t.elapsed() < FRESH_FOR))
+            })
+        };
+        if let Some(p) = cached(self) {
+            return Ok(p);
         }
+        // A token naming no key: `keys_for` then fetches when it may.
+        self.keys_for(issuer, "").await?;
+        let map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(issuer)
+            .and_then(|e| e.provider.clone())
+            .ok_or_else(|| anyhow::anyhow!("no discovery document from {issuer}"))
+    }
+
+    async fn fetch(&self, issuer: &str) -> anyhow::Result<(Provider, JwkSet)> {
         let url = format!(
             "{}/.well-known/openid-configuration",
             issuer.trim_end_matches('/')
         );
-        let doc: Discovery = serde_json::from_slice(&self.get(&url).await?)
+        let doc: Provider = serde_json::from_slice(&self.get(&url).await?)
             .with_context(|| format!("{url} is not an OpenID discovery document"))?;
         if doc.issuer != issuer {
             bail!("{url} names the issuer {:?}, not {issuer:?}", doc.issuer);
         }
-        crate::ops::federation::check_issuer(&doc.jwks_uri)
-            .map_err(|_| anyhow::anyhow!("jwks_uri {:?} is not https", doc.jwks_uri))?;
+        for (what, u) in [
+            ("jwks_uri", Some(&doc.jwks_uri)),
+            (
+                "authorization_endpoint",
+                doc.authorization_endpoint.as_ref(),
+            ),
+            ("token_endpoint", doc.token_endpoint.as_ref()),
+        ] {
+            if let Some(u) = u {
+                crate::ops::federation::check_issuer(u)
+                    .map_err(|_| anyhow::anyhow!("{what} {u:?} is not a plain https URL"))?;
+            }
+        }
         let keys: JwkSet = serde_json::from_slice(&self.get(&doc.jwks_uri).await?)
             .with_context(|| format!("{} is not a JWK set", doc.jwks_uri))?;
-        Ok(keys)
+        Ok((doc, keys))
     }
 
     async fn get(&self, url: &str) -> anyhow::Result<bytes::Bytes> {

@@ -205,7 +205,11 @@ mod issuer {
                 "/.well-known/openid-configuration",
                 get(move || {
                     let u = u.clone();
-                    async move { axum::Json(json!({"issuer": u, "jwks_uri": format!("{u}/jwks")})) }
+                    async move {
+                        axum::Json(json!({"issuer": u, "jwks_uri": format!("{u}/jwks"),
+                            "authorization_endpoint": format!("{u}/authorize"),
+                            "token_endpoint": format!("{u}/token")}))
+                    }
                 }),
             )
             .route(
@@ -451,5 +455,16 @@ db_test!(async fn workloads_starting_together_all_join_and_the_issuer_is_asked_o
         assert_eq!(node.tags, ["tag:ci"]);
     }
     assert_eq!(*iss.served.lock().unwrap(), 1);
+    assert_eq!(st.keys.fetches(), 1);
+    // The same fetch gave the provider's endpoints (for signing people in).
+    let p = st.keys.provider(&iss.url).await.unwrap();
+    assert_eq!(
+        p.authorization_endpoint.as_deref(),
+        Some(format!("{}/authorize", iss.url).as_str())
+    );
+    assert_eq!(
+        p.token_endpoint.as_deref(),
+        Some(format!("{}/token", iss.url).as_str())
+    );
     assert_eq!(st.keys.fetches(), 1);
 });
