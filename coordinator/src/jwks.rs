@@ -262,12 +262,44 @@ impl KeyCache {
     }
 
     async fn get(&self, url: &str) -> anyhow::Result<bytes::Bytes> {
-        tokio::time::timeout(FETCH_TIMEOUT, self.get_inner(url))
+        tokio::time::timeout(FETCH_TIMEOUT, self.send(url, None))
             .await
             .map_err(|_| anyhow::anyhow!("GET {url} timed out"))?
     }
 
-    async fn get_inner(&self, url: &str) -> anyhow::Result<bytes::Bytes> {
+    /// POSTs a form to `url` (an issuer's token endpoint) with HTTP basic authentication;
+    /// returns the body of a success.
+    pub async fn post_form(
+        &self,
+        url: &str,
+        basic: (&str, &str),
+        form: &[(&str, &str)],
+    ) -> anyhow::Result<bytes::Bytes> {
+        use base64::Engine as _;
+        let enc = |s: &str| crate::oidc::form_encode(s);
+        let body = form
+            .iter()
+            .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        let auth = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!(
+                "{}:{}",
+                enc(basic.0),
+                enc(basic.1)
+            ))
+        );
+        tokio::time::timeout(FETCH_TIMEOUT, self.send(url, Some((auth, body))))
+            .await
+            .map_err(|_| anyhow::anyhow!("POST {url} timed out"))?
+    }
+
+    async fn send(
+        &self,
+        url: &str,
+        post: Option<(String, String)>,
+    ) -> anyhow::Result<bytes::Bytes> {
         let uri: Uri = url.parse().with_context(|| format!("bad URL {url:?}"))?;
         let host = uri.host().context("URL without a host")?.to_owned();
         let https = match uri.scheme_str() {
@@ -294,14 +326,19 @@ impl KeyCache {
                 .connect(name, stream)
                 .await
                 .with_context(|| format!("TLS to {host} (is its certificate trusted?)"))?;
-            request(TokioIo::new(tls), &authority, &path).await
+            request(TokioIo::new(tls), &authority, &path, post).await
         } else {
-            request(TokioIo::new(stream), &authority, &path).await
+            request(TokioIo::new(stream), &authority, &path, post).await
         }
     }
 }
 
-async fn request<T>(io: T, authority: &str, path: &str) -> anyhow::Result<bytes::Bytes>
+async fn request<T>(
+    io: T,
+    authority: &str,
+    path: &str,
+    post: Option<(String, String)>,
+) -> anyhow::Result<bytes::Bytes>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -309,14 +346,22 @@ where
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let req = hyper::Request::builder()
+    let builder = hyper::Request::builder()
         .uri(path)
         .header("host", authority)
-        .header("accept", "application/json")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        .header("accept", "application/json");
+    let method = if post.is_some() { "POST" } else { "GET" };
+    let req = match post {
+        None => builder.body(http_body_util::Full::new(bytes::Bytes::new()))?,
+        Some((auth, body)) => builder
+            .method("POST")
+            .header("authorization", auth)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))?,
+    };
     let resp = sender.send_request(req).await?;
     if !resp.status().is_success() {
-        bail!("{authority} answered {} to GET {path}", resp.status());
+        bail!("{authority} answered {} to {method} {path}", resp.status());
     }
     let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY);
     Ok(body

@@ -173,6 +173,19 @@ impl Logins {
     }
 }
 
+/// Percent-encodes everything but RFC 3986's unreserved characters (query strings and
+/// `application/x-www-form-urlencoded` bodies).
+pub fn form_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// The URL the user's browser is sent to: the authorization code flow with PKCE (S256),
 /// `state` and `nonce`.
 pub fn authorize_url(
@@ -181,16 +194,7 @@ pub fn authorize_url(
     redirect_uri: &str,
     login: &Login,
 ) -> String {
-    let q = |s: &str| {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                    char::from(b).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect::<String>()
-    };
+    let q = form_encode;
     let sep = if authorization_endpoint.contains('?') {
         '&'
     } else {
@@ -291,6 +295,57 @@ pub fn identity(cfg: &OidcConfig, token: &Verified, login: &Login) -> Result<Ide
         groups,
         mfa: amr_mfa || acr_mfa,
     })
+}
+
+/// Exchanges the provider's authorization `code` for an ID token (with the login's PKCE
+/// verifier and client-secret basic authentication), verifies it (signature by the
+/// provider's keys, issuer, audience = our client id, expiry) and returns who signed in.
+pub async fn exchange_code(
+    keys: &crate::jwks::KeyCache,
+    cfg: &OidcConfig,
+    client_secret: &str,
+    redirect_uri: &str,
+    code: &str,
+    login: &Login,
+    now: i64,
+) -> anyhow::Result<Identity> {
+    use anyhow::Context as _;
+    #[derive(serde::Deserialize)]
+    struct Tokens {
+        id_token: String,
+    }
+    let provider = keys.provider(&cfg.issuer).await?;
+    let endpoint = provider
+        .token_endpoint
+        .as_deref()
+        .context("the provider's discovery document names no token_endpoint")?;
+    let body = keys
+        .post_form(
+            endpoint,
+            (&cfg.client_id, client_secret),
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", code),
+                ("redirect_uri", redirect_uri),
+                ("code_verifier", &login.pkce_verifier),
+                ("client_id", &cfg.client_id),
+            ],
+        )
+        .await
+        .context("exchanging the authorization code")?;
+    let tokens: Tokens =
+        serde_json::from_slice(&body).context("the token endpoint's answer has no id_token")?;
+    let set = keys.keys_for(&cfg.issuer, &tokens.id_token).await?;
+    let verified = crate::jwt::verify(
+        &tokens.id_token,
+        &set,
+        crate::jwt::Expect {
+            issuer: &cfg.issuer,
+            audience: &cfg.client_id,
+        },
+        now,
+    )?;
+    Ok(identity(cfg, &verified, login)?)
 }
 
 #[cfg(test)]
