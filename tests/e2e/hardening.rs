@@ -3,15 +3,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use crate::support::Flat;
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use crate::support::{Flat, text};
 
 #[test]
 fn the_admin_api_is_https_only_and_its_socket_serves_only_its_owner() {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use e2e::lab::wait_for;
 use e2e::{Coordinator, MeshNode};
 
-use crate::support::ipv4_of;
+use crate::support::{ipv4_of, text};
 
 /// The PostgreSQL server the suite runs against, or `None` (skipped) without one.
 pub(crate) fn pg_server() -> Option<String> {
@@ -21,14 +21,6 @@ pub(crate) fn pg_server() -> Option<String> {
             None
         }
     }
-}
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 #[test]

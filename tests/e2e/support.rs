@@ -99,6 +99,15 @@ impl Flat {
 }
 
 /// Unix time in milliseconds.
+/// A command's stdout and stderr, for assertion messages.
+pub(crate) fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 pub(crate) fn now_ms() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
