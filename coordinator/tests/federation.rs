@@ -231,14 +231,11 @@ mod issuer {
     }
 }
 
-db_test!(async fn workloads_join_with_a_token_get_the_rule_s_tags_and_access_until_it_ends(tdb) {
-    use coordinator::register::{RegisterError, register_or_resume};
-    use coordinator::state::unix_now;
-    use serde_json::json;
-    use support::{hello, machine};
-    use wire::{ErrorCode, IdToken};
-
-    let st = state(&tdb).await;
+/// A coordinator with `POLICY` in force and a running issuer publishing one key, `k1`.
+async fn with_issuer(
+    tdb: &support::TestDb,
+) -> (coordinator::state::AppState, issuer::Issuer, issuer::Key) {
+    let st = state(tdb).await;
     pops::set(
         &st,
         &PolicyText {
@@ -250,8 +247,19 @@ db_test!(async fn workloads_join_with_a_token_get_the_rule_s_tags_and_access_unt
     .await
     .unwrap();
     let iss = issuer::start().await;
-    let k1 = issuer::Key::new("k1");
-    iss.published.lock().unwrap().push(k1.jwk.clone());
+    let key = issuer::Key::new("k1");
+    iss.published.lock().unwrap().push(key.jwk.clone());
+    (st, iss, key)
+}
+
+db_test!(async fn workloads_join_with_a_token_get_the_rule_s_tags_and_access_until_it_ends(tdb) {
+    use coordinator::register::{RegisterError, register_or_resume};
+    use coordinator::state::unix_now;
+    use serde_json::json;
+    use support::{hello, machine};
+    use wire::{ErrorCode, IdToken};
+
+    let (st, iss, k1) = with_issuer(&tdb).await;
     let rule = ops::federation::add(
         &st,
         AddRule {
@@ -406,20 +414,7 @@ db_test!(async fn workloads_starting_together_all_join_and_the_issuer_is_asked_o
     use support::{hello, machine};
     use wire::IdToken;
 
-    let st = state(&tdb).await;
-    pops::set(
-        &st,
-        &PolicyText {
-            file_name: "p.hujson".into(),
-            text: POLICY.into(),
-        },
-        "test",
-    )
-    .await
-    .unwrap();
-    let iss = issuer::start().await;
-    let key = issuer::Key::new("k1");
-    iss.published.lock().unwrap().push(key.jwk.clone());
+    let (st, iss, key) = with_issuer(&tdb).await;
     ops::federation::add(
         &st,
         AddRule {
