@@ -129,6 +129,12 @@ impl KeyCache {
     /// The key set to verify `token` from `issuer` with, fetching it when there is none, it
     /// is stale, or it lacks the token's key (rate-limited).
     pub async fn keys_for(&self, issuer: &str, token: &str) -> anyhow::Result<Arc<JwkSet>> {
+        self.ensure(issuer, Some(token)).await
+    }
+
+    /// The cached set when it is fresh (and has `token`'s key, if given); else a fetch when
+    /// one may be made.
+    async fn ensure(&self, issuer: &str, token: Option<&str>) -> anyhow::Result<Arc<JwkSet>> {
         if let Some(answer) = self.cached(issuer, token) {
             return answer;
         }
@@ -182,7 +188,7 @@ impl KeyCache {
     /// The answer the cache can give without fetching, if any: the set when it is fresh and
     /// has the token's key, or (when the issuer was tried too recently to fetch again) what
     /// the last fetch left.
-    fn cached(&self, issuer: &str, token: &str) -> Option<anyhow::Result<Arc<JwkSet>>> {
+    fn cached(&self, issuer: &str, token: Option<&str>) -> Option<anyhow::Result<Arc<JwkSet>>> {
         let now = Instant::now();
         let every = Duration::from_millis(
             self.refetch_every_ms
@@ -193,7 +199,7 @@ impl KeyCache {
         let fresh = e.fetched.is_some_and(|t| now.duration_since(t) < FRESH_FOR);
         if let Some(keys) = &e.keys
             && fresh
-            && jwt::knows_key(keys, token)
+            && token.is_none_or(|t| jwt::knows_key(keys, t))
         {
             return Some(Ok(Arc::clone(keys)));
         }
@@ -225,8 +231,7 @@ impl KeyCache {
         if let Some(p) = cached(self) {
             return Ok(p);
         }
-        // A token naming no key: `keys_for` then fetches when it may.
-        self.keys_for(issuer, "").await?;
+        self.ensure(issuer, None).await?;
         let map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         map.get(issuer)
             .and_then(|e| e.provider.clone())
