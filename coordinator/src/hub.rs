@@ -615,33 +615,9 @@ impl HubState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
-    use wire::MachineKey;
 
     fn record(i: u8, tag: &str) -> NodeRecord {
-        NodeRecord {
-            id: NodeId(u64::from(i)),
-            machine_key: MachineKey::from_bytes([i; 32]),
-            node_key: NodeKey::from_bytes([i; 32]),
-            name: format!("n{i}"),
-            ipv4: Ipv4Addr::new(100, 64, 0, i),
-            ipv6: format!("fd00::{i}").parse().unwrap(),
-            user: None,
-            tags: vec![tag.into()],
-            ephemeral: false,
-            os: "linux".into(),
-            client_version: String::new(),
-            endpoints: vec![],
-            created_at: 0,
-            last_seen: None,
-            expires_at: None,
-            posture: Default::default(),
-            posture_at: None,
-            custom_attrs: Default::default(),
-            home_relay: None,
-            nat: None,
-            connected_to: None,
-        }
+        NodeRecord::for_test(i, &[tag])
     }
 
     /// Two teams that only see themselves, three nodes each, every session attached and

@@ -122,3 +122,33 @@ pub struct AuthKeyInfo {
     /// Number of registrations done with it.
     pub used_count: i64,
 }
+
+#[cfg(test)]
+impl NodeRecord {
+    /// Node `i` (id, keys and addresses derived from it) with `tags`, for unit tests.
+    pub(crate) fn for_test(i: u8, tags: &[&str]) -> Self {
+        Self {
+            id: NodeId(u64::from(i)),
+            machine_key: MachineKey::from_bytes([i; 32]),
+            node_key: NodeKey::from_bytes([i; 32]),
+            name: format!("n{i}"),
+            ipv4: Ipv4Addr::new(100, 64, 0, i),
+            ipv6: format!("fd00::{i}").parse().expect("an IPv6 address"),
+            user: None,
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+            ephemeral: false,
+            os: "linux".into(),
+            client_version: String::new(),
+            endpoints: vec![],
+            created_at: 0,
+            last_seen: None,
+            expires_at: None,
+            posture: Default::default(),
+            posture_at: None,
+            custom_attrs: Default::default(),
+            home_relay: None,
+            nat: None,
+            connected_to: None,
+        }
+    }
+}

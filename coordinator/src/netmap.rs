@@ -209,8 +209,6 @@ pub fn next_map(
 mod tests {
     use super::*;
     use policy::{Inventory, InventoryNode, Policy};
-    use std::net::Ipv4Addr;
-    use wire::{MachineKey, NodeKey};
 
     struct World {
         nodes: BTreeMap<NodeId, LiveNode>,
@@ -240,29 +238,7 @@ mod tests {
         }
 
         fn add(&mut self, i: u64) {
-            let rec = NodeRecord {
-                id: NodeId(i),
-                machine_key: MachineKey::from_bytes([i as u8; 32]),
-                node_key: NodeKey::from_bytes([i as u8; 32]),
-                name: format!("n{i}"),
-                ipv4: Ipv4Addr::new(100, 64, 0, i as u8),
-                ipv6: format!("fd00::{i}").parse().unwrap(),
-                user: None,
-                tags: vec![],
-                ephemeral: false,
-                os: "linux".into(),
-                client_version: String::new(),
-                endpoints: vec![],
-                created_at: 0,
-                last_seen: None,
-                expires_at: None,
-                posture: Default::default(),
-                posture_at: None,
-                custom_attrs: Default::default(),
-                home_relay: None,
-                nat: None,
-                connected_to: None,
-            };
+            let rec = NodeRecord::for_test(i as u8, &[]);
             self.inventory.upsert(InventoryNode {
                 id: rec.id,
                 name: rec.name.clone(),
