@@ -13,7 +13,7 @@ use crate::db::{self, DbError};
 use crate::feed;
 use crate::model::NodeRecord;
 use crate::secret;
-use crate::state::{AppState, unix_now, unix_now_ms};
+use crate::state::{AppState, unix_now_ms};
 
 /// Why a registration did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +85,7 @@ pub async fn register_or_resume(
     }
     if let Some(existing) = existing {
         if let Some(a) = &admitted {
-            renew(st, &mut tx, &existing, a).await?;
+            renew(st, &mut tx, &existing, a, now).await?;
         } else if existing.is_expired(now) {
             let Some(key) = &hello.auth_key else {
                 return Err(refuse(
@@ -290,6 +290,7 @@ pub(crate) async fn renew(
     tx: &mut db::Tx,
     node: &NodeRecord,
     a: &crate::federation::Admission,
+    now: i64,
 ) -> Result<(), RegisterError> {
     let mut have = node.tags.clone();
     have.sort();
@@ -306,7 +307,7 @@ pub(crate) async fn renew(
             ),
         ));
     }
-    bind(tx, a, &node.machine_key, unix_now()).await?;
+    bind(tx, a, &node.machine_key, now).await?;
     db::nodes::set_expiry(tx, node.id, Some(a.until)).await?;
     db::audit::append(
         tx,

@@ -364,7 +364,8 @@ async fn handle_client_message(
         ClientMessage::IdToken { id_token } => {
             // A fresh token from the node's issuer extends its access; a refused one leaves
             // the current expiry in place (the node is cut off when it passes).
-            let admitted = ops::federation::admit_token(st, &id_token.0, unix_now()).await;
+            let now = unix_now();
+            let admitted = ops::federation::admit_token(st, &id_token.0, now).await;
             let a = match admitted {
                 Ok(a) => a,
                 Err(e) => {
@@ -373,7 +374,7 @@ async fn handle_client_message(
                 }
             };
             let mut tx = db::begin_write(&st.db).await?;
-            if let Err(e) = register::renew(st, &mut tx, record, &a).await {
+            if let Err(e) = register::renew(st, &mut tx, record, &a, now).await {
                 warn!(node = %record.name, error = %e, "renewal token refused");
                 return Ok(false);
             }
