@@ -133,6 +133,29 @@ pub struct ServeArgs {
     /// of federation issuers (a Kubernetes cluster's CA, a private IdP).
     #[arg(long, env = "LATTICE_COORDINATOR_FEDERATION_CA_FILE")]
     pub federation_ca_file: Option<PathBuf>,
+    /// Let people sign in through this OpenID Connect provider (its issuer URL): a device
+    /// that runs `lattice up` without an auth key shows a sign-in link. Needs --public-url
+    /// (the provider sends browsers back to PUBLIC_URL/oidc/callback) and the client flags.
+    #[arg(long, env = "LATTICE_COORDINATOR_OIDC_ISSUER", requires_all = ["oidc_client_id", "oidc_client_secret_file", "public_url"])]
+    pub oidc_issuer: Option<String>,
+    /// Our client id at the provider.
+    #[arg(long, env = "LATTICE_COORDINATOR_OIDC_CLIENT_ID")]
+    pub oidc_client_id: Option<String>,
+    /// A file holding our client secret at the provider (one line).
+    #[arg(long, env = "LATTICE_COORDINATOR_OIDC_CLIENT_SECRET_FILE")]
+    pub oidc_client_secret_file: Option<PathBuf>,
+    /// Where the groups are in the ID token: a claim name, or a dotted path into nested
+    /// claims (Keycloak: `realm_access.roles`; Entra ID: `groups`).
+    #[arg(long, default_value = "groups")]
+    pub oidc_groups_claim: String,
+    /// Only people whose verified e-mail is in this domain may sign in (repeatable; default:
+    /// anyone the provider vouches for).
+    #[arg(long = "oidc-allowed-domain")]
+    pub oidc_allowed_domains: Vec<String>,
+    /// An `acr` value that means the sign-in used a second factor (repeatable; providers
+    /// name them differently). An `amr` listing a second factor always counts.
+    #[arg(long = "oidc-mfa-acr")]
+    pub oidc_mfa_acr: Vec<String>,
 }
 
 /// Flags shared by admin commands.
@@ -474,6 +497,39 @@ pub enum SettingsCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Set how long the key of a node that joined by signing in lasts (default 180d; a
+    /// user's own setting, `users set-key-expiry`, wins). Keys issued from now on get it.
+    SetKeyExpiry {
+        /// A duration: 90d, 12h.
+        #[arg(value_parser = humantime::parse_duration)]
+        expiry: Duration,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Make people sign in again every DURATION (their nodes' keys then last at most that
+    /// long), or `off`.
+    SetReauthEvery {
+        /// A duration (12h) or `off`.
+        #[arg(value_parser = parse_reauth)]
+        every: Reauth,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// A re-authentication interval, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reauth(pub Option<Duration>);
+
+fn parse_reauth(s: &str) -> Result<Reauth, String> {
+    if s == "off" {
+        return Ok(Reauth(None));
+    }
+    humantime::parse_duration(s)
+        .map(|d| Reauth(Some(d)))
+        .map_err(|e| format!("{e} (expected a duration such as 12h, or off)"))
 }
 
 /// Tunnel security values on the command line.

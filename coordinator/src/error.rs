@@ -39,6 +39,9 @@ pub enum ApiError {
         /// Every reason.
         details: Vec<String>,
     },
+    /// 503: something the request needs (the identity provider) does not answer.
+    #[error("{0}")]
+    Unavailable(String),
     /// 500.
     #[error("internal error")]
     Internal(String),
@@ -71,6 +74,7 @@ impl IntoResponse for ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::Rejected { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         let message = self.to_string();

@@ -67,6 +67,21 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
                 stun_listen: a.stun_listen,
                 admin_listen: a.admin_listen,
                 federation_ca_file: a.federation_ca_file,
+                oidc: match (a.oidc_issuer, a.oidc_client_id, a.oidc_client_secret_file) {
+                    (Some(issuer), Some(client_id), Some(client_secret_file)) => {
+                        Some(server::OidcServeConfig {
+                            cfg: oidc::OidcConfig {
+                                issuer,
+                                client_id,
+                                groups_claim: a.oidc_groups_claim,
+                                allowed_domains: a.oidc_allowed_domains,
+                                mfa_acr_values: a.oidc_mfa_acr,
+                            },
+                            client_secret_file,
+                        })
+                    }
+                    _ => None,
+                },
             })
             .await?;
             Ok(Outcome::Success)
@@ -355,29 +370,45 @@ const DEFAULT_POLICY_TEXT: &str = "// No policy has been set: the built-in defau
 async fn settings(cmd: SettingsCommand) -> anyhow::Result<Outcome> {
     let (admin, set, json) = match cmd {
         SettingsCommand::Get { json, admin } => (admin, None, json),
-        SettingsCommand::SetTunnelSecurity { value, admin } => (admin, Some(value), false),
+        SettingsCommand::SetTunnelSecurity { value, admin } => {
+            let value = match value {
+                TunnelSecurityArg::PostQuantum => "post_quantum",
+                TunnelSecurityArg::ClassicalOnly => "classical_only",
+            };
+            (admin, Some(json!({"tunnel_security": value})), false)
+        }
+        SettingsCommand::SetKeyExpiry { expiry, admin } => (
+            admin,
+            Some(json!({"key_expiry_secs": expiry.as_secs().max(1)})),
+            false,
+        ),
+        SettingsCommand::SetReauthEvery { every, admin } => (
+            admin,
+            Some(json!({"reauth_every_secs": every.0.map_or(0, |d| d.as_secs().max(1))})),
+            false,
+        ),
     };
     let t = target(&admin)?;
     let s: ops::Settings = match set {
         None => t.call(Method::GET, "/settings", None).await?,
-        Some(v) => {
-            let value = match v {
-                TunnelSecurityArg::PostQuantum => "post_quantum",
-                TunnelSecurityArg::ClassicalOnly => "classical_only",
-            };
-            t.call(
-                Method::PUT,
-                "/settings",
-                Some(json!({"tunnel_security": value})),
-            )
-            .await?
-        }
+        Some(body) => t.call(Method::PUT, "/settings", Some(body)).await?,
     };
     if json {
         output::json(&s);
     } else {
         let v = serde_json::to_value(s.tunnel_security).unwrap_or_default();
         output::line(&format!("tunnel_security: {}", v.as_str().unwrap_or("?")));
+        let dur = |s: i64| {
+            humantime::format_duration(std::time::Duration::from_secs(s.max(0).unsigned_abs()))
+                .to_string()
+        };
+        if let Some(k) = s.key_expiry_secs {
+            output::line(&format!("key_expiry: {}", dur(k)));
+        }
+        output::line(&format!(
+            "reauth_every: {}",
+            s.reauth_every_secs.map_or_else(|| "off".to_owned(), dur)
+        ));
     }
     Ok(Outcome::Success)
 }

@@ -55,6 +55,11 @@ pub struct NodeRecord {
     pub nat: Option<wire::NatInfo>,
     /// The replica holding the node's control session, if any (the node is online).
     pub connected_to: Option<String>,
+    /// The identity provider's groups of the node's user, from their last sign-in.
+    pub idp_groups: Vec<String>,
+    /// Whether the sign-in that admitted (or last renewed) the node used a second factor;
+    /// `None` for nodes that did not join by signing in.
+    pub user_mfa: Option<bool>,
 }
 
 impl NodeRecord {
@@ -83,6 +88,16 @@ impl NodeRecord {
                 .filter(|(k, _)| k.starts_with("node:") || k.starts_with("fact:"))
                 .map(|(k, v)| (k.clone(), v.clone())),
         );
+        // What the user's sign-in said: set by the coordinator only (a node's posture report
+        // cannot name these namespaces).
+        if self.user.is_some() && self.tags.is_empty() {
+            for g in &self.idp_groups {
+                a.insert(policy::idp_group_attr(g), AttrValue::Bool(true));
+            }
+        }
+        if let Some(mfa) = self.user_mfa {
+            a.insert("user:mfa".into(), AttrValue::Bool(mfa));
+        }
         a.extend(
             self.custom_attrs
                 .iter()
@@ -149,6 +164,8 @@ impl NodeRecord {
             home_relay: None,
             nat: None,
             connected_to: None,
+            idp_groups: Vec::new(),
+            user_mfa: None,
         }
     }
 }

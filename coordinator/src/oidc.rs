@@ -2,16 +2,14 @@
 //! sans-IO: the pending logins of a device flow run in front of the provider's authorization
 //! code flow, and what an ID token says about the person.
 //!
-//! `lattice up` without an auth key starts a login ([`Logins::start`]) and shows the user a
-//! URL with a short code; the browser is sent to the provider with a fresh `state`, `nonce`
-//! and PKCE challenge ([`authorize_url`]); the provider's callback must bring back a `state`
-//! that is pending and unused ([`Logins::callback`], one use only, so a replayed callback is
-//! refused); the ID token from the code exchange is verified with [`crate::jwt::verify`]
+//! `lattice up` without an auth key starts a login ([`Login::new`], kept in the database by
+//! `db::people`) and shows the user a URL with a short code; the browser is sent to the
+//! provider with a fresh `state`, `nonce` and PKCE challenge ([`authorize_url`]); the
+//! provider's callback must bring back a `state` that is pending and unused (one use only,
+//! so a replayed callback is refused: `db::people::claim_login`); the ID token from the code exchange is verified with [`crate::jwt::verify`]
 //! (issuer, audience = client id, signature, expiry) and then [`identity`] checks the nonce,
 //! the authorized party, the allowed e-mail domains, and reads the groups and whether the
 //! login used a second factor. Time and randomness are passed in.
-
-use std::collections::HashMap;
 
 use base64::Engine as _;
 use rand::Rng;
@@ -22,8 +20,11 @@ use crate::jwt::Verified;
 
 /// How long a login may stay pending (the user opens the URL and signs in).
 pub const LOGIN_TTL_S: i64 = 600;
-/// Most logins pending at once (each costs a little memory until it expires).
-pub const MAX_PENDING: usize = 4096;
+/// Most logins pending at once, and from one address (each is a database row until it
+/// expires; the per-address bound keeps one source from starving everyone else).
+pub const MAX_PENDING: u64 = 4096;
+/// See [`MAX_PENDING`].
+pub const MAX_PENDING_PER_IP: u64 = 16;
 
 /// How the coordinator is registered with the provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,8 +45,6 @@ pub struct OidcConfig {
 /// One pending login.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Login {
-    /// What the device polls with (secret to the device).
-    pub device_code: String,
     /// What the user types or sees in the URL (short, unambiguous).
     pub user_code: String,
     /// Sent to the provider and checked on the callback.
@@ -126,51 +125,24 @@ pub fn pkce_challenge(verifier: &str) -> String {
     b64(&Sha256::digest(verifier.as_bytes()))
 }
 
-/// The pending logins of one coordinator.
-#[derive(Debug, Default)]
-pub struct Logins {
-    by_state: HashMap<String, Login>,
-}
-
-impl Logins {
-    /// Starts a login at `now`.
-    pub fn start(&mut self, now: i64, rng: &mut impl Rng) -> Result<Login, LoginError> {
-        self.by_state.retain(|_, l| l.expires_at > now);
-        if self.by_state.len() >= MAX_PENDING {
-            return Err(LoginError::Busy);
-        }
-        let login = Login {
-            device_code: token(rng, 32),
+impl Login {
+    /// A new login at `now`: fresh secrets, valid for [`LOGIN_TTL_S`]. (The database keeps
+    /// pending logins, so that the provider's callback may reach any replica; it gives each
+    /// `state` to one callback only.)
+    pub fn new(now: i64, rng: &mut impl Rng) -> Self {
+        Self {
             user_code: user_code(rng),
             state: token(rng, 24),
             nonce: token(rng, 24),
             pkce_verifier: token(rng, 48),
             expires_at: now + LOGIN_TTL_S,
-        };
-        self.by_state.insert(login.state.clone(), login.clone());
-        Ok(login)
-    }
-
-    /// The pending login whose user code is `code` (what the user opens), if any.
-    pub fn by_user_code(&self, code: &str, now: i64) -> Option<&Login> {
-        let code = code.trim().to_ascii_uppercase();
-        self.by_state
-            .values()
-            .find(|l| l.user_code == code && l.expires_at > now)
-    }
-
-    /// The provider's callback brought `state`: the login it belongs to, removed (a state
-    /// is good for one callback).
-    pub fn callback(&mut self, state: &str, now: i64) -> Result<Login, LoginError> {
-        let login = self
-            .by_state
-            .remove(state)
-            .ok_or(LoginError::UnknownState)?;
-        if login.expires_at <= now {
-            return Err(LoginError::Expired);
         }
-        Ok(login)
     }
+}
+
+/// A user code as typed (any case, spaces around): as stored.
+pub fn normalize_user_code(code: &str) -> String {
+    code.trim().to_ascii_uppercase()
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters (query strings and
@@ -227,6 +199,24 @@ pub struct Identity {
     pub groups: Vec<String>,
     /// Whether the login used a second factor (`amr` or `acr`).
     pub mfa: bool,
+}
+
+impl Identity {
+    /// How policies and nodes name this person: the e-mail, or `SUBJECT@ISSUER-HOST` for
+    /// an account without one.
+    pub fn login_name(&self) -> String {
+        self.email.clone().unwrap_or_else(|| {
+            let host = self
+                .issuer
+                .split("://")
+                .nth(1)
+                .unwrap_or(&self.issuer)
+                .split(['/', ':'])
+                .next()
+                .unwrap_or_default();
+            format!("{}@{host}", self.subject)
+        })
+    }
 }
 
 /// Methods (RFC 8176 `amr` values) that count as a second factor.
@@ -381,52 +371,57 @@ mod tests {
     }
 
     #[test]
-    fn a_callback_state_is_good_once_and_only_while_the_login_lasts() {
+    fn logins_get_fresh_secrets_and_a_short_unambiguous_code() {
         let mut rng = StdRng::seed_from_u64(1);
-        let mut logins = Logins::default();
-        let a = logins.start(1000, &mut rng).unwrap();
-        let b = logins.start(1000, &mut rng).unwrap();
+        let a = Login::new(1000, &mut rng);
+        let b = Login::new(1000, &mut rng);
         assert_ne!(a.state, b.state);
-        assert_ne!(a.device_code, b.device_code);
+        assert_ne!(a.nonce, b.nonce);
+        assert_ne!(a.pkce_verifier, b.pkce_verifier);
+        assert_eq!(a.expires_at, 1000 + LOGIN_TTL_S);
         assert_eq!(a.user_code.len(), 9);
-        assert_eq!(
-            logins.by_user_code(&a.user_code.to_lowercase(), 1001),
-            Some(&a)
-        );
-        assert_eq!(logins.callback(&a.state, 1001).unwrap(), a);
-        // Replayed: refused.
-        assert_eq!(
-            logins.callback(&a.state, 1001),
-            Err(LoginError::UnknownState)
+        assert_eq!(&a.user_code[4..5], "-");
+        assert!(
+            a.user_code
+                .chars()
+                .all(|c| c == '-' || "BCDFGHJKLMNPQRSTVWXZ".contains(c)),
+            "{}",
+            a.user_code
         );
         assert_eq!(
-            logins.callback("forged", 1001),
-            Err(LoginError::UnknownState)
+            normalize_user_code(&format!(" {} ", a.user_code.to_lowercase())),
+            a.user_code
         );
-        // Too late.
-        assert_eq!(
-            logins.callback(&b.state, 1000 + LOGIN_TTL_S),
-            Err(LoginError::Expired)
+        // The verifier is 64 characters of base64url (RFC 7636 allows 43 to 128).
+        assert_eq!(a.pkce_verifier.len(), 64);
+        let dbg = format!("{a:?}");
+        assert!(
+            !dbg.contains(&a.state) && !dbg.contains(&a.pkce_verifier) && !dbg.contains(&a.nonce)
         );
-        assert_eq!(logins.by_user_code(&b.user_code, 1000 + LOGIN_TTL_S), None);
     }
 
     #[test]
-    fn pending_logins_are_bounded() {
-        let mut rng = StdRng::seed_from_u64(2);
-        let mut logins = Logins::default();
-        for _ in 0..MAX_PENDING {
-            logins.start(0, &mut rng).unwrap();
-        }
-        assert_eq!(logins.start(0, &mut rng), Err(LoginError::Busy));
-        // Expired ones make room.
-        assert!(logins.start(LOGIN_TTL_S, &mut rng).is_ok());
+    fn an_account_without_email_is_named_by_subject_and_issuer_host() {
+        let id = Identity {
+            issuer: "https://login.example.com:8443/realms/x".into(),
+            subject: "u-7".into(),
+            email: None,
+            name: None,
+            groups: vec![],
+            mfa: false,
+        };
+        assert_eq!(id.login_name(), "u-7@login.example.com");
+        let with = Identity {
+            email: Some("bob@example.com".into()),
+            ..id
+        };
+        assert_eq!(with.login_name(), "bob@example.com");
     }
 
     #[test]
     fn the_authorize_url_carries_state_nonce_and_an_s256_challenge() {
         let mut rng = StdRng::seed_from_u64(3);
-        let login = Logins::default().start(0, &mut rng).unwrap();
+        let login = Login::new(0, &mut rng);
         let url = authorize_url(
             &cfg(),
             "https://idp.example.com/authorize",
@@ -460,7 +455,7 @@ mod tests {
     #[test]
     fn an_id_token_gives_the_person_groups_and_second_factor_after_the_checks() {
         let mut rng = StdRng::seed_from_u64(4);
-        let login = Logins::default().start(0, &mut rng).unwrap();
+        let login = Login::new(0, &mut rng);
         let base = json!({"sub": "u-1", "aud": "lattice", "nonce": login.nonce,
             "email": "Alice@Example.com", "email_verified": true, "name": "Alice",
             "groups": ["sre", "eng"], "amr": ["pwd", "otp"]});

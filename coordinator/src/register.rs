@@ -12,6 +12,7 @@ use crate::db::changes::Kind;
 use crate::db::{self, DbError};
 use crate::feed;
 use crate::model::NodeRecord;
+use crate::ops::people::SignedIn;
 use crate::secret;
 use crate::state::{AppState, unix_now_ms};
 
@@ -21,6 +22,10 @@ pub enum RegisterError {
     /// Refused, with a code and message for the node.
     #[error("{1}")]
     Refused(ErrorCode, String),
+    /// The node may join (or come back) once its user signs in at the mesh's identity
+    /// provider.
+    #[error("the user must sign in")]
+    LoginRequired,
     /// The database failed.
     #[error(transparent)]
     Db(#[from] DbError),
@@ -54,10 +59,16 @@ pub fn validate_hello(h: &Hello) -> Result<(), RegisterError> {
 /// newly registered. The node is recorded as connected to this replica in the same
 /// transaction (its session starts right after), so it is online for every replica when its
 /// welcome goes out.
+///
+/// `signed_in` is the person who just signed in for this machine (see
+/// [`crate::ops::people`]): a new node is theirs, and a node of theirs is renewed. Without an
+/// auth key, a token or a sign-in, a new machine (or a user's node whose key expired) gets
+/// [`RegisterError::LoginRequired`] when the mesh has an identity provider.
 pub async fn register_or_resume(
     st: &AppState,
     machine: &MachineKey,
     hello: &Hello,
+    signed_in: Option<&SignedIn>,
     now: i64,
 ) -> Result<(NodeRecord, bool), RegisterError> {
     validate_hello(hello)?;
@@ -86,8 +97,13 @@ pub async fn register_or_resume(
     if let Some(existing) = existing {
         if let Some(a) = &admitted {
             renew(st, &mut tx, &existing, a, now).await?;
+        } else if let Some(s) = signed_in {
+            renew_by_sign_in(st, &mut tx, &existing, s, now).await?;
         } else if existing.is_expired(now) {
             let Some(key) = &hello.auth_key else {
+                if st.sign_in.is_some() && existing.user.is_some() && existing.tags.is_empty() {
+                    return Err(RegisterError::LoginRequired);
+                }
                 return Err(refuse(
                     ErrorCode::NodeExpired,
                     format!(
@@ -149,6 +165,19 @@ pub async fn register_or_resume(
     }
 
     let grant = match (&hello.auth_key, &admitted) {
+        (None, None) if signed_in.is_some() => {
+            let s = signed_in.ok_or(RegisterError::LoginRequired)?;
+            let lifetimes = db::mesh::key_lifetimes(&mut tx).await?;
+            Grant {
+                actor: format!("user:{}", s.user.login_name),
+                source: "oidc".into(),
+                user: Some(s.user.login_name.clone()),
+                tags: Vec::new(),
+                ephemeral: false,
+                until: Some(lifetimes.expiry(s.user.key_expiry_s, now)),
+                principal: Some(format!("{} {}", s.user.issuer, s.user.subject)),
+            }
+        }
         (Some(key), _) => {
             let info = consume_key(st, &mut tx, key, now).await?;
             Grant {
@@ -178,6 +207,9 @@ pub async fn register_or_resume(
             }
         }
         (None, None) => {
+            if st.sign_in.is_some() {
+                return Err(RegisterError::LoginRequired);
+            }
             if let Some((name, _, reason)) = db::nodes::removal(&mut tx, machine).await? {
                 return Err(refuse(
                     ErrorCode::NodeRemoved,
@@ -225,6 +257,17 @@ pub async fn register_or_resume(
             db::nodes::set_expiry(&mut tx, record.id, Some(until)).await?;
             NodeRecord {
                 expires_at: Some(until),
+                ..record
+            }
+        }
+        None => record,
+    };
+    let record = match signed_in {
+        Some(s) => {
+            db::nodes::set_sign_in(&mut tx, record.id, &s.user.groups, s.mfa).await?;
+            NodeRecord {
+                idp_groups: s.user.groups.clone(),
+                user_mfa: Some(s.mfa),
                 ..record
             }
         }
@@ -322,6 +365,51 @@ pub(crate) async fn renew(
     )
     .await?;
     Ok(())
+}
+
+/// A node's user signed in again: the node must be theirs (not tagged, not someone
+/// else's); its key then lasts a new lifetime, and it carries the sign-in's groups and
+/// second factor.
+pub(crate) async fn renew_by_sign_in(
+    st: &AppState,
+    tx: &mut db::Tx,
+    node: &NodeRecord,
+    s: &SignedIn,
+    now: i64,
+) -> Result<i64, RegisterError> {
+    if node.user.as_deref() != Some(s.user.login_name.as_str()) || !node.tags.is_empty() {
+        let owner = if node.tags.is_empty() {
+            node.user.as_deref().unwrap_or("no one").to_owned()
+        } else {
+            node.tags.join(",")
+        };
+        return Err(refuse(
+            ErrorCode::LoginFailed,
+            format!(
+                "node {} belongs to {owner}, not {}; sign in as its owner, or have an admin \
+                 remove the node first",
+                node.name, s.user.login_name
+            ),
+        ));
+    }
+    let lifetimes = db::mesh::key_lifetimes(tx).await?;
+    let until = lifetimes.expiry(s.user.key_expiry_s, now);
+    db::nodes::set_expiry(tx, node.id, Some(until)).await?;
+    db::nodes::set_sign_in(tx, node.id, &s.user.groups, s.mfa).await?;
+    db::audit::append(
+        tx,
+        st.audit.key(),
+        NewEntry::new(
+            format!("user:{}", s.user.login_name),
+            "node.reauth",
+            &node.name,
+            json!({"node_id": node.id, "expires_at": until, "groups": s.user.groups,
+                   "mfa": s.mfa}),
+        ),
+        unix_now_ms(),
+    )
+    .await?;
+    Ok(until)
 }
 
 /// One token admits one machine: a copy of a workload's token cannot register another.

@@ -20,6 +20,29 @@ pub fn hash_matches(computed: &[u8; 32], stored: &[u8]) -> bool {
     stored.len() == 32 && bool::from(computed.ct_eq(stored))
 }
 
+/// A secret the coordinator holds (the OpenID Connect client secret): wiped when dropped,
+/// never shown by `Debug`.
+#[derive(Clone)]
+pub struct Secret(zeroize::Zeroizing<String>);
+
+impl Secret {
+    /// Wraps `s`.
+    pub fn new(s: String) -> Self {
+        Self(zeroize::Zeroizing::new(s))
+    }
+
+    /// The secret itself, to send where it belongs.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
 /// Fresh random bytes for an id or secret.
 pub fn random<const N: usize>(rng: &mut impl Rng) -> [u8; N] {
     let mut out = [0u8; N];

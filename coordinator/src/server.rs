@@ -54,6 +54,17 @@ pub struct ServeConfig {
     pub admin_listen: Option<SocketAddr>,
     /// Extra CA certificates (PEM) for fetching federation issuers' keys.
     pub federation_ca_file: Option<PathBuf>,
+    /// The OpenID Connect provider people sign in through, if any.
+    pub oidc: Option<OidcServeConfig>,
+}
+
+/// `serve --oidc-*`.
+#[derive(Debug, Clone)]
+pub struct OidcServeConfig {
+    /// The provider and what to read from its tokens.
+    pub cfg: crate::oidc::OidcConfig,
+    /// The file holding the client secret.
+    pub client_secret_file: PathBuf,
 }
 
 /// Name of the admin socket inside the state dir.
@@ -176,6 +187,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             crate::jwks::KeyCache::new(cfg.federation_ca_file.as_deref())
                 .context("--federation-ca-file")?,
         ),
+        sign_in: sign_in(cfg.oidc.as_ref(), cfg.public_url.as_deref())?,
     });
     crate::audit_store::spawn_checkpointer(audit, st.db.clone());
     feed::start(&st)
@@ -394,6 +406,46 @@ async fn bind_admin_socket(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// The sign-in settings, checked: the issuer is https (or http on this host), the secret
+/// file is readable and not empty, and there is a public URL for the provider to send
+/// browsers back to.
+fn sign_in(
+    oidc: Option<&OidcServeConfig>,
+    public_url: Option<&str>,
+) -> anyhow::Result<Option<Arc<ops::people::SignIn>>> {
+    let Some(o) = oidc else { return Ok(None) };
+    ops::federation::check_issuer(&o.cfg.issuer)
+        .map_err(|e| anyhow::anyhow!("--oidc-issuer: {e}"))?;
+    let public_url = public_url
+        .context("--oidc-issuer needs --public-url: the provider sends browsers back to PUBLIC_URL/oidc/callback")?
+        .trim_end_matches('/')
+        .to_owned();
+    let secret = std::fs::read_to_string(&o.client_secret_file).with_context(|| {
+        format!(
+            "reading --oidc-client-secret-file {}",
+            o.client_secret_file.display()
+        )
+    })?;
+    if public_url.starts_with("http://") {
+        warn!(%public_url, "people sign in over plain http: put the public listener behind TLS \
+               (authorization codes and sign-in pages travel in clear otherwise)");
+    }
+    let secret = secret.trim().to_owned();
+    if secret.is_empty() {
+        bail!(
+            "--oidc-client-secret-file {} is empty",
+            o.client_secret_file.display()
+        );
+    }
+    info!(issuer = %o.cfg.issuer, client_id = %o.cfg.client_id,
+          redirect_uri = %format!("{public_url}/oidc/callback"), "people sign in through OpenID Connect");
+    Ok(Some(Arc::new(ops::people::SignIn {
+        cfg: o.cfg.clone(),
+        client_secret: crate::secret::Secret::new(secret),
+        public_url,
+    })))
+}
+
 fn print_banner(
     st: &AppState,
     local: SocketAddr,
@@ -420,7 +472,14 @@ fn print_banner(
          mesh domain: {domain}, IPv6 prefix: {ula}\n\
          to join a device:\n  \
            KEY=$(lattice-coordinator authkey create)\n  \
-           lattice up --coordinator {url} --auth-key $KEY\n",
+           lattice up --coordinator {url} --auth-key $KEY\n{people}",
+        people = if st.sign_in.is_some() {
+            format!(
+                "or, to sign a person's device in:\n  lattice up --coordinator {url} --coordinator-fingerprint {fp}\n"
+            )
+        } else {
+            String::new()
+        },
         domain = st.mesh.domain,
         ula = st.mesh.ula_prefix,
     );

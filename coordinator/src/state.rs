@@ -52,8 +52,11 @@ pub struct Inner {
     pub feed: Arc<Feed>,
     /// Session comings and goings on their way to the database.
     pub presence: Arc<Presence>,
-    /// Outside issuers' signing keys (workload identity federation).
+    /// Outside issuers' signing keys (workload identity federation, and the OpenID Connect
+    /// provider's).
     pub keys: Arc<crate::jwks::KeyCache>,
+    /// Signing people in (`serve --oidc-issuer ...`), if configured.
+    pub sign_in: Option<Arc<crate::ops::people::SignIn>>,
 }
 
 impl AppState {

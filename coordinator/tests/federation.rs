@@ -291,7 +291,7 @@ db_test!(async fn workloads_join_with_a_token_get_the_rule_s_tags_and_access_unt
 
     // A good token joins as the rule says.
     let good = k1.sign(&claims("system:serviceaccount:ci:builder", "lattice", now + 600));
-    let (node, new) = register_or_resume(&st, &machine(1), &with_token(1, good.clone()), now)
+    let (node, new) = register_or_resume(&st, &machine(1), &with_token(1, good.clone()), None, now)
         .await
         .unwrap();
     assert!(new);
@@ -301,11 +301,11 @@ db_test!(async fn workloads_join_with_a_token_get_the_rule_s_tags_and_access_unt
     assert_eq!(node.expires_at, Some(now + 600));
 
     // The same token cannot register a second machine (a copy taken off the workload).
-    let (code, m) = refused(register_or_resume(&st, &machine(2), &with_token(2, good.clone()), now).await);
+    let (code, m) = refused(register_or_resume(&st, &machine(2), &with_token(2, good.clone()), None, now).await);
     assert_eq!(code, ErrorCode::IdTokenRefused);
     assert!(m.contains("another machine"), "{m}");
     // It still serves the machine it admitted (a reconnect with the same token).
-    let (same, new) = register_or_resume(&st, &machine(1), &with_token(1, good.clone()), now)
+    let (same, new) = register_or_resume(&st, &machine(1), &with_token(1, good.clone()), None, now)
         .await
         .unwrap();
     assert_eq!((same.id, new), (node.id, false));
@@ -320,7 +320,7 @@ db_test!(async fn workloads_join_with_a_token_get_the_rule_s_tags_and_access_unt
     ];
     for (i, (t, says)) in cases.into_iter().enumerate() {
         let (code, m) = refused(
-            register_or_resume(&st, &machine(10 + i as u8), &with_token(10 + i as u8, t), now).await,
+            register_or_resume(&st, &machine(10 + i as u8), &with_token(10 + i as u8, t), None, now).await,
         );
         assert_eq!(code, ErrorCode::IdTokenRefused, "{m}");
         assert!(m.contains(says), "{says}: {m}");
@@ -328,7 +328,7 @@ db_test!(async fn workloads_join_with_a_token_get_the_rule_s_tags_and_access_unt
     let stranger = issuer::Key::new("k1");
     let mut c = claims("system:serviceaccount:ci:b", "lattice", now + 600);
     c["iss"] = json!("https://unknown.example.com");
-    let (_, m) = refused(register_or_resume(&st, &machine(20), &with_token(20, stranger.sign(&c)), now).await);
+    let (_, m) = refused(register_or_resume(&st, &machine(20), &with_token(20, stranger.sign(&c)), None, now).await);
     assert!(m.contains("no federation rule trusts"), "{m}");
     assert_eq!(ops::list_nodes(&st).await.unwrap().len(), 1);
 
@@ -339,7 +339,7 @@ db_test!(async fn workloads_join_with_a_token_get_the_rule_s_tags_and_access_unt
     let k2 = issuer::Key::new("k2");
     iss.published.lock().unwrap().push(k2.jwk.clone());
     let renewal = k2.sign(&claims("system:serviceaccount:ci:builder", "lattice", now + 1200));
-    let (again, new) = register_or_resume(&st, &machine(1), &with_token(1, renewal), now)
+    let (again, new) = register_or_resume(&st, &machine(1), &with_token(1, renewal), None, now)
         .await
         .unwrap();
     assert!(!new);
@@ -352,7 +352,7 @@ db_test!(async fn workloads_join_with_a_token_get_the_rule_s_tags_and_access_unt
         let t = issuer::Key::new(&format!("bogus{i}"))
             .sign(&claims("system:serviceaccount:ci:b", "lattice", now + 600));
         let (code, m) =
-            refused(register_or_resume(&st, &machine(30 + i), &with_token(30 + i, t), now).await);
+            refused(register_or_resume(&st, &machine(30 + i), &with_token(30 + i, t), None, now).await);
         assert_eq!(code, ErrorCode::IdTokenRefused);
         assert!(m.contains("no key"), "{m}");
     }
@@ -375,18 +375,18 @@ db_test!(async fn workloads_join_with_a_token_get_the_rule_s_tags_and_access_unt
     .unwrap();
     assert!(other_rule.id > rule.id);
     let t = k2.sign(&claims("system:serviceaccount:ci:builder", "k8s", now + 600));
-    let (code, m) = refused(register_or_resume(&st, &machine(1), &with_token(1, t), now).await);
+    let (code, m) = refused(register_or_resume(&st, &machine(1), &with_token(1, t), None, now).await);
     assert_eq!(code, ErrorCode::IdTokenRefused);
     assert!(m.contains("tag:k8s") && m.contains("tag:ci"), "{m}");
 
     // Once the token's time is up the node is expired, and a fresh token brings it back
     // with the same identity and addresses.
     let later = now + 1300;
-    let (code, _) = refused(register_or_resume(&st, &machine(1), &hello(1, "job-1", None), later).await);
+    let (code, _) = refused(register_or_resume(&st, &machine(1), &hello(1, "job-1", None), None, later).await);
     assert_eq!(code, ErrorCode::NodeExpired);
     let fresh = k2.sign(&json!({"iss": iss.url, "aud": "lattice",
         "sub": "system:serviceaccount:ci:builder", "iat": later, "exp": later + 600}));
-    let (back, new) = register_or_resume(&st, &machine(1), &with_token(1, fresh), later)
+    let (back, new) = register_or_resume(&st, &machine(1), &with_token(1, fresh), None, later)
         .await
         .unwrap();
     assert!(!new);
@@ -440,7 +440,7 @@ db_test!(async fn workloads_starting_together_all_join_and_the_issuer_is_asked_o
             tokio::spawn(async move {
                 let mut h = hello(i, &format!("job-{i}"), None);
                 h.id_token = Some(IdToken(t));
-                register_or_resume(&st, &machine(i), &h, now).await
+                register_or_resume(&st, &machine(i), &h, None, now).await
             })
         })
         .collect();

@@ -3,12 +3,16 @@
 //! with PKCE, state and nonce, the code exchange, and the ID token's checks.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
+mod support;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use coordinator::jwks::KeyCache;
-use coordinator::oidc::{self, LoginError, Logins, OidcConfig};
+use coordinator::oidc::{self, Login, OidcConfig};
+use coordinator::ops;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -52,6 +56,10 @@ async fn provider() -> Option<Provider> {
             "--user-claims",
             r#"{"sub": "alice", "email": "alice@example.com", "name": "Alice",
                 "groups": ["sre", "eng"], "amr": ["pwd", "otp"]}"#,
+        ])
+        .args([
+            "--user-claims",
+            r#"{"sub": "bob", "email": "bob@example.com", "groups": ["sre"], "amr": ["pwd"]}"#,
         ])
         .args([
             "--user-claims",
@@ -102,6 +110,21 @@ async fn sign_in_at(url: &str, sub: &str) -> String {
         .to_owned()
 }
 
+/// Changes what the provider says about `sub` (its `PUT /users/SUB`).
+async fn set_user(p: &Provider, sub: &str, claims: &str) {
+    let authority = p.issuer.strip_prefix("http://").unwrap();
+    let mut s = tokio::net::TcpStream::connect(authority).await.unwrap();
+    let req = format!(
+        "PUT /users/{sub} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{claims}",
+        claims.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.1 204"), "{resp}");
+}
+
 fn query(url: &str, name: &str) -> String {
     url.split_once('?')
         .unwrap()
@@ -113,7 +136,7 @@ fn query(url: &str, name: &str) -> String {
 }
 
 #[tokio::test]
-async fn a_person_signs_in_with_pkce_state_and_nonce_and_a_replayed_callback_is_refused() {
+async fn a_person_signs_in_with_pkce_and_nonce_and_a_code_from_another_login_is_refused() {
     let Some(p) = provider().await else { return };
     let cfg = OidcConfig {
         issuer: p.issuer.clone(),
@@ -127,21 +150,19 @@ async fn a_person_signs_in_with_pkce_state_and_nonce_and_a_replayed_callback_is_
     let authorize = provider.authorization_endpoint.clone().unwrap();
     let redirect = "http://127.0.0.1:1/oidc/callback";
     let mut rng = StdRng::seed_from_u64(7);
-    let mut logins = Logins::default();
     let now = coordinator::state::unix_now();
 
     // Alice signs in: her identity, groups and second factor come from the ID token.
-    let login = logins.start(now, &mut rng).unwrap();
+    let login = Login::new(now, &mut rng);
     let back = sign_in_at(
         &oidc::authorize_url(&cfg, &authorize, redirect, &login),
         "alice",
     )
     .await;
     assert!(back.starts_with(redirect), "{back}");
-    let state = query(&back, "state");
+    assert_eq!(query(&back, "state"), login.state);
     let code = query(&back, "code");
-    let pending = logins.callback(&state, now).unwrap();
-    let id = oidc::exchange_code(&keys, &cfg, "secret", redirect, &code, &pending, now)
+    let id = oidc::exchange_code(&keys, &cfg, "secret", redirect, &code, &login, now)
         .await
         .unwrap();
     assert_eq!(id.issuer, cfg.issuer);
@@ -149,15 +170,13 @@ async fn a_person_signs_in_with_pkce_state_and_nonce_and_a_replayed_callback_is_
     assert_eq!(id.email.as_deref(), Some("alice@example.com"));
     assert_eq!(id.groups, ["sre", "eng"]);
     assert!(id.mfa);
-    // The same callback again: refused before any exchange.
-    assert_eq!(logins.callback(&state, now), Err(LoginError::UnknownState));
 
     // A code obtained for one login and exchanged for another is refused: a provider that
     // checks PKCE refuses the other login's verifier, and in any case the ID token carries the
     // first login's nonce (this mock provider does not check PKCE; the nonce check catches
     // it).
-    let a = logins.start(now, &mut rng).unwrap();
-    let b = logins.start(now, &mut rng).unwrap();
+    let a = Login::new(now, &mut rng);
+    let b = Login::new(now, &mut rng);
     let back = sign_in_at(
         &oidc::authorize_url(&cfg, &authorize, redirect, &a),
         "alice",
@@ -174,23 +193,208 @@ async fn a_person_signs_in_with_pkce_state_and_nonce_and_a_replayed_callback_is_
     );
 
     // Someone from a domain that may not sign in.
-    let m = logins.start(now, &mut rng).unwrap();
+    let m = Login::new(now, &mut rng);
     let back = sign_in_at(
         &oidc::authorize_url(&cfg, &authorize, redirect, &m),
         "mallory",
     )
     .await;
-    let pending = logins.callback(&query(&back, "state"), now).unwrap();
     let e = oidc::exchange_code(
         &keys,
         &cfg,
         "secret",
         redirect,
         &query(&back, "code"),
-        &pending,
+        &m,
         now,
     )
     .await
     .unwrap_err();
     assert!(format!("{e:#}").contains("may not sign in"), "{e:#}");
 }
+
+/// A coordinator whose people sign in through provider `p` (people of example.com only).
+async fn signing_in(tdb: &support::TestDb, p: &Provider) -> coordinator::state::AppState {
+    let sign_in = ops::people::SignIn {
+        cfg: OidcConfig {
+            issuer: p.issuer.clone(),
+            client_id: "lattice".into(),
+            groups_claim: "groups".into(),
+            allowed_domains: vec!["example.com".into()],
+            mfa_acr_values: vec![],
+        },
+        client_secret: coordinator::secret::Secret::new("secret".into()),
+        public_url: "http://coord.test".into(),
+    };
+    support::state_with(tdb, [7; 32], Some(std::sync::Arc::new(sign_in))).await
+}
+
+/// A person signs device `machine` in as `sub` through the sign-in page's link; returns the
+/// login's state and the provider's redirect back to us.
+async fn sign_device_in(
+    st: &coordinator::state::AppState,
+    machine: u8,
+    sub: &str,
+) -> (String, String) {
+    use coordinator::ops::people;
+    let now = coordinator::state::unix_now();
+    let (login, url) = people::start(st, &support::machine(machine), "laptop", "192.0.2.1", now)
+        .await
+        .unwrap();
+    assert_eq!(
+        url,
+        format!("http://coord.test/login?code={}", login.login.user_code)
+    );
+    // The same device asking again (it reconnected) gets the same link.
+    let (again, _) = people::start(st, &support::machine(machine), "laptop", "192.0.2.1", now)
+        .await
+        .unwrap();
+    assert_eq!(again.login, login.login);
+    let (shown, authorize) =
+        people::pending_by_code(st, &login.login.user_code.to_lowercase(), now)
+            .await
+            .unwrap()
+            .expect("the code is pending");
+    assert_eq!(shown.hostname, "laptop");
+    let back = sign_in_at(&authorize, sub).await;
+    assert!(
+        back.starts_with("http://coord.test/oidc/callback?"),
+        "{back}"
+    );
+    (login.login.state, back)
+}
+
+db_test!(async fn people_sign_devices_in_and_their_groups_follow_each_sign_in(tdb) {
+    use coordinator::ops::people::{self, Outcome};
+    use coordinator::register::{RegisterError, register_or_resume};
+    use support::{hello, machine};
+    use wire::ErrorCode;
+
+    let Some(p) = provider().await else { return };
+    let st = signing_in(&tdb, &p).await;
+    let now = coordinator::state::unix_now();
+
+    // Without a key or a sign-in, a new machine is asked to sign in.
+    assert!(matches!(
+        register_or_resume(&st, &machine(1), &hello(1, "laptop", None), None, now).await,
+        Err(RegisterError::LoginRequired)
+    ));
+
+    // Alice signs it in: the node is hers, with her groups and second factor, and a key
+    // that lasts the default 180 days.
+    let (state, back) = sign_device_in(&st, 1, "alice").await;
+    assert_eq!(people::outcome(&st, &state, now).await.unwrap(), Outcome::Pending);
+    let who = people::callback(&st, &query(&back, "state"), Some(&query(&back, "code")), None, now)
+        .await
+        .unwrap();
+    assert_eq!(who, Ok("alice@example.com".to_owned()));
+    // A replayed callback is refused (the state was used), and so is a forged one.
+    let replay = people::callback(&st, &state, Some(&query(&back, "code")), None, now)
+        .await
+        .unwrap();
+    assert!(replay.unwrap_err().contains("already used"), "replay");
+    let forged = people::callback(&st, "forged-state", Some("x"), None, now).await.unwrap();
+    assert!(forged.unwrap_err().contains("unknown or already used"));
+    let Outcome::Done(signed) = people::outcome(&st, &state, now).await.unwrap() else {
+        panic!("the sign-in is done")
+    };
+    assert_eq!(signed.user.groups, ["sre", "eng"]);
+    assert!(signed.mfa);
+    let (node, new) =
+        register_or_resume(&st, &machine(1), &hello(1, "laptop", None), Some(&signed), now)
+            .await
+            .unwrap();
+    assert!(new);
+    assert_eq!(node.user.as_deref(), Some("alice@example.com"));
+    assert!(node.tags.is_empty());
+    assert_eq!(node.idp_groups, ["sre", "eng"]);
+    assert_eq!(node.user_mfa, Some(true));
+    let expiry = node.expires_at.unwrap();
+    assert!((expiry - (now + 180 * 86_400)).abs() <= 5, "{expiry}");
+    let attrs = node.policy_attrs();
+    assert_eq!(attrs.get("idp:group:sre"), Some(&wire::AttrValue::Bool(true)));
+    assert_eq!(attrs.get("user:mfa"), Some(&wire::AttrValue::Bool(true)));
+
+    // Alice leaves the sre group at the provider: her node loses it when she signs in
+    // again (on any device), and a mesh that demands re-authentication every 12 hours gives
+    // the renewed key 12 hours.
+    set_user(
+        &p,
+        "alice",
+        r#"{"email": "alice@example.com", "groups": ["eng"], "amr": ["pwd"]}"#,
+    )
+    .await;
+    ops::change_settings(
+        &st,
+        ops::SettingsChange { reauth_every_secs: Some(12 * 3600), ..Default::default() },
+        "test",
+    )
+    .await
+    .unwrap();
+    let (state, back) = sign_device_in(&st, 1, "alice").await;
+    people::callback(&st, &state, Some(&query(&back, "code")), None, now)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut conn = st.db.acquire().await.unwrap();
+    let followed = coordinator::db::nodes::by_id(&mut conn, node.id).await.unwrap().unwrap();
+    drop(conn);
+    assert_eq!(followed.idp_groups, ["eng"], "groups follow the sign-in");
+    let Outcome::Done(again) = people::outcome(&st, &state, now).await.unwrap() else {
+        panic!()
+    };
+    assert!(!again.mfa);
+    let (renewed, new) =
+        register_or_resume(&st, &machine(1), &hello(1, "laptop", None), Some(&again), now)
+            .await
+            .unwrap();
+    assert!(!new);
+    assert_eq!((renewed.ipv4, renewed.ipv6), (node.ipv4, node.ipv6));
+    assert_eq!(renewed.user_mfa, Some(false));
+    let e = renewed.expires_at.unwrap();
+    assert!((e - (now + 12 * 3600)).abs() <= 5, "{e}");
+
+    // Her node's key expires: without a sign-in it is asked for one, and bob cannot take it.
+    let later = e + 1;
+    assert!(matches!(
+        register_or_resume(&st, &machine(1), &hello(1, "laptop", None), None, later).await,
+        Err(RegisterError::LoginRequired)
+    ));
+    let (state, back) = sign_device_in(&st, 1, "bob").await;
+    people::callback(&st, &state, Some(&query(&back, "code")), None, now)
+        .await
+        .unwrap()
+        .unwrap();
+    let Outcome::Done(bob) = people::outcome(&st, &state, now).await.unwrap() else { panic!() };
+    match register_or_resume(&st, &machine(1), &hello(1, "laptop", None), Some(&bob), later).await {
+        Err(RegisterError::Refused(ErrorCode::LoginFailed, m)) => {
+            assert!(m.contains("belongs to alice@example.com"), "{m}")
+        }
+        other => panic!("bob took alice's node: {other:?}"),
+    }
+
+    // Someone from another domain is refused, and the device is told why.
+    let (state, back) = sign_device_in(&st, 2, "mallory").await;
+    let refused = people::callback(&st, &state, Some(&query(&back, "code")), None, now)
+        .await
+        .unwrap();
+    assert!(refused.unwrap_err().contains("may not sign in"));
+    match people::outcome(&st, &state, now).await.unwrap() {
+        Outcome::Failed(why) => assert!(why.contains("may not sign in"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    // The provider saying no is a failed sign-in too.
+    let (state, _) = sign_device_in(&st, 3, "alice").await;
+    let denied = people::callback(&st, &state, None, Some("access_denied"), now).await.unwrap();
+    assert!(denied.unwrap_err().contains("access_denied"));
+
+    // Users are listed with what their last sign-in said, and every sign-in is audited.
+    let users = people::list_users(&st).await.unwrap();
+    let names: Vec<&str> = users.iter().map(|u| u.login_name.as_str()).collect();
+    assert_eq!(names, ["alice@example.com", "bob@example.com"]);
+    assert_eq!(users[0].groups, ["eng"]);
+    let log = ops::audit_list(&st, 0, 1000).await.unwrap();
+    let logins = log.iter().filter(|e| e.action == "user.login").count();
+    assert_eq!(logins, 3, "alice twice, bob once");
+    assert!(log.iter().any(|e| e.action == "node.reauth"));
+});

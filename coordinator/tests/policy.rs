@@ -49,12 +49,24 @@ async fn audit_actions(st: &AppState) -> Vec<(String, String)> {
 /// Registers two tagged nodes and returns their ids.
 async fn two_nodes(st: &AppState) -> (NodeId, NodeId) {
     let k = key(st, true, 3600).await;
-    let (a, _) = register_or_resume(st, &machine(1), &hello(1, "db-1", Some(&k)), unix_now())
-        .await
-        .unwrap();
-    let (b, _) = register_or_resume(st, &machine(2), &hello(2, "db-2", Some(&k)), unix_now())
-        .await
-        .unwrap();
+    let (a, _) = register_or_resume(
+        st,
+        &machine(1),
+        &hello(1, "db-1", Some(&k)),
+        None,
+        unix_now(),
+    )
+    .await
+    .unwrap();
+    let (b, _) = register_or_resume(
+        st,
+        &machine(2),
+        &hello(2, "db-2", Some(&k)),
+        None,
+        unix_now(),
+    )
+    .await
+    .unwrap();
     st.hub.upsert_node(a.clone());
     st.hub.upsert_node(b.clone());
     (a.id, b.id)
@@ -314,6 +326,7 @@ db_test!(async fn policy_set_reports_every_pair_in_totals_and_lists_a_bounded_nu
             &st,
             &machine(i),
             &hello(i, &format!("db-{i}"), Some(&k)),
+            None,
             unix_now(),
         )
         .await

@@ -28,7 +28,7 @@ db_test!(async fn a_single_use_key_registers_exactly_one_of_many_concurrent_node
         let st = st.clone();
         let k = k.clone();
         tasks.push(tokio::spawn(async move {
-            register_or_resume(&st, &machine(i), &hello(i, "racer", Some(&k)), unix_now()).await
+            register_or_resume(&st, &machine(i), &hello(i, "racer", Some(&k)), None, unix_now()).await
         }));
     }
     let mut ok = 0;
@@ -55,6 +55,7 @@ db_test!(async fn a_reusable_key_gives_unique_names_and_addresses(tdb) {
             &st,
             &machine(i),
             &hello(i, "DB Server", Some(&k)),
+            None,
             unix_now(),
         )
         .await
@@ -82,7 +83,7 @@ db_test!(async fn expired_revoked_forged_and_foreign_keys_are_refused_with_clear
             register_or_resume(
                 &st,
                 &machine(1),
-                &hello(1, "a", Some(&short)),
+                &hello(1, "a", Some(&short)), None,
                 unix_now() + 1
             )
             .await
@@ -94,7 +95,7 @@ db_test!(async fn expired_revoked_forged_and_foreign_keys_are_refused_with_clear
     ops::revoke_auth_key(&st, &id, "test").await.unwrap();
     assert_eq!(
         refused(
-            register_or_resume(&st, &machine(1), &hello(1, "a", Some(&revoked)), unix_now()).await
+            register_or_resume(&st, &machine(1), &hello(1, "a", Some(&revoked)), None, unix_now()).await
         ),
         ErrorCode::AuthKeyRevoked
     );
@@ -102,19 +103,19 @@ db_test!(async fn expired_revoked_forged_and_foreign_keys_are_refused_with_clear
     let forged = AuthKey::new(*good.fingerprint(), *good.id(), [0x42; 20]).expose_secret();
     assert_eq!(
         refused(
-            register_or_resume(&st, &machine(1), &hello(1, "a", Some(&forged)), unix_now()).await
+            register_or_resume(&st, &machine(1), &hello(1, "a", Some(&forged)), None, unix_now()).await
         ),
         ErrorCode::AuthKeyInvalid
     );
     let foreign = AuthKey::new([9; 16], *good.id(), *good.secret()).expose_secret();
     assert_eq!(
         refused(
-            register_or_resume(&st, &machine(1), &hello(1, "a", Some(&foreign)), unix_now()).await
+            register_or_resume(&st, &machine(1), &hello(1, "a", Some(&foreign)), None, unix_now()).await
         ),
         ErrorCode::AuthKeyInvalid
     );
     assert_eq!(
-        refused(register_or_resume(&st, &machine(1), &hello(1, "a", None), unix_now()).await),
+        refused(register_or_resume(&st, &machine(1), &hello(1, "a", None), None, unix_now()).await),
         ErrorCode::AuthKeyRequired
     );
 });
@@ -122,12 +123,12 @@ db_test!(async fn expired_revoked_forged_and_foreign_keys_are_refused_with_clear
 db_test!(async fn a_known_machine_resumes_without_a_key_and_a_removed_one_is_told_why(tdb) {
     let st = state(&tdb).await;
     let k = key(&st, false, 3600).await;
-    let (first, _) = register_or_resume(&st, &machine(1), &hello(1, "a", Some(&k)), unix_now())
+    let (first, _) = register_or_resume(&st, &machine(1), &hello(1, "a", Some(&k)), None, unix_now())
         .await
         .unwrap();
     // The same machine resumes, even though the single-use key is spent, and keeps its
     // addresses; a new WireGuard key is recorded and audited.
-    let (again, new) = register_or_resume(&st, &machine(1), &hello(7, "a", Some(&k)), unix_now())
+    let (again, new) = register_or_resume(&st, &machine(1), &hello(7, "a", Some(&k)), None, unix_now())
         .await
         .unwrap();
     assert!(!new);
@@ -139,14 +140,14 @@ db_test!(async fn a_known_machine_resumes_without_a_key_and_a_removed_one_is_tol
     // Identity comes from the machine key only: another machine presenting the same hello is
     // a new registration (and the spent key refuses it).
     assert_eq!(
-        refused(register_or_resume(&st, &machine(2), &hello(8, "a", Some(&k)), unix_now()).await),
+        refused(register_or_resume(&st, &machine(2), &hello(8, "a", Some(&k)), None, unix_now()).await),
         ErrorCode::AuthKeyUsed
     );
     ops::remove_node(&st, "a", "test", "removed by an admin")
         .await
         .unwrap();
     assert_eq!(
-        refused(register_or_resume(&st, &machine(1), &hello(1, "a", None), unix_now()).await),
+        refused(register_or_resume(&st, &machine(1), &hello(1, "a", None), None, unix_now()).await),
         ErrorCode::NodeRemoved
     );
     let entries = ops::audit_list(&st, 0, 100).await.unwrap();
@@ -296,26 +297,26 @@ db_test!(async fn the_admin_router_needs_a_valid_token(tdb) {
 db_test!(async fn a_node_key_belongs_to_one_node(tdb) {
     let st = state(&tdb).await;
     let k = key(&st, true, 3600).await;
-    register_or_resume(&st, &machine(1), &hello(1, "a", Some(&k)), unix_now())
+    register_or_resume(&st, &machine(1), &hello(1, "a", Some(&k)), None, unix_now())
         .await
         .unwrap();
     // Another machine, even with a good auth key, cannot register with node 1's key...
-    let err = register_or_resume(&st, &machine(2), &hello(1, "b", Some(&k)), unix_now()).await;
+    let err = register_or_resume(&st, &machine(2), &hello(1, "b", Some(&k)), None, unix_now()).await;
     let Err(RegisterError::Refused(code, msg)) = err else {
         panic!("a second node took node 1's key");
     };
     assert_eq!(code, ErrorCode::BadRequest);
     assert!(msg.contains("belongs to another node"), "{msg}");
     // ...nor take it over when it resumes with its own key first.
-    register_or_resume(&st, &machine(2), &hello(2, "b", Some(&k)), unix_now())
+    register_or_resume(&st, &machine(2), &hello(2, "b", Some(&k)), None, unix_now())
         .await
         .unwrap();
     assert_eq!(
-        refused(register_or_resume(&st, &machine(2), &hello(1, "b", None), unix_now()).await),
+        refused(register_or_resume(&st, &machine(2), &hello(1, "b", None), None, unix_now()).await),
         ErrorCode::BadRequest
     );
     // The owner keeps resuming with it.
-    let (again, new) = register_or_resume(&st, &machine(1), &hello(1, "a", None), unix_now())
+    let (again, new) = register_or_resume(&st, &machine(1), &hello(1, "a", None), None, unix_now())
         .await
         .unwrap();
     assert!(!new);
@@ -333,7 +334,7 @@ db_test!(async fn removed_and_rotated_away_node_keys_are_published_for_relays(td
     let st = state(&tdb).await;
     let k = key(&st, true, 3600).await;
     for (m, n) in [(1, "a"), (2, "b")] {
-        let (rec, _) = register_or_resume(&st, &machine(m), &hello(m, n, Some(&k)), unix_now())
+        let (rec, _) = register_or_resume(&st, &machine(m), &hello(m, n, Some(&k)), None, unix_now())
             .await
             .unwrap();
         st.hub.upsert_node(rec);
@@ -348,7 +349,7 @@ db_test!(async fn removed_and_rotated_away_node_keys_are_published_for_relays(td
     };
     assert!(revoked(&st).is_empty());
     // b rotates its key: the old one is revoked; a is removed: its key is revoked.
-    let (rec, _) = register_or_resume(&st, &machine(2), &hello(9, "b", None), unix_now())
+    let (rec, _) = register_or_resume(&st, &machine(2), &hello(9, "b", None), None, unix_now())
         .await
         .unwrap();
     st.hub.upsert_node(rec);

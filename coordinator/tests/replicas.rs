@@ -41,6 +41,7 @@ async fn join(st: &AppState, i: u8, k: &str) -> NodeId {
         st,
         &machine(i),
         &hello(i, &format!("n{i}"), Some(k)),
+        None,
         unix_now(),
     )
     .await
@@ -118,7 +119,14 @@ async fn a_single_use_key_raced_through_two_replicas_registers_exactly_one_node(
         let st = if i % 2 == 0 { a.clone() } else { b.clone() };
         let k = k.clone();
         tasks.push(tokio::spawn(async move {
-            register_or_resume(&st, &machine(i), &hello(i, "racer", Some(&k)), unix_now()).await
+            register_or_resume(
+                &st,
+                &machine(i),
+                &hello(i, "racer", Some(&k)),
+                None,
+                unix_now(),
+            )
+            .await
         }));
     }
     let mut ok = 0;
@@ -157,9 +165,16 @@ async fn policy_settings_and_attributes_set_through_one_replica_reach_the_other(
     .await
     .unwrap();
     eventually("B has the new policy", || b.hub.read().policy().0 == 1).await;
-    ops::set_tunnel_security(&b, wire::TunnelSecurity::ClassicalOnly, "test")
-        .await
-        .unwrap();
+    ops::change_settings(
+        &b,
+        ops::SettingsChange {
+            tunnel_security: Some(wire::TunnelSecurity::ClassicalOnly),
+            ..Default::default()
+        },
+        "test",
+    )
+    .await
+    .unwrap();
     eventually("A has the new setting", || {
         a.hub.read().tunnel_security() == wire::TunnelSecurity::ClassicalOnly
     })

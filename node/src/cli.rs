@@ -74,6 +74,17 @@ pub enum Command {
         #[command(flatten)]
         state: StateDirArg,
     },
+    /// Sign this node's user in again at the mesh's identity provider (renews the node's
+    /// key and refreshes the user's groups): prints `To authenticate, visit: URL` and waits
+    /// until the sign-in is done.
+    Login {
+        /// How long to wait for the sign-in.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// Where the daemon is.
+        #[command(flatten)]
+        state: StateDirArg,
+    },
     /// Leave the mesh for good: the coordinator forgets this node and its keys are deleted.
     Logout {
         /// Where the daemon is.

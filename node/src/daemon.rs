@@ -211,8 +211,10 @@ async fn resolve_pin(
     }
     let (Some((url, rest)), Some(fp)) = (urls.split_first(), fingerprint) else {
         bail!(
-            "this node has not joined a mesh yet: run `lattice up --coordinator URL --auth-key KEY` \
-             (or, with --id-token-file, also --coordinator-fingerprint FP)"
+            "this node has not joined a mesh yet: run `lattice up --coordinator URL --auth-key KEY`, \
+             or, to sign in through the mesh's identity provider (or with --id-token-file), \
+             `lattice up --coordinator URL --coordinator-fingerprint FP` (the coordinator prints \
+             FP when it starts)"
         );
     };
     let control_key = control::fetch_control_key(url, fp).await?;

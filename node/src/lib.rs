@@ -71,6 +71,9 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             output::line("stopped");
             Ok(())
         }
+        Command::Login { timeout, state } => {
+            login(&StateDir::existing(&state.state_dir), timeout).await
+        }
         Command::Logout { state } => {
             let sd = StateDir::existing(&state.state_dir);
             let (code, body) = api::call(&sd.socket(), Method::POST, "/v1/logout").await?;
@@ -80,5 +83,49 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             output::line("logged out: this node left the mesh");
             Ok(())
         }
+    }
+}
+
+/// `lattice login`: asks the daemon to sign its user in again, shows the sign-in link once it
+/// arrives, and waits for the outcome.
+async fn login(sd: &StateDir, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let (code, body) = api::call(&sd.socket(), Method::POST, "/v1/login").await?;
+    if code != StatusCode::OK {
+        bail!("cannot sign in: {}", String::from_utf8_lossy(&body));
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut shown = None;
+    loop {
+        let (code, body) = api::call(&sd.socket(), Method::GET, "/v1/status").await?;
+        if code != StatusCode::OK {
+            bail!("the daemon answered {code}");
+        }
+        let st: StatusJson = serde_json::from_slice(&body).context("decoding status")?;
+        if let Some(r) = st.login_result {
+            return match (r.user, r.error) {
+                (_, Some(e)) => bail!("the sign-in failed: {e}"),
+                (user, None) => {
+                    output::line(&format!(
+                        "signed in as {}",
+                        user.as_deref().unwrap_or("the node's user")
+                    ));
+                    Ok(())
+                }
+            };
+        }
+        if let Some(l) = st.login
+            && shown.as_ref() != Some(&l.url)
+        {
+            output::line(&format!("To authenticate, visit: {}", l.url));
+            output::line(&format!(
+                "(the page shows the code {}; check it before you sign in)",
+                l.user_code
+            ));
+            shown = Some(l.url);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("no sign-in within {}", humantime::format_duration(timeout));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }

@@ -50,8 +50,21 @@ pub(crate) fn status(st: &StatusJson) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    if let Some(notice) = me.key_expiry_unix.and_then(|t| expiry_notice(t, now)) {
+    let person = me.user.is_some() && me.tags.is_empty();
+    if let Some(notice) = me
+        .key_expiry_unix
+        .and_then(|t| expiry_notice(t, now, person))
+    {
         println!("{notice}");
+    }
+    if let Some(l) = &st.login {
+        println!(
+            "waiting for a sign-in: to authenticate, visit: {} (code {})",
+            l.url, l.user_code
+        );
+    }
+    if let Some(e) = st.login_result.as_ref().and_then(|r| r.error.as_deref()) {
+        println!("the last sign-in failed: {e}");
     }
     if st.tunnel_security == wire::TunnelSecurity::ClassicalOnly {
         println!("WARNING: the mesh admin set tunnels to classical-only (no post-quantum keys)");
@@ -196,11 +209,14 @@ pub(crate) fn whois(w: &WhoisJson) {
 }
 
 /// What `status` says about the node's key expiry: a warning from a week before, a plain line
-/// before that (so the date is visible), and how to renew.
-pub(crate) fn expiry_notice(expiry: i64, now: i64) -> Option<String> {
+/// before that (so the date is visible), and how to renew (a person's node: sign in again).
+pub(crate) fn expiry_notice(expiry: i64, now: i64, person: bool) -> Option<String> {
     const DAY: i64 = 86_400;
-    const RENEW: &str =
-        "renew it with a fresh --id-token-file token, or `lattice up --auth-key NEW_KEY`";
+    let renew = if person {
+        "sign in again with `lattice login`"
+    } else {
+        "renew it with a fresh --id-token-file token, or `lattice up --auth-key NEW_KEY`"
+    };
     let left = expiry - now;
     let span = |s: i64| {
         humantime::format_duration(std::time::Duration::from_secs(
@@ -210,17 +226,17 @@ pub(crate) fn expiry_notice(expiry: i64, now: i64) -> Option<String> {
     };
     Some(if left <= 0 {
         format!(
-            "WARNING: this node's key expired {} ago: it has no peers until you {RENEW}",
+            "WARNING: this node's key expired {} ago: it has no peers until you {renew}",
             span(-left)
         )
     } else if left <= DAY {
         format!(
-            "WARNING: this node's key expires in {} (less than a day): {RENEW}",
+            "WARNING: this node's key expires in {} (less than a day): {renew}",
             span(left)
         )
     } else if left <= 7 * DAY {
         format!(
-            "WARNING: this node's key expires in {} (less than a week): {RENEW}",
+            "WARNING: this node's key expires in {} (less than a week): {renew}",
             span(left)
         )
     } else {
@@ -236,9 +252,9 @@ mod tests {
     fn status_warns_a_week_and_a_day_before_the_key_expires_and_says_how_to_renew() {
         let now = 1_800_000_000;
         let day = 86_400;
-        let plain = expiry_notice(now + 30 * day, now).unwrap();
+        let plain = expiry_notice(now + 30 * day, now, false).unwrap();
         assert_eq!(plain, "key expires in 30days");
-        let week = expiry_notice(now + 6 * day, now).unwrap();
+        let week = expiry_notice(now + 6 * day, now, false).unwrap();
         assert!(
             week.starts_with("WARNING") && week.contains("less than a week"),
             "{week}"
@@ -247,12 +263,14 @@ mod tests {
             week.contains("--id-token-file") && week.contains("--auth-key"),
             "{week}"
         );
-        let today = expiry_notice(now + 3600, now).unwrap();
+        let person = expiry_notice(now + 6 * day, now, true).unwrap();
+        assert!(person.contains("`lattice login`"), "{person}");
+        let today = expiry_notice(now + 3600, now, false).unwrap();
         assert!(
             today.contains("expires in 1h") && today.contains("less than a day"),
             "{today}"
         );
-        let gone = expiry_notice(now - 120, now).unwrap();
+        let gone = expiry_notice(now - 120, now, false).unwrap();
         assert!(
             gone.contains("expired 2m ago") && gone.contains("no peers"),
             "{gone}"

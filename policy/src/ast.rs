@@ -58,6 +58,9 @@ pub(crate) enum Selector {
     User(String),
     /// `group:name`.
     Group(String),
+    /// `idp:group:name`: user-owned nodes whose user's identity provider lists them in the
+    /// group (refreshed at every sign-in).
+    IdpGroup(String),
     /// `tag:name`.
     Tag(String),
     /// An address or prefix (written directly or through a `hosts` alias).

@@ -39,6 +39,12 @@ impl crate::inventory::InventoryNode {
     }
 }
 
+/// The attribute the coordinator sets on a user-owned node for each of its user's identity
+/// provider groups.
+pub fn idp_group_attr(group: &str) -> String {
+    format!("idp:group:{group}")
+}
+
 /// The outcome for one connection.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Decision<'a> {
@@ -55,6 +61,11 @@ impl PolicyFile {
             Selector::Group(g) => s
                 .user
                 .is_some_and(|u| self.groups.get(g).is_some_and(|m| m.iter().any(|x| x == u))),
+            Selector::IdpGroup(g) => {
+                s.user.is_some()
+                    && s.tags.is_empty()
+                    && s.attrs.get(&idp_group_attr(g)) == Some(&AttrValue::Bool(true))
+            }
             Selector::Tag(t) => s.tags.iter().any(|x| x == t),
             Selector::Prefix(net) => s.ips.iter().any(|ip| net.contains(ip)),
             Selector::Member => s.user.is_some() && s.tags.is_empty(),

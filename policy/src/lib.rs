@@ -39,6 +39,7 @@ pub use ast::Attrs;
 pub use compile::{Compiled, CompiledPolicy, HORIZON};
 pub use diff::{Access, Change, PolicyDiff, diff, diff_policies};
 pub use error::{Diagnostic, PolicyError};
+pub use eval::idp_group_attr;
 pub use inventory::{Inventory, InventoryNode};
 pub use parse::check_attr_name;
 

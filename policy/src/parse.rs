@@ -16,6 +16,10 @@ use crate::hujson::{self, Json, Pos, Spanned};
 
 /// Built-in attributes nodes report (`node:` namespace). `tsVersion` is Tailscale's name for
 /// the client version.
+/// Attributes of the node's user that the coordinator sets from their sign-in: `user:mfa`
+/// (the sign-in used a second factor).
+pub(crate) const USER_ATTRS: &[&str] = &["mfa"];
+
 pub(crate) const NODE_ATTRS: &[&str] = &[
     "os",
     "osVersion",
@@ -470,6 +474,22 @@ impl Checker {
                 return None;
             }
             Selector::Tag(s.to_owned())
+        } else if let Some(name) = s.strip_prefix("idp:group:") {
+            if test {
+                self.err(
+                    pos,
+                    "a test names one user, tag, group, host or IP, not an identity provider group",
+                );
+                return None;
+            }
+            if name.is_empty() || name.chars().any(|c| c.is_control()) {
+                self.err(
+                    pos,
+                    format!("bad identity provider group {s:?}: expected idp:group:NAME"),
+                );
+                return None;
+            }
+            Selector::IdpGroup(name.to_owned())
         } else if let Some(which) = s.strip_prefix("autogroup:") {
             if test {
                 self.err(
@@ -500,7 +520,7 @@ impl Checker {
         } else {
             self.err(
                 pos,
-                format!("unknown host or selector {s:?}: expected *, a user (name@domain), group:, tag:, autogroup:, a hosts alias or an IP/CIDR"),
+                format!("unknown host or selector {s:?}: expected *, a user (name@domain), group:, idp:group:, tag:, autogroup:, a hosts alias or an IP/CIDR"),
             );
             return None;
         };
@@ -817,7 +837,7 @@ fn parse_hours(s: &str) -> Option<(u16, u16)> {
 pub fn check_attr_name(name: &str) -> Result<(), String> {
     let Some((ns, key)) = name.split_once(':') else {
         return Err(format!(
-            "attribute {name:?} needs a namespace: node:, custom: or fact:"
+            "attribute {name:?} needs a namespace: node:, user:, custom: or fact:"
         ));
     };
     let key_ok = !key.is_empty()
@@ -830,10 +850,15 @@ pub fn check_attr_name(name: &str) -> Result<(), String> {
             "unknown attribute {name:?} (node attributes: {})",
             NODE_ATTRS.join(", ")
         )),
+        "user" if USER_ATTRS.contains(&key) => Ok(()),
+        "user" => Err(format!(
+            "unknown attribute {name:?} (user attributes: {})",
+            USER_ATTRS.join(", ")
+        )),
         "custom" | "fact" if key_ok => Ok(()),
         "custom" | "fact" => Err(format!("bad attribute name {name:?}")),
         _ => Err(format!(
-            "unknown attribute namespace in {name:?}: use node:, custom: or fact:"
+            "unknown attribute namespace in {name:?}: use node:, user:, custom: or fact:"
         )),
     }
 }

@@ -367,6 +367,96 @@ fn posture_is_never_bypassed_through_address_sources() {
 }
 
 #[test]
+fn identity_provider_groups_and_a_second_factor_select_sources() {
+    let yes = AttrValue::Bool(true);
+    let no = AttrValue::Bool(false);
+    let inv: Inventory = [
+        // In sre, signed in with a second factor.
+        node(
+            1,
+            "ann",
+            Some("ann@example.com"),
+            &[],
+            &[("idp:group:sre", yes.clone()), ("user:mfa", yes.clone())],
+        ),
+        // In sre, password only.
+        node(
+            2,
+            "bob",
+            Some("bob@example.com"),
+            &[],
+            &[("idp:group:sre", yes.clone()), ("user:mfa", no.clone())],
+        ),
+        // Not in sre.
+        node(
+            3,
+            "cat",
+            Some("cat@example.com"),
+            &[],
+            &[("user:mfa", yes.clone())],
+        ),
+        // A tagged node never counts as a member of a person's group.
+        node(
+            4,
+            "ci",
+            None,
+            &["tag:ci"],
+            &[("idp:group:sre", yes.clone())],
+        ),
+        node(5, "db", None, &["tag:db"], &[]),
+    ]
+    .into_iter()
+    .fold(Inventory::new(), |mut i, n| {
+        i.upsert(n);
+        i
+    });
+    let text = r#"{
+  "tagOwners": {"tag:db": [], "tag:ci": []},
+  "postures": {"posture:mfa": ["user:mfa == true"]},
+  "acls": [
+    {"action": "accept", "src": ["idp:group:sre"], "dst": ["tag:db:22"], "srcPosture": ["posture:mfa"]},
+    {"action": "accept", "src": ["idp:group:sre"], "dst": ["tag:db:443"]},
+  ],
+}"#;
+    let p = Policy::check("x.hujson", text, now(), Some(&inv)).unwrap();
+    let db = p.compile(&inv, now()).for_node(NodeId(5));
+    let srcs = |port: u16| -> Vec<String> {
+        db.rules
+            .iter()
+            .filter(|r| r.dst.iter().any(|d| d.ports.first == port))
+            .flat_map(|r| r.src.iter().map(ToString::to_string))
+            .collect()
+    };
+    assert_eq!(
+        srcs(22),
+        ["100.64.0.1/32", "fd00::1/128"],
+        "sre with a second factor"
+    );
+    assert_eq!(
+        srcs(443),
+        [
+            "100.64.0.1/32",
+            "100.64.0.2/32",
+            "fd00::1/128",
+            "fd00::2/128"
+        ],
+        "all of sre, people only"
+    );
+    // Unknown user attributes and empty group names are refused where they are written.
+    let e = errors(r#"{"postures": {"posture:x": ["user:admin == true"]}}"#);
+    assert!(
+        e.iter()
+            .any(|m| m.contains("unknown attribute \"user:admin\"")),
+        "{e:?}"
+    );
+    let e = errors(r#"{"acls": [{"action": "accept", "src": ["idp:group:"], "dst": ["*:*"]}]}"#);
+    assert!(
+        e.iter().any(|m| m.contains("bad identity provider group")),
+        "{e:?}"
+    );
+}
+
+#[test]
 fn the_default_lets_everyone_reach_everyone() {
     let inv = inventory();
     let c = Policy::allow_all().compile(&inv, now());

@@ -47,6 +47,9 @@ pub enum ClientMessage {
         /// The token.
         id_token: IdToken,
     },
+    /// Sign the node's user in again (`lattice login`): the coordinator answers with
+    /// `LoginRequired` and, once the user has signed in (or failed to), `LoginResult`.
+    Login,
     /// The node's posture facts (sent when they change).
     Posture {
         /// Facts by attribute name (`node:os`, `node:diskEncrypted`, `fact:...`).
@@ -154,6 +157,28 @@ pub enum ServerMessage {
         /// Human-readable detail.
         message: String,
     },
+    /// The node's user must sign in at the identity provider: the node shows `url` (and
+    /// `user_code`, which the page shows too) and waits. Sent in answer to a `Hello` from a
+    /// machine that is not registered (or whose key expired) and has no auth key, and to
+    /// `Login`.
+    LoginRequired {
+        /// The page to open in any browser.
+        url: String,
+        /// The short code the page shows, so the user can check it is their device's.
+        user_code: String,
+        /// When the sign-in link stops working (Unix seconds).
+        expires_unix: i64,
+    },
+    /// How the sign-in asked for by `Login` ended: on success the node's key lasts until
+    /// the new `key_expiry_unix` its next netmap carries.
+    LoginResult {
+        /// The user who signed in.
+        #[serde(default)]
+        user: Option<String>,
+        /// Why the sign-in failed or could not start.
+        #[serde(default)]
+        error: Option<String>,
+    },
     /// A message this build does not know.
     #[serde(other)]
     Unknown,
@@ -228,6 +253,8 @@ pub enum ErrorCode {
     /// The outside token was refused (the message names the failed check: signature,
     /// issuer, audience, expiry, a claim); a fresh, valid token may succeed.
     IdTokenRefused,
+    /// The sign-in at the identity provider failed or was refused (the message says why).
+    LoginFailed,
     /// The coordinator failed; retry later.
     Internal,
     /// A code this build does not know.

@@ -159,11 +159,9 @@ async fn get_settings(State(st): State<AppState>) -> Result<Json<Settings>, ApiE
 async fn put_settings(
     State(st): State<AppState>,
     Extension(Actor(actor)): Extension<Actor>,
-    Json(req): Json<Settings>,
+    Json(req): Json<ops::SettingsChange>,
 ) -> Result<Json<Settings>, ApiError> {
-    Ok(Json(
-        ops::set_tunnel_security(&st, req.tunnel_security, &actor).await?,
-    ))
+    Ok(Json(ops::change_settings(&st, req, &actor).await?))
 }
 
 async fn set_attrs(

@@ -78,7 +78,7 @@ async fn upgrade(
         .on_upgrade(move |socket| async move {
             // The connection counts against the listener's limits while the session lasts.
             let _slot = slot;
-            if let Err(e) = session(st, socket, pre_auth).await {
+            if let Err(e) = session(st, socket, pre_auth, ip).await {
                 debug!(error = %format!("{e:#}"), "control session ended with an error");
             }
         })
@@ -124,7 +124,12 @@ impl Conn {
     }
 }
 
-async fn session(st: AppState, mut socket: WebSocket, pre_auth: PreAuth) -> anyhow::Result<()> {
+async fn session(
+    st: AppState,
+    mut socket: WebSocket,
+    pre_auth: PreAuth,
+    ip: std::net::IpAddr,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + HELLO_TIMEOUT;
     let (mut channel, machine, session_hash) =
         tokio::time::timeout_at(deadline, handshake(&st, &mut socket))
@@ -155,9 +160,31 @@ async fn session(st: AppState, mut socket: WebSocket, pre_auth: PreAuth) -> anyh
             )
             .await;
     }
-    let (record, registered_now) =
-        match register::register_or_resume(&st, &machine, &hello, unix_now()).await {
-            Ok(r) => r,
+    let mut signed_in = None;
+    let (record, registered_now) = loop {
+        let result =
+            register::register_or_resume(&st, &machine, &hello, signed_in.as_ref(), unix_now())
+                .await;
+        match result {
+            Ok(r) => break r,
+            Err(RegisterError::LoginRequired) if signed_in.is_none() => {
+                match wait_for_sign_in(&st, &mut conn, &machine, &hello.hostname, ip).await? {
+                    SignInWait::Done(s) => signed_in = Some(s),
+                    SignInWait::Refused(code, message) => {
+                        info!(machine = %machine, %message, "sign-in failed");
+                        return conn.refuse(code, message).await;
+                    }
+                    SignInWait::Gone => return Ok(()),
+                }
+            }
+            Err(RegisterError::LoginRequired) => {
+                return conn
+                    .refuse(
+                        ErrorCode::Internal,
+                        "the sign-in did not register the node".into(),
+                    )
+                    .await;
+            }
             Err(RegisterError::Refused(code, message)) => {
                 info!(machine = %machine, ?code, %message, "refused a node");
                 return conn.refuse(code, message).await;
@@ -168,17 +195,80 @@ async fn session(st: AppState, mut socket: WebSocket, pre_auth: PreAuth) -> anyh
                     .await;
                 return Err(e.into());
             }
-        };
+        }
+    };
     if registered_now {
         info!(node = %record.name, id = %record.id, ip = %record.ipv4, "node registered");
     } else {
         info!(node = %record.name, id = %record.id, "node resumed");
     }
-    let result = stream(&st, &mut conn, &record, registered_now).await;
+    let result = stream(&st, &mut conn, &record, registered_now, ip).await;
     if record.ephemeral {
         schedule_ephemeral_collection(st.clone(), record.id);
     }
     result
+}
+
+enum SignInWait {
+    Done(ops::people::SignedIn),
+    Refused(ErrorCode, String),
+    Gone,
+}
+
+/// The machine may join once its user signs in: shows the node a sign-in link (the one it
+/// already has, if it reconnected) and waits until the sign-in is done, refused or expired,
+/// or the node goes away.
+async fn wait_for_sign_in(
+    st: &AppState,
+    conn: &mut Conn,
+    machine: &MachineKey,
+    hostname: &str,
+    ip: std::net::IpAddr,
+) -> anyhow::Result<SignInWait> {
+    let (login, url) =
+        match ops::people::start(st, machine, hostname, &ip.to_string(), unix_now()).await {
+            Ok(l) => l,
+            Err(ops::people::StartError::Db(e)) => return Err(e.into()),
+            Err(e) => return Ok(SignInWait::Refused(ErrorCode::LoginFailed, e.to_string())),
+        };
+    info!(machine = %machine, %hostname, user_code = %login.login.user_code, "waiting for a sign-in");
+    conn.send(&ServerMessage::LoginRequired {
+        url,
+        user_code: login.login.user_code.clone(),
+        expires_unix: login.login.expires_at,
+    })
+    .await?;
+    let state = login.login.state;
+    let outcome = {
+        let wait = ops::people::wait(st, &state);
+        tokio::pin!(wait);
+        let mut ping = interval(PING_INTERVAL);
+        loop {
+            tokio::select! {
+                o = &mut wait => break o?,
+                // Endpoints and posture sent meanwhile are sent again after the welcome.
+                msg = conn.recv() => if msg?.is_none() {
+                    return Ok(SignInWait::Gone);
+                },
+                _ = ping.tick() => conn.socket.send(Message::Ping(Vec::new().into())).await?,
+            }
+        }
+    };
+    Ok(match outcome {
+        ops::people::Outcome::Done(s) => {
+            ops::people::forget(st, &state).await?;
+            SignInWait::Done(s)
+        }
+        ops::people::Outcome::Failed(why) => {
+            ops::people::forget(st, &state).await?;
+            SignInWait::Refused(ErrorCode::LoginFailed, format!("sign-in refused: {why}"))
+        }
+        // The node comes back for a fresh link.
+        ops::people::Outcome::Expired | ops::people::Outcome::Pending => SignInWait::Refused(
+            ErrorCode::Internal,
+            "the sign-in link expired; reconnect for a new one".into(),
+        ),
+    })
 }
 
 /// Whether `hello` carries a valid proof that the node holds the private half of its node
@@ -238,8 +328,13 @@ async fn stream(
     conn: &mut Conn,
     record: &NodeRecord,
     registered_now: bool,
+    ip: std::net::IpAddr,
 ) -> anyhow::Result<()> {
     let mut guard = st.hub.attach(record.id);
+    // A sign-in the node asked for (`lattice login`) runs beside the session and reports
+    // through `notices`; it ends with the session.
+    let (notice_tx, mut notices) = tokio::sync::mpsc::channel::<ServerMessage>(4);
+    let mut sign_in: Option<AbortOnDrop> = None;
     conn.send(&ServerMessage::Welcome(Welcome {
         node_id: record.id,
         name: record.name.clone(),
@@ -291,6 +386,17 @@ async fn stream(
                         if let Some(msg) = conn.channel.open(&b)? {
                             let msg: ClientMessage = serde_json::from_slice(&msg)
                                 .context("decoding a client message")?;
+                            if matches!(msg, ClientMessage::Login) {
+                                if sign_in.as_ref().is_none_or(AbortOnDrop::is_finished) {
+                                    sign_in = Some(AbortOnDrop(tokio::spawn(sign_in_again(
+                                        st.clone(),
+                                        record.clone(),
+                                        ip,
+                                        notice_tx.clone(),
+                                    ))));
+                                }
+                                continue;
+                            }
                             if handle_client_message(st, record, msg).await? {
                                 return Ok(());
                             }
@@ -301,6 +407,7 @@ async fn stream(
                     Message::Text(_) => bail!("text frame on the control channel"),
                 }
             }
+            Some(notice) = notices.recv() => conn.send(&notice).await?,
             _ = ticket_tick.tick() => ticket_due = true,
             _ = ping.tick() => {
                 if last_heard.elapsed() > IDLE_TIMEOUT {
@@ -311,6 +418,105 @@ async fn stream(
             }
         }
     }
+}
+
+/// Aborts a task when dropped (a session's sign-in ends with the session).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `lattice login` on a registered node: its user signs in again, and the node's key then
+/// lasts a new lifetime with the sign-in's groups. The outcome goes to the node as
+/// `LoginResult` (the session stays up whatever happens).
+async fn sign_in_again(
+    st: AppState,
+    record: NodeRecord,
+    ip: std::net::IpAddr,
+    notices: tokio::sync::mpsc::Sender<ServerMessage>,
+) {
+    let result = async {
+        if record.user.is_none() || !record.tags.is_empty() {
+            return Ok(Err(format!(
+                "node {} is not owned by a person (it is {}); it renews with its auth key or token",
+                record.name,
+                record.tags.join(",")
+            )));
+        }
+        let (login, url) = match ops::people::start(
+            &st,
+            &record.machine_key,
+            &record.name,
+            &ip.to_string(),
+            unix_now(),
+        )
+        .await
+        {
+            Ok(l) => l,
+            Err(ops::people::StartError::Db(e)) => return Err(anyhow::Error::from(e)),
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let _ = notices
+            .send(ServerMessage::LoginRequired {
+                url,
+                user_code: login.login.user_code.clone(),
+                expires_unix: login.login.expires_at,
+            })
+            .await;
+        let state = login.login.state;
+        let outcome = ops::people::wait(&st, &state).await?;
+        ops::people::forget(&st, &state).await?;
+        let signed = match outcome {
+            ops::people::Outcome::Done(s) => s,
+            ops::people::Outcome::Failed(why) => return Ok(Err(format!("sign-in refused: {why}"))),
+            ops::people::Outcome::Expired | ops::people::Outcome::Pending => {
+                return Ok(Err("the sign-in link expired".into()));
+            }
+        };
+        let now = unix_now();
+        let mut tx = db::begin_write(&st.db).await?;
+        let Some(node) = db::nodes::by_id(&mut tx, record.id).await? else {
+            return Ok(Err("the node was removed".into()));
+        };
+        match register::renew_by_sign_in(&st, &mut tx, &node, &signed, now).await {
+            Ok(until) => {
+                let seq = feed::note(&mut tx, Kind::Node, Some(node.id), None).await?;
+                feed::commit(&st, tx, seq).await?;
+                info!(node = %node.name, user = %signed.user.login_name, until, "signed in again");
+                Ok(Ok(signed.user.login_name))
+            }
+            Err(RegisterError::Db(e)) => Err(e.into()),
+            Err(e) => Ok(Err(e.to_string())),
+        }
+    }
+    .await;
+    let msg = match result {
+        Ok(Ok(user)) => ServerMessage::LoginResult {
+            user: Some(user),
+            error: None,
+        },
+        Ok(Err(why)) => ServerMessage::LoginResult {
+            user: None,
+            error: Some(why),
+        },
+        Err(e) => {
+            warn!(node = %record.name, error = %format!("{e:#}"), "sign-in failed");
+            ServerMessage::LoginResult {
+                user: None,
+                error: Some("internal error; try again".into()),
+            }
+        }
+    };
+    let _ = notices.send(msg).await;
 }
 
 /// Handles one message; returns true when the session should end.
@@ -384,6 +590,8 @@ async fn handle_client_message(
             Ok(false)
         }
         ClientMessage::Hello(_) => bail!("second hello on one session"),
+        // Handled by the session loop.
+        ClientMessage::Login => Ok(false),
         ClientMessage::Unknown => Ok(false),
     }
 }

@@ -1,11 +1,13 @@
 //! HTTP routes. The public listener (plain HTTP: everything on it is either public or
-//! protected end to end by the control channel's own encryption) serves `/key`, `/healthz`
-//! and the `/control` WebSocket. The admin API, `/admin/v1`, is served only over TLS on the
+//! protected end to end by the control channel's own encryption) serves `/key`, `/healthz`,
+//! the `/control` WebSocket and the sign-in pages (`/login`, `/oidc/callback`; put the
+//! listener behind TLS when people sign in from outside). The admin API, `/admin/v1`, is served only over TLS on the
 //! admin listener (`serve --admin-listen`, with a token) and on the admin Unix socket (to the
 //! coordinator's own user and root).
 
 pub mod admin;
 pub mod control;
+pub mod login;
 
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
@@ -44,6 +46,7 @@ pub fn router(st: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/relay/revocations", get(revocations))
         .merge(control::router())
+        .merge(login::router())
         .layer(middleware::from_fn(log_internal_errors))
         .layer(TraceLayer::new_for_http())
         .with_state(st)

@@ -66,6 +66,50 @@ pub async fn set_tunnel_security(
     Ok(())
 }
 
+/// Default lifetime of a user-owned node's key: 180 days.
+pub const DEFAULT_KEY_EXPIRY_S: i64 = 180 * 86_400;
+
+/// How long user-owned node keys last and how often users must sign in again, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyLifetimes {
+    /// Key lifetime (default [`DEFAULT_KEY_EXPIRY_S`]).
+    pub key_expiry_s: i64,
+    /// Re-authentication interval, if the mesh demands one.
+    pub reauth_every_s: Option<i64>,
+}
+
+impl KeyLifetimes {
+    /// When a key issued at `now` to a user (with their own lifetime, if an admin set one)
+    /// expires: the shorter of the key lifetime and the re-authentication interval.
+    pub fn expiry(&self, user_key_expiry_s: Option<i64>, now: i64) -> i64 {
+        let life = user_key_expiry_s.unwrap_or(self.key_expiry_s);
+        let life = self.reauth_every_s.map_or(life, |r| r.min(life));
+        now.saturating_add(life.max(1))
+    }
+}
+
+/// The mesh's key lifetimes.
+pub async fn key_lifetimes(conn: &mut AnyConnection) -> Result<KeyLifetimes, DbError> {
+    let (k, r): (Option<i64>, Option<i64>) =
+        sqlx::query_as("SELECT key_expiry_s, reauth_every_s FROM mesh WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(KeyLifetimes {
+        key_expiry_s: k.unwrap_or(DEFAULT_KEY_EXPIRY_S),
+        reauth_every_s: r,
+    })
+}
+
+/// Sets the mesh's key lifetimes.
+pub async fn set_key_lifetimes(conn: &mut AnyConnection, l: KeyLifetimes) -> Result<(), DbError> {
+    sqlx::query("UPDATE mesh SET key_expiry_s = $1, reauth_every_s = $2 WHERE id = 1")
+        .bind(l.key_expiry_s)
+        .bind(l.reauth_every_s)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// The next IPv4 offset to try.
 pub async fn next_ipv4(conn: &mut AnyConnection) -> Result<u32, DbError> {
     let (n,): (i64,) = sqlx::query_as("SELECT next_ipv4 FROM mesh WHERE id = 1")

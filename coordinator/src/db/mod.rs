@@ -19,6 +19,7 @@ pub mod federation;
 pub mod keys;
 pub mod mesh;
 pub mod nodes;
+pub mod people;
 pub mod policy;
 pub mod relays;
 

@@ -32,6 +32,8 @@ struct NodeRow {
     home_relay: Option<i64>,
     nat: Option<String>,
     connected_to: Option<String>,
+    idp_groups: String,
+    user_mfa: Option<i64>,
 }
 
 macro_rules! select_nodes {
@@ -39,7 +41,7 @@ macro_rules! select_nodes {
         concat!(
             "SELECT id, machine_key, node_key, name, ipv4, ipv6, user_name, tags, ephemeral, ",
             "os, client_version, endpoints, created_at, last_seen, expires_at, posture, posture_at, ",
-            "custom_attrs, home_relay, nat, connected_to FROM nodes"
+            "custom_attrs, home_relay, nat, connected_to, idp_groups, user_mfa FROM nodes"
             $(, " ", $rest)?
         )
     };
@@ -84,6 +86,8 @@ impl TryFrom<NodeRow> for NodeRecord {
             last_seen: r.last_seen,
             expires_at: r.expires_at,
             connected_to: r.connected_to,
+            idp_groups: serde_json::from_str(&r.idp_groups).map_err(|_| corrupt("idp_groups"))?,
+            user_mfa: r.user_mfa.map(|m| m != 0),
         })
     }
 }
@@ -349,6 +353,52 @@ pub async fn set_expiry(
         .execute(&mut *conn)
         .await?;
     Ok(())
+}
+
+/// Records what a sign-in said about the node's user: their groups and whether this
+/// node's sign-in used a second factor.
+pub async fn set_sign_in(
+    conn: &mut AnyConnection,
+    id: NodeId,
+    groups: &[String],
+    mfa: bool,
+) -> Result<(), DbError> {
+    sqlx::query("UPDATE nodes SET idp_groups = $1, user_mfa = $2 WHERE id = $3")
+        .bind(json(groups))
+        .bind(i64::from(mfa))
+        .bind(id_i64(id))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// A user signed in (on any device) with these groups, maybe under a new login name: their
+/// nodes follow. Returns the ids of the nodes whose record changed.
+pub async fn follow_user(
+    conn: &mut AnyConnection,
+    old_name: &str,
+    new_name: &str,
+    groups: &[String],
+) -> Result<Vec<NodeId>, DbError> {
+    let groups = json(groups);
+    let ids: Vec<(i64,)> = sqlx::query_as(
+        "SELECT id FROM nodes WHERE user_name = $1 AND (user_name <> $2 OR idp_groups <> $3)",
+    )
+    .bind(old_name)
+    .bind(new_name)
+    .bind(&groups)
+    .fetch_all(&mut *conn)
+    .await?;
+    sqlx::query("UPDATE nodes SET user_name = $1, idp_groups = $2 WHERE user_name = $3")
+        .bind(new_name)
+        .bind(&groups)
+        .bind(old_name)
+        .execute(&mut *conn)
+        .await?;
+    Ok(ids
+        .into_iter()
+        .filter_map(|(i,)| u64::try_from(i).ok().map(NodeId))
+        .collect())
 }
 
 /// Deletes a node and remembers its machine key as removed.

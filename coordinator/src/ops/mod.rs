@@ -2,6 +2,7 @@
 //! transaction; the hub (of every replica) follows the feed after the commit.
 
 pub mod federation;
+pub mod people;
 pub mod policy;
 
 use std::net::{IpAddr, SocketAddr};
@@ -548,45 +549,105 @@ pub async fn audit_verify(st: &AppState) -> Result<Verification, ApiError> {
 pub struct Settings {
     /// How tunnels between nodes are keyed.
     pub tunnel_security: TunnelSecurity,
+    /// How long the key of a node that joined by signing in lasts (seconds).
+    #[serde(default)]
+    pub key_expiry_secs: Option<i64>,
+    /// How often people must sign in again (seconds; none: only when keys expire).
+    #[serde(default)]
+    pub reauth_every_secs: Option<i64>,
+}
+
+/// A change to the settings (fields left out stay as they are).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SettingsChange {
+    /// New tunnel security.
+    #[serde(default)]
+    pub tunnel_security: Option<TunnelSecurity>,
+    /// New key lifetime in seconds.
+    #[serde(default)]
+    pub key_expiry_secs: Option<i64>,
+    /// New re-authentication interval in seconds (0: none).
+    #[serde(default)]
+    pub reauth_every_secs: Option<i64>,
 }
 
 /// The current settings.
 pub async fn settings(st: &AppState) -> Result<Settings, ApiError> {
     let mut conn = st.db.acquire().await.map_err(db::DbError::from)?;
+    let l = db::mesh::key_lifetimes(&mut conn).await?;
     Ok(Settings {
         tunnel_security: db::mesh::tunnel_security(&mut conn).await?,
+        key_expiry_secs: Some(l.key_expiry_s),
+        reauth_every_secs: l.reauth_every_s,
     })
 }
 
-/// Changes the mesh's tunnel security (audited; every node is told at once).
-pub async fn set_tunnel_security(
+/// Changes mesh settings (audited; every node is told at once).
+pub async fn change_settings(
     st: &AppState,
-    security: TunnelSecurity,
+    change: SettingsChange,
     actor: &str,
 ) -> Result<Settings, ApiError> {
+    let positive = |v: i64, what: &str| {
+        if v > 0 {
+            Ok(v)
+        } else {
+            Err(ApiError::BadRequest(format!("{what} must be positive")))
+        }
+    };
     let mut tx = db::begin_write(&st.db).await?;
-    let old = db::mesh::tunnel_security(&mut tx).await?;
-    db::mesh::set_tunnel_security(&mut tx, security).await?;
-    db::audit::append(
-        &mut tx,
-        st.audit.key(),
-        NewEntry::new(
-            actor,
-            "settings.tunnel_security",
-            "mesh",
-            json!({"old": old, "new": security}),
-        ),
-        unix_now_ms(),
-    )
-    .await?;
+    if let Some(security) = change.tunnel_security {
+        let old = db::mesh::tunnel_security(&mut tx).await?;
+        db::mesh::set_tunnel_security(&mut tx, security).await?;
+        db::audit::append(
+            &mut tx,
+            st.audit.key(),
+            NewEntry::new(
+                actor,
+                "settings.tunnel_security",
+                "mesh",
+                json!({"old": old, "new": security}),
+            ),
+            unix_now_ms(),
+        )
+        .await?;
+        if security == TunnelSecurity::ClassicalOnly {
+            tracing::warn!(%actor, "tunnels are now classical-only: no post-quantum protection");
+        } else {
+            tracing::info!(%actor, "tunnels require post-quantum keys");
+        }
+    }
+    if change.key_expiry_secs.is_some() || change.reauth_every_secs.is_some() {
+        let old = db::mesh::key_lifetimes(&mut tx).await?;
+        let new = db::mesh::KeyLifetimes {
+            key_expiry_s: match change.key_expiry_secs {
+                Some(v) => positive(v, "the key expiry")?,
+                None => old.key_expiry_s,
+            },
+            reauth_every_s: match change.reauth_every_secs {
+                Some(0) => None,
+                Some(v) => Some(positive(v, "the re-authentication interval")?),
+                None => old.reauth_every_s,
+            },
+        };
+        db::mesh::set_key_lifetimes(&mut tx, new).await?;
+        db::audit::append(
+            &mut tx,
+            st.audit.key(),
+            NewEntry::new(
+                actor,
+                "settings.key_lifetimes",
+                "mesh",
+                json!({"key_expiry_secs": new.key_expiry_s,
+                       "reauth_every_secs": new.reauth_every_s,
+                       "old": {"key_expiry_secs": old.key_expiry_s,
+                               "reauth_every_secs": old.reauth_every_s}}),
+            ),
+            unix_now_ms(),
+        )
+        .await?;
+    }
     let seq = feed::note(&mut tx, Kind::Settings, None, None).await?;
     feed::commit(st, tx, seq).await?;
-    if security == TunnelSecurity::ClassicalOnly {
-        tracing::warn!(%actor, "tunnels are now classical-only: no post-quantum protection");
-    } else {
-        tracing::info!(%actor, "tunnels require post-quantum keys");
-    }
-    Ok(Settings {
-        tunnel_security: security,
-    })
+    settings(st).await
 }

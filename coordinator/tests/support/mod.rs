@@ -128,6 +128,16 @@ pub async fn state(db: &TestDb) -> AppState {
 
 /// A state whose admin listener certificate has `admin_pin`.
 pub async fn state_with_pin(tdb: &TestDb, admin_pin: [u8; 32]) -> AppState {
+    state_with(tdb, admin_pin, None).await
+}
+
+/// A state whose admin listener certificate has `admin_pin`, where people sign in through
+/// `sign_in`.
+pub async fn state_with(
+    tdb: &TestDb,
+    admin_pin: [u8; 32],
+    sign_in: Option<std::sync::Arc<ops::people::SignIn>>,
+) -> AppState {
     let dir = tdb.path();
     let pool = db::open(&tdb.url).await.unwrap();
     let mut conn = pool.acquire().await.unwrap();
@@ -169,6 +179,7 @@ pub async fn state_with_pin(tdb: &TestDb, admin_pin: [u8; 32]) -> AppState {
         feed: Default::default(),
         presence: Default::default(),
         keys: std::sync::Arc::new(coordinator::jwks::KeyCache::new(None).unwrap()),
+        sign_in,
     });
     coordinator::feed::start(&st).await.unwrap();
     st

@@ -1,5 +1,5 @@
 //! The local API: HTTP on a Unix socket in the state dir (mode 0600, so only the owner and
-//! root can use it). `lattice status|whois|down|logout` are clients of it.
+//! root can use it). `lattice status|whois|down|login|logout` are clients of it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -42,6 +42,32 @@ pub struct StatusJson {
     /// This node's NAT, as its last netcheck measured it.
     #[serde(default)]
     pub nat: Option<wire::NatInfo>,
+    /// A sign-in the node waits for: its user must open this page.
+    #[serde(default)]
+    pub login: Option<LoginJson>,
+    /// How the last sign-in ended.
+    #[serde(default)]
+    pub login_result: Option<LoginResultJson>,
+}
+
+/// A pending sign-in in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginJson {
+    /// The page to open.
+    pub url: String,
+    /// The code it shows.
+    pub user_code: String,
+    /// When the link stops working (Unix seconds).
+    pub expires_unix: i64,
+}
+
+/// How a sign-in ended, in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginResultJson {
+    /// Who signed in.
+    pub user: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
 }
 
 /// A relay connection in `status` and `netcheck`.
@@ -225,6 +251,8 @@ pub enum ApiRequest {
     Down(oneshot::Sender<()>),
     /// Leave the mesh and stop.
     Logout(oneshot::Sender<Result<(), String>>),
+    /// Sign the node's user in again (`lattice login`).
+    Login(oneshot::Sender<Result<(), String>>),
 }
 
 /// Serves the local API on `path` until the process ends.
@@ -247,6 +275,7 @@ pub async fn serve(path: &Path, requests: mpsc::Sender<ApiRequest>) -> anyhow::R
         .route("/v1/netcheck", post(netcheck))
         .route("/v1/down", post(down))
         .route("/v1/logout", post(logout))
+        .route("/v1/login", post(login))
         .with_state(requests);
     axum::serve(listener, app).await?;
     Ok(())
@@ -292,6 +321,14 @@ async fn logout(State(tx): Req) -> Result<Json<serde_json::Value>, (StatusCode, 
     match ask(&tx, ApiRequest::Logout).await {
         Ok(Ok(())) => Ok(Json(serde_json::json!({"logged_out": true}))),
         Ok(Err(e)) => Err((StatusCode::BAD_GATEWAY, e)),
+        Err(code) => Err((code, "the daemon is not answering".into())),
+    }
+}
+
+async fn login(State(tx): Req) -> Result<Json<serde_json::Value>, (StatusCode, String)> {
+    match ask(&tx, ApiRequest::Login).await {
+        Ok(Ok(())) => Ok(Json(serde_json::json!({"started": true}))),
+        Ok(Err(e)) => Err((StatusCode::CONFLICT, e)),
         Err(code) => Err((code, "the daemon is not answering".into())),
     }
 }

@@ -34,6 +34,17 @@ pub enum ControlEvent {
     Map(Box<MapResponse>),
     /// The coordinator refused the node for good (removed, expired, bad auth key).
     Refused(ErrorCode, String),
+    /// The node's user must sign in at this URL (the page shows the code too).
+    LoginRequired {
+        /// The sign-in page.
+        url: String,
+        /// The code the page shows.
+        user_code: String,
+        /// When the link stops working (Unix seconds).
+        expires_unix: i64,
+    },
+    /// How a sign-in asked for with `ClientMessage::Login` ended.
+    LoginResult(Result<String, String>),
     /// The session ended; the client is reconnecting.
     Disconnected(String),
 }
@@ -245,6 +256,9 @@ async fn session(
     let mut renew = tokio::time::interval(cfg.id_token_refresh);
     renew.reset();
     let mut last_heard = Instant::now();
+    // A person's node whose key expires mid-session is cut off; its user signs in again on
+    // the next connection (the coordinator offers a sign-in link), so it reconnects.
+    let mut owned_by_person = false;
     loop {
         tokio::select! {
             frame = ws.next() => {
@@ -262,7 +276,25 @@ async fn session(
                 let msg = ServerMessage::from_json(&msg)
                     .context("decoding a coordinator message")?;
                 let event = match msg {
-                    ServerMessage::Welcome(w) => ControlEvent::Welcome(w, url.to_owned()),
+                    ServerMessage::Welcome(w) => {
+                        owned_by_person = w.user.is_some() && w.tags.is_empty();
+                        ControlEvent::Welcome(w, url.to_owned())
+                    }
+                    ServerMessage::LoginRequired { url, user_code, expires_unix } => {
+                        ControlEvent::LoginRequired { url, user_code, expires_unix }
+                    }
+                    ServerMessage::LoginResult { user, error } => {
+                        ControlEvent::LoginResult(match (user, error) {
+                            (Some(u), None) => Ok(u),
+                            (_, e) => Err(e.unwrap_or_else(|| "the sign-in failed".into())),
+                        })
+                    }
+                    ServerMessage::Error { code: code @ ErrorCode::NodeExpired, message }
+                        if owned_by_person =>
+                    {
+                        warn!(%message, "this node's key expired; its user must sign in again");
+                        return Ok(End::Closed(format!("{code:?}: {message}")));
+                    }
                     ServerMessage::Map(m) => ControlEvent::Map(m),
                     // A node that joined with a token comes back with a fresh one (refreshed on
                     // disk): a refused token or an expired node is worth trying again.

@@ -17,8 +17,8 @@ use tracing::{debug, info, warn};
 use wire::{ClientMessage, ErrorCode, NatInfo, RelayId};
 
 use crate::io::api::{
-    ApiRequest, CoordinatorJson, NetcheckJson, PathJson, PeerJson, RelayJson, SelfJson, StatusJson,
-    StunJson, WhoisJson,
+    ApiRequest, CoordinatorJson, LoginJson, LoginResultJson, NetcheckJson, PathJson, PeerJson,
+    RelayJson, SelfJson, StatusJson, StunJson, WhoisJson,
 };
 use crate::io::aux::{AuxDatagram, AuxSockets};
 use crate::io::control::ControlEvent;
@@ -89,6 +89,9 @@ pub struct EventLoop {
     /// TUN reads dropped as malformed by the offload code (before the core saw them).
     tun_read_errors: u64,
     pending_logout: Option<(oneshot::Sender<Result<(), String>>, Instant)>,
+    /// A sign-in the node waits for, and how the last one ended.
+    login: Option<LoginJson>,
+    login_result: Option<LoginResultJson>,
     relays: RelayManager,
     relay_events: mpsc::Receiver<RelayEvent>,
     relay_state: BTreeMap<RelayId, RelayConnState>,
@@ -164,6 +167,8 @@ impl EventLoop {
             cache_due: None,
             tun_read_errors: 0,
             pending_logout: None,
+            login: None,
+            login_result: None,
             relays: RelayManager::new(node_keypair, relay_tx),
             relay_events,
             relay_state: BTreeMap::new(),
@@ -478,6 +483,12 @@ impl EventLoop {
                 self.connected = true;
                 self.coordinator_url = url;
                 self.last_error = None;
+                if self.login.take().is_some() {
+                    self.login_result = Some(LoginResultJson {
+                        user: w.user.clone(),
+                        error: None,
+                    });
+                }
                 self.ephemeral = w.ephemeral;
                 info!(name = %w.name, fqdn = %w.fqdn, addresses = ?w.addresses,
                       new = w.registered_now, "joined the mesh");
@@ -487,6 +498,38 @@ impl EventLoop {
                     self.learn_replicas(list);
                 }
                 self.state.handle_netmap(Instant::now(), *m);
+            }
+            ControlEvent::LoginRequired {
+                url,
+                user_code,
+                expires_unix,
+            } => {
+                let prompt = LoginJson {
+                    url,
+                    user_code,
+                    expires_unix,
+                };
+                if self.login.as_ref() != Some(&prompt) {
+                    // On its own line, for people and for scripts that watch the output.
+                    crate::output::line(&format!("To authenticate, visit: {}", prompt.url));
+                    crate::output::line(&format!(
+                        "(the page shows the code {}; check it before you sign in)",
+                        prompt.user_code
+                    ));
+                    info!(url = %prompt.url, code = %prompt.user_code, "waiting for the user to sign in");
+                }
+                self.login = Some(prompt);
+            }
+            ControlEvent::LoginResult(result) => {
+                self.login = None;
+                match &result {
+                    Ok(user) => info!(%user, "signed in again"),
+                    Err(e) => warn!(error = %e, "the sign-in failed"),
+                }
+                self.login_result = Some(LoginResultJson {
+                    user: result.as_ref().ok().cloned(),
+                    error: result.err(),
+                });
             }
             ControlEvent::Disconnected(reason) => {
                 self.connected = false;
@@ -557,6 +600,21 @@ impl EventLoop {
                 let exit = self.stop().await;
                 let _ = reply.send(());
                 return Some(exit.unwrap_or(Exit::Stopped));
+            }
+            ApiRequest::Login(reply) => {
+                self.login_result = None;
+                if self.login.is_some() {
+                    // Already waiting for a sign-in: the link in status is the one to use.
+                    let _ = reply.send(Ok(()));
+                } else if !self.connected {
+                    let _ = reply.send(Err(
+                        "not connected to the coordinator; cannot sign in now".into()
+                    ));
+                } else if self.control_out.send(ClientMessage::Login).await.is_err() {
+                    let _ = reply.send(Err("the control client stopped".into()));
+                } else {
+                    let _ = reply.send(Ok(()));
+                }
             }
             ApiRequest::Logout(reply) => {
                 if !self.connected {
@@ -810,6 +868,8 @@ impl EventLoop {
                 connected: self.connected,
                 last_error: self.last_error.clone(),
             },
+            login: self.login.clone(),
+            login_result: self.login_result.clone(),
             domain: st.domain.clone(),
             tunnel_security: st.tunnel_security,
             peers: st
