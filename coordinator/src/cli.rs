@@ -68,6 +68,12 @@ pub enum Command {
         #[command(subcommand)]
         command: FederationCommand,
     },
+    /// People who signed in through the mesh's identity provider.
+    Users {
+        /// What to do with users.
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
     /// Mesh-wide settings.
     Settings {
         /// Show or change settings.
@@ -475,6 +481,41 @@ pub enum AuditCommand {
     },
 }
 
+/// `users` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// List the users, with the groups their last sign-in carried.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Set how long this user's node keys last (from their next sign-in), or `default` for
+    /// the mesh's setting.
+    SetKeyExpiry {
+        /// The user's login name (e-mail).
+        user: String,
+        /// A duration (30d, 12h) or `default`.
+        #[arg(value_parser = parse_user_expiry)]
+        expiry: Reauth,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+fn parse_user_expiry(s: &str) -> Result<Reauth, String> {
+    if s == "default" {
+        return Ok(Reauth(None));
+    }
+    humantime::parse_duration(s)
+        .map(|d| Reauth(Some(d)))
+        .map_err(|e| format!("{e} (expected a duration such as 30d, or default)"))
+}
+
 /// `settings` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum SettingsCommand {
@@ -519,7 +560,7 @@ pub enum SettingsCommand {
     },
 }
 
-/// A re-authentication interval, or none.
+/// A duration, or none (`off`, `default`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reauth(pub Option<Duration>);
 

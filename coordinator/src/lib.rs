@@ -37,6 +37,7 @@ use crate::audit::{Entry, Verification};
 use crate::cli::{
     AdminArgs, AuditCommand, AuthkeyCommand, Command, FederationCommand, NodesCommand,
     PolicyCommand, RelaysCommand, SettingsCommand, TokenCommand, TokenScopeArg, TunnelSecurityArg,
+    UsersCommand,
 };
 use crate::model::AuthKeyInfo;
 use crate::ops::{CreatedAuthKey, NodeView};
@@ -94,7 +95,44 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Policy { command } => policy_cmd(command).await,
         Command::Relays { command } => relays_cmd(command).await,
         Command::Federation { command } => federation_cmd(command).await,
+        Command::Users { command } => users_cmd(command).await,
     }
+}
+
+async fn users_cmd(cmd: UsersCommand) -> anyhow::Result<Outcome> {
+    match cmd {
+        UsersCommand::List { json, admin } => {
+            let users: Vec<ops::people::UserView> =
+                target(&admin)?.call(Method::GET, "/users", None).await?;
+            if json {
+                output::json(&users);
+            } else {
+                output::users(&users);
+            }
+        }
+        UsersCommand::SetKeyExpiry {
+            user,
+            expiry,
+            admin,
+        } => {
+            let secs = expiry.0.map(|d| d.as_secs().max(1));
+            let _: serde_json::Value = target(&admin)?
+                .call(
+                    Method::PUT,
+                    &format!("/users/{}/key-expiry", oidc::form_encode(&user)),
+                    Some(json!({"key_expiry_secs": secs})),
+                )
+                .await?;
+            output::line(&match secs {
+                Some(s) => format!(
+                    "{user}'s node keys last {} from their next sign-in",
+                    humantime::format_duration(std::time::Duration::from_secs(s))
+                ),
+                None => format!("{user}'s node keys last as long as the mesh's setting says"),
+            });
+        }
+    }
+    Ok(Outcome::Success)
 }
 
 async fn federation_cmd(cmd: FederationCommand) -> anyhow::Result<Outcome> {

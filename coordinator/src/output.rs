@@ -62,6 +62,31 @@ pub(crate) fn federation(rules: &[crate::federation::TrustRule]) {
     }
 }
 
+pub(crate) fn users(users: &[crate::ops::people::UserView]) {
+    if users.is_empty() {
+        println!("no users (people appear once they sign in)");
+        return;
+    }
+    println!(
+        "{:<32} {:<20} {:<30} LAST SIGN-IN",
+        "USER", "NAME", "GROUPS"
+    );
+    for u in users {
+        let when = UNIX_EPOCH + Duration::from_secs(u.last_login_unix.max(0).unsigned_abs());
+        println!(
+            "{:<32} {:<20} {:<30} {}",
+            u.login_name,
+            u.display_name.as_deref().unwrap_or("-"),
+            if u.groups.is_empty() {
+                "-".to_owned()
+            } else {
+                u.groups.join(",")
+            },
+            humantime::format_rfc3339_seconds(when)
+        );
+    }
+}
+
 pub(crate) fn relays(list: &[wire::RelayInfo]) {
     println!(
         "{:<4} {:<16} {:<24} {:<10} STUN",

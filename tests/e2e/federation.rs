@@ -18,7 +18,7 @@ const POLICY: &str = r#"{
   "acls": [{"action": "accept", "src": ["tag:ci", "tag:web"], "dst": ["tag:ci:*", "tag:web:*"]}],
 }"#;
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)

@@ -13,6 +13,7 @@ mod foundation;
 mod hardening;
 mod load;
 mod nat;
+mod people;
 mod policy;
 mod pq;
 mod replicas;

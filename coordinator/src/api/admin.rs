@@ -40,6 +40,8 @@ pub fn router() -> Router<AppState> {
         .route("/relay/stats", get(relay_stats))
         .route("/federation", get(list_federation).post(add_federation))
         .route("/federation/{id}", delete(remove_federation))
+        .route("/users", get(list_users))
+        .route("/users/{name}/key-expiry", put(set_user_key_expiry))
         .route("/tokens", post(create_token).get(list_tokens))
         .route("/tokens/{id}", delete(revoke_token))
 }
@@ -150,6 +152,29 @@ async fn revoke_token(
     local_only(&actor)?;
     ops::revoke_token(&st, &id, &actor).await?;
     Ok(Json(json!({"revoked": id})))
+}
+
+async fn list_users(
+    State(st): State<AppState>,
+) -> Result<Json<Vec<ops::people::UserView>>, ApiError> {
+    Ok(Json(ops::people::list_users(&st).await?))
+}
+
+#[derive(serde::Deserialize)]
+struct KeyExpiry {
+    key_expiry_secs: Option<i64>,
+}
+
+async fn set_user_key_expiry(
+    State(st): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(name): Path<String>,
+    Json(req): Json<KeyExpiry>,
+) -> Result<Json<Value>, ApiError> {
+    ops::people::set_user_key_expiry(&st, &name, req.key_expiry_secs, &actor).await?;
+    Ok(Json(
+        json!({"user": name, "key_expiry_secs": req.key_expiry_secs}),
+    ))
 }
 
 async fn get_settings(State(st): State<AppState>) -> Result<Json<Settings>, ApiError> {

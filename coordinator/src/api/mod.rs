@@ -48,7 +48,7 @@ pub fn router(st: AppState) -> Router {
         .merge(control::router())
         .merge(login::router())
         .layer(middleware::from_fn(log_internal_errors))
-        .layer(TraceLayer::new_for_http())
+        .layer(trace_layer())
         .with_state(st)
 }
 
@@ -61,8 +61,21 @@ pub fn admin_router(st: AppState) -> Router {
             admin::router().layer(middleware::from_fn_with_state(st.clone(), token_auth)),
         )
         .layer(middleware::from_fn(log_internal_errors))
-        .layer(TraceLayer::new_for_http())
+        .layer(trace_layer())
         .with_state(st)
+}
+
+/// Request tracing that names the path only: query strings carry secrets (the provider's
+/// authorization code and state on `/oidc/callback`) and never reach the logs.
+fn trace_layer() -> TraceLayer<
+    tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
+    fn(&Request) -> tracing::Span,
+> {
+    TraceLayer::new_for_http().make_span_with(request_span as fn(&Request) -> tracing::Span)
+}
+
+fn request_span(req: &Request) -> tracing::Span {
+    tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
 }
 
 async fn key(State(st): State<AppState>) -> Json<KeyInfo> {

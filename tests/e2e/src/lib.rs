@@ -7,6 +7,7 @@
 //! processes that no longer exist (e.g. killed by a test timeout).
 
 pub mod abuse;
+pub mod browser;
 pub mod lab;
 pub mod mesh;
 mod secrets;

@@ -632,7 +632,9 @@ async fn session(
                 }
                 bail!("coordinator error {code:?}: {message}");
             }
-            ServerMessage::Unknown => {}
+            // Simulated nodes join with auth keys; they never sign in.
+            ServerMessage::LoginRequired { .. } => bail!("the coordinator asked for a sign-in"),
+            ServerMessage::LoginResult { .. } | ServerMessage::Unknown => {}
         }
     }
 }

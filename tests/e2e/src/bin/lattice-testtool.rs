@@ -29,6 +29,27 @@ enum Cmd {
         #[arg(long)]
         seconds: u64,
     },
+    /// Sign a device in as a person would in a browser (see `e2e::browser::sign_in`): the
+    /// sign-in page at `url` must show `code`; signs in at the provider as `sub`. Prints
+    /// `callback <URL>`, `status <code>` and the coordinator's final page; exits 1 unless it
+    /// answered 200.
+    SignIn {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        code: String,
+        #[arg(long)]
+        sub: String,
+    },
+    /// One plain-http request; prints `status <code>` and the body.
+    Http {
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        json: Option<String>,
+    },
     /// Print `<recv unix ms> <seq> <sent unix ms>` for every datagram received.
     UdpRecv {
         #[arg(long)]
@@ -205,6 +226,25 @@ fn main() -> anyhow::Result<()> {
             jwks,
             seconds,
         } => serve_issuer(listen, &jwks, Duration::from_secs(seconds))?,
+        Cmd::SignIn { url, code, sub } => {
+            let done = e2e::browser::sign_in(&url, &code, &sub)?;
+            println!("callback {}", done.callback);
+            println!("status {}", done.page.status);
+            println!("{}", done.page.body);
+            if done.page.status != 200 {
+                std::process::exit(1);
+            }
+        }
+        Cmd::Http { method, url, json } => {
+            let r = e2e::browser::request(
+                &method,
+                &url,
+                json.as_ref().map(|_| "application/json"),
+                json.as_deref().unwrap_or(""),
+            )?;
+            println!("status {}", r.status);
+            println!("{}", r.body);
+        }
         Cmd::UdpRecv { listen, seconds } => {
             let s = UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
             s.set_read_timeout(Some(Duration::from_millis(200)))?;
