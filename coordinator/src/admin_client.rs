@@ -21,12 +21,12 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub enum Target {
     /// The admin socket in a state dir.
     Unix(PathBuf),
-    /// `https://host:port` with a bearer token.
+    /// `https://host:port` with a bearer token (none: only the sign-in routes answer).
     Https {
         /// `host:port`.
         authority: String,
         /// Admin token.
-        token: String,
+        token: Option<String>,
         /// SHA-256 of the admin listener's certificate (from the token).
         pin: [u8; 32],
     },
@@ -59,16 +59,40 @@ impl Target {
                     )?;
                 Ok(Self::Https {
                     authority,
-                    token,
+                    token: Some(token),
                     pin,
                 })
             }
         }
     }
 
+    /// The admin listener at `https://AUTHORITY` whose certificate has SHA-256 `pin`, with
+    /// no token yet (for a person's admin sign-in).
+    pub fn pinned(url: &str, pin: [u8; 32]) -> anyhow::Result<Self> {
+        let Some(rest) = url.strip_prefix("https://") else {
+            bail!("--server must be an https:// URL (the coordinator's --admin-listen address)");
+        };
+        Ok(Self::Https {
+            authority: rest.trim_end_matches('/').to_owned(),
+            token: None,
+            pin,
+        })
+    }
+
     /// Calls the API; returns the decoded body of a 2xx response, or fails with the server's
     /// message.
     pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<T> {
+        self.call_at(method, &format!("/admin/v1{path}"), body)
+            .await
+    }
+
+    /// [`Target::call`] with the full path (`/admin/login/...`, outside `/admin/v1`).
+    pub async fn call_at<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
@@ -105,7 +129,7 @@ impl Target {
         let body = body.map_or_else(Bytes::new, |v| Bytes::from(v.to_string()));
         let mut req = Request::builder()
             .method(method)
-            .uri(format!("/admin/v1{path}"))
+            .uri(path)
             .header("content-type", "application/json");
         let sender = match self {
             Self::Unix(path_buf) => {
@@ -123,9 +147,10 @@ impl Target {
                 token,
                 pin,
             } => {
-                req = req
-                    .header("host", authority.as_str())
-                    .header("authorization", format!("Bearer {token}"));
+                req = req.header("host", authority.as_str());
+                if let Some(token) = token {
+                    req = req.header("authorization", format!("Bearer {token}"));
+                }
                 let stream = tokio::time::timeout(
                     CONNECT_TIMEOUT,
                     tokio::net::TcpStream::connect(authority.as_str()),
@@ -140,7 +165,7 @@ impl Target {
                 .await
                 .with_context(|| format!("TLS to {authority} timed out"))?
                 .with_context(|| {
-                    format!("{authority} is not the admin listener this token was issued for")
+                    format!("{authority} is not the admin listener this token (or pin) names")
                 })?;
                 handshake(tls).await?
             }

@@ -68,6 +68,22 @@ pub enum Command {
         #[command(subcommand)]
         command: FederationCommand,
     },
+    /// Sign in to a coordinator's admin API through the mesh's identity provider (for people
+    /// listed with `serve --oidc-admin` or in an `--oidc-admin-group`): prints the sign-in
+    /// link on stderr and, once you signed in, an admin token for 12 hours alone on stdout
+    /// (use it with --server and --token).
+    Login {
+        /// The admin listener, `https://HOST:PORT` (serve --admin-listen).
+        #[arg(long, env = "LATTICE_COORDINATOR_SERVER")]
+        server: String,
+        /// The admin listener's certificate SHA-256 (64 hex digits; the coordinator prints it
+        /// when it starts).
+        #[arg(long)]
+        cert_sha256: String,
+        /// How long to wait for the sign-in.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// People who signed in through the mesh's identity provider.
     Users {
         /// What to do with users.
@@ -162,6 +178,13 @@ pub struct ServeArgs {
     /// name them differently). An `amr` listing a second factor always counts.
     #[arg(long = "oidc-mfa-acr")]
     pub oidc_mfa_acr: Vec<String>,
+    /// A person (login name, their e-mail) who may sign in to the admin API with
+    /// `lattice-coordinator login` (repeatable).
+    #[arg(long = "oidc-admin")]
+    pub oidc_admins: Vec<String>,
+    /// Members of this provider group may sign in to the admin API (repeatable).
+    #[arg(long = "oidc-admin-group")]
+    pub oidc_admin_groups: Vec<String>,
 }
 
 /// Flags shared by admin commands.

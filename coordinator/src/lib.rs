@@ -79,6 +79,8 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
                                 mfa_acr_values: a.oidc_mfa_acr,
                             },
                             client_secret_file,
+                            admins: a.oidc_admins,
+                            admin_groups: a.oidc_admin_groups,
                         })
                     }
                     _ => None,
@@ -96,6 +98,48 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Relays { command } => relays_cmd(command).await,
         Command::Federation { command } => federation_cmd(command).await,
         Command::Users { command } => users_cmd(command).await,
+        Command::Login {
+            server,
+            cert_sha256,
+            timeout,
+        } => admin_login(&server, &cert_sha256, timeout).await,
+    }
+}
+
+/// `login`: a person's sign-in to the admin API.
+async fn admin_login(
+    server: &str,
+    cert_sha256: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Outcome> {
+    let pin = wire::keys::parse_hex::<32>(cert_sha256.trim())
+        .context("--cert-sha256 must be 64 hex digits")?;
+    let t = Target::pinned(server, pin)?;
+    let start: ops::people::AdminLoginStart =
+        t.call_at(Method::POST, "/admin/login/start", None).await?;
+    output::error_line(&format!("To authenticate, visit: {}", start.url));
+    output::error_line(&format!(
+        "(the page shows the code {}; check it before you sign in)",
+        start.user_code
+    ));
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let poll: ops::people::AdminPoll = t
+            .call_at(
+                Method::POST,
+                "/admin/login/poll",
+                Some(json!({"poll_token": start.poll_token})),
+            )
+            .await?;
+        if let ops::people::AdminPoll::Done { token, user, .. } = poll {
+            output::error_line(&format!("signed in as {user}; the token lasts 12 hours"));
+            output::line(&token);
+            return Ok(Outcome::Success);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("no sign-in within {}", humantime::format_duration(timeout));
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }
 

@@ -65,6 +65,10 @@ pub struct OidcServeConfig {
     pub cfg: crate::oidc::OidcConfig,
     /// The file holding the client secret.
     pub client_secret_file: PathBuf,
+    /// People who may sign in as admins.
+    pub admins: Vec<String>,
+    /// Provider groups whose members may.
+    pub admin_groups: Vec<String>,
 }
 
 /// Name of the admin socket inside the state dir.
@@ -443,6 +447,8 @@ fn sign_in(
         cfg: o.cfg.clone(),
         client_secret: crate::secret::Secret::new(secret),
         public_url,
+        admins: o.admins.clone(),
+        admin_groups: o.admin_groups.clone(),
     })))
 }
 

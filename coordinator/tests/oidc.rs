@@ -225,6 +225,8 @@ async fn signing_in(tdb: &support::TestDb, p: &Provider) -> coordinator::state::
         },
         client_secret: coordinator::secret::Secret::new("secret".into()),
         public_url: "http://coord.test".into(),
+        admins: vec!["alice@example.com".into()],
+        admin_groups: vec![],
     };
     support::state_with(tdb, [7; 32], Some(std::sync::Arc::new(sign_in))).await
 }
@@ -397,4 +399,48 @@ db_test!(async fn people_sign_devices_in_and_their_groups_follow_each_sign_in(td
     let logins = log.iter().filter(|e| e.action == "user.login").count();
     assert_eq!(logins, 3, "alice twice, bob once");
     assert!(log.iter().any(|e| e.action == "node.reauth"));
+});
+
+db_test!(async fn an_admin_signs_in_for_a_session_token_and_others_are_refused(tdb) {
+    use coordinator::ops::people::{self, AdminPoll};
+
+    let Some(p) = provider().await else { return };
+    let st = signing_in(&tdb, &p).await;
+    let now = coordinator::state::unix_now();
+    let session = |sub: &'static str| {
+        let st = st.clone();
+        async move {
+            let start = people::start_admin(&st, "192.0.2.9", now).await.unwrap();
+            assert!(matches!(
+                people::poll_admin(&st, &start.poll_token, now).await.unwrap(),
+                AdminPoll::Pending
+            ));
+            let code = start.url.split("code=").nth(1).unwrap().to_owned();
+            let (_, authorize) = people::pending_by_code(&st, &code, now).await.unwrap().unwrap();
+            let back = sign_in_at(&authorize, sub).await;
+            people::callback(&st, &query(&back, "state"), Some(&query(&back, "code")), None, now)
+                .await
+                .unwrap()
+                .unwrap();
+            // A wrong poll secret learns nothing.
+            assert!(people::poll_admin(&st, "guess", now).await.is_err());
+            people::poll_admin(&st, &start.poll_token, now).await
+        }
+    };
+    // Alice is listed as an admin: her session token works and acts as her.
+    let AdminPoll::Done { token, user, expires_at } = session("alice").await.unwrap() else {
+        panic!("alice got no token")
+    };
+    assert_eq!(user, "alice@example.com");
+    assert!((expires_at - (now + 12 * 3600)).abs() <= 5);
+    let (actor, scope) = ops::authenticate_token(&st, &token, now).await.unwrap();
+    assert!(actor.starts_with("user:alice@example.com (session "), "{actor}");
+    assert_eq!(scope, coordinator::db::keys::TokenScope::Write);
+    // Bob signs in fine but is no admin.
+    match session("bob").await {
+        Err(coordinator::error::ApiError::Forbidden(m)) => {
+            assert!(m.contains("bob@example.com is not an admin"), "{m}")
+        }
+        other => panic!("bob: {other:?}"),
+    }
 });

@@ -47,7 +47,8 @@ fn mock() -> Option<PathBuf> {
 fn wait_prompt(lab: &Lab, p: Proc, skip: usize) -> (String, String) {
     let mut found = None;
     let ok = wait_for(Duration::from_secs(30), || {
-        let out = lab.stdout(p);
+        // `lattice` prints it on stdout, `lattice-coordinator login` on stderr.
+        let out = lab.stdout(p) + &lab.log(p);
         let n = out.matches("To authenticate, visit: ").count();
         if n > skip {
             found = e2e::browser::prompt(&out);
@@ -150,6 +151,10 @@ fn people_join_by_signing_in_and_the_provider_group_decides_their_access() {
             secret_file.to_str().unwrap(),
             "--oidc-allowed-domain",
             "example.com",
+            "--oidc-admin",
+            "alice@example.com",
+            "--admin-listen",
+            "198.51.100.1:8443",
         ],
     );
     let coord_ns = f.coord.ns.clone();
@@ -340,9 +345,84 @@ fn people_join_by_signing_in_and_the_provider_group_decides_their_access() {
     );
     assert!(!f.nodes[laptop].ping(&f.lab, "web", "-4", 2));
 
+    // Alice is an admin: she signs in to the admin API over the network and acts as herself.
+    let pin = f
+        .lab
+        .stdout(f.coord.proc)
+        .lines()
+        .find_map(|l| l.split("certificate sha256 ").nth(1))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let coord_bin = f.lab.bin("lattice-coordinator");
+    let coord_ns = f.coord.ns.clone();
+    let admin = f
+        .lab
+        .spawn(
+            "admin-login",
+            &coord_ns,
+            &[
+                coord_bin.to_str().unwrap(),
+                "login",
+                "--server",
+                "https://198.51.100.1:8443",
+                "--cert-sha256",
+                &pin,
+            ],
+            &[],
+        )
+        .unwrap();
+    let (link, code) = wait_prompt(&f.lab, admin, 0);
+    sign_in(&f, &link, &code, "alice");
+    assert!(
+        f.lab
+            .wait_exit(admin, Duration::from_secs(30))
+            .is_some_and(|s| s.success()),
+        "lattice-coordinator login failed:\n{}",
+        f.lab.log(admin)
+    );
+    let token = f.lab.stdout(admin).trim().to_owned();
+    // The token is the command's output (a terminal, for a person): it must appear nowhere
+    // else, so its capture goes before the lab looks for it in every log.
+    std::fs::write(f.lab.dir().join("admin-login.out"), "").unwrap();
+    f.lab.secret("an admin session token", &token);
+    let list = f
+        .lab
+        .output(
+            &coord_ns,
+            &[
+                coord_bin.to_str().unwrap(),
+                "nodes",
+                "expire",
+                "desk",
+                "--server",
+                "https://198.51.100.1:8443",
+                "--token",
+                &token,
+            ],
+        )
+        .unwrap();
+    assert!(list.status.success(), "{}", text(&list));
+
     let out = f.coord.admin(&f.lab, &["audit", "verify"]).unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let audit = f.coord.admin(&f.lab, &["audit", "list", "--json"]).unwrap();
-    let audit = String::from_utf8_lossy(&audit.stdout);
-    assert_eq!(audit.matches("\"user.login\"").count(), 4, "{audit}");
+    let audit: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
+    let entries = audit.as_array().unwrap();
+    let logins = entries
+        .iter()
+        .filter(|e| e["action"] == "user.login")
+        .count();
+    assert_eq!(logins, 5, "{audit}");
+    let expire = entries
+        .iter()
+        .find(|e| e["action"] == "node.expire" && e["target"] == "desk")
+        .unwrap();
+    assert!(
+        expire["actor"]
+            .as_str()
+            .unwrap()
+            .starts_with("user:alice@example.com (session "),
+        "{expire}"
+    );
 }

@@ -52,10 +52,13 @@ pub fn router(st: AppState) -> Router {
         .with_state(st)
 }
 
-/// The admin listener's router (served over TLS): `/admin/v1` for admin tokens.
+/// The admin listener's router (served over TLS): `/admin/v1` for admin tokens, and
+/// `/admin/login/{start,poll}` where a person who is an admin signs in for a session token.
 pub fn admin_router(st: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/admin/login/start", axum::routing::post(admin_login_start))
+        .route("/admin/login/poll", axum::routing::post(admin_login_poll))
         .nest(
             "/admin/v1",
             admin::router().layer(middleware::from_fn_with_state(st.clone(), token_auth)),
@@ -110,6 +113,30 @@ async fn revocations(State(st): State<AppState>) -> Json<wire::SignedRevocations
         &st.tickets.sign(wire::REVOCATIONS_CONTEXT, list.as_bytes()),
     );
     Json(wire::SignedRevocations { list, sig })
+}
+
+async fn admin_login_start(
+    State(st): State<AppState>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+) -> Result<Json<ops::people::AdminLoginStart>, ApiError> {
+    let ip = relay::http::peer_ip(peer.as_ref().map(|e| &e.0));
+    Ok(Json(
+        ops::people::start_admin(&st, &ip.to_string(), crate::state::unix_now()).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+struct Poll {
+    poll_token: String,
+}
+
+async fn admin_login_poll(
+    State(st): State<AppState>,
+    Json(p): Json<Poll>,
+) -> Result<Json<ops::people::AdminPoll>, ApiError> {
+    Ok(Json(
+        ops::people::poll_admin(&st, &p.poll_token, crate::state::unix_now()).await?,
+    ))
 }
 
 async fn token_auth(State(st): State<AppState>, mut req: Request, next: Next) -> Response {

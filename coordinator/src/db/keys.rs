@@ -212,6 +212,8 @@ pub struct StoredToken {
     pub scope: TokenScope,
     /// Unix seconds after which it is refused.
     pub expires_at: i64,
+    /// Who created it (`session:user:NAME` for a person's admin sign-in).
+    pub created_by: String,
 }
 
 /// The live (not revoked) admin token with `id`.
@@ -219,16 +221,17 @@ pub async fn admin_token(
     conn: &mut AnyConnection,
     id: &str,
 ) -> Result<Option<StoredToken>, DbError> {
-    let row: Option<(Vec<u8>, String, Option<i64>)> = sqlx::query_as(
-        "SELECT secret_hash, scope, expires_at FROM admin_tokens
+    let row: Option<(Vec<u8>, String, Option<i64>, String)> = sqlx::query_as(
+        "SELECT secret_hash, scope, expires_at, created_by FROM admin_tokens
          WHERE id = $1 AND revoked_at IS NULL",
     )
     .bind(id)
     .fetch_optional(&mut *conn)
     .await?;
-    row.map(|(secret_hash, scope, expires_at)| {
+    row.map(|(secret_hash, scope, expires_at, created_by)| {
         Ok(StoredToken {
             secret_hash,
+            created_by,
             scope: TokenScope::parse(&scope).ok_or_else(|| DbError::Corrupt {
                 table: "admin_tokens",
                 detail: format!("unknown scope {scope:?}"),

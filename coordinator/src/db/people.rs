@@ -85,12 +85,12 @@ macro_rules! select_logins {
     };
 }
 
-/// Stores a new login for `machine`, unless too many are pending (in all, or from
-/// `source_ip`).
+/// Stores a new login for `owner` (a machine key's text, or `admin:HASH`; see
+/// [`by_owner`]), unless too many are pending (in all, or from `source_ip`).
 pub async fn insert_login(
     conn: &mut AnyConnection,
     login: &Login,
-    machine: &MachineKey,
+    owner: &str,
     hostname: &str,
     source_ip: &str,
     now: i64,
@@ -120,7 +120,7 @@ pub async fn insert_login(
     .bind(&login.user_code)
     .bind(&login.nonce)
     .bind(&login.pkce_verifier)
-    .bind(machine.to_text())
+    .bind(owner)
     .bind(hostname)
     .bind(source_ip)
     .bind(now)
@@ -143,6 +143,21 @@ pub async fn pending_for_machine(
     ))
     .bind(machine.to_text())
     .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(StoredLogin::from))
+}
+
+/// The newest login (in any stage) that `owner` started: a machine key's text, or
+/// `admin:HASH` for an admin sign-in polled with a secret whose SHA-256 is HASH.
+pub async fn by_owner(
+    conn: &mut AnyConnection,
+    owner: &str,
+) -> Result<Option<StoredLogin>, DbError> {
+    let row: Option<LoginRow> = sqlx::query_as(select_logins!(
+        "WHERE machine_key = $1 ORDER BY expires_at DESC LIMIT 1"
+    ))
+    .bind(owner)
     .fetch_optional(&mut *conn)
     .await?;
     Ok(row.map(StoredLogin::from))

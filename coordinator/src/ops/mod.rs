@@ -496,6 +496,9 @@ pub async fn revoke_token(st: &AppState, id: &str, actor: &str) -> Result<(), Ap
     Ok(())
 }
 
+/// `admin_tokens.created_by` of a token made by a person's admin sign-in, before `user:NAME`.
+pub const SESSION_PREFIX: &str = "session:";
+
 /// Checks an admin token at `now`; returns the actor name for the audit log and the token's
 /// scope. Unknown, wrong, revoked and expired tokens are all refused alike.
 pub async fn authenticate_token(
@@ -515,7 +518,12 @@ pub async fn authenticate_token(
     {
         return Err(ApiError::Unauthorized);
     }
-    Ok((format!("token:{}", token.id_hex()), stored.scope))
+    // A person's admin sign-in acts as that person.
+    let actor = match stored.created_by.strip_prefix(SESSION_PREFIX) {
+        Some(user) => format!("{user} (session {})", token.id_hex()),
+        None => format!("token:{}", token.id_hex()),
+    };
+    Ok((actor, stored.scope))
 }
 
 /// Audit entries after `after`.

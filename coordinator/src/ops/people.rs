@@ -31,9 +31,22 @@ pub struct SignIn {
     /// The coordinator's public URL (`serve --public-url`): the sign-in page and the
     /// provider's redirect target are under it.
     pub public_url: String,
+    /// People (login names) who may sign in as admins.
+    pub admins: Vec<String>,
+    /// Provider groups whose members may sign in as admins.
+    pub admin_groups: Vec<String>,
 }
 
 impl SignIn {
+    /// Whether `user` may administer the mesh (listed by name, or in an admin group at their
+    /// last sign-in).
+    pub fn is_admin(&self, user: &User) -> bool {
+        self.admins
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(&user.login_name))
+            || user.groups.iter().any(|g| self.admin_groups.contains(g))
+    }
+
     /// Where the provider sends the browser back (register this at the provider).
     pub fn redirect_uri(&self) -> String {
         format!("{}/oidc/callback", self.public_url)
@@ -86,7 +99,15 @@ pub async fn start(
     drop(conn);
     let login = Login::new(now, &mut StdRng::from_rng(&mut rand::rng()));
     let mut tx = db::begin_write(&st.db).await?;
-    db::people::insert_login(&mut tx, &login, machine, hostname, source_ip, now).await??;
+    db::people::insert_login(
+        &mut tx,
+        &login,
+        &machine.to_text(),
+        hostname,
+        source_ip,
+        now,
+    )
+    .await??;
     tx.commit().await.map_err(DbError::from)?;
     let url = sign_in.login_url(&login.user_code);
     Ok((
@@ -335,4 +356,144 @@ pub async fn set_user_key_expiry(
     .await?;
     tx.commit().await.map_err(DbError::from)?;
     Ok(())
+}
+
+/// How long the admin token of a person's admin sign-in lasts.
+pub const ADMIN_SESSION_S: u64 = 12 * 3600;
+
+/// An admin sign-in, started: the page to open, its code, and the secret to poll with.
+#[derive(Serialize, Deserialize)]
+pub struct AdminLoginStart {
+    /// The sign-in page.
+    pub url: String,
+    /// The code it shows.
+    pub user_code: String,
+    /// When the link stops working (Unix seconds).
+    pub expires_unix: i64,
+    /// What `poll` is called with (secret to the caller).
+    pub poll_token: String,
+}
+
+impl std::fmt::Debug for AdminLoginStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminLoginStart")
+            .field("url", &self.url)
+            .field("expires_unix", &self.expires_unix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn poll_owner(poll_token: &str) -> String {
+    use sha2::Digest as _;
+    let mut s = String::from("admin:");
+    wire::keys::push_hex(&mut s, &sha2::Sha256::digest(poll_token.as_bytes()));
+    s
+}
+
+/// Starts a person's sign-in to the admin API (`lattice-coordinator login`).
+pub async fn start_admin(
+    st: &AppState,
+    source_ip: &str,
+    now: i64,
+) -> Result<AdminLoginStart, ApiError> {
+    let sign_in = st
+        .sign_in
+        .as_ref()
+        .ok_or_else(|| ApiError::NotFound("this mesh has no identity provider".into()))?;
+    let mut rng = StdRng::from_rng(&mut rand::rng());
+    let login = Login::new(now, &mut rng);
+    let poll_token = {
+        use base64::Engine as _;
+        let b: [u8; 32] = crate::secret::random(&mut rng);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    };
+    let mut tx = db::begin_write(&st.db).await?;
+    db::people::insert_login(
+        &mut tx,
+        &login,
+        &poll_owner(&poll_token),
+        "admin sign-in (lattice-coordinator login)",
+        source_ip,
+        now,
+    )
+    .await?
+    .map_err(|e| ApiError::Conflict(e.to_string()))?;
+    tx.commit().await.map_err(DbError::from)?;
+    Ok(AdminLoginStart {
+        url: sign_in.login_url(&login.user_code),
+        user_code: login.user_code,
+        expires_unix: login.expires_at,
+        poll_token,
+    })
+}
+
+/// Where an admin sign-in stands, for its poller.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum AdminPoll {
+    /// Not yet.
+    Pending,
+    /// Done: an admin token for the session (shown this once).
+    Done {
+        /// The token.
+        token: String,
+        /// Who signed in.
+        user: String,
+        /// When the token stops working.
+        expires_at: i64,
+    },
+}
+
+/// Polls an admin sign-in: once the person has signed in, and if they are an admin, hands
+/// out an admin token for [`ADMIN_SESSION_S`] that acts as them (audited as them).
+pub async fn poll_admin(st: &AppState, poll_token: &str, now: i64) -> Result<AdminPoll, ApiError> {
+    let sign_in = st
+        .sign_in
+        .as_ref()
+        .ok_or_else(|| ApiError::NotFound("this mesh has no identity provider".into()))?;
+    let login = {
+        let mut conn = st.db.acquire().await.map_err(DbError::from)?;
+        db::people::by_owner(&mut conn, &poll_owner(poll_token)).await?
+    };
+    let Some(login) = login else {
+        return Err(ApiError::NotFound(
+            "no such sign-in (it may have expired)".into(),
+        ));
+    };
+    let signed = match outcome(st, &login.login.state, now).await? {
+        Outcome::Pending => return Ok(AdminPoll::Pending),
+        Outcome::Done(s) => s,
+        Outcome::Failed(why) => {
+            forget(st, &login.login.state).await?;
+            return Err(ApiError::Forbidden(format!("sign-in refused: {why}")));
+        }
+        Outcome::Expired => {
+            forget(st, &login.login.state).await?;
+            return Err(ApiError::NotFound("the sign-in link expired".into()));
+        }
+    };
+    forget(st, &login.login.state).await?;
+    let who = format!("user:{}", signed.user.login_name);
+    if !sign_in.is_admin(&signed.user) {
+        warn!(user = %signed.user.login_name, "a person who is not an admin tried to sign in to the admin API");
+        return Err(ApiError::Forbidden(format!(
+            "{} is not an admin of this mesh (serve --oidc-admin / --oidc-admin-group)",
+            signed.user.login_name
+        )));
+    }
+    let created = super::create_token(
+        st,
+        super::CreateToken {
+            scope: Some(db::keys::TokenScope::Write),
+            expiry_secs: Some(ADMIN_SESSION_S),
+        },
+        &format!("{}{who}", super::SESSION_PREFIX),
+    )
+    .await?;
+    info!(user = %signed.user.login_name, "admin signed in");
+    Ok(AdminPoll::Done {
+        token: created.token,
+        user: signed.user.login_name,
+        expires_at: created.expires_at,
+    })
 }
