@@ -31,7 +31,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the coordinator.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage auth keys.
     Authkey {
         /// What to do with auth keys.

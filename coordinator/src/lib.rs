@@ -55,6 +55,7 @@ pub enum Outcome {
 pub async fn run(command: Command) -> anyhow::Result<Outcome> {
     match command {
         Command::Serve(a) => {
+            let a = *a;
             server::serve(server::ServeConfig {
                 listen: a.listen,
                 state_dir: a.state_dir,
