@@ -84,6 +84,12 @@ pub enum Command {
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Just-in-time access requests: list, approve, deny.
+    Access {
+        /// What to do with access requests.
+        #[command(subcommand)]
+        command: AccessCommand,
+    },
     /// People who signed in through the mesh's identity provider.
     Users {
         /// What to do with users.
@@ -498,6 +504,41 @@ pub enum AuditCommand {
     },
     /// Print every entry as JSON lines (for a SIEM).
     Export {
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// `access` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AccessCommand {
+    /// Requests waiting for a decision and grants in force (newest first).
+    List {
+        /// Every request ever filed, decided and ended ones too.
+        #[arg(long)]
+        all: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Approve a request: the access starts now and lasts what was asked for. A person
+    /// signed in with `login` must be an approver the policy names for the destination, and
+    /// not the requester.
+    Approve {
+        /// The request's id.
+        id: i64,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Deny a request.
+    Deny {
+        /// The request's id.
+        id: i64,
         /// Where the coordinator is.
         #[command(flatten)]
         admin: AdminArgs,

@@ -219,6 +219,9 @@ async fn load_policy(st: &AppState, c: &mut sqlx::AnyConnection) -> Result<(), D
             Err(e) => warn!(version = cur.version, error = %e, "a stored policy does not parse"),
         }
     }
+    // Approved access requests are compiled with the policy.
+    st.hub
+        .set_grants(crate::ops::access::grants(c, unix_now()).await?);
     Ok(())
 }
 

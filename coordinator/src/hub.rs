@@ -105,6 +105,11 @@ struct Session {
 pub struct HubState {
     nodes: BTreeMap<NodeId, LiveNode>,
     inventory: Inventory,
+    /// The policy file in force.
+    file_policy: Arc<Policy>,
+    /// Approved access requests in force.
+    grants: Vec<policy::Grant>,
+    /// What is compiled: the file's rules and the grants.
     policy: Arc<Policy>,
     policy_version: i64,
     policy_rev: u64,
@@ -159,6 +164,8 @@ impl Hub {
             state: RwLock::new(HubState {
                 nodes: BTreeMap::new(),
                 inventory: Inventory::new(),
+                file_policy: Arc::new(policy.clone()),
+                grants: Vec::new(),
                 policy: Arc::new(policy),
                 policy_version: version,
                 policy_rev: 1,
@@ -244,8 +251,22 @@ impl Hub {
         if version <= st.policy_version {
             return;
         }
-        st.policy = Arc::new(policy);
+        st.policy = Arc::new(policy.with_grants(&st.grants));
+        st.file_policy = Arc::new(policy);
         st.policy_version = version;
+        st.policy_rev += 1;
+        st.wake_all(true);
+    }
+
+    /// Puts these approved access requests in force (with the policy file's rules), if they
+    /// differ from those in force.
+    pub fn set_grants(&self, grants: Vec<policy::Grant>) {
+        let mut st = self.write();
+        if st.grants == grants {
+            return;
+        }
+        st.policy = Arc::new(st.file_policy.with_grants(&grants));
+        st.grants = grants;
         st.policy_rev += 1;
         st.wake_all(true);
     }
@@ -601,9 +622,15 @@ impl HubState {
         self.nodes.values()
     }
 
-    /// The policy in force and its stored version (0: the built-in default).
+    /// The policy file in force and its stored version (0: the built-in default); the
+    /// grants of approved access requests are not in it (see [`HubState::grants`]).
     pub fn policy(&self) -> (i64, Arc<Policy>) {
-        (self.policy_version, Arc::clone(&self.policy))
+        (self.policy_version, Arc::clone(&self.file_policy))
+    }
+
+    /// The approved access requests in force.
+    pub fn grants(&self) -> &[policy::Grant] {
+        &self.grants
     }
 
     /// How many session wake-ups changes have caused so far.

@@ -35,9 +35,9 @@ use serde_json::json;
 use crate::admin_client::Target;
 use crate::audit::{Entry, Verification};
 use crate::cli::{
-    AdminArgs, AuditCommand, AuthkeyCommand, Command, FederationCommand, NodesCommand,
-    PolicyCommand, RelaysCommand, SettingsCommand, TokenCommand, TokenScopeArg, TunnelSecurityArg,
-    UsersCommand,
+    AccessCommand, AdminArgs, AuditCommand, AuthkeyCommand, Command, FederationCommand,
+    NodesCommand, PolicyCommand, RelaysCommand, SettingsCommand, TokenCommand, TokenScopeArg,
+    TunnelSecurityArg, UsersCommand,
 };
 use crate::model::AuthKeyInfo;
 use crate::ops::{CreatedAuthKey, NodeView};
@@ -99,12 +99,51 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Relays { command } => relays_cmd(command).await,
         Command::Federation { command } => federation_cmd(command).await,
         Command::Users { command } => users_cmd(command).await,
+        Command::Access { command } => access_cmd(command).await,
         Command::Login {
             server,
             cert_sha256,
             timeout,
         } => admin_login(&server, &cert_sha256, timeout).await,
     }
+}
+
+async fn access_cmd(cmd: AccessCommand) -> anyhow::Result<Outcome> {
+    type Req = db::access::AccessRequest;
+    match cmd {
+        AccessCommand::List { all, json, admin } => {
+            let list: Vec<Req> = target(&admin)?
+                .call(Method::GET, &format!("/access?all={all}"), None)
+                .await?;
+            if json {
+                output::json(&list);
+            } else {
+                output::access_requests(&list);
+            }
+        }
+        AccessCommand::Approve { id, admin } => {
+            let r: Req = target(&admin)?
+                .call(Method::POST, &format!("/access/{id}/approve"), None)
+                .await?;
+            output::line(&format!(
+                "access request {id} approved: {} may reach {} ports {} until {}",
+                r.node_name,
+                r.dst,
+                r.ports,
+                output::time(r.expires_at.unwrap_or_default())
+            ));
+        }
+        AccessCommand::Deny { id, admin } => {
+            let r: Req = target(&admin)?
+                .call(Method::POST, &format!("/access/{id}/deny"), None)
+                .await?;
+            output::line(&format!(
+                "access request {id} denied ({} asked for {} ports {})",
+                r.node_name, r.dst, r.ports
+            ));
+        }
+    }
+    Ok(Outcome::Success)
 }
 
 /// `login`: a person's sign-in to the admin API.

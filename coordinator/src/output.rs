@@ -62,6 +62,35 @@ pub(crate) fn federation(rules: &[crate::federation::TrustRule]) {
     }
 }
 
+pub(crate) fn access_requests(list: &[crate::db::access::AccessRequest]) {
+    if list.is_empty() {
+        println!("no access requests waiting or in force");
+        return;
+    }
+    println!(
+        "{:<5} {:<9} {:<16} {:<28} {:<14} {:<8} {:<20} REASON",
+        "ID", "STATUS", "NODE", "USER", "TO", "PORTS", "UNTIL"
+    );
+    for r in list {
+        let until = match (r.status.as_str(), r.expires_at) {
+            ("pending", _) => format!("asks {}s", r.duration_s),
+            (_, Some(t)) => time(t),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<5} {:<9} {:<16} {:<28} {:<14} {:<8} {:<20} {}",
+            r.id,
+            r.status,
+            r.node_name,
+            r.user_name.as_deref().unwrap_or("-"),
+            r.dst,
+            r.ports,
+            until,
+            r.reason
+        );
+    }
+}
+
 pub(crate) fn users(users: &[crate::ops::people::UserView]) {
     if users.is_empty() {
         println!("no users (people appear once they sign in)");
@@ -129,7 +158,8 @@ pub(crate) fn json<T: Serialize>(v: &T) {
     }
 }
 
-fn time(unix: i64) -> String {
+/// A Unix time as RFC 3339 (UTC, seconds).
+pub(crate) fn time(unix: i64) -> String {
     let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(unix).unwrap_or(0));
     humantime::format_rfc3339_seconds(t).to_string()
 }

@@ -237,10 +237,15 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let sweeper = st.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut n: u64 = 0;
         loop {
             tick.tick().await;
+            n += 1;
             ops::sweep_expired(&sweeper);
             sweeper.hub.tick(unix_now());
+            if let Err(e) = ops::access::sweep(&sweeper, unix_now(), n % 60 == 0).await {
+                warn!(error = %e, "could not end access grants");
+            }
         }
     });
 

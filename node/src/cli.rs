@@ -85,6 +85,29 @@ pub enum Command {
         #[command(flatten)]
         state: StateDirArg,
     },
+    /// Ask for just-in-time access to a destination the policy's `accessRequests` names; an
+    /// approver decides (`lattice-coordinator access approve ID`), and the access then lasts
+    /// --for from the approval.
+    RequestAccess {
+        /// The destination, as the policy names it (tag:prod).
+        #[arg(long)]
+        to: String,
+        /// Ports: 22,5432, 8000-8099 or *.
+        #[arg(long)]
+        ports: String,
+        /// How long, once approved (30m, 4h).
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Why (the approvers see it; the audit log keeps it).
+        #[arg(long)]
+        reason: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the daemon is.
+        #[command(flatten)]
+        state: StateDirArg,
+    },
     /// Leave the mesh for good: the coordinator forgets this node and its keys are deleted.
     Logout {
         /// Where the daemon is.

@@ -74,6 +74,47 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Login { timeout, state } => {
             login(&StateDir::existing(&state.state_dir), timeout).await
         }
+        Command::RequestAccess {
+            to,
+            ports,
+            duration,
+            reason,
+            json,
+            state,
+        } => {
+            let sd = StateDir::existing(&state.state_dir);
+            let body = serde_json::to_value(api::AccessRequestJson {
+                to: to.clone(),
+                ports: ports.clone(),
+                for_secs: duration.as_secs(),
+                reason,
+            })?;
+            let (code, answer) = api::call_with(
+                &sd.socket(),
+                Method::POST,
+                "/v1/request-access",
+                Some(&body),
+            )
+            .await?;
+            if code != StatusCode::OK {
+                bail!(
+                    "access request refused: {}",
+                    String::from_utf8_lossy(&answer)
+                );
+            }
+            let v: serde_json::Value = serde_json::from_slice(&answer).context("decoding")?;
+            if json {
+                output::json(&v);
+            } else {
+                let id = v["id"].as_i64().unwrap_or_default();
+                output::line(&format!(
+                    "access request {id} filed: {to} ports {ports} for {}; an approver runs \
+                     `lattice-coordinator access approve {id}`",
+                    humantime::format_duration(duration)
+                ));
+            }
+            Ok(())
+        }
         Command::Logout { state } => {
             let sd = StateDir::existing(&state.state_dir);
             let (code, body) = api::call(&sd.socket(), Method::POST, "/v1/logout").await?;

@@ -23,6 +23,21 @@ pub(crate) struct PolicyFile {
     pub(crate) default_src_posture: Vec<String>,
     pub(crate) rules: Vec<Rule>,
     pub(crate) tests: Vec<Test>,
+    /// `accessRequests`: who may approve just-in-time access to what, and for how long.
+    pub(crate) access_rules: Vec<AccessRule>,
+}
+
+/// One `accessRequests` entry.
+#[derive(Debug, Clone)]
+pub(crate) struct AccessRule {
+    /// `file:line:col`.
+    pub(crate) origin: String,
+    /// The destinations one may ask for, as written (`tag:prod`).
+    pub(crate) dst: Vec<String>,
+    /// Who may approve.
+    pub(crate) approvers: Vec<Selector>,
+    /// The longest grant, seconds.
+    pub(crate) max_secs: u64,
 }
 
 /// What a rule does.

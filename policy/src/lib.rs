@@ -21,6 +21,7 @@
 //! under which every node may reach every node on every protocol, compiled like any policy.
 #![warn(missing_docs)]
 
+mod access;
 mod ast;
 mod compile;
 mod diff;
@@ -35,6 +36,7 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 
+pub use access::Grant;
 pub use ast::Attrs;
 pub use compile::{Compiled, CompiledPolicy, HORIZON};
 pub use diff::{Access, Change, PolicyDiff, diff, diff_policies};
@@ -80,6 +82,7 @@ impl Policy {
                     expires: None,
                 }],
                 tests: Vec::new(),
+                access_rules: Vec::new(),
             }),
         }
     }

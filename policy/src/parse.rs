@@ -9,7 +9,8 @@ use jiff::tz::TimeZone;
 use wire::AttrValue;
 
 use crate::ast::{
-    Action, Attrs, Condition, Dst, Op, PolicyFile, Ports, Proto, Rule, Schedule, Selector, Test,
+    AccessRule, Action, Attrs, Condition, Dst, Op, PolicyFile, Ports, Proto, Rule, Schedule,
+    Selector, Test,
 };
 use crate::error::{Diagnostic, PolicyError};
 use crate::hujson::{self, Json, Pos, Spanned};
@@ -31,7 +32,13 @@ pub(crate) const NODE_ATTRS: &[&str] = &[
     "hostname",
 ];
 
-const SECTIONS: &str = "acls, groups, hosts, postures, defaultSrcPosture, tagOwners, tests";
+const SECTIONS: &str =
+    "acls, groups, hosts, postures, defaultSrcPosture, tagOwners, tests, accessRequests";
+
+/// The longest grant an `accessRequests` entry allows without `maxDuration`, and the most
+/// one may set.
+pub(crate) const DEFAULT_MAX_GRANT_S: u64 = 8 * 3600;
+pub(crate) const MAX_GRANT_S: u64 = 30 * 86_400;
 
 /// Parses and checks a policy file.
 pub(crate) fn check(file: &str, text: &str) -> Result<PolicyFile, PolicyError> {
@@ -60,14 +67,14 @@ pub(crate) fn check(file: &str, text: &str) -> Result<PolicyFile, PolicyError> {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Side {
+pub(crate) enum Side {
     Src,
     Dst,
     TestSrc,
     TestDst,
 }
 
-struct Checker {
+pub(crate) struct Checker {
     file: String,
     diags: Vec<Diagnostic>,
     groups: BTreeMap<String, Vec<String>>,
@@ -77,6 +84,24 @@ struct Checker {
 }
 
 impl Checker {
+    /// A checker that knows `f`'s groups, tags, hosts and postures (to check a selector
+    /// written outside the file, such as an access request's destination).
+    pub(crate) fn for_file(f: &PolicyFile) -> Self {
+        Self {
+            file: f.file.clone(),
+            diags: Vec::new(),
+            groups: f.groups.clone(),
+            tag_owners: f.tag_owners.clone(),
+            hosts: f.hosts.clone(),
+            postures: f.postures.clone(),
+        }
+    }
+
+    /// The first problem found, without its position.
+    pub(crate) fn first_error(&self) -> Option<String> {
+        self.diags.first().map(|d| d.message.clone())
+    }
+
     fn err(&mut self, pos: Pos, msg: impl Into<String>) {
         self.diags.push(Diagnostic::new(pos, msg));
     }
@@ -91,6 +116,7 @@ impl Checker {
             default_src_posture: Vec::new(),
             rules: Vec::new(),
             tests: Vec::new(),
+            access_rules: Vec::new(),
         };
         let Json::Object(sections) = &doc.value else {
             self.err(
@@ -143,6 +169,13 @@ impl Checker {
             for item in self.array(v, "tests") {
                 if let Some(t) = self.test(item) {
                     policy.tests.push(t);
+                }
+            }
+        }
+        if let Some(v) = get("accessRequests") {
+            for item in self.array(v, "accessRequests") {
+                if let Some(r) = self.access_rule(item) {
+                    policy.access_rules.push(r);
                 }
             }
         }
@@ -527,7 +560,55 @@ impl Checker {
         Some(sel)
     }
 
-    fn dst(&mut self, pos: Pos, s: &str, side: Side) -> Option<Dst> {
+    /// `{"dst": ["tag:prod"], "approvers": ["group:sre"], "maxDuration": "4h"}`.
+    fn access_rule(&mut self, v: &Spanned<Json>) -> Option<AccessRule> {
+        let before = self.diags.len();
+        let (mut dst, mut approvers, mut max_secs) = (Vec::new(), Vec::new(), DEFAULT_MAX_GRANT_S);
+        let mut seen = (false, false);
+        for (k, val) in self.object(v, "an accessRequests entry") {
+            match k.value.as_str() {
+                "dst" => {
+                    seen.0 = true;
+                    for (pos, d) in self.strings(val, "dst") {
+                        if self.selector(pos, d, Side::Dst).is_some() {
+                            dst.push(d.to_owned());
+                        }
+                    }
+                }
+                "approvers" => {
+                    seen.1 = true;
+                    for (pos, a) in self.strings(val, "approvers") {
+                        let sel = self.selector(pos, a, Side::Src);
+                        match sel {
+                            Some(s @ (Selector::User(_) | Selector::Group(_) | Selector::IdpGroup(_))) => approvers.push(s),
+                            Some(_) => self.err(pos, format!("approver {a:?} must be a user, group: or idp:group:")),
+                            None => {}
+                        }
+                    }
+                }
+                "maxDuration" => {
+                    if let Some(t) = self.string(val, "maxDuration") {
+                        match parse_duration_secs(t) {
+                            Some(d) if d > 0 && d <= MAX_GRANT_S => max_secs = d,
+                            _ => self.err(val.pos, format!("bad maxDuration {t:?}: expected a duration such as 30m, 4h or 2d, at most 30d")),
+                        }
+                    }
+                }
+                other => self.err(k.pos, format!("unknown field {other:?} in an accessRequests entry (dst, approvers, maxDuration)")),
+            }
+        }
+        if !seen.0 || !seen.1 {
+            self.err(v.pos, "an accessRequests entry needs dst and approvers");
+        }
+        (self.diags.len() == before).then(|| AccessRule {
+            origin: format!("{}:{}:{}", self.file, v.pos.line, v.pos.col),
+            dst,
+            approvers,
+            max_secs,
+        })
+    }
+
+    pub(crate) fn dst(&mut self, pos: Pos, s: &str, side: Side) -> Option<Dst> {
         let Some((host, ports)) = split_host_port(s) else {
             self.err(
                 pos,
@@ -747,6 +828,21 @@ fn ports_allowed(proto: &Proto) -> bool {
 }
 
 /// An IP or CIDR.
+/// `90s`, `30m`, `4h`, `2d` (one number and unit) in seconds.
+pub(crate) fn parse_duration_secs(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let unit = s.chars().last()?;
+    let n: u64 = s[..s.len() - unit.len_utf8()].trim().parse().ok()?;
+    let mult = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
 pub(crate) fn parse_prefix(s: &str) -> Option<IpNet> {
     if let Ok(net) = s.parse::<IpNet>() {
         return Some(net.trunc());

@@ -457,6 +457,109 @@ fn identity_provider_groups_and_a_second_factor_select_sources() {
 }
 
 #[test]
+fn access_requests_name_approvers_and_grants_compile_as_rules_that_expire() {
+    let text = r#"{
+  "tagOwners": {"tag:prod": [], "tag:dev": []},
+  "groups": {"group:sre": ["sam@example.com"]},
+  "accessRequests": [
+    {"dst": ["tag:prod"], "approvers": ["group:sre", "idp:group:oncall"], "maxDuration": "4h"},
+  ],
+}"#;
+    let p = Policy::parse("jit.hujson", text).unwrap();
+    // Requests: only for what the section names, within its longest duration.
+    assert_eq!(p.check_request("tag:prod", "22,5432", 1800), Ok(()));
+    let e = p.check_request("tag:dev", "22", 1800).unwrap_err();
+    assert!(
+        e.contains("no one may approve access to \"tag:dev\""),
+        "{e}"
+    );
+    let e = p.check_request("tag:prod", "22", 5 * 3600).unwrap_err();
+    assert!(e.contains("at most 4h"), "{e}");
+    let e = p.check_request("tag:prod", "ssh", 60).unwrap_err();
+    assert!(e.contains("bad port"), "{e}");
+    // Approvers: the policy's group, or the provider's group.
+    assert_eq!(
+        p.approver_rule("tag:prod", "sam@example.com", &[])
+            .as_deref(),
+        Some("jit.hujson:5:5")
+    );
+    assert!(
+        p.approver_rule("tag:prod", "olly@example.com", &["oncall".into()])
+            .is_some()
+    );
+    assert!(
+        p.approver_rule("tag:prod", "eve@example.com", &["dev".into()])
+            .is_none()
+    );
+    assert!(p.approver_rule("tag:dev", "sam@example.com", &[]).is_none());
+
+    // A grant from node 1 to the prod node compiles into that node's filter, valid from the
+    // approval until its end; nothing else changes.
+    let inv: Inventory = [
+        node(1, "laptop", Some("eve@example.com"), &[], &[]),
+        node(2, "prod", None, &["tag:prod"], &[]),
+    ]
+    .into_iter()
+    .fold(Inventory::new(), |mut i, n| {
+        i.upsert(n);
+        i
+    });
+    let from = now();
+    let until = from + jiff::SignedDuration::from_secs(1800);
+    let g = p.with_grants(&[Grant {
+        id: 7,
+        src: inv.get(NodeId(1)).unwrap().addresses.clone(),
+        dst: "tag:prod".into(),
+        ports: "22,5432".into(),
+        from,
+        until,
+    }]);
+    let c = g.compile(&inv, now());
+    let prod = c.for_node(NodeId(2));
+    assert_eq!(prod.rules.len(), 1);
+    let r = &prod.rules[0];
+    assert_eq!(r.origin, "access-request:7");
+    assert_eq!(
+        r.src.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["100.64.0.1/32", "fd00::1/128"]
+    );
+    let mut ports: Vec<_> = r
+        .dst
+        .iter()
+        .map(|d| (d.ports.first, d.ports.last))
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports, [(22, 22), (5432, 5432)]);
+    let valid = r.valid.as_ref().unwrap();
+    assert_eq!(valid.first().unwrap().from, from.as_second());
+    assert_eq!(valid.last().unwrap().until, until.as_second());
+    assert!(names(&inv, &c.for_node(NodeId(1)).visible_peers).contains(&"prod".to_owned()));
+    assert!(p.compile(&inv, now()).for_node(NodeId(2)).rules.is_empty());
+    // After its end the grant compiles to nothing.
+    let later = until + jiff::SignedDuration::from_secs(1);
+    assert!(g.compile(&inv, later).for_node(NodeId(2)).rules.is_empty());
+
+    // The section is checked like the rest of the file.
+    let e = errors(
+        r#"{"accessRequests": [{"dst": ["tag:nope"], "approvers": ["tag:x"], "maxDuration": "forever", "why": 1}]}"#,
+    );
+    for want in [
+        "tag \"tag:nope\" has no owner",
+        "bad maxDuration",
+        "unknown field \"why\"",
+    ] {
+        assert!(e.iter().any(|m| m.contains(want)), "{want}: {e:?}");
+    }
+    let e = errors(r#"{"accessRequests": [{"dst": ["*"], "approvers": ["*"]}]}"#);
+    assert!(
+        e.iter()
+            .any(|m| m.contains("must be a user, group: or idp:group:")),
+        "{e:?}"
+    );
+}
+
+#[test]
 fn the_default_lets_everyone_reach_everyone() {
     let inv = inventory();
     let c = Policy::allow_all().compile(&inv, now());

@@ -50,6 +50,20 @@ pub enum ClientMessage {
     /// Sign the node's user in again (`lattice login`): the coordinator answers with
     /// `LoginRequired` and, once the user has signed in (or failed to), `LoginResult`.
     Login,
+    /// Ask for just-in-time access (`lattice request-access`): `ports` on `to` for
+    /// `for_secs`, for `reason`. Answered by `AccessRequestResult` with the same `req`.
+    RequestAccess {
+        /// Chosen by the node to match the answer.
+        req: u64,
+        /// The destination, as the policy names it (`tag:prod`).
+        to: String,
+        /// Ports: `22,5432`, `8000-8099` or `*`.
+        ports: String,
+        /// How long, once approved.
+        for_secs: u64,
+        /// Why (shown to the approvers and kept in the audit log).
+        reason: String,
+    },
     /// The node's posture facts (sent when they change).
     Posture {
         /// Facts by attribute name (`node:os`, `node:diskEncrypted`, `fact:...`).
@@ -176,6 +190,17 @@ pub enum ServerMessage {
         #[serde(default)]
         user: Option<String>,
         /// Why the sign-in failed or could not start.
+        #[serde(default)]
+        error: Option<String>,
+    },
+    /// The answer to `RequestAccess`: the request's id, or why it was refused.
+    AccessRequestResult {
+        /// The node's `req`.
+        req: u64,
+        /// The filed request's id.
+        #[serde(default)]
+        id: Option<i64>,
+        /// Why it was refused.
         #[serde(default)]
         error: Option<String>,
     },

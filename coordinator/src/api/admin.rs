@@ -40,6 +40,9 @@ pub fn router() -> Router<AppState> {
         .route("/relay/stats", get(relay_stats))
         .route("/federation", get(list_federation).post(add_federation))
         .route("/federation/{id}", delete(remove_federation))
+        .route("/access", get(list_access))
+        .route("/access/{id}/approve", post(approve_access))
+        .route("/access/{id}/deny", post(deny_access))
         .route("/users", get(list_users))
         .route("/users/{name}/key-expiry", put(set_user_key_expiry))
         .route("/tokens", post(create_token).get(list_tokens))
@@ -152,6 +155,41 @@ async fn revoke_token(
     local_only(&actor)?;
     ops::revoke_token(&st, &id, &actor).await?;
     Ok(Json(json!({"revoked": id})))
+}
+
+#[derive(serde::Deserialize)]
+struct AccessQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn list_access(
+    State(st): State<AppState>,
+    Query(q): Query<AccessQuery>,
+) -> Result<Json<Vec<crate::db::access::AccessRequest>>, ApiError> {
+    Ok(Json(
+        ops::access::list(&st, q.all, crate::state::unix_now()).await?,
+    ))
+}
+
+async fn approve_access(
+    State(st): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(id): Path<i64>,
+) -> Result<Json<crate::db::access::AccessRequest>, ApiError> {
+    Ok(Json(
+        ops::access::decide(&st, id, true, &actor, crate::state::unix_now()).await?,
+    ))
+}
+
+async fn deny_access(
+    State(st): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(id): Path<i64>,
+) -> Result<Json<crate::db::access::AccessRequest>, ApiError> {
+    Ok(Json(
+        ops::access::decide(&st, id, false, &actor, crate::state::unix_now()).await?,
+    ))
 }
 
 async fn list_users(

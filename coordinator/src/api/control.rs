@@ -386,6 +386,19 @@ async fn stream(
                         if let Some(msg) = conn.channel.open(&b)? {
                             let msg: ClientMessage = serde_json::from_slice(&msg)
                                 .context("decoding a client message")?;
+                            if let ClientMessage::RequestAccess { req, to, ports, for_secs, reason } = msg {
+                                let filed = ops::access::file(
+                                    st, record, &to, &ports, for_secs, &reason, unix_now(),
+                                )
+                                .await?;
+                                let (id, error) = match filed {
+                                    Ok(id) => (Some(id), None),
+                                    Err(e) => (None, Some(e)),
+                                };
+                                conn.send(&ServerMessage::AccessRequestResult { req, id, error })
+                                    .await?;
+                                continue;
+                            }
                             if matches!(msg, ClientMessage::Login) {
                                 if sign_in.as_ref().is_none_or(AbortOnDrop::is_finished) {
                                     sign_in = Some(AbortOnDrop(tokio::spawn(sign_in_again(
@@ -591,7 +604,7 @@ async fn handle_client_message(
         }
         ClientMessage::Hello(_) => bail!("second hello on one session"),
         // Handled by the session loop.
-        ClientMessage::Login => Ok(false),
+        ClientMessage::Login | ClientMessage::RequestAccess { .. } => Ok(false),
         ClientMessage::Unknown => Ok(false),
     }
 }

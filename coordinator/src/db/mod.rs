@@ -13,6 +13,7 @@
 //! audit chain stays one linear chain and address allocation never races, whichever replica
 //! writes).
 
+pub mod access;
 pub mod audit;
 pub mod changes;
 pub mod federation;

@@ -1,6 +1,7 @@
 //! Admin operations. Each change, its audit entry and its row in the change feed commit in one
 //! transaction; the hub (of every replica) follows the feed after the commit.
 
+pub mod access;
 pub mod federation;
 pub mod people;
 pub mod policy;

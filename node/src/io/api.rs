@@ -253,6 +253,21 @@ pub enum ApiRequest {
     Logout(oneshot::Sender<Result<(), String>>),
     /// Sign the node's user in again (`lattice login`).
     Login(oneshot::Sender<Result<(), String>>),
+    /// Ask for just-in-time access (`lattice request-access`); answered with the request id.
+    RequestAccess(AccessRequestJson, oneshot::Sender<Result<i64, String>>),
+}
+
+/// `lattice request-access` as sent to the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccessRequestJson {
+    /// Destination (`tag:prod`).
+    pub to: String,
+    /// Ports (`22,5432`).
+    pub ports: String,
+    /// Duration, seconds.
+    pub for_secs: u64,
+    /// Why.
+    pub reason: String,
 }
 
 /// Serves the local API on `path` until the process ends.
@@ -276,6 +291,7 @@ pub async fn serve(path: &Path, requests: mpsc::Sender<ApiRequest>) -> anyhow::R
         .route("/v1/down", post(down))
         .route("/v1/logout", post(logout))
         .route("/v1/login", post(login))
+        .route("/v1/request-access", post(request_access))
         .with_state(requests);
     axum::serve(listener, app).await?;
     Ok(())
@@ -333,12 +349,44 @@ async fn login(State(tx): Req) -> Result<Json<serde_json::Value>, (StatusCode, S
     }
 }
 
+async fn request_access(
+    State(tx): Req,
+    Json(req): Json<AccessRequestJson>,
+) -> Result<Json<serde_json::Value>, (StatusCode, String)> {
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        ask(&tx, |o| ApiRequest::RequestAccess(req, o)),
+    )
+    .await
+    .map_err(|_| {
+        (
+            StatusCode::GATEWAY_TIMEOUT,
+            "the coordinator did not answer".to_owned(),
+        )
+    })?;
+    match answer {
+        Ok(Ok(id)) => Ok(Json(serde_json::json!({"id": id}))),
+        Ok(Err(e)) => Err((StatusCode::UNPROCESSABLE_ENTITY, e)),
+        Err(code) => Err((code, "the daemon is not answering".into())),
+    }
+}
+
 /// Calls the local API of the daemon whose socket is `socket`. Returns the status code and
 /// body.
 pub async fn call(
     socket: &Path,
     method: hyper::Method,
     path: &str,
+) -> anyhow::Result<(StatusCode, Bytes)> {
+    call_with(socket, method, path, None).await
+}
+
+/// [`call`] with a JSON body.
+pub async fn call_with(
+    socket: &Path,
+    method: hyper::Method,
+    path: &str,
+    json: Option<&serde_json::Value>,
 ) -> anyhow::Result<(StatusCode, Bytes)> {
     let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
         format!(
@@ -354,7 +402,10 @@ pub async fn call(
         .method(method)
         .uri(path)
         .header("host", "localhost")
-        .body(Full::new(Bytes::new()))?;
+        .header("content-type", "application/json")
+        .body(Full::new(
+            json.map_or_else(Bytes::new, |j| Bytes::from(j.to_string())),
+        ))?;
     let resp = sender.send_request(req).await?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();

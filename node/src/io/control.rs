@@ -45,6 +45,9 @@ pub enum ControlEvent {
     },
     /// How a sign-in asked for with `ClientMessage::Login` ended.
     LoginResult(Result<String, String>),
+    /// The answer to `ClientMessage::RequestAccess` number `req`: the request's id, or why
+    /// it was refused.
+    AccessRequestResult(u64, Result<i64, String>),
     /// The session ended; the client is reconnecting.
     Disconnected(String),
 }
@@ -287,6 +290,12 @@ async fn session(
                         ControlEvent::LoginResult(match (user, error) {
                             (Some(u), None) => Ok(u),
                             (_, e) => Err(e.unwrap_or_else(|| "the sign-in failed".into())),
+                        })
+                    }
+                    ServerMessage::AccessRequestResult { req, id, error } => {
+                        ControlEvent::AccessRequestResult(req, match (id, error) {
+                            (Some(id), None) => Ok(id),
+                            (_, e) => Err(e.unwrap_or_else(|| "the request was refused".into())),
                         })
                     }
                     ServerMessage::Error { code: code @ ErrorCode::NodeExpired, message }

@@ -92,6 +92,9 @@ pub struct EventLoop {
     /// A sign-in the node waits for, and how the last one ended.
     login: Option<LoginJson>,
     login_result: Option<LoginResultJson>,
+    /// Access requests sent and not yet answered, by their number.
+    pending_access: BTreeMap<u64, oneshot::Sender<Result<i64, String>>>,
+    next_access: u64,
     relays: RelayManager,
     relay_events: mpsc::Receiver<RelayEvent>,
     relay_state: BTreeMap<RelayId, RelayConnState>,
@@ -169,6 +172,8 @@ impl EventLoop {
             pending_logout: None,
             login: None,
             login_result: None,
+            pending_access: BTreeMap::new(),
+            next_access: 1,
             relays: RelayManager::new(node_keypair, relay_tx),
             relay_events,
             relay_state: BTreeMap::new(),
@@ -531,7 +536,17 @@ impl EventLoop {
                     error: result.err(),
                 });
             }
+            ControlEvent::AccessRequestResult(req, result) => {
+                if let Some(reply) = self.pending_access.remove(&req) {
+                    let _ = reply.send(result);
+                }
+            }
             ControlEvent::Disconnected(reason) => {
+                // Requests in flight on the lost session get no answer.
+                for (_, reply) in std::mem::take(&mut self.pending_access) {
+                    let _ =
+                        reply.send(Err("the coordinator connection was lost; try again".into()));
+                }
                 self.connected = false;
                 self.last_error = Some(reason);
             }
@@ -600,6 +615,24 @@ impl EventLoop {
                 let exit = self.stop().await;
                 let _ = reply.send(());
                 return Some(exit.unwrap_or(Exit::Stopped));
+            }
+            ApiRequest::RequestAccess(r, reply) => {
+                let req = self.next_access;
+                self.next_access += 1;
+                let msg = ClientMessage::RequestAccess {
+                    req,
+                    to: r.to,
+                    ports: r.ports,
+                    for_secs: r.for_secs,
+                    reason: r.reason,
+                };
+                if !self.connected {
+                    let _ = reply.send(Err("not connected to the coordinator".into()));
+                } else if self.control_out.send(msg).await.is_err() {
+                    let _ = reply.send(Err("the control client stopped".into()));
+                } else {
+                    self.pending_access.insert(req, reply);
+                }
             }
             ApiRequest::Login(reply) => {
                 self.login_result = None;

@@ -634,7 +634,9 @@ async fn session(
             }
             // Simulated nodes join with auth keys; they never sign in.
             ServerMessage::LoginRequired { .. } => bail!("the coordinator asked for a sign-in"),
-            ServerMessage::LoginResult { .. } | ServerMessage::Unknown => {}
+            ServerMessage::LoginResult { .. }
+            | ServerMessage::AccessRequestResult { .. }
+            | ServerMessage::Unknown => {}
         }
     }
 }
