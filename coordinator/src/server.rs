@@ -243,7 +243,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             n += 1;
             ops::sweep_expired(&sweeper);
             sweeper.hub.tick(unix_now());
-            if let Err(e) = ops::access::sweep(&sweeper, unix_now(), n % 60 == 0).await {
+            if let Err(e) = ops::access::sweep(&sweeper, unix_now(), n.is_multiple_of(60)).await {
                 warn!(error = %e, "could not end access grants");
             }
         }

@@ -91,7 +91,7 @@ impl Policy {
 
     /// This policy with `grants` added as accept rules (each valid only in its window). A
     /// grant that no longer fits the policy (its destination was removed, say) is left out.
-    pub fn with_grants(&self, grants: &[Grant]) -> Policy {
+    pub fn with_grants(&self, grants: &[Grant]) -> Self {
         if grants.is_empty() {
             return self.clone();
         }
@@ -101,7 +101,7 @@ impl Policy {
                 file.rules.push(rule);
             }
         }
-        Policy {
+        Self {
             file: Arc::new(file),
         }
     }
