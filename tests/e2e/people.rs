@@ -21,6 +21,7 @@ const POLICY: &str = r#"{
   "acls": [
     {"action": "accept", "src": ["idp:group:sre"], "dst": ["tag:web:*"], "srcPosture": ["posture:mfa"]},
   ],
+  "accessRequests": [{"dst": ["tag:web"], "approvers": ["alice@example.com"], "maxDuration": "1h"}],
 }"#;
 
 const ISSUER: &str = "http://127.0.0.1:8445";
@@ -386,23 +387,78 @@ fn people_join_by_signing_in_and_the_provider_group_decides_their_access() {
     // else, so its capture goes before the lab looks for it in every log.
     std::fs::write(f.lab.dir().join("admin-login.out"), "").unwrap();
     f.lab.secret("an admin session token", &token);
-    let list = f
-        .lab
-        .output(
-            &coord_ns,
+    let as_alice = |args: &[&str]| {
+        let mut full = vec![coord_bin.to_str().unwrap()];
+        full.extend_from_slice(args);
+        full.extend_from_slice(&["--server", "https://198.51.100.1:8443", "--token", &token]);
+        f.lab.output(&coord_ns, &full).unwrap()
+    };
+
+    // Bob asks for web for 20 seconds; alice, the approver the policy names, approves over
+    // the network as herself. He reaches web until the grant ends, then not.
+    let asked = f.nodes[desk]
+        .cli(
+            &f.lab,
             &[
-                coord_bin.to_str().unwrap(),
-                "nodes",
-                "expire",
-                "desk",
-                "--server",
-                "https://198.51.100.1:8443",
-                "--token",
-                &token,
+                "request-access",
+                "--to",
+                "tag:web",
+                "--ports",
+                "*",
+                "--for",
+                "20s",
+                "--reason",
+                "incident 42: read the web logs",
+                "--json",
             ],
         )
         .unwrap();
-    assert!(list.status.success(), "{}", text(&list));
+    assert!(asked.status.success(), "{}", text(&asked));
+    let id = serde_json::from_slice::<serde_json::Value>(&asked.stdout).unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let refused = f.nodes[desk]
+        .cli(
+            &f.lab,
+            &[
+                "request-access",
+                "--to",
+                "tag:web",
+                "--ports",
+                "22",
+                "--for",
+                "2h",
+                "--reason",
+                "x",
+            ],
+        )
+        .unwrap();
+    assert!(
+        !refused.status.success() && text(&refused).contains("at most 1h"),
+        "{}",
+        text(&refused)
+    );
+    let pending = as_alice(&["access", "list", "--json"]);
+    assert!(text(&pending).contains("incident 42"), "{}", text(&pending));
+    let approved = as_alice(&["access", "approve", &id.to_string()]);
+    assert!(approved.status.success(), "{}", text(&approved));
+    let granted_at = crate::federation::unix_now();
+    assert!(
+        wait_for(Duration::from_secs(15), || f.nodes[desk]
+            .ping(&f.lab, "web", "-4", 1)),
+        "the approved request did not let bob reach web"
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || !f.nodes[desk]
+            .ping(&f.lab, "web", "-4", 1)),
+        "bob still reaches web after the grant ended"
+    );
+    let ended = crate::federation::unix_now() - granted_at;
+    eprintln!("people: the 20 s grant was cut after {ended} s");
+    assert!(ended >= 19, "cut after {ended} s, before the grant's end");
+
+    let expired = as_alice(&["nodes", "expire", "desk"]);
+    assert!(expired.status.success(), "{}", text(&expired));
 
     let out = f.coord.admin(&f.lab, &["audit", "verify"]).unwrap();
     assert!(out.status.success(), "{}", text(&out));
@@ -414,6 +470,12 @@ fn people_join_by_signing_in_and_the_provider_group_decides_their_access() {
         .filter(|e| e["action"] == "user.login")
         .count();
     assert_eq!(logins, 5, "{audit}");
+    for action in ["access.request", "access.approve", "access.expire"] {
+        assert!(
+            entries.iter().any(|e| e["action"] == action),
+            "no {action}: {audit}"
+        );
+    }
     let expire = entries
         .iter()
         .find(|e| e["action"] == "node.expire" && e["target"] == "desk")
