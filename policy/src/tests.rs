@@ -76,7 +76,7 @@ fn every_kind_of_mistake_is_reported_with_its_position_and_all_at_once() {
         "p.hujson:8:58: destination \"tag:web\" has no port: write tag:web:22, tag:web:80,443 or tag:web:*",
         "p.hujson:8:85: unknown posture \"posture:nope\"",
         "p.hujson:9:34: autogroup:self can only be a destination",
-        "p.hujson:9:61: unknown host or selector \"somehost\": expected *, a user (name@domain), group:, tag:, autogroup:, a hosts alias or an IP/CIDR",
+        "p.hujson:9:61: unknown host or selector \"somehost\": expected *, a user (name@domain), group:, idp:group:, tag:, autogroup:, a hosts alias or an IP/CIDR",
         "p.hujson:9:77: unknown field \"color\" in an acl rule (fields: action, src, dst, proto, srcPosture, when, notBefore, expires)",
         "p.hujson:10:48: this protocol has no ports: write the destination with :*",
         "p.hujson:11:74: bad day \"funday\": use mon..sun, a range like mon-fri, weekdays or weekend",
@@ -85,7 +85,7 @@ fn every_kind_of_mistake_is_reported_with_its_position_and_all_at_once() {
         "p.hujson:12:67: bad time \"tomorrow\" in expires: expected RFC 3339, like 2026-12-01T18:00:00Z",
         "p.hujson:14:21: a test names one user, tag, group, host or IP, not *",
         "p.hujson:14:52: unknown field \"sneaky\" in a test (fields: src, srcAttrs, at, proto, accept, deny)",
-        "p.hujson:15:3: unknown section \"ssh\" (supported: acls, groups, hosts, postures, defaultSrcPosture, tagOwners, tests)",
+        "p.hujson:15:3: unknown section \"ssh\" (supported: acls, groups, hosts, postures, defaultSrcPosture, tagOwners, tests, accessRequests)",
     ];
     for e in &expected {
         assert!(
