@@ -11,6 +11,9 @@
 //! the authorized party, the allowed e-mail domains, and reads the groups and whether the
 //! login used a second factor. Time and randomness are passed in.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+
 use base64::Engine as _;
 use rand::Rng;
 use serde_json::Value;
@@ -143,6 +146,61 @@ impl Login {
 /// A user code as typed (any case, spaces around): as stored.
 pub fn normalize_user_code(code: &str) -> String {
     code.trim().to_ascii_uppercase()
+}
+
+/// Wrong user codes one address may try per [`GUESS_WINDOW_S`], and all addresses together
+/// per minute: a user code has 20^8 values, so guessing one of the few pending codes takes
+/// months at these rates (RFC 8628, 5.1).
+pub const GUESSES_PER_IP: u32 = 10;
+/// See [`GUESSES_PER_IP`].
+pub const GUESS_WINDOW_S: i64 = 600;
+/// See [`GUESSES_PER_IP`].
+pub const GUESSES_PER_MINUTE: u32 = 600;
+/// Addresses tracked at once (the oldest are forgotten first).
+const MAX_GUESSERS: usize = 65_536;
+
+/// Counts wrong user codes on the sign-in page, per address and in all (sans-IO: the caller
+/// passes the time).
+#[derive(Debug, Default)]
+pub struct Guesses {
+    per_ip: HashMap<IpAddr, (u32, i64)>,
+    global: (u32, i64),
+}
+
+impl Guesses {
+    /// Whether `ip` may look a code up at `now`.
+    pub fn allowed(&mut self, ip: IpAddr, now: i64) -> bool {
+        if now - self.global.1 >= 60 {
+            self.global = (0, now);
+        }
+        let mine = match self.per_ip.get(&ip) {
+            Some(&(n, since)) if now - since < GUESS_WINDOW_S => n,
+            _ => 0,
+        };
+        mine < GUESSES_PER_IP && self.global.0 < GUESSES_PER_MINUTE
+    }
+
+    /// `ip` tried a code that is not pending at `now`.
+    pub fn failed(&mut self, ip: IpAddr, now: i64) {
+        if self.per_ip.len() >= MAX_GUESSERS && !self.per_ip.contains_key(&ip) {
+            self.per_ip
+                .retain(|_, (_, since)| now - *since < GUESS_WINDOW_S);
+            if self.per_ip.len() >= MAX_GUESSERS
+                && let Some(oldest) = self.per_ip.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k)
+            {
+                self.per_ip.remove(&oldest);
+            }
+        }
+        let e = self.per_ip.entry(ip).or_insert((0, now));
+        if now - e.1 >= GUESS_WINDOW_S {
+            *e = (0, now);
+        }
+        e.0 += 1;
+        if now - self.global.1 >= 60 {
+            self.global = (0, now);
+        }
+        self.global.0 += 1;
+    }
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters (query strings and
@@ -398,6 +456,31 @@ mod tests {
         assert!(
             !dbg.contains(&a.state) && !dbg.contains(&a.pkce_verifier) && !dbg.contains(&a.nonce)
         );
+    }
+
+    #[test]
+    fn wrong_codes_are_limited_per_address_and_in_all() {
+        let mut g = Guesses::default();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..GUESSES_PER_IP {
+            assert!(g.allowed(a, 100));
+            g.failed(a, 100);
+        }
+        assert!(!g.allowed(a, 100), "a's budget is spent");
+        assert!(g.allowed(b, 100), "b is not a");
+        assert!(
+            g.allowed(a, 100 + GUESS_WINDOW_S),
+            "a window later a may try again"
+        );
+        // Many addresses together hit the global budget.
+        let mut g = Guesses::default();
+        for i in 0..GUESSES_PER_MINUTE {
+            let ip = IpAddr::from([10, 0, (i / 256) as u8, (i % 256) as u8]);
+            g.failed(ip, 1000);
+        }
+        assert!(!g.allowed(b, 1030));
+        assert!(g.allowed(b, 1060));
     }
 
     #[test]

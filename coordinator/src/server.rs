@@ -192,6 +192,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
                 .context("--federation-ca-file")?,
         ),
         sign_in: sign_in(cfg.oidc.as_ref(), cfg.public_url.as_deref())?,
+        code_guesses: Default::default(),
     });
     crate::audit_store::spawn_checkpointer(audit, st.db.clone());
     feed::start(&st)

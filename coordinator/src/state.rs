@@ -57,6 +57,8 @@ pub struct Inner {
     pub keys: Arc<crate::jwks::KeyCache>,
     /// Signing people in (`serve --oidc-issuer ...`), if configured.
     pub sign_in: Option<Arc<crate::ops::people::SignIn>>,
+    /// Wrong user codes tried on the sign-in page.
+    pub code_guesses: std::sync::Mutex<crate::oidc::Guesses>,
 }
 
 impl AppState {

@@ -9,11 +9,13 @@
 //! The pages are plain HTML with no script, under a Content-Security-Policy that allows none,
 //! and every value shown is escaped.
 
-use axum::Router;
-use axum::extract::{Query, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::{Extension, Router};
 use serde::Deserialize;
 
 use crate::error::ApiError;
@@ -81,18 +83,47 @@ const CODE_FORM: &str = "<form method=\"get\" action=\"/login\">\
      autocapitalize=\"characters\" maxlength=\"16\" required></label> \
      <button type=\"submit\">Continue</button></form>";
 
-async fn login(State(st): State<AppState>, Query(q): Query<LoginQuery>) -> Response {
+async fn login(
+    State(st): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    Query(q): Query<LoginQuery>,
+) -> Response {
     let Some(code) = q.code.filter(|c| !c.trim().is_empty()) else {
         return page(StatusCode::OK, "Sign a device in", CODE_FORM);
     };
+    let ip = relay::http::peer_ip(peer.as_ref().map(|e| &e.0));
+    let now = unix_now();
+    let allowed = st
+        .code_guesses
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .allowed(ip, now);
+    if !allowed {
+        return page(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many wrong codes",
+            "<p>Too many wrong codes were tried; wait a few minutes and try again.</p>",
+        );
+    }
     if code.len() > 16 {
+        st.code_guesses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .failed(ip, now);
         return page(
             StatusCode::BAD_REQUEST,
             "Unknown code",
             &format!("<p>That is not a sign-in code.</p>{CODE_FORM}"),
         );
     }
-    match ops::people::pending_by_code(&st, &code, unix_now()).await {
+    let found = ops::people::pending_by_code(&st, &code, now).await;
+    if matches!(found, Ok(None)) {
+        st.code_guesses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .failed(ip, now);
+    }
+    match found {
         Ok(Some((l, url))) => page(
             StatusCode::OK,
             "Sign a device in",

@@ -180,6 +180,7 @@ pub async fn state_with(
         presence: Default::default(),
         keys: std::sync::Arc::new(coordinator::jwks::KeyCache::new(None).unwrap()),
         sign_in,
+        code_guesses: Default::default(),
     });
     coordinator::feed::start(&st).await.unwrap();
     st
