@@ -2,7 +2,9 @@
 //!
 //! - `GET /login` asks for the code the device shows; `GET /login?code=ABCD-EFGH` shows which
 //!   device asks (its hostname and code, so a link someone else sent cannot sign you into
-//!   their device unnoticed) and a button that goes on to the identity provider.
+//!   their device unnoticed) and a button that goes on to the identity provider. Wrong codes
+//!   are limited per address and in all (`oidc::Guesses`), so the few pending codes cannot be
+//!   guessed.
 //! - `GET /oidc/callback` is where the provider sends the browser back: the code exchange and
 //!   the ID token's checks happen there (see `ops::people::callback`).
 //!
