@@ -468,6 +468,17 @@ pub enum PolicyCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Replay policy cases recorded against the real Tailscale service (a directory in the
+    /// format of tests/conformance/tailscale-acl, searched recursively; offline) and compare
+    /// per node: the packet filter by meaning, the visible peers, and refusals. Prints a table
+    /// per category and, last, `conformance: P/N passed`.
+    Conformance {
+        /// The directory of cases.
+        dir: PathBuf,
+        /// JSON output: the tallies and every case that did not pass, with why.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Parses `custom:NAME=VALUE`.

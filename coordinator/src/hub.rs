@@ -514,6 +514,7 @@ impl HubState {
         self.by_key.insert(record.node_key, record.id);
         let id = record.id;
         let inv = InventoryNode {
+            routes: Vec::new(),
             id,
             name: record.name.clone(),
             addresses: record.addresses(),

@@ -9,6 +9,7 @@ pub mod api;
 pub mod audit;
 pub mod audit_store;
 pub mod cli;
+pub mod conformance;
 pub mod db;
 pub mod error;
 pub mod federation;
@@ -356,6 +357,15 @@ fn read_policy_file(path: &std::path::Path) -> anyhow::Result<ops::policy::Polic
 
 async fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<Outcome> {
     match cmd {
+        PolicyCommand::Conformance { dir, json } => {
+            let report = conformance::run(&dir)?;
+            if json {
+                output::json(&report);
+            } else {
+                output::conformance(&report);
+            }
+            Ok(Outcome::Success)
+        }
         PolicyCommand::Check { file } => {
             let p = read_policy_file(&file)?;
             let now = jiff::Timestamp::now();

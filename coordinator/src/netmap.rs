@@ -240,6 +240,7 @@ mod tests {
         fn add(&mut self, i: u64) {
             let rec = NodeRecord::for_test(i as u8, &[]);
             self.inventory.upsert(InventoryNode {
+                routes: Vec::new(),
                 id: rec.id,
                 name: rec.name.clone(),
                 addresses: rec.addresses(),

@@ -91,6 +91,34 @@ pub(crate) fn access_requests(list: &[crate::db::access::AccessRequest]) {
     }
 }
 
+pub(crate) fn conformance(r: &crate::conformance::Report) {
+    for c in &r.cases {
+        println!("{} {} ({})", c.verdict.to_uppercase(), c.id, c.category);
+        for d in c.details.iter().take(6) {
+            println!("    {d}");
+        }
+        if c.details.len() > 6 {
+            println!("    ... and {} more", c.details.len() - 6);
+        }
+    }
+    println!();
+    println!(
+        "{:<12} {:>5} {:>5} {:>14} {:>6}",
+        "CATEGORY", "PASS", "FAIL", "NOT SUPPORTED", "CASES"
+    );
+    for (name, t) in &r.categories {
+        println!(
+            "{:<12} {:>5} {:>5} {:>14} {:>6}",
+            name,
+            t.pass,
+            t.fail,
+            t.unsupported,
+            t.pass + t.fail + t.unsupported
+        );
+    }
+    println!("conformance: {}/{} passed", r.passed, r.total);
+}
+
 pub(crate) fn users(users: &[crate::ops::people::UserView]) {
     if users.is_empty() {
         println!("no users (people appear once they sign in)");

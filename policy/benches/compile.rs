@@ -121,6 +121,7 @@ fn inventory(rng: &mut Rng) -> Inventory {
                 (None, vec![format!("tag:t{}", rng.below(TAGS))])
             };
             InventoryNode {
+                routes: Vec::new(),
                 id: NodeId(i as u64 + 1),
                 name: format!("n{i}"),
                 addresses: vec![IpAddr::V4(v4), IpAddr::V6(v6)],

@@ -30,6 +30,7 @@ fn inventory() -> Inventory {
         attrs.insert("node:os".into(), AttrValue::from_text("linux"));
         attrs.insert("fact:ok".into(), AttrValue::from_text("true"));
         inv.upsert(InventoryNode {
+            routes: Vec::new(),
             id: NodeId(i as u64 + 1),
             name: name.into(),
             addresses: vec![format!("100.64.0.{}", i + 1).parse().unwrap()],

@@ -25,6 +25,18 @@ pub(crate) struct PolicyFile {
     pub(crate) tests: Vec<Test>,
     /// `accessRequests`: who may approve just-in-time access to what, and for how long.
     pub(crate) access_rules: Vec<AccessRule>,
+    /// `autoApprovers`: who may advertise which routes (and exit routes) and have them
+    /// approved without an admin.
+    pub(crate) auto_approvers: AutoApprovers,
+}
+
+/// The `autoApprovers` section.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AutoApprovers {
+    /// Route prefix -> who may have routes inside it approved (users, `group:`, `tag:`).
+    pub(crate) routes: Vec<(IpNet, Vec<String>)>,
+    /// Who may have exit routes approved.
+    pub(crate) exit_node: Vec<String>,
 }
 
 /// One `accessRequests` entry.

@@ -22,6 +22,9 @@ pub struct InventoryNode {
     pub tags: Vec<String>,
     /// Posture facts and admin-set attributes (`node:os`, `custom:team`, `fact:ok`).
     pub attrs: Attrs,
+    /// Subnet routes the node serves (advertised and approved; exit routes are not here).
+    /// A destination `*` or a prefix overlapping one reaches through the node.
+    pub routes: Vec<ipnet::IpNet>,
 }
 
 /// All nodes in the mesh, by id.

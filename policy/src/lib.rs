@@ -24,6 +24,7 @@
 mod access;
 mod ast;
 mod compile;
+pub mod conformance;
 mod diff;
 mod error;
 mod eval;
@@ -83,6 +84,7 @@ impl Policy {
                 }],
                 tests: Vec::new(),
                 access_rules: Vec::new(),
+                auto_approvers: Default::default(),
             }),
         }
     }

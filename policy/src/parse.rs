@@ -9,8 +9,8 @@ use jiff::tz::TimeZone;
 use wire::AttrValue;
 
 use crate::ast::{
-    AccessRule, Action, Attrs, Condition, Dst, Op, PolicyFile, Ports, Proto, Rule, Schedule,
-    Selector, Test,
+    AccessRule, Action, Attrs, AutoApprovers, Condition, Dst, Op, PolicyFile, Ports, Proto, Rule,
+    Schedule, Selector, Test,
 };
 use crate::error::{Diagnostic, PolicyError};
 use crate::hujson::{self, Json, Pos, Spanned};
@@ -32,8 +32,8 @@ pub(crate) const NODE_ATTRS: &[&str] = &[
     "hostname",
 ];
 
-const SECTIONS: &str =
-    "acls, groups, hosts, postures, defaultSrcPosture, tagOwners, tests, accessRequests";
+const SECTIONS: &str = "acls, groups, hosts, postures, defaultSrcPosture, tagOwners, tests, \
+     autoApprovers, accessRequests";
 
 /// The longest grant an `accessRequests` entry allows without `maxDuration`, and the most
 /// one may set.
@@ -117,6 +117,7 @@ impl Checker {
             rules: Vec::new(),
             tests: Vec::new(),
             access_rules: Vec::new(),
+            auto_approvers: Default::default(),
         };
         let Json::Object(sections) = &doc.value else {
             self.err(
@@ -171,6 +172,9 @@ impl Checker {
                     policy.tests.push(t);
                 }
             }
+        }
+        if let Some(v) = get("autoApprovers") {
+            policy.auto_approvers = self.auto_approvers_section(v);
         }
         if let Some(v) = get("accessRequests") {
             for item in self.array(v, "accessRequests") {
@@ -257,24 +261,73 @@ impl Checker {
     fn check_tag_owner_refs(&mut self, v: &Spanned<Json>) {
         for (_, owners) in self.object(v, "tagOwners") {
             for (pos, o) in self.strings(owners, "tag owners") {
-                let known = o.contains('@')
-                    || matches!(o, "autogroup:admin" | "autogroup:owner")
-                    || (o.starts_with("group:") && self.groups.contains_key(o))
-                    || (o.starts_with("tag:") && self.tag_owners.contains(o));
-                if !known {
-                    let why = if o.starts_with("group:") {
-                        format!("unknown group {o:?}")
-                    } else if o.starts_with("tag:") {
-                        format!("tag owner {o:?} is not a declared tag")
-                    } else {
-                        format!(
-                            "bad tag owner {o:?}: expected a user, group:, tag: or autogroup:admin"
-                        )
-                    };
-                    self.err(pos, why);
-                }
+                self.owner_ref(pos, o, "tag owner");
             }
         }
+    }
+
+    /// Checks a tag owner or auto-approver: a user, a known `group:`, a declared `tag:`, or
+    /// `autogroup:admin` / `autogroup:owner`.
+    fn owner_ref(&mut self, pos: Pos, o: &str, what: &str) -> bool {
+        let known = o.contains('@')
+            || matches!(o, "autogroup:admin" | "autogroup:owner")
+            || (o.starts_with("group:") && self.groups.contains_key(o))
+            || (o.starts_with("tag:") && self.tag_owners.contains(o));
+        if !known {
+            let why = if o.starts_with("group:") {
+                format!("unknown group {o:?}")
+            } else if o.starts_with("tag:") {
+                format!("{what} {o:?} is not a declared tag")
+            } else {
+                format!("bad {what} {o:?}: expected a user, group:, tag: or autogroup:admin")
+            };
+            self.err(pos, why);
+        }
+        known
+    }
+
+    /// `{"routes": {"10.0.0.0/8": ["tag:router"]}, "exitNode": ["tag:exit"]}`.
+    fn auto_approvers_section(&mut self, v: &Spanned<Json>) -> AutoApprovers {
+        let mut out = AutoApprovers::default();
+        for (k, val) in self.object(v, "autoApprovers") {
+            match k.value.as_str() {
+                "routes" => {
+                    for (prefix, who) in self.object(val, "autoApprovers.routes") {
+                        let net = parse_prefix(&prefix.value);
+                        if net.is_none() {
+                            self.err(
+                                prefix.pos,
+                                format!(
+                                    "bad route {:?} in autoApprovers: expected a CIDR",
+                                    prefix.value
+                                ),
+                            );
+                        }
+                        let mut approvers = Vec::new();
+                        for (pos, o) in self.strings(who, "route approvers") {
+                            if self.owner_ref(pos, o, "route approver") {
+                                approvers.push(o.to_owned());
+                            }
+                        }
+                        if let Some(net) = net {
+                            out.routes.push((net, approvers));
+                        }
+                    }
+                }
+                "exitNode" => {
+                    for (pos, o) in self.strings(val, "exit node approvers") {
+                        if self.owner_ref(pos, o, "exit node approver") {
+                            out.exit_node.push(o.to_owned());
+                        }
+                    }
+                }
+                other => self.err(
+                    k.pos,
+                    format!("unknown field {other:?} in autoApprovers (routes, exitNode)"),
+                ),
+            }
+        }
+        out
     }
 
     fn groups_section(&mut self, v: &Spanned<Json>) {

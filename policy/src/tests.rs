@@ -27,6 +27,7 @@ fn node(
     attrs: &[(&str, AttrValue)],
 ) -> InventoryNode {
     InventoryNode {
+        routes: Vec::new(),
         id: NodeId(id),
         name: name.into(),
         addresses: vec![
@@ -85,7 +86,7 @@ fn every_kind_of_mistake_is_reported_with_its_position_and_all_at_once() {
         "p.hujson:12:67: bad time \"tomorrow\" in expires: expected RFC 3339, like 2026-12-01T18:00:00Z",
         "p.hujson:14:21: a test names one user, tag, group, host or IP, not *",
         "p.hujson:14:52: unknown field \"sneaky\" in a test (fields: src, srcAttrs, at, proto, accept, deny)",
-        "p.hujson:15:3: unknown section \"ssh\" (supported: acls, groups, hosts, postures, defaultSrcPosture, tagOwners, tests, accessRequests)",
+        "p.hujson:15:3: unknown section \"ssh\" (supported: acls, groups, hosts, postures, defaultSrcPosture, tagOwners, tests, autoApprovers, accessRequests)",
     ];
     for e in &expected {
         assert!(

@@ -72,6 +72,7 @@ fn inventory(v: &Value) -> Inventory {
         .unwrap()
         .iter()
         .map(|n| InventoryNode {
+            routes: Vec::new(),
             id: NodeId(n["id"].as_u64().unwrap()),
             name: n["name"].as_str().unwrap().to_owned(),
             addresses: n["addresses"]

@@ -736,6 +736,7 @@ impl Run<'_> {
                 continue;
             }
             inv.upsert(InventoryNode {
+                routes: Vec::new(),
                 id,
                 name: st.name.clone(),
                 addresses: st.addresses.clone(),

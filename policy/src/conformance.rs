@@ -1,0 +1,704 @@
+//! Replaying policy cases recorded against the real Tailscale service (the format of
+//! `shared/conformance/tailscale-acl`): each case is a policy and a small tailnet, and either
+//! the error the service gave or, per node, the packet filter it pushed and the peers the node
+//! could see. [`run_case`] builds the inventory from the case's topology, compiles the policy
+//! and compares.
+//!
+//! Filters are compared by meaning, not spelling: for each destination the node serves (its
+//! own addresses and approved routes), each protocol and each port, the set of sources the
+//! rules admit must be the same. Sources are compared within the addresses that can reach a
+//! node at all (the tailnet's ranges and the approved routes), so a policy `*` matches however
+//! each side spells "everyone". Port-less protocols (ICMP and the rest) are admitted on
+//! addresses alone, as nodes enforce them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use jiff::Timestamp;
+use serde::Deserialize;
+use wire::NodeId;
+
+use crate::{Inventory, InventoryNode, Policy};
+
+/// How one case went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Same result as the service.
+    Pass,
+    /// Different: what differs, one line each.
+    Fail(Vec<String>),
+    /// The case uses something Lattice does not support (named).
+    Unsupported(String),
+}
+
+/// One case's outcome.
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    /// The case id.
+    pub id: String,
+    /// Its category (`acl`, `grant`, `routes`, ...).
+    pub category: String,
+    /// The outcome.
+    pub verdict: Verdict,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    id: String,
+    category: String,
+    policy: String,
+    expect_error: Option<ExpectError>,
+    topology: Topology,
+    nodes: Option<BTreeMap<String, Captured>>,
+}
+
+#[derive(Deserialize)]
+struct ExpectError {
+    message: String,
+}
+
+#[derive(Deserialize)]
+struct Topology {
+    users: Vec<TopoUser>,
+    nodes: BTreeMap<String, TopoNode>,
+}
+
+#[derive(Deserialize)]
+struct TopoUser {
+    name: String,
+    #[serde(default)]
+    email: String,
+}
+
+#[derive(Deserialize)]
+struct TopoNode {
+    #[serde(default)]
+    tags: Vec<String>,
+    ipv4: String,
+    ipv6: String,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    approved_routes: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+struct Captured {
+    #[serde(default)]
+    filter: Option<Vec<TsRule>>,
+    #[serde(default)]
+    peers: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct TsRule {
+    #[serde(default, rename = "SrcIPs")]
+    src_ips: Vec<String>,
+    #[serde(default)]
+    dst_ports: Vec<TsDst>,
+    #[serde(default, rename = "IPProto")]
+    ip_proto: Vec<u8>,
+    #[serde(default)]
+    cap_grant: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct TsDst {
+    #[serde(rename = "IP")]
+    ip: String,
+    ports: TsPorts,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct TsPorts {
+    first: u16,
+    last: u16,
+}
+
+/// Policy sections Lattice does not compile (yet); a case using one is "not supported".
+const UNSUPPORTED_SECTIONS: &[&str] = &[
+    "grants",
+    "ssh",
+    "sshTests",
+    "nodeAttrs",
+    "randomizeClientPort",
+    "derpMap",
+    "disableIPv4",
+    "OneCGNATRoute",
+    "ipsets",
+    "postures",
+    "attrs",
+];
+
+/// Runs one case (its JSON text).
+pub fn run_case(json: &str) -> Result<CaseResult, String> {
+    let case: Case = serde_json::from_str(json).map_err(|e| format!("not a case: {e}"))?;
+    let verdict = judge(&case);
+    Ok(CaseResult {
+        id: case.id,
+        category: case.category,
+        verdict,
+    })
+}
+
+fn judge(case: &Case) -> Verdict {
+    let doc: Result<serde_json::Value, _> = serde_json::from_str(&case.policy);
+    if let Ok(serde_json::Value::Object(sections)) = &doc {
+        let mut unsupported: Vec<&str> = sections
+            .keys()
+            .filter(|k| UNSUPPORTED_SECTIONS.contains(&k.as_str()))
+            .map(String::as_str)
+            .collect();
+        unsupported.sort_unstable();
+        if !unsupported.is_empty() {
+            return Verdict::Unsupported(format!("section {}", unsupported.join(", ")));
+        }
+    }
+    let parsed = Policy::parse(&case.id, &case.policy);
+    let (policy, expected) = match (parsed, &case.expect_error, &case.nodes) {
+        (Err(e), Some(_), _) => {
+            let _ = e;
+            return Verdict::Pass;
+        }
+        (Ok(_), Some(want), _) => {
+            return Verdict::Fail(vec![format!(
+                "the service refused the policy ({:?}); Lattice accepts it",
+                want.message
+            )]);
+        }
+        (Err(e), None, _) => {
+            return Verdict::Fail(vec![format!(
+                "the service accepted the policy; Lattice refuses it: {e}"
+            )]);
+        }
+        (Ok(p), None, Some(nodes)) => (p, nodes),
+        (Ok(_), None, None) => return Verdict::Fail(vec!["the case has no captures".into()]),
+    };
+    let (inventory, ids) = match inventory(case) {
+        Ok(i) => i,
+        Err(e) => return Verdict::Fail(vec![e]),
+    };
+    let reachable = reachable_sources(case);
+    let compiled = policy.compile(&inventory, Timestamp::UNIX_EPOCH);
+    let names: BTreeMap<NodeId, &str> = ids.iter().map(|(n, id)| (*id, n.as_str())).collect();
+    let mut diffs = Vec::new();
+    for (host, cap) in expected {
+        let Some(&id) = ids.get(host) else {
+            diffs.push(format!("{host}: not in the topology"));
+            continue;
+        };
+        let Some(me) = inventory.get(id) else {
+            continue;
+        };
+        let mine = compiled.for_node(id);
+        let served = served(case, host, me);
+        // A node's packets to itself never pass its filter: whether a rule lists the node
+        // among its own sources means nothing.
+        let me_set = Set::from_ranges(
+            me.addresses
+                .iter()
+                .map(|a| (to_u128(*a), to_u128(*a)))
+                .collect(),
+        );
+        let reachable = reachable.minus(&me_set);
+        if let Some(filter) = &cap.filter {
+            if filter.iter().any(|r| r.cap_grant.is_some()) {
+                return Verdict::Unsupported("app capability grants".into());
+            }
+            let want = match ts_view(filter, &served, &reachable) {
+                Ok(v) => v,
+                Err(e) => return Verdict::Fail(vec![format!("{host}: {e}")]),
+            };
+            let got = lattice_view(&mine.rules, &served, &reachable);
+            if want != got {
+                diffs.extend(describe(host, &want, &got));
+            }
+        }
+        if let Some(peers) = &cap.peers {
+            let got: BTreeSet<&str> = mine
+                .visible_peers
+                .iter()
+                .filter_map(|p| names.get(p).copied())
+                .collect();
+            let want: BTreeSet<&str> = peers.iter().map(String::as_str).collect();
+            if want != got {
+                diffs.push(format!(
+                    "{host}: peers: the service shows {:?}, Lattice {:?}",
+                    want.difference(&got).collect::<Vec<_>>(),
+                    got.difference(&want).collect::<Vec<_>>()
+                ));
+            }
+        }
+    }
+    if diffs.is_empty() {
+        Verdict::Pass
+    } else {
+        Verdict::Fail(diffs)
+    }
+}
+
+/// The tailnet as an inventory: users by e-mail (the policy's names), nodes by hostname.
+fn inventory(case: &Case) -> Result<(Inventory, BTreeMap<String, NodeId>), String> {
+    let email: BTreeMap<&str, &str> = case
+        .topology
+        .users
+        .iter()
+        .map(|u| (u.name.as_str(), u.email.as_str()))
+        .collect();
+    let mut inv = Inventory::new();
+    let mut ids = BTreeMap::new();
+    for (i, (host, n)) in case.topology.nodes.iter().enumerate() {
+        let id = NodeId(i as u64 + 1);
+        let v4: IpAddr = n.ipv4.parse().map_err(|_| format!("{host}: bad ipv4"))?;
+        let v6: IpAddr = n.ipv6.parse().map_err(|_| format!("{host}: bad ipv6"))?;
+        let user = match &n.user {
+            Some(u) if n.tags.is_empty() => Some(
+                email
+                    .get(u.as_str())
+                    .filter(|e| !e.is_empty())
+                    .map_or_else(|| u.clone(), |e| (*e).to_owned()),
+            ),
+            _ => None,
+        };
+        inv.upsert(InventoryNode {
+            routes: Vec::new(),
+            id,
+            name: host.clone(),
+            addresses: vec![v4, v6],
+            user,
+            tags: n.tags.clone(),
+            attrs: Default::default(),
+        });
+        ids.insert(host.clone(), id);
+    }
+    Ok((inv, ids))
+}
+
+/// A set of addresses: sorted, disjoint, inclusive ranges of 128-bit values (IPv4 mapped
+/// into `::ffff:0:0/96`, so one line holds both families).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct Set(Vec<(u128, u128)>);
+
+fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+fn net_range(n: &IpNet) -> (u128, u128) {
+    (to_u128(n.network()), to_u128(n.broadcast()))
+}
+
+impl Set {
+    fn from_ranges(mut v: Vec<(u128, u128)>) -> Self {
+        v.sort_unstable();
+        let mut out: Vec<(u128, u128)> = Vec::with_capacity(v.len());
+        for (a, b) in v {
+            match out.last_mut() {
+                Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+                _ => out.push((a, b)),
+            }
+        }
+        Self(out)
+    }
+
+    fn union(&self, other: &Self) -> Self {
+        Self::from_ranges(self.0.iter().chain(&other.0).copied().collect())
+    }
+
+    fn intersect(&self, other: &Self) -> Self {
+        let mut out = Vec::new();
+        for &(a, b) in &self.0 {
+            for &(c, d) in &other.0 {
+                let (lo, hi) = (a.max(c), b.min(d));
+                if lo <= hi {
+                    out.push((lo, hi));
+                }
+            }
+        }
+        Self::from_ranges(out)
+    }
+
+    fn minus(&self, other: &Self) -> Self {
+        let mut out = Vec::new();
+        for &(a, b) in &self.0 {
+            let mut pieces = vec![(a, b)];
+            for &(c, d) in &other.0 {
+                pieces = pieces
+                    .into_iter()
+                    .flat_map(|(x, y)| {
+                        let mut v = Vec::new();
+                        if d < x || c > y {
+                            v.push((x, y));
+                        } else {
+                            if c > x {
+                                v.push((x, c - 1));
+                            }
+                            if d < y {
+                                v.push((d + 1, y));
+                            }
+                        }
+                        v
+                    })
+                    .collect();
+            }
+            out.extend(pieces);
+        }
+        Self::from_ranges(out)
+    }
+
+    fn show(&self) -> String {
+        let one = |v: u128| -> String {
+            let v6 = std::net::Ipv6Addr::from(v);
+            v6.to_ipv4_mapped()
+                .map_or_else(|| v6.to_string(), |v4| v4.to_string())
+        };
+        self.0
+            .iter()
+            .map(|&(a, b)| {
+                if a == b {
+                    one(a)
+                } else {
+                    format!("{}-{}", one(a), one(b))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// A Tailscale address string (`*`, IP, CIDR, `a-b`) as ranges.
+fn ts_addr(s: &str) -> Result<Vec<(u128, u128)>, String> {
+    if s == "*" {
+        return Ok(vec![(0, u128::MAX)]);
+    }
+    if let Some((a, b)) = s.split_once('-')
+        && !s.contains('/')
+    {
+        let a: IpAddr = a.parse().map_err(|_| format!("bad range {s:?}"))?;
+        let b: IpAddr = b.parse().map_err(|_| format!("bad range {s:?}"))?;
+        return Ok(vec![(to_u128(a), to_u128(b))]);
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(vec![(to_u128(ip), to_u128(ip))]);
+    }
+    let net: IpNet = s.parse().map_err(|_| format!("bad address {s:?}"))?;
+    Ok(vec![net_range(&net.trunc())])
+}
+
+/// Every address that can reach a node: the tailnet's ranges (as the service writes `*`)
+/// and the approved routes.
+fn reachable_sources(case: &Case) -> Set {
+    let mut v: Vec<(u128, u128)> = [
+        "100.64.0.0-100.115.91.255",
+        "100.115.94.0-100.127.255.255",
+        "fd7a:115c:a1e0::/48",
+    ]
+    .iter()
+    .flat_map(|s| ts_addr(s).unwrap_or_default())
+    .collect();
+    for n in case.topology.nodes.values() {
+        for r in n.approved_routes.iter().flatten() {
+            v.extend(ts_addr(r).unwrap_or_default());
+        }
+    }
+    Set::from_ranges(v)
+}
+
+/// What a node serves: its own addresses and its approved routes, each a destination key.
+fn served(case: &Case, host: &str, me: &InventoryNode) -> Vec<(String, (u128, u128))> {
+    let mut out: Vec<(String, (u128, u128))> = me
+        .addresses
+        .iter()
+        .map(|a| (a.to_string(), (to_u128(*a), to_u128(*a))))
+        .collect();
+    if let Some(n) = case.topology.nodes.get(host) {
+        for r in n.approved_routes.iter().flatten() {
+            if let Ok(v) = ts_addr(r) {
+                out.extend(v.into_iter().map(|x| (r.clone(), x)));
+            }
+        }
+    }
+    out
+}
+
+const DEFAULT_PROTOS: [u8; 4] = [6, 17, 1, 58];
+
+fn has_ports(proto: u8) -> bool {
+    matches!(proto, 6 | 17 | 132)
+}
+
+/// Per (destination, protocol): for each run of ports, the sources admitted.
+type View = BTreeMap<(String, u8), Vec<((u16, u16), Set)>>;
+
+/// One rule, as atoms: (sources, destination ranges with ports, protocols).
+struct Atom {
+    src: Set,
+    dst: Vec<((u128, u128), (u16, u16))>,
+    protos: Vec<u8>,
+}
+
+fn view(atoms: &[Atom], served: &[(String, (u128, u128))], reachable: &Set) -> View {
+    let mut out = View::new();
+    let protos: BTreeSet<u8> = atoms
+        .iter()
+        .flat_map(|a| a.protos.iter().copied())
+        .collect();
+    for (key, range) in served {
+        for &proto in &protos {
+            // The ports of each rule that covers this destination, and its sources.
+            let mut spans: Vec<((u16, u16), &Set)> = Vec::new();
+            for a in atoms.iter().filter(|a| a.protos.contains(&proto)) {
+                for &(d, ports) in &a.dst {
+                    if d.0 <= range.0 && range.1 <= d.1 {
+                        let ports = if has_ports(proto) {
+                            ports
+                        } else {
+                            (0, u16::MAX)
+                        };
+                        spans.push((ports, &a.src));
+                    }
+                }
+            }
+            if spans.is_empty() {
+                continue;
+            }
+            let mut cuts: BTreeSet<u32> = BTreeSet::new();
+            for ((lo, hi), _) in &spans {
+                cuts.insert(u32::from(*lo));
+                cuts.insert(u32::from(*hi) + 1);
+            }
+            let cuts: Vec<u32> = cuts.into_iter().collect();
+            let mut runs: Vec<((u16, u16), Set)> = Vec::new();
+            for w in cuts.windows(2) {
+                let (lo, hi) = (w[0], w[1] - 1);
+                let mut src = Set::default();
+                for ((a, b), s) in &spans {
+                    if u32::from(*a) <= lo && hi <= u32::from(*b) {
+                        src = src.union(s);
+                    }
+                }
+                let src = src.intersect(reachable);
+                if src.0.is_empty() {
+                    continue;
+                }
+                let (lo, hi) = (lo as u16, hi as u16);
+                match runs.last_mut() {
+                    Some(((_, h), s)) if u32::from(*h) + 1 == u32::from(lo) && *s == src => {
+                        *h = hi;
+                    }
+                    _ => runs.push(((lo, hi), src)),
+                }
+            }
+            if !runs.is_empty() {
+                out.insert((key.clone(), proto), runs);
+            }
+        }
+    }
+    out
+}
+
+fn ts_view(
+    rules: &[TsRule],
+    served: &[(String, (u128, u128))],
+    reachable: &Set,
+) -> Result<View, String> {
+    let mut atoms = Vec::new();
+    for r in rules {
+        let mut src = Vec::new();
+        for s in &r.src_ips {
+            src.extend(ts_addr(s)?);
+        }
+        let mut dst = Vec::new();
+        for d in &r.dst_ports {
+            for x in ts_addr(&d.ip)? {
+                dst.push((x, (d.ports.first, d.ports.last)));
+            }
+        }
+        atoms.push(Atom {
+            src: Set::from_ranges(src),
+            dst,
+            protos: if r.ip_proto.is_empty() {
+                DEFAULT_PROTOS.to_vec()
+            } else {
+                r.ip_proto.clone()
+            },
+        });
+    }
+    Ok(view(&atoms, served, reachable))
+}
+
+fn lattice_view(
+    rules: &[wire::FilterRule],
+    served: &[(String, (u128, u128))],
+    reachable: &Set,
+) -> View {
+    let atoms: Vec<Atom> = rules
+        .iter()
+        .filter(|r| r.action == wire::filter::Action::Accept)
+        .map(|r| Atom {
+            src: Set::from_ranges(r.src.iter().map(net_range).collect()),
+            dst: r
+                .dst
+                .iter()
+                .map(|d| (net_range(&d.net), (d.ports.first, d.ports.last)))
+                .collect(),
+            protos: if r.all_protocols {
+                (0..=255).collect()
+            } else if r.protocols.is_empty() {
+                DEFAULT_PROTOS.to_vec()
+            } else {
+                r.protocols.iter().map(|p| p.0).collect()
+            },
+        })
+        .collect();
+    view(&atoms, served, reachable)
+}
+
+fn describe(host: &str, want: &View, got: &View) -> Vec<String> {
+    // What differs, per destination and port run; protocols with the same difference are
+    // reported together.
+    let keys: BTreeSet<&(String, u8)> = want.keys().chain(got.keys()).collect();
+    let mut lines: BTreeMap<(String, String), Vec<u8>> = BTreeMap::new();
+    let empty = Vec::new();
+    for k in keys {
+        let (w, g) = (want.get(k).unwrap_or(&empty), got.get(k).unwrap_or(&empty));
+        if w == g {
+            continue;
+        }
+        let mut cuts: BTreeSet<u32> = BTreeSet::new();
+        for ((lo, hi), _) in w.iter().chain(g) {
+            cuts.insert(u32::from(*lo));
+            cuts.insert(u32::from(*hi) + 1);
+        }
+        let cuts: Vec<u32> = cuts.into_iter().collect();
+        let at = |runs: &Vec<((u16, u16), Set)>, p: u32| {
+            runs.iter()
+                .find(|((lo, hi), _)| u32::from(*lo) <= p && p <= u32::from(*hi))
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default()
+        };
+        for c in cuts.windows(2) {
+            let (ws, gs) = (at(w, c[0]), at(g, c[0]));
+            if ws == gs {
+                continue;
+            }
+            let missing = ws.minus(&gs);
+            let extra = gs.minus(&ws);
+            let mut what = Vec::new();
+            if !missing.0.is_empty() {
+                what.push(format!("Lattice lacks {}", missing.show()));
+            }
+            if !extra.0.is_empty() {
+                what.push(format!("Lattice adds {}", extra.show()));
+            }
+            let ports = if c[0] == 0 && c[1] == 65536 {
+                String::new()
+            } else {
+                format!(" ports {}-{}", c[0], c[1] - 1)
+            };
+            lines
+                .entry((format!("{host}: to {}{ports}", k.0), what.join("; ")))
+                .or_default()
+                .push(k.1);
+        }
+    }
+    lines
+        .into_iter()
+        .map(|((place, what), protos)| {
+            let protos: Vec<String> = protos.iter().map(ToString::to_string).collect();
+            format!("{place} proto {}: {what}", protos.join(","))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A two-node case: `policy`, and the filter the service gave node b.
+    fn case(policy: &str, b_filter: &str, expect_error: Option<&str>) -> String {
+        let nodes = if expect_error.is_some() {
+            "null".to_owned()
+        } else {
+            format!(
+                r#"{{"a": {{"filter": [], "peers": ["b"]}}, "b": {{"filter": {b_filter}, "peers": ["a"]}}}}"#
+            )
+        };
+        format!(
+            r#"{{"id": "t", "category": "acl", "policy": {policy},
+                "expect_error": {err},
+                "topology": {{"users": [{{"name": "odin", "email": "odin@example.com"}}],
+                  "nodes": {{
+                    "a": {{"tags": [], "user": "odin", "ipv4": "100.64.0.1", "ipv6": "fd7a:115c:a1e0::1"}},
+                    "b": {{"tags": ["tag:db"], "ipv4": "100.64.0.2", "ipv6": "fd7a:115c:a1e0::2"}}}}}},
+                "nodes": {nodes}}}"#,
+            policy = serde_json::to_string(policy).unwrap(),
+            err = expect_error.map_or_else(
+                || "null".to_owned(),
+                |m| format!(r#"{{"code": 400, "message": "{m}"}}"#)
+            ),
+        )
+    }
+
+    const POLICY: &str = r#"{"tagOwners": {"tag:db": ["odin@example.com"]},
+        "acls": [{"action": "accept", "src": ["odin@example.com"], "dst": ["tag:db:22,80-90"]}]}"#;
+
+    fn verdict(json: &str) -> Verdict {
+        run_case(json).unwrap().verdict
+    }
+
+    #[test]
+    fn filters_are_compared_by_meaning_not_spelling() {
+        // The service's spelling: one rule, bare IPs, the destination as "*".
+        let same = r#"[{"SrcIPs": ["100.64.0.1", "fd7a:115c:a1e0::1"],
+            "DstPorts": [{"IP": "*", "Ports": {"First": 22, "Last": 22}},
+                         {"IP": "*", "Ports": {"First": 80, "Last": 90}}]}]"#;
+        assert_eq!(verdict(&case(POLICY, same, None)), Verdict::Pass);
+        // Split differently (two rules, ranges, CIDRs): still the same meaning.
+        let respelled = r#"[{"SrcIPs": ["100.64.0.1/32", "fd7a:115c:a1e0::1"], "DstPorts": [{"IP": "100.64.0.2", "Ports": {"First": 22, "Last": 22}}, {"IP": "100.64.0.2", "Ports": {"First": 80, "Last": 85}}]},
+            {"SrcIPs": ["100.64.0.1-100.64.0.1", "fd7a:115c:a1e0::1/128"], "DstPorts": [{"IP": "100.64.0.2", "Ports": {"First": 86, "Last": 90}}, {"IP": "fd7a:115c:a1e0::2", "Ports": {"First": 22, "Last": 22}}, {"IP": "fd7a:115c:a1e0::2", "Ports": {"First": 80, "Last": 90}}]},
+            {"SrcIPs": ["100.64.0.1"], "DstPorts": [{"IP": "100.64.0.2", "Ports": {"First": 22, "Last": 22}}], "IPProto": [1]}]"#;
+        assert_eq!(verdict(&case(POLICY, respelled, None)), Verdict::Pass);
+        // A port the policy does not open, a missing protocol: different.
+        let wider = same.replace("\"Last\": 90", "\"Last\": 91");
+        let Verdict::Fail(d) = verdict(&case(POLICY, &wider, None)) else {
+            panic!("a wider port range passed")
+        };
+        assert!(
+            d.iter()
+                .any(|l| l.contains("ports 91-91") && l.contains("Lattice lacks 100.64.0.1")),
+            "{d:?}"
+        );
+        let tcp_only = same.replace(
+            r#"{"IP": "*", "Ports": {"First": 80, "Last": 90}}]}]"#,
+            r#"{"IP": "*", "Ports": {"First": 80, "Last": 90}}], "IPProto": [6]}]"#,
+        );
+        assert!(matches!(
+            verdict(&case(POLICY, &tcp_only, None)),
+            Verdict::Fail(_)
+        ));
+    }
+
+    #[test]
+    fn refusals_must_match_and_unsupported_sections_are_named() {
+        assert_eq!(
+            verdict(&case("{\"bogus\": 1}", "[]", Some("unknown"))),
+            Verdict::Pass
+        );
+        let Verdict::Fail(d) = verdict(&case(POLICY, "[]", Some("nope"))) else {
+            panic!("accepting a refused policy passed")
+        };
+        assert!(d[0].contains("Lattice accepts it"), "{d:?}");
+        let grants = r#"{"grants": [{"src": ["*"], "dst": ["*"], "ip": ["*"]}]}"#;
+        assert_eq!(
+            verdict(&case(grants, "[]", None)),
+            Verdict::Unsupported("section grants".into())
+        );
+    }
+}
