@@ -98,6 +98,9 @@ pub(crate) enum Selector {
     Tagged,
     /// `autogroup:self` (destinations only): the source user's own untagged nodes.
     SelfNodes,
+    /// `autogroup:internet` (destinations only): the internet through exit nodes (nodes
+    /// with an approved exit route), the public address ranges only.
+    Internet,
 }
 
 /// A destination: a selector and ports.

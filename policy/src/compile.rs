@@ -154,10 +154,7 @@ impl CompiledPolicy {
                 set.uncovered += 1;
             }
             for (d, bits) in rule.dst.iter().zip(&mut set.dst) {
-                bits[i] = match &d.sel {
-                    Selector::SelfNodes => false,
-                    sel => self.file.selector_matches(sel, &subj),
-                };
+                bits[i] = dst_covers(&self.file, &d.sel, n);
             }
         }
     }
@@ -248,16 +245,17 @@ impl CompiledPolicy {
         for set in &self.sets {
             let rule = &self.file.rules[set.rule];
             let accept = rule.action == Action::Accept;
-            // Inbound: the destination entries that name this node.
-            let mut ports: Vec<&Ports> = Vec::new();
-            let mut self_ports: Vec<&Ports> = Vec::new();
+            // Inbound: the destination entries that name this node (or the routes it serves),
+            // with the addresses each one reaches here.
+            let mut ports: Vec<(&Ports, Vec<IpNet>)> = Vec::new();
+            let mut self_ports: Vec<(&Ports, Vec<IpNet>)> = Vec::new();
             for (d, covered) in rule.dst.iter().zip(&set.dst) {
                 if matches!(d.sel, Selector::SelfNodes) {
                     if node.user.is_some() && node.tags.is_empty() {
-                        self_ports.push(&d.ports);
+                        self_ports.push((&d.ports, own_nets(node)));
                     }
                 } else if covered[mi] {
-                    ports.push(&d.ports);
+                    ports.push((&d.ports, dst_nets(&d.sel, node)));
                 }
             }
             let src_nodes: Vec<usize> =
@@ -274,14 +272,7 @@ impl CompiledPolicy {
             // A rule nobody can use (no source node passes its posture, no source prefix) is
             // not sent.
             if !ports.is_empty() && (!src_nodes.is_empty() || !set.src_prefixes.is_empty()) {
-                rules.push(self.filter_rule(
-                    rule,
-                    set,
-                    &src_nodes,
-                    &set.src_prefixes,
-                    node,
-                    &ports,
-                ));
+                rules.push(self.filter_rule(rule, set, &src_nodes, &set.src_prefixes, &ports));
                 if accept {
                     for i in src_nodes
                         .iter()
@@ -301,7 +292,7 @@ impl CompiledPolicy {
                     })
                     .collect();
                 if !own.is_empty() {
-                    rules.push(self.filter_rule(rule, set, &own, &[], node, &self_ports));
+                    rules.push(self.filter_rule(rule, set, &own, &[], &self_ports));
                     if accept {
                         for i in own {
                             visible[i] = true;
@@ -310,11 +301,16 @@ impl CompiledPolicy {
                 }
             }
             // Outbound: the nodes this one may reach under accept rules.
+            // (A router also sends for the subnets behind it.)
             let me_as_src = set.src[mi]
                 || self.nodes[mi]
                     .addresses
                     .iter()
-                    .any(|a| set.src_prefixes.iter().any(|p| p.contains(a)));
+                    .any(|a| set.src_prefixes.iter().any(|p| p.contains(a)))
+                || self.nodes[mi]
+                    .routes
+                    .iter()
+                    .any(|r| !is_exit(r) && set.src_prefixes.iter().any(|p| overlaps(p, r)));
             if accept && me_as_src {
                 for (d, covered) in rule.dst.iter().zip(&set.dst) {
                     match d.sel {
@@ -347,7 +343,8 @@ impl CompiledPolicy {
         }
     }
 
-    /// Indices of nodes with an address inside any of `prefixes`.
+    /// Indices of nodes with an address inside any of `prefixes`, or serving a subnet route
+    /// that overlaps one (traffic from behind a router arrives through the router).
     fn nodes_in<'a>(&'a self, prefixes: &'a [IpNet]) -> impl Iterator<Item = usize> + 'a {
         self.nodes
             .iter()
@@ -356,6 +353,9 @@ impl CompiledPolicy {
                 n.addresses
                     .iter()
                     .any(|a| prefixes.iter().any(|p| p.contains(a)))
+                    || n.routes
+                        .iter()
+                        .any(|r| !is_exit(r) && prefixes.iter().any(|p| overlaps(p, r)))
             })
             .map(|(i, _)| i)
     }
@@ -366,20 +366,23 @@ impl CompiledPolicy {
         set: &RuleSets,
         src_nodes: &[usize],
         prefixes: &[IpNet],
-        node: &InventoryNode,
-        ports: &[&Ports],
+        ports: &[(&Ports, Vec<IpNet>)],
     ) -> FilterRule {
         let mut src: Vec<IpNet> = prefixes.to_vec();
         for &i in src_nodes {
-            src.extend(self.nodes[i].addresses.iter().map(|a| IpNet::from(*a)));
+            src.extend(
+                src_addresses(&self.file, rule, &self.nodes[i])
+                    .into_iter()
+                    .map(IpNet::from),
+            );
         }
         let src = IpNet::aggregate(&src);
         let mut dst = Vec::new();
-        for a in &node.addresses {
-            for p in ports {
+        for (p, nets) in ports {
+            for net in nets {
                 for (first, last) in p.ranges() {
                     let d = DstPorts {
-                        net: IpNet::from(*a),
+                        net: *net,
                         ports: PortRange { first, last },
                     };
                     if !dst.contains(&d) {
@@ -464,4 +467,125 @@ fn any_v4() -> IpNet {
 
 fn any_v6() -> IpNet {
     "::/0".parse().expect("valid CIDR")
+}
+
+/// An exit route (`0.0.0.0/0` or `::/0`): only `*` and `autogroup:internet` reach through it.
+pub(crate) fn is_exit(r: &IpNet) -> bool {
+    r.prefix_len() == 0
+}
+
+/// Whether two prefixes share an address (for prefixes: one contains the other).
+pub(crate) fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// `net` without `holes`, as prefixes.
+fn without(net: IpNet, holes: &[IpNet]) -> Vec<IpNet> {
+    if holes.iter().any(|h| h.contains(&net)) {
+        return Vec::new();
+    }
+    if !holes.iter().any(|h| overlaps(h, &net)) {
+        return vec![net];
+    }
+    net.subnets(net.prefix_len() + 1)
+        .map(|halves| halves.flat_map(|h| without(h, holes)).collect())
+        .unwrap_or_default()
+}
+
+/// The public address ranges `autogroup:internet` stands for: IPv4 without the private,
+/// shared (CGNAT) and link-local ranges, and IPv6 global unicast (`2000::/3`).
+pub(crate) fn internet() -> Vec<IpNet> {
+    let holes: Vec<IpNet> = [
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+    ]
+    .iter()
+    .filter_map(|s| s.parse().ok())
+    .collect();
+    let mut out = without("0.0.0.0/0".parse().unwrap_or_default(), &holes);
+    out.extend("2000::/3".parse::<IpNet>());
+    out
+}
+
+/// A node's own addresses as prefixes.
+fn own_nets(node: &InventoryNode) -> Vec<IpNet> {
+    node.addresses.iter().map(|a| IpNet::from(*a)).collect()
+}
+
+/// Whether destination `sel` reaches `node`: its addresses, or for `*` and prefixes also
+/// the subnet routes it serves, or for `autogroup:internet` its exit routes.
+fn dst_covers(file: &PolicyFile, sel: &Selector, node: &InventoryNode) -> bool {
+    match sel {
+        Selector::SelfNodes => false,
+        Selector::Internet => node.routes.iter().any(is_exit),
+        Selector::Prefix(p) => {
+            node.addresses.iter().any(|a| p.contains(a))
+                || node.routes.iter().any(|r| !is_exit(r) && overlaps(p, r))
+        }
+        sel => file.selector_matches(sel, &node.subject()),
+    }
+}
+
+/// The addresses of `node` that destination `sel` reaches.
+fn dst_nets(sel: &Selector, node: &InventoryNode) -> Vec<IpNet> {
+    match sel {
+        Selector::Any => {
+            let mut v = own_nets(node);
+            v.extend(node.routes.iter().copied());
+            v
+        }
+        Selector::Prefix(p) => {
+            let mut v: Vec<IpNet> = node
+                .addresses
+                .iter()
+                .filter(|a| p.contains(*a))
+                .map(|a| IpNet::from(*a))
+                .collect();
+            for r in node.routes.iter().filter(|r| !is_exit(r) && overlaps(p, r)) {
+                v.push(if p.contains(r) { *r } else { *p });
+            }
+            v
+        }
+        Selector::Internet => {
+            let v4 = node
+                .routes
+                .iter()
+                .any(|r| is_exit(r) && r.network().is_ipv4());
+            let v6 = node
+                .routes
+                .iter()
+                .any(|r| is_exit(r) && r.network().is_ipv6());
+            internet()
+                .into_iter()
+                .filter(|n| (n.network().is_ipv4() && v4) || (n.network().is_ipv6() && v6))
+                .collect()
+        }
+        _ => own_nets(node),
+    }
+}
+
+/// The addresses of source node `node` a rule admits: all of them when a selector names the
+/// node itself (user, group, tag, `*`, ...), only those inside the prefixes when it matches
+/// through addresses alone (`100.64.0.0/16` admits a node's IPv4, not its IPv6).
+fn src_addresses(file: &PolicyFile, rule: &Rule, node: &InventoryNode) -> Vec<std::net::IpAddr> {
+    let subject = node.subject();
+    let whole = rule
+        .src
+        .iter()
+        .any(|s| !matches!(s, Selector::Prefix(_)) && file.selector_matches(s, &subject));
+    if whole {
+        return node.addresses.clone();
+    }
+    node.addresses
+        .iter()
+        .filter(|a| {
+            rule.src
+                .iter()
+                .any(|s| matches!(s, Selector::Prefix(p) if p.contains(*a)))
+        })
+        .copied()
+        .collect()
 }

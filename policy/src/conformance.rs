@@ -81,6 +81,8 @@ struct TopoNode {
     user: Option<String>,
     #[serde(default)]
     approved_routes: Option<Vec<String>>,
+    #[serde(default)]
+    routable_ips: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -158,11 +160,26 @@ fn judge(case: &Case) -> Verdict {
             return Verdict::Unsupported(format!("section {}", unsupported.join(", ")));
         }
     }
-    let parsed = Policy::parse(&case.id, &case.policy);
+    let parsed = Policy::parse(&case.id, &case.policy).and_then(|p| {
+        // The policy's tests run against the case's tailnet (a failing test refuses it).
+        let (inv, _) = inventory(case, &p).map_err(|e| crate::PolicyError {
+            file: case.id.clone(),
+            diagnostics: vec![crate::Diagnostic::new(
+                crate::hujson::Pos { line: 1, col: 1 },
+                e,
+            )],
+        })?;
+        Policy::check(&case.id, &case.policy, Timestamp::now(), Some(&inv)).map(|_| p)
+    });
     let (policy, expected) = match (parsed, &case.expect_error, &case.nodes) {
         (Err(e), Some(_), _) => {
             let _ = e;
             return Verdict::Pass;
+        }
+        (Ok(_), Some(want), _) if want.message.contains("action=\"deny\" is not supported") => {
+            return Verdict::Unsupported(
+                "deny rules: a Lattice addition the service refuses".into(),
+            );
         }
         (Ok(_), Some(want), _) => {
             return Verdict::Fail(vec![format!(
@@ -178,11 +195,12 @@ fn judge(case: &Case) -> Verdict {
         (Ok(p), None, Some(nodes)) => (p, nodes),
         (Ok(_), None, None) => return Verdict::Fail(vec!["the case has no captures".into()]),
     };
-    let (inventory, ids) = match inventory(case) {
+    let (inventory, ids) = match inventory(case, &policy) {
         Ok(i) => i,
         Err(e) => return Verdict::Fail(vec![e]),
     };
-    let reachable = reachable_sources(case);
+
+    let reachable = reachable_sources(&inventory);
     let compiled = policy.compile(&inventory, Timestamp::UNIX_EPOCH);
     let names: BTreeMap<NodeId, &str> = ids.iter().map(|(n, id)| (*id, n.as_str())).collect();
     let mut diffs = Vec::new();
@@ -195,7 +213,7 @@ fn judge(case: &Case) -> Verdict {
             continue;
         };
         let mine = compiled.for_node(id);
-        let served = served(case, host, me);
+        let served = served(me);
         // A node's packets to itself never pass its filter: whether a rule lists the node
         // among its own sources means nothing.
         let me_set = Set::from_ranges(
@@ -209,11 +227,14 @@ fn judge(case: &Case) -> Verdict {
             if filter.iter().any(|r| r.cap_grant.is_some()) {
                 return Verdict::Unsupported("app capability grants".into());
             }
-            let want = match ts_view(filter, &served, &reachable) {
+            let want = match ts_atoms(filter) {
                 Ok(v) => v,
                 Err(e) => return Verdict::Fail(vec![format!("{host}: {e}")]),
             };
-            let got = lattice_view(&mine.rules, &served, &reachable);
+            let got = lattice_atoms(&mine.rules);
+            let cells = cells(&served, want.iter().chain(&got));
+            let want = view(&want, &cells, &reachable);
+            let got = view(&got, &cells, &reachable);
             if want != got {
                 diffs.extend(describe(host, &want, &got));
             }
@@ -242,7 +263,10 @@ fn judge(case: &Case) -> Verdict {
 }
 
 /// The tailnet as an inventory: users by e-mail (the policy's names), nodes by hostname.
-fn inventory(case: &Case) -> Result<(Inventory, BTreeMap<String, NodeId>), String> {
+fn inventory(
+    case: &Case,
+    policy: &Policy,
+) -> Result<(Inventory, BTreeMap<String, NodeId>), String> {
     let email: BTreeMap<&str, &str> = case
         .topology
         .users
@@ -264,7 +288,15 @@ fn inventory(case: &Case) -> Result<(Inventory, BTreeMap<String, NodeId>), Strin
             ),
             _ => None,
         };
-        inv.upsert(InventoryNode {
+        let parse = |v: &Option<Vec<String>>| {
+            v.iter()
+                .flatten()
+                .map(|r| r.parse::<IpNet>().map(|n| n.trunc()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| format!("{host}: bad route"))
+        };
+        let mut routes = parse(&n.approved_routes)?;
+        let mut node = InventoryNode {
             routes: Vec::new(),
             id,
             name: host.clone(),
@@ -272,7 +304,15 @@ fn inventory(case: &Case) -> Result<(Inventory, BTreeMap<String, NodeId>), Strin
             user,
             tags: n.tags.clone(),
             attrs: Default::default(),
-        });
+        };
+        // What the node advertised and the policy's autoApprovers approve is approved too.
+        for r in policy.auto_approved(&node, &parse(&n.routable_ips)?) {
+            if !routes.contains(&r) {
+                routes.push(r);
+            }
+        }
+        node.routes = routes;
+        inv.upsert(node);
         ids.insert(host.clone(), id);
     }
     Ok((inv, ids))
@@ -392,8 +432,8 @@ fn ts_addr(s: &str) -> Result<Vec<(u128, u128)>, String> {
 }
 
 /// Every address that can reach a node: the tailnet's ranges (as the service writes `*`)
-/// and the approved routes.
-fn reachable_sources(case: &Case) -> Set {
+/// and the approved subnet routes.
+fn reachable_sources(inv: &Inventory) -> Set {
     let mut v: Vec<(u128, u128)> = [
         "100.64.0.0-100.115.91.255",
         "100.115.94.0-100.127.255.255",
@@ -402,29 +442,22 @@ fn reachable_sources(case: &Case) -> Set {
     .iter()
     .flat_map(|s| ts_addr(s).unwrap_or_default())
     .collect();
-    for n in case.topology.nodes.values() {
-        for r in n.approved_routes.iter().flatten() {
-            v.extend(ts_addr(r).unwrap_or_default());
+    // Subnet routes, not exit routes: the service's `*` is the tailnet and its subnets.
+    for n in inv.iter() {
+        for r in n.routes.iter().filter(|r| r.prefix_len() > 0) {
+            v.push(net_range(r));
         }
     }
     Set::from_ranges(v)
 }
 
-/// What a node serves: its own addresses and its approved routes, each a destination key.
-fn served(case: &Case, host: &str, me: &InventoryNode) -> Vec<(String, (u128, u128))> {
-    let mut out: Vec<(String, (u128, u128))> = me
-        .addresses
+/// What a node serves: its own addresses and its approved routes.
+fn served(me: &InventoryNode) -> Vec<(u128, u128)> {
+    me.addresses
         .iter()
-        .map(|a| (a.to_string(), (to_u128(*a), to_u128(*a))))
-        .collect();
-    if let Some(n) = case.topology.nodes.get(host) {
-        for r in n.approved_routes.iter().flatten() {
-            if let Ok(v) = ts_addr(r) {
-                out.extend(v.into_iter().map(|x| (r.clone(), x)));
-            }
-        }
-    }
-    out
+        .map(|a| (to_u128(*a), to_u128(*a)))
+        .chain(me.routes.iter().map(net_range))
+        .collect()
 }
 
 const DEFAULT_PROTOS: [u8; 4] = [6, 17, 1, 58];
@@ -443,13 +476,43 @@ struct Atom {
     protos: Vec<u8>,
 }
 
-fn view(atoms: &[Atom], served: &[(String, (u128, u128))], reachable: &Set) -> View {
+/// The destination space the node serves, cut wherever a rule's destination starts or
+/// ends, so both sides are compared on the same pieces.
+fn cells<'a>(served: &[(u128, u128)], atoms: impl Iterator<Item = &'a Atom>) -> Vec<(u128, u128)> {
+    let dsts: Vec<(u128, u128)> = atoms.flat_map(|a| a.dst.iter().map(|(d, _)| *d)).collect();
+    let mut out = Vec::new();
+    for &(lo, hi) in served {
+        let mut starts: BTreeSet<u128> = BTreeSet::from([lo]);
+        for &(a, b) in &dsts {
+            if a > lo && a <= hi {
+                starts.insert(a);
+            }
+            if b >= lo && b < hi {
+                starts.insert(b + 1);
+            }
+        }
+        let starts: Vec<u128> = starts.into_iter().collect();
+        for (i, &st) in starts.iter().enumerate() {
+            let end = starts.get(i + 1).map_or(hi, |n| n - 1);
+            // Only pieces some rule reaches.
+            if dsts.iter().any(|&(a, b)| a <= st && end <= b) {
+                out.push((st, end));
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+fn view(atoms: &[Atom], cells: &[(u128, u128)], reachable: &Set) -> View {
     let mut out = View::new();
     let protos: BTreeSet<u8> = atoms
         .iter()
         .flat_map(|a| a.protos.iter().copied())
         .collect();
-    for (key, range) in served {
+    for &range in cells {
+        let key = Set(vec![range]).show();
         for &proto in &protos {
             // The ports of each rule that covers this destination, and its sources.
             let mut spans: Vec<((u16, u16), &Set)> = Vec::new();
@@ -503,11 +566,7 @@ fn view(atoms: &[Atom], served: &[(String, (u128, u128))], reachable: &Set) -> V
     out
 }
 
-fn ts_view(
-    rules: &[TsRule],
-    served: &[(String, (u128, u128))],
-    reachable: &Set,
-) -> Result<View, String> {
+fn ts_atoms(rules: &[TsRule]) -> Result<Vec<Atom>, String> {
     let mut atoms = Vec::new();
     for r in rules {
         let mut src = Vec::new();
@@ -530,15 +589,11 @@ fn ts_view(
             },
         });
     }
-    Ok(view(&atoms, served, reachable))
+    Ok(atoms)
 }
 
-fn lattice_view(
-    rules: &[wire::FilterRule],
-    served: &[(String, (u128, u128))],
-    reachable: &Set,
-) -> View {
-    let atoms: Vec<Atom> = rules
+fn lattice_atoms(rules: &[wire::FilterRule]) -> Vec<Atom> {
+    rules
         .iter()
         .filter(|r| r.action == wire::filter::Action::Accept)
         .map(|r| Atom {
@@ -556,8 +611,7 @@ fn lattice_view(
                 r.protocols.iter().map(|p| p.0).collect()
             },
         })
-        .collect();
-    view(&atoms, served, reachable)
+        .collect()
 }
 
 fn describe(host: &str, want: &View, got: &View) -> Vec<String> {

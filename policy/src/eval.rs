@@ -72,6 +72,8 @@ impl PolicyFile {
             Selector::Tagged => !s.tags.is_empty(),
             // Needs the source; see `dst_ports`.
             Selector::SelfNodes => false,
+            // Not a node: the internet behind exit nodes (see `compile`).
+            Selector::Internet => false,
         }
     }
 

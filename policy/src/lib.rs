@@ -68,20 +68,7 @@ impl Policy {
                 hosts: Default::default(),
                 postures: Default::default(),
                 default_src_posture: Vec::new(),
-                rules: vec![Rule {
-                    origin: ALLOW_ALL.to_owned(),
-                    action: Action::Accept,
-                    src: vec![Selector::Any],
-                    dst: vec![Dst {
-                        sel: Selector::Any,
-                        ports: Ports::Any,
-                    }],
-                    proto: Proto::All,
-                    src_posture: Vec::new(),
-                    when: None,
-                    not_before: None,
-                    expires: None,
-                }],
+                rules: vec![allow_all_rule(ALLOW_ALL.to_owned())],
                 tests: Vec::new(),
                 access_rules: Vec::new(),
                 auto_approvers: Default::default(),
@@ -144,6 +131,64 @@ impl Policy {
 
     pub(crate) fn file(&self) -> &PolicyFile {
         &self.file
+    }
+
+    /// The routes among `advertised` that `autoApprovers` approves for `node`: an exit route
+    /// (`0.0.0.0/0`, `::/0`) when the node matches an `exitNode` approver, another route when
+    /// it lies inside a `routes` prefix the node matches an approver of (a tag the node has,
+    /// its user, or a group of its user).
+    pub fn auto_approved(
+        &self,
+        node: &InventoryNode,
+        advertised: &[ipnet::IpNet],
+    ) -> Vec<ipnet::IpNet> {
+        let aa = &self.file.auto_approvers;
+        let matches = |who: &[String]| {
+            who.iter().any(|w| {
+                if w.starts_with("tag:") {
+                    node.tags.iter().any(|t| t == w)
+                } else if w.starts_with("group:") {
+                    node.tags.is_empty()
+                        && node
+                            .user
+                            .as_ref()
+                            .is_some_and(|u| self.file.groups.get(w).is_some_and(|m| m.contains(u)))
+                } else {
+                    node.tags.is_empty() && node.user.as_deref() == Some(w.as_str())
+                }
+            })
+        };
+        advertised
+            .iter()
+            .filter(|r| {
+                if compile::is_exit(r) {
+                    matches(&aa.exit_node)
+                } else {
+                    aa.routes
+                        .iter()
+                        .any(|(p, who)| p.contains(*r) && matches(who))
+                }
+            })
+            .copied()
+            .collect()
+    }
+}
+
+/// One rule that lets every node reach every node, any protocol.
+pub(crate) fn allow_all_rule(origin: String) -> Rule {
+    Rule {
+        origin,
+        action: Action::Accept,
+        src: vec![Selector::Any],
+        dst: vec![Dst {
+            sel: Selector::Any,
+            ports: Ports::Any,
+        }],
+        proto: Proto::All,
+        src_posture: Vec::new(),
+        when: None,
+        not_before: None,
+        expires: None,
     }
 }
 

@@ -165,6 +165,15 @@ impl Checker {
                     policy.rules.push(r);
                 }
             }
+        } else if get("grants").is_none() {
+            // As in Tailscale: a file with neither `acls` nor `grants` (even empty ones) lets
+            // every node reach every node.
+            let mut rule = crate::allow_all_rule(format!(
+                "{}: no acls (every node may reach every node)",
+                self.file
+            ));
+            rule.proto = Proto::Default;
+            policy.rules.push(rule);
         }
         if let Some(v) = get("tests") {
             for item in self.array(v, "tests") {
@@ -523,6 +532,27 @@ impl Checker {
             }
         }
         let _ = proto_pos;
+        // As the Tailscale service: a rule reaching `autogroup:self` must come from people
+        // (users, groups, `*`, autogroup:member), since "self" means the source's own user.
+        if let (Some(ds), Some(ss)) = (&dst, &src)
+            && ds.iter().any(|(_, d)| d.sel == Selector::SelfNodes)
+            && ss.iter().any(|s: &Selector| {
+                !matches!(
+                    s,
+                    Selector::Any
+                        | Selector::User(_)
+                        | Selector::Group(_)
+                        | Selector::IdpGroup(_)
+                        | Selector::Member
+                )
+            })
+        {
+            self.err(
+                v.pos,
+                "autogroup:self can only be used with users, groups, or supported autogroups \
+                 (a source here is a tag, a host or an address)",
+            );
+        }
         if self.diags.len() > before {
             return None;
         }
@@ -588,12 +618,17 @@ impl Checker {
                 "member" => Selector::Member,
                 "tagged" => Selector::Tagged,
                 "self" if side == Side::Dst => Selector::SelfNodes,
+                "internet" if side == Side::Dst => Selector::Internet,
+                "internet" => {
+                    self.err(pos, "autogroup:internet can only be a destination");
+                    return None;
+                }
                 "self" => {
                     self.err(pos, "autogroup:self can only be a destination");
                     return None;
                 }
                 _ => {
-                    self.err(pos, format!("unsupported autogroup {s:?} (supported: autogroup:member, autogroup:tagged, autogroup:self)"));
+                    self.err(pos, format!("unsupported autogroup {s:?} (supported: autogroup:member, autogroup:tagged, autogroup:self, autogroup:internet)"));
                     return None;
                 }
             }
@@ -699,7 +734,8 @@ impl Checker {
             "*" | "all" | "any" => Proto::All,
             "tcp" => Proto::List(vec![6]),
             "udp" => Proto::List(vec![17]),
-            "icmp" => Proto::List(vec![1, 58]),
+            // As in Tailscale: ICMPv4 only (ICMPv6 is `ipv6-icmp`).
+            "icmp" => Proto::List(vec![1]),
             "ipv6-icmp" | "icmpv6" => Proto::List(vec![58]),
             "sctp" => Proto::List(vec![132]),
             "gre" => Proto::List(vec![47]),
@@ -849,6 +885,12 @@ impl Checker {
         }
         if src.is_none() && self.diags.len() == before {
             self.err(v.pos, "test has no \"src\"");
+        }
+        if accept.is_empty() && deny.is_empty() && self.diags.len() == before {
+            self.err(
+                v.pos,
+                "test checks nothing: give it \"accept\" or \"deny\" destinations",
+            );
         }
         if self.diags.len() > before {
             return None;

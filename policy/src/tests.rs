@@ -462,6 +462,7 @@ fn access_requests_name_approvers_and_grants_compile_as_rules_that_expire() {
     let text = r#"{
   "tagOwners": {"tag:prod": [], "tag:dev": []},
   "groups": {"group:sre": ["sam@example.com"]},
+  "acls": [],
   "accessRequests": [
     {"dst": ["tag:prod"], "approvers": ["group:sre", "idp:group:oncall"], "maxDuration": "4h"},
   ],
@@ -482,7 +483,7 @@ fn access_requests_name_approvers_and_grants_compile_as_rules_that_expire() {
     assert_eq!(
         p.approver_rule("tag:prod", "sam@example.com", &[])
             .as_deref(),
-        Some("jit.hujson:5:5")
+        Some("jit.hujson:6:5")
     );
     assert!(
         p.approver_rule("tag:prod", "olly@example.com", &["oncall".into()])
@@ -662,7 +663,8 @@ const MIXED: &str = r#"{
   "acls": [
     {"action": "deny", "src": ["100.64.0.0/29"], "dst": ["tag:db:*"]},
     {"action": "accept", "src": ["*"], "dst": ["tag:prod:443"]},
-    {"action": "accept", "src": ["group:eng", "100.64.0.9"], "dst": ["tag:db:5432", "autogroup:self:22"]},
+    {"action": "accept", "src": ["group:eng"], "dst": ["tag:db:5432", "autogroup:self:22"]},
+    {"action": "accept", "src": ["100.64.0.9"], "dst": ["tag:db:5432"]},
     {"action": "accept", "src": ["tag:prod"], "dst": ["tag:db:*"]},
   ],
 }"#;
