@@ -123,7 +123,6 @@ struct TsPorts {
 
 /// Policy sections Lattice does not compile (yet); a case using one is "not supported".
 const UNSUPPORTED_SECTIONS: &[&str] = &[
-    "grants",
     "ssh",
     "sshTests",
     "nodeAttrs",
@@ -156,6 +155,18 @@ fn judge(case: &Case) -> Verdict {
             .map(String::as_str)
             .collect();
         unsupported.sort_unstable();
+        // Grants steering through routers or carrying app capabilities.
+        if let Some(serde_json::Value::Array(grants)) = sections.get("grants") {
+            for field in ["via", "app"] {
+                if grants.iter().any(|g| g.get(field).is_some()) {
+                    unsupported.push(if field == "via" {
+                        "grants:via"
+                    } else {
+                        "grants:app"
+                    });
+                }
+            }
+        }
         if !unsupported.is_empty() {
             return Verdict::Unsupported(format!("section {}", unsupported.join(", ")));
         }
@@ -749,10 +760,16 @@ mod tests {
             panic!("accepting a refused policy passed")
         };
         assert!(d[0].contains("Lattice accepts it"), "{d:?}");
-        let grants = r#"{"grants": [{"src": ["*"], "dst": ["*"], "ip": ["*"]}]}"#;
+        let ssh = r#"{"acls": [], "ssh": [{"action": "accept", "src": ["*"], "dst": ["*"], "users": ["root"]}]}"#;
         assert_eq!(
-            verdict(&case(grants, "[]", None)),
-            Verdict::Unsupported("section grants".into())
+            verdict(&case(ssh, "[]", None)),
+            Verdict::Unsupported("section ssh".into())
+        );
+        let via =
+            r#"{"grants": [{"src": ["*"], "dst": ["10.0.0.0/8"], "ip": ["*"], "via": ["tag:r"]}]}"#;
+        assert_eq!(
+            verdict(&case(via, "[]", None)),
+            Verdict::Unsupported("section grants:via".into())
         );
     }
 }

@@ -32,8 +32,8 @@ pub(crate) const NODE_ATTRS: &[&str] = &[
     "hostname",
 ];
 
-const SECTIONS: &str = "acls, groups, hosts, postures, defaultSrcPosture, tagOwners, tests, \
-     autoApprovers, accessRequests";
+const SECTIONS: &str = "acls, grants, groups, hosts, postures, defaultSrcPosture, tagOwners, \
+     tests, autoApprovers, accessRequests";
 
 /// The longest grant an `accessRequests` entry allows without `maxDuration`, and the most
 /// one may set.
@@ -165,7 +165,13 @@ impl Checker {
                     policy.rules.push(r);
                 }
             }
-        } else if get("grants").is_none() {
+        }
+        if let Some(v) = get("grants") {
+            for item in self.array(v, "grants") {
+                policy.rules.extend(self.grant(item));
+            }
+        }
+        if get("acls").is_none() && get("grants").is_none() {
             // As in Tailscale: a file with neither `acls` nor `grants` (even empty ones) lets
             // every node reach every node.
             let mut rule = crate::allow_all_rule(format!(
@@ -446,6 +452,114 @@ impl Checker {
 
     // ------------------------------------------------------------ rules
 
+    /// A network grant: `{"src": [...], "dst": [...], "ip": ["tcp:443", "22", "*"]}`, as
+    /// accept rules (one per `ip` entry). Destinations carry no ports; `ip` gives them.
+    fn grant(&mut self, v: &Spanned<Json>) -> Vec<Rule> {
+        let origin = format!("{}:{}:{}", self.file, v.pos.line, v.pos.col);
+        let before = self.diags.len();
+        let (mut src, mut dst, mut ip) = (None, None, None);
+        let mut src_posture = Vec::new();
+        for (k, val) in self.object(v, "a grant") {
+            match k.value.as_str() {
+                "src" => {
+                    let mut sels = Vec::new();
+                    for (pos, s) in self.strings(val, "src") {
+                        if let Some(sel) = self.selector(pos, s, Side::Src) {
+                            sels.push(sel);
+                        }
+                    }
+                    src = Some(sels);
+                }
+                "dst" => {
+                    let mut sels = Vec::new();
+                    for (pos, s) in self.strings(val, "dst") {
+                        if let Some(sel) = self.selector(pos, s, Side::Dst) {
+                            if matches!(&sel, Selector::Prefix(p) if p.prefix_len() == 0) {
+                                self.err(pos, format!("dst {s:?}: to allow all IP addresses, use \"*\" or \"autogroup:internet\""));
+                            }
+                            sels.push((pos, sel));
+                        }
+                    }
+                    dst = Some(sels);
+                }
+                "ip" => {
+                    let mut entries = Vec::new();
+                    for (pos, s) in self.strings(val, "ip") {
+                        match parse_grant_ip(s) {
+                            Ok(e) => entries.push(e),
+                            Err(why) => self.err(pos, format!("bad ip entry {s:?}: {why}; expected *, ports (22, 80-443) or PROTO:PORTS (tcp:443, udp:*, icmp:*)")),
+                        }
+                    }
+                    ip = Some(entries);
+                }
+                "srcPosture" => src_posture = self.posture_refs(val),
+                "app" | "via" => self.err(
+                    k.pos,
+                    format!(
+                        "grants with {:?} are not supported yet (network grants with \"ip\" are)",
+                        k.value
+                    ),
+                ),
+                other => self.err(
+                    k.pos,
+                    format!(
+                        "unknown field {other:?} in a grant (fields: src, dst, ip, srcPosture)"
+                    ),
+                ),
+            }
+        }
+        if src.is_none() || dst.is_none() {
+            self.err(v.pos, "a grant needs src and dst");
+        }
+        if ip.is_none() && self.diags.len() == before {
+            self.err(v.pos, "a grant needs \"ip\" (what traffic it allows)");
+        }
+        if let (Some(ds), Some(ss)) = (&dst, &src)
+            && ds.iter().any(|(_, d)| *d == Selector::SelfNodes)
+            && ss.iter().any(|s: &Selector| {
+                // (Unlike in acls, `*` is not a person here.)
+                !matches!(
+                    s,
+                    Selector::User(_)
+                        | Selector::Group(_)
+                        | Selector::IdpGroup(_)
+                        | Selector::Member
+                )
+            })
+        {
+            self.err(
+                v.pos,
+                "autogroup:self can only be used with users, groups, or supported autogroups \
+                 (a source here is a tag, a host or an address)",
+            );
+        }
+        if self.diags.len() > before {
+            return Vec::new();
+        }
+        let (Some(src), Some(dst), Some(ip)) = (src, dst, ip) else {
+            return Vec::new();
+        };
+        ip.into_iter()
+            .map(|(proto, ports)| Rule {
+                origin: origin.clone(),
+                action: Action::Accept,
+                src: src.clone(),
+                dst: dst
+                    .iter()
+                    .map(|(_, sel)| Dst {
+                        sel: sel.clone(),
+                        ports: ports.clone(),
+                    })
+                    .collect(),
+                proto,
+                src_posture: src_posture.clone(),
+                when: None,
+                not_before: None,
+                expires: None,
+            })
+            .collect()
+    }
+
     fn rule(&mut self, v: &Spanned<Json>) -> Option<Rule> {
         let fields = self.object(v, "an acl rule");
         let origin = format!("{}:{}:{}", self.file, v.pos.line, v.pos.col);
@@ -616,6 +730,8 @@ impl Checker {
             }
             match which {
                 "member" => Selector::Member,
+                // Every address, inside the mesh or not (Tailscale's name says it all).
+                "danger-all" => Selector::Any,
                 "tagged" => Selector::Tagged,
                 "self" if side == Side::Dst => Selector::SelfNodes,
                 "internet" if side == Side::Dst => Selector::Internet,
@@ -628,7 +744,7 @@ impl Checker {
                     return None;
                 }
                 _ => {
-                    self.err(pos, format!("unsupported autogroup {s:?} (supported: autogroup:member, autogroup:tagged, autogroup:self, autogroup:internet)"));
+                    self.err(pos, format!("unsupported autogroup {s:?} (supported: autogroup:member, autogroup:tagged, autogroup:self, autogroup:internet, autogroup:danger-all)"));
                     return None;
                 }
             }
@@ -923,6 +1039,41 @@ fn ports_allowed(proto: &Proto) -> bool {
 }
 
 /// An IP or CIDR.
+/// A grant's `ip` entry: `*`, ports (`22`, `80-443`, `22,80`), or `PROTO:PORTS` (`tcp:443`,
+/// `udp:*`, `icmp:*`, `47:*`). Ports start at 1 (`*` means all).
+fn parse_grant_ip(s: &str) -> Result<(Proto, Ports), String> {
+    if s == "*" {
+        return Ok((Proto::Default, Ports::Any));
+    }
+    let (proto, ports) = match s.split_once(':') {
+        Some((proto, ports)) => {
+            let proto = match proto.to_ascii_lowercase().as_str() {
+                "tcp" => Proto::List(vec![6]),
+                "udp" => Proto::List(vec![17]),
+                "icmp" => Proto::List(vec![1]),
+                "ipv6-icmp" | "icmpv6" => Proto::List(vec![58]),
+                "sctp" => Proto::List(vec![132]),
+                "gre" => Proto::List(vec![47]),
+                "esp" => Proto::List(vec![50]),
+                "ah" => Proto::List(vec![51]),
+                n => Proto::List(vec![
+                    n.parse::<u8>()
+                        .map_err(|_| format!("unknown protocol {n:?}"))?,
+                ]),
+            };
+            (proto, ports)
+        }
+        None => (Proto::Default, s),
+    };
+    let ports = parse_ports(ports).map_err(|bad| format!("bad port {bad:?}"))?;
+    if let Ports::Ranges(r) = &ports
+        && r.iter().any(|(a, _)| *a == 0)
+    {
+        return Err("the first port must be above 0 (or use *)".into());
+    }
+    Ok((proto, ports))
+}
+
 /// `90s`, `30m`, `4h`, `2d` (one number and unit) in seconds.
 pub(crate) fn parse_duration_secs(s: &str) -> Option<u64> {
     let s = s.trim();

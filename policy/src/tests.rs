@@ -86,7 +86,7 @@ fn every_kind_of_mistake_is_reported_with_its_position_and_all_at_once() {
         "p.hujson:12:67: bad time \"tomorrow\" in expires: expected RFC 3339, like 2026-12-01T18:00:00Z",
         "p.hujson:14:21: a test names one user, tag, group, host or IP, not *",
         "p.hujson:14:52: unknown field \"sneaky\" in a test (fields: src, srcAttrs, at, proto, accept, deny)",
-        "p.hujson:15:3: unknown section \"ssh\" (supported: acls, groups, hosts, postures, defaultSrcPosture, tagOwners, tests, autoApprovers, accessRequests)",
+        "p.hujson:15:3: unknown section \"ssh\" (supported: acls, grants, groups, hosts, postures, defaultSrcPosture, tagOwners, tests, autoApprovers, accessRequests)",
     ];
     for e in &expected {
         assert!(
@@ -559,6 +559,67 @@ fn access_requests_name_approvers_and_grants_compile_as_rules_that_expire() {
             .any(|m| m.contains("must be a user, group: or idp:group:")),
         "{e:?}"
     );
+}
+
+#[test]
+fn network_grants_compile_like_the_acls_they_stand_for() {
+    let inv = inventory();
+    let as_acls = r#"{"tagOwners": {"tag:db": []}, "groups": {"group:eng": ["alice@example.com"]},
+      "acls": [{"action": "accept", "src": ["group:eng"], "dst": ["tag:db:5432"], "proto": "tcp"},
+               {"action": "accept", "src": ["group:eng"], "dst": ["tag:db:22"]}]}"#;
+    let as_grants = r#"{"tagOwners": {"tag:db": []}, "groups": {"group:eng": ["alice@example.com"]},
+      "grants": [{"src": ["group:eng"], "dst": ["tag:db"], "ip": ["tcp:5432", "22"]}]}"#;
+    let a = Policy::parse("a.hujson", as_acls)
+        .unwrap()
+        .compile(&inv, now());
+    let g = Policy::parse("g.hujson", as_grants)
+        .unwrap()
+        .compile(&inv, now());
+    for n in inv.iter() {
+        let strip = |c: Compiled| {
+            c.rules
+                .into_iter()
+                .map(|r| (r.src, r.dst, r.protocols))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            strip(a.for_node(n.id)),
+            strip(g.for_node(n.id)),
+            "{}",
+            n.name
+        );
+        assert_eq!(
+            a.for_node(n.id).visible_peers,
+            g.for_node(n.id).visible_peers
+        );
+    }
+    // What the service refuses, refused with the reason.
+    for (grant, want) in [
+        (
+            r#"{"src": ["*"], "dst": ["*"], "ip": ["icmp"]}"#,
+            "bad ip entry \"icmp\"",
+        ),
+        (
+            r#"{"src": ["*"], "dst": ["*"], "ip": ["tcp:0"]}"#,
+            "above 0",
+        ),
+        (
+            r#"{"src": ["*"], "dst": ["0.0.0.0/0"], "ip": ["*"]}"#,
+            "use \"*\" or \"autogroup:internet\"",
+        ),
+        (
+            r#"{"src": ["*"], "dst": ["autogroup:self"], "ip": ["*"]}"#,
+            "autogroup:self can only be used",
+        ),
+        (r#"{"src": ["*"], "dst": ["*"]}"#, "needs \"ip\""),
+        (
+            r#"{"src": ["*"], "dst": ["*"], "app": {"x.com/cap": [{}]}}"#,
+            "not supported yet",
+        ),
+    ] {
+        let e = errors(&format!(r#"{{"grants": [{grant}]}}"#));
+        assert!(e.iter().any(|m| m.contains(want)), "{grant}: {e:?}");
+    }
 }
 
 #[test]
