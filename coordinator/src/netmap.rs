@@ -386,14 +386,9 @@ mod tests {
         assert_eq!(m.peers_removed, vec![NodeId(3)]);
         let rules = m.packet_filter.unwrap();
         assert_eq!(rules.len(), 1);
-        // The node inside the host's prefix is n2: both of its addresses.
-        assert_eq!(
-            rules[0].src,
-            vec![
-                "100.64.0.2/32".parse().unwrap(),
-                "fd00::2/128".parse().unwrap()
-            ]
-        );
+        // The host is n2's IPv4 address: that address only (as in Tailscale, a source
+        // prefix admits the addresses inside it, not the rest of the node).
+        assert_eq!(rules[0].src, vec!["100.64.0.2/32".parse().unwrap()]);
         // n3 sees nobody, and gets no rules.
         let mut sent3 = SentMap::default();
         let m3 = next_map(&mut sent3, &w.snap(), NodeId(3), None, &Pending::all()).unwrap();
