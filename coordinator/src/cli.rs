@@ -286,6 +286,26 @@ pub enum NodesCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Show or change the routes a node serves for the mesh (subnet routes, exit routes):
+    /// what it advertises, what is approved (here or by the policy's autoApprovers) and
+    /// what it is the primary router for.
+    Routes {
+        /// Node name.
+        name: String,
+        /// Approve an advertised route (CIDR; repeatable; 0.0.0.0/0 and ::/0 make it an exit
+        /// node).
+        #[arg(long = "approve")]
+        approve: Vec<ipnet::IpNet>,
+        /// Withdraw an approval (repeatable).
+        #[arg(long = "unapprove")]
+        unapprove: Vec<ipnet::IpNet>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Show or change a node's admin-set attributes (`custom:NAME`), which postures can test.
     Attr {
         /// Node name.

@@ -255,6 +255,7 @@ impl Hub {
         st.file_policy = Arc::new(policy);
         st.policy_version = version;
         st.policy_rev += 1;
+        st.refresh_routes();
         st.wake_all(true);
     }
 
@@ -475,6 +476,7 @@ impl HubState {
     fn drop_node(&mut self, id: NodeId, kick: Option<Kick>, now: i64) {
         if let Some(old) = self.nodes.remove(&id) {
             self.inventory.remove(id);
+            self.elect_primaries();
             self.by_key.remove(&old.record.node_key);
             self.revoke(old.record.node_key);
             let concerned = self.recompile_for(id, now, None);
@@ -495,12 +497,15 @@ impl HubState {
         }
         let online = record.connected_to.is_some();
         let rev = self.bump();
+        let mut inv = inventory_node(&record);
+        let routes = routes_in_force(&self.file_policy, &record, &inv);
         let membership_changed = self.nodes.get(&record.id).is_none_or(|old| {
             old.record.addresses() != record.addresses()
                 || old.record.tags != record.tags
                 || old.record.user != record.user
                 || old.record.name != record.name
                 || old.record.policy_attrs() != record.policy_attrs()
+                || old.routes != routes
         });
         if let Some(old) = self.nodes.get(&record.id)
             && old.record.node_key != record.node_key
@@ -513,23 +518,23 @@ impl HubState {
         self.revoked.remove(&record.node_key);
         self.by_key.insert(record.node_key, record.id);
         let id = record.id;
-        let inv = InventoryNode {
-            routes: Vec::new(),
-            id,
-            name: record.name.clone(),
-            addresses: record.addresses(),
-            user: record.user.clone(),
-            tags: record.tags.clone(),
-            attrs: record.policy_attrs(),
-        };
+        inv.routes.clone_from(&routes);
+        let primary_routes = self
+            .nodes
+            .get(&id)
+            .map(|o| o.primary_routes.clone())
+            .unwrap_or_default();
         self.nodes.insert(
             id,
             LiveNode {
                 record,
                 online,
                 rev,
+                routes,
+                primary_routes,
             },
         );
+        self.elect_primaries();
         if membership_changed {
             self.inventory.upsert(inv.clone());
             let concerned = self.recompile_for(id, now, Some(inv));
@@ -547,6 +552,78 @@ impl HubState {
             };
             self.wake(&concerned, id, false);
         }
+    }
+
+    /// Recomputes every node's routes in force (the policy's autoApprovers may have changed).
+    fn refresh_routes(&mut self) {
+        let policy = Arc::clone(&self.file_policy);
+        let updates: Vec<(NodeId, Vec<ipnet::IpNet>)> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| !n.record.advertised_routes.is_empty() || !n.routes.is_empty())
+            .map(|(id, n)| {
+                let inv = inventory_node(&n.record);
+                (*id, routes_in_force(&policy, &n.record, &inv))
+            })
+            .collect();
+        for (id, routes) in updates {
+            let changed = self.nodes.get(&id).is_some_and(|n| n.routes != routes);
+            if changed {
+                let rev = self.bump();
+                if let Some(n) = self.nodes.get_mut(&id) {
+                    n.routes.clone_from(&routes);
+                    n.rev = rev;
+                    let mut inv = inventory_node(&n.record);
+                    inv.routes = routes;
+                    self.inventory.upsert(inv);
+                }
+            }
+        }
+        self.elect_primaries();
+    }
+
+    /// Picks the primary router of every subnet route several nodes serve: an online node
+    /// before an offline one, then the lowest id (so the choice is the same on every
+    /// replica); a node is the primary of its own exit routes. Nodes whose primary routes
+    /// change are shown to their peers again.
+    fn elect_primaries(&mut self) {
+        let mut best: BTreeMap<ipnet::IpNet, (bool, NodeId)> = BTreeMap::new();
+        for (id, n) in &self.nodes {
+            for r in n.routes.iter().filter(|r| r.prefix_len() > 0) {
+                let cand = (!n.online, *id);
+                best.entry(*r)
+                    .and_modify(|b| {
+                        if cand < *b {
+                            *b = cand;
+                        }
+                    })
+                    .or_insert(cand);
+            }
+        }
+        let changed: Vec<(NodeId, Vec<ipnet::IpNet>)> = self
+            .nodes
+            .iter()
+            .filter_map(|(id, n)| {
+                let mine: Vec<ipnet::IpNet> = n
+                    .routes
+                    .iter()
+                    .filter(|r| r.prefix_len() == 0 || best.get(r).is_some_and(|b| b.1 == *id))
+                    .copied()
+                    .collect();
+                (mine != n.primary_routes).then_some((*id, mine))
+            })
+            .collect();
+        if changed.is_empty() {
+            return;
+        }
+        for (id, mine) in changed {
+            let rev = self.bump();
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.primary_routes = mine;
+                n.rev = rev;
+            }
+        }
+        self.wake_all(false);
     }
 
     fn bump(&mut self) -> u64 {
@@ -638,6 +715,37 @@ impl HubState {
     pub fn wakes(&self) -> u64 {
         self.wakes
     }
+}
+
+/// A node as the policy sees it (its routes are filled in by [`routes_in_force`]).
+fn inventory_node(r: &NodeRecord) -> InventoryNode {
+    InventoryNode {
+        id: r.id,
+        name: r.name.clone(),
+        addresses: r.addresses(),
+        user: r.user.clone(),
+        tags: r.tags.clone(),
+        attrs: r.policy_attrs(),
+        routes: Vec::new(),
+    }
+}
+
+/// The routes of a node in force: those it advertises that an admin approved or the policy's
+/// autoApprovers approve.
+fn routes_in_force(policy: &Policy, r: &NodeRecord, inv: &InventoryNode) -> Vec<ipnet::IpNet> {
+    let mut routes: Vec<ipnet::IpNet> = r
+        .advertised_routes
+        .iter()
+        .filter(|a| r.approved_routes.contains(a))
+        .copied()
+        .collect();
+    for a in policy.auto_approved(inv, &r.advertised_routes) {
+        if !routes.contains(&a) {
+            routes.push(a);
+        }
+    }
+    routes.sort_unstable();
+    routes
 }
 
 #[cfg(test)]

@@ -614,6 +614,48 @@ async fn nodes(cmd: NodesCommand) -> anyhow::Result<Outcome> {
                 .await?;
             output::line(&format!("removed node {name}"));
         }
+        NodesCommand::Routes {
+            name,
+            approve,
+            unapprove,
+            json,
+            admin,
+        } => {
+            let routes: ops::RoutesView = if approve.is_empty() && unapprove.is_empty() {
+                let nodes: Vec<NodeView> =
+                    target(&admin)?.call(Method::GET, "/nodes", None).await?;
+                nodes
+                    .into_iter()
+                    .find(|n| n.name == name)
+                    .with_context(|| format!("no node named {name:?}"))?
+                    .routes
+            } else {
+                target(&admin)?
+                    .call(
+                        Method::POST,
+                        &format!("/nodes/{name}/routes"),
+                        Some(json!({"approve": approve, "unapprove": unapprove})),
+                    )
+                    .await?
+            };
+            if json {
+                output::json(&routes);
+            } else {
+                let list = |v: &[ipnet::IpNet]| {
+                    if v.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        v.iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                };
+                output::line(&format!("advertised: {}", list(&routes.advertised)));
+                output::line(&format!("approved:   {}", list(&routes.approved)));
+                output::line(&format!("primary:    {}", list(&routes.primary)));
+            }
+        }
         NodesCommand::Attr {
             name,
             set,

@@ -60,6 +60,10 @@ pub struct NodeRecord {
     /// Whether the sign-in that admitted (or last renewed) the node used a second factor;
     /// `None` for nodes that did not join by signing in.
     pub user_mfa: Option<bool>,
+    /// Routes the node advertises (its last hello).
+    pub advertised_routes: Vec<ipnet::IpNet>,
+    /// Routes an admin approved (only those also advertised are in force).
+    pub approved_routes: Vec<ipnet::IpNet>,
 }
 
 impl NodeRecord {
@@ -166,6 +170,8 @@ impl NodeRecord {
             connected_to: None,
             idp_groups: Vec::new(),
             user_mfa: None,
+            advertised_routes: Vec::new(),
+            approved_routes: Vec::new(),
         }
     }
 }

@@ -27,6 +27,11 @@ pub struct LiveNode {
     pub online: bool,
     /// Bumped whenever anything a peer could see changes.
     pub rev: u64,
+    /// Its routes in force: approved by an admin or by the policy's autoApprovers, and
+    /// advertised.
+    pub routes: Vec<ipnet::IpNet>,
+    /// Those it is the primary router for.
+    pub primary_routes: Vec<ipnet::IpNet>,
 }
 
 /// The hub's state, as [`next_map`] reads it.
@@ -89,6 +94,9 @@ pub fn wire_node(live: &LiveNode, domain: &str) -> Node {
         ephemeral: r.ephemeral,
         home_relay: r.home_relay,
         nat: r.nat.clone(),
+        advertised_routes: r.advertised_routes.clone(),
+        approved_routes: live.routes.clone(),
+        primary_routes: live.primary_routes.clone(),
     }
 }
 
@@ -251,6 +259,8 @@ mod tests {
             self.nodes.insert(
                 rec.id,
                 LiveNode {
+                    routes: Vec::new(),
+                    primary_routes: Vec::new(),
                     record: rec,
                     online: false,
                     rev: 1,

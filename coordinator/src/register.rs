@@ -36,6 +36,7 @@ fn refuse(code: ErrorCode, msg: impl Into<String>) -> RegisterError {
 }
 
 /// Limits on what a node may report.
+const MAX_ROUTES: usize = 64;
 const MAX_HOSTNAME: usize = 255;
 const MAX_ENDPOINTS: usize = 32;
 const MAX_SHORT_FIELD: usize = 128;
@@ -72,6 +73,7 @@ pub async fn register_or_resume(
     now: i64,
 ) -> Result<(NodeRecord, bool), RegisterError> {
     validate_hello(hello)?;
+    check_routes(st, &hello.advertised_routes)?;
     // A token from an outside issuer is checked before the write lock (it may fetch the
     // issuer's keys).
     let admitted = match (&hello.id_token, &hello.auth_key) {
@@ -145,6 +147,13 @@ pub async fn register_or_resume(
             table: "nodes",
             detail: "node vanished during resume".into(),
         })?;
+        if updated.advertised_routes != hello.advertised_routes {
+            db::nodes::set_advertised_routes(&mut tx, updated.id, &hello.advertised_routes).await?;
+        }
+        let updated = NodeRecord {
+            advertised_routes: hello.advertised_routes.clone(),
+            ..updated
+        };
         if updated.node_key != existing.node_key {
             db::audit::append(
                 &mut tx,
@@ -252,6 +261,13 @@ pub async fn register_or_resume(
     )
     .await?;
     db::nodes::clear_removal(&mut tx, machine).await?;
+    if !hello.advertised_routes.is_empty() {
+        db::nodes::set_advertised_routes(&mut tx, record.id, &hello.advertised_routes).await?;
+    }
+    let record = NodeRecord {
+        advertised_routes: hello.advertised_routes.clone(),
+        ..record
+    };
     let record = match grant.until {
         Some(until) => {
             db::nodes::set_expiry(&mut tx, record.id, Some(until)).await?;
@@ -299,6 +315,45 @@ pub async fn register_or_resume(
     let seq = feed::note(&mut tx, Kind::Node, Some(record.id), None).await?;
     feed::commit(st, tx, seq).await?;
     Ok((record, true))
+}
+
+/// Checks the routes a node offers: prefixes without host bits, at most [`MAX_ROUTES`], none
+/// inside the mesh's own addresses (100.64.0.0/10 and its IPv6 /48).
+fn check_routes(st: &AppState, routes: &[ipnet::IpNet]) -> Result<(), RegisterError> {
+    if routes.len() > MAX_ROUTES {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            format!("at most {MAX_ROUTES} advertised routes"),
+        ));
+    }
+    let overlay: [ipnet::IpNet; 2] = [
+        ipnet::IpNet::V4(
+            ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(100, 64, 0, 0), 10).unwrap_or_default(),
+        ),
+        ipnet::IpNet::V6(st.mesh.ula_prefix),
+    ];
+    for r in routes {
+        if r.trunc() != *r {
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                format!(
+                    "advertised route {r} has host bits set (did you mean {}?)",
+                    r.trunc()
+                ),
+            ));
+        }
+        if r.prefix_len() > 0
+            && overlay
+                .iter()
+                .any(|o| o.contains(&r.network()) || r.contains(&o.network()))
+        {
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                format!("advertised route {r} overlaps the mesh's own addresses"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Where a new node's identity comes from: an auth key or an outside token.

@@ -147,6 +147,14 @@ pub struct UpArgs {
     /// Name to ask for (default: the OS hostname); the coordinator makes it unique.
     #[arg(long)]
     pub hostname: Option<String>,
+    /// Offer to route these subnets for the mesh (CIDRs, comma-separated); an admin approves
+    /// them (`lattice-coordinator nodes routes NAME --approve CIDR`) or the policy's
+    /// autoApprovers do.
+    #[arg(long, value_delimiter = ',')]
+    pub advertise_routes: Vec<ipnet::IpNet>,
+    /// Offer to be an exit node (advertises 0.0.0.0/0 and ::/0).
+    #[arg(long)]
+    pub advertise_exit_node: bool,
     /// Where the daemon keeps its state.
     #[command(flatten)]
     pub state: StateDirArg,

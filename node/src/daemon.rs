@@ -81,6 +81,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
 
     let hostname = args.hostname.clone().unwrap_or_else(os_hostname);
+    let advertised_routes = advertised_routes(&args)?;
     let (control_tx, control_rx) = mpsc::channel(64);
     let (out_tx, out_rx) = mpsc::channel(16);
     let (endpoints_tx, endpoints_rx) = watch::channel(Vec::new());
@@ -115,6 +116,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             client_version: env!("CARGO_PKG_VERSION").to_owned(),
             node_key_proof: None,
             id_token: None,
+            advertised_routes,
         },
         id_token,
         id_token_refresh: args.id_token_refresh,
@@ -225,6 +227,34 @@ async fn resolve_pin(
     };
     dir.save_pin(&pin)?;
     Ok(pin)
+}
+
+/// `--advertise-routes` and `--advertise-exit-node`, checked: prefixes without host bits, and
+/// the exit routes only through `--advertise-exit-node`.
+fn advertised_routes(args: &UpArgs) -> anyhow::Result<Vec<ipnet::IpNet>> {
+    let mut routes = Vec::new();
+    for r in &args.advertise_routes {
+        if r.trunc() != *r {
+            bail!(
+                "--advertise-routes {r} has host bits set (did you mean {}?)",
+                r.trunc()
+            );
+        }
+        if r.prefix_len() == 0 {
+            bail!("--advertise-routes {r}: use --advertise-exit-node to route the internet");
+        }
+        if !routes.contains(r) {
+            routes.push(*r);
+        }
+    }
+    if args.advertise_exit_node {
+        routes.extend(
+            ["0.0.0.0/0", "::/0"]
+                .iter()
+                .filter_map(|s| s.parse::<ipnet::IpNet>().ok()),
+        );
+    }
+    Ok(routes)
 }
 
 fn os_hostname() -> String {

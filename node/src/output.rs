@@ -57,6 +57,25 @@ pub(crate) fn status(st: &StatusJson) {
     {
         println!("{notice}");
     }
+    let r = &me.routes;
+    if !r.advertised.is_empty() {
+        let list = |v: &[ipnet::IpNet]| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        println!(
+            "routes: advertised {}; approved {}; primary {}",
+            list(&r.advertised),
+            list(&r.approved),
+            list(&r.primary)
+        );
+    }
     if let Some(l) = &st.login {
         println!(
             "waiting for a sign-in: to authenticate, visit: {} (code {})",

@@ -142,6 +142,11 @@ pub struct Hello {
     /// joins (or renews) the node without an auth key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id_token: Option<IdToken>,
+    /// Subnets (and, as `0.0.0.0/0` and `::/0`, the internet) the node offers to route for
+    /// the mesh (`lattice up --advertise-routes`, `--advertise-exit-node`); an admin or the
+    /// policy's `autoApprovers` approves them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advertised_routes: Vec<ipnet::IpNet>,
 }
 
 /// A JSON Web Token from an outside issuer (a Kubernetes service account, a CI system, a

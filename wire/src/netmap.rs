@@ -58,6 +58,16 @@ pub struct Node {
     /// How the node's NAT behaves, as the node measured it.
     #[serde(default)]
     pub nat: Option<NatInfo>,
+    /// Routes the node advertises.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advertised_routes: Vec<ipnet::IpNet>,
+    /// Those approved (by an admin or the policy's `autoApprovers`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approved_routes: Vec<ipnet::IpNet>,
+    /// The approved routes this node is the primary router for (when several nodes offer
+    /// one route, one of the online ones carries it; exit routes are always its own).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub primary_routes: Vec<ipnet::IpNet>,
 }
 
 /// DNS settings for the node's resolver at 100.100.100.100.
@@ -165,6 +175,9 @@ mod tests {
             ephemeral: false,
             home_relay: None,
             nat: None,
+            advertised_routes: Vec::new(),
+            approved_routes: Vec::new(),
+            primary_routes: Vec::new(),
         }
     }
 

@@ -28,6 +28,7 @@ pub fn router() -> Router<AppState> {
         .route("/nodes/{name}", delete(remove_node))
         .route("/nodes/{name}/expire", post(expire_node))
         .route("/nodes/{name}/attrs", put(set_attrs))
+        .route("/nodes/{name}/routes", post(set_routes))
         .route("/policy", get(get_policy).put(set_policy))
         .route("/policy/diff", post(diff_policy))
         .route("/policy/versions", get(policy_versions))
@@ -212,6 +213,25 @@ async fn set_user_key_expiry(
     ops::people::set_user_key_expiry(&st, &name, req.key_expiry_secs, &actor).await?;
     Ok(Json(
         json!({"user": name, "key_expiry_secs": req.key_expiry_secs}),
+    ))
+}
+
+#[derive(serde::Deserialize)]
+struct RoutesChange {
+    #[serde(default)]
+    approve: Vec<ipnet::IpNet>,
+    #[serde(default)]
+    unapprove: Vec<ipnet::IpNet>,
+}
+
+async fn set_routes(
+    State(st): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(name): Path<String>,
+    Json(req): Json<RoutesChange>,
+) -> Result<Json<ops::RoutesView>, ApiError> {
+    Ok(Json(
+        ops::set_routes(&st, &name, &req.approve, &req.unapprove, &actor).await?,
     ))
 }
 

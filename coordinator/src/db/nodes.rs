@@ -34,6 +34,8 @@ struct NodeRow {
     connected_to: Option<String>,
     idp_groups: String,
     user_mfa: Option<i64>,
+    advertised_routes: String,
+    approved_routes: String,
 }
 
 macro_rules! select_nodes {
@@ -41,7 +43,8 @@ macro_rules! select_nodes {
         concat!(
             "SELECT id, machine_key, node_key, name, ipv4, ipv6, user_name, tags, ephemeral, ",
             "os, client_version, endpoints, created_at, last_seen, expires_at, posture, posture_at, ",
-            "custom_attrs, home_relay, nat, connected_to, idp_groups, user_mfa FROM nodes"
+            "custom_attrs, home_relay, nat, connected_to, idp_groups, user_mfa, advertised_routes, ",
+            "approved_routes FROM nodes"
             $(, " ", $rest)?
         )
     };
@@ -88,6 +91,10 @@ impl TryFrom<NodeRow> for NodeRecord {
             connected_to: r.connected_to,
             idp_groups: serde_json::from_str(&r.idp_groups).map_err(|_| corrupt("idp_groups"))?,
             user_mfa: r.user_mfa.map(|m| m != 0),
+            advertised_routes: serde_json::from_str(&r.advertised_routes)
+                .map_err(|_| corrupt("advertised_routes"))?,
+            approved_routes: serde_json::from_str(&r.approved_routes)
+                .map_err(|_| corrupt("approved_routes"))?,
         })
     }
 }
@@ -349,6 +356,34 @@ pub async fn set_expiry(
 ) -> Result<(), DbError> {
     sqlx::query("UPDATE nodes SET expires_at = $1 WHERE id = $2")
         .bind(expires_at)
+        .bind(id_i64(id))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Records the routes a node advertises (from its hello).
+pub async fn set_advertised_routes(
+    conn: &mut AnyConnection,
+    id: NodeId,
+    routes: &[ipnet::IpNet],
+) -> Result<(), DbError> {
+    sqlx::query("UPDATE nodes SET advertised_routes = $1 WHERE id = $2")
+        .bind(json(routes))
+        .bind(id_i64(id))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Sets the routes an admin approved for a node.
+pub async fn set_approved_routes(
+    conn: &mut AnyConnection,
+    id: NodeId,
+    routes: &[ipnet::IpNet],
+) -> Result<(), DbError> {
+    sqlx::query("UPDATE nodes SET approved_routes = $1 WHERE id = $2")
+        .bind(json(routes))
         .bind(id_i64(id))
         .execute(&mut *conn)
         .await?;

@@ -103,6 +103,23 @@ pub struct NodeView {
     /// Its NAT, as it measured it.
     #[serde(default)]
     pub nat: Option<wire::NatInfo>,
+    /// Its routes: advertised, approved (in force) and primary.
+    #[serde(default)]
+    pub routes: RoutesView,
+}
+
+/// A node's routes, as `nodes list` and `nodes routes` show them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutesView {
+    /// What the node offers.
+    pub advertised: Vec<ipnet::IpNet>,
+    /// In force: approved by an admin (`nodes routes --approve`) or the policy's
+    /// autoApprovers, and advertised.
+    pub approved: Vec<ipnet::IpNet>,
+    /// Those it is the primary router for.
+    pub primary: Vec<ipnet::IpNet>,
+    /// Approved by an admin (in force only while advertised).
+    pub admin_approved: Vec<ipnet::IpNet>,
 }
 
 /// Validates a tag (`tag:[a-z0-9-]+`).
@@ -248,7 +265,17 @@ pub async fn list_nodes(st: &AppState) -> Result<Vec<NodeView>, ApiError> {
         .into_iter()
         .map(|r| {
             let online = r.connected_to.is_some() && hub.node(r.id).is_some();
+            let routes = RoutesView {
+                advertised: r.advertised_routes.clone(),
+                approved: hub.node(r.id).map(|n| n.routes.clone()).unwrap_or_default(),
+                primary: hub
+                    .node(r.id)
+                    .map(|n| n.primary_routes.clone())
+                    .unwrap_or_default(),
+                admin_approved: r.approved_routes.clone(),
+            };
             NodeView {
+                routes,
                 id: r.id,
                 fqdn: format!("{}.{}", r.name, st.mesh.domain),
                 addresses: r.addresses(),
@@ -327,6 +354,69 @@ pub async fn collect_ephemeral(st: &AppState, id: NodeId) -> Result<(), ApiError
     };
     remove_node(st, &name, "system", "ephemeral node went away").await?;
     Ok(())
+}
+
+/// Approves (`approve`) and withdraws approval of (`unapprove`) routes of node `name`
+/// (audited). Only routes the node advertises may be approved.
+pub async fn set_routes(
+    st: &AppState,
+    name: &str,
+    approve: &[ipnet::IpNet],
+    unapprove: &[ipnet::IpNet],
+    actor: &str,
+) -> Result<RoutesView, ApiError> {
+    let mut tx = db::begin_write(&st.db).await?;
+    let Some(node) = db::nodes::by_name(&mut tx, name).await? else {
+        return Err(ApiError::NotFound(format!("no node named {name:?}")));
+    };
+    if let Some(r) = approve.iter().find(|r| !node.advertised_routes.contains(r)) {
+        return Err(ApiError::BadRequest(format!(
+            "{name} does not advertise {r} (it advertises {}); run its `lattice up` with \
+             --advertise-routes first",
+            if node.advertised_routes.is_empty() {
+                "nothing".to_owned()
+            } else {
+                node.advertised_routes
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        )));
+    }
+    let mut approved: Vec<ipnet::IpNet> = node
+        .approved_routes
+        .iter()
+        .chain(approve)
+        .filter(|r| !unapprove.contains(r))
+        .copied()
+        .collect();
+    approved.sort_unstable();
+    approved.dedup();
+    db::nodes::set_approved_routes(&mut tx, node.id, &approved).await?;
+    db::audit::append(
+        &mut tx,
+        st.audit.key(),
+        NewEntry::new(
+            actor,
+            "node.routes",
+            &node.name,
+            json!({"node_id": node.id, "approved": approved, "advertised": node.advertised_routes,
+                   "old": node.approved_routes}),
+        ),
+        unix_now_ms(),
+    )
+    .await?;
+    let seq = feed::note(&mut tx, Kind::Node, Some(node.id), None).await?;
+    feed::commit(st, tx, seq).await?;
+    let hub = st.hub.read();
+    let live = hub.node(node.id);
+    Ok(RoutesView {
+        advertised: node.advertised_routes,
+        approved: live.map(|n| n.routes.clone()).unwrap_or_default(),
+        primary: live.map(|n| n.primary_routes.clone()).unwrap_or_default(),
+        admin_approved: approved,
+    })
 }
 
 /// Expires the key of node `name`: it is dropped from every netmap and must re-join with an

@@ -197,6 +197,7 @@ pub fn hello(i: u8, host: &str, key: Option<&str>) -> Hello {
         client_version: "test".into(),
         node_key_proof: None,
         id_token: None,
+        advertised_routes: Vec::new(),
     }
 }
 

@@ -56,6 +56,9 @@ fn node(i: usize, public: NodeKey) -> Node {
         ephemeral: false,
         home_relay: None,
         nat: None,
+        advertised_routes: Vec::new(),
+        approved_routes: Vec::new(),
+        primary_routes: Vec::new(),
     }
 }
 

@@ -106,6 +106,9 @@ fn node(i: usize) -> Node {
         ephemeral: false,
         home_relay: None,
         nat: None,
+        advertised_routes: Vec::new(),
+        approved_routes: Vec::new(),
+        primary_routes: Vec::new(),
     }
 }
 

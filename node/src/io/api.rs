@@ -143,6 +143,20 @@ pub struct SelfJson {
     /// When this node's key expires (Unix seconds); `None`: never.
     #[serde(default)]
     pub key_expiry_unix: Option<i64>,
+    /// The routes this node serves for the mesh.
+    #[serde(default)]
+    pub routes: RoutesJson,
+}
+
+/// A node's routes in `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutesJson {
+    /// What it offers (`--advertise-routes`, `--advertise-exit-node`).
+    pub advertised: Vec<ipnet::IpNet>,
+    /// Those approved.
+    pub approved: Vec<ipnet::IpNet>,
+    /// Those it is the primary router for.
+    pub primary: Vec<ipnet::IpNet>,
 }
 
 /// The coordinator connection in `status`.

@@ -18,7 +18,7 @@ use wire::{ClientMessage, ErrorCode, NatInfo, RelayId};
 
 use crate::io::api::{
     ApiRequest, CoordinatorJson, LoginJson, LoginResultJson, NetcheckJson, PathJson, PeerJson,
-    RelayJson, SelfJson, StatusJson, StunJson, WhoisJson,
+    RelayJson, RoutesJson, SelfJson, StatusJson, StunJson, WhoisJson,
 };
 use crate::io::aux::{AuxDatagram, AuxSockets};
 use crate::io::control::ControlEvent;
@@ -894,6 +894,11 @@ impl EventLoop {
                 user: me.and_then(|n| n.user.clone()),
                 tags: me.map(|n| n.tags.clone()).unwrap_or_default(),
                 key_expiry_unix: me.and_then(|n| n.key_expiry_unix),
+                routes: me.map_or_else(RoutesJson::default, |n| RoutesJson {
+                    advertised: n.advertised_routes.clone(),
+                    approved: n.approved_routes.clone(),
+                    primary: n.primary_routes.clone(),
+                }),
             },
             coordinator: CoordinatorJson {
                 url: self.coordinator_url.clone(),

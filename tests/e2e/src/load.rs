@@ -589,6 +589,7 @@ async fn session(
         client_version: "load".into(),
         node_key_proof: Some(proof_hex),
         id_token: None,
+        advertised_routes: Vec::new(),
     };
     send(&mut ws, &mut ch, &ClientMessage::Hello(hello)).await?;
     let mut joined = joined;

@@ -76,6 +76,9 @@ pub(crate) fn node(i: usize, endpoints: Vec<SocketAddr>) -> Node {
         ephemeral: false,
         home_relay: None,
         nat: None,
+        advertised_routes: Vec::new(),
+        approved_routes: Vec::new(),
+        primary_routes: Vec::new(),
     }
 }
 
