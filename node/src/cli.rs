@@ -155,6 +155,11 @@ pub struct UpArgs {
     /// Offer to be an exit node (advertises 0.0.0.0/0 and ::/0).
     #[arg(long)]
     pub advertise_exit_node: bool,
+    /// Masquerade mesh traffic to the advertised subnets behind this node's own address
+    /// (`--snat-subnet-routes=false` keeps the senders' mesh addresses; the LAN then needs a
+    /// route back to the mesh through this node).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub snat_subnet_routes: bool,
     /// Where the daemon keeps its state.
     #[command(flatten)]
     pub state: StateDirArg,

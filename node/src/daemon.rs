@@ -155,6 +155,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         args.accept_dns,
         identity.node.clone(),
         !args.no_port_mapping,
+        args.snat_subnet_routes,
     );
     let result = ev.run().await;
     control_task.abort();

@@ -17,4 +17,5 @@ mod people;
 mod policy;
 mod pq;
 mod replicas;
+mod routes;
 mod support;

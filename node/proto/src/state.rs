@@ -86,6 +86,14 @@ pub enum Event {
     NetmapChanged,
     /// This node's overlay addresses changed (the shell configures the TUN device).
     AddressesChanged(Vec<IpAddr>),
+    /// The subnets peers route for the mesh changed (the shell routes them into the TUN
+    /// device), or the ones this node routes (the shell forwards them).
+    RoutesChanged {
+        /// Subnets reached through peers (their primary routes; no exit routes).
+        via_peers: Vec<ipnet::IpNet>,
+        /// Subnets this node serves (its approved routes; no exit routes).
+        served: Vec<ipnet::IpNet>,
+    },
     /// A peer's path changed.
     PathChanged {
         /// The peer.
@@ -138,6 +146,10 @@ pub struct NodeState {
     dns: Option<DnsConfig>,
     security: TunnelSecurity,
     local_addrs: Vec<IpAddr>,
+    /// Subnets peers route for us (their primary routes), longest prefix first.
+    peer_routes: Vec<(ipnet::IpNet, NodeKey)>,
+    /// Subnets this node routes for the mesh (approved; exit routes apart).
+    served_routes: Vec<ipnet::IpNet>,
     peers: BTreeMap<NodeKey, Peer>,
     by_id: BTreeMap<NodeId, NodeKey>,
     by_ip: HashMap<IpAddr, NodeKey>,
@@ -194,6 +206,8 @@ impl NodeState {
             dns: None,
             security: TunnelSecurity::PostQuantum,
             local_addrs: Vec::new(),
+            peer_routes: Vec::new(),
+            served_routes: Vec::new(),
             peers: BTreeMap::new(),
             by_id: BTreeMap::new(),
             by_ip: HashMap::new(),
@@ -270,6 +284,7 @@ impl NodeState {
         if let Some(dns) = map.dns {
             self.dns = Some(dns);
         }
+        self.refresh_routes();
         if let Some(relays) = map.relays
             && relays != self.relays
         {
@@ -288,6 +303,71 @@ impl NodeState {
             self.events.push_back(Event::RelayTicket(ticket));
         }
         self.events.push_back(Event::NetmapChanged);
+    }
+
+    /// Rebuilds the route tables from the netmap: the primary subnet routes of peers, and the
+    /// approved routes of this node; tells the shell when either changes.
+    fn refresh_routes(&mut self) {
+        let mut via: Vec<(ipnet::IpNet, NodeKey)> = self
+            .peers
+            .iter()
+            .flat_map(|(k, p)| {
+                p.node
+                    .primary_routes
+                    .iter()
+                    .filter(|r| r.prefix_len() > 0)
+                    .map(move |r| (*r, *k))
+            })
+            .collect();
+        via.sort_by(|a, b| b.0.prefix_len().cmp(&a.0.prefix_len()).then(a.0.cmp(&b.0)));
+        let served: Vec<ipnet::IpNet> = self
+            .self_node
+            .as_ref()
+            .map(|n| {
+                n.approved_routes
+                    .iter()
+                    .filter(|r| r.prefix_len() > 0)
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if via != self.peer_routes || served != self.served_routes {
+            self.peer_routes = via;
+            self.served_routes = served;
+            let mut via_peers: Vec<ipnet::IpNet> =
+                self.peer_routes.iter().map(|(n, _)| *n).collect();
+            via_peers.sort_unstable();
+            via_peers.dedup();
+            self.events.push_back(Event::RoutesChanged {
+                via_peers,
+                served: self.served_routes.clone(),
+            });
+        }
+    }
+
+    /// The peer that `dst` belongs to: the owner of the address, or the router of the most
+    /// specific subnet route holding it.
+    pub(crate) fn owner_of(&self, dst: IpAddr) -> Option<NodeKey> {
+        self.by_ip.get(&dst).copied().or_else(|| {
+            self.peer_routes
+                .iter()
+                .find(|(n, _)| n.contains(&dst))
+                .map(|(_, k)| *k)
+        })
+    }
+
+    /// Whether `src` may come from peer `key`: its own address, or inside a subnet it routes.
+    pub(crate) fn peer_may_send_from(&self, key: &NodeKey, src: IpAddr) -> bool {
+        self.by_ip.get(&src) == Some(key)
+            || self
+                .peer_routes
+                .iter()
+                .any(|(n, k)| k == key && n.contains(&src))
+    }
+
+    /// Whether `ip` is this node's, or inside a subnet it routes.
+    pub(crate) fn is_ours(&self, ip: IpAddr) -> bool {
+        self.local_addrs.contains(&ip) || self.served_routes.iter().any(|n| n.contains(&ip))
     }
 
     /// A packet the operating system wrote to the TUN device.

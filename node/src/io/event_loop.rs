@@ -92,6 +92,12 @@ pub struct EventLoop {
     /// A sign-in the node waits for, and how the last one ended.
     login: Option<LoginJson>,
     login_result: Option<LoginResultJson>,
+    /// Subnets peers route for us (wanted in the kernel's table) and those installed.
+    wanted_routes: Vec<ipnet::IpNet>,
+    installed_routes: std::collections::BTreeSet<ipnet::IpNet>,
+    /// Forwarding and source NAT, while this node routes subnets.
+    router: Option<crate::io::routes::RouterSetup>,
+    snat_subnet_routes: bool,
     /// Access requests sent and not yet answered, by their number.
     pending_access: BTreeMap<u64, oneshot::Sender<Result<i64, String>>>,
     next_access: u64,
@@ -141,6 +147,7 @@ impl EventLoop {
         accept_dns: bool,
         node_keypair: hybrid::StaticKeypair,
         port_mapping: bool,
+        snat_subnet_routes: bool,
     ) -> Self {
         let (relay_tx, relay_events) = mpsc::channel(4096);
         let (aux_tx, aux_rx) = mpsc::channel(1024);
@@ -174,6 +181,10 @@ impl EventLoop {
             login_result: None,
             pending_access: BTreeMap::new(),
             next_access: 1,
+            wanted_routes: Vec::new(),
+            installed_routes: std::collections::BTreeSet::new(),
+            router: None,
+            snat_subnet_routes,
             relays: RelayManager::new(node_keypair, relay_tx),
             relay_events,
             relay_state: BTreeMap::new(),
@@ -395,8 +406,58 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Brings the kernel's routes into the TUN device in line with the subnets peers route.
+    fn apply_routes(&mut self) {
+        let Some(dev) = self.tun.as_ref().map(|t| t.name().to_owned()) else {
+            return;
+        };
+        let wanted: std::collections::BTreeSet<ipnet::IpNet> =
+            self.wanted_routes.iter().copied().collect();
+        for r in wanted.difference(&self.installed_routes.clone()) {
+            match crate::io::routes::add(&dev, r) {
+                Ok(()) => {
+                    info!(route = %r, %dev, "routing a subnet through the mesh");
+                    self.installed_routes.insert(*r);
+                }
+                Err(e) => {
+                    warn!(route = %r, error = %e, "could not route a subnet through the mesh")
+                }
+            }
+        }
+        for r in self.installed_routes.clone().difference(&wanted) {
+            if let Err(e) = crate::io::routes::remove(&dev, r) {
+                debug!(route = %r, error = %e, "could not remove a subnet route");
+            }
+            info!(route = %r, "no longer routing a subnet through the mesh");
+            self.installed_routes.remove(r);
+        }
+    }
+
     fn handle_event(&mut self, ev: Event) -> anyhow::Result<()> {
         match ev {
+            Event::RoutesChanged { via_peers, served } => {
+                self.wanted_routes = via_peers;
+                self.apply_routes();
+                if served.is_empty() {
+                    if self.router.take().is_some() {
+                        info!("no subnet routes approved any more: source NAT removed");
+                    }
+                } else if self.router.is_none() {
+                    let dev = self
+                        .tun
+                        .as_ref()
+                        .map_or_else(|| self.tun_name.clone(), |t| t.name().to_owned());
+                    match crate::io::routes::RouterSetup::start(&dev, self.snat_subnet_routes) {
+                        Ok(r) => {
+                            info!(routes = ?served, "routing approved subnets for the mesh");
+                            self.router = Some(r);
+                        }
+                        Err(e) => {
+                            warn!(error = %format!("{e:#}"), "cannot route the approved subnets")
+                        }
+                    }
+                }
+            }
             Event::AddressesChanged(addrs) => {
                 match &mut self.tun {
                     Some(tun) => tun.set_addresses(&addrs)?,
@@ -404,6 +465,7 @@ impl EventLoop {
                         let tun = Tun::create(&self.tun_name, self.mtu, &addrs)?;
                         info!(device = tun.name(), addresses = ?addrs, "TUN device up");
                         self.tun = Some(tun);
+                        self.apply_routes();
                     }
                 }
                 if !self.dns_started {

@@ -11,5 +11,6 @@ pub mod keylog;
 pub mod portmap;
 pub mod posture;
 pub mod relays;
+pub mod routes;
 pub mod tun;
 pub mod udp;

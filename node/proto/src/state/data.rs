@@ -31,14 +31,15 @@ impl NodeState {
             self.counters.tun_malformed += 1;
             return;
         };
-        let Some(key) = self.by_ip.get(&dst).copied() else {
+        let Some(key) = self.owner_of(dst) else {
             self.counters.tun_no_route += 1;
             trace!(%dst, "no peer owns this address");
             return;
         };
         match PacketInfo::parse(&packet) {
             Ok(info) => {
-                if !self.local_addrs.contains(&info.tuple.src) {
+                // Ours, or (a router's replies) from a subnet we route.
+                if !self.is_ours(info.tuple.src) {
                     self.counters.tun_bad_source += 1;
                     return;
                 }
@@ -177,12 +178,12 @@ impl NodeState {
         if let Some(len) = packet::claimed_len(&inner) {
             inner.truncate(len);
         }
-        if self.by_ip.get(&info.tuple.src) != Some(&key) {
+        if !self.peer_may_send_from(&key, info.tuple.src) {
             self.counters.in_spoofed += 1;
             trace!(src = %info.tuple.src, peer = %key, "source address does not belong to the peer");
             return;
         }
-        if !self.local_addrs.contains(&info.tuple.dst) {
+        if !self.is_ours(info.tuple.dst) {
             self.counters.in_not_for_us += 1;
             return;
         }

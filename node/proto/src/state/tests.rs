@@ -1049,3 +1049,86 @@ fn the_next_rule_change_is_a_wake_up_deadline() {
 
 mod abuse;
 mod keys;
+
+#[test]
+fn a_subnet_behind_a_router_is_reached_through_it_and_only_its_own_subnet() {
+    let mut net = Net::new(2);
+    let route: ipnet::IpNet = "10.33.0.0/24".parse().unwrap();
+    let lan_host = [10, 33, 0, 5];
+    // Nothing routes there yet.
+    net.send(0, ipv4(v4(0), lan_host, 17, &udp(1000, 53, b"early")));
+    assert_eq!(net.nodes[0].status(net.now).counters.tun_no_route, 1);
+
+    // Node 1 becomes the primary router of 10.33.0.0/24; its filter admits node 0 there.
+    let mut router = node(1, vec![net.addrs[1]]);
+    router.approved_routes = vec![route];
+    router.primary_routes = vec![route];
+    let now = net.now;
+    net.nodes[0].handle_netmap(
+        now,
+        MapResponse {
+            seq: 2,
+            peers_changed: vec![router.clone()],
+            ..Default::default()
+        },
+    );
+    let mut rules = allow_all(1);
+    rules.push(FilterRule {
+        origin: "route".into(),
+        action: Action::Accept,
+        src: vec![overlay(0).into()],
+        dst: vec![DstPorts {
+            net: route,
+            ports: PortRange::ANY,
+        }],
+        protocols: vec![],
+        all_protocols: true,
+        valid: None,
+    });
+    net.nodes[1].handle_netmap(
+        now,
+        MapResponse {
+            seq: 2,
+            node: Some(router),
+            packet_filter: Some(rules),
+            ..Default::default()
+        },
+    );
+    let events = |st: &mut NodeState| -> Vec<Event> {
+        std::iter::from_fn(|| st.poll_event())
+            .filter(|e| matches!(e, Event::RoutesChanged { .. }))
+            .collect()
+    };
+    assert_eq!(
+        events(&mut net.nodes[0]),
+        [Event::RoutesChanged {
+            via_peers: vec![route],
+            served: vec![]
+        }]
+    );
+    assert_eq!(
+        events(&mut net.nodes[1]),
+        [Event::RoutesChanged {
+            via_peers: vec![],
+            served: vec![route]
+        }]
+    );
+
+    // A packet for the LAN host goes to the router, which hands it to its OS to forward; the
+    // host's reply comes back through the router.
+    let q = ipv4(v4(0), lan_host, 17, &udp(1000, 53, b"query"));
+    net.send(0, q.clone());
+    assert_eq!(net.received(1), vec![q]);
+    let a = ipv4(lan_host, v4(0), 17, &udp(53, 1000, b"answer"));
+    net.send(1, a.clone());
+    assert_eq!(net.received(0), vec![a]);
+
+    // The router may not speak for addresses outside its subnet, nor a peer for the subnet.
+    net.send(1, ipv4([10, 34, 0, 5], v4(0), 17, &udp(53, 1000, b"x")));
+    assert_eq!(net.nodes[1].status(net.now).counters.tun_bad_source, 1);
+    let mut third = Net::new(3);
+    third.nodes[2].local_addrs.push(IpAddr::from(lan_host));
+    third.send(2, ipv4(lan_host, v4(0), 17, &udp(53, 1000, b"spoof")));
+    assert!(third.received(0).is_empty());
+    assert_eq!(third.nodes[0].status(third.now).counters.in_spoofed, 1);
+}
