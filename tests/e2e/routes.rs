@@ -155,3 +155,81 @@ fn a_host_behind_a_subnet_router_is_reached_by_its_lan_address_when_the_policy_a
     // The mesh itself still works.
     assert!(f.nodes[client].ping(&f.lab, "router", "-4", 2));
 }
+
+#[test]
+fn when_the_primary_router_goes_away_the_other_one_carries_the_subnet() {
+    let Some(lab) = crate::support::lab("failover") else {
+        return;
+    };
+    let mut f = Flat::new(lab, 3, &[]);
+    let site = f.lab.lan("site", "10.33.0.254/24").unwrap();
+    for (i, ip) in [(0, "10.33.0.1/24"), (1, "10.33.0.2/24")] {
+        let ns = f.node_ns[i].clone();
+        f.lab.attach(&site, &ns, "site0", ip, None).unwrap();
+    }
+    let srv = f.lab.ns("srv").unwrap();
+    f.lab
+        .attach(&site, &srv, "eth0", "10.33.0.5/24", None)
+        .unwrap();
+    // Both routers' routes are approved by the policy.
+    let policy = f.lab.dir().join("policy.hujson");
+    std::fs::write(
+        &policy,
+        r#"{"tagOwners": {"tag:router": [], "tag:client": []},
+            "autoApprovers": {"routes": {"10.33.0.0/16": ["tag:router"]}},
+            "acls": [{"action": "accept", "src": ["tag:client"], "dst": ["10.33.0.0/24:*"]},
+                     {"action": "accept", "src": ["tag:client", "tag:router"], "dst": ["tag:client:*", "tag:router:*"]}]}"#,
+    )
+    .unwrap();
+    let out = f
+        .coord
+        .admin(&f.lab, &["policy", "set", policy.to_str().unwrap()])
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let rkey = f
+        .coord
+        .authkey(&f.lab, &["--tag", "tag:router", "--reusable"])
+        .unwrap();
+    let ckey = f.coord.authkey(&f.lab, &["--tag", "tag:client"]).unwrap();
+    let r1 = f.join(0, "r1", &rkey, &["--advertise-routes", "10.33.0.0/24"]);
+    f.nodes[r1]
+        .wait_ready(&f.lab, 0, Duration::from_secs(30))
+        .unwrap();
+    let r2 = f.join(1, "r2", &rkey, &["--advertise-routes", "10.33.0.0/24"]);
+    let client = f.join(2, "client", &ckey, &[]);
+    f.nodes[client]
+        .wait_ready(&f.lab, 2, Duration::from_secs(30))
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(20), || f.nodes[client].ping(
+            &f.lab,
+            "10.33.0.5",
+            "-4",
+            1
+        )),
+        "no way to the LAN host"
+    );
+    let primary = |f: &Flat, i: usize| {
+        f.nodes[i]
+            .status(&f.lab)
+            .is_some_and(|s| s["self"]["routes"]["primary"] == serde_json::json!(["10.33.0.0/24"]))
+    };
+    assert!(primary(&f, r1), "the first router is primary");
+    assert!(!primary(&f, r2));
+
+    // The primary goes away: the other router carries the subnet within 10 s.
+    f.lab.kill(f.nodes[r1].proc);
+    let t0 = std::time::Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(10), || f.nodes[client].ping(
+            &f.lab,
+            "10.33.0.5",
+            "-4",
+            1
+        )),
+        "the LAN host is not reachable through the second router:\n{}",
+        f.lab.log(f.nodes[r2].proc)
+    );
+    eprintln!("routes: failover took {:?}", t0.elapsed());
+    assert!(primary(&f, r2), "the second router is primary now");
+}

@@ -308,18 +308,6 @@ impl NodeState {
     /// Rebuilds the route tables from the netmap: the primary subnet routes of peers, and the
     /// approved routes of this node; tells the shell when either changes.
     fn refresh_routes(&mut self) {
-        let mut via: Vec<(ipnet::IpNet, NodeKey)> = self
-            .peers
-            .iter()
-            .flat_map(|(k, p)| {
-                p.node
-                    .primary_routes
-                    .iter()
-                    .filter(|r| r.prefix_len() > 0)
-                    .map(move |r| (*r, *k))
-            })
-            .collect();
-        via.sort_by(|a, b| b.0.prefix_len().cmp(&a.0.prefix_len()).then(a.0.cmp(&b.0)));
         let served: Vec<ipnet::IpNet> = self
             .self_node
             .as_ref()
@@ -331,6 +319,19 @@ impl NodeState {
                     .collect()
             })
             .unwrap_or_default();
+        // A subnet this node serves itself is reached directly, never through a peer.
+        let mut via: Vec<(ipnet::IpNet, NodeKey)> = self
+            .peers
+            .iter()
+            .flat_map(|(k, p)| {
+                p.node
+                    .primary_routes
+                    .iter()
+                    .filter(|r| r.prefix_len() > 0 && !served.contains(r))
+                    .map(move |r| (*r, *k))
+            })
+            .collect();
+        via.sort_by(|a, b| b.0.prefix_len().cmp(&a.0.prefix_len()).then(a.0.cmp(&b.0)));
         if via != self.peer_routes || served != self.served_routes {
             self.peer_routes = via;
             self.served_routes = served;

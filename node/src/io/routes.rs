@@ -24,7 +24,7 @@ const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
-const NLM_F_REPLACE: u16 = 0x100;
+const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLMSG_ERROR: u16 = 2;
 const RTA_DST: u16 = 1;
@@ -43,7 +43,9 @@ fn push_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     }
 }
 
-/// One route message: `add` (create or replace) or delete `net` through interface `ifindex`.
+/// One route message: `add` (create, failing with `EEXIST` if the kernel has a route for the
+/// prefix already) or delete `net` through interface `ifindex` (only a route of ours:
+/// protocol [`RTPROT_LATTICE`]).
 pub fn route_message(add: bool, net: &IpNet, ifindex: u32, seq: u32) -> Vec<u8> {
     let (family, addr): (u8, Vec<u8>) = match net.network() {
         IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
@@ -65,7 +67,8 @@ pub fn route_message(add: bool, net: &IpNet, ifindex: u32, seq: u32) -> Vec<u8> 
     let (kind, flags) = if add {
         (
             RTM_NEWROUTE,
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+            // Never replaces a route that is there already (a router's own LAN, say).
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
         )
     } else {
         (RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK)
@@ -132,7 +135,8 @@ fn request(msg: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Routes `net` into interface `dev` (created or replaced).
+/// Routes `net` into interface `dev`. A route the kernel has for the prefix already (not ours)
+/// is left alone: `EEXIST`.
 pub fn add(dev: &str, net: &IpNet) -> io::Result<()> {
     request(&route_message(true, net, ifindex(dev)?, 1))
 }
