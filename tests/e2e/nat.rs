@@ -343,7 +343,12 @@ fn nat_rebinding_recovers_within_two_seconds() {
     else {
         return;
     };
-    assert_eq!(m.ping(0, 1, 3, "0.2"), 3);
+    // First contact (the tunnel's post-quantum keys, a loaded machine) may take a moment; the
+    // timings below are measured from a working direct path.
+    assert!(
+        wait_for(Duration::from_secs(15), || m.ping(0, 1, 1, "0.2") == 1),
+        "no first contact"
+    );
     assert!(wait_for(Duration::from_secs(10), || m.path(0, 1)["kind"] == "direct"));
     let (ns0, ip1) = (m.ns[0].clone(), m.ipv4(1));
     let p = background_ping(&mut m.lab, "rebind-ping", &ns0, &ip1, 8);
@@ -373,7 +378,12 @@ fn a_dead_direct_path_falls_back_to_the_relay_within_ten_seconds() {
     let Some(mut m) = NatMesh::new("nat-fallback", &sites, &[]) else {
         return;
     };
-    assert_eq!(m.ping(0, 1, 3, "0.2"), 3);
+    // First contact (the tunnel's post-quantum keys, a loaded machine) may take a moment; the
+    // timings below are measured from a working direct path.
+    assert!(
+        wait_for(Duration::from_secs(15), || m.ping(0, 1, 1, "0.2") == 1),
+        "no first contact"
+    );
     assert!(wait_for(Duration::from_secs(10), || m.path(0, 1)["kind"] == "direct"));
     let (ns0, ip1) = (m.ns[0].clone(), m.ipv4(1));
     let p = background_ping(&mut m.lab, "fallback-ping", &ns0, &ip1, 14);
