@@ -225,6 +225,12 @@ pub(crate) fn whois(w: &WhoisJson) {
     );
     println!("os:       {}", w.os);
     println!("node key: {}", w.node_key);
+    for (name, values) in &w.capabilities {
+        println!(
+            "capability {name}: {}",
+            serde_json::to_string(values).unwrap_or_default()
+        );
+    }
 }
 
 /// What `status` says about the node's key expiry: a warning from a week before, a plain line

@@ -150,6 +150,7 @@ impl Policy {
                 when: None,
                 not_before: Some(from),
                 expires: Some(until),
+                caps: None,
             }),
             (_, e) => Err(e.unwrap_or_else(|| format!("bad destination {dst}:{ports}"))),
         }

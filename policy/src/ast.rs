@@ -74,6 +74,9 @@ pub(crate) struct Rule {
     pub(crate) when: Option<Schedule>,
     pub(crate) not_before: Option<Timestamp>,
     pub(crate) expires: Option<Timestamp>,
+    /// An app grant: the capabilities it grants the sources at the destinations. Such a rule
+    /// admits no packet.
+    pub(crate) caps: Option<BTreeMap<String, Vec<serde_json::Value>>>,
 }
 
 /// Who or what a selector names.

@@ -272,7 +272,8 @@ impl CompiledPolicy {
             // A rule nobody can use (no source node passes its posture, no source prefix) is
             // not sent.
             if !ports.is_empty() && (!src_nodes.is_empty() || !set.src_prefixes.is_empty()) {
-                rules.push(self.filter_rule(rule, set, &src_nodes, &set.src_prefixes, &ports));
+                let fr = self.filter_rule(rule, set, &src_nodes, &set.src_prefixes, &ports);
+                rules.push(as_cap_grant(rule, fr, node));
                 if accept {
                     for i in src_nodes
                         .iter()
@@ -292,7 +293,8 @@ impl CompiledPolicy {
                     })
                     .collect();
                 if !own.is_empty() {
-                    rules.push(self.filter_rule(rule, set, &own, &[], &self_ports));
+                    let fr = self.filter_rule(rule, set, &own, &[], &self_ports);
+                    rules.push(as_cap_grant(rule, fr, node));
                     if accept {
                         for i in own {
                             visible[i] = true;
@@ -407,6 +409,7 @@ impl CompiledPolicy {
             protocols,
             all_protocols,
             valid: set.valid.clone(),
+            cap_grants: Vec::new(),
         }
     }
 
@@ -588,4 +591,27 @@ fn src_addresses(file: &PolicyFile, rule: &Rule, node: &InventoryNode) -> Vec<st
         })
         .copied()
         .collect()
+}
+
+/// An app grant's compiled rule: no packet match, the capabilities at the node's own
+/// addresses among its destinations (not at the subnets it routes).
+fn as_cap_grant(rule: &Rule, mut fr: FilterRule, node: &InventoryNode) -> FilterRule {
+    let Some(caps) = &rule.caps else { return fr };
+    let own = own_nets(node);
+    let mut dsts: Vec<IpNet> = fr
+        .dst
+        .iter()
+        .map(|d| d.net)
+        .filter(|n| own.contains(n))
+        .collect();
+    dsts.sort_unstable();
+    dsts.dedup();
+    fr.dst.clear();
+    fr.protocols.clear();
+    fr.all_protocols = false;
+    fr.cap_grants = vec![wire::filter::CapGrant {
+        dsts,
+        caps: caps.clone(),
+    }];
+    fr
 }

@@ -103,7 +103,88 @@ struct TsRule {
     #[serde(default, rename = "IPProto")]
     ip_proto: Vec<u8>,
     #[serde(default)]
-    cap_grant: Option<serde_json::Value>,
+    cap_grant: Vec<TsCapGrant>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct TsCapGrant {
+    #[serde(default)]
+    dsts: Vec<String>,
+    #[serde(default)]
+    cap_map: BTreeMap<String, serde_json::Value>,
+}
+
+/// App capabilities as compared: (capability, its values as JSON text, destination range) ->
+/// the sources granted.
+type Caps = BTreeMap<(String, String, (u128, u128)), Set>;
+
+/// One capability granted: (name, values as JSON text, destination range, sources).
+type CapAtom = (String, String, (u128, u128), Set);
+
+fn ts_caps(rules: &[TsRule]) -> Result<Vec<CapAtom>, String> {
+    let mut out = Vec::new();
+    for r in rules {
+        let mut src = Vec::new();
+        for s in &r.src_ips {
+            src.extend(ts_addr(s)?);
+        }
+        let src = Set::from_ranges(src);
+        for g in &r.cap_grant {
+            for d in &g.dsts {
+                for range in ts_addr(d)? {
+                    for (name, values) in &g.cap_map {
+                        out.push((name.clone(), values.to_string(), range, src.clone()));
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn lattice_caps(rules: &[wire::FilterRule]) -> Vec<CapAtom> {
+    let mut out = Vec::new();
+    for r in rules {
+        let src = Set::from_ranges(r.src.iter().map(net_range).collect());
+        for g in &r.cap_grants {
+            for d in &g.dsts {
+                for (name, values) in &g.caps {
+                    let values = serde_json::Value::Array(values.clone());
+                    out.push((name.clone(), values.to_string(), net_range(d), src.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn caps_view(list: Vec<CapAtom>, reachable: &Set) -> Caps {
+    let mut out = Caps::new();
+    for (name, values, dst, src) in list {
+        let e = out.entry((name, values, dst)).or_default();
+        *e = e.union(&src);
+    }
+    out.into_iter()
+        .map(|(k, v)| (k, v.intersect(reachable)))
+        .filter(|(_, v)| !v.0.is_empty())
+        .collect()
+}
+
+fn show_caps(c: &Caps) -> String {
+    if c.is_empty() {
+        return "none".into();
+    }
+    c.iter()
+        .map(|((name, values, dst), src)| {
+            format!(
+                "{name}={values} at {} from {}",
+                Set(vec![*dst]).show(),
+                src.show()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[derive(Deserialize)]
@@ -155,17 +236,11 @@ fn judge(case: &Case) -> Verdict {
             .map(String::as_str)
             .collect();
         unsupported.sort_unstable();
-        // Grants steering through routers or carrying app capabilities.
-        if let Some(serde_json::Value::Array(grants)) = sections.get("grants") {
-            for field in ["via", "app"] {
-                if grants.iter().any(|g| g.get(field).is_some()) {
-                    unsupported.push(if field == "via" {
-                        "grants:via"
-                    } else {
-                        "grants:app"
-                    });
-                }
-            }
+        // Grants steering through chosen routers.
+        if let Some(serde_json::Value::Array(grants)) = sections.get("grants")
+            && grants.iter().any(|g| g.get("via").is_some())
+        {
+            unsupported.push("grants:via");
         }
         if !unsupported.is_empty() {
             return Verdict::Unsupported(format!("section {}", unsupported.join(", ")));
@@ -235,8 +310,17 @@ fn judge(case: &Case) -> Verdict {
         );
         let reachable = reachable.minus(&me_set);
         if let Some(filter) = &cap.filter {
-            if filter.iter().any(|r| r.cap_grant.is_some()) {
-                return Verdict::Unsupported("app capability grants".into());
+            let want_caps = match ts_caps(filter) {
+                Ok(c) => caps_view(c, &reachable),
+                Err(e) => return Verdict::Fail(vec![format!("{host}: {e}")]),
+            };
+            let got_caps = caps_view(lattice_caps(&mine.rules), &reachable);
+            if want_caps != got_caps {
+                diffs.push(format!(
+                    "{host}: app capabilities: the service grants {}; Lattice {}",
+                    show_caps(&want_caps),
+                    show_caps(&got_caps)
+                ));
             }
             let want = match ts_atoms(filter) {
                 Ok(v) => v,

@@ -253,7 +253,8 @@ fn class_access(file: &PolicyFile, src: &[bool], dst: &[bool], same_owner: bool)
     for rule in &file.rules {
         let (src_ok, entries) = (src[at], at + 1);
         at += 1 + rule.dst.len();
-        if !src_ok {
+        // App grants change no network access.
+        if !src_ok || rule.caps.is_some() {
             continue;
         }
         let ports: Vec<&Ports> = rule

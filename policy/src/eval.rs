@@ -127,7 +127,9 @@ impl PolicyFile {
     ) -> Decision<'_> {
         let port_protocol = matches!(proto, 6 | 17 | 132);
         let matches = |r: &Rule| {
-            r.proto.covers(proto)
+            // App grants admit no packet.
+            r.caps.is_none()
+                && r.proto.covers(proto)
                 && rule_time_ok(r, at)
                 && self.src_matches(r, src)
                 && self

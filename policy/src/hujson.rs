@@ -53,6 +53,25 @@ pub enum Json {
 }
 
 impl Json {
+    /// The value as `serde_json` holds it (numbers as written when they parse; positions
+    /// dropped).
+    pub fn to_serde(&self) -> serde_json::Value {
+        match self {
+            Self::Null => serde_json::Value::Null,
+            Self::Bool(b) => serde_json::Value::Bool(*b),
+            Self::Number(n) => serde_json::from_str(n).unwrap_or(serde_json::Value::Null),
+            Self::String(s) => serde_json::Value::String(s.clone()),
+            Self::Array(a) => {
+                serde_json::Value::Array(a.iter().map(|v| v.value.to_serde()).collect())
+            }
+            Self::Object(o) => serde_json::Value::Object(
+                o.iter()
+                    .map(|(k, v)| (k.value.clone(), v.value.to_serde()))
+                    .collect(),
+            ),
+        }
+    }
+
     /// A short name of the value's type, for error messages.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -189,6 +189,7 @@ pub(crate) fn allow_all_rule(origin: String) -> Rule {
         when: None,
         not_before: None,
         expires: None,
+        caps: None,
     }
 }
 

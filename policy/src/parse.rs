@@ -458,6 +458,7 @@ impl Checker {
         let origin = format!("{}:{}:{}", self.file, v.pos.line, v.pos.col);
         let before = self.diags.len();
         let (mut src, mut dst, mut ip) = (None, None, None);
+        let mut app: Option<BTreeMap<String, Vec<serde_json::Value>>> = None;
         let mut src_posture = Vec::new();
         for (k, val) in self.object(v, "a grant") {
             match k.value.as_str() {
@@ -493,17 +494,37 @@ impl Checker {
                     ip = Some(entries);
                 }
                 "srcPosture" => src_posture = self.posture_refs(val),
-                "app" | "via" => self.err(
-                    k.pos,
-                    format!(
-                        "grants with {:?} are not supported yet (network grants with \"ip\" are)",
-                        k.value
-                    ),
-                ),
+                "app" => {
+                    let mut caps = BTreeMap::new();
+                    for (name, values) in self.object(val, "app") {
+                        if let Err(why) = check_cap_name(&name.value) {
+                            self.err(name.pos, format!("capability {:?}: {why}", name.value));
+                            continue;
+                        }
+                        match &values.value {
+                            Json::Array(items) => {
+                                caps.insert(
+                                    name.value.clone(),
+                                    items.iter().map(|i| i.value.to_serde()).collect(),
+                                );
+                            }
+                            other => self.err(
+                                values.pos,
+                                format!(
+                                    "the values of {:?} must be an array, not {}",
+                                    name.value,
+                                    other.kind()
+                                ),
+                            ),
+                        }
+                    }
+                    app = Some(caps);
+                }
+                "via" => self.err(k.pos, "grants with \"via\" are not supported yet"),
                 other => self.err(
                     k.pos,
                     format!(
-                        "unknown field {other:?} in a grant (fields: src, dst, ip, srcPosture)"
+                        "unknown field {other:?} in a grant (fields: src, dst, ip, app, srcPosture)"
                     ),
                 ),
             }
@@ -511,8 +532,14 @@ impl Checker {
         if src.is_none() || dst.is_none() {
             self.err(v.pos, "a grant needs src and dst");
         }
-        if ip.is_none() && self.diags.len() == before {
-            self.err(v.pos, "a grant needs \"ip\" (what traffic it allows)");
+        if ip.as_ref().is_none_or(Vec::is_empty)
+            && app.as_ref().is_none_or(BTreeMap::is_empty)
+            && self.diags.len() == before
+        {
+            self.err(
+                v.pos,
+                "ip and app can not both be empty: a grant needs \"ip\" (what traffic it allows) or \"app\" (capabilities)",
+            );
         }
         if let (Some(ds), Some(ss)) = (&dst, &src)
             && ds.iter().any(|(_, d)| *d == Selector::SelfNodes)
@@ -533,13 +560,39 @@ impl Checker {
                  (a source here is a tag, a host or an address)",
             );
         }
+        if app.is_some()
+            && dst
+                .as_ref()
+                .is_some_and(|d| d.iter().any(|(_, s)| *s == Selector::Internet))
+        {
+            self.err(v.pos, "cannot use app grants with autogroup:internet");
+        }
         if self.diags.len() > before {
             return Vec::new();
         }
-        let (Some(src), Some(dst), Some(ip)) = (src, dst, ip) else {
+        let (Some(src), Some(dst)) = (src, dst) else {
             return Vec::new();
         };
-        ip.into_iter()
+        let app_rule = app.map(|caps| Rule {
+            origin: origin.clone(),
+            action: Action::Accept,
+            src: src.clone(),
+            dst: dst
+                .iter()
+                .map(|(_, sel)| Dst {
+                    sel: sel.clone(),
+                    ports: Ports::Any,
+                })
+                .collect(),
+            proto: Proto::Default,
+            src_posture: src_posture.clone(),
+            when: None,
+            not_before: None,
+            expires: None,
+            caps: Some(caps),
+        });
+        ip.unwrap_or_default()
+            .into_iter()
             .map(|(proto, ports)| Rule {
                 origin: origin.clone(),
                 action: Action::Accept,
@@ -556,7 +609,9 @@ impl Checker {
                 when: None,
                 not_before: None,
                 expires: None,
+                caps: None,
             })
+            .chain(app_rule)
             .collect()
     }
 
@@ -680,6 +735,7 @@ impl Checker {
             when,
             not_before,
             expires,
+            caps: None,
         })
     }
 
@@ -731,6 +787,10 @@ impl Checker {
             match which {
                 "member" => Selector::Member,
                 // Every address, inside the mesh or not (Tailscale's name says it all).
+                "danger-all" if side == Side::Dst => {
+                    self.err(pos, "cannot use autogroup:danger-all as a dst");
+                    return None;
+                }
                 "danger-all" => Selector::Any,
                 "tagged" => Selector::Tagged,
                 "self" if side == Side::Dst => Selector::SelfNodes,
@@ -1039,6 +1099,24 @@ fn ports_allowed(proto: &Proto) -> bool {
 }
 
 /// An IP or CIDR.
+/// Checks an app capability's name: `DOMAIN/PATH` (as the Tailscale service: no scheme, and
+/// the tailscale.com domain only for the capabilities it defines for policies).
+fn check_cap_name(name: &str) -> Result<(), String> {
+    let (domain, path) = name.split_once('/').unwrap_or((name, ""));
+    if domain.is_empty() || !domain.contains('.') || domain.contains(':') || path.is_empty() {
+        return Err("capability name must have the form {domain}/{path}".into());
+    }
+    if domain == "tailscale.com"
+        && !matches!(
+            name,
+            "tailscale.com/cap/drive" | "tailscale.com/cap/relay" | "tailscale.com/cap/kubernetes"
+        )
+    {
+        return Err("capability name must not be in the tailscale.com domain".into());
+    }
+    Ok(())
+}
+
 /// A grant's `ip` entry: `*`, ports (`22`, `80-443`, `22,80`), or `PROTO:PORTS` (`tcp:443`,
 /// `udp:*`, `icmp:*`, `47:*`). Ports start at 1 (`*` means all).
 fn parse_grant_ip(s: &str) -> Result<(Proto, Ports), String> {

@@ -613,13 +613,38 @@ fn network_grants_compile_like_the_acls_they_stand_for() {
         ),
         (r#"{"src": ["*"], "dst": ["*"]}"#, "needs \"ip\""),
         (
-            r#"{"src": ["*"], "dst": ["*"], "app": {"x.com/cap": [{}]}}"#,
+            r#"{"src": ["*"], "dst": ["*"], "app": {"https://x.com/cap": [{}]}}"#,
+            "{domain}/{path}",
+        ),
+        (
+            r#"{"src": ["*"], "dst": ["*"], "app": {}}"#,
+            "can not both be empty",
+        ),
+        (
+            r#"{"src": ["*"], "dst": ["*"], "ip": ["*"], "via": ["tag:r"]}"#,
             "not supported yet",
         ),
     ] {
         let e = errors(&format!(r#"{{"grants": [{grant}]}}"#));
         assert!(e.iter().any(|m| m.contains(want)), "{grant}: {e:?}");
     }
+    // An app grant carries its capabilities to the destination (at its own addresses) and
+    // admits no packet.
+    let app = r#"{"tagOwners": {"tag:db": []}, "groups": {"group:eng": ["alice@example.com"]},
+      "grants": [{"src": ["group:eng"], "dst": ["tag:db"], "app": {"example.com/cap/db": [{"role": "ro"}]}}]}"#;
+    let c = Policy::parse("app.hujson", app)
+        .unwrap()
+        .compile(&inv, now());
+    let db = c.for_node(NodeId(5));
+    assert_eq!(db.rules.len(), 1);
+    let r = &db.rules[0];
+    assert!(r.dst.is_empty(), "no packet is admitted");
+    assert_eq!(r.cap_grants.len(), 1);
+    assert_eq!(
+        r.cap_grants[0].caps["example.com/cap/db"],
+        vec![serde_json::json!({"role": "ro"})]
+    );
+    assert_eq!(r.cap_grants[0].dsts.len(), 2, "the node's IPv4 and IPv6");
 }
 
 #[test]

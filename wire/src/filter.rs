@@ -36,6 +36,20 @@ pub struct FilterRule {
     /// the node needs no time-zone database). Needs capability 2.
     #[serde(default)]
     pub valid: Option<Vec<ValidRange>>,
+    /// Application capabilities the rule grants its sources at these destinations
+    /// (Tailscale's `CapGrant`, from a policy grant's `app`). Such a rule admits no packet:
+    /// the destination node learns what the peer may do (`lattice whois`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_grants: Vec<CapGrant>,
+}
+
+/// Capabilities granted at some of a node's addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapGrant {
+    /// The destination addresses (the node's own, or routes it serves).
+    pub dsts: Vec<IpNet>,
+    /// Capability name (`example.com/cap/admin`) -> its values, as the policy wrote them.
+    pub caps: std::collections::BTreeMap<String, Vec<serde_json::Value>>,
 }
 
 /// A half-open range of Unix times `[from, until)` in seconds.
@@ -207,6 +221,7 @@ mod tests {
                 from: 10,
                 until: 20,
             }]),
+            cap_grants: Vec::new(),
         };
         assert!(!rule.active_at(9) && rule.active_at(10) && !rule.active_at(20));
         assert_eq!(rule.next_change(12), Some(20));

@@ -88,6 +88,7 @@ fn rules(n: usize, rng: &mut Rng) -> Vec<FilterRule> {
                 protocols: vec![],
                 all_protocols: false,
                 valid: None,
+                cap_grants: Vec::new(),
             }
         })
         .collect()

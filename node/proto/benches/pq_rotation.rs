@@ -86,6 +86,7 @@ fn main() {
         protocols: vec![],
         all_protocols: true,
         valid: None,
+        cap_grants: Vec::new(),
     };
     nodes[0].handle_netmap(
         start,

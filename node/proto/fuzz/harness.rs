@@ -142,6 +142,7 @@ pub fn mesh_node(i: usize) -> NodeState {
                 protocols: vec![],
                 all_protocols: true,
                 valid: None,
+                cap_grants: Vec::new(),
             }]),
             ..Default::default()
         },
@@ -250,6 +251,7 @@ pub fn packet_filter(data: &[u8]) {
             protocols: vec![],
             all_protocols: true,
             valid: None,
+            cap_grants: Vec::new(),
         }],
         0,
     );

@@ -337,6 +337,38 @@ impl Filter {
         }
     }
 
+    /// The application capabilities the rules in force grant `peer` at any of `own` (app
+    /// grants in the policy), merged by name.
+    pub fn capabilities(
+        &self,
+        peer: &[IpAddr],
+        own: &[IpAddr],
+    ) -> std::collections::BTreeMap<String, Vec<serde_json::Value>> {
+        let mut out: std::collections::BTreeMap<String, Vec<serde_json::Value>> =
+            std::collections::BTreeMap::new();
+        for &i in &self.active {
+            let Some(rule) = self.rules.get(i as usize) else {
+                continue;
+            };
+            if !rule.src.iter().any(|n| peer.iter().any(|p| n.contains(p))) {
+                continue;
+            }
+            for g in &rule.cap_grants {
+                if g.dsts.iter().any(|d| own.iter().any(|o| d.contains(o))) {
+                    for (name, values) in &g.caps {
+                        let e = out.entry(name.clone()).or_default();
+                        for v in values {
+                            if !e.contains(v) {
+                                e.push(v.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The origin of rule `i`, for logs and status.
     pub fn origin(&self, i: usize) -> &str {
         self.rules.get(i).map_or("", |r| r.origin.as_str())
@@ -401,6 +433,7 @@ mod tests {
             protocols: protos,
             all_protocols: false,
             valid: None,
+            cap_grants: Vec::new(),
         }
     }
 
@@ -623,6 +656,7 @@ mod tests {
                         until: a.max(b),
                     }]
                 }),
+                cap_grants: Vec::new(),
             })
     }
 

@@ -652,6 +652,14 @@ impl NodeState {
         self.peers.get(key).map(|p| &p.node)
     }
 
+    /// What the policy's app grants let the node at `ip` do here (capability -> values).
+    pub fn capabilities_of(&self, ip: IpAddr) -> BTreeMap<String, Vec<serde_json::Value>> {
+        let peer = self
+            .whois(ip)
+            .map_or_else(|| vec![ip], |n| n.addresses.clone());
+        self.filter.capabilities(&peer, &self.local_addrs)
+    }
+
     /// Names and addresses for the DNS resolver: this node and every peer.
     pub fn dns_records(&self) -> Vec<(String, Vec<IpAddr>)> {
         self.self_node

@@ -250,6 +250,9 @@ pub struct WhoisJson {
     pub os: String,
     /// Whether it is this node.
     pub is_self: bool,
+    /// What the policy's app grants let it do on this node (capability -> values).
+    #[serde(default)]
+    pub capabilities: std::collections::BTreeMap<String, Vec<serde_json::Value>>,
 }
 
 /// A request from the API to the event loop.

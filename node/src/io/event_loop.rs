@@ -666,6 +666,7 @@ impl EventLoop {
                     tags: n.tags.clone(),
                     os: n.os.clone(),
                     is_self: me.as_ref().is_some_and(|m| m.id == n.id),
+                    capabilities: self.state.capabilities_of(ip),
                 });
                 let _ = reply.send(answer);
             }

@@ -94,6 +94,7 @@ pub(crate) fn allow_all(i: usize) -> Vec<FilterRule> {
         protocols: vec![],
         all_protocols: true,
         valid: None,
+        cap_grants: Vec::new(),
     }]
 }
 
@@ -293,6 +294,7 @@ fn the_filter_admits_replies_but_not_unsolicited_connections() {
                 protocols: vec![IpProto::TCP],
                 all_protocols: false,
                 valid: None,
+                cap_grants: Vec::new(),
             }]),
             ..Default::default()
         },
@@ -359,6 +361,7 @@ fn ssh_rule(i: usize, valid: Option<(i64, i64)>) -> FilterRule {
         protocols: vec![IpProto::TCP],
         all_protocols: false,
         valid: valid.map(|(from, until)| vec![wire::filter::ValidRange { from, until }]),
+        cap_grants: Vec::new(),
     }
 }
 
@@ -1084,6 +1087,7 @@ fn a_subnet_behind_a_router_is_reached_through_it_and_only_its_own_subnet() {
         protocols: vec![],
         all_protocols: true,
         valid: None,
+        cap_grants: Vec::new(),
     });
     net.nodes[1].handle_netmap(
         now,
@@ -1131,4 +1135,36 @@ fn a_subnet_behind_a_router_is_reached_through_it_and_only_its_own_subnet() {
     third.send(2, ipv4(lan_host, v4(0), 17, &udp(53, 1000, b"spoof")));
     assert!(third.received(0).is_empty());
     assert_eq!(third.nodes[0].status(third.now).counters.in_spoofed, 1);
+}
+
+#[test]
+fn app_grants_tell_the_destination_what_a_peer_may_do_and_admit_no_packet() {
+    let mut net = Net::new(3);
+    let caps: BTreeMap<String, Vec<serde_json::Value>> = [(
+        "example.com/cap/db".to_owned(),
+        vec![serde_json::json!({"role": "ro"})],
+    )]
+    .into();
+    let grant = FilterRule {
+        origin: "app".into(),
+        action: Action::Accept,
+        src: vec![overlay(0).into()],
+        dst: vec![],
+        protocols: vec![],
+        all_protocols: false,
+        valid: None,
+        cap_grants: vec![wire::filter::CapGrant {
+            dsts: vec![overlay(1).into()],
+            caps: caps.clone(),
+        }],
+    };
+    // Node 1 admits nothing but carries the grant.
+    set_rules(&mut net, 1, vec![grant]);
+    assert_eq!(net.nodes[1].capabilities_of(overlay(0)), caps);
+    assert!(
+        net.nodes[1].capabilities_of(overlay(2)).is_empty(),
+        "not granted to node 2"
+    );
+    net.send(0, ipv4(v4(0), v4(1), 17, &udp(1, 2, b"x")));
+    assert!(net.received(1).is_empty(), "an app grant admits no packet");
 }

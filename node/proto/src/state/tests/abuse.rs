@@ -248,6 +248,7 @@ fn a_denied_peer_cannot_send_icmp_errors_about_our_flows_with_others() {
         protocols: vec![],
         all_protocols: true,
         valid: None,
+        cap_grants: Vec::new(),
     };
     set_rules(&mut net, 0, vec![only_1]);
     // Node 0 talks to node 1 over UDP.
