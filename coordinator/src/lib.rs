@@ -598,6 +598,15 @@ async fn authkey(cmd: AuthkeyCommand) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
+/// Node `name` as `nodes list` shows it.
+async fn node_view(admin: &AdminArgs, name: &str) -> anyhow::Result<NodeView> {
+    let nodes: Vec<NodeView> = target(admin)?.call(Method::GET, "/nodes", None).await?;
+    nodes
+        .into_iter()
+        .find(|n| n.name == name)
+        .with_context(|| format!("no node named {name:?}"))
+}
+
 async fn nodes(cmd: NodesCommand) -> anyhow::Result<Outcome> {
     match cmd {
         NodesCommand::List { json, admin } => {
@@ -622,13 +631,7 @@ async fn nodes(cmd: NodesCommand) -> anyhow::Result<Outcome> {
             admin,
         } => {
             let routes: ops::RoutesView = if approve.is_empty() && unapprove.is_empty() {
-                let nodes: Vec<NodeView> =
-                    target(&admin)?.call(Method::GET, "/nodes", None).await?;
-                nodes
-                    .into_iter()
-                    .find(|n| n.name == name)
-                    .with_context(|| format!("no node named {name:?}"))?
-                    .routes
+                node_view(&admin, &name).await?.routes
             } else {
                 target(&admin)?
                     .call(
@@ -671,13 +674,7 @@ async fn nodes(cmd: NodesCommand) -> anyhow::Result<Outcome> {
                 unset,
             };
             let attrs: model::Attrs = if change.set.is_empty() && change.unset.is_empty() {
-                let nodes: Vec<NodeView> =
-                    target(&admin)?.call(Method::GET, "/nodes", None).await?;
-                nodes
-                    .into_iter()
-                    .find(|n| n.name == name)
-                    .with_context(|| format!("no node named {name:?}"))?
-                    .custom_attrs
+                node_view(&admin, &name).await?.custom_attrs
             } else {
                 target(&admin)?
                     .call(

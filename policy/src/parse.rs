@@ -452,6 +452,26 @@ impl Checker {
 
     // ------------------------------------------------------------ rules
 
+    /// As the Tailscale service: a rule reaching `autogroup:self` must come from people
+    /// (users, groups, autogroup:member, and in acls `*`), since "self" means the source's own
+    /// user.
+    fn check_self_sources(&mut self, pos: Pos, srcs: &[Selector], star_is_person: bool) {
+        let person = |s: &Selector| match s {
+            Selector::Any => star_is_person,
+            Selector::User(_) | Selector::Group(_) | Selector::IdpGroup(_) | Selector::Member => {
+                true
+            }
+            _ => false,
+        };
+        if !srcs.iter().all(person) {
+            self.err(
+                pos,
+                "autogroup:self can only be used with users, groups, or supported autogroups \
+                 (a source here is a tag, a host or an address)",
+            );
+        }
+    }
+
     /// A network grant: `{"src": [...], "dst": [...], "ip": ["tcp:443", "22", "*"]}`, as
     /// accept rules (one per `ip` entry). Destinations carry no ports; `ip` gives them.
     fn grant(&mut self, v: &Spanned<Json>) -> Vec<Rule> {
@@ -543,22 +563,9 @@ impl Checker {
         }
         if let (Some(ds), Some(ss)) = (&dst, &src)
             && ds.iter().any(|(_, d)| *d == Selector::SelfNodes)
-            && ss.iter().any(|s: &Selector| {
-                // (Unlike in acls, `*` is not a person here.)
-                !matches!(
-                    s,
-                    Selector::User(_)
-                        | Selector::Group(_)
-                        | Selector::IdpGroup(_)
-                        | Selector::Member
-                )
-            })
         {
-            self.err(
-                v.pos,
-                "autogroup:self can only be used with users, groups, or supported autogroups \
-                 (a source here is a tag, a host or an address)",
-            );
+            // (Unlike in acls, `*` is not a person here.)
+            self.check_self_sources(v.pos, ss, false);
         }
         if app.is_some()
             && dst
@@ -705,22 +712,8 @@ impl Checker {
         // (users, groups, `*`, autogroup:member), since "self" means the source's own user.
         if let (Some(ds), Some(ss)) = (&dst, &src)
             && ds.iter().any(|(_, d)| d.sel == Selector::SelfNodes)
-            && ss.iter().any(|s: &Selector| {
-                !matches!(
-                    s,
-                    Selector::Any
-                        | Selector::User(_)
-                        | Selector::Group(_)
-                        | Selector::IdpGroup(_)
-                        | Selector::Member
-                )
-            })
         {
-            self.err(
-                v.pos,
-                "autogroup:self can only be used with users, groups, or supported autogroups \
-                 (a source here is a tag, a host or an address)",
-            );
+            self.check_self_sources(v.pos, ss, true);
         }
         if self.diags.len() > before {
             return None;
