@@ -86,6 +86,8 @@ pub(crate) enum Selector {
     Any,
     /// A user (`alice@example.com`).
     User(String),
+    /// Every user of an e-mail domain (`user:*@example.com`; the domain is stored).
+    UserDomain(String),
     /// `group:name`.
     Group(String),
     /// `idp:group:name`: user-owned nodes whose user's identity provider lists them in the

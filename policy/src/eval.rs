@@ -58,6 +58,10 @@ impl PolicyFile {
         match sel {
             Selector::Any => true,
             Selector::User(u) => s.user == Some(u.as_str()),
+            Selector::UserDomain(d) => s.user.is_some_and(|u| {
+                u.rsplit_once('@')
+                    .is_some_and(|(_, ud)| ud.eq_ignore_ascii_case(d))
+            }),
             Selector::Group(g) => s
                 .user
                 .is_some_and(|u| self.groups.get(g).is_some_and(|m| m.iter().any(|x| x == u))),

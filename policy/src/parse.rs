@@ -458,9 +458,11 @@ impl Checker {
     fn check_self_sources(&mut self, pos: Pos, srcs: &[Selector], star_is_person: bool) {
         let person = |s: &Selector| match s {
             Selector::Any => star_is_person,
-            Selector::User(_) | Selector::Group(_) | Selector::IdpGroup(_) | Selector::Member => {
-                true
-            }
+            Selector::User(_)
+            | Selector::UserDomain(_)
+            | Selector::Group(_)
+            | Selector::IdpGroup(_)
+            | Selector::Member => true,
             _ => false,
         };
         if !srcs.iter().all(person) {
@@ -753,6 +755,20 @@ impl Checker {
                 return None;
             }
             Selector::Tag(s.to_owned())
+        } else if let Some(user) = s.strip_prefix("user:") {
+            match user.strip_prefix("*@") {
+                Some(domain) if !domain.is_empty() && !domain.contains(['@', '*']) => {
+                    Selector::UserDomain(domain.to_ascii_lowercase())
+                }
+                _ if user.contains('@') && !user.contains('*') => Selector::User(user.to_owned()),
+                _ => {
+                    self.err(
+                        pos,
+                        format!("bad user {s:?}: expected user:NAME@DOMAIN or user:*@DOMAIN"),
+                    );
+                    return None;
+                }
+            }
         } else if let Some(name) = s.strip_prefix("idp:group:") {
             if test {
                 self.err(

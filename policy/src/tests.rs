@@ -628,6 +628,30 @@ fn network_grants_compile_like_the_acls_they_stand_for() {
         let e = errors(&format!(r#"{{"grants": [{grant}]}}"#));
         assert!(e.iter().any(|m| m.contains(want)), "{grant}: {e:?}");
     }
+    // Every user of a domain.
+    let domain = r#"{"tagOwners": {"tag:db": []},
+      "grants": [{"src": ["user:*@example.com"], "dst": ["tag:db"], "ip": ["tcp:22"]}]}"#;
+    let c = Policy::parse("d.hujson", domain)
+        .unwrap()
+        .compile(&inv, now());
+    let srcs: Vec<String> = c.for_node(NodeId(5)).rules[0]
+        .src
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        !srcs.is_empty()
+            && srcs
+                .iter()
+                .all(|s| s.starts_with("100.64.0.") || s.starts_with("fd00::")),
+        "{srcs:?}"
+    );
+    let e = errors(r#"{"grants": [{"src": ["user:*"], "dst": ["*"], "ip": ["*"]}]}"#);
+    assert!(
+        e.iter()
+            .any(|m| m.contains("expected user:NAME@DOMAIN or user:*@DOMAIN")),
+        "{e:?}"
+    );
     // An app grant carries its capabilities to the destination (at its own addresses) and
     // admits no packet.
     let app = r#"{"tagOwners": {"tag:db": []}, "groups": {"group:eng": ["alice@example.com"]},
