@@ -355,6 +355,10 @@ fn read_policy_file(path: &std::path::Path) -> anyhow::Result<ops::policy::Polic
     })
 }
 
+/// Said about a policy file with neither `acls` nor `grants`.
+const OPEN_BY_DEFAULT: &str = "note: the file has no \"acls\" or \"grants\", so every node may \
+     reach every node (as in Tailscale); add \"acls\": [] to allow nothing";
+
 async fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<Outcome> {
     match cmd {
         PolicyCommand::Conformance { dir, json } => {
@@ -377,6 +381,9 @@ async fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<Outcome> {
                         plural(pol.rule_count(), "rule"),
                         plural(pol.test_count(), "test")
                     ));
+                    if pol.open_by_default() {
+                        output::line(OPEN_BY_DEFAULT);
+                    }
                     Ok(Outcome::Success)
                 }
                 Err(e) => {
@@ -414,6 +421,12 @@ async fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<Outcome> {
                     plural(out.diff.lost_total, "pair"),
                 ));
                 output::diff(&out.diff);
+            }
+            if !json
+                && policy::Policy::parse(&p.file_name, &p.text)
+                    .is_ok_and(|pol| pol.open_by_default())
+            {
+                output::line(OPEN_BY_DEFAULT);
             }
             Ok(Outcome::Success)
         }

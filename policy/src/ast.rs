@@ -28,6 +28,8 @@ pub(crate) struct PolicyFile {
     /// `autoApprovers`: who may advertise which routes (and exit routes) and have them
     /// approved without an admin.
     pub(crate) auto_approvers: AutoApprovers,
+    /// The file has neither `acls` nor `grants`, so (as in Tailscale) it allows everything.
+    pub(crate) open_by_default: bool,
 }
 
 /// The `autoApprovers` section.

@@ -72,6 +72,7 @@ impl Policy {
                 tests: Vec::new(),
                 access_rules: Vec::new(),
                 auto_approvers: Default::default(),
+                open_by_default: true,
             }),
         }
     }
@@ -116,6 +117,12 @@ impl Policy {
     /// Number of rules.
     pub fn rule_count(&self) -> usize {
         self.file.rules.len()
+    }
+
+    /// Whether the file has neither `acls` nor `grants` and so (as in Tailscale) lets every
+    /// node reach every node. (The built-in default is open too.)
+    pub fn open_by_default(&self) -> bool {
+        self.file.open_by_default
     }
 
     /// Number of tests.

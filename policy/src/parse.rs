@@ -118,6 +118,7 @@ impl Checker {
             tests: Vec::new(),
             access_rules: Vec::new(),
             auto_approvers: Default::default(),
+            open_by_default: false,
         };
         let Json::Object(sections) = &doc.value else {
             self.err(
@@ -180,6 +181,7 @@ impl Checker {
             ));
             rule.proto = Proto::Default;
             policy.rules.push(rule);
+            policy.open_by_default = true;
         }
         if let Some(v) = get("tests") {
             for item in self.array(v, "tests") {
@@ -1118,7 +1120,10 @@ fn check_cap_name(name: &str) -> Result<(), String> {
     if domain == "tailscale.com"
         && !matches!(
             name,
-            "tailscale.com/cap/drive" | "tailscale.com/cap/relay" | "tailscale.com/cap/kubernetes"
+            "tailscale.com/cap/drive"
+                | "tailscale.com/cap/relay"
+                | "tailscale.com/cap/kubernetes"
+                | "tailscale.com/cap/webui"
         )
     {
         return Err("capability name must not be in the tailscale.com domain".into());

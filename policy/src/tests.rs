@@ -672,6 +672,26 @@ fn network_grants_compile_like_the_acls_they_stand_for() {
 }
 
 #[test]
+fn a_file_without_acls_or_grants_is_open_and_says_so() {
+    let inv = inventory();
+    let open = Policy::parse("o.hujson", r#"{"tagOwners": {"tag:db": []}}"#).unwrap();
+    assert!(open.open_by_default());
+    let c = open.compile(&inv, now());
+    assert_eq!(c.for_node(NodeId(5)).visible_peers.len(), inv.len() - 1);
+    let closed = Policy::parse("c.hujson", r#"{"tagOwners": {"tag:db": []}, "acls": []}"#).unwrap();
+    assert!(!closed.open_by_default());
+    assert!(
+        closed
+            .compile(&inv, now())
+            .for_node(NodeId(5))
+            .visible_peers
+            .is_empty()
+    );
+    let grants = Policy::parse("g.hujson", r#"{"grants": []}"#).unwrap();
+    assert!(!grants.open_by_default());
+}
+
+#[test]
 fn the_default_lets_everyone_reach_everyone() {
     let inv = inventory();
     let c = Policy::allow_all().compile(&inv, now());
