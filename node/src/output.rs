@@ -225,6 +225,10 @@ pub(crate) fn whois(w: &WhoisJson) {
     );
     println!("os:       {}", w.os);
     println!("node key: {}", w.node_key);
+    if !w.routes.is_empty() {
+        let routes: Vec<String> = w.routes.iter().map(ToString::to_string).collect();
+        println!("routes:   {}", routes.join(", "));
+    }
     for (name, values) in &w.capabilities {
         println!(
             "capability {name}: {}",

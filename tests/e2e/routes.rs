@@ -98,6 +98,30 @@ fn a_host_behind_a_subnet_router_is_reached_by_its_lan_address_when_the_policy_a
         status["self"]["routes"]["primary"],
         serde_json::json!(["10.33.0.0/24"])
     );
+    // The client's status and whois show the subnet behind the router.
+    let status = f.nodes[client].status(&f.lab).unwrap();
+    let peer = status["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "router")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        peer["routes"],
+        serde_json::json!(["10.33.0.0/24"]),
+        "{peer}"
+    );
+    let router_ip = crate::support::ipv4_of(&f.nodes[router].status(&f.lab).unwrap());
+    let whois = f.nodes[client]
+        .cli(&f.lab, &["whois", &router_ip, "--json"])
+        .unwrap();
+    let whois: serde_json::Value = serde_json::from_slice(&whois.stdout).unwrap();
+    assert_eq!(
+        whois["routes"],
+        serde_json::json!(["10.33.0.0/24"]),
+        "{whois}"
+    );
     // A checksummed TCP transfer from the server's side of the router.
     let tool = f.lab.bin("lattice-testtool");
     let recv = f

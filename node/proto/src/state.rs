@@ -610,6 +610,7 @@ impl NodeState {
             },
         };
         PeerStatus {
+            routes: p.node.primary_routes.clone(),
             id: p.node.id,
             name: p.node.name.clone(),
             fqdn: p.node.fqdn.clone(),

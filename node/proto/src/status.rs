@@ -111,6 +111,8 @@ pub struct PeerStatus {
     pub user: Option<String>,
     /// Tags.
     pub tags: Vec<String>,
+    /// Subnets (and exit routes) this node reaches through the peer: its primary routes.
+    pub routes: Vec<ipnet::IpNet>,
     /// OS.
     pub os: String,
     /// Current path.

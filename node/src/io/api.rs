@@ -216,6 +216,9 @@ pub struct PeerJson {
     pub user: Option<String>,
     /// Tags.
     pub tags: Vec<String>,
+    /// Subnets reached through this peer (its primary routes).
+    #[serde(default)]
+    pub routes: Vec<ipnet::IpNet>,
 }
 
 /// A peer's path in `status`.
@@ -250,6 +253,9 @@ pub struct WhoisJson {
     pub os: String,
     /// Whether it is this node.
     pub is_self: bool,
+    /// Subnets it routes for the mesh (its primary routes).
+    #[serde(default)]
+    pub routes: Vec<ipnet::IpNet>,
     /// What the policy's app grants let it do on this node (capability -> values).
     #[serde(default)]
     pub capabilities: std::collections::BTreeMap<String, Vec<serde_json::Value>>,

@@ -666,6 +666,7 @@ impl EventLoop {
                     tags: n.tags.clone(),
                     os: n.os.clone(),
                     is_self: me.as_ref().is_some_and(|m| m.id == n.id),
+                    routes: n.primary_routes.clone(),
                     capabilities: self.state.capabilities_of(ip),
                 });
                 let _ = reply.send(answer);
@@ -1007,6 +1008,7 @@ impl EventLoop {
                     os: p.os.clone(),
                     user: p.user.clone(),
                     tags: p.tags.clone(),
+                    routes: p.routes.clone(),
                 })
                 .collect(),
             counters: {
