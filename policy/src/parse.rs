@@ -919,20 +919,9 @@ impl Checker {
         };
         let p = match text.to_ascii_lowercase().as_str() {
             "*" | "all" | "any" => Proto::All,
-            "tcp" => Proto::List(vec![6]),
-            "udp" => Proto::List(vec![17]),
-            // As in Tailscale: ICMPv4 only (ICMPv6 is `ipv6-icmp`).
-            "icmp" => Proto::List(vec![1]),
-            "ipv6-icmp" | "icmpv6" => Proto::List(vec![58]),
-            "sctp" => Proto::List(vec![132]),
-            "gre" => Proto::List(vec![47]),
-            "esp" => Proto::List(vec![50]),
-            "ah" => Proto::List(vec![51]),
-            "igmp" => Proto::List(vec![2]),
-            "ipip" | "ipencap" => Proto::List(vec![4]),
-            n => match n.parse::<u8>() {
-                Ok(num) => Proto::List(vec![num]),
-                Err(_) => {
+            n => match protocol_number(n) {
+                Some(num) => Proto::List(vec![num]),
+                None => {
                     self.err(v.pos, format!("unknown protocol {text:?}: use tcp, udp, icmp, sctp, gre, esp, ah, igmp, ipip, * or a number 0-255"));
                     return None;
                 }
@@ -1131,6 +1120,24 @@ fn check_cap_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A protocol by name (`tcp`; `icmp` is ICMPv4 as in Tailscale, ICMPv6 is `ipv6-icmp`) or
+/// number.
+fn protocol_number(name: &str) -> Option<u8> {
+    Some(match name {
+        "tcp" => 6,
+        "udp" => 17,
+        "icmp" => 1,
+        "ipv6-icmp" | "icmpv6" => 58,
+        "sctp" => 132,
+        "gre" => 47,
+        "esp" => 50,
+        "ah" => 51,
+        "igmp" => 2,
+        "ipip" | "ipencap" => 4,
+        n => return n.parse().ok(),
+    })
+}
+
 /// A grant's `ip` entry: `*`, ports (`22`, `80-443`, `22,80`), or `PROTO:PORTS` (`tcp:443`,
 /// `udp:*`, `icmp:*`, `47:*`). Ports start at 1 (`*` means all).
 fn parse_grant_ip(s: &str) -> Result<(Proto, Ports), String> {
@@ -1139,21 +1146,9 @@ fn parse_grant_ip(s: &str) -> Result<(Proto, Ports), String> {
     }
     let (proto, ports) = match s.split_once(':') {
         Some((proto, ports)) => {
-            let proto = match proto.to_ascii_lowercase().as_str() {
-                "tcp" => Proto::List(vec![6]),
-                "udp" => Proto::List(vec![17]),
-                "icmp" => Proto::List(vec![1]),
-                "ipv6-icmp" | "icmpv6" => Proto::List(vec![58]),
-                "sctp" => Proto::List(vec![132]),
-                "gre" => Proto::List(vec![47]),
-                "esp" => Proto::List(vec![50]),
-                "ah" => Proto::List(vec![51]),
-                n => Proto::List(vec![
-                    n.parse::<u8>()
-                        .map_err(|_| format!("unknown protocol {n:?}"))?,
-                ]),
-            };
-            (proto, ports)
+            let n = proto.to_ascii_lowercase();
+            let num = protocol_number(&n).ok_or_else(|| format!("unknown protocol {n:?}"))?;
+            (Proto::List(vec![num]), ports)
         }
         None => (Proto::Default, s),
     };
