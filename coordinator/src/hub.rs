@@ -476,7 +476,10 @@ impl HubState {
     fn drop_node(&mut self, id: NodeId, kick: Option<Kick>, now: i64) {
         if let Some(old) = self.nodes.remove(&id) {
             self.inventory.remove(id);
-            self.elect_primaries();
+            // Only a router's coming or going can move a primary route.
+            if !old.routes.is_empty() {
+                self.elect_primaries();
+            }
             self.by_key.remove(&old.record.node_key);
             self.revoke(old.record.node_key);
             let concerned = self.recompile_for(id, now, None);
@@ -519,11 +522,13 @@ impl HubState {
         self.by_key.insert(record.node_key, record.id);
         let id = record.id;
         inv.routes.clone_from(&routes);
-        let primary_routes = self
-            .nodes
-            .get(&id)
-            .map(|o| o.primary_routes.clone())
-            .unwrap_or_default();
+        let old = self.nodes.get(&id);
+        let primary_routes = old.map(|o| o.primary_routes.clone()).unwrap_or_default();
+        // Endpoint and posture updates are frequent: the election (a pass over every node)
+        // runs only when a router's routes or presence changed.
+        let elect = old.map_or(!routes.is_empty(), |o| {
+            o.routes != routes || (!routes.is_empty() && o.online != online)
+        });
         self.nodes.insert(
             id,
             LiveNode {
@@ -534,7 +539,9 @@ impl HubState {
                 primary_routes,
             },
         );
-        self.elect_primaries();
+        if elect {
+            self.elect_primaries();
+        }
         if membership_changed {
             self.inventory.upsert(inv.clone());
             let concerned = self.recompile_for(id, now, Some(inv));
