@@ -208,11 +208,25 @@ async fn a_replica_that_stops_beating_is_dropped_and_its_nodes_go_offline() {
     };
     let k = key(&a, true, 3600).await;
     let id = join(&a, 4, &k).await;
-    // A replica that died without leaving: its heartbeat is old and it still holds a session.
+    // A replica holding the node's session, alive at first (so that no sweep drops it before
+    // B has seen the node online).
     let mut c = a.db.acquire().await.unwrap();
-    db::changes::add_replica(&mut c, "deadbeef", Some("http://192.0.2.9:8080"), None, 0)
-        .await
-        .unwrap();
+    let now_ms = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    db::changes::add_replica(
+        &mut c,
+        "deadbeef",
+        Some("http://192.0.2.9:8080"),
+        None,
+        now_ms,
+    )
+    .await
+    .unwrap();
     db::nodes::set_connected(&mut c, id, Some("deadbeef"), None, unix_now())
         .await
         .unwrap();
@@ -226,6 +240,10 @@ async fn a_replica_that_stops_beating_is_dropped_and_its_nodes_go_offline() {
         b.hub.read().node(id).is_some_and(|n| n.online)
     })
     .await;
+    // Then it dies without leaving: its heartbeat stops (is old).
+    let mut c = a.db.acquire().await.unwrap();
+    assert!(db::changes::heartbeat(&mut c, "deadbeef", 0).await.unwrap());
+    drop(c);
     // Within a heartbeat or two, a live replica drops the dead one.
     let took = eventually("the dead replica's node goes offline", || {
         a.hub.read().node(id).is_some_and(|n| !n.online)
