@@ -116,6 +116,8 @@ pub struct HubState {
     next_rev: u64,
     sessions: HashMap<NodeId, Session>,
     next_conn: u64,
+    /// The mesh's admins and owner (for `autogroup:admin`, `autogroup:owner`).
+    roles: Roles,
     domain: String,
     tunnel_security: TunnelSecurity,
     /// The policy compiled for the current inventory, for (policy revision, day).
@@ -182,6 +184,7 @@ impl Hub {
                 by_key: HashMap::new(),
                 revoked: BTreeMap::new(),
                 wakes: 0,
+                roles: Roles::default(),
             }),
             presence: Mutex::new(None),
         });
@@ -194,6 +197,26 @@ impl Hub {
             }
         }
         hub
+    }
+
+    /// Sets who the mesh's admins and owner are (before the nodes are loaded, at start).
+    pub fn set_roles(&self, roles: Roles) {
+        let mut st = self.write();
+        if st.roles == roles {
+            return;
+        }
+        st.roles = roles;
+        let records: Vec<NodeRecord> = st.nodes.values().map(|n| n.record.clone()).collect();
+        for r in records {
+            let mut inv = inventory_node(&r, &st.roles);
+            if let Some(n) = st.nodes.get(&r.id) {
+                inv.routes.clone_from(&n.routes);
+            }
+            st.inventory.upsert(inv);
+        }
+        st.policy_rev += 1;
+        st.refresh_routes();
+        st.wake_all(true);
     }
 
     /// Where sessions coming and going are reported (see [`crate::presence`]).
@@ -500,7 +523,7 @@ impl HubState {
         }
         let online = record.connected_to.is_some();
         let rev = self.bump();
-        let mut inv = inventory_node(&record);
+        let mut inv = inventory_node(&record, &self.roles);
         let routes = routes_in_force(&self.file_policy, &record, &inv);
         let membership_changed = self.nodes.get(&record.id).is_none_or(|old| {
             old.record.addresses() != record.addresses()
@@ -569,7 +592,7 @@ impl HubState {
             .iter()
             .filter(|(_, n)| !n.record.advertised_routes.is_empty() || !n.routes.is_empty())
             .map(|(id, n)| {
-                let inv = inventory_node(&n.record);
+                let inv = inventory_node(&n.record, &self.roles);
                 (*id, routes_in_force(&policy, &n.record, &inv))
             })
             .collect();
@@ -580,7 +603,7 @@ impl HubState {
                 if let Some(n) = self.nodes.get_mut(&id) {
                     n.routes.clone_from(&routes);
                     n.rev = rev;
-                    let mut inv = inventory_node(&n.record);
+                    let mut inv = inventory_node(&n.record, &self.roles);
                     inv.routes = routes;
                     self.inventory.upsert(inv);
                 }
@@ -724,15 +747,46 @@ impl HubState {
     }
 }
 
+/// Who administers the mesh, for `autogroup:admin` and `autogroup:owner`: the people
+/// `serve --oidc-admin` names (the first of them is the owner) and the members of the
+/// `--oidc-admin-group` groups (as of their last sign-in).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Roles {
+    /// Login names, the owner first.
+    pub admins: Vec<String>,
+    /// Identity provider groups.
+    pub admin_groups: Vec<String>,
+}
+
+impl Roles {
+    /// Sets `user:admin` and `user:owner` on a user-owned node's attributes.
+    fn apply(&self, r: &NodeRecord, attrs: &mut policy::Attrs) {
+        let Some(user) = r.user.as_deref().filter(|_| r.tags.is_empty()) else {
+            return;
+        };
+        let named = |a: &String| a.eq_ignore_ascii_case(user);
+        if self.admins.iter().any(named)
+            || r.idp_groups.iter().any(|g| self.admin_groups.contains(g))
+        {
+            attrs.insert(policy::ROLE_ADMIN.into(), wire::AttrValue::Bool(true));
+        }
+        if self.admins.first().is_some_and(named) {
+            attrs.insert(policy::ROLE_OWNER.into(), wire::AttrValue::Bool(true));
+        }
+    }
+}
+
 /// A node as the policy sees it (its routes are filled in by [`routes_in_force`]).
-fn inventory_node(r: &NodeRecord) -> InventoryNode {
+fn inventory_node(r: &NodeRecord, roles: &Roles) -> InventoryNode {
+    let mut attrs = r.policy_attrs();
+    roles.apply(r, &mut attrs);
     InventoryNode {
         id: r.id,
         name: r.name.clone(),
         addresses: r.addresses(),
         user: r.user.clone(),
         tags: r.tags.clone(),
-        attrs: r.policy_attrs(),
+        attrs,
         routes: Vec::new(),
     }
 }

@@ -384,6 +384,9 @@ async fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<Outcome> {
                     if pol.open_by_default() {
                         output::line(OPEN_BY_DEFAULT);
                     }
+                    for note in pol.notes() {
+                        output::line(&format!("note: {note}"));
+                    }
                     Ok(Outcome::Success)
                 }
                 Err(e) => {
@@ -422,11 +425,13 @@ async fn policy_cmd(cmd: PolicyCommand) -> anyhow::Result<Outcome> {
                 ));
                 output::diff(&out.diff);
             }
-            if !json
-                && policy::Policy::parse(&p.file_name, &p.text)
-                    .is_ok_and(|pol| pol.open_by_default())
-            {
-                output::line(OPEN_BY_DEFAULT);
+            if !json && let Ok(pol) = policy::Policy::parse(&p.file_name, &p.text) {
+                if pol.open_by_default() {
+                    output::line(OPEN_BY_DEFAULT);
+                }
+                for note in pol.notes() {
+                    output::line(&format!("note: {note}"));
+                }
             }
             Ok(Outcome::Success)
         }

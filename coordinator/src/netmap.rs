@@ -62,6 +62,7 @@ pub struct SentMap {
     peers: BTreeMap<NodeId, u64>,
     compiled: Option<Compiled>,
     filter_sent: bool,
+    caps_sent: bool,
     dns_sent: bool,
     security_sent: Option<TunnelSecurity>,
     relays_sent: Option<u64>,
@@ -113,12 +114,16 @@ pub fn next_map(
     let first = sent.seq == 0;
     let everything = first || pending.everything || sent.compiled.is_none();
     let mut recompiled = false;
+    let mut caps_changed = false;
     if everything {
         let compiled = snap.compiled.for_node(me);
         recompiled = sent
             .compiled
             .as_ref()
             .is_none_or(|old| old.rules != compiled.rules);
+        caps_changed = sent.compiled.as_ref().is_none_or(|old| {
+            old.node_caps != compiled.node_caps || old.via_routes != compiled.via_routes
+        });
         sent.compiled = Some(compiled);
     }
     let compiled = sent.compiled.as_ref().expect("set just above");
@@ -179,6 +184,12 @@ pub fn next_map(
     if recompiled || !sent.filter_sent {
         msg.packet_filter = Some(sent.compiled.as_ref().expect("set").rules.clone());
         sent.filter_sent = true;
+    }
+    if caps_changed || !sent.caps_sent {
+        let c = sent.compiled.as_ref().expect("set");
+        msg.node_caps = Some(c.node_caps.clone());
+        msg.via_routes = Some(c.via_routes.clone());
+        sent.caps_sent = true;
     }
     if !sent.dns_sent {
         msg.dns = Some(DnsConfig {

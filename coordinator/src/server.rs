@@ -168,6 +168,13 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let admin_cert =
         relay::identity::load_or_create_cert(&cfg.state_dir, ADMIN_CERT_FILE, ADMIN_CERT_KEY_FILE)
             .context("loading the admin listener's certificate")?;
+    let sign_in = sign_in(cfg.oidc.as_ref(), cfg.public_url.as_deref())?;
+    if let Some(s) = &sign_in {
+        hub.set_roles(crate::hub::Roles {
+            admins: s.admins.clone(),
+            admin_groups: s.admin_groups.clone(),
+        });
+    }
     let st = AppState::new(Inner {
         db: pool,
         hub,
@@ -191,7 +198,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             crate::jwks::KeyCache::new(cfg.federation_ca_file.as_deref())
                 .context("--federation-ca-file")?,
         ),
-        sign_in: sign_in(cfg.oidc.as_ref(), cfg.public_url.as_deref())?,
+        sign_in,
         code_guesses: Default::default(),
     });
     crate::audit_store::spawn_checkpointer(audit, st.db.clone());

@@ -151,6 +151,7 @@ impl Policy {
                 not_before: Some(from),
                 expires: Some(until),
                 caps: None,
+                via: Vec::new(),
             }),
             (_, e) => Err(e.unwrap_or_else(|| format!("bad destination {dst}:{ports}"))),
         }

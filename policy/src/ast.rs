@@ -30,6 +30,24 @@ pub(crate) struct PolicyFile {
     pub(crate) auto_approvers: AutoApprovers,
     /// The file has neither `acls` nor `grants`, so (as in Tailscale) it allows everything.
     pub(crate) open_by_default: bool,
+    /// `nodeAttrs` (and the top-level `randomizeClientPort`): attributes given to nodes.
+    pub(crate) node_attrs: Vec<NodeAttrs>,
+}
+
+/// One `nodeAttrs` entry: attributes (and app capabilities) for the nodes its targets name.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeAttrs {
+    /// `file:line:col`.
+    pub(crate) origin: String,
+    /// Which nodes (as sources are named).
+    pub(crate) targets: Vec<Selector>,
+    /// Attribute names, kept as written (`randomize-client-port`, `nextdns:ID`, a URL).
+    pub(crate) attrs: Vec<String>,
+    /// `ipPool`: address ranges to give these nodes (kept; Lattice allocates from the mesh
+    /// range as before).
+    pub(crate) ip_pool: Vec<IpNet>,
+    /// `app`: capability name -> values.
+    pub(crate) app: BTreeMap<String, Vec<serde_json::Value>>,
 }
 
 /// The `autoApprovers` section.
@@ -79,6 +97,9 @@ pub(crate) struct Rule {
     /// An app grant: the capabilities it grants the sources at the destinations. Such a rule
     /// admits no packet.
     pub(crate) caps: Option<BTreeMap<String, Vec<serde_json::Value>>>,
+    /// A grant's `via`: its routed destinations (subnets, the internet) are reached only
+    /// through routers with one of these tags, and the sources route them there.
+    pub(crate) via: Vec<String>,
 }
 
 /// Who or what a selector names.
@@ -103,6 +124,11 @@ pub(crate) enum Selector {
     Member,
     /// `autogroup:tagged`: tagged nodes.
     Tagged,
+    /// `autogroup:admin`: nodes owned by the mesh's admins (attribute `user:admin`, set by
+    /// the coordinator).
+    Admin,
+    /// `autogroup:owner`: nodes owned by the mesh's owner (attribute `user:owner`).
+    Owner,
     /// `autogroup:self` (destinations only): the source user's own untagged nodes.
     SelfNodes,
     /// `autogroup:internet` (destinations only): the internet through exit nodes (nodes

@@ -14,7 +14,7 @@
 //! coordinator recompiles daily, so nodes enforce windows without a time-zone database and keep
 //! enforcing them (failing closed after the horizon) while the coordinator is away.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -37,6 +37,18 @@ pub struct Compiled {
     pub rules: Vec<FilterRule>,
     /// Peers the node may talk to or be reached by; all others are invisible to it.
     pub visible_peers: BTreeSet<NodeId>,
+    /// What `nodeAttrs` give the node: attribute names (with no values) and app
+    /// capabilities (with theirs), merged over every entry that targets it.
+    pub node_caps: BTreeMap<String, Vec<serde_json::Value>>,
+    /// Subnets a grant's `via` steers this node's traffic for: each router route, with the
+    /// routers (tagged as `via` names) that carry it for this node, lowest id first. They
+    /// take precedence over the mesh-wide primary router of the route, unless a rule without
+    /// `via` lets this node use the route too (then its primary router carries it, as in
+    /// Tailscale).
+    pub via_routes: BTreeMap<IpNet, Vec<NodeId>>,
+    /// The routes of peers (subnets and exit routes) this node may send to under the rules:
+    /// a subnet it may reach nothing in is of no use to it.
+    pub peer_routes: BTreeMap<NodeId, Vec<IpNet>>,
 }
 
 #[derive(Clone)]
@@ -154,7 +166,7 @@ impl CompiledPolicy {
                 set.uncovered += 1;
             }
             for (d, bits) in rule.dst.iter().zip(&mut set.dst) {
-                bits[i] = dst_covers(&self.file, &d.sel, n);
+                bits[i] = dst_covers(&self.file, &d.sel, &rule.via, n);
             }
         }
     }
@@ -242,6 +254,10 @@ impl CompiledPolicy {
         let node = &self.nodes[mi];
         let mut rules = Vec::new();
         let mut visible = vec![false; self.nodes.len()];
+        let mut via_routes: BTreeMap<IpNet, Vec<NodeId>> = BTreeMap::new();
+        let mut peer_routes: BTreeMap<NodeId, Vec<IpNet>> = BTreeMap::new();
+        // Routes a rule without `via` lets this node use: their primary router carries them.
+        let mut unsteered: BTreeSet<IpNet> = BTreeSet::new();
         for set in &self.sets {
             let rule = &self.file.rules[set.rule];
             let accept = rule.action == Action::Accept;
@@ -255,7 +271,12 @@ impl CompiledPolicy {
                         self_ports.push((&d.ports, own_nets(node)));
                     }
                 } else if covered[mi] {
-                    ports.push((&d.ports, dst_nets(&d.sel, node)));
+                    let mut nets = dst_nets(&d.sel, node);
+                    if !rule.via.is_empty() && d.sel == Selector::Any {
+                        // Through the router only: its subnets, not its own addresses.
+                        nets.retain(|n| node.routes.contains(n));
+                    }
+                    ports.push((&d.ports, nets));
                 }
             }
             let src_nodes: Vec<usize> =
@@ -281,6 +302,17 @@ impl CompiledPolicy {
                         .chain(self.nodes_in(&set.src_prefixes))
                     {
                         visible[i] = true;
+                    }
+                    // Traffic from a subnet the sources name arrives through its router.
+                    for peer in self.nodes.iter().filter(|n| n.id != node.id) {
+                        for r in peer.routes.iter().filter(|r| {
+                            !is_exit(r) && set.src_prefixes.iter().any(|p| overlaps(p, r))
+                        }) {
+                            let v = peer_routes.entry(peer.id).or_default();
+                            if !v.contains(r) {
+                                v.push(*r);
+                            }
+                        }
                     }
                 }
             }
@@ -313,6 +345,28 @@ impl CompiledPolicy {
                     .routes
                     .iter()
                     .any(|r| !is_exit(r) && set.src_prefixes.iter().any(|p| overlaps(p, r)));
+            if accept && me_as_src && !rule.via.is_empty() {
+                for (d, covered) in rule.dst.iter().zip(&set.dst) {
+                    let within = match &d.sel {
+                        Selector::Prefix(p) => Some(*p),
+                        Selector::Any => None,
+                        _ => continue,
+                    };
+                    for (i, _) in covered.iter().enumerate().filter(|(i, c)| **c && *i != mi) {
+                        let router = &self.nodes[i];
+                        for r in router.routes.iter().filter(|r| {
+                            !is_exit(r)
+                                && within.is_none_or(|p| overlaps(&p, r))
+                                && !node.routes.contains(r)
+                        }) {
+                            let ids = via_routes.entry(*r).or_default();
+                            if !ids.contains(&router.id) {
+                                ids.push(router.id);
+                            }
+                        }
+                    }
+                }
+            }
             if accept && me_as_src {
                 for (d, covered) in rule.dst.iter().zip(&set.dst) {
                     match d.sel {
@@ -327,6 +381,22 @@ impl CompiledPolicy {
                         _ => {
                             for (i, c) in covered.iter().enumerate() {
                                 visible[i] |= c;
+                                if !c || i == mi {
+                                    continue;
+                                }
+                                let peer = &self.nodes[i];
+                                let nets = dst_nets(&d.sel, peer);
+                                for r in &peer.routes {
+                                    if nets.iter().any(|n| overlaps(n, r)) {
+                                        let v = peer_routes.entry(peer.id).or_default();
+                                        if !v.contains(r) {
+                                            v.push(*r);
+                                        }
+                                        if rule.via.is_empty() {
+                                            unsteered.insert(*r);
+                                        }
+                                    }
+                                }
                             }
                         }
                     }
@@ -334,6 +404,20 @@ impl CompiledPolicy {
             }
         }
         visible[mi] = false;
+        // A router sees the other routers of a subnet it serves itself (one of them may be
+        // the primary).
+        for (i, peer) in self.nodes.iter().enumerate().filter(|(i, _)| visible[*i]) {
+            for r in peer
+                .routes
+                .iter()
+                .filter(|r| !is_exit(r) && node.routes.contains(r))
+            {
+                let v = peer_routes.entry(self.nodes[i].id).or_default();
+                if !v.contains(r) {
+                    v.push(*r);
+                }
+            }
+        }
         Compiled {
             rules,
             visible_peers: visible
@@ -341,6 +425,22 @@ impl CompiledPolicy {
                 .enumerate()
                 .filter(|(_, v)| **v)
                 .map(|(i, _)| self.nodes[i].id)
+                .collect(),
+            node_caps: self.file.node_caps(node),
+            peer_routes: peer_routes
+                .into_iter()
+                .map(|(id, mut v)| {
+                    v.sort_unstable();
+                    (id, v)
+                })
+                .collect(),
+            via_routes: via_routes
+                .into_iter()
+                .filter(|(r, _)| !unsteered.contains(r))
+                .map(|(r, mut ids)| {
+                    ids.sort_unstable();
+                    (r, ids)
+                })
                 .collect(),
         }
     }
@@ -519,8 +619,23 @@ fn own_nets(node: &InventoryNode) -> Vec<IpNet> {
 }
 
 /// Whether destination `sel` reaches `node`: its addresses, or for `*` and prefixes also
-/// the subnet routes it serves, or for `autogroup:internet` its exit routes.
-fn dst_covers(file: &PolicyFile, sel: &Selector, node: &InventoryNode) -> bool {
+/// the subnet routes it serves, or for `autogroup:internet` its exit routes. With `via`
+/// tags, a routed destination (`*`, a prefix, the internet) reaches only the routes of nodes
+/// with one of them.
+fn dst_covers(file: &PolicyFile, sel: &Selector, via: &[String], node: &InventoryNode) -> bool {
+    if !via.is_empty()
+        && matches!(
+            sel,
+            Selector::Any | Selector::Prefix(_) | Selector::Internet
+        )
+    {
+        let routed = match sel {
+            Selector::Internet => node.routes.iter().any(is_exit),
+            Selector::Prefix(p) => node.routes.iter().any(|r| !is_exit(r) && overlaps(p, r)),
+            _ => node.routes.iter().any(|r| !is_exit(r)),
+        };
+        return routed && node.tags.iter().any(|t| via.contains(t));
+    }
     match sel {
         Selector::SelfNodes => false,
         Selector::Internet => node.routes.iter().any(is_exit),

@@ -66,6 +66,8 @@ struct Topology {
 
 #[derive(Deserialize)]
 struct TopoUser {
+    #[serde(default)]
+    id: u64,
     name: String,
     #[serde(default)]
     email: String,
@@ -91,6 +93,42 @@ struct Captured {
     filter: Option<Vec<TsRule>>,
     #[serde(default)]
     peers: Option<Vec<String>>,
+    /// The node's own capability map (with `nodeAttrs`).
+    #[serde(default)]
+    cap_map: Option<BTreeMap<String, serde_json::Value>>,
+    /// Peers reached for more than their own addresses: their extra allowed addresses and
+    /// the routes they are the primary router of, for this node.
+    #[serde(default)]
+    peer_routes: Option<BTreeMap<String, PeerRoutes>>,
+}
+
+#[derive(Deserialize, Debug, PartialEq, Eq, Default)]
+struct PeerRoutes {
+    #[serde(default)]
+    allowed_ips: BTreeSet<String>,
+    #[serde(default)]
+    primary_routes: BTreeSet<String>,
+}
+
+/// Capabilities the service puts in a node's own map whatever the policy says (tailnet
+/// state: roles, settings, features), and those it derives from its own features (Funnel's
+/// ports and warnings): left out on both sides, as Headscale does.
+fn service_cap(name: &str) -> bool {
+    const STATE: &[&str] = &[
+        "default-auto-update",
+        "https://tailscale.com/cap/file-sharing",
+        "https://tailscale.com/cap/is-admin",
+        "https://tailscale.com/cap/is-owner",
+        "https://tailscale.com/cap/ssh",
+        "https://tailscale.com/cap/tailnet-lock",
+        "https://tailscale.com/cap/warn-funnel-no-https",
+        "probe-udp-lifetime",
+        "ssh-behavior-v1",
+        "ssh-env-vars",
+        "store-appc-routes",
+        "tailnet-display-name",
+    ];
+    STATE.contains(&name) || name.starts_with("https://tailscale.com/cap/funnel-ports")
 }
 
 #[derive(Deserialize)]
@@ -206,8 +244,6 @@ struct TsPorts {
 const UNSUPPORTED_SECTIONS: &[&str] = &[
     "ssh",
     "sshTests",
-    "nodeAttrs",
-    "randomizeClientPort",
     "derpMap",
     "disableIPv4",
     "OneCGNATRoute",
@@ -236,12 +272,6 @@ fn judge(case: &Case) -> Verdict {
             .map(String::as_str)
             .collect();
         unsupported.sort_unstable();
-        // Grants steering through chosen routers.
-        if let Some(serde_json::Value::Array(grants)) = sections.get("grants")
-            && grants.iter().any(|g| g.get("via").is_some())
-        {
-            unsupported.push("grants:via");
-        }
         if !unsupported.is_empty() {
             return Verdict::Unsupported(format!("section {}", unsupported.join(", ")));
         }
@@ -286,6 +316,7 @@ fn judge(case: &Case) -> Verdict {
         Err(e) => return Verdict::Fail(vec![e]),
     };
 
+    let primaries = primaries(case, &ids);
     let reachable = reachable_sources(&inventory);
     let compiled = policy.compile(&inventory, Timestamp::UNIX_EPOCH);
     let names: BTreeMap<NodeId, &str> = ids.iter().map(|(n, id)| (*id, n.as_str())).collect();
@@ -334,6 +365,82 @@ fn judge(case: &Case) -> Verdict {
                 diffs.extend(describe(host, &want, &got));
             }
         }
+        if let Some(cap_map) = &cap.cap_map {
+            let want: BTreeMap<&str, Vec<serde_json::Value>> = cap_map
+                .iter()
+                .filter(|(k, _)| !service_cap(k))
+                .map(|(k, v)| {
+                    let values = match v {
+                        serde_json::Value::Array(a) => a.clone(),
+                        _ => Vec::new(),
+                    };
+                    (k.as_str(), values)
+                })
+                .collect();
+            let got: BTreeMap<&str, Vec<serde_json::Value>> = mine
+                .node_caps
+                .iter()
+                .filter(|(k, _)| !service_cap(k))
+                .map(|(k, v)| (k.as_str(), v.clone()))
+                .collect();
+            if want != got {
+                diffs.push(format!(
+                    "{host}: node attributes: the service gives {:?}, Lattice {:?}",
+                    want.keys().collect::<Vec<_>>(),
+                    got.keys().collect::<Vec<_>>()
+                ));
+            }
+        }
+        if cap.peers.is_some() {
+            // The routes each visible peer carries for this node: the primary routers
+            // (elected as the coordinator does: the lowest id, all being online), where a
+            // `via` grant does not steer the route to a router of its own; exit routes are
+            // allowed but never primary.
+            let want = cap.peer_routes.as_ref();
+            let mut got: BTreeMap<&str, PeerRoutes> = BTreeMap::new();
+            let mut carriers: BTreeMap<IpNet, NodeId> = BTreeMap::new();
+            for n in inventory.iter() {
+                for r in n.routes.iter().filter(|r| r.prefix_len() > 0) {
+                    carriers.entry(*r).or_insert(n.id);
+                }
+            }
+            carriers.extend(&primaries);
+            for (r, routers) in &mine.via_routes {
+                if let Some(first) = routers.first() {
+                    carriers.insert(*r, *first);
+                }
+            }
+            for p in &mine.visible_peers {
+                let (Some(name), Some(node)) = (names.get(p), inventory.get(*p)) else {
+                    continue;
+                };
+                let mut pr = PeerRoutes::default();
+                let usable = mine.peer_routes.get(p).map_or(&[][..], Vec::as_slice);
+                for r in node.routes.iter().filter(|r| usable.contains(r)) {
+                    if r.prefix_len() == 0 {
+                        pr.allowed_ips.insert(r.to_string());
+                    } else if carriers.get(r) == Some(p) {
+                        pr.allowed_ips.insert(r.to_string());
+                        pr.primary_routes.insert(r.to_string());
+                    }
+                }
+                if pr != PeerRoutes::default() {
+                    got.insert(name, pr);
+                }
+            }
+            let want_view: BTreeMap<&str, &PeerRoutes> = want
+                .iter()
+                .flat_map(|m| m.iter())
+                .filter(|(_, v)| **v != PeerRoutes::default())
+                .map(|(k, v)| (k.as_str(), v))
+                .collect();
+            let got_view: BTreeMap<&str, &PeerRoutes> = got.iter().map(|(k, v)| (*k, v)).collect();
+            if want_view != got_view {
+                diffs.push(format!(
+                    "{host}: peer routes: the service shows {want_view:?}, Lattice {got_view:?}"
+                ));
+            }
+        }
         if let Some(peers) = &cap.peers {
             let got: BTreeSet<&str> = mine
                 .visible_peers
@@ -357,6 +464,69 @@ fn judge(case: &Case) -> Verdict {
     }
 }
 
+/// The primary router of each subnet several routers serve. The coordinator elects the one
+/// that joined first among those online; the topology does not record who joined first,
+/// but the captures show it: the router most nodes see as the primary (a few views may
+/// differ where a `via` grant steers the route elsewhere for them).
+fn primaries(case: &Case, ids: &BTreeMap<String, NodeId>) -> BTreeMap<IpNet, NodeId> {
+    let mut votes: BTreeMap<IpNet, BTreeMap<&str, usize>> = BTreeMap::new();
+    for cap in case.nodes.iter().flat_map(BTreeMap::values) {
+        for (peer, pr) in cap.peer_routes.iter().flatten() {
+            for r in &pr.primary_routes {
+                if let Ok(r) = r.parse::<IpNet>() {
+                    *votes
+                        .entry(r)
+                        .or_default()
+                        .entry(peer.as_str())
+                        .or_default() += 1;
+                }
+            }
+        }
+    }
+    votes
+        .into_iter()
+        .filter_map(|(r, v)| {
+            let (host, _) = v.into_iter().max_by_key(|(_, n)| *n)?;
+            Some((r, *ids.get(host)?))
+        })
+        .collect()
+}
+
+/// The users' roles (admins, owners) by user name. The topology has none; the service's own
+/// capability maps show them where captured (`is-admin`, `is-owner` on a user's node).
+/// Without captures, the tailnet is as the corpus was recorded: every user an admin, the
+/// first one (who made the tailnet) its owner.
+fn roles(case: &Case) -> (BTreeSet<String>, BTreeSet<String>) {
+    let (mut admins, mut owners) = (BTreeSet::new(), BTreeSet::new());
+    let mut seen = false;
+    for (host, cap) in case.nodes.iter().flatten() {
+        let (Some(map), Some(node)) = (&cap.cap_map, case.topology.nodes.get(host)) else {
+            continue;
+        };
+        seen = true;
+        let Some(user) = node.user.clone().filter(|_| node.tags.is_empty()) else {
+            continue;
+        };
+        if map.contains_key("https://tailscale.com/cap/is-admin") {
+            admins.insert(user.clone());
+        }
+        if map.contains_key("https://tailscale.com/cap/is-owner") {
+            owners.insert(user);
+        }
+    }
+    if !seen {
+        admins = case.topology.users.iter().map(|u| u.name.clone()).collect();
+        owners.extend(
+            case.topology
+                .users
+                .iter()
+                .min_by_key(|u| u.id)
+                .map(|u| u.name.clone()),
+        );
+    }
+    (admins, owners)
+}
+
 /// The tailnet as an inventory: users by e-mail (the policy's names), nodes by hostname.
 fn inventory(
     case: &Case,
@@ -368,6 +538,7 @@ fn inventory(
         .iter()
         .map(|u| (u.name.as_str(), u.email.as_str()))
         .collect();
+    let (admins, owners) = roles(case);
     let mut inv = Inventory::new();
     let mut ids = BTreeMap::new();
     for (i, (host, n)) in case.topology.nodes.iter().enumerate() {
@@ -400,6 +571,14 @@ fn inventory(
             tags: n.tags.clone(),
             attrs: Default::default(),
         };
+        if let Some(u) = n.user.as_deref().filter(|_| n.tags.is_empty()) {
+            for (set, attr) in [(&admins, crate::ROLE_ADMIN), (&owners, crate::ROLE_OWNER)] {
+                if set.contains(u) {
+                    node.attrs
+                        .insert(attr.to_owned(), wire::AttrValue::Bool(true));
+                }
+            }
+        }
         // What the node advertised and the policy's autoApprovers approve is approved too.
         for r in policy.auto_approved(&node, &parse(&n.routable_ips)?) {
             if !routes.contains(&r) {
@@ -849,11 +1028,12 @@ mod tests {
             verdict(&case(ssh, "[]", None)),
             Verdict::Unsupported("section ssh".into())
         );
-        let via =
-            r#"{"grants": [{"src": ["*"], "dst": ["10.0.0.0/8"], "ip": ["*"], "via": ["tag:r"]}]}"#;
-        assert_eq!(
-            verdict(&case(via, "[]", None)),
-            Verdict::Unsupported("section grants:via".into())
+        // `via` is compiled now: a case with it is judged like any other.
+        let via = r#"{"tagOwners": {"tag:r": []},
+          "grants": [{"src": ["*"], "dst": ["10.0.0.0/8"], "ip": ["*"], "via": ["tag:r"]}]}"#;
+        assert!(
+            !matches!(verdict(&case(via, "[]", None)), Verdict::Unsupported(_)),
+            "via is not unsupported any more"
         );
     }
 }

@@ -9,6 +9,7 @@
 //! time is inside the rule's window and validity period.
 
 use std::cmp::Ordering;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use jiff::Timestamp;
@@ -37,6 +38,16 @@ impl crate::inventory::InventoryNode {
             attrs: &self.attrs,
         }
     }
+}
+
+/// The attribute the coordinator sets on the nodes of the mesh's admins (`autogroup:admin`).
+pub const ROLE_ADMIN: &str = "user:admin";
+/// The attribute the coordinator sets on the nodes of the mesh's owner (`autogroup:owner`).
+pub const ROLE_OWNER: &str = "user:owner";
+
+/// Whether subject `s` is a user-owned node whose user has role attribute `attr`.
+fn role(s: &Subject<'_>, attr: &str) -> bool {
+    s.user.is_some() && s.tags.is_empty() && s.attrs.get(attr) == Some(&AttrValue::Bool(true))
 }
 
 /// The attribute the coordinator sets on a user-owned node for each of its user's identity
@@ -74,11 +85,44 @@ impl PolicyFile {
             Selector::Prefix(net) => s.ips.iter().any(|ip| net.contains(ip)),
             Selector::Member => s.user.is_some() && s.tags.is_empty(),
             Selector::Tagged => !s.tags.is_empty(),
+            Selector::Admin => role(s, ROLE_ADMIN),
+            Selector::Owner => role(s, ROLE_OWNER),
             // Needs the source; see `dst_ports`.
             Selector::SelfNodes => false,
             // Not a node: the internet behind exit nodes (see `compile`).
             Selector::Internet => false,
         }
+    }
+
+    /// What the `nodeAttrs` entries targeting `node` give it: attributes (no values) and app
+    /// capabilities (values merged in order, without repeats).
+    pub(crate) fn node_caps(
+        &self,
+        node: &crate::InventoryNode,
+    ) -> BTreeMap<String, Vec<serde_json::Value>> {
+        let subject = node.subject();
+        let mut caps: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+        for entry in &self.node_attrs {
+            if !entry
+                .targets
+                .iter()
+                .any(|t| self.selector_matches(t, &subject))
+            {
+                continue;
+            }
+            for a in &entry.attrs {
+                caps.entry(a.clone()).or_default();
+            }
+            for (name, values) in &entry.app {
+                let have = caps.entry(name.clone()).or_default();
+                for v in values {
+                    if !have.contains(v) {
+                        have.push(v.clone());
+                    }
+                }
+            }
+        }
+        caps
     }
 
     pub(crate) fn posture_ok(&self, rule: &Rule, attrs: &Attrs) -> bool {

@@ -42,7 +42,7 @@ pub use ast::Attrs;
 pub use compile::{Compiled, CompiledPolicy, HORIZON};
 pub use diff::{Access, Change, PolicyDiff, diff, diff_policies};
 pub use error::{Diagnostic, PolicyError};
-pub use eval::idp_group_attr;
+pub use eval::{ROLE_ADMIN, ROLE_OWNER, idp_group_attr};
 pub use inventory::{Inventory, InventoryNode};
 pub use parse::check_attr_name;
 
@@ -73,6 +73,7 @@ impl Policy {
                 access_rules: Vec::new(),
                 auto_approvers: Default::default(),
                 open_by_default: true,
+                node_attrs: Vec::new(),
             }),
         }
     }
@@ -102,6 +103,38 @@ impl Policy {
                 diagnostics: failures,
             })
         }
+    }
+
+    /// What the file asks for that Lattice keeps but does not act on, one line each with its
+    /// place in the file: `nodeAttrs` attributes other than those Lattice honours (they are
+    /// still sent to the nodes they target, and shown in `lattice status`), and `ipPool`.
+    pub fn notes(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in &self.file.node_attrs {
+            let ignored: Vec<String> = e
+                .attrs
+                .iter()
+                .filter(|a| !parse::HONOURED_NODE_ATTRS.contains(&a.as_str()))
+                .map(|a| format!("{a:?}"))
+                .collect();
+            if !ignored.is_empty() {
+                out.push(format!(
+                    "{}: nodeAttrs {} {} kept and sent to the nodes it targets, but Lattice does not act on {}",
+                    e.origin,
+                    ignored.join(", "),
+                    if ignored.len() == 1 { "is" } else { "are" },
+                    if ignored.len() == 1 { "it" } else { "them" },
+                ));
+            }
+            if !e.ip_pool.is_empty() {
+                out.push(format!(
+                    "{}: nodeAttrs ipPool is kept, but Lattice gives every node an address from \
+                     100.64.0.0/10 as before",
+                    e.origin
+                ));
+            }
+        }
+        out
     }
 
     /// The name used in messages (the file name, or the default's name).
@@ -197,6 +230,7 @@ pub(crate) fn allow_all_rule(origin: String) -> Rule {
         not_before: None,
         expires: None,
         caps: None,
+        via: Vec::new(),
     }
 }
 

@@ -9,8 +9,8 @@ use jiff::tz::TimeZone;
 use wire::AttrValue;
 
 use crate::ast::{
-    AccessRule, Action, Attrs, AutoApprovers, Condition, Dst, Op, PolicyFile, Ports, Proto, Rule,
-    Schedule, Selector, Test,
+    AccessRule, Action, Attrs, AutoApprovers, Condition, Dst, NodeAttrs, Op, PolicyFile, Ports,
+    Proto, Rule, Schedule, Selector, Test,
 };
 use crate::error::{Diagnostic, PolicyError};
 use crate::hujson::{self, Json, Pos, Spanned};
@@ -33,7 +33,11 @@ pub(crate) const NODE_ATTRS: &[&str] = &[
 ];
 
 const SECTIONS: &str = "acls, grants, groups, hosts, postures, defaultSrcPosture, tagOwners, \
-     tests, autoApprovers, accessRequests";
+     tests, autoApprovers, accessRequests, nodeAttrs, randomizeClientPort";
+
+/// Node attributes Lattice acts on; the others are kept, sent to their nodes and reported by
+/// `policy check` as not acted on.
+pub(crate) const HONOURED_NODE_ATTRS: &[&str] = &[];
 
 /// The longest grant an `accessRequests` entry allows without `maxDuration`, and the most
 /// one may set.
@@ -119,6 +123,7 @@ impl Checker {
             access_rules: Vec::new(),
             auto_approvers: Default::default(),
             open_by_default: false,
+            node_attrs: Vec::new(),
         };
         let Json::Object(sections) = &doc.value else {
             self.err(
@@ -192,6 +197,32 @@ impl Checker {
         }
         if let Some(v) = get("autoApprovers") {
             policy.auto_approvers = self.auto_approvers_section(v);
+        }
+        if let Some(v) = get("nodeAttrs") {
+            for item in self.array(v, "nodeAttrs") {
+                if let Some(a) = self.node_attrs(item) {
+                    policy.node_attrs.push(a);
+                }
+            }
+        }
+        if let Some(v) = get("randomizeClientPort") {
+            match &v.value {
+                Json::Bool(true) => policy.node_attrs.push(NodeAttrs {
+                    origin: format!("{}:{}:{}", self.file, v.pos.line, v.pos.col),
+                    targets: vec![Selector::Any],
+                    attrs: vec!["randomize-client-port".into()],
+                    ip_pool: Vec::new(),
+                    app: BTreeMap::new(),
+                }),
+                Json::Bool(false) => {}
+                other => self.err(
+                    v.pos,
+                    format!(
+                        "randomizeClientPort must be true or false, not {}",
+                        other.kind()
+                    ),
+                ),
+            }
         }
         if let Some(v) = get("accessRequests") {
             for item in self.array(v, "accessRequests") {
@@ -464,7 +495,9 @@ impl Checker {
             | Selector::UserDomain(_)
             | Selector::Group(_)
             | Selector::IdpGroup(_)
-            | Selector::Member => true,
+            | Selector::Member
+            | Selector::Admin
+            | Selector::Owner => true,
             _ => false,
         };
         if !srcs.iter().all(person) {
@@ -484,6 +517,7 @@ impl Checker {
         let (mut src, mut dst, mut ip) = (None, None, None);
         let mut app: Option<BTreeMap<String, Vec<serde_json::Value>>> = None;
         let mut src_posture = Vec::new();
+        let mut via: Vec<String> = Vec::new();
         for (k, val) in self.object(v, "a grant") {
             match k.value.as_str() {
                 "src" => {
@@ -544,11 +578,21 @@ impl Checker {
                     }
                     app = Some(caps);
                 }
-                "via" => self.err(k.pos, "grants with \"via\" are not supported yet"),
+                "via" => {
+                    for (pos, t) in self.strings(val, "via") {
+                        if !t.starts_with("tag:") {
+                            self.err(pos, format!("via {t:?}: via can only be a tag"));
+                        } else if !self.tag_owners.contains(t) {
+                            self.err(pos, format!("via {t:?}: tag not found in tagOwners"));
+                        } else if !via.iter().any(|v| v == t) {
+                            via.push(t.to_owned());
+                        }
+                    }
+                }
                 other => self.err(
                     k.pos,
                     format!(
-                        "unknown field {other:?} in a grant (fields: src, dst, ip, app, srcPosture)"
+                        "unknown field {other:?} in a grant (fields: src, dst, ip, app, via, srcPosture)"
                     ),
                 ),
             }
@@ -601,6 +645,7 @@ impl Checker {
             not_before: None,
             expires: None,
             caps: Some(caps),
+            via: via.clone(),
         });
         ip.unwrap_or_default()
             .into_iter()
@@ -621,6 +666,7 @@ impl Checker {
                 not_before: None,
                 expires: None,
                 caps: None,
+                via: via.clone(),
             })
             .chain(app_rule)
             .collect()
@@ -733,6 +779,7 @@ impl Checker {
             not_before,
             expires,
             caps: None,
+            via: Vec::new(),
         })
     }
 
@@ -804,6 +851,8 @@ impl Checker {
                 }
                 "danger-all" => Selector::Any,
                 "tagged" => Selector::Tagged,
+                "admin" => Selector::Admin,
+                "owner" => Selector::Owner,
                 "self" if side == Side::Dst => Selector::SelfNodes,
                 "internet" if side == Side::Dst => Selector::Internet,
                 "internet" => {
@@ -815,7 +864,7 @@ impl Checker {
                     return None;
                 }
                 _ => {
-                    self.err(pos, format!("unsupported autogroup {s:?} (supported: autogroup:member, autogroup:tagged, autogroup:self, autogroup:internet, autogroup:danger-all)"));
+                    self.err(pos, format!("unsupported autogroup {s:?} (supported: autogroup:member, autogroup:tagged, autogroup:admin, autogroup:owner, autogroup:self, autogroup:internet, autogroup:danger-all)"));
                     return None;
                 }
             }
@@ -833,6 +882,95 @@ impl Checker {
             return None;
         };
         Some(sel)
+    }
+
+    /// `{"target": ["tag:server"], "attr": ["randomize-client-port"], "ipPool": [...],
+    /// "app": {...}}`.
+    fn node_attrs(&mut self, v: &Spanned<Json>) -> Option<NodeAttrs> {
+        let before = self.diags.len();
+        let mut entry = NodeAttrs {
+            origin: format!("{}:{}:{}", self.file, v.pos.line, v.pos.col),
+            targets: Vec::new(),
+            attrs: Vec::new(),
+            ip_pool: Vec::new(),
+            app: BTreeMap::new(),
+        };
+        let mut has_target = false;
+        for (k, val) in self.object(v, "a nodeAttrs entry") {
+            match k.value.as_str() {
+                "target" => {
+                    has_target = true;
+                    for (pos, s) in self.strings(val, "target") {
+                        if s == "autogroup:self" {
+                            self.err(pos, "autogroup:self cannot be a nodeAttrs target (it names a destination relative to a source)");
+                            continue;
+                        }
+                        if let Some(sel) = self.selector(pos, s, Side::Src) {
+                            entry.targets.push(sel);
+                        }
+                    }
+                }
+                "attr" => {
+                    for (pos, s) in self.strings(val, "attr") {
+                        if s.is_empty() || s.chars().any(char::is_control) {
+                            self.err(pos, format!("bad attribute {s:?}"));
+                        } else if !entry.attrs.iter().any(|a| a == s) {
+                            entry.attrs.push(s.to_owned());
+                        }
+                    }
+                }
+                "ipPool" => {
+                    let cgnat: IpNet = "100.64.0.0/10".parse().unwrap_or_default();
+                    let reserved: IpNet = "100.100.100.0/24".parse().unwrap_or_default();
+                    for (pos, s) in self.strings(val, "ipPool") {
+                        match parse_prefix(s) {
+                            Some(net) if crate::compile::overlaps(&net, &reserved) => self.err(
+                                pos,
+                                format!("IPPool({net}): network within reserved range 100.100.100.0/24 (the mesh resolver's)"),
+                            ),
+                            Some(net) if net.addr().is_ipv4() && !cgnat.contains(&net) => self.err(
+                                pos,
+                                format!("IPPool({net}): must be inside the mesh's range 100.64.0.0/10"),
+                            ),
+                            Some(net) => entry.ip_pool.push(net.trunc()),
+                            None => self.err(pos, format!("bad ipPool entry {s:?}: expected a CIDR")),
+                        }
+                    }
+                }
+                "app" => {
+                    for (name, values) in self.object(val, "app") {
+                        if let Err(why) = check_cap_name(&name.value) {
+                            self.err(name.pos, format!("capability {:?}: {why}", name.value));
+                            continue;
+                        }
+                        match &values.value {
+                            Json::Array(items) => {
+                                entry.app.insert(
+                                    name.value.clone(),
+                                    items.iter().map(|i| i.value.to_serde()).collect(),
+                                );
+                            }
+                            other => self.err(
+                                values.pos,
+                                format!(
+                                    "the values of {:?} must be an array, not {}",
+                                    name.value,
+                                    other.kind()
+                                ),
+                            ),
+                        }
+                    }
+                }
+                other => self.err(
+                    k.pos,
+                    format!("unknown field {other:?} in a nodeAttrs entry (fields: target, attr, ipPool, app)"),
+                ),
+            }
+        }
+        if !has_target {
+            self.err(v.pos, "a nodeAttrs entry needs a target");
+        }
+        (self.diags.len() == before).then_some(entry)
     }
 
     /// `{"dst": ["tag:prod"], "approvers": ["group:sre"], "maxDuration": "4h"}`.

@@ -86,7 +86,7 @@ fn every_kind_of_mistake_is_reported_with_its_position_and_all_at_once() {
         "p.hujson:12:67: bad time \"tomorrow\" in expires: expected RFC 3339, like 2026-12-01T18:00:00Z",
         "p.hujson:14:21: a test names one user, tag, group, host or IP, not *",
         "p.hujson:14:52: unknown field \"sneaky\" in a test (fields: src, srcAttrs, at, proto, accept, deny)",
-        "p.hujson:15:3: unknown section \"ssh\" (supported: acls, grants, groups, hosts, postures, defaultSrcPosture, tagOwners, tests, autoApprovers, accessRequests)",
+        "p.hujson:15:3: unknown section \"ssh\" (supported: acls, grants, groups, hosts, postures, defaultSrcPosture, tagOwners, tests, autoApprovers, accessRequests, nodeAttrs, randomizeClientPort)",
     ];
     for e in &expected {
         assert!(
@@ -622,7 +622,11 @@ fn network_grants_compile_like_the_acls_they_stand_for() {
         ),
         (
             r#"{"src": ["*"], "dst": ["*"], "ip": ["*"], "via": ["tag:r"]}"#,
-            "not supported yet",
+            "via \"tag:r\": tag not found",
+        ),
+        (
+            r#"{"src": ["*"], "dst": ["*"], "ip": ["*"], "via": ["autogroup:tagged"]}"#,
+            "via can only be a tag",
         ),
     ] {
         let e = errors(&format!(r#"{{"grants": [{grant}]}}"#));
@@ -928,4 +932,164 @@ proptest! {
             prop_assert!(l.windows(2).all(|w| (pos(&w[0].src), pos(&w[0].dst)) < (pos(&w[1].src), pos(&w[1].dst))));
         }
     }
+}
+
+#[test]
+fn node_attributes_reach_the_nodes_they_target_and_what_lattice_ignores_is_said() {
+    let text = r#"{
+  "tagOwners": {"tag:server": [], "tag:exit": []},
+  "groups": {"group:eng": ["bob@example.com"]},
+  "hosts": {"web": "100.64.0.3"},
+  "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+  "nodeAttrs": [
+    {"target": ["tag:server", "web"], "attr": ["randomize-client-port", "nextdns:abc"]},
+    {"target": ["autogroup:admin"], "attr": ["funnel"], "app": {"example.com/cap/x": [{"a": 1}]}},
+    {"target": ["autogroup:owner", "group:eng"], "app": {"example.com/cap/x": [{"a": 1}, 2]}},
+    {"target": [], "attr": ["unused"]},
+    {"target": ["*"], "ipPool": ["100.80.0.0/16"]},
+  ],
+  "randomizeClientPort": true,
+}"#;
+    let p = Policy::check("p.hujson", text, now(), None).unwrap();
+    let admin = (ROLE_ADMIN, AttrValue::Bool(true));
+    let owner = (ROLE_OWNER, AttrValue::Bool(true));
+    let inv: Inventory = [
+        node(
+            1,
+            "alice",
+            Some("alice@example.com"),
+            &[],
+            &[admin.clone(), owner],
+        ),
+        node(
+            2,
+            "bob",
+            Some("bob@example.com"),
+            &[],
+            std::slice::from_ref(&admin),
+        ),
+        node(3, "web", Some("carol@example.com"), &[], &[]),
+        node(4, "srv", None, &["tag:server"], &[admin]),
+    ]
+    .into_iter()
+    .collect();
+    let c = p.compile(&inv, now());
+    let caps = |id: u64| -> Vec<(String, Vec<serde_json::Value>)> {
+        c.for_node(NodeId(id)).node_caps.into_iter().collect()
+    };
+    let x = |v: Vec<serde_json::Value>| ("example.com/cap/x".to_owned(), v);
+    let rcp = ("randomize-client-port".to_owned(), vec![]);
+    let a1 = serde_json::json!({"a": 1});
+    assert_eq!(
+        caps(1),
+        [
+            x(vec![a1.clone(), serde_json::json!(2)]),
+            ("funnel".into(), vec![]),
+            rcp.clone()
+        ],
+        "an admin and the owner: values merged in order, without repeats"
+    );
+    assert_eq!(
+        caps(2),
+        [
+            x(vec![a1, serde_json::json!(2)]),
+            ("funnel".into(), vec![]),
+            rcp.clone()
+        ],
+        "bob is an admin and in group:eng"
+    );
+    assert_eq!(
+        caps(3),
+        [("nextdns:abc".into(), vec![]), rcp.clone()],
+        "targeted through its hosts alias"
+    );
+    assert_eq!(
+        caps(4),
+        [("nextdns:abc".into(), vec![]), rcp],
+        "a tagged node is nobody's admin, whatever its attributes"
+    );
+    // What Lattice does not act on is named, with its place.
+    let notes = p.notes();
+    assert!(
+        notes[0].starts_with(
+            "p.hujson:7:5: nodeAttrs \"randomize-client-port\", \"nextdns:abc\" are kept"
+        ),
+        "{notes:?}"
+    );
+    assert!(
+        notes.iter().any(|n| n.contains("ipPool is kept")),
+        "{notes:?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("p.hujson:13:26: nodeAttrs \"randomize-client-port\"")),
+        "randomizeClientPort: {notes:?}"
+    );
+
+    // Mistakes are refused with their place.
+    let bad = errors(
+        r#"{"tagOwners": {"tag:a": []}, "nodeAttrs": [
+  {"target": ["autogroup:self"], "attr": ["x"]},
+  {"target": ["tag:undefined"], "attr": ["x"]},
+  {"target": ["*"], "ipPool": ["100.100.100.0/24", "10.0.0.0/8", "nope"]},
+  {"attr": ["x"], "color": 1},
+  {"target": ["*"], "app": {"tailscale.com/cap/secret": []}},
+], "randomizeClientPort": "yes"}"#,
+    );
+    for want in [
+        "p.hujson:2:15: autogroup:self cannot be a nodeAttrs target",
+        "p.hujson:3:15: tag \"tag:undefined\" has no owner",
+        "p.hujson:4:32: IPPool(100.100.100.0/24): network within reserved range",
+        "p.hujson:4:52: IPPool(10.0.0.0/8): must be inside the mesh's range",
+        "p.hujson:4:66: bad ipPool entry \"nope\"",
+        "p.hujson:5:19: unknown field \"color\" in a nodeAttrs entry",
+        "p.hujson:5:3: a nodeAttrs entry needs a target",
+        "p.hujson:6:29: capability \"tailscale.com/cap/secret\"",
+        "p.hujson:7:27: randomizeClientPort must be true or false",
+    ] {
+        assert!(bad.iter().any(|e| e.starts_with(want)), "{want}: {bad:#?}");
+    }
+}
+
+#[test]
+fn admins_and_the_owner_are_sources_like_any_group_of_people() {
+    let text = r#"{
+  "tagOwners": {"tag:db": []},
+  "acls": [
+    {"action": "accept", "src": ["autogroup:admin"], "dst": ["tag:db:22"]},
+    {"action": "accept", "src": ["autogroup:owner"], "dst": ["autogroup:self:*"]},
+  ],
+}"#;
+    let p = Policy::check("p.hujson", text, now(), None).unwrap();
+    let inv: Inventory = [
+        node(
+            1,
+            "owner",
+            Some("o@example.com"),
+            &[],
+            &[
+                (ROLE_ADMIN, AttrValue::Bool(true)),
+                (ROLE_OWNER, AttrValue::Bool(true)),
+            ],
+        ),
+        node(
+            2,
+            "admin",
+            Some("a@example.com"),
+            &[],
+            &[(ROLE_ADMIN, AttrValue::Bool(true))],
+        ),
+        node(3, "user", Some("u@example.com"), &[], &[]),
+        node(4, "db", None, &["tag:db"], &[]),
+    ]
+    .into_iter()
+    .collect();
+    let c = p.compile(&inv, now());
+    assert_eq!(
+        names(&inv, &c.for_node(NodeId(4)).visible_peers),
+        ["owner", "admin"],
+        "only admins reach the database"
+    );
+    assert!(c.for_node(NodeId(3)).visible_peers.is_empty());
 }

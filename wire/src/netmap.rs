@@ -115,6 +115,16 @@ pub struct MapResponse {
     /// (a node fails over to them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinators: Option<Vec<String>>,
+    /// What the policy's `nodeAttrs` give this node (attribute -> values; attributes carry
+    /// none), replacing any earlier set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_caps: Option<std::collections::BTreeMap<String, Vec<serde_json::Value>>>,
+    /// Subnets the policy steers this node's traffic for through chosen routers (grants with
+    /// `via`): route -> the routers that may carry it, in order of preference (the first
+    /// online one does), replacing any earlier set. They take precedence over the route's
+    /// primary router.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_routes: Option<std::collections::BTreeMap<ipnet::IpNet, Vec<NodeId>>>,
 }
 
 /// How tunnels between nodes are keyed (a per-mesh admin setting).
