@@ -155,6 +155,12 @@ pub struct UpArgs {
     /// Offer to be an exit node (advertises 0.0.0.0/0 and ::/0).
     #[arg(long)]
     pub advertise_exit_node: bool,
+    /// Send internet traffic through this peer (its name, FQDN or overlay address), an exit
+    /// node an admin approved. The LAN, the coordinator, relays and peers stay reachable as
+    /// before; while the exit node is unavailable, internet traffic is dropped, never sent
+    /// out by the local network (`lattice status` says why).
+    #[arg(long, value_name = "NAME", conflicts_with = "advertise_exit_node")]
+    pub exit_node: Option<String>,
     /// Masquerade mesh traffic to the advertised subnets behind this node's own address
     /// (`--snat-subnet-routes=false` keeps the senders' mesh addresses; the LAN then needs a
     /// route back to the mesh through this node).

@@ -16,7 +16,7 @@ use crate::cli::UpArgs;
 use crate::io::api;
 use crate::io::control::{self, ControlConfig};
 use crate::io::dns::DnsTable;
-use crate::io::event_loop::{EventLoop, Exit};
+use crate::io::event_loop::{EventLoop, Exit, Routing};
 use crate::io::idtoken::IdTokenSource;
 use crate::io::posture::{self, PostureConfig};
 use crate::io::udp::Sockets;
@@ -48,11 +48,30 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         (None, Some(k)) => Some(*k.fingerprint()),
         (None, None) => None,
     };
-    let pin = resolve_pin(&dir, &args.coordinator, fingerprint.as_ref()).await?;
+    // While internet traffic goes through an exit node, the node's own sockets are marked so
+    // that they keep to the main routing table.
+    let exit_node = args
+        .exit_node
+        .as_deref()
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned);
+    let dialer = if exit_node.is_some() {
+        relay::dial::Dialer::marked(crate::io::routes::SOCKET_MARK)
+    } else {
+        relay::dial::Dialer::PLAIN
+    };
+    let pin = resolve_pin(dialer, &dir, &args.coordinator, fingerprint.as_ref()).await?;
     let identity = dir.identity()?;
     let node_key = NodeKey::from_bytes(identity.node.public());
 
-    let sockets = Sockets::bind(args.port)?;
+    let sockets = Sockets::bind(args.port, dialer).map_err(|e| {
+        if exit_node.is_some() && is_permission_error(&e) {
+            e.context("--exit-node marks the node's sockets (SO_MARK), which needs CAP_NET_ADMIN")
+        } else {
+            e
+        }
+    })?;
     let mut seed = [0u8; 32];
     rand::rng().fill_bytes(&mut seed);
     let wall_clock_ms = std::time::SystemTime::now()
@@ -70,6 +89,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         seed,
         Instant::now(),
     );
+    state.set_exit_node(exit_node.clone());
     if let Some(cached) = dir.netmap() {
         if cached.node.as_ref().is_some_and(|n| n.node_key == node_key) {
             info!("restoring the cached netmap until the coordinator answers");
@@ -120,6 +140,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         },
         id_token,
         id_token_refresh: args.id_token_refresh,
+        dialer,
     };
     let (posture_tx, posture_rx) = watch::channel(None);
     let (replicas_tx, replicas_rx) = watch::channel(pin.urls());
@@ -155,7 +176,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         args.accept_dns,
         identity.node.clone(),
         !args.no_port_mapping,
-        args.snat_subnet_routes,
+        Routing {
+            snat_subnet_routes: args.snat_subnet_routes,
+            exit_node,
+            dialer,
+        },
     );
     let result = ev.run().await;
     control_task.abort();
@@ -172,6 +197,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 /// `--coordinator` flags: the first is the one to join through (and prefer), the others are
 /// replicas of the same mesh.
 async fn resolve_pin(
+    dialer: relay::dial::Dialer,
     dir: &StateDir,
     urls: &[String],
     fingerprint: Option<&[u8; hybrid::FINGERPRINT_LEN]>,
@@ -220,7 +246,7 @@ async fn resolve_pin(
              FP when it starts)"
         );
     };
-    let control_key = control::fetch_control_key(url, fp).await?;
+    let control_key = control::fetch_control_key(dialer, url, fp).await?;
     let pin = Pin {
         url: url.clone(),
         control_key,
@@ -256,6 +282,13 @@ fn advertised_routes(args: &UpArgs) -> anyhow::Result<Vec<ipnet::IpNet>> {
         );
     }
     Ok(routes)
+}
+
+fn is_permission_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+    })
 }
 
 fn os_hostname() -> String {

@@ -76,6 +76,20 @@ pub(crate) fn status(st: &StatusJson) {
             list(&r.primary)
         );
     }
+    if !me.attrs.is_empty() {
+        let names: Vec<&str> = me.attrs.keys().map(String::as_str).collect();
+        println!("node attributes: {}", names.join(", "));
+    }
+    if let Some(e) = &st.exit_node {
+        match (&e.problem, &e.name) {
+            (None, Some(name)) => println!("exit node: {name} (internet traffic goes through it)"),
+            (Some(p), _) => println!(
+                "exit node {}: not in use, internet traffic is dropped: {p}",
+                e.wanted
+            ),
+            (None, None) => {}
+        }
+    }
     if let Some(l) = &st.login {
         println!(
             "waiting for a sign-in: to authenticate, visit: {} (code {})",

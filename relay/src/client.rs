@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::debug;
 use wire::RelayInfo;
 
+use crate::dial::Dialer;
 use crate::proto::{self, Frame, MAX_FRAME, VERSION};
 use crate::server::read_prefixed;
 use crate::tls;
@@ -123,10 +124,23 @@ pub async fn connect(
     node: &StaticKeypair,
     ticket: &[u8],
 ) -> anyhow::Result<RelayConn> {
+    connect_with(Dialer::PLAIN, relay, node, ticket).await
+}
+
+/// [`connect`] with sockets made by `dialer`.
+pub async fn connect_with(
+    dialer: Dialer,
+    relay: &RelayInfo,
+    node: &StaticKeypair,
+    ticket: &[u8],
+) -> anyhow::Result<RelayConn> {
     let mut errors = Vec::new();
     if let (Some(addr), Some(pin)) = (relay.quic, relay.cert_sha256) {
-        match tokio::time::timeout(QUIC_TIMEOUT, connect_quic(addr, pin.0, relay, node, ticket))
-            .await
+        match tokio::time::timeout(
+            QUIC_TIMEOUT,
+            connect_quic(dialer, addr, pin.0, relay, node, ticket),
+        )
+        .await
         {
             Ok(Ok(c)) => return Ok(c),
             Ok(Err(e)) => errors.push(format!("quic: {e:#}")),
@@ -134,7 +148,7 @@ pub async fn connect(
         }
     }
     if let Some(url) = &relay.websocket {
-        match tokio::time::timeout(WS_TIMEOUT, connect_ws(url, relay, node, ticket)).await {
+        match tokio::time::timeout(WS_TIMEOUT, connect_ws(dialer, url, relay, node, ticket)).await {
             Ok(Ok(c)) => return Ok(c),
             Ok(Err(e)) => errors.push(format!("websocket: {e:#}")),
             Err(_) => errors.push("websocket: timed out".into()),
@@ -213,6 +227,7 @@ fn dispatch(frame: &[u8], tx: &mpsc::Sender<Incoming>, ping_sent: &PingSent) -> 
 }
 
 async fn connect_quic(
+    dialer: Dialer,
     addr: SocketAddr,
     pin: [u8; 32],
     relay: &RelayInfo,
@@ -224,7 +239,14 @@ async fn connect_quic(
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let mut endpoint = quinn::Endpoint::client(bind).context("binding a QUIC socket")?;
+    let socket = dialer.udp(bind).context("binding a QUIC socket")?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket.into(),
+        Arc::new(quinn::TokioRuntime),
+    )
+    .context("binding a QUIC socket")?;
     endpoint.set_default_client_config(tls::client_config(pin)?);
     let conn = endpoint
         .connect(addr, tls::SERVER_NAME)?
@@ -310,6 +332,7 @@ fn finish(
 }
 
 async fn connect_ws(
+    dialer: Dialer,
     url: &str,
     relay: &RelayInfo,
     node: &StaticKeypair,
@@ -333,10 +356,10 @@ async fn connect_ws(
     })?;
     let authority = rest.split('/').next().unwrap_or(rest);
     let ws_url = format!("wss://{rest}");
-    let tcp = tokio::net::TcpStream::connect(authority)
+    let tcp = dialer
+        .tcp(authority)
         .await
         .with_context(|| format!("connecting to {authority}"))?;
-    let _ = tcp.set_nodelay(true);
     let tls = tls::connect_pinned(tcp, pin.0, &[b"http/1.1"]).await?;
     let cfg = WebSocketConfig::default()
         .max_message_size(Some(MAX_FRAME + 16))

@@ -237,8 +237,19 @@ async fn serve_inner(
 /// answer (a hostile server cannot make the caller buffer an endless body; the caller bounds
 /// the time). Fails on a non-2xx status.
 pub async fn get(authority: &str, path: &str, max: usize) -> anyhow::Result<bytes::Bytes> {
+    get_with(crate::dial::Dialer::PLAIN, authority, path, max).await
+}
+
+/// [`get`] over a connection made by `dialer`.
+pub async fn get_with(
+    dialer: crate::dial::Dialer,
+    authority: &str,
+    path: &str,
+    max: usize,
+) -> anyhow::Result<bytes::Bytes> {
     use anyhow::Context;
-    let stream = tokio::net::TcpStream::connect(authority)
+    let stream = dialer
+        .tcp(authority)
         .await
         .with_context(|| format!("cannot connect to {authority}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;

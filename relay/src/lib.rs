@@ -4,6 +4,7 @@
 //! - [`proto`]: frames and the authentication exchange (sans-IO);
 //! - [`server::Relay`]: the forwarding server (QUIC endpoint, WebSocket route, sweeper);
 //! - [`client::connect`]: a node's connection to a relay;
+//! - [`dial::Dialer`]: how a node's outbound sockets are made (marked, for exit nodes);
 //! - [`stun`]: the STUN server;
 //! - [`identity`], [`tls`]: the relay's persistent key and pinned certificate;
 //! - [`revocation`]: node keys the coordinator revoked, polled by standalone relays;
@@ -14,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod dial;
 pub mod http;
 pub mod identity;
 pub mod proto;

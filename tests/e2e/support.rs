@@ -23,6 +23,8 @@ pub(crate) fn lab(tag: &str) -> Option<Lab> {
 /// namespace per node (.11, .12, ...).
 pub(crate) struct Flat {
     pub(crate) lab: Lab,
+    /// The LAN's namespace (its bridge).
+    pub(crate) lan: String,
     pub(crate) coord: Coordinator,
     pub(crate) nodes: Vec<MeshNode>,
     pub(crate) node_ns: Vec<String>,
@@ -49,6 +51,7 @@ impl Flat {
         }
         Self {
             lab,
+            lan,
             coord,
             nodes: Vec::new(),
             node_ns,

@@ -39,7 +39,7 @@ mod tunnel;
 pub use addr::{Addr, SockId};
 pub use gotatun::packet::Packet;
 pub use state::{Event, NodeConfig, NodeState, Transmit};
-pub use status::{Counters, PathKind, PathStatus, PeerStatus, Status};
+pub use status::{Counters, ExitStatus, PathKind, PathStatus, PeerStatus, Status};
 
 /// The origin of virtual time in tests: the one place the crate reads the clock.
 #[cfg(test)]

@@ -8,6 +8,7 @@ mod data;
 mod discovery;
 mod keys;
 mod peers;
+mod routes;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -93,6 +94,8 @@ pub enum Event {
         via_peers: Vec<ipnet::IpNet>,
         /// Subnets this node serves (its approved routes; no exit routes).
         served: Vec<ipnet::IpNet>,
+        /// Whether this node is an approved exit node.
+        exit: bool,
     },
     /// A peer's path changed.
     PathChanged {
@@ -143,6 +146,10 @@ pub struct NodeState {
     rate_limiter: Arc<RateLimiter>,
 
     self_node: Option<Node>,
+    /// What the policy's `nodeAttrs` give this node.
+    node_caps: BTreeMap<String, Vec<serde_json::Value>>,
+    /// Subnets the policy steers through chosen routers (grants with `via`).
+    via_routes: BTreeMap<ipnet::IpNet, Vec<NodeId>>,
     dns: Option<DnsConfig>,
     security: TunnelSecurity,
     local_addrs: Vec<IpAddr>,
@@ -150,6 +157,10 @@ pub struct NodeState {
     peer_routes: Vec<(ipnet::IpNet, NodeKey)>,
     /// Subnets this node routes for the mesh (approved; exit routes apart).
     served_routes: Vec<ipnet::IpNet>,
+    /// Whether this node is an approved exit node (it forwards to addresses outside the mesh).
+    serves_exit: bool,
+    /// The exit node this node sends internet traffic through (`--exit-node`).
+    exit: routes::ExitChoice,
     peers: BTreeMap<NodeKey, Peer>,
     by_id: BTreeMap<NodeId, NodeKey>,
     by_ip: HashMap<IpAddr, NodeKey>,
@@ -203,11 +214,15 @@ impl NodeState {
             index_table,
             rate_limiter,
             self_node: None,
+            node_caps: BTreeMap::new(),
+            via_routes: BTreeMap::new(),
             dns: None,
             security: TunnelSecurity::PostQuantum,
             local_addrs: Vec::new(),
             peer_routes: Vec::new(),
             served_routes: Vec::new(),
+            serves_exit: false,
+            exit: routes::ExitChoice::default(),
             peers: BTreeMap::new(),
             by_id: BTreeMap::new(),
             by_ip: HashMap::new(),
@@ -284,6 +299,12 @@ impl NodeState {
         if let Some(dns) = map.dns {
             self.dns = Some(dns);
         }
+        if let Some(caps) = map.node_caps {
+            self.node_caps = caps;
+        }
+        if let Some(via) = map.via_routes {
+            self.via_routes = via;
+        }
         self.refresh_routes();
         if let Some(relays) = map.relays
             && relays != self.relays
@@ -303,72 +324,6 @@ impl NodeState {
             self.events.push_back(Event::RelayTicket(ticket));
         }
         self.events.push_back(Event::NetmapChanged);
-    }
-
-    /// Rebuilds the route tables from the netmap: the primary subnet routes of peers, and the
-    /// approved routes of this node; tells the shell when either changes.
-    fn refresh_routes(&mut self) {
-        let served: Vec<ipnet::IpNet> = self
-            .self_node
-            .as_ref()
-            .map(|n| {
-                n.approved_routes
-                    .iter()
-                    .filter(|r| r.prefix_len() > 0)
-                    .copied()
-                    .collect()
-            })
-            .unwrap_or_default();
-        // A subnet this node serves itself is reached directly, never through a peer.
-        let mut via: Vec<(ipnet::IpNet, NodeKey)> = self
-            .peers
-            .iter()
-            .flat_map(|(k, p)| {
-                p.node
-                    .primary_routes
-                    .iter()
-                    .filter(|r| r.prefix_len() > 0 && !served.contains(r))
-                    .map(move |r| (*r, *k))
-            })
-            .collect();
-        via.sort_by(|a, b| b.0.prefix_len().cmp(&a.0.prefix_len()).then(a.0.cmp(&b.0)));
-        if via != self.peer_routes || served != self.served_routes {
-            self.peer_routes = via;
-            self.served_routes = served;
-            let mut via_peers: Vec<ipnet::IpNet> =
-                self.peer_routes.iter().map(|(n, _)| *n).collect();
-            via_peers.sort_unstable();
-            via_peers.dedup();
-            self.events.push_back(Event::RoutesChanged {
-                via_peers,
-                served: self.served_routes.clone(),
-            });
-        }
-    }
-
-    /// The peer that `dst` belongs to: the owner of the address, or the router of the most
-    /// specific subnet route holding it.
-    pub(crate) fn owner_of(&self, dst: IpAddr) -> Option<NodeKey> {
-        self.by_ip.get(&dst).copied().or_else(|| {
-            self.peer_routes
-                .iter()
-                .find(|(n, _)| n.contains(&dst))
-                .map(|(_, k)| *k)
-        })
-    }
-
-    /// Whether `src` may come from peer `key`: its own address, or inside a subnet it routes.
-    pub(crate) fn peer_may_send_from(&self, key: &NodeKey, src: IpAddr) -> bool {
-        self.by_ip.get(&src) == Some(key)
-            || self
-                .peer_routes
-                .iter()
-                .any(|(n, k)| k == key && n.contains(&src))
-    }
-
-    /// Whether `ip` is this node's, or inside a subnet it routes.
-    pub(crate) fn is_ours(&self, ip: IpAddr) -> bool {
-        self.local_addrs.contains(&ip) || self.served_routes.iter().any(|n| n.contains(&ip))
     }
 
     /// A packet the operating system wrote to the TUN device.
@@ -559,6 +514,8 @@ impl NodeState {
             domain: self.dns.as_ref().map(|d| d.domain.clone()),
             tunnel_security: self.security,
             peers,
+            exit_node: self.exit_status(),
+            node_caps: self.node_caps.clone(),
             flows: self.flows.len(),
             filter_rules: self.filter.active_count(),
             counters: Counters {
@@ -680,6 +637,8 @@ impl NodeState {
             packet_filter: Some(self.filter.rules().to_vec()),
             dns: self.dns.clone(),
             tunnel_security: Some(self.security),
+            node_caps: Some(self.node_caps.clone()),
+            via_routes: Some(self.via_routes.clone()),
             ..MapResponse::default()
         }
     }

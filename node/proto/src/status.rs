@@ -139,6 +139,22 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
 }
 
+/// The state of `--exit-node`, for `lattice status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// What the user asked for.
+    pub wanted: String,
+    /// The peer carrying this node's internet traffic, when there is one.
+    pub peer: Option<NodeId>,
+    /// Its name.
+    pub name: Option<String>,
+    /// Whether it is connected to the coordinator.
+    pub online: bool,
+    /// Why no peer carries the traffic (it is dropped meanwhile: an exit node that went away
+    /// never lets traffic out by the local network instead).
+    pub problem: Option<String>,
+}
+
 /// The whole node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
@@ -152,6 +168,10 @@ pub struct Status {
     pub tunnel_security: wire::TunnelSecurity,
     /// Peers, by name.
     pub peers: Vec<PeerStatus>,
+    /// The exit node (`--exit-node`), if one was asked for.
+    pub exit_node: Option<ExitStatus>,
+    /// What the policy's `nodeAttrs` give this node.
+    pub node_caps: std::collections::BTreeMap<String, Vec<serde_json::Value>>,
     /// Tracked flows.
     pub flows: usize,
     /// Filter rules in force.

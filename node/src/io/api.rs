@@ -48,6 +48,24 @@ pub struct StatusJson {
     /// How the last sign-in ended.
     #[serde(default)]
     pub login_result: Option<LoginResultJson>,
+    /// The exit node this node sends internet traffic through (`--exit-node`).
+    #[serde(default)]
+    pub exit_node: Option<ExitNodeJson>,
+}
+
+/// `--exit-node` in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitNodeJson {
+    /// What `--exit-node` named.
+    pub wanted: String,
+    /// The peer it names, if one is visible.
+    pub name: Option<String>,
+    /// Whether internet traffic goes through it now.
+    pub active: bool,
+    /// Whether that peer is connected to the coordinator.
+    pub online: bool,
+    /// Why traffic does not go through it (internet traffic is dropped meanwhile).
+    pub problem: Option<String>,
 }
 
 /// A pending sign-in in `status`.
@@ -146,6 +164,9 @@ pub struct SelfJson {
     /// The routes this node serves for the mesh.
     #[serde(default)]
     pub routes: RoutesJson,
+    /// What the policy's `nodeAttrs` give this node (attribute -> values).
+    #[serde(default)]
+    pub attrs: std::collections::BTreeMap<String, Vec<serde_json::Value>>,
 }
 
 /// A node's routes in `status`.
@@ -216,9 +237,13 @@ pub struct PeerJson {
     pub user: Option<String>,
     /// Tags.
     pub tags: Vec<String>,
-    /// Subnets reached through this peer (its primary routes).
+    /// Subnets reached through this peer (its primary routes; `0.0.0.0/0` and `::/0` when
+    /// it is an exit node).
     #[serde(default)]
     pub routes: Vec<ipnet::IpNet>,
+    /// Whether it offers to be an exit node (`lattice up --exit-node NAME`).
+    #[serde(default)]
+    pub exit_node_option: bool,
 }
 
 /// A peer's path in `status`.

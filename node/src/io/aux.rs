@@ -29,6 +29,7 @@ pub struct AuxSockets {
     socks: HashMap<u16, Arc<UdpSocket>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     tx: mpsc::Sender<AuxDatagram>,
+    dialer: relay::dial::Dialer,
 }
 
 impl Drop for AuxSockets {
@@ -40,12 +41,13 @@ impl Drop for AuxSockets {
 }
 
 impl AuxSockets {
-    /// Extra sockets reporting what they receive on `tx`.
-    pub fn new(tx: mpsc::Sender<AuxDatagram>) -> Self {
+    /// Extra sockets made by `dialer`, reporting what they receive on `tx`.
+    pub fn new(dialer: relay::dial::Dialer, tx: mpsc::Sender<AuxDatagram>) -> Self {
         Self {
             socks: HashMap::new(),
             tasks: Vec::new(),
             tx,
+            dialer,
         }
     }
 
@@ -57,10 +59,11 @@ impl AuxSockets {
         let sock = match self.socks.get(&n) {
             Some(s) => Arc::clone(s),
             None => {
-                let std_sock = match std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                let std_sock = match self
+                    .dialer
+                    .udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
                 {
-                    Ok(s) => s,
+                    Ok(s) => std::net::UdpSocket::from(s),
                     Err(e) => {
                         debug!(error = %e, "cannot open an extra UDP socket");
                         return;

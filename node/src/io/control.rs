@@ -69,6 +69,8 @@ pub struct ControlConfig {
     pub id_token: Option<IdTokenSource>,
     /// How often the token is read again (`--id-token-refresh`).
     pub id_token_refresh: Duration,
+    /// How the connection's socket is made (marked while the node uses an exit node).
+    pub dialer: relay::dial::Dialer,
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -199,8 +201,7 @@ enum End {
     Closed(String),
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 async fn session(
     cfg: &ControlConfig,
@@ -218,10 +219,18 @@ async fn session(
         .max_frame_size(Some(65_535))
         .read_buffer_size(8 << 10)
         .write_buffer_size(8 << 10);
-    let (mut ws, _) = timeout(
-        HANDSHAKE_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(ws_url.as_str(), Some(ws_config), true),
-    )
+    let (mut ws, _) = timeout(HANDSHAKE_TIMEOUT, async {
+        // The control channel brings its own encryption (the hybrid handshake with the
+        // pinned key), so it runs over plain WebSocket.
+        let Some(rest) = ws_url.strip_prefix("ws://") else {
+            bail!("the control channel runs over plain http:// ({ws_url} is not)");
+        };
+        let authority = rest.split('/').next().unwrap_or_default();
+        let tcp = cfg.dialer.tcp(authority).await?;
+        tokio_tungstenite::client_async_with_config(ws_url.as_str(), tcp, Some(ws_config))
+            .await
+            .map_err(anyhow::Error::from)
+    })
     .await
     .context("connecting to the coordinator timed out")?
     .with_context(|| format!("connecting to {ws_url}"))?;
@@ -435,16 +444,21 @@ const MAX_KEY_ANSWER: usize = 64 << 10;
 /// (from an auth key). The fingerprint is what makes this safe without TLS. The whole fetch
 /// has one deadline and the answer a size limit, so a hostile server can neither hold the
 /// join forever nor make the node buffer an endless body.
-pub async fn fetch_control_key(url: &str, fingerprint: &[u8; 16]) -> anyhow::Result<ControlKey> {
+pub async fn fetch_control_key(
+    dialer: relay::dial::Dialer,
+    url: &str,
+    fingerprint: &[u8; 16],
+) -> anyhow::Result<ControlKey> {
     timeout(
         HANDSHAKE_TIMEOUT,
-        fetch_control_key_unbounded(url, fingerprint),
+        fetch_control_key_unbounded(dialer, url, fingerprint),
     )
     .await
     .with_context(|| format!("the coordinator at {url} did not answer GET /key in time"))?
 }
 
 async fn fetch_control_key_unbounded(
+    dialer: relay::dial::Dialer,
     url: &str,
     fingerprint: &[u8; 16],
 ) -> anyhow::Result<ControlKey> {
@@ -456,7 +470,7 @@ async fn fetch_control_key_unbounded(
         .trim_end_matches('/')
         .strip_prefix("http://")
         .context("the first join needs an http:// coordinator URL")?;
-    let body = relay::http::get(authority, "/key", MAX_KEY_ANSWER)
+    let body = relay::http::get_with(dialer, authority, "/key", MAX_KEY_ANSWER)
         .await
         .context("fetching the coordinator's key")?;
     let info: KeyInfo = serde_json::from_slice(&body).context("decoding /key")?;
@@ -510,7 +524,9 @@ mod tests {
             false,
         )
         .await;
-        let err = fetch_control_key(&url, &[0; 16]).await.unwrap_err();
+        let err = fetch_control_key(relay::dial::Dialer::PLAIN, &url, &[0; 16])
+            .await
+            .unwrap_err();
         assert!(format!("{err:#}").contains("length limit"), "{err:#}");
     }
 
@@ -522,7 +538,9 @@ mod tests {
             true,
         )
         .await;
-        let err = fetch_control_key(&url, &[0; 16]).await.unwrap_err();
+        let err = fetch_control_key(relay::dial::Dialer::PLAIN, &url, &[0; 16])
+            .await
+            .unwrap_err();
         assert!(format!("{err:#}").contains("in time"), "{err:#}");
     }
 

@@ -17,8 +17,8 @@ use tracing::{debug, info, warn};
 use wire::{ClientMessage, ErrorCode, NatInfo, RelayId};
 
 use crate::io::api::{
-    ApiRequest, CoordinatorJson, LoginJson, LoginResultJson, NetcheckJson, PathJson, PeerJson,
-    RelayJson, RoutesJson, SelfJson, StatusJson, StunJson, WhoisJson,
+    ApiRequest, CoordinatorJson, ExitNodeJson, LoginJson, LoginResultJson, NetcheckJson, PathJson,
+    PeerJson, RelayJson, RoutesJson, SelfJson, StatusJson, StunJson, WhoisJson,
 };
 use crate::io::aux::{AuxDatagram, AuxSockets};
 use crate::io::control::ControlEvent;
@@ -45,6 +45,17 @@ pub enum Exit {
     Stopped,
     /// `lattice logout` completed.
     LoggedOut,
+}
+
+/// How the node routes beyond the mesh's own addresses.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// Masquerade mesh traffic to the subnets this node routes (`--snat-subnet-routes`).
+    pub snat_subnet_routes: bool,
+    /// The exit node to send internet traffic through (`--exit-node`).
+    pub exit_node: Option<String>,
+    /// How the node's own sockets are made (marked while it uses an exit node).
+    pub dialer: relay::dial::Dialer,
 }
 
 /// Everything the loop drives.
@@ -95,9 +106,11 @@ pub struct EventLoop {
     /// Subnets peers route for us (wanted in the kernel's table) and those installed.
     wanted_routes: Vec<ipnet::IpNet>,
     installed_routes: std::collections::BTreeSet<ipnet::IpNet>,
-    /// Forwarding and source NAT, while this node routes subnets.
-    router: Option<crate::io::routes::RouterSetup>,
-    snat_subnet_routes: bool,
+    /// Forwarding and source NAT, while this node routes subnets or is an exit node.
+    router: crate::io::routes::RouterSetup,
+    routing: Routing,
+    /// Policy routing toward the exit node, once the TUN device is up.
+    exit_routing: Option<crate::io::routes::ExitRouting>,
     /// Access requests sent and not yet answered, by their number.
     pending_access: BTreeMap<u64, oneshot::Sender<Result<i64, String>>>,
     next_access: u64,
@@ -147,8 +160,9 @@ impl EventLoop {
         accept_dns: bool,
         node_keypair: hybrid::StaticKeypair,
         port_mapping: bool,
-        snat_subnet_routes: bool,
+        routing: Routing,
     ) -> Self {
+        let dialer = routing.dialer;
         let (relay_tx, relay_events) = mpsc::channel(4096);
         let (aux_tx, aux_rx) = mpsc::channel(1024);
         let portmap = port_mapping.then(|| PortMapper::start(sockets.port));
@@ -183,13 +197,14 @@ impl EventLoop {
             next_access: 1,
             wanted_routes: Vec::new(),
             installed_routes: std::collections::BTreeSet::new(),
-            router: None,
-            snat_subnet_routes,
-            relays: RelayManager::new(node_keypair, relay_tx),
+            router: crate::io::routes::RouterSetup::default(),
+            relays: RelayManager::new(node_keypair, dialer, relay_tx),
+            routing,
+            exit_routing: None,
             relay_events,
             relay_state: BTreeMap::new(),
             home_relay: None,
-            aux: AuxSockets::new(aux_tx),
+            aux: AuxSockets::new(dialer, aux_tx),
             aux_rx,
             portmap,
             portmap_rx,
@@ -435,25 +450,27 @@ impl EventLoop {
 
     fn handle_event(&mut self, ev: Event) -> anyhow::Result<()> {
         match ev {
-            Event::RoutesChanged { via_peers, served } => {
+            Event::RoutesChanged {
+                via_peers,
+                served,
+                exit,
+            } => {
                 self.wanted_routes = via_peers;
                 self.apply_routes();
-                if served.is_empty() {
-                    if self.router.take().is_some() {
-                        info!("no subnet routes approved any more: source NAT removed");
-                    }
-                } else if self.router.is_none() {
+                if served.is_empty() && !exit {
+                    self.router.stop();
+                } else {
                     let dev = self
                         .tun
                         .as_ref()
                         .map_or_else(|| self.tun_name.clone(), |t| t.name().to_owned());
-                    match crate::io::routes::RouterSetup::start(&dev, self.snat_subnet_routes) {
-                        Ok(r) => {
-                            info!(routes = ?served, "routing approved subnets for the mesh");
-                            self.router = Some(r);
-                        }
+                    match self
+                        .router
+                        .apply(&dev, self.routing.snat_subnet_routes, &served, exit)
+                    {
+                        Ok(()) => info!(routes = ?served, exit, "routing for the mesh"),
                         Err(e) => {
-                            warn!(error = %format!("{e:#}"), "cannot route the approved subnets")
+                            warn!(error = %format!("{e:#}"), "cannot route for the mesh")
                         }
                     }
                 }
@@ -464,6 +481,12 @@ impl EventLoop {
                     None => {
                         let tun = Tun::create(&self.tun_name, self.mtu, &addrs)?;
                         info!(device = tun.name(), addresses = ?addrs, "TUN device up");
+                        if self.routing.exit_node.is_some() {
+                            self.exit_routing = Some(
+                                crate::io::routes::ExitRouting::start(tun.name())
+                                    .context("--exit-node")?,
+                            );
+                        }
                         self.tun = Some(tun);
                         self.apply_routes();
                     }
@@ -963,6 +986,7 @@ impl EventLoop {
                     approved: n.approved_routes.clone(),
                     primary: n.primary_routes.clone(),
                 }),
+                attrs: st.node_caps.clone(),
             },
             coordinator: CoordinatorJson {
                 url: self.coordinator_url.clone(),
@@ -1009,6 +1033,7 @@ impl EventLoop {
                     user: p.user.clone(),
                     tags: p.tags.clone(),
                     routes: p.routes.clone(),
+                    exit_node_option: p.routes.iter().any(|r| r.prefix_len() == 0),
                 })
                 .collect(),
             counters: {
@@ -1019,6 +1044,13 @@ impl EventLoop {
             },
             relays: self.relays_json(),
             nat: self.nat.clone(),
+            exit_node: st.exit_node.map(|e| ExitNodeJson {
+                active: e.problem.is_none(),
+                wanted: e.wanted,
+                name: e.name,
+                online: e.online,
+                problem: e.problem,
+            }),
         }
     }
 }

@@ -74,6 +74,7 @@ struct Handle {
 /// The node's relay connections.
 pub struct RelayManager {
     node: StaticKeypair,
+    dialer: relay::dial::Dialer,
     ticket: watch::Sender<Option<Vec<u8>>>,
     conns: HashMap<RelayId, Handle>,
     events: mpsc::Sender<RelayEvent>,
@@ -88,10 +89,15 @@ impl Drop for RelayManager {
 }
 
 impl RelayManager {
-    /// A manager that connects as `node` and reports to `events`.
-    pub fn new(node: StaticKeypair, events: mpsc::Sender<RelayEvent>) -> Self {
+    /// A manager that connects as `node` with sockets from `dialer` and reports to `events`.
+    pub fn new(
+        node: StaticKeypair,
+        dialer: relay::dial::Dialer,
+        events: mpsc::Sender<RelayEvent>,
+    ) -> Self {
         Self {
             node,
+            dialer,
             ticket: watch::channel(None).0,
             conns: HashMap::new(),
             events,
@@ -132,6 +138,7 @@ impl RelayManager {
             }
             let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
             let task = tokio::spawn(run(
+                self.dialer,
                 r.clone(),
                 self.node.clone(),
                 self.ticket.subscribe(),
@@ -158,6 +165,7 @@ impl RelayManager {
 }
 
 async fn run(
+    dialer: relay::dial::Dialer,
     info: RelayInfo,
     node: StaticKeypair,
     mut ticket: watch::Receiver<Option<Vec<u8>>>,
@@ -175,7 +183,7 @@ async fn run(
                 return;
             }
         };
-        let conn = match client::connect(&info, &node, &t).await {
+        let conn = match client::connect_with(dialer, &info, &node, &t).await {
             Ok(c) => c,
             Err(e) => {
                 let error = format!("{e:#}");

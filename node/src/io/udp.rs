@@ -12,7 +12,6 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::Context;
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tracing::{debug, warn};
@@ -185,13 +184,15 @@ pub struct Sockets {
 }
 
 impl Sockets {
-    /// Binds `port` (0 picks one) on both families.
-    pub fn bind(port: u16) -> anyhow::Result<Self> {
-        let v4 = bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+    /// Binds `port` (0 picks one) on both families, with sockets from `dialer`.
+    pub fn bind(port: u16, dialer: relay::dial::Dialer) -> anyhow::Result<Self> {
+        let v4 = bind(dialer, SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
             .with_context(|| format!("binding UDP port {port}"))?;
         let port = v4.local_addr()?.port();
         let v4 = Sock::new(v4)?;
-        let v6 = match bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))).and_then(Sock::new) {
+        let v6 = match bind(dialer, SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
+            .and_then(Sock::new)
+        {
             Ok(s) => Some(s),
             Err(e) => {
                 warn!(error = %e, "no IPv6 UDP socket; peers are reached over IPv4 only");
@@ -210,21 +211,11 @@ impl Sockets {
     }
 }
 
-fn bind(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
-    let domain = if addr.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        s.set_only_v6(true)?;
-    }
+fn bind(dialer: relay::dial::Dialer, addr: SocketAddr) -> anyhow::Result<UdpSocket> {
+    let s = dialer.udp(addr)?;
     // Larger buffers absorb bursts; the kernel caps them at its limits.
     let _ = s.set_recv_buffer_size(BUFFER);
     let _ = s.set_send_buffer_size(BUFFER);
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
     Ok(UdpSocket::from_std(s.into())?)
 }
 
@@ -296,8 +287,8 @@ mod tests {
     /// their boundaries intact (whether or not the kernel coalesces them again with GRO).
     #[tokio::test]
     async fn gso_runs_arrive_as_the_datagrams_they_were_made_of() {
-        let a = Sock::new(bind(addr(0)).unwrap()).unwrap();
-        let b = Sock::new(bind(addr(0)).unwrap()).unwrap();
+        let a = Sock::new(bind(relay::dial::Dialer::PLAIN, addr(0)).unwrap()).unwrap();
+        let b = Sock::new(bind(relay::dial::Dialer::PLAIN, addr(0)).unwrap()).unwrap();
         let to = b.io.local_addr().unwrap();
         let mut want = Vec::new();
         let mut batch = Batch::default();

@@ -194,6 +194,8 @@ impl NodeState {
                 .classify_inbound(now, key, &info.tuple, transport)
             {
                 Known::Reply | Known::Established | Known::Related => true,
+                // The internet never opens connections through the exit node.
+                Known::New if self.only_through_exit(&key, info.tuple.src) => false,
                 Known::New => {
                     let verdict = self.filter.evaluate(&info.tuple);
                     if verdict.is_accept() {

@@ -1107,14 +1107,16 @@ fn a_subnet_behind_a_router_is_reached_through_it_and_only_its_own_subnet() {
         events(&mut net.nodes[0]),
         [Event::RoutesChanged {
             via_peers: vec![route],
-            served: vec![]
+            served: vec![],
+            exit: false,
         }]
     );
     assert_eq!(
         events(&mut net.nodes[1]),
         [Event::RoutesChanged {
             via_peers: vec![],
-            served: vec![route]
+            served: vec![route],
+            exit: false,
         }]
     );
 
@@ -1135,6 +1137,201 @@ fn a_subnet_behind_a_router_is_reached_through_it_and_only_its_own_subnet() {
     third.send(2, ipv4(lan_host, v4(0), 17, &udp(53, 1000, b"spoof")));
     assert!(third.received(0).is_empty());
     assert_eq!(third.nodes[0].status(third.now).counters.in_spoofed, 1);
+}
+
+#[test]
+fn a_via_grant_steers_a_subnet_through_its_router_instead_of_the_primary() {
+    let mut net = Net::new(4);
+    let route: ipnet::IpNet = "10.44.0.0/16".parse().unwrap();
+    let lan_host = [10, 44, 0, 5];
+    let now = net.now;
+    // n1 and n2 both serve the route; n1 is its primary; n3 is offline.
+    let mut peers = Vec::new();
+    for (i, primary, online) in [(1, true, true), (2, false, true), (3, false, false)] {
+        let mut r = node(i, vec![net.addrs[i]]);
+        r.approved_routes = vec![route];
+        r.primary_routes = if primary { vec![route] } else { vec![] };
+        r.online = online;
+        peers.push(r.clone());
+        net.nodes[i].handle_netmap(
+            now,
+            MapResponse {
+                seq: 2,
+                node: Some(r),
+                ..Default::default()
+            },
+        );
+        let mut rules = allow_all(i);
+        rules[0].dst.push(DstPorts {
+            net: route,
+            ports: PortRange::ANY,
+        });
+        set_rules(&mut net, i, rules);
+    }
+    net.nodes[0].handle_netmap(
+        now,
+        MapResponse {
+            seq: 2,
+            peers_changed: peers,
+            ..Default::default()
+        },
+    );
+    let q = || ipv4(v4(0), lan_host, 17, &udp(1000, 53, b"q"));
+    net.send(0, q());
+    assert_eq!(net.received(1), vec![q()], "the primary carries it");
+
+    // The policy steers node 0 through n3 (offline) or n2: the first online one carries it.
+    net.nodes[0].handle_netmap(
+        now,
+        MapResponse {
+            seq: 3,
+            via_routes: Some([(route, vec![NodeId(4), NodeId(3)])].into()),
+            ..Default::default()
+        },
+    );
+    net.send(0, q());
+    assert!(
+        net.received(1).is_empty(),
+        "not through the primary any more"
+    );
+    assert_eq!(net.received(2), vec![q()]);
+    // Its replies come back from the subnet through n2, and are admitted.
+    let a = ipv4(lan_host, v4(0), 17, &udp(53, 1000, b"a"));
+    net.send(2, a.clone());
+    assert_eq!(net.received(0), vec![a]);
+    // The steering ends with the grant: back to the primary.
+    net.nodes[0].handle_netmap(
+        now,
+        MapResponse {
+            seq: 4,
+            via_routes: Some(Default::default()),
+            ..Default::default()
+        },
+    );
+    net.send(0, q());
+    assert_eq!(net.received(1), vec![q()]);
+}
+
+#[test]
+fn an_exit_node_carries_internet_traffic_for_the_node_that_chose_it_and_only_replies_come_back() {
+    let mut net = Net::new(3);
+    let internet = [198, 18, 0, 80];
+    let now = net.now;
+    // Node 0 chooses n1 before n1 offers exit routes: internet traffic is dropped, and status
+    // says why.
+    net.nodes[0].set_exit_node(Some("n1.mesh.internal.".into()));
+    net.send(0, ipv4(v4(0), internet, 17, &udp(1000, 53, b"early")));
+    assert_eq!(net.nodes[0].status(net.now).counters.tun_no_route, 1);
+    let exit = net.nodes[0].status(now).exit_node.unwrap();
+    assert_eq!(exit.name.as_deref(), Some("n1"));
+    assert!(
+        exit.problem
+            .unwrap()
+            .contains("does not offer an approved exit route"),
+        "the problem names the cause"
+    );
+
+    // n1's exit routes are approved; its filter lets node 0 out to the internet.
+    let exit_routes: Vec<ipnet::IpNet> =
+        vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()];
+    let mut n1 = node(1, vec![net.addrs[1]]);
+    n1.approved_routes.clone_from(&exit_routes);
+    n1.primary_routes.clone_from(&exit_routes);
+    for i in [0, 2] {
+        net.nodes[i].handle_netmap(
+            now,
+            MapResponse {
+                seq: 2,
+                peers_changed: vec![n1.clone()],
+                ..Default::default()
+            },
+        );
+    }
+    let mut rules = allow_all(1);
+    rules.push(FilterRule {
+        origin: "exit".into(),
+        action: Action::Accept,
+        src: vec![overlay(0).into()],
+        dst: vec![DstPorts {
+            net: "0.0.0.0/0".parse().unwrap(),
+            ports: PortRange::ANY,
+        }],
+        protocols: vec![],
+        all_protocols: true,
+        valid: None,
+        cap_grants: Vec::new(),
+    });
+    net.nodes[1].handle_netmap(
+        now,
+        MapResponse {
+            seq: 2,
+            node: Some(n1),
+            packet_filter: Some(rules),
+            ..Default::default()
+        },
+    );
+    let routes: Vec<Event> = std::iter::from_fn(|| net.nodes[1].poll_event())
+        .filter(|e| matches!(e, Event::RoutesChanged { .. }))
+        .collect();
+    assert_eq!(
+        routes,
+        [Event::RoutesChanged {
+            via_peers: vec![],
+            served: vec![],
+            exit: true,
+        }],
+        "the exit node's shell sets up forwarding; exit routes are no subnet routes"
+    );
+    let exit = net.nodes[0].status(now).exit_node.unwrap();
+    assert_eq!((exit.problem, exit.online), (None, true));
+
+    // Node 0's internet traffic goes to n1, which hands it to its OS; the answer comes back.
+    let q = ipv4(v4(0), internet, 17, &udp(1000, 53, b"query"));
+    net.send(0, q.clone());
+    assert_eq!(net.received(1), vec![q]);
+    let a = ipv4(internet, v4(0), 17, &udp(53, 1000, b"answer"));
+    net.send(1, a.clone());
+    assert_eq!(net.received(0), vec![a]);
+
+    // The internet cannot open a connection to node 0 through the exit node, though node 0's
+    // rules admit every source.
+    let filtered = net.nodes[0].status(net.now).counters.in_filtered;
+    net.send(1, ipv4(internet, v4(0), 17, &udp(53, 2000, b"unsolicited")));
+    assert!(net.received(0).is_empty());
+    assert_eq!(
+        net.nodes[0].status(net.now).counters.in_filtered,
+        filtered + 1
+    );
+    // The exit node cannot speak for mesh addresses, a peer's or one nobody has.
+    for src in [v4(2), [100, 64, 9, 9]] {
+        net.nodes[1].local_addrs.push(IpAddr::from(src));
+        net.send(1, ipv4(src, v4(0), 17, &udp(53, 1000, b"spoof")));
+    }
+    assert!(net.received(0).is_empty());
+    assert_eq!(net.nodes[0].status(net.now).counters.in_spoofed, 2);
+    // Mesh addresses nobody owns never go to the exit node.
+    net.send(0, ipv4(v4(0), [100, 64, 9, 9], 17, &udp(1000, 53, b"x")));
+    assert_eq!(net.nodes[0].status(net.now).counters.tun_no_route, 2);
+    // A node that did not choose the exit node takes no internet source from it.
+    net.send(1, ipv4(internet, v4(2), 17, &udp(53, 1000, b"not yours")));
+    assert!(net.received(2).is_empty());
+    assert_eq!(net.nodes[2].status(net.now).counters.in_spoofed, 1);
+    // When node 2 chooses n1 too, n1's filter keeps it in: it admits node 0 only.
+    net.nodes[2].set_exit_node(Some("n1".into()));
+    let dropped = net.nodes[1].status(net.now).counters.in_filtered;
+    net.send(2, ipv4(v4(2), internet, 17, &udp(1001, 53, b"me too")));
+    assert!(net.received(1).is_empty());
+    assert_eq!(
+        net.nodes[1].status(net.now).counters.in_filtered,
+        dropped + 1
+    );
+
+    // Without an exit node, internet traffic has no route again.
+    net.nodes[0].set_exit_node(None);
+    net.send(0, ipv4(v4(0), internet, 17, &udp(1000, 53, b"late")));
+    assert_eq!(net.nodes[0].status(net.now).counters.tun_no_route, 3);
+    assert!(net.received(1).is_empty());
+    assert_eq!(net.nodes[0].status(net.now).exit_node, None);
 }
 
 #[test]

@@ -66,7 +66,8 @@ enum Cmd {
         #[arg(long)]
         seconds: u64,
     },
-    /// Accept one connection, read it to the end, print `<bytes> <sha256>`.
+    /// Accept one connection, read it to the end, print `<bytes> <sha256>` (and the client's
+    /// address, as `peer <addr>`, on stderr).
     TcpRecv {
         #[arg(long)]
         listen: SocketAddr,
@@ -276,7 +277,8 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::TcpRecv { listen } => {
             let l = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
-            let (mut c, _) = l.accept()?;
+            let (mut c, peer) = l.accept()?;
+            eprintln!("peer {peer}");
             let mut h = Sha256::new();
             let mut total = 0u64;
             let mut buf = vec![0u8; 1 << 16];

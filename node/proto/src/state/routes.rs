@@ -1,0 +1,252 @@
+//! Which peer an address belongs to: peers' own addresses, the subnets routers carry for the
+//! mesh, and the exit node this node chose; and which addresses this node accepts packets
+//! for (its own, the subnets it routes, everything outside the mesh if it is an exit node).
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use wire::NodeKey;
+
+use super::{Event, NodeState};
+use crate::status::ExitStatus;
+
+/// The exit node chosen with `--exit-node`, and what became of the choice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ExitChoice {
+    /// What the user asked for: a peer's name, FQDN or overlay address.
+    wanted: Option<String>,
+    /// The peer it names, when that peer offers approved exit routes.
+    peer: Option<ExitPeer>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ExitPeer {
+    key: NodeKey,
+    v4: bool,
+    v6: bool,
+}
+
+/// Whether `ip` is one of the mesh's own addresses: 100.64.0.0/10, or the mesh's IPv6 /48
+/// (the one this node's IPv6 address is in). Exit routes never cover these.
+fn in_mesh(local: &[IpAddr], ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            o[0] == 100 && (o[1] & 0xc0) == 64
+        }
+        IpAddr::V6(a) => local.iter().any(|l| match l {
+            IpAddr::V6(l) => l.segments()[..3] == a.segments()[..3],
+            IpAddr::V4(_) => false,
+        }),
+    }
+}
+
+impl NodeState {
+    /// Sends this node's traffic for addresses outside the mesh through the peer named
+    /// `wanted` (its name, FQDN or overlay address), once that peer offers approved exit
+    /// routes; `None` stops using an exit node. Until the peer is there, such traffic is
+    /// dropped (counted as having no route).
+    pub fn set_exit_node(&mut self, wanted: Option<String>) {
+        self.exit.wanted = wanted.map(|w| w.trim().trim_end_matches('.').to_owned());
+        self.refresh_routes();
+    }
+
+    /// The state of `--exit-node`, if one was asked for.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        let wanted = self.exit.wanted.clone()?;
+        let named = self.exit_named(&wanted);
+        let peer = named.and_then(|k| self.peers.get(&k));
+        let problem = match (peer, self.exit.peer) {
+            (None, _) => Some(format!("no peer named {wanted} is visible to this node")),
+            (Some(_), None) if self.serves_exit => {
+                Some("this node is an exit node itself; it does not use another".into())
+            }
+            (Some(p), None) => Some(format!(
+                "{} does not offer an approved exit route (`lattice up --advertise-exit-node` \
+                 on it, then `lattice-coordinator nodes routes {} --approve 0.0.0.0/0 \
+                 --approve ::/0`)",
+                p.node.name, p.node.name
+            )),
+            (Some(_), Some(_)) => None,
+        };
+        Some(ExitStatus {
+            wanted,
+            peer: peer.map(|p| p.node.id),
+            name: peer.map(|p| p.node.name.clone()),
+            online: peer.is_some_and(|p| p.node.online),
+            problem,
+        })
+    }
+
+    /// The peer `wanted` names: by name, FQDN or overlay address.
+    fn exit_named(&self, wanted: &str) -> Option<NodeKey> {
+        if let Ok(ip) = wanted.parse::<IpAddr>() {
+            return self.by_ip.get(&ip).copied();
+        }
+        self.peers
+            .iter()
+            .find(|(_, p)| {
+                p.node.name.eq_ignore_ascii_case(wanted)
+                    || p.node
+                        .fqdn
+                        .trim_end_matches('.')
+                        .eq_ignore_ascii_case(wanted)
+            })
+            .map(|(k, _)| *k)
+    }
+
+    /// Rebuilds the route tables from the netmap and the exit node choice: the primary subnet
+    /// routes of peers, the approved routes of this node, and the chosen exit node; tells the
+    /// shell when what it installs changes.
+    pub(super) fn refresh_routes(&mut self) {
+        let approved: &[IpNet] = self
+            .self_node
+            .as_ref()
+            .map_or(&[], |n| n.approved_routes.as_slice());
+        let served: Vec<IpNet> = approved
+            .iter()
+            .filter(|r| r.prefix_len() > 0)
+            .copied()
+            .collect();
+        let serves_exit = approved.iter().any(|r| r.prefix_len() == 0);
+        // A subnet this node serves itself is reached directly, never through a peer.
+        let mut via: Vec<(IpNet, NodeKey)> = self
+            .peers
+            .iter()
+            .flat_map(|(k, p)| {
+                p.node
+                    .primary_routes
+                    .iter()
+                    .filter(|r| r.prefix_len() > 0 && !served.contains(r))
+                    .map(move |r| (*r, *k))
+            })
+            .collect();
+        // Where the policy steers a subnet through chosen routers (`via`), the first of them
+        // that is online carries it for this node, instead of the route's primary router.
+        for (route, routers) in &self.via_routes {
+            if route.prefix_len() == 0 || served.contains(route) {
+                continue;
+            }
+            let peer = |online: bool| {
+                routers.iter().find_map(|id| {
+                    let key = self.by_id.get(id)?;
+                    let p = self.peers.get(key)?;
+                    (!online || p.node.online).then_some(*key)
+                })
+            };
+            if let Some(key) = peer(true).or_else(|| peer(false)) {
+                via.retain(|(n, _)| n != route);
+                via.push((*route, key));
+            }
+        }
+        via.sort_by(|a, b| b.0.prefix_len().cmp(&a.0.prefix_len()).then(a.0.cmp(&b.0)));
+        self.exit.peer = match &self.exit.wanted {
+            Some(w) if !serves_exit => self.exit_named(w).and_then(|key| {
+                let routes = &self.peers.get(&key)?.node.primary_routes;
+                let v4 = routes
+                    .iter()
+                    .any(|r| matches!(r, IpNet::V4(n) if n.prefix_len() == 0));
+                let v6 = routes
+                    .iter()
+                    .any(|r| matches!(r, IpNet::V6(n) if n.prefix_len() == 0));
+                (v4 || v6).then_some(ExitPeer { key, v4, v6 })
+            }),
+            _ => None,
+        };
+        if via != self.peer_routes
+            || served != self.served_routes
+            || serves_exit != self.serves_exit
+        {
+            self.peer_routes = via;
+            self.served_routes = served;
+            self.serves_exit = serves_exit;
+            let mut via_peers: Vec<IpNet> = self.peer_routes.iter().map(|(n, _)| *n).collect();
+            via_peers.sort_unstable();
+            via_peers.dedup();
+            self.events.push_back(Event::RoutesChanged {
+                via_peers,
+                served: self.served_routes.clone(),
+                exit: serves_exit,
+            });
+        }
+    }
+
+    /// The peer that `dst` belongs to: the owner of the address, the router of the most
+    /// specific subnet route holding it, or the chosen exit node for an address outside the
+    /// mesh.
+    pub(crate) fn owner_of(&self, dst: IpAddr) -> Option<NodeKey> {
+        self.by_ip
+            .get(&dst)
+            .copied()
+            .or_else(|| {
+                self.peer_routes
+                    .iter()
+                    .find(|(n, _)| n.contains(&dst))
+                    .map(|(_, k)| *k)
+            })
+            .or_else(|| self.exit_for(dst))
+    }
+
+    /// The chosen exit node, if it carries `ip` (outside the mesh, of a family it routes).
+    fn exit_for(&self, ip: IpAddr) -> Option<NodeKey> {
+        let e = self.exit.peer?;
+        let family = if ip.is_ipv4() { e.v4 } else { e.v6 };
+        (family && !in_mesh(&self.local_addrs, ip)).then_some(e.key)
+    }
+
+    /// Whether `src` may come from peer `key`: its own address, inside a subnet it routes, or
+    /// (the chosen exit node) outside the mesh.
+    pub(crate) fn peer_may_send_from(&self, key: &NodeKey, src: IpAddr) -> bool {
+        self.by_ip.get(&src) == Some(key)
+            || self
+                .peer_routes
+                .iter()
+                .any(|(n, k)| k == key && n.contains(&src))
+            || (!self.by_ip.contains_key(&src) && self.exit_for(src) == Some(*key))
+    }
+
+    /// Whether `src` from peer `key` is admitted only because `key` is the exit node: an
+    /// address on the internet. Such packets are let in only as part of flows this node
+    /// opened; whatever the rules say, the internet cannot open connections to it through
+    /// the exit node.
+    pub(crate) fn only_through_exit(&self, key: &NodeKey, src: IpAddr) -> bool {
+        self.by_ip.get(&src) != Some(key)
+            && !self
+                .peer_routes
+                .iter()
+                .any(|(n, k)| k == key && n.contains(&src))
+    }
+
+    /// Whether `ip` is this node's, inside a subnet it routes, or (an exit node) outside the
+    /// mesh.
+    pub(crate) fn is_ours(&self, ip: IpAddr) -> bool {
+        self.local_addrs.contains(&ip)
+            || self.served_routes.iter().any(|n| n.contains(&ip))
+            || (self.serves_exit && !in_mesh(&self.local_addrs, ip))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_mesh;
+
+    #[test]
+    fn the_mesh_ranges_are_never_outside_the_mesh() {
+        let local = [
+            "100.64.0.7".parse().unwrap(),
+            "fd7a:1:2::7".parse().unwrap(),
+        ];
+        for inside in ["100.64.0.1", "100.127.255.254", "fd7a:1:2::99"] {
+            assert!(in_mesh(&local, inside.parse().unwrap()), "{inside}");
+        }
+        for outside in [
+            "100.128.0.1",
+            "100.63.255.255",
+            "8.8.8.8",
+            "fd7a:1:3::1",
+            "2001:db8::1",
+        ] {
+            assert!(!in_mesh(&local, outside.parse().unwrap()), "{outside}");
+        }
+    }
+}
