@@ -32,6 +32,42 @@ pub(crate) struct PolicyFile {
     pub(crate) open_by_default: bool,
     /// `nodeAttrs` (and the top-level `randomizeClientPort`): attributes given to nodes.
     pub(crate) node_attrs: Vec<NodeAttrs>,
+    /// `ssh`: checked, and what `sshTests` run against; Lattice runs no SSH server.
+    pub(crate) ssh_rules: Vec<SshRule>,
+    /// `sshTests`.
+    pub(crate) ssh_tests: Vec<SshTest>,
+}
+
+/// One `ssh` rule (`accept`, or `check`: accept after a fresh sign-in): who may log in as
+/// whom on which nodes.
+#[derive(Debug, Clone)]
+pub(crate) struct SshRule {
+    pub(crate) src: Vec<Selector>,
+    pub(crate) dst: Vec<Selector>,
+    pub(crate) users: Vec<SshUser>,
+}
+
+/// A login user an `ssh` rule allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SshUser {
+    /// `root`, or any other literal name.
+    Name(String),
+    /// `autogroup:nonroot`: any user but root.
+    NonRoot,
+    /// `localpart:*@DOMAIN`: the local part of the source user's e-mail, for users of DOMAIN.
+    LocalPart(String),
+}
+
+/// One `sshTests` entry: from `src`, to each of `dst`, the login users that must be allowed
+/// (`accept`, `check`) and those that must not (`deny`).
+#[derive(Debug, Clone)]
+pub(crate) struct SshTest {
+    pub(crate) pos: Pos,
+    pub(crate) src: Selector,
+    pub(crate) src_text: String,
+    pub(crate) dst: Vec<(String, Selector)>,
+    pub(crate) accept: Vec<String>,
+    pub(crate) deny: Vec<String>,
 }
 
 /// One `nodeAttrs` entry: attributes (and app capabilities) for the nodes its targets name.

@@ -172,6 +172,11 @@ fn ts_caps(rules: &[TsRule]) -> Result<Vec<CapAtom>, String> {
             for d in &g.dsts {
                 for range in ts_addr(d)? {
                     for (name, values) in &g.cap_map {
+                        // A capability without values is written null.
+                        let values = match values {
+                            serde_json::Value::Null => serde_json::Value::Array(Vec::new()),
+                            v => v.clone(),
+                        };
                         out.push((name.clone(), values.to_string(), range, src.clone()));
                     }
                 }
@@ -242,8 +247,6 @@ struct TsPorts {
 
 /// Policy sections Lattice does not compile (yet); a case using one is "not supported".
 const UNSUPPORTED_SECTIONS: &[&str] = &[
-    "ssh",
-    "sshTests",
     "derpMap",
     "disableIPv4",
     "OneCGNATRoute",
@@ -1023,10 +1026,10 @@ mod tests {
             panic!("accepting a refused policy passed")
         };
         assert!(d[0].contains("Lattice accepts it"), "{d:?}");
-        let ssh = r#"{"acls": [], "ssh": [{"action": "accept", "src": ["*"], "dst": ["*"], "users": ["root"]}]}"#;
+        let derp = r#"{"acls": [], "derpMap": {"Regions": {}}}"#;
         assert_eq!(
-            verdict(&case(ssh, "[]", None)),
-            Verdict::Unsupported("section ssh".into())
+            verdict(&case(derp, "[]", None)),
+            Verdict::Unsupported("section derpMap".into())
         );
         // `via` is compiled now: a case with it is judged like any other.
         let via = r#"{"tagOwners": {"tag:r": []},

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use jiff::Timestamp;
 use wire::AttrValue;
 
-use crate::ast::{Action, Attrs, Condition, Op, PolicyFile, Ports, Rule, Selector};
+use crate::ast::{Action, Attrs, Condition, Op, PolicyFile, Ports, Rule, Selector, SshUser};
 use crate::error::Diagnostic;
 use crate::inventory::Inventory;
 
@@ -242,9 +242,94 @@ impl PolicyFile {
                 }
             }
         }
+        out.extend(self.run_ssh_tests(inventory));
         out.sort();
         out.dedup();
         out
+    }
+
+    /// Runs the `sshTests` against the `ssh` rules (never against the acls: SSH access is
+    /// its own grant).
+    fn run_ssh_tests(&self, inventory: Option<&Inventory>) -> Vec<Diagnostic> {
+        let mut out = Vec::new();
+        let no_attrs = Attrs::new();
+        for t in &self.ssh_tests {
+            for (src_user, src_tags, src_ips) in self.identities(&t.src, inventory) {
+                let src = Subject {
+                    user: src_user.as_deref(),
+                    tags: &src_tags,
+                    ips: &src_ips,
+                    attrs: &no_attrs,
+                };
+                for (dst_text, dst_sel) in &t.dst {
+                    for (dst_user, dst_tags, dst_ips) in self.ssh_targets(dst_sel, inventory) {
+                        let dst = Subject {
+                            user: dst_user.as_deref(),
+                            tags: &dst_tags,
+                            ips: &dst_ips,
+                            attrs: &no_attrs,
+                        };
+                        for (expect, users) in [(true, &t.accept), (false, &t.deny)] {
+                            for login in users {
+                                if self.ssh_allows(&src, &dst, login) != expect {
+                                    out.push(Diagnostic::new(
+                                        t.pos,
+                                        format!(
+                                            "ssh test failed: {} -> {dst_text} as {login:?} should be {}",
+                                            t.src_text,
+                                            if expect { "allowed" } else { "refused" }
+                                        ),
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The nodes an ssh test's destination names; an address names the node holding it.
+    #[allow(clippy::type_complexity)]
+    fn ssh_targets(
+        &self,
+        sel: &Selector,
+        inventory: Option<&Inventory>,
+    ) -> Vec<(Option<String>, Vec<String>, Vec<IpAddr>)> {
+        if let (Selector::Prefix(net), Some(inv)) = (sel, inventory)
+            && let Some(n) = inv
+                .iter()
+                .find(|n| n.addresses.iter().any(|a| net.contains(a)))
+        {
+            let user = n.user.clone().filter(|_| n.tags.is_empty());
+            return vec![(user, n.tags.clone(), n.addresses.clone())];
+        }
+        self.identities(sel, inventory)
+    }
+
+    /// Whether an `ssh` rule lets `src` log in to `dst` as `login` (`accept` or `check`).
+    fn ssh_allows(&self, src: &Subject<'_>, dst: &Subject<'_>, login: &str) -> bool {
+        self.ssh_rules.iter().any(|r| {
+            r.src.iter().any(|s| self.selector_matches(s, src))
+                && r.dst.iter().any(|d| match d {
+                    Selector::SelfNodes => {
+                        src.user.is_some()
+                            && src.tags.is_empty()
+                            && dst.tags.is_empty()
+                            && dst.user == src.user
+                    }
+                    d => self.selector_matches(d, dst),
+                })
+                && r.users.iter().any(|u| match u {
+                    SshUser::Name(n) => n == login,
+                    SshUser::NonRoot => login != "root",
+                    SshUser::LocalPart(domain) => src
+                        .user
+                        .and_then(|e| e.rsplit_once('@'))
+                        .is_some_and(|(local, d)| d.eq_ignore_ascii_case(domain) && local == login),
+                })
+        })
     }
 
     /// The concrete identities a test names: one per member for a group.

@@ -74,6 +74,8 @@ impl Policy {
                 auto_approvers: Default::default(),
                 open_by_default: true,
                 node_attrs: Vec::new(),
+                ssh_rules: Vec::new(),
+                ssh_tests: Vec::new(),
             }),
         }
     }
@@ -110,6 +112,15 @@ impl Policy {
     /// still sent to the nodes they target, and shown in `lattice status`), and `ipPool`.
     pub fn notes(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if !self.file.ssh_rules.is_empty() {
+            out.push(format!(
+                "{}: {} ssh rule(s) checked and {} ssh test(s) passed, but Lattice runs no SSH \
+                 server: they let no one in (allow port 22 in acls for the nodes' own sshd)",
+                self.file.file,
+                self.file.ssh_rules.len(),
+                self.file.ssh_tests.len()
+            ));
+        }
         for e in &self.file.node_attrs {
             let ignored: Vec<String> = e
                 .attrs

@@ -10,7 +10,7 @@ use wire::AttrValue;
 
 use crate::ast::{
     AccessRule, Action, Attrs, AutoApprovers, Condition, Dst, NodeAttrs, Op, PolicyFile, Ports,
-    Proto, Rule, Schedule, Selector, Test,
+    Proto, Rule, Schedule, Selector, SshRule, SshTest, SshUser, Test,
 };
 use crate::error::{Diagnostic, PolicyError};
 use crate::hujson::{self, Json, Pos, Spanned};
@@ -33,7 +33,7 @@ pub(crate) const NODE_ATTRS: &[&str] = &[
 ];
 
 const SECTIONS: &str = "acls, grants, groups, hosts, postures, defaultSrcPosture, tagOwners, \
-     tests, autoApprovers, accessRequests, nodeAttrs, randomizeClientPort";
+     tests, autoApprovers, accessRequests, nodeAttrs, randomizeClientPort, ssh, sshTests";
 
 /// Node attributes Lattice acts on; the others are kept, sent to their nodes and reported by
 /// `policy check` as not acted on.
@@ -124,6 +124,8 @@ impl Checker {
             auto_approvers: Default::default(),
             open_by_default: false,
             node_attrs: Vec::new(),
+            ssh_rules: Vec::new(),
+            ssh_tests: Vec::new(),
         };
         let Json::Object(sections) = &doc.value else {
             self.err(
@@ -202,6 +204,20 @@ impl Checker {
             for item in self.array(v, "nodeAttrs") {
                 if let Some(a) = self.node_attrs(item) {
                     policy.node_attrs.push(a);
+                }
+            }
+        }
+        if let Some(v) = get("ssh") {
+            for item in self.array(v, "ssh") {
+                if let Some(r) = self.ssh_rule(item) {
+                    policy.ssh_rules.push(r);
+                }
+            }
+        }
+        if let Some(v) = get("sshTests") {
+            for item in self.array(v, "sshTests") {
+                if let Some(t) = self.ssh_test(item) {
+                    policy.ssh_tests.push(t);
                 }
             }
         }
@@ -628,6 +644,40 @@ impl Checker {
         let (Some(src), Some(dst)) = (src, dst) else {
             return Vec::new();
         };
+        // The service's own capabilities come with a companion the other way: a node granted
+        // access to another's drive (or to use it as a relay) learns that the other shares
+        // (or is a relay target), from the destination to the source.
+        let companions: BTreeMap<String, Vec<serde_json::Value>> = app
+            .iter()
+            .flat_map(BTreeMap::keys)
+            .filter_map(|name| match name.as_str() {
+                "tailscale.com/cap/drive" => Some("tailscale.com/cap/drive-sharer"),
+                "tailscale.com/cap/relay" => Some("tailscale.com/cap/relay-target"),
+                _ => None,
+            })
+            .map(|c| (c.to_owned(), Vec::new()))
+            .collect();
+        let reverse = (!companions.is_empty()
+            && !dst.iter().any(|(_, d)| matches!(d, Selector::SelfNodes)))
+        .then(|| Rule {
+            origin: origin.clone(),
+            action: Action::Accept,
+            src: dst.iter().map(|(_, sel)| sel.clone()).collect(),
+            dst: src
+                .iter()
+                .map(|sel| Dst {
+                    sel: sel.clone(),
+                    ports: Ports::Any,
+                })
+                .collect(),
+            proto: Proto::Default,
+            src_posture: Vec::new(),
+            when: None,
+            not_before: None,
+            expires: None,
+            caps: Some(companions),
+            via: Vec::new(),
+        });
         let app_rule = app.map(|caps| Rule {
             origin: origin.clone(),
             action: Action::Accept,
@@ -669,6 +719,7 @@ impl Checker {
                 via: via.clone(),
             })
             .chain(app_rule)
+            .chain(reverse)
             .collect()
     }
 
@@ -973,6 +1024,148 @@ impl Checker {
         (self.diags.len() == before).then_some(entry)
     }
 
+    /// `{"action": "accept", "src": [...], "dst": ["tag:server"], "users": ["root"],
+    /// "checkPeriod": "12h", "acceptEnv": ["LANG"]}`, checked as the Tailscale service checks it.
+    fn ssh_rule(&mut self, v: &Spanned<Json>) -> Option<SshRule> {
+        let before = self.diags.len();
+        let mut action_seen = false;
+        let (mut src, mut dst, mut users) = (Vec::new(), Vec::new(), Vec::new());
+        let mut users_seen = false;
+        let mut src_pos = v.pos;
+        for (k, val) in self.object(v, "an ssh rule") {
+            match k.value.as_str() {
+                "action" => match self.string(val, "action").map(str::trim) {
+                    Some("accept" | "check") => action_seen = true,
+                    Some("") | None => {}
+                    Some(other) => {
+                        action_seen = true;
+                        self.err(val.pos, format!("{other:?} is not a valid action (accept or check)"));
+                    }
+                },
+                "src" => {
+                    src_pos = val.pos;
+                    for (pos, s) in self.strings(val, "src") {
+                        if let Some(sel) = self.selector(pos, s.trim(), Side::Src) {
+                            src.push(sel);
+                        }
+                    }
+                }
+                "dst" => {
+                    for (pos, s) in self.strings(val, "dst") {
+                        let s = s.trim();
+                        // A node by what it is, never by an address.
+                        let named = s.starts_with("tag:")
+                            || s.contains('@')
+                            || matches!(s, "autogroup:self" | "autogroup:member" | "autogroup:tagged");
+                        if !named {
+                            self.err(pos, format!("invalid dst {s:?}: ssh destinations are tags, users, autogroup:self, autogroup:member or autogroup:tagged"));
+                        } else if let Some(sel) = self.selector(pos, s, Side::Dst) {
+                            dst.push(sel);
+                        }
+                    }
+                }
+                "users" => {
+                    if matches!(val.value, Json::Null) {
+                        continue;
+                    }
+                    users_seen = true;
+                    for (pos, u) in self.strings(val, "users") {
+                        match ssh_user(u) {
+                            Ok(user) => users.push(user),
+                            Err(why) => self.err(pos, why),
+                        }
+                    }
+                }
+                "checkPeriod" => {
+                    if let Some(t) = self.string(val, "checkPeriod")
+                        && t != "always"
+                    {
+                        match parse_go_duration(t) {
+                            Ok(secs) if secs < 0.0 => self.err(val.pos, format!("checkPeriod {t} must be a positive duration")),
+                            Ok(secs) if secs > 168.0 * 3600.0 => self.err(val.pos, format!("checkPeriod {t} is above the max (168h)")),
+                            Ok(_) => {}
+                            Err(why) => self.err(val.pos, format!("bad checkPeriod {t:?}: {why}")),
+                        }
+                    }
+                }
+                "acceptEnv" if matches!(val.value, Json::Null) => {}
+                "acceptEnv" => {
+                    for (pos, e) in self.strings(val, "acceptEnv") {
+                        if e.is_empty() {
+                            self.err(pos, "acceptEnv values cannot be empty");
+                        }
+                    }
+                }
+                other => self.err(k.pos, format!("unknown field {other:?} in an ssh rule (fields: action, src, dst, users, checkPeriod, acceptEnv)")),
+            }
+        }
+        if !action_seen {
+            self.err(
+                v.pos,
+                "an ssh rule's action must be specified (accept or check)",
+            );
+        }
+        if !users_seen || (users.is_empty() && self.diags.len() == before) {
+            self.err(v.pos, "an ssh rule's users must be specified");
+        }
+        if dst.contains(&Selector::SelfNodes) {
+            self.check_self_sources(src_pos, &src, true);
+        }
+        (self.diags.len() == before).then_some(SshRule { src, dst, users })
+    }
+
+    /// `{"src": "alice@example.com", "dst": ["tag:server"], "accept": ["root"], "deny": [...]}`.
+    fn ssh_test(&mut self, v: &Spanned<Json>) -> Option<SshTest> {
+        let before = self.diags.len();
+        let mut src = None;
+        let (mut dst, mut accept, mut deny) = (Vec::new(), Vec::new(), Vec::new());
+        for (k, val) in self.object(v, "an ssh test") {
+            match k.value.as_str() {
+                "src" => {
+                    if let Some(s) = self.string(val, "src")
+                        && let Some(sel) = self.selector(val.pos, s.trim(), Side::TestSrc)
+                    {
+                        src = Some((s.trim().to_owned(), sel));
+                    }
+                }
+                "dst" => {
+                    for (pos, s) in self.strings(val, "dst") {
+                        let s = s.trim();
+                        if s.starts_with("tag:") && !self.tag_owners.contains(s) {
+                            self.err(pos, format!("ssh test dst names unknown tag {s:?}"));
+                        } else if s.parse::<IpAddr>().is_err() && parse_prefix(s).is_some() {
+                            self.err(pos, format!("ssh test dst {s:?}: name a node (a tag, a user or an address), not a range"));
+                        } else if let Some(sel) = self.selector(pos, s, Side::TestDst) {
+                            dst.push((s.to_owned(), sel));
+                        }
+                    }
+                }
+                "accept" | "check" => {
+                    accept.extend(self.strings(val, "accept").into_iter().map(|(_, u)| u.to_owned()));
+                }
+                "deny" => {
+                    deny.extend(self.strings(val, "deny").into_iter().map(|(_, u)| u.to_owned()));
+                }
+                other => self.err(k.pos, format!("unknown field {other:?} in an ssh test (fields: src, dst, accept, check, deny)")),
+            }
+        }
+        let Some((src_text, src)) = src else {
+            self.err(v.pos, "an ssh test needs a src");
+            return None;
+        };
+        if accept.is_empty() && deny.is_empty() {
+            self.err(v.pos, "an ssh test must have accept, check or deny");
+        }
+        (self.diags.len() == before).then_some(SshTest {
+            pos: v.pos,
+            src,
+            src_text,
+            dst,
+            accept,
+            deny,
+        })
+    }
+
     /// `{"dst": ["tag:prod"], "approvers": ["group:sre"], "maxDuration": "4h"}`.
     fn access_rule(&mut self, v: &Spanned<Json>) -> Option<AccessRule> {
         let before = self.diags.len();
@@ -1185,6 +1378,19 @@ impl Checker {
                     let mut out = Vec::new();
                     for (pos, s) in self.strings(val, &k.value) {
                         if let Some(d) = self.dst(pos, s, Side::TestDst) {
+                            // A test checks one host: a range would have to hold for every
+                            // address in it (the service refuses such tests too).
+                            let host = split_host_port(s).map_or(s, |(h, _)| h);
+                            let range = match &d.sel {
+                                Selector::Prefix(net) => {
+                                    host.contains('/') || net.prefix_len() < net.max_prefix_len()
+                                }
+                                _ => false,
+                            };
+                            if range {
+                                self.err(pos, format!("test destination {s:?} is a range: a test names one host (an IP, a user, a tag or a hosts alias of one address)"));
+                                continue;
+                            }
                             out.push((pos, s.to_owned(), d));
                         }
                     }
@@ -1219,6 +1425,61 @@ impl Checker {
             deny,
         })
     }
+}
+
+/// A login user of an `ssh` rule.
+fn ssh_user(u: &str) -> Result<SshUser, String> {
+    match u {
+        "" | "*" => Err(format!("user {u:?} is not valid")),
+        "autogroup:nonroot" => Ok(SshUser::NonRoot),
+        _ => match u.strip_prefix("localpart:*@") {
+            Some(domain) if domain.contains('*') => Err(format!(
+                "user {u:?}: localpart:*@DOMAIN names one e-mail domain, not a pattern"
+            )),
+            Some(domain) if !domain.is_empty() => Ok(SshUser::LocalPart(domain.to_owned())),
+            _ => Ok(SshUser::Name(u.to_owned())),
+        },
+    }
+}
+
+/// A Go duration (`1h30m`, `90s`, `-1m`), as the Tailscale service reads `checkPeriod`: in
+/// seconds.
+fn parse_go_duration(s: &str) -> Result<f64, String> {
+    let (neg, mut rest) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    if rest.is_empty() {
+        return Err("expected a duration such as 12h or 90m".into());
+    }
+    if rest == "0" {
+        return Ok(0.0);
+    }
+    let mut total = 0.0;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let value: f64 = rest[..num_len]
+            .parse()
+            .map_err(|_| "expected a duration such as 12h or 90m".to_owned())?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return Err("expected a duration such as 12h or 90m".into()),
+        };
+        rest = &rest[unit_len..];
+        total += value * scale;
+    }
+    Ok(if neg { -total } else { total })
 }
 
 fn valid_name(s: &str, prefix: &str) -> bool {

@@ -59,7 +59,7 @@ fn every_kind_of_mistake_is_reported_with_its_position_and_all_at_once() {
     {"action": "accept", "src": ["*"], "dst": ["*:*"], "expires": "tomorrow"},
   ],
   "tests": [{"src": "*", "accept": ["tag:web:80"], "sneaky": true}],
-  "ssh": [],
+  "derpMap": [],
 }"#;
     let got = errors(text);
     let expected = [
@@ -86,7 +86,7 @@ fn every_kind_of_mistake_is_reported_with_its_position_and_all_at_once() {
         "p.hujson:12:67: bad time \"tomorrow\" in expires: expected RFC 3339, like 2026-12-01T18:00:00Z",
         "p.hujson:14:21: a test names one user, tag, group, host or IP, not *",
         "p.hujson:14:52: unknown field \"sneaky\" in a test (fields: src, srcAttrs, at, proto, accept, deny)",
-        "p.hujson:15:3: unknown section \"ssh\" (supported: acls, grants, groups, hosts, postures, defaultSrcPosture, tagOwners, tests, autoApprovers, accessRequests, nodeAttrs, randomizeClientPort)",
+        "p.hujson:15:3: unknown section \"derpMap\" (supported: acls, grants, groups, hosts, postures, defaultSrcPosture, tagOwners, tests, autoApprovers, accessRequests, nodeAttrs, randomizeClientPort, ssh, sshTests)",
     ];
     for e in &expected {
         assert!(
@@ -1092,4 +1092,146 @@ fn admins_and_the_owner_are_sources_like_any_group_of_people() {
         "only admins reach the database"
     );
     assert!(c.for_node(NodeId(3)).visible_peers.is_empty());
+}
+
+#[test]
+fn ssh_rules_are_checked_as_the_service_checks_them_and_their_tests_run() {
+    let bad = errors(
+        r#"{"tagOwners": {"tag:server": []}, "hosts": {"srv": "100.64.0.9"}, "ssh": [
+  {"dst": ["tag:server"], "src": ["*"], "users": ["root"]},
+  {"action": "deny", "dst": ["tag:server"], "src": ["*"], "users": ["root"]},
+  {"action": "accept", "dst": ["srv"], "src": ["*"], "users": ["root"]},
+  {"action": "accept", "dst": ["tag:server"], "src": ["*"], "users": ["", "*", "localpart:*@*"]},
+  {"action": "accept", "dst": ["tag:server"], "src": ["*"], "users": []},
+  {"action": "check", "dst": ["tag:server"], "src": ["*"], "users": ["root"], "checkPeriod": "168h0m1s"},
+  {"action": "check", "dst": ["tag:server"], "src": ["*"], "users": ["root"], "checkPeriod": "-1m"},
+  {"action": "check", "dst": ["tag:server"], "src": ["*"], "users": ["root"], "checkPeriod": "abc"},
+  {"action": "accept", "dst": ["tag:server"], "src": ["*"], "users": ["root"], "acceptEnv": [""]},
+]}"#,
+    );
+    for want in [
+        "p.hujson:2:3: an ssh rule's action must be specified",
+        "p.hujson:3:14: \"deny\" is not a valid action",
+        "p.hujson:4:32: invalid dst \"srv\"",
+        "p.hujson:5:71: user \"\" is not valid",
+        "p.hujson:5:75: user \"*\" is not valid",
+        "p.hujson:5:80: user \"localpart:*@*\"",
+        "p.hujson:6:3: an ssh rule's users must be specified",
+        "p.hujson:7:94: checkPeriod 168h0m1s is above the max (168h)",
+        "p.hujson:8:94: checkPeriod -1m must be a positive duration",
+        "p.hujson:9:94: bad checkPeriod \"abc\"",
+        "p.hujson:10:94: acceptEnv values cannot be empty",
+    ] {
+        assert!(bad.iter().any(|e| e.starts_with(want)), "{want}: {bad:#?}");
+    }
+
+    // What the service accepts: checkPeriod 0s and always, whitespace around names, any
+    // other login name; the tests run against the ssh rules, not the acls.
+    let text = r#"{
+  "tagOwners": {"tag:server": []},
+  "groups": {"group:dev": ["thor@example.org"]},
+  "acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"]}],
+  "ssh": [
+    {"action": " accept", "src": [" group:dev"], "dst": ["tag:server "], "users": ["root", "localpart:*@example.org"]},
+    {"action": "check", "src": ["freya@example.com"], "dst": ["tag:server"], "users": ["autogroup:nonroot"], "checkPeriod": "0s"},
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["ubuntu"], "checkPeriod": "always", "acceptEnv": null},
+  ],
+  "sshTests": [
+    {"src": "thor@example.org", "dst": ["tag:server"], "accept": ["root", "thor"], "deny": ["ubuntu"]},
+    {"src": "freya@example.com", "dst": ["tag:server"], "check": ["freya", "ubuntu"], "deny": ["root"]},
+    {"src": "freya@example.com", "dst": ["freya@example.com"], "accept": ["ubuntu"]},
+  ],
+}"#;
+    let p = Policy::check("p.hujson", text, now(), None).unwrap();
+    assert!(
+        p.notes()
+            .iter()
+            .any(|n| n.contains("Lattice runs no SSH server"))
+    );
+    // A failing ssh test refuses the policy: an acl for port 22 grants no SSH login.
+    for (test, want) in [
+        (
+            r#"{"src": "freya@example.com", "dst": ["tag:server"], "accept": ["root"]}"#,
+            "ssh test failed: freya@example.com -> tag:server as \"root\" should be allowed",
+        ),
+        (
+            r#"{"src": "thor@example.org", "dst": ["tag:server"], "deny": ["thor"]}"#,
+            "ssh test failed: thor@example.org -> tag:server as \"thor\" should be refused",
+        ),
+        (
+            r#"{"src": "freya@example.com", "dst": ["thor@example.org"], "accept": ["ubuntu"]}"#,
+            "should be allowed",
+        ),
+    ] {
+        let failing = text.replace(r#""sshTests": ["#, &format!(r#""sshTests": [{test},"#));
+        let e = errors(&failing);
+        assert!(e.iter().any(|m| m.contains(want)), "{test}: {e:#?}");
+    }
+    // A test destination is one host, never a range.
+    let e = errors(
+        r#"{"hosts": {"net": "10.0.0.0/8"}, "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+  "tests": [{"src": "10.1.2.3", "accept": ["10.0.0.0/8:22", "net:22", "100.64.0.1/32:22", "100.64.0.1:22"]}]}"#,
+    );
+    assert_eq!(e.len(), 3, "{e:#?}");
+    assert!(
+        e.iter()
+            .all(|m| m.contains("is a range: a test names one host")),
+        "{e:#?}"
+    );
+}
+
+#[test]
+fn drive_and_relay_grants_come_with_their_companions_the_other_way() {
+    let text = r#"{
+  "tagOwners": {"tag:db": []},
+  "grants": [
+    {"src": ["alice@example.com"], "dst": ["tag:db"], "app": {"tailscale.com/cap/drive": [{"shares": ["docs"]}]}},
+    {"src": ["alice@example.com"], "dst": ["tag:db"], "app": {"tailscale.com/cap/relay": [{}]}},
+  ],
+}"#;
+    let p = Policy::check("p.hujson", text, now(), None).unwrap();
+    let c = p.compile(&inventory(), now());
+    let caps_at = |id: u64| -> Vec<(String, String, Vec<String>)> {
+        c.for_node(NodeId(id))
+            .rules
+            .iter()
+            .flat_map(|r| {
+                r.cap_grants.iter().flat_map(move |g| {
+                    g.caps.keys().map(move |k| {
+                        (
+                            k.clone(),
+                            g.dsts[0].to_string(),
+                            r.src.iter().map(ToString::to_string).collect(),
+                        )
+                    })
+                })
+            })
+            .collect()
+    };
+    let server = caps_at(5);
+    assert!(
+        server
+            .iter()
+            .any(|(k, _, _)| k == "tailscale.com/cap/drive"),
+        "{server:?}"
+    );
+    assert!(
+        server
+            .iter()
+            .any(|(k, _, _)| k == "tailscale.com/cap/relay"),
+        "{server:?}"
+    );
+    // At alice's node: the server shares, and is a relay target, for her.
+    let alice = caps_at(1);
+    for companion in [
+        "tailscale.com/cap/drive-sharer",
+        "tailscale.com/cap/relay-target",
+    ] {
+        assert!(
+            alice.iter().any(|(k, dst, src)| k == companion
+                && dst.starts_with("100.64.0.1/")
+                && src.iter().any(|s| s.starts_with("100.64.0.5"))),
+            "{companion}: {alice:?}"
+        );
+    }
 }
