@@ -169,9 +169,10 @@ pub struct UpArgs {
     /// Where the daemon keeps its state.
     #[command(flatten)]
     pub state: StateDirArg,
-    /// UDP port for tunnels (0 picks a free one).
-    #[arg(long, default_value_t = 41641)]
-    pub port: u16,
+    /// UDP port for tunnels [default: 41641, or a random one where the policy's nodeAttrs
+    /// give this node `randomize-client-port`]; 0 picks a free one.
+    #[arg(long)]
+    pub port: Option<u16>,
     /// Point the system resolver at the mesh DNS (through systemd-resolved; never edits
     /// /etc/resolv.conf).
     #[arg(long)]

@@ -22,6 +22,11 @@ use crate::io::posture::{self, PostureConfig};
 use crate::io::udp::Sockets;
 use crate::statedir::{Pin, StateDir, check_url};
 
+/// The UDP port a node uses unless told otherwise.
+const DEFAULT_PORT: u16 = 41641;
+/// The node attribute that asks for a random UDP port instead.
+const RANDOMIZE_PORT: &str = "randomize-client-port";
+
 /// Runs `lattice up` until the node is stopped.
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let dir = StateDir::open(&args.state.state_dir)?;
@@ -65,7 +70,22 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let identity = dir.identity()?;
     let node_key = NodeKey::from_bytes(identity.node.public());
 
-    let sockets = Sockets::bind(args.port, dialer).map_err(|e| {
+    // The policy may give this node a random port (nodeAttrs randomize-client-port, as the
+    // last netmap says; a change takes effect at the next start), unless --port names one.
+    let cached = dir.netmap();
+    let randomize = cached
+        .as_ref()
+        .and_then(|m| m.node_caps.as_ref())
+        .is_some_and(|c| c.contains_key(RANDOMIZE_PORT));
+    let port = match args.port {
+        Some(p) => p,
+        None if randomize => {
+            info!("the policy gives this node a random UDP port (nodeAttrs {RANDOMIZE_PORT})");
+            0
+        }
+        None => DEFAULT_PORT,
+    };
+    let sockets = Sockets::bind(port, dialer).map_err(|e| {
         if exit_node.is_some() && is_permission_error(&e) {
             e.context("--exit-node marks the node's sockets (SO_MARK), which needs CAP_NET_ADMIN")
         } else {
@@ -90,7 +110,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         Instant::now(),
     );
     state.set_exit_node(exit_node.clone());
-    if let Some(cached) = dir.netmap() {
+    if let Some(cached) = cached {
         if cached.node.as_ref().is_some_and(|n| n.node_key == node_key) {
             info!("restoring the cached netmap until the coordinator answers");
             state.handle_netmap(Instant::now(), cached);

@@ -35,9 +35,10 @@ pub(crate) const NODE_ATTRS: &[&str] = &[
 const SECTIONS: &str = "acls, grants, groups, hosts, postures, defaultSrcPosture, tagOwners, \
      tests, autoApprovers, accessRequests, nodeAttrs, randomizeClientPort, ssh, sshTests";
 
-/// Node attributes Lattice acts on; the others are kept, sent to their nodes and reported by
-/// `policy check` as not acted on.
-pub(crate) const HONOURED_NODE_ATTRS: &[&str] = &[];
+/// Node attributes Lattice acts on (`randomize-client-port`: a node started without `--port`
+/// binds a random UDP port); the others are kept, sent to their nodes and reported by `policy
+/// check` as not acted on.
+pub(crate) const HONOURED_NODE_ATTRS: &[&str] = &["randomize-client-port"];
 
 /// The longest grant an `accessRequests` entry allows without `maxDuration`, and the most
 /// one may set.

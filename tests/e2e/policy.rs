@@ -9,7 +9,7 @@ use e2e::Lab;
 use e2e::lab::{Proc, wait_for};
 use serde_json::Value;
 
-use crate::support::{Flat, lab, now_ms};
+use crate::support::{Flat, lab, now_ms, text};
 
 /// Writes a policy file into the lab dir and returns its path.
 fn policy_file(lab: &Lab, name: &str, text: &str) -> String {
@@ -423,4 +423,66 @@ fn rfc3339_formatting_is_right() {
     assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
     assert_eq!(rfc3339(1_795_435_200), "2026-11-23T12:00:00Z");
     assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+}
+
+#[test]
+fn node_attributes_reach_their_nodes_and_a_random_port_takes_effect_at_the_next_start() {
+    const ATTRS: &str = r#"{
+  "tagOwners": {"tag:client": [], "tag:server": []},
+  "acls": [{"action": "accept", "src": ["tag:client", "tag:server"], "dst": ["tag:client:*", "tag:server:*"]}],
+  "nodeAttrs": [
+    {"target": ["tag:client"], "attr": ["randomize-client-port", "nextdns:abc123"]},
+  ],
+}
+"#;
+    let Some(mut f) = client_server("pol-attrs", ATTRS, |_| Vec::new()) else {
+        return;
+    };
+    for n in &f.nodes {
+        n.wait_ready(&f.lab, 1, Duration::from_secs(30)).unwrap();
+    }
+    let port_of = |s: &Value| -> Vec<u64> {
+        s["self"]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e.as_str()?.rsplit_once(':')?.1.parse().ok())
+            .collect()
+    };
+    // The attributes arrive; the server gets none.
+    let client = f.node("client").status(&f.lab).unwrap();
+    assert_eq!(
+        client["self"]["attrs"],
+        serde_json::json!({"nextdns:abc123": [], "randomize-client-port": []}),
+        "{client}"
+    );
+    assert_eq!(
+        f.node("server").status(&f.lab).unwrap()["self"]["attrs"],
+        serde_json::json!({})
+    );
+    assert!(port_of(&client).iter().all(|p| *p == 41641), "{client}");
+    // `policy set` (and `check`) say which attribute Lattice does not act on.
+    let path = policy_file(&f.lab, "attrs.hujson", ATTRS);
+    let out = f.coord.admin(&f.lab, &["policy", "set", &path]).unwrap();
+    let said = text(&out);
+    assert!(
+        said.contains("nodeAttrs \"nextdns:abc123\" is kept"),
+        "{said}"
+    );
+    assert!(!said.contains("\"randomize-client-port\""), "{said}");
+
+    // At its next start the client binds a random port, and the mesh works over it.
+    let proc = f.node("client").proc;
+    assert!(f.lab.stop(proc, Duration::from_secs(10)).is_some());
+    let i = f.nodes.iter().position(|n| n.hostname == "client").unwrap();
+    f.nodes[i].restart(&mut f.lab).unwrap();
+    let client = f.nodes[i]
+        .wait_ready(&f.lab, 1, Duration::from_secs(30))
+        .unwrap();
+    let ports = port_of(&client);
+    assert!(
+        !ports.is_empty() && ports.iter().all(|p| *p != 41641),
+        "{client}"
+    );
+    assert!(f.nodes[i].ping(&f.lab, "server", "-4", 2));
 }
