@@ -569,32 +569,7 @@ impl Checker {
                     ip = Some(entries);
                 }
                 "srcPosture" => src_posture = self.posture_refs(val),
-                "app" => {
-                    let mut caps = BTreeMap::new();
-                    for (name, values) in self.object(val, "app") {
-                        if let Err(why) = check_cap_name(&name.value) {
-                            self.err(name.pos, format!("capability {:?}: {why}", name.value));
-                            continue;
-                        }
-                        match &values.value {
-                            Json::Array(items) => {
-                                caps.insert(
-                                    name.value.clone(),
-                                    items.iter().map(|i| i.value.to_serde()).collect(),
-                                );
-                            }
-                            other => self.err(
-                                values.pos,
-                                format!(
-                                    "the values of {:?} must be an array, not {}",
-                                    name.value,
-                                    other.kind()
-                                ),
-                            ),
-                        }
-                    }
-                    app = Some(caps);
-                }
+                "app" => app = Some(self.app_caps(val)),
                 "via" => {
                     for (pos, t) in self.strings(val, "via") {
                         if !t.starts_with("tag:") {
@@ -936,6 +911,34 @@ impl Checker {
         Some(sel)
     }
 
+    /// An `app` object: capability name -> array of values, names checked.
+    fn app_caps(&mut self, v: &Spanned<Json>) -> BTreeMap<String, Vec<serde_json::Value>> {
+        let mut caps = BTreeMap::new();
+        for (name, values) in self.object(v, "app") {
+            if let Err(why) = check_cap_name(&name.value) {
+                self.err(name.pos, format!("capability {:?}: {why}", name.value));
+                continue;
+            }
+            match &values.value {
+                Json::Array(items) => {
+                    caps.insert(
+                        name.value.clone(),
+                        items.iter().map(|i| i.value.to_serde()).collect(),
+                    );
+                }
+                other => self.err(
+                    values.pos,
+                    format!(
+                        "the values of {:?} must be an array, not {}",
+                        name.value,
+                        other.kind()
+                    ),
+                ),
+            }
+        }
+        caps
+    }
+
     /// `{"target": ["tag:server"], "attr": ["randomize-client-port"], "ipPool": [...],
     /// "app": {...}}`.
     fn node_attrs(&mut self, v: &Spanned<Json>) -> Option<NodeAttrs> {
@@ -989,30 +992,7 @@ impl Checker {
                         }
                     }
                 }
-                "app" => {
-                    for (name, values) in self.object(val, "app") {
-                        if let Err(why) = check_cap_name(&name.value) {
-                            self.err(name.pos, format!("capability {:?}: {why}", name.value));
-                            continue;
-                        }
-                        match &values.value {
-                            Json::Array(items) => {
-                                entry.app.insert(
-                                    name.value.clone(),
-                                    items.iter().map(|i| i.value.to_serde()).collect(),
-                                );
-                            }
-                            other => self.err(
-                                values.pos,
-                                format!(
-                                    "the values of {:?} must be an array, not {}",
-                                    name.value,
-                                    other.kind()
-                                ),
-                            ),
-                        }
-                    }
-                }
+                "app" => entry.app = self.app_caps(val),
                 other => self.err(
                     k.pos,
                     format!("unknown field {other:?} in a nodeAttrs entry (fields: target, attr, ipPool, app)"),

@@ -123,44 +123,9 @@ fn a_host_behind_a_subnet_router_is_reached_by_its_lan_address_when_the_policy_a
         serde_json::json!(["10.33.0.0/24"]),
         "{whois}"
     );
-    // A checksummed TCP transfer from the server's side of the router.
-    let tool = f.lab.bin("lattice-testtool");
-    let recv = f
-        .lab
-        .spawn(
-            "srv-recv",
-            &srv,
-            &[
-                tool.to_str().unwrap(),
-                "tcp-recv",
-                "--listen",
-                "10.33.0.5:7000",
-            ],
-            &[],
-        )
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let sent = f
-        .lab
-        .output(
-            &f.node_ns[1],
-            &[
-                tool.to_str().unwrap(),
-                "tcp-send",
-                "--to",
-                "10.33.0.5:7000",
-                "--bytes",
-                "2000000",
-            ],
-        )
-        .unwrap();
-    assert!(sent.status.success(), "{}", text(&sent));
-    assert!(f.lab.wait_exit(recv, Duration::from_secs(20)).is_some());
-    assert_eq!(
-        f.lab.stdout(recv).trim(),
-        String::from_utf8_lossy(&sent.stdout).trim(),
-        "the transfer through the router arrived intact"
-    );
+    // A checksummed TCP transfer to the server on the router's LAN.
+    let client_ns = f.node_ns[1].clone();
+    transfer_intact(&mut f.lab, &client_ns, &srv, "10.33.0.5:7000");
 
     // The policy closes the subnet: the client is cut off from it (the router's filter).
     let out = f
@@ -382,47 +347,10 @@ fn an_exit_node_carries_a_clients_internet_traffic_when_the_policy_allows_and_le
         "the client cannot reach the internet through the exit node:\n{}",
         f.lab.log(f.nodes[client].proc)
     );
-    let tool = f.lab.bin("lattice-testtool");
-    let recv = f
-        .lab
-        .spawn(
-            "web-recv",
-            &web,
-            &[
-                tool.to_str().unwrap(),
-                "tcp-recv",
-                "--listen",
-                "203.0.113.80:7000",
-            ],
-            &[],
-        )
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let sent = f
-        .lab
-        .output(
-            &client_ns,
-            &[
-                tool.to_str().unwrap(),
-                "tcp-send",
-                "--to",
-                "203.0.113.80:7000",
-                "--bytes",
-                "2000000",
-            ],
-        )
-        .unwrap();
-    assert!(sent.status.success(), "{}", text(&sent));
-    assert!(f.lab.wait_exit(recv, Duration::from_secs(20)).is_some());
-    assert_eq!(
-        f.lab.stdout(recv).trim(),
-        String::from_utf8_lossy(&sent.stdout).trim(),
-        "the transfer through the exit node arrived intact"
-    );
+    let recv_log = transfer_intact(&mut f.lab, &client_ns, &web, "203.0.113.80:7000");
     assert!(
-        f.lab.log(recv).contains("peer 203.0.113.2:"),
-        "the server saw the exit node's address: {}",
-        f.lab.log(recv)
+        recv_log.contains("peer 203.0.113.2:"),
+        "the server saw the exit node's address: {recv_log}"
     );
 
     // The LAN, the coordinator and the mesh stay reachable as before; after the coordinator
@@ -511,4 +439,35 @@ fn an_exit_node_carries_a_clients_internet_traffic_when_the_policy_allows_and_le
     let proc = f.nodes[client].proc;
     assert!(f.lab.wait_exit(proc, Duration::from_secs(10)).is_some());
     assert!(!rules(&f).contains("527"), "{}", rules(&f));
+}
+
+/// Sends 2 MB over TCP from `client_ns` to a receiver in `server_ns` listening on `addr`,
+/// checks that what arrived has the checksum of what was sent, and returns the receiver's log
+/// (its `peer ADDR` line says whom it saw).
+fn transfer_intact(lab: &mut e2e::Lab, client_ns: &str, server_ns: &str, addr: &str) -> String {
+    let tool = lab.bin("lattice-testtool");
+    let tool = tool.to_str().unwrap();
+    let recv = lab
+        .spawn(
+            "tcp-recv",
+            server_ns,
+            &[tool, "tcp-recv", "--listen", addr],
+            &[],
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = lab
+        .output(
+            client_ns,
+            &[tool, "tcp-send", "--to", addr, "--bytes", "2000000"],
+        )
+        .unwrap();
+    assert!(sent.status.success(), "{}", text(&sent));
+    assert!(lab.wait_exit(recv, Duration::from_secs(20)).is_some());
+    assert_eq!(
+        lab.stdout(recv).trim(),
+        String::from_utf8_lossy(&sent.stdout).trim(),
+        "the transfer to {addr} arrived intact"
+    );
+    lab.log(recv)
 }

@@ -365,6 +365,24 @@ fn ssh_rule(i: usize, valid: Option<(i64, i64)>) -> FilterRule {
     }
 }
 
+/// An accept rule from node `src`'s address to `dst` (a subnet, the internet), any
+/// protocol and port.
+fn accept_from(src: usize, dst: ipnet::IpNet, origin: &str) -> FilterRule {
+    FilterRule {
+        origin: origin.into(),
+        action: Action::Accept,
+        src: vec![overlay(src).into()],
+        dst: vec![DstPorts {
+            net: dst,
+            ports: PortRange::ANY,
+        }],
+        protocols: vec![],
+        all_protocols: true,
+        valid: None,
+        cap_grants: Vec::new(),
+    }
+}
+
 fn set_rules(net: &mut Net, i: usize, rules: Vec<FilterRule>) {
     let now = net.now;
     net.nodes[i].handle_netmap(
@@ -1076,19 +1094,7 @@ fn a_subnet_behind_a_router_is_reached_through_it_and_only_its_own_subnet() {
         },
     );
     let mut rules = allow_all(1);
-    rules.push(FilterRule {
-        origin: "route".into(),
-        action: Action::Accept,
-        src: vec![overlay(0).into()],
-        dst: vec![DstPorts {
-            net: route,
-            ports: PortRange::ANY,
-        }],
-        protocols: vec![],
-        all_protocols: true,
-        valid: None,
-        cap_grants: Vec::new(),
-    });
+    rules.push(accept_from(0, route, "route"));
     net.nodes[1].handle_netmap(
         now,
         MapResponse {
@@ -1248,19 +1254,7 @@ fn an_exit_node_carries_internet_traffic_for_the_node_that_chose_it_and_only_rep
         );
     }
     let mut rules = allow_all(1);
-    rules.push(FilterRule {
-        origin: "exit".into(),
-        action: Action::Accept,
-        src: vec![overlay(0).into()],
-        dst: vec![DstPorts {
-            net: "0.0.0.0/0".parse().unwrap(),
-            ports: PortRange::ANY,
-        }],
-        protocols: vec![],
-        all_protocols: true,
-        valid: None,
-        cap_grants: Vec::new(),
-    });
+    rules.push(accept_from(0, "0.0.0.0/0".parse().unwrap(), "exit"));
     net.nodes[1].handle_netmap(
         now,
         MapResponse {
