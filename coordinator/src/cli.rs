@@ -150,6 +150,10 @@ pub struct ServeArgs {
     /// it the admin API is only on the Unix socket in the state dir.
     #[arg(long, env = "LATTICE_COORDINATOR_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// Prometheus metrics at `http://ADDR/metrics` (`off` turns them off) [default:
+    /// 127.0.0.1:9430, skipped with a warning if that port is taken].
+    #[arg(long, env = "LATTICE_COORDINATOR_METRICS_LISTEN")]
+    pub metrics_listen: Option<relay::metrics::Listen>,
     /// UDP address of the embedded relay's QUIC listener (default: the --listen address).
     #[arg(long)]
     pub relay_listen: Option<SocketAddr>,

@@ -17,6 +17,7 @@ pub mod feed;
 pub mod hub;
 pub mod jwks;
 pub mod jwt;
+pub mod metrics;
 pub mod model;
 pub mod netmap;
 pub mod oidc;
@@ -69,6 +70,7 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
                 relay_listen: a.relay_listen,
                 stun_listen: a.stun_listen,
                 admin_listen: a.admin_listen,
+                metrics_listen: a.metrics_listen,
                 federation_ca_file: a.federation_ca_file,
                 oidc: match (a.oidc_issuer, a.oidc_client_id, a.oidc_client_secret_file) {
                     (Some(issuer), Some(client_id), Some(client_secret_file)) => {

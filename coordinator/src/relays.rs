@@ -101,6 +101,8 @@ pub struct Embedded {
     /// TLS for its WebSocket fallback (the certificate its QUIC uses, pinned in the netmap),
     /// served on the coordinator's HTTP port next to plain HTTP.
     pub ws_tls: Arc<rustls::ServerConfig>,
+    /// What its STUN server answered.
+    pub stun: Arc<relay::stun::StunStats>,
 }
 
 /// Starts the embedded relay: QUIC on `quic_listen`, STUN on each `stun_listen`; the
@@ -172,6 +174,7 @@ pub async fn start_embedded(
         relay,
         info,
         ws_tls,
+        stun: stats,
     })
 }
 

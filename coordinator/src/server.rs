@@ -52,6 +52,8 @@ pub struct ServeConfig {
     /// HTTPS address of the admin API for admin tokens (off without it: only the Unix
     /// socket).
     pub admin_listen: Option<SocketAddr>,
+    /// `--metrics-listen` (default 127.0.0.1:9430).
+    pub metrics_listen: Option<relay::metrics::Listen>,
     /// Extra CA certificates (PEM) for fetching federation issuers' keys.
     pub federation_ca_file: Option<PathBuf>,
     /// The OpenID Connect provider people sign in through, if any.
@@ -70,6 +72,10 @@ pub struct OidcServeConfig {
     /// Provider groups whose members may.
     pub admin_groups: Vec<String>,
 }
+
+/// Where metrics are served unless `--metrics-listen` says otherwise.
+const DEFAULT_METRICS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9430);
 
 /// Name of the admin socket inside the state dir.
 pub const ADMIN_SOCKET: &str = "admin.sock";
@@ -241,6 +247,18 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
 
     for id in offline_ephemeral {
         api::control::schedule_ephemeral_collection(st.clone(), id);
+    }
+    if let Some(listener) =
+        relay::metrics::listen(cfg.metrics_listen, Some(DEFAULT_METRICS)).await?
+    {
+        let addr = listener.local_addr()?;
+        let (mst, stun) = (st.clone(), embedded.as_ref().map(|e| Arc::clone(&e.stun)));
+        let render: relay::metrics::Render = Arc::new(move || {
+            let (st, stun) = (mst.clone(), stun.clone());
+            Box::pin(async move { crate::metrics::render(&st, stun.as_deref()).await })
+        });
+        tokio::spawn(relay::metrics::serve(listener, render));
+        info!(%addr, "metrics at /metrics");
     }
     let sweeper = st.clone();
     tokio::spawn(async move {

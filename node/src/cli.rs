@@ -195,6 +195,10 @@ pub struct UpArgs {
     /// facts that policies can require. A failing command reports no facts.
     #[arg(long, env = "LATTICE_POSTURE_COMMAND")]
     pub posture_command: Option<String>,
+    /// Prometheus metrics at `http://ADDR/metrics` (off unless given; a node's metrics name
+    /// its peers).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Do not ask the gateway for a port mapping (UPnP-IGD, NAT-PMP, PCP).
     #[arg(long)]
     pub no_port_mapping: bool,

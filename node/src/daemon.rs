@@ -130,7 +130,19 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 
     let socket_path = dir.socket();
     let api_socket = socket_path.clone();
+    let metrics_tx = api_tx.clone();
     let api_task = tokio::spawn(async move { api::serve(&api_socket, api_tx).await });
+    if let Some(addr) = args.metrics_listen {
+        let listener = relay::metrics::listen(Some(relay::metrics::Listen(Some(addr))), None)
+            .await?
+            .context("--metrics-listen")?;
+        let render: relay::metrics::Render = Arc::new(move || {
+            let api = metrics_tx.clone();
+            Box::pin(async move { crate::io::metrics::scrape(&api).await })
+        });
+        tokio::spawn(relay::metrics::serve(listener, render));
+        info!(%addr, "metrics at /metrics");
+    }
     // Fail fast if the API cannot start (e.g. another daemon holds the state dir).
     tokio::task::yield_now().await;
     if api_task.is_finished() {

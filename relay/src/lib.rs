@@ -18,6 +18,7 @@ pub mod client;
 pub mod dial;
 pub mod http;
 pub mod identity;
+pub mod metrics;
 pub mod proto;
 pub mod revocation;
 pub mod server;

@@ -65,7 +65,15 @@ struct ServeArgs {
     /// its ticket expires (up to two minutes).
     #[arg(long, env = "LATTICE_RELAY_COORDINATOR_URL")]
     coordinator_url: Option<String>,
+    /// Prometheus metrics at `http://ADDR/metrics` (`off` turns them off) [default:
+    /// 127.0.0.1:9431, skipped with a warning if that port is taken].
+    #[arg(long)]
+    metrics_listen: Option<relay::metrics::Listen>,
 }
+
+/// Where metrics are served unless `--metrics-listen` says otherwise.
+const DEFAULT_METRICS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9431);
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -153,6 +161,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stats = Arc::new(relay::stun::StunStats::default());
     for s in stun {
         tokio::spawn(relay::stun::serve(s, Arc::clone(&stats)));
+    }
+    let metrics = relay::metrics::listen(args.metrics_listen, Some(DEFAULT_METRICS)).await?;
+    if let Some(listener) = metrics {
+        let addr = listener.local_addr()?;
+        let (r, stun) = (relay.clone(), Arc::clone(&stats));
+        let render: relay::metrics::Render = Arc::new(move || {
+            let (r, stun) = (r.clone(), Arc::clone(&stun));
+            Box::pin(async move {
+                let mut e = relay::metrics::Exposition::new();
+                relay::metrics::relay(&mut e, &r.stats(), &stun);
+                e.finish()
+            })
+        });
+        tokio::spawn(relay::metrics::serve(listener, render));
+        info!(%addr, "metrics at /metrics");
     }
     tokio::spawn(relay.clone().run_sweeper());
     tokio::spawn(relay.clone().serve_quic(endpoint));

@@ -12,6 +12,7 @@ mod federation;
 mod foundation;
 mod hardening;
 mod load;
+mod metrics;
 mod nat;
 mod people;
 mod policy;

@@ -8,6 +8,7 @@ pub mod event_loop;
 pub mod idtoken;
 pub mod ifaddrs;
 pub mod keylog;
+pub mod metrics;
 pub mod portmap;
 pub mod posture;
 pub mod relays;
