@@ -1,11 +1,65 @@
 //! The coordinator's Prometheus metrics (`lattice_coordinator_*`, and `lattice_relay_*` for
 //! its embedded relay), rendered fresh on every scrape.
 
-use std::time::Instant;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use relay::metrics::{Exposition, Kind};
 
 use crate::state::AppState;
+
+/// What the coordinator counts as it works (kept in [`crate::state::Inner::counters`]).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Nodes registered for the first time.
+    pub registered: AtomicU64,
+    /// Nodes that resumed with their existing registration.
+    pub resumed: AtomicU64,
+    /// Registrations refused (bad key, expired, unknown, over a limit, ...).
+    pub refused: AtomicU64,
+    /// Control sessions open at this replica.
+    pub sessions: AtomicI64,
+    /// Netmaps sent whole (a session's first, or after the rules changed).
+    pub netmaps_full: AtomicU64,
+    /// Netmap deltas sent.
+    pub netmaps_delta: AtomicU64,
+    /// Time spent building netmaps, nanoseconds, and how many were built.
+    pub netmap_build_ns: AtomicU64,
+    /// Netmaps built (sent or found unchanged).
+    pub netmap_builds: AtomicU64,
+}
+
+impl Counters {
+    /// Records one netmap build that took `took`, and what it sent.
+    pub fn netmap(&self, took: Duration, sent: Option<bool>) {
+        self.netmap_build_ns
+            .fetch_add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+        self.netmap_builds.fetch_add(1, Relaxed);
+        match sent {
+            Some(true) => self.netmaps_full.fetch_add(1, Relaxed),
+            Some(false) => self.netmaps_delta.fetch_add(1, Relaxed),
+            None => 0,
+        };
+    }
+}
+
+/// Counts a control session open while it lives.
+#[derive(Debug)]
+pub struct SessionGauge<'a>(&'a Counters);
+
+impl<'a> SessionGauge<'a> {
+    /// A session opened.
+    pub fn open(c: &'a Counters) -> Self {
+        c.sessions.fetch_add(1, Relaxed);
+        Self(c)
+    }
+}
+
+impl Drop for SessionGauge<'_> {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Relaxed);
+    }
+}
 
 /// The page for one scrape: the hub's view of the mesh, the database's latency (one
 /// round trip now), and the embedded relay's numbers.
@@ -49,6 +103,43 @@ pub async fn render(st: &AppState, stun: Option<&relay::stun::StunStats>) -> Str
         "lattice_coordinator_session_wakes_total",
         "Control sessions woken to send a netmap change.",
         wakes,
+    );
+    let c = &st.counters;
+    for (result, v) in [
+        ("registered", c.registered.load(Relaxed)),
+        ("resumed", c.resumed.load(Relaxed)),
+        ("refused", c.refused.load(Relaxed)),
+    ] {
+        e.sample(
+            "lattice_coordinator_registrations_total",
+            Kind::Counter,
+            "Nodes that connected, by outcome: registered anew, resumed, or refused.",
+            &[("result", result)],
+            v as f64,
+        );
+    }
+    e.gauge(
+        "lattice_coordinator_control_sessions",
+        "Control sessions open at this replica.",
+        c.sessions.load(Relaxed) as f64,
+    );
+    for (kind, v) in [
+        ("full", c.netmaps_full.load(Relaxed)),
+        ("delta", c.netmaps_delta.load(Relaxed)),
+    ] {
+        e.sample(
+            "lattice_coordinator_netmaps_sent_total",
+            Kind::Counter,
+            "Netmap messages sent to nodes, whole or as deltas.",
+            &[("kind", kind)],
+            v as f64,
+        );
+    }
+    e.summary(
+        "lattice_coordinator_netmap_build_seconds",
+        "Time to work out what a node's next netmap holds.",
+        c.netmap_build_ns.load(Relaxed) as f64 / 1e9,
+        c.netmap_builds.load(Relaxed),
     );
     let start = Instant::now();
     let db_ok = sqlx::query("SELECT 1").execute(&st.db).await.is_ok();

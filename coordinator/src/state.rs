@@ -59,6 +59,8 @@ pub struct Inner {
     pub sign_in: Option<Arc<crate::ops::people::SignIn>>,
     /// Wrong user codes tried on the sign-in page.
     pub code_guesses: std::sync::Mutex<crate::oidc::Guesses>,
+    /// What the coordinator counts for its metrics.
+    pub counters: crate::metrics::Counters,
 }
 
 impl AppState {

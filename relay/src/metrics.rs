@@ -26,6 +26,8 @@ pub enum Kind {
     Counter,
     /// Goes up and down.
     Gauge,
+    /// A sum and a count of observations (no quantiles).
+    Summary,
 }
 
 /// A page of metrics being written. Families are declared once (`# HELP`, `# TYPE`), then
@@ -55,6 +57,7 @@ impl Exposition {
             let kind = match kind {
                 Kind::Counter => "counter",
                 Kind::Gauge => "gauge",
+                Kind::Summary => "summary",
             };
             let _ = writeln!(self.text, "# HELP {name} {}", escape_help(help));
             let _ = writeln!(self.text, "# TYPE {name} {kind}");
@@ -81,6 +84,16 @@ impl Exposition {
     /// A gauge without labels.
     pub fn gauge(&mut self, name: &str, help: &str, value: f64) {
         self.sample(name, Kind::Gauge, help, &[], value);
+    }
+
+    /// A summary without quantiles: the sum of the observations and their count.
+    pub fn summary(&mut self, name: &str, help: &str, sum: f64, count: u64) {
+        if self.declared.insert(name.to_owned()) {
+            let _ = writeln!(self.text, "# HELP {name} {}", escape_help(help));
+            let _ = writeln!(self.text, "# TYPE {name} summary");
+        }
+        let _ = writeln!(self.text, "{name}_sum {}", render(sum));
+        let _ = writeln!(self.text, "{name}_count {count}");
     }
 
     /// The page.
@@ -298,5 +311,19 @@ mod tests {
             let body = String::from_utf8(body.to_vec()).unwrap();
             assert!(body.contains(want), "{body}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_taken_default_port_is_skipped_but_a_named_one_is_an_error() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        assert!(listen(None, Some(addr)).await.unwrap().is_none());
+        let named: Listen = addr.to_string().parse().unwrap();
+        let err = listen(Some(named), None).await.unwrap_err();
+        assert!(format!("{err:#}").contains("--metrics-listen"), "{err:#}");
+        let off: Listen = "off".parse().unwrap();
+        assert!(listen(Some(off), Some(addr)).await.unwrap().is_none());
+        assert!("nonsense".parse::<Listen>().is_err());
+        assert!(listen(None, None).await.unwrap().is_none());
     }
 }

@@ -153,6 +153,40 @@ fn every_binary_serves_metrics_that_promtool_accepts_and_that_count_what_happene
         value(&coordinator, "lattice_coordinator_database_up"),
         Some(1.0)
     );
+    assert_eq!(
+        value(
+            &coordinator,
+            "lattice_coordinator_registrations_total{result=\"registered\"}"
+        ),
+        Some(2.0),
+        "{coordinator}"
+    );
+    assert_eq!(
+        value(&coordinator, "lattice_coordinator_control_sessions"),
+        Some(2.0)
+    );
+    assert!(
+        value(
+            &coordinator,
+            "lattice_coordinator_netmaps_sent_total{kind=\"full\"}"
+        )
+        .unwrap_or(0.0)
+            >= 2.0,
+        "{coordinator}"
+    );
+    assert!(
+        value(
+            &coordinator,
+            "lattice_coordinator_netmap_build_seconds_count"
+        )
+        .unwrap_or(0.0)
+            >= 2.0,
+        "{coordinator}"
+    );
+    assert_eq!(
+        value(&node, "lattice_node_control_sessions_total"),
+        Some(1.0)
+    );
     assert!(
         coordinator.contains("lattice_relay_sessions "),
         "the embedded relay: {coordinator}"

@@ -166,7 +166,15 @@ async fn session(
             register::register_or_resume(&st, &machine, &hello, signed_in.as_ref(), unix_now())
                 .await;
         match result {
-            Ok(r) => break r,
+            Ok(r) => {
+                let counter = if r.1 {
+                    &st.counters.registered
+                } else {
+                    &st.counters.resumed
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                break r;
+            }
             Err(RegisterError::LoginRequired) if signed_in.is_none() => {
                 match wait_for_sign_in(&st, &mut conn, &machine, &hello.hostname, ip).await? {
                     SignInWait::Done(s) => signed_in = Some(s),
@@ -186,6 +194,9 @@ async fn session(
                     .await;
             }
             Err(RegisterError::Refused(code, message)) => {
+                st.counters
+                    .refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 info!(machine = %machine, ?code, %message, "refused a node");
                 return conn.refuse(code, message).await;
             }
@@ -346,6 +357,7 @@ async fn stream(
         tags: record.tags.clone(),
     }))
     .await?;
+    let _open = crate::metrics::SessionGauge::open(&st.counters);
     let mut sent = SentMap::default();
     let mut ping = interval(PING_INTERVAL);
     let mut ticket_tick = interval(relays::TICKET_REFRESH);
@@ -356,6 +368,7 @@ async fn stream(
         let ticket = ticket_due.then(|| relays::issue(&st.tickets, &record.node_key));
         ticket_due = false;
         let pending = guard.inbox.take();
+        let built = std::time::Instant::now();
         let next = {
             let hub = st.hub.read();
             next_map(
@@ -366,6 +379,10 @@ async fn stream(
                 &pending,
             )
         };
+        st.counters.netmap(
+            built.elapsed(),
+            next.as_ref().map(wire::netmap::MapResponse::is_full),
+        );
         if let Some(map) = next {
             debug!(node = %record.name, seq = map.seq, full = map.is_full(), "sending netmap");
             conn.send(&ServerMessage::Map(Box::new(map))).await?;

@@ -181,6 +181,7 @@ pub async fn state_with(
         keys: std::sync::Arc::new(coordinator::jwks::KeyCache::new(None).unwrap()),
         sign_in,
         code_guesses: Default::default(),
+        counters: Default::default(),
     });
     coordinator::feed::start(&st).await.unwrap();
     st

@@ -192,6 +192,9 @@ pub struct CoordinatorJson {
     pub connected: bool,
     /// Why the last session ended.
     pub last_error: Option<String>,
+    /// Control sessions established since the node started (more than one: reconnects).
+    #[serde(default)]
+    pub sessions: u64,
 }
 
 /// A peer in `status`.

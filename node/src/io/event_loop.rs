@@ -93,6 +93,8 @@ pub struct EventLoop {
     /// This node is ephemeral (leaves the mesh on `down`).
     pub ephemeral: bool,
     connected: bool,
+    /// Control sessions established since start.
+    control_sessions: u64,
     last_error: Option<String>,
     keylog: Option<KeyLog>,
     dns_started: bool,
@@ -185,6 +187,7 @@ impl EventLoop {
             accept_dns,
             ephemeral: false,
             connected: false,
+            control_sessions: 0,
             last_error: None,
             keylog: KeyLog::from_env(),
             dns_started: false,
@@ -571,6 +574,7 @@ impl EventLoop {
         match ev {
             ControlEvent::Welcome(w, url) => {
                 self.connected = true;
+                self.control_sessions += 1;
                 self.coordinator_url = url;
                 self.last_error = None;
                 if self.login.take().is_some() {
@@ -993,6 +997,7 @@ impl EventLoop {
                 replicas: self.pin.urls(),
                 connected: self.connected,
                 last_error: self.last_error.clone(),
+                sessions: self.control_sessions,
             },
             login: self.login.clone(),
             login_result: self.login_result.clone(),

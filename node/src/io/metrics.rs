@@ -23,6 +23,11 @@ pub fn render(st: &StatusJson) -> String {
         "Whether a control session with the coordinator is up.",
         if st.coordinator.connected { 1.0 } else { 0.0 },
     );
+    e.counter(
+        "lattice_node_control_sessions_total",
+        "Control sessions established with the coordinator since the node started.",
+        st.coordinator.sessions,
+    );
     if let Some(x) = &st.exit_node {
         e.gauge(
             "lattice_node_exit_node_active",
