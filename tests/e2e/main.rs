@@ -14,6 +14,7 @@ mod hardening;
 mod load;
 mod metrics;
 mod nat;
+mod packaging;
 mod people;
 mod policy;
 mod pq;

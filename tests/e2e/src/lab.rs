@@ -516,7 +516,7 @@ fn cmd(program: &str, args: &[&str]) -> anyhow::Result<()> {
 
 /// Where the workspace's binaries are: `LATTICE_BIN_DIR`, or the target dir this program was
 /// built into.
-pub(crate) fn bin_dir() -> anyhow::Result<PathBuf> {
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
     if let Some(d) = std::env::var_os("LATTICE_BIN_DIR") {
         return Ok(PathBuf::from(d));
     }
