@@ -102,6 +102,36 @@ pub enum Command {
         #[command(subcommand)]
         command: SettingsCommand,
     },
+    /// Back up the coordinator while it runs: its keys and a consistent copy of its SQLite
+    /// database, into a new directory (for PostgreSQL, the keys only: use pg_dump for the
+    /// database).
+    Backup {
+        /// The directory to create.
+        out: PathBuf,
+        /// The coordinator's state directory.
+        #[arg(
+            long,
+            env = "LATTICE_COORDINATOR_STATE_DIR",
+            default_value = "/var/lib/lattice-coordinator"
+        )]
+        state_dir: PathBuf,
+        /// The coordinator's database URL, if it is not the state dir's SQLite file.
+        #[arg(long, env = "LATTICE_COORDINATOR_DB")]
+        db: Option<String>,
+    },
+    /// Restore a backup into a state directory (the coordinator must be stopped); what the
+    /// directory held is kept in `before-restore-UNIXTIME` inside it.
+    Restore {
+        /// The backup directory.
+        from: PathBuf,
+        /// The coordinator's state directory.
+        #[arg(
+            long,
+            env = "LATTICE_COORDINATOR_STATE_DIR",
+            default_value = "/var/lib/lattice-coordinator"
+        )]
+        state_dir: PathBuf,
+    },
     /// Manage admin tokens for `--server URL --token TOKEN` access.
     Token {
         /// What to do with admin tokens.

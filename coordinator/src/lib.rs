@@ -8,6 +8,7 @@ pub mod admission;
 pub mod api;
 pub mod audit;
 pub mod audit_store;
+pub mod backup;
 pub mod cli;
 pub mod conformance;
 pub mod db;
@@ -97,6 +98,35 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Nodes { command } => nodes(command).await,
         Command::Audit { command } => audit_cmd(command).await,
         Command::Token { command } => token(command).await,
+        Command::Backup { out, state_dir, db } => {
+            let s = backup::backup(&state_dir, db.as_deref(), &out).await?;
+            output::line(&format!(
+                "backed up {} into {}: {}",
+                state_dir.display(),
+                out.display(),
+                s.files.join(", ")
+            ));
+            if !s.database {
+                output::line(
+                    "the database is PostgreSQL and was not copied: back it up with \
+                     `pg_dump --format=custom DBNAME > FILE` (restore with pg_restore)",
+                );
+            }
+            Ok(Outcome::Success)
+        }
+        Command::Restore { from, state_dir } => {
+            let s = backup::restore(&from, &state_dir).await?;
+            output::line(&format!(
+                "restored {} into {}: {}",
+                from.display(),
+                state_dir.display(),
+                s.files.join(", ")
+            ));
+            if let Some(p) = &s.previous {
+                output::line(&format!("what it held before is in {}", p.display()));
+            }
+            Ok(Outcome::Success)
+        }
         Command::Settings { command } => settings(command).await,
         Command::Policy { command } => policy_cmd(command).await,
         Command::Relays { command } => relays_cmd(command).await,

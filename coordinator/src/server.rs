@@ -80,9 +80,9 @@ const DEFAULT_METRICS: SocketAddr =
 /// Name of the admin socket inside the state dir.
 pub const ADMIN_SOCKET: &str = "admin.sock";
 /// The admin listener's self-signed TLS certificate and key, in the state dir.
-const ADMIN_CERT_FILE: &str = "admin-cert.der";
-const ADMIN_CERT_KEY_FILE: &str = "admin-cert-key.der";
-const CONTROL_KEY_FILE: &str = "control.key";
+pub(crate) const ADMIN_CERT_FILE: &str = "admin-cert.der";
+pub(crate) const ADMIN_CERT_KEY_FILE: &str = "admin-cert-key.der";
+pub(crate) const CONTROL_KEY_FILE: &str = "control.key";
 /// Every file the coordinator (and its embedded relay) keeps in its state dir.
 const STATE_FILES: &[&str] = &[
     ADMIN_SOCKET,

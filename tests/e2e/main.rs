@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)] // a test binary: a failed unwrap is a failed test
 
 mod abuse;
+mod backup;
 mod federation;
 mod foundation;
 mod hardening;
