@@ -143,6 +143,11 @@ pub enum Command {
 /// `serve` flags.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// Read flags from this TOML file: its keys are the long flags (`port = 41642`,
+    /// `accept-dns = true`, lists as arrays); flags on the command line and their environment
+    /// variables win over it. An unknown key is an error naming file:line:col.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
     /// HTTP listen address (control channel, key, embedded relay's WebSocket).
     #[arg(
         long,

@@ -9,7 +9,19 @@ use tracing_subscriber::EnvFilter;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // A --config file stands for flags given before the command line's own.
+    let argv = match relay::config::expand(
+        &<Cli as clap::CommandFactory>::command(),
+        "serve",
+        std::env::args_os().collect(),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("lattice-coordinator: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(argv);
     init_tracing(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -119,6 +119,11 @@ pub enum Command {
 /// `up` flags.
 #[derive(Debug, Clone, Args)]
 pub struct UpArgs {
+    /// Read flags from this TOML file: its keys are the long flags (`port = 41642`,
+    /// `accept-dns = true`, lists as arrays); flags on the command line and their environment
+    /// variables win over it. An unknown key is an error naming file:line:col.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
     /// Coordinator URL, e.g. http://coord.example:8080 (remembered after the first join).
     /// Repeat it (or separate with commas) for a mesh served by several replicas: the first
     /// is used to join, the others when it does not answer.

@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod config;
 pub mod dial;
 pub mod http;
 pub mod identity;

@@ -37,6 +37,11 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
+    /// Read flags from this TOML file: its keys are the long flags (`port = 41642`,
+    /// `accept-dns = true`, lists as arrays); flags on the command line and their environment
+    /// variables win over it. An unknown key is an error naming file:line:col.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
     /// Address for QUIC (UDP) and the WebSocket fallback (TCP, `GET /relay`).
     #[arg(long, default_value = "0.0.0.0:8443")]
     listen: SocketAddr,
@@ -76,7 +81,19 @@ const DEFAULT_METRICS: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9431);
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // A --config file stands for flags given before the command line's own.
+    let argv = match relay::config::expand(
+        &<Cli as clap::CommandFactory>::command(),
+        "serve",
+        std::env::args_os().collect(),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("lattice-relay: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(argv);
     let filter = EnvFilter::try_from_env("LATTICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

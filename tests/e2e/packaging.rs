@@ -76,3 +76,73 @@ fn the_systemd_units_verify_and_are_sandboxed() {
         );
     }
 }
+
+#[test]
+fn the_example_config_files_are_valid_and_a_config_file_sets_flags() {
+    let bins = e2e::lab::bin_dir().expect("the binaries");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist/config");
+    for (bin, sub) in [
+        ("lattice", "up"),
+        ("lattice-coordinator", "serve"),
+        ("lattice-relay", "serve"),
+    ] {
+        let file = examples.join(format!("{bin}.toml"));
+        // --help stops after the flags are read: it fails only if the file does not fit.
+        let out = Command::new(bins.join(bin))
+            .args([sub, "--config"])
+            .arg(&file)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: {}", file.display(), text(&out));
+    }
+    // A mistake names its place, and nothing runs.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "listen = \"127.0.0.1:0\"\nlisten-on = 1\n").unwrap();
+    let out = Command::new(bins.join("lattice-relay"))
+        .args(["serve", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert!(
+        said.starts_with(&format!(
+            "lattice-relay: {}:2:1: unknown key \"listen-on\"",
+            bad.display()
+        )),
+        "{said}"
+    );
+    // The file's values are used: the node takes its state dir from it (and stops, as it has
+    // no mesh to join yet), unless the command line names another.
+    let state = dir.path().join("from-config");
+    let cfg = dir.path().join("node.toml");
+    std::fs::write(
+        &cfg,
+        format!("state-dir = {:?}\nport = 0\n", state.display().to_string()),
+    )
+    .unwrap();
+    let out = Command::new(bins.join("lattice"))
+        .args(["up", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("has not joined a mesh yet"),
+        "{}",
+        text(&out)
+    );
+    assert!(state.is_dir(), "the config file's state-dir was used");
+    let flag_state = dir.path().join("from-flag");
+    let out = Command::new(bins.join("lattice"))
+        .args(["up", "--config"])
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(&flag_state)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(flag_state.is_dir(), "the command line wins over the file");
+}
