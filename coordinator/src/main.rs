@@ -1,4 +1,3 @@
-use clap::Parser;
 use coordinator::cli::{Cli, LogFormat};
 use coordinator::{Outcome, run};
 use tracing_subscriber::EnvFilter;
@@ -10,18 +9,10 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     // A --config file stands for flags given before the command line's own.
-    let argv = match relay::config::expand(
-        &<Cli as clap::CommandFactory>::command(),
-        "serve",
-        std::env::args_os().collect(),
-    ) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("lattice-coordinator: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+    let cli: Cli = match relay::config::parse("serve", "lattice-coordinator") {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    let cli = Cli::parse_from(argv);
     init_tracing(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,21 +1,12 @@
-use clap::Parser;
 use node::cli::{Cli, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     // A --config file stands for flags given before the command line's own.
-    let argv = match relay::config::expand(
-        &<Cli as clap::CommandFactory>::command(),
-        "up",
-        std::env::args_os().collect(),
-    ) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("lattice: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+    let cli: Cli = match relay::config::parse("up", "lattice") {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    let cli = Cli::parse_from(argv);
     init_tracing(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

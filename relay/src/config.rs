@@ -38,6 +38,23 @@ pub enum ConfigError {
     },
 }
 
+/// Parses this process's command line as `P`, with the flags of a `--config` file given to
+/// `subcommand` put before the command line's own. A file that cannot be used is reported on
+/// stderr as `program: file:line:col: why`, and the process should exit with the code
+/// returned.
+pub fn parse<P: clap::Parser>(
+    subcommand: &str,
+    program: &str,
+) -> Result<P, std::process::ExitCode> {
+    match expand(&P::command(), subcommand, std::env::args_os().collect()) {
+        Ok(argv) => Ok(P::parse_from(argv)),
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            Err(std::process::ExitCode::FAILURE)
+        }
+    }
+}
+
 /// `argv` (program name first) with the flags of the `--config` file, if one is named, put
 /// right after `subcommand` (which `cmd` must have). Without `--config`, `argv` unchanged.
 pub fn expand(

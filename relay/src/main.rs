@@ -82,18 +82,10 @@ const DEFAULT_METRICS: SocketAddr =
 
 fn main() -> std::process::ExitCode {
     // A --config file stands for flags given before the command line's own.
-    let argv = match relay::config::expand(
-        &<Cli as clap::CommandFactory>::command(),
-        "serve",
-        std::env::args_os().collect(),
-    ) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("lattice-relay: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+    let cli: Cli = match relay::config::parse("serve", "lattice-relay") {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    let cli = Cli::parse_from(argv);
     let filter = EnvFilter::try_from_env("LATTICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
