@@ -68,6 +68,22 @@ pub enum Command {
         #[command(flatten)]
         state: StateDirArg,
     },
+    /// Ping a peer (its name, FQDN or overlay address) at the discovery level: each reply says
+    /// which path it took (a direct address, or a relay) and how long it took. Exits 1 if
+    /// no reply came.
+    Ping {
+        /// The peer.
+        target: String,
+        /// How many pings, one a second.
+        #[arg(long, short = 'c', default_value_t = 4)]
+        count: u32,
+        /// One JSON object per reply.
+        #[arg(long)]
+        json: bool,
+        /// Where the daemon is.
+        #[command(flatten)]
+        state: StateDirArg,
+    },
     /// Stop the running node (an ephemeral node also leaves the mesh).
     Down {
         /// Where the daemon is.

@@ -65,6 +65,43 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Ping {
+            target,
+            count,
+            json,
+            state,
+        } => {
+            let sd = StateDir::existing(&state.state_dir);
+            let mut answered = 0u32;
+            for i in 0..count {
+                if i > 0 {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                let path = format!("/v1/ping/{}", urlencode(&target));
+                let (code, body) = api::call(&sd.socket(), Method::POST, &path).await?;
+                if code == StatusCode::OK {
+                    let p: api::PingJson =
+                        serde_json::from_slice(&body).context("decoding a ping reply")?;
+                    answered += 1;
+                    if json {
+                        output::json(&p);
+                    } else {
+                        output::ping(&p);
+                    }
+                } else {
+                    let why = String::from_utf8_lossy(&body).into_owned();
+                    if code == StatusCode::UNPROCESSABLE_ENTITY && why.starts_with("no peer named")
+                    {
+                        bail!("{why}");
+                    }
+                    output::line(&format!("no reply from {target}: {why}"));
+                }
+            }
+            if answered == 0 {
+                bail!("no reply from {target}");
+            }
+            Ok(())
+        }
         Command::Down { state } => {
             let sd = StateDir::existing(&state.state_dir);
             api::call(&sd.socket(), Method::POST, "/v1/down").await?;
@@ -169,4 +206,16 @@ async fn login(sd: &StateDir, timeout: std::time::Duration) -> anyhow::Result<()
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
+}
+
+/// `s` as one URL path segment.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

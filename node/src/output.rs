@@ -287,6 +287,17 @@ pub(crate) fn expiry_notice(expiry: i64, now: i64, person: bool) -> Option<Strin
     })
 }
 
+/// One `lattice ping` reply: `pong from db-1 (100.64.0.3) via 198.51.100.12:41641 in 0.4 ms`.
+pub(crate) fn ping(p: &crate::io::api::PingJson) {
+    let via = match (&p.addr, &p.relay) {
+        (Some(a), _) => a.to_string(),
+        (None, Some(r)) => format!("relay {r}"),
+        (None, None) => p.path.clone(),
+    };
+    let ip = p.ip.map(|i| format!(" ({i})")).unwrap_or_default();
+    println!("pong from {}{ip} via {via} in {:.1} ms", p.peer, p.rtt_ms);
+}
+
 #[cfg(test)]
 mod tests {
     use super::expiry_notice;

@@ -539,3 +539,49 @@ fn base64_matches_wg_format() {
     assert_eq!(b64(b"fo"), "Zm8=");
     assert_eq!(b64(&[0u8; 32]).len(), 44);
 }
+
+#[test]
+fn lattice_ping_says_which_path_a_reply_took_and_how_long_it_took() {
+    let Some(f) = Flat::mesh("ping", &["a", "b"], &[]) else {
+        return;
+    };
+    // A first packet keys the tunnel and settles the direct path.
+    assert!(f.nodes[0].ping(&f.lab, "b", "-4", 2));
+    let out = f.nodes[0]
+        .cli(&f.lab, &["ping", "b", "--count", "2"])
+        .unwrap();
+    let said = crate::support::text(&out);
+    assert!(out.status.success(), "{said}");
+    let b_ip = crate::support::ipv4_of(&f.nodes[1].status(&f.lab).unwrap());
+    let replies: Vec<&str> = said
+        .lines()
+        .filter(|l| l.starts_with("pong from"))
+        .collect();
+    assert_eq!(replies.len(), 2, "{said}");
+    for r in replies {
+        assert!(
+            r.starts_with(&format!("pong from b ({b_ip}) via 198.51.100.12:"))
+                && r.ends_with(" ms"),
+            "{r}"
+        );
+    }
+    let json = f.nodes[0]
+        .cli(&f.lab, &["ping", "b", "--count", "1", "--json"])
+        .unwrap();
+    let p: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(
+        (p["peer"].as_str(), p["path"].as_str()),
+        (Some("b"), Some("direct"))
+    );
+    assert!(p["rtt_ms"].as_f64().unwrap() >= 0.0);
+    // An unknown peer is an error that says so.
+    let out = f.nodes[0]
+        .cli(&f.lab, &["ping", "nobody", "-c", "1"])
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        crate::support::text(&out).contains("no peer named nobody is visible to this node"),
+        "{}",
+        crate::support::text(&out)
+    );
+}

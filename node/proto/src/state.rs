@@ -106,6 +106,15 @@ pub enum Event {
     },
     /// The relay list changed (the shell connects to every relay listed).
     RelaysChanged,
+    /// A pong answered a ping the user asked for ([`NodeState::ping`]).
+    PingReply {
+        /// The peer.
+        peer: NodeId,
+        /// The path the pong came back on: a direct address, or through a relay.
+        from: Addr,
+        /// The round trip.
+        rtt: Duration,
+    },
     /// A fresh relay ticket arrived (the shell hands it to its relay connections).
     RelayTicket(String),
     /// A netcheck finished with a different result (the shell reports it to the coordinator

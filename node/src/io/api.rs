@@ -306,6 +306,25 @@ pub enum ApiRequest {
     Login(oneshot::Sender<Result<(), String>>),
     /// Ask for just-in-time access (`lattice request-access`); answered with the request id.
     RequestAccess(AccessRequestJson, oneshot::Sender<Result<i64, String>>),
+    /// Ping a peer over its current path (`lattice ping`).
+    Ping(String, oneshot::Sender<Result<PingJson, String>>),
+}
+
+/// One answered `lattice ping`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PingJson {
+    /// The peer's name.
+    pub peer: String,
+    /// Its IPv4 overlay address, if it has one.
+    pub ip: Option<IpAddr>,
+    /// `direct` or `relay`.
+    pub path: String,
+    /// The direct address the pong came from.
+    pub addr: Option<SocketAddr>,
+    /// The relay it came through.
+    pub relay: Option<String>,
+    /// The round trip, milliseconds.
+    pub rtt_ms: f64,
 }
 
 /// `lattice request-access` as sent to the daemon.
@@ -343,6 +362,7 @@ pub async fn serve(path: &Path, requests: mpsc::Sender<ApiRequest>) -> anyhow::R
         .route("/v1/logout", post(logout))
         .route("/v1/login", post(login))
         .route("/v1/request-access", post(request_access))
+        .route("/v1/ping/{target}", post(ping))
         .with_state(requests);
     axum::serve(listener, app).await?;
     Ok(())
@@ -396,6 +416,17 @@ async fn login(State(tx): Req) -> Result<Json<serde_json::Value>, (StatusCode, S
     match ask(&tx, ApiRequest::Login).await {
         Ok(Ok(())) => Ok(Json(serde_json::json!({"started": true}))),
         Ok(Err(e)) => Err((StatusCode::CONFLICT, e)),
+        Err(code) => Err((code, "the daemon is not answering".into())),
+    }
+}
+
+async fn ping(
+    State(tx): Req,
+    UrlPath(target): UrlPath<String>,
+) -> Result<Json<PingJson>, (StatusCode, String)> {
+    match ask(&tx, |o| ApiRequest::Ping(target, o)).await {
+        Ok(Ok(p)) => Ok(Json(p)),
+        Ok(Err(e)) => Err((StatusCode::UNPROCESSABLE_ENTITY, e)),
         Err(code) => Err((code, "the daemon is not answering".into())),
     }
 }

@@ -14,11 +14,11 @@ use node_proto::{Addr, Event, NodeState, Packet, PathKind, SockId, Status};
 use quinn_udp::RecvMeta;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
-use wire::{ClientMessage, ErrorCode, NatInfo, RelayId};
+use wire::{ClientMessage, ErrorCode, NatInfo, NodeId, RelayId};
 
 use crate::io::api::{
     ApiRequest, CoordinatorJson, ExitNodeJson, LoginJson, LoginResultJson, NetcheckJson, PathJson,
-    PeerJson, RelayJson, RoutesJson, SelfJson, StatusJson, StunJson, WhoisJson,
+    PeerJson, PingJson, RelayJson, RoutesJson, SelfJson, StatusJson, StunJson, WhoisJson,
 };
 use crate::io::aux::{AuxDatagram, AuxSockets};
 use crate::io::control::ControlEvent;
@@ -128,6 +128,8 @@ pub struct EventLoop {
     public_endpoint: Option<SocketAddr>,
     netinfo_sent: Option<(Option<RelayId>, NatInfo)>,
     netcheck_waiters: Vec<(oneshot::Sender<NetcheckJson>, Instant)>,
+    /// `lattice ping`s awaiting their pong: the peer, the answer, when asked.
+    pending_pings: Vec<(NodeId, PingReply, Instant)>,
 }
 
 /// What the loop knows about one relay connection.
@@ -136,6 +138,19 @@ struct RelayConnState {
     transport: Option<&'static str>,
     rtt: Option<Duration>,
     error: Option<String>,
+}
+
+/// Where a `lattice ping`'s answer goes.
+type PingReply = oneshot::Sender<Result<PingJson, String>>;
+
+/// How long `lattice ping` waits for a pong.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Removes the elements of `v` for which `f` holds and returns them.
+fn extract_if<T>(v: &mut Vec<T>, mut f: impl FnMut(&T) -> bool) -> Vec<T> {
+    let (out, keep): (Vec<T>, Vec<T>) = std::mem::take(v).into_iter().partition(|x| f(x));
+    *v = keep;
+    out
 }
 
 /// A new home relay must be this much faster than the current one.
@@ -215,6 +230,7 @@ impl EventLoop {
             public_endpoint: None,
             netinfo_sent: None,
             netcheck_waiters: Vec::new(),
+            pending_pings: Vec::new(),
         }
     }
 
@@ -305,6 +321,14 @@ impl EventLoop {
                         }
                     }
                     self.answer_netcheck_waiters(false);
+                    for (_, reply, _) in extract_if(&mut self.pending_pings, |(_, _, at)| {
+                        at.elapsed() > PING_TIMEOUT
+                    }) {
+                        let _ = reply.send(Err(format!(
+                            "no answer within {} s",
+                            PING_TIMEOUT.as_secs()
+                        )));
+                    }
                     if let Some((_, since)) = &self.pending_logout
                         && since.elapsed() > Duration::from_secs(5)
                         && let Some((reply, _)) = self.pending_logout.take()
@@ -539,6 +563,25 @@ impl EventLoop {
                 }
                 Current::None => debug!(peer = %peer, "path: none"),
             },
+            Event::PingReply { peer, from, rtt } => {
+                if let Some(i) = self.pending_pings.iter().position(|(p, _, _)| *p == peer) {
+                    let (_, reply, _) = self.pending_pings.remove(i);
+                    let st = self.state.status(Instant::now());
+                    let p = st.peers.iter().find(|p| p.id == peer);
+                    let (path, addr, relay) = match from {
+                        Addr::Udp(_, a) => ("direct", Some(a), None),
+                        Addr::Relay(r, _) => ("relay", None, Some(self.state.relay_name(r))),
+                    };
+                    let _ = reply.send(Ok(PingJson {
+                        peer: p.map(|p| p.name.clone()).unwrap_or_default(),
+                        ip: p.and_then(|p| p.addresses.iter().find(|a| a.is_ipv4()).copied()),
+                        path: path.into(),
+                        addr,
+                        relay,
+                        rtt_ms: rtt.as_secs_f64() * 1000.0,
+                    }));
+                }
+            }
             Event::RelaysChanged => {
                 let list = self.state.relays().to_vec();
                 self.relay_state
@@ -698,6 +741,12 @@ impl EventLoop {
                 });
                 let _ = reply.send(answer);
             }
+            ApiRequest::Ping(target, reply) => match self.state.ping(Instant::now(), &target) {
+                Ok(peer) => self.pending_pings.push((peer, reply, Instant::now())),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             ApiRequest::Netcheck(reply) => {
                 self.state.start_netcheck(Instant::now());
                 self.netcheck_waiters.push((reply, Instant::now()));

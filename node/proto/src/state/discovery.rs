@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use gotatun::packet::Packet;
+use rand::RngExt;
 use tracing::{debug, info, trace};
-use wire::NodeKey;
+use wire::{NodeId, NodeKey};
 
 use super::{Event, NodeState, Transmit};
 use crate::addr::Addr;
@@ -126,6 +127,14 @@ impl NodeState {
                 let Some(peer) = self.peers.get_mut(&sender) else {
                     return;
                 };
+                if let Some(i) = peer.user_pings.iter().position(|(t, _, _)| *t == tx) {
+                    let (_, sent, _) = peer.user_pings.swap_remove(i);
+                    self.events.push_back(Event::PingReply {
+                        peer: peer.node.id,
+                        from,
+                        rtt: now.saturating_duration_since(sent),
+                    });
+                }
                 if let Addr::Udp(_, a) = from {
                     self.by_addr.insert(a, sender);
                 }
@@ -182,6 +191,48 @@ impl NodeState {
                 self.handle_pq_confirm_ack(sender, session, &tag);
             }
         }
+    }
+
+    /// Pings the peer `target` names (its name, FQDN or overlay address) over its current
+    /// path: the direct address in use, or else its relay. The pong comes back as
+    /// [`Event::PingReply`]; a ping without an answer within 10 s is forgotten. Fails with why
+    /// no ping can be sent.
+    pub fn ping(&mut self, now: Instant, target: &str) -> Result<NodeId, String> {
+        const MAX_OUTSTANDING: usize = 16;
+        let key = self
+            .peer_named(target)
+            .ok_or_else(|| format!("no peer named {target} is visible to this node"))?;
+        let peer = self.peers.get(&key).ok_or("the peer went away")?;
+        let to = match peer.path.current(now, self.local_for(&peer.node)) {
+            Current::Direct(sock, addr) => Addr::Udp(sock, addr),
+            Current::Relay(r) => Addr::Relay(r, key),
+            Current::None => match self.relay_for(&peer.node) {
+                Some(r) => Addr::Relay(r, key),
+                None => {
+                    return Err(format!(
+                        "no path to {} yet: no direct address answered and no relay is connected",
+                        peer.node.name
+                    ));
+                }
+            },
+        };
+        if peer.disco_key.is_none() {
+            return Err(format!("{} has an unusable key", peer.node.name));
+        }
+        let id = peer.node.id;
+        let tx: [u8; 12] = self.rng.random();
+        let time = self.epoch(now);
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return Err("the peer went away".into());
+        };
+        peer.user_pings
+            .retain(|(_, sent, _)| now.saturating_duration_since(*sent) < Duration::from_secs(10));
+        if peer.user_pings.len() >= MAX_OUTSTANDING {
+            return Err("too many pings in flight".into());
+        }
+        peer.user_pings.push((tx, now, to));
+        self.send_disco(key, to, &Message::Ping { tx, time });
+        Ok(id)
     }
 
     /// Path timers for one peer.

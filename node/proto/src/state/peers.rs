@@ -45,6 +45,8 @@ pub(super) struct Peer {
     pub(super) held_handshake: Option<(Instant, Addr, Packet)>,
     /// Freshness of the peer's disco messages.
     pub(super) disco_fresh: DiscoFreshness,
+    /// Pings the user asked for (`lattice ping`) that await their pong: id, when, where to.
+    pub(super) user_pings: Vec<([u8; 12], Instant, Addr)>,
 }
 
 impl NodeState {
@@ -92,6 +94,7 @@ impl NodeState {
                 pq_session: None,
                 held_handshake: None,
                 disco_fresh: DiscoFreshness::default(),
+                user_pings: Vec::new(),
             };
             if self.security == TunnelSecurity::ClassicalOnly {
                 peer.tunnel = Some(self.new_tunnel(key, None));

@@ -54,7 +54,7 @@ impl NodeState {
     /// The state of `--exit-node`, if one was asked for.
     pub fn exit_status(&self) -> Option<ExitStatus> {
         let wanted = self.exit.wanted.clone()?;
-        let named = self.exit_named(&wanted);
+        let named = self.peer_named(&wanted);
         let peer = named.and_then(|k| self.peers.get(&k));
         let problem = match (peer, self.exit.peer) {
             (None, _) => Some(format!("no peer named {wanted} is visible to this node")),
@@ -79,7 +79,8 @@ impl NodeState {
     }
 
     /// The peer `wanted` names: by name, FQDN or overlay address.
-    fn exit_named(&self, wanted: &str) -> Option<NodeKey> {
+    pub(super) fn peer_named(&self, wanted: &str) -> Option<NodeKey> {
+        let wanted = wanted.trim().trim_end_matches('.');
         if let Ok(ip) = wanted.parse::<IpAddr>() {
             return self.by_ip.get(&ip).copied();
         }
@@ -141,7 +142,7 @@ impl NodeState {
         }
         via.sort_by(|a, b| b.0.prefix_len().cmp(&a.0.prefix_len()).then(a.0.cmp(&b.0)));
         self.exit.peer = match &self.exit.wanted {
-            Some(w) if !serves_exit => self.exit_named(w).and_then(|key| {
+            Some(w) if !serves_exit => self.peer_named(w).and_then(|key| {
                 let routes = &self.peers.get(&key)?.node.primary_routes;
                 let v4 = routes
                     .iter()

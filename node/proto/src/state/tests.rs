@@ -1146,6 +1146,39 @@ fn a_subnet_behind_a_router_is_reached_through_it_and_only_its_own_subnet() {
 }
 
 #[test]
+fn a_ping_the_user_asks_for_comes_back_over_the_path_in_use() {
+    let mut net = Net::new(2);
+    // A first packet sets the tunnel and the direct path up.
+    net.send(0, ipv4(v4(0), v4(1), 17, &udp(1, 2, b"hi")));
+    assert_eq!(net.received(1).len(), 1);
+    let _ = std::iter::from_fn(|| net.nodes[0].poll_event()).count();
+    let now = net.now;
+    assert_eq!(net.nodes[0].ping(now, "n1.mesh.internal."), Ok(NodeId(2)));
+    net.tick(Duration::from_millis(20));
+    let replies: Vec<Event> = std::iter::from_fn(|| net.nodes[0].poll_event())
+        .filter(|e| matches!(e, Event::PingReply { .. }))
+        .collect();
+    match replies.as_slice() {
+        [Event::PingReply { peer, from, rtt }] => {
+            assert_eq!(*peer, NodeId(2));
+            assert_eq!(from.udp(), Some(net.addrs[1]), "over the direct path");
+            assert!(*rtt <= Duration::from_millis(20));
+        }
+        other => panic!("one reply expected: {other:?}"),
+    }
+    // By address too; an unknown name is refused with why.
+    assert_eq!(net.nodes[0].ping(now, &v4_text(1)), Ok(NodeId(2)));
+    assert_eq!(
+        net.nodes[0].ping(now, "nobody"),
+        Err("no peer named nobody is visible to this node".into())
+    );
+}
+
+fn v4_text(i: usize) -> String {
+    IpAddr::from(v4(i)).to_string()
+}
+
+#[test]
 fn a_via_grant_steers_a_subnet_through_its_router_instead_of_the_primary() {
     let mut net = Net::new(4);
     let route: ipnet::IpNet = "10.44.0.0/16".parse().unwrap();
