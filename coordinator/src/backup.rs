@@ -1,11 +1,13 @@
-//! `lattice-coordinator backup` and `restore`: the state dir's keys and a consistent copy of
-//! the SQLite database, taken while the coordinator runs, and put back while it is stopped.
+//! `lattice-coordinator backup FILE` and `restore FILE`: the state dir's keys and a consistent
+//! copy of the SQLite database in one file, taken while the coordinator runs, and put back
+//! while it is stopped.
 //!
-//! A backup is a directory (mode 0700, files 0600): the control key (without it every node
-//! would have to join again), the ticket, audit and admin-certificate keys, the embedded
-//! relay's identity, the audit checkpoint (copied before the database, so it never runs
-//! ahead of it), and `coordinator.db`, written by SQLite's `VACUUM INTO` from a read
-//! transaction. A PostgreSQL database is not copied: `pg_dump` is the tool for it.
+//! A backup is one SQLite file (mode 0600): the database as SQLite's `VACUUM INTO` writes it
+//! from a read transaction, plus a table `lattice_backup_files` holding the state dir's
+//! keys: the control key (without it every node would have to join again), the ticket, audit
+//! and admin-certificate keys, the embedded relay's identity, and the audit checkpoint (read
+//! before the database is copied, so it never runs ahead of it). For a PostgreSQL database the
+//! file holds the keys only: `pg_dump` is the tool for the database.
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -42,8 +44,8 @@ pub struct Summary {
     pub previous: Option<PathBuf>,
 }
 
-/// Backs up `state_dir` (with the database at `db`, default its SQLite file) into `out`,
-/// which must not exist yet.
+/// Backs up `state_dir` (with the database at `db`, default its SQLite file) into the file
+/// `out`, which must not exist yet.
 pub async fn backup(state_dir: &Path, db: Option<&str>, out: &Path) -> anyhow::Result<Summary> {
     if !state_dir.join(CONTROL_KEY_FILE).exists() {
         bail!(
@@ -56,60 +58,69 @@ pub async fn backup(state_dir: &Path, db: Option<&str>, out: &Path) -> anyhow::R
         Some(url) => Some(PathBuf::from(url.strip_prefix("sqlite://").unwrap_or(url))),
         None => Some(state_dir.join(DB_FILE)),
     };
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(out)
-        .with_context(|| format!("creating {} (it must not exist yet)", out.display()))?;
-    let mut files = Vec::new();
+    // The keys first: the checkpoint must not be newer than the database copy.
+    let mut keys: Vec<(String, Vec<u8>)> = Vec::new();
     for name in KEY_FILES {
         let from = state_dir.join(name);
         if from.exists() {
-            copy_private(&from, &out.join(name))?;
-            files.push((*name).to_owned());
+            keys.push(((*name).to_owned(), read(&from)?));
         }
     }
     let relay = state_dir.join(RELAY_DIR);
     if relay.is_dir() {
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(out.join(RELAY_DIR))?;
         for entry in std::fs::read_dir(&relay)? {
             let entry = entry?;
             if entry.file_type()?.is_file() {
                 let name = format!("{RELAY_DIR}/{}", entry.file_name().to_string_lossy());
-                copy_private(&entry.path(), &out.join(&name))?;
-                files.push(name);
+                keys.push((name, read(&entry.path())?));
             }
         }
     }
-    let database = match db_path {
+    // An empty owner-only file: VACUUM INTO writes into it, and nobody else may read it.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("creating {} (it must not exist yet)", out.display()))?;
+    let database = match &db_path {
         Some(path) => {
-            let target = out.join(DB_FILE);
-            // VACUUM INTO creates the file; make it owner-only before it holds anything.
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&target)?;
-            std::fs::remove_file(&target)?;
             let mut conn = SqliteConnection::connect_with(
-                &SqliteConnectOptions::new().filename(&path).read_only(true),
+                &SqliteConnectOptions::new().filename(path).read_only(true),
             )
             .await
             .with_context(|| format!("opening {}", path.display()))?;
             sqlx::query("VACUUM INTO ?")
-                .bind(target.display().to_string())
+                .bind(out.display().to_string())
                 .execute(&mut conn)
                 .await
-                .with_context(|| format!("copying {} into {}", path.display(), target.display()))?;
+                .with_context(|| format!("copying {} into {}", path.display(), out.display()))?;
             conn.close().await?;
-            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))?;
-            check_database(&target).await?;
-            files.push(DB_FILE.to_owned());
             true
         }
         None => false,
     };
+    let mut conn = SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(out))
+        .await
+        .with_context(|| format!("opening {}", out.display()))?;
+    sqlx::query("CREATE TABLE lattice_backup_files (name TEXT PRIMARY KEY, content BLOB NOT NULL)")
+        .execute(&mut conn)
+        .await?;
+    let mut files = Vec::new();
+    for (name, content) in keys {
+        sqlx::query("INSERT INTO lattice_backup_files (name, content) VALUES (?, ?)")
+            .bind(&name)
+            .bind(content)
+            .execute(&mut conn)
+            .await?;
+        files.push(name);
+    }
+    conn.close().await?;
+    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o600))?;
+    check_database(out, database).await?;
+    if database {
+        files.push(DB_FILE.to_owned());
+    }
     Ok(Summary {
         files,
         database,
@@ -117,8 +128,8 @@ pub async fn backup(state_dir: &Path, db: Option<&str>, out: &Path) -> anyhow::R
     })
 }
 
-/// Restores backup `from` into `state_dir`; the coordinator must be stopped. What the state
-/// dir held is moved into `state_dir/before-restore-UNIXTIME` first.
+/// Restores the backup file `from` into `state_dir`; the coordinator must be stopped. What
+/// the state dir held is moved into `state_dir/before-restore-UNIXTIME` first.
 pub async fn restore(from: &Path, state_dir: &Path) -> anyhow::Result<Summary> {
     if tokio::net::UnixStream::connect(state_dir.join(ADMIN_SOCKET))
         .await
@@ -129,37 +140,48 @@ pub async fn restore(from: &Path, state_dir: &Path) -> anyhow::Result<Summary> {
             state_dir.display()
         );
     }
-    if !from.join(CONTROL_KEY_FILE).exists() {
+    let mut conn =
+        SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(from).read_only(true))
+            .await
+            .with_context(|| format!("opening {}", from.display()))?;
+    let keys: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT name, content FROM lattice_backup_files ORDER BY name")
+            .fetch_all(&mut conn)
+            .await
+            .with_context(|| format!("{} is not a coordinator backup", from.display()))?;
+    let (tables,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    conn.close().await?;
+    let database = tables > 0;
+    if !keys.iter().any(|(n, _)| n == CONTROL_KEY_FILE) {
         bail!(
             "{} is not a coordinator backup ({CONTROL_KEY_FILE} is missing)",
             from.display()
         );
     }
-    let database = from.join(DB_FILE).exists();
-    if database {
-        check_database(&from.join(DB_FILE)).await?;
+    if keys
+        .iter()
+        .any(|(n, _)| n.starts_with('/') || n.split('/').any(|c| c == ".." || c.is_empty()))
+    {
+        bail!("{} names files outside the state dir", from.display());
     }
+    check_database(from, database).await?;
     std::fs::DirBuilder::new()
         .mode(0o700)
         .recursive(true)
         .create(state_dir)?;
     let previous = state_dir.join(format!("before-restore-{}", crate::state::unix_now()));
     let mut moved = false;
-    let replaced: Vec<String> = KEY_FILES
-        .iter()
-        .map(|f| (*f).to_owned())
-        .chain(
-            [
-                DB_FILE,
-                "coordinator.db-wal",
-                "coordinator.db-shm",
-                RELAY_DIR,
-            ]
-            .map(String::from),
-        )
-        .chain(std::iter::once(ADMIN_SOCKET.to_owned()))
-        .collect();
-    for name in &replaced {
+    for name in KEY_FILES.iter().copied().chain([
+        DB_FILE,
+        "coordinator.db-wal",
+        "coordinator.db-shm",
+        RELAY_DIR,
+        ADMIN_SOCKET,
+    ]) {
         let p = state_dir.join(name);
         if p.symlink_metadata().is_ok() {
             if name == ADMIN_SOCKET {
@@ -174,19 +196,30 @@ pub async fn restore(from: &Path, state_dir: &Path) -> anyhow::Result<Summary> {
         }
     }
     let mut files = Vec::new();
-    for entry in walk(from)? {
-        let rel = entry.strip_prefix(from)?.to_path_buf();
-        let to = state_dir.join(&rel);
+    for (name, content) in keys {
+        let to = state_dir.join(&name);
         if let Some(parent) = to.parent() {
             std::fs::DirBuilder::new()
                 .mode(0o700)
                 .recursive(true)
                 .create(parent)?;
         }
-        copy_private(&entry, &to)?;
-        files.push(rel.display().to_string());
+        write_private(&to, &content)?;
+        files.push(name);
     }
-    files.sort();
+    if database {
+        // The database without the backup's own table, moved into place whole.
+        let tmp = state_dir.join(format!("{DB_FILE}.restoring"));
+        write_private(&tmp, &read(from)?)?;
+        let mut conn =
+            SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(&tmp)).await?;
+        sqlx::query("DROP TABLE lattice_backup_files")
+            .execute(&mut conn)
+            .await?;
+        conn.close().await?;
+        std::fs::rename(&tmp, state_dir.join(DB_FILE))?;
+        files.push(DB_FILE.to_owned());
+    }
     Ok(Summary {
         files,
         database,
@@ -194,29 +227,14 @@ pub async fn restore(from: &Path, state_dir: &Path) -> anyhow::Result<Summary> {
     })
 }
 
-/// The files under `dir` (one level of subdirectories, as a backup has).
-fn walk(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let t = entry.file_type()?;
-        if t.is_file() {
-            out.push(entry.path());
-        } else if t.is_dir() {
-            for inner in std::fs::read_dir(entry.path())? {
-                let inner = inner?;
-                if inner.file_type()?.is_file() {
-                    out.push(inner.path());
-                }
-            }
-        }
-    }
-    Ok(out)
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// Checks a database file: SQLite's integrity check passes, and it was written by this
-/// version of the coordinator or an older one (newer migrations mean a newer coordinator).
-async fn check_database(path: &Path) -> anyhow::Result<()> {
+/// Checks a backup file: SQLite's integrity check passes, and (if it holds the database) it
+/// was written by this version of the coordinator or an older one (newer migrations mean a
+/// newer coordinator).
+async fn check_database(path: &Path, database: bool) -> anyhow::Result<()> {
     let mut conn =
         SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(path).read_only(true))
             .await
@@ -230,6 +248,10 @@ async fn check_database(path: &Path) -> anyhow::Result<()> {
             "{} fails SQLite's integrity check: {verdict}",
             path.display()
         );
+    }
+    if !database {
+        conn.close().await?;
+        return Ok(());
     }
     let (newest,): (Option<i64>,) = sqlx::query_as("SELECT MAX(version) FROM _sqlx_migrations")
         .fetch_one(&mut conn)
@@ -251,16 +273,15 @@ async fn check_database(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Copies a file, readable by its owner only.
-fn copy_private(from: &Path, to: &Path) -> anyhow::Result<()> {
-    let bytes = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
+/// Writes a file readable by its owner only (it must not exist).
+fn write_private(to: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(to)
         .with_context(|| format!("writing {}", to.display()))?;
-    std::io::Write::write_all(&mut f, &bytes)?;
+    std::io::Write::write_all(&mut f, bytes)?;
     f.sync_all()?;
     Ok(())
 }

@@ -103,10 +103,10 @@ pub enum Command {
         command: SettingsCommand,
     },
     /// Back up the coordinator while it runs: its keys and a consistent copy of its SQLite
-    /// database, into a new directory (for PostgreSQL, the keys only: use pg_dump for the
+    /// database, in one new file (for PostgreSQL, the keys only: use pg_dump for the
     /// database).
     Backup {
-        /// The directory to create.
+        /// The file to create (owner-only).
         out: PathBuf,
         /// The coordinator's state directory.
         #[arg(
@@ -122,7 +122,7 @@ pub enum Command {
     /// Restore a backup into a state directory (the coordinator must be stopped); what the
     /// directory held is kept in `before-restore-UNIXTIME` inside it.
     Restore {
-        /// The backup directory.
+        /// The backup file.
         from: PathBuf,
         /// The coordinator's state directory.
         #[arg(
