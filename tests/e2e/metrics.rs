@@ -187,6 +187,11 @@ fn every_binary_serves_metrics_that_promtool_accepts_and_that_count_what_happene
         value(&node, "lattice_node_control_sessions_total"),
         Some(1.0)
     );
+    // `ping b` looked the name up in the mesh DNS.
+    assert!(
+        value(&node, "lattice_node_dns_queries_total{result=\"answered\"}").unwrap_or(0.0) >= 1.0,
+        "{node}"
+    );
     assert!(
         coordinator.contains("lattice_relay_sessions "),
         "the embedded relay: {coordinator}"

@@ -51,6 +51,22 @@ pub struct StatusJson {
     /// The exit node this node sends internet traffic through (`--exit-node`).
     #[serde(default)]
     pub exit_node: Option<ExitNodeJson>,
+    /// What the mesh DNS resolver answered since the node started.
+    #[serde(default)]
+    pub dns: DnsJson,
+}
+
+/// The mesh DNS resolver's answers in `status`, by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsJson {
+    /// Mesh names and reverse lookups answered from the netmap.
+    pub answered: u64,
+    /// Mesh names that do not exist.
+    pub nxdomain: u64,
+    /// Other names, answered by an upstream server.
+    pub forwarded: u64,
+    /// Other names no upstream answered.
+    pub failed: u64,
 }
 
 /// `--exit-node` in `status`.

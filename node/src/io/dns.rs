@@ -155,16 +155,43 @@ fn reverse_ip(q: &str) -> Option<IpAddr> {
     Some(IpAddr::from(bytes))
 }
 
+/// What the resolver answered, by kind (for `lattice status --json` and metrics).
+#[derive(Debug, Default)]
+pub struct DnsCounters {
+    /// Mesh names and reverse lookups answered from the netmap.
+    pub answered: std::sync::atomic::AtomicU64,
+    /// Mesh names that do not exist.
+    pub nxdomain: std::sync::atomic::AtomicU64,
+    /// Other names, answered by an upstream server.
+    pub forwarded: std::sync::atomic::AtomicU64,
+    /// Other names no upstream answered.
+    pub failed: std::sync::atomic::AtomicU64,
+}
+
 /// The hickory request handler.
 pub struct MeshResolver {
     table: watch::Receiver<Arc<DnsTable>>,
     upstreams: Vec<SocketAddr>,
+    counters: Arc<DnsCounters>,
 }
 
 impl MeshResolver {
-    /// A resolver answering from `table` and forwarding to `upstreams`.
-    pub fn new(table: watch::Receiver<Arc<DnsTable>>, upstreams: Vec<SocketAddr>) -> Self {
-        Self { table, upstreams }
+    /// A resolver answering from `table` and forwarding to `upstreams`, counting in
+    /// `counters`.
+    pub fn new(
+        table: watch::Receiver<Arc<DnsTable>>,
+        upstreams: Vec<SocketAddr>,
+        counters: Arc<DnsCounters>,
+    ) -> Self {
+        Self {
+            table,
+            upstreams,
+            counters,
+        }
+    }
+
+    fn count(&self, c: &std::sync::atomic::AtomicU64) {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn forward(&self, raw: &[u8]) -> Option<Message> {
@@ -228,10 +255,12 @@ impl RequestHandler for MeshResolver {
         match answer {
             Answer::Forward => {
                 let Some(reply) = self.forward(request.as_slice()).await else {
+                    self.count(&self.counters.failed);
                     meta.response_code = ResponseCode::ServFail;
                     meta.recursion_available = true;
                     return send(&mut response, builder.build_no_records(meta)).await;
                 };
+                self.count(&self.counters.forwarded);
                 meta.response_code = reply.metadata.response_code;
                 meta.recursion_available = true;
                 let resp = builder.build(
@@ -247,7 +276,10 @@ impl RequestHandler for MeshResolver {
                 meta.authoritative = true;
                 meta.recursion_available = true;
                 if other == Answer::NxDomain {
+                    self.count(&self.counters.nxdomain);
                     meta.response_code = ResponseCode::NXDomain;
+                } else {
+                    self.count(&self.counters.answered);
                 }
                 let resp = builder.build(
                     meta,
@@ -313,13 +345,17 @@ fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
 /// The sockets are bound to the device (`SO_BINDTODEVICE`), and the kernel then delivers only
 /// queries from this host itself (local traffic to an address of the device counts as arriving
 /// on it); a query routed in from a LAN interface never reaches them.
-pub async fn serve(table: watch::Receiver<Arc<DnsTable>>, device: &str) -> anyhow::Result<()> {
+pub async fn serve(
+    table: watch::Receiver<Arc<DnsTable>>,
+    device: &str,
+    counters: Arc<DnsCounters>,
+) -> anyhow::Result<()> {
     let addr = SocketAddr::new(IpAddr::V4(crate::io::tun::RESOLVER), 53);
     let upstreams = system_upstreams();
     let (udp, tcp) = bind_local_only(addr, device)
         .with_context(|| format!("binding DNS on {addr} (device {device})"))?;
     info!(%addr, %device, ?upstreams, "mesh DNS listening");
-    let mut server = hickory_server::Server::new(MeshResolver::new(table, upstreams));
+    let mut server = hickory_server::Server::new(MeshResolver::new(table, upstreams, counters));
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(5), 4096);
     server.block_until_done().await?;
@@ -457,7 +493,7 @@ mod tests {
                 .unwrap();
         });
         let (_tx, rx) = watch::channel(Arc::new(table()));
-        let resolver = MeshResolver::new(rx, vec![up_addr]);
+        let resolver = MeshResolver::new(rx, vec![up_addr], Arc::default());
         let mut query = Message::query();
         query.add_query(Query::query(
             Name::from_ascii("example.com.").unwrap(),
@@ -475,7 +511,7 @@ mod tests {
         // No upstream answering: no answer (the handler then says SERVFAIL).
         let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let (_tx2, rx2) = watch::channel(Arc::new(table()));
-        let dead = MeshResolver::new(rx2, vec![silent.local_addr().unwrap()]);
+        let dead = MeshResolver::new(rx2, vec![silent.local_addr().unwrap()], Arc::default());
         assert!(dead.forward(&query.to_vec().unwrap()).await.is_none());
     }
 

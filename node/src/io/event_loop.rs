@@ -17,8 +17,8 @@ use tracing::{debug, info, warn};
 use wire::{ClientMessage, ErrorCode, NatInfo, NodeId, RelayId};
 
 use crate::io::api::{
-    ApiRequest, CoordinatorJson, ExitNodeJson, LoginJson, LoginResultJson, NetcheckJson, PathJson,
-    PeerJson, PingJson, RelayJson, RoutesJson, SelfJson, StatusJson, StunJson, WhoisJson,
+    ApiRequest, CoordinatorJson, DnsJson, ExitNodeJson, LoginJson, LoginResultJson, NetcheckJson,
+    PathJson, PeerJson, PingJson, RelayJson, RoutesJson, SelfJson, StatusJson, StunJson, WhoisJson,
 };
 use crate::io::aux::{AuxDatagram, AuxSockets};
 use crate::io::control::ControlEvent;
@@ -128,6 +128,8 @@ pub struct EventLoop {
     public_endpoint: Option<SocketAddr>,
     netinfo_sent: Option<(Option<RelayId>, NatInfo)>,
     netcheck_waiters: Vec<(oneshot::Sender<NetcheckJson>, Instant)>,
+    /// What the mesh DNS resolver answered.
+    dns_counters: Arc<dns::DnsCounters>,
     /// `lattice ping`s awaiting their pong: the peer, the answer, when asked.
     pending_pings: Vec<(NodeId, PingReply, Instant)>,
 }
@@ -231,6 +233,7 @@ impl EventLoop {
             netinfo_sent: None,
             netcheck_waiters: Vec::new(),
             pending_pings: Vec::new(),
+            dns_counters: Arc::default(),
         }
     }
 
@@ -525,8 +528,9 @@ impl EventLoop {
                         .tun
                         .as_ref()
                         .map_or_else(|| self.tun_name.clone(), |t| t.name().to_owned());
+                    let counters = Arc::clone(&self.dns_counters);
                     tokio::spawn(async move {
-                        if let Err(e) = dns::serve(table, &device).await {
+                        if let Err(e) = dns::serve(table, &device, counters).await {
                             warn!(error = %format!("{e:#}"), "mesh DNS is not available");
                         }
                     });
@@ -1098,6 +1102,16 @@ impl EventLoop {
             },
             relays: self.relays_json(),
             nat: self.nat.clone(),
+            dns: {
+                use std::sync::atomic::Ordering::Relaxed;
+                let c = &self.dns_counters;
+                DnsJson {
+                    answered: c.answered.load(Relaxed),
+                    nxdomain: c.nxdomain.load(Relaxed),
+                    forwarded: c.forwarded.load(Relaxed),
+                    failed: c.failed.load(Relaxed),
+                }
+            },
             exit_node: st.exit_node.map(|e| ExitNodeJson {
                 active: e.problem.is_none(),
                 wanted: e.wanted,
