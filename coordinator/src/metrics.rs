@@ -80,15 +80,13 @@ pub async fn render(st: &AppState, stun: Option<&relay::stun::StunStats>) -> Str
         }
         (online, offline, routers, hub.policy().0, hub.wakes())
     };
-    for (state, v) in [("online", online), ("offline", offline)] {
-        e.sample(
-            "lattice_coordinator_nodes",
-            Kind::Gauge,
-            "Nodes in the mesh (not expired), by whether they hold a control session here or at another replica.",
-            &[("state", state)],
-            v as f64,
-        );
-    }
+    e.by_label(
+        "lattice_coordinator_nodes",
+        Kind::Gauge,
+        "Nodes in the mesh (not expired), by whether they hold a control session here or at another replica.",
+        "state",
+        &[("online", online), ("offline", offline)],
+    );
     e.gauge(
         "lattice_coordinator_primary_routers",
         "Nodes that are the primary router of at least one route.",
@@ -105,36 +103,32 @@ pub async fn render(st: &AppState, stun: Option<&relay::stun::StunStats>) -> Str
         wakes,
     );
     let c = &st.counters;
-    for (result, v) in [
-        ("registered", c.registered.load(Relaxed)),
-        ("resumed", c.resumed.load(Relaxed)),
-        ("refused", c.refused.load(Relaxed)),
-    ] {
-        e.sample(
-            "lattice_coordinator_registrations_total",
-            Kind::Counter,
-            "Nodes that connected, by outcome: registered anew, resumed, or refused.",
-            &[("result", result)],
-            v as f64,
-        );
-    }
+    e.by_label(
+        "lattice_coordinator_registrations_total",
+        Kind::Counter,
+        "Nodes that connected, by outcome: registered anew, resumed, or refused.",
+        "result",
+        &[
+            ("registered", c.registered.load(Relaxed)),
+            ("resumed", c.resumed.load(Relaxed)),
+            ("refused", c.refused.load(Relaxed)),
+        ],
+    );
     e.gauge(
         "lattice_coordinator_control_sessions",
         "Control sessions open at this replica.",
         c.sessions.load(Relaxed) as f64,
     );
-    for (kind, v) in [
-        ("full", c.netmaps_full.load(Relaxed)),
-        ("delta", c.netmaps_delta.load(Relaxed)),
-    ] {
-        e.sample(
-            "lattice_coordinator_netmaps_sent_total",
-            Kind::Counter,
-            "Netmap messages sent to nodes, whole or as deltas.",
-            &[("kind", kind)],
-            v as f64,
-        );
-    }
+    e.by_label(
+        "lattice_coordinator_netmaps_sent_total",
+        Kind::Counter,
+        "Netmap messages sent to nodes, whole or as deltas.",
+        "kind",
+        &[
+            ("full", c.netmaps_full.load(Relaxed)),
+            ("delta", c.netmaps_delta.load(Relaxed)),
+        ],
+    );
     e.summary(
         "lattice_coordinator_netmap_build_seconds",
         "Time to work out what a node's next netmap holds.",

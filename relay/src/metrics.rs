@@ -76,6 +76,20 @@ impl Exposition {
         let _ = writeln!(self.text, " {}", render(value));
     }
 
+    /// One family with one label, a sample per `(label value, value)`.
+    pub fn by_label(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        help: &str,
+        label: &str,
+        values: &[(&str, u64)],
+    ) {
+        for (v, n) in values {
+            self.sample(name, kind, help, &[(label, v)], *n as f64);
+        }
+    }
+
     /// A counter without labels.
     pub fn counter(&mut self, name: &str, help: &str, value: u64) {
         self.sample(name, Kind::Counter, help, &[], value as f64);
@@ -110,15 +124,13 @@ pub fn relay(e: &mut Exposition, s: &crate::StatsSnapshot, stun: &crate::stun::S
         "Node sessions open on this relay.",
         s.sessions as f64,
     );
-    for (result, v) in [("accepted", s.accepted), ("rejected", s.rejected)] {
-        e.sample(
-            "lattice_relay_sessions_total",
-            Kind::Counter,
-            "Sessions opened, by whether the node was admitted.",
-            &[("result", result)],
-            v as f64,
-        );
-    }
+    e.by_label(
+        "lattice_relay_sessions_total",
+        Kind::Counter,
+        "Sessions opened, by whether the node was admitted.",
+        "result",
+        &[("accepted", s.accepted), ("rejected", s.rejected)],
+    );
     e.counter(
         "lattice_relay_sessions_kicked_total",
         "Sessions closed because the ticket expired or the node was revoked.",
@@ -134,32 +146,28 @@ pub fn relay(e: &mut Exposition, s: &crate::StatsSnapshot, stun: &crate::stun::S
         "Payload bytes forwarded between nodes.",
         s.forwarded_bytes,
     );
-    for (reason, v) in [
-        ("no_peer", s.dropped_no_peer),
-        ("queue_full", s.dropped_queue_full),
-        ("unvouched", s.dropped_unvouched),
-        ("malformed", s.malformed),
-    ] {
-        e.sample(
-            "lattice_relay_dropped_frames_total",
-            Kind::Counter,
-            "Frames dropped, by reason.",
-            &[("reason", reason)],
-            v as f64,
-        );
-    }
-    for (result, v) in [
-        ("answered", stun.answered.load(Relaxed)),
-        ("ignored", stun.ignored.load(Relaxed)),
-    ] {
-        e.sample(
-            "lattice_relay_stun_datagrams_total",
-            Kind::Counter,
-            "STUN datagrams, by whether they were answered Binding requests.",
-            &[("result", result)],
-            v as f64,
-        );
-    }
+    e.by_label(
+        "lattice_relay_dropped_frames_total",
+        Kind::Counter,
+        "Frames dropped, by reason.",
+        "reason",
+        &[
+            ("no_peer", s.dropped_no_peer),
+            ("queue_full", s.dropped_queue_full),
+            ("unvouched", s.dropped_unvouched),
+            ("malformed", s.malformed),
+        ],
+    );
+    e.by_label(
+        "lattice_relay_stun_datagrams_total",
+        Kind::Counter,
+        "STUN datagrams, by whether they were answered Binding requests.",
+        "result",
+        &[
+            ("answered", stun.answered.load(Relaxed)),
+            ("ignored", stun.ignored.load(Relaxed)),
+        ],
+    );
 }
 
 fn render(v: f64) -> String {

@@ -28,20 +28,16 @@ pub fn render(st: &StatusJson) -> String {
         "Control sessions established with the coordinator since the node started.",
         st.coordinator.sessions,
     );
-    for (result, v) in [
-        ("answered", st.dns.answered),
+    e.by_label(
+        "lattice_node_dns_queries_total",
+        Kind::Counter,
+        "Queries to the mesh DNS resolver, by outcome: answered from the netmap, no such mesh name, forwarded upstream, or no upstream answered.",
+        "result",
+        &[("answered", st.dns.answered),
         ("nxdomain", st.dns.nxdomain),
         ("forwarded", st.dns.forwarded),
-        ("failed", st.dns.failed),
-    ] {
-        e.sample(
-            "lattice_node_dns_queries_total",
-            Kind::Counter,
-            "Queries to the mesh DNS resolver, by outcome: answered from the netmap, no such mesh name, forwarded upstream, or no upstream answered.",
-            &[("result", result)],
-            v as f64,
-        );
-    }
+        ("failed", st.dns.failed)],
+    );
     if let Some(x) = &st.exit_node {
         e.gauge(
             "lattice_node_exit_node_active",
