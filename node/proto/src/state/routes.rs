@@ -195,14 +195,19 @@ impl NodeState {
         (family && !in_mesh(&self.local_addrs, ip)).then_some(e.key)
     }
 
-    /// Whether `src` may come from peer `key`: its own address, inside a subnet it routes, or
-    /// (the chosen exit node) outside the mesh.
-    pub(crate) fn peer_may_send_from(&self, key: &NodeKey, src: IpAddr) -> bool {
+    /// Whether `src` is peer `key`'s own address or inside a subnet it routes.
+    fn own_or_routed(&self, key: &NodeKey, src: IpAddr) -> bool {
         self.by_ip.get(&src) == Some(key)
             || self
                 .peer_routes
                 .iter()
                 .any(|(n, k)| k == key && n.contains(&src))
+    }
+
+    /// Whether `src` may come from peer `key`: its own address, inside a subnet it routes, or
+    /// (the chosen exit node) outside the mesh.
+    pub(crate) fn peer_may_send_from(&self, key: &NodeKey, src: IpAddr) -> bool {
+        self.own_or_routed(key, src)
             || (!self.by_ip.contains_key(&src) && self.exit_for(src) == Some(*key))
     }
 
@@ -211,11 +216,7 @@ impl NodeState {
     /// opened; whatever the rules say, the internet cannot open connections to it through
     /// the exit node.
     pub(crate) fn only_through_exit(&self, key: &NodeKey, src: IpAddr) -> bool {
-        self.by_ip.get(&src) != Some(key)
-            && !self
-                .peer_routes
-                .iter()
-                .any(|(n, k)| k == key && n.contains(&src))
+        !self.own_or_routed(key, src)
     }
 
     /// Whether `ip` is this node's, inside a subnet it routes, or (an exit node) outside the
