@@ -110,6 +110,10 @@ pub enum Event {
     PingReply {
         /// The peer.
         peer: NodeId,
+        /// Its name.
+        name: String,
+        /// Its IPv4 overlay address, if it has one.
+        ipv4: Option<IpAddr>,
         /// The path the pong came back on: a direct address, or through a relay.
         from: Addr,
         /// The round trip.

@@ -567,18 +567,22 @@ impl EventLoop {
                 }
                 Current::None => debug!(peer = %peer, "path: none"),
             },
-            Event::PingReply { peer, from, rtt } => {
+            Event::PingReply {
+                peer,
+                name,
+                ipv4,
+                from,
+                rtt,
+            } => {
                 if let Some(i) = self.pending_pings.iter().position(|(p, _, _)| *p == peer) {
                     let (_, reply, _) = self.pending_pings.remove(i);
-                    let st = self.state.status(Instant::now());
-                    let p = st.peers.iter().find(|p| p.id == peer);
                     let (path, addr, relay) = match from {
                         Addr::Udp(_, a) => ("direct", Some(a), None),
                         Addr::Relay(r, _) => ("relay", None, Some(self.state.relay_name(r))),
                     };
                     let _ = reply.send(Ok(PingJson {
-                        peer: p.map(|p| p.name.clone()).unwrap_or_default(),
-                        ip: p.and_then(|p| p.addresses.iter().find(|a| a.is_ipv4()).copied()),
+                        peer: name,
+                        ip: ipv4,
                         path: path.into(),
                         addr,
                         relay,

@@ -131,6 +131,8 @@ impl NodeState {
                     let (_, sent, _) = peer.user_pings.swap_remove(i);
                     self.events.push_back(Event::PingReply {
                         peer: peer.node.id,
+                        name: peer.node.name.clone(),
+                        ipv4: peer.node.addresses.iter().find(|a| a.is_ipv4()).copied(),
                         from,
                         rtt: now.saturating_duration_since(sent),
                     });

@@ -1159,8 +1159,17 @@ fn a_ping_the_user_asks_for_comes_back_over_the_path_in_use() {
         .filter(|e| matches!(e, Event::PingReply { .. }))
         .collect();
     match replies.as_slice() {
-        [Event::PingReply { peer, from, rtt }] => {
+        [
+            Event::PingReply {
+                peer,
+                name,
+                ipv4,
+                from,
+                rtt,
+            },
+        ] => {
             assert_eq!(*peer, NodeId(2));
+            assert_eq!((name.as_str(), *ipv4), ("n1", Some(IpAddr::from(v4(1)))));
             assert_eq!(from.udp(), Some(net.addrs[1]), "over the direct path");
             assert!(*rtt <= Duration::from_millis(20));
         }
