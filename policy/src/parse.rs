@@ -169,11 +169,7 @@ impl Checker {
             policy.default_src_posture = self.posture_refs(v);
         }
         if let Some(v) = get("acls") {
-            for item in self.array(v, "acls") {
-                if let Some(r) = self.rule(item) {
-                    policy.rules.push(r);
-                }
-            }
+            policy.rules = self.each(v, "acls", Self::rule);
         }
         if let Some(v) = get("grants") {
             for item in self.array(v, "grants") {
@@ -192,35 +188,19 @@ impl Checker {
             policy.open_by_default = true;
         }
         if let Some(v) = get("tests") {
-            for item in self.array(v, "tests") {
-                if let Some(t) = self.test(item) {
-                    policy.tests.push(t);
-                }
-            }
+            policy.tests = self.each(v, "tests", Self::test);
         }
         if let Some(v) = get("autoApprovers") {
             policy.auto_approvers = self.auto_approvers_section(v);
         }
         if let Some(v) = get("nodeAttrs") {
-            for item in self.array(v, "nodeAttrs") {
-                if let Some(a) = self.node_attrs(item) {
-                    policy.node_attrs.push(a);
-                }
-            }
+            policy.node_attrs = self.each(v, "nodeAttrs", Self::node_attrs);
         }
         if let Some(v) = get("ssh") {
-            for item in self.array(v, "ssh") {
-                if let Some(r) = self.ssh_rule(item) {
-                    policy.ssh_rules.push(r);
-                }
-            }
+            policy.ssh_rules = self.each(v, "ssh", Self::ssh_rule);
         }
         if let Some(v) = get("sshTests") {
-            for item in self.array(v, "sshTests") {
-                if let Some(t) = self.ssh_test(item) {
-                    policy.ssh_tests.push(t);
-                }
-            }
+            policy.ssh_tests = self.each(v, "sshTests", Self::ssh_test);
         }
         if let Some(v) = get("randomizeClientPort") {
             match &v.value {
@@ -242,17 +222,27 @@ impl Checker {
             }
         }
         if let Some(v) = get("accessRequests") {
-            for item in self.array(v, "accessRequests") {
-                if let Some(r) = self.access_rule(item) {
-                    policy.access_rules.push(r);
-                }
-            }
+            policy.access_rules = self.each(v, "accessRequests", Self::access_rule);
         }
         policy.groups = self.groups.clone();
         policy.tag_owners = self.tag_owners.clone();
         policy.hosts = self.hosts.clone();
         policy.postures = self.postures.clone();
         policy
+    }
+
+    /// Each entry of the array `v` (`what`) read by `f`; the entries `f` refuses are left out
+    /// (it reported why).
+    fn each<T>(
+        &mut self,
+        v: &Spanned<Json>,
+        what: &str,
+        mut f: impl FnMut(&mut Self, &Spanned<Json>) -> Option<T>,
+    ) -> Vec<T> {
+        self.array(v, what)
+            .into_iter()
+            .filter_map(|item| f(self, item))
+            .collect()
     }
 
     fn array<'a>(&mut self, v: &'a Spanned<Json>, what: &str) -> Vec<&'a Spanned<Json>> {
