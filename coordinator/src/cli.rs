@@ -109,12 +109,8 @@ pub enum Command {
         /// The file to create (owner-only).
         out: PathBuf,
         /// The coordinator's state directory.
-        #[arg(
-            long,
-            env = "LATTICE_COORDINATOR_STATE_DIR",
-            default_value = "/var/lib/lattice-coordinator"
-        )]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        state: StateDirArg,
         /// The coordinator's database URL, if it is not the state dir's SQLite file.
         #[arg(long, env = "LATTICE_COORDINATOR_DB")]
         db: Option<String>,
@@ -125,12 +121,8 @@ pub enum Command {
         /// The backup file.
         from: PathBuf,
         /// The coordinator's state directory.
-        #[arg(
-            long,
-            env = "LATTICE_COORDINATOR_STATE_DIR",
-            default_value = "/var/lib/lattice-coordinator"
-        )]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        state: StateDirArg,
     },
     /// Manage admin tokens for `--server URL --token TOKEN` access.
     Token {
@@ -249,6 +241,18 @@ pub struct AdminArgs {
     /// Admin token for --server.
     #[arg(long, env = "LATTICE_ADMIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+}
+
+/// `--state-dir` for commands that work on the files of a coordinator on this host.
+#[derive(Debug, Args)]
+pub struct StateDirArg {
+    /// The coordinator's state directory.
+    #[arg(
+        long,
+        env = "LATTICE_COORDINATOR_STATE_DIR",
+        default_value = "/var/lib/lattice-coordinator"
+    )]
+    pub state_dir: PathBuf,
 }
 
 /// `authkey` subcommands.

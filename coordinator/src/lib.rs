@@ -98,7 +98,11 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Nodes { command } => nodes(command).await,
         Command::Audit { command } => audit_cmd(command).await,
         Command::Token { command } => token(command).await,
-        Command::Backup { out, state_dir, db } => {
+        Command::Backup {
+            out,
+            state: cli::StateDirArg { state_dir },
+            db,
+        } => {
             let s = backup::backup(&state_dir, db.as_deref(), &out).await?;
             output::line(&format!(
                 "backed up {} into {}: {}",
@@ -114,7 +118,10 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
             }
             Ok(Outcome::Success)
         }
-        Command::Restore { from, state_dir } => {
+        Command::Restore {
+            from,
+            state: cli::StateDirArg { state_dir },
+        } => {
             let s = backup::restore(&from, &state_dir).await?;
             output::line(&format!(
                 "restored {} into {}: {}",
