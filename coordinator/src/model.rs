@@ -64,6 +64,10 @@ pub struct NodeRecord {
     pub advertised_routes: Vec<ipnet::IpNet>,
     /// Routes an admin approved (only those also advertised are in force).
     pub approved_routes: Vec<ipnet::IpNet>,
+    /// The paths it last reported to its peers.
+    pub paths: Vec<wire::PeerPath>,
+    /// When it reported them, Unix seconds.
+    pub paths_at: Option<i64>,
 }
 
 impl NodeRecord {
@@ -172,6 +176,8 @@ impl NodeRecord {
             user_mfa: None,
             advertised_routes: Vec::new(),
             approved_routes: Vec::new(),
+            paths: Vec::new(),
+            paths_at: None,
         }
     }
 }

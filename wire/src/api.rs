@@ -69,9 +69,60 @@ pub enum ClientMessage {
         /// Facts by attribute name (`node:os`, `node:diskEncrypted`, `fact:...`).
         facts: BTreeMap<String, AttrValue>,
     },
+    /// How the node reaches each peer it has a tunnel with (sent when it changes, at most
+    /// every few seconds): what admins see in `nodes list` and the web console.
+    Paths {
+        /// One entry per peer with a tunnel or an attempt at one, by peer id.
+        paths: Vec<PeerPath>,
+    },
     /// A message this build does not know.
     #[serde(other)]
     Unknown,
+}
+
+/// Most entries in one [`ClientMessage::Paths`] report (it stays well under the control
+/// channel's message limit).
+pub const MAX_REPORTED_PATHS: usize = 1024;
+
+/// How a node reaches one peer, as it reports it to the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerPath {
+    /// The peer.
+    pub peer: NodeId,
+    /// `direct`, `relay` or `none`.
+    pub kind: PathKind,
+    /// The peer's address, when direct.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<SocketAddr>,
+    /// The relay's name, when relayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+    /// Why the path is not direct.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The kind of path a [`PeerPath`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathKind {
+    /// Straight over UDP.
+    Direct,
+    /// Through a relay.
+    Relay,
+    /// Not reachable (yet).
+    None,
+}
+
+impl PathKind {
+    /// The word `lattice status` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Relay => "relay",
+            Self::None => "none",
+        }
+    }
 }
 
 /// The value of a node attribute (posture fact or admin-set attribute).

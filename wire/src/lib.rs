@@ -19,7 +19,9 @@ pub mod netmap;
 pub mod relay;
 pub mod version;
 
-pub use api::{AttrValue, ClientMessage, ErrorCode, Hello, IdToken, ServerMessage, Welcome};
+pub use api::{
+    AttrValue, ClientMessage, ErrorCode, Hello, IdToken, MAX_REPORTED_PATHS, PathKind, PeerPath, ServerMessage, Welcome,
+};
 pub use authkey::{AuthKey, AuthKeyParseError};
 pub use filter::{FilterRule, IpProto, PortRange, ValidRange};
 pub use ids::{NodeId, UserId};

@@ -47,6 +47,10 @@ const PING_INTERVAL: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(35);
 /// Largest WebSocket message: one Noise frame.
 const MAX_WS_MESSAGE: usize = 65_535;
+/// Most peer paths kept from one report (nodes send at most [`wire::MAX_REPORTED_PATHS`]).
+const MAX_REPORTED_PATHS: usize = wire::MAX_REPORTED_PATHS;
+/// Longest relay name or reason kept from a path report.
+const MAX_PATH_TEXT: usize = 256;
 /// A session's WebSocket read buffer. tungstenite zero-fills the whole buffer before each
 /// read, and its default (128 KiB) held per session made a coordinator with 5,000 nodes
 /// spend 640 MB on buffers; control messages are small, and a larger frame grows it.
@@ -589,6 +593,25 @@ async fn handle_client_message(
             db::nodes::set_netinfo(&mut tx, record.id, home_relay, &nat).await?;
             let seq = feed::note(&mut tx, Kind::Node, Some(record.id), None).await?;
             feed::commit(st, tx, seq).await?;
+            Ok(false)
+        }
+        ClientMessage::Paths { mut paths } => {
+            // What a node says about its own paths is shown, never acted on: bounded, and
+            // kept out of the change feed (no peer's netmap depends on it).
+            paths.truncate(MAX_REPORTED_PATHS);
+            for p in &mut paths {
+                for text in [&mut p.reason, &mut p.relay].into_iter().flatten() {
+                    if text.len() > MAX_PATH_TEXT {
+                        let mut end = MAX_PATH_TEXT;
+                        while !text.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        text.truncate(end);
+                    }
+                }
+            }
+            let mut conn = st.db.acquire().await.map_err(db::DbError::from)?;
+            db::nodes::set_paths(&mut conn, record.id, &paths, unix_now()).await?;
             Ok(false)
         }
         ClientMessage::Posture { facts } => {

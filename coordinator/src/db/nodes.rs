@@ -36,6 +36,8 @@ struct NodeRow {
     user_mfa: Option<i64>,
     advertised_routes: String,
     approved_routes: String,
+    paths: String,
+    paths_at: Option<i64>,
 }
 
 macro_rules! select_nodes {
@@ -44,7 +46,7 @@ macro_rules! select_nodes {
             "SELECT id, machine_key, node_key, name, ipv4, ipv6, user_name, tags, ephemeral, ",
             "os, client_version, endpoints, created_at, last_seen, expires_at, posture, posture_at, ",
             "custom_attrs, home_relay, nat, connected_to, idp_groups, user_mfa, advertised_routes, ",
-            "approved_routes FROM nodes"
+            "approved_routes, paths, paths_at FROM nodes"
             $(, " ", $rest)?
         )
     };
@@ -95,6 +97,8 @@ impl TryFrom<NodeRow> for NodeRecord {
                 .map_err(|_| corrupt("advertised_routes"))?,
             approved_routes: serde_json::from_str(&r.approved_routes)
                 .map_err(|_| corrupt("approved_routes"))?,
+            paths: serde_json::from_str(&r.paths).map_err(|_| corrupt("paths"))?,
+            paths_at: r.paths_at,
         })
     }
 }
@@ -328,6 +332,22 @@ pub async fn set_netinfo(
     sqlx::query("UPDATE nodes SET home_relay = $1, nat = $2 WHERE id = $3")
         .bind(home_relay.map(|r| i64::from(r.0)))
         .bind(json(nat))
+        .bind(id_i64(id))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Records the paths a node reports to its peers, at `now` (Unix seconds).
+pub async fn set_paths(
+    conn: &mut AnyConnection,
+    id: NodeId,
+    paths: &[wire::PeerPath],
+    now: i64,
+) -> Result<(), DbError> {
+    sqlx::query("UPDATE nodes SET paths = $1, paths_at = $2 WHERE id = $3")
+        .bind(json(paths))
+        .bind(now)
         .bind(id_i64(id))
         .execute(&mut *conn)
         .await?;

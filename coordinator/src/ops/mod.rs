@@ -106,6 +106,15 @@ pub struct NodeView {
     /// Its routes: advertised, approved (in force) and primary.
     #[serde(default)]
     pub routes: RoutesView,
+    /// When its key expires, unix seconds (`None`: never).
+    #[serde(default)]
+    pub key_expiry_unix: Option<i64>,
+    /// How it reaches its peers, as it last reported.
+    #[serde(default)]
+    pub paths: Vec<wire::PeerPath>,
+    /// When it reported them, unix seconds.
+    #[serde(default)]
+    pub paths_unix: Option<i64>,
 }
 
 /// A node's routes, as `nodes list` and `nodes routes` show them.
@@ -296,6 +305,9 @@ pub async fn list_nodes(st: &AppState) -> Result<Vec<NodeView>, ApiError> {
                 custom_attrs: r.custom_attrs,
                 home_relay: r.home_relay,
                 nat: r.nat,
+                key_expiry_unix: r.expires_at,
+                paths: r.paths,
+                paths_unix: r.paths_at,
             }
         })
         .collect())

@@ -106,6 +106,9 @@ pub enum Event {
     },
     /// The relay list changed (the shell connects to every relay listed).
     RelaysChanged,
+    /// How this node reaches each peer it has a tunnel with or is trying to reach, every
+    /// few seconds (the shell reports it to the coordinator when it changed).
+    PathReport(Vec<wire::PeerPath>),
     /// A pong answered a ping the user asked for ([`NodeState::ping`]).
     PingReply {
         /// The peer.
@@ -473,6 +476,8 @@ impl NodeState {
             self.admission.sweep(now);
             self.by_addr
                 .retain(|a, key| peers.get(key).is_some_and(|p| p.path.knows(*a)));
+            let report = self.path_report(now);
+            self.events.push_back(Event::PathReport(report));
         }
     }
 
@@ -538,14 +543,38 @@ impl NodeState {
         }
     }
 
-    fn peer_status(&self, now: Instant, p: &Peer) -> PeerStatus {
-        let stats = p.tunnel.as_ref().map(|t| t.stats()).unwrap_or_default();
+    /// The path to every peer with a tunnel or an attempt at one, by peer id: what admins see.
+    pub fn path_report(&self, now: Instant) -> Vec<wire::PeerPath> {
+        let mut out: Vec<wire::PeerPath> = self
+            .peers
+            .values()
+            .filter(|p| p.tunnel.is_some() || !p.waiting.is_empty() || p.pq_wanted)
+            .map(|p| {
+                let path = self.peer_path(now, p);
+                wire::PeerPath {
+                    peer: p.node.id,
+                    kind: path.kind,
+                    addr: path.addr,
+                    relay: path.relay,
+                    reason: path.reason,
+                }
+            })
+            .collect();
+        // The ones that are not direct first: they are what an admin looks for.
+        out.sort_by_key(|p| (p.kind == PathKind::Direct, p.peer));
+        out.truncate(wire::MAX_REPORTED_PATHS);
+        out.sort_by_key(|p| p.peer);
+        out
+    }
+
+    /// How `p` is reached now, and why not directly.
+    fn peer_path(&self, now: Instant, p: &Peer) -> PathStatus {
         let pq = p.pq.status(now);
         let local = self.local_for(&p.node);
         let classical = self.security == TunnelSecurity::ClassicalOnly;
         // A tunnel whose first post-quantum key the peer has not confirmed carries nothing yet.
         let usable = p.tunnel.is_some() && (classical || pq.established);
-        let path = match (usable, p.path.current(now, local)) {
+        match (usable, p.path.current(now, local)) {
             (false, _) => PathStatus {
                 kind: PathKind::None,
                 addr: None,
@@ -578,7 +607,14 @@ impl NodeState {
                     "no endpoint has answered yet and no relay is connected".into()
                 }),
             },
-        };
+        }
+    }
+
+    fn peer_status(&self, now: Instant, p: &Peer) -> PeerStatus {
+        let stats = p.tunnel.as_ref().map(|t| t.stats()).unwrap_or_default();
+        let pq = p.pq.status(now);
+        let classical = self.security == TunnelSecurity::ClassicalOnly;
+        let path = self.peer_path(now, p);
         PeerStatus {
             routes: p.node.primary_routes.clone(),
             id: p.node.id,

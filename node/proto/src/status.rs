@@ -66,16 +66,8 @@ pub struct Counters {
     pub flows_evicted: u64,
 }
 
-/// How a peer is reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PathKind {
-    /// Straight over UDP.
-    Direct,
-    /// Through a relay.
-    Relay,
-    /// Not reachable (yet).
-    None,
-}
+/// How a peer is reached (the kind the node also reports to the coordinator).
+pub use wire::PathKind;
 
 /// A peer's path.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use node_proto::path::Current;
-use node_proto::{Addr, Event, NodeState, Packet, PathKind, SockId, Status};
+use node_proto::{Addr, Event, NodeState, Packet, SockId, Status};
 use quinn_udp::RecvMeta;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
@@ -127,6 +127,8 @@ pub struct EventLoop {
     nat: Option<NatInfo>,
     public_endpoint: Option<SocketAddr>,
     netinfo_sent: Option<(Option<RelayId>, NatInfo)>,
+    /// The last path report the coordinator took.
+    paths_sent: Option<Vec<wire::PeerPath>>,
     netcheck_waiters: Vec<(oneshot::Sender<NetcheckJson>, Instant)>,
     /// What the mesh DNS resolver answered.
     dns_counters: Arc<dns::DnsCounters>,
@@ -231,6 +233,7 @@ impl EventLoop {
             nat: None,
             public_endpoint: None,
             netinfo_sent: None,
+            paths_sent: None,
             netcheck_waiters: Vec::new(),
             pending_pings: Vec::new(),
             dns_counters: Arc::default(),
@@ -597,6 +600,18 @@ impl EventLoop {
                 self.relays.set_relays(&list);
             }
             Event::RelayTicket(t) => self.relays.set_ticket(&t),
+            Event::PathReport(paths) => {
+                if self.paths_sent.as_ref() != Some(&paths)
+                    && self
+                        .control_out
+                        .try_send(ClientMessage::Paths {
+                            paths: paths.clone(),
+                        })
+                        .is_ok()
+                {
+                    self.paths_sent = Some(paths);
+                }
+            }
             Event::PskInstalled { peer, psk } => {
                 if let Some(k) = &self.keylog {
                     k.record(&peer, &psk);
@@ -1070,12 +1085,7 @@ impl EventLoop {
                     node_key: p.node_key.to_text(),
                     online: p.online,
                     path: PathJson {
-                        kind: match p.path.kind {
-                            PathKind::Direct => "direct",
-                            PathKind::Relay => "relay",
-                            PathKind::None => "none",
-                        }
-                        .into(),
+                        kind: p.path.kind.as_str().into(),
                         addr: p.path.addr,
                         relay: p.path.relay.clone(),
                         reason: p.path.reason.clone(),

@@ -58,6 +58,8 @@ pub(crate) struct Host {
     pub(crate) relay_up: bool,
     /// The netmap's view of it (endpoints, NAT).
     pub(crate) wire_node: Node,
+    /// The paths it last reported to the coordinator.
+    pub(crate) reported_paths: Vec<wire::PeerPath>,
 }
 
 #[derive(Debug)]
@@ -139,6 +141,7 @@ impl Sim {
                 received: Vec::new(),
                 relay_up: true,
                 wire_node: wn,
+                reported_paths: Vec::new(),
             });
         }
         let mut sim = Self {
@@ -268,8 +271,12 @@ impl Sim {
             self.hosts[i].received.push(tw.to_vec());
         }
         while let Some(ev) = self.hosts[i].node.poll_event() {
-            if let Event::NetInfo(report) = ev {
-                self.publish_netinfo(i, report.nat.clone(), report.public_endpoint);
+            match ev {
+                Event::NetInfo(report) => {
+                    self.publish_netinfo(i, report.nat.clone(), report.public_endpoint);
+                }
+                Event::PathReport(paths) => self.hosts[i].reported_paths = paths,
+                _ => {}
             }
         }
     }

@@ -97,6 +97,15 @@ fn traffic_starts_on_the_relay_and_moves_to_direct() {
         sim.relayed, relayed,
         "once direct, nothing more goes through the relay"
     );
+    // What each node tells the coordinator (admins see it in the console) says the same.
+    sim.run(Duration::from_secs(6));
+    for (me, peer) in [(0, 1), (1, 0)] {
+        let paths = &sim.hosts[me].reported_paths;
+        assert_eq!(paths.len(), 1, "{paths:?}");
+        assert_eq!(paths[0].peer, sim.hosts[peer].wire_node.id);
+        assert_eq!(paths[0].kind, PathKind::Direct);
+        assert!(paths[0].addr.is_some() && paths[0].reason.is_none());
+    }
 }
 
 #[test]
@@ -123,6 +132,18 @@ fn both_hard_stays_on_the_relay_and_says_why() {
     let (kind, why) = sim.path(0, 1);
     assert_eq!(kind, PathKind::Relay);
     assert!(why.unwrap().contains("both sides are behind hard"));
+    sim.run(Duration::from_secs(6));
+    let reported = &sim.hosts[0].reported_paths;
+    assert_eq!(reported.len(), 1, "{reported:?}");
+    assert_eq!(reported[0].kind, PathKind::Relay);
+    assert!(reported[0].relay.is_some());
+    assert!(
+        reported[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("both sides are behind hard")),
+        "{reported:?}"
+    );
 }
 
 #[test]
