@@ -65,9 +65,10 @@ struct Body<'a> {
     details: Vec<String>,
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, code) = match &self {
+impl ApiError {
+    /// The HTTP status and the short code the admin API answers with.
+    pub fn status(&self) -> (StatusCode, &'static str) {
+        match self {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
@@ -76,7 +77,13 @@ impl IntoResponse for ApiError {
             Self::Rejected { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-        };
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status();
         let message = self.to_string();
         let details = match &self {
             Self::Rejected { details, .. } => details.clone(),

@@ -11,6 +11,7 @@ pub mod audit_store;
 pub mod backup;
 pub mod cli;
 pub mod conformance;
+pub mod console;
 pub mod db;
 pub mod error;
 pub mod federation;

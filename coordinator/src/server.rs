@@ -207,6 +207,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         sign_in,
         code_guesses: Default::default(),
         counters: Default::default(),
+        console: Default::default(),
     });
     crate::audit_store::spawn_checkpointer(audit, st.db.clone());
     feed::start(&st)

@@ -61,6 +61,8 @@ pub struct Inner {
     pub code_guesses: std::sync::Mutex<crate::oidc::Guesses>,
     /// What the coordinator counts for its metrics.
     pub counters: crate::metrics::Counters,
+    /// The web console's signed-in browsers.
+    pub console: crate::console::Sessions,
 }
 
 impl AppState {

@@ -9,6 +9,7 @@
 
 mod abuse;
 mod backup;
+mod console;
 mod federation;
 mod foundation;
 mod hardening;

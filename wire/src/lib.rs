@@ -20,7 +20,8 @@ pub mod relay;
 pub mod version;
 
 pub use api::{
-    AttrValue, ClientMessage, ErrorCode, Hello, IdToken, MAX_REPORTED_PATHS, PathKind, PeerPath, ServerMessage, Welcome,
+    AttrValue, ClientMessage, ErrorCode, Hello, IdToken, MAX_REPORTED_PATHS, PathKind, PeerPath,
+    ServerMessage, Welcome,
 };
 pub use authkey::{AuthKey, AuthKeyParseError};
 pub use filter::{FilterRule, IpProto, PortRange, ValidRange};

@@ -52,8 +52,9 @@ pub fn router(st: AppState) -> Router {
         .with_state(st)
 }
 
-/// The admin listener's router (served over TLS): `/admin/v1` for admin tokens, and
-/// `/admin/login/{start,poll}` where a person who is an admin signs in for a session token.
+/// The admin listener's router (served over TLS): `/admin/v1` for admin tokens,
+/// `/admin/login/{start,poll}` where a person who is an admin signs in for a session token,
+/// and the web console at `/console`.
 pub fn admin_router(st: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -63,6 +64,7 @@ pub fn admin_router(st: AppState) -> Router {
             "/admin/v1",
             admin::router().layer(middleware::from_fn_with_state(st.clone(), token_auth)),
         )
+        .merge(crate::console::router(st.clone()))
         .layer(middleware::from_fn(log_internal_errors))
         .layer(trace_layer())
         .with_state(st)

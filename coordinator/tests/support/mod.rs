@@ -182,6 +182,7 @@ pub async fn state_with(
         sign_in,
         code_guesses: Default::default(),
         counters: Default::default(),
+        console: Default::default(),
     });
     coordinator::feed::start(&st).await.unwrap();
     st
