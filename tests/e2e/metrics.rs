@@ -134,12 +134,27 @@ fn every_binary_serves_metrics_that_promtool_accepts_and_that_count_what_happene
         "lattice_node_peer_transmit_bytes_total{peer=\"b\"}",
         "lattice_node_peer_pq_handshakes_total{peer=\"b\"}",
         "lattice_node_packets_total{counter=\"in_delivered\"}",
+        "lattice_node_peer_path_changes_total{peer=\"b\"}",
     ] {
         assert!(
             value(&node, series).unwrap_or(0.0) > 0.0,
             "{series}:\n{node}"
         );
     }
+    // Three echo requests out and three replies back, at least (handshake keepalives may add).
+    for series in [
+        "lattice_node_peer_receive_packets_total{peer=\"b\"}",
+        "lattice_node_peer_transmit_packets_total{peer=\"b\"}",
+    ] {
+        assert!(
+            value(&node, series).unwrap_or(0.0) >= 3.0,
+            "{series}:\n{node}"
+        );
+    }
+    assert!(
+        value(&node, "lattice_node_peer_pq_key_age_seconds{peer=\"b\"}").is_some(),
+        "{node}"
+    );
     assert_eq!(
         value(&node, "lattice_node_coordinator_connected"),
         Some(1.0)

@@ -38,7 +38,7 @@ mod tunnel;
 
 pub use addr::{Addr, SockId};
 pub use gotatun::packet::Packet;
-pub use state::{Event, NodeConfig, NodeState, Transmit};
+pub use state::{Event, NodeConfig, NodeState, Traffic, Transmit};
 pub use status::{Counters, ExitStatus, PathKind, PathStatus, PeerStatus, Status};
 
 /// The origin of virtual time in tests: the one place the crate reads the clock.

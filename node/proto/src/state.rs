@@ -8,6 +8,8 @@ mod data;
 mod discovery;
 mod keys;
 mod peers;
+
+pub use peers::Traffic;
 mod routes;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -632,6 +634,7 @@ impl NodeState {
             pq_psk_age: if classical { None } else { pq.psk_age },
             pq_handshakes: pq.handshakes,
             pq_chain_resets: pq.chain_resets,
+            traffic: p.traffic,
             pq_error: if classical {
                 Some("classical tunnels allowed by the mesh admin (tunnel_security = classical_only)".into())
             } else {

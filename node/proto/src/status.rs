@@ -117,6 +117,8 @@ pub struct PeerStatus {
     pub pq_handshakes: u64,
     /// Times the key chain restarted from zero (a side lost its key).
     pub pq_chain_resets: u64,
+    /// Data packets both ways and path changes.
+    pub traffic: crate::Traffic,
     /// Why the peer has no post-quantum key, or why the last rotation failed.
     pub pq_error: Option<String>,
     /// Time since the last completed WireGuard handshake.

@@ -236,6 +236,15 @@ pub struct PeerJson {
     pub pq_handshakes: u64,
     /// Times the key chain had to restart (a side lost its key).
     pub pq_chain_resets: u64,
+    /// WireGuard data messages sent to the peer.
+    #[serde(default)]
+    pub tx_packets: u64,
+    /// Authenticated WireGuard data messages received from the peer.
+    #[serde(default)]
+    pub rx_packets: u64,
+    /// Times the path to the peer changed.
+    #[serde(default)]
+    pub path_changes: u64,
     /// Why there is no post-quantum key (or the last rotation failed).
     pub pq_error: Option<String>,
     /// Last completed WireGuard handshake, unix seconds.

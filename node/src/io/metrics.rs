@@ -73,13 +73,28 @@ pub fn render(st: &StatusJson) -> String {
                 p.tx_bytes,
             ),
             (
+                "lattice_node_peer_receive_packets_total",
+                "Authenticated WireGuard data messages received from the peer.",
+                p.rx_packets,
+            ),
+            (
+                "lattice_node_peer_transmit_packets_total",
+                "WireGuard data messages sent to the peer.",
+                p.tx_packets,
+            ),
+            (
+                "lattice_node_peer_path_changes_total",
+                "Times the path to the peer changed (direct, relayed, none, or another address).",
+                p.path_changes,
+            ),
+            (
                 "lattice_node_peer_handshakes_total",
                 "WireGuard handshakes completed with the peer.",
                 p.handshakes,
             ),
             (
                 "lattice_node_peer_pq_handshakes_total",
-                "Post-quantum key exchanges completed with the peer.",
+                "Post-quantum key exchanges (the first key and every rotation) completed with the peer.",
                 p.pq_handshakes,
             ),
             (
@@ -97,6 +112,15 @@ pub fn render(st: &StatusJson) -> String {
                 "How the peer is reached (1 for the current kind).",
                 &[("peer", peer), ("kind", kind)],
                 if p.path.kind == kind { 1.0 } else { 0.0 },
+            );
+        }
+        if let Some(age) = p.pq_psk_age_secs {
+            e.sample(
+                "lattice_node_peer_pq_key_age_seconds",
+                Kind::Gauge,
+                "Age of the post-quantum preshared key in use with the peer (it rotates before it grows old).",
+                &[("peer", peer)],
+                age as f64,
             );
         }
         e.sample(

@@ -79,6 +79,7 @@ impl NodeState {
             return;
         };
         if let Some(wg) = tunnel.encapsulate(packet) {
+            peer.traffic.tx_packets += 1;
             self.send_to_peer(now, key, wg);
         }
     }
@@ -155,6 +156,9 @@ impl NodeState {
                 }
             }
             TunnResult::WriteToTunnel(inner) => {
+                if !inner.is_empty() {
+                    peer.traffic.rx_packets += 1;
+                }
                 self.learn_path(now, key, from);
                 if !inner.is_empty() {
                     self.deliver(now, key, inner);

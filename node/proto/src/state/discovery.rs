@@ -319,9 +319,11 @@ impl NodeState {
 
     /// Reports a peer's new path.
     pub(super) fn path_changed(&mut self, now: Instant, key: NodeKey) {
-        let Some(peer) = self.peers.get(&key) else {
+        let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
+        peer.traffic.path_changes += 1;
+        let peer = &self.peers[&key];
         let path = peer.path.current(now, self.local_for(&peer.node));
         match path {
             Current::Direct(sock, addr) => {

@@ -19,6 +19,17 @@ use crate::tunnel::Tunnel;
 /// Packets kept per peer while its tunnel is being keyed.
 pub(super) const MAX_WAITING: usize = 64;
 
+/// What a peer's traffic counters have seen since the peer appeared.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// WireGuard data messages sent to the peer.
+    pub tx_packets: u64,
+    /// Authenticated WireGuard data messages received from the peer.
+    pub rx_packets: u64,
+    /// Times the path to the peer changed (direct, relayed, none, or another address).
+    pub path_changes: u64,
+}
+
 pub(super) struct Peer {
     pub(super) node: Node,
     /// The WireGuard tunnel; absent until the first post-quantum key exists (or at once in a
@@ -45,6 +56,8 @@ pub(super) struct Peer {
     pub(super) held_handshake: Option<(Instant, Addr, Packet)>,
     /// Freshness of the peer's disco messages.
     pub(super) disco_fresh: DiscoFreshness,
+    /// Data packets sent to and received from the peer, and path changes, for metrics.
+    pub(super) traffic: Traffic,
     /// Pings the user asked for (`lattice ping`) that await their pong: id, when, where to.
     pub(super) user_pings: Vec<([u8; 12], Instant, Addr)>,
 }
@@ -94,6 +107,7 @@ impl NodeState {
                 pq_session: None,
                 held_handshake: None,
                 disco_fresh: DiscoFreshness::default(),
+                traffic: Traffic::default(),
                 user_pings: Vec::new(),
             };
             if self.security == TunnelSecurity::ClassicalOnly {
