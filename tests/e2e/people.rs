@@ -387,6 +387,53 @@ fn people_join_by_signing_in_and_the_provider_group_decides_their_access() {
     // else, so its capture goes before the lab looks for it in every log.
     std::fs::write(f.lab.dir().join("admin-login.out"), "").unwrap();
     f.lab.secret("an admin session token", &token);
+
+    // She signs in to the web console the same way: the console shows the link and code,
+    // and once she has signed in at the provider its page moves on as her.
+    let script: PathBuf = [env!("CARGO_MANIFEST_DIR"), "console", "sso_sign_in.py"]
+        .iter()
+        .collect();
+    let console = f
+        .lab
+        .spawn(
+            "console-sso",
+            &coord_ns,
+            &["/usr/bin/python3", script.to_str().unwrap()],
+            &[("LATTICE_CONSOLE_URL", "https://198.51.100.1:8443")],
+        )
+        .unwrap();
+    let mut prompt = None;
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            prompt = f.lab.stdout(console).lines().find_map(|l| {
+                let mut w = l.strip_prefix("link ")?.split(' ');
+                Some((w.next()?.to_owned(), w.next()?.to_owned()))
+            });
+            prompt.is_some()
+        }),
+        "the console showed no sign-in link:\n{}{}",
+        f.lab.stdout(console),
+        f.lab.log(console)
+    );
+    let (link, code) = prompt.unwrap();
+    sign_in(&f, &link, &code, "alice");
+    assert!(
+        f.lab
+            .wait_exit(console, Duration::from_secs(60))
+            .is_some_and(|s| s.success()),
+        "the console sign-in failed:\n{}{}",
+        f.lab.stdout(console),
+        f.lab.log(console)
+    );
+    assert!(
+        f.lab
+            .stdout(console)
+            .lines()
+            .any(|l| l.starts_with("actor user:alice@example.com (session ")),
+        "{}",
+        f.lab.stdout(console)
+    );
+
     let as_alice = |args: &[&str]| {
         let mut full = vec![coord_bin.to_str().unwrap()];
         full.extend_from_slice(args);
@@ -469,7 +516,14 @@ fn people_join_by_signing_in_and_the_provider_group_decides_their_access() {
         .iter()
         .filter(|e| e["action"] == "user.login")
         .count();
-    assert_eq!(logins, 5, "{audit}");
+    assert_eq!(logins, 6, "{audit}");
+    assert!(
+        entries.iter().any(|e| e["action"] == "user.login"
+            && e["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("admin sign-in (web console)"))),
+        "{audit}"
+    );
     for action in ["access.request", "access.approve", "access.expire"] {
         assert!(
             entries.iter().any(|e| e["action"] == action),

@@ -123,7 +123,13 @@ async fn admin_login_start(
 ) -> Result<Json<ops::people::AdminLoginStart>, ApiError> {
     let ip = relay::http::peer_ip(peer.as_ref().map(|e| &e.0));
     Ok(Json(
-        ops::people::start_admin(&st, &ip.to_string(), crate::state::unix_now()).await?,
+        ops::people::start_admin(
+            &st,
+            "admin sign-in (lattice-coordinator login)",
+            &ip.to_string(),
+            crate::state::unix_now(),
+        )
+        .await?,
     ))
 }
 

@@ -178,7 +178,14 @@ pub(super) async fn sso_start(
     peer: Option<Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
 ) -> Response {
     let ip = relay::http::peer_ip(peer.as_ref().map(|e| &e.0));
-    match ops::people::start_admin(&st, &ip.to_string(), unix_now()).await {
+    match ops::people::start_admin(
+        &st,
+        "admin sign-in (web console)",
+        &ip.to_string(),
+        unix_now(),
+    )
+    .await
+    {
         Ok(s) => {
             let mut r = render(&SsoPage {
                 url: s.url.clone(),

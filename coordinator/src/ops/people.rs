@@ -390,9 +390,11 @@ fn poll_owner(poll_token: &str) -> String {
     s
 }
 
-/// Starts a person's sign-in to the admin API (`lattice-coordinator login`).
+/// Starts a person's sign-in to the admin API (`lattice-coordinator login`, or the web
+/// console); `device` names the way in, for the audit log.
 pub async fn start_admin(
     st: &AppState,
+    device: &str,
     source_ip: &str,
     now: i64,
 ) -> Result<AdminLoginStart, ApiError> {
@@ -412,7 +414,7 @@ pub async fn start_admin(
         &mut tx,
         &login,
         &poll_owner(&poll_token),
-        "admin sign-in (lattice-coordinator login)",
+        device,
         source_ip,
         now,
     )
