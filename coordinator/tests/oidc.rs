@@ -410,7 +410,7 @@ db_test!(async fn an_admin_signs_in_for_a_session_token_and_others_are_refused(t
     let session = |sub: &'static str| {
         let st = st.clone();
         async move {
-            let start = people::start_admin(&st, "192.0.2.9", now).await.unwrap();
+            let start = people::start_admin(&st, "admin sign-in (test)", "192.0.2.9", now).await.unwrap();
             assert!(matches!(
                 people::poll_admin(&st, &start.poll_token, now).await.unwrap(),
                 AdminPoll::Pending
