@@ -372,6 +372,66 @@ fn nat_rebinding_recovers_within_two_seconds() {
     assert!(gap < 2.0, "silent for {gap:.2} s");
 }
 
+/// Issue 13: a rebinding that moves the public port, between two hosts behind filtering NATs
+/// (the old mapping is dead both ways, and the peer must learn the new port): the traffic
+/// moves to the relay within about a second and the pair is direct again within seconds,
+/// without waiting for the next scheduled netcheck.
+#[test]
+fn a_rebinding_that_moves_the_public_port_is_bridged_by_the_relay_and_direct_again_soon() {
+    let sites = [Site::Behind(Nat::Easy), Site::Behind(Nat::Easy)];
+    let Some(mut m) = NatMesh::new("nat-moved", &sites, &[]) else {
+        return;
+    };
+    assert!(
+        wait_for(Duration::from_secs(15), || m.ping(0, 1, 1, "0.2") == 1),
+        "no first contact"
+    );
+    assert!(wait_for(Duration::from_secs(15), || m.path(0, 1)["kind"]
+        == "direct"
+        && m.path(1, 0)["kind"] == "direct"));
+    let (ns0, ip1) = (m.ns[0].clone(), m.ipv4(1));
+    let p = background_ping(&mut m.lab, "moved-ping", &ns0, &ip1, 14);
+    std::thread::sleep(Duration::from_secs(2));
+    let router = m.routers[0].clone().unwrap();
+    let moved_at = unix_now();
+    let start = Instant::now();
+    m.lab.move_nat_ports(&router, "20000-29999").expect("move");
+    // Direct again: node 1 reaches node 0 at a port in the new range.
+    let in_new_range = |v: &Value| {
+        v["kind"] == "direct"
+            && v["addr"]
+                .as_str()
+                .and_then(|a| a.rsplit(':').next()?.parse::<u16>().ok())
+                .is_some_and(|port| (20000..=29999).contains(&port))
+    };
+    let direct = wait_for(Duration::from_secs(20), || {
+        in_new_range(&m.path(1, 0)) && m.path(0, 1)["kind"] == "direct"
+    });
+    let to_direct = start.elapsed();
+    m.lab.wait_exit(p, Duration::from_secs(20));
+    let times = reply_times(&m.lab.stdout(p));
+    let gap = longest_gap_after(&times, moved_at);
+    eprintln!(
+        "rebinding to a new port range: longest silence {:.0} ms, direct again after {:.1} s \
+         ({})",
+        gap * 1000.0,
+        to_direct.as_secs_f64(),
+        m.path(1, 0)
+    );
+    assert!(
+        direct,
+        "never direct again: {} / {}",
+        m.path(1, 0),
+        m.path(0, 1)
+    );
+    assert!(
+        times.iter().any(|t| *t > moved_at + 3.0),
+        "traffic flows again"
+    );
+    // Generous bounds (this machine is shared); the figures are printed above.
+    assert!(gap < 2.5, "silent for {gap:.2} s");
+}
+
 #[test]
 fn a_dead_direct_path_falls_back_to_the_relay_within_ten_seconds() {
     let sites = [Site::Behind(Nat::Easy), Site::Behind(Nat::Easy)];

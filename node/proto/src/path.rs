@@ -8,6 +8,11 @@
 //!   ours get through); while the peer is active it is heartbeated every [`HEARTBEAT`]. An
 //!   untrusted path carries traffic together with the relay until nothing authenticated has
 //!   arrived on it for [`STALE`], then only the relay does.
+//! - A heartbeat whose pong is overdue ([`PONG_WAIT`], or three round trips) makes the path
+//!   *suspect*: traffic goes through the relay as well at once, and the heartbeat is repeated.
+//!   A second overdue pong means the path went quiet (a NAT rebound and moved its port, or
+//!   the network changed): it is no longer trusted, a probe round starts, and the node is
+//!   told ([`PathAction::Quiet`]) so it re-learns its own endpoints and tells the peer.
 //! - Without a trusted direct path, probe rounds (pings to every candidate plus a
 //!   call-me-maybe through the relay, so both sides open their NATs at once) repeat every
 //!   [`PROBE_FAST`] for the first rounds, then every [`PROBE_SLOW`] while traffic flows.
@@ -33,7 +38,9 @@ pub const TRUST: Duration = Duration::from_secs(3);
 /// An untrusted direct path is dropped this long after its last authenticated packet.
 pub const STALE: Duration = Duration::from_secs(10);
 /// Heartbeat interval on the direct path while the peer is active.
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
+/// A heartbeat's pong is overdue after this long, or after three round trips if longer.
+pub const PONG_WAIT: Duration = Duration::from_millis(200);
 /// A peer is active this long after we sent it something.
 pub const ACTIVE: Duration = Duration::from_secs(5);
 /// Probe interval for the first [`FAST_ROUNDS`] rounds without a direct path.
@@ -75,6 +82,9 @@ pub enum PathAction {
         /// Whether to say we are behind a hard NAT (and have opened extra ports).
         hard: bool,
     },
+    /// The trusted direct path went quiet: re-learn this node's own endpoints now (the NAT
+    /// may have moved its port), so the next call-me-maybes carry the new ones.
+    Quiet,
 }
 
 /// How a peer is reached, for status.
@@ -145,6 +155,10 @@ pub struct PathState {
     aux_at: Option<Instant>,
     reprobe: bool,
     probing_since: Option<Instant>,
+    /// The heartbeat whose pong is awaited on the trusted path, and when it is overdue.
+    pong_due: Option<([u8; 12], Instant)>,
+    /// Overdue heartbeats in a row (one makes the path suspect, two quiet).
+    missed: u8,
 }
 
 fn direct(sock: SockId, addr: SocketAddr) -> Addr {
@@ -205,7 +219,9 @@ impl PathState {
         local: Local<'_>,
         control: bool,
     ) -> Vec<Addr> {
-        if let Some(b) = self.trusted(now) {
+        if let Some(b) = self.trusted(now)
+            && (self.missed == 0 || local.relay.is_none())
+        {
             return vec![direct(b.sock, b.addr)];
         }
         let mut out = Vec::new();
@@ -302,6 +318,8 @@ impl PathState {
             None => true,
             Some(b) if b.sock == sock && b.addr == addr => {
                 let was_trusted = self.trusted(now).is_some();
+                self.missed = 0;
+                self.pong_due = None;
                 if let Some(best) = &mut self.best {
                     best.last_rx = now;
                     best.last_pong = Some(now);
@@ -312,6 +330,7 @@ impl PathState {
             }
             Some(b) => {
                 self.trusted(now).is_none()
+                    || self.missed > 0
                     || b.latency.is_none_or(|l| {
                         latency.as_secs_f64() < l.as_secs_f64() * SWITCH_RATIO
                             && latency + Duration::from_millis(1) < l
@@ -328,6 +347,8 @@ impl PathState {
             });
             self.probing_since = None;
             self.spray = None;
+            self.missed = 0;
+            self.pong_due = None;
         }
         Some(better)
     }
@@ -365,7 +386,15 @@ impl PathState {
             self.add_extra(*e);
         }
         let mut out: Vec<PathAction> = Vec::new();
-        if self.trusted(now).is_some() {
+        if let Some(b) = self.trusted(now) {
+            // The peer is looking for a path although ours works for us: its side may have
+            // moved (a rebinding). Ping the endpoints it names now, so our NAT opens toward
+            // them and its pings get in.
+            for e in endpoints {
+                if *e != b.addr {
+                    out.push(self.ping(now, rng, SockId::Main, *e));
+                }
+            }
             return out;
         }
         for c in self.candidates() {
@@ -431,13 +460,34 @@ impl PathState {
             self.best = None;
         }
         let active = self.active_until.is_some_and(|t| t > now);
+        if let Some((_, due)) = self.pong_due
+            && due <= now
+        {
+            self.pong_due = None;
+            self.missed = self.missed.saturating_add(1);
+            if let Some(b) = self.trusted(now) {
+                if self.missed == 1 {
+                    // Suspect: the relay carries traffic too while we ask again at once.
+                    let tx = self.heartbeat(now, rng, b);
+                    out.push(tx);
+                } else {
+                    // Quiet: no longer trusted; look for a path and re-learn our endpoints.
+                    if let Some(best) = &mut self.best {
+                        best.last_pong = None;
+                    }
+                    self.missed = 0;
+                    self.next_probe = Some(now);
+                    self.rounds = 0;
+                    out.push(PathAction::Quiet);
+                }
+            }
+        }
         if std::mem::take(&mut self.reprobe) && active && self.trusted(now).is_none() {
             self.next_probe = Some(now);
         }
         if let Some(b) = self.trusted(now) {
-            if active && self.next_heartbeat.is_none_or(|t| t <= now) {
-                self.next_heartbeat = Some(now + HEARTBEAT);
-                out.push(self.ping(now, rng, b.sock, b.addr));
+            if active && self.pong_due.is_none() && self.next_heartbeat.is_none_or(|t| t <= now) {
+                out.push(self.heartbeat(now, rng, b));
             }
         } else if let Some(b) = self.best {
             // Untrusted: ask it at once whether it still works.
@@ -490,6 +540,23 @@ impl PathState {
             self.spray = (left > n).then_some((ip, left - n));
         }
         out
+    }
+
+    /// A heartbeat ping on the trusted path, whose pong is then awaited.
+    fn heartbeat(&mut self, now: Instant, rng: &mut impl Rng, b: Best) -> PathAction {
+        self.next_heartbeat = Some(now + HEARTBEAT);
+        let action = self.ping(now, rng, b.sock, b.addr);
+        if let PathAction::Ping { tx, .. } = action {
+            let wait = b.latency.map_or(PONG_WAIT, |l| (l * 3).max(PONG_WAIT));
+            self.pong_due = Some((tx, now + wait));
+        }
+        action
+    }
+
+    /// Our own endpoints changed (a netcheck saw a new public port): if still looking for a
+    /// path, probe again at once so the peer hears of them.
+    pub fn own_endpoints_changed(&mut self) {
+        self.reprobe = true;
     }
 
     fn probe_round(
@@ -775,5 +842,89 @@ mod tests {
             p.targets(gone, key, local(), false),
             vec![Addr::Relay(RelayId(0), key)]
         );
+    }
+
+    #[test]
+    fn one_overdue_heartbeat_adds_the_relay_and_two_make_the_path_quiet() {
+        let now = crate::test_epoch();
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut p = PathState::default();
+        let key = wire::NodeKey::from_bytes([1; 32]);
+        let a: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        let relay = Addr::Relay(RelayId(0), key);
+        probe(&mut p, now, &mut rng, a, Duration::from_millis(2));
+        p.on_send(now);
+        let pings = |actions: &[PathAction]| {
+            actions
+                .iter()
+                .filter_map(|x| match x {
+                    PathAction::Ping { tx, to } if *to == Addr::main(a) => Some(*tx),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        // A heartbeat, answered in time: direct only.
+        let t = now + Duration::from_millis(10);
+        let hb = pings(&p.poll(t, &mut rng, local()));
+        assert_eq!(hb.len(), 1);
+        p.on_pong(t + Duration::from_millis(2), &hb[0], Addr::main(a));
+        p.on_send(t);
+        assert_eq!(p.targets(t, key, local(), false), vec![Addr::main(a)]);
+        // The next one goes unanswered: suspect, so the relay carries traffic too and the
+        // heartbeat is asked again at once; still direct for status.
+        let t = t + HEARTBEAT;
+        let hb = pings(&p.poll(t, &mut rng, local()));
+        assert_eq!(hb.len(), 1);
+        let t = t + PONG_WAIT;
+        let again = p.poll(t, &mut rng, local());
+        assert_eq!(pings(&again).len(), 1, "{again:?}");
+        assert!(!again.contains(&PathAction::Quiet));
+        assert_eq!(
+            p.targets(t, key, local(), false),
+            vec![Addr::main(a), relay]
+        );
+        assert!(matches!(p.current(t, local()), Current::Direct(..)));
+        // The second goes unanswered too: quiet, and a probe round with a call-me-maybe.
+        let t = t + PONG_WAIT;
+        let quiet = p.poll(t, &mut rng, local());
+        assert!(quiet.contains(&PathAction::Quiet), "{quiet:?}");
+        assert!(
+            quiet
+                .iter()
+                .any(|x| matches!(x, PathAction::CallMeMaybe { .. })),
+            "{quiet:?}"
+        );
+        assert_eq!(p.current(t, local()), Current::Relay(RelayId(0)));
+        // A pong on the path makes it trusted again, direct only.
+        let hb = pings(&p.poll(t + HEARTBEAT, &mut rng, local()));
+        p.on_pong(t + HEARTBEAT, &hb[0], Addr::main(a));
+        assert_eq!(
+            p.targets(t + HEARTBEAT, key, local(), false),
+            vec![Addr::main(a)]
+        );
+    }
+
+    #[test]
+    fn a_single_lost_heartbeat_answered_on_retry_keeps_the_path() {
+        let now = crate::test_epoch();
+        let mut rng = StdRng::seed_from_u64(4);
+        let mut p = PathState::default();
+        let key = wire::NodeKey::from_bytes([1; 32]);
+        let a: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        probe(&mut p, now, &mut rng, a, Duration::from_millis(2));
+        p.on_send(now);
+        let t = now + Duration::from_millis(10);
+        assert_eq!(p.poll(t, &mut rng, local()).len(), 1);
+        // Lost; the retry is answered.
+        let t = t + PONG_WAIT;
+        let retry = p.poll(t, &mut rng, local());
+        let Some(PathAction::Ping { tx, .. }) = retry.first() else {
+            panic!("{retry:?}")
+        };
+        p.on_pong(t + Duration::from_millis(2), tx, Addr::main(a));
+        let t = t + PONG_WAIT * 2;
+        let after = p.poll(t, &mut rng, local());
+        assert!(!after.contains(&PathAction::Quiet), "{after:?}");
+        assert_eq!(p.targets(t, key, local(), false), vec![Addr::main(a)]);
     }
 }

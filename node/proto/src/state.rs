@@ -46,6 +46,8 @@ use peers::Peer;
 const TIMER_TICK: Duration = Duration::from_millis(250);
 /// How often idle flows and stale session indices are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// At most one netcheck per this interval because a direct path went quiet.
+const QUIET_NETCHECK: Duration = Duration::from_secs(2);
 /// Handshake initiations accepted per second before cookies are required.
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
@@ -200,6 +202,8 @@ pub struct NodeState {
     relay_misses: HashMap<(RelayId, NodeKey), Instant>,
     netcheck: Netcheck,
     nat: Option<NatInfo>,
+    /// When a quiet direct path last asked for a netcheck.
+    quiet_netcheck: Option<Instant>,
 
     transmits: VecDeque<Transmit>,
     tun_writes: VecDeque<Packet>,
@@ -258,6 +262,7 @@ impl NodeState {
             relay_misses: HashMap::new(),
             netcheck: Netcheck::default(),
             nat: None,
+            quiet_netcheck: None,
             transmits: VecDeque::new(),
             tun_writes: VecDeque::new(),
             events: VecDeque::new(),
@@ -427,6 +432,7 @@ impl NodeState {
 
     /// Runs timers whose deadline passed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let public_before = self.netcheck.last().and_then(|r| r.public_endpoint);
         let (requests, report) = self.netcheck.poll(now, &mut self.rng);
         for (server, req) in requests {
             self.transmits.push_back(Transmit {
@@ -439,6 +445,11 @@ impl NodeState {
                 info!(udp = r.nat.udp, hard = r.nat.is_hard(), public = ?r.public_endpoint, "netcheck");
             }
             self.nat = Some(r.nat.clone());
+            if r.public_endpoint != public_before {
+                for p in self.peers.values_mut() {
+                    p.path.own_endpoints_changed();
+                }
+            }
             self.events.push_back(Event::NetInfo(r));
         }
         if now >= self.next_tick {

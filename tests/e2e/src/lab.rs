@@ -234,6 +234,21 @@ impl Lab {
         Ok((router, host))
     }
 
+    /// Makes a lab NAT router (from [`Lab::natted_host`]) map its host's flows to public ports
+    /// in `ports` (`20000-29999`) from now on, and forgets every mapping it had: a real
+    /// rebinding, as when a home router reboots, where the host's public port moves.
+    pub fn move_nat_ports(&self, router: &str, ports: &str) -> anyhow::Result<()> {
+        self.sh(
+            router,
+            &format!(
+                "nft flush chain ip lab post && \
+                 nft add rule ip lab post oifname wan meta l4proto udp masquerade to :{ports} && \
+                 nft add rule ip lab post oifname wan masquerade && conntrack -F 2>/dev/null; true"
+            ),
+        )?;
+        Ok(())
+    }
+
     /// Runs a command in `ns` and fails unless it exits 0.
     pub fn run(&self, ns: &str, args: &[&str]) -> anyhow::Result<Output> {
         let out = self.output(ns, args)?;

@@ -459,6 +459,15 @@ impl Sim {
         self.drain(i);
     }
 
+    /// The direct address node `i` reaches node `j` at, if direct.
+    pub(crate) fn path_addr(&self, i: usize, j: usize) -> Option<SocketAddr> {
+        let st = self.hosts[i].node.status(self.now);
+        st.peers
+            .iter()
+            .find(|p| p.node_key == public_key(j))
+            .and_then(|p| p.path.addr)
+    }
+
     /// How node `i` reaches node `j` now.
     pub(crate) fn path(&self, i: usize, j: usize) -> (crate::status::PathKind, Option<String>) {
         let st = self.hosts[i].node.status(self.now);

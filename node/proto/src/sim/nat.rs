@@ -31,6 +31,8 @@ pub(crate) struct NatBox {
     rev: HashMap<u16, SocketAddr>,
     /// (public port, remote) pairs the box lets in.
     allowed: HashSet<(u16, SocketAddr)>,
+    /// Added to the source port of new mappings (a router whose port range moved).
+    shift: u16,
 }
 
 impl NatBox {
@@ -41,6 +43,7 @@ impl NatBox {
             map: HashMap::new(),
             rev: HashMap::new(),
             allowed: HashSet::new(),
+            shift: 0,
         }
     }
 
@@ -53,6 +56,14 @@ impl NatBox {
         self.map.clear();
         self.rev.clear();
         self.allowed.clear();
+    }
+
+    /// Forgets every mapping and gives new ones ports `shift` higher than before (a home
+    /// router that rebooted, or whose mappings timed out and came back elsewhere): a real
+    /// rebinding, where the peer's idea of our public port is wrong afterwards.
+    pub(crate) fn rebind(&mut self, shift: u16) {
+        self.flush();
+        self.shift = self.shift.wrapping_add(shift);
     }
 
     /// A packet from `internal` to `dst`: the public source it leaves with, or `None`.
@@ -71,7 +82,7 @@ impl NatBox {
             Some(p) => *p,
             None => {
                 // Like masquerade: keep the source port if it is free, unless randomizing.
-                let mut p = internal.port();
+                let mut p = internal.port().wrapping_add(self.shift).max(1024);
                 if self.kind == NatKind::Hard || self.rev.contains_key(&p) {
                     loop {
                         p = rng.random_range(1024..=u16::MAX);

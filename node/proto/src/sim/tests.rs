@@ -189,6 +189,71 @@ fn nat_rebinding_recovers_at_once() {
     assert!(back <= Duration::from_secs(2), "recovered after {back:?}");
 }
 
+/// Pings both ways every 50 ms across a rebinding of node 0's NAT that moves its public port
+/// (node 1 behind a filtering NAT of its own, so the old mapping is dead both ways). Returns
+/// the longest time either direction went without a packet after the rebinding, and when the
+/// pair was direct again both ways.
+fn across_a_rebinding(seed: u64, peer: Option<NatKind>) -> (Duration, Option<Duration>) {
+    let mut sim = Sim::new(seed, &[Some(NatKind::Easy), peer], Link::default());
+    exchange(&mut sim, 0, 1, 6);
+    assert_eq!(sim.path(0, 1).0, PathKind::Direct);
+    assert_eq!(sim.path(1, 0).0, PathKind::Direct);
+    let old = sim.path_addr(1, 0);
+    sim.hosts[0].nat.as_mut().unwrap().rebind(10_000);
+    let start = sim.now;
+    let (mut last_ab, mut last_ba) = (start, start);
+    let (mut gap_ab, mut gap_ba) = (Duration::ZERO, Duration::ZERO);
+    let mut direct = None;
+    for k in 2000..2200u16 {
+        sim.ping(0, 1, k);
+        sim.ping(1, 0, k);
+        sim.run(Duration::from_millis(50));
+        if sim.got(1, 0, k) {
+            gap_ab = gap_ab.max(sim.now - last_ab);
+            last_ab = sim.now;
+        }
+        if sim.got(0, 1, k) {
+            gap_ba = gap_ba.max(sim.now - last_ba);
+            last_ba = sim.now;
+        }
+        // Direct again: node 1 reaches node 0 at its new public port.
+        if direct.is_none()
+            && sim.path(0, 1).0 == PathKind::Direct
+            && sim.path(1, 0).0 == PathKind::Direct
+            && sim.path_addr(1, 0) != old
+        {
+            direct = Some(sim.now - start);
+        }
+    }
+    gap_ab = gap_ab.max(sim.now - last_ab);
+    gap_ba = gap_ba.max(sim.now - last_ba);
+    (gap_ab.max(gap_ba), direct)
+}
+
+#[test]
+fn a_rebinding_that_moves_the_public_port_costs_under_a_second_and_is_direct_again_within_five() {
+    for (seed, peer) in [
+        (40, Some(NatKind::Easy)),
+        (41, Some(NatKind::Easy)),
+        (42, None),
+        (43, Some(NatKind::Open)),
+    ] {
+        let (silence, direct) = across_a_rebinding(seed, peer);
+        eprintln!(
+            "rebinding, peer {peer:?}: {silence:?} of silence, direct again after {direct:?}"
+        );
+        assert!(
+            silence <= Duration::from_secs(1),
+            "peer {peer:?}: {silence:?} of silence"
+        );
+        let direct = direct.unwrap_or_else(|| panic!("peer {peer:?}: never direct again"));
+        assert!(
+            direct <= Duration::from_secs(5),
+            "peer {peer:?}: direct again after {direct:?}"
+        );
+    }
+}
+
 #[test]
 fn a_dead_direct_path_falls_back_to_the_relay_and_comes_back() {
     let mut sim = Sim::new(

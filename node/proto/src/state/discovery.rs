@@ -11,7 +11,7 @@ use rand::RngExt;
 use tracing::{debug, info, trace};
 use wire::{NodeId, NodeKey};
 
-use super::{Event, NodeState, Transmit};
+use super::{Event, NodeState, QUIET_NETCHECK, Transmit};
 use crate::addr::Addr;
 use crate::disco::{self, FLAG_HARD_NAT, Message};
 use crate::path::{Current, PathAction};
@@ -269,6 +269,7 @@ impl NodeState {
                 PathAction::Ping { to, tx } => {
                     self.send_disco(key, to, &Message::Ping { tx, time });
                 }
+                PathAction::Quiet => self.path_went_quiet(now),
                 PathAction::CallMeMaybe { relay, hard } => {
                     let endpoints = self.my_endpoints();
                     let public_ip = self.nat.as_ref().and_then(|n| n.public_ip);
@@ -285,6 +286,21 @@ impl NodeState {
                 }
             }
         }
+    }
+
+    /// A trusted direct path went quiet: our NAT may have moved our public port. Re-learn it
+    /// now (at most every [`QUIET_NETCHECK`]) rather than at the next scheduled netcheck; when
+    /// it moved, every peer still looking for a path probes again with the new endpoint.
+    fn path_went_quiet(&mut self, now: Instant) {
+        if self
+            .quiet_netcheck
+            .is_some_and(|t| now.saturating_duration_since(t) < QUIET_NETCHECK)
+        {
+            return;
+        }
+        self.quiet_netcheck = Some(now);
+        debug!("a direct path went quiet: checking our public endpoint");
+        self.netcheck.trigger(now);
     }
 
     /// This node's endpoints: what the coordinator has for us, plus the netcheck's public
