@@ -729,3 +729,184 @@ fn addresses_on_other_tunnels_are_not_endpoints() {
     assert!(eps.iter().any(|e| e.starts_with("10.98.0.1:")), "{eps:?}");
     assert!(!eps.iter().any(|e| e.starts_with("10.99.0.1:")), "{eps:?}");
 }
+
+/// What coturn's `turnutils_natdiscovery` (an RFC 5780 implementation of its own) says about
+/// the NAT in front of a host: its mapping and filtering verdicts and the public addresses it
+/// saw.
+#[derive(Debug, Default)]
+struct Discovery {
+    mapping: Option<String>,
+    filtering: Option<String>,
+    reflexive_ports: Vec<u16>,
+}
+
+fn natdiscovery(lab: &Lab, ns: &str) -> Discovery {
+    let out = lab
+        .output(ns, &["turnutils_natdiscovery", "-m", "-f", "198.51.100.1"])
+        .expect("turnutils_natdiscovery");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let verdict = |kind: &str| {
+        text.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix("NAT with ")?
+                .strip_suffix(&format!(" {kind}!"))
+                .map(str::to_owned)
+        })
+    };
+    Discovery {
+        mapping: verdict("Mapping"),
+        filtering: verdict("Filtering"),
+        reflexive_ports: text
+            .lines()
+            .filter_map(|l| l.split("UDP reflexive addr: ").nth(1))
+            .filter_map(|a| a.trim().rsplit(':').next()?.parse().ok())
+            .collect(),
+    }
+}
+
+/// How many conntrack entries `router` has for UDP to its own WAN address `ip` port `port`.
+fn conntrack_entries_to(lab: &Lab, router: &str, ip: &str, port: &str) -> usize {
+    let out = lab
+        .output(
+            router,
+            &[
+                "conntrack",
+                "-L",
+                "-p",
+                "udp",
+                "--orig-dst",
+                ip,
+                "--dport",
+                port,
+            ],
+        )
+        .expect("conntrack");
+    String::from_utf8_lossy(&out.stderr)
+        .split("conntrack-tools): ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(usize::MAX)
+}
+
+/// Issue 13: the lab's routers do what their names claim, as an independent tool sees them:
+/// `turnutils_natdiscovery` against coturn's RFC 5780 STUN server classifies each router's
+/// mapping and filtering; the conntrack table shows which router keeps unsolicited WAN
+/// packets (the Docker-host kind); and a router whose port range moved maps into the new
+/// range.
+#[test]
+fn the_lab_routers_are_what_their_names_say_by_turnutils_natdiscovery() {
+    for tool in ["turnutils_natdiscovery", "turnserver"] {
+        if std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            if std::env::var_os("LATTICE_E2E_REQUIRED").is_some() {
+                panic!("{tool} is required (Debian's coturn; scripts/setup installs it)");
+            }
+            eprintln!("SKIPPED natdiscovery: no {tool}");
+            return;
+        }
+    }
+    let Some(mut lab) = lab("natdisc") else {
+        return;
+    };
+    let wan = lab.lan("inet", "198.51.100.1/24").expect("internet");
+    lab.sh(&wan, "ip addr add 198.51.100.2/24 dev br0")
+        .expect("second address");
+    lab.rfc5780_stun(&wan, "198.51.100.1", "198.51.100.2")
+        .expect("turnserver");
+    let kinds = [Nat::Easy, Nat::Hard, Nat::WanInput, Nat::UdpBlocked];
+    let mut hosts = Vec::new();
+    for (i, nat) in kinds.iter().enumerate() {
+        let wan_ip = format!("198.51.100.{}", 31 + i);
+        let (router, host) = lab
+            .natted_host(
+                &wan,
+                &format!("h{i}"),
+                &format!("{wan_ip}/24"),
+                10 + i as u8,
+                *nat,
+            )
+            .expect("router");
+        hosts.push((*nat, router, host, wan_ip));
+    }
+    // The STUN server is up once a host behind the plain router gets an answer.
+    assert!(
+        wait_for(Duration::from_secs(10), || !natdiscovery(&lab, &hosts[0].2)
+            .reflexive_ports
+            .is_empty()),
+        "turnserver never answered"
+    );
+    let found: Vec<Discovery> = std::thread::scope(|s| {
+        let jobs: Vec<_> = hosts
+            .iter()
+            .map(|(_, _, host, _)| {
+                let lab = &lab;
+                s.spawn(move || natdiscovery(lab, host))
+            })
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    for ((nat, ..), d) in hosts.iter().zip(&found) {
+        eprintln!("natdiscovery behind {}: {d:?}", nat.name());
+        let (mapping, filtering) = match nat {
+            Nat::Easy | Nat::WanInput => (
+                Some("Endpoint Independent"),
+                Some("Address and Port Dependent"),
+            ),
+            Nat::Hard => (
+                Some("Address and Port Dependent"),
+                Some("Address and Port Dependent"),
+            ),
+            Nat::UdpBlocked => (None, None),
+        };
+        assert_eq!(d.mapping.as_deref(), mapping, "{}: {d:?}", nat.name());
+        assert_eq!(d.filtering.as_deref(), filtering, "{}: {d:?}", nat.name());
+        if *nat == Nat::UdpBlocked {
+            assert!(d.reflexive_ports.is_empty(), "{d:?}");
+        }
+    }
+
+    // Unsolicited UDP to the router's WAN address: only the Docker-host kind keeps it.
+    let tool = lab.bin("lattice-testtool").display().to_string();
+    for (nat, router, _, wan_ip) in &hosts[..3] {
+        lab.run(
+            &wan,
+            &[
+                &tool,
+                "udp-send",
+                "--to",
+                &format!("{wan_ip}:41641"),
+                "--interval-ms",
+                "100",
+                "--seconds",
+                "1",
+            ],
+        )
+        .expect("udp-send");
+        let kept = conntrack_entries_to(&lab, router, wan_ip, "41641");
+        let expected = usize::from(*nat == Nat::WanInput);
+        assert_eq!(
+            kept,
+            expected,
+            "{}: entries for unsolicited WAN input",
+            nat.name()
+        );
+    }
+
+    // The router whose port range moves: its mappings land in the new range.
+    let (_, router, host, _) = &hosts[0];
+    lab.move_nat_ports(router, "20000-29999").expect("move");
+    let moved = natdiscovery(&lab, host);
+    eprintln!("natdiscovery after the move: {moved:?}");
+    assert_eq!(moved.mapping.as_deref(), Some("Endpoint Independent"));
+    assert!(
+        !moved.reflexive_ports.is_empty()
+            && moved
+                .reflexive_ports
+                .iter()
+                .all(|p| (20000..=29999).contains(p)),
+        "{moved:?}"
+    );
+}

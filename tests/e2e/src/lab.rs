@@ -37,6 +37,11 @@ pub enum Nat {
     Hard,
     /// Masquerade, and every forwarded UDP packet dropped (TCP works).
     UdpBlocked,
+    /// `masquerade`, and unsolicited packets from the WAN reach the router itself (a Docker
+    /// host or a cloud VM without a host firewall, masquerading for its containers): each
+    /// leaves a conntrack entry that makes the router pick another public port for its host's
+    /// own flow toward that sender.
+    WanInput,
 }
 
 impl Nat {
@@ -46,13 +51,14 @@ impl Nat {
             Self::Easy => "easy",
             Self::Hard => "hard",
             Self::UdpBlocked => "udp-blocked",
+            Self::WanInput => "wan-input",
         }
     }
 
     fn ruleset(self) -> String {
         let masq = match self {
             Self::Hard => "masquerade random",
-            Self::Easy | Self::UdpBlocked => "masquerade",
+            Self::Easy | Self::UdpBlocked | Self::WanInput => "masquerade",
         };
         let mut script = format!(
             "nft add table ip lab && \
@@ -64,9 +70,11 @@ impl Nat {
         // (Without this, an unsolicited packet to the router's address leaves a conntrack
         // entry that makes the router pick another port for its host's own outbound flow.)
         script.push_str(
-            " && nft 'add chain ip lab input { type filter hook input priority 0; policy accept; }' \
-             && nft add rule ip lab input iifname wan ct state new drop",
+            " && nft 'add chain ip lab input { type filter hook input priority 0; policy accept; }'",
         );
+        if self != Self::WanInput {
+            script.push_str(" && nft add rule ip lab input iifname wan ct state new drop");
+        }
         if self == Self::UdpBlocked {
             script.push_str(" && nft add rule ip lab forward meta l4proto udp drop");
         }
@@ -232,6 +240,35 @@ impl Lab {
         )?;
         self.sh(&router, &nat.ruleset())?;
         Ok((router, host))
+    }
+
+    /// Starts coturn's `turnserver` in `ns` as a STUN server for NAT behaviour discovery
+    /// (RFC 5780: it answers from `ip` and `other_ip`, ports 3478 and 3479, both of which
+    /// must be addresses in `ns`), for `turnutils_natdiscovery` to classify the lab's routers.
+    pub fn rfc5780_stun(&mut self, ns: &str, ip: &str, other_ip: &str) -> anyhow::Result<Proc> {
+        let log = self.dir.join("turnserver-internal.log");
+        let log = log.display().to_string();
+        self.spawn(
+            "turnserver",
+            ns,
+            &[
+                "turnserver",
+                "-c",
+                "/dev/null",
+                "--listening-ip",
+                ip,
+                "--listening-ip",
+                other_ip,
+                "--no-tls",
+                "--no-dtls",
+                "--no-tcp-relay",
+                "--no-auth",
+                "--no-cli",
+                "--log-file",
+                &log,
+            ],
+            &[],
+        )
     }
 
     /// Makes a lab NAT router (from [`Lab::natted_host`]) map its host's flows to public ports
