@@ -179,6 +179,20 @@ pub(crate) fn netcheck(n: &NetcheckJson) {
             |m| m.to_string()
         )
     );
+    if let Some(g) = n.gateway {
+        let offered: Vec<&str> = [(g.upnp, "UPnP-IGD"), (g.nat_pmp, "NAT-PMP"), (g.pcp, "PCP")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
+        println!(
+            "gateway offers: {}",
+            if offered.is_empty() {
+                "no port mapping protocol".into()
+            } else {
+                offered.join(", ")
+            }
+        );
+    }
     println!(
         "advertised:     {}",
         n.local_endpoints

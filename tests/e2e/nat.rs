@@ -17,6 +17,9 @@ pub(crate) enum Site {
     Public,
     /// Behind a NAT router.
     Behind(Nat),
+    /// Behind a symmetric NAT router that offers port mappings (miniupnpd: UPnP-IGD,
+    /// NAT-PMP, PCP).
+    BehindGateway,
 }
 
 impl Site {
@@ -24,6 +27,7 @@ impl Site {
         match self {
             Self::Public => "public",
             Self::Behind(n) => n.name(),
+            Self::BehindGateway => "gateway",
         }
     }
 }
@@ -57,19 +61,53 @@ impl NatMesh {
                     ns.push(n);
                     routers.push(None);
                 }
-                Site::Behind(nat) => {
+                Site::Behind(_) | Site::BehindGateway => {
+                    let nat = match site {
+                        Site::Behind(nat) => *nat,
+                        _ => Nat::Hard,
+                    };
                     let (r, n) = lab
                         .natted_host(
                             &wan,
                             &format!("h{i}"),
                             &format!("198.51.100.{}/24", 31 + i),
                             10 + i as u8,
-                            *nat,
+                            nat,
                         )
                         .expect("router");
+                    if *site == Site::BehindGateway {
+                        lab.port_mapping_gateway(&r, 10 + i as u8)
+                            .expect("miniupnpd");
+                    }
                     ns.push(n);
                     routers.push(Some(r));
                 }
+            }
+        }
+        // Every other site reaches a gateway's external address through its WAN address.
+        for (g, site) in sites.iter().enumerate() {
+            if *site != Site::BehindGateway {
+                continue;
+            }
+            let via = format!("198.51.100.{}", 31 + g);
+            for (i, other) in sites.iter().enumerate() {
+                if i == g {
+                    continue;
+                }
+                let ns_i = routers[i].as_ref().unwrap_or(&ns[i]);
+                let dev = if *other == Site::Public {
+                    "eth0"
+                } else {
+                    "wan"
+                };
+                lab.sh(
+                    ns_i,
+                    &format!(
+                        "ip route add {}/32 via {via} dev {dev}",
+                        e2e::lab::GATEWAY_EXT_IP
+                    ),
+                )
+                .expect("route to the gateway");
             }
         }
         let url = coord.url.clone();
@@ -831,6 +869,12 @@ fn the_lab_routers_are_what_their_names_say_by_turnutils_natdiscovery() {
             .expect("router");
         hosts.push((*nat, router, host, wan_ip));
     }
+    // The port-mapping gateway: miniupnpd in front of a symmetric NAT, which is what
+    // unmapped flows still see.
+    let (gw_router, gw_host) = lab
+        .natted_host(&wan, "gw", "198.51.100.39/24", 19, Nat::Hard)
+        .expect("gateway");
+    lab.port_mapping_gateway(&gw_router, 19).expect("miniupnpd");
     // The STUN server is up once a host behind the plain router gets an answer.
     assert!(
         wait_for(Duration::from_secs(10), || !natdiscovery(&lab, &hosts[0].2)
@@ -867,6 +911,14 @@ fn the_lab_routers_are_what_their_names_say_by_turnutils_natdiscovery() {
             assert!(d.reflexive_ports.is_empty(), "{d:?}");
         }
     }
+
+    let gw = natdiscovery(&lab, &gw_host);
+    eprintln!("natdiscovery behind the port-mapping gateway: {gw:?}");
+    assert_eq!(
+        gw.mapping.as_deref(),
+        Some("Address and Port Dependent"),
+        "{gw:?}"
+    );
 
     // Unsolicited UDP to the router's WAN address: only the Docker-host kind keeps it.
     let tool = lab.bin("lattice-testtool").display().to_string();
@@ -909,4 +961,86 @@ fn the_lab_routers_are_what_their_names_say_by_turnutils_natdiscovery() {
                 .all(|p| (20000..=29999).contains(p)),
         "{moved:?}"
     );
+}
+
+/// Issue 13: a gateway that offers port mappings (Debian's miniupnpd with UPnP-IGD, NAT-PMP
+/// and PCP) in front of a symmetric NAT. The node behind it gets a mapping, `lattice netcheck`
+/// shows it, and the pair with a node behind another symmetric NAT goes direct through it
+/// (two symmetric NATs without the gateway stay relayed: see the matrix).
+#[test]
+fn a_port_mapping_gateway_gives_a_symmetric_nat_a_direct_path() {
+    if !std::path::Path::new("/usr/sbin/miniupnpd").exists() {
+        if std::env::var_os("LATTICE_E2E_REQUIRED").is_some() {
+            panic!(
+                "miniupnpd is required (Debian's miniupnpd-nftables; scripts/setup installs it)"
+            );
+        }
+        eprintln!("SKIPPED gateway: no miniupnpd");
+        return;
+    }
+    let sites = [Site::BehindGateway, Site::Behind(Nat::Hard)];
+    let Some(m) = NatMesh::new("nat-gateway", &sites, &[]) else {
+        return;
+    };
+    let start = Instant::now();
+    // The mapping: public address of the gateway, any port; netcheck says so.
+    let mut netcheck = Value::Null;
+    let mapped = wait_for(Duration::from_secs(30), || {
+        let out = m.nodes[0].cli(&m.lab, &["netcheck", "--json"]).unwrap();
+        netcheck = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        netcheck["port_mapping"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&format!("{}:", e2e::lab::GATEWAY_EXT_IP)))
+    });
+    assert!(
+        mapped,
+        "no port mapping: {netcheck}\n{}",
+        m.lab.log(m.nodes[0].proc)
+    );
+    // The node asks the gateway which protocols it offers: miniupnpd offers all three.
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            let out = m.nodes[0].cli(&m.lab, &["netcheck", "--json"]).unwrap();
+            netcheck = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            !netcheck["gateway"].is_null()
+        }),
+        "the gateway's protocols were never probed: {netcheck}"
+    );
+    eprintln!("gateway: {}", netcheck["gateway"]);
+    for proto in ["upnp", "nat_pmp", "pcp"] {
+        assert_eq!(netcheck["gateway"][proto], true, "{proto}: {netcheck}");
+    }
+    assert_eq!(
+        netcheck["hard_nat"], false,
+        "a mapping makes the NAT usable: {netcheck}"
+    );
+    let text = m.nodes[0].cli(&m.lab, &["netcheck"]).unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(
+        text.contains(&format!("port mapping:   {}:", e2e::lab::GATEWAY_EXT_IP))
+            && text.contains("gateway offers: UPnP-IGD, NAT-PMP, PCP"),
+        "{text}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(15), || m.ping(0, 1, 1, "0.2") == 1),
+        "no first contact"
+    );
+    let direct = wait_for(Duration::from_secs(30), || {
+        m.ping(0, 1, 1, "0.2");
+        m.path(0, 1)["kind"] == "direct" && m.path(1, 0)["kind"] == "direct"
+    });
+    eprintln!(
+        "port-mapping gateway x symmetric NAT: direct after {:.1} s ({} / {})",
+        start.elapsed().as_secs_f64(),
+        m.path(0, 1),
+        m.path(1, 0)
+    );
+    assert!(direct, "{} / {}", m.path(0, 1), m.path(1, 0));
+    let mapped = netcheck["port_mapping"].as_str().unwrap();
+    assert_eq!(
+        m.path(1, 0)["addr"].as_str(),
+        Some(mapped),
+        "the peer reaches the node at its mapped port"
+    );
+    assert_eq!(m.ping(0, 1, 5, "0.2"), 5);
 }

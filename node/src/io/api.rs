@@ -134,6 +134,17 @@ pub struct StunJson {
     pub rtt_ms: Option<f64>,
 }
 
+/// The port-mapping protocols a gateway offers.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct GatewayJson {
+    /// UPnP-IGD.
+    pub upnp: bool,
+    /// NAT-PMP.
+    pub nat_pmp: bool,
+    /// PCP.
+    pub pcp: bool,
+}
+
 /// `lattice netcheck`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NetcheckJson {
@@ -149,6 +160,9 @@ pub struct NetcheckJson {
     pub public_endpoint: Option<SocketAddr>,
     /// A gateway port mapping (UPnP, NAT-PMP or PCP).
     pub port_mapping: Option<SocketAddr>,
+    /// Which mapping protocols the gateway answered, when it was asked.
+    #[serde(default)]
+    pub gateway: Option<GatewayJson>,
     /// Per STUN server.
     pub stun: Vec<StunJson>,
     /// Relays.

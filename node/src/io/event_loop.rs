@@ -986,6 +986,15 @@ impl EventLoop {
             public_ip: nat.public_ip,
             public_endpoint: self.public_endpoint,
             port_mapping: nat.port_mapped,
+            gateway: self
+                .portmap
+                .as_ref()
+                .and_then(PortMapper::protocols)
+                .map(|p| crate::io::api::GatewayJson {
+                    upnp: p.upnp,
+                    nat_pmp: p.nat_pmp,
+                    pcp: p.pcp,
+                }),
             stun: report
                 .map(|r| {
                     r.servers

@@ -27,6 +27,11 @@ struct Running {
     ours: bool,
 }
 
+/// The external address of a [`Lab::port_mapping_gateway`]: not a reserved range, because
+/// miniupnpd will not map ports on one. It is assigned inside a lab namespace only, and no lab
+/// namespace has a way out, so nothing is ever sent to the real holder of the address.
+pub const GATEWAY_EXT_IP: &str = "192.0.31.1";
+
 /// How a lab router treats the UDP of the host behind it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Nat {
@@ -266,6 +271,62 @@ impl Lab {
                 "--no-cli",
                 "--log-file",
                 &log,
+            ],
+            &[],
+        )
+    }
+
+    /// Makes `router` (a [`Lab::natted_host`] router whose host is 10.`net`.0.2) a gateway
+    /// that offers port mappings: Debian's `miniupnpd` (nftables backend) with UPnP-IGD and
+    /// NAT-PMP/PCP on its LAN side, allowed to map only ports of its own host. Mapped ports
+    /// are forwarded; everything else is NATed as the router's kind says. miniupnpd refuses
+    /// every reserved range as its external address (the lab's "internet" uses documentation
+    /// ranges), so the router also gets [`GATEWAY_EXT_IP`], an address that exists only
+    /// inside this namespace; the other hosts need a route to it through the router's WAN
+    /// address.
+    pub fn port_mapping_gateway(&mut self, router: &str, net: u8) -> anyhow::Result<Proc> {
+        // The chains miniupnpd fills, at priorities just before the lab's own NAT chain, so a
+        // mapped port is translated by miniupnpd's rules and not by the router's masquerade.
+        self.sh(router, &format!("ip addr add {GATEWAY_EXT_IP}/32 dev wan"))?;
+        self.sh(
+            router,
+            "nft add table inet filter && \
+             nft 'add chain inet filter forward { type filter hook forward priority 0; policy accept; }' && \
+             nft add chain inet filter miniupnpd && \
+             nft add rule inet filter forward jump miniupnpd && \
+             nft 'add chain inet filter prerouting { type nat hook prerouting priority -100; policy accept; }' && \
+             nft 'add chain inet filter postrouting { type nat hook postrouting priority 99; policy accept; }' && \
+             nft add chain inet filter prerouting_miniupnpd && \
+             nft add chain inet filter postrouting_miniupnpd && \
+             nft add rule inet filter prerouting jump prerouting_miniupnpd && \
+             nft add rule inet filter postrouting jump postrouting_miniupnpd",
+        )?;
+        let conf = self.dir.join(format!("miniupnpd-{router}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "ext_ifname=wan\next_ip={GATEWAY_EXT_IP}\n\
+                 listening_ip=lan\nhttp_port=0\nenable_natpmp=yes\n\
+                 enable_upnp=yes\nsecure_mode=yes\nsystem_uptime=yes\n\
+                 uuid=3c1e0e50-6a5a-4f0e-9d55-5a4c1a7e0001\n\
+                 upnp_table_name=filter\nupnp_nat_table_name=filter\n\
+                 upnp_forward_chain=miniupnpd\nupnp_nat_chain=prerouting_miniupnpd\n\
+                 upnp_nat_postrouting_chain=postrouting_miniupnpd\n\
+                 allow 1024-65535 10.{net}.0.2/32 1024-65535\n\
+                 deny 0-65535 0.0.0.0/0 0-65535\n"
+            ),
+        )?;
+        let pid = self.dir.join(format!("miniupnpd-{router}.pid"));
+        self.spawn(
+            &format!("miniupnpd-{router}"),
+            router,
+            &[
+                "/usr/sbin/miniupnpd",
+                "-f",
+                &conf.display().to_string(),
+                "-P",
+                &pid.display().to_string(),
+                "-d",
             ],
             &[],
         )
