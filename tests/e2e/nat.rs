@@ -1044,3 +1044,103 @@ fn a_port_mapping_gateway_gives_a_symmetric_nat_a_direct_path() {
     );
     assert_eq!(m.ping(0, 1, 5, "0.2"), 5);
 }
+
+/// Issue 13: two hosts behind routers that accept unsolicited packets on their WAN side (Docker
+/// hosts, cloud VMs without a firewall), on two networks joined by a transit router as the
+/// internet joins them. Each side primes its own router (a ping that dies at the transit
+/// router) before any of its packets reaches the other router, so neither router keeps an
+/// entry that would move its host's flow to another port: the pair goes direct.
+#[test]
+fn two_routers_that_accept_wan_input_go_direct_because_each_side_primes_its_own_first() {
+    let Some(mut lab) = lab("nat-waninput") else {
+        return;
+    };
+    let inet_a = lab.lan("inet", "198.51.100.1/24").expect("network a");
+    let inet_b = lab.lan("inetb", "203.0.113.254/24").expect("network b");
+    // The transit router between the two networks.
+    let transit = lab.ns("transit").expect("transit");
+    lab.attach(&inet_a, &transit, "a0", "198.51.100.254/24", None)
+        .expect("link a");
+    lab.attach(&inet_b, &transit, "b0", "203.0.113.253/24", None)
+        .expect("link b");
+    lab.sh(&transit, "sysctl -qw net.ipv4.ip_forward=1")
+        .expect("forwarding");
+    lab.sh(&inet_a, "ip route add 203.0.113.0/24 via 198.51.100.254")
+        .expect("route to b");
+    lab.sh(&inet_b, "ip route add 198.51.100.0/24 via 203.0.113.253")
+        .expect("route to a");
+    let coord = Coordinator::start(&mut lab, &inet_a, "198.51.100.1", &[]).expect("coordinator");
+    let key = coord.authkey(&lab, &["--reusable"]).expect("auth key");
+    let (r0, h0) = lab
+        .natted_host(&inet_a, "h0", "198.51.100.31/24", 10, Nat::WanInput)
+        .expect("router a");
+    let (r1, h1) = lab
+        .natted_host(&inet_b, "h1", "203.0.113.32/24", 11, Nat::WanInput)
+        .expect("router b");
+    lab.sh(&r0, "ip route add default via 198.51.100.254")
+        .expect("default a");
+    lab.sh(&r1, "ip route add default via 203.0.113.253")
+        .expect("default b");
+    let url = coord.url.clone();
+    let start = Instant::now();
+    let nodes = [
+        MeshNode::start(&mut lab, &h0, "docker-a", &url, &key, &[]).expect("node a"),
+        MeshNode::start(&mut lab, &h1, "docker-b", &url, &key, &[]).expect("node b"),
+    ];
+    for n in &nodes {
+        n.wait_ready(&lab, 1, Duration::from_secs(30))
+            .expect("ready");
+    }
+    let path = |i: usize, j: usize| -> Value {
+        let st = nodes[i].status(&lab).unwrap_or_default();
+        st["peers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == nodes[j].hostname.as_str()))
+            .map(|p| p["path"].clone())
+            .unwrap_or_default()
+    };
+    let traffic = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(15), || nodes[0]
+            .ping(&lab, "docker-b", "-4", 1)),
+        "no first contact"
+    );
+    let first = traffic.elapsed();
+    let mut relayed_because = None;
+    let direct = wait_for(Duration::from_secs(15), || {
+        nodes[0].ping(&lab, "docker-b", "-4", 1);
+        let (a, b) = (path(0, 1), path(1, 0));
+        if a["kind"] == "relay" && relayed_because.is_none() {
+            relayed_because = a["reason"].as_str().map(str::to_owned);
+        }
+        a["kind"] == "direct" && b["kind"] == "direct"
+    });
+    eprintln!(
+        "wan-input x wan-input across a transit router: first packet after {:.1} s, direct \
+         after {:.1} s (both up after {:.1} s), reason while relayed: {relayed_because:?}; \
+         paths {} / {}",
+        first.as_secs_f64(),
+        traffic.elapsed().as_secs_f64(),
+        start.elapsed().as_secs_f64(),
+        path(0, 1),
+        path(1, 0)
+    );
+    if !direct {
+        for r in [&r0, &r1] {
+            let out = lab.output(r, &["conntrack", "-L", "-p", "udp"]).unwrap();
+            eprintln!(
+                "conntrack in {r}:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        for n in &nodes {
+            let out = n.cli(&lab, &["netcheck"]).unwrap();
+            eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+        }
+    }
+    assert!(direct, "still relayed: {} / {}", path(0, 1), path(1, 0));
+    // The direct path is the routers' usual ports: no clash moved either flow.
+    assert_eq!(path(1, 0)["addr"].as_str(), Some("198.51.100.31:41641"));
+    assert_eq!(path(0, 1)["addr"].as_str(), Some("203.0.113.32:41641"));
+    assert!(nodes[0].ping(&lab, "docker-b", "-4", 5));
+}

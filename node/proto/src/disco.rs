@@ -42,6 +42,10 @@ pub const MAX_ENDPOINTS: usize = 16;
 /// extra ports towards the receiver; an easy-NAT receiver should spray its public IP.
 pub const FLAG_HARD_NAT: u8 = 0x01;
 
+/// CallMeMaybe flag: an answer to the receiver's call-me-maybe, sent after the sender primed
+/// its NAT toward the receiver's endpoints: the receiver may ping now (and answers nothing).
+pub const FLAG_REPLY: u8 = 0x02;
+
 /// A disco message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {

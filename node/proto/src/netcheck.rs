@@ -74,6 +74,11 @@ impl Netcheck {
         }
     }
 
+    /// Whether there are STUN servers to ask (without, no run ever reports).
+    pub fn has_servers(&self) -> bool {
+        !self.servers.is_empty()
+    }
+
     /// Asks for a run as soon as possible.
     pub fn trigger(&mut self, now: Instant) {
         if self.run.is_none() {

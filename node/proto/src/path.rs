@@ -13,9 +13,21 @@
 //!   A second overdue pong means the path went quiet (a NAT rebound and moved its port, or
 //!   the network changed): it is no longer trusted, a probe round starts, and the node is
 //!   told ([`PathAction::Quiet`]) so it re-learns its own endpoints and tells the peer.
-//! - Without a trusted direct path, probe rounds (pings to every candidate plus a
-//!   call-me-maybe through the relay, so both sides open their NATs at once) repeat every
-//!   [`PROBE_FAST`] for the first rounds, then every [`PROBE_SLOW`] while traffic flows.
+//! - Without a trusted direct path, probe rounds repeat every [`PROBE_FAST`] for the first
+//!   rounds, then every [`PROBE_SLOW`] while traffic flows. No packet of ours may reach the
+//!   peer's router before that router has a mapping toward our endpoint: a router that
+//!   accepts unsolicited packets on its WAN side (a Docker host, a cloud VM without a
+//!   firewall) keeps a conntrack entry for them and gives its host's own flow toward us
+//!   another port, for as long as we keep sending. So:
+//!   - a round sends *primers* to every candidate (pings with an IP TTL of [`PRIMER_TTL`],
+//!     which open this node's own NAT mapping toward the candidate and die on the way, before
+//!     the peer's router), then a call-me-maybe through the relay naming our endpoints (once
+//!     our first netcheck has found our public one);
+//!   - the peer answers a call by priming its own NAT toward them and replying with a
+//!     call-me-maybe of its own marked as a reply;
+//!   - a reply means the peer's NAT is primed toward us: prime toward what it names, and ping.
+//!
+//!   Without a relay the pings go at once.
 //! - Hard NAT (endpoint-dependent mapping) on one side only: the hard side pings the easy
 //!   side's public endpoints from [`AUX_SOCKETS`] extra sockets (each gets its own NAT
 //!   mapping) and says so in its call-me-maybe; the easy side then sprays [`SPRAY_PROBES`]
@@ -48,6 +60,8 @@ pub const PROBE_FAST: Duration = Duration::from_secs(2);
 /// Probe interval after that, while traffic flows.
 pub const PROBE_SLOW: Duration = Duration::from_secs(15);
 const FAST_ROUNDS: u32 = 5;
+/// The IP TTL of a primer: past this node's own router, and no further.
+pub const PRIMER_TTL: u8 = 2;
 /// Extra sockets a hard-NAT side opens towards an easy-NAT peer.
 pub const AUX_SOCKETS: u16 = 256;
 /// Pings an easy-NAT side sprays at a hard-NAT peer's public IP per attempt.
@@ -75,12 +89,22 @@ pub enum PathAction {
         /// Transaction id.
         tx: [u8; 12],
     },
+    /// A primer: a disco ping to a UDP address with an IP TTL of [`PRIMER_TTL`] (its pong,
+    /// should one come back from a peer only a hop away, is not awaited).
+    Prime {
+        /// Where.
+        to: Addr,
+        /// Transaction id.
+        tx: [u8; 12],
+    },
     /// A call-me-maybe through `relay`.
     CallMeMaybe {
         /// The relay.
         relay: RelayId,
         /// Whether to say we are behind a hard NAT (and have opened extra ports).
         hard: bool,
+        /// Whether it answers the peer's call (our NAT is primed toward it).
+        reply: bool,
     },
     /// The trusted direct path went quiet: re-learn this node's own endpoints now (the NAT
     /// may have moved its port), so the next call-me-maybes carry the new ones.
@@ -126,6 +150,9 @@ pub struct Local<'a> {
     pub relays_known: bool,
     /// This node's NAT, as its netcheck measured it.
     pub nat: Option<&'a NatInfo>,
+    /// Whether this node's public endpoint is still being measured (its first netcheck has
+    /// not reported): a call-me-maybe now could not name it.
+    pub endpoints_pending: bool,
 }
 
 impl Local<'_> {
@@ -163,6 +190,14 @@ pub struct PathState {
 
 fn direct(sock: SockId, addr: SocketAddr) -> Addr {
     Addr::Udp(sock, addr)
+}
+
+/// A primer to `addr` from the main socket.
+fn prime(rng: &mut impl Rng, addr: SocketAddr) -> PathAction {
+    PathAction::Prime {
+        to: direct(SockId::Main, addr),
+        tx: rng.random(),
+    }
 }
 
 impl PathState {
@@ -231,11 +266,15 @@ impl PathState {
         if let Some(r) = local.relay {
             out.push(Addr::Relay(r, peer));
         }
-        // Control messages (handshakes, key exchanges) also go to every candidate, so the
-        // first exchange completes over whichever path works, even if the relay is down
-        // without our knowing yet. Data without any path tries the first candidate.
+        // Without a relay, control messages (handshakes, key exchanges) go to every
+        // candidate, so the first exchange completes over whichever path works, and data
+        // without any path tries the first candidate. With a relay nothing goes to a
+        // candidate before probing found it: an unprimed packet can spoil the peer's NAT
+        // mapping (see the module docs).
         let cands = self.candidates();
-        let take = if control {
+        let take = if local.relay.is_some() {
+            0
+        } else if control {
             cands.len()
         } else if out.is_empty() {
             1
@@ -373,6 +412,7 @@ impl PathState {
     /// The peer sent a (fresh, authenticated) call-me-maybe: ping its endpoints now; if it is
     /// behind a hard NAT and we are not, spray its public IP, but only an IP the coordinator
     /// reported for it, so a peer cannot aim the spray at anyone else.
+    #[allow(clippy::too_many_arguments)]
     pub fn on_call_me_maybe(
         &mut self,
         now: Instant,
@@ -381,24 +421,44 @@ impl PathState {
         endpoints: &[SocketAddr],
         hard: bool,
         public_ip: Option<IpAddr>,
+        reply: bool,
     ) -> Vec<PathAction> {
         for e in endpoints {
             self.add_extra(*e);
         }
-        let mut out: Vec<PathAction> = Vec::new();
-        if let Some(b) = self.trusted(now) {
-            // The peer is looking for a path although ours works for us: its side may have
-            // moved (a rebinding). Ping the endpoints it names now, so our NAT opens toward
-            // them and its pings get in.
-            for e in endpoints {
-                if *e != b.addr {
-                    out.push(self.ping(now, rng, SockId::Main, *e));
+        let trusted = self.trusted(now);
+        // Where to open our NAT: every candidate, or while our path works (the peer looks
+        // for one anyway: its side may have moved) what it names besides our path.
+        let targets: Vec<SocketAddr> = match trusted {
+            Some(b) => endpoints.iter().copied().filter(|e| *e != b.addr).collect(),
+            None => self.candidates(),
+        };
+        let mut out: Vec<PathAction> = targets.iter().map(|t| prime(rng, *t)).collect();
+        match local.relay {
+            // A reply: the peer's NAT is primed toward us. Without a relay to answer
+            // through, there is nothing better than pinging now either.
+            _ if reply => {
+                for t in targets {
+                    out.push(self.ping(now, rng, SockId::Main, t));
                 }
             }
-            return out;
+            None => {
+                for t in targets {
+                    out.push(self.ping(now, rng, SockId::Main, t));
+                }
+            }
+            // A call, before our own endpoints are known: our probe round calls back once
+            // they are.
+            Some(_) if local.endpoints_pending => self.reprobe = true,
+            // A call: answer, primed; the peer pings when the answer arrives.
+            Some(relay) => out.push(PathAction::CallMeMaybe {
+                relay,
+                hard: false,
+                reply: true,
+            }),
         }
-        for c in self.candidates() {
-            out.push(self.ping(now, rng, SockId::Main, c));
+        if trusted.is_some() {
+            return out;
         }
         // We are the hard side and the peer is not: unless the plain pings get through within
         // a second, open our extra mappings towards it and ask it to spray (it only sprays for
@@ -518,6 +578,7 @@ impl PathState {
                     out.push(PathAction::CallMeMaybe {
                         relay: r,
                         hard: true,
+                        reply: false,
                     });
                 }
             }
@@ -565,9 +626,14 @@ impl PathState {
         rng: &mut impl Rng,
         local: Local<'_>,
     ) -> Vec<PathAction> {
-        let mut out = Vec::new();
-        for c in self.candidates() {
-            out.push(self.ping(now, rng, SockId::Main, c));
+        let cands = self.candidates();
+        let mut out: Vec<PathAction> = cands.iter().map(|c| prime(rng, *c)).collect();
+        // Without a relay there is no one to call: ping now. With one, our pings wait for the
+        // peer's reply (see the module docs).
+        if local.relay.is_none() {
+            for c in cands {
+                out.push(self.ping(now, rng, SockId::Main, c));
+            }
         }
         let peer_hard = self.peer_nat.as_ref().is_some_and(NatInfo::is_hard);
         let hard_mode = local.hard() && !peer_hard;
@@ -577,11 +643,14 @@ impl PathState {
             self.start_aux(now);
             out.extend(self.aux_pings(now, rng));
         }
-        if let Some(r) = local.relay {
+        if let Some(r) = local.relay
+            && !local.endpoints_pending
+        {
             // Ask for a spray only once our extra mappings exist for it to hit.
             out.push(PathAction::CallMeMaybe {
                 relay: r,
                 hard: hard_mode && self.aux_until.is_some(),
+                reply: false,
             });
         }
         out
@@ -654,6 +723,10 @@ impl PathState {
     /// Why the peer is not reached directly, for status.
     pub fn relay_reason(&self, now: Instant, local: Local<'_>) -> String {
         let peer = self.peer_nat.as_ref();
+        if local.endpoints_pending {
+            return "finding this node's public address (its first netcheck has not finished)"
+                .into();
+        }
         if local.nat.is_some_and(|n| !n.udp) {
             return "UDP looks blocked on this network".into();
         }
@@ -706,6 +779,7 @@ mod tests {
             relay: Some(RelayId(0)),
             relays_known: true,
             nat: None,
+            endpoints_pending: false,
         }
     }
 
@@ -798,7 +872,7 @@ mod tests {
                 public_ip: Some(public),
                 port_mapped: None,
             }));
-            p.on_call_me_maybe(now, &mut rng, local(), &[], true, Some(claimed));
+            p.on_call_me_maybe(now, &mut rng, local(), &[], true, Some(claimed), false);
             let mut at_claimed = 0;
             for i in 0..20 {
                 let t = now + Duration::from_millis(250 * i);
@@ -926,5 +1000,65 @@ mod tests {
         let after = p.poll(t, &mut rng, local());
         assert!(!after.contains(&PathAction::Quiet), "{after:?}");
         assert_eq!(p.targets(t, key, local(), false), vec![Addr::main(a)]);
+    }
+
+    #[test]
+    fn nothing_of_ours_reaches_the_peer_before_it_primed_its_nat() {
+        let now = crate::test_epoch();
+        let mut rng = StdRng::seed_from_u64(5);
+        let key = wire::NodeKey::from_bytes([1; 32]);
+        let peer: SocketAddr = "203.0.113.32:41641".parse().unwrap();
+        let ours: SocketAddr = "198.51.100.31:41641".parse().unwrap();
+        let kinds = |actions: &[PathAction]| {
+            let primes = actions
+                .iter()
+                .filter(|a| matches!(a, PathAction::Prime { .. }))
+                .count();
+            let pings = actions
+                .iter()
+                .filter(|a| matches!(a, PathAction::Ping { .. }))
+                .count();
+            let calls: Vec<bool> = actions
+                .iter()
+                .filter_map(|a| match a {
+                    PathAction::CallMeMaybe { reply, .. } => Some(*reply),
+                    _ => None,
+                })
+                .collect();
+            (primes, pings, calls)
+        };
+        // A probe round: primers and a call, no ping.
+        let mut a = PathState::default();
+        a.set_endpoints(vec![peer]);
+        a.on_send(now);
+        let round = a.poll(now, &mut rng, local());
+        assert_eq!(kinds(&round), (1, 0, vec![false]), "{round:?}");
+        assert!(a.targets(now, key, local(), true) == vec![Addr::Relay(RelayId(0), key)]);
+        // While our own endpoint is still being measured, not even the call.
+        let mut early = PathState::default();
+        early.set_endpoints(vec![peer]);
+        early.on_send(now);
+        let pending = Local {
+            endpoints_pending: true,
+            ..local()
+        };
+        assert_eq!(kinds(&early.poll(now, &mut rng, pending)), (1, 0, vec![]));
+        // The peer answers a call by priming and replying, without a ping.
+        let mut b = PathState::default();
+        let answer = b.on_call_me_maybe(now, &mut rng, local(), &[ours], false, None, false);
+        assert_eq!(kinds(&answer), (1, 0, vec![true]), "{answer:?}");
+        // A reply: the peer is primed toward us; prime toward what it names and ping.
+        let t = now + Duration::from_millis(20);
+        let pings = a.on_call_me_maybe(t, &mut rng, local(), &[peer], false, None, true);
+        assert_eq!(kinds(&pings), (1, 1, vec![]), "{pings:?}");
+        // Without a relay there is no one to call: a round pings at once.
+        let mut c = PathState::default();
+        c.set_endpoints(vec![peer]);
+        c.on_send(now);
+        let alone = Local {
+            relay: None,
+            ..local()
+        };
+        assert_eq!(kinds(&c.poll(now, &mut rng, alone)), (1, 1, vec![]));
     }
 }

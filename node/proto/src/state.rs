@@ -82,6 +82,9 @@ pub struct Transmit {
     pub dst: Addr,
     /// Bytes to send.
     pub payload: Packet,
+    /// An IP TTL (hop limit) other than the system's: a primer, which opens this node's own
+    /// NAT mapping toward `dst` and dies on the way, before it reaches the peer's router.
+    pub ttl: Option<u8>,
 }
 
 /// Something the shell may want to react to.
@@ -438,6 +441,7 @@ impl NodeState {
             self.transmits.push_back(Transmit {
                 dst: Addr::main(server),
                 payload: Packet::copy_from(&req),
+                ttl: None,
             });
         }
         if let Some(r) = report {
@@ -747,6 +751,7 @@ impl NodeState {
             relay: self.relay_for(node),
             relays_known: !self.relays.is_empty(),
             nat: self.nat.as_ref(),
+            endpoints_pending: self.nat.is_none() && self.netcheck.has_servers(),
         }
     }
 

@@ -427,6 +427,14 @@ impl EventLoop {
                     continue;
                 }
             };
+            if let Some(ttl) = t.ttl {
+                // A primer leaves on its own, with its own TTL.
+                self.send_batch(&mut batch).await;
+                if let Some(sock) = self.sockets.for_dst(&dst) {
+                    sock.send_with_ttl(dst, &t.payload, ttl).await;
+                }
+                continue;
+            }
             let max = self.sockets.for_dst(&dst).map_or(1, Sock::max_segments);
             if !batch.fits(dst, t.payload.len(), max) {
                 self.send_batch(&mut batch).await;

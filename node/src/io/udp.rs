@@ -122,6 +122,27 @@ impl Sock {
         }
     }
 
+    /// Sends one datagram with IP TTL (IPv6 hop limit) `ttl`, then gives the socket back its
+    /// default: a primer (see `node_proto::path`). Sends on this socket all come from the
+    /// event loop's one task, so nothing else leaves with the low TTL.
+    pub async fn send_with_ttl(&self, dst: SocketAddr, contents: &[u8], ttl: u8) {
+        let (level, name) = match self.io.local_addr() {
+            Ok(a) if a.is_ipv6() => (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS),
+            _ => (libc::IPPROTO_IP, libc::IP_TTL),
+        };
+        if let Err(e) = setsockopt(&self.io, level, name, i32::from(ttl)) {
+            debug!(%dst, error = %e, "cannot set the TTL of a primer; not sending it");
+            return;
+        }
+        if let Err(e) = self.send_one(dst, contents, None).await {
+            debug!(%dst, error = %e, "udp send failed");
+        }
+        // -1: the system's default again.
+        if let Err(e) = setsockopt(&self.io, level, name, -1) {
+            warn!(error = %e, "cannot restore the socket's TTL");
+        }
+    }
+
     /// How many datagrams one GSO send may carry (1 without GSO).
     pub fn max_segments(&self) -> usize {
         self.state.max_gso_segments()

@@ -228,6 +228,11 @@ impl Sim {
                         Some(nat) => nat.outbound(internal, dst, &mut self.rng),
                     };
                     let Some(from) = public else { continue };
+                    // Every two sites are at least one router apart: a primer opens its
+                    // sender's NAT (above) and dies there.
+                    if t.ttl.is_some_and(|ttl| ttl <= 2) {
+                        continue;
+                    }
                     self.udp_sent += 1;
                     if self.lost() {
                         continue;

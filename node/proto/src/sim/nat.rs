@@ -18,6 +18,10 @@ pub(crate) enum NatKind {
     Hard,
     /// Drops all UDP.
     Blocked,
+    /// Like [`NatKind::Easy`], but unsolicited packets reach the box itself (a Docker host or
+    /// a cloud VM without a firewall): each leaves an entry, and the box's own next flow
+    /// toward that sender from the same public port clashes with it and gets another port.
+    WanInput,
 }
 
 /// One NAT box.
@@ -33,6 +37,8 @@ pub(crate) struct NatBox {
     allowed: HashSet<(u16, SocketAddr)>,
     /// Added to the source port of new mappings (a router whose port range moved).
     shift: u16,
+    /// (public port, remote) pairs an unsolicited packet claimed ([`NatKind::WanInput`]).
+    clashes: HashSet<(u16, SocketAddr)>,
 }
 
 impl NatBox {
@@ -44,6 +50,7 @@ impl NatBox {
             rev: HashMap::new(),
             allowed: HashSet::new(),
             shift: 0,
+            clashes: HashSet::new(),
         }
     }
 
@@ -56,6 +63,7 @@ impl NatBox {
         self.map.clear();
         self.rev.clear();
         self.allowed.clear();
+        self.clashes.clear();
     }
 
     /// Forgets every mapping and gives new ones ports `shift` higher than before (a home
@@ -73,17 +81,32 @@ impl NatBox {
         dst: SocketAddr,
         rng: &mut impl Rng,
     ) -> Option<SocketAddr> {
-        let key = match self.kind {
+        let mut key = match self.kind {
             NatKind::Blocked => return None,
             NatKind::Hard => (internal, Some(dst)),
-            NatKind::Open | NatKind::Easy => (internal, None),
+            NatKind::Open | NatKind::Easy | NatKind::WanInput => (internal, None),
         };
+        // A flow toward a sender whose unsolicited packet claimed the usual public port gets
+        // a port of its own (the conntrack clash), unless it already has one.
+        if self.kind == NatKind::WanInput {
+            let own = (internal, Some(dst));
+            let usual = self
+                .map
+                .get(&key)
+                .copied()
+                .unwrap_or(internal.port().wrapping_add(self.shift).max(1024));
+            if self.map.contains_key(&own)
+                || self.clashes.contains(&(usual, dst)) && !self.allowed.contains(&(usual, dst))
+            {
+                key = own;
+            }
+        }
         let port = match self.map.get(&key) {
             Some(p) => *p,
             None => {
                 // Like masquerade: keep the source port if it is free, unless randomizing.
                 let mut p = internal.port().wrapping_add(self.shift).max(1024);
-                if self.kind == NatKind::Hard || self.rev.contains_key(&p) {
+                if self.kind == NatKind::Hard || key.1.is_some() || self.rev.contains_key(&p) {
                     loop {
                         p = rng.random_range(1024..=u16::MAX);
                         if !self.rev.contains_key(&p) {
@@ -102,6 +125,11 @@ impl NatBox {
 
     /// A packet from `from` to public `port`: the internal address it goes to, or `None`.
     pub(crate) fn inbound(&mut self, port: u16, from: SocketAddr) -> Option<SocketAddr> {
+        if self.kind == NatKind::WanInput && !self.allowed.contains(&(port, from)) {
+            // The box takes it for itself, and remembers.
+            self.clashes.insert((port, from));
+            return None;
+        }
         let internal = *self.rev.get(&port)?;
         match self.kind {
             NatKind::Blocked => None,
@@ -109,6 +137,7 @@ impl NatBox {
             NatKind::Easy | NatKind::Hard => {
                 self.allowed.contains(&(port, from)).then_some(internal)
             }
+            NatKind::WanInput => Some(internal),
         }
     }
 }

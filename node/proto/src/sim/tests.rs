@@ -255,6 +255,28 @@ fn a_rebinding_that_moves_the_public_port_costs_under_a_second_and_is_direct_aga
 }
 
 #[test]
+fn routers_that_accept_wan_input_go_direct_because_each_side_primes_its_own_nat_first() {
+    for (seed, other) in [
+        (50, Some(NatKind::WanInput)),
+        (51, Some(NatKind::WanInput)),
+        (52, Some(NatKind::Easy)),
+        (53, Some(NatKind::Open)),
+        (54, None),
+    ] {
+        let mut sim = Sim::new(seed, &[Some(NatKind::WanInput), other], Link::default());
+        let (ab, ba) = exchange(&mut sim, 0, 1, 10);
+        assert!(ab.is_some() && ba.is_some(), "{other:?}: traffic flows");
+        assert_eq!(
+            (sim.path(0, 1).0, sim.path(1, 0).0),
+            (PathKind::Direct, PathKind::Direct),
+            "wan-input x {other:?}: {:?} / {:?}",
+            sim.path(0, 1),
+            sim.path(1, 0)
+        );
+    }
+}
+
+#[test]
 fn a_dead_direct_path_falls_back_to_the_relay_and_comes_back() {
     let mut sim = Sim::new(
         8,

@@ -99,6 +99,7 @@ impl NodeState {
                 self.transmits.push_back(Transmit {
                     dst: from,
                     payload: cookie.into(),
+                    ttl: None,
                 });
                 return;
             }
@@ -144,6 +145,7 @@ impl NodeState {
                 self.transmits.push_back(Transmit {
                     dst: from,
                     payload: reply.into(),
+                    ttl: None,
                 });
                 let peer = self.peers.get_mut(&key).expect("checked above");
                 let queued = peer.tunnel.as_mut().map(|t| t.queued()).unwrap_or_default();
@@ -151,6 +153,7 @@ impl NodeState {
                     self.transmits.push_back(Transmit {
                         dst: from,
                         payload: q.into(),
+                        ttl: None,
                     });
                     self.counters.out_sent += 1;
                 }
@@ -235,11 +238,13 @@ impl NodeState {
             self.transmits.push_back(Transmit {
                 dst: *dst,
                 payload: Packet::copy_from(&payload[..]),
+                ttl: None,
             });
         }
         self.transmits.push_back(Transmit {
             dst: *last,
             payload,
+            ttl: None,
         });
         self.counters.out_sent += 1;
     }

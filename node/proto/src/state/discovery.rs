@@ -13,7 +13,7 @@ use wire::{NodeId, NodeKey};
 
 use super::{Event, NodeState, QUIET_NETCHECK, Transmit};
 use crate::addr::Addr;
-use crate::disco::{self, FLAG_HARD_NAT, Message};
+use crate::disco::{self, FLAG_HARD_NAT, FLAG_REPLY, Message};
 use crate::path::{Current, PathAction};
 
 /// Disco answers (pongs) per peer per second, and the burst allowed.
@@ -166,11 +166,12 @@ impl NodeState {
                 let Some(peer) = self.peers.get_mut(&sender) else {
                     return;
                 };
-                trace!(peer = %peer.node.name, n = endpoints.len(), hard = flags & FLAG_HARD_NAT != 0, "call-me-maybe");
+                trace!(peer = %peer.node.name, n = endpoints.len(), hard = flags & FLAG_HARD_NAT != 0, reply = flags & FLAG_REPLY != 0, "call-me-maybe");
                 let local = crate::path::Local {
                     relay,
                     relays_known,
                     nat: self.nat.as_ref(),
+                    endpoints_pending: self.nat.is_none() && self.netcheck.has_servers(),
                 };
                 for e in &endpoints {
                     self.by_addr.insert(*e, sender);
@@ -182,6 +183,7 @@ impl NodeState {
                     &endpoints,
                     flags & FLAG_HARD_NAT != 0,
                     public_ip,
+                    flags & FLAG_REPLY != 0,
                 );
                 self.apply_path(now, sender, actions);
             }
@@ -252,6 +254,7 @@ impl NodeState {
             relay,
             relays_known,
             nat: self.nat.as_ref(),
+            endpoints_pending: self.nat.is_none() && self.netcheck.has_servers(),
         };
         let actions = peer.path.poll(now, &mut self.rng, local);
         self.apply_path(now, key, actions);
@@ -270,7 +273,15 @@ impl NodeState {
                     self.send_disco(key, to, &Message::Ping { tx, time });
                 }
                 PathAction::Quiet => self.path_went_quiet(now),
-                PathAction::CallMeMaybe { relay, hard } => {
+                PathAction::Prime { to, tx } => {
+                    self.send_disco_ttl(
+                        key,
+                        to,
+                        &Message::Ping { tx, time },
+                        Some(crate::path::PRIMER_TTL),
+                    );
+                }
+                PathAction::CallMeMaybe { relay, hard, reply } => {
                     let endpoints = self.my_endpoints();
                     let public_ip = self.nat.as_ref().and_then(|n| n.public_ip);
                     self.send_disco(
@@ -278,7 +289,8 @@ impl NodeState {
                         Addr::Relay(relay, key),
                         &Message::CallMeMaybe {
                             time,
-                            flags: if hard { FLAG_HARD_NAT } else { 0 },
+                            flags: if hard { FLAG_HARD_NAT } else { 0 }
+                                | if reply { FLAG_REPLY } else { 0 },
                             public_ip,
                             endpoints,
                         },
@@ -321,6 +333,11 @@ impl NodeState {
     }
 
     pub(super) fn send_disco(&mut self, peer: NodeKey, to: Addr, msg: &Message) {
+        self.send_disco_ttl(peer, to, msg, None);
+    }
+
+    /// [`Self::send_disco`] with an IP TTL of its own (a primer).
+    fn send_disco_ttl(&mut self, peer: NodeKey, to: Addr, msg: &Message, ttl: Option<u8>) {
         let Some(key) = self.peers.get(&peer).and_then(|p| p.disco_key.as_deref()) else {
             return;
         };
@@ -330,6 +347,7 @@ impl NodeState {
         self.transmits.push_back(Transmit {
             dst: to,
             payload: Packet::copy_from(&frame),
+            ttl,
         });
     }
 

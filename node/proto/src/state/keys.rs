@@ -72,6 +72,7 @@ impl NodeState {
                 self.transmits.push_back(super::Transmit {
                     dst: from,
                     payload: Packet::copy_from(&reply),
+                    ttl: None,
                 });
                 return;
             }
@@ -288,6 +289,7 @@ impl NodeState {
                             self.transmits.push_back(super::Transmit {
                                 dst: *dst,
                                 payload: Packet::copy_from(&f[..]),
+                                ttl: None,
                             });
                         }
                     }
@@ -297,6 +299,7 @@ impl NodeState {
                         self.transmits.push_back(super::Transmit {
                             dst,
                             payload: Packet::copy_from(&f[..]),
+                            ttl: None,
                         });
                     }
                 }
