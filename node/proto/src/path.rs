@@ -27,7 +27,10 @@
 //!     call-me-maybe of its own marked as a reply;
 //!   - a reply means the peer's NAT is primed toward us: prime toward what it names, and ping.
 //!
-//!   Without a relay the pings go at once.
+//!   Without a relay the pings go at once. A call that no reply answers within
+//!   [`CALL_TIMEOUT`] means the relay may be down without our knowing yet (a coordinator
+//!   outage takes its embedded relay along): the round's pings go anyway, and handshakes also
+//!   go to every candidate, until something from the peer comes through the relay again.
 //! - Hard NAT (endpoint-dependent mapping) on one side only: the hard side pings the easy
 //!   side's public endpoints from [`AUX_SOCKETS`] extra sockets (each gets its own NAT
 //!   mapping) and says so in its call-me-maybe; the easy side then sprays [`SPRAY_PROBES`]
@@ -62,6 +65,8 @@ pub const PROBE_SLOW: Duration = Duration::from_secs(15);
 const FAST_ROUNDS: u32 = 5;
 /// The IP TTL of a primer: past this node's own router, and no further.
 pub const PRIMER_TTL: u8 = 2;
+/// A call-me-maybe without a reply after this long: the relay may be down.
+pub const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 /// Extra sockets a hard-NAT side opens towards an easy-NAT peer.
 pub const AUX_SOCKETS: u16 = 256;
 /// Pings an easy-NAT side sprays at a hard-NAT peer's public IP per attempt.
@@ -109,6 +114,9 @@ pub enum PathAction {
     /// The trusted direct path went quiet: re-learn this node's own endpoints now (the NAT
     /// may have moved its port), so the next call-me-maybes carry the new ones.
     Quiet,
+    /// A call-me-maybe went unanswered: the relay may be down, so what went only through it
+    /// (a key exchange) should go again, to the candidates too.
+    RelayDoubted,
 }
 
 /// How a peer is reached, for status.
@@ -186,6 +194,10 @@ pub struct PathState {
     pong_due: Option<([u8; 12], Instant)>,
     /// Overdue heartbeats in a row (one makes the path suspect, two quiet).
     missed: u8,
+    /// When our last call-me-maybe went, while its reply is awaited.
+    called_at: Option<Instant>,
+    /// A call went unanswered: the relay may be down, so do not count on it alone.
+    relay_doubted: bool,
 }
 
 fn direct(sock: SockId, addr: SocketAddr) -> Addr {
@@ -272,7 +284,7 @@ impl PathState {
         // candidate before probing found it: an unprimed packet can spoil the peer's NAT
         // mapping (see the module docs).
         let cands = self.candidates();
-        let take = if local.relay.is_some() {
+        let take = if local.relay.is_some() && !self.relay_doubted {
             0
         } else if control {
             cands.len()
@@ -309,6 +321,7 @@ impl PathState {
         match from {
             Addr::Relay(..) => {
                 self.last_relay_rx = Some(now);
+                self.relay_doubted = false;
                 false
             }
             Addr::Udp(sock, addr) => match &mut self.best {
@@ -425,6 +438,11 @@ impl PathState {
     ) -> Vec<PathAction> {
         for e in endpoints {
             self.add_extra(*e);
+        }
+        // It came through the relay: the relay works.
+        self.relay_doubted = false;
+        if reply {
+            self.called_at = None;
         }
         let trusted = self.trusted(now);
         // Where to open our NAT: every candidate, or while our path works (the peer looks
@@ -567,6 +585,20 @@ impl PathState {
             self.probing_since.get_or_insert(now);
             out.extend(self.probe_round(now, rng, local));
         }
+        // No reply to our call: the relay may be down. Ping without waiting for the peer,
+        // and let handshakes try the candidates too.
+        if let Some(at) = self.called_at
+            && now.saturating_duration_since(at) >= CALL_TIMEOUT
+        {
+            self.called_at = None;
+            if self.trusted(now).is_none() {
+                self.relay_doubted = true;
+                for c in self.candidates() {
+                    out.push(self.ping(now, rng, SockId::Main, c));
+                }
+                out.push(PathAction::RelayDoubted);
+            }
+        }
         if let Some(at) = self.aux_at
             && at <= now
         {
@@ -652,6 +684,7 @@ impl PathState {
                 hard: hard_mode && self.aux_until.is_some(),
                 reply: false,
             });
+            self.called_at.get_or_insert(now);
         }
         out
     }

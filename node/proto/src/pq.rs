@@ -333,6 +333,16 @@ impl PqPeer {
         }
     }
 
+    /// A new path to the peer opened (or the relay we counted on looks down): what went out
+    /// may have been lost on the old one, so the next nudge, or the retransmission of the
+    /// exchange in flight, is due now rather than when its timer says.
+    pub fn hurry(&mut self, now: Instant) {
+        self.next_nudge = None;
+        if let Some(p) = &mut self.pending {
+            p.sent_at = now.checked_sub(RETRANSMIT).unwrap_or(p.sent_at);
+        }
+    }
+
     /// (Initiator) an authenticated nudge from the peer sent at its clock `time`: it has no
     /// key, or lost the one we use, so start over even though a key is installed. `epoch` is
     /// our clock.

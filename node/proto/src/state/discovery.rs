@@ -273,6 +273,7 @@ impl NodeState {
                     self.send_disco(key, to, &Message::Ping { tx, time });
                 }
                 PathAction::Quiet => self.path_went_quiet(now),
+                PathAction::RelayDoubted => self.pq_hurry(now, key),
                 PathAction::Prime { to, tx } => {
                     self.send_disco_ttl(
                         key,
@@ -370,5 +371,8 @@ impl NodeState {
             peer: peer.node.id,
             path,
         });
+        if matches!(path, Current::Direct(..)) {
+            self.pq_hurry(now, key);
+        }
     }
 }

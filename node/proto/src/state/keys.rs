@@ -257,6 +257,20 @@ impl NodeState {
         self.apply_pq(now, key, actions);
     }
 
+    /// A path to the peer just opened: a key exchange that is wanted but has no key yet
+    /// retries at once over it (its first messages may have gone to a relay that is down).
+    pub(super) fn pq_hurry(&mut self, now: Instant, key: NodeKey) {
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        if !peer.pq_wanted || peer.pq.established() {
+            return;
+        }
+        peer.pq.hurry(now);
+        self.pq_want(now, key);
+        self.pq_timers(now, key);
+    }
+
     pub(super) fn pq_timers(&mut self, now: Instant, key: NodeKey) {
         if self.security == TunnelSecurity::ClassicalOnly {
             return;
