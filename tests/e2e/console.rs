@@ -69,13 +69,7 @@ fn the_web_console_signs_in_creates_a_key_watches_nodes_edits_the_policy_and_rem
         return;
     };
     let mut f = Flat::new(lab, 2, &["--admin-listen", "198.51.100.1:8443"]);
-    let policy = f.lab.dir().join("policy.hujson");
-    std::fs::write(&policy, POLICY).unwrap();
-    let out = f
-        .coord
-        .admin(&f.lab, &["policy", "set", policy.to_str().unwrap()])
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    f.set_policy(POLICY);
     let write = token(&f, "write");
     let read = token(&f, "read");
     let token_id = write.split('-').nth(1).unwrap().to_owned();

@@ -30,13 +30,7 @@ fn a_workload_joins_with_a_token_is_cut_off_when_it_ends_and_returns_with_a_fres
         return;
     };
     let mut f = Flat::new(lab, 2, &[]);
-    let policy = f.lab.dir().join("policy.hujson");
-    std::fs::write(&policy, POLICY).unwrap();
-    let out = f
-        .coord
-        .admin(&f.lab, &["policy", "set", policy.to_str().unwrap()])
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    f.set_policy(POLICY);
 
     // The issuer runs beside the coordinator, on its loopback.
     let key = IssuerKey::new("k1").unwrap();

@@ -833,18 +833,12 @@ fn conntrack_entries_to(lab: &Lab, router: &str, ip: &str, port: &str) -> usize 
 /// range.
 #[test]
 fn the_lab_routers_are_what_their_names_say_by_turnutils_natdiscovery() {
-    for tool in ["turnutils_natdiscovery", "turnserver"] {
-        if std::process::Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map_or(true, |o| !o.status.success())
-        {
-            if std::env::var_os("LATTICE_E2E_REQUIRED").is_some() {
-                panic!("{tool} is required (Debian's coturn; scripts/setup installs it)");
-            }
-            eprintln!("SKIPPED natdiscovery: no {tool}");
-            return;
-        }
+    if !crate::support::tools(
+        "natdiscovery",
+        &["turnutils_natdiscovery", "turnserver"],
+        "Debian's coturn",
+    ) {
+        return;
     }
     let Some(mut lab) = lab("natdisc") else {
         return;
@@ -969,13 +963,7 @@ fn the_lab_routers_are_what_their_names_say_by_turnutils_natdiscovery() {
 /// (two symmetric NATs without the gateway stay relayed: see the matrix).
 #[test]
 fn a_port_mapping_gateway_gives_a_symmetric_nat_a_direct_path() {
-    if !std::path::Path::new("/usr/sbin/miniupnpd").exists() {
-        if std::env::var_os("LATTICE_E2E_REQUIRED").is_some() {
-            panic!(
-                "miniupnpd is required (Debian's miniupnpd-nftables; scripts/setup installs it)"
-            );
-        }
-        eprintln!("SKIPPED gateway: no miniupnpd");
+    if !crate::support::tools("gateway", &["miniupnpd"], "Debian's miniupnpd-nftables") {
         return;
     }
     let sites = [Site::BehindGateway, Site::Behind(Nat::Hard)];

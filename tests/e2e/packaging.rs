@@ -180,23 +180,17 @@ dpkg -P lattice-relay >/dev/null
 
 #[test]
 fn the_deb_packages_install_into_a_throwaway_root_with_users_state_dirs_and_working_binaries() {
-    let tools = [
-        "dpkg-deb",
-        "unshare",
-        "chroot",
-        "systemd-analyze",
-        "objdump",
-    ];
-    if let Some(missing) = tools.iter().find(|t| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .map_or(true, |o| !o.status.success())
-    }) {
-        if std::env::var_os("LATTICE_E2E_REQUIRED").is_some() {
-            panic!("{missing} is required to build and install the packages");
-        }
-        eprintln!("SKIPPED packages: no {missing}");
+    if !crate::support::tools(
+        "packages",
+        &[
+            "dpkg-deb",
+            "unshare",
+            "chroot",
+            "systemd-analyze",
+            "objdump",
+        ],
+        "to build and install the packages",
+    ) {
         return;
     }
     if let Err(why) = e2e::Lab::available() {

@@ -190,13 +190,7 @@ fn people_join_by_signing_in_and_the_provider_group_decides_their_access() {
         .starts_with("status 200")),
         "the provider did not start"
     );
-    let policy = f.lab.dir().join("policy.hujson");
-    std::fs::write(&policy, POLICY).unwrap();
-    let out = f
-        .coord
-        .admin(&f.lab, &["policy", "set", policy.to_str().unwrap()])
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    f.set_policy(POLICY);
     let web_key = f.coord.authkey(&f.lab, &["--tag", "tag:web"]).unwrap();
     let web = f.join(0, "web", &web_key, &[]);
     let fingerprint = f

@@ -279,13 +279,7 @@ fn an_exit_node_carries_a_clients_internet_traffic_when_the_policy_allows_and_le
         "the lab's internet is out of the client's reach on its own"
     );
 
-    let policy = f.lab.dir().join("policy.hujson");
-    std::fs::write(&policy, EXIT_POLICY).unwrap();
-    let out = f
-        .coord
-        .admin(&f.lab, &["policy", "set", policy.to_str().unwrap()])
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    f.set_policy(EXIT_POLICY);
     let ekey = f.coord.authkey(&f.lab, &["--tag", "tag:exit"]).unwrap();
     let gkey = f.coord.authkey(&f.lab, &["--tag", "tag:guest"]).unwrap();
     let ckey = f.coord.authkey(&f.lab, &["--tag", "tag:client"]).unwrap();

@@ -19,6 +19,26 @@ pub(crate) fn lab(tag: &str) -> Option<Lab> {
     Some(lab)
 }
 
+/// Whether every tool in `tools` is on the PATH. A missing one skips the test (`false`,
+/// with a SKIPPED line naming it and `why` it is needed), or fails it when
+/// `LATTICE_E2E_REQUIRED` is set.
+pub(crate) fn tools(tag: &str, tools: &[&str], why: &str) -> bool {
+    let missing = tools.iter().find(|t| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .map_or(true, |o| !o.status.success())
+    });
+    let Some(missing) = missing else {
+        return true;
+    };
+    if std::env::var_os("LATTICE_E2E_REQUIRED").is_some() {
+        panic!("{tag}: {missing} is required ({why}; scripts/setup installs it)");
+    }
+    eprintln!("SKIPPED {tag}: no {missing}");
+    false
+}
+
 /// A flat LAN (198.51.100.0/24) with the coordinator on the bridge namespace (.1) and one
 /// namespace per node (.11, .12, ...).
 pub(crate) struct Flat {
@@ -90,6 +110,20 @@ impl Flat {
                 .expect("ready");
         }
         Some(f)
+    }
+
+    /// Writes `hujson` to `policy.hujson` in the lab and puts it in force with `policy set`.
+    pub(crate) fn set_policy(&self, hujson: &str) {
+        let policy = self.lab.dir().join("policy.hujson");
+        std::fs::write(&policy, hujson).expect("writing the policy");
+        let out = self
+            .coord
+            .admin(
+                &self.lab,
+                &["policy", "set", policy.to_str().expect("a path")],
+            )
+            .expect("policy set");
+        assert!(out.status.success(), "policy set: {}", text(&out));
     }
 
     /// The node named `name`.
