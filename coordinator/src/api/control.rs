@@ -610,8 +610,9 @@ async fn handle_client_message(
                     }
                 }
             }
-            let mut conn = st.db.acquire().await.map_err(db::DbError::from)?;
-            db::nodes::set_paths(&mut conn, record.id, &paths, unix_now()).await?;
+            let mut tx = db::begin_write(&st.db).await?;
+            db::nodes::set_paths(&mut tx, record.id, &paths, unix_now()).await?;
+            tx.commit().await.map_err(db::DbError::from)?;
             Ok(false)
         }
         ClientMessage::Posture { facts } => {
