@@ -848,32 +848,52 @@ fn the_lab_routers_are_what_their_names_say_by_turnutils_natdiscovery() {
         .expect("second address");
     lab.rfc5780_stun(&wan, "198.51.100.1", "198.51.100.2")
         .expect("turnserver");
-    let kinds = [Nat::Easy, Nat::Hard, Nat::WanInput, Nat::UdpBlocked];
-    let mut hosts = Vec::new();
-    for (i, nat) in kinds.iter().enumerate() {
-        let wan_ip = format!("198.51.100.{}", 31 + i);
-        let (router, host) = lab
-            .natted_host(
-                &wan,
-                &format!("h{i}"),
-                &format!("{wan_ip}/24"),
-                10 + i as u8,
-                *nat,
-            )
-            .expect("router");
-        hosts.push((*nat, router, host, wan_ip));
+    /// What runs in front of each host: a lab router kind, the port-mapping gateway (a
+    /// symmetric NAT for every flow it has not mapped), or a router whose port range moved.
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Front {
+        Router(Nat),
+        Gateway,
+        Moved,
     }
-    // The port-mapping gateway: miniupnpd in front of a symmetric NAT, which is what
-    // unmapped flows still see.
-    let (gw_router, gw_host) = lab
-        .natted_host(&wan, "gw", "198.51.100.39/24", 19, Nat::Hard)
-        .expect("gateway");
-    lab.port_mapping_gateway(&gw_router, 19).expect("miniupnpd");
-    // The STUN server is up once a host behind the plain router gets an answer.
+    let boxes = [
+        Front::Router(Nat::Easy),
+        Front::Router(Nat::Hard),
+        Front::Router(Nat::WanInput),
+        Front::Router(Nat::UdpBlocked),
+        Front::Gateway,
+        Front::Moved,
+    ];
+    let mut hosts = Vec::new();
+    for (i, b) in boxes.iter().enumerate() {
+        let wan_ip = format!("198.51.100.{}", 31 + i);
+        let nat = match b {
+            Front::Router(n) => *n,
+            Front::Gateway => Nat::Hard,
+            Front::Moved => Nat::Easy,
+        };
+        let net = 10 + i as u8;
+        let (router, host) = lab
+            .natted_host(&wan, &format!("h{i}"), &format!("{wan_ip}/24"), net, nat)
+            .expect("router");
+        match b {
+            Front::Gateway => {
+                lab.port_mapping_gateway(&router, net).expect("miniupnpd");
+            }
+            Front::Moved => lab.move_nat_ports(&router, "20000-29999").expect("move"),
+            Front::Router(_) => {}
+        }
+        hosts.push((*b, router, host, wan_ip));
+    }
+    // The STUN server is up once a mapping test (quick, unlike filtering) gets an answer.
     assert!(
-        wait_for(Duration::from_secs(10), || !natdiscovery(&lab, &hosts[0].2)
-            .reflexive_ports
-            .is_empty()),
+        wait_for(Duration::from_secs(10), || {
+            lab.output(
+                &hosts[0].2,
+                &["turnutils_natdiscovery", "-m", "198.51.100.1"],
+            )
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("Mapping!"))
+        }),
         "turnserver never answered"
     );
     let found: Vec<Discovery> = std::thread::scope(|s| {
@@ -886,37 +906,34 @@ fn the_lab_routers_are_what_their_names_say_by_turnutils_natdiscovery() {
             .collect();
         jobs.into_iter().map(|j| j.join().unwrap()).collect()
     });
-    for ((nat, ..), d) in hosts.iter().zip(&found) {
-        eprintln!("natdiscovery behind {}: {d:?}", nat.name());
-        let (mapping, filtering) = match nat {
-            Nat::Easy | Nat::WanInput => (
-                Some("Endpoint Independent"),
-                Some("Address and Port Dependent"),
-            ),
-            Nat::Hard => (
-                Some("Address and Port Dependent"),
-                Some("Address and Port Dependent"),
-            ),
-            Nat::UdpBlocked => (None, None),
+    let eim = Some("Endpoint Independent");
+    let apd = Some("Address and Port Dependent");
+    for ((b, ..), d) in hosts.iter().zip(&found) {
+        eprintln!("natdiscovery behind {b:?}: {d:?}");
+        let (mapping, filtering) = match b {
+            Front::Router(Nat::Easy | Nat::WanInput) | Front::Moved => (eim, apd),
+            Front::Router(Nat::Hard) | Front::Gateway => (apd, apd),
+            Front::Router(Nat::UdpBlocked) => (None, None),
         };
-        assert_eq!(d.mapping.as_deref(), mapping, "{}: {d:?}", nat.name());
-        assert_eq!(d.filtering.as_deref(), filtering, "{}: {d:?}", nat.name());
-        if *nat == Nat::UdpBlocked {
-            assert!(d.reflexive_ports.is_empty(), "{d:?}");
+        assert_eq!(d.mapping.as_deref(), mapping, "{b:?}: {d:?}");
+        assert_eq!(d.filtering.as_deref(), filtering, "{b:?}: {d:?}");
+        match b {
+            Front::Router(Nat::UdpBlocked) => assert!(d.reflexive_ports.is_empty(), "{d:?}"),
+            // The router whose port range moved maps into the new range.
+            Front::Moved => assert!(
+                !d.reflexive_ports.is_empty()
+                    && d.reflexive_ports
+                        .iter()
+                        .all(|p| (20000..=29999).contains(p)),
+                "{d:?}"
+            ),
+            _ => {}
         }
     }
 
-    let gw = natdiscovery(&lab, &gw_host);
-    eprintln!("natdiscovery behind the port-mapping gateway: {gw:?}");
-    assert_eq!(
-        gw.mapping.as_deref(),
-        Some("Address and Port Dependent"),
-        "{gw:?}"
-    );
-
     // Unsolicited UDP to the router's WAN address: only the Docker-host kind keeps it.
     let tool = lab.bin("lattice-testtool").display().to_string();
-    for (nat, router, _, wan_ip) in &hosts[..3] {
+    for (b, router, _, wan_ip) in &hosts[..3] {
         lab.run(
             &wan,
             &[
@@ -932,29 +949,9 @@ fn the_lab_routers_are_what_their_names_say_by_turnutils_natdiscovery() {
         )
         .expect("udp-send");
         let kept = conntrack_entries_to(&lab, router, wan_ip, "41641");
-        let expected = usize::from(*nat == Nat::WanInput);
-        assert_eq!(
-            kept,
-            expected,
-            "{}: entries for unsolicited WAN input",
-            nat.name()
-        );
+        let expected = usize::from(*b == Front::Router(Nat::WanInput));
+        assert_eq!(kept, expected, "{b:?}: entries for unsolicited WAN input");
     }
-
-    // The router whose port range moves: its mappings land in the new range.
-    let (_, router, host, _) = &hosts[0];
-    lab.move_nat_ports(router, "20000-29999").expect("move");
-    let moved = natdiscovery(&lab, host);
-    eprintln!("natdiscovery after the move: {moved:?}");
-    assert_eq!(moved.mapping.as_deref(), Some("Endpoint Independent"));
-    assert!(
-        !moved.reflexive_ports.is_empty()
-            && moved
-                .reflexive_ports
-                .iter()
-                .all(|p| (20000..=29999).contains(p)),
-        "{moved:?}"
-    );
 }
 
 /// Issue 13: a gateway that offers port mappings (Debian's miniupnpd with UPnP-IGD, NAT-PMP
