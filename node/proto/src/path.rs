@@ -453,27 +453,23 @@ impl PathState {
         };
         let mut out: Vec<PathAction> = targets.iter().map(|t| prime(rng, *t)).collect();
         match local.relay {
-            // A reply: the peer's NAT is primed toward us. Without a relay to answer
-            // through, there is nothing better than pinging now either.
-            _ if reply => {
-                for t in targets {
-                    out.push(self.ping(now, rng, SockId::Main, t));
-                }
-            }
-            None => {
+            // A reply: the peer's NAT is primed toward us. Without a relay to answer through,
+            // there is nothing better than pinging now either.
+            relay if reply || relay.is_none() => {
                 for t in targets {
                     out.push(self.ping(now, rng, SockId::Main, t));
                 }
             }
             // A call, before our own endpoints are known: our probe round calls back once
             // they are.
-            Some(_) if local.endpoints_pending => self.reprobe = true,
+            _ if local.endpoints_pending => self.reprobe = true,
             // A call: answer, primed; the peer pings when the answer arrives.
             Some(relay) => out.push(PathAction::CallMeMaybe {
                 relay,
                 hard: false,
                 reply: true,
             }),
+            None => {}
         }
         if trusted.is_some() {
             return out;
