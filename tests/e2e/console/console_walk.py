@@ -15,6 +15,7 @@ Environment:
 """
 
 import os
+import re
 import ssl
 import sys
 import tempfile
@@ -255,7 +256,8 @@ def walk(d):
     accept_confirm(d)
     wait(d, EC.text_to_be_present_in_element((By.ID, "policy-result"), "policy rejected"), "the refusal")
     result = text_of(d, "#policy-result")
-    check("tag:server:80" in result and ":" in result, f"the refusal names the failing test: {result}")
+    check("tag:server:80" in result and re.search(r"policy\.hujson:\d+:\d+: test failed", result),
+          f"the refusal names the failing test at file:line:col: {result}")
     shot(d, "05-policy-refused", show="policy-result")
     go(d, f"{URL}/console/policy")
     after = wait(d, EC.presence_of_element_located((By.ID, "policy-text")), "the policy in force").text
