@@ -1,7 +1,10 @@
-//! `lattice-lab bench-throughput`: single-stream iperf3 TCP between two namespaces over a raw
-//! veth, over Lattice, and over other userspace WireGuard implementations, interleaved round
-//! by round in one run so machine noise hits all of them alike. Prints medians and ratios.
-//! A benchmark, not a test: it asserts nothing about speed.
+//! `lattice-lab bench-throughput`: iperf3 TCP between two namespaces over a raw veth, over
+//! Lattice, and over other userspace WireGuard implementations, interleaved round by round in
+//! one run so machine noise hits all of them alike. Each round measures, per target: one
+//! stream, four parallel streams, the CPU seconds the tunnel processes of both ends spent per
+//! GB moved (from /proc), and the ping round trip through the tunnel during a one-stream
+//! transfer. Prints medians and ratios. A benchmark, not a test: it asserts nothing about
+//! speed.
 #![allow(clippy::print_stdout)]
 
 use std::process::Command;
@@ -15,7 +18,46 @@ use crate::mesh::{Coordinator, MeshNode};
 struct Target {
     name: String,
     dst: String,
+    /// The tunnel's processes at both ends (none for the raw veth).
+    pids: Vec<u32>,
     runs: Vec<f64>,
+    /// Four parallel streams, bits per second.
+    parallel: Vec<f64>,
+    /// CPU seconds of `pids` per GB received in the one-stream run.
+    cpu_per_gb: Vec<f64>,
+    /// Mean ping round trip (ms) during a one-stream transfer.
+    ping_loaded: Vec<f64>,
+}
+
+impl Target {
+    fn new(name: String, dst: String, pids: Vec<u32>) -> Self {
+        Self {
+            name,
+            dst,
+            pids,
+            runs: Vec::new(),
+            parallel: Vec::new(),
+            cpu_per_gb: Vec::new(),
+            ping_loaded: Vec::new(),
+        }
+    }
+}
+
+/// User plus system CPU seconds `pids` have used so far (from /proc/PID/stat).
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name (which may hold spaces) start at `) `.
+            let rest = stat.rsplit_once(") ")?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of the whole line: 12 and 13 here.
+            Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+        })
+        .sum::<f64>()
+        / ticks
 }
 
 /// Runs the benchmark.
@@ -40,11 +82,7 @@ pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
         "ip addr add 10.200.0.2/24 dev eth0 && ip link set eth0 up",
     )?;
 
-    let mut targets = vec![Target {
-        name: "raw veth".into(),
-        dst: "10.200.0.2".into(),
-        runs: vec![],
-    }];
+    let mut targets = vec![Target::new("raw veth".into(), "10.200.0.2".into(), vec![])];
 
     // Lattice: coordinator next to node a, nodes in a and b.
     let coord = Coordinator::start(&mut lab, &a, "10.200.0.1", &[])?;
@@ -60,11 +98,15 @@ pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
     // Warm up: the first packets go through the relay until the direct path answers.
     lab.output(&a, &["ping", "-c", "5", "-i", "0.2", &lattice_dst])?;
     let mtu = "1280";
-    targets.push(Target {
-        name: format!("lattice (mtu {mtu})"),
-        dst: lattice_dst.clone(),
-        runs: vec![],
-    });
+    let lattice_pids = [na.proc, nb.proc]
+        .iter()
+        .filter_map(|p| lab.pid(*p))
+        .collect();
+    targets.push(Target::new(
+        format!("lattice (mtu {mtu})"),
+        lattice_dst.clone(),
+        lattice_pids,
+    ));
 
     // Other implementations speaking the WireGuard UAPI, each on its own port and subnet.
     let impls: [(&str, &[&str], u16, u8); 3] = [
@@ -88,11 +130,7 @@ pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
             continue;
         }
         match wireguard_pair(&mut lab, &a, &b, name, cmd, port, net) {
-            Ok(dst) => targets.push(Target {
-                name: name.into(),
-                dst,
-                runs: vec![],
-            }),
+            Ok((dst, pids)) => targets.push(Target::new(name.into(), dst, pids)),
             Err(e) => println!("({name} could not be set up: {e:#}; skipped)"),
         }
     }
@@ -100,13 +138,32 @@ pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
     let iperf_srv = lab.spawn("iperf3-server", &b, &["iperf3", "-s"], &[])?;
     std::thread::sleep(Duration::from_millis(500));
     println!(
-        "single-stream TCP, {rounds} interleaved rounds of {seconds}s; both ends and the tunnels share this machine's CPUs"
+        "TCP, {rounds} interleaved rounds of {seconds}s per measurement; both ends and the tunnels share this machine's {} CPUs",
+        std::thread::available_parallelism().map_or(1, usize::from)
     );
     for round in 1..=rounds {
         for t in &mut targets {
-            let bps = iperf(&lab, &a, &t.dst, seconds)
-                .with_context(|| format!("iperf3 to {} ({})", t.name, t.dst))?;
+            // One stream, with a ping through the same tunnel meanwhile and the tunnel
+            // processes' CPU time around it.
+            let cpu_before = cpu_seconds(&t.pids);
+            let (bps, ping) = std::thread::scope(|s| {
+                let pinger = s.spawn(|| ping_mean_ms(&lab, &a, &t.dst, seconds));
+                let bps = iperf(&lab, &a, &t.dst, seconds);
+                (bps, pinger.join().ok().flatten())
+            });
+            let bps = bps.with_context(|| format!("iperf3 to {} ({})", t.name, t.dst))?;
+            let cpu = cpu_seconds(&t.pids) - cpu_before;
+            let gb = bps * f64::from(seconds) / 8.0 / 1e9;
+            if !t.pids.is_empty() && gb > 0.0 {
+                t.cpu_per_gb.push(cpu / gb);
+            }
+            if let Some(ms) = ping {
+                t.ping_loaded.push(ms);
+            }
             t.runs.push(bps);
+            let par = iperf_parallel(&lab, &a, &t.dst, seconds, 4)
+                .with_context(|| format!("iperf3 -P 4 to {} ({})", t.name, t.dst))?;
+            t.parallel.push(par);
             // For our tunnel, which path the run took (it must be the direct one).
             let path = if t.dst == lattice_dst {
                 na.status(&lab)
@@ -120,9 +177,11 @@ pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
                 String::new()
             };
             println!(
-                "  round {round}: {:<22} {:>8.3} Gbit/s{path}",
+                "  round {round}: {:<22} {:>8.3} Gbit/s, 4 streams {:>7.3} Gbit/s, ping under load {}{path}",
                 t.name,
-                bps / 1e9
+                bps / 1e9,
+                par / 1e9,
+                ping.map_or_else(|| "-".into(), |ms| format!("{ms:.2} ms")),
             );
         }
     }
@@ -148,7 +207,82 @@ pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
             runs.join(" ")
         );
     }
+    let opt = |v: &[f64], f: &dyn Fn(f64) -> String| {
+        if v.is_empty() {
+            "-".to_owned()
+        } else {
+            f(median(v))
+        }
+    };
+    let par_raw = median(&targets[0].parallel);
+    let par_ours = median(&targets[1].parallel);
+    println!(
+        "\n{:<22} {:>16} {:>12} {:>12} {:>16}",
+        "target", "4 streams", "vs raw veth", "lattice vs", "CPU s per GB"
+    );
+    for t in &targets {
+        let par = median(&t.parallel);
+        println!(
+            "{:<22} {:>11.3} Gb/s {:>11.1}% {:>11.2}x {:>16}",
+            t.name,
+            par / 1e9,
+            100.0 * par / par_raw,
+            par_ours / par,
+            opt(&t.cpu_per_gb, &|v| format!("{v:.2}")),
+        );
+    }
+    println!(
+        "\nping through each target during a one-stream transfer (mean round trip, median of rounds):"
+    );
+    for t in &targets {
+        println!(
+            "{:<22} {:>10}",
+            t.name,
+            opt(&t.ping_loaded, &|v| format!("{v:.2} ms"))
+        );
+    }
     Ok(())
+}
+
+/// The mean round trip (ms) of pings to `dst` every 0.2 s for `seconds`.
+fn ping_mean_ms(lab: &Lab, ns: &str, dst: &str, seconds: u32) -> Option<f64> {
+    let count = (seconds * 5).saturating_sub(2).max(1).to_string();
+    let out = lab
+        .output(
+            ns,
+            &[
+                "ping", "-q", "-n", "-i", "0.2", "-c", &count, "-W", "1", dst,
+            ],
+        )
+        .ok()?;
+    // rtt min/avg/max/mdev = 0.041/0.052/0.093/0.011 ms
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stats = text.lines().find(|l| l.contains("min/avg/max"))?;
+    stats
+        .split('=')
+        .nth(1)?
+        .trim()
+        .split('/')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// `parallel` TCP streams to `dst`: their summed rate, bits per second.
+fn iperf_parallel(
+    lab: &Lab,
+    ns: &str,
+    dst: &str,
+    seconds: u32,
+    parallel: u32,
+) -> anyhow::Result<f64> {
+    let t = seconds.to_string();
+    let p = parallel.to_string();
+    let out = lab.run(ns, &["iperf3", "-c", dst, "-t", &t, "-P", &p, "-J"])?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 printed no result")
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -167,7 +301,7 @@ fn iperf(lab: &Lab, ns: &str, dst: &str, seconds: u32) -> anyhow::Result<f64> {
 }
 
 /// Starts one UAPI WireGuard implementation in both namespaces and connects them; returns the
-/// address of b's end.
+/// address of b's end and the two processes' PIDs.
 fn wireguard_pair(
     lab: &mut Lab,
     a: &str,
@@ -176,7 +310,7 @@ fn wireguard_pair(
     cmd: &[&str],
     port: u16,
     net: u8,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<(String, Vec<u32>)> {
     // Per-side device names: UAPI sockets live in /var/run/wireguard, shared by namespaces.
     let pid = std::process::id() % 10_000;
     let genkey = || -> anyhow::Result<(String, String)> {
@@ -193,16 +327,18 @@ fn wireguard_pair(
         (a, &ska, &pkb, 1u8, "10.200.0.2"),
         (b, &skb, &pka, 2u8, "10.200.0.1"),
     ];
+    let mut pids = Vec::new();
     for (ns, sk, peer, host, peer_ip) in sides {
         let dev = format!("wb{net}{host}x{pid}");
         let mut full: Vec<&str> = cmd.to_vec();
         full.push(&dev);
-        lab.spawn(
+        let p = lab.spawn(
             &format!("{name}-{host}"),
             ns,
             &full,
             &[("LOG_LEVEL", "error")],
         )?;
+        pids.extend(lab.pid(p));
         if !wait_for(Duration::from_secs(5), || {
             lab.output(ns, &["ip", "link", "show", &dev])
                 .is_ok_and(|o| o.status.success())
@@ -229,7 +365,7 @@ fn wireguard_pair(
     {
         bail!("no connectivity through {name}");
     }
-    Ok(dst)
+    Ok((dst, pids))
 }
 
 /// `lattice-lab bench-relay`: single-stream TCP between two nodes behind NAT routers, side by

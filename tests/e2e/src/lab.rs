@@ -488,6 +488,11 @@ impl Lab {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// A running process's PID (`ip netns exec` execs the program, so it is the program's).
+    pub fn pid(&self, p: Proc) -> Option<u32> {
+        self.procs[p.0].child.as_ref().map(Child::id)
+    }
+
     /// The stdout of a process so far.
     pub fn stdout(&self, p: Proc) -> String {
         let name = &self.procs[p.0].name;
