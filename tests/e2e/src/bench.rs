@@ -1,9 +1,9 @@
 //! `lattice-lab bench-throughput`: iperf3 TCP between two namespaces over a raw veth, over
 //! Lattice, and over other userspace WireGuard implementations, interleaved round by round in
 //! one run so machine noise hits all of them alike. Each round measures, per target: one
-//! stream, four parallel streams, the CPU seconds the tunnel processes of both ends spent per
-//! GB moved (from /proc), and the ping round trip through the tunnel during a one-stream
-//! transfer. Prints medians and ratios. A benchmark, not a test: it asserts nothing about
+//! stream, four parallel streams, UDP datagrams per second at the tunnel MTU (1,280-byte
+//! packets), the CPU seconds the tunnel processes of both ends spent per GB moved (from
+//! /proc), and the ping round trip through the tunnel during a one-stream transfer. Prints medians and ratios. A benchmark, not a test: it asserts nothing about
 //! speed.
 #![allow(clippy::print_stdout)]
 
@@ -23,6 +23,8 @@ struct Target {
     runs: Vec<f64>,
     /// Four parallel streams, bits per second.
     parallel: Vec<f64>,
+    /// 1,280-byte UDP packets received per second, sent as fast as iperf3 can.
+    udp_pps: Vec<f64>,
     /// CPU seconds of `pids` per GB received in the one-stream run.
     cpu_per_gb: Vec<f64>,
     /// Mean ping round trip (ms) during a one-stream transfer.
@@ -37,6 +39,7 @@ impl Target {
             pids,
             runs: Vec::new(),
             parallel: Vec::new(),
+            udp_pps: Vec::new(),
             cpu_per_gb: Vec::new(),
             ping_loaded: Vec::new(),
         }
@@ -164,6 +167,9 @@ pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
             let par = iperf_parallel(&lab, &a, &t.dst, seconds, 4)
                 .with_context(|| format!("iperf3 -P 4 to {} ({})", t.name, t.dst))?;
             t.parallel.push(par);
+            let pps = udp_pps(&lab, &a, &t.dst, seconds)
+                .with_context(|| format!("iperf3 -u to {} ({})", t.name, t.dst))?;
+            t.udp_pps.push(pps);
             // For our tunnel, which path the run took (it must be the direct one).
             let path = if t.dst == lattice_dst {
                 na.status(&lab)
@@ -177,10 +183,11 @@ pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
                 String::new()
             };
             println!(
-                "  round {round}: {:<22} {:>8.3} Gbit/s, 4 streams {:>7.3} Gbit/s, ping under load {}{path}",
+                "  round {round}: {:<22} {:>8.3} Gbit/s, 4 streams {:>7.3} Gbit/s, UDP {:>8.0} pkt/s, ping under load {}{path}",
                 t.name,
                 bps / 1e9,
                 par / 1e9,
+                pps,
                 ping.map_or_else(|| "-".into(), |ms| format!("{ms:.2} ms")),
             );
         }
@@ -216,18 +223,28 @@ pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
     };
     let par_raw = median(&targets[0].parallel);
     let par_ours = median(&targets[1].parallel);
+    let pps_ours = median(&targets[1].udp_pps);
     println!(
-        "\n{:<22} {:>16} {:>12} {:>12} {:>16}",
-        "target", "4 streams", "vs raw veth", "lattice vs", "CPU s per GB"
+        "\n{:<22} {:>16} {:>12} {:>12} {:>14} {:>12} {:>14}",
+        "target",
+        "4 streams",
+        "vs raw veth",
+        "lattice vs",
+        "UDP pkt/s",
+        "lattice vs",
+        "CPU s per GB"
     );
     for t in &targets {
         let par = median(&t.parallel);
+        let pps = median(&t.udp_pps);
         println!(
-            "{:<22} {:>11.3} Gb/s {:>11.1}% {:>11.2}x {:>16}",
+            "{:<22} {:>11.3} Gb/s {:>11.1}% {:>11.2}x {:>14.0} {:>11.2}x {:>14}",
             t.name,
             par / 1e9,
             100.0 * par / par_raw,
             par_ours / par,
+            pps,
+            pps_ours / pps,
             opt(&t.cpu_per_gb, &|v| format!("{v:.2}")),
         );
     }
@@ -266,6 +283,29 @@ fn ping_mean_ms(lab: &Lab, ns: &str, dst: &str, seconds: u32) -> Option<f64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// UDP to `dst` as fast as iperf3 sends, in datagrams that make 1,280-byte IP packets (the
+/// tunnels' MTU): datagrams received per second.
+fn udp_pps(lab: &Lab, ns: &str, dst: &str, seconds: u32) -> anyhow::Result<f64> {
+    let t = seconds.to_string();
+    let out = lab.run(
+        ns,
+        &[
+            "iperf3", "-c", dst, "-t", &t, "-u", "-b", "0", "-l", "1252", "-J",
+        ],
+    )?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let sum = &v["end"]["sum"];
+    let sent = sum["packets"]
+        .as_f64()
+        .context("iperf3 printed no packet count")?;
+    let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
+    let secs = sum["seconds"]
+        .as_f64()
+        .filter(|s| *s > 0.0)
+        .unwrap_or(f64::from(seconds));
+    Ok((sent - lost).max(0.0) / secs)
 }
 
 /// `parallel` TCP streams to `dst`: their summed rate, bits per second.
