@@ -190,8 +190,9 @@ pub struct PathState {
     aux_at: Option<Instant>,
     reprobe: bool,
     probing_since: Option<Instant>,
-    /// The heartbeat whose pong is awaited on the trusted path, and when it is overdue.
-    pong_due: Option<([u8; 12], Instant)>,
+    /// When the pong to the heartbeat awaited on the trusted path is overdue (any pong on
+    /// that path settles it).
+    pong_due: Option<Instant>,
     /// Overdue heartbeats in a row (one makes the path suspect, two quiet).
     missed: u8,
     /// When our last call-me-maybe went, while its reply is awaited.
@@ -534,7 +535,7 @@ impl PathState {
             self.best = None;
         }
         let active = self.active_until.is_some_and(|t| t > now);
-        if let Some((_, due)) = self.pong_due
+        if let Some(due) = self.pong_due
             && due <= now
         {
             self.pong_due = None;
@@ -634,12 +635,9 @@ impl PathState {
     /// A heartbeat ping on the trusted path, whose pong is then awaited.
     fn heartbeat(&mut self, now: Instant, rng: &mut impl Rng, b: Best) -> PathAction {
         self.next_heartbeat = Some(now + HEARTBEAT);
-        let action = self.ping(now, rng, b.sock, b.addr);
-        if let PathAction::Ping { tx, .. } = action {
-            let wait = b.latency.map_or(PONG_WAIT, |l| (l * 3).max(PONG_WAIT));
-            self.pong_due = Some((tx, now + wait));
-        }
-        action
+        let wait = b.latency.map_or(PONG_WAIT, |l| (l * 3).max(PONG_WAIT));
+        self.pong_due = Some(now + wait);
+        self.ping(now, rng, b.sock, b.addr)
     }
 
     /// Our own endpoints changed (a netcheck saw a new public port): if still looking for a
