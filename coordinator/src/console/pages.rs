@@ -287,8 +287,7 @@ fn owner(n: &NodeView) -> String {
     }
 }
 
-fn node_row(st: &AppState, n: &NodeView, now: i64) -> NodeRow {
-    let relays = crate::relays::list(st);
+fn node_row(relays: &[wire::RelayInfo], n: &NodeView, now: i64) -> NodeRow {
     let relay = n
         .home_relay
         .and_then(|id| relays.iter().find(|r| r.id == id).map(|r| r.name.clone()))
@@ -364,10 +363,11 @@ struct NodesTable {
 
 async fn node_rows(st: &AppState) -> Result<Vec<NodeRow>, ApiError> {
     let now = unix_now();
+    let relays = crate::relays::list(st);
     Ok(ops::list_nodes(st)
         .await?
         .iter()
-        .map(|n| node_row(st, n, now))
+        .map(|n| node_row(&relays, n, now))
         .collect())
 }
 
@@ -500,7 +500,7 @@ async fn node_view(st: &AppState, name: &str) -> Result<(NodeRow, NodeDetail), A
             .collect(),
         paths_reported: n.paths_unix.map_or_else(|| "never".into(), |t| ago(t, now)),
     };
-    Ok((node_row(st, n, now), detail))
+    Ok((node_row(&crate::relays::list(st), n, now), detail))
 }
 
 pub(super) async fn node(
