@@ -746,12 +746,18 @@ impl NodeState {
             .or_else(|| node.home_relay.filter(|r| self.relays_up.contains(r)))
     }
 
+    /// Whether this node's public endpoint is still being measured: its first netcheck has
+    /// not reported, and there is a STUN server to report.
+    fn endpoints_pending(&self) -> bool {
+        self.nat.is_none() && self.netcheck.has_servers()
+    }
+
     fn local_for(&self, node: &Node) -> Local<'_> {
         Local {
             relay: self.relay_for(node),
             relays_known: !self.relays.is_empty(),
             nat: self.nat.as_ref(),
-            endpoints_pending: self.nat.is_none() && self.netcheck.has_servers(),
+            endpoints_pending: self.endpoints_pending(),
         }
     }
 

@@ -163,6 +163,7 @@ impl NodeState {
                 };
                 let relay = self.relay_for(&peer.node);
                 let relays_known = !self.relays.is_empty();
+                let endpoints_pending = self.endpoints_pending();
                 let Some(peer) = self.peers.get_mut(&sender) else {
                     return;
                 };
@@ -171,7 +172,7 @@ impl NodeState {
                     relay,
                     relays_known,
                     nat: self.nat.as_ref(),
-                    endpoints_pending: self.nat.is_none() && self.netcheck.has_servers(),
+                    endpoints_pending,
                 };
                 for e in &endpoints {
                     self.by_addr.insert(*e, sender);
@@ -247,6 +248,7 @@ impl NodeState {
         let before = peer.path.current(now, self.local_for(&peer.node));
         let relay = self.relay_for(&peer.node);
         let relays_known = !self.relays.is_empty();
+        let endpoints_pending = self.endpoints_pending();
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
@@ -254,7 +256,7 @@ impl NodeState {
             relay,
             relays_known,
             nat: self.nat.as_ref(),
-            endpoints_pending: self.nat.is_none() && self.netcheck.has_servers(),
+            endpoints_pending,
         };
         let actions = peer.path.poll(now, &mut self.rng, local);
         self.apply_path(now, key, actions);
