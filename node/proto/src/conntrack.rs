@@ -17,7 +17,9 @@
 //! amortized: each peer's flows sit in a queue in the order they were opened, and a flow used
 //! since it was queued gets a second chance at the back (the CLOCK approximation of LRU).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+use crate::FastMap;
 use std::time::{Duration, Instant};
 
 use wire::{IpProto, NodeKey};
@@ -154,8 +156,8 @@ struct Owned {
 pub struct FlowTable {
     // The hasher's per-process random keys only affect iteration order, which never reaches
     // any output: lookups are by key, eviction follows the queues and cut flows are sorted.
-    flows: HashMap<FiveTuple, Flow>,
-    owners: HashMap<NodeKey, Owned>,
+    flows: FastMap<FiveTuple, Flow>,
+    owners: FastMap<NodeKey, Owned>,
     /// (flows held, owner), to find the peer holding the most.
     by_count: BTreeSet<(usize, NodeKey)>,
     capacity: usize,
@@ -175,8 +177,8 @@ impl FlowTable {
     pub fn new(capacity: usize, per_owner: usize) -> Self {
         let capacity = capacity.max(1);
         Self {
-            flows: HashMap::new(),
-            owners: HashMap::new(),
+            flows: FastMap::default(),
+            owners: FastMap::default(),
             by_count: BTreeSet::new(),
             capacity,
             per_owner: per_owner.clamp(1, capacity),

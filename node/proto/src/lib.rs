@@ -37,6 +37,12 @@ pub mod stun;
 mod tunnel;
 
 pub use addr::{Addr, SockId};
+
+/// A hash map for the tables the data plane consults on every packet: foldhash, seeded at
+/// random per process (std's SipHash cost a twentieth of the node's time in a bulk transfer).
+/// Some keys come from peers (flow tuples, session indices); the random seed keeps them from
+/// choosing collisions, and no output depends on the iteration order.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub use gotatun::packet::Packet;
 pub use state::{Event, NodeConfig, NodeState, Traffic, Transmit};
 pub use status::{Counters, ExitStatus, PathKind, PathStatus, PeerStatus, Status};

@@ -28,6 +28,7 @@ use tracing::{debug, info};
 use wire::netmap::{DnsConfig, MapResponse, Node, TunnelSecurity};
 use wire::{NatInfo, NodeId, NodeKey, RelayId, RelayInfo};
 
+use crate::FastMap;
 use crate::addr::{Addr, SockId};
 use crate::admission::Admission;
 use crate::conntrack::{CutFlow, FlowTable};
@@ -186,11 +187,11 @@ pub struct NodeState {
     exit: routes::ExitChoice,
     peers: BTreeMap<NodeKey, Peer>,
     by_id: BTreeMap<NodeId, NodeKey>,
-    by_ip: HashMap<IpAddr, NodeKey>,
-    by_index: HashMap<u32, NodeKey>,
+    by_ip: FastMap<IpAddr, NodeKey>,
+    by_index: FastMap<u32, NodeKey>,
     /// Peers by the UDP addresses they are known at (checked against the peer's path on
     /// lookup, pruned by the sweep), so a packet from an address finds its peer in O(1).
-    by_addr: HashMap<SocketAddr, NodeKey>,
+    by_addr: FastMap<SocketAddr, NodeKey>,
     filter: Filter,
     flows: FlowTable,
     reassembly: Reassembly,
@@ -202,7 +203,7 @@ pub struct NodeState {
     home_relay: Option<RelayId>,
     relay_ticket: Option<String>,
     /// (relay, peer) pairs a relay said it cannot deliver to, until when.
-    relay_misses: HashMap<(RelayId, NodeKey), Instant>,
+    relay_misses: FastMap<(RelayId, NodeKey), Instant>,
     netcheck: Netcheck,
     nat: Option<NatInfo>,
     /// When a quiet direct path last asked for a netcheck.
@@ -250,9 +251,9 @@ impl NodeState {
             exit: routes::ExitChoice::default(),
             peers: BTreeMap::new(),
             by_id: BTreeMap::new(),
-            by_ip: HashMap::new(),
-            by_index: HashMap::new(),
-            by_addr: HashMap::new(),
+            by_ip: FastMap::default(),
+            by_index: FastMap::default(),
+            by_addr: FastMap::default(),
             filter: Filter::default(),
             flows: FlowTable::default(),
             reassembly: Reassembly::default(),
@@ -262,7 +263,7 @@ impl NodeState {
             relays_up: BTreeSet::new(),
             home_relay: None,
             relay_ticket: None,
-            relay_misses: HashMap::new(),
+            relay_misses: FastMap::default(),
             netcheck: Netcheck::default(),
             nat: None,
             quiet_netcheck: None,

@@ -27,7 +27,7 @@ use crate::io::keylog::KeyLog;
 use crate::io::portmap::PortMapper;
 use crate::io::relays::{RelayEvent, RelayManager};
 use crate::io::tun::{ReadBufs, Tun, is_packet_error};
-use crate::io::udp::{Batch, RECV_SLOT, RECV_SLOTS, Sock, Sockets};
+use crate::io::udp::{RECV_SLOT, RECV_SLOTS, Sender, Sock, Sockets};
 use crate::io::{dns, ifaddrs};
 use crate::statedir::{Pin, StateDir};
 
@@ -63,7 +63,9 @@ pub struct EventLoop {
     /// The sans-IO core.
     pub state: NodeState,
     /// UDP sockets.
-    pub sockets: Sockets,
+    pub sockets: Arc<Sockets>,
+    /// Sends on them, from a task of its own.
+    sender: Sender,
     /// The TUN device, once addresses are known.
     pub tun: Option<Tun>,
     /// TUN name to create.
@@ -188,8 +190,10 @@ impl EventLoop {
         let (aux_tx, aux_rx) = mpsc::channel(1024);
         let portmap = port_mapping.then(|| PortMapper::start(sockets.port));
         let portmap_rx = portmap.as_ref().map(PortMapper::watch);
+        let sockets = Arc::new(sockets);
         Self {
             state,
+            sender: Sender::start(Arc::clone(&sockets)),
             sockets,
             tun: None,
             tun_name,
@@ -403,18 +407,7 @@ impl EventLoop {
         }
     }
 
-    /// Sends the pending run of datagrams (one GSO send when there are several).
-    async fn send_batch(&self, batch: &mut Batch) {
-        if let Some((dst, bytes, segment)) = batch.pending()
-            && let Some(sock) = self.sockets.for_dst(&dst)
-        {
-            sock.send(dst, bytes, segment).await;
-        }
-        batch.clear();
-    }
-
     async fn flush(&mut self) -> anyhow::Result<()> {
-        let mut batch = Batch::default();
         while let Some(t) = self.state.poll_transmit() {
             let dst = match t.dst {
                 Addr::Udp(SockId::Main, a) => a,
@@ -429,30 +422,20 @@ impl EventLoop {
             };
             if let Some(ttl) = t.ttl {
                 // A primer leaves on its own, with its own TTL.
-                self.send_batch(&mut batch).await;
-                if let Some(sock) = self.sockets.for_dst(&dst) {
-                    sock.send_with_ttl(dst, &t.payload, ttl).await;
-                }
+                self.sender.push_with_ttl(dst, &t.payload, ttl).await;
                 continue;
             }
             let max = self.sockets.for_dst(&dst).map_or(1, Sock::max_segments);
-            if !batch.fits(dst, t.payload.len(), max) {
-                self.send_batch(&mut batch).await;
-            }
-            batch.push(dst, &t.payload);
+            self.sender.push(dst, &t.payload, max).await;
         }
-        self.send_batch(&mut batch).await;
+        self.sender.flush().await;
         if let Some(tun) = &mut self.tun {
             while let Some(p) = self.state.poll_tun_write() {
-                if tun.queue(&p)
-                    && let Err(e) = tun.write_queued().await
-                {
-                    debug!(error = %e, "tun write failed");
+                if tun.queue(&p) {
+                    tun.write_queued().await;
                 }
             }
-            if let Err(e) = tun.write_queued().await {
-                debug!(error = %e, "tun write failed");
-            }
+            tun.write_queued().await;
         } else {
             while self.state.poll_tun_write().is_some() {}
         }

@@ -9,28 +9,43 @@
 //! runs of up to 64 KiB in one read, which are cut into MTU-sized packets here, and packets
 //! written back are coalesced into such runs again (GRO), as wireguard-go does. Where the
 //! kernel has no offloads, reads and writes are one packet each.
+//!
+//! Writes happen on a task of their own: the event loop hands over batches and goes on
+//! reading, so a write (which runs the kernel's receive path for the packets, TCP included)
+//! never holds up UDP reception. The writer hands each batch's buffers back for reuse.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use anyhow::Context;
+use tokio::sync::mpsc;
+use tracing::debug;
 use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// The node-local DNS address.
 pub const RESOLVER: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 100);
 const V4_PREFIX: u8 = 10;
 const V6_PREFIX: u8 = 48;
+/// Batches waiting for the writer task. Few: a queue here is latency for every flow through
+/// the device, and the loop waits (reading nothing new) only while all of them are full.
+const WRITE_QUEUE: usize = 4;
+
+/// A batch for the writer: buffers and how many of them hold a packet.
+type WriteBatch = (Vec<Vec<u8>>, usize);
 
 /// An up TUN device with its addresses.
 pub struct Tun {
-    dev: AsyncDevice,
+    dev: Arc<AsyncDevice>,
     name: String,
     addrs: Vec<IpAddr>,
-    gro: GROTable,
     /// Packets waiting for [`Tun::write_queued`], each after `VIRTIO_NET_HDR_LEN` bytes of
     /// room for the offload header.
     out: Vec<Vec<u8>>,
     queued: usize,
+    to_writer: mpsc::Sender<WriteBatch>,
+    /// Written batches, their buffers ready to fill again.
+    written: mpsc::UnboundedReceiver<Vec<Vec<u8>>>,
 }
 
 /// Buffers for reading: one raw read (header + up to 64 KiB), cut into packets.
@@ -80,13 +95,19 @@ impl Tun {
         })?;
         dev.add_address_v4(RESOLVER, 32u8)
             .context("assigning the DNS resolver address")?;
+        let dev = Arc::new(dev);
+        let (to_writer, batches) = mpsc::channel(WRITE_QUEUE);
+        let (give_back, written) = mpsc::unbounded_channel();
+        // Ends when the device is dropped (the sender with it).
+        tokio::spawn(write_batches(Arc::clone(&dev), batches, give_back));
         Ok(Self {
             dev,
             name: name.to_owned(),
             addrs: addrs.to_vec(),
-            gro: GROTable::default(),
             out: Vec::new(),
             queued: 0,
+            to_writer,
+            written,
         })
     }
 
@@ -120,17 +141,19 @@ impl Tun {
         self.queued == IDEAL_BATCH_SIZE
     }
 
-    /// Writes the queued packets, coalescing TCP and UDP runs where the kernel allows.
-    pub async fn write_queued(&mut self) -> io::Result<()> {
+    /// Hands the queued packets to the writer task, which writes them coalescing TCP and UDP
+    /// runs where the kernel allows; waits only while the writer's queue is full.
+    pub async fn write_queued(&mut self) {
         if self.queued == 0 {
-            return Ok(());
+            return;
         }
         let n = self.queued;
         self.queued = 0;
-        self.dev
-            .send_multiple(&mut self.gro, &mut self.out[..n], VIRTIO_NET_HDR_LEN)
-            .await
-            .map(drop)
+        let spare = self.written.try_recv().unwrap_or_default();
+        let batch = std::mem::replace(&mut self.out, spare);
+        if self.to_writer.send((batch, n)).await.is_err() {
+            debug!(packets = n, "the TUN writer has stopped; packets dropped");
+        }
     }
 
     /// The device name.
@@ -159,5 +182,24 @@ impl Tun {
         }
         self.addrs = addrs.to_vec();
         Ok(())
+    }
+}
+
+/// The writer task: writes each batch, then gives its buffers back.
+async fn write_batches(
+    dev: Arc<AsyncDevice>,
+    mut batches: mpsc::Receiver<WriteBatch>,
+    give_back: mpsc::UnboundedSender<Vec<Vec<u8>>>,
+) {
+    let mut gro = GROTable::default();
+    while let Some((mut bufs, n)) = batches.recv().await {
+        if let Err(e) = dev
+            .send_multiple(&mut gro, &mut bufs[..n], VIRTIO_NET_HDR_LEN)
+            .await
+        {
+            debug!(error = %e, "tun write failed");
+        }
+        // Gone only when the device is being dropped.
+        let _ = give_back.send(bufs);
     }
 }

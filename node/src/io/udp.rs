@@ -6,14 +6,19 @@
 //! leaves in one `sendmsg` with UDP GSO (the kernel, or the veth/NIC, cuts it into
 //! datagrams), and the kernel hands coalesced datagrams up with GRO, many per `recvmmsg`.
 //! Where the kernel refuses GSO, the datagrams go one by one.
+//!
+//! Sends happen on a task of their own ([`Sender`]): the event loop hands over each run and
+//! goes on encrypting while the kernel sends the last one.
 
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use anyhow::Context;
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 const BUFFER: usize = 4 << 20;
@@ -24,6 +29,9 @@ pub const RECV_SLOTS: usize = 16;
 pub const RECV_SLOT: usize = 65_535;
 /// The most bytes one GSO send carries.
 const GSO_BYTES: usize = 60_000;
+/// Runs waiting for the sender task (at most `GSO_BYTES` each): few, as every queued byte is
+/// latency for the tunnel's other flows.
+const SEND_QUEUE: usize = 4;
 
 /// One UDP socket with its offload state.
 pub struct Sock {
@@ -124,7 +132,7 @@ impl Sock {
 
     /// Sends one datagram with IP TTL (IPv6 hop limit) `ttl`, then gives the socket back its
     /// default: a primer (see `node_proto::path`). Sends on this socket all come from the
-    /// event loop's one task, so nothing else leaves with the low TTL.
+    /// one [`Sender`] task, so nothing else leaves with the low TTL.
     pub async fn send_with_ttl(&self, dst: SocketAddr, contents: &[u8], ttl: u8) {
         let (level, name) = match self.io.local_addr() {
             Ok(a) if a.is_ipv6() => (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS),
@@ -191,6 +199,110 @@ impl Batch {
         self.dst = None;
         self.buf.clear();
         self.count = 0;
+    }
+
+    /// Takes the run out (destination, bytes, segment size when more than one datagram),
+    /// leaving the batch empty with `spare` as its buffer.
+    pub fn take(&mut self, spare: Vec<u8>) -> Option<(SocketAddr, Vec<u8>, Option<usize>)> {
+        let dst = self.dst.take()?;
+        let segment = (self.count > 1).then_some(self.segment);
+        self.count = 0;
+        let mut spare = spare;
+        spare.clear();
+        Some((dst, std::mem::replace(&mut self.buf, spare), segment))
+    }
+}
+
+/// One send for the sender task.
+struct SendJob {
+    dst: SocketAddr,
+    bytes: Vec<u8>,
+    segment: Option<usize>,
+    /// A primer's TTL.
+    ttl: Option<u8>,
+}
+
+/// Hands runs of datagrams to the task that sends them, in the order given.
+pub struct Sender {
+    jobs: mpsc::Sender<SendJob>,
+    /// Sent runs' buffers, to fill again.
+    sent: mpsc::UnboundedReceiver<Vec<u8>>,
+    batch: Batch,
+}
+
+impl Sender {
+    /// Starts the sender task for `sockets`; it ends when the `Sender` is dropped.
+    pub fn start(sockets: Arc<Sockets>) -> Self {
+        let (jobs, mut rx) = mpsc::channel::<SendJob>(SEND_QUEUE);
+        let (give_back, sent) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(job) = rx.recv().await {
+                if let Some(sock) = sockets.for_dst(&job.dst) {
+                    match job.ttl {
+                        Some(ttl) => sock.send_with_ttl(job.dst, &job.bytes, ttl).await,
+                        None => sock.send(job.dst, &job.bytes, job.segment).await,
+                    }
+                }
+                let _ = give_back.send(job.bytes);
+            }
+        });
+        Self {
+            jobs,
+            sent,
+            batch: Batch::default(),
+        }
+    }
+
+    /// Adds a datagram to the current run, first handing the run over when `payload` cannot
+    /// join it (at most `max` datagrams per run).
+    pub async fn push(&mut self, dst: SocketAddr, payload: &[u8], max: usize) {
+        if !self.batch.fits(dst, payload.len(), max) {
+            self.flush().await;
+        }
+        self.batch.push(dst, payload);
+    }
+
+    /// Sends one datagram with its own TTL (a primer), after the current run.
+    pub async fn push_with_ttl(&mut self, dst: SocketAddr, payload: &[u8], ttl: u8) {
+        self.flush().await;
+        let mut bytes = self.spare();
+        bytes.extend_from_slice(payload);
+        self.hand_over(SendJob {
+            dst,
+            bytes,
+            segment: None,
+            ttl: Some(ttl),
+        })
+        .await;
+    }
+
+    /// Hands the current run to the sender task; waits only while its queue is full.
+    pub async fn flush(&mut self) {
+        if self.batch.dst.is_none() {
+            return;
+        }
+        let spare = self.spare();
+        if let Some((dst, bytes, segment)) = self.batch.take(spare) {
+            self.hand_over(SendJob {
+                dst,
+                bytes,
+                segment,
+                ttl: None,
+            })
+            .await;
+        }
+    }
+
+    fn spare(&mut self) -> Vec<u8> {
+        let mut b = self.sent.try_recv().unwrap_or_default();
+        b.clear();
+        b
+    }
+
+    async fn hand_over(&mut self, job: SendJob) {
+        if self.jobs.send(job).await.is_err() {
+            debug!("the UDP sender has stopped; datagrams dropped");
+        }
     }
 }
 
