@@ -57,8 +57,8 @@ pub enum Incoming {
     Packet {
         /// Its node key.
         src: [u8; 32],
-        /// The bytes.
-        payload: Vec<u8>,
+        /// The bytes (a view into the frame they arrived in).
+        payload: Bytes,
     },
     /// The destination of an earlier packet is not connected to this relay.
     PeerGone([u8; 32]),
@@ -68,7 +68,7 @@ pub enum Incoming {
 
 /// An authenticated relay connection. Dropping it closes the connection.
 pub struct RelayConn {
-    out: mpsc::Sender<Vec<u8>>,
+    out: mpsc::Sender<Bytes>,
     /// What arrives; `None` once the connection is gone.
     pub incoming: mpsc::Receiver<Incoming>,
     transport: Transport,
@@ -92,9 +92,13 @@ impl RelayConn {
 
     /// Queues a packet for `dst`; false when the queue is full or the connection is gone.
     pub fn send(&self, dst: &[u8; 32], payload: &[u8]) -> bool {
-        self.out
-            .try_send(proto::encode_packet(false, dst, payload))
-            .is_ok()
+        self.send_frame(proto::encode_packet(false, dst, payload).into())
+    }
+
+    /// Queues a `Send` frame built by the caller ([`proto::encode_packet`]), saving a copy;
+    /// false when the queue is full or the connection is gone.
+    pub fn send_frame(&self, frame: Bytes) -> bool {
+        self.out.try_send(frame).is_ok()
     }
 
     /// Whether the connection is gone.
@@ -104,7 +108,9 @@ impl RelayConn {
 
     /// Hands the relay a refreshed ticket.
     pub fn refresh_ticket(&self, ticket: &[u8]) {
-        let _ = self.out.try_send(proto::encode(&Frame::Ticket { ticket }));
+        let _ = self
+            .out
+            .try_send(proto::encode(&Frame::Ticket { ticket }).into());
     }
 
     /// Sends a latency probe; its [`Incoming::Pong`] carries the round-trip time.
@@ -113,7 +119,9 @@ impl RelayConn {
         if let Ok(mut p) = self.ping_sent.lock() {
             *p = Some((data, Instant::now()));
         }
-        let _ = self.out.try_send(proto::encode(&Frame::Ping { data }));
+        let _ = self
+            .out
+            .try_send(proto::encode(&Frame::Ping { data }).into());
     }
 }
 
@@ -162,8 +170,8 @@ pub async fn connect_with(
 
 /// Runs the authentication exchange over a frame channel.
 async fn authenticate(
-    incoming: &mut mpsc::Receiver<Vec<u8>>,
-    out: &mpsc::Sender<Vec<u8>>,
+    incoming: &mut mpsc::Receiver<Bytes>,
+    out: &mpsc::Sender<Bytes>,
     relay: &RelayInfo,
     node: &StaticKeypair,
     ticket: &[u8],
@@ -180,11 +188,14 @@ async fn authenticate(
     }
     let mac = proto::client_mac(node, relay.key.as_bytes(), &nonce, ticket)
         .context("the relay's key is unusable")?;
-    out.send(proto::encode(&Frame::Auth {
-        node_key: node.public(),
-        mac,
-        ticket,
-    }))
+    out.send(
+        proto::encode(&Frame::Auth {
+            node_key: node.public(),
+            mac,
+            ticket,
+        })
+        .into(),
+    )
     .await?;
     let answer = incoming
         .recv()
@@ -203,11 +214,11 @@ async fn authenticate(
 }
 
 /// Turns raw frames into [`Incoming`] events.
-fn dispatch(frame: &[u8], tx: &mpsc::Sender<Incoming>, ping_sent: &PingSent) -> bool {
+fn dispatch(frame: &Bytes, tx: &mpsc::Sender<Incoming>, ping_sent: &PingSent) -> bool {
     let ev = match proto::decode(frame) {
         Ok(Frame::Recv { src, payload }) => Incoming::Packet {
             src,
-            payload: payload.to_vec(),
+            payload: frame.slice_ref(payload),
         },
         Ok(Frame::PeerGone { key }) => Incoming::PeerGone(key),
         Ok(Frame::Pong { data }) => {
@@ -256,22 +267,22 @@ async fn connect_quic(
         .accept_bi()
         .await
         .context("waiting for the relay's stream")?;
-    let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(QUEUE);
+    let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(QUEUE);
     // The stream carries the handshake and oversized frames; datagrams carry packets.
     let reader_conn = conn.clone();
     let stream_tx = in_tx.clone();
     let reader = tokio::spawn(async move {
         let stream = async {
             while let Ok(Some(f)) = read_prefixed(&mut recv).await {
-                if stream_tx.send(f).await.is_err() {
+                if stream_tx.send(Bytes::from(f)).await.is_err() {
                     return;
                 }
             }
         };
         let datagrams = async {
             while let Ok(d) = reader_conn.read_datagram().await {
-                if in_tx.send(d.to_vec()).await.is_err() {
+                if in_tx.send(d).await.is_err() {
                     return;
                 }
             }
@@ -289,10 +300,7 @@ async fn connect_quic(
             let fits = writer_conn
                 .max_datagram_size()
                 .is_some_and(|max| f.len() <= max);
-            if f.first() == Some(&0x10)
-                && fits
-                && writer_conn.send_datagram(Bytes::from(f.clone())).is_ok()
-            {
+            if f.first() == Some(&0x10) && fits && writer_conn.send_datagram(f.clone()).is_ok() {
                 continue;
             }
             if send.write_all(&proto::length_prefixed(&f)).await.is_err() {
@@ -307,8 +315,8 @@ async fn connect_quic(
 }
 
 fn finish(
-    mut in_rx: mpsc::Receiver<Vec<u8>>,
-    out_tx: mpsc::Sender<Vec<u8>>,
+    mut in_rx: mpsc::Receiver<Bytes>,
+    out_tx: mpsc::Sender<Bytes>,
     transport: Transport,
     mut tasks: Vec<tokio::task::JoinHandle<()>>,
 ) -> RelayConn {
@@ -368,12 +376,17 @@ async fn connect_ws(
         .await
         .with_context(|| format!("connecting to {ws_url}"))?;
     let (mut sink, mut stream) = ws.split();
-    let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(QUEUE);
+    let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(QUEUE);
     let reader = tokio::spawn(async move {
         while let Some(Ok(msg)) = stream.next().await {
             match msg {
-                Message::Binary(b) if in_tx.send(b.to_vec()).await.is_err() => return,
+                Message::Binary(b) => {
+                    let sent = in_tx.send(b).await;
+                    if sent.is_err() {
+                        return;
+                    }
+                }
                 Message::Close(_) => return,
                 _ => {}
             }
@@ -385,7 +398,7 @@ async fn connect_ws(
             tokio::select! {
                 f = out_rx.recv() => {
                     let Some(f) = f else { break };
-                    if sink.send(Message::Binary(f.into())).await.is_err() {
+                    if sink.send(Message::Binary(f)).await.is_err() {
                         return;
                     }
                 }

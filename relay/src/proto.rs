@@ -246,6 +246,18 @@ pub fn encode_packet(recv: bool, key: &[u8; 32], payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Turns an encoded `Send` frame into the `Recv` frame its destination gets from `src`, in
+/// place (both have a 32-byte key after the kind); false, and `frame` untouched, when it is
+/// not a `Send` frame.
+pub fn send_to_recv(frame: &mut [u8], src: &[u8; 32]) -> bool {
+    if frame.len() < 33 || frame[0] != 0x10 {
+        return false;
+    }
+    frame[0] = 0x11;
+    frame[1..33].copy_from_slice(src);
+    true
+}
+
 fn auth_key(mine: &StaticKeypair, theirs: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
     mine.shared_key(theirs, AUTH_LABEL)
 }
@@ -320,6 +332,31 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use rand::{SeedableRng, rngs::StdRng};
+
+    #[test]
+    fn a_send_frame_becomes_the_recv_frame_encode_would_build() {
+        let (dst, src, payload) = ([1u8; 32], [2u8; 32], b"wireguard bytes");
+        let mut f = encode_packet(false, &dst, payload);
+        assert!(send_to_recv(&mut f, &src));
+        assert_eq!(f, encode_packet(true, &src, payload));
+        assert_eq!(
+            decode(&f),
+            Ok(Frame::Recv {
+                src,
+                payload: &payload[..]
+            })
+        );
+        // Anything else is left alone: a Recv frame, a short one, another kind.
+        for mut other in [
+            f.clone(),
+            vec![0x10; 32],
+            encode(&Frame::Ping { data: [0; 8] }),
+        ] {
+            let before = other.clone();
+            assert!(!send_to_recv(&mut other, &src));
+            assert_eq!(other, before);
+        }
+    }
 
     #[test]
     fn every_frame_round_trips() {

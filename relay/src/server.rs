@@ -135,7 +135,7 @@ pub struct StatsSnapshot {
 
 struct Entry {
     id: u64,
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Bytes>,
     alive: Arc<AtomicBool>,
     close: watch::Sender<bool>,
     valid_until: i64,
@@ -283,8 +283,8 @@ impl Relay {
         let remote = conn.remote_address();
         // The relay opens the stream: its first bytes are the challenge.
         let (mut send, mut recv) = tokio::time::timeout(AUTH_TIMEOUT, conn.open_bi()).await??;
-        let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-        let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
+        let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(QUEUE);
         // Reader: stream frames and datagrams into one queue.
         let reader_conn = conn.clone();
         let reader = tokio::spawn(async move {
@@ -292,7 +292,7 @@ impl Relay {
                 loop {
                     match read_prefixed(&mut recv).await {
                         Ok(Some(f)) => {
-                            if in_tx.send(f).await.is_err() {
+                            if in_tx.send(Bytes::from(f)).await.is_err() {
                                 return;
                             }
                         }
@@ -303,7 +303,7 @@ impl Relay {
             let in_tx2 = in_tx.clone();
             let datagrams = async move {
                 while let Ok(d) = reader_conn.read_datagram().await {
-                    if in_tx2.send(d.to_vec()).await.is_err() {
+                    if in_tx2.send(d).await.is_err() {
                         return;
                     }
                 }
@@ -321,9 +321,8 @@ impl Relay {
                     .max_datagram_size()
                     .is_some_and(|max| f.len() <= max);
                 if f.first() == Some(&0x11) && fits {
-                    if writer_conn.send_datagram(Bytes::from(f)).is_ok() {
-                        continue;
-                    }
+                    // A datagram the connection cannot take is dropped, as UDP would.
+                    let _ = writer_conn.send_datagram(f);
                     continue;
                 }
                 if send.write_all(&proto::length_prefixed(&f)).await.is_err() {
@@ -344,14 +343,17 @@ impl Relay {
         &self,
         remote: SocketAddr,
         transport: &'static str,
-        mut incoming: mpsc::Receiver<Vec<u8>>,
-        out: mpsc::Sender<Vec<u8>>,
+        mut incoming: mpsc::Receiver<Bytes>,
+        out: mpsc::Sender<Bytes>,
     ) -> anyhow::Result<()> {
         let nonce: [u8; 32] = rand::rng().random();
-        out.send(proto::encode(&Frame::Challenge {
-            version: VERSION,
-            nonce,
-        }))
+        out.send(
+            proto::encode(&Frame::Challenge {
+                version: VERSION,
+                nonce,
+            })
+            .into(),
+        )
         .await?;
         let first = tokio::time::timeout(AUTH_TIMEOUT, incoming.recv())
             .await
@@ -363,7 +365,7 @@ impl Relay {
                 self.inner.stats.rejected.fetch_add(1, Ordering::Relaxed);
                 info!(%remote, %transport, %reason, "relay session refused");
                 let _ = out
-                    .send(proto::encode(&Frame::Rejected { reason: &reason }))
+                    .send(proto::encode(&Frame::Rejected { reason: &reason }).into())
                     .await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 return Ok(());
@@ -371,7 +373,8 @@ impl Relay {
         };
         let mac = proto::server_mac(&self.inner.key, &key, &nonce)
             .ok_or_else(|| anyhow::anyhow!("unusable node key"))?;
-        out.send(proto::encode(&Frame::Accepted { mac })).await?;
+        out.send(proto::encode(&Frame::Accepted { mac }).into())
+            .await?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let alive = Arc::new(AtomicBool::new(true));
         let (close_tx, mut close_rx) = watch::channel(false);
@@ -401,7 +404,7 @@ impl Relay {
                 _ = close_rx.changed() => break,
                 f = incoming.recv() => {
                     let Some(f) = f else { break };
-                    self.handle(&key, &alive, &out, &mut gone_sent, &f);
+                    self.handle(&key, &alive, &out, &mut gone_sent, f);
                 }
             }
         }
@@ -438,29 +441,38 @@ impl Relay {
         &self,
         key: &[u8; 32],
         alive: &AtomicBool,
-        out: &mpsc::Sender<Vec<u8>>,
+        out: &mpsc::Sender<Bytes>,
         gone_sent: &mut HashMap<[u8; 32], Instant>,
-        frame: &[u8],
+        frame: Bytes,
     ) {
         let stats = &self.inner.stats;
-        match proto::decode(frame) {
+        match proto::decode(&frame) {
             Ok(Frame::Send { dst, payload }) => {
                 if !alive.load(Ordering::Relaxed) {
                     stats.dropped_unvouched.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
+                let len = payload.len() as u64;
                 let sent = {
                     let clients = self.read();
-                    clients
-                        .get(&dst)
-                        .map(|e| e.tx.try_send(proto::encode_packet(true, key, payload)))
+                    clients.get(&dst).map(|e| {
+                        // The frame becomes the destination's Recv frame where it lies
+                        // (copied only when something else still holds its buffer).
+                        let recv = match frame.try_into_mut() {
+                            Ok(mut f) => {
+                                // A Send frame (decoded above), so this cannot refuse.
+                                proto::send_to_recv(&mut f, key);
+                                f.freeze()
+                            }
+                            Err(f) => Bytes::from(proto::encode_packet(true, key, &f[33..])),
+                        };
+                        e.tx.try_send(recv)
+                    })
                 };
                 match sent {
                     Some(Ok(())) => {
                         stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                        stats
-                            .forwarded_bytes
-                            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                        stats.forwarded_bytes.fetch_add(len, Ordering::Relaxed);
                     }
                     Some(Err(_)) => {
                         stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
@@ -476,7 +488,8 @@ impl Relay {
                             .is_none_or(|t| now.duration_since(*t) >= PEER_GONE_INTERVAL);
                         if due {
                             gone_sent.insert(dst, now);
-                            let _ = out.try_send(proto::encode(&Frame::PeerGone { key: dst }));
+                            let _ =
+                                out.try_send(proto::encode(&Frame::PeerGone { key: dst }).into());
                         }
                     }
                 }
@@ -494,7 +507,7 @@ impl Relay {
                 }
             }
             Ok(Frame::Ping { data }) => {
-                let _ = out.try_send(proto::encode(&Frame::Pong { data }));
+                let _ = out.try_send(proto::encode(&Frame::Pong { data }).into());
             }
             Ok(Frame::Pong { .. }) => {}
             Ok(other) => {
@@ -519,12 +532,17 @@ async fn ws_upgrade(State(relay): State<Relay>, ws: WebSocketUpgrade) -> Respons
 impl Relay {
     async fn ws_session(&self, socket: WebSocket) {
         let (mut sink, mut stream) = socket.split();
-        let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-        let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
+        let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(QUEUE);
         let reader = tokio::spawn(async move {
             while let Some(Ok(msg)) = stream.next().await {
                 match msg {
-                    Message::Binary(b) if in_tx.send(b.to_vec()).await.is_err() => return,
+                    Message::Binary(b) => {
+                        let sent = in_tx.send(b).await;
+                        if sent.is_err() {
+                            return;
+                        }
+                    }
                     Message::Close(_) => return,
                     _ => {}
                 }
@@ -532,7 +550,7 @@ impl Relay {
         });
         let writer = tokio::spawn(async move {
             while let Some(f) = out_rx.recv().await {
-                if sink.send(Message::Binary(f.into())).await.is_err() {
+                if sink.send(Message::Binary(f)).await.is_err() {
                     return;
                 }
             }

@@ -129,7 +129,7 @@ impl Lab {
 async fn next_packet(c: &mut client::RelayConn) -> Option<([u8; 32], Vec<u8>)> {
     loop {
         match tokio::time::timeout(Duration::from_secs(3), c.incoming.recv()).await {
-            Ok(Some(Incoming::Packet { src, payload })) => return Some((src, payload)),
+            Ok(Some(Incoming::Packet { src, payload })) => return Some((src, payload.to_vec())),
             Ok(Some(_)) => continue,
             _ => return None,
         }

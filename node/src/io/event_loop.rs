@@ -416,7 +416,9 @@ impl EventLoop {
                     continue;
                 }
                 Addr::Relay(r, key) => {
-                    self.relays.send(r, key, t.payload.to_vec());
+                    // The relay's Send frame, built here: the packet's one copy on its way.
+                    let frame = relay::proto::encode_packet(false, key.as_bytes(), &t.payload);
+                    self.relays.send(r, frame.into());
                     continue;
                 }
             };
@@ -879,8 +881,12 @@ impl EventLoop {
                 }
             }
             RelayEvent::Packet { id, src, payload } => {
+                // Usually the only holder of its buffer by now, so no copy.
+                let payload = payload
+                    .try_into_mut()
+                    .unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
                 self.state
-                    .handle_relay_packet(now, id, src, Packet::copy_from(&payload));
+                    .handle_relay_packet(now, id, src, Packet::from_bytes(payload));
             }
             RelayEvent::PeerGone { id, key } => self.state.relay_peer_gone(now, id, key),
             RelayEvent::Rtt { id, rtt } => {

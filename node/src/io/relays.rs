@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hybrid::StaticKeypair;
 use relay::client::{self, Incoming};
 use tokio::sync::{mpsc, watch};
@@ -47,7 +48,7 @@ pub enum RelayEvent {
         /// The peer's key.
         src: NodeKey,
         /// The bytes.
-        payload: Vec<u8>,
+        payload: Bytes,
     },
     /// The relay has no session for `key`.
     PeerGone {
@@ -67,7 +68,7 @@ pub enum RelayEvent {
 
 struct Handle {
     info: RelayInfo,
-    out: mpsc::Sender<(NodeKey, Vec<u8>)>,
+    out: mpsc::Sender<Bytes>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -156,11 +157,12 @@ impl RelayManager {
         }
     }
 
-    /// Queues a packet for `key` through relay `id`; false if it cannot be queued.
-    pub fn send(&self, id: RelayId, key: NodeKey, payload: Vec<u8>) -> bool {
+    /// Queues a `Send` frame (built with `relay::proto::encode_packet`) through relay `id`;
+    /// false if it cannot be queued.
+    pub fn send(&self, id: RelayId, frame: Bytes) -> bool {
         self.conns
             .get(&id)
-            .is_some_and(|h| h.out.try_send((key, payload)).is_ok())
+            .is_some_and(|h| h.out.try_send(frame).is_ok())
     }
 }
 
@@ -169,7 +171,7 @@ async fn run(
     info: RelayInfo,
     node: StaticKeypair,
     mut ticket: watch::Receiver<Option<Vec<u8>>>,
-    mut out: mpsc::Receiver<(NodeKey, Vec<u8>)>,
+    mut out: mpsc::Receiver<Bytes>,
     events: mpsc::Sender<RelayEvent>,
 ) {
     let id = info.id;
@@ -222,7 +224,7 @@ async fn serve(
     id: RelayId,
     mut conn: client::RelayConn,
     ticket: &mut watch::Receiver<Option<Vec<u8>>>,
-    out: &mut mpsc::Receiver<(NodeKey, Vec<u8>)>,
+    out: &mut mpsc::Receiver<Bytes>,
     events: &mpsc::Sender<RelayEvent>,
 ) -> Option<String> {
     let mut ping = tokio::time::interval(PING_EVERY);
@@ -231,8 +233,7 @@ async fn serve(
     loop {
         tokio::select! {
             o = out.recv() => {
-                let (key, payload) = o?;
-                conn.send(key.as_bytes(), &payload);
+                conn.send_frame(o?);
             }
             inc = conn.incoming.recv() => {
                 let Some(inc) = inc else {
