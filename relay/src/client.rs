@@ -69,11 +69,24 @@ pub enum Incoming {
 /// An authenticated relay connection. Dropping it closes the connection.
 pub struct RelayConn {
     out: mpsc::Sender<Bytes>,
-    /// What arrives; `None` once the connection is gone.
-    pub incoming: mpsc::Receiver<Incoming>,
+    /// Frames as they arrive, decoded by [`RelayConn::recv`].
+    frames: mpsc::Receiver<Bytes>,
     transport: Transport,
-    ping_sent: Arc<PingSent>,
+    ping_sent: PingSent,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Queues frames on a relay connection from elsewhere (the connection's own queue, no task in
+/// between); see [`RelayConn::sender`].
+#[derive(Debug, Clone)]
+pub struct FrameSender(mpsc::Sender<Bytes>);
+
+impl FrameSender {
+    /// Queues a `Send` frame ([`proto::encode_packet`]); false when the queue is full or the
+    /// connection is gone.
+    pub fn send(&self, frame: Bytes) -> bool {
+        self.0.try_send(frame).is_ok()
+    }
 }
 
 impl Drop for RelayConn {
@@ -88,6 +101,21 @@ impl RelayConn {
     /// The transport in use.
     pub fn transport(&self) -> Transport {
         self.transport
+    }
+
+    /// The next thing from the relay; `None` once the connection is gone. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Incoming> {
+        loop {
+            let frame = self.frames.recv().await?;
+            if let Some(ev) = decode_incoming(&frame, &self.ping_sent) {
+                return Some(ev);
+            }
+        }
+    }
+
+    /// A handle that queues frames on this connection.
+    pub fn sender(&self) -> FrameSender {
+        FrameSender(self.out.clone())
     }
 
     /// Queues a packet for `dst`; false when the queue is full or the connection is gone.
@@ -213,9 +241,9 @@ async fn authenticate(
     }
 }
 
-/// Turns raw frames into [`Incoming`] events.
-fn dispatch(frame: &Bytes, tx: &mpsc::Sender<Incoming>, ping_sent: &PingSent) -> bool {
-    let ev = match proto::decode(frame) {
+/// What a frame from the relay means to the node (`None`: nothing, or not for it).
+fn decode_incoming(frame: &Bytes, ping_sent: &PingSent) -> Option<Incoming> {
+    Some(match proto::decode(frame) {
         Ok(Frame::Recv { src, payload }) => Incoming::Packet {
             src,
             payload: frame.slice_ref(payload),
@@ -225,16 +253,11 @@ fn dispatch(frame: &Bytes, tx: &mpsc::Sender<Incoming>, ping_sent: &PingSent) ->
             let sent = ping_sent.lock().ok().and_then(|mut p| p.take());
             match sent {
                 Some((d, at)) if d == data => Incoming::Pong(at.elapsed()),
-                _ => return true,
+                _ => return None,
             }
         }
-        _ => return true,
-    };
-    match tx.try_send(ev) {
-        Ok(()) => true,
-        Err(mpsc::error::TrySendError::Full(_)) => true,
-        Err(mpsc::error::TrySendError::Closed(_)) => false,
-    }
+        _ => return None,
+    })
 }
 
 async fn connect_quic(
@@ -315,26 +338,16 @@ async fn connect_quic(
 }
 
 fn finish(
-    mut in_rx: mpsc::Receiver<Bytes>,
-    out_tx: mpsc::Sender<Bytes>,
+    frames: mpsc::Receiver<Bytes>,
+    out: mpsc::Sender<Bytes>,
     transport: Transport,
-    mut tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 ) -> RelayConn {
-    let (ev_tx, ev_rx) = mpsc::channel(QUEUE);
-    let ping_sent = Arc::new(std::sync::Mutex::new(None));
-    let ps = Arc::clone(&ping_sent);
-    tasks.push(tokio::spawn(async move {
-        while let Some(f) = in_rx.recv().await {
-            if !dispatch(&f, &ev_tx, &ps) {
-                return;
-            }
-        }
-    }));
     RelayConn {
-        out: out_tx,
-        incoming: ev_rx,
+        out,
+        frames,
         transport,
-        ping_sent,
+        ping_sent: std::sync::Mutex::new(None),
         tasks,
     }
 }

@@ -79,6 +79,12 @@ fn transport(keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
     t.initial_mtu(1400);
     t.datagram_receive_buffer_size(Some(4 << 20));
     t.datagram_send_buffer_size(4 << 20);
+    // Ask the other end to acknowledge every 16th packet (or after its ACK delay) instead of
+    // every other one: the datagrams carry WireGuard, which needs no acknowledgements, and
+    // each ACK is a packet both ends must encrypt, send and process.
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(quinn::VarInt::from_u32(15));
+    t.ack_frequency_config(Some(ack));
     Arc::new(t)
 }
 

@@ -128,7 +128,7 @@ impl Lab {
 
 async fn next_packet(c: &mut client::RelayConn) -> Option<([u8; 32], Vec<u8>)> {
     loop {
-        match tokio::time::timeout(Duration::from_secs(3), c.incoming.recv()).await {
+        match tokio::time::timeout(Duration::from_secs(3), c.recv()).await {
             Ok(Some(Incoming::Packet { src, payload })) => return Some((src, payload.to_vec())),
             Ok(Some(_)) => continue,
             _ => return None,
@@ -165,7 +165,7 @@ async fn quic_and_websocket_nodes_exchange_packets_through_the_relay() {
     ca.ping();
     let pong = tokio::time::timeout(Duration::from_secs(3), async {
         loop {
-            if let Some(Incoming::Pong(rtt)) = ca.incoming.recv().await {
+            if let Some(Incoming::Pong(rtt)) = ca.recv().await {
                 return rtt;
             }
         }
@@ -177,7 +177,7 @@ async fn quic_and_websocket_nodes_exchange_packets_through_the_relay() {
     assert!(ca.send(&[7; 32], b"x"));
     let gone = tokio::time::timeout(Duration::from_secs(3), async {
         loop {
-            if let Some(Incoming::PeerGone(k)) = ca.incoming.recv().await {
+            if let Some(Incoming::PeerGone(k)) = ca.recv().await {
                 return k;
             }
         }

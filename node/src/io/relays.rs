@@ -6,6 +6,7 @@
 //! QUIC's idle timeout.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,7 +21,6 @@ const PING_EVERY: Duration = Duration::from_secs(2);
 /// A connection with no pong for this long is replaced.
 const DEAD_AFTER: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(4);
-const OUT_QUEUE: usize = 4096;
 /// Most relays connected at once.
 pub const MAX_RELAYS: usize = 8;
 
@@ -68,7 +68,9 @@ pub enum RelayEvent {
 
 struct Handle {
     info: RelayInfo,
-    out: mpsc::Sender<Bytes>,
+    /// The connection's frame queue, while connected: the event loop queues packets on it
+    /// directly.
+    out: Arc<Mutex<Option<client::FrameSender>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -137,20 +139,20 @@ impl RelayManager {
             if self.conns.contains_key(&r.id) {
                 continue;
             }
-            let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
+            let out = Arc::new(Mutex::new(None));
             let task = tokio::spawn(run(
                 self.dialer,
                 r.clone(),
                 self.node.clone(),
                 self.ticket.subscribe(),
-                out_rx,
+                Arc::clone(&out),
                 self.events.clone(),
             ));
             self.conns.insert(
                 r.id,
                 Handle {
                     info: r.clone(),
-                    out: out_tx,
+                    out,
                     task,
                 },
             );
@@ -160,9 +162,13 @@ impl RelayManager {
     /// Queues a `Send` frame (built with `relay::proto::encode_packet`) through relay `id`;
     /// false if it cannot be queued.
     pub fn send(&self, id: RelayId, frame: Bytes) -> bool {
-        self.conns
-            .get(&id)
-            .is_some_and(|h| h.out.try_send(frame).is_ok())
+        self.conns.get(&id).is_some_and(|h| {
+            h.out
+                .lock()
+                .ok()
+                .and_then(|s| s.as_ref().map(|s| s.send(frame)))
+                .unwrap_or(false)
+        })
     }
 }
 
@@ -171,7 +177,7 @@ async fn run(
     info: RelayInfo,
     node: StaticKeypair,
     mut ticket: watch::Receiver<Option<Vec<u8>>>,
-    mut out: mpsc::Receiver<Bytes>,
+    out: Arc<Mutex<Option<client::FrameSender>>>,
     events: mpsc::Sender<RelayEvent>,
 ) {
     let id = info.id;
@@ -204,9 +210,9 @@ async fn run(
         if events.send(RelayEvent::Up { id, transport }).await.is_err() {
             return;
         }
-        // Drop what queued up while disconnected: it is stale.
-        while out.try_recv().is_ok() {}
-        let reason = serve(id, conn, &mut ticket, &mut out, &events).await;
+        set_sender(&out, Some(conn.sender()));
+        let reason = serve(id, conn, &mut ticket, &events).await;
+        set_sender(&out, None);
         let Some(reason) = reason else { return };
         info!(relay = %info.name, %reason, "relay connection lost");
         if events
@@ -224,7 +230,6 @@ async fn serve(
     id: RelayId,
     mut conn: client::RelayConn,
     ticket: &mut watch::Receiver<Option<Vec<u8>>>,
-    out: &mut mpsc::Receiver<Bytes>,
     events: &mpsc::Sender<RelayEvent>,
 ) -> Option<String> {
     let mut ping = tokio::time::interval(PING_EVERY);
@@ -232,10 +237,7 @@ async fn serve(
     conn.ping();
     loop {
         tokio::select! {
-            o = out.recv() => {
-                conn.send_frame(o?);
-            }
-            inc = conn.incoming.recv() => {
+            inc = conn.recv() => {
                 let Some(inc) = inc else {
                     return Some("the relay closed the connection".into());
                 };
@@ -271,5 +273,12 @@ async fn serve(
                 conn.ping();
             }
         }
+    }
+}
+
+/// Points the event loop's sends for a relay at `sender` (`None`: not connected).
+fn set_sender(slot: &Mutex<Option<client::FrameSender>>, sender: Option<client::FrameSender>) {
+    if let Ok(mut s) = slot.lock() {
+        *s = sender;
     }
 }
