@@ -71,6 +71,8 @@ pub struct RelayConn {
     out: mpsc::Sender<Bytes>,
     /// Frames as they arrive, decoded by [`RelayConn::recv`].
     frames: mpsc::Receiver<Bytes>,
+    /// Over QUIC, the connection: its datagrams are read and sent without a task between.
+    quic: Option<quinn::Connection>,
     transport: Transport,
     ping_sent: PingSent,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -79,13 +81,24 @@ pub struct RelayConn {
 /// Queues frames on a relay connection from elsewhere (the connection's own queue, no task in
 /// between); see [`RelayConn::sender`].
 #[derive(Debug, Clone)]
-pub struct FrameSender(mpsc::Sender<Bytes>);
+pub struct FrameSender {
+    out: mpsc::Sender<Bytes>,
+    quic: Option<quinn::Connection>,
+}
 
 impl FrameSender {
-    /// Queues a `Send` frame ([`proto::encode_packet`]); false when the queue is full or the
-    /// connection is gone.
+    /// Queues a `Send` frame ([`proto::encode_packet`]): over QUIC straight into the
+    /// connection's datagram queue (which drops its oldest when full, as a UDP queue would),
+    /// otherwise on the connection's frame queue; false when that is full or the connection
+    /// is gone.
     pub fn send(&self, frame: Bytes) -> bool {
-        self.0.try_send(frame).is_ok()
+        if let Some(c) = &self.quic
+            && frame.first() == Some(&0x10)
+            && c.max_datagram_size().is_some_and(|max| frame.len() <= max)
+        {
+            return c.send_datagram(frame).is_ok();
+        }
+        self.out.try_send(frame).is_ok()
     }
 }
 
@@ -106,7 +119,14 @@ impl RelayConn {
     /// The next thing from the relay; `None` once the connection is gone. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Incoming> {
         loop {
-            let frame = self.frames.recv().await?;
+            let frame = match &self.quic {
+                // Both are cancel-safe: a datagram not yet returned stays in the connection.
+                Some(c) => tokio::select! {
+                    f = self.frames.recv() => f?,
+                    d = c.read_datagram() => d.ok()?,
+                },
+                None => self.frames.recv().await?,
+            };
             if let Some(ev) = decode_incoming(&frame, &self.ping_sent) {
                 return Some(ev);
             }
@@ -115,7 +135,10 @@ impl RelayConn {
 
     /// A handle that queues frames on this connection.
     pub fn sender(&self) -> FrameSender {
-        FrameSender(self.out.clone())
+        FrameSender {
+            out: self.out.clone(),
+            quic: self.quic.clone(),
+        }
     }
 
     /// Queues a packet for `dst`; false when the queue is full or the connection is gone.
@@ -126,7 +149,7 @@ impl RelayConn {
     /// Queues a `Send` frame built by the caller ([`proto::encode_packet`]), saving a copy;
     /// false when the queue is full or the connection is gone.
     pub fn send_frame(&self, frame: Bytes) -> bool {
-        self.out.try_send(frame).is_ok()
+        self.sender().send(frame)
     }
 
     /// Whether the connection is gone.
@@ -292,27 +315,13 @@ async fn connect_quic(
         .context("waiting for the relay's stream")?;
     let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(QUEUE);
     let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(QUEUE);
-    // The stream carries the handshake and oversized frames; datagrams carry packets.
-    let reader_conn = conn.clone();
-    let stream_tx = in_tx.clone();
+    // The stream carries the handshake and oversized frames; datagrams carry packets (read
+    // by `RelayConn::recv` and sent by `FrameSender::send` themselves, with no task between).
     let reader = tokio::spawn(async move {
-        let stream = async {
-            while let Ok(Some(f)) = read_prefixed(&mut recv).await {
-                if stream_tx.send(Bytes::from(f)).await.is_err() {
-                    return;
-                }
+        while let Ok(Some(f)) = read_prefixed(&mut recv).await {
+            if in_tx.send(Bytes::from(f)).await.is_err() {
+                return;
             }
-        };
-        let datagrams = async {
-            while let Ok(d) = reader_conn.read_datagram().await {
-                if in_tx.send(d).await.is_err() {
-                    return;
-                }
-            }
-        };
-        tokio::select! {
-            () = stream => {}
-            () = datagrams => {}
         }
     });
     let writer_conn = conn.clone();
@@ -334,7 +343,9 @@ async fn connect_quic(
     });
     authenticate(&mut in_rx, &out_tx, relay, node, ticket).await?;
     debug!(relay = %relay.name, %addr, "relay connected over QUIC");
-    Ok(finish(in_rx, out_tx, Transport::Quic, vec![reader, writer]))
+    let mut c = finish(in_rx, out_tx, Transport::Quic, vec![reader, writer]);
+    c.quic = Some(conn);
+    Ok(c)
 }
 
 fn finish(
@@ -346,6 +357,7 @@ fn finish(
     RelayConn {
         out,
         frames,
+        quic: None,
         transport,
         ping_sent: std::sync::Mutex::new(None),
         tasks,

@@ -136,6 +136,8 @@ pub struct StatsSnapshot {
 struct Entry {
     id: u64,
     tx: mpsc::Sender<Bytes>,
+    /// A QUIC client's connection: packets for it go straight out as datagrams.
+    quic: Option<quinn::Connection>,
     alive: Arc<AtomicBool>,
     close: watch::Sender<bool>,
     valid_until: i64,
@@ -285,32 +287,12 @@ impl Relay {
         let (mut send, mut recv) = tokio::time::timeout(AUTH_TIMEOUT, conn.open_bi()).await??;
         let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
         let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(QUEUE);
-        // Reader: stream frames and datagrams into one queue.
-        let reader_conn = conn.clone();
+        // Reader: the stream's frames (the session reads datagrams itself).
         let reader = tokio::spawn(async move {
-            let stream = async {
-                loop {
-                    match read_prefixed(&mut recv).await {
-                        Ok(Some(f)) => {
-                            if in_tx.send(Bytes::from(f)).await.is_err() {
-                                return;
-                            }
-                        }
-                        _ => return,
-                    }
+            while let Ok(Some(f)) = read_prefixed(&mut recv).await {
+                if in_tx.send(Bytes::from(f)).await.is_err() {
+                    return;
                 }
-            };
-            let in_tx2 = in_tx.clone();
-            let datagrams = async move {
-                while let Ok(d) = reader_conn.read_datagram().await {
-                    if in_tx2.send(d).await.is_err() {
-                        return;
-                    }
-                }
-            };
-            tokio::select! {
-                () = stream => {}
-                () = datagrams => {}
             }
         });
         // Writer: Recv frames as datagrams when they fit, everything else on the stream.
@@ -331,7 +313,9 @@ impl Relay {
             }
             let _ = send.finish();
         });
-        let result = self.session(remote, "quic", in_rx, out_tx).await;
+        let result = self
+            .session(remote, "quic", Some(conn.clone()), in_rx, out_tx)
+            .await;
         reader.abort();
         let _ = tokio::time::timeout(Duration::from_millis(200), writer).await;
         conn.close(0u32.into(), b"bye");
@@ -343,6 +327,7 @@ impl Relay {
         &self,
         remote: SocketAddr,
         transport: &'static str,
+        quic: Option<quinn::Connection>,
         mut incoming: mpsc::Receiver<Bytes>,
         out: mpsc::Sender<Bytes>,
     ) -> anyhow::Result<()> {
@@ -377,6 +362,7 @@ impl Relay {
             .await?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let alive = Arc::new(AtomicBool::new(true));
+        let datagrams = quic.clone();
         let (close_tx, mut close_rx) = watch::channel(false);
         {
             let mut clients = self.write();
@@ -385,6 +371,7 @@ impl Relay {
                 Entry {
                     id,
                     tx: out.clone(),
+                    quic,
                     alive: Arc::clone(&alive),
                     close: close_tx,
                     valid_until,
@@ -405,6 +392,10 @@ impl Relay {
                 f = incoming.recv() => {
                     let Some(f) = f else { break };
                     self.handle(&key, &alive, &out, &mut gone_sent, f);
+                }
+                d = read_datagram(datagrams.as_ref()) => {
+                    let Some(d) = d else { break };
+                    self.handle(&key, &alive, &out, &mut gone_sent, d);
                 }
             }
         }
@@ -466,7 +457,14 @@ impl Relay {
                             }
                             Err(f) => Bytes::from(proto::encode_packet(true, key, &f[33..])),
                         };
-                        e.tx.try_send(recv)
+                        match &e.quic {
+                            Some(c) if c.max_datagram_size().is_some_and(|m| recv.len() <= m) => {
+                                // The connection drops its oldest datagram when its buffer is
+                                // full, as a UDP queue would.
+                                c.send_datagram(recv).map_err(drop)
+                            }
+                            _ => e.tx.try_send(recv).map_err(drop),
+                        }
                     })
                 };
                 match sent {
@@ -557,11 +555,20 @@ impl Relay {
             let _ = sink.close().await;
         });
         let remote: SocketAddr = ([0, 0, 0, 0], 0).into();
-        if let Err(e) = self.session(remote, "websocket", in_rx, out_tx).await {
+        if let Err(e) = self.session(remote, "websocket", None, in_rx, out_tx).await {
             debug!(error = %format!("{e:#}"), "relay WebSocket session ended");
         }
         reader.abort();
         let _ = tokio::time::timeout(Duration::from_millis(200), writer).await;
+    }
+}
+
+/// The next datagram of a QUIC session (never, for a WebSocket); `None` once the connection
+/// is gone. Cancel-safe: a datagram not yet returned stays in the connection.
+async fn read_datagram(quic: Option<&quinn::Connection>) -> Option<Bytes> {
+    match quic {
+        Some(c) => c.read_datagram().await.ok(),
+        None => std::future::pending().await,
     }
 }
 
