@@ -1,6 +1,8 @@
 //! CPU cost of post-quantum key rotation for one node with 1,000 peers
 //! (`cargo bench -p node-proto --bench pq_rotation`). Real handshakes between real
-//! `NodeState`s in memory; only the hub's own work is timed. Prints numbers; asserts nothing.
+//! `NodeState`s in memory; only the hub's own work is timed. Also the heap the hub's core
+//! keeps for its 1,000-peer netmap (a counting allocator: bytes allocated and not yet freed
+//! while the hub alone builds and takes the map). Prints numbers; asserts nothing.
 #![allow(
     clippy::print_stdout,
     clippy::unwrap_used,
@@ -18,6 +20,32 @@ use wire::netmap::{MapResponse, Node};
 use wire::{NodeId, NodeKey};
 
 const PEERS: usize = 1000;
+
+/// The system allocator, counting the bytes currently allocated.
+struct Counting;
+
+static LIVE: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts sizes.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        LIVE.fetch_sub(l.size() as isize, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn live() -> isize {
+    LIVE.load(std::sync::atomic::Ordering::Relaxed)
+}
 const ROTATION: Duration = Duration::from_secs(120);
 
 fn key(i: usize) -> [u8; 32] {
@@ -88,6 +116,7 @@ fn main() {
         valid: None,
         cap_grants: Vec::new(),
     };
+    let heap0 = live();
     nodes[0].handle_netmap(
         start,
         MapResponse {
@@ -97,6 +126,12 @@ fn main() {
             packet_filter: Some(vec![rule(0)]),
             ..Default::default()
         },
+    );
+    let heap = live() - heap0;
+    println!(
+        "the hub's core keeps {:.1} MB for a {PEERS}-peer netmap ({:.1} KB per peer)",
+        heap as f64 / 1e6,
+        heap as f64 / 1e3 / PEERS as f64
     );
     for i in 1..=PEERS {
         nodes[i].handle_netmap(

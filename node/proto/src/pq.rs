@@ -237,7 +237,8 @@ pub struct PqPeer {
     /// The session whose key `current` is (to re-acknowledge a repeated confirmation).
     current_session: Option<u32>,
     previous: Option<Psk>,
-    pending: Option<Pending>,
+    /// Boxed: the handshake state is kilobytes, held only during an exchange.
+    pending: Option<Box<Pending>>,
     confirming: Option<Confirming>,
     /// The peer has confirmed holding a key of the current chain (until then a fresh tunnel
     /// is not shown as post-quantum: it cannot carry traffic yet).
@@ -413,7 +414,7 @@ impl PqPeer {
                 let msg = frame::Message::new(Kind::PqInit, session, &msg1);
                 let cookie = self.cookie(now);
                 let sent = msg.frames(&self.mac1, cookie.as_ref());
-                self.pending = Some(Pending {
+                self.pending = Some(Box::new(Pending {
                     session,
                     handshake,
                     mac1s: sent.iter().map(|(_, m)| *m).collect(),
@@ -423,7 +424,7 @@ impl PqPeer {
                     chain,
                     sent_at: now,
                     retransmits: 0,
-                });
+                }));
                 vec![PqAction::Send(sent.into_iter().map(|(f, _)| f).collect())]
             }
             Err(e) => {
