@@ -21,7 +21,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::sync::mpsc;
 use tracing::debug;
-use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{
+    AsyncDevice, DeviceBuilder, ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN,
+};
 
 /// The node-local DNS address.
 pub const RESOLVER: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 100);
@@ -31,8 +33,48 @@ const V6_PREFIX: u8 = 48;
 /// the device, and the loop waits (reading nothing new) only while all of them are full.
 const WRITE_QUEUE: usize = 4;
 
+/// The most bytes the GRO code coalesces into one write (a run's head packet and the rest).
+const MAX_RUN: usize = 2 * VIRTIO_NET_HDR_LEN + 65_535;
+/// Buffers per batch that may stay grown from heading a run (runs tend to start at the same
+/// places batch after batch); others go back to packet size, or over time every buffer would
+/// have headed a run once and a batch would hold 8 MB.
+const KEEP_GROWN: usize = 16;
+
 /// A batch for the writer: buffers and how many of them hold a packet.
-type WriteBatch = (Vec<Vec<u8>>, usize);
+type WriteBatch = (Vec<WriteBuf>, usize);
+
+/// A buffer for one packet on its way to the device. It starts at the packet's size; the GRO
+/// code, which coalesces a run only into a buffer with room for all of it, is told it has
+/// room for a whole run and grows the run's head as it appends. So buffers cost what they
+/// carry: a batch of 1,280-byte packets no longer reserves 64 KiB per packet.
+#[derive(Default)]
+pub struct WriteBuf(Vec<u8>);
+
+impl AsRef<[u8]> for WriteBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsMut<[u8]> for WriteBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
+impl ExpandBuffer for WriteBuf {
+    fn buf_capacity(&self) -> usize {
+        self.0.capacity().max(MAX_RUN)
+    }
+
+    fn buf_resize(&mut self, new_len: usize, value: u8) {
+        self.0.resize(new_len, value);
+    }
+
+    fn buf_extend_from_slice(&mut self, extend: &[u8]) {
+        self.0.extend_from_slice(extend);
+    }
+}
 
 /// An up TUN device with its addresses.
 pub struct Tun {
@@ -41,11 +83,13 @@ pub struct Tun {
     addrs: Vec<IpAddr>,
     /// Packets waiting for [`Tun::write_queued`], each after `VIRTIO_NET_HDR_LEN` bytes of
     /// room for the offload header.
-    out: Vec<Vec<u8>>,
+    out: Vec<WriteBuf>,
     queued: usize,
+    /// Grown buffers kept in the batch being filled.
+    grown: usize,
     to_writer: mpsc::Sender<WriteBatch>,
     /// Written batches, their buffers ready to fill again.
-    written: mpsc::UnboundedReceiver<Vec<Vec<u8>>>,
+    written: mpsc::UnboundedReceiver<Vec<WriteBuf>>,
 }
 
 /// Buffers for reading: one raw read (header + up to 64 KiB), cut into packets.
@@ -106,6 +150,7 @@ impl Tun {
             addrs: addrs.to_vec(),
             out: Vec::new(),
             queued: 0,
+            grown: 0,
             to_writer,
             written,
         })
@@ -128,12 +173,19 @@ impl Tun {
     /// (then write it).
     pub fn queue(&mut self, packet: &[u8]) -> bool {
         if self.queued == self.out.len() {
-            // Room to coalesce a whole 64 KiB run into this buffer (the GRO code will not
-            // grow a buffer itself).
-            self.out
-                .push(Vec::with_capacity(2 * VIRTIO_NET_HDR_LEN + 65_535));
+            self.out.push(WriteBuf::default());
         }
-        let buf = &mut self.out[self.queued];
+        if self.queued == 0 {
+            self.grown = 0;
+        }
+        let buf = &mut self.out[self.queued].0;
+        if buf.capacity() > 4096 {
+            if self.grown < KEEP_GROWN {
+                self.grown += 1;
+            } else {
+                *buf = Vec::new();
+            }
+        }
         buf.clear();
         buf.resize(VIRTIO_NET_HDR_LEN, 0);
         buf.extend_from_slice(packet);
@@ -189,7 +241,7 @@ impl Tun {
 async fn write_batches(
     dev: Arc<AsyncDevice>,
     mut batches: mpsc::Receiver<WriteBatch>,
-    give_back: mpsc::UnboundedSender<Vec<Vec<u8>>>,
+    give_back: mpsc::UnboundedSender<Vec<WriteBuf>>,
 ) {
     let mut gro = GROTable::default();
     while let Some((mut bufs, n)) = batches.recv().await {
