@@ -508,3 +508,183 @@ pub fn relay_throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Resident and peak memory (kB) of process `pid`, from /proc.
+fn rss_kb(pid: u32) -> Option<(u64, u64)> {
+    let (rss, hwm, _, _) = memory_kb(pid)?;
+    Some((rss, hwm))
+}
+
+/// Resident, peak, anonymous (heap and stacks) and file-backed (the binary's pages) memory
+/// (kB) of process `pid`, from /proc.
+fn memory_kb(pid: u32) -> Option<(u64, u64, u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    };
+    Some((
+        field("VmRSS:")?,
+        field("VmHWM:")?,
+        field("RssAnon:")?,
+        field("RssFile:")?,
+    ))
+}
+
+/// `lattice-lab bench-memory`: a node (the hub) whose netmap holds `peers` peers: `active`
+/// real nodes, each in its own namespace, and simulated ones (`hold-nodes`) for the rest. Its
+/// resident memory and CPU while idle, then while every active peer pings it (5 a second) and
+/// the first also sends a bulk TCP stream. Prints figures; asserts nothing.
+pub fn memory(peers: usize, active: usize, seconds: u32) -> anyhow::Result<()> {
+    Lab::available()
+        .map_err(|e| anyhow::anyhow!("the benchmark needs root and namespaces: {e}"))?;
+    anyhow::ensure!(
+        (1..=250).contains(&active) && active <= peers,
+        "--active must be 1..=250 and at most --peers"
+    );
+    let mut lab = Lab::new("bench-mem")?;
+    let lan = lab.lan("lan", "10.77.0.1/16")?;
+    let coord_ns = lab.ns("coord")?;
+    lab.attach(&lan, &coord_ns, "eth0", "10.77.0.2/16", None)?;
+    let coord = Coordinator::start(&mut lab, &coord_ns, "10.77.0.2", &[])?;
+    let key = coord.authkey(&lab, &["--reusable"])?;
+    let hub_ns = lab.ns("hub")?;
+    lab.attach(&lan, &hub_ns, "eth0", "10.77.0.3/16", None)?;
+    let hub = MeshNode::start(&mut lab, &hub_ns, "hub", &coord.url, &key, &[])?;
+    let simulated = peers - active;
+    let t0 = std::time::Instant::now();
+    let lab_bin = lab.bin("lattice-lab");
+    let count = simulated.to_string();
+    let holder = lab.spawn(
+        "hold-nodes",
+        &coord_ns,
+        &[
+            lab_bin.to_str().context("utf-8 path")?,
+            "hold-nodes",
+            "--coordinator",
+            &coord.url,
+            "--key",
+            &key,
+            "--count",
+            &count,
+        ],
+        &[],
+    )?;
+    let mut nodes = Vec::new();
+    for i in 0..active {
+        let ns = lab.ns(&format!("p{i}"))?;
+        lab.attach(&lan, &ns, "eth0", &format!("10.77.1.{}/16", i + 1), None)?;
+        nodes.push(MeshNode::start(
+            &mut lab,
+            &ns,
+            &format!("p{i}"),
+            &coord.url,
+            &key,
+            &[],
+        )?);
+    }
+    if !wait_for(Duration::from_secs(300), || {
+        lab.stdout(holder).contains("joined")
+    }) {
+        bail!("the simulated nodes did not all join:\n{}", lab.log(holder));
+    }
+    let st = hub.wait_ready(&lab, peers, Duration::from_secs(180))?;
+    println!(
+        "{peers} peers in the hub's netmap ({active} real, {simulated} simulated) after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let hub_ip = st["self"]["ips"][0]
+        .as_str()
+        .context("the hub's address")?
+        .to_owned();
+    let pid = lab.pid(hub.proc).context("the hub's pid")?;
+
+    // Idle: settle, then watch.
+    std::thread::sleep(Duration::from_secs(5));
+    let cpu0 = cpu_seconds(&[pid]);
+    let mut idle_max = 0;
+    for _ in 0..seconds * 2 {
+        if let Some((rss, _)) = rss_kb(pid) {
+            idle_max = idle_max.max(rss);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let idle_cpu = (cpu_seconds(&[pid]) - cpu0) / f64::from(seconds);
+    let (idle_rss, _, idle_anon, idle_file) = memory_kb(pid).context("the hub's memory")?;
+
+    // Traffic: every active peer pings the hub; the first also sends a bulk stream.
+    let iperf_srv = lab.spawn("iperf3-server", &hub_ns, &["iperf3", "-s"], &[])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let deadline = seconds.to_string();
+    let mut pingers = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        pingers.push(lab.spawn(
+            &format!("ping-{i}"),
+            &n.ns,
+            &["ping", "-q", "-i", "0.2", "-w", &deadline, &hub_ip],
+            &[],
+        )?);
+    }
+    let bulk = lab.spawn(
+        "iperf3-bulk",
+        &nodes[0].ns,
+        &["iperf3", "-c", &hub_ip, "-t", &deadline],
+        &[],
+    )?;
+    let cpu0 = cpu_seconds(&[pid]);
+    let mut busy_max = 0;
+    for _ in 0..seconds * 2 {
+        if let Some((rss, _)) = rss_kb(pid) {
+            busy_max = busy_max.max(rss);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let busy_cpu = (cpu_seconds(&[pid]) - cpu0) / f64::from(seconds);
+    let mut answered = 0;
+    for p in pingers {
+        lab.wait_exit(p, Duration::from_secs(10));
+        if lab.stdout(p).contains(" 0% packet loss")
+            || lab
+                .stdout(p)
+                .lines()
+                .any(|l| l.contains("received") && !l.contains(" 0 received"))
+        {
+            answered += 1;
+        }
+    }
+    lab.wait_exit(bulk, Duration::from_secs(10));
+    lab.kill(iperf_srv);
+    let (_, peak) = rss_kb(pid).context("the hub's memory")?;
+    let pq = hub
+        .status(&lab)
+        .and_then(|s| {
+            s["peers"]
+                .as_array()
+                .map(|p| p.iter().filter(|x| x["pq"] == true).count())
+        })
+        .unwrap_or(0);
+    println!("\nhub with {peers} peers            resident memory      CPU (share of one core)");
+    println!(
+        "idle ({seconds} s)                    {:>8.1} MB (max {:.1})      {:>6.2}%",
+        idle_rss as f64 / 1024.0,
+        idle_max as f64 / 1024.0,
+        idle_cpu * 100.0
+    );
+    println!(
+        "{active} peers passing traffic ({seconds} s)  {:>8.1} MB max          {:>6.2}%   ({answered} of {active} peers' pings answered, {pq} post-quantum tunnels, one bulk stream)",
+        busy_max as f64 / 1024.0,
+        busy_cpu * 100.0
+    );
+    println!(
+        "peak resident memory (VmHWM)     {:>8.1} MB",
+        peak as f64 / 1024.0
+    );
+    println!(
+        "idle resident memory by kind:    {:>8.1} MB anonymous (heap, stacks), {:.1} MB file-backed (the binary's pages)",
+        idle_anon as f64 / 1024.0,
+        idle_file as f64 / 1024.0
+    );
+    Ok(())
+}

@@ -884,22 +884,83 @@ impl Run<'_> {
     }
 
     fn new_sim(&self, idx: usize, auth: &str) -> Arc<Sim> {
-        let mut rng = rand::rng();
-        Arc::new(Sim {
+        new_sim(
             idx,
-            hostname: format!("n{idx:05}"),
-            machine: StaticKeypair::generate(&mut rng),
-            node: StaticKeypair::generate(&mut rng),
-            auth: auth.to_owned(),
-            src: Ipv4Addr::new(
+            auth,
+            Ipv4Addr::new(
                 127,
                 1 + (idx / 62_500) as u8,
                 ((idx / 250) % 250) as u8,
                 (idx % 250) as u8 + 1,
             ),
-            state: Mutex::new(SimState::default()),
-        })
+        )
     }
+}
+
+/// A simulated node with fresh keys, connecting from `src`.
+fn new_sim(idx: usize, auth: &str, src: Ipv4Addr) -> Arc<Sim> {
+    let mut rng = rand::rng();
+    Arc::new(Sim {
+        idx,
+        hostname: format!("n{idx:05}"),
+        machine: StaticKeypair::generate(&mut rng),
+        node: StaticKeypair::generate(&mut rng),
+        auth: auth.to_owned(),
+        src,
+        state: Mutex::new(SimState::default()),
+    })
+}
+
+/// The control key the coordinator at `authority` (`ip:port`) publishes.
+async fn control_key(authority: &str) -> anyhow::Result<ControlKey> {
+    #[derive(serde::Deserialize)]
+    struct KeyInfo {
+        control_key: ControlKey,
+    }
+    let key: KeyInfo = serde_json::from_slice(
+        &relay::http::get(authority, "/key", 64 << 10)
+            .await
+            .context("GET /key")?,
+    )?;
+    Ok(key.control_key)
+}
+
+/// `lattice-lab hold-nodes`: `count` simulated nodes join the coordinator at `url` with
+/// `auth_key` and stay connected until the process is killed, so a real node's netmap holds
+/// that many more peers (no data plane behind them). Prints `joined N` once every one has had
+/// its first netmap.
+#[allow(clippy::print_stdout)] // the line bench-memory waits for
+pub async fn hold(url: &str, auth_key: &str, count: usize) -> anyhow::Result<()> {
+    raise_nofile();
+    let authority = url.trim_start_matches("http://").trim_end_matches('/');
+    let shared = Arc::new(Shared {
+        watch: Mutex::new((0, Watch::None)),
+        urls: Mutex::new(vec![url.to_owned()]),
+        control_key: control_key(authority).await?,
+    });
+    let gate = Arc::new(Semaphore::new(32));
+    let mut joins = Vec::new();
+    let mut tasks = Vec::new();
+    for idx in 0..count {
+        let sim = new_sim(idx, auth_key, Ipv4Addr::UNSPECIFIED);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let permit = Arc::clone(&gate).acquire_owned().await?;
+        joins.push(tokio::spawn(async move {
+            let _ = rx.await;
+            drop(permit);
+        }));
+        tasks.push(tokio::spawn(run_sim(sim, Arc::clone(&shared), tx)));
+    }
+    tokio::time::timeout(Duration::from_secs(300), async {
+        for j in joins {
+            let _ = j.await;
+        }
+    })
+    .await
+    .context("joining took over 5 minutes")?;
+    println!("joined {count}");
+    std::future::pending::<()>().await;
+    Ok(())
 }
 
 /// Raises the open-file limit to its hard maximum (every node is a socket).
@@ -931,19 +992,10 @@ async fn run_with(cfg: &LoadConfig, coords: &mut Coordinators) -> anyhow::Result
     let authority = coords.urls[0]
         .trim_start_matches("http://")
         .trim_end_matches('/');
-    #[derive(serde::Deserialize)]
-    struct KeyInfo {
-        control_key: ControlKey,
-    }
-    let key: KeyInfo = serde_json::from_slice(
-        &relay::http::get(authority, "/key", 64 << 10)
-            .await
-            .context("GET /key")?,
-    )?;
     let shared = Arc::new(Shared {
         watch: Mutex::new((0, Watch::None)),
         urls: Mutex::new(coords.urls.clone()),
-        control_key: key.control_key,
+        control_key: control_key(authority).await?,
     });
     let teams = if cfg.team_size == 0 {
         1

@@ -43,6 +43,32 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u32,
     },
+    /// The resident memory of a node with PEERS peers in its netmap (simulated ones beyond
+    /// the ACTIVE real ones), idle and while the ACTIVE pass traffic to it, and its CPU.
+    BenchMemory {
+        /// Peers in the node's netmap.
+        #[arg(long, default_value_t = 1000)]
+        peers: usize,
+        /// Real peers that pass traffic to it (each in its own namespace).
+        #[arg(long, default_value_t = 50)]
+        active: usize,
+        /// Seconds of each measurement.
+        #[arg(long, default_value_t = 20)]
+        seconds: u32,
+    },
+    /// COUNT simulated nodes join the coordinator with KEY and stay connected until killed
+    /// (a large netmap for real nodes; used by bench-memory).
+    HoldNodes {
+        /// The coordinator's URL (http://IP:PORT).
+        #[arg(long)]
+        coordinator: String,
+        /// A reusable auth key.
+        #[arg(long)]
+        key: String,
+        /// How many.
+        #[arg(long)]
+        count: usize,
+    },
     /// N simulated nodes speaking the real control protocol to real coordinators over loopback:
     /// how long registration, a policy change, a removal, an arrival and a restart take to
     /// reach every node; every node's peers and rules are checked after each step.
@@ -97,6 +123,19 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo => demo(),
         Cmd::BenchThroughput { rounds, seconds } => e2e::bench::throughput(rounds, seconds),
         Cmd::BenchRelay { rounds, seconds } => e2e::bench::relay_throughput(rounds, seconds),
+        Cmd::BenchMemory {
+            peers,
+            active,
+            seconds,
+        } => e2e::bench::memory(peers, active, seconds),
+        Cmd::HoldNodes {
+            coordinator,
+            key,
+            count,
+        } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(e2e::load::hold(&coordinator, &key, count)),
         Cmd::Load {
             nodes,
             replicas,
