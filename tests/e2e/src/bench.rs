@@ -533,6 +533,20 @@ fn memory_kb(pid: u32) -> Option<(u64, u64, u64, u64)> {
     ))
 }
 
+/// Watches process `pid` for `seconds`: its largest resident memory (kB, sampled twice a
+/// second) and the share of one core it used.
+fn watch_process(pid: u32, seconds: u32) -> (u64, f64) {
+    let cpu0 = cpu_seconds(&[pid]);
+    let mut max = 0;
+    for _ in 0..seconds * 2 {
+        if let Some((rss, _)) = rss_kb(pid) {
+            max = max.max(rss);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    (max, (cpu_seconds(&[pid]) - cpu0) / f64::from(seconds))
+}
+
 /// `lattice-lab bench-memory`: a node (the hub) whose netmap holds `peers` peers: `active`
 /// real nodes, each in its own namespace, and simulated ones (`hold-nodes`) for the rest. Its
 /// resident memory and CPU while idle, then while every active peer pings it (5 a second) and
@@ -603,15 +617,7 @@ pub fn memory(peers: usize, active: usize, seconds: u32) -> anyhow::Result<()> {
 
     // Idle: settle, then watch.
     std::thread::sleep(Duration::from_secs(5));
-    let cpu0 = cpu_seconds(&[pid]);
-    let mut idle_max = 0;
-    for _ in 0..seconds * 2 {
-        if let Some((rss, _)) = rss_kb(pid) {
-            idle_max = idle_max.max(rss);
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let idle_cpu = (cpu_seconds(&[pid]) - cpu0) / f64::from(seconds);
+    let (idle_max, idle_cpu) = watch_process(pid, seconds);
     let (idle_rss, _, idle_anon, idle_file) = memory_kb(pid).context("the hub's memory")?;
 
     // Traffic: every active peer pings the hub; the first also sends a bulk stream.
@@ -633,15 +639,7 @@ pub fn memory(peers: usize, active: usize, seconds: u32) -> anyhow::Result<()> {
         &["iperf3", "-c", &hub_ip, "-t", &deadline],
         &[],
     )?;
-    let cpu0 = cpu_seconds(&[pid]);
-    let mut busy_max = 0;
-    for _ in 0..seconds * 2 {
-        if let Some((rss, _)) = rss_kb(pid) {
-            busy_max = busy_max.max(rss);
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let busy_cpu = (cpu_seconds(&[pid]) - cpu0) / f64::from(seconds);
+    let (busy_max, busy_cpu) = watch_process(pid, seconds);
     let mut answered = 0;
     for p in pingers {
         lab.wait_exit(p, Duration::from_secs(10));
