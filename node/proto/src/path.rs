@@ -12,7 +12,9 @@
 //!   *suspect*: traffic goes through the relay as well at once, and the heartbeat is repeated.
 //!   A second overdue pong means the path went quiet (a NAT rebound and moved its port, or
 //!   the network changed): it is no longer trusted, a probe round starts, and the node is
-//!   told ([`PathAction::Quiet`]) so it re-learns its own endpoints and tells the peer.
+//!   told ([`PathAction::Quiet`]) so it re-learns its own endpoints and tells the peer. While
+//!   the peer's packets still arrive on the path, only a fourth ([`QUIET_HEARD`]) does: two
+//!   lost pongs on a lossy but working link are no rebinding.
 //! - Without a trusted direct path, probe rounds repeat every [`PROBE_FAST`] for the first
 //!   rounds, then every [`PROBE_SLOW`] while traffic flows. No packet of ours may reach the
 //!   peer's router before that router has a mapping toward our endpoint: a router that
@@ -56,6 +58,9 @@ pub const STALE: Duration = Duration::from_secs(10);
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 /// A heartbeat's pong is overdue after this long, or after three round trips if longer.
 pub const PONG_WAIT: Duration = Duration::from_millis(200);
+/// Overdue heartbeats in a row that make a path quiet although the peer's packets still
+/// arrive on it (a path that works only inward); two make it quiet otherwise.
+pub const QUIET_HEARD: u8 = 4;
 /// A peer is active this long after we sent it something.
 pub const ACTIVE: Duration = Duration::from_secs(5);
 /// Probe interval for the first [`FAST_ROUNDS`] rounds without a direct path.
@@ -193,8 +198,11 @@ pub struct PathState {
     /// When the pong to the heartbeat awaited on the trusted path is overdue (any pong on
     /// that path settles it).
     pong_due: Option<Instant>,
-    /// Overdue heartbeats in a row (one makes the path suspect, two quiet).
+    /// Overdue heartbeats in a row (one makes the path suspect, two quiet; four when the
+    /// peer's packets still arrive on the path).
     missed: u8,
+    /// When the path became suspect (its first overdue heartbeat).
+    suspect_since: Option<Instant>,
     /// When our last call-me-maybe went, while its reply is awaited.
     called_at: Option<Instant>,
     /// A call went unanswered: the relay may be down, so do not count on it alone.
@@ -542,6 +550,13 @@ impl PathState {
             self.missed = self.missed.saturating_add(1);
             if let Some(b) = self.trusted(now) {
                 if self.missed == 1 {
+                    self.suspect_since = Some(now);
+                }
+                // The peer's packets still arriving on the path since it became suspect say
+                // it works at least inward (a rebinding on either side would stop them): on a
+                // lossy link two lost pongs in a row are no reason to leave it.
+                let still_heard = self.suspect_since.is_some_and(|t| b.last_rx > t);
+                if self.missed == 1 || (still_heard && self.missed < QUIET_HEARD) {
                     // Suspect: the relay carries traffic too while we ask again at once.
                     let tx = self.heartbeat(now, rng, b);
                     out.push(tx);
@@ -943,6 +958,34 @@ mod tests {
             p.targets(gone, key, local(), false),
             vec![Addr::Relay(RelayId(0), key)]
         );
+    }
+
+    #[test]
+    fn a_path_the_peer_is_still_heard_on_goes_quiet_only_after_four_lost_pongs() {
+        let now = crate::test_epoch();
+        let mut rng = StdRng::seed_from_u64(4);
+        let mut p = PathState::default();
+        let a: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        probe(&mut p, now, &mut rng, a, Duration::from_millis(2));
+        p.on_send(now);
+        let mut t = now + Duration::from_millis(10);
+        // The heartbeat that starts the wait, then four overdue pongs in a row, while the
+        // peer's WireGuard packets keep arriving on the path (a lossy link).
+        p.poll(t, &mut rng, local());
+        for missed in 1..=4 {
+            t += PONG_WAIT;
+            p.on_auth_rx(t - Duration::from_millis(50), Addr::main(a));
+            p.on_send(t);
+            let out = p.poll(t, &mut rng, local());
+            assert_eq!(
+                out.contains(&PathAction::Quiet),
+                missed == 4,
+                "after {missed} lost pongs: {out:?}"
+            );
+            if missed < 4 {
+                assert!(matches!(p.current(t, local()), Current::Direct(..)));
+            }
+        }
     }
 
     #[test]
