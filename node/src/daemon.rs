@@ -131,7 +131,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let socket_path = dir.socket();
     let api_socket = socket_path.clone();
     let metrics_tx = api_tx.clone();
-    let api_task = tokio::spawn(async move { api::serve(&api_socket, api_tx).await });
+    let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let api_task = tokio::spawn(async move {
+        api::serve(&api_socket, api_tx, async {
+            let _ = api_stopped.await;
+        })
+        .await
+    });
     if let Some(addr) = args.metrics_listen {
         let listener = relay::metrics::listen(Some(relay::metrics::Listen(Some(addr))), None)
             .await?
@@ -217,7 +223,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let result = ev.run().await;
     control_task.abort();
     posture_task.abort();
-    api_task.abort();
+    // Let the API finish answering (the `down` or `logout` that ended the loop), briefly.
+    let _ = api_stop.send(());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), api_task).await;
     let _ = std::fs::remove_file(&socket_path);
     match result? {
         Exit::Stopped | Exit::LoggedOut => Ok(()),

@@ -380,7 +380,11 @@ pub struct AccessRequestJson {
 }
 
 /// Serves the local API on `path` until the process ends.
-pub async fn serve(path: &Path, requests: mpsc::Sender<ApiRequest>) -> anyhow::Result<()> {
+pub async fn serve(
+    path: &Path,
+    requests: mpsc::Sender<ApiRequest>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
             bail!(
@@ -403,7 +407,10 @@ pub async fn serve(path: &Path, requests: mpsc::Sender<ApiRequest>) -> anyhow::R
         .route("/v1/request-access", post(request_access))
         .route("/v1/ping/{target}", post(ping))
         .with_state(requests);
-    axum::serve(listener, app).await?;
+    // On shutdown, answers in flight still go out (`lattice down` waits for its answer).
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
     Ok(())
 }
 
