@@ -18,6 +18,10 @@ use wire::NatInfo;
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a run starts by itself.
 pub const INTERVAL: Duration = Duration::from_secs(30);
+/// How soon a run that could not tell whether the mapping varies (UDP works, but fewer than
+/// two servers answered, e.g. a lost answer) runs again: until then a hard NAT looks like
+/// an easy one, and its peers wait for a spray that is never asked for.
+pub const INCOMPLETE_RETRY: Duration = Duration::from_secs(3);
 /// Requests per server per run (one retransmission).
 const TRIES: u32 = 2;
 /// Most servers asked.
@@ -52,6 +56,9 @@ pub struct Netcheck {
     run: Option<Run>,
     next_run: Option<Instant>,
     last: Option<Report>,
+    /// The last run could not tell and the next one was brought forward (once: a server that
+    /// is down for good does not make every run early).
+    brought_forward: bool,
 }
 
 #[derive(Debug)]
@@ -150,6 +157,12 @@ impl Netcheck {
         let all = self.servers.iter().all(|s| run.results.contains_key(s));
         if all || elapsed >= RUN_TIMEOUT {
             let report = self.finish();
+            let unsure =
+                report.nat.udp && report.nat.mapping_varies.is_none() && self.servers.len() >= 2;
+            if unsure && !self.brought_forward {
+                self.next_run = Some(now + INCOMPLETE_RETRY);
+            }
+            self.brought_forward = unsure && !self.brought_forward;
             return (out, Some(report));
         }
         (out, None)
@@ -269,6 +282,73 @@ mod tests {
         assert_eq!(r.nat.mapping_varies, Some(true));
         assert!(r.nat.is_hard());
         assert_eq!(r.public_endpoint, None);
+    }
+
+    #[test]
+    fn a_run_that_cannot_tell_whether_the_mapping_varies_runs_again_soon() {
+        let now = crate::test_epoch();
+        let mut rng = StdRng::seed_from_u64(4);
+        let mut n = Netcheck::default();
+        let s1: SocketAddr = "198.51.100.1:3478".parse().unwrap();
+        let s2: SocketAddr = "198.51.100.2:3478".parse().unwrap();
+        n.set_servers(now, vec![s1, s2]);
+        // Only s1 ever answers (s2's answers are lost, retransmission included).
+        let (reqs, _) = n.poll(now, &mut rng);
+        let only_s1: Vec<_> = reqs.into_iter().filter(|(s, _)| *s == s1).collect();
+        answer_all(&mut n, now, &only_s1, |_| {
+            "203.0.113.7:41641".parse().unwrap()
+        });
+        let (retry, _) = n.poll(now + RUN_TIMEOUT / 2, &mut rng);
+        assert_eq!(retry.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![s2]);
+        let r = n.poll(now + RUN_TIMEOUT, &mut rng).1.unwrap();
+        assert!(r.nat.udp);
+        assert_eq!(r.nat.mapping_varies, None);
+        // Not in 30 s: in a few.
+        assert_eq!(n.deadline(), Some(now + RUN_TIMEOUT + INCOMPLETE_RETRY));
+        assert!(n.brought_forward);
+        let (again, _) = n.poll(now + RUN_TIMEOUT + INCOMPLETE_RETRY, &mut rng);
+        assert_eq!(again.len(), 2);
+        // Both answer this time: a complete run, and the usual interval again.
+        answer_all(&mut n, now, &again, |_| {
+            "203.0.113.7:41641".parse().unwrap()
+        });
+        let t = now + RUN_TIMEOUT + INCOMPLETE_RETRY;
+        let r = n.poll(t, &mut rng).1.unwrap();
+        assert!(r.nat.mapping_varies.is_some());
+        assert_eq!(n.deadline(), Some(t + INTERVAL));
+        assert!(!n.brought_forward);
+    }
+
+    #[test]
+    fn a_server_that_stays_silent_brings_only_one_run_forward() {
+        let now = crate::test_epoch();
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut n = Netcheck::default();
+        let s1: SocketAddr = "198.51.100.1:3478".parse().unwrap();
+        let s2: SocketAddr = "198.51.100.2:3478".parse().unwrap();
+        n.set_servers(now, vec![s1, s2]);
+        let mut t = now;
+        let mut gaps = Vec::new();
+        for _ in 0..3 {
+            let (reqs, _) = n.poll(t, &mut rng);
+            let only_s1: Vec<_> = reqs.into_iter().filter(|(s, _)| *s == s1).collect();
+            answer_all(&mut n, t, &only_s1, |_| {
+                "203.0.113.7:41641".parse().unwrap()
+            });
+            n.poll(t + RUN_TIMEOUT / 2, &mut rng);
+            assert!(n.poll(t + RUN_TIMEOUT, &mut rng).1.is_some());
+            let next = n.deadline().unwrap();
+            gaps.push(next.saturating_duration_since(t));
+            t = next;
+        }
+        assert_eq!(
+            gaps,
+            vec![
+                RUN_TIMEOUT + INCOMPLETE_RETRY,
+                INTERVAL,
+                RUN_TIMEOUT + INCOMPLETE_RETRY
+            ]
+        );
     }
 
     #[test]
