@@ -68,11 +68,11 @@ pub enum Incoming {
 
 /// An authenticated relay connection. Dropping it closes the connection.
 pub struct RelayConn {
-    out: mpsc::Sender<Bytes>,
+    /// The frame queue, and over QUIC the connection, whose datagrams are read and sent
+    /// without a task between.
+    sender: FrameSender,
     /// Frames as they arrive, decoded by [`RelayConn::recv`].
     frames: mpsc::Receiver<Bytes>,
-    /// Over QUIC, the connection: its datagrams are read and sent without a task between.
-    quic: Option<quinn::Connection>,
     transport: Transport,
     ping_sent: PingSent,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -119,7 +119,7 @@ impl RelayConn {
     /// The next thing from the relay; `None` once the connection is gone. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Incoming> {
         loop {
-            let frame = match &self.quic {
+            let frame = match &self.sender.quic {
                 // Both are cancel-safe: a datagram not yet returned stays in the connection.
                 Some(c) => tokio::select! {
                     f = self.frames.recv() => f?,
@@ -135,31 +135,24 @@ impl RelayConn {
 
     /// A handle that queues frames on this connection.
     pub fn sender(&self) -> FrameSender {
-        FrameSender {
-            out: self.out.clone(),
-            quic: self.quic.clone(),
-        }
+        self.sender.clone()
     }
 
     /// Queues a packet for `dst`; false when the queue is full or the connection is gone.
     pub fn send(&self, dst: &[u8; 32], payload: &[u8]) -> bool {
-        self.send_frame(proto::encode_packet(false, dst, payload).into())
-    }
-
-    /// Queues a `Send` frame built by the caller ([`proto::encode_packet`]), saving a copy;
-    /// false when the queue is full or the connection is gone.
-    pub fn send_frame(&self, frame: Bytes) -> bool {
-        self.sender().send(frame)
+        self.sender
+            .send(proto::encode_packet(false, dst, payload).into())
     }
 
     /// Whether the connection is gone.
     pub fn is_closed(&self) -> bool {
-        self.out.is_closed()
+        self.sender.out.is_closed()
     }
 
     /// Hands the relay a refreshed ticket.
     pub fn refresh_ticket(&self, ticket: &[u8]) {
         let _ = self
+            .sender
             .out
             .try_send(proto::encode(&Frame::Ticket { ticket }).into());
     }
@@ -171,6 +164,7 @@ impl RelayConn {
             *p = Some((data, Instant::now()));
         }
         let _ = self
+            .sender
             .out
             .try_send(proto::encode(&Frame::Ping { data }).into());
     }
@@ -328,13 +322,8 @@ async fn connect_quic(
     let writer = tokio::spawn(async move {
         // Keep the endpoint alive as long as the connection.
         let _endpoint = endpoint;
+        // Only what `FrameSender::send` did not send as a datagram comes here.
         while let Some(f) = out_rx.recv().await {
-            let fits = writer_conn
-                .max_datagram_size()
-                .is_some_and(|max| f.len() <= max);
-            if f.first() == Some(&0x10) && fits && writer_conn.send_datagram(f.clone()).is_ok() {
-                continue;
-            }
             if send.write_all(&proto::length_prefixed(&f)).await.is_err() {
                 break;
             }
@@ -344,7 +333,7 @@ async fn connect_quic(
     authenticate(&mut in_rx, &out_tx, relay, node, ticket).await?;
     debug!(relay = %relay.name, %addr, "relay connected over QUIC");
     let mut c = finish(in_rx, out_tx, Transport::Quic, vec![reader, writer]);
-    c.quic = Some(conn);
+    c.sender.quic = Some(conn);
     Ok(c)
 }
 
@@ -355,9 +344,8 @@ fn finish(
     tasks: Vec<tokio::task::JoinHandle<()>>,
 ) -> RelayConn {
     RelayConn {
-        out,
+        sender: FrameSender { out, quic: None },
         frames,
-        quic: None,
         transport,
         ping_sent: std::sync::Mutex::new(None),
         tasks,

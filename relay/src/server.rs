@@ -295,18 +295,9 @@ impl Relay {
                 }
             }
         });
-        // Writer: Recv frames as datagrams when they fit, everything else on the stream.
-        let writer_conn = conn.clone();
+        // Writer: the stream (`Recv` frames that fit go out as datagrams from `handle`).
         let writer = tokio::spawn(async move {
             while let Some(f) = out_rx.recv().await {
-                let fits = writer_conn
-                    .max_datagram_size()
-                    .is_some_and(|max| f.len() <= max);
-                if f.first() == Some(&0x11) && fits {
-                    // A datagram the connection cannot take is dropped, as UDP would.
-                    let _ = writer_conn.send_datagram(f);
-                    continue;
-                }
                 if send.write_all(&proto::length_prefixed(&f)).await.is_err() {
                     return;
                 }

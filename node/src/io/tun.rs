@@ -39,6 +39,8 @@ const MAX_RUN: usize = 2 * VIRTIO_NET_HDR_LEN + 65_535;
 /// places batch after batch); others go back to packet size, or over time every buffer would
 /// have headed a run once and a batch would hold 8 MB.
 const KEEP_GROWN: usize = 16;
+/// A buffer with more room than this has headed a run (at the usual MTUs a packet needs less).
+const GROWN: usize = 4096;
 
 /// A batch for the writer: buffers and how many of them hold a packet.
 type WriteBatch = (Vec<WriteBuf>, usize);
@@ -179,7 +181,7 @@ impl Tun {
             self.grown = 0;
         }
         let buf = &mut self.out[self.queued].0;
-        if buf.capacity() > 4096 {
+        if buf.capacity() > GROWN {
             if self.grown < KEEP_GROWN {
                 self.grown += 1;
             } else {
