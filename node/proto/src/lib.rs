@@ -31,6 +31,7 @@ pub mod netcheck;
 pub mod packet;
 pub mod path;
 pub mod pq;
+pub mod shared;
 mod state;
 pub mod status;
 pub mod stun;
@@ -44,7 +45,7 @@ pub use addr::{Addr, SockId};
 /// choosing collisions, and no output depends on the iteration order.
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub use gotatun::packet::Packet;
-pub use state::{Event, NodeConfig, NodeState, Traffic, Transmit};
+pub use state::{CryptoDone, CryptoJob, Event, NodeConfig, NodeState, Traffic, Transmit};
 pub use status::{Counters, ExitStatus, PathKind, PathStatus, PeerStatus, Status};
 
 /// The origin of virtual time in tests: the one place the crate reads the clock.

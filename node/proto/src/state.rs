@@ -4,11 +4,13 @@
 //! built from netmaps; `data` the WireGuard data path and packet filter; `keys` the
 //! post-quantum key schedule and tunnel creation.
 
+mod crypto;
 mod data;
 mod discovery;
 mod keys;
 mod peers;
 
+pub use crypto::{CryptoDone, CryptoJob};
 pub use peers::Traffic;
 mod routes;
 
@@ -211,6 +213,9 @@ pub struct NodeState {
 
     transmits: VecDeque<Transmit>,
     tun_writes: VecDeque<Packet>,
+    /// Crypto jobs for the shell (only with `crypto_outside`).
+    crypto: VecDeque<CryptoJob>,
+    crypto_outside: bool,
     events: VecDeque<Event>,
     next_tick: Instant,
     next_sweep: Instant,
@@ -269,6 +274,8 @@ impl NodeState {
             quiet_netcheck: None,
             transmits: VecDeque::new(),
             tun_writes: VecDeque::new(),
+            crypto: VecDeque::new(),
+            crypto_outside: false,
             events: VecDeque::new(),
             next_tick: now,
             next_sweep: now + SWEEP_INTERVAL,
@@ -514,6 +521,11 @@ impl NodeState {
     /// The next event.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+
+    /// Whether [`NodeState::poll_event`] has something.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
     }
 
     /// When `handle_timeout` must next be called, and why.

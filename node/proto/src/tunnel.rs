@@ -6,6 +6,12 @@
 //! the rest of the core runs on virtual time; simulator tests therefore exercise paths and
 //! policy, not WireGuard's timers. Everything else the `Tunn` needs (index allocation, retry
 //! jitter) is seeded by the core.
+//!
+//! A [`Tunnel`] is a shared handle: the core keeps one per peer, and a shell that runs the
+//! data plane on several threads encrypts and decrypts with it outside the core (see
+//! [`crate::CryptoJob`]). gotatun's `Tunn` takes `&mut self` for every packet, so one
+//! peer's packets pass through its tunnel one at a time (a short lock around the AEAD);
+//! different peers' packets, and one peer's two directions between packets, run in parallel.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +23,16 @@ use gotatun::noise::{Tunn, TunnResult};
 use gotatun::packet::{Packet, WgKind};
 use gotatun::tun::MtuWatcher;
 use gotatun::x25519::{PublicKey, StaticSecret};
+use parking_lot::Mutex;
 use rand_09::rngs::StdRng;
 
-/// A peer's WireGuard state.
+/// A peer's WireGuard state: a handle to it, cloned into crypto jobs.
+#[derive(Clone)]
 pub(crate) struct Tunnel {
+    inner: Arc<Mutex<Inner>>,
+}
+
+struct Inner {
     tunn: Tunn<StdRng>,
     mtu: MtuWatcher,
     handshakes: u64,
@@ -45,7 +57,7 @@ impl Tunnel {
         jitter: StdRng,
         mtu: u16,
     ) -> Self {
-        Self {
+        let inner = Inner {
             tunn: Tunn::new_with_rng(
                 private.clone(),
                 PublicKey::from(peer),
@@ -57,56 +69,70 @@ impl Tunnel {
             ),
             mtu: MtuWatcher::new(mtu),
             handshakes: 0,
+        };
+        Self {
+            inner: Arc::new(Mutex::new(inner)),
         }
+    }
+
+    /// Whether `other` is a handle to this very tunnel (not a later one for the same peer).
+    pub(crate) fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// Encrypts a packet for the peer; may instead return a handshake initiation (the packet
     /// is queued until the handshake completes).
-    pub(crate) fn encapsulate(&mut self, packet: Packet) -> Option<WgKind> {
-        self.tunn
-            .handle_outgoing_packet(packet, Some(&mut self.mtu))
+    pub(crate) fn encapsulate(&self, packet: Packet) -> Option<WgKind> {
+        let inner = &mut *self.inner.lock();
+        inner
+            .tunn
+            .handle_outgoing_packet(packet, Some(&mut inner.mtu))
     }
 
     /// Processes a WireGuard message from the peer.
-    pub(crate) fn decapsulate(&mut self, packet: WgKind) -> TunnResult {
-        let responder_handshake = matches!(packet, WgKind::HandshakeInit(_));
-        let initiator_handshake = matches!(packet, WgKind::HandshakeResp(_));
-        let result = self.tunn.handle_incoming_packet(packet);
-        if (responder_handshake || initiator_handshake)
-            && matches!(result, TunnResult::WriteToNetwork(_))
-        {
-            self.handshakes += 1;
+    pub(crate) fn decapsulate(&self, packet: WgKind) -> TunnResult {
+        let handshake = matches!(packet, WgKind::HandshakeInit(_) | WgKind::HandshakeResp(_));
+        let mut inner = self.inner.lock();
+        let result = inner.tunn.handle_incoming_packet(packet);
+        if handshake && matches!(result, TunnResult::WriteToNetwork(_)) {
+            inner.handshakes += 1;
         }
         result
     }
 
     /// Uses `psk` for future handshakes; the current session keeps working until rekeyed.
-    pub(crate) fn set_psk(&mut self, psk: [u8; 32]) {
-        self.tunn.set_preshared_key(Some(psk));
+    pub(crate) fn set_psk(&self, psk: [u8; 32]) {
+        self.inner.lock().tunn.set_preshared_key(Some(psk));
     }
 
     /// Starts a handshake now unless one is already in flight.
-    pub(crate) fn initiate(&mut self) -> Option<WgKind> {
-        self.tunn.format_handshake_initiation(false).map(Into::into)
+    pub(crate) fn initiate(&self) -> Option<WgKind> {
+        self.inner
+            .lock()
+            .tunn
+            .format_handshake_initiation(false)
+            .map(Into::into)
     }
 
     /// Packets that waited for a handshake, now encrypted.
-    pub(crate) fn queued(&mut self) -> Vec<WgKind> {
-        self.tunn.get_queued_packets(&mut self.mtu).collect()
+    pub(crate) fn queued(&self) -> Vec<WgKind> {
+        let inner = &mut *self.inner.lock();
+        inner.tunn.get_queued_packets(&mut inner.mtu).collect()
     }
 
     /// Runs WireGuard's timers; may return a keepalive or a handshake to send.
-    pub(crate) fn update_timers(&mut self) -> Result<Option<WgKind>, WireGuardError> {
-        self.tunn.update_timers()
+    pub(crate) fn update_timers(&self) -> Result<Option<WgKind>, WireGuardError> {
+        self.inner.lock().tunn.update_timers()
     }
 
     pub(crate) fn stats(&self) -> TunnelStats {
-        let (since_handshake, tx_bytes, rx_bytes, _, _) = self.tunn.stats();
+        let inner = self.inner.lock();
+        let (since_handshake, tx_bytes, rx_bytes, _, _) = inner.tunn.stats();
         TunnelStats {
             since_handshake,
             tx_bytes,
             rx_bytes,
-            handshakes: self.handshakes,
+            handshakes: inner.handshakes,
         }
     }
 }

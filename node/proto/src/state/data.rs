@@ -12,6 +12,7 @@ use gotatun::packet::{Packet, WgKind};
 use tracing::{debug, trace};
 use wire::NodeKey;
 
+use super::crypto::CryptoJob;
 use super::peers::MAX_WAITING;
 use super::{NodeState, Transmit};
 use crate::conntrack::Known;
@@ -75,13 +76,10 @@ impl NodeState {
             return;
         };
         peer.path.on_send(now);
-        let Some(tunnel) = peer.tunnel.as_mut() else {
+        let Some(tunnel) = peer.tunnel.clone() else {
             return;
         };
-        if let Some(wg) = tunnel.encapsulate(packet) {
-            peer.traffic.tx_packets += 1;
-            self.send_to_peer(now, key, wg);
-        }
+        self.crypto_job(now, CryptoJob::seal(key, tunnel, packet));
     }
 
     pub(super) fn handle_wireguard(&mut self, now: Instant, from: Addr, datagram: Packet) {
@@ -131,52 +129,24 @@ impl NodeState {
             peer.held_handshake = Some((now, from, wg.into()));
             return;
         }
-        let Some(tunnel) = peer.tunnel.as_mut() else {
+        let Some(tunnel) = peer.tunnel.clone() else {
             // The peer has a key with us that we do not (we restarted): get a new one. This
             // signal is not authenticated, so it only ever asks for a key we lack.
             self.counters.tun_no_tunnel += 1;
             self.pq_want(now, key);
             return;
         };
-        match tunnel.decapsulate(wg) {
-            TunnResult::WriteToNetwork(reply) => {
-                self.learn_path(now, key, from);
-                self.register_index(key, &reply);
-                self.transmits.push_back(Transmit {
-                    dst: from,
-                    payload: reply.into(),
-                    ttl: None,
-                });
-                let peer = self.peers.get_mut(&key).expect("checked above");
-                let queued = peer.tunnel.as_mut().map(|t| t.queued()).unwrap_or_default();
-                for q in queued {
-                    self.transmits.push_back(Transmit {
-                        dst: from,
-                        payload: q.into(),
-                        ttl: None,
-                    });
-                    self.counters.out_sent += 1;
-                }
-            }
-            TunnResult::WriteToTunnel(inner) => {
-                if !inner.is_empty() {
-                    peer.traffic.rx_packets += 1;
-                }
-                self.learn_path(now, key, from);
-                if !inner.is_empty() {
-                    self.deliver(now, key, inner);
-                }
-            }
-            TunnResult::Done => {}
-            TunnResult::Err(e) => {
-                self.counters.wg_invalid += 1;
-                trace!(peer = %key, error = ?e, "wireguard message rejected");
-            }
+        if matches!(wg, WgKind::Data(_)) {
+            self.crypto_job(now, CryptoJob::open(key, tunnel, from, wg));
+        } else {
+            // Handshakes run here, in order with the state they change.
+            let result = tunnel.decapsulate(wg);
+            self.opened(now, key, from, result);
         }
     }
 
     /// Filters a decrypted packet from peer `key` and queues it for the TUN device.
-    fn deliver(&mut self, now: Instant, key: NodeKey, mut inner: Packet) {
+    pub(super) fn deliver(&mut self, now: Instant, key: NodeKey, mut inner: Packet) {
         let Ok(info) = PacketInfo::parse(&inner) else {
             self.counters.in_malformed += 1;
             return;

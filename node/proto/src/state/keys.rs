@@ -401,9 +401,9 @@ impl NodeState {
     }
 
     /// A WireGuard tunnel to `key` keyed with `psk`.
-    pub(super) fn new_tunnel(&mut self, key: NodeKey, psk: Option<[u8; 32]>) -> Box<Tunnel> {
+    pub(super) fn new_tunnel(&mut self, key: NodeKey, psk: Option<[u8; 32]>) -> Tunnel {
         let jitter = super::rand_09_rng(&mut self.rng);
-        Box::new(Tunnel::new(
+        Tunnel::new(
             &self.private,
             *key.as_bytes(),
             psk,
@@ -411,7 +411,7 @@ impl NodeState {
             std::sync::Arc::clone(&self.rate_limiter),
             jitter,
             self.tun_mtu,
-        ))
+        )
     }
 
     /// Whether this node starts or answers exchanges with `key`.

@@ -34,8 +34,9 @@ pub(super) struct Peer {
     pub(super) node: Node,
     /// The WireGuard tunnel; absent until the first post-quantum key exists (or at once in a
     /// classical-only mesh), so no user packet ever crosses a classically keyed session.
-    /// Boxed: gotatun's state is 19 KB, which a peer without a tunnel should not carry.
-    pub(super) tunnel: Option<Box<Tunnel>>,
+    /// A handle (gotatun's state is 19 KB, which a peer without a tunnel should not carry),
+    /// shared with crypto jobs in flight.
+    pub(super) tunnel: Option<Tunnel>,
     pub(super) path: PathState,
     pub(super) pq: PqPeer,
     /// Whether a tunnel was asked for (traffic or a nudge).

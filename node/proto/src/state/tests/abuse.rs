@@ -129,7 +129,7 @@ fn wg_init(from: usize, to: usize, seed: u64) -> Packet {
     let mut rng = StdRng::seed_from_u64(seed);
     let sk = StaticSecret::from(private_key(from));
     let public = PublicKey::from(&sk);
-    let mut tunnel = crate::tunnel::Tunnel::new(
+    let tunnel = crate::tunnel::Tunnel::new(
         &sk,
         *public_key(to).as_bytes(),
         None,

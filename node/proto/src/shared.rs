@@ -1,0 +1,259 @@
+//! One core shared by the data plane's worker threads.
+//!
+//! A shell with several workers (each reading its own TUN queue and UDP socket) keeps one
+//! [`NodeState`] behind a lock. [`run_batch`] is a worker's step: feed a batch of input under
+//! the lock, run the encryption and decryption it asked for without the lock (so workers
+//! encrypt for different peers, and the two directions of one peer, at the same time), then
+//! finish the jobs in order under the lock again and take what is ready to send and to write.
+//!
+//! Order: within one call, output keeps the input's order. A worker that makes its calls one
+//! after another and sends their output in order therefore keeps the order of everything it
+//! read; a flow read by one worker (a TUN queue and a UDP socket each keep a flow on one
+//! reader) leaves in order. Calls on different workers interleave freely: their flows are
+//! unordered with respect to each other, as on any network.
+//!
+//! This module performs no I/O and reads no clock: `now` comes from the caller.
+
+use std::time::Instant;
+
+use gotatun::packet::Packet;
+use parking_lot::Mutex;
+
+use crate::state::{CryptoDone, CryptoJob, NodeState, Transmit};
+
+/// What one batch produced, in order. Reused from batch to batch.
+#[derive(Debug, Default)]
+pub struct BatchOutput {
+    /// Datagrams to send.
+    pub transmits: Vec<Transmit>,
+    /// Packets for the TUN device.
+    pub tun_writes: Vec<Packet>,
+    /// The core has events for the control loop.
+    pub events: bool,
+    /// When the core next needs `handle_timeout`.
+    pub deadline: Option<Instant>,
+    jobs: Vec<CryptoJob>,
+    done: Vec<CryptoDone>,
+}
+
+impl BatchOutput {
+    /// Empties the output for the next batch (keeping its allocations).
+    pub fn clear(&mut self) {
+        self.transmits.clear();
+        self.tun_writes.clear();
+        self.events = false;
+        self.deadline = None;
+    }
+}
+
+/// Feeds `input` to the shared core, runs the crypto it asked for outside the lock, finishes
+/// it in order and appends what is ready to `out`. The core must have
+/// [`NodeState::set_crypto_outside`] on; with it off there are simply no jobs.
+pub fn run_batch(
+    core: &Mutex<NodeState>,
+    now: Instant,
+    out: &mut BatchOutput,
+    input: impl FnOnce(&mut NodeState),
+) {
+    let mut st = core.lock();
+    input(&mut st);
+    loop {
+        out.jobs.extend(std::iter::from_fn(|| st.poll_crypto()));
+        if out.jobs.is_empty() {
+            break;
+        }
+        drop(st);
+        out.done.extend(out.jobs.drain(..).map(CryptoJob::run));
+        st = core.lock();
+        for d in out.done.drain(..) {
+            st.handle_crypto(now, d);
+        }
+    }
+    out.transmits
+        .extend(std::iter::from_fn(|| st.poll_transmit()));
+    out.tun_writes
+        .extend(std::iter::from_fn(|| st.poll_tun_write()));
+    out.events |= st.has_events();
+    out.deadline = st.poll_timeout().map(|(t, _)| t);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use proptest::prelude::*;
+    use wire::netmap::MapResponse;
+
+    use super::*;
+    use crate::addr::{Addr, SockId};
+    use crate::packet::tests::{ipv4, udp};
+    use crate::state::tests::{allow_all, config, node};
+
+    const V4: [[u8; 4]; 2] = [[100, 64, 0, 1], [100, 64, 0, 2]];
+
+    fn addr(i: usize) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, i as u8 + 1], 41641))
+    }
+
+    /// Two cores that know each other, with crypto outside, and a tunnel between them.
+    fn pair(now: Instant) -> [Mutex<NodeState>; 2] {
+        let cores = [0, 1].map(|i| {
+            let mut st = NodeState::new(config(i, 0), [i as u8; 32], now);
+            st.handle_netmap(
+                now,
+                MapResponse {
+                    seq: 1,
+                    node: Some(node(i, vec![addr(i)])),
+                    peers: Some(vec![node(1 - i, vec![addr(1 - i)])]),
+                    packet_filter: Some(allow_all(i)),
+                    ..Default::default()
+                },
+            );
+            st.set_crypto_outside(true);
+            Mutex::new(st)
+        });
+        // The first packet waits for the keys; move datagrams until nothing moves.
+        let mut out = BatchOutput::default();
+        let mut delivered = Vec::new();
+        run_batch(&cores[0], now, &mut out, |st| {
+            st.handle_tun_packet(now, Packet::copy_from(&datagram(0, 0)[..]));
+        });
+        let mut from = 0;
+        for _ in 0..100 {
+            if out.transmits.is_empty() {
+                from = 1 - from;
+                run_batch(&cores[from], now, &mut out, |_| {});
+                if out.transmits.is_empty() {
+                    break;
+                }
+            }
+            let to = 1 - from;
+            let sent: Vec<Transmit> = out.transmits.drain(..).collect();
+            out.clear();
+            run_batch(&cores[to], now, &mut out, |st| {
+                for t in sent {
+                    assert!(matches!(t.dst, Addr::Udp(_, a) if a == addr(to)));
+                    st.handle_datagram(now, SockId::Main, addr(from), t.payload);
+                }
+            });
+            delivered.extend(out.tun_writes.drain(..).map(|p| (to, p.to_vec())));
+            from = to;
+        }
+        assert_eq!(
+            delivered,
+            vec![(1, datagram(0, 0))],
+            "the first packet arrived"
+        );
+        cores
+    }
+
+    /// Packet `seq` of flow `flow`, from core 0 to core 1.
+    fn datagram(flow: u16, seq: u32) -> Vec<u8> {
+        ipv4(
+            V4[0],
+            V4[1],
+            17,
+            &udp(1000 + flow, 2000, &seq.to_be_bytes()),
+        )
+    }
+
+    /// (flow, seq) of a packet `datagram` built.
+    fn flow_and_seq(p: &[u8]) -> (u16, u32) {
+        let flow = u16::from_be_bytes([p[20], p[21]]) - 1000;
+        let seq = u32::from_be_bytes(p[28..32].try_into().unwrap());
+        (flow, seq)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Packets of several flows go through core 0's workers at once (each flow read by
+        /// one worker, as a multi-queue TUN device hashes it, in batches of random sizes),
+        /// cross the network with the workers' outputs interleaved at random, and come out
+        /// of core 1 (one worker, as all of a peer's datagrams reach one socket): every
+        /// flow's packets arrive, each exactly once and in the order they were sent.
+        #[test]
+        fn each_flow_keeps_its_order_through_parallel_workers(
+            flows in proptest::collection::vec(0u16..6, 1..400),
+            workers in 1usize..5,
+            batch_sizes in proptest::collection::vec(1usize..40, 1..20),
+            interleave in proptest::collection::vec(any::<u8>(), 1..64),
+        ) {
+            let now = crate::test_epoch();
+            let cores = pair(now);
+            // Number each flow's packets in order and hand each flow to one worker.
+            let mut next = [0u32; 6];
+            let mut queues = vec![Vec::new(); workers];
+            for &f in &flows {
+                queues[usize::from(f) % workers].push(datagram(f, next[usize::from(f)] + 1));
+                next[usize::from(f)] += 1;
+            }
+            let outputs: Vec<Vec<Transmit>> = std::thread::scope(|s| {
+                let handles: Vec<_> = queues
+                    .into_iter()
+                    .enumerate()
+                    .map(|(w, queue)| {
+                        let core = &cores[0];
+                        let sizes = &batch_sizes;
+                        s.spawn(move || {
+                            let mut sent = Vec::new();
+                            let mut out = BatchOutput::default();
+                            let mut packets = queue.into_iter().peekable();
+                            let mut b = w;
+                            while packets.peek().is_some() {
+                                let n = sizes[b % sizes.len()];
+                                b += 1;
+                                out.clear();
+                                run_batch(core, now, &mut out, |st| {
+                                    for p in packets.by_ref().take(n) {
+                                        st.handle_tun_packet(now, Packet::copy_from(&p[..]));
+                                    }
+                                });
+                                sent.append(&mut out.transmits);
+                                prop_assert!(out.tun_writes.is_empty());
+                            }
+                            Ok(sent)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect::<Result<_, _>>()
+            })?;
+            // The network merges the workers' streams; each stays in its own order.
+            let mut streams: Vec<std::vec::IntoIter<Transmit>> =
+                outputs.into_iter().map(Vec::into_iter).collect();
+            let mut wire = Vec::new();
+            let mut pick = interleave.iter().cycle();
+            while !streams.is_empty() {
+                let i = usize::from(*pick.next().unwrap()) % streams.len();
+                match streams[i].next() {
+                    Some(t) => wire.push(t),
+                    None => {
+                        streams.remove(i);
+                    }
+                }
+            }
+            prop_assert_eq!(wire.len(), flows.len());
+            let mut got = Vec::new();
+            let mut out = BatchOutput::default();
+            let mut wire = wire.into_iter().peekable();
+            let mut b = 0;
+            while wire.peek().is_some() {
+                let n = batch_sizes[b % batch_sizes.len()];
+                b += 1;
+                out.clear();
+                run_batch(&cores[1], now, &mut out, |st| {
+                    for t in wire.by_ref().take(n) {
+                        st.handle_datagram(now, SockId::Main, addr(0), t.payload);
+                    }
+                });
+                got.extend(out.tun_writes.drain(..).map(|p| flow_and_seq(&p)));
+            }
+            for f in 0..6u16 {
+                let seqs: Vec<u32> =
+                    got.iter().filter(|(g, _)| *g == f).map(|(_, s)| *s).collect();
+                let want: Vec<u32> = (1..=next[usize::from(f)]).collect();
+                prop_assert_eq!(seqs, want, "flow {}", f);
+            }
+        }
+    }
+}

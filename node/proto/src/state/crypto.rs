@@ -1,0 +1,208 @@
+//! Encryption and decryption as jobs a shell may run outside the core.
+//!
+//! By default the core encrypts and decrypts inline, as it handles each packet. A shell that
+//! spreads the data plane over several threads turns on [`NodeState::set_crypto_outside`]:
+//! the core then decides everything about a data packet (route, filter, flow tracking, which
+//! tunnel) but hands the AEAD work out as a [`CryptoJob`], which the shell runs without
+//! holding the core and hands back as a [`CryptoDone`]. The core finishes it (counts it,
+//! sends it on the peer's path, filters and delivers it) exactly as the inline path does.
+//!
+//! Order: the core hands jobs out in the order their packets came in, and finishing them in
+//! that order reproduces the inline path's output. A shell keeps a peer's flow in order by
+//! running each batch's jobs and finishing them in sequence on one thread; the tunnel's lock
+//! serializes jobs for one peer that run on different threads (its replay window accepts the
+//! counters out of order, as for any reordering on the network).
+
+use std::time::Instant;
+
+use gotatun::noise::TunnResult;
+use gotatun::packet::{Packet, WgKind};
+use tracing::trace;
+use wire::NodeKey;
+
+use super::{NodeState, Transmit};
+use crate::addr::Addr;
+use crate::tunnel::Tunnel;
+
+/// AEAD work for one packet and one peer's tunnel.
+pub struct CryptoJob {
+    key: NodeKey,
+    tunnel: Tunnel,
+    work: Work,
+}
+
+enum Work {
+    /// A packet from the TUN device to encrypt.
+    Seal(Packet),
+    /// A WireGuard transport-data message from `from` to decrypt.
+    Open { from: Addr, message: WgKind },
+}
+
+/// A finished [`CryptoJob`], for [`NodeState::handle_crypto`].
+pub struct CryptoDone {
+    key: NodeKey,
+    tunnel: Tunnel,
+    result: Done,
+}
+
+enum Done {
+    Sealed(Option<WgKind>),
+    Opened { from: Addr, result: TunnResult },
+}
+
+impl CryptoJob {
+    pub(super) fn seal(key: NodeKey, tunnel: Tunnel, packet: Packet) -> Self {
+        Self {
+            key,
+            tunnel,
+            work: Work::Seal(packet),
+        }
+    }
+
+    pub(super) fn open(key: NodeKey, tunnel: Tunnel, from: Addr, message: WgKind) -> Self {
+        Self {
+            key,
+            tunnel,
+            work: Work::Open { from, message },
+        }
+    }
+
+    /// The peer whose tunnel the job uses.
+    pub fn peer(&self) -> NodeKey {
+        self.key
+    }
+
+    /// Runs the AEAD (under the peer's tunnel lock, not the core's).
+    pub fn run(self) -> CryptoDone {
+        let result = match self.work {
+            Work::Seal(packet) => Done::Sealed(self.tunnel.encapsulate(packet)),
+            Work::Open { from, message } => Done::Opened {
+                from,
+                result: self.tunnel.decapsulate(message),
+            },
+        };
+        CryptoDone {
+            key: self.key,
+            tunnel: self.tunnel,
+            result,
+        }
+    }
+}
+
+impl std::fmt::Debug for CryptoJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.work {
+            Work::Seal(_) => "seal",
+            Work::Open { .. } => "open",
+        };
+        f.debug_struct("CryptoJob")
+            .field("peer", &self.key)
+            .field("kind", &kind)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for CryptoDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CryptoDone")
+            .field("peer", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeState {
+    /// Hands encryption and decryption of data packets out as [`CryptoJob`]s
+    /// ([`NodeState::poll_crypto`]) instead of running them inline. Handshakes, keepalives
+    /// and packets that waited for a key still run inline: they are rare and change state.
+    pub fn set_crypto_outside(&mut self, on: bool) {
+        self.crypto_outside = on;
+    }
+
+    /// The next crypto job, in the order the core made them.
+    pub fn poll_crypto(&mut self) -> Option<CryptoJob> {
+        self.crypto.pop_front()
+    }
+
+    /// Finishes a job [`NodeState::poll_crypto`] handed out. A job whose peer is gone, or
+    /// whose tunnel was replaced while it ran, is dropped.
+    pub fn handle_crypto(&mut self, now: Instant, done: CryptoDone) {
+        let current = self
+            .peers
+            .get(&done.key)
+            .and_then(|p| p.tunnel.as_ref())
+            .is_some_and(|t| t.same(&done.tunnel));
+        if !current {
+            trace!(peer = %done.key, "crypto job for a tunnel that is gone; dropped");
+            return;
+        }
+        match done.result {
+            Done::Sealed(wg) => self.sealed(now, done.key, wg),
+            Done::Opened { from, result } => self.opened(now, done.key, from, result),
+        }
+    }
+
+    /// Runs `job` inline or queues it for the shell.
+    pub(super) fn crypto_job(&mut self, now: Instant, job: CryptoJob) {
+        if self.crypto_outside {
+            self.crypto.push_back(job);
+        } else {
+            let done = job.run();
+            self.handle_crypto(now, done);
+        }
+    }
+
+    fn sealed(&mut self, now: Instant, key: NodeKey, wg: Option<WgKind>) {
+        let Some(wg) = wg else {
+            return;
+        };
+        if let Some(peer) = self.peers.get_mut(&key) {
+            peer.traffic.tx_packets += 1;
+        }
+        self.send_to_peer(now, key, wg);
+    }
+
+    /// What a WireGuard message from peer `key` decrypted (or was answered) to.
+    pub(super) fn opened(&mut self, now: Instant, key: NodeKey, from: Addr, result: TunnResult) {
+        match result {
+            TunnResult::WriteToNetwork(reply) => {
+                self.learn_path(now, key, from);
+                self.register_index(key, &reply);
+                self.transmits.push_back(Transmit {
+                    dst: from,
+                    payload: reply.into(),
+                    ttl: None,
+                });
+                let queued = self
+                    .peers
+                    .get(&key)
+                    .and_then(|p| p.tunnel.as_ref())
+                    .map(Tunnel::queued)
+                    .unwrap_or_default();
+                for q in queued {
+                    self.transmits.push_back(Transmit {
+                        dst: from,
+                        payload: q.into(),
+                        ttl: None,
+                    });
+                    self.counters.out_sent += 1;
+                }
+            }
+            TunnResult::WriteToTunnel(inner) => {
+                if !inner.is_empty()
+                    && let Some(peer) = self.peers.get_mut(&key)
+                {
+                    peer.traffic.rx_packets += 1;
+                }
+                self.learn_path(now, key, from);
+                if !inner.is_empty() {
+                    self.deliver(now, key, inner);
+                }
+            }
+            TunnResult::Done => {}
+            TunnResult::Err(e) => {
+                self.counters.wg_invalid += 1;
+                trace!(peer = %key, error = ?e, "wireguard message rejected");
+            }
+        }
+    }
+}
