@@ -223,6 +223,10 @@ pub struct UpArgs {
     /// Do not ask the gateway for a port mapping (UPnP-IGD, NAT-PMP, PCP).
     #[arg(long)]
     pub no_port_mapping: bool,
+    /// Data-plane workers: each reads its own TUN queue and UDP socket and encrypts and
+    /// decrypts on its own thread [default: one per CPU, at most 8].
+    #[arg(long, env = "LATTICE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: Option<u16>,
 }
 
 fn parse_id_token_refresh(s: &str) -> Result<std::time::Duration, String> {

@@ -85,7 +85,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
         None => DEFAULT_PORT,
     };
-    let sockets = Sockets::bind(port, dialer).map_err(|e| {
+    let workers = crate::io::workers::count(args.workers.map(usize::from));
+    let sockets = Sockets::bind_group(port, dialer, workers).map_err(|e| {
         if exit_node.is_some() && is_permission_error(&e) {
             e.context("--exit-node marks the node's sockets (SO_MARK), which needs CAP_NET_ADMIN")
         } else {
@@ -158,7 +159,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         };
     }
 
-    info!(coordinator = %pin.url, node_key = %node_key, port = sockets.port, "starting");
+    info!(coordinator = %pin.url, node_key = %node_key, port = sockets[0].port, workers, "starting");
     let cfg = ControlConfig {
         urls: pin.urls(),
         control_key: pin.control_key,

@@ -43,9 +43,22 @@ impl Dialer {
 
     /// A UDP socket bound to `addr` (non-blocking; IPv6 sockets are IPv6 only).
     pub fn udp(self, addr: SocketAddr) -> io::Result<Socket> {
+        self.udp_with(addr, false)
+    }
+
+    /// A UDP socket bound to `addr` with `SO_REUSEPORT`, so sockets of one process can share
+    /// the port (the kernel spreads datagrams over them by source and destination).
+    pub fn udp_shared(self, addr: SocketAddr) -> io::Result<Socket> {
+        self.udp_with(addr, true)
+    }
+
+    fn udp_with(self, addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
         let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
         if addr.is_ipv6() {
             s.set_only_v6(true)?;
+        }
+        if reuse_port {
+            s.set_reuse_port(true)?;
         }
         self.apply(&s)?;
         s.set_nonblocking(true)?;

@@ -54,6 +54,9 @@ pub struct StatusJson {
     /// What the mesh DNS resolver answered since the node started.
     #[serde(default)]
     pub dns: DnsJson,
+    /// Data-plane workers (each with its own TUN queue and UDP socket).
+    #[serde(default)]
+    pub workers: usize,
 }
 
 /// The mesh DNS resolver's answers in `status`, by kind.

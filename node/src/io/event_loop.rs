@@ -1,17 +1,19 @@
-//! The event loop (STYLE S4): selects over the TUN device, the UDP sockets, the control client,
-//! the local API and the core's timer; feeds each input to [`NodeState`] with the current time
-//! and drains its outputs. It holds no protocol state of its own.
+//! The event loop (STYLE S4): the control half of the shell. It selects over the control
+//! client, the local API, relays, auxiliary sockets and the core's timer; feeds each input to
+//! [`NodeState`] with the current time and drains its outputs. It holds no protocol state of
+//! its own. The TUN device and the UDP sockets are read by the data-plane workers
+//! ([`crate::io::workers`]), which share the core with it.
 
 use std::collections::BTreeMap;
-use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use node_proto::path::Current;
-use node_proto::{Addr, Event, NodeState, Packet, SockId, Status};
-use quinn_udp::RecvMeta;
+use node_proto::shared::{BatchOutput, run_batch};
+use node_proto::{Addr, Event, NodeState, Packet, SockId, Status, Transmit};
+use parking_lot::MutexGuard;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 use wire::{ClientMessage, ErrorCode, NatInfo, NodeId, RelayId};
@@ -26,15 +28,14 @@ use crate::io::dns::DnsTable;
 use crate::io::keylog::KeyLog;
 use crate::io::portmap::PortMapper;
 use crate::io::relays::{RelayEvent, RelayManager};
-use crate::io::tun::{ReadBufs, Tun, is_packet_error};
-use crate::io::udp::{RECV_SLOT, RECV_SLOTS, Sender, Sock, Sockets};
+use crate::io::tun::Tun;
+use crate::io::udp::{Sender, Sock, Sockets};
+use crate::io::workers::{Shared, ToControl, Workers};
 use crate::io::{dns, ifaddrs};
 use crate::statedir::{Pin, StateDir};
 
-/// Packets read per wakeup before outputs are flushed.
+/// Relay events handled per wake-up before outputs are flushed.
 const BATCH: usize = 64;
-/// Most TUN reads per wake-up (each may carry a 64 KiB run of packets).
-const TUN_READS: usize = 8;
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(20);
 const CACHE_SAVE_DELAY: Duration = Duration::from_secs(1);
 
@@ -60,12 +61,16 @@ pub struct Routing {
 
 /// Everything the loop drives.
 pub struct EventLoop {
-    /// The sans-IO core.
-    pub state: NodeState,
-    /// UDP sockets.
+    /// The sans-IO core, shared with the workers.
+    shared: Arc<Shared>,
+    /// The data-plane workers.
+    workers: Workers,
+    /// The first worker's UDP sockets (all share one port).
     pub sockets: Arc<Sockets>,
-    /// Sends on them, from a task of its own.
+    /// Sends the control loop's datagrams on them, from a task of its own.
     sender: Sender,
+    /// What the control loop's inputs produced.
+    out: BatchOutput,
     /// The TUN device, once addresses are known.
     pub tun: Option<Tun>,
     /// TUN name to create.
@@ -101,8 +106,6 @@ pub struct EventLoop {
     keylog: Option<KeyLog>,
     dns_started: bool,
     cache_due: Option<Instant>,
-    /// TUN reads dropped as malformed by the offload code (before the core saw them).
-    tun_read_errors: u64,
     pending_logout: Option<(oneshot::Sender<Result<(), String>>, Instant)>,
     /// A sign-in the node waits for, and how the last one ended.
     login: Option<LoginJson>,
@@ -168,8 +171,8 @@ impl EventLoop {
     /// Builds the loop around a core and its channels.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        state: NodeState,
-        sockets: Sockets,
+        mut state: NodeState,
+        sockets: Vec<Sockets>,
         tun_name: String,
         mtu: u16,
         dir: StateDir,
@@ -188,13 +191,20 @@ impl EventLoop {
         let dialer = routing.dialer;
         let (relay_tx, relay_events) = mpsc::channel(4096);
         let (aux_tx, aux_rx) = mpsc::channel(1024);
-        let portmap = port_mapping.then(|| PortMapper::start(sockets.port));
+        let sockets: Vec<Arc<Sockets>> = sockets.into_iter().map(Arc::new).collect();
+        let first = Arc::clone(&sockets[0]);
+        let portmap = port_mapping.then(|| PortMapper::start(first.port));
         let portmap_rx = portmap.as_ref().map(PortMapper::watch);
-        let sockets = Arc::new(sockets);
+        state.set_crypto_outside(true);
+        let shared = Shared::new(state);
+        let workers = Workers::start(&shared, &sockets, mtu);
+        info!(workers = workers.len(), "data plane workers");
         Self {
-            state,
-            sender: Sender::start(Arc::clone(&sockets)),
-            sockets,
+            shared,
+            workers,
+            sender: Sender::start(Arc::clone(&first)),
+            sockets: first,
+            out: BatchOutput::default(),
             tun: None,
             tun_name,
             mtu,
@@ -215,7 +225,6 @@ impl EventLoop {
             keylog: KeyLog::from_env(),
             dns_started: false,
             cache_due: None,
-            tun_read_errors: 0,
             pending_logout: None,
             login: None,
             login_result: None,
@@ -246,48 +255,27 @@ impl EventLoop {
 
     /// Runs until stopped, logged out, or refused by the coordinator (an error).
     pub async fn run(mut self) -> anyhow::Result<Exit> {
-        let mut tun_bufs = ReadBufs::new(self.mtu);
-        let mut udp4_buf = vec![0u8; RECV_SLOTS * RECV_SLOT];
-        let mut udp6_buf = vec![0u8; RECV_SLOTS * RECV_SLOT];
-        let mut meta4 = [RecvMeta::default(); RECV_SLOTS];
-        let mut meta6 = [RecvMeta::default(); RECV_SLOTS];
         let mut endpoint_tick = tokio::time::interval(ENDPOINT_REFRESH);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
         self.flush().await?;
         loop {
             let deadline = self
-                .state
+                .core()
                 .poll_timeout()
                 .map_or_else(|| Instant::now() + Duration::from_secs(1), |(t, _)| t);
             let deadline = self.cache_due.map_or(deadline, |c| c.min(deadline));
+            self.shared.set_control_deadline(deadline);
+            let shared = Arc::clone(&self.shared);
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => return self.stop().await,
                 _ = term.recv() => return self.stop().await,
-                r = read_tun(self.tun.as_ref(), &mut tun_bufs) => {
-                    let now = Instant::now();
-                    match r {
-                        Ok(n) => self.handle_tun(now, &tun_bufs, n),
-                        Err(e) if is_packet_error(&e) => self.tun_read_error(&e),
-                        Err(e) => return Err(e).context("reading the TUN device"),
-                    }
-                    for _ in 1..TUN_READS {
-                        let Some(tun) = &self.tun else { break };
-                        match tun.try_read(&mut tun_bufs) {
-                            Ok(n) => self.handle_tun(now, &tun_bufs, n),
-                            Err(e) if is_packet_error(&e) => self.tun_read_error(&e),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                r = recv_udp(Some(&self.sockets.v4), &mut udp4_buf, &mut meta4) => {
-                    let n = r.context("reading the UDP socket")?;
-                    self.handle_udp(&udp4_buf, &meta4[..n]);
-                }
-                r = recv_udp(self.sockets.v6.as_ref(), &mut udp6_buf, &mut meta6) => {
-                    let n = r.context("reading the UDP socket")?;
-                    self.handle_udp(&udp6_buf, &meta6[..n]);
-                }
+                () = shared.wake.notified() => {}
+                msg = self.workers.from_workers.recv() => match msg {
+                    Some(ToControl::Transmits(ts)) => self.send_transmits(ts).await,
+                    Some(ToControl::Failed(e)) => return Err(e),
+                    None => bail!("the data plane workers stopped"),
+                },
                 ev = self.relay_events.recv() => {
                     if let Some(ev) = ev {
                         self.handle_relay_event(ev);
@@ -301,7 +289,7 @@ impl EventLoop {
                 }
                 d = self.aux_rx.recv() => {
                     if let Some(d) = d {
-                        self.state.handle_datagram(Instant::now(), SockId::Aux(d.sock), d.from, Packet::copy_from(&d.bytes));
+                        self.core().handle_datagram(Instant::now(), SockId::Aux(d.sock), d.from, Packet::copy_from(&d.bytes[..]));
                     }
                 }
                 changed = changed_portmap(self.portmap_rx.as_mut()) => {
@@ -322,11 +310,15 @@ impl EventLoop {
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let now = Instant::now();
-                    self.state.sync_wall_clock(now, wall_clock_ms());
-                    self.state.handle_timeout(now);
+                    {
+                        let mut core = self.core();
+                        core.sync_wall_clock(now, wall_clock_ms());
+                        core.handle_timeout(now);
+                    }
                     if self.cache_due.is_some_and(|c| c <= now) {
                         self.cache_due = None;
-                        if let Err(e) = self.dir.save_netmap(&self.state.netmap_snapshot()) {
+                        let snapshot = self.core().netmap_snapshot();
+                        if let Err(e) = self.dir.save_netmap(&snapshot) {
                             warn!(error = %e, "could not save the netmap cache");
                         }
                     }
@@ -376,39 +368,42 @@ impl EventLoop {
             })
             .await;
             self.dir.forget_membership()?;
-        } else if let Err(e) = self.dir.save_netmap(&self.state.netmap_snapshot()) {
-            warn!(error = %e, "could not save the netmap cache");
+        } else {
+            let snapshot = self.core().netmap_snapshot();
+            if let Err(e) = self.dir.save_netmap(&snapshot) {
+                warn!(error = %e, "could not save the netmap cache");
+            }
         }
         info!("stopped");
         Ok(Exit::Stopped)
     }
 
-    /// Hands the packets of one TUN read to the core.
-    fn handle_tun(&mut self, now: Instant, bufs: &ReadBufs, n: usize) {
-        for p in bufs.packets(n) {
-            self.state.handle_tun_packet(now, Packet::copy_from(p));
-        }
+    /// The core, locked for one call (never hold it across an `.await` or a second lock).
+    fn core(&self) -> MutexGuard<'_, NodeState> {
+        self.shared.core.lock()
     }
 
-    /// A TUN read that could not be cut into packets: dropped and counted.
-    fn tun_read_error(&mut self, e: &std::io::Error) {
-        self.tun_read_errors += 1;
-        debug!(error = %e, total = self.tun_read_errors, "dropped a malformed read from the TUN device");
-    }
-
-    /// Hands what one receive call brought to the core, datagram by datagram.
-    fn handle_udp(&mut self, buf: &[u8], meta: &[RecvMeta]) {
-        let now = Instant::now();
-        for (slot, m) in buf.chunks(RECV_SLOT).zip(meta) {
-            for d in slot[..m.len].chunks(m.stride.max(1)) {
-                self.state
-                    .handle_datagram(now, SockId::Main, m.addr, Packet::copy_from(d));
-            }
-        }
-    }
-
+    /// Finishes the crypto the control loop's inputs asked for and sends, writes and handles
+    /// what the core has for it.
     async fn flush(&mut self) -> anyhow::Result<()> {
-        while let Some(t) = self.state.poll_transmit() {
+        let mut out = std::mem::take(&mut self.out);
+        run_batch(&self.shared.core, Instant::now(), &mut out, |_| {});
+        let transmits = std::mem::take(&mut out.transmits);
+        self.send_transmits(transmits).await;
+        self.workers.write_tun(std::mem::take(&mut out.tun_writes));
+        out.clear();
+        self.out = out;
+        loop {
+            let ev = self.core().poll_event();
+            let Some(ev) = ev else { break };
+            self.handle_event(ev)?;
+        }
+        Ok(())
+    }
+
+    /// Sends datagrams: on the UDP socket, through a relay or on an auxiliary socket.
+    async fn send_transmits(&mut self, transmits: Vec<Transmit>) {
+        for t in transmits {
             let dst = match t.dst {
                 Addr::Udp(SockId::Main, a) => a,
                 Addr::Udp(SockId::Aux(n), a) => {
@@ -431,20 +426,6 @@ impl EventLoop {
             self.sender.push(dst, &t.payload, max).await;
         }
         self.sender.flush().await;
-        if let Some(tun) = &mut self.tun {
-            while let Some(p) = self.state.poll_tun_write() {
-                if tun.queue(&p) {
-                    tun.write_queued().await;
-                }
-            }
-            tun.write_queued().await;
-        } else {
-            while self.state.poll_tun_write().is_some() {}
-        }
-        while let Some(ev) = self.state.poll_event() {
-            self.handle_event(ev)?;
-        }
-        Ok(())
     }
 
     /// Brings the kernel's routes into the TUN device in line with the subnets peers route.
@@ -505,8 +486,15 @@ impl EventLoop {
                 match &mut self.tun {
                     Some(tun) => tun.set_addresses(&addrs)?,
                     None => {
-                        let tun = Tun::create(&self.tun_name, self.mtu, &addrs)?;
-                        info!(device = tun.name(), addresses = ?addrs, "TUN device up");
+                        let (tun, queues) = Tun::create(
+                            &self.tun_name,
+                            self.mtu,
+                            &addrs,
+                            self.workers.len(),
+                            &self.shared.tun_write_failed,
+                        )?;
+                        info!(device = tun.name(), addresses = ?addrs, queues = queues.len(), "TUN device up");
+                        self.workers.attach_tun(queues);
                         if self.routing.exit_node.is_some() {
                             self.exit_routing = Some(
                                 crate::io::routes::ExitRouting::start(tun.name())
@@ -531,20 +519,20 @@ impl EventLoop {
                         }
                     });
                     if self.accept_dns {
-                        configure_system_dns(
-                            &self.tun_name,
-                            self.state.dns_config().map(|d| d.domain.clone()),
-                        );
+                        let domain = self.core().dns_config().map(|d| d.domain.clone());
+                        configure_system_dns(&self.tun_name, domain);
                     }
                 }
                 self.refresh_endpoints();
             }
             Event::NetmapChanged => {
-                let domain = self
-                    .state
-                    .dns_config()
-                    .map_or_else(|| "mesh.internal".to_owned(), |d| d.domain.clone());
-                let table = DnsTable::new(&domain, self.state.dns_records());
+                let table = {
+                    let core = self.core();
+                    let domain = core
+                        .dns_config()
+                        .map_or_else(|| "mesh.internal".to_owned(), |d| d.domain.clone());
+                    DnsTable::new(&domain, core.dns_records())
+                };
                 self.dns_table.send_if_modified(|t| {
                     if **t == table {
                         false
@@ -559,7 +547,8 @@ impl EventLoop {
             Event::PathChanged { peer, path } => match path {
                 Current::Direct(_, addr) => info!(peer = %peer, %addr, "path: direct"),
                 Current::Relay(r) => {
-                    info!(peer = %peer, relay = %self.state.relay_name(r), "path: relay")
+                    let relay = self.core().relay_name(r);
+                    info!(peer = %peer, %relay, "path: relay");
                 }
                 Current::None => debug!(peer = %peer, "path: none"),
             },
@@ -574,7 +563,7 @@ impl EventLoop {
                     let (_, reply, _) = self.pending_pings.remove(i);
                     let (path, addr, relay) = match from {
                         Addr::Udp(_, a) => ("direct", Some(a), None),
-                        Addr::Relay(r, _) => ("relay", None, Some(self.state.relay_name(r))),
+                        Addr::Relay(r, _) => ("relay", None, Some(self.core().relay_name(r))),
                     };
                     let _ = reply.send(Ok(PingJson {
                         peer: name,
@@ -587,7 +576,7 @@ impl EventLoop {
                 }
             }
             Event::RelaysChanged => {
-                let list = self.state.relays().to_vec();
+                let list = self.core().relays().to_vec();
                 self.relay_state
                     .retain(|id, _| list.iter().any(|r| r.id == *id));
                 self.relays.set_relays(&list);
@@ -650,7 +639,7 @@ impl EventLoop {
                 if let Some(list) = &m.coordinators {
                     self.learn_replicas(list);
                 }
-                self.state.handle_netmap(Instant::now(), *m);
+                self.core().handle_netmap(Instant::now(), *m);
             }
             ControlEvent::LoginRequired {
                 url,
@@ -742,8 +731,9 @@ impl EventLoop {
                 let _ = reply.send(self.status_json());
             }
             ApiRequest::Whois(ip, reply) => {
-                let me = self.state.status(Instant::now()).self_node;
-                let answer = self.state.whois(ip).map(|n| WhoisJson {
+                let core = self.core();
+                let me = core.status(Instant::now()).self_node;
+                let answer = core.whois(ip).map(|n| WhoisJson {
                     name: n.name.clone(),
                     fqdn: n.fqdn.clone(),
                     ips: n.addresses.clone(),
@@ -753,18 +743,22 @@ impl EventLoop {
                     os: n.os.clone(),
                     is_self: me.as_ref().is_some_and(|m| m.id == n.id),
                     routes: n.primary_routes.clone(),
-                    capabilities: self.state.capabilities_of(ip),
+                    capabilities: core.capabilities_of(ip),
                 });
+                drop(core);
                 let _ = reply.send(answer);
             }
-            ApiRequest::Ping(target, reply) => match self.state.ping(Instant::now(), &target) {
-                Ok(peer) => self.pending_pings.push((peer, reply, Instant::now())),
-                Err(e) => {
-                    let _ = reply.send(Err(e));
+            ApiRequest::Ping(target, reply) => {
+                let asked = self.core().ping(Instant::now(), &target);
+                match asked {
+                    Ok(peer) => self.pending_pings.push((peer, reply, Instant::now())),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
                 }
-            },
+            }
             ApiRequest::Netcheck(reply) => {
-                self.state.start_netcheck(Instant::now());
+                self.core().start_netcheck(Instant::now());
                 self.netcheck_waiters.push((reply, Instant::now()));
             }
             ApiRequest::Down(reply) => {
@@ -822,7 +816,7 @@ impl EventLoop {
 
     fn refresh_endpoints(&mut self) {
         let overlay: Vec<IpAddr> = self
-            .state
+            .core()
             .status(Instant::now())
             .self_node
             .map(|n| n.addresses)
@@ -862,7 +856,7 @@ impl EventLoop {
                 let st = self.relay_state.entry(id).or_default();
                 st.transport = Some(transport);
                 st.error = None;
-                self.state.relay_state(now, id, true);
+                self.core().relay_state(now, id, true);
                 if self.home_relay.is_none() {
                     self.set_home_relay(Some(id));
                 }
@@ -873,7 +867,7 @@ impl EventLoop {
                 st.rtt = None;
                 st.error = Some(error);
                 if was_up {
-                    self.state.relay_state(now, id, false);
+                    self.core().relay_state(now, id, false);
                 }
                 if self.home_relay == Some(id) {
                     let next = self.best_relay();
@@ -885,10 +879,10 @@ impl EventLoop {
                 let payload = payload
                     .try_into_mut()
                     .unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
-                self.state
+                self.core()
                     .handle_relay_packet(now, id, src, Packet::from_bytes(payload));
             }
-            RelayEvent::PeerGone { id, key } => self.state.relay_peer_gone(now, id, key),
+            RelayEvent::PeerGone { id, key } => self.core().relay_peer_gone(now, id, key),
             RelayEvent::Rtt { id, rtt } => {
                 let st = self.relay_state.entry(id).or_default();
                 st.rtt = Some(match st.rtt {
@@ -931,9 +925,9 @@ impl EventLoop {
             return;
         }
         self.home_relay = id;
-        self.state.set_home_relay(id);
+        self.core().set_home_relay(id);
         match id {
-            Some(r) => info!(relay = %self.state.relay_name(r), "home relay"),
+            Some(r) => info!(relay = %self.core().relay_name(r), "home relay"),
             None => warn!("no relay is reachable"),
         }
         self.send_netinfo();
@@ -974,7 +968,7 @@ impl EventLoop {
     }
 
     fn netcheck_json(&self) -> NetcheckJson {
-        let report = self.state.netcheck_report();
+        let report = self.core().netcheck_report().cloned();
         let nat = self.nat.clone().unwrap_or_default();
         NetcheckJson {
             udp: nat.udp,
@@ -1010,8 +1004,8 @@ impl EventLoop {
     }
 
     fn relays_json(&self) -> Vec<RelayJson> {
-        self.state
-            .relays()
+        let relays = self.core().relays().to_vec();
+        relays
             .iter()
             .map(|r| {
                 let st = self.relay_state.get(&r.id).cloned().unwrap_or_default();
@@ -1047,7 +1041,7 @@ impl EventLoop {
     }
 
     fn status_json(&self) -> StatusJson {
-        let st: Status = self.state.status(Instant::now());
+        let st: Status = self.core().status(Instant::now());
         let now_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
@@ -1120,7 +1114,14 @@ impl EventLoop {
             counters: {
                 let mut c = CountersJson::from(st.counters);
                 // TUN reads the offload code could not cut into packets count as malformed.
-                c.tun_malformed += self.tun_read_errors;
+                c.tun_malformed += self
+                    .shared
+                    .tun_read_errors
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                c.tun_write_failed = self
+                    .shared
+                    .tun_write_failed
+                    .load(std::sync::atomic::Ordering::Relaxed);
                 serde_json::to_value(c).unwrap_or_default()
             },
             relays: self.relays_json(),
@@ -1142,6 +1143,7 @@ impl EventLoop {
                 online: e.online,
                 problem: e.problem,
             }),
+            workers: self.workers.len(),
         }
     }
 }
@@ -1181,6 +1183,8 @@ struct CountersJson {
     disco_rate_limited: u64,
     disco_stale: u64,
     flows_evicted: u64,
+    /// Packets in TUN writes the kernel refused (counted by the shell).
+    tun_write_failed: u64,
 }
 
 impl From<node_proto::Counters> for CountersJson {
@@ -1212,6 +1216,7 @@ impl From<node_proto::Counters> for CountersJson {
             disco_rate_limited: c.disco_rate_limited,
             disco_stale: c.disco_stale,
             flows_evicted: c.flows_evicted,
+            tun_write_failed: 0,
         }
     }
 }
@@ -1220,25 +1225,6 @@ fn wall_clock_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-async fn read_tun(tun: Option<&Tun>, bufs: &mut ReadBufs) -> std::io::Result<usize> {
-    match tun {
-        Some(t) => t.read(bufs).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn recv_udp(
-    sock: Option<&Sock>,
-    buf: &mut [u8],
-    meta: &mut [RecvMeta],
-) -> std::io::Result<usize> {
-    let Some(sock) = sock else {
-        return std::future::pending().await;
-    };
-    let mut slices: Vec<IoSliceMut<'_>> = buf.chunks_mut(RECV_SLOT).map(IoSliceMut::new).collect();
-    sock.recv(&mut slices, meta).await
 }
 
 /// Points the system resolver at the mesh DNS through systemd-resolved, for this interface

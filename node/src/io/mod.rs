@@ -15,3 +15,4 @@ pub mod relays;
 pub mod routes;
 pub mod tun;
 pub mod udp;
+pub mod workers;

@@ -10,13 +10,18 @@
 //! written back are coalesced into such runs again (GRO), as wireguard-go does. Where the
 //! kernel has no offloads, reads and writes are one packet each.
 //!
-//! Writes happen on a task of their own: the event loop hands over batches and goes on
+//! With several data-plane workers the device has one queue per worker (`IFF_MULTI_QUEUE`):
+//! the kernel spreads the packets it hands up over the queues by flow, so each flow is read
+//! by one worker, in order. Every queue keeps the offloads.
+//!
+//! Writes happen on a task of their own per queue: the worker hands over batches and goes on
 //! reading, so a write (which runs the kernel's receive path for the packets, TCP included)
 //! never holds up UDP reception. The writer hands each batch's buffers back for reuse.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
 use tokio::sync::mpsc;
@@ -78,13 +83,18 @@ impl ExpandBuffer for WriteBuf {
     }
 }
 
-/// An up TUN device with its addresses.
+/// An up TUN device with its addresses (the control loop's handle).
 pub struct Tun {
     dev: Arc<AsyncDevice>,
     name: String,
     addrs: Vec<IpAddr>,
-    /// Packets waiting for [`Tun::write_queued`], each after `VIRTIO_NET_HDR_LEN` bytes of
-    /// room for the offload header.
+}
+
+/// One queue of the device: a worker reads it and writes through its writer task.
+pub struct TunQueue {
+    dev: Arc<AsyncDevice>,
+    /// Packets waiting for [`TunQueue::write_queued`], each after `VIRTIO_NET_HDR_LEN` bytes
+    /// of room for the offload header.
     out: Vec<WriteBuf>,
     queued: usize,
     /// Grown buffers kept in the batch being filled.
@@ -127,9 +137,19 @@ pub fn is_packet_error(e: &io::Error) -> bool {
 }
 
 impl Tun {
-    /// Creates the device `name` with `addrs` and `mtu`.
-    pub fn create(name: &str, mtu: u16, addrs: &[IpAddr]) -> anyhow::Result<Self> {
+    /// Creates the device `name` with `addrs` and `mtu`, with `queues` queues (at least one).
+    /// Packets in a batch the kernel refused are counted in `write_failed`.
+    pub fn create(
+        name: &str,
+        mtu: u16,
+        addrs: &[IpAddr],
+        queues: usize,
+        write_failed: &Arc<AtomicU64>,
+    ) -> anyhow::Result<(Self, Vec<TunQueue>)> {
         let mut b = DeviceBuilder::new().name(name).mtu(mtu).offload(true);
+        if queues > 1 {
+            b = b.multi_queue(true);
+        }
         for a in addrs {
             b = match a {
                 IpAddr::V4(v4) => b.ipv4(*v4, V4_PREFIX, None),
@@ -142,20 +162,69 @@ impl Tun {
         dev.add_address_v4(RESOLVER, 32u8)
             .context("assigning the DNS resolver address")?;
         let dev = Arc::new(dev);
-        let (to_writer, batches) = mpsc::channel(WRITE_QUEUE);
-        let (give_back, written) = mpsc::unbounded_channel();
-        // Ends when the device is dropped (the sender with it).
-        tokio::spawn(write_batches(Arc::clone(&dev), batches, give_back));
-        Ok(Self {
+        let mut all = vec![TunQueue::start(Arc::clone(&dev), write_failed)];
+        for i in 1..queues {
+            let q = dev
+                .try_clone()
+                .with_context(|| format!("opening queue {i} of TUN device {name}"))?;
+            all.push(TunQueue::start(Arc::new(q), write_failed));
+        }
+        let tun = Self {
             dev,
             name: name.to_owned(),
             addrs: addrs.to_vec(),
+        };
+        Ok((tun, all))
+    }
+
+    /// The device name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Replaces the overlay addresses.
+    pub fn set_addresses(&mut self, addrs: &[IpAddr]) -> anyhow::Result<()> {
+        for old in self.addrs.clone() {
+            if !addrs.contains(&old) {
+                self.dev
+                    .remove_address(old)
+                    .with_context(|| format!("removing {old} from {}", self.name))?;
+            }
+        }
+        for new in addrs {
+            if self.addrs.contains(new) {
+                continue;
+            }
+            match new {
+                IpAddr::V4(v4) => self.dev.add_address_v4(*v4, V4_PREFIX),
+                IpAddr::V6(v6) => self.dev.add_address_v6(*v6, V6_PREFIX),
+            }
+            .with_context(|| format!("adding {new} to {}", self.name))?;
+        }
+        self.addrs = addrs.to_vec();
+        Ok(())
+    }
+}
+
+impl TunQueue {
+    fn start(dev: Arc<AsyncDevice>, write_failed: &Arc<AtomicU64>) -> Self {
+        let (to_writer, batches) = mpsc::channel(WRITE_QUEUE);
+        let (give_back, written) = mpsc::unbounded_channel();
+        // Ends when the queue is dropped (the sender with it).
+        tokio::spawn(write_batches(
+            Arc::clone(&dev),
+            batches,
+            give_back,
+            Arc::clone(write_failed),
+        ));
+        Self {
+            dev,
             out: Vec::new(),
             queued: 0,
             grown: 0,
             to_writer,
             written,
-        })
+        }
     }
 
     /// Waits for and reads one batch of packets; returns how many.
@@ -171,7 +240,7 @@ impl Tun {
             .try_recv_multiple(&mut b.raw, &mut b.packets, &mut b.sizes, 0)
     }
 
-    /// Queues `packet` for the next [`Tun::write_queued`]; returns whether the queue is full
+    /// Queues `packet` for the next [`TunQueue::write_queued`]; returns whether the queue is full
     /// (then write it).
     pub fn queue(&mut self, packet: &[u8]) -> bool {
         if self.queued == self.out.len() {
@@ -209,34 +278,6 @@ impl Tun {
             debug!(packets = n, "the TUN writer has stopped; packets dropped");
         }
     }
-
-    /// The device name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Replaces the overlay addresses.
-    pub fn set_addresses(&mut self, addrs: &[IpAddr]) -> anyhow::Result<()> {
-        for old in self.addrs.clone() {
-            if !addrs.contains(&old) {
-                self.dev
-                    .remove_address(old)
-                    .with_context(|| format!("removing {old} from {}", self.name))?;
-            }
-        }
-        for new in addrs {
-            if self.addrs.contains(new) {
-                continue;
-            }
-            match new {
-                IpAddr::V4(v4) => self.dev.add_address_v4(*v4, V4_PREFIX),
-                IpAddr::V6(v6) => self.dev.add_address_v6(*v6, V6_PREFIX),
-            }
-            .with_context(|| format!("adding {new} to {}", self.name))?;
-        }
-        self.addrs = addrs.to_vec();
-        Ok(())
-    }
 }
 
 /// The writer task: writes each batch, then gives its buffers back.
@@ -244,6 +285,7 @@ async fn write_batches(
     dev: Arc<AsyncDevice>,
     mut batches: mpsc::Receiver<WriteBatch>,
     give_back: mpsc::UnboundedSender<Vec<WriteBuf>>,
+    failed: Arc<AtomicU64>,
 ) {
     let mut gro = GROTable::default();
     while let Some((mut bufs, n)) = batches.recv().await {
@@ -251,7 +293,8 @@ async fn write_batches(
             .send_multiple(&mut gro, &mut bufs[..n], VIRTIO_NET_HDR_LEN)
             .await
         {
-            debug!(error = %e, "tun write failed");
+            let total = failed.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+            debug!(error = %e, packets = n, total, "tun write failed");
         }
         // Gone only when the device is being dropped.
         let _ = give_back.send(bufs);

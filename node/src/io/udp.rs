@@ -319,20 +319,89 @@ pub struct Sockets {
 impl Sockets {
     /// Binds `port` (0 picks one) on both families, with sockets from `dialer`.
     pub fn bind(port: u16, dialer: relay::dial::Dialer) -> anyhow::Result<Self> {
-        let v4 = bind(dialer, SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+        Ok(Self::bind_group(port, dialer, 1)?.remove(0))
+    }
+
+    /// `n` sets of sockets on one port (0 picks one), one per data-plane worker: with more
+    /// than one they share the port with `SO_REUSEPORT`, and the kernel hands each peer's
+    /// datagrams (by source address and port) to one of them.
+    ///
+    /// The port is first bound alone, without `SO_REUSEPORT`: that fails while any other
+    /// socket holds it, so a second daemon told the same port gets "address in use" instead
+    /// of a share of this one's traffic.
+    pub fn bind_group(
+        port: u16,
+        dialer: relay::dial::Dialer,
+        n: usize,
+    ) -> anyhow::Result<Vec<Self>> {
+        if n <= 1 {
+            let v4 = bind(
+                dialer,
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+                false,
+            )
             .with_context(|| format!("binding UDP port {port}"))?;
-        let port = v4.local_addr()?.port();
-        let v4 = Sock::new(v4)?;
-        let v6 = match bind(dialer, SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
-            .and_then(Sock::new)
-        {
-            Ok(s) => Some(s),
+            let port = v4.local_addr()?.port();
+            let v4 = Sock::new(v4)?;
+            let v6 = bind_v6(dialer, port, false);
+            return Ok(vec![Self { v4, v6, port }]);
+        }
+        let mut last = None;
+        // A port picked at random may be taken between the probe and the group: pick again.
+        for _ in 0..if port == 0 { 8 } else { 1 } {
+            match Self::try_group(port, dialer, n) {
+                Ok(g) => return Ok(g),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one try"))
+    }
+
+    fn try_group(port: u16, dialer: relay::dial::Dialer, n: usize) -> anyhow::Result<Vec<Self>> {
+        let probe = bind(
+            dialer,
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+            false,
+        )
+        .with_context(|| format!("binding UDP port {port}"))?;
+        let port = probe.local_addr()?.port();
+        // The IPv6 port must be free too (another daemon may hold only that family).
+        let probe6 = bind(
+            dialer,
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+            false,
+        );
+        let v6_works = match &probe6 {
+            Ok(_) => true,
             Err(e) => {
-                warn!(error = %e, "no IPv6 UDP socket; peers are reached over IPv4 only");
-                None
+                let in_use = e
+                    .downcast_ref::<io::Error>()
+                    .is_some_and(|e| e.kind() == io::ErrorKind::AddrInUse);
+                anyhow::ensure!(!in_use, "binding UDP port {port} (IPv6): address in use");
+                false
             }
         };
-        Ok(Self { v4, v6, port })
+        drop((probe, probe6));
+        let mut group = Vec::with_capacity(n);
+        for _ in 0..n {
+            let v4 = bind(
+                dialer,
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+                true,
+            )
+            .with_context(|| format!("binding UDP port {port} for another worker"))?;
+            let v4 = Sock::new(v4)?;
+            let v6 = if v6_works {
+                bind_v6(dialer, port, true)
+            } else {
+                None
+            };
+            group.push(Self { v4, v6, port });
+        }
+        if !v6_works {
+            warn!("no IPv6 UDP socket; peers are reached over IPv4 only");
+        }
+        Ok(group)
     }
 
     /// The socket for `dst`'s family.
@@ -344,8 +413,28 @@ impl Sockets {
     }
 }
 
-fn bind(dialer: relay::dial::Dialer, addr: SocketAddr) -> anyhow::Result<UdpSocket> {
-    let s = dialer.udp(addr)?;
+fn bind_v6(dialer: relay::dial::Dialer, port: u16, shared: bool) -> Option<Sock> {
+    match bind(
+        dialer,
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+        shared,
+    )
+    .and_then(Sock::new)
+    {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(error = %e, "no IPv6 UDP socket; peers are reached over IPv4 only");
+            None
+        }
+    }
+}
+
+fn bind(dialer: relay::dial::Dialer, addr: SocketAddr, shared: bool) -> anyhow::Result<UdpSocket> {
+    let s = if shared {
+        dialer.udp_shared(addr)?
+    } else {
+        dialer.udp(addr)?
+    };
     // Larger buffers absorb bursts; the kernel caps them at its limits.
     let _ = s.set_recv_buffer_size(BUFFER);
     let _ = s.set_send_buffer_size(BUFFER);
@@ -420,8 +509,8 @@ mod tests {
     /// their boundaries intact (whether or not the kernel coalesces them again with GRO).
     #[tokio::test]
     async fn gso_runs_arrive_as_the_datagrams_they_were_made_of() {
-        let a = Sock::new(bind(relay::dial::Dialer::PLAIN, addr(0)).unwrap()).unwrap();
-        let b = Sock::new(bind(relay::dial::Dialer::PLAIN, addr(0)).unwrap()).unwrap();
+        let a = Sock::new(bind(relay::dial::Dialer::PLAIN, addr(0), false).unwrap()).unwrap();
+        let b = Sock::new(bind(relay::dial::Dialer::PLAIN, addr(0), false).unwrap()).unwrap();
         let to = b.io.local_addr().unwrap();
         let mut want = Vec::new();
         let mut batch = Batch::default();

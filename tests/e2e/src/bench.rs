@@ -64,7 +64,7 @@ fn cpu_seconds(pids: &[u32]) -> f64 {
 }
 
 /// Runs the benchmark.
-pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
+pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> {
     Lab::available()
         .map_err(|e| anyhow::anyhow!("the benchmark needs root and namespaces: {e}"))?;
     let mut lab = Lab::new("bench")?;
@@ -98,6 +98,7 @@ pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
         .as_str()
         .context("b's address")?
         .to_owned();
+    let workers = sb["workers"].as_u64().unwrap_or(1);
     // Warm up: the first packets go through the relay until the direct path answers.
     lab.output(&a, &["ping", "-c", "5", "-i", "0.2", &lattice_dst])?;
     let mtu = "1280";
@@ -106,7 +107,7 @@ pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
         .filter_map(|p| lab.pid(*p))
         .collect();
     targets.push(Target::new(
-        format!("lattice (mtu {mtu})"),
+        format!("lattice ({workers} wkr)"),
         lattice_dst.clone(),
         lattice_pids,
     ));
@@ -128,6 +129,9 @@ pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
         ),
     ];
     for (name, cmd, port, net) in impls {
+        if quick {
+            break;
+        }
         if Command::new(cmd[0]).arg("--help").output().is_err() {
             println!("({name} not installed: `{}` not found; skipped)", cmd[0]);
             continue;
@@ -258,6 +262,115 @@ pub fn throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
             opt(&t.ping_loaded, &|v| format!("{v:.2} ms"))
         );
     }
+    drop(targets);
+    if !quick {
+        four_peers(&mut lab, &a, &coord.url, &key, rounds, seconds)?;
+    }
+    println!(
+        "\nlattice: {workers} data-plane workers per node (TUN queues and UDP sockets); tunnel MTU {mtu}"
+    );
+    Ok(())
+}
+
+/// Peers in the "4 peers at once" row.
+const PEERS: u8 = 4;
+
+/// "4 peers at once": four more namespaces, each on its own veth to `hub` and running a
+/// Lattice node in the same mesh; one TCP stream from the hub to each at the same time, over
+/// the raw veths and through Lattice, interleaved round by round. Prints the summed rates.
+fn four_peers(
+    lab: &mut Lab,
+    hub: &str,
+    coordinator: &str,
+    key: &str,
+    rounds: u32,
+    seconds: u32,
+) -> anyhow::Result<()> {
+    let mut raw_dsts = Vec::new();
+    let mut nodes = Vec::new();
+    let mut servers = Vec::new();
+    for k in 1..=PEERS {
+        let ns = lab.ns(&format!("p{k}"))?;
+        let (hub_if, peer_if) = (format!("pk{k}"), format!("eth{k}"));
+        lab.run(
+            hub,
+            &[
+                "ip", "link", "add", &hub_if, "type", "veth", "peer", "name", &peer_if, "netns",
+                &ns,
+            ],
+        )?;
+        lab.sh(
+            hub,
+            &format!("ip addr add 10.210.{k}.1/24 dev {hub_if} && ip link set {hub_if} up"),
+        )?;
+        lab.sh(
+            &ns,
+            &format!(
+                "ip addr add 10.210.{k}.2/24 dev {peer_if} && ip link set {peer_if} up && \
+                 ip route add default via 10.210.{k}.1"
+            ),
+        )?;
+        raw_dsts.push(format!("10.210.{k}.2"));
+        let node = MeshNode::start(lab, &ns, &format!("bench-p{k}"), coordinator, key, &[])?;
+        servers.push(lab.spawn(&format!("iperf3-p{k}"), &ns, &["iperf3", "-s"], &[])?);
+        nodes.push((ns, node));
+    }
+    let mut lattice_dsts = Vec::new();
+    for (ns, node) in &nodes {
+        let st = node.wait_ready(lab, 2, Duration::from_secs(30))?;
+        let ip = st["self"]["ips"][0]
+            .as_str()
+            .with_context(|| format!("the address of the node in {ns}"))?
+            .to_owned();
+        lab.output(hub, &["ping", "-c", "5", "-i", "0.2", &ip])?;
+        lattice_dsts.push(ip);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut raw = Vec::new();
+    let mut ours = Vec::new();
+    println!(
+        "\n{PEERS} peers at once: one TCP stream from one node to each of {PEERS} peers, summed"
+    );
+    for round in 1..=rounds {
+        for (name, dsts, out) in [
+            ("raw veth", &raw_dsts, &mut raw),
+            ("lattice", &lattice_dsts, &mut ours),
+        ] {
+            let lab: &Lab = lab;
+            let sum = std::thread::scope(|s| {
+                let runs: Vec<_> = dsts
+                    .iter()
+                    .map(|d| s.spawn(|| iperf(lab, hub, d, seconds)))
+                    .collect();
+                runs.into_iter()
+                    .map(|r| {
+                        r.join()
+                            .map_err(|_| anyhow::anyhow!("iperf3 thread panicked"))?
+                    })
+                    .sum::<anyhow::Result<f64>>()
+            })
+            .with_context(|| format!("{PEERS} streams through {name}"))?;
+            println!(
+                "  round {round}: {name:<22} {:>8.3} Gbit/s in total",
+                sum / 1e9
+            );
+            out.push(sum);
+        }
+    }
+    for s in servers {
+        lab.kill(s);
+    }
+    let (raw, ours) = (median(&raw), median(&ours));
+    println!(
+        "{:<22} {:>9.3} Gb {:>11.1}%\n{:<22} {:>9.3} Gb {:>11.1}%",
+        "raw veth, 4 peers",
+        raw / 1e9,
+        100.0,
+        "lattice, 4 peers",
+        ours / 1e9,
+        100.0 * ours / raw
+    );
+    println!("(the other implementations are measured one peer at a time only)");
     Ok(())
 }
 
@@ -289,10 +402,11 @@ fn ping_mean_ms(lab: &Lab, ns: &str, dst: &str, seconds: u32) -> Option<f64> {
 /// tunnels' MTU): datagrams received per second.
 fn udp_pps(lab: &Lab, ns: &str, dst: &str, seconds: u32) -> anyhow::Result<f64> {
     let t = seconds.to_string();
+    let rate = std::env::var("LATTICE_BENCH_UDP_RATE").unwrap_or_else(|_| "0".into());
     let out = lab.run(
         ns,
         &[
-            "iperf3", "-c", dst, "-t", &t, "-u", "-b", "0", "-l", "1252", "-J",
+            "iperf3", "-c", dst, "-t", &t, "-u", "-b", &rate, "-l", "1252", "-J",
         ],
     )?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
@@ -301,6 +415,9 @@ fn udp_pps(lab: &Lab, ns: &str, dst: &str, seconds: u32) -> anyhow::Result<f64> 
         .as_f64()
         .context("iperf3 printed no packet count")?;
     let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
+    if std::env::var_os("LATTICE_BENCH_DEBUG").is_some() {
+        println!("    udp {dst}: {sum}");
+    }
     let secs = sum["seconds"]
         .as_f64()
         .filter(|s| *s > 0.0)

@@ -115,13 +115,21 @@ enum Cmd {
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 5)]
         seconds: u32,
+        /// Only Lattice and the raw veth (no other implementations, no 4-peer row): a quick
+        /// check while working on the data plane.
+        #[arg(long)]
+        quick: bool,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Demo => demo(),
-        Cmd::BenchThroughput { rounds, seconds } => e2e::bench::throughput(rounds, seconds),
+        Cmd::BenchThroughput {
+            rounds,
+            seconds,
+            quick,
+        } => e2e::bench::throughput(rounds, seconds, quick),
         Cmd::BenchRelay { rounds, seconds } => e2e::bench::relay_throughput(rounds, seconds),
         Cmd::BenchMemory {
             peers,

@@ -1,0 +1,376 @@
+//! The data plane's workers: each reads its own TUN queue and its own UDP sockets (one port
+//! shared with `SO_REUSEPORT`), feeds what it reads to the shared core, runs the encryption
+//! and decryption the core hands out without holding it, and sends and writes the results
+//! itself (`node_proto::shared::run_batch`).
+//!
+//! The kernel keeps each flow on one TUN queue and each peer's datagrams on one socket, and
+//! a worker handles its batches one after another, so each flow leaves in the order it came.
+//! Workers run for different flows and peers at once; the core's lock is held only to decide
+//! and to finish, never during the AEAD or a system call.
+//!
+//! What a worker cannot send itself goes to the control loop: datagrams through a relay or an
+//! auxiliary socket, and the core's events (a wake-up). The control loop's own packets for
+//! the TUN device go out through worker 0.
+
+use std::io::IoSliceMut;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use node_proto::shared::{BatchOutput, run_batch};
+use node_proto::{Addr, NodeState, Packet, SockId, Transmit};
+use parking_lot::Mutex;
+use quinn_udp::RecvMeta;
+use tokio::sync::{Notify, mpsc, watch};
+use tracing::debug;
+
+use crate::io::tun::{ReadBufs, TunQueue, is_packet_error};
+use crate::io::udp::{RECV_SLOT, RECV_SLOTS, Sender, Sock, Sockets};
+
+/// Most TUN reads per wake-up (each may carry a 64 KiB run of packets).
+const TUN_READS: usize = 8;
+/// Batches queued between a worker and the control loop, each way. When full, the batch is
+/// dropped (as a full socket buffer drops), never waited for: the two wait on each other.
+const HANDOFF: usize = 256;
+/// The most workers `--workers` defaults to, however many CPUs there are: beyond this the
+/// core's lock, not the AEAD, limits a node.
+pub const DEFAULT_MAX: usize = 8;
+
+/// How many workers to run: `asked`, or one per CPU up to [`DEFAULT_MAX`].
+pub fn count(asked: Option<usize>) -> usize {
+    asked.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map_or(1, std::num::NonZeroUsize::get)
+            .min(DEFAULT_MAX)
+    })
+}
+
+/// What the workers and the control loop share.
+pub struct Shared {
+    /// The sans-IO core.
+    pub core: Arc<Mutex<NodeState>>,
+    /// Wakes the control loop: the core has events, or wants its timer earlier.
+    pub wake: Notify,
+    /// When the control loop will next wake by itself (nanoseconds after `base`).
+    control_deadline: AtomicU64,
+    base: Instant,
+    /// TUN reads dropped as malformed by the offload code (before the core saw them).
+    pub tun_read_errors: AtomicU64,
+    /// Packets in TUN writes the kernel refused.
+    pub tun_write_failed: Arc<AtomicU64>,
+}
+
+impl Shared {
+    /// Shares `core`.
+    pub fn new(core: NodeState) -> Arc<Self> {
+        Arc::new(Self {
+            core: Arc::new(Mutex::new(core)),
+            wake: Notify::new(),
+            control_deadline: AtomicU64::new(0),
+            base: Instant::now(),
+            tun_read_errors: AtomicU64::new(0),
+            tun_write_failed: Arc::default(),
+        })
+    }
+
+    /// The control loop sleeps until `at` unless woken.
+    pub fn set_control_deadline(&self, at: Instant) {
+        self.control_deadline
+            .store(self.nanos(at), Ordering::Relaxed);
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Wakes the control loop if a batch left events or wants the timer before it wakes.
+    fn maybe_wake(&self, out: &BatchOutput) {
+        let earlier = out
+            .deadline
+            .is_some_and(|d| self.nanos(d) < self.control_deadline.load(Ordering::Relaxed));
+        if out.events || earlier {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// What a worker hands the control loop.
+pub enum ToControl {
+    /// Datagrams for relays or auxiliary sockets.
+    Transmits(Vec<Transmit>),
+    /// The worker stopped on an error the node cannot run without.
+    Failed(anyhow::Error),
+}
+
+/// The running workers; dropping this stops them.
+///
+/// Each worker runs on a thread of its own (`Handle::block_on`), not as a task on the
+/// runtime's threads: what it wakes (its UDP sender, its TUN writer) then runs on the
+/// runtime's threads in parallel with it, instead of waiting on the same thread behind it.
+pub struct Workers {
+    count: usize,
+    stop: watch::Sender<bool>,
+    queues: Vec<mpsc::Sender<TunQueue>>,
+    /// The control loop's packets for the TUN device (written by worker 0).
+    to_tun: mpsc::Sender<Vec<Packet>>,
+    /// From the workers.
+    pub from_workers: mpsc::Receiver<ToControl>,
+}
+
+impl Workers {
+    /// Starts one worker per set of sockets, for a TUN device of `mtu`.
+    pub fn start(shared: &Arc<Shared>, sockets: &[Arc<Sockets>], mtu: u16) -> Self {
+        let (to_control, from_workers) = mpsc::channel(HANDOFF);
+        let (to_tun, control_writes) = mpsc::channel(HANDOFF);
+        let mut control_writes = Some(control_writes);
+        let (stop, stopped) = watch::channel(false);
+        let runtime = tokio::runtime::Handle::current();
+        let mut queues = Vec::new();
+        for (id, socks) in sockets.iter().enumerate() {
+            let (queue_tx, queue_rx) = mpsc::channel(1);
+            queues.push(queue_tx);
+            let w = Worker {
+                id,
+                mtu,
+                shared: Arc::clone(shared),
+                sockets: Arc::clone(socks),
+                sender: Sender::start(Arc::clone(socks)),
+                tun: None,
+                new_queue: queue_rx,
+                control_writes: control_writes.take(),
+                to_control: to_control.clone(),
+                out: BatchOutput::default(),
+                forward: Vec::new(),
+                from_tun: Vec::new(),
+            };
+            let (runtime, mut stopped) = (runtime.clone(), stopped.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("lattice-dp{id}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        tokio::select! {
+                            () = w.run() => {}
+                            _ = stopped.wait_for(|s| *s) => {}
+                        }
+                    });
+                });
+            if let Err(e) = spawned {
+                // Without its thread a worker's socket and TUN queue would go unread.
+                let _ = to_control.try_send(ToControl::Failed(
+                    anyhow::Error::new(e).context(format!("starting data-plane worker {id}")),
+                ));
+            }
+        }
+        Self {
+            count: sockets.len(),
+            stop,
+            queues,
+            to_tun,
+            from_workers,
+        }
+    }
+
+    /// How many workers run.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether none run (never: at least one is started).
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Hands each worker its queue of the TUN device (one per worker, in order).
+    pub fn attach_tun(&self, queues: Vec<TunQueue>) {
+        for (tx, q) in self.queues.iter().zip(queues) {
+            let _ = tx.try_send(q);
+        }
+    }
+
+    /// Writes the control loop's packets to the TUN device (through worker 0); dropped when
+    /// its queue is full.
+    pub fn write_tun(&self, packets: Vec<Packet>) {
+        if packets.is_empty() {
+            return;
+        }
+        if let Err(e) = self.to_tun.try_send(packets) {
+            debug!(error = %e, "TUN writes from the control loop dropped");
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+struct Worker {
+    id: usize,
+    mtu: u16,
+    shared: Arc<Shared>,
+    sockets: Arc<Sockets>,
+    sender: Sender,
+    tun: Option<TunQueue>,
+    new_queue: mpsc::Receiver<TunQueue>,
+    /// Worker 0 writes the control loop's TUN packets.
+    control_writes: Option<mpsc::Receiver<Vec<Packet>>>,
+    to_control: mpsc::Sender<ToControl>,
+    out: BatchOutput,
+    forward: Vec<Transmit>,
+    /// Packets read from the TUN device, for the next batch.
+    from_tun: Vec<Packet>,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        if let Err(e) = self.serve().await {
+            let _ = self.to_control.send(ToControl::Failed(e)).await;
+        }
+    }
+
+    async fn serve(&mut self) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let mut tun_bufs = ReadBufs::new(self.mtu);
+        let mut udp4_buf = vec![0u8; RECV_SLOTS * RECV_SLOT];
+        let mut udp6_buf = vec![0u8; RECV_SLOTS * RECV_SLOT];
+        let mut meta4 = [RecvMeta::default(); RECV_SLOTS];
+        let mut meta6 = [RecvMeta::default(); RECV_SLOTS];
+        let sockets = Arc::clone(&self.sockets);
+        loop {
+            tokio::select! {
+                r = read_tun(self.tun.as_ref(), &mut tun_bufs) => {
+                    let now = Instant::now();
+                    match r {
+                        Ok(n) => self.take_tun(&tun_bufs, n),
+                        Err(e) if is_packet_error(&e) => self.tun_read_error(&e),
+                        Err(e) => return Err(e).context("reading the TUN device"),
+                    }
+                    // Whatever else is waiting, up to a limit, goes to the core in one batch
+                    // (a read may carry one packet: a UDP flow's are not coalesced).
+                    for _ in 1..TUN_READS {
+                        let Some(tun) = &self.tun else { break };
+                        match tun.try_read(&mut tun_bufs) {
+                            Ok(n) => self.take_tun(&tun_bufs, n),
+                            Err(e) if is_packet_error(&e) => self.tun_read_error(&e),
+                            Err(_) => break,
+                        }
+                    }
+                    self.handle_tun(now);
+                }
+                r = recv_udp(Some(&sockets.v4), &mut udp4_buf, &mut meta4) => {
+                    let n = r.context("reading the UDP socket")?;
+                    self.handle_udp(&udp4_buf, &meta4[..n]);
+                }
+                r = recv_udp(sockets.v6.as_ref(), &mut udp6_buf, &mut meta6) => {
+                    let n = r.context("reading the UDP socket")?;
+                    self.handle_udp(&udp6_buf, &meta6[..n]);
+                }
+                Some(q) = self.new_queue.recv() => {
+                    debug!(worker = self.id, "reading a TUN queue");
+                    self.tun = Some(q);
+                }
+                Some(packets) = recv_writes(self.control_writes.as_mut()) => {
+                    self.out.tun_writes.extend(packets);
+                }
+            }
+            self.flush().await;
+        }
+    }
+
+    /// Keeps the packets of one TUN read for [`Worker::handle_tun`].
+    fn take_tun(&mut self, bufs: &ReadBufs, n: usize) {
+        self.from_tun.extend(bufs.packets(n).map(Packet::copy_from));
+    }
+
+    /// Hands the packets read from the TUN device to the core, in one batch.
+    fn handle_tun(&mut self, now: Instant) {
+        let packets = &mut self.from_tun;
+        run_batch(&self.shared.core, now, &mut self.out, |st| {
+            for p in packets.drain(..) {
+                st.handle_tun_packet(now, p);
+            }
+        });
+    }
+
+    fn tun_read_error(&self, e: &std::io::Error) {
+        let total = self.shared.tun_read_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        debug!(error = %e, total, "dropped a malformed read from the TUN device");
+    }
+
+    /// Hands what one receive call brought to the core, datagram by datagram.
+    fn handle_udp(&mut self, buf: &[u8], meta: &[RecvMeta]) {
+        let now = Instant::now();
+        run_batch(&self.shared.core, now, &mut self.out, |st| {
+            for (slot, m) in buf.chunks(RECV_SLOT).zip(meta) {
+                for d in slot[..m.len].chunks(m.stride.max(1)) {
+                    st.handle_datagram(now, SockId::Main, m.addr, Packet::copy_from(d));
+                }
+            }
+        });
+    }
+
+    /// Sends and writes what the batches produced; hands the rest to the control loop.
+    async fn flush(&mut self) {
+        for t in self.out.transmits.drain(..) {
+            let Addr::Udp(SockId::Main, dst) = t.dst else {
+                self.forward.push(t);
+                continue;
+            };
+            if let Some(ttl) = t.ttl {
+                // A primer leaves on its own, with its own TTL.
+                self.sender.push_with_ttl(dst, &t.payload, ttl).await;
+                continue;
+            }
+            let max = self.sockets.for_dst(&dst).map_or(1, Sock::max_segments);
+            self.sender.push(dst, &t.payload, max).await;
+        }
+        self.sender.flush().await;
+        if !self.forward.is_empty() {
+            let batch = std::mem::take(&mut self.forward);
+            if let Err(e) = self.to_control.try_send(ToControl::Transmits(batch)) {
+                debug!(worker = self.id, error = %e, "datagrams for the control loop dropped");
+            }
+        }
+        match &mut self.tun {
+            Some(tun) => {
+                for p in self.out.tun_writes.drain(..) {
+                    if tun.queue(&p) {
+                        tun.write_queued().await;
+                    }
+                }
+                tun.write_queued().await;
+            }
+            None => self.out.tun_writes.clear(),
+        }
+        self.shared.maybe_wake(&self.out);
+        self.out.clear();
+    }
+}
+
+async fn read_tun(tun: Option<&TunQueue>, bufs: &mut ReadBufs) -> std::io::Result<usize> {
+    match tun {
+        Some(t) => t.read(bufs).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_writes(rx: Option<&mut mpsc::Receiver<Vec<Packet>>>) -> Option<Vec<Packet>> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Receives into `buf`'s slots; never returns for a socket that does not exist.
+pub async fn recv_udp(
+    sock: Option<&Sock>,
+    buf: &mut [u8],
+    meta: &mut [RecvMeta],
+) -> std::io::Result<usize> {
+    let Some(sock) = sock else {
+        return std::future::pending().await;
+    };
+    let mut slices: Vec<IoSliceMut<'_>> = buf.chunks_mut(RECV_SLOT).map(IoSliceMut::new).collect();
+    sock.recv(&mut slices, meta).await
+}
