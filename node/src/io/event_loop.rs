@@ -190,6 +190,8 @@ impl EventLoop {
     ) -> Self {
         let dialer = routing.dialer;
         let (relay_tx, relay_events) = mpsc::channel(4096);
+        let (relay_packets_tx, relay_packets) = mpsc::channel(4096);
+        let relays = RelayManager::new(node_keypair, dialer, relay_tx, relay_packets_tx);
         let (aux_tx, aux_rx) = mpsc::channel(1024);
         let sockets: Vec<Arc<Sockets>> = sockets.into_iter().map(Arc::new).collect();
         let first = Arc::clone(&sockets[0]);
@@ -197,7 +199,7 @@ impl EventLoop {
         let portmap_rx = portmap.as_ref().map(PortMapper::watch);
         state.set_crypto_outside(true);
         let shared = Shared::new(state);
-        let workers = Workers::start(&shared, &sockets, mtu);
+        let workers = Workers::start(&shared, &sockets, mtu, relays.senders(), relay_packets);
         info!(workers = workers.len(), "data plane workers");
         Self {
             shared,
@@ -233,7 +235,7 @@ impl EventLoop {
             wanted_routes: Vec::new(),
             installed_routes: std::collections::BTreeSet::new(),
             router: crate::io::routes::RouterSetup::default(),
-            relays: RelayManager::new(node_keypair, dialer, relay_tx),
+            relays,
             routing,
             exit_routing: None,
             relay_events,
@@ -873,14 +875,6 @@ impl EventLoop {
                     let next = self.best_relay();
                     self.set_home_relay(next);
                 }
-            }
-            RelayEvent::Packet { id, src, payload } => {
-                // Usually the only holder of its buffer by now, so no copy.
-                let payload = payload
-                    .try_into_mut()
-                    .unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
-                self.core()
-                    .handle_relay_packet(now, id, src, Packet::from_bytes(payload));
             }
             RelayEvent::PeerGone { id, key } => self.core().relay_peer_gone(now, id, key),
             RelayEvent::Rtt { id, rtt } => {

@@ -6,7 +6,7 @@
 //! QUIC's idle timeout.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -41,15 +41,6 @@ pub enum RelayEvent {
         /// Why.
         error: String,
     },
-    /// A packet from a peer.
-    Packet {
-        /// Which relay.
-        id: RelayId,
-        /// The peer's key.
-        src: NodeKey,
-        /// The bytes.
-        payload: Bytes,
-    },
     /// The relay has no session for `key`.
     PeerGone {
         /// Which relay.
@@ -66,11 +57,52 @@ pub enum RelayEvent {
     },
 }
 
+/// A packet from a peer through a relay (for the data plane, not the control loop).
+#[derive(Debug)]
+pub struct RelayPacket {
+    /// Which relay.
+    pub id: RelayId,
+    /// The peer's key.
+    pub src: NodeKey,
+    /// The bytes.
+    pub payload: Bytes,
+}
+
+/// A connection's frame queue, while connected.
+type SendSlot = Arc<Mutex<Option<client::FrameSender>>>;
+
+/// Where packets for each relay go: shared by the control loop and the data-plane workers,
+/// which queue packets on a connection directly.
+#[derive(Clone, Default)]
+pub struct RelaySenders(Arc<RwLock<HashMap<RelayId, SendSlot>>>);
+
+impl RelaySenders {
+    /// Queues a `Send` frame (built with `relay::proto::encode_packet`) through relay `id`;
+    /// false if it cannot be queued.
+    pub fn send(&self, id: RelayId, frame: Bytes) -> bool {
+        let Ok(map) = self.0.read() else {
+            return false;
+        };
+        map.get(&id).is_some_and(|slot| {
+            slot.lock()
+                .ok()
+                .and_then(|s| s.as_ref().map(|s| s.send(frame)))
+                .unwrap_or(false)
+        })
+    }
+
+    fn set(&self, id: RelayId, slot: Option<SendSlot>) {
+        if let Ok(mut map) = self.0.write() {
+            match slot {
+                Some(s) => map.insert(id, s),
+                None => map.remove(&id),
+            };
+        }
+    }
+}
+
 struct Handle {
     info: RelayInfo,
-    /// The connection's frame queue, while connected: the event loop queues packets on it
-    /// directly.
-    out: Arc<Mutex<Option<client::FrameSender>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -80,7 +112,9 @@ pub struct RelayManager {
     dialer: relay::dial::Dialer,
     ticket: watch::Sender<Option<Vec<u8>>>,
     conns: HashMap<RelayId, Handle>,
+    senders: RelaySenders,
     events: mpsc::Sender<RelayEvent>,
+    packets: mpsc::Sender<RelayPacket>,
 }
 
 impl Drop for RelayManager {
@@ -92,19 +126,28 @@ impl Drop for RelayManager {
 }
 
 impl RelayManager {
-    /// A manager that connects as `node` with sockets from `dialer` and reports to `events`.
+    /// A manager that connects as `node` with sockets from `dialer`, reports to `events`
+    /// and hands peers' packets to `packets`.
     pub fn new(
         node: StaticKeypair,
         dialer: relay::dial::Dialer,
         events: mpsc::Sender<RelayEvent>,
+        packets: mpsc::Sender<RelayPacket>,
     ) -> Self {
         Self {
             node,
             dialer,
             ticket: watch::channel(None).0,
             conns: HashMap::new(),
+            senders: RelaySenders::default(),
             events,
+            packets,
         }
+    }
+
+    /// The send side of every connection, for the data plane.
+    pub fn senders(&self) -> RelaySenders {
+        self.senders.clone()
     }
 
     /// A fresh ticket (hex) from the coordinator: used for new connections and handed to
@@ -128,10 +171,12 @@ impl RelayManager {
     /// Connects to the relays in `list` (at most [`MAX_RELAYS`]) and drops the others.
     pub fn set_relays(&mut self, list: &[RelayInfo]) {
         let wanted: Vec<&RelayInfo> = list.iter().take(MAX_RELAYS).collect();
+        let senders = &self.senders;
         self.conns.retain(|id, h| {
             let keep = wanted.iter().any(|r| r.id == *id && **r == h.info);
             if !keep {
                 h.task.abort();
+                senders.set(*id, None);
             }
             keep
         });
@@ -139,20 +184,20 @@ impl RelayManager {
             if self.conns.contains_key(&r.id) {
                 continue;
             }
-            let out = Arc::new(Mutex::new(None));
+            let out: SendSlot = Arc::new(Mutex::new(None));
+            self.senders.set(r.id, Some(Arc::clone(&out)));
             let task = tokio::spawn(run(
                 self.dialer,
                 r.clone(),
                 self.node.clone(),
                 self.ticket.subscribe(),
-                Arc::clone(&out),
-                self.events.clone(),
+                out,
+                (self.events.clone(), self.packets.clone()),
             ));
             self.conns.insert(
                 r.id,
                 Handle {
                     info: r.clone(),
-                    out,
                     task,
                 },
             );
@@ -162,13 +207,7 @@ impl RelayManager {
     /// Queues a `Send` frame (built with `relay::proto::encode_packet`) through relay `id`;
     /// false if it cannot be queued.
     pub fn send(&self, id: RelayId, frame: Bytes) -> bool {
-        self.conns.get(&id).is_some_and(|h| {
-            h.out
-                .lock()
-                .ok()
-                .and_then(|s| s.as_ref().map(|s| s.send(frame)))
-                .unwrap_or(false)
-        })
+        self.senders.send(id, frame)
     }
 }
 
@@ -177,8 +216,8 @@ async fn run(
     info: RelayInfo,
     node: StaticKeypair,
     mut ticket: watch::Receiver<Option<Vec<u8>>>,
-    out: Arc<Mutex<Option<client::FrameSender>>>,
-    events: mpsc::Sender<RelayEvent>,
+    out: SendSlot,
+    (events, packets): (mpsc::Sender<RelayEvent>, mpsc::Sender<RelayPacket>),
 ) {
     let id = info.id;
     let mut backoff = Duration::from_millis(250);
@@ -211,7 +250,7 @@ async fn run(
             return;
         }
         set_sender(&out, Some(conn.sender()));
-        let reason = serve(id, conn, &mut ticket, &events).await;
+        let reason = serve(id, conn, &mut ticket, &events, &packets).await;
         set_sender(&out, None);
         let Some(reason) = reason else { return };
         info!(relay = %info.name, %reason, "relay connection lost");
@@ -231,6 +270,7 @@ async fn serve(
     mut conn: client::RelayConn,
     ticket: &mut watch::Receiver<Option<Vec<u8>>>,
     events: &mpsc::Sender<RelayEvent>,
+    packets: &mpsc::Sender<RelayPacket>,
 ) -> Option<String> {
     let mut ping = tokio::time::interval(PING_EVERY);
     let mut last_heard = Instant::now();
@@ -243,11 +283,13 @@ async fn serve(
                 };
                 last_heard = Instant::now();
                 let ev = match inc {
-                    Incoming::Packet { src, payload } => RelayEvent::Packet {
-                        id,
-                        src: NodeKey::from_bytes(src),
-                        payload,
-                    },
+                    Incoming::Packet { src, payload } => {
+                        let p = RelayPacket { id, src: NodeKey::from_bytes(src), payload };
+                        if packets.send(p).await.is_err() {
+                            return None;
+                        }
+                        continue;
+                    }
                     Incoming::PeerGone(k) => RelayEvent::PeerGone {
                         id,
                         key: NodeKey::from_bytes(k),

@@ -8,7 +8,8 @@
 //! Workers run for different flows and peers at once; the core's lock is held only to decide
 //! and to finish, never during the AEAD or a system call.
 //!
-//! What a worker cannot send itself goes to the control loop: datagrams through a relay or an
+//! Workers send through relays themselves, and worker 0 takes the packets peers send through
+//! relays. What a worker cannot send itself goes to the control loop: datagrams for an
 //! auxiliary socket, and the core's events (a wake-up). The control loop's own packets for
 //! the TUN device go out through worker 0.
 
@@ -24,11 +25,14 @@ use quinn_udp::RecvMeta;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::debug;
 
+use crate::io::relays::{RelayPacket, RelaySenders};
 use crate::io::tun::{ReadBufs, TunQueue, is_packet_error};
 use crate::io::udp::{RECV_SLOT, RECV_SLOTS, Sender, Sock, Sockets};
 
 /// Most TUN reads per wake-up (each may carry a 64 KiB run of packets).
 const TUN_READS: usize = 8;
+/// Most relayed packets per batch.
+const RELAY_BATCH: usize = 64;
 /// Batches queued between a worker and the control loop, each way. When full, the batch is
 /// dropped (as a full socket buffer drops), never waited for: the two wait on each other.
 const HANDOFF: usize = 256;
@@ -96,7 +100,7 @@ impl Shared {
 
 /// What a worker hands the control loop.
 pub enum ToControl {
-    /// Datagrams for relays or auxiliary sockets.
+    /// Datagrams for auxiliary sockets.
     Transmits(Vec<Transmit>),
     /// The worker stopped on an error the node cannot run without.
     Failed(anyhow::Error),
@@ -118,11 +122,19 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts one worker per set of sockets, for a TUN device of `mtu`.
-    pub fn start(shared: &Arc<Shared>, sockets: &[Arc<Sockets>], mtu: u16) -> Self {
+    /// Starts one worker per set of sockets, for a TUN device of `mtu`; they send through
+    /// `relays`, and worker 0 takes the packets that come through them.
+    pub fn start(
+        shared: &Arc<Shared>,
+        sockets: &[Arc<Sockets>],
+        mtu: u16,
+        relays: RelaySenders,
+        relay_packets: mpsc::Receiver<RelayPacket>,
+    ) -> Self {
         let (to_control, from_workers) = mpsc::channel(HANDOFF);
         let (to_tun, control_writes) = mpsc::channel(HANDOFF);
         let mut control_writes = Some(control_writes);
+        let mut relay_packets = Some(relay_packets);
         let (stop, stopped) = watch::channel(false);
         let runtime = tokio::runtime::Handle::current();
         let mut queues = Vec::new();
@@ -138,6 +150,8 @@ impl Workers {
                 tun: None,
                 new_queue: queue_rx,
                 control_writes: control_writes.take(),
+                relays: relays.clone(),
+                relay_packets: relay_packets.take(),
                 to_control: to_control.clone(),
                 out: BatchOutput::default(),
                 forward: Vec::new(),
@@ -215,6 +229,9 @@ struct Worker {
     new_queue: mpsc::Receiver<TunQueue>,
     /// Worker 0 writes the control loop's TUN packets.
     control_writes: Option<mpsc::Receiver<Vec<Packet>>>,
+    relays: RelaySenders,
+    /// Worker 0 takes the packets peers send through relays.
+    relay_packets: Option<mpsc::Receiver<RelayPacket>>,
     to_control: mpsc::Sender<ToControl>,
     out: BatchOutput,
     forward: Vec<Transmit>,
@@ -273,6 +290,9 @@ impl Worker {
                 Some(packets) = recv_writes(self.control_writes.as_mut()) => {
                     self.out.tun_writes.extend(packets);
                 }
+                Some(first) = recv_relayed(self.relay_packets.as_mut()) => {
+                    self.handle_relayed(first);
+                }
             }
             self.flush().await;
         }
@@ -289,6 +309,25 @@ impl Worker {
         run_batch(&self.shared.core, now, &mut self.out, |st| {
             for p in packets.drain(..) {
                 st.handle_tun_packet(now, p);
+            }
+        });
+    }
+
+    /// Hands a packet that came through a relay, and those waiting behind it, to the core.
+    fn handle_relayed(&mut self, first: RelayPacket) {
+        let now = Instant::now();
+        let Some(rx) = self.relay_packets.as_mut() else {
+            return;
+        };
+        run_batch(&self.shared.core, now, &mut self.out, |st| {
+            let more = std::iter::from_fn(|| rx.try_recv().ok()).take(RELAY_BATCH - 1);
+            for p in std::iter::once(first).chain(more) {
+                // Usually the only holder of its buffer by now, so no copy.
+                let payload = p
+                    .payload
+                    .try_into_mut()
+                    .unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
+                st.handle_relay_packet(now, p.id, p.src, Packet::from_bytes(payload));
             }
         });
     }
@@ -313,9 +352,18 @@ impl Worker {
     /// Sends and writes what the batches produced; hands the rest to the control loop.
     async fn flush(&mut self) {
         for t in self.out.transmits.drain(..) {
-            let Addr::Udp(SockId::Main, dst) = t.dst else {
-                self.forward.push(t);
-                continue;
+            let dst = match t.dst {
+                Addr::Udp(SockId::Main, dst) => dst,
+                Addr::Relay(r, key) => {
+                    // The relay's Send frame, built here: the packet's one copy on its way.
+                    let frame = relay::proto::encode_packet(false, key.as_bytes(), &t.payload);
+                    self.relays.send(r, frame.into());
+                    continue;
+                }
+                Addr::Udp(SockId::Aux(_), _) => {
+                    self.forward.push(t);
+                    continue;
+                }
             };
             if let Some(ttl) = t.ttl {
                 // A primer leaves on its own, with its own TTL.
@@ -351,6 +399,13 @@ impl Worker {
 async fn read_tun(tun: Option<&TunQueue>, bufs: &mut ReadBufs) -> std::io::Result<usize> {
     match tun {
         Some(t) => t.read(bufs).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_relayed(rx: Option<&mut mpsc::Receiver<RelayPacket>>) -> Option<RelayPacket> {
+    match rx {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }
