@@ -29,7 +29,7 @@ use crate::io::keylog::KeyLog;
 use crate::io::portmap::PortMapper;
 use crate::io::relays::{RelayEvent, RelayManager};
 use crate::io::tun::Tun;
-use crate::io::udp::{Sender, Sock, Sockets};
+use crate::io::udp::{Sender, Sockets};
 use crate::io::workers::{Shared, ToControl, Workers};
 use crate::io::{dns, ifaddrs};
 use crate::statedir::{Pin, StateDir};
@@ -405,27 +405,17 @@ impl EventLoop {
 
     /// Sends datagrams: on the UDP socket, through a relay or on an auxiliary socket.
     async fn send_transmits(&mut self, transmits: Vec<Transmit>) {
+        let relays = self.relays.senders();
         for t in transmits {
-            let dst = match t.dst {
-                Addr::Udp(SockId::Main, a) => a,
-                Addr::Udp(SockId::Aux(n), a) => {
-                    self.aux.send(n, a, &t.payload);
-                    continue;
-                }
-                Addr::Relay(r, key) => {
-                    // The relay's Send frame, built here: the packet's one copy on its way.
-                    let frame = relay::proto::encode_packet(false, key.as_bytes(), &t.payload);
-                    self.relays.send(r, frame.into());
-                    continue;
-                }
-            };
-            if let Some(ttl) = t.ttl {
-                // A primer leaves on its own, with its own TTL.
-                self.sender.push_with_ttl(dst, &t.payload, ttl).await;
-                continue;
+            let aux = crate::io::workers::send(t, &mut self.sender, &self.sockets, &relays).await;
+            if let Some(Transmit {
+                dst: Addr::Udp(SockId::Aux(n), a),
+                payload,
+                ..
+            }) = aux
+            {
+                self.aux.send(n, a, &payload);
             }
-            let max = self.sockets.for_dst(&dst).map_or(1, Sock::max_segments);
-            self.sender.push(dst, &t.payload, max).await;
         }
         self.sender.flush().await;
     }

@@ -203,12 +203,6 @@ impl RelayManager {
             );
         }
     }
-
-    /// Queues a `Send` frame (built with `relay::proto::encode_packet`) through relay `id`;
-    /// false if it cannot be queued.
-    pub fn send(&self, id: RelayId, frame: Bytes) -> bool {
-        self.senders.send(id, frame)
-    }
 }
 
 async fn run(

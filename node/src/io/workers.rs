@@ -352,26 +352,9 @@ impl Worker {
     /// Sends and writes what the batches produced; hands the rest to the control loop.
     async fn flush(&mut self) {
         for t in self.out.transmits.drain(..) {
-            let dst = match t.dst {
-                Addr::Udp(SockId::Main, dst) => dst,
-                Addr::Relay(r, key) => {
-                    // The relay's Send frame, built here: the packet's one copy on its way.
-                    let frame = relay::proto::encode_packet(false, key.as_bytes(), &t.payload);
-                    self.relays.send(r, frame.into());
-                    continue;
-                }
-                Addr::Udp(SockId::Aux(_), _) => {
-                    self.forward.push(t);
-                    continue;
-                }
-            };
-            if let Some(ttl) = t.ttl {
-                // A primer leaves on its own, with its own TTL.
-                self.sender.push_with_ttl(dst, &t.payload, ttl).await;
-                continue;
+            if let Some(aux) = send(t, &mut self.sender, &self.sockets, &self.relays).await {
+                self.forward.push(aux);
             }
-            let max = self.sockets.for_dst(&dst).map_or(1, Sock::max_segments);
-            self.sender.push(dst, &t.payload, max).await;
         }
         self.sender.flush().await;
         if !self.forward.is_empty() {
@@ -394,6 +377,35 @@ impl Worker {
         self.shared.maybe_wake(&self.out);
         self.out.clear();
     }
+}
+
+/// Sends `t` on the UDP socket or through its relay; hands back a datagram for an auxiliary
+/// socket (those belong to the control loop).
+pub async fn send(
+    t: Transmit,
+    sender: &mut Sender,
+    sockets: &Sockets,
+    relays: &RelaySenders,
+) -> Option<Transmit> {
+    let dst = match t.dst {
+        Addr::Udp(SockId::Main, dst) => dst,
+        Addr::Relay(r, key) => {
+            // The relay's Send frame, built here: the packet's one copy on its way.
+            let frame = relay::proto::encode_packet(false, key.as_bytes(), &t.payload);
+            relays.send(r, frame.into());
+            return None;
+        }
+        Addr::Udp(SockId::Aux(_), _) => return Some(t),
+    };
+    match t.ttl {
+        // A primer leaves on its own, with its own TTL.
+        Some(ttl) => sender.push_with_ttl(dst, &t.payload, ttl).await,
+        None => {
+            let max = sockets.for_dst(&dst).map_or(1, Sock::max_segments);
+            sender.push(dst, &t.payload, max).await;
+        }
+    }
+    None
 }
 
 async fn read_tun(tun: Option<&TunQueue>, bufs: &mut ReadBufs) -> std::io::Result<usize> {

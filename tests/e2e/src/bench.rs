@@ -317,7 +317,8 @@ fn four_peers(
     }
     let mut lattice_dsts = Vec::new();
     for (ns, node) in &nodes {
-        let st = node.wait_ready(lab, 2, Duration::from_secs(30))?;
+        // Each peer sees the hub, the far end of the main pair and the other peers.
+        let st = node.wait_ready(lab, usize::from(PEERS) + 1, Duration::from_secs(30))?;
         let ip = st["self"]["ips"][0]
             .as_str()
             .with_context(|| format!("the address of the node in {ns}"))?
