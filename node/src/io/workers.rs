@@ -5,8 +5,9 @@
 //!
 //! The kernel keeps each flow on one TUN queue and each peer's datagrams on one socket, and
 //! a worker handles its batches one after another, so each flow leaves in the order it came.
-//! Workers run for different flows and peers at once; the core's lock is held only to decide
-//! and to finish, never during the AEAD or a system call.
+//! Workers run for different flows and peers at once; the core's lock is held to decide and
+//! to finish, never during a data packet's AEAD or a system call (handshakes, which change
+//! the core's state, still run under it).
 //!
 //! Workers send through relays themselves, and worker 0 takes the packets peers send through
 //! relays. What a worker cannot send itself goes to the control loop: datagrams for an
@@ -36,8 +37,9 @@ const RELAY_BATCH: usize = 64;
 /// Batches queued between a worker and the control loop, each way. When full, the batch is
 /// dropped (as a full socket buffer drops), never waited for: the two wait on each other.
 const HANDOFF: usize = 256;
-/// The most workers `--workers` defaults to, however many CPUs there are: beyond this the
-/// core's lock, not the AEAD, limits a node.
+/// The most workers `--workers` defaults to, however many CPUs there are. Every batch takes
+/// the core's one lock twice; with many more workers that lock, not the AEAD, is expected to
+/// limit a node (not yet measured on a machine with more than 2 cores).
 pub const DEFAULT_MAX: usize = 8;
 
 /// How many workers to run: `asked`, or one per CPU up to [`DEFAULT_MAX`].

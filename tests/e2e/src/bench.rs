@@ -113,7 +113,7 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
     ));
 
     // Other implementations speaking the WireGuard UAPI, each on its own port and subnet.
-    let impls: [(&str, &[&str], u16, u8); 3] = [
+    let impls: [Impl<'_>; 3] = [
         ("wireguard-go", &["wireguard-go", "-f"], 51820, 201),
         (
             "boringtun-cli",
@@ -128,6 +128,7 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
             203,
         ),
     ];
+    let mut installed = Vec::new();
     for (name, cmd, port, net) in impls {
         if quick {
             break;
@@ -140,6 +141,8 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
             Ok((dst, pids)) => targets.push(Target::new(name.into(), dst, pids)),
             Err(e) => println!("({name} could not be set up: {e:#}; skipped)"),
         }
+        // Their 4-peer setups use the next port and a subnet of their own.
+        installed.push((name, cmd, port + 10, net + 10));
     }
 
     let iperf_srv = lab.spawn("iperf3-server", &b, &["iperf3", "-s"], &[])?;
@@ -264,7 +267,14 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
     }
     drop(targets);
     if !quick {
-        four_peers(&mut lab, &a, &coord.url, &key, rounds, seconds)?;
+        four_peers(
+            &mut lab,
+            &a,
+            &coord.url,
+            &key,
+            &installed,
+            (rounds, seconds),
+        )?;
     }
     println!(
         "\nlattice: {workers} data-plane workers per node (TUN queues and UDP sockets); tunnel MTU {mtu}"
@@ -275,20 +285,26 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
 /// Peers in the "4 peers at once" row.
 const PEERS: u8 = 4;
 
+/// A UAPI WireGuard implementation: name, command (the device name is appended), UDP port,
+/// tunnel subnet (10.NET.0.0/24).
+type Impl<'a> = (&'a str, &'a [&'a str], u16, u8);
+
 /// "4 peers at once": four more namespaces, each on its own veth to `hub` and running a
-/// Lattice node in the same mesh; one TCP stream from the hub to each at the same time, over
-/// the raw veths and through Lattice, interleaved round by round. Prints the summed rates.
+/// Lattice node in the same mesh and a peer of each other WireGuard implementation; one TCP
+/// stream from the hub to each at the same time, over the raw veths, through Lattice and
+/// through each implementation, interleaved round by round. Prints the summed rates.
 fn four_peers(
     lab: &mut Lab,
     hub: &str,
     coordinator: &str,
     key: &str,
-    rounds: u32,
-    seconds: u32,
+    impls: &[Impl<'_>],
+    (rounds, seconds): (u32, u32),
 ) -> anyhow::Result<()> {
     let mut raw_dsts = Vec::new();
     let mut nodes = Vec::new();
     let mut servers = Vec::new();
+    let mut peer_ns = Vec::new();
     for k in 1..=PEERS {
         let ns = lab.ns(&format!("p{k}"))?;
         let (hub_if, peer_if) = (format!("pk{k}"), format!("eth{k}"));
@@ -313,7 +329,8 @@ fn four_peers(
         raw_dsts.push(format!("10.210.{k}.2"));
         let node = MeshNode::start(lab, &ns, &format!("bench-p{k}"), coordinator, key, &[])?;
         servers.push(lab.spawn(&format!("iperf3-p{k}"), &ns, &["iperf3", "-s"], &[])?);
-        nodes.push((ns, node));
+        nodes.push((ns.clone(), node));
+        peer_ns.push(ns);
     }
     let mut lattice_dsts = Vec::new();
     for (ns, node) in &nodes {
@@ -326,17 +343,22 @@ fn four_peers(
         lab.output(hub, &["ping", "-c", "5", "-i", "0.2", &ip])?;
         lattice_dsts.push(ip);
     }
+    let mut targets: Vec<(String, Vec<String>, Vec<f64>)> = vec![
+        ("raw veth".into(), raw_dsts, Vec::new()),
+        ("lattice".into(), lattice_dsts, Vec::new()),
+    ];
+    for (name, cmd, port, net) in impls {
+        match wireguard_star(lab, hub, &peer_ns, name, cmd, *port, *net) {
+            Ok(dsts) => targets.push(((*name).to_owned(), dsts, Vec::new())),
+            Err(e) => println!("({name} with {PEERS} peers could not be set up: {e:#}; skipped)"),
+        }
+    }
     std::thread::sleep(Duration::from_millis(300));
-    let mut raw = Vec::new();
-    let mut ours = Vec::new();
     println!(
         "\n{PEERS} peers at once: one TCP stream from one node to each of {PEERS} peers, summed"
     );
     for round in 1..=rounds {
-        for (name, dsts, out) in [
-            ("raw veth", &raw_dsts, &mut raw),
-            ("lattice", &lattice_dsts, &mut ours),
-        ] {
+        for (name, dsts, out) in &mut targets {
             let lab: &Lab = lab;
             let sum = std::thread::scope(|s| {
                 let runs: Vec<_> = dsts
@@ -361,18 +383,112 @@ fn four_peers(
     for s in servers {
         lab.kill(s);
     }
-    let (raw, ours) = (median(&raw), median(&ours));
+    let raw = median(&targets[0].2);
+    let ours = median(&targets[1].2);
     println!(
-        "{:<22} {:>9.3} Gb {:>11.1}%\n{:<22} {:>9.3} Gb {:>11.1}%",
-        "raw veth, 4 peers",
-        raw / 1e9,
-        100.0,
-        "lattice, 4 peers",
-        ours / 1e9,
-        100.0 * ours / raw
+        "\n{:<22} {:>12} {:>12} {:>12}   runs (Gbit/s)",
+        "4 peers at once", "total", "vs raw veth", "lattice vs"
     );
-    println!("(the other implementations are measured one peer at a time only)");
+    for (name, _, runs) in &targets {
+        let m = median(runs);
+        let all: Vec<String> = runs.iter().map(|r| format!("{:.2}", r / 1e9)).collect();
+        println!(
+            "{name:<22} {:>9.3} Gb {:>11.1}% {:>11.2}x   {}",
+            m / 1e9,
+            100.0 * m / raw,
+            ours / m,
+            all.join(" ")
+        );
+    }
     Ok(())
+}
+
+/// One UAPI WireGuard implementation as a hub in `hub` with a peer in each of `peers` (the
+/// peer in `peers[k]` reachable at 10.210.{k+1}.2); returns the peers' tunnel addresses.
+fn wireguard_star(
+    lab: &mut Lab,
+    hub: &str,
+    peers: &[String],
+    name: &str,
+    cmd: &[&str],
+    port: u16,
+    net: u8,
+) -> anyhow::Result<Vec<String>> {
+    let pid = std::process::id() % 10_000;
+    let keys: Vec<(String, String)> = (0..=peers.len())
+        .map(|_| wg_keypair())
+        .collect::<anyhow::Result<_>>()?;
+    let up = |lab: &mut Lab, ns: &str, i: usize| -> anyhow::Result<String> {
+        // Device names are global: UAPI sockets live in /var/run/wireguard.
+        let dev = format!("ws{net}{i}x{pid}");
+        let mut full: Vec<&str> = cmd.to_vec();
+        full.push(&dev);
+        lab.spawn(
+            &format!("{name}-star-{i}"),
+            ns,
+            &full,
+            &[("LOG_LEVEL", "error")],
+        )?;
+        if !wait_for(Duration::from_secs(5), || {
+            lab.output(ns, &["ip", "link", "show", &dev])
+                .is_ok_and(|o| o.status.success())
+        }) {
+            bail!("{name} did not create {dev}");
+        }
+        let keyfile = lab.dir().join(format!("{dev}.key"));
+        std::fs::write(&keyfile, format!("{}\n", keys[i].0))?;
+        lab.sh(
+            ns,
+            &format!(
+                "wg set {dev} private-key {} listen-port {port} && \
+                 ip addr add 10.{net}.0.{}/24 dev {dev} && ip link set {dev} mtu 1280 up",
+                keyfile.display(),
+                i + 1
+            ),
+        )?;
+        Ok(dev)
+    };
+    let hub_dev = up(lab, hub, 0)?;
+    let mut dsts = Vec::new();
+    for (k, ns) in peers.iter().enumerate() {
+        let i = k + 1;
+        let dev = up(lab, ns, i)?;
+        lab.sh(
+            ns,
+            &format!(
+                "wg set {dev} peer {} endpoint 10.210.{i}.1:{port} allowed-ips 10.{net}.0.0/24",
+                keys[0].1
+            ),
+        )?;
+        lab.sh(
+            hub,
+            &format!(
+                "wg set {hub_dev} peer {} endpoint 10.210.{i}.2:{port} allowed-ips 10.{net}.0.{}/32",
+                keys[i].1,
+                i + 1
+            ),
+        )?;
+        let dst = format!("10.{net}.0.{}", i + 1);
+        if !lab
+            .output(hub, &["ping", "-c", "2", "-W", "2", &dst])?
+            .status
+            .success()
+        {
+            bail!("no connectivity through {name} to {dst}");
+        }
+        dsts.push(dst);
+    }
+    Ok(dsts)
+}
+
+/// A WireGuard key pair from `wg`: (private, public), base64.
+fn wg_keypair() -> anyhow::Result<(String, String)> {
+    let sk = Command::new("wg").arg("genkey").output()?;
+    let sk = String::from_utf8(sk.stdout)?.trim().to_owned();
+    let pk = Command::new("sh")
+        .args(["-c", &format!("echo {sk} | wg pubkey")])
+        .output()?;
+    Ok((sk, String::from_utf8(pk.stdout)?.trim().to_owned()))
 }
 
 /// The mean round trip (ms) of pings to `dst` every 0.2 s for `seconds`.
@@ -471,16 +587,8 @@ fn wireguard_pair(
 ) -> anyhow::Result<(String, Vec<u32>)> {
     // Per-side device names: UAPI sockets live in /var/run/wireguard, shared by namespaces.
     let pid = std::process::id() % 10_000;
-    let genkey = || -> anyhow::Result<(String, String)> {
-        let sk = Command::new("wg").arg("genkey").output()?;
-        let sk = String::from_utf8(sk.stdout)?.trim().to_owned();
-        let pk = Command::new("sh")
-            .args(["-c", &format!("echo {sk} | wg pubkey")])
-            .output()?;
-        Ok((sk, String::from_utf8(pk.stdout)?.trim().to_owned()))
-    };
-    let (ska, pka) = genkey()?;
-    let (skb, pkb) = genkey()?;
+    let (ska, pka) = wg_keypair()?;
+    let (skb, pkb) = wg_keypair()?;
     let sides = [
         (a, &ska, &pkb, 1u8, "10.200.0.2"),
         (b, &skb, &pka, 2u8, "10.200.0.1"),
