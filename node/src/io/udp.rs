@@ -505,6 +505,31 @@ mod tests {
         assert_eq!(n, GSO_BYTES / 1500);
     }
 
+    /// A group of sockets shares one port, and a second group (another daemon told the same
+    /// port) is refused instead of joining it and taking a share of the first one's traffic.
+    #[tokio::test]
+    async fn a_second_group_on_a_taken_port_is_refused() {
+        let first = Sockets::bind_group(0, relay::dial::Dialer::PLAIN, 3).expect("a group");
+        assert_eq!(first.len(), 3);
+        let port = first[0].port;
+        assert!(port != 0 && first.iter().all(|s| s.port == port));
+        for s in &first {
+            assert_eq!(s.v4.io.local_addr().unwrap().port(), port);
+        }
+        let again = Sockets::bind_group(port, relay::dial::Dialer::PLAIN, 2);
+        let e = again.err().expect("the taken port is refused");
+        assert!(
+            e.chain().any(|c| c
+                .downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == io::ErrorKind::AddrInUse)),
+            "{e:#}"
+        );
+        assert!(Sockets::bind(port, relay::dial::Dialer::PLAIN).is_err());
+        drop(first);
+        // Once the group is gone the port is free again.
+        Sockets::bind_group(port, relay::dial::Dialer::PLAIN, 2).expect("the freed port");
+    }
+
     /// Real sockets on loopback: a GSO run arrives as the same datagrams, in order, with
     /// their boundaries intact (whether or not the kernel coalesces them again with GRO).
     #[tokio::test]
