@@ -646,6 +646,7 @@ impl HubState {
         if changed.is_empty() {
             return;
         }
+        let routers: Vec<NodeId> = changed.iter().map(|(id, _)| *id).collect();
         for (id, mine) in changed {
             let rev = self.bump();
             if let Some(n) = self.nodes.get_mut(&id) {
@@ -653,7 +654,13 @@ impl HubState {
                 n.rev = rev;
             }
         }
-        self.wake_all(false);
+        // Every session looks at the routers again (those it cannot see are skipped when its
+        // map is built): a session woken only about the node whose change caused the election
+        // would never send the new primary router's routes.
+        for s in self.sessions.values() {
+            s.inbox.post(|p| p.peers.extend(routers.iter().copied()));
+        }
+        self.wakes += self.sessions.len() as u64;
     }
 
     fn bump(&mut self) -> u64 {
@@ -892,6 +899,60 @@ mod tests {
                 "n{i}"
             );
         }
+    }
+
+    /// The primary router of a subnet goes offline: every session is told to look at the
+    /// other router, which is now the primary (before, sessions were woken only about the
+    /// router that went away, and a client kept no route to the subnet until something else
+    /// about the new primary changed).
+    #[test]
+    fn a_new_primary_router_is_named_to_every_session() {
+        let policy = Policy::parse(
+            "routes.hujson",
+            r#"{"tagOwners": {"tag:router": [], "tag:client": []},
+                "autoApprovers": {"routes": {"10.33.0.0/24": ["tag:router"]}},
+                "acls": [{"action": "accept", "src": ["tag:client"], "dst": ["10.33.0.0/24:*"]},
+                         {"action": "accept", "src": ["*"], "dst": ["tag:client:*", "tag:router:*"]}]}"#,
+        )
+        .unwrap();
+        let route: ipnet::IpNet = "10.33.0.0/24".parse().unwrap();
+        let router = |i: u8| {
+            let mut r = record(i, "tag:router");
+            r.advertised_routes = vec![route];
+            r.connected_to = Some("here".into());
+            r
+        };
+        let mut client = record(3, "tag:client");
+        client.connected_to = Some("here".into());
+        let hub = Hub::new(
+            "mesh.internal".into(),
+            policy,
+            1,
+            vec![router(1), router(2), client],
+            0,
+        );
+        let guards: Vec<_> = (1..=3).map(|i| hub.attach(NodeId(i))).collect();
+        for g in &guards {
+            g.inbox.take();
+        }
+        let primary = |i: u64| hub.read().node(NodeId(i)).unwrap().primary_routes.clone();
+        assert_eq!(primary(1), vec![route], "the lowest id is primary");
+        assert!(primary(2).is_empty());
+
+        let mut gone = hub.read().node(NodeId(1)).unwrap().record.clone();
+        gone.connected_to = None;
+        hub.apply_nodes(vec![gone], vec![]);
+        assert_eq!(primary(2), vec![route], "the online router took over");
+        assert!(primary(1).is_empty());
+        let client_wake = woken(&guards)
+            .into_iter()
+            .find(|(i, _)| *i == 3)
+            .map(|(_, p)| p)
+            .expect("the client's session was woken");
+        assert!(
+            client_wake.everything || client_wake.peers.contains(&NodeId(2)),
+            "the client's session looks at the new primary: {client_wake:?}"
+        );
     }
 
     #[test]
