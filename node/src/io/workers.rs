@@ -54,7 +54,7 @@ pub fn count(asked: Option<usize>) -> usize {
 /// What the workers and the control loop share.
 pub struct Shared {
     /// The sans-IO core.
-    pub core: Arc<Mutex<NodeState>>,
+    pub core: Mutex<NodeState>,
     /// Wakes the control loop: the core has events, or wants its timer earlier.
     pub wake: Notify,
     /// When the control loop will next wake by itself (nanoseconds after `base`).
@@ -70,7 +70,7 @@ impl Shared {
     /// Shares `core`.
     pub fn new(core: NodeState) -> Arc<Self> {
         Arc::new(Self {
-            core: Arc::new(Mutex::new(core)),
+            core: Mutex::new(core),
             wake: Notify::new(),
             control_deadline: AtomicU64::new(0),
             base: Instant::now(),

@@ -3,8 +3,13 @@
 //! one run so machine noise hits all of them alike. Each round measures, per target: one
 //! stream, four parallel streams, UDP datagrams per second at the tunnel MTU (1,280-byte
 //! packets), the CPU seconds the tunnel processes of both ends spent per GB moved (from
-//! /proc), and the ping round trip through the tunnel during a one-stream transfer. Prints medians and ratios. A benchmark, not a test: it asserts nothing about
-//! speed.
+//! /proc), and the ping round trip through the tunnel during a one-stream transfer. Then one
+//! node sends one stream to each of 4 peers at once (Lattice, the raw veths, and each other
+//! implementation as a hub with 4 peers). Prints medians and ratios, and the number of
+//! data-plane workers Lattice ran (`LATTICE_WORKERS` sets it). `--quick` measures Lattice and
+//! the raw veth only; `LATTICE_BENCH_UDP_RATE` sets iperf3's `-b` for the UDP row (default
+//! 0: as fast as iperf3 sends) and `LATTICE_BENCH_DEBUG` prints iperf3's UDP summaries. A
+//! benchmark, not a test: it asserts nothing about speed.
 #![allow(clippy::print_stdout)]
 
 use std::process::Command;

@@ -112,8 +112,10 @@ impl std::fmt::Debug for CryptoDone {
 
 impl NodeState {
     /// Hands encryption and decryption of data packets out as [`CryptoJob`]s
-    /// ([`NodeState::poll_crypto`]) instead of running them inline. Handshakes, keepalives
-    /// and packets that waited for a key still run inline: they are rare and change state.
+    /// ([`NodeState::poll_crypto`]) instead of running them inline. Packets that waited for
+    /// a post-quantum key become jobs too when the key arrives. Handshakes, keepalives and the
+    /// packets gotatun queued while its handshake ran still run inline: they are rare and
+    /// change the tunnel's state.
     pub fn set_crypto_outside(&mut self, on: bool) {
         self.crypto_outside = on;
     }
