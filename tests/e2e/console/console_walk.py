@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
@@ -101,15 +101,37 @@ def shot(d, name, show=None):
 
 
 def wait(d, cond, what, timeout=20):
+    # The nodes page replaces its rows as the coordinator's stream updates them, so an
+    # element found by one poll can be gone when its text is read: that poll counts as
+    # "not yet" and the next one looks again.
     try:
-        return WebDriverWait(d, timeout, poll_frequency=0.2).until(cond)
+        return WebDriverWait(d, timeout, poll_frequency=0.2,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(cond)
     except TimeoutException:
         fail(f"{what} (waited {timeout} s) on {d.current_url}\n{d.find_element(By.TAG_NAME, 'body').text[:3000]}")
 
 
 def text_of(d, css):
-    els = d.find_elements(By.CSS_SELECTOR, css)
-    return els[0].text if els else ""
+    """The text of the first element matching `css`, or "" if none; looked up again
+    when a live update replaced the element between finding and reading it."""
+    for _ in range(10):
+        els = d.find_elements(By.CSS_SELECTOR, css)
+        try:
+            return els[0].text if els else ""
+        except StaleElementReferenceException:
+            time.sleep(0.1)
+    fail(f"{css} kept being replaced while its text was read")
+
+
+def click(d, by, what):
+    """Clicks the element, looked up again if a live update replaced it meanwhile."""
+    for _ in range(10):
+        try:
+            d.find_element(by, what).click()
+            return
+        except StaleElementReferenceException:
+            time.sleep(0.1)
+    fail(f"{what} kept being replaced while it was clicked")
 
 
 def accept_confirm(d):
@@ -238,7 +260,7 @@ def walk(d):
     shot(d, "02-nodes")
 
     step("a node's page shows its paths, and an attribute is set")
-    d.find_element(By.LINK_TEXT, "web").click()
+    click(d, By.LINK_TEXT, "web")
     wait(d, lambda d: "direct" in text_of(d, 'tr[data-peer="db"]'), "web's path to db: direct", timeout=30)
     d.find_element(By.CSS_SELECTOR, 'form.inline input[name="name"]').send_keys("custom:team")
     d.find_element(By.CSS_SELECTOR, 'form.inline input[name="value"]').send_keys("payments")
