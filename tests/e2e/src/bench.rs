@@ -764,6 +764,62 @@ fn memory_kb(pid: u32) -> Option<(u64, u64, u64, u64)> {
     ))
 }
 
+/// Where process `pid`'s resident memory lies, from /proc/pid/smaps: (what, mappings, kB),
+/// largest first. Anonymous mappings are told apart by size: glibc's per-thread malloc
+/// arenas reserve 64 MiB each, thread stacks are what the runtime asked for.
+fn memory_map(pid: u32) -> Option<Vec<(String, usize, u64)>> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mut groups: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
+    let mut current: Option<(String, u64)> = None;
+    let mut add = |what: String, rss: u64| {
+        let g = groups.entry(what).or_default();
+        g.0 += 1;
+        g.1 += rss;
+    };
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if let Some((lo, hi)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            let size_kb = match (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
+                (Ok(lo), Ok(hi)) => (hi - lo) / 1024,
+                _ => continue,
+            };
+            let path = words.nth(4).unwrap_or_default();
+            let what = match path {
+                "" if size_kb >= 32 * 1024 => "anonymous, 32 MiB or more (malloc arenas)".into(),
+                "" if size_kb >= 1024 => {
+                    "anonymous, 1-32 MiB (thread stacks, large buffers)".into()
+                }
+                "" => "anonymous, under 1 MiB".into(),
+                p if p.starts_with('[') => p.to_string(),
+                p => format!("file {}", p.rsplit('/').next().unwrap_or(p)),
+            };
+            current = Some((what, 0));
+        } else if first == "AnonHugePages:" {
+            let kb = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            if kb > 0 {
+                add("(of the above: transparent huge pages)".into(), kb);
+            }
+        } else if first == "Rss:" {
+            let rss = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            if let Some((what, _)) = current.take() {
+                add(what, rss);
+            }
+        }
+    }
+    let mut v: Vec<_> = groups.into_iter().map(|(w, (n, kb))| (w, n, kb)).collect();
+    v.sort_by_key(|x| std::cmp::Reverse(x.2));
+    Some(v)
+}
+
+fn print_memory_map(when: &str, map: Option<Vec<(String, usize, u64)>>) {
+    let Some(map) = map else { return };
+    println!("resident memory {when}, by mapping:");
+    for (what, n, kb) in map.iter().filter(|x| x.2 >= 256) {
+        println!("  {:>8.1} MB  {n:>4} x {what}", *kb as f64 / 1024.0);
+    }
+}
+
 /// Watches process `pid` for `seconds`: its largest resident memory (kB, sampled twice a
 /// second) and the share of one core it used.
 fn watch_process(pid: u32, seconds: u32) -> (u64, f64) {
@@ -850,6 +906,7 @@ pub fn memory(peers: usize, active: usize, seconds: u32) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(5));
     let (idle_max, idle_cpu) = watch_process(pid, seconds);
     let (idle_rss, _, idle_anon, idle_file) = memory_kb(pid).context("the hub's memory")?;
+    let idle_map = memory_map(pid);
 
     // Traffic: every active peer pings the hub; the first also sends a bulk stream.
     let iperf_srv = lab.spawn("iperf3-server", &hub_ns, &["iperf3", "-s"], &[])?;
@@ -871,6 +928,7 @@ pub fn memory(peers: usize, active: usize, seconds: u32) -> anyhow::Result<()> {
         &[],
     )?;
     let (busy_max, busy_cpu) = watch_process(pid, seconds);
+    let busy_map = memory_map(pid);
     let mut answered = 0;
     for p in pingers {
         lab.wait_exit(p, Duration::from_secs(10));
@@ -915,5 +973,7 @@ pub fn memory(peers: usize, active: usize, seconds: u32) -> anyhow::Result<()> {
         idle_anon as f64 / 1024.0,
         idle_file as f64 / 1024.0
     );
+    print_memory_map("idle", idle_map);
+    print_memory_map("while passing traffic (at the end)", busy_map);
     Ok(())
 }
