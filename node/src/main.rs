@@ -3,10 +3,13 @@ use tracing_subscriber::EnvFilter;
 
 /// mimalloc: the data plane allocates and frees a buffer per packet (inside gotatun) on
 /// several threads; glibc's allocator cost about a tenth of the node's time in a bulk transfer.
+/// It is built without transparent huge pages (`no_thp`), and `main` turns them off for the
+/// process where the system hands them out unasked: see `no_huge_pages`.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    no_huge_pages();
     // A --config file stands for flags given before the command line's own.
     let cli: Cli = match relay::config::parse("up", "lattice") {
         Ok(c) => c,
@@ -30,6 +33,16 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// A node is a small daemon on every device: transparent huge pages made its heap resident in
+/// 2 MiB steps (32 MB of huge pages for 15 MB of live heap with 1,000 peers, and no measurable
+/// gain in throughput). Where the system gives them to every process ("always"), this turns
+/// them off for the node's pages from here on. Best effort: a kernel without the call
+/// changes nothing.
+fn no_huge_pages() {
+    // SAFETY: prctl with PR_SET_THP_DISABLE takes plain integers and touches no memory of ours.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
 }
 
 fn init_tracing(format: LogFormat) {

@@ -128,6 +128,13 @@ fn a_gigabyte_through_four_workers_arrives_intact_and_in_order() {
     for n in &f.nodes {
         let st = n.status(&f.lab).expect("status");
         assert_eq!(st["workers"], 4, "{}", st["self"]["name"]);
+        // The node turns transparent huge pages off for itself (its heap would be resident
+        // in 2 MiB steps); kernels before 6.5 do not show the setting.
+        let pid = f.lab.pid(n.proc).expect("the node's pid");
+        let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        if let Some(thp) = proc_status.lines().find(|l| l.starts_with("THP_enabled:")) {
+            assert!(thp.ends_with('0'), "{}: {thp}", st["self"]["name"]);
+        }
         // Order is the data plane's to keep once the path is direct: a packet still on its
         // way through the relay when the direct path takes over may be overtaken (so may
         // any tunnel's at a path switch).
