@@ -8,7 +8,8 @@
 //! implementation as a hub with 4 peers). Prints medians and ratios, and the number of
 //! data-plane workers Lattice ran (`LATTICE_WORKERS` sets it). `--quick` measures Lattice and
 //! the raw veth only; `LATTICE_BENCH_UDP_RATE` sets iperf3's `-b` for the UDP row (default
-//! 0: as fast as iperf3 sends) and `LATTICE_BENCH_DEBUG` prints iperf3's UDP summaries. A
+//! 0: as fast as iperf3 sends) and `LATTICE_BENCH_DEBUG` prints iperf3's UDP summaries and
+//! ping's round-trip spread. A
 //! benchmark, not a test: it asserts nothing about speed.
 #![allow(clippy::print_stdout)]
 
@@ -510,6 +511,9 @@ fn ping_mean_ms(lab: &Lab, ns: &str, dst: &str, seconds: u32) -> Option<f64> {
     // rtt min/avg/max/mdev = 0.041/0.052/0.093/0.011 ms
     let text = String::from_utf8_lossy(&out.stdout);
     let stats = text.lines().find(|l| l.contains("min/avg/max"))?;
+    if std::env::var_os("LATTICE_BENCH_DEBUG").is_some() {
+        println!("    ping {dst}: {stats}");
+    }
     stats
         .split('=')
         .nth(1)?
