@@ -769,8 +769,9 @@ fn memory_kb(pid: u32) -> Option<(u64, u64, u64, u64)> {
 }
 
 /// Where process `pid`'s resident memory lies, from /proc/pid/smaps: (what, mappings, kB),
-/// largest first. Anonymous mappings are told apart by size: glibc's per-thread malloc
-/// arenas reserve 64 MiB each, thread stacks are what the runtime asked for.
+/// largest first. Anonymous mappings are told apart by size: the allocator reserves its heap
+/// in large mappings (mimalloc's arena and segments, glibc's 64 MiB per-thread arenas), and
+/// thread stacks are a few MiB each.
 fn memory_map(pid: u32) -> Option<Vec<(String, usize, u64)>> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
     let mut groups: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
