@@ -774,6 +774,11 @@ fn memory_kb(pid: u32) -> Option<(u64, u64, u64, u64)> {
 /// thread stacks are a few MiB each.
 fn memory_map(pid: u32) -> Option<Vec<(String, usize, u64)>> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    Some(group_smaps(&smaps))
+}
+
+/// [`memory_map`]'s grouping of the text of an smaps file.
+fn group_smaps(smaps: &str) -> Vec<(String, usize, u64)> {
     let mut groups: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
     let mut current: Option<(String, u64)> = None;
     let mut add = |what: String, rss: u64| {
@@ -814,7 +819,7 @@ fn memory_map(pid: u32) -> Option<Vec<(String, usize, u64)>> {
     }
     let mut v: Vec<_> = groups.into_iter().map(|(w, (n, kb))| (w, n, kb)).collect();
     v.sort_by_key(|x| std::cmp::Reverse(x.2));
-    Some(v)
+    v
 }
 
 fn print_memory_map(when: &str, map: Option<Vec<(String, usize, u64)>>) {
@@ -981,4 +986,48 @@ pub fn memory(peers: usize, active: usize, seconds: u32) -> anyhow::Result<()> {
     print_memory_map("idle", idle_map);
     print_memory_map("while passing traffic (at the end)", busy_map);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smaps_are_grouped_by_kind_of_mapping_largest_first() {
+        let smaps = "\
+55d0c0000000-55d0c0800000 r-xp 00000000 08:01 1234    /usr/bin/lattice
+Size:               8192 kB
+Rss:                3000 kB
+VmFlags: rd ex mr mw me
+7f0000000000-7f0004000000 rw-p 00000000 00:00 0 
+Size:              65536 kB
+Rss:               20000 kB
+AnonHugePages:     16384 kB
+7f1000000000-7f1000200000 rw-p 00000000 00:00 0 
+Size:               2048 kB
+Rss:                  40 kB
+AnonHugePages:         0 kB
+7f2000000000-7f2000021000 rw-p 00000000 00:00 0                          [heap]
+Size:                132 kB
+Rss:                 100 kB
+7f3000000000-7f3000001000 r--p 00000000 08:01 99 /usr/lib/libc.so.6
+Rss:                   4 kB
+7f3000001000-7f3000002000 r-xp 00001000 08:01 99 /usr/lib/libc.so.6
+Rss:                   8 kB
+";
+        let got = group_smaps(smaps);
+        let want: Vec<(String, usize, u64)> = vec![
+            ("anonymous, 32 MiB or more (malloc arenas)".into(), 1, 20000),
+            ("(of the above: transparent huge pages)".into(), 1, 16384),
+            ("file lattice".into(), 1, 3000),
+            ("[heap]".into(), 1, 100),
+            (
+                "anonymous, 1-32 MiB (thread stacks, large buffers)".into(),
+                1,
+                40,
+            ),
+            ("file libc.so.6".into(), 2, 12),
+        ];
+        assert_eq!(got, want);
+    }
 }
