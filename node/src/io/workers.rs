@@ -289,10 +289,10 @@ impl Worker {
                     debug!(worker = self.id, "reading a TUN queue");
                     self.tun = Some(q);
                 }
-                Some(packets) = recv_writes(self.control_writes.as_mut()) => {
+                Some(packets) = recv_if(self.control_writes.as_mut()) => {
                     self.out.tun_writes.extend(packets);
                 }
-                Some(first) = recv_relayed(self.relay_packets.as_mut()) => {
+                Some(first) = recv_if(self.relay_packets.as_mut()) => {
                     self.handle_relayed(first);
                 }
             }
@@ -417,14 +417,8 @@ async fn read_tun(tun: Option<&TunQueue>, bufs: &mut ReadBufs) -> std::io::Resul
     }
 }
 
-async fn recv_relayed(rx: Option<&mut mpsc::Receiver<RelayPacket>>) -> Option<RelayPacket> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn recv_writes(rx: Option<&mut mpsc::Receiver<Vec<Packet>>>) -> Option<Vec<Packet>> {
+/// The next message on a channel only one worker has; never returns for the others.
+async fn recv_if<T>(rx: Option<&mut mpsc::Receiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -440,6 +434,9 @@ pub async fn recv_udp(
     let Some(sock) = sock else {
         return std::future::pending().await;
     };
-    let mut slices: Vec<IoSliceMut<'_>> = buf.chunks_mut(RECV_SLOT).map(IoSliceMut::new).collect();
+    // On the stack: this runs every time a worker waits for its sockets.
+    let mut chunks = buf.chunks_mut(RECV_SLOT);
+    let mut slices: [IoSliceMut<'_>; RECV_SLOTS] =
+        std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
     sock.recv(&mut slices, meta).await
 }
