@@ -335,12 +335,7 @@ impl Sockets {
         n: usize,
     ) -> anyhow::Result<Vec<Self>> {
         if n <= 1 {
-            let v4 = bind(
-                dialer,
-                SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-                false,
-            )
-            .with_context(|| format!("binding UDP port {port}"))?;
+            let v4 = bind_v4(dialer, port, false)?;
             let port = v4.local_addr()?.port();
             let v4 = Sock::new(v4)?;
             let v6 = bind_v6(dialer, port, false);
@@ -358,12 +353,7 @@ impl Sockets {
     }
 
     fn try_group(port: u16, dialer: relay::dial::Dialer, n: usize) -> anyhow::Result<Vec<Self>> {
-        let probe = bind(
-            dialer,
-            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-            false,
-        )
-        .with_context(|| format!("binding UDP port {port}"))?;
+        let probe = bind_v4(dialer, port, false)?;
         let port = probe.local_addr()?.port();
         // The IPv6 port must be free too (another daemon may hold only that family).
         let probe6 = bind(
@@ -384,12 +374,7 @@ impl Sockets {
         drop((probe, probe6));
         let mut group = Vec::with_capacity(n);
         for _ in 0..n {
-            let v4 = bind(
-                dialer,
-                SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-                true,
-            )
-            .with_context(|| format!("binding UDP port {port} for another worker"))?;
+            let v4 = bind_v4(dialer, port, true).context("another data-plane worker's socket")?;
             let v4 = Sock::new(v4)?;
             let v6 = if v6_works {
                 bind_v6(dialer, port, true)
@@ -411,6 +396,15 @@ impl Sockets {
             SocketAddr::V6(_) => self.v6.as_ref(),
         }
     }
+}
+
+fn bind_v4(dialer: relay::dial::Dialer, port: u16, shared: bool) -> anyhow::Result<UdpSocket> {
+    bind(
+        dialer,
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        shared,
+    )
+    .with_context(|| format!("binding UDP port {port}"))
 }
 
 fn bind_v6(dialer: relay::dial::Dialer, port: u16, shared: bool) -> Option<Sock> {
