@@ -9,8 +9,7 @@
 //! data-plane workers Lattice ran (`LATTICE_WORKERS` sets it). `--quick` measures Lattice and
 //! the raw veth only; `LATTICE_BENCH_UDP_RATE` sets iperf3's `-b` for the UDP row (default
 //! 0: as fast as iperf3 sends) and `LATTICE_BENCH_DEBUG` prints iperf3's UDP summaries and
-//! ping's round-trip spread. A
-//! benchmark, not a test: it asserts nothing about speed.
+//! ping's round-trip spread. A benchmark, not a test: it asserts nothing about speed.
 #![allow(clippy::print_stdout)]
 
 use std::process::Command;
@@ -780,7 +779,7 @@ fn memory_map(pid: u32) -> Option<Vec<(String, usize, u64)>> {
 /// [`memory_map`]'s grouping of the text of an smaps file.
 fn group_smaps(smaps: &str) -> Vec<(String, usize, u64)> {
     let mut groups: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
-    let mut current: Option<(String, u64)> = None;
+    let mut current: Option<String> = None;
     let mut add = |what: String, rss: u64| {
         let g = groups.entry(what).or_default();
         g.0 += 1;
@@ -804,7 +803,7 @@ fn group_smaps(smaps: &str) -> Vec<(String, usize, u64)> {
                 p if p.starts_with('[') => p.to_string(),
                 p => format!("file {}", p.rsplit('/').next().unwrap_or(p)),
             };
-            current = Some((what, 0));
+            current = Some(what);
         } else if first == "AnonHugePages:" {
             let kb = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
             if kb > 0 {
@@ -812,7 +811,7 @@ fn group_smaps(smaps: &str) -> Vec<(String, usize, u64)> {
             }
         } else if first == "Rss:" {
             let rss = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-            if let Some((what, _)) = current.take() {
+            if let Some(what) = current.take() {
                 add(what, rss);
             }
         }
