@@ -14,6 +14,7 @@
 //!
 //! This module performs no I/O and reads no clock: `now` comes from the caller.
 
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use gotatun::packet::Packet;
@@ -32,7 +33,7 @@ pub struct BatchOutput {
     pub events: bool,
     /// When the core next needs `handle_timeout`.
     pub deadline: Option<Instant>,
-    jobs: Vec<CryptoJob>,
+    jobs: VecDeque<CryptoJob>,
     done: Vec<CryptoDone>,
 }
 
@@ -58,7 +59,7 @@ pub fn run_batch(
     let mut st = core.lock();
     input(&mut st);
     loop {
-        out.jobs.extend(std::iter::from_fn(|| st.poll_crypto()));
+        st.take_crypto(&mut out.jobs);
         if out.jobs.is_empty() {
             break;
         }

@@ -13,6 +13,7 @@
 //! serializes jobs for one peer that run on different threads (its replay window accepts the
 //! counters out of order, as for any reordering on the network).
 
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use gotatun::noise::TunnResult;
@@ -123,6 +124,16 @@ impl NodeState {
     /// The next crypto job, in the order the core made them.
     pub fn poll_crypto(&mut self) -> Option<CryptoJob> {
         self.crypto.pop_front()
+    }
+
+    /// Appends every waiting crypto job to `jobs`, in order, as [`NodeState::poll_crypto`]
+    /// one by one would; into an empty `jobs` by swapping the queues, without moving a job.
+    pub fn take_crypto(&mut self, jobs: &mut VecDeque<CryptoJob>) {
+        if jobs.is_empty() {
+            std::mem::swap(&mut self.crypto, jobs);
+        } else {
+            jobs.append(&mut self.crypto);
+        }
     }
 
     /// Finishes a job [`NodeState::poll_crypto`] handed out. A job whose peer is gone, or

@@ -270,6 +270,38 @@ fn crypto_outside_the_core_delivers_what_inline_crypto_delivers() {
     assert!(st.peers.iter().all(|p| p.traffic.rx_packets >= 3));
 }
 
+/// `take_crypto` hands the jobs out in the order the core made them, into an empty queue
+/// (by swapping) and behind jobs already taken: the packets arrive in the order they left.
+#[test]
+fn taken_crypto_jobs_keep_their_order() {
+    let mut net = Net::new(2);
+    let first = ipv4(v4(0), v4(1), 17, &udp(1000, 2000, b"first"));
+    net.send(0, first.clone());
+    assert_eq!(net.received(1), vec![first]);
+    net.nodes[0].set_crypto_outside(true);
+    let packets: Vec<Vec<u8>> = (0..5u8)
+        .map(|i| ipv4(v4(0), v4(1), 17, &udp(1000, 2000, &[i; 20])))
+        .collect();
+    let mut jobs = std::collections::VecDeque::new();
+    for p in &packets[..2] {
+        net.nodes[0].handle_tun_packet(net.now, Packet::copy_from(&p[..]));
+    }
+    net.nodes[0].take_crypto(&mut jobs);
+    assert_eq!(jobs.len(), 2, "swapped into the empty queue");
+    for p in &packets[2..] {
+        net.nodes[0].handle_tun_packet(net.now, Packet::copy_from(&p[..]));
+    }
+    net.nodes[0].take_crypto(&mut jobs);
+    assert_eq!(jobs.len(), 5, "appended behind the first two");
+    assert!(net.nodes[0].poll_crypto().is_none());
+    for job in jobs.drain(..) {
+        let done = job.run();
+        net.nodes[0].handle_crypto(net.now, done);
+    }
+    net.run();
+    assert_eq!(net.received(1), packets);
+}
+
 /// A job that ran while its peer's tunnel was replaced (here by a switch of the mesh's
 /// tunnel security) is dropped: nothing goes out from a tunnel the core no longer holds.
 #[test]
