@@ -282,7 +282,7 @@ fn taken_crypto_jobs_keep_their_order() {
     let packets: Vec<Vec<u8>> = (0..5u8)
         .map(|i| ipv4(v4(0), v4(1), 17, &udp(1000, 2000, &[i; 20])))
         .collect();
-    let mut jobs = std::collections::VecDeque::new();
+    let mut jobs = VecDeque::new();
     for p in &packets[..2] {
         net.nodes[0].handle_tun_packet(net.now, Packet::copy_from(&p[..]));
     }
