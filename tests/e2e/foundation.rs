@@ -117,17 +117,29 @@ fn three_nodes_ping_by_name_over_ipv4_and_ipv6_and_move_20mb_intact() {
 }
 
 /// Both nodes run four data-plane workers (`--workers 4`: four TUN queues, four sockets on
-/// one port). 1 GB in four parallel TCP streams arrives with each sender's checksum, and a
-/// numbered UDP stream sent meanwhile, through the same tunnel, arrives in order.
+/// one port), the sender's with helper tasks for its sends and TUN writes, the receiver's
+/// without (`--io-helpers`). 1 GB in four parallel TCP streams arrives with each sender's
+/// checksum, and a numbered UDP stream sent meanwhile, through the same tunnel, arrives in
+/// order.
 #[test]
 fn a_gigabyte_through_four_workers_arrives_intact_and_in_order() {
-    let Some(f) = Flat::mesh_with("workers", &["wa", "wb"], &[], &["--workers", "4"]) else {
+    // One node's workers send and write through helper tasks, the other's themselves: the
+    // stream crosses both ways of running the data plane, whatever this machine's CPUs.
+    let Some(f) = Flat::mesh_each(
+        "workers",
+        &[
+            ("wa", &["--workers", "4", "--io-helpers", "true"]),
+            ("wb", &["--workers", "4", "--io-helpers", "false"]),
+        ],
+        &[],
+    ) else {
         return;
     };
     assert!(f.node("wa").ping(&f.lab, "wb", "-4", 3), "wa -> wb");
-    for n in &f.nodes {
+    for (n, helpers) in f.nodes.iter().zip([true, false]) {
         let st = n.status(&f.lab).expect("status");
         assert_eq!(st["workers"], 4, "{}", st["self"]["name"]);
+        assert_eq!(st["io_helpers"], helpers, "{}", st["self"]["name"]);
         // The node turns transparent huge pages off for itself (its heap would be resident
         // in 2 MiB steps); kernels before 6.5 do not show the setting.
         let pid = f.lab.pid(n.proc).expect("the node's pid");

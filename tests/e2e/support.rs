@@ -99,14 +99,24 @@ impl Flat {
         coord_extra: &[&str],
         node_extra: &[&str],
     ) -> Option<Self> {
+        let nodes: Vec<(&str, &[&str])> = names.iter().map(|n| (*n, node_extra)).collect();
+        Self::mesh_each(tag, &nodes, coord_extra)
+    }
+
+    /// [`Flat::mesh`] with each node's own extra `lattice up` flags.
+    pub(crate) fn mesh_each(
+        tag: &str,
+        nodes: &[(&str, &[&str])],
+        coord_extra: &[&str],
+    ) -> Option<Self> {
         let lab = lab(tag)?;
-        let mut f = Self::new(lab, names.len(), coord_extra);
+        let mut f = Self::new(lab, nodes.len(), coord_extra);
         let key = f.coord.authkey(&f.lab, &["--reusable"]).expect("auth key");
-        for (i, name) in names.iter().enumerate() {
-            f.join(i, name, &key, node_extra);
+        for (i, (name, extra)) in nodes.iter().enumerate() {
+            f.join(i, name, &key, extra);
         }
         for n in &f.nodes {
-            n.wait_ready(&f.lab, names.len() - 1, Duration::from_secs(30))
+            n.wait_ready(&f.lab, nodes.len() - 1, Duration::from_secs(30))
                 .expect("ready");
         }
         Some(f)

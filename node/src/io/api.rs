@@ -57,6 +57,9 @@ pub struct StatusJson {
     /// Data-plane workers (each with its own TUN queue and UDP socket).
     #[serde(default)]
     pub workers: usize,
+    /// Whether the workers send and write the TUN device through helper tasks.
+    #[serde(default)]
+    pub io_helpers: bool,
 }
 
 /// The mesh DNS resolver's answers in `status`, by kind.

@@ -57,6 +57,9 @@ pub struct Routing {
     pub exit_node: Option<String>,
     /// How the node's own sockets are made (marked while it uses an exit node).
     pub dialer: relay::dial::Dialer,
+    /// Whether the data-plane workers send and write through helper tasks
+    /// (`--io-helpers`; `None`: decided by the CPU count).
+    pub io_helpers: Option<bool>,
 }
 
 /// Everything the loop drives.
@@ -199,12 +202,20 @@ impl EventLoop {
         let portmap_rx = portmap.as_ref().map(PortMapper::watch);
         state.set_crypto_outside(true);
         let shared = Shared::new(state);
-        let workers = Workers::start(&shared, &sockets, mtu, relays.senders(), relay_packets);
-        info!(workers = workers.len(), "data plane workers");
+        let helpers = crate::io::workers::helpers(routing.io_helpers, sockets.len());
+        let workers = Workers::start(
+            &shared,
+            &sockets,
+            helpers,
+            mtu,
+            relays.senders(),
+            relay_packets,
+        );
+        info!(workers = workers.len(), helpers, "data plane workers");
         Self {
             shared,
             workers,
-            sender: Sender::start(Arc::clone(&first)),
+            sender: Sender::start(Arc::clone(&first), true),
             sockets: first,
             out: BatchOutput::default(),
             tun: None,
@@ -483,6 +494,7 @@ impl EventLoop {
                             self.mtu,
                             &addrs,
                             self.workers.len(),
+                            self.workers.helpers(),
                             &self.shared.tun_write_failed,
                         )?;
                         info!(device = tun.name(), addresses = ?addrs, queues = queues.len(), "TUN device up");
@@ -1128,6 +1140,7 @@ impl EventLoop {
                 problem: e.problem,
             }),
             workers: self.workers.len(),
+            io_helpers: self.workers.helpers(),
         }
     }
 }

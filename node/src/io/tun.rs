@@ -102,7 +102,7 @@ pub struct Tun {
     addrs: Vec<IpAddr>,
 }
 
-/// One queue of the device: a worker reads it and writes through its writer task.
+/// One queue of the device: a worker reads it, and writes it itself or through a writer task.
 pub struct TunQueue {
     dev: Arc<AsyncDevice>,
     /// Packets waiting for [`TunQueue::write_queued`], each after `VIRTIO_NET_HDR_LEN` bytes
@@ -111,9 +111,22 @@ pub struct TunQueue {
     queued: usize,
     /// Grown buffers kept in the batch being filled.
     grown: usize,
-    to_writer: mpsc::Sender<WriteBatch>,
-    /// Written batches, their buffers ready to fill again.
-    written: mpsc::UnboundedReceiver<Vec<WriteBuf>>,
+    writer: Writer,
+}
+
+/// Who writes a queue's batches to the device.
+enum Writer {
+    /// The queue's owner, itself.
+    Caller {
+        gro: Box<GROTable>,
+        failed: Arc<AtomicU64>,
+    },
+    /// A task, while the owner goes on.
+    Task {
+        to_writer: mpsc::Sender<WriteBatch>,
+        /// Written batches, their buffers ready to fill again.
+        written: mpsc::UnboundedReceiver<Vec<WriteBuf>>,
+    },
 }
 
 /// Buffers for reading: one raw read (header + up to 64 KiB), cut into packets.
@@ -149,13 +162,15 @@ pub fn is_packet_error(e: &io::Error) -> bool {
 }
 
 impl Tun {
-    /// Creates the device `name` with `addrs` and `mtu`, with `queues` queues (at least one).
-    /// Packets in a batch the kernel refused are counted in `write_failed`.
+    /// Creates the device `name` with `addrs` and `mtu`, with `queues` queues (at least one),
+    /// each written by a task of its own with `writer_tasks` (else by its owner). Packets in
+    /// a batch the kernel refused are counted in `write_failed`.
     pub fn create(
         name: &str,
         mtu: u16,
         addrs: &[IpAddr],
         queues: usize,
+        writer_tasks: bool,
         write_failed: &Arc<AtomicU64>,
     ) -> anyhow::Result<(Self, Vec<TunQueue>)> {
         let mut b = DeviceBuilder::new().name(name).mtu(mtu).offload(true);
@@ -174,12 +189,16 @@ impl Tun {
         dev.add_address_v4(RESOLVER, 32u8)
             .context("assigning the DNS resolver address")?;
         let dev = Arc::new(dev);
-        let mut all = vec![TunQueue::start(Arc::clone(&dev), write_failed)];
+        let mut all = vec![TunQueue::start(
+            Arc::clone(&dev),
+            writer_tasks,
+            write_failed,
+        )];
         for i in 1..queues {
             let q = dev
                 .try_clone()
                 .with_context(|| format!("opening queue {i} of TUN device {name}"))?;
-            all.push(TunQueue::start(Arc::new(q), write_failed));
+            all.push(TunQueue::start(Arc::new(q), writer_tasks, write_failed));
         }
         let tun = Self {
             dev,
@@ -219,23 +238,26 @@ impl Tun {
 }
 
 impl TunQueue {
-    fn start(dev: Arc<AsyncDevice>, write_failed: &Arc<AtomicU64>) -> Self {
-        let (to_writer, batches) = mpsc::channel(WRITE_QUEUE);
-        let (give_back, written) = mpsc::unbounded_channel();
-        // Ends when the queue is dropped (the sender with it).
-        tokio::spawn(write_batches(
-            Arc::clone(&dev),
-            batches,
-            give_back,
-            Arc::clone(write_failed),
-        ));
+    fn start(dev: Arc<AsyncDevice>, task: bool, write_failed: &Arc<AtomicU64>) -> Self {
+        let failed = Arc::clone(write_failed);
+        let writer = if task {
+            let (to_writer, batches) = mpsc::channel(WRITE_QUEUE);
+            let (give_back, written) = mpsc::unbounded_channel();
+            // Ends when the queue is dropped (the sender with it).
+            tokio::spawn(write_batches(Arc::clone(&dev), batches, give_back, failed));
+            Writer::Task { to_writer, written }
+        } else {
+            Writer::Caller {
+                gro: Box::default(),
+                failed,
+            }
+        };
         Self {
             dev,
             out: Vec::new(),
             queued: 0,
             grown: 0,
-            to_writer,
-            written,
+            writer,
         }
     }
 
@@ -276,19 +298,40 @@ impl TunQueue {
         self.queued == IDEAL_BATCH_SIZE
     }
 
-    /// Hands the queued packets to the writer task, which writes them coalescing TCP and UDP
-    /// runs where the kernel allows; waits only while the writer's queue is full.
+    /// Writes the queued packets, coalescing TCP and UDP runs where the kernel allows, or
+    /// hands them to the writer task (waiting only while its queue is full).
     pub async fn write_queued(&mut self) {
         if self.queued == 0 {
             return;
         }
         let n = self.queued;
         self.queued = 0;
-        let spare = self.written.try_recv().unwrap_or_default();
-        let batch = std::mem::replace(&mut self.out, spare);
-        if self.to_writer.send((batch, n)).await.is_err() {
-            debug!(packets = n, "the TUN writer has stopped; packets dropped");
+        match &mut self.writer {
+            Writer::Caller { gro, failed } => {
+                write_batch(&self.dev, gro, &mut self.out[..n], failed).await;
+            }
+            Writer::Task { to_writer, written } => {
+                let spare = written.try_recv().unwrap_or_default();
+                let batch = std::mem::replace(&mut self.out, spare);
+                if to_writer.send((batch, n)).await.is_err() {
+                    debug!(packets = n, "the TUN writer has stopped; packets dropped");
+                }
+            }
         }
+    }
+}
+
+/// Writes one batch; counts its packets in `failed` when the kernel refuses it.
+async fn write_batch(
+    dev: &AsyncDevice,
+    gro: &mut GROTable,
+    bufs: &mut [WriteBuf],
+    failed: &AtomicU64,
+) {
+    let n = bufs.len();
+    if let Err(e) = dev.send_multiple(gro, bufs, VIRTIO_NET_HDR_LEN).await {
+        let total = failed.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        debug!(error = %e, packets = n, total, "tun write failed");
     }
 }
 
@@ -301,13 +344,7 @@ async fn write_batches(
 ) {
     let mut gro = GROTable::default();
     while let Some((mut bufs, n)) = batches.recv().await {
-        if let Err(e) = dev
-            .send_multiple(&mut gro, &mut bufs[..n], VIRTIO_NET_HDR_LEN)
-            .await
-        {
-            let total = failed.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
-            debug!(error = %e, packets = n, total, "tun write failed");
-        }
+        write_batch(&dev, &mut gro, &mut bufs[..n], &failed).await;
         // Gone only when the device is being dropped.
         let _ = give_back.send(bufs);
     }

@@ -213,7 +213,7 @@ impl Batch {
     }
 }
 
-/// One send for the sender task.
+/// One send: a run of datagrams, or a primer.
 struct SendJob {
     dst: SocketAddr,
     bytes: Vec<u8>,
@@ -222,33 +222,61 @@ struct SendJob {
     ttl: Option<u8>,
 }
 
-/// Hands runs of datagrams to the task that sends them, in the order given.
+impl SendJob {
+    async fn send(&self, sockets: &Sockets) {
+        if let Some(sock) = sockets.for_dst(&self.dst) {
+            match self.ttl {
+                Some(ttl) => sock.send_with_ttl(self.dst, &self.bytes, ttl).await,
+                None => sock.send(self.dst, &self.bytes, self.segment).await,
+            }
+        }
+    }
+}
+
+/// Sends runs of datagrams in the order given: itself, or through a task of its own.
 pub struct Sender {
-    jobs: mpsc::Sender<SendJob>,
-    /// Sent runs' buffers, to fill again.
-    sent: mpsc::UnboundedReceiver<Vec<u8>>,
+    how: SendBy,
     batch: Batch,
 }
 
+enum SendBy {
+    /// The caller's own thread makes the system calls.
+    Caller {
+        sockets: Arc<Sockets>,
+        /// The last run's buffer, to fill again.
+        spare: Vec<u8>,
+    },
+    /// A task sends while the caller goes on.
+    Task {
+        jobs: mpsc::Sender<SendJob>,
+        /// Sent runs' buffers, to fill again.
+        sent: mpsc::UnboundedReceiver<Vec<u8>>,
+    },
+}
+
 impl Sender {
-    /// Starts the sender task for `sockets`; it ends when the `Sender` is dropped.
-    pub fn start(sockets: Arc<Sockets>) -> Self {
-        let (jobs, mut rx) = mpsc::channel::<SendJob>(SEND_QUEUE);
-        let (give_back, sent) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Some(job) = rx.recv().await {
-                if let Some(sock) = sockets.for_dst(&job.dst) {
-                    match job.ttl {
-                        Some(ttl) => sock.send_with_ttl(job.dst, &job.bytes, ttl).await,
-                        None => sock.send(job.dst, &job.bytes, job.segment).await,
-                    }
+    /// A sender for `sockets`. With `task`, the sends run on a task of their own (on the
+    /// runtime's threads, in parallel with the caller), which ends when the `Sender` is
+    /// dropped; without, [`Sender::flush`] makes the system call itself.
+    pub fn start(sockets: Arc<Sockets>, task: bool) -> Self {
+        let how = if task {
+            let (jobs, mut rx) = mpsc::channel::<SendJob>(SEND_QUEUE);
+            let (give_back, sent) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                while let Some(job) = rx.recv().await {
+                    job.send(&sockets).await;
+                    let _ = give_back.send(job.bytes);
                 }
-                let _ = give_back.send(job.bytes);
+            });
+            SendBy::Task { jobs, sent }
+        } else {
+            SendBy::Caller {
+                sockets,
+                spare: Vec::new(),
             }
-        });
+        };
         Self {
-            jobs,
-            sent,
+            how,
             batch: Batch::default(),
         }
     }
@@ -276,7 +304,8 @@ impl Sender {
         .await;
     }
 
-    /// Hands the current run to the sender task; waits only while its queue is full.
+    /// Sends the current run (or hands it to the sender task, waiting only while its queue is
+    /// full).
     pub async fn flush(&mut self) {
         if self.batch.dst.is_none() {
             return;
@@ -294,14 +323,25 @@ impl Sender {
     }
 
     fn spare(&mut self) -> Vec<u8> {
-        let mut b = self.sent.try_recv().unwrap_or_default();
+        let mut b = match &mut self.how {
+            SendBy::Caller { spare, .. } => std::mem::take(spare),
+            SendBy::Task { sent, .. } => sent.try_recv().unwrap_or_default(),
+        };
         b.clear();
         b
     }
 
     async fn hand_over(&mut self, job: SendJob) {
-        if self.jobs.send(job).await.is_err() {
-            debug!("the UDP sender has stopped; datagrams dropped");
+        match &mut self.how {
+            SendBy::Caller { sockets, spare } => {
+                job.send(sockets).await;
+                *spare = job.bytes;
+            }
+            SendBy::Task { jobs, .. } => {
+                if jobs.send(job).await.is_err() {
+                    debug!("the UDP sender has stopped; datagrams dropped");
+                }
+            }
         }
     }
 }

@@ -44,11 +44,21 @@ pub const DEFAULT_MAX: usize = 8;
 
 /// How many workers to run: `asked`, or one per CPU up to [`DEFAULT_MAX`].
 pub fn count(asked: Option<usize>) -> usize {
-    asked.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map_or(1, std::num::NonZeroUsize::get)
-            .min(DEFAULT_MAX)
-    })
+    asked.unwrap_or_else(|| cpus().min(DEFAULT_MAX))
+}
+
+/// Whether `workers` workers send and write the TUN device through helper tasks (`asked`,
+/// or by default when there are at least two CPUs per worker). A helper runs on the
+/// runtime's threads while its worker reads and encrypts the next batch: a pipeline, where
+/// there are CPUs for it. Where there are not, the helpers' wake-ups and context switches
+/// cost more than the overlap gains (on 2 CPUs, 2 workers: about 30% less single-stream
+/// throughput with helpers), and each worker makes its own system calls.
+pub fn helpers(asked: Option<bool>, workers: usize) -> bool {
+    asked.unwrap_or_else(|| cpus() >= 2 * workers)
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
 /// What the workers and the control loop share.
@@ -111,10 +121,13 @@ pub enum ToControl {
 /// The running workers; dropping this stops them.
 ///
 /// Each worker runs on a thread of its own (`Handle::block_on`), not as a task on the
-/// runtime's threads: what it wakes (its UDP sender, its TUN writer) then runs on the
-/// runtime's threads in parallel with it, instead of waiting on the same thread behind it.
+/// runtime's threads: what it wakes (its UDP sender and TUN writer, where it has helpers)
+/// then runs on the runtime's threads in parallel with it, instead of waiting on the same
+/// thread behind it.
 pub struct Workers {
     count: usize,
+    /// Whether sends and TUN writes go through helper tasks ([`helpers`]).
+    helpers: bool,
     stop: watch::Sender<bool>,
     queues: Vec<mpsc::Sender<TunQueue>>,
     /// The control loop's packets for the TUN device (written by worker 0).
@@ -124,11 +137,13 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts one worker per set of sockets, for a TUN device of `mtu`; they send through
-    /// `relays`, and worker 0 takes the packets that come through them.
+    /// Starts one worker per set of sockets, for a TUN device of `mtu`, sending through
+    /// helper tasks with `helpers`; they send through `relays`, and worker 0 takes the
+    /// packets that come through them.
     pub fn start(
         shared: &Arc<Shared>,
         sockets: &[Arc<Sockets>],
+        helpers: bool,
         mtu: u16,
         relays: RelaySenders,
         relay_packets: mpsc::Receiver<RelayPacket>,
@@ -148,7 +163,7 @@ impl Workers {
                 mtu,
                 shared: Arc::clone(shared),
                 sockets: Arc::clone(socks),
-                sender: Sender::start(Arc::clone(socks)),
+                sender: Sender::start(Arc::clone(socks), helpers),
                 tun: None,
                 new_queue: queue_rx,
                 control_writes: control_writes.take(),
@@ -179,6 +194,7 @@ impl Workers {
         }
         Self {
             count: sockets.len(),
+            helpers,
             stop,
             queues,
             to_tun,
@@ -189,6 +205,11 @@ impl Workers {
     /// How many workers run.
     pub fn len(&self) -> usize {
         self.count
+    }
+
+    /// Whether sends and TUN writes go through helper tasks.
+    pub fn helpers(&self) -> bool {
+        self.helpers
     }
 
     /// Whether none run (never: at least one is started).

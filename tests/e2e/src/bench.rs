@@ -104,6 +104,11 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
         .context("b's address")?
         .to_owned();
     let workers = sb["workers"].as_u64().unwrap_or(1);
+    let helpers = if sb["io_helpers"] == true {
+        "through helper tasks"
+    } else {
+        "themselves"
+    };
     // Warm up: the first packets go through the relay until the direct path answers.
     lab.output(&a, &["ping", "-c", "5", "-i", "0.2", &lattice_dst])?;
     let mtu = "1280";
@@ -282,7 +287,8 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
         )?;
     }
     println!(
-        "\nlattice: {workers} data-plane workers per node (TUN queues and UDP sockets); tunnel MTU {mtu}"
+        "\nlattice: {workers} data-plane workers per node (TUN queues and UDP sockets), which send and \
+         write the TUN device {helpers}; tunnel MTU {mtu}"
     );
     Ok(())
 }
