@@ -1,0 +1,218 @@
+//! How much of a data packet's work the shared core's lock serializes, and how the data
+//! plane's batches scale over threads (`cargo bench -p node-proto --bench core_lock`).
+//!
+//! A hub with 1,000 peers in its netmap and tunnels to 8 of them: real `NodeState`s in memory
+//! with real (post-quantum) tunnels. The hub's core is
+//! shared as the node's workers share it (crypto outside, `shared::run_batch`):
+//! - on one thread, the time per 1,280-byte packet spent under the core's lock and outside
+//!   it (the AEAD), sealing packets for a peer and opening datagrams from one;
+//! - on 1, 2, 4 and 8 threads (up to the CPU count), each sealing for or opening from its own
+//!   peer, the packets per second all of them reach together.
+//!
+//! The time under the lock bounds what any number of workers can do: one packet's locked
+//! work after another. Prints numbers; asserts nothing about them.
+#![allow(
+    clippy::print_stdout,
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    missing_docs
+)]
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use node_proto::shared::{BatchOutput, run_batch};
+use node_proto::{CryptoDone, CryptoJob, NodeState, Packet, SockId};
+use parking_lot::Mutex;
+
+mod common;
+use common::{addr, hub_and_peers, overlay, run, udp};
+
+/// Peers in the hub's netmap.
+const NETMAP: usize = 1000;
+/// Peers with a tunnel, one per thread at most.
+const PEERS: usize = 8;
+/// Packets per batch (a worker's batches are of this order).
+const BATCH: usize = 64;
+/// Packets each thread seals or opens per measurement.
+const PER_THREAD: usize = 30_000;
+/// 1,280-byte IPv4 packets.
+const PAYLOAD: [u8; 1252] = [0x5a; 1252];
+
+fn main() {
+    let now = Instant::now();
+    let mut nodes = hub_and_peers(NETMAP, PEERS, Duration::from_secs(120), now);
+    // Every tunnel up: the hub sends one packet to each peer.
+    for i in 1..=PEERS {
+        let p = udp(overlay(0), overlay(i), b"hello");
+        nodes[0].handle_tun_packet(now, Packet::copy_from(&p[..]));
+    }
+    let mut setup = Duration::ZERO;
+    run(&mut nodes, now, &mut setup);
+    let mut peers = nodes.split_off(1);
+    let mut hub = nodes.pop().unwrap();
+    let up = hub.status(now).peers.iter().filter(|p| p.pq).count();
+    assert_eq!(up, PEERS, "every tunnel is up");
+    hub.set_crypto_outside(true);
+    let core = Mutex::new(hub);
+
+    println!(
+        "a hub with {NETMAP} peers in its netmap; one thread, 1,280-byte packets in batches of {BATCH}:"
+    );
+    let (locked, outside) = breakdown(&core, now, outbound(1, PER_THREAD));
+    report("sealing for a peer", locked, outside);
+    let opening = inbound(&mut peers[0], 1, now, PER_THREAD);
+    let (locked_in, outside_in) = breakdown(&core, now, opening);
+    report("opening from a peer", locked_in, outside_in);
+    println!(
+        "  the lock's bound, one packet's locked work after another: {:.2} M packets/s sealing \
+         ({:.1} Gbit/s), {:.2} M opening ({:.1} Gbit/s)",
+        1e3 / locked,
+        1e3 / locked * 1280.0 * 8.0 / 1e3,
+        1e3 / locked_in,
+        1e3 / locked_in * 1280.0 * 8.0 / 1e3
+    );
+
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    println!("\nthreads, each for its own peer ({cpus} CPUs here): M packets/s in all");
+    println!("threads    sealing   (vs 1)    opening   (vs 1)");
+    let (mut one_out, mut one_in) = (0.0, 0.0);
+    for threads in [1, 2, 4, 8].into_iter().filter(|t| *t <= cpus.min(PEERS)) {
+        let sealed = scaled(&core, now, threads, |t| outbound(t + 1, PER_THREAD));
+        let mut lists: Vec<Option<Input>> = peers[..threads]
+            .iter_mut()
+            .enumerate()
+            .map(|(t, p)| Some(inbound(p, t + 1, now, PER_THREAD)))
+            .collect();
+        let opened = scaled(&core, now, threads, |t| lists[t].take().unwrap());
+        if threads == 1 {
+            (one_out, one_in) = (sealed, opened);
+        }
+        println!(
+            "{threads:>7} {sealed:>10.3} {:>8.2}x {opened:>10.3} {:>8.2}x",
+            sealed / one_out,
+            opened / one_in
+        );
+    }
+}
+
+/// What one batch feeds the core: packets from the TUN device, or datagrams from a peer.
+enum Input {
+    Out(Vec<Packet>),
+    In(usize, Vec<Packet>),
+}
+
+/// `n` packets from the hub's TUN device to peer `i`.
+fn outbound(i: usize, n: usize) -> Input {
+    let p = udp(overlay(0), overlay(i), &PAYLOAD);
+    Input::Out((0..n).map(|_| Packet::copy_from(&p[..])).collect())
+}
+
+/// `n` datagrams peer `i` (`peer`) sealed for the hub, in order.
+fn inbound(peer: &mut NodeState, i: usize, now: Instant, n: usize) -> Input {
+    let p = udp(overlay(i), overlay(0), &PAYLOAD);
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        peer.handle_tun_packet(now, Packet::copy_from(&p[..]));
+        while let Some(t) = peer.poll_transmit() {
+            if t.dst.udp() == Some(addr(0)) {
+                out.push(t.payload);
+            }
+        }
+    }
+    Input::In(i, out)
+}
+
+/// Feeds one batch of `input` to a core under its lock.
+fn feed(st: &mut NodeState, now: Instant, input: &mut Input, n: usize) {
+    match input {
+        Input::Out(packets) => {
+            let rest = packets.len().saturating_sub(n);
+            for p in packets.drain(rest..) {
+                st.handle_tun_packet(now, p);
+            }
+        }
+        Input::In(i, datagrams) => {
+            let k = datagrams.len().min(n);
+            for d in datagrams.drain(..k) {
+                st.handle_datagram(now, SockId::Main, addr(*i), d);
+            }
+        }
+    }
+}
+
+fn remaining(input: &Input) -> usize {
+    match input {
+        Input::Out(p) | Input::In(_, p) => p.len(),
+    }
+}
+
+/// Runs `run_batch`'s steps on one thread with clocks around them: nanoseconds per packet
+/// under the lock and outside it.
+fn breakdown(core: &Mutex<NodeState>, now: Instant, mut input: Input) -> (f64, f64) {
+    let packets = remaining(&input);
+    let (mut locked, mut outside) = (Duration::ZERO, Duration::ZERO);
+    let mut jobs = VecDeque::new();
+    let mut done: Vec<CryptoDone> = Vec::new();
+    // What a batch produced, taken under the lock and dropped outside it, as `run_batch` does.
+    let mut out = BatchOutput::default();
+    while remaining(&input) > 0 {
+        let a = Instant::now();
+        let mut st = core.lock();
+        feed(&mut st, now, &mut input, BATCH);
+        st.take_crypto(&mut jobs);
+        drop(st);
+        let b = Instant::now();
+        done.extend(jobs.drain(..).map(CryptoJob::run));
+        let c = Instant::now();
+        let mut st = core.lock();
+        for d in done.drain(..) {
+            st.handle_crypto(now, d);
+        }
+        out.transmits
+            .extend(std::iter::from_fn(|| st.poll_transmit()));
+        out.tun_writes
+            .extend(std::iter::from_fn(|| st.poll_tun_write()));
+        drop(st);
+        locked += b - a + c.elapsed();
+        let d = Instant::now();
+        out.clear();
+        outside += (c - b) + d.elapsed();
+    }
+    let per = |d: Duration| d.as_nanos() as f64 / packets as f64;
+    (per(locked), per(outside))
+}
+
+fn report(what: &str, locked: f64, outside: f64) {
+    println!(
+        "  {what}: {:.0} ns per packet, {locked:.0} ns under the core's lock ({:.0}%), \
+         {outside:.0} ns outside it (the AEAD, dropping the output)",
+        locked + outside,
+        100.0 * locked / (locked + outside)
+    );
+}
+
+/// `threads` threads, thread `t` feeding `input(t)` through `run_batch` in batches: the
+/// packets per second (millions) of all of them together.
+fn scaled(
+    core: &Mutex<NodeState>,
+    now: Instant,
+    threads: usize,
+    mut input: impl FnMut(usize) -> Input,
+) -> f64 {
+    let inputs: Vec<Input> = (0..threads).map(&mut input).collect();
+    let packets: usize = inputs.iter().map(remaining).sum();
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for mut input in inputs {
+            s.spawn(move || {
+                let mut out = BatchOutput::default();
+                while remaining(&input) > 0 {
+                    run_batch(core, now, &mut out, |st| feed(st, now, &mut input, BATCH));
+                    out.clear();
+                }
+            });
+        }
+    });
+    packets as f64 / start.elapsed().as_secs_f64() / 1e6
+}
