@@ -178,7 +178,7 @@ impl NodeState {
     pub(super) fn opened(&mut self, now: Instant, key: NodeKey, from: Addr, result: TunnResult) {
         match result {
             TunnResult::WriteToNetwork(reply) => {
-                self.learn_path(now, key, from);
+                self.learn_path(now, key, from, 0);
                 self.register_index(key, &reply);
                 self.transmits.push_back(Transmit {
                     dst: from,
@@ -201,12 +201,7 @@ impl NodeState {
                 }
             }
             TunnResult::WriteToTunnel(inner) => {
-                if !inner.is_empty()
-                    && let Some(peer) = self.peers.get_mut(&key)
-                {
-                    peer.traffic.rx_packets += 1;
-                }
-                self.learn_path(now, key, from);
+                self.learn_path(now, key, from, u64::from(!inner.is_empty()));
                 if !inner.is_empty() {
                     self.deliver(now, key, inner);
                 }

@@ -114,7 +114,7 @@ impl NodeState {
             WgKind::CookieReply(p) => self.by_index.get(&p.receiver_idx.get()).copied(),
             WgKind::Data(p) => self.by_index.get(&p.header.receiver_idx.get()).copied(),
         };
-        let Some(key) = key.filter(|k| self.peers.contains_key(k)) else {
+        let Some((key, peer)) = key.and_then(|k| self.peers.get_mut(&k).map(|p| (k, p))) else {
             if matches!(wg, WgKind::Data(_)) {
                 self.hint_stale_session(now, from);
             }
@@ -122,7 +122,6 @@ impl NodeState {
             trace!(%from, "wireguard message from no current peer");
             return;
         };
-        let peer = self.peers.get_mut(&key).expect("checked above");
         if matches!(wg, WgKind::HandshakeInit(_)) && peer.pq.awaiting_confirmation(now) {
             // We answered a post-quantum exchange whose confirmation has not arrived yet; this
             // handshake most likely uses its key. Hold it until the key is confirmed.
@@ -268,10 +267,13 @@ impl NodeState {
         self.by_index.insert(idx, key);
     }
 
-    pub(super) fn learn_path(&mut self, now: Instant, key: NodeKey, from: Addr) {
+    /// An authenticated message from peer `key` came from `from`, carrying `packets` data
+    /// packets (counted for the peer here, with the one lookup of the peer).
+    pub(super) fn learn_path(&mut self, now: Instant, key: NodeKey, from: Addr, packets: u64) {
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
+        peer.traffic.rx_packets += packets;
         if let Addr::Udp(_, a) = from {
             self.by_addr.insert(a, key);
         }

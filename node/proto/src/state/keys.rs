@@ -168,7 +168,7 @@ impl NodeState {
         };
         match peer.pq.handle_resp(now, &msg2) {
             Ok(actions) => {
-                self.learn_path(now, key, from);
+                self.learn_path(now, key, from, 0);
                 self.apply_pq(now, key, actions);
             }
             Err(PqError::Authentication) => {
@@ -331,7 +331,7 @@ impl NodeState {
                 PqAction::ReplyDisco(dst, msg) => self.send_disco(key, dst, &msg),
                 PqAction::Install { psk, rekey } => self.install_psk(now, key, psk, rekey),
                 PqAction::Confirmed { from } => {
-                    self.learn_path(now, key, from);
+                    self.learn_path(now, key, from, 0);
                     let held = self
                         .peers
                         .get_mut(&key)
