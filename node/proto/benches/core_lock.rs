@@ -59,11 +59,12 @@ fn main() {
     println!(
         "a hub with {NETMAP} peers in its netmap; one thread, 1,280-byte packets in batches of {BATCH}:"
     );
-    let (locked, outside) = breakdown(&core, now, outbound(1, PER_THREAD));
-    report("sealing for a peer", locked, outside);
+    let sealing = breakdown(&core, now, outbound(1, PER_THREAD));
+    report("sealing for a peer", &sealing);
     let opening = inbound(&mut peers[0], 1, now, PER_THREAD);
-    let (locked_in, outside_in) = breakdown(&core, now, opening);
-    report("opening from a peer", locked_in, outside_in);
+    let opening = breakdown(&core, now, opening);
+    report("opening from a peer", &opening);
+    let (locked, locked_in) = (sealing.locked(), opening.locked());
     println!(
         "  the lock's bound, one packet's locked work after another: {:.2} M packets/s sealing \
          ({:.1} Gbit/s), {:.2} M opening ({:.1} Gbit/s)",
@@ -151,7 +152,7 @@ fn remaining(input: &Input) -> usize {
 
 /// Runs `run_batch`'s steps on one thread with clocks around them: nanoseconds per packet
 /// under the lock and outside it.
-fn breakdown(core: &Mutex<NodeState>, now: Instant, mut input: Input) -> (f64, f64) {
+fn breakdown(core: &Mutex<NodeState>, now: Instant, mut input: Input) -> Times {
     let packets = remaining(&input);
     let (mut fed, mut finished, mut outside) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let mut jobs = VecDeque::new();
@@ -183,20 +184,36 @@ fn breakdown(core: &Mutex<NodeState>, now: Instant, mut input: Input) -> (f64, f
         outside += (c - b) + d.elapsed();
     }
     let per = |d: Duration| d.as_nanos() as f64 / packets as f64;
-    println!(
-        "    under the lock: {:.0} ns handing the packet in, {:.0} ns finishing its job",
-        per(fed),
-        per(finished)
-    );
-    (per(fed + finished), per(outside))
+    Times {
+        fed: per(fed),
+        finished: per(finished),
+        outside: per(outside),
+    }
 }
 
-fn report(what: &str, locked: f64, outside: f64) {
+/// Nanoseconds per packet: under the lock handing it in and finishing its job, and outside.
+struct Times {
+    fed: f64,
+    finished: f64,
+    outside: f64,
+}
+
+impl Times {
+    fn locked(&self) -> f64 {
+        self.fed + self.finished
+    }
+}
+
+fn report(what: &str, t: &Times) {
+    let locked = t.locked();
     println!(
-        "  {what}: {:.0} ns per packet, {locked:.0} ns under the core's lock ({:.0}%), \
-         {outside:.0} ns outside it (the AEAD, dropping the output)",
-        locked + outside,
-        100.0 * locked / (locked + outside)
+        "  {what}: {:.0} ns per packet; {locked:.0} ns under the core's lock ({:.0}%: {:.0} handing \
+         it in, {:.0} finishing its job), {:.0} ns outside it (the AEAD, dropping the output)",
+        locked + t.outside,
+        100.0 * locked / (locked + t.outside),
+        t.fed,
+        t.finished,
+        t.outside
     );
 }
 
