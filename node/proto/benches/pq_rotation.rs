@@ -14,10 +14,9 @@ use std::time::{Duration, Instant};
 
 use node_proto::{NodeState, Packet};
 use wire::NodeKey;
-use wire::netmap::MapResponse;
 
 mod common;
-use common::{hub_map, node, overlay, rule, run, udp};
+use common::{hub_map, overlay, peer_map, run, udp};
 
 const PEERS: usize = 1000;
 
@@ -64,17 +63,8 @@ fn main() {
         heap as f64 / 1e6,
         heap as f64 / 1e3 / PEERS as f64
     );
-    for i in 1..=PEERS {
-        nodes[i].handle_netmap(
-            start,
-            MapResponse {
-                seq: 1,
-                node: Some(node(i, keys[i])),
-                peers: Some(vec![node(0, keys[0])]),
-                packet_filter: Some(vec![rule(i)]),
-                ..Default::default()
-            },
-        );
+    for (i, n) in nodes.iter_mut().enumerate().skip(1) {
+        n.handle_netmap(start, peer_map(i, &keys));
     }
     let mut hub_time = Duration::ZERO;
     let mut now = start;

@@ -100,19 +100,21 @@ pub(crate) fn hub_and_peers(
     let keys: Vec<NodeKey> = (0..=netmap.max(active)).map(public_key).collect();
     assert_eq!(nodes[1].node_key(), keys[1], "keys derive as the core's do");
     nodes[0].handle_netmap(now, hub_map(netmap, &keys));
-    for i in 1..=active {
-        nodes[i].handle_netmap(
-            now,
-            MapResponse {
-                seq: 1,
-                node: Some(node(i, keys[i])),
-                peers: Some(vec![node(0, keys[0])]),
-                packet_filter: Some(vec![rule(i)]),
-                ..Default::default()
-            },
-        );
+    for (i, n) in nodes.iter_mut().enumerate().skip(1) {
+        n.handle_netmap(now, peer_map(i, &keys));
     }
     nodes
+}
+
+/// Peer `i`'s netmap: the hub only, and the rule that admits anyone to the peer.
+pub(crate) fn peer_map(i: usize, keys: &[NodeKey]) -> MapResponse {
+    MapResponse {
+        seq: 1,
+        node: Some(node(i, keys[i])),
+        peers: Some(vec![node(0, keys[0])]),
+        packet_filter: Some(vec![rule(i)]),
+        ..Default::default()
+    }
 }
 
 /// The hub's netmap: every peer, and the rule that admits anyone to the hub.
