@@ -219,8 +219,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             snat_subnet_routes: args.snat_subnet_routes,
             exit_node,
             dialer,
-            io_helpers: args.io_helpers,
         },
+        args.io_helpers,
     );
     let result = ev.run().await;
     control_task.abort();

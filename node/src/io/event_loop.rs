@@ -57,9 +57,6 @@ pub struct Routing {
     pub exit_node: Option<String>,
     /// How the node's own sockets are made (marked while it uses an exit node).
     pub dialer: relay::dial::Dialer,
-    /// Whether the data-plane workers send and write through helper tasks
-    /// (`--io-helpers`; `None`: decided by the CPU count).
-    pub io_helpers: Option<bool>,
 }
 
 /// Everything the loop drives.
@@ -190,6 +187,7 @@ impl EventLoop {
         node_keypair: hybrid::StaticKeypair,
         port_mapping: bool,
         routing: Routing,
+        io_helpers: Option<bool>,
     ) -> Self {
         let dialer = routing.dialer;
         let (relay_tx, relay_events) = mpsc::channel(4096);
@@ -202,7 +200,7 @@ impl EventLoop {
         let portmap_rx = portmap.as_ref().map(PortMapper::watch);
         state.set_crypto_outside(true);
         let shared = Shared::new(state);
-        let helpers = crate::io::workers::helpers(routing.io_helpers, sockets.len());
+        let helpers = crate::io::workers::helpers(io_helpers, sockets.len());
         let workers = Workers::start(
             &shared,
             &sockets,
