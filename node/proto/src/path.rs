@@ -266,6 +266,15 @@ impl PathState {
         })
     }
 
+    /// The one place packets for the peer go while it has a trusted direct path (and no
+    /// missed answers, or no relay to fall back on): [`PathState::targets`]' first case,
+    /// without a list.
+    pub fn sole_target(&self, now: Instant, local: Local<'_>) -> Option<Addr> {
+        self.trusted(now)
+            .filter(|_| self.missed == 0 || local.relay.is_none())
+            .map(|b| direct(b.sock, b.addr))
+    }
+
     /// Where packets for the peer go now. `control` marks handshakes and key exchanges,
     /// which without any relay go to every candidate so whichever works can answer.
     pub fn targets(
@@ -275,10 +284,8 @@ impl PathState {
         local: Local<'_>,
         control: bool,
     ) -> Vec<Addr> {
-        if let Some(b) = self.trusted(now)
-            && (self.missed == 0 || local.relay.is_none())
-        {
-            return vec![direct(b.sock, b.addr)];
+        if let Some(a) = self.sole_target(now, local) {
+            return vec![a];
         }
         let mut out = Vec::new();
         if let Some(b) = self.best {

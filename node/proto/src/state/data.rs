@@ -58,7 +58,8 @@ impl NodeState {
             return;
         };
         peer.path.on_send(now);
-        if peer.tunnel.is_none() {
+        // As `encapsulate` does, with the peer already found.
+        let Some(tunnel) = peer.tunnel.clone() else {
             if peer.waiting.len() < MAX_WAITING {
                 peer.waiting.push_back(packet);
             } else {
@@ -66,8 +67,8 @@ impl NodeState {
             }
             self.pq_want(now, key);
             return;
-        }
-        self.encapsulate(now, key, packet);
+        };
+        self.crypto_job(now, CryptoJob::seal(key, tunnel, packet));
     }
 
     /// Encrypts a packet for `key` (whose tunnel exists) and sends it.
@@ -196,9 +197,18 @@ impl NodeState {
             return;
         };
         let control = !matches!(wg, WgKind::Data(_));
-        let targets = peer
-            .path
-            .targets(now, key, self.local_for(&peer.node), control);
+        let local = self.local_for(&peer.node);
+        if let Some(dst) = peer.path.sole_target(now, local) {
+            // The usual case, without building a list of targets for each packet.
+            self.transmits.push_back(Transmit {
+                dst,
+                payload: wg.into(),
+                ttl: None,
+            });
+            self.counters.out_sent += 1;
+            return;
+        }
+        let targets = peer.path.targets(now, key, local, control);
         let payload: Packet = wg.into();
         let Some((last, rest)) = targets.split_last() else {
             return;
