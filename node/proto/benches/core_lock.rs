@@ -126,14 +126,19 @@ fn outbound(i: usize, n: usize) -> Input {
 fn inbound(peer: &mut NodeState, i: usize, now: Instant, n: usize) -> Input {
     let p = udp(overlay(i), overlay(0), &PAYLOAD);
     let mut out = Vec::with_capacity(n);
-    while out.len() < n {
+    for _ in 0..n {
         peer.handle_tun_packet(now, Packet::copy_from(&p[..]));
-        while let Some(t) = peer.poll_transmit() {
-            if t.dst.udp() == Some(addr(0)) {
-                out.push(t.payload);
-            }
-        }
+        out.extend(
+            std::iter::from_fn(|| peer.poll_transmit())
+                .filter(|t| t.dst.udp() == Some(addr(0)))
+                .map(|t| t.payload),
+        );
     }
+    assert_eq!(
+        out.len(),
+        n,
+        "peer {i} sealed one datagram per packet, to the hub"
+    );
     out.reverse();
     Input::In(i, out)
 }
@@ -163,7 +168,9 @@ fn remaining(input: &Input) -> usize {
 }
 
 /// Runs `run_batch`'s steps on one thread with clocks around them: nanoseconds per packet
-/// under the lock and outside it.
+/// under the lock and outside it. A copy of those steps, as the core itself reads no clock;
+/// one round of jobs per batch is all data packets need (`run_batch` loops for jobs that
+/// finishing others makes).
 fn breakdown(core: &Mutex<NodeState>, now: Instant, mut input: Input) -> Times {
     let packets = remaining(&input);
     let (mut fed, mut finished, mut outside) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
