@@ -1,12 +1,12 @@
 //! How much of a data packet's work the shared core's lock serializes, and how the data
 //! plane's batches scale over threads (`cargo bench -p node-proto --bench core_lock`).
 //!
-//! A hub with 1,000 peers in its netmap and tunnels to 8 of them: real `NodeState`s in memory
+//! A hub with 1,000 peers in its netmap and tunnels to 16 of them: real `NodeState`s in memory
 //! with real (post-quantum) tunnels. The hub's core is
 //! shared as the node's workers share it (crypto outside, `shared::run_batch`):
 //! - on one thread, the time per 1,280-byte packet spent under the core's lock and outside
 //!   it (the AEAD), sealing packets for a peer and opening datagrams from one;
-//! - on 1, 2, 4 and 8 threads (up to the CPU count), each sealing for or opening from its own
+//! - on 1, 2, 4, 8, 12 and 16 threads (up to the CPU count), each sealing for or opening from its own
 //!   peer, the packets per second all of them reach together.
 //!
 //! The time under the lock bounds what any number of workers can do: one packet's locked
@@ -31,7 +31,7 @@ use common::{addr, hub_and_peers, overlay, run, udp};
 /// Peers in the hub's netmap.
 const NETMAP: usize = 1000;
 /// Peers with a tunnel, one per thread at most.
-const PEERS: usize = 8;
+const PEERS: usize = 16;
 /// Packets per batch (a worker's batches are of this order).
 const BATCH: usize = 64;
 /// Rounds of the one-thread measurement: the least time of each part is printed, as the
@@ -90,7 +90,10 @@ fn main() {
     println!("\nthreads, each for its own peer ({cpus} CPUs here): M packets/s in all");
     println!("threads    sealing   (vs 1)    opening   (vs 1)");
     let (mut one_out, mut one_in) = (0.0, 0.0);
-    for threads in [1, 2, 4, 8].into_iter().filter(|t| *t <= cpus.min(PEERS)) {
+    for threads in [1, 2, 4, 8, 12, 16]
+        .into_iter()
+        .filter(|t| *t <= cpus.min(PEERS))
+    {
         let sealed = scaled(&core, now, threads, |t| outbound(t + 1, PER_THREAD));
         let mut lists: Vec<Option<Input>> = peers[..threads]
             .iter_mut()
