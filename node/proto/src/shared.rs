@@ -10,7 +10,10 @@
 //! after another and sends their output in order therefore keeps the order of everything it
 //! read; a flow read by one worker (a TUN queue and a UDP socket each keep a flow on one
 //! reader) leaves in order. Calls on different workers interleave freely: their flows are
-//! unordered with respect to each other, as on any network.
+//! unordered with respect to each other, as on any network. A worker may also split the call
+//! into its halves, [`feed`] and [`finish`], and finish on a second thread while it feeds its
+//! next batch: the order holds as long as that thread finishes the batches in the order they
+//! were fed.
 //!
 //! This module performs no I/O and reads no clock: `now` comes from the caller.
 
@@ -48,28 +51,51 @@ impl BatchOutput {
 }
 
 /// Feeds `input` to the shared core, runs the crypto it asked for outside the lock, finishes
-/// it in order and appends what is ready to `out`. The core must have
-/// [`NodeState::set_crypto_outside`] on; with it off there are simply no jobs.
+/// it in order and appends what is ready to `out`: [`feed`], then [`finish`]. The core must
+/// have [`NodeState::set_crypto_outside`] on; with it off there are simply no jobs.
 pub fn run_batch(
     core: &Mutex<NodeState>,
     now: Instant,
     out: &mut BatchOutput,
     input: impl FnOnce(&mut NodeState),
 ) {
+    feed(core, out, input);
+    finish(core, now, out);
+}
+
+/// The first half of [`run_batch`]: feeds `input` to the core under its lock and takes what
+/// it made: the crypto jobs, kept in `out` for [`finish`], and what is ready already
+/// (handshakes, replies), appended to `out` ahead of whatever the jobs will produce.
+///
+/// A shell may hand `out` to another thread for [`finish`] and feed its next batch in the
+/// meantime: as long as one thread finishes a feeder's batches in the order they were fed,
+/// each flow keeps its order, as with [`run_batch`].
+pub fn feed(core: &Mutex<NodeState>, out: &mut BatchOutput, input: impl FnOnce(&mut NodeState)) {
     let mut st = core.lock();
     input(&mut st);
-    loop {
-        st.take_crypto(&mut out.jobs);
-        if out.jobs.is_empty() {
-            break;
-        }
-        drop(st);
+    st.take_crypto(&mut out.jobs);
+    take_ready(&mut st, out);
+}
+
+/// The second half of [`run_batch`]: runs the jobs [`feed`] left in `out` without the lock,
+/// then finishes them in order under it and appends what they produced. Takes the lock only
+/// if there are jobs.
+pub fn finish(core: &Mutex<NodeState>, now: Instant, out: &mut BatchOutput) {
+    while !out.jobs.is_empty() {
         out.done.extend(out.jobs.drain(..).map(CryptoJob::run));
-        st = core.lock();
+        let mut st = core.lock();
         for d in out.done.drain(..) {
             st.handle_crypto(now, d);
         }
+        // Finishing may make more (packets a handshake released).
+        st.take_crypto(&mut out.jobs);
+        take_ready(&mut st, out);
     }
+}
+
+/// Appends what the core has ready to `out`. Every holder of the lock takes it all before
+/// letting go, so what it takes is its own batch's.
+fn take_ready(st: &mut NodeState, out: &mut BatchOutput) {
     out.transmits
         .extend(std::iter::from_fn(|| st.poll_transmit()));
     out.tun_writes
@@ -169,7 +195,9 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(48))]
 
         /// Packets of several flows go through core 0's workers at once (each flow read by
-        /// one worker, as a multi-queue TUN device hashes it, in batches of random sizes),
+        /// one worker, as a multi-queue TUN device hashes it, in batches of random sizes;
+        /// `pipelined`: each worker feeds its batches while a thread of its own finishes
+        /// them),
         /// cross the network with the workers' outputs interleaved at random, and come out
         /// of core 1 (one worker, as all of a peer's datagrams reach one socket): every
         /// flow's packets arrive, each exactly once and in the order they were sent.
@@ -179,6 +207,7 @@ mod tests {
             workers in 1usize..5,
             batch_sizes in proptest::collection::vec(1usize..40, 1..20),
             interleave in proptest::collection::vec(any::<u8>(), 1..64),
+            pipelined in any::<bool>(),
         ) {
             let now = crate::test_epoch();
             let cores = pair(now);
@@ -197,23 +226,53 @@ mod tests {
                         let core = &cores[0];
                         let sizes = &batch_sizes;
                         s.spawn(move || {
-                            let mut sent = Vec::new();
-                            let mut out = BatchOutput::default();
                             let mut packets = queue.into_iter().peekable();
                             let mut b = w;
-                            while packets.peek().is_some() {
+                            // Feeds the next batch into `out`; false when none is left.
+                            let mut next_batch = |out: &mut BatchOutput| {
+                                if packets.peek().is_none() {
+                                    return false;
+                                }
                                 let n = sizes[b % sizes.len()];
                                 b += 1;
-                                out.clear();
-                                run_batch(core, now, &mut out, |st| {
+                                feed(core, out, |st| {
                                     for p in packets.by_ref().take(n) {
                                         st.handle_tun_packet(now, Packet::copy_from(&p[..]));
                                     }
                                 });
-                                sent.append(&mut out.transmits);
-                                prop_assert!(out.tun_writes.is_empty());
+                                true
+                            };
+                            if !pipelined {
+                                let mut sent = Vec::new();
+                                let mut out = BatchOutput::default();
+                                while next_batch(&mut out) {
+                                    finish(core, now, &mut out);
+                                    sent.append(&mut out.transmits);
+                                    prop_assert!(out.tun_writes.is_empty());
+                                    out.clear();
+                                }
+                                return Ok(sent);
                             }
-                            Ok(sent)
+                            // A finisher thread of its own takes each fed batch, in order,
+                            // while this one feeds the next.
+                            let (tx, rx) = std::sync::mpsc::sync_channel::<BatchOutput>(2);
+                            std::thread::scope(|s2| {
+                                let finisher = s2.spawn(move || {
+                                    let mut sent = Vec::new();
+                                    for mut out in rx {
+                                        finish(core, now, &mut out);
+                                        sent.append(&mut out.transmits);
+                                        assert!(out.tun_writes.is_empty());
+                                    }
+                                    sent
+                                });
+                                let mut out = BatchOutput::default();
+                                while next_batch(&mut out) {
+                                    tx.send(std::mem::take(&mut out)).unwrap();
+                                }
+                                drop(tx);
+                                Ok(finisher.join().unwrap())
+                            })
                         })
                     })
                     .collect();
