@@ -57,7 +57,8 @@ pub struct StatusJson {
     /// Data-plane workers (each with its own TUN queue and UDP socket).
     #[serde(default)]
     pub workers: usize,
-    /// Whether the workers send and write the TUN device through helper tasks.
+    /// Whether the workers run as pipelines: a finishing thread each for the crypto, helper
+    /// tasks for the system calls (`--io-helpers`).
     #[serde(default)]
     pub io_helpers: bool,
 }

@@ -102,7 +102,8 @@ pub struct Tun {
     addrs: Vec<IpAddr>,
 }
 
-/// One queue of the device: a worker reads it, and writes it itself or through a writer task.
+/// One queue of the device: a worker reads it ([`TunQueue::reader`]), and writes it itself or
+/// through a writer task.
 pub struct TunQueue {
     dev: Arc<AsyncDevice>,
     /// Packets waiting for [`TunQueue::write_queued`], each after `VIRTIO_NET_HDR_LEN` bytes
@@ -261,17 +262,10 @@ impl TunQueue {
         }
     }
 
-    /// Waits for and reads one batch of packets; returns how many.
-    pub async fn read(&self, b: &mut ReadBufs) -> io::Result<usize> {
-        self.dev
-            .recv_multiple(&mut b.raw, &mut b.packets, &mut b.sizes, 0)
-            .await
-    }
-
-    /// Reads one batch when one is waiting (`WouldBlock` otherwise).
-    pub fn try_read(&self, b: &mut ReadBufs) -> io::Result<usize> {
-        self.dev
-            .try_recv_multiple(&mut b.raw, &mut b.packets, &mut b.sizes, 0)
+    /// The queue's reading side: a worker reads with it while the queue itself (its writing
+    /// side) may belong to another thread.
+    pub fn reader(&self) -> TunReader {
+        TunReader(Arc::clone(&self.dev))
     }
 
     /// Queues `packet` for the next [`TunQueue::write_queued`]; returns whether the queue is full
@@ -318,6 +312,24 @@ impl TunQueue {
                 }
             }
         }
+    }
+}
+
+/// Reads one queue of the device ([`TunQueue::reader`]).
+pub struct TunReader(Arc<AsyncDevice>);
+
+impl TunReader {
+    /// Waits for and reads one batch of packets; returns how many.
+    pub async fn read(&self, b: &mut ReadBufs) -> io::Result<usize> {
+        self.0
+            .recv_multiple(&mut b.raw, &mut b.packets, &mut b.sizes, 0)
+            .await
+    }
+
+    /// Reads one batch when one is waiting (`WouldBlock` otherwise).
+    pub fn try_read(&self, b: &mut ReadBufs) -> io::Result<usize> {
+        self.0
+            .try_recv_multiple(&mut b.raw, &mut b.packets, &mut b.sizes, 0)
     }
 }
 

@@ -7,9 +7,9 @@
 //! node sends one stream to each of 4 peers at once (Lattice, the raw veths, and each other
 //! implementation as a hub with 4 peers). Prints medians and ratios, and the number of
 //! data-plane workers Lattice ran (`LATTICE_WORKERS` sets it). `--quick` measures Lattice and
-//! the raw veth only; `LATTICE_BENCH_UDP_RATE` sets iperf3's `-b` for the UDP row (default
-//! 0: as fast as iperf3 sends) and `LATTICE_BENCH_DEBUG` prints iperf3's UDP summaries and
-//! ping's round-trip spread. A benchmark, not a test: it asserts nothing about speed.
+//! the raw veth only (the 4 peers too); `LATTICE_BENCH_UDP_RATE` sets iperf3's `-b` for the
+//! UDP row (default 0: as fast as iperf3 sends) and `LATTICE_BENCH_DEBUG` prints iperf3's UDP
+//! summaries and ping's round-trip spread. A benchmark, not a test: it asserts nothing about speed.
 #![allow(clippy::print_stdout)]
 
 use std::process::Command;
@@ -105,9 +105,10 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
         .to_owned();
     let workers = sb["workers"].as_u64().unwrap_or(1);
     let helpers = if sb["io_helpers"] == true {
-        "through helper tasks"
+        "finish each batch (its crypto, then the core's last step) on a second thread while \
+         they read the next, and send and write the TUN device through helper tasks"
     } else {
-        "themselves"
+        "finish each batch and send and write the TUN device themselves"
     };
     // Warm up: the first packets go through the relay until the direct path answers.
     lab.output(&a, &["ping", "-c", "5", "-i", "0.2", &lattice_dst])?;
@@ -276,19 +277,18 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
         );
     }
     drop(targets);
-    if !quick {
-        four_peers(
-            &mut lab,
-            &a,
-            &coord.url,
-            &key,
-            &installed,
-            (rounds, seconds),
-        )?;
-    }
+    // With `quick`, nothing else is installed: Lattice and the raw veths only.
+    four_peers(
+        &mut lab,
+        &a,
+        &coord.url,
+        &key,
+        &installed,
+        (rounds, seconds),
+    )?;
     println!(
-        "\nlattice: {workers} data-plane workers per node (TUN queues and UDP sockets), which send and \
-         write the TUN device {helpers}; tunnel MTU {mtu}"
+        "\nlattice: {workers} data-plane workers per node (TUN queues and UDP sockets), which \
+         {helpers}; tunnel MTU {mtu}"
     );
     Ok(())
 }
