@@ -84,9 +84,7 @@ pub fn finish(core: &Mutex<NodeState>, now: Instant, out: &mut BatchOutput) {
     while !out.jobs.is_empty() {
         out.done.extend(out.jobs.drain(..).map(CryptoJob::run));
         let mut st = core.lock();
-        for d in out.done.drain(..) {
-            st.handle_crypto(now, d);
-        }
+        st.handle_crypto_all(now, &mut out.done);
         // Finishing may make more (packets a handshake released).
         st.take_crypto(&mut out.jobs);
         take_ready(&mut st, out);

@@ -51,6 +51,32 @@ enum Done {
     Opened { from: Addr, result: TunnResult },
 }
 
+/// Jobs of one peer's tunnel finished together ([`NodeState::handle_crypto_all`]).
+#[derive(Clone, Copy)]
+enum Run {
+    /// Sealed data packets, all for this one target.
+    Sealed(Addr),
+    /// Opened data packets, all from this address.
+    Opened(Addr),
+}
+
+impl Done {
+    /// Whether this result belongs in `run`, behind the job that started it.
+    fn joins(&self, run: Run) -> bool {
+        match (self, run) {
+            (Self::Sealed(Some(WgKind::Data(_))), Run::Sealed(_)) => true,
+            (
+                Self::Opened {
+                    from,
+                    result: TunnResult::WriteToTunnel(inner),
+                },
+                Run::Opened(f),
+            ) => *from == f && !inner.is_empty(),
+            _ => false,
+        }
+    }
+}
+
 impl CryptoJob {
     pub(super) fn seal(key: NodeKey, tunnel: Tunnel, packet: Packet) -> Self {
         Self {
@@ -139,18 +165,116 @@ impl NodeState {
     /// Finishes a job [`NodeState::poll_crypto`] handed out. A job whose peer is gone, or
     /// whose tunnel was replaced while it ran, is dropped.
     pub fn handle_crypto(&mut self, now: Instant, done: CryptoDone) {
-        let current = self
-            .peers
-            .get(&done.key)
-            .and_then(|p| p.tunnel.as_ref())
-            .is_some_and(|t| t.same(&done.tunnel));
-        if !current {
+        if !self.is_current(&done.key, &done.tunnel) {
             trace!(peer = %done.key, "crypto job for a tunnel that is gone; dropped");
             return;
         }
         match done.result {
             Done::Sealed(wg) => self.sealed(now, done.key, wg),
             Done::Opened { from, result } => self.opened(now, done.key, from, result),
+        }
+    }
+
+    /// Finishes `done`'s jobs in order, as [`NodeState::handle_crypto`] would one by one, and
+    /// empties it. A run of jobs for one peer's current tunnel (packets sealed for it while
+    /// it has one path, or data opened from one of its addresses) looks the peer and its path
+    /// up once, not for every packet: the lock of a shared core is held that much shorter.
+    pub fn handle_crypto_all(&mut self, now: Instant, done: &mut Vec<CryptoDone>) {
+        let mut jobs = done.drain(..).peekable();
+        while let Some(d) = jobs.next() {
+            let Some(run) = self.run_of(now, &d) else {
+                self.handle_crypto(now, d);
+                continue;
+            };
+            let CryptoDone {
+                key,
+                tunnel,
+                result,
+            } = d;
+            let mut next = || {
+                jobs.next_if(|j| j.key == key && j.tunnel.same(&tunnel) && j.result.joins(run))
+                    .map(|j| j.result)
+            };
+            match run {
+                Run::Sealed(dst) => {
+                    let mut n = 0;
+                    let mut result = Some(result);
+                    while let Some(r) = result.take().or_else(&mut next) {
+                        if let Done::Sealed(Some(wg)) = r {
+                            self.transmits.push_back(Transmit {
+                                dst,
+                                payload: wg.into(),
+                                ttl: None,
+                            });
+                            n += 1;
+                        }
+                    }
+                    if let Some(peer) = self.peers.get_mut(&key) {
+                        peer.traffic.tx_packets += n;
+                    }
+                    self.counters.out_sent += n;
+                }
+                Run::Opened(from) => {
+                    // The first learns the path as one by one would; for the others that
+                    // would only count them (same address, same `now`).
+                    if let Done::Opened {
+                        result: TunnResult::WriteToTunnel(inner),
+                        ..
+                    } = result
+                    {
+                        self.learn_path(now, key, from, 1);
+                        self.deliver(now, key, inner);
+                    }
+                    // Learning the path can start a key exchange: if that replaced the
+                    // tunnel, the rest go one by one (and are dropped).
+                    if !self.is_current(&key, &tunnel) {
+                        continue;
+                    }
+                    let mut n = 0;
+                    while let Some(r) = next() {
+                        if let Done::Opened {
+                            result: TunnResult::WriteToTunnel(inner),
+                            ..
+                        } = r
+                        {
+                            n += 1;
+                            self.deliver(now, key, inner);
+                        }
+                    }
+                    if let Some(peer) = self.peers.get_mut(&key) {
+                        peer.traffic.rx_packets += n;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `tunnel` is peer `key`'s tunnel now.
+    fn is_current(&self, key: &NodeKey, tunnel: &Tunnel) -> bool {
+        self.peers
+            .get(key)
+            .and_then(|p| p.tunnel.as_ref())
+            .is_some_and(|t| t.same(tunnel))
+    }
+
+    /// Whether `d` can head a run ([`NodeState::handle_crypto_all`]): a job for its peer's
+    /// current tunnel that sealed a data packet while the peer has a sole target, or opened
+    /// a data packet.
+    fn run_of(&self, now: Instant, d: &CryptoDone) -> Option<Run> {
+        let peer = self.peers.get(&d.key)?;
+        if !peer.tunnel.as_ref().is_some_and(|t| t.same(&d.tunnel)) {
+            return None;
+        }
+        match &d.result {
+            Done::Sealed(Some(WgKind::Data(_))) => peer
+                .path
+                .sole_target(now, self.local_for(&peer.node))
+                .map(Run::Sealed),
+            Done::Opened {
+                from,
+                result: TunnResult::WriteToTunnel(inner),
+            } if !inner.is_empty() => Some(Run::Opened(*from)),
+            _ => None,
         }
     }
 
