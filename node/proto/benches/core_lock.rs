@@ -160,9 +160,7 @@ fn feed(st: &mut NodeState, now: Instant, input: &mut Input, n: usize) {
     match input {
         Input::Out(packets) => {
             let rest = packets.len().saturating_sub(n);
-            for p in packets.drain(rest..) {
-                st.handle_tun_packet(now, p);
-            }
+            st.handle_tun_packets(now, packets.drain(rest..));
         }
         Input::In(i, datagrams) => {
             let rest = datagrams.len().saturating_sub(n);

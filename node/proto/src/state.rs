@@ -362,7 +362,18 @@ impl NodeState {
 
     /// A packet the operating system wrote to the TUN device.
     pub fn handle_tun_packet(&mut self, now: Instant, packet: Packet) {
-        self.outbound(now, packet);
+        self.outbound(now, packet, None);
+    }
+
+    /// Packets the operating system wrote to the TUN device, in order: as
+    /// [`NodeState::handle_tun_packet`] for each, except that a packet for the same
+    /// destination as the one before it, which found its peer's tunnel, reuses that look-up
+    /// (a TCP stream's packets come in runs).
+    pub fn handle_tun_packets(&mut self, now: Instant, packets: impl IntoIterator<Item = Packet>) {
+        let mut last = None;
+        for p in packets {
+            last = self.outbound(now, p, last.take());
+        }
     }
 
     /// A datagram that arrived on one of the node's UDP sockets.

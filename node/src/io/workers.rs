@@ -454,9 +454,7 @@ impl Worker {
     fn handle_tun(&mut self, now: Instant) {
         let packets = &mut self.from_tun;
         feed(&self.shared.core, &mut self.out, |st| {
-            for p in packets.drain(..) {
-                st.handle_tun_packet(now, p);
-            }
+            st.handle_tun_packets(now, packets.drain(..));
         });
     }
 

@@ -1,7 +1,7 @@
 //! The WireGuard data path: packets from the TUN device out to peers, datagrams from peers
 //! in through cryptokey routing and the packet filter.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::addr::Addr;
@@ -17,6 +17,7 @@ use super::peers::MAX_WAITING;
 use super::{NodeState, Transmit};
 use crate::conntrack::Known;
 use crate::packet::{self, PacketInfo, Transport};
+use crate::tunnel::Tunnel;
 
 /// Smallest fragment offset (8-byte units) let through without a transport header: anything
 /// lower could overlap the first fragment's ports and flags (RFC 1858).
@@ -26,23 +27,41 @@ const STALE_HINT_INTERVAL: Duration = Duration::from_secs(2);
 
 impl NodeState {
     /// A packet from the TUN device: track its flow and send it to the peer owning its
-    /// destination, or hold it while that peer's tunnel is being keyed.
-    pub(super) fn outbound(&mut self, now: Instant, packet: Packet) {
+    /// destination, or hold it while that peer's tunnel is being keyed. `last` is what the
+    /// packet before it in the same batch found, if it found a tunnel; returns what this one
+    /// found, for the next.
+    ///
+    /// Within a batch nothing a packet does changes which peer owns an address or replaces
+    /// a tunnel, and marking the peer's path active a second time at the same `now` changes
+    /// nothing: a packet for the last one's destination goes straight to its tunnel.
+    pub(super) fn outbound(
+        &mut self,
+        now: Instant,
+        packet: Packet,
+        last: Option<Found>,
+    ) -> Option<Found> {
         let Some(dst) = packet::destination(&packet) else {
             self.counters.tun_malformed += 1;
-            return;
+            return last;
         };
-        let Some(key) = self.owner_of(dst) else {
-            self.counters.tun_no_route += 1;
-            trace!(%dst, "no peer owns this address");
-            return;
+        let last = last.filter(|f| f.dst == dst);
+        let key = match &last {
+            Some(f) => f.key,
+            None => {
+                let Some(key) = self.owner_of(dst) else {
+                    self.counters.tun_no_route += 1;
+                    trace!(%dst, "no peer owns this address");
+                    return None;
+                };
+                key
+            }
         };
         match PacketInfo::parse(&packet) {
             Ok(info) => {
                 // Ours, or (a router's replies) from a subnet we route.
                 if !self.is_ours(info.tuple.src) {
                     self.counters.tun_bad_source += 1;
-                    return;
+                    return last;
                 }
                 if !matches!(info.transport, Transport::Fragment { .. }) {
                     self.flows
@@ -51,12 +70,14 @@ impl NodeState {
             }
             Err(_) => {
                 self.counters.tun_malformed += 1;
-                return;
+                return last;
             }
         }
-        let Some(peer) = self.peers.get_mut(&key) else {
-            return;
-        };
+        if let Some(f) = last {
+            self.crypto_job(now, CryptoJob::seal(key, f.tunnel.clone(), packet));
+            return Some(f);
+        }
+        let peer = self.peers.get_mut(&key)?;
         peer.path.on_send(now);
         // As `encapsulate` does, with the peer already found.
         let Some(tunnel) = peer.tunnel.clone() else {
@@ -66,9 +87,10 @@ impl NodeState {
                 self.counters.tun_no_tunnel += 1;
             }
             self.pq_want(now, key);
-            return;
+            return None;
         };
-        self.crypto_job(now, CryptoJob::seal(key, tunnel, packet));
+        self.crypto_job(now, CryptoJob::seal(key, tunnel.clone(), packet));
+        Some(Found { dst, key, tunnel })
     }
 
     /// Encrypts a packet for `key` (whose tunnel exists) and sends it.
@@ -291,6 +313,13 @@ impl NodeState {
             self.path_changed(now, key);
         }
     }
+}
+
+/// What an outbound packet found: its destination's peer and that peer's tunnel.
+pub(super) struct Found {
+    dst: IpAddr,
+    key: NodeKey,
+    tunnel: Tunnel,
 }
 
 /// A stand-in source address for WireGuard's per-IP handshake rate limiter, one per relayed

@@ -281,11 +281,12 @@ fn crypto_outside_the_core_delivers_what_inline_crypto_delivers() {
     assert!(st.peers.iter().all(|p| p.traffic.rx_packets >= 3));
 }
 
-/// Finishing a batch of jobs together, where runs of one peer's packets share one look-up
-/// of the peer and its path, delivers and counts exactly what finishing them one by one
+/// Feeding TUN packets as a batch (`handle_tun_packets`) and finishing a batch of jobs
+/// together (`handle_crypto_all`), where runs of one peer's packets share one look-up of the
+/// peer, its tunnel and its path, deliver and count exactly what handling them one at a time
 /// does: the same packets arrive in the same order, with the same counters on every node.
 #[test]
-fn finishing_jobs_together_matches_finishing_them_one_by_one() {
+fn batches_fed_and_finished_together_match_one_packet_at_a_time() {
     let outcome = |together: bool| {
         let mut net = Net::new(3);
         for a in 0..3 {
@@ -314,6 +315,7 @@ fn finishing_jobs_together_matches_finishing_them_one_by_one() {
         net.finish_together = together;
         // Runs of packets for one peer, two flows interleaved, and runs broken by another
         // peer's packets; both directions at once.
+        let mut batches = [Vec::new(), Vec::new()];
         for i in 0..40u16 {
             let (from, to) = match i % 7 {
                 0 => (0, 2),
@@ -326,7 +328,16 @@ fn finishing_jobs_together_matches_finishing_them_one_by_one() {
                 17,
                 &udp(1000 + i % 2, 2000, &i.to_be_bytes()),
             );
-            net.nodes[from].handle_tun_packet(net.now, Packet::copy_from(&p[..]));
+            batches[from].push(Packet::copy_from(&p[..]));
+        }
+        for (from, batch) in batches.into_iter().enumerate() {
+            if together {
+                net.nodes[from].handle_tun_packets(net.now, batch);
+            } else {
+                for p in batch {
+                    net.nodes[from].handle_tun_packet(net.now, p);
+                }
+            }
         }
         net.run();
         (0..3)
