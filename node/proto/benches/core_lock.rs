@@ -164,9 +164,12 @@ fn feed(st: &mut NodeState, now: Instant, input: &mut Input, n: usize) {
         }
         Input::In(i, datagrams) => {
             let rest = datagrams.len().saturating_sub(n);
-            for d in datagrams.drain(rest..).rev() {
-                st.handle_datagram(now, SockId::Main, addr(*i), d);
-            }
+            let from = addr(*i);
+            st.handle_datagrams(
+                now,
+                SockId::Main,
+                datagrams.drain(rest..).rev().map(|d| (from, d)),
+            );
         }
     }
 }

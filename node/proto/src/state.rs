@@ -384,9 +384,36 @@ impl NodeState {
         from: SocketAddr,
         datagram: Packet,
     ) {
+        self.datagram(now, sock, from, datagram, None);
+    }
+
+    /// Datagrams that arrived on one of the node's UDP sockets, in order: as
+    /// [`NodeState::handle_datagram`] for each, except that (with crypto outside) a data
+    /// message for the same session from the same address as the one before it reuses that
+    /// one's look-up of the peer and its tunnel (a stream's datagrams come in runs).
+    pub fn handle_datagrams(
+        &mut self,
+        now: Instant,
+        sock: SockId,
+        datagrams: impl IntoIterator<Item = (SocketAddr, Packet)>,
+    ) {
+        let mut last = None;
+        for (from, d) in datagrams {
+            last = self.datagram(now, sock, from, d, last.take());
+        }
+    }
+
+    fn datagram(
+        &mut self,
+        now: Instant,
+        sock: SockId,
+        from: SocketAddr,
+        datagram: Packet,
+        last: Option<data::Opening>,
+    ) -> Option<data::Opening> {
         let addr = Addr::Udp(sock, from);
         match magicsock::classify(&datagram) {
-            DatagramKind::WireGuard => self.handle_wireguard(now, addr, datagram),
+            DatagramKind::WireGuard => return self.handle_wireguard(now, addr, datagram, last),
             DatagramKind::Frame => self.handle_frame(now, addr, &datagram),
             DatagramKind::Stun => {
                 if sock != SockId::Main || !self.netcheck.handle_response(now, from, &datagram) {
@@ -397,6 +424,7 @@ impl NodeState {
                 self.counters.udp_unknown += 1;
             }
         }
+        None
     }
 
     /// A packet from peer `src` arrived through relay `relay`.
@@ -414,7 +442,9 @@ impl NodeState {
         self.relay_misses.remove(&(relay, src));
         let addr = Addr::Relay(relay, src);
         match magicsock::classify(&payload) {
-            DatagramKind::WireGuard => self.handle_wireguard(now, addr, payload),
+            DatagramKind::WireGuard => {
+                self.handle_wireguard(now, addr, payload, None);
+            }
             DatagramKind::Frame => self.handle_frame(now, addr, &payload),
             DatagramKind::Stun | DatagramKind::Unknown => {
                 self.counters.udp_unknown += 1;

@@ -486,11 +486,12 @@ impl Worker {
     fn handle_udp(&mut self, buf: &[u8], meta: &[RecvMeta]) {
         let now = Instant::now();
         feed(&self.shared.core, &mut self.out, |st| {
-            for (slot, m) in buf.chunks(RECV_SLOT).zip(meta) {
-                for d in slot[..m.len].chunks(m.stride.max(1)) {
-                    st.handle_datagram(now, SockId::Main, m.addr, Packet::copy_from(d));
-                }
-            }
+            let datagrams = buf.chunks(RECV_SLOT).zip(meta).flat_map(|(slot, m)| {
+                slot[..m.len]
+                    .chunks(m.stride.max(1))
+                    .map(|d| (m.addr, Packet::copy_from(d)))
+            });
+            st.handle_datagrams(now, SockId::Main, datagrams);
         });
     }
 }

@@ -105,7 +105,18 @@ impl NodeState {
         self.crypto_job(now, CryptoJob::seal(key, tunnel, packet));
     }
 
-    pub(super) fn handle_wireguard(&mut self, now: Instant, from: Addr, datagram: Packet) {
+    /// A WireGuard message from `from`. `last` is what the datagram before it in the same
+    /// batch found, if it was a data message handed out to be opened; returns what this one
+    /// found, for the next. Only data messages in a row share a look-up: any other message
+    /// (a handshake, a key exchange) may change the peer's tunnel, and nothing but data
+    /// follows it with a look-up it made.
+    pub(super) fn handle_wireguard(
+        &mut self,
+        now: Instant,
+        from: Addr,
+        datagram: Packet,
+        last: Option<Opening>,
+    ) -> Option<Opening> {
         // Relayed packets have no source address: each relayed peer counts as its own source
         // (the relay authenticated it), so one peer's handshake flood cannot put every other
         // relayed peer under cookie load. Cookies for them go back through the relay.
@@ -122,13 +133,21 @@ impl NodeState {
                     payload: cookie.into(),
                     ttl: None,
                 });
-                return;
+                return None;
             }
             Err(_) => {
                 self.counters.wg_invalid += 1;
-                return;
+                return None;
             }
         };
+        let idx = match &wg {
+            WgKind::Data(p) => Some(p.header.receiver_idx.get()),
+            _ => None,
+        };
+        if let Some(o) = last.filter(|o| Some(o.idx) == idx && o.from == from) {
+            self.crypto_job(now, CryptoJob::open(o.key, o.tunnel.clone(), from, wg));
+            return Some(o);
+        }
         let key = match &wg {
             WgKind::HandshakeInit(p) => parse_handshake_anon(&self.private, &self.public, p)
                 .ok()
@@ -143,27 +162,43 @@ impl NodeState {
             }
             self.counters.wg_unknown_peer += 1;
             trace!(%from, "wireguard message from no current peer");
-            return;
+            return None;
         };
         if matches!(wg, WgKind::HandshakeInit(_)) && peer.pq.awaiting_confirmation(now) {
             // We answered a post-quantum exchange whose confirmation has not arrived yet; this
             // handshake most likely uses its key. Hold it until the key is confirmed.
             peer.held_handshake = Some((now, from, wg.into()));
-            return;
+            return None;
         }
         let Some(tunnel) = peer.tunnel.clone() else {
             // The peer has a key with us that we do not (we restarted): get a new one. This
             // signal is not authenticated, so it only ever asks for a key we lack.
             self.counters.tun_no_tunnel += 1;
             self.pq_want(now, key);
-            return;
+            return None;
         };
-        if matches!(wg, WgKind::Data(_)) {
-            self.crypto_job(now, CryptoJob::open(key, tunnel, from, wg));
-        } else {
-            // Handshakes run here, in order with the state they change.
-            let result = tunnel.decapsulate(wg);
-            self.opened(now, key, from, result);
+        match idx {
+            // Inline, opening finishes the packet at once, which may change the peer's state:
+            // only jobs handed out share a look-up.
+            Some(idx) if self.crypto_outside => {
+                self.crypto_job(now, CryptoJob::open(key, tunnel.clone(), from, wg));
+                Some(Opening {
+                    from,
+                    idx,
+                    key,
+                    tunnel,
+                })
+            }
+            Some(_) => {
+                self.crypto_job(now, CryptoJob::open(key, tunnel, from, wg));
+                None
+            }
+            None => {
+                // Handshakes run here, in order with the state they change.
+                let result = tunnel.decapsulate(wg);
+                self.opened(now, key, from, result);
+                None
+            }
         }
     }
 
@@ -313,6 +348,15 @@ impl NodeState {
             self.path_changed(now, key);
         }
     }
+}
+
+/// What a data message handed out to be opened found: the session it names (its receiver
+/// index), the address it came from, its peer and that peer's tunnel.
+pub(super) struct Opening {
+    from: Addr,
+    idx: u32,
+    key: NodeKey,
+    tunnel: Tunnel,
 }
 
 /// What an outbound packet found: its destination's peer and that peer's tunnel.

@@ -340,7 +340,7 @@ impl NodeState {
                         && now.saturating_duration_since(at) < pq::HOLD_FOR_CONFIRM
                     {
                         trace!(peer = %key, "releasing the WireGuard handshake held for the key");
-                        self.handle_wireguard(now, held_from, packet);
+                        self.handle_wireguard(now, held_from, packet, None);
                     }
                 }
             }

@@ -28,7 +28,8 @@ struct Net {
     wire: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
     /// Drops the datagrams for which it returns true (from, to, bytes).
     drop_if: Option<DropIf>,
-    /// Cores with crypto outside finish each node's jobs together (`handle_crypto_all`)
+    /// Each node's datagrams reach each other node as one batch (`handle_datagrams`), and
+    /// cores with crypto outside finish each node's jobs together (`handle_crypto_all`),
     /// instead of one by one.
     finish_together: bool,
 }
@@ -143,6 +144,9 @@ impl Net {
     fn run(&mut self) {
         for _ in 0..100 {
             let mut moved = false;
+            // Together, the datagrams of every node reach each node as one batch.
+            let mut batches: Vec<Vec<(SocketAddr, Packet)>> =
+                (0..self.nodes.len()).map(|_| Vec::new()).collect();
             for i in 0..self.nodes.len() {
                 // A core with crypto outside hands it out; run it as a shell's worker would.
                 if self.finish_together {
@@ -177,14 +181,21 @@ impl Net {
                     }
                     self.wire.push((from, dst, bytes.clone()));
                     if let Some(j) = self.addrs.iter().position(|a| *a == dst) {
-                        self.nodes[j].handle_datagram(
-                            self.now,
-                            SockId::Main,
-                            from,
-                            Packet::copy_from(&bytes[..]),
-                        );
+                        if self.finish_together {
+                            batches[j].push((from, Packet::copy_from(&bytes[..])));
+                        } else {
+                            self.nodes[j].handle_datagram(
+                                self.now,
+                                SockId::Main,
+                                from,
+                                Packet::copy_from(&bytes[..]),
+                            );
+                        }
                     }
                 }
+            }
+            for (j, batch) in batches.into_iter().enumerate() {
+                self.nodes[j].handle_datagrams(self.now, SockId::Main, batch);
             }
             if !moved {
                 return;
@@ -281,8 +292,8 @@ fn crypto_outside_the_core_delivers_what_inline_crypto_delivers() {
     assert!(st.peers.iter().all(|p| p.traffic.rx_packets >= 3));
 }
 
-/// Feeding TUN packets as a batch (`handle_tun_packets`) and finishing a batch of jobs
-/// together (`handle_crypto_all`), where runs of one peer's packets share one look-up of the
+/// Feeding TUN packets and datagrams as batches (`handle_tun_packets`, `handle_datagrams`)
+/// and finishing a batch of jobs together (`handle_crypto_all`), where runs of one peer's packets share one look-up of the
 /// peer, its tunnel and its path, deliver and count exactly what handling them one at a time
 /// does: the same packets arrive in the same order, with the same counters on every node.
 #[test]
@@ -315,11 +326,12 @@ fn batches_fed_and_finished_together_match_one_packet_at_a_time() {
         net.finish_together = together;
         // Runs of packets for one peer, two flows interleaved, and runs broken by another
         // peer's packets; both directions at once.
-        let mut batches = [Vec::new(), Vec::new()];
+        let mut batches = [Vec::new(), Vec::new(), Vec::new()];
         for i in 0..40u16 {
             let (from, to) = match i % 7 {
                 0 => (0, 2),
                 1 | 4 => (1, 0),
+                3 => (2, 1),
                 _ => (0, 1),
             };
             let p = ipv4(
