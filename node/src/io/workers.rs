@@ -41,11 +41,12 @@ const RELAY_BATCH: usize = 64;
 /// dropped (as a full socket buffer drops), never waited for: the two wait on each other.
 const HANDOFF: usize = 256;
 /// The most workers `--workers` defaults to, however many CPUs there are. Every batch takes
-/// the core's one lock twice; with many more workers that lock, not the AEAD, is expected to
-/// limit a node: `scripts/bench-core` measures about a quarter of a 1,280-byte packet's work
-/// under it (0.4-0.5 us against 1.4-1.6 us of AEAD outside, on this project's 2-CPU machine),
-/// so it caps a node at about four busy workers' worth of packets. Not yet measured on more
-/// CPUs.
+/// the core's one lock (twice when it has crypto jobs), for about 0.26 us of a 1,280-byte
+/// packet's 1.8 us sealing on one thread (`scripts/bench-core`, 16-CPU machine): with many
+/// more workers that lock, not the AEAD, would limit a node. That bench's threads, each
+/// sealing for its own peer, reached no more than about 1.1 M packets/s in all on 8 to 16
+/// threads while every packet was allocated on one thread; with each thread's packets its
+/// own (as a worker's are) it was rerun on 2 CPUs only (2.0x on 2 threads).
 pub const DEFAULT_MAX: usize = 8;
 
 /// How many workers to run: `asked`, or one per CPU up to [`DEFAULT_MAX`].
