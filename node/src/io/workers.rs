@@ -343,14 +343,13 @@ impl Finishing {
             })?;
         Ok(Self::Thread { to, spare })
     }
-}
 
-impl Finishing {
     /// Hands the finisher the TUN queue to write.
     async fn take_tun(&mut self, q: TunQueue) {
         match self {
             Self::Here(f) => f.tun = Some(q),
             Self::Thread { to, .. } => {
+                // A stopped thread is found by the next batch.
                 let _ = to.send(ToFinisher::Tun(q)).await;
             }
         }
@@ -425,25 +424,24 @@ impl Worker {
                     self.handle_relayed(first);
                 }
             }
-            self.finish().await;
+            self.finish().await?;
         }
     }
 
-    /// Finishes the batch fed since the last call, here or on the finishing thread.
-    async fn finish(&mut self) {
+    /// Finishes the batch fed since the last call, here or on the finishing thread (an error
+    /// if that thread has stopped: the worker's traffic would go nowhere).
+    async fn finish(&mut self) -> anyhow::Result<()> {
         match &mut self.finishing {
             Finishing::Here(f) => f.finish(&mut self.out).await,
             Finishing::Thread { to, spare } => {
                 let next = spare.try_recv().unwrap_or_default();
                 let fed = std::mem::replace(&mut self.out, next);
                 if to.send(ToFinisher::Batch(fed)).await.is_err() {
-                    debug!(
-                        worker = self.id,
-                        "the finishing thread has stopped; batch dropped"
-                    );
+                    anyhow::bail!("data-plane worker {}'s finishing thread stopped", self.id);
                 }
             }
         }
+        Ok(())
     }
 
     /// Keeps the packets of one TUN read for [`Worker::handle_tun`].
