@@ -117,14 +117,14 @@ fn three_nodes_ping_by_name_over_ipv4_and_ipv6_and_move_20mb_intact() {
 }
 
 /// Both nodes run four data-plane workers (`--workers 4`: four TUN queues, four sockets on
-/// one port), the sender's with helper tasks for its sends and TUN writes, the receiver's
-/// without (`--io-helpers`). 1 GB in four parallel TCP streams arrives with each sender's
+/// one port), the sender's as pipelines (a finishing thread per worker for the crypto,
+/// helper tasks for its sends and TUN writes), the receiver's without (`--io-helpers`). 1 GB in four parallel TCP streams arrives with each sender's
 /// checksum, and a numbered UDP stream sent meanwhile, through the same tunnel, arrives in
 /// order.
 #[test]
 fn a_gigabyte_through_four_workers_arrives_intact_and_in_order() {
-    // One node's workers send and write through helper tasks, the other's themselves: the
-    // stream crosses both ways of running the data plane, whatever this machine's CPUs.
+    // One node's workers run as pipelines, the other's do everything themselves: the stream
+    // crosses both ways of running the data plane, whatever this machine's CPUs.
     let Some(f) = Flat::mesh_each(
         "workers",
         &[

@@ -57,8 +57,8 @@ pub fn count(asked: Option<usize>) -> usize {
 /// Whether `workers` workers run as pipelines with helpers (`asked`, or by default when
 /// there are at least two CPUs per worker): a finishing thread per worker runs the AEAD and
 /// the core's last step while the worker reads and feeds the next batch, and helper tasks on
-/// the runtime's threads send and write the TUN device. One stream then uses about three
-/// cores per direction instead of one (on 16 CPUs with 8 workers, two alternating pairs of
+/// the runtime's threads send and write the TUN device. One stream then runs on three
+/// threads per direction instead of one (on 16 CPUs with 8 workers, two alternating pairs of
 /// the throughput bench: one stream 4.13 and 3.95 Gbit/s pipelined, 3.17 and 3.56 with the
 /// worker encrypting itself and only the system calls in helpers; ping under load 1.83 and
 /// 1.54 ms against 3.51 and 3.66). Where the CPUs are not there, the hand-offs' wake-ups and

@@ -198,8 +198,7 @@ impl NodeState {
             match run {
                 Run::Sealed(dst) => {
                     let mut n = 0;
-                    let mut result = Some(result);
-                    while let Some(r) = result.take().or_else(&mut next) {
+                    for r in std::iter::once(result).chain(std::iter::from_fn(next)) {
                         if let Done::Sealed(Some(wg)) = r {
                             self.transmits.push_back(Transmit {
                                 dst,
