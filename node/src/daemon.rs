@@ -222,7 +222,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         },
         args.io_helpers,
     );
-    let result = ev.run().await;
+    let result = match ev {
+        Ok(ev) => ev.run().await,
+        Err(e) => Err(e),
+    };
     control_task.abort();
     posture_task.abort();
     // Let the API finish answering (the `down` or `logout` that ended the loop), briefly.

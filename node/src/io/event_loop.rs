@@ -168,7 +168,8 @@ const HOME_SWITCH_RATIO: f64 = 0.8;
 const NETCHECK_WAIT: Duration = Duration::from_secs(4);
 
 impl EventLoop {
-    /// Builds the loop around a core and its channels.
+    /// Builds the loop around a core and its channels; fails if the relay connections'
+    /// thread cannot start.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         mut state: NodeState,
@@ -188,11 +189,12 @@ impl EventLoop {
         port_mapping: bool,
         routing: Routing,
         io_helpers: Option<bool>,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
         let dialer = routing.dialer;
         let (relay_tx, relay_events) = mpsc::channel(4096);
         let (relay_packets_tx, relay_packets) = mpsc::channel(4096);
-        let relays = RelayManager::new(node_keypair, dialer, relay_tx, relay_packets_tx);
+        let relays = RelayManager::new(node_keypair, dialer, relay_tx, relay_packets_tx)
+            .context("starting the relay connections' thread")?;
         let (aux_tx, aux_rx) = mpsc::channel(1024);
         let sockets: Vec<Arc<Sockets>> = sockets.into_iter().map(Arc::new).collect();
         let first = Arc::clone(&sockets[0]);
@@ -210,7 +212,7 @@ impl EventLoop {
             relay_packets,
         );
         info!(workers = workers.len(), helpers, "data plane workers");
-        Self {
+        Ok(Self {
             shared,
             workers,
             sender: Sender::start(Arc::clone(&first), true),
@@ -261,7 +263,7 @@ impl EventLoop {
             netcheck_waiters: Vec::new(),
             pending_pings: Vec::new(),
             dns_counters: Arc::default(),
-        }
+        })
     }
 
     /// Runs until stopped, logged out, or refused by the coordinator (an error).
