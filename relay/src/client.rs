@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::debug;
 use wire::RelayInfo;
 
+use crate::datagram::{Datagrams, Sent};
 use crate::dial::Dialer;
 use crate::proto::{self, Frame, MAX_FRAME, VERSION};
 use crate::server::read_prefixed;
@@ -83,21 +84,23 @@ pub struct RelayConn {
 #[derive(Debug, Clone)]
 pub struct FrameSender {
     out: mpsc::Sender<Bytes>,
-    quic: Option<quinn::Connection>,
+    quic: Option<Datagrams>,
 }
 
 impl FrameSender {
     /// Queues a `Send` frame ([`proto::encode_packet`]): over QUIC straight into the
-    /// connection's datagram queue (which drops its oldest when full, as a UDP queue would),
-    /// otherwise on the connection's frame queue; false when that is full or the connection
-    /// is gone.
+    /// connection's datagram queue (which drops its oldest when full, as a UDP queue would)
+    /// when it fits in a datagram, otherwise on the connection's frame queue; false when that
+    /// is full or the connection is gone.
     pub fn send(&self, frame: Bytes) -> bool {
-        if let Some(c) = &self.quic
-            && frame.first() == Some(&0x10)
-            && c.max_datagram_size().is_some_and(|max| frame.len() <= max)
-        {
-            return c.send_datagram(frame).is_ok();
-        }
+        let frame = match &self.quic {
+            Some(d) if frame.first() == Some(&0x10) => match d.send(frame) {
+                Sent::Queued => return true,
+                Sent::Dropped => return false,
+                Sent::TooLarge(f) => f,
+            },
+            _ => frame,
+        };
         self.out.try_send(frame).is_ok()
     }
 }
@@ -123,7 +126,7 @@ impl RelayConn {
                 // Both are cancel-safe: a datagram not yet returned stays in the connection.
                 Some(c) => tokio::select! {
                     f = self.frames.recv() => f?,
-                    d = c.read_datagram() => d.ok()?,
+                    d = c.connection().read_datagram() => d.ok()?,
                 },
                 None => self.frames.recv().await?,
             };
@@ -333,7 +336,7 @@ async fn connect_quic(
     authenticate(&mut in_rx, &out_tx, relay, node, ticket).await?;
     debug!(relay = %relay.name, %addr, "relay connected over QUIC");
     let mut c = finish(in_rx, out_tx, Transport::Quic, vec![reader, writer]);
-    c.sender.quic = Some(conn);
+    c.sender.quic = Some(Datagrams::new(conn));
     Ok(c)
 }
 

@@ -4,6 +4,7 @@
 //! - [`proto`]: frames and the authentication exchange (sans-IO);
 //! - [`server::Relay`]: the forwarding server (QUIC endpoint, WebSocket route, sweeper);
 //! - [`client::connect`]: a node's connection to a relay;
+//! - [`datagram`]: frames as QUIC datagrams (both ends);
 //! - [`dial::Dialer`]: how a node's outbound sockets are made (marked, for exit nodes);
 //! - [`stun`]: the STUN server;
 //! - [`identity`], [`tls`]: the relay's persistent key and pinned certificate;
@@ -16,6 +17,7 @@
 
 pub mod client;
 pub mod config;
+pub mod datagram;
 pub mod dial;
 pub mod http;
 pub mod identity;

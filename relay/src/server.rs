@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 use wire::{NodeKey, TicketKey};
 
+use crate::datagram::{Datagrams, Sent};
 use crate::proto::{self, Frame, MAX_FRAME, VERSION};
 use crate::revocation::RevocationSet;
 
@@ -136,8 +137,8 @@ pub struct StatsSnapshot {
 struct Entry {
     id: u64,
     tx: mpsc::Sender<Bytes>,
-    /// A QUIC client's connection: packets for it go straight out as datagrams.
-    quic: Option<quinn::Connection>,
+    /// A QUIC client's datagrams: packets for it go straight out as datagrams.
+    quic: Option<Datagrams>,
     alive: Arc<AtomicBool>,
     close: watch::Sender<bool>,
     valid_until: i64,
@@ -362,7 +363,7 @@ impl Relay {
                 Entry {
                     id,
                     tx: out.clone(),
-                    quic,
+                    quic: quic.map(Datagrams::new),
                     alive: Arc::clone(&alive),
                     close: close_tx,
                     valid_until,
@@ -448,14 +449,15 @@ impl Relay {
                             }
                             Err(f) => Bytes::from(proto::encode_packet(true, key, &f[33..])),
                         };
-                        match &e.quic {
-                            Some(c) if c.max_datagram_size().is_some_and(|m| recv.len() <= m) => {
-                                // The connection drops its oldest datagram when its buffer is
-                                // full, as a UDP queue would.
-                                c.send_datagram(recv).map_err(drop)
-                            }
-                            _ => e.tx.try_send(recv).map_err(drop),
-                        }
+                        let recv = match &e.quic {
+                            Some(d) => match d.send(recv) {
+                                Sent::Queued => return Ok(()),
+                                Sent::Dropped => return Err(()),
+                                Sent::TooLarge(f) => f,
+                            },
+                            None => recv,
+                        };
+                        e.tx.try_send(recv).map_err(drop)
                     })
                 };
                 match sent {
