@@ -580,12 +580,22 @@ fn median(v: &[f64]) -> f64 {
 }
 
 fn iperf(lab: &Lab, ns: &str, dst: &str, seconds: u32) -> anyhow::Result<f64> {
+    iperf_run(lab, ns, dst, seconds).map(|(bps, _)| bps)
+}
+
+/// One single-stream iperf3 run: bits per second received, and the sender's TCP
+/// retransmissions (segments the path lost or reordered past TCP's patience).
+fn iperf_run(lab: &Lab, ns: &str, dst: &str, seconds: u32) -> anyhow::Result<(f64, u64)> {
     let t = seconds.to_string();
     let out = lab.run(ns, &["iperf3", "-c", dst, "-t", &t, "-J"])?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    v["end"]["sum_received"]["bits_per_second"]
+    let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .context("iperf3 printed no result")
+        .context("iperf3 printed no result")?;
+    Ok((
+        bps,
+        v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+    ))
 }
 
 /// Starts one UAPI WireGuard implementation in both namespaces and connects them; returns the
@@ -725,10 +735,13 @@ pub fn relay_throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
     println!("single-stream TCP, {rounds} interleaved rounds of {seconds}s");
     for round in 1..=rounds {
         for (name, ns, dst, runs) in &mut targets {
-            let bps =
-                iperf(&lab, ns, dst, seconds).with_context(|| format!("iperf3 over {name}"))?;
+            let (bps, retransmits) =
+                iperf_run(&lab, ns, dst, seconds).with_context(|| format!("iperf3 over {name}"))?;
             runs.push(bps);
-            println!("  round {round}: {name:<22} {:>8.3} Gbit/s", bps / 1e9);
+            println!(
+                "  round {round}: {name:<22} {:>8.3} Gbit/s   {retransmits} TCP retransmissions",
+                bps / 1e9
+            );
         }
     }
     let direct = median(&targets[0].3);
