@@ -121,7 +121,7 @@ pub async fn start_embedded(
             tickets: TicketAuthorizer::new(ticket_key),
         }),
     );
-    let endpoint = quinn::Endpoint::server(relay::tls::server_config(&cert)?, cfg.quic_listen)
+    let endpoint = relay::tls::server_endpoint(&cert, cfg.quic_listen)
         .with_context(|| format!("binding the relay's QUIC port {}", cfg.quic_listen))?;
     let stats = Arc::new(relay::stun::StunStats::default());
     let mut stun = Vec::new();

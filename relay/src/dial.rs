@@ -13,6 +13,47 @@ use std::net::SocketAddr;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
+/// The receive and send buffers UDP sockets that carry tunnels ask for ([`large_buffers`]).
+/// A reader that falls behind for a moment (its thread preempted, a batch being encrypted)
+/// must not lose what arrives meanwhile: at 2 Gbit/s the system's usual default (208 KiB)
+/// fills in under a millisecond, and every datagram lost there is a segment the tunnelled TCP
+/// must send again (and slow down for).
+pub const UDP_BUFFER: usize = 4 << 20;
+
+/// Gives `sock` receive and send buffers of `bytes` each: past the system's limits
+/// (`net.core.rmem_max`, `wmem_max`) where the process may (`SO_RCVBUFFORCE` with
+/// `CAP_NET_ADMIN`, as a node running its TUN device has), else as large as those limits
+/// allow. Best effort: a socket keeps what the kernel grants.
+pub fn large_buffers<'a>(sock: impl Into<SockRef<'a>>, bytes: usize) {
+    let sock = sock.into();
+    let want = i32::try_from(bytes).unwrap_or(i32::MAX);
+    if force(&sock, libc::SO_RCVBUFFORCE, want).is_err() {
+        let _ = sock.set_recv_buffer_size(bytes);
+    }
+    if force(&sock, libc::SO_SNDBUFFORCE, want).is_err() {
+        let _ = sock.set_send_buffer_size(bytes);
+    }
+}
+
+fn force(sock: &SockRef<'_>, name: libc::c_int, value: i32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket descriptor, and a pointer to an int with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            name,
+            std::ptr::from_ref(&value).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// How outbound sockets are made: with or without a firewall mark.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Dialer {
@@ -41,7 +82,8 @@ impl Dialer {
         Ok(())
     }
 
-    /// A UDP socket bound to `addr` (non-blocking; IPv6 sockets are IPv6 only).
+    /// A UDP socket bound to `addr` (non-blocking; IPv6 sockets are IPv6 only), with
+    /// [`large_buffers`] of [`UDP_BUFFER`].
     pub fn udp(self, addr: SocketAddr) -> io::Result<Socket> {
         self.udp_with(addr, false)
     }
@@ -61,6 +103,7 @@ impl Dialer {
             s.set_reuse_port(true)?;
         }
         self.apply(&s)?;
+        large_buffers(&s, UDP_BUFFER);
         s.set_nonblocking(true)?;
         s.bind(&addr.into())?;
         Ok(s)
@@ -110,6 +153,39 @@ mod tests {
         let u = Dialer::PLAIN.udp("127.0.0.1:0".parse().unwrap()).unwrap();
         assert_eq!(u.mark().unwrap(), 0);
         assert!(Dialer::PLAIN.tcp("127.0.0.1:notaport").await.is_err());
+    }
+
+    #[test]
+    fn udp_sockets_get_large_buffers_past_the_system_limit_where_allowed() {
+        let limit = |name: &str| -> usize {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let u = Dialer::PLAIN.udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        // The kernel doubles what it is asked for (its own bookkeeping), and caps a plain
+        // request at the system's limit; a forced one (root) is not capped.
+        // SAFETY: geteuid takes nothing and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        for (got, max) in [
+            (u.recv_buffer_size().unwrap(), limit("rmem_max")),
+            (u.send_buffer_size().unwrap(), limit("wmem_max")),
+        ] {
+            let want = if root {
+                UDP_BUFFER
+            } else {
+                UDP_BUFFER.min(max)
+            };
+            assert!(
+                got >= 2 * want,
+                "got {got}, asked {UDP_BUFFER}, limit {max}"
+            );
+        }
+        // Below the limits, a plain socket would have the default (about 208 KiB).
+        let plain = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let default = SockRef::from(&plain).recv_buffer_size().unwrap();
+        assert!(default < 2 * UDP_BUFFER, "the default is already {default}");
     }
 
     #[tokio::test]

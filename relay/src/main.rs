@@ -132,7 +132,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "no --coordinator-url: removed nodes keep their relay sessions until their tickets expire"
         ),
     }
-    let endpoint = quinn::Endpoint::server(relay::tls::server_config(&cert)?, args.listen)
+    let endpoint = relay::tls::server_endpoint(&cert, args.listen)
         .with_context(|| format!("binding QUIC on {}", args.listen))?;
     let tcp = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -64,11 +64,7 @@ async fn lab() -> Lab {
         Arc::clone(&revoked),
     ));
     let relay = Relay::new(key, auth);
-    let endpoint = quinn::Endpoint::server(
-        relay::tls::server_config(&cert).unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .unwrap();
+    let endpoint = relay::tls::server_endpoint(&cert, "127.0.0.1:0".parse().unwrap()).unwrap();
     let quic = endpoint.local_addr().unwrap();
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http: SocketAddr = tcp.local_addr().unwrap();

@@ -21,8 +21,6 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-const BUFFER: usize = 4 << 20;
-
 /// Receive slots per `recvmmsg`.
 pub const RECV_SLOTS: usize = 16;
 /// Bytes per receive slot: room for one GRO-coalesced run.
@@ -469,9 +467,7 @@ fn bind(dialer: relay::dial::Dialer, addr: SocketAddr, shared: bool) -> anyhow::
     } else {
         dialer.udp(addr)?
     };
-    // Larger buffers absorb bursts; the kernel caps them at its limits.
-    let _ = s.set_recv_buffer_size(BUFFER);
-    let _ = s.set_send_buffer_size(BUFFER);
+    // The dialer gave it large buffers (past the system's limits, as root).
     Ok(UdpSocket::from_std(s.into())?)
 }
 
