@@ -20,7 +20,7 @@ use wire::RelayInfo;
 use crate::datagram::{Datagrams, Sent};
 use crate::dial::Dialer;
 use crate::proto::{self, Frame, MAX_FRAME, VERSION};
-use crate::server::read_prefixed;
+use crate::server::{read_prefixed, write_burst};
 use crate::tls;
 
 /// How long QUIC may take before the WebSocket is tried.
@@ -414,7 +414,7 @@ async fn connect_ws(
             tokio::select! {
                 f = out_rx.recv() => {
                     let Some(f) = f else { break };
-                    if sink.send(Message::Binary(f)).await.is_err() {
+                    if write_burst(&mut sink, f, &mut out_rx, Message::Binary).await.is_err() {
                         return;
                     }
                 }

@@ -541,7 +541,10 @@ impl Relay {
         });
         let writer = tokio::spawn(async move {
             while let Some(f) = out_rx.recv().await {
-                if sink.send(Message::Binary(f)).await.is_err() {
+                if write_burst(&mut sink, f, &mut out_rx, Message::Binary)
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -563,6 +566,32 @@ async fn read_datagram(quic: Option<&quinn::Connection>) -> Option<Bytes> {
         Some(c) => c.read_datagram().await.ok(),
         None => std::future::pending().await,
     }
+}
+
+/// Most frames written to a WebSocket between two flushes.
+const WS_BATCH: usize = 64;
+
+/// Writes `first` and then the frames already waiting in `rx` (at most [`WS_BATCH`] in all) to
+/// a WebSocket `sink`, each as one binary message made by `message`, and flushes once at the
+/// end: a burst then leaves in a few large writes and TLS records instead of one write and
+/// one record per packet.
+pub(crate) async fn write_burst<S, M>(
+    sink: &mut S,
+    first: Bytes,
+    rx: &mut mpsc::Receiver<Bytes>,
+    message: impl Fn(Bytes) -> M,
+) -> Result<(), S::Error>
+where
+    S: futures_util::Sink<M> + Unpin,
+{
+    sink.feed(message(first)).await?;
+    for _ in 1..WS_BATCH {
+        match rx.try_recv() {
+            Ok(f) => sink.feed(message(f)).await?,
+            Err(_) => break,
+        }
+    }
+    sink.flush().await
 }
 
 /// Reads one length-prefixed frame; `None` at the end of the stream.

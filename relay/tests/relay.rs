@@ -221,6 +221,46 @@ async fn quic_nodes_get_packets_of_every_size_datagrams_or_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_nodes_exchange_bursts_complete_and_in_order() {
+    let mut lab = lab().await;
+    let (a, ta) = lab.node();
+    let (b, tb) = lab.node();
+    let mut ca = client::connect(&lab.ws_only(), &a, &ta).await.unwrap();
+    let mut cb = client::connect(&lab.ws_only(), &b, &tb).await.unwrap();
+    assert_eq!(ca.transport(), Transport::WebSocket);
+    // Bursts queued faster than they are written, both ways at once: the writers on both
+    // ends (the node's and the relay's) send what is waiting in batches and flush each one.
+    // Sizes vary up to the largest payload, and a lone packet follows each burst (it must
+    // not wait for more to come).
+    let packet = |i: usize| {
+        let len = 4 + (i * 613) % (relay::proto::MAX_PAYLOAD - 3);
+        let mut p = vec![(i % 251) as u8; len];
+        p[..4].copy_from_slice(&(i as u32).to_be_bytes());
+        p
+    };
+    for round in 0..3 {
+        let n = 300;
+        for i in 0..n {
+            assert!(ca.send(&b.public(), &packet(round * 1000 + i)));
+            assert!(cb.send(&a.public(), &packet(round * 1000 + i)));
+        }
+        for i in 0..n {
+            let want = packet(round * 1000 + i);
+            assert_eq!(next_packet(&mut cb).await, Some((a.public(), want.clone())));
+            assert_eq!(next_packet(&mut ca).await, Some((b.public(), want)));
+        }
+        assert!(ca.send(&b.public(), b"lone"));
+        assert_eq!(
+            next_packet(&mut cb).await,
+            Some((a.public(), b"lone".to_vec()))
+        );
+    }
+    let s = lab.relay.stats();
+    assert_eq!(s.forwarded, 3 * 601, "{s:?}");
+    assert_eq!(s.dropped_queue_full, 0, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_the_coordinator_does_not_vouch_for_get_nothing() {
     let mut lab = lab().await;
     let (a, ta) = lab.node();
