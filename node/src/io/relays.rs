@@ -27,6 +27,8 @@ const PING_EVERY: Duration = Duration::from_secs(2);
 /// A connection with no pong for this long is replaced.
 const DEAD_AFTER: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(4);
+/// How long stopping the relay thread waits for its blocking tasks (name look-ups).
+const SHUTDOWN_WAIT: Duration = Duration::from_millis(500);
 /// Most relays connected at once.
 pub const MAX_RELAYS: usize = 8;
 
@@ -134,6 +136,9 @@ impl RelayThread {
                 runtime.block_on(async move {
                     let _ = stopped.await;
                 });
+                // A relay's name still being resolved (a blocking task) must not hold up
+                // the node's exit.
+                runtime.shutdown_timeout(SHUTDOWN_WAIT);
             })?;
         Ok(Self {
             handle,
