@@ -10,6 +10,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
@@ -27,21 +28,21 @@ pub const UDP_BUFFER: usize = 4 << 20;
 pub fn large_buffers<'a>(sock: impl Into<SockRef<'a>>, bytes: usize) {
     let sock = sock.into();
     let want = i32::try_from(bytes).unwrap_or(i32::MAX);
-    if force(&sock, libc::SO_RCVBUFFORCE, want).is_err() {
+    if set_int_option(&*sock, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, want).is_err() {
         let _ = sock.set_recv_buffer_size(bytes);
     }
-    if force(&sock, libc::SO_SNDBUFFORCE, want).is_err() {
+    if set_int_option(&*sock, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want).is_err() {
         let _ = sock.set_send_buffer_size(bytes);
     }
 }
 
-fn force(sock: &SockRef<'_>, name: libc::c_int, value: i32) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
+/// Sets the int-valued socket option `level`/`name` of `sock` to `value` (`setsockopt`).
+pub fn set_int_option(sock: impl AsFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: a valid socket descriptor, and a pointer to an int with its size.
     let rc = unsafe {
         libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
+            sock.as_fd().as_raw_fd(),
+            level,
             name,
             std::ptr::from_ref(&value).cast(),
             size_of::<i32>() as libc::socklen_t,

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use relay::dial::set_int_option;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -58,9 +59,9 @@ impl Sock {
                 libc::IP_PMTUDISC_WANT,
             )
         };
-        setsockopt(&io, level, name, value).context("allowing fragmentation")?;
+        set_int_option(&io, level, name, value).context("allowing fragmentation")?;
         if v6 {
-            setsockopt(&io, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0)
+            set_int_option(&io, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0)
                 .context("allowing fragmentation")?;
         }
         Ok(Self { io, state })
@@ -136,7 +137,7 @@ impl Sock {
             Ok(a) if a.is_ipv6() => (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS),
             _ => (libc::IPPROTO_IP, libc::IP_TTL),
         };
-        if let Err(e) = setsockopt(&self.io, level, name, i32::from(ttl)) {
+        if let Err(e) = set_int_option(&self.io, level, name, i32::from(ttl)) {
             debug!(%dst, error = %e, "cannot set the TTL of a primer; not sending it");
             return;
         }
@@ -144,7 +145,7 @@ impl Sock {
             debug!(%dst, error = %e, "udp send failed");
         }
         // -1: the system's default again.
-        if let Err(e) = setsockopt(&self.io, level, name, -1) {
+        if let Err(e) = set_int_option(&self.io, level, name, -1) {
             warn!(error = %e, "cannot restore the socket's TTL");
         }
     }
@@ -469,25 +470,6 @@ fn bind(dialer: relay::dial::Dialer, addr: SocketAddr, shared: bool) -> anyhow::
     };
     // The dialer gave it large buffers (past the system's limits, as root).
     Ok(UdpSocket::from_std(s.into())?)
-}
-
-fn setsockopt(sock: &UdpSocket, level: i32, name: i32, value: i32) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a valid socket descriptor, and a pointer to an int with its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            level,
-            name,
-            std::ptr::from_ref(&value).cast(),
-            size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 #[cfg(test)]
