@@ -730,30 +730,42 @@ pub fn relay_throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
             })
             .unwrap_or_default();
         println!("{name:<22} path {path}");
-        targets.push((name.to_string(), a_ns.clone(), dst, Vec::new()));
+        targets.push((name.to_string(), a_ns.clone(), dst, Vec::new(), Vec::new()));
     }
     println!("single-stream TCP, {rounds} interleaved rounds of {seconds}s");
     for round in 1..=rounds {
-        for (name, ns, dst, runs) in &mut targets {
-            let (bps, retransmits) =
-                iperf_run(&lab, ns, dst, seconds).with_context(|| format!("iperf3 over {name}"))?;
+        for (name, ns, dst, runs, pings) in &mut targets {
+            // A ping through the same path meanwhile: what the transfer's queues cost.
+            let (run, ping) = std::thread::scope(|s| {
+                let pinger = s.spawn(|| ping_mean_ms(&lab, ns, dst, seconds));
+                let run = iperf_run(&lab, ns, dst, seconds);
+                (run, pinger.join().ok().flatten())
+            });
+            let (bps, retransmits) = run.with_context(|| format!("iperf3 over {name}"))?;
             runs.push(bps);
+            pings.extend(ping);
             println!(
-                "  round {round}: {name:<22} {:>8.3} Gbit/s   {retransmits} TCP retransmissions",
-                bps / 1e9
+                "  round {round}: {name:<22} {:>8.3} Gbit/s   {retransmits} TCP retransmissions, ping {}",
+                bps / 1e9,
+                ping.map_or("lost".into(), |ms| format!("{ms:.2} ms"))
             );
         }
     }
     let direct = median(&targets[0].3);
     println!(
-        "\n{:<22} {:>12} {:>12}   runs (Gbit/s)",
-        "path", "median", "vs direct"
+        "\n{:<22} {:>12} {:>12} {:>16}   runs (Gbit/s)",
+        "path", "median", "vs direct", "ping under load"
     );
-    for (name, _, _, runs) in &targets {
+    for (name, _, _, runs, pings) in &targets {
         let m = median(runs);
         let r: Vec<String> = runs.iter().map(|x| format!("{:.3}", x / 1e9)).collect();
+        let ping = if pings.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.2} ms", median(pings))
+        };
         println!(
-            "{name:<22} {:>9.3} Gb {:>11.1}%   {}",
+            "{name:<22} {:>9.3} Gb {:>11.1}% {ping:>16}   {}",
             m / 1e9,
             100.0 * m / direct,
             r.join(" ")
