@@ -27,7 +27,7 @@ use crate::io::control::ControlEvent;
 use crate::io::dns::DnsTable;
 use crate::io::keylog::KeyLog;
 use crate::io::portmap::PortMapper;
-use crate::io::relays::{RelayEvent, RelayManager};
+use crate::io::relays::{RelayEvent, RelayInbox, RelayManager};
 use crate::io::tun::Tun;
 use crate::io::udp::{Sender, Sockets};
 use crate::io::workers::{Shared, ToControl, Workers};
@@ -192,8 +192,8 @@ impl EventLoop {
     ) -> anyhow::Result<Self> {
         let dialer = routing.dialer;
         let (relay_tx, relay_events) = mpsc::channel(4096);
-        let (relay_packets_tx, relay_packets) = mpsc::channel(4096);
-        let relays = RelayManager::new(node_keypair, dialer, relay_tx, relay_packets_tx)
+        let (relay_inbox, relay_packets) = RelayInbox::new(sockets.len());
+        let relays = RelayManager::new(node_keypair, dialer, relay_tx, relay_inbox)
             .context("starting the relay connections' thread")?;
         let (aux_tx, aux_rx) = mpsc::channel(1024);
         let sockets: Vec<Arc<Sockets>> = sockets.into_iter().map(Arc::new).collect();

@@ -76,6 +76,38 @@ pub struct RelayPacket {
     pub payload: Bytes,
 }
 
+/// Where packets that come through relays go: one queue per data-plane worker. A peer's
+/// packets always go to the same worker (so they stay in order), and peers are spread over
+/// all of them (by their key, which is random), so a node with many relayed peers opens
+/// their packets on all its cores, not on one.
+#[derive(Clone, Debug)]
+pub struct RelayInbox(Arc<[mpsc::Sender<RelayPacket>]>);
+
+/// Packets queued for the workers through relays, in all.
+const INBOX: usize = 4096;
+
+impl RelayInbox {
+    /// An inbox for `workers` workers (at least one), and each worker's queue, in order.
+    pub fn new(workers: usize) -> (Self, Vec<mpsc::Receiver<RelayPacket>>) {
+        let n = workers.max(1);
+        let (tx, rx) = (0..n).map(|_| mpsc::channel((INBOX / n).max(512))).unzip();
+        (Self(Arc::from(Vec::into_boxed_slice(tx))), rx)
+    }
+
+    /// The worker that takes `peer`'s packets.
+    pub fn worker_for(&self, peer: &NodeKey) -> usize {
+        let b = peer.as_bytes();
+        let h = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        (h % self.0.len() as u64) as usize
+    }
+
+    /// Queues `p` for its peer's worker, waiting while that queue is full; fails once the
+    /// worker is gone.
+    async fn send(&self, p: RelayPacket) -> Result<(), mpsc::error::SendError<RelayPacket>> {
+        self.0[self.worker_for(&p.src)].send(p).await
+    }
+}
+
 /// A connection's frame queue, while connected.
 type SendSlot = Arc<Mutex<Option<client::FrameSender>>>;
 
@@ -169,7 +201,7 @@ pub struct RelayManager {
     conns: HashMap<RelayId, Handle>,
     senders: RelaySenders,
     events: mpsc::Sender<RelayEvent>,
-    packets: mpsc::Sender<RelayPacket>,
+    packets: RelayInbox,
     /// Where the connections run.
     thread: RelayThread,
 }
@@ -184,12 +216,13 @@ impl Drop for RelayManager {
 
 impl RelayManager {
     /// A manager that connects as `node` with sockets from `dialer`, reports to `events`
-    /// and hands peers' packets to `packets`; fails if its thread cannot start.
+    /// and hands peers' packets to the workers through `packets`; fails if its thread cannot
+    /// start.
     pub fn new(
         node: StaticKeypair,
         dialer: relay::dial::Dialer,
         events: mpsc::Sender<RelayEvent>,
-        packets: mpsc::Sender<RelayPacket>,
+        packets: RelayInbox,
     ) -> std::io::Result<Self> {
         Ok(Self {
             node,
@@ -269,7 +302,7 @@ async fn run(
     node: StaticKeypair,
     mut ticket: watch::Receiver<Option<Vec<u8>>>,
     out: SendSlot,
-    (events, packets): (mpsc::Sender<RelayEvent>, mpsc::Sender<RelayPacket>),
+    (events, packets): (mpsc::Sender<RelayEvent>, RelayInbox),
 ) {
     let id = info.id;
     let mut backoff = Duration::from_millis(250);
@@ -322,7 +355,7 @@ async fn serve(
     mut conn: client::RelayConn,
     ticket: &mut watch::Receiver<Option<Vec<u8>>>,
     events: &mpsc::Sender<RelayEvent>,
-    packets: &mpsc::Sender<RelayPacket>,
+    packets: &RelayInbox,
 ) -> Option<String> {
     let mut ping = tokio::time::interval(PING_EVERY);
     let mut last_heard = Instant::now();
@@ -374,5 +407,58 @@ async fn serve(
 fn set_sender(slot: &Mutex<Option<client::FrameSender>>, sender: Option<client::FrameSender>) {
     if let Ok(mut s) = slot.lock() {
         *s = sender;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real node key (an X25519 public key), one per `i`.
+    fn key(i: u32) -> NodeKey {
+        let mut secret = [7u8; 32];
+        secret[1..5].copy_from_slice(&i.to_le_bytes());
+        NodeKey::from_bytes(StaticKeypair::from_secret(secret).public())
+    }
+
+    #[tokio::test]
+    async fn relayed_packets_go_to_one_worker_per_peer_in_order_and_peers_spread() {
+        let (inbox, mut queues) = RelayInbox::new(4);
+        assert_eq!(queues.len(), 4);
+        // Every worker gets some of 64 peers, and a peer always the same worker.
+        let mut per_worker = [0usize; 4];
+        for i in 0..64 {
+            let w = inbox.worker_for(&key(i));
+            assert_eq!(w, inbox.worker_for(&key(i)));
+            per_worker[w] += 1;
+        }
+        assert!(per_worker.iter().all(|&n| n > 0), "{per_worker:?}");
+        // Interleaved packets of 8 peers: each arrives at its peer's worker, in its order.
+        let id = RelayId(1);
+        for seq in 0..50u8 {
+            for i in 0..8 {
+                let p = RelayPacket {
+                    id,
+                    src: key(i),
+                    payload: Bytes::from(vec![seq]),
+                };
+                inbox.send(p).await.unwrap();
+            }
+        }
+        let mut next = HashMap::new();
+        let mut got = 0;
+        for (w, q) in queues.iter_mut().enumerate() {
+            while let Ok(p) = q.try_recv() {
+                assert_eq!(inbox.worker_for(&p.src), w);
+                let expected = next.entry(p.src).or_insert(0u8);
+                assert_eq!(p.payload[0], *expected, "out of order");
+                *expected += 1;
+                got += 1;
+            }
+        }
+        assert_eq!(got, 400);
+        // A single worker takes every peer.
+        let (one, _queues) = RelayInbox::new(1);
+        assert!((0..16).all(|i| one.worker_for(&key(i)) == 0));
     }
 }

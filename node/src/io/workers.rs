@@ -12,8 +12,8 @@
 //! core's lock is held to decide and to finish, never during a data packet's AEAD or a
 //! system call (handshakes, which change the core's state, still run under it).
 //!
-//! Workers send through relays themselves, and worker 0 takes the packets peers send through
-//! relays. What a worker cannot send itself goes to the control loop: datagrams for an
+//! Workers send through relays themselves, and take the packets peers send through relays,
+//! each worker those of its share of the peers (`RelayInbox`). What a worker cannot send itself goes to the control loop: datagrams for an
 //! auxiliary socket, and the core's events (a wake-up). The control loop's own packets for
 //! the TUN device go out through worker 0.
 
@@ -150,20 +150,20 @@ pub struct Workers {
 
 impl Workers {
     /// Starts one worker per set of sockets, for a TUN device of `mtu`, sending through
-    /// helper tasks with `helpers`; they send through `relays`, and worker 0 takes the
-    /// packets that come through them.
+    /// helper tasks with `helpers`; they send through `relays`, and worker `i` takes the
+    /// packets that come through them from `relay_packets[i]`.
     pub fn start(
         shared: &Arc<Shared>,
         sockets: &[Arc<Sockets>],
         helpers: bool,
         mtu: u16,
         relays: RelaySenders,
-        relay_packets: mpsc::Receiver<RelayPacket>,
+        relay_packets: Vec<mpsc::Receiver<RelayPacket>>,
     ) -> Self {
         let (to_control, from_workers) = mpsc::channel(HANDOFF);
         let (to_tun, control_writes) = mpsc::channel(HANDOFF);
         let mut control_writes = Some(control_writes);
-        let mut relay_packets = Some(relay_packets);
+        let mut relay_packets = relay_packets.into_iter();
         let (stop, stopped) = watch::channel(false);
         let runtime = tokio::runtime::Handle::current();
         let mut queues = Vec::new();
@@ -202,7 +202,7 @@ impl Workers {
                 tun: None,
                 new_queue: queue_rx,
                 control_writes: control_writes.take(),
-                relay_packets: relay_packets.take(),
+                relay_packets: relay_packets.next(),
                 to_control: to_control.clone(),
                 out: BatchOutput::default(),
                 finishing,
@@ -285,7 +285,8 @@ struct Worker {
     new_queue: mpsc::Receiver<TunQueue>,
     /// Worker 0 writes the control loop's TUN packets.
     control_writes: Option<mpsc::Receiver<Vec<Packet>>>,
-    /// Worker 0 takes the packets peers send through relays.
+    /// The packets of this worker's share of the peers that send through relays
+    /// ([`crate::io::relays::RelayInbox`]).
     relay_packets: Option<mpsc::Receiver<RelayPacket>>,
     to_control: mpsc::Sender<ToControl>,
     /// The batch being fed.
