@@ -83,7 +83,8 @@ pub struct RelayPacket {
 #[derive(Clone, Debug)]
 pub struct RelayInbox(Arc<[mpsc::Sender<RelayPacket>]>);
 
-/// Packets queued for the workers through relays, in all.
+/// Packets queued for the workers through relays, shared out among their queues (each holds at
+/// least 512).
 const INBOX: usize = 4096;
 
 impl RelayInbox {
