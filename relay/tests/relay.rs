@@ -107,6 +107,13 @@ impl Lab {
         (k, t.to_vec())
     }
 
+    /// A new node, connected to the relay as `info` offers it.
+    async fn connected(&mut self, info: RelayInfo) -> (StaticKeypair, client::RelayConn) {
+        let (k, t) = self.node();
+        let c = client::connect(&info, &k, &t).await.unwrap();
+        (k, c)
+    }
+
     fn quic_only(&self) -> RelayInfo {
         RelayInfo {
             websocket: None,
@@ -135,10 +142,8 @@ async fn next_packet(c: &mut client::RelayConn) -> Option<([u8; 32], Vec<u8>)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_and_websocket_nodes_exchange_packets_through_the_relay() {
     let mut lab = lab().await;
-    let (a, ta) = lab.node();
-    let (b, tb) = lab.node();
-    let mut ca = client::connect(&lab.quic_only(), &a, &ta).await.unwrap();
-    let mut cb = client::connect(&lab.ws_only(), &b, &tb).await.unwrap();
+    let (a, mut ca) = lab.connected(lab.quic_only()).await;
+    let (b, mut cb) = lab.connected(lab.ws_only()).await;
     assert_eq!(ca.transport(), Transport::Quic);
     assert_eq!(cb.transport(), Transport::WebSocket);
     // Large packets (a full WireGuard packet) and small ones, both ways.
@@ -189,10 +194,8 @@ async fn quic_and_websocket_nodes_exchange_packets_through_the_relay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_nodes_get_packets_of_every_size_datagrams_or_not() {
     let mut lab = lab().await;
-    let (a, ta) = lab.node();
-    let (b, tb) = lab.node();
-    let ca = client::connect(&lab.quic_only(), &a, &ta).await.unwrap();
-    let mut cb = client::connect(&lab.quic_only(), &b, &tb).await.unwrap();
+    let (a, ca) = lab.connected(lab.quic_only()).await;
+    let (b, mut cb) = lab.connected(lab.quic_only()).await;
     assert_eq!(cb.transport(), Transport::Quic);
     // Small, a full WireGuard packet, larger than any datagram (so on the stream, both hops),
     // the largest payload there is, then small again: the sender remembers the datagram size
@@ -223,10 +226,8 @@ async fn quic_nodes_get_packets_of_every_size_datagrams_or_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_nodes_exchange_bursts_complete_and_in_order() {
     let mut lab = lab().await;
-    let (a, ta) = lab.node();
-    let (b, tb) = lab.node();
-    let mut ca = client::connect(&lab.ws_only(), &a, &ta).await.unwrap();
-    let mut cb = client::connect(&lab.ws_only(), &b, &tb).await.unwrap();
+    let (a, mut ca) = lab.connected(lab.ws_only()).await;
+    let (b, mut cb) = lab.connected(lab.ws_only()).await;
     assert_eq!(ca.transport(), Transport::WebSocket);
     // Bursts queued faster than they are written, both ways at once: the writers on both
     // ends (the node's and the relay's) send what is waiting in batches and flush each one.

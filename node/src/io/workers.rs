@@ -13,9 +13,9 @@
 //! system call (handshakes, which change the core's state, still run under it).
 //!
 //! Workers send through relays themselves, and take the packets peers send through relays,
-//! each worker those of its share of the peers (`RelayInbox`). What a worker cannot send itself goes to the control loop: datagrams for an
-//! auxiliary socket, and the core's events (a wake-up). The control loop's own packets for
-//! the TUN device go out through worker 0.
+//! each worker those of its share of the peers (`RelayInbox`). What a worker cannot send
+//! itself goes to the control loop: datagrams for an auxiliary socket, and the core's events
+//! (a wake-up). The control loop's own packets for the TUN device go out through worker 0.
 
 use std::io::IoSliceMut;
 use std::sync::Arc;

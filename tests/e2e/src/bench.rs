@@ -584,18 +584,16 @@ fn iperf(lab: &Lab, ns: &str, dst: &str, seconds: u32) -> anyhow::Result<f64> {
 }
 
 /// One single-stream iperf3 run: bits per second received, and the sender's TCP
-/// retransmissions (segments the path lost or reordered past TCP's patience).
-fn iperf_run(lab: &Lab, ns: &str, dst: &str, seconds: u32) -> anyhow::Result<(f64, u64)> {
+/// retransmissions (segments the path lost or reordered past TCP's patience), where iperf3
+/// reports them.
+fn iperf_run(lab: &Lab, ns: &str, dst: &str, seconds: u32) -> anyhow::Result<(f64, Option<u64>)> {
     let t = seconds.to_string();
     let out = lab.run(ns, &["iperf3", "-c", dst, "-t", &t, "-J"])?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3 printed no result")?;
-    Ok((
-        bps,
-        v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
-    ))
+    Ok((bps, v["end"]["sum_sent"]["retransmits"].as_u64()))
 }
 
 /// Starts one UAPI WireGuard implementation in both namespaces and connects them; returns the
@@ -745,9 +743,10 @@ pub fn relay_throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
             runs.push(bps);
             pings.extend(ping);
             println!(
-                "  round {round}: {name:<22} {:>8.3} Gbit/s   {retransmits} TCP retransmissions, ping {}",
+                "  round {round}: {name:<22} {:>8.3} Gbit/s   {} TCP retransmissions, ping {}",
                 bps / 1e9,
-                ping.map_or("lost".into(), |ms| format!("{ms:.2} ms"))
+                retransmits.map_or("?".into(), |n| n.to_string()),
+                ping.map_or("-".into(), |ms| format!("{ms:.2} ms"))
             );
         }
     }
