@@ -233,6 +233,12 @@ pub struct UpArgs {
     /// (false) [default: true where there are at least two CPUs per worker].
     #[arg(long, env = "LATTICE_IO_HELPERS", value_name = "BOOL")]
     pub io_helpers: Option<bool>,
+    /// Whether each peer sending data gets a data-plane worker of its own, the worker that
+    /// receives its datagrams handing them over (true), or stays with the worker the
+    /// kernel's hash picks (false) [default: true where there are at least two CPUs per
+    /// worker].
+    #[arg(long, env = "LATTICE_STEERING", value_name = "BOOL")]
+    pub steering: Option<bool>,
 }
 
 fn parse_id_token_refresh(s: &str) -> Result<std::time::Duration, String> {

@@ -20,6 +20,7 @@ use crate::io::event_loop::{EventLoop, Exit, Routing};
 use crate::io::idtoken::IdTokenSource;
 use crate::io::posture::{self, PostureConfig};
 use crate::io::udp::Sockets;
+use crate::io::workers::Modes;
 use crate::statedir::{Pin, StateDir, check_url};
 
 /// The UDP port a node uses unless told otherwise.
@@ -220,7 +221,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             exit_node,
             dialer,
         },
-        args.io_helpers,
+        Modes {
+            io_helpers: args.io_helpers,
+            steering: args.steering,
+        },
     );
     let result = match ev {
         Ok(ev) => ev.run().await,

@@ -268,6 +268,106 @@ fn a_gigabyte_through_four_workers_arrives_intact_and_in_order() {
     );
 }
 
+/// A node with four workers takes a checksummed TCP stream from each of three peers at once.
+/// The kernel hands each peer's datagrams to one of its four sockets by a hash, so peers
+/// often share one; the node (`--steering true`: on 2 CPUs it is off by default) gives each
+/// sender a worker of its own and the receiving worker hands the data over (`status`:
+/// `steering`). Every stream arrives intact.
+#[test]
+fn peers_sending_at_once_get_a_worker_each_and_their_streams_arrive_intact() {
+    let one: &[&str] = &["--workers", "1"];
+    let Some(f) = Flat::mesh_each(
+        "steer",
+        &[
+            ("hub", &["--workers", "4", "--steering", "true"]),
+            ("s1", one),
+            ("s2", one),
+            ("s3", one),
+        ],
+        &[],
+    ) else {
+        return;
+    };
+    let hub = f.node("hub");
+    for peer in ["s1", "s2", "s3"] {
+        assert!(hub.ping(&f.lab, peer, "-4", 3), "hub -> {peer}");
+    }
+    assert!(
+        wait_for(Duration::from_secs(20), || hub.status(&f.lab).is_some_and(
+            |s| s["peers"]
+                .as_array()
+                .is_some_and(|p| p.len() == 3 && p.iter().all(|p| p["path"]["kind"] == "direct"))
+        )),
+        "the hub reaches its peers directly"
+    );
+    let ip = ip_of(&hub.status(&f.lab).expect("status"), true);
+    let tool = f.lab.bin("lattice-testtool").display().to_string();
+    let mut lab = f.lab;
+    const BYTES: &str = "100000000";
+    let receivers: Vec<_> = (1..=3)
+        .map(|i| {
+            let listen = format!("0.0.0.0:{}", 5000 + i);
+            let r = lab.spawn(
+                &format!("tcp-recv-{i}"),
+                &f.node_ns[0],
+                &[&tool, "tcp-recv", "--listen", &listen],
+                &[],
+            );
+            r.expect("receiver")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let senders: Vec<_> = (1..=3)
+        .map(|i| {
+            let to = format!("{ip}:{}", 5000 + i);
+            let seed = i.to_string();
+            let args = [
+                &tool[..],
+                "tcp-send",
+                "--to",
+                &to,
+                "--bytes",
+                BYTES,
+                "--seed",
+                &seed,
+            ];
+            let s = lab.spawn(&format!("tcp-send-{i}"), &f.node_ns[i], &args, &[]);
+            s.expect("sender")
+        })
+        .collect();
+    for (i, (s, r)) in senders.into_iter().zip(receivers).enumerate() {
+        assert!(
+            lab.wait_exit(s, Duration::from_secs(120)).is_some(),
+            "sender {i} finished"
+        );
+        assert!(
+            lab.wait_exit(r, Duration::from_secs(30)).is_some(),
+            "receiver {i} finished"
+        );
+        let sent = lab.stdout(s).trim().to_owned();
+        let got = lab.stdout(r).trim().to_owned();
+        assert!(
+            sent.starts_with(&format!("{BYTES} ")),
+            "stream {i} sent {sent}"
+        );
+        assert_eq!(got, sent, "stream {i}: received bytes and checksum match");
+    }
+    // Each of the three senders' addresses is some worker's, and no worker has two.
+    let st = f.nodes[0].status(&lab).expect("status");
+    let steering = &st["steering"];
+    assert_eq!(steering["on"], true, "{steering}");
+    let senders: Vec<u64> = steering["senders"]
+        .as_array()
+        .expect("steering.senders")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert_eq!(senders.len(), 4, "{steering}");
+    assert_eq!(senders.iter().sum::<u64>(), 3, "{steering}");
+    assert!(senders.iter().all(|&n| n <= 1), "{steering}");
+    eprintln!("hub steering: {steering}");
+}
+
 #[test]
 fn a_removed_node_is_cut_off_within_five_seconds() {
     let Some(mut f) = Flat::mesh("remove", &["a", "b", "c"], &[]) else {

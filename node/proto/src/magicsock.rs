@@ -39,6 +39,12 @@ pub fn classify(b: &[u8]) -> DatagramKind {
     DatagramKind::Unknown
 }
 
+/// Whether `b` looks like a WireGuard transport-data message (type 4), the one kind that
+/// carries a peer's traffic; the others (handshakes, cookie replies) are rare.
+pub fn is_wireguard_data(b: &[u8]) -> bool {
+    b.len() >= 4 && b[..4] == [4, 0, 0, 0]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,5 +64,12 @@ mod tests {
         assert_eq!(classify(b""), DatagramKind::Unknown);
         // QUIC greases its fixed bit; a QUIC long header must not look like ours.
         assert_eq!(classify(&[0xc3, 0, 0, 0, 1]), DatagramKind::Unknown);
+        assert!(is_wireguard_data(&[4, 0, 0, 0, 9, 9]));
+        assert!(
+            !is_wireguard_data(&wg),
+            "a handshake initiation is not data"
+        );
+        assert!(!is_wireguard_data(&[4, 0, 0]));
+        assert!(!is_wireguard_data(&[4, 0, 1, 0]));
     }
 }

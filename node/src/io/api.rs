@@ -61,6 +61,23 @@ pub struct StatusJson {
     /// tasks for the system calls (`--io-helpers`).
     #[serde(default)]
     pub io_helpers: bool,
+    /// How the workers share the peers that send WireGuard data.
+    #[serde(default)]
+    pub steering: SteeringJson,
+}
+
+/// Which worker handles each sender's data (`crate::io::steer`), in `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SteeringJson {
+    /// Whether peers are spread over the workers (`--steering`).
+    pub on: bool,
+    /// Addresses each worker handles the data of now (those that sent in the last 15 s).
+    pub senders: Vec<usize>,
+    /// Datagrams handed from the worker whose socket received them to the one that owns
+    /// their sender.
+    pub handed_over: u64,
+    /// Datagrams dropped because their owner's queue was full.
+    pub dropped: u64,
 }
 
 /// The mesh DNS resolver's answers in `status`, by kind.

@@ -20,7 +20,8 @@ use wire::{ClientMessage, ErrorCode, NatInfo, NodeId, RelayId};
 
 use crate::io::api::{
     ApiRequest, CoordinatorJson, DnsJson, ExitNodeJson, LoginJson, LoginResultJson, NetcheckJson,
-    PathJson, PeerJson, PingJson, RelayJson, RoutesJson, SelfJson, StatusJson, StunJson, WhoisJson,
+    PathJson, PeerJson, PingJson, RelayJson, RoutesJson, SelfJson, StatusJson, SteeringJson,
+    StunJson, WhoisJson,
 };
 use crate::io::aux::{AuxDatagram, AuxSockets};
 use crate::io::control::ControlEvent;
@@ -30,7 +31,7 @@ use crate::io::portmap::PortMapper;
 use crate::io::relays::{RelayEvent, RelayInbox, RelayManager};
 use crate::io::tun::Tun;
 use crate::io::udp::{Sender, Sockets};
-use crate::io::workers::{Shared, ToControl, Workers};
+use crate::io::workers::{Modes, Shared, ToControl, Workers};
 use crate::io::{dns, ifaddrs};
 use crate::statedir::{Pin, StateDir};
 
@@ -188,7 +189,7 @@ impl EventLoop {
         node_keypair: hybrid::StaticKeypair,
         port_mapping: bool,
         routing: Routing,
-        io_helpers: Option<bool>,
+        modes: Modes,
     ) -> anyhow::Result<Self> {
         let dialer = routing.dialer;
         let (relay_tx, relay_events) = mpsc::channel(4096);
@@ -201,8 +202,8 @@ impl EventLoop {
         let portmap = port_mapping.then(|| PortMapper::start(first.port));
         let portmap_rx = portmap.as_ref().map(PortMapper::watch);
         state.set_crypto_outside(true);
-        let shared = Shared::new(state);
-        let helpers = crate::io::workers::helpers(io_helpers, sockets.len());
+        let helpers = modes.helpers(sockets.len());
+        let shared = Shared::new(state, sockets.len(), modes.steering(sockets.len()));
         let workers = Workers::start(
             &shared,
             &sockets,
@@ -211,7 +212,12 @@ impl EventLoop {
             relays.senders(),
             relay_packets,
         );
-        info!(workers = workers.len(), helpers, "data plane workers");
+        info!(
+            workers = workers.len(),
+            helpers,
+            steering = shared.steering.stats().on,
+            "data plane workers"
+        );
         Ok(Self {
             shared,
             workers,
@@ -1141,6 +1147,15 @@ impl EventLoop {
             }),
             workers: self.workers.len(),
             io_helpers: self.workers.helpers(),
+            steering: {
+                let s = self.shared.steering.stats();
+                SteeringJson {
+                    on: s.on,
+                    senders: s.senders,
+                    handed_over: s.handed_over,
+                    dropped: s.dropped,
+                }
+            },
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod portmap;
 pub mod posture;
 pub mod relays;
 pub mod routes;
+pub mod steer;
 pub mod tun;
 pub mod udp;
 pub mod workers;

@@ -12,6 +12,10 @@
 //! core's lock is held to decide and to finish, never during a data packet's AEAD or a
 //! system call (handshakes, which change the core's state, still run under it).
 //!
+//! Left to the kernel's hash, busy peers often share a worker while another idles: each
+//! sender of WireGuard data gets a worker that owns it ([`crate::io::steer`]), and the worker
+//! that received its datagrams hands them over, in order, through the owner's queue.
+//!
 //! Workers send through relays themselves, and take the packets peers send through relays,
 //! each worker those of its share of the peers (`RelayInbox`). What a worker cannot send
 //! itself goes to the control loop: datagrams for an auxiliary socket, and the core's events
@@ -30,6 +34,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tracing::debug;
 
 use crate::io::relays::{RelayPacket, RelaySenders};
+use crate::io::steer::{Handoff, Steering, split};
 use crate::io::tun::{ReadBufs, TunQueue, TunReader, is_packet_error};
 use crate::io::udp::{RECV_SLOT, RECV_SLOTS, Sender, Sock, Sockets};
 
@@ -40,6 +45,10 @@ const RELAY_BATCH: usize = 64;
 /// Batches queued between a worker and the control loop, each way. When full, the batch is
 /// dropped (as a full socket buffer drops), never waited for: the two wait on each other.
 const HANDOFF: usize = 256;
+/// Batches of datagrams waiting for each worker from the others (its senders' data). When
+/// full, the batch is dropped and counted, never waited for: two workers may be handing each
+/// other datagrams at once.
+const HANDOFFS: usize = 64;
 /// The most workers `--workers` defaults to, however many CPUs there are. Every batch takes
 /// the core's one lock (twice when it has crypto jobs), for about 0.26 us of a 1,280-byte
 /// packet's 1.8 us sealing on one thread (`scripts/bench-core`, 16-CPU machine): with many
@@ -69,6 +78,32 @@ pub fn helpers(asked: Option<bool>, workers: usize) -> bool {
     asked.unwrap_or_else(|| cpus() >= 2 * workers)
 }
 
+/// How the workers run: `--io-helpers` and `--steering`, each `None` for its default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Modes {
+    /// As pipelines with helpers ([`helpers`]).
+    pub io_helpers: Option<bool>,
+    /// With each sender steered to a worker of its own ([`crate::io::steer`]).
+    pub steering: Option<bool>,
+}
+
+impl Modes {
+    /// Whether `workers` workers run as pipelines with helpers ([`helpers`]).
+    pub fn helpers(&self, workers: usize) -> bool {
+        helpers(self.io_helpers, workers)
+    }
+
+    /// Whether `workers` workers steer senders, by default where there are at least two
+    /// CPUs per worker (as for [`helpers`]): balance helps where workers wait for CPUs that
+    /// are idle, while each hand-over costs a wake-up of the owner. On 2 CPUs with 2 workers,
+    /// where every CPU is busy anyway, it made no difference one way or the other (the
+    /// throughput bench's 4-peer row, three alternating pairs: 4.17, 4.12 and 4.08 Gbit/s
+    /// without, 4.24, 3.75 and 4.08 with).
+    pub fn steering(&self, workers: usize) -> bool {
+        workers > 1 && self.steering.unwrap_or_else(|| cpus() >= 2 * workers)
+    }
+}
+
 fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
@@ -86,18 +121,23 @@ pub struct Shared {
     pub tun_read_errors: AtomicU64,
     /// Packets in TUN writes the kernel refused.
     pub tun_write_failed: Arc<AtomicU64>,
+    /// Which worker handles each sender's data.
+    pub steering: Steering,
 }
 
 impl Shared {
-    /// Shares `core`.
-    pub fn new(core: NodeState) -> Arc<Self> {
+    /// Shares `core` among `workers` workers and the control loop, which steer senders to
+    /// workers of their own with `steering`.
+    pub fn new(core: NodeState, workers: usize, steering: bool) -> Arc<Self> {
+        let base = Instant::now();
         Arc::new(Self {
             core: Mutex::new(core),
             wake: Notify::new(),
             control_deadline: AtomicU64::new(0),
-            base: Instant::now(),
+            base,
             tun_read_errors: AtomicU64::new(0),
             tun_write_failed: Arc::default(),
+            steering: Steering::new(workers, steering, base),
         })
     }
 
@@ -164,6 +204,10 @@ impl Workers {
         let (to_tun, control_writes) = mpsc::channel(HANDOFF);
         let mut control_writes = Some(control_writes);
         let mut relay_packets = relay_packets.into_iter();
+        let (handoffs, handed): (Vec<_>, Vec<_>) =
+            sockets.iter().map(|_| mpsc::channel(HANDOFFS)).unzip();
+        let handoffs: Arc<[mpsc::Sender<Handoff>]> = Arc::from(handoffs);
+        let mut handed = handed.into_iter();
         let (stop, stopped) = watch::channel(false);
         let runtime = tokio::runtime::Handle::current();
         let mut queues = Vec::new();
@@ -203,6 +247,10 @@ impl Workers {
                 new_queue: queue_rx,
                 control_writes: control_writes.take(),
                 relay_packets: relay_packets.next(),
+                handoffs: Arc::clone(&handoffs),
+                handed: handed.next(),
+                local: Vec::new(),
+                staged: sockets.iter().map(|_| Vec::new()).collect(),
                 to_control: to_control.clone(),
                 out: BatchOutput::default(),
                 finishing,
@@ -288,6 +336,14 @@ struct Worker {
     /// The packets of this worker's share of the peers that send through relays
     /// ([`crate::io::relays::RelayInbox`]).
     relay_packets: Option<mpsc::Receiver<RelayPacket>>,
+    /// Each worker's queue of datagrams handed over by the others.
+    handoffs: Arc<[mpsc::Sender<Handoff>]>,
+    /// This worker's.
+    handed: Option<mpsc::Receiver<Handoff>>,
+    /// Datagrams this worker handles itself, from the last receive call.
+    local: Handoff,
+    /// Datagrams for other workers (by worker), from the last receive call.
+    staged: Vec<Handoff>,
     to_control: mpsc::Sender<ToControl>,
     /// The batch being fed.
     out: BatchOutput,
@@ -424,6 +480,9 @@ impl Worker {
                 Some(first) = recv_if(self.relay_packets.as_mut()) => {
                     self.handle_relayed(first);
                 }
+                Some(datagrams) = recv_if(self.handed.as_mut()) => {
+                    self.handle_handed(datagrams);
+                }
             }
             self.finish().await?;
         }
@@ -482,15 +541,42 @@ impl Worker {
         debug!(error = %e, total, "dropped a malformed read from the TUN device");
     }
 
-    /// Hands what one receive call brought to the core, datagram by datagram.
+    /// Hands what one receive call brought to the core, datagram by datagram, except the
+    /// data of senders other workers own, which goes to them.
     fn handle_udp(&mut self, buf: &[u8], meta: &[RecvMeta]) {
         let now = Instant::now();
+        let datagrams = buf.chunks(RECV_SLOT).zip(meta).flat_map(|(slot, m)| {
+            slot[..m.len]
+                .chunks(m.stride.max(1))
+                .map(move |d| (m.addr, d))
+        });
+        let steering = &self.shared.steering;
+        split(
+            steering,
+            self.id,
+            now,
+            datagrams,
+            &mut self.local,
+            &mut self.staged,
+        );
+        for (w, staged) in self.staged.iter_mut().enumerate() {
+            if staged.is_empty() {
+                continue;
+            }
+            let n = staged.len();
+            let handed = self.handoffs[w].try_send(std::mem::take(staged)).is_ok();
+            steering.count(n, handed);
+        }
+        let local = &mut self.local;
         feed(&self.shared.core, &mut self.out, |st| {
-            let datagrams = buf.chunks(RECV_SLOT).zip(meta).flat_map(|(slot, m)| {
-                slot[..m.len]
-                    .chunks(m.stride.max(1))
-                    .map(|d| (m.addr, Packet::copy_from(d)))
-            });
+            st.handle_datagrams(now, SockId::Main, local.drain(..));
+        });
+    }
+
+    /// Hands the core datagrams another worker received from senders this one owns.
+    fn handle_handed(&mut self, datagrams: Handoff) {
+        let now = Instant::now();
+        feed(&self.shared.core, &mut self.out, |st| {
             st.handle_datagrams(now, SockId::Main, datagrams);
         });
     }

@@ -280,7 +280,7 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
     // With `quick`, nothing else is installed: Lattice and the raw veths only.
     four_peers(
         &mut lab,
-        &a,
+        (&a, &na),
         &coord.url,
         &key,
         &installed,
@@ -306,7 +306,7 @@ type Impl<'a> = (&'a str, &'a [&'a str], u16, u8);
 /// through each implementation, interleaved round by round. Prints the summed rates.
 fn four_peers(
     lab: &mut Lab,
-    hub: &str,
+    (hub, hub_node): (&str, &MeshNode),
     coordinator: &str,
     key: &str,
     impls: &[Impl<'_>],
@@ -393,6 +393,19 @@ fn four_peers(
     }
     for s in servers {
         lab.kill(s);
+    }
+    // Which of the hub's workers took its peers (each peer's acknowledgements, and with
+    // them, through the TUN driver's flow steering, the stream to it).
+    if let Some(st) = hub_node.status(lab) {
+        let s = &st["steering"];
+        println!(
+            "lattice hub: peers steered to workers {}, senders per worker {}, datagrams handed \
+             over {}, dropped {}",
+            if s["on"] == true { "on" } else { "off" },
+            s["senders"],
+            s["handed_over"],
+            s["dropped"]
+        );
     }
     let raw = median(&targets[0].2);
     let ours = median(&targets[1].2);
