@@ -227,10 +227,10 @@ pub struct UpArgs {
     /// decrypts on its own thread [default: one per CPU, at most 8].
     #[arg(long, env = "LATTICE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: Option<u16>,
-    /// Whether each data-plane worker runs as a pipeline: a thread of its own encrypts,
-    /// decrypts and finishes each batch while the worker reads the next, and helper tasks
-    /// send its datagrams and write the TUN device (true); or the worker does it all itself
-    /// (false) [default: true where there are at least two CPUs per worker].
+    /// Whether each data-plane worker runs as a pipeline: a thread of its own encrypts and
+    /// decrypts each batch and another finishes it while the worker reads the next, and
+    /// helper tasks send its datagrams and write the TUN device (true); or the worker does it
+    /// all itself (false) [default: true where there are at least two CPUs per worker].
     #[arg(long, env = "LATTICE_IO_HELPERS", value_name = "BOOL")]
     pub io_helpers: Option<bool>,
     /// Whether each peer sending data gets a data-plane worker of its own, the worker that

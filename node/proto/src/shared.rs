@@ -12,8 +12,8 @@
 //! reader) leaves in order. Calls on different workers interleave freely: their flows are
 //! unordered with respect to each other, as on any network. A worker may also split the call
 //! into its halves, [`feed`] and [`finish`], and finish on a second thread while it feeds its
-//! next batch: the order holds as long as that thread finishes the batches in the order they
-//! were fed.
+//! next batch, or [`finish`] into its own parts, [`crypt`] and [`complete`], on two threads:
+//! the order holds as long as each thread takes the batches in the order they were fed.
 //!
 //! This module performs no I/O and reads no clock: `now` comes from the caller.
 
@@ -78,16 +78,31 @@ pub fn feed(core: &Mutex<NodeState>, out: &mut BatchOutput, input: impl FnOnce(&
 }
 
 /// The second half of [`run_batch`]: runs the jobs [`feed`] left in `out` without the lock,
-/// then finishes them in order under it and appends what they produced. Takes the lock only
-/// if there are jobs.
+/// then finishes them in order under it and appends what they produced: [`crypt`], then
+/// [`complete`]. Takes the lock only if there are jobs.
 pub fn finish(core: &Mutex<NodeState>, now: Instant, out: &mut BatchOutput) {
-    while !out.jobs.is_empty() {
-        out.done.extend(out.jobs.drain(..).map(CryptoJob::run));
+    crypt(out);
+    complete(core, now, out);
+}
+
+/// The first part of [`finish`]: runs the jobs [`feed`] left in `out` (the AEAD), without
+/// the core. A shell may run it on a thread of its own between the one that feeds and the
+/// one that completes, as long as the batches keep their order through all three.
+pub fn crypt(out: &mut BatchOutput) {
+    out.done.extend(out.jobs.drain(..).map(CryptoJob::run));
+}
+
+/// The second part of [`finish`]: finishes the jobs [`crypt`] ran, in order, under the
+/// core's lock, and appends what they produced. Finishing may make more jobs (packets a
+/// handshake released): it runs those too. Takes the lock only if there are jobs.
+pub fn complete(core: &Mutex<NodeState>, now: Instant, out: &mut BatchOutput) {
+    while !out.done.is_empty() {
         let mut st = core.lock();
         st.handle_crypto_all(now, &mut out.done);
-        // Finishing may make more (packets a handshake released).
         st.take_crypto(&mut out.jobs);
         take_ready(&mut st, out);
+        drop(st);
+        crypt(out);
     }
 }
 
@@ -194,8 +209,9 @@ mod tests {
 
         /// Packets of several flows go through core 0's workers at once (each flow read by
         /// one worker, as a multi-queue TUN device hashes it, in batches of random sizes;
-        /// `pipelined`: each worker feeds its batches while a thread of its own finishes
-        /// them),
+        /// `stages`: 1, each worker does it all; 2, a thread of its own finishes each batch
+        /// while the worker feeds the next; 3, one thread runs the batches' crypto and
+        /// another completes them),
         /// cross the network with the workers' outputs interleaved at random, and come out
         /// of core 1 (one worker, as all of a peer's datagrams reach one socket): every
         /// flow's packets arrive, each exactly once and in the order they were sent.
@@ -205,7 +221,7 @@ mod tests {
             workers in 1usize..5,
             batch_sizes in proptest::collection::vec(1usize..40, 1..20),
             interleave in proptest::collection::vec(any::<u8>(), 1..64),
-            pipelined in any::<bool>(),
+            stages in 1usize..=3,
         ) {
             let now = crate::test_epoch();
             let cores = pair(now);
@@ -240,7 +256,7 @@ mod tests {
                                 });
                                 true
                             };
-                            if !pipelined {
+                            if stages == 1 {
                                 let mut sent = Vec::new();
                                 let mut out = BatchOutput::default();
                                 while next_batch(&mut out) {
@@ -252,13 +268,30 @@ mod tests {
                                 return Ok(sent);
                             }
                             // A finisher thread of its own takes each fed batch, in order,
-                            // while this one feeds the next.
+                            // while this one feeds the next; with three stages, a crypto
+                            // thread between them runs each batch's AEAD.
                             let (tx, rx) = std::sync::mpsc::sync_channel::<BatchOutput>(2);
                             std::thread::scope(|s2| {
+                                let rx = if stages == 3 {
+                                    let (tx2, rx2) = std::sync::mpsc::sync_channel(2);
+                                    s2.spawn(move || {
+                                        for mut out in rx {
+                                            crypt(&mut out);
+                                            tx2.send(out).unwrap();
+                                        }
+                                    });
+                                    rx2
+                                } else {
+                                    rx
+                                };
                                 let finisher = s2.spawn(move || {
                                     let mut sent = Vec::new();
                                     for mut out in rx {
-                                        finish(core, now, &mut out);
+                                        if stages == 3 {
+                                            complete(core, now, &mut out);
+                                        } else {
+                                            finish(core, now, &mut out);
+                                        }
                                         sent.append(&mut out.transmits);
                                         assert!(out.tun_writes.is_empty());
                                     }

@@ -2,9 +2,10 @@
 //! shared with `SO_REUSEPORT`), feeds what it reads to the shared core, runs the encryption
 //! and decryption the core hands out without holding it, and sends and writes the results
 //! (`node_proto::shared::{feed, finish}`). With helpers ([`helpers`]) each worker is a
-//! pipeline: its thread reads and feeds, a finishing thread of its own runs each batch's
-//! AEAD, finishes it in the core and hands its datagrams and TUN packets to helper tasks
-//! that make the system calls; without, the worker does all of it, batch after batch.
+//! pipeline: its thread reads and feeds, a crypto thread of its own runs each batch's AEAD
+//! (`crypt`), a finishing thread completes it in the core and hands its datagrams and TUN
+//! packets to helper tasks that make the system calls; without, the worker does all of it,
+//! batch after batch.
 //!
 //! The kernel keeps each flow on one TUN queue and each peer's datagrams on one socket, and
 //! a worker's batches are finished one after another in the order it fed them, so each flow
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use node_proto::shared::{BatchOutput, feed, finish};
+use node_proto::shared::{BatchOutput, crypt, feed, finish};
 use node_proto::{Addr, NodeState, Packet, SockId, Transmit};
 use parking_lot::Mutex;
 use quinn_udp::RecvMeta;
@@ -64,16 +65,18 @@ pub fn count(asked: Option<usize>) -> usize {
 }
 
 /// Whether `workers` workers run as pipelines with helpers (`asked`, or by default when
-/// there are at least two CPUs per worker): a finishing thread per worker runs the AEAD and
-/// the core's last step while the worker reads and feeds the next batch, and helper tasks on
-/// the runtime's threads send and write the TUN device. One stream then runs on three
-/// threads per direction instead of one (on 16 CPUs with 8 workers, two alternating pairs of
-/// the throughput bench: one stream 4.13 and 3.95 Gbit/s pipelined, 3.17 and 3.56 with the
-/// worker encrypting itself and only the system calls in helpers; ping under load 1.83 and
-/// 1.54 ms against 3.51 and 3.66). Where the CPUs are not there, the hand-offs' wake-ups and
-/// context switches cost more than the overlap gains (on 2 CPUs with 2 workers, in five
-/// alternating runs: one stream 2.43 Gbit/s on average with helper tasks, 2.72 without), and
-/// each worker does it all itself.
+/// there are at least two CPUs per worker): a crypto thread per worker runs each batch's
+/// AEAD and a finishing thread the core's last step while the worker reads and feeds the
+/// next batch, and helper tasks on the runtime's threads send and write the TUN device. One
+/// stream then runs on four threads per direction instead of one. On 16 CPUs with 8
+/// workers, the throughput bench's one stream: 4.13 and 3.95 Gbit/s with a finishing thread
+/// doing the AEAD too, 3.17 and 3.56 with the worker encrypting itself; then, with the AEAD
+/// on its own thread, 4.51 and 5.27 against 4.04 and 4.18 with one finishing thread (ping
+/// under load 3.03 and 3.70 ms against 1.45 and 1.63: the faster stream keeps more in the
+/// queues). Where the CPUs are not there, the hand-offs' wake-ups and context switches cost
+/// more than the overlap gains (on 2 CPUs with 2 workers, in five alternating runs: one
+/// stream 2.43 Gbit/s on average with helper tasks, 2.72 without), and each worker does it
+/// all itself.
 pub fn helpers(asked: Option<bool>, workers: usize) -> bool {
     asked.unwrap_or_else(|| cpus() >= 2 * workers)
 }
@@ -357,8 +360,9 @@ struct Worker {
 enum Finishing {
     /// The worker, before it reads again.
     Here(Box<Finisher>),
-    /// A thread of its own, batch after batch in the order they were fed, while the worker
-    /// reads and feeds the next (with helpers: a pipeline, where there are CPUs for it).
+    /// Threads of its own (one runs the crypto, the next completes), batch after batch in
+    /// the order they were fed, while the worker reads and feeds the next (with helpers: a
+    /// pipeline, where there are CPUs for it).
     Thread {
         to: mpsc::Sender<ToFinisher>,
         /// Finished batches, their buffers ready to fill again.
@@ -373,21 +377,41 @@ enum ToFinisher {
     Tun(TunQueue),
 }
 
-/// Batches fed but not yet finished, per worker with a finishing thread: enough to keep
-/// both busy, few enough that a burst waits in the kernel's queues rather than ours.
+/// Batches fed but not yet finished, per worker with a finishing thread (half of them
+/// waiting for the crypto thread, half for the finishing thread): enough to keep all three
+/// busy, few enough that a burst waits in the kernel's queues rather than ours.
 const PIPELINE: usize = 4;
 
 impl Finishing {
+    /// Starts the worker's crypto thread (`lattice-aeadN`), which runs each batch's AEAD,
+    /// and its finishing thread (`lattice-finN`), which completes the batch in the core and
+    /// sends and writes what it made, each batch through both in the order it was fed.
+    /// Splitting the two lets one direction of one peer's traffic, whose AEAD runs one
+    /// packet at a time (gotatun's tunnel), run it back to back on a core of its own.
     fn start(mut finisher: Finisher, runtime: &tokio::runtime::Handle) -> std::io::Result<Self> {
-        let (to, mut batches) = mpsc::channel(PIPELINE);
+        let (to, mut batches) = mpsc::channel(PIPELINE / 2);
+        let (to_finish, mut crypted) = mpsc::channel(PIPELINE / 2);
         let (give_back, spare) = mpsc::channel(PIPELINE + 1);
+        // Ends when the worker (holding `to`) is dropped, or the finishing thread stops.
+        std::thread::Builder::new()
+            .name(format!("lattice-aead{}", finisher.id))
+            .spawn(move || {
+                while let Some(mut m) = batches.blocking_recv() {
+                    if let ToFinisher::Batch(out) = &mut m {
+                        crypt(out);
+                    }
+                    if to_finish.blocking_send(m).is_err() {
+                        break;
+                    }
+                }
+            })?;
         let runtime = runtime.clone();
         // Ends when the worker (holding `to`) is dropped.
         std::thread::Builder::new()
             .name(format!("lattice-fin{}", finisher.id))
             .spawn(move || {
                 runtime.block_on(async move {
-                    while let Some(m) = batches.recv().await {
+                    while let Some(m) = crypted.recv().await {
                         match m {
                             ToFinisher::Batch(mut out) => {
                                 finisher.finish(&mut out).await;

@@ -105,8 +105,8 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
         .to_owned();
     let workers = sb["workers"].as_u64().unwrap_or(1);
     let helpers = if sb["io_helpers"] == true {
-        "finish each batch (its crypto, then the core's last step) on a second thread while \
-         they read the next, and send and write the TUN device through helper tasks"
+        "run each batch's crypto on a second thread and the core's last step on a third \
+         while they read the next, and send and write the TUN device through helper tasks"
     } else {
         "finish each batch and send and write the TUN device themselves"
     };
