@@ -4,9 +4,37 @@
 use std::time::{Duration, Instant};
 
 use e2e::lab::wait_for;
+use e2e::{Lab, Proc};
 use serde_json::Value;
 
 use crate::support::{Flat, lab, now_ms};
+
+/// Waits for checksummed TCP streams (`lattice-testtool tcp-send`, each to the
+/// `tcp-recv` at the same place in `receivers`), each sender for up to `wait_secs`: every
+/// stream must carry all of `bytes` and arrive with its sender's checksum.
+fn streams_arrive_intact(
+    lab: &mut Lab,
+    senders: Vec<Proc>,
+    receivers: Vec<Proc>,
+    bytes: &str,
+    wait_secs: u64,
+) {
+    let wait = Duration::from_secs(wait_secs);
+    for (i, (s, r)) in senders.into_iter().zip(receivers).enumerate() {
+        assert!(lab.wait_exit(s, wait).is_some(), "sender {i} finished");
+        assert!(
+            lab.wait_exit(r, Duration::from_secs(30)).is_some(),
+            "receiver {i} finished"
+        );
+        let sent = lab.stdout(s).trim().to_owned();
+        let got = lab.stdout(r).trim().to_owned();
+        assert!(
+            sent.starts_with(&format!("{bytes} ")),
+            "stream {i} sent {sent}"
+        );
+        assert_eq!(got, sent, "stream {i}: received bytes and checksum match");
+    }
+}
 
 fn ip_of(status: &Value, v4: bool) -> String {
     status["self"]["ips"]
@@ -226,23 +254,7 @@ fn a_gigabyte_through_four_workers_arrives_intact_and_in_order() {
             .expect("sender")
         })
         .collect();
-    for (i, (s, r)) in senders.into_iter().zip(receivers).enumerate() {
-        assert!(
-            lab.wait_exit(s, Duration::from_secs(240)).is_some(),
-            "sender {i} finished"
-        );
-        assert!(
-            lab.wait_exit(r, Duration::from_secs(30)).is_some(),
-            "receiver {i} finished"
-        );
-        let sent = lab.stdout(s).trim().to_owned();
-        let got = lab.stdout(r).trim().to_owned();
-        assert!(
-            sent.starts_with(&format!("{BYTES} ")),
-            "stream {i} sent {sent}"
-        );
-        assert_eq!(got, sent, "stream {i}: received bytes and checksum match");
-    }
+    streams_arrive_intact(&mut lab, senders, receivers, BYTES, 240);
     assert!(
         lab.wait_exit(udp_send, Duration::from_secs(30)).is_some(),
         "udp sender finished"
@@ -335,23 +347,7 @@ fn peers_sending_at_once_get_a_worker_each_and_their_streams_arrive_intact() {
             s.expect("sender")
         })
         .collect();
-    for (i, (s, r)) in senders.into_iter().zip(receivers).enumerate() {
-        assert!(
-            lab.wait_exit(s, Duration::from_secs(120)).is_some(),
-            "sender {i} finished"
-        );
-        assert!(
-            lab.wait_exit(r, Duration::from_secs(30)).is_some(),
-            "receiver {i} finished"
-        );
-        let sent = lab.stdout(s).trim().to_owned();
-        let got = lab.stdout(r).trim().to_owned();
-        assert!(
-            sent.starts_with(&format!("{BYTES} ")),
-            "stream {i} sent {sent}"
-        );
-        assert_eq!(got, sent, "stream {i}: received bytes and checksum match");
-    }
+    streams_arrive_intact(&mut lab, senders, receivers, BYTES, 120);
     // Each of the three senders' addresses is some worker's, and no worker has two.
     let st = f.nodes[0].status(&lab).expect("status");
     let steering = &st["steering"];

@@ -406,7 +406,7 @@ impl Finishing {
                 }
             })?;
         let runtime = runtime.clone();
-        // Ends when the worker (holding `to`) is dropped.
+        // Ends when the crypto thread (holding `to_finish`) does.
         std::thread::Builder::new()
             .name(format!("lattice-fin{}", finisher.id))
             .spawn(move || {
