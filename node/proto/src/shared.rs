@@ -89,7 +89,7 @@ pub fn finish(core: &Mutex<NodeState>, now: Instant, out: &mut BatchOutput) {
 /// the core. A shell may run it on a thread of its own between the one that feeds and the
 /// one that completes, as long as the batches keep their order through all three.
 pub fn crypt(out: &mut BatchOutput) {
-    out.done.extend(out.jobs.drain(..).map(CryptoJob::run));
+    CryptoJob::run_all(out.jobs.drain(..), &mut out.done);
 }
 
 /// The second part of [`finish`]: finishes the jobs [`crypt`] ran, in order, under the

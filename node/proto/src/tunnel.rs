@@ -12,6 +12,8 @@
 //! [`crate::CryptoJob`]). gotatun's `Tunn` takes `&mut self` for every packet, so one
 //! peer's packets pass through its tunnel one at a time (a short lock around the AEAD);
 //! different peers' packets, and one peer's two directions between packets, run in parallel.
+//! A thread with a run of packets for one tunnel takes its lock once for the run
+//! ([`Tunnel::lock`]) and hands it on fairly.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +25,7 @@ use gotatun::noise::{Tunn, TunnResult};
 use gotatun::packet::{Packet, WgKind};
 use gotatun::tun::MtuWatcher;
 use gotatun::x25519::{PublicKey, StaticSecret};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use rand_09::rngs::StdRng;
 
 /// A peer's WireGuard state: a handle to it, cloned into crypto jobs.
@@ -32,7 +34,7 @@ pub(crate) struct Tunnel {
     inner: Arc<Mutex<Inner>>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     tunn: Tunn<StdRng>,
     mtu: MtuWatcher,
     handshakes: u64,
@@ -80,24 +82,15 @@ impl Tunnel {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
 
-    /// Encrypts a packet for the peer; may instead return a handshake initiation (the packet
-    /// is queued until the handshake completes).
-    pub(crate) fn encapsulate(&self, packet: Packet) -> Option<WgKind> {
-        let inner = &mut *self.inner.lock();
-        inner
-            .tunn
-            .handle_outgoing_packet(packet, Some(&mut inner.mtu))
-    }
-
     /// Processes a WireGuard message from the peer.
     pub(crate) fn decapsulate(&self, packet: WgKind) -> TunnResult {
-        let handshake = matches!(packet, WgKind::HandshakeInit(_) | WgKind::HandshakeResp(_));
-        let mut inner = self.inner.lock();
-        let result = inner.tunn.handle_incoming_packet(packet);
-        if handshake && matches!(result, TunnResult::WriteToNetwork(_)) {
-            inner.handshakes += 1;
-        }
-        result
+        self.inner.lock().decapsulate(packet)
+    }
+
+    /// The tunnel itself, for several packets in a row; release it with
+    /// `MutexGuard::unlock_fair` so that a thread waiting for it gets it next.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock()
     }
 
     /// Uses `psk` for future handshakes; the current session keeps working until rekeyed.
@@ -134,5 +127,24 @@ impl Tunnel {
             rx_bytes,
             handshakes: inner.handshakes,
         }
+    }
+}
+
+impl Inner {
+    /// Encrypts a packet for the peer; may instead return a handshake initiation (the packet
+    /// is queued until the handshake completes).
+    pub(crate) fn encapsulate(&mut self, packet: Packet) -> Option<WgKind> {
+        self.tunn
+            .handle_outgoing_packet(packet, Some(&mut self.mtu))
+    }
+
+    /// [`Tunnel::decapsulate`] on a locked tunnel.
+    pub(crate) fn decapsulate(&mut self, packet: WgKind) -> TunnResult {
+        let handshake = matches!(packet, WgKind::HandshakeInit(_) | WgKind::HandshakeResp(_));
+        let result = self.tunn.handle_incoming_packet(packet);
+        if handshake && matches!(result, TunnResult::WriteToNetwork(_)) {
+            self.handshakes += 1;
+        }
+        result
     }
 }

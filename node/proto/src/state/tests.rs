@@ -152,7 +152,8 @@ impl Net {
                 if self.finish_together {
                     let mut jobs = VecDeque::new();
                     self.nodes[i].take_crypto(&mut jobs);
-                    let mut done: Vec<CryptoDone> = jobs.into_iter().map(CryptoJob::run).collect();
+                    let mut done: Vec<CryptoDone> = Vec::new();
+                    CryptoJob::run_all(jobs, &mut done);
                     self.nodes[i].handle_crypto_all(self.now, &mut done);
                     assert!(done.is_empty());
                 }
@@ -324,9 +325,19 @@ fn batches_fed_and_finished_together_match_one_packet_at_a_time() {
             n.set_crypto_outside(true);
         }
         net.finish_together = together;
-        // Runs of packets for one peer, two flows interleaved, and runs broken by another
-        // peer's packets; both directions at once.
+        // A run longer than one hold of a tunnel's lock (`run_all`), runs of packets for one
+        // peer, two flows interleaved, and runs broken by another peer's packets; both
+        // directions at once.
         let mut batches = [Vec::new(), Vec::new(), Vec::new()];
+        for i in 0..150u16 {
+            let p = ipv4(
+                v4(0),
+                v4(1),
+                17,
+                &udp(3000, 2000, &(1000 + i).to_be_bytes()),
+            );
+            batches[0].push(Packet::copy_from(&p[..]));
+        }
         for i in 0..40u16 {
             let (from, to) = match i % 7 {
                 0 => (0, 2),
@@ -361,8 +372,8 @@ fn batches_fed_and_finished_together_match_one_packet_at_a_time() {
             .collect::<Vec<_>>()
     };
     let (one_by_one, together) = (outcome(false), outcome(true));
-    // Node 1 got the 22 sent to it (and the two greetings).
-    assert_eq!(one_by_one[1].0.len(), 22 + 2);
+    // Node 1 got the 150 and the 22 sent to it (and the two greetings).
+    assert_eq!(one_by_one[1].0.len(), 150 + 22 + 2);
     assert_eq!(together, one_by_one);
 }
 
