@@ -20,7 +20,7 @@ use crate::io::event_loop::{EventLoop, Exit, Routing};
 use crate::io::idtoken::IdTokenSource;
 use crate::io::posture::{self, PostureConfig};
 use crate::io::udp::Sockets;
-use crate::io::workers::Modes;
+use crate::io::workers::{Modes, Runtimes};
 use crate::statedir::{Pin, StateDir, check_url};
 
 /// The UDP port a node uses unless told otherwise.
@@ -87,7 +87,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         None => DEFAULT_PORT,
     };
     let workers = crate::io::workers::count(args.workers.map(usize::from));
-    let sockets = Sockets::bind_group(port, dialer, workers).map_err(|e| {
+    let runtimes =
+        Runtimes::new(workers).context("starting the data-plane workers' runtimes")?;
+    let sockets = Sockets::bind_group_on(port, dialer, &runtimes.handles()).map_err(|e| {
         if exit_node.is_some() && is_permission_error(&e) {
             e.context("--exit-node marks the node's sockets (SO_MARK), which needs CAP_NET_ADMIN")
         } else {
@@ -225,6 +227,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             io_helpers: args.io_helpers,
             steering: args.steering,
         },
+        runtimes,
     );
     let result = match ev {
         Ok(ev) => ev.run().await,

@@ -31,7 +31,7 @@ use crate::io::portmap::PortMapper;
 use crate::io::relays::{RelayEvent, RelayInbox, RelayManager};
 use crate::io::tun::Tun;
 use crate::io::udp::{Sender, Sockets};
-use crate::io::workers::{Modes, Shared, ToControl, Workers};
+use crate::io::workers::{Modes, Runtimes, Shared, ToControl, Workers};
 use crate::io::{dns, ifaddrs};
 use crate::statedir::{Pin, StateDir};
 
@@ -190,6 +190,7 @@ impl EventLoop {
         port_mapping: bool,
         routing: Routing,
         modes: Modes,
+        runtimes: Runtimes,
     ) -> anyhow::Result<Self> {
         let dialer = routing.dialer;
         let (relay_tx, relay_events) = mpsc::channel(4096);
@@ -211,6 +212,7 @@ impl EventLoop {
             mtu,
             relays.senders(),
             relay_packets,
+            runtimes,
         );
         info!(
             workers = workers.len(),
@@ -499,7 +501,7 @@ impl EventLoop {
                             &self.tun_name,
                             self.mtu,
                             &addrs,
-                            self.workers.len(),
+                            self.workers.runtimes(),
                             self.workers.helpers(),
                             &self.shared.tun_write_failed,
                         )?;

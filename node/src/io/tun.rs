@@ -24,11 +24,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
+use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tracing::debug;
 use tun_rs::{
     AsyncDevice, DeviceBuilder, ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN,
 };
+
+use crate::io::udp::on;
 
 /// The node-local DNS address.
 pub const RESOLVER: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 100);
@@ -163,17 +166,21 @@ pub fn is_packet_error(e: &io::Error) -> bool {
 }
 
 impl Tun {
-    /// Creates the device `name` with `addrs` and `mtu`, with `queues` queues (at least one),
-    /// each written by a task of its own with `writer_tasks` (else by its owner). Packets in
-    /// a batch the kernel refused are counted in `write_failed`.
+    /// Creates the device `name` with `addrs` and `mtu`, with one queue per runtime in
+    /// `runtimes` (at least one), each registered with its runtime (whose thread then waits
+    /// for it; `None`: the current one) and written by a task of its own (on the current
+    /// runtime) with `writer_tasks`, else by its owner. Packets in a batch the kernel refused
+    /// are counted in `write_failed`.
     pub fn create(
         name: &str,
         mtu: u16,
         addrs: &[IpAddr],
-        queues: usize,
+        runtimes: &[Option<Handle>],
         writer_tasks: bool,
         write_failed: &Arc<AtomicU64>,
     ) -> anyhow::Result<(Self, Vec<TunQueue>)> {
+        let queues = runtimes.len().max(1);
+        let runtime = |i: usize| runtimes.get(i).and_then(Option::as_ref);
         let mut b = DeviceBuilder::new().name(name).mtu(mtu).offload(true);
         if queues > 1 {
             b = b.multi_queue(true);
@@ -184,7 +191,7 @@ impl Tun {
                 IpAddr::V6(v6) => b.ipv6(*v6, V6_PREFIX),
             };
         }
-        let dev = b.build_async().with_context(|| {
+        let dev = on(runtime(0), || b.build_async()).with_context(|| {
             format!("creating TUN device {name} (are we root, with /dev/net/tun?)")
         })?;
         dev.add_address_v4(RESOLVER, 32u8)
@@ -196,8 +203,7 @@ impl Tun {
             write_failed,
         )];
         for i in 1..queues {
-            let q = dev
-                .try_clone()
+            let q = on(runtime(i), || dev.try_clone())
                 .with_context(|| format!("opening queue {i} of TUN device {name}"))?;
             all.push(TunQueue::start(Arc::new(q), writer_tasks, write_failed));
         }

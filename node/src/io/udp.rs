@@ -19,6 +19,7 @@ use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use relay::dial::set_int_option;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
+use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -373,17 +374,29 @@ impl Sockets {
         dialer: relay::dial::Dialer,
         n: usize,
     ) -> anyhow::Result<Vec<Self>> {
-        if n <= 1 {
-            let v4 = bind_v4(dialer, port, false)?;
-            let port = v4.local_addr()?.port();
-            let v4 = Sock::new(v4)?;
-            let v6 = bind_v6(dialer, port, false);
-            return Ok(vec![Self { v4, v6, port }]);
+        Self::bind_group_on(port, dialer, &vec![None; n.max(1)])
+    }
+
+    /// [`Sockets::bind_group`] with one set per runtime in `runtimes`, each registered with
+    /// its runtime (whose thread then waits for it), or with the current one for `None`.
+    pub fn bind_group_on(
+        port: u16,
+        dialer: relay::dial::Dialer,
+        runtimes: &[Option<Handle>],
+    ) -> anyhow::Result<Vec<Self>> {
+        if runtimes.len() <= 1 {
+            return on(runtimes.first().and_then(Option::as_ref), || {
+                let v4 = bind_v4(dialer, port, false)?;
+                let port = v4.local_addr()?.port();
+                let v4 = Sock::new(v4)?;
+                let v6 = bind_v6(dialer, port, false);
+                Ok(vec![Self { v4, v6, port }])
+            });
         }
         let mut last = None;
         // A port picked at random may be taken between the probe and the group: pick again.
         for _ in 0..if port == 0 { 8 } else { 1 } {
-            match Self::try_group(port, dialer, n) {
+            match Self::try_group(port, dialer, runtimes) {
                 Ok(g) => return Ok(g),
                 Err(e) => last = Some(e),
             }
@@ -391,7 +404,11 @@ impl Sockets {
         Err(last.expect("at least one try"))
     }
 
-    fn try_group(port: u16, dialer: relay::dial::Dialer, n: usize) -> anyhow::Result<Vec<Self>> {
+    fn try_group(
+        port: u16,
+        dialer: relay::dial::Dialer,
+        runtimes: &[Option<Handle>],
+    ) -> anyhow::Result<Vec<Self>> {
         let probe = bind_v4(dialer, port, false)?;
         let port = probe.local_addr()?.port();
         // The IPv6 port must be free too (another daemon may hold only that family).
@@ -411,16 +428,20 @@ impl Sockets {
             }
         };
         drop((probe, probe6));
-        let mut group = Vec::with_capacity(n);
-        for _ in 0..n {
-            let v4 = bind_v4(dialer, port, true).context("another data-plane worker's socket")?;
-            let v4 = Sock::new(v4)?;
-            let v6 = if v6_works {
-                bind_v6(dialer, port, true)
-            } else {
-                None
-            };
-            group.push(Self { v4, v6, port });
+        let mut group = Vec::with_capacity(runtimes.len());
+        for runtime in runtimes {
+            let set = on(runtime.as_ref(), || -> anyhow::Result<Self> {
+                let v4 =
+                    bind_v4(dialer, port, true).context("another data-plane worker's socket")?;
+                let v4 = Sock::new(v4)?;
+                let v6 = if v6_works {
+                    bind_v6(dialer, port, true)
+                } else {
+                    None
+                };
+                Ok(Self { v4, v6, port })
+            })?;
+            group.push(set);
         }
         if !v6_works {
             warn!("no IPv6 UDP socket; peers are reached over IPv4 only");
@@ -434,6 +455,18 @@ impl Sockets {
             SocketAddr::V4(_) => Some(&self.v4),
             SocketAddr::V6(_) => self.v6.as_ref(),
         }
+    }
+}
+
+/// Runs `f` with `runtime` as the current runtime (the one sockets made in `f` register
+/// with), or with the current one.
+pub fn on<T>(runtime: Option<&Handle>, f: impl FnOnce() -> T) -> T {
+    match runtime {
+        Some(h) => {
+            let _entered = h.enter();
+            f()
+        }
+        None => f(),
     }
 }
 
