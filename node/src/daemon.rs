@@ -87,8 +87,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         None => DEFAULT_PORT,
     };
     let workers = crate::io::workers::count(args.workers.map(usize::from));
-    let runtimes =
-        Runtimes::new(workers).context("starting the data-plane workers' runtimes")?;
+    let runtimes = Runtimes::new(workers).context("starting the data-plane workers' runtimes")?;
     let sockets = Sockets::bind_group_on(port, dialer, &runtimes.handles()).map_err(|e| {
         if exit_node.is_some() && is_permission_error(&e) {
             e.context("--exit-node marks the node's sockets (SO_MARK), which needs CAP_NET_ADMIN")
