@@ -218,10 +218,11 @@ pub enum ToControl {
 
 /// The running workers; dropping this stops them.
 ///
-/// Each worker (and its finishing thread, with helpers) runs on a thread of its own
-/// (`Handle::block_on`), not as a task on the runtime's threads: what it wakes (its UDP
-/// sender and TUN writer, with helpers) then runs on the runtime's threads in parallel with
-/// it, instead of waiting on the same thread behind it.
+/// Each worker runs on a thread of its own, driving its own runtime ([`Runtimes`]), and
+/// its crypto and finishing threads (with helpers) run on threads of their own too, not as
+/// tasks on the shared runtime's threads: what they wake (the UDP senders and TUN writers,
+/// with helpers) then runs on the shared runtime's threads in parallel with them, instead of
+/// waiting on the same thread behind them.
 pub struct Workers {
     count: usize,
     /// Whether the workers run as pipelines with helpers ([`helpers`]).
@@ -763,4 +764,49 @@ pub async fn recv_udp(
     let mut slices: [IoSliceMut<'_>; RECV_SLOTS] =
         std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
     sock.recv(&mut slices, meta).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A worker's sockets, registered with its own runtime, are read on the thread that
+    /// drives it; the runtimes, dropped on a thread of the shared runtime (as when the node
+    /// fails to start after making them), shut down there instead of panicking.
+    #[tokio::test]
+    async fn a_workers_runtime_serves_its_sockets_on_its_thread_and_drops_anywhere() {
+        let mut runtimes = Runtimes::new(2).expect("runtimes");
+        let handles = runtimes.handles();
+        let group =
+            Sockets::bind_group_on(0, relay::dial::Dialer::PLAIN, &handles[..1]).expect("bind");
+        let port = group[0].port;
+        let own = runtimes.0.remove(0);
+        let reader = std::thread::spawn(move || {
+            let rt = own.0.as_ref().expect("a runtime");
+            rt.block_on(async {
+                let mut buf = vec![0u8; RECV_SLOTS * RECV_SLOT];
+                let mut meta = [RecvMeta::default(); RECV_SLOTS];
+                let n = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    recv_udp(Some(&group[0].v4), &mut buf, &mut meta),
+                )
+                .await
+                .expect("a datagram within 10 s")
+                .expect("received");
+                buf[..meta[..n][0].len].to_vec()
+            })
+        });
+        let to = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let tx = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sender");
+        tx.send_to(b"to the worker", to).expect("sent");
+        let got = tokio::task::spawn_blocking(move || reader.join().expect("reader"))
+            .await
+            .expect("joined");
+        assert_eq!(got, b"to the worker");
+        // The other runtime is dropped here, on the test's runtime.
+        drop(runtimes);
+    }
 }
