@@ -217,7 +217,7 @@ impl EventLoop {
         info!(
             workers = workers.len(),
             helpers,
-            steering = shared.steering.stats().on,
+            steering = shared.steering.is_on(),
             "data plane workers"
         );
         Ok(Self {

@@ -139,6 +139,11 @@ impl Steering {
         worker
     }
 
+    /// Whether senders are steered at all.
+    pub fn is_on(&self) -> bool {
+        self.on
+    }
+
     /// Counts `n` datagrams handed to their owner, or dropped because its queue was full.
     pub fn count(&self, n: usize, handed: bool) {
         let c = if handed {

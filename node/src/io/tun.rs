@@ -191,6 +191,8 @@ impl Tun {
                 IpAddr::V6(v6) => b.ipv6(*v6, V6_PREFIX),
             };
         }
+        // Queue 0 is also the control loop's handle ([`Tun`]), which only changes addresses
+        // (no waiting for readiness), so it may belong to worker 0's runtime too.
         let dev = on(runtime(0), || b.build_async()).with_context(|| {
             format!("creating TUN device {name} (are we root, with /dev/net/tun?)")
         })?;

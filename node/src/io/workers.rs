@@ -1,7 +1,7 @@
 //! The data plane's workers: each reads its own TUN queue and its own UDP sockets (one port
 //! shared with `SO_REUSEPORT`), feeds what it reads to the shared core, runs the encryption
 //! and decryption the core hands out without holding it, and sends and writes the results
-//! (`node_proto::shared::{feed, finish}`). With helpers ([`helpers`]) each worker is a
+//! (`node_proto::shared::{feed, finish}`). With helpers ([`Modes::helpers`]) each worker is a
 //! pipeline: its thread reads and feeds, a crypto thread of its own runs each batch's AEAD
 //! (`crypt`), a finishing thread completes it in the core and hands its datagrams and TUN
 //! packets to helper tasks that make the system calls; without, the worker does all of it,
@@ -64,46 +64,39 @@ pub fn count(asked: Option<usize>) -> usize {
     asked.unwrap_or_else(|| cpus().min(DEFAULT_MAX))
 }
 
-/// Whether `workers` workers run as pipelines with helpers (`asked`, or by default when
-/// there are at least two CPUs per worker): a crypto thread per worker runs each batch's
-/// AEAD and a finishing thread the core's last step while the worker reads and feeds the
-/// next batch, and helper tasks on the runtime's threads send and write the TUN device. One
-/// stream then runs on four threads per direction instead of one. On 16 CPUs with 8
-/// workers, the throughput bench's one stream: 4.13 and 3.95 Gbit/s with a finishing thread
-/// doing the AEAD too, 3.17 and 3.56 with the worker encrypting itself; then, with the AEAD
-/// on its own thread, 4.51 and 5.27 against 4.04 and 4.18 with one finishing thread (ping
-/// under load 3.03 and 3.70 ms against 1.45 and 1.63: the faster stream keeps more in the
-/// queues). Where the CPUs are not there, the hand-offs' wake-ups and context switches cost
-/// more than the overlap gains (on 2 CPUs with 2 workers, in five alternating runs: one
-/// stream 2.43 Gbit/s on average with helper tasks, 2.72 without), and each worker does it
-/// all itself.
-pub fn helpers(asked: Option<bool>, workers: usize) -> bool {
-    asked.unwrap_or_else(|| cpus() >= 2 * workers)
-}
-
 /// How the workers run: `--io-helpers` and `--steering`, each `None` for its default.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Modes {
-    /// As pipelines with helpers ([`helpers`]).
+    /// As pipelines with helpers ([`Modes::helpers`]).
     pub io_helpers: Option<bool>,
     /// With each sender steered to a worker of its own ([`crate::io::steer`]).
     pub steering: Option<bool>,
 }
 
 impl Modes {
-    /// Whether `workers` workers run as pipelines with helpers ([`helpers`]).
+    /// Whether `workers` workers run as pipelines with helpers (`--io-helpers`, or by default when
+    /// there are at least two CPUs per worker): a crypto thread per worker runs each batch's AEAD
+    /// and a finishing thread the core's last step while the worker reads and feeds the next batch,
+    /// and helper tasks on the runtime's threads send and write the TUN device. One stream then
+    /// runs on four threads per direction instead of one. On 16 CPUs with 8 workers, the throughput
+    /// bench's one stream: 4.13 and 3.95 Gbit/s with a finishing thread doing the AEAD too, 3.17
+    /// and 3.56 with the worker encrypting itself; then, with the AEAD on its own thread, 4.51 and
+    /// 5.27 against 4.04 and 4.18 with one finishing thread (ping under load 3.03 and 3.70 ms
+    /// against 1.45 and 1.63: the faster stream keeps more in the queues). Where the CPUs are not
+    /// there, the hand-offs' wake-ups and context switches cost more than the overlap gains (on 2
+    /// CPUs with 2 workers, in five alternating runs: one stream 2.43 Gbit/s on average with helper
+    /// tasks, 2.72 without), and each worker does it all itself.
     pub fn helpers(&self, workers: usize) -> bool {
-        helpers(self.io_helpers, workers)
+        self.io_helpers.unwrap_or_else(|| spare_cpus(workers))
     }
 
-    /// Whether `workers` workers steer senders, by default where there are at least two
-    /// CPUs per worker (as for [`helpers`]): balance helps where workers wait for CPUs that
-    /// are idle, while each hand-over costs a wake-up of the owner. On 2 CPUs with 2 workers,
-    /// where every CPU is busy anyway, it made no difference one way or the other (the
-    /// throughput bench's 4-peer row, three alternating pairs: 4.17, 4.12 and 4.08 Gbit/s
-    /// without, 4.24, 3.75 and 4.08 with).
+    /// Whether `workers` workers steer senders, by default where there are at least two CPUs per
+    /// worker (as for [`Modes::helpers`]): balance helps where workers wait for CPUs that are idle,
+    /// while each hand-over costs a wake-up of the owner. On 2 CPUs with 2 workers, where every CPU
+    /// is busy anyway, it made no difference one way or the other (the throughput bench's 4-peer
+    /// row, three alternating pairs: 4.17, 4.12 and 4.08 Gbit/s without, 4.24, 3.75 and 4.08 with).
     pub fn steering(&self, workers: usize) -> bool {
-        workers > 1 && self.steering.unwrap_or_else(|| cpus() >= 2 * workers)
+        workers > 1 && self.steering.unwrap_or_else(|| spare_cpus(workers))
     }
 }
 
@@ -148,6 +141,11 @@ impl Drop for OwnRuntime {
             r.shutdown_background();
         }
     }
+}
+
+/// Whether there are at least two CPUs for each of `workers` workers.
+fn spare_cpus(workers: usize) -> bool {
+    cpus() >= 2 * workers
 }
 
 fn cpus() -> usize {
@@ -225,7 +223,7 @@ pub enum ToControl {
 /// waiting on the same thread behind them.
 pub struct Workers {
     count: usize,
-    /// Whether the workers run as pipelines with helpers ([`helpers`]).
+    /// Whether the workers run as pipelines with helpers ([`Modes::helpers`]).
     helpers: bool,
     stop: watch::Sender<bool>,
     queues: Vec<mpsc::Sender<TunQueue>>,
@@ -774,8 +772,10 @@ mod tests {
     use super::*;
 
     /// A worker's sockets, registered with its own runtime, are read on the thread that
-    /// drives it; the runtimes, dropped on a thread of the shared runtime (as when the node
-    /// fails to start after making them), shut down there instead of panicking.
+    /// drives it, while the test's runtime is blocked (were they registered with the test's
+    /// runtime, nothing would wake the reader); the runtimes, dropped on a thread of the
+    /// shared runtime (as when the node fails to start after making them), shut down there
+    /// instead of panicking.
     #[tokio::test]
     async fn a_workers_runtime_serves_its_sockets_on_its_thread_and_drops_anywhere() {
         let mut runtimes = Runtimes::new(2).expect("runtimes");
@@ -802,9 +802,8 @@ mod tests {
         let to = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let tx = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sender");
         tx.send_to(b"to the worker", to).expect("sent");
-        let got = tokio::task::spawn_blocking(move || reader.join().expect("reader"))
-            .await
-            .expect("joined");
+        // Blocks the test's runtime on purpose: only the worker's runtime may serve the socket.
+        let got = reader.join().expect("reader");
         assert_eq!(got, b"to the worker");
         // The other runtime is dropped here, on the test's runtime.
         drop(runtimes);
