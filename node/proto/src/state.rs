@@ -178,18 +178,12 @@ pub struct NodeState {
     via_routes: BTreeMap<ipnet::IpNet, Vec<NodeId>>,
     dns: Option<DnsConfig>,
     security: TunnelSecurity,
-    local_addrs: Vec<IpAddr>,
-    /// Subnets peers route for us (their primary routes), longest prefix first.
-    peer_routes: Vec<(ipnet::IpNet, NodeKey)>,
-    /// Subnets this node routes for the mesh (approved; exit routes apart).
-    served_routes: Vec<ipnet::IpNet>,
-    /// Whether this node is an approved exit node (it forwards to addresses outside the mesh).
-    serves_exit: bool,
-    /// The exit node this node sends internet traffic through (`--exit-node`).
-    exit: routes::ExitChoice,
+    /// Where addresses lead (copy-on-write: crypto jobs in flight may hold the old tables).
+    routes: Arc<routes::Routes>,
+    /// The exit node asked for with `--exit-node` (a name, FQDN or overlay address).
+    exit_wanted: Option<String>,
     peers: BTreeMap<NodeKey, Peer>,
     by_id: BTreeMap<NodeId, NodeKey>,
-    by_ip: FastMap<IpAddr, NodeKey>,
     by_index: FastMap<u32, NodeKey>,
     /// Peers by the UDP addresses they are known at (checked against the peer's path on
     /// lookup, pruned by the sweep), so a packet from an address finds its peer in O(1).
@@ -249,14 +243,10 @@ impl NodeState {
             via_routes: BTreeMap::new(),
             dns: None,
             security: TunnelSecurity::PostQuantum,
-            local_addrs: Vec::new(),
-            peer_routes: Vec::new(),
-            served_routes: Vec::new(),
-            serves_exit: false,
-            exit: routes::ExitChoice::default(),
+            routes: Arc::default(),
+            exit_wanted: None,
             peers: BTreeMap::new(),
             by_id: BTreeMap::new(),
-            by_ip: FastMap::default(),
             by_index: FastMap::default(),
             by_addr: FastMap::default(),
             filter: Filter::default(),
@@ -298,10 +288,10 @@ impl NodeState {
             self.set_security(now, security);
         }
         if let Some(me) = map.node {
-            if me.addresses != self.local_addrs {
-                self.local_addrs = me.addresses.clone();
+            if me.addresses != self.routes.local_addrs {
+                self.routes_mut().local_addrs = me.addresses.clone();
                 self.events
-                    .push_back(Event::AddressesChanged(self.local_addrs.clone()));
+                    .push_back(Event::AddressesChanged(me.addresses.clone()));
             }
             self.self_node = Some(me);
         }
@@ -727,7 +717,7 @@ impl NodeState {
         {
             return Some(me);
         }
-        let key = self.by_ip.get(&ip)?;
+        let key = self.routes.by_ip.get(&ip)?;
         self.peers.get(key).map(|p| &p.node)
     }
 
@@ -736,7 +726,7 @@ impl NodeState {
         let peer = self
             .whois(ip)
             .map_or_else(|| vec![ip], |n| n.addresses.clone());
-        self.filter.capabilities(&peer, &self.local_addrs)
+        self.filter.capabilities(&peer, &self.routes.local_addrs)
     }
 
     /// Names and addresses for the DNS resolver: this node and every peer.
@@ -880,7 +870,7 @@ impl NodeState {
             if let Some(rst) = packet::tcp_reset(c.peer, c.local, peer_next, our_next) {
                 self.tun_writes.push_back(Packet::copy_from(&rst));
             }
-            if let Some(key) = self.by_ip.get(&c.peer.0).copied()
+            if let Some(key) = self.routes.by_ip.get(&c.peer.0).copied()
                 && let Some(rst) = packet::tcp_reset(c.local, c.peer, our_next, peer_next)
             {
                 self.encapsulate(now, key, Packet::copy_from(&rst));

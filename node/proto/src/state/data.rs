@@ -48,7 +48,7 @@ impl NodeState {
         let key = match &last {
             Some(f) => f.key,
             None => {
-                let Some(key) = self.owner_of(dst) else {
+                let Some(key) = self.routes.owner_of(dst) else {
                     self.counters.tun_no_route += 1;
                     trace!(%dst, "no peer owns this address");
                     return None;
@@ -59,7 +59,7 @@ impl NodeState {
         match PacketInfo::parse(&packet) {
             Ok(info) => {
                 // Ours, or (a router's replies) from a subnet we route.
-                if !self.is_ours(info.tuple.src) {
+                if !self.routes.is_ours(info.tuple.src) {
                     self.counters.tun_bad_source += 1;
                     return last;
                 }
@@ -212,12 +212,12 @@ impl NodeState {
         if let Some(len) = packet::claimed_len(&inner) {
             inner.truncate(len);
         }
-        if !self.peer_may_send_from(&key, info.tuple.src) {
+        if !self.routes.peer_may_send_from(&key, info.tuple.src) {
             self.counters.in_spoofed += 1;
             trace!(src = %info.tuple.src, peer = %key, "source address does not belong to the peer");
             return;
         }
-        if !self.is_ours(info.tuple.dst) {
+        if !self.routes.is_ours(info.tuple.dst) {
             self.counters.in_not_for_us += 1;
             return;
         }
@@ -229,7 +229,7 @@ impl NodeState {
             {
                 Known::Reply | Known::Established | Known::Related => true,
                 // The internet never opens connections through the exit node.
-                Known::New if self.only_through_exit(&key, info.tuple.src) => false,
+                Known::New if self.routes.only_through_exit(&key, info.tuple.src) => false,
                 Known::New => {
                     let verdict = self.filter.evaluate(&info.tuple);
                     if verdict.is_accept() {

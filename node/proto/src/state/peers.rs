@@ -1,6 +1,7 @@
 //! The peer table, built from netmaps.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 
 use gotatun::packet::Packet;
@@ -79,9 +80,10 @@ impl NodeState {
         }
         let key = node.node_key;
         if let Some(peer) = self.peers.get_mut(&key) {
+            // Addresses it keeps are put back below; only a change copies the tables.
             for a in &peer.node.addresses {
-                if self.by_ip.get(a) == Some(&key) {
-                    self.by_ip.remove(a);
+                if self.routes.by_ip.get(a) == Some(&key) && !node.addresses.contains(a) {
+                    Arc::make_mut(&mut self.routes).by_ip.remove(a);
                 }
             }
             peer.path.set_endpoints(node.endpoints.clone());
@@ -119,7 +121,9 @@ impl NodeState {
         }
         let peer = self.peers.get(&key).expect("inserted above");
         for a in &peer.node.addresses {
-            self.by_ip.insert(*a, key);
+            if self.routes.by_ip.get(a) != Some(&key) {
+                Arc::make_mut(&mut self.routes).by_ip.insert(*a, key);
+            }
         }
         for e in &peer.node.endpoints {
             self.by_addr.insert(*e, key);
@@ -144,8 +148,8 @@ impl NodeState {
             return;
         };
         for a in &peer.node.addresses {
-            if self.by_ip.get(a) == Some(&key) {
-                self.by_ip.remove(a);
+            if self.routes.by_ip.get(a) == Some(&key) {
+                self.routes_mut().by_ip.remove(a);
             }
         }
         if let Some(s) = peer.pq_session

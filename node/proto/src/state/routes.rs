@@ -3,20 +3,34 @@
 //! for (its own, the subnets it routes, everything outside the mesh if it is an exit node).
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use wire::NodeKey;
 
 use super::{Event, NodeState};
+use crate::FastMap;
 use crate::status::ExitStatus;
 
-/// The exit node chosen with `--exit-node`, and what became of the choice.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct ExitChoice {
-    /// What the user asked for: a peer's name, FQDN or overlay address.
-    wanted: Option<String>,
-    /// The peer it names, when that peer offers approved exit routes.
-    peer: Option<ExitPeer>,
+/// Where addresses lead and which ones are this node's: the tables every data packet is
+/// checked against. The core keeps them behind an `Arc` and changes them copy-on-write
+/// ([`NodeState::routes_mut`]), so the crypto jobs of a batch check what they deliver
+/// against the tables as they were when the batch was fed, without the core's lock.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Routes {
+    /// Peers by their overlay addresses.
+    pub(super) by_ip: FastMap<IpAddr, NodeKey>,
+    /// Subnets peers route for us (their primary routes), longest prefix first.
+    pub(super) peer_routes: Vec<(IpNet, NodeKey)>,
+    /// This node's overlay addresses.
+    pub(super) local_addrs: Vec<IpAddr>,
+    /// Subnets this node routes for the mesh (approved; exit routes apart).
+    pub(super) served_routes: Vec<IpNet>,
+    /// Whether this node is an approved exit node (it forwards to addresses outside the mesh).
+    pub(super) serves_exit: bool,
+    /// The exit node this node sends internet traffic through (`--exit-node`), once it
+    /// offers approved exit routes.
+    exit: Option<ExitPeer>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,18 +61,18 @@ impl NodeState {
     /// routes; `None` stops using an exit node. Until the peer is there, such traffic is
     /// dropped (counted as having no route).
     pub fn set_exit_node(&mut self, wanted: Option<String>) {
-        self.exit.wanted = wanted.map(|w| w.trim().trim_end_matches('.').to_owned());
+        self.exit_wanted = wanted.map(|w| w.trim().trim_end_matches('.').to_owned());
         self.refresh_routes();
     }
 
     /// The state of `--exit-node`, if one was asked for.
     pub fn exit_status(&self) -> Option<ExitStatus> {
-        let wanted = self.exit.wanted.clone()?;
+        let wanted = self.exit_wanted.clone()?;
         let named = self.peer_named(&wanted);
         let peer = named.and_then(|k| self.peers.get(&k));
-        let problem = match (peer, self.exit.peer) {
+        let problem = match (peer, self.routes.exit) {
             (None, _) => Some(format!("no peer named {wanted} is visible to this node")),
-            (Some(_), None) if self.serves_exit => {
+            (Some(_), None) if self.routes.serves_exit => {
                 Some("this node is an exit node itself; it does not use another".into())
             }
             (Some(p), None) => Some(format!(
@@ -82,7 +96,7 @@ impl NodeState {
     pub(super) fn peer_named(&self, wanted: &str) -> Option<NodeKey> {
         let wanted = wanted.trim().trim_end_matches('.');
         if let Ok(ip) = wanted.parse::<IpAddr>() {
-            return self.by_ip.get(&ip).copied();
+            return self.routes.by_ip.get(&ip).copied();
         }
         self.peers
             .iter()
@@ -141,7 +155,7 @@ impl NodeState {
             }
         }
         via.sort_by(|a, b| b.0.prefix_len().cmp(&a.0.prefix_len()).then(a.0.cmp(&b.0)));
-        self.exit.peer = match &self.exit.wanted {
+        let exit = match &self.exit_wanted {
             Some(w) if !serves_exit => self.peer_named(w).and_then(|key| {
                 let routes = &self.peers.get(&key)?.node.primary_routes;
                 let v4 = routes
@@ -154,28 +168,39 @@ impl NodeState {
             }),
             _ => None,
         };
-        if via != self.peer_routes
-            || served != self.served_routes
-            || serves_exit != self.serves_exit
+        if exit != self.routes.exit {
+            self.routes_mut().exit = exit;
+        }
+        if via != self.routes.peer_routes
+            || served != self.routes.served_routes
+            || serves_exit != self.routes.serves_exit
         {
-            self.peer_routes = via;
-            self.served_routes = served;
-            self.serves_exit = serves_exit;
-            let mut via_peers: Vec<IpNet> = self.peer_routes.iter().map(|(n, _)| *n).collect();
+            let mut via_peers: Vec<IpNet> = via.iter().map(|(n, _)| *n).collect();
             via_peers.sort_unstable();
             via_peers.dedup();
             self.events.push_back(Event::RoutesChanged {
                 via_peers,
-                served: self.served_routes.clone(),
+                served: served.clone(),
                 exit: serves_exit,
             });
+            let routes = self.routes_mut();
+            routes.peer_routes = via;
+            routes.served_routes = served;
+            routes.serves_exit = serves_exit;
         }
     }
 
+    /// The route tables, to change: copied first if a batch's jobs still hold them.
+    pub(super) fn routes_mut(&mut self) -> &mut Routes {
+        Arc::make_mut(&mut self.routes)
+    }
+}
+
+impl Routes {
     /// The peer that `dst` belongs to: the owner of the address, the router of the most
     /// specific subnet route holding it, or the chosen exit node for an address outside the
     /// mesh.
-    pub(crate) fn owner_of(&self, dst: IpAddr) -> Option<NodeKey> {
+    pub(super) fn owner_of(&self, dst: IpAddr) -> Option<NodeKey> {
         self.by_ip
             .get(&dst)
             .copied()
@@ -190,7 +215,7 @@ impl NodeState {
 
     /// The chosen exit node, if it carries `ip` (outside the mesh, of a family it routes).
     fn exit_for(&self, ip: IpAddr) -> Option<NodeKey> {
-        let e = self.exit.peer?;
+        let e = self.exit?;
         let family = if ip.is_ipv4() { e.v4 } else { e.v6 };
         (family && !in_mesh(&self.local_addrs, ip)).then_some(e.key)
     }
@@ -206,7 +231,7 @@ impl NodeState {
 
     /// Whether `src` may come from peer `key`: its own address, inside a subnet it routes, or
     /// (the chosen exit node) outside the mesh.
-    pub(crate) fn peer_may_send_from(&self, key: &NodeKey, src: IpAddr) -> bool {
+    pub(super) fn peer_may_send_from(&self, key: &NodeKey, src: IpAddr) -> bool {
         self.own_or_routed(key, src)
             || (!self.by_ip.contains_key(&src) && self.exit_for(src) == Some(*key))
     }
@@ -215,13 +240,13 @@ impl NodeState {
     /// address on the internet. Such packets are let in only as part of flows this node
     /// opened; whatever the rules say, the internet cannot open connections to it through
     /// the exit node.
-    pub(crate) fn only_through_exit(&self, key: &NodeKey, src: IpAddr) -> bool {
+    pub(super) fn only_through_exit(&self, key: &NodeKey, src: IpAddr) -> bool {
         !self.own_or_routed(key, src)
     }
 
     /// Whether `ip` is this node's, inside a subnet it routes, or (an exit node) outside the
     /// mesh.
-    pub(crate) fn is_ours(&self, ip: IpAddr) -> bool {
+    pub(super) fn is_ours(&self, ip: IpAddr) -> bool {
         self.local_addrs.contains(&ip)
             || self.served_routes.iter().any(|n| n.contains(&ip))
             || (self.serves_exit && !in_mesh(&self.local_addrs, ip))

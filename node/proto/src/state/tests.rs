@@ -449,7 +449,7 @@ fn a_peer_cannot_spoof_another_peers_overlay_address() {
     let mut net = Net::new(3);
     // node 0 sends a packet claiming to come from node 2's address
     let spoofed = ipv4(v4(2), v4(1), 17, &udp(1, 2, b"x"));
-    net.nodes[0].local_addrs.push(overlay(2)); // get it past node 0's own source check
+    net.nodes[0].routes_mut().local_addrs.push(overlay(2)); // get it past node 0's own source check
     net.send(0, spoofed);
     assert!(net.received(1).is_empty());
     assert_eq!(net.nodes[1].status(net.now).counters.in_spoofed, 1);
@@ -1352,7 +1352,10 @@ fn a_subnet_behind_a_router_is_reached_through_it_and_only_its_own_subnet() {
     net.send(1, ipv4([10, 34, 0, 5], v4(0), 17, &udp(53, 1000, b"x")));
     assert_eq!(net.nodes[1].status(net.now).counters.tun_bad_source, 1);
     let mut third = Net::new(3);
-    third.nodes[2].local_addrs.push(IpAddr::from(lan_host));
+    third.nodes[2]
+        .routes_mut()
+        .local_addrs
+        .push(IpAddr::from(lan_host));
     third.send(2, ipv4(lan_host, v4(0), 17, &udp(53, 1000, b"spoof")));
     assert!(third.received(0).is_empty());
     assert_eq!(third.nodes[0].status(third.now).counters.in_spoofed, 1);
@@ -1553,7 +1556,10 @@ fn an_exit_node_carries_internet_traffic_for_the_node_that_chose_it_and_only_rep
     );
     // The exit node cannot speak for mesh addresses, a peer's or one nobody has.
     for src in [v4(2), [100, 64, 9, 9]] {
-        net.nodes[1].local_addrs.push(IpAddr::from(src));
+        net.nodes[1]
+            .routes_mut()
+            .local_addrs
+            .push(IpAddr::from(src));
         net.send(1, ipv4(src, v4(0), 17, &udp(53, 1000, b"spoof")));
     }
     assert!(net.received(0).is_empty());
