@@ -201,9 +201,10 @@ fn breakdown(core: &Mutex<NodeState>, now: Instant, mut input: Input) -> Times {
         let mut st = core.lock();
         feed(&mut st, now, &mut input, BATCH);
         st.take_crypto(&mut jobs);
+        let checks = st.checks();
         drop(st);
         let b = Instant::now();
-        CryptoJob::run_all(jobs.drain(..), &mut done);
+        CryptoJob::run_all(jobs.drain(..), &checks, &mut done);
         let c = Instant::now();
         let mut st = core.lock();
         st.handle_crypto_all(now, &mut done);

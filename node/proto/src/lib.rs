@@ -26,6 +26,7 @@ pub mod conntrack;
 pub mod disco;
 pub mod filter;
 pub mod frame;
+pub mod gate;
 pub mod magicsock;
 pub mod netcheck;
 pub mod packet;
@@ -45,7 +46,7 @@ pub use addr::{Addr, SockId};
 /// choosing collisions, and no output depends on the iteration order.
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub use gotatun::packet::Packet;
-pub use state::{CryptoDone, CryptoJob, Event, NodeConfig, NodeState, Traffic, Transmit};
+pub use state::{Checks, CryptoDone, CryptoJob, Event, NodeConfig, NodeState, Traffic, Transmit};
 pub use status::{Counters, ExitStatus, PathKind, PathStatus, PeerStatus, Status};
 
 /// The origin of virtual time in tests: the one place the crate reads the clock.

@@ -3,8 +3,10 @@
 //! A shell with several workers (each reading its own TUN queue and UDP socket) keeps one
 //! [`NodeState`] behind a lock. [`run_batch`] is a worker's step: feed a batch of input under
 //! the lock, run the encryption and decryption it asked for without the lock (so workers
-//! encrypt for different peers, and the two directions of one peer, at the same time), then
-//! finish the jobs in order under the lock again and take what is ready to send and to write.
+//! encrypt for different peers, and the two directions of one peer, at the same time), with
+//! the flow-table work that goes with it (the flow table has locks of its own, by flow: see
+//! [`crate::gate`]), then finish the jobs in order under the lock again and take what is
+//! ready to send and to write.
 //!
 //! Order: within one call, output keeps the input's order. A worker that makes its calls one
 //! after another and sends their output in order therefore keeps the order of everything it
@@ -23,7 +25,7 @@ use std::time::Instant;
 use gotatun::packet::Packet;
 use parking_lot::Mutex;
 
-use crate::state::{CryptoDone, CryptoJob, NodeState, Transmit};
+use crate::state::{Checks, CryptoDone, CryptoJob, NodeState, Transmit};
 
 /// What one batch produced, in order. Reused from batch to batch.
 #[derive(Debug, Default)]
@@ -37,6 +39,8 @@ pub struct BatchOutput {
     /// When the core next needs `handle_timeout`.
     pub deadline: Option<Instant>,
     jobs: VecDeque<CryptoJob>,
+    /// What the jobs check the packets they open against, taken with them.
+    checks: Option<Checks>,
     done: Vec<CryptoDone>,
 }
 
@@ -73,7 +77,7 @@ pub fn run_batch(
 pub fn feed(core: &Mutex<NodeState>, out: &mut BatchOutput, input: impl FnOnce(&mut NodeState)) {
     let mut st = core.lock();
     input(&mut st);
-    st.take_crypto(&mut out.jobs);
+    take_jobs(&mut st, out);
     take_ready(&mut st, out);
 }
 
@@ -89,7 +93,13 @@ pub fn finish(core: &Mutex<NodeState>, now: Instant, out: &mut BatchOutput) {
 /// the core. A shell may run it on a thread of its own between the one that feeds and the
 /// one that completes, as long as the batches keep their order through all three.
 pub fn crypt(out: &mut BatchOutput) {
-    CryptoJob::run_all(out.jobs.drain(..), &mut out.done);
+    debug_assert!(
+        out.jobs.is_empty() || out.checks.is_some(),
+        "jobs come with checks"
+    );
+    if let Some(checks) = &out.checks {
+        CryptoJob::run_all(out.jobs.drain(..), checks, &mut out.done);
+    }
 }
 
 /// The second part of [`finish`]: finishes the jobs [`crypt`] ran, in order, under the
@@ -99,10 +109,20 @@ pub fn complete(core: &Mutex<NodeState>, now: Instant, out: &mut BatchOutput) {
     while !out.done.is_empty() {
         let mut st = core.lock();
         st.handle_crypto_all(now, &mut out.done);
-        st.take_crypto(&mut out.jobs);
+        take_jobs(&mut st, out);
         take_ready(&mut st, out);
         drop(st);
         crypt(out);
+    }
+}
+
+/// Appends the core's crypto jobs to `out`, with what they are to check against: the checks
+/// as they stand now (kept from the last batch while the route tables are unchanged, which
+/// spares two shared counters per batch).
+fn take_jobs(st: &mut NodeState, out: &mut BatchOutput) {
+    st.take_crypto(&mut out.jobs);
+    if !out.jobs.is_empty() && !out.checks.as_ref().is_some_and(|c| c.current(st)) {
+        out.checks = Some(st.checks());
     }
 }
 

@@ -10,7 +10,7 @@ mod discovery;
 mod keys;
 mod peers;
 
-pub use crypto::{CryptoDone, CryptoJob};
+pub use crypto::{Checks, CryptoDone, CryptoJob};
 pub use peers::Traffic;
 mod routes;
 
@@ -33,9 +33,10 @@ use wire::{NatInfo, NodeId, NodeKey, RelayId, RelayInfo};
 use crate::FastMap;
 use crate::addr::{Addr, SockId};
 use crate::admission::Admission;
-use crate::conntrack::{CutFlow, FlowTable};
+use crate::conntrack::CutFlow;
 use crate::filter::Filter;
 use crate::frame::Reassembly;
+use crate::gate::Gate;
 use crate::magicsock::{self, DatagramKind};
 use crate::netcheck::{Netcheck, Report};
 use crate::packet;
@@ -188,8 +189,8 @@ pub struct NodeState {
     /// Peers by the UDP addresses they are known at (checked against the peer's path on
     /// lookup, pruned by the sweep), so a packet from an address finds its peer in O(1).
     by_addr: FastMap<SocketAddr, NodeKey>,
-    filter: Filter,
-    flows: FlowTable,
+    /// The packet filter and the flow table (crypto jobs check deliveries against them).
+    gate: Arc<Gate>,
     reassembly: Reassembly,
     admission: Admission,
     /// The exchange in flight per session id (message 2s and cookies name it).
@@ -226,6 +227,7 @@ impl NodeState {
         let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
         let node_key = NodeKey::from_bytes(public.to_bytes());
         let admission = Admission::new(&node_key, &mut rng, now);
+        let gate = Arc::new(Gate::new(rng.next_u64()));
         Self {
             node_key,
             keypair: StaticKeypair::from_secret(*config.private_key),
@@ -249,8 +251,7 @@ impl NodeState {
             by_id: BTreeMap::new(),
             by_index: FastMap::default(),
             by_addr: FastMap::default(),
-            filter: Filter::default(),
-            flows: FlowTable::default(),
+            gate,
             reassembly: Reassembly::default(),
             admission,
             pq_sessions: HashMap::new(),
@@ -317,8 +318,10 @@ impl NodeState {
             self.remove_peer(now, id, true);
         }
         if let Some(rules) = map.packet_filter {
-            self.filter = Filter::new(rules, self.wall_secs(now));
-            self.recheck_flows(now, "new rules");
+            let cut = self
+                .gate
+                .set_filter(Filter::new(rules, self.wall_secs(now)));
+            self.cut_flows(now, cut, "new rules");
         }
         if let Some(dns) = map.dns {
             self.dns = Some(dns);
@@ -517,15 +520,18 @@ impl NodeState {
                 }
             }
         }
-        if let Some(change) = self.filter.next_change() {
+        let next_change = self.gate.filter().next_change();
+        if let Some(change) = next_change {
             let wall = self.wall_secs(now);
-            if wall >= change && self.filter.refresh(wall) {
-                self.recheck_flows(now, "a time window changed");
+            let changed = wall >= change && self.gate.filter_mut().refresh(wall);
+            if changed {
+                let cut = self.gate.recheck();
+                self.cut_flows(now, cut, "a time window changed");
             }
         }
         if now >= self.next_sweep {
             self.next_sweep = now + SWEEP_INTERVAL;
-            self.flows.sweep(now);
+            self.gate.sweep(now);
             let (table, peers) = (&self.index_table, &self.peers);
             self.by_index
                 .retain(|idx, key| table.in_use(*idx) && peers.contains_key(key));
@@ -571,7 +577,8 @@ impl NodeState {
         {
             base = (t, "netcheck");
         }
-        match self.filter.next_change().map(|t| self.instant_at(t)) {
+        let next_change = self.gate.filter().next_change();
+        match next_change.map(|t| self.instant_at(t)) {
             Some(at) if at < base.0 => Some((at, "rules")),
             _ => Some(base),
         }
@@ -595,10 +602,10 @@ impl NodeState {
             peers,
             exit_node: self.exit_status(),
             node_caps: self.node_caps.clone(),
-            flows: self.flows.len(),
-            filter_rules: self.filter.active_count(),
+            flows: self.gate.len(),
+            filter_rules: self.gate.filter().active_count(),
             counters: Counters {
-                flows_evicted: self.flows.evicted(),
+                flows_evicted: self.gate.evicted(),
                 ..self.counters
             },
         }
@@ -726,7 +733,9 @@ impl NodeState {
         let peer = self
             .whois(ip)
             .map_or_else(|| vec![ip], |n| n.addresses.clone());
-        self.filter.capabilities(&peer, &self.routes.local_addrs)
+        self.gate
+            .filter()
+            .capabilities(&peer, &self.routes.local_addrs)
     }
 
     /// Names and addresses for the DNS resolver: this node and every peer.
@@ -745,7 +754,7 @@ impl NodeState {
             seq: 0,
             node: self.self_node.clone(),
             peers: Some(self.peers.values().map(|p| p.node.clone()).collect()),
-            packet_filter: Some(self.filter.rules().to_vec()),
+            packet_filter: Some(self.gate.filter().rules().to_vec()),
             dns: self.dns.clone(),
             tunnel_security: Some(self.security),
             node_caps: Some(self.node_caps.clone()),
@@ -841,12 +850,8 @@ impl NodeState {
         }
     }
 
-    /// Cuts the inbound flows the rules in force no longer allow.
-    fn recheck_flows(&mut self, now: Instant, why: &'static str) {
-        let filter = &self.filter;
-        let cut = self
-            .flows
-            .retain_inbound(|t| filter.evaluate(t).is_accept());
+    /// Resets the inbound flows the rules in force no longer allow, which the gate cut.
+    fn cut_flows(&mut self, now: Instant, cut: Vec<CutFlow>, why: &'static str) {
         if cut.is_empty() {
             return;
         }

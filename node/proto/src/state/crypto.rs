@@ -2,10 +2,13 @@
 //!
 //! By default the core encrypts and decrypts inline, as it handles each packet. A shell that
 //! spreads the data plane over several threads turns on [`NodeState::set_crypto_outside`]:
-//! the core then decides everything about a data packet (route, filter, flow tracking, which
-//! tunnel) but hands the AEAD work out as a [`CryptoJob`], which the shell runs without
-//! holding the core and hands back as a [`CryptoDone`]. The core finishes it (counts it,
-//! sends it on the peer's path, filters and delivers it) exactly as the inline path does.
+//! the core then decides where a data packet goes (route, source check, which tunnel) but
+//! hands the rest out as a [`CryptoJob`], which the shell runs without holding the core and
+//! hands back as a [`CryptoDone`]: the AEAD, and the flow-table work, which needs only the
+//! route tables and the gate ([`Checks`]): tracking the flow of a packet it sealed, or
+//! checking a packet it opened (its source, its destination, its flow or the rules). The
+//! core finishes the job (counts it, sends it on the peer's path or delivers it) exactly as
+//! the inline path, which runs the same job at once, does.
 //!
 //! Order: the core hands jobs out in the order their packets came in, and finishing them in
 //! that order reproduces the inline path's output. A shell keeps a peer's flow in order by
@@ -14,6 +17,7 @@
 //! counters out of order, as for any reordering on the network).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 
 use gotatun::noise::TunnResult;
@@ -22,8 +26,11 @@ use parking_lot::MutexGuard;
 use tracing::trace;
 use wire::NodeKey;
 
+use super::data::{Delivery, Track, admit};
+use super::routes::Routes;
 use super::{NodeState, Transmit};
 use crate::addr::Addr;
+use crate::gate::Gate;
 use crate::tunnel::{Inner, Tunnel};
 
 /// The most jobs [`CryptoJob::run_all`] runs under one hold of a tunnel's lock: at 1.2 to
@@ -39,10 +46,14 @@ pub struct CryptoJob {
 }
 
 enum Work {
-    /// A packet from the TUN device to encrypt.
-    Seal(Packet),
-    /// A WireGuard transport-data message from `from` to decrypt.
-    Open { from: Addr, message: WgKind },
+    /// A packet from the TUN device to encrypt, and its flow to track first.
+    Seal(Packet, Option<Track>),
+    /// A WireGuard transport-data message from `from`, which arrived at `arrived`, to decrypt.
+    Open {
+        from: Addr,
+        message: WgKind,
+        arrived: Instant,
+    },
 }
 
 /// A finished [`CryptoJob`], for [`NodeState::handle_crypto`].
@@ -53,8 +64,32 @@ pub struct CryptoDone {
 }
 
 enum Done {
-    Sealed(Option<WgKind>),
-    Opened { from: Addr, result: TunnResult },
+    /// With the packet's flow, until [`CryptoDone::check`] tracks it.
+    Sealed(Option<WgKind>, Option<Track>),
+    /// `delivery`: what the checks decided about the packet, once run ([`CryptoJob::run_all`]
+    /// runs them for each data packet it opens).
+    Opened {
+        from: Addr,
+        result: TunnResult,
+        arrived: Instant,
+        delivery: Option<Delivery>,
+    },
+}
+
+/// What crypto jobs check the packets they open against, without the core: the route tables
+/// as they were when the jobs were handed out, and the packet filter with its flow table
+/// ([`NodeState::checks`]).
+#[derive(Clone, Debug)]
+pub struct Checks {
+    routes: Arc<Routes>,
+    gate: Arc<Gate>,
+}
+
+impl Checks {
+    /// Whether these are `st`'s checks as they stand (the route tables unchanged since).
+    pub fn current(&self, st: &NodeState) -> bool {
+        Arc::ptr_eq(&self.routes, &st.routes) && Arc::ptr_eq(&self.gate, &st.gate)
+    }
 }
 
 /// Jobs of one peer's tunnel finished together ([`NodeState::handle_crypto_all`]).
@@ -70,11 +105,12 @@ impl Done {
     /// Whether this result belongs in `run`, behind the job that started it.
     fn joins(&self, run: Run) -> bool {
         match (self, run) {
-            (Self::Sealed(Some(WgKind::Data(_))), Run::Sealed(_)) => true,
+            (Self::Sealed(Some(WgKind::Data(_)), _), Run::Sealed(_)) => true,
             (
                 Self::Opened {
                     from,
                     result: TunnResult::WriteToTunnel(inner),
+                    ..
                 },
                 Run::Opened(f),
             ) => *from == f && !inner.is_empty(),
@@ -84,19 +120,29 @@ impl Done {
 }
 
 impl CryptoJob {
-    pub(super) fn seal(key: NodeKey, tunnel: Tunnel, packet: Packet) -> Self {
+    pub(super) fn seal(key: NodeKey, tunnel: Tunnel, packet: Packet, track: Option<Track>) -> Self {
         Self {
             key,
             tunnel,
-            work: Work::Seal(packet),
+            work: Work::Seal(packet, track),
         }
     }
 
-    pub(super) fn open(key: NodeKey, tunnel: Tunnel, from: Addr, message: WgKind) -> Self {
+    pub(super) fn open(
+        key: NodeKey,
+        tunnel: Tunnel,
+        from: Addr,
+        message: WgKind,
+        arrived: Instant,
+    ) -> Self {
         Self {
             key,
             tunnel,
-            work: Work::Open { from, message },
+            work: Work::Open {
+                from,
+                message,
+                arrived,
+            },
         }
     }
 
@@ -105,20 +151,44 @@ impl CryptoJob {
         self.key
     }
 
-    /// Runs the AEAD (under the peer's tunnel lock, not the core's).
-    pub fn run(self) -> CryptoDone {
-        let tunnel = self.tunnel.clone();
-        self.run_locked(&mut tunnel.lock())
+    /// Runs the AEAD (under the peer's tunnel lock, not the core's), then checks an opened
+    /// packet against `checks`.
+    pub fn run(self, checks: &Checks) -> CryptoDone {
+        let mut done = Vec::with_capacity(1);
+        Self::run_with(
+            std::iter::once(self),
+            &checks.routes,
+            &checks.gate,
+            &mut done,
+        );
+        done.pop().expect("one job, one result")
     }
 
     /// Runs `jobs` in order and appends what they did to `done`, as [`CryptoJob::run`] one by
     /// one would. A run of jobs for one tunnel (at most `RUN`, 64) takes its lock once, and
     /// hands it on fairly: a thread waiting for the same tunnel (the other direction, or a
     /// packet read on another worker) gets it within one run instead of whenever this
-    /// thread's next packet happens to find it free.
-    pub fn run_all(jobs: impl IntoIterator<Item = Self>, done: &mut Vec<CryptoDone>) {
+    /// thread's next packet happens to find it free. The packets a run opened are checked
+    /// after the lock is let go: whether their source belongs to the peer, whether they are
+    /// for this node, and whether their flow is known or the rules admit it (the flow table
+    /// is updated as for a packet delivered).
+    pub fn run_all(
+        jobs: impl IntoIterator<Item = Self>,
+        checks: &Checks,
+        done: &mut Vec<CryptoDone>,
+    ) {
+        Self::run_with(jobs, &checks.routes, &checks.gate, done);
+    }
+
+    fn run_with(
+        jobs: impl IntoIterator<Item = Self>,
+        routes: &Routes,
+        gate: &Gate,
+        done: &mut Vec<CryptoDone>,
+    ) {
         let mut jobs = jobs.into_iter().peekable();
         while let Some(first) = jobs.next() {
+            let start = done.len();
             let tunnel = first.tunnel.clone();
             let mut inner = tunnel.lock();
             done.push(first.run_locked(&mut inner));
@@ -129,16 +199,25 @@ impl CryptoJob {
                 done.push(job.run_locked(&mut inner));
             }
             MutexGuard::unlock_fair(inner);
+            for d in &mut done[start..] {
+                d.check(routes, gate);
+            }
         }
     }
 
     /// Runs the AEAD on this job's tunnel, locked by the caller.
     fn run_locked(self, inner: &mut Inner) -> CryptoDone {
         let result = match self.work {
-            Work::Seal(packet) => Done::Sealed(inner.encapsulate(packet)),
-            Work::Open { from, message } => Done::Opened {
+            Work::Seal(packet, track) => Done::Sealed(inner.encapsulate(packet), track),
+            Work::Open {
+                from,
+                message,
+                arrived,
+            } => Done::Opened {
                 from,
                 result: inner.decapsulate(message),
+                arrived,
+                delivery: None,
             },
         };
         CryptoDone {
@@ -152,13 +231,35 @@ impl CryptoJob {
 impl std::fmt::Debug for CryptoJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self.work {
-            Work::Seal(_) => "seal",
+            Work::Seal(..) => "seal",
             Work::Open { .. } => "open",
         };
         f.debug_struct("CryptoJob")
             .field("peer", &self.key)
             .field("kind", &kind)
             .finish()
+    }
+}
+
+impl CryptoDone {
+    /// The flow-table work of a job, after its AEAD and outside the tunnel's lock: tracks the
+    /// flow of a packet it sealed (before the packet is sent, so before any reply), or checks
+    /// a data packet it opened (see [`CryptoJob::run_all`]).
+    fn check(&mut self, routes: &Routes, gate: &Gate) {
+        if let Done::Sealed(_, track) = &mut self.result
+            && let Some(t) = track.take()
+        {
+            gate.track_outbound(t.at, self.key, &t.tuple, t.transport);
+        } else if let Done::Opened {
+            result: TunnResult::WriteToTunnel(inner),
+            arrived,
+            delivery: delivery @ None,
+            ..
+        } = &mut self.result
+            && !inner.is_empty()
+        {
+            *delivery = Some(admit(routes, gate, *arrived, self.key, inner));
+        }
     }
 }
 
@@ -178,6 +279,15 @@ impl NodeState {
     /// change the tunnel's state.
     pub fn set_crypto_outside(&mut self, on: bool) {
         self.crypto_outside = on;
+    }
+
+    /// What the crypto jobs handed out now check the packets they open against: give the
+    /// jobs of one [`NodeState::take_crypto`] the checks taken with them.
+    pub fn checks(&self) -> Checks {
+        Checks {
+            routes: Arc::clone(&self.routes),
+            gate: Arc::clone(&self.gate),
+        }
     }
 
     /// The next crypto job, in the order the core made them.
@@ -203,8 +313,13 @@ impl NodeState {
             return;
         }
         match done.result {
-            Done::Sealed(wg) => self.sealed(now, done.key, wg),
-            Done::Opened { from, result } => self.opened(now, done.key, from, result),
+            Done::Sealed(wg, _) => self.sealed(now, done.key, wg),
+            Done::Opened {
+                from,
+                result,
+                delivery,
+                ..
+            } => self.opened(now, done.key, from, result, delivery),
         }
     }
 
@@ -232,7 +347,7 @@ impl NodeState {
                 Run::Sealed(dst) => {
                     let mut n = 0;
                     for r in std::iter::once(result).chain(std::iter::from_fn(next)) {
-                        if let Done::Sealed(Some(wg)) = r {
+                        if let Done::Sealed(Some(wg), _) = r {
                             self.transmits.push_back(Transmit {
                                 dst,
                                 payload: wg.into(),
@@ -251,11 +366,12 @@ impl NodeState {
                     // would only count them (same address, same `now`).
                     if let Done::Opened {
                         result: TunnResult::WriteToTunnel(inner),
+                        delivery,
                         ..
                     } = result
                     {
                         self.learn_path(now, key, from, 1);
-                        self.deliver(now, key, inner);
+                        self.deliver(now, key, inner, delivery);
                     }
                     // Learning the path can start a key exchange: if that replaced the
                     // tunnel, the rest go one by one (and are dropped).
@@ -266,11 +382,12 @@ impl NodeState {
                     while let Some(r) = next() {
                         if let Done::Opened {
                             result: TunnResult::WriteToTunnel(inner),
+                            delivery,
                             ..
                         } = r
                         {
                             n += 1;
-                            self.deliver(now, key, inner);
+                            self.deliver(now, key, inner, delivery);
                         }
                     }
                     if let Some(peer) = self.peers.get_mut(&key) {
@@ -298,13 +415,14 @@ impl NodeState {
             return None;
         }
         match &d.result {
-            Done::Sealed(Some(WgKind::Data(_))) => peer
+            Done::Sealed(Some(WgKind::Data(_)), _) => peer
                 .path
                 .sole_target(now, self.local_for(&peer.node))
                 .map(Run::Sealed),
             Done::Opened {
                 from,
                 result: TunnResult::WriteToTunnel(inner),
+                ..
             } if !inner.is_empty() => Some(Run::Opened(*from)),
             _ => None,
         }
@@ -315,8 +433,11 @@ impl NodeState {
         if self.crypto_outside {
             self.crypto.push_back(job);
         } else {
-            let done = job.run();
-            self.handle_crypto(now, done);
+            let mut done = Vec::with_capacity(1);
+            CryptoJob::run_with(std::iter::once(job), &self.routes, &self.gate, &mut done);
+            for d in done {
+                self.handle_crypto(now, d);
+            }
         }
     }
 
@@ -331,7 +452,15 @@ impl NodeState {
     }
 
     /// What a WireGuard message from peer `key` decrypted (or was answered) to.
-    pub(super) fn opened(&mut self, now: Instant, key: NodeKey, from: Addr, result: TunnResult) {
+    /// `delivery`: what the checks decided, if they ran (a data packet opened by a job).
+    pub(super) fn opened(
+        &mut self,
+        now: Instant,
+        key: NodeKey,
+        from: Addr,
+        result: TunnResult,
+        delivery: Option<Delivery>,
+    ) {
         match result {
             TunnResult::WriteToNetwork(reply) => {
                 self.learn_path(now, key, from, 0);
@@ -359,7 +488,7 @@ impl NodeState {
             TunnResult::WriteToTunnel(inner) => {
                 self.learn_path(now, key, from, u64::from(!inner.is_empty()));
                 if !inner.is_empty() {
-                    self.deliver(now, key, inner);
+                    self.deliver(now, key, inner, delivery);
                 }
             }
             TunnResult::Done => {}

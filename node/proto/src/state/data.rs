@@ -14,9 +14,10 @@ use wire::NodeKey;
 
 use super::crypto::CryptoJob;
 use super::peers::MAX_WAITING;
+use super::routes::Routes;
 use super::{NodeState, Transmit};
-use crate::conntrack::Known;
-use crate::packet::{self, PacketInfo, Transport};
+use crate::gate::Gate;
+use crate::packet::{self, FiveTuple, PacketInfo, Transport};
 use crate::tunnel::Tunnel;
 
 /// Smallest fragment offset (8-byte units) let through without a transport header: anything
@@ -56,25 +57,28 @@ impl NodeState {
                 key
             }
         };
-        match PacketInfo::parse(&packet) {
+        // Its flow is tracked by the job that seals it, without the core, or here if it waits.
+        let track = match PacketInfo::parse(&packet) {
             Ok(info) => {
                 // Ours, or (a router's replies) from a subnet we route.
                 if !self.routes.is_ours(info.tuple.src) {
                     self.counters.tun_bad_source += 1;
                     return last;
                 }
-                if !matches!(info.transport, Transport::Fragment { .. }) {
-                    self.flows
-                        .track_outbound(now, key, &info.tuple, info.transport);
-                }
+                (!matches!(info.transport, Transport::Fragment { .. })).then_some(Track {
+                    tuple: info.tuple,
+                    transport: info.transport,
+                    at: now,
+                })
             }
             Err(_) => {
                 self.counters.tun_malformed += 1;
                 return last;
             }
-        }
+        };
         if let Some(f) = last {
-            self.crypto_job(now, CryptoJob::seal(key, f.tunnel.clone(), packet));
+            let job = CryptoJob::seal(key, f.tunnel.clone(), packet, track);
+            self.crypto_job(now, job);
             return Some(f);
         }
         let peer = self.peers.get_mut(&key)?;
@@ -86,10 +90,13 @@ impl NodeState {
             } else {
                 self.counters.tun_no_tunnel += 1;
             }
+            if let Some(t) = track {
+                self.gate.track_outbound(now, key, &t.tuple, t.transport);
+            }
             self.pq_want(now, key);
             return None;
         };
-        self.crypto_job(now, CryptoJob::seal(key, tunnel.clone(), packet));
+        self.crypto_job(now, CryptoJob::seal(key, tunnel.clone(), packet, track));
         Some(Found { dst, key, tunnel })
     }
 
@@ -102,7 +109,7 @@ impl NodeState {
         let Some(tunnel) = peer.tunnel.clone() else {
             return;
         };
-        self.crypto_job(now, CryptoJob::seal(key, tunnel, packet));
+        self.crypto_job(now, CryptoJob::seal(key, tunnel, packet, None));
     }
 
     /// A WireGuard message from `from`. `last` is what the datagram before it in the same
@@ -145,7 +152,7 @@ impl NodeState {
             _ => None,
         };
         if let Some(o) = last.filter(|o| Some(o.idx) == idx && o.from == from) {
-            self.crypto_job(now, CryptoJob::open(o.key, o.tunnel.clone(), from, wg));
+            self.crypto_job(now, CryptoJob::open(o.key, o.tunnel.clone(), from, wg, now));
             return Some(o);
         }
         let key = match &wg {
@@ -181,7 +188,7 @@ impl NodeState {
             // Inline, opening finishes the packet at once, which may change the peer's state:
             // only jobs handed out share a look-up.
             Some(idx) if self.crypto_outside => {
-                self.crypto_job(now, CryptoJob::open(key, tunnel.clone(), from, wg));
+                self.crypto_job(now, CryptoJob::open(key, tunnel.clone(), from, wg, now));
                 Some(Opening {
                     from,
                     idx,
@@ -190,62 +197,41 @@ impl NodeState {
                 })
             }
             Some(_) => {
-                self.crypto_job(now, CryptoJob::open(key, tunnel, from, wg));
+                self.crypto_job(now, CryptoJob::open(key, tunnel, from, wg, now));
                 None
             }
             None => {
                 // Handshakes run here, in order with the state they change.
                 let result = tunnel.decapsulate(wg);
-                self.opened(now, key, from, result);
+                self.opened(now, key, from, result, None);
                 None
             }
         }
     }
 
-    /// Filters a decrypted packet from peer `key` and queues it for the TUN device.
-    pub(super) fn deliver(&mut self, now: Instant, key: NodeKey, mut inner: Packet) {
-        let Ok(info) = PacketInfo::parse(&inner) else {
-            self.counters.in_malformed += 1;
-            return;
-        };
-        // A successful parse guarantees the claimed length fits in the buffer.
-        if let Some(len) = packet::claimed_len(&inner) {
-            inner.truncate(len);
+    /// Queues a decrypted packet from peer `key` for the TUN device if the checks let it in
+    /// (`delivery`, when a crypto job ran them already; otherwise they run here) and counts
+    /// what became of it.
+    pub(super) fn deliver(
+        &mut self,
+        now: Instant,
+        key: NodeKey,
+        mut inner: Packet,
+        delivery: Option<Delivery>,
+    ) {
+        let delivery =
+            delivery.unwrap_or_else(|| admit(&self.routes, &self.gate, now, key, &mut inner));
+        let c = &mut self.counters;
+        match delivery {
+            Delivery::Deliver => {
+                c.in_delivered += 1;
+                self.tun_writes.push_back(inner);
+            }
+            Delivery::Malformed => c.in_malformed += 1,
+            Delivery::Spoofed => c.in_spoofed += 1,
+            Delivery::NotForUs => c.in_not_for_us += 1,
+            Delivery::Filtered => c.in_filtered += 1,
         }
-        if !self.routes.peer_may_send_from(&key, info.tuple.src) {
-            self.counters.in_spoofed += 1;
-            trace!(src = %info.tuple.src, peer = %key, "source address does not belong to the peer");
-            return;
-        }
-        if !self.routes.is_ours(info.tuple.dst) {
-            self.counters.in_not_for_us += 1;
-            return;
-        }
-        let admitted = match info.transport {
-            Transport::Fragment { offset } => offset >= MIN_FRAGMENT_OFFSET,
-            transport => match self
-                .flows
-                .classify_inbound(now, key, &info.tuple, transport)
-            {
-                Known::Reply | Known::Established | Known::Related => true,
-                // The internet never opens connections through the exit node.
-                Known::New if self.routes.only_through_exit(&key, info.tuple.src) => false,
-                Known::New => {
-                    let verdict = self.filter.evaluate(&info.tuple);
-                    if verdict.is_accept() {
-                        self.flows.admit_inbound(now, key, &info.tuple, transport);
-                    }
-                    verdict.is_accept()
-                }
-            },
-        };
-        if !admitted {
-            self.counters.in_filtered += 1;
-            trace!(tuple = ?info.tuple, "dropped by the packet filter");
-            return;
-        }
-        self.counters.in_delivered += 1;
-        self.tun_writes.push_back(inner);
     }
 
     pub(super) fn send_to_peer(&mut self, now: Instant, key: NodeKey, wg: WgKind) {
@@ -374,4 +360,72 @@ fn relayed_source(key: &NodeKey) -> SocketAddr {
     ip[0] = 0x01;
     ip[8..].copy_from_slice(&k[..8]);
     SocketAddr::from((ip, 0))
+}
+
+/// A packet's flow, for the job that seals it to track ([`Gate::track_outbound`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Track {
+    pub(super) tuple: FiveTuple,
+    pub(super) transport: Transport,
+    /// When the packet was read.
+    pub(super) at: Instant,
+}
+
+/// What the checks decided about a packet a peer sent, once decrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Delivery {
+    /// Let in.
+    Deliver,
+    /// Not a well-formed IP packet.
+    Malformed,
+    /// Its source address does not belong to the peer.
+    Spoofed,
+    /// Its destination is not this node's, nor in a subnet it routes.
+    NotForUs,
+    /// Neither part of a known flow nor admitted by the rules.
+    Filtered,
+}
+
+/// Checks a decrypted packet from peer `key` (cutting off padding past its IP length): its
+/// source must belong to the peer, its destination to this node, and it must belong to a
+/// known flow or open one the rules admit (the flow table is updated as for a delivered
+/// packet). Reads only the route tables and the gate, so a crypto job runs it without the
+/// core.
+pub(super) fn admit(
+    routes: &Routes,
+    gate: &Gate,
+    now: Instant,
+    key: NodeKey,
+    inner: &mut Packet,
+) -> Delivery {
+    let Ok(info) = PacketInfo::parse(inner) else {
+        return Delivery::Malformed;
+    };
+    // A successful parse guarantees the claimed length fits in the buffer.
+    if let Some(len) = packet::claimed_len(inner) {
+        inner.truncate(len);
+    }
+    if !routes.peer_may_send_from(&key, info.tuple.src) {
+        trace!(src = %info.tuple.src, peer = %key, "source address does not belong to the peer");
+        return Delivery::Spoofed;
+    }
+    if !routes.is_ours(info.tuple.dst) {
+        return Delivery::NotForUs;
+    }
+    let admitted = match info.transport {
+        Transport::Fragment { offset } => offset >= MIN_FRAGMENT_OFFSET,
+        transport => gate.inbound(
+            now,
+            key,
+            &info.tuple,
+            transport,
+            // The internet never opens connections through the exit node.
+            routes.only_through_exit(&key, info.tuple.src),
+        ),
+    };
+    if !admitted {
+        trace!(tuple = ?info.tuple, "dropped by the packet filter");
+        return Delivery::Filtered;
+    }
+    Delivery::Deliver
 }

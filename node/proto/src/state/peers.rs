@@ -76,7 +76,7 @@ impl NodeState {
             // The peer rotated its key: a new tunnel and a new key schedule; its connections
             // carry on.
             self.remove_peer(now, node.id, false);
-            self.flows.reown(&old_key, node.node_key);
+            self.gate.reown(&old_key, node.node_key);
         }
         let key = node.node_key;
         if let Some(peer) = self.peers.get_mut(&key) {
@@ -137,7 +137,7 @@ impl NodeState {
             return;
         };
         if gone && let Some(peer) = self.peers.get(&key) {
-            let cut = self.flows.take_owner(&key);
+            let cut = self.gate.take_owner(&key);
             if !cut.is_empty() {
                 debug!(peer = %peer.node.name, flows = cut.len(), "resetting the connections of a departed peer");
                 self.reset_flows(now, &cut);

@@ -153,12 +153,12 @@ impl Net {
                     let mut jobs = VecDeque::new();
                     self.nodes[i].take_crypto(&mut jobs);
                     let mut done: Vec<CryptoDone> = Vec::new();
-                    CryptoJob::run_all(jobs, &mut done);
+                    CryptoJob::run_all(jobs, &self.nodes[i].checks(), &mut done);
                     self.nodes[i].handle_crypto_all(self.now, &mut done);
                     assert!(done.is_empty());
                 }
                 while let Some(job) = self.nodes[i].poll_crypto() {
-                    let done = job.run();
+                    let done = job.run(&self.nodes[i].checks());
                     self.nodes[i].handle_crypto(self.now, done);
                 }
                 while let Some(t) = self.nodes[i].poll_transmit() {
@@ -278,7 +278,7 @@ fn crypto_outside_the_core_delivers_what_inline_crypto_delivers() {
                 net.nodes[a].handle_tun_packet(net.now, Packet::copy_from(&p[..]));
                 while let Some(job) = net.nodes[a].poll_crypto() {
                     assert_eq!(job.peer(), public_key(b));
-                    let done = job.run();
+                    let done = job.run(&net.nodes[a].checks());
                     net.nodes[a].handle_crypto(net.now, done);
                     jobs += 1;
                 }
@@ -402,11 +402,57 @@ fn taken_crypto_jobs_keep_their_order() {
     assert_eq!(jobs.len(), 5, "appended behind the first two");
     assert!(net.nodes[0].poll_crypto().is_none());
     for job in jobs.drain(..) {
-        let done = job.run();
+        let done = job.run(&net.nodes[0].checks());
         net.nodes[0].handle_crypto(net.now, done);
     }
     net.run();
     assert_eq!(net.received(1), packets);
+}
+
+/// A crypto job checks the packet it opens against the flow table and the rules itself,
+/// without the core: the packet's flow is in the table before the core finishes the job. A
+/// packet let in before new rules arrive still reaches the TUN device, but the new rules cut
+/// its flow (they forbid it), so the flow's next packet is dropped and counted.
+#[test]
+fn a_crypto_job_admits_its_packet_and_new_rules_before_it_finishes_cut_the_flow() {
+    let mut net = Net::new(2);
+    let first = ipv4(v4(0), v4(1), 17, &udp(1000, 2000, b"first"));
+    net.send(0, first.clone());
+    assert_eq!(net.received(1), vec![first]);
+    net.nodes[1].set_crypto_outside(true);
+    let second = ipv4(v4(0), v4(1), 17, &udp(1001, 2000, b"second"));
+    net.nodes[0].handle_tun_packet(net.now, Packet::copy_from(&second[..]));
+    while let Some(t) = net.nodes[0].poll_transmit() {
+        net.nodes[1].handle_datagram(net.now, SockId::Main, net.addrs[0], t.payload);
+    }
+    let job = net.nodes[1].poll_crypto().expect("an open job");
+    assert!(net.nodes[1].poll_crypto().is_none());
+    let flows = net.nodes[1].status(net.now).flows;
+    let done = job.run(&net.nodes[1].checks());
+    assert_eq!(
+        net.nodes[1].status(net.now).flows,
+        flows + 1,
+        "admitted by the job"
+    );
+    net.nodes[1].handle_netmap(
+        net.now,
+        MapResponse {
+            seq: 2,
+            packet_filter: Some(vec![]),
+            ..Default::default()
+        },
+    );
+    assert_eq!(net.nodes[1].status(net.now).counters.flows_cut, 2);
+    net.nodes[1].handle_crypto(net.now, done);
+    assert_eq!(net.received(1), vec![second], "let in before the change");
+    net.nodes[1].set_crypto_outside(false);
+    let filtered = net.nodes[1].status(net.now).counters.in_filtered;
+    net.send(0, ipv4(v4(0), v4(1), 17, &udp(1001, 2000, b"third")));
+    assert!(net.received(1).is_empty());
+    assert_eq!(
+        net.nodes[1].status(net.now).counters.in_filtered,
+        filtered + 1
+    );
 }
 
 /// A job that ran while its peer's tunnel was replaced (here by a switch of the mesh's
@@ -421,7 +467,7 @@ fn a_crypto_job_for_a_replaced_tunnel_is_dropped() {
     let p = ipv4(v4(0), v4(1), 17, &udp(1000, 2000, b"second"));
     net.nodes[0].handle_tun_packet(net.now, Packet::copy_from(&p[..]));
     let job = net.nodes[0].poll_crypto().expect("a seal job");
-    let done = job.run();
+    let done = job.run(&net.nodes[0].checks());
     // The mesh switches to classical tunnels: node 0 rebuilds its tunnel to the same peer.
     net.nodes[0].handle_netmap(
         net.now,
