@@ -204,7 +204,7 @@ fn breakdown(core: &Mutex<NodeState>, now: Instant, mut input: Input) -> Times {
         let checks = st.checks();
         drop(st);
         let b = Instant::now();
-        CryptoJob::run_all(jobs.drain(..), &checks, &mut done);
+        CryptoJob::run_all(&mut jobs, &checks, &mut done);
         let c = Instant::now();
         let mut st = core.lock();
         st.handle_crypto_all(now, &mut done);

@@ -24,7 +24,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use foldhash::fast::FixedState;
-use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use wire::NodeKey;
 
 use crate::conntrack::{CutFlow, DEFAULT_CAPACITY, DEFAULT_PER_PEER, FlowTable, Known};
@@ -107,9 +107,7 @@ impl Gate {
         t: &FiveTuple,
         transport: Transport,
     ) {
-        self.shard(t)
-            .lock()
-            .track_outbound(now, owner, t, transport);
+        self.held().track_outbound(now, owner, t, transport);
     }
 
     /// Whether a packet from peer `owner` is let in: a reply, a further packet of an admitted
@@ -124,32 +122,16 @@ impl Gate {
         transport: Transport,
         only_through_exit: bool,
     ) -> bool {
-        let mut table = match transport {
-            // An error is about the quoted flow, which may sit in another shard.
-            Transport::IcmpError { quoted: Some(q) } => {
-                if self
-                    .shard(&q)
-                    .lock()
-                    .classify_inbound(now, owner, t, transport)
-                    != Known::New
-                {
-                    return true;
-                }
-                self.shard(t).lock()
-            }
-            _ => {
-                let mut table = self.shard(t).lock();
-                if table.classify_inbound(now, owner, t, transport) != Known::New {
-                    return true;
-                }
-                table
-            }
-        };
-        if only_through_exit || !self.filter.read().evaluate(t).is_accept() {
-            return false;
+        self.held()
+            .inbound(now, owner, t, transport, only_through_exit)
+    }
+
+    /// For a run of packets on one thread: see [`Held`].
+    pub fn held(&self) -> Held<'_> {
+        Held {
+            gate: self,
+            held: None,
         }
-        table.admit_inbound(now, owner, t, transport);
-        true
     }
 
     /// Drops idle flows.
@@ -207,6 +189,71 @@ impl Gate {
         lo.hash(&mut h);
         hi.hash(&mut h);
         &self.shards[(h.finish() % SHARDS as u64) as usize]
+    }
+}
+
+/// The flow-table work of a run of packets on one thread: the shard of the last packet's flow
+/// stays locked while the next packets belong to the same flow (a stream's packets come in
+/// runs), so a run pays for one hash and one lock instead of one per packet. Let go of it at
+/// the end of the run: until it is dropped, other threads wait for that shard.
+pub struct Held<'a> {
+    gate: &'a Gate,
+    held: Option<(FiveTuple, MutexGuard<'a, FlowTable>)>,
+}
+
+impl Held<'_> {
+    /// Records a packet this node sends to `owner` ([`Gate::track_outbound`]).
+    pub fn track_outbound(
+        &mut self,
+        now: Instant,
+        owner: NodeKey,
+        t: &FiveTuple,
+        transport: Transport,
+    ) {
+        self.table(t).track_outbound(now, owner, t, transport);
+    }
+
+    /// Whether a packet from peer `owner` is let in ([`Gate::inbound`]).
+    pub fn inbound(
+        &mut self,
+        now: Instant,
+        owner: NodeKey,
+        t: &FiveTuple,
+        transport: Transport,
+        only_through_exit: bool,
+    ) -> bool {
+        let gate = self.gate;
+        if let Transport::IcmpError { quoted: Some(q) } = transport {
+            // About the quoted flow, which may sit in another shard: one shard at a time, so
+            // two threads never wait for each other's.
+            self.held = None;
+            let known = gate
+                .shard(&q)
+                .lock()
+                .classify_inbound(now, owner, t, transport);
+            if known != Known::New {
+                return true;
+            }
+        } else if self.table(t).classify_inbound(now, owner, t, transport) != Known::New {
+            return true;
+        }
+        // The rules are read under the shard's lock (see the module docs).
+        let table = self.table(t);
+        if only_through_exit || !gate.filter.read().evaluate(t).is_accept() {
+            return false;
+        }
+        table.admit_inbound(now, owner, t, transport);
+        true
+    }
+
+    /// The table holding `t`'s flow, locked.
+    fn table(&mut self, t: &FiveTuple) -> &mut FlowTable {
+        if self.held.as_ref().is_none_or(|(last, _)| last != t) {
+            // Let go of one shard before taking another.
+            self.held = None;
+            self.held = Some((*t, self.gate.shard(t).lock()));
+        }
+        &mut self.held.as_mut().expect("locked above").1
     }
 }
 
@@ -398,5 +445,43 @@ mod tests {
             });
             assert!(gate.recheck().is_empty());
         }
+    }
+
+    /// Two threads' runs moving between flows in different shards, in opposite orders (each
+    /// lets go of one shard before taking the next, so neither waits for the other while
+    /// holding one), while a third rechecks every shard: all finish, and the runs find what
+    /// they tracked, as separate calls would.
+    #[test]
+    fn held_runs_move_between_shards_while_another_thread_rechecks() {
+        let now = crate::test_epoch();
+        let gate = Gate::new(3);
+        let flows: Vec<FiveTuple> = (0..64).map(|p| udp_in(2000 + p, 53)).collect();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for _ in 0..200 {
+                    gate.recheck();
+                }
+            });
+            for backwards in [false, true] {
+                let (gate, flows) = (&gate, &flows);
+                s.spawn(move || {
+                    for _ in 0..200 {
+                        let mut held = gate.held();
+                        let mut run = |t: &FiveTuple| {
+                            held.track_outbound(now, A, &t.reversed(), Transport::Udp);
+                            assert!(held.inbound(now, A, t, Transport::Udp, false));
+                            assert!(!held.inbound(now, B, t, Transport::Udp, false));
+                        };
+                        if backwards {
+                            flows.iter().rev().for_each(&mut run);
+                        } else {
+                            flows.iter().for_each(&mut run);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(gate.len(), 64);
+        assert_eq!(gate.owned_by(&A), 64);
     }
 }

@@ -98,7 +98,7 @@ pub fn crypt(out: &mut BatchOutput) {
         "jobs come with checks"
     );
     if let Some(checks) = &out.checks {
-        CryptoJob::run_all(out.jobs.drain(..), checks, &mut out.done);
+        CryptoJob::run_all(&mut out.jobs, checks, &mut out.done);
     }
 }
 

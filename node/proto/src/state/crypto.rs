@@ -26,11 +26,11 @@ use parking_lot::MutexGuard;
 use tracing::trace;
 use wire::NodeKey;
 
-use super::data::{Delivery, Track, admit};
+use super::data::{Delivery, Refusal, admit, track};
 use super::routes::Routes;
 use super::{NodeState, Transmit};
 use crate::addr::Addr;
-use crate::gate::Gate;
+use crate::gate::{Gate, Held};
 use crate::tunnel::{Inner, Tunnel};
 
 /// The most jobs [`CryptoJob::run_all`] runs under one hold of a tunnel's lock: at 1.2 to
@@ -38,40 +38,42 @@ use crate::tunnel::{Inner, Tunnel};
 /// the tunnel waits about 0.1 ms at most.
 const RUN: usize = 64;
 
-/// AEAD work for one packet and one peer's tunnel.
+/// AEAD work for one packet and one peer's tunnel, with the flow-table work that goes with it.
 pub struct CryptoJob {
     key: NodeKey,
     tunnel: Tunnel,
+    /// When the packet was read (for the flow table).
+    at: Instant,
     work: Work,
 }
 
 enum Work {
-    /// A packet from the TUN device to encrypt, and its flow to track first.
-    Seal(Packet, Option<Track>),
-    /// A WireGuard transport-data message from `from`, which arrived at `arrived`, to decrypt.
-    Open {
-        from: Addr,
-        message: WgKind,
-        arrived: Instant,
-    },
+    /// A packet from the TUN device to encrypt. `check`: its source is yet to be checked and
+    /// its flow tracked (a reset the node makes itself, or a packet that waited for the
+    /// tunnel and was tracked then, is not).
+    Seal { packet: Packet, check: bool },
+    /// A packet the check refused: nothing to encrypt.
+    Refused(Refusal),
+    /// A WireGuard transport-data message from `from` to decrypt.
+    Open { from: Addr, message: WgKind },
 }
 
 /// A finished [`CryptoJob`], for [`NodeState::handle_crypto`].
 pub struct CryptoDone {
     key: NodeKey,
     tunnel: Tunnel,
+    at: Instant,
     result: Done,
 }
 
 enum Done {
-    /// With the packet's flow, until [`CryptoDone::check`] tracks it.
-    Sealed(Option<WgKind>, Option<Track>),
+    Sealed(Option<WgKind>),
+    Refused(Refusal),
     /// `delivery`: what the checks decided about the packet, once run ([`CryptoJob::run_all`]
     /// runs them for each data packet it opens).
     Opened {
         from: Addr,
         result: TunnResult,
-        arrived: Instant,
         delivery: Option<Delivery>,
     },
 }
@@ -105,7 +107,7 @@ impl Done {
     /// Whether this result belongs in `run`, behind the job that started it.
     fn joins(&self, run: Run) -> bool {
         match (self, run) {
-            (Self::Sealed(Some(WgKind::Data(_)), _), Run::Sealed(_)) => true,
+            (Self::Sealed(Some(WgKind::Data(_))), Run::Sealed(_)) => true,
             (
                 Self::Opened {
                     from,
@@ -120,29 +122,35 @@ impl Done {
 }
 
 impl CryptoJob {
-    pub(super) fn seal(key: NodeKey, tunnel: Tunnel, packet: Packet, track: Option<Track>) -> Self {
-        Self {
-            key,
-            tunnel,
-            work: Work::Seal(packet, track),
-        }
-    }
-
-    pub(super) fn open(
+    /// Seals `packet`, read at `at`; `check`: see [`Work::Seal`].
+    pub(super) fn seal(
         key: NodeKey,
         tunnel: Tunnel,
-        from: Addr,
-        message: WgKind,
-        arrived: Instant,
+        at: Instant,
+        packet: Packet,
+        check: bool,
     ) -> Self {
         Self {
             key,
             tunnel,
-            work: Work::Open {
-                from,
-                message,
-                arrived,
-            },
+            at,
+            work: Work::Seal { packet, check },
+        }
+    }
+
+    /// Opens `message`, which arrived from `from` at `at`.
+    pub(super) fn open(
+        key: NodeKey,
+        tunnel: Tunnel,
+        at: Instant,
+        from: Addr,
+        message: WgKind,
+    ) -> Self {
+        Self {
+            key,
+            tunnel,
+            at,
+            work: Work::Open { from, message },
         }
     }
 
@@ -151,35 +159,58 @@ impl CryptoJob {
         self.key
     }
 
-    /// Runs the AEAD (under the peer's tunnel lock, not the core's), then checks an opened
-    /// packet against `checks`.
+    /// Runs the job against `checks`: see [`CryptoJob::run_all`].
     pub fn run(self, checks: &Checks) -> CryptoDone {
+        self.run_one(&checks.routes, &checks.gate)
+    }
+
+    fn run_one(mut self, routes: &Routes, gate: &Gate) -> CryptoDone {
+        self.check(routes, &mut gate.held());
         let mut done = Vec::with_capacity(1);
-        Self::run_with(
-            std::iter::once(self),
-            &checks.routes,
-            &checks.gate,
-            &mut done,
-        );
+        Self::run_with(std::iter::once(self), routes, gate, &mut done);
         done.pop().expect("one job, one result")
     }
 
-    /// Runs `jobs` in order and appends what they did to `done`, as [`CryptoJob::run`] one by
-    /// one would. A run of jobs for one tunnel (at most `RUN`, 64) takes its lock once, and
-    /// hands it on fairly: a thread waiting for the same tunnel (the other direction, or a
-    /// packet read on another worker) gets it within one run instead of whenever this
-    /// thread's next packet happens to find it free. The packets a run opened are checked
-    /// after the lock is let go: whether their source belongs to the peer, whether they are
-    /// for this node, and whether their flow is known or the rules admit it (the flow table
-    /// is updated as for a packet delivered).
-    pub fn run_all(
-        jobs: impl IntoIterator<Item = Self>,
-        checks: &Checks,
-        done: &mut Vec<CryptoDone>,
-    ) {
-        Self::run_with(jobs, &checks.routes, &checks.gate, done);
+    /// Runs `jobs` in order, empties it, and appends what they did to `done`, as
+    /// [`CryptoJob::run`] one by one would, in three steps, none of them under the core's
+    /// lock:
+    /// - first the packets to seal are checked (their source must be this node's, or in a
+    ///   subnet it routes) and their flows tracked, before any of them leaves;
+    /// - then the AEAD: a run of jobs for one tunnel (at most `RUN`, 64) takes its lock once,
+    ///   and hands it on fairly: a thread waiting for the same tunnel (the other direction,
+    ///   or a packet read on another worker) gets it within one run instead of whenever this
+    ///   thread's next packet happens to find it free;
+    /// - after each run, with the tunnel's lock let go, the packets it opened are checked:
+    ///   whether their source belongs to the peer, whether they are for this node, and
+    ///   whether their flow is known or the rules admit it (the flow table is updated as for
+    ///   a packet delivered).
+    ///
+    /// The flow table's shards are locked only in the first and last steps, never across an
+    /// AEAD.
+    pub fn run_all(jobs: &mut VecDeque<Self>, checks: &Checks, done: &mut Vec<CryptoDone>) {
+        let mut held = checks.gate.held();
+        for job in jobs.iter_mut() {
+            job.check(&checks.routes, &mut held);
+        }
+        drop(held);
+        Self::run_with(jobs.drain(..), &checks.routes, &checks.gate, done);
     }
 
+    /// Checks and tracks a packet to seal (see [`CryptoJob::run_all`]).
+    fn check(&mut self, routes: &Routes, held: &mut Held<'_>) {
+        if let Work::Seal {
+            packet,
+            check: check @ true,
+        } = &mut self.work
+        {
+            *check = false;
+            if let Err(refusal) = track(routes, held, self.at, self.key, packet) {
+                self.work = Work::Refused(refusal);
+            }
+        }
+    }
+
+    /// The AEAD steps of [`CryptoJob::run_all`], for jobs checked already.
     fn run_with(
         jobs: impl IntoIterator<Item = Self>,
         routes: &Routes,
@@ -199,8 +230,9 @@ impl CryptoJob {
                 done.push(job.run_locked(&mut inner));
             }
             MutexGuard::unlock_fair(inner);
+            let mut held = gate.held();
             for d in &mut done[start..] {
-                d.check(routes, gate);
+                d.check(routes, &mut held);
             }
         }
     }
@@ -208,21 +240,18 @@ impl CryptoJob {
     /// Runs the AEAD on this job's tunnel, locked by the caller.
     fn run_locked(self, inner: &mut Inner) -> CryptoDone {
         let result = match self.work {
-            Work::Seal(packet, track) => Done::Sealed(inner.encapsulate(packet), track),
-            Work::Open {
-                from,
-                message,
-                arrived,
-            } => Done::Opened {
+            Work::Seal { packet, .. } => Done::Sealed(inner.encapsulate(packet)),
+            Work::Refused(refusal) => Done::Refused(refusal),
+            Work::Open { from, message } => Done::Opened {
                 from,
                 result: inner.decapsulate(message),
-                arrived,
                 delivery: None,
             },
         };
         CryptoDone {
             key: self.key,
             tunnel: self.tunnel,
+            at: self.at,
             result,
         }
     }
@@ -231,7 +260,8 @@ impl CryptoJob {
 impl std::fmt::Debug for CryptoJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self.work {
-            Work::Seal(..) => "seal",
+            Work::Seal { .. } => "seal",
+            Work::Refused(_) => "refused",
             Work::Open { .. } => "open",
         };
         f.debug_struct("CryptoJob")
@@ -242,23 +272,17 @@ impl std::fmt::Debug for CryptoJob {
 }
 
 impl CryptoDone {
-    /// The flow-table work of a job, after its AEAD and outside the tunnel's lock: tracks the
-    /// flow of a packet it sealed (before the packet is sent, so before any reply), or checks
-    /// a data packet it opened (see [`CryptoJob::run_all`]).
-    fn check(&mut self, routes: &Routes, gate: &Gate) {
-        if let Done::Sealed(_, track) = &mut self.result
-            && let Some(t) = track.take()
-        {
-            gate.track_outbound(t.at, self.key, &t.tuple, t.transport);
-        } else if let Done::Opened {
+    /// Checks a data packet this job opened, outside the tunnel's lock (see
+    /// [`CryptoJob::run_all`]).
+    fn check(&mut self, routes: &Routes, held: &mut Held<'_>) {
+        if let Done::Opened {
             result: TunnResult::WriteToTunnel(inner),
-            arrived,
             delivery: delivery @ None,
             ..
         } = &mut self.result
             && !inner.is_empty()
         {
-            *delivery = Some(admit(routes, gate, *arrived, self.key, inner));
+            *delivery = Some(admit(routes, held, self.at, self.key, inner));
         }
     }
 }
@@ -308,17 +332,18 @@ impl NodeState {
     /// Finishes a job [`NodeState::poll_crypto`] handed out. A job whose peer is gone, or
     /// whose tunnel was replaced while it ran, is dropped.
     pub fn handle_crypto(&mut self, now: Instant, done: CryptoDone) {
-        if !self.is_current(&done.key, &done.tunnel) {
-            trace!(peer = %done.key, "crypto job for a tunnel that is gone; dropped");
-            return;
-        }
+        let current = self.is_current(&done.key, &done.tunnel);
         match done.result {
-            Done::Sealed(wg, _) => self.sealed(now, done.key, wg),
+            Done::Refused(Refusal::Malformed) => self.counters.tun_malformed += 1,
+            Done::Refused(Refusal::BadSource) => self.counters.tun_bad_source += 1,
+            _ if !current => {
+                trace!(peer = %done.key, "crypto job for a tunnel that is gone; dropped");
+            }
+            Done::Sealed(wg) => self.sealed(now, done.key, wg),
             Done::Opened {
                 from,
                 result,
                 delivery,
-                ..
             } => self.opened(now, done.key, from, result, delivery),
         }
     }
@@ -338,6 +363,7 @@ impl NodeState {
                 key,
                 tunnel,
                 result,
+                ..
             } = d;
             let mut next = || {
                 jobs.next_if(|j| j.key == key && j.tunnel.same(&tunnel) && j.result.joins(run))
@@ -347,7 +373,7 @@ impl NodeState {
                 Run::Sealed(dst) => {
                     let mut n = 0;
                     for r in std::iter::once(result).chain(std::iter::from_fn(next)) {
-                        if let Done::Sealed(Some(wg), _) = r {
+                        if let Done::Sealed(Some(wg)) = r {
                             self.transmits.push_back(Transmit {
                                 dst,
                                 payload: wg.into(),
@@ -415,7 +441,7 @@ impl NodeState {
             return None;
         }
         match &d.result {
-            Done::Sealed(Some(WgKind::Data(_)), _) => peer
+            Done::Sealed(Some(WgKind::Data(_))) => peer
                 .path
                 .sole_target(now, self.local_for(&peer.node))
                 .map(Run::Sealed),
@@ -433,11 +459,8 @@ impl NodeState {
         if self.crypto_outside {
             self.crypto.push_back(job);
         } else {
-            let mut done = Vec::with_capacity(1);
-            CryptoJob::run_with(std::iter::once(job), &self.routes, &self.gate, &mut done);
-            for d in done {
-                self.handle_crypto(now, d);
-            }
+            let done = job.run_one(&self.routes, &self.gate);
+            self.handle_crypto(now, done);
         }
     }
 

@@ -16,8 +16,8 @@ use super::crypto::CryptoJob;
 use super::peers::MAX_WAITING;
 use super::routes::Routes;
 use super::{NodeState, Transmit};
-use crate::gate::Gate;
-use crate::packet::{self, FiveTuple, PacketInfo, Transport};
+use crate::gate::Held;
+use crate::packet::{self, PacketInfo, Transport};
 use crate::tunnel::Tunnel;
 
 /// Smallest fragment offset (8-byte units) let through without a transport header: anything
@@ -27,8 +27,9 @@ const MIN_FRAGMENT_OFFSET: u16 = 3;
 const STALE_HINT_INTERVAL: Duration = Duration::from_secs(2);
 
 impl NodeState {
-    /// A packet from the TUN device: track its flow and send it to the peer owning its
-    /// destination, or hold it while that peer's tunnel is being keyed. `last` is what the
+    /// A packet from the TUN device: hand it to a job for the peer owning its destination
+    /// (which checks its source, tracks its flow and seals it: [`CryptoJob::run_all`]), or
+    /// check it and hold it while that peer's tunnel is being keyed. `last` is what the
     /// packet before it in the same batch found, if it found a tunnel; returns what this one
     /// found, for the next.
     ///
@@ -57,46 +58,34 @@ impl NodeState {
                 key
             }
         };
-        // Its flow is tracked by the job that seals it, without the core, or here if it waits.
-        let track = match PacketInfo::parse(&packet) {
-            Ok(info) => {
-                // Ours, or (a router's replies) from a subnet we route.
-                if !self.routes.is_ours(info.tuple.src) {
-                    self.counters.tun_bad_source += 1;
-                    return last;
-                }
-                (!matches!(info.transport, Transport::Fragment { .. })).then_some(Track {
-                    tuple: info.tuple,
-                    transport: info.transport,
-                    at: now,
-                })
-            }
-            Err(_) => {
-                self.counters.tun_malformed += 1;
-                return last;
-            }
-        };
+        // The job that seals it checks its source and tracks its flow, without the core.
         if let Some(f) = last {
-            let job = CryptoJob::seal(key, f.tunnel.clone(), packet, track);
+            let job = CryptoJob::seal(key, f.tunnel.clone(), now, packet, true);
             self.crypto_job(now, job);
             return Some(f);
         }
         let peer = self.peers.get_mut(&key)?;
-        peer.path.on_send(now);
         // As `encapsulate` does, with the peer already found.
         let Some(tunnel) = peer.tunnel.clone() else {
-            if peer.waiting.len() < MAX_WAITING {
-                peer.waiting.push_back(packet);
-            } else {
-                self.counters.tun_no_tunnel += 1;
+            // It waits for the tunnel: checked and tracked now.
+            let checked = track(&self.routes, &mut self.gate.held(), now, key, &packet);
+            match checked {
+                Err(Refusal::Malformed) => self.counters.tun_malformed += 1,
+                Err(Refusal::BadSource) => self.counters.tun_bad_source += 1,
+                Ok(()) => {
+                    peer.path.on_send(now);
+                    if peer.waiting.len() < MAX_WAITING {
+                        peer.waiting.push_back(packet);
+                    } else {
+                        self.counters.tun_no_tunnel += 1;
+                    }
+                    self.pq_want(now, key);
+                }
             }
-            if let Some(t) = track {
-                self.gate.track_outbound(now, key, &t.tuple, t.transport);
-            }
-            self.pq_want(now, key);
             return None;
         };
-        self.crypto_job(now, CryptoJob::seal(key, tunnel.clone(), packet, track));
+        peer.path.on_send(now);
+        self.crypto_job(now, CryptoJob::seal(key, tunnel.clone(), now, packet, true));
         Some(Found { dst, key, tunnel })
     }
 
@@ -109,7 +98,7 @@ impl NodeState {
         let Some(tunnel) = peer.tunnel.clone() else {
             return;
         };
-        self.crypto_job(now, CryptoJob::seal(key, tunnel, packet, None));
+        self.crypto_job(now, CryptoJob::seal(key, tunnel, now, packet, false));
     }
 
     /// A WireGuard message from `from`. `last` is what the datagram before it in the same
@@ -152,7 +141,7 @@ impl NodeState {
             _ => None,
         };
         if let Some(o) = last.filter(|o| Some(o.idx) == idx && o.from == from) {
-            self.crypto_job(now, CryptoJob::open(o.key, o.tunnel.clone(), from, wg, now));
+            self.crypto_job(now, CryptoJob::open(o.key, o.tunnel.clone(), now, from, wg));
             return Some(o);
         }
         let key = match &wg {
@@ -188,7 +177,7 @@ impl NodeState {
             // Inline, opening finishes the packet at once, which may change the peer's state:
             // only jobs handed out share a look-up.
             Some(idx) if self.crypto_outside => {
-                self.crypto_job(now, CryptoJob::open(key, tunnel.clone(), from, wg, now));
+                self.crypto_job(now, CryptoJob::open(key, tunnel.clone(), now, from, wg));
                 Some(Opening {
                     from,
                     idx,
@@ -197,7 +186,7 @@ impl NodeState {
                 })
             }
             Some(_) => {
-                self.crypto_job(now, CryptoJob::open(key, tunnel, from, wg, now));
+                self.crypto_job(now, CryptoJob::open(key, tunnel, now, from, wg));
                 None
             }
             None => {
@@ -219,8 +208,8 @@ impl NodeState {
         mut inner: Packet,
         delivery: Option<Delivery>,
     ) {
-        let delivery =
-            delivery.unwrap_or_else(|| admit(&self.routes, &self.gate, now, key, &mut inner));
+        let delivery = delivery
+            .unwrap_or_else(|| admit(&self.routes, &mut self.gate.held(), now, key, &mut inner));
         let c = &mut self.counters;
         match delivery {
             Delivery::Deliver => {
@@ -362,13 +351,33 @@ fn relayed_source(key: &NodeKey) -> SocketAddr {
     SocketAddr::from((ip, 0))
 }
 
-/// A packet's flow, for the job that seals it to track ([`Gate::track_outbound`]).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Track {
-    pub(super) tuple: FiveTuple,
-    pub(super) transport: Transport,
-    /// When the packet was read.
-    pub(super) at: Instant,
+/// Why a packet from the TUN device was not sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// Not a well-formed IP packet.
+    Malformed,
+    /// Its source is not this node's, nor in a subnet it routes.
+    BadSource,
+}
+
+/// Checks a packet from the TUN device for peer `key`, read at `now`: its source must be this
+/// node's own, or (a router's replies) in a subnet it routes; then tracks its flow. Reads only
+/// the route tables and the gate, so a crypto job runs it without the core.
+pub(super) fn track(
+    routes: &Routes,
+    gate: &mut Held<'_>,
+    now: Instant,
+    key: NodeKey,
+    packet: &Packet,
+) -> Result<(), Refusal> {
+    let info = PacketInfo::parse(packet).map_err(|_| Refusal::Malformed)?;
+    if !routes.is_ours(info.tuple.src) {
+        return Err(Refusal::BadSource);
+    }
+    if !matches!(info.transport, Transport::Fragment { .. }) {
+        gate.track_outbound(now, key, &info.tuple, info.transport);
+    }
+    Ok(())
 }
 
 /// What the checks decided about a packet a peer sent, once decrypted.
@@ -393,7 +402,7 @@ pub(super) enum Delivery {
 /// core.
 pub(super) fn admit(
     routes: &Routes,
-    gate: &Gate,
+    gate: &mut Held<'_>,
     now: Instant,
     key: NodeKey,
     inner: &mut Packet,

@@ -153,7 +153,7 @@ impl Net {
                     let mut jobs = VecDeque::new();
                     self.nodes[i].take_crypto(&mut jobs);
                     let mut done: Vec<CryptoDone> = Vec::new();
-                    CryptoJob::run_all(jobs, &self.nodes[i].checks(), &mut done);
+                    CryptoJob::run_all(&mut jobs, &self.nodes[i].checks(), &mut done);
                     self.nodes[i].handle_crypto_all(self.now, &mut done);
                     assert!(done.is_empty());
                 }
