@@ -51,12 +51,13 @@ const HANDOFF: usize = 256;
 /// other datagrams at once.
 const HANDOFFS: usize = 64;
 /// The most workers `--workers` defaults to, however many CPUs there are. Every batch takes
-/// the core's one lock (twice when it has crypto jobs), for about 0.26 us of a 1,280-byte
-/// packet's 1.8 us sealing on one thread (`scripts/bench-core`, 16-CPU machine): with many
-/// more workers that lock, not the AEAD, would limit a node. That bench's threads, each
-/// sealing for its own peer, reached no more than about 1.1 M packets/s in all on 8 to 16
-/// threads while every packet was allocated on one thread; with each thread's packets its
-/// own (as a worker's are) it was rerun on 2 CPUs only (2.0x on 2 threads).
+/// the core's one lock (twice when it has crypto jobs): on the 16-CPU machine a 1,280-byte
+/// packet held it 0.28 us of its 2.2 us sealing on one thread (`scripts/bench-core`), and
+/// threads each sealing for its own peer reached 2.1 M packets/s in all on 8 threads, about
+/// 60% of what the lock allows, and no more on 12 or 16: past 8 workers the lock, not the
+/// AEAD, limits a node. Since the flow table and the filter moved out of it (`gate`), a packet
+/// holds it about a third less (on 2 CPUs: 0.12 -> 0.08 us sealing, 0.12 -> 0.09 opening);
+/// not yet measured on 16.
 pub const DEFAULT_MAX: usize = 8;
 
 /// How many workers to run: `asked`, or one per CPU up to [`DEFAULT_MAX`].
