@@ -166,9 +166,10 @@ impl CryptoJob {
 
     fn run_one(mut self, routes: &Routes, gate: &Gate) -> CryptoDone {
         self.check(routes, &mut gate.held());
-        let mut done = Vec::with_capacity(1);
-        Self::run_with(std::iter::once(self), routes, gate, &mut done);
-        done.pop().expect("one job, one result")
+        let tunnel = self.tunnel.clone();
+        let mut done = self.run_locked(&mut tunnel.lock());
+        done.check(routes, &mut gate.held());
+        done
     }
 
     /// Runs `jobs` in order, empties it, and appends what they did to `done`, as
@@ -188,12 +189,31 @@ impl CryptoJob {
     /// The flow table's shards are locked only in the first and last steps, never across an
     /// AEAD.
     pub fn run_all(jobs: &mut VecDeque<Self>, checks: &Checks, done: &mut Vec<CryptoDone>) {
-        let mut held = checks.gate.held();
+        let (routes, gate) = (&*checks.routes, &*checks.gate);
+        let mut held = gate.held();
         for job in jobs.iter_mut() {
-            job.check(&checks.routes, &mut held);
+            job.check(routes, &mut held);
         }
         drop(held);
-        Self::run_with(jobs.drain(..), &checks.routes, &checks.gate, done);
+        // Jobs are taken off the queue one by one (a job is some 200 bytes: an iterator
+        // that peeks would move each one twice more).
+        while let Some(first) = jobs.pop_front() {
+            let start = done.len();
+            let tunnel = first.tunnel.clone();
+            let mut inner = tunnel.lock();
+            done.push(first.run_locked(&mut inner));
+            for _ in 1..RUN {
+                let Some(job) = jobs.pop_front_if(|j| j.tunnel.same(&tunnel)) else {
+                    break;
+                };
+                done.push(job.run_locked(&mut inner));
+            }
+            MutexGuard::unlock_fair(inner);
+            let mut held = gate.held();
+            for d in &mut done[start..] {
+                d.check(routes, &mut held);
+            }
+        }
     }
 
     /// Checks and tracks a packet to seal (see [`CryptoJob::run_all`]).
@@ -206,33 +226,6 @@ impl CryptoJob {
             *check = false;
             if let Err(refusal) = track(routes, held, self.at, self.key, packet) {
                 self.work = Work::Refused(refusal);
-            }
-        }
-    }
-
-    /// The AEAD steps of [`CryptoJob::run_all`], for jobs checked already.
-    fn run_with(
-        jobs: impl IntoIterator<Item = Self>,
-        routes: &Routes,
-        gate: &Gate,
-        done: &mut Vec<CryptoDone>,
-    ) {
-        let mut jobs = jobs.into_iter().peekable();
-        while let Some(first) = jobs.next() {
-            let start = done.len();
-            let tunnel = first.tunnel.clone();
-            let mut inner = tunnel.lock();
-            done.push(first.run_locked(&mut inner));
-            for _ in 1..RUN {
-                let Some(job) = jobs.next_if(|j| j.tunnel.same(&tunnel)) else {
-                    break;
-                };
-                done.push(job.run_locked(&mut inner));
-            }
-            MutexGuard::unlock_fair(inner);
-            let mut held = gate.held();
-            for d in &mut done[start..] {
-                d.check(routes, &mut held);
             }
         }
     }
