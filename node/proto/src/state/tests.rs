@@ -409,17 +409,24 @@ fn taken_crypto_jobs_keep_their_order() {
     assert_eq!(net.received(1), packets);
 }
 
+/// Two nodes whose tunnel carried a first packet (UDP 1000 -> 2000, node 0 to node 1), with
+/// node `outside` handing its crypto out as jobs from now on.
+fn keyed_pair_with_crypto_outside(outside: usize) -> Net {
+    let mut net = Net::new(2);
+    let first = ipv4(v4(0), v4(1), 17, &udp(1000, 2000, b"first"));
+    net.send(0, first.clone());
+    assert_eq!(net.received(1), vec![first]);
+    net.nodes[outside].set_crypto_outside(true);
+    net
+}
+
 /// A crypto job checks the packet it opens against the flow table and the rules itself,
 /// without the core: the packet's flow is in the table before the core finishes the job. A
 /// packet let in before new rules arrive still reaches the TUN device, but the new rules cut
 /// its flow (they forbid it), so the flow's next packet is dropped and counted.
 #[test]
 fn a_crypto_job_admits_its_packet_and_new_rules_before_it_finishes_cut_the_flow() {
-    let mut net = Net::new(2);
-    let first = ipv4(v4(0), v4(1), 17, &udp(1000, 2000, b"first"));
-    net.send(0, first.clone());
-    assert_eq!(net.received(1), vec![first]);
-    net.nodes[1].set_crypto_outside(true);
+    let mut net = keyed_pair_with_crypto_outside(1);
     let second = ipv4(v4(0), v4(1), 17, &udp(1001, 2000, b"second"));
     net.nodes[0].handle_tun_packet(net.now, Packet::copy_from(&second[..]));
     while let Some(t) = net.nodes[0].poll_transmit() {
@@ -459,11 +466,7 @@ fn a_crypto_job_admits_its_packet_and_new_rules_before_it_finishes_cut_the_flow(
 /// tunnel security) is dropped: nothing goes out from a tunnel the core no longer holds.
 #[test]
 fn a_crypto_job_for_a_replaced_tunnel_is_dropped() {
-    let mut net = Net::new(2);
-    let p = ipv4(v4(0), v4(1), 17, &udp(1000, 2000, b"first"));
-    net.send(0, p.clone());
-    assert_eq!(net.received(1), vec![p]);
-    net.nodes[0].set_crypto_outside(true);
+    let mut net = keyed_pair_with_crypto_outside(0);
     let p = ipv4(v4(0), v4(1), 17, &udp(1000, 2000, b"second"));
     net.nodes[0].handle_tun_packet(net.now, Packet::copy_from(&p[..]));
     let job = net.nodes[0].poll_crypto().expect("a seal job");
