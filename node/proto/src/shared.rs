@@ -69,7 +69,9 @@ pub fn run_batch(
 
 /// The first half of [`run_batch`]: feeds `input` to the core under its lock and takes what
 /// it made: the crypto jobs, kept in `out` for [`finish`], and what is ready already
-/// (handshakes, replies), appended to `out` ahead of whatever the jobs will produce.
+/// (handshakes, replies), appended to `out` ahead of whatever the jobs will produce. Then,
+/// without the lock, checks the jobs' packets to seal and tracks their flows
+/// ([`CryptoJob::check_all`]), while they are fresh in this thread's cache.
 ///
 /// A shell may hand `out` to another thread for [`finish`] and feed its next batch in the
 /// meantime: as long as one thread finishes a feeder's batches in the order they were fed,
@@ -79,6 +81,8 @@ pub fn feed(core: &Mutex<NodeState>, out: &mut BatchOutput, input: impl FnOnce(&
     input(&mut st);
     take_jobs(&mut st, out);
     take_ready(&mut st, out);
+    drop(st);
+    check_jobs(out);
 }
 
 /// The second half of [`run_batch`]: runs the jobs [`feed`] left in `out` without the lock,
@@ -89,30 +93,45 @@ pub fn finish(core: &Mutex<NodeState>, now: Instant, out: &mut BatchOutput) {
     complete(core, now, out);
 }
 
-/// The first part of [`finish`]: runs the jobs [`feed`] left in `out` (the AEAD), without
-/// the core. A shell may run it on a thread of its own between the one that feeds and the
-/// one that completes, as long as the batches keep their order through all three.
+/// The first part of [`finish`]: runs the jobs [`feed`] left in `out` (the AEAD,
+/// [`CryptoJob::crypt_all`]), without the core. A shell may run it on a thread of its own
+/// between the one that feeds and the one that completes, as long as the batches keep their
+/// order through all three.
 pub fn crypt(out: &mut BatchOutput) {
     debug_assert!(
         out.jobs.is_empty() || out.checks.is_some(),
         "jobs come with checks"
     );
     if let Some(checks) = &out.checks {
-        CryptoJob::run_all(&mut out.jobs, checks, &mut out.done);
+        CryptoJob::crypt_all(&mut out.jobs, checks, &mut out.done);
     }
 }
 
-/// The second part of [`finish`]: finishes the jobs [`crypt`] ran, in order, under the
-/// core's lock, and appends what they produced. Finishing may make more jobs (packets a
-/// handshake released): it runs those too. Takes the lock only if there are jobs.
+/// The second part of [`finish`]: checks the packets [`crypt`] opened without the core's
+/// lock ([`CryptoDone::check_all`]), then finishes the jobs in order under it and appends
+/// what they produced. Finishing may make more jobs (packets a handshake released): it runs
+/// those too. Takes the lock only if there are jobs.
 pub fn complete(core: &Mutex<NodeState>, now: Instant, out: &mut BatchOutput) {
     while !out.done.is_empty() {
+        if let Some(checks) = &out.checks {
+            CryptoDone::check_all(&mut out.done, checks);
+        }
         let mut st = core.lock();
         st.handle_crypto_all(now, &mut out.done);
         take_jobs(&mut st, out);
         take_ready(&mut st, out);
         drop(st);
+        check_jobs(out);
         crypt(out);
+    }
+}
+
+/// Checks the packets to seal among `out`'s jobs ([`CryptoJob::check_all`]).
+fn check_jobs(out: &mut BatchOutput) {
+    if let Some(checks) = &out.checks
+        && !out.jobs.is_empty()
+    {
+        CryptoJob::check_all(&mut out.jobs, checks);
     }
 }
 

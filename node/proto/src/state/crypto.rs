@@ -174,49 +174,67 @@ impl CryptoJob {
 
     /// Runs `jobs` in order, empties it, and appends what they did to `done`, as
     /// [`CryptoJob::run`] one by one would, in three steps, none of them under the core's
-    /// lock:
-    /// - first the packets to seal are checked (their source must be this node's, or in a
-    ///   subnet it routes) and their flows tracked, before any of them leaves;
-    /// - then the AEAD: a run of jobs for one tunnel (at most `RUN`, 64) takes its lock once,
-    ///   and hands it on fairly: a thread waiting for the same tunnel (the other direction,
-    ///   or a packet read on another worker) gets it within one run instead of whenever this
-    ///   thread's next packet happens to find it free;
-    /// - after each run, with the tunnel's lock let go, the packets it opened are checked:
-    ///   whether their source belongs to the peer, whether they are for this node, and
-    ///   whether their flow is known or the rules admit it (the flow table is updated as for
-    ///   a packet delivered).
+    /// lock, which a shell may run on different threads (in this order for each batch):
+    /// - [`CryptoJob::check_all`]: the packets to seal are checked (their source must be this
+    ///   node's, or in a subnet it routes) and their flows tracked, before any of them leaves;
+    /// - [`CryptoJob::crypt_all`]: the AEAD;
+    /// - [`CryptoDone::check_all`]: the packets opened are checked: whether their source
+    ///   belongs to the peer, whether they are for this node, and whether their flow is known
+    ///   or the rules admit it (the flow table is updated as for a packet delivered).
     ///
     /// The flow table's shards are locked only in the first and last steps, never across an
     /// AEAD.
     pub fn run_all(jobs: &mut VecDeque<Self>, checks: &Checks, done: &mut Vec<CryptoDone>) {
-        let (routes, gate) = (&*checks.routes, &*checks.gate);
-        let mut held = gate.held();
+        let start = done.len();
+        Self::check_all(jobs, checks);
+        Self::crypt_all(jobs, checks, done);
+        CryptoDone::check_all(&mut done[start..], checks);
+    }
+
+    /// The first step of [`CryptoJob::run_all`]: checks the packets to seal and tracks their
+    /// flows. Jobs checked already are left alone.
+    pub fn check_all(jobs: &mut VecDeque<Self>, checks: &Checks) {
+        let mut held = checks.gate.held();
         for job in jobs.iter_mut() {
-            job.check(routes, &mut held);
+            job.check(&checks.routes, &mut held);
         }
-        drop(held);
+    }
+
+    /// The second step of [`CryptoJob::run_all`]: runs the AEAD of `jobs` in order, empties
+    /// it, and appends what they did to `done`. A run of jobs for one tunnel (at most `RUN`,
+    /// 64) takes its lock once, and hands it on fairly: a thread waiting for the same tunnel
+    /// (the other direction, or a packet read on another worker) gets it within one run
+    /// instead of whenever this thread's next packet happens to find it free. A packet to
+    /// seal that [`CryptoJob::check_all`] did not check is checked here first, so none leaves
+    /// unchecked.
+    pub fn crypt_all(jobs: &mut VecDeque<Self>, checks: &Checks, done: &mut Vec<CryptoDone>) {
         // Jobs are taken off the queue one by one (a job is some 200 bytes: an iterator
         // that peeks would move each one twice more).
-        while let Some(first) = jobs.pop_front() {
-            let start = done.len();
+        while let Some(mut first) = jobs.pop_front() {
+            first.check(&checks.routes, &mut checks.gate.held());
             let tunnel = first.tunnel.clone();
             let mut inner = tunnel.lock();
             done.push(first.run_locked(&mut inner));
             for _ in 1..RUN {
-                let Some(job) = jobs.pop_front_if(|j| j.tunnel.same(&tunnel)) else {
+                let Some(mut job) = jobs.pop_front_if(|j| j.tunnel.same(&tunnel)) else {
                     break;
                 };
+                if job.unchecked() {
+                    // Never across an AEAD: the shard is let go at once.
+                    job.check(&checks.routes, &mut checks.gate.held());
+                }
                 done.push(job.run_locked(&mut inner));
             }
             MutexGuard::unlock_fair(inner);
-            let mut held = gate.held();
-            for d in &mut done[start..] {
-                d.check(routes, &mut held);
-            }
         }
     }
 
-    /// Checks and tracks a packet to seal (see [`CryptoJob::run_all`]).
+    /// Whether this is a packet to seal whose source and flow are still to be checked.
+    fn unchecked(&self) -> bool {
+        matches!(self.work, Work::Seal { check: true, .. })
+    }
+
+    /// Checks and tracks a packet to seal (see [`CryptoJob::check_all`]).
     fn check(&mut self, routes: &Routes, held: &mut Held<'_>) {
         if let Work::Seal {
             packet,
@@ -265,8 +283,17 @@ impl std::fmt::Debug for CryptoJob {
 }
 
 impl CryptoDone {
-    /// Checks a data packet this job opened, outside the tunnel's lock (see
-    /// [`CryptoJob::run_all`]).
+    /// The last step of [`CryptoJob::run_all`]: checks the data packets these jobs opened.
+    /// Those already checked are left alone; one left unchecked is checked by the core when
+    /// it finishes the job.
+    pub fn check_all(done: &mut [Self], checks: &Checks) {
+        let mut held = checks.gate.held();
+        for d in done {
+            d.check(&checks.routes, &mut held);
+        }
+    }
+
+    /// Checks a data packet this job opened.
     fn check(&mut self, routes: &Routes, held: &mut Held<'_>) {
         if let Done::Opened {
             result: TunnResult::WriteToTunnel(inner),
