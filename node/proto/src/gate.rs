@@ -484,4 +484,192 @@ mod tests {
         assert_eq!(gate.len(), 64);
         assert_eq!(gate.owned_by(&A), 64);
     }
+
+    /// What the gate must agree with: one flow table and the rules, without shards or locks.
+    struct Plain {
+        table: FlowTable,
+        filter: Filter,
+    }
+
+    impl Plain {
+        fn inbound(
+            &mut self,
+            now: Instant,
+            owner: NodeKey,
+            t: &FiveTuple,
+            transport: Transport,
+            only_through_exit: bool,
+        ) -> bool {
+            if self.table.classify_inbound(now, owner, t, transport) != Known::New {
+                return true;
+            }
+            if only_through_exit || !self.filter.evaluate(t).is_accept() {
+                return false;
+            }
+            self.table.admit_inbound(now, owner, t, transport);
+            true
+        }
+
+        fn set_filter(&mut self, filter: Filter) -> Vec<CutFlow> {
+            self.filter = filter;
+            let filter = &self.filter;
+            self.table
+                .retain_inbound(|t| filter.evaluate(t).is_accept())
+        }
+    }
+
+    /// One step of the property test below.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// This node sends on flow `flow` to peer `owner`, with TCP flags `flags` (UDP if 0).
+        Out { owner: u8, flow: u8, flags: u8 },
+        /// Peer `owner` sends on flow `flow` (reversed: the far end's packet).
+        In {
+            owner: u8,
+            flow: u8,
+            flags: u8,
+            exit: bool,
+        },
+        /// Peer `owner` sends an ICMP error about this node's packet on flow `flow`.
+        Error { owner: u8, flow: u8 },
+        /// New rules: UDP and TCP let in to the ports in `ports` (a bit per port).
+        Rules { ports: u8 },
+        /// Time passes and idle flows go.
+        Sweep { secs: u16 },
+        /// Peer `owner` leaves.
+        Take { owner: u8 },
+        /// Peer `from` rotates its key to `to`'s.
+        Reown { from: u8, to: u8 },
+    }
+
+    const PORTS: [u16; 4] = [22, 53, 80, 443];
+
+    fn key(owner: u8) -> NodeKey {
+        NodeKey::from_bytes([10 + owner % 3; 32])
+    }
+
+    /// Flow `flow` as this node opens it: from 100.64.0.1 to a peer's address, a protocol,
+    /// a source and a destination port, all from `flow`'s bits.
+    fn flow(flow: u8) -> FiveTuple {
+        let udp = flow & 1 == 0;
+        FiveTuple {
+            proto: if udp { IpProto::UDP } else { IpProto::TCP },
+            src: "100.64.0.1".parse().unwrap(),
+            dst: IpAddr::from([100, 64, 0, 2 + (flow >> 1) % 2]),
+            src_port: 40_000 + u16::from(flow >> 2 & 3),
+            dst_port: PORTS[usize::from(flow >> 4 & 3)],
+        }
+    }
+
+    fn transport(t: &FiveTuple, flags: u8) -> Transport {
+        if t.proto == IpProto::UDP {
+            return Transport::Udp;
+        }
+        let flags = [
+            crate::packet::tcp_flags::SYN,
+            crate::packet::tcp_flags::ACK,
+            crate::packet::tcp_flags::SYN | crate::packet::tcp_flags::ACK,
+            crate::packet::tcp_flags::RST,
+        ][usize::from(flags % 4)];
+        Transport::Tcp {
+            flags,
+            seq: 1000,
+            ack: 0,
+            seg_len: 1,
+        }
+    }
+
+    fn rules(ports: u8) -> Filter {
+        let rules: Vec<FilterRule> = PORTS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| ports >> i & 1 == 1)
+            .map(|(_, p)| FilterRule {
+                protocols: vec![IpProto::UDP, IpProto::TCP],
+                ..allow_port(*p, 0).rules()[0].clone()
+            })
+            .collect();
+        Filter::new(rules, 0)
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (any::<u8>(), any::<u8>(), any::<u8>())
+                .prop_map(|(owner, flow, flags)| Op::Out { owner, flow, flags }),
+            6 => (any::<u8>(), any::<u8>(), any::<u8>(), proptest::bool::weighted(0.1))
+                .prop_map(|(owner, flow, flags, exit)| Op::In { owner, flow, flags, exit }),
+            1 => (any::<u8>(), any::<u8>()).prop_map(|(owner, flow)| Op::Error { owner, flow }),
+            1 => any::<u8>().prop_map(|ports| Op::Rules { ports }),
+            1 => (0u16..2000).prop_map(|secs| Op::Sweep { secs }),
+            1 => any::<u8>().prop_map(|owner| Op::Take { owner }),
+            1 => (any::<u8>(), any::<u8>()).prop_map(|(from, to)| Op::Reown { from, to }),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// The sharded gate agrees with one plain table and the rules, step by step, on
+        /// every answer (let in or not, what new rules cut, what a leaving peer takes) and on
+        /// what it holds, as long as no shard fills up (eviction is per shard by design).
+        #[test]
+        fn the_sharded_gate_agrees_with_one_plain_table(
+            ops in proptest::collection::vec(op(), 1..300),
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let mut now = crate::test_epoch();
+            let gate = Gate::new(seed);
+            let mut plain = Plain { table: FlowTable::default(), filter: Filter::default() };
+            for op in ops {
+                match op {
+                    Op::Out { owner, flow: f, flags } => {
+                        let t = flow(f);
+                        let tr = transport(&t, flags);
+                        gate.track_outbound(now, key(owner), &t, tr);
+                        plain.table.track_outbound(now, key(owner), &t, tr);
+                    }
+                    Op::In { owner, flow: f, flags, exit } => {
+                        let t = flow(f).reversed();
+                        let tr = transport(&t, flags);
+                        proptest::prop_assert_eq!(
+                            gate.inbound(now, key(owner), &t, tr, exit),
+                            plain.inbound(now, key(owner), &t, tr, exit),
+                            "{:?}", op
+                        );
+                    }
+                    Op::Error { owner, flow: f } => {
+                        let q = flow(f);
+                        let t = FiveTuple { proto: IpProto::ICMP, src_port: 0, dst_port: 0, ..q.reversed() };
+                        let tr = Transport::IcmpError { quoted: Some(q) };
+                        proptest::prop_assert_eq!(
+                            gate.inbound(now, key(owner), &t, tr, false),
+                            plain.inbound(now, key(owner), &t, tr, false),
+                            "{:?}", op
+                        );
+                    }
+                    Op::Rules { ports } => {
+                        proptest::prop_assert_eq!(gate.set_filter(rules(ports)), plain.set_filter(rules(ports)));
+                    }
+                    Op::Sweep { secs } => {
+                        now += std::time::Duration::from_secs(u64::from(secs));
+                        gate.sweep(now);
+                        plain.table.sweep(now);
+                    }
+                    Op::Take { owner } => {
+                        proptest::prop_assert_eq!(gate.take_owner(&key(owner)), plain.table.take_owner(&key(owner)));
+                    }
+                    Op::Reown { from, to } => {
+                        gate.reown(&key(from), key(to));
+                        plain.table.reown(&key(from), key(to));
+                    }
+                }
+                proptest::prop_assert_eq!(gate.len(), plain.table.len());
+                for owner in 0..3 {
+                    proptest::prop_assert_eq!(gate.owned_by(&key(owner)), plain.table.owned_by(&key(owner)));
+                }
+            }
+            proptest::prop_assert_eq!(gate.evicted(), 0);
+        }
+    }
 }
