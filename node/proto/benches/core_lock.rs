@@ -5,7 +5,8 @@
 //! with real (post-quantum) tunnels. The hub's core is
 //! shared as the node's workers share it (crypto outside, `shared::run_batch`):
 //! - on one thread, the time per 1,280-byte packet spent under the core's lock and outside
-//!   it (the AEAD), sealing packets for a peer and opening datagrams from one;
+//!   it (the flow-table checks and the AEAD), sealing packets for a peer and opening datagrams
+//!   from one;
 //! - on 1, 2, 4, 8, 12 and 16 threads (up to the CPU count), each sealing for or opening from its own
 //!   peer, the packets per second all of them reach together.
 //!
@@ -253,7 +254,7 @@ fn report(what: &str, t: &Times) {
     let locked = t.locked();
     println!(
         "  {what}: {:.0} ns per packet; {locked:.0} ns under the core's lock ({:.0}%: {:.0} handing \
-         it in, {:.0} finishing its job), {:.0} ns outside it (the AEAD, dropping the output)",
+         it in, {:.0} finishing its job), {:.0} ns outside it (checks and AEAD, dropping the output)",
         locked + t.outside,
         100.0 * locked / (locked + t.outside),
         t.fed,
