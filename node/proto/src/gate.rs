@@ -251,9 +251,12 @@ impl Held<'_> {
         if self.held.as_ref().is_none_or(|(last, _)| last != t) {
             // Let go of one shard before taking another.
             self.held = None;
-            self.held = Some((*t, self.gate.shard(t).lock()));
         }
-        &mut self.held.as_mut().expect("locked above").1
+        let gate = self.gate;
+        &mut self
+            .held
+            .get_or_insert_with(|| (*t, gate.shard(t).lock()))
+            .1
     }
 }
 
