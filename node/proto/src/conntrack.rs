@@ -234,8 +234,7 @@ impl FlowTable {
             self.remove(t);
             return;
         }
-        let f = self.upsert(now, owner, *t, Direction::Outbound);
-        f.saw(true, transport);
+        self.upsert(now, owner, *t, Direction::Outbound, transport);
     }
 
     /// Classifies a packet arriving from peer `owner`, refreshing the flow it belongs to.
@@ -309,8 +308,7 @@ impl FlowTable {
         if is_reset(transport) || matches!(transport, Transport::IcmpEcho { request: false }) {
             return;
         }
-        let f = self.upsert(now, owner, *t, Direction::Inbound);
-        f.saw(true, transport);
+        self.upsert(now, owner, *t, Direction::Inbound, transport);
     }
 
     /// Drops idle flows.
@@ -381,38 +379,44 @@ impl FlowTable {
         }
     }
 
+    /// Records a packet its initiator sent in flow `t` of `owner`, opening the flow (in
+    /// `direction`) if it is not there.
     fn upsert(
         &mut self,
         now: Instant,
         owner: NodeKey,
         t: FiveTuple,
         direction: Direction,
-    ) -> &mut Flow {
-        if self.flows.get(&t).is_some_and(|f| f.owner != owner) {
-            // The address moved to another peer: the old peer's flow goes.
-            self.remove(&t);
-        }
-        let existed = self.flows.contains_key(&t);
-        if !existed {
-            if self.owned_by(&owner) >= self.per_owner {
-                self.evict_from(now, owner);
-            } else if self.flows.len() >= self.capacity {
-                let biggest = self.by_count.last().map(|(_, o)| *o);
-                if let Some(o) = biggest {
-                    self.evict_from(now, o);
-                }
+        transport: Transport,
+    ) {
+        if let Some(f) = self.flows.get_mut(&t)
+            && f.owner == owner
+        {
+            // The usual case, a further packet of a known flow: one look-up.
+            if f.direction != direction {
+                f.direction = direction;
+                f.next_seq = [None, None];
+                f.idle_timeout = idle_timeout(t.proto);
             }
-            self.insert(now, owner, t, direction);
+            f.last_seen = now;
+            f.used = true;
+            f.saw(true, transport);
+            return;
         }
-        let f = self.flows.get_mut(&t).expect("inserted above");
-        if f.direction != direction {
-            f.direction = direction;
-            f.next_seq = [None, None];
-            f.idle_timeout = idle_timeout(t.proto);
+        // The address moved to another peer: the old peer's flow goes.
+        self.remove(&t);
+        if self.owned_by(&owner) >= self.per_owner {
+            self.evict_from(now, owner);
+        } else if self.flows.len() >= self.capacity {
+            let biggest = self.by_count.last().map(|(_, o)| *o);
+            if let Some(o) = biggest {
+                self.evict_from(now, o);
+            }
         }
-        f.last_seen = now;
-        f.used |= existed;
-        f
+        self.insert(now, owner, t, direction);
+        if let Some(f) = self.flows.get_mut(&t) {
+            f.saw(true, transport);
+        }
     }
 
     fn insert(&mut self, now: Instant, owner: NodeKey, t: FiveTuple, direction: Direction) {

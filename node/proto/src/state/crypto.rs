@@ -208,21 +208,19 @@ impl CryptoJob {
     /// seal that [`CryptoJob::check_all`] did not check is checked here first, so none leaves
     /// unchecked.
     pub fn crypt_all(jobs: &mut VecDeque<Self>, checks: &Checks, done: &mut Vec<CryptoDone>) {
+        if jobs.iter().any(Self::unchecked) {
+            Self::check_all(jobs, checks);
+        }
         // Jobs are taken off the queue one by one (a job is some 200 bytes: an iterator
         // that peeks would move each one twice more).
-        while let Some(mut first) = jobs.pop_front() {
-            first.check(&checks.routes, &mut checks.gate.held());
+        while let Some(first) = jobs.pop_front() {
             let tunnel = first.tunnel.clone();
             let mut inner = tunnel.lock();
             done.push(first.run_locked(&mut inner));
             for _ in 1..RUN {
-                let Some(mut job) = jobs.pop_front_if(|j| j.tunnel.same(&tunnel)) else {
+                let Some(job) = jobs.pop_front_if(|j| j.tunnel.same(&tunnel)) else {
                     break;
                 };
-                if job.unchecked() {
-                    // Never across an AEAD: the shard is let go at once.
-                    job.check(&checks.routes, &mut checks.gate.held());
-                }
                 done.push(job.run_locked(&mut inner));
             }
             MutexGuard::unlock_fair(inner);

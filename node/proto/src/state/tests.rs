@@ -462,6 +462,41 @@ fn a_crypto_job_admits_its_packet_and_new_rules_before_it_finishes_cut_the_flow(
     );
 }
 
+/// Packets to seal that reach the AEAD step without the check step (a shell that skipped
+/// it) are checked there first: one from a source that is not this node's is refused and
+/// counted, never sealed; the others are sealed and their flow tracked.
+#[test]
+fn crypt_all_checks_what_the_check_step_did_not() {
+    let mut net = keyed_pair_with_crypto_outside(0);
+    let foreign = ipv4([10, 0, 0, 1], v4(1), 17, &udp(1000, 2000, b"spoofed"));
+    let fine = ipv4(v4(0), v4(1), 17, &udp(1001, 2000, b"fine"));
+    for p in [&foreign, &fine] {
+        net.nodes[0].handle_tun_packet(net.now, Packet::copy_from(&p[..]));
+    }
+    let mut jobs = VecDeque::new();
+    net.nodes[0].take_crypto(&mut jobs);
+    assert_eq!(jobs.len(), 2);
+    let (flows, bad) = {
+        let st = net.nodes[0].status(net.now);
+        (st.flows, st.counters.tun_bad_source)
+    };
+    let mut done = Vec::new();
+    CryptoJob::crypt_all(&mut jobs, &net.nodes[0].checks(), &mut done);
+    assert_eq!(
+        net.nodes[0].status(net.now).flows,
+        flows + 1,
+        "the fine one's flow"
+    );
+    net.nodes[0].handle_crypto_all(net.now, &mut done);
+    assert_eq!(
+        net.nodes[0].status(net.now).counters.tun_bad_source,
+        bad + 1
+    );
+    net.nodes[0].set_crypto_outside(false);
+    net.run();
+    assert_eq!(net.received(1), vec![fine]);
+}
+
 /// A job that ran while its peer's tunnel was replaced (here by a switch of the mesh's
 /// tunnel security) is dropped: nothing goes out from a tunnel the core no longer holds.
 #[test]
