@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use gotatun::noise::TunnResult;
+use gotatun::noise::errors::WireGuardError;
 use gotatun::packet::{Packet, WgKind};
 use parking_lot::MutexGuard;
 use tracing::trace;
@@ -56,6 +57,10 @@ enum Work {
     Refused(Refusal),
     /// A WireGuard transport-data message from `from` to decrypt.
     Open { from: Addr, message: WgKind },
+    /// What looked like one, not parsed yet ([`CryptoJob::check_all`] parses it).
+    OpenRaw { from: Addr, datagram: Packet },
+    /// What looked like one and is not: counted as an invalid WireGuard message.
+    Invalid { from: Addr },
 }
 
 /// A finished [`CryptoJob`], for [`NodeState::handle_crypto`].
@@ -154,6 +159,23 @@ impl CryptoJob {
         }
     }
 
+    /// Opens `datagram`, which arrived from `from` at `at` and looked like a data message
+    /// for this peer's session; it is parsed outside the core.
+    pub(super) fn open_raw(
+        key: NodeKey,
+        tunnel: Tunnel,
+        at: Instant,
+        from: Addr,
+        datagram: Packet,
+    ) -> Self {
+        Self {
+            key,
+            tunnel,
+            at,
+            work: Work::OpenRaw { from, datagram },
+        }
+    }
+
     /// The peer whose tunnel the job uses.
     pub fn peer(&self) -> NodeKey {
         self.key
@@ -227,30 +249,47 @@ impl CryptoJob {
         }
     }
 
-    /// Whether this is a packet to seal whose source and flow are still to be checked.
+    /// Whether this is a packet to seal whose source and flow are still to be checked, or a
+    /// datagram still to be parsed.
     fn unchecked(&self) -> bool {
-        matches!(self.work, Work::Seal { check: true, .. })
+        matches!(
+            self.work,
+            Work::Seal { check: true, .. } | Work::OpenRaw { .. }
+        )
     }
 
-    /// Checks and tracks a packet to seal (see [`CryptoJob::check_all`]).
+    /// Checks and tracks a packet to seal, or parses a datagram to open (see
+    /// [`CryptoJob::check_all`]).
     fn check(&mut self, routes: &Routes, held: &mut Held<'_>) {
-        if let Work::Seal {
-            packet,
-            check: check @ true,
-        } = &mut self.work
-        {
-            *check = false;
-            if let Err(refusal) = track(routes, held, self.at, self.key, packet) {
-                self.work = Work::Refused(refusal);
+        match &mut self.work {
+            Work::Seal {
+                packet,
+                check: check @ true,
+            } => {
+                *check = false;
+                if let Err(refusal) = track(routes, held, self.at, self.key, packet) {
+                    self.work = Work::Refused(refusal);
+                }
             }
+            Work::OpenRaw { .. } => {
+                // A stand-in for the moment the datagram is moved out to be parsed.
+                let raw = std::mem::replace(&mut self.work, Work::Refused(Refusal::Malformed));
+                self.work = raw.parsed();
+            }
+            _ => {}
         }
     }
 
     /// Runs the AEAD on this job's tunnel, locked by the caller.
     fn run_locked(self, inner: &mut Inner) -> CryptoDone {
-        let result = match self.work {
+        let result = match self.work.parsed() {
             Work::Seal { packet, .. } => Done::Sealed(inner.encapsulate(packet)),
             Work::Refused(refusal) => Done::Refused(refusal),
+            Work::Invalid { from } | Work::OpenRaw { from, .. } => Done::Opened {
+                from,
+                result: TunnResult::Err(WireGuardError::InvalidPacket),
+                delivery: None,
+            },
             Work::Open { from, message } => Done::Opened {
                 from,
                 result: inner.decapsulate(message),
@@ -266,12 +305,25 @@ impl CryptoJob {
     }
 }
 
+impl Work {
+    /// A datagram to open parsed: a data message, or invalid. Other work as it is.
+    fn parsed(self) -> Self {
+        match self {
+            Self::OpenRaw { from, datagram } => match datagram.try_into_wg() {
+                Ok(message @ WgKind::Data(_)) => Self::Open { from, message },
+                _ => Self::Invalid { from },
+            },
+            other => other,
+        }
+    }
+}
+
 impl std::fmt::Debug for CryptoJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self.work {
             Work::Seal { .. } => "seal",
             Work::Refused(_) => "refused",
-            Work::Open { .. } => "open",
+            Work::Open { .. } | Work::OpenRaw { .. } | Work::Invalid { .. } => "open",
         };
         f.debug_struct("CryptoJob")
             .field("peer", &self.key)

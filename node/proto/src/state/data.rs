@@ -17,6 +17,7 @@ use super::peers::MAX_WAITING;
 use super::routes::Routes;
 use super::{NodeState, Transmit};
 use crate::gate::Held;
+use crate::magicsock;
 use crate::packet::{self, PacketInfo, Transport};
 use crate::tunnel::Tunnel;
 
@@ -113,6 +114,17 @@ impl NodeState {
         datagram: Packet,
         last: Option<Opening>,
     ) -> Option<Opening> {
+        // The usual case: a further data message of the same session from the same address.
+        // Its header is read in place; the job parses it (a data message goes through the
+        // rate limiter untouched), so nothing more is done for it under the core's lock.
+        if let Some(o) = &last
+            && o.from == from
+            && data_index(&datagram) == Some(o.idx)
+        {
+            let job = CryptoJob::open_raw(o.key, o.tunnel.clone(), now, from, datagram);
+            self.crypto_job(now, job);
+            return last;
+        }
         // Relayed packets have no source address: each relayed peer counts as its own source
         // (the relay authenticated it), so one peer's handshake flood cannot put every other
         // relayed peer under cookie load. Cookies for them go back through the relay.
@@ -339,6 +351,21 @@ pub(super) struct Found {
     dst: IpAddr,
     key: NodeKey,
     tunnel: Tunnel,
+}
+
+/// The receiver index of what looks like a WireGuard transport-data message (type 4, at
+/// least its header and tag); the job that opens it checks the rest.
+fn data_index(datagram: &[u8]) -> Option<u32> {
+    const MIN_DATA: usize = 32;
+    if datagram.len() < MIN_DATA || !magicsock::is_wireguard_data(datagram) {
+        return None;
+    }
+    Some(u32::from_le_bytes([
+        datagram[4],
+        datagram[5],
+        datagram[6],
+        datagram[7],
+    ]))
 }
 
 /// A stand-in source address for WireGuard's per-IP handshake rate limiter, one per relayed

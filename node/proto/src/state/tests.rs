@@ -497,6 +497,50 @@ fn crypt_all_checks_what_the_check_step_did_not() {
     assert_eq!(net.received(1), vec![fine]);
 }
 
+/// A run of data messages from one address shares one look-up and each is parsed by its job:
+/// one with a broken tag, and a stub too short to be a data message, are counted invalid,
+/// and the others are delivered in order.
+#[test]
+fn data_messages_in_a_run_are_parsed_by_their_jobs_and_the_bad_ones_counted() {
+    let mut net = keyed_pair_with_crypto_outside(1);
+    let packets: Vec<Vec<u8>> = (0..4u8)
+        .map(|i| ipv4(v4(0), v4(1), 17, &udp(1000, 2000, &[i; 20])))
+        .collect();
+    for p in &packets {
+        net.nodes[0].handle_tun_packet(net.now, Packet::copy_from(&p[..]));
+    }
+    let mut datagrams: Vec<Vec<u8>> = std::iter::from_fn(|| net.nodes[0].poll_transmit())
+        .map(|t| t.payload.to_vec())
+        .collect();
+    assert_eq!(datagrams.len(), 4);
+    // The second and third share the first's look-up; the stub breaks the run.
+    let n = datagrams[2].len();
+    datagrams[2][n - 1] ^= 1;
+    let stub = datagrams[0][..20].to_vec();
+    datagrams.insert(3, stub);
+    let invalid = net.nodes[1].status(net.now).counters.wg_invalid;
+    let from = net.addrs[0];
+    net.nodes[1].handle_datagrams(
+        net.now,
+        SockId::Main,
+        datagrams.iter().map(|d| (from, Packet::copy_from(&d[..]))),
+    );
+    let mut jobs = VecDeque::new();
+    net.nodes[1].take_crypto(&mut jobs);
+    assert_eq!(jobs.len(), 4, "the stub never became a job");
+    let mut done = Vec::new();
+    CryptoJob::run_all(&mut jobs, &net.nodes[1].checks(), &mut done);
+    net.nodes[1].handle_crypto_all(net.now, &mut done);
+    assert_eq!(
+        net.received(1),
+        vec![packets[0].clone(), packets[1].clone(), packets[3].clone()]
+    );
+    assert_eq!(
+        net.nodes[1].status(net.now).counters.wg_invalid,
+        invalid + 2
+    );
+}
+
 /// A job that ran while its peer's tunnel was replaced (here by a switch of the mesh's
 /// tunnel security) is dropped: nothing goes out from a tunnel the core no longer holds.
 #[test]
