@@ -45,6 +45,16 @@ pub fn is_wireguard_data(b: &[u8]) -> bool {
     b.len() >= 4 && b[..4] == [4, 0, 0, 0]
 }
 
+/// The receiver index of what looks like a WireGuard transport-data message: type 4 and at
+/// least its 16-byte header and 16-byte tag. Whoever opens it checks the rest.
+pub fn data_receiver(b: &[u8]) -> Option<u32> {
+    const MIN_DATA: usize = 32;
+    if b.len() < MIN_DATA || !is_wireguard_data(b) {
+        return None;
+    }
+    Some(u32::from_le_bytes([b[4], b[5], b[6], b[7]]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,9 +55,9 @@ const HANDOFFS: usize = 64;
 /// packet held it 0.28 us of its 2.2 us sealing on one thread (`scripts/bench-core`), and
 /// threads each sealing for its own peer reached 2.1 M packets/s in all on 8 threads, about
 /// 60% of what the lock allows, and no more on 12 or 16: past 8 workers the lock, not the
-/// AEAD, limits a node. Since the flow table and the filter moved out of it (`gate`), a packet
-/// holds it about a third less (on 2 CPUs: 0.12 -> 0.08 us sealing, 0.12 -> 0.09 opening);
-/// not yet measured on 16.
+/// AEAD, limits a node. Since the flow table, the filter and the parsing of data messages
+/// moved out of it (`gate`), a packet holds it about half as long (on 2 CPUs: 0.12 -> 0.06 us
+/// sealing and opening); not yet measured on 16.
 pub const DEFAULT_MAX: usize = 8;
 
 /// How many workers to run: `asked`, or one per CPU up to [`DEFAULT_MAX`].

@@ -2,11 +2,12 @@
 //!
 //! By default the core encrypts and decrypts inline, as it handles each packet. A shell that
 //! spreads the data plane over several threads turns on [`NodeState::set_crypto_outside`]:
-//! the core then decides where a data packet goes (route, source check, which tunnel) but
+//! the core then decides where a data packet goes (its peer and that peer's tunnel) but
 //! hands the rest out as a [`CryptoJob`], which the shell runs without holding the core and
 //! hands back as a [`CryptoDone`]: the AEAD, and the flow-table work, which needs only the
-//! route tables and the gate ([`Checks`]): tracking the flow of a packet it sealed, or
-//! checking a packet it opened (its source, its destination, its flow or the rules). The
+//! route tables and the gate ([`Checks`]): checking the source of a packet to seal and
+//! tracking its flow, or checking a packet it opened (its source, its destination, its flow
+//! or the rules). The
 //! core finishes the job (counts it, sends it on the peer's path or delivers it) exactly as
 //! the inline path, which runs the same job at once, does.
 //!
@@ -74,8 +75,8 @@ pub struct CryptoDone {
 enum Done {
     Sealed(Option<WgKind>),
     Refused(Refusal),
-    /// `delivery`: what the checks decided about the packet, once run ([`CryptoJob::run_all`]
-    /// runs them for each data packet it opens).
+    /// `delivery`: what the checks decided about the packet, once run
+    /// ([`CryptoDone::check_all`]).
     Opened {
         from: Addr,
         result: TunnResult,
@@ -271,9 +272,10 @@ impl CryptoJob {
                     self.work = Work::Refused(refusal);
                 }
             }
-            Work::OpenRaw { .. } => {
-                // A stand-in for the moment the datagram is moved out to be parsed.
-                let raw = std::mem::replace(&mut self.work, Work::Refused(Refusal::Malformed));
+            Work::OpenRaw { from, .. } => {
+                // Invalid stands in while the datagram is moved out to be parsed.
+                let from = *from;
+                let raw = std::mem::replace(&mut self.work, Work::Invalid { from });
                 self.work = raw.parsed();
             }
             _ => {}

@@ -119,7 +119,7 @@ impl NodeState {
         // rate limiter untouched), so nothing more is done for it under the core's lock.
         if let Some(o) = &last
             && o.from == from
-            && data_index(&datagram) == Some(o.idx)
+            && magicsock::data_receiver(&datagram) == Some(o.idx)
         {
             let job = CryptoJob::open_raw(o.key, o.tunnel.clone(), now, from, datagram);
             self.crypto_job(now, job);
@@ -351,21 +351,6 @@ pub(super) struct Found {
     dst: IpAddr,
     key: NodeKey,
     tunnel: Tunnel,
-}
-
-/// The receiver index of what looks like a WireGuard transport-data message (type 4, at
-/// least its header and tag); the job that opens it checks the rest.
-fn data_index(datagram: &[u8]) -> Option<u32> {
-    const MIN_DATA: usize = 32;
-    if datagram.len() < MIN_DATA || !magicsock::is_wireguard_data(datagram) {
-        return None;
-    }
-    Some(u32::from_le_bytes([
-        datagram[4],
-        datagram[5],
-        datagram[6],
-        datagram[7],
-    ]))
 }
 
 /// A stand-in source address for WireGuard's per-IP handshake rate limiter, one per relayed
