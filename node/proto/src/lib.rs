@@ -37,6 +37,7 @@ mod state;
 pub mod status;
 pub mod stun;
 mod tunnel;
+pub mod wg;
 
 pub use addr::{Addr, SockId};
 

@@ -1,0 +1,596 @@
+//! Every exchange runs against gotatun's `Tunn`, an independent implementation of the same
+//! protocol: if either side derived a key differently, nothing would open.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use gotatun::noise::index_table::IndexTable;
+use gotatun::noise::rate_limiter::RateLimiter;
+use gotatun::noise::{Tunn, TunnResult};
+use gotatun::packet::{Packet, WgKind};
+use gotatun::x25519::{PublicKey, StaticSecret};
+use proptest::prelude::*;
+use rand_09::SeedableRng as _;
+use rand_09::rngs::StdRng;
+
+use super::handshake::Identity;
+use super::peer::{Outcome, Peer, QUEUE_MAX, read_initiation};
+use super::session::{Replay, WINDOW};
+use super::{
+    Error, KEEPALIVE_TIMEOUT, REJECT_AFTER_TIME, REKEY_AFTER_TIME, REKEY_ATTEMPT_TIME,
+    REKEY_TIMEOUT,
+};
+
+const MTU: usize = 1420;
+const WALL: Duration = Duration::from_secs(1_800_000_000);
+
+fn secret(n: u8) -> [u8; 32] {
+    let mut k = [n; 32];
+    k[0] &= 248;
+    k[31] = (k[31] & 127) | 64;
+    k
+}
+
+fn public(n: u8) -> [u8; 32] {
+    PublicKey::from(&StaticSecret::from(secret(n))).to_bytes()
+}
+
+fn table() -> IndexTable<StdRng> {
+    IndexTable::from_rng(StdRng::seed_from_u64(7))
+}
+
+/// Our side: node 1, talking to node 2.
+fn ours(psk: [u8; 32]) -> Peer {
+    Peer::new(
+        Arc::new(Identity::new(&secret(1))),
+        public(2),
+        psk,
+        table(),
+        [9; 32],
+        MTU,
+    )
+}
+
+/// gotatun's side: node 2, talking to node 1.
+fn theirs(psk: [u8; 32]) -> Tunn<StdRng> {
+    Tunn::new_with_rng(
+        StaticSecret::from(secret(2)),
+        PublicKey::from(public(1)),
+        Some(psk),
+        None,
+        IndexTable::from_rng(StdRng::seed_from_u64(8)),
+        Arc::new(RateLimiter::new(&PublicKey::from(public(2)), 100)),
+        StdRng::seed_from_u64(9),
+    )
+}
+
+/// An IPv4 packet with `n` bytes of payload marked with `mark`.
+fn ip(n: usize, mark: u8) -> Vec<u8> {
+    let mut p = vec![mark; 20 + n];
+    p[0] = 0x45;
+    p[1] = 0;
+    p[2..4].copy_from_slice(&((20 + n) as u16).to_be_bytes());
+    p
+}
+
+fn wg(bytes: &[u8]) -> WgKind {
+    Packet::from_bytes(BytesMut::from(bytes))
+        .try_into_wg()
+        .expect("a WireGuard message")
+}
+
+fn bytes(kind: WgKind) -> Vec<u8> {
+    let p: Packet = kind.into();
+    p.to_vec()
+}
+
+/// What gotatun makes of `msg`: the packet it delivers, or the message it sends back.
+fn feed(tunn: &mut Tunn<StdRng>, msg: &[u8]) -> TunnResult {
+    tunn.handle_incoming_packet(wg(msg))
+}
+
+/// The packet gotatun delivers, its padding cut off by the IPv4 header's length.
+fn delivered(r: TunnResult) -> Vec<u8> {
+    match r {
+        TunnResult::WriteToTunnel(p) => {
+            let len = usize::from(u16::from_be_bytes([p[2], p[3]]));
+            p[..len].to_vec()
+        }
+        other => panic!("expected a packet, got {}", describe(&other)),
+    }
+}
+
+/// Whether gotatun opened `r` as a keepalive (an empty packet).
+fn keepalive(r: &TunnResult) -> bool {
+    matches!(r, TunnResult::WriteToTunnel(p) if p.is_empty())
+}
+
+fn describe(r: &TunnResult) -> String {
+    match r {
+        TunnResult::Done => "done".into(),
+        TunnResult::Err(e) => format!("error {e:?}"),
+        TunnResult::WriteToNetwork(_) => "a message".into(),
+        TunnResult::WriteToTunnel(_) => "a packet".into(),
+    }
+}
+
+fn seal_theirs(tunn: &mut Tunn<StdRng>, packet: &[u8]) -> Vec<u8> {
+    bytes(
+        tunn.handle_outgoing_packet(Packet::copy_from(packet), None)
+            .expect("a session"),
+    )
+}
+
+/// Runs our initiation against gotatun and returns both sides with a session.
+fn established(psk: [u8; 32], t0: Instant) -> (Peer, Tunn<StdRng>, Vec<Vec<u8>>) {
+    let (mut a, mut b) = (ours(psk), theirs(psk));
+    let first = ip(100, 1);
+    let init = a.send(t0, WALL, &first).expect("an initiation");
+    let TunnResult::WriteToNetwork(resp) = feed(&mut b, &init) else {
+        panic!("gotatun did not answer our initiation");
+    };
+    let mut resp = bytes(resp);
+    assert!(matches!(a.receive(t0, &mut resp), Ok(Outcome::Established)));
+    let sent = a.queued(t0).into_iter().map(|m| m.to_vec()).collect();
+    (a, b, sent)
+}
+
+#[test]
+fn our_initiation_makes_a_session_with_gotatun_both_ways() {
+    let t0 = crate::test_epoch();
+    let (mut a, mut b, sent) = established([3; 32], t0);
+    assert_eq!(
+        sent.len(),
+        1,
+        "the queued packet goes out as soon as the session exists"
+    );
+    assert_eq!(delivered(feed(&mut b, &sent[0])), ip(100, 1));
+    // Both directions, sizes that need padding and one that fills the MTU.
+    for (i, n) in [0usize, 1, 15, 16, 17, 1000, MTU - 20]
+        .into_iter()
+        .enumerate()
+    {
+        let p = ip(n, i as u8);
+        let msg = a.send(t0, WALL, &p).expect("sealed");
+        assert_eq!(delivered(feed(&mut b, &msg)), p);
+        let mut back = seal_theirs(&mut b, &p);
+        match a.receive(t0, &mut back) {
+            Ok(Outcome::Deliver { packet, .. }) => assert_eq!(&packet[..], &p[..]),
+            other => panic!("expected a packet, got {other:?}"),
+        }
+    }
+    let stats = a.stats(t0);
+    assert_eq!(stats.handshakes, 1);
+    assert!(stats.tx_bytes > 0 && stats.rx_bytes > 0);
+}
+
+#[test]
+fn gotatuns_initiation_is_answered_and_the_session_waits_for_its_first_data() {
+    let t0 = crate::test_epoch();
+    let (mut a, mut b) = (ours([4; 32]), theirs([4; 32]));
+    let me = Identity::new(&secret(1));
+    let init = bytes(
+        b.format_handshake_initiation(false)
+            .expect("an initiation")
+            .into(),
+    );
+    let received = read_initiation(&me, &init).expect("it reads");
+    assert_eq!(received.peer, public(2));
+    let resp = a.answer(t0, received).expect("answered");
+    // Until the initiator's first data arrives, the responder has nothing to seal with.
+    assert!(a.sending(t0).is_none());
+    let reply = feed(&mut b, &resp);
+    let TunnResult::WriteToNetwork(keepalive) = reply else {
+        panic!("gotatun did not confirm: {}", describe(&reply));
+    };
+    let mut keepalive = bytes(keepalive);
+    assert!(matches!(
+        a.receive(t0, &mut keepalive),
+        Ok(Outcome::Established)
+    ));
+    let p = ip(64, 7);
+    let msg = a
+        .send(t0, WALL, &p)
+        .expect("sealed with the confirmed session");
+    assert_eq!(delivered(feed(&mut b, &msg)), p);
+    // The same initiation again is a replay: no second session.
+    let again = read_initiation(&me, &init).expect("it reads");
+    assert_eq!(
+        a.answer(t0 + Duration::from_secs(1), again).unwrap_err(),
+        Error::ReplayedInitiation
+    );
+}
+
+#[test]
+fn different_preshared_keys_make_no_session() {
+    let t0 = crate::test_epoch();
+    let (mut a, mut b) = (ours([5; 32]), theirs([6; 32]));
+    let init = a.send(t0, WALL, &ip(10, 0)).expect("an initiation");
+    // gotatun answers (the PSK is only mixed into the response), and we cannot open it.
+    let TunnResult::WriteToNetwork(resp) = feed(&mut b, &init) else {
+        panic!("no response");
+    };
+    assert_eq!(a.receive(t0, &mut bytes(resp)).unwrap_err(), Error::Invalid);
+    assert!(a.sending(t0).is_none());
+    assert!(
+        a.handshaking(),
+        "the handshake stays in flight for the real answer"
+    );
+}
+
+#[test]
+fn a_tampered_or_replayed_data_message_is_refused_and_the_window_holds() {
+    let t0 = crate::test_epoch();
+    let (mut a, mut b, _) = established([3; 32], t0);
+    let msgs: Vec<Vec<u8>> = (0..5).map(|i| seal_theirs(&mut b, &ip(40, i))).collect();
+    let mut forged = msgs[4].clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    assert_eq!(a.receive(t0, &mut forged).unwrap_err(), Error::Invalid);
+    // The forged copy of counter 4 did not mark it: the real one still opens.
+    for i in [4usize, 0, 2, 1, 3] {
+        let mut m = msgs[i].clone();
+        assert!(
+            matches!(a.receive(t0, &mut m), Ok(Outcome::Deliver { .. })),
+            "message {i}"
+        );
+    }
+    for m in &msgs {
+        assert_eq!(a.receive(t0, &mut m.clone()).unwrap_err(), Error::Replayed);
+    }
+    // Past its lifetime a session opens nothing.
+    let mut late = seal_theirs(&mut b, &ip(40, 9));
+    assert_eq!(
+        a.receive(t0 + REJECT_AFTER_TIME, &mut late).unwrap_err(),
+        Error::Expired
+    );
+}
+
+#[test]
+fn counters_taken_in_order_and_sealed_on_several_threads_arrive_in_order() {
+    let t0 = crate::test_epoch();
+    let (a, mut b, sent) = established([3; 32], t0);
+    assert!(matches!(
+        feed(&mut b, &sent[0]),
+        TunnResult::WriteToTunnel(_)
+    ));
+    let session = Arc::clone(a.sending(t0).expect("a session"));
+    let runs: Vec<(u64, Vec<Vec<u8>>)> = (0..4u8)
+        .map(|r| {
+            let packets: Vec<Vec<u8>> = (0..64).map(|i| ip(200 + i, r)).collect();
+            (session.reserve(64).expect("counters"), packets)
+        })
+        .collect();
+    let sealed: Vec<Vec<Vec<u8>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = runs
+            .iter()
+            .map(|(first, packets)| {
+                let session = &session;
+                s.spawn(move || {
+                    packets
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| session.seal(first + i as u64, p, MTU).to_vec())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("sealed"))
+            .collect()
+    });
+    for ((_, packets), msgs) in runs.iter().zip(&sealed) {
+        for (p, m) in packets.iter().zip(msgs) {
+            assert_eq!(&delivered(feed(&mut b, m)), p);
+        }
+    }
+}
+
+#[test]
+fn a_handshake_is_retried_with_a_new_initiation_and_given_up_with_its_queue() {
+    let t0 = crate::test_epoch();
+    let mut a = ours([3; 32]);
+    let first = a.send(t0, WALL, &ip(10, 1)).expect("an initiation");
+    for n in 2..=QUEUE_MAX + 10 {
+        assert!(
+            a.send(t0, WALL, &ip(10, n as u8)).is_none(),
+            "one handshake in flight"
+        );
+    }
+    assert!(
+        a.update_timers(t0 + REKEY_TIMEOUT - Duration::from_millis(1), WALL)
+            .is_none()
+    );
+    let mut now = t0;
+    let mut retries = Vec::new();
+    while now < t0 + REKEY_ATTEMPT_TIME + REKEY_TIMEOUT * 2 {
+        now += Duration::from_millis(250);
+        if let Some(m) = a.update_timers(now, WALL + (now - t0)) {
+            retries.push((now - t0, m.to_vec()));
+        }
+    }
+    // One every 5 to 5.34 s until 90 s have passed since the first, each a new initiation.
+    let at: Vec<Duration> = retries.iter().map(|r| r.0).collect();
+    assert!((16..=17).contains(&retries.len()), "{at:?}");
+    assert!(*at.last().unwrap() < REKEY_ATTEMPT_TIME, "{at:?}");
+    for pair in retries.windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        assert!(
+            gap >= REKEY_TIMEOUT && gap <= REKEY_TIMEOUT + Duration::from_millis(600),
+            "{gap:?}"
+        );
+        assert_ne!(pair[0].1, pair[1].1);
+    }
+    assert_ne!(first.to_vec(), retries[0].1);
+    assert!(!a.handshaking(), "given up");
+    // The queue went with it: a late session sends nothing that waited.
+    let mut b = theirs([3; 32]);
+    let init = a
+        .send(now, WALL + (now - t0), &[])
+        .expect("a new handshake for new data");
+    let TunnResult::WriteToNetwork(resp) = feed(&mut b, &init) else {
+        panic!()
+    };
+    assert!(matches!(
+        a.receive(now, &mut bytes(resp)),
+        Ok(Outcome::Established)
+    ));
+    let out = a.queued(now);
+    assert_eq!(out.len(), 1, "only the packet sent with the new handshake");
+}
+
+#[test]
+fn the_newest_queued_packets_are_kept() {
+    let t0 = crate::test_epoch();
+    let (mut a, mut b) = (ours([3; 32]), theirs([3; 32]));
+    let init = a.send(t0, WALL, &ip(10, 0)).expect("an initiation");
+    for n in 1..QUEUE_MAX + 5 {
+        a.send(t0, WALL, &ip(10, (n % 250) as u8));
+    }
+    let TunnResult::WriteToNetwork(resp) = feed(&mut b, &init) else {
+        panic!()
+    };
+    assert!(matches!(
+        a.receive(t0, &mut bytes(resp)),
+        Ok(Outcome::Established)
+    ));
+    let out = a.queued(t0);
+    assert_eq!(out.len(), QUEUE_MAX);
+    assert_eq!(delivered(feed(&mut b, &out[0])), ip(10, 5));
+}
+
+#[test]
+fn keepalives_rekeys_and_silence_follow_the_timers() {
+    let t0 = crate::test_epoch();
+    let (mut a, mut b, sent) = established([3; 32], t0);
+    assert!(matches!(
+        feed(&mut b, &sent[0]),
+        TunnResult::WriteToTunnel(_)
+    ));
+    // Data heard, nothing sent: a keepalive after 10 s, and only one.
+    let mut msg = seal_theirs(&mut b, &ip(20, 1));
+    assert!(matches!(
+        a.receive(t0, &mut msg),
+        Ok(Outcome::Deliver { .. })
+    ));
+    assert!(
+        a.update_timers(t0 + KEEPALIVE_TIMEOUT - Duration::from_millis(1), WALL)
+            .is_none()
+    );
+    let ka = a
+        .update_timers(t0 + KEEPALIVE_TIMEOUT, WALL)
+        .expect("a keepalive");
+    assert!(
+        keepalive(&feed(&mut b, &ka)),
+        "gotatun takes it as a keepalive"
+    );
+    assert!(a.update_timers(t0 + KEEPALIVE_TIMEOUT * 2, WALL).is_none());
+    // Data sent and nothing heard for 15 s: a new handshake.
+    let t1 = t0 + Duration::from_secs(30);
+    let m = a.send(t1, WALL, &ip(20, 2)).expect("sealed");
+    assert!(matches!(feed(&mut b, &m), TunnResult::WriteToTunnel(_)));
+    assert!(
+        a.update_timers(t1 + Duration::from_secs(14), WALL)
+            .is_none()
+    );
+    let hs = a
+        .update_timers(t1 + Duration::from_secs(15), WALL)
+        .expect("a handshake");
+    assert_eq!(
+        super::message::kind(&hs),
+        Some(super::message::Kind::Initiation)
+    );
+    let TunnResult::WriteToNetwork(resp) = feed(&mut b, &hs) else {
+        panic!()
+    };
+    let t2 = t1 + Duration::from_secs(15);
+    assert!(matches!(
+        a.receive(t2, &mut bytes(resp)),
+        Ok(Outcome::Established)
+    ));
+    let confirm = a.queued(t2);
+    assert_eq!(confirm.len(), 1, "a keepalive confirms the session");
+    assert!(keepalive(&feed(&mut b, &confirm[0])));
+    // A session we started and send on is rekeyed after 120 s.
+    let t3 = t2 + REKEY_AFTER_TIME - Duration::from_secs(1);
+    let m = a.send(t3, WALL, &ip(20, 3)).expect("sealed");
+    assert!(matches!(feed(&mut b, &m), TunnResult::WriteToTunnel(_)));
+    let mut back = seal_theirs(&mut b, &ip(20, 4));
+    assert!(matches!(
+        a.receive(t3, &mut back),
+        Ok(Outcome::Deliver { .. })
+    ));
+    let rekey = a
+        .update_timers(t2 + REKEY_AFTER_TIME, WALL)
+        .expect("a rekey");
+    assert_eq!(
+        super::message::kind(&rekey),
+        Some(super::message::Kind::Initiation)
+    );
+    // The old session still opens what gotatun sent on it before the new one exists.
+    let TunnResult::WriteToNetwork(resp) = feed(&mut b, &rekey) else {
+        panic!()
+    };
+    let t4 = t2 + REKEY_AFTER_TIME;
+    assert!(matches!(
+        a.receive(t4, &mut bytes(resp)),
+        Ok(Outcome::Established)
+    ));
+    assert!(matches!(
+        a.receive(t4, &mut back.clone()),
+        Err(Error::Replayed)
+    ));
+    // Three session lifetimes with no new one: every key is gone.
+    assert!(a.update_timers(t4 + REJECT_AFTER_TIME * 3, WALL).is_none());
+    assert!(a.sending(t4).is_none());
+}
+
+#[test]
+fn a_cookie_reply_is_taken_and_the_next_initiation_passes_the_rate_limiter() {
+    let t0 = crate::test_epoch();
+    let mut a = ours([3; 32]);
+    // gotatun's limiter with a limit of zero: every handshake must carry a cookie.
+    let limiter = RateLimiter::new(&PublicKey::from(public(2)), 0);
+    let src: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+    let init = a.send(t0, WALL, &ip(10, 0)).expect("an initiation");
+    let Err(TunnResult::WriteToNetwork(cookie)) =
+        limiter.verify_packet(src, Packet::from_bytes(BytesMut::from(&init[..])))
+    else {
+        panic!("no cookie reply under load");
+    };
+    let mut cookie = bytes(cookie);
+    assert!(matches!(a.receive(t0, &mut cookie), Ok(Outcome::Nothing)));
+    // A forged cookie reply (another index) is refused.
+    let mut other = cookie.clone();
+    other[4] ^= 1;
+    assert_eq!(a.receive(t0, &mut other).unwrap_err(), Error::NoSession);
+    let retry = a
+        .update_timers(
+            t0 + REKEY_TIMEOUT + Duration::from_millis(400),
+            WALL + Duration::from_secs(6),
+        )
+        .expect("a retry");
+    assert!(
+        limiter
+            .verify_packet(src, Packet::from_bytes(BytesMut::from(&retry[..])))
+            .is_ok(),
+        "mac2 carries the cookie"
+    );
+    let from_elsewhere: SocketAddr = "192.0.2.2:51820".parse().unwrap();
+    assert!(
+        limiter
+            .verify_packet(
+                from_elsewhere,
+                Packet::from_bytes(BytesMut::from(&retry[..]))
+            )
+            .is_err(),
+        "the cookie is bound to the address"
+    );
+}
+
+#[test]
+fn an_initiation_from_a_stranger_or_too_soon_is_refused() {
+    let t0 = crate::test_epoch();
+    let me = Identity::new(&secret(1));
+    let mut a = ours([3; 32]);
+    // Node 3 (a key this peer is not) initiates to us.
+    let mut stranger = Tunn::new_with_rng(
+        StaticSecret::from(secret(3)),
+        PublicKey::from(public(1)),
+        None,
+        None,
+        IndexTable::from_rng(StdRng::seed_from_u64(1)),
+        Arc::new(RateLimiter::new(&PublicKey::from(public(3)), 100)),
+        StdRng::seed_from_u64(2),
+    );
+    let init = bytes(stranger.format_handshake_initiation(false).unwrap().into());
+    let r = read_initiation(&me, &init).expect("it reads: the sender is authenticated");
+    assert_eq!(r.peer, public(3));
+    assert_eq!(a.answer(t0, r).unwrap_err(), Error::WrongPeer);
+    // Addressed to someone else, it does not read at all.
+    let other = Identity::new(&secret(4));
+    assert!(read_initiation(&other, &init).is_none());
+    // Two initiations from the peer within 20 ms: the second is dropped.
+    let mut b = theirs([3; 32]);
+    let i1 = bytes(b.format_handshake_initiation(true).unwrap().into());
+    let i2 = bytes(b.format_handshake_initiation(true).unwrap().into());
+    a.answer(t0, read_initiation(&me, &i1).unwrap())
+        .expect("answered");
+    assert_eq!(
+        a.answer(
+            t0 + Duration::from_millis(5),
+            read_initiation(&me, &i2).unwrap()
+        )
+        .unwrap_err(),
+        Error::Flood
+    );
+}
+
+#[test]
+fn garbage_is_refused_without_a_panic() {
+    let t0 = crate::test_epoch();
+    let (mut a, _b, _) = established([3; 32], t0);
+    let me = Identity::new(&secret(1));
+    for len in [0usize, 1, 3, 4, 31, 32, 64, 92, 148, 200] {
+        for ty in 0..6u8 {
+            let mut m = vec![0u8; len];
+            if let Some(f) = m.first_mut() {
+                *f = ty;
+            }
+            assert!(a.receive(t0, &mut m).is_err());
+            assert!(read_initiation(&me, &m).is_none());
+        }
+    }
+}
+
+/// The plain definition of the replay window: every counter seen, accepted when new and
+/// fewer than WINDOW behind the greatest.
+#[derive(Default)]
+struct PlainWindow(std::collections::BTreeSet<u64>);
+
+impl PlainWindow {
+    fn accept(&mut self, c: u64) -> bool {
+        let fresh = !self.0.contains(&c)
+            && self.0.last().is_none_or(|max| c > *max || max - c < WINDOW)
+            && c < super::REJECT_AFTER_MESSAGES;
+        if fresh {
+            self.0.insert(c);
+        }
+        fresh
+    }
+}
+
+proptest! {
+    #[test]
+    fn the_replay_window_agrees_with_its_plain_definition(
+        steps in prop::collection::vec((0u8..5, 0u64..20_000), 1..600)
+    ) {
+        let (mut ring, mut plain) = (Replay::default(), PlainWindow::default());
+        let mut top = 0u64;
+        for (how, n) in steps {
+            // Mostly near the top (in order, a little late, a little early), sometimes far.
+            let c = match how {
+                0 => top + 1,
+                1 => top.saturating_sub(n % 200),
+                2 => top + n % 300,
+                // Right at the window's edge.
+                3 => top.saturating_sub(WINDOW - 2 + n % 4),
+                _ => n * 7,
+            };
+            top = top.max(c);
+            prop_assert_eq!(ring.check(c), plain.accept_would(c), "check {}", c);
+            prop_assert_eq!(ring.accept(c), plain.accept(c), "accept {}", c);
+        }
+    }
+}
+
+impl PlainWindow {
+    fn accept_would(&self, c: u64) -> bool {
+        !self.0.contains(&c)
+            && self.0.last().is_none_or(|max| c > *max || max - c < WINDOW)
+            && c < super::REJECT_AFTER_MESSAGES
+    }
+}
