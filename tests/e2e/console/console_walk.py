@@ -24,7 +24,8 @@ import urllib.error
 import urllib.request
 
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+from selenium.common.exceptions import (StaleElementReferenceException, TimeoutException,
+                                        WebDriverException)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
@@ -103,10 +104,19 @@ def shot(d, name, show=None):
 def wait(d, cond, what, timeout=20):
     # The nodes page replaces its rows as the coordinator's stream updates them, so an
     # element found by one poll can be gone when its text is read: that poll counts as
-    # "not yet" and the next one looks again.
+    # "not yet" and the next one looks again. So does a poll that lands while a form's
+    # submission loads the next page (Chrome aborts the lookup: "aborted by navigation").
+    def settled(driver):
+        try:
+            return cond(driver)
+        except WebDriverException as e:
+            if "aborted by navigation" in (e.msg or ""):
+                return False
+            raise
+
     try:
         return WebDriverWait(d, timeout, poll_frequency=0.2,
-                             ignored_exceptions=(StaleElementReferenceException,)).until(cond)
+                             ignored_exceptions=(StaleElementReferenceException,)).until(settled)
     except TimeoutException:
         fail(f"{what} (waited {timeout} s) on {d.current_url}\n{d.find_element(By.TAG_NAME, 'body').text[:3000]}")
 
