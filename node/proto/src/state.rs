@@ -19,7 +19,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gotatun::noise::errors::WireGuardError;
 use gotatun::noise::index_table::IndexTable;
 use gotatun::noise::rate_limiter::RateLimiter;
 use gotatun::packet::Packet;
@@ -43,6 +42,7 @@ use crate::packet;
 use crate::path::{Current, Local};
 use crate::pq::PqConfig;
 use crate::status::{Counters, PathKind, PathStatus, PeerStatus, Status};
+use crate::wg;
 
 use peers::Peer;
 
@@ -160,8 +160,8 @@ pub enum Event {
 ///
 /// Every input takes `now`; the core never reads a clock.
 pub struct NodeState {
-    private: StaticSecret,
-    public: PublicKey,
+    /// This node's WireGuard static key.
+    identity: Arc<wg::Identity>,
     keypair: StaticKeypair,
     node_key: NodeKey,
     tun_mtu: u16,
@@ -231,8 +231,7 @@ impl NodeState {
         Self {
             node_key,
             keypair: StaticKeypair::from_secret(*config.private_key),
-            private,
-            public,
+            identity: Arc::new(wg::Identity::new(&config.private_key)),
             tun_mtu: config.tun_mtu,
             pq_config: config.pq,
             started: now,
@@ -510,13 +509,12 @@ impl NodeState {
             for key in keys {
                 self.path_timers(now, key);
                 self.pq_timers(now, key);
+                let wall = Duration::from_millis(self.epoch(now));
                 let Some(tunnel) = self.peers.get_mut(&key).and_then(|p| p.tunnel.as_mut()) else {
                     continue;
                 };
-                match tunnel.update_timers() {
-                    Ok(Some(wg)) => self.send_to_peer(now, key, wg),
-                    Ok(None) | Err(WireGuardError::ConnectionExpired) => {}
-                    Err(e) => debug!(peer = %key, error = ?e, "wireguard timer error"),
+                if let Some(wg) = tunnel.update_timers(now, wall) {
+                    self.send_to_peer(now, key, wg);
                 }
             }
         }
@@ -679,7 +677,7 @@ impl NodeState {
     }
 
     fn peer_status(&self, now: Instant, p: &Peer) -> PeerStatus {
-        let stats = p.tunnel.as_ref().map(|t| t.stats()).unwrap_or_default();
+        let stats = p.tunnel.as_ref().map(|t| t.stats(now)).unwrap_or_default();
         let pq = p.pq.status(now);
         let classical = self.security == TunnelSecurity::ClassicalOnly;
         let path = self.peer_path(now, p);

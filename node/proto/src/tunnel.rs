@@ -1,32 +1,26 @@
-//! One WireGuard tunnel per peer, run by gotatun's `Tunn`.
+//! One WireGuard tunnel per peer, run by the core's own WireGuard ([`crate::wg`]).
 //!
-//! This module is the seam between the sans-IO core and gotatun (STYLE S6). gotatun reads the
-//! monotonic clock inside `noise/timers.rs` and draws handshake ephemerals from the OS, so
-//! WireGuard's own timers (rekey after 120 s, retransmit after 5 s) follow real time even when
-//! the rest of the core runs on virtual time; simulator tests therefore exercise paths and
-//! policy, not WireGuard's timers. Everything else the `Tunn` needs (index allocation, retry
-//! jitter) is seeded by the core.
+//! This module is the seam between the rest of the core and WireGuard's protocol (STYLE S6):
+//! WireGuard's timers (rekey after 120 s, retransmit after 5 s) run on the core's clock, so
+//! the simulator drives them too, and the handshakes' ephemeral keys come from the core's
+//! seeded randomness. Messages travel through the core as gotatun's `WgKind` (a parsed view of
+//! the bytes).
 //!
 //! A [`Tunnel`] is a shared handle: the core keeps one per peer, and a shell that runs the
 //! data plane on several threads encrypts and decrypts with it outside the core (see
-//! [`crate::CryptoJob`]). gotatun's `Tunn` takes `&mut self` for every packet, so one
-//! peer's packets pass through its tunnel one at a time (a short lock around the AEAD);
-//! different peers' packets, and one peer's two directions between packets, run in parallel.
-//! A thread with a run of packets for one tunnel takes its lock once for the run
-//! ([`Tunnel::lock`]) and hands it on fairly.
+//! [`crate::CryptoJob`]). A thread with a run of packets for one tunnel takes its lock once
+//! for the run ([`Tunnel::lock`]) and hands it on fairly.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use gotatun::noise::errors::WireGuardError;
+use bytes::BytesMut;
 use gotatun::noise::index_table::IndexTable;
-use gotatun::noise::rate_limiter::RateLimiter;
-use gotatun::noise::{Tunn, TunnResult};
 use gotatun::packet::{Packet, WgKind};
-use gotatun::tun::MtuWatcher;
-use gotatun::x25519::{PublicKey, StaticSecret};
 use parking_lot::{Mutex, MutexGuard};
 use rand_09::rngs::StdRng;
+
+use crate::wg::{self, Identity, Outcome, handshake::Received};
 
 /// A peer's WireGuard state: a handle to it, cloned into crypto jobs.
 #[derive(Clone)]
@@ -35,9 +29,24 @@ pub(crate) struct Tunnel {
 }
 
 pub(crate) struct Inner {
-    tunn: Tunn<StdRng>,
-    mtu: MtuWatcher,
-    handshakes: u64,
+    peer: wg::Peer,
+    /// The wall clock (time since 1970) at an instant, for handshake timestamps.
+    wall: (Instant, Duration),
+}
+
+/// What a message from the peer led to.
+pub(crate) enum Opened {
+    /// A data packet, or a keepalive (empty). `established`: it confirmed a session the
+    /// peer's handshake made, so what waited for one can go ([`Tunnel::queued`]).
+    Packet { inner: Packet, established: bool },
+    /// The answer to the peer's handshake.
+    Reply(WgKind),
+    /// A session was made or confirmed: send what [`Tunnel::queued`] returns.
+    Established,
+    /// Taken; nothing to do (a cookie).
+    Nothing,
+    /// Refused.
+    Err(wg::Error),
 }
 
 /// Statistics for status output.
@@ -49,28 +58,33 @@ pub(crate) struct TunnelStats {
     pub(crate) handshakes: u64,
 }
 
+/// Our message as gotatun's parsed view; every message the core's WireGuard makes parses.
+fn kind(msg: BytesMut) -> Option<WgKind> {
+    Packet::from_bytes(msg).try_into_wg().ok()
+}
+
 impl Tunnel {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        private: &StaticSecret,
+        me: Arc<Identity>,
         peer: [u8; 32],
         psk: Option<[u8; 32]>,
         index_table: IndexTable<StdRng>,
-        rate_limiter: Arc<RateLimiter>,
-        jitter: StdRng,
+        seed: [u8; 32],
         mtu: u16,
+        now: Instant,
+        wall: Duration,
     ) -> Self {
         let inner = Inner {
-            tunn: Tunn::new_with_rng(
-                private.clone(),
-                PublicKey::from(peer),
-                psk,
-                None,
+            peer: wg::Peer::new(
+                me,
+                peer,
+                psk.unwrap_or([0; 32]),
                 index_table,
-                rate_limiter,
-                jitter,
+                seed,
+                usize::from(mtu),
             ),
-            mtu: MtuWatcher::new(mtu),
-            handshakes: 0,
+            wall: (now, wall),
         };
         Self {
             inner: Arc::new(Mutex::new(inner)),
@@ -82,9 +96,17 @@ impl Tunnel {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
 
-    /// Processes a WireGuard message from the peer.
-    pub(crate) fn decapsulate(&self, packet: WgKind) -> TunnResult {
-        self.inner.lock().decapsulate(packet)
+    /// Answers the peer's initiation (read with [`wg::peer::read_initiation`]).
+    pub(crate) fn answer(&self, now: Instant, received: Received) -> Opened {
+        match self.inner.lock().peer.answer(now, received) {
+            Ok(reply) => kind(reply).map_or(Opened::Err(wg::Error::Malformed), Opened::Reply),
+            Err(e) => Opened::Err(e),
+        }
+    }
+
+    /// Processes a response, cookie reply or data message from the peer.
+    pub(crate) fn receive(&self, now: Instant, message: WgKind) -> Opened {
+        self.inner.lock().receive(now, message)
     }
 
     /// The tunnel itself, for several packets in a row; release it with
@@ -95,56 +117,74 @@ impl Tunnel {
 
     /// Uses `psk` for future handshakes; the current session keeps working until rekeyed.
     pub(crate) fn set_psk(&self, psk: [u8; 32]) {
-        self.inner.lock().tunn.set_preshared_key(Some(psk));
+        self.inner.lock().peer.set_psk(psk);
     }
 
-    /// Starts a handshake now unless one is already in flight.
-    pub(crate) fn initiate(&self) -> Option<WgKind> {
-        self.inner
-            .lock()
-            .tunn
-            .format_handshake_initiation(false)
-            .map(Into::into)
-    }
-
-    /// Packets that waited for a handshake, now encrypted.
-    pub(crate) fn queued(&self) -> Vec<WgKind> {
+    /// Starts a handshake now, replacing one in flight (the core asks for one when the
+    /// preshared key changed or the peer uses a session we lost, each under limits of its own).
+    pub(crate) fn initiate(&self, now: Instant) -> Option<WgKind> {
         let inner = &mut *self.inner.lock();
-        inner.tunn.get_queued_packets(&mut inner.mtu).collect()
+        let wall = inner.wall_at(now);
+        inner.peer.initiate(now, wall, true).and_then(kind)
     }
 
-    /// Runs WireGuard's timers; may return a keepalive or a handshake to send.
-    pub(crate) fn update_timers(&self) -> Result<Option<WgKind>, WireGuardError> {
-        self.inner.lock().tunn.update_timers()
+    /// Packets that waited for a session, now encrypted (or a keepalive that confirms a new
+    /// session to its responder).
+    pub(crate) fn queued(&self, now: Instant) -> Vec<WgKind> {
+        let sealed = self.inner.lock().peer.queued(now);
+        sealed.into_iter().filter_map(kind).collect()
     }
 
-    pub(crate) fn stats(&self) -> TunnelStats {
-        let inner = self.inner.lock();
-        let (since_handshake, tx_bytes, rx_bytes, _, _) = inner.tunn.stats();
+    /// Runs WireGuard's timers (the wall clock reads `wall` now); may return a keepalive or a
+    /// handshake to send.
+    pub(crate) fn update_timers(&self, now: Instant, wall: Duration) -> Option<WgKind> {
+        let inner = &mut *self.inner.lock();
+        inner.wall = (now, wall);
+        inner.peer.update_timers(now, wall).and_then(kind)
+    }
+
+    pub(crate) fn stats(&self, now: Instant) -> TunnelStats {
+        let s = self.inner.lock().peer.stats(now);
         TunnelStats {
-            since_handshake,
-            tx_bytes,
-            rx_bytes,
-            handshakes: inner.handshakes,
+            since_handshake: s.since_handshake,
+            tx_bytes: usize::try_from(s.tx_bytes).unwrap_or(usize::MAX),
+            rx_bytes: usize::try_from(s.rx_bytes).unwrap_or(usize::MAX),
+            handshakes: s.handshakes,
         }
     }
 }
 
 impl Inner {
-    /// Encrypts a packet for the peer; may instead return a handshake initiation (the packet
-    /// is queued until the handshake completes).
-    pub(crate) fn encapsulate(&mut self, packet: Packet) -> Option<WgKind> {
-        self.tunn
-            .handle_outgoing_packet(packet, Some(&mut self.mtu))
+    fn wall_at(&self, now: Instant) -> Duration {
+        self.wall.1 + now.saturating_duration_since(self.wall.0)
     }
 
-    /// [`Tunnel::decapsulate`] on a locked tunnel.
-    pub(crate) fn decapsulate(&mut self, packet: WgKind) -> TunnResult {
-        let handshake = matches!(packet, WgKind::HandshakeInit(_) | WgKind::HandshakeResp(_));
-        let result = self.tunn.handle_incoming_packet(packet);
-        if handshake && matches!(result, TunnResult::WriteToNetwork(_)) {
-            self.handshakes += 1;
+    /// Encrypts a packet for the peer; may instead return a handshake initiation (the packet
+    /// is queued until the handshake completes).
+    pub(crate) fn encapsulate(&mut self, now: Instant, packet: &Packet) -> Option<WgKind> {
+        let wall = self.wall_at(now);
+        self.peer.send(now, wall, packet).and_then(kind)
+    }
+
+    /// [`Tunnel::receive`] on a locked tunnel.
+    pub(crate) fn receive(&mut self, now: Instant, message: WgKind) -> Opened {
+        let mut packet: Packet = message.into();
+        let bytes = std::mem::take(packet.buf_mut());
+        match self.peer.receive(now, bytes) {
+            Ok(Outcome::Deliver {
+                packet,
+                established,
+            }) => Opened::Packet {
+                inner: Packet::from_bytes(packet),
+                established,
+            },
+            Ok(Outcome::Keepalive) => Opened::Packet {
+                inner: Packet::from_bytes(BytesMut::new()),
+                established: false,
+            },
+            Ok(Outcome::Established) => Opened::Established,
+            Ok(Outcome::Nothing) => Opened::Nothing,
+            Err(e) => Opened::Err(e),
         }
-        result
     }
 }

@@ -21,8 +21,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use gotatun::noise::TunnResult;
-use gotatun::noise::errors::WireGuardError;
 use gotatun::packet::{Packet, WgKind};
 use parking_lot::MutexGuard;
 use tracing::trace;
@@ -33,7 +31,8 @@ use super::routes::Routes;
 use super::{NodeState, Transmit};
 use crate::addr::Addr;
 use crate::gate::{Gate, Held};
-use crate::tunnel::{Inner, Tunnel};
+use crate::tunnel::{Inner, Opened, Tunnel};
+use crate::wg;
 
 /// The most jobs [`CryptoJob::run_all`] runs under one hold of a tunnel's lock: at 1.2 to
 /// 1.9 us a 1,280-byte packet (`scripts/bench-core`, 16-CPU machine), a thread waiting for
@@ -79,7 +78,7 @@ enum Done {
     /// ([`CryptoDone::check_all`]).
     Opened {
         from: Addr,
-        result: TunnResult,
+        result: Opened,
         delivery: Option<Delivery>,
     },
 }
@@ -117,7 +116,11 @@ impl Done {
             (
                 Self::Opened {
                     from,
-                    result: TunnResult::WriteToTunnel(inner),
+                    result:
+                        Opened::Packet {
+                            inner,
+                            established: false,
+                        },
                     ..
                 },
                 Run::Opened(f),
@@ -285,16 +288,16 @@ impl CryptoJob {
     /// Runs the AEAD on this job's tunnel, locked by the caller.
     fn run_locked(self, inner: &mut Inner) -> CryptoDone {
         let result = match self.work.parsed() {
-            Work::Seal { packet, .. } => Done::Sealed(inner.encapsulate(packet)),
+            Work::Seal { packet, .. } => Done::Sealed(inner.encapsulate(self.at, &packet)),
             Work::Refused(refusal) => Done::Refused(refusal),
             Work::Invalid { from } | Work::OpenRaw { from, .. } => Done::Opened {
                 from,
-                result: TunnResult::Err(WireGuardError::InvalidPacket),
+                result: Opened::Err(wg::Error::Malformed),
                 delivery: None,
             },
             Work::Open { from, message } => Done::Opened {
                 from,
-                result: inner.decapsulate(message),
+                result: inner.receive(self.at, message),
                 delivery: None,
             },
         };
@@ -348,7 +351,7 @@ impl CryptoDone {
     /// Checks a data packet this job opened.
     fn check(&mut self, routes: &Routes, held: &mut Held<'_>) {
         if let Done::Opened {
-            result: TunnResult::WriteToTunnel(inner),
+            result: Opened::Packet { inner, .. },
             delivery: delivery @ None,
             ..
         } = &mut self.result
@@ -468,7 +471,7 @@ impl NodeState {
                     // The first learns the path as one by one would; for the others that
                     // would only count them (same address, same `now`).
                     if let Done::Opened {
-                        result: TunnResult::WriteToTunnel(inner),
+                        result: Opened::Packet { inner, .. },
                         delivery,
                         ..
                     } = result
@@ -484,7 +487,7 @@ impl NodeState {
                     let mut n = 0;
                     while let Some(r) = next() {
                         if let Done::Opened {
-                            result: TunnResult::WriteToTunnel(inner),
+                            result: Opened::Packet { inner, .. },
                             delivery,
                             ..
                         } = r
@@ -524,7 +527,11 @@ impl NodeState {
                 .map(Run::Sealed),
             Done::Opened {
                 from,
-                result: TunnResult::WriteToTunnel(inner),
+                result:
+                    Opened::Packet {
+                        inner,
+                        established: false,
+                    },
                 ..
             } if !inner.is_empty() => Some(Run::Opened(*from)),
             _ => None,
@@ -558,11 +565,11 @@ impl NodeState {
         now: Instant,
         key: NodeKey,
         from: Addr,
-        result: TunnResult,
+        result: Opened,
         delivery: Option<Delivery>,
     ) {
         match result {
-            TunnResult::WriteToNetwork(reply) => {
+            Opened::Reply(reply) => {
                 self.learn_path(now, key, from, 0);
                 self.register_index(key, &reply);
                 self.transmits.push_back(Transmit {
@@ -570,32 +577,43 @@ impl NodeState {
                     payload: reply.into(),
                     ttl: None,
                 });
-                let queued = self
-                    .peers
-                    .get(&key)
-                    .and_then(|p| p.tunnel.as_ref())
-                    .map(Tunnel::queued)
-                    .unwrap_or_default();
-                for q in queued {
-                    self.transmits.push_back(Transmit {
-                        dst: from,
-                        payload: q.into(),
-                        ttl: None,
-                    });
-                    self.counters.out_sent += 1;
-                }
             }
-            TunnResult::WriteToTunnel(inner) => {
+            Opened::Established => {
+                self.learn_path(now, key, from, 0);
+                self.send_queued(now, key, from);
+            }
+            Opened::Packet { inner, established } => {
                 self.learn_path(now, key, from, u64::from(!inner.is_empty()));
+                if established {
+                    self.send_queued(now, key, from);
+                }
                 if !inner.is_empty() {
                     self.deliver(now, key, inner, delivery);
                 }
             }
-            TunnResult::Done => {}
-            TunnResult::Err(e) => {
+            Opened::Nothing => {}
+            Opened::Err(e) => {
                 self.counters.wg_invalid += 1;
-                trace!(peer = %key, error = ?e, "wireguard message rejected");
+                trace!(peer = %key, error = %e, "wireguard message rejected");
             }
+        }
+    }
+
+    /// Sends `from` the packets that waited for peer `key`'s new session.
+    fn send_queued(&mut self, now: Instant, key: NodeKey, from: Addr) {
+        let queued = self
+            .peers
+            .get(&key)
+            .and_then(|p| p.tunnel.as_ref())
+            .map(|t| t.queued(now))
+            .unwrap_or_default();
+        for q in queued {
+            self.transmits.push_back(Transmit {
+                dst: from,
+                payload: q.into(),
+                ttl: None,
+            });
+            self.counters.out_sent += 1;
         }
     }
 }

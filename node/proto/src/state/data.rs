@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use crate::addr::Addr;
 
 use gotatun::noise::TunnResult;
-use gotatun::noise::handshake::parse_handshake_anon;
 use gotatun::packet::{Packet, WgKind};
 use tracing::{debug, trace};
 use wire::NodeKey;
@@ -20,6 +19,7 @@ use crate::gate::Held;
 use crate::magicsock;
 use crate::packet::{self, PacketInfo, Transport};
 use crate::tunnel::Tunnel;
+use crate::wg;
 
 /// Smallest fragment offset (8-byte units) let through without a transport header: anything
 /// lower could overlap the first fragment's ports and flags (RFC 1858).
@@ -152,14 +152,25 @@ impl NodeState {
             WgKind::Data(p) => Some(p.header.receiver_idx.get()),
             _ => None,
         };
+        // An initiation is read here (it names its sender only once opened), after the rate
+        // limiter checked its mac1, and the tunnel answers what was read.
+        let (wg, received) = match wg {
+            WgKind::HandshakeInit(p) => {
+                let raw = p.into_bytes();
+                let received = wg::peer::read_initiation(&self.identity, &raw);
+                let Ok(wg) = raw.try_into_wg() else {
+                    return None;
+                };
+                (wg, received)
+            }
+            other => (other, None),
+        };
         if let Some(o) = last.filter(|o| Some(o.idx) == idx && o.from == from) {
             self.crypto_job(now, CryptoJob::open(o.key, o.tunnel.clone(), now, from, wg));
             return Some(o);
         }
         let key = match &wg {
-            WgKind::HandshakeInit(p) => parse_handshake_anon(&self.private, &self.public, p)
-                .ok()
-                .map(|h| NodeKey::from_bytes(h.peer_static_public)),
+            WgKind::HandshakeInit(_) => received.as_ref().map(|r| NodeKey::from_bytes(r.peer)),
             WgKind::HandshakeResp(p) => self.by_index.get(&p.receiver_idx.get()).copied(),
             WgKind::CookieReply(p) => self.by_index.get(&p.receiver_idx.get()).copied(),
             WgKind::Data(p) => self.by_index.get(&p.header.receiver_idx.get()).copied(),
@@ -203,7 +214,10 @@ impl NodeState {
             }
             None => {
                 // Handshakes run here, in order with the state they change.
-                let result = tunnel.decapsulate(wg);
+                let result = match received {
+                    Some(r) => tunnel.answer(now, r),
+                    None => tunnel.receive(now, wg),
+                };
                 self.opened(now, key, from, result, None);
                 None
             }
@@ -303,7 +317,7 @@ impl NodeState {
         peer.last_stale_hint = Some(now);
         match peer.tunnel.as_mut() {
             Some(tunnel) => {
-                if let Some(init) = tunnel.initiate() {
+                if let Some(init) = tunnel.initiate(now) {
                     debug!(peer = %key, %from, "peer uses a session we lost; re-handshaking");
                     self.send_to_peer(now, key, init);
                 }

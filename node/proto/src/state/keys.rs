@@ -375,7 +375,7 @@ impl NodeState {
         });
         let fresh = self.peers.get(&key).is_some_and(|p| p.tunnel.is_none());
         if fresh {
-            let tunnel = self.new_tunnel(key, Some(*psk.as_bytes()));
+            let tunnel = self.new_tunnel(now, key, Some(*psk.as_bytes()));
             let Some(peer) = self.peers.get_mut(&key) else {
                 return;
             };
@@ -395,22 +395,29 @@ impl NodeState {
         };
         tunnel.set_psk(*psk.as_bytes());
         debug!(peer = %peer.node.name, "post-quantum key rotated");
-        if rekey && let Some(init) = tunnel.initiate() {
+        if rekey && let Some(init) = tunnel.initiate(now) {
             self.send_to_peer(now, key, init);
         }
     }
 
     /// A WireGuard tunnel to `key` keyed with `psk`.
-    pub(super) fn new_tunnel(&mut self, key: NodeKey, psk: Option<[u8; 32]>) -> Tunnel {
-        let jitter = super::rand_09_rng(&mut self.rng);
+    pub(super) fn new_tunnel(
+        &mut self,
+        now: Instant,
+        key: NodeKey,
+        psk: Option<[u8; 32]>,
+    ) -> Tunnel {
+        let mut seed = [0u8; 32];
+        rand::Rng::fill_bytes(&mut self.rng, &mut seed);
         Tunnel::new(
-            &self.private,
+            std::sync::Arc::clone(&self.identity),
             *key.as_bytes(),
             psk,
             self.index_table.clone(),
-            std::sync::Arc::clone(&self.rate_limiter),
-            jitter,
+            seed,
             self.tun_mtu,
+            now,
+            std::time::Duration::from_millis(self.epoch(now)),
         )
     }
 

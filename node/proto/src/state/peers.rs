@@ -115,7 +115,7 @@ impl NodeState {
                 user_pings: Vec::new(),
             };
             if self.security == TunnelSecurity::ClassicalOnly {
-                peer.tunnel = Some(self.new_tunnel(key, None));
+                peer.tunnel = Some(self.new_tunnel(now, key, None));
             }
             self.peers.insert(key, peer);
         }
@@ -165,7 +165,7 @@ impl NodeState {
 
     /// Switches the mesh's tunnel security. Every tunnel is rebuilt under the new mode, so no
     /// classical tunnel survives a switch back to post-quantum.
-    pub(super) fn set_security(&mut self, _now: Instant, security: TunnelSecurity) {
+    pub(super) fn set_security(&mut self, now: Instant, security: TunnelSecurity) {
         match security {
             TunnelSecurity::ClassicalOnly => warn!(
                 "the mesh admin allows classical tunnels: new tunnels carry no post-quantum key"
@@ -176,7 +176,7 @@ impl NodeState {
         let keys: Vec<_> = self.peers.keys().copied().collect();
         for key in keys {
             let tunnel = match security {
-                TunnelSecurity::ClassicalOnly => Some(self.new_tunnel(key, None)),
+                TunnelSecurity::ClassicalOnly => Some(self.new_tunnel(now, key, None)),
                 TunnelSecurity::PostQuantum => None,
             };
             if let Some(p) = self.peers.get_mut(&key) {

@@ -24,7 +24,7 @@ mod tests;
 
 use std::time::Duration;
 
-pub use handshake::timestamp;
+pub use handshake::{Identity, timestamp};
 pub use peer::{Error, Outcome, Peer, Stats};
 pub use session::{OpenError, Session};
 

@@ -91,8 +91,10 @@ impl From<OpenError> for Error {
 /// What a message from the peer led to.
 #[derive(Debug)]
 pub enum Outcome {
-    /// Nothing to do (a keepalive, a cookie taken).
+    /// Nothing to do (a cookie taken).
     Nothing,
+    /// A keepalive: the peer is there, and sent no packet.
+    Keepalive,
     /// A packet for the TUN device; `established` when it confirmed a session (then send
     /// what [`Peer::queued`] returns too).
     Deliver {
@@ -101,8 +103,6 @@ pub enum Outcome {
         /// Whether it confirmed the session the peer's handshake made.
         established: bool,
     },
-    /// A message to send back (the answer to an initiation).
-    Reply(bytes::BytesMut),
     /// A session was made or confirmed: send what [`Peer::queued`] returns.
     Established,
 }
@@ -284,14 +284,16 @@ impl Peer {
     }
 
     /// Starts a handshake unless one is in flight or one was sent less than Rekey-Timeout
-    /// ago (`retry` skips both checks: a retransmission).
+    /// ago. `force` skips both checks (a retransmission, or a new preshared key): the new
+    /// initiation replaces the one in flight, and the handshake is still given up
+    /// Rekey-Attempt-Time after its first try.
     pub fn initiate(
         &mut self,
         now: Instant,
         wall: Duration,
-        retry: bool,
+        force: bool,
     ) -> Option<bytes::BytesMut> {
-        if !retry
+        if !force
             && (self.pending.is_some()
                 || self
                     .last_initiation_out
@@ -324,11 +326,7 @@ impl Peer {
         self.last_initiation_out = Some(now);
         self.last_mac1 = Some((index.value(), handshake.mac1));
         let jitter = self.rng.random_range(Duration::ZERO..=REKEY_JITTER_MAX);
-        let first = self
-            .pending
-            .as_ref()
-            .filter(|_| retry)
-            .map_or(now, |p| p.first);
+        let first = self.pending.as_ref().map_or(now, |p| p.first);
         self.pending = Some(Pending {
             handshake,
             index,
@@ -404,12 +402,13 @@ impl Peer {
     }
 
     /// Takes a message from the peer (a response, a cookie reply or data; an initiation goes
-    /// through [`read_initiation`] and [`Peer::answer`]).
-    pub fn receive(&mut self, now: Instant, msg: &mut [u8]) -> Result<Outcome, Error> {
-        match message::kind(msg).ok_or(Error::Malformed)? {
+    /// through [`read_initiation`] and [`Peer::answer`]). A data message is opened in place:
+    /// the packet delivered is `msg` itself, cut to the packet.
+    pub fn receive(&mut self, now: Instant, msg: bytes::BytesMut) -> Result<Outcome, Error> {
+        match message::kind(&msg).ok_or(Error::Malformed)? {
             Kind::Initiation => Err(Error::Malformed),
-            Kind::Response => self.take_response(now, msg),
-            Kind::CookieReply => self.take_cookie(now, msg),
+            Kind::Response => self.take_response(now, &msg),
+            Kind::CookieReply => self.take_cookie(now, &msg),
             Kind::Data => self.take_data(now, msg),
         }
     }
@@ -469,20 +468,24 @@ impl Peer {
         self.previous.as_ref().filter(is).map(|s| (s, false))
     }
 
-    fn take_data(&mut self, now: Instant, msg: &mut [u8]) -> Result<Outcome, Error> {
-        let index = message::u32_at(msg, message::data::RECEIVER);
+    fn take_data(&mut self, now: Instant, mut msg: bytes::BytesMut) -> Result<Outcome, Error> {
+        let index = message::u32_at(&msg, message::data::RECEIVER);
         let (session, next) = self.receiving(index).ok_or(Error::NoSession)?;
         let session = Arc::clone(session);
-        let range = session.open(now, msg)?;
+        let range = session.open(now, &mut msg)?;
         let established = next && self.confirm(index);
         self.received_data(now, &session, range.len());
         Ok(match (range.is_empty(), established) {
             (true, true) => Outcome::Established,
-            (true, false) => Outcome::Nothing,
-            (false, established) => Outcome::Deliver {
-                packet: bytes::BytesMut::from(&msg[range]),
-                established,
-            },
+            (true, false) => Outcome::Keepalive,
+            (false, established) => {
+                msg.truncate(range.end);
+                bytes::Buf::advance(&mut msg, range.start);
+                Outcome::Deliver {
+                    packet: msg,
+                    established,
+                }
+            }
         })
     }
 

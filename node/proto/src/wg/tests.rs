@@ -131,8 +131,11 @@ fn established(psk: [u8; 32], t0: Instant) -> (Peer, Tunn<StdRng>, Vec<Vec<u8>>)
     let TunnResult::WriteToNetwork(resp) = feed(&mut b, &init) else {
         panic!("gotatun did not answer our initiation");
     };
-    let mut resp = bytes(resp);
-    assert!(matches!(a.receive(t0, &mut resp), Ok(Outcome::Established)));
+    let resp = bytes(resp);
+    assert!(matches!(
+        a.receive(t0, BytesMut::from(&resp[..])),
+        Ok(Outcome::Established)
+    ));
     let sent = a.queued(t0).into_iter().map(|m| m.to_vec()).collect();
     (a, b, sent)
 }
@@ -155,8 +158,8 @@ fn our_initiation_makes_a_session_with_gotatun_both_ways() {
         let p = ip(n, i as u8);
         let msg = a.send(t0, WALL, &p).expect("sealed");
         assert_eq!(delivered(feed(&mut b, &msg)), p);
-        let mut back = seal_theirs(&mut b, &p);
-        match a.receive(t0, &mut back) {
+        let back = seal_theirs(&mut b, &p);
+        match a.receive(t0, BytesMut::from(&back[..])) {
             Ok(Outcome::Deliver { packet, .. }) => assert_eq!(&packet[..], &p[..]),
             other => panic!("expected a packet, got {other:?}"),
         }
@@ -185,9 +188,9 @@ fn gotatuns_initiation_is_answered_and_the_session_waits_for_its_first_data() {
     let TunnResult::WriteToNetwork(keepalive) = reply else {
         panic!("gotatun did not confirm: {}", describe(&reply));
     };
-    let mut keepalive = bytes(keepalive);
+    let keepalive = bytes(keepalive);
     assert!(matches!(
-        a.receive(t0, &mut keepalive),
+        a.receive(t0, BytesMut::from(&keepalive[..])),
         Ok(Outcome::Established)
     ));
     let p = ip(64, 7);
@@ -212,7 +215,10 @@ fn different_preshared_keys_make_no_session() {
     let TunnResult::WriteToNetwork(resp) = feed(&mut b, &init) else {
         panic!("no response");
     };
-    assert_eq!(a.receive(t0, &mut bytes(resp)).unwrap_err(), Error::Invalid);
+    assert_eq!(
+        a.receive(t0, BytesMut::from(&bytes(resp)[..])).unwrap_err(),
+        Error::Invalid
+    );
     assert!(a.sending(t0).is_none());
     assert!(
         a.handshaking(),
@@ -228,22 +234,32 @@ fn a_tampered_or_replayed_data_message_is_refused_and_the_window_holds() {
     let mut forged = msgs[4].clone();
     let last = forged.len() - 1;
     forged[last] ^= 1;
-    assert_eq!(a.receive(t0, &mut forged).unwrap_err(), Error::Invalid);
+    assert_eq!(
+        a.receive(t0, BytesMut::from(&forged[..])).unwrap_err(),
+        Error::Invalid
+    );
     // The forged copy of counter 4 did not mark it: the real one still opens.
     for i in [4usize, 0, 2, 1, 3] {
-        let mut m = msgs[i].clone();
+        let m = msgs[i].clone();
         assert!(
-            matches!(a.receive(t0, &mut m), Ok(Outcome::Deliver { .. })),
+            matches!(
+                a.receive(t0, BytesMut::from(&m[..])),
+                Ok(Outcome::Deliver { .. })
+            ),
             "message {i}"
         );
     }
     for m in &msgs {
-        assert_eq!(a.receive(t0, &mut m.clone()).unwrap_err(), Error::Replayed);
+        assert_eq!(
+            a.receive(t0, BytesMut::from(&m[..])).unwrap_err(),
+            Error::Replayed
+        );
     }
     // Past its lifetime a session opens nothing.
-    let mut late = seal_theirs(&mut b, &ip(40, 9));
+    let late = seal_theirs(&mut b, &ip(40, 9));
     assert_eq!(
-        a.receive(t0 + REJECT_AFTER_TIME, &mut late).unwrap_err(),
+        a.receive(t0 + REJECT_AFTER_TIME, BytesMut::from(&late[..]))
+            .unwrap_err(),
         Error::Expired
     );
 }
@@ -335,7 +351,7 @@ fn a_handshake_is_retried_with_a_new_initiation_and_given_up_with_its_queue() {
         panic!()
     };
     assert!(matches!(
-        a.receive(now, &mut bytes(resp)),
+        a.receive(now, BytesMut::from(&bytes(resp)[..])),
         Ok(Outcome::Established)
     ));
     let out = a.queued(now);
@@ -354,7 +370,7 @@ fn the_newest_queued_packets_are_kept() {
         panic!()
     };
     assert!(matches!(
-        a.receive(t0, &mut bytes(resp)),
+        a.receive(t0, BytesMut::from(&bytes(resp)[..])),
         Ok(Outcome::Established)
     ));
     let out = a.queued(t0);
@@ -371,9 +387,9 @@ fn keepalives_rekeys_and_silence_follow_the_timers() {
         TunnResult::WriteToTunnel(_)
     ));
     // Data heard, nothing sent: a keepalive after 10 s, and only one.
-    let mut msg = seal_theirs(&mut b, &ip(20, 1));
+    let msg = seal_theirs(&mut b, &ip(20, 1));
     assert!(matches!(
-        a.receive(t0, &mut msg),
+        a.receive(t0, BytesMut::from(&msg[..])),
         Ok(Outcome::Deliver { .. })
     ));
     assert!(
@@ -408,7 +424,7 @@ fn keepalives_rekeys_and_silence_follow_the_timers() {
     };
     let t2 = t1 + Duration::from_secs(15);
     assert!(matches!(
-        a.receive(t2, &mut bytes(resp)),
+        a.receive(t2, BytesMut::from(&bytes(resp)[..])),
         Ok(Outcome::Established)
     ));
     let confirm = a.queued(t2);
@@ -418,9 +434,9 @@ fn keepalives_rekeys_and_silence_follow_the_timers() {
     let t3 = t2 + REKEY_AFTER_TIME - Duration::from_secs(1);
     let m = a.send(t3, WALL, &ip(20, 3)).expect("sealed");
     assert!(matches!(feed(&mut b, &m), TunnResult::WriteToTunnel(_)));
-    let mut back = seal_theirs(&mut b, &ip(20, 4));
+    let back = seal_theirs(&mut b, &ip(20, 4));
     assert!(matches!(
-        a.receive(t3, &mut back),
+        a.receive(t3, BytesMut::from(&back[..])),
         Ok(Outcome::Deliver { .. })
     ));
     let rekey = a
@@ -436,11 +452,11 @@ fn keepalives_rekeys_and_silence_follow_the_timers() {
     };
     let t4 = t2 + REKEY_AFTER_TIME;
     assert!(matches!(
-        a.receive(t4, &mut bytes(resp)),
+        a.receive(t4, BytesMut::from(&bytes(resp)[..])),
         Ok(Outcome::Established)
     ));
     assert!(matches!(
-        a.receive(t4, &mut back.clone()),
+        a.receive(t4, BytesMut::from(&back[..])),
         Err(Error::Replayed)
     ));
     // Three session lifetimes with no new one: every key is gone.
@@ -461,12 +477,18 @@ fn a_cookie_reply_is_taken_and_the_next_initiation_passes_the_rate_limiter() {
     else {
         panic!("no cookie reply under load");
     };
-    let mut cookie = bytes(cookie);
-    assert!(matches!(a.receive(t0, &mut cookie), Ok(Outcome::Nothing)));
+    let cookie = bytes(cookie);
+    assert!(matches!(
+        a.receive(t0, BytesMut::from(&cookie[..])),
+        Ok(Outcome::Nothing)
+    ));
     // A forged cookie reply (another index) is refused.
     let mut other = cookie.clone();
     other[4] ^= 1;
-    assert_eq!(a.receive(t0, &mut other).unwrap_err(), Error::NoSession);
+    assert_eq!(
+        a.receive(t0, BytesMut::from(&other[..])).unwrap_err(),
+        Error::NoSession
+    );
     let retry = a
         .update_timers(
             t0 + REKEY_TIMEOUT + Duration::from_millis(400),
@@ -540,7 +562,7 @@ fn garbage_is_refused_without_a_panic() {
             if let Some(f) = m.first_mut() {
                 *f = ty;
             }
-            assert!(a.receive(t0, &mut m).is_err());
+            assert!(a.receive(t0, BytesMut::from(&m[..])).is_err());
             assert!(read_initiation(&me, &m).is_none());
         }
     }

@@ -127,18 +127,20 @@ fn replayed_or_forged_nudges_do_not_restart_a_working_key_chain() {
 /// A valid WireGuard handshake initiation from node `from` to node `to`.
 fn wg_init(from: usize, to: usize, seed: u64) -> Packet {
     let mut rng = StdRng::seed_from_u64(seed);
-    let sk = StaticSecret::from(private_key(from));
-    let public = PublicKey::from(&sk);
     let tunnel = crate::tunnel::Tunnel::new(
-        &sk,
+        Arc::new(wg::Identity::new(&private_key(from))),
         *public_key(to).as_bytes(),
         None,
         IndexTable::from_rng(rand_09_rng(&mut rng)),
-        Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
-        rand_09_rng(&mut rng),
+        rng.random(),
         1280,
+        crate::test_epoch(),
+        Duration::from_secs(1_800_000_000),
     );
-    tunnel.initiate().expect("an initiation").into()
+    tunnel
+        .initiate(crate::test_epoch())
+        .expect("an initiation")
+        .into()
 }
 
 #[test]
