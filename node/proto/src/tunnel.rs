@@ -9,7 +9,10 @@
 //! A [`Tunnel`] is a shared handle: the core keeps one per peer, and a shell that runs the
 //! data plane on several threads encrypts and decrypts with it outside the core (see
 //! [`crate::CryptoJob`]). A thread with a run of packets for one tunnel takes its lock once
-//! for the run ([`Tunnel::lock`]) and hands it on fairly.
+//! for the run ([`Tunnel::lock`]) to take a sending counter or find the session for each
+//! packet ([`SealSlot`], [`OpenSlot`]), and runs the AEAD after letting go of it: one peer's
+//! two directions, and packets of one direction read on different threads, are sealed and
+//! opened at once.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,6 +50,40 @@ pub(crate) enum Opened {
     Nothing,
     /// Refused.
     Err(wg::Error),
+}
+
+/// A counter of the sending session, taken under the tunnel's lock for one packet: the AEAD
+/// runs after the lock is let go ([`Inner::seal_slot`]).
+pub(crate) struct SealSlot {
+    session: Arc<wg::Session>,
+    counter: u64,
+    mtu: usize,
+}
+
+impl SealSlot {
+    /// Seals `packet` with this slot's counter.
+    pub(crate) fn seal(&self, packet: &[u8]) -> Option<WgKind> {
+        kind(self.session.seal(self.counter, packet, self.mtu))
+    }
+}
+
+/// The session a data message names, found under the tunnel's lock: the AEAD runs after the
+/// lock is let go ([`Inner::open_slot`]), and [`Inner::opened`] notes what it found.
+pub(crate) struct OpenSlot {
+    session: Arc<wg::Session>,
+    next: bool,
+}
+
+impl OpenSlot {
+    /// Opens `message` in place: the packet (empty for a keepalive).
+    pub(crate) fn open(&self, now: Instant, message: WgKind) -> Result<Packet, wg::Error> {
+        let mut packet: Packet = message.into();
+        let mut bytes = std::mem::take(packet.buf_mut());
+        let range = self.session.open(now, &mut bytes)?;
+        bytes.truncate(range.end);
+        bytes::Buf::advance(&mut bytes, range.start);
+        Ok(Packet::from_bytes(bytes))
+    }
 }
 
 /// Statistics for status output.
@@ -164,6 +201,32 @@ impl Inner {
     pub(crate) fn encapsulate(&mut self, now: Instant, packet: &Packet) -> Option<WgKind> {
         let wall = self.wall_at(now);
         self.peer.send(now, wall, packet).and_then(kind)
+    }
+
+    /// A counter to seal a packet of `len` bytes with, noted as sent; `None` when there is no
+    /// session (then [`Inner::encapsulate`] queues the packet and starts a handshake).
+    pub(crate) fn seal_slot(&mut self, now: Instant, len: usize) -> Option<SealSlot> {
+        let (session, counter) = self.peer.reserve(now, len)?;
+        Some(SealSlot {
+            session,
+            counter,
+            mtu: self.peer.mtu(),
+        })
+    }
+
+    /// The session the data message with receiver index `index` names, if any.
+    pub(crate) fn open_slot(&self, index: u32) -> Option<OpenSlot> {
+        let (session, next) = self.peer.receiving(index)?;
+        Some(OpenSlot {
+            session: Arc::clone(session),
+            next,
+        })
+    }
+
+    /// Notes a data message opened through `slot`, `len` bytes of packet: whether it confirmed
+    /// a session (then what waited for one can go).
+    pub(crate) fn opened(&mut self, now: Instant, slot: &OpenSlot, len: usize) -> bool {
+        self.peer.opened(now, &slot.session, slot.next, len)
     }
 
     /// [`Tunnel::receive`] on a locked tunnel.

@@ -31,7 +31,7 @@ use super::routes::Routes;
 use super::{NodeState, Transmit};
 use crate::addr::Addr;
 use crate::gate::{Gate, Held};
-use crate::tunnel::{Inner, Opened, Tunnel};
+use crate::tunnel::{Inner, OpenSlot, Opened, SealSlot, Tunnel};
 use crate::wg;
 
 /// The most jobs [`CryptoJob::run_all`] runs under one hold of a tunnel's lock: at 1.2 to
@@ -61,6 +61,24 @@ enum Work {
     OpenRaw { from: Addr, datagram: Packet },
     /// What looked like one and is not: counted as an invalid WireGuard message.
     Invalid { from: Addr },
+    /// A packet to seal with a counter taken under the tunnel's lock ([`CryptoJob::prepare`]).
+    SealWith { packet: Packet, slot: SealSlot },
+    /// A data message to open with the session found under the tunnel's lock.
+    OpenWith {
+        from: Addr,
+        message: WgKind,
+        slot: OpenSlot,
+    },
+    /// Finished: under the tunnel's lock (a handshake to start, no session, not parsed), or
+    /// sealed, or a data message that did not open.
+    Finished(Done),
+    /// A data message opened, `len` bytes of packet: noted under the tunnel's lock when the
+    /// job is finished ([`CryptoJob::finish_all`]).
+    Opened {
+        done: Done,
+        slot: OpenSlot,
+        len: usize,
+    },
 }
 
 /// A finished [`CryptoJob`], for [`NodeState::handle_crypto`].
@@ -193,7 +211,11 @@ impl CryptoJob {
     fn run_one(mut self, routes: &Routes, gate: &Gate) -> CryptoDone {
         self.check(routes, &mut gate.held());
         let tunnel = self.tunnel.clone();
-        let mut done = self.run_locked(&mut tunnel.lock());
+        let mut inner = tunnel.lock();
+        self.prepare(&mut inner);
+        self.crypt();
+        let mut done = self.account(&mut inner);
+        drop(inner);
         done.check(routes, &mut gate.held());
         done
     }
@@ -227,27 +249,72 @@ impl CryptoJob {
     }
 
     /// The second step of [`CryptoJob::run_all`]: runs the AEAD of `jobs` in order, empties
-    /// it, and appends what they did to `done`. A run of jobs for one tunnel (at most `RUN`,
-    /// 64) takes its lock once, and hands it on fairly: a thread waiting for the same tunnel
-    /// (the other direction, or a packet read on another worker) gets it within one run
-    /// instead of whenever this thread's next packet happens to find it free. A packet to
-    /// seal that [`CryptoJob::check_all`] did not check is checked here first, so none leaves
-    /// unchecked.
+    /// it, and appends what they did to `done`: [`CryptoJob::prepare_all`], then
+    /// [`CryptoJob::crypt_prepared`] on all of them, then [`CryptoJob::finish_all`]. A shell
+    /// may instead split the prepared jobs between threads for the middle step.
     pub fn crypt_all(jobs: &mut VecDeque<Self>, checks: &Checks, done: &mut Vec<CryptoDone>) {
+        Self::prepare_all(jobs, checks);
+        let (front, back) = jobs.as_mut_slices();
+        Self::crypt_prepared(front);
+        Self::crypt_prepared(back);
+        Self::finish_all(jobs, done);
+    }
+
+    /// Prepares `jobs` for their AEAD: a run of jobs for one tunnel (at most `RUN`, 64) takes
+    /// its lock once to take a sending counter or find the session of each job, and hands it
+    /// on fairly (a thread waiting for the same tunnel, the other direction or a packet read
+    /// on another worker, gets it within one run). Counters are taken in the jobs' order, so
+    /// sealed in any order and on any threads, one run's messages still leave in order as the
+    /// jobs are finished in order. A packet to seal that [`CryptoJob::check_all`] did not
+    /// check is checked here first, so none leaves unchecked.
+    pub fn prepare_all(jobs: &mut VecDeque<Self>, checks: &Checks) {
         if jobs.iter().any(Self::unchecked) {
             Self::check_all(jobs, checks);
         }
-        // Jobs are taken off the queue one by one (a job is some 200 bytes: an iterator
-        // that peeks would move each one twice more).
+        let mut start = 0;
+        while let Some(first) = jobs.get(start) {
+            let tunnel = first.tunnel.clone();
+            let n = jobs
+                .range(start..)
+                .take(RUN)
+                .take_while(|j| j.tunnel.same(&tunnel))
+                .count();
+            let mut inner = tunnel.lock();
+            // Prepared where they lie (a job is some 200 bytes: each move costs).
+            for job in jobs.range_mut(start..start + n) {
+                job.prepare(&mut inner);
+            }
+            MutexGuard::unlock_fair(inner);
+            start += n;
+        }
+    }
+
+    /// Runs the AEAD of prepared jobs, holding no lock: disjoint parts of one batch may run on
+    /// different threads at once.
+    pub fn crypt_prepared(jobs: &mut [Self]) {
+        for job in jobs {
+            job.crypt();
+        }
+    }
+
+    /// Takes the jobs whose AEAD ran off `jobs`, in order, and appends what they did to
+    /// `done`; data opened is noted under its tunnel's lock, once for a run of one tunnel.
+    pub fn finish_all(jobs: &mut VecDeque<Self>, done: &mut Vec<CryptoDone>) {
         while let Some(first) = jobs.pop_front() {
+            if !matches!(first.work, Work::Opened { .. }) {
+                done.push(first.into_done());
+                continue;
+            }
             let tunnel = first.tunnel.clone();
             let mut inner = tunnel.lock();
-            done.push(first.run_locked(&mut inner));
+            done.push(first.account(&mut inner));
             for _ in 1..RUN {
-                let Some(job) = jobs.pop_front_if(|j| j.tunnel.same(&tunnel)) else {
+                let Some(job) = jobs.pop_front_if(|j| {
+                    j.tunnel.same(&tunnel) && matches!(j.work, Work::Opened { .. })
+                }) else {
                     break;
                 };
-                done.push(job.run_locked(&mut inner));
+                done.push(job.account(&mut inner));
             }
             MutexGuard::unlock_fair(inner);
         }
@@ -285,21 +352,103 @@ impl CryptoJob {
         }
     }
 
-    /// Runs the AEAD on this job's tunnel, locked by the caller.
-    fn run_locked(self, inner: &mut Inner) -> CryptoDone {
-        let result = match self.work.parsed() {
-            Work::Seal { packet, .. } => Done::Sealed(inner.encapsulate(self.at, &packet)),
-            Work::Refused(refusal) => Done::Refused(refusal),
-            Work::Invalid { from } | Work::OpenRaw { from, .. } => Done::Opened {
+    /// Under the tunnel's lock: takes a counter for a packet to seal, or finds the session of
+    /// a data message to open; what cannot wait for the AEAD (a handshake to start for want of
+    /// a session, a message that names none) is finished here.
+    fn prepare(&mut self, inner: &mut Inner) {
+        let at = self.at;
+        // Refused stands in while the work is moved out.
+        let work = std::mem::replace(&mut self.work, Work::Refused(Refusal::Malformed));
+        self.work = match work.parsed() {
+            Work::Seal { packet, .. } => match inner.seal_slot(at, packet.len()) {
+                Some(slot) => Work::SealWith { packet, slot },
+                None => Work::Finished(Done::Sealed(inner.encapsulate(at, &packet))),
+            },
+            Work::Open { from, message } => {
+                let slot = match &message {
+                    WgKind::Data(p) => inner.open_slot(p.header.receiver_idx.get()),
+                    _ => None,
+                };
+                match slot {
+                    Some(slot) => Work::OpenWith {
+                        from,
+                        message,
+                        slot,
+                    },
+                    None => Work::Finished(Done::Opened {
+                        from,
+                        result: inner.receive(at, message),
+                        delivery: None,
+                    }),
+                }
+            }
+            Work::Refused(refusal) => Work::Finished(Done::Refused(refusal)),
+            Work::Invalid { from } | Work::OpenRaw { from, .. } => Work::Finished(Done::Opened {
                 from,
                 result: Opened::Err(wg::Error::Malformed),
                 delivery: None,
-            },
-            Work::Open { from, message } => Done::Opened {
+            }),
+            prepared @ (Work::SealWith { .. }
+            | Work::OpenWith { .. }
+            | Work::Finished(_)
+            | Work::Opened { .. }) => prepared,
+        };
+    }
+
+    /// Runs the AEAD of a prepared job, holding no lock.
+    fn crypt(&mut self) {
+        let at = self.at;
+        let work = std::mem::replace(&mut self.work, Work::Refused(Refusal::Malformed));
+        self.work = match work {
+            Work::SealWith { packet, slot } => Work::Finished(Done::Sealed(slot.seal(&packet))),
+            Work::OpenWith {
                 from,
-                result: inner.receive(self.at, message),
-                delivery: None,
+                message,
+                slot,
+            } => match slot.open(at, message) {
+                Ok(inner) => Work::Opened {
+                    len: inner.len(),
+                    done: Done::Opened {
+                        from,
+                        result: Opened::Packet {
+                            inner,
+                            established: false,
+                        },
+                        delivery: None,
+                    },
+                    slot,
+                },
+                Err(e) => Work::Finished(Done::Opened {
+                    from,
+                    result: Opened::Err(e),
+                    delivery: None,
+                }),
             },
+            other => other,
+        };
+    }
+
+    /// What the job did (its AEAD ran, or it was finished under the lock).
+    fn into_done(self) -> CryptoDone {
+        let result = match self.work {
+            Work::Finished(done) | Work::Opened { done, .. } => done,
+            // Every job is prepared and crypted before it is finished; one that was not is
+            // dropped as malformed rather than sealed without its counter.
+            Work::Seal { .. } | Work::Refused(_) | Work::SealWith { .. } => {
+                debug_assert!(false, "finished before its AEAD");
+                Done::Refused(Refusal::Malformed)
+            }
+            Work::Open { from, .. }
+            | Work::OpenRaw { from, .. }
+            | Work::Invalid { from }
+            | Work::OpenWith { from, .. } => {
+                debug_assert!(false, "finished before its AEAD");
+                Done::Opened {
+                    from,
+                    result: Opened::Err(wg::Error::Malformed),
+                    delivery: None,
+                }
+            }
         };
         CryptoDone {
             key: self.key,
@@ -307,6 +456,27 @@ impl CryptoJob {
             at: self.at,
             result,
         }
+    }
+
+    /// Finishes a job whose data message opened, noting it under the tunnel's lock (held by
+    /// the caller): if it confirmed a session, the core sends what waited for one when it
+    /// finishes the job.
+    fn account(mut self, inner: &mut Inner) -> CryptoDone {
+        let at = self.at;
+        if let Work::Opened { done, slot, len } = &mut self.work
+            && inner.opened(at, slot, *len)
+            && let Done::Opened { result, .. } = done
+        {
+            *result = match std::mem::replace(result, Opened::Nothing) {
+                Opened::Packet { inner, .. } if inner.is_empty() => Opened::Established,
+                Opened::Packet { inner, .. } => Opened::Packet {
+                    inner,
+                    established: true,
+                },
+                other => other,
+            };
+        }
+        self.into_done()
     }
 }
 
@@ -326,9 +496,13 @@ impl Work {
 impl std::fmt::Debug for CryptoJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self.work {
-            Work::Seal { .. } => "seal",
+            Work::Seal { .. } | Work::SealWith { .. } => "seal",
             Work::Refused(_) => "refused",
-            Work::Open { .. } | Work::OpenRaw { .. } | Work::Invalid { .. } => "open",
+            Work::Open { .. }
+            | Work::OpenRaw { .. }
+            | Work::Invalid { .. }
+            | Work::OpenWith { .. } => "open",
+            Work::Finished(_) | Work::Opened { .. } => "finished",
         };
         f.debug_struct("CryptoJob")
             .field("peer", &self.key)

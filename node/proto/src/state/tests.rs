@@ -497,6 +497,68 @@ fn crypt_all_checks_what_the_check_step_did_not() {
     assert_eq!(net.received(1), vec![fine]);
 }
 
+/// The AEAD of prepared jobs runs without their tunnel's lock, on any thread: a batch of 150
+/// packets for one peer, prepared in one pass, is sealed in four parts on four threads (the
+/// last part started first) while the test holds the tunnel's lock, and opened on the other
+/// node the same way; every packet arrives, in order, and the counts add up.
+#[test]
+fn prepared_jobs_crypted_on_several_threads_while_the_tunnel_is_locked_arrive_in_order() {
+    let mut net = keyed_pair_with_crypto_outside(0);
+    net.nodes[1].set_crypto_outside(true);
+    let packets: Vec<Vec<u8>> = (0..150u16)
+        .map(|i| ipv4(v4(0), v4(1), 17, &udp(1000, 2000, &i.to_be_bytes())))
+        .collect();
+    for p in &packets {
+        net.nodes[0].handle_tun_packet(net.now, Packet::copy_from(&p[..]));
+    }
+    let crypt_split = |node: &mut NodeState| -> Vec<CryptoDone> {
+        let mut jobs = VecDeque::new();
+        node.take_crypto(&mut jobs);
+        assert_eq!(jobs.len(), 150);
+        let checks = node.checks();
+        CryptoJob::check_all(&mut jobs, &checks);
+        CryptoJob::prepare_all(&mut jobs, &checks);
+        let tunnel = node
+            .peers
+            .values()
+            .next()
+            .and_then(|p| p.tunnel.clone())
+            .expect("a tunnel");
+        let guard = tunnel.lock();
+        let parts = jobs.make_contiguous().chunks_mut(40);
+        let n = parts.len();
+        std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            for part in parts.rev() {
+                let tx = tx.clone();
+                s.spawn(move || {
+                    CryptoJob::crypt_prepared(part);
+                    let _ = tx.send(());
+                });
+            }
+            let all = (0..n).all(|_| rx.recv_timeout(Duration::from_secs(10)).is_ok());
+            drop(guard);
+            assert!(all, "the AEAD waited for the tunnel's lock");
+        });
+        let mut done = Vec::new();
+        CryptoJob::finish_all(&mut jobs, &mut done);
+        CryptoDone::check_all(&mut done, &checks);
+        done
+    };
+    let mut done = crypt_split(&mut net.nodes[0]);
+    net.nodes[0].handle_crypto_all(net.now, &mut done);
+    let mut sent = 0;
+    while let Some(t) = net.nodes[0].poll_transmit() {
+        net.nodes[1].handle_datagram(net.now, SockId::Main, net.addrs[0], t.payload);
+        sent += 1;
+    }
+    assert_eq!(sent, 150);
+    let mut done = crypt_split(&mut net.nodes[1]);
+    net.nodes[1].handle_crypto_all(net.now, &mut done);
+    assert_eq!(net.received(1), packets);
+    assert_eq!(net.nodes[1].status(net.now).counters.wg_invalid, 0);
+}
+
 /// A run of data messages from one address shares one look-up and each is parsed by its job:
 /// one with a broken tag, and a stub too short to be a data message, are counted invalid,
 /// and the others are delivered in order.

@@ -236,12 +236,8 @@ impl Peer {
     /// Seals `packet` for the peer, or queues it and returns a handshake initiation (if one
     /// is due) when there is no session to seal it with.
     pub fn send(&mut self, now: Instant, wall: Duration, packet: &[u8]) -> Option<bytes::BytesMut> {
-        if let Some(s) = self.sending(now).cloned()
-            && let Some(counter) = s.reserve(1)
-        {
-            let msg = s.seal(counter, packet, self.mtu);
-            self.sent_data(now, packet.len());
-            return Some(msg);
+        if let Some((s, counter)) = self.reserve(now, packet.len()) {
+            return Some(s.seal(counter, packet, self.mtu));
         }
         if self.queue.len() >= QUEUE_MAX {
             self.queue.pop_front();
@@ -250,8 +246,24 @@ impl Peer {
         self.initiate(now, wall, false)
     }
 
+    /// Takes the sending session's next counter for a packet of `len` bytes and notes it as
+    /// sent: the caller seals it with [`Session::seal`] (outside any lock of its own, and on
+    /// any thread). `None` when there is no session to seal with ([`Peer::send`] then queues
+    /// the packet and starts a handshake).
+    pub fn reserve(&mut self, now: Instant, len: usize) -> Option<(Arc<Session>, u64)> {
+        let s = Arc::clone(self.sending(now)?);
+        let counter = s.reserve(1)?;
+        self.sent_data(now, len);
+        Some((s, counter))
+    }
+
+    /// The packet size sessions pad to at most.
+    pub fn mtu(&self) -> usize {
+        self.mtu
+    }
+
     /// Notes that a data message of `len` bytes of packet (0: a keepalive) was sealed.
-    pub(crate) fn sent_data(&mut self, now: Instant, len: usize) {
+    fn sent_data(&mut self, now: Instant, len: usize) {
         self.tx_bytes += (len + message::DATA_MIN_LEN) as u64;
         self.keepalive_due = None;
         if len > 0 && self.handshake_due.is_none() {
@@ -473,8 +485,7 @@ impl Peer {
         let (session, next) = self.receiving(index).ok_or(Error::NoSession)?;
         let session = Arc::clone(session);
         let range = session.open(now, &mut msg)?;
-        let established = next && self.confirm(index);
-        self.received_data(now, &session, range.len());
+        let established = self.opened(now, &session, next, range.len());
         Ok(match (range.is_empty(), established) {
             (true, true) => Outcome::Established,
             (true, false) => Outcome::Keepalive,
@@ -489,8 +500,17 @@ impl Peer {
         })
     }
 
+    /// Notes a data message with `len` bytes of packet opened with `session` (found by
+    /// [`Peer::receiving`]; `next`: it was the unconfirmed one): whether it confirmed the
+    /// session (then send what [`Peer::queued`] returns).
+    pub fn opened(&mut self, now: Instant, session: &Session, next: bool, len: usize) -> bool {
+        let established = next && self.confirm(session.local_index());
+        self.received_data(now, session, len);
+        established
+    }
+
     /// The initiator used the session in `next` (index `index`): it becomes current.
-    pub(crate) fn confirm(&mut self, index: u32) -> bool {
+    fn confirm(&mut self, index: u32) -> bool {
         if self.next.as_ref().is_none_or(|s| s.local_index() != index) {
             return false;
         }
@@ -500,7 +520,7 @@ impl Peer {
     }
 
     /// Notes a data message with `len` bytes of packet opened with `session`.
-    pub(crate) fn received_data(&mut self, now: Instant, session: &Session, len: usize) {
+    fn received_data(&mut self, now: Instant, session: &Session, len: usize) {
         self.rx_bytes += (len + message::DATA_MIN_LEN) as u64;
         self.handshake_due = None;
         if len > 0 && self.keepalive_due.is_none() {
