@@ -239,6 +239,11 @@ pub struct UpArgs {
     /// worker].
     #[arg(long, env = "LATTICE_STEERING", value_name = "BOOL")]
     pub steering: Option<bool>,
+    /// Threads that share the encryption and decryption of the pipelined workers' batches
+    /// (with --io-helpers): a big batch (one busy stream's) is split between its worker's
+    /// crypto thread and these, so one stream is encrypted on several cores [default: 0].
+    #[arg(long, env = "LATTICE_AEAD_HELPERS", value_name = "N", value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub aead_helpers: Option<u16>,
 }
 
 fn parse_id_token_refresh(s: &str) -> Result<std::time::Duration, String> {

@@ -225,6 +225,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         Modes {
             io_helpers: args.io_helpers,
             steering: args.steering,
+            aead_helpers: args.aead_helpers,
         },
         runtimes,
     );

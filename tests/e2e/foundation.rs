@@ -145,10 +145,11 @@ fn three_nodes_ping_by_name_over_ipv4_and_ipv6_and_move_20mb_intact() {
 }
 
 /// Both nodes run four data-plane workers (`--workers 4`: four TUN queues, four sockets on
-/// one port), the sender's as pipelines (a finishing thread per worker for the crypto,
-/// helper tasks for its sends and TUN writes), the receiver's without (`--io-helpers`). 1 GB in four parallel TCP streams arrives with each sender's
-/// checksum, and a numbered UDP stream sent meanwhile, through the same tunnel, arrives in
-/// order.
+/// one port), the sender's as pipelines (a crypto and a finishing thread per worker, helper
+/// tasks for its sends and TUN writes) whose big batches' AEAD two more threads share
+/// (`--aead-helpers 2`), the receiver's without (`--io-helpers`). 1 GB in four parallel TCP
+/// streams arrives with each sender's checksum, and a numbered UDP stream sent meanwhile,
+/// through the same tunnel, arrives in order.
 #[test]
 fn a_gigabyte_through_four_workers_arrives_intact_and_in_order() {
     // One node's workers run as pipelines, the other's do everything themselves: the stream
@@ -156,7 +157,17 @@ fn a_gigabyte_through_four_workers_arrives_intact_and_in_order() {
     let Some(f) = Flat::mesh_each(
         "workers",
         &[
-            ("wa", &["--workers", "4", "--io-helpers", "true"]),
+            (
+                "wa",
+                &[
+                    "--workers",
+                    "4",
+                    "--io-helpers",
+                    "true",
+                    "--aead-helpers",
+                    "2",
+                ],
+            ),
             ("wb", &["--workers", "4", "--io-helpers", "false"]),
         ],
         &[],
@@ -168,6 +179,8 @@ fn a_gigabyte_through_four_workers_arrives_intact_and_in_order() {
         let st = n.status(&f.lab).expect("status");
         assert_eq!(st["workers"], 4, "{}", st["self"]["name"]);
         assert_eq!(st["io_helpers"], helpers, "{}", st["self"]["name"]);
+        let aead_helpers = if helpers { 2 } else { 0 };
+        assert_eq!(st["aead_helpers"], aead_helpers, "{}", st["self"]["name"]);
         // The node turns transparent huge pages off for itself (its heap would be resident
         // in 2 MiB steps); kernels before 6.5 do not show the setting.
         let pid = f.lab.pid(n.proc).expect("the node's pid");
@@ -255,6 +268,12 @@ fn a_gigabyte_through_four_workers_arrives_intact_and_in_order() {
         })
         .collect();
     streams_arrive_intact(&mut lab, senders, receivers, BYTES, 240);
+    let wa = f.nodes[0].status(&lab).expect("status");
+    assert!(
+        wa["aead_parts"].as_u64().unwrap_or(0) > 0,
+        "the sender shared its big batches' AEAD: {}",
+        wa["aead_parts"]
+    );
     assert!(
         lab.wait_exit(udp_send, Duration::from_secs(30)).is_some(),
         "udp sender finished"

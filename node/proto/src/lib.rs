@@ -7,13 +7,12 @@
 //! only from the seed it was built with: path discovery, the post-quantum key schedule,
 //! admission control, the filter and the flow table are deterministic under the simulator.
 //!
-//! One exception, inside the WireGuard protocol itself: gotatun's `Tunn` and its handshake
-//! rate limiter read the monotonic clock (WireGuard's rekey, retransmit and expiry timers, the
-//! cookie secret's two-minute lifetime, the per-source counts' one-second period) and draw
-//! handshake ephemerals and cookie secrets from the operating system's RNG. So WireGuard's own
-//! timers follow real time even when the rest of the core runs on virtual time, and two runs
-//! with one seed produce different WireGuard bytes; simulator tests exercise paths, keys and
-//! policy, not WireGuard's timers (see `tunnel`).
+//! WireGuard's protocol is the core's own ([`wg`]): its timers (rekey, retransmit, expiry,
+//! keepalive) run on the core's clock and its handshake ephemerals come from the seed, so the
+//! simulator drives them too. One exception remains: gotatun's handshake rate limiter, which
+//! answers handshakes under load with cookies, reads the monotonic clock (the cookie
+//! secret's two-minute lifetime, the per-source counts' one-second period) and draws its
+//! cookie secret from the operating system's RNG.
 //!
 //! The I/O shell (`node` crate) moves bytes between it and the TUN device, the UDP socket and
 //! the control connection. See [`NodeState`] for the call order.

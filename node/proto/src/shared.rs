@@ -107,6 +107,25 @@ pub fn crypt(out: &mut BatchOutput) {
     }
 }
 
+/// [`crypt`], sharing the AEAD: `share` gets the batch's jobs prepared (counters taken and
+/// sessions found, [`CryptoJob::prepare_all`]) and must run [`CryptoJob::crypt_prepared`] on
+/// every one of them, on whatever threads, and leave them in `jobs` in the order it got them;
+/// then they are finished in order. A job `share` left without its AEAD is dropped (counted
+/// as malformed), never sent unsealed.
+pub fn crypt_shared(out: &mut BatchOutput, share: impl FnOnce(&mut VecDeque<CryptoJob>)) {
+    debug_assert!(
+        out.jobs.is_empty() || out.checks.is_some(),
+        "jobs come with checks"
+    );
+    if let Some(checks) = &out.checks
+        && !out.jobs.is_empty()
+    {
+        CryptoJob::prepare_all(&mut out.jobs, checks);
+        share(&mut out.jobs);
+        CryptoJob::finish_all(&mut out.jobs, &mut out.done);
+    }
+}
+
 /// The second part of [`finish`]: checks the packets [`crypt`] opened without the core's
 /// lock ([`CryptoDone::check_all`]), then finishes the jobs in order under it and appends
 /// what they produced. Finishing may make more jobs (packets a handshake released): it runs

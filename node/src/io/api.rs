@@ -61,6 +61,12 @@ pub struct StatusJson {
     /// tasks for the system calls (`--io-helpers`).
     #[serde(default)]
     pub io_helpers: bool,
+    /// Threads that share the pipelines' encryption and decryption (`--aead-helpers`).
+    #[serde(default)]
+    pub aead_helpers: usize,
+    /// Parts of batches they were handed so far.
+    #[serde(default)]
+    pub aead_parts: u64,
     /// How the workers share the peers that send WireGuard data.
     #[serde(default)]
     pub steering: SteeringJson,

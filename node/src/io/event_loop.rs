@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 use wire::{ClientMessage, ErrorCode, NatInfo, NodeId, RelayId};
 
+use crate::io::aead::AeadHelpers;
 use crate::io::api::{
     ApiRequest, CoordinatorJson, DnsJson, ExitNodeJson, LoginJson, LoginResultJson, NetcheckJson,
     PathJson, PeerJson, PingJson, RelayJson, RoutesJson, SelfJson, StatusJson, SteeringJson,
@@ -31,7 +32,7 @@ use crate::io::portmap::PortMapper;
 use crate::io::relays::{RelayEvent, RelayInbox, RelayManager};
 use crate::io::tun::Tun;
 use crate::io::udp::{Sender, Sockets};
-use crate::io::workers::{Modes, Runtimes, Shared, ToControl, Workers};
+use crate::io::workers::{Modes, Pipelines, Runtimes, Shared, ToControl, Workers};
 use crate::io::{dns, ifaddrs};
 use crate::statedir::{Pin, StateDir};
 
@@ -204,11 +205,17 @@ impl EventLoop {
         let portmap_rx = portmap.as_ref().map(PortMapper::watch);
         state.set_crypto_outside(true);
         let helpers = modes.helpers(sockets.len());
+        let aead = match modes.aead_helpers(sockets.len()) {
+            0 => None,
+            n => Some(Arc::new(
+                AeadHelpers::start(n).context("starting the AEAD helper threads")?,
+            )),
+        };
         let shared = Shared::new(state, sockets.len(), modes.steering(sockets.len()));
         let workers = Workers::start(
             &shared,
             &sockets,
-            helpers,
+            Pipelines { helpers, aead },
             mtu,
             relays.senders(),
             relay_packets,
@@ -217,6 +224,7 @@ impl EventLoop {
         info!(
             workers = workers.len(),
             helpers,
+            aead_helpers = workers.aead_helpers().0,
             steering = shared.steering.is_on(),
             "data plane workers"
         );
@@ -1149,6 +1157,8 @@ impl EventLoop {
             }),
             workers: self.workers.len(),
             io_helpers: self.workers.helpers(),
+            aead_helpers: self.workers.aead_helpers().0,
+            aead_parts: self.workers.aead_helpers().1,
             steering: {
                 let s = self.shared.steering.stats();
                 SteeringJson {

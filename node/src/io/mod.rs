@@ -1,5 +1,6 @@
 //! The I/O shell: everything that touches the operating system or the network.
 
+pub mod aead;
 pub mod api;
 pub mod aux;
 pub mod control;

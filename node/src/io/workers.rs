@@ -27,13 +27,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use node_proto::shared::{BatchOutput, crypt, feed, finish};
+use node_proto::shared::{BatchOutput, crypt, crypt_shared, feed, finish};
 use node_proto::{Addr, NodeState, Packet, SockId, Transmit};
 use parking_lot::Mutex;
 use quinn_udp::RecvMeta;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::debug;
 
+use crate::io::aead::{AeadHelpers, Asker};
 use crate::io::relays::{RelayPacket, RelaySenders};
 use crate::io::steer::{Handoff, Steering, split};
 use crate::io::tun::{ReadBufs, TunQueue, TunReader, is_packet_error};
@@ -72,6 +73,8 @@ pub struct Modes {
     pub io_helpers: Option<bool>,
     /// With each sender steered to a worker of its own ([`crate::io::steer`]).
     pub steering: Option<bool>,
+    /// Threads sharing the pipelined workers' AEAD ([`crate::io::aead`]).
+    pub aead_helpers: Option<u16>,
 }
 
 impl Modes {
@@ -98,6 +101,17 @@ impl Modes {
     /// row, three alternating pairs: 4.17, 4.12 and 4.08 Gbit/s without, 4.24, 3.75 and 4.08 with).
     pub fn steering(&self, workers: usize) -> bool {
         workers > 1 && self.steering.unwrap_or_else(|| spare_cpus(workers))
+    }
+
+    /// How many threads share the AEAD of `workers` pipelined workers' batches
+    /// (`--aead-helpers`, none by default, and none without pipelines: their crypto threads
+    /// are what hands parts out).
+    pub fn aead_helpers(&self, workers: usize) -> usize {
+        if self.helpers(workers) {
+            usize::from(self.aead_helpers.unwrap_or(0))
+        } else {
+            0
+        }
     }
 }
 
@@ -215,6 +229,13 @@ pub enum ToControl {
     Failed(anyhow::Error),
 }
 
+/// How the workers run: as pipelines or not ([`Modes::helpers`]), and the threads that share
+/// the pipelines' AEAD ([`Modes::aead_helpers`]).
+pub struct Pipelines {
+    pub helpers: bool,
+    pub aead: Option<Arc<AeadHelpers>>,
+}
+
 /// The running workers; dropping this stops them.
 ///
 /// Each worker runs on a thread of its own, driving its own runtime ([`Runtimes`]), and
@@ -226,6 +247,8 @@ pub struct Workers {
     count: usize,
     /// Whether the workers run as pipelines with helpers ([`Modes::helpers`]).
     helpers: bool,
+    /// The threads sharing the pipelines' AEAD, if any ([`Modes::aead_helpers`]).
+    aead: Option<Arc<AeadHelpers>>,
     stop: watch::Sender<bool>,
     queues: Vec<mpsc::Sender<TunQueue>>,
     /// Each worker's runtime, for its TUN queue.
@@ -245,12 +268,13 @@ impl Workers {
     pub fn start(
         shared: &Arc<Shared>,
         sockets: &[Arc<Sockets>],
-        helpers: bool,
+        pipelines: Pipelines,
         mtu: u16,
         relays: RelaySenders,
         relay_packets: Vec<mpsc::Receiver<RelayPacket>>,
         runtimes: Runtimes,
     ) -> Self {
+        let Pipelines { helpers, aead } = pipelines;
         let handles = runtimes.handles();
         let mut own_runtimes = runtimes.0.into_iter();
         let (to_control, from_workers) = mpsc::channel(HANDOFF);
@@ -279,7 +303,7 @@ impl Workers {
                 forward: Vec::new(),
             };
             let finishing = if helpers {
-                match Finishing::start(finisher, &runtime) {
+                match Finishing::start(finisher, &runtime, aead.clone()) {
                     Ok(f) => f,
                     Err(e) => {
                         let _ =
@@ -336,6 +360,7 @@ impl Workers {
         Self {
             count: sockets.len(),
             helpers,
+            aead,
             stop,
             queues,
             runtimes: handles,
@@ -357,6 +382,14 @@ impl Workers {
     /// Whether the workers run as pipelines with helpers.
     pub fn helpers(&self) -> bool {
         self.helpers
+    }
+
+    /// How many threads share the pipelines' AEAD, and how many parts of batches they were
+    /// handed.
+    pub fn aead_helpers(&self) -> (usize, u64) {
+        self.aead
+            .as_ref()
+            .map_or((0, 0), |a| (a.helpers(), a.handed_out()))
     }
 
     /// Whether none run (never: at least one is started).
@@ -448,9 +481,14 @@ impl Finishing {
     /// Starts the worker's crypto thread (`lattice-aeadN`), which runs each batch's AEAD,
     /// and its finishing thread (`lattice-finN`), which completes the batch in the core and
     /// sends and writes what it made, each batch through both in the order it was fed.
-    /// Splitting the two lets one direction of one peer's traffic, whose AEAD runs one
-    /// packet at a time (gotatun's tunnel), run it back to back on a core of its own.
-    fn start(mut finisher: Finisher, runtime: &tokio::runtime::Handle) -> std::io::Result<Self> {
+    /// Splitting the two lets one direction of one peer's traffic run its AEAD back to back
+    /// on a core of its own; with `aead` helpers, a big batch's AEAD is shared with them
+    /// ([`crate::io::aead`]).
+    fn start(
+        mut finisher: Finisher,
+        runtime: &tokio::runtime::Handle,
+        aead: Option<Arc<AeadHelpers>>,
+    ) -> std::io::Result<Self> {
         let (to, mut batches) = mpsc::channel(PIPELINE / 2);
         let (to_finish, mut crypted) = mpsc::channel(PIPELINE / 2);
         let (give_back, spare) = mpsc::channel(PIPELINE + 1);
@@ -458,9 +496,13 @@ impl Finishing {
         std::thread::Builder::new()
             .name(format!("lattice-aead{}", finisher.id))
             .spawn(move || {
+                let mut asker = Asker::default();
                 while let Some(mut m) = batches.blocking_recv() {
                     if let ToFinisher::Batch(out) = &mut m {
-                        crypt(out);
+                        match &aead {
+                            Some(pool) => crypt_shared(out, |jobs| pool.crypt(&mut asker, jobs)),
+                            None => crypt(out),
+                        }
                     }
                     if to_finish.blocking_send(m).is_err() {
                         break;

@@ -110,6 +110,10 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
     } else {
         "finish each batch and send and write the TUN device themselves"
     };
+    let aead = match sb["aead_helpers"].as_u64().unwrap_or(0) {
+        0 => String::new(),
+        n => format!(", each batch's crypto shared with {n} helper threads (LATTICE_AEAD_HELPERS)"),
+    };
     // Warm up: the first packets go through the relay until the direct path answers.
     lab.output(&a, &["ping", "-c", "5", "-i", "0.2", &lattice_dst])?;
     let mtu = "1280";
@@ -288,7 +292,7 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
     )?;
     println!(
         "\nlattice: {workers} data-plane workers per node (TUN queues and UDP sockets), which \
-         {helpers}; tunnel MTU {mtu}"
+         {helpers}{aead}; tunnel MTU {mtu}"
     );
     Ok(())
 }
