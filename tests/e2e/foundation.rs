@@ -734,10 +734,15 @@ fn our_node_interoperates_with_stock_wireguard_go() {
     );
     f.lab.sh(&ns, &script).expect("configuring wireguard-go");
     let ours_v4 = ip_of(&ours, true);
-    let ok = f
-        .lab
-        .output(&ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", &ours_v4])
-        .unwrap();
+    // wireguard-go starts the handshake (our node learns its path from it: a stock peer
+    // answers no path probes) and our node answers; then wireguard-go forgets the session
+    // and starts another, which our node answers too.
+    let ping_ours = |f: &Flat| {
+        f.lab
+            .output(&ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", &ours_v4])
+            .unwrap()
+    };
+    let ok = ping_ours(&f);
     assert!(
         ok.status.success(),
         "wireguard-go -> lattice: {}",
@@ -747,6 +752,50 @@ fn our_node_interoperates_with_stock_wireguard_go() {
         f.node("ours").ping(&f.lab, &v4, "-4", 3),
         "lattice -> wireguard-go"
     );
+    let handshakes = |f: &Flat| {
+        f.node("ours").status(&f.lab).expect("status")["peers"][0]["handshakes"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = handshakes(&f);
+    let readd = format!(
+        "wg set {dev} peer {peer_b64} remove && \
+         wg set {dev} peer {peer_b64} endpoint 198.51.100.11:41641 allowed-ips 100.64.0.0/10,{v6}/48"
+    );
+    f.lab
+        .sh(&ns, &readd)
+        .expect("re-adding the peer to wireguard-go");
+    let ok = ping_ours(&f);
+    assert!(
+        ok.status.success(),
+        "wireguard-go -> lattice after forgetting its session (its handshake): {}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    assert!(
+        handshakes(&f) > before,
+        "our node answered wireguard-go's handshake"
+    );
+    // wireguard-go forgets the session once more, and this time only our node sends: what it
+    // seals with the old session is dropped, and with nothing heard back for 15 s
+    // (Keepalive-Timeout + Rekey-Timeout) it starts a handshake of its own. wireguard-go
+    // cannot start one (it has nothing to answer), so any echo reply proves ours worked.
+    f.lab
+        .sh(&ns, &readd)
+        .expect("re-adding the peer to wireguard-go");
+    let before = handshakes(&f);
+    let pinged = f
+        .lab
+        .output(
+            &f.node_ns[0],
+            &["ping", "-4", "-c", "24", "-i", "1", "-W", "1", &v4],
+        )
+        .unwrap();
+    assert!(
+        pinged.status.success(),
+        "lattice -> wireguard-go after our new handshake: {}",
+        String::from_utf8_lossy(&pinged.stdout)
+    );
+    assert!(handshakes(&f) > before, "our node's handshake completed");
     let show = f
         .lab
         .run(&ns, &["wg", "show", &dev, "latest-handshakes"])
