@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use blake2::{Blake2s256, Digest};
 use hybrid::{InitiatorHandshake, Psk, Purpose, ResponderHandshake, StaticKeypair};
-use rand::{Rng, rngs::StdRng};
+use rand::CryptoRng;
 use subtle::ConstantTimeEq;
 use wire::NodeKey;
 
@@ -314,7 +314,7 @@ impl PqPeer {
     pub fn want(
         &mut self,
         now: Instant,
-        rng: &mut StdRng,
+        rng: &mut impl CryptoRng,
         local: &StaticKeypair,
         epoch: u64,
     ) -> Vec<PqAction> {
@@ -350,7 +350,7 @@ impl PqPeer {
     pub fn handle_nudge(
         &mut self,
         now: Instant,
-        rng: &mut StdRng,
+        rng: &mut impl CryptoRng,
         local: &StaticKeypair,
         epoch: u64,
         time: u64,
@@ -390,7 +390,7 @@ impl PqPeer {
     fn start(
         &mut self,
         now: Instant,
-        rng: &mut StdRng,
+        rng: &mut impl CryptoRng,
         local: &StaticKeypair,
         epoch: u64,
     ) -> Vec<PqAction> {
@@ -477,7 +477,7 @@ impl PqPeer {
     pub fn handle_init(
         &mut self,
         now: Instant,
-        rng: &mut StdRng,
+        rng: &mut impl CryptoRng,
         from: Addr,
         session: u32,
         msg1_hash: [u8; 32],
@@ -691,7 +691,7 @@ impl PqPeer {
     pub fn handle_timeout(
         &mut self,
         now: Instant,
-        rng: &mut StdRng,
+        rng: &mut impl CryptoRng,
         local: &StaticKeypair,
         epoch: u64,
     ) -> Vec<PqAction> {

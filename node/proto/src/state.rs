@@ -24,7 +24,7 @@ use gotatun::noise::rate_limiter::RateLimiter;
 use gotatun::packet::Packet;
 use gotatun::x25519::{PublicKey, StaticSecret};
 use hybrid::StaticKeypair;
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand::{Rng, SeedableRng};
 use tracing::{debug, info};
 use wire::netmap::{DnsConfig, MapResponse, Node, TunnelSecurity};
 use wire::{NatInfo, NodeId, NodeKey, RelayId, RelayInfo};
@@ -41,6 +41,7 @@ use crate::netcheck::{Netcheck, Report};
 use crate::packet;
 use crate::path::{Current, Local};
 use crate::pq::PqConfig;
+use crate::rng::ErasingRng;
 use crate::status::{Counters, PathKind, PathStatus, PeerStatus, Status};
 use crate::wg;
 
@@ -168,7 +169,8 @@ pub struct NodeState {
     pq_config: PqConfig,
     started: Instant,
     wall_clock_ms: u64,
-    rng: StdRng,
+    /// Every random choice the core makes (erasing its key as it goes: [`ErasingRng`]).
+    rng: ErasingRng,
     index_table: IndexTable<rand_09::rngs::StdRng>,
     rate_limiter: Arc<RateLimiter>,
 
@@ -222,7 +224,7 @@ impl NodeState {
     pub fn new(config: NodeConfig, seed: [u8; 32], now: Instant) -> Self {
         let private = StaticSecret::from(*config.private_key);
         let public = PublicKey::from(&private);
-        let mut rng = StdRng::from_seed(seed);
+        let mut rng = ErasingRng::from_seed(seed);
         let index_table = IndexTable::from_rng(rand_09_rng(&mut rng));
         let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
         let node_key = NodeKey::from_bytes(public.to_bytes());
@@ -882,7 +884,7 @@ impl NodeState {
     }
 }
 
-fn rand_09_rng(rng: &mut StdRng) -> rand_09::rngs::StdRng {
+fn rand_09_rng(rng: &mut impl Rng) -> rand_09::rngs::StdRng {
     let mut seed = [0u8; 32];
     rng.fill_bytes(&mut seed);
     <rand_09::rngs::StdRng as rand_09::SeedableRng>::from_seed(seed)

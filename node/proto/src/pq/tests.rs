@@ -1,4 +1,5 @@
 use rand::SeedableRng;
+use rand::rngs::StdRng;
 
 use super::*;
 use crate::frame::{Frame, Reassembly};

@@ -33,6 +33,7 @@ use super::{
     COOKIE_REFRESH_TIME, KEEPALIVE_TIMEOUT, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES,
     REKEY_AFTER_TIME, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT,
 };
+use crate::rng::ErasingRng;
 
 /// The most packets kept for a peer while its handshake runs (the oldest go first).
 pub const QUEUE_MAX: usize = 128;
@@ -128,7 +129,7 @@ pub struct Peer {
     remote: PublicKeyInfo,
     psk: Zeroizing<[u8; 32]>,
     indices: IndexTable<StdRng>,
-    rng: rand::rngs::StdRng,
+    rng: ErasingRng,
     mtu: usize,
     pending: Option<Pending>,
     current: Option<Arc<Session>>,
