@@ -320,10 +320,7 @@ impl Peer {
         {
             ts = later(last);
         }
-        let index = self.indices.new_index();
-        let mut ephemeral = Zeroizing::new([0u8; 32]);
-        self.rng.fill_bytes(&mut *ephemeral);
-        let cookie = self.fresh_cookie(now);
+        let (index, ephemeral, cookie) = self.handshake_inputs(now);
         let mut msg = bytes::BytesMut::zeroed(INITIATION_LEN);
         let buf: &mut [u8; INITIATION_LEN] = (&mut msg[..]).try_into().expect("the length");
         let handshake = initiate(
@@ -349,6 +346,22 @@ impl Peer {
         Some(msg)
     }
 
+    /// What a new handshake message needs: our index for the session it may make, an
+    /// ephemeral private key, and the cookie for its mac2 if one is fresh.
+    fn handshake_inputs(
+        &mut self,
+        now: Instant,
+    ) -> (
+        gotatun::noise::index_table::Index<StdRng>,
+        Zeroizing<[u8; 32]>,
+        Option<[u8; 16]>,
+    ) {
+        let index = self.indices.new_index();
+        let mut ephemeral = Zeroizing::new([0u8; 32]);
+        self.rng.fill_bytes(&mut *ephemeral);
+        (index, ephemeral, self.fresh_cookie(now))
+    }
+
     fn fresh_cookie(&self, now: Instant) -> Option<[u8; 16]> {
         self.cookie
             .filter(|(_, at)| now.saturating_duration_since(*at) < COOKIE_REFRESH_TIME)
@@ -370,10 +383,7 @@ impl Peer {
             return Err(Error::Flood);
         }
         let timestamp = received.timestamp;
-        let index = self.indices.new_index();
-        let mut ephemeral = Zeroizing::new([0u8; 32]);
-        self.rng.fill_bytes(&mut *ephemeral);
-        let cookie = self.fresh_cookie(now);
+        let (index, ephemeral, cookie) = self.handshake_inputs(now);
         let mut msg = bytes::BytesMut::zeroed(RESPONSE_LEN);
         let buf: &mut [u8; RESPONSE_LEN] = (&mut msg[..]).try_into().expect("the length");
         let keys = respond(
