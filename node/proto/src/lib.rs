@@ -8,11 +8,9 @@
 //! admission control, the filter and the flow table are deterministic under the simulator.
 //!
 //! WireGuard's protocol is the core's own ([`wg`]): its timers (rekey, retransmit, expiry,
-//! keepalive) run on the core's clock and its handshake ephemerals come from the seed, so the
-//! simulator drives them too. One exception remains: gotatun's handshake rate limiter, which
-//! answers handshakes under load with cookies, reads the monotonic clock (the cookie
-//! secret's two-minute lifetime, the per-source counts' one-second period) and draws its
-//! cookie secret from the operating system's RNG.
+//! keepalive) and its cookies run on the core's clock, and its handshake ephemerals and cookie
+//! secrets come from the seed, so the simulator drives them too. The generator erases its key
+//! as it goes ([`rng`]).
 //!
 //! The I/O shell (`node` crate) moves bytes between it and the TUN device, the UDP socket and
 //! the control connection. See [`NodeState`] for the call order.

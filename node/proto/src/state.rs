@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gotatun::noise::index_table::IndexTable;
-use gotatun::noise::rate_limiter::RateLimiter;
 use gotatun::packet::Packet;
 use gotatun::x25519::{PublicKey, StaticSecret};
 use hybrid::StaticKeypair;
@@ -53,8 +52,8 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// At most one netcheck per this interval because a direct path went quiet.
 const QUIET_NETCHECK: Duration = Duration::from_secs(2);
-/// Handshake initiations accepted per second before cookies are required.
-const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Handshake messages accepted per second from one source before it must show a cookie.
+const HANDSHAKE_RATE_LIMIT: u32 = 100;
 
 /// Static settings of the core.
 #[derive(Clone)]
@@ -172,7 +171,8 @@ pub struct NodeState {
     /// Every random choice the core makes (erasing its key as it goes: [`ErasingRng`]).
     rng: ErasingRng,
     index_table: IndexTable<rand_09::rngs::StdRng>,
-    rate_limiter: Arc<RateLimiter>,
+    /// mac1 on every handshake, cookies for sources over their limit.
+    cookies: wg::cookie::Checker,
 
     self_node: Option<Node>,
     /// What the policy's `nodeAttrs` give this node.
@@ -226,10 +226,15 @@ impl NodeState {
         let public = PublicKey::from(&private);
         let mut rng = ErasingRng::from_seed(seed);
         let index_table = IndexTable::from_rng(rand_09_rng(&mut rng));
-        let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
         let node_key = NodeKey::from_bytes(public.to_bytes());
         let admission = Admission::new(&node_key, &mut rng, now);
         let gate = Arc::new(Gate::new(rng.next_u64()));
+        let cookies = wg::cookie::Checker::new(
+            public.to_bytes(),
+            HANDSHAKE_RATE_LIMIT,
+            rand::RngExt::random(&mut rng),
+            now,
+        );
         Self {
             node_key,
             keypair: StaticKeypair::from_secret(*config.private_key),
@@ -240,7 +245,7 @@ impl NodeState {
             wall_clock_ms: config.wall_clock_ms,
             rng,
             index_table,
-            rate_limiter,
+            cookies,
             self_node: None,
             node_caps: BTreeMap::new(),
             via_routes: BTreeMap::new(),
@@ -501,11 +506,6 @@ impl NodeState {
         }
         if now >= self.next_tick {
             self.next_tick = now + TIMER_TICK;
-            // WireGuard's per-source handshake counts must be cleared every second whether or
-            // not any tunnel exists (gotatun only does it from tunnel timers; with no tunnels
-            // its map would grow without bound and every source would stay under load:
-            // GHSA-m2rr-7rr7-vmp7). It keeps its own one-second period on the real clock.
-            self.rate_limiter.try_reset_count();
             self.relay_misses.retain(|_, until| *until > now);
             let keys: Vec<NodeKey> = self.peers.keys().copied().collect();
             for key in keys {

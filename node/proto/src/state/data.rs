@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use crate::addr::Addr;
 
-use gotatun::noise::TunnResult;
 use gotatun::packet::{Packet, WgKind};
 use tracing::{debug, trace};
 use wire::NodeKey;
@@ -20,6 +19,7 @@ use crate::magicsock;
 use crate::packet::{self, PacketInfo, Transport};
 use crate::tunnel::Tunnel;
 use crate::wg;
+use crate::wg::cookie::Verdict;
 
 /// Smallest fragment offset (8-byte units) let through without a transport header: anything
 /// lower could overlap the first fragment's ports and flags (RFC 1858).
@@ -115,8 +115,8 @@ impl NodeState {
         last: Option<Opening>,
     ) -> Option<Opening> {
         // The usual case: a further data message of the same session from the same address.
-        // Its header is read in place; the job parses it (a data message goes through the
-        // rate limiter untouched), so nothing more is done for it under the core's lock.
+        // Its header is read in place; the job parses it (a data message passes the cookie
+        // check untouched), so nothing more is done for it under the core's lock.
         if let Some(o) = &last
             && o.from == from
             && magicsock::data_receiver(&datagram) == Some(o.idx)
@@ -132,21 +132,25 @@ impl NodeState {
             Addr::Udp(_, a) => a,
             Addr::Relay(_, k) => relayed_source(&k),
         };
-        let wg = match self.rate_limiter.verify_packet(src, datagram) {
-            Ok(wg) => wg,
-            Err(TunnResult::WriteToNetwork(cookie)) => {
+        match self.cookies.check(now, src, &datagram) {
+            Verdict::Pass => {}
+            Verdict::CookieReply(reply) => {
                 self.counters.wg_cookies_sent += 1;
                 self.transmits.push_back(Transmit {
                     dst: from,
-                    payload: cookie.into(),
+                    payload: Packet::from_bytes(reply),
                     ttl: None,
                 });
                 return None;
             }
-            Err(_) => {
+            Verdict::Invalid => {
                 self.counters.wg_invalid += 1;
                 return None;
             }
+        }
+        let Ok(wg) = datagram.try_into_wg() else {
+            self.counters.wg_invalid += 1;
+            return None;
         };
         let idx = match &wg {
             WgKind::Data(p) => Some(p.header.receiver_idx.get()),
@@ -367,7 +371,7 @@ pub(super) struct Found {
     tunnel: Tunnel,
 }
 
-/// A stand-in source address for WireGuard's per-IP handshake rate limiter, one per relayed
+/// A stand-in source address for WireGuard's per-source handshake limit, one per relayed
 /// peer: an address in the discard-only prefix `100::/64` (RFC 6666) made from the peer's key.
 fn relayed_source(key: &NodeKey) -> SocketAddr {
     let k = key.as_bytes();

@@ -115,6 +115,18 @@ pub(crate) fn open_to(key: &[u8; 32], aad: &[u8], sealed: &[u8], out: &mut [u8])
     }
 }
 
+/// `XAEAD(key, nonce, plain, aad)` for cookie replies.
+pub(crate) fn xseal(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], plain: &[u8; 16]) -> [u8; 32] {
+    let mut buf = [0u8; 32];
+    let (body, tag) = buf.split_at_mut(16);
+    body.copy_from_slice(plain);
+    let t = XChaCha20Poly1305::new(key.into())
+        .encrypt_in_place_detached(XNonce::from_slice(nonce), aad, body)
+        .expect("16 bytes always seal");
+    tag.copy_from_slice(&t);
+    buf
+}
+
 /// Opens a cookie reply's sealed cookie.
 pub(crate) fn xopen(
     key: &[u8; 32],

@@ -10,10 +10,12 @@
 //!
 //! - [`handshake`]: `Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s` step by step;
 //! - [`session`]: transport data, the replay window;
-//! - [`peer`]: one peer's handshakes, sessions, queue and timers.
+//! - [`peer`]: one peer's handshakes, sessions, queue and timers;
+//! - [`cookie`]: mac1 on every handshake, and cookies for sources over their limit.
 //!
 //! gotatun stays the reference: the tests run every exchange against its `Tunn`.
 
+pub mod cookie;
 mod crypto;
 pub mod handshake;
 pub mod message;

@@ -616,3 +616,106 @@ impl PlainWindow {
             && c < super::REJECT_AFTER_MESSAGES
     }
 }
+
+/// Our cookie checker against gotatun's initiator and our own: under load a handshake without
+/// a cookie gets a cookie reply, which both take, and their next handshake passes from the
+/// same address and not from another; a wrong mac1 never passes.
+#[test]
+fn our_cookie_replies_are_taken_by_gotatun_and_by_us() {
+    use super::cookie::{Checker, Verdict};
+    let t0 = crate::test_epoch();
+    let src: SocketAddr = "192.0.2.7:51820".parse().unwrap();
+    let elsewhere: SocketAddr = "192.0.2.8:51820".parse().unwrap();
+    // Node 1's checker, with no handshake let through without a cookie.
+    let mut checker = Checker::new(public(1), 0, [5; 32], t0);
+    let mut b = theirs([3; 32]);
+    let init = bytes(b.format_handshake_initiation(false).unwrap().into());
+    let Verdict::CookieReply(reply) = checker.check(t0, src, &init) else {
+        panic!("no cookie reply under load");
+    };
+    assert!(
+        matches!(feed(&mut b, &reply), TunnResult::Done),
+        "gotatun takes our cookie"
+    );
+    let again = bytes(b.format_handshake_initiation(true).unwrap().into());
+    assert!(matches!(checker.check(t0, src, &again), Verdict::Pass));
+    assert!(matches!(
+        checker.check(t0, elsewhere, &again),
+        Verdict::CookieReply(_)
+    ));
+    // Our own initiator, to node 2's checker.
+    let mut checker2 = Checker::new(public(2), 0, [6; 32], t0);
+    let mut a = ours([3; 32]);
+    let init = a.send(t0, WALL, &ip(10, 0)).expect("an initiation");
+    let Verdict::CookieReply(reply) = checker2.check(t0, src, &init) else {
+        panic!("no cookie reply under load");
+    };
+    assert!(matches!(a.receive(t0, reply), Ok(Outcome::Nothing)));
+    let retry = a
+        .update_timers(
+            t0 + REKEY_TIMEOUT + Duration::from_millis(400),
+            WALL + Duration::from_secs(6),
+        )
+        .expect("a retry");
+    assert!(matches!(checker2.check(t0, src, &retry), Verdict::Pass));
+    // gotatun answers the retry; its response's mac1 passes node 1's checker.
+    let TunnResult::WriteToNetwork(resp) = feed(&mut b, &retry) else {
+        panic!("gotatun did not answer");
+    };
+    let mut node1 = Checker::new(public(1), 100, [8; 32], t0);
+    assert!(matches!(node1.check(t0, src, &bytes(resp)), Verdict::Pass));
+    // mac1 covers the whole message: any change is refused, whatever the load.
+    let mut open = Checker::new(public(2), 100, [7; 32], t0);
+    for at in [0usize, 4, 8, 50, 100, 115, 116, 131] {
+        let mut bad = retry.to_vec();
+        bad[at] ^= 1;
+        assert!(
+            matches!(open.check(t0, src, &bad), Verdict::Invalid),
+            "byte {at}"
+        );
+    }
+    assert!(matches!(open.check(t0, src, &retry), Verdict::Pass));
+    assert!(matches!(
+        open.check(t0, src, &[4, 0, 0, 0]),
+        Verdict::Invalid
+    ));
+}
+
+/// Each source has its limit each second; past the bound on sources, a new one must show a
+/// cookie however few it sent.
+#[test]
+fn the_limit_is_per_source_per_second_and_the_sources_are_bounded() {
+    use super::cookie::{Checker, MAX_SOURCES, Verdict};
+    let t0 = crate::test_epoch();
+    let mut checker = Checker::new(public(1), 3, [5; 32], t0);
+    let mut b = theirs([3; 32]);
+    let init = bytes(b.format_handshake_initiation(false).unwrap().into());
+    let a: SocketAddr = "192.0.2.1:1".parse().unwrap();
+    let other: SocketAddr = "192.0.2.2:1".parse().unwrap();
+    for _ in 0..3 {
+        assert!(matches!(checker.check(t0, a, &init), Verdict::Pass));
+    }
+    assert!(matches!(
+        checker.check(t0, a, &init),
+        Verdict::CookieReply(_)
+    ));
+    assert!(matches!(checker.check(t0, other, &init), Verdict::Pass));
+    let t1 = t0 + Duration::from_secs(1);
+    assert!(
+        matches!(checker.check(t1, a, &init), Verdict::Pass),
+        "a new second"
+    );
+    for i in 0..MAX_SOURCES as u32 {
+        let ip = std::net::Ipv6Addr::from(u128::from(i) + 1);
+        let _ = checker.check(t1, SocketAddr::from((ip, 1)), &init);
+    }
+    let late: SocketAddr = "198.51.100.9:1".parse().unwrap();
+    assert!(matches!(
+        checker.check(t1, late, &init),
+        Verdict::CookieReply(_)
+    ));
+    assert!(matches!(
+        checker.check(t1 + Duration::from_secs(1), late, &init),
+        Verdict::Pass
+    ));
+}
