@@ -1,7 +1,7 @@
 use node::cli::{Cli, LogFormat};
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc: the data plane allocates and frees a buffer per packet (inside gotatun) on
+/// mimalloc: the data plane allocates and frees a buffer per packet (each sealed message) on
 /// several threads; glibc's allocator cost about a tenth of the node's time in a bulk transfer.
 /// It is built without transparent huge pages (`no_thp`), and `main` turns them off for the
 /// process where the system hands them out unasked: see `no_huge_pages`.

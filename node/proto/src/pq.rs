@@ -28,8 +28,8 @@
 //!   message 2 (the initiator's retransmission), changing nothing.
 //! - **Cookies.** Handshake frames carry `mac1`/`mac2` ([`crate::frame`]); a cookie reply from
 //!   the responder is kept and used for the retransmission it triggers and later ones.
-//! - **Installation.** The current WireGuard session continues with the old key (gotatun's
-//!   live PSK update) and the initiator then starts a WireGuard handshake so the new key takes
+//! - **Installation.** The current WireGuard session continues with the old key (the tunnel
+//!   takes the new key for its next handshake) and the initiator then starts a WireGuard handshake so the new key takes
 //!   over at once. Keys rotate every `rotation` (2 minutes by default).
 
 use std::time::{Duration, Instant};

@@ -13,9 +13,10 @@
 //!
 //! Order: the core hands jobs out in the order their packets came in, and finishing them in
 //! that order reproduces the inline path's output. A shell keeps a peer's flow in order by
-//! running each batch's jobs and finishing them in sequence on one thread; the tunnel's lock
-//! serializes jobs for one peer that run on different threads (its replay window accepts the
-//! counters out of order, as for any reordering on the network).
+//! preparing each batch's jobs (counters taken in order, under the tunnel's lock) and
+//! finishing them in sequence; their AEAD may run on any threads in between. Jobs for one
+//! peer prepared on different threads interleave their counters (the peer's replay window
+//! accepts them out of order, as for any reordering on the network).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -34,9 +35,9 @@ use crate::gate::{Gate, Held};
 use crate::tunnel::{Inner, OpenSlot, Opened, SealSlot, Tunnel};
 use crate::wg;
 
-/// The most jobs [`CryptoJob::run_all`] runs under one hold of a tunnel's lock: at 1.2 to
-/// 1.9 us a 1,280-byte packet (`scripts/bench-core`, 16-CPU machine), a thread waiting for
-/// the tunnel waits about 0.1 ms at most.
+/// The most jobs prepared (and finished) under one hold of a tunnel's lock: the AEAD runs
+/// after the lock is let go, so a thread waiting for the tunnel waits for a run's counters
+/// and look-ups only, not for its encryption.
 const RUN: usize = 64;
 
 /// AEAD work for one packet and one peer's tunnel, with the flow-table work that goes with it.
@@ -548,7 +549,7 @@ impl NodeState {
     /// Hands encryption and decryption of data packets out as [`CryptoJob`]s
     /// ([`NodeState::poll_crypto`]) instead of running them inline. Packets that waited for
     /// a post-quantum key become jobs too when the key arrives. Handshakes, keepalives and the
-    /// packets gotatun queued while its handshake ran still run inline: they are rare and
+    /// packets that waited in the tunnel for its handshake still run inline: they are rare and
     /// change the tunnel's state.
     pub fn set_crypto_outside(&mut self, on: bool) {
         self.crypto_outside = on;

@@ -35,8 +35,8 @@ pub(super) struct Peer {
     pub(super) node: Node,
     /// The WireGuard tunnel; absent until the first post-quantum key exists (or at once in a
     /// classical-only mesh), so no user packet ever crosses a classically keyed session.
-    /// A handle (gotatun's state is 19 KB, which a peer without a tunnel should not carry),
-    /// shared with crypto jobs in flight.
+    /// A handle (a tunnel with its sessions takes a few KB, which a peer without one should
+    /// not carry), shared with crypto jobs in flight.
     pub(super) tunnel: Option<Tunnel>,
     pub(super) path: PathState,
     pub(super) pq: PqPeer,
