@@ -719,3 +719,87 @@ fn the_limit_is_per_source_per_second_and_the_sources_are_bounded() {
         Verdict::Pass
     ));
 }
+
+/// Both sides start a handshake at the same moment (each has a packet to send): each answers
+/// the other's and completes its own, and the packets that waited, and every packet after,
+/// arrive both ways, whether the other side is ours or gotatun.
+#[test]
+fn both_sides_initiating_at_once_end_with_sessions_that_work() {
+    let t0 = crate::test_epoch();
+    let me1 = Identity::new(&secret(1));
+    let me2 = Arc::new(Identity::new(&secret(2)));
+    // Ours against ours.
+    let mut a = ours([3; 32]);
+    let mut b = Peer::new(Arc::clone(&me2), public(1), [3; 32], table(), [11; 32], MTU);
+    let init_a = a.send(t0, WALL, &ip(30, 1)).expect("a's initiation");
+    let init_b = b.send(t0, WALL, &ip(30, 2)).expect("b's initiation");
+    let resp_b = b
+        .answer(t0, read_initiation(&me2, &init_a).unwrap())
+        .expect("b answers");
+    let resp_a = a
+        .answer(t0, read_initiation(&me1, &init_b).unwrap())
+        .expect("a answers");
+    assert!(matches!(a.receive(t0, resp_b), Ok(Outcome::Established)));
+    assert!(matches!(b.receive(t0, resp_a), Ok(Outcome::Established)));
+    let from_a = a.queued(t0);
+    let from_b = b.queued(t0);
+    assert_eq!((from_a.len(), from_b.len()), (1, 1));
+    let got = |p: &mut Peer, m: BytesMut| match p.receive(t0, m) {
+        Ok(Outcome::Deliver { packet, .. }) => packet.to_vec(),
+        other => panic!("expected a packet, got {other:?}"),
+    };
+    assert_eq!(got(&mut b, from_a.into_iter().next().unwrap()), ip(30, 1));
+    assert_eq!(got(&mut a, from_b.into_iter().next().unwrap()), ip(30, 2));
+    for i in 0..20u8 {
+        let m = a.send(t0, WALL, &ip(40, i)).expect("sealed");
+        assert_eq!(got(&mut b, m), ip(40, i));
+        let m = b.send(t0, WALL, &ip(41, i)).expect("sealed");
+        assert_eq!(got(&mut a, m), ip(41, i));
+    }
+    // Ours against gotatun.
+    let mut a = ours([4; 32]);
+    let mut g = theirs([4; 32]);
+    let init_a = a.send(t0, WALL, &ip(30, 3)).expect("our initiation");
+    let first_g = g.handle_outgoing_packet(Packet::copy_from(&ip(30, 4)[..]), None);
+    let init_g = bytes(first_g.expect("gotatun's initiation"));
+    let resp_a = a
+        .answer(t0, read_initiation(&me1, &init_g).unwrap())
+        .expect("we answer");
+    let TunnResult::WriteToNetwork(resp_g) = feed(&mut g, &init_a) else {
+        panic!("gotatun did not answer");
+    };
+    assert!(matches!(
+        a.receive(t0, BytesMut::from(&bytes(resp_g)[..])),
+        Ok(Outcome::Established)
+    ));
+    let reply = feed(&mut g, &resp_a);
+    let TunnResult::WriteToNetwork(confirm) = reply else {
+        panic!("gotatun did not confirm: {}", describe(&reply));
+    };
+    let mut from_g: Vec<Vec<u8>> = vec![bytes(confirm)];
+    from_g.extend(
+        g.get_queued_packets(&mut gotatun::tun::MtuWatcher::new(MTU as u16))
+            .map(bytes),
+    );
+    for m in a.queued(t0) {
+        let r = feed(&mut g, &m);
+        assert!(
+            matches!(r, TunnResult::WriteToTunnel(_)),
+            "{}",
+            describe(&r)
+        );
+    }
+    let mut delivered_to_us = Vec::new();
+    for m in from_g {
+        if let Ok(Outcome::Deliver { packet, .. }) = a.receive(t0, BytesMut::from(&m[..])) {
+            delivered_to_us.push(packet.to_vec());
+        }
+    }
+    assert_eq!(delivered_to_us, vec![ip(30, 4)], "gotatun's waiting packet");
+    for i in 0..20u8 {
+        let m = a.send(t0, WALL, &ip(50, i)).expect("sealed");
+        assert_eq!(delivered(feed(&mut g, &m)), ip(50, i));
+        let m = seal_theirs(&mut g, &ip(51, i));
+        assert_eq!(got(&mut a, BytesMut::from(&m[..])), ip(51, i));
+    }
+}
