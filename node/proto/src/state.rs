@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use gotatun::noise::index_table::IndexTable;
 use gotatun::packet::Packet;
-use gotatun::x25519::{PublicKey, StaticSecret};
 use hybrid::StaticKeypair;
 use rand::{Rng, SeedableRng};
 use tracing::{debug, info};
@@ -47,7 +46,7 @@ use crate::wg;
 use peers::Peer;
 
 /// How often WireGuard's timers run.
-const TIMER_TICK: Duration = Duration::from_millis(250);
+const TIMER_TICK: Duration = wg::TIMER_GRANULARITY;
 /// How often idle flows and stale session indices are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// At most one netcheck per this interval because a direct path went quiet.
@@ -222,15 +221,14 @@ pub struct NodeState {
 impl NodeState {
     /// A node with no peers yet. `seed` drives every random choice the core makes.
     pub fn new(config: NodeConfig, seed: [u8; 32], now: Instant) -> Self {
-        let private = StaticSecret::from(*config.private_key);
-        let public = PublicKey::from(&private);
+        let identity = Arc::new(wg::Identity::new(&config.private_key));
         let mut rng = ErasingRng::from_seed(seed);
         let index_table = IndexTable::from_rng(rand_09_rng(&mut rng));
-        let node_key = NodeKey::from_bytes(public.to_bytes());
+        let node_key = NodeKey::from_bytes(identity.public());
         let admission = Admission::new(&node_key, &mut rng, now);
         let gate = Arc::new(Gate::new(rng.next_u64()));
         let cookies = wg::cookie::Checker::new(
-            public.to_bytes(),
+            identity.public(),
             HANDSHAKE_RATE_LIMIT,
             rand::RngExt::random(&mut rng),
             now,
@@ -238,7 +236,7 @@ impl NodeState {
         Self {
             node_key,
             keypair: StaticKeypair::from_secret(*config.private_key),
-            identity: Arc::new(wg::Identity::new(&config.private_key)),
+            identity,
             tun_mtu: config.tun_mtu,
             pq_config: config.pq,
             started: now,

@@ -78,11 +78,8 @@ impl OpenSlot {
     /// Opens `message` in place: the packet (empty for a keepalive).
     pub(crate) fn open(&self, now: Instant, message: WgKind) -> Result<Packet, wg::Error> {
         let mut packet: Packet = message.into();
-        let mut bytes = std::mem::take(packet.buf_mut());
-        let range = self.session.open(now, &mut bytes)?;
-        bytes.truncate(range.end);
-        bytes::Buf::advance(&mut bytes, range.start);
-        Ok(Packet::from_bytes(bytes))
+        let bytes = std::mem::take(packet.buf_mut());
+        Ok(Packet::from_bytes(self.session.open_in_place(now, bytes)?))
     }
 }
 

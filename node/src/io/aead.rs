@@ -164,18 +164,16 @@ impl<T: Send + 'static> Helpers<T> {
         (self.work)(jobs);
         let mut missing = parts - 1;
         while missing > 0 {
-            // Serve the queue while parts are out; wait only when it is empty.
-            if let Some(part) = self.take() {
-                part.run(self.work);
-            }
-            while let Ok((index, part)) = asker.returned.try_recv() {
-                asker.parts[index] = Some(part);
-                missing -= 1;
-            }
-            if missing > 0
-                && self.is_empty()
-                && let Ok((index, part)) = asker.returned.recv()
-            {
+            // Serve the queue while parts are out; wait only when it is empty (then every
+            // part still out is being run by someone, who sends it back).
+            let back = match self.take() {
+                Some(part) => {
+                    part.run(self.work);
+                    asker.returned.try_recv().ok()
+                }
+                None => asker.returned.recv().ok(),
+            };
+            if let Some((index, part)) = back {
                 asker.parts[index] = Some(part);
                 missing -= 1;
             }
@@ -191,14 +189,6 @@ impl<T: Send + 'static> Helpers<T> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .parts
             .pop_front()
-    }
-
-    fn is_empty(&self) -> bool {
-        let (lock, _) = &*self.queue;
-        lock.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .parts
-            .is_empty()
     }
 }
 

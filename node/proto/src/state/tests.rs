@@ -6,6 +6,8 @@ use wire::filter::{Action, DstPorts, FilterRule, PortRange};
 use wire::netmap::{MapResponse, Node};
 use wire::{IpProto, NodeId, NodeKey};
 
+use gotatun::x25519::{PublicKey, StaticSecret};
+
 use super::*;
 use crate::addr::{Addr, SockId};
 use crate::packet::tcp_flags;

@@ -71,6 +71,11 @@ impl Identity {
         let public = PublicKeyInfo::new(key.public());
         Self { key, public }
     }
+
+    /// The public key.
+    pub fn public(&self) -> [u8; 32] {
+        self.public.key
+    }
 }
 
 /// The running state of a handshake: the chaining key and the hash.
@@ -235,9 +240,11 @@ pub(crate) struct Keys {
     pub(crate) remote_index: u32,
 }
 
-/// Answers `received` into `out` with `psk`; `None` when a key is of low order.
+/// Answers `received` (from the owner of `to`, whose key the caller checked) into `out` with
+/// `psk`; `None` when a key is of low order.
 pub(crate) fn respond(
     received: Received,
+    to: &PublicKeyInfo,
     psk: &[u8; 32],
     ephemeral: &[u8; 32],
     sender: u32,
@@ -251,6 +258,7 @@ pub(crate) fn respond(
         mut noise,
         ..
     } = received;
+    debug_assert_eq!(peer, to.key, "answered for its sender");
     let ephemeral = StaticKey::new(ephemeral);
     out.fill(0);
     out[0] = RESPONSE;
@@ -266,7 +274,7 @@ pub(crate) fn respond(
     noise.chaining = c;
     noise.mix_hash(&*tau);
     noise.seal(&k, &[], &mut out[response::EMPTY..response::MAC1]);
-    write_macs(out, response::MAC1, &PublicKeyInfo::new(peer), cookie);
+    write_macs(out, response::MAC1, to, cookie);
     let (initiators, responders) = noise.split();
     Some(Keys {
         send: responders,

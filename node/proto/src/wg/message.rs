@@ -91,13 +91,3 @@ pub(crate) fn u64_at(msg: &[u8], at: usize) -> u64 {
 pub(crate) fn key_at(msg: &[u8], at: usize) -> [u8; 32] {
     msg[at..at + 32].try_into().expect("32 bytes")
 }
-
-/// The index a message is addressed to (responses, cookie replies, data), if it has one.
-pub fn receiver_index(msg: &[u8]) -> Option<u32> {
-    match kind(msg)? {
-        Kind::Initiation => None,
-        Kind::Response => Some(u32_at(msg, response::RECEIVER)),
-        Kind::CookieReply => Some(u32_at(msg, cookie_reply::RECEIVER)),
-        Kind::Data => Some(u32_at(msg, data::RECEIVER)),
-    }
-}

@@ -388,6 +388,7 @@ impl Peer {
         let buf: &mut [u8; RESPONSE_LEN] = (&mut msg[..]).try_into().expect("the length");
         let keys = respond(
             received,
+            &self.remote,
             &self.psk,
             &ephemeral,
             index.value(),
@@ -491,23 +492,19 @@ impl Peer {
         self.previous.as_ref().filter(is).map(|s| (s, false))
     }
 
-    fn take_data(&mut self, now: Instant, mut msg: bytes::BytesMut) -> Result<Outcome, Error> {
+    fn take_data(&mut self, now: Instant, msg: bytes::BytesMut) -> Result<Outcome, Error> {
         let index = message::u32_at(&msg, message::data::RECEIVER);
         let (session, next) = self.receiving(index).ok_or(Error::NoSession)?;
         let session = Arc::clone(session);
-        let range = session.open(now, &mut msg)?;
-        let established = self.opened(now, &session, next, range.len());
-        Ok(match (range.is_empty(), established) {
+        let packet = session.open_in_place(now, msg)?;
+        let established = self.opened(now, &session, next, packet.len());
+        Ok(match (packet.is_empty(), established) {
             (true, true) => Outcome::Established,
             (true, false) => Outcome::Keepalive,
-            (false, established) => {
-                msg.truncate(range.end);
-                bytes::Buf::advance(&mut msg, range.start);
-                Outcome::Deliver {
-                    packet: msg,
-                    established,
-                }
-            }
+            (false, established) => Outcome::Deliver {
+                packet,
+                established,
+            },
         })
     }
 

@@ -213,6 +213,17 @@ impl Session {
     }
 }
 
+impl Session {
+    /// [`Session::open`] on a message of its own: the message cut down to the packet, in
+    /// place (no copy).
+    pub fn open_in_place(&self, now: Instant, mut msg: BytesMut) -> Result<BytesMut, OpenError> {
+        let range = self.open(now, &mut msg)?;
+        msg.truncate(range.end);
+        bytes::Buf::advance(&mut msg, range.start);
+        Ok(msg)
+    }
+}
+
 /// The length of the IP packet at the start of `plain` (0 for a keepalive), or `None` when
 /// its header claims more than there is, or it is no IP packet.
 fn ip_length(plain: &[u8]) -> Option<usize> {
