@@ -148,6 +148,10 @@ impl NodeState {
                 return None;
             }
         }
+        // An initiation is read here (it names its sender only once opened), after the cookie
+        // check passed its mac1, and the tunnel answers what was read.
+        // (Anything but an initiation is refused by its type and length, without key work.)
+        let received = wg::peer::read_initiation(&self.identity, &datagram);
         let Ok(wg) = datagram.try_into_wg() else {
             self.counters.wg_invalid += 1;
             return None;
@@ -155,19 +159,6 @@ impl NodeState {
         let idx = match &wg {
             WgKind::Data(p) => Some(p.header.receiver_idx.get()),
             _ => None,
-        };
-        // An initiation is read here (it names its sender only once opened), after the rate
-        // limiter checked its mac1, and the tunnel answers what was read.
-        let (wg, received) = match wg {
-            WgKind::HandshakeInit(p) => {
-                let raw = p.into_bytes();
-                let received = wg::peer::read_initiation(&self.identity, &raw);
-                let Ok(wg) = raw.try_into_wg() else {
-                    return None;
-                };
-                (wg, received)
-            }
-            other => (other, None),
         };
         if let Some(o) = last.filter(|o| Some(o.idx) == idx && o.from == from) {
             self.crypto_job(now, CryptoJob::open(o.key, o.tunnel.clone(), now, from, wg));
