@@ -107,11 +107,9 @@ pub fn crypt(out: &mut BatchOutput) {
     }
 }
 
-/// [`crypt`], sharing the AEAD: `share` gets the batch's jobs prepared (counters taken and
-/// sessions found, [`CryptoJob::prepare_all`]) and must run [`CryptoJob::crypt_prepared`] on
-/// every one of them, on whatever threads, and leave them in `jobs` in the order it got them;
-/// then they are finished in order. A job `share` left without its AEAD is dropped (counted
-/// as malformed), never sent unsealed.
+/// [`crypt`], sharing the AEAD ([`CryptoJob::crypt_all_shared`]): `share` gets the batch's
+/// jobs prepared (counters taken and sessions found) and runs their AEAD on whatever threads,
+/// leaving them in order.
 pub fn crypt_shared(out: &mut BatchOutput, share: impl FnOnce(&mut VecDeque<CryptoJob>)) {
     debug_assert!(
         out.jobs.is_empty() || out.checks.is_some(),
@@ -120,9 +118,7 @@ pub fn crypt_shared(out: &mut BatchOutput, share: impl FnOnce(&mut VecDeque<Cryp
     if let Some(checks) = &out.checks
         && !out.jobs.is_empty()
     {
-        CryptoJob::prepare_all(&mut out.jobs, checks);
-        share(&mut out.jobs);
-        CryptoJob::finish_all(&mut out.jobs, &mut out.done);
+        CryptoJob::crypt_all_shared(&mut out.jobs, checks, &mut out.done, share);
     }
 }
 
