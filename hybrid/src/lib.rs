@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 mod channel;
+pub mod erasing;
 mod handshake;
 mod kdf;
 mod keys;
@@ -26,6 +27,7 @@ pub mod ticket;
 mod x25519;
 
 pub use channel::{Channel, ChannelError, MAX_MESSAGE_LEN};
+pub use erasing::ErasingRng;
 pub use handshake::{
     CIPHERTEXT_LEN, Completed, ENCAPSULATION_KEY_LEN, HandshakeError, Initiation,
     InitiatorHandshake, NOISE_PARAMS, Purpose, ResponderHandshake,

@@ -29,7 +29,6 @@ pub mod netcheck;
 pub mod packet;
 pub mod path;
 pub mod pq;
-pub mod rng;
 pub mod shared;
 mod state;
 pub mod status;

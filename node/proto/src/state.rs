@@ -39,7 +39,7 @@ use crate::netcheck::{Netcheck, Report};
 use crate::packet;
 use crate::path::{Current, Local};
 use crate::pq::PqConfig;
-use crate::rng::ErasingRng;
+use hybrid::ErasingRng;
 use crate::status::{Counters, PathKind, PathStatus, PeerStatus, Status};
 use crate::wg;
 

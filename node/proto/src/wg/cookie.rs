@@ -24,7 +24,7 @@ use super::handshake::PublicKeyInfo;
 use super::message::{
     self, COOKIE_REPLY, COOKIE_REPLY_LEN, Kind, cookie_reply, initiation, response,
 };
-use crate::rng::ErasingRng;
+use hybrid::ErasingRng;
 
 /// The most sources counted in one second.
 pub const MAX_SOURCES: usize = 65_536;

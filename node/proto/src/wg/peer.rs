@@ -33,7 +33,7 @@ use super::{
     COOKIE_REFRESH_TIME, KEEPALIVE_TIMEOUT, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES,
     REKEY_AFTER_TIME, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT,
 };
-use crate::rng::ErasingRng;
+use hybrid::ErasingRng;
 
 /// The most packets kept for a peer while its handshake runs (the oldest go first).
 pub const QUEUE_MAX: usize = 128;

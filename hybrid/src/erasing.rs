@@ -1,5 +1,6 @@
-//! The core's randomness: seeded once by the shell (STYLE S2), and erasing its key as it goes
-//! ("fast key erasure"): each refill derives the next key and a block of output from the
+//! Randomness that erases its key as it goes ("fast key erasure"): the node's core draws all
+//! its randomness from one, seeded once by the shell (STYLE S2), and every handshake's snow
+//! state draws from one of its own: each refill derives the next key and a block of output from the
 //! current key with keyed BLAKE2s, then forgets the current key. The generator's state at any
 //! moment therefore reveals nothing it produced before: handshake ephemerals, post-quantum
 //! secrets and cookie secrets drawn earlier stay secret if the process's memory is read
