@@ -118,7 +118,8 @@ struct Pending {
     handshake: Initiated,
     /// Kept for the session it becomes.
     index: gotatun::noise::index_table::Index<StdRng>,
-    /// The first try of this handshake (a handshake is given up after Rekey-Attempt-Time).
+    /// The first try of this handshake, or the last reason to make one since (data to send, a
+    /// rekey): the handshake is given up Rekey-Attempt-Time after it.
     first: Instant,
     retransmit_at: Instant,
 }
@@ -297,15 +298,24 @@ impl Peer {
     }
 
     /// Starts a handshake unless one is in flight or one was sent less than Rekey-Timeout
-    /// ago. `force` skips both checks (a retransmission, or a new preshared key): the new
-    /// initiation replaces the one in flight, and the handshake is still given up
-    /// Rekey-Attempt-Time after its first try.
+    /// ago. `force` skips both checks (a new preshared key): the new initiation replaces the
+    /// one in flight. Either way a handshake in flight is given up Rekey-Attempt-Time after
+    /// the last call (new data to send is a new reason to keep trying), not after its first
+    /// try, as the kernel and wireguard-go start their count of attempts again.
     pub fn initiate(
         &mut self,
         now: Instant,
         wall: Duration,
         force: bool,
     ) -> Option<bytes::BytesMut> {
+        if let Some(p) = &mut self.pending {
+            p.first = now;
+        }
+        self.initiation(now, wall, force)
+    }
+
+    /// [`Peer::initiate`], the count of attempts left alone (a retransmission passes `force`).
+    fn initiation(&mut self, now: Instant, wall: Duration, force: bool) -> Option<bytes::BytesMut> {
         if !force
             && (self.pending.is_some()
                 || self
@@ -572,7 +582,7 @@ impl Peer {
                 self.handshake_due = None;
                 return None;
             }
-            return self.initiate(now, wall, true);
+            return self.initiation(now, wall, true);
         }
         if self.pending.is_none()
             && let Some(s) = &self.current

@@ -358,6 +358,60 @@ fn a_handshake_is_retried_with_a_new_initiation_and_given_up_with_its_queue() {
     assert_eq!(out.len(), 1, "only the packet sent with the new handshake");
 }
 
+/// Data sent while a handshake is retried is a new reason to keep trying: the handshake is
+/// given up Rekey-Attempt-Time after the last packet queued, not after its first try, so a
+/// packet queued just before that would have run out still goes when the peer answers (the
+/// kernel and wireguard-go start their count of attempts again for new data too).
+#[test]
+fn data_sent_during_a_handshake_keeps_it_going_and_goes_with_the_session() {
+    let t0 = crate::test_epoch();
+    let (mut a, mut b) = (ours([3; 32]), theirs([3; 32]));
+    a.send(t0, WALL, &ip(10, 1)).expect("an initiation");
+    let mut now = t0;
+    let mut last = None;
+    let mut run_until = |a: &mut Peer, now: &mut Instant, until: Duration| {
+        while *now < t0 + until {
+            *now += Duration::from_millis(250);
+            if let Some(m) = a.update_timers(*now, WALL + (*now - t0)) {
+                last = Some(m.to_vec());
+            }
+        }
+    };
+    run_until(&mut a, &mut now, Duration::from_secs(85));
+    let late = ip(20, 2);
+    assert!(a.send(now, WALL + (now - t0), &late).is_none(), "in flight");
+    run_until(&mut a, &mut now, Duration::from_secs(100));
+    assert!(a.handshaking(), "still trying 100 s after the first try");
+    let init = last.clone().expect("retransmissions");
+    let TunnResult::WriteToNetwork(resp) = feed(&mut b, &init) else {
+        panic!("gotatun answers the latest initiation")
+    };
+    assert!(matches!(
+        a.receive(now, BytesMut::from(&bytes(resp)[..])),
+        Ok(Outcome::Established)
+    ));
+    let out = a.queued(now);
+    assert_eq!(out.len(), 2, "both packets that waited");
+    let got: Vec<Vec<u8>> = out.iter().map(|m| delivered(feed(&mut b, m))).collect();
+    assert_eq!(got, vec![ip(10, 1), late]);
+    // Without new data it is given up Rekey-Attempt-Time after the last packet queued.
+    let mut c = ours([3; 32]);
+    let t1 = now;
+    c.send(t1, WALL, &ip(10, 1)).expect("an initiation");
+    c.send(t1 + Duration::from_secs(30), WALL, &ip(10, 2));
+    let mut at = t1;
+    while c.handshaking() {
+        at += Duration::from_millis(250);
+        c.update_timers(at, WALL + (at - t1));
+    }
+    let gave_up = at - t1;
+    assert!(
+        gave_up >= Duration::from_secs(30) + REKEY_ATTEMPT_TIME
+            && gave_up <= Duration::from_secs(30) + REKEY_ATTEMPT_TIME + REKEY_TIMEOUT * 2,
+        "{gave_up:?}"
+    );
+}
+
 #[test]
 fn the_newest_queued_packets_are_kept() {
     let t0 = crate::test_epoch();
