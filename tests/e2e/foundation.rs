@@ -796,6 +796,68 @@ fn our_node_interoperates_with_stock_wireguard_go() {
         String::from_utf8_lossy(&pinged.stdout)
     );
     assert!(handshakes(&f) > before, "our node's handshake completed");
+    // A flood of handshakes from wireguard-go's own address (mac1 right, junk inside, 5,000 a
+    // second: far over our node's limit of 100 a second for one address): wireguard-go's
+    // next handshake gets a cookie reply instead of an answer, and its next try, with the
+    // cookie's mac2, gets through while the flood goes on (with mac2 not checked, no try
+    // would, but for the few that land before a second's first 100).
+    let cookies = |f: &Flat| {
+        f.node("ours").status(&f.lab).expect("status")["counters"]["wg_cookies_sent"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let cookies_before = cookies(&f);
+    let tool = f.lab.bin("lattice-testtool").display().to_string();
+    let ours_key = ours["self"]["node_key"].as_str().unwrap().to_owned();
+    let flood = f
+        .lab
+        .spawn(
+            "wg-flood",
+            &ns,
+            &[
+                &tool,
+                "wg-flood",
+                "--to",
+                "198.51.100.11:41641",
+                "--target-key",
+                &ours_key,
+                "--seconds",
+                "14",
+            ],
+            &[],
+        )
+        .expect("wg-flood");
+    std::thread::sleep(Duration::from_millis(500));
+    f.lab
+        .sh(&ns, &readd)
+        .expect("re-adding the peer to wireguard-go");
+    let before = handshakes(&f);
+    let pinged = f
+        .lab
+        .output(&ns, &["ping", "-c", "10", "-i", "1", "-W", "1", &ours_v4])
+        .unwrap();
+    let out = String::from_utf8_lossy(&pinged.stdout).into_owned();
+    assert!(
+        pinged.status.success(),
+        "wireguard-go -> lattice during the flood: {out}"
+    );
+    assert!(
+        handshakes(&f) > before,
+        "wireguard-go's handshake got through the flood"
+    );
+    assert!(cookies(&f) > cookies_before, "no cookie replies sent");
+    assert!(
+        !f.lab.stdout(flood).contains("sent"),
+        "the flood ended before the ping did"
+    );
+    let first = out
+        .lines()
+        .find_map(|l| l.split("icmp_seq=").nth(1)?.split(' ').next());
+    eprintln!(
+        "through a handshake flood: first reply icmp_seq={first:?}, cookie replies {}",
+        cookies(&f) - cookies_before
+    );
+    f.lab.kill(flood);
     let show = f
         .lab
         .run(&ns, &["wg", "show", &dev, "latest-handshakes"])

@@ -77,6 +77,36 @@ pub fn junk_flood(
     Ok(sent)
 }
 
+/// Sends WireGuard handshake initiations with a correct mac1 (the attacker read `target`'s key
+/// from a netmap) and junk inside to `to` for `seconds`, `rate` a second: past the target's
+/// limit for this source address, every handshake from the address needs a cookie. Returns
+/// the number sent.
+pub fn wg_flood(
+    to: SocketAddr,
+    target: wire::NodeKey,
+    seconds: u64,
+    rate: u64,
+) -> anyhow::Result<u64> {
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    let mut rng = StdRng::seed_from_u64(11);
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while Instant::now() < end {
+        let mut m = [0u8; 148];
+        rand::Rng::fill_bytes(&mut rng, &mut m);
+        m[..4].copy_from_slice(&[1, 0, 0, 0]);
+        node_proto::wg::message::set_mac1(&mut m, target.as_bytes());
+        let _ = sock.send_to(&m, to);
+        sent += 1;
+        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    Ok(sent)
+}
+
 /// Floods `url`'s `/control` for `seconds`: `concurrency` workers each opening sessions with a
 /// fresh message 1 as fast as the coordinator lets them, plus `half_open` WebSockets opened
 /// and left silent. Returns (handshakes answered, sessions refused, half-open sockets held).

@@ -77,6 +77,24 @@ pub fn kind(msg: &[u8]) -> Option<Kind> {
     }
 }
 
+/// Writes the mac1 of the handshake message `msg` (an initiation or a response) to the owner
+/// of `receiver`, and clears its mac2: what anyone who knows the receiver's public key can
+/// do (a peer's, or a tester's forgeries). Whether `msg` is a handshake message.
+pub fn set_mac1(msg: &mut [u8], receiver: &[u8; 32]) -> bool {
+    let at = match kind(msg) {
+        Some(Kind::Initiation) => initiation::MAC1,
+        Some(Kind::Response) => response::MAC1,
+        _ => return false,
+    };
+    super::handshake::write_macs(
+        msg,
+        at,
+        &super::handshake::PublicKeyInfo::new(*receiver),
+        None,
+    );
+    true
+}
+
 /// The little-endian `u32` at `at`.
 pub(crate) fn u32_at(msg: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(msg[at..at + 4].try_into().expect("4 bytes"))

@@ -733,6 +733,16 @@ fn our_cookie_replies_are_taken_by_gotatun_and_by_us() {
         open.check(t0, src, &[4, 0, 0, 0]),
         Verdict::Invalid
     ));
+    // `set_mac1` makes the mac1 anyone who knows the key can: junk with it passes mac1 (and
+    // is refused later, by the handshake itself), and only for that key.
+    let mut junk = vec![9u8; 148];
+    junk[..4].copy_from_slice(&[1, 0, 0, 0]);
+    assert!(matches!(open.check(t0, src, &junk), Verdict::Invalid));
+    assert!(super::message::set_mac1(&mut junk, &public(2)));
+    assert!(matches!(open.check(t0, src, &junk), Verdict::Pass));
+    assert!(super::message::set_mac1(&mut junk, &public(1)));
+    assert!(matches!(open.check(t0, src, &junk), Verdict::Invalid));
+    assert!(!super::message::set_mac1(&mut [4u8; 32], &public(2)));
 }
 
 /// Each source has its limit each second; past the bound on sources, a new one must show a

@@ -142,6 +142,18 @@ enum Cmd {
         #[arg(long, default_value_t = 20_000)]
         rate: u64,
     },
+    /// WireGuard initiations with a correct mac1 at a node's UDP port for `seconds` (see
+    /// `e2e::abuse::wg_flood`); prints `sent <n>`.
+    WgFlood {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        target_key: wire::NodeKey,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long, default_value_t = 5_000)]
+        rate: u64,
+    },
     /// A handshake flood and half-open WebSockets at `/control`; prints
     /// `answered <n> refused <n> half-open <n>`.
     ControlFlood {
@@ -423,6 +435,15 @@ fn main() -> anyhow::Result<()> {
             rate,
         } => {
             let n = e2e::abuse::junk_flood(to, target_key, peer_key, seconds, rate)?;
+            println!("sent {n}");
+        }
+        Cmd::WgFlood {
+            to,
+            target_key,
+            seconds,
+            rate,
+        } => {
+            let n = e2e::abuse::wg_flood(to, target_key, seconds, rate)?;
             println!("sent {n}");
         }
         Cmd::ControlFlood {
