@@ -39,9 +39,9 @@ use crate::netcheck::{Netcheck, Report};
 use crate::packet;
 use crate::path::{Current, Local};
 use crate::pq::PqConfig;
-use hybrid::ErasingRng;
 use crate::status::{Counters, PathKind, PathStatus, PeerStatus, Status};
 use crate::wg;
+use hybrid::ErasingRng;
 
 use peers::Peer;
 
