@@ -22,6 +22,9 @@ pub struct Counters {
     pub wg_unknown_peer: u64,
     /// Cookie replies sent because the node was under handshake load.
     pub wg_cookies_sent: u64,
+    /// Handshakes with a valid cookie dropped: past their cookie's or the node's bound for
+    /// the second.
+    pub wg_shed: u64,
     /// Decrypted packets that could not be parsed.
     pub in_malformed: u64,
     /// Decrypted packets whose source address is not the sending peer's (cryptokey routing).

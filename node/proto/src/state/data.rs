@@ -147,6 +147,10 @@ impl NodeState {
                 self.counters.wg_invalid += 1;
                 return None;
             }
+            Verdict::Shed => {
+                self.counters.wg_shed += 1;
+                return None;
+            }
         }
         // An initiation is read here (it names its sender only once opened), after the cookie
         // check passed its mac1, and the tunnel answers what was read.
@@ -363,12 +367,14 @@ pub(super) struct Found {
 }
 
 /// A stand-in source address for WireGuard's per-source handshake limit, one per relayed
-/// peer: an address in the discard-only prefix `100::/64` (RFC 6666) made from the peer's key.
+/// peer: an address under `100::/16` (the discard-only `100::/64` of RFC 6666 widened; never
+/// sent to) made from the peer's key, in its first 64 bits too, since the limit counts an
+/// IPv6 source by its /64.
 fn relayed_source(key: &NodeKey) -> SocketAddr {
     let k = key.as_bytes();
     let mut ip = [0u8; 16];
     ip[0] = 0x01;
-    ip[8..].copy_from_slice(&k[..8]);
+    ip[2..16].copy_from_slice(&k[..14]);
     SocketAddr::from((ip, 0))
 }
 

@@ -1,13 +1,23 @@
 //! The responder's side of WireGuard's cookies (whitepaper section 5.4.7), on the caller's
 //! clock and randomness: every handshake message must carry a valid mac1 (it proves the
-//! sender knows our public key); a source that sends more than `limit` handshakes in a
-//! second must also carry a valid mac2, made with a cookie bound to its address, and gets a
-//! cookie reply instead of an answer until it does.
+//! sender knows our public key, which any peer does). Each handshake that passes costs the
+//! node key work (X25519), so what passes is bounded, per second:
 //!
-//! The cookie secret changes every two minutes (a cookie is good until then); the counts per
-//! source restart each second. The counts are bounded: past [`MAX_SOURCES`] sources in one
-//! second, every further source must show a cookie too, so a flood from made-up addresses
-//! costs memory only up to the bound.
+//! - a source (an IPv4 address, or an IPv6 /64, which one host may hold whole) may send
+//!   `limit` handshakes; past that it must also carry a valid mac2, made with a cookie bound to
+//!   its address and port, and gets a cookie reply instead of an answer until it does;
+//! - past [`UNDER_LOAD`] handshakes passed in all, every source must show a cookie: a flood
+//!   from made-up addresses, which never receive their cookies, is answered with cookie
+//!   replies only (cheap), whatever the number of addresses;
+//! - a cookie lifts neither bound for good: one cookie (one address and port) passes at most
+//!   [`PER_COOKIE`] handshakes a second, and past [`MAX_PASSED`] in all the rest are dropped
+//!   ([`Verdict::Shed`]), so even a sender that receives its cookies costs the node at most
+//!   [`MAX_PASSED`] handshakes' key work a second, and the tunnels it carries keep their core.
+//!
+//! The cookie secret changes every two minutes (a cookie is good until then). The counts are
+//! bounded: past [`MAX_SOURCES`] sources (or cookies) in one second, every further one must
+//! show a cookie (or is shed), so a flood from made-up addresses costs memory only up to the
+//! bound.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -28,6 +38,13 @@ use hybrid::ErasingRng;
 
 /// The most sources counted in one second.
 pub const MAX_SOURCES: usize = 65_536;
+/// Handshakes passed in one second past which every source must show a cookie (about 40 ms
+/// of key work on one core).
+pub const UNDER_LOAD: u32 = 1_000;
+/// The most handshakes one cookie (one address and port) passes in one second.
+pub const PER_COOKIE: u32 = 100;
+/// The most handshakes passed in one second, cookie or not (about 160 ms of key work).
+pub const MAX_PASSED: u32 = 4_000;
 const PERIOD: Duration = Duration::from_secs(1);
 
 /// What became of a message ([`Checker::check`]).
@@ -39,6 +56,9 @@ pub enum Verdict {
     CookieReply(BytesMut),
     /// No WireGuard message, or a handshake whose mac1 (or required mac2) is wrong: drop it.
     Invalid,
+    /// A handshake with a valid cookie, past its cookie's or the node's bound for this second:
+    /// drop it (its sender retries).
+    Shed,
 }
 
 /// See the module docs.
@@ -48,7 +68,12 @@ pub struct Checker {
     rng: ErasingRng,
     secret: Zeroizing<[u8; 32]>,
     secret_born: Instant,
+    /// Handshakes seen from each source this second.
     counts: HashMap<IpAddr, u32>,
+    /// Handshakes passed with each cookie (its address and port) this second.
+    cookied: HashMap<SocketAddr, u32>,
+    /// Handshakes passed in all this second.
+    passed: u32,
     counted_since: Instant,
 }
 
@@ -75,6 +100,8 @@ impl Checker {
             secret,
             secret_born: now,
             counts: HashMap::new(),
+            cookied: HashMap::new(),
+            passed: 0,
             counted_since: now,
         }
     }
@@ -97,12 +124,18 @@ impl Checker {
         {
             return Verdict::Invalid;
         }
-        if !self.over_limit(now, src.ip()) {
+        self.new_second(now);
+        if !self.over_limit(src.ip()) && self.passed < UNDER_LOAD {
+            self.passed += 1;
             return Verdict::Pass;
         }
         let cookie = self.cookie(now, src);
         let mac2 = &msg[mac1_at + 16..mac1_at + 32];
         if mac(&cookie, &msg[..mac1_at + 16]).ct_eq(mac2).unwrap_u8() == 1 {
+            if self.passed >= MAX_PASSED || !self.cookie_allows(src) {
+                return Verdict::Shed;
+            }
+            self.passed += 1;
             return Verdict::Pass;
         }
         let mut nonce = [0u8; 24];
@@ -121,25 +154,24 @@ impl Checker {
         Verdict::CookieReply(reply)
     }
 
-    /// Counts a handshake from `ip`: whether the source is over its limit this second.
-    fn over_limit(&mut self, now: Instant, ip: IpAddr) -> bool {
+    /// Restarts the counts when a second has passed since they started.
+    fn new_second(&mut self, now: Instant) {
         if now.saturating_duration_since(self.counted_since) >= PERIOD {
             self.counts.clear();
+            self.cookied.clear();
+            self.passed = 0;
             self.counted_since = now;
         }
-        let full = self.counts.len() >= MAX_SOURCES;
-        match self.counts.get_mut(&ip) {
-            Some(n) => {
-                *n = n.saturating_add(1);
-                *n > self.limit
-            }
-            // Past the bound a new source is not counted: it must show a cookie.
-            None if full => true,
-            None => {
-                self.counts.insert(ip, 1);
-                1 > self.limit
-            }
-        }
+    }
+
+    /// Counts a handshake from `ip`: whether its source is over its limit this second.
+    fn over_limit(&mut self, ip: IpAddr) -> bool {
+        count(&mut self.counts, source(ip), self.limit)
+    }
+
+    /// Counts a handshake with a valid cookie from `src`: whether the cookie may pass another.
+    fn cookie_allows(&mut self, src: SocketAddr) -> bool {
+        !count(&mut self.cookied, src, PER_COOKIE)
     }
 
     /// The cookie for `src` now: `MAC(secret, address and port)`, the secret renewed every
@@ -163,5 +195,33 @@ impl Checker {
         }
         addr[17..].copy_from_slice(&src.port().to_be_bytes());
         mac(&*self.secret, &addr)
+    }
+}
+
+/// Counts one more for `key` in `counts`: whether it is over `limit` (a new key past
+/// [`MAX_SOURCES`] is not counted, and is over).
+fn count<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, u32>, key: K, limit: u32) -> bool {
+    let full = counts.len() >= MAX_SOURCES;
+    match counts.get_mut(&key) {
+        Some(n) => {
+            *n = n.saturating_add(1);
+            *n > limit
+        }
+        None if full => true,
+        None => {
+            counts.insert(key, 1);
+            1 > limit
+        }
+    }
+}
+
+/// The source `ip` is counted as: the address itself for IPv4 (an IPv4-mapped IPv6 address
+/// as its IPv4 address), its /64 for IPv6, which one host may hold whole.
+fn source(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(v6) & !((1u128 << 64) - 1),
+        )),
+        v4 => v4,
     }
 }

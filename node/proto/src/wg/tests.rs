@@ -770,7 +770,8 @@ fn the_limit_is_per_source_per_second_and_the_sources_are_bounded() {
         "a new second"
     );
     for i in 0..MAX_SOURCES as u32 {
-        let ip = std::net::Ipv6Addr::from(u128::from(i) + 1);
+        // Each in a /64 of its own.
+        let ip = std::net::Ipv6Addr::from((u128::from(i) + 1) << 64);
         let _ = checker.check(t1, SocketAddr::from((ip, 1)), &init);
     }
     let late: SocketAddr = "198.51.100.9:1".parse().unwrap();
@@ -780,6 +781,106 @@ fn the_limit_is_per_source_per_second_and_the_sources_are_bounded() {
     ));
     assert!(matches!(
         checker.check(t1 + Duration::from_secs(1), late, &init),
+        Verdict::Pass
+    ));
+}
+
+/// An IPv6 /64 counts as one source (one host may hold it whole), and an IPv4-mapped address
+/// as its IPv4 address.
+#[test]
+fn a_v6_64_is_one_source_and_a_mapped_address_is_its_v4() {
+    use super::cookie::{Checker, Verdict};
+    let t0 = crate::test_epoch();
+    let mut checker = Checker::new(public(1), 3, [5; 32], t0);
+    let mut b = theirs([3; 32]);
+    let init = bytes(b.format_handshake_initiation(false).unwrap().into());
+    for a in ["[2001:db8::1]:1", "[2001:db8::2]:2", "[2001:db8::ffff:1]:3"] {
+        assert!(matches!(
+            checker.check(t0, a.parse().unwrap(), &init),
+            Verdict::Pass
+        ));
+    }
+    assert!(matches!(
+        checker.check(t0, "[2001:db8::3]:1".parse().unwrap(), &init),
+        Verdict::CookieReply(_)
+    ));
+    assert!(matches!(
+        checker.check(t0, "[2001:db8:0:1::1]:1".parse().unwrap(), &init),
+        Verdict::Pass
+    ));
+    for a in ["192.0.2.1:1", "[::ffff:192.0.2.1]:2", "192.0.2.1:3"] {
+        assert!(matches!(
+            checker.check(t0, a.parse().unwrap(), &init),
+            Verdict::Pass
+        ));
+    }
+    assert!(matches!(
+        checker.check(t0, "[::ffff:192.0.2.1]:4".parse().unwrap(), &init),
+        Verdict::CookieReply(_)
+    ));
+}
+
+/// What passes to key work is bounded each second, whatever the sources: past
+/// `UNDER_LOAD` in all, a flood from made-up addresses gets only cookie replies; a sender that
+/// receives its cookie passes, but one cookie at most `PER_COOKIE` times a second, and all of
+/// them together up to `MAX_PASSED`; the rest are shed. A new second starts afresh.
+#[test]
+fn a_node_passes_a_bounded_number_of_handshakes_a_second_cookie_or_not() {
+    use super::cookie::{Checker, MAX_PASSED, PER_COOKIE, UNDER_LOAD, Verdict};
+    let t0 = crate::test_epoch();
+    let mut checker = Checker::new(public(1), 100, [5; 32], t0);
+    let mut b = theirs([3; 32]);
+    let init = bytes(b.format_handshake_initiation(false).unwrap().into());
+    let spoofed = |i: u32| SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 1));
+    let (mut passed, mut cookies) = (0, 0);
+    for i in 0..UNDER_LOAD + 500 {
+        match checker.check(t0, spoofed(i), &init) {
+            Verdict::Pass => passed += 1,
+            Verdict::CookieReply(_) => cookies += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        (passed, cookies),
+        (UNDER_LOAD, 500),
+        "one each, from new sources"
+    );
+    // Under load: a sender that takes its cookie gets through.
+    let through = |checker: &mut Checker, b: &mut Tunn<StdRng>, src: SocketAddr| {
+        let first = bytes(b.format_handshake_initiation(true).unwrap().into());
+        let Verdict::CookieReply(reply) = checker.check(t0, src, &first) else {
+            panic!("no cookie reply under load");
+        };
+        assert!(matches!(feed(b, &reply), TunnResult::Done));
+        let again = bytes(b.format_handshake_initiation(true).unwrap().into());
+        checker.check(t0, src, &again)
+    };
+    let honest: SocketAddr = "198.51.100.7:51820".parse().unwrap();
+    assert!(matches!(
+        through(&mut checker, &mut b, honest),
+        Verdict::Pass
+    ));
+    // One cookie passes PER_COOKIE a second: the same message again, then shed.
+    let again = bytes(b.format_handshake_initiation(true).unwrap().into());
+    for _ in 1..PER_COOKIE {
+        assert!(matches!(checker.check(t0, honest, &again), Verdict::Pass));
+    }
+    assert!(matches!(checker.check(t0, honest, &again), Verdict::Shed));
+    // Many cookies (many ports of one host, say): passed until MAX_PASSED in all, then shed.
+    let mut shed = 0;
+    for port in 1..=(MAX_PASSED - UNDER_LOAD - PER_COOKIE + 10) as u16 {
+        let src = SocketAddr::from(([203, 0, 113, 1], port));
+        match through(&mut checker, &mut b, src) {
+            Verdict::Pass => {}
+            Verdict::Shed => shed += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(shed, 10, "past MAX_PASSED in one second");
+    let t1 = t0 + Duration::from_secs(1);
+    assert!(matches!(checker.check(t1, honest, &again), Verdict::Pass));
+    assert!(matches!(
+        checker.check(t1, spoofed(1), &init),
         Verdict::Pass
     ));
 }

@@ -269,3 +269,79 @@ fn a_denied_peer_cannot_send_icmp_errors_about_our_flows_with_others() {
     net.send(1, error_about(1));
     assert_eq!(net.received(0).len(), 1);
 }
+
+/// A flood of WireGuard initiations with a right mac1 (the attacker read the node's key from
+/// a netmap) from made-up addresses, 5,000 in each second: the node does key work for at most
+/// `UNDER_LOAD` of them a second and answers the rest with cookie replies, a working tunnel
+/// carries data throughout, and a new peer's handshake gets through with its cookie while
+/// the flood goes on.
+#[test]
+fn a_wireguard_handshake_flood_costs_bounded_key_work_and_stops_no_tunnel() {
+    use crate::wg::cookie::UNDER_LOAD;
+    let mut net = Net::new(3);
+    let p = ipv4(v4(1), v4(0), 17, &udp(1, 2, b"before"));
+    net.send(1, p.clone());
+    assert_eq!(net.received(0), vec![p]);
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut sent = 0u32;
+    let mut flood = |net: &mut Net| {
+        let before = net.nodes[0].status(net.now).counters;
+        for _ in 0..5_000 {
+            let mut m = [0u8; 148];
+            rng.fill_bytes(&mut m);
+            m[..4].copy_from_slice(&[1, 0, 0, 0]);
+            wg::message::set_mac1(&mut m, public_key(0).as_bytes());
+            net.nodes[0].handle_datagram(
+                net.now,
+                SockId::Main,
+                spoofed(sent),
+                Packet::copy_from(&m[..]),
+            );
+            sent += 1;
+        }
+        // The cookie replies go to the made-up addresses.
+        while net.nodes[0].poll_transmit().is_some() {}
+        let after = net.nodes[0].status(net.now).counters;
+        let worked =
+            after.wg_unknown_peer + after.wg_invalid - before.wg_unknown_peer - before.wg_invalid;
+        (worked, after.wg_cookies_sent - before.wg_cookies_sent)
+    };
+    let (worked, cookies) = flood(&mut net);
+    // (The handshake that made the tunnel counts in the same second.)
+    assert!(
+        (u64::from(UNDER_LOAD) - 2..=u64::from(UNDER_LOAD)).contains(&worked),
+        "key work for the first ones only: {worked}"
+    );
+    assert_eq!(worked + cookies, 5_000, "cookie replies for the rest");
+    let p = ipv4(v4(1), v4(0), 17, &udp(1, 2, b"during"));
+    net.send(1, p.clone());
+    assert_eq!(net.received(0), vec![p], "the working tunnel carries data");
+    // Node 2's first handshake, under load, gets a cookie reply; its retry (after
+    // Rekey-Timeout, each second flooded again first) carries the cookie and gets through.
+    let cookies_before = net.nodes[0].status(net.now).counters.wg_cookies_sent;
+    let q = ipv4(v4(2), v4(0), 17, &udp(1, 2, b"new peer"));
+    net.send(2, q.clone());
+    assert!(net.received(0).is_empty(), "answered under load");
+    assert_eq!(
+        net.nodes[0].status(net.now).counters.wg_cookies_sent,
+        cookies_before + 1,
+        "node 2 got a cookie reply"
+    );
+    let mut got = Vec::new();
+    for step in 1..=32 {
+        if step % 4 == 0 {
+            let (worked, _) = flood(&mut net);
+            assert!(worked <= u64::from(UNDER_LOAD));
+        }
+        net.tick(Duration::from_millis(250));
+        got.extend(net.received(0));
+        if !got.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(
+        got,
+        vec![q],
+        "node 2's packet arrived once its handshake passed"
+    );
+}
