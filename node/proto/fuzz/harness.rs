@@ -40,6 +40,7 @@ pub const TARGETS: &[&str] = &[
     "control_message",
     "netmap",
     "authkey",
+    "keyed",
 ];
 
 /// Runs target `name` on `data`.
@@ -59,6 +60,7 @@ pub fn run(name: &str, data: &[u8]) {
         "control_message" => control_message(data),
         "netmap" => netmap(data),
         "authkey" => authkey(data),
+        "keyed" => keyed(data),
         other => panic!("no fuzz target {other}"),
     }
 }
@@ -216,6 +218,386 @@ pub fn datagram(data: &[u8]) {
         drain(&mut st);
     }
     let _ = st.status(now);
+}
+
+/// What an attacker may do between two nodes whose tunnel is up ([`keyed`]).
+struct Pair {
+    nodes: [NodeState; 2],
+    now: Instant,
+    /// The newest datagrams the nodes sent each other (to node `.0`), kept once delivered:
+    /// the attacker replays what it saw, but does not win races with the originals.
+    captured: Vec<(usize, Vec<u8>)>,
+    sent: usize,
+    /// Packets a node wrote to its TUN device since the last look.
+    delivered: [Vec<Vec<u8>>; 2],
+    /// Whether the network holds what the nodes send (until [`Pair::release`]), so the
+    /// attacker's forgeries can race it.
+    hold: bool,
+    /// Datagrams held: to which node, whether through a relay.
+    in_flight: Vec<(usize, bool, Packet)>,
+}
+
+/// Where [`keyed`]'s attacker sends from when it does not forge a node's address.
+const STRANGER: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 9)), 41641);
+
+/// How many of the nodes' own datagrams [`Pair`] keeps for replays.
+const CAPTURED: usize = 256;
+
+impl Pair {
+    /// Nodes 0 and 1 of the mesh, their tunnel keyed by a ping from 1 to 0.
+    fn up() -> Self {
+        let mut pair = Self {
+            nodes: [mesh_node(0), mesh_node(1)],
+            now: epoch(),
+            captured: Vec::new(),
+            sent: 0,
+            delivered: [Vec::new(), Vec::new()],
+            hold: false,
+            in_flight: Vec::new(),
+        };
+        let p = ping(1, 0, 0);
+        pair.send(1, &p);
+        assert!(
+            pair.delivered[0].contains(&p),
+            "the tunnel does not come up"
+        );
+        pair.delivered = [Vec::new(), Vec::new()];
+        pair
+    }
+
+    /// Node `from` sends `packet` from its TUN device; then everything moves.
+    fn send(&mut self, from: usize, packet: &[u8]) {
+        self.nodes[from].handle_tun_packet(self.now, Packet::copy_from(packet));
+        self.pump();
+    }
+
+    /// Lets `d` pass, running each node's timers when it asks to be woken (as the node's
+    /// shell does), and moving what they send.
+    fn advance(&mut self, d: Duration) {
+        let until = self.now + d;
+        loop {
+            let next = self
+                .nodes
+                .iter()
+                .filter_map(|n| n.poll_timeout().map(|(t, _)| t))
+                .min();
+            match next {
+                Some(t) if t <= until => {
+                    // A timer that asks for now again moves the clock a little anyway.
+                    self.now = t.max(self.now + Duration::from_millis(1)).min(until);
+                    self.tick();
+                    if self.now == until {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+        self.now = until;
+    }
+
+    /// Both nodes' timers, then everything moves.
+    fn tick(&mut self) {
+        for n in &mut self.nodes {
+            n.handle_timeout(self.now);
+        }
+        self.pump();
+    }
+
+    /// Delivers what the network held, in order, and delivers from now on.
+    fn release(&mut self) {
+        self.hold = false;
+        for (to, relayed, bytes) in std::mem::take(&mut self.in_flight) {
+            self.capture(to, &bytes);
+            self.deliver(to, relayed, bytes);
+        }
+        self.pump();
+    }
+
+    /// Moves what each node sends the other until nothing moves (at most 50 rounds), or
+    /// holds it; keeps copies, and drops what goes anywhere else.
+    fn pump(&mut self) {
+        for _ in 0..50 {
+            let mut moved = false;
+            for from in 0..2 {
+                let to = 1 - from;
+                while let Some(t) = self.nodes[from].poll_transmit() {
+                    let relayed = match t.dst {
+                        node_proto::Addr::Udp(SockId::Main, a) if a == endpoint(to) => false,
+                        node_proto::Addr::Relay(_, k) if k == public_key(to) => true,
+                        node_proto::Addr::Udp(_, a) if a == STRANGER => {
+                            // Cookie replies go back to whoever asked; tunnel data never.
+                            assert!(
+                                t.payload.first() != Some(&4),
+                                "node {from} sends tunnel data to the attacker's address"
+                            );
+                            continue;
+                        }
+                        _ => continue,
+                    };
+                    if self.hold {
+                        self.in_flight.push((to, relayed, t.payload));
+                    } else {
+                        moved = true;
+                        self.capture(to, &t.payload);
+                        self.deliver(to, relayed, t.payload);
+                    }
+                }
+                while let Some(p) = self.nodes[from].poll_tun_write() {
+                    self.delivered[from].push(p.to_vec());
+                }
+                while self.nodes[from].poll_event().is_some() {}
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn capture(&mut self, to: usize, bytes: &[u8]) {
+        let entry = (to, bytes.to_vec());
+        if self.captured.len() < CAPTURED {
+            self.captured.push(entry);
+        } else {
+            self.captured[self.sent % CAPTURED] = entry;
+        }
+        self.sent += 1;
+    }
+
+    /// Hands node `to` a datagram from the other node, directly or through a relay.
+    fn deliver(&mut self, to: usize, relayed: bool, bytes: Packet) {
+        let now = self.now;
+        if relayed {
+            self.nodes[to].handle_relay_packet(now, wire::RelayId(0), public_key(1 - to), bytes);
+        } else {
+            self.nodes[to].handle_datagram(now, SockId::Main, endpoint(1 - to), bytes);
+        }
+    }
+
+    /// A captured datagram chosen by `pick`, and the node it went to.
+    fn pick(&self, pick: &[u8]) -> Option<(usize, Vec<u8>)> {
+        let i = usize::from(*pick.first()?);
+        self.captured.get(i % self.captured.len().max(1)).cloned()
+    }
+
+    /// A datagram seen on the way, chosen by `pick`: one still held when `pick[0]`'s top bit
+    /// is clear and any is, else one delivered.
+    fn pick_seen(&self, pick: &[u8]) -> Option<(usize, &[u8])> {
+        let i = usize::from(*pick.first()?);
+        if i < 0x80 && !self.in_flight.is_empty() {
+            let (to, _, bytes) = &self.in_flight[i % self.in_flight.len()];
+            return Some((*to, &bytes[..]));
+        }
+        let (to, bytes) = self.captured.get(i % self.captured.len().max(1))?;
+        Some((*to, &bytes[..]))
+    }
+
+    /// Whether pings each way, one a second as `ping` sends them, get through within 6 s of
+    /// the core's clock (one handshake retransmission, as after a cookie reply) with the
+    /// timers running. Without an attack the first arrives at once; a packet sealed just
+    /// before the other side replaced its sessions (after a long hold) may be lost, as in
+    /// WireGuard, and the next one goes.
+    fn still_works(&mut self) -> Result<(), String> {
+        self.release();
+        for (from, to) in [(1, 0), (0, 1)] {
+            self.delivered = [Vec::new(), Vec::new()];
+            let mut sent = Vec::new();
+            for tick in 0..=24u16 {
+                if tick % 4 == 0 {
+                    let p = ping(from, to, tick / 4);
+                    self.send(from, &p);
+                    sent.push(p);
+                }
+                if self.delivered[to].iter().any(|d| sent.contains(d)) {
+                    break;
+                }
+                if tick == 24 {
+                    return Err(format!(
+                        "none of node {from}'s pings reached node {to} within 6 s: {:?}",
+                        self.nodes[from].status(self.now).peers
+                    ));
+                }
+                self.advance(Duration::from_millis(250));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An ICMP echo request from mesh node `from` to `to` with sequence number `seq`.
+fn ping(from: usize, to: usize, seq: u16) -> Vec<u8> {
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (overlay(from), overlay(to)) else {
+        unreachable!("the mesh is IPv4")
+    };
+    let mut p = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 1, 0, 0];
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&[8, 0, 0, 0, 0, 1]);
+    p.extend_from_slice(&seq.to_be_bytes());
+    let sum = checksum(&p[..20]);
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    let sum = checksum(&p[20..]);
+    p[22..24].copy_from_slice(&sum.to_be_bytes());
+    p
+}
+
+fn checksum(b: &[u8]) -> u16 {
+    let mut sum: u32 = b
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An attacker between two nodes whose tunnel is up, who knows their public keys and sees
+/// what they send each other: injects made-up datagrams, replays what it saw and alters
+/// copies, to either node, from the other's address, from elsewhere or through a relay in
+/// the other's name; forges responses, cookie replies and data (mac1 right) aimed at the
+/// indices it sees, while the network holds the nodes' own messages for a while (delayed,
+/// never dropped); the nodes go on talking, and time passes. Whatever it sends, the tunnel
+/// must keep working, and no tunnel data may go to the attacker's address: afterwards a ping
+/// each way arrives within 6 s (panics otherwise).
+///
+/// Each record: the selector's low 4 bits pick the action, bit 4 the target node, the top 3
+/// bits advance the clock in 2 s steps first (up to 64 records: 15 minutes, past every
+/// session's end).
+pub fn keyed(data: &[u8]) {
+    let mut pair = Pair::up();
+    for (sel, bytes) in records(data).into_iter().take(64) {
+        pair.advance(Duration::from_secs(u64::from(sel >> 5) * 2));
+        let to = usize::from(sel >> 4 & 1);
+        let now = pair.now;
+        let stranger = STRANGER;
+        match sel & 0x0f {
+            0 => pair.nodes[to].handle_datagram(
+                now,
+                SockId::Main,
+                endpoint(1 - to),
+                Packet::copy_from(bytes),
+            ),
+            1 => pair.nodes[to].handle_datagram(
+                now,
+                SockId::Main,
+                stranger,
+                Packet::copy_from(bytes),
+            ),
+            2 => pair.nodes[to].handle_relay_packet(
+                now,
+                wire::RelayId(0),
+                public_key(1 - to),
+                Packet::copy_from(bytes),
+            ),
+            // A replay, to the node it went to or the other one.
+            3..=5 => {
+                if let Some((dst, msg)) = pair.pick(bytes) {
+                    let dst = if sel & 0x0f == 5 { 1 - dst } else { dst };
+                    let from = if sel & 0x0f == 4 {
+                        stranger
+                    } else {
+                        endpoint(1 - dst)
+                    };
+                    pair.nodes[dst].handle_datagram(
+                        now,
+                        SockId::Main,
+                        from,
+                        Packet::copy_from(&msg[..]),
+                    );
+                }
+            }
+            // An altered copy: bytes xored in at an offset, the copy cut short, or its
+            // header kept (type, index, counter) and the rest made up.
+            6..=8 => {
+                if let Some((dst, mut msg)) = pair.pick(bytes) {
+                    let rest = bytes.get(1..).unwrap_or_default();
+                    match sel & 0x0f {
+                        6 => {
+                            let at = usize::from(*rest.first().unwrap_or(&0));
+                            for (i, b) in rest.iter().skip(1).enumerate() {
+                                if let Some(m) = msg.get_mut(at + i) {
+                                    *m ^= b;
+                                }
+                            }
+                        }
+                        7 => msg.truncate(usize::from(*rest.first().unwrap_or(&0))),
+                        _ => {
+                            msg.truncate(16);
+                            msg.extend_from_slice(rest);
+                        }
+                    }
+                    let from = endpoint(1 - dst);
+                    pair.nodes[dst].handle_datagram(
+                        now,
+                        SockId::Main,
+                        from,
+                        Packet::copy_from(&msg[..]),
+                    );
+                }
+            }
+            9 => {
+                let seq = u16::from_be_bytes([*bytes.first().unwrap_or(&0), 1]);
+                pair.send(to, &ping(to, 1 - to, seq));
+                continue;
+            }
+            // The network holds what the nodes send (congestion, or an attacker on the path),
+            // then delivers it.
+            10 => {
+                pair.hold = true;
+                continue;
+            }
+            11 => {
+                pair.release();
+                continue;
+            }
+            // A forgery aimed at a handshake or session seen on the way (delivered or not):
+            // a response, cookie reply or data message (by `bytes[1]`) to the sender index
+            // of message `bytes[0]`, sent to the node that index is its, the rest made up.
+            12 => {
+                let forged = pair.pick_seen(bytes).and_then(|(to, msg)| {
+                    let index: [u8; 4] = msg.get(4..8)?.try_into().ok()?;
+                    let kind = 2 + bytes.get(1)? % 3;
+                    let mut f = vec![kind, 0, 0, 0];
+                    // The sender's index sits at 4 in an initiation or response; the
+                    // receiver's at 8 in a response, at 4 in a cookie reply or data.
+                    if kind == 2 {
+                        f.extend_from_slice(&[0; 4]);
+                    }
+                    f.extend_from_slice(&index);
+                    f.extend_from_slice(bytes.get(2..).unwrap_or_default());
+                    let len = match kind {
+                        2 => 92,
+                        3 => 64,
+                        _ => f.len().max(32),
+                    };
+                    f.resize(len, 0);
+                    // The attacker knows the public keys: a response's mac1 is right.
+                    node_proto::wg::message::set_mac1(&mut f, public_key(1 - to).as_bytes());
+                    // The message went to `to`; its sender index is the other node's.
+                    Some((1 - to, f))
+                });
+                if let Some((dst, f)) = forged {
+                    let from = endpoint(1 - dst);
+                    pair.nodes[dst].handle_datagram(
+                        now,
+                        SockId::Main,
+                        from,
+                        Packet::copy_from(&f[..]),
+                    );
+                }
+            }
+            _ => {
+                pair.tick();
+                continue;
+            }
+        }
+        pair.pump();
+    }
+    if let Err(e) = pair.still_works() {
+        panic!("{e}");
+    }
 }
 
 /// Packets the operating system writes to the TUN device.
