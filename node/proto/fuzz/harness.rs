@@ -235,6 +235,11 @@ struct Pair {
     hold: bool,
     /// Datagrams held: to which node, whether through a relay.
     in_flight: Vec<(usize, bool, Packet)>,
+    /// Whether the nodes hand their crypto out as jobs, as a node's workers run them.
+    outside: bool,
+    /// With `outside`: whether each node's datagrams arrive, and its jobs run, in batches (as
+    /// the workers read and run them), or one by one.
+    batched: bool,
 }
 
 /// Where [`keyed`]'s attacker sends from when it does not forge a node's address.
@@ -245,16 +250,24 @@ const STRANGER: SocketAddr =
 const CAPTURED: usize = 256;
 
 impl Pair {
-    /// Nodes 0 and 1 of the mesh, their tunnel keyed by a ping from 1 to 0.
-    fn up() -> Self {
+    /// Nodes 0 and 1 of the mesh, their tunnel keyed by a ping from 1 to 0; `mode` bit 0:
+    /// crypto outside the core ([`Pair::outside`]), bit 1: in batches ([`Pair::batched`]).
+    fn up(mode: u8) -> Self {
+        let outside = mode & 1 == 1;
+        let mut nodes = [mesh_node(0), mesh_node(1)];
+        for n in &mut nodes {
+            n.set_crypto_outside(outside);
+        }
         let mut pair = Self {
-            nodes: [mesh_node(0), mesh_node(1)],
+            nodes,
             now: epoch(),
             captured: Vec::new(),
             sent: 0,
             delivered: [Vec::new(), Vec::new()],
             hold: false,
             in_flight: Vec::new(),
+            outside,
+            batched: outside && mode & 2 == 2,
         };
         let p = ping(1, 0, 0);
         pair.send(1, &p);
@@ -316,12 +329,14 @@ impl Pair {
     }
 
     /// Moves what each node sends the other until nothing moves (at most 50 rounds), or
-    /// holds it; keeps copies, and drops what goes anywhere else.
+    /// holds it; keeps copies, and drops what goes anywhere else. Crypto jobs run first.
     fn pump(&mut self) {
         for _ in 0..50 {
             let mut moved = false;
+            let mut batches: [Vec<(SocketAddr, Packet)>; 2] = [Vec::new(), Vec::new()];
             for from in 0..2 {
                 let to = 1 - from;
+                self.run_crypto(from);
                 while let Some(t) = self.nodes[from].poll_transmit() {
                     let relayed = match t.dst {
                         node_proto::Addr::Udp(SockId::Main, a) if a == endpoint(to) => false,
@@ -338,9 +353,13 @@ impl Pair {
                     };
                     if self.hold {
                         self.in_flight.push((to, relayed, t.payload));
+                        continue;
+                    }
+                    moved = true;
+                    self.capture(to, &t.payload);
+                    if self.batched && !relayed {
+                        batches[to].push((endpoint(from), t.payload));
                     } else {
-                        moved = true;
-                        self.capture(to, &t.payload);
                         self.deliver(to, relayed, t.payload);
                     }
                 }
@@ -349,8 +368,35 @@ impl Pair {
                 }
                 while self.nodes[from].poll_event().is_some() {}
             }
+            for (to, batch) in batches.into_iter().enumerate() {
+                if !batch.is_empty() {
+                    self.nodes[to].handle_datagrams(self.now, SockId::Main, batch);
+                }
+            }
             if !moved {
                 return;
+            }
+        }
+    }
+
+    /// Runs node `i`'s crypto jobs as its workers would: a batch at a time, in three steps,
+    /// or one by one.
+    fn run_crypto(&mut self, i: usize) {
+        if !self.outside {
+            return;
+        }
+        let now = self.now;
+        let n = &mut self.nodes[i];
+        if self.batched {
+            let mut jobs = std::collections::VecDeque::new();
+            n.take_crypto(&mut jobs);
+            let mut done = Vec::new();
+            node_proto::CryptoJob::run_all(&mut jobs, &n.checks(), &mut done);
+            n.handle_crypto_all(now, &mut done);
+        } else {
+            while let Some(job) = n.poll_crypto() {
+                let done = job.run(&n.checks());
+                n.handle_crypto(now, done);
             }
         }
     }
@@ -462,11 +508,16 @@ fn checksum(b: &[u8]) -> u16 {
 /// must keep working, and no tunnel data may go to the attacker's address: afterwards a ping
 /// each way arrives within 6 s (panics otherwise).
 ///
-/// Each record: the selector's low 4 bits pick the action, bit 4 the target node, the top 3
-/// bits advance the clock in 2 s steps first (up to 64 records: 15 minutes, past every
-/// session's end).
+/// The first byte picks how the nodes run their crypto: inline in the core (bit 0 clear),
+/// handed out as jobs one by one (bit 0), or in batches with the datagrams that carry them
+/// (bits 0 and 1), as a node's workers do. Then records: the selector's low 4 bits pick the
+/// action, bit 4 the target node, the top 3 bits advance the clock in 2 s steps first (up to
+/// 64 records: 15 minutes, past every session's end).
 pub fn keyed(data: &[u8]) {
-    let mut pair = Pair::up();
+    let Some((&mode, data)) = data.split_first() else {
+        return;
+    };
+    let mut pair = Pair::up(mode);
     for (sel, bytes) in records(data).into_iter().take(64) {
         pair.advance(Duration::from_secs(u64::from(sel >> 5) * 2));
         let to = usize::from(sel >> 4 & 1);

@@ -39,16 +39,20 @@ fn the_committed_fuzz_corpora_replay_without_a_panic() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
 
-    /// The `keyed` target on made-up attacks between two keyed nodes (injections, replays,
+    /// The `keyed` target (crypto inline, or handed out as jobs one by one or in batches) on
+    /// made-up attacks between two keyed nodes (injections, replays,
     /// altered copies, forgeries aimed at the indices on the way, the network holding the
     /// nodes' messages, pings and time passing): a ping each way still arrives within 6 s
     /// afterwards, and no tunnel data goes to the attacker's address (the target panics
     /// otherwise).
     #[test]
     fn an_attacker_between_two_keyed_nodes_never_stops_their_tunnel(
+        mode in 0u8..4,
         recs in vec((any::<u8>(), vec(any::<u8>(), 0..48)), 1..48)
     ) {
-        harness::keyed(&harness::encode_records(&recs));
+        let mut input = vec![mode];
+        input.extend(harness::encode_records(&recs));
+        harness::keyed(&input);
     }
 }
 
@@ -121,22 +125,18 @@ fn write_seeds() {
     let replays: Vec<(u8, Vec<u8>)> = (0..48u8)
         .map(|i| (3 + i % 3 + (i & 0x10), vec![i]))
         .collect();
-    seeds.push(("keyed", "replays", harness::encode_records(&replays)));
+    let mut keyed = vec![("replays", harness::encode_records(&replays))];
     let altered: Vec<(u8, Vec<u8>)> = (0..48u8)
         .map(|i| (6 + i % 3, vec![i, 16 + i, 0x80, i]))
         .collect();
-    seeds.push(("keyed", "altered", harness::encode_records(&altered)));
+    keyed.push(("altered", harness::encode_records(&altered)));
     let mut talk = Vec::new();
     for i in 0..20u8 {
         talk.push((0xe9 + (i & 0x10), vec![i]));
         talk.push((0xed, vec![]));
         talk.push((3 + (i & 0x10), vec![0xff - i]));
     }
-    seeds.push((
-        "keyed",
-        "rekeys-and-replays",
-        harness::encode_records(&talk),
-    ));
+    keyed.push(("rekeys-and-replays", harness::encode_records(&talk)));
     // The sessions run out (196 s); the network holds a new handshake while forged
     // responses, cookie replies and data race it to every index on the way.
     let mut race: Vec<(u8, Vec<u8>)> = (0..14).map(|_| (0xed, vec![])).collect();
@@ -146,11 +146,18 @@ fn write_seeds() {
         race.push((0x0c, vec![i / 3, i % 3, i]));
     }
     race.push((0x0b, vec![]));
-    seeds.push((
-        "keyed",
+    keyed.push((
         "forged-answers-race-a-handshake",
         harness::encode_records(&race),
     ));
+    // Each with the crypto inline, handed out one job at a time, and in batches.
+    for (name, recs) in keyed {
+        for (mode, how) in [(0u8, "inline"), (1, "jobs"), (3, "batches")] {
+            let mut input = vec![mode];
+            input.extend_from_slice(&recs);
+            seeds.push(("keyed", leak(format!("{name}-{how}")), input));
+        }
+    }
     for (i, (_, b)) in recs.iter().enumerate() {
         if b.get(4) == Some(&5) {
             seeds.push(("disco", leak(format!("frame-{i}")), b.clone()));
