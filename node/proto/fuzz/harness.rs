@@ -411,6 +411,11 @@ impl Pair {
         self.sent += 1;
     }
 
+    /// The attacker's datagram `bytes` to node `to`, from `from`.
+    fn inject(&mut self, to: usize, from: SocketAddr, bytes: &[u8]) {
+        self.nodes[to].handle_datagram(self.now, SockId::Main, from, Packet::copy_from(bytes));
+    }
+
     /// Hands node `to` a datagram from the other node, directly or through a relay.
     fn deliver(&mut self, to: usize, relayed: bool, bytes: Packet) {
         let now = self.now;
@@ -488,7 +493,8 @@ fn ping(from: usize, to: usize, seq: u16) -> Vec<u8> {
     p
 }
 
-fn checksum(b: &[u8]) -> u16 {
+/// The internet checksum of `b`.
+pub fn checksum(b: &[u8]) -> u16 {
     let mut sum: u32 = b
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
@@ -524,18 +530,8 @@ pub fn keyed(data: &[u8]) {
         let now = pair.now;
         let stranger = STRANGER;
         match sel & 0x0f {
-            0 => pair.nodes[to].handle_datagram(
-                now,
-                SockId::Main,
-                endpoint(1 - to),
-                Packet::copy_from(bytes),
-            ),
-            1 => pair.nodes[to].handle_datagram(
-                now,
-                SockId::Main,
-                stranger,
-                Packet::copy_from(bytes),
-            ),
+            0 => pair.inject(to, endpoint(1 - to), bytes),
+            1 => pair.inject(to, stranger, bytes),
             2 => pair.nodes[to].handle_relay_packet(
                 now,
                 wire::RelayId(0),
@@ -551,12 +547,7 @@ pub fn keyed(data: &[u8]) {
                     } else {
                         endpoint(1 - dst)
                     };
-                    pair.nodes[dst].handle_datagram(
-                        now,
-                        SockId::Main,
-                        from,
-                        Packet::copy_from(&msg[..]),
-                    );
+                    pair.inject(dst, from, &msg);
                 }
             }
             // An altered copy: bytes xored in at an offset, the copy cut short, or its
@@ -579,13 +570,7 @@ pub fn keyed(data: &[u8]) {
                             msg.extend_from_slice(rest);
                         }
                     }
-                    let from = endpoint(1 - dst);
-                    pair.nodes[dst].handle_datagram(
-                        now,
-                        SockId::Main,
-                        from,
-                        Packet::copy_from(&msg[..]),
-                    );
+                    pair.inject(dst, endpoint(1 - dst), &msg);
                 }
             }
             9 => {
@@ -630,13 +615,7 @@ pub fn keyed(data: &[u8]) {
                     Some((1 - to, f))
                 });
                 if let Some((dst, f)) = forged {
-                    let from = endpoint(1 - dst);
-                    pair.nodes[dst].handle_datagram(
-                        now,
-                        SockId::Main,
-                        from,
-                        Packet::copy_from(&f[..]),
-                    );
+                    pair.inject(dst, endpoint(1 - dst), &f);
                 }
             }
             _ => {
