@@ -762,9 +762,13 @@ fn our_node_interoperates_with_stock_wireguard_go() {
         "wg set {dev} peer {peer_b64} remove && \
          wg set {dev} peer {peer_b64} endpoint 198.51.100.11:41641 allowed-ips 100.64.0.0/10,{v6}/48"
     );
-    f.lab
-        .sh(&ns, &readd)
-        .expect("re-adding the peer to wireguard-go");
+    // wireguard-go forgets its session with our node (the peer removed and added again).
+    let forget = |f: &Flat| {
+        f.lab
+            .sh(&ns, &readd)
+            .expect("re-adding the peer to wireguard-go");
+    };
+    forget(&f);
     let ok = ping_ours(&f);
     assert!(
         ok.status.success(),
@@ -779,9 +783,7 @@ fn our_node_interoperates_with_stock_wireguard_go() {
     // seals with the old session is dropped, and with nothing heard back for 15 s
     // (Keepalive-Timeout + Rekey-Timeout) it starts a handshake of its own. wireguard-go
     // cannot start one (it has nothing to answer), so any echo reply proves ours worked.
-    f.lab
-        .sh(&ns, &readd)
-        .expect("re-adding the peer to wireguard-go");
+    forget(&f);
     let before = handshakes(&f);
     let pinged = f
         .lab
@@ -828,9 +830,7 @@ fn our_node_interoperates_with_stock_wireguard_go() {
         )
         .expect("wg-flood");
     std::thread::sleep(Duration::from_millis(500));
-    f.lab
-        .sh(&ns, &readd)
-        .expect("re-adding the peer to wireguard-go");
+    forget(&f);
     let before = handshakes(&f);
     let pinged = f
         .lab
