@@ -254,14 +254,15 @@ fn every_pair_of_nat_behaviours_passes_traffic_on_the_expected_path() {
     };
     // Netcheck classifies each node's network.
     for (i, site) in sites.iter().enumerate() {
-        // Every node reaches the relay (over the WebSocket where UDP is blocked).
+        // Every node reaches the relay (over the WebSocket where UDP is blocked), its only
+        // one and so its home.
         let mut n = Value::Null;
         let ok = wait_for(Duration::from_secs(20), || {
             let Ok(out) = m.nodes[i].cli(&m.lab, &["netcheck", "--json"]) else {
                 return false;
             };
             n = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            n["relays"][0]["connected"] == true
+            n["relays"][0]["connected"] == true && n["relays"][0]["home"] == true
         });
         assert!(ok, "{}: relay not connected: {n}", m.nodes[i].hostname);
         match site {

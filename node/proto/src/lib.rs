@@ -24,6 +24,7 @@ pub mod disco;
 pub mod filter;
 pub mod frame;
 pub mod gate;
+pub mod home;
 pub mod magicsock;
 pub mod netcheck;
 pub mod packet;

@@ -34,6 +34,7 @@ use crate::conntrack::CutFlow;
 use crate::filter::Filter;
 use crate::frame::Reassembly;
 use crate::gate::Gate;
+use crate::home::HomeRelay;
 use crate::magicsock::{self, DatagramKind};
 use crate::netcheck::{Netcheck, Report};
 use crate::packet;
@@ -116,6 +117,9 @@ pub enum Event {
     },
     /// The relay list changed (the shell connects to every relay listed).
     RelaysChanged,
+    /// This node's home relay changed (`None`: no relay is connected); the shell tells the
+    /// coordinator.
+    HomeRelay(Option<RelayId>),
     /// How this node reaches each peer it has a tunnel with or is trying to reach, every
     /// few seconds (the shell reports it to the coordinator when it changed).
     PathReport(Vec<wire::PeerPath>),
@@ -197,8 +201,8 @@ pub struct NodeState {
     /// The exchange in flight per session id (message 2s and cookies name it).
     pq_sessions: HashMap<u32, NodeKey>,
     relays: Vec<RelayInfo>,
-    relays_up: BTreeSet<RelayId>,
-    home_relay: Option<RelayId>,
+    /// The relays connected and the home among them.
+    home: HomeRelay,
     relay_ticket: Option<String>,
     /// (relay, peer) pairs a relay said it cannot deliver to, until when.
     relay_misses: FastMap<(RelayId, NodeKey), Instant>,
@@ -260,8 +264,7 @@ impl NodeState {
             admission,
             pq_sessions: HashMap::new(),
             relays: Vec::new(),
-            relays_up: BTreeSet::new(),
-            home_relay: None,
+            home: HomeRelay::default(),
             relay_ticket: None,
             relay_misses: FastMap::default(),
             netcheck: Netcheck::default(),
@@ -344,8 +347,10 @@ impl NodeState {
                 relays.iter().flat_map(|r| r.stun.iter().copied()).collect();
             self.netcheck.set_servers(now, stun);
             self.relays = relays;
-            self.relays_up
-                .retain(|id| self.relays.iter().any(|r| r.id == *id));
+            let listed = &self.relays;
+            if let Some(home) = self.home.retain(|id| listed.iter().any(|r| r.id == id)) {
+                self.events.push_back(Event::HomeRelay(home));
+            }
             self.events.push_back(Event::RelaysChanged);
         }
         if let Some(ticket) = map.relay_ticket
@@ -449,29 +454,40 @@ impl NodeState {
         }
     }
 
-    /// The shell's connection to `relay` came up or went down.
+    /// The shell's connection to `relay` came up or went down. The home relay follows
+    /// ([`HomeRelay`]; [`Event::HomeRelay`] when it changes).
     pub fn relay_state(&mut self, now: Instant, relay: RelayId, up: bool) {
-        let changed = if up {
-            self.relays_up.insert(relay)
-        } else {
-            self.relays_up.remove(&relay)
-        };
-        if changed {
+        let _ = now;
+        if self.home.is_up(relay) != up {
             debug!(%relay, up, "relay connection");
-            // Paths that relied on it re-evaluate at the next tick; probing restarts.
-            let _ = now;
         }
+        let change = if up {
+            self.home.connected_to(relay)
+        } else {
+            self.home.disconnected(relay)
+        };
+        if let Some(home) = change {
+            self.events.push_back(Event::HomeRelay(home));
+        }
+    }
+
+    /// A round trip to `relay` was measured on its connection; the home relay may move to it
+    /// ([`HomeRelay::measured`]).
+    pub fn relay_rtt(&mut self, relay: RelayId, rtt: Duration) {
+        if let Some(home) = self.home.measured(relay, rtt) {
+            self.events.push_back(Event::HomeRelay(home));
+        }
+    }
+
+    /// The home relay and the round trip to each connected relay.
+    pub fn home_relay(&self) -> &HomeRelay {
+        &self.home
     }
 
     /// Relay `relay` said `peer` is not connected to it: prefer another relay for a while.
     pub fn relay_peer_gone(&mut self, now: Instant, relay: RelayId, peer: NodeKey) {
         self.relay_misses
             .insert((relay, peer), now + Duration::from_secs(5));
-    }
-
-    /// The relay this node is reached through first (chosen by the shell by latency).
-    pub fn set_home_relay(&mut self, relay: Option<RelayId>) {
-        self.home_relay = relay;
     }
 
     /// Starts a netcheck now (`lattice netcheck`).
@@ -788,13 +804,13 @@ impl NodeState {
     /// say the peer is missing), else ours, else any connected relay.
     fn relay_for(&self, node: &Node) -> Option<RelayId> {
         let ok = |r: &RelayId| {
-            self.relays_up.contains(r) && !self.relay_misses.contains_key(&(*r, node.node_key))
+            self.home.is_up(*r) && !self.relay_misses.contains_key(&(*r, node.node_key))
         };
         node.home_relay
             .filter(ok)
-            .or(self.home_relay.filter(ok))
-            .or_else(|| self.relays_up.iter().copied().find(|r| ok(r)))
-            .or_else(|| node.home_relay.filter(|r| self.relays_up.contains(r)))
+            .or(self.home.home().filter(ok))
+            .or_else(|| self.home.connected().find(|r| ok(r)))
+            .or_else(|| node.home_relay.filter(|r| self.home.is_up(*r)))
     }
 
     /// Whether this node's public endpoint is still being measured: its first netcheck has

@@ -126,7 +126,6 @@ pub struct EventLoop {
     relays: RelayManager,
     relay_events: mpsc::Receiver<RelayEvent>,
     relay_state: BTreeMap<RelayId, RelayConnState>,
-    home_relay: Option<RelayId>,
     aux: AuxSockets,
     aux_rx: mpsc::Receiver<AuxDatagram>,
     portmap: Option<PortMapper>,
@@ -143,11 +142,11 @@ pub struct EventLoop {
     pending_pings: Vec<(NodeId, PingReply, Instant)>,
 }
 
-/// What the loop knows about one relay connection.
+/// What the loop knows about one relay connection (its round trip and the home relay are the
+/// core's: [`node_proto::home::HomeRelay`]).
 #[derive(Debug, Clone, Default)]
 struct RelayConnState {
     transport: Option<&'static str>,
-    rtt: Option<Duration>,
     error: Option<String>,
 }
 
@@ -164,8 +163,6 @@ fn extract_if<T>(v: &mut Vec<T>, mut f: impl FnMut(&T) -> bool) -> Vec<T> {
     out
 }
 
-/// A new home relay must be this much faster than the current one.
-const HOME_SWITCH_RATIO: f64 = 0.8;
 /// How long `lattice netcheck` waits for a fresh run.
 const NETCHECK_WAIT: Duration = Duration::from_secs(4);
 
@@ -267,7 +264,6 @@ impl EventLoop {
             exit_routing: None,
             relay_events,
             relay_state: BTreeMap::new(),
-            home_relay: None,
             aux: AuxSockets::new(dialer, aux_tx),
             aux_rx,
             portmap,
@@ -595,6 +591,7 @@ impl EventLoop {
                     }));
                 }
             }
+            Event::HomeRelay(home) => self.home_relay_changed(home),
             Event::RelaysChanged => {
                 let list = self.core().relays().to_vec();
                 self.relay_state
@@ -877,68 +874,24 @@ impl EventLoop {
                 st.transport = Some(transport);
                 st.error = None;
                 self.core().relay_state(now, id, true);
-                if self.home_relay.is_none() {
-                    self.set_home_relay(Some(id));
-                }
             }
             RelayEvent::Down { id, error } => {
-                let st = self.relay_state.entry(id).or_default();
-                let was_up = st.transport.take().is_some();
-                st.rtt = None;
-                st.error = Some(error);
+                let was_up = self.relay_state.get_mut(&id).is_some_and(|st| {
+                    st.error = Some(error);
+                    st.transport.take().is_some()
+                });
                 if was_up {
                     self.core().relay_state(now, id, false);
                 }
-                if self.home_relay == Some(id) {
-                    let next = self.best_relay();
-                    self.set_home_relay(next);
-                }
             }
             RelayEvent::PeerGone { id, key } => self.core().relay_peer_gone(now, id, key),
-            RelayEvent::Rtt { id, rtt } => {
-                let st = self.relay_state.entry(id).or_default();
-                st.rtt = Some(match st.rtt {
-                    Some(old) => (old * 3 + rtt) / 4,
-                    None => rtt,
-                });
-                let best = self.best_relay();
-                let switch = match (self.home_relay, best) {
-                    (Some(cur), Some(b)) if cur != b => {
-                        let rtt = |r: RelayId| self.relay_state.get(&r).and_then(|s| s.rtt);
-                        match (rtt(cur), rtt(b)) {
-                            (Some(c), Some(n)) => {
-                                n.as_secs_f64() < c.as_secs_f64() * HOME_SWITCH_RATIO
-                            }
-                            (None, _) => true,
-                            _ => false,
-                        }
-                    }
-                    (None, Some(_)) => true,
-                    _ => false,
-                };
-                if switch {
-                    self.set_home_relay(best);
-                }
-            }
+            RelayEvent::Rtt { id, rtt } => self.core().relay_rtt(id, rtt),
         }
     }
 
-    /// The connected relay with the lowest latency.
-    fn best_relay(&self) -> Option<RelayId> {
-        self.relay_state
-            .iter()
-            .filter(|(_, s)| s.transport.is_some())
-            .min_by_key(|(id, s)| (s.rtt.unwrap_or(Duration::MAX), **id))
-            .map(|(id, _)| *id)
-    }
-
-    fn set_home_relay(&mut self, id: Option<RelayId>) {
-        if self.home_relay == id {
-            return;
-        }
-        self.home_relay = id;
-        self.core().set_home_relay(id);
-        match id {
+    /// The core chose a new home relay: logged, and told to the coordinator.
+    fn home_relay_changed(&mut self, home: Option<RelayId>) {
+        match home {
             Some(r) => info!(relay = %self.core().relay_name(r), "home relay"),
             None => warn!("no relay is reachable"),
         }
@@ -948,18 +901,14 @@ impl EventLoop {
     /// Tells the coordinator our home relay and NAT when they changed.
     fn send_netinfo(&mut self) {
         let nat = self.nat.clone().unwrap_or_default();
-        let now = (self.home_relay, nat.clone());
-        if self.netinfo_sent.as_ref() == Some(&now)
-            || self.nat.is_none() && self.home_relay.is_none()
-        {
+        let home_relay = self.core().home_relay().home();
+        let now = (home_relay, nat.clone());
+        if self.netinfo_sent.as_ref() == Some(&now) || self.nat.is_none() && home_relay.is_none() {
             return;
         }
         if self
             .control_out
-            .try_send(ClientMessage::NetInfo {
-                home_relay: self.home_relay,
-                nat,
-            })
+            .try_send(ClientMessage::NetInfo { home_relay, nat })
             .is_ok()
         {
             self.netinfo_sent = Some(now);
@@ -1016,8 +965,9 @@ impl EventLoop {
     }
 
     fn relays_json(&self) -> Vec<RelayJson> {
-        let relays = self.core().relays().to_vec();
-        relays
+        let core = self.core();
+        let home = core.home_relay();
+        core.relays()
             .iter()
             .map(|r| {
                 let st = self.relay_state.get(&r.id).cloned().unwrap_or_default();
@@ -1026,8 +976,8 @@ impl EventLoop {
                     name: r.name.clone(),
                     connected: st.transport.is_some(),
                     transport: st.transport.map(str::to_owned),
-                    rtt_ms: st.rtt.map(|d| d.as_secs_f64() * 1000.0),
-                    home: self.home_relay == Some(r.id),
+                    rtt_ms: home.rtt(r.id).map(|d| d.as_secs_f64() * 1000.0),
+                    home: home.home() == Some(r.id),
                     error: st.error,
                 }
             })

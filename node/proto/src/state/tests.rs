@@ -1812,3 +1812,64 @@ fn app_grants_tell_the_destination_what_a_peer_may_do_and_admit_no_packet() {
     net.send(0, ipv4(v4(0), v4(1), 17, &udp(1, 2, b"x")));
     assert!(net.received(1).is_empty(), "an app grant admits no packet");
 }
+
+/// The core chooses the home relay: the first connected, a faster one by a fifth, the best
+/// left when it goes down or leaves the relay list; each change is an event for the shell,
+/// and peers without a relay of their own are reached through it.
+#[test]
+fn the_home_relay_follows_connections_round_trips_and_the_relay_list() {
+    use wire::{RelayId, RelayInfo, RelayKey};
+    let now = crate::test_epoch();
+    let relay = |id: u32| RelayInfo {
+        id: RelayId(id),
+        name: format!("r{id}"),
+        key: RelayKey::from_bytes([id as u8; 32]),
+        quic: None,
+        cert_sha256: None,
+        websocket: None,
+        stun: Vec::new(),
+    };
+    let map = |seq: u64, relays: Vec<RelayInfo>| MapResponse {
+        seq,
+        node: Some(node(0, vec![])),
+        peers: Some(vec![node(1, vec![])]),
+        packet_filter: Some(allow_all(0)),
+        relays: Some(relays),
+        ..Default::default()
+    };
+    let mut a = NodeState::new(config(0, 0), [0; 32], now);
+    a.handle_netmap(now, map(1, vec![relay(1), relay(2)]));
+    let homes = |a: &mut NodeState| -> Vec<Option<RelayId>> {
+        std::iter::from_fn(|| a.poll_event())
+            .filter_map(|e| match e {
+                Event::HomeRelay(h) => Some(h),
+                _ => None,
+            })
+            .collect()
+    };
+    homes(&mut a);
+    a.relay_state(now, RelayId(2), true);
+    a.relay_state(now, RelayId(1), true);
+    assert_eq!(homes(&mut a), vec![Some(RelayId(2))], "the first connected");
+    a.relay_rtt(RelayId(2), Duration::from_millis(40));
+    a.relay_rtt(RelayId(1), Duration::from_millis(35));
+    assert!(homes(&mut a).is_empty(), "not a fifth faster");
+    a.relay_rtt(RelayId(1), Duration::from_millis(10));
+    assert_eq!(homes(&mut a), vec![Some(RelayId(1))]);
+    assert_eq!(a.home_relay().home(), Some(RelayId(1)));
+    // Peer 1 names no home relay: it is reached through ours.
+    let peer = a.peers.get(&public_key(1)).unwrap().node.clone();
+    assert_eq!(a.relay_for(&peer), Some(RelayId(1)));
+    a.relay_state(now, RelayId(1), false);
+    assert_eq!(homes(&mut a), vec![Some(RelayId(2))], "the one left");
+    a.relay_state(now, RelayId(1), true);
+    a.handle_netmap(now, map(2, vec![relay(1)]));
+    assert_eq!(
+        homes(&mut a),
+        vec![Some(RelayId(1))],
+        "relay 2 left the list"
+    );
+    a.relay_state(now, RelayId(1), false);
+    assert_eq!(homes(&mut a), vec![None]);
+    assert_eq!(a.relay_for(&peer), None);
+}
