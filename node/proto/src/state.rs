@@ -117,9 +117,17 @@ pub enum Event {
     },
     /// The relay list changed (the shell connects to every relay listed).
     RelaysChanged,
-    /// This node's home relay changed (`None`: no relay is connected); the shell tells the
-    /// coordinator.
+    /// This node's home relay changed (`None`: no relay is connected; logged by the shell).
     HomeRelay(Option<RelayId>),
+    /// What the coordinator should know of this node changed: its home relay and its NAT
+    /// (with the gateway port mapping). The shell sends it, or calls
+    /// [`NodeState::netinfo_undelivered`] when it could not.
+    ReportNetInfo {
+        /// The home relay.
+        home_relay: Option<RelayId>,
+        /// The NAT as netcheck saw it (the default until a netcheck ran).
+        nat: NatInfo,
+    },
     /// How this node reaches each peer it has a tunnel with or is trying to reach, every
     /// few seconds (the shell reports it to the coordinator when it changed).
     PathReport(Vec<wire::PeerPath>),
@@ -138,8 +146,8 @@ pub enum Event {
     },
     /// A fresh relay ticket arrived (the shell hands it to its relay connections).
     RelayTicket(String),
-    /// A netcheck finished with a different result (the shell reports it to the coordinator
-    /// and advertises the public endpoint).
+    /// A netcheck finished with a different result (the shell advertises the public endpoint;
+    /// what the coordinator is told follows as [`Event::ReportNetInfo`]).
     NetInfo(Report),
     /// The mesh's tunnel security changed (logged by the shell).
     TunnelSecurityChanged(TunnelSecurity),
@@ -208,6 +216,10 @@ pub struct NodeState {
     relay_misses: FastMap<(RelayId, NodeKey), Instant>,
     netcheck: Netcheck,
     nat: Option<NatInfo>,
+    /// The gateway port mapping the shell holds, if any.
+    port_mapped: Option<SocketAddr>,
+    /// What the coordinator was last told ([`Event::ReportNetInfo`]).
+    netinfo_reported: Option<(Option<RelayId>, NatInfo)>,
     /// When a quiet direct path last asked for a netcheck.
     quiet_netcheck: Option<Instant>,
 
@@ -269,6 +281,8 @@ impl NodeState {
             relay_misses: FastMap::default(),
             netcheck: Netcheck::default(),
             nat: None,
+            port_mapped: None,
+            netinfo_reported: None,
             quiet_netcheck: None,
             transmits: VecDeque::new(),
             tun_writes: VecDeque::new(),
@@ -348,9 +362,8 @@ impl NodeState {
             self.netcheck.set_servers(now, stun);
             self.relays = relays;
             let listed = &self.relays;
-            if let Some(home) = self.home.retain(|id| listed.iter().any(|r| r.id == id)) {
-                self.events.push_back(Event::HomeRelay(home));
-            }
+            let change = self.home.retain(|id| listed.iter().any(|r| r.id == id));
+            self.home_changed(change);
             self.events.push_back(Event::RelaysChanged);
         }
         if let Some(ticket) = map.relay_ticket
@@ -466,17 +479,64 @@ impl NodeState {
         } else {
             self.home.disconnected(relay)
         };
-        if let Some(home) = change {
-            self.events.push_back(Event::HomeRelay(home));
-        }
+        self.home_changed(change);
     }
 
     /// A round trip to `relay` was measured on its connection; the home relay may move to it
     /// ([`HomeRelay::measured`]).
     pub fn relay_rtt(&mut self, relay: RelayId, rtt: Duration) {
-        if let Some(home) = self.home.measured(relay, rtt) {
+        let change = self.home.measured(relay, rtt);
+        self.home_changed(change);
+    }
+
+    fn home_changed(&mut self, change: crate::home::Change) {
+        if let Some(home) = change {
             self.events.push_back(Event::HomeRelay(home));
+            self.report_netinfo();
         }
+    }
+
+    /// The gateway port mapping the shell holds (NAT-PMP, PCP or UPnP), part of what the
+    /// coordinator is told about this node's NAT.
+    pub fn set_port_mapping(&mut self, mapped: Option<SocketAddr>) {
+        if self.port_mapped != mapped {
+            self.port_mapped = mapped;
+            self.report_netinfo();
+        }
+    }
+
+    /// What the coordinator is told of this node: its home relay, and its NAT with the port
+    /// mapping (once a netcheck ran).
+    pub fn netinfo(&self) -> (Option<RelayId>, Option<NatInfo>) {
+        let nat = self.nat.clone().map(|mut n| {
+            n.port_mapped = self.port_mapped;
+            n
+        });
+        (self.home.home(), nat)
+    }
+
+    /// The shell could not deliver the last [`Event::ReportNetInfo`]: the next change reports
+    /// it all again.
+    pub fn netinfo_undelivered(&mut self) {
+        self.netinfo_reported = None;
+    }
+
+    /// Reports [`NodeState::netinfo`] when it changed since it was last reported (and once
+    /// there is something to report).
+    fn report_netinfo(&mut self) {
+        let (home_relay, nat) = self.netinfo();
+        if home_relay.is_none() && nat.is_none() {
+            return;
+        }
+        let now = (home_relay, nat.unwrap_or_default());
+        if self.netinfo_reported.as_ref() == Some(&now) {
+            return;
+        }
+        self.netinfo_reported = Some(now.clone());
+        self.events.push_back(Event::ReportNetInfo {
+            home_relay: now.0,
+            nat: now.1,
+        });
     }
 
     /// The home relay and the round trip to each connected relay.
@@ -517,6 +577,7 @@ impl NodeState {
                 }
             }
             self.events.push_back(Event::NetInfo(r));
+            self.report_netinfo();
         }
         if now >= self.next_tick {
             self.next_tick = now + TIMER_TICK;

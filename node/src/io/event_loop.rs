@@ -16,7 +16,7 @@ use node_proto::{Addr, Event, NodeState, Packet, SockId, Status, Transmit};
 use parking_lot::MutexGuard;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
-use wire::{ClientMessage, ErrorCode, NatInfo, NodeId, RelayId};
+use wire::{ClientMessage, ErrorCode, NodeId, RelayId};
 
 use crate::io::aead::AeadHelpers;
 use crate::io::api::{
@@ -130,9 +130,7 @@ pub struct EventLoop {
     aux_rx: mpsc::Receiver<AuxDatagram>,
     portmap: Option<PortMapper>,
     portmap_rx: Option<watch::Receiver<Option<std::net::SocketAddrV4>>>,
-    nat: Option<NatInfo>,
     public_endpoint: Option<SocketAddr>,
-    netinfo_sent: Option<(Option<RelayId>, NatInfo)>,
     /// The last path report the coordinator took.
     paths_sent: Option<Vec<wire::PeerPath>>,
     netcheck_waiters: Vec<(oneshot::Sender<NetcheckJson>, Instant)>,
@@ -268,9 +266,7 @@ impl EventLoop {
             aux_rx,
             portmap,
             portmap_rx,
-            nat: None,
             public_endpoint: None,
-            netinfo_sent: None,
             paths_sent: None,
             netcheck_waiters: Vec::new(),
             pending_pings: Vec::new(),
@@ -618,12 +614,17 @@ impl EventLoop {
             }
             Event::NetInfo(report) => {
                 self.public_endpoint = report.public_endpoint;
-                let mut nat = report.nat.clone();
-                nat.port_mapped = self.portmap.as_ref().and_then(PortMapper::current);
-                self.nat = Some(nat);
                 self.refresh_endpoints();
-                self.send_netinfo();
                 self.answer_netcheck_waiters(true);
+            }
+            Event::ReportNetInfo { home_relay, nat } => {
+                if self
+                    .control_out
+                    .try_send(ClientMessage::NetInfo { home_relay, nat })
+                    .is_err()
+                {
+                    self.core().netinfo_undelivered();
+                }
             }
             Event::TunnelSecurityChanged(wire::TunnelSecurity::ClassicalOnly) => {
                 warn!("the mesh admin set tunnels to classical-only: no post-quantum protection");
@@ -889,29 +890,11 @@ impl EventLoop {
         }
     }
 
-    /// The core chose a new home relay: logged, and told to the coordinator.
+    /// The core chose a new home relay (it tells the coordinator: [`Event::ReportNetInfo`]).
     fn home_relay_changed(&mut self, home: Option<RelayId>) {
         match home {
             Some(r) => info!(relay = %self.core().relay_name(r), "home relay"),
             None => warn!("no relay is reachable"),
-        }
-        self.send_netinfo();
-    }
-
-    /// Tells the coordinator our home relay and NAT when they changed.
-    fn send_netinfo(&mut self) {
-        let nat = self.nat.clone().unwrap_or_default();
-        let home_relay = self.core().home_relay().home();
-        let now = (home_relay, nat.clone());
-        if self.netinfo_sent.as_ref() == Some(&now) || self.nat.is_none() && home_relay.is_none() {
-            return;
-        }
-        if self
-            .control_out
-            .try_send(ClientMessage::NetInfo { home_relay, nat })
-            .is_ok()
-        {
-            self.netinfo_sent = Some(now);
         }
     }
 
@@ -921,16 +904,13 @@ impl EventLoop {
             Some(m) => info!(external = %m, "gateway port mapping"),
             None => debug!("no gateway port mapping"),
         }
-        if let Some(nat) = &mut self.nat {
-            nat.port_mapped = mapped;
-        }
+        self.core().set_port_mapping(mapped);
         self.refresh_endpoints();
-        self.send_netinfo();
     }
 
     fn netcheck_json(&self) -> NetcheckJson {
         let report = self.core().netcheck_report().cloned();
-        let nat = self.nat.clone().unwrap_or_default();
+        let nat = self.core().netinfo().1.unwrap_or_default();
         NetcheckJson {
             udp: nat.udp,
             mapping_varies_by_destination: nat.mapping_varies,
@@ -1004,6 +984,8 @@ impl EventLoop {
 
     fn status_json(&self) -> StatusJson {
         let st: Status = self.core().status(Instant::now());
+        // Taken before the literal below: a guard made inside it would be held to its end.
+        let nat = self.core().netinfo().1;
         let now_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
@@ -1087,7 +1069,7 @@ impl EventLoop {
                 serde_json::to_value(c).unwrap_or_default()
             },
             relays: self.relays_json(),
-            nat: self.nat.clone(),
+            nat,
             dns: {
                 use std::sync::atomic::Ordering::Relaxed;
                 let c = &self.dns_counters;

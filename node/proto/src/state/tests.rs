@@ -1873,3 +1873,75 @@ fn the_home_relay_follows_connections_round_trips_and_the_relay_list() {
     assert_eq!(homes(&mut a), vec![None]);
     assert_eq!(a.relay_for(&peer), None);
 }
+
+/// What the coordinator is told of this node (its home relay, its NAT with the gateway port
+/// mapping) is reported once per change, and again after the shell could not deliver it.
+#[test]
+fn the_coordinator_is_told_the_home_relay_and_nat_once_per_change() {
+    use wire::{NatInfo, RelayId, RelayInfo, RelayKey};
+    let now = crate::test_epoch();
+    let mut a = NodeState::new(config(0, 0), [0; 32], now);
+    a.handle_netmap(
+        now,
+        MapResponse {
+            seq: 1,
+            node: Some(node(0, vec![])),
+            peers: Some(vec![]),
+            relays: Some(vec![RelayInfo {
+                id: RelayId(1),
+                name: "r1".into(),
+                key: RelayKey::from_bytes([1; 32]),
+                quic: None,
+                cert_sha256: None,
+                websocket: None,
+                stun: Vec::new(),
+            }]),
+            ..Default::default()
+        },
+    );
+    let reports = |a: &mut NodeState| -> Vec<(Option<RelayId>, NatInfo)> {
+        std::iter::from_fn(|| a.poll_event())
+            .filter_map(|e| match e {
+                Event::ReportNetInfo { home_relay, nat } => Some((home_relay, nat)),
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(reports(&mut a).is_empty(), "nothing to tell yet");
+    let mapped: SocketAddr = "203.0.113.7:41641".parse().unwrap();
+    a.set_port_mapping(Some(mapped));
+    assert!(
+        reports(&mut a).is_empty(),
+        "a mapping alone, before any netcheck"
+    );
+    a.relay_state(now, RelayId(1), true);
+    assert_eq!(
+        reports(&mut a),
+        vec![(Some(RelayId(1)), NatInfo::default())]
+    );
+    // A netcheck's result: the NAT goes with the port mapping.
+    let nat = NatInfo {
+        udp: true,
+        ..NatInfo::default()
+    };
+    a.nat = Some(nat.clone());
+    a.report_netinfo();
+    let with_mapping = NatInfo {
+        port_mapped: Some(mapped),
+        ..nat.clone()
+    };
+    assert_eq!(
+        reports(&mut a),
+        vec![(Some(RelayId(1)), with_mapping.clone())]
+    );
+    assert_eq!(a.netinfo(), (Some(RelayId(1)), Some(with_mapping)));
+    a.set_port_mapping(Some(mapped));
+    a.relay_rtt(RelayId(1), Duration::from_millis(5));
+    assert!(reports(&mut a).is_empty(), "nothing changed");
+    // Lost on the way: the next change reports all of it.
+    a.netinfo_undelivered();
+    a.set_port_mapping(None);
+    assert_eq!(reports(&mut a), vec![(Some(RelayId(1)), nat.clone())]);
+    a.relay_state(now, RelayId(1), false);
+    assert_eq!(reports(&mut a), vec![(None, nat)]);
+}
