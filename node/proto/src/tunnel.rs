@@ -155,11 +155,21 @@ impl Tunnel {
     }
 
     /// Starts a handshake now, replacing one in flight (the core asks for one when the
-    /// preshared key changed or the peer uses a session we lost, each under limits of its own).
+    /// preshared key changed, which its authenticated key exchange says).
     pub(crate) fn initiate(&self, now: Instant) -> Option<WgKind> {
         let inner = &mut *self.inner.lock();
         let wall = inner.wall_at(now);
         inner.peer.initiate(now, wall, true).and_then(kind)
+    }
+
+    /// Starts a handshake unless one is in flight or one was sent less than Rekey-Timeout ago
+    /// (the core asks for one when the peer seems to use a session we lost, which nothing
+    /// authenticates: whoever can send from the peer's address can ask, and must not be able
+    /// to replace a handshake in flight or make one more often than WireGuard would).
+    pub(crate) fn initiate_unless_recent(&self, now: Instant) -> Option<WgKind> {
+        let inner = &mut *self.inner.lock();
+        let wall = inner.wall_at(now);
+        inner.peer.initiate(now, wall, false).and_then(kind)
     }
 
     /// Packets that waited for a session, now encrypted (or a keepalive that confirms a new

@@ -316,7 +316,7 @@ impl NodeState {
         peer.last_stale_hint = Some(now);
         match peer.tunnel.as_mut() {
             Some(tunnel) => {
-                if let Some(init) = tunnel.initiate(now) {
+                if let Some(init) = tunnel.initiate_unless_recent(now) {
                     debug!(peer = %key, %from, "peer uses a session we lost; re-handshaking");
                     self.send_to_peer(now, key, init);
                 }

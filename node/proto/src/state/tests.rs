@@ -1178,7 +1178,10 @@ fn stale_session_hints_are_rate_limited_and_ignore_strangers() {
         Packet::copy_from(&data[..]),
     );
     assert!(net.nodes[1].poll_transmit().is_none());
-    // From the peer's address: one handshake, then nothing for a while.
+    // From the peer's address, Rekey-Timeout after the last handshake: one handshake, then
+    // nothing for a while.
+    net.tick(Duration::from_secs(6));
+    while net.nodes[1].poll_transmit().is_some() {}
     net.nodes[1].handle_datagram(
         net.now,
         SockId::Main,
@@ -1197,6 +1200,27 @@ fn stale_session_hints_are_rate_limited_and_ignore_strangers() {
         Packet::copy_from(&data[..]),
     );
     assert!(net.nodes[1].poll_transmit().is_none());
+    // Past the hints' own interval, with that handshake still in flight: nothing either
+    // (whoever sends from the peer's address must not replace it; it completes).
+    net.now += Duration::from_secs(3);
+    net.nodes[1].handle_datagram(
+        net.now,
+        SockId::Main,
+        net.addrs[0],
+        Packet::copy_from(&data[..]),
+    );
+    assert!(
+        net.nodes[1].poll_transmit().is_none(),
+        "junk replaced the handshake in flight"
+    );
+    let before = net.nodes[1].status(net.now).peers[0].handshakes;
+    net.nodes[0].handle_datagram(net.now, SockId::Main, net.addrs[1], t.payload);
+    net.run();
+    assert_eq!(
+        net.nodes[1].status(net.now).peers[0].handshakes,
+        before + 1,
+        "the handshake in flight completed"
+    );
 }
 
 /// Index in `net.wire` of the first datagram matching `f`.
