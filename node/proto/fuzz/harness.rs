@@ -240,6 +240,9 @@ struct Pair {
     /// With `outside`: whether each node's datagrams arrive, and its jobs run, in batches (as
     /// the workers read and run them), or one by one.
     batched: bool,
+    /// Whether the direct path between the nodes is down (their UDP to each other is lost;
+    /// the relay, to which both are connected, still carries what they send through it).
+    direct_down: bool,
 }
 
 /// Where [`keyed`]'s attacker sends from when it does not forge a node's address.
@@ -255,8 +258,26 @@ impl Pair {
     fn up(mode: u8) -> Self {
         let outside = mode & 1 == 1;
         let mut nodes = [mesh_node(0), mesh_node(1)];
+        let relay = wire::RelayInfo {
+            id: wire::RelayId(0),
+            name: "relay".into(),
+            key: wire::RelayKey::from_bytes([9; 32]),
+            quic: None,
+            cert_sha256: None,
+            websocket: None,
+            stun: Vec::new(),
+        };
         for n in &mut nodes {
             n.set_crypto_outside(outside);
+            n.handle_netmap(
+                epoch(),
+                MapResponse {
+                    seq: 2,
+                    relays: Some(vec![relay.clone()]),
+                    ..Default::default()
+                },
+            );
+            n.relay_state(epoch(), wire::RelayId(0), true);
         }
         let mut pair = Self {
             nodes,
@@ -268,6 +289,7 @@ impl Pair {
             in_flight: Vec::new(),
             outside,
             batched: outside && mode & 2 == 2,
+            direct_down: false,
         };
         let p = ping(1, 0, 0);
         pair.send(1, &p);
@@ -351,6 +373,9 @@ impl Pair {
                         }
                         _ => continue,
                     };
+                    if self.direct_down && !relayed {
+                        continue;
+                    }
                     if self.hold {
                         self.in_flight.push((to, relayed, t.payload));
                         continue;
@@ -450,6 +475,7 @@ impl Pair {
     /// before the other side replaced its sessions (after a long hold) may be lost, as in
     /// WireGuard, and the next one goes.
     fn still_works(&mut self) -> Result<(), String> {
+        self.direct_down = false;
         self.release();
         for (from, to) in [(1, 0), (0, 1)] {
             self.delivered = [Vec::new(), Vec::new()];
@@ -510,7 +536,8 @@ pub fn checksum(b: &[u8]) -> u16 {
 /// copies, to either node, from the other's address, from elsewhere or through a relay in
 /// the other's name; forges responses, cookie replies and data (mac1 right) aimed at the
 /// indices it sees, while the network holds the nodes' own messages for a while (delayed,
-/// never dropped); the nodes go on talking, and time passes. Whatever it sends, the tunnel
+/// never dropped) or the direct path between them goes down (both reach a relay); the nodes
+/// go on talking, and time passes. Whatever it sends, the tunnel
 /// must keep working, and no tunnel data may go to the attacker's address: afterwards a ping
 /// each way arrives within 6 s (panics otherwise).
 ///
@@ -617,6 +644,11 @@ pub fn keyed(data: &[u8]) {
                 if let Some((dst, f)) = forged {
                     pair.inject(dst, endpoint(1 - dst), &f);
                 }
+            }
+            // The direct path goes down (the relay still carries), or comes back.
+            13 => {
+                pair.direct_down = !pair.direct_down;
+                continue;
             }
             _ => {
                 pair.tick();

@@ -146,10 +146,21 @@ fn write_seeds() {
         race.push((0x0c, vec![i / 3, i % 3, i]));
     }
     race.push((0x0b, vec![]));
+    // The direct path goes down while both talk: the relay carries them; replays and
+    // forgeries go on meanwhile; then it comes back.
+    let mut outage = vec![(0x0d, vec![])];
+    for i in 0..12u8 {
+        outage.push((0x49 + (i & 1) * 0x10, vec![i]));
+        outage.push((0x23 + (i & 1) * 0x10, vec![i * 7]));
+        outage.push((0x0c, vec![i, i % 3, i]));
+    }
+    outage.push((0x0d, vec![]));
+    outage.push((0x89, vec![99]));
     keyed.push((
         "forged-answers-race-a-handshake",
         harness::encode_records(&race),
     ));
+    keyed.push(("direct-path-down", harness::encode_records(&outage)));
     // Each with the crypto inline, handed out one job at a time, and in batches.
     for (name, recs) in keyed {
         for (mode, how) in [(0u8, "inline"), (1, "jobs"), (3, "batches")] {
