@@ -877,10 +877,10 @@ impl EventLoop {
                 self.core().relay_state(now, id, true);
             }
             RelayEvent::Down { id, error } => {
-                let was_up = self.relay_state.get_mut(&id).is_some_and(|st| {
-                    st.error = Some(error);
-                    st.transport.take().is_some()
-                });
+                // Kept even for a relay never reached: status shows why.
+                let st = self.relay_state.entry(id).or_default();
+                st.error = Some(error);
+                let was_up = st.transport.take().is_some();
                 if was_up {
                     self.core().relay_state(now, id, false);
                 }
@@ -891,7 +891,7 @@ impl EventLoop {
     }
 
     /// The core chose a new home relay (it tells the coordinator: [`Event::ReportNetInfo`]).
-    fn home_relay_changed(&mut self, home: Option<RelayId>) {
+    fn home_relay_changed(&self, home: Option<RelayId>) {
         match home {
             Some(r) => info!(relay = %self.core().relay_name(r), "home relay"),
             None => warn!("no relay is reachable"),
