@@ -1837,22 +1837,40 @@ fn app_grants_tell_the_destination_what_a_peer_may_do_and_admit_no_packet() {
     assert!(net.received(1).is_empty(), "an app grant admits no packet");
 }
 
+/// Node 0, given `map` (its own node and the first sequence number filled in).
+pub(super) fn node_zero(now: Instant, map: MapResponse) -> NodeState {
+    let mut a = NodeState::new(config(0, 0), [0; 32], now);
+    a.handle_netmap(
+        now,
+        MapResponse {
+            seq: 1,
+            node: Some(node(0, vec![])),
+            ..map
+        },
+    );
+    a
+}
+
+/// Relay `id` of a test netmap (no way to reach it: the tests say when it is connected).
+fn relay(id: u32) -> RelayInfo {
+    RelayInfo {
+        id: RelayId(id),
+        name: format!("r{id}"),
+        key: wire::RelayKey::from_bytes([id as u8; 32]),
+        quic: None,
+        cert_sha256: None,
+        websocket: None,
+        stun: Vec::new(),
+    }
+}
+
 /// The core chooses the home relay: the first connected, a faster one by a fifth, the best
 /// left when it goes down or leaves the relay list; each change is an event for the shell,
 /// and peers without a relay of their own are reached through it.
 #[test]
 fn the_home_relay_follows_connections_round_trips_and_the_relay_list() {
-    use wire::{RelayId, RelayInfo, RelayKey};
+    use wire::{RelayId, RelayInfo};
     let now = crate::test_epoch();
-    let relay = |id: u32| RelayInfo {
-        id: RelayId(id),
-        name: format!("r{id}"),
-        key: RelayKey::from_bytes([id as u8; 32]),
-        quic: None,
-        cert_sha256: None,
-        websocket: None,
-        stun: Vec::new(),
-    };
     let map = |seq: u64, relays: Vec<RelayInfo>| MapResponse {
         seq,
         node: Some(node(0, vec![])),
@@ -1902,24 +1920,12 @@ fn the_home_relay_follows_connections_round_trips_and_the_relay_list() {
 /// mapping) is reported once per change, and again after the shell could not deliver it.
 #[test]
 fn the_coordinator_is_told_the_home_relay_and_nat_once_per_change() {
-    use wire::{NatInfo, RelayId, RelayInfo, RelayKey};
+    use wire::{NatInfo, RelayId};
     let now = crate::test_epoch();
-    let mut a = NodeState::new(config(0, 0), [0; 32], now);
-    a.handle_netmap(
+    let mut a = node_zero(
         now,
         MapResponse {
-            seq: 1,
-            node: Some(node(0, vec![])),
-            peers: Some(vec![]),
-            relays: Some(vec![RelayInfo {
-                id: RelayId(1),
-                name: "r1".into(),
-                key: RelayKey::from_bytes([1; 32]),
-                quic: None,
-                cert_sha256: None,
-                websocket: None,
-                stun: Vec::new(),
-            }]),
+            relays: Some(vec![relay(1)]),
             ..Default::default()
         },
     );

@@ -146,12 +146,9 @@ fn wg_init(from: usize, to: usize, seed: u64) -> Packet {
 #[test]
 fn wireguard_handshake_budgets_reset_without_tunnels_and_are_per_relayed_peer() {
     let now = crate::test_epoch();
-    let mut a = NodeState::new(config(0, 0), [0; 32], now);
-    a.handle_netmap(
+    let mut a = node_zero(
         now,
         MapResponse {
-            seq: 1,
-            node: Some(node(0, vec![])),
             peers: Some(vec![node(1, vec![]), node(2, vec![])]),
             packet_filter: Some(allow_all(0)),
             ..Default::default()
