@@ -132,7 +132,11 @@ enum Input {
 /// `n` packets from the hub's TUN device to peer `i`.
 fn outbound(i: usize, n: usize) -> Input {
     let p = udp(overlay(0), overlay(i), &PAYLOAD);
-    Input::Out((0..n).map(|_| Packet::copy_from(&p[..])).collect())
+    Input::Out(
+        (0..n)
+            .map(|_| Packet::from_bytes(node_proto::wg::session::with_seal_room(&p)))
+            .collect(),
+    )
 }
 
 /// `n` datagrams peer `i` (`peer`) sealed for the hub, the last first.

@@ -61,9 +61,11 @@ pub(crate) struct SealSlot {
 }
 
 impl SealSlot {
-    /// Seals `packet` with this slot's counter.
-    pub(crate) fn seal(&self, packet: &[u8]) -> Option<WgKind> {
-        kind(self.session.seal(self.counter, packet, self.mtu))
+    /// Seals `packet` with this slot's counter, in its own buffer when it has the room
+    /// ([`wg::session::SEAL_ROOM`]), else in a new one.
+    pub(crate) fn seal_owned(&self, mut packet: Packet) -> Option<WgKind> {
+        let bytes = std::mem::take(packet.buf_mut());
+        kind(self.session.seal_in_place(self.counter, bytes, self.mtu))
     }
 }
 

@@ -632,9 +632,13 @@ impl Worker {
         Ok(())
     }
 
-    /// Keeps the packets of one TUN read for [`Worker::handle_tun`].
+    /// Keeps the packets of one TUN read for [`Worker::handle_tun`], each in a buffer with room
+    /// to be sealed where it lies ([`node_proto::wg::session::SEAL_ROOM`]).
     fn take_tun(&mut self, bufs: &ReadBufs, n: usize) {
-        self.from_tun.extend(bufs.packets(n).map(Packet::copy_from));
+        self.from_tun.extend(
+            bufs.packets(n)
+                .map(|p| Packet::from_bytes(node_proto::wg::session::with_seal_room(p))),
+        );
     }
 
     /// Hands the packets read from the TUN device to the core, in one batch.

@@ -417,7 +417,9 @@ impl CryptoJob {
         let at = self.at;
         let work = std::mem::replace(&mut self.work, Work::Refused(Refusal::Malformed));
         self.work = match work {
-            Work::SealWith { packet, slot } => Work::Finished(Done::Sealed(slot.seal(&packet))),
+            Work::SealWith { packet, slot } => {
+                Work::Finished(Done::Sealed(slot.seal_owned(packet)))
+            }
             Work::OpenWith {
                 from,
                 message,

@@ -18,6 +18,18 @@ use super::crypto::{AeadKey, TAG_LEN};
 use super::message::{self, DATA, DATA_HEADER_LEN, DATA_MIN_LEN};
 use super::{REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME};
 
+/// The room a packet's buffer needs after the packet for [`Session::seal_in_place`]: the
+/// header, at most 15 bytes of padding, and the tag.
+pub const SEAL_ROOM: usize = DATA_HEADER_LEN + 15 + TAG_LEN;
+
+/// A copy of `packet` in a buffer with [`SEAL_ROOM`] after it, for
+/// [`Session::seal_in_place`] (what a node reads from its TUN device goes in one).
+pub fn with_seal_room(packet: &[u8]) -> BytesMut {
+    let mut b = BytesMut::with_capacity(packet.len() + SEAL_ROOM);
+    b.extend_from_slice(packet);
+    b
+}
+
 /// Bits in the replay window's ring (as the Linux kernel and wireguard-go keep).
 const RING_BITS: u64 = 8192;
 const WORDS: u64 = RING_BITS / 64;
@@ -185,6 +197,28 @@ impl Session {
         let tag = self.send.seal(counter, &[], &mut out[DATA_HEADER_LEN..end]);
         out[end..].copy_from_slice(&tag);
         out
+    }
+
+    /// [`Session::seal`] in `packet`'s own buffer when it has room after the packet for the
+    /// header, the padding and the tag ([`SEAL_ROOM`] bytes): the packet moves up by the
+    /// header's length and is sealed where it lies, so no new buffer is allocated or filled.
+    /// Without the room, as [`Session::seal`].
+    pub fn seal_in_place(&self, counter: u64, mut packet: BytesMut, mtu: usize) -> BytesMut {
+        let n = packet.len();
+        let padded = n.next_multiple_of(16).min(mtu.max(n));
+        if packet.capacity() < DATA_HEADER_LEN + padded + TAG_LEN {
+            return self.seal(counter, &packet, mtu);
+        }
+        packet.resize(DATA_HEADER_LEN + padded, 0);
+        packet.copy_within(0..n, DATA_HEADER_LEN);
+        packet[DATA_HEADER_LEN + n..].fill(0);
+        packet[..4].copy_from_slice(&[DATA, 0, 0, 0]);
+        packet[message::data::RECEIVER..message::data::COUNTER]
+            .copy_from_slice(&self.remote_index.to_le_bytes());
+        packet[message::data::COUNTER..DATA_HEADER_LEN].copy_from_slice(&counter.to_le_bytes());
+        let tag = self.send.seal(counter, &[], &mut packet[DATA_HEADER_LEN..]);
+        packet.extend_from_slice(&tag);
+        packet
     }
 
     /// Opens the data message `msg` in place (it must be addressed to this session): the

@@ -412,6 +412,30 @@ fn data_sent_during_a_handshake_keeps_it_going_and_goes_with_the_session() {
     );
 }
 
+/// A packet sealed in its own buffer (with room after it) makes the message a new buffer
+/// would, where the packet lay; without the room it is sealed into a new one; gotatun opens
+/// it. Sizes around the padding's steps and up to the MTU.
+#[test]
+fn sealing_in_the_packets_own_buffer_makes_the_same_message() {
+    use super::session::{SEAL_ROOM, with_seal_room};
+    let t0 = crate::test_epoch();
+    let (mut a, mut b, _) = established([3; 32], t0);
+    for n in [0usize, 1, 11, 12, 13, 100, 1380, 1399, 1400] {
+        let p = ip(n, 7);
+        let (s, c) = a.reserve(t0, p.len()).expect("a session");
+        let copied = s.seal(c, &p, MTU);
+        let room = with_seal_room(&p);
+        let at = room.as_ptr();
+        let sealed = s.seal_in_place(c, room, MTU);
+        assert_eq!(sealed, copied, "{n}");
+        assert_eq!(sealed.as_ptr(), at, "sealed where it lay ({n})");
+        let tight = BytesMut::from(&p[..]);
+        assert!(tight.capacity() < p.len() + SEAL_ROOM, "{n}");
+        assert_eq!(s.seal_in_place(c, tight, MTU), copied, "{n}");
+        assert_eq!(delivered(feed(&mut b, &sealed)), p, "{n}");
+    }
+}
+
 #[test]
 fn the_newest_queued_packets_are_kept() {
     let t0 = crate::test_epoch();
