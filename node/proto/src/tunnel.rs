@@ -171,7 +171,7 @@ impl Tunnel {
     pub(crate) fn initiate_unless_recent(&self, now: Instant) -> Option<WgKind> {
         let inner = &mut *self.inner.lock();
         let wall = inner.wall_at(now);
-        inner.peer.initiate(now, wall, false).and_then(kind)
+        inner.peer.initiate_if_idle(now, wall).and_then(kind)
     }
 
     /// Packets that waited for a session, now encrypted (or a keepalive that confirms a new

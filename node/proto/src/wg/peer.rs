@@ -314,6 +314,17 @@ impl Peer {
         self.initiation(now, wall, force)
     }
 
+    /// Starts a handshake unless one is in flight or one was sent less than Rekey-Timeout ago,
+    /// for a reason nothing authenticates (the peer seems to use a session we lost): unlike
+    /// [`Peer::initiate`] it leaves a handshake in flight alone, so such a reason never keeps
+    /// one going past Rekey-Attempt-Time.
+    pub fn initiate_if_idle(&mut self, now: Instant, wall: Duration) -> Option<bytes::BytesMut> {
+        if self.pending.is_some() {
+            return None;
+        }
+        self.initiation(now, wall, false)
+    }
+
     /// [`Peer::initiate`], the count of attempts left alone (a retransmission passes `force`).
     fn initiation(&mut self, now: Instant, wall: Duration, force: bool) -> Option<bytes::BytesMut> {
         if !force

@@ -410,6 +410,23 @@ fn data_sent_during_a_handshake_keeps_it_going_and_goes_with_the_session() {
             && gave_up <= Duration::from_secs(30) + REKEY_ATTEMPT_TIME + REKEY_TIMEOUT * 2,
         "{gave_up:?}"
     );
+    // A reason nothing authenticates (`initiate_if_idle`) neither replaces the handshake in
+    // flight nor keeps it going: it is given up Rekey-Attempt-Time after its first try.
+    let mut d = ours([3; 32]);
+    d.send(t1, WALL, &ip(10, 1)).expect("an initiation");
+    let mut at = t1;
+    while d.handshaking() && at - t1 < REKEY_ATTEMPT_TIME * 2 {
+        at += Duration::from_millis(250);
+        if at - t1 > Duration::from_secs(60) {
+            assert!(d.initiate_if_idle(at, WALL + (at - t1)).is_none());
+        }
+        d.update_timers(at, WALL + (at - t1));
+    }
+    let gave_up = at - t1;
+    assert!(
+        gave_up >= REKEY_ATTEMPT_TIME && gave_up <= REKEY_ATTEMPT_TIME + REKEY_TIMEOUT * 2,
+        "{gave_up:?}"
+    );
 }
 
 /// A packet sealed in its own buffer (with room after it) makes the message a new buffer
