@@ -835,28 +835,17 @@ fn a_v6_64_is_one_source_and_a_mapped_address_is_its_v4() {
     let mut checker = Checker::new(public(1), 3, [5; 32], t0);
     let mut b = theirs([3; 32]);
     let init = bytes(b.format_handshake_initiation(false).unwrap().into());
+    let mut check = |a: &str| checker.check(t0, a.parse().unwrap(), &init);
     for a in ["[2001:db8::1]:1", "[2001:db8::2]:2", "[2001:db8::ffff:1]:3"] {
-        assert!(matches!(
-            checker.check(t0, a.parse().unwrap(), &init),
-            Verdict::Pass
-        ));
+        assert!(matches!(check(a), Verdict::Pass), "{a}");
     }
-    assert!(matches!(
-        checker.check(t0, "[2001:db8::3]:1".parse().unwrap(), &init),
-        Verdict::CookieReply(_)
-    ));
-    assert!(matches!(
-        checker.check(t0, "[2001:db8:0:1::1]:1".parse().unwrap(), &init),
-        Verdict::Pass
-    ));
+    assert!(matches!(check("[2001:db8::3]:1"), Verdict::CookieReply(_)));
+    assert!(matches!(check("[2001:db8:0:1::1]:1"), Verdict::Pass));
     for a in ["192.0.2.1:1", "[::ffff:192.0.2.1]:2", "192.0.2.1:3"] {
-        assert!(matches!(
-            checker.check(t0, a.parse().unwrap(), &init),
-            Verdict::Pass
-        ));
+        assert!(matches!(check(a), Verdict::Pass), "{a}");
     }
     assert!(matches!(
-        checker.check(t0, "[::ffff:192.0.2.1]:4".parse().unwrap(), &init),
+        check("[::ffff:192.0.2.1]:4"),
         Verdict::CookieReply(_)
     ));
 }
