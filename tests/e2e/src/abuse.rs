@@ -68,11 +68,7 @@ pub fn junk_flood(
             let _ = sock.send_to(&b, to);
             sent += 1;
         }
-        // Pace to `rate`.
-        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-        if let Some(wait) = due.checked_sub(started.elapsed()) {
-            std::thread::sleep(wait);
-        }
+        pace(started, sent, rate);
     }
     Ok(sent)
 }
@@ -99,12 +95,17 @@ pub fn wg_flood(
         node_proto::wg::message::set_mac1(&mut m, target.as_bytes());
         let _ = sock.send_to(&m, to);
         sent += 1;
-        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-        if let Some(wait) = due.checked_sub(started.elapsed()) {
-            std::thread::sleep(wait);
-        }
+        pace(started, sent, rate);
     }
     Ok(sent)
+}
+
+/// Sleeps until `sent` datagrams are due at `rate` a second since `started`.
+fn pace(started: Instant, sent: u64, rate: u64) {
+    let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+    if let Some(wait) = due.checked_sub(started.elapsed()) {
+        std::thread::sleep(wait);
+    }
 }
 
 /// Floods `url`'s `/control` for `seconds`: `concurrency` workers each opening sessions with a
