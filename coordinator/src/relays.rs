@@ -133,7 +133,11 @@ pub async fn start_embedded(
         tokio::spawn(relay::stun::serve(s, Arc::clone(&stats)));
     }
     let quic_addr = endpoint.local_addr()?;
-    tokio::spawn(relay.clone().serve_quic(endpoint));
+    tokio::spawn(
+        relay
+            .clone()
+            .serve_quic(endpoint, relay::QuicLimits::default()),
+    );
     tokio::spawn(relay.clone().run_sweeper());
     let host = public_host(cfg.public_url.as_deref())
         .or_else(|| (!cfg.http_listen.ip().is_unspecified()).then(|| cfg.http_listen.ip()));

@@ -77,18 +77,37 @@ fn lock(m: &Mutex<Counts>) -> std::sync::MutexGuard<'_, Counts> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn admit(counts: &Arc<Mutex<Counts>>, ip: IpAddr, limits: &HttpLimits) -> Option<ConnSlot> {
-    let mut c = lock(counts);
-    let mine = c.per_ip.get(&ip).copied().unwrap_or(0);
-    if c.total >= limits.max_connections || mine >= limits.per_ip {
-        return None;
+/// Counts a listener's connections against its limits: at most `max` at once, `per_ip` from
+/// one address (the QUIC listener's too, see [`crate::server::QuicLimits`]).
+pub(crate) struct Admission {
+    counts: Arc<Mutex<Counts>>,
+    max: usize,
+    per_ip: usize,
+}
+
+impl Admission {
+    pub(crate) fn new(max: usize, per_ip: usize) -> Self {
+        Self {
+            counts: Arc::default(),
+            max,
+            per_ip,
+        }
     }
-    c.total += 1;
-    *c.per_ip.entry(ip).or_insert(0) += 1;
-    Some(ConnSlot(Arc::new(SlotInner {
-        counts: Arc::clone(counts),
-        ip,
-    })))
+
+    /// A slot for one more connection from `ip`, unless that would pass a limit.
+    pub(crate) fn admit(&self, ip: IpAddr) -> Option<ConnSlot> {
+        let mut c = lock(&self.counts);
+        let mine = c.per_ip.get(&ip).copied().unwrap_or(0);
+        if c.total >= self.max || mine >= self.per_ip {
+            return None;
+        }
+        c.total += 1;
+        *c.per_ip.entry(ip).or_insert(0) += 1;
+        Some(ConnSlot(Arc::new(SlotInner {
+            counts: Arc::clone(&self.counts),
+            ip,
+        })))
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown` completes.
@@ -152,7 +171,7 @@ async fn serve_inner(
     limits: HttpLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let counts = Arc::new(Mutex::new(Counts::default()));
+    let admission = Admission::new(limits.max_connections, limits.per_ip);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -167,7 +186,7 @@ async fn serve_inner(
             },
             () = &mut shutdown => return,
         };
-        let Some(slot) = admit(&counts, peer.ip(), &limits) else {
+        let Some(slot) = admission.admit(peer.ip()) else {
             debug!(%peer, "connection limit reached; closing a new connection");
             drop(stream);
             continue;

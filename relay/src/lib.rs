@@ -28,4 +28,4 @@ pub mod server;
 pub mod stun;
 pub mod tls;
 
-pub use server::{Authorizer, Relay, StatsSnapshot, TicketAuthorizer};
+pub use server::{Authorizer, QuicLimits, Relay, StatsSnapshot, TicketAuthorizer};

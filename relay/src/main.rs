@@ -187,7 +187,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         info!(%addr, "metrics at /metrics");
     }
     tokio::spawn(relay.clone().run_sweeper());
-    tokio::spawn(relay.clone().serve_quic(endpoint));
+    tokio::spawn(
+        relay
+            .clone()
+            .serve_quic(endpoint, relay::QuicLimits::default()),
+    );
     // Plain HTTP answers only /healthz; the WebSocket fallback is on TLS with the certificate
     // the QUIC transport uses (nodes pin it), on the same port.
     let healthz = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));

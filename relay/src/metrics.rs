@@ -159,6 +159,17 @@ pub fn relay(e: &mut Exposition, s: &crate::StatsSnapshot, stun: &crate::stun::S
         ],
     );
     e.by_label(
+        "lattice_relay_quic_handshakes_turned_away_total",
+        Kind::Counter,
+        "QUIC handshakes not taken, by reason: answered with a Retry while busy with others, refused over a connection limit, or not finished in time.",
+        "reason",
+        &[
+            ("retried", s.quic_retried),
+            ("refused", s.quic_refused),
+            ("timed_out", s.quic_timed_out),
+        ],
+    );
+    e.by_label(
         "lattice_relay_stun_datagrams_total",
         Kind::Counter,
         "STUN datagrams, by whether they were answered Binding requests.",

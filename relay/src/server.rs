@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,36 @@ const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 const QUEUE: usize = 2048;
 /// At most one `PeerGone` per destination per this interval.
 const PEER_GONE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Limits on the QUIC listener, which faces the internet as the WebSocket's does
+/// ([`crate::http::HttpLimits`]). A QUIC handshake costs the relay key work and a connection's
+/// state before it knows whether the client can even receive at the address it claims, so a
+/// flood of Initial packets from made-up addresses could otherwise fill its memory and CPUs
+/// (and, in a coordinator, stop the coordinator too).
+#[derive(Debug, Clone, Copy)]
+pub struct QuicLimits {
+    /// Connections open at once, handshakes included.
+    pub max_connections: usize,
+    /// Connections open at once from one address.
+    pub per_ip: usize,
+    /// Handshakes in progress past which a client that has not yet shown it receives at its
+    /// address is sent a Retry instead: a stateless packet, smaller than what it answers, that
+    /// costs no key work; the client comes back with the token it carries.
+    pub retry_above: usize,
+    /// Time for the QUIC handshake (authentication then has [`AUTH_TIMEOUT`] of its own).
+    pub handshake_timeout: Duration,
+}
+
+impl Default for QuicLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 50_000,
+            per_ip: 4_096,
+            retry_above: 64,
+            handshake_timeout: AUTH_TIMEOUT,
+        }
+    }
+}
 
 /// Decides who may use the relay.
 pub trait Authorizer: Send + Sync + 'static {
@@ -107,6 +137,9 @@ struct Stats {
     dropped_unvouched: AtomicU64,
     malformed: AtomicU64,
     kicked: AtomicU64,
+    quic_retried: AtomicU64,
+    quic_refused: AtomicU64,
+    quic_timed_out: AtomicU64,
 }
 
 /// A snapshot of the counters.
@@ -132,6 +165,12 @@ pub struct StatsSnapshot {
     pub malformed: u64,
     /// Sessions closed because their ticket expired or their node was no longer vouched for.
     pub kicked: u64,
+    /// QUIC handshakes answered with a Retry (the relay was busy with others).
+    pub quic_retried: u64,
+    /// QUIC handshakes refused: the relay, or the client's address, had its connections.
+    pub quic_refused: u64,
+    /// QUIC handshakes that did not finish in time.
+    pub quic_timed_out: u64,
 }
 
 struct Entry {
@@ -199,6 +238,9 @@ impl Relay {
             dropped_unvouched: l(&s.dropped_unvouched),
             malformed: l(&s.malformed),
             kicked: l(&s.kicked),
+            quic_retried: l(&s.quic_retried),
+            quic_refused: l(&s.quic_refused),
+            quic_timed_out: l(&s.quic_timed_out),
         }
     }
 
@@ -257,19 +299,49 @@ impl Relay {
         }
     }
 
-    /// Accepts QUIC connections on `endpoint` until it closes.
-    pub async fn serve_quic(self, endpoint: quinn::Endpoint) {
+    /// Accepts QUIC connections on `endpoint` until it closes, within `limits`.
+    pub async fn serve_quic(self, endpoint: quinn::Endpoint, limits: QuicLimits) {
+        let admission = crate::http::Admission::new(limits.max_connections, limits.per_ip);
+        let handshaking = Arc::new(AtomicUsize::new(0));
+        let stats = &self.inner.stats;
         while let Some(incoming) = endpoint.accept().await {
+            let remote = incoming.remote_address();
+            if !incoming.remote_address_validated()
+                && handshaking.load(Ordering::Relaxed) >= limits.retry_above
+            {
+                // Never fails: an address not yet validated may always be sent a Retry.
+                let _ = incoming.retry();
+                stats.quic_retried.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let Some(slot) = admission.admit(remote.ip()) else {
+                debug!(%remote, "QUIC connection limit reached; refusing a handshake");
+                incoming.refuse();
+                stats.quic_refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
             let relay = self.clone();
+            let handshake = Handshaking::enter(&handshaking);
             tokio::spawn(async move {
-                let remote = incoming.remote_address();
-                match incoming.await {
-                    Ok(conn) => {
+                let _slot = slot;
+                let conn = tokio::time::timeout(limits.handshake_timeout, incoming).await;
+                drop(handshake);
+                match conn {
+                    Ok(Ok(conn)) => {
                         if let Err(e) = relay.quic_session(conn).await {
                             debug!(%remote, error = %format!("{e:#}"), "relay QUIC session ended");
                         }
                     }
-                    Err(e) => debug!(%remote, error = %e, "QUIC handshake failed"),
+                    Ok(Err(e)) => debug!(%remote, error = %e, "QUIC handshake failed"),
+                    Err(_) => {
+                        // Dropping the handshake closes the connection.
+                        relay
+                            .inner
+                            .stats
+                            .quic_timed_out
+                            .fetch_add(1, Ordering::Relaxed);
+                        debug!(%remote, "QUIC handshake timed out");
+                    }
                 }
             });
         }
@@ -556,6 +628,22 @@ impl Relay {
         }
         reader.abort();
         let _ = tokio::time::timeout(Duration::from_millis(200), writer).await;
+    }
+}
+
+/// One QUIC handshake in progress, counted while it lives.
+struct Handshaking(Arc<AtomicUsize>);
+
+impl Handshaking {
+    fn enter(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -11,7 +11,7 @@ use hybrid::ticket::{Ticket, TicketSigner};
 use rand::{SeedableRng, rngs::StdRng};
 use relay::client::{self, Incoming, Transport};
 use relay::revocation::RevocationSet;
-use relay::{Relay, TicketAuthorizer};
+use relay::{QuicLimits, Relay, TicketAuthorizer};
 use wire::{CertPin, RelayId, RelayInfo, RelayKey, TicketKey};
 
 fn unix_now() -> i64 {
@@ -47,6 +47,7 @@ fn revoke(lab: &Lab, key: [u8; 32]) {
 
 struct Lab {
     relay: Relay,
+    endpoint: quinn::Endpoint,
     info: RelayInfo,
     signer: TicketSigner,
     revoked: Arc<RevocationSet>,
@@ -54,6 +55,10 @@ struct Lab {
 }
 
 async fn lab() -> Lab {
+    lab_with(QuicLimits::default()).await
+}
+
+async fn lab_with(limits: QuicLimits) -> Lab {
     let mut rng = StdRng::seed_from_u64(9);
     let signer = TicketSigner::from_seed([4; 32]);
     let key = StaticKeypair::generate(&mut rng);
@@ -68,7 +73,7 @@ async fn lab() -> Lab {
     let quic = endpoint.local_addr().unwrap();
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http: SocketAddr = tcp.local_addr().unwrap();
-    tokio::spawn(relay.clone().serve_quic(endpoint));
+    tokio::spawn(relay.clone().serve_quic(endpoint.clone(), limits));
     tokio::spawn(relay.clone().run_sweeper());
     let tls = Arc::new(relay::tls::server_tls(&cert, &[b"http/1.1"]).unwrap());
     tokio::spawn(relay::http::serve_mixed(
@@ -90,6 +95,7 @@ async fn lab() -> Lab {
     };
     Lab {
         relay,
+        endpoint,
         info,
         signer,
         revoked,
@@ -373,4 +379,90 @@ async fn the_websocket_runs_only_over_tls_with_the_pinned_certificate() {
     // The real one works.
     let c = client::connect(&ws, &a, &ta).await.unwrap();
     assert_eq!(c.transport(), Transport::WebSocket);
+}
+
+/// A QUIC client whose handshake never finishes, as one with a made-up source address: its
+/// packets reach the relay from a socket of their own that drops whatever the relay answers.
+async fn stalled_handshake(
+    relay: SocketAddr,
+    pin: [u8; 32],
+) -> (quinn::Endpoint, quinn::Connecting) {
+    let proxy = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let at = proxy.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = proxy.recv_from(&mut buf).await {
+            if from != relay {
+                let _ = proxy.send_to(&buf[..n], relay).await;
+            }
+        }
+    });
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    client.set_default_client_config(relay::tls::client_config(pin).unwrap());
+    let connecting = client.connect(at, relay::tls::SERVER_NAME).unwrap();
+    (client, connecting)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_quic_handshakes_that_never_finish_holds_no_state_and_nodes_still_connect() {
+    let limits = QuicLimits {
+        retry_above: 8,
+        handshake_timeout: Duration::from_secs(2),
+        ..QuicLimits::default()
+    };
+    let mut lab = lab_with(limits).await;
+    let relay_addr = lab.info.quic.unwrap();
+    let pin = lab.info.cert_sha256.unwrap().0;
+    let flood = tokio::time::Instant::now();
+    let mut stalled = Vec::new();
+    for _ in 0..64 {
+        stalled.push(stalled_handshake(relay_addr, pin).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The relay keeps state for the first few only; the rest were sent Retry packets (which
+    // their made-up addresses never see).
+    let open = lab.endpoint.open_connections();
+    assert!(open <= 8, "{open} handshakes held");
+    let s = lab.relay.stats();
+    assert!(s.quic_retried >= 56, "{s:?}");
+    // Nodes still get in over QUIC (answering their Retry) while the flood goes on.
+    let (a, mut ca) = lab.connected(lab.quic_only()).await;
+    assert_eq!(ca.transport(), Transport::Quic);
+    let (b, cb) = lab.connected(lab.quic_only()).await;
+    assert!(cb.send(&a.public(), b"through"));
+    assert_eq!(
+        next_packet(&mut ca).await,
+        Some((b.public(), b"through".to_vec()))
+    );
+    // The handshakes that never finish are let go at the 2 s deadline (QUIC's own idle
+    // timeout would keep them for 20 s), the flood still going.
+    tokio::time::sleep_until(flood + Duration::from_secs(3)).await;
+    let s = lab.relay.stats();
+    assert!(s.quic_timed_out >= 8, "{s:?}");
+    assert!(lab.relay.is_connected(&a.public()) && lab.relay.is_connected(&b.public()));
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_connections_beyond_the_per_address_limit_are_refused() {
+    let mut lab = lab_with(QuicLimits {
+        per_ip: 2,
+        ..QuicLimits::default()
+    })
+    .await;
+    let info = lab.quic_only();
+    let (_, c1) = lab.connected(info.clone()).await;
+    let (_, _c2) = lab.connected(info.clone()).await;
+    let (k, t) = lab.node();
+    let err = client::connect(&info, &k, &t)
+        .await
+        .err()
+        .expect("a third connection");
+    assert!(format!("{err:#}").contains("quic"), "{err:#}");
+    assert!(lab.relay.stats().quic_refused >= 1);
+    // A slot freed is a slot to take.
+    drop(c1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = client::connect(&info, &k, &t).await.unwrap();
+    assert_eq!(c.transport(), Transport::Quic);
 }
