@@ -19,7 +19,7 @@ use crate::magicsock;
 use crate::packet::{self, PacketInfo, Transport};
 use crate::tunnel::Tunnel;
 use crate::wg;
-use crate::wg::cookie::Verdict;
+use crate::wg::cookie::{Sender, Verdict};
 
 /// Smallest fragment offset (8-byte units) let through without a transport header: anything
 /// lower could overlap the first fragment's ports and flags (RFC 1858).
@@ -125,14 +125,17 @@ impl NodeState {
             self.crypto_job(now, job);
             return last;
         }
-        // Relayed packets have no source address: each relayed peer counts as its own source
-        // (the relay authenticated it), so one peer's handshake flood cannot put every other
-        // relayed peer under cookie load. Cookies for them go back through the relay.
-        let src = match from {
-            Addr::Udp(_, a) => a,
-            Addr::Relay(_, k) => relayed_source(&k),
+        // Relayed packets have no source address: each relayed sender counts as its own source
+        // (the relay authenticated it), so one sender's handshake flood cannot put every other
+        // relayed one under cookie load. Cookies for them go back through the relay. A peer's
+        // handshake (from an address it is known at, or relayed in its name) is counted in the
+        // peers' budget, which strangers cannot spend.
+        let (src, peer) = match from {
+            Addr::Udp(_, a) => (a, self.by_addr.get(&a).copied()),
+            Addr::Relay(_, k) => (relayed_source(&k), self.peers.contains_key(&k).then_some(k)),
         };
-        match self.cookies.check(now, src, &datagram) {
+        let sender = peer.map_or(Sender::Stranger, |k| Sender::Peer(*k.as_bytes()));
+        match self.cookies.check(now, src, sender, &datagram) {
             Verdict::Pass => {}
             Verdict::CookieReply(reply) => {
                 self.counters.wg_cookies_sent += 1;

@@ -1,23 +1,28 @@
 //! The responder's side of WireGuard's cookies (whitepaper section 5.4.7), on the caller's
 //! clock and randomness: every handshake message must carry a valid mac1 (it proves the
 //! sender knows our public key, which any peer does). Each handshake that passes costs the
-//! node key work (X25519), so what passes is bounded, per second:
+//! node key work (X25519), so what passes is bounded, per second, in two budgets: one for
+//! peers (a message from an address a peer is known at, or through a relay in a peer's name,
+//! counted per peer) and one for strangers (anyone else, counted per source: an IPv4 address,
+//! or an IPv6 /64, which one host may hold whole). Strangers cannot spend the peers' budget,
+//! so however many addresses a flood comes from, a peer's handshakes still pass. In each:
 //!
-//! - a source (an IPv4 address, or an IPv6 /64, which one host may hold whole) may send
-//!   `limit` handshakes; past that it must also carry a valid mac2, made with a cookie bound to
-//!   its address and port, and gets a cookie reply instead of an answer until it does;
-//! - past [`UNDER_LOAD`] handshakes passed in all, every source must show a cookie: a flood
-//!   from made-up addresses, which never receive their cookies, is answered with cookie
-//!   replies only (cheap), whatever the number of addresses;
-//! - a cookie lifts neither bound for good: one cookie (one address and port) passes at most
-//!   [`PER_COOKIE`] handshakes a second, and past [`MAX_PASSED`] in all the rest are dropped
-//!   ([`Verdict::Shed`]), so even a sender that receives its cookies costs the node at most
-//!   [`MAX_PASSED`] handshakes' key work a second, and the tunnels it carries keep their core.
+//! - a peer or source may send `limit` handshakes; past that it must also carry a valid mac2,
+//!   made with a cookie bound to its address and port, and gets a cookie reply instead of an
+//!   answer until it does;
+//! - past the budget's "under load" count ([`PEERS_UNDER_LOAD`], [`STRANGERS_UNDER_LOAD`])
+//!   every sender must show a cookie: a flood from made-up addresses, which never receive
+//!   their cookies, is answered with cookie replies only (cheap);
+//! - cookies lift neither bound for good: a peer or source passes at most [`PER_SOURCE`]
+//!   handshakes with cookies a second, whatever its ports, and past the budget's most
+//!   ([`PEERS_MAX`], [`STRANGERS_MAX`]) the rest are dropped ([`Verdict::Shed`]), so even
+//!   senders that receive their cookies cost the node at most both bounds' key work a second,
+//!   and the tunnels it carries keep their core.
 //!
 //! The cookie secret changes every two minutes (a cookie is good until then). The counts are
-//! bounded: past [`MAX_SOURCES`] sources (or cookies) in one second, every further one must
-//! show a cookie (or is shed), so a flood from made-up addresses costs memory only up to the
-//! bound.
+//! bounded: past [`MAX_SOURCES`] peers and sources (or cookies) in one second, every further
+//! one must show a cookie (or is shed), so a flood from made-up addresses costs memory only up
+//! to the bound.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -36,16 +41,53 @@ use super::message::{
 };
 use hybrid::ErasingRng;
 
-/// The most sources counted in one second.
+/// The most peers and sources counted in one second.
 pub const MAX_SOURCES: usize = 65_536;
-/// Handshakes passed in one second past which every source must show a cookie (about 40 ms
-/// of key work on one core).
-pub const UNDER_LOAD: u32 = 1_000;
-/// The most handshakes one cookie (one address and port) passes in one second.
-pub const PER_COOKIE: u32 = 100;
-/// The most handshakes passed in one second, cookie or not (about 160 ms of key work).
-pub const MAX_PASSED: u32 = 4_000;
+/// Peers' handshakes passed in one second past which every peer must show a cookie (about
+/// 40 ms of key work on one core).
+pub const PEERS_UNDER_LOAD: u32 = 1_000;
+/// The most peers' handshakes passed in one second, cookie or not (about 110 ms).
+pub const PEERS_MAX: u32 = 3_000;
+/// Strangers' handshakes passed in one second past which every stranger must show a cookie.
+pub const STRANGERS_UNDER_LOAD: u32 = 500;
+/// The most strangers' handshakes passed in one second, cookie or not (about 40 ms).
+pub const STRANGERS_MAX: u32 = 1_000;
+/// The most handshakes with cookies one peer, or one source, passes in one second.
+pub const PER_SOURCE: u32 = 100;
 const PERIOD: Duration = Duration::from_secs(1);
+
+/// Whom a handshake is counted against ([`Checker::check`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sender {
+    /// A peer (by its public key): the message came from an address the peer is known at, or
+    /// through a relay in its name. Counted in the peers' budget.
+    Peer([u8; 32]),
+    /// Anyone else: counted by source address, in the strangers' budget.
+    Stranger,
+}
+
+/// What a handshake is counted as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Counted {
+    Peer([u8; 32]),
+    Source(IpAddr),
+}
+
+/// A budget's bounds for one second: past `under_load` every sender needs a cookie; `max`
+/// passed in all.
+struct Budget {
+    under_load: u32,
+    max: u32,
+}
+
+const PEERS: Budget = Budget {
+    under_load: PEERS_UNDER_LOAD,
+    max: PEERS_MAX,
+};
+const STRANGERS: Budget = Budget {
+    under_load: STRANGERS_UNDER_LOAD,
+    max: STRANGERS_MAX,
+};
 
 /// What became of a message ([`Checker::check`]).
 #[derive(Debug)]
@@ -56,8 +98,8 @@ pub enum Verdict {
     CookieReply(BytesMut),
     /// No WireGuard message, or a handshake whose mac1 (or required mac2) is wrong: drop it.
     Invalid,
-    /// A handshake with a valid cookie, past its cookie's or the node's bound for this second:
-    /// drop it (its sender retries).
+    /// A handshake with a valid cookie, past its sender's or its budget's bound for this
+    /// second: drop it (its sender retries).
     Shed,
 }
 
@@ -68,12 +110,12 @@ pub struct Checker {
     rng: ErasingRng,
     secret: Zeroizing<[u8; 32]>,
     secret_born: Instant,
-    /// Handshakes seen from each source this second.
-    counts: HashMap<IpAddr, u32>,
-    /// Handshakes passed with each cookie (its address and port) this second.
-    cookied: HashMap<SocketAddr, u32>,
-    /// Handshakes passed in all this second.
-    passed: u32,
+    /// Handshakes seen from each peer and source this second.
+    counts: HashMap<Counted, u32>,
+    /// Handshakes with cookies passed for each peer and source this second.
+    cookied: HashMap<Counted, u32>,
+    /// Handshakes passed this second: peers', strangers'.
+    passed: [u32; 2],
     counted_since: Instant,
 }
 
@@ -101,13 +143,13 @@ impl Checker {
             secret_born: now,
             counts: HashMap::new(),
             cookied: HashMap::new(),
-            passed: 0,
+            passed: [0; 2],
             counted_since: now,
         }
     }
 
-    /// Checks `msg` from `src` at `now`.
-    pub fn check(&mut self, now: Instant, src: SocketAddr, msg: &[u8]) -> Verdict {
+    /// Checks `msg` from `src` at `now`, counting it against `sender`.
+    pub fn check(&mut self, now: Instant, src: SocketAddr, sender: Sender, msg: &[u8]) -> Verdict {
         let Some(kind) = message::kind(msg) else {
             return Verdict::Invalid;
         };
@@ -125,17 +167,21 @@ impl Checker {
             return Verdict::Invalid;
         }
         self.new_second(now);
-        if !self.over_limit(src.ip()) && self.passed < UNDER_LOAD {
-            self.passed += 1;
+        let (counted, pool, budget) = match sender {
+            Sender::Peer(key) => (Counted::Peer(key), 0, &PEERS),
+            Sender::Stranger => (Counted::Source(source(src.ip())), 1, &STRANGERS),
+        };
+        if !count(&mut self.counts, counted, self.limit) && self.passed[pool] < budget.under_load {
+            self.passed[pool] += 1;
             return Verdict::Pass;
         }
         let cookie = self.cookie(now, src);
         let mac2 = &msg[mac1_at + 16..mac1_at + 32];
         if mac(&cookie, &msg[..mac1_at + 16]).ct_eq(mac2).unwrap_u8() == 1 {
-            if self.passed >= MAX_PASSED || !self.cookie_allows(src) {
+            if self.passed[pool] >= budget.max || count(&mut self.cookied, counted, PER_SOURCE) {
                 return Verdict::Shed;
             }
-            self.passed += 1;
+            self.passed[pool] += 1;
             return Verdict::Pass;
         }
         let mut nonce = [0u8; 24];
@@ -159,19 +205,9 @@ impl Checker {
         if now.saturating_duration_since(self.counted_since) >= PERIOD {
             self.counts.clear();
             self.cookied.clear();
-            self.passed = 0;
+            self.passed = [0; 2];
             self.counted_since = now;
         }
-    }
-
-    /// Counts a handshake from `ip`: whether its source is over its limit this second.
-    fn over_limit(&mut self, ip: IpAddr) -> bool {
-        count(&mut self.counts, source(ip), self.limit)
-    }
-
-    /// Counts a handshake with a valid cookie from `src`: whether the cookie may pass another.
-    fn cookie_allows(&mut self, src: SocketAddr) -> bool {
-        !count(&mut self.cookied, src, PER_COOKIE)
     }
 
     /// The cookie for `src` now: `MAC(secret, address and port)`, the secret renewed every

@@ -81,6 +81,11 @@ pub fn kind(msg: &[u8]) -> Option<Kind> {
 /// of `receiver`, and clears its mac2: what anyone who knows the receiver's public key can
 /// do (a peer's, or a tester's forgeries). Whether `msg` is a handshake message.
 pub fn set_mac1(msg: &mut [u8], receiver: &[u8; 32]) -> bool {
+    set_macs(msg, receiver, None)
+}
+
+/// [`set_mac1`], and the mac2 made with `cookie` (one the receiver sent, [`open_cookie`]).
+pub fn set_macs(msg: &mut [u8], receiver: &[u8; 32], cookie: Option<&[u8; 16]>) -> bool {
     let at = match kind(msg) {
         Some(Kind::Initiation) => initiation::MAC1,
         Some(Kind::Response) => response::MAC1,
@@ -90,9 +95,23 @@ pub fn set_mac1(msg: &mut [u8], receiver: &[u8; 32]) -> bool {
         msg,
         at,
         &super::handshake::PublicKeyInfo::new(*receiver),
-        None,
+        cookie,
     );
     true
+}
+
+/// The cookie in `reply`, a cookie reply from the owner of `sender` to the handshake message
+/// whose mac1 was `mac1`; `None` if it is not one.
+pub fn open_cookie(reply: &[u8], sender: &[u8; 32], mac1: &[u8; 16]) -> Option<[u8; 16]> {
+    if kind(reply) != Some(Kind::CookieReply) {
+        return None;
+    }
+    let nonce: [u8; 24] = reply[cookie_reply::NONCE..cookie_reply::COOKIE]
+        .try_into()
+        .ok()?;
+    let sealed: [u8; 32] = reply[cookie_reply::COOKIE..].try_into().ok()?;
+    let key = super::handshake::PublicKeyInfo::new(*sender).cookie_key;
+    super::crypto::xopen(&key, &nonce, mac1, &sealed)
 }
 
 /// The little-endian `u32` at `at`.

@@ -717,7 +717,7 @@ impl PlainWindow {
 /// same address and not from another; a wrong mac1 never passes.
 #[test]
 fn our_cookie_replies_are_taken_by_gotatun_and_by_us() {
-    use super::cookie::{Checker, Verdict};
+    use super::cookie::{Checker, Sender, Verdict};
     let t0 = crate::test_epoch();
     let src: SocketAddr = "192.0.2.7:51820".parse().unwrap();
     let elsewhere: SocketAddr = "192.0.2.8:51820".parse().unwrap();
@@ -725,7 +725,7 @@ fn our_cookie_replies_are_taken_by_gotatun_and_by_us() {
     let mut checker = Checker::new(public(1), 0, [5; 32], t0);
     let mut b = theirs([3; 32]);
     let init = bytes(b.format_handshake_initiation(false).unwrap().into());
-    let Verdict::CookieReply(reply) = checker.check(t0, src, &init) else {
+    let Verdict::CookieReply(reply) = checker.check(t0, src, Sender::Stranger, &init) else {
         panic!("no cookie reply under load");
     };
     assert!(
@@ -733,16 +733,19 @@ fn our_cookie_replies_are_taken_by_gotatun_and_by_us() {
         "gotatun takes our cookie"
     );
     let again = bytes(b.format_handshake_initiation(true).unwrap().into());
-    assert!(matches!(checker.check(t0, src, &again), Verdict::Pass));
     assert!(matches!(
-        checker.check(t0, elsewhere, &again),
+        checker.check(t0, src, Sender::Stranger, &again),
+        Verdict::Pass
+    ));
+    assert!(matches!(
+        checker.check(t0, elsewhere, Sender::Stranger, &again),
         Verdict::CookieReply(_)
     ));
     // Our own initiator, to node 2's checker.
     let mut checker2 = Checker::new(public(2), 0, [6; 32], t0);
     let mut a = ours([3; 32]);
     let init = a.send(t0, WALL, &ip(10, 0)).expect("an initiation");
-    let Verdict::CookieReply(reply) = checker2.check(t0, src, &init) else {
+    let Verdict::CookieReply(reply) = checker2.check(t0, src, Sender::Stranger, &init) else {
         panic!("no cookie reply under load");
     };
     assert!(matches!(a.receive(t0, reply), Ok(Outcome::Nothing)));
@@ -752,37 +755,58 @@ fn our_cookie_replies_are_taken_by_gotatun_and_by_us() {
             WALL + Duration::from_secs(6),
         )
         .expect("a retry");
-    assert!(matches!(checker2.check(t0, src, &retry), Verdict::Pass));
+    assert!(matches!(
+        checker2.check(t0, src, Sender::Stranger, &retry),
+        Verdict::Pass
+    ));
     // gotatun answers the retry; its response's mac1 passes node 1's checker.
     let TunnResult::WriteToNetwork(resp) = feed(&mut b, &retry) else {
         panic!("gotatun did not answer");
     };
     let mut node1 = Checker::new(public(1), 100, [8; 32], t0);
-    assert!(matches!(node1.check(t0, src, &bytes(resp)), Verdict::Pass));
+    assert!(matches!(
+        node1.check(t0, src, Sender::Stranger, &bytes(resp)),
+        Verdict::Pass
+    ));
     // mac1 covers the whole message: any change is refused, whatever the load.
     let mut open = Checker::new(public(2), 100, [7; 32], t0);
     for at in [0usize, 4, 8, 50, 100, 115, 116, 131] {
         let mut bad = retry.to_vec();
         bad[at] ^= 1;
         assert!(
-            matches!(open.check(t0, src, &bad), Verdict::Invalid),
+            matches!(
+                open.check(t0, src, Sender::Stranger, &bad),
+                Verdict::Invalid
+            ),
             "byte {at}"
         );
     }
-    assert!(matches!(open.check(t0, src, &retry), Verdict::Pass));
     assert!(matches!(
-        open.check(t0, src, &[4, 0, 0, 0]),
+        open.check(t0, src, Sender::Stranger, &retry),
+        Verdict::Pass
+    ));
+    assert!(matches!(
+        open.check(t0, src, Sender::Stranger, &[4, 0, 0, 0]),
         Verdict::Invalid
     ));
     // `set_mac1` makes the mac1 anyone who knows the key can: junk with it passes mac1 (and
     // is refused later, by the handshake itself), and only for that key.
     let mut junk = vec![9u8; 148];
     junk[..4].copy_from_slice(&[1, 0, 0, 0]);
-    assert!(matches!(open.check(t0, src, &junk), Verdict::Invalid));
+    assert!(matches!(
+        open.check(t0, src, Sender::Stranger, &junk),
+        Verdict::Invalid
+    ));
     assert!(super::message::set_mac1(&mut junk, &public(2)));
-    assert!(matches!(open.check(t0, src, &junk), Verdict::Pass));
+    assert!(matches!(
+        open.check(t0, src, Sender::Stranger, &junk),
+        Verdict::Pass
+    ));
     assert!(super::message::set_mac1(&mut junk, &public(1)));
-    assert!(matches!(open.check(t0, src, &junk), Verdict::Invalid));
+    assert!(matches!(
+        open.check(t0, src, Sender::Stranger, &junk),
+        Verdict::Invalid
+    ));
     assert!(!super::message::set_mac1(&mut [4u8; 32], &public(2)));
 }
 
@@ -790,7 +814,7 @@ fn our_cookie_replies_are_taken_by_gotatun_and_by_us() {
 /// cookie however few it sent.
 #[test]
 fn the_limit_is_per_source_per_second_and_the_sources_are_bounded() {
-    use super::cookie::{Checker, MAX_SOURCES, Verdict};
+    use super::cookie::{Checker, MAX_SOURCES, Sender, Verdict};
     let t0 = crate::test_epoch();
     let mut checker = Checker::new(public(1), 3, [5; 32], t0);
     let mut b = theirs([3; 32]);
@@ -798,30 +822,36 @@ fn the_limit_is_per_source_per_second_and_the_sources_are_bounded() {
     let a: SocketAddr = "192.0.2.1:1".parse().unwrap();
     let other: SocketAddr = "192.0.2.2:1".parse().unwrap();
     for _ in 0..3 {
-        assert!(matches!(checker.check(t0, a, &init), Verdict::Pass));
+        assert!(matches!(
+            checker.check(t0, a, Sender::Stranger, &init),
+            Verdict::Pass
+        ));
     }
     assert!(matches!(
-        checker.check(t0, a, &init),
+        checker.check(t0, a, Sender::Stranger, &init),
         Verdict::CookieReply(_)
     ));
-    assert!(matches!(checker.check(t0, other, &init), Verdict::Pass));
+    assert!(matches!(
+        checker.check(t0, other, Sender::Stranger, &init),
+        Verdict::Pass
+    ));
     let t1 = t0 + Duration::from_secs(1);
     assert!(
-        matches!(checker.check(t1, a, &init), Verdict::Pass),
+        matches!(checker.check(t1, a, Sender::Stranger, &init), Verdict::Pass),
         "a new second"
     );
     for i in 0..MAX_SOURCES as u32 {
         // Each in a /64 of its own.
         let ip = std::net::Ipv6Addr::from((u128::from(i) + 1) << 64);
-        let _ = checker.check(t1, SocketAddr::from((ip, 1)), &init);
+        let _ = checker.check(t1, SocketAddr::from((ip, 1)), Sender::Stranger, &init);
     }
     let late: SocketAddr = "198.51.100.9:1".parse().unwrap();
     assert!(matches!(
-        checker.check(t1, late, &init),
+        checker.check(t1, late, Sender::Stranger, &init),
         Verdict::CookieReply(_)
     ));
     assert!(matches!(
-        checker.check(t1 + Duration::from_secs(1), late, &init),
+        checker.check(t1 + Duration::from_secs(1), late, Sender::Stranger, &init),
         Verdict::Pass
     ));
 }
@@ -830,12 +860,12 @@ fn the_limit_is_per_source_per_second_and_the_sources_are_bounded() {
 /// as its IPv4 address.
 #[test]
 fn a_v6_64_is_one_source_and_a_mapped_address_is_its_v4() {
-    use super::cookie::{Checker, Verdict};
+    use super::cookie::{Checker, Sender, Verdict};
     let t0 = crate::test_epoch();
     let mut checker = Checker::new(public(1), 3, [5; 32], t0);
     let mut b = theirs([3; 32]);
     let init = bytes(b.format_handshake_initiation(false).unwrap().into());
-    let mut check = |a: &str| checker.check(t0, a.parse().unwrap(), &init);
+    let mut check = |a: &str| checker.check(t0, a.parse().unwrap(), Sender::Stranger, &init);
     for a in ["[2001:db8::1]:1", "[2001:db8::2]:2", "[2001:db8::ffff:1]:3"] {
         assert!(matches!(check(a), Verdict::Pass), "{a}");
     }
@@ -850,21 +880,27 @@ fn a_v6_64_is_one_source_and_a_mapped_address_is_its_v4() {
     ));
 }
 
-/// What passes to key work is bounded each second, whatever the sources: past
-/// `UNDER_LOAD` in all, a flood from made-up addresses gets only cookie replies; a sender that
-/// receives its cookie passes, but one cookie at most `PER_COOKIE` times a second, and all of
-/// them together up to `MAX_PASSED`; the rest are shed. A new second starts afresh.
+/// What passes to key work is bounded each second, whatever the sources, in two budgets:
+/// strangers' and peers'. Past `STRANGERS_UNDER_LOAD`, a flood from made-up addresses gets
+/// only cookie replies; a stranger that receives its cookies passes, but one host at most
+/// `PER_SOURCE` times a second whatever its ports, and all strangers together up to
+/// `STRANGERS_MAX`; the rest are shed. None of it touches the peers' budget: a peer passes at
+/// once, and peers have bounds of their own. A new second starts afresh.
 #[test]
 fn a_node_passes_a_bounded_number_of_handshakes_a_second_cookie_or_not() {
-    use super::cookie::{Checker, MAX_PASSED, PER_COOKIE, UNDER_LOAD, Verdict};
+    use super::cookie::{
+        Checker, PEERS_MAX, PEERS_UNDER_LOAD, PER_SOURCE, STRANGERS_MAX, STRANGERS_UNDER_LOAD,
+        Sender, Verdict,
+    };
     let t0 = crate::test_epoch();
     let mut checker = Checker::new(public(1), 100, [5; 32], t0);
     let mut b = theirs([3; 32]);
     let init = bytes(b.format_handshake_initiation(false).unwrap().into());
     let spoofed = |i: u32| SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 1));
+    let stranger = Sender::Stranger;
     let (mut passed, mut cookies) = (0, 0);
-    for i in 0..UNDER_LOAD + 500 {
-        match checker.check(t0, spoofed(i), &init) {
+    for i in 0..STRANGERS_UNDER_LOAD + 500 {
+        match checker.check(t0, spoofed(i), stranger, &init) {
             Verdict::Pass => passed += 1,
             Verdict::CookieReply(_) => cookies += 1,
             other => panic!("{other:?}"),
@@ -872,47 +908,98 @@ fn a_node_passes_a_bounded_number_of_handshakes_a_second_cookie_or_not() {
     }
     assert_eq!(
         (passed, cookies),
-        (UNDER_LOAD, 500),
+        (STRANGERS_UNDER_LOAD, 500),
         "one each, from new sources"
     );
     // Under load: a sender that takes its cookie gets through.
-    let through = |checker: &mut Checker, b: &mut Tunn<StdRng>, src: SocketAddr| {
+    let through = |checker: &mut Checker, b: &mut Tunn<StdRng>, src: SocketAddr, who: Sender| {
         let first = bytes(b.format_handshake_initiation(true).unwrap().into());
-        let Verdict::CookieReply(reply) = checker.check(t0, src, &first) else {
+        let Verdict::CookieReply(reply) = checker.check(t0, src, who, &first) else {
             panic!("no cookie reply under load");
         };
         assert!(matches!(feed(b, &reply), TunnResult::Done));
         let again = bytes(b.format_handshake_initiation(true).unwrap().into());
-        checker.check(t0, src, &again)
+        checker.check(t0, src, who, &again)
     };
     let honest: SocketAddr = "198.51.100.7:51820".parse().unwrap();
     assert!(matches!(
-        through(&mut checker, &mut b, honest),
+        through(&mut checker, &mut b, honest, stranger),
         Verdict::Pass
     ));
-    // One cookie passes PER_COOKIE a second: the same message again, then shed.
+    // A source passes PER_SOURCE with cookies a second: the same message again, then shed,
+    // and so are its other ports, each with a cookie of its own.
     let again = bytes(b.format_handshake_initiation(true).unwrap().into());
-    for _ in 1..PER_COOKIE {
-        assert!(matches!(checker.check(t0, honest, &again), Verdict::Pass));
+    for _ in 1..PER_SOURCE {
+        assert!(matches!(
+            checker.check(t0, honest, stranger, &again),
+            Verdict::Pass
+        ));
     }
-    assert!(matches!(checker.check(t0, honest, &again), Verdict::Shed));
-    // Many cookies (many ports of one host, say): passed until MAX_PASSED in all, then shed.
+    assert!(matches!(
+        checker.check(t0, honest, stranger, &again),
+        Verdict::Shed
+    ));
+    let other_port: SocketAddr = "198.51.100.7:1".parse().unwrap();
+    assert!(matches!(
+        through(&mut checker, &mut b, other_port, stranger),
+        Verdict::Shed
+    ));
+    // Many hosts with cookies: passed until STRANGERS_MAX in all, then shed.
     let mut shed = 0;
-    for port in 1..=(MAX_PASSED - UNDER_LOAD - PER_COOKIE + 10) as u16 {
-        let src = SocketAddr::from(([203, 0, 113, 1], port));
-        match through(&mut checker, &mut b, src) {
+    for host in 1..=(STRANGERS_MAX - STRANGERS_UNDER_LOAD - PER_SOURCE + 10) {
+        let src = SocketAddr::from((std::net::Ipv4Addr::from(0xcb00_7100 + host), 1));
+        match through(&mut checker, &mut b, src, stranger) {
             Verdict::Pass => {}
             Verdict::Shed => shed += 1,
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(shed, 10, "past MAX_PASSED in one second");
-    let t1 = t0 + Duration::from_secs(1);
-    assert!(matches!(checker.check(t1, honest, &again), Verdict::Pass));
+    assert_eq!(shed, 10, "past STRANGERS_MAX in one second");
+    // The peers' budget is untouched: a peer passes at once, even from an address strangers
+    // used; past PEERS_UNDER_LOAD peers need cookies, and past PEERS_MAX they are shed.
+    for k in 0..PEERS_UNDER_LOAD {
+        let peer = Sender::Peer(k_bytes(k));
+        assert!(
+            matches!(checker.check(t0, honest, peer, &init), Verdict::Pass),
+            "peer {k}"
+        );
+    }
+    let late = Sender::Peer(k_bytes(PEERS_UNDER_LOAD));
     assert!(matches!(
-        checker.check(t1, spoofed(1), &init),
+        checker.check(t0, honest, late, &init),
+        Verdict::CookieReply(_)
+    ));
+    let mut shed = 0;
+    for k in 0..(PEERS_MAX - PEERS_UNDER_LOAD + 5) {
+        let src = SocketAddr::from((std::net::Ipv4Addr::from(0xc612_0000 + k), 1));
+        match through(
+            &mut checker,
+            &mut b,
+            src,
+            Sender::Peer(k_bytes(PEERS_MAX + k)),
+        ) {
+            Verdict::Pass => {}
+            Verdict::Shed => shed += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(shed, 5, "past PEERS_MAX in one second");
+    let t1 = t0 + Duration::from_secs(1);
+    assert!(matches!(
+        checker.check(t1, honest, stranger, &again),
         Verdict::Pass
     ));
+    assert!(matches!(
+        checker.check(t1, spoofed(1), stranger, &init),
+        Verdict::Pass
+    ));
+}
+
+/// A made-up peer key, different for each `k`.
+fn k_bytes(k: u32) -> [u8; 32] {
+    let mut key = [0u8; 32];
+    key[..4].copy_from_slice(&k.to_le_bytes());
+    key
 }
 
 /// Both sides start a handshake at the same moment (each has a packet to send): each answers
