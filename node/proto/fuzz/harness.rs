@@ -723,7 +723,7 @@ pub fn disco(data: &[u8]) {
 
 /// Handshake frames, reassembly and admission.
 pub fn pq_frames(data: &[u8]) {
-    use node_proto::admission::Admission;
+    use node_proto::admission::{Admission, Sender};
     use node_proto::frame::{self, Frame, Reassembly};
     let now = epoch();
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
@@ -731,11 +731,17 @@ pub fn pq_frames(data: &[u8]) {
     let mut r = Reassembly::default();
     for (sel, bytes) in records(data) {
         let from = node_proto::Addr::main(SocketAddr::from(([198, 51, 100, sel], 41641)));
+        // Every fourth address is a peer's.
+        let sender = if sel & 12 == 12 {
+            Sender::Peer(public_key(usize::from(sel % 3)))
+        } else {
+            Sender::Stranger
+        };
         match frame::decode(bytes) {
             Some(Frame::Chunk(c)) => {
-                let _ = adm.check_chunk(now, &mut rng, from, &c, sel & 1 == 1);
+                let _ = adm.check_chunk(now, &mut rng, from, sender, &c, sel & 1 == 1);
                 if let Some(msg) = r.push(now, from, &c) {
-                    let _ = adm.take_message(now, from, sel & 2 == 2);
+                    let _ = adm.take_message(now, from, sender, sel & 2 == 2);
                     let _ = node_proto::pq::message_hash(&msg);
                 }
             }

@@ -11,8 +11,11 @@
 //!    carry a `mac2` made with a cookie bound to the source address. Others get a cookie reply
 //!    and are dropped. A spoofed source never sees its cookie, so floods from forged addresses
 //!    stop here and cannot spend the budget of the address they forge.
-//! 3. Budgets per source (IP address, or peer through a relay), separate for proven
-//!    (valid `mac2` or relayed) and unproven senders, then one global budget.
+//! 3. Budgets per source, separate for proven (valid `mac2` or relayed) and unproven senders,
+//!    then a node-wide budget. There are two of those: one for peers (a message from an
+//!    address a peer is known at, or through a relay in a peer's name: counted per peer) and
+//!    one for strangers (anyone else: counted per IPv4 address, IPv6 /64, or relayed sender),
+//!    so strangers, however many addresses they hold, cannot spend what peers need.
 //! 4. After decryption the sender's key is known; the node applies a per-peer budget before
 //!    it answers (see `state::keys`).
 //!
@@ -29,7 +32,8 @@ use crate::addr::Addr;
 use crate::budget::Bucket;
 use crate::frame::{self, COOKIE_SECRET_LIFETIME, Chunk, MAC_LEN, Mac1Key, Source};
 
-/// Messages per second (and burst) the whole node decrypts.
+/// Messages per second (and burst) the whole node decrypts, in each of its two budgets
+/// (peers', strangers').
 const GLOBAL_RATE: f64 = 50.0;
 const GLOBAL_BURST: f64 = 100.0;
 /// Per source without proof of address.
@@ -44,6 +48,38 @@ const MAX_SOURCES: usize = 4096;
 struct SourceBudget {
     unproven: Bucket,
     proven: Bucket,
+}
+
+/// Whose budgets a message spends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sender {
+    /// A peer: the message came from an address it is known at, or through a relay in its
+    /// name. Counted per peer, in the peers' node-wide budget.
+    Peer(NodeKey),
+    /// Anyone else, counted per source in the strangers' node-wide budget.
+    Stranger,
+}
+
+impl Sender {
+    /// The source `from` counts as, and which node-wide budget (0: peers', 1: strangers').
+    fn source(self, from: Addr) -> (Source, usize) {
+        match (self, from) {
+            (Self::Peer(k), _) => (Source::Peer(k), 0),
+            (Self::Stranger, Addr::Udp(_, a)) => (Source::Ip(counted_ip(a.ip())), 1),
+            (Self::Stranger, Addr::Relay(_, k)) => (Source::Peer(k), 1),
+        }
+    }
+}
+
+/// The address `ip` is counted as: itself for IPv4 (an IPv4-mapped address as its IPv4
+/// address), its /64 for IPv6, which one host may hold whole.
+fn counted_ip(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(v6) & !((1u128 << 64) - 1),
+        )),
+        v4 => v4,
+    }
 }
 
 /// What to do with a handshake chunk.
@@ -75,7 +111,8 @@ pub struct Admission {
     cookie_seal: [u8; 32],
     secret: [u8; 32],
     epoch_start: Instant,
-    global: Bucket,
+    /// The node-wide budgets: peers', strangers'.
+    global: [Bucket; 2],
     sources: HashMap<Source, SourceBudget>,
 }
 
@@ -89,7 +126,10 @@ impl Admission {
             cookie_seal: frame::cookie_seal_key(me),
             secret,
             epoch_start: now,
-            global: Bucket::full(now, GLOBAL_BURST),
+            global: [
+                Bucket::full(now, GLOBAL_BURST),
+                Bucket::full(now, GLOBAL_BURST),
+            ],
             sources: HashMap::new(),
         }
     }
@@ -100,19 +140,21 @@ impl Admission {
         chunk.mac1_ok(&self.mac1)
     }
 
-    /// Whether the node is under handshake load (every source must prove its address).
-    pub fn under_load(&self, now: Instant) -> bool {
-        self.global.peek(now, GLOBAL_RATE, GLOBAL_BURST) < GLOBAL_BURST / 2.0
+    /// Whether the node-wide budget `pool` (0: peers', 1: strangers') is half spent: then
+    /// every sender it counts must prove its address.
+    fn under_load(&self, now: Instant, pool: usize) -> bool {
+        self.global[pool].peek(now, GLOBAL_RATE, GLOBAL_BURST) < GLOBAL_BURST / 2.0
     }
 
-    /// The stateless checks on one chunk of message 1 from `from`: `mac1`, then `mac2` when
-    /// the node is under load, `pressure` says so (the reassembly table is filling up), or the
-    /// source has spent its unproven budget.
+    /// The stateless checks on one chunk of message 1 from `from`, counted as `sender`:
+    /// `mac1`, then `mac2` when its node-wide budget is under load, `pressure` says so (the
+    /// reassembly table is filling up), or its source has spent its unproven budget.
     pub fn check_chunk(
         &mut self,
         now: Instant,
         rng: &mut impl Rng,
         from: Addr,
+        sender: Sender,
         chunk: &Chunk<'_>,
         pressure: bool,
     ) -> ChunkVerdict {
@@ -127,11 +169,12 @@ impl Admission {
         if self.cookie_ok(now, ip, chunk) {
             return ChunkVerdict::Accept { proven: true };
         }
-        let source_spent = match self.sources.get(&Source::Ip(ip)) {
+        let (source, pool) = sender.source(from);
+        let source_spent = match self.sources.get(&source) {
             Some(b) => b.unproven.peek(now, UNPROVEN_RATE, UNPROVEN_BURST) < 1.0,
             None => self.sources.len() >= MAX_SOURCES,
         };
-        if pressure || source_spent || self.under_load(now) {
+        if pressure || source_spent || self.under_load(now, pool) {
             // Not rate limited: a reply is a twentieth of the chunk it answers, so answering a
             // spoofed flood reflects less than the flood itself, and cheap (one MAC, one seal).
             let cookie = self.cookie(now, ip, 0);
@@ -141,10 +184,10 @@ impl Admission {
         ChunkVerdict::Accept { proven: false }
     }
 
-    /// A whole message 1 from `from` is about to be decrypted: spends its source's budget and
-    /// the node's. Returns whether it may go ahead.
-    pub fn take_message(&mut self, now: Instant, from: Addr, proven: bool) -> bool {
-        let source = Source::from(from);
+    /// A whole message 1 from `from`, counted as `sender`, is about to be decrypted: spends
+    /// its source's budget and its node-wide one. Returns whether it may go ahead.
+    pub fn take_message(&mut self, now: Instant, from: Addr, sender: Sender, proven: bool) -> bool {
+        let (source, pool) = sender.source(from);
         if !self.sources.contains_key(&source) && self.sources.len() >= MAX_SOURCES {
             self.sweep(now);
         }
@@ -160,7 +203,7 @@ impl Admission {
         } else {
             b.unproven.take(now, UNPROVEN_RATE, UNPROVEN_BURST)
         };
-        ok && self.global.take(now, GLOBAL_RATE, GLOBAL_BURST)
+        ok && self.global[pool].take(now, GLOBAL_RATE, GLOBAL_BURST)
     }
 
     /// Forgets sources whose budgets are full again (they are the same as new ones).
@@ -249,11 +292,18 @@ mod tests {
         for i in 0..10_000u32 {
             let from = udp(&format!("203.0.113.{}:{}", i % 200, 1000 + i % 5000));
             assert_eq!(
-                a.check_chunk(now, &mut rng, from, &chunk(&stranger[0].0), false),
+                a.check_chunk(
+                    now,
+                    &mut rng,
+                    from,
+                    Sender::Stranger,
+                    &chunk(&stranger[0].0),
+                    false
+                ),
                 ChunkVerdict::Drop(DropReason::BadMac)
             );
         }
-        assert!(!a.under_load(now));
+        assert!(!a.under_load(now, 1));
         assert_eq!(a.sources(), 0);
     }
 
@@ -265,29 +315,48 @@ mod tests {
         // A spoofed flood spends the global budget (each from a fresh address) until the node
         // is under load; from then on even fresh addresses must prove themselves.
         let mut i = 0u32;
-        while !a.under_load(now) {
+        while !a.under_load(now, 1) {
             i += 1;
             let from = udp(&format!("203.0.{}.{}:1", 113 + i / 250, i % 250));
             let f = frames(None, &me());
             assert_eq!(
-                a.check_chunk(now, &mut rng, from, &chunk(&f[0].0), false),
+                a.check_chunk(
+                    now,
+                    &mut rng,
+                    from,
+                    Sender::Stranger,
+                    &chunk(&f[0].0),
+                    false
+                ),
                 ChunkVerdict::Accept { proven: false }
             );
-            assert!(a.take_message(now, from, false));
+            assert!(a.take_message(now, from, Sender::Stranger, false));
         }
         assert_eq!(i, (GLOBAL_BURST / 2.0) as u32 + 1);
         let spoofed = udp("203.0.120.1:1");
         let f = frames(None, &me());
         assert!(matches!(
-            a.check_chunk(now, &mut rng, spoofed, &chunk(&f[0].0), false),
+            a.check_chunk(
+                now,
+                &mut rng,
+                spoofed,
+                Sender::Stranger,
+                &chunk(&f[0].0),
+                false
+            ),
             ChunkVerdict::Cookie(_)
         ));
         // An honest sender without a cookie gets one...
         let honest = udp("198.51.100.7:41641");
         let f = frames(None, &me());
-        let ChunkVerdict::Cookie(reply) =
-            a.check_chunk(now, &mut rng, honest, &chunk(&f[0].0), false)
-        else {
+        let ChunkVerdict::Cookie(reply) = a.check_chunk(
+            now,
+            &mut rng,
+            honest,
+            Sender::Stranger,
+            &chunk(&f[0].0),
+            false,
+        ) else {
             panic!("no cookie under load");
         };
         let Some(Frame::Cookie { sealed, index, .. }) = frame::decode(&reply) else {
@@ -300,14 +369,21 @@ mod tests {
         let with = frames(Some(&cookie), &me());
         for (fr, _) in &with {
             assert_eq!(
-                a.check_chunk(now, &mut rng, honest, &chunk(fr), false),
+                a.check_chunk(now, &mut rng, honest, Sender::Stranger, &chunk(fr), false),
                 ChunkVerdict::Accept { proven: true }
             );
         }
-        assert!(a.take_message(now, honest, true));
+        assert!(a.take_message(now, honest, Sender::Stranger, true));
         let elsewhere = udp("198.51.100.8:41641");
         assert!(matches!(
-            a.check_chunk(now, &mut rng, elsewhere, &chunk(&with[0].0), false),
+            a.check_chunk(
+                now,
+                &mut rng,
+                elsewhere,
+                Sender::Stranger,
+                &chunk(&with[0].0),
+                false
+            ),
             ChunkVerdict::Cookie(_)
         ));
         // A cookie outlives one secret rotation, not two.
@@ -326,18 +402,29 @@ mod tests {
         let f = frames(None, &me());
         let mut accepted = 0;
         for _ in 0..1000 {
-            if a.check_chunk(now, &mut rng, victim, &chunk(&f[0].0), false)
-                == (ChunkVerdict::Accept { proven: false })
-                && a.take_message(now, victim, false)
+            if a.check_chunk(
+                now,
+                &mut rng,
+                victim,
+                Sender::Stranger,
+                &chunk(&f[0].0),
+                false,
+            ) == (ChunkVerdict::Accept { proven: false })
+                && a.take_message(now, victim, Sender::Stranger, false)
             {
                 accepted += 1;
             }
         }
         assert_eq!(accepted, UNPROVEN_BURST as usize);
         // The real owner of the address proves it with a cookie and is admitted.
-        let ChunkVerdict::Cookie(reply) =
-            a.check_chunk(now, &mut rng, victim, &chunk(&f[0].0), false)
-        else {
+        let ChunkVerdict::Cookie(reply) = a.check_chunk(
+            now,
+            &mut rng,
+            victim,
+            Sender::Stranger,
+            &chunk(&f[0].0),
+            false,
+        ) else {
             panic!("the spent source is not asked for a cookie");
         };
         let Some(Frame::Cookie { sealed, .. }) = frame::decode(&reply) else {
@@ -346,10 +433,17 @@ mod tests {
         let cookie = open_cookie(&me(), &f[0].1, sealed).unwrap();
         let with = frames(Some(&cookie), &me());
         assert_eq!(
-            a.check_chunk(now, &mut rng, victim, &chunk(&with[0].0), false),
+            a.check_chunk(
+                now,
+                &mut rng,
+                victim,
+                Sender::Stranger,
+                &chunk(&with[0].0),
+                false
+            ),
             ChunkVerdict::Accept { proven: true }
         );
-        assert!(a.take_message(now, victim, true));
+        assert!(a.take_message(now, victim, Sender::Stranger, true));
     }
 
     #[test]
@@ -360,13 +454,15 @@ mod tests {
         let peer = Addr::Relay(wire::RelayId(1), NodeKey::from_bytes([3; 32]));
         let f = frames(None, &me());
         assert_eq!(
-            a.check_chunk(now, &mut rng, peer, &chunk(&f[0].0), true),
+            a.check_chunk(now, &mut rng, peer, Sender::Stranger, &chunk(&f[0].0), true),
             ChunkVerdict::Accept { proven: true }
         );
-        let taken = (0..100).filter(|_| a.take_message(now, peer, true)).count();
+        let taken = (0..100)
+            .filter(|_| a.take_message(now, peer, Sender::Stranger, true))
+            .count();
         assert_eq!(taken, PROVEN_BURST as usize);
         let other = Addr::Relay(wire::RelayId(1), NodeKey::from_bytes([4; 32]));
-        assert!(a.take_message(now, other, true));
+        assert!(a.take_message(now, other, Sender::Stranger, true));
         // Budgets refill with time and sources at full budget are forgotten.
         let later = now + Duration::from_secs(10);
         a.sweep(later);

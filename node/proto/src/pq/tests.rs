@@ -2,6 +2,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use super::*;
+use crate::admission::Sender;
 use crate::frame::{Frame, Reassembly};
 
 struct Pair {
@@ -372,7 +373,7 @@ fn a_cookie_reply_is_kept_and_makes_message_1_go_again_with_mac2() {
     assert_eq!(c.mac2, [0; MAC_LEN]);
     // The responder is under pressure and answers with a cookie.
     let crate::admission::ChunkVerdict::Cookie(reply) =
-        adm.check_chunk(p.now, &mut rng, from(), &c, true)
+        adm.check_chunk(p.now, &mut rng, from(), Sender::Stranger, &c, true)
     else {
         panic!("no cookie")
     };
@@ -401,7 +402,7 @@ fn a_cookie_reply_is_kept_and_makes_message_1_go_again_with_mac2() {
             panic!()
         };
         assert_eq!(
-            adm.check_chunk(p.now, &mut rng, from(), &c, true),
+            adm.check_chunk(p.now, &mut rng, from(), Sender::Stranger, &c, true),
             crate::admission::ChunkVerdict::Accept { proven: true }
         );
     }

@@ -130,11 +130,13 @@ impl NodeState {
         // relayed one under cookie load. Cookies for them go back through the relay. A peer's
         // handshake (from an address it is known at, or relayed in its name) is counted in the
         // peers' budget, which strangers cannot spend.
-        let (src, peer) = match from {
-            Addr::Udp(_, a) => (a, self.by_addr.get(&a).copied()),
-            Addr::Relay(_, k) => (relayed_source(&k), self.peers.contains_key(&k).then_some(k)),
+        let src = match from {
+            Addr::Udp(_, a) => a,
+            Addr::Relay(_, k) => relayed_source(&k),
         };
-        let sender = peer.map_or(Sender::Stranger, |k| Sender::Peer(*k.as_bytes()));
+        let sender = self
+            .claimed_peer(from)
+            .map_or(Sender::Stranger, |k| Sender::Peer(*k.as_bytes()));
         match self.cookies.check(now, src, sender, &datagram) {
             Verdict::Pass => {}
             Verdict::CookieReply(reply) => {
@@ -286,6 +288,16 @@ impl NodeState {
             ttl: None,
         });
         self.counters.out_sent += 1;
+    }
+
+    /// The peer a datagram from `from` is counted against before anything authenticates it:
+    /// the one known at that address, or the one a relay delivered it for (the relay
+    /// authenticated that).
+    pub(super) fn claimed_peer(&self, from: Addr) -> Option<NodeKey> {
+        match from {
+            Addr::Udp(_, a) => self.by_addr.get(&a).copied(),
+            Addr::Relay(_, k) => self.peers.contains_key(&k).then_some(k),
+        }
     }
 
     /// A data packet for a session we do not have arrived from `from`. If `from` is a known

@@ -12,7 +12,7 @@ use wire::netmap::TunnelSecurity;
 
 use super::NodeState;
 use crate::addr::Addr;
-use crate::admission::{ChunkVerdict, DropReason};
+use crate::admission::{ChunkVerdict, DropReason, Sender};
 use crate::frame::{self, Chunk, Frame, Kind};
 use crate::pq::{self, PqAction, PqError};
 use crate::tunnel::Tunnel;
@@ -62,9 +62,12 @@ impl NodeState {
 
     fn handle_init_chunk(&mut self, now: Instant, from: Addr, c: &Chunk<'_>) {
         let pressure = self.reassembly.len() >= REASSEMBLY_PRESSURE;
+        let sender = self
+            .claimed_peer(from)
+            .map_or(Sender::Stranger, Sender::Peer);
         let proven = match self
             .admission
-            .check_chunk(now, &mut self.rng, from, c, pressure)
+            .check_chunk(now, &mut self.rng, from, sender, c, pressure)
         {
             ChunkVerdict::Accept { proven } => proven,
             ChunkVerdict::Cookie(reply) => {
@@ -88,7 +91,7 @@ impl NodeState {
         let Some(msg1) = self.reassembly.push(now, from, c) else {
             return;
         };
-        if !self.admission.take_message(now, from, proven) {
+        if !self.admission.take_message(now, from, sender, proven) {
             self.counters.pq_rate_limited += 1;
             return;
         }

@@ -67,14 +67,87 @@ fn a_handshake_junk_flood_does_not_keep_a_new_tunnel_from_coming_up() {
     let flooded = net.nodes[target].status(net.now).counters;
     assert!(flooded.pq_bad_mac >= 10_000, "{flooded:?}");
     assert!(flooded.disco_invalid >= 1_000, "{flooded:?}");
-    // The honest peer's first packet still opens the tunnel (via a cookie: the node is under
-    // load) within the same second.
+    // The honest peer's first packet still opens the tunnel within the same second, without
+    // a cookie: the flood spent the strangers' budget, not the peers'.
     let p = ipv4(v4(other), v4(target), 17, &udp(1, 2, b"through the flood"));
     net.send(other, p.clone());
     assert_eq!(net.received(target), vec![p]);
     let after = net.nodes[target].status(net.now);
     assert!(after.peers[0].pq, "post-quantum tunnel up");
-    assert!(after.counters.pq_cookies_sent > flooded.pq_cookies_sent);
+    assert_eq!(after.counters.pq_cookies_sent, flooded.pq_cookies_sent);
+}
+
+/// A host that holds an IPv6 /64 (as one host may) sends post-quantum message 1s with a right
+/// mac1 from 50 of its addresses, ten a second from each, taking the cookies it is sent.
+/// Were each address its own source, and all drawing on one node-wide budget, it would spend
+/// that budget every moment and no peer's key exchange would get through (as this test saw,
+/// run that way). Its /64 is one stranger's source, which costs the node that one source's
+/// key work, and the peers' budget is apart, so a peer's first packet opens the tunnel at
+/// once while the flood goes on.
+#[test]
+fn a_host_with_many_addresses_cannot_take_the_key_exchanges_peers_need() {
+    let mut net = Net::new(2);
+    let target = responder_of(&net);
+    let other = 1 - target;
+    let mut rng = StdRng::seed_from_u64(11);
+    let mac1 = Mac1Key::new(&public_key(target));
+    let addr = |i: u16| SocketAddr::from(([0x2001, 0xdb8, 1, 2, 0, 0, 0, i + 1], 41641));
+    let mut cookies: Vec<Option<[u8; 16]>> = vec![None; 50];
+    let mut session = 0u32;
+    let mut flood = |net: &mut Net, rng: &mut StdRng| {
+        for (i, cookie) in cookies.iter_mut().enumerate() {
+            let from = addr(i as u16);
+            let junk: Vec<u8> = (0..1300).map(|_| rng.random()).collect();
+            session += 1;
+            let frames = crate::frame::Message::new(Kind::PqInit, session, &junk)
+                .frames(&mac1, cookie.as_ref());
+            for (f, chunk_mac1) in frames {
+                net.nodes[target].handle_datagram(
+                    net.now,
+                    SockId::Main,
+                    from,
+                    Packet::copy_from(&f[..]),
+                );
+                while let Some(t) = net.nodes[target].poll_transmit() {
+                    if let Some(crate::frame::Frame::Cookie { sealed, .. }) =
+                        crate::frame::decode(&t.payload)
+                        && let Some(c) =
+                            crate::admission::open_cookie(&public_key(target), &chunk_mac1, sealed)
+                    {
+                        *cookie = Some(c);
+                    }
+                }
+            }
+        }
+        cookies.iter().filter(|c| c.is_some()).count()
+    };
+    // Ten rounds a second for three seconds before the peer starts, and on.
+    // Each round comes first in its tenth of a second, before anything the nodes' timers
+    // send (as a flood spread over time takes each token as it accrues).
+    let mut held = 0;
+    for _ in 0..30 {
+        net.now += Duration::from_millis(100);
+        held = flood(&mut net, &mut rng);
+        net.tick(Duration::ZERO);
+    }
+    assert_eq!(held, 50, "the host took its cookies");
+    // Its key work: at most its one source's proven budget (20 a second, a burst of 40) and
+    // unproven one (5, a burst of 10) over the 3 s, not the strangers' node-wide budget.
+    let worked = net.nodes[target].status(net.now).counters.pq_rejected;
+    assert!(worked <= 40 + 10 + 3 * 25, "{worked} decrypted");
+    let p = ipv4(v4(other), v4(target), 17, &udp(1, 2, b"through the flood"));
+    net.nodes[other].handle_tun_packet(net.now, Packet::copy_from(&p[..]));
+    let mut got = Vec::new();
+    for _ in 0..30 {
+        net.now += Duration::from_millis(100);
+        flood(&mut net, &mut rng);
+        net.tick(Duration::ZERO);
+        got.extend(net.received(target));
+        if !got.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(got, vec![p], "the peer's packet arrived");
 }
 
 #[test]
