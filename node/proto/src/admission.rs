@@ -65,20 +65,8 @@ impl Sender {
     fn source(self, from: Addr) -> (Source, usize) {
         match (self, from) {
             (Self::Peer(k), _) => (Source::Peer(k), 0),
-            (Self::Stranger, Addr::Udp(_, a)) => (Source::Ip(counted_ip(a.ip())), 1),
-            (Self::Stranger, Addr::Relay(_, k)) => (Source::Peer(k), 1),
+            (Self::Stranger, from) => (Source::from(from), 1),
         }
-    }
-}
-
-/// The address `ip` is counted as: itself for IPv4 (an IPv4-mapped address as its IPv4
-/// address), its /64 for IPv6, which one host may hold whole.
-fn counted_ip(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(
-            u128::from(v6) & !((1u128 << 64) - 1),
-        )),
-        v4 => v4,
     }
 }
 

@@ -273,7 +273,8 @@ pub fn encode_cookie(session: u32, index: u8, sealed: &[u8]) -> Vec<u8> {
 }
 
 /// Who a datagram counts against: an IP address (UDP ports are free to vary, and a sender
-/// can pick any) or a peer through a relay (the relay authenticated it).
+/// can pick any; an IPv6 address's /64, [`crate::addr::counted_ip`]) or a peer through a
+/// relay (the relay authenticated it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Source {
     /// A UDP source address.
@@ -285,7 +286,7 @@ pub enum Source {
 impl From<Addr> for Source {
     fn from(a: Addr) -> Self {
         match a {
-            Addr::Udp(_, s) => Self::Ip(s.ip()),
+            Addr::Udp(_, s) => Self::Ip(crate::addr::counted_ip(s.ip())),
             Addr::Relay(_, k) => Self::Peer(k),
         }
     }
@@ -513,18 +514,27 @@ mod tests {
         let frames = half(42);
         let cs = chunks(&frames);
         assert!(r.push(now, honest, &cs[0]).is_none());
-        // One source with many ports, and a crowd of 30 sources, each sending thousands of
-        // first halves.
-        for s in 0..5000u32 {
+        // One source with many ports, a crowd of 30 sources, and one host with many addresses
+        // of its IPv6 /64 (one source), each sending thousands of first halves.
+        for s in 0..6000u32 {
             let port = 1024 + (s % 60000) as u16;
-            let flooder = if s % 2 == 0 {
-                Addr::main(format!("203.0.113.9:{port}").parse().unwrap())
-            } else {
-                Addr::main(format!("203.0.113.{}:1", 100 + s % 30).parse().unwrap())
+            let flooder = match s % 3 {
+                0 => Addr::main(format!("203.0.113.9:{port}").parse().unwrap()),
+                1 => Addr::main(format!("203.0.113.{}:1", 100 + s % 30).parse().unwrap()),
+                _ => Addr::main(format!("[2001:db8:1:2::{s:x}]:1").parse().unwrap()),
             };
             r.push(now, flooder, &chunks(&half(s + 100))[0]);
         }
         assert!(r.len() <= MAX_PARTIAL);
+        let from_the_64 = r
+            .partial
+            .keys()
+            .filter(|k| {
+                k.0.udp()
+                    .is_some_and(|a| a.ip().to_string().starts_with("2001:db8:1:2:"))
+            })
+            .count();
+        assert!(from_the_64 <= MAX_PARTIAL_PER_SOURCE, "{from_the_64} held");
         // The honest second half still completes the honest message.
         assert_eq!(r.push(now, honest, &cs[1]), Some(vec![0x55; 1500]));
     }

@@ -39,6 +39,7 @@ use super::handshake::PublicKeyInfo;
 use super::message::{
     self, COOKIE_REPLY, COOKIE_REPLY_LEN, Kind, cookie_reply, initiation, response,
 };
+use crate::addr::counted_ip;
 use hybrid::ErasingRng;
 
 /// The most peers and sources counted in one second.
@@ -169,7 +170,7 @@ impl Checker {
         self.new_second(now);
         let (counted, pool, budget) = match sender {
             Sender::Peer(key) => (Counted::Peer(key), 0, &PEERS),
-            Sender::Stranger => (Counted::Source(source(src.ip())), 1, &STRANGERS),
+            Sender::Stranger => (Counted::Source(counted_ip(src.ip())), 1, &STRANGERS),
         };
         if !count(&mut self.counts, counted, self.limit) && self.passed[pool] < budget.under_load {
             self.passed[pool] += 1;
@@ -248,16 +249,5 @@ fn count<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, u32>, key: K, limit: u
             counts.insert(key, 1);
             1 > limit
         }
-    }
-}
-
-/// The source `ip` is counted as: the address itself for IPv4 (an IPv4-mapped IPv6 address
-/// as its IPv4 address), its /64 for IPv6, which one host may hold whole.
-fn source(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(
-            u128::from(v6) & !((1u128 << 64) - 1),
-        )),
-        v4 => v4,
     }
 }
