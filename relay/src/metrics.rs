@@ -155,6 +155,7 @@ pub fn relay(e: &mut Exposition, s: &crate::StatsSnapshot, stun: &crate::stun::S
             ("no_peer", s.dropped_no_peer),
             ("queue_full", s.dropped_queue_full),
             ("unvouched", s.dropped_unvouched),
+            ("before_auth", s.dropped_before_auth),
             ("malformed", s.malformed),
         ],
     );

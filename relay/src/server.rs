@@ -135,6 +135,7 @@ struct Stats {
     dropped_no_peer: AtomicU64,
     dropped_queue_full: AtomicU64,
     dropped_unvouched: AtomicU64,
+    dropped_before_auth: AtomicU64,
     malformed: AtomicU64,
     kicked: AtomicU64,
     quic_retried: AtomicU64,
@@ -161,6 +162,8 @@ pub struct StatsSnapshot {
     pub dropped_queue_full: u64,
     /// Frames from a session that was no longer vouched for.
     pub dropped_unvouched: u64,
+    /// Datagrams a QUIC client sent before it authenticated.
+    pub dropped_before_auth: u64,
     /// Frames that did not decode.
     pub malformed: u64,
     /// Sessions closed because their ticket expired or their node was no longer vouched for.
@@ -236,6 +239,7 @@ impl Relay {
             dropped_no_peer: l(&s.dropped_no_peer),
             dropped_queue_full: l(&s.dropped_queue_full),
             dropped_unvouched: l(&s.dropped_unvouched),
+            dropped_before_auth: l(&s.dropped_before_auth),
             malformed: l(&s.malformed),
             kicked: l(&s.kicked),
             quic_retried: l(&s.quic_retried),
@@ -404,7 +408,21 @@ impl Relay {
             .into(),
         )
         .await?;
-        let first = tokio::time::timeout(AUTH_TIMEOUT, incoming.recv())
+        // Until the node authenticates, its datagrams are read and dropped: nothing it sends
+        // before then is kept but its first frame (QUIC would otherwise hold megabytes of them
+        // per connection for the whole wait).
+        let before_auth = async {
+            loop {
+                tokio::select! {
+                    f = incoming.recv() => return f,
+                    d = read_datagram(quic.as_ref()) => {
+                        d?;
+                        self.inner.stats.dropped_before_auth.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        };
+        let first = tokio::time::timeout(AUTH_TIMEOUT, before_auth)
             .await
             .map_err(|_| anyhow::anyhow!("no authentication"))?
             .ok_or_else(|| anyhow::anyhow!("closed before authenticating"))?;
@@ -422,14 +440,17 @@ impl Relay {
         };
         let mac = proto::server_mac(&self.inner.key, &key, &nonce)
             .ok_or_else(|| anyhow::anyhow!("unusable node key"))?;
-        out.send(proto::encode(&Frame::Accepted { mac }).into())
-            .await?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let alive = Arc::new(AtomicBool::new(true));
         let datagrams = quic.clone();
         let (close_tx, mut close_rx) = watch::channel(false);
         {
             let mut clients = self.write();
+            // Queued under the lock that registers the node: every frame forwarded to it
+            // follows its Accepted, and nothing sent to it once it has read that answer finds
+            // it missing. (Only the Challenge was queued before: there is room.)
+            out.try_send(proto::encode(&Frame::Accepted { mac }).into())
+                .map_err(|_| anyhow::anyhow!("closed while authenticating"))?;
             if let Some(old) = clients.insert(
                 key,
                 Entry {

@@ -135,6 +135,18 @@ impl Lab {
     }
 }
 
+/// The relay's counters once it has counted `forwarded` frames (it counts each just after
+/// forwarding it, so a test that has received them may look first), or after 2 s.
+async fn counted(relay: &Relay, forwarded: u64) -> relay::StatsSnapshot {
+    let wait = async {
+        while relay.stats().forwarded < forwarded {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), wait).await;
+    relay.stats()
+}
+
 async fn next_packet(c: &mut client::RelayConn) -> Option<([u8; 32], Vec<u8>)> {
     loop {
         match tokio::time::timeout(Duration::from_secs(3), c.recv()).await {
@@ -192,7 +204,7 @@ async fn quic_and_websocket_nodes_exchange_packets_through_the_relay() {
     .await
     .unwrap();
     assert_eq!(gone, [7; 32]);
-    let s = lab.relay.stats();
+    let s = counted(&lab.relay, 502).await;
     assert_eq!(s.sessions, 2);
     assert!(s.forwarded >= 502, "{s:?}");
 }
@@ -224,7 +236,7 @@ async fn quic_nodes_get_packets_of_every_size_datagrams_or_not() {
     }
     got.sort_by_key(|p| p[0]);
     assert_eq!(got, sent);
-    let s = lab.relay.stats();
+    let s = counted(&lab.relay, sent.len() as u64).await;
     assert_eq!(s.forwarded, sent.len() as u64, "{s:?}");
     assert_eq!(s.dropped_queue_full, 0, "{s:?}");
 }
@@ -262,7 +274,7 @@ async fn websocket_nodes_exchange_bursts_complete_and_in_order() {
             Some((a.public(), b"lone".to_vec()))
         );
     }
-    let s = lab.relay.stats();
+    let s = counted(&lab.relay, 3 * 601).await;
     assert_eq!(s.forwarded, 3 * 601, "{s:?}");
     assert_eq!(s.dropped_queue_full, 0, "{s:?}");
 }
@@ -465,4 +477,48 @@ async fn quic_connections_beyond_the_per_address_limit_are_refused() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let c = client::connect(&info, &k, &t).await.unwrap();
     assert_eq!(c.transport(), Transport::Quic);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_sent_before_authenticating_are_dropped_not_kept() {
+    let mut lab = lab().await;
+    let info = lab.quic_only();
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    client
+        .set_default_client_config(relay::tls::client_config(info.cert_sha256.unwrap().0).unwrap());
+    let conn = client
+        .connect(info.quic.unwrap(), relay::tls::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    // The relay's challenge arrives; the client never answers it and sends datagrams instead.
+    let (_send, mut recv) = conn.accept_bi().await.unwrap();
+    let mut len = [0u8; 2];
+    recv.read_exact(&mut len).await.unwrap();
+    for i in 0..500u32 {
+        let mut d = vec![0u8; 1000];
+        d[..4].copy_from_slice(&i.to_be_bytes());
+        conn.send_datagram(d.into()).unwrap();
+        if i % 50 == 49 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let read = async {
+        while lab.relay.stats().dropped_before_auth < 400 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .unwrap_or_else(|_| panic!("datagrams left unread: {:?}", lab.relay.stats()));
+    assert_eq!(lab.relay.stats().sessions, 0);
+    assert_eq!(lab.relay.stats().forwarded, 0);
+    // A node that authenticates afterwards is served as usual.
+    let (a, mut ca) = lab.connected(info.clone()).await;
+    let (b, cb) = lab.connected(info).await;
+    assert!(cb.send(&a.public(), b"after"));
+    assert_eq!(
+        next_packet(&mut ca).await,
+        Some((b.public(), b"after".to_vec()))
+    );
 }
