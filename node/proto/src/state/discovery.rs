@@ -174,9 +174,6 @@ impl NodeState {
                     nat: self.nat.as_ref(),
                     endpoints_pending,
                 };
-                for e in &endpoints {
-                    self.by_addr.insert(*e, sender);
-                }
                 let actions = peer.path.on_call_me_maybe(
                     now,
                     &mut self.rng,
@@ -186,6 +183,9 @@ impl NodeState {
                     public_ip,
                     flags & FLAG_REPLY != 0,
                 );
+                for e in &endpoints {
+                    self.claim_addr(*e, sender);
+                }
                 self.apply_path(now, sender, actions);
             }
             Message::PqNudge { time } => self.handle_pq_nudge(now, sender, time),

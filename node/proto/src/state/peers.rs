@@ -125,8 +125,27 @@ impl NodeState {
                 Arc::make_mut(&mut self.routes).by_ip.insert(*a, key);
             }
         }
-        for e in &peer.node.endpoints {
-            self.by_addr.insert(*e, key);
+        let endpoints = peer.node.endpoints.clone();
+        for e in endpoints {
+            self.claim_addr(e, key);
+        }
+    }
+
+    /// Notes that peer `key` says it may be reached at `a` (its netmap entry, its
+    /// call-me-maybe). A claim, which nothing checks, so it does not take an address another
+    /// peer is known at: only an authenticated packet from there does
+    /// ([`NodeState::learn_path`]). Otherwise a peer could list another's address and have
+    /// that peer's handshakes counted against its own budget, which it can spend.
+    pub(super) fn claim_addr(&mut self, a: std::net::SocketAddr, key: wire::NodeKey) {
+        match self.by_addr.entry(a) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(key);
+            }
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                if !self.peers.contains_key(o.get()) {
+                    o.insert(key);
+                }
+            }
         }
     }
 

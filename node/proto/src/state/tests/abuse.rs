@@ -505,3 +505,39 @@ fn a_host_with_cookies_for_many_ports_cannot_shed_a_peers_handshakes() {
         assert_eq!(net.received(0), vec![p], "second {s}");
     }
 }
+
+/// A peer that lists another's address among its own endpoints (a claim nothing checks)
+/// does not take it: the address stays the peer's that an authenticated packet came from, so
+/// that peer's handshakes are not counted against the liar's budget (which the liar can
+/// spend). An address no peer holds is taken by the first claim.
+#[test]
+fn a_peer_listing_another_peers_address_does_not_take_it() {
+    let mut net = Net::new(3);
+    let p = ipv4(v4(1), v4(0), 17, &udp(1, 2, b"known"));
+    net.send(1, p.clone());
+    assert_eq!(net.received(0), vec![p]);
+    let (a1, a2) = (net.addrs[1], net.addrs[2]);
+    let elsewhere: SocketAddr = "198.51.100.20:41641".parse().unwrap();
+    net.nodes[0].handle_netmap(
+        net.now,
+        MapResponse {
+            seq: 2,
+            peers_changed: vec![node(2, vec![a2, a1, elsewhere])],
+            ..Default::default()
+        },
+    );
+    let claimed = |net: &Net, a: SocketAddr| net.nodes[0].claimed_peer(Addr::main(a));
+    assert_eq!(claimed(&net, a1), Some(public_key(1)));
+    assert_eq!(claimed(&net, a2), Some(public_key(2)));
+    assert_eq!(claimed(&net, elsewhere), Some(public_key(2)));
+    // The same through node 2's own netmap entry sent again, after node 1 was also listed.
+    net.nodes[0].handle_netmap(
+        net.now,
+        MapResponse {
+            seq: 3,
+            peers_changed: vec![node(1, vec![a1]), node(2, vec![a1, a2])],
+            ..Default::default()
+        },
+    );
+    assert_eq!(claimed(&net, a1), Some(public_key(1)));
+}
