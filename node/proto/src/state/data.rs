@@ -136,7 +136,10 @@ impl NodeState {
         };
         let sender = self
             .claimed_peer(from)
-            .map_or(Sender::Stranger, |k| Sender::Peer(*k.as_bytes()));
+            .map_or(Sender::Stranger, |k| Sender::Peer {
+                key: *k.as_bytes(),
+                relayed: matches!(from, Addr::Relay(..)),
+            });
         match self.cookies.check(now, src, sender, &datagram) {
             Verdict::Pass => {}
             Verdict::CookieReply(reply) => {

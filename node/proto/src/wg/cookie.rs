@@ -60,9 +60,16 @@ const PERIOD: Duration = Duration::from_secs(1);
 /// Whom a handshake is counted against ([`Checker::check`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sender {
-    /// A peer (by its public key): the message came from an address the peer is known at, or
-    /// through a relay in its name. Counted in the peers' budget.
-    Peer([u8; 32]),
+    /// A peer (by its public key): the message came from an address the peer is known at
+    /// (`relayed` false), or through a relay in its name. Counted in the peers' budget, per
+    /// peer and path (a peer sends its handshakes both ways at once while it looks for a
+    /// direct path).
+    Peer {
+        /// The peer's public key.
+        key: [u8; 32],
+        /// Whether it came through a relay.
+        relayed: bool,
+    },
     /// Anyone else: counted by source address, in the strangers' budget.
     Stranger,
 }
@@ -70,7 +77,7 @@ pub enum Sender {
 /// What a handshake is counted as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Counted {
-    Peer([u8; 32]),
+    Peer([u8; 32], bool),
     Source(IpAddr),
 }
 
@@ -169,7 +176,7 @@ impl Checker {
         }
         self.new_second(now);
         let (counted, pool, budget) = match sender {
-            Sender::Peer(key) => (Counted::Peer(key), 0, &PEERS),
+            Sender::Peer { key, relayed } => (Counted::Peer(key, relayed), 0, &PEERS),
             Sender::Stranger => (Counted::Source(counted_ip(src.ip())), 1, &STRANGERS),
         };
         if !count(&mut self.counts, counted, self.limit) && self.passed[pool] < budget.under_load {

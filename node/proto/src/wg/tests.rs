@@ -958,13 +958,19 @@ fn a_node_passes_a_bounded_number_of_handshakes_a_second_cookie_or_not() {
     // The peers' budget is untouched: a peer passes at once, even from an address strangers
     // used; past PEERS_UNDER_LOAD peers need cookies, and past PEERS_MAX they are shed.
     for k in 0..PEERS_UNDER_LOAD {
-        let peer = Sender::Peer(k_bytes(k));
+        let peer = Sender::Peer {
+            key: k_bytes(k),
+            relayed: false,
+        };
         assert!(
             matches!(checker.check(t0, honest, peer, &init), Verdict::Pass),
             "peer {k}"
         );
     }
-    let late = Sender::Peer(k_bytes(PEERS_UNDER_LOAD));
+    let late = Sender::Peer {
+        key: k_bytes(PEERS_UNDER_LOAD),
+        relayed: false,
+    };
     assert!(matches!(
         checker.check(t0, honest, late, &init),
         Verdict::CookieReply(_)
@@ -972,12 +978,11 @@ fn a_node_passes_a_bounded_number_of_handshakes_a_second_cookie_or_not() {
     let mut shed = 0;
     for k in 0..(PEERS_MAX - PEERS_UNDER_LOAD + 5) {
         let src = SocketAddr::from((std::net::Ipv4Addr::from(0xc612_0000 + k), 1));
-        match through(
-            &mut checker,
-            &mut b,
-            src,
-            Sender::Peer(k_bytes(PEERS_MAX + k)),
-        ) {
+        let peer = Sender::Peer {
+            key: k_bytes(PEERS_MAX + k),
+            relayed: false,
+        };
+        match through(&mut checker, &mut b, src, peer) {
             Verdict::Pass => {}
             Verdict::Shed => shed += 1,
             other => panic!("{other:?}"),
@@ -992,6 +997,35 @@ fn a_node_passes_a_bounded_number_of_handshakes_a_second_cookie_or_not() {
     assert!(matches!(
         checker.check(t1, spoofed(1), stranger, &init),
         Verdict::Pass
+    ));
+}
+
+/// A peer still looking for a direct path sends each handshake both through a relay and
+/// straight to us: the copies count apart, so its `limit` a second holds on each path (a
+/// keyed fuzz input found a peer pushed to cookies, and a 5 s retry, by its own copies).
+#[test]
+fn a_peers_relayed_and_direct_handshakes_count_apart() {
+    use super::cookie::{Checker, Sender, Verdict};
+    let t0 = crate::test_epoch();
+    let mut checker = Checker::new(public(1), 3, [5; 32], t0);
+    let mut b = theirs([3; 32]);
+    let init = bytes(b.format_handshake_initiation(false).unwrap().into());
+    let direct: SocketAddr = "198.51.100.7:41641".parse().unwrap();
+    let stand_in: SocketAddr = "[100::1]:0".parse().unwrap();
+    let key = k_bytes(7);
+    for _ in 0..3 {
+        for (src, relayed) in [(direct, false), (stand_in, true)] {
+            let peer = Sender::Peer { key, relayed };
+            assert!(matches!(checker.check(t0, src, peer, &init), Verdict::Pass));
+        }
+    }
+    let peer = Sender::Peer {
+        key,
+        relayed: false,
+    };
+    assert!(matches!(
+        checker.check(t0, direct, peer, &init),
+        Verdict::CookieReply(_)
     ));
 }
 
