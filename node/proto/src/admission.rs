@@ -267,6 +267,20 @@ mod tests {
         }
     }
 
+    /// The cookie reply `a` sends the stranger at `from` for the chunk `f` (there must be one).
+    fn cookie_reply(
+        a: &mut Admission,
+        now: Instant,
+        rng: &mut StdRng,
+        from: Addr,
+        f: &[u8],
+    ) -> Vec<u8> {
+        match a.check_chunk(now, rng, from, Sender::Stranger, &chunk(f), false) {
+            ChunkVerdict::Cookie(reply) => reply,
+            other => panic!("no cookie reply for {from}: {other:?}"),
+        }
+    }
+
     fn udp(s: &str) -> Addr {
         Addr::main(s.parse().unwrap())
     }
@@ -337,16 +351,7 @@ mod tests {
         // An honest sender without a cookie gets one...
         let honest = udp("198.51.100.7:41641");
         let f = frames(None, &me());
-        let ChunkVerdict::Cookie(reply) = a.check_chunk(
-            now,
-            &mut rng,
-            honest,
-            Sender::Stranger,
-            &chunk(&f[0].0),
-            false,
-        ) else {
-            panic!("no cookie under load");
-        };
+        let reply = cookie_reply(&mut a, now, &mut rng, honest, &f[0].0);
         let Some(Frame::Cookie { sealed, index, .. }) = frame::decode(&reply) else {
             panic!("not a cookie reply");
         };
@@ -405,16 +410,7 @@ mod tests {
         }
         assert_eq!(accepted, UNPROVEN_BURST as usize);
         // The real owner of the address proves it with a cookie and is admitted.
-        let ChunkVerdict::Cookie(reply) = a.check_chunk(
-            now,
-            &mut rng,
-            victim,
-            Sender::Stranger,
-            &chunk(&f[0].0),
-            false,
-        ) else {
-            panic!("the spent source is not asked for a cookie");
-        };
+        let reply = cookie_reply(&mut a, now, &mut rng, victim, &f[0].0);
         let Some(Frame::Cookie { sealed, .. }) = frame::decode(&reply) else {
             panic!()
         };

@@ -340,6 +340,15 @@ fn a_denied_peer_cannot_send_icmp_errors_about_our_flows_with_others() {
     assert_eq!(net.received(0).len(), 1);
 }
 
+/// Three nodes, node 1's tunnel to node 0 up (a packet went through).
+fn three_with_a_tunnel() -> Net {
+    let mut net = Net::new(3);
+    let p = ipv4(v4(1), v4(0), 17, &udp(1, 2, b"before"));
+    net.send(1, p.clone());
+    assert_eq!(net.received(0), vec![p]);
+    net
+}
+
 /// Sends node 0 `n` WireGuard initiations with a right mac1 (the attacker read the node's key
 /// from a netmap) and junk after it, each from the address `from(i)` gives, and drops what
 /// node 0 sends back; returns how many cost key work and how many were answered with a
@@ -373,10 +382,7 @@ fn junk_initiations(
 #[test]
 fn a_wireguard_handshake_flood_costs_bounded_key_work_and_stops_no_tunnel() {
     use crate::wg::cookie::STRANGERS_UNDER_LOAD;
-    let mut net = Net::new(3);
-    let p = ipv4(v4(1), v4(0), 17, &udp(1, 2, b"before"));
-    net.send(1, p.clone());
-    assert_eq!(net.received(0), vec![p]);
+    let mut net = three_with_a_tunnel();
     let mut rng = StdRng::seed_from_u64(9);
     let mut sent = 0u32;
     let mut flood = |net: &mut Net| {
@@ -421,10 +427,7 @@ fn a_wireguard_handshake_flood_costs_bounded_key_work_and_stops_no_tunnel() {
 #[test]
 fn a_host_with_cookies_for_many_ports_cannot_shed_a_peers_handshakes() {
     use crate::wg::cookie::PER_SOURCE;
-    let mut net = Net::new(3);
-    let p = ipv4(v4(1), v4(0), 17, &udp(1, 2, b"before"));
-    net.send(1, p.clone());
-    assert_eq!(net.received(0), vec![p]);
+    let mut net = three_with_a_tunnel();
     let mut rng = StdRng::seed_from_u64(10);
     let attacker = |port: u16| SocketAddr::from(([203, 0, 113, 9], 1024 + port));
     let key0 = *public_key(0).as_bytes();
@@ -512,10 +515,7 @@ fn a_host_with_cookies_for_many_ports_cannot_shed_a_peers_handshakes() {
 /// spend). An address no peer holds is taken by the first claim.
 #[test]
 fn a_peer_listing_another_peers_address_does_not_take_it() {
-    let mut net = Net::new(3);
-    let p = ipv4(v4(1), v4(0), 17, &udp(1, 2, b"known"));
-    net.send(1, p.clone());
-    assert_eq!(net.received(0), vec![p]);
+    let mut net = three_with_a_tunnel();
     let (a1, a2) = (net.addrs[1], net.addrs[2]);
     let elsewhere: SocketAddr = "198.51.100.20:41641".parse().unwrap();
     net.nodes[0].handle_netmap(
