@@ -3,9 +3,10 @@
 //! sender knows our public key, which any peer does). Each handshake that passes costs the
 //! node key work (X25519), so what passes is bounded, per second, in two budgets: one for
 //! peers (a message from an address a peer is known at, or through a relay in a peer's name,
-//! counted per peer and path) and one for strangers (anyone else, counted per source: an IPv4 address,
-//! or an IPv6 /64, which one host may hold whole). Strangers cannot spend the peers' budget,
-//! so however many addresses a flood comes from, a peer's handshakes still pass. In each:
+//! counted per peer and path) and one for strangers (anyone else, counted per source: an
+//! IPv4 address, or an IPv6 /64, which one host may hold whole). Strangers cannot spend the
+//! peers' budget, so however many addresses a flood comes from, a peer's handshakes still
+//! pass. In each:
 //!
 //! - a peer or source may send `limit` handshakes; past that it must also carry a valid mac2,
 //!   made with a cookie bound to its address and port, and gets a cookie reply instead of an
