@@ -21,9 +21,9 @@
 //!   and the tunnels it carries keep their core.
 //!
 //! The cookie secret changes every two minutes (a cookie is good until then). The counts are
-//! bounded: past [`MAX_SOURCES`] peers and sources (or cookies) in one second, every further
-//! one must show a cookie (or is shed), so a flood from made-up addresses costs memory only up
-//! to the bound.
+//! bounded: past [`MAX_SOURCES`] peers or sources (or cookies) in one second in a budget, every
+//! further one must show a cookie (or is shed), so a flood from made-up addresses costs memory
+//! only up to the bound, and fills only the strangers' counts: peers are counted apart.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -43,7 +43,7 @@ use super::message::{
 use crate::addr::counted_ip;
 use hybrid::ErasingRng;
 
-/// The most peers and sources counted in one second.
+/// The most peers, and the most sources, counted in one second.
 pub const MAX_SOURCES: usize = 65_536;
 /// Peers' handshakes passed in one second past which every peer must show a cookie (about
 /// 40 ms of key work on one core).
@@ -119,10 +119,10 @@ pub struct Checker {
     rng: ErasingRng,
     secret: Zeroizing<[u8; 32]>,
     secret_born: Instant,
-    /// Handshakes seen from each peer and source this second.
-    counts: HashMap<Counted, u32>,
-    /// Handshakes with cookies passed for each peer and source this second.
-    cookied: HashMap<Counted, u32>,
+    /// Handshakes seen from each peer and source this second, in each budget.
+    counts: [HashMap<Counted, u32>; 2],
+    /// Handshakes with cookies passed for each peer and source this second, in each budget.
+    cookied: [HashMap<Counted, u32>; 2],
     /// Handshakes passed this second: peers', strangers'.
     passed: [u32; 2],
     counted_since: Instant,
@@ -132,7 +132,7 @@ impl std::fmt::Debug for Checker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Checker")
             .field("limit", &self.limit)
-            .field("sources", &self.counts.len())
+            .field("sources", &(self.counts[0].len() + self.counts[1].len()))
             .finish_non_exhaustive()
     }
 }
@@ -150,8 +150,8 @@ impl Checker {
             rng,
             secret,
             secret_born: now,
-            counts: HashMap::new(),
-            cookied: HashMap::new(),
+            counts: Default::default(),
+            cookied: Default::default(),
             passed: [0; 2],
             counted_since: now,
         }
@@ -180,14 +180,18 @@ impl Checker {
             Sender::Peer { key, relayed } => (Counted::Peer(key, relayed), 0, &PEERS),
             Sender::Stranger => (Counted::Source(counted_ip(src.ip())), 1, &STRANGERS),
         };
-        if !count(&mut self.counts, counted, self.limit) && self.passed[pool] < budget.under_load {
+        if !count(&mut self.counts[pool], counted, self.limit)
+            && self.passed[pool] < budget.under_load
+        {
             self.passed[pool] += 1;
             return Verdict::Pass;
         }
         let cookie = self.cookie(now, src);
         let mac2 = &msg[mac1_at + 16..mac1_at + 32];
         if mac(&cookie, &msg[..mac1_at + 16]).ct_eq(mac2).unwrap_u8() == 1 {
-            if self.passed[pool] >= budget.max || count(&mut self.cookied, counted, PER_SOURCE) {
+            if self.passed[pool] >= budget.max
+                || count(&mut self.cookied[pool], counted, PER_SOURCE)
+            {
                 return Verdict::Shed;
             }
             self.passed[pool] += 1;
@@ -212,8 +216,8 @@ impl Checker {
     /// Restarts the counts when a second has passed since they started.
     fn new_second(&mut self, now: Instant) {
         if now.saturating_duration_since(self.counted_since) >= PERIOD {
-            self.counts.clear();
-            self.cookied.clear();
+            self.counts.iter_mut().for_each(HashMap::clear);
+            self.cookied.iter_mut().for_each(HashMap::clear);
             self.passed = [0; 2];
             self.counted_since = now;
         }

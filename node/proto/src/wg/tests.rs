@@ -811,7 +811,7 @@ fn our_cookie_replies_are_taken_by_gotatun_and_by_us() {
 }
 
 /// Each source has its limit each second; past the bound on sources, a new one must show a
-/// cookie however few it sent.
+/// cookie however few it sent, while peers, counted apart, need none.
 #[test]
 fn the_limit_is_per_source_per_second_and_the_sources_are_bounded() {
     use super::cookie::{Checker, MAX_SOURCES, Sender, Verdict};
@@ -849,6 +849,16 @@ fn the_limit_is_per_source_per_second_and_the_sources_are_bounded() {
     assert!(matches!(
         checker.check(t1, late, Sender::Stranger, &init),
         Verdict::CookieReply(_)
+    ));
+    // Those filled the strangers' counts, not the peers': a peer's handshake still passes.
+    let peer = Sender::Peer {
+        key: k_bytes(1),
+        relayed: false,
+    };
+    let peers_address: SocketAddr = "198.51.100.10:41641".parse().unwrap();
+    assert!(matches!(
+        checker.check(t1, peers_address, peer, &init),
+        Verdict::Pass
     ));
     assert!(matches!(
         checker.check(t1 + Duration::from_secs(1), late, Sender::Stranger, &init),
