@@ -243,6 +243,10 @@ struct Pair {
     /// Whether the direct path between the nodes is down (their UDP to each other is lost;
     /// the relay, to which both are connected, still carries what they send through it).
     direct_down: bool,
+    /// What the nodes sent to the attacker's host (any port of [`STRANGER`]'s address).
+    to_attacker: Vec<(SocketAddr, Vec<u8>)>,
+    /// The WireGuard cookies the attacker's host holds: for which node, at which port.
+    cookies: std::collections::HashMap<(usize, u16), [u8; 16]>,
 }
 
 /// Where [`keyed`]'s attacker sends from when it does not forge a node's address.
@@ -290,6 +294,8 @@ impl Pair {
             outside,
             batched: outside && mode & 2 == 2,
             direct_down: false,
+            to_attacker: Vec::new(),
+            cookies: std::collections::HashMap::new(),
         };
         let p = ping(1, 0, 0);
         pair.send(1, &p);
@@ -363,12 +369,15 @@ impl Pair {
                     let relayed = match t.dst {
                         node_proto::Addr::Udp(SockId::Main, a) if a == endpoint(to) => false,
                         node_proto::Addr::Relay(_, k) if k == public_key(to) => true,
-                        node_proto::Addr::Udp(_, a) if a == STRANGER => {
+                        node_proto::Addr::Udp(_, a) if a.ip() == STRANGER.ip() => {
                             // Cookie replies go back to whoever asked; tunnel data never.
                             assert!(
                                 t.payload.first() != Some(&4),
                                 "node {from} sends tunnel data to the attacker's address"
                             );
+                            if self.to_attacker.len() < 4096 {
+                                self.to_attacker.push((a, t.payload.to_vec()));
+                            }
                             continue;
                         }
                         _ => continue,
@@ -439,6 +448,43 @@ impl Pair {
     /// The attacker's datagram `bytes` to node `to`, from `from`.
     fn inject(&mut self, to: usize, from: SocketAddr, bytes: &[u8]) {
         self.nodes[to].handle_datagram(self.now, SockId::Main, from, Packet::copy_from(bytes));
+    }
+
+    /// [`keyed`]'s op 14: the attacker's host floods node `to` from one of its ports with
+    /// initiations carrying the port's cookie, then takes the cookies the node sends it.
+    fn cookie_flood(&mut self, to: usize, bytes: &[u8]) {
+        let count = 4 * u32::from(*bytes.first().unwrap_or(&1));
+        let port = 1024 + u16::from(*bytes.get(1).unwrap_or(&0));
+        let from = SocketAddr::new(STRANGER.ip(), port);
+        let key = *public_key(to).as_bytes();
+        let mut mac1s = std::collections::HashMap::new();
+        for i in 0..count {
+            let mut m = [0u8; 148];
+            m[0] = 1;
+            m[4..8].copy_from_slice(&i.to_le_bytes());
+            for (j, b) in bytes.iter().skip(2).enumerate() {
+                m[8 + (j + i as usize) % 100] ^= b;
+            }
+            let cookie = self.cookies.get(&(to, port)).copied();
+            node_proto::wg::message::set_macs(&mut m, &key, cookie.as_ref());
+            mac1s.insert(i, <[u8; 16]>::try_from(&m[116..132]).expect("16 bytes"));
+            self.inject(to, from, &m);
+        }
+        self.pump();
+        for (a, reply) in std::mem::take(&mut self.to_attacker) {
+            let Some(index) = reply.get(4..8) else {
+                continue;
+            };
+            let index = u32::from_le_bytes(index.try_into().expect("4 bytes"));
+            if a != from {
+                continue;
+            }
+            if let Some(mac1) = mac1s.get(&index)
+                && let Some(c) = node_proto::wg::message::open_cookie(&reply, &key, mac1)
+            {
+                self.cookies.insert((to, port), c);
+            }
+        }
     }
 
     /// Hands node `to` a datagram from the other node, directly or through a relay.
@@ -535,7 +581,7 @@ pub fn checksum(b: &[u8]) -> u16 {
 /// what they send each other: injects made-up datagrams, replays what it saw and alters
 /// copies, to either node, from the other's address, from elsewhere or through a relay in
 /// the other's name; forges responses, cookie replies and data (mac1 right) aimed at the
-/// indices it sees, while the network holds the nodes' own messages for a while (delayed,
+/// indices it sees; floods with initiations from many ports of a host that takes its cookies, while the network holds the nodes' own messages for a while (delayed,
 /// never dropped) or the direct path between them goes down (both reach a relay); the nodes
 /// go on talking, and time passes. Whatever it sends, the tunnel
 /// must keep working, and no tunnel data may go to the attacker's address: afterwards a ping
@@ -544,7 +590,7 @@ pub fn checksum(b: &[u8]) -> u16 {
 /// The first byte picks how the nodes run their crypto: inline in the core (bit 0 clear),
 /// handed out as jobs one by one (bit 0), or in batches with the datagrams that carry them
 /// (bits 0 and 1), as a node's workers do. Then records: the selector's low 4 bits pick the
-/// action, bit 4 the target node, the top 3 bits advance the clock in 2 s steps first (up to
+/// action (14: a host with many ports floods with the cookies it takes), bit 4 the target node, the top 3 bits advance the clock in 2 s steps first (up to
 /// 64 records: 15 minutes, past every session's end).
 pub fn keyed(data: &[u8]) {
     let Some((&mode, data)) = data.split_first() else {
@@ -648,6 +694,13 @@ pub fn keyed(data: &[u8]) {
             // The direct path goes down (the relay still carries), or comes back.
             13 => {
                 pair.direct_down = !pair.direct_down;
+                continue;
+            }
+            // A host that receives what is sent to it (the attacker's address, any port):
+            // `4 * bytes[0]` WireGuard initiations with a right mac1, junk after it, from port
+            // `bytes[1]`, each with the cookie that port holds (it takes the cookies it is sent).
+            14 => {
+                pair.cookie_flood(to, bytes);
                 continue;
             }
             _ => {

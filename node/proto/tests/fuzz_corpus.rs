@@ -161,6 +161,15 @@ fn write_seeds() {
         harness::encode_records(&race),
     ));
     keyed.push(("direct-path-down", harness::encode_records(&outage)));
+    // A host takes cookies at 30 ports of its address (node 0 under load from the first
+    // floods), then floods with them from each port in turn as the sessions rekey and run out
+    // (the nodes ping each other between floods).
+    let mut cookied: Vec<(u8, Vec<u8>)> = (0..30u8).map(|p| (0x0e, vec![250, p])).collect();
+    for i in 0..16u8 {
+        cookied.push((0xce, vec![250, i % 30, i]));
+        cookied.push((0x09 + (i & 1) * 0x10, vec![i]));
+    }
+    keyed.push(("cookie-flood", harness::encode_records(&cookied)));
     // Each with the crypto inline, handed out one job at a time, and in batches.
     for (name, recs) in keyed {
         for (mode, how) in [(0u8, "inline"), (1, "jobs"), (3, "batches")] {
