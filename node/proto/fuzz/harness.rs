@@ -65,7 +65,7 @@ pub fn run(name: &str, data: &[u8]) {
     }
 }
 
-fn epoch() -> Instant {
+pub fn epoch() -> Instant {
     static T: OnceLock<Instant> = OnceLock::new();
     *T.get_or_init(Instant::now)
 }
