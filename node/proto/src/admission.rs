@@ -101,7 +101,9 @@ pub struct Admission {
     epoch_start: Instant,
     /// The node-wide budgets: peers', strangers'.
     global: [Bucket; 2],
-    sources: HashMap<Source, SourceBudget>,
+    /// Each source's budgets, in each node-wide budget's own map (peers', strangers'), so
+    /// strangers cannot fill the peers' with sources of their own.
+    sources: [HashMap<Source, SourceBudget>; 2],
 }
 
 impl Admission {
@@ -118,7 +120,7 @@ impl Admission {
                 Bucket::full(now, GLOBAL_BURST),
                 Bucket::full(now, GLOBAL_BURST),
             ],
-            sources: HashMap::new(),
+            sources: Default::default(),
         }
     }
 
@@ -158,9 +160,10 @@ impl Admission {
             return ChunkVerdict::Accept { proven: true };
         }
         let (source, pool) = sender.source(from);
-        let source_spent = match self.sources.get(&source) {
+        let sources = &self.sources[pool];
+        let source_spent = match sources.get(&source) {
             Some(b) => b.unproven.peek(now, UNPROVEN_RATE, UNPROVEN_BURST) < 1.0,
-            None => self.sources.len() >= MAX_SOURCES,
+            None => sources.len() >= MAX_SOURCES,
         };
         if pressure || source_spent || self.under_load(now, pool) {
             // Not rate limited: a reply is a twentieth of the chunk it answers, so answering a
@@ -176,16 +179,20 @@ impl Admission {
     /// its source's budget and its node-wide one. Returns whether it may go ahead.
     pub fn take_message(&mut self, now: Instant, from: Addr, sender: Sender, proven: bool) -> bool {
         let (source, pool) = sender.source(from);
-        if !self.sources.contains_key(&source) && self.sources.len() >= MAX_SOURCES {
+        let full =
+            |s: &HashMap<Source, SourceBudget>| !s.contains_key(&source) && s.len() >= MAX_SOURCES;
+        if full(&self.sources[pool]) {
             self.sweep(now);
         }
-        if !self.sources.contains_key(&source) && self.sources.len() >= MAX_SOURCES && !proven {
+        if full(&self.sources[pool]) && !proven {
             return false;
         }
-        let b = self.sources.entry(source).or_insert_with(|| SourceBudget {
-            unproven: Bucket::full(now, UNPROVEN_BURST),
-            proven: Bucket::full(now, PROVEN_BURST),
-        });
+        let b = self.sources[pool]
+            .entry(source)
+            .or_insert_with(|| SourceBudget {
+                unproven: Bucket::full(now, UNPROVEN_BURST),
+                proven: Bucket::full(now, PROVEN_BURST),
+            });
         let ok = if proven {
             b.proven.take(now, PROVEN_RATE, PROVEN_BURST)
         } else {
@@ -196,15 +203,17 @@ impl Admission {
 
     /// Forgets sources whose budgets are full again (they are the same as new ones).
     pub fn sweep(&mut self, now: Instant) {
-        self.sources.retain(|_, b| {
-            b.unproven.peek(now, UNPROVEN_RATE, UNPROVEN_BURST) < UNPROVEN_BURST
-                || b.proven.peek(now, PROVEN_RATE, PROVEN_BURST) < PROVEN_BURST
-        });
+        for sources in &mut self.sources {
+            sources.retain(|_, b| {
+                b.unproven.peek(now, UNPROVEN_RATE, UNPROVEN_BURST) < UNPROVEN_BURST
+                    || b.proven.peek(now, PROVEN_RATE, PROVEN_BURST) < PROVEN_BURST
+            });
+        }
     }
 
-    /// Sources tracked.
+    /// Sources tracked (peers' and strangers').
     pub fn sources(&self) -> usize {
-        self.sources.len()
+        self.sources.iter().map(HashMap::len).sum()
     }
 
     fn cookie_ok(&self, now: Instant, ip: IpAddr, chunk: &Chunk<'_>) -> bool {
@@ -451,5 +460,41 @@ mod tests {
         let later = now + Duration::from_secs(10);
         a.sweep(later);
         assert_eq!(a.sources(), 0);
+    }
+
+    /// Strangers who prove their addresses (one host per /64, each with its cookie) can fill
+    /// the sources the node keeps track of; a new source must then show a cookie. They fill
+    /// the strangers' table, not the peers': a peer's first message needs none.
+    #[test]
+    fn strangers_filling_the_source_table_leave_the_peers_alone() {
+        let now = crate::test_epoch();
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut a = Admission::new(&me(), &mut rng, now);
+        for i in 0..MAX_SOURCES as u32 {
+            let ip = std::net::Ipv6Addr::from((u128::from(i) + 1) << 64);
+            let from = Addr::main(std::net::SocketAddr::from((ip, 41641)));
+            a.take_message(now, from, Sender::Stranger, true);
+        }
+        assert_eq!(a.sources(), MAX_SOURCES);
+        let f = frames(None, &me());
+        let late = udp("198.51.100.8:41641");
+        assert!(matches!(
+            a.check_chunk(
+                now,
+                &mut rng,
+                late,
+                Sender::Stranger,
+                &chunk(&f[0].0),
+                false
+            ),
+            ChunkVerdict::Cookie(_)
+        ));
+        let peer = udp("198.51.100.7:41641");
+        let known = Sender::Peer(NodeKey::from_bytes([3; 32]));
+        assert_eq!(
+            a.check_chunk(now, &mut rng, peer, known, &chunk(&f[0].0), false),
+            ChunkVerdict::Accept { proven: false }
+        );
+        assert!(a.take_message(now, peer, known, false));
     }
 }
