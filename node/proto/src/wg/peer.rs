@@ -122,6 +122,9 @@ struct Pending {
     /// rekey): the handshake is given up Rekey-Attempt-Time after it.
     first: Instant,
     retransmit_at: Instant,
+    /// Whether a cookie reply already brought a retransmission of this handshake forward
+    /// (once per handshake, retransmissions included).
+    hurried: bool,
 }
 
 /// One peer's WireGuard state. See the module docs.
@@ -357,12 +360,16 @@ impl Peer {
         self.last_initiation_out = Some(now);
         self.last_mac1 = Some((index.value(), handshake.mac1));
         let jitter = self.rng.random_range(Duration::ZERO..=REKEY_JITTER_MAX);
-        let first = self.pending.as_ref().map_or(now, |p| p.first);
+        let (first, hurried) = self
+            .pending
+            .as_ref()
+            .map_or((now, false), |p| (p.first, p.hurried));
         self.pending = Some(Pending {
             handshake,
             index,
             first,
             retransmit_at: now + REKEY_TIMEOUT + jitter,
+            hurried,
         });
         Some(msg)
     }
@@ -498,6 +505,18 @@ impl Peer {
         let cookie =
             xopen(&self.remote.cookie_key, &nonce, &mac1, &sealed).ok_or(Error::Invalid)?;
         self.cookie = Some((cookie, now));
+        // The handshake it answers goes again with the cookie at the next tick of the timers
+        // rather than after Rekey-Timeout: once per handshake, its retransmissions included, so
+        // cookie replies (which only the peer, or one who sees our mac1, can make) never make
+        // it retry faster than that.
+        if let Some(p) = self
+            .pending
+            .as_mut()
+            .filter(|p| p.index.value() == receiver && !p.hurried)
+        {
+            p.hurried = true;
+            p.retransmit_at = now;
+        }
         Ok(Outcome::Nothing)
     }
 

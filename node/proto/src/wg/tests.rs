@@ -608,6 +608,45 @@ fn a_cookie_reply_is_taken_and_the_next_initiation_passes_the_rate_limiter() {
     );
 }
 
+/// A cookie reply brings its handshake's retry forward to the next tick of the timers, not
+/// Rekey-Timeout later, and only once per handshake: a cookie reply to the retry (a
+/// responder that keeps asking, or forgeries by one who sees our mac1) waits as WireGuard does.
+#[test]
+fn a_cookie_reply_brings_the_retry_forward_once() {
+    use super::cookie::{Checker, Sender, Verdict};
+    let t0 = crate::test_epoch();
+    let tick = super::TIMER_GRANULARITY;
+    let src: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+    let mut checker = Checker::new(public(2), 0, [6; 32], t0);
+    let mut a = ours([3; 32]);
+    let init = a.send(t0, WALL, &ip(10, 0)).expect("an initiation");
+    let Verdict::CookieReply(reply) = checker.check(t0, src, Sender::Stranger, &init) else {
+        panic!("no cookie reply under load");
+    };
+    assert!(matches!(a.receive(t0, reply), Ok(Outcome::Nothing)));
+    let retry = a
+        .update_timers(t0 + tick, WALL)
+        .expect("a retry at the next tick");
+    assert!(matches!(
+        checker.check(t0 + tick, src, Sender::Stranger, &retry),
+        Verdict::Pass
+    ));
+    // Its answer lost, and a cookie reply to it (made with a fresh secret: another address):
+    // the next retry waits for Rekey-Timeout.
+    let mut other = Checker::new(public(2), 0, [7; 32], t0);
+    let Verdict::CookieReply(reply) = other.check(t0 + tick, src, Sender::Stranger, &retry) else {
+        panic!("no cookie reply");
+    };
+    assert!(matches!(a.receive(t0 + tick, reply), Ok(Outcome::Nothing)));
+    for n in 2..20u32 {
+        assert!(a.update_timers(t0 + tick * n, WALL).is_none(), "tick {n}");
+    }
+    assert!(
+        a.update_timers(t0 + tick + REKEY_TIMEOUT + Duration::from_millis(400), WALL)
+            .is_some()
+    );
+}
+
 #[test]
 fn an_initiation_from_a_stranger_or_too_soon_is_refused() {
     let t0 = crate::test_epoch();
