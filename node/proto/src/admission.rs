@@ -61,12 +61,39 @@ pub enum Sender {
 }
 
 impl Sender {
-    /// The source `from` counts as, and which node-wide budget (0: peers', 1: strangers').
-    fn source(self, from: Addr) -> (Source, usize) {
-        match (self, from) {
-            (Self::Peer(k), _) => (Source::Peer(k), 0),
-            (Self::Stranger, from) => (Source::from(from), 1),
+    /// The source `from` counts as.
+    fn source(self, from: Addr) -> Source {
+        match self {
+            Self::Peer(k) => Source::Peer(k),
+            Self::Stranger => Source::from(from),
         }
+    }
+}
+
+/// One node-wide budget (peers' or strangers') and the budgets of the sources it counts, in
+/// a table of its own, so strangers cannot fill the peers' with sources of theirs.
+struct Pool {
+    global: Bucket,
+    sources: HashMap<Source, SourceBudget>,
+}
+
+impl Pool {
+    fn new(now: Instant) -> Self {
+        Self {
+            global: Bucket::full(now, GLOBAL_BURST),
+            sources: HashMap::new(),
+        }
+    }
+
+    /// Whether the node-wide budget is half spent: then every sender it counts must prove
+    /// its address.
+    fn under_load(&self, now: Instant) -> bool {
+        self.global.peek(now, GLOBAL_RATE, GLOBAL_BURST) < GLOBAL_BURST / 2.0
+    }
+
+    /// Whether `source` is new and there is no room for it.
+    fn full_for(&self, source: &Source) -> bool {
+        !self.sources.contains_key(source) && self.sources.len() >= MAX_SOURCES
     }
 }
 
@@ -99,11 +126,8 @@ pub struct Admission {
     cookie_seal: [u8; 32],
     secret: [u8; 32],
     epoch_start: Instant,
-    /// The node-wide budgets: peers', strangers'.
-    global: [Bucket; 2],
-    /// Each source's budgets, in each node-wide budget's own map (peers', strangers'), so
-    /// strangers cannot fill the peers' with sources of their own.
-    sources: [HashMap<Source, SourceBudget>; 2],
+    peers: Pool,
+    strangers: Pool,
 }
 
 impl Admission {
@@ -116,11 +140,8 @@ impl Admission {
             cookie_seal: frame::cookie_seal_key(me),
             secret,
             epoch_start: now,
-            global: [
-                Bucket::full(now, GLOBAL_BURST),
-                Bucket::full(now, GLOBAL_BURST),
-            ],
-            sources: Default::default(),
+            peers: Pool::new(now),
+            strangers: Pool::new(now),
         }
     }
 
@@ -130,10 +151,12 @@ impl Admission {
         chunk.mac1_ok(&self.mac1)
     }
 
-    /// Whether the node-wide budget `pool` (0: peers', 1: strangers') is half spent: then
-    /// every sender it counts must prove its address.
-    fn under_load(&self, now: Instant, pool: usize) -> bool {
-        self.global[pool].peek(now, GLOBAL_RATE, GLOBAL_BURST) < GLOBAL_BURST / 2.0
+    /// The budgets `sender` is counted in.
+    fn pool(&mut self, sender: Sender) -> &mut Pool {
+        match sender {
+            Sender::Peer(_) => &mut self.peers,
+            Sender::Stranger => &mut self.strangers,
+        }
     }
 
     /// The stateless checks on one chunk of message 1 from `from`, counted as `sender`:
@@ -159,13 +182,13 @@ impl Admission {
         if self.cookie_ok(now, ip, chunk) {
             return ChunkVerdict::Accept { proven: true };
         }
-        let (source, pool) = sender.source(from);
-        let sources = &self.sources[pool];
-        let source_spent = match sources.get(&source) {
+        let source = sender.source(from);
+        let pool = self.pool(sender);
+        let source_spent = match pool.sources.get(&source) {
             Some(b) => b.unproven.peek(now, UNPROVEN_RATE, UNPROVEN_BURST) < 1.0,
-            None => sources.len() >= MAX_SOURCES,
+            None => pool.sources.len() >= MAX_SOURCES,
         };
-        if pressure || source_spent || self.under_load(now, pool) {
+        if pressure || source_spent || pool.under_load(now) {
             // Not rate limited: a reply is a twentieth of the chunk it answers, so answering a
             // spoofed flood reflects less than the flood itself, and cheap (one MAC, one seal).
             let cookie = self.cookie(now, ip, 0);
@@ -178,33 +201,30 @@ impl Admission {
     /// A whole message 1 from `from`, counted as `sender`, is about to be decrypted: spends
     /// its source's budget and its node-wide one. Returns whether it may go ahead.
     pub fn take_message(&mut self, now: Instant, from: Addr, sender: Sender, proven: bool) -> bool {
-        let (source, pool) = sender.source(from);
-        let full =
-            |s: &HashMap<Source, SourceBudget>| !s.contains_key(&source) && s.len() >= MAX_SOURCES;
-        if full(&self.sources[pool]) {
+        let source = sender.source(from);
+        if self.pool(sender).full_for(&source) {
             self.sweep(now);
         }
-        if full(&self.sources[pool]) && !proven {
+        let pool = self.pool(sender);
+        if pool.full_for(&source) && !proven {
             return false;
         }
-        let b = self.sources[pool]
-            .entry(source)
-            .or_insert_with(|| SourceBudget {
-                unproven: Bucket::full(now, UNPROVEN_BURST),
-                proven: Bucket::full(now, PROVEN_BURST),
-            });
+        let b = pool.sources.entry(source).or_insert_with(|| SourceBudget {
+            unproven: Bucket::full(now, UNPROVEN_BURST),
+            proven: Bucket::full(now, PROVEN_BURST),
+        });
         let ok = if proven {
             b.proven.take(now, PROVEN_RATE, PROVEN_BURST)
         } else {
             b.unproven.take(now, UNPROVEN_RATE, UNPROVEN_BURST)
         };
-        ok && self.global[pool].take(now, GLOBAL_RATE, GLOBAL_BURST)
+        ok && pool.global.take(now, GLOBAL_RATE, GLOBAL_BURST)
     }
 
     /// Forgets sources whose budgets are full again (they are the same as new ones).
     pub fn sweep(&mut self, now: Instant) {
-        for sources in &mut self.sources {
-            sources.retain(|_, b| {
+        for pool in [&mut self.peers, &mut self.strangers] {
+            pool.sources.retain(|_, b| {
                 b.unproven.peek(now, UNPROVEN_RATE, UNPROVEN_BURST) < UNPROVEN_BURST
                     || b.proven.peek(now, PROVEN_RATE, PROVEN_BURST) < PROVEN_BURST
             });
@@ -213,7 +233,7 @@ impl Admission {
 
     /// Sources tracked (peers' and strangers').
     pub fn sources(&self) -> usize {
-        self.sources.iter().map(HashMap::len).sum()
+        self.peers.sources.len() + self.strangers.sources.len()
     }
 
     fn cookie_ok(&self, now: Instant, ip: IpAddr, chunk: &Chunk<'_>) -> bool {
@@ -314,7 +334,7 @@ mod tests {
                 ChunkVerdict::Drop(DropReason::BadMac)
             );
         }
-        assert!(!a.under_load(now, 1));
+        assert!(!a.strangers.under_load(now));
         assert_eq!(a.sources(), 0);
     }
 
@@ -326,7 +346,7 @@ mod tests {
         // A spoofed flood spends the global budget (each from a fresh address) until the node
         // is under load; from then on even fresh addresses must prove themselves.
         let mut i = 0u32;
-        while !a.under_load(now, 1) {
+        while !a.strangers.under_load(now) {
             i += 1;
             let from = udp(&format!("203.0.{}.{}:1", 113 + i / 250, i % 250));
             let f = frames(None, &me());

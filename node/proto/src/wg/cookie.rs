@@ -82,21 +82,36 @@ enum Counted {
     Source(IpAddr),
 }
 
-/// A budget's bounds for one second: past `under_load` every sender needs a cookie; `max`
-/// passed in all.
-struct Budget {
+/// One budget (peers' or strangers') for the current second: its bounds (past `under_load`
+/// passed, every sender needs a cookie; `max` passed in all) and its counts.
+struct Pool {
     under_load: u32,
     max: u32,
+    /// Handshakes seen from each peer or source.
+    counts: HashMap<Counted, u32>,
+    /// Handshakes with cookies passed for each peer or source.
+    cookied: HashMap<Counted, u32>,
+    /// Handshakes passed.
+    passed: u32,
 }
 
-const PEERS: Budget = Budget {
-    under_load: PEERS_UNDER_LOAD,
-    max: PEERS_MAX,
-};
-const STRANGERS: Budget = Budget {
-    under_load: STRANGERS_UNDER_LOAD,
-    max: STRANGERS_MAX,
-};
+impl Pool {
+    fn new(under_load: u32, max: u32) -> Self {
+        Self {
+            under_load,
+            max,
+            counts: HashMap::new(),
+            cookied: HashMap::new(),
+            passed: 0,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.counts.clear();
+        self.cookied.clear();
+        self.passed = 0;
+    }
+}
 
 /// What became of a message ([`Checker::check`]).
 #[derive(Debug)]
@@ -119,12 +134,9 @@ pub struct Checker {
     rng: ErasingRng,
     secret: Zeroizing<[u8; 32]>,
     secret_born: Instant,
-    /// Handshakes seen from each peer and source this second, in each budget.
-    counts: [HashMap<Counted, u32>; 2],
-    /// Handshakes with cookies passed for each peer and source this second, in each budget.
-    cookied: [HashMap<Counted, u32>; 2],
-    /// Handshakes passed this second: peers', strangers'.
-    passed: [u32; 2],
+    peers: Pool,
+    strangers: Pool,
+    /// When the counts of this second started.
     counted_since: Instant,
 }
 
@@ -132,7 +144,10 @@ impl std::fmt::Debug for Checker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Checker")
             .field("limit", &self.limit)
-            .field("sources", &(self.counts[0].len() + self.counts[1].len()))
+            .field(
+                "sources",
+                &(self.peers.counts.len() + self.strangers.counts.len()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -150,9 +165,8 @@ impl Checker {
             rng,
             secret,
             secret_born: now,
-            counts: Default::default(),
-            cookied: Default::default(),
-            passed: [0; 2],
+            peers: Pool::new(PEERS_UNDER_LOAD, PEERS_MAX),
+            strangers: Pool::new(STRANGERS_UNDER_LOAD, STRANGERS_MAX),
             counted_since: now,
         }
     }
@@ -176,25 +190,24 @@ impl Checker {
             return Verdict::Invalid;
         }
         self.new_second(now);
-        let (counted, pool, budget) = match sender {
-            Sender::Peer { key, relayed } => (Counted::Peer(key, relayed), 0, &PEERS),
-            Sender::Stranger => (Counted::Source(counted_ip(src.ip())), 1, &STRANGERS),
+        let counted = match sender {
+            Sender::Peer { key, relayed } => Counted::Peer(key, relayed),
+            Sender::Stranger => Counted::Source(counted_ip(src.ip())),
         };
-        if !count(&mut self.counts[pool], counted, self.limit)
-            && self.passed[pool] < budget.under_load
-        {
-            self.passed[pool] += 1;
+        let limit = self.limit;
+        let pool = self.pool(sender);
+        if !count(&mut pool.counts, counted, limit) && pool.passed < pool.under_load {
+            pool.passed += 1;
             return Verdict::Pass;
         }
         let cookie = self.cookie(now, src);
         let mac2 = &msg[mac1_at + 16..mac1_at + 32];
         if mac(&cookie, &msg[..mac1_at + 16]).ct_eq(mac2).unwrap_u8() == 1 {
-            if self.passed[pool] >= budget.max
-                || count(&mut self.cookied[pool], counted, PER_SOURCE)
-            {
+            let pool = self.pool(sender);
+            if pool.passed >= pool.max || count(&mut pool.cookied, counted, PER_SOURCE) {
                 return Verdict::Shed;
             }
-            self.passed[pool] += 1;
+            pool.passed += 1;
             return Verdict::Pass;
         }
         let mut nonce = [0u8; 24];
@@ -216,10 +229,17 @@ impl Checker {
     /// Restarts the counts when a second has passed since they started.
     fn new_second(&mut self, now: Instant) {
         if now.saturating_duration_since(self.counted_since) >= PERIOD {
-            self.counts.iter_mut().for_each(HashMap::clear);
-            self.cookied.iter_mut().for_each(HashMap::clear);
-            self.passed = [0; 2];
+            self.peers.clear();
+            self.strangers.clear();
             self.counted_since = now;
+        }
+    }
+
+    /// The budget `sender` is counted in.
+    fn pool(&mut self, sender: Sender) -> &mut Pool {
+        match sender {
+            Sender::Peer { .. } => &mut self.peers,
+            Sender::Stranger => &mut self.strangers,
         }
     }
 
