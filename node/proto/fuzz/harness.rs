@@ -471,15 +471,11 @@ impl Pair {
             self.inject(to, from, &m);
         }
         self.pump();
+        // A cookie reply names the sender index of the initiation it answers.
         for (a, reply) in std::mem::take(&mut self.to_attacker) {
-            let Some(index) = reply.get(4..8) else {
-                continue;
-            };
-            let index = u32::from_le_bytes(index.try_into().expect("4 bytes"));
-            if a != from {
-                continue;
-            }
-            if let Some(mac1) = mac1s.get(&index)
+            if a == from
+                && let Some(index) = reply.get(4..8)
+                && let Some(mac1) = mac1s.get(&u32::from_le_bytes(index.try_into().expect("4")))
                 && let Some(c) = node_proto::wg::message::open_cookie(&reply, &key, mac1)
             {
                 self.cookies.insert((to, port), c);
