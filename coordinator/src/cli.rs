@@ -184,6 +184,10 @@ pub struct ServeArgs {
     /// UDP address of the embedded relay's QUIC listener (default: the --listen address).
     #[arg(long)]
     pub relay_listen: Option<SocketAddr>,
+    /// Threads serving the embedded relay's QUIC, each with an endpoint of its own on the
+    /// --relay-listen port [default: 1; see `lattice-relay serve --quic-threads`].
+    #[arg(long, env = "LATTICE_COORDINATOR_RELAY_QUIC_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub relay_quic_threads: Option<u16>,
     /// UDP address of the embedded STUN server (repeatable). Nodes compare what two servers
     /// see to detect hard NAT, so the default listens on two ports.
     #[arg(long = "stun-listen", default_values = ["0.0.0.0:3478", "0.0.0.0:3479"])]

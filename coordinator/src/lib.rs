@@ -70,6 +70,7 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
                 policy: a.policy,
                 embedded_relay: !a.no_embedded_relay,
                 relay_listen: a.relay_listen,
+                relay_quic_threads: a.relay_quic_threads.map_or(0, usize::from),
                 stun_listen: a.stun_listen,
                 admin_listen: a.admin_listen,
                 metrics_listen: a.metrics_listen,

@@ -90,6 +90,8 @@ pub struct EmbeddedConfig {
     pub http_listen: SocketAddr,
     /// `--public-url`, to derive advertised addresses from.
     pub public_url: Option<String>,
+    /// Threads serving QUIC (0: [`relay::quic::DEFAULT_THREADS`]).
+    pub quic_threads: usize,
 }
 
 /// The running embedded relay.
@@ -103,6 +105,8 @@ pub struct Embedded {
     pub ws_tls: Arc<rustls::ServerConfig>,
     /// What its STUN server answered.
     pub stun: Arc<relay::stun::StunStats>,
+    /// Its QUIC endpoints (closed when dropped).
+    pub quic: relay::QuicListener,
 }
 
 /// Starts the embedded relay: QUIC on `quic_listen`, STUN on each `stun_listen`; the
@@ -121,8 +125,15 @@ pub async fn start_embedded(
             tickets: TicketAuthorizer::new(ticket_key),
         }),
     );
-    let endpoint = relay::tls::server_endpoint(&cert, cfg.quic_listen)
-        .with_context(|| format!("binding the relay's QUIC port {}", cfg.quic_listen))?;
+    let threads = relay::quic::threads_or_default(cfg.quic_threads);
+    let quic = relay::QuicListener::start(
+        &relay,
+        &cert,
+        cfg.quic_listen,
+        threads,
+        relay::QuicLimits::default(),
+    )
+    .with_context(|| format!("binding the relay's QUIC port {}", cfg.quic_listen))?;
     let stats = Arc::new(relay::stun::StunStats::default());
     let mut stun = Vec::new();
     for addr in &cfg.stun_listen {
@@ -132,12 +143,7 @@ pub async fn start_embedded(
         stun.push(s.local_addr()?);
         tokio::spawn(relay::stun::serve(s, Arc::clone(&stats)));
     }
-    let quic_addr = endpoint.local_addr()?;
-    tokio::spawn(
-        relay
-            .clone()
-            .serve_quic(endpoint, relay::QuicLimits::default()),
-    );
+    let quic_addr = quic.local_addr();
     tokio::spawn(relay.clone().run_sweeper());
     let host = public_host(cfg.public_url.as_deref())
         .or_else(|| (!cfg.http_listen.ip().is_unspecified()).then(|| cfg.http_listen.ip()));
@@ -172,13 +178,14 @@ pub async fn start_embedded(
             "the embedded relay listens on an unspecified address and --public-url names no IP: nodes get only its WebSocket"
         );
     }
-    info!(quic = ?info.quic, stun = ?info.stun, websocket = ?info.websocket, "embedded relay started");
+    info!(quic = ?info.quic, quic_threads = threads, stun = ?info.stun, websocket = ?info.websocket, "embedded relay started");
     let ws_tls = Arc::new(relay::tls::server_tls(&cert, &[b"http/1.1"])?);
     Ok(Embedded {
         relay,
         info,
         ws_tls,
         stun: stats,
+        quic,
     })
 }
 

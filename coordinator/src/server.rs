@@ -47,6 +47,8 @@ pub struct ServeConfig {
     pub embedded_relay: bool,
     /// QUIC address of the embedded relay (default: `listen`).
     pub relay_listen: Option<SocketAddr>,
+    /// Threads serving the embedded relay's QUIC (0: [`relay::quic::DEFAULT_THREADS`]).
+    pub relay_quic_threads: usize,
     /// STUN addresses of the embedded relay.
     pub stun_listen: Vec<SocketAddr>,
     /// HTTPS address of the admin API for admin tokens (off without it: only the Unix
@@ -161,6 +163,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
                     stun_listen: cfg.stun_listen.clone(),
                     http_listen: cfg.listen,
                     public_url: cfg.public_url.clone(),
+                    quic_threads: cfg.relay_quic_threads,
                 },
                 &cfg.state_dir,
                 Arc::clone(&hub),

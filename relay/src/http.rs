@@ -79,6 +79,7 @@ fn lock(m: &Mutex<Counts>) -> std::sync::MutexGuard<'_, Counts> {
 
 /// Counts a listener's connections against its limits: at most `max` at once, `per_ip` from
 /// one address (the QUIC listener's too, see [`crate::server::QuicLimits`]).
+#[derive(Clone)]
 pub(crate) struct Admission {
     counts: Arc<Mutex<Counts>>,
     max: usize,

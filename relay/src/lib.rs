@@ -3,6 +3,7 @@
 //!
 //! - [`proto`]: frames and the authentication exchange (sans-IO);
 //! - [`server::Relay`]: the forwarding server (QUIC endpoint, WebSocket route, sweeper);
+//! - [`quic::QuicListener`]: its QUIC endpoints on threads of their own;
 //! - [`client::connect`]: a node's connection to a relay;
 //! - [`datagram`]: frames as QUIC datagrams (both ends);
 //! - [`dial::Dialer`]: how a node's outbound sockets are made (marked, for exit nodes);
@@ -23,9 +24,11 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod proto;
+pub mod quic;
 pub mod revocation;
 pub mod server;
 pub mod stun;
 pub mod tls;
 
+pub use quic::QuicListener;
 pub use server::{Authorizer, QuicLimits, Relay, StatsSnapshot, TicketAuthorizer};

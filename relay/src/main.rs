@@ -74,6 +74,11 @@ struct ServeArgs {
     /// 127.0.0.1:9431, skipped with a warning if that port is taken].
     #[arg(long)]
     metrics_listen: Option<relay::metrics::Listen>,
+    /// Threads serving QUIC, each with an endpoint of its own on the --listen port [default:
+    /// 1; more carry more nodes at once, but a node's datagrams to a node served by another
+    /// thread cross between them].
+    #[arg(long, env = "LATTICE_RELAY_QUIC_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    quic_threads: Option<u16>,
 }
 
 /// Where metrics are served unless `--metrics-listen` says otherwise.
@@ -132,8 +137,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "no --coordinator-url: removed nodes keep their relay sessions until their tickets expire"
         ),
     }
-    let endpoint = relay::tls::server_endpoint(&cert, args.listen)
-        .with_context(|| format!("binding QUIC on {}", args.listen))?;
+    let threads = relay::quic::threads_or_default(args.quic_threads.map_or(0, usize::from));
+    let quic = relay::QuicListener::start(
+        &relay,
+        &cert,
+        args.listen,
+        threads,
+        relay::QuicLimits::default(),
+    )?;
     let tcp = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {} (TCP)", args.listen))?;
@@ -166,7 +177,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         name = args.name,
         listen = args.listen,
     );
-    info!(listen = %args.listen, "relay started");
+    info!(listen = %args.listen, quic_threads = threads, "relay started");
     let stats = Arc::new(relay::stun::StunStats::default());
     for s in stun {
         tokio::spawn(relay::stun::serve(s, Arc::clone(&stats)));
@@ -187,11 +198,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         info!(%addr, "metrics at /metrics");
     }
     tokio::spawn(relay.clone().run_sweeper());
-    tokio::spawn(
-        relay
-            .clone()
-            .serve_quic(endpoint, relay::QuicLimits::default()),
-    );
     // Plain HTTP answers only /healthz; the WebSocket fallback is on TLS with the certificate
     // the QUIC transport uses (nodes pin it), on the same port.
     let healthz = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
@@ -206,6 +212,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )
     .await;
     info!("shutting down");
+    drop(quic);
     Ok(())
 }
 

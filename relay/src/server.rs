@@ -304,9 +304,24 @@ impl Relay {
     }
 
     /// Accepts QUIC connections on `endpoint` until it closes, within `limits`.
+    /// ([`crate::quic::QuicListener`] runs several on threads of their own.)
     pub async fn serve_quic(self, endpoint: quinn::Endpoint, limits: QuicLimits) {
-        let admission = crate::http::Admission::new(limits.max_connections, limits.per_ip);
-        let handshaking = Arc::new(AtomicUsize::new(0));
+        let gate = QuicGate::new(&limits);
+        self.serve_quic_gated(endpoint, limits, gate).await;
+    }
+
+    /// [`Self::serve_quic`], counting connections and handshakes in `gate`, which other
+    /// endpoints may share.
+    pub(crate) async fn serve_quic_gated(
+        self,
+        endpoint: quinn::Endpoint,
+        limits: QuicLimits,
+        gate: QuicGate,
+    ) {
+        let QuicGate {
+            admission,
+            handshaking,
+        } = gate;
         let stats = &self.inner.stats;
         while let Some(incoming) = endpoint.accept().await {
             let remote = incoming.remote_address();
@@ -653,6 +668,23 @@ impl Relay {
 }
 
 /// One QUIC handshake in progress, counted while it lives.
+/// What the QUIC endpoints of one relay count together: connections (in all and per address)
+/// and handshakes in progress.
+#[derive(Clone)]
+pub(crate) struct QuicGate {
+    admission: crate::http::Admission,
+    handshaking: Arc<AtomicUsize>,
+}
+
+impl QuicGate {
+    pub(crate) fn new(limits: &QuicLimits) -> Self {
+        Self {
+            admission: crate::http::Admission::new(limits.max_connections, limits.per_ip),
+            handshaking: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
 struct Handshaking(Arc<AtomicUsize>);
 
 impl Handshaking {

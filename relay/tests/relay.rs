@@ -47,7 +47,7 @@ fn revoke(lab: &Lab, key: [u8; 32]) {
 
 struct Lab {
     relay: Relay,
-    endpoint: quinn::Endpoint,
+    quic: relay::QuicListener,
     info: RelayInfo,
     signer: TicketSigner,
     revoked: Arc<RevocationSet>,
@@ -55,10 +55,11 @@ struct Lab {
 }
 
 async fn lab() -> Lab {
-    lab_with(QuicLimits::default()).await
+    lab_with(QuicLimits::default(), 1).await
 }
 
-async fn lab_with(limits: QuicLimits) -> Lab {
+/// A relay whose QUIC is served by `threads` endpoints on threads of their own.
+async fn lab_with(limits: QuicLimits, threads: usize) -> Lab {
     let mut rng = StdRng::seed_from_u64(9);
     let signer = TicketSigner::from_seed([4; 32]);
     let key = StaticKeypair::generate(&mut rng);
@@ -69,11 +70,17 @@ async fn lab_with(limits: QuicLimits) -> Lab {
         Arc::clone(&revoked),
     ));
     let relay = Relay::new(key, auth);
-    let endpoint = relay::tls::server_endpoint(&cert, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let quic = endpoint.local_addr().unwrap();
+    let listener = relay::QuicListener::start(
+        &relay,
+        &cert,
+        "127.0.0.1:0".parse().unwrap(),
+        threads,
+        limits,
+    )
+    .unwrap();
+    let quic = listener.local_addr();
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http: SocketAddr = tcp.local_addr().unwrap();
-    tokio::spawn(relay.clone().serve_quic(endpoint.clone(), limits));
     tokio::spawn(relay.clone().run_sweeper());
     let tls = Arc::new(relay::tls::server_tls(&cert, &[b"http/1.1"]).unwrap());
     tokio::spawn(relay::http::serve_mixed(
@@ -95,7 +102,7 @@ async fn lab_with(limits: QuicLimits) -> Lab {
     };
     Lab {
         relay,
-        endpoint,
+        quic: listener,
         info,
         signer,
         revoked,
@@ -239,6 +246,57 @@ async fn quic_nodes_get_packets_of_every_size_datagrams_or_not() {
     let s = counted(&lab.relay, sent.len() as u64).await;
     assert_eq!(s.forwarded, sent.len() as u64, "{s:?}");
     assert_eq!(s.dropped_queue_full, 0, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_nodes_served_by_different_threads_reach_each_other_until_the_listener_closes() {
+    let mut lab = lab_with(QuicLimits::default(), 4).await;
+    let mut nodes = Vec::new();
+    for _ in 0..12 {
+        let (k, c) = lab.connected(lab.quic_only()).await;
+        assert_eq!(c.transport(), Transport::Quic);
+        nodes.push((k, c));
+    }
+    // The kernel spread them by address over the four endpoints (all twelve on one would
+    // happen about once in four million runs).
+    let open = lab.quic.open_connections();
+    assert_eq!(open.iter().sum::<usize>(), 12, "{open:?}");
+    assert!(open.iter().filter(|n| **n > 0).count() >= 2, "{open:?}");
+    // Each node sends a burst to the next: a full WireGuard packet, then numbered small ones.
+    let keys: Vec<[u8; 32]> = nodes.iter().map(|(k, _)| k.public()).collect();
+    for (i, (_, c)) in nodes.iter().enumerate() {
+        let to = keys[(i + 1) % keys.len()];
+        assert!(c.send(&to, &[i as u8; 1400]));
+        for n in 0..100u16 {
+            assert!(c.send(&to, &n.to_be_bytes()));
+        }
+    }
+    for i in 0..nodes.len() {
+        let from = keys[(i + keys.len() - 1) % keys.len()];
+        let c = &mut nodes[i].1;
+        let mut got = Vec::new();
+        while got.len() < 101 {
+            let (src, p) = next_packet(c).await.expect("a packet is missing");
+            assert_eq!(src, from);
+            got.push(p);
+        }
+        got.sort();
+        let mut want: Vec<Vec<u8>> = (0..100u16).map(|n| n.to_be_bytes().to_vec()).collect();
+        want.push(vec![((i + keys.len() - 1) % keys.len()) as u8; 1400]);
+        want.sort();
+        assert_eq!(got, want, "node {i}");
+    }
+    let s = counted(&lab.relay, 12 * 101).await;
+    assert_eq!(s.forwarded, 12 * 101, "{s:?}");
+    // Dropping the listener closes every endpoint, and with it every node's connection.
+    drop(lab.quic);
+    for (i, (_, c)) in nodes.iter_mut().enumerate() {
+        let ended = tokio::time::timeout(Duration::from_secs(3), async {
+            while c.recv().await.is_some() {}
+        })
+        .await;
+        assert!(ended.is_ok(), "node {i} still connected");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,7 +480,8 @@ async fn a_flood_of_quic_handshakes_that_never_finish_holds_no_state_and_nodes_s
         handshake_timeout: Duration::from_secs(2),
         ..QuicLimits::default()
     };
-    let mut lab = lab_with(limits).await;
+    // Four endpoints: the handshakes in progress are counted across them.
+    let mut lab = lab_with(limits, 4).await;
     let relay_addr = lab.info.quic.unwrap();
     let pin = lab.info.cert_sha256.unwrap().0;
     let flood = tokio::time::Instant::now();
@@ -433,8 +492,8 @@ async fn a_flood_of_quic_handshakes_that_never_finish_holds_no_state_and_nodes_s
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The relay keeps state for the first few only; the rest were sent Retry packets (which
     // their made-up addresses never see).
-    let open = lab.endpoint.open_connections();
-    assert!(open <= 8, "{open} handshakes held");
+    let open = lab.quic.open_connections();
+    assert!(open.iter().sum::<usize>() <= 8, "{open:?} handshakes held");
     let s = lab.relay.stats();
     assert!(s.quic_retried >= 56, "{s:?}");
     // Nodes still get in over QUIC (answering their Retry) while the flood goes on.
@@ -457,10 +516,14 @@ async fn a_flood_of_quic_handshakes_that_never_finish_holds_no_state_and_nodes_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_connections_beyond_the_per_address_limit_are_refused() {
-    let mut lab = lab_with(QuicLimits {
-        per_ip: 2,
-        ..QuicLimits::default()
-    })
+    // Four endpoints: the connections from one address are counted across them.
+    let mut lab = lab_with(
+        QuicLimits {
+            per_ip: 2,
+            ..QuicLimits::default()
+        },
+        4,
+    )
     .await;
     let info = lab.quic_only();
     let (_, c1) = lab.connected(info.clone()).await;
