@@ -5,11 +5,13 @@
 //! packets), the CPU seconds the tunnel processes of both ends spent per GB moved (from
 //! /proc), and the ping round trip through the tunnel during a one-stream transfer. Then one
 //! node sends one stream to each of 4 peers at once (Lattice, the raw veths, and each other
-//! implementation as a hub with 4 peers). Prints medians and ratios, and the number of
-//! data-plane workers Lattice ran (`LATTICE_WORKERS` sets it). `--quick` measures Lattice and
-//! the raw veth only (the 4 peers too); `LATTICE_BENCH_UDP_RATE` sets iperf3's `-b` for the
-//! UDP row (default 0: as fast as iperf3 sends) and `LATTICE_BENCH_DEBUG` prints iperf3's UDP
-//! summaries and ping's round-trip spread. A benchmark, not a test: it asserts nothing about speed.
+//! implementation as a hub with 4 peers). Prints medians and ratios, the number of
+//! data-plane workers Lattice ran (`LATTICE_WORKERS` sets it), and, for each round's one
+//! stream, how busy each thread of our two nodes was (the one near 100% bounds the stream).
+//! `--quick` measures Lattice and the raw veth only (the 4 peers too);
+//! `LATTICE_BENCH_UDP_RATE` sets iperf3's `-b` for the UDP row (default 0: as fast as iperf3
+//! sends) and `LATTICE_BENCH_DEBUG` prints iperf3's UDP summaries and ping's round-trip
+//! spread. A benchmark, not a test: it asserts nothing about speed.
 #![allow(clippy::print_stdout)]
 
 use std::process::Command;
@@ -66,6 +68,55 @@ fn cpu_seconds(pids: &[u32]) -> f64 {
         })
         .sum::<f64>()
         / ticks
+}
+
+/// CPU seconds each thread of `pid` has used so far, with the thread's name, by thread id
+/// (from /proc/PID/task/TID/stat).
+fn thread_cpu(pid: u32) -> std::collections::BTreeMap<u32, (String, f64)> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Default::default();
+    };
+    tasks
+        .filter_map(|t| {
+            let tid: u32 = t.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(") ")?;
+            let name = head.split_once(" (")?.1.to_owned();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let cpu = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some((tid, (name, cpu / ticks)))
+        })
+        .collect()
+}
+
+/// The threads of one process that used at least 5% of a core between `before` and `after`
+/// (`seconds` apart), busiest first: "name 97%, name 40%", and the rest summed.
+fn busy_threads(
+    before: &std::collections::BTreeMap<u32, (String, f64)>,
+    after: &std::collections::BTreeMap<u32, (String, f64)>,
+    seconds: f64,
+) -> String {
+    let mut used: Vec<(f64, &str)> = after
+        .iter()
+        .map(|(tid, (name, cpu))| {
+            let start = before.get(tid).map_or(0.0, |(_, c)| *c);
+            (100.0 * (cpu - start) / seconds, name.as_str())
+        })
+        .collect();
+    used.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let (busy, rest): (Vec<_>, Vec<_>) = used.iter().partition(|(pct, _)| *pct >= 5.0);
+    let mut out: Vec<String> = busy
+        .iter()
+        .map(|(pct, name)| format!("{name} {pct:.0}%"))
+        .collect();
+    out.push(format!(
+        "{} others {:.0}%",
+        rest.len(),
+        rest.iter().map(|(pct, _)| pct).sum::<f64>()
+    ));
+    out.join(", ")
 }
 
 /// Runs the benchmark.
@@ -171,6 +222,8 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
             // One stream, with a ping through the same tunnel meanwhile and the tunnel
             // processes' CPU time around it.
             let cpu_before = cpu_seconds(&t.pids);
+            let threads_before: Vec<_> = t.pids.iter().map(|p| thread_cpu(*p)).collect();
+            let started = std::time::Instant::now();
             let (bps, ping) = std::thread::scope(|s| {
                 let pinger = s.spawn(|| ping_mean_ms(&lab, &a, &t.dst, seconds));
                 let bps = iperf(&lab, &a, &t.dst, seconds);
@@ -178,6 +231,24 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
             });
             let bps = bps.with_context(|| format!("iperf3 to {} ({})", t.name, t.dst))?;
             let cpu = cpu_seconds(&t.pids) - cpu_before;
+            // Our nodes' threads: which of them bounds the stream.
+            let threads = if t.dst == lattice_dst {
+                let secs = started.elapsed().as_secs_f64();
+                let ends = ["sender", "receiver"];
+                t.pids
+                    .iter()
+                    .zip(&threads_before)
+                    .zip(ends)
+                    .map(|((pid, before), end)| {
+                        format!(
+                            "\n    {end}'s threads, % of a core: {}",
+                            busy_threads(before, &thread_cpu(*pid), secs)
+                        )
+                    })
+                    .collect::<String>()
+            } else {
+                String::new()
+            };
             let gb = bps * f64::from(seconds) / 8.0 / 1e9;
             if !t.pids.is_empty() && gb > 0.0 {
                 t.cpu_per_gb.push(cpu / gb);
@@ -205,7 +276,7 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
                 String::new()
             };
             println!(
-                "  round {round}: {:<22} {:>8.3} Gbit/s, 4 streams {:>7.3} Gbit/s, UDP {:>8.0} pkt/s, ping under load {}{path}",
+                "  round {round}: {:<22} {:>8.3} Gbit/s, 4 streams {:>7.3} Gbit/s, UDP {:>8.0} pkt/s, ping under load {}{path}{threads}",
                 t.name,
                 bps / 1e9,
                 par / 1e9,
