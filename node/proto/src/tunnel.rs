@@ -71,17 +71,26 @@ impl SealSlot {
 
 /// The session a data message names, found under the tunnel's lock: the AEAD runs after the
 /// lock is let go ([`Inner::open_slot`]), and [`Inner::opened`] notes what it found.
+///
+/// Its replay window is kept by the threads that take the lock, not by those that run the AEAD
+/// (which may be several for one session's messages at once): [`Inner::open_slot`] finds no
+/// slot for a counter already seen, so a replay costs no AEAD, and [`Inner::opened`] marks the
+/// counter, refusing a copy opened at the same time as one accepted first.
 pub(crate) struct OpenSlot {
     session: Arc<wg::Session>,
     next: bool,
+    /// The message's counter, once it opened.
+    counter: u64,
 }
 
 impl OpenSlot {
-    /// Opens `message` in place: the packet (empty for a keepalive).
-    pub(crate) fn open(&self, now: Instant, message: WgKind) -> Result<Packet, wg::Error> {
+    /// Opens `message` in place: the packet (empty for a keepalive), not yet accepted.
+    pub(crate) fn open(&mut self, now: Instant, message: WgKind) -> Result<Packet, wg::Error> {
         let mut packet: Packet = message.into();
         let bytes = std::mem::take(packet.buf_mut());
-        Ok(Packet::from_bytes(self.session.open_in_place(now, bytes)?))
+        let (counter, packet) = self.session.open_unmarked_in_place(now, bytes)?;
+        self.counter = counter;
+        Ok(Packet::from_bytes(packet))
     }
 }
 
@@ -223,19 +232,31 @@ impl Inner {
         })
     }
 
-    /// The session the data message with receiver index `index` names, if any.
-    pub(crate) fn open_slot(&self, index: u32) -> Option<OpenSlot> {
+    /// The session the data message with receiver index `index` and `counter` names, if any
+    /// and if that counter may still be accepted ([`Inner::receive`] refuses the rest without
+    /// their AEAD).
+    pub(crate) fn open_slot(&self, index: u32, counter: u64) -> Option<OpenSlot> {
         let (session, next) = self.peer.receiving(index)?;
-        Some(OpenSlot {
+        session.fresh(counter).then(|| OpenSlot {
             session: Arc::clone(session),
             next,
+            counter,
         })
     }
 
-    /// Notes a data message opened through `slot`, `len` bytes of packet: whether it confirmed
-    /// a session (then what waited for one can go).
-    pub(crate) fn opened(&mut self, now: Instant, slot: &OpenSlot, len: usize) -> bool {
-        self.peer.opened(now, &slot.session, slot.next, len)
+    /// Accepts a data message opened through `slot`, `len` bytes of packet, and notes it:
+    /// whether it confirmed a session (then what waited for one can go), or `Err` for a
+    /// replay (a copy of it was accepted since its slot was found).
+    pub(crate) fn opened(
+        &mut self,
+        now: Instant,
+        slot: &OpenSlot,
+        len: usize,
+    ) -> Result<bool, wg::Error> {
+        if !slot.session.accept(slot.counter) {
+            return Err(wg::Error::Replayed);
+        }
+        Ok(self.peer.opened(now, &slot.session, slot.next, len))
     }
 
     /// [`Tunnel::receive`] on a locked tunnel.

@@ -383,7 +383,9 @@ impl CryptoJob {
             },
             Work::Open { from, message } => {
                 let slot = match &message {
-                    WgKind::Data(p) => inner.open_slot(p.header.receiver_idx.get()),
+                    WgKind::Data(p) => {
+                        inner.open_slot(p.header.receiver_idx.get(), p.header.counter.get())
+                    }
                     _ => None,
                 };
                 match slot {
@@ -423,7 +425,7 @@ impl CryptoJob {
             Work::OpenWith {
                 from,
                 message,
-                slot,
+                mut slot,
             } => match slot.open(at, message) {
                 Ok(inner) => Work::Opened {
                     len: inner.len(),
@@ -477,22 +479,25 @@ impl CryptoJob {
         }
     }
 
-    /// Finishes a job whose data message opened, noting it under the tunnel's lock (held by
-    /// the caller): if it confirmed a session, the core sends what waited for one when it
-    /// finishes the job.
+    /// Finishes a job whose data message opened, accepting and noting it under the tunnel's
+    /// lock (held by the caller): a copy of a message accepted first is refused as a replay;
+    /// if it confirmed a session, the core sends what waited for one when it finishes the job.
     fn account(mut self, inner: &mut Inner) -> CryptoDone {
         let at = self.at;
         if let Work::Opened { done, slot, len } = &mut self.work
-            && inner.opened(at, slot, *len)
             && let Done::Opened { result, .. } = done
         {
-            *result = match std::mem::replace(result, Opened::Nothing) {
-                Opened::Packet { inner, .. } if inner.is_empty() => Opened::Established,
-                Opened::Packet { inner, .. } => Opened::Packet {
+            *result = match (
+                inner.opened(at, slot, *len),
+                std::mem::replace(result, Opened::Nothing),
+            ) {
+                (Err(e), _) => Opened::Err(e),
+                (Ok(true), Opened::Packet { inner, .. }) if inner.is_empty() => Opened::Established,
+                (Ok(true), Opened::Packet { inner, .. }) => Opened::Packet {
                     inner,
                     established: true,
                 },
-                other => other,
+                (_, other) => other,
             };
         }
         self.into_done()

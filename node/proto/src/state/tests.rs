@@ -561,6 +561,72 @@ fn prepared_jobs_crypted_on_several_threads_while_the_tunnel_is_locked_arrive_in
     assert_eq!(net.nodes[1].status(net.now).counters.wg_invalid, 0);
 }
 
+/// The replay window is kept by the threads that finish jobs, not by those that run their
+/// AEAD: copies of one message opened on different threads at once are delivered once, and a
+/// forged copy opened before the real one neither arrives nor keeps it out. A batch of 40
+/// forgeries (a changed tag), the 40 messages, and 40 copies of them is opened in three parts
+/// on three threads (the last part started first); a second batch of copies is refused whole.
+#[test]
+fn copies_of_a_message_opened_on_several_threads_at_once_are_delivered_once() {
+    let mut net = keyed_pair_with_crypto_outside(1);
+    let packets: Vec<Vec<u8>> = (0..40u16)
+        .map(|i| ipv4(v4(0), v4(1), 17, &udp(1000, 2000, &i.to_be_bytes())))
+        .collect();
+    for p in &packets {
+        net.nodes[0].handle_tun_packet(net.now, Packet::copy_from(&p[..]));
+    }
+    let messages: Vec<Vec<u8>> = std::iter::from_fn(|| net.nodes[0].poll_transmit())
+        .map(|t| t.payload.to_vec())
+        .collect();
+    assert_eq!(messages.len(), 40);
+    let forged = messages.iter().map(|m| {
+        let mut f = m.clone();
+        let n = f.len();
+        f[n - 1] ^= 1;
+        f
+    });
+    let batch: Vec<Vec<u8>> = forged
+        .chain(messages.iter().cloned())
+        .chain(messages.iter().cloned())
+        .collect();
+    let (from, now) = (net.addrs[0], net.now);
+    let open = |node: &mut NodeState, batch: &[Vec<u8>]| {
+        node.handle_datagrams(
+            now,
+            SockId::Main,
+            batch.iter().map(|d| (from, Packet::copy_from(&d[..]))),
+        );
+        let mut jobs = VecDeque::new();
+        node.take_crypto(&mut jobs);
+        let checks = node.checks();
+        CryptoJob::check_all(&mut jobs, &checks);
+        CryptoJob::prepare_all(&mut jobs, &checks);
+        std::thread::scope(|s| {
+            for part in jobs.make_contiguous().chunks_mut(40).rev() {
+                s.spawn(move || CryptoJob::crypt_prepared(part));
+            }
+        });
+        let mut done = Vec::new();
+        CryptoJob::finish_all(&mut jobs, &mut done);
+        CryptoDone::check_all(&mut done, &checks);
+        node.handle_crypto_all(now, &mut done);
+    };
+    let invalid = net.nodes[1].status(net.now).counters.wg_invalid;
+    open(&mut net.nodes[1], &batch);
+    assert_eq!(net.received(1), packets);
+    assert_eq!(
+        net.nodes[1].status(net.now).counters.wg_invalid,
+        invalid + 80,
+        "the forgeries and the copies"
+    );
+    open(&mut net.nodes[1], &messages);
+    assert!(net.received(1).is_empty());
+    assert_eq!(
+        net.nodes[1].status(net.now).counters.wg_invalid,
+        invalid + 120
+    );
+}
+
 /// A run of data messages from one address shares one look-up and each is parsed by its job:
 /// one with a broken tag, and a stub too short to be a data message, are counted invalid,
 /// and the others are delivered in order.

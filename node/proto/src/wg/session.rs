@@ -222,28 +222,63 @@ impl Session {
     }
 
     /// Opens the data message `msg` in place (it must be addressed to this session): the
-    /// range of `msg` that holds the packet, padding removed (empty for a keepalive).
+    /// range of `msg` that holds the packet, padding removed (empty for a keepalive). Its
+    /// counter is checked against the replay window before the AEAD and marked after it, so
+    /// a forged message never moves the window.
     pub fn open(&self, now: Instant, msg: &mut [u8]) -> Result<std::ops::Range<usize>, OpenError> {
+        let counter = self.counter_of(now, msg)?;
+        if !self.fresh(counter) {
+            return Err(OpenError::Replayed);
+        }
+        let len = self.authenticate(counter, msg)?;
+        if !self.accept(counter) {
+            return Err(OpenError::Replayed);
+        }
+        packet_range(msg, len)
+    }
+
+    /// [`Session::open`] without the replay window, for a caller that opens many messages on
+    /// several threads at once and keeps the window itself, one thread at a time: it checks
+    /// [`Session::fresh`] before (a replay is not worth its AEAD) and must [`Session::accept`]
+    /// the counter (returned with the range) before it uses the packet, dropping it as a
+    /// replay if that fails (a copy opened at the same time was accepted first). Marking the
+    /// window once per message from every thread that opens made them wait for each other.
+    pub fn open_unmarked(
+        &self,
+        now: Instant,
+        msg: &mut [u8],
+    ) -> Result<(u64, std::ops::Range<usize>), OpenError> {
+        let counter = self.counter_of(now, msg)?;
+        let len = self.authenticate(counter, msg)?;
+        Ok((counter, packet_range(msg, len)?))
+    }
+
+    /// Whether a message with `counter` may still be accepted: neither seen nor too old.
+    pub fn fresh(&self, counter: u64) -> bool {
+        self.replay.lock().check(counter)
+    }
+
+    /// Marks `counter` received, if it is fresh: whether it was.
+    pub fn accept(&self, counter: u64) -> bool {
+        self.replay.lock().accept(counter)
+    }
+
+    /// The counter of the data message `msg`, if it is one and the session is still alive.
+    fn counter_of(&self, now: Instant, msg: &[u8]) -> Result<u64, OpenError> {
         if msg.len() < DATA_MIN_LEN || msg[0] != DATA {
             return Err(OpenError::Invalid);
         }
         if !self.alive(now) {
             return Err(OpenError::Expired);
         }
-        let counter = message::u64_at(msg, message::data::COUNTER);
-        if !self.replay.lock().check(counter) {
-            return Err(OpenError::Replayed);
-        }
-        let len = self
-            .receive
+        Ok(message::u64_at(msg, message::data::COUNTER))
+    }
+
+    /// Opens `msg`'s payload in place with `counter`: the plaintext's length.
+    fn authenticate(&self, counter: u64, msg: &mut [u8]) -> Result<usize, OpenError> {
+        self.receive
             .open(counter, &[], &mut msg[DATA_HEADER_LEN..])
-            .ok_or(OpenError::Invalid)?;
-        if !self.replay.lock().accept(counter) {
-            return Err(OpenError::Replayed);
-        }
-        let plain = &msg[DATA_HEADER_LEN..DATA_HEADER_LEN + len];
-        let inner = ip_length(plain).ok_or(OpenError::Invalid)?;
-        Ok(DATA_HEADER_LEN..DATA_HEADER_LEN + inner)
+            .ok_or(OpenError::Invalid)
     }
 }
 
@@ -252,10 +287,34 @@ impl Session {
     /// place (no copy).
     pub fn open_in_place(&self, now: Instant, mut msg: BytesMut) -> Result<BytesMut, OpenError> {
         let range = self.open(now, &mut msg)?;
-        msg.truncate(range.end);
-        bytes::Buf::advance(&mut msg, range.start);
-        Ok(msg)
+        Ok(cut(msg, range))
     }
+
+    /// [`Session::open_unmarked`] on a message of its own: its counter and the message cut
+    /// down to the packet.
+    pub fn open_unmarked_in_place(
+        &self,
+        now: Instant,
+        mut msg: BytesMut,
+    ) -> Result<(u64, BytesMut), OpenError> {
+        let (counter, range) = self.open_unmarked(now, &mut msg)?;
+        Ok((counter, cut(msg, range)))
+    }
+}
+
+/// `msg` cut down to `range`, in place.
+fn cut(mut msg: BytesMut, range: std::ops::Range<usize>) -> BytesMut {
+    msg.truncate(range.end);
+    bytes::Buf::advance(&mut msg, range.start);
+    msg
+}
+
+/// Where the IP packet lies in an opened message whose plaintext is `len` bytes, padding
+/// removed.
+fn packet_range(msg: &[u8], len: usize) -> Result<std::ops::Range<usize>, OpenError> {
+    let plain = &msg[DATA_HEADER_LEN..DATA_HEADER_LEN + len];
+    let inner = ip_length(plain).ok_or(OpenError::Invalid)?;
+    Ok(DATA_HEADER_LEN..DATA_HEADER_LEN + inner)
 }
 
 /// The length of the IP packet at the start of `plain` (0 for a keepalive), or `None` when
