@@ -757,7 +757,9 @@ fn wireguard_pair(
 /// `lattice-lab bench-relay`: single-stream TCP between two nodes behind NAT routers, side by
 /// side for three pairs in one mesh: direct, relayed over QUIC (UDP between the two routers is
 /// dropped), and relayed over the WebSocket (one side's network drops all UDP). Rounds are
-/// interleaved; prints medians and each relayed path as a share of the direct one.
+/// interleaved; prints medians and each relayed path as a share of the direct one, and for
+/// each run how busy each thread of the two nodes (and of the coordinator, whose relay
+/// carries the relayed pairs) was.
 pub fn relay_throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
     use crate::lab::Nat;
     Lab::available()
@@ -826,11 +828,29 @@ pub fn relay_throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
             })
             .unwrap_or_default();
         println!("{name:<22} path {path}");
-        targets.push((name.to_string(), a_ns.clone(), dst, Vec::new(), Vec::new()));
+        // Whose threads to show: both nodes, and the coordinator (its relay) when relayed.
+        let mut procs = vec![("sender", a.proc), ("receiver", b.proc)];
+        if p > 0 {
+            procs.push(("relay (coordinator)", coord.proc));
+        }
+        let pids: Vec<(&str, u32)> = procs
+            .into_iter()
+            .filter_map(|(who, proc)| Some((who, lab.pid(proc)?)))
+            .collect();
+        targets.push((
+            name.to_string(),
+            a_ns.clone(),
+            dst,
+            pids,
+            Vec::new(),
+            Vec::new(),
+        ));
     }
     println!("single-stream TCP, {rounds} interleaved rounds of {seconds}s");
     for round in 1..=rounds {
-        for (name, ns, dst, runs, pings) in &mut targets {
+        for (name, ns, dst, pids, runs, pings) in &mut targets {
+            let before: Vec<_> = pids.iter().map(|(_, pid)| thread_cpu(*pid)).collect();
+            let started = std::time::Instant::now();
             // A ping through the same path meanwhile: what the transfer's queues cost.
             let (run, ping) = std::thread::scope(|s| {
                 let pinger = s.spawn(|| ping_mean_ms(&lab, ns, dst, seconds));
@@ -846,14 +866,21 @@ pub fn relay_throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
                 retransmits.map_or("?".into(), |n| n.to_string()),
                 ping.map_or("-".into(), |ms| format!("{ms:.2} ms"))
             );
+            let secs = started.elapsed().as_secs_f64();
+            for ((who, pid), before) in pids.iter().zip(&before) {
+                println!(
+                    "    {who}'s threads, % of a core: {}",
+                    busy_threads(before, &thread_cpu(*pid), secs)
+                );
+            }
         }
     }
-    let direct = median(&targets[0].3);
+    let direct = median(&targets[0].4);
     println!(
         "\n{:<22} {:>12} {:>12} {:>16}   runs (Gbit/s)",
         "path", "median", "vs direct", "ping under load"
     );
-    for (name, _, _, runs, pings) in &targets {
+    for (name, _, _, _, runs, pings) in &targets {
         let m = median(runs);
         let r: Vec<String> = runs.iter().map(|x| format!("{:.3}", x / 1e9)).collect();
         let ping = if pings.is_empty() {
