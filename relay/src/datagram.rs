@@ -76,7 +76,11 @@ mod tests {
     /// Two ends of a real QUIC connection over loopback.
     async fn pair() -> (quinn::Endpoint, quinn::Connection, quinn::Connection) {
         let cert = tls::RelayCert::generate().unwrap();
-        let server = tls::server_endpoint(&cert, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let server = quinn::Endpoint::server(
+            tls::server_config(&cert).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
         let addr = server.local_addr().unwrap();
         let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         client.set_default_client_config(tls::client_config(cert.pin()).unwrap());

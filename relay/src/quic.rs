@@ -106,7 +106,7 @@ impl QuicListener {
                         Ok(e) => {
                             if tx.send(Ok(e.clone())).is_ok() {
                                 rt.block_on(async {
-                                    relay.serve_quic_gated(e.clone(), limits, gate).await;
+                                    relay.serve_quic(e.clone(), limits, gate).await;
                                     // Closed: let the connections' drivers tell the clients.
                                     let _ = tokio::time::timeout(CLOSING, e.wait_idle()).await;
                                 });

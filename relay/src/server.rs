@@ -303,16 +303,10 @@ impl Relay {
         }
     }
 
-    /// Accepts QUIC connections on `endpoint` until it closes, within `limits`.
-    /// ([`crate::quic::QuicListener`] runs several on threads of their own.)
-    pub async fn serve_quic(self, endpoint: quinn::Endpoint, limits: QuicLimits) {
-        let gate = QuicGate::new(&limits);
-        self.serve_quic_gated(endpoint, limits, gate).await;
-    }
-
-    /// [`Self::serve_quic`], counting connections and handshakes in `gate`, which other
-    /// endpoints may share.
-    pub(crate) async fn serve_quic_gated(
+    /// Accepts QUIC connections on `endpoint` until it closes, within `limits`, counting
+    /// connections and handshakes in `gate`, which the other endpoints of a
+    /// [`crate::quic::QuicListener`] share.
+    pub(crate) async fn serve_quic(
         self,
         endpoint: quinn::Endpoint,
         limits: QuicLimits,

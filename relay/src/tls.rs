@@ -4,7 +4,6 @@
 //! certificate listed in the netmap) and for the coordinator's admin API (admin tokens carry
 //! the pin).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,19 +140,6 @@ pub fn server_config(cert: &RelayCert) -> anyhow::Result<quinn::ServerConfig> {
     ));
     cfg.transport_config(transport(None));
     Ok(cfg)
-}
-
-/// The relay's QUIC endpoint on `addr`, serving with `cert`; its socket has
-/// [`crate::dial::large_buffers`] (every node's relayed traffic arrives on it).
-pub fn server_endpoint(cert: &RelayCert, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
-    let socket = std::net::UdpSocket::bind(addr)?;
-    crate::dial::large_buffers(&socket, crate::dial::UDP_BUFFER);
-    Ok(quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server_config(cert)?),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )?)
 }
 
 /// The QUIC client configuration that accepts only the certificate with `pin`.
