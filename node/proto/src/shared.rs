@@ -14,8 +14,9 @@
 //! reader) leaves in order. Calls on different workers interleave freely: their flows are
 //! unordered with respect to each other, as on any network. A worker may also split the call
 //! into its halves, [`feed`] and [`finish`], and finish on a second thread while it feeds its
-//! next batch, or [`finish`] into its own parts, [`crypt`] and [`complete`], on two threads:
-//! the order holds as long as each thread takes the batches in the order they were fed.
+//! next batch, or [`finish`] into its own parts, [`crypt`] and [`complete`], on two threads
+//! (or [`prepare`] where it feeds, then [`crypt_prepared`] and [`complete`]): the order holds
+//! as long as each thread takes the batches in the order they were fed.
 //!
 //! This module performs no I/O and reads no clock: `now` comes from the caller.
 
@@ -107,10 +108,21 @@ pub fn crypt(out: &mut BatchOutput) {
     }
 }
 
-/// [`crypt`], sharing the AEAD ([`CryptoJob::crypt_all_shared`]): `share` gets the batch's
-/// jobs prepared (counters taken and sessions found) and runs their AEAD on whatever threads,
-/// leaving them in order.
-pub fn crypt_shared(out: &mut BatchOutput, share: impl FnOnce(&mut VecDeque<CryptoJob>)) {
+/// [`crypt`] in three steps, for a shell whose crypto thread is its busiest: [`prepare`] on
+/// the thread that fed the batch (sending counters taken in order, sessions found, replays
+/// turned away: [`CryptoJob::prepare_all`]), then this on the crypto thread, then
+/// [`complete`], which finishes the jobs in order. `share` gets the prepared jobs and must
+/// run [`CryptoJob::crypt_prepared`] on every one of them, on whatever threads, leaving them
+/// in order; so the crypto thread runs the AEAD and nothing else.
+pub fn crypt_prepared(out: &mut BatchOutput, share: impl FnOnce(&mut VecDeque<CryptoJob>)) {
+    if !out.jobs.is_empty() {
+        share(&mut out.jobs);
+    }
+}
+
+/// The first of the three steps of [`crypt_prepared`]'s note: prepares the jobs [`feed`] left
+/// in `out` for their AEAD. Preparing jobs again changes nothing.
+pub fn prepare(out: &mut BatchOutput) {
     debug_assert!(
         out.jobs.is_empty() || out.checks.is_some(),
         "jobs come with checks"
@@ -118,15 +130,19 @@ pub fn crypt_shared(out: &mut BatchOutput, share: impl FnOnce(&mut VecDeque<Cryp
     if let Some(checks) = &out.checks
         && !out.jobs.is_empty()
     {
-        CryptoJob::crypt_all_shared(&mut out.jobs, checks, &mut out.done, share);
+        CryptoJob::prepare_all(&mut out.jobs, checks);
     }
 }
 
-/// The second part of [`finish`]: checks the packets [`crypt`] opened without the core's
-/// lock ([`CryptoDone::check_all`]), then finishes the jobs in order under it and appends
-/// what they produced. Finishing may make more jobs (packets a handshake released): it runs
-/// those too. Takes the lock only if there are jobs.
+/// The second part of [`finish`]: finishes any jobs whose AEAD ran on another thread
+/// ([`crypt_prepared`]; [`crypt`] finished its own), checks the packets they opened without
+/// the core's lock ([`CryptoDone::check_all`]), then finishes the jobs in order under it and
+/// appends what they produced. Finishing may make more jobs (packets a handshake released):
+/// it runs those too. Takes the lock only if there are jobs.
 pub fn complete(core: &Mutex<NodeState>, now: Instant, out: &mut BatchOutput) {
+    if !out.jobs.is_empty() {
+        CryptoJob::finish_all(&mut out.jobs, &mut out.done);
+    }
     while !out.done.is_empty() {
         if let Some(checks) = &out.checks {
             CryptoDone::check_all(&mut out.done, checks);
@@ -265,7 +281,8 @@ mod tests {
         /// one worker, as a multi-queue TUN device hashes it, in batches of random sizes;
         /// `stages`: 1, each worker does it all; 2, a thread of its own finishes each batch
         /// while the worker feeds the next; 3, one thread runs the batches' crypto and
-        /// another completes them),
+        /// another completes them; 4, as 3 but the worker prepares the jobs and the crypto
+        /// thread only runs their AEAD),
         /// cross the network with the workers' outputs interleaved at random, and come out
         /// of core 1 (one worker, as all of a peer's datagrams reach one socket): every
         /// flow's packets arrive, each exactly once and in the order they were sent.
@@ -275,7 +292,7 @@ mod tests {
             workers in 1usize..5,
             batch_sizes in proptest::collection::vec(1usize..40, 1..20),
             interleave in proptest::collection::vec(any::<u8>(), 1..64),
-            stages in 1usize..=3,
+            stages in 1usize..=4,
         ) {
             let now = crate::test_epoch();
             let cores = pair(now);
@@ -308,6 +325,9 @@ mod tests {
                                         st.handle_tun_packet(now, Packet::copy_from(&p[..]));
                                     }
                                 });
+                                if stages == 4 {
+                                    prepare(out);
+                                }
                                 true
                             };
                             if stages == 1 {
@@ -322,15 +342,24 @@ mod tests {
                                 return Ok(sent);
                             }
                             // A finisher thread of its own takes each fed batch, in order,
-                            // while this one feeds the next; with three stages, a crypto
-                            // thread between them runs each batch's AEAD.
+                            // while this one feeds the next; with three (or four) stages, a
+                            // crypto thread between them runs each batch's AEAD (and only
+                            // that, with four).
                             let (tx, rx) = std::sync::mpsc::sync_channel::<BatchOutput>(2);
                             std::thread::scope(|s2| {
-                                let rx = if stages == 3 {
+                                let rx = if stages >= 3 {
                                     let (tx2, rx2) = std::sync::mpsc::sync_channel(2);
                                     s2.spawn(move || {
                                         for mut out in rx {
-                                            crypt(&mut out);
+                                            if stages == 4 {
+                                                crypt_prepared(&mut out, |jobs| {
+                                                    let (a, b) = jobs.as_mut_slices();
+                                                    CryptoJob::crypt_prepared(a);
+                                                    CryptoJob::crypt_prepared(b);
+                                                });
+                                            } else {
+                                                crypt(&mut out);
+                                            }
                                             tx2.send(out).unwrap();
                                         }
                                     });
@@ -341,7 +370,7 @@ mod tests {
                                 let finisher = s2.spawn(move || {
                                     let mut sent = Vec::new();
                                     for mut out in rx {
-                                        if stages == 3 {
+                                        if stages >= 3 {
                                             complete(core, now, &mut out);
                                         } else {
                                             finish(core, now, &mut out);

@@ -7,7 +7,7 @@
 //! waits for them it serves the queue too (its own parts or another crypto thread's), so a
 //! batch never waits for a busy pool. The jobs come back in their batch's order: the core
 //! took their counters in that order before any was sealed
-//! ([`node_proto::shared::crypt_shared`]), so each flow still leaves in order.
+//! ([`node_proto::shared::crypt_prepared`]), so each flow still leaves in order.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,8 +25,8 @@ pub type AeadHelpers = Helpers<CryptoJob>;
 /// A crypto thread's side of [`AeadHelpers`].
 pub type Asker = PartsBack<CryptoJob>;
 
-/// The work on one part: the AEAD of prepared jobs.
-fn crypt_part(jobs: &mut VecDeque<CryptoJob>) {
+/// The AEAD of prepared jobs: one part, or a whole batch the crypto thread keeps.
+pub fn crypt_part(jobs: &mut VecDeque<CryptoJob>) {
     let (front, back) = jobs.as_mut_slices();
     CryptoJob::crypt_prepared(front);
     CryptoJob::crypt_prepared(back);
@@ -128,7 +128,7 @@ impl<T: Send + 'static> Helpers<T> {
     }
 
     /// Runs the work on `jobs` (for the AEAD: prepared, see
-    /// [`node_proto::shared::crypt_shared`]), sharing it with the helpers when there are
+    /// [`node_proto::shared::crypt_prepared`]), sharing it with the helpers when there are
     /// enough, and leaves them in order.
     pub fn crypt(&self, asker: &mut PartsBack<T>, jobs: &mut VecDeque<T>) {
         let parts = (jobs.len() / MIN_PART).min(self.helpers + 1);

@@ -2,10 +2,11 @@
 //! shared with `SO_REUSEPORT`), feeds what it reads to the shared core, runs the encryption
 //! and decryption the core hands out without holding it, and sends and writes the results
 //! (`node_proto::shared::{feed, finish}`). With helpers ([`Modes::helpers`]) each worker is a
-//! pipeline: its thread reads and feeds, a crypto thread of its own runs each batch's AEAD
-//! (`crypt`), a finishing thread completes it in the core and hands its datagrams and TUN
-//! packets to helper tasks that make the system calls; without, the worker does all of it,
-//! batch after batch.
+//! pipeline: its thread reads and feeds and prepares the batch's crypto jobs (`prepare`:
+//! counters and sessions), a crypto thread of its own runs their AEAD and nothing else
+//! (`crypt_prepared`), a finishing thread completes them in the core and hands its datagrams
+//! and TUN packets to helper tasks that make the system calls; without, the worker does all
+//! of it, batch after batch.
 //!
 //! The kernel keeps each flow on one TUN queue and each peer's datagrams on one socket, and
 //! a worker's batches are finished one after another in the order it fed them, so each flow
@@ -27,14 +28,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use node_proto::shared::{BatchOutput, crypt, crypt_shared, feed, finish};
+use node_proto::shared::{BatchOutput, complete, crypt_prepared, feed, finish, prepare};
 use node_proto::{Addr, NodeState, Packet, SockId, Transmit};
 use parking_lot::Mutex;
 use quinn_udp::RecvMeta;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::debug;
 
-use crate::io::aead::{AeadHelpers, Asker};
+use crate::io::aead::{AeadHelpers, Asker, crypt_part};
 use crate::io::relays::{RelayPacket, RelaySenders};
 use crate::io::steer::{Handoff, Steering, split};
 use crate::io::tun::{ReadBufs, TunQueue, TunReader, is_packet_error};
@@ -460,7 +461,9 @@ enum Finishing {
     /// pipeline, where there are CPUs for it).
     Thread {
         to: mpsc::Sender<ToFinisher>,
-        /// Finished batches, their buffers ready to fill again.
+        /// Finished batches, their buffers ready to fill again: [`PIPELINE`] of them at the
+        /// start, and the worker takes one for each batch it hands on, so no more than that
+        /// are ever in flight, whichever stage is the slowest.
         spare: mpsc::Receiver<BatchOutput>,
     },
 }
@@ -472,15 +475,18 @@ enum ToFinisher {
     Tun(TunQueue),
 }
 
-/// Batches fed but not yet finished, per worker with a finishing thread (half of them
-/// waiting for the crypto thread, half for the finishing thread): enough to keep all three
-/// busy, few enough that a burst waits in the kernel's queues rather than ours.
+/// Batches fed but not yet finished, per worker with a finishing thread, wherever they wait:
+/// enough to keep all three busy, few enough that a burst waits in the kernel's queues
+/// rather than ours. Each queue between two stages holds half of them, so whichever stage is
+/// the slowest has that many waiting for it; without the bound on them all, a slow last stage
+/// would have both queues full in front of it, and a ping behind them all.
 const PIPELINE: usize = 4;
 
 impl Finishing {
-    /// Starts the worker's crypto thread (`lattice-aeadN`), which runs each batch's AEAD,
-    /// and its finishing thread (`lattice-finN`), which completes the batch in the core and
-    /// sends and writes what it made, each batch through both in the order it was fed.
+    /// Starts the worker's crypto thread (`lattice-aeadN`), which runs the AEAD of each batch
+    /// the worker prepared, and its finishing thread (`lattice-finN`), which completes the
+    /// batch in the core and sends and writes what it made, each batch through both in the
+    /// order it was fed.
     /// Splitting the two lets one direction of one peer's traffic run its AEAD back to back
     /// on a core of its own; with `aead` helpers, a big batch's AEAD is shared with them
     /// ([`crate::io::aead`]).
@@ -491,18 +497,22 @@ impl Finishing {
     ) -> std::io::Result<Self> {
         let (to, mut batches) = mpsc::channel(PIPELINE / 2);
         let (to_finish, mut crypted) = mpsc::channel(PIPELINE / 2);
-        let (give_back, spare) = mpsc::channel(PIPELINE + 1);
+        let (give_back, spare) = mpsc::channel(PIPELINE);
+        for _ in 0..PIPELINE {
+            let _ = give_back.try_send(BatchOutput::default());
+        }
         // Ends when the worker (holding `to`) is dropped, or the finishing thread stops.
         std::thread::Builder::new()
             .name(format!("lattice-aead{}", finisher.id))
             .spawn(move || {
                 let mut asker = Asker::default();
                 while let Some(mut m) = batches.blocking_recv() {
+                    // Prepared by the worker, finished by the finishing thread: the AEAD alone.
                     if let ToFinisher::Batch(out) = &mut m {
-                        match &aead {
-                            Some(pool) => crypt_shared(out, |jobs| pool.crypt(&mut asker, jobs)),
-                            None => crypt(out),
-                        }
+                        crypt_prepared(out, |jobs| match &aead {
+                            Some(pool) => pool.crypt(&mut asker, jobs),
+                            None => crypt_part(jobs),
+                        });
                     }
                     if to_finish.blocking_send(m).is_err() {
                         break;
@@ -518,7 +528,7 @@ impl Finishing {
                     while let Some(m) = crypted.recv().await {
                         match m {
                             ToFinisher::Batch(mut out) => {
-                                finisher.finish(&mut out).await;
+                                finisher.complete(&mut out).await;
                                 let _ = give_back.try_send(out);
                             }
                             ToFinisher::Tun(q) => finisher.tun = Some(q),
@@ -622,8 +632,13 @@ impl Worker {
         match &mut self.finishing {
             Finishing::Here(f) => f.finish(&mut self.out).await,
             Finishing::Thread { to, spare } => {
-                let next = spare.try_recv().unwrap_or_default();
-                let fed = std::mem::replace(&mut self.out, next);
+                let Some(next) = spare.recv().await else {
+                    anyhow::bail!("data-plane worker {}'s finishing thread stopped", self.id);
+                };
+                let mut fed = std::mem::replace(&mut self.out, next);
+                // Counters and sessions taken here, so the crypto thread (the one that bounds
+                // a single stream) runs only the AEAD.
+                prepare(&mut fed);
                 if to.send(ToFinisher::Batch(fed)).await.is_err() {
                     anyhow::bail!("data-plane worker {}'s finishing thread stopped", self.id);
                 }
@@ -718,6 +733,12 @@ impl Finisher {
     /// Runs the batch's crypto, finishes it in the core, and sends and writes what it made.
     async fn finish(&mut self, out: &mut BatchOutput) {
         finish(&self.shared.core, Instant::now(), out);
+        self.flush(out).await;
+    }
+
+    /// Finishes a batch whose AEAD ran on the crypto thread, and sends and writes what it made.
+    async fn complete(&mut self, out: &mut BatchOutput) {
+        complete(&self.shared.core, Instant::now(), out);
         self.flush(out).await;
     }
 
