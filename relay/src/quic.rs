@@ -14,9 +14,10 @@
 //! client of another thread wakes that thread, which sends whatever it finds queued. The
 //! limits ([`QuicLimits`]) are counted across all of them. With several threads, a client
 //! whose address changes (a NAT rebinding) can land on an endpoint that does not know its
-//! connection; that endpoint answers with a stateless reset, made with the reset key all of
-//! them share so the client can take it as one, and the node's relay client reconnects, as
-//! after any loss of its connection.
+//! connection; that endpoint answers with a stateless reset (all of them share the key their
+//! connection IDs are checked with and the key resets are made with, so it takes the ID for
+//! one of theirs and the client takes the reset), and the node's relay client reconnects at
+//! once, as after any loss of its connection, instead of waiting out an idle timeout.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -66,8 +67,15 @@ impl QuicListener {
     ) -> anyhow::Result<Self> {
         let threads = threads.max(1);
         let server = crate::tls::server_config(cert)?;
-        // One reset key for all: a client that lands on another endpoint is told at once.
-        let config = quinn::EndpointConfig::default();
+        // One reset key and one key for connection IDs for all: an endpoint that a client
+        // lands on after its address changed takes the connection ID it names for one of
+        // ours (each endpoint's would otherwise be hashed with a key of its own, and a packet
+        // with another's dropped as invalid) and answers with a reset the client can check.
+        let mut config = quinn::EndpointConfig::default();
+        let cid_key: u64 = rand::RngExt::random(&mut rand::rng());
+        config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
         let gate = QuicGate::new(&limits);
         let mut listener = Self {
             endpoints: Vec::with_capacity(threads),

@@ -299,6 +299,42 @@ async fn quic_nodes_served_by_different_threads_reach_each_other_until_the_liste
     }
 }
 
+/// A client whose address changes (a NAT rebinding) may land on another endpoint of the
+/// listener, which does not know its connection: that endpoint's stateless reset, made with
+/// the reset key all endpoints share, ends the connection at once, so the node reconnects
+/// instead of waiting out an idle timeout. The client moves to a new port until that happens
+/// (each move lands on the other endpoint half the time; one that stays is a migration the
+/// first endpoint follows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_moves_to_another_endpoint_is_reset_at_once() {
+    let lab = lab_with(QuicLimits::default(), 2).await;
+    let info = lab.quic_only();
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    client
+        .set_default_client_config(relay::tls::client_config(info.cert_sha256.unwrap().0).unwrap());
+    let conn = client
+        .connect(info.quic.unwrap(), relay::tls::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    for _ in 0..64 {
+        client
+            .rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .unwrap();
+        // Large enough to be answered with a reset (smaller ones are not, against loops).
+        let _ = conn.send_datagram(vec![0u8; 1000].into());
+        let closed = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
+        if closed.is_ok() {
+            break;
+        }
+    }
+    assert!(
+        matches!(conn.close_reason(), Some(quinn::ConnectionError::Reset)),
+        "{:?}",
+        conn.close_reason()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_nodes_exchange_bursts_complete_and_in_order() {
     let mut lab = lab().await;
