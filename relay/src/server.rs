@@ -322,15 +322,16 @@ impl Relay {
             if !incoming.remote_address_validated()
                 && handshaking.load(Ordering::Relaxed) >= limits.retry_above
             {
+                // Counted first: the client may see the answer before this thread goes on.
+                stats.quic_retried.fetch_add(1, Ordering::Relaxed);
                 // Never fails: an address not yet validated may always be sent a Retry.
                 let _ = incoming.retry();
-                stats.quic_retried.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             let Some(slot) = admission.admit(remote.ip()) else {
                 debug!(%remote, "QUIC connection limit reached; refusing a handshake");
-                incoming.refuse();
                 stats.quic_refused.fetch_add(1, Ordering::Relaxed);
+                incoming.refuse();
                 continue;
             };
             let relay = self.clone();
