@@ -120,8 +120,8 @@ pub fn crypt_prepared(out: &mut BatchOutput, share: impl FnOnce(&mut VecDeque<Cr
     }
 }
 
-/// The first of the three steps of [`crypt_prepared`]'s note: prepares the jobs [`feed`] left
-/// in `out` for their AEAD. Preparing jobs again changes nothing.
+/// Prepares the jobs [`feed`] left in `out` for their AEAD: the first of the three steps
+/// [`crypt_prepared`] describes. Preparing jobs again changes nothing.
 pub fn prepare(out: &mut BatchOutput) {
     debug_assert!(
         out.jobs.is_empty() || out.checks.is_some(),

@@ -79,17 +79,17 @@ impl SealSlot {
 pub(crate) struct OpenSlot {
     session: Arc<wg::Session>,
     next: bool,
-    /// The message's counter, once it opened.
+    /// The message's counter: checked when the slot was found, marked when it is accepted.
     counter: u64,
 }
 
 impl OpenSlot {
     /// Opens `message` in place: the packet (empty for a keepalive), not yet accepted.
-    pub(crate) fn open(&mut self, now: Instant, message: WgKind) -> Result<Packet, wg::Error> {
+    pub(crate) fn open(&self, now: Instant, message: WgKind) -> Result<Packet, wg::Error> {
         let mut packet: Packet = message.into();
         let bytes = std::mem::take(packet.buf_mut());
         let (counter, packet) = self.session.open_unmarked_in_place(now, bytes)?;
-        self.counter = counter;
+        debug_assert_eq!(counter, self.counter, "the counter its slot was found for");
         Ok(Packet::from_bytes(packet))
     }
 }

@@ -425,7 +425,7 @@ impl CryptoJob {
             Work::OpenWith {
                 from,
                 message,
-                mut slot,
+                slot,
             } => match slot.open(at, message) {
                 Ok(inner) => Work::Opened {
                     len: inner.len(),
