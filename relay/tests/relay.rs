@@ -154,6 +154,20 @@ async fn counted(relay: &Relay, forwarded: u64) -> relay::StatsSnapshot {
     relay.stats()
 }
 
+/// A bare QUIC connection to the relay `info` offers (no relay session on it yet): the client
+/// endpoint and the connection.
+async fn quic_client(info: &RelayInfo) -> (quinn::Endpoint, quinn::Connection) {
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    client
+        .set_default_client_config(relay::tls::client_config(info.cert_sha256.unwrap().0).unwrap());
+    let conn = client
+        .connect(info.quic.unwrap(), relay::tls::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    (client, conn)
+}
+
 async fn next_packet(c: &mut client::RelayConn) -> Option<([u8; 32], Vec<u8>)> {
     loop {
         match tokio::time::timeout(Duration::from_secs(3), c.recv()).await {
@@ -309,14 +323,7 @@ async fn quic_nodes_served_by_different_threads_reach_each_other_until_the_liste
 async fn a_client_that_moves_to_another_endpoint_is_reset_at_once() {
     let lab = lab_with(QuicLimits::default(), 2).await;
     let info = lab.quic_only();
-    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    client
-        .set_default_client_config(relay::tls::client_config(info.cert_sha256.unwrap().0).unwrap());
-    let conn = client
-        .connect(info.quic.unwrap(), relay::tls::SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap();
+    let (client, conn) = quic_client(&info).await;
     for _ in 0..64 {
         client
             .rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
@@ -582,14 +589,7 @@ async fn quic_connections_beyond_the_per_address_limit_are_refused() {
 async fn datagrams_sent_before_authenticating_are_dropped_not_kept() {
     let mut lab = lab().await;
     let info = lab.quic_only();
-    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    client
-        .set_default_client_config(relay::tls::client_config(info.cert_sha256.unwrap().0).unwrap());
-    let conn = client
-        .connect(info.quic.unwrap(), relay::tls::SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap();
+    let (_client, conn) = quic_client(&info).await;
     // The relay's challenge arrives; the client never answers it and sends datagrams instead.
     let (_send, mut recv) = conn.accept_bi().await.unwrap();
     let mut len = [0u8; 2];
