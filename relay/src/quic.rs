@@ -32,10 +32,10 @@ use crate::tls::RelayCert;
 const CLOSING: Duration = Duration::from_secs(1);
 
 /// The QUIC listener's threads when not told: one. Measured on 16 CPUs (`bench-relay`, one
-/// stream between two nodes through the coordinator's relay, one run on one machine): 1.654
-/// Gbit/s with one thread, 1.483 with two and 1.319 with four, where the two nodes'
-/// connections are more often served by different threads and every datagram crosses from
-/// one to the other. More threads add capacity for many busy nodes at once.
+/// stream between two nodes through the coordinator's relay, two runs on two machines):
+/// 1.654 and 1.684 Gbit/s with one thread, 1.483 with two, 1.319 and 1.350 with four, where
+/// the two nodes' connections are more often served by different threads and every datagram
+/// crosses from one to the other. More threads add capacity for many busy nodes at once.
 pub const DEFAULT_THREADS: usize = 1;
 
 /// `threads`, or [`DEFAULT_THREADS`] when 0.
