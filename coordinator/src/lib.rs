@@ -70,7 +70,9 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
                 policy: a.policy,
                 embedded_relay: !a.no_embedded_relay,
                 relay_listen: a.relay_listen,
-                relay_quic_threads: a.relay_quic_threads.map_or(0, usize::from),
+                relay_quic_threads: a
+                    .relay_quic_threads
+                    .map_or(relay::quic::DEFAULT_THREADS, usize::from),
                 stun_listen: a.stun_listen,
                 admin_listen: a.admin_listen,
                 metrics_listen: a.metrics_listen,

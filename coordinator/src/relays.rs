@@ -90,7 +90,7 @@ pub struct EmbeddedConfig {
     pub http_listen: SocketAddr,
     /// `--public-url`, to derive advertised addresses from.
     pub public_url: Option<String>,
-    /// Threads serving QUIC (0: [`relay::quic::DEFAULT_THREADS`]).
+    /// Threads serving QUIC.
     pub quic_threads: usize,
 }
 
@@ -125,7 +125,7 @@ pub async fn start_embedded(
             tickets: TicketAuthorizer::new(ticket_key),
         }),
     );
-    let threads = relay::quic::threads_or_default(cfg.quic_threads);
+    let threads = cfg.quic_threads;
     let quic = relay::QuicListener::start(
         &relay,
         &cert,

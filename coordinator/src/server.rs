@@ -47,7 +47,7 @@ pub struct ServeConfig {
     pub embedded_relay: bool,
     /// QUIC address of the embedded relay (default: `listen`).
     pub relay_listen: Option<SocketAddr>,
-    /// Threads serving the embedded relay's QUIC (0: [`relay::quic::DEFAULT_THREADS`]).
+    /// Threads serving the embedded relay's QUIC.
     pub relay_quic_threads: usize,
     /// STUN addresses of the embedded relay.
     pub stun_listen: Vec<SocketAddr>,

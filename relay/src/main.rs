@@ -137,7 +137,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "no --coordinator-url: removed nodes keep their relay sessions until their tickets expire"
         ),
     }
-    let threads = relay::quic::threads_or_default(args.quic_threads.map_or(0, usize::from));
+    let threads = args
+        .quic_threads
+        .map_or(relay::quic::DEFAULT_THREADS, usize::from);
     let quic = relay::QuicListener::start(
         &relay,
         &cert,

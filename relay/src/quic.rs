@@ -38,15 +38,6 @@ const CLOSING: Duration = Duration::from_secs(1);
 /// crosses from one to the other. More threads add capacity for many busy nodes at once.
 pub const DEFAULT_THREADS: usize = 1;
 
-/// `threads`, or [`DEFAULT_THREADS`] when 0.
-pub fn threads_or_default(threads: usize) -> usize {
-    if threads > 0 {
-        threads
-    } else {
-        DEFAULT_THREADS
-    }
-}
-
 /// The relay's QUIC endpoints, each on a thread of its own; dropping it closes them (their
 /// threads then end).
 pub struct QuicListener {
