@@ -222,7 +222,13 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
             // One stream, with a ping through the same tunnel meanwhile and the tunnel
             // processes' CPU time around it.
             let cpu_before = cpu_seconds(&t.pids);
-            let threads_before: Vec<_> = t.pids.iter().map(|p| thread_cpu(*p)).collect();
+            // Our nodes' threads (only theirs are shown) before the run.
+            let ours = t.dst == lattice_dst;
+            let threads_before: Vec<_> = if ours {
+                t.pids.iter().map(|p| thread_cpu(*p)).collect()
+            } else {
+                Vec::new()
+            };
             let started = std::time::Instant::now();
             let (bps, ping) = std::thread::scope(|s| {
                 let pinger = s.spawn(|| ping_mean_ms(&lab, &a, &t.dst, seconds));
@@ -232,7 +238,7 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
             let bps = bps.with_context(|| format!("iperf3 to {} ({})", t.name, t.dst))?;
             let cpu = cpu_seconds(&t.pids) - cpu_before;
             // Our nodes' threads: which of them bounds the stream.
-            let threads = if t.dst == lattice_dst {
+            let threads = if ours {
                 let secs = started.elapsed().as_secs_f64();
                 let ends = ["sender", "receiver"];
                 t.pids
@@ -264,7 +270,7 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
                 .with_context(|| format!("iperf3 -u to {} ({})", t.name, t.dst))?;
             t.udp_pps.push(pps);
             // For our tunnel, which path the run took (it must be the direct one).
-            let path = if t.dst == lattice_dst {
+            let path = if ours {
                 na.status(&lab)
                     .map(|s| {
                         let p = &s["peers"][0]["path"];
