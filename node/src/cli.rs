@@ -241,7 +241,8 @@ pub struct UpArgs {
     pub steering: Option<bool>,
     /// Threads that share the encryption and decryption of the pipelined workers' batches
     /// (with --io-helpers): a big batch (one busy stream's) is split between its worker's
-    /// crypto thread and these, so one stream is encrypted on several cores [default: 0].
+    /// crypto thread and these, so one stream is encrypted on several cores [default: half
+    /// the CPUs less two, at most 8: six on 16 CPUs, none up to 4].
     #[arg(long, env = "LATTICE_AEAD_HELPERS", value_name = "N", value_parser = clap::value_parser!(u16).range(0..=64))]
     pub aead_helpers: Option<u16>,
 }
