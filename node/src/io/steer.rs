@@ -197,17 +197,17 @@ impl Owner {
 /// `local`, WireGuard data whose sender another worker owns to `others[owner]`, each in the
 /// order it came. `datagrams` yields each datagram with its sender; one receive slot holds
 /// one sender's datagrams, so the owner is looked up once per sender in a row.
-pub fn split<'a>(
+pub fn split(
     steering: &Steering,
     here: usize,
     now: Instant,
-    datagrams: impl IntoIterator<Item = (SocketAddr, &'a [u8])>,
+    datagrams: impl IntoIterator<Item = (SocketAddr, Packet)>,
     local: &mut Handoff,
     others: &mut [Handoff],
 ) {
     let mut last: Option<(SocketAddr, usize)> = None;
     for (from, d) in datagrams {
-        let worker = if is_wireguard_data(d) {
+        let worker = if is_wireguard_data(&d) {
             match last {
                 Some((a, w)) if a == from => w,
                 _ => {
@@ -219,7 +219,7 @@ pub fn split<'a>(
         } else {
             here
         };
-        let p = (from, Packet::copy_from(d));
+        let p = (from, d);
         match others.get_mut(worker) {
             Some(q) if worker != here => q.push(p),
             _ => local.push(p),
@@ -352,7 +352,7 @@ mod tests {
             &s,
             2,
             now,
-            input.iter().map(|(a, d)| (*a, &d[..])),
+            input.iter().map(|(a, d)| (*a, Packet::copy_from(&d[..]))),
             &mut local,
             &mut others,
         );

@@ -23,7 +23,7 @@
 //! itself goes to the control loop: datagrams for an auxiliary socket, and the core's events
 //! (a wake-up). The control loop's own packets for the TUN device go out through worker 0.
 
-use std::io::IoSliceMut;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -31,7 +31,6 @@ use std::time::Instant;
 use node_proto::shared::{BatchOutput, complete, crypt_prepared, feed, finish, prepare};
 use node_proto::{Addr, NodeState, Packet, SockId, Transmit};
 use parking_lot::Mutex;
-use quinn_udp::RecvMeta;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::debug;
 
@@ -39,7 +38,7 @@ use crate::io::aead::{AeadHelpers, Asker, crypt_part};
 use crate::io::relays::{RelayPacket, RelaySenders};
 use crate::io::steer::{Handoff, Steering, split};
 use crate::io::tun::{ReadBufs, TunQueue, TunReader, is_packet_error};
-use crate::io::udp::{RECV_SLOT, RECV_SLOTS, Sender, Sock, Sockets};
+use crate::io::udp::{RecvBufs, Sender, Sock, Sockets};
 
 /// Most TUN reads per wake-up (each may carry a 64 KiB run of packets).
 const TUN_READS: usize = 8;
@@ -343,6 +342,7 @@ impl Workers {
                 relay_packets: relay_packets.next(),
                 handoffs: Arc::clone(&handoffs),
                 handed: handed.next(),
+                received: Vec::new(),
                 local: Vec::new(),
                 staged: sockets.iter().map(|_| Vec::new()).collect(),
                 to_control: to_control.clone(),
@@ -454,6 +454,8 @@ struct Worker {
     handoffs: Arc<[mpsc::Sender<Handoff>]>,
     /// This worker's.
     handed: Option<mpsc::Receiver<Handoff>>,
+    /// The datagrams of the last receive call, as they came.
+    received: Vec<(SocketAddr, Packet)>,
     /// Datagrams this worker handles itself, from the last receive call.
     local: Handoff,
     /// Datagrams for other workers (by worker), from the last receive call.
@@ -588,10 +590,8 @@ impl Worker {
     async fn serve(&mut self) -> anyhow::Result<()> {
         use anyhow::Context;
         let mut tun_bufs = ReadBufs::new(self.mtu);
-        let mut udp4_buf = vec![0u8; RECV_SLOTS * RECV_SLOT];
-        let mut udp6_buf = vec![0u8; RECV_SLOTS * RECV_SLOT];
-        let mut meta4 = [RecvMeta::default(); RECV_SLOTS];
-        let mut meta6 = [RecvMeta::default(); RECV_SLOTS];
+        let mut udp4 = RecvBufs::default();
+        let mut udp6 = RecvBufs::default();
         let sockets = Arc::clone(&self.sockets);
         loop {
             tokio::select! {
@@ -614,13 +614,13 @@ impl Worker {
                     }
                     self.handle_tun(now);
                 }
-                r = recv_udp(Some(&sockets.v4), &mut udp4_buf, &mut meta4) => {
+                r = udp4.recv(Some(&sockets.v4)) => {
                     let n = r.context("reading the UDP socket")?;
-                    self.handle_udp(&udp4_buf, &meta4[..n]);
+                    self.handle_udp(&mut udp4, n);
                 }
-                r = recv_udp(sockets.v6.as_ref(), &mut udp6_buf, &mut meta6) => {
+                r = udp6.recv(sockets.v6.as_ref()) => {
                     let n = r.context("reading the UDP socket")?;
-                    self.handle_udp(&udp6_buf, &meta6[..n]);
+                    self.handle_udp(&mut udp6, n);
                 }
                 Some(q) = self.new_queue.recv() => {
                     debug!(worker = self.id, "reading a TUN queue");
@@ -705,19 +705,15 @@ impl Worker {
 
     /// Hands what one receive call brought to the core, datagram by datagram, except the
     /// data of senders other workers own, which goes to them.
-    fn handle_udp(&mut self, buf: &[u8], meta: &[RecvMeta]) {
+    fn handle_udp(&mut self, bufs: &mut RecvBufs, n: usize) {
         let now = Instant::now();
-        let datagrams = buf.chunks(RECV_SLOT).zip(meta).flat_map(|(slot, m)| {
-            slot[..m.len]
-                .chunks(m.stride.max(1))
-                .map(move |d| (m.addr, d))
-        });
+        bufs.take(n, &mut self.received);
         let steering = &self.shared.steering;
         split(
             steering,
             self.id,
             now,
-            datagrams,
+            self.received.drain(..),
             &mut self.local,
             &mut self.staged,
         );
@@ -831,22 +827,6 @@ async fn recv_if<T>(rx: Option<&mut mpsc::Receiver<T>>) -> Option<T> {
     }
 }
 
-/// Receives into `buf`'s slots; never returns for a socket that does not exist.
-pub async fn recv_udp(
-    sock: Option<&Sock>,
-    buf: &mut [u8],
-    meta: &mut [RecvMeta],
-) -> std::io::Result<usize> {
-    let Some(sock) = sock else {
-        return std::future::pending().await;
-    };
-    // On the stack: this runs every time a worker waits for its sockets.
-    let mut chunks = buf.chunks_mut(RECV_SLOT);
-    let mut slices: [IoSliceMut<'_>; RECV_SLOTS] =
-        std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
-    sock.recv(&mut slices, meta).await
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, SocketAddr};
@@ -899,16 +879,17 @@ mod tests {
         let reader = std::thread::spawn(move || {
             let rt = own.0.as_ref().expect("a runtime");
             rt.block_on(async {
-                let mut buf = vec![0u8; RECV_SLOTS * RECV_SLOT];
-                let mut meta = [RecvMeta::default(); RECV_SLOTS];
+                let mut bufs = RecvBufs::default();
                 let n = tokio::time::timeout(
                     Duration::from_secs(10),
-                    recv_udp(Some(&group[0].v4), &mut buf, &mut meta),
+                    bufs.recv(Some(&group[0].v4)),
                 )
                 .await
                 .expect("a datagram within 10 s")
                 .expect("received");
-                buf[..meta[..n][0].len].to_vec()
+                let mut got = Vec::new();
+                bufs.take(n, &mut got);
+                got[0].1.to_vec()
             })
         });
         let to = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
