@@ -12,6 +12,7 @@ pub mod keylog;
 pub mod metrics;
 pub mod portmap;
 pub mod posture;
+pub mod recycle;
 pub mod relays;
 pub mod routes;
 pub mod steer;

@@ -24,6 +24,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
+use bytes::BytesMut;
+use node_proto::Packet;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tracing::debug;
@@ -31,6 +33,7 @@ use tun_rs::{
     AsyncDevice, DeviceBuilder, ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN,
 };
 
+use crate::io::recycle::Recycler;
 use crate::io::udp::on;
 
 /// The node-local DNS address.
@@ -136,27 +139,48 @@ enum Writer {
 /// Buffers for reading: one raw read (header + up to 64 KiB), cut into packets.
 pub struct ReadBufs {
     raw: Vec<u8>,
-    packets: Vec<Vec<u8>>,
+    /// A buffer per packet of a read, and the head of each ([`Recycler`]).
+    packets: Vec<BytesMut>,
+    heads: Vec<BytesMut>,
     sizes: Vec<usize>,
+    /// Buffers handed on as packets, kept to be used again.
+    pub recycler: Recycler,
 }
 
+/// Heads of packets handed on, kept to be used again: a batch's worth (several reads) for
+/// each of the few batches a worker has in flight.
+const PACKETS_KEPT: usize = 512;
+
 impl ReadBufs {
-    /// Buffers for packets of up to `mtu` bytes.
+    /// Buffers for packets of up to `mtu` bytes, each with room to be sealed where it lies
+    /// ([`node_proto::wg::session::SEAL_ROOM`]).
     pub fn new(mtu: u16) -> Self {
+        let mut recycler = Recycler::new(
+            usize::from(mtu).max(1280) + 64,
+            node_proto::wg::session::SEAL_ROOM,
+            PACKETS_KEPT,
+        );
+        let (heads, packets) = (0..IDEAL_BATCH_SIZE).map(|_| recycler.take()).unzip();
         Self {
             raw: vec![0; VIRTIO_NET_HDR_LEN + 65_535],
-            packets: vec![vec![0; usize::from(mtu).max(1280) + 64]; IDEAL_BATCH_SIZE],
+            packets,
+            heads,
             sizes: vec![0; IDEAL_BATCH_SIZE],
+            recycler,
         }
     }
 
-    /// The first `n` packets of the last read.
-    pub fn packets(&self, n: usize) -> impl Iterator<Item = &[u8]> {
-        self.packets
-            .iter()
-            .zip(&self.sizes)
-            .take(n)
-            .map(|(p, len)| &p[..*len])
+    /// Moves the first `n` packets of the last read to `out`, each in the buffer it was read
+    /// into (no copy), and puts other buffers in their place.
+    pub fn take(&mut self, n: usize, out: &mut Vec<Packet>) {
+        for i in 0..n.min(self.packets.len()) {
+            let (head, buf) = self.recycler.take();
+            let mut p = std::mem::replace(&mut self.packets[i], buf);
+            self.recycler
+                .hand_on(std::mem::replace(&mut self.heads[i], head));
+            p.truncate(self.sizes[i]);
+            out.push(Packet::from_bytes(p));
+        }
     }
 }
 
@@ -373,6 +397,34 @@ async fn write_batches(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The packets of a read leave in the buffers they were read into, each with room to be
+    /// sealed where it lies (so sealing allocates nothing), and other buffers take their place.
+    #[test]
+    fn packets_read_leave_in_their_buffers_with_room_to_be_sealed() {
+        let mut bufs = ReadBufs::new(1280);
+        for (i, len) in [60usize, 1344, 1].into_iter().enumerate() {
+            bufs.packets[i][..len].fill(i as u8 + 1);
+            bufs.sizes[i] = len;
+        }
+        let read: Vec<*const u8> = bufs.packets[..3].iter().map(|p| p.as_ptr()).collect();
+        let mut out = Vec::new();
+        bufs.take(3, &mut out);
+        for (i, (p, len)) in out.iter_mut().zip([60usize, 1344, 1]).enumerate() {
+            assert_eq!(p.as_ptr(), read[i], "packet {i} was copied");
+            assert_eq!(p.len(), len);
+            assert!(p.iter().all(|&b| b == i as u8 + 1));
+            let b = p.buf_mut();
+            assert!(b.capacity() >= len + node_proto::wg::session::SEAL_ROOM);
+        }
+        assert!(bufs.packets[..3].iter().all(|b| !read.contains(&b.as_ptr())));
+        assert!(bufs.packets.iter().all(|b| b.len() == 1344));
+        // Once those packets are gone, their buffers are read into again.
+        drop(out);
+        bufs.take(3, &mut Vec::new());
+        assert_eq!(bufs.recycler.reused, 3);
+        assert!(bufs.packets[..3].iter().all(|b| read.contains(&b.as_ptr())));
+    }
 
     /// A buffer that starts heading a run grows once, to a whole run, and its later packets
     /// are appended in place (no reallocation, so no copy of what it already holds).

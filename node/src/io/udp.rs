@@ -10,7 +10,6 @@
 //! Sends happen on a task of their own ([`Sender`]): the event loop hands over each run and
 //! goes on encrypting while the kernel sends the last one.
 
-use std::collections::VecDeque;
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -25,6 +24,8 @@ use tokio::net::UdpSocket;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
+
+use crate::io::recycle::Recycler;
 
 /// Receive slots per `recvmmsg`.
 pub const RECV_SLOTS: usize = 16;
@@ -511,56 +512,33 @@ fn bind(dialer: relay::dial::Dialer, addr: SocketAddr, shared: bool) -> anyhow::
 /// A slot holding at least this many bytes is handed on whole ([`RecvBufs`]); the datagrams
 /// of one holding fewer are copied out, so a few small datagrams never keep 64 KiB alive.
 const HAND_ON_BYTES: usize = RECV_SLOT / 4;
-/// Slots handed on whose packets may still be alive, kept to be used again once they are
-/// all dropped (oldest first); past this many the oldest is let go (freed with its last
-/// packet).
-const HANDED_KEPT: usize = RECV_SLOTS;
 
 /// A worker's receive slots for one socket, whose datagrams become packets without a copy.
 ///
 /// A slot that came back well filled (a GRO run of one sender's datagrams, up to 64 KiB) is
 /// handed on whole: its datagrams become [`Packet`]s that share its allocation, each decrypted
-/// where it lies, and a fresh slot takes its place. The slot replaced is kept as a zero-length
-/// handle at the start of its allocation; once every packet cut from it has been dropped
-/// (written to the TUN device, on whichever thread), that handle is the allocation's only owner
-/// and it becomes a slot again, so a busy stream cycles through a few slots without allocating.
-/// A slot with little in it has its datagrams copied out and stays.
-///
-/// Copied out one by one, each datagram cost an allocation, a copy, and a free on the thread
-/// that finished its batch (on 16 CPUs, the receiver's worker spent 22% of its samples copying
-/// datagrams out, and its finishing thread 26% in `mi_free`).
+/// where it lies, and another slot takes its place, one whose packets are all gone if there is
+/// one ([`Recycler`]). A slot with little in it has its datagrams copied out and stays.
 pub struct RecvBufs {
-    /// `RECV_SLOTS` slots of `RECV_SLOT` bytes.
+    /// `RECV_SLOTS` slots of `RECV_SLOT` bytes, and the head of each ([`Recycler`]).
     slots: Vec<BytesMut>,
-    /// A zero-length handle at the start of each slot's allocation.
     heads: Vec<BytesMut>,
-    /// The heads of slots handed on, oldest first.
-    handed: VecDeque<BytesMut>,
     meta: [RecvMeta; RECV_SLOTS],
-    /// Slots handed on, and of those, how many were used again.
-    pub handed_on: u64,
-    pub reused: u64,
+    /// Slots handed on, kept to be used again.
+    pub recycler: Recycler,
 }
 
 impl Default for RecvBufs {
     fn default() -> Self {
-        let (heads, slots) = (0..RECV_SLOTS).map(|_| new_slot()).unzip();
+        let mut recycler = Recycler::new(RECV_SLOT, 0, RECV_SLOTS);
+        let (heads, slots) = (0..RECV_SLOTS).map(|_| recycler.take()).unzip();
         Self {
             slots,
             heads,
-            handed: VecDeque::with_capacity(HANDED_KEPT),
             meta: [RecvMeta::default(); RECV_SLOTS],
-            handed_on: 0,
-            reused: 0,
+            recycler,
         }
     }
-}
-
-/// A new slot, zeroed, and the handle at its start.
-fn new_slot() -> (BytesMut, BytesMut) {
-    let mut slot = BytesMut::zeroed(RECV_SLOT);
-    let head = slot.split_to(0);
-    (head, slot)
 }
 
 impl RecvBufs {
@@ -593,40 +571,16 @@ impl RecvBufs {
                 );
                 continue;
             }
-            let (head, slot) = self.next_slot();
+            let (head, slot) = self.recycler.take();
             let mut run = std::mem::replace(&mut self.slots[i], slot);
-            let old_head = std::mem::replace(&mut self.heads[i], head);
-            if self.handed.len() == HANDED_KEPT {
-                self.handed.pop_front();
-            }
-            self.handed.push_back(old_head);
-            self.handed_on += 1;
+            self.recycler
+                .hand_on(std::mem::replace(&mut self.heads[i], head));
             run.truncate(len);
             while !run.is_empty() {
                 let d = run.split_to(stride.min(run.len()));
                 out.push((m.addr, Packet::from_bytes(d)));
             }
         }
-    }
-
-    /// A slot in place of one handed on: the oldest handed on whose packets are all gone
-    /// (some may be held longer than others: a few hand-offs to another worker), else a new
-    /// one.
-    fn next_slot(&mut self) -> (BytesMut, BytesMut) {
-        if let Some(i) = self.handed.iter_mut().position(|h| h.try_reclaim(RECV_SLOT))
-            && let Some(mut head) = self.handed.remove(i)
-        {
-            let mut slot = head.split_off(0);
-            // SAFETY: `try_reclaim` succeeded on a zero-length handle at the start of the
-            // allocation, so the slot spans that allocation from its start with at least
-            // `RECV_SLOT` bytes of capacity; the allocation was made by `BytesMut::zeroed` with
-            // `RECV_SLOT` bytes (`new_slot`), and its bytes have only been written since, so
-            // the first `RECV_SLOT` are initialized.
-            unsafe { slot.set_len(RECV_SLOT) };
-            self.reused += 1;
-            return (head, slot);
-        }
-        new_slot()
     }
 }
 
@@ -799,12 +753,12 @@ mod tests {
         a.send(to, b"small", None).await;
         let got = receive(&mut bufs, &b, 1).await;
         assert_eq!(&got[0].1[..], b"small");
-        assert_eq!(bufs.handed_on, 0);
+        assert_eq!(bufs.recycler.handed_on, 0);
         // Three rounds of 120 datagrams; the first round's packets are kept through the next
         // two, whose own are dropped as they come.
         send_numbered(&a, to, 0, 120).await;
         let kept = receive(&mut bufs, &b, 120).await;
-        let handed = bufs.handed_on;
+        let handed = bufs.recycler.handed_on;
         assert!(handed > 0, "no GRO run was handed on");
         for round in 1..3u16 {
             send_numbered(&a, to, round * 120, 120).await;
@@ -815,13 +769,13 @@ mod tests {
         }
         let numbers: Vec<u16> = kept.iter().map(|(_, p)| number(p)).collect();
         assert_eq!(numbers, (0..120).collect::<Vec<_>>(), "kept packets changed");
-        assert!(bufs.reused > 0, "slots whose packets were dropped were not used again");
-        let reused = bufs.reused;
+        assert!(bufs.recycler.reused > 0, "slots whose packets were dropped were not used again");
+        let reused = bufs.recycler.reused;
         // Once the kept packets are gone too, their slots come back.
         drop(kept);
         send_numbered(&a, to, 360, 120).await;
         let got = receive(&mut bufs, &b, 120).await;
         assert_eq!(number(&got[0].1), 360);
-        assert!(bufs.reused > reused);
+        assert!(bufs.recycler.reused > reused);
     }
 }

@@ -598,7 +598,7 @@ impl Worker {
                 r = read_tun(self.tun.as_ref(), &mut tun_bufs) => {
                     let now = Instant::now();
                     match r {
-                        Ok(n) => self.take_tun(&tun_bufs, n),
+                        Ok(n) => self.take_tun(&mut tun_bufs, n),
                         Err(e) if is_packet_error(&e) => self.tun_read_error(&e),
                         Err(e) => return Err(e).context("reading the TUN device"),
                     }
@@ -607,7 +607,7 @@ impl Worker {
                     for _ in 1..TUN_READS {
                         let Some(tun) = &self.tun else { break };
                         match tun.try_read(&mut tun_bufs) {
-                            Ok(n) => self.take_tun(&tun_bufs, n),
+                            Ok(n) => self.take_tun(&mut tun_bufs, n),
                             Err(e) if is_packet_error(&e) => self.tun_read_error(&e),
                             Err(_) => break,
                         }
@@ -662,13 +662,10 @@ impl Worker {
         Ok(())
     }
 
-    /// Keeps the packets of one TUN read for [`Worker::handle_tun`], each in a buffer with room
-    /// to be sealed where it lies ([`node_proto::wg::session::SEAL_ROOM`]).
-    fn take_tun(&mut self, bufs: &ReadBufs, n: usize) {
-        self.from_tun.extend(
-            bufs.packets(n)
-                .map(|p| Packet::from_bytes(node_proto::wg::session::with_seal_room(p))),
-        );
+    /// Keeps the packets of one TUN read for [`Worker::handle_tun`], each in the buffer it was
+    /// read into, which has room to be sealed where it lies ([`ReadBufs`]).
+    fn take_tun(&mut self, bufs: &mut ReadBufs, n: usize) {
+        bufs.take(n, &mut self.from_tun);
     }
 
     /// Hands the packets read from the TUN device to the core, in one batch.

@@ -23,7 +23,7 @@ use super::{REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME};
 pub const SEAL_ROOM: usize = DATA_HEADER_LEN + 15 + TAG_LEN;
 
 /// A copy of `packet` in a buffer with [`SEAL_ROOM`] after it, for
-/// [`Session::seal_in_place`] (what a node reads from its TUN device goes in one).
+/// [`Session::seal_in_place`] (a node reads from its TUN device into buffers with that room).
 pub fn with_seal_room(packet: &[u8]) -> BytesMut {
     let mut b = BytesMut::with_capacity(packet.len() + SEAL_ROOM);
     b.extend_from_slice(packet);
