@@ -146,6 +146,11 @@ pub fn relay(e: &mut Exposition, s: &crate::StatsSnapshot, stun: &crate::stun::S
         "Payload bytes forwarded between nodes.",
         s.forwarded_bytes,
     );
+    e.counter(
+        "lattice_relay_forwarded_across_threads_total",
+        "Frames forwarded to a QUIC client whose connection runs on another of the relay's QUIC threads (through its outbox).",
+        s.across_threads,
+    );
     e.by_label(
         "lattice_relay_dropped_frames_total",
         Kind::Counter,

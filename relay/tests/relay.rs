@@ -302,6 +302,13 @@ async fn quic_nodes_served_by_different_threads_reach_each_other_until_the_liste
     }
     let s = counted(&lab.relay, 12 * 101).await;
     assert_eq!(s.forwarded, 12 * 101, "{s:?}");
+    // In the ring of twelve spread over two endpoints or more, some node's successor is on
+    // another thread: its bursts went through that session's outbox, whole.
+    assert!(
+        s.across_threads > 0 && s.across_threads <= s.forwarded,
+        "{s:?}"
+    );
+    assert_eq!(s.dropped_queue_full, 0, "{s:?}");
     // Dropping the listener closes every endpoint, and with it every node's connection.
     drop(lab.quic);
     for (i, (_, c)) in nodes.iter_mut().enumerate() {

@@ -147,6 +147,9 @@ mod tests {
         for _ in 0..3 {
             drop(r.take());
         }
-        assert_eq!(r.reused, 2, "the two heads kept came back, the one let go did not");
+        assert_eq!(
+            r.reused, 2,
+            "the two heads kept came back, the one let go did not"
+        );
     }
 }

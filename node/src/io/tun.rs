@@ -417,7 +417,11 @@ mod tests {
             let b = p.buf_mut();
             assert!(b.capacity() >= len + node_proto::wg::session::SEAL_ROOM);
         }
-        assert!(bufs.packets[..3].iter().all(|b| !read.contains(&b.as_ptr())));
+        assert!(
+            bufs.packets[..3]
+                .iter()
+                .all(|b| !read.contains(&b.as_ptr()))
+        );
         assert!(bufs.packets.iter().all(|b| b.len() == 1344));
         // Once those packets are gone, their buffers are read into again.
         drop(out);

@@ -734,7 +734,10 @@ mod tests {
     fn number(p: &[u8]) -> u16 {
         let i = u16::from_le_bytes([p[0], p[1]]);
         assert_eq!(p.len(), 1200);
-        assert!(p[2..].iter().all(|&b| b == (i % 251) as u8), "datagram {i} overwritten");
+        assert!(
+            p[2..].iter().all(|&b| b == (i % 251) as u8),
+            "datagram {i} overwritten"
+        );
         i
     }
 
@@ -747,7 +750,10 @@ mod tests {
         let a = Sock::new(bind(relay::dial::Dialer::PLAIN, addr(0), false).unwrap()).unwrap();
         let b = Sock::new(bind(relay::dial::Dialer::PLAIN, addr(0), false).unwrap()).unwrap();
         let to = b.io.local_addr().unwrap();
-        assert!(a.max_segments() > 1, "this kernel sends UDP GSO on loopback");
+        assert!(
+            a.max_segments() > 1,
+            "this kernel sends UDP GSO on loopback"
+        );
         let mut bufs = RecvBufs::default();
         // A small datagram alone: copied out, nothing handed on.
         a.send(to, b"small", None).await;
@@ -764,12 +770,25 @@ mod tests {
             send_numbered(&a, to, round * 120, 120).await;
             let got = receive(&mut bufs, &b, 120).await;
             let numbers: Vec<u16> = got.iter().map(|(_, p)| number(p)).collect();
-            assert_eq!(numbers, (round * 120..round * 120 + 120).collect::<Vec<_>>());
-            assert!(got.iter().all(|(from, _)| *from == a.io.local_addr().unwrap()));
+            assert_eq!(
+                numbers,
+                (round * 120..round * 120 + 120).collect::<Vec<_>>()
+            );
+            assert!(
+                got.iter()
+                    .all(|(from, _)| *from == a.io.local_addr().unwrap())
+            );
         }
         let numbers: Vec<u16> = kept.iter().map(|(_, p)| number(p)).collect();
-        assert_eq!(numbers, (0..120).collect::<Vec<_>>(), "kept packets changed");
-        assert!(bufs.recycler.reused > 0, "slots whose packets were dropped were not used again");
+        assert_eq!(
+            numbers,
+            (0..120).collect::<Vec<_>>(),
+            "kept packets changed"
+        );
+        assert!(
+            bufs.recycler.reused > 0,
+            "slots whose packets were dropped were not used again"
+        );
         let reused = bufs.recycler.reused;
         // Once the kept packets are gone too, their slots come back.
         drop(kept);

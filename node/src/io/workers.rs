@@ -877,13 +877,11 @@ mod tests {
             let rt = own.0.as_ref().expect("a runtime");
             rt.block_on(async {
                 let mut bufs = RecvBufs::default();
-                let n = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    bufs.recv(Some(&group[0].v4)),
-                )
-                .await
-                .expect("a datagram within 10 s")
-                .expect("received");
+                let n =
+                    tokio::time::timeout(Duration::from_secs(10), bufs.recv(Some(&group[0].v4)))
+                        .await
+                        .expect("a datagram within 10 s")
+                        .expect("received");
                 let mut got = Vec::new();
                 bufs.take(n, &mut got);
                 got[0].1.to_vec()
