@@ -274,6 +274,19 @@ fn a_gigabyte_through_four_workers_arrives_intact_and_in_order() {
         "the sender shared its big batches' AEAD: {}",
         wa["aead_parts"]
     );
+    // The sender's TUN packets and the receiver's GRO runs left in the buffers they were read
+    // into, and those buffers were read into again once their packets were gone.
+    for n in &f.nodes {
+        let st = n.status(&lab).expect("status");
+        let b = &st["buffers"];
+        let handed = b["handed_on"].as_u64().unwrap_or(0);
+        let reused = b["reused"].as_u64().unwrap_or(0);
+        assert!(
+            handed > 1000 && reused > 0 && reused <= handed,
+            "{}: {b}",
+            st["self"]["name"]
+        );
+    }
     assert!(
         lab.wait_exit(udp_send, Duration::from_secs(30)).is_some(),
         "udp sender finished"

@@ -70,6 +70,19 @@ pub struct StatusJson {
     /// How the workers share the peers that send WireGuard data.
     #[serde(default)]
     pub steering: SteeringJson,
+    /// The workers' read buffers handed on as packets (no copy), and how many were used
+    /// again once their packets were gone.
+    #[serde(default)]
+    pub buffers: BuffersJson,
+}
+
+/// Read buffers handed on as packets ([`crate::io::recycle`]), in `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuffersJson {
+    /// Receive slots (GRO runs) and TUN packet buffers handed on.
+    pub handed_on: u64,
+    /// Buffers read into again after their packets were gone (the rest were allocated).
+    pub reused: u64,
 }
 
 /// Which worker handles each sender's data (`crate::io::steer`), in `status`.

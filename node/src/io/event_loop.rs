@@ -20,9 +20,9 @@ use wire::{ClientMessage, ErrorCode, NodeId, RelayId};
 
 use crate::io::aead::AeadHelpers;
 use crate::io::api::{
-    ApiRequest, CoordinatorJson, DnsJson, ExitNodeJson, LoginJson, LoginResultJson, NetcheckJson,
-    PathJson, PeerJson, PingJson, RelayJson, RoutesJson, SelfJson, StatusJson, SteeringJson,
-    StunJson, WhoisJson,
+    ApiRequest, BuffersJson, CoordinatorJson, DnsJson, ExitNodeJson, LoginJson, LoginResultJson,
+    NetcheckJson, PathJson, PeerJson, PingJson, RelayJson, RoutesJson, SelfJson, StatusJson,
+    SteeringJson, StunJson, WhoisJson,
 };
 use crate::io::aux::{AuxDatagram, AuxSockets};
 use crate::io::control::ControlEvent;
@@ -1099,6 +1099,16 @@ impl EventLoop {
                     handed_over: s.handed_over,
                     dropped: s.dropped,
                 }
+            },
+            buffers: BuffersJson {
+                handed_on: self
+                    .shared
+                    .buffers_handed_on
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                reused: self
+                    .shared
+                    .buffers_reused
+                    .load(std::sync::atomic::Ordering::Relaxed),
             },
         }
     }

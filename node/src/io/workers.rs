@@ -197,6 +197,10 @@ pub struct Shared {
     pub tun_write_failed: Arc<AtomicU64>,
     /// Which worker handles each sender's data.
     pub steering: Steering,
+    /// Read buffers handed on as packets, and how many of them were used again
+    /// ([`crate::io::recycle`]), over all workers.
+    pub buffers_handed_on: AtomicU64,
+    pub buffers_reused: AtomicU64,
 }
 
 impl Shared {
@@ -212,6 +216,8 @@ impl Shared {
             tun_read_errors: AtomicU64::new(0),
             tun_write_failed: Arc::default(),
             steering: Steering::new(workers, steering, base),
+            buffers_handed_on: AtomicU64::new(0),
+            buffers_reused: AtomicU64::new(0),
         })
     }
 
@@ -593,6 +599,8 @@ impl Worker {
         let mut udp4 = RecvBufs::default();
         let mut udp6 = RecvBufs::default();
         let sockets = Arc::clone(&self.sockets);
+        // The buffer counts last added to the shared ones.
+        let mut published = (0, 0);
         loop {
             tokio::select! {
                 r = read_tun(self.tun.as_ref(), &mut tun_bufs) => {
@@ -638,6 +646,19 @@ impl Worker {
                 }
             }
             self.finish().await?;
+            let counts = [&udp4.recycler, &udp6.recycler, &tun_bufs.recycler]
+                .iter()
+                .fold((0, 0), |(h, r), c| (h + c.handed_on, r + c.reused));
+            if counts != published {
+                let shared = &self.shared;
+                shared
+                    .buffers_handed_on
+                    .fetch_add(counts.0 - published.0, Ordering::Relaxed);
+                shared
+                    .buffers_reused
+                    .fetch_add(counts.1 - published.1, Ordering::Relaxed);
+                published = counts;
+            }
         }
     }
 

@@ -371,6 +371,20 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
         "\nlattice: {workers} data-plane workers per node (TUN queues and UDP sockets), which \
          {helpers}{aead}; tunnel MTU {mtu}"
     );
+    // How often a read buffer handed on as packets was read into again (else allocated).
+    let buffers = |n: &MeshNode| {
+        n.status(&lab)
+            .map(|s| {
+                let b = &s["buffers"];
+                format!("{} handed on, {} used again", b["handed_on"], b["reused"])
+            })
+            .unwrap_or_default()
+    };
+    println!(
+        "lattice read buffers handed on as packets: sender {}; receiver {}",
+        buffers(&na),
+        buffers(&nb)
+    );
     Ok(())
 }
 
