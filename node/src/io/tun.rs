@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
-use bytes::BytesMut;
 use node_proto::Packet;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -33,7 +32,7 @@ use tun_rs::{
     AsyncDevice, DeviceBuilder, ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN,
 };
 
-use crate::io::recycle::Recycler;
+use crate::io::recycle::ReadSlots;
 use crate::io::udp::on;
 
 /// The node-local DNS address.
@@ -139,47 +138,36 @@ enum Writer {
 /// Buffers for reading: one raw read (header + up to 64 KiB), cut into packets.
 pub struct ReadBufs {
     raw: Vec<u8>,
-    /// A buffer per packet of a read, and the head of each ([`Recycler`]).
-    packets: Vec<BytesMut>,
-    heads: Vec<BytesMut>,
+    /// A buffer per packet of a read.
+    pub packets: ReadSlots,
     sizes: Vec<usize>,
-    /// Buffers handed on as packets, kept to be used again.
-    pub recycler: Recycler,
 }
 
-/// Heads of packets handed on, kept to be used again (at most about 1.4 MB of buffers per
-/// worker): enough for the batches a pipelined worker has in flight. On 2 CPUs with pipelines
-/// (`--io-helpers true`), the sender's TUN buffers were used again 99% of the time with 1,024
-/// kept and 70% with 512; without pipelines, over 99.9% either way.
+/// Buffers handed on as packets kept for reads whose own buffers are still out (at most about
+/// 1.4 MB per worker): enough for the batches a pipelined worker has in flight.
 const PACKETS_KEPT: usize = 1024;
 
 impl ReadBufs {
     /// Buffers for packets of up to `mtu` bytes, each with room to be sealed where it lies
     /// ([`node_proto::wg::session::SEAL_ROOM`]).
     pub fn new(mtu: u16) -> Self {
-        let mut recycler = Recycler::new(
-            usize::from(mtu).max(1280) + 64,
-            node_proto::wg::session::SEAL_ROOM,
-            PACKETS_KEPT,
-        );
-        let (heads, packets) = (0..IDEAL_BATCH_SIZE).map(|_| recycler.take()).unzip();
         Self {
             raw: vec![0; VIRTIO_NET_HDR_LEN + 65_535],
-            packets,
-            heads,
+            packets: ReadSlots::new(
+                IDEAL_BATCH_SIZE,
+                usize::from(mtu).max(1280) + 64,
+                node_proto::wg::session::SEAL_ROOM,
+                PACKETS_KEPT,
+            ),
             sizes: vec![0; IDEAL_BATCH_SIZE],
-            recycler,
         }
     }
 
     /// Moves the first `n` packets of the last read to `out`, each in the buffer it was read
-    /// into (no copy), and puts other buffers in their place.
+    /// into (no copy).
     pub fn take(&mut self, n: usize, out: &mut Vec<Packet>) {
-        for i in 0..n.min(self.packets.len()) {
-            let (head, buf) = self.recycler.take();
-            let mut p = std::mem::replace(&mut self.packets[i], buf);
-            self.recycler
-                .hand_on(std::mem::replace(&mut self.heads[i], head));
+        for i in 0..n.min(IDEAL_BATCH_SIZE) {
+            let mut p = self.packets.hand_on(i);
             p.truncate(self.sizes[i]);
             out.push(Packet::from_bytes(p));
         }
@@ -356,14 +344,14 @@ impl TunReader {
     /// Waits for and reads one batch of packets; returns how many.
     pub async fn read(&self, b: &mut ReadBufs) -> io::Result<usize> {
         self.0
-            .recv_multiple(&mut b.raw, &mut b.packets, &mut b.sizes, 0)
+            .recv_multiple(&mut b.raw, b.packets.to_read(), &mut b.sizes, 0)
             .await
     }
 
     /// Reads one batch when one is waiting (`WouldBlock` otherwise).
     pub fn try_read(&self, b: &mut ReadBufs) -> io::Result<usize> {
         self.0
-            .try_recv_multiple(&mut b.raw, &mut b.packets, &mut b.sizes, 0)
+            .try_recv_multiple(&mut b.raw, b.packets.to_read(), &mut b.sizes, 0)
     }
 }
 
@@ -401,15 +389,17 @@ mod tests {
     use super::*;
 
     /// The packets of a read leave in the buffers they were read into, each with room to be
-    /// sealed where it lies (so sealing allocates nothing), and other buffers take their place.
+    /// sealed where it lies (so sealing allocates nothing); once they are gone, the next read
+    /// goes into the same buffers.
     #[test]
     fn packets_read_leave_in_their_buffers_with_room_to_be_sealed() {
         let mut bufs = ReadBufs::new(1280);
+        let to_read = bufs.packets.to_read();
         for (i, len) in [60usize, 1344, 1].into_iter().enumerate() {
-            bufs.packets[i][..len].fill(i as u8 + 1);
+            to_read[i][..len].fill(i as u8 + 1);
             bufs.sizes[i] = len;
         }
-        let read: Vec<*const u8> = bufs.packets[..3].iter().map(|p| p.as_ptr()).collect();
+        let read: Vec<*const u8> = bufs.packets.read().iter().map(|p| p.as_ptr()).collect();
         let mut out = Vec::new();
         bufs.take(3, &mut out);
         for (i, (p, len)) in out.iter_mut().zip([60usize, 1344, 1]).enumerate() {
@@ -419,17 +409,16 @@ mod tests {
             let b = p.buf_mut();
             assert!(b.capacity() >= len + node_proto::wg::session::SEAL_ROOM);
         }
-        assert!(
-            bufs.packets[..3]
-                .iter()
-                .all(|b| !read.contains(&b.as_ptr()))
-        );
-        assert!(bufs.packets.iter().all(|b| b.len() == 1344));
-        // Once those packets are gone, their buffers are read into again.
+        // The first packet is still alive at the next read: its place reads into another
+        // buffer; the other two places read into their own again.
+        let first = out.remove(0);
         drop(out);
-        bufs.take(3, &mut Vec::new());
-        assert_eq!(bufs.recycler.reused, 3);
-        assert!(bufs.packets[..3].iter().all(|b| read.contains(&b.as_ptr())));
+        let again: Vec<*const u8> = bufs.packets.to_read().iter().map(|p| p.as_ptr()).collect();
+        assert!(!read.contains(&again[0]));
+        assert_eq!(&again[1..], &read[1..]);
+        assert!(bufs.packets.read().iter().all(|b| b.len() == 1344));
+        assert_eq!(bufs.packets.counts(), (3, 2));
+        drop(first);
     }
 
     /// A buffer that starts heading a run grows once, to a whole run, and its later packets

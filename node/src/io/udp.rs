@@ -15,7 +15,6 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::Context;
-use bytes::BytesMut;
 use node_proto::Packet;
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use relay::dial::set_int_option;
@@ -25,7 +24,7 @@ use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::io::recycle::Recycler;
+use crate::io::recycle::ReadSlots;
 
 /// Receive slots per `recvmmsg`.
 pub const RECV_SLOTS: usize = 16;
@@ -517,26 +516,19 @@ const HAND_ON_BYTES: usize = RECV_SLOT / 4;
 ///
 /// A slot that came back well filled (a GRO run of one sender's datagrams, up to 64 KiB) is
 /// handed on whole: its datagrams become [`Packet`]s that share its allocation, each decrypted
-/// where it lies, and another slot takes its place, one whose packets are all gone if there is
-/// one ([`Recycler`]). A slot with little in it has its datagrams copied out and stays.
+/// where it lies, and the slot is read into again once they are all gone ([`ReadSlots`]). A
+/// slot with little in it has its datagrams copied out and stays.
 pub struct RecvBufs {
-    /// `RECV_SLOTS` slots of `RECV_SLOT` bytes, and the head of each ([`Recycler`]).
-    slots: Vec<BytesMut>,
-    heads: Vec<BytesMut>,
+    /// `RECV_SLOTS` slots of `RECV_SLOT` bytes.
+    pub slots: ReadSlots,
     meta: [RecvMeta; RECV_SLOTS],
-    /// Slots handed on, kept to be used again.
-    pub recycler: Recycler,
 }
 
 impl Default for RecvBufs {
     fn default() -> Self {
-        let mut recycler = Recycler::new(RECV_SLOT, 0, RECV_SLOTS);
-        let (heads, slots) = (0..RECV_SLOTS).map(|_| recycler.take()).unzip();
         Self {
-            slots,
-            heads,
+            slots: ReadSlots::new(RECV_SLOTS, RECV_SLOT, 0, RECV_SLOTS),
             meta: [RecvMeta::default(); RECV_SLOTS],
-            recycler,
         }
     }
 }
@@ -549,7 +541,7 @@ impl RecvBufs {
             return std::future::pending().await;
         };
         // On the stack: this runs every time a worker waits for its sockets.
-        let mut slots = self.slots.iter_mut();
+        let mut slots = self.slots.to_read().iter_mut();
         let mut slices: [IoSliceMut<'_>; RECV_SLOTS] = std::array::from_fn(|_| {
             IoSliceMut::new(slots.next().map_or(&mut [][..], |s| &mut s[..]))
         });
@@ -565,16 +557,13 @@ impl RecvBufs {
             let stride = m.stride.max(1);
             if len < HAND_ON_BYTES {
                 out.extend(
-                    self.slots[i][..len]
+                    self.slots.read()[i][..len]
                         .chunks(stride)
                         .map(|d| (m.addr, Packet::copy_from(d))),
                 );
                 continue;
             }
-            let (head, slot) = self.recycler.take();
-            let mut run = std::mem::replace(&mut self.slots[i], slot);
-            self.recycler
-                .hand_on(std::mem::replace(&mut self.heads[i], head));
+            let mut run = self.slots.hand_on(i);
             run.truncate(len);
             while !run.is_empty() {
                 let d = run.split_to(stride.min(run.len()));
@@ -759,12 +748,12 @@ mod tests {
         a.send(to, b"small", None).await;
         let got = receive(&mut bufs, &b, 1).await;
         assert_eq!(&got[0].1[..], b"small");
-        assert_eq!(bufs.recycler.handed_on, 0);
+        assert_eq!(bufs.slots.counts().0, 0);
         // Three rounds of 120 datagrams; the first round's packets are kept through the next
         // two, whose own are dropped as they come.
         send_numbered(&a, to, 0, 120).await;
         let kept = receive(&mut bufs, &b, 120).await;
-        let handed = bufs.recycler.handed_on;
+        let handed = bufs.slots.counts().0;
         assert!(handed > 0, "no GRO run was handed on");
         for round in 1..3u16 {
             send_numbered(&a, to, round * 120, 120).await;
@@ -786,15 +775,15 @@ mod tests {
             "kept packets changed"
         );
         assert!(
-            bufs.recycler.reused > 0,
+            bufs.slots.counts().1 > 0,
             "slots whose packets were dropped were not used again"
         );
-        let reused = bufs.recycler.reused;
+        let reused = bufs.slots.counts().1;
         // Once the kept packets are gone too, their slots come back.
         drop(kept);
         send_numbered(&a, to, 360, 120).await;
         let got = receive(&mut bufs, &b, 120).await;
         assert_eq!(number(&got[0].1), 360);
-        assert!(bufs.recycler.reused > reused);
+        assert!(bufs.slots.counts().1 > reused);
     }
 }

@@ -646,9 +646,10 @@ impl Worker {
                 }
             }
             self.finish().await?;
-            let counts = [&udp4.recycler, &udp6.recycler, &tun_bufs.recycler]
+            let counts = [&udp4.slots, &udp6.slots, &tun_bufs.packets]
                 .iter()
-                .fold((0, 0), |(h, r), c| (h + c.handed_on, r + c.reused));
+                .map(|s| s.counts())
+                .fold((0, 0), |(h, r), c| (h + c.0, r + c.1));
             if counts != published {
                 let shared = &self.shared;
                 shared

@@ -371,20 +371,21 @@ pub fn throughput(rounds: u32, seconds: u32, quick: bool) -> anyhow::Result<()> 
         "\nlattice: {workers} data-plane workers per node (TUN queues and UDP sockets), which \
          {helpers}{aead}; tunnel MTU {mtu}"
     );
-    // How often a read buffer handed on as packets was read into again (else allocated).
+    // How often a read buffer handed on as packets was read into again (else allocated);
+    // builds from before they were counted say nothing.
     let buffers = |n: &MeshNode| {
-        n.status(&lab)
-            .map(|s| {
-                let b = &s["buffers"];
-                format!("{} handed on, {} used again", b["handed_on"], b["reused"])
-            })
-            .unwrap_or_default()
+        n.status(&lab).and_then(|s| {
+            let b = &s["buffers"];
+            Some(format!(
+                "{} handed on, {} used again",
+                b["handed_on"].as_u64()?,
+                b["reused"].as_u64()?
+            ))
+        })
     };
-    println!(
-        "lattice read buffers handed on as packets: sender {}; receiver {}",
-        buffers(&na),
-        buffers(&nb)
-    );
+    if let (Some(a), Some(b)) = (buffers(&na), buffers(&nb)) {
+        println!("lattice read buffers handed on as packets: sender {a}; receiver {b}");
+    }
     Ok(())
 }
 
