@@ -107,7 +107,9 @@ impl Recycler {
 /// in flight) takes another from the [`Recycler`], which takes that one in its stead.
 ///
 /// (Refilled from the recycler alone, oldest first, the places cycled through every buffer
-/// ever allocated: on 2 CPUs the tunnel then spent 1.5% more CPU per byte than when it copied.)
+/// ever allocated, a working set several times larger: on 2 CPUs, in three alternating pairs
+/// of quick throughput runs, the tunnel then spent 2.55, 2.54 and 2.55 CPU seconds per GB
+/// against 2.52, 2.51 and 2.50 for the build that copied.)
 pub struct ReadSlots {
     bufs: Vec<BytesMut>,
     heads: Vec<BytesMut>,
@@ -134,8 +136,8 @@ impl ReadSlots {
         }
     }
 
-    /// The buffers to read into, each back in its place if it was handed on ([`ReadSlots::hand_on`]):
-    /// call before every read.
+    /// The buffers to read into, each back in its place if it was handed on
+    /// ([`ReadSlots::hand_on`]): call before every read.
     pub fn to_read(&mut self) -> &mut [BytesMut] {
         for i in self.out.drain(..) {
             match self.recycler.reclaim(&mut self.heads[i]) {
