@@ -342,15 +342,18 @@ impl Relay {
         let stats = &self.inner.stats;
         while let Some(incoming) = endpoint.accept().await {
             let remote = incoming.remote_address();
-            if !incoming.remote_address_validated()
-                && handshaking.load(Ordering::Relaxed) >= limits.retry_above
-            {
+            // An address proven by a Retry always goes on (so nodes get in during a flood).
+            let handshake = if incoming.remote_address_validated() {
+                Handshaking::enter(&handshaking)
+            } else if let Some(h) = Handshaking::try_enter(&handshaking, limits.retry_above) {
+                h
+            } else {
                 // Counted first: the client may see the answer before this thread goes on.
                 stats.quic_retried.fetch_add(1, Ordering::Relaxed);
                 // Never fails: an address not yet validated may always be sent a Retry.
                 let _ = incoming.retry();
                 continue;
-            }
+            };
             let Some(slot) = admission.admit(remote.ip()) else {
                 debug!(%remote, "QUIC connection limit reached; refusing a handshake");
                 stats.quic_refused.fetch_add(1, Ordering::Relaxed);
@@ -358,7 +361,6 @@ impl Relay {
                 continue;
             };
             let relay = self.clone();
-            let handshake = Handshaking::enter(&handshaking);
             tokio::spawn(async move {
                 let _slot = slot;
                 let conn = tokio::time::timeout(limits.handshake_timeout, incoming).await;
@@ -746,6 +748,18 @@ impl Handshaking {
     fn enter(count: &Arc<AtomicUsize>) -> Self {
         count.fetch_add(1, Ordering::Relaxed);
         Self(Arc::clone(count))
+    }
+
+    /// Enters only while fewer than `limit` are in progress, checked and counted in one step:
+    /// the endpoints on other threads take theirs at the same time (checked first and counted
+    /// after, two threads each saw seven of eight and both went ahead).
+    fn try_enter(count: &Arc<AtomicUsize>, limit: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(Arc::clone(count)))
     }
 }
 
