@@ -352,11 +352,10 @@ mod tests {
                                     s2.spawn(move || {
                                         for mut out in rx {
                                             if stages == 4 {
-                                                crypt_prepared(&mut out, |jobs| {
-                                                    let (a, b) = jobs.as_mut_slices();
-                                                    CryptoJob::crypt_prepared(a);
-                                                    CryptoJob::crypt_prepared(b);
-                                                });
+                                                crypt_prepared(
+                                                    &mut out,
+                                                    CryptoJob::crypt_queue,
+                                                );
                                             } else {
                                                 crypt(&mut out);
                                             }

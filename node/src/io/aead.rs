@@ -25,17 +25,10 @@ pub type AeadHelpers = Helpers<CryptoJob>;
 /// A crypto thread's side of [`AeadHelpers`].
 pub type Asker = PartsBack<CryptoJob>;
 
-/// The AEAD of prepared jobs: one part, or a whole batch the crypto thread keeps.
-pub fn crypt_part(jobs: &mut VecDeque<CryptoJob>) {
-    let (front, back) = jobs.as_mut_slices();
-    CryptoJob::crypt_prepared(front);
-    CryptoJob::crypt_prepared(back);
-}
-
 impl AeadHelpers {
     /// Starts `helpers` threads (`lattice-aeadhN`); none for 0.
     pub fn start(helpers: usize) -> std::io::Result<Self> {
-        Self::start_with(helpers, "lattice-aeadh", crypt_part)
+        Self::start_with(helpers, "lattice-aeadh", CryptoJob::crypt_queue)
     }
 }
 

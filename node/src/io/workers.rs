@@ -29,12 +29,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use node_proto::shared::{BatchOutput, complete, crypt_prepared, feed, finish, prepare};
-use node_proto::{Addr, NodeState, Packet, SockId, Transmit};
+use node_proto::{Addr, CryptoJob, NodeState, Packet, SockId, Transmit};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::debug;
 
-use crate::io::aead::{AeadHelpers, Asker, crypt_part};
+use crate::io::aead::{AeadHelpers, Asker};
 use crate::io::relays::{RelayPacket, RelaySenders};
 use crate::io::steer::{Handoff, Steering, split};
 use crate::io::tun::{ReadBufs, TunQueue, TunReader, is_packet_error};
@@ -534,7 +534,7 @@ impl Finishing {
                     if let ToFinisher::Batch(out) = &mut m {
                         crypt_prepared(out, |jobs| match &aead {
                             Some(pool) => pool.crypt(&mut asker, jobs),
-                            None => crypt_part(jobs),
+                            None => CryptoJob::crypt_queue(jobs),
                         });
                     }
                     if to_finish.blocking_send(m).is_err() {

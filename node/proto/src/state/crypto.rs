@@ -251,29 +251,12 @@ impl CryptoJob {
 
     /// The second step of [`CryptoJob::run_all`]: runs the AEAD of `jobs` in order, empties
     /// it, and appends what they did to `done`: [`CryptoJob::prepare_all`], then
-    /// [`CryptoJob::crypt_prepared`] on all of them, then [`CryptoJob::finish_all`]. A shell
-    /// may instead split the prepared jobs between threads for the middle step
-    /// ([`CryptoJob::crypt_all_shared`]).
+    /// [`CryptoJob::crypt_queue`], then [`CryptoJob::finish_all`]. A shell may instead split
+    /// the prepared jobs between threads for the middle step
+    /// ([`crate::shared::crypt_prepared`]).
     pub fn crypt_all(jobs: &mut VecDeque<Self>, checks: &Checks, done: &mut Vec<CryptoDone>) {
-        Self::crypt_all_shared(jobs, checks, done, |jobs| {
-            let (front, back) = jobs.as_mut_slices();
-            Self::crypt_prepared(front);
-            Self::crypt_prepared(back);
-        });
-    }
-
-    /// [`CryptoJob::crypt_all`], with the AEAD left to `share`: it gets the jobs prepared and
-    /// must run [`CryptoJob::crypt_prepared`] on every one of them, on whatever threads, and
-    /// leave them in the order it got them. A job it left without its AEAD is dropped
-    /// (counted as malformed), never sent unsealed.
-    pub fn crypt_all_shared(
-        jobs: &mut VecDeque<Self>,
-        checks: &Checks,
-        done: &mut Vec<CryptoDone>,
-        share: impl FnOnce(&mut VecDeque<Self>),
-    ) {
         Self::prepare_all(jobs, checks);
-        share(jobs);
+        Self::crypt_queue(jobs);
         Self::finish_all(jobs, done);
     }
 
@@ -314,8 +297,16 @@ impl CryptoJob {
         }
     }
 
+    /// [`CryptoJob::crypt_prepared`] on every job of a queue (a batch, or a part of one).
+    pub fn crypt_queue(jobs: &mut VecDeque<Self>) {
+        let (front, back) = jobs.as_mut_slices();
+        Self::crypt_prepared(front);
+        Self::crypt_prepared(back);
+    }
+
     /// Takes the jobs whose AEAD ran off `jobs`, in order, and appends what they did to
-    /// `done`; data opened is noted under its tunnel's lock, once for a run of one tunnel.
+    /// `done`; data opened is noted under its tunnel's lock, once for a run of one tunnel. A
+    /// job left without its AEAD is dropped (counted as malformed), never sent unsealed.
     pub fn finish_all(jobs: &mut VecDeque<Self>, done: &mut Vec<CryptoDone>) {
         while let Some(first) = jobs.pop_front() {
             if !matches!(first.work, Work::Opened { .. }) {
