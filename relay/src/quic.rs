@@ -35,7 +35,9 @@ const CLOSING: Duration = Duration::from_secs(1);
 /// stream between two nodes through the coordinator's relay, two runs on two machines):
 /// 1.654 and 1.684 Gbit/s with one thread, 1.483 with two, 1.319 and 1.350 with four, where
 /// the two nodes' connections are more often served by different threads and every datagram
-/// crosses from one to the other. More threads add capacity for many busy nodes at once.
+/// crosses from one to the other (then queued by the sending session on the other thread's
+/// connection, under its driver's lock; it now goes through the destination session's outbox,
+/// not yet measured there). More threads add capacity for many busy nodes at once.
 pub const DEFAULT_THREADS: usize = 1;
 
 /// The relay's QUIC endpoints, each on a thread of its own; dropping it closes them (their
