@@ -32,8 +32,10 @@ use zeroize::Zeroizing;
 pub const VERSION: u8 = 1;
 /// Largest payload of `Send` / `Recv`.
 pub const MAX_PAYLOAD: usize = 4096;
+/// The bytes of a `Send` or `Recv` frame before its payload: the kind, then a node key.
+pub const PACKET_HEADER: usize = 1 + 32;
 /// Largest encoded frame.
-pub const MAX_FRAME: usize = 1 + 32 + MAX_PAYLOAD;
+pub const MAX_FRAME: usize = PACKET_HEADER + MAX_PAYLOAD;
 /// ALPN of the QUIC transport.
 pub const ALPN: &[u8] = b"lattice-relay/1";
 const AUTH_LABEL: &[u8] = b"lattice relay auth v1";
@@ -239,7 +241,7 @@ pub fn encode(f: &Frame<'_>) -> Vec<u8> {
 
 /// Encodes a `Send` or `Recv` without building a [`Frame`]: `kind` byte, key, payload.
 pub fn encode_packet(recv: bool, key: &[u8; 32], payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(33 + payload.len());
+    let mut out = Vec::with_capacity(PACKET_HEADER + payload.len());
     out.push(if recv { 0x11 } else { 0x10 });
     out.extend_from_slice(key);
     out.extend_from_slice(payload);
@@ -250,11 +252,11 @@ pub fn encode_packet(recv: bool, key: &[u8; 32], payload: &[u8]) -> Vec<u8> {
 /// place (both have a 32-byte key after the kind); false, and `frame` untouched, when it is
 /// not a `Send` frame.
 pub fn send_to_recv(frame: &mut [u8], src: &[u8; 32]) -> bool {
-    if frame.len() < 33 || frame[0] != 0x10 {
+    if frame.len() < PACKET_HEADER || frame[0] != 0x10 {
         return false;
     }
     frame[0] = 0x11;
-    frame[1..33].copy_from_slice(src);
+    frame[1..PACKET_HEADER].copy_from_slice(src);
     true
 }
 

@@ -161,8 +161,9 @@ pub struct StatsSnapshot {
     pub dropped_no_peer: u64,
     /// Frames dropped because the destination's queue was full.
     pub dropped_queue_full: u64,
-    /// Frames forwarded to a QUIC client whose connection runs on another of the relay's
-    /// threads (through its session's outbox).
+    /// Frames for a QUIC client whose connection runs on another of the relay's threads,
+    /// handed to its session's outbox (counted in `forwarded` once that session sent them,
+    /// in `dropped_queue_full` if its connection refused them).
     pub across_threads: u64,
     /// Frames from a session that was no longer vouched for.
     pub dropped_unvouched: u64,
@@ -536,13 +537,13 @@ impl Relay {
                 }
                 Some(f) = recv_some(outbox.as_mut()) => {
                     // Packets sessions on other threads forwarded here: sent on this thread,
-                    // where the connection's driver runs, with those waiting behind them.
+                    // where the connection's driver runs, with those waiting behind them, and
+                    // counted as forwarded once sent.
                     let Some(own) = &own else { continue };
                     let rest = outbox.as_mut().map(|rx| std::iter::from_fn(|| rx.try_recv().ok()));
                     for f in std::iter::once(f).chain(rest.into_iter().flatten().take(OUTBOX)) {
-                        if let Sent::TooLarge(f) = own.send(f) {
-                            let _ = out.try_send(f);
-                        }
+                        let len = f.len().saturating_sub(proto::PACKET_HEADER) as u64;
+                        self.count_sent(to_quic(own, &out, f), len);
                     }
                 }
             }
@@ -555,6 +556,18 @@ impl Relay {
         }
         info!(%node, %transport, "relay session down");
         Ok(())
+    }
+
+    /// Counts a packet with `len` bytes of payload as forwarded, or as dropped when its
+    /// destination's queue (or connection) refused it.
+    fn count_sent(&self, sent: bool, len: u64) {
+        let stats = &self.inner.stats;
+        if sent {
+            stats.forwarded.fetch_add(1, Ordering::Relaxed);
+            stats.forwarded_bytes.fetch_add(len, Ordering::Relaxed);
+        } else {
+            stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn authenticate(&self, nonce: &[u8; 32], frame: &[u8]) -> Result<([u8; 32], i64), String> {
@@ -594,7 +607,7 @@ impl Relay {
                     return;
                 }
                 let len = payload.len() as u64;
-                let sent = {
+                let found = {
                     let clients = self.read();
                     clients.get(&dst).map(|e| {
                         // The frame becomes the destination's Recv frame where it lies
@@ -605,48 +618,40 @@ impl Relay {
                                 proto::send_to_recv(&mut f, key);
                                 f.freeze()
                             }
-                            Err(f) => Bytes::from(proto::encode_packet(true, key, &f[33..])),
+                            Err(f) => Bytes::from(proto::encode_packet(
+                                true,
+                                key,
+                                &f[proto::PACKET_HEADER..],
+                            )),
                         };
-                        let recv = match &e.quic {
-                            Some(q) if q.thread == here => match q.datagrams.send(recv) {
-                                Sent::Queued => return Ok(()),
-                                Sent::Dropped => return Err(()),
-                                Sent::TooLarge(f) => f,
-                            },
-                            Some(q) => {
-                                let sent = q.outbox.try_send(recv).map_err(drop);
-                                if sent.is_ok() {
-                                    stats.across_threads.fetch_add(1, Ordering::Relaxed);
-                                }
-                                return sent;
+                        match &e.quic {
+                            Some(q) if q.thread == here => {
+                                self.count_sent(to_quic(&q.datagrams, &e.tx, recv), len);
                             }
-                            None => recv,
-                        };
-                        e.tx.try_send(recv).map_err(drop)
+                            Some(q) => {
+                                // Counted as forwarded by the destination's session, once sent.
+                                if q.outbox.try_send(recv).is_ok() {
+                                    stats.across_threads.fetch_add(1, Ordering::Relaxed);
+                                } else {
+                                    self.count_sent(false, len);
+                                }
+                            }
+                            None => self.count_sent(e.tx.try_send(recv).is_ok(), len),
+                        }
                     })
                 };
-                match sent {
-                    Some(Ok(())) => {
-                        stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                        stats.forwarded_bytes.fetch_add(len, Ordering::Relaxed);
+                if found.is_none() {
+                    stats.dropped_no_peer.fetch_add(1, Ordering::Relaxed);
+                    let now = Instant::now();
+                    if gone_sent.len() > 4096 {
+                        gone_sent.clear();
                     }
-                    Some(Err(_)) => {
-                        stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
-                    }
-                    None => {
-                        stats.dropped_no_peer.fetch_add(1, Ordering::Relaxed);
-                        let now = Instant::now();
-                        if gone_sent.len() > 4096 {
-                            gone_sent.clear();
-                        }
-                        let due = gone_sent
-                            .get(&dst)
-                            .is_none_or(|t| now.duration_since(*t) >= PEER_GONE_INTERVAL);
-                        if due {
-                            gone_sent.insert(dst, now);
-                            let _ =
-                                out.try_send(proto::encode(&Frame::PeerGone { key: dst }).into());
-                        }
+                    let due = gone_sent
+                        .get(&dst)
+                        .is_none_or(|t| now.duration_since(*t) >= PEER_GONE_INTERVAL);
+                    if due {
+                        gone_sent.insert(dst, now);
+                        let _ = out.try_send(proto::encode(&Frame::PeerGone { key: dst }).into());
                     }
                 }
             }
@@ -674,6 +679,17 @@ impl Relay {
                 stats.malformed.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+}
+
+/// Sends a `Recv` frame to a QUIC client as a datagram, or on its stream (`stream`) when it
+/// is larger than a datagram may be; false if the connection or the stream's queue refused it.
+/// Runs on the thread the client's connection runs on.
+fn to_quic(datagrams: &Datagrams, stream: &mpsc::Sender<Bytes>, frame: Bytes) -> bool {
+    match datagrams.send(frame) {
+        Sent::Queued => true,
+        Sent::Dropped => false,
+        Sent::TooLarge(f) => stream.try_send(f).is_ok(),
     }
 }
 
