@@ -70,6 +70,32 @@ fn cpu_seconds(pids: &[u32]) -> f64 {
         / ticks
 }
 
+/// Busy and total time of all the machine's CPUs so far (from /proc/stat, in ticks): busy is
+/// all but idle and waiting for I/O.
+fn machine_cpu() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total: f64 = f.iter().take(8).sum();
+    Some((total - f.get(3)? - f.get(4)?, total))
+}
+
+/// How many of the machine's CPUs were busy on average between two [`machine_cpu`] readings:
+/// "9.7 of 16 CPUs busy".
+fn machine_busy(before: Option<(f64, f64)>, after: Option<(f64, f64)>) -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    match (before, after) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+            format!("{:.1} of {cpus} CPUs busy", cpus as f64 * (b1 - b0) / (t1 - t0))
+        }
+        _ => "CPUs busy: unknown".into(),
+    }
+}
+
 /// CPU seconds each thread of `pid` has used so far, with the thread's name, by thread id
 /// (from /proc/PID/task/TID/stat).
 fn thread_cpu(pid: u32) -> std::collections::BTreeMap<u32, (String, f64)> {
@@ -464,9 +490,18 @@ fn four_peers(
     println!(
         "\n{PEERS} peers at once: one TCP stream from one node to each of {PEERS} peers, summed"
     );
+    // Lattice's hub and its peers' nodes: whose threads bound the streams, and whether the
+    // machine had CPUs to spare.
+    let hub_pid = lab.pid(hub_node.proc);
+    let peer_pids: Vec<u32> = nodes.iter().filter_map(|(_, n)| lab.pid(n.proc)).collect();
     for round in 1..=rounds {
         for (i, (name, dsts, out)) in targets.iter_mut().enumerate() {
             let lab: &Lab = lab;
+            let ours = i == 1;
+            let hub_before = hub_pid.filter(|_| ours).map(thread_cpu);
+            let peers_before = cpu_seconds(&peer_pids);
+            let machine_before = machine_cpu();
+            let started = std::time::Instant::now();
             let sum = std::thread::scope(|s| {
                 let runs: Vec<_> = dsts
                     .iter()
@@ -490,10 +525,20 @@ fn four_peers(
                 }
                 Err(e) => return Err(e),
             };
+            let secs = started.elapsed().as_secs_f64();
             println!(
-                "  round {round}: {name:<22} {:>8.3} Gbit/s in total",
-                sum / 1e9
+                "  round {round}: {name:<22} {:>8.3} Gbit/s in total, {}",
+                sum / 1e9,
+                machine_busy(machine_before, machine_cpu())
             );
+            if let (Some(pid), Some(before)) = (hub_pid, &hub_before) {
+                println!(
+                    "    hub's threads, % of a core: {}\n    the {PEERS} peers' nodes: {:.0}% of a \
+                     core in all",
+                    busy_threads(before, &thread_cpu(pid), secs),
+                    100.0 * (cpu_seconds(&peer_pids) - peers_before) / secs
+                );
+            }
             out.push(sum);
         }
     }
