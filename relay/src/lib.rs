@@ -3,6 +3,7 @@
 //!
 //! - [`proto`]: frames and the authentication exchange (sans-IO);
 //! - [`server::Relay`]: the forwarding server (QUIC endpoint, WebSocket route, sweeper);
+//! - [`session`]: what a session decides, authentication and each frame (sans-IO);
 //! - [`quic::QuicListener`]: its QUIC endpoints on threads of their own;
 //! - [`client::connect`]: a node's connection to a relay;
 //! - [`datagram`]: frames as QUIC datagrams (both ends);
@@ -27,6 +28,7 @@ pub mod proto;
 pub mod quic;
 pub mod revocation;
 pub mod server;
+pub mod session;
 pub mod stun;
 pub mod tls;
 

@@ -27,13 +27,12 @@ use wire::{NodeKey, TicketKey};
 use crate::datagram::{Datagrams, Sent};
 use crate::proto::{self, Frame, MAX_FRAME, VERSION};
 use crate::revocation::RevocationSet;
+use crate::session::{self, Session, Step};
 
 /// How long a client has to authenticate.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames queued for one client before further ones are dropped.
 const QUEUE: usize = 2048;
-/// At most one `PeerGone` per destination per this interval.
-const PEER_GONE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Limits on the QUIC listener, which faces the internet as the WebSocket's does
 /// ([`crate::http::HttpLimits`]). A QUIC handshake costs the relay key work and a connection's
@@ -462,7 +461,14 @@ impl Relay {
             .await
             .map_err(|_| anyhow::anyhow!("no authentication"))?
             .ok_or_else(|| anyhow::anyhow!("closed before authenticating"))?;
-        let (key, valid_until) = match self.authenticate(&nonce, &first) {
+        let auth = session::authenticate(
+            &self.inner.key,
+            &*self.inner.auth,
+            &nonce,
+            &first,
+            unix_now(),
+        );
+        let (key, valid_until) = match auth {
             Ok(ok) => ok,
             Err(reason) => {
                 self.inner.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -523,17 +529,17 @@ impl Relay {
         self.inner.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let node = NodeKey::from_bytes(key);
         info!(%node, %remote, %transport, "relay session up");
-        let mut gone_sent: HashMap<[u8; 32], Instant> = HashMap::new();
+        let mut session = Session::new(key);
         loop {
             tokio::select! {
                 _ = close_rx.changed() => break,
                 f = incoming.recv() => {
                     let Some(f) = f else { break };
-                    self.handle(here, &key, &alive, &out, &mut gone_sent, f);
+                    self.handle(here, &mut session, &alive, &out, f);
                 }
                 d = read_datagram(datagrams.as_ref()) => {
                     let Some(d) = d else { break };
-                    self.handle(here, &key, &alive, &out, &mut gone_sent, d);
+                    self.handle(here, &mut session, &alive, &out, d);
                 }
                 Some(f) = recv_some(outbox.as_mut()) => {
                     // Packets sessions on other threads forwarded here: sent on this thread,
@@ -570,60 +576,28 @@ impl Relay {
         }
     }
 
-    fn authenticate(&self, nonce: &[u8; 32], frame: &[u8]) -> Result<([u8; 32], i64), String> {
-        let Ok(Frame::Auth {
-            node_key,
-            mac,
-            ticket,
-        }) = proto::decode(frame)
-        else {
-            return Err("expected an authentication frame".into());
-        };
-        if !proto::check_client_mac(&self.inner.key, &node_key, nonce, ticket, &mac) {
-            return Err("authentication failed (wrong relay key, or not the node's key)".into());
-        }
-        let valid_until = self.inner.auth.authorize(&node_key, ticket, unix_now())?;
-        if !self.inner.auth.still_vouched(&node_key) {
-            return Err("node is not vouched for by the coordinator".into());
-        }
-        Ok((node_key, valid_until))
-    }
-
-    /// Handles a frame from the node `key`, whose session runs on thread `here`.
+    /// Does what a frame from the node of `session`, which runs on thread `here`, asks for.
     fn handle(
         &self,
         here: std::thread::ThreadId,
-        key: &[u8; 32],
+        session: &mut Session,
         alive: &AtomicBool,
         out: &mpsc::Sender<Bytes>,
-        gone_sent: &mut HashMap<[u8; 32], Instant>,
         frame: Bytes,
     ) {
         let stats = &self.inner.stats;
-        match proto::decode(&frame) {
-            Ok(Frame::Send { dst, payload }) => {
-                if !alive.load(Ordering::Relaxed) {
-                    stats.dropped_unvouched.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                let len = payload.len() as u64;
+        let step = session.on_frame(
+            &frame,
+            alive.load(Ordering::Relaxed),
+            &*self.inner.auth,
+            unix_now,
+        );
+        match step {
+            Step::Forward { dst, len } => {
                 let found = {
                     let clients = self.read();
                     clients.get(&dst).map(|e| {
-                        // The frame becomes the destination's Recv frame where it lies
-                        // (copied only when something else still holds its buffer).
-                        let recv = match frame.try_into_mut() {
-                            Ok(mut f) => {
-                                // A Send frame (decoded above), so this cannot refuse.
-                                proto::send_to_recv(&mut f, key);
-                                f.freeze()
-                            }
-                            Err(f) => Bytes::from(proto::encode_packet(
-                                true,
-                                key,
-                                &f[proto::PACKET_HEADER..],
-                            )),
-                        };
+                        let recv = session::into_recv(frame, session.key());
                         match &e.quic {
                             Some(q) if q.thread == here => {
                                 self.count_sent(to_quic(&q.datagrams, &e.tx, recv), len);
@@ -642,40 +616,31 @@ impl Relay {
                 };
                 if found.is_none() {
                     stats.dropped_no_peer.fetch_add(1, Ordering::Relaxed);
-                    let now = Instant::now();
-                    if gone_sent.len() > 4096 {
-                        gone_sent.clear();
-                    }
-                    let due = gone_sent
-                        .get(&dst)
-                        .is_none_or(|t| now.duration_since(*t) >= PEER_GONE_INTERVAL);
-                    if due {
-                        gone_sent.insert(dst, now);
-                        let _ = out.try_send(proto::encode(&Frame::PeerGone { key: dst }).into());
+                    if let Some(gone) = session.peer_gone(dst, Instant::now()) {
+                        let _ = out.try_send(gone);
                     }
                 }
             }
-            Ok(Frame::Ticket { ticket }) => {
-                match self.inner.auth.authorize(key, ticket, unix_now()) {
-                    Ok(until) => {
-                        if let Some(e) = self.write().get_mut(key) {
-                            e.valid_until = e.valid_until.max(until);
-                        }
-                    }
-                    Err(reason) => {
-                        debug!(node = %NodeKey::from_bytes(*key), %reason, "refreshed ticket refused");
-                    }
+            Step::Unvouched => {
+                stats.dropped_unvouched.fetch_add(1, Ordering::Relaxed);
+            }
+            Step::Reply(f) => {
+                let _ = out.try_send(f);
+            }
+            Step::ValidUntil(until) => {
+                if let Some(e) = self.write().get_mut(session.key()) {
+                    e.valid_until = e.valid_until.max(until);
                 }
             }
-            Ok(Frame::Ping { data }) => {
-                let _ = out.try_send(proto::encode(&Frame::Pong { data }).into());
+            Step::TicketRefused(reason) => {
+                debug!(node = %NodeKey::from_bytes(*session.key()), %reason, "refreshed ticket refused");
             }
-            Ok(Frame::Pong { .. }) => {}
-            Ok(other) => {
-                warn!(frame = ?std::mem::discriminant(&other), "unexpected frame from a relay client");
+            Step::Nothing => {}
+            Step::Unexpected => {
+                warn!(node = %NodeKey::from_bytes(*session.key()), "unexpected frame from a relay client");
                 stats.malformed.fetch_add(1, Ordering::Relaxed);
             }
-            Err(_) => {
+            Step::Malformed => {
                 stats.malformed.fetch_add(1, Ordering::Relaxed);
             }
         }

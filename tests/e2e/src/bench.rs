@@ -90,7 +90,10 @@ fn machine_busy(before: Option<(f64, f64)>, after: Option<(f64, f64)>) -> String
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     match (before, after) {
         (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
-            format!("{:.1} of {cpus} CPUs busy", cpus as f64 * (b1 - b0) / (t1 - t0))
+            format!(
+                "{:.1} of {cpus} CPUs busy",
+                cpus as f64 * (b1 - b0) / (t1 - t0)
+            )
         }
         _ => "CPUs busy: unknown".into(),
     }

@@ -1,0 +1,326 @@
+//! What a relay session decides, sans-IO: whether a node's `Auth` frame admits it, and what
+//! each frame it sends afterwards asks for. Time comes from the caller; the server
+//! ([`crate::server`]) looks destinations up, sends and counts.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hybrid::StaticKeypair;
+
+use crate::proto::{self, Frame};
+use crate::server::Authorizer;
+
+/// At most one `PeerGone` per destination per this interval.
+pub const PEER_GONE_INTERVAL: Duration = Duration::from_secs(1);
+/// Destinations a session remembers telling its node about; past this it forgets them all
+/// (a node sending to many made-up keys then hears about each again, no more than once a
+/// second each, and the map stays bounded).
+const GONE_REMEMBERED: usize = 4096;
+
+/// Checks a node's first frame, which must be an `Auth` answering `nonce` with a MAC made
+/// with the relay's key `relay` and a ticket `auth` accepts at Unix time `now`: the node's
+/// key and the last second its session may run, or why it is refused.
+pub fn authenticate(
+    relay: &StaticKeypair,
+    auth: &dyn Authorizer,
+    nonce: &[u8; 32],
+    frame: &[u8],
+    now: i64,
+) -> Result<([u8; 32], i64), String> {
+    let Ok(Frame::Auth {
+        node_key,
+        mac,
+        ticket,
+    }) = proto::decode(frame)
+    else {
+        return Err("expected an authentication frame".into());
+    };
+    if !proto::check_client_mac(relay, &node_key, nonce, ticket, &mac) {
+        return Err("authentication failed (wrong relay key, or not the node's key)".into());
+    }
+    let valid_until = auth.authorize(&node_key, ticket, now)?;
+    if !auth.still_vouched(&node_key) {
+        return Err("node is not vouched for by the coordinator".into());
+    }
+    Ok((node_key, valid_until))
+}
+
+/// What a frame from an authenticated node asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Forward its payload (`len` bytes) to the node `dst`, as the `Recv` frame
+    /// [`into_recv`] makes of it.
+    Forward {
+        /// The destination's node key.
+        dst: [u8; 32],
+        /// Payload bytes.
+        len: u64,
+    },
+    /// Dropped: the node is no longer vouched for (its session is closing).
+    Unvouched,
+    /// Answer the node with this frame.
+    Reply(Bytes),
+    /// Its refreshed ticket lets the session run until this Unix second.
+    ValidUntil(i64),
+    /// Its refreshed ticket was refused, for this reason (the session runs on until its old
+    /// one expires).
+    TicketRefused(String),
+    /// Nothing to do (a `Pong`).
+    Nothing,
+    /// A frame a node never sends (counted as malformed).
+    Unexpected,
+    /// Not a frame (counted as malformed).
+    Malformed,
+}
+
+/// One authenticated node's session.
+#[derive(Debug)]
+pub struct Session {
+    key: [u8; 32],
+    /// When each destination the node sent to was last reported gone.
+    gone_sent: HashMap<[u8; 32], Instant>,
+}
+
+impl Session {
+    /// The session of the node with `key`.
+    pub fn new(key: [u8; 32]) -> Self {
+        Self {
+            key,
+            gone_sent: HashMap::new(),
+        }
+    }
+
+    /// The node's key.
+    pub fn key(&self) -> &[u8; 32] {
+        &self.key
+    }
+
+    /// What `frame` from the node asks for; `alive` is whether the node is still vouched for,
+    /// `auth` checks a refreshed ticket at the Unix time `now` gives (asked only then).
+    pub fn on_frame(
+        &self,
+        frame: &[u8],
+        alive: bool,
+        auth: &dyn Authorizer,
+        now: impl FnOnce() -> i64,
+    ) -> Step {
+        match proto::decode(frame) {
+            Ok(Frame::Send { dst, payload }) if alive => Step::Forward {
+                dst,
+                len: payload.len() as u64,
+            },
+            Ok(Frame::Send { .. }) => Step::Unvouched,
+            Ok(Frame::Ticket { ticket }) => match auth.authorize(&self.key, ticket, now()) {
+                Ok(until) => Step::ValidUntil(until),
+                Err(reason) => Step::TicketRefused(reason),
+            },
+            Ok(Frame::Ping { data }) => Step::Reply(proto::encode(&Frame::Pong { data }).into()),
+            Ok(Frame::Pong { .. }) => Step::Nothing,
+            Ok(_) => Step::Unexpected,
+            Err(_) => Step::Malformed,
+        }
+    }
+
+    /// The `PeerGone` frame to tell the node that `dst` is not connected here, unless it was
+    /// told less than [`PEER_GONE_INTERVAL`] before `now`.
+    pub fn peer_gone(&mut self, dst: [u8; 32], now: Instant) -> Option<Bytes> {
+        if self.gone_sent.len() > GONE_REMEMBERED {
+            self.gone_sent.clear();
+        }
+        let due = self
+            .gone_sent
+            .get(&dst)
+            .is_none_or(|t| now.duration_since(*t) >= PEER_GONE_INTERVAL);
+        due.then(|| {
+            self.gone_sent.insert(dst, now);
+            proto::encode(&Frame::PeerGone { key: dst }).into()
+        })
+    }
+}
+
+/// The `Recv` frame the destination gets for the `Send` frame `frame` (one [`Session::on_frame`]
+/// made a [`Step::Forward`] of) from `src`: made where the frame lies when nothing else holds
+/// its buffer, else copied.
+pub fn into_recv(frame: Bytes, src: &[u8; 32]) -> Bytes {
+    match frame.try_into_mut() {
+        Ok(mut f) => {
+            // A Send frame, so this cannot refuse.
+            proto::send_to_recv(&mut f, src);
+            f.freeze()
+        }
+        Err(f) => Bytes::from(proto::encode_packet(
+            true,
+            src,
+            f.get(proto::PACKET_HEADER..).unwrap_or_default(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepts tickets that read "ok" until second 100 (a refreshed one until 200), refuses
+    /// the rest; vouches for every key but `revoked`.
+    struct Tickets {
+        revoked: [u8; 32],
+    }
+
+    impl Authorizer for Tickets {
+        fn authorize(&self, _key: &[u8; 32], ticket: &[u8], now: i64) -> Result<i64, String> {
+            match ticket {
+                b"ok" if now < 100 => Ok(100),
+                b"fresh" => Ok(200),
+                _ => Err(format!("bad ticket at {now}")),
+            }
+        }
+
+        fn still_vouched(&self, key: &[u8; 32]) -> bool {
+            key != &self.revoked
+        }
+    }
+
+    const TICKETS: Tickets = Tickets { revoked: [0; 32] };
+
+    fn keypair(b: u8) -> StaticKeypair {
+        StaticKeypair::from_secret([b; 32])
+    }
+
+    fn auth_frame(
+        node: &StaticKeypair,
+        relay: &StaticKeypair,
+        nonce: &[u8; 32],
+        ticket: &[u8],
+    ) -> Vec<u8> {
+        let mac = proto::client_mac(node, &relay.public(), nonce, ticket).unwrap();
+        proto::encode(&Frame::Auth {
+            node_key: node.public(),
+            mac,
+            ticket,
+        })
+    }
+
+    #[test]
+    fn a_node_is_admitted_only_with_its_own_key_a_good_ticket_and_the_nonce_it_was_sent() {
+        let (relay, node) = (keypair(1), keypair(2));
+        let nonce = [5; 32];
+        let good = auth_frame(&node, &relay, &nonce, b"ok");
+        assert_eq!(
+            authenticate(&relay, &TICKETS, &nonce, &good, 10),
+            Ok((node.public(), 100))
+        );
+        // The ticket has run out.
+        let late = authenticate(&relay, &TICKETS, &nonce, &good, 100).unwrap_err();
+        assert!(late.contains("bad ticket at 100"), "{late}");
+        // Made for another challenge, or for another relay.
+        let other_nonce = authenticate(&relay, &TICKETS, &[6; 32], &good, 10).unwrap_err();
+        assert!(
+            other_nonce.starts_with("authentication failed"),
+            "{other_nonce}"
+        );
+        let other_relay = auth_frame(&node, &keypair(3), &nonce, b"ok");
+        assert!(authenticate(&relay, &TICKETS, &nonce, &other_relay, 10).is_err());
+        // Not an Auth frame at all.
+        let ping = proto::encode(&Frame::Ping { data: [0; 8] });
+        assert_eq!(
+            authenticate(&relay, &TICKETS, &nonce, &ping, 10),
+            Err("expected an authentication frame".into())
+        );
+        // A good ticket for a node the coordinator no longer vouches for.
+        let revoked = Tickets {
+            revoked: node.public(),
+        };
+        assert_eq!(
+            authenticate(&relay, &revoked, &nonce, &good, 10),
+            Err("node is not vouched for by the coordinator".into())
+        );
+    }
+
+    #[test]
+    fn frames_become_steps_and_the_clock_is_read_only_for_a_ticket() {
+        let s = Session::new([2; 32]);
+        let never = || -> i64 { panic!("the clock was read") };
+        let send = proto::encode_packet(false, &[3; 32], &[7; 40]);
+        assert_eq!(
+            s.on_frame(&send, true, &TICKETS, never),
+            Step::Forward {
+                dst: [3; 32],
+                len: 40
+            }
+        );
+        assert_eq!(s.on_frame(&send, false, &TICKETS, never), Step::Unvouched);
+        let ping = proto::encode(&Frame::Ping { data: [4; 8] });
+        assert_eq!(
+            s.on_frame(&ping, true, &TICKETS, never),
+            Step::Reply(proto::encode(&Frame::Pong { data: [4; 8] }).into())
+        );
+        let pong = proto::encode(&Frame::Pong { data: [4; 8] });
+        assert_eq!(s.on_frame(&pong, true, &TICKETS, never), Step::Nothing);
+        let gone = proto::encode(&Frame::PeerGone { key: [3; 32] });
+        assert_eq!(s.on_frame(&gone, true, &TICKETS, never), Step::Unexpected);
+        assert_eq!(
+            s.on_frame(&[0xff, 1, 2], true, &TICKETS, never),
+            Step::Malformed
+        );
+        assert_eq!(s.on_frame(&[], true, &TICKETS, never), Step::Malformed);
+        let fresh = proto::encode(&Frame::Ticket { ticket: b"fresh" });
+        assert_eq!(
+            s.on_frame(&fresh, true, &TICKETS, || 50),
+            Step::ValidUntil(200)
+        );
+        let stale = proto::encode(&Frame::Ticket { ticket: b"ok" });
+        assert_eq!(
+            s.on_frame(&stale, true, &TICKETS, || 150),
+            Step::TicketRefused("bad ticket at 150".into())
+        );
+    }
+
+    #[test]
+    fn a_missing_destination_is_reported_at_most_once_a_second_and_the_memory_stays_bounded() {
+        let mut s = Session::new([2; 32]);
+        let t0 = Instant::now();
+        let gone = |k: [u8; 32]| Bytes::from(proto::encode(&Frame::PeerGone { key: k }));
+        assert_eq!(s.peer_gone([3; 32], t0), Some(gone([3; 32])));
+        assert_eq!(s.peer_gone([3; 32], t0 + Duration::from_millis(999)), None);
+        // Another destination is reported on its own clock.
+        assert_eq!(
+            s.peer_gone([4; 32], t0 + Duration::from_millis(500)),
+            Some(gone([4; 32]))
+        );
+        assert_eq!(
+            s.peer_gone([3; 32], t0 + PEER_GONE_INTERVAL),
+            Some(gone([3; 32]))
+        );
+        assert_eq!(s.peer_gone([4; 32], t0 + PEER_GONE_INTERVAL), None);
+        // Thousands of made-up destinations: each told once, the map never past its bound.
+        let later = t0 + Duration::from_secs(5);
+        for i in 0..3 * GONE_REMEMBERED as u32 {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&i.to_le_bytes());
+            k[31] = 1;
+            assert!(s.peer_gone(k, later).is_some());
+            assert!(s.gone_sent.len() <= GONE_REMEMBERED + 1);
+        }
+    }
+
+    #[test]
+    fn a_send_frame_becomes_the_recv_frame_from_its_source_in_place_or_copied() {
+        let src = [8; 32];
+        let want = Bytes::from(proto::encode_packet(true, &src, b"payload"));
+        // Alone in its buffer: rewritten where it lies.
+        let frame = Bytes::from(proto::encode_packet(false, &[3; 32], b"payload"));
+        let at = frame.as_ptr();
+        let recv = into_recv(frame, &src);
+        assert_eq!(recv, want);
+        assert_eq!(recv.as_ptr(), at);
+        // Shared (another datagram of the same receive still holds the buffer): copied, and
+        // the other holder sees its bytes unchanged.
+        let frame = Bytes::from(proto::encode_packet(false, &[3; 32], b"payload"));
+        let other = frame.clone();
+        let recv = into_recv(frame, &src);
+        assert_eq!(recv, want);
+        assert_eq!(other[0], 0x10);
+        assert_eq!(&other[1..33], &[3; 32]);
+    }
+}
