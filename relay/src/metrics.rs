@@ -148,7 +148,7 @@ pub fn relay(e: &mut Exposition, s: &crate::StatsSnapshot, stun: &crate::stun::S
     );
     e.counter(
         "lattice_relay_forwarded_across_threads_total",
-        "Frames forwarded to a QUIC client whose connection runs on another of the relay's QUIC threads (through its outbox).",
+        "Frames for a QUIC client whose connection runs on another of the relay's QUIC threads, handed to its session's outbox.",
         s.across_threads,
     );
     e.by_label(
@@ -161,6 +161,7 @@ pub fn relay(e: &mut Exposition, s: &crate::StatsSnapshot, stun: &crate::stun::S
             ("queue_full", s.dropped_queue_full),
             ("unvouched", s.dropped_unvouched),
             ("before_auth", s.dropped_before_auth),
+            ("ticket_too_soon", s.dropped_ticket_too_soon),
             ("malformed", s.malformed),
         ],
     );

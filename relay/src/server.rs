@@ -136,6 +136,7 @@ struct Stats {
     across_threads: AtomicU64,
     dropped_unvouched: AtomicU64,
     dropped_before_auth: AtomicU64,
+    dropped_ticket_too_soon: AtomicU64,
     malformed: AtomicU64,
     kicked: AtomicU64,
     quic_retried: AtomicU64,
@@ -168,6 +169,8 @@ pub struct StatsSnapshot {
     pub dropped_unvouched: u64,
     /// Datagrams a QUIC client sent before it authenticated.
     pub dropped_before_auth: u64,
+    /// Refreshed tickets dropped unchecked: another came from the same node in the same second.
+    pub dropped_ticket_too_soon: u64,
     /// Frames that did not decode.
     pub malformed: u64,
     /// Sessions closed because their ticket expired or their node was no longer vouched for.
@@ -263,6 +266,7 @@ impl Relay {
             across_threads: l(&s.across_threads),
             dropped_unvouched: l(&s.dropped_unvouched),
             dropped_before_auth: l(&s.dropped_before_auth),
+            dropped_ticket_too_soon: l(&s.dropped_ticket_too_soon),
             malformed: l(&s.malformed),
             kicked: l(&s.kicked),
             quic_retried: l(&s.quic_retried),
@@ -635,9 +639,16 @@ impl Relay {
             Step::TicketRefused(reason) => {
                 debug!(node = %NodeKey::from_bytes(*session.key()), %reason, "refreshed ticket refused");
             }
+            Step::TicketTooSoon => {
+                stats
+                    .dropped_ticket_too_soon
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             Step::Nothing => {}
-            Step::Unexpected => {
-                warn!(node = %NodeKey::from_bytes(*session.key()), "unexpected frame from a relay client");
+            Step::Unexpected { first } => {
+                if first {
+                    warn!(node = %NodeKey::from_bytes(*session.key()), "unexpected frame from a relay client (further ones are only counted)");
+                }
                 stats.malformed.fetch_add(1, Ordering::Relaxed);
             }
             Step::Malformed => {

@@ -66,20 +66,35 @@ pub enum Step {
     /// Its refreshed ticket was refused, for this reason (the session runs on until its old
     /// one expires).
     TicketRefused(String),
+    /// A refreshed ticket in the same second as the last one checked: dropped unchecked.
+    TicketTooSoon,
     /// Nothing to do (a `Pong`).
     Nothing,
-    /// A frame a node never sends (counted as malformed).
-    Unexpected,
+    /// A frame a node never sends (counted as malformed); `first` for the session's first
+    /// such frame, the one worth a warning.
+    Unexpected {
+        /// Whether it is the session's first.
+        first: bool,
+    },
     /// Not a frame (counted as malformed).
     Malformed,
 }
 
 /// One authenticated node's session.
+///
+/// A node is authenticated, not trusted: a ticket's check costs a signature verification on
+/// the relay thread that forwards everyone else's packets, so at most one refreshed ticket is
+/// checked per second (a node refreshes about once a minute), and a node sending frames it never
+/// should is warned about once, not once a frame.
 #[derive(Debug)]
 pub struct Session {
     key: [u8; 32],
     /// When each destination the node sent to was last reported gone.
     gone_sent: HashMap<[u8; 32], Instant>,
+    /// The Unix second of the last refreshed ticket checked.
+    ticket_checked: Option<i64>,
+    /// Whether it has sent a frame it never should.
+    unexpected: bool,
 }
 
 impl Session {
@@ -88,6 +103,8 @@ impl Session {
         Self {
             key,
             gone_sent: HashMap::new(),
+            ticket_checked: None,
+            unexpected: false,
         }
     }
 
@@ -99,7 +116,7 @@ impl Session {
     /// What `frame` from the node asks for; `alive` is whether the node is still vouched for,
     /// `auth` checks a refreshed ticket at the Unix time `now` gives (asked only then).
     pub fn on_frame(
-        &self,
+        &mut self,
         frame: &[u8],
         alive: bool,
         auth: &dyn Authorizer,
@@ -111,13 +128,22 @@ impl Session {
                 len: payload.len() as u64,
             },
             Ok(Frame::Send { .. }) => Step::Unvouched,
-            Ok(Frame::Ticket { ticket }) => match auth.authorize(&self.key, ticket, now()) {
-                Ok(until) => Step::ValidUntil(until),
-                Err(reason) => Step::TicketRefused(reason),
-            },
+            Ok(Frame::Ticket { ticket }) => {
+                let now = now();
+                if self.ticket_checked == Some(now) {
+                    return Step::TicketTooSoon;
+                }
+                self.ticket_checked = Some(now);
+                match auth.authorize(&self.key, ticket, now) {
+                    Ok(until) => Step::ValidUntil(until),
+                    Err(reason) => Step::TicketRefused(reason),
+                }
+            }
             Ok(Frame::Ping { data }) => Step::Reply(proto::encode(&Frame::Pong { data }).into()),
             Ok(Frame::Pong { .. }) => Step::Nothing,
-            Ok(_) => Step::Unexpected,
+            Ok(_) => Step::Unexpected {
+                first: !std::mem::replace(&mut self.unexpected, true),
+            },
             Err(_) => Step::Malformed,
         }
     }
@@ -159,6 +185,8 @@ pub fn into_recv(frame: Bytes, src: &[u8; 32]) -> Bytes {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
     use super::*;
 
     /// Accepts tickets that read "ok" until second 100 (a refreshed one until 200), refuses
@@ -239,7 +267,7 @@ mod tests {
 
     #[test]
     fn frames_become_steps_and_the_clock_is_read_only_for_a_ticket() {
-        let s = Session::new([2; 32]);
+        let mut s = Session::new([2; 32]);
         let never = || -> i64 { panic!("the clock was read") };
         let send = proto::encode_packet(false, &[3; 32], &[7; 40]);
         assert_eq!(
@@ -258,7 +286,14 @@ mod tests {
         let pong = proto::encode(&Frame::Pong { data: [4; 8] });
         assert_eq!(s.on_frame(&pong, true, &TICKETS, never), Step::Nothing);
         let gone = proto::encode(&Frame::PeerGone { key: [3; 32] });
-        assert_eq!(s.on_frame(&gone, true, &TICKETS, never), Step::Unexpected);
+        assert_eq!(
+            s.on_frame(&gone, true, &TICKETS, never),
+            Step::Unexpected { first: true }
+        );
+        assert_eq!(
+            s.on_frame(&gone, true, &TICKETS, never),
+            Step::Unexpected { first: false }
+        );
         assert_eq!(
             s.on_frame(&[0xff, 1, 2], true, &TICKETS, never),
             Step::Malformed
@@ -274,6 +309,38 @@ mod tests {
             s.on_frame(&stale, true, &TICKETS, || 150),
             Step::TicketRefused("bad ticket at 150".into())
         );
+    }
+
+    /// Counts the tickets it checks; accepts every one.
+    struct Counting(AtomicU32);
+
+    impl Authorizer for Counting {
+        fn authorize(&self, _key: &[u8; 32], _ticket: &[u8], now: i64) -> Result<i64, String> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Ok(now + 60)
+        }
+    }
+
+    #[test]
+    fn a_flood_of_refreshed_tickets_is_checked_once_a_second() {
+        let mut s = Session::new([2; 32]);
+        let auth = Counting(AtomicU32::new(0));
+        let ticket = proto::encode(&Frame::Ticket { ticket: b"t" });
+        assert_eq!(
+            s.on_frame(&ticket, true, &auth, || 10),
+            Step::ValidUntil(70)
+        );
+        for _ in 0..1000 {
+            assert_eq!(s.on_frame(&ticket, true, &auth, || 10), Step::TicketTooSoon);
+        }
+        assert_eq!(auth.0.load(Ordering::Relaxed), 1, "one check in second 10");
+        assert_eq!(
+            s.on_frame(&ticket, true, &auth, || 11),
+            Step::ValidUntil(71)
+        );
+        // A clock set back is another second too.
+        assert_eq!(s.on_frame(&ticket, true, &auth, || 5), Step::ValidUntil(65));
+        assert_eq!(auth.0.load(Ordering::Relaxed), 3);
     }
 
     #[test]

@@ -230,6 +230,42 @@ async fn quic_and_websocket_nodes_exchange_packets_through_the_relay() {
     assert!(s.forwarded >= 502, "{s:?}");
 }
 
+/// A ticket's check is a signature verification on the thread that forwards everyone's
+/// packets: a node that floods refreshed tickets gets one checked a second, the rest dropped
+/// and counted, and its packets still go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_flooding_refreshed_tickets_gets_one_checked_a_second() {
+    let mut lab = lab().await;
+    let (a, ca) = lab.connected(lab.quic_only()).await;
+    let (b, mut cb) = lab.connected(lab.quic_only()).await;
+    let ticket = lab.signer.issue(Ticket {
+        node_key: a.public(),
+        not_after: unix_now() + 120,
+    });
+    let started = std::time::Instant::now();
+    for _ in 0..500 {
+        ca.refresh_ticket(&ticket);
+    }
+    assert!(ca.send(&b.public(), b"after the flood"));
+    let (src, p) = next_packet(&mut cb).await.expect("the packet is missing");
+    assert_eq!((src, p.as_slice()), (a.public(), &b"after the flood"[..]));
+    // The 500 arrive within a few seconds: at most one checked in each.
+    let wait = async {
+        while lab.relay.stats().dropped_ticket_too_soon + 2 + started.elapsed().as_secs() < 500 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(3), wait).await;
+    let s = lab.relay.stats();
+    let checked = 500 - s.dropped_ticket_too_soon;
+    assert!(
+        checked <= 2 + started.elapsed().as_secs(),
+        "{checked} checked in {:?}: {s:?}",
+        started.elapsed()
+    );
+    assert_eq!(s.malformed, 0, "{s:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_nodes_get_packets_of_every_size_datagrams_or_not() {
     let mut lab = lab().await;
