@@ -19,8 +19,9 @@ use wire::RelayInfo;
 
 use crate::datagram::{Datagrams, Sent};
 use crate::dial::Dialer;
-use crate::proto::{self, Frame, MAX_FRAME, VERSION};
+use crate::proto::{self, Frame, MAX_FRAME};
 use crate::server::{read_prefixed, write_burst};
+use crate::session;
 use crate::tls;
 
 /// How long QUIC may take before the WebSocket is tried.
@@ -216,7 +217,7 @@ pub async fn connect_with(
     bail!("cannot reach relay {}: {}", relay.name, errors.join("; "))
 }
 
-/// Runs the authentication exchange over a frame channel.
+/// Runs the authentication exchange over a frame channel (decided by [`session`]).
 async fn authenticate(
     incoming: &mut mpsc::Receiver<Bytes>,
     out: &mpsc::Sender<Bytes>,
@@ -228,37 +229,14 @@ async fn authenticate(
         .recv()
         .await
         .context("relay closed the connection")?;
-    let Ok(Frame::Challenge { version, nonce }) = proto::decode(&first) else {
-        bail!("the relay did not send a challenge");
-    };
-    if version != VERSION {
-        bail!("relay speaks protocol version {version}, this node {VERSION}");
-    }
-    let mac = proto::client_mac(node, relay.key.as_bytes(), &nonce, ticket)
-        .context("the relay's key is unusable")?;
-    out.send(
-        proto::encode(&Frame::Auth {
-            node_key: node.public(),
-            mac,
-            ticket,
-        })
-        .into(),
-    )
-    .await?;
+    let (nonce, auth) = session::answer_challenge(&first, node, relay.key.as_bytes(), ticket)?;
+    out.send(auth.into()).await?;
     let answer = incoming
         .recv()
         .await
         .context("relay closed the connection")?;
-    match proto::decode(&answer) {
-        Ok(Frame::Accepted { mac }) => {
-            if !proto::check_server_mac(node, relay.key.as_bytes(), &nonce, &mac) {
-                bail!("the relay could not prove it holds the key the coordinator lists");
-            }
-            Ok(())
-        }
-        Ok(Frame::Rejected { reason }) => bail!("relay refused this node: {reason}"),
-        _ => bail!("unexpected answer from the relay"),
-    }
+    session::check_admission(&answer, node, relay.key.as_bytes(), &nonce)?;
+    Ok(())
 }
 
 /// What a frame from the relay means to the node (`None`: nothing, or not for it).

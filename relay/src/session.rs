@@ -1,6 +1,8 @@
-//! What a relay session decides, sans-IO: whether a node's `Auth` frame admits it, and what
-//! each frame it sends afterwards asks for. Time comes from the caller; the server
-//! ([`crate::server`]) looks destinations up, sends and counts.
+//! What a relay session decides, sans-IO: on the relay's side, whether a node's `Auth` frame
+//! admits it and what each frame it sends afterwards asks for; on the node's side, its answer
+//! to the relay's challenge and whether the relay proved its key. Time comes from the caller;
+//! the server ([`crate::server`]) and the client ([`crate::client`]) move the frames, look
+//! destinations up, send and count.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -8,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hybrid::StaticKeypair;
 
-use crate::proto::{self, Frame};
+use crate::proto::{self, Frame, VERSION};
 use crate::server::Authorizer;
 
 /// At most one `PeerGone` per destination per this interval.
@@ -44,6 +46,71 @@ pub fn authenticate(
         return Err("node is not vouched for by the coordinator".into());
     }
     Ok((node_key, valid_until))
+}
+
+/// Why a relay did not admit this node, as the node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// The relay's first frame was not a challenge.
+    #[error("the relay did not send a challenge")]
+    NoChallenge,
+    /// The relay speaks another version of the protocol.
+    #[error("relay speaks protocol version {0}, this node {VERSION}")]
+    Version(u8),
+    /// The relay key the coordinator lists is one no key exchange works with (low order).
+    #[error("the relay's key is unusable")]
+    UnusableKey,
+    /// The relay's answer was not made with the key the coordinator lists.
+    #[error("the relay could not prove it holds the key the coordinator lists")]
+    WrongRelayKey,
+    /// The relay refused the node, for this reason.
+    #[error("relay refused this node: {0}")]
+    Refused(String),
+    /// The relay answered with something else.
+    #[error("unexpected answer from the relay")]
+    Unexpected,
+}
+
+/// The node's answer to the relay's first frame, `challenge`: the challenge's nonce and the
+/// `Auth` frame that proves the node holds `node`'s key, with its `ticket`, made for the
+/// relay with the key `relay_key` the coordinator lists.
+pub fn answer_challenge(
+    challenge: &[u8],
+    node: &StaticKeypair,
+    relay_key: &[u8; 32],
+    ticket: &[u8],
+) -> Result<([u8; 32], Vec<u8>), AuthError> {
+    let Ok(Frame::Challenge { version, nonce }) = proto::decode(challenge) else {
+        return Err(AuthError::NoChallenge);
+    };
+    if version != VERSION {
+        return Err(AuthError::Version(version));
+    }
+    let mac = proto::client_mac(node, relay_key, &nonce, ticket).ok_or(AuthError::UnusableKey)?;
+    let auth = proto::encode(&Frame::Auth {
+        node_key: node.public(),
+        mac,
+        ticket,
+    });
+    Ok((nonce, auth))
+}
+
+/// Whether the relay's `answer` to the node's `Auth` admits it, and proves the relay holds
+/// the key `relay_key` the coordinator lists (its MAC over the challenge's `nonce`).
+pub fn check_admission(
+    answer: &[u8],
+    node: &StaticKeypair,
+    relay_key: &[u8; 32],
+    nonce: &[u8; 32],
+) -> Result<(), AuthError> {
+    match proto::decode(answer) {
+        Ok(Frame::Accepted { mac }) if proto::check_server_mac(node, relay_key, nonce, &mac) => {
+            Ok(())
+        }
+        Ok(Frame::Accepted { .. }) => Err(AuthError::WrongRelayKey),
+        Ok(Frame::Rejected { reason }) => Err(AuthError::Refused(reason.to_owned())),
+        _ => Err(AuthError::Unexpected),
+    }
 }
 
 /// What a frame from an authenticated node asks for.
@@ -262,6 +329,72 @@ mod tests {
         assert_eq!(
             authenticate(&relay, &revoked, &nonce, &good, 10),
             Err("node is not vouched for by the coordinator".into())
+        );
+    }
+
+    /// The whole exchange between the two sides, in memory: the relay's challenge, the
+    /// node's answer, the relay's check and its proof, the node's check of that proof.
+    #[test]
+    fn node_and_relay_admit_each_other_only_with_the_keys_the_coordinator_lists() {
+        let (relay, node) = (keypair(1), keypair(2));
+        let nonce = [5; 32];
+        let challenge = proto::encode(&Frame::Challenge {
+            version: VERSION,
+            nonce,
+        });
+        let (got, auth) = answer_challenge(&challenge, &node, &relay.public(), b"ok").unwrap();
+        assert_eq!(got, nonce);
+        let (key, until) = authenticate(&relay, &TICKETS, &nonce, &auth, 10).unwrap();
+        assert_eq!((key, until), (node.public(), 100));
+        let accepted = |by: &StaticKeypair| {
+            proto::encode(&Frame::Accepted {
+                mac: proto::server_mac(by, &key, &nonce).unwrap(),
+            })
+        };
+        assert_eq!(
+            check_admission(&accepted(&relay), &node, &relay.public(), &nonce),
+            Ok(())
+        );
+        // An impostor at the relay's address, without its key: its proof does not check out,
+        // and the answer it got was made for the real relay (a MAC it cannot check).
+        let impostor = keypair(3);
+        assert_eq!(
+            check_admission(&accepted(&impostor), &node, &relay.public(), &nonce),
+            Err(AuthError::WrongRelayKey)
+        );
+        assert!(authenticate(&impostor, &TICKETS, &nonce, &auth, 10).is_err());
+        // A proof for another challenge.
+        assert_eq!(
+            check_admission(&accepted(&relay), &node, &relay.public(), &[6; 32]),
+            Err(AuthError::WrongRelayKey)
+        );
+        // Refused, something else, another version, no challenge at all.
+        let refused = proto::encode(&Frame::Rejected { reason: "expired" });
+        assert_eq!(
+            check_admission(&refused, &node, &relay.public(), &nonce),
+            Err(AuthError::Refused("expired".into()))
+        );
+        let pong = proto::encode(&Frame::Pong { data: [0; 8] });
+        assert_eq!(
+            check_admission(&pong, &node, &relay.public(), &nonce),
+            Err(AuthError::Unexpected)
+        );
+        let newer = proto::encode(&Frame::Challenge {
+            version: VERSION + 1,
+            nonce,
+        });
+        assert_eq!(
+            answer_challenge(&newer, &node, &relay.public(), b"ok"),
+            Err(AuthError::Version(VERSION + 1))
+        );
+        assert_eq!(
+            answer_challenge(&pong, &node, &relay.public(), b"ok"),
+            Err(AuthError::NoChallenge)
+        );
+        // A listed key no exchange works with (all zeros: low order).
+        assert_eq!(
+            answer_challenge(&challenge, &node, &[0; 32], b"ok"),
+            Err(AuthError::UnusableKey)
         );
     }
 
