@@ -15,7 +15,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use axum::routing::get;
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use hybrid::StaticKeypair;
 use rand::RngExt;
 use serde::Serialize;
@@ -206,6 +206,9 @@ struct QuicOut {
     thread: std::thread::ThreadId,
     outbox: mpsc::Sender<Bytes>,
 }
+
+/// Datagrams a QUIC session handles at most before it looks at its other inputs again.
+const DATAGRAM_BATCH: usize = 64;
 
 /// Frames waiting in a QUIC session's outbox (about 1.4 MB of packets): when full, a packet
 /// is dropped, as a full socket buffer drops.
@@ -544,6 +547,12 @@ impl Relay {
                 d = read_datagram(datagrams.as_ref()) => {
                     let Some(d) = d else { break };
                     self.handle(here, &mut session, &alive, &out, d);
+                    // Those that arrived with it, without going round the select for each.
+                    let Some(conn) = datagrams.as_ref() else { continue };
+                    for _ in 1..DATAGRAM_BATCH {
+                        let Some(Ok(d)) = conn.read_datagram().now_or_never() else { break };
+                        self.handle(here, &mut session, &alive, &out, d);
+                    }
                 }
                 Some(f) = recv_some(outbox.as_mut()) => {
                     // Packets sessions on other threads forwarded here: sent on this thread,
