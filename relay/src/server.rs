@@ -49,7 +49,7 @@ pub struct QuicLimits {
     /// address is sent a Retry instead: a stateless packet, smaller than what it answers, that
     /// costs no key work; the client comes back with the token it carries.
     pub retry_above: usize,
-    /// Time for the QUIC handshake (authentication then has [`AUTH_TIMEOUT`] of its own).
+    /// Time for the QUIC handshake (authentication then has 10 s of its own).
     pub handshake_timeout: Duration,
 }
 
