@@ -913,12 +913,14 @@ pub fn relay_throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
             pids,
             Vec::new(),
             Vec::new(),
+            Vec::new(),
         ));
     }
     println!("single-stream TCP, {rounds} interleaved rounds of {seconds}s");
     for round in 1..=rounds {
-        for (name, ns, dst, pids, runs, pings) in &mut targets {
+        for (name, ns, dst, pids, runs, pings, cpu) in &mut targets {
             let before: Vec<_> = pids.iter().map(|(_, pid)| thread_cpu(*pid)).collect();
+            let cpu_before: Vec<f64> = pids.iter().map(|(_, pid)| cpu_seconds(&[*pid])).collect();
             let started = std::time::Instant::now();
             // A ping through the same path meanwhile: what the transfer's queues cost.
             let (run, ping) = std::thread::scope(|s| {
@@ -936,20 +938,35 @@ pub fn relay_throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
                 ping.map_or("-".into(), |ms| format!("{ms:.2} ms"))
             );
             let secs = started.elapsed().as_secs_f64();
-            for ((who, pid), before) in pids.iter().zip(&before) {
+            // CPU seconds each process spent per GB that went through (the relay's own
+            // cost per byte, apart from how fast the stream went).
+            let gb = bps * f64::from(seconds) / 8e9;
+            let mut per_gb = Vec::new();
+            for (((who, pid), before), cpu0) in pids.iter().zip(&before).zip(&cpu_before) {
+                let s_per_gb = (cpu_seconds(&[*pid]) - cpu0) / gb.max(1e-9);
+                per_gb.push((who.starts_with("relay"), s_per_gb));
                 println!(
-                    "    {who}'s threads, % of a core: {}",
+                    "    {who}'s threads, % of a core: {}; {s_per_gb:.2} CPU s per GB",
                     busy_threads(before, &thread_cpu(*pid), secs)
                 );
             }
+            // The two nodes together, and the relay (none on the direct path).
+            cpu.push((
+                per_gb
+                    .iter()
+                    .filter(|(relay, _)| !relay)
+                    .map(|(_, c)| c)
+                    .sum::<f64>(),
+                per_gb.iter().find(|(relay, _)| *relay).map(|(_, c)| *c),
+            ));
         }
     }
     let direct = median(&targets[0].4);
     println!(
-        "\n{:<22} {:>12} {:>12} {:>16}   runs (Gbit/s)",
-        "path", "median", "vs direct", "ping under load"
+        "\n{:<22} {:>12} {:>12} {:>16} {:>22}   runs (Gbit/s)",
+        "path", "median", "vs direct", "ping under load", "CPU s/GB nodes, relay"
     );
-    for (name, _, _, _, runs, pings) in &targets {
+    for (name, _, _, _, runs, pings, cpu) in &targets {
         let m = median(runs);
         let r: Vec<String> = runs.iter().map(|x| format!("{:.3}", x / 1e9)).collect();
         let ping = if pings.is_empty() {
@@ -957,8 +974,15 @@ pub fn relay_throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
         } else {
             format!("{:.2} ms", median(pings))
         };
+        let nodes: Vec<f64> = cpu.iter().map(|c| c.0).collect();
+        let relay: Vec<f64> = cpu.iter().filter_map(|c| c.1).collect();
+        let cpu = if relay.is_empty() {
+            format!("{:.2}, -", median(&nodes))
+        } else {
+            format!("{:.2}, {:.2}", median(&nodes), median(&relay))
+        };
         println!(
-            "{name:<22} {:>9.3} Gb {:>11.1}% {ping:>16}   {}",
+            "{name:<22} {:>9.3} Gb {:>11.1}% {ping:>16} {cpu:>22}   {}",
             m / 1e9,
             100.0 * m / direct,
             r.join(" ")
