@@ -68,8 +68,25 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-fn transport(keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
+/// Bytes a peer may send on the connection's one stream before the reader takes them: the
+/// stream carries the authentication, tickets, pings and the odd packet too large for a
+/// datagram, read as they come.
+const STREAM_WINDOW: u32 = 1 << 20;
+
+/// The QUIC transport of one end of a relay connection: the relay's, whose clients may open no
+/// streams of their own (`peer_streams` 0), or a node's, which takes the one the relay opens.
+///
+/// Streams a peer opens take memory until the application reads them: by quinn's defaults a
+/// peer may open 100 of each kind and send 1.25 MB on each before it is blocked, with no limit
+/// for the connection as a whole; the relay reads only the stream it opens, so anyone who
+/// completed a QUIC handshake (no client certificate is asked for) could have made it keep
+/// about 250 MB per connection.
+fn transport(keep_alive: Option<Duration>, peer_streams: u8) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(peer_streams.into());
+    t.max_concurrent_uni_streams(0u8.into());
+    t.stream_receive_window(STREAM_WINDOW.into());
+    t.receive_window(STREAM_WINDOW.into());
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_secs(20)).expect("20 s is a valid timeout"),
     ));
@@ -138,7 +155,8 @@ pub fn server_config(cert: &RelayCert) -> anyhow::Result<quinn::ServerConfig> {
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(
         QuicServerConfig::try_from(tls).context("QUIC server TLS")?,
     ));
-    cfg.transport_config(transport(None));
+    // The relay opens the connection's one stream; its clients open none.
+    cfg.transport_config(transport(None, 0));
     Ok(cfg)
 }
 
@@ -148,7 +166,7 @@ pub fn client_config(pin: [u8; 32]) -> anyhow::Result<quinn::ClientConfig> {
     let mut cfg = quinn::ClientConfig::new(Arc::new(
         QuicClientConfig::try_from(tls).context("QUIC client TLS")?,
     ));
-    cfg.transport_config(transport(Some(Duration::from_secs(5))));
+    cfg.transport_config(transport(Some(Duration::from_secs(5)), 1));
     Ok(cfg)
 }
 

@@ -230,6 +230,30 @@ async fn quic_and_websocket_nodes_exchange_packets_through_the_relay() {
     assert!(s.forwarded >= 502, "{s:?}");
 }
 
+/// Streams a QUIC client opens would hold the relay's memory until read, and the relay reads
+/// only the one it opens itself: a client may open none (by quinn's defaults it could open 200
+/// and send 1.25 MB on each, before any authentication).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_client_may_open_no_streams_of_its_own() {
+    let mut lab = lab().await;
+    let (_client, conn) = quic_client(&lab.quic_only()).await;
+    let uni = tokio::time::timeout(Duration::from_millis(500), conn.open_uni()).await;
+    assert!(uni.is_err(), "the client opened a unidirectional stream");
+    let bi = tokio::time::timeout(Duration::from_millis(500), conn.open_bi()).await;
+    assert!(bi.is_err(), "the client opened a bidirectional stream");
+    // The relay's own stream still reaches it, and nodes are still served.
+    let relays = tokio::time::timeout(Duration::from_secs(2), conn.accept_bi()).await;
+    assert!(
+        matches!(relays, Ok(Ok(_))),
+        "the relay's stream did not come"
+    );
+    let (a, ca) = lab.connected(lab.quic_only()).await;
+    let (b, mut cb) = lab.connected(lab.quic_only()).await;
+    assert!(ca.send(&b.public(), b"still served"));
+    let (src, p) = next_packet(&mut cb).await.expect("the packet is missing");
+    assert_eq!((src, p.as_slice()), (a.public(), &b"still served"[..]));
+}
+
 /// A ticket's check is a signature verification on the thread that forwards everyone's
 /// packets: a node that floods refreshed tickets gets one checked a second, the rest dropped
 /// and counted, and its packets still go through.
