@@ -68,10 +68,10 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Bytes a peer may send on the connection's one stream before the reader takes them: the
-/// stream carries the authentication, tickets, pings and the odd packet too large for a
-/// datagram, read as they come.
-const STREAM_WINDOW: u32 = 1 << 20;
+/// Bytes a peer may send on the connection's one stream before the reader takes them (quinn's
+/// default for a stream, 1.25 MB, now also the whole connection's): the stream carries the
+/// authentication, tickets, pings and packets too large for a datagram, read as they come.
+const STREAM_WINDOW: u32 = 1_250_000;
 
 /// The QUIC transport of one end of a relay connection: the relay's, whose clients may open no
 /// streams of their own (`peer_streams` 0), or a node's, which takes the one the relay opens.
