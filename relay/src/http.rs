@@ -17,8 +17,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
@@ -216,16 +215,19 @@ async fn serve_inner(
                 req.map(axum::body::Body::new)
             });
             let _slot = slot;
-            let mut builder = Builder::new(TokioExecutor::new());
+            // HTTP/1.1 only (with upgrades, for the WebSocket): every client here speaks it
+            // (TLS offers only `http/1.1`), and an HTTP/2 connection has no header deadline, so
+            // one that sent its preface and then nothing held its slot for good.
+            let mut builder = hyper::server::conn::http1::Builder::new();
             builder
-                .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout);
             let svc = TowerToHyperService::new(svc);
             let result = match tls {
                 None => {
                     builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
                         .await
                 }
                 Some(acceptor) => {
@@ -242,7 +244,8 @@ async fn serve_inner(
                         }
                     };
                     builder
-                        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .with_upgrades()
                         .await
                 }
             };
@@ -337,6 +340,35 @@ mod tests {
             .unwrap_or(0);
         // Closed (0) or a 408 response: either way the connection is over.
         assert!(n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"));
+        assert!(get(addr).await.unwrap().contains("ok"));
+    }
+
+    /// HTTP/2 is not spoken: a client that sends its preface and then nothing is cut off at
+    /// the header deadline like any slow client (an HTTP/2 connection had no deadline at all).
+    #[tokio::test]
+    async fn an_http2_preface_is_not_served_and_its_connection_is_cut_off() {
+        let addr = start(HttpLimits {
+            header_timeout: Duration::from_millis(300),
+            ..HttpLimits::default()
+        })
+        .await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // The connection preface, then an empty SETTINGS frame.
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+            .await
+            .expect("the server kept an HTTP/2 client past the header deadline")
+            .unwrap();
+        // An HTTP/2 server's first frame is its SETTINGS (type 4 at byte 3); at most an
+        // HTTP/1.1 error here.
+        assert!(
+            got.is_empty() || got.starts_with(b"HTTP/1.1 "),
+            "answered {:?}",
+            String::from_utf8_lossy(&got)
+        );
         assert!(get(addr).await.unwrap().contains("ok"));
     }
 
