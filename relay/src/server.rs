@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 use wire::{NodeKey, TicketKey};
 
 use crate::datagram::{Datagrams, Sent};
-use crate::proto::{self, Frame, MAX_FRAME, VERSION};
+use crate::proto::{self, Frame, MAX_FRAME};
 use crate::revocation::RevocationSet;
 use crate::session::{self, Session, Step};
 
@@ -442,14 +442,7 @@ impl Relay {
         out: mpsc::Sender<Bytes>,
     ) -> anyhow::Result<()> {
         let nonce: [u8; 32] = rand::rng().random();
-        out.send(
-            proto::encode(&Frame::Challenge {
-                version: VERSION,
-                nonce,
-            })
-            .into(),
-        )
-        .await?;
+        out.send(session::challenge(nonce).into()).await?;
         // Until the node authenticates, its datagrams are read and dropped: nothing it sends
         // before then is kept but its first frame (QUIC would otherwise hold megabytes of them
         // per connection for the whole wait).
@@ -487,14 +480,14 @@ impl Relay {
                 return Ok(());
             }
         };
-        let mac = proto::server_mac(&self.inner.key, &key, &nonce)
+        let accepted = session::accepted(&self.inner.key, &key, &nonce)
             .ok_or_else(|| anyhow::anyhow!("unusable node key"))?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let alive = Arc::new(AtomicBool::new(true));
-        let datagrams = quic.clone();
         // A QUIC session runs on its endpoint's thread (`QuicListener`) from start to end.
         let here = std::thread::current().id();
         let own = quic.map(Datagrams::new);
+        let datagrams = own.as_ref().map(Datagrams::connection);
         let (outbox_tx, mut outbox) = match &own {
             Some(_) => {
                 let (tx, rx) = mpsc::channel::<Bytes>(OUTBOX);
@@ -508,7 +501,7 @@ impl Relay {
             // Queued under the lock that registers the node: every frame forwarded to it
             // follows its Accepted, and nothing sent to it once it has read that answer finds
             // it missing. (Only the Challenge was queued before: there is room.)
-            out.try_send(proto::encode(&Frame::Accepted { mac }).into())
+            out.try_send(accepted.into())
                 .map_err(|_| anyhow::anyhow!("closed while authenticating"))?;
             if let Some(old) = clients.insert(
                 key,
@@ -544,11 +537,11 @@ impl Relay {
                     let Some(f) = f else { break };
                     self.handle(here, &mut session, &alive, &out, f);
                 }
-                d = read_datagram(datagrams.as_ref()) => {
+                d = read_datagram(datagrams) => {
                     let Some(d) = d else { break };
                     self.handle(here, &mut session, &alive, &out, d);
                     // Those that arrived with it, without going round the select for each.
-                    let Some(conn) = datagrams.as_ref() else { continue };
+                    let Some(conn) = datagrams else { continue };
                     for _ in 1..DATAGRAM_BATCH {
                         let Some(Ok(d)) = conn.read_datagram().now_or_never() else { break };
                         self.handle(here, &mut session, &alive, &out, d);

@@ -48,6 +48,22 @@ pub fn authenticate(
     Ok((node_key, valid_until))
 }
 
+/// The relay's first frame to a node: a challenge with a fresh `nonce`.
+pub fn challenge(nonce: [u8; 32]) -> Vec<u8> {
+    proto::encode(&Frame::Challenge {
+        version: VERSION,
+        nonce,
+    })
+}
+
+/// The relay's answer to a node `authenticate` admitted: `Accepted`, with the relay's proof
+/// that it holds `relay` (its MAC over the challenge's `nonce`); `None` for a node key no key
+/// exchange works with (low order).
+pub fn accepted(relay: &StaticKeypair, node_key: &[u8; 32], nonce: &[u8; 32]) -> Option<Vec<u8>> {
+    let mac = proto::server_mac(relay, node_key, nonce)?;
+    Some(proto::encode(&Frame::Accepted { mac }))
+}
+
 /// Why a relay did not admit this node, as the node sees it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -282,18 +298,16 @@ mod tests {
         StaticKeypair::from_secret([b; 32])
     }
 
+    /// The node's `Auth` frame for the challenge with `nonce` from `relay`.
     fn auth_frame(
         node: &StaticKeypair,
         relay: &StaticKeypair,
         nonce: &[u8; 32],
         ticket: &[u8],
     ) -> Vec<u8> {
-        let mac = proto::client_mac(node, &relay.public(), nonce, ticket).unwrap();
-        proto::encode(&Frame::Auth {
-            node_key: node.public(),
-            mac,
-            ticket,
-        })
+        answer_challenge(&challenge(*nonce), node, &relay.public(), ticket)
+            .unwrap()
+            .1
     }
 
     #[test]
@@ -338,19 +352,12 @@ mod tests {
     fn node_and_relay_admit_each_other_only_with_the_keys_the_coordinator_lists() {
         let (relay, node) = (keypair(1), keypair(2));
         let nonce = [5; 32];
-        let challenge = proto::encode(&Frame::Challenge {
-            version: VERSION,
-            nonce,
-        });
+        let challenge = challenge(nonce);
         let (got, auth) = answer_challenge(&challenge, &node, &relay.public(), b"ok").unwrap();
         assert_eq!(got, nonce);
         let (key, until) = authenticate(&relay, &TICKETS, &nonce, &auth, 10).unwrap();
         assert_eq!((key, until), (node.public(), 100));
-        let accepted = |by: &StaticKeypair| {
-            proto::encode(&Frame::Accepted {
-                mac: proto::server_mac(by, &key, &nonce).unwrap(),
-            })
-        };
+        let accepted = |by: &StaticKeypair| accepted(by, &key, &nonce).unwrap();
         assert_eq!(
             check_admission(&accepted(&relay), &node, &relay.public(), &nonce),
             Ok(())
