@@ -906,19 +906,28 @@ pub fn relay_throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
             .into_iter()
             .filter_map(|(who, proc)| Some((who, lab.pid(proc)?)))
             .collect();
-        targets.push((
-            name.to_string(),
-            a_ns.clone(),
+        targets.push(RelayTarget {
+            name: name.to_string(),
+            ns: a_ns.clone(),
             dst,
             pids,
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        ));
+            runs: Vec::new(),
+            pings: Vec::new(),
+            cpu: Vec::new(),
+        });
     }
     println!("single-stream TCP, {rounds} interleaved rounds of {seconds}s");
     for round in 1..=rounds {
-        for (name, ns, dst, pids, runs, pings, cpu) in &mut targets {
+        for RelayTarget {
+            name,
+            ns,
+            dst,
+            pids,
+            runs,
+            pings,
+            cpu,
+        } in &mut targets
+        {
             let before: Vec<_> = pids.iter().map(|(_, pid)| thread_cpu(*pid)).collect();
             let cpu_before: Vec<f64> = pids.iter().map(|(_, pid)| cpu_seconds(&[*pid])).collect();
             let started = std::time::Instant::now();
@@ -961,12 +970,19 @@ pub fn relay_throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
             ));
         }
     }
-    let direct = median(&targets[0].4);
+    let direct = median(&targets[0].runs);
     println!(
         "\n{:<22} {:>12} {:>12} {:>16} {:>22}   runs (Gbit/s)",
         "path", "median", "vs direct", "ping under load", "CPU s/GB nodes, relay"
     );
-    for (name, _, _, _, runs, pings, cpu) in &targets {
+    for RelayTarget {
+        name,
+        runs,
+        pings,
+        cpu,
+        ..
+    } in &targets
+    {
         let m = median(runs);
         let r: Vec<String> = runs.iter().map(|x| format!("{:.3}", x / 1e9)).collect();
         let ping = if pings.is_empty() {
@@ -989,6 +1005,21 @@ pub fn relay_throughput(rounds: u32, seconds: u32) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// One path of the relay bench, and what its runs measured.
+struct RelayTarget {
+    name: String,
+    /// The sender's namespace, and the receiver's overlay address.
+    ns: String,
+    dst: String,
+    /// Whose threads and CPU to show: the two nodes, and the relay when relayed.
+    pids: Vec<(&'static str, u32)>,
+    /// Bits per second of each run, and the pings' mean round trips (ms) during them.
+    runs: Vec<f64>,
+    pings: Vec<f64>,
+    /// CPU seconds per GB of each run: the two nodes together, and the relay.
+    cpu: Vec<(f64, Option<f64>)>,
 }
 
 /// Resident and peak memory (kB) of process `pid`, from /proc.
