@@ -25,6 +25,7 @@ pub mod netmap;
 pub mod oidc;
 pub mod ops;
 mod output;
+pub mod pacer;
 pub mod presence;
 pub mod register;
 pub mod relays;

@@ -27,6 +27,14 @@ pub struct Counters {
     pub netmap_build_ns: AtomicU64,
     /// Netmaps built (sent or found unchanged).
     pub netmap_builds: AtomicU64,
+    /// Nodes' reports about themselves acted on (at once or after waiting).
+    pub reports_applied: AtomicU64,
+    /// Reports that came sooner than their session's pace and waited.
+    pub reports_held: AtomicU64,
+    /// Waiting reports replaced by a newer one of their kind (never acted on).
+    pub reports_superseded: AtomicU64,
+    /// Access requests refused because a session sent them too fast.
+    pub access_requests_throttled: AtomicU64,
 }
 
 impl Counters {
@@ -128,6 +136,22 @@ pub async fn render(st: &AppState, stun: Option<&relay::stun::StunStats>) -> Str
             ("full", c.netmaps_full.load(Relaxed)),
             ("delta", c.netmaps_delta.load(Relaxed)),
         ],
+    );
+    e.by_label(
+        "lattice_coordinator_node_reports_total",
+        Kind::Counter,
+        "Reports nodes sent about themselves (endpoints, netinfo, paths, posture, id tokens): acted on, held because they came faster than a session's pace, or replaced while held by a newer one of their kind.",
+        "outcome",
+        &[
+            ("applied", c.reports_applied.load(Relaxed)),
+            ("held", c.reports_held.load(Relaxed)),
+            ("superseded", c.reports_superseded.load(Relaxed)),
+        ],
+    );
+    e.counter(
+        "lattice_coordinator_access_requests_throttled_total",
+        "Access requests refused because their node sent them faster than a session's pace.",
+        c.access_requests_throttled.load(Relaxed),
     );
     e.summary(
         "lattice_coordinator_netmap_build_seconds",

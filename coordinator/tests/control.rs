@@ -87,19 +87,22 @@ async fn first_answer(
     auth: &str,
     proof: Proof,
 ) -> (ServerMessage, [u8; 32]) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/control"))
-        .await
-        .unwrap();
-    let mut rng = StdRng::from_rng(&mut rand::rng());
-    let (ini, msg1) = InitiatorHandshake::start(
-        &mut rng,
-        Purpose::Control,
-        machine,
-        &control,
-        &Psk::zero(),
-        &[],
-    )
-    .unwrap();
+    let (_, _, m, session) = session(addr, control, machine, node_key, auth, proof).await;
+    (m, session)
+}
+
+/// A control session kept open: its WebSocket and channel, the coordinator's first answer and
+/// the handshake hash.
+async fn session(
+    addr: SocketAddr,
+    control: [u8; 32],
+    machine: &StaticKeypair,
+    node_key: NodeKey,
+    auth: &str,
+    proof: Proof,
+) -> (Ws, hybrid::Channel, ServerMessage, [u8; 32]) {
+    let mut ws = ws_from(addr, [127, 0, 0, 1]).await.unwrap();
+    let (ini, msg1) = msg1(machine, &control);
     ws.send(Message::Binary(msg1.into())).await.unwrap();
     let msg2 = loop {
         if let Message::Binary(b) = ws.next().await.unwrap().unwrap() {
@@ -124,15 +127,32 @@ async fn first_answer(
         wire::keys::push_hex(&mut s, &p);
         s
     });
-    let json = serde_json::to_vec(&ClientMessage::Hello(h)).unwrap();
+    send(&mut ws, &mut channel, &ClientMessage::Hello(h)).await;
+    let first = next_message(&mut ws, &mut channel)
+        .await
+        .expect("the coordinator closed the session before answering");
+    (ws, channel, first, session)
+}
+
+/// Sends one client message on a session.
+async fn send(ws: &mut Ws, channel: &mut hybrid::Channel, m: &ClientMessage) {
+    let json = serde_json::to_vec(m).unwrap();
     for f in channel.seal(&json).unwrap() {
         ws.send(Message::Binary(f.into())).await.unwrap();
     }
+}
+
+/// The next message from the coordinator, or None once the session is closed.
+async fn next_message(ws: &mut Ws, channel: &mut hybrid::Channel) -> Option<ServerMessage> {
     loop {
-        if let Message::Binary(b) = ws.next().await.unwrap().unwrap()
-            && let Some(m) = channel.open(&b).unwrap()
-        {
-            return (serde_json::from_slice(&m).unwrap(), session);
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => {
+                if let Some(m) = channel.open(&b).unwrap() {
+                    return Some(serde_json::from_slice(&m).unwrap());
+                }
+            }
+            Some(Ok(Message::Close(_)) | Err(_)) | None => return None,
+            Some(Ok(_)) => {}
         }
     }
 }
@@ -296,4 +316,131 @@ db_test!(async fn a_handshake_flood_and_half_open_sockets_do_not_stop_a_node_fro
     // Every unauthenticated slot comes back.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(admission.pre_auth(), 0);
+});
+
+/// A node (its keys from `seed`) that joined with auth key `k`: its session.
+async fn joined(
+    addr: SocketAddr,
+    control: [u8; 32],
+    k: &str,
+    seed: u64,
+) -> (Ws, hybrid::Channel, NodeKey) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (machine, node) = (
+        StaticKeypair::generate(&mut rng),
+        StaticKeypair::generate(&mut rng),
+    );
+    let key = NodeKey::from_bytes(node.public());
+    let (ws, channel, m, _) = session(addr, control, &machine, key, k, Proof::By(node)).await;
+    assert!(matches!(m, ServerMessage::Welcome(_)), "{m:?}");
+    (ws, channel, key)
+}
+
+db_test!(async fn a_node_flooding_reports_costs_its_peers_a_bounded_number_of_netmaps(tdb) {
+    const FLOOD: u16 = 1_000;
+    let st = state(&tdb).await;
+    let k = key(&st, true, 3600).await;
+    let control = st.control_key.public();
+    let addr = serve(st.clone()).await;
+    let (a_ws, mut a_channel, a_key) = joined(addr, control, &k, 41).await;
+    let (mut b_ws, mut b_channel, _) = joined(addr, control, &k, 42).await;
+    // B counts the netmaps that tell it about A, and keeps A's latest endpoints.
+    let (seen_tx, mut seen) = tokio::sync::watch::channel((0u64, Vec::new()));
+    tokio::spawn(async move {
+        while let Some(m) = next_message(&mut b_ws, &mut b_channel).await {
+            if let ServerMessage::Map(map) = m {
+                for n in map.peers.iter().flatten().chain(&map.peers_changed) {
+                    if n.node_key == a_key {
+                        seen_tx.send_modify(|(count, eps)| {
+                            *count += 1;
+                            eps.clone_from(&n.endpoints);
+                        });
+                    }
+                }
+            }
+        }
+    });
+    let wait = std::time::Duration::from_secs(20);
+    tokio::time::timeout(wait, seen.wait_for(|(count, _)| *count > 0))
+        .await
+        .expect("B never heard of A")
+        .unwrap();
+    let before = seen.borrow().0;
+    // A reads everything it is sent (an attacker would) and floods endpoint reports.
+    let (mut a_tx, mut a_rx) = a_ws.split();
+    tokio::spawn(async move { while a_rx.next().await.is_some() {} });
+    let endpoints = |i: u16| vec![SocketAddr::from(([198, 51, 100, 7], 1_000 + i))];
+    let started = std::time::Instant::now();
+    for i in 0..FLOOD {
+        let m = ClientMessage::Endpoints { endpoints: endpoints(i) };
+        for f in a_channel.seal(&serde_json::to_vec(&m).unwrap()).unwrap() {
+            a_tx.send(Message::Binary(f.into())).await.unwrap();
+        }
+    }
+    let sent = started.elapsed();
+    // The last report is not lost: B learns it.
+    let last = endpoints(FLOOD - 1);
+    tokio::time::timeout(wait, seen.wait_for(|(_, eps)| *eps == last))
+        .await
+        .expect("B never learned A's last endpoints")
+        .unwrap();
+    let took = started.elapsed();
+    let maps = seen.borrow().0 - before;
+    eprintln!("{FLOOD} reports sent in {sent:?}; B got {maps} netmaps about A, the last after {took:?}");
+    let bound = coordinator::api::control::REPORT_BURST as u64 + took.as_secs() + 2;
+    assert!(
+        maps <= bound,
+        "{FLOOD} endpoint reports cost B {maps} netmaps in {took:?} (at most {bound} expected)"
+    );
+    // Every report was acted on or replaced by a newer one while it waited.
+    let c = &st.counters;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let (applied, superseded) = (load(&c.reports_applied), load(&c.reports_superseded));
+    assert_eq!(applied + superseded, u64::from(FLOOD), "{applied} applied, {superseded} superseded");
+    assert!(load(&c.reports_held) >= superseded);
+});
+
+db_test!(async fn access_requests_beyond_the_burst_are_answered_that_they_come_too_fast(tdb) {
+    use coordinator::api::control::ACCESS_BURST;
+    let st = state(&tdb).await;
+    let k = key(&st, true, 3600).await;
+    let control = st.control_key.public();
+    let addr = serve(st.clone()).await;
+    let (mut ws, mut channel, _) = joined(addr, control, &k, 43).await;
+    let sent = u64::from(ACCESS_BURST) + 5;
+    for req in 0..sent {
+        // No reason given: refused without touching the database, but counted all the same.
+        let m = ClientMessage::RequestAccess {
+            req,
+            to: "tag:db".into(),
+            ports: "22".into(),
+            for_secs: 600,
+            reason: String::new(),
+        };
+        send(&mut ws, &mut channel, &m).await;
+    }
+    let mut answers = Vec::new();
+    while answers.len() < sent as usize {
+        let m = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            next_message(&mut ws, &mut channel),
+        )
+        .await
+        .expect("an access request went unanswered")
+        .expect("the session closed");
+        if let ServerMessage::AccessRequestResult { req, id, error } = m {
+            assert_eq!(id, None);
+            answers.push((req, error.unwrap()));
+        }
+    }
+    for (i, (req, error)) in answers.iter().enumerate() {
+        assert_eq!(*req, i as u64);
+        let expected = if i < ACCESS_BURST as usize {
+            "give a reason"
+        } else {
+            "too many access requests"
+        };
+        assert!(error.contains(expected), "request {i}: {error}");
+    }
+    assert_eq!(st.counters.access_requests_throttled.load(std::sync::atomic::Ordering::Relaxed), 5);
 });

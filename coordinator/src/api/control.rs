@@ -5,9 +5,12 @@
 //! 2. Every later binary message is a channel frame. The node sends `Hello`; the coordinator
 //!    registers or resumes it and answers `Welcome` (or `Error` and closes).
 //! 3. The coordinator streams netmaps (full, then deltas) whenever the mesh changes, and
-//!    handles `Endpoints`, `Posture` and `Logout` from the node.
+//!    handles what the node reports about itself (`Endpoints`, `NetInfo`, `Paths`,
+//!    `Posture`, `IdToken`; at a bounded pace, [`crate::pacer`]), its access requests and
+//!    `Logout`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -30,6 +33,7 @@ use crate::db::changes::Kind;
 use crate::feed;
 use crate::model::NodeRecord;
 use crate::netmap::{SentMap, next_map};
+use crate::pacer::{Bucket, Offer, Pacer, ReportKind};
 use crate::register::{self, RegisterError};
 use crate::state::{AppState, unix_now};
 use crate::{ops, relays};
@@ -55,6 +59,17 @@ const MAX_PATH_TEXT: usize = 256;
 /// read, and its default (128 KiB) held per session made a coordinator with 5,000 nodes
 /// spend 640 MB on buffers; control messages are small, and a larger frame grows it.
 const WS_READ_BUFFER: usize = 8 << 10;
+
+/// Reports of one kind (endpoints, netinfo, paths, posture, id tokens) a session applies at
+/// once before it applies one per [`REPORT_INTERVAL`] (the latest of those that came).
+pub const REPORT_BURST: u32 = 5;
+/// See [`REPORT_BURST`].
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// Access requests a session files at once before it files one per [`ACCESS_INTERVAL`] (and
+/// answers the others that they come too fast).
+pub const ACCESS_BURST: u32 = 10;
+/// See [`ACCESS_BURST`].
+pub const ACCESS_INTERVAL: Duration = Duration::from_secs(6);
 
 /// Control routes.
 pub fn router() -> Router<AppState> {
@@ -176,7 +191,7 @@ async fn session(
                 } else {
                     &st.counters.resumed
                 };
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                counter.fetch_add(1, Relaxed);
                 break r;
             }
             Err(RegisterError::LoginRequired) if signed_in.is_none() => {
@@ -198,9 +213,7 @@ async fn session(
                     .await;
             }
             Err(RegisterError::Refused(code, message)) => {
-                st.counters
-                    .refused
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                st.counters.refused.fetch_add(1, Relaxed);
                 info!(machine = %machine, ?code, %message, "refused a node");
                 return conn.refuse(code, message).await;
             }
@@ -368,6 +381,9 @@ async fn stream(
     ticket_tick.tick().await;
     let mut ticket_due = true;
     let mut last_heard = Instant::now();
+    let started = std::time::Instant::now();
+    let mut reports = Pacer::new(REPORT_BURST, REPORT_INTERVAL, started);
+    let mut access = Bucket::new(ACCESS_BURST, ACCESS_INTERVAL, started);
     loop {
         let ticket = ticket_due.then(|| relays::issue(&st.tickets, &record.node_key));
         ticket_due = false;
@@ -391,8 +407,17 @@ async fn stream(
             debug!(node = %record.name, seq = map.seq, full = map.is_full(), "sending netmap");
             conn.send(&ServerMessage::Map(Box::new(map))).await?;
         }
+        let report_due = reports.next_due();
         tokio::select! {
             () = guard.inbox.changed() => {}
+            () = sleep_until(report_due) => {
+                for msg in reports.take_due(std::time::Instant::now()) {
+                    st.counters.reports_applied.fetch_add(1, Relaxed);
+                    if handle_client_message(st, record, msg).await? {
+                        return Ok(());
+                    }
+                }
+            }
             kick = guard.kicks.recv() => {
                 if let Some(k) = kick {
                     info!(node = %record.name, code = ?k.code, "closing control session");
@@ -407,7 +432,39 @@ async fn stream(
                         if let Some(msg) = conn.channel.open(&b)? {
                             let msg: ClientMessage = serde_json::from_slice(&msg)
                                 .context("decoding a client message")?;
+                            if let Some(kind) = report_kind(&msg) {
+                                match reports.offer(kind, msg, std::time::Instant::now()) {
+                                    Offer::Apply(msg) => {
+                                        st.counters.reports_applied.fetch_add(1, Relaxed);
+                                        if handle_client_message(st, record, msg).await? {
+                                            return Ok(());
+                                        }
+                                    }
+                                    Offer::Held { superseded } => {
+                                        st.counters.reports_held.fetch_add(1, Relaxed);
+                                        if superseded {
+                                            st.counters.reports_superseded.fetch_add(1, Relaxed);
+                                        }
+                                    }
+                                }
+                                continue;
+                            }
                             if let ClientMessage::RequestAccess { req, to, ports, for_secs, reason } = msg {
+                                if !access.try_take(std::time::Instant::now()) {
+                                    st.counters.access_requests_throttled.fetch_add(1, Relaxed);
+                                    let error = format!(
+                                        "too many access requests from this node: at most \
+                                         {ACCESS_BURST} at once, then one every {} s",
+                                        ACCESS_INTERVAL.as_secs()
+                                    );
+                                    conn.send(&ServerMessage::AccessRequestResult {
+                                        req,
+                                        id: None,
+                                        error: Some(error),
+                                    })
+                                    .await?;
+                                    continue;
+                                }
                                 let filed = ops::access::file(
                                     st, record, &to, &ports, for_secs, &reason, unix_now(),
                                 )
@@ -451,6 +508,26 @@ async fn stream(
                 conn.socket.send(Message::Ping(Vec::new().into())).await?;
             }
         }
+    }
+}
+
+/// Which kind of report about itself a node's message is, if it is one.
+fn report_kind(msg: &ClientMessage) -> Option<ReportKind> {
+    Some(match msg {
+        ClientMessage::Endpoints { .. } => ReportKind::Endpoints,
+        ClientMessage::NetInfo { .. } => ReportKind::NetInfo,
+        ClientMessage::Paths { .. } => ReportKind::Paths,
+        ClientMessage::Posture { .. } => ReportKind::Posture,
+        ClientMessage::IdToken { .. } => ReportKind::IdToken,
+        _ => return None,
+    })
+}
+
+/// Sleeps until `due`, or for ever when there is nothing to wait for.
+async fn sleep_until(due: Option<std::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(Instant::from_std(due)).await,
+        None => std::future::pending().await,
     }
 }
 
