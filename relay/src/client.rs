@@ -161,6 +161,17 @@ impl RelayConn {
             .try_send(proto::encode(&Frame::Ticket { ticket }).into());
     }
 
+    /// Tells the relay to forward nothing from `keys` (at most [`proto::MAX_REFUSED`]) to this
+    /// node, in place of the list sent before (empty: forward from all). The relay applies one
+    /// list a second: send one only when it changes, no more than every two seconds. False
+    /// when the frame queue is full or the connection is gone.
+    pub fn refuse(&self, keys: &[[u8; 32]]) -> bool {
+        self.sender
+            .out
+            .try_send(proto::encode_refuse(keys).into())
+            .is_ok()
+    }
+
     /// Sends a latency probe; its [`Incoming::Pong`] carries the round-trip time.
     pub fn ping(&self) {
         let data: [u8; 8] = rand::random();

@@ -162,6 +162,8 @@ pub fn relay(e: &mut Exposition, s: &crate::StatsSnapshot, stun: &crate::stun::S
             ("unvouched", s.dropped_unvouched),
             ("before_auth", s.dropped_before_auth),
             ("ticket_too_soon", s.dropped_ticket_too_soon),
+            ("refused", s.dropped_refused),
+            ("refuse_too_soon", s.dropped_refuse_too_soon),
             ("malformed", s.malformed),
         ],
     );

@@ -13,6 +13,7 @@
 //! 0x11 Recv       relay -> node   source key [32] | payload
 //! 0x12 PeerGone   relay -> node   key [32]      (the destination is not connected here)
 //! 0x20 Ticket     node -> relay   ticket        (a refreshed ticket)
+//! 0x21 Refuse     node -> relay   key [32] * n  (n <= 128: sources not to forward to it)
 //! 0x30 Ping       either way      data [8]
 //! 0x31 Pong       either way      data [8]
 //! ```
@@ -36,6 +37,8 @@ pub const MAX_PAYLOAD: usize = 4096;
 pub const PACKET_HEADER: usize = 1 + 32;
 /// Largest encoded frame.
 pub const MAX_FRAME: usize = PACKET_HEADER + MAX_PAYLOAD;
+/// Most sources one `Refuse` frame names.
+pub const MAX_REFUSED: usize = 128;
 /// ALPN of the QUIC transport.
 pub const ALPN: &[u8] = b"lattice-relay/1";
 const AUTH_LABEL: &[u8] = b"lattice relay auth v1";
@@ -92,6 +95,13 @@ pub enum Frame<'a> {
     Ticket {
         /// The ticket.
         ticket: &'a [u8],
+    },
+    /// The node's whole list of sources the relay must not forward to it (replacing the one
+    /// before; empty: none), at most [`MAX_REFUSED`]: nodes that are not its peers. Read the
+    /// keys with [`refused_keys`].
+    Refuse {
+        /// The keys, 32 bytes each.
+        keys: &'a [u8],
     },
     /// Latency probe.
     Ping {
@@ -169,6 +179,12 @@ pub fn decode(b: &[u8]) -> Result<Frame<'_>, Malformed> {
             Frame::PeerGone { key: arr(body)? }
         }
         0x20 => Frame::Ticket { ticket: body },
+        0x21 => {
+            if body.len() % 32 != 0 || body.len() / 32 > MAX_REFUSED {
+                return Err(Malformed);
+            }
+            Frame::Refuse { keys: body }
+        }
         0x30 | 0x31 => {
             exact(8)?;
             let data = arr(body)?;
@@ -227,6 +243,10 @@ pub fn encode(f: &Frame<'_>) -> Vec<u8> {
             out.push(0x20);
             out.extend_from_slice(ticket);
         }
+        Frame::Refuse { keys } => {
+            out.push(0x21);
+            out.extend_from_slice(keys);
+        }
         Frame::Ping { data } => {
             out.push(0x30);
             out.extend_from_slice(data);
@@ -237,6 +257,22 @@ pub fn encode(f: &Frame<'_>) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Encodes a `Refuse` frame naming `keys` (the first [`MAX_REFUSED`]).
+pub fn encode_refuse(keys: &[[u8; 32]]) -> Vec<u8> {
+    let keys = &keys[..keys.len().min(MAX_REFUSED)];
+    let mut out = Vec::with_capacity(1 + 32 * keys.len());
+    out.push(0x21);
+    for k in keys {
+        out.extend_from_slice(k);
+    }
+    out
+}
+
+/// The keys of a decoded `Refuse` frame.
+pub fn refused_keys(keys: &[u8]) -> impl Iterator<Item = [u8; 32]> + '_ {
+    keys.chunks_exact(32).filter_map(|k| k.try_into().ok())
 }
 
 /// Encodes a `Send` or `Recv` without building a [`Frame`]: `kind` byte, key, payload.
@@ -386,6 +422,10 @@ mod tests {
             },
             Frame::PeerGone { key: [7; 32] },
             Frame::Ticket { ticket: b"t" },
+            Frame::Refuse { keys: &[] },
+            Frame::Refuse {
+                keys: &[10; 32 * MAX_REFUSED],
+            },
             Frame::Ping { data: [8; 8] },
             Frame::Pong { data: [9; 8] },
         ];
@@ -406,6 +446,21 @@ mod tests {
         assert_eq!(decode(&[]), Err(Malformed));
         assert_eq!(decode(&[0x30, 1, 2]), Err(Malformed));
         assert_eq!(decode(&[0x99]), Err(Malformed));
+        // A Refuse frame holds whole keys, no more than MAX_REFUSED of them.
+        assert_eq!(decode(&[0x21; 32]), Err(Malformed));
+        let keys: Vec<[u8; 32]> = (0..=MAX_REFUSED as u8).map(|i| [i; 32]).collect();
+        let mut too_many = encode_refuse(&keys);
+        assert_eq!(
+            too_many.len(),
+            1 + 32 * MAX_REFUSED,
+            "encode keeps the first ones"
+        );
+        let Ok(Frame::Refuse { keys: got }) = decode(&too_many) else {
+            panic!("not a Refuse frame");
+        };
+        assert!(refused_keys(got).eq(keys[..MAX_REFUSED].iter().copied()));
+        too_many.extend_from_slice(&[0; 32]);
+        assert_eq!(decode(&too_many), Err(Malformed));
     }
 
     #[test]

@@ -137,6 +137,8 @@ struct Stats {
     dropped_unvouched: AtomicU64,
     dropped_before_auth: AtomicU64,
     dropped_ticket_too_soon: AtomicU64,
+    dropped_refused: AtomicU64,
+    dropped_refuse_too_soon: AtomicU64,
     malformed: AtomicU64,
     kicked: AtomicU64,
     quic_retried: AtomicU64,
@@ -171,6 +173,11 @@ pub struct StatsSnapshot {
     pub dropped_before_auth: u64,
     /// Refreshed tickets dropped unchecked: another came from the same node in the same second.
     pub dropped_ticket_too_soon: u64,
+    /// Packets not forwarded because their destination refuses their source (a node that is
+    /// not its peer).
+    pub dropped_refused: u64,
+    /// `Refuse` frames dropped: another came from the same node in the same second.
+    pub dropped_refuse_too_soon: u64,
     /// Frames that did not decode.
     pub malformed: u64,
     /// Sessions closed because their ticket expired or their node was no longer vouched for.
@@ -192,6 +199,8 @@ struct Entry {
     alive: Arc<AtomicBool>,
     close: watch::Sender<bool>,
     valid_until: i64,
+    /// Nodes whose packets this one refuses (sorted): not forwarded to it.
+    refused: Vec<[u8; 32]>,
 }
 
 /// Where a QUIC client's packets go out.
@@ -270,6 +279,8 @@ impl Relay {
             dropped_unvouched: l(&s.dropped_unvouched),
             dropped_before_auth: l(&s.dropped_before_auth),
             dropped_ticket_too_soon: l(&s.dropped_ticket_too_soon),
+            dropped_refused: l(&s.dropped_refused),
+            dropped_refuse_too_soon: l(&s.dropped_refuse_too_soon),
             malformed: l(&s.malformed),
             kicked: l(&s.kicked),
             quic_retried: l(&s.quic_retried),
@@ -519,6 +530,7 @@ impl Relay {
                     alive: Arc::clone(&alive),
                     close: close_tx,
                     valid_until,
+                    refused: Vec::new(),
                 },
             ) {
                 // The newest connection of a node wins (it reconnected, or moved networks).
@@ -603,6 +615,10 @@ impl Relay {
                 let found = {
                     let clients = self.read();
                     clients.get(&dst).map(|e| {
+                        if !e.refused.is_empty() && e.refused.binary_search(session.key()).is_ok() {
+                            stats.dropped_refused.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
                         let recv = session::into_recv(frame, session.key());
                         match &e.quic {
                             Some(q) if q.thread == here => {
@@ -640,6 +656,17 @@ impl Relay {
             }
             Step::TicketRefused(reason) => {
                 debug!(node = %NodeKey::from_bytes(*session.key()), %reason, "refreshed ticket refused");
+            }
+            Step::Refuse(keys) => {
+                debug!(node = %NodeKey::from_bytes(*session.key()), refused = keys.len(), "refused sources");
+                if let Some(e) = self.write().get_mut(session.key()) {
+                    e.refused = keys;
+                }
+            }
+            Step::RefuseTooSoon => {
+                stats
+                    .dropped_refuse_too_soon
+                    .fetch_add(1, Ordering::Relaxed);
             }
             Step::TicketTooSoon => {
                 stats

@@ -151,6 +151,12 @@ pub enum Step {
     TicketRefused(String),
     /// A refreshed ticket in the same second as the last one checked: dropped unchecked.
     TicketTooSoon,
+    /// Forward nothing from these nodes to this one from now on (sorted, no duplicates;
+    /// empty: forward from all). Replaces the list before.
+    Refuse(Vec<[u8; 32]>),
+    /// A `Refuse` frame in the same second as the last one applied: dropped (a node sends
+    /// its list when it changes, no more than every two seconds).
+    RefuseTooSoon,
     /// Nothing to do (a `Pong`).
     Nothing,
     /// A frame a node never sends (counted as malformed); `first` for the session's first
@@ -176,6 +182,8 @@ pub struct Session {
     gone_sent: HashMap<[u8; 32], Instant>,
     /// The Unix second of the last refreshed ticket checked.
     ticket_checked: Option<i64>,
+    /// The Unix second of the last `Refuse` frame applied.
+    refuse_applied: Option<i64>,
     /// Whether it has sent a frame it never should.
     unexpected: bool,
 }
@@ -187,6 +195,7 @@ impl Session {
             key,
             gone_sent: HashMap::new(),
             ticket_checked: None,
+            refuse_applied: None,
             unexpected: false,
         }
     }
@@ -221,6 +230,19 @@ impl Session {
                     Ok(until) => Step::ValidUntil(until),
                     Err(reason) => Step::TicketRefused(reason),
                 }
+            }
+            Ok(Frame::Refuse { keys }) => {
+                // Applying a list takes the lock every forwarding thread reads under: at most
+                // one a second.
+                let now = now();
+                if self.refuse_applied == Some(now) {
+                    return Step::RefuseTooSoon;
+                }
+                self.refuse_applied = Some(now);
+                let mut keys: Vec<[u8; 32]> = proto::refused_keys(keys).collect();
+                keys.sort_unstable();
+                keys.dedup();
+                Step::Refuse(keys)
             }
             Ok(Frame::Ping { data }) => Step::Reply(proto::encode(&Frame::Pong { data }).into()),
             Ok(Frame::Pong { .. }) => Step::Nothing,
@@ -481,6 +503,26 @@ mod tests {
         // A clock set back is another second too.
         assert_eq!(s.on_frame(&ticket, true, &auth, || 5), Step::ValidUntil(65));
         assert_eq!(auth.0.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn a_refusal_list_is_sorted_without_duplicates_and_applied_once_a_second() {
+        let mut s = Session::new([2; 32]);
+        let auth = Counting(AtomicU32::new(0));
+        let refuse = proto::encode_refuse(&[[9; 32], [3; 32], [9; 32]]);
+        assert_eq!(
+            s.on_frame(&refuse, true, &auth, || 10),
+            Step::Refuse(vec![[3; 32], [9; 32]])
+        );
+        let none = proto::encode_refuse(&[]);
+        assert_eq!(s.on_frame(&none, true, &auth, || 10), Step::RefuseTooSoon);
+        assert_eq!(s.on_frame(&none, true, &auth, || 11), Step::Refuse(vec![]));
+        // Whole keys only.
+        let mut cut = refuse.clone();
+        cut.pop();
+        assert_eq!(s.on_frame(&cut, true, &auth, || 12), Step::Malformed);
+        // Refusing asks nothing of the ticket checker.
+        assert_eq!(auth.0.load(Ordering::Relaxed), 0);
     }
 
     #[test]

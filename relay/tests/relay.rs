@@ -688,3 +688,80 @@ async fn datagrams_sent_before_authenticating_are_dropped_not_kept() {
         Some((b.public(), b"after".to_vec()))
     );
 }
+
+/// Receives for `wait`: how many packets came from each of `keys`, in that order.
+async fn received_from(c: &mut client::RelayConn, keys: &[[u8; 32]], wait: Duration) -> Vec<u64> {
+    let mut got = vec![0; keys.len()];
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Some(inc)) = tokio::time::timeout_at(deadline, c.recv()).await {
+        if let Incoming::Packet { src, .. } = inc
+            && let Some(i) = keys.iter().position(|k| *k == src)
+        {
+            got[i] += 1;
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_what_strangers_send_it_and_the_relay_drops_it_while_peers_get_through() {
+    let mut lab = lab().await;
+    let (v, mut cv) = lab.connected(lab.quic_only()).await;
+    let (x, cx) = lab.connected(lab.quic_only()).await;
+    let (y, cy) = lab.connected(lab.ws_only()).await;
+    let (vk, xk, yk) = (v.public(), x.public(), y.public());
+    let packet = [0x55u8; 1200];
+    // Before V refuses anything, X's packets reach it.
+    assert!(cx.send(&vk, &packet));
+    assert_eq!(next_packet(&mut cv).await.map(|p| p.0), Some(xk));
+    assert!(cv.refuse(&[xk]));
+    let applied = async {
+        while lab.relay.stats().dropped_refused == 0 {
+            cx.send(&vk, &packet);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), applied)
+        .await
+        .expect("the relay never applied V's refusal");
+    let _ = received_from(&mut cv, &[], Duration::from_millis(200)).await;
+    // X floods V while Y sends: only Y's packets arrive, and X's are counted as refused.
+    let before = lab.relay.stats().dropped_refused;
+    let mut flooded = 0u64;
+    for i in 0..2_000u32 {
+        if cx.send(&vk, &packet) {
+            flooded += 1;
+        }
+        if i % 40 == 0 {
+            assert!(cy.send(&vk, &i.to_le_bytes()));
+        }
+        if i % 200 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let got = received_from(&mut cv, &[xk, yk], Duration::from_millis(1_500)).await;
+    assert_eq!(got, vec![0, 50], "packets from X and from Y");
+    let s = lab.relay.stats();
+    assert!(
+        s.dropped_refused - before >= flooded * 9 / 10,
+        "{flooded} flooded, {} refused: {s:?}",
+        s.dropped_refused - before
+    );
+    assert_eq!(s.malformed, 0, "{s:?}");
+    // Once V takes X off its list (a second later: one list a second), X gets through again.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(cv.refuse(&[]));
+    let through = async {
+        loop {
+            cx.send(&vk, &packet);
+            let got = received_from(&mut cv, &[xk], Duration::from_millis(50)).await;
+            if got[0] > 0 {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), through)
+        .await
+        .expect("X never got through after V lifted its refusal");
+    assert_eq!(lab.relay.stats().dropped_refuse_too_soon, 0);
+}
