@@ -33,6 +33,7 @@ pub mod pq;
 pub mod shared;
 mod state;
 pub mod status;
+pub mod strangers;
 pub mod stun;
 mod tunnel;
 pub mod wg;

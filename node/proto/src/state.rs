@@ -41,6 +41,7 @@ use crate::packet;
 use crate::path::{Current, Local};
 use crate::pq::PqConfig;
 use crate::status::{Counters, PathKind, PathStatus, PeerStatus, Status};
+use crate::strangers::Strangers;
 use crate::wg;
 use hybrid::ErasingRng;
 
@@ -146,6 +147,9 @@ pub enum Event {
     },
     /// A fresh relay ticket arrived (the shell hands it to its relay connections).
     RelayTicket(String),
+    /// The nodes, not peers, that every relay should forward nothing from to this one
+    /// changed: the whole list ([`crate::strangers`]; the shell sends it to its relays).
+    RelayRefusals(Vec<NodeKey>),
     /// A netcheck finished with a different result (the shell advertises the public endpoint;
     /// what the coordinator is told follows as [`Event::ReportNetInfo`]).
     NetInfo(Report),
@@ -214,6 +218,9 @@ pub struct NodeState {
     relay_ticket: Option<String>,
     /// (relay, peer) pairs a relay said it cannot deliver to, until when.
     relay_misses: FastMap<(RelayId, NodeKey), Instant>,
+    /// Nodes that are not peers sending through relays, and those the relays are told to
+    /// refuse.
+    strangers: Strangers,
     netcheck: Netcheck,
     nat: Option<NatInfo>,
     /// The gateway port mapping the shell holds, if any.
@@ -279,6 +286,7 @@ impl NodeState {
             home: HomeRelay::default(),
             relay_ticket: None,
             relay_misses: FastMap::default(),
+            strangers: Strangers::default(),
             netcheck: Netcheck::default(),
             nat: None,
             port_mapped: None,
@@ -354,6 +362,11 @@ impl NodeState {
             self.via_routes = via;
         }
         self.refresh_routes();
+        let peers = &self.peers;
+        if self.strangers.lift(|k| peers.contains_key(k)) {
+            self.events
+                .push_back(Event::RelayRefusals(self.strangers.refused()));
+        }
         if let Some(relays) = map.relays
             && relays != self.relays
         {
@@ -452,6 +465,11 @@ impl NodeState {
     ) {
         if !self.peers.contains_key(&src) {
             self.counters.relay_unknown_peer += 1;
+            if self.strangers.packet(now, src) {
+                self.counters.relay_strangers_refused += 1;
+                self.events
+                    .push_back(Event::RelayRefusals(self.strangers.refused()));
+            }
             return;
         }
         self.relay_misses.remove(&(relay, src));
@@ -611,6 +629,10 @@ impl NodeState {
             self.by_index
                 .retain(|idx, key| table.in_use(*idx) && peers.contains_key(key));
             self.admission.sweep(now);
+            if self.strangers.sweep(now) {
+                self.events
+                    .push_back(Event::RelayRefusals(self.strangers.refused()));
+            }
             self.by_addr
                 .retain(|a, key| peers.get(key).is_some_and(|p| p.path.knows(*a)));
             let report = self.path_report(now);

@@ -56,6 +56,8 @@ pub struct Counters {
     pub pq_cookies_sent: u64,
     /// Packets through a relay from a key that is not a peer.
     pub relay_unknown_peer: u64,
+    /// Times such a key sent enough to be refused at the relays ([`crate::strangers`]).
+    pub relay_strangers_refused: u64,
     /// Disco messages that did not open or parse, or came from no peer.
     pub disco_invalid: u64,
     /// Disco pings answered.

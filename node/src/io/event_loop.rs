@@ -595,6 +595,13 @@ impl EventLoop {
                 self.relays.set_relays(&list);
             }
             Event::RelayTicket(t) => self.relays.set_ticket(&t),
+            Event::RelayRefusals(keys) => {
+                info!(
+                    refused = keys.len(),
+                    "nodes that are not peers, refused at the relays"
+                );
+                self.relays.set_refused(&keys);
+            }
             Event::PathReport(paths) => {
                 if self.paths_sent.as_ref() != Some(&paths)
                     && self
@@ -1145,6 +1152,7 @@ struct CountersJson {
     pq_bad_mac: u64,
     pq_cookies_sent: u64,
     relay_unknown_peer: u64,
+    relay_strangers_refused: u64,
     disco_invalid: u64,
     disco_pongs_sent: u64,
     disco_rate_limited: u64,
@@ -1179,6 +1187,7 @@ impl From<node_proto::Counters> for CountersJson {
             pq_bad_mac: c.pq_bad_mac,
             pq_cookies_sent: c.pq_cookies_sent,
             relay_unknown_peer: c.relay_unknown_peer,
+            relay_strangers_refused: c.relay_strangers_refused,
             disco_invalid: c.disco_invalid,
             disco_pongs_sent: c.disco_pongs_sent,
             disco_rate_limited: c.disco_rate_limited,

@@ -31,6 +31,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(4);
 const SHUTDOWN_WAIT: Duration = Duration::from_millis(500);
 /// Most relays connected at once.
 pub const MAX_RELAYS: usize = 8;
+/// A connection sends the relay its list of refused strangers at most this often (the relay
+/// applies one a second).
+const REFUSE_EVERY: Duration = Duration::from_secs(2);
+const _: () = assert!(node_proto::strangers::MAX_REFUSED <= relay::proto::MAX_REFUSED);
 
 /// What relay tasks tell the event loop.
 #[derive(Debug)]
@@ -199,6 +203,8 @@ pub struct RelayManager {
     node: StaticKeypair,
     dialer: relay::dial::Dialer,
     ticket: watch::Sender<Option<Vec<u8>>>,
+    /// Nodes, not peers, every relay should forward nothing from to this one.
+    refused: watch::Sender<Vec<[u8; 32]>>,
     conns: HashMap<RelayId, Handle>,
     senders: RelaySenders,
     events: mpsc::Sender<RelayEvent>,
@@ -229,6 +235,7 @@ impl RelayManager {
             node,
             dialer,
             ticket: watch::channel(None).0,
+            refused: watch::channel(Vec::new()).0,
             conns: HashMap::new(),
             senders: RelaySenders::default(),
             events,
@@ -260,6 +267,13 @@ impl RelayManager {
         }
     }
 
+    /// Tells every relay, now and on each connection, to forward nothing from `keys` (nodes
+    /// that are not peers: [`node_proto::strangers`]) to this node.
+    pub fn set_refused(&self, keys: &[NodeKey]) {
+        self.refused
+            .send_replace(keys.iter().map(|k| *k.as_bytes()).collect());
+    }
+
     /// Connects to the relays in `list` (at most [`MAX_RELAYS`]) and drops the others.
     pub fn set_relays(&mut self, list: &[RelayInfo]) {
         let wanted: Vec<&RelayInfo> = list.iter().take(MAX_RELAYS).collect();
@@ -282,7 +296,10 @@ impl RelayManager {
                 self.dialer,
                 r.clone(),
                 self.node.clone(),
-                self.ticket.subscribe(),
+                Told {
+                    ticket: self.ticket.subscribe(),
+                    refused: self.refused.subscribe(),
+                },
                 out,
                 (self.events.clone(), self.packets.clone()),
             ));
@@ -301,7 +318,7 @@ async fn run(
     dialer: relay::dial::Dialer,
     info: RelayInfo,
     node: StaticKeypair,
-    mut ticket: watch::Receiver<Option<Vec<u8>>>,
+    mut told: Told,
     out: SendSlot,
     (events, packets): (mpsc::Sender<RelayEvent>, RelayInbox),
 ) {
@@ -309,10 +326,10 @@ async fn run(
     let mut backoff = Duration::from_millis(250);
     loop {
         let t = loop {
-            if let Some(t) = ticket.borrow_and_update().clone() {
+            if let Some(t) = told.ticket.borrow_and_update().clone() {
                 break t;
             }
-            if ticket.changed().await.is_err() {
+            if told.ticket.changed().await.is_err() {
                 return;
             }
         };
@@ -336,7 +353,7 @@ async fn run(
             return;
         }
         set_sender(&out, Some(conn.sender()));
-        let reason = serve(id, conn, &mut ticket, &events, &packets).await;
+        let reason = serve(id, conn, &mut told, &events, &packets).await;
         set_sender(&out, None);
         let Some(reason) = reason else { return };
         info!(relay = %info.name, %reason, "relay connection lost");
@@ -354,15 +371,33 @@ async fn run(
 async fn serve(
     id: RelayId,
     mut conn: client::RelayConn,
-    ticket: &mut watch::Receiver<Option<Vec<u8>>>,
+    told: &mut Told,
     events: &mpsc::Sender<RelayEvent>,
     packets: &RelayInbox,
 ) -> Option<String> {
     let mut ping = tokio::time::interval(PING_EVERY);
     let mut last_heard = Instant::now();
     conn.ping();
+    // A new connection's relay refuses nothing yet: the list goes out at once if it has any.
+    let mut refusals = Refusals {
+        unsent: !told.refused.borrow_and_update().is_empty(),
+        sent: None,
+    };
     loop {
+        let refuse_due = refusals.due();
         tokio::select! {
+            changed = told.refused.changed() => {
+                if changed.is_err() {
+                    return None;
+                }
+                refusals.unsent = true;
+            }
+            () = sleep_until(refuse_due) => {
+                let list = told.refused.borrow_and_update().clone();
+                // Tried again after REFUSE_EVERY if the frame queue was full.
+                refusals.unsent = !conn.refuse(&list);
+                refusals.sent = Some(tokio::time::Instant::now());
+            }
             inc = conn.recv() => {
                 let Some(inc) = inc else {
                     return Some("the relay closed the connection".into());
@@ -386,11 +421,11 @@ async fn serve(
                     return None;
                 }
             }
-            changed = ticket.changed() => {
+            changed = told.ticket.changed() => {
                 if changed.is_err() {
                     return None;
                 }
-                if let Some(t) = ticket.borrow_and_update().clone() {
+                if let Some(t) = told.ticket.borrow_and_update().clone() {
                     conn.refresh_ticket(&t);
                 }
             }
@@ -401,6 +436,38 @@ async fn serve(
                 conn.ping();
             }
         }
+    }
+}
+
+/// What the manager tells every connection: the latest relay ticket, and the strangers
+/// relays should refuse.
+struct Told {
+    ticket: watch::Receiver<Option<Vec<u8>>>,
+    refused: watch::Receiver<Vec<[u8; 32]>>,
+}
+
+/// Whether a connection's relay has the latest list of refused strangers, and when it was
+/// last sent one.
+struct Refusals {
+    unsent: bool,
+    sent: Option<tokio::time::Instant>,
+}
+
+impl Refusals {
+    /// When to send the list: `None` while the relay has the latest.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.unsent.then(|| {
+            self.sent
+                .map_or_else(tokio::time::Instant::now, |t| t + REFUSE_EVERY)
+        })
+    }
+}
+
+/// Sleeps until `due`, or for ever when it is `None`.
+async fn sleep_until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -420,6 +487,117 @@ mod tests {
         let mut secret = [7u8; 32];
         secret[1..5].copy_from_slice(&i.to_le_bytes());
         NodeKey::from_bytes(StaticKeypair::from_secret(secret).public())
+    }
+
+    /// Hex, as the coordinator sends tickets.
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refused_strangers_are_sent_to_the_relay_which_drops_their_packets() {
+        use hybrid::ticket::{Ticket, TicketSigner};
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let signer = TicketSigner::from_seed([5; 32]);
+        let ticket = |k: &StaticKeypair| {
+            signer
+                .issue(Ticket {
+                    node_key: k.public(),
+                    not_after: now + 60,
+                })
+                .to_vec()
+        };
+        // A relay on loopback.
+        let relay_key = StaticKeypair::from_secret([11; 32]);
+        let auth = Arc::new(relay::TicketAuthorizer::new(wire::TicketKey::from_bytes(
+            signer.public(),
+        )));
+        let relay = relay::Relay::new(relay_key, auth);
+        let cert = relay::tls::RelayCert::generate().unwrap();
+        let listener = relay::QuicListener::start(
+            &relay,
+            &cert,
+            "127.0.0.1:0".parse().unwrap(),
+            1,
+            relay::QuicLimits::default(),
+        )
+        .unwrap();
+        let info = RelayInfo {
+            id: RelayId(1),
+            name: "r".into(),
+            key: wire::RelayKey::from_bytes(relay.public_key()),
+            quic: Some(listener.local_addr()),
+            cert_sha256: Some(wire::CertPin(cert.pin())),
+            websocket: None,
+            stun: vec![],
+        };
+        // This node's connections, and a stranger connected directly.
+        let me = StaticKeypair::from_secret([12; 32]);
+        let (events_tx, mut events) = mpsc::channel(64);
+        let (inbox, mut queues) = RelayInbox::new(1);
+        let mut manager =
+            RelayManager::new(me.clone(), relay::dial::Dialer::default(), events_tx, inbox)
+                .unwrap();
+        manager.set_ticket(&hex(&ticket(&me)));
+        // Refused before the connection is up: sent once it is.
+        let stranger = StaticKeypair::from_secret([13; 32]);
+        let other = StaticKeypair::from_secret([14; 32]);
+        manager.set_refused(&[NodeKey::from_bytes(stranger.public())]);
+        manager.set_relays(std::slice::from_ref(&info));
+        let up = async {
+            loop {
+                if let Some(RelayEvent::Up { .. }) = events.recv().await {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), up)
+            .await
+            .unwrap();
+        let cs = client::connect(&info, &stranger, &ticket(&stranger))
+            .await
+            .unwrap();
+        let co = client::connect(&info, &other, &ticket(&other))
+            .await
+            .unwrap();
+        // Only the other node's packets arrive; the stranger's are dropped at the relay.
+        let wait = async {
+            loop {
+                cs.send(&me.public(), b"flood");
+                co.send(&me.public(), b"hello");
+                if let Ok(Some(p)) =
+                    tokio::time::timeout(Duration::from_millis(50), queues[0].recv()).await
+                {
+                    assert_eq!(p.src, NodeKey::from_bytes(other.public()));
+                    if relay.stats().dropped_refused > 0 {
+                        return;
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("the relay never dropped the stranger's packets");
+        // Lifted (the relay takes the new list within REFUSE_EVERY): the stranger gets through.
+        manager.set_refused(&[]);
+        let through = async {
+            loop {
+                cs.send(&me.public(), b"let in");
+                if let Ok(Some(p)) =
+                    tokio::time::timeout(Duration::from_millis(50), queues[0].recv()).await
+                    && p.src == NodeKey::from_bytes(stranger.public())
+                {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), through)
+            .await
+            .expect("the stranger was never let through again");
+        assert_eq!(relay.stats().dropped_refuse_too_soon, 0);
     }
 
     #[tokio::test]

@@ -261,6 +261,74 @@ fn wireguard_handshake_budgets_reset_without_tunnels_and_are_per_relayed_peer() 
 }
 
 #[test]
+fn a_stranger_flooding_through_a_relay_is_refused_there_until_the_netmap_lists_it() {
+    let now = crate::test_epoch();
+    let mut a = node_zero(
+        now,
+        MapResponse {
+            peers: Some(vec![node(1, vec![])]),
+            packet_filter: Some(allow_all(0)),
+            ..Default::default()
+        },
+    );
+    let refusals = |a: &mut NodeState| -> Vec<Vec<NodeKey>> {
+        std::iter::from_fn(|| a.poll_event())
+            .filter_map(|e| match e {
+                Event::RelayRefusals(keys) => Some(keys),
+                _ => None,
+            })
+            .collect()
+    };
+    let _ = refusals(&mut a);
+    let relay = RelayId(1);
+    // A peer's flood is the peer's business: nothing is refused.
+    for i in 0..500 {
+        a.handle_relay_packet(now, relay, public_key(1), wg_init(1, 0, i));
+    }
+    assert!(refusals(&mut a).is_empty());
+    // Node 2 is not a peer (yet): its first packets are only dropped, a flood refused, once.
+    for i in 0..10 {
+        a.handle_relay_packet(now, relay, public_key(2), wg_init(2, 0, i));
+    }
+    assert!(refusals(&mut a).is_empty(), "refused after ten packets");
+    for i in 10..1_000 {
+        a.handle_relay_packet(now, relay, public_key(2), wg_init(2, 0, i));
+    }
+    assert_eq!(refusals(&mut a), vec![vec![public_key(2)]]);
+    let c = a.status(now).counters;
+    assert_eq!(
+        (c.relay_unknown_peer, c.relay_strangers_refused),
+        (1_000, 1)
+    );
+    // The coordinator lists it: let through at once.
+    let later = now + Duration::from_secs(1);
+    a.handle_netmap(
+        later,
+        MapResponse {
+            peers_changed: vec![node(2, vec![])],
+            ..Default::default()
+        },
+    );
+    assert_eq!(refusals(&mut a), vec![vec![]]);
+    // Removed again and flooding again: refused again, and the refusal lapses once it has
+    // been quiet for REFUSE_FOR.
+    a.handle_netmap(
+        later,
+        MapResponse {
+            peers_removed: vec![node(2, vec![]).id],
+            ..Default::default()
+        },
+    );
+    for i in 0..100 {
+        a.handle_relay_packet(later, relay, public_key(2), wg_init(2, 0, 2_000 + i));
+    }
+    assert_eq!(refusals(&mut a), vec![vec![public_key(2)]]);
+    let lapsed = later + crate::strangers::REFUSE_FOR + Duration::from_secs(10);
+    a.handle_timeout(lapsed);
+    assert_eq!(refusals(&mut a), vec![vec![]]);
+}
+
+#[test]
 fn replayed_disco_pings_are_not_answered_and_never_become_candidates() {
     let mut net = Net::new(2);
     net.send(0, ipv4(v4(0), v4(1), 17, &udp(1, 2, b"x")));
