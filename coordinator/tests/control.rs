@@ -77,21 +77,8 @@ enum Proof {
     Missing,
 }
 
-/// Runs a control session: handshake as `machine`, then a hello claiming `node_key`; returns
-/// the coordinator's first answer.
-async fn first_answer(
-    addr: SocketAddr,
-    control: [u8; 32],
-    machine: &StaticKeypair,
-    node_key: NodeKey,
-    auth: &str,
-    proof: Proof,
-) -> (ServerMessage, [u8; 32]) {
-    let (_, _, m, session) = session(addr, control, machine, node_key, auth, proof).await;
-    (m, session)
-}
-
-/// A control session kept open: its WebSocket and channel, the coordinator's first answer and
+/// Runs a control session: handshake as `machine`, then a hello claiming `node_key`. Returns
+/// the session, still open (its WebSocket and channel), the coordinator's first answer and
 /// the handshake hash.
 async fn session(
     addr: SocketAddr,
@@ -175,7 +162,7 @@ db_test!(async fn a_node_must_prove_it_holds_its_node_key(tdb) {
         StaticKeypair::generate(&mut rng),
     );
     let victim_key = NodeKey::from_bytes(victim_node.public());
-    let (m, victim_session) = first_answer(
+    let (_, _, m, victim_session) = session(
         addr,
         control,
         &victim_machine,
@@ -198,7 +185,7 @@ db_test!(async fn a_node_must_prove_it_holds_its_node_key(tdb) {
         Proof::By(own),
         Proof::Replayed(victim_proof),
     ] {
-        let (m, _) = first_answer(addr, control, &attacker, victim_key, &k, proof).await;
+        let (_, _, m, _) = session(addr, control, &attacker, victim_key, &k, proof).await;
         let (code, msg) = refused_with(&m).unwrap_or_else(|| panic!("accepted: {m:?}"));
         assert_eq!(code, ErrorCode::BadRequest);
         assert!(msg.contains("prove"), "{msg}");
@@ -296,9 +283,9 @@ db_test!(async fn a_handshake_flood_and_half_open_sockets_do_not_stop_a_node_fro
     let node = StaticKeypair::generate(&mut StdRng::seed_from_u64(31));
     let machine = StaticKeypair::generate(&mut StdRng::seed_from_u64(32));
     let started = std::time::Instant::now();
-    let (m, _) = tokio::time::timeout(
+    let (_, _, m, _) = tokio::time::timeout(
         std::time::Duration::from_secs(20),
-        first_answer(
+        session(
             addr,
             control,
             &machine,
