@@ -188,6 +188,11 @@ pub struct ServeArgs {
     /// --relay-listen port [default: 1; see `lattice-relay serve --quic-threads`].
     #[arg(long, env = "LATTICE_COORDINATOR_RELAY_QUIC_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub relay_quic_threads: Option<u16>,
+    /// The most one node may send through the embedded relay, in megabits a second (a tenth
+    /// of a second's worth at once); what is beyond is dropped [default: no limit; see
+    /// `lattice-relay serve --client-rate-limit`].
+    #[arg(long, env = "LATTICE_COORDINATOR_RELAY_CLIENT_RATE_LIMIT", value_name = "MBIT", value_parser = clap::value_parser!(u32).range(1..))]
+    pub relay_client_rate_limit: Option<u32>,
     /// UDP address of the embedded STUN server (repeatable). Nodes compare what two servers
     /// see to detect hard NAT, so the default listens on two ports.
     #[arg(long = "stun-listen", default_values = ["0.0.0.0:3478", "0.0.0.0:3479"])]

@@ -74,6 +74,7 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
                 relay_quic_threads: a
                     .relay_quic_threads
                     .map_or(relay::quic::DEFAULT_THREADS, usize::from),
+                relay_client_rate: a.relay_client_rate_limit.map(relay::ClientRate::mbit),
                 stun_listen: a.stun_listen,
                 admin_listen: a.admin_listen,
                 metrics_listen: a.metrics_listen,

@@ -92,6 +92,8 @@ pub struct EmbeddedConfig {
     pub public_url: Option<String>,
     /// Threads serving QUIC.
     pub quic_threads: usize,
+    /// What it forwards for each node at most (`None`: no limit).
+    pub client_rate: Option<relay::ClientRate>,
 }
 
 /// The running embedded relay.
@@ -118,12 +120,13 @@ pub async fn start_embedded(
     ticket_key: TicketKey,
 ) -> anyhow::Result<Embedded> {
     let (key, cert) = relay::identity::load_or_create(&state_dir.join("relay"))?;
-    let relay = Relay::new(
+    let relay = Relay::with_client_rate(
         key,
         Arc::new(HubAuthorizer {
             hub,
             tickets: TicketAuthorizer::new(ticket_key),
         }),
+        cfg.client_rate,
     );
     let threads = cfg.quic_threads;
     let quic = relay::QuicListener::start(

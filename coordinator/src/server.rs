@@ -49,6 +49,8 @@ pub struct ServeConfig {
     pub relay_listen: Option<SocketAddr>,
     /// Threads serving the embedded relay's QUIC.
     pub relay_quic_threads: usize,
+    /// What the embedded relay forwards for each node at most (`None`: no limit).
+    pub relay_client_rate: Option<relay::ClientRate>,
     /// STUN addresses of the embedded relay.
     pub stun_listen: Vec<SocketAddr>,
     /// HTTPS address of the admin API for admin tokens (off without it: only the Unix
@@ -164,6 +166,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
                     http_listen: cfg.listen,
                     public_url: cfg.public_url.clone(),
                     quic_threads: cfg.relay_quic_threads,
+                    client_rate: cfg.relay_client_rate,
                 },
                 &cfg.state_dir,
                 Arc::clone(&hub),

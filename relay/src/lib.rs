@@ -35,3 +35,4 @@ pub mod tls;
 
 pub use quic::QuicListener;
 pub use server::{Authorizer, QuicLimits, Relay, StatsSnapshot, TicketAuthorizer};
+pub use session::ClientRate;

@@ -79,6 +79,11 @@ struct ServeArgs {
     /// thread cross between them].
     #[arg(long, env = "LATTICE_RELAY_QUIC_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
     quic_threads: Option<u16>,
+    /// The most one node may send through this relay, in megabits a second (a tenth of a
+    /// second's worth at once); what is beyond is dropped and counted
+    /// (`lattice_relay_dropped_frames_total{reason="rate_limited"}`) [default: no limit].
+    #[arg(long, env = "LATTICE_RELAY_CLIENT_RATE_LIMIT", value_name = "MBIT", value_parser = clap::value_parser!(u32).range(1..))]
+    client_rate_limit: Option<u32>,
 }
 
 /// Where metrics are served unless `--metrics-listen` says otherwise.
@@ -122,12 +127,13 @@ fn main() -> std::process::ExitCode {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (key, cert) = relay::identity::load_or_create(&args.state_dir)?;
     let revoked = Arc::new(relay::revocation::RevocationSet::default());
-    let relay = Relay::new(
+    let relay = Relay::with_client_rate(
         key,
         Arc::new(TicketAuthorizer::with_revocations(
             args.coordinator_key,
             Arc::clone(&revoked),
         )),
+        args.client_rate_limit.map(relay::ClientRate::mbit),
     );
     match args.coordinator_url.clone() {
         Some(url) => {
@@ -179,7 +185,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         name = args.name,
         listen = args.listen,
     );
-    info!(listen = %args.listen, quic_threads = threads, "relay started");
+    info!(listen = %args.listen, quic_threads = threads, client_rate_limit_mbit = ?args.client_rate_limit, "relay started");
     let stats = Arc::new(relay::stun::StunStats::default());
     for s in stun {
         tokio::spawn(relay::stun::serve(s, Arc::clone(&stats)));

@@ -164,6 +164,7 @@ pub fn relay(e: &mut Exposition, s: &crate::StatsSnapshot, stun: &crate::stun::S
             ("ticket_too_soon", s.dropped_ticket_too_soon),
             ("refused", s.dropped_refused),
             ("refuse_too_soon", s.dropped_refuse_too_soon),
+            ("rate_limited", s.dropped_rate_limited),
             ("malformed", s.malformed),
         ],
     );

@@ -27,7 +27,7 @@ use wire::{NodeKey, TicketKey};
 use crate::datagram::{Datagrams, Sent};
 use crate::proto::{self, Frame, MAX_FRAME};
 use crate::revocation::RevocationSet;
-use crate::session::{self, Session, Step};
+use crate::session::{self, ClientRate, Session, Step};
 
 /// How long a client has to authenticate.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -139,6 +139,7 @@ struct Stats {
     dropped_ticket_too_soon: AtomicU64,
     dropped_refused: AtomicU64,
     dropped_refuse_too_soon: AtomicU64,
+    dropped_rate_limited: AtomicU64,
     malformed: AtomicU64,
     kicked: AtomicU64,
     quic_retried: AtomicU64,
@@ -178,6 +179,8 @@ pub struct StatsSnapshot {
     pub dropped_refused: u64,
     /// `Refuse` frames dropped: another came from the same node in the same second.
     pub dropped_refuse_too_soon: u64,
+    /// Packets dropped because their node sent more than the relay's per-node rate.
+    pub dropped_rate_limited: u64,
     /// Frames that did not decode.
     pub malformed: u64,
     /// Sessions closed because their ticket expired or their node was no longer vouched for.
@@ -226,6 +229,8 @@ const OUTBOX: usize = 1024;
 struct Inner {
     key: StaticKeypair,
     auth: Arc<dyn Authorizer>,
+    /// What each node may have forwarded (`None`: no limit).
+    client_rate: Option<ClientRate>,
     clients: RwLock<HashMap<[u8; 32], Entry>>,
     next_id: AtomicU64,
     stats: Stats,
@@ -235,6 +240,18 @@ struct Inner {
 #[derive(Clone)]
 pub struct Relay {
     inner: Arc<Inner>,
+}
+
+/// The system's clocks.
+struct SystemClock;
+
+impl session::Clock for SystemClock {
+    fn unix(&self) -> i64 {
+        unix_now()
+    }
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
 }
 
 /// Current Unix time in seconds.
@@ -247,10 +264,21 @@ fn unix_now() -> i64 {
 impl Relay {
     /// A relay with static key `key` admitting whom `auth` vouches for.
     pub fn new(key: StaticKeypair, auth: Arc<dyn Authorizer>) -> Self {
+        Self::with_client_rate(key, auth, None)
+    }
+
+    /// A relay that forwards for each node no more than `rate` allows (`None`: no limit); the
+    /// rest is dropped and counted (`rate_limited`).
+    pub fn with_client_rate(
+        key: StaticKeypair,
+        auth: Arc<dyn Authorizer>,
+        rate: Option<ClientRate>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 key,
                 auth,
+                client_rate: rate,
                 clients: RwLock::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 stats: Stats::default(),
@@ -281,6 +309,7 @@ impl Relay {
             dropped_ticket_too_soon: l(&s.dropped_ticket_too_soon),
             dropped_refused: l(&s.dropped_refused),
             dropped_refuse_too_soon: l(&s.dropped_refuse_too_soon),
+            dropped_rate_limited: l(&s.dropped_rate_limited),
             malformed: l(&s.malformed),
             kicked: l(&s.kicked),
             quic_retried: l(&s.quic_retried),
@@ -541,7 +570,7 @@ impl Relay {
         self.inner.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let node = NodeKey::from_bytes(key);
         info!(%node, %remote, %transport, "relay session up");
-        let mut session = Session::new(key);
+        let mut session = Session::new(key, self.inner.client_rate);
         loop {
             tokio::select! {
                 _ = close_rx.changed() => break,
@@ -608,7 +637,7 @@ impl Relay {
             &frame,
             alive.load(Ordering::Relaxed),
             &*self.inner.auth,
-            unix_now,
+            &SystemClock,
         );
         match step {
             Step::Forward { dst, len } => {
@@ -645,6 +674,9 @@ impl Relay {
             }
             Step::Unvouched => {
                 stats.dropped_unvouched.fetch_add(1, Ordering::Relaxed);
+            }
+            Step::RateLimited => {
+                stats.dropped_rate_limited.fetch_add(1, Ordering::Relaxed);
             }
             Step::Reply(f) => {
                 let _ = out.try_send(f);

@@ -129,6 +129,75 @@ pub fn check_admission(
     }
 }
 
+/// The time, read only when a decision needs it.
+pub trait Clock {
+    /// Unix seconds (a refreshed ticket, a refusal list).
+    fn unix(&self) -> i64;
+    /// The monotonic clock (the rate limit).
+    fn now(&self) -> Instant;
+}
+
+/// How many bytes a node may have forwarded: `bytes_per_sec` on average, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientRate {
+    /// The average.
+    pub bytes_per_sec: u64,
+    /// What may go at once.
+    pub burst: u64,
+}
+
+impl ClientRate {
+    /// `mbit` megabits a second, with a tenth of a second's worth (at least 64 KiB) at once.
+    pub fn mbit(mbit: u32) -> Self {
+        let bytes_per_sec = u64::from(mbit) * 125_000;
+        Self {
+            bytes_per_sec,
+            burst: (bytes_per_sec / 10).max(64 << 10),
+        }
+    }
+}
+
+/// A token bucket of bytes, kept in byte-nanoseconds so no fraction is lost however often it
+/// is asked.
+#[derive(Debug)]
+struct ByteBucket {
+    rate: ClientRate,
+    /// Tokens, times 10^9.
+    tokens: u128,
+    last: Option<Instant>,
+}
+
+impl ByteBucket {
+    const NANOS: u128 = 1_000_000_000;
+
+    fn new(rate: ClientRate) -> Self {
+        Self {
+            rate,
+            tokens: u128::from(rate.burst) * Self::NANOS,
+            last: None,
+        }
+    }
+
+    /// Takes `len` bytes' worth at `now` if there are.
+    fn take(&mut self, len: u64, now: Instant) -> bool {
+        let full = u128::from(self.rate.burst) * Self::NANOS;
+        if let Some(last) = self.last {
+            let elapsed = now.saturating_duration_since(last).as_nanos();
+            self.tokens = self
+                .tokens
+                .saturating_add(elapsed.saturating_mul(u128::from(self.rate.bytes_per_sec)))
+                .min(full);
+        }
+        self.last = Some(now);
+        let cost = u128::from(len) * Self::NANOS;
+        if self.tokens < cost {
+            return false;
+        }
+        self.tokens -= cost;
+        true
+    }
+}
+
 /// What a frame from an authenticated node asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
@@ -142,6 +211,8 @@ pub enum Step {
     },
     /// Dropped: the node is no longer vouched for (its session is closing).
     Unvouched,
+    /// Dropped: the node sent more than its [`ClientRate`] allows.
+    RateLimited,
     /// Answer the node with this frame.
     Reply(Bytes),
     /// Its refreshed ticket lets the session run until this Unix second.
@@ -186,17 +257,21 @@ pub struct Session {
     refuse_applied: Option<i64>,
     /// Whether it has sent a frame it never should.
     unexpected: bool,
+    /// What it may still have forwarded, if the relay limits each node.
+    rate: Option<ByteBucket>,
 }
 
 impl Session {
-    /// The session of the node with `key`.
-    pub fn new(key: [u8; 32]) -> Self {
+    /// The session of the node with `key`, forwarding as much as `rate` allows (`None`: no
+    /// limit).
+    pub fn new(key: [u8; 32], rate: Option<ClientRate>) -> Self {
         Self {
             key,
             gone_sent: HashMap::new(),
             ticket_checked: None,
             refuse_applied: None,
             unexpected: false,
+            rate: rate.map(ByteBucket::new),
         }
     }
 
@@ -206,22 +281,28 @@ impl Session {
     }
 
     /// What `frame` from the node asks for; `alive` is whether the node is still vouched for,
-    /// `auth` checks a refreshed ticket at the Unix time `now` gives (asked only then).
+    /// `auth` checks a refreshed ticket at the Unix time `clock` gives. The clock is read only
+    /// for a ticket or a refusal list, and for a packet when the node's rate is limited.
     pub fn on_frame(
         &mut self,
         frame: &[u8],
         alive: bool,
         auth: &dyn Authorizer,
-        now: impl FnOnce() -> i64,
+        clock: &impl Clock,
     ) -> Step {
         match proto::decode(frame) {
-            Ok(Frame::Send { dst, payload }) if alive => Step::Forward {
-                dst,
-                len: payload.len() as u64,
-            },
+            Ok(Frame::Send { dst, payload }) if alive => {
+                let len = payload.len() as u64;
+                if let Some(rate) = &mut self.rate
+                    && !rate.take(len, clock.now())
+                {
+                    return Step::RateLimited;
+                }
+                Step::Forward { dst, len }
+            }
             Ok(Frame::Send { .. }) => Step::Unvouched,
             Ok(Frame::Ticket { ticket }) => {
-                let now = now();
+                let now = clock.unix();
                 if self.ticket_checked == Some(now) {
                     return Step::TicketTooSoon;
                 }
@@ -234,7 +315,7 @@ impl Session {
             Ok(Frame::Refuse { keys }) => {
                 // Applying a list takes the lock every forwarding thread reads under: at most
                 // one a second.
-                let now = now();
+                let now = clock.unix();
                 if self.refuse_applied == Some(now) {
                     return Step::RefuseTooSoon;
                 }
@@ -293,6 +374,90 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use super::*;
+
+    /// A clock no decision may read.
+    struct Never;
+
+    impl Clock for Never {
+        fn unix(&self) -> i64 {
+            panic!("the clock was read")
+        }
+        fn now(&self) -> Instant {
+            panic!("the clock was read")
+        }
+    }
+
+    /// A clock at this Unix second (the monotonic clock is not asked for).
+    struct At(i64);
+
+    impl Clock for At {
+        fn unix(&self) -> i64 {
+            self.0
+        }
+        fn now(&self) -> Instant {
+            panic!("the monotonic clock was read")
+        }
+    }
+
+    /// A clock at this instant (Unix second 0).
+    struct Mono(Instant);
+
+    impl Clock for Mono {
+        fn unix(&self) -> i64 {
+            0
+        }
+        fn now(&self) -> Instant {
+            self.0
+        }
+    }
+
+    #[test]
+    fn a_rate_limited_node_gets_its_burst_then_its_rate_and_no_fraction_is_lost() {
+        let rate = ClientRate {
+            bytes_per_sec: 1_000_000,
+            burst: 10_000,
+        };
+        let mut s = Session::new([2; 32], Some(rate));
+        let packet = proto::encode_packet(false, &[3; 32], &[7; 1_000]);
+        let t0 = Instant::now();
+        let forwarded = |s: &mut Session, now: Instant, n: usize| {
+            (0..n)
+                .filter(|_| {
+                    matches!(
+                        s.on_frame(&packet, true, &TICKETS, &Mono(now)),
+                        Step::Forward { .. }
+                    )
+                })
+                .count()
+        };
+        // The burst at once, then nothing more at that instant.
+        assert_eq!(forwarded(&mut s, t0, 50), 10);
+        assert_eq!(
+            s.on_frame(&packet, true, &TICKETS, &Mono(t0)),
+            Step::RateLimited
+        );
+        // A second of 1,000-byte packets offered every 100 us: a thousand go (at 1 MB/s a
+        // packet is earned in a millisecond, a hundredth of it between two offers).
+        let mut sent = 0;
+        for i in 1..=10_000u32 {
+            sent += forwarded(&mut s, t0 + Duration::from_micros(u64::from(i) * 100), 1);
+        }
+        assert!(
+            (999..=1_001).contains(&sent),
+            "{sent} forwarded in a second"
+        );
+        // Idle for a minute: the burst again, no more.
+        assert_eq!(forwarded(&mut s, t0 + Duration::from_secs(61), 50), 10);
+        // Without a limit the clock is never read.
+        let mut free = Session::new([2; 32], None);
+        assert!(matches!(
+            free.on_frame(&packet, true, &TICKETS, &Never),
+            Step::Forward { .. }
+        ));
+        assert_eq!(ClientRate::mbit(100).bytes_per_sec, 12_500_000);
+        assert_eq!(ClientRate::mbit(100).burst, 1_250_000);
+        assert_eq!(ClientRate::mbit(1).burst, 64 << 10);
+    }
 
     /// Accepts tickets that read "ok" until second 100 (a refreshed one until 200), refuses
     /// the rest; vouches for every key but `revoked`.
@@ -429,8 +594,8 @@ mod tests {
 
     #[test]
     fn frames_become_steps_and_the_clock_is_read_only_for_a_ticket() {
-        let mut s = Session::new([2; 32]);
-        let never = || -> i64 { panic!("the clock was read") };
+        let mut s = Session::new([2; 32], None);
+        let never = &Never;
         let send = proto::encode_packet(false, &[3; 32], &[7; 40]);
         assert_eq!(
             s.on_frame(&send, true, &TICKETS, never),
@@ -463,12 +628,12 @@ mod tests {
         assert_eq!(s.on_frame(&[], true, &TICKETS, never), Step::Malformed);
         let fresh = proto::encode(&Frame::Ticket { ticket: b"fresh" });
         assert_eq!(
-            s.on_frame(&fresh, true, &TICKETS, || 50),
+            s.on_frame(&fresh, true, &TICKETS, &At(50)),
             Step::ValidUntil(200)
         );
         let stale = proto::encode(&Frame::Ticket { ticket: b"ok" });
         assert_eq!(
-            s.on_frame(&stale, true, &TICKETS, || 150),
+            s.on_frame(&stale, true, &TICKETS, &At(150)),
             Step::TicketRefused("bad ticket at 150".into())
         );
     }
@@ -485,49 +650,58 @@ mod tests {
 
     #[test]
     fn a_flood_of_refreshed_tickets_is_checked_once_a_second() {
-        let mut s = Session::new([2; 32]);
+        let mut s = Session::new([2; 32], None);
         let auth = Counting(AtomicU32::new(0));
         let ticket = proto::encode(&Frame::Ticket { ticket: b"t" });
         assert_eq!(
-            s.on_frame(&ticket, true, &auth, || 10),
+            s.on_frame(&ticket, true, &auth, &At(10)),
             Step::ValidUntil(70)
         );
         for _ in 0..1000 {
-            assert_eq!(s.on_frame(&ticket, true, &auth, || 10), Step::TicketTooSoon);
+            assert_eq!(
+                s.on_frame(&ticket, true, &auth, &At(10)),
+                Step::TicketTooSoon
+            );
         }
         assert_eq!(auth.0.load(Ordering::Relaxed), 1, "one check in second 10");
         assert_eq!(
-            s.on_frame(&ticket, true, &auth, || 11),
+            s.on_frame(&ticket, true, &auth, &At(11)),
             Step::ValidUntil(71)
         );
         // A clock set back is another second too.
-        assert_eq!(s.on_frame(&ticket, true, &auth, || 5), Step::ValidUntil(65));
+        assert_eq!(
+            s.on_frame(&ticket, true, &auth, &At(5)),
+            Step::ValidUntil(65)
+        );
         assert_eq!(auth.0.load(Ordering::Relaxed), 3);
     }
 
     #[test]
     fn a_refusal_list_is_sorted_without_duplicates_and_applied_once_a_second() {
-        let mut s = Session::new([2; 32]);
+        let mut s = Session::new([2; 32], None);
         let auth = Counting(AtomicU32::new(0));
         let refuse = proto::encode_refuse(&[[9; 32], [3; 32], [9; 32]]);
         assert_eq!(
-            s.on_frame(&refuse, true, &auth, || 10),
+            s.on_frame(&refuse, true, &auth, &At(10)),
             Step::Refuse(vec![[3; 32], [9; 32]])
         );
         let none = proto::encode_refuse(&[]);
-        assert_eq!(s.on_frame(&none, true, &auth, || 10), Step::RefuseTooSoon);
-        assert_eq!(s.on_frame(&none, true, &auth, || 11), Step::Refuse(vec![]));
+        assert_eq!(s.on_frame(&none, true, &auth, &At(10)), Step::RefuseTooSoon);
+        assert_eq!(
+            s.on_frame(&none, true, &auth, &At(11)),
+            Step::Refuse(vec![])
+        );
         // Whole keys only.
         let mut cut = refuse.clone();
         cut.pop();
-        assert_eq!(s.on_frame(&cut, true, &auth, || 12), Step::Malformed);
+        assert_eq!(s.on_frame(&cut, true, &auth, &At(12)), Step::Malformed);
         // Refusing asks nothing of the ticket checker.
         assert_eq!(auth.0.load(Ordering::Relaxed), 0);
     }
 
     #[test]
     fn a_missing_destination_is_reported_at_most_once_a_second_and_the_memory_stays_bounded() {
-        let mut s = Session::new([2; 32]);
+        let mut s = Session::new([2; 32], None);
         let t0 = Instant::now();
         let gone = |k: [u8; 32]| Bytes::from(proto::encode(&Frame::PeerGone { key: k }));
         assert_eq!(s.peer_gone([3; 32], t0), Some(gone([3; 32])));

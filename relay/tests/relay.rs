@@ -60,6 +60,11 @@ async fn lab() -> Lab {
 
 /// A relay whose QUIC is served by `threads` endpoints on threads of their own.
 async fn lab_with(limits: QuicLimits, threads: usize) -> Lab {
+    lab_limited(limits, threads, None).await
+}
+
+/// A relay as [`lab_with`] makes, forwarding for each node at most `rate`.
+async fn lab_limited(limits: QuicLimits, threads: usize, rate: Option<relay::ClientRate>) -> Lab {
     let mut rng = StdRng::seed_from_u64(9);
     let signer = TicketSigner::from_seed([4; 32]);
     let key = StaticKeypair::generate(&mut rng);
@@ -69,7 +74,7 @@ async fn lab_with(limits: QuicLimits, threads: usize) -> Lab {
         TicketKey::from_bytes(signer.public()),
         Arc::clone(&revoked),
     ));
-    let relay = Relay::new(key, auth);
+    let relay = Relay::with_client_rate(key, auth, rate);
     let listener = relay::QuicListener::start(
         &relay,
         &cert,
@@ -764,4 +769,51 @@ async fn a_node_refuses_what_strangers_send_it_and_the_relay_drops_it_while_peer
         .await
         .expect("X never got through after V lifted its refusal");
     assert_eq!(lab.relay.stats().dropped_refuse_too_soon, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gets_no_more_than_the_relays_rate_and_others_keep_theirs() {
+    let rate = relay::ClientRate {
+        bytes_per_sec: 1_000_000,
+        burst: 100_000,
+    };
+    let mut lab = lab_limited(QuicLimits::default(), 1, Some(rate)).await;
+    let (v, mut cv) = lab.connected(lab.quic_only()).await;
+    let (x, cx) = lab.connected(lab.quic_only()).await;
+    let (y, cy) = lab.connected(lab.ws_only()).await;
+    let (vk, xk, yk) = (v.public(), x.public(), y.public());
+    // X sends 2.4 MB at once, Y a little: X gets its burst and its rate, Y all it sent.
+    let started = std::time::Instant::now();
+    let packet = [0x55u8; 1_000];
+    let mut queued = 0u64;
+    for i in 0..2_400u32 {
+        if cx.send(&vk, &packet) {
+            queued += 1;
+        }
+        if i % 100 == 0 {
+            assert!(cy.send(&vk, &packet));
+            tokio::task::yield_now().await;
+        }
+    }
+    let got = received_from(&mut cv, &[xk, yk], Duration::from_millis(1_000)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let allowed = (rate.burst as f64 + rate.bytes_per_sec as f64 * elapsed) / 1_000.0;
+    assert_eq!(got[1], 24, "Y's packets");
+    assert!(
+        got[0] as f64 <= allowed + 1.0,
+        "X got {} packets through in {elapsed:.2}s, at most {allowed:.0} allowed",
+        got[0]
+    );
+    assert!(
+        got[0] >= 100,
+        "X got only {} packets through: not even its burst",
+        got[0]
+    );
+    let s = lab.relay.stats();
+    assert!(
+        s.dropped_rate_limited + got[0] + 100 >= queued,
+        "{queued} queued, {} through, {} rate limited: {s:?}",
+        got[0],
+        s.dropped_rate_limited
+    );
 }

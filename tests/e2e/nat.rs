@@ -1130,3 +1130,68 @@ fn two_routers_that_accept_wan_input_go_direct_because_each_side_primes_its_own_
     assert_eq!(path(0, 1)["addr"].as_str(), Some("203.0.113.32:41641"));
     assert!(nodes[0].ping(&lab, "docker-b", "-4", 5));
 }
+
+/// A relay limiting each node's rate (`--relay-client-rate-limit`): a transfer between two
+/// nodes behind hard NATs, relayed, arrives whole with its checksum (TCP slows to the limit),
+/// and the relay counts what it dropped beyond the limit.
+#[test]
+fn a_relay_with_a_rate_limit_drops_what_is_beyond_it_and_a_transfer_still_arrives_whole() {
+    let sites = [Site::Behind(Nat::Hard), Site::Behind(Nat::Hard)];
+    let Some(mut m) = NatMesh::new("relay-rate", &sites, &["--relay-client-rate-limit", "20"])
+    else {
+        return;
+    };
+    assert!(
+        wait_for(Duration::from_secs(20), || m.ping(0, 1, 1, "0.2") == 1),
+        "no ping between the two nodes"
+    );
+    assert_eq!(m.path(0, 1)["kind"], "relay", "{}", m.path(0, 1));
+    let dst = format!("{}:5001", m.ipv4(1));
+    let tool = m.lab.bin("lattice-testtool").display().to_string();
+    let ns = m.ns.clone();
+    let recv = m
+        .lab
+        .spawn(
+            "tcp-recv",
+            &ns[1],
+            &[&tool, "tcp-recv", "--listen", "0.0.0.0:5001"],
+            &[],
+        )
+        .expect("receiver");
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = m
+        .lab
+        .run(
+            &ns[0],
+            &[
+                &tool, "tcp-send", "--to", &dst, "--bytes", "8000000", "--seed", "9",
+            ],
+        )
+        .expect("sender");
+    assert!(
+        m.lab.wait_exit(recv, Duration::from_secs(60)).is_some(),
+        "receiver finished"
+    );
+    let sent = String::from_utf8_lossy(&sent.stdout).trim().to_owned();
+    let got = m.lab.stdout(recv).trim().to_owned();
+    assert!(sent.starts_with("8000000 "), "sent {sent}");
+    assert_eq!(got, sent, "received bytes and checksum match what was sent");
+    // The coordinator's embedded relay dropped what went beyond 20 Mbit/s.
+    let out = m
+        .lab
+        .output(
+            &m.coord.ns,
+            &[&tool, "http", "--url", "http://127.0.0.1:9430/metrics"],
+        )
+        .expect("metrics");
+    let page = String::from_utf8_lossy(&out.stdout).into_owned();
+    let dropped: u64 = page
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("lattice_relay_dropped_frames_total{reason=\"rate_limited\"} ")
+        })
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64);
+    assert!(dropped > 0, "nothing dropped for the rate limit:\n{page}");
+    eprintln!("8 MB relayed at a 20 Mbit/s limit; the relay dropped {dropped} packets beyond it");
+}
