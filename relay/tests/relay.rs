@@ -817,3 +817,23 @@ async fn a_node_gets_no_more_than_the_relays_rate_and_others_keep_theirs() {
         s.dropped_rate_limited
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_connecting_again_takes_over_from_its_older_connection() {
+    let mut lab = lab().await;
+    let (a, t) = lab.node();
+    let mut old = client::connect(&lab.quic_only(), &a, &t).await.unwrap();
+    let (_b, cb) = lab.connected(lab.ws_only()).await;
+    // The same node again (it moved networks, or restarted): the newest connection wins, and
+    // the older one is closed.
+    let mut new = client::connect(&lab.ws_only(), &a, &t).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(3), async {
+        while old.recv().await.is_some() {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the older connection was kept");
+    assert!(cb.send(&a.public(), b"to the newest"));
+    let (_, p) = next_packet(&mut new).await.expect("the packet is missing");
+    assert_eq!(p, b"to the newest");
+    assert_eq!(lab.relay.stats().sessions, 2);
+}
