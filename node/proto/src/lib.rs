@@ -30,6 +30,7 @@ pub mod netcheck;
 pub mod packet;
 pub mod path;
 pub mod pq;
+pub mod relay_link;
 pub mod shared;
 mod state;
 pub mod status;

@@ -7,9 +7,9 @@
 //! another thread (on the node's shared runtime the three woke each other across its threads,
 //! and on two CPUs that cost a tenth of the relayed path's throughput).
 //!
-//! A connection is considered dead when two latency probes in a row go unanswered
-//! ([`DEAD_AFTER`]), so a restarted relay is found again within seconds rather than after
-//! QUIC's idle timeout.
+//! When to probe a relay, give a connection up as dead, dial again and send the list of
+//! refused strangers is the core's (`node_proto::relay_link`); this module dials, moves
+//! frames and sleeps until the next of those.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -17,23 +17,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hybrid::StaticKeypair;
+use node_proto::relay_link::{Action, Link, Redial};
 use relay::client::{self, Incoming};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 use wire::{NodeKey, RelayId, RelayInfo};
 
-/// Latency probe interval.
-const PING_EVERY: Duration = Duration::from_secs(2);
-/// A connection with no pong for this long is replaced.
-const DEAD_AFTER: Duration = Duration::from_secs(5);
-const MAX_BACKOFF: Duration = Duration::from_secs(4);
 /// How long stopping the relay thread waits for its blocking tasks (name look-ups).
 const SHUTDOWN_WAIT: Duration = Duration::from_millis(500);
 /// Most relays connected at once.
 pub const MAX_RELAYS: usize = 8;
-/// A connection sends the relay its list of refused strangers at most this often (the relay
-/// applies one a second).
-const REFUSE_EVERY: Duration = Duration::from_secs(2);
 const _: () = assert!(node_proto::strangers::MAX_REFUSED <= relay::proto::MAX_REFUSED);
 
 /// What relay tasks tell the event loop.
@@ -323,7 +316,7 @@ async fn run(
     (events, packets): (mpsc::Sender<RelayEvent>, RelayInbox),
 ) {
     let id = info.id;
-    let mut backoff = Duration::from_millis(250);
+    let mut redial = Redial::default();
     loop {
         let t = loop {
             if let Some(t) = told.ticket.borrow_and_update().clone() {
@@ -341,12 +334,11 @@ async fn run(
                 if events.send(RelayEvent::Down { id, error }).await.is_err() {
                     return;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                tokio::time::sleep(redial.failed()).await;
                 continue;
             }
         };
-        backoff = Duration::from_millis(250);
+        redial.connected();
         let transport = conn.transport().name();
         info!(relay = %info.name, transport, "relay connected");
         if events.send(RelayEvent::Up { id, transport }).await.is_err() {
@@ -375,34 +367,45 @@ async fn serve(
     events: &mpsc::Sender<RelayEvent>,
     packets: &RelayInbox,
 ) -> Option<String> {
-    let mut ping = tokio::time::interval(PING_EVERY);
-    let mut last_heard = Instant::now();
-    conn.ping();
     // A new connection's relay refuses nothing yet: the list goes out at once if it has any.
-    let mut refusals = Refusals {
-        unsent: !told.refused.borrow_and_update().is_empty(),
-        sent: None,
-    };
+    let refusing = !told.refused.borrow_and_update().is_empty();
+    let mut link = Link::new(Instant::now(), refusing);
+    let timer = tokio::time::sleep_until(link.next_timeout().into());
+    tokio::pin!(timer);
+    // Whether the link may have something to do: after its timer and after the list changed,
+    // not after a frame (hearing one changes nothing due before the next probe's time).
+    let mut check = true;
     loop {
-        let refuse_due = refusals.due();
+        if std::mem::take(&mut check) {
+            let now = Instant::now();
+            while let Some(action) = link.poll(now) {
+                match action {
+                    Action::Ping => conn.ping(),
+                    Action::SendRefusals => {
+                        let list = told.refused.borrow_and_update().clone();
+                        link.refusals_sent(now, conn.refuse(&list));
+                    }
+                    Action::Dead => return Some("the relay stopped answering".into()),
+                }
+            }
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::from_std(link.next_timeout()));
+        }
         tokio::select! {
+            () = &mut timer => check = true,
             changed = told.refused.changed() => {
                 if changed.is_err() {
                     return None;
                 }
-                refusals.unsent = true;
-            }
-            () = sleep_until(refuse_due) => {
-                let list = told.refused.borrow_and_update().clone();
-                // Tried again after REFUSE_EVERY if the frame queue was full.
-                refusals.unsent = !conn.refuse(&list);
-                refusals.sent = Some(tokio::time::Instant::now());
+                link.refusals_changed();
+                check = true;
             }
             inc = conn.recv() => {
                 let Some(inc) = inc else {
                     return Some("the relay closed the connection".into());
                 };
-                last_heard = Instant::now();
+                link.heard(Instant::now());
                 let ev = match inc {
                     Incoming::Packet { src, payload } => {
                         let p = RelayPacket { id, src: NodeKey::from_bytes(src), payload };
@@ -429,12 +432,6 @@ async fn serve(
                     conn.refresh_ticket(&t);
                 }
             }
-            _ = ping.tick() => {
-                if last_heard.elapsed() > DEAD_AFTER {
-                    return Some("the relay stopped answering".into());
-                }
-                conn.ping();
-            }
         }
     }
 }
@@ -444,31 +441,6 @@ async fn serve(
 struct Told {
     ticket: watch::Receiver<Option<Vec<u8>>>,
     refused: watch::Receiver<Vec<[u8; 32]>>,
-}
-
-/// Whether a connection's relay has the latest list of refused strangers, and when it was
-/// last sent one.
-struct Refusals {
-    unsent: bool,
-    sent: Option<tokio::time::Instant>,
-}
-
-impl Refusals {
-    /// When to send the list: `None` while the relay has the latest.
-    fn due(&self) -> Option<tokio::time::Instant> {
-        self.unsent.then(|| {
-            self.sent
-                .map_or_else(tokio::time::Instant::now, |t| t + REFUSE_EVERY)
-        })
-    }
-}
-
-/// Sleeps until `due`, or for ever when it is `None`.
-async fn sleep_until(due: Option<tokio::time::Instant>) {
-    match due {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Points the event loop's sends for a relay at `sender` (`None`: not connected).
@@ -581,7 +553,8 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), wait)
             .await
             .expect("the relay never dropped the stranger's packets");
-        // Lifted (the relay takes the new list within REFUSE_EVERY): the stranger gets through.
+        // Lifted (the relay takes the new list within relay_link::REFUSE_EVERY): the stranger
+        // gets through.
         manager.set_refused(&[]);
         let through = async {
             loop {
