@@ -811,7 +811,23 @@ pub fn stun(data: &[u8]) {
 pub fn relay_frame(data: &[u8]) {
     if let Ok(f) = relay::proto::decode(data) {
         let again = relay::proto::encode(&f);
-        assert!(relay::proto::decode(&again).is_ok());
+        assert_eq!(relay::proto::decode(&again), Ok(f));
+    }
+    // What a relay's session makes of it, from an admitted node whose rate is limited.
+    struct Fixed(Instant);
+    impl relay::session::Clock for Fixed {
+        fn unix(&self) -> i64 {
+            1_000
+        }
+        fn now(&self) -> Instant {
+            self.0
+        }
+    }
+    let auth = relay::TicketAuthorizer::new(wire::TicketKey::from_bytes([9; 32]));
+    let mut session = relay::session::Session::new([1; 32], Some(relay::ClientRate::mbit(1)));
+    let clock = Fixed(epoch());
+    for _ in 0..2 {
+        let _ = session.on_frame(data, true, &auth, &clock);
     }
 }
 
