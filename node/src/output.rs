@@ -102,6 +102,13 @@ pub(crate) fn status(st: &StatusJson) {
     if st.tunnel_security == wire::TunnelSecurity::ClassicalOnly {
         println!("WARNING: the mesh admin set tunnels to classical-only (no post-quantum keys)");
     }
+    if !st.relay_refused.is_empty() {
+        println!(
+            "refused at the relays: {} node(s) that are not peers sent here through them \
+             (`lattice status --json`: relay_refused)",
+            st.relay_refused.len()
+        );
+    }
     if st.peers.is_empty() {
         println!("no peers");
         return;

@@ -701,6 +701,7 @@ impl NodeState {
             node_caps: self.node_caps.clone(),
             flows: self.gate.len(),
             filter_rules: self.gate.filter().active_count(),
+            relay_refused: self.strangers.refused(),
             counters: Counters {
                 flows_evicted: self.gate.evicted(),
                 ..self.counters

@@ -175,6 +175,8 @@ pub struct Status {
     pub flows: usize,
     /// Filter rules in force.
     pub filter_rules: usize,
+    /// Nodes that are not peers, refused at the relays ([`crate::strangers`]).
+    pub relay_refused: Vec<NodeKey>,
     /// Packet counters.
     pub counters: Counters,
 }

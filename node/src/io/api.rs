@@ -39,6 +39,10 @@ pub struct StatusJson {
     /// Relay connections.
     #[serde(default)]
     pub relays: Vec<RelayJson>,
+    /// Nodes that are not peers but sent through relays enough to be refused there (their
+    /// node keys; see `node_proto::strangers`).
+    #[serde(default)]
+    pub relay_refused: Vec<String>,
     /// This node's NAT, as its last netcheck measured it.
     #[serde(default)]
     pub nat: Option<wire::NatInfo>,

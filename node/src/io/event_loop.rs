@@ -1076,6 +1076,11 @@ impl EventLoop {
                 serde_json::to_value(c).unwrap_or_default()
             },
             relays: self.relays_json(),
+            relay_refused: st
+                .relay_refused
+                .iter()
+                .map(wire::NodeKey::to_text)
+                .collect(),
             nat,
             dns: {
                 use std::sync::atomic::Ordering::Relaxed;

@@ -300,6 +300,7 @@ fn a_stranger_flooding_through_a_relay_is_refused_there_until_the_netmap_lists_i
         (c.relay_unknown_peer, c.relay_strangers_refused),
         (1_000, 1)
     );
+    assert_eq!(a.status(now).relay_refused, vec![public_key(2)]);
     // The coordinator lists it: let through at once.
     let later = now + Duration::from_secs(1);
     a.handle_netmap(
@@ -310,6 +311,7 @@ fn a_stranger_flooding_through_a_relay_is_refused_there_until_the_netmap_lists_i
         },
     );
     assert_eq!(refusals(&mut a), vec![vec![]]);
+    assert!(a.status(later).relay_refused.is_empty());
     // Removed again and flooding again: refused again, and the refusal lapses once it has
     // been quiet for REFUSE_FOR.
     a.handle_netmap(
