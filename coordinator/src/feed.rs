@@ -27,7 +27,7 @@ use crate::state::{AppState, unix_now, unix_now_ms};
 /// How many rows one pass reads at most.
 const BATCH: i64 = 2000;
 /// How long a writer waits for its own change to be applied before answering anyway.
-const WAIT_LIMIT: Duration = Duration::from_secs(10);
+pub const WAIT_LIMIT: Duration = Duration::from_secs(10);
 /// How often a replica renews its heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(3);
 /// A replica whose heartbeat is older than this is dropped: its nodes are marked offline.

@@ -140,7 +140,7 @@ pub struct UpArgs {
     /// variables win over it. An unknown key is an error naming file:line:col.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Coordinator URL, e.g. http://coord.example:8080 (remembered after the first join).
+    /// Coordinator URL, e.g. `http://coord.example:8080` (remembered after the first join).
     /// Repeat it (or separate with commas) for a mesh served by several replicas: the first
     /// is used to join, the others when it does not answer.
     #[arg(long, env = "LATTICE_COORDINATOR", value_delimiter = ',')]

@@ -4,7 +4,8 @@
 //! - [`proto`]: frames and the authentication exchange (sans-IO);
 //! - [`server::Relay`]: the forwarding server (QUIC endpoint, WebSocket route, sweeper);
 //! - [`session`]: what each side of a session decides: the authentication exchange, and each
-//!   frame a node sends (sans-IO);
+//!   frame a node sends (forward, refuse sources, refresh a ticket; its rate, if limited)
+//!   (sans-IO);
 //! - [`quic::QuicListener`]: its QUIC endpoints on threads of their own;
 //! - [`client::connect`]: a node's connection to a relay;
 //! - [`datagram`]: frames as QUIC datagrams (both ends);

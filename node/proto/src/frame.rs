@@ -45,7 +45,7 @@ const MAX_CHUNKS: u8 = 4;
 /// Reassemblies kept at once.
 const MAX_PARTIAL: usize = 64;
 /// Reassemblies one source may have open; a flood from one source evicts only its own.
-const MAX_PARTIAL_PER_SOURCE: usize = 4;
+pub const MAX_PARTIAL_PER_SOURCE: usize = 4;
 /// A reassembly older than this is dropped.
 const PARTIAL_TTL: Duration = Duration::from_secs(5);
 /// Header bytes of a chunk frame (magic, kind, session, index, count).

@@ -10,7 +10,7 @@
 //! WireGuard's protocol is the core's own ([`wg`]): its timers (rekey, retransmit, expiry,
 //! keepalive) and its cookies run on the core's clock, and its handshake ephemerals and cookie
 //! secrets come from the seed, so the simulator drives them too. The generator erases its key
-//! as it goes ([`rng`]).
+//! as it goes ([`hybrid::ErasingRng`]).
 //!
 //! The I/O shell (`node` crate) moves bytes between it and the TUN device, the UDP socket and
 //! the control connection. See [`NodeState`] for the call order.

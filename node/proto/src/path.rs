@@ -67,7 +67,8 @@ pub const ACTIVE: Duration = Duration::from_secs(5);
 pub const PROBE_FAST: Duration = Duration::from_secs(2);
 /// Probe interval after that, while traffic flows.
 pub const PROBE_SLOW: Duration = Duration::from_secs(15);
-const FAST_ROUNDS: u32 = 5;
+/// Rounds without a direct path probed every [`PROBE_FAST`] before [`PROBE_SLOW`].
+pub const FAST_ROUNDS: u32 = 5;
 /// The IP TTL of a primer: past this node's own router, and no further.
 pub const PRIMER_TTL: u8 = 2;
 /// A call-me-maybe without a reply after this long: the relay may be down.

@@ -76,7 +76,8 @@ pub struct ControlConfig {
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(35);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The longest wait between rounds of trying every replica.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Runs the client until the coordinator refuses the node or the event loop goes away.
 /// `replicas` delivers replica lists learned later (from netmaps).
@@ -136,7 +137,7 @@ pub struct Replicas {
 const STABLE: Duration = Duration::from_secs(30);
 /// The pause before trying another replica: up to this much, at random, so the nodes of a
 /// replica that died do not all arrive at the next one in the same instant.
-const SWITCH_JITTER: Duration = Duration::from_millis(1000);
+pub const SWITCH_JITTER: Duration = Duration::from_millis(1000);
 
 impl Replicas {
     /// The replicas at `urls` (duplicates dropped), the first tried first.
