@@ -523,6 +523,23 @@ impl NodeState {
         }
     }
 
+    /// The endpoints this node advertises, given its interfaces' candidates `local` (best
+    /// first): the gateway's port mapping first (it works for every peer), then `local`, then
+    /// the public address the last netcheck saw when it does not depend on the destination.
+    pub fn advertised_endpoints(&self, mut local: Vec<SocketAddr>) -> Vec<SocketAddr> {
+        if let Some(m) = self.port_mapped
+            && !local.contains(&m)
+        {
+            local.insert(0, m);
+        }
+        if let Some(p) = self.netcheck.last().and_then(|r| r.public_endpoint)
+            && !local.contains(&p)
+        {
+            local.push(p);
+        }
+        local
+    }
+
     /// What the coordinator is told of this node: its home relay, and its NAT with the port
     /// mapping (once a netcheck ran).
     pub fn netinfo(&self) -> (Option<RelayId>, Option<NatInfo>) {

@@ -130,7 +130,6 @@ pub struct EventLoop {
     aux_rx: mpsc::Receiver<AuxDatagram>,
     portmap: Option<PortMapper>,
     portmap_rx: Option<watch::Receiver<Option<std::net::SocketAddrV4>>>,
-    public_endpoint: Option<SocketAddr>,
     /// The last path report the coordinator took.
     paths_sent: Option<Vec<wire::PeerPath>>,
     netcheck_waiters: Vec<(oneshot::Sender<NetcheckJson>, Instant)>,
@@ -266,7 +265,6 @@ impl EventLoop {
             aux_rx,
             portmap,
             portmap_rx,
-            public_endpoint: None,
             paths_sent: None,
             netcheck_waiters: Vec::new(),
             pending_pings: Vec::new(),
@@ -619,8 +617,7 @@ impl EventLoop {
                     k.record(&peer, &psk);
                 }
             }
-            Event::NetInfo(report) => {
-                self.public_endpoint = report.public_endpoint;
+            Event::NetInfo(_) => {
                 self.refresh_endpoints();
                 self.answer_netcheck_waiters(true);
             }
@@ -846,24 +843,13 @@ impl EventLoop {
             .self_node
             .map(|n| n.addresses)
             .unwrap_or_default();
-        let mut eps = ifaddrs::endpoints(
+        let local = ifaddrs::endpoints(
             self.sockets.port,
             &self.tun_name,
             &overlay,
             self.sockets.v6.is_some(),
         );
-        // A gateway port mapping first (it works for everyone), then the public mapping
-        // STUN saw (when it does not depend on the destination).
-        if let Some(m) = self.portmap.as_ref().and_then(PortMapper::current)
-            && !eps.contains(&m)
-        {
-            eps.insert(0, m);
-        }
-        if let Some(p) = self.public_endpoint
-            && !eps.contains(&p)
-        {
-            eps.push(p);
-        }
+        let eps = self.core().advertised_endpoints(local);
         self.endpoints.send_if_modified(|cur| {
             if *cur == eps {
                 false
@@ -923,7 +909,7 @@ impl EventLoop {
             mapping_varies_by_destination: nat.mapping_varies,
             hard_nat: nat.is_hard(),
             public_ip: nat.public_ip,
-            public_endpoint: self.public_endpoint,
+            public_endpoint: report.as_ref().and_then(|r| r.public_endpoint),
             port_mapping: nat.port_mapped,
             gateway: self
                 .portmap

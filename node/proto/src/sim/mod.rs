@@ -277,9 +277,7 @@ impl Sim {
         }
         while let Some(ev) = self.hosts[i].node.poll_event() {
             match ev {
-                Event::NetInfo(report) => {
-                    self.publish_netinfo(i, report.nat.clone(), report.public_endpoint);
-                }
+                Event::NetInfo(report) => self.publish_netinfo(i, report.nat.clone()),
                 Event::PathReport(paths) => self.hosts[i].reported_paths = paths,
                 _ => {}
             }
@@ -294,13 +292,9 @@ impl Sim {
 
     /// What the coordinator does with a node's netcheck: new endpoints and NAT info for its
     /// peers.
-    fn publish_netinfo(&mut self, i: usize, nat: NatInfo, public: Option<SocketAddr>) {
-        let mut endpoints = vec![self.internal(i, SockId::Main)];
-        if let Some(p) = public
-            && !endpoints.contains(&p)
-        {
-            endpoints.push(p);
-        }
+    fn publish_netinfo(&mut self, i: usize, nat: NatInfo) {
+        let local = vec![self.internal(i, SockId::Main)];
+        let endpoints = self.hosts[i].node.advertised_endpoints(local);
         let wn = &mut self.hosts[i].wire_node;
         if wn.endpoints == endpoints && wn.nat.as_ref() == Some(&nat) {
             return;

@@ -2040,4 +2040,11 @@ fn the_coordinator_is_told_the_home_relay_and_nat_once_per_change() {
     assert_eq!(reports(&mut a), vec![(Some(RelayId(1)), nat.clone())]);
     a.relay_state(now, RelayId(1), false);
     assert_eq!(reports(&mut a), vec![(None, nat)]);
+    // Advertised: the gateway's mapping first, then the interfaces' candidates, once each
+    // (no netcheck ran here, so no public address; the simulator's NAT tests need that one).
+    let lan: SocketAddr = "192.168.1.5:41641".parse().unwrap();
+    assert_eq!(a.advertised_endpoints(vec![lan]), vec![lan]);
+    a.set_port_mapping(Some(mapped));
+    assert_eq!(a.advertised_endpoints(vec![lan]), vec![mapped, lan]);
+    assert_eq!(a.advertised_endpoints(vec![lan, mapped]), vec![lan, mapped]);
 }
