@@ -1,6 +1,7 @@
 //! Issue 9: abuse end to end, each bounded in time and traffic — floods at a node's port and
-//! at the coordinator's `/control` while a node joins, a peer filling the flow table, and
-//! replayed captures of every datagram two nodes exchanged.
+//! at the coordinator's `/control` while a node joins, a peer filling the flow table,
+//! replayed captures of every datagram two nodes exchanged, and a member that is not a node's
+//! peer flooding it through the relay.
 
 use std::time::{Duration, Instant};
 
@@ -324,4 +325,112 @@ fn replaying_every_captured_datagram_changes_no_key_and_breaks_no_tunnel() {
         c("frames_invalid")
     );
     assert!(c("disco_stale") + c("pq_rejected") + c("wg_invalid") > 0);
+}
+
+/// A node the policy hides from another floods it through the relay (with its own key and a
+/// ticket, as a compromised member could): the target refuses it at the relay, which drops
+/// what it sends and counts it, and the target's peer still reaches it.
+#[test]
+fn a_member_that_is_not_a_peer_flooding_through_the_relay_is_refused_there() {
+    let Some(lab) = lab("abuse-stranger") else {
+        return;
+    };
+    let policy = r#"{
+        "tagOwners": {"tag:in": [], "tag:out": []},
+        "acls": [{"action": "accept", "src": ["tag:in"], "dst": ["tag:in:*"]}],
+    }"#;
+    let path = lab.dir().join("stranger.hujson");
+    std::fs::write(&path, policy).unwrap();
+    let path = path.display().to_string();
+    let mut f = Flat::new(lab, 3, &["--policy", &path]);
+    for (i, (name, tag)) in [
+        ("target", "tag:in"),
+        ("peer", "tag:in"),
+        ("stranger", "tag:out"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let k = f.coord.authkey(&f.lab, &["--tag", tag]).unwrap();
+        f.join(i, name, &k, &[]);
+    }
+    let target = f.nodes[0]
+        .wait_ready(&f.lab, 1, Duration::from_secs(30))
+        .unwrap();
+    f.nodes[1]
+        .wait_ready(&f.lab, 1, Duration::from_secs(30))
+        .unwrap();
+    f.nodes[2]
+        .wait_ready(&f.lab, 0, Duration::from_secs(30))
+        .unwrap();
+    let target_key = target["self"]["node_key"].as_str().unwrap().to_owned();
+    let keys: Value =
+        serde_json::from_slice(&std::fs::read(f.nodes[2].state_dir.join("keys.json")).unwrap())
+            .unwrap();
+    let stranger_secret = keys["node_private"].as_str().unwrap().to_owned();
+    let stranger_key = f.nodes[2].status(&f.lab).unwrap()["self"]["node_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Its daemon stops (it would take its relay session back), its registration stays.
+    let p = f.nodes[2].proc;
+    f.lab.kill(p);
+    let seed = std::fs::read_to_string(f.coord.state_dir.join("ticket.key")).unwrap();
+    let (ws, pin, relay_key) = crate::support::first_relay(&f.lab, &f.coord);
+    // The stranger's own key and a ticket the coordinator's key signed: the relay admits it.
+    let t = tool(&f);
+    let out = f
+        .lab
+        .output(
+            &f.node_ns[2],
+            &[
+                &t,
+                "relay-flood",
+                "--websocket",
+                &ws,
+                "--cert-sha256",
+                &pin,
+                "--relay-key",
+                &relay_key,
+                "--node-secret",
+                &stranger_secret,
+                "--ticket-seed",
+                seed.trim(),
+                "--to",
+                &target_key,
+                "--seconds",
+                "4",
+            ],
+        )
+        .unwrap();
+    let sent = crate::support::text(&out).trim().to_owned();
+    assert!(out.status.success(), "relay-flood: {sent}");
+    let st = f.nodes[0].status(&f.lab).unwrap();
+    assert_eq!(
+        st["relay_refused"],
+        serde_json::json!([stranger_key]),
+        "the target did not refuse the stranger: {st}"
+    );
+    let page = f
+        .lab
+        .output(
+            &f.coord.ns,
+            &[&t, "http", "--url", "http://127.0.0.1:9430/metrics"],
+        )
+        .unwrap();
+    let page = String::from_utf8_lossy(&page.stdout).into_owned();
+    let refused: f64 = page
+        .lines()
+        .find_map(|l| l.strip_prefix("lattice_relay_dropped_frames_total{reason=\"refused\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    eprintln!("{sent}; the relay dropped {refused} of them as refused");
+    assert!(
+        refused > 0.0,
+        "the relay dropped nothing as refused:\n{page}"
+    );
+    // What got through before the refusal was dropped by the target as from no peer.
+    assert!(count(&counters(&st), "relay_unknown_peer") >= 64, "{st}");
+    // The target's peer still reaches it.
+    assert!(f.nodes[1].ping(&f.lab, "target", "-4", 2), "peer -> target");
 }

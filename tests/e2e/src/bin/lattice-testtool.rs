@@ -128,6 +128,25 @@ enum Cmd {
         #[arg(long)]
         ticket_seed: String,
     },
+    /// Connects to a relay's WebSocket as `relay-probe` does, then sends `to` 1,200-byte
+    /// packets for `seconds`, as many as its queue takes; prints `sent <n>`.
+    RelayFlood {
+        #[arg(long)]
+        websocket: String,
+        /// The relay's certificate pin (64 hex digits).
+        #[arg(long)]
+        cert_sha256: String,
+        #[arg(long)]
+        relay_key: wire::RelayKey,
+        #[arg(long)]
+        node_secret: String,
+        #[arg(long)]
+        ticket_seed: String,
+        #[arg(long)]
+        to: wire::NodeKey,
+        #[arg(long)]
+        seconds: u64,
+    },
     /// Junk at a node's UDP port for `seconds` (see `e2e::abuse::junk_flood`); prints
     /// `sent <n>`.
     JunkFlood {
@@ -230,6 +249,37 @@ fn now_ms() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis())
+}
+
+/// The relay (over its WebSocket), the node with private key `secret` (hex) and a ticket for it
+/// signed with the ticket-key `seed` (hex), as a node would hold one.
+fn relay_login(
+    websocket: String,
+    cert_sha256: &str,
+    relay_key: wire::RelayKey,
+    secret: &str,
+    seed: &str,
+) -> anyhow::Result<(wire::RelayInfo, hybrid::StaticKeypair, Vec<u8>)> {
+    let secret = wire::keys::parse_hex::<32>(secret.trim()).context("--node-secret")?;
+    let seed = wire::keys::parse_hex::<32>(seed.trim()).context("--ticket-seed")?;
+    let node = hybrid::StaticKeypair::from_secret(secret);
+    let not_after = (now_ms() / 1000) as i64 + 60;
+    let ticket = hybrid::ticket::TicketSigner::from_seed(seed).issue(hybrid::ticket::Ticket {
+        node_key: node.public(),
+        not_after,
+    });
+    let info = wire::RelayInfo {
+        id: wire::RelayId(0),
+        name: "probe".into(),
+        key: relay_key,
+        quic: None,
+        cert_sha256: Some(wire::CertPin(
+            wire::keys::parse_hex::<32>(cert_sha256.trim()).context("--cert-sha256")?,
+        )),
+        websocket: Some(websocket),
+        stun: vec![],
+    };
+    Ok((info, node, ticket.to_vec()))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -395,27 +445,13 @@ fn main() -> anyhow::Result<()> {
             node_secret,
             ticket_seed,
         } => {
-            let secret =
-                wire::keys::parse_hex::<32>(node_secret.trim()).context("--node-secret")?;
-            let seed = wire::keys::parse_hex::<32>(ticket_seed.trim()).context("--ticket-seed")?;
-            let node = hybrid::StaticKeypair::from_secret(secret);
-            let not_after = (now_ms() / 1000) as i64 + 60;
-            let ticket =
-                hybrid::ticket::TicketSigner::from_seed(seed).issue(hybrid::ticket::Ticket {
-                    node_key: node.public(),
-                    not_after,
-                });
-            let info = wire::RelayInfo {
-                id: wire::RelayId(0),
-                name: "probe".into(),
-                key: relay_key,
-                quic: None,
-                cert_sha256: Some(wire::CertPin(
-                    wire::keys::parse_hex::<32>(cert_sha256.trim()).context("--cert-sha256")?,
-                )),
-                websocket: Some(websocket),
-                stun: vec![],
-            };
+            let (info, node, ticket) = relay_login(
+                websocket,
+                &cert_sha256,
+                relay_key,
+                &node_secret,
+                &ticket_seed,
+            )?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -426,6 +462,44 @@ fn main() -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
             }
+        }
+        Cmd::RelayFlood {
+            websocket,
+            cert_sha256,
+            relay_key,
+            node_secret,
+            ticket_seed,
+            to,
+            seconds,
+        } => {
+            let (info, node, ticket) = relay_login(
+                websocket,
+                &cert_sha256,
+                relay_key,
+                &node_secret,
+                &ticket_seed,
+            )?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let sent = rt.block_on(async {
+                let conn = relay::client::connect(&info, &node, &ticket).await?;
+                let end = Instant::now() + Duration::from_secs(seconds);
+                let packet = [0x5au8; 1200];
+                let mut sent = 0u64;
+                while Instant::now() < end {
+                    if conn.send(to.as_bytes(), &packet) {
+                        sent += 1;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    if sent.is_multiple_of(64) {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                anyhow::Ok(sent)
+            })?;
+            println!("sent {sent}");
         }
         Cmd::JunkFlood {
             to,
