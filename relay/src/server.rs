@@ -33,6 +33,12 @@ use crate::session::{self, ClientRate, Session, Step};
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames queued for one client before further ones are dropped.
 const QUEUE: usize = 2048;
+/// Frames queued each way between a QUIC session and its stream. The stream carries the
+/// authentication, pings, tickets and only the packets too large for a datagram (the rest go
+/// as datagrams), and quinn buffers what is written to it: a short queue in front is enough,
+/// and bounds what the relay holds for a node that stops reading its stream (2,048 frames of
+/// 4 KB were 8 MB).
+const STREAM_QUEUE: usize = 256;
 
 /// Limits on the QUIC listener, which faces the internet as the WebSocket's does
 /// ([`crate::http::HttpLimits`]). A QUIC handshake costs the relay key work and a connection's
@@ -444,8 +450,8 @@ impl Relay {
         let remote = conn.remote_address();
         // The relay opens the stream: its first bytes are the challenge.
         let (mut send, mut recv) = tokio::time::timeout(AUTH_TIMEOUT, conn.open_bi()).await??;
-        let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
-        let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(QUEUE);
+        let (in_tx, in_rx) = mpsc::channel::<Bytes>(STREAM_QUEUE);
+        let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(STREAM_QUEUE);
         // Reader: the stream's frames (the session reads datagrams itself).
         let reader = tokio::spawn(async move {
             while let Ok(Some(f)) = read_prefixed(&mut recv).await {

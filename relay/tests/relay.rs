@@ -837,3 +837,34 @@ async fn a_node_connecting_again_takes_over_from_its_older_connection() {
     assert_eq!(p, b"to the newest");
     assert_eq!(lab.relay.stats().sessions, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_reading_costs_the_relay_a_bounded_queue() {
+    let mut lab = lab().await;
+    // V never reads: its own queue fills, then its stream's window, then the relay's queue to
+    // it, and the relay drops the rest.
+    let (v, _never_read) = lab.connected(lab.quic_only()).await;
+    let (_x, cx) = lab.connected(lab.quic_only()).await;
+    // Packets too large for a datagram, so they go on the stream.
+    let big = vec![0x11u8; relay::proto::MAX_PAYLOAD];
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        if !cx.send(&v.public(), &big) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = lab.relay.stats();
+    eprintln!(
+        "forwarded {} frames to a node that reads nothing",
+        s.forwarded
+    );
+    // V's own queue (2,048 frames), its stream's window (1.25 MB, about 300 of these) and the
+    // relay's 256-frame queue: the relay keeps about 1 MB of them, not 8.
+    assert!(s.dropped_queue_full > 0, "{s:?}");
+    assert!(
+        s.forwarded <= 2_048 + 320 + 256 + 64,
+        "the relay took {} frames for a node that reads nothing: {s:?}",
+        s.forwarded
+    );
+}
