@@ -14,6 +14,20 @@ fn tool(f: &Flat) -> String {
     f.lab.bin("lattice-testtool").display().to_string()
 }
 
+/// A flat LAN whose coordinator starts with `policy`, and a node per `(name, tag)`, each
+/// joined with an auth key for its tag.
+fn tagged(lab: e2e::Lab, policy: &str, nodes: &[(&str, &str)]) -> Flat {
+    let path = lab.dir().join("policy-at-start.hujson");
+    std::fs::write(&path, policy).unwrap();
+    let path = path.display().to_string();
+    let mut f = Flat::new(lab, nodes.len(), &["--policy", &path]);
+    for (i, (name, tag)) in nodes.iter().enumerate() {
+        let k = f.coord.authkey(&f.lab, &["--tag", tag]).unwrap();
+        f.join(i, name, &k, &[]);
+    }
+    f
+}
+
 fn counters(st: &Value) -> Value {
     st["counters"].clone()
 }
@@ -146,21 +160,15 @@ fn a_peer_filling_the_flow_table_cannot_evict_another_peers_quiet_connection() {
             {"action": "accept", "src": ["tag:server"], "dst": ["tag:client:7777"]},
         ],
     }"#;
-    let path = lab.dir().join("flows.hujson");
-    std::fs::write(&path, policy).unwrap();
-    let path = path.display().to_string();
-    let mut f = Flat::new(lab, 3, &["--policy", &path]);
-    for (i, (name, tag)) in [
-        ("server", "tag:server"),
-        ("flooder", "tag:flooder"),
-        ("client", "tag:client"),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let k = f.coord.authkey(&f.lab, &["--tag", tag]).unwrap();
-        f.join(i, name, &k, &[]);
-    }
+    let mut f = tagged(
+        lab,
+        policy,
+        &[
+            ("server", "tag:server"),
+            ("flooder", "tag:flooder"),
+            ("client", "tag:client"),
+        ],
+    );
     let server = f.nodes[0]
         .wait_ready(&f.lab, 2, Duration::from_secs(30))
         .unwrap();
@@ -339,21 +347,15 @@ fn a_member_that_is_not_a_peer_flooding_through_the_relay_is_refused_there() {
         "tagOwners": {"tag:in": [], "tag:out": []},
         "acls": [{"action": "accept", "src": ["tag:in"], "dst": ["tag:in:*"]}],
     }"#;
-    let path = lab.dir().join("stranger.hujson");
-    std::fs::write(&path, policy).unwrap();
-    let path = path.display().to_string();
-    let mut f = Flat::new(lab, 3, &["--policy", &path]);
-    for (i, (name, tag)) in [
-        ("target", "tag:in"),
-        ("peer", "tag:in"),
-        ("stranger", "tag:out"),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let k = f.coord.authkey(&f.lab, &["--tag", tag]).unwrap();
-        f.join(i, name, &k, &[]);
-    }
+    let mut f = tagged(
+        lab,
+        policy,
+        &[
+            ("target", "tag:in"),
+            ("peer", "tag:in"),
+            ("stranger", "tag:out"),
+        ],
+    );
     let target = f.nodes[0]
         .wait_ready(&f.lab, 1, Duration::from_secs(30))
         .unwrap();

@@ -116,32 +116,14 @@ enum Cmd {
     /// ticket signed by `ticket_seed` (hex; the coordinator's is its state dir's `ticket.key`).
     /// Prints `accepted` (exit 0) or `rejected: <why>` (exit 1).
     RelayProbe {
-        #[arg(long)]
-        websocket: String,
-        /// The relay's certificate pin (64 hex digits).
-        #[arg(long)]
-        cert_sha256: String,
-        #[arg(long)]
-        relay_key: wire::RelayKey,
-        #[arg(long)]
-        node_secret: String,
-        #[arg(long)]
-        ticket_seed: String,
+        #[command(flatten)]
+        login: RelayLogin,
     },
     /// Connects to a relay's WebSocket as `relay-probe` does, then sends `to` 1,200-byte
     /// packets for `seconds`, as many as its queue takes; prints `sent <n>`.
     RelayFlood {
-        #[arg(long)]
-        websocket: String,
-        /// The relay's certificate pin (64 hex digits).
-        #[arg(long)]
-        cert_sha256: String,
-        #[arg(long)]
-        relay_key: wire::RelayKey,
-        #[arg(long)]
-        node_secret: String,
-        #[arg(long)]
-        ticket_seed: String,
+        #[command(flatten)]
+        login: RelayLogin,
         #[arg(long)]
         to: wire::NodeKey,
         #[arg(long)]
@@ -251,17 +233,35 @@ fn now_ms() -> u128 {
         .map_or(0, |d| d.as_millis())
 }
 
-/// The relay (over its WebSocket), the node with private key `secret` (hex) and a ticket for it
-/// signed with the ticket-key `seed` (hex), as a node would hold one.
-fn relay_login(
+/// How `relay-probe` and `relay-flood` reach a relay's WebSocket, and as which node.
+#[derive(clap::Args)]
+struct RelayLogin {
+    #[arg(long)]
     websocket: String,
-    cert_sha256: &str,
+    /// The relay's certificate pin (64 hex digits).
+    #[arg(long)]
+    cert_sha256: String,
+    #[arg(long)]
     relay_key: wire::RelayKey,
-    secret: &str,
-    seed: &str,
+    #[arg(long)]
+    node_secret: String,
+    #[arg(long)]
+    ticket_seed: String,
+}
+
+/// The relay (over its WebSocket), the node with private key `node_secret` (hex) and a ticket
+/// for it signed with the ticket-key `ticket_seed` (hex), as a node would hold one.
+fn relay_login(
+    RelayLogin {
+        websocket,
+        cert_sha256,
+        relay_key,
+        node_secret,
+        ticket_seed,
+    }: RelayLogin,
 ) -> anyhow::Result<(wire::RelayInfo, hybrid::StaticKeypair, Vec<u8>)> {
-    let secret = wire::keys::parse_hex::<32>(secret.trim()).context("--node-secret")?;
-    let seed = wire::keys::parse_hex::<32>(seed.trim()).context("--ticket-seed")?;
+    let secret = wire::keys::parse_hex::<32>(node_secret.trim()).context("--node-secret")?;
+    let seed = wire::keys::parse_hex::<32>(ticket_seed.trim()).context("--ticket-seed")?;
     let node = hybrid::StaticKeypair::from_secret(secret);
     let not_after = (now_ms() / 1000) as i64 + 60;
     let ticket = hybrid::ticket::TicketSigner::from_seed(seed).issue(hybrid::ticket::Ticket {
@@ -438,20 +438,8 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::RelayProbe {
-            websocket,
-            cert_sha256,
-            relay_key,
-            node_secret,
-            ticket_seed,
-        } => {
-            let (info, node, ticket) = relay_login(
-                websocket,
-                &cert_sha256,
-                relay_key,
-                &node_secret,
-                &ticket_seed,
-            )?;
+        Cmd::RelayProbe { login } => {
+            let (info, node, ticket) = relay_login(login)?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -463,22 +451,8 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::RelayFlood {
-            websocket,
-            cert_sha256,
-            relay_key,
-            node_secret,
-            ticket_seed,
-            to,
-            seconds,
-        } => {
-            let (info, node, ticket) = relay_login(
-                websocket,
-                &cert_sha256,
-                relay_key,
-                &node_secret,
-                &ticket_seed,
-            )?;
+        Cmd::RelayFlood { login, to, seconds } => {
+            let (info, node, ticket) = relay_login(login)?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
