@@ -582,16 +582,16 @@ impl Relay {
                 _ = close_rx.changed() => break,
                 f = incoming.recv() => {
                     let Some(f) = f else { break };
-                    self.handle(here, &mut session, &alive, &out, f);
+                    self.handle((here, id), &mut session, &alive, &out, f);
                 }
                 d = read_datagram(datagrams) => {
                     let Some(d) = d else { break };
-                    self.handle(here, &mut session, &alive, &out, d);
+                    self.handle((here, id), &mut session, &alive, &out, d);
                     // Those that arrived with it, without going round the select for each.
                     let Some(conn) = datagrams else { continue };
                     for _ in 1..DATAGRAM_BATCH {
                         let Some(Ok(d)) = conn.read_datagram().now_or_never() else { break };
-                        self.handle(here, &mut session, &alive, &out, d);
+                        self.handle((here, id), &mut session, &alive, &out, d);
                     }
                 }
                 Some(f) = recv_some(outbox.as_mut()) => {
@@ -629,10 +629,11 @@ impl Relay {
         }
     }
 
-    /// Does what a frame from the node of `session`, which runs on thread `here`, asks for.
+    /// Does what a frame from the node of `session` (its entry `id`), which runs on thread
+    /// `here`, asks for.
     fn handle(
         &self,
-        here: std::thread::ThreadId,
+        (here, id): (std::thread::ThreadId, u64),
         session: &mut Session,
         alive: &AtomicBool,
         out: &mpsc::Sender<Bytes>,
@@ -687,8 +688,12 @@ impl Relay {
             Step::Reply(f) => {
                 let _ = out.try_send(f);
             }
+            // A session changes only its own entry, not a newer session's of the same node
+            // (a frame of the old connection handled after the new one registered).
             Step::ValidUntil(until) => {
-                if let Some(e) = self.write().get_mut(session.key()) {
+                if let Some(e) = self.write().get_mut(session.key())
+                    && e.id == id
+                {
                     e.valid_until = e.valid_until.max(until);
                 }
             }
@@ -697,7 +702,9 @@ impl Relay {
             }
             Step::Refuse(keys) => {
                 debug!(node = %NodeKey::from_bytes(*session.key()), refused = keys.len(), "refused sources");
-                if let Some(e) = self.write().get_mut(session.key()) {
+                if let Some(e) = self.write().get_mut(session.key())
+                    && e.id == id
+                {
                     e.refused = keys;
                 }
             }
