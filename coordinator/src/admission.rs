@@ -20,10 +20,12 @@ use std::time::{Duration, Instant};
 use blake2::{Blake2s256, Digest};
 use tokio::sync::Semaphore;
 
-/// New control sessions per second from one address, and the burst (a NAT with many nodes
-/// behind it reconnecting at once after a coordinator restart).
-const RATE_PER_IP: f64 = 20.0;
-const BURST_PER_IP: f64 = 200.0;
+use crate::bucket::Bucket;
+
+/// New control sessions from one address: one per this interval (20 a second), after a
+/// burst (a NAT with many nodes behind it reconnecting at once after a coordinator restart).
+const INTERVAL_PER_IP: Duration = Duration::from_millis(50);
+const BURST_PER_IP: u32 = 200;
 /// Sessions before `Hello`, per address and in all.
 pub const MAX_PRE_AUTH_PER_IP: usize = 32;
 /// See [`MAX_PRE_AUTH_PER_IP`].
@@ -50,11 +52,6 @@ pub enum Refusal {
     /// The message 1 was seen before.
     #[error("replayed handshake")]
     Replay,
-}
-
-struct Bucket {
-    tokens: f64,
-    at: Instant,
 }
 
 #[derive(Default)]
@@ -92,22 +89,16 @@ impl ControlAdmission {
     pub fn begin(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<PreAuth, Refusal> {
         let mut g = self.lock();
         if g.buckets.len() >= MAX_TRACKED && !g.buckets.contains_key(&ip) {
-            g.buckets.retain(|_, b| {
-                b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * RATE_PER_IP
-                    < BURST_PER_IP
-            });
+            g.buckets.retain(|_, b| !b.is_full(now));
         }
         if g.buckets.len() >= MAX_TRACKED && !g.buckets.contains_key(&ip) {
             return Err(Refusal::Busy);
         }
-        let b = g.buckets.entry(ip).or_insert(Bucket {
-            tokens: BURST_PER_IP,
-            at: now,
-        });
-        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * RATE_PER_IP).min(BURST_PER_IP);
-        b.at = b.at.max(now);
-        if b.tokens < 1.0 {
+        let b = g
+            .buckets
+            .entry(ip)
+            .or_insert_with(|| Bucket::new(BURST_PER_IP, INTERVAL_PER_IP, now));
+        if !b.has_token(now) {
             return Err(Refusal::Rate);
         }
         let mine = g.pre_auth.get(&ip).copied().unwrap_or(0);
@@ -115,7 +106,7 @@ impl ControlAdmission {
             return Err(Refusal::Busy);
         }
         if let Some(b) = g.buckets.get_mut(&ip) {
-            b.tokens -= 1.0;
+            b.try_take(now);
         }
         *g.pre_auth.entry(ip).or_insert(0) += 1;
         g.pre_auth_total += 1;
@@ -228,7 +219,7 @@ mod tests {
         let a = Arc::new(ControlAdmission::new(2));
         let now = Instant::now();
         let ip: IpAddr = "203.0.113.9".parse().unwrap();
-        for _ in 0..BURST_PER_IP as usize {
+        for _ in 0..BURST_PER_IP {
             a.begin(ip, now).unwrap().release();
         }
         assert_eq!(a.begin(ip, now).err(), Some(Refusal::Rate));

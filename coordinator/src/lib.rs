@@ -9,6 +9,7 @@ pub mod api;
 pub mod audit;
 pub mod audit_store;
 pub mod backup;
+pub mod bucket;
 pub mod cli;
 pub mod conformance;
 pub mod console;

@@ -28,12 +28,13 @@ use tracing::{debug, info, warn};
 use wire::{ClientMessage, ErrorCode, Hello, MachineKey, ServerMessage, Welcome};
 
 use crate::admission::PreAuth;
+use crate::bucket::Bucket;
 use crate::db;
 use crate::db::changes::Kind;
 use crate::feed;
 use crate::model::NodeRecord;
 use crate::netmap::{SentMap, next_map};
-use crate::pacer::{Bucket, Offer, Pacer, ReportKind};
+use crate::pacer::{Offer, Pacer, ReportKind};
 use crate::register::{self, RegisterError};
 use crate::state::{AppState, unix_now};
 use crate::{ops, relays};
