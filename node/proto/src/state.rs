@@ -364,8 +364,7 @@ impl NodeState {
         self.refresh_routes();
         let peers = &self.peers;
         if self.strangers.lift(|k| peers.contains_key(k)) {
-            self.events
-                .push_back(Event::RelayRefusals(self.strangers.refused()));
+            self.refusals_changed();
         }
         if let Some(relays) = map.relays
             && relays != self.relays
@@ -467,8 +466,7 @@ impl NodeState {
             self.counters.relay_unknown_peer += 1;
             if self.strangers.packet(now, src) {
                 self.counters.relay_strangers_refused += 1;
-                self.events
-                    .push_back(Event::RelayRefusals(self.strangers.refused()));
+                self.refusals_changed();
             }
             return;
         }
@@ -521,6 +519,12 @@ impl NodeState {
             self.port_mapped = mapped;
             self.report_netinfo();
         }
+    }
+
+    /// The relays are to be told the new list of refused strangers ([`Event::RelayRefusals`]).
+    fn refusals_changed(&mut self) {
+        self.events
+            .push_back(Event::RelayRefusals(self.strangers.refused()));
     }
 
     /// The endpoints this node advertises, given its interfaces' candidates `local` (best
@@ -646,12 +650,11 @@ impl NodeState {
             self.by_index
                 .retain(|idx, key| table.in_use(*idx) && peers.contains_key(key));
             self.admission.sweep(now);
-            if self.strangers.sweep(now) {
-                self.events
-                    .push_back(Event::RelayRefusals(self.strangers.refused()));
-            }
             self.by_addr
                 .retain(|a, key| peers.get(key).is_some_and(|p| p.path.knows(*a)));
+            if self.strangers.sweep(now) {
+                self.refusals_changed();
+            }
             let report = self.path_report(now);
             self.events.push_back(Event::PathReport(report));
         }
