@@ -182,11 +182,12 @@ pub fn relay(e: &mut Exposition, s: &crate::StatsSnapshot, stun: &crate::stun::S
     e.by_label(
         "lattice_relay_stun_datagrams_total",
         Kind::Counter,
-        "STUN datagrams, by whether they were answered Binding requests.",
+        "STUN datagrams, by whether they were answered Binding requests (limited: their source had its answers for the second).",
         "result",
         &[
             ("answered", stun.answered.load(Relaxed)),
             ("ignored", stun.ignored.load(Relaxed)),
+            ("limited", stun.limited.load(Relaxed)),
         ],
     );
 }

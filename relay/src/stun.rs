@@ -1,11 +1,15 @@
 //! The relay's STUN server: answers Binding requests with the address they came from
 //! (XOR-MAPPED-ADDRESS), so nodes learn their public address and how their NAT maps ports.
-//! Nothing else is answered, and an answer is never larger than its request plus a few bytes,
-//! so the server cannot be used to amplify traffic.
+//! Nothing else is answered. An answer is at most 32 bytes larger than its request (a 20-byte
+//! request from an IPv6 address gets 52), so a request whose source is forged makes the relay
+//! send its victim somewhat more than the forger sent: [`Limiter`] bounds how much each source
+//! address gets, so the server cannot be used to flood a third party.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use stun_rs::attributes::stun::{Fingerprint, XorMappedAddress};
 use stun_rs::methods::BINDING;
@@ -20,6 +24,85 @@ pub struct StunStats {
     pub answered: AtomicU64,
     /// Datagrams that were not Binding requests.
     pub ignored: AtomicU64,
+    /// Binding requests not answered: their source had its answers for the second.
+    pub limited: AtomicU64,
+}
+
+/// Binding requests answered per source address in a second (an IPv6 address counts by its
+/// /64). A node asks each relay a few times every 30 s; this leaves room for a thousand of them
+/// behind one NAT asking at once, and bounds what a forged flood sends its victim to about
+/// 13 KB/s a listening address.
+pub const PER_SOURCE: u32 = 256;
+
+/// Sources counted in one second: a request from a new source beyond them waits for the next
+/// second (it is not answered; a node asks again within seconds).
+pub const MAX_SOURCES: usize = 65_536;
+
+/// How many answers each source address has had this second (sans-IO: time is passed in).
+#[derive(Debug)]
+pub struct Limiter {
+    second: Option<Instant>,
+    counts: HashMap<Source, u32>,
+}
+
+/// An IPv4 address, or an IPv6 address's /64 (one host may hold all of it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    V4(u32),
+    V6(u64),
+}
+
+impl Source {
+    fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => Self::V4(v4.to_bits()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self::V4(v4.to_bits()),
+                None => Self::V6((v6.to_bits() >> 64) as u64),
+            },
+        }
+    }
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Limiter {
+    /// A limiter that has counted nothing.
+    pub fn new() -> Self {
+        Self {
+            second: None,
+            counts: HashMap::new(),
+        }
+    }
+
+    /// Whether a Binding request from `ip` at `now` may be answered (and counts it if so).
+    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        match self.second {
+            Some(start) if now.saturating_duration_since(start) < Duration::from_secs(1) => {}
+            _ => {
+                self.second = Some(now);
+                self.counts.clear();
+            }
+        }
+        let full = self.counts.len() >= MAX_SOURCES;
+        let source = Source::of(ip);
+        match self.counts.get_mut(&source) {
+            Some(n) if *n >= PER_SOURCE => false,
+            Some(n) => {
+                *n += 1;
+                true
+            }
+            None if full => false,
+            None => {
+                self.counts.insert(source, 1);
+                true
+            }
+        }
+    }
 }
 
 /// The answer to a STUN datagram from `from`, or `None` if it is not a Binding request.
@@ -46,14 +129,19 @@ pub fn answer(request: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
     Some(buf[..n].to_vec())
 }
 
-/// Serves STUN on `socket` until the task is dropped.
+/// Serves STUN on `socket` until the task is dropped, answering each source within
+/// [`PER_SOURCE`] a second.
 pub async fn serve(socket: UdpSocket, stats: Arc<StunStats>) {
     let mut buf = [0u8; 1500];
+    let mut limiter = Limiter::new();
     loop {
         let Ok((n, from)) = socket.recv_from(&mut buf).await else {
             continue;
         };
         match answer(&buf[..n], from) {
+            Some(_) if !limiter.allow(from.ip(), Instant::now()) => {
+                stats.limited.fetch_add(1, Ordering::Relaxed);
+            }
             Some(resp) => {
                 if let Err(e) = socket.send_to(&resp, from).await {
                     debug!(%from, error = %e, "stun reply failed");
@@ -114,6 +202,106 @@ mod tests {
         // A response is not answered (no loops between two servers).
         let resp = answer(&request([1; 12]), from).unwrap();
         assert!(answer(&resp, from).is_none());
+    }
+
+    #[test]
+    fn each_source_gets_its_answers_a_second_and_the_sources_are_bounded() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new();
+        let a: IpAddr = "203.0.113.9".parse().unwrap();
+        let b: IpAddr = "203.0.113.10".parse().unwrap();
+        let allowed = |l: &mut Limiter, ip: IpAddr, at: Instant, n: u32| {
+            (0..n).filter(|_| l.allow(ip, at)).count() as u32
+        };
+        assert_eq!(allowed(&mut l, a, t0, 1000), PER_SOURCE);
+        assert_eq!(
+            allowed(&mut l, b, t0, 10),
+            10,
+            "another source is not held back"
+        );
+        let later = t0 + Duration::from_millis(999);
+        assert_eq!(allowed(&mut l, a, later, 10), 0, "still the same second");
+        let next = t0 + Duration::from_secs(1);
+        assert_eq!(allowed(&mut l, a, next, 1000), PER_SOURCE, "a new second");
+
+        // An IPv6 /64 is one source; an IPv4-mapped address is its IPv4 address.
+        let mut l = Limiter::new();
+        for i in 0..PER_SOURCE {
+            assert!(l.allow(format!("2001:db8:1:2::{i:x}").parse().unwrap(), t0));
+        }
+        assert!(!l.allow("2001:db8:1:2:ffff::1".parse().unwrap(), t0));
+        assert!(l.allow("2001:db8:1:3::1".parse().unwrap(), t0));
+        assert_eq!(allowed(&mut l, a, t0, PER_SOURCE), PER_SOURCE);
+        assert!(!l.allow("::ffff:203.0.113.9".parse().unwrap(), t0));
+
+        // Past MAX_SOURCES in a second a new source waits; those counted go on.
+        let mut l = Limiter::new();
+        for i in 0..MAX_SOURCES as u32 {
+            assert!(l.allow(IpAddr::V4((0x0a00_0000 + i).into()), t0));
+        }
+        assert!(!l.allow(b, t0), "a new source past the bound");
+        assert!(l.allow(IpAddr::V4(0x0a00_0000.into()), t0), "a counted one");
+        assert!(l.allow(b, next), "the next second counts afresh");
+    }
+
+    #[tokio::test]
+    async fn a_flood_from_one_address_gets_its_answers_and_another_address_still_gets_its() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let stats = Arc::new(StunStats::default());
+        let task = tokio::spawn(serve(server, Arc::clone(&stats)));
+        let flooder = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let other = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        // The answers are read as they come (a socket's buffer holds only a few hundred).
+        let reader = {
+            let flooder = Arc::clone(&flooder);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 128];
+                let mut answered = 0u32;
+                while let Ok(Ok(_)) =
+                    tokio::time::timeout(Duration::from_millis(500), flooder.recv(&mut buf)).await
+                {
+                    answered += 1;
+                }
+                answered
+            })
+        };
+        let start = Instant::now();
+        // Paced so that the kernel keeps every request: without the limit each one is answered.
+        let sent = 4 * PER_SOURCE;
+        for i in 0..sent {
+            flooder
+                .send_to(&request([i as u8; 12]), addr)
+                .await
+                .unwrap();
+            if i % 32 == 31 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        other.send_to(&request([1; 12]), addr).await.unwrap();
+        let mut buf = [0u8; 128];
+        let n = tokio::time::timeout(Duration::from_secs(5), other.recv(&mut buf))
+            .await
+            .expect("the other address is answered")
+            .unwrap();
+        let (msg, _) = MessageDecoderBuilder::default()
+            .build()
+            .decode(&buf[..n])
+            .unwrap();
+        assert_eq!(msg.class(), MessageClass::SuccessResponse);
+        let answered = reader.await.unwrap();
+        let seconds = start.elapsed().as_secs() as u32 + 1;
+        assert!(
+            answered <= PER_SOURCE * seconds,
+            "{answered} of {sent} answered in {seconds} s; at most {PER_SOURCE} a second allowed"
+        );
+        assert!(answered >= PER_SOURCE / 2, "{answered} answered");
+        let limited = stats.limited.load(Ordering::Relaxed);
+        assert!(
+            u64::from(sent - answered) >= limited && limited >= u64::from(sent / 2),
+            "{limited} counted as limited, {answered} of {sent} answered"
+        );
+        task.abort();
     }
 
     proptest! {
