@@ -2,7 +2,10 @@
 //! `axum::serve` does not have: at most [`HttpLimits::max_connections`] connections at once and
 //! [`HttpLimits::per_ip`] from one address (more are closed as they are accepted), and a
 //! deadline for a request's headers, so a client that opens connections and sends its headers a
-//! byte at a time (slowloris) cannot hold them.
+//! byte at a time (slowloris) cannot hold them. A TLS handshake costs the server key work, so
+//! one address (an IPv6 /64) may start [`HandshakeRate::burst`] of them at once and then one
+//! per [`HandshakeRate::interval`] ([`Handshakes`]; the relay's QUIC listener counts its
+//! handshakes the same way); a connection beyond that is closed before its handshake.
 //!
 //! Each connection's slot ([`ConnSlot`]) travels in the request's extensions; a handler that
 //! upgrades the connection to a WebSocket keeps it for the socket's life, so upgraded
@@ -11,8 +14,9 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
@@ -32,6 +36,8 @@ pub struct HttpLimits {
     pub per_ip: usize,
     /// Time to receive a request's headers.
     pub header_timeout: Duration,
+    /// TLS handshakes one address may start.
+    pub handshakes: HandshakeRate,
 }
 
 impl Default for HttpLimits {
@@ -40,8 +46,99 @@ impl Default for HttpLimits {
             max_connections: 50_000,
             per_ip: 4_096,
             header_timeout: Duration::from_secs(10),
+            handshakes: HandshakeRate::default(),
         }
     }
+}
+
+/// How many handshakes (TLS or QUIC: key work for the server) one address may start: `burst`
+/// at once, then one per `interval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeRate {
+    /// Handshakes at once.
+    pub burst: u32,
+    /// Then one per this long.
+    pub interval: Duration,
+}
+
+impl Default for HandshakeRate {
+    /// 200 at once, then 20 a second: the coordinator's own limit on control sessions per
+    /// address. A node makes one handshake per connection; a thousand behind one NAT that
+    /// reconnect together are all back within a minute, while one host making handshakes as
+    /// fast as it can costs the server twenty a second instead of all its CPUs.
+    fn default() -> Self {
+        Self {
+            burst: 200,
+            interval: Duration::from_millis(50),
+        }
+    }
+}
+
+/// The address a limit counts: an IPv4 address (an IPv4-mapped IPv6 one as itself), or an
+/// IPv6 address's /64 (one host may hold all of it).
+pub(crate) fn counted_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((v6.to_bits() & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
+/// Addresses whose handshakes a [`Handshakes`] tracks at most: past them (after letting go of
+/// those whose allowance is whole again) a new address waits.
+pub const MAX_HANDSHAKE_SOURCES: usize = 65_536;
+
+/// The handshakes each address started ([`HandshakeRate`]; sans-IO: time is passed in),
+/// shared by a listener's connections (cheap to clone).
+#[derive(Clone)]
+pub(crate) struct Handshakes {
+    rate: HandshakeRate,
+    /// When each address's allowance is whole again (the "theoretical arrival time" of GCRA):
+    /// a handshake is let through while that is at most `burst - 1` intervals ahead.
+    due: Arc<Mutex<HashMap<IpAddr, Instant>>>,
+}
+
+impl Handshakes {
+    pub(crate) fn new(rate: HandshakeRate) -> Self {
+        Self {
+            rate,
+            due: Arc::default(),
+        }
+    }
+
+    /// Whether `ip` may start a handshake at `now` (and counts it if so).
+    pub(crate) fn allow(&self, ip: IpAddr, now: Instant) -> bool {
+        let key = counted_ip(ip);
+        let HandshakeRate { burst, interval } = self.rate;
+        let tolerance = interval.saturating_mul(burst.saturating_sub(1));
+        let mut due = self
+            .due
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let at = due.get(&key).copied().filter(|d| *d > now).unwrap_or(now);
+        if burst == 0 || at.saturating_duration_since(now) > tolerance {
+            return false;
+        }
+        if !due.contains_key(&key) && due.len() >= MAX_HANDSHAKE_SOURCES {
+            due.retain(|_, d| *d > now);
+            if due.len() >= MAX_HANDSHAKE_SOURCES {
+                return false;
+            }
+        }
+        due.insert(key, at + interval);
+        true
+    }
+}
+
+/// TLS handshakes this process's listeners did not start: their address had started its
+/// [`HandshakeRate`].
+static TLS_TOO_OFTEN: AtomicU64 = AtomicU64::new(0);
+
+/// How many TLS handshakes this process's listeners turned away ([`HandshakeRate`]).
+pub fn tls_handshakes_too_often() -> u64 {
+    TLS_TOO_OFTEN.load(Ordering::Relaxed)
 }
 
 #[derive(Default)]
@@ -172,6 +269,7 @@ async fn serve_inner(
     shutdown: impl Future<Output = ()>,
 ) {
     let admission = Admission::new(limits.max_connections, limits.per_ip);
+    let handshakes = Handshakes::new(limits.handshakes);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -193,6 +291,7 @@ async fn serve_inner(
         };
         let _ = stream.set_nodelay(true);
         let mode = mode.clone();
+        let handshakes = handshakes.clone();
         let header_timeout = limits.header_timeout;
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + header_timeout;
@@ -231,6 +330,11 @@ async fn serve_inner(
                         .await
                 }
                 Some(acceptor) => {
+                    if !handshakes.allow(peer.ip(), Instant::now()) {
+                        TLS_TOO_OFTEN.fetch_add(1, Ordering::Relaxed);
+                        debug!(%peer, "too many TLS handshakes from this address; closing");
+                        return;
+                    }
                     let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await
                     {
                         Ok(Ok(s)) => s,
@@ -429,5 +533,118 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[test]
+    fn an_address_starts_its_burst_of_handshakes_then_one_per_interval() {
+        let rate = HandshakeRate {
+            burst: 4,
+            interval: Duration::from_millis(100),
+        };
+        let h = Handshakes::new(rate);
+        let t0 = Instant::now();
+        let a: IpAddr = "198.51.100.7".parse().unwrap();
+        let allowed =
+            |ip: IpAddr, at: Instant, n: usize| (0..n).filter(|_| h.allow(ip, at)).count();
+        assert_eq!(allowed(a, t0, 10), 4, "the burst");
+        assert_eq!(
+            allowed("198.51.100.8".parse().unwrap(), t0, 10),
+            4,
+            "another address"
+        );
+        assert_eq!(allowed(a, t0 + Duration::from_millis(99), 10), 0);
+        assert_eq!(
+            allowed(a, t0 + Duration::from_millis(100), 10),
+            1,
+            "one per interval"
+        );
+        assert_eq!(
+            allowed(a, t0 + Duration::from_millis(350), 10),
+            2,
+            "no more than earned"
+        );
+        // Quiet for the whole burst's time: the whole burst again, and no more.
+        assert_eq!(allowed(a, t0 + Duration::from_secs(5), 10), 4);
+        // An IPv6 /64 is one address, an IPv4-mapped address is its IPv4 one.
+        for i in 0..4 {
+            assert!(h.allow(format!("2001:db8:5:6::{i}").parse().unwrap(), t0));
+        }
+        assert!(!h.allow("2001:db8:5:6:ffff::9".parse().unwrap(), t0));
+        assert!(h.allow("2001:db8:5:7::1".parse().unwrap(), t0));
+        assert!(!h.allow("::ffff:198.51.100.8".parse().unwrap(), t0));
+
+        // The addresses tracked are bounded: past them a new one waits until some allowance
+        // is whole again and its address can be let go.
+        let h = Handshakes::new(rate);
+        for i in 0..MAX_HANDSHAKE_SOURCES as u32 {
+            assert!(h.allow(IpAddr::V4((0x0a00_0000 + i).into()), t0));
+        }
+        assert!(!h.allow(a, t0), "a new address past the bound");
+        assert!(h.allow(IpAddr::V4(0x0a00_0000.into()), t0), "a tracked one");
+        assert!(
+            h.allow(a, t0 + Duration::from_millis(100)),
+            "once the others' are whole"
+        );
+        assert!(h.due.lock().unwrap().len() <= 2);
+    }
+
+    /// What one TLS client gets from `addr`: `Ok` if its handshake and request went through.
+    async fn tls_get(addr: SocketAddr, from: &str, pin: [u8; 32]) -> anyhow::Result<String> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(format!("{from}:0").parse()?)?;
+        let tcp = socket.connect(addr).await?;
+        let mut s = crate::tls::connect_pinned(tcp, pin, &[b"http/1.1"]).await?;
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn an_address_making_tls_handshakes_too_often_is_closed_before_them_and_others_are_not() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cert = crate::tls::RelayCert::generate().unwrap();
+        let tls = Arc::new(crate::tls::server_tls(&cert, &[b"http/1.1"]).unwrap());
+        let app = Router::new().route("/", axum::routing::get(|| async { "secure" }));
+        let limits = HttpLimits {
+            handshakes: HandshakeRate {
+                burst: 5,
+                interval: Duration::from_millis(500),
+            },
+            ..HttpLimits::default()
+        };
+        tokio::spawn(serve_tls(
+            listener,
+            app,
+            limits,
+            tls,
+            std::future::pending(),
+        ));
+        let before = tls_handshakes_too_often();
+        let start = Instant::now();
+        let mut served = 0;
+        for _ in 0..20 {
+            if tls_get(addr, "127.0.0.1", cert.pin())
+                .await
+                .is_ok_and(|r| r.ends_with("secure"))
+            {
+                served += 1;
+            }
+        }
+        // The burst, and one more for each half second the twenty took.
+        let earned = 5 + (start.elapsed().as_millis() / 500) as usize;
+        assert!(
+            (5..=earned).contains(&served),
+            "{served} of 20 handshakes from one address served, {earned} allowed"
+        );
+        assert!(tls_handshakes_too_often() - before >= (20 - served) as u64);
+        // Another address is served meanwhile, and the first one again after a pause.
+        let other = tls_get(addr, "127.0.0.2", cert.pin()).await.unwrap();
+        assert!(other.ends_with("secure"), "{other}");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let again = tls_get(addr, "127.0.0.1", cert.pin()).await.unwrap();
+        assert!(again.ends_with("secure"), "{again}");
     }
 }

@@ -171,13 +171,19 @@ pub fn relay(e: &mut Exposition, s: &crate::StatsSnapshot, stun: &crate::stun::S
     e.by_label(
         "lattice_relay_quic_handshakes_turned_away_total",
         Kind::Counter,
-        "QUIC handshakes not taken, by reason: answered with a Retry while busy with others, refused over a connection limit, or not finished in time.",
+        "QUIC handshakes not taken, by reason: answered with a Retry while busy with others, refused over a connection limit or because their address started too many, or not finished in time.",
         "reason",
         &[
             ("retried", s.quic_retried),
             ("refused", s.quic_refused),
+            ("too_often", s.quic_too_often),
             ("timed_out", s.quic_timed_out),
         ],
+    );
+    e.counter(
+        "lattice_relay_tls_handshakes_too_often_total",
+        "TLS connections closed before their handshake: their address had started too many (this process's HTTPS listeners together).",
+        crate::http::tls_handshakes_too_often(),
     );
     e.by_label(
         "lattice_relay_stun_datagrams_total",

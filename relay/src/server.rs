@@ -57,6 +57,8 @@ pub struct QuicLimits {
     pub retry_above: usize,
     /// Time for the QUIC handshake (authentication then has 10 s of its own).
     pub handshake_timeout: Duration,
+    /// Handshakes one address may start (those answered with a Retry do not count).
+    pub handshakes: crate::http::HandshakeRate,
 }
 
 impl Default for QuicLimits {
@@ -66,6 +68,7 @@ impl Default for QuicLimits {
             per_ip: 4_096,
             retry_above: 64,
             handshake_timeout: AUTH_TIMEOUT,
+            handshakes: crate::http::HandshakeRate::default(),
         }
     }
 }
@@ -150,6 +153,7 @@ struct Stats {
     kicked: AtomicU64,
     quic_retried: AtomicU64,
     quic_refused: AtomicU64,
+    quic_too_often: AtomicU64,
     quic_timed_out: AtomicU64,
 }
 
@@ -195,6 +199,9 @@ pub struct StatsSnapshot {
     pub quic_retried: u64,
     /// QUIC handshakes refused: the relay, or the client's address, had its connections.
     pub quic_refused: u64,
+    /// QUIC handshakes refused: the client's address had started its handshakes for the
+    /// moment ([`QuicLimits::handshakes`]).
+    pub quic_too_often: u64,
     /// QUIC handshakes that did not finish in time.
     pub quic_timed_out: u64,
 }
@@ -320,6 +327,7 @@ impl Relay {
             kicked: l(&s.kicked),
             quic_retried: l(&s.quic_retried),
             quic_refused: l(&s.quic_refused),
+            quic_too_often: l(&s.quic_too_often),
             quic_timed_out: l(&s.quic_timed_out),
         }
     }
@@ -391,6 +399,7 @@ impl Relay {
         let QuicGate {
             admission,
             handshaking,
+            handshakes,
         } = gate;
         let stats = &self.inner.stats;
         while let Some(incoming) = endpoint.accept().await {
@@ -413,6 +422,12 @@ impl Relay {
                 incoming.refuse();
                 continue;
             };
+            if !handshakes.allow(remote.ip(), Instant::now()) {
+                debug!(%remote, "too many QUIC handshakes from this address; refusing one");
+                stats.quic_too_often.fetch_add(1, Ordering::Relaxed);
+                incoming.refuse();
+                continue;
+            }
             let relay = self.clone();
             tokio::spawn(async move {
                 let _slot = slot;
@@ -797,6 +812,7 @@ impl Relay {
 pub(crate) struct QuicGate {
     admission: crate::http::Admission,
     handshaking: Arc<AtomicUsize>,
+    handshakes: crate::http::Handshakes,
 }
 
 impl QuicGate {
@@ -804,6 +820,7 @@ impl QuicGate {
         Self {
             admission: crate::http::Admission::new(limits.max_connections, limits.per_ip),
             handshaking: Arc::new(AtomicUsize::new(0)),
+            handshakes: crate::http::Handshakes::new(limits.handshakes),
         }
     }
 }

@@ -42,26 +42,7 @@ pub const MAX_SOURCES: usize = 65_536;
 #[derive(Debug)]
 pub struct Limiter {
     second: Option<Instant>,
-    counts: HashMap<Source, u32>,
-}
-
-/// An IPv4 address, or an IPv6 address's /64 (one host may hold all of it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Source {
-    V4(u32),
-    V6(u64),
-}
-
-impl Source {
-    fn of(ip: IpAddr) -> Self {
-        match ip {
-            IpAddr::V4(v4) => Self::V4(v4.to_bits()),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Self::V4(v4.to_bits()),
-                None => Self::V6((v6.to_bits() >> 64) as u64),
-            },
-        }
-    }
+    counts: HashMap<IpAddr, u32>,
 }
 
 impl Default for Limiter {
@@ -89,7 +70,7 @@ impl Limiter {
             }
         }
         let full = self.counts.len() >= MAX_SOURCES;
-        let source = Source::of(ip);
+        let source = crate::http::counted_ip(ip);
         match self.counts.get_mut(&source) {
             Some(n) if *n >= PER_SOURCE => false,
             Some(n) => {

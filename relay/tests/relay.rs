@@ -630,6 +630,37 @@ async fn a_flood_of_quic_handshakes_that_never_finish_holds_no_state_and_nodes_s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_handshakes_from_an_address_beyond_its_rate_are_refused() {
+    // Four endpoints: the handshakes from one address are counted across them.
+    let mut lab = lab_with(
+        QuicLimits {
+            handshakes: relay::http::HandshakeRate {
+                burst: 2,
+                interval: Duration::from_secs(3),
+            },
+            ..QuicLimits::default()
+        },
+        4,
+    )
+    .await;
+    let info = lab.quic_only();
+    let start = std::time::Instant::now();
+    let (_, _c1) = lab.connected(info.clone()).await;
+    let (_, _c2) = lab.connected(info.clone()).await;
+    let (k, t) = lab.node();
+    let err = client::connect(&info, &k, &t)
+        .await
+        .err()
+        .expect("a third handshake within 3 s");
+    assert!(format!("{err:#}").contains("quic"), "{err:#}");
+    assert_eq!(lab.relay.stats().quic_too_often, 1);
+    // Open connections are not what counts: 3 s later the address may start one more.
+    tokio::time::sleep_until((start + Duration::from_millis(3100)).into()).await;
+    let c = client::connect(&info, &k, &t).await.unwrap();
+    assert_eq!(c.transport(), Transport::Quic);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_connections_beyond_the_per_address_limit_are_refused() {
     // Four endpoints: the connections from one address are counted across them.
     let mut lab = lab_with(
