@@ -4,7 +4,7 @@
 //! deadline for a request's headers, so a client that opens connections and sends its headers a
 //! byte at a time (slowloris) cannot hold them. A TLS handshake costs the server key work, so
 //! one address (an IPv6 /64) may start [`HandshakeRate::burst`] of them at once and then one
-//! per [`HandshakeRate::interval`] ([`Handshakes`]; the relay's QUIC listener counts its
+//! per [`HandshakeRate::interval`] (the relay's QUIC listener counts its
 //! handshakes the same way); a connection beyond that is closed before its handshake.
 //!
 //! Each connection's slot ([`ConnSlot`]) travels in the request's extensions; a handler that
@@ -86,7 +86,7 @@ pub(crate) fn counted_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Addresses whose handshakes a [`Handshakes`] tracks at most: past them (after letting go of
+/// Addresses whose handshakes a listener tracks at most: past them (after letting go of
 /// those whose allowance is whole again) a new address waits.
 pub const MAX_HANDSHAKE_SOURCES: usize = 65_536;
 
