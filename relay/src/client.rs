@@ -403,7 +403,7 @@ async fn connect_ws(
             tokio::select! {
                 f = out_rx.recv() => {
                     let Some(f) = f else { break };
-                    if write_burst(&mut sink, f, &mut out_rx, Message::Binary).await.is_err() {
+                    if write_burst(&mut sink, f, || out_rx.try_recv().ok(), Message::Binary).await.is_err() {
                         return;
                     }
                 }

@@ -7,6 +7,7 @@
 //!   frame a node sends (forward, refuse sources, refresh a ticket; its rate, if limited)
 //!   (sans-IO);
 //! - [`quic::QuicListener`]: its QUIC endpoints on threads of their own;
+//! - `queue`: a session's frames to its node, bounded by frames and by bytes;
 //! - [`client::connect`]: a node's connection to a relay;
 //! - [`datagram`]: frames as QUIC datagrams (both ends);
 //! - [`dial::Dialer`]: how a node's outbound sockets are made (marked, for exit nodes);
@@ -27,6 +28,7 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod proto;
+mod queue;
 pub mod quic;
 pub mod revocation;
 pub mod server;

@@ -124,6 +124,11 @@ pub fn relay(e: &mut Exposition, s: &crate::StatsSnapshot, stun: &crate::stun::S
         "Node sessions open on this relay.",
         s.sessions as f64,
     );
+    e.gauge(
+        "lattice_relay_queued_bytes",
+        "Bytes of frames waiting in the sessions' queues to their nodes.",
+        s.queued_bytes as f64,
+    );
     e.by_label(
         "lattice_relay_sessions_total",
         Kind::Counter,

@@ -26,6 +26,7 @@ use wire::{NodeKey, TicketKey};
 
 use crate::datagram::{Datagrams, Sent};
 use crate::proto::{self, Frame, MAX_FRAME};
+use crate::queue;
 use crate::revocation::RevocationSet;
 use crate::session::{self, ClientRate, Session, Step};
 
@@ -33,12 +34,17 @@ use crate::session::{self, ClientRate, Session, Step};
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames queued for one client before further ones are dropped.
 const QUEUE: usize = 2048;
+/// Bytes of frames queued for one WebSocket client: 2,048 full WireGuard packets of a 1280-byte
+/// tunnel are 2.75 MB, and 2,048 of the largest frames were 8.5 MB.
+const QUEUE_BYTES: usize = 3 << 20;
 /// Frames queued each way between a QUIC session and its stream. The stream carries the
 /// authentication, pings, tickets and only the packets too large for a datagram (the rest go
 /// as datagrams), and quinn buffers what is written to it: a short queue in front is enough,
 /// and bounds what the relay holds for a node that stops reading its stream (2,048 frames of
 /// 4 KB were 8 MB).
 const STREAM_QUEUE: usize = 256;
+/// Bytes of frames queued for a QUIC session's stream (256 of the largest frames are 1 MB).
+const STREAM_QUEUE_BYTES: usize = 1 << 20;
 
 /// Limits on the QUIC listener, which faces the internet as the WebSocket's does
 /// ([`crate::http::HttpLimits`]). A QUIC handshake costs the relay key work and a connection's
@@ -162,6 +168,9 @@ struct Stats {
 pub struct StatsSnapshot {
     /// Sessions currently open.
     pub sessions: usize,
+    /// Bytes of frames waiting in the sessions' queues to their nodes now (not counting what
+    /// a QUIC connection holds itself).
+    pub queued_bytes: u64,
     /// Sessions authenticated.
     pub accepted: u64,
     /// Sessions refused.
@@ -208,7 +217,7 @@ pub struct StatsSnapshot {
 
 struct Entry {
     id: u64,
-    tx: mpsc::Sender<Bytes>,
+    tx: queue::Sender,
     /// A QUIC client's datagrams: packets for it go straight out as datagrams, from the
     /// thread its connection runs on.
     quic: Option<QuicOut>,
@@ -229,7 +238,7 @@ struct Entry {
 struct QuicOut {
     datagrams: Datagrams,
     thread: std::thread::ThreadId,
-    outbox: mpsc::Sender<Bytes>,
+    outbox: queue::Sender,
 }
 
 /// Datagrams a QUIC session handles at most before it looks at its other inputs again.
@@ -238,6 +247,8 @@ const DATAGRAM_BATCH: usize = 64;
 /// Frames waiting in a QUIC session's outbox (about 1.4 MB of packets): when full, a packet
 /// is dropped, as a full socket buffer drops.
 const OUTBOX: usize = 1024;
+/// Bytes waiting in a QUIC session's outbox (1,024 of the largest frames are 4.2 MB).
+const OUTBOX_BYTES: usize = 3 << 19;
 
 struct Inner {
     key: StaticKeypair,
@@ -308,8 +319,16 @@ impl Relay {
     pub fn stats(&self) -> StatsSnapshot {
         let s = &self.inner.stats;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (sessions, queued_bytes) = {
+            let clients = self.read();
+            let queued = clients
+                .values()
+                .map(|e| e.tx.queued() + e.quic.as_ref().map_or(0, |q| q.outbox.queued()));
+            (clients.len(), queued.sum::<usize>() as u64)
+        };
         StatsSnapshot {
-            sessions: self.read().len(),
+            sessions,
+            queued_bytes,
             accepted: l(&s.accepted),
             rejected: l(&s.rejected),
             forwarded: l(&s.forwarded),
@@ -466,7 +485,7 @@ impl Relay {
         // The relay opens the stream: its first bytes are the challenge.
         let (mut send, mut recv) = tokio::time::timeout(AUTH_TIMEOUT, conn.open_bi()).await??;
         let (in_tx, in_rx) = mpsc::channel::<Bytes>(STREAM_QUEUE);
-        let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(STREAM_QUEUE);
+        let (out_tx, mut out_rx) = queue::channel(STREAM_QUEUE, STREAM_QUEUE_BYTES);
         // Reader: the stream's frames (the session reads datagrams itself).
         let reader = tokio::spawn(async move {
             while let Ok(Some(f)) = read_prefixed(&mut recv).await {
@@ -500,10 +519,12 @@ impl Relay {
         transport: &'static str,
         quic: Option<quinn::Connection>,
         mut incoming: mpsc::Receiver<Bytes>,
-        out: mpsc::Sender<Bytes>,
+        out: queue::Sender,
     ) -> anyhow::Result<()> {
         let nonce: [u8; 32] = rand::rng().random();
-        out.send(session::challenge(nonce).into()).await?;
+        if !out.try_send(session::challenge(nonce).into()) {
+            anyhow::bail!("closed before the challenge");
+        }
         // Until the node authenticates, its datagrams are read and dropped: nothing it sends
         // before then is kept but its first frame (QUIC would otherwise hold megabytes of them
         // per connection for the whole wait).
@@ -534,9 +555,7 @@ impl Relay {
             Err(reason) => {
                 self.inner.stats.rejected.fetch_add(1, Ordering::Relaxed);
                 info!(%remote, %transport, %reason, "relay session refused");
-                let _ = out
-                    .send(proto::encode(&Frame::Rejected { reason: &reason }).into())
-                    .await;
+                out.try_send(proto::encode(&Frame::Rejected { reason: &reason }).into());
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 return Ok(());
             }
@@ -551,7 +570,7 @@ impl Relay {
         let datagrams = own.as_ref().map(Datagrams::connection);
         let (outbox_tx, mut outbox) = match &own {
             Some(_) => {
-                let (tx, rx) = mpsc::channel::<Bytes>(OUTBOX);
+                let (tx, rx) = queue::channel(OUTBOX, OUTBOX_BYTES);
                 (Some(tx), Some(rx))
             }
             None => (None, None),
@@ -562,8 +581,9 @@ impl Relay {
             // Queued under the lock that registers the node: every frame forwarded to it
             // follows its Accepted, and nothing sent to it once it has read that answer finds
             // it missing. (Only the Challenge was queued before: there is room.)
-            out.try_send(accepted.into())
-                .map_err(|_| anyhow::anyhow!("closed while authenticating"))?;
+            if !out.try_send(accepted.into()) {
+                anyhow::bail!("closed while authenticating");
+            }
             if let Some(old) = clients.insert(
                 key,
                 Entry {
@@ -614,7 +634,7 @@ impl Relay {
                     // where the connection's driver runs, with those waiting behind them, and
                     // counted as forwarded once sent.
                     let Some(own) = &own else { continue };
-                    let rest = outbox.as_mut().map(|rx| std::iter::from_fn(|| rx.try_recv().ok()));
+                    let rest = outbox.as_mut().map(|rx| std::iter::from_fn(|| rx.try_recv()));
                     for f in std::iter::once(f).chain(rest.into_iter().flatten().take(OUTBOX)) {
                         let len = f.len().saturating_sub(proto::PACKET_HEADER) as u64;
                         self.count_sent(to_quic(own, &out, f), len);
@@ -651,7 +671,7 @@ impl Relay {
         (here, id): (std::thread::ThreadId, u64),
         session: &mut Session,
         alive: &AtomicBool,
-        out: &mpsc::Sender<Bytes>,
+        out: &queue::Sender,
         frame: Bytes,
     ) {
         let stats = &self.inner.stats;
@@ -677,20 +697,20 @@ impl Relay {
                             }
                             Some(q) => {
                                 // Counted as forwarded by the destination's session, once sent.
-                                if q.outbox.try_send(recv).is_ok() {
+                                if q.outbox.try_send(recv) {
                                     stats.across_threads.fetch_add(1, Ordering::Relaxed);
                                 } else {
                                     self.count_sent(false, len);
                                 }
                             }
-                            None => self.count_sent(e.tx.try_send(recv).is_ok(), len),
+                            None => self.count_sent(e.tx.try_send(recv), len),
                         }
                     })
                 };
                 if found.is_none() {
                     stats.dropped_no_peer.fetch_add(1, Ordering::Relaxed);
                     if let Some(gone) = session.peer_gone(dst, Instant::now()) {
-                        let _ = out.try_send(gone);
+                        out.try_send(gone);
                     }
                 }
             }
@@ -701,7 +721,7 @@ impl Relay {
                 stats.dropped_rate_limited.fetch_add(1, Ordering::Relaxed);
             }
             Step::Reply(f) => {
-                let _ = out.try_send(f);
+                out.try_send(f);
             }
             // A session changes only its own entry, not a newer session's of the same node
             // (a frame of the old connection handled after the new one registered).
@@ -750,11 +770,11 @@ impl Relay {
 /// Sends a `Recv` frame to a QUIC client as a datagram, or on its stream (`stream`) when it
 /// is larger than a datagram may be; false if the connection or the stream's queue refused it.
 /// Runs on the thread the client's connection runs on.
-fn to_quic(datagrams: &Datagrams, stream: &mpsc::Sender<Bytes>, frame: Bytes) -> bool {
+fn to_quic(datagrams: &Datagrams, stream: &queue::Sender, frame: Bytes) -> bool {
     match datagrams.send(frame) {
         Sent::Queued => true,
         Sent::Dropped => false,
-        Sent::TooLarge(f) => stream.try_send(f).is_ok(),
+        Sent::TooLarge(f) => stream.try_send(f),
     }
 }
 
@@ -770,7 +790,7 @@ impl Relay {
     async fn ws_session(&self, socket: WebSocket) {
         let (mut sink, mut stream) = socket.split();
         let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
-        let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(QUEUE);
+        let (out_tx, mut out_rx) = queue::channel(QUEUE, QUEUE_BYTES);
         let reader = tokio::spawn(async move {
             while let Some(Ok(msg)) = stream.next().await {
                 match msg {
@@ -787,7 +807,7 @@ impl Relay {
         });
         let writer = tokio::spawn(async move {
             while let Some(f) = out_rx.recv().await {
-                if write_burst(&mut sink, f, &mut out_rx, Message::Binary)
+                if write_burst(&mut sink, f, || out_rx.try_recv(), Message::Binary)
                     .await
                     .is_err()
                 {
@@ -852,8 +872,8 @@ impl Drop for Handshaking {
     }
 }
 
-/// The next frame on a channel a session may not have (never, without one).
-async fn recv_some(rx: Option<&mut mpsc::Receiver<Bytes>>) -> Option<Bytes> {
+/// The next frame on a queue a session may not have (never, without one).
+async fn recv_some(rx: Option<&mut queue::Receiver>) -> Option<Bytes> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -872,14 +892,14 @@ async fn read_datagram(quic: Option<&quinn::Connection>) -> Option<Bytes> {
 /// Most frames written to a WebSocket between two flushes.
 const WS_BATCH: usize = 64;
 
-/// Writes `first` and then the frames already waiting in `rx` (at most [`WS_BATCH`] in all) to
-/// a WebSocket `sink`, each as one binary message made by `message`, and flushes once at the
-/// end: a burst then leaves in a few large writes and TLS records instead of one write and
-/// one record per packet.
+/// Writes `first` and then the frames already waiting (`waiting` gives the next, at most
+/// [`WS_BATCH`] in all) to a WebSocket `sink`, each as one binary message made by `message`,
+/// and flushes once at the end: a burst then leaves in a few large writes and TLS records
+/// instead of one write and one record per packet.
 pub(crate) async fn write_burst<S, M>(
     sink: &mut S,
     first: Bytes,
-    rx: &mut mpsc::Receiver<Bytes>,
+    mut waiting: impl FnMut() -> Option<Bytes>,
     message: impl Fn(Bytes) -> M,
 ) -> Result<(), S::Error>
 where
@@ -887,9 +907,9 @@ where
 {
     sink.feed(message(first)).await?;
     for _ in 1..WS_BATCH {
-        match rx.try_recv() {
-            Ok(f) => sink.feed(message(f)).await?,
-            Err(_) => break,
+        match waiting() {
+            Some(f) => sink.feed(message(f)).await?,
+            None => break,
         }
     }
     sink.flush().await

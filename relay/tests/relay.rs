@@ -899,3 +899,36 @@ async fn a_node_that_stops_reading_costs_the_relay_a_bounded_queue() {
         s.forwarded
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_node_that_stops_reading_costs_the_relay_a_bounded_number_of_bytes() {
+    let mut lab = lab().await;
+    // V never reads: its own queue fills, then the TCP connection's buffers, then the relay's
+    // queue to it, and the relay drops the rest.
+    let (v, _never_read) = lab.connected(lab.ws_only()).await;
+    let (_x, cx) = lab.connected(lab.quic_only()).await;
+    // The largest packets: bounded by frames alone, the queue held 2,048 of them (8.5 MB).
+    let big = vec![0x22u8; relay::proto::MAX_PAYLOAD];
+    let started = std::time::Instant::now();
+    let mut most = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        if !cx.send(&v.public(), &big) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            most = most.max(lab.relay.stats().queued_bytes);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = lab.relay.stats();
+    eprintln!(
+        "the relay queued at most {most} bytes for a node that reads nothing, {} now",
+        s.queued_bytes
+    );
+    assert!(s.dropped_queue_full > 0, "{s:?}");
+    // V's queue holds at most 3 MiB (X's may hold a few small frames meanwhile).
+    let bound = 3 << 20;
+    assert!(
+        s.queued_bytes > bound / 2 && most <= bound + 4096,
+        "queued {} bytes, at most {most}: {s:?}",
+        s.queued_bytes
+    );
+}
