@@ -877,6 +877,10 @@ impl NodeState {
             tunnel_security: Some(self.security),
             node_caps: Some(self.node_caps.clone()),
             via_routes: Some(self.via_routes.clone()),
+            // A node restarted while the coordinator is away still reaches its relays, which
+            // serve the nodes they served past their tickets during an outage.
+            relays: Some(self.relays.clone()),
+            relay_ticket: self.relay_ticket.clone(),
             ..MapResponse::default()
         }
     }

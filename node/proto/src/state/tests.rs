@@ -1230,6 +1230,32 @@ fn a_snapshot_restores_the_same_mesh_in_a_fresh_node() {
 }
 
 #[test]
+fn a_snapshot_keeps_the_relays_and_the_relay_ticket() {
+    let mut net = Net::new(2);
+    net.nodes[1].handle_netmap(
+        net.now,
+        MapResponse {
+            relays: Some(vec![relay(1), relay(2)]),
+            relay_ticket: Some("abcd".into()),
+            ..MapResponse::default()
+        },
+    );
+    let snap = net.nodes[1].netmap_snapshot();
+    let mut restarted = NodeState::new(config(1, 60_000), [42; 32], net.now);
+    restarted.handle_netmap(net.now, snap);
+    assert_eq!(restarted.relays(), [relay(1), relay(2)]);
+    assert_eq!(restarted.relay_ticket(), Some("abcd"));
+    let events: Vec<Event> = std::iter::from_fn(|| restarted.poll_event()).collect();
+    assert!(events.iter().any(|e| matches!(e, Event::RelaysChanged)));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::RelayTicket(t) if t == "abcd")),
+        "the relay connections are given the ticket"
+    );
+}
+
+#[test]
 fn stale_session_hints_are_rate_limited_and_ignore_strangers() {
     let mut net = Net::new(2);
     net.send(0, ipv4(v4(0), v4(1), 17, &udp(1, 2, b"x")));
