@@ -84,6 +84,13 @@ struct ServeArgs {
     /// (`lattice_relay_dropped_frames_total{reason="rate_limited"}`) [default: no limit].
     #[arg(long, env = "LATTICE_RELAY_CLIENT_RATE_LIMIT", value_name = "MBIT", value_parser = clap::value_parser!(u32).range(1..))]
     client_rate_limit: Option<u32>,
+    /// With --coordinator-url: once no fresh revocation list has come for 30 s (the
+    /// coordinator is down, or cannot be reached), the nodes this relay served are served this
+    /// long past the end of their last ticket instead of being cut when it runs out, unless a
+    /// list revoked them; when lists come again they have two minutes to bring fresh tickets.
+    /// `0` cuts every node when its ticket runs out.
+    #[arg(long, env = "LATTICE_RELAY_OUTAGE_GRACE", value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+    outage_grace: std::time::Duration,
 }
 
 /// Where metrics are served unless `--metrics-listen` says otherwise.
@@ -126,7 +133,11 @@ fn main() -> std::process::ExitCode {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (key, cert) = relay::identity::load_or_create(&args.state_dir)?;
-    let revoked = Arc::new(relay::revocation::RevocationSet::default());
+    // Riding out an outage needs to know there is one: only while following the coordinator.
+    let revoked = Arc::new(match args.coordinator_url {
+        Some(_) => relay::revocation::RevocationSet::with_outage_grace(args.outage_grace),
+        None => relay::revocation::RevocationSet::default(),
+    });
     let relay = Relay::with_client_rate(
         key,
         Arc::new(TicketAuthorizer::with_revocations(

@@ -6,6 +6,17 @@
 //! polls it every [`POLL_EVERY`]; a list that does not verify is ignored. Lists only ever add
 //! revocations here (each expires on its own), so replaying an old list can withhold news but
 //! never lift a revocation.
+//!
+//! The lists also tell the relay whether the coordinator is there. Nodes renew their tickets
+//! (two minutes long) through the coordinator, so without more a coordinator outage of two
+//! minutes (or an attack that keeps it down) would cut every relayed tunnel a standalone relay
+//! carries. With an outage grace ([`RevocationSet::with_outage_grace`]), once no fresh list
+//! came for [`SILENCE`] the relay keeps serving the nodes it served: a session whose ticket
+//! runs out is kept, and such a node may connect again with its last ticket, up to the grace
+//! past that ticket's end, unless a list revoked it. When lists come again, nodes have
+//! [`RECOVERY`] to bring fresh tickets. A replayed old list is not news from the coordinator
+//! (its `issued_at` must be recent), so it cannot end a grace; cutting the relay off from the
+//! coordinator starts one, for nodes it already served and no others.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -22,16 +33,95 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest answer accepted.
 const MAX_ANSWER: usize = 4 << 20;
 
-/// Revoked node keys, until when (Unix seconds).
+/// The coordinator counts as gone once no list issued within this long has come (the relay
+/// asks every [`POLL_EVERY`]; a node's ticket runs out at the earliest a minute after its last
+/// renewal).
+pub const SILENCE: Duration = Duration::from_secs(30);
+/// After an outage, how long nodes whose tickets ran out meanwhile have to bring fresh ones (a
+/// node is back with the coordinator within its backoff, at most 45 s, and gets a ticket
+/// every minute).
+pub const RECOVERY: Duration = Duration::from_secs(120);
+/// The outage grace `lattice-relay serve --coordinator-url` has unless told otherwise.
+pub const DEFAULT_OUTAGE_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// Revoked node keys, until when (Unix seconds), and what the relay needs to ride out a
+/// coordinator outage (see the module's docs).
 #[derive(Debug, Default)]
 pub struct RevocationSet {
     keys: RwLock<HashMap<[u8; 32], i64>>,
+    /// How long past its ticket's end a node is served during an outage (0: never).
+    grace: i64,
+    word: std::sync::Mutex<Word>,
+}
+
+/// What the relay heard from the coordinator, and whom it served.
+#[derive(Debug, Default)]
+struct Word {
+    /// The newest `issued_at` of a list that was fresh when it came.
+    heard: Option<i64>,
+    /// When lists came again after a silence (the relay's time).
+    recovered: Option<i64>,
+    /// Nodes served with a ticket that was valid then, and the latest end of their tickets.
+    served: HashMap<[u8; 32], i64>,
+    /// How many `served` held after it was last pruned.
+    pruned_at: usize,
 }
 
 impl RevocationSet {
+    /// A set whose relay serves the nodes it served for up to `grace` past their tickets'
+    /// end while the coordinator is gone (see the module's docs). [`Default`] has none.
+    pub fn with_outage_grace(grace: Duration) -> Self {
+        Self {
+            grace: i64::try_from(grace.as_secs()).unwrap_or(i64::MAX),
+            ..Self::default()
+        }
+    }
+
     /// Whether `key` is revoked at `now`.
     pub fn is_revoked(&self, key: &[u8; 32], now: i64) -> bool {
         self.read().get(key).is_some_and(|until| *until >= now)
+    }
+
+    /// Notes that the relay serves `key` at `now` with a ticket valid until `not_after`.
+    pub fn served(&self, key: &[u8; 32], not_after: i64, now: i64) {
+        if self.grace == 0 {
+            return;
+        }
+        let mut w = self.word();
+        let e = w.served.entry(*key).or_insert(not_after);
+        *e = (*e).max(not_after);
+        // Let go of those past any grace, whenever the map has doubled since.
+        if w.served.len() >= w.pruned_at.max(1024) * 2 {
+            let grace = self.grace;
+            w.served
+                .retain(|_, until| until.saturating_add(grace) >= now);
+            w.pruned_at = w.served.len();
+        }
+    }
+
+    /// Whether a node whose ticket ran out at `not_after` is still served at `now`: only
+    /// during an outage or the recovery after it, only a node the relay served and no list
+    /// revoked since, and only up to the grace past the end of the latest ticket it showed.
+    pub fn serves_expired(&self, key: &[u8; 32], not_after: i64, now: i64) -> bool {
+        if self.grace == 0 || self.is_revoked(key, now) {
+            return false;
+        }
+        let w = self.word();
+        let silence = i64::try_from(SILENCE.as_secs()).unwrap_or(30);
+        let recovery = i64::try_from(RECOVERY.as_secs()).unwrap_or(120);
+        let outage = w.heard.is_none_or(|h| now - h > silence);
+        let recovering = w.recovered.is_some_and(|r| now <= r + recovery);
+        let grace = self.grace;
+        (outage || recovering)
+            && w.served
+                .get(key)
+                .is_some_and(|until| (*until).max(not_after).saturating_add(grace) >= now)
+    }
+
+    fn word(&self) -> std::sync::MutexGuard<'_, Word> {
+        self.word
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Verifies `signed` under the coordinator's ticket key and adds its revocations;
@@ -58,9 +148,21 @@ impl RevocationSet {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         keys.retain(|_, until| *until >= now);
-        for r in list.revoked {
+        let mut w = self.word();
+        for r in &list.revoked {
             let e = keys.entry(*r.node_key.as_bytes()).or_insert(r.until);
             *e = (*e).max(r.until);
+            // Revoked once, never served in an outage again (until a fresh ticket shows it
+            // back).
+            w.served.remove(r.node_key.as_bytes());
+        }
+        // News only if the coordinator issued it lately (an old list replayed is not).
+        let silence = i64::try_from(SILENCE.as_secs()).unwrap_or(30);
+        if now - list.issued_at <= silence {
+            if w.heard.is_none_or(|h| now - h > silence) {
+                w.recovered = Some(now);
+            }
+            w.heard = Some(w.heard.map_or(list.issued_at, |h| h.max(list.issued_at)));
         }
         Ok(keys.len())
     }
@@ -165,5 +267,66 @@ mod tests {
         set.apply(&key, &signed(&signer, &empty), 150).unwrap();
         assert!(set.is_revoked(victim.as_bytes(), 150));
         assert!(!set.is_revoked(victim.as_bytes(), 221));
+    }
+
+    #[test]
+    fn an_outage_keeps_the_nodes_served_served_past_their_tickets_and_no_others() {
+        let signer = TicketSigner::from_seed([1; 32]);
+        let key = TicketKey::from_bytes(signer.public());
+        let list = |issued_at: i64, revoked: &[[u8; 32]]| {
+            signed(
+                &signer,
+                &RevocationList {
+                    issued_at,
+                    revoked: revoked
+                        .iter()
+                        .map(|k| wire::Revocation {
+                            node_key: wire::NodeKey::from_bytes(*k),
+                            until: issued_at + 120,
+                        })
+                        .collect(),
+                },
+            )
+        };
+        let (a, x, y) = ([1; 32], [2; 32], [3; 32]);
+        let set = RevocationSet::with_outage_grace(Duration::from_secs(3600));
+        // Lists every 20 s since 800 (the first one starts two minutes to bring tickets).
+        for t in (800..=1000).step_by(20) {
+            set.apply(&key, &list(t, &[]), t).unwrap();
+        }
+        set.served(&a, 1100, 1000);
+        set.served(&x, 1100, 1000);
+        for t in (1020..=1100).step_by(20) {
+            set.apply(&key, &list(t, &[]), t).unwrap();
+        }
+        set.apply(&key, &list(1101, &[]), 1101).unwrap();
+        // Lists keep coming: a ticket that ran out is not served.
+        assert!(!set.serves_expired(&a, 1100, 1105));
+        // None for more than 30 s: an outage. A node served is, one never served is not.
+        assert!(!set.serves_expired(&a, 1100, 1131));
+        assert!(set.serves_expired(&a, 1100, 1132));
+        assert!(!set.serves_expired(&y, 1100, 1132));
+        // Up to the grace past its latest ticket.
+        assert!(set.serves_expired(&a, 1100, 4700));
+        assert!(!set.serves_expired(&a, 1100, 4701));
+        // A replayed old list is no news: still an outage; one revoking X ends X's grace,
+        // also once the revocation itself has run out.
+        set.apply(&key, &list(1101, &[x]), 2000).unwrap();
+        assert!(set.serves_expired(&a, 1100, 2001));
+        assert!(!set.serves_expired(&x, 1100, 2001));
+        assert!(!set.serves_expired(&x, 1100, 2500));
+        // The coordinator is back at 3000: two minutes to bring fresh tickets, lists coming.
+        for t in (3000..=3140).step_by(20) {
+            set.apply(&key, &list(t, &[]), t).unwrap();
+            assert_eq!(set.serves_expired(&a, 1100, t), t <= 3120, "at {t}");
+        }
+        // A fresh ticket makes a node served again.
+        set.served(&x, 3200, 3140);
+        set.apply(&key, &list(3150, &[]), 3150).unwrap();
+        assert!(set.serves_expired(&x, 3200, 3300), "an outage from 3181");
+        // Without a grace, never.
+        let strict = RevocationSet::default();
+        strict.served(&a, 1100, 1000);
+        assert!(!strict.serves_expired(&a, 1100, 1200));
     }
 }

@@ -82,13 +82,19 @@ impl Default for QuicLimits {
 /// Decides who may use the relay.
 pub trait Authorizer: Send + Sync + 'static {
     /// Checks `ticket` for `node_key` at Unix time `now`; returns the last second the session
-    /// may run on it, or why it is refused.
+    /// may run on it (past only where [`Self::serves_expired`] says so), or why it is refused.
     fn authorize(&self, node_key: &[u8; 32], ticket: &[u8], now: i64) -> Result<i64, String>;
 
     /// Whether `node_key` is still vouched for (asked every second for live sessions; an
     /// embedded relay answers from the coordinator's live membership).
     fn still_vouched(&self, _node_key: &[u8; 32]) -> bool {
         true
+    }
+
+    /// Whether `node_key`, whose ticket ran out at `not_after`, is still served at `now`
+    /// (a standalone relay riding out a coordinator outage: [`crate::revocation`]).
+    fn serves_expired(&self, _node_key: &[u8; 32], _not_after: i64, _now: i64) -> bool {
+        false
     }
 }
 
@@ -116,8 +122,9 @@ impl TicketAuthorizer {
 
 impl Authorizer for TicketAuthorizer {
     fn authorize(&self, node_key: &[u8; 32], ticket: &[u8], now: i64) -> Result<i64, String> {
-        let t =
-            hybrid::ticket::verify(self.key.as_bytes(), ticket, now).map_err(|e| e.to_string())?;
+        // Its signature and key first; whether it ran out, after.
+        let t = hybrid::ticket::verify(self.key.as_bytes(), ticket, i64::MIN)
+            .map_err(|e| e.to_string())?;
         if &t.node_key != node_key {
             return Err("the ticket is for another node key".into());
         }
@@ -128,7 +135,22 @@ impl Authorizer for TicketAuthorizer {
         {
             return Err("node is not vouched for by the coordinator (revoked)".into());
         }
-        Ok(t.not_after)
+        if now <= t.not_after {
+            if let Some(r) = &self.revoked {
+                r.served(node_key, t.not_after, now);
+            }
+            return Ok(t.not_after);
+        }
+        if self.serves_expired(node_key, t.not_after, now) {
+            return Ok(t.not_after);
+        }
+        Err(hybrid::ticket::TicketError::Expired.to_string())
+    }
+
+    fn serves_expired(&self, node_key: &[u8; 32], not_after: i64, now: i64) -> bool {
+        self.revoked
+            .as_ref()
+            .is_some_and(|r| r.serves_expired(node_key, not_after, now))
     }
 
     fn still_vouched(&self, node_key: &[u8; 32]) -> bool {
@@ -389,7 +411,10 @@ impl Relay {
         let stale: Vec<[u8; 32]> = self
             .read()
             .iter()
-            .filter(|(k, e)| now > e.valid_until || !self.inner.auth.still_vouched(k))
+            .filter(|(k, e)| {
+                (now > e.valid_until && !self.inner.auth.serves_expired(k, e.valid_until, now))
+                    || !self.inner.auth.still_vouched(k)
+            })
             .map(|(k, _)| *k)
             .collect();
         for k in stale {

@@ -23,12 +23,21 @@ fn unix_now() -> i64 {
 
 /// Revokes `key` the way a standalone relay learns it: a list signed by the coordinator.
 fn revoke(lab: &Lab, key: [u8; 32]) {
+    publish(lab, &[key], unix_now(), unix_now());
+}
+
+/// Hands the relay a list issued at `issued_at` revoking `keys` (until two minutes after), as
+/// if it came at `now`.
+fn publish(lab: &Lab, keys: &[[u8; 32]], issued_at: i64, now: i64) {
     let list = serde_json::to_string(&wire::RevocationList {
-        issued_at: unix_now(),
-        revoked: vec![wire::Revocation {
-            node_key: wire::NodeKey::from_bytes(key),
-            until: unix_now() + 120,
-        }],
+        issued_at,
+        revoked: keys
+            .iter()
+            .map(|k| wire::Revocation {
+                node_key: wire::NodeKey::from_bytes(*k),
+                until: issued_at + 120,
+            })
+            .collect(),
     })
     .unwrap();
     let mut sig = String::new();
@@ -40,7 +49,7 @@ fn revoke(lab: &Lab, key: [u8; 32]) {
         .apply(
             &TicketKey::from_bytes(lab.signer.public()),
             &wire::SignedRevocations { list, sig },
-            unix_now(),
+            now,
         )
         .unwrap();
 }
@@ -65,11 +74,21 @@ async fn lab_with(limits: QuicLimits, threads: usize) -> Lab {
 
 /// A relay as [`lab_with`] makes, forwarding for each node at most `rate`.
 async fn lab_limited(limits: QuicLimits, threads: usize, rate: Option<relay::ClientRate>) -> Lab {
+    lab_following(limits, threads, rate, RevocationSet::default()).await
+}
+
+/// A relay as [`lab_limited`] makes, following the coordinator's word in `revoked`.
+async fn lab_following(
+    limits: QuicLimits,
+    threads: usize,
+    rate: Option<relay::ClientRate>,
+    revoked: RevocationSet,
+) -> Lab {
     let mut rng = StdRng::seed_from_u64(9);
     let signer = TicketSigner::from_seed([4; 32]);
     let key = StaticKeypair::generate(&mut rng);
     let cert = relay::tls::RelayCert::generate().unwrap();
-    let revoked = Arc::new(RevocationSet::default());
+    let revoked = Arc::new(revoked);
     let auth = Arc::new(TicketAuthorizer::with_revocations(
         TicketKey::from_bytes(signer.public()),
         Arc::clone(&revoked),
@@ -117,10 +136,15 @@ async fn lab_limited(limits: QuicLimits, threads: usize, rate: Option<relay::Cli
 
 impl Lab {
     fn node(&mut self) -> (StaticKeypair, Vec<u8>) {
+        self.node_until(unix_now() + 60)
+    }
+
+    /// A new node with a ticket that runs out at `not_after`.
+    fn node_until(&mut self, not_after: i64) -> (StaticKeypair, Vec<u8>) {
         let k = StaticKeypair::generate(&mut self.rng);
         let t = self.signer.issue(Ticket {
             node_key: k.public(),
-            not_after: unix_now() + 60,
+            not_after,
         });
         (k, t.to_vec())
     }
@@ -931,4 +955,83 @@ async fn a_websocket_node_that_stops_reading_costs_the_relay_a_bounded_number_of
         "queued {} bytes, at most {most}: {s:?}",
         s.queued_bytes
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_coordinator_outage_the_nodes_a_relay_served_are_served_past_their_tickets() {
+    let grace = RevocationSet::with_outage_grace(Duration::from_secs(3600));
+    let mut lab = lab_following(QuicLimits::default(), 1, None, grace).await;
+    let t0 = unix_now();
+    // The last list from the coordinator came 40 s ago: it is gone.
+    publish(&lab, &[], t0 - 40, t0 - 40);
+    let (a, ta) = lab.node_until(t0 + 2);
+    let (b, tb) = lab.node_until(t0 + 2);
+    let (c, tc) = lab.node_until(t0 + 2);
+    let (x, tx) = lab.node_until(t0 + 2);
+    let ca = client::connect(&lab.quic_only(), &a, &ta).await.unwrap();
+    let mut cb = client::connect(&lab.ws_only(), &b, &tb).await.unwrap();
+    let _cc = client::connect(&lab.quic_only(), &c, &tc).await.unwrap();
+    // Past the tickets' end (the sweeper runs every second): still served.
+    tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(4)).await;
+    assert!(unix_now() > t0 + 2);
+    for k in [&a, &b, &c] {
+        assert!(
+            lab.relay.is_connected(&k.public()),
+            "{:?}",
+            lab.relay.stats()
+        );
+    }
+    assert!(ca.send(&b.public(), b"still here"));
+    assert_eq!(
+        next_packet(&mut cb).await,
+        Some((a.public(), b"still here".to_vec()))
+    );
+    // A node it served may come back with its last ticket; one it never served may not.
+    drop(ca);
+    let ca = client::connect(&lab.quic_only(), &a, &ta).await.unwrap();
+    assert!(ca.send(&b.public(), b"back"));
+    assert_eq!(
+        next_packet(&mut cb).await,
+        Some((a.public(), b"back".to_vec()))
+    );
+    let err = client::connect(&lab.quic_only(), &x, &tx).await.err();
+    assert!(
+        format!("{:#}", err.expect("a node never served")).contains("expired"),
+        "refused as expired"
+    );
+    // A list that revokes C (even an old one replayed) ends its grace for good.
+    publish(&lab, &[c.public()], t0 - 40, unix_now());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!lab.relay.is_connected(&c.public()));
+    assert!(client::connect(&lab.quic_only(), &c, &tc).await.is_err());
+
+    // The coordinator is back: the nodes have two minutes to bring fresh tickets...
+    let t1 = unix_now();
+    publish(&lab, &[], t1, t1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(lab.relay.is_connected(&a.public()));
+    // ... and are let go once lists kept coming for two minutes and no fresh ticket came.
+    for i in 1..=7 {
+        publish(&lab, &[], t1 + 20 * i, t1 + 20 * i);
+    }
+    lab.relay.sweep(t1 + 140);
+    assert!(!lab.relay.is_connected(&a.public()) && !lab.relay.is_connected(&b.public()));
+    assert!(
+        !lab.revoked.serves_expired(&a.public(), t0 + 2, t1 + 140),
+        "an expired ticket once the coordinator is back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_outage_grace_a_session_ends_with_its_ticket() {
+    let mut lab = lab().await;
+    let t0 = unix_now();
+    let (a, ta) = lab.node_until(t0 + 1);
+    let _ca = client::connect(&lab.quic_only(), &a, &ta).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !lab.relay.is_connected(&a.public()),
+        "kicked when its ticket ran out"
+    );
+    assert!(client::connect(&lab.quic_only(), &a, &ta).await.is_err());
 }

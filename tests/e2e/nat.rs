@@ -537,98 +537,137 @@ fn a_dead_direct_path_falls_back_to_the_relay_within_ten_seconds() {
     assert!(upgraded, "back to direct: {}", m.path(0, 1));
 }
 
+/// Two nodes behind hard NATs, relayed through a standalone `lattice-relay` (started with
+/// `relay_extra` too) in the internet namespace, the coordinator's embedded relay off.
+struct StandaloneRelay {
+    lab: Lab,
+    coord: Coordinator,
+    relay: e2e::Proc,
+    relay_args: Vec<String>,
+    wan: String,
+    ns: Vec<String>,
+    nodes: Vec<MeshNode>,
+    /// Node 1's mesh IPv4 address.
+    ip1: String,
+}
+
+impl StandaloneRelay {
+    fn start(name: &str, relay_extra: &[&str]) -> Option<Self> {
+        let mut lab0 = lab(name)?;
+        let wan = lab0.lan("inet", "198.51.100.1/24").expect("internet");
+        let coord = Coordinator::start(&mut lab0, &wan, "198.51.100.1", &["--no-embedded-relay"])
+            .expect("coordinator");
+        let key_file =
+            std::fs::read_to_string(coord.state_dir.join("ticket.key")).expect("ticket key");
+        let seed = wire::keys::parse_hex::<32>(key_file.trim()).expect("hex");
+        let ticket_key =
+            wire::TicketKey::from_bytes(hybrid::ticket::TicketSigner::from_seed(seed).public())
+                .to_text();
+        let relay_dir = lab0.dir().join("relay").display().to_string();
+        let mut relay_args: Vec<String> = [
+            lab0.bin("lattice-relay").display().to_string().as_str(),
+            "serve",
+            "--listen",
+            "198.51.100.1:8443",
+            "--stun-listen",
+            "198.51.100.1:3478",
+            "--stun-listen",
+            "198.51.100.1:3479",
+            "--coordinator-key",
+            &ticket_key,
+            "--state-dir",
+            &relay_dir,
+            "--name",
+            "edge",
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+        relay_args.extend(relay_extra.iter().map(|a| (*a).to_owned()));
+        let args: Vec<&str> = relay_args.iter().map(String::as_str).collect();
+        let r = lab0.spawn("relay", &wan, &args, &[]).expect("relay");
+        assert!(wait_for(Duration::from_secs(10), || lab0
+            .stdout(r)
+            .contains("lattice-coordinator relays add")));
+        // Register it exactly as the relay's banner says.
+        let banner = lab0.stdout(r);
+        let cmd = banner
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("lattice-coordinator "))
+            .expect("registration hint")
+            .to_owned();
+        let args: Vec<&str> = cmd.split_whitespace().collect();
+        let out = coord.admin(&lab0, &args).expect("relays add");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let key = coord.authkey(&lab0, &["--reusable"]).expect("key");
+        let mut ns = Vec::new();
+        for i in 0..2 {
+            let (_, n) = lab0
+                .natted_host(
+                    &wan,
+                    &format!("h{i}"),
+                    &format!("198.51.100.{}/24", 31 + i),
+                    10 + i as u8,
+                    Nat::Hard,
+                )
+                .expect("router");
+            ns.push(n);
+        }
+        let url = coord.url.clone();
+        let nodes: Vec<MeshNode> = (0..2)
+            .map(|i| {
+                MeshNode::start(&mut lab0, &ns[i], &format!("n{i}"), &url, &key, &[]).expect("node")
+            })
+            .collect();
+        for n in &nodes {
+            n.wait_ready(&lab0, 1, Duration::from_secs(30))
+                .expect("ready");
+        }
+        let ip1 = nodes[1].status(&lab0).unwrap()["self"]["ips"][0]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(wait_for(Duration::from_secs(15), || nodes[0]
+            .ping(&lab0, &ip1, "-4", 1)));
+        let st = nodes[0].status(&lab0).unwrap();
+        assert_eq!(
+            st["peers"][0]["path"]["kind"], "relay",
+            "{}",
+            st["peers"][0]
+        );
+        assert_eq!(st["peers"][0]["path"]["relay"], "edge");
+        Some(Self {
+            lab: lab0,
+            coord,
+            relay: r,
+            relay_args,
+            wan,
+            ns,
+            nodes,
+            ip1,
+        })
+    }
+}
+
 #[test]
 fn a_restarted_standalone_relay_carries_traffic_again_within_ten_seconds() {
-    let sites = [Site::Behind(Nat::Hard), Site::Behind(Nat::Hard)];
-    // No embedded relay: a standalone lattice-relay in the internet namespace.
-    let Some(mut lab0) = lab("nat-relay-restart") else {
+    let Some(StandaloneRelay {
+        lab: mut lab0,
+        relay: r,
+        relay_args,
+        wan,
+        ns,
+        ip1,
+        ..
+    }) = StandaloneRelay::start("nat-relay-restart", &[])
+    else {
         return;
     };
-    let wan = lab0.lan("inet", "198.51.100.1/24").expect("internet");
-    let coord = Coordinator::start(&mut lab0, &wan, "198.51.100.1", &["--no-embedded-relay"])
-        .expect("coordinator");
-    let key_file = std::fs::read_to_string(coord.state_dir.join("ticket.key")).expect("ticket key");
-    let seed = wire::keys::parse_hex::<32>(key_file.trim()).expect("hex");
-    let ticket_key =
-        wire::TicketKey::from_bytes(hybrid::ticket::TicketSigner::from_seed(seed).public())
-            .to_text();
-    let relay_dir = lab0.dir().join("relay");
-    let relay_bin = lab0.bin("lattice-relay").display().to_string();
-    let relay_dir_s = relay_dir.display().to_string();
-    let relay_args = [
-        relay_bin.as_str(),
-        "serve",
-        "--listen",
-        "198.51.100.1:8443",
-        "--stun-listen",
-        "198.51.100.1:3478",
-        "--stun-listen",
-        "198.51.100.1:3479",
-        "--coordinator-key",
-        &ticket_key,
-        "--state-dir",
-        &relay_dir_s,
-        "--name",
-        "edge",
-    ];
-    let r = lab0.spawn("relay", &wan, &relay_args, &[]).expect("relay");
-    assert!(wait_for(Duration::from_secs(10), || lab0
-        .stdout(r)
-        .contains("lattice-coordinator relays add")));
-    // Register it exactly as the relay's banner says.
-    let banner = lab0.stdout(r);
-    let cmd = banner
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("lattice-coordinator "))
-        .expect("registration hint")
-        .to_owned();
-    let args: Vec<&str> = cmd.split_whitespace().collect();
-    let out = coord.admin(&lab0, &args).expect("relays add");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = coord.authkey(&lab0, &["--reusable"]).expect("key");
-    let mut ns = Vec::new();
-    for (i, site) in sites.iter().enumerate() {
-        let Site::Behind(nat) = site else {
-            unreachable!()
-        };
-        let (_, n) = lab0
-            .natted_host(
-                &wan,
-                &format!("h{i}"),
-                &format!("198.51.100.{}/24", 31 + i),
-                10 + i as u8,
-                *nat,
-            )
-            .expect("router");
-        ns.push(n);
-    }
-    let url = coord.url.clone();
-    let nodes: Vec<MeshNode> = (0..2)
-        .map(|i| {
-            MeshNode::start(&mut lab0, &ns[i], &format!("n{i}"), &url, &key, &[]).expect("node")
-        })
-        .collect();
-    for n in &nodes {
-        n.wait_ready(&lab0, 1, Duration::from_secs(30))
-            .expect("ready");
-    }
-    let ip1 = nodes[1].status(&lab0).unwrap()["self"]["ips"][0]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(wait_for(Duration::from_secs(15), || nodes[0]
-        .ping(&lab0, &ip1, "-4", 1)));
-    let st = nodes[0].status(&lab0).unwrap();
-    assert_eq!(
-        st["peers"][0]["path"]["kind"], "relay",
-        "{}",
-        st["peers"][0]
-    );
-    assert_eq!(st["peers"][0]["path"]["relay"], "edge");
+    let relay_args: Vec<&str> = relay_args.iter().map(String::as_str).collect();
     let p = background_ping(&mut lab0, "restart-ping", &ns[0], &ip1, 20);
     std::thread::sleep(Duration::from_secs(2));
     lab0.kill(r);
@@ -649,6 +688,52 @@ fn a_restarted_standalone_relay_carries_traffic_again_within_ten_seconds() {
     );
     assert!(back.is_some_and(|b| b < 10.0), "{back:?}");
     lab0.kill(r2);
+}
+
+/// Tickets last two minutes and are renewed through the coordinator: a standalone relay that
+/// follows the coordinator keeps serving the nodes it served while the coordinator is gone,
+/// and a node restarted meanwhile comes back to it with its cached relays and ticket.
+#[test]
+fn a_standalone_relay_carries_tunnels_through_a_coordinator_outage_past_their_tickets() {
+    let coordinator_url = "http://198.51.100.1:8080";
+    let Some(mut m) =
+        StandaloneRelay::start("nat-relay-outage", &["--coordinator-url", coordinator_url])
+    else {
+        return;
+    };
+    assert_eq!(
+        m.coord.url, coordinator_url,
+        "the relay follows this coordinator"
+    );
+    m.coord.kill(&mut m.lab);
+    let down = Instant::now();
+    // Every ticket was issued before the coordinator went and lasts two minutes: by 121 s
+    // all ran out (with `--outage-grace 0` this fails there).
+    while down.elapsed() < Duration::from_secs(135) {
+        assert!(
+            m.nodes[0].ping(&m.lab, &m.ip1, "-4", 3),
+            "n0 -> n1 through the relay {:?} into the outage",
+            down.elapsed()
+        );
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    let st = m.nodes[0].status(&m.lab).unwrap();
+    assert_eq!(st["coordinator"]["connected"], false);
+    assert_eq!(
+        st["peers"][0]["path"]["relay"], "edge",
+        "{}",
+        st["peers"][0]
+    );
+    // n1 restarts with the coordinator still gone: back on the relay with its last ticket.
+    m.lab.kill(m.nodes[1].proc);
+    m.nodes[1].restart(&mut m.lab).expect("restart n1");
+    assert!(
+        wait_for(Duration::from_secs(30), || m.nodes[0]
+            .ping(&m.lab, &m.ip1, "-4", 1)),
+        "n0 -> n1 after n1 restarted in the outage"
+    );
+    let log = m.lab.log(m.relay);
+    assert!(!log.contains("ticket expired"), "{log}");
 }
 
 #[test]
