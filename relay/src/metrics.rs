@@ -125,6 +125,11 @@ pub fn relay(e: &mut Exposition, s: &crate::StatsSnapshot, stun: &crate::stun::S
         s.sessions as f64,
     );
     e.gauge(
+        "lattice_relay_sessions_past_ticket",
+        "Sessions whose ticket has run out, served through a coordinator outage (--outage-grace).",
+        s.sessions_past_ticket as f64,
+    );
+    e.gauge(
         "lattice_relay_queued_bytes",
         "Bytes of frames waiting in the sessions' queues to their nodes.",
         s.queued_bytes as f64,

@@ -198,7 +198,7 @@ pub async fn poll(url: String, coordinator: TicketKey, set: Arc<RevocationSet>) 
                 debug!(revoked = n, "revocations updated");
             }
             Err(e) if !failing => {
-                warn!(%url, error = %format!("{e:#}"), "cannot fetch revocations; removed nodes are cut only when their tickets expire");
+                warn!(%url, error = %format!("{e:#}"), "cannot fetch revocations; nodes removed meanwhile are not cut, and after 30 s nodes already served are served past their tickets (outage grace)");
                 failing = true;
             }
             Err(_) => {}

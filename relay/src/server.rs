@@ -193,6 +193,9 @@ pub struct StatsSnapshot {
     /// Bytes of frames waiting in the sessions' queues to their nodes now (not counting what
     /// a QUIC connection holds itself).
     pub queued_bytes: u64,
+    /// Sessions whose ticket has run out, served through a coordinator outage
+    /// ([`crate::revocation`]).
+    pub sessions_past_ticket: usize,
     /// Sessions authenticated.
     pub accepted: u64,
     /// Sessions refused.
@@ -341,16 +344,19 @@ impl Relay {
     pub fn stats(&self) -> StatsSnapshot {
         let s = &self.inner.stats;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let (sessions, queued_bytes) = {
+        let now = unix_now();
+        let (sessions, queued_bytes, sessions_past_ticket) = {
             let clients = self.read();
             let queued = clients
                 .values()
                 .map(|e| e.tx.queued() + e.quic.as_ref().map_or(0, |q| q.outbox.queued()));
-            (clients.len(), queued.sum::<usize>() as u64)
+            let past = clients.values().filter(|e| e.valid_until < now).count();
+            (clients.len(), queued.sum::<usize>() as u64, past)
         };
         StatsSnapshot {
             sessions,
             queued_bytes,
+            sessions_past_ticket,
             accepted: l(&s.accepted),
             rejected: l(&s.rejected),
             forwarded: l(&s.forwarded),

@@ -981,6 +981,7 @@ async fn during_a_coordinator_outage_the_nodes_a_relay_served_are_served_past_th
             lab.relay.stats()
         );
     }
+    assert_eq!(lab.relay.stats().sessions_past_ticket, 3);
     assert!(ca.send(&b.public(), b"still here"));
     assert_eq!(
         next_packet(&mut cb).await,
