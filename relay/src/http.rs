@@ -420,7 +420,14 @@ mod tests {
     }
 
     async fn get(addr: SocketAddr) -> std::io::Result<String> {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        get_on(tokio::net::TcpStream::connect(addr).await?).await
+    }
+
+    /// Asks for `/` on `s` and reads the whole answer.
+    async fn get_on<S>(mut s: S) -> std::io::Result<String>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
             .await?;
         let mut out = String::new();
@@ -593,12 +600,8 @@ mod tests {
         let socket = tokio::net::TcpSocket::new_v4()?;
         socket.bind(format!("{from}:0").parse()?)?;
         let tcp = socket.connect(addr).await?;
-        let mut s = crate::tls::connect_pinned(tcp, pin, &[b"http/1.1"]).await?;
-        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .await?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await?;
-        Ok(out)
+        let s = crate::tls::connect_pinned(tcp, pin, &[b"http/1.1"]).await?;
+        Ok(get_on(s).await?)
     }
 
     #[tokio::test]

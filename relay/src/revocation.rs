@@ -174,6 +174,17 @@ impl RevocationSet {
     }
 }
 
+/// `list` signed with the coordinator's relay-ticket key, as `GET /relay/revocations` serves it.
+pub fn sign(signer: &hybrid::ticket::TicketSigner, list: &RevocationList) -> SignedRevocations {
+    let list = serde_json::to_string(list).unwrap_or_default();
+    let mut sig = String::new();
+    wire::keys::push_hex(
+        &mut sig,
+        &signer.sign(wire::REVOCATIONS_CONTEXT, list.as_bytes()),
+    );
+    SignedRevocations { list, sig }
+}
+
 /// Polls `url` (the coordinator's `http://host:port`) forever, keeping `set` up to date.
 pub async fn poll(url: String, coordinator: TicketKey, set: Arc<RevocationSet>) {
     let mut tick = tokio::time::interval(POLL_EVERY);
@@ -226,16 +237,6 @@ mod tests {
     use super::*;
     use hybrid::ticket::TicketSigner;
 
-    fn signed(signer: &TicketSigner, list: &RevocationList) -> SignedRevocations {
-        let list = serde_json::to_string(list).unwrap();
-        let mut sig = String::new();
-        wire::keys::push_hex(
-            &mut sig,
-            &signer.sign(wire::REVOCATIONS_CONTEXT, list.as_bytes()),
-        );
-        SignedRevocations { list, sig }
-    }
-
     #[test]
     fn only_signed_lists_count_and_an_old_list_cannot_lift_a_revocation() {
         let signer = TicketSigner::from_seed([1; 32]);
@@ -251,20 +252,20 @@ mod tests {
         };
         // Forged: signed by someone else, or altered after signing.
         let other = TicketSigner::from_seed([2; 32]);
-        assert!(set.apply(&key, &signed(&other, &list), 100).is_err());
-        let mut altered = signed(&signer, &list);
+        assert!(set.apply(&key, &sign(&other, &list), 100).is_err());
+        let mut altered = sign(&signer, &list);
         altered.list = altered.list.replace("220", "999");
         assert!(set.apply(&key, &altered, 100).is_err());
         assert!(!set.is_revoked(victim.as_bytes(), 100));
         // Genuine.
-        assert_eq!(set.apply(&key, &signed(&signer, &list), 100).unwrap(), 1);
+        assert_eq!(set.apply(&key, &sign(&signer, &list), 100).unwrap(), 1);
         assert!(set.is_revoked(victim.as_bytes(), 150));
         // An older, empty list (replayed) changes nothing; expiry does.
         let empty = RevocationList {
             issued_at: 50,
             revoked: vec![],
         };
-        set.apply(&key, &signed(&signer, &empty), 150).unwrap();
+        set.apply(&key, &sign(&signer, &empty), 150).unwrap();
         assert!(set.is_revoked(victim.as_bytes(), 150));
         assert!(!set.is_revoked(victim.as_bytes(), 221));
     }
@@ -274,7 +275,7 @@ mod tests {
         let signer = TicketSigner::from_seed([1; 32]);
         let key = TicketKey::from_bytes(signer.public());
         let list = |issued_at: i64, revoked: &[[u8; 32]]| {
-            signed(
+            sign(
                 &signer,
                 &RevocationList {
                     issued_at,

@@ -29,7 +29,7 @@ fn revoke(lab: &Lab, key: [u8; 32]) {
 /// Hands the relay a list issued at `issued_at` revoking `keys` (until two minutes after), as
 /// if it came at `now`.
 fn publish(lab: &Lab, keys: &[[u8; 32]], issued_at: i64, now: i64) {
-    let list = serde_json::to_string(&wire::RevocationList {
+    let list = wire::RevocationList {
         issued_at,
         revoked: keys
             .iter()
@@ -38,17 +38,11 @@ fn publish(lab: &Lab, keys: &[[u8; 32]], issued_at: i64, now: i64) {
                 until: issued_at + 120,
             })
             .collect(),
-    })
-    .unwrap();
-    let mut sig = String::new();
-    wire::keys::push_hex(
-        &mut sig,
-        &lab.signer.sign(wire::REVOCATIONS_CONTEXT, list.as_bytes()),
-    );
+    };
     lab.revoked
         .apply(
             &TicketKey::from_bytes(lab.signer.public()),
-            &wire::SignedRevocations { list, sig },
+            &relay::revocation::sign(&lab.signer, &list),
             now,
         )
         .unwrap();

@@ -108,13 +108,7 @@ async fn revocations(State(st): State<AppState>) -> Json<wire::SignedRevocations
             .map(|(node_key, until)| wire::Revocation { node_key, until })
             .collect(),
     };
-    let list = serde_json::to_string(&list).unwrap_or_default();
-    let mut sig = String::new();
-    wire::keys::push_hex(
-        &mut sig,
-        &st.tickets.sign(wire::REVOCATIONS_CONTEXT, list.as_bytes()),
-    );
-    Json(wire::SignedRevocations { list, sig })
+    Json(relay::revocation::sign(&st.tickets, &list))
 }
 
 async fn admin_login_start(
