@@ -41,8 +41,6 @@ pub const SILENCE: Duration = Duration::from_secs(30);
 /// node is back with the coordinator within its backoff, at most 45 s, and gets a ticket
 /// every minute).
 pub const RECOVERY: Duration = Duration::from_secs(120);
-/// The outage grace `lattice-relay serve --coordinator-url` has unless told otherwise.
-pub const DEFAULT_OUTAGE_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// Revoked node keys, until when (Unix seconds), and what the relay needs to ride out a
 /// coordinator outage (see the module's docs).
