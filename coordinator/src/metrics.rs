@@ -33,6 +33,8 @@ pub struct Counters {
     pub reports_held: AtomicU64,
     /// Waiting reports replaced by a newer one of their kind (never acted on).
     pub reports_superseded: AtomicU64,
+    /// Reports the database could not store (each waits to be tried again).
+    pub reports_failed: AtomicU64,
     /// Access requests refused because a session sent them too fast.
     pub access_requests_throttled: AtomicU64,
 }
@@ -140,12 +142,13 @@ pub async fn render(st: &AppState, stun: Option<&relay::stun::StunStats>) -> Str
     e.by_label(
         "lattice_coordinator_node_reports_total",
         Kind::Counter,
-        "Reports nodes sent about themselves (endpoints, netinfo, paths, posture, id tokens): acted on, held because they came faster than a session's pace, or replaced while held by a newer one of their kind.",
+        "Reports nodes sent about themselves (endpoints, netinfo, paths, posture, id tokens): acted on, held because they came faster than a session's pace, replaced while held by a newer one of their kind, or not stored because the database failed (tried again at the pace).",
         "outcome",
         &[
             ("applied", c.reports_applied.load(Relaxed)),
             ("held", c.reports_held.load(Relaxed)),
             ("superseded", c.reports_superseded.load(Relaxed)),
+            ("failed", c.reports_failed.load(Relaxed)),
         ],
     );
     e.counter(

@@ -86,6 +86,15 @@ impl<T> Pacer<T> {
         Offer::Held { superseded }
     }
 
+    /// Puts back a report that could not be applied (the database was away), to be tried
+    /// again at the pace, unless a newer one of its kind already waits (that one says more).
+    pub fn retry(&mut self, kind: ReportKind, report: T) {
+        let (_, waiting) = &mut self.slots[kind.index()];
+        if waiting.is_none() {
+            *waiting = Some(report);
+        }
+    }
+
     /// When the first waiting report may be applied, if any waits.
     pub fn next_due(&self) -> Option<Instant> {
         self.slots
@@ -213,5 +222,24 @@ mod tests {
             // The last word of each kind is the one acted on last.
             assert_eq!(latest_applied[k], latest_offered[k], "kind {k}");
         }
+    }
+
+    #[test]
+    fn a_report_put_back_is_tried_again_at_the_pace_unless_a_newer_one_waits() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(1, S, t0);
+        assert_eq!(p.offer(ReportKind::Endpoints, 1, t0), Offer::Apply(1));
+        // It failed: back, and due with the next token.
+        p.retry(ReportKind::Endpoints, 1);
+        assert_eq!(p.next_due(), Some(t0 + S));
+        assert!(p.take_due(t0 + S / 2).is_empty());
+        assert_eq!(p.take_due(t0 + S), vec![1]);
+        // Failed again, but a newer report came meanwhile: the newer one is tried.
+        assert_eq!(
+            p.offer(ReportKind::Endpoints, 2, t0 + S),
+            Offer::Held { superseded: false }
+        );
+        p.retry(ReportKind::Endpoints, 1);
+        assert_eq!(p.take_due(t0 + 2 * S), vec![2]);
     }
 }

@@ -431,3 +431,88 @@ db_test!(async fn access_requests_beyond_the_burst_are_answered_that_they_come_t
     }
     assert_eq!(st.counters.access_requests_throttled.load(std::sync::atomic::Ordering::Relaxed), 5);
 });
+
+db_test!(async fn a_report_the_database_cannot_store_is_tried_again_and_the_session_goes_on(tdb) {
+    let st = state(&tdb).await;
+    let k = key(&st, true, 3600).await;
+    let control = st.control_key.public();
+    let addr = serve(st.clone()).await;
+    let (a_ws, mut a_channel, a_key) = joined(addr, control, &k, 51).await;
+    let (mut b_ws, mut b_channel, _) = joined(addr, control, &k, 52).await;
+    // B keeps A's latest endpoints.
+    let (seen_tx, mut seen) = tokio::sync::watch::channel(None::<Vec<SocketAddr>>);
+    tokio::spawn(async move {
+        while let Some(m) = next_message(&mut b_ws, &mut b_channel).await {
+            if let ServerMessage::Map(map) = m {
+                for n in map.peers.iter().flatten().chain(&map.peers_changed) {
+                    if n.node_key == a_key {
+                        seen_tx.send_replace(Some(n.endpoints.clone()));
+                    }
+                }
+            }
+        }
+    });
+    let wait = std::time::Duration::from_secs(20);
+    tokio::time::timeout(wait, seen.wait_for(Option::is_some))
+        .await
+        .expect("B never heard of A")
+        .unwrap();
+    // A reads what it is sent, and notes if its session ends.
+    let (mut a_tx, mut a_rx) = a_ws.split();
+    let a_ended = tokio::spawn(async move {
+        loop {
+            match a_rx.next().await {
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return true,
+                Some(Ok(_)) => {}
+            }
+        }
+    });
+    // The database refuses to change any node's row: an outage as the coordinator sees it.
+    let mut c = st.db.acquire().await.unwrap();
+    let outage: &[&str] = if tdb.is_postgres() {
+        &[
+            "CREATE TABLE outage (x INTEGER)",
+            "CREATE FUNCTION outage() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF EXISTS (SELECT 1 FROM outage) THEN RAISE EXCEPTION 'the database is away'; \
+             END IF; RETURN NEW; END $$",
+            "CREATE TRIGGER outage BEFORE UPDATE ON nodes FOR EACH ROW EXECUTE FUNCTION outage()",
+        ]
+    } else {
+        &[
+            "CREATE TABLE outage (x INTEGER)",
+            "CREATE TRIGGER outage BEFORE UPDATE ON nodes WHEN EXISTS (SELECT 1 FROM outage) \
+             BEGIN SELECT RAISE(ABORT, 'the database is away'); END",
+        ]
+    };
+    for q in outage.iter().chain(&["INSERT INTO outage VALUES (1)"]) {
+        sqlx::query(sqlx::AssertSqlSafe(*q))
+            .execute(&mut *c)
+            .await
+            .unwrap();
+    }
+    let new = vec![SocketAddr::from(([198, 51, 100, 9], 4242))];
+    let m = ClientMessage::Endpoints {
+        endpoints: new.clone(),
+    };
+    for f in a_channel.seal(&serde_json::to_vec(&m).unwrap()).unwrap() {
+        a_tx.send(Message::Binary(f.into())).await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let failed = st
+        .counters
+        .reports_failed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(failed >= 2, "the report was tried {failed} times and failed");
+    assert_ne!(seen.borrow().as_ref(), Some(&new), "stored during the outage");
+    assert!(!a_ended.is_finished(), "A's session ended with the database");
+    // The database is back: the report waiting is stored and B learns it, A never reconnected.
+    sqlx::query("DELETE FROM outage")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    tokio::time::timeout(wait, seen.wait_for(|eps| eps.as_ref() == Some(&new)))
+        .await
+        .expect("B never learned the endpoints A reported during the outage")
+        .unwrap();
+    assert!(!a_ended.is_finished(), "A's session ended");
+});

@@ -413,8 +413,7 @@ async fn stream(
             () = guard.inbox.changed() => {}
             () = sleep_until(report_due) => {
                 for msg in reports.take_due(std::time::Instant::now()) {
-                    st.counters.reports_applied.fetch_add(1, Relaxed);
-                    if handle_client_message(st, record, msg).await? {
+                    if apply_report(st, record, &mut reports, msg).await? {
                         return Ok(());
                     }
                 }
@@ -436,8 +435,7 @@ async fn stream(
                             if let Some(kind) = report_kind(&msg) {
                                 match reports.offer(kind, msg, std::time::Instant::now()) {
                                     Offer::Apply(msg) => {
-                                        st.counters.reports_applied.fetch_add(1, Relaxed);
-                                        if handle_client_message(st, record, msg).await? {
+                                        if apply_report(st, record, &mut reports, msg).await? {
                                             return Ok(());
                                         }
                                     }
@@ -469,10 +467,15 @@ async fn stream(
                                 let filed = ops::access::file(
                                     st, record, &to, &ports, for_secs, &reason, unix_now(),
                                 )
-                                .await?;
+                                .await;
                                 let (id, error) = match filed {
-                                    Ok(id) => (Some(id), None),
-                                    Err(e) => (None, Some(e)),
+                                    Ok(Ok(id)) => (Some(id), None),
+                                    Ok(Err(e)) => (None, Some(e)),
+                                    // The database is away: the node is told, the session stays.
+                                    Err(e) => {
+                                        warn!(node = %record.name, error = %e, "could not file an access request");
+                                        (None, Some("the coordinator cannot file it now; try again later".into()))
+                                    }
                                 };
                                 conn.send(&ServerMessage::AccessRequestResult { req, id, error })
                                     .await?;
@@ -510,6 +513,47 @@ async fn stream(
             }
         }
     }
+}
+
+/// Acts on a report a node sent about itself. When the database fails (it is restarting,
+/// or unreachable for a while) the session goes on and the report waits to be tried again
+/// at the report pace: only what the node does wrong ends its session. (Ending it made the
+/// node reconnect into a coordinator that could not take new sessions either, and a node
+/// without a session gets no fresh relay tickets.)
+async fn apply_report(
+    st: &AppState,
+    record: &NodeRecord,
+    reports: &mut Pacer<ClientMessage>,
+    msg: ClientMessage,
+) -> anyhow::Result<bool> {
+    let again = report_kind(&msg).map(|kind| (kind, msg.clone()));
+    match handle_client_message(st, record, msg).await {
+        Err(e) if store_failed(&e) => {
+            st.counters.reports_failed.fetch_add(1, Relaxed);
+            debug!(node = %record.name, error = %format!("{e:#}"), "could not store a report; it waits to be tried again");
+            if let Some((kind, msg)) = again {
+                reports.retry(kind, msg);
+            }
+            Ok(false)
+        }
+        done => {
+            st.counters.reports_applied.fetch_add(1, Relaxed);
+            done
+        }
+    }
+}
+
+/// The database failed to store something (as opposed to a node sending what it must not).
+#[derive(Debug, thiserror::Error)]
+#[error("the database could not store it: {0}")]
+struct StoreFailed(String);
+
+/// Whether `e` is the database failing.
+fn store_failed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<StoreFailed>()
+            || matches!(c.downcast_ref::<db::DbError>(), Some(db::DbError::Sqlx(_)))
+    })
 }
 
 /// Which kind of report about itself a node's message is, if it is one.
@@ -694,8 +738,12 @@ async fn handle_client_message(
             Ok(false)
         }
         ClientMessage::Posture { facts } => {
-            if let Err(e) = ops::policy::record_posture(st, record.id, facts).await {
-                warn!(node = %record.name, error = %e, "could not record a posture report");
+            match ops::policy::record_posture(st, record.id, facts).await {
+                Ok(_) => {}
+                Err(crate::error::ApiError::Internal(e)) => bail!(StoreFailed(e)),
+                Err(e) => {
+                    warn!(node = %record.name, error = %e, "could not record a posture report");
+                }
             }
             Ok(false)
         }
