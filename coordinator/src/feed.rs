@@ -56,6 +56,9 @@ pub struct Feed {
     applied: watch::Sender<i64>,
     applying: Mutex<()>,
     wake: Notify,
+    /// Whether the database answers (each catch-up that worked is news): while it does not,
+    /// nodes whose sessions ended cannot get new ones, so no fresh relay tickets.
+    database: std::sync::Mutex<relay::revocation::Outage>,
 }
 
 impl Default for Feed {
@@ -64,7 +67,27 @@ impl Default for Feed {
             applied: watch::channel(0).0,
             applying: Mutex::new(()),
             wake: Notify::new(),
+            database: std::sync::Mutex::default(),
         }
+    }
+}
+
+impl Feed {
+    /// The database answered at `now` (Unix seconds).
+    pub fn database_answered(&self, now: i64) {
+        self.database().heard(now, now);
+    }
+
+    /// Whether a relay ticket that ran out is excused at `now`: the database has not answered
+    /// for a while, or answers again only since lately (see [`relay::revocation::Outage`]).
+    pub fn database_excuses_expiry(&self, now: i64) -> bool {
+        self.database().excuses_expiry(now)
+    }
+
+    fn database(&self) -> std::sync::MutexGuard<'_, relay::revocation::Outage> {
+        self.database
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -321,9 +344,12 @@ pub fn spawn_follower(st: AppState) {
                 () = st.feed.wake.notified() => {}
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
-            if let Err(e) = catch_up(&st).await {
-                warn!(error = %e, "could not follow the change feed");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+            match catch_up(&st).await {
+                Ok(()) => st.feed.database_answered(unix_now()),
+                Err(e) => {
+                    warn!(error = %e, "could not follow the change feed");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
             }
         }
     });

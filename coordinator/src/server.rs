@@ -157,6 +157,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let hub = Hub::new(mesh.domain.clone(), policy, policy_version, Vec::new(), now);
     let tickets = Arc::new(relays::load_or_create_signer(&cfg.state_dir)?);
     check_mesh_keys(&pool, &control_key, &tickets, &audit).await?;
+    let feed = Arc::new(feed::Feed::default());
     let embedded = if cfg.embedded_relay {
         Some(
             relays::start_embedded(
@@ -171,6 +172,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
                 &cfg.state_dir,
                 Arc::clone(&hub),
                 wire::TicketKey::from_bytes(tickets.public()),
+                Arc::clone(&feed),
             )
             .await?,
         )
@@ -204,7 +206,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             replica_url(cfg.public_url.as_deref(), cfg.listen),
             embedded.as_ref().map(|e| e.info.clone()),
         ),
-        feed: Arc::default(),
+        feed,
         presence: Arc::default(),
         keys: Arc::new(
             crate::jwks::KeyCache::new(cfg.federation_ca_file.as_deref())

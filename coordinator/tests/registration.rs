@@ -366,3 +366,50 @@ db_test!(async fn removed_and_rotated_away_node_keys_are_published_for_relays(td
     let until = st.hub.read().revocations(unix_now())[0].1;
     assert!(until >= unix_now() + 110 && until <= unix_now() + 121);
 });
+
+db_test!(async fn the_embedded_relay_serves_a_member_past_its_ticket_only_while_the_database_is_away(tdb) {
+    use hybrid::ticket::Ticket;
+    use relay::Authorizer;
+    let st = state(&tdb).await;
+    let k = key(&st, true, 3600).await;
+    let now = unix_now();
+    let (rec, _) = register_or_resume(&st, &machine(1), &hello(1, "member", Some(&k)), None, now)
+        .await
+        .unwrap();
+    let member = *rec.node_key.as_bytes();
+    let feed = std::sync::Arc::new(coordinator::feed::Feed::default());
+    let auth = coordinator::relays::HubAuthorizer::new(
+        st.hub.clone(),
+        wire::TicketKey::from_bytes(st.tickets.public()),
+        std::sync::Arc::clone(&feed),
+    );
+    let ticket = |node_key: [u8; 32], not_after: i64| {
+        st.tickets.issue(Ticket { node_key, not_after }).to_vec()
+    };
+    assert!(auth.still_vouched(&member));
+    // The database answers (for minutes: the first answer starts two minutes to bring
+    // tickets): a valid ticket is good, one that ran out is not.
+    for t in (now - 200..=now).step_by(10) {
+        feed.database_answered(t);
+    }
+    assert_eq!(auth.authorize(&member, &ticket(member, now + 60), now), Ok(now + 60));
+    assert!(auth.authorize(&member, &ticket(member, now - 1), now).is_err());
+    assert!(!auth.serves_expired(&member, now - 1, now));
+    // No answer for more than 30 s: a member is served past its ticket, no one else is.
+    let away = now + 31;
+    assert_eq!(auth.authorize(&member, &ticket(member, now - 1), away), Ok(now - 1));
+    assert!(auth.serves_expired(&member, now - 1, away));
+    let stranger = [9u8; 32];
+    assert!(auth.authorize(&stranger, &ticket(stranger, now - 1), away).is_err());
+    assert!(auth.authorize(&member, &ticket(stranger, now + 60), away).is_err());
+    // Up to the grace past the ticket's end.
+    let grace = i64::try_from(coordinator::relays::DATABASE_OUTAGE_GRACE.as_secs()).unwrap();
+    assert!(auth.serves_expired(&member, now - 1, now - 1 + grace));
+    assert!(!auth.serves_expired(&member, now - 1, now + grace));
+    // It answers again: two minutes to bring fresh tickets, the database answering throughout.
+    let back = away + 10;
+    for t in (back..=back + 140).step_by(10) {
+        feed.database_answered(t);
+        assert_eq!(auth.serves_expired(&member, now - 1, t), t <= back + 120, "at {}", t - back);
+    }
+});

@@ -55,14 +55,52 @@ pub struct RevocationSet {
 /// What the relay heard from the coordinator, and whom it served.
 #[derive(Debug, Default)]
 struct Word {
-    /// The newest `issued_at` of a list that was fresh when it came.
-    heard: Option<i64>,
-    /// When lists came again after a silence (the relay's time).
-    recovered: Option<i64>,
+    /// Whether the coordinator is there.
+    outage: Outage,
     /// Nodes served with a ticket that was valid then, and the latest end of their tickets.
     served: HashMap<[u8; 32], i64>,
     /// How many `served` held after it was last pruned.
     pruned_at: usize,
+}
+
+/// Whether what renews tickets is there (sans-IO; Unix seconds passed in): an outage is
+/// [`SILENCE`] without news; [`RECOVERY`] after news comes again still excuses a ticket that ran
+/// out, so nodes have time to bring fresh ones. Also used by the coordinator's embedded relay,
+/// whose news is the database answering.
+#[derive(Debug, Default)]
+pub struct Outage {
+    /// The newest time of news that was fresh when it came.
+    heard: Option<i64>,
+    /// When news came again after a silence.
+    recovered: Option<i64>,
+}
+
+impl Outage {
+    /// News made at `at` came at `now` (news older than [`SILENCE`] is not news: a replayed
+    /// old list cannot end an outage).
+    pub fn heard(&mut self, at: i64, now: i64) {
+        let silence = i64::try_from(SILENCE.as_secs()).unwrap_or(30);
+        if now - at > silence {
+            return;
+        }
+        if self.is_silent(now) {
+            self.recovered = Some(now);
+        }
+        self.heard = Some(self.heard.map_or(at, |h| h.max(at)));
+    }
+
+    /// Whether no news came for [`SILENCE`] (or ever).
+    fn is_silent(&self, now: i64) -> bool {
+        let silence = i64::try_from(SILENCE.as_secs()).unwrap_or(30);
+        self.heard.is_none_or(|h| now - h > silence)
+    }
+
+    /// Whether a ticket that ran out is excused at `now`: during an outage or the recovery
+    /// after it.
+    pub fn excuses_expiry(&self, now: i64) -> bool {
+        let recovery = i64::try_from(RECOVERY.as_secs()).unwrap_or(120);
+        self.is_silent(now) || self.recovered.is_some_and(|r| now <= r + recovery)
+    }
 }
 
 impl RevocationSet {
@@ -105,12 +143,8 @@ impl RevocationSet {
             return false;
         }
         let w = self.word();
-        let silence = i64::try_from(SILENCE.as_secs()).unwrap_or(30);
-        let recovery = i64::try_from(RECOVERY.as_secs()).unwrap_or(120);
-        let outage = w.heard.is_none_or(|h| now - h > silence);
-        let recovering = w.recovered.is_some_and(|r| now <= r + recovery);
         let grace = self.grace;
-        (outage || recovering)
+        w.outage.excuses_expiry(now)
             && w.served
                 .get(key)
                 .is_some_and(|until| (*until).max(not_after).saturating_add(grace) >= now)
@@ -155,13 +189,7 @@ impl RevocationSet {
             w.served.remove(r.node_key.as_bytes());
         }
         // News only if the coordinator issued it lately (an old list replayed is not).
-        let silence = i64::try_from(SILENCE.as_secs()).unwrap_or(30);
-        if now - list.issued_at <= silence {
-            if w.heard.is_none_or(|h| now - h > silence) {
-                w.recovered = Some(now);
-            }
-            w.heard = Some(w.heard.map_or(list.issued_at, |h| h.max(list.issued_at)));
-        }
+        w.outage.heard(list.issued_at, now);
         Ok(keys.len())
     }
 
