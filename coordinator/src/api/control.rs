@@ -527,8 +527,11 @@ async fn apply_report(
     msg: ClientMessage,
 ) -> anyhow::Result<bool> {
     let again = report_kind(&msg).map(|kind| (kind, msg.clone()));
+    // Counted before it is acted on: a peer may see its effect before this returns.
+    st.counters.reports_applied.fetch_add(1, Relaxed);
     match handle_client_message(st, record, msg).await {
         Err(e) if store_failed(&e) => {
+            st.counters.reports_applied.fetch_sub(1, Relaxed);
             st.counters.reports_failed.fetch_add(1, Relaxed);
             debug!(node = %record.name, error = %format!("{e:#}"), "could not store a report; it waits to be tried again");
             if let Some((kind, msg)) = again {
@@ -536,10 +539,7 @@ async fn apply_report(
             }
             Ok(false)
         }
-        done => {
-            st.counters.reports_applied.fetch_add(1, Relaxed);
-            done
-        }
+        done => done,
     }
 }
 
