@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hybrid::ticket::{Ticket, TicketSigner};
-use relay::{Authorizer, Relay};
+use relay::{Authorizer, Relay, TicketAuthorizer};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{info, warn};
@@ -70,48 +70,45 @@ pub const DATABASE_OUTAGE_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// still served, up to [`DATABASE_OUTAGE_GRACE`].
 pub struct HubAuthorizer {
     hub: Arc<Hub>,
-    ticket_key: TicketKey,
-    feed: Arc<Feed>,
+    tickets: TicketAuthorizer,
 }
 
 impl HubAuthorizer {
     /// An authorizer for tickets signed by `ticket_key`, for the members of `hub`, excusing
     /// expired tickets while `feed` says the database is away.
     pub fn new(hub: Arc<Hub>, ticket_key: TicketKey, feed: Arc<Feed>) -> Self {
+        let members = Arc::clone(&hub);
+        let grace = i64::try_from(DATABASE_OUTAGE_GRACE.as_secs()).unwrap_or(i64::MAX);
+        let excuse = move |node_key: &[u8; 32], not_after: i64, now: i64| {
+            now - not_after <= grace
+                && feed.database_excuses_expiry(now)
+                && is_member(&members, node_key)
+        };
         Self {
             hub,
-            ticket_key,
-            feed,
+            tickets: TicketAuthorizer::with_excuse(ticket_key, Box::new(excuse)),
         }
     }
 }
 
+/// Whether `node_key` belongs to a node of the mesh.
+fn is_member(hub: &Hub, node_key: &[u8; 32]) -> bool {
+    hub.read()
+        .node_by_key(&NodeKey::from_bytes(*node_key))
+        .is_some()
+}
+
 impl Authorizer for HubAuthorizer {
     fn authorize(&self, node_key: &[u8; 32], ticket: &[u8], now: i64) -> Result<i64, String> {
-        // Its signature and key first; whether it ran out, after.
-        let t = hybrid::ticket::verify(self.ticket_key.as_bytes(), ticket, i64::MIN)
-            .map_err(|e| e.to_string())?;
-        if &t.node_key != node_key {
-            return Err("the ticket is for another node key".into());
-        }
-        if now <= t.not_after || self.serves_expired(node_key, t.not_after, now) {
-            return Ok(t.not_after);
-        }
-        Err(hybrid::ticket::TicketError::Expired.to_string())
+        self.tickets.authorize(node_key, ticket, now)
     }
 
     fn still_vouched(&self, node_key: &[u8; 32]) -> bool {
-        self.hub
-            .read()
-            .node_by_key(&NodeKey::from_bytes(*node_key))
-            .is_some()
+        is_member(&self.hub, node_key)
     }
 
     fn serves_expired(&self, node_key: &[u8; 32], not_after: i64, now: i64) -> bool {
-        let grace = i64::try_from(DATABASE_OUTAGE_GRACE.as_secs()).unwrap_or(i64::MAX);
-        now - not_after <= grace
-            && self.feed.database_excuses_expiry(now)
-            && self.still_vouched(node_key)
+        self.tickets.serves_expired(node_key, not_after, now)
     }
 }
 
