@@ -74,18 +74,6 @@ impl Default for HandshakeRate {
     }
 }
 
-/// The address a limit counts: an IPv4 address (an IPv4-mapped IPv6 one as itself), or an
-/// IPv6 address's /64 (one host may hold all of it).
-pub(crate) fn counted_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((v6.to_bits() & !u128::from(u64::MAX)).into()),
-        },
-    }
-}
-
 /// Addresses whose handshakes a listener tracks at most: past them (after letting go of
 /// those whose allowance is whole again) a new address waits.
 pub const MAX_HANDSHAKE_SOURCES: usize = 65_536;
@@ -110,7 +98,7 @@ impl Handshakes {
 
     /// Whether `ip` may start a handshake at `now` (and counts it if so).
     pub(crate) fn allow(&self, ip: IpAddr, now: Instant) -> bool {
-        let key = counted_ip(ip);
+        let key = wire::counted_ip(ip);
         let HandshakeRate { burst, interval } = self.rate;
         let tolerance = interval.saturating_mul(burst.saturating_sub(1));
         let mut due = self

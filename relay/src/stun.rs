@@ -70,7 +70,7 @@ impl Limiter {
             }
         }
         let full = self.counts.len() >= MAX_SOURCES;
-        let source = crate::http::counted_ip(ip);
+        let source = wire::counted_ip(ip);
         match self.counts.get_mut(&source) {
             Some(n) if *n >= PER_SOURCE => false,
             Some(n) => {

@@ -33,3 +33,16 @@ pub use relay::{
     SignedRevocations,
 };
 pub use version::CapabilityVersion;
+
+/// The address a sender is counted as by the limits that bound what one host may cost (a
+/// node's budgets for strangers, a relay's STUN answers and handshakes): the address itself
+/// for IPv4 (an IPv4-mapped IPv6 address as its IPv4 address), its /64 for IPv6, which one
+/// host may hold whole.
+pub fn counted_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => std::net::IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(v6) & !((1u128 << 64) - 1),
+        )),
+        v4 => v4,
+    }
+}

@@ -2,7 +2,7 @@
 //! sockets, or a peer reached through a relay.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use wire::{NodeKey, RelayId};
 
@@ -50,12 +50,4 @@ impl fmt::Display for Addr {
     }
 }
 
-/// The address a sender is counted as by the budgets that bound what strangers may cost:
-/// the address itself for IPv4 (an IPv4-mapped IPv6 address as its IPv4 address), its /64
-/// for IPv6, which one host may hold whole.
-pub fn counted_ip(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
-        v4 => v4,
-    }
-}
+pub use wire::counted_ip;
