@@ -2,17 +2,19 @@
 //! the node's UDP traffic (WireGuard, STUN and disco) leaves through them, so the NAT mapping
 //! a peer sees is the one the tunnel uses.
 //!
-//! Sends and receives go through `quinn-udp`: a run of equal-sized datagrams to one address
-//! leaves in one `sendmsg` with UDP GSO (the kernel, or the veth/NIC, cuts it into
-//! datagrams), and the kernel hands coalesced datagrams up with GRO, many per `recvmmsg`.
-//! Where the kernel refuses GSO, the datagrams go one by one.
+//! A run of equal-sized datagrams to one address leaves in one `sendmsg` with UDP GSO (the
+//! kernel, or the veth/NIC, cuts it into datagrams), each datagram one slice of the message
+//! where it lies (no copy into a send buffer), and the kernel hands coalesced datagrams up
+//! with GRO, many per `recvmmsg` (through `quinn-udp`, as single datagrams are sent). Where
+//! the kernel refuses GSO, the datagrams go one by one.
 //!
 //! Sends happen on a task of their own ([`Sender`]): the event loop hands over each run and
 //! goes on encrypting while the kernel sends the last one.
 
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use node_proto::Packet;
@@ -32,6 +34,8 @@ pub const RECV_SLOTS: usize = 16;
 pub const RECV_SLOT: usize = 65_535;
 /// The most bytes one GSO send carries.
 const GSO_BYTES: usize = 60_000;
+/// The most datagrams one GSO send carries (the kernel's `UDP_MAX_SEGMENTS`).
+const GSO_SEGMENTS: usize = 64;
 /// Runs waiting for the sender task (at most `GSO_BYTES` each): few, as every queued byte is
 /// latency for the tunnel's other flows.
 const SEND_QUEUE: usize = 4;
@@ -40,6 +44,9 @@ const SEND_QUEUE: usize = 4;
 pub struct Sock {
     io: UdpSocket,
     state: UdpSocketState,
+    /// A GSO send failed as where the device or kernel cannot segment ([`gso_unsupported`]):
+    /// runs go datagram by datagram from then on (as `quinn-udp` does for its own sends).
+    gso_failed: AtomicBool,
 }
 
 impl Sock {
@@ -68,7 +75,11 @@ impl Sock {
             set_int_option(&io, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0)
                 .context("allowing fragmentation")?;
         }
-        Ok(Self { io, state })
+        Ok(Self {
+            io,
+            state,
+            gso_failed: AtomicBool::new(false),
+        })
     }
 
     /// Receives into `bufs`; returns how many slots were filled. Each filled slot holds
@@ -90,37 +101,66 @@ impl Sock {
         }
     }
 
-    /// Sends `contents` to `dst`: one datagram, or with `segment` a run of `segment`-byte
-    /// datagrams (the last may be shorter) in one GSO send, falling back to one send per
-    /// datagram when the kernel refuses the batch.
-    pub async fn send(&self, dst: SocketAddr, contents: &[u8], segment: Option<usize>) {
-        let segment = segment.filter(|s| *s < contents.len());
-        if let Err(e) = self.send_one(dst, contents, segment).await {
-            match segment {
-                Some(seg) => {
-                    debug!(%dst, error = %e, "GSO send failed; sending datagram by datagram");
-                    for d in contents.chunks(seg) {
-                        if let Err(e) = self.send_one(dst, d, None).await {
-                            debug!(%dst, error = %e, "udp send failed");
-                        }
+    /// Sends `datagrams` to `dst`: a run of more than one (all as long as the first but the
+    /// last, which may be shorter; see [`Batch`]) in one GSO send, each datagram a slice of
+    /// the message where it lies, falling back to one send per datagram when the kernel
+    /// refuses the run.
+    pub async fn send<D: AsRef<[u8]>>(&self, dst: SocketAddr, datagrams: &[D]) {
+        if let [first, _, ..] = datagrams
+            && !self.gso_failed.load(Ordering::Relaxed)
+        {
+            match self.send_run(dst, datagrams, first.as_ref().len()).await {
+                Ok(()) => return,
+                Err(e) => {
+                    let unsupported = gso_unsupported(&e);
+                    debug!(%dst, error = %e, unsupported, "GSO send failed; sending datagram by datagram");
+                    if unsupported {
+                        self.gso_failed.store(true, Ordering::Relaxed);
                     }
                 }
-                None => debug!(%dst, error = %e, "udp send failed"),
+            }
+        }
+        for d in datagrams {
+            if let Err(e) = self.send_one(dst, d.as_ref()).await {
+                debug!(%dst, error = %e, "udp send failed");
             }
         }
     }
 
-    async fn send_one(
+    /// One `sendmsg` of `datagrams` as `segment`-byte datagrams (UDP GSO), one slice each.
+    async fn send_run<D: AsRef<[u8]>>(
         &self,
         dst: SocketAddr,
-        contents: &[u8],
-        segment: Option<usize>,
+        datagrams: &[D],
+        segment: usize,
     ) -> io::Result<()> {
+        let segment = u16::try_from(segment)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "segment too large"))?;
+        let slices: Vec<IoSlice<'_>> = datagrams.iter().map(|d| IoSlice::new(d.as_ref())).collect();
+        let addr = socket2::SockAddr::from(dst);
+        let control = gso_control(segment);
+        let msg = socket2::MsgHdr::new()
+            .with_addr(&addr)
+            .with_buffers(&slices)
+            .with_control(control.bytes());
+        loop {
+            match self.io.try_io(Interest::WRITABLE, || {
+                socket2::SockRef::from(&self.io).sendmsg(&msg, 0)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.io.writable().await?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return r.map(drop),
+            }
+        }
+    }
+
+    /// Sends one datagram (through `quinn-udp`).
+    async fn send_one(&self, dst: SocketAddr, contents: &[u8]) -> io::Result<()> {
         let t = Transmit {
             destination: dst,
             ecn: None,
             contents,
-            segment_size: segment,
+            segment_size: None,
             src_ip: None,
         };
         loop {
@@ -145,7 +185,7 @@ impl Sock {
             debug!(%dst, error = %e, "cannot set the TTL of a primer; not sending it");
             return;
         }
-        if let Err(e) = self.send_one(dst, contents, None).await {
+        if let Err(e) = self.send_one(dst, contents).await {
             debug!(%dst, error = %e, "udp send failed");
         }
         // -1: the system's default again.
@@ -156,83 +196,75 @@ impl Sock {
 
     /// How many datagrams one GSO send may carry (1 without GSO).
     pub fn max_segments(&self) -> usize {
-        self.state.max_gso_segments()
+        if self.gso_failed.load(Ordering::Relaxed) {
+            return 1;
+        }
+        self.state.max_gso_segments().min(GSO_SEGMENTS)
     }
 }
 
 /// Coalesces consecutive datagrams to one destination into GSO runs: equal-sized datagrams,
-/// the last possibly shorter.
+/// the last possibly shorter. The datagrams stay in their own buffers until they are sent.
 #[derive(Default)]
 pub struct Batch {
     dst: Option<SocketAddr>,
-    buf: Vec<u8>,
+    datagrams: Vec<Packet>,
+    bytes: usize,
     segment: usize,
-    count: usize,
 }
 
 impl Batch {
-    /// Whether `payload` to `dst` can join the run (with at most `max` datagrams).
+    /// Whether a datagram of `len` bytes to `dst` can join the run (with at most `max`
+    /// datagrams).
     pub fn fits(&self, dst: SocketAddr, len: usize, max: usize) -> bool {
         self.dst == Some(dst)
             // A shorter datagram can only end a run: once one is in, the run is closed.
-            && self.buf.len() == self.count * self.segment
-            && self.count < max
+            && self.bytes == self.datagrams.len() * self.segment
+            && self.datagrams.len() < max
             && len <= self.segment
-            && self.buf.len() + len <= GSO_BYTES
+            && self.bytes + len <= GSO_BYTES
     }
 
-    /// Adds `payload` to the run (check [`Batch::fits`] first; otherwise send and clear it).
-    pub fn push(&mut self, dst: SocketAddr, payload: &[u8]) {
+    /// Adds `datagram` to the run (check [`Batch::fits`] first; otherwise send and clear it).
+    pub fn push(&mut self, dst: SocketAddr, datagram: Packet) {
         if self.dst.is_none() {
             self.dst = Some(dst);
-            self.segment = payload.len();
+            self.segment = datagram.len();
         }
-        self.buf.extend_from_slice(payload);
-        self.count += 1;
+        self.bytes += datagram.len();
+        self.datagrams.push(datagram);
     }
 
-    /// The run so far: destination, bytes, segment size when more than one datagram.
-    pub fn pending(&self) -> Option<(SocketAddr, &[u8], Option<usize>)> {
-        let dst = self.dst?;
-        Some((dst, &self.buf, (self.count > 1).then_some(self.segment)))
-    }
-
-    /// Empties the run.
-    pub fn clear(&mut self) {
-        self.dst = None;
-        self.buf.clear();
-        self.count = 0;
-    }
-
-    /// Takes the run out (destination, bytes, segment size when more than one datagram),
-    /// leaving the batch empty with `spare` as its buffer.
-    pub fn take(&mut self, spare: Vec<u8>) -> Option<(SocketAddr, Vec<u8>, Option<usize>)> {
+    /// Takes the run out (destination and datagrams), leaving the batch empty with `spare`
+    /// (emptied) to fill next.
+    pub fn take(&mut self, mut spare: Vec<Packet>) -> Option<(SocketAddr, Vec<Packet>)> {
         let dst = self.dst.take()?;
-        let segment = (self.count > 1).then_some(self.segment);
-        self.count = 0;
-        let mut spare = spare;
+        self.bytes = 0;
         spare.clear();
-        Some((dst, std::mem::replace(&mut self.buf, spare), segment))
+        Some((dst, std::mem::replace(&mut self.datagrams, spare)))
     }
 }
 
-/// One send: a run of datagrams, or a primer.
+/// One send: a run of datagrams, or a primer (one datagram).
 struct SendJob {
     dst: SocketAddr,
-    bytes: Vec<u8>,
-    segment: Option<usize>,
+    datagrams: Vec<Packet>,
     /// A primer's TTL.
     ttl: Option<u8>,
 }
 
 impl SendJob {
-    async fn send(&self, sockets: &Sockets) {
+    /// Sends the datagrams, and lets them go (their buffers are used again); the emptied
+    /// list, to fill again.
+    async fn send(mut self, sockets: &Sockets) -> Vec<Packet> {
         if let Some(sock) = sockets.for_dst(&self.dst) {
-            match self.ttl {
-                Some(ttl) => sock.send_with_ttl(self.dst, &self.bytes, ttl).await,
-                None => sock.send(self.dst, &self.bytes, self.segment).await,
+            match (self.ttl, self.datagrams.first()) {
+                (Some(ttl), Some(d)) => sock.send_with_ttl(self.dst, d, ttl).await,
+                _ => sock.send(self.dst, &self.datagrams).await,
             }
         }
+        self.datagrams.clear();
+        self.datagrams
     }
 }
 
@@ -246,14 +278,14 @@ enum SendBy {
     /// The caller's own thread makes the system calls.
     Caller {
         sockets: Arc<Sockets>,
-        /// The last run's buffer, to fill again.
-        spare: Vec<u8>,
+        /// The last run's list, to fill again.
+        spare: Vec<Packet>,
     },
     /// A task sends while the caller goes on.
     Task {
         jobs: mpsc::Sender<SendJob>,
-        /// Sent runs' buffers, to fill again.
-        sent: mpsc::UnboundedReceiver<Vec<u8>>,
+        /// Sent runs' lists, to fill again.
+        sent: mpsc::UnboundedReceiver<Vec<Packet>>,
     },
 }
 
@@ -267,8 +299,7 @@ impl Sender {
             let (give_back, sent) = mpsc::unbounded_channel();
             tokio::spawn(async move {
                 while let Some(job) = rx.recv().await {
-                    job.send(&sockets).await;
-                    let _ = give_back.send(job.bytes);
+                    let _ = give_back.send(job.send(&sockets).await);
                 }
             });
             SendBy::Task { jobs, sent }
@@ -284,24 +315,23 @@ impl Sender {
         }
     }
 
-    /// Adds a datagram to the current run, first handing the run over when `payload` cannot
+    /// Adds a datagram to the current run, first handing the run over when `datagram` cannot
     /// join it (at most `max` datagrams per run).
-    pub async fn push(&mut self, dst: SocketAddr, payload: &[u8], max: usize) {
-        if !self.batch.fits(dst, payload.len(), max) {
+    pub async fn push(&mut self, dst: SocketAddr, datagram: Packet, max: usize) {
+        if !self.batch.fits(dst, datagram.len(), max) {
             self.flush().await;
         }
-        self.batch.push(dst, payload);
+        self.batch.push(dst, datagram);
     }
 
     /// Sends one datagram with its own TTL (a primer), after the current run.
-    pub async fn push_with_ttl(&mut self, dst: SocketAddr, payload: &[u8], ttl: u8) {
+    pub async fn push_with_ttl(&mut self, dst: SocketAddr, datagram: Packet, ttl: u8) {
         self.flush().await;
-        let mut bytes = self.spare();
-        bytes.extend_from_slice(payload);
+        let mut datagrams = self.spare();
+        datagrams.push(datagram);
         self.hand_over(SendJob {
             dst,
-            bytes,
-            segment: None,
+            datagrams,
             ttl: Some(ttl),
         })
         .await;
@@ -314,18 +344,17 @@ impl Sender {
             return;
         }
         let spare = self.spare();
-        if let Some((dst, bytes, segment)) = self.batch.take(spare) {
+        if let Some((dst, datagrams)) = self.batch.take(spare) {
             self.hand_over(SendJob {
                 dst,
-                bytes,
-                segment,
+                datagrams,
                 ttl: None,
             })
             .await;
         }
     }
 
-    fn spare(&mut self) -> Vec<u8> {
+    fn spare(&mut self) -> Vec<Packet> {
         let mut b = match &mut self.how {
             SendBy::Caller { spare, .. } => std::mem::take(spare),
             SendBy::Task { sent, .. } => sent.try_recv().unwrap_or_default(),
@@ -336,10 +365,7 @@ impl Sender {
 
     async fn hand_over(&mut self, job: SendJob) {
         match &mut self.how {
-            SendBy::Caller { sockets, spare } => {
-                job.send(sockets).await;
-                *spare = job.bytes;
-            }
+            SendBy::Caller { sockets, spare } => *spare = job.send(sockets).await,
             SendBy::Task { jobs, .. } => {
                 if jobs.send(job).await.is_err() {
                     debug!("the UDP sender has stopped; datagrams dropped");
@@ -347,6 +373,60 @@ impl Sender {
             }
         }
     }
+}
+
+/// Whether a failed GSO send says the kernel or device cannot segment at all: Linux offers
+/// no better sign than `EIO` (a device without checksum offload) or `EINVAL` (an old
+/// kernel), as `quinn-udp` finds. Other errors (no route, a run too long) are about that send.
+fn gso_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL))
+}
+
+/// A GSO send's control message (`UDP_SEGMENT`), in a buffer aligned as a `cmsghdr`.
+#[repr(C, align(8))]
+struct GsoControl {
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl GsoControl {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// The control message that makes one `sendmsg` a run of `segment`-byte datagrams.
+fn gso_control(segment: u16) -> GsoControl {
+    // SAFETY: CMSG_SPACE and CMSG_LEN are arithmetic on a length (libc declares them unsafe).
+    let (space, len) = unsafe {
+        (
+            libc::CMSG_SPACE(size_of::<u16>() as u32) as usize,
+            libc::CMSG_LEN(size_of::<u16>() as u32) as usize,
+        )
+    };
+    let mut c = GsoControl {
+        buf: [0; 32],
+        len: space,
+    };
+    assert!(
+        space <= c.buf.len(),
+        "a cmsghdr with a u16 fits in 32 bytes"
+    );
+    // SAFETY: the message header points at `c.buf`, aligned for a `cmsghdr` and `space`
+    // bytes long, which CMSG_FIRSTHDR then finds room for: its header and data are written
+    // within the buffer (the data unaligned, as CMSG_DATA may be).
+    unsafe {
+        let mut hdr: libc::msghdr = std::mem::zeroed();
+        hdr.msg_control = c.buf.as_mut_ptr().cast();
+        hdr.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&hdr);
+        assert!(!cmsg.is_null(), "room for the control message");
+        (*cmsg).cmsg_level = libc::SOL_UDP;
+        (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+        (*cmsg).cmsg_len = len as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment);
+    }
+    c
 }
 
 /// The node's UDP sockets.
@@ -581,6 +661,10 @@ mod tests {
         SocketAddr::from((Ipv4Addr::LOCALHOST, port))
     }
 
+    fn datagram(fill: u8, len: usize) -> Packet {
+        Packet::from_bytes(bytes::BytesMut::from(&vec![fill; len][..]))
+    }
+
     #[test]
     fn a_run_takes_equal_datagrams_to_one_address_and_ends_at_a_shorter_one() {
         let mut b = Batch::default();
@@ -588,34 +672,55 @@ mod tests {
             !b.fits(addr(1), 100, 64),
             "an empty batch has no run to join"
         );
-        b.push(addr(1), &[1; 100]);
+        b.push(addr(1), datagram(1, 100));
         assert!(b.fits(addr(1), 100, 64));
         assert!(!b.fits(addr(2), 100, 64), "another destination");
         assert!(!b.fits(addr(1), 101, 64), "a longer datagram");
-        b.push(addr(1), &[2; 100]);
+        b.push(addr(1), datagram(2, 100));
         assert!(!b.fits(addr(1), 100, 2), "the segment limit");
         assert!(b.fits(addr(1), 40, 64));
-        b.push(addr(1), &[3; 40]);
+        b.push(addr(1), datagram(3, 40));
         assert!(!b.fits(addr(1), 40, 64), "a shorter datagram ends the run");
-        let (dst, bytes, seg) = b.pending().unwrap();
-        assert_eq!((dst, bytes.len(), seg), (addr(1), 240, Some(100)));
-        b.clear();
-        assert!(b.pending().is_none());
-        b.push(addr(3), &[4; 10]);
-        assert_eq!(b.pending().unwrap().2, None, "one datagram is no GSO send");
+        let (dst, run) = b.take(Vec::new()).unwrap();
+        let lens: Vec<usize> = run.iter().map(|d| d.len()).collect();
+        assert_eq!((dst, lens), (addr(1), vec![100, 100, 40]));
+        assert_eq!(
+            (run[0][0], run[2][39]),
+            (1, 3),
+            "the datagrams themselves, in order"
+        );
+        assert!(b.take(run).is_none(), "taken: empty");
+        assert!(!b.fits(addr(1), 100, 64), "a new run starts empty");
+        b.push(addr(3), datagram(4, 10));
+        assert_eq!(b.take(Vec::new()).unwrap().1.len(), 1);
     }
 
     #[test]
     fn a_run_stays_under_the_gso_byte_limit() {
         let mut b = Batch::default();
-        let d = [0u8; 1500];
         let mut n = 1;
-        b.push(addr(1), &d);
-        while b.fits(addr(1), d.len(), usize::MAX) {
-            b.push(addr(1), &d);
+        b.push(addr(1), datagram(0, 1500));
+        while b.fits(addr(1), 1500, usize::MAX) {
+            b.push(addr(1), datagram(0, 1500));
             n += 1;
         }
         assert_eq!(n, GSO_BYTES / 1500);
+    }
+
+    /// Sends `datagrams` from `a` to `to` as GSO runs of at most `a.max_segments()`.
+    async fn send_runs(a: &Sock, to: SocketAddr, datagrams: impl IntoIterator<Item = Packet>) {
+        let mut batch = Batch::default();
+        for d in datagrams {
+            if !batch.fits(to, d.len(), a.max_segments())
+                && let Some((dst, run)) = batch.take(Vec::new())
+            {
+                a.send(dst, &run).await;
+            }
+            batch.push(to, d);
+        }
+        if let Some((dst, run)) = batch.take(Vec::new()) {
+            a.send(dst, &run).await;
+        }
     }
 
     /// A group of sockets shares one port, and a second group (another daemon told the same
@@ -650,22 +755,21 @@ mod tests {
         let a = Sock::new(bind(relay::dial::Dialer::PLAIN, addr(0), false).unwrap()).unwrap();
         let b = Sock::new(bind(relay::dial::Dialer::PLAIN, addr(0), false).unwrap()).unwrap();
         let to = b.io.local_addr().unwrap();
-        let mut want = Vec::new();
-        let mut batch = Batch::default();
-        for i in 0..50u8 {
-            let len = if i == 49 { 333 } else { 1200 };
-            let d = vec![i; len];
-            if !batch.fits(to, d.len(), a.max_segments())
-                && let Some((dst, bytes, seg)) = batch.pending()
-            {
-                a.send(dst, bytes, seg).await;
-                batch.clear();
-            }
-            batch.push(to, &d);
-            want.push(d);
-        }
-        let (dst, bytes, seg) = batch.pending().unwrap();
-        a.send(dst, bytes, seg).await;
+        assert!(a.max_segments() > 1, "GSO on loopback");
+        let want: Vec<Vec<u8>> = (0..50u8)
+            .map(|i| vec![i; if i == 49 { 333 } else { 1200 }])
+            .collect();
+        send_runs(
+            &a,
+            to,
+            want.iter()
+                .map(|d| Packet::from_bytes(bytes::BytesMut::from(&d[..]))),
+        )
+        .await;
+        assert!(
+            !a.gso_failed.load(Ordering::Relaxed),
+            "runs went as GSO sends"
+        );
         let mut got = Vec::new();
         let mut buf = vec![0u8; RECV_SLOTS * RECV_SLOT];
         let mut meta = [RecvMeta::default(); RECV_SLOTS];
@@ -687,23 +791,52 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    /// A run the kernel refuses as one GSO send (here two 40,000-byte datagrams, more than
+    /// one UDP message may carry) still arrives, datagram by datagram; a refusal that says
+    /// nothing of GSO itself leaves runs on, one that does ends them.
+    #[tokio::test]
+    async fn a_run_the_kernel_refuses_goes_datagram_by_datagram() {
+        let a = Sock::new(bind(relay::dial::Dialer::PLAIN, addr(0), false).unwrap()).unwrap();
+        let b = Sock::new(bind(relay::dial::Dialer::PLAIN, addr(0), false).unwrap()).unwrap();
+        let to = b.io.local_addr().unwrap();
+        assert!(a.max_segments() > 1, "GSO on loopback");
+        let refused = a
+            .send_run(to, &[datagram(1, 40_000), datagram(2, 40_000)], 40_000)
+            .await
+            .expect_err("too long for one message");
+        a.send(to, &[datagram(1, 40_000), datagram(2, 40_000)])
+            .await;
+        assert_eq!(
+            a.gso_failed.load(Ordering::Relaxed),
+            gso_unsupported(&refused)
+        );
+        assert!(!gso_unsupported(&io::Error::from_raw_os_error(
+            libc::EHOSTUNREACH
+        )));
+        assert!(gso_unsupported(&io::Error::from_raw_os_error(libc::EIO)));
+        let mut buf = vec![0u8; 65_535];
+        for fill in [1, 2] {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), b.io.recv(&mut buf))
+                .await
+                .expect("the datagram arrives")
+                .unwrap();
+            assert_eq!(n, 40_000);
+            assert!(buf[..n].iter().all(|&x| x == fill), "datagram {fill} whole");
+        }
+        // A device that cannot segment: no more runs.
+        a.gso_failed.store(true, Ordering::Relaxed);
+        assert_eq!(a.max_segments(), 1);
+    }
+
     /// Sends `count` datagrams of 1,200 bytes numbered from `first` (in their first two bytes)
     /// from `a` to `to` as GSO runs.
     async fn send_numbered(a: &Sock, to: SocketAddr, first: u16, count: u16) {
-        let mut batch = Batch::default();
-        for i in first..first + count {
-            let mut d = vec![(i % 251) as u8; 1200];
+        let numbered = (first..first + count).map(|i| {
+            let mut d = datagram((i % 251) as u8, 1200);
             d[..2].copy_from_slice(&i.to_le_bytes());
-            if !batch.fits(to, d.len(), a.max_segments())
-                && let Some((dst, bytes, seg)) = batch.pending()
-            {
-                a.send(dst, bytes, seg).await;
-                batch.clear();
-            }
-            batch.push(to, &d);
-        }
-        let (dst, bytes, seg) = batch.pending().unwrap();
-        a.send(dst, bytes, seg).await;
+            d
+        });
+        send_runs(a, to, numbered).await;
     }
 
     /// Receives until `count` datagrams have come, as packets.
@@ -745,7 +878,7 @@ mod tests {
         );
         let mut bufs = RecvBufs::default();
         // A small datagram alone: copied out, nothing handed on.
-        a.send(to, b"small", None).await;
+        a.send(to, &[b"small"]).await;
         let got = receive(&mut bufs, &b, 1).await;
         assert_eq!(&got[0].1[..], b"small");
         assert_eq!(bufs.slots.counts().0, 0);

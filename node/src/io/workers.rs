@@ -822,10 +822,10 @@ pub async fn send(
     };
     match t.ttl {
         // A primer leaves on its own, with its own TTL.
-        Some(ttl) => sender.push_with_ttl(dst, &t.payload, ttl).await,
+        Some(ttl) => sender.push_with_ttl(dst, t.payload, ttl).await,
         None => {
             let max = sockets.for_dst(&dst).map_or(1, Sock::max_segments);
-            sender.push(dst, &t.payload, max).await;
+            sender.push(dst, t.payload, max).await;
         }
     }
     None
