@@ -29,6 +29,9 @@ const QUIC_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the WebSocket may take.
 const WS_TIMEOUT: Duration = Duration::from_secs(10);
 const QUEUE: usize = 2048;
+/// Batches of frames waiting for a QUIC connection's thread ([`FrameSender::send_batch`]);
+/// when full, a batch is dropped, as a full UDP socket buffer drops.
+const BATCHES: usize = 32;
 
 /// The last ping's data and when it was sent.
 type PingSent = std::sync::Mutex<Option<([u8; 8], Instant)>>;
@@ -86,6 +89,9 @@ pub struct RelayConn {
 pub struct FrameSender {
     out: mpsc::Sender<Bytes>,
     quic: Option<Datagrams>,
+    /// Over QUIC, batches of frames for the task on the connection's thread that queues them
+    /// as datagrams ([`FrameSender::send_batch`]).
+    batches: Option<mpsc::Sender<Vec<Bytes>>>,
 }
 
 impl FrameSender {
@@ -103,6 +109,26 @@ impl FrameSender {
             _ => frame,
         };
         self.out.try_send(frame).is_ok()
+    }
+
+    /// Queues `Send` frames as [`FrameSender::send`] does, all at once: over QUIC the batch
+    /// goes to the connection's own thread, which queues its datagrams there, so the sender
+    /// takes no lock the connection's driver holds and the driver wakes once for the batch
+    /// and sends it in full GSO runs (one at a time from another thread, each frame waited
+    /// for the driver's lock and woke it). How many were queued (a batch is queued or
+    /// dropped whole over QUIC).
+    pub fn send_batch(&self, frames: Vec<Bytes>) -> usize {
+        match &self.batches {
+            Some(b) => {
+                let n = frames.len();
+                if b.try_send(frames).is_ok() { n } else { 0 }
+            }
+            None => frames
+                .into_iter()
+                .map(|f| self.send(f))
+                .filter(|&sent| sent)
+                .count(),
+        }
     }
 }
 
@@ -324,8 +350,23 @@ async fn connect_quic(
     });
     authenticate(&mut in_rx, &out_tx, relay, node, ticket).await?;
     debug!(relay = %relay.name, %addr, "relay connected over QUIC");
-    let mut c = finish(in_rx, out_tx, Transport::Quic, vec![reader, writer]);
-    c.sender.quic = Some(Datagrams::new(conn));
+    let datagrams = Datagrams::new(conn);
+    let (batches, mut batch_rx) = mpsc::channel::<Vec<Bytes>>(BATCHES);
+    let queuer = {
+        let (datagrams, out) = (datagrams.clone(), out_tx.clone());
+        tokio::spawn(async move {
+            while let Some(frames) = batch_rx.recv().await {
+                for f in frames {
+                    if let Sent::TooLarge(f) = datagrams.send(f) {
+                        let _ = out.try_send(f);
+                    }
+                }
+            }
+        })
+    };
+    let mut c = finish(in_rx, out_tx, Transport::Quic, vec![reader, writer, queuer]);
+    c.sender.quic = Some(datagrams);
+    c.sender.batches = Some(batches);
     Ok(c)
 }
 
@@ -336,7 +377,11 @@ fn finish(
     tasks: Vec<tokio::task::JoinHandle<()>>,
 ) -> RelayConn {
     RelayConn {
-        sender: FrameSender { out, quic: None },
+        sender: FrameSender {
+            out,
+            quic: None,
+            batches: None,
+        },
         frames,
         transport,
         ping_sent: std::sync::Mutex::new(None),

@@ -432,6 +432,44 @@ async fn a_client_that_moves_to_another_endpoint_is_reset_at_once() {
     );
 }
 
+/// Batches of `Send` frames (`FrameSender::send_batch`, as a node's workers queue a batch's
+/// relayed packets) arrive whole at the other node: over QUIC as datagrams queued on the
+/// connection's own thread, those too large for one on the stream; over the WebSocket in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_of_frames_reach_the_other_node_over_quic_and_the_websocket() {
+    let mut lab = lab().await;
+    for info in [lab.quic_only(), lab.ws_only()] {
+        let (a, ca) = lab.connected(info.clone()).await;
+        let (b, mut cb) = lab.connected(info).await;
+        let packet = |i: usize| {
+            // Every 25th larger than any datagram.
+            let len = if i % 25 == 7 { 3000 } else { 1312 };
+            let mut p = vec![(i % 251) as u8; len];
+            p[..4].copy_from_slice(&(i as u32).to_be_bytes());
+            p
+        };
+        let sender = ca.sender();
+        for batch in 0..4 {
+            let frames: Vec<bytes::Bytes> = (batch * 50..batch * 50 + 50)
+                .map(|i| relay::proto::encode_packet(false, &b.public(), &packet(i)).into())
+                .collect();
+            assert_eq!(sender.send_batch(frames), 50, "batch {batch} queued whole");
+        }
+        let mut got = Vec::new();
+        while got.len() < 200 {
+            let (src, p) = next_packet(&mut cb).await.expect("a packet is missing");
+            assert_eq!(src, a.public());
+            got.push(p);
+        }
+        if ca.transport() == Transport::WebSocket {
+            assert_eq!(got, (0..200).map(packet).collect::<Vec<_>>(), "in order");
+        }
+        // Datagrams and the stream are not ordered with each other.
+        got.sort_by_key(|p| u32::from_be_bytes([p[0], p[1], p[2], p[3]]));
+        assert_eq!(got, (0..200).map(packet).collect::<Vec<_>>());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_nodes_exchange_bursts_complete_and_in_order() {
     let mut lab = lab().await;

@@ -422,9 +422,10 @@ impl EventLoop {
 
     /// Sends datagrams: on the UDP socket, through a relay or on an auxiliary socket.
     async fn send_transmits(&mut self, transmits: Vec<Transmit>) {
-        let relays = self.relays.senders();
+        let mut relays = crate::io::relays::RelayBatch::new(self.relays.senders());
         for t in transmits {
-            let aux = crate::io::workers::send(t, &mut self.sender, &self.sockets, &relays).await;
+            let aux =
+                crate::io::workers::send(t, &mut self.sender, &self.sockets, &mut relays).await;
             if let Some(Transmit {
                 dst: Addr::Udp(SockId::Aux(n), a),
                 payload,
@@ -434,6 +435,7 @@ impl EventLoop {
                 self.aux.send(n, a, &payload);
             }
         }
+        relays.flush();
         self.sender.flush().await;
     }
 

@@ -115,17 +115,17 @@ type SendSlot = Arc<Mutex<Option<client::FrameSender>>>;
 pub struct RelaySenders(Arc<RwLock<HashMap<RelayId, SendSlot>>>);
 
 impl RelaySenders {
-    /// Queues a `Send` frame (built with `relay::proto::encode_packet`) through relay `id`;
-    /// false if it cannot be queued.
-    pub fn send(&self, id: RelayId, frame: Bytes) -> bool {
+    /// Queues `Send` frames (built with `relay::proto::encode_packet`) through relay `id`, all
+    /// at once (`relay::client::FrameSender::send_batch`); how many were queued.
+    pub fn send_batch(&self, id: RelayId, frames: Vec<Bytes>) -> usize {
         let Ok(map) = self.0.read() else {
-            return false;
+            return 0;
         };
-        map.get(&id).is_some_and(|slot| {
+        map.get(&id).map_or(0, |slot| {
             slot.lock()
                 .ok()
-                .and_then(|s| s.as_ref().map(|s| s.send(frame)))
-                .unwrap_or(false)
+                .and_then(|s| s.as_ref().map(|s| s.send_batch(frames)))
+                .unwrap_or(0)
         })
     }
 
@@ -135,6 +135,38 @@ impl RelaySenders {
                 Some(s) => map.insert(id, s),
                 None => map.remove(&id),
             };
+        }
+    }
+}
+
+/// Frames for relays gathered while a batch is finished, each relay's sent at once
+/// ([`RelaySenders::send_batch`]) by [`RelayBatch::flush`].
+pub struct RelayBatch {
+    senders: RelaySenders,
+    frames: Vec<(RelayId, Vec<Bytes>)>,
+}
+
+impl RelayBatch {
+    /// An empty batch for `senders`.
+    pub fn new(senders: RelaySenders) -> Self {
+        Self {
+            senders,
+            frames: Vec::new(),
+        }
+    }
+
+    /// Adds a `Send` frame for relay `id`.
+    pub fn push(&mut self, id: RelayId, frame: Bytes) {
+        match self.frames.iter_mut().find(|(r, _)| *r == id) {
+            Some((_, frames)) => frames.push(frame),
+            None => self.frames.push((id, vec![frame])),
+        }
+    }
+
+    /// Queues what was added, each relay's frames at once.
+    pub fn flush(&mut self) {
+        for (id, frames) in self.frames.drain(..) {
+            self.senders.send_batch(id, frames);
         }
     }
 }

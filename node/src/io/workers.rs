@@ -35,7 +35,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tracing::debug;
 
 use crate::io::aead::{AeadHelpers, Asker};
-use crate::io::relays::{RelayPacket, RelaySenders};
+use crate::io::relays::{RelayBatch, RelayPacket, RelaySenders};
 use crate::io::steer::{Handoff, Steering, split};
 use crate::io::tun::{ReadBufs, TunQueue, TunReader, is_packet_error};
 use crate::io::udp::{RecvBufs, Sender, Sock, Sockets};
@@ -319,7 +319,7 @@ impl Workers {
                 sockets: Arc::clone(socks),
                 sender: Sender::start(Arc::clone(socks), helpers),
                 tun: None,
-                relays: relays.clone(),
+                relays: RelayBatch::new(relays.clone()),
                 to_control: to_control.clone(),
                 forward: Vec::new(),
             };
@@ -581,7 +581,7 @@ struct Finisher {
     sockets: Arc<Sockets>,
     sender: Sender,
     tun: Option<TunQueue>,
-    relays: RelaySenders,
+    relays: RelayBatch,
     to_control: mpsc::Sender<ToControl>,
     forward: Vec<Transmit>,
 }
@@ -775,10 +775,11 @@ impl Finisher {
     /// Sends and writes what the batches produced; hands the rest to the control loop.
     async fn flush(&mut self, out: &mut BatchOutput) {
         for t in out.transmits.drain(..) {
-            if let Some(aux) = send(t, &mut self.sender, &self.sockets, &self.relays).await {
+            if let Some(aux) = send(t, &mut self.sender, &self.sockets, &mut self.relays).await {
                 self.forward.push(aux);
             }
         }
+        self.relays.flush();
         self.sender.flush().await;
         if !self.forward.is_empty() {
             let batch = std::mem::take(&mut self.forward);
@@ -802,20 +803,20 @@ impl Finisher {
     }
 }
 
-/// Sends `t` on the UDP socket or through its relay; hands back a datagram for an auxiliary
-/// socket (those belong to the control loop).
+/// Sends `t` on the UDP socket or adds it to `relays` (sent on [`RelayBatch::flush`]); hands
+/// back a datagram for an auxiliary socket (those belong to the control loop).
 pub async fn send(
     t: Transmit,
     sender: &mut Sender,
     sockets: &Sockets,
-    relays: &RelaySenders,
+    relays: &mut RelayBatch,
 ) -> Option<Transmit> {
     let dst = match t.dst {
         Addr::Udp(SockId::Main, dst) => dst,
         Addr::Relay(r, key) => {
             // The relay's Send frame, built here: the packet's one copy on its way.
             let frame = relay::proto::encode_packet(false, key.as_bytes(), &t.payload);
-            relays.send(r, frame.into());
+            relays.push(r, frame.into());
             return None;
         }
         Addr::Udp(SockId::Aux(_), _) => return Some(t),
