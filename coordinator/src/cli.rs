@@ -185,7 +185,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub relay_listen: Option<SocketAddr>,
     /// Threads serving the embedded relay's QUIC, each with an endpoint of its own on the
-    /// --relay-listen port [default: 1; see `lattice-relay serve --quic-threads`].
+    /// --relay-listen port [default: one per four CPUs, 1 to 4; see `lattice-relay serve
+    /// --quic-threads`].
     #[arg(long, env = "LATTICE_COORDINATOR_RELAY_QUIC_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub relay_quic_threads: Option<u16>,
     /// The most one node may send through the embedded relay, in megabits a second (a tenth

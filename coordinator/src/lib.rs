@@ -74,7 +74,7 @@ pub async fn run(command: Command) -> anyhow::Result<Outcome> {
                 relay_listen: a.relay_listen,
                 relay_quic_threads: a
                     .relay_quic_threads
-                    .map_or(relay::quic::DEFAULT_THREADS, usize::from),
+                    .map_or_else(relay::quic::default_threads_here, usize::from),
                 relay_client_rate: a.relay_client_rate_limit.map(relay::ClientRate::mbit),
                 stun_listen: a.stun_listen,
                 admin_listen: a.admin_listen,

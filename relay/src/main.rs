@@ -75,8 +75,8 @@ struct ServeArgs {
     #[arg(long)]
     metrics_listen: Option<relay::metrics::Listen>,
     /// Threads serving QUIC, each with an endpoint of its own on the --listen port [default:
-    /// 1; more carry more nodes at once, but a node's datagrams to a node served by another
-    /// thread cross between them].
+    /// one per four CPUs, 1 to 4; more carry more nodes at once, and a node's datagrams to a
+    /// node served by another thread cross between them].
     #[arg(long, env = "LATTICE_RELAY_QUIC_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
     quic_threads: Option<u16>,
     /// The most one node may send through this relay, in megabits a second (a tenth of a
@@ -156,7 +156,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let threads = args
         .quic_threads
-        .map_or(relay::quic::DEFAULT_THREADS, usize::from);
+        .map_or_else(relay::quic::default_threads_here, usize::from);
     let quic = relay::QuicListener::start(
         &relay,
         &cert,

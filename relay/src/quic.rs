@@ -31,14 +31,23 @@ use crate::tls::RelayCert;
 /// How long a closed endpoint's thread waits for its connections to tell their clients.
 const CLOSING: Duration = Duration::from_secs(1);
 
-/// The QUIC listener's threads when not told: one. Measured on 16 CPUs (`bench-relay`, one
-/// stream between two nodes through the coordinator's relay, two runs on two machines):
-/// 1.654 and 1.684 Gbit/s with one thread, 1.483 with two, 1.319 and 1.350 with four, where
-/// the two nodes' connections are more often served by different threads and every datagram
-/// crosses from one to the other (then queued by the sending session on the other thread's
-/// connection, under its driver's lock; it now goes through the destination session's outbox,
-/// not yet measured there). More threads add capacity for many busy nodes at once.
-pub const DEFAULT_THREADS: usize = 1;
+/// The QUIC listener's threads when not told, on `cpus` CPUs: one per four CPUs, at least
+/// one and at most four (one up to 7 CPUs, four from 16). One thread bounds what passes
+/// between two busy nodes: on 16 CPUs (`bench-relay`, one stream between two nodes through the
+/// coordinator's relay, in one session on one machine) it ran at 1.98 and 2.03 Gbit/s with its
+/// one thread 99% busy, and at 2.88 Gbit/s on four threads where the two nodes were served by
+/// different ones (92% and 87% busy), since the nodes hand a batch's relayed packets over at
+/// once (before that, 1.49-1.62 on one thread and 1.56 on four; the outbox between threads
+/// was then still woken per packet, see `server::QuicOut`). Where both land on one thread,
+/// four run as one.
+pub fn default_threads(cpus: usize) -> usize {
+    (cpus / 4).clamp(1, 4)
+}
+
+/// [`default_threads`] of this machine's CPUs.
+pub fn default_threads_here() -> usize {
+    default_threads(std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
+}
 
 /// The relay's QUIC endpoints, each on a thread of its own; dropping it closes them (their
 /// threads then end).
@@ -163,4 +172,20 @@ fn bind(addr: SocketAddr, shared: bool) -> std::io::Result<std::net::UdpSocket> 
     let socket = std::net::UdpSocket::from(socket);
     crate::dial::large_buffers(&socket, crate::dial::UDP_BUFFER);
     Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One thread where CPUs are few (a datagram between clients of two threads crosses
+    /// between them), one per four CPUs past that, never more than four.
+    #[test]
+    fn threads_by_default_grow_with_the_cpus_up_to_four() {
+        let by_cpus: Vec<usize> = [1, 2, 4, 7, 8, 12, 16, 64]
+            .into_iter()
+            .map(default_threads)
+            .collect();
+        assert_eq!(by_cpus, [1, 1, 1, 1, 2, 3, 4, 4]);
+    }
 }
