@@ -7,8 +7,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use stun_rs::attributes::stun::{Fingerprint, XorMappedAddress};
@@ -17,7 +17,10 @@ use stun_rs::{MessageClass, MessageDecoderBuilder, MessageEncoderBuilder, StunMe
 use tokio::net::UdpSocket;
 use tracing::debug;
 
-/// Counters of one STUN server.
+/// What the sockets of one STUN server share: its counters, and one [`Limiter`] (a relay
+/// listening on several addresses answers a source no more often than one would: each
+/// address counting for itself, a forger spreading its requests over them multiplied what its
+/// victim was sent).
 #[derive(Debug, Default)]
 pub struct StunStats {
     /// Binding requests answered.
@@ -26,12 +29,13 @@ pub struct StunStats {
     pub ignored: AtomicU64,
     /// Binding requests not answered: their source had its answers for the second.
     pub limited: AtomicU64,
+    limiter: Mutex<Limiter>,
 }
 
 /// Binding requests answered per source address in a second (an IPv6 address counts by its
 /// /64). A node asks each relay a few times every 30 s; this leaves room for a thousand of them
 /// behind one NAT asking at once, and bounds what a forged flood sends its victim to about
-/// 13 KB/s a listening address.
+/// 13 KB/s from a relay, however many addresses it listens on.
 pub const PER_SOURCE: u32 = 256;
 
 /// Sources counted in one second: a request from a new source beyond them waits for the next
@@ -111,16 +115,22 @@ pub fn answer(request: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
 }
 
 /// Serves STUN on `socket` until the task is dropped, answering each source within
-/// [`PER_SOURCE`] a second.
+/// [`PER_SOURCE`] a second across all the sockets served with `stats`.
 pub async fn serve(socket: UdpSocket, stats: Arc<StunStats>) {
     let mut buf = [0u8; 1500];
-    let mut limiter = Limiter::new();
+    let allow = |ip: IpAddr| {
+        stats
+            .limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .allow(ip, Instant::now())
+    };
     loop {
         let Ok((n, from)) = socket.recv_from(&mut buf).await else {
             continue;
         };
         match answer(&buf[..n], from) {
-            Some(_) if !limiter.allow(from.ip(), Instant::now()) => {
+            Some(_) if !allow(from.ip()) => {
                 stats.limited.fetch_add(1, Ordering::Relaxed);
             }
             Some(resp) => {
@@ -223,6 +233,56 @@ mod tests {
         assert!(!l.allow(b, t0), "a new source past the bound");
         assert!(l.allow(IpAddr::V4(0x0a00_0000.into()), t0), "a counted one");
         assert!(l.allow(b, next), "the next second counts afresh");
+    }
+
+    /// A relay listening for STUN on two addresses: a flood from one source spread over both
+    /// gets the answers one address would give it, not twice as many.
+    #[tokio::test]
+    async fn a_flood_spread_over_two_listening_addresses_gets_one_addresss_answers() {
+        let stats = Arc::new(StunStats::default());
+        let mut addrs = Vec::new();
+        let mut tasks = Vec::new();
+        for ip in ["127.0.0.1:0", "127.0.0.3:0"] {
+            let server = UdpSocket::bind(ip).await.unwrap();
+            addrs.push(server.local_addr().unwrap());
+            tasks.push(tokio::spawn(serve(server, Arc::clone(&stats))));
+        }
+        let flooder = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let reader = {
+            let flooder = Arc::clone(&flooder);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 128];
+                let mut answered = 0u32;
+                while let Ok(Ok(_)) =
+                    tokio::time::timeout(Duration::from_millis(500), flooder.recv(&mut buf)).await
+                {
+                    answered += 1;
+                }
+                answered
+            })
+        };
+        let start = Instant::now();
+        // Paced so that the kernel keeps every request; each address alone would answer
+        // PER_SOURCE of them in the first second.
+        let sent = 4 * PER_SOURCE;
+        for i in 0..sent {
+            let to = addrs[i as usize % 2];
+            flooder.send_to(&request([i as u8; 12]), to).await.unwrap();
+            if i % 32 == 31 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        let answered = reader.await.unwrap();
+        let seconds = start.elapsed().as_secs() as u32 + 1;
+        assert!(
+            answered <= PER_SOURCE * seconds,
+            "{answered} of {sent} answered in {seconds} s over two addresses; at most \
+             {PER_SOURCE} a second allowed"
+        );
+        assert!(answered >= 32, "{answered} answered");
+        for t in tasks {
+            t.abort();
+        }
     }
 
     #[tokio::test]
