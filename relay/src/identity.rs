@@ -18,8 +18,16 @@ pub const CERT_KEY_FILE: &str = "relay-cert-key.der";
 
 /// Loads the relay identity from `dir`, creating it on first use.
 pub fn load_or_create(dir: &Path) -> anyhow::Result<(StaticKeypair, RelayCert)> {
-    statefs::prepare_dir(dir, &[KEY_FILE, CERT_FILE, CERT_KEY_FILE])
-        .context("the state dir cannot hold the relay's keys")?;
+    statefs::prepare_dir(
+        dir,
+        &[
+            KEY_FILE,
+            CERT_FILE,
+            CERT_KEY_FILE,
+            crate::revocation::KEPT_FILE,
+        ],
+    )
+    .context("the state dir cannot hold the relay's keys")?;
     let (secret, _) = statefs::load_or_create_secret(&dir.join(KEY_FILE), || {
         *StaticKeypair::generate(&mut rand::rng()).secret_bytes()
     })?;

@@ -39,3 +39,10 @@ pub mod tls;
 pub use quic::QuicListener;
 pub use server::{Authorizer, QuicLimits, Relay, StatsSnapshot, TicketAuthorizer};
 pub use session::ClientRate;
+
+/// The system's time in Unix seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}

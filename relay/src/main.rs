@@ -138,6 +138,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(_) => relay::revocation::RevocationSet::with_outage_grace(args.outage_grace),
         None => relay::revocation::RevocationSet::default(),
     });
+    // What it heard and whom it served before a restart, so one during a coordinator outage
+    // goes on serving them; a file it cannot read is left for the next write to replace.
+    let kept = args.state_dir.join(relay::revocation::KEPT_FILE);
+    if args.coordinator_url.is_some() {
+        match relay::revocation::load_kept(&kept) {
+            Ok(Some(k)) => revoked.restore(k, relay::unix_now()),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "starting with no record of whom this relay served")
+            }
+        }
+    }
     let relay = Relay::with_client_rate(
         key,
         Arc::new(TicketAuthorizer::with_revocations(
@@ -148,7 +160,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     match args.coordinator_url.clone() {
         Some(url) => {
-            tokio::spawn(relay::revocation::poll(url, args.coordinator_key, revoked));
+            tokio::spawn(relay::revocation::poll(
+                url,
+                args.coordinator_key,
+                revoked,
+                Some(kept),
+            ));
         }
         None => tracing::warn!(
             "no --coordinator-url: removed nodes keep their relay sessions until their tickets expire"

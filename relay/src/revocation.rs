@@ -17,14 +17,23 @@
 //! [`RECOVERY`] to bring fresh tickets. A replayed old list is not news from the coordinator
 //! (its `issued_at` must be recent), so it cannot end a grace; cutting the relay off from the
 //! coordinator starts one, for nodes it already served and no others.
+//!
+//! What a relay heard and whom it served is kept in its state directory ([`KEPT_FILE`], written
+//! by [`poll`] at most every [`KEEP_EVERY`] when it changed), so a relay restarted during an
+//! outage still serves the nodes it served before, and no others.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
-use wire::{RevocationList, SignedRevocations, TicketKey};
+
+use crate::unix_now;
+use wire::{NodeKey, Revocation, RevocationList, SignedRevocations, TicketKey};
 
 /// How often the relay asks.
 pub const POLL_EVERY: Duration = Duration::from_secs(2);
@@ -41,6 +50,10 @@ pub const SILENCE: Duration = Duration::from_secs(30);
 /// node is back with the coordinator within its backoff, at most 45 s, and gets a ticket
 /// every minute).
 pub const RECOVERY: Duration = Duration::from_secs(120);
+/// The file in a relay's state directory that keeps what it heard and whom it served.
+pub const KEPT_FILE: &str = "relay-outage.json";
+/// How often at most [`poll`] writes [`KEPT_FILE`] (when something changed).
+pub const KEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// Revoked node keys, until when (Unix seconds), and what the relay needs to ride out a
 /// coordinator outage (see the module's docs).
@@ -50,6 +63,22 @@ pub struct RevocationSet {
     /// How long past its ticket's end a node is served during an outage (0: never).
     grace: i64,
     word: std::sync::Mutex<Word>,
+    /// Whether the revocations or the nodes served changed since [`RevocationSet::kept`].
+    changed: AtomicBool,
+}
+
+/// What a relay keeps across restarts ([`KEPT_FILE`]): when it last heard from the
+/// coordinator, whom it served with tickets valid until when, and the revocations in force.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kept {
+    /// When the newest fresh news was made (Unix seconds).
+    heard: Option<i64>,
+    /// When news came again after a silence.
+    recovered: Option<i64>,
+    /// Nodes served, each until the end of its latest ticket.
+    served: Vec<Revocation>,
+    /// Nodes revoked, each until when.
+    revoked: Vec<Revocation>,
 }
 
 /// What the relay heard from the coordinator, and whom it served.
@@ -124,8 +153,11 @@ impl RevocationSet {
             return;
         }
         let mut w = self.word();
-        let e = w.served.entry(*key).or_insert(not_after);
-        *e = (*e).max(not_after);
+        let e = w.served.entry(*key).or_insert(i64::MIN);
+        if *e < not_after {
+            *e = not_after;
+            self.changed.store(true, Ordering::Relaxed);
+        }
         // Let go of those past any grace, whenever the map has doubled since.
         if w.served.len() >= w.pruned_at.max(1024) * 2 {
             let grace = self.grace;
@@ -182,8 +214,11 @@ impl RevocationSet {
         keys.retain(|_, until| *until >= now);
         let mut w = self.word();
         for r in &list.revoked {
-            let e = keys.entry(*r.node_key.as_bytes()).or_insert(r.until);
-            *e = (*e).max(r.until);
+            let e = keys.entry(*r.node_key.as_bytes()).or_insert(i64::MIN);
+            if *e < r.until {
+                *e = r.until;
+                self.changed.store(true, Ordering::Relaxed);
+            }
             // Revoked once, never served in an outage again (until a fresh ticket shows it
             // back).
             w.served.remove(r.node_key.as_bytes());
@@ -191,6 +226,66 @@ impl RevocationSet {
         // News only if the coordinator issued it lately (an old list replayed is not).
         w.outage.heard(list.issued_at, now);
         Ok(keys.len())
+    }
+
+    /// What to keep across a restart ([`Kept`]), and whether the revocations or the nodes
+    /// served changed since the last call.
+    pub fn kept(&self) -> (Kept, bool) {
+        let changed = self.changed.swap(false, Ordering::Relaxed);
+        let entries = |m: &HashMap<[u8; 32], i64>| {
+            let mut v: Vec<Revocation> = m
+                .iter()
+                .map(|(k, until)| Revocation {
+                    node_key: NodeKey::from_bytes(*k),
+                    until: *until,
+                })
+                .collect();
+            v.sort_by_key(|r| *r.node_key.as_bytes());
+            v
+        };
+        let revoked = entries(&self.read());
+        let w = self.word();
+        let kept = Kept {
+            heard: w.outage.heard,
+            recovered: w.outage.recovered,
+            served: entries(&w.served),
+            revoked,
+        };
+        (kept, changed)
+    }
+
+    /// Takes back what a relay kept before it restarted, at `now`: its revocations still in
+    /// force, the nodes it served (while within the grace past their tickets), and when it
+    /// last heard from the coordinator (so a restart during an outage is still an outage, and
+    /// one while the coordinator is there is not).
+    pub fn restore(&self, kept: Kept, now: i64) {
+        {
+            let mut keys = self
+                .keys
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for r in kept.revoked.iter().filter(|r| r.until >= now) {
+                let e = keys.entry(*r.node_key.as_bytes()).or_insert(r.until);
+                *e = (*e).max(r.until);
+            }
+        }
+        let mut w = self.word();
+        if self.grace > 0 {
+            let grace = self.grace;
+            for r in &kept.served {
+                let key = r.node_key.as_bytes();
+                if r.until.saturating_add(grace) >= now && !self.is_revoked(key, now) {
+                    let e = w.served.entry(*key).or_insert(r.until);
+                    *e = (*e).max(r.until);
+                }
+            }
+        }
+        if w.outage.heard.is_none() {
+            w.outage = Outage {
+                heard: kept.heard,
+                recovered: kept.recovered,
+            };
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<[u8; 32], i64>> {
@@ -211,12 +306,54 @@ pub fn sign(signer: &hybrid::ticket::TicketSigner, list: &RevocationList) -> Sig
     SignedRevocations { list, sig }
 }
 
-/// Polls `url` (the coordinator's `http://host:port`) forever, keeping `set` up to date.
-pub async fn poll(url: String, coordinator: TicketKey, set: Arc<RevocationSet>) {
+/// Reads what a relay kept in `path` ([`KEPT_FILE`]); `None` when there is no such file.
+pub fn load_kept(path: &Path) -> anyhow::Result<Option<Kept>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .with_context(|| format!("{}: not what a relay keeps", path.display()))
+}
+
+/// Writes `kept` to `path` (mode 0600, atomically).
+pub fn save_kept(path: &Path, kept: &Kept) -> anyhow::Result<()> {
+    let json = serde_json::to_vec(kept).context("encoding what the relay keeps")?;
+    statefs::write_private(path, &json).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Polls `url` (the coordinator's `http://host:port`) forever, keeping `set` up to date, and
+/// with `keep` writes what it keeps there ([`save_kept`]) at most every [`KEEP_EVERY`]: when
+/// the revocations or the nodes served changed, or news came that the file does not have yet.
+pub async fn poll(
+    url: String,
+    coordinator: TicketKey,
+    set: Arc<RevocationSet>,
+    keep: Option<PathBuf>,
+) {
     let mut tick = tokio::time::interval(POLL_EVERY);
     let mut failing = false;
+    let mut saved: Option<(std::time::Instant, Option<i64>)> = None;
+    let mut unsaved = false;
     loop {
         tick.tick().await;
+        if let Some(path) = &keep
+            && saved.is_none_or(|(at, _)| at.elapsed() >= KEEP_EVERY)
+        {
+            let (kept, changed) = set.kept();
+            unsaved |= changed || saved.is_none_or(|(_, heard)| heard != kept.heard);
+            if unsaved {
+                match save_kept(path, &kept) {
+                    Ok(()) => unsaved = false,
+                    Err(e) => {
+                        warn!(error = %format!("{e:#}"), "cannot keep whom the relay served; a restart during a coordinator outage would cut them")
+                    }
+                }
+                saved = Some((std::time::Instant::now(), kept.heard));
+            }
+        }
         let now = unix_now();
         let result = match tokio::time::timeout(REQUEST_TIMEOUT, fetch(&url)).await {
             Ok(Ok(signed)) => set.apply(&coordinator, &signed, now),
@@ -252,12 +389,6 @@ async fn fetch(url: &str) -> anyhow::Result<SignedRevocations> {
     serde_json::from_slice(&body).context("decoding the answer")
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,10 +399,10 @@ mod tests {
         let signer = TicketSigner::from_seed([1; 32]);
         let key = TicketKey::from_bytes(signer.public());
         let set = RevocationSet::default();
-        let victim = wire::NodeKey::from_bytes([9; 32]);
+        let victim = NodeKey::from_bytes([9; 32]);
         let list = RevocationList {
             issued_at: 100,
-            revoked: vec![wire::Revocation {
+            revoked: vec![Revocation {
                 node_key: victim,
                 until: 220,
             }],
@@ -296,6 +427,62 @@ mod tests {
         assert!(!set.is_revoked(victim.as_bytes(), 221));
     }
 
+    /// What a relay keeps is taken back after a restart: revocations in force, the nodes it
+    /// served (within the grace), and when it last heard from the coordinator, so a restart
+    /// while the coordinator is there is no outage and one during an outage is.
+    #[test]
+    fn what_a_relay_kept_is_taken_back_after_a_restart() {
+        let signer = TicketSigner::from_seed([1; 32]);
+        let key = TicketKey::from_bytes(signer.public());
+        let (a, r, y) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let set = RevocationSet::with_outage_grace(Duration::from_secs(600));
+        set.served(&a, 1100, 1000);
+        let list = RevocationList {
+            issued_at: 1000,
+            revoked: vec![Revocation {
+                node_key: NodeKey::from_bytes(r),
+                until: 1300,
+            }],
+        };
+        // Lists every 20 s, until the start's recovery is over.
+        for t in (1000..=1140).step_by(20) {
+            let list = RevocationList {
+                issued_at: t,
+                ..list.clone()
+            };
+            set.apply(&key, &sign(&signer, &list), t).unwrap();
+        }
+        let (kept, changed) = set.kept();
+        assert!(changed);
+        assert!(!set.kept().1, "nothing changed since");
+        set.served(&a, 1100, 1141);
+        assert!(!set.kept().1, "the same ticket again is no change");
+        let json = serde_json::to_string(&kept).unwrap();
+        let kept: Kept = serde_json::from_str(&json).unwrap();
+        let restarted = |now: i64, grace: u64| {
+            let s = RevocationSet::with_outage_grace(Duration::from_secs(grace));
+            s.restore(kept.clone(), now);
+            s
+        };
+        // Restarted 10 s after the last list: the coordinator is there, no outage.
+        let soon = restarted(1150, 600);
+        assert!(soon.is_revoked(&r, 1150));
+        assert!(!soon.serves_expired(&a, 1100, 1150));
+        // Restarted 250 s into the silence: an outage; A served, a node never served not.
+        let later = restarted(1400, 600);
+        assert!(later.serves_expired(&a, 1100, 1400));
+        assert!(!later.serves_expired(&y, 1100, 1400));
+        // Past the grace, A is not taken back.
+        assert!(!restarted(1701, 600).serves_expired(&a, 1100, 1701));
+        // Without a grace only the revocations are.
+        let strict = RevocationSet::default();
+        strict.restore(kept.clone(), 1160);
+        assert!(strict.is_revoked(&r, 1160));
+        assert!(!strict.serves_expired(&a, 1100, 1400));
+        // A revocation that ran out is not taken back.
+        assert!(!restarted(1301, 600).is_revoked(&r, 1301));
+    }
+
     #[test]
     fn an_outage_keeps_the_nodes_served_served_past_their_tickets_and_no_others() {
         let signer = TicketSigner::from_seed([1; 32]);
@@ -307,8 +494,8 @@ mod tests {
                     issued_at,
                     revoked: revoked
                         .iter()
-                        .map(|k| wire::Revocation {
-                            node_key: wire::NodeKey::from_bytes(*k),
+                        .map(|k| Revocation {
+                            node_key: NodeKey::from_bytes(*k),
                             until: issued_at + 120,
                         })
                         .collect(),

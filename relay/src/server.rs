@@ -29,6 +29,7 @@ use crate::proto::{self, Frame, MAX_FRAME};
 use crate::queue;
 use crate::revocation::RevocationSet;
 use crate::session::{self, ClientRate, Session, Step};
+use crate::unix_now;
 
 /// How long a client has to authenticate.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -342,13 +343,6 @@ impl session::Clock for SystemClock {
     fn now(&self) -> Instant {
         Instant::now()
     }
-}
-
-/// Current Unix time in seconds.
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 impl Relay {

@@ -996,6 +996,76 @@ async fn a_websocket_node_that_stops_reading_costs_the_relay_a_bounded_number_of
     );
 }
 
+/// A relay restarted during a coordinator outage takes back what it kept in its state
+/// directory: a node it served comes back with its expired ticket, one it never served and one
+/// revoked before the restart do not; a relay that kept nothing refuses them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restarted_during_an_outage_serves_the_nodes_it_served_before() {
+    let grace = Duration::from_secs(3600);
+    let mut lab = lab_following(
+        QuicLimits::default(),
+        1,
+        None,
+        RevocationSet::with_outage_grace(grace),
+    )
+    .await;
+    let t0 = unix_now();
+    // The last list came 40 s ago: the coordinator is gone.
+    publish(&lab, &[], t0 - 40, t0 - 40);
+    let (a, ta) = lab.node_until(t0 + 2);
+    let (r, tr) = lab.node_until(t0 + 2);
+    let (x, tx) = lab.node_until(t0 + 2);
+    // B, with a ticket that lasts, connects after the restart only.
+    let (b, tb) = lab.node_until(t0 + 60);
+    let ca = client::connect(&lab.quic_only(), &a, &ta).await.unwrap();
+    let cr = client::connect(&lab.quic_only(), &r, &tr).await.unwrap();
+    // R is revoked (a list replayed from before the outage still says so).
+    publish(&lab, &[r.public()], t0 - 40, unix_now());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(relay::revocation::KEPT_FILE);
+    let (kept, changed) = lab.revoked.kept();
+    assert!(changed, "serving A changed what is kept");
+    relay::revocation::save_kept(&path, &kept).unwrap();
+    drop((ca, cr));
+    // The relay restarts, its tickets' end passes.
+    let loaded = relay::revocation::load_kept(&path).unwrap().expect("kept");
+    assert_eq!(loaded, kept);
+    tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(3)).await;
+    assert!(unix_now() > t0 + 2);
+    let restored = RevocationSet::with_outage_grace(grace);
+    restored.restore(loaded, unix_now());
+    let lab = lab_following(QuicLimits::default(), 1, None, restored).await;
+    let expired = |e: Option<anyhow::Error>| format!("{:#}", e.expect("refused"));
+    let ca = client::connect(&lab.quic_only(), &a, &ta)
+        .await
+        .expect("A, served before");
+    let mut cb = client::connect(&lab.quic_only(), &b, &tb).await.unwrap();
+    assert!(ca.send(&b.public(), b"after the restart"));
+    assert_eq!(
+        next_packet(&mut cb).await,
+        Some((a.public(), b"after the restart".to_vec())),
+        "{:?}",
+        lab.relay.stats()
+    );
+    assert!(expired(client::connect(&lab.quic_only(), &x, &tx).await.err()).contains("expired"));
+    assert!(
+        client::connect(&lab.quic_only(), &r, &tr).await.is_err(),
+        "R was revoked"
+    );
+    assert!(lab.revoked.is_revoked(&r.public(), unix_now()));
+    // Without what it kept, a restarted relay refuses A too.
+    let forgetful = lab_following(
+        QuicLimits::default(),
+        1,
+        None,
+        RevocationSet::with_outage_grace(grace),
+    )
+    .await;
+    assert!(
+        expired(client::connect(&forgetful.quic_only(), &a, &ta).await.err()).contains("expired")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn during_a_coordinator_outage_the_nodes_a_relay_served_are_served_past_their_tickets() {
     let grace = RevocationSet::with_outage_grace(Duration::from_secs(3600));

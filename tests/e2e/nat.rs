@@ -692,7 +692,8 @@ fn a_restarted_standalone_relay_carries_traffic_again_within_ten_seconds() {
 
 /// Tickets last two minutes and are renewed through the coordinator: a standalone relay that
 /// follows the coordinator keeps serving the nodes it served while the coordinator is gone,
-/// and a node restarted meanwhile comes back to it with its cached relays and ticket.
+/// a node restarted meanwhile comes back to it with its cached relays and ticket, and so do
+/// both when the relay itself restarts meanwhile.
 #[test]
 fn a_standalone_relay_carries_tunnels_through_a_coordinator_outage_past_their_tickets() {
     let coordinator_url = "http://198.51.100.1:8080";
@@ -733,6 +734,26 @@ fn a_standalone_relay_carries_tunnels_through_a_coordinator_outage_past_their_ti
         "n0 -> n1 after n1 restarted in the outage"
     );
     let log = m.lab.log(m.relay);
+    assert!(!log.contains("ticket expired"), "{log}");
+    // The relay restarts, the coordinator still gone: it took back whom it served from its
+    // state directory, and both nodes come back to it with their expired tickets.
+    assert!(
+        m.lab.dir().join("relay").join("relay-outage.json").exists(),
+        "the relay keeps whom it served"
+    );
+    m.lab.kill(m.relay);
+    let args: Vec<&str> = m.relay_args.iter().map(String::as_str).collect();
+    let r2 = m
+        .lab
+        .spawn("relay2", &m.wan, &args, &[])
+        .expect("relay restart");
+    assert!(
+        wait_for(Duration::from_secs(30), || m.nodes[0]
+            .ping(&m.lab, &m.ip1, "-4", 1)),
+        "n0 -> n1 after the relay restarted in the outage: {}",
+        m.lab.log(r2)
+    );
+    let log = m.lab.log(r2);
     assert!(!log.contains("ticket expired"), "{log}");
 }
 
