@@ -235,18 +235,16 @@ mod tests {
         assert!(l.allow(b, next), "the next second counts afresh");
     }
 
-    /// A relay listening for STUN on two addresses: a flood from one source spread over both
-    /// gets the answers one address would give it, not twice as many.
-    #[tokio::test]
-    async fn a_flood_spread_over_two_listening_addresses_gets_one_addresss_answers() {
-        let stats = Arc::new(StunStats::default());
-        let mut addrs = Vec::new();
-        let mut tasks = Vec::new();
-        for ip in ["127.0.0.1:0", "127.0.0.3:0"] {
-            let server = UdpSocket::bind(ip).await.unwrap();
-            addrs.push(server.local_addr().unwrap());
-            tasks.push(tokio::spawn(serve(server, Arc::clone(&stats))));
-        }
+    /// Binding requests sent from one socket, whose answers are read as they come (a socket's
+    /// buffer holds only a few hundred).
+    struct Flood {
+        reader: tokio::task::JoinHandle<u32>,
+        start: Instant,
+    }
+
+    /// Sends `sent` Binding requests from one address on 127.0.0.1 to `targets` in turn, paced
+    /// so that the kernel keeps every one.
+    async fn flood(targets: &[SocketAddr], sent: u32) -> Flood {
         let flooder = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let reader = {
             let flooder = Arc::clone(&flooder);
@@ -262,18 +260,40 @@ mod tests {
             })
         };
         let start = Instant::now();
-        // Paced so that the kernel keeps every request; each address alone would answer
-        // PER_SOURCE of them in the first second.
-        let sent = 4 * PER_SOURCE;
         for i in 0..sent {
-            let to = addrs[i as usize % 2];
+            let to = targets[i as usize % targets.len()];
             flooder.send_to(&request([i as u8; 12]), to).await.unwrap();
             if i % 32 == 31 {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
-        let answered = reader.await.unwrap();
-        let seconds = start.elapsed().as_secs() as u32 + 1;
+        Flood { reader, start }
+    }
+
+    impl Flood {
+        /// How many answers came (once none came for half a second), and in how many
+        /// seconds (begun) since the first request.
+        async fn answered(self) -> (u32, u32) {
+            let answered = self.reader.await.unwrap();
+            (answered, self.start.elapsed().as_secs() as u32 + 1)
+        }
+    }
+
+    /// A relay listening for STUN on two addresses: a flood from one source spread over both
+    /// gets the answers one address would give it, not twice as many.
+    #[tokio::test]
+    async fn a_flood_spread_over_two_listening_addresses_gets_one_addresss_answers() {
+        let stats = Arc::new(StunStats::default());
+        let mut addrs = Vec::new();
+        let mut tasks = Vec::new();
+        for ip in ["127.0.0.1:0", "127.0.0.3:0"] {
+            let server = UdpSocket::bind(ip).await.unwrap();
+            addrs.push(server.local_addr().unwrap());
+            tasks.push(tokio::spawn(serve(server, Arc::clone(&stats))));
+        }
+        // Each address alone would answer PER_SOURCE of them in the first second.
+        let sent = 4 * PER_SOURCE;
+        let (answered, seconds) = flood(&addrs, sent).await.answered().await;
         assert!(
             answered <= PER_SOURCE * seconds,
             "{answered} of {sent} answered in {seconds} s over two addresses; at most \
@@ -291,34 +311,10 @@ mod tests {
         let addr = server.local_addr().unwrap();
         let stats = Arc::new(StunStats::default());
         let task = tokio::spawn(serve(server, Arc::clone(&stats)));
-        let flooder = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let other = UdpSocket::bind("127.0.0.2:0").await.unwrap();
-        // The answers are read as they come (a socket's buffer holds only a few hundred).
-        let reader = {
-            let flooder = Arc::clone(&flooder);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 128];
-                let mut answered = 0u32;
-                while let Ok(Ok(_)) =
-                    tokio::time::timeout(Duration::from_millis(500), flooder.recv(&mut buf)).await
-                {
-                    answered += 1;
-                }
-                answered
-            })
-        };
-        let start = Instant::now();
-        // Paced so that the kernel keeps every request: without the limit each one is answered.
+        // Without the limit each one is answered.
         let sent = 4 * PER_SOURCE;
-        for i in 0..sent {
-            flooder
-                .send_to(&request([i as u8; 12]), addr)
-                .await
-                .unwrap();
-            if i % 32 == 31 {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }
+        let flooding = flood(&[addr], sent).await;
         other.send_to(&request([1; 12]), addr).await.unwrap();
         let mut buf = [0u8; 128];
         let n = tokio::time::timeout(Duration::from_secs(5), other.recv(&mut buf))
@@ -330,8 +326,7 @@ mod tests {
             .decode(&buf[..n])
             .unwrap();
         assert_eq!(msg.class(), MessageClass::SuccessResponse);
-        let answered = reader.await.unwrap();
-        let seconds = start.elapsed().as_secs() as u32 + 1;
+        let (answered, seconds) = flooding.answered().await;
         assert!(
             answered <= PER_SOURCE * seconds,
             "{answered} of {sent} answered in {seconds} s; at most {PER_SOURCE} a second allowed"
