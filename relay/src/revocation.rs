@@ -259,22 +259,22 @@ impl RevocationSet {
     /// last heard from the coordinator (so a restart during an outage is still an outage, and
     /// one while the coordinator is there is not).
     pub fn restore(&self, kept: Kept, now: i64) {
-        {
-            let mut keys = self
-                .keys
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for r in kept.revoked.iter().filter(|r| r.until >= now) {
-                let e = keys.entry(*r.node_key.as_bytes()).or_insert(r.until);
-                *e = (*e).max(r.until);
-            }
+        // The revocations' lock, then the word's, in the order `apply` takes them.
+        let mut keys = self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for r in kept.revoked.iter().filter(|r| r.until >= now) {
+            let e = keys.entry(*r.node_key.as_bytes()).or_insert(r.until);
+            *e = (*e).max(r.until);
         }
         let mut w = self.word();
         if self.grace > 0 {
             let grace = self.grace;
             for r in &kept.served {
                 let key = r.node_key.as_bytes();
-                if r.until.saturating_add(grace) >= now && !self.is_revoked(key, now) {
+                let revoked = keys.get(key).is_some_and(|until| *until >= now);
+                if r.until.saturating_add(grace) >= now && !revoked {
                     let e = w.served.entry(*key).or_insert(r.until);
                     *e = (*e).max(r.until);
                 }
