@@ -11,15 +11,8 @@ use hybrid::ticket::{Ticket, TicketSigner};
 use rand::{SeedableRng, rngs::StdRng};
 use relay::client::{self, Incoming, Transport};
 use relay::revocation::RevocationSet;
-use relay::{QuicLimits, Relay, TicketAuthorizer};
+use relay::{QuicLimits, Relay, TicketAuthorizer, unix_now};
 use wire::{CertPin, RelayId, RelayInfo, RelayKey, TicketKey};
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
 
 /// Revokes `key` the way a standalone relay learns it: a list signed by the coordinator.
 fn revoke(lab: &Lab, key: [u8; 32]) {
