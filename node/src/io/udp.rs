@@ -354,13 +354,12 @@ impl Sender {
         }
     }
 
+    /// An empty list to fill (a sent run's, emptied by [`SendJob::send`]).
     fn spare(&mut self) -> Vec<Packet> {
-        let mut b = match &mut self.how {
+        match &mut self.how {
             SendBy::Caller { spare, .. } => std::mem::take(spare),
             SendBy::Task { sent, .. } => sent.try_recv().unwrap_or_default(),
-        };
-        b.clear();
-        b
+        }
     }
 
     async fn hand_over(&mut self, job: SendJob) {
